@@ -1,0 +1,630 @@
+"""Stack stores: the data model of DESIGN.md on Zarr v3.
+
+A *stack* is the paper's ``ps_i in R^{H x W x C}`` for every image ``i`` of a
+data set. It lives in one Zarr v3 group:
+
+======== ====================== ==================================================
+member   shape, dtype           meaning
+======== ====================== ==================================================
+attrs                           ``isle_format``, ``kind``, ``name``, ``classes``,
+                                ``ignore_index``, ``encoding``, ``complete``,
+                                ``provenance``
+ids      (I,) str               image ids, in order
+shapes   (I, 2) int32           true H, W of every image (arrays are padded)
+labels   (I, H, W) uint8        encoding ``labels``: hard set as a label map
+scores   (I, H, W, C) u8 / f16  encoding ``scores``: soft per-class scores
+rgb      (I, H, W, 3) uint8     kind ``images``
+======== ====================== ==================================================
+
+Padding is ``ignore_index`` (255) in ``labels`` and 0 in ``scores`` / ``rgb``;
+``shapes`` says where the data ends, so padding never counts as data.
+
+Both encodings are views of one logical H x W x C stack
+(:meth:`Stack.as_dask`), but a hard set is never inflated to C bytes per pixel
+on disk or on the hot path: kernels read the label map directly.
+
+Writing is all-or-nothing. :func:`create_stack` writes into a temporary
+sibling folder and :meth:`StackWriter.commit` marks the group ``complete`` and
+renames it into place; :func:`open_stack` refuses a store that is not
+complete. On an fsspec URL (no atomic rename) only the ``complete`` flag
+guards the store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import AlignmentError, InputError, StoreError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "IGNORE_INDEX",
+    "KINDS",
+    "ENCODINGS",
+    "VOC_CLASSES",
+    "Stack",
+    "StackWriter",
+    "create_stack",
+    "open_stack",
+    "default_chunks",
+    "default_compressors",
+    "check_aligned",
+    "is_remote",
+]
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = 255
+KINDS = ("pseudo", "gt", "images", "ensemble")
+ENCODINGS = ("labels", "scores", "rgb")
+
+#: The 21 PASCAL VOC 2012 classes, background first.
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+    "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+#: Uncompressed bytes a chunk aims for. Small enough that a 2-core worker keeps
+#: a few chunks of every input in flight within a few hundred MiB, large enough
+#: that per-chunk overhead (task, decompression call) is negligible.
+TARGET_CHUNK_BYTES = 8 * 2**20
+
+#: Tile side for images too large to hold several per chunk (remote sensing,
+#: slides): tiles are multiples of this.
+TILE_QUANTUM = 256
+
+# ``uint8`` scores hold round(score * SCORE_SCALE); a score of 1.0 is 255.
+SCORE_SCALE = 255.0
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://``, ``memory://``, ...) rather than a local path."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def _local(path: str | os.PathLike) -> Path:
+    s = str(path)
+    return Path(s[len("file://"):] if s.startswith("file://") else s)
+
+
+def default_compressors() -> tuple:
+    """Compressor chain used for every array unless the caller gives one.
+
+    Blosc with Zstandard at level 3 and no shuffle: label maps are long runs of
+    a few byte values, which Zstandard's entropy coding and long matches take
+    best; byte or bit shuffle only helps multi-byte numbers (see
+    ``benchmarks/compression.py`` for the measurement behind this choice).
+    """
+    from zarr.codecs import BloscCodec
+
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle"),)
+
+
+def default_chunks(
+    n_images: int, height: int, width: int, channels: int | None = None, itemsize: int = 1,
+    target_bytes: int = TARGET_CHUNK_BYTES,
+) -> tuple[int, ...]:
+    """Chunk shape for an ``(I, H, W[, C])`` array.
+
+    Whole images per chunk while an image is smaller than ``target_bytes``;
+    otherwise one image per chunk cut into square spatial tiles (multiples of
+    256 pixels). The class / colour axis is never split, so a chunk always
+    holds the whole H x W x C stack of its pixels.
+
+    Parameters
+    ----------
+    n_images, height, width : int
+        Array shape (padded).
+    channels : int, optional
+        Size of the trailing class / colour axis, if any.
+    itemsize : int
+        Bytes per element.
+    target_bytes : int
+        Uncompressed bytes a chunk aims for.
+
+    Returns
+    -------
+    tuple of int
+        The chunk shape, same rank as the array.
+    """
+    c = channels or 1
+    pixel_bytes = c * itemsize
+    image_bytes = max(1, height * width * pixel_bytes)
+    if image_bytes <= target_bytes:
+        k = int(max(1, min(n_images, target_bytes // image_bytes)))
+        shape: tuple[int, ...] = (k, max(height, 1), max(width, 1))
+    else:
+        side = int(np.sqrt(target_bytes / pixel_bytes))
+        side = max(TILE_QUANTUM, side // TILE_QUANTUM * TILE_QUANTUM)
+        shape = (1, min(height, side), min(width, side))
+    return shape + ((channels,) if channels is not None else ())
+
+
+@dataclass(frozen=True)
+class _Layout:
+    array: str
+    dtype: np.dtype
+    channels: int | None
+    fill: int | float
+
+
+def _layout(kind: str, encoding: str, n_classes: int, score_dtype: str) -> _Layout:
+    if encoding == "labels":
+        return _Layout("labels", np.dtype(np.uint8), None, IGNORE_INDEX)
+    if encoding == "scores":
+        dt = np.dtype(score_dtype)
+        if dt not in (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32)):
+            raise InputError(f"score_dtype must be uint8, float16 or float32, not {score_dtype!r}")
+        return _Layout("scores", dt, n_classes, 0)
+    if encoding == "rgb":
+        return _Layout("rgb", np.dtype(np.uint8), 3, 0)
+    raise InputError(f"encoding must be one of {ENCODINGS}, not {encoding!r}")
+
+
+class Stack:
+    """A complete stack store, opened read-only.
+
+    Use :func:`open_stack` to get one. Attributes mirror the group's attrs:
+    ``kind``, ``name``, ``classes``, ``ignore_index``, ``encoding``,
+    ``provenance``; ``ids`` (list of str) and ``shapes`` ((I, 2) int array)
+    are read once and kept in memory.
+    """
+
+    def __init__(self, path: str | os.PathLike, group: Any):
+        self.path = str(path)
+        self.group = group
+        attrs = dict(group.attrs)
+        self.attrs = attrs
+        self.kind: str = attrs["kind"]
+        self.name: str = attrs["name"]
+        self.classes: list[str] = list(attrs["classes"])
+        self.ignore_index: int = int(attrs.get("ignore_index", IGNORE_INDEX))
+        self.encoding: str = attrs["encoding"]
+        self.provenance: dict = dict(attrs.get("provenance", {}))
+        self.ids: list[str] = [str(s) for s in group["ids"][:]]
+        self.shapes: np.ndarray = np.asarray(group["shapes"][:], dtype=np.int64).reshape(-1, 2)
+        self.array = group[self.encoding]
+
+    # -- sizes ---------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        """Number of images I."""
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C (background included)."""
+        return len(self.classes)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        """(H, W) of the padded arrays."""
+        return tuple(int(s) for s in self.array.shape[1:3])  # type: ignore[return-value]
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """Chunk shape of the main array."""
+        return tuple(int(c) for c in self.array.chunks)
+
+    @property
+    def score_scale(self) -> float:
+        """Divide stored ``uint8`` scores by this to get [0, 1] scores (1.0 for float stores)."""
+        return float(self.attrs.get("score_scale", 1.0))
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __repr__(self) -> str:
+        return (f"Stack({self.path!r}, kind={self.kind!r}, encoding={self.encoding!r}, "
+                f"images={self.num_images}, classes={self.num_classes})")
+
+    # -- reading -------------------------------------------------------------------
+    def index_of(self, image_id: str) -> int:
+        """Position of ``image_id``; :class:`InputError` naming the id and store if absent."""
+        try:
+            return self._index[image_id]
+        except AttributeError:
+            self._index = {s: i for i, s in enumerate(self.ids)}
+            return self.index_of(image_id)
+        except KeyError:
+            raise InputError(f"image id {image_id!r} is not in store {self.path}") from None
+
+    def read_image(self, i: int | str) -> np.ndarray:
+        """The unpadded array of one image (``(h, w)`` or ``(h, w, C|3)``), by position or id."""
+        if isinstance(i, str):
+            i = self.index_of(i)
+        h, w = (int(v) for v in self.shapes[i])
+        return np.asarray(self.array[i, :h, :w])
+
+    def to_dask(self):
+        """The stored array (``labels``, ``scores`` or ``rgb``) as a Dask array on the store's chunks."""
+        import dask.array as da
+
+        return da.from_zarr(self.array)
+
+    def as_dask(self):
+        """The logical ``(I, H, W, C)`` stack as a Dask array.
+
+        For ``scores`` this is the stored array. For ``labels`` the one-hot
+        planes are made per chunk, lazily; use it for inspection, not on hot
+        paths (the kernels read the label map itself). Padding and ignore
+        pixels are all-zero in the one-hot view.
+        """
+        import dask.array as da
+
+        arr = self.to_dask()
+        if self.encoding != "labels":
+            return arr
+        c = self.num_classes
+
+        def one_hot(block: np.ndarray) -> np.ndarray:
+            return (block[..., None] == np.arange(c, dtype=np.uint8)).astype(np.uint8)
+
+        return da.map_blocks(one_hot, arr, dtype=np.uint8, new_axis=3,
+                             chunks=arr.chunks + ((c,),))
+
+    def valid_mask(self, start: int, stop: int) -> np.ndarray:
+        """Boolean ``(stop-start, H, W)`` mask that is True inside each image's true shape."""
+        h_pad, w_pad = self.padded_shape
+        rows = np.arange(h_pad)[None, :, None] < self.shapes[start:stop, 0][:, None, None]
+        cols = np.arange(w_pad)[None, None, :] < self.shapes[start:stop, 1][:, None, None]
+        return rows & cols
+
+    # -- description ---------------------------------------------------------------
+    def stored_bytes(self) -> int:
+        """Bytes the store takes on its file system."""
+        if is_remote(self.path):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(self.path)
+            return int(fs.du(root))
+        total = 0
+        for dirpath, _, files in os.walk(_local(self.path)):
+            for f in files:
+                total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+
+    def describe(self) -> dict:
+        """Everything ``isle info`` prints, as a JSON-ready dict."""
+        nbytes = int(np.prod(self.array.shape)) * self.array.dtype.itemsize
+        stored = self.stored_bytes()
+        hs, ws = self.shapes[:, 0], self.shapes[:, 1]
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "name": self.name,
+            "encoding": self.encoding,
+            "dtype": str(self.array.dtype),
+            "classes": self.classes,
+            "images": self.num_images,
+            "padded_shape": list(self.array.shape),
+            "chunks": list(self.chunks),
+            "image_height": {"min": int(hs.min()) if len(hs) else 0, "max": int(hs.max(initial=0))},
+            "image_width": {"min": int(ws.min()) if len(ws) else 0, "max": int(ws.max(initial=0))},
+            "pixels": int((hs * ws).sum()),
+            "uncompressed_bytes": nbytes,
+            "stored_bytes": stored,
+            "compression_ratio": (nbytes / stored) if stored else None,
+            "compressors": [_codec_name(c) for c in (self.array.compressors or ())],
+            "provenance": self.provenance,
+        }
+
+
+def _codec_name(codec: Any) -> str:
+    d = codec.to_dict() if hasattr(codec, "to_dict") else {"name": str(codec)}
+    conf = d.get("configuration", {})
+    keep = {k: v for k, v in conf.items() if k in ("cname", "clevel", "level", "shuffle")}
+    return d.get("name", "?") + (f"({', '.join(f'{k}={v}' for k, v in keep.items())})" if keep else "")
+
+
+def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None) -> Stack:
+    """Open a complete stack store read-only.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Local folder or fsspec URL of the Zarr group.
+    kind : str or sequence of str, optional
+        Expected kind(s); another kind is an error naming the store.
+
+    Returns
+    -------
+    Stack
+
+    Raises
+    ------
+    StoreError
+        The store is missing, not an isle-fast store, of another format
+        version, incomplete (an interrupted write), or of the wrong kind.
+    """
+    import zarr
+
+    spath = str(path)
+    if not is_remote(spath) and not _local(spath).exists():
+        raise StoreError(f"store {spath} does not exist")
+    try:
+        group = zarr.open_group(spath if is_remote(spath) else str(_local(spath)), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(f"{spath} is not a Zarr v3 group: {exc}") from None
+    attrs = dict(group.attrs)
+    if "isle_format" not in attrs:
+        raise StoreError(f"{spath} is a Zarr group but not an isle-fast stack store (no isle_format attribute)")
+    if attrs["isle_format"] != FORMAT_VERSION:
+        raise StoreError(
+            f"{spath} has isle_format {attrs['isle_format']!r}; this isle-fast reads format "
+            f"{FORMAT_VERSION}. Re-ingest it with this version.")
+    if not attrs.get("complete", False):
+        raise StoreError(f"{spath} is incomplete (its write was interrupted); delete it and run again")
+    for member in ("ids", "shapes", attrs.get("encoding", "labels")):
+        if member not in group:
+            raise StoreError(f"{spath} lacks its {member!r} array")
+    stack = Stack(spath, group)
+    if kind is not None:
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        if stack.kind not in kinds:
+            raise StoreError(f"{spath} is a {stack.kind!r} store; expected {' or '.join(kinds)}")
+    return stack
+
+
+class StackWriter:
+    """Writes one stack store; all-or-nothing.
+
+    Made by :func:`create_stack`. Fill it with :meth:`write_image` (one image,
+    padded here) or :meth:`write_block` (a padded run of images), then
+    :meth:`commit`. Used as a context manager it commits on success and
+    removes everything on an exception.
+    """
+
+    def __init__(self, final_path: str, work_path: str, group: Any, layout: _Layout,
+                 overwrite: bool):
+        self.path = final_path
+        self.work_path = work_path
+        self.group = group
+        self.array = group[layout.array]
+        self.layout = layout
+        self.shapes = np.asarray(group["shapes"][:], dtype=np.int64)
+        self.overwrite = overwrite
+        self.done = False
+
+    # -- filling -------------------------------------------------------------------
+    def write_image(self, i: int, data: np.ndarray) -> None:
+        """Write image ``i`` (unpadded, shape must equal ``shapes[i]``); padding is filled here."""
+        h, w = (int(v) for v in self.shapes[i])
+        if data.shape[:2] != (h, w):
+            raise InputError(f"image {i} has shape {data.shape[:2]}, store expects {(h, w)}")
+        full = np.full(self.array.shape[1:], self.layout.fill, dtype=self.array.dtype)
+        full[:h, :w] = data
+        self.array[i] = full
+
+    def write_block(self, start: int, block: np.ndarray) -> None:
+        """Write already padded images ``start : start + len(block)``."""
+        self.array[start:start + block.shape[0]] = block
+
+    def set_provenance(self, **items: Any) -> None:
+        """Merge ``items`` into the store's provenance attribute."""
+        prov = dict(self.group.attrs.get("provenance", {}))
+        prov.update(items)
+        self.group.attrs["provenance"] = prov
+
+    # -- finishing -----------------------------------------------------------------
+    def commit(self) -> Stack:
+        """Mark the store complete and move it into place; returns it opened."""
+        if self.done:
+            raise StoreError(f"{self.path} was already committed or aborted")
+        self.group.attrs["complete"] = True
+        if self.work_path != self.path:
+            final, work = _local(self.path), _local(self.work_path)
+            trash = None
+            if final.exists():
+                if not self.overwrite:
+                    self.abort()
+                    raise StoreError(f"{self.path} appeared while writing; not overwritten")
+                trash = final.with_name(final.name + f".old-{uuid.uuid4().hex[:8]}")
+                os.replace(final, trash)
+            os.replace(work, final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        self.done = True
+        return open_stack(self.path)
+
+    def abort(self) -> None:
+        """Remove what was written; the final path is left as it was."""
+        if self.done:
+            return
+        self.done = True
+        if self.work_path != self.path:
+            shutil.rmtree(_local(self.work_path), ignore_errors=True)
+        else:
+            try:
+                import fsspec
+
+                fs, root = fsspec.core.url_to_fs(self.work_path)
+                fs.rm(root, recursive=True)
+            except Exception:
+                pass
+
+    def __enter__(self) -> "StackWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if not self.done:
+                self.commit()
+        else:
+            self.abort()
+
+
+def create_stack(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    classes: Sequence[str],
+    ids: Sequence[str],
+    shapes: np.ndarray | Sequence[Sequence[int]],
+    encoding: str = "labels",
+    name: str | None = None,
+    score_dtype: str = "uint8",
+    chunks: Sequence[int] | None = None,
+    compressors: Iterable | None = None,
+    provenance: dict | None = None,
+    overwrite: bool = False,
+    padded_shape: tuple[int, int] | None = None,
+) -> StackWriter:
+    """Start writing a stack store.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Where the store will be. Local paths are written to a temporary
+        sibling and renamed on commit.
+    kind : {'pseudo', 'gt', 'images', 'ensemble'}
+    classes : sequence of str
+        Class names, background first.
+    ids : sequence of str
+        Image ids, in order; unique.
+    shapes : (I, 2) array-like of int
+        True height and width of every image.
+    encoding : {'labels', 'scores', 'rgb'}
+        ``rgb`` is implied by kind ``images``.
+    name : str, optional
+        The set's name; defaults to the store's folder name without suffix.
+    score_dtype : {'uint8', 'float16', 'float32'}
+        Storage type of ``scores`` (``uint8`` holds ``round(255 * score)``).
+    chunks : sequence of int, optional
+        Chunk shape of the main array; :func:`default_chunks` otherwise.
+    compressors : iterable of codecs, optional
+        Zarr v3 compressors; :func:`default_compressors` otherwise.
+    provenance : dict, optional
+        JSON-ready provenance (sources, parameters, tool version).
+    overwrite : bool
+        Replace an existing store at ``path`` (only once the new one is complete).
+    padded_shape : (int, int), optional
+        Padded H, W; defaults to the largest image.
+
+    Returns
+    -------
+    StackWriter
+    """
+    import zarr
+
+    from . import __version__
+
+    if kind not in KINDS:
+        raise InputError(f"kind must be one of {KINDS}, not {kind!r}")
+    if kind == "images":
+        encoding = "rgb"
+    classes = [str(c) for c in classes]
+    if kind != "images" and not 1 <= len(classes) <= 255:
+        raise InputError(f"a stack needs 1 to 255 classes (255 is the ignore value); got {len(classes)}")
+    ids = [str(s) for s in ids]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(s for s in ids if s in seen or seen.add(s))  # type: ignore[func-returns-value]
+        raise InputError(f"image id {dup!r} appears twice")
+    shapes_arr = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+    if shapes_arr.shape[0] != len(ids):
+        raise InputError(f"{len(ids)} ids but {shapes_arr.shape[0]} shapes")
+    if len(ids) and shapes_arr.min() < 1:
+        raise InputError("every image needs a height and width of at least 1")
+    layout = _layout(kind, encoding, len(classes), score_dtype)
+    if padded_shape is None:
+        padded_shape = (int(shapes_arr[:, 0].max(initial=1)), int(shapes_arr[:, 1].max(initial=1)))
+    h_pad, w_pad = padded_shape
+    if len(ids) and (shapes_arr[:, 0].max() > h_pad or shapes_arr[:, 1].max() > w_pad):
+        raise InputError(f"an image is larger than the padded shape {padded_shape}")
+
+    n = len(ids)
+    shape = (n, h_pad, w_pad) + ((layout.channels,) if layout.channels else ())
+    if chunks is None:
+        chunks = default_chunks(n, h_pad, w_pad, layout.channels, layout.dtype.itemsize)
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) != len(shape):
+        raise InputError(f"chunks {chunks} do not match an array of rank {len(shape)}")
+    chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, shape))
+
+    spath = str(path)
+    remote = is_remote(spath)
+    if remote:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(spath)
+        if fs.exists(root) and not overwrite:
+            raise StoreError(f"{spath} exists; pass overwrite to replace it")
+        work = spath
+    else:
+        final = _local(spath)
+        if final.exists() and not overwrite:
+            raise StoreError(f"{spath} exists; pass overwrite (--overwrite) to replace it")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = str(final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"))
+    try:
+        group = zarr.open_group(work, mode="w", zarr_format=3)
+        comp = tuple(compressors) if compressors is not None else default_compressors()
+        group.create_array(layout.array, shape=shape, chunks=chunks, dtype=layout.dtype,
+                           fill_value=layout.fill, compressors=comp)
+        id_arr = group.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
+        if n:
+            id_arr[:] = np.asarray(ids, dtype=object)
+        sh = group.create_array("shapes", shape=(n, 2), dtype=np.int32, chunks=(max(n, 1), 2))
+        if n:
+            sh[:] = shapes_arr.astype(np.int32)
+        attrs = {
+            "isle_format": FORMAT_VERSION,
+            "kind": kind,
+            "name": name or _default_name(spath),
+            "classes": classes,
+            "ignore_index": IGNORE_INDEX,
+            "encoding": layout.array,
+            "complete": False,
+            "provenance": {"tool": "isle-fast", "version": __version__, **(provenance or {})},
+        }
+        if layout.array == "scores":
+            attrs["score_scale"] = SCORE_SCALE if layout.dtype == np.uint8 else 1.0
+        group.attrs.update(attrs)
+    except Exception:
+        if not remote:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return StackWriter(spath, work, group, layout, overwrite)
+
+
+def _default_name(path: str) -> str:
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    return base[:-5] if base.endswith(".zarr") else base
+
+
+def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None:
+    """Raise :class:`AlignmentError` unless all stacks have the same ids, order, shapes (and classes).
+
+    The message names the first store and image id that differ.
+    """
+    if not stacks:
+        return
+    ref = stacks[0]
+    for s in stacks[1:]:
+        if s.ids != ref.ids:
+            if set(s.ids) != set(ref.ids):
+                missing = sorted(set(ref.ids) - set(s.ids))
+                extra = sorted(set(s.ids) - set(ref.ids))
+                what = (f"lacks image id {missing[0]!r}" if missing else f"has extra image id {extra[0]!r}")
+                raise AlignmentError(f"{s.path} {what} (compared with {ref.path}); "
+                                     f"{len(missing)} missing, {len(extra)} extra")
+            first = next(i for i, (a, b) in enumerate(zip(ref.ids, s.ids)) if a != b)
+            raise AlignmentError(f"{s.path} has the image ids of {ref.path} in another order "
+                                 f"(position {first}: {s.ids[first]!r} vs {ref.ids[first]!r})")
+        if not np.array_equal(s.shapes, ref.shapes):
+            i = int(np.nonzero((s.shapes != ref.shapes).any(axis=1))[0][0])
+            raise AlignmentError(f"image {ref.ids[i]!r} is {tuple(s.shapes[i])} in {s.path} but "
+                                 f"{tuple(ref.shapes[i])} in {ref.path}")
+        if s.padded_shape != ref.padded_shape:
+            raise AlignmentError(f"{s.path} is padded to {s.padded_shape}, {ref.path} to {ref.padded_shape}")
+        if same_classes and s.kind != "images" and ref.kind != "images" and s.classes != ref.classes:
+            raise AlignmentError(f"{s.path} has classes {s.classes}, {ref.path} has {ref.classes}")

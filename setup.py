@@ -1,0 +1,48 @@
+"""isle-fast: the ISLE class-wise pseudo-label ensemble as a fast array pipeline."""
+
+from setuptools import setup
+
+# torch and torchvision are taken together: torchvision >= 0.29 pulls the matching
+# torch wheel from the index (a stray CPU-only torch wheel breaks torchvision's ops).
+# The original `pydensecrf` sdist no longer builds; `pydensecrf2` provides the same
+# `import pydensecrf` module.
+INSTALL_REQUIRES = [
+    "numpy>=1.26",
+    "numba>=0.60",
+    "zarr>=3.0",
+    "numcodecs>=0.13",
+    "dask[array]>=2024.8",
+    "distributed>=2024.8",
+    "fsspec>=2024.6",
+    "torch>=2.9",
+    "torchvision>=0.29",
+    "pydensecrf2>=1.1",
+    "tifffile>=2024.5",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "psutil>=5.9",
+]
+
+EXTRAS = {
+    "gpu": ["cupy-cuda12x>=13"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+}
+
+setup(
+    name="isle-fast",
+    version="0.1.0",
+    description="ISLE class-wise ensemble of weakly supervised segmentation pseudo-labels, "
+    "as a fast chunked array pipeline (Zarr + Dask + Numba), with refinement and DeepLabV3+ training.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["isle_fast", "isle_fast.commands", "isle_fast.kernels"],
+    package_dir={"isle_fast": "isle_fast", "isle_fast.kernels": "kernels"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": ["isle = isle_fast.cli:main"],
+        "isle_fast.refinements": [],
+    },
+)

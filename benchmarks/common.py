@@ -1,0 +1,618 @@
+"""Shared helpers of every benchmark: timing, machine info, JSON / Markdown output, fits, plots.
+
+Every benchmark module (``python -m benchmarks.<name> [--quick]``) uses the
+same conventions so that ``python -m benchmarks`` can collect them:
+
+* results go to :func:`results_dir` (``benchmarks/results/`` unless the
+  environment variable ``ISLE_BENCH_RESULTS`` names another folder; the smoke
+  test uses that to keep its tiny numbers out of the real results);
+* :func:`write_json` writes ``<name>.json`` with a ``machine`` block (CPU
+  model, cores, memory, library versions, git commit) next to the payload;
+  a top-level ``headline`` list (rows made by :func:`headline_row`) is what
+  the combined ``SUMMARY.md`` shows for the module;
+* every timing is the best of ``k`` runs after a warm-up (:func:`best_of`),
+  and every step is measured next to a reference implementation in the same
+  run, so the tables report ratios, not only seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BENCH_DIR",
+    "results_dir",
+    "tmp_dir",
+    "machine_info",
+    "best_of",
+    "Timing",
+    "write_json",
+    "read_json",
+    "fit_exponent",
+    "plot_loglog",
+    "format_table",
+    "markdown_table",
+    "headline_row",
+    "PeakMemory",
+    "bench_parser",
+    "fmt_seconds",
+    "fmt_bytes",
+    "quiet_progress",
+    "log",
+    "synth_shapes",
+    "synth_quality",
+    "synth_block",
+    "make_label_stores",
+]
+
+#: The ``benchmarks/`` folder of the checkout.
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def results_dir() -> Path:
+    """Folder that benchmark results go to (created): ``$ISLE_BENCH_RESULTS`` or ``benchmarks/results``."""
+    d = Path(os.environ.get("ISLE_BENCH_RESULTS") or BENCH_DIR / "results")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def tmp_dir() -> Path:
+    """Cache for generated data (``benchmarks/results/tmp``, git-ignored); ``$ISLE_BENCH_TMP`` overrides."""
+    d = Path(os.environ.get("ISLE_BENCH_TMP") or BENCH_DIR / "results" / "tmp")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# --------------------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:
+        return None
+    if module == "SimpleITK":
+        try:
+            return mod.Version_VersionString()
+        except Exception:
+            return "?"
+    return str(getattr(mod, "__version__", "?"))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, memory, OS, Python and library versions, git commit: JSON-ready."""
+    import psutil
+
+    versions = {m: _version(m) for m in ("numpy", "numba", "zarr", "numcodecs", "dask", "distributed",
+                                         "torch", "PIL", "torchmetrics", "SimpleITK", "cupy")}
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "usable_cores": affinity,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {k: v for k, v in versions.items() if v is not None},
+        "git_commit": _git_commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------
+class Timing(dict):
+    """Result of :func:`best_of`: ``best``, ``median``, ``runs`` (seconds) and ``value`` (last return)."""
+
+    @property
+    def best(self) -> float:
+        return self["best"]
+
+    @property
+    def value(self) -> Any:
+        return self["value"]
+
+
+def best_of(fn: Callable[[], Any], k: int = 3, warmup: int = 1, max_seconds: float | None = None) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``k`` times; the best (minimum) wall time wins.
+
+    The minimum is the least noisy estimate on a shared machine: noise only
+    ever adds time. ``max_seconds`` stops repeating once the timed runs have
+    taken that long (at least one timed run always happens).
+
+    Returns
+    -------
+    Timing
+        ``{"best": s, "median": s, "runs": [s, ...], "value": last return value}``.
+    """
+    value = None
+    for _ in range(max(0, warmup)):
+        value = fn()
+    runs: list[float] = []
+    spent = 0.0
+    for _ in range(max(1, k)):
+        t0 = time.perf_counter()
+        value = fn()
+        dt = time.perf_counter() - t0
+        runs.append(dt)
+        spent += dt
+        if max_seconds is not None and spent >= max_seconds:
+            break
+    return Timing(best=min(runs), median=float(np.median(runs)), runs=runs, value=value)
+
+
+# --------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak resident memory (RSS) of this process and its children, sampled by a thread.
+
+    ``with PeakMemory() as pm: ...`` then ``pm.peak`` (bytes, this process +
+    all descendants at the same instant, e.g. dask.distributed workers),
+    ``pm.peak_self`` and ``pm.baseline`` (RSS when the block started). Sampling
+    every ``interval`` seconds can miss a very short spike; the chunked
+    pipeline's memory is a plateau, which it does not miss.
+    """
+
+    def __init__(self, interval: float = 0.02, pid: int | None = None):
+        self.interval = interval
+        self.pid = pid or os.getpid()
+        self.peak = 0
+        self.peak_self = 0
+        self.baseline = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process(self.pid)
+        while True:
+            try:
+                own = proc.memory_info().rss
+                total = own
+                for child in proc.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+            except psutil.NoSuchProcess:
+                return
+            self.peak_self = max(self.peak_self, own)
+            self.peak = max(self.peak, total)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        import psutil
+
+        self.baseline = psutil.Process(self.pid).memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="peak-rss")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# --------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if k != "value"}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(name: str, payload: dict[str, Any], *, quick: bool = False) -> Path:
+    """Write ``results_dir()/<name>.json`` atomically, with :func:`machine_info` and the mode added.
+
+    ``Timing`` values lose their ``value`` entry; NumPy scalars and arrays become
+    plain JSON; NaN and infinity become ``null``.
+    """
+    path = results_dir() / f"{name}.json"
+    doc = {"benchmark": name, "quick": bool(quick), "machine": machine_info(), **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".json.tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(doc), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a results JSON file."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def headline_row(what: str, seconds: float | None, reference: str | None = None,
+                 reference_seconds: float | None = None, **extra: Any) -> dict[str, Any]:
+    """One row of a module's ``headline`` list: our time, the reference's, and the ratio."""
+    row: dict[str, Any] = {"what": what, "seconds": seconds}
+    if reference is not None:
+        row["reference"] = reference
+        row["reference_seconds"] = reference_seconds
+        row["speedup"] = (reference_seconds / seconds) if (seconds and reference_seconds) else None
+    row.update(extra)
+    return row
+
+
+def fmt_seconds(s: float | None) -> str:
+    """``1.23 s`` / ``45.6 ms`` / ``789 us``; ``-`` for None."""
+    if s is None or (isinstance(s, float) and not math.isfinite(s)):
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} us"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Human-readable bytes (KiB, MiB, GiB)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "-"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Plain aligned text table of ``rows`` (dicts); columns default to the first row's keys."""
+    if not rows:
+        return "(no rows)"
+    cols = list(columns or rows[0].keys())
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """GitHub Markdown table of ``rows`` (dicts)."""
+    if not rows:
+        return "_(no rows)_"
+    cols = list(columns or rows[0].keys())
+    out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------
+# fits and plots
+# --------------------------------------------------------------------------------------
+def fit_exponent(x: Iterable[float], y: Iterable[float]) -> dict[str, float]:
+    """Least-squares fit of ``log y = a log x + b``: the growth exponent ``a``.
+
+    ``a`` near 1 is linear growth, near 0 constant. Non-positive points are
+    dropped. Returns ``{"exponent": a, "intercept": b, "r2": R^2, "points": n}``
+    (exponent NaN with fewer than two usable points).
+    """
+    xa = np.asarray(list(x), dtype=float)
+    ya = np.asarray(list(y), dtype=float)
+    ok = (xa > 0) & (ya > 0) & np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = np.log(xa[ok]), np.log(ya[ok])
+    if len(xa) < 2 or np.ptp(xa) == 0:
+        return {"exponent": float("nan"), "intercept": float("nan"), "r2": float("nan"), "points": int(len(xa))}
+    a, b = np.polyfit(xa, ya, 1)
+    pred = a * xa + b
+    ss_res = float(((ya - pred) ** 2).sum())
+    ss_tot = float(((ya - ya.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return {"exponent": float(a), "intercept": float(b), "r2": float(r2), "points": int(len(xa))}
+
+
+def plot_loglog(path: str | os.PathLike, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+                xlabel: str, ylabel: str = "seconds", title: str = "", fit: bool = True) -> Path:
+    """Log-log plot of several ``label -> (x, y)`` series, each with its fitted slope in the legend.
+
+    Written atomically as PNG (matplotlib, Agg backend). Returns the path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for i, (label, (x, y)) in enumerate(series.items()):
+        xa, ya = np.asarray(x, float), np.asarray(y, float)
+        ok = (xa > 0) & (ya > 0)
+        if not ok.any():
+            continue
+        text = label
+        line, = ax.plot(xa[ok], ya[ok], "o-", label=label)
+        if fit and ok.sum() >= 2:
+            f = fit_exponent(xa[ok], ya[ok])
+            xs = np.geomspace(xa[ok].min(), xa[ok].max(), 20)
+            ax.plot(xs, np.exp(f["intercept"]) * xs ** f["exponent"], "--", color=line.get_color(), alpha=0.6)
+            line.set_label(f"{text} (slope {f['exponent']:.2f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """Argument parser every benchmark module starts from: ``--quick`` and ``--repeat``."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, numbers are meaningless")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (best is kept)")
+    return p
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide isle-fast progress bars inside the block (benchmarks print their own tables)."""
+    old = os.environ.get("ISLE_PROGRESS")
+    os.environ["ISLE_PROGRESS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ISLE_PROGRESS", None)
+        else:
+            os.environ["ISLE_PROGRESS"] = old
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (tables go to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# synthetic VOC-like data, written straight into stores
+# --------------------------------------------------------------------------------------
+#: Side of the coarse cells the synthetic label maps are drawn on (pixels).
+SYNTH_CELL = 10
+
+
+def synth_shapes(n_images: int, max_side: int, seed: int = 0) -> np.ndarray:
+    """VOC-like true image shapes: mostly landscape ``(0.66..1) * max_side x max_side``, some portrait."""
+    rng = np.random.default_rng(seed)
+    short = rng.integers(int(max_side * 0.66), max_side + 1, size=n_images)
+    portrait = rng.random(n_images) < 0.3
+    h = np.where(portrait, max_side, short)
+    w = np.where(portrait, short, max_side)
+    return np.stack([h, w], axis=1).astype(np.int64)
+
+
+def synth_quality(n_sets: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per (set, class) error rates of the synthetic sets: cell miss rate and object confusion rate.
+
+    Drawn independently per set and class, so each set is best on different
+    classes (what ISLE exploits).
+    """
+    rng = np.random.default_rng(seed + 7919)
+    miss = rng.uniform(0.02, 0.35, size=(n_sets, num_classes))
+    confuse = rng.uniform(0.0, 0.15, size=(n_sets, num_classes))
+    miss[:, 0] = rng.uniform(0.0, 0.05, size=n_sets)
+    return miss, confuse
+
+
+def synth_block(seed: int, shapes: np.ndarray, padded: tuple[int, int], num_classes: int, n_sets: int,
+                quality: tuple[np.ndarray, np.ndarray] | None = None, max_objects: int = 3,
+                ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Ground truth and ``n_sets`` pseudo-label sets for a run of images, vectorised.
+
+    Objects are axis-aligned rectangles on a coarse grid (``SYNTH_CELL`` pixels),
+    upsampled; ground truth gets a 2-pixel ``255`` boundary like VOC's; each set
+    jitters object extents by one cell, confuses whole objects and misses cells
+    at its own per-class rates (:func:`synth_quality`). Everything outside an
+    image's true shape is ``255`` (padding).
+
+    Returns
+    -------
+    gt : (n, H, W) uint8
+    sets : list of (n, H, W) uint8
+    """
+    rng = np.random.default_rng(seed)
+    n = len(shapes)
+    H, W = padded
+    cell = SYNTH_CELL
+    gh, gw = -(-H // cell), -(-W // cell)
+    miss, confuse = quality if quality is not None else synth_quality(n_sets, num_classes)
+    yy = np.arange(gh)[None, :, None]
+    xx = np.arange(gw)[None, None, :]
+    hc = np.maximum(1, shapes[:, 0] // cell)[:, None, None]
+    wc = np.maximum(1, shapes[:, 1] // cell)[:, None, None]
+    gt_c = np.zeros((n, gh, gw), np.uint8)
+    sets_c = [np.zeros((n, gh, gw), np.uint8) for _ in range(n_sets)]
+    n_obj = rng.integers(1, max_objects + 1, size=n)
+    fg = max(1, num_classes - 1)
+    for j in range(max_objects):
+        present = (n_obj > j)[:, None, None]
+        cls = rng.integers(1, num_classes, size=n).astype(np.uint8) if num_classes > 1 else np.zeros(n, np.uint8)
+        fy = np.sort(rng.random((n, 2)), axis=1)
+        fx = np.sort(rng.random((n, 2)), axis=1)
+        y0 = (fy[:, 0] * hc[:, 0, 0] * 0.8).astype(int)[:, None, None]
+        y1 = np.maximum(y0 + 2, (fy[:, 1] * hc[:, 0, 0]).astype(int)[:, None, None])
+        x0 = (fx[:, 0] * wc[:, 0, 0] * 0.8).astype(int)[:, None, None]
+        x1 = np.maximum(x0 + 2, (fx[:, 1] * wc[:, 0, 0]).astype(int)[:, None, None])
+        box = present & (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+        gt_c = np.where(box, cls[:, None, None], gt_c)
+        for s in range(n_sets):
+            jit = rng.integers(-1, 2, size=(4, n))[:, :, None, None]
+            sbox = (present & (yy >= y0 + jit[0]) & (yy < y1 + jit[1])
+                    & (xx >= x0 + jit[2]) & (xx < x1 + jit[3]))
+            other = ((cls.astype(np.int64) - 1 + rng.integers(1, max(2, fg), size=n)) % fg + 1).astype(np.uint8)
+            scls = np.where(rng.random(n) < confuse[s, cls], other, cls).astype(np.uint8)
+            sets_c[s] = np.where(sbox, scls[:, None, None], sets_c[s])
+    for s in range(n_sets):
+        drop = rng.random((n, gh, gw)) < miss[s][sets_c[s]]
+        sets_c[s][drop] = 0
+
+    def up(a: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(a, cell, axis=1), cell, axis=2)[:, :H, :W]
+
+    rows = np.arange(H)[None, :, None] < shapes[:, 0][:, None, None]
+    cols = np.arange(W)[None, None, :] < shapes[:, 1][:, None, None]
+    outside = ~(rows & cols)
+    gt = up(gt_c)
+    edge = np.zeros(gt.shape, bool)
+    edge[:, 1:, :] |= gt[:, 1:, :] != gt[:, :-1, :]
+    edge[:, :, 1:] |= gt[:, :, 1:] != gt[:, :, :-1]
+    edge[:, :-1, :] |= edge[:, 1:, :]
+    edge[:, :, :-1] |= edge[:, :, 1:]
+    gt[edge | outside] = 255
+    sets = []
+    for s in range(n_sets):
+        a = up(sets_c[s])
+        a[outside] = 255
+        sets.append(a)
+    return gt, sets
+
+
+def make_label_stores(root: str | os.PathLike, n_images: int, *, n_sets: int = 4, max_side: int = 500,
+                      num_classes: int = 21, seed: int = 0, chunk_images: int | None = None,
+                      workers: int = 2, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Generate (or reuse) a synthetic data set as stores: ``gt.zarr`` + ``set0..set{N-1}.zarr``.
+
+    Stores are written block by block with :func:`isle_fast.store.create_stack`
+    (default compression and chunking unless ``chunk_images`` is given) and
+    committed; a folder whose stores all open as complete is reused as is (the
+    parameters are part of the folder name under ``root``).
+
+    Returns
+    -------
+    dict
+        ``{"root", "gt", "sets": [paths], "images", "padded", "classes",
+        "generated": bool, "seconds", "stored_bytes", "raw_bytes"}``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from isle_fast.store import VOC_CLASSES, create_stack, open_stack
+
+    if classes is None:
+        classes = list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else (
+            ["background"] + [f"class{c}" for c in range(1, num_classes)])
+    classes = list(classes)
+    tag = f"synth-n{n_images}-s{max_side}-C{num_classes}-N{n_sets}-k{chunk_images or 'auto'}-seed{seed}-v1"
+    folder = Path(root) / tag
+    gt_path = folder / "gt.zarr"
+    set_paths = [folder / f"set{s}.zarr" for s in range(n_sets)]
+    info: dict[str, Any] = {"root": str(folder), "gt": str(gt_path), "sets": [str(p) for p in set_paths],
+                            "images": n_images, "padded": (max_side, max_side), "classes": classes}
+    t0 = time.perf_counter()
+    try:
+        stacks = [open_stack(p) for p in [gt_path, *set_paths]]
+        info["generated"] = False
+    except Exception:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        shapes = synth_shapes(n_images, max_side, seed)
+        ids = [f"{i:06d}" for i in range(n_images)]
+        quality = synth_quality(n_sets, num_classes, seed)
+        chunks = None if chunk_images is None else (chunk_images, max_side, max_side)
+        prov = {"generator": "benchmarks.common.make_label_stores", "seed": seed}
+        writers = [create_stack(gt_path, kind="gt", classes=classes, ids=ids, shapes=shapes, chunks=chunks,
+                                name="gt", provenance=prov)]
+        writers += [create_stack(p, kind="pseudo", classes=classes, ids=ids, shapes=shapes, chunks=chunks,
+                                 name=f"set{s}", provenance=prov) for s, p in enumerate(set_paths)]
+        k = writers[0].array.chunks[0]
+
+        def one(b: int) -> None:
+            start = b * k
+            stop = min(n_images, start + k)
+            gt, sets = synth_block(seed * 1_000_003 + b, shapes[start:stop], (max_side, max_side),
+                                   num_classes, n_sets, quality)
+            writers[0].write_block(start, gt)
+            for w, a in zip(writers[1:], sets):
+                w.write_block(start, a)
+
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                list(pool.map(one, range(-(-n_images // k))))
+            stacks = [w.commit() for w in writers]
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        info["generated"] = True
+    info["seconds"] = time.perf_counter() - t0
+    info["stored_bytes"] = int(sum(s.stored_bytes() for s in stacks))
+    info["raw_bytes"] = int(sum(int(np.prod(s.array.shape)) for s in stacks))
+    info["chunks"] = list(stacks[0].chunks)
+    return info

@@ -1,0 +1,53 @@
+"""``isle evaluate SETS... --gt GT``: per-class IoU of every set (ISLE step 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "step 2: per-class IoU of every set against ground truth"
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by evaluate, merge and report."""
+    parser.add_argument("sets", nargs="+", metavar="SET", help="pseudo-label set stores (labels or scores)")
+    parser.add_argument("--gt", required=True, metavar="GT", help="ground-truth label store")
+    parser.add_argument("--average", choices=("dataset", "image"), default="dataset",
+                        help="IoU from counts summed over the data set (default) or the mean "
+                             "per-image IoU (Algorithm 2 as written)")
+    parser.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="kernel backend (results are identical)")
+    parser.add_argument("--bg-threshold", type=float, default=None, metavar="T",
+                        help="score sets: background score replaced by T in [0, 1] before decoding")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--json", metavar="FILE", help="write the scores as JSON (DESIGN.md schema)")
+    parser.add_argument("--sets", dest="subset", metavar="A,B",
+                        help="restrict the selection shown (and in the JSON) to these sets")
+
+
+def parse_subset(text: str | None) -> list[str] | None:
+    """``'A,B'`` -> ``['A', 'B']``."""
+    if not text:
+        return None
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate
+    from ..progress import summary
+
+    ev = evaluate(args.sets, args.gt, average=args.average, backend=args.backend,
+                  bg_threshold=args.bg_threshold, progress=not args.quiet)
+    sel = ev.select(parse_subset(args.subset))
+    print(ev.table(sel))
+    if args.json:
+        ev.write_json(args.json, sel)
+    rows = {"sets": f"{len(ev.set_names)} ({', '.join(ev.set_names)})",
+            "average": ev.average, "backend": ev.backend, "seconds": f"{ev.seconds:.2f}"}
+    if args.json:
+        rows["json"] = args.json
+    summary("isle evaluate: done", rows, quiet=args.quiet)
+    return 0

@@ -1,0 +1,36 @@
+"""``isle report SETS... --gt GT --out DIR``: the paper's tables and figures for any data."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "the paper's tables and figures for any data"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluate import add_common
+
+    add_common(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (must not exist)")
+    parser.add_argument("--ensemble", metavar="E", help="an ensemble store to report (default: computed)")
+    parser.add_argument("--images", metavar="IMG", help="images store: adds the side-by-side figure")
+    parser.add_argument("--num-images", type=int, default=3, metavar="K", help="images in the figure")
+    parser.add_argument("--policy", choices=("score", "order", "ignore"), default="score",
+                        help="merge policy of the computed ensembles")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder when done")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..progress import summary
+    from ..report import report
+
+    res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
+                 policy=args.policy, average=args.average, backend=args.backend,
+                 bg_threshold=args.bg_threshold, num_images=args.num_images, overwrite=args.overwrite,
+                 progress=not args.quiet)
+    rows = {"files": ", ".join(res["files"]), "seconds": f"{res['seconds']:.2f}", "output": res["path"]}
+    if res["ensemble_miou"] is not None:
+        rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best component {res['best_component']} "
+                                 f"{res['best_component_miou']:.2f})")
+    summary("isle report: done", rows, quiet=args.quiet)
+    return 0

@@ -1,0 +1,432 @@
+"""ISLE step 3: build the ensemble store from the per-class selection (the paper's Algorithm 3).
+
+``strategy="class"`` (the paper's ISLE): for every image, class slice ``c``
+comes from the set chosen for ``c``; background is what no chosen slice
+claims.
+
+* Label-map sets (or a mix of label and score sets; score sets are decoded
+  first) go through the ``merge_labels`` kernel. Where several chosen slices
+  claim one pixel, the **policy** decides: ``score`` (default) the claim of the
+  set with the higher IoU on its class wins, ``order`` the set given first
+  wins, ``ignore`` marks the pixel 255. A pixel no chosen slice claims is
+  background (0), or 255 when every set abstains there.
+* When every set is a score stack, the ``merge_scores`` kernel builds the
+  paper's concatenated stack ``ps*`` (slice ``c`` from the set chosen for
+  ``c``, the background slice from the set best on background) and the
+  labels: class ``c`` claims a pixel when its slice beats the background
+  slice; several claims are resolved by the policy (``score`` = argmax of the
+  merged stack). The ensemble then also holds the merged stack as a second
+  array named ``scores`` (provenance ``scores_array``). Score sets of
+  different dtypes are merged as float32 in [0, 1].
+
+``strategy="image"`` (the paper's naive variant): classes are ranked by their
+number of instances in the training set, counted as the number of gt images
+that contain the class (ties: lower class index first). For each image, the
+image-level labels are the foreground classes present in its gt (WSSS has
+image-level labels; the gt store supplies them); the image takes the WHOLE
+prediction of the set chosen for its top-ranked present class. An image with
+no foreground class takes the set with the best mIoU (ties: first set).
+
+Outside each image's true shape the labels are 255 (scores 0). The output is
+written chunk by chunk (one task per gt chunk writes its own region of the
+new store) into a temporary store that is renamed into place on success, so
+peak memory is a few chunks however large the data set is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .evaluate import (
+    Evaluation,
+    _jsonable,
+    aligned_arrays,
+    blockwise_args,
+    evaluate,
+    open_inputs,
+    score_threshold,
+    unique_names,
+)
+from .selection import Selection, select
+from .store import Stack, create_stack, default_compressors
+
+__all__ = ["POLICIES", "STRATEGIES", "MergePlan", "MergeResult", "merge", "merge_images",
+           "make_plan", "image_choice", "gt_presence", "ensemble_scores"]
+
+POLICIES = {"score": 0, "order": 1, "ignore": 2}
+STRATEGIES = ("class", "image")
+
+
+def _policy_code(policy: str) -> int:
+    if policy not in POLICIES:
+        raise InputError(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+    return POLICIES[policy]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything a merge task needs besides the data (picklable, small).
+
+    ``mode`` is ``'scores'`` when every member set is a score stack (the
+    merged stack is written too), else ``'labels'``. ``thresholds`` are the
+    background thresholds per member set in the units the kernel sees.
+    """
+
+    mode: str
+    strategy: str
+    encodings: tuple[str, ...]
+    scales: tuple[float, ...]
+    cast: bool
+    selection: tuple[int, ...]
+    priority: tuple[tuple[float, ...], ...]
+    policy: int
+    thresholds: tuple[float, ...]
+    num_classes: int
+
+    @property
+    def score_dtype(self) -> str | None:
+        return None if self.mode != "scores" else ("float32" if self.cast else None)
+
+
+def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "score",
+              strategy: str = "class", bg_threshold: float | None = None) -> MergePlan:
+    """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets)."""
+    if strategy not in STRATEGIES:
+        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    code = _policy_code(policy)
+    members = [stacks[i] for i in selection.member_indices]
+    encodings = tuple(s.encoding for s in members)
+    mode = "scores" if all(e == "scores" for e in encodings) else "labels"
+    kinds = {(str(s.array.dtype), s.score_scale) for s in members if s.encoding == "scores"}
+    cast = mode == "scores" and len(kinds) > 1
+    if cast:
+        thr = -1.0 if bg_threshold is None or bg_threshold < 0 else float(bg_threshold)
+        thresholds = tuple(thr for _ in members)
+    else:
+        thresholds = tuple(score_threshold(s, bg_threshold) if s.encoding == "scores" else -1.0
+                           for s in members)
+    return MergePlan(
+        mode=mode, strategy=strategy, encodings=encodings,
+        scales=tuple(float(s.score_scale) for s in members), cast=cast,
+        selection=tuple(int(v) for v in selection.kernel_selection()),
+        priority=tuple(tuple(float(v) for v in row) for row in selection.priority()),
+        policy=code, thresholds=thresholds, num_classes=len(selection.classes),
+    )
+
+
+def _gather(arrays: Sequence[np.ndarray], choice: np.ndarray) -> np.ndarray:
+    out = np.empty_like(arrays[0])
+    for m, n in enumerate(choice):
+        out[m] = arrays[int(n)][m]
+    return out
+
+
+def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[np.ndarray],
+                choice: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Merge one aligned region of the member sets: ``(labels, merged scores or None)``.
+
+    ``choice`` (image strategy): the member position chosen for every image of the region.
+    """
+    sel = np.asarray(plan.selection, dtype=np.int64)
+    blocks = [np.ascontiguousarray(b) for b in blocks]
+    if plan.mode == "labels":
+        labs = [b if e == "labels" else np.asarray(K.decode_scores(b, t))
+                for b, e, t in zip(blocks, plan.encodings, plan.thresholds)]
+        if plan.strategy == "image":
+            return _gather(labs, choice), None
+        prio = np.asarray(plan.priority, dtype=np.float64)
+        return np.asarray(K.merge_labels(tuple(labs), sel, prio, plan.policy)), None
+    arrs = ([(b.astype(np.float32) / np.float32(s)) for b, s in zip(blocks, plan.scales)]
+            if plan.cast else blocks)
+    thr = plan.thresholds[0]
+    if plan.strategy == "image":
+        sc = _gather(arrs, choice)
+        if thr >= 0:
+            sc[..., 0] = thr
+        return np.asarray(K.decode_scores(sc, -1.0)), sc
+    lab, sc = K.merge_scores(tuple(arrs), sel, plan.policy, thr)
+    return np.asarray(lab), np.asarray(sc)
+
+
+def _valid(shapes: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    r = rows[None, :, None] < shapes[:, 0][:, None, None]
+    c = cols[None, None, :] < shapes[:, 1][:, None, None]
+    return r & c
+
+
+def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray,
+                 choice: np.ndarray, *blocks: np.ndarray, backend: str, plan: MergePlan,
+                 labels_target: Any, scores_target: Any) -> np.ndarray:
+    """Merge one gt chunk's region and write it into the new store; returns ``(1, 1, 1)`` pixel count."""
+    from .backend import get_kernels
+
+    K = get_kernels(backend)
+    lab, sc = merge_chunk(K, plan, blocks, choice)
+    valid = _valid(shapes, idx_j, idx_k)
+    lab = np.where(valid, lab, np.uint8(255)).astype(np.uint8)
+    region = (slice(int(idx_i[0]), int(idx_i[-1]) + 1), slice(int(idx_j[0]), int(idx_j[-1]) + 1),
+              slice(int(idx_k[0]), int(idx_k[-1]) + 1))
+    labels_target[region] = lab
+    if scores_target is not None and sc is not None:
+        sc = np.where(valid[..., None], sc, np.zeros((), dtype=sc.dtype)).astype(sc.dtype)
+        scores_target[region + (slice(None),)] = sc
+    return np.full((1, 1, 1), int(valid.sum()), dtype=np.int64)
+
+
+# -- image strategy -----------------------------------------------------------------------
+
+def _presence_block(gt: np.ndarray, *, backend: str, num_classes: int) -> np.ndarray:
+    from .backend import get_kernels
+
+    K = get_kernels(backend)
+    gt = np.ascontiguousarray(gt)
+    out = np.zeros((gt.shape[0], 1, 1, num_classes), dtype=np.int64)
+    for m in range(gt.shape[0]):
+        g = gt[m:m + 1]
+        out[m, 0, 0] = np.asarray(K.confusion_labels(g, (g,), num_classes))[0].sum(axis=1)
+    return out
+
+
+def gt_presence(gt: Stack, *, backend: str = "cpu", progress: bool = False) -> np.ndarray:
+    """``(I, C)`` bool: which classes each image's gt contains (its image-level labels)."""
+    import dask.array as da
+
+    from .progress import dask_progress
+
+    g = gt.to_dask()
+    c = gt.num_classes
+    one = lambda n: 1  # noqa: E731
+    arr = da.blockwise(partial(_presence_block, backend=backend, num_classes=c), "ijkc", g, "ijk",
+                       new_axes={"c": c}, adjust_chunks={"j": one, "k": one}, dtype=np.int64,
+                       meta=np.empty((0, 0, 0, 0), dtype=np.int64))
+    with dask_progress("image labels", quiet=not progress):
+        px = arr.sum(axis=(1, 2)).compute()
+    return np.asarray(px) > 0
+
+
+def image_choice(presence: np.ndarray, selection: Selection, miou: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The set (position among all sets) whose whole prediction each image takes (image strategy).
+
+    Parameters
+    ----------
+    presence : (I, C) bool
+        Image-level labels (class present in the image's gt).
+    selection : Selection
+    miou : (N,) float
+        mIoU of every set; the best member set serves images without foreground.
+
+    Returns
+    -------
+    choice : (I,) int64
+    info : dict
+        ``instances`` (per class image count) and ``rank`` (classes, most frequent first).
+    """
+    presence = np.asarray(presence, dtype=bool)
+    c = presence.shape[1]
+    instances = presence.sum(axis=0)
+    rank = sorted(range(1, c), key=lambda k: (-int(instances[k]), k))
+    pos = np.empty(c, dtype=np.int64)
+    pos[0] = c
+    for r, k in enumerate(rank):
+        pos[k] = r
+    scores = np.where(selection.members & ~np.isnan(miou), miou, -np.inf)
+    fallback = int(np.argmax(scores)) if np.isfinite(scores).any() else selection.member_indices[0]
+    choice = np.full(presence.shape[0], fallback, dtype=np.int64)
+    fg = presence[:, 1:]
+    has = fg.any(axis=1)
+    if has.any():
+        ranks = np.where(fg, pos[None, 1:], c)  # lower rank = more instances
+        top = np.argmin(ranks, axis=1) + 1
+        choice[has] = selection.best[top[has]]
+    info = {"instances": {selection.classes[k]: int(instances[k]) for k in range(1, c)},
+            "rank": [selection.classes[k] for k in rank],
+            "images_without_foreground": int((~has).sum()),
+            "fallback_set": selection.set_names[fallback]}
+    return choice, info
+
+
+# -- the merge ----------------------------------------------------------------------------
+
+@dataclass
+class MergeResult:
+    """What :func:`merge` made: the new store and what it was made from."""
+
+    stack: Stack
+    evaluation: Evaluation
+    selection: Selection
+    plan: MergePlan
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+def ensemble_scores(stack: Stack):
+    """The merged score stack of an ensemble (a Zarr array), or ``None`` for a label-only ensemble."""
+    name = stack.provenance.get("scores_array")
+    return stack.group[name] if name and name in stack.group else None
+
+
+def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str = "score",
+          strategy: str = "class", subset: Sequence[str | int] | None = None,
+          evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
+          bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
+          progress: bool = True) -> MergeResult:
+    """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
+
+    Parameters
+    ----------
+    sets : sequence of path, URL or Stack
+        The pseudo-label sets, in priority order (ties go to earlier sets).
+    gt : path, URL or Stack
+        Ground truth; gives the per-class scores and (image strategy) the
+        image-level labels.
+    out : path or URL
+        The new ensemble store (kind ``ensemble``, encoding ``labels``).
+    policy : {'score', 'order', 'ignore'}
+        How overlapping claims of chosen slices are resolved.
+    strategy : {'class', 'image'}
+        The paper's class-wise ISLE, or its naive image-level variant.
+    subset : sequence of str or int, optional
+        Build the ensemble of these sets only (ISLE-2 style).
+    evaluation : Evaluation, optional
+        A finished evaluation of ``sets`` against ``gt`` (skips that pass).
+    average : {'dataset', 'image'}
+        IoU averaging used for the selection (when evaluating here).
+    backend : {'auto', 'cpu', 'gpu'}
+    bg_threshold : float, optional
+        Background threshold ([0, 1] score) for score sets.
+    name : str, optional
+        Name of the ensemble set (default: the store's folder name).
+    overwrite : bool
+        Replace an existing store at ``out`` once the new one is complete.
+    progress : bool
+
+    Returns
+    -------
+    MergeResult
+    """
+    import dask.array as da
+
+    from .backend import resolve_backend
+    from .progress import dask_progress
+
+    t0 = time.perf_counter()
+    be = resolve_backend(backend)
+    if strategy not in STRATEGIES:
+        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    _policy_code(policy)
+    stacks, gt_stack = open_inputs(sets, gt)
+    if evaluation is None:
+        evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
+                              progress=progress)
+    elif len(evaluation.set_names) != len(stacks):
+        raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
+    selection = select(evaluation, sets=subset)
+    plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold)
+    members = selection.member_indices
+    names = unique_names(stacks)
+    info: dict[str, Any] = {}
+    if strategy == "image":
+        presence = gt_presence(gt_stack, backend=be, progress=progress)
+        choice_all, info = image_choice(presence, selection, evaluation.miou)
+        pos = {m: k for k, m in enumerate(members)}
+        choice = np.asarray([pos[int(v)] for v in choice_all], dtype=np.int64)
+        info["images_per_set"] = {names[m]: int((choice_all == m).sum()) for m in members}
+    else:
+        choice = np.zeros(gt_stack.num_images, dtype=np.int64)
+
+    member_stacks = [stacks[m] for m in members]
+    c = gt_stack.num_classes
+    scores_dtype = None
+    scale = 1.0
+    if plan.mode == "scores":
+        scores_dtype = "float32" if plan.cast else str(member_stacks[0].array.dtype)
+        scale = 1.0 if plan.cast else member_stacks[0].score_scale
+    provenance = {
+        "sources": [s.path for s in stacks],
+        "gt": gt_stack.path,
+        "sets": names,
+        "members": [names[m] for m in members],
+        "selection": selection.mapping(),
+        "background_set": names[int(selection.best[0])],
+        "scores": {names[n]: _jsonable(evaluation.iou[n]) for n in range(len(stacks))},
+        "miou": {names[n]: _jsonable(evaluation.miou[n]) for n in range(len(stacks))},
+        "average": evaluation.average,
+        "policy": policy,
+        "strategy": strategy,
+        "bg_threshold": bg_threshold,
+        "scores_array": "scores" if scores_dtype else None,
+        **({"image_strategy": _jsonable(info)} if info else {}),
+    }
+    g = gt_stack.to_dask()
+    writer = create_stack(out, kind="ensemble", classes=gt_stack.classes, ids=gt_stack.ids,
+                          shapes=gt_stack.shapes, encoding="labels", name=name,
+                          chunks=tuple(int(v) for v in gt_stack.chunks), padded_shape=gt_stack.padded_shape,
+                          provenance=provenance, overwrite=overwrite)
+    try:
+        scores_target = None
+        if scores_dtype:
+            scores_target = writer.group.create_array(
+                "scores", shape=tuple(g.shape) + (c,), chunks=tuple(int(v) for v in gt_stack.chunks) + (c,),
+                dtype=scores_dtype, fill_value=0, compressors=default_compressors())
+            writer.group.attrs["score_scale"] = scale
+        _, arrays = aligned_arrays(member_stacks, gt_stack)
+        idx = [da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape, g.chunks)]
+        shapes = da.from_array(gt_stack.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))
+        choice_da = da.from_array(choice, chunks=(g.chunks[0],))
+        func = partial(_merge_block, backend=be, plan=plan, labels_target=writer.array,
+                       scores_target=scores_target)
+        one = lambda n: 1  # noqa: E731
+        done = da.blockwise(func, "ijk", idx[0], "i", idx[1], "j", idx[2], "k", shapes, "iz",
+                            choice_da, "i", *blockwise_args(arrays, member_stacks),
+                            adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
+                            concatenate=True, meta=np.empty((0, 0, 0), dtype=np.int64))
+        with dask_progress("merge", quiet=not progress):
+            written = int(done.sum().compute())
+        expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
+        if written != expected:  # every chunk must have run exactly once
+            raise RuntimeError(f"merge wrote {written} pixels, expected {expected}")
+        stack = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return MergeResult(stack=stack, evaluation=evaluation, selection=selection, plan=plan,
+                       seconds=time.perf_counter() - t0, info=info)
+
+
+def merge_images(sets: Sequence[Any], selection: Selection, indices: Sequence[int], *,
+                 policy: str = "score", strategy: str = "class", choice: np.ndarray | None = None,
+                 backend: str = "auto", bg_threshold: float | None = None) -> list[np.ndarray]:
+    """The ensemble labels of a few images, in memory (unpadded), e.g. for figures.
+
+    ``choice`` (image strategy) gives the set (position among all sets) of
+    every image of the data set.
+    """
+    from .backend import get_kernels
+
+    stacks = [s if isinstance(s, Stack) else _open(s) for s in sets]
+    K = get_kernels(backend)
+    plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold)
+    members = [stacks[m] for m in selection.member_indices]
+    pos = {m: k for k, m in enumerate(selection.member_indices)}
+    out = []
+    for i in indices:
+        i = int(i)
+        h, w = (int(v) for v in members[0].shapes[i])
+        blocks = [np.asarray(s.array[i:i + 1, :h, :w]) for s in members]
+        ch = None if choice is None else np.asarray([pos[int(choice[i])]], dtype=np.int64)
+        lab, _ = merge_chunk(K, plan, blocks, ch)
+        out.append(np.asarray(lab)[0])
+    return out
+
+
+def _open(path: Any) -> Stack:
+    from .store import open_stack
+
+    return open_stack(path)

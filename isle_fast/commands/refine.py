@@ -1,0 +1,57 @@
+"""``isle refine SET --images IMG --with affinity,crf --out REFINED``: step 1 of ISLE.
+
+Runs a chain of refinements (built-ins ``affinity`` and ``crf``, anything
+registered with :func:`isle_fast.refine.register_refinement` or declared in
+the ``isle_fast.refinements`` entry-point group) over every image of a set
+and writes a new store; the input is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "step 1: refine a set (AffinityNet random walk, dense CRF, ...)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SET", nargs="?", help="the set to refine (a labels or scores store)")
+    parser.add_argument("--images", metavar="IMG", help="the RGB store (kind images) aligned with SET")
+    parser.add_argument("--with", dest="chain", default="crf", metavar="NAMES",
+                        help="refinements to apply, in order, comma-separated (default: crf). "
+                             "Built-in: affinity, crf; --list shows all")
+    parser.add_argument("--out", metavar="REFINED", help="the output store (appears only when complete)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
+                        help="a refinement parameter, e.g. crf.iterations=5, affinity.backbone=resnet18 "
+                             "(repeatable; values are parsed as JSON where possible)")
+    parser.add_argument("--name", help="name of the refined set (default: SET's name + '+' + chain)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel workers (default: CPU count)")
+    parser.add_argument("--scheduler", default="auto", choices=("auto", "threads", "processes", "sync"),
+                        help="Dask scheduler (auto: processes for the GIL-bound CRF, else threads)")
+    parser.add_argument("--images-per-task", type=int, default=None, help="images per Dask task / output chunk")
+    parser.add_argument("--score-dtype", choices=("uint8", "float16", "float32"), default=None,
+                        help="storage type of a scores output (default: the input's)")
+    parser.add_argument("--device", default="auto", help="torch device for AffinityNet (auto, cpu, cuda)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted AffinityNet training")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    parser.add_argument("--list", action="store_true", help="list the available refinements and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..refine import available_refinements, get_refinement, refine_stack
+
+    if args.list:
+        for name in available_refinements():
+            doc = (get_refinement(name).__doc__ or "").strip().splitlines()
+            print(f"{name:12s} {doc[0] if doc else ''}")
+        return 0
+    if not args.source:
+        raise InputError("give the SET store to refine (or --list)")
+    if not args.out:
+        raise InputError("--out REFINED is required (refine writes a new store)")
+    refine_stack(args.source, args.images, args.out, args.chain, args.param, workers=args.workers,
+                 scheduler=args.scheduler, images_per_task=args.images_per_task, name=args.name,
+                 score_dtype=args.score_dtype, overwrite=args.overwrite, resume=args.resume,
+                 device=args.device, progress=not args.quiet)
+    return 0

@@ -1,0 +1,710 @@
+"""Step 1 of ISLE (Algorithm 1): refine a pseudo-label set with a chain of plug-in refinements.
+
+A *refinement* maps one chunk of a stack (a few whole images, with the matching
+RGB chunk and the true shape of every image in it) to a refined chunk. The
+paper refines DRS, PMM and PuzzleCAM with AffinityNet then a dense CRF; any
+other refinement plugs in the same way:
+
+* **by call**: ``register_refinement("name", factory)`` or as a decorator
+  ``@register_refinement("name")`` on a class / function;
+* **by entry point**: a distribution declares, in the group
+  ``isle_fast.refinements``, ``name = package.module:factory``; it is found the
+  first time ``name`` is asked for (``isle refine --with name``).
+
+A *factory* takes the refinement's parameters as keyword arguments
+(``--param name.key=value`` on the command line) and returns either a
+:class:`Refinement` or a plain callable ``f(chunk: RefineChunk) -> ndarray``
+(which must return the chunk's own encoding).
+
+Data inside a chain
+-------------------
+Every refinement sees a :class:`RefineChunk`. ``labels`` chunks are the
+``(k, H, W)`` uint8 label maps (255 = unknown / padding); ``scores`` chunks
+are ``(k, H, W, C)`` **float32 probabilities in [0, 1]** (stored ``uint8``
+scores are divided by :attr:`Stack.score_scale` first), background slice 0
+included. Arrays are padded to the store's padded shape; refinements work
+on ``data[i, :h, :w]`` of each image (``shapes[i] = (h, w)``) and the runner
+resets the padding (255 / 0) after every step, so padding never leaks into a
+refined image. The final chunk is encoded for the output store (scores:
+``round(255 p)`` for ``uint8``, a cast for ``float16`` / ``float32``).
+
+Running
+-------
+:func:`refine_stack` builds one Dask task per block of images (the output
+store's chunks, so tasks never write the same chunk); each task reads its
+block, runs the whole chain and writes the result into the output store
+being built. ``scheduler='auto'`` picks a process pool when a refinement
+holds the GIL (``gil_bound``, e.g. pydensecrf) and threads otherwise; a
+``dask.distributed`` client runs it on a cluster. The output appears only when
+complete (:func:`isle_fast.store.create_stack` + commit) and its provenance
+records the source, the chain and every parameter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError, StoreError
+from .store import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, open_stack
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "RefineChunk",
+    "Refinement",
+    "PrepareContext",
+    "register_refinement",
+    "unregister_refinement",
+    "available_refinements",
+    "get_refinement",
+    "make_refinement",
+    "make_chain",
+    "parse_params",
+    "parse_chain",
+    "apply_chain",
+    "refine_stack",
+]
+
+#: Entry-point group through which other packages add refinements.
+ENTRY_POINT_GROUP = "isle_fast.refinements"
+
+#: Built-in refinements, imported only when asked for (torch stays unimported for a CRF-only run).
+_BUILTINS: dict[str, str] = {
+    "crf": "isle_fast.crf:DenseCRF",
+    "affinity": "isle_fast.affinity:AffinityNetRefinement",
+}
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# The plug-in interface
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RefineChunk:
+    """One block of images as a refinement sees it.
+
+    Attributes
+    ----------
+    data : ndarray
+        ``(k, H, W)`` uint8 labels or ``(k, H, W, C)`` float32 probabilities (see module docs).
+    encoding : {'labels', 'scores'}
+    shapes : (k, 2) int64 array
+        True ``(h, w)`` of each image; ``data[i, :h, :w]`` is the image, the rest padding.
+    rgb : (k, H, W, 3) uint8 array or None
+        The matching images (``None`` when the run has no image store).
+    classes : tuple of str
+        Class names, background first (``C = len(classes)``).
+    ids : list of str
+        Image ids of the block.
+    start : int
+        Position of the first image in the store.
+    """
+
+    data: np.ndarray
+    encoding: str
+    shapes: np.ndarray
+    rgb: np.ndarray | None
+    classes: tuple[str, ...]
+    ids: list[str]
+    start: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+
+@dataclass
+class PrepareContext:
+    """What :meth:`Refinement.prepare` gets once, before any chunk runs.
+
+    Attributes
+    ----------
+    source : Stack
+        The chain's input set.
+    images : Stack or None
+        The RGB store.
+    out : str
+        Path of the output store (a refinement may keep files beside it, e.g. a checkpoint).
+    resume : bool
+        Continue interrupted training from a checkpoint where one exists.
+    progress : bool
+        Show progress bars.
+    device : str
+        Torch device for refinements that train or run a network (``'auto'``, ``'cpu'``, ``'cuda'``...).
+    """
+
+    source: Stack
+    images: Stack | None
+    out: str
+    resume: bool = False
+    progress: bool = True
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+class Refinement:
+    """Base class of refinements (subclass it, or register a plain function instead).
+
+    Class attributes
+    ----------------
+    name : str
+        Registry name (set by :func:`make_refinement` when the factory is registered).
+    needs_rgb : bool
+        Whether it reads ``chunk.rgb`` (then ``--images`` is required).
+    gil_bound : bool
+        Its work holds the GIL (pure-Python or a C extension that does not
+        release it): ``scheduler='auto'`` runs such chains in processes.
+    process_safe : bool
+        It may be pickled into worker processes (False e.g. for a model held on a GPU).
+    """
+
+    name: str = "refinement"
+    needs_rgb: bool = True
+    gil_bound: bool = False
+    process_safe: bool = True
+
+    def params(self) -> dict:
+        """JSON-ready parameters recorded in the output's provenance."""
+        return {}
+
+    def output_encoding(self, input_encoding: str) -> str:
+        """Encoding of what :meth:`refine` returns for input of ``input_encoding``."""
+        return input_encoding
+
+    def prepare(self, context: PrepareContext) -> None:
+        """Run once in the main process before any chunk (train a model, load a checkpoint...)."""
+
+    def refine(self, chunk: RefineChunk) -> np.ndarray:  # pragma: no cover - abstract
+        """The refined block: ``(k, H, W)`` uint8 labels or ``(k, H, W, C)`` float probabilities."""
+        raise NotImplementedError
+
+    def __call__(self, chunk: RefineChunk) -> np.ndarray:
+        return self.refine(chunk)
+
+
+class _FunctionRefinement(Refinement):
+    """Wraps a plain callable ``f(chunk) -> ndarray`` (same encoding in and out)."""
+
+    def __init__(self, name: str, fn: Callable[[RefineChunk], np.ndarray], params: dict):
+        self.name = name
+        self.fn = fn
+        self._params = dict(params)
+        self.needs_rgb = bool(getattr(fn, "needs_rgb", False))
+        self.gil_bound = bool(getattr(fn, "gil_bound", False))
+
+    def params(self) -> dict:
+        return dict(self._params)
+
+    def refine(self, chunk: RefineChunk) -> np.ndarray:
+        return self.fn(chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+def register_refinement(name: str, factory: Callable[..., Any] | None = None, *, overwrite: bool = False):
+    """Register a refinement factory under ``name``; usable as a decorator.
+
+    Parameters
+    ----------
+    name : str
+        The name used in ``--with`` and ``--param name.key=value``; letters,
+        digits, ``_`` and ``-``.
+    factory : callable, optional
+        ``factory(**params)`` returning a :class:`Refinement` or a callable
+        ``f(chunk) -> ndarray``. Omit it to use ``register_refinement`` as a decorator.
+    overwrite : bool
+        Replace an existing registration of ``name`` (otherwise an error).
+
+    Returns
+    -------
+    The factory (so the decorator form leaves the decorated object unchanged).
+    """
+    if not name or not all(ch.isalnum() or ch in "_-" for ch in name):
+        raise InputError(f"refinement name {name!r} must be letters, digits, '_' or '-'")
+
+    def _register(f: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(f):
+            raise InputError(f"refinement {name!r}: factory {f!r} is not callable")
+        if not overwrite and name in _REGISTRY and _REGISTRY[name] is not f:
+            raise InputError(f"refinement {name!r} is already registered (pass overwrite=True to replace it)")
+        _REGISTRY[name] = f
+        return f
+
+    if factory is None:
+        return _register
+    return _register(factory)
+
+
+def unregister_refinement(name: str) -> None:
+    """Forget a registration made with :func:`register_refinement` (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def _entry_points() -> list:
+    try:
+        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # very old importlib.metadata API
+        eps = importlib.metadata.entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
+    return list(eps)
+
+
+def available_refinements() -> list[str]:
+    """Names usable in a chain: built-ins, registered ones and entry points, sorted."""
+    names = set(_BUILTINS) | set(_REGISTRY) | {ep.name for ep in _entry_points()}
+    return sorted(names)
+
+
+def get_refinement(name: str) -> Callable[..., Any]:
+    """The factory registered as ``name`` (registry, then built-ins, then entry points).
+
+    Raises
+    ------
+    InputError
+        No such refinement (the message lists the available ones), or its entry point fails to load.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _BUILTINS:
+        module, attr = _BUILTINS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    for ep in _entry_points():
+        if ep.name == name:
+            try:
+                factory = ep.load()
+            except Exception as exc:
+                raise InputError(f"refinement {name!r}: entry point {ep.value!r} in group "
+                                 f"{ENTRY_POINT_GROUP!r} failed to load: {exc}") from None
+            _REGISTRY[name] = factory
+            return factory
+    raise InputError(f"unknown refinement {name!r}; available: {', '.join(available_refinements())}")
+
+
+def make_refinement(name: str, params: Mapping[str, Any] | None = None) -> Refinement:
+    """Build refinement ``name`` with ``params``; unknown parameters are an error naming them."""
+    factory = get_refinement(name)
+    params = dict(params or {})
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        known = [p.name for p in sig.parameters.values()
+                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        bad = sorted(set(params) - set(known))
+        if bad:
+            raise InputError(f"refinement {name!r} has no parameter {bad[0]!r} "
+                             f"(--param {name}.{bad[0]}); its parameters: {', '.join(known) or 'none'}")
+    try:
+        obj = factory(**params)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"refinement {name!r}: bad parameters {params}: {exc}") from None
+    if isinstance(obj, Refinement):
+        obj.name = name
+        return obj
+    if callable(obj):
+        return _FunctionRefinement(name, obj, params)
+    raise InputError(f"refinement {name!r}: factory returned {type(obj).__name__}, not a refinement")
+
+
+def parse_chain(chain: str | Sequence[str]) -> list[str]:
+    """``'affinity,crf'`` or ``['affinity', 'crf']`` -> ``['affinity', 'crf']`` (order kept)."""
+    names = [s.strip() for s in chain.split(",")] if isinstance(chain, str) else [str(s).strip() for s in chain]
+    names = [s for s in names if s]
+    if not names:
+        raise InputError("--with needs at least one refinement (e.g. --with affinity,crf)")
+    return names
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        low = text.lower()
+        if low in ("true", "yes", "on"):
+            return True
+        if low in ("false", "no", "off"):
+            return False
+        return text
+
+
+def parse_params(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Turn ``['crf.iterations=5', ...]`` (or ``{'crf.iterations': 5}`` / ``{'crf': {...}}``) into ``{'crf': {'iterations': 5}}``.
+
+    Values are parsed as JSON where they parse (``5``, ``0.7``, ``true``, ``[1,2]``), else kept as strings.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    if items is None:
+        return out
+    if isinstance(items, Mapping):
+        for key, val in items.items():
+            if isinstance(val, Mapping):
+                out.setdefault(str(key), {}).update(dict(val))
+            else:
+                name, dot, par = str(key).partition(".")
+                if not dot or not name or not par:
+                    raise InputError(f"parameter {key!r} must look like NAME.KEY (e.g. crf.iterations)")
+                out.setdefault(name, {})[par] = val
+        return out
+    for item in items:
+        key, eq, text = str(item).partition("=")
+        name, dot, par = key.strip().partition(".")
+        if not eq or not dot or not name or not par:
+            raise InputError(f"--param {item!r} must look like NAME.KEY=VALUE (e.g. crf.iterations=5)")
+        out.setdefault(name, {})[par.strip()] = _value(text.strip())
+    return out
+
+
+def make_chain(chain: str | Sequence[str], params: Any = None) -> list[Refinement]:
+    """Build the refinements of ``chain`` with their parameters (see :func:`parse_params`)."""
+    names = parse_chain(chain)
+    by_name = parse_params(params)
+    stray = sorted(set(by_name) - set(names))
+    if stray:
+        raise InputError(f"--param {stray[0]}.* given but {stray[0]!r} is not in the chain ({','.join(names)})")
+    return [make_refinement(n, by_name.get(n, {})) for n in names]
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a chain on one block
+# ----------------------------------------------------------------------------------------------
+def _valid(shapes: np.ndarray, h_pad: int, w_pad: int) -> np.ndarray:
+    rows = np.arange(h_pad)[None, :, None] < shapes[:, 0][:, None, None]
+    cols = np.arange(w_pad)[None, None, :] < shapes[:, 1][:, None, None]
+    return rows & cols
+
+
+def _check_output(r: Refinement, chunk: RefineChunk, out: np.ndarray, encoding: str) -> np.ndarray:
+    k, h_pad, w_pad = chunk.data.shape[:3]
+    want = (k, h_pad, w_pad) if encoding == "labels" else (k, h_pad, w_pad, chunk.num_classes)
+    out = np.asarray(out)
+    if out.shape != want:
+        raise InputError(f"refinement {r.name!r} returned shape {out.shape} for images {chunk.ids[:3]}...; "
+                         f"expected {want} ({encoding})")
+    valid = _valid(chunk.shapes, h_pad, w_pad)
+    if encoding == "labels":
+        out = out.astype(np.uint8, copy=True)
+        out[~valid] = IGNORE_INDEX
+    else:
+        out = np.nan_to_num(out.astype(np.float32, copy=True), nan=0.0, posinf=1.0, neginf=0.0)
+        np.clip(out, 0.0, 1.0, out=out)
+        out[~valid] = 0.0
+    return out
+
+
+def apply_chain(chain: Sequence[Refinement], chunk: RefineChunk) -> RefineChunk:
+    """Run ``chain`` on one chunk, in order; padding is reset after every step."""
+    for r in chain:
+        enc = r.output_encoding(chunk.encoding)
+        if enc not in ("labels", "scores"):
+            raise InputError(f"refinement {r.name!r} declares output encoding {enc!r}")
+        data = _check_output(r, chunk, r(chunk), enc)
+        chunk = replace(chunk, data=data, encoding=enc)
+    return chunk
+
+
+def _encode(data: np.ndarray, encoding: str, dtype: np.dtype) -> np.ndarray:
+    if encoding == "labels":
+        return data.astype(np.uint8, copy=False)
+    if dtype == np.uint8:
+        return np.rint(np.clip(data, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return data.astype(dtype)
+
+
+_OPEN: dict[tuple[str, str], Stack] = {}
+
+
+def _open_cached(path: str, token: str) -> Stack:
+    """Open a store once per run and process (``token`` identifies the run)."""
+    st = _OPEN.get((path, token))
+    if st is None:
+        if len(_OPEN) > 16:
+            _OPEN.clear()
+        st = _OPEN[(path, token)] = open_stack(path)
+    return st
+
+
+@dataclass
+class _Job:
+    source: str
+    images: str | None
+    target: str            # the output group being written (its temporary path)
+    target_array: str      # 'labels' or 'scores'
+    out_dtype: str
+    chain: list
+    token: str = ""
+
+
+def _run_block(job: _Job, start: int, stop: int) -> int:
+    import zarr
+
+    src = _open_cached(job.source, job.token)
+    raw = np.asarray(src.array[start:stop])
+    if src.encoding == "scores":
+        data = raw.astype(np.float32) / np.float32(src.score_scale)
+    else:
+        data = raw
+    rgb = np.asarray(_open_cached(job.images, job.token).array[start:stop]) if job.images else None
+    chunk = RefineChunk(data=data, encoding=src.encoding, shapes=src.shapes[start:stop].copy(), rgb=rgb,
+                        classes=tuple(src.classes), ids=src.ids[start:stop], start=start)
+    chunk = apply_chain(job.chain, chunk)
+    group = zarr.open_group(job.target, mode="r+")
+    group[job.target_array][start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
+    return stop - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-store driver
+# ----------------------------------------------------------------------------------------------
+def _as_stack(x: Stack | str | os.PathLike, what: str) -> Stack:
+    return x if isinstance(x, Stack) else open_stack(x)
+
+
+def refine_stack(
+    src: Stack | str | os.PathLike,
+    images: Stack | str | os.PathLike | None,
+    out: str | os.PathLike,
+    chain: str | Sequence[str] = ("crf",),
+    params: Any = None,
+    *,
+    workers: int | None = None,
+    scheduler: str = "auto",
+    client: Any = None,
+    images_per_task: int | None = None,
+    name: str | None = None,
+    score_dtype: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> Stack:
+    """Refine a pseudo-label set with a chain of refinements and write a new store.
+
+    Parameters
+    ----------
+    src : Stack or path
+        The set to refine (encoding ``labels`` or ``scores``). Never modified.
+    images : Stack or path or None
+        The RGB store (kind ``images``) aligned with ``src``; required when a
+        refinement reads RGB (CRF, AffinityNet).
+    out : path
+        The new store. It appears only when complete.
+    chain : str or sequence of str
+        Refinement names in order, e.g. ``['affinity', 'crf']`` or ``'affinity,crf'``.
+    params : dict or list of str, optional
+        ``{'crf': {'iterations': 5}}``, ``{'crf.iterations': 5}`` or ``['crf.iterations=5']``.
+    workers : int, optional
+        Parallel workers (default: CPU count). ``1`` runs in this process, in order.
+    scheduler : {'auto', 'threads', 'processes', 'sync'}
+        Dask scheduler. ``auto``: ``sync`` for one worker; ``processes`` when a
+        refinement in the chain is ``gil_bound`` (the dense CRF) and all are
+        ``process_safe``; otherwise ``threads``. Ignored when ``client`` is given.
+    client : dask.distributed.Client, optional
+        Run the tasks on this cluster (its workers must see ``src``, ``images`` and ``out``).
+    images_per_task : int, optional
+        Images per task = images per output chunk (default: a quarter of an
+        even share per worker, at most the store's default chunk).
+    name : str, optional
+        The output set's name (default ``'<source name>+<chain joined by +>'``).
+    score_dtype : {'uint8', 'float16', 'float32'}, optional
+        Storage type when the output is scores (default: the source's dtype, ``uint8`` for a label source).
+    overwrite : bool
+        Replace an existing ``out`` (only once the new store is complete).
+    resume : bool
+        Passed to refinements that train (AffinityNet resumes from its checkpoint).
+    device : str
+        Torch device for refinements with a network (``auto``: CUDA when available).
+    progress : bool
+        Show progress bars and print a summary.
+
+    Returns
+    -------
+    Stack
+        The committed output store; its provenance holds ``refined_from``,
+        ``images``, ``refinements`` (name + parameters of each step in order)
+        and the source's provenance.
+    """
+    import dask
+
+    from .progress import Timer, dask_progress, summary
+
+    timer = Timer()
+    src = _as_stack(src, "source")
+    if src.encoding not in ("labels", "scores"):
+        raise InputError(f"{src.path} is a {src.kind!r} store with encoding {src.encoding!r}; "
+                         "refine needs a labels or scores set")
+    refs = make_chain(chain, params)
+    img = _as_stack(images, "images") if images is not None else None
+    if img is not None:
+        if img.kind != "images" or img.encoding != "rgb":
+            raise InputError(f"--images {img.path} is a {img.kind!r} store; expected an 'images' (rgb) store")
+        check_aligned([src, img], same_classes=False)
+    need = [r.name for r in refs if r.needs_rgb]
+    if need and img is None:
+        raise InputError(f"refinement {need[0]!r} needs the RGB images: pass --images IMAGES_STORE")
+    out = str(out)
+    if os.path.abspath(out) == os.path.abspath(src.path):
+        raise InputError(f"--out {out} is the input store; refine never modifies its input")
+
+    enc = src.encoding
+    for r in refs:
+        enc = r.output_encoding(enc)
+    if score_dtype is None:
+        score_dtype = str(src.array.dtype) if src.encoding == "scores" else "uint8"
+    if score_dtype not in ("uint8", "float16", "float32"):
+        raise InputError(f"score dtype must be uint8, float16 or float32, not {score_dtype!r}")
+
+    n = src.num_images
+    h_pad, w_pad = src.padded_shape
+    c = src.num_classes
+    n_workers = int(workers) if workers else (os.cpu_count() or 1)
+    if n_workers < 1:
+        raise InputError(f"--workers must be at least 1, not {workers}")
+    if images_per_task is None:
+        k_default = default_chunks(max(n, 1), h_pad, w_pad, c if enc == "scores" else None,
+                                   np.dtype(score_dtype).itemsize if enc == "scores" else 1)[0]
+        images_per_task = max(1, min(k_default, math.ceil(n / (4 * n_workers)) if n else 1))
+    k = int(images_per_task)
+    if k < 1:
+        raise InputError(f"images per task must be at least 1, not {images_per_task}")
+
+    ctx = PrepareContext(source=src, images=img, out=out, resume=resume, progress=progress, device=device)
+    for r in refs:
+        r.prepare(ctx)
+
+    if client is not None:
+        sched = "distributed"
+    elif scheduler == "auto":
+        if n_workers == 1:
+            sched = "sync"
+        elif any(r.gil_bound for r in refs) and all(r.process_safe for r in refs):
+            sched = "processes"
+        else:
+            sched = "threads"
+    elif scheduler in ("threads", "processes", "sync"):
+        sched = scheduler
+    else:
+        raise InputError(f"--scheduler must be auto, threads, processes or sync, not {scheduler!r}")
+    if sched == "processes" and not all(r.process_safe for r in refs):
+        bad = next(r.name for r in refs if not r.process_safe)
+        raise InputError(f"refinement {bad!r} cannot run in worker processes here (its model is on a GPU); "
+                         "use --scheduler threads")
+
+    chain_record = [{"name": r.name, "params": r.params()} for r in refs]
+    prov = {
+        "refined_from": src.path,
+        "source_name": src.name,
+        "source_provenance": src.provenance,
+        "images": img.path if img is not None else None,
+        "refinements": chain_record,
+        "chain": [r.name for r in refs],
+    }
+    chunks = (k, h_pad, w_pad) + ((c,) if enc == "scores" else ())
+    writer = create_stack(out, kind=src.kind if src.kind != "images" else "pseudo", classes=src.classes,
+                          ids=src.ids, shapes=src.shapes, encoding=enc,
+                          name=name or f"{src.name}+{'+'.join(r.name for r in refs)}",
+                          score_dtype=score_dtype, chunks=chunks, provenance=prov, overwrite=overwrite,
+                          padded_shape=(h_pad, w_pad))
+    try:
+        job = _Job(source=src.path, images=img.path if img is not None else None, target=writer.work_path,
+                   target_array=enc, out_dtype=score_dtype if enc == "scores" else "uint8", chain=refs,
+                   token=uuid.uuid4().hex)
+        tasks = [dask.delayed(_run_block, pure=False)(job, s, min(n, s + k)) for s in range(0, n, k)]
+        if tasks:
+            desc = f"refine {src.name} ({'+'.join(r.name for r in refs)})"
+            if sched == "distributed":
+                dask.compute(*tasks, scheduler=client)
+            else:
+                kwargs = {} if sched == "sync" else {"num_workers": n_workers}
+                with dask_progress(desc, quiet=not progress):
+                    dask.compute(*tasks, scheduler=sched, **kwargs)
+        writer.set_provenance(scheduler=sched, workers=n_workers, images_per_task=k)
+        stack = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    if progress:
+        summary(f"isle refine: {src.name} -> {stack.name}", {
+            "chain": " -> ".join(f"{r.name}({', '.join(f'{a}={b}' for a, b in r.params().items())})"
+                                 for r in refs),
+            "images": f"{n} ({sched}, {n_workers} worker{'s' if n_workers != 1 else ''}, {k} per task)",
+            "seconds": f"{timer.seconds:.1f}",
+            "output": f"{stack.path} ({stack.encoding}, {stack.array.dtype})",
+        })
+    return stack
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data (tests, benchmarks, demos)
+# ----------------------------------------------------------------------------------------------
+def synthetic_scene(height: int, width: int, num_classes: int = 4, objects: int = 3, *,
+                    blur: float = 6.0, shift: int = 3, noise: float = 0.05,
+                    rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A clean RGB image of a few coloured rectangles, its true labels and blurry CAM-like scores.
+
+    Parameters
+    ----------
+    height, width : int
+        Image size.
+    num_classes : int
+        C, background included; object classes are drawn from ``1..C-1``.
+    objects : int
+        Number of rectangles.
+    blur : float
+        Std (pixels) of the Gaussian blur applied to the true masks to make the scores.
+    shift : int
+        The scores are shifted by up to this many pixels (CAMs are not aligned with edges).
+    noise : float
+        Uniform noise amplitude added to the scores.
+    rng : Generator or int, optional
+
+    Returns
+    -------
+    rgb : (h, w, 3) uint8
+        Every class has its own flat colour plus a little noise.
+    gt : (h, w) uint8
+    scores : (h, w, C) float32 in [0, 1]
+        Blurry foreground slices (max-normalised per class) and background ``1 - max fg``.
+    """
+    rng = np.random.default_rng(rng)
+    gt = np.zeros((height, width), dtype=np.uint8)
+    for _ in range(objects):
+        c = int(rng.integers(1, num_classes))
+        h0 = int(rng.integers(max(2, height // 5), max(3, height // 2)))
+        w0 = int(rng.integers(max(2, width // 5), max(3, width // 2)))
+        y0 = int(rng.integers(0, max(1, height - h0)))
+        x0 = int(rng.integers(0, max(1, width - w0)))
+        gt[y0:y0 + h0, x0:x0 + w0] = c
+    palette = rng.integers(30, 226, size=(num_classes, 3))
+    palette[0] = (20, 20, 20)
+    rgb = np.clip(palette[gt] + rng.normal(0, 3, size=gt.shape + (3,)), 0, 255).astype(np.uint8)
+    scores = np.zeros((height, width, num_classes), dtype=np.float32)
+    radius = max(1, int(3 * blur))
+    xs = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (xs / max(blur, 1e-6)) ** 2)
+    kernel /= kernel.sum()
+    for c in range(1, num_classes):
+        m = (gt == c).astype(np.float32)
+        if not m.any():
+            continue
+        dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
+        m = np.roll(m, (dy, dx), axis=(0, 1))
+        m = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 0, m)
+        m = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, m)
+        m = np.clip(m + rng.uniform(-noise, noise, size=m.shape), 0, None)
+        scores[..., c] = m / max(float(m.max()), 1e-6)
+    scores[..., 0] = 1.0 - scores[..., 1:].max(axis=-1)
+    return rgb, gt, scores.astype(np.float32)

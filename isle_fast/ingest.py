@@ -794,7 +794,7 @@ def ingest_arrays(
     enc = _array_encoding(kind, encoding, views[0].ndim)
     want_ndim = 2 if enc == "labels" else 3
     dt = np.dtype(score_dtype)
-    items = [_Item(i, f"array {n} (id {i})", n) for n, i in enumerate(ids)]
+    items = [_Item(i, f"array {n}", n) for n, i in enumerate(ids)]
     c = len(names)
 
     def header(it: _Item):

@@ -434,8 +434,7 @@ def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_t
     arr = _as_array(value)
     if arr.dtype.kind not in "fiub":
         raise BadInput(f"score array {name!r} has dtype {arr.dtype}, not numbers")
-    axis, meaning = _layout(tuple(arr.shape), num_classes, keys, None if name in LOW_RES_KEYS and upsample
-                            else expect, name)
+    axis, meaning = _layout(tuple(arr.shape), num_classes, keys, None if name in LOW_RES_KEYS else expect, name)
     if meaning == "keys2d":
         arr = arr[None]
         axis = 0

@@ -19,3 +19,32 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+def write_stack(path, images, *, kind="pseudo", encoding="labels", classes=None, num_classes=None,
+                ids=None, chunks=None, padded_shape=None, score_dtype="uint8", name=None):
+    """Write a list of unpadded per-image arrays as a committed stack store; returns the opened Stack.
+
+    ``images[i]`` is ``(h, w)`` (labels), ``(h, w, C)`` (scores) or ``(h, w, 3)`` (rgb).
+    """
+    from isle_fast.store import create_stack
+
+    if classes is None:
+        classes = [f"c{i}" for i in range(num_classes or 3)]
+    shapes = [tuple(int(v) for v in a.shape[:2]) for a in images]
+    ids = ids or [f"img{i:03d}" for i in range(len(images))]
+    w = create_stack(path, kind=kind, classes=classes, ids=ids, shapes=shapes, encoding=encoding,
+                     chunks=chunks, padded_shape=padded_shape, score_dtype=score_dtype, name=name)
+    for i, a in enumerate(images):
+        w.write_image(i, a)
+    return w.commit()
+
+
+@pytest.fixture
+def stack_factory(tmp_path):
+    """``stack_factory(dirname, images, **kw)``: :func:`write_stack` under ``tmp_path/dirname``."""
+
+    def make(dirname, images, **kw):
+        return write_stack(str(tmp_path / dirname), images, **kw)
+
+    return make

@@ -95,7 +95,7 @@ def _local(path: str | os.PathLike) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s)
 
 
-def default_compressors() -> tuple:
+def default_compressors(encoding: str | None = None) -> tuple:
     """Compressor chain used for every array unless the caller gives one.
 
     Blosc with Zstandard at level 3 and no shuffle: label maps are long runs of
@@ -567,7 +567,7 @@ def create_stack(
         work = str(final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"))
     try:
         group = zarr.open_group(work, mode="w", zarr_format=3)
-        comp = tuple(compressors) if compressors is not None else default_compressors()
+        comp = tuple(compressors) if compressors is not None else default_compressors(layout.array)
         group.create_array(layout.array, shape=shape, chunks=chunks, dtype=layout.dtype,
                            fill_value=layout.fill, compressors=comp)
         id_arr = group.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
@@ -622,8 +622,8 @@ def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None
                                  f"(position {first}: {s.ids[first]!r} vs {ref.ids[first]!r})")
         if not np.array_equal(s.shapes, ref.shapes):
             i = int(np.nonzero((s.shapes != ref.shapes).any(axis=1))[0][0])
-            raise AlignmentError(f"image {ref.ids[i]!r} is {tuple(s.shapes[i])} in {s.path} but "
-                                 f"{tuple(ref.shapes[i])} in {ref.path}")
+            raise AlignmentError(f"image {ref.ids[i]!r} is {tuple(int(v) for v in s.shapes[i])} in {s.path} but "
+                                 f"{tuple(int(v) for v in ref.shapes[i])} in {ref.path}")
         if s.padded_shape != ref.padded_shape:
             raise AlignmentError(f"{s.path} is padded to {s.padded_shape}, {ref.path} to {ref.padded_shape}")
         if same_classes and s.kind != "images" and ref.kind != "images" and s.classes != ref.classes:

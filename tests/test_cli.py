@@ -1,0 +1,135 @@
+"""The ``isle`` command line: help for every subcommand, ``isle info``, ``isle ingest``, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from isle_fast.cli import COMMANDS, main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_isle_help_entry_point():
+    r = subprocess.run([sys.executable, "-m", "isle_fast", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in COMMANDS:
+        assert name in r.stdout
+
+
+def test_no_arguments_prints_help(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 0 and "usage: isle" in out
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_subcommand_help_exits_0(capsys, name):
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    assert "usage: isle" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["labels", "scores", "images", "tiff"])
+def test_ingest_format_help(capsys, fmt):
+    with pytest.raises(SystemExit) as exc:
+        main(["ingest", fmt, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--out" in out and "--skip-bad" in out
+
+
+def write_pngs(folder, rng, n=3):
+    folder.mkdir()
+    data = {}
+    for i in range(n):
+        a = rng.integers(0, 21, (5 + i, 7)).astype(np.uint8)
+        Image.fromarray(a).save(folder / f"im{i}.png")
+        data[f"im{i}"] = a
+    return data
+
+
+def test_ingest_then_info_on_every_kind(tmp_path, capsys, rng):
+    data = write_pngs(tmp_path / "lab", rng)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "cam").mkdir()
+    for i, a in data.items():
+        Image.fromarray(np.stack([a] * 3, -1) * 10).save(tmp_path / "img" / f"{i}.png")
+        np.savez(tmp_path / "cam" / f"{i}.npz", keys=np.array([0, 5]), high_res=rng.random((2,) + a.shape))
+    (tmp_path / "ids.txt").write_text("im2\nim0\n")
+    stores = {
+        "gt": ["ingest", "labels", str(tmp_path / "lab"), "--kind", "gt", "--ids", str(tmp_path / "ids.txt"),
+               "--out", str(tmp_path / "gt.zarr"), "-q"],
+        "pseudo": ["ingest", "labels", str(tmp_path / "lab"), "--gt", str(tmp_path / "gt.zarr"),
+                   "--out", str(tmp_path / "p.zarr"), "--workers", "2", "--chunks", "1,4,4"],
+        "scores": ["ingest", "scores", str(tmp_path / "cam"), "--gt", str(tmp_path / "gt.zarr"),
+                   "--bg-threshold", "0.3", "--score-dtype", "float16", "--out", str(tmp_path / "s.zarr"), "-q"],
+        "images": ["ingest", "images", str(tmp_path / "img"), "--gt", str(tmp_path / "gt.zarr"),
+                   "--out", str(tmp_path / "i.zarr"), "-q"],
+    }
+    for kind, argv in stores.items():
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        if kind == "pseudo":
+            assert "throughput" in out and "p.zarr" in out
+    code, out, err = run_cli(capsys, "info", *(str(tmp_path / f) for f in ("gt.zarr", "p.zarr", "s.zarr", "i.zarr")))
+    assert code == 0, err
+    for word in ("kind        gt", "kind        pseudo", "encoding    scores (float16)", "encoding    rgb (uint8)",
+                 "images      2", "compressors", "provenance"):
+        assert word in out
+    code, out, err = run_cli(capsys, "info", "--json", str(tmp_path / "s.zarr"))
+    d = json.loads(out)
+    assert d["kind"] == "pseudo" and d["encoding"] == "scores" and d["padded_shape"] == [2, 7, 7, 21]
+    assert d["provenance"]["parameters"]["bg_threshold"] == 0.3
+    code, out, err = run_cli(capsys, "info", "--json", str(tmp_path / "p.zarr"))
+    d = json.loads(out)
+    assert d["images"] == 2 and d["chunks"] == [1, 4, 4]
+
+
+@pytest.mark.parametrize("case", ["missing_store", "bad_png", "exists", "bad_ids", "pickle"])
+def test_user_errors_one_line_exit_2(tmp_path, capsys, rng, case):
+    write_pngs(tmp_path / "lab", rng)
+    if case == "missing_store":
+        argv = ["info", str(tmp_path / "nope.zarr")]
+        needle = "nope.zarr"
+    elif case == "bad_png":
+        (tmp_path / "lab" / "im1.png").write_bytes(b"\x89PNG broken")
+        argv = ["ingest", "labels", str(tmp_path / "lab"), "--out", str(tmp_path / "o.zarr"), "-q"]
+        needle = "im1.png"
+    elif case == "exists":
+        (tmp_path / "o.zarr").mkdir()
+        argv = ["ingest", "labels", str(tmp_path / "lab"), "--out", str(tmp_path / "o.zarr"), "-q"]
+        needle = "o.zarr exists"
+    elif case == "bad_ids":
+        argv = ["ingest", "labels", str(tmp_path / "lab"), "--ids", str(tmp_path / "none.txt"),
+                "--out", str(tmp_path / "o.zarr"), "-q"]
+        needle = "none.txt"
+    else:
+        (tmp_path / "cam").mkdir()
+        np.save(tmp_path / "cam" / "im0.npy", {"keys": np.array([1]), "high_res": np.zeros((1, 5, 7))})
+        argv = ["ingest", "scores", str(tmp_path / "cam"), "--out", str(tmp_path / "o.zarr"), "-q"]
+        needle = "--allow-pickle"
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("isle ") and needle in lines[0], err
+    assert "Traceback" not in err
+    if case != "exists":
+        assert not any(p.startswith("o.zarr") for p in os.listdir(tmp_path))
+
+
+def test_bad_chunks_argument_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ingest", "labels", str(tmp_path), "--out", str(tmp_path / "o"), "--chunks", "a,b"])
+    assert exc.value.code == 2
+    assert "--chunks" in capsys.readouterr().err

@@ -1,0 +1,284 @@
+"""Inference with a trained DeepLabV3+ run: label stores or VOC palette PNGs.
+
+Every image is predicted at its true shape (``Stack.shapes``), either whole
+(default) or with a sliding window (``window`` pixels square, stride 2/3 of
+the window, overlapping softmax probabilities averaged); small images are
+padded with the mean colour (0 after normalisation) up to the window.
+Test-time augmentation averages the softmax probabilities of every requested
+scale (the image resized, logits resized back) and, with ``flip``, of the
+horizontally flipped image. The result is the argmax, class 0 winning ties.
+
+Output is a ``labels`` store of kind ``pseudo`` (so ``isle evaluate`` scores
+it like any other set), aligned with the images store (same ids, order,
+shapes and padding), or a folder of VOC palette PNGs named ``<id>.png``.
+Both appear only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import SegmentationDataset, normalize
+from .deeplab import DeepLabV3Plus
+from .errors import InputError, StoreError
+from .progress import Timer, progress, summary
+
+__all__ = ["load_model", "resolve_device", "predict_probs", "predict", "PredictResult",
+           "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "isle-fast-deeplab"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an unusable ``cuda`` is an :class:`InputError`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device must be auto, cpu or cuda[:N], not {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: torch sees no CUDA device here (use --device cpu)")
+    return dev
+
+
+def checkpoint_path(run: str | os.PathLike, which: str = "best") -> Path:
+    """The checkpoint file of a run folder (``best`` falls back to ``final`` then ``last``) or a file."""
+    p = Path(run)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise InputError(f"run {p} does not exist (give the folder `isle train --out` wrote, or a .pt file)")
+    order = {"best": ("best.pt", "final.pt", "last.pt"), "final": ("final.pt", "last.pt"),
+             "last": ("last.pt",)}.get(which)
+    if order is None:
+        raise InputError(f"--checkpoint must be best, final or last, not {which!r}")
+    for name in order:
+        if (p / name).is_file():
+            return p / name
+    raise InputError(f"run {p} holds no checkpoint ({', '.join(order)}); did training finish a step?")
+
+
+def load_model(run: str | os.PathLike, which: str = "best",
+               device: torch.device | str = "cpu") -> tuple[DeepLabV3Plus, dict]:
+    """The model of a run (eval mode, on ``device``) and its checkpoint metadata (config, classes, step)."""
+    path = checkpoint_path(run, which)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"could not read checkpoint {path}: {exc}") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not an isle-fast DeepLabV3+ checkpoint")
+    cfg = ck["config"]
+    model = DeepLabV3Plus(len(ck["classes"]), cfg["backbone"], None, cfg["output_stride"],
+                          cfg["head_channels"])
+    model.load_state_dict(ck["model"])
+    model.to(device).eval()
+    meta = {k: v for k, v in ck.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+    meta["path"] = str(path)
+    return model, meta
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor, window: int | None, amp: bool) -> torch.Tensor:
+    """Softmax probabilities ``(1, C, h, w)`` of a normalised ``(1, 3, h, w)`` image."""
+    dev_type = x.device.type
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev_type, dtype=torch.float16, enabled=amp):
+            return torch.softmax(model(t).float(), dim=1)
+
+    h, w = x.shape[-2:]
+    if window is None or (h <= window and w <= window):
+        return run(x)
+    ph, pw = max(0, window - h), max(0, window - w)
+    xp = F.pad(x, (0, pw, 0, ph)) if (ph or pw) else x
+    H, W = xp.shape[-2:]
+    stride = max(1, (2 * window) // 3)
+    ys = list(range(0, max(H - window, 0) + 1, stride))
+    xs = list(range(0, max(W - window, 0) + 1, stride))
+    if ys[-1] + window < H:
+        ys.append(H - window)
+    if xs[-1] + window < W:
+        xs.append(W - window)
+    acc = None
+    count = torch.zeros((1, 1, H, W), device=x.device)
+    for y0 in ys:
+        for x0 in xs:
+            p = run(xp[..., y0:y0 + window, x0:x0 + window])
+            if acc is None:
+                acc = torch.zeros((1, p.shape[1], H, W), device=x.device)
+            acc[..., y0:y0 + window, x0:x0 + window] += p
+            count[..., y0:y0 + window, x0:x0 + window] += 1
+    return (acc / count)[..., :h, :w]
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, image: torch.Tensor, *, scales: Sequence[float] = (1.0,),
+                  flip: bool = False, window: int | None = None, amp: bool = False) -> torch.Tensor:
+    """Mean softmax probabilities ``(C, h, w)`` of one ``uint8`` ``(3, h, w)`` image (on the model's device).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        In eval mode.
+    image : torch.Tensor
+        ``uint8`` ``(3, h, w)``; moved to the model's device here.
+    scales : sequence of float
+        Test-time scales (1.0 alone: no multi-scale).
+    flip : bool
+        Also average the horizontally flipped prediction.
+    window : int, optional
+        Sliding-window side; whole-image inference when None.
+    amp : bool
+        float16 autocast (CUDA).
+    """
+    dev = next(model.parameters()).device
+    x = normalize(image.unsqueeze(0).to(dev, non_blocking=True))
+    h, w = x.shape[-2:]
+    total = None
+    n = 0
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(
+            x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", align_corners=False)
+        views = [(xs, False)] + ([(xs.flip(-1), True)] if flip else [])
+        for v, flipped in views:
+            p = _logits(model, v, window, amp)
+            if flipped:
+                p = p.flip(-1)
+            if p.shape[-2:] != (h, w):
+                p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+            total = p if total is None else total + p
+            n += 1
+    return (total / n)[0]
+
+
+@dataclass
+class PredictResult:
+    """What :func:`predict` wrote."""
+
+    path: str
+    format: str
+    images: int
+    seconds: float
+    checkpoint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
+            format: str = "store", which: str = "best", scales: Sequence[float] = (1.0,),
+            flip: bool = False, window: int | None = None, device: str = "auto",
+            amp: bool | None = None, num_workers: int = 0, overwrite: bool = False,
+            name: str | None = None, quiet: bool = False) -> PredictResult:
+    """Predict every image of an images store with a trained run.
+
+    Parameters
+    ----------
+    run : path
+        Run folder of :func:`isle_fast.train.train` (or a checkpoint file).
+    images : path
+        Store of kind ``images``.
+    out : path
+        Label store (``format='store'``) or PNG folder (``format='png'``).
+    format : {'store', 'png'}
+    which : {'best', 'final', 'last'}
+        Checkpoint of the run: best validation mIoU (falls back to final), final, or last saved.
+    scales, flip, window
+        Test-time augmentation and sliding window (see :func:`predict_probs`).
+    device : str
+        ``auto``, ``cpu`` or ``cuda[:N]``.
+    amp : bool, optional
+        float16 autocast; default on for CUDA.
+    num_workers : int
+        DataLoader workers reading images.
+    overwrite : bool
+        Replace an existing output (only once the new one is complete).
+    name : str, optional
+        Set name of the output store (default: its folder name).
+    quiet : bool
+        No progress bar or summary.
+
+    Returns
+    -------
+    PredictResult
+    """
+    from .store import create_stack
+
+    if format not in ("store", "png"):
+        raise InputError(f"--format must be store or png, not {format!r}")
+    if window is not None and window < 16:
+        raise InputError(f"--window must be at least 16 pixels, not {window}")
+    scales = tuple(float(s) for s in scales)
+    if not scales or min(scales) <= 0:
+        raise InputError(f"--scales must be positive numbers, not {scales}")
+    timer = Timer()
+    dev = resolve_device(device)
+    amp = (dev.type == "cuda") if amp is None else bool(amp)
+    model, meta = load_model(run, which, dev)
+    classes = list(meta["classes"])
+    ds = SegmentationDataset(images, None, train=False)
+    outp = Path(out)
+    if outp.exists() and not overwrite:
+        raise StoreError(f"{outp} exists; pass --overwrite to replace it")
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         pin_memory=dev.type == "cuda")
+    if format == "store":
+        from .store import open_stack
+
+        src = open_stack(images)
+        writer = create_stack(out, kind="pseudo", classes=classes, ids=ds.ids, shapes=ds.shapes,
+                              padded_shape=src.padded_shape, name=name, overwrite=overwrite,
+                              provenance={"source": "isle predict", "checkpoint": meta["path"],
+                                          "images": str(images), "step": int(meta.get("step", 0)),
+                                          "scales": list(scales), "flip": flip, "window": window})
+        k = int(writer.array.chunks[0])
+        hp, wp = src.padded_shape
+        block = np.full((k, hp, wp), 255, np.uint8)
+        start = 0
+    else:
+        tmp = outp.with_name(f"{outp.name}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp.mkdir(parents=True)
+    try:
+        for i, (img, _) in enumerate(progress(loader, total=len(ds), desc="predict", unit="img", quiet=quiet)):
+            probs = predict_probs(model, img, scales=scales, flip=flip, window=window, amp=amp)
+            lab = probs.argmax(0).to(torch.uint8).cpu().numpy()
+            if format == "store":
+                j = i - start
+                block[j] = 255
+                block[j, :lab.shape[0], :lab.shape[1]] = lab
+                if j == k - 1 or i == len(ds) - 1:
+                    writer.write_block(start, block[:j + 1])
+                    start = i + 1
+            else:
+                from .datasets import write_label_png
+
+                write_label_png(tmp / f"{ds.ids[i]}.png", lab)
+        if format == "store":
+            writer.commit()
+        else:
+            if outp.exists():
+                trash = outp.with_name(f"{outp.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(outp, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, outp)
+    except BaseException:
+        if format == "store":
+            writer.abort()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    res = PredictResult(str(outp), format, len(ds), timer.seconds, meta["path"])
+    summary("isle predict", {"images": len(ds), "checkpoint": f"{meta['path']} (step {meta.get('step')})",
+                             "tta": f"scales {list(scales)}, flip {flip}, window {window}",
+                             "seconds": f"{res.seconds:.1f}", "output": str(outp)}, quiet=quiet)
+    return res

@@ -1,0 +1,251 @@
+"""isle_fast.merge: the chunked ensemble equals a per-image NumPy merge; policies, strategies, export."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from isle_fast.cli import main
+from isle_fast.errors import StoreError
+from isle_fast.evaluate import evaluate
+from isle_fast.merge import POLICIES, ensemble_scores, gt_presence, image_choice, merge, merge_images
+from isle_fast.report import export_pngs, palette
+from isle_fast.selection import select
+from isle_fast.store import open_stack
+from tests import reference as ref
+from tests.conftest import write_stack
+
+SHAPES = [(7, 5), (6, 8), (8, 8), (2, 3), (5, 6)]
+C = 4
+
+
+def label_imgs(rng, shapes=SHAPES, c=C, p_abstain=0.15):
+    vals = np.array(list(range(c)) + [255], np.uint8)
+    p = np.r_[np.full(c, (1 - p_abstain) / c), p_abstain]
+    return [rng.choice(vals, size=s, p=p) for s in shapes]
+
+
+def score_imgs(rng, dtype, shapes=SHAPES, c=C):
+    return [rng.integers(0, 5, size=s + (c,)).astype(dtype) for s in shapes]
+
+
+@pytest.fixture
+def data(tmp_path, rng):
+    """gt + three label sets with different chunkings."""
+    gt_imgs = label_imgs(rng, p_abstain=0.1)
+    gt = write_stack(str(tmp_path / "gt"), gt_imgs, kind="gt", num_classes=C, chunks=(2, 8, 8))
+    sets, imgs = [], []
+    for k, ch in enumerate([(1, 4, 4), (3, 8, 8), (5, 3, 5)]):
+        im = label_imgs(rng)
+        imgs.append(im)
+        sets.append(write_stack(str(tmp_path / f"s{k}"), im, num_classes=C, chunks=ch, name="ABC"[k]))
+    return tmp_path, gt, gt_imgs, sets, imgs
+
+
+def check_padding(stack):
+    arr = np.asarray(stack.array[:])
+    for i, (h, w) in enumerate(stack.shapes):
+        assert (arr[i, h:, :] == 255).all() and (arr[i, :, w:] == 255).all()
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_label_merge_equals_reference(data, policy):
+    root, gt, gt_imgs, sets, imgs = data
+    res = merge(sets, gt, str(root / f"ens-{policy}"), policy=policy, backend="cpu", progress=False)
+    ev = evaluate(sets, gt, backend="cpu", progress=False)
+    sel = select(ev)
+    np.testing.assert_array_equal(res.selection.best, sel.best)
+    prio = np.where(np.isnan(ev.iou), -1.0, ev.iou)
+    ens = res.stack
+    assert ens.kind == "ensemble" and ens.encoding == "labels"
+    assert ens.ids == gt.ids and np.array_equal(ens.shapes, gt.shapes)
+    for i in range(len(SHAPES)):
+        want = ref.merge_labels([im[i] for im in imgs], sel.best, prio, POLICIES[policy])
+        np.testing.assert_array_equal(ens.read_image(i), want)
+    check_padding(ens)
+    prov = ens.provenance
+    assert prov["policy"] == policy and prov["strategy"] == "class"
+    assert prov["selection"] == sel.mapping()
+    assert set(prov["scores"]) == {"A", "B", "C"} and len(prov["scores"]["A"]) == C
+    assert prov["scores_array"] is None and ensemble_scores(ens) is None
+    # the in-memory merge of a few images (used by the report figure) agrees
+    few = merge_images(sets, sel, [1, 3], policy=policy, backend="cpu")
+    np.testing.assert_array_equal(few[0], ens.read_image(1))
+    np.testing.assert_array_equal(few[1], ens.read_image(3))
+
+
+def test_subset_merge_uses_only_member_sets(data):
+    root, gt, gt_imgs, sets, imgs = data
+    res = merge(sets, gt, str(root / "ens2"), subset=["C", "A"], backend="cpu", progress=False)
+    ev = evaluate(sets, gt, backend="cpu", progress=False)
+    sel = select(ev, sets=["A", "C"])
+    assert set(res.selection.mapping().values()) <= {"A", "C"}
+    prio = np.where(np.isnan(ev.iou), -1.0, ev.iou)[[0, 2]]
+    local = sel.kernel_selection()
+    for i in range(len(SHAPES)):
+        want = ref.merge_labels([imgs[0][i], imgs[2][i]], local, prio, 0)
+        np.testing.assert_array_equal(res.stack.read_image(i), want)
+    assert res.stack.provenance["members"] == ["A", "C"]
+
+
+@pytest.mark.parametrize("dtype,bg", [("uint8", None), ("float16", 0.6), ("float32", None)])
+def test_score_merge_equals_reference(tmp_path, rng, dtype, bg):
+    gt_imgs = label_imgs(rng, p_abstain=0.1)
+    gt = write_stack(str(tmp_path / "gt"), gt_imgs, kind="gt", num_classes=C, chunks=(2, 4, 8))
+    imgs = [score_imgs(rng, dtype) for _ in range(3)]
+    sets = [write_stack(str(tmp_path / f"s{k}"), im, encoding="scores", score_dtype=dtype, num_classes=C,
+                        chunks=(k + 1, 8, 3, C), name="ABC"[k]) for k, im in enumerate(imgs)]
+    res = merge(sets, gt, str(tmp_path / "ens"), backend="cpu", bg_threshold=bg, progress=False)
+    scale = 255.0 if dtype == "uint8" else 1.0
+    thr = -1.0 if bg is None else bg * scale
+    sel = res.selection.best
+    merged = ensemble_scores(res.stack)
+    assert merged is not None and str(merged.dtype) == dtype
+    assert res.stack.provenance["scores_array"] == "scores"
+    for i, (h, w) in enumerate(SHAPES):
+        lab, sc = ref.merge_scores([im[i] for im in imgs], sel, 0, thr)
+        np.testing.assert_array_equal(res.stack.read_image(i), lab)
+        np.testing.assert_array_equal(np.asarray(merged[i, :h, :w]), sc)
+        assert (np.asarray(merged[i, h:]) == 0).all() and (np.asarray(merged[i, :, w:]) == 0).all()
+    check_padding(res.stack)
+
+
+def test_mixed_dtype_scores_merge_as_float32(tmp_path, rng):
+    gt = write_stack(str(tmp_path / "gt"), label_imgs(rng), kind="gt", num_classes=C)
+    u8 = score_imgs(rng, "uint8")
+    f16 = score_imgs(rng, "float16")
+    a = write_stack(str(tmp_path / "a"), u8, encoding="scores", num_classes=C, name="A")
+    b = write_stack(str(tmp_path / "b"), f16, encoding="scores", score_dtype="float16", num_classes=C, name="B")
+    res = merge([a, b], gt, str(tmp_path / "ens"), backend="cpu", progress=False)
+    merged = ensemble_scores(res.stack)
+    assert str(merged.dtype) == "float32"
+    for i, (h, w) in enumerate(SHAPES):
+        lab, sc = ref.merge_scores([u8[i].astype(np.float32) / np.float32(255), f16[i].astype(np.float32)],
+                                   res.selection.best, 0)
+        np.testing.assert_array_equal(res.stack.read_image(i), lab)
+        np.testing.assert_array_equal(np.asarray(merged[i, :h, :w]), sc)
+
+
+def test_mixed_encodings_decode_scores_then_merge_labels(tmp_path, rng):
+    gt = write_stack(str(tmp_path / "gt"), label_imgs(rng), kind="gt", num_classes=C, chunks=(3, 8, 8))
+    la = label_imgs(rng)
+    sb = score_imgs(rng, "uint8")
+    a = write_stack(str(tmp_path / "a"), la, num_classes=C, name="A")
+    b = write_stack(str(tmp_path / "b"), sb, encoding="scores", num_classes=C, chunks=(1, 8, 8, C), name="B")
+    for policy in POLICIES:
+        res = merge([a, b], gt, str(tmp_path / f"ens-{policy}"), policy=policy, bg_threshold=0.01,
+                    backend="cpu", progress=False)
+        ev = res.evaluation
+        prio = np.where(np.isnan(ev.iou), -1.0, ev.iou)
+        for i in range(len(SHAPES)):
+            want = ref.merge_labels([la[i], ref.decode_scores(sb[i], 0.01 * 255)], res.selection.best, prio,
+                                    POLICIES[policy])
+            np.testing.assert_array_equal(res.stack.read_image(i), want)
+        assert ensemble_scores(res.stack) is None
+
+
+def test_image_strategy_hand_made(stack_factory):
+    # classes: bg, x, y. Set A is perfect on x, set B perfect on y (selection x->A, y->B).
+    # Image-level labels (gt): img0 has x and y, img1 only y, img2 only bg.
+    # x is in 1 image, y in 2 images -> y ranks first. img0 -> B, img1 -> B, img2 -> best mIoU set.
+    g = [np.array([[1, 1, 2, 2]], np.uint8), np.array([[0, 2, 2, 0]], np.uint8), np.array([[0, 0, 0, 0]], np.uint8)]
+    a = [np.array([[1, 1, 0, 0]], np.uint8), np.array([[0, 1, 1, 0]], np.uint8), np.array([[0, 0, 0, 0]], np.uint8)]
+    b = [np.array([[0, 2, 2, 2]], np.uint8), np.array([[0, 2, 2, 0]], np.uint8), np.array([[2, 0, 0, 0]], np.uint8)]
+    gt = stack_factory("gt", g, kind="gt", num_classes=3, chunks=(2, 1, 4))
+    sa = stack_factory("a", a, num_classes=3, name="A")
+    sb = stack_factory("b", b, num_classes=3, name="B", chunks=(1, 1, 2))
+    res = merge([sa, sb], gt, str(os.path.dirname(gt.path)) + "/ens", strategy="image", backend="cpu",
+                progress=False)
+    assert res.selection.mapping() == {"c1": "A", "c2": "B"}
+    best_miou = "AB"[int(np.argmax(res.evaluation.miou))]
+    assert res.info["rank"] == ["c2", "c1"]
+    assert res.info["instances"] == {"c1": 1, "c2": 2}
+    src = {"A": a, "B": b}
+    np.testing.assert_array_equal(res.stack.read_image(0), b[0])
+    np.testing.assert_array_equal(res.stack.read_image(1), b[1])
+    np.testing.assert_array_equal(res.stack.read_image(2), src[best_miou][2])
+    assert res.stack.provenance["strategy"] == "image"
+    presence = gt_presence(gt, backend="cpu")
+    np.testing.assert_array_equal(presence, [[False, True, True], [True, False, True], [True, False, False]])
+    choice, _ = image_choice(presence, res.selection, res.evaluation.miou)
+    assert list(choice[:2]) == [1, 1]
+
+
+def test_existing_output_kept_and_failed_merge_leaves_nothing(data, monkeypatch):
+    root, gt, gt_imgs, sets, imgs = data
+    out = str(root / "ens")
+    first = merge(sets, gt, out, backend="cpu", progress=False)
+    before = np.asarray(first.stack.array[:])
+    with pytest.raises(StoreError, match="exists"):
+        merge(sets[:1], gt, out, backend="cpu", progress=False)
+    import isle_fast.merge as m
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(m, "merge_chunk", boom)
+    with pytest.raises(RuntimeError):
+        merge(sets, gt, out, overwrite=True, backend="cpu", progress=False)
+    with pytest.raises(RuntimeError):
+        merge(sets, gt, str(root / "never"), backend="cpu", progress=False)
+    assert not os.path.exists(root / "never")
+    assert not [p for p in os.listdir(root) if ".tmp-" in p]
+    np.testing.assert_array_equal(np.asarray(open_stack(out).array[:]), before)
+
+
+def test_distributed_merge_equals_local(data):
+    distributed = pytest.importorskip("distributed")
+    root, gt, gt_imgs, sets, imgs = data
+    local = merge(sets, gt, str(root / "local"), backend="cpu", progress=False)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        dist = merge([s.path for s in sets], gt.path, str(root / "dist"), backend="cpu", progress=False)
+    np.testing.assert_array_equal(np.asarray(dist.stack.array[:]), np.asarray(local.stack.array[:]))
+
+
+def test_export_pngs(data):
+    root, gt, gt_imgs, sets, imgs = data
+    res = merge(sets, gt, str(root / "ens"), backend="cpu", progress=False)
+    out = root / "png"
+    info = export_pngs(res.stack, out, backend="cpu", progress=False)
+    assert info["images"] == len(SHAPES)
+    pal = palette()
+    assert pal.shape == (256, 3) and tuple(pal[255]) == (224, 224, 192)
+    for i, img_id in enumerate(res.stack.ids):
+        with Image.open(out / f"{img_id}.png") as im:
+            assert im.mode == "P"
+            np.testing.assert_array_equal(np.asarray(im), res.stack.read_image(i))
+            assert im.getpalette()[:6] == pal[:2].ravel().tolist()
+    with pytest.raises(StoreError, match="exists"):
+        export_pngs(res.stack, out, progress=False)
+    export_pngs(sets[0], out, overwrite=True, progress=False)
+    with Image.open(out / f"{sets[0].ids[0]}.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), imgs[0][0])
+    assert not [p for p in os.listdir(root) if ".tmp-" in p]
+
+
+def test_cli_merge_and_export(data, capsys):
+    root, gt, gt_imgs, sets, imgs = data
+    out, js = str(root / "E"), str(root / "m.json")
+    rc = main(["merge", *[s.path for s in sets], "--gt", gt.path, "--out", out, "--sets", "A,B",
+               "--policy", "order", "--json", js, "--backend", "cpu", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ensemble mIoU" in text
+    doc = json.loads(open(js).read())
+    assert set(doc["selection"].values()) <= {"A", "B"}
+    assert doc["ensemble"]["members"] == ["A", "B"] and doc["ensemble"]["policy"] == "order"
+    ens = open_stack(out)
+    assert ens.provenance["policy"] == "order"
+    ev = evaluate([ens], gt, backend="cpu", progress=False)
+    assert doc["ensemble"]["miou"] == pytest.approx(float(ev.miou[0]))
+    rc = main(["merge", *[s.path for s in sets], "--gt", gt.path, "--out", out, "--quiet"])
+    assert rc == 2 and "exists" in capsys.readouterr().err
+    rc = main(["merge", sets[0].path, "--gt", gt.path, "--out", str(root / "F"), "--sets", "Z", "--quiet"])
+    assert rc == 2 and "'Z'" in capsys.readouterr().err
+    rc = main(["export", out, "--out", str(root / "png"), "--quiet"])
+    assert rc == 0 and len(os.listdir(root / "png")) == len(SHAPES)

@@ -1,0 +1,98 @@
+"""isle_fast.report: the tables (Markdown + JSON) and PNG figures exist and agree with the evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from isle_fast.cli import main
+from isle_fast.errors import StoreError
+from isle_fast.evaluate import evaluate
+from isle_fast.merge import merge
+from isle_fast.report import report
+from isle_fast.subsets import subset_analysis
+from tests.conftest import write_stack
+
+SHAPES = [(9, 7), (8, 8), (6, 9)]
+C = 3
+
+
+@pytest.fixture
+def stores(tmp_path, rng):
+    vals = np.array([0, 1, 2, 255], np.uint8)
+    gt = write_stack(str(tmp_path / "gt"), [rng.choice(vals, size=s, p=[.4, .3, .2, .1]) for s in SHAPES],
+                     kind="gt", num_classes=C)
+    a = write_stack(str(tmp_path / "a"), [rng.choice(vals, size=s) for s in SHAPES], num_classes=C, name="A")
+    b = write_stack(str(tmp_path / "b"), [rng.integers(0, 9, size=s + (C,)).astype(np.uint8) for s in SHAPES],
+                    encoding="scores", num_classes=C, name="B")
+    img = write_stack(str(tmp_path / "img"), [rng.integers(0, 256, size=s + (3,)).astype(np.uint8) for s in SHAPES],
+                      kind="images")
+    return tmp_path, gt, a, b, img
+
+
+def assert_png(path):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 50 and im.size[1] > 50
+
+
+def test_report_files_and_numbers(stores):
+    root, gt, a, b, img = stores
+    out = root / "rep"
+    res = report([a, b], gt, out, images=img, backend="cpu", num_images=2, progress=False)
+    files = set(os.listdir(out))
+    assert {"tables.md", "report.json", "per_class_iou.png", "iou_table.png", "subsets.png",
+            "samples.png"} <= files
+    for f in files:
+        if f.endswith(".png"):
+            assert_png(out / f)
+    doc = json.loads((out / "report.json").read_text())
+    ev = evaluate([a, b], gt, backend="cpu", progress=False)
+    sa = subset_analysis([a, b], gt, backend="cpu", progress=False)
+    assert doc["classes"] == ["c0", "c1", "c2"]
+    assert doc["sets"]["A"]["tp"] == ev.tp[0].tolist()
+    assert doc["selection"] == ev.select().mapping()
+    assert doc["ensemble"]["miou"] == pytest.approx(float(sa.miou[-1]))
+    assert res["ensemble_miou"] == pytest.approx(float(sa.miou[-1]))
+    assert [s["name"] for s in doc["subsets"]["subsets"]] == ["A", "B", "A+B"]
+    md = (out / "tables.md").read_text()
+    for title in ("Per-class IoU", "Best set per class", "Ensemble vs components", "every subset"):
+        assert title in md
+    assert md.count("✓") == C - 1  # one chosen set per foreground class
+    assert f"{ev.miou[0]:.1f}" in md
+    assert not [p for p in os.listdir(root) if ".tmp-" in p]
+
+
+def test_report_with_ensemble_store_and_overwrite(stores):
+    root, gt, a, b, img = stores
+    ens = merge([a, b], gt, str(root / "ens"), backend="cpu", progress=False).stack
+    out = root / "rep"
+    report([a, b], gt, out, ensemble=ens, backend="cpu", progress=False)
+    doc = json.loads((out / "report.json").read_text())
+    ev = evaluate([ens], gt, backend="cpu", progress=False)
+    assert doc["ensemble"]["source"] == ens.path
+    assert doc["ensemble"]["miou"] == pytest.approx(float(ev.miou[0]))
+    assert "samples.png" not in os.listdir(out)
+    with pytest.raises(StoreError, match="exists"):
+        report([a, b], gt, out, backend="cpu", progress=False)
+    report([a], gt, out, backend="cpu", overwrite=True, progress=False)
+    assert list(json.loads((out / "report.json").read_text())["sets"]) == ["A"]
+
+
+def test_cli_report(stores, capsys):
+    root, gt, a, b, img = stores
+    out = root / "cli-rep"
+    rc = main(["report", a.path, b.path, "--gt", gt.path, "--images", img.path, "--out", str(out),
+               "--backend", "cpu", "--num-images", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "isle report: done" in text and str(out) in text
+    assert_png(out / "samples.png")
+    rc = main(["report", a.path, "--gt", gt.path, "--images", a.path, "--out", str(root / "x"), "--quiet"])
+    assert rc == 2 and "images" in capsys.readouterr().err
+    assert not os.path.exists(root / "x")

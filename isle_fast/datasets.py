@@ -22,7 +22,7 @@ Images
 Ground truth
     The label map with 255 on every pixel that has a pixel of another label
     within Chebyshev distance ``band`` (default 2, a band about 4 px wide, as
-    in VOC). Image borders are not boundaries.
+    in VOC; 1 for images under 120 px). Image borders are not boundaries.
 Hard pseudo-label sets
     For set ``n`` and class ``c`` the caller gives a quality
     ``q = quality[n, c]`` in [0, 1] (error ``e = 1 - q``). Per object of
@@ -33,7 +33,8 @@ Hard pseudo-label sets
     tendency per class); with probability ``0.8 e^2`` a part of it (up to all
     of it, more with larger ``e``) is given to another class: another class of
     the same image if there is one (WSSS labels only hold the image's tags),
-    else a look-alike class (cat/dog, cow/sheep, bus/car, ...). With
+    else background (or, with ``tags_only=False``, a look-alike class:
+    cat/dog, cow/sheep, bus/car, ...). With
     probability ``e`` a false-positive blob of the class (radius up to
     ``0.4 e r``) is added on predicted background, and with the set's
     ``abstain`` probability the uncertain zone around the predicted boundary
@@ -58,8 +59,10 @@ Soft sets (CAMs)
     float32 (every 4th pixel, the stride-4 map), "high_res": (K, H, W)
     float32}`` with ``np.save`` (a pickled dict: load with
     ``np.load(path, allow_pickle=True).item()``). In score stores the
-    background slice is ``1 - max`` of the foreground slices, so the argmax
-    decodes a pixel as foreground where its best CAM exceeds 0.5.
+    background slice is the constant :data:`CAM_BG_THRESHOLD` (0.15, IRN's
+    ``cam_eval_thres``, also the default of ``isle ingest scores``), so the
+    argmax decodes a pixel as foreground where its best CAM exceeds 0.15
+    (near the best constant threshold for these CAMs).
 
 Quality maps monotonically to IoU but not to an exact IoU value; the true
 quality matrices are saved in ``dataset.json`` so a demo can compare the set
@@ -79,8 +82,10 @@ Layout written by :func:`make_voc_like`::
 The stores are split the way the paper uses the data: pseudo labels are
 scored and merged on the training images, and the trained model is
 evaluated on ``val``. Ids are ``synth_000000``, ``synth_000001``, ...; every
-image depends only on ``(seed, index)``, so ``n_images`` can grow without
-changing the first images.
+image, its size and its ground truth depend only on ``(seed, index)``, so
+``n_images`` can grow without changing the first images (the train / val
+split does change). The pseudo-label sets also depend on the sets and their
+qualities.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ __all__ = [
     "load_cam_npy",
     "boundary_band",
     "cam_scores",
+    "preview_png",
 ]
 
 NUM_CLASSES = len(VOC_CLASSES)  # 21, background included
@@ -156,6 +162,10 @@ SHAPES = ("ellipse", "rectangle", "polygon", "blob")
 TEXTURES = ("stripes", "checks", "dots", "rings", "blotches")
 _STYLE_SEED = 20230901  # class signatures are the same for every data set seed
 CAM_STRIDE = 4
+#: Background score of the CAM score stores (IRN's ``cam_eval_thres``; ingest's default too).
+CAM_BG_THRESHOLD = 0.15
+#: Mean quality of the default soft sets (raw CAMs are worse than refined pseudo labels).
+SOFT_BASE_QUALITY = 0.40
 JPEG_QUALITY = 95
 
 
@@ -477,7 +487,7 @@ def _as_quality(quality: Any, n: int, what: str) -> np.ndarray:
     q = q.copy()
     q[:, 0] = np.nan
     fg = q[:, 1:]
-    if not np.all(np.isfinite(fg)) or fg.min() < 0 or fg.max() > 1:
+    if fg.size and (not np.all(np.isfinite(fg)) or fg.min() < 0 or fg.max() > 1):
         raise InputError(f"{what}: foreground qualities must lie in [0, 1]")
     return q
 
@@ -541,6 +551,7 @@ class _Spec:
     bias: np.ndarray  # (N, C) +1 over-segments, -1 under-segments
     max_objects: int
     band: int
+    tags_only: bool
 
 
 def _shape_mask(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
@@ -652,11 +663,11 @@ def _jpeg_round_trip(img: np.ndarray) -> tuple[np.ndarray, bytes]:
         return np.array(im.convert("RGB"), dtype=np.uint8), data
 
 
-def _other_class(c: int, present: np.ndarray, u: float) -> int:
+def _other_class(c: int, present: np.ndarray, u: float, tags_only: bool) -> int:
     others = [int(p) for p in present if p != c]
     if others:
         return others[int(u * len(others)) % len(others)]
-    return VOC_CLASSES.index(CONFUSERS[VOC_CLASSES[c]])
+    return 0 if tags_only else VOC_CLASSES.index(CONFUSERS[VOC_CLASSES[c]])
 
 
 def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
@@ -710,7 +721,8 @@ def _hard_set(spec: _Spec, n: int, objects: list[_Object], labels: np.ndarray, p
                 ang = 2 * np.pi * u_dir
                 proj = (yy - o.cy) * np.sin(ang) + (xx - o.cx) * np.cos(ang)
                 near = _blur(o.visible, sigma + 2.0) > 0.02
-                cls_map[near & (proj > o.radius * (1.0 - 2.0 * frac))] = _other_class(c, present, u_part)
+                other = _other_class(c, present, u_part, spec.tags_only)
+                cls_map[near & (proj > o.radius * (1.0 - 2.0 * frac))] = other
         pred[mask] = cls_map[mask]
     # false positives: blobs of present classes on predicted background
     for c in present:
@@ -792,14 +804,33 @@ def _generate(spec: _Spec, i: int) -> Sample:
     return Sample(spec.ids[i], image, jpeg, labels, gt, pseudo, cams, present)
 
 
-def cam_scores(cam: Mapping[str, np.ndarray], num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """A CAM dict as an ``(H, W, C)`` float32 score stack: background ``1 - max`` foreground, absent classes 0."""
+def cam_scores(cam: Mapping[str, np.ndarray], num_classes: int = NUM_CLASSES,
+               bg_threshold: float | None = None) -> np.ndarray:
+    """A CAM dict as an ``(H, W, C)`` float32 score stack.
+
+    Parameters
+    ----------
+    cam : mapping
+        ``{"keys": (K,), "high_res": (K, H, W)}`` as written by :func:`save_cam_npy`.
+    num_classes : int
+        C, background included.
+    bg_threshold : float, optional
+        The constant background slice; default :data:`CAM_BG_THRESHOLD` (0.15,
+        IRN's ``cam_eval_thres`` and the default of :func:`isle_fast.ingest.ingest_scores`,
+        so a score store made here equals one ingested from ``cams/<set>``).
+
+    Returns
+    -------
+    ndarray, (H, W, C), float32
+        Absent classes are 0.
+    """
+    thr = CAM_BG_THRESHOLD if bg_threshold is None else float(bg_threshold)
     hr = np.asarray(cam["high_res"], dtype=np.float32)
-    k, h, w = hr.shape
+    _, h, w = hr.shape
     out = np.zeros((h, w, num_classes), dtype=np.float32)
+    out[..., 0] = thr
     for slot, key in enumerate(np.asarray(cam["keys"], dtype=np.int64)):
         out[..., int(key) + 1] = hr[slot]
-    out[..., 0] = 1.0 - (hr.max(axis=0) if k else 0.0)
     return out
 
 
@@ -942,7 +973,8 @@ def make_voc_like(
     soft_quality: Any = None,
     size_range: tuple[int, int] = (120, 200),
     max_objects: int = 4,
-    band: int = 2,
+    band: int | None = None,
+    tags_only: bool = True,
     seed: int = 0,
     write_tree: bool = True,
     write_stores: bool = True,
@@ -980,14 +1012,24 @@ def make_voc_like(
         Names of the soft (CAM) sets; empty for none.
     soft_quality : array-like, optional
         As ``quality``, for the soft sets; default :func:`default_quality`
-        with class ``c`` best in soft set ``(c - 1) % M``.
+        with ``base=0.4`` (CAMs decode to roughly 55-75 % foreground IoU at
+        the 0.15 background threshold, blurry enough that a CRF / random walk
+        helps) and class ``c`` best in soft set ``(c - 1) % M``.
     size_range : (int, int)
         Inclusive range of image height and width (drawn independently);
         ``(375, 500)`` gives VOC-sized images.
     max_objects : int
         Objects per image are drawn from 1..max_objects (of 1 to 3 classes).
-    band : int
-        Half width of the 255 boundary band in the ground truth (0: none).
+    band : int, optional
+        Half width of the 255 boundary band in the ground truth (0: none);
+        default 2 (a band about 4 px wide, like VOC's), 1 when the largest
+        image side is under 120 px.
+    tags_only : bool
+        Hard sets only predict classes of the image's tags, as WSSS pseudo
+        labels made from image-level labels do: a confused part of an object
+        goes to another class of the image, or to background when the image
+        has one class. ``False`` gives it to a look-alike class instead
+        (cat/dog, cow/sheep, ...), which then also costs that class IoU.
     seed : int
         Everything is determined by the seed.
     write_tree, write_stores : bool
@@ -1028,12 +1070,15 @@ def make_voc_like(
         raise InputError(f"size_range must satisfy 16 <= min <= max, got {size_range}")
     if max_objects < 1:
         raise InputError(f"max_objects must be at least 1, got {max_objects}")
+    if band is None:
+        band = 1 if hi < 120 else 2
     if band < 0:
         raise InputError(f"band must be >= 0, got {band}")
     q = _as_quality(default_quality(names, seed=seed) if quality is None and names else
                     (quality if quality is not None else np.zeros((0, FG))), len(names), "quality")
-    sq = _as_quality(default_quality(soft, seed=seed + 1, best={VOC_CLASSES[c]: soft[(c - 1) % len(soft)]
-                                                              for c in range(1, NUM_CLASSES)})
+    sq = _as_quality(default_quality(soft, seed=seed + 1, base=SOFT_BASE_QUALITY,
+                                     best={VOC_CLASSES[c]: soft[(c - 1) % len(soft)]
+                                           for c in range(1, NUM_CLASSES)})
                      if soft_quality is None and soft else
                      (soft_quality if soft_quality is not None else np.zeros((0, FG))),
                      len(soft), "soft_quality")
@@ -1042,18 +1087,21 @@ def make_voc_like(
     if ab.shape != (len(names),) or (ab.size and (ab.min() < 0 or ab.max() > 1)):
         raise InputError(f"abstain must be one probability or one per set ({len(names)}), in [0, 1]")
 
-    rng = np.random.default_rng([int(seed), 7])
-    shapes = rng.integers(lo, hi + 1, size=(n_images, 2)).astype(np.int64)
-    bias = rng.choice(np.array([-1.0, 1.0]), size=(len(names), NUM_CLASSES))
-    perm = rng.permutation(n_images)
+    # every image's size comes from its own stream, so adding images never changes earlier ones
+    shapes = np.array([np.random.default_rng([int(seed), i, 4]).integers(lo, hi + 1, size=2)
+                       for i in range(n_images)], dtype=np.int64).reshape(n_images, 2)
+    bias = np.random.default_rng([int(seed), 8]).choice(np.array([-1.0, 1.0]), size=(len(names), NUM_CLASSES))
+    perm = np.random.default_rng([int(seed), 9]).permutation(n_images)
     ids = tuple(f"synth_{i:06d}" for i in range(n_images))
     val_set = set(int(k) for k in perm[:n_val])
     train_idx = [i for i in range(n_images) if i not in val_set]
     val_idx = sorted(val_set)
-    spec = _Spec(int(seed), shapes, ids, names, q, ab, soft, sq, bias, int(max_objects), int(band))
+    spec = _Spec(int(seed), shapes, ids, names, q, ab, soft, sq, bias, int(max_objects), int(band),
+                 bool(tags_only))
     params = {
         "generator": "isle_fast.datasets.make_voc_like", "seed": int(seed), "n_images": n_images,
         "n_val": n_val, "size_range": [lo, hi], "max_objects": int(max_objects), "band": int(band),
+        "tags_only": bool(tags_only),
         "set_names": list(names), "soft_sets": list(soft), "abstain": ab.tolist(),
         "quality": _json_matrix(q), "soft_quality": _json_matrix(sq), "classes": list(VOC_CLASSES),
     }
@@ -1168,7 +1216,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
                 w = create_stack(work / rel, kind="pseudo", classes=VOC_CLASSES, ids=ids, shapes=shp,
                                  name=name, encoding="scores", score_dtype="uint8",
                                  provenance=dict(prov, split=split, simulated="cam",
-                                                 background="1 - max foreground score",
+                                                 bg_threshold=CAM_BG_THRESHOLD,
                                                  quality=_json_matrix(spec.soft_quality[m:m + 1])[0]))
                 fill = 0
             writers[key] = _Buffered(w, int(w.array.chunks[0]), fill)
@@ -1214,3 +1262,51 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
     if keep:
         samples.sort(key=lambda s: s.id)
     return samples
+
+
+def preview_png(ds: SyntheticDataset, path: str | os.PathLike, n: int = 4) -> Path:
+    """Write a preview of the first ``n`` images: image, ground truth, every hard set, every soft set.
+
+    Parameters
+    ----------
+    ds : SyntheticDataset
+    path : str or path-like
+        The PNG to write (atomically).
+    n : int
+        Rows (images).
+
+    Returns
+    -------
+    Path
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pal = voc_palette()
+    n = max(1, min(n, ds.num_images))
+    cols = ["image", "ground truth"] + [f"{s} (hard)" for s in ds.set_names] + \
+        [f"{s} (CAM max)" for s in ds.soft_set_names]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.9 * len(cols), 1.9 * n), squeeze=False)
+    for r in range(n):
+        s = ds.sample(r)
+        panels = [s.image, pal[s.gt]] + [pal[s.pseudo[k]] for k in ds.set_names]
+        for k in ds.soft_set_names:
+            hr = s.cams[k]["high_res"]
+            panels.append(hr.max(axis=0) if len(hr) else np.zeros(s.gt.shape, np.float32))
+        for c, (ax, im) in enumerate(zip(axes[r], panels)):
+            ax.imshow(im, cmap="jet" if im.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=7)
+        axes[r][0].set_ylabel(s.id, fontsize=6)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

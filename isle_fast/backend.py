@@ -1,49 +1,134 @@
 """The one backend switch: which kernel module runs the hot loops.
 
 ``backend="cpu"`` uses :mod:`isle_fast.kernels.cpu` (Numba), ``"gpu"`` uses
-:mod:`isle_fast.kernels.gpu` (CuPy / numba.cuda), ``"auto"`` picks the GPU
-when CuPy is installed and sees a device. Orchestration code asks this module
-for the kernels and for the array module to hand them; it never imports a
-kernel module itself.
+:mod:`isle_fast.kernels.gpu` (``numba.cuda`` kernels, CuPy for device arrays),
+``"auto"`` picks the GPU when CuPy is installed and sees a CUDA device (and
+Numba's CUDA target can use it). Orchestration code asks this module for the
+kernels; it never imports a kernel module itself. Both kernel modules accept
+NumPy arrays and return NumPy results for them, so Dask graphs over host
+chunks are the same for both backends.
+
+Testing without a GPU
+---------------------
+Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs the very
+``numba.cuda`` kernels of the GPU backend in Python threads on the CPU (very
+slowly: tiny data only). When it is enabled, :func:`gpu_available` is true, so
+``--backend gpu`` / ``auto`` run the whole pipeline through the GPU path. The
+variable must be set before Numba is imported; ``ISLE_FORCE_CUDASIM=1`` does
+that for you when this module is imported before :mod:`numba.cuda` (e.g.
+``ISLE_FORCE_CUDASIM=1 isle evaluate ... --backend gpu``).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import os
+import sys
 from types import ModuleType
 
 from .errors import InputError
 
-__all__ = ["BACKENDS", "resolve_backend", "get_kernels", "gpu_available"]
+__all__ = [
+    "BACKENDS",
+    "resolve_backend",
+    "get_kernels",
+    "gpu_available",
+    "simulator_enabled",
+    "describe_backend",
+    "add_backend_argument",
+]
 
 BACKENDS = ("auto", "cpu", "gpu")
 
+#: Environment variable that turns Numba's CUDA simulator on for the GPU backend (tests).
+FORCE_CUDASIM_ENV = "ISLE_FORCE_CUDASIM"
+
+
+def _apply_force_cudasim() -> None:
+    """Honour ``ISLE_FORCE_CUDASIM=1`` while it can still take effect (before numba.cuda loads)."""
+    if os.environ.get(FORCE_CUDASIM_ENV, "") not in ("1", "true", "yes"):
+        return
+    if "numba.cuda" in sys.modules:
+        return                      # too late: simulator_enabled() reports the truth
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba" in sys.modules:      # numba already read its config: make it read it again
+        from numba.core import config
+
+        config.reload_config()
+
+
+_apply_force_cudasim()
+
+
+def simulator_enabled() -> bool:
+    """Whether ``numba.cuda`` runs in Numba's CPU simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    _apply_force_cudasim()
+    from numba.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
 
 @functools.lru_cache(maxsize=1)
-def gpu_available() -> bool:
-    """Whether CuPy is importable and sees at least one CUDA device."""
+def _real_gpu() -> bool:
     try:
         import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        if cupy.cuda.runtime.getDeviceCount() <= 0:
+            return False
+    except Exception:
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
     except Exception:
         return False
 
 
+def gpu_available() -> bool:
+    """Whether the GPU backend can run here.
+
+    True when CuPy is importable and sees at least one CUDA device that Numba's CUDA target can
+    use, or when Numba's CUDA simulator is enabled (see the module docstring).
+    """
+    return simulator_enabled() or _real_gpu()
+
+
+# kept for callers that clear the cache in tests (the real-device probe is cached)
+gpu_available.cache_clear = _real_gpu.cache_clear  # type: ignore[attr-defined]
+
+
 def resolve_backend(backend: str = "auto") -> str:
-    """``'cpu'`` or ``'gpu'`` for a requested backend; an unusable ``'gpu'`` is an error."""
+    """``'cpu'`` or ``'gpu'`` for a requested backend; an unusable ``'gpu'`` is an error.
+
+    Parameters
+    ----------
+    backend : {"auto", "cpu", "gpu"}
+        ``auto`` picks ``gpu`` when :func:`gpu_available`, else ``cpu``.
+
+    Raises
+    ------
+    InputError
+        For an unknown name, or ``gpu`` without a usable device.
+    """
     if backend not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
         return "gpu" if gpu_available() else "cpu"
     if backend == "gpu" and not gpu_available():
-        raise InputError("--backend gpu: no CUDA device visible to CuPy (install isle-fast[gpu] "
+        raise InputError("--backend gpu: no CUDA device visible to CuPy / Numba (install isle-fast[gpu] "
                          "on a machine with an NVIDIA GPU, or use --backend cpu)")
     return backend
 
 
 def get_kernels(backend: str = "auto") -> ModuleType:
-    """The kernel module for ``backend`` (after :func:`resolve_backend`)."""
+    """The kernel module for ``backend`` (after :func:`resolve_backend`).
+
+    Both modules expose the same functions (``confusion_labels``, ``confusion_scores``,
+    ``decode_scores``, ``merge_labels``, ``merge_scores``, ``subset_confusion_labels``,
+    ``subset_confusion_scores``) and constants (``SCORE``, ``ORDER``, ``IGNORE``).
+    """
     name = resolve_backend(backend)
     if name == "gpu":
         from .kernels import gpu
@@ -52,3 +137,33 @@ def get_kernels(backend: str = "auto") -> ModuleType:
     from .kernels import cpu
 
     return cpu
+
+
+def describe_backend(backend: str = "auto") -> str:
+    """One line naming what ``backend`` runs on, for summaries (e.g. ``'gpu (NVIDIA H100 ...)'``)."""
+    name = resolve_backend(backend)
+    if name == "cpu":
+        try:
+            import numba
+
+            return f"cpu (numba {numba.__version__}, {numba.get_num_threads()} threads)"
+        except Exception:
+            return "cpu"
+    if simulator_enabled():
+        return "gpu (numba CUDA simulator, no device)"
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        dev = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return f"gpu ({dev}, CuPy {cupy.__version__})"
+    except Exception:
+        return "gpu"
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """Add the common ``--backend {auto,cpu,gpu}`` option to a subcommand's parser."""
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto",
+        help="where the array kernels run: cpu (Numba), gpu (CUDA; needs isle-fast[gpu] and an "
+             "NVIDIA GPU) or auto (gpu when one is usable, else cpu); results are identical")

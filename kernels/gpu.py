@@ -87,7 +87,24 @@ _THREADS = 32 if SIMULATOR else 256        # threads per block (the simulator ru
 _PIX = 4                                   # consecutive pixels per thread per step (run aggregation)
 _SHARED_BINS = 12288                       # uint32 bins per block: 48 KiB of dynamic shared memory
 _CHUNK_BYTES = 32 << 20                    # host pipeline: input bytes per chunk
+_CHUNK_PIXELS: int | None = None           # test hook: fixed pixels per chunk (exercises the pipeline)
 _MAX_BLOCK_PIXELS = 1 << 31                # per-block pixel bound -> uint32 shared bins cannot overflow
+
+# The simulator swaps module globals while a kernel runs, so concurrent launches from several
+# host threads (Dask's threaded scheduler) must be serialised there; real devices need no lock.
+_SIM_LOCK = threading.RLock()
+
+
+def _serialised(fn: Callable) -> Callable:
+    if not SIMULATOR:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _SIM_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +488,7 @@ def _pipeline(P: int, inputs: Sequence[tuple[np.ndarray, int]], outputs: Sequenc
     ``launch(dev_inputs, dev_outputs, m, stream)`` queues the kernel(s) for an ``m``-pixel chunk.
     """
     per_px = sum(a.dtype.itemsize * w for a, w in inputs) or 1
-    B = max(1, min(P, _CHUNK_BYTES // per_px))
+    B = max(1, min(P, _CHUNK_PIXELS or _CHUNK_BYTES // per_px))
     pending: list[list] = [[], []]
 
     def drain(slot: int) -> None:
@@ -565,18 +582,44 @@ def _confusion(kind: str, half: bool, gt: Any, pixel_inputs: Sequence[tuple[Any,
 # argument checks
 # ----------------------------------------------------------------------------------------------
 
-def _check_sets(sets: Sequence[Any], shape: tuple[int, ...] | None, what: str) -> tuple:
+def _check_sets(sets: Sequence[Any], shape: tuple[int, ...] | None, what: str,
+                labels: bool = False) -> tuple:
+    if hasattr(sets, "shape") or not isinstance(sets, (tuple, list)):
+        raise ValueError(f"{what}: sets must be a tuple or list of arrays, not {type(sets).__name__}")
     sets = tuple(sets)
     if len(sets) == 0:
-        raise ValueError(f"{what}: at least one set is needed")
+        raise ValueError(f"{what}: sets is empty: need at least one set")
     ref = tuple(sets[0].shape) if shape is None else tuple(shape)
     dt = np.dtype(sets[0].dtype)
     for n, s in enumerate(sets):
+        if labels and np.dtype(s.dtype) != np.uint8:
+            raise ValueError(f"{what}: sets[{n}] must be uint8 labels, got dtype {np.dtype(s.dtype)}")
         if tuple(s.shape) != ref:
-            raise ValueError(f"{what}: set {n} has shape {tuple(s.shape)}, expected {ref}")
+            raise ValueError(f"{what}: sets[{n}] has shape {tuple(s.shape)}, expected {ref}")
         if np.dtype(s.dtype) != dt:
-            raise ValueError(f"{what}: set {n} has dtype {np.dtype(s.dtype)}, expected {dt} like set 0")
+            raise ValueError(f"{what}: sets[{n}] has dtype {np.dtype(s.dtype)}, but sets[0] has {dt} "
+                             "(all must match)")
     return sets
+
+
+def _check_classes(num_classes: Any, what: str) -> int:
+    C = int(num_classes)
+    if not 1 <= C <= 255:
+        raise ValueError(f"{what}: num_classes must be in [1, 255] (255 is the ignore label), "
+                         f"got {num_classes}")
+    return C
+
+
+def _check_gt(gt: Any, what: str) -> None:
+    if np.dtype(getattr(gt, "dtype", object)) != np.uint8:
+        raise ValueError(f"{what}: gt must be a uint8 array, got {getattr(gt, 'dtype', type(gt).__name__)}")
+
+
+def _check_policy(policy: Any, what: str) -> int:
+    p = int(policy)
+    if p not in (SCORE, ORDER, IGNORE):
+        raise ValueError(f"{what}: policy must be SCORE (0), ORDER (1) or IGNORE (2), got {policy}")
+    return p
 
 
 def _check_score_dtype(dtype: Any, what: str) -> np.dtype:
@@ -595,7 +638,8 @@ def threshold_value(bg_threshold: float, dtype: Any) -> np.generic:
     dtype = np.dtype(dtype)
     if dtype == np.uint8:
         return np.uint8(np.floor(np.clip(float(bg_threshold), 0.0, 255.0)))
-    return dtype.type(bg_threshold)
+    with np.errstate(over="ignore"):            # a huge threshold is +inf in float16
+        return dtype.type(bg_threshold)
 
 
 def _threshold_args(bg_threshold: float, dtype: np.dtype) -> tuple[bool, float, np.generic]:
@@ -612,6 +656,7 @@ def _threshold_args(bg_threshold: float, dtype: np.dtype) -> tuple[bool, float, 
 # public kernels
 # ----------------------------------------------------------------------------------------------
 
+@_serialised
 def confusion_labels(gt: Any, sets: Sequence[Any], num_classes: int) -> Any:
     """Confusion counts of N label sets against ``gt`` in one fused pass.
 
@@ -630,11 +675,13 @@ def confusion_labels(gt: Any, sets: Sequence[Any], num_classes: int) -> Any:
         ``out[n, t, p]`` = pixels with ``gt == t`` and ``sets[n] == p``. NumPy for NumPy inputs,
         a device array otherwise.
     """
-    C = int(num_classes)
-    sets = _check_sets(sets, gt.shape, "confusion_labels")
+    C = _check_classes(num_classes, "confusion_labels")
+    _check_gt(gt, "confusion_labels")
+    sets = _check_sets(sets, gt.shape, "confusion_labels", labels=True)
     return _confusion("labels", False, gt, [(s, 1) for s in sets], lambda d: (tuple(d),), len(sets), C)
 
 
+@_serialised
 def confusion_scores(gt: Any, sets: Sequence[Any], num_classes: int, bg_threshold: float = -1.0) -> Any:
     """Confusion counts of N score sets, decoded on the fly (never written to memory).
 
@@ -655,7 +702,8 @@ def confusion_scores(gt: Any, sets: Sequence[Any], num_classes: int, bg_threshol
     int64 array (N, C, C+1)
         Confusion of ``decode_scores(sets[n], bg_threshold)``; column C stays 0.
     """
-    C = int(num_classes)
+    C = _check_classes(num_classes, "confusion_scores")
+    _check_gt(gt, "confusion_scores")
     sets = _check_sets(sets, tuple(gt.shape) + (C,), "confusion_scores")
     dt = _check_score_dtype(sets[0].dtype, "confusion_scores")
     use, thr, _ = _threshold_args(bg_threshold, dt)
@@ -663,6 +711,7 @@ def confusion_scores(gt: Any, sets: Sequence[Any], num_classes: int, bg_threshol
                       lambda d: (tuple(d), use, thr), len(sets), C)
 
 
+@_serialised
 def decode_scores(scores: Any, bg_threshold: float = -1.0) -> Any:
     """Hard labels of a score stack: argmax over the last axis (first index wins ties).
 
@@ -677,8 +726,9 @@ def decode_scores(scores: Any, bg_threshold: float = -1.0) -> Any:
     uint8 array ``scores.shape[:-1]``
     """
     dt = _check_score_dtype(scores.dtype, "decode_scores")
-    C = int(scores.shape[-1])
-    shape = tuple(scores.shape[:-1])
+    full = tuple(scores.shape)         # (device arrays' shapes need not support negative indices)
+    C = int(full[-1])
+    shape = full[:-1]
     P = int(np.prod(shape, dtype=np.int64))
     use, thr, _ = _threshold_args(bg_threshold, dt)
     half = dt == np.float16
@@ -707,11 +757,19 @@ def _selection_2d(selection: Any, C: int, what: str) -> np.ndarray:
     return np.ascontiguousarray(sel)
 
 
+def _priority(priority: Any, N: int, C: int, what: str) -> np.ndarray:
+    prio = np.asarray(priority, dtype=np.float64)
+    if prio.shape != (N, C):
+        raise ValueError(f"{what}: priority must have shape (N, C) = ({N}, {C}), got {prio.shape}")
+    return np.ascontiguousarray(prio)
+
+
 def _small(a: np.ndarray) -> Any:
     """A small parameter array (selection, priority, ...) copied to the device."""
     return cuda.to_device(np.ascontiguousarray(a))
 
 
+@_serialised
 def merge_labels(sets: Sequence[Any], selection: Any, priority: Any, policy: int) -> Any:
     """Class-slice merge of N label sets (the paper's Algorithm 3, label encoding).
 
@@ -730,18 +788,18 @@ def merge_labels(sets: Sequence[Any], selection: Any, priority: Any, policy: int
     uint8 array shaped like ``sets[0]``
         One claim -> its class; several -> policy; none -> 255 if every set abstains, else 0.
     """
-    sets = _check_sets(sets, None, "merge_labels")
+    sets = _check_sets(sets, None, "merge_labels", labels=True)
     sel_h = np.asarray(selection, dtype=np.int64)
-    C = int(sel_h.shape[0])
+    C = _check_classes(sel_h.shape[0], "merge_labels")
     N = len(sets)
     sel = _selection_2d(sel_h, C, "merge_labels")
     if np.any(sel[0, 1:] < 0) or np.any(sel[0, 1:] >= N):
         raise ValueError(f"merge_labels: selection entries must be set indices in [0, {N})")
-    prio = np.ascontiguousarray(np.asarray(priority, dtype=np.float64).reshape(N, C))
+    prio = _priority(priority, N, C, "merge_labels")
     mem = np.ones((1, N), np.uint8)
     shape = tuple(sets[0].shape)
     P = int(np.prod(shape, dtype=np.int64))
-    policy = int(policy)
+    policy = _check_policy(policy, "merge_labels")
     kernel = _merge_labels_kernel
     device = _mode(sets)
     if device:
@@ -762,6 +820,7 @@ def merge_labels(sets: Sequence[Any], selection: Any, priority: Any, policy: int
     return result.reshape(shape)
 
 
+@_serialised
 def merge_scores(sets: Sequence[Any], selection: Any, policy: int,
                  bg_threshold: float = -1.0) -> tuple[Any, Any]:
     """Class-slice merge of N score stacks: ``merged[..., c] = sets[selection[c]][..., c]``.
@@ -787,7 +846,7 @@ def merge_scores(sets: Sequence[Any], selection: Any, policy: int,
     sets = _check_sets(sets, None, "merge_scores")
     dt = _check_score_dtype(sets[0].dtype, "merge_scores")
     shape = tuple(sets[0].shape)
-    C = int(shape[-1])
+    C = _check_classes(shape[-1], "merge_scores")
     N = len(sets)
     sel = _selection_2d(selection, C, "merge_scores")
     if np.any(sel < 0) or np.any(sel >= N):
@@ -797,7 +856,7 @@ def merge_scores(sets: Sequence[Any], selection: Any, policy: int,
     view = np.uint16 if half else None
     kernel = _kernels("merge_scores", half)
     P = int(np.prod(shape[:-1], dtype=np.int64))
-    policy = int(policy)
+    policy = _check_policy(policy, "merge_scores")
     if _mode(sets):
         lab, d_lab = _device_empty(shape[:-1], np.uint8)
         mer, d_mer = _device_empty(shape, dt)
@@ -831,17 +890,18 @@ def _subset_params(selections: Any, members: Any, N: int, C: int, first: int, wh
         raise ValueError(f"{what}: selections must have shape (S, {C}), not {sel.shape}")
     if mem.shape != (sel.shape[0], N):
         raise ValueError(f"{what}: members must have shape ({sel.shape[0]}, {N}), not {mem.shape}")
+    if not np.all(mem.any(axis=1)):
+        raise ValueError(f"{what}: every subset needs at least one member set")
     body = sel[:, first:]
     if np.any(body < 0) or np.any(body >= N):
         raise ValueError(f"{what}: selections entries must be set indices in [0, {N})")
     rows = np.arange(sel.shape[0])[:, None]
     if body.size and not np.all(mem[rows, body]):
         raise ValueError(f"{what}: a selection points at a set outside its subset")
-    if not np.all(mem.any(axis=1)):
-        raise ValueError(f"{what}: every subset needs at least one member set")
     return sel, mem
 
 
+@_serialised
 def subset_confusion_labels(gt: Any, sets: Sequence[Any], selections: Any, members: Any, priority: Any,
                             policy: int, num_classes: int) -> Any:
     """Confusion of the merged label of every subset of the sets, in one pass over the data.
@@ -864,17 +924,19 @@ def subset_confusion_labels(gt: Any, sets: Sequence[Any], selections: Any, membe
         ``out[s]`` = confusion of :func:`merge_labels` over the members of s against ``gt``
         (merged 255 counted in column C).
     """
-    C = int(num_classes)
-    sets = _check_sets(sets, gt.shape, "subset_confusion_labels")
+    C = _check_classes(num_classes, "subset_confusion_labels")
+    _check_gt(gt, "subset_confusion_labels")
+    sets = _check_sets(sets, gt.shape, "subset_confusion_labels", labels=True)
     N = len(sets)
     sel, mem = _subset_params(selections, members, N, C, 1, "subset_confusion_labels")
-    prio = np.ascontiguousarray(np.asarray(priority, dtype=np.float64).reshape(N, C))
+    prio = _priority(priority, N, C, "subset_confusion_labels")
     d_sel, d_mem, d_prio = (_small(x) for x in (sel, mem, prio))
-    policy = int(policy)
+    policy = _check_policy(policy, "subset_confusion_labels")
     return _confusion("subset_labels", False, gt, [(s, 1) for s in sets],
                       lambda d: (tuple(d), d_sel, d_mem, d_prio, policy), sel.shape[0], C)
 
 
+@_serialised
 def subset_confusion_scores(gt: Any, sets: Sequence[Any], selections: Any, members: Any, policy: int,
                             num_classes: int, bg_threshold: float = -1.0) -> Any:
     """Confusion of the merged score stack of every subset, in one pass over the data.
@@ -895,13 +957,14 @@ def subset_confusion_scores(gt: Any, sets: Sequence[Any], selections: Any, membe
     int64 (S, C, C+1)
         ``out[s]`` = confusion of :func:`merge_scores` labels over the members of s.
     """
-    C = int(num_classes)
+    C = _check_classes(num_classes, "subset_confusion_scores")
+    _check_gt(gt, "subset_confusion_scores")
     sets = _check_sets(sets, tuple(gt.shape) + (C,), "subset_confusion_scores")
     dt = _check_score_dtype(sets[0].dtype, "subset_confusion_scores")
     N = len(sets)
     sel, mem = _subset_params(selections, members, N, C, 0, "subset_confusion_scores")
     use, thr, _ = _threshold_args(bg_threshold, dt)
     d_sel = _small(sel)
-    policy = int(policy)
+    policy = _check_policy(policy, "subset_confusion_scores")
     return _confusion("subset_scores", dt == np.float16, gt, [(s, C) for s in sets],
                       lambda d: (tuple(d), d_sel, policy, use, thr), sel.shape[0], C)

@@ -1,0 +1,94 @@
+"""The backend switch (``isle_fast.backend``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from isle_fast import backend
+from isle_fast.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(backend, "simulator_enabled", lambda: False)
+    monkeypatch.setattr(backend, "_real_gpu", lambda: False)
+
+
+@pytest.fixture
+def with_gpu(monkeypatch):
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+
+
+def test_unknown_backend_is_named(no_gpu):
+    with pytest.raises(InputError, match="'tpu'"):
+        backend.resolve_backend("tpu")
+
+
+def test_auto_without_gpu_is_cpu(no_gpu):
+    assert not backend.gpu_available()
+    assert backend.resolve_backend("auto") == "cpu"
+    assert backend.resolve_backend("cpu") == "cpu"
+    from isle_fast.kernels import cpu
+
+    assert backend.get_kernels("auto") is cpu
+    assert backend.get_kernels("cpu") is cpu
+    assert backend.describe_backend("cpu").startswith("cpu")
+
+
+def test_gpu_without_device_is_a_user_error(no_gpu):
+    with pytest.raises(InputError, match="--backend gpu"):
+        backend.resolve_backend("gpu")
+    with pytest.raises(InputError, match="--backend cpu"):
+        backend.get_kernels("gpu")
+
+
+def test_auto_with_gpu_picks_gpu_kernels(with_gpu):
+    from isle_fast.kernels import gpu
+
+    assert backend.resolve_backend("auto") == "gpu"
+    assert backend.get_kernels("auto") is gpu
+    assert backend.get_kernels("gpu") is gpu
+    assert backend.get_kernels("cpu") is not gpu
+
+
+def test_backend_argument():
+    parser = argparse.ArgumentParser()
+    backend.add_backend_argument(parser)
+    assert parser.parse_args([]).backend == "auto"
+    assert parser.parse_args(["--backend", "gpu"]).backend == "gpu"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--backend", "tpu"])
+
+
+def test_real_gpu_needs_cupy(monkeypatch):
+    """Without an importable CuPy there is no real GPU backend."""
+    backend._real_gpu.cache_clear()
+    monkeypatch.setitem(sys.modules, "cupy", None)          # import cupy -> ImportError
+    try:
+        assert backend._real_gpu() is False
+    finally:
+        backend._real_gpu.cache_clear()
+
+
+@pytest.mark.parametrize("import_numba_first", [False, True])
+def test_force_cudasim_env_makes_the_gpu_path_available(import_numba_first):
+    code = ("import numba, numpy\n" if import_numba_first else "") + (
+        "from isle_fast import backend\n"
+        "k = backend.get_kernels('auto')\n"
+        "print(backend.resolve_backend('auto'), backend.simulator_enabled(), k.__name__, k.SIMULATOR,\n"
+        "      backend.describe_backend('gpu'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["ISLE_FORCE_CUDASIM"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[:4] == ["gpu", "True", "isle_fast.kernels.gpu", "True"], out.stdout
+    assert "simulator" in out.stdout

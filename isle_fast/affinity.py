@@ -690,8 +690,10 @@ class AffinityNetRefinement(Refinement):
         epochs = self.train_kw["epochs"]
         if os.path.exists(path):
             ck = _load_checkpoint(path)
-            done = int(ck.get("epoch", 0)) >= int(ck.get("config", {}).get("epochs", epochs))
-            if done or not self.train:
+            ck_epochs = int(ck.get("config", {}).get("epochs", epochs))
+            finished = int(ck.get("epoch", 0)) >= ck_epochs
+            extend = context.resume and self.train and epochs > int(ck.get("epoch", 0))
+            if (finished and not extend) or not self.train:
                 self.model = load_affinity(path, dev)
                 return
             if not context.resume:

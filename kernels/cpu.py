@@ -1,0 +1,848 @@
+"""CPU kernels (Numba) for ISLE steps 2 and 3: confusion counting, score decode, merge.
+
+Same names and semantics as :mod:`isle_fast.kernels.gpu`; the contract is
+``notes/KERNEL_API.md`` and the plain NumPy references are ``tests/reference.py``.
+Counts are exact ``int64``; nothing here touches files, Zarr or Dask.
+
+Conventions
+-----------
+* ``C = num_classes`` (background 0). A gt value ``>= C`` (255) is ignored; a
+  set label ``>= C`` is an abstention (column ``C`` of the confusion matrix).
+* Scores may be ``uint8``, ``float16`` or ``float32``; decode is argmax over
+  the last axis, first index wins ties. ``bg_threshold >= 0`` replaces the
+  background slice by the threshold *as stored in the scores' dtype*
+  (``uint8``: clipped to [0, 255] and truncated, which compares exactly like
+  the real value against integer scores; floats: rounded to nearest). NaN
+  scores are not supported. ``float16`` is handled through its bit pattern
+  (Numba has no CPU float16): the bits are mapped to an order-preserving
+  integer key, with -0 == +0.
+* Inputs are used in place when C-contiguous (``ravel`` views, no copies);
+  a non-contiguous input is copied once.
+
+Performance notes
+-----------------
+* One pass over gt for all N sets (fused), parallel over contiguous pixel
+  chunks with thread-private histograms summed at the end (so the result
+  does not depend on the thread count).
+* Label maps are compared 8 pixels at a time (``uint64`` words): where a set
+  agrees with gt over a whole word (most pixels of real label maps) only the
+  diagonal is counted, with one increment when the word is uniform.
+* ``merge_labels`` reduces each pixel to per-set lookup tables (a claim key
+  ordered by the policy) and copies whole 8-pixel words where all sets agree.
+* ``subset_confusion_labels`` counts the distinct tuples
+  ``(gt, l_1 .. l_N)`` of each chunk in a small open-addressing hash table
+  (run-length first: consecutive equal tuples are one insert) and evaluates
+  every subset's merge on the distinct tuples only: exact, and O(distinct x
+  S x N) instead of O(pixels x S x N). Falls back to a per-pixel evaluation
+  when the packed tuple does not fit 63 bits ((N + 1) * bits(C) > 63).
+* ``subset_confusion_scores`` evaluates each subset per pixel (O(S x C) per
+  pixel, after decoding the N x C scores of the pixel once).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+__all__ = [
+    "SCORE", "ORDER", "IGNORE",
+    "confusion_labels", "confusion_scores", "decode_scores",
+    "merge_labels", "merge_scores",
+    "subset_confusion_labels", "subset_confusion_scores",
+]
+
+SCORE, ORDER, IGNORE = 0, 1, 2
+_POLICIES = (SCORE, ORDER, IGNORE)
+_JIT = dict(parallel=True, nogil=True, cache=True)
+_JIT1 = dict(nogil=True, cache=True)
+
+#: pixels per parallel work item (lower bound); chunks are contiguous pixel ranges
+BLOCK = 1 << 16
+
+
+def _i64(u: int) -> np.int64:
+    """An unsigned 64-bit constant as the int64 with the same bits (Numba keeps int64 arithmetic)."""
+    return np.array([u], np.uint64).view(np.int64)[0]
+
+
+_ONES = _i64(0x0101010101010101)
+_HIGHS = _i64(0x8080808080808080)
+_EMPTY = np.int64(-1)
+_HASH_MUL = _i64(0x9E3779B97F4A7C15)
+
+
+# ----------------------------------------------------------------------------------------------
+# raw loads: the N sets reach the kernels as an int64 array of data addresses, so one compiled
+# kernel serves every N (a tuple of arrays would compile once per N: seconds each)
+# ----------------------------------------------------------------------------------------------
+
+_U8 = np.uint8(0)
+_I64 = np.int64(0)
+
+
+@intrinsic
+def _ld(typingctx, addr, idx, like):
+    """Element ``idx`` of an array of ``type(like)`` starting at integer address ``addr``."""
+    if not isinstance(addr, types.Integer) or not isinstance(idx, types.Integer):
+        return None
+    rt = types.unliteral(like)
+    sig = rt(types.int64, types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        a, i, _ = args
+        vt = context.get_value_type(rt)
+        p = builder.inttoptr(a, vt.as_pointer())
+        return builder.load(builder.gep(p, [i]), align=1)
+
+    return sig, codegen
+
+
+# ----------------------------------------------------------------------------------------------
+# score keys: an order-preserving number for every stored score value
+# ----------------------------------------------------------------------------------------------
+
+def _key(x):  # pragma: no cover - replaced by the overload inside jitted code
+    raise NotImplementedError
+
+
+@overload(_key, inline="always")
+def _key_ol(x):
+    if isinstance(x, types.Integer) and x.bitwidth == 16 and not x.signed:
+        # float16 bit pattern -> int key ordered like the float value (-0 == +0)
+        def impl(x):
+            v = np.int32(x)
+            m = v & 0x7FFF
+            if v & 0x8000:
+                return np.int32(0x8000) - m
+            return np.int32(0x8000) + m
+        return impl
+    if isinstance(x, types.Integer):
+        def impl(x):
+            return np.int32(x)
+        return impl
+    if isinstance(x, types.Float):
+        def impl(x):
+            return x
+        return impl
+    return None
+
+
+def _score_view(a: np.ndarray) -> np.ndarray:
+    """The array Numba sees for a score array (float16 -> its uint16 bits)."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _threshold_raw(bg_threshold: float, dtype: np.dtype):
+    """(use, raw value in the kernel's view dtype) for a background threshold."""
+    dtype = np.dtype(dtype)
+    use = bg_threshold is not None and float(bg_threshold) >= 0
+    if dtype == np.uint8:
+        t = np.uint8(np.floor(np.clip(float(bg_threshold), 0.0, 255.0))) if use else np.uint8(0)
+    elif dtype == np.float16:
+        t = np.float16(bg_threshold if use else 0).view(np.uint16)
+    else:
+        t = np.float32(bg_threshold if use else 0)
+    return use, t
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers (cheap: shapes, dtypes, small tables)
+# ----------------------------------------------------------------------------------------------
+
+def _tuple_of_arrays(sets, name: str = "sets") -> tuple:
+    if isinstance(sets, np.ndarray) or not isinstance(sets, (tuple, list)):
+        raise ValueError(f"{name} must be a tuple or list of arrays, not {type(sets).__name__}")
+    if len(sets) == 0:
+        raise ValueError(f"{name} is empty: need at least one set")
+    out = []
+    for i, s in enumerate(sets):
+        if not isinstance(s, np.ndarray):
+            raise ValueError(f"{name}[{i}] must be a NumPy array, not {type(s).__name__}")
+        out.append(np.ascontiguousarray(s))
+    return tuple(out)
+
+
+def _check_classes(num_classes) -> int:
+    C = int(num_classes)
+    if not 1 <= C <= 255:
+        raise ValueError(f"num_classes must be in [1, 255] (255 is the ignore label), got {num_classes}")
+    return C
+
+
+def _check_gt(gt) -> np.ndarray:
+    if not isinstance(gt, np.ndarray) or gt.dtype != np.uint8:
+        raise ValueError(f"gt must be a uint8 NumPy array, got {getattr(gt, 'dtype', type(gt).__name__)}")
+    return np.ascontiguousarray(gt)
+
+
+def _check_label_sets(sets, shape) -> tuple:
+    sets = _tuple_of_arrays(sets)
+    for i, s in enumerate(sets):
+        if s.dtype != np.uint8:
+            raise ValueError(f"sets[{i}] must be uint8 labels, got dtype {s.dtype}")
+        if s.shape != shape:
+            raise ValueError(f"sets[{i}] has shape {s.shape}, expected {shape}")
+    return sets
+
+
+def _check_score_sets(sets, shape, C) -> tuple:
+    sets = _tuple_of_arrays(sets)
+    dt = sets[0].dtype
+    if dt not in (np.uint8, np.float16, np.float32):
+        raise ValueError(f"score sets must be uint8, float16 or float32, got {dt}")
+    for i, s in enumerate(sets):
+        if s.dtype != dt:
+            raise ValueError(f"sets[{i}] has dtype {s.dtype}, but sets[0] has {dt} (all must match)")
+        want = sets[0].shape if shape is None else shape + (C,)
+        if s.shape != want:
+            raise ValueError(f"sets[{i}] has shape {s.shape}, expected {want}")
+    return sets
+
+
+def _check_policy(policy) -> int:
+    p = int(policy)
+    if p not in _POLICIES:
+        raise ValueError(f"policy must be SCORE (0), ORDER (1) or IGNORE (2), got {policy}")
+    return p
+
+
+def _check_selection(selection, C: int, N: int, first: int, name: str = "selection") -> np.ndarray:
+    sel = np.asarray(selection, dtype=np.int64).reshape(-1)
+    if sel.shape != (C,):
+        raise ValueError(f"{name} must have one entry per class ({C}), got shape {np.shape(selection)}")
+    if C > first and (sel[first:].min() < 0 or sel[first:].max() >= N):
+        raise ValueError(f"{name} points outside the {N} sets: {sel.tolist()}")
+    return sel
+
+
+def _nchunks(npix: int) -> int:
+    return int(max(1, min(numba.get_num_threads(), -(-npix // BLOCK))))
+
+
+def _addrs(arrays: tuple) -> np.ndarray:
+    """Data addresses of C-contiguous arrays (the caller keeps the arrays alive during the call)."""
+    return np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# confusion of label maps
+# ----------------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _confusion_labels_kernel(g, gaddr, ptrs, C, nchunks):  # pragma: no cover - jitted
+    N = ptrs.size
+    npix = g.size
+    nw = npix // 8
+    hist = np.zeros((nchunks, N, C + 1, 256), np.int64)
+    rowmap = np.empty(256, np.int64)
+    for v in range(256):
+        rowmap[v] = min(v, C)
+    per = (nw + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        h = hist[k]
+        for i in range(k * per, min(nw, (k + 1) * per)):
+            gw = _ld(gaddr, i, _I64)
+            uniform = gw == (gw & 0xFF) * _ONES
+            for n in range(N):
+                a = ptrs[n]
+                if _ld(a, i, _I64) == gw:
+                    if uniform:
+                        v = gw & 0xFF
+                        h[n, rowmap[v], v] += 8
+                    else:
+                        for j in range(i * 8, i * 8 + 8):
+                            v = g[j]
+                            h[n, rowmap[v], v] += 1
+                else:
+                    for j in range(i * 8, i * 8 + 8):
+                        h[n, rowmap[g[j]], _ld(a, j, _U8)] += 1
+        if k == nchunks - 1:  # the tail bytes after the last full word
+            for j in range(nw * 8, npix):
+                for n in range(N):
+                    h[n, rowmap[g[j]], _ld(ptrs[n], j, _U8)] += 1
+    return hist
+
+
+def _fold_columns(hist: np.ndarray, C: int) -> np.ndarray:
+    """(chunks, N, C + 1, 256) raw histograms -> (N, C, C + 1): rows >= C dropped, cols >= C summed."""
+    out = np.empty(hist.shape[1:2] + (C, C + 1), np.int64)
+    out[:, :, :C] = hist[:, :, :C, :C].sum(axis=0)
+    out[:, :, C] = hist[:, :, :C, C:].sum(axis=(0, 3))
+    return out
+
+
+def confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Fused confusion counts of N label sets against gt in one pass.
+
+    Parameters
+    ----------
+    gt : ndarray of uint8, any shape
+        Ground truth; values ``>= num_classes`` (255) are ignored.
+    sets : tuple of N ndarrays of uint8, each ``gt.shape``
+        Predicted labels; values ``>= num_classes`` are abstentions (column C).
+    num_classes : int
+        C, background included (1..255).
+
+    Returns
+    -------
+    ndarray of int64, shape (N, C, C + 1)
+        ``out[n, t, p]`` = number of pixels with ``gt == t`` and ``sets[n] == p``.
+    """
+    C = _check_classes(num_classes)
+    gt = _check_gt(gt)
+    sets = _check_label_sets(sets, gt.shape)
+    g = gt.reshape(-1)
+    hist = _confusion_labels_kernel(g, _addrs((g,))[0], _addrs(sets), C, _nchunks(g.size))
+    return _fold_columns(hist, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# score decode and confusion of score stacks
+# ----------------------------------------------------------------------------------------------
+
+@njit(inline="always", **_JIT1)
+def _argmax_at(addr, base, C, use_thr, thr):  # pragma: no cover - jitted
+    """Decoded label of the C scores at element offset ``base`` of the array at ``addr``."""
+    best = _key(thr) if use_thr else _key(_ld(addr, base, thr))
+    bi = 0
+    for c in range(1, C):
+        v = _key(_ld(addr, base + c, thr))
+        if v > best:
+            best = v
+            bi = c
+    return bi
+
+
+@njit(**_JIT)
+def _decode_kernel(addr, npix, C, use_thr, thr, nchunks):  # pragma: no cover - jitted
+    out = np.empty(npix, np.uint8)
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        for i in range(k * per, min(npix, (k + 1) * per)):
+            out[i] = _argmax_at(addr, i * C, C, use_thr, thr)
+    return out
+
+
+def decode_scores(scores: np.ndarray, bg_threshold: float = -1.0) -> np.ndarray:
+    """Hard labels from a score stack: argmax over the last axis (first index wins ties).
+
+    Parameters
+    ----------
+    scores : ndarray (..., C) of uint8, float16 or float32
+    bg_threshold : float
+        If ``>= 0`` the background slice (index 0) is replaced by this value, in
+        the stored units, cast to the scores' dtype (see module notes).
+
+    Returns
+    -------
+    ndarray of uint8, shape ``scores.shape[:-1]``
+    """
+    (s,) = _check_score_sets((scores,), None, None)
+    if s.ndim < 1 or not 1 <= s.shape[-1] <= 255:
+        raise ValueError(f"scores must have a last (class) axis of length 1..255, got shape {s.shape}")
+    C = s.shape[-1]
+    use, thr = _threshold_raw(bg_threshold, s.dtype)
+    npix = s.size // C
+    out = _decode_kernel(_addrs((s,))[0], npix, C, use, thr, _nchunks(npix))
+    return out.reshape(s.shape[:-1])
+
+
+@njit(**_JIT)
+def _confusion_scores_kernel(g, ptrs, C, use_thr, thr, nchunks):  # pragma: no cover - jitted
+    N = ptrs.size
+    npix = g.size
+    hist = np.zeros((nchunks, N, C, C + 1), np.int64)
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        h = hist[k]
+        for i in range(k * per, min(npix, (k + 1) * per)):
+            t = g[i]
+            if t >= C:
+                continue
+            for n in range(N):
+                h[n, t, _argmax_at(ptrs[n], i * C, C, use_thr, thr)] += 1
+    return hist
+
+
+def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int,
+                     bg_threshold: float = -1.0) -> np.ndarray:
+    """Fused confusion counts of N score stacks (decoded by argmax) against gt.
+
+    Parameters
+    ----------
+    gt : ndarray of uint8
+    sets : tuple of N ndarrays ``gt.shape + (C,)``, all uint8, float16 or float32
+    num_classes : int
+    bg_threshold : float
+        See :func:`decode_scores`.
+
+    Returns
+    -------
+    ndarray of int64, shape (N, C, C + 1); column C is 0 (scores never abstain).
+    """
+    C = _check_classes(num_classes)
+    gt = _check_gt(gt)
+    sets = _check_score_sets(sets, gt.shape, C)
+    use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
+    g = gt.reshape(-1)
+    hist = _confusion_scores_kernel(g, _addrs(sets), C, use, thr, _nchunks(g.size))
+    return hist.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge of label maps (Algorithm 3)
+# ----------------------------------------------------------------------------------------------
+
+def _merge_tables(selection: np.ndarray, priority: np.ndarray, member: np.ndarray, policy: int,
+                  C: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup tables reducing a pixel to the max over sets of a per-set key.
+
+    ``key[n, v]``: 0 = set n abstains (v >= C) or is not a member, 1 = no claim,
+    ``2 + r`` = set n claims class v with rank r (the higher rank wins under the policy).
+    ``lab[k]``: the merged label for a maximal key k (0 -> 255, 1 -> 0).
+    """
+    N = member.size
+    classes = np.arange(1, C)
+    owner = selection[1:]
+    if policy == SCORE:   # higher priority wins; ties -> lower class: ranks ascend in (priority, -class)
+        order = np.lexsort((-classes, priority[owner, classes]))
+    elif policy == ORDER:  # lower set index wins (a set claims one class per pixel)
+        order = np.lexsort((-classes, -owner))
+    else:
+        order = np.arange(C - 1)
+    rank = np.empty(C, np.int64)
+    rank[classes[order]] = np.arange(C - 1)
+    key = np.zeros((N, 256), np.uint8)
+    lab = np.zeros(256, np.uint8)
+    lab[0] = 255
+    lab[1] = 0
+    lab[2 + rank[classes]] = classes
+    for n in range(N):
+        if not member[n]:
+            continue
+        key[n, :C] = 1
+        mine = classes[owner == n]
+        key[n, mine] = 2 + rank[mine]
+    return key, lab
+
+
+@njit(inline="always", **_JIT1)
+def _merge_pixel(ptrs, j, key, lab, ignore):  # pragma: no cover - jitted
+    m = 0
+    cnt = 0
+    for n in range(ptrs.size):
+        kk = key[n, _ld(ptrs[n], j, _U8)]
+        m = max(m, kk)
+        cnt += kk >= 2
+    return np.uint8(255) if (ignore and cnt >= 2) else lab[m]
+
+
+@njit(**_JIT)
+def _merge_labels_kernel(ptrs, npix, key, lab, ignore, fast, nchunks):  # pragma: no cover
+    N = ptrs.size
+    nw = npix // 8
+    out = np.empty(npix, np.uint8)
+    out64 = out[: nw * 8].view(np.int64)
+    per = (nw + nchunks - 1) // nchunks
+    a0 = ptrs[0]
+    for k in prange(nchunks):
+        for i in range(k * per, min(nw, (k + 1) * per)):
+            w = _ld(a0, i, _I64)
+            same = fast >= 0
+            if same:
+                for n in range(1, N):
+                    if _ld(ptrs[n], i, _I64) != w:
+                        same = False
+                        break
+                if same and (((w + fast) | w) & _HIGHS) != 0:
+                    same = False  # some byte >= C: not a plain copy
+            if same:
+                out64[i] = w
+            else:
+                for j in range(i * 8, i * 8 + 8):
+                    out[j] = _merge_pixel(ptrs, j, key, lab, ignore)
+        if k == nchunks - 1:
+            for j in range(nw * 8, npix):
+                out[j] = _merge_pixel(ptrs, j, key, lab, ignore)
+    return out
+
+
+def _fast_add(C: int) -> int:
+    """SWAR constant: ``((w + add) | w) & 0x80..80 != 0`` iff some byte of word w is >= C (C <= 128).
+
+    -1 disables the all-sets-agree word copy (C > 128).
+    """
+    if C > 128:
+        return -1
+    return int((127 - (C - 1)) * int(_ONES))
+
+
+def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np.ndarray,
+                 policy: int) -> np.ndarray:
+    """Algorithm 3 on label maps: class c comes from set ``selection[c]``.
+
+    Parameters
+    ----------
+    sets : tuple of N uint8 arrays of one shape
+    selection : int64 (C,)
+        ``selection[c]`` = set chosen for class c (c >= 1); ``selection[0]`` unused.
+    priority : float64 (N, C)
+        Rank of set n's claim on class c under SCORE (higher wins, ties -> lower class).
+    policy : int
+        SCORE, ORDER (lowest set index wins) or IGNORE (255 where >= 2 classes claim).
+
+    Returns
+    -------
+    ndarray of uint8, the shape of ``sets[0]``: the claimed class; 0 where no chosen
+    slice claims the pixel; 255 where every set abstains (or IGNORE conflicts).
+    """
+    sets = _tuple_of_arrays(sets)
+    sets = _check_label_sets(sets, sets[0].shape)
+    N = len(sets)
+    C = _check_classes(len(np.asarray(selection).reshape(-1)))
+    sel = _check_selection(selection, C, N, 1)
+    pol = _check_policy(policy)
+    pri = np.asarray(priority, dtype=np.float64)
+    if pri.shape != (N, C):
+        raise ValueError(f"priority must have shape (N, C) = ({N}, {C}), got {pri.shape}")
+    key, lab = _merge_tables(sel, pri, np.ones(N, bool), pol, C)
+    npix = sets[0].size
+    out = _merge_labels_kernel(_addrs(sets), npix, key, lab, pol == IGNORE, _fast_add(C), _nchunks(npix))
+    return out.reshape(sets[0].shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge of score stacks
+# ----------------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _merge_scores_kernel(ptrs, sel, policy, use_thr, thr, labels, merged, nchunks):  # pragma: no cover
+    npix, C = merged.shape
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        for i in range(k * per, min(npix, (k + 1) * per)):
+            base = i * C
+            r0 = thr if use_thr else _ld(ptrs[sel[0]], base, thr)
+            merged[i, 0] = r0
+            bg = _key(r0)
+            best = 0
+            bestv = bg
+            bestn = 1 << 30
+            cnt = 0
+            for c in range(1, C):
+                n = sel[c]
+                r = _ld(ptrs[n], base + c, thr)
+                merged[i, c] = r
+                v = _key(r)
+                if v > bg:
+                    cnt += 1
+                    if policy == SCORE:
+                        if v > bestv:
+                            bestv = v
+                            best = c
+                    elif policy == ORDER:
+                        if n < bestn:
+                            bestn = n
+                            best = c
+                    elif cnt == 1:
+                        best = c
+            labels[i] = 255 if (policy == IGNORE and cnt >= 2) else best
+
+
+def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,
+                 bg_threshold: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 3 on score stacks: slice c of the result is slice c of set ``selection[c]``.
+
+    Parameters
+    ----------
+    sets : tuple of N arrays (..., C), all uint8, float16 or float32
+    selection : int64 (C,)
+        Set chosen for every class, including ``selection[0]`` (the background slice).
+    policy : int
+        SCORE (argmax of the merged stack), ORDER (lowest ``selection[c]`` among the
+        claiming classes, ties lower c) or IGNORE (255 where >= 2 classes claim).
+    bg_threshold : float
+        If ``>= 0`` the merged background slice is this value (cast to the dtype).
+
+    Returns
+    -------
+    labels : uint8 array ``sets[0].shape[:-1]``
+    merged : array ``sets[0].shape`` in the sets' dtype
+    """
+    sets = _check_score_sets(sets, None, None)
+    shape = sets[0].shape
+    if len(shape) < 1 or not 1 <= shape[-1] <= 255:
+        raise ValueError(f"score sets need a last (class) axis of length 1..255, got shape {shape}")
+    C = shape[-1]
+    sel = _check_selection(selection, C, len(sets), 0)
+    pol = _check_policy(policy)
+    use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
+    npix = sets[0].size // C
+    merged = np.empty(shape, sets[0].dtype)
+    labels = np.empty(shape[:-1], np.uint8)
+    _merge_scores_kernel(_addrs(sets), sel, pol, use, thr, labels.reshape(-1),
+                         _score_view(merged).reshape(npix, C), _nchunks(npix))
+    return labels, merged
+
+
+# ----------------------------------------------------------------------------------------------
+# every-subset analysis
+# ----------------------------------------------------------------------------------------------
+
+def _check_subsets(selections, members, N: int, C: int, first: int) -> tuple[np.ndarray, np.ndarray]:
+    sels = np.asarray(selections, dtype=np.int64)
+    mem = np.asarray(members).astype(bool)
+    if sels.ndim != 2 or sels.shape[1] != C:
+        raise ValueError(f"selections must have shape (S, {C}), got {sels.shape}")
+    if mem.shape != (sels.shape[0], N):
+        raise ValueError(f"members must have shape (S, N) = ({sels.shape[0]}, {N}), got {mem.shape}")
+    for s in range(sels.shape[0]):
+        if not mem[s].any():
+            raise ValueError(f"subset {s} has no member set")
+        sel = sels[s, first:]
+        if sel.size and (sel.min() < 0 or sel.max() >= N or not mem[s, sel].all()):
+            raise ValueError(f"selections[{s}] points at sets outside subset {s}: {sels[s].tolist()}")
+    return sels, mem
+
+
+@njit(**_JIT1)
+def _eval_tuple(vals, s, key, lab, ignore):  # pragma: no cover - jitted
+    """Merged label of subset s for the (remapped, <= C) set labels ``vals``."""
+    m = 0
+    cnt = 0
+    for n in range(vals.size):
+        kk = key[s, n, vals[n]]
+        m = max(m, kk)
+        cnt += kk >= 2
+    return 255 if (ignore and cnt >= 2) else lab[s, m]
+
+
+@njit(**_JIT1)
+def _flush(keys, cnts, used, nused, out, key, lab, ignore, C, bits, N):  # pragma: no cover
+    """Evaluate every subset on the distinct tuples in the table, add their counts, clear it."""
+    S = key.shape[0]
+    mask = (1 << bits) - 1
+    vals = np.empty(N, np.int64)
+    for u in range(nused):
+        slot = used[u]
+        kk = keys[slot]
+        c = cnts[slot]
+        keys[slot] = _EMPTY
+        cnts[slot] = 0
+        t = kk & mask
+        for n in range(N):
+            vals[n] = (kk >> (bits * (n + 1))) & mask
+        for s in range(S):
+            lv = _eval_tuple(vals, s, key, lab, ignore)
+            out[s, t, min(lv, C)] += c
+
+
+@njit(**_JIT)
+def _subset_labels_hash_kernel(g, ptrs, key, lab, ignore, C, bits, nchunks):  # pragma: no cover
+    N = ptrs.size
+    S = key.shape[0]
+    npix = g.size
+    out = np.zeros((nchunks, S, C, C + 1), np.int64)
+    remap = np.empty(256, np.int64)
+    for v in range(256):
+        remap[v] = min(v, C)
+    per = (npix + nchunks - 1) // nchunks
+    logcap = 12
+    cap = 1 << logcap
+    for k in prange(nchunks):
+        keys = np.full(cap, _EMPTY, np.int64)
+        cnts = np.zeros(cap, np.int64)
+        used = np.empty(cap // 2, np.int64)
+        nused = 0
+        prev = _EMPTY
+        run = 0
+        end = min(npix, (k + 1) * per)
+        for i in range(k * per, end + 1):
+            if i < end:
+                t = g[i]
+                if t >= C:
+                    continue
+                kk = np.int64(t)
+                for n in range(N):
+                    kk |= remap[_ld(ptrs[n], i, _U8)] << (bits * (n + 1))
+                if kk == prev:
+                    run += 1
+                    continue
+            else:
+                kk = _EMPTY
+            if run > 0:  # insert the finished run (prev, run)
+                h = ((prev * _HASH_MUL) >> (64 - logcap)) & (cap - 1)
+                while keys[h] != _EMPTY and keys[h] != prev:
+                    h = (h + 1) & (cap - 1)
+                if keys[h] == _EMPTY:
+                    if nused == cap // 2:   # table half full: evaluate and clear it
+                        _flush(keys, cnts, used, nused, out[k], key, lab, ignore, C, bits, N)
+                        nused = 0
+                        h = ((prev * _HASH_MUL) >> (64 - logcap)) & (cap - 1)
+                    keys[h] = prev
+                    used[nused] = h
+                    nused += 1
+                cnts[h] += run
+            prev = kk
+            run = 1
+        _flush(keys, cnts, used, nused, out[k], key, lab, ignore, C, bits, N)
+    return out
+
+
+@njit(**_JIT)
+def _subset_labels_direct_kernel(g, ptrs, key, lab, ignore, C, nchunks):  # pragma: no cover
+    N = ptrs.size
+    S = key.shape[0]
+    npix = g.size
+    out = np.zeros((nchunks, S, C, C + 1), np.int64)
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        vals = np.empty(N, np.int64)
+        for i in range(k * per, min(npix, (k + 1) * per)):
+            t = g[i]
+            if t >= C:
+                continue
+            for n in range(N):
+                vals[n] = min(_ld(ptrs[n], i, _U8), C)
+            for s in range(S):
+                out[k, s, t, min(_eval_tuple(vals, s, key, lab, ignore), C)] += 1
+    return out
+
+
+def subset_confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], selections: np.ndarray,
+                            members: np.ndarray, priority: np.ndarray, policy: int,
+                            num_classes: int, *, method: str = "auto") -> np.ndarray:
+    """Confusion of the label merge of every subset of sets, in one pass over the data.
+
+    Parameters
+    ----------
+    gt : uint8 array
+    sets : tuple of N uint8 arrays ``gt.shape``
+    selections : int64 (S, C)
+        Selection of subset s (entries c >= 1 must be member sets; entry 0 unused).
+    members : bool (S, N)
+        Which sets belong to subset s (at least one each).
+    priority : float64 (N, C)
+        As in :func:`merge_labels`.
+    policy : int
+    num_classes : int
+    method : {"auto", "hash", "direct"}
+        CPU-only extra: "hash" counts distinct (gt, l_1..l_N) tuples and evaluates the
+        subsets on them (needs (N + 1) * bits(C) <= 63); "direct" evaluates every subset at
+        every pixel; "auto" picks "hash" when it fits. Same result either way.
+
+    Returns
+    -------
+    ndarray of int64 (S, C, C + 1): ``out[s]`` is the confusion of
+    ``merge_labels`` restricted to subset s (merged 255 -> column C).
+    """
+    C = _check_classes(num_classes)
+    gt = _check_gt(gt)
+    sets = _check_label_sets(sets, gt.shape)
+    N = len(sets)
+    sels, mem = _check_subsets(selections, members, N, C, 1)
+    pol = _check_policy(policy)
+    pri = np.asarray(priority, dtype=np.float64)
+    if pri.shape != (N, C):
+        raise ValueError(f"priority must have shape (N, C) = ({N}, {C}), got {pri.shape}")
+    if method not in ("auto", "hash", "direct"):
+        raise ValueError(f"method must be 'auto', 'hash' or 'direct', got {method!r}")
+    S = sels.shape[0]
+    key = np.zeros((S, N, 256), np.uint8)
+    lab = np.zeros((S, 256), np.uint8)
+    for s in range(S):
+        key[s], lab[s] = _merge_tables(sels[s], pri, mem[s], pol, C)  # key[s, :, C] = 0: abstains
+    g = gt.reshape(-1)
+    ptrs = _addrs(sets)
+    bits = int(C).bit_length()
+    fits = (N + 1) * bits <= 63
+    if method == "hash" and not fits:
+        raise ValueError(f"method='hash' needs (N + 1) * {bits} <= 63 bits, N = {N}")
+    if method != "direct" and fits:
+        out = _subset_labels_hash_kernel(g, ptrs, key, lab, pol == IGNORE, C, bits, _nchunks(g.size))
+    else:
+        out = _subset_labels_direct_kernel(g, ptrs, key, lab, pol == IGNORE, C, _nchunks(g.size))
+    return out.sum(axis=0)
+
+
+@njit(**_JIT)
+def _subset_scores_kernel(g, ptrs, C, sels, policy, use_thr, thr, nchunks):  # pragma: no cover
+    N = ptrs.size
+    npix = g.size
+    S = sels.shape[0]
+    out = np.zeros((nchunks, S, C, C + 1), np.int64)
+    per = (npix + nchunks - 1) // nchunks
+    thr_key = np.float64(_key(thr))
+    for k in prange(nchunks):
+        vals = np.empty((N, C), np.float64)
+        for i in range(k * per, min(npix, (k + 1) * per)):
+            t = g[i]
+            if t >= C:
+                continue
+            for n in range(N):
+                a = ptrs[n]
+                for c in range(C):
+                    vals[n, c] = _key(_ld(a, i * C + c, thr))
+            for s in range(S):
+                bg = thr_key if use_thr else vals[sels[s, 0], 0]
+                best = 0
+                bestv = bg
+                bestn = 1 << 30
+                cnt = 0
+                for c in range(1, C):
+                    n = sels[s, c]
+                    v = vals[n, c]
+                    if v > bg:
+                        cnt += 1
+                        if policy == SCORE:
+                            if v > bestv:
+                                bestv = v
+                                best = c
+                        elif policy == ORDER:
+                            if n < bestn:
+                                bestn = n
+                                best = c
+                        elif cnt == 1:
+                            best = c
+                if policy == IGNORE and cnt >= 2:
+                    out[k, s, t, C] += 1
+                else:
+                    out[k, s, t, best] += 1
+    return out
+
+
+def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selections: np.ndarray,
+                            members: np.ndarray, policy: int, num_classes: int,
+                            bg_threshold: float = -1.0) -> np.ndarray:
+    """Confusion of the score merge of every subset of sets, in one pass over the data.
+
+    Parameters
+    ----------
+    gt : uint8 array
+    sets : tuple of N score arrays ``gt.shape + (C,)``
+    selections : int64 (S, C)
+        Selection of subset s, ``selections[s, 0]`` = its background set (all member sets).
+    members : bool (S, N)
+    policy : int
+    num_classes : int
+    bg_threshold : float
+
+    Returns
+    -------
+    ndarray of int64 (S, C, C + 1): ``out[s]`` = confusion of ``merge_scores`` over subset s
+    (IGNORE conflicts, 255, are counted in column C).
+    """
+    C = _check_classes(num_classes)
+    gt = _check_gt(gt)
+    sets = _check_score_sets(sets, gt.shape, C)
+    N = len(sets)
+    sels, _ = _check_subsets(selections, members, N, C, 0)
+    pol = _check_policy(policy)
+    use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
+    g = gt.reshape(-1)
+    out = _subset_scores_kernel(g, _addrs(sets), C, sels, pol, use, thr, _nchunks(g.size))
+    return out.sum(axis=0)

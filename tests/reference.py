@@ -1,0 +1,183 @@
+"""Plain NumPy reference implementations of the kernel API (``notes/KERNEL_API.md``).
+
+These are written to be obviously correct, not fast: every backend
+(:mod:`isle_fast.kernels.cpu`, :mod:`isle_fast.kernels.gpu`) is compared
+against them on random inputs, and the counts must be EQUAL.
+
+Conventions (identical in every backend)
+-----------------------------------------
+* ``C = num_classes``, background is class 0, 255 is ignore / abstain / padding.
+* Any gt value ``>= C`` is ignored; any set label ``>= C`` is an abstention
+  (counted in column ``C`` of the confusion matrix).
+* Score decode is ``argmax`` over the last axis, the first index wins ties.
+* ``bg_threshold >= 0`` replaces the background slice by the threshold *as it
+  would be stored in the scores' dtype* (see :func:`threshold_value`): for
+  ``uint8`` scores the threshold is clipped to [0, 255] and truncated (which
+  compares exactly like the real-valued threshold against integer scores); for
+  ``float16`` / ``float32`` it is rounded to the nearest representable value.
+  This makes ``decode_scores(merged)`` of a thresholded :func:`merge_scores`
+  equal its labels.
+* NaN scores are not supported (undefined result).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+SCORE, ORDER, IGNORE = 0, 1, 2
+
+__all__ = [
+    "SCORE", "ORDER", "IGNORE", "threshold_value",
+    "confusion_labels", "confusion_scores", "decode_scores",
+    "merge_labels", "merge_scores",
+    "subset_confusion_labels", "subset_confusion_scores",
+]
+
+
+def threshold_value(bg_threshold: float, dtype: np.dtype) -> np.generic:
+    """The background threshold as a value of the scores' dtype."""
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return np.uint8(np.floor(np.clip(float(bg_threshold), 0.0, 255.0)))
+    return dtype.type(bg_threshold)
+
+
+def confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """``out[n, t, p]`` = #pixels with ``gt == t`` (< C) and ``sets[n] == p``; p >= C -> column C."""
+    C = int(num_classes)
+    g = np.asarray(gt).ravel().astype(np.int64)
+    valid = g < C
+    out = np.zeros((len(sets), C, C + 1), np.int64)
+    for n, s in enumerate(sets):
+        assert s.shape == gt.shape
+        p = np.asarray(s).ravel().astype(np.int64)
+        p = np.where(p < C, p, C)
+        out[n] = np.bincount(g[valid] * (C + 1) + p[valid], minlength=C * (C + 1)).reshape(C, C + 1)
+    return out
+
+
+def decode_scores(scores: np.ndarray, bg_threshold: float = -1.0) -> np.ndarray:
+    """argmax over the last axis (first index wins ties), background replaced by the threshold."""
+    s = np.asarray(scores)
+    if bg_threshold >= 0:
+        s = s.copy()
+        s[..., 0] = threshold_value(bg_threshold, s.dtype)
+    return np.argmax(s, axis=-1).astype(np.uint8)
+
+
+def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int,
+                     bg_threshold: float = -1.0) -> np.ndarray:
+    """Confusion of the decoded score sets (column C stays 0)."""
+    for s in sets:
+        assert s.shape == gt.shape + (num_classes,)
+    return confusion_labels(gt, [decode_scores(s, bg_threshold) for s in sets], num_classes)
+
+
+def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np.ndarray,
+                 policy: int) -> np.ndarray:
+    """Algorithm 3 on label maps (one claim per chosen (set, class) slice; see KERNEL_API.md)."""
+    C = len(selection)
+    shape = sets[0].shape
+    best = np.zeros(shape, np.int64)              # winning class so far (0 = none yet)
+    have = np.zeros(shape, bool)                  # some claim seen
+    count = np.zeros(shape, np.int64)             # number of claims
+    best_key = np.zeros(shape, np.float64)        # priority (SCORE) or set index (ORDER) of `best`
+    for l in range(1, C):                         # ascending class index -> ties keep the lower class
+        n = int(selection[l])
+        claim = sets[n] == l
+        count += claim
+        if policy == SCORE:
+            key = float(priority[n, l])
+            better = claim & (~have | (key > best_key))
+        elif policy == ORDER:
+            key = float(n)
+            better = claim & (~have | (key < best_key))
+        else:
+            key = 0.0
+            better = claim & ~have
+        best = np.where(better, l, best)
+        best_key = np.where(better, key, best_key)
+        have |= claim
+    all_abstain = np.ones(shape, bool)
+    for s in sets:
+        all_abstain &= s >= C
+    out = np.where(all_abstain, 255, 0)
+    out = np.where(have, best, out)
+    if policy == IGNORE:
+        out = np.where(count >= 2, 255, out)
+    return out.astype(np.uint8)
+
+
+def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,
+                 bg_threshold: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 3 on score stacks: copy slice c from set selection[c]; decode by policy."""
+    C = sets[0].shape[-1]
+    assert len(selection) == C
+    merged = np.empty(sets[0].shape, sets[0].dtype)
+    for c in range(C):
+        merged[..., c] = sets[int(selection[c])][..., c]
+    if bg_threshold >= 0:
+        merged[..., 0] = threshold_value(bg_threshold, merged.dtype)
+    shape = merged.shape[:-1]
+    bg = merged[..., 0]
+    best = np.zeros(shape, np.int64)
+    have = np.zeros(shape, bool)
+    count = np.zeros(shape, np.int64)
+    for c in range(1, C):
+        claim = merged[..., c] > bg
+        count += claim
+        if policy == SCORE:
+            better = claim & (~have | (merged[..., c] > _take(merged, best)))
+        elif policy == ORDER:
+            better = claim & (~have | (int(selection[c]) < np.asarray(selection)[best]))
+        else:
+            better = claim & ~have
+        best = np.where(better, c, best)
+        have |= claim
+    labels = best
+    if policy == IGNORE:
+        labels = np.where(count >= 2, 255, labels)
+    return labels.astype(np.uint8), merged
+
+
+def _take(merged: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """merged[..., idx] per pixel."""
+    return np.take_along_axis(merged, idx[..., None], axis=-1)[..., 0]
+
+
+def _subset_args(sets, selections, members, s, first=1):
+    idx = np.flatnonzero(np.asarray(members[s]).astype(bool))
+    assert idx.size >= 1, "empty subset"
+    local = {int(g): i for i, g in enumerate(idx)}
+    sel = np.array([local.get(int(v), 0) for v in selections[s]], np.int64)
+    for c in range(first, len(sel)):
+        assert int(selections[s][c]) in local, "selection points outside the subset"
+    return idx, sel
+
+
+def subset_confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], selections: np.ndarray,
+                            members: np.ndarray, priority: np.ndarray, policy: int,
+                            num_classes: int) -> np.ndarray:
+    """Confusion of merge_labels over member sets of every subset s -> (S, C, C+1)."""
+    S = len(selections)
+    out = np.zeros((S, num_classes, num_classes + 1), np.int64)
+    for s in range(S):
+        idx, sel = _subset_args(sets, selections, members, s)
+        merged = merge_labels([sets[i] for i in idx], sel, np.asarray(priority)[idx], policy)
+        out[s] = confusion_labels(gt, [merged], num_classes)[0]
+    return out
+
+
+def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selections: np.ndarray,
+                            members: np.ndarray, policy: int, num_classes: int,
+                            bg_threshold: float = -1.0) -> np.ndarray:
+    """Confusion of merge_scores over member sets of every subset s -> (S, C, C+1)."""
+    S = len(selections)
+    out = np.zeros((S, num_classes, num_classes + 1), np.int64)
+    for s in range(S):
+        idx, sel = _subset_args(sets, selections, members, s, first=0)
+        labels, _ = merge_scores([sets[i] for i in idx], sel, policy, bg_threshold)
+        out[s] = confusion_labels(gt, [labels], num_classes)[0]
+    return out

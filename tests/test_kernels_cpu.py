@@ -1,0 +1,286 @@
+"""The Numba CPU kernels against the plain NumPy references (tests/reference.py): counts EQUAL."""
+
+from __future__ import annotations
+
+import itertools
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from isle_fast.kernels import cpu
+
+from tests import reference as ref
+
+DTYPES = (np.uint8, np.float16, np.float32)
+THRESHOLDS = (-1.0, 0.0, 1.0, 1.5, 2.0, 2.5, 300.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# random inputs that look like label maps (uniform runs, mostly agreeing sets) so that every code
+# path of the kernels (uniform words, agreeing words, per-pixel, tails) is exercised
+# ------------------------------------------------------------------------------------------------
+
+def _shape(rng: np.random.Generator) -> tuple:
+    ndim = int(rng.integers(1, 4))
+    dims = [int(rng.choice([1, 2, 3, 7, 8, 9, 13, 17, 31, 40])) for _ in range(ndim)]
+    return tuple(dims)
+
+
+def _label_map(rng, shape, C, p_ignore):
+    """Blocky class map (runs of equal labels) with some 255."""
+    size = int(np.prod(shape))
+    run = int(rng.choice([1, 3, 8, 16]))
+    base = rng.integers(0, C, -(-size // run))
+    lab = np.repeat(base, run)[:size].astype(np.uint8)
+    lab[rng.random(size) < p_ignore] = 255
+    return lab.reshape(shape)
+
+
+def _label_sets(rng, gt, C, N):
+    """N sets: gt with a random fraction of pixels changed, abstentions 255 and other values >= C."""
+    sets = []
+    for _ in range(N):
+        s = gt.copy().reshape(-1)
+        s[s >= C] = rng.integers(0, C, int((s >= C).sum()))
+        flip = rng.random(s.size) < rng.choice([0.0, 0.05, 0.5, 1.0])
+        s[flip] = rng.integers(0, C, int(flip.sum()))
+        ab = rng.random(s.size) < rng.choice([0.0, 0.1, 0.5])
+        s[ab] = 255
+        if C < 255:
+            other = rng.random(s.size) < 0.02
+            s[other] = rng.integers(C, 256, int(other.sum()))
+        sets.append(s.reshape(gt.shape))
+    return tuple(sets)
+
+
+def _label_case(seed, C=None, N=None, shape=None):
+    rng = np.random.default_rng(seed)
+    C = C or int(rng.integers(2, 31))
+    N = N or int(rng.integers(1, 6))
+    shape = shape or _shape(rng)
+    gt = _label_map(rng, shape, C, rng.choice([0.0, 0.1, 0.6]))
+    return rng, C, N, gt, _label_sets(rng, gt, C, N)
+
+
+def _scores(rng, shape, C, dtype):
+    """Small integer-valued scores (ties happen), negative zeros / negatives for floats."""
+    s = rng.integers(0, 4, shape + (C,)).astype(dtype)
+    if dtype != np.uint8:
+        neg = rng.random(s.shape) < 0.2
+        s[neg] = -s[neg]          # -0.0 included
+        s[rng.random(s.shape) < 0.1] = dtype(0.5)
+    return s
+
+
+def _score_case(seed, N=None):
+    rng = np.random.default_rng(seed)
+    C = int(rng.integers(2, 31))
+    N = N or int(rng.choice([1, 3]))
+    shape = _shape(rng)
+    gt = _label_map(rng, shape, C, rng.choice([0.0, 0.3]))
+    dtype = DTYPES[int(rng.integers(0, 3))]
+    sets = tuple(_scores(rng, shape, C, dtype) for _ in range(N))
+    thr = float(rng.choice(THRESHOLDS))
+    return rng, C, N, gt, sets, thr
+
+
+def _selection(rng, C, N, priority_levels=3):
+    sel = rng.integers(0, N, C).astype(np.int64)
+    pri = rng.integers(0, priority_levels, (N, C)).astype(np.float64)   # ties on purpose
+    return sel, pri
+
+
+def _subsets(rng, C, N, first):
+    """Every non-empty subset (or a random sample of them), selections pointing at members."""
+    allm = [m for m in itertools.product([0, 1], repeat=N) if any(m)]
+    take = rng.permutation(len(allm))[: int(rng.integers(1, len(allm) + 1))]
+    members = np.array([allm[i] for i in take], dtype=bool)
+    sels = np.zeros((len(members), C), np.int64)
+    for s, m in enumerate(members):
+        idx = np.flatnonzero(m)
+        sels[s] = idx[rng.integers(0, idx.size, C)]
+        if first == 1:
+            sels[s, 0] = rng.integers(0, N)     # unused for labels: may point anywhere
+    return sels, members
+
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# confusion
+# ------------------------------------------------------------------------------------------------
+
+@given(seeds)
+def test_confusion_labels_equals_reference(seed):
+    _, C, N, gt, sets = _label_case(seed)
+    got = cpu.confusion_labels(gt, sets, C)
+    assert got.dtype == np.int64 and got.shape == (N, C, C + 1)
+    assert np.array_equal(got, ref.confusion_labels(gt, sets, C))
+
+
+@given(seeds)
+def test_confusion_labels_chunking_does_not_matter(seed):
+    rng, C, N, gt, sets = _label_case(seed)
+    axis = int(rng.integers(0, gt.ndim))
+    cuts = np.sort(rng.integers(0, gt.shape[axis] + 1, int(rng.integers(1, 4))))
+    total = np.zeros((N, C, C + 1), np.int64)
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, gt.shape[axis]]):
+        sl = (slice(None),) * axis + (slice(int(a), int(b)),)
+        total += cpu.confusion_labels(gt[sl], tuple(s[sl] for s in sets), C)   # non-contiguous views
+    assert np.array_equal(total, cpu.confusion_labels(gt, sets, C))
+
+
+@given(seeds)
+def test_confusion_scores_equals_reference(seed):
+    _, C, N, gt, sets, thr = _score_case(seed)
+    got = cpu.confusion_scores(gt, sets, C, thr)
+    assert np.array_equal(got, ref.confusion_scores(gt, sets, C, thr))
+    assert not got[:, :, C].any()
+
+
+@given(seeds)
+def test_decode_scores_equals_reference(seed):
+    _, C, N, gt, sets, thr = _score_case(seed, N=1)
+    got = cpu.decode_scores(sets[0], thr)
+    assert got.dtype == np.uint8 and got.shape == gt.shape
+    assert np.array_equal(got, ref.decode_scores(sets[0], thr))
+
+
+def test_decode_ties_and_threshold_units():
+    s = np.array([[3, 3, 1], [1, 3, 3], [0, 0, 0], [2, 1, 2]], np.uint8)
+    assert cpu.decode_scores(s).tolist() == [0, 1, 0, 0]
+    # threshold 2.5 on uint8: 3 > 2.5 claims, 2 does not; the threshold replaces slice 0
+    assert cpu.decode_scores(s, 2.5).tolist() == [1, 1, 0, 0]
+    h = s.astype(np.float16)
+    h[2] = [-0.0, 0.0, -0.0]
+    assert cpu.decode_scores(h).tolist() == [0, 1, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# merge
+# ------------------------------------------------------------------------------------------------
+
+@given(seeds, st.sampled_from([cpu.SCORE, cpu.ORDER, cpu.IGNORE]))
+def test_merge_labels_equals_reference(seed, policy):
+    rng, C, N, gt, sets = _label_case(seed)
+    sel, pri = _selection(rng, C, N)
+    got = cpu.merge_labels(sets, sel, pri, policy)
+    assert got.dtype == np.uint8 and got.shape == gt.shape
+    assert np.array_equal(got, ref.merge_labels(sets, sel, pri, policy))
+
+
+def test_merge_labels_rules():
+    # two sets, 3 classes; set 0 chosen for class 1, set 1 for class 2
+    a = np.array([1, 1, 2, 0, 255, 255, 1], np.uint8)
+    b = np.array([2, 0, 2, 0, 255, 0, 1], np.uint8)
+    sel = np.array([0, 0, 1])
+    pri = np.array([[0, 5, 0], [0, 0, 7]], float)
+    assert cpu.merge_labels((a, b), sel, pri, cpu.SCORE).tolist() == [2, 1, 2, 0, 255, 0, 1]
+    assert cpu.merge_labels((a, b), sel, pri, cpu.ORDER).tolist() == [1, 1, 2, 0, 255, 0, 1]
+    assert cpu.merge_labels((a, b), sel, pri, cpu.IGNORE).tolist() == [255, 1, 2, 0, 255, 0, 1]
+
+
+@given(seeds, st.sampled_from([cpu.SCORE, cpu.ORDER, cpu.IGNORE]))
+def test_merge_scores_equals_reference(seed, policy):
+    rng, C, N, gt, sets, thr = _score_case(seed)
+    sel = rng.integers(0, N, C).astype(np.int64)
+    labels, merged = cpu.merge_scores(sets, sel, policy, thr)
+    rl, rm = ref.merge_scores(sets, sel, policy, thr)
+    assert merged.dtype == sets[0].dtype and merged.shape == sets[0].shape
+    assert np.array_equal(labels, rl)
+    assert np.array_equal(merged.view(np.uint8), rm.view(np.uint8))    # bit-exact copy
+    if policy == cpu.SCORE:
+        assert np.array_equal(labels, cpu.decode_scores(merged))
+
+
+# ------------------------------------------------------------------------------------------------
+# every-subset analysis
+# ------------------------------------------------------------------------------------------------
+
+@given(seeds, st.sampled_from([cpu.SCORE, cpu.ORDER, cpu.IGNORE]), st.sampled_from(["hash", "direct"]))
+def test_subset_confusion_labels_equals_reference(seed, policy, method):
+    rng, C, N, gt, sets = _label_case(seed)
+    sel, pri = _selection(rng, C, N)
+    sels, members = _subsets(rng, C, N, first=1)
+    got = cpu.subset_confusion_labels(gt, sets, sels, members, pri, policy, C, method=method)
+    assert np.array_equal(got, ref.subset_confusion_labels(gt, sets, sels, members, pri, policy, C))
+
+
+@given(seeds, st.sampled_from([cpu.SCORE, cpu.ORDER, cpu.IGNORE]))
+def test_subset_confusion_scores_equals_reference(seed, policy):
+    rng, C, N, gt, sets, thr = _score_case(seed)
+    sels, members = _subsets(rng, C, N, first=0)
+    got = cpu.subset_confusion_scores(gt, sets, sels, members, policy, C, thr)
+    assert np.array_equal(got, ref.subset_confusion_scores(gt, sets, sels, members, policy, C, thr))
+
+
+def test_subset_of_one_set_equals_confusion():
+    rng, C, N, gt, sets = _label_case(7, C=6, N=3, shape=(9, 31))
+    members = np.eye(N, dtype=bool)
+    sels = np.repeat(np.arange(N)[:, None], C, axis=1)
+    pri = np.zeros((N, C))
+    got = cpu.subset_confusion_labels(gt, sets, sels, members, pri, cpu.SCORE, C)
+    assert np.array_equal(got, cpu.confusion_labels(gt, sets, C))
+
+
+# ------------------------------------------------------------------------------------------------
+# several parallel chunks, hash-table flushes, thread count independence
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_large_inputs_several_chunks(threads):
+    rng = np.random.default_rng(3)
+    C, N = 21, 3
+    gt = _label_map(rng, (3 * cpu.BLOCK + 13,), C, 0.05)
+    sets = _label_sets(rng, gt, C, N)
+    sets = (sets[0], rng.integers(0, 256, gt.shape).astype(np.uint8), sets[2])  # noise: many tuples
+    sel, pri = _selection(rng, C, N)
+    sels, members = _subsets(rng, C, N, first=1)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads or old)
+        assert np.array_equal(cpu.confusion_labels(gt, sets, C), ref.confusion_labels(gt, sets, C))
+        for pol in (cpu.SCORE, cpu.IGNORE):
+            assert np.array_equal(cpu.merge_labels(sets, sel, pri, pol), ref.merge_labels(sets, sel, pri, pol))
+            assert np.array_equal(cpu.subset_confusion_labels(gt, sets, sels, members, pri, pol, C),
+                                  ref.subset_confusion_labels(gt, sets, sels, members, pri, pol, C))
+    finally:
+        numba.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------------------
+# input validation
+# ------------------------------------------------------------------------------------------------
+
+def test_validation_errors():
+    gt = np.zeros((4, 5), np.uint8)
+    good = np.zeros((4, 5), np.uint8)
+    with pytest.raises(ValueError, match=r"sets\[1\] has shape"):
+        cpu.confusion_labels(gt, (good, np.zeros((5, 4), np.uint8)), 3)
+    with pytest.raises(ValueError, match="uint8"):
+        cpu.confusion_labels(gt, (good.astype(np.int32),), 3)
+    with pytest.raises(ValueError, match="tuple or list"):
+        cpu.confusion_labels(gt, good, 3)
+    with pytest.raises(ValueError, match="at least one"):
+        cpu.confusion_labels(gt, (), 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        cpu.confusion_labels(gt, (good,), 256)
+    with pytest.raises(ValueError, match="expected"):
+        cpu.confusion_scores(gt, (np.zeros((4, 5, 2), np.float32),), 3)
+    with pytest.raises(ValueError, match="dtype"):
+        cpu.confusion_scores(gt, (np.zeros((4, 5, 3), np.float32), np.zeros((4, 5, 3), np.uint8)), 3)
+    with pytest.raises(ValueError, match="outside"):
+        cpu.merge_labels((good,), np.array([0, 1, 0]), np.zeros((1, 3)), cpu.SCORE)
+    with pytest.raises(ValueError, match="policy"):
+        cpu.merge_labels((good,), np.array([0, 0, 0]), np.zeros((1, 3)), 3)
+    with pytest.raises(ValueError, match="priority"):
+        cpu.merge_labels((good,), np.array([0, 0, 0]), np.zeros((2, 3)), cpu.SCORE)
+    with pytest.raises(ValueError, match="outside subset"):
+        cpu.subset_confusion_labels(gt, (good, good), np.array([[0, 1, 1]]), np.array([[1, 0]]),
+                                    np.zeros((2, 3)), cpu.SCORE, 3)
+    with pytest.raises(ValueError, match="no member"):
+        cpu.subset_confusion_labels(gt, (good, good), np.array([[0, 1, 1]]), np.array([[0, 0]]),
+                                    np.zeros((2, 3)), cpu.SCORE, 3)

@@ -25,12 +25,13 @@ Ground truth
     in VOC; 1 for images under 120 px). Image borders are not boundaries.
 Hard pseudo-label sets
     For set ``n`` and class ``c`` the caller gives a quality
-    ``q = quality[n, c]`` in [0, 1] (error ``e = 1 - q``). Per object of
-    class ``c``: the object is missed with probability ``0.9 e^2``; otherwise
-    its mask is blurred (sigma ``0.5 e r``, ``r`` the object's radius),
+    ``q = quality[n, c]`` in [0, 1] (error ``e = 1 - q``). Every object of
+    class ``c`` is missed with probability ``0.9 e^2``; the union of the
+    others is blurred (sigma ``0.5 e r``, ``r`` the objects' mean radius),
     perturbed by smooth noise (amplitude ``0.5 e``) and thresholded at
     ``0.5 -/+ 0.4 e`` (each set has a fixed over- or under-segmentation
-    tendency per class); with probability ``0.8 e^2`` a part of it (up to all
+    tendency per class), which erodes or dilates it and roughens its
+    boundary; with probability ``0.8 e^2`` a part of an object (up to all
     of it, more with larger ``e``) is given to another class: another class of
     the same image if there is one (WSSS labels only hold the image's tags),
     else background (or, with ``tags_only=False``, a look-alike class:
@@ -45,15 +46,19 @@ Hard pseudo-label sets
     numbers*: the same uniform draw per object for every set, compared with a
     threshold that grows with ``e``. A set of higher quality therefore never
     misses an object that a set of lower quality keeps, and measured per-class
-    IoU is monotone in quality except for the boundary noise, even on a few
-    dozen images (the tests check this).
+    IoU follows quality even on a few dozen images (the tests check this),
+    up to boundary noise and spill-over of other classes' errors
+    (over-segmentation into a neighbour, confusion). Roughly, on 64 images of
+    120-200 px with one quality for all classes, foreground mIoU is 100, 97,
+    94, 84, 71, 53, 43, 25 % for quality 1.0, 0.9, ..., 0.3.
 Soft sets (CAMs)
     For set ``m`` and each class present in the image, a score map: every
     object of the class is blurred (sigma ``(0.08 + 0.3 e) r``) so scores
     are high inside and fade beyond the boundary, multiplied by a focus on a
-    random discriminative part (exponent ``1.5 e``) and by smooth noise,
-    with weak activations on other objects (confusion, amplitude ``0.6 e``)
-    and false-positive blobs; each map is divided by its maximum, as CAM
+    random discriminative part (exponent ``1.5 e``) and by smooth noise;
+    an object is only weakly activated (x 0.35) with probability ``0.45 e^2``;
+    other objects get weak activations (confusion, amplitude up to ``0.6 e``)
+    and a false-positive bump is added; each map is divided by its maximum, as CAM
     code does. Written as ``{"keys": (K,) int64 foreground class indices
     0-based (key k is class k + 1), "cam": (K, ceil(H/4), ceil(W/4))
     float32 (every 4th pixel, the stride-4 map), "high_res": (K, H, W)
@@ -62,7 +67,9 @@ Soft sets (CAMs)
     background slice is the constant :data:`CAM_BG_THRESHOLD` (0.15, IRN's
     ``cam_eval_thres``, also the default of ``isle ingest scores``), so the
     argmax decodes a pixel as foreground where its best CAM exceeds 0.15
-    (near the best constant threshold for these CAMs).
+    (near the best constant threshold for these CAMs). Roughly, decoded
+    this way, CAMs of quality 0.7, 0.5, 0.3 reach 95, 78, 53 % foreground
+    mIoU.
 
 Quality maps monotonically to IoU but not to an exact IoU value; the true
 quality matrices are saved in ``dataset.json`` so a demo can compare the set
@@ -1124,6 +1131,7 @@ def make_voc_like(
                              keep_arrays, progress(total=n_images, desc="synthetic data", unit="img",
                                                    quiet=quiet))
         rel_paths, rel_stores = _layout(names, soft, write_tree, write_stores)
+        rel_stores = {k: v for k, v in rel_stores.items() if (work / v).is_dir()}  # no val stores when n_val=0
         meta = dict(params, train_ids=ds.train_ids, val_ids=ds.val_ids,
                     true_best=ds.true_best() if names else {},
                     paths=rel_paths, stores=rel_stores)

@@ -373,3 +373,23 @@ def test_demo_quick(tmp_path, capsys):
     (other / "precious.txt").write_text("x")
     assert main(["demo", "--out", str(other), "--quick", "--quiet", "--overwrite"]) == 2
     assert (other / "precious.txt").exists()
+
+
+def test_no_val_split_and_failed_run_leave_nothing_half_written(tmp_path, monkeypatch):
+    ds = make_voc_like(tmp_path / "noval", n_images=2, n_val=0, soft_sets=[], **TINY)
+    assert ds.val_ids == [] and not any(k.startswith("val/") for k in ds.stores)
+    assert (tmp_path / "noval/ImageSets/Segmentation/val.txt").read_text() == ""
+
+    import isle_fast.datasets as mod
+
+    real = mod._generate
+
+    def failing(spec, i):
+        if i == 2:
+            raise RuntimeError("boom")
+        return real(spec, i)
+
+    monkeypatch.setattr(mod, "_generate", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        make_voc_like(tmp_path / "broken", n_images=4, n_val=1, **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noval"]

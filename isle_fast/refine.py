@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError, StoreError
-from .store import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, open_stack
+from .store import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, is_remote, open_stack
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -558,6 +558,9 @@ def refine_stack(
     out = str(out)
     if os.path.abspath(out) == os.path.abspath(src.path):
         raise InputError(f"--out {out} is the input store; refine never modifies its input")
+
+    if not overwrite and not is_remote(out) and os.path.exists(out):
+        raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
 
     enc = src.encoding
     for r in refs:

@@ -1,0 +1,219 @@
+"""Refinement plug-in interface: registry, entry points, chain runner, stores, CLI."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+import numpy as np
+import pytest
+
+from _refine_data import write_stores
+from isle_fast.cli import main
+from isle_fast.errors import InputError, StoreError
+from isle_fast.refine import (
+    ENTRY_POINT_GROUP,
+    RefineChunk,
+    Refinement,
+    apply_chain,
+    available_refinements,
+    get_refinement,
+    make_chain,
+    parse_chain,
+    parse_params,
+    refine_stack,
+    register_refinement,
+    unregister_refinement,
+)
+from isle_fast.store import open_stack
+
+
+class Shift(Refinement):
+    """Test refinement: labels + k (mod C); scores rolled by k classes. Writes junk into the padding."""
+
+    needs_rgb = False
+
+    def __init__(self, k: int = 1, fail_at: int = -1):
+        self.k, self.fail_at = k, fail_at
+
+    def params(self):
+        return {"k": self.k}
+
+    def refine(self, chunk: RefineChunk) -> np.ndarray:
+        if self.fail_at >= 0 and chunk.start <= self.fail_at < chunk.start + len(chunk):
+            raise RuntimeError("boom")
+        c = chunk.num_classes
+        if chunk.encoding == "labels":
+            d = chunk.data.astype(np.int64)
+            return np.where(d < c, (d + self.k) % c, 7).astype(np.uint8)
+        return np.roll(chunk.data, self.k, axis=-1) + 0.5  # padding gets 0.5: the runner resets it
+
+
+@pytest.fixture
+def shift():
+    register_refinement("shift", Shift, overwrite=True)
+    yield
+    unregister_refinement("shift")
+
+
+def test_parse_params_and_chain():
+    assert parse_chain("affinity, crf") == ["affinity", "crf"]
+    assert parse_params(["crf.iterations=5", "crf.gt_prob=0.8", "affinity.backbone=resnet18",
+                         "crf.output=labels", "affinity.train=false"]) == {
+        "crf": {"iterations": 5, "gt_prob": 0.8, "output": "labels"},
+        "affinity": {"backbone": "resnet18", "train": False}}
+    assert parse_params({"crf.iterations": 3, "affinity": {"logt": 4}}) == {
+        "crf": {"iterations": 3}, "affinity": {"logt": 4}}
+    for bad in (["crf"], ["iterations=5"], ["crf.=5"]):
+        with pytest.raises(InputError):
+            parse_params(bad)
+    with pytest.raises(InputError):
+        parse_chain(" , ")
+
+
+def test_registry_call_and_decorator():
+    assert {"crf", "affinity"} <= set(available_refinements())
+
+    @register_refinement("double-it")
+    def factory(scale: int = 2):
+        def f(chunk):
+            return chunk.data * scale
+        return f
+
+    try:
+        assert get_refinement("double-it") is factory
+        (r,) = make_chain("double-it", ["double-it.scale=3"])
+        chunk = RefineChunk(np.full((1, 2, 2, 2), 0.1, np.float32), "scores", np.array([[2, 1]]), None,
+                            ("bg", "x"), ["a"])
+        out = apply_chain([r], chunk)
+        np.testing.assert_allclose(out.data[0, :, 0], 0.3)
+        assert (out.data[0, :, 1] == 0).all()  # padding reset
+        assert r.params() == {"scale": 3}
+        with pytest.raises(InputError, match="already registered"):
+            register_refinement("double-it", lambda: None)
+        with pytest.raises(InputError, match="no parameter 'bogus'"):
+            make_chain("double-it", ["double-it.bogus=1"])
+    finally:
+        unregister_refinement("double-it")
+    with pytest.raises(InputError, match="unknown refinement 'double-it'"):
+        make_chain("double-it")
+    with pytest.raises(InputError, match="not in the chain"):
+        make_chain("crf", ["affinity.logt=3"])
+    with pytest.raises(InputError, match="letters"):
+        register_refinement("a b", Shift)
+
+
+class _EP:
+    def __init__(self, name, value, obj=None, error=None):
+        self.name, self.value, self.group, self._obj, self._error = name, value, ENTRY_POINT_GROUP, obj, error
+
+    def load(self):
+        if self._error:
+            raise ImportError(self._error)
+        return self._obj
+
+
+def test_entry_point_refinements(monkeypatch, tmp_path):
+    eps = [_EP("third-party", "pkg.mod:Shift", obj=Shift), _EP("broken", "nope.mod:x", error="No module 'nope'")]
+    seen = []
+
+    def fake_entry_points(**kw):
+        seen.append(kw)
+        return [e for e in eps if kw.get("group") == e.group]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    try:
+        assert {"third-party", "broken"} <= set(available_refinements())
+        assert get_refinement("third-party") is Shift
+        assert {"group": ENTRY_POINT_GROUP} in seen
+        with pytest.raises(InputError, match="failed to load"):
+            get_refinement("broken")
+        _, src, *_ = write_stores(tmp_path, n=3, encoding="labels")
+        out = refine_stack(src, None, tmp_path / "ep.zarr", ["third-party"], ["third-party.k=2"], workers=1,
+                           progress=False)
+        assert out.provenance["refinements"] == [{"name": "third-party", "params": {"k": 2}}]
+    finally:
+        unregister_refinement("third-party")
+
+
+@pytest.mark.parametrize("encoding", ["labels", "scores"])
+def test_chain_runner_writes_complete_store_with_provenance(tmp_path, shift, encoding):
+    img, src, _, _, _, shapes = write_stores(tmp_path, n=5, encoding=encoding)
+    s = open_stack(src)
+    before = s.array[:].copy()
+    out = refine_stack(src, img, tmp_path / "out.zarr", "shift,shift", ["shift.k=1"], workers=2,
+                       scheduler="threads", images_per_task=2, name="shifted", progress=False)
+    assert out.name == "shifted" and out.kind == "pseudo" and out.encoding == encoding
+    assert out.ids == s.ids and (out.shapes == s.shapes).all() and out.chunks[0] == 2
+    prov = out.provenance
+    assert prov["refined_from"] == s.path and prov["images"] == str(img)
+    assert prov["refinements"] == [{"name": "shift", "params": {"k": 1}}] * 2
+    assert prov["chain"] == ["shift", "shift"] and prov["scheduler"] == "threads"
+    np.testing.assert_array_equal(open_stack(src).array[:], before)  # input untouched
+    for i, (h, w) in enumerate(shapes):
+        if encoding == "labels":
+            np.testing.assert_array_equal(out.read_image(i), (s.read_image(i) + 2) % 4)
+            assert (out.array[i][h:] == 255).all() and (out.array[i][:, w:] == 255).all()
+        else:
+            # two steps: roll by 2, +0.5 twice, clipped to 1, stored as uint8
+            want = np.rint(np.clip(np.roll(s.read_image(i) / 255.0, 2, -1) + 1.0, 0, 1) * 255)
+            np.testing.assert_array_equal(out.read_image(i), want.astype(np.uint8))
+            assert not out.array[i][h:].any() and not out.array[i][:, w:].any()
+    assert sorted(os.listdir(tmp_path)) == ["images.zarr", "out.zarr", "set.zarr"]
+
+
+def test_failure_leaves_no_output(tmp_path, shift):
+    _, src, *_ = write_stores(tmp_path, n=4, encoding="labels")
+    with pytest.raises(RuntimeError, match="boom"):
+        refine_stack(src, None, tmp_path / "out.zarr", "shift", {"shift.fail_at": 2}, workers=1,
+                     images_per_task=1, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["images.zarr", "set.zarr"]
+
+
+def test_user_errors(tmp_path, shift):
+    img, src, *_ = write_stores(tmp_path, n=3, encoding="labels")
+    with pytest.raises(InputError, match="--images"):
+        refine_stack(src, None, tmp_path / "o.zarr", "crf", progress=False)
+    with pytest.raises(InputError, match="never modifies"):
+        refine_stack(src, img, src, "shift", progress=False)
+    with pytest.raises(InputError, match="'images'"):
+        refine_stack(src, src, tmp_path / "o.zarr", "shift", progress=False)
+    with pytest.raises(InputError, match="labels or scores"):
+        refine_stack(img, img, tmp_path / "o.zarr", "shift", progress=False)
+    refine_stack(src, None, tmp_path / "o.zarr", "shift", workers=1, progress=False)
+    with pytest.raises(StoreError, match="exists"):
+        refine_stack(src, None, tmp_path / "o.zarr", "shift", workers=1, progress=False)
+    refine_stack(src, None, tmp_path / "o.zarr", "shift", workers=1, progress=False, overwrite=True)
+    # misaligned image store
+    other = tmp_path / "other"
+    other.mkdir()
+    img2, *_ = write_stores(other, n=4, encoding="labels")
+    with pytest.raises(StoreError):
+        refine_stack(src, img2, tmp_path / "o2.zarr", "shift", workers=1, progress=False)
+
+
+def test_processes_threads_and_sync_agree(tmp_path):
+    img, src, *_ = write_stores(tmp_path, n=4, encoding="scores")
+    kw = dict(params={"crf.iterations": 2}, images_per_task=1, progress=False)
+    a = refine_stack(src, img, tmp_path / "p.zarr", "crf", workers=2, scheduler="processes", **kw)
+    b = refine_stack(src, img, tmp_path / "t.zarr", "crf", workers=2, scheduler="threads", **kw)
+    c = refine_stack(src, img, tmp_path / "s.zarr", "crf", workers=1, **kw)
+    assert a.provenance["scheduler"] == "processes" and c.provenance["scheduler"] == "sync"
+    np.testing.assert_array_equal(a.array[:], b.array[:])
+    np.testing.assert_array_equal(a.array[:], c.array[:])
+
+
+def test_cli_refine(tmp_path, capsys):
+    img, src, *_ = write_stores(tmp_path, n=3, encoding="scores")
+    out = tmp_path / "cli.zarr"
+    rc = main(["refine", src, "--images", img, "--with", "crf", "--out", str(out), "--param",
+               "crf.iterations=2", "--param", "crf.output=labels", "--workers", "1"])
+    assert rc == 0
+    st = open_stack(out)
+    assert st.encoding == "labels" and st.provenance["refinements"][0]["params"]["iterations"] == 2
+    assert "isle refine" in capsys.readouterr().out
+    rc = main(["refine", src, "--images", img, "--with", "crf", "--out", str(tmp_path / "x.zarr"),
+               "--param", "crf.nope=1", "--quiet"])
+    assert rc == 2 and "crf.nope" in capsys.readouterr().err
+    assert main(["refine", "--list"]) == 0 and "crf" in capsys.readouterr().out
+    assert main(["refine", src, "--images", img]) == 2  # no --out

@@ -87,6 +87,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"isle {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The environment's to fix, not a bug: disk full, permission denied, read-only file
+        # system, a folder that cannot be created. One line naming the path, no traceback.
+        print(f"isle {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    """``No space left on device (ENOSPC): /path``-style text for an OSError."""
+    import errno as _errno
+
+    what = exc.strerror or str(exc) or type(exc).__name__
+    code = f" ({_errno.errorcode[exc.errno]})" if isinstance(exc.errno, int) and exc.errno in _errno.errorcode else ""
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    return f"{what}{code}{where}"
 
 
 if __name__ == "__main__":

@@ -138,14 +138,42 @@ def group_sets(stacks: Sequence[Stack], bg_threshold: float | None) -> list[Grou
     return groups
 
 
-def aligned_arrays(stacks: Sequence[Stack], gt: Stack) -> tuple[Any, list[Any]]:
-    """The gt as a Dask array on its own chunks and every set rechunked to match it.
+#: Most uncompressed bytes one task holds (gt + every set's region). The work
+#: grid follows the gt's chunks but takes fewer images per task when the sets
+#: are much wider than the gt (score stacks are C bytes or more per pixel).
+MAX_TASK_BYTES = 128 * 2**20
 
-    Label sets get the gt's chunks, score sets the gt's chunks plus one chunk
-    over the class axis, so block ``(i, j, k)`` of every array covers the same
-    pixels.
+
+def work_chunks(stacks: Sequence[Stack], gt: Stack, max_task_bytes: int | None = None) -> tuple[int, int, int]:
+    """The regular ``(images, rows, cols)`` chunk grid every array is aligned to.
+
+    The gt's chunk shape, with the image count reduced (never below 1) so that
+    one task's gt region plus the same region of every set stays within
+    ``max_task_bytes``. Regular, so an output store written on this grid gets
+    exactly one task per Zarr chunk.
     """
+    if max_task_bytes is None:
+        max_task_bytes = MAX_TASK_BYTES
+    k, hc, wc = (int(v) for v in gt.chunks)
+    per_pixel = 1 + sum(int(np.prod(s.array.shape[3:], dtype=np.int64)) * s.array.dtype.itemsize
+                        for s in stacks)
+    fit = max(1, int(max_task_bytes // max(1, hc * wc * per_pixel)))
+    return (max(1, min(k, fit)), hc, wc)
+
+
+def aligned_arrays(stacks: Sequence[Stack], gt: Stack, chunks: tuple[int, int, int] | None = None
+                   ) -> tuple[Any, list[Any]]:
+    """The gt and every set as Dask arrays on one chunk grid (:func:`work_chunks`).
+
+    Label arrays get ``chunks``, score arrays ``chunks`` plus one chunk over
+    the class axis, so block ``(i, j, k)`` of every array covers the same
+    pixels. Stores chunked otherwise are rechunked (each stored chunk is still
+    read once).
+    """
+    chunks = tuple(chunks) if chunks is not None else work_chunks(stacks, gt)
     g = gt.to_dask()
+    if g.chunksize != chunks:
+        g = g.rechunk(chunks)
     out = []
     for s in stacks:
         a = s.to_dask()

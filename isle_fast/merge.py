@@ -53,6 +53,7 @@ from .evaluate import (
     open_inputs,
     score_threshold,
     unique_names,
+    work_chunks,
 )
 from .selection import Selection, select
 from .store import Stack, create_stack, default_compressors
@@ -364,19 +365,19 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "scores_array": "scores" if scores_dtype else None,
         **({"image_strategy": _jsonable(info)} if info else {}),
     }
-    g = gt_stack.to_dask()
+    grid = work_chunks(member_stacks, gt_stack)
+    g, arrays = aligned_arrays(member_stacks, gt_stack, grid)
     writer = create_stack(out, kind="ensemble", classes=gt_stack.classes, ids=gt_stack.ids,
                           shapes=gt_stack.shapes, encoding="labels", name=name,
-                          chunks=tuple(int(v) for v in gt_stack.chunks), padded_shape=gt_stack.padded_shape,
+                          chunks=grid, padded_shape=gt_stack.padded_shape,
                           provenance=provenance, overwrite=overwrite)
     try:
         scores_target = None
         if scores_dtype:
             scores_target = writer.group.create_array(
-                "scores", shape=tuple(g.shape) + (c,), chunks=tuple(int(v) for v in gt_stack.chunks) + (c,),
+                "scores", shape=tuple(g.shape) + (c,), chunks=grid + (c,),
                 dtype=scores_dtype, fill_value=0, compressors=default_compressors())
             writer.group.attrs["score_scale"] = scale
-        _, arrays = aligned_arrays(member_stacks, gt_stack)
         idx = [da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape, g.chunks)]
         shapes = da.from_array(gt_stack.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))
         choice_da = da.from_array(choice, chunks=(g.chunks[0],))

@@ -214,7 +214,7 @@ def test_distributed_and_memory_url(tmp_path, rng):
     expected, _ = reference_counts(gt_imgs, [a_imgs, b_imgs], ["labels", "uint8"], 3)
     np.testing.assert_array_equal(local.counts, expected)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster):
         dist = evaluate([a.path, b.path], gt.path, backend="cpu", progress=False)
     np.testing.assert_array_equal(dist.counts, expected)
     # fsspec URL stores (in-memory file system)

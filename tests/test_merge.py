@@ -202,7 +202,7 @@ def test_distributed_merge_equals_local(data):
     root, gt, gt_imgs, sets, imgs = data
     local = merge(sets, gt, str(root / "local"), backend="cpu", progress=False)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster):
         dist = merge([s.path for s in sets], gt.path, str(root / "dist"), backend="cpu", progress=False)
     np.testing.assert_array_equal(np.asarray(dist.stack.array[:]), np.asarray(local.stack.array[:]))
 
@@ -249,3 +249,25 @@ def test_cli_merge_and_export(data, capsys):
     assert rc == 2 and "'Z'" in capsys.readouterr().err
     rc = main(["export", out, "--out", str(root / "png"), "--quiet"])
     assert rc == 0 and len(os.listdir(root / "png")) == len(SHAPES)
+
+
+def test_task_memory_cap_changes_nothing_but_the_grid(tmp_path, rng, monkeypatch):
+    import isle_fast.evaluate as E
+
+    gt_imgs = label_imgs(rng)
+    gt = write_stack(str(tmp_path / "gt"), gt_imgs, kind="gt", num_classes=C, chunks=(5, 8, 8))
+    imgs = [score_imgs(rng, "float32") for _ in range(2)]
+    sets = [write_stack(str(tmp_path / f"s{k}"), im, encoding="scores", score_dtype="float32", num_classes=C,
+                        chunks=(2, 8, 8, C)) for k, im in enumerate(imgs)]
+    assert E.work_chunks(sets, gt) == (5, 8, 8)
+    big = merge(sets, gt, str(tmp_path / "big"), backend="cpu", progress=False)
+    ev_big = evaluate(sets, gt, backend="cpu", progress=False)
+    # one image's region of gt + two float32 score stacks is 64 * (1 + 2 * 16) bytes
+    monkeypatch.setattr(E, "MAX_TASK_BYTES", 64 * 33 * 2)
+    assert E.work_chunks(sets, gt) == (2, 8, 8)
+    small = merge(sets, gt, str(tmp_path / "small"), backend="cpu", progress=False)
+    assert small.stack.chunks == (2, 8, 8) and big.stack.chunks == (5, 8, 8)
+    np.testing.assert_array_equal(np.asarray(small.stack.array[:]), np.asarray(big.stack.array[:]))
+    np.testing.assert_array_equal(np.asarray(ensemble_scores(small.stack)[:]),
+                                  np.asarray(ensemble_scores(big.stack)[:]))
+    np.testing.assert_array_equal(evaluate(sets, gt, backend="cpu", progress=False).counts, ev_big.counts)

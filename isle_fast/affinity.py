@@ -591,7 +591,12 @@ def random_walk_image(model, rgb: np.ndarray, data: np.ndarray, encoding: str, n
     h, w = data.shape[:2]
     stride = int(model.stride)
     offsets = disc_offsets(radius)
-    v = _pool(walk_input(data, encoding, num_classes, background, alpha), stride)
+    full = walk_input(data, encoding, num_classes, background, alpha)
+    # only slices with mass move (the walk is linear: an all-zero class stays zero)
+    kept = np.nonzero(full.reshape(-1, num_classes).max(axis=0, initial=0.0) > 0)[0]
+    if len(kept) == 0:
+        return np.zeros((h, w, num_classes), dtype=np.float32)
+    v = _pool(full[..., kept], stride)
     with torch.no_grad():
         x = torch.as_tensor(_normalise(rgb)[None], device=device)
         aff = feature_affinity(model(x), offsets)[0] ** beta     # (K, gh, gw)
@@ -604,7 +609,9 @@ def random_walk_image(model, rgb: np.ndarray, data: np.ndarray, encoding: str, n
         else:
             trans = normalise_rows(np.ascontiguousarray(np.moveaxis(aff.numpy(), 0, -1)), offsets)
             walked = random_walk(trans, offsets, v, 2 ** int(logt))
-    return np.clip(_upsample(walked, stride, h, w), 0.0, 1.0).astype(np.float32)
+    out = np.zeros((h, w, num_classes), dtype=np.float32)
+    out[..., kept] = np.clip(_upsample(walked, stride, h, w), 0.0, 1.0)
+    return out
 
 
 class AffinityNetRefinement(Refinement):

@@ -72,6 +72,8 @@ __all__ = [
     "parse_chain",
     "apply_chain",
     "refine_stack",
+    "shutdown_pool",
+    "synthetic_scene",
 ]
 
 #: Entry-point group through which other packages add refinements.
@@ -469,6 +471,40 @@ def _run_block(job: _Job, start: int, stop: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Whole-store driver
 # ----------------------------------------------------------------------------------------------
+#: ``scheduler='auto'`` uses worker processes for a GIL-bound chain only from this many pixels
+#: (about 27 VOC images) or when a pool of the right size is already running: starting
+#: processes costs a few seconds, more than a small CRF job takes in one process.
+PROCESS_MIN_PIXELS = 5_000_000
+
+_POOL: dict[str, Any] = {}
+
+
+def _process_pool(n: int):
+    """A process pool of ``n`` workers (spawned), kept for later runs in this process."""
+    if _POOL.get("n") != n or getattr(_POOL.get("pool"), "_broken", False):
+        old = _POOL.pop("pool", None)
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _POOL["pool"] = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+        _POOL["n"] = n
+        if not _POOL.get("atexit"):
+            import atexit
+
+            atexit.register(shutdown_pool)
+            _POOL["atexit"] = True
+    return _POOL["pool"]
+
+
+def shutdown_pool() -> None:
+    """Stop the worker processes kept by ``scheduler='processes'`` (they also stop at exit)."""
+    pool = _POOL.pop("pool", None)
+    _POOL.pop("n", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
+
 def _as_stack(x: Stack | str | os.PathLike, what: str) -> Stack:
     return x if isinstance(x, Stack) else open_stack(x)
 
@@ -510,8 +546,12 @@ def refine_stack(
         Parallel workers (default: CPU count). ``1`` runs in this process, in order.
     scheduler : {'auto', 'threads', 'processes', 'sync'}
         Dask scheduler. ``auto``: ``sync`` for one worker; ``processes`` when a
-        refinement in the chain is ``gil_bound`` (the dense CRF) and all are
-        ``process_safe``; otherwise ``threads``. Ignored when ``client`` is given.
+        refinement in the chain is ``gil_bound`` (the dense CRF), all are
+        ``process_safe`` and the set has at least :data:`PROCESS_MIN_PIXELS`
+        pixels (else ``sync``: starting processes would cost more than it saves);
+        otherwise ``threads``. Ignored when ``client`` is given. Worker processes
+        are started with ``spawn`` and kept for later calls (:func:`shutdown_pool`);
+        scripts that use them need the ``if __name__ == "__main__":`` guard.
     client : dask.distributed.Client, optional
         Run the tasks on this cluster (its workers must see ``src``, ``images`` and ``out``).
     images_per_task : int, optional
@@ -591,10 +631,13 @@ def refine_stack(
     if client is not None:
         sched = "distributed"
     elif scheduler == "auto":
+        pixels = int((src.shapes[:, 0] * src.shapes[:, 1]).sum())
         if n_workers == 1:
             sched = "sync"
         elif any(r.gil_bound for r in refs) and all(r.process_safe for r in refs):
-            sched = "processes"
+            # starting worker processes costs seconds; for little work one process is faster
+            big = pixels >= PROCESS_MIN_PIXELS or _POOL.get("n") == n_workers
+            sched = "processes" if big else "sync"
         else:
             sched = "threads"
     elif scheduler in ("threads", "processes", "sync"):
@@ -632,12 +675,19 @@ def refine_stack(
                 dask.compute(*tasks, scheduler=client)
             else:
                 kwargs = {} if sched == "sync" else {"num_workers": n_workers}
+                if sched == "processes":
+                    kwargs["pool"] = _process_pool(n_workers)
                 with dask_progress(desc, quiet=not progress):
                     dask.compute(*tasks, scheduler=sched, **kwargs)
         writer.set_provenance(scheduler=sched, workers=n_workers, images_per_task=k)
         stack = writer.commit()
     except BaseException:
         writer.abort()
+        if sched == "processes":  # a failed or interrupted pool is not reused
+            pool = _POOL.pop("pool", None)
+            _POOL.pop("n", None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         raise
     if progress:
         summary(f"isle refine: {src.name} -> {stack.name}", {

@@ -23,6 +23,7 @@ from isle_fast.refine import (
     parse_params,
     refine_stack,
     register_refinement,
+    shutdown_pool,
     unregister_refinement,
 )
 from isle_fast.store import open_stack
@@ -198,9 +199,16 @@ def test_processes_threads_and_sync_agree(tmp_path):
     a = refine_stack(src, img, tmp_path / "p.zarr", "crf", workers=2, scheduler="processes", **kw)
     b = refine_stack(src, img, tmp_path / "t.zarr", "crf", workers=2, scheduler="threads", **kw)
     c = refine_stack(src, img, tmp_path / "s.zarr", "crf", workers=1, **kw)
+    d = refine_stack(src, img, tmp_path / "d.zarr", "crf", workers=2, scheduler="processes", **kw)  # pool reused
+    shutdown_pool()
+    # auto: a set this small runs in one process (starting workers would cost more)
+    e = refine_stack(src, img, tmp_path / "e.zarr", "crf", workers=2, **kw)
+    assert e.provenance["scheduler"] == "sync"
+    np.testing.assert_array_equal(a.array[:], e.array[:])
     assert a.provenance["scheduler"] == "processes" and c.provenance["scheduler"] == "sync"
     np.testing.assert_array_equal(a.array[:], b.array[:])
     np.testing.assert_array_equal(a.array[:], c.array[:])
+    np.testing.assert_array_equal(a.array[:], d.array[:])
 
 
 def test_cli_refine(tmp_path, capsys):

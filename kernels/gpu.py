@@ -65,6 +65,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -89,6 +90,9 @@ _SHARED_BINS = 12288                       # uint32 bins per block: 48 KiB of dy
 _CHUNK_BYTES = 32 << 20                    # host pipeline: input bytes per chunk
 _CHUNK_PIXELS: int | None = None           # test hook: fixed pixels per chunk (exercises the pipeline)
 _MAX_BLOCK_PIXELS = 1 << 31                # per-block pixel bound -> uint32 shared bins cannot overflow
+
+# Small chunks (a few images) legitimately give small grids; Numba would warn on every call.
+warnings.filterwarnings("ignore", message=r"Grid size .* will likely result in GPU under-utilization")
 
 # The simulator swaps module globals while a kernel runs, so concurrent launches from several
 # host threads (Dask's threaded scheduler) must be serialised there; real devices need no lock.

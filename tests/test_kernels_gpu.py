@@ -137,3 +137,42 @@ def test_device_large_tables_use_global_atomics(rng):
     gt = rng.integers(0, C, shape).astype(np.uint8)
     sets = [rng.integers(0, 256, shape).astype(np.uint8) for _ in range(2)]
     np.testing.assert_array_equal(G.confusion_labels(gt, sets, C), R.confusion_labels(gt, sets, C))
+
+
+# -- benchmarks/gpu.py ----------------------------------------------------------------------------
+
+def _bench(tmp_path, *args, sim=False):
+    env = dict(os.environ, ISLE_BENCH_RESULTS=str(tmp_path), ISLE_PROGRESS="0")
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if sim:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    import json
+
+    doc = json.loads((tmp_path / "gpu.json").read_text()) if (tmp_path / "gpu.json").exists() else None
+    return proc, doc
+
+
+def test_gpu_benchmark_without_device_says_skipped(tmp_path):
+    if gpu_available():
+        pytest.skip("a CUDA device is present: the benchmark would really run")
+    proc, doc = _bench(tmp_path, "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no CUDA device: skipped" in proc.stdout
+    assert doc["skipped"] is True and doc["headline"] == [] and "reason" in doc
+
+
+@pytest.mark.cudasim
+@pytest.mark.slow
+def test_gpu_benchmark_runs_under_simulator(tmp_path):
+    """The whole benchmark script on tiny data through the simulator (its GPU results equal the CPU's)."""
+    proc, doc = _bench(tmp_path, "--simulate", sim=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert doc["skipped"] is False and doc["simulated"] is True
+    names = [r["kernel"] for r in doc["kernels"]]
+    for kernel in ("confusion_labels", "confusion_scores", "decode_scores", "merge_labels", "merge_scores",
+                   "subset_confusion_labels", "subset_confusion_scores"):
+        assert any(n.startswith(kernel) for n in names), kernel
+    assert all(r["equal_to_cpu"] for r in doc["kernels"] + doc["end_to_end"])
+    assert doc["copy_bandwidth"]["copy_GBps"] > 0 and doc["headline"]

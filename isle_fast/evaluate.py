@@ -102,6 +102,8 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
             raise InputError(f"{s.path} has encoding {s.encoding!r}; a pseudo-label set holds "
                              "'labels' or 'scores'")
     check_aligned([gt_stack, *stacks])
+    if gt_stack.num_images == 0:
+        raise InputError(f"ground truth {gt_stack.path} holds no images")
     if gt_stack.num_classes > 254:
         raise InputError(f"{gt_stack.path}: at most 254 classes are supported")
     return stacks, gt_stack

@@ -366,7 +366,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
             ens_iou, ens_miou = ev_all.iou[n], float(ev_all.miou[n])
             ens_source = ens_stack.path
         elif sa is not None:
-            ens_name = "ensemble"
+            ens_name = "ensemble" if ev.average == "dataset" else "ensemble (dataset-level IoU)"
             ens_iou, ens_miou = sa.iou[-1], float(sa.miou[-1])
             ens_source = f"computed ({policy} policy, all sets)"
         else:
@@ -416,8 +416,11 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                 mem = np.nonzero(sa.members[s])[0]
                 best_member = max((float(miou[m]) for m in mem if not np.isnan(miou[m])), default=float("nan"))
                 rows.append([sname, str(len(mem)), _fmt(smiou[s], 2), _fmt(smiou[s] - best_member, 2)])
+            note = ("" if ev.average == "dataset" else
+                    "\nSubset ensembles are scored with dataset-level IoU; the gain compares with the "
+                    "members' image-averaged mIoU above.\n")
             md += ["## Ensemble of every subset\n",
-                   _md_table(["subset", "sets", "mIoU", "gain over best member"], rows), ""]
+                   _md_table(["subset", "sets", "mIoU", "gain over best member"], rows), note]
         (work / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
         # -- JSON -------------------------------------------------------------------------

@@ -259,3 +259,30 @@ def test_evaluation_take_and_table(stack_factory, rng):
     assert isinstance(only_b, Evaluation) and only_b.set_names == ["b"]
     np.testing.assert_array_equal(only_b.counts[0], ev.counts[1])
     assert "mIoU" in ev.table()
+
+
+@pytest.mark.gpu
+def test_gpu_backend_equals_cpu(tmp_path, rng):
+    from isle_fast.backend import gpu_available
+    from isle_fast.merge import merge
+    from isle_fast.subsets import subset_analysis
+
+    if not gpu_available():
+        pytest.skip("no CUDA device")
+    shapes = [(7, 5), (6, 8), (8, 8)]
+    gt = write_stack(str(tmp_path / "gt"), random_set(rng, shapes, 4, "labels"), kind="gt", num_classes=4)
+    a = write_stack(str(tmp_path / "a"), random_set(rng, shapes, 4, "labels"), num_classes=4, chunks=(2, 4, 4))
+    b = write_stack(str(tmp_path / "b"), random_set(rng, shapes, 4, "float16"), encoding="scores",
+                    score_dtype="float16", num_classes=4)
+    for average in ("dataset", "image"):
+        cpu = evaluate([a, b], gt, backend="cpu", average=average, progress=False)
+        gpu = evaluate([a, b], gt, backend="gpu", average=average, progress=False)
+        np.testing.assert_array_equal(gpu.counts, cpu.counts)
+        np.testing.assert_array_equal(gpu.iou, cpu.iou)
+    for policy in ("score", "order", "ignore"):
+        mc = merge([a, b], gt, str(tmp_path / f"c-{policy}"), policy=policy, backend="cpu", progress=False)
+        mg = merge([a, b], gt, str(tmp_path / f"g-{policy}"), policy=policy, backend="gpu", progress=False)
+        np.testing.assert_array_equal(np.asarray(mg.stack.array[:]), np.asarray(mc.stack.array[:]))
+        sc = subset_analysis([a, b], gt, policy=policy, backend="cpu", progress=False)
+        sg = subset_analysis([a, b], gt, policy=policy, backend="gpu", progress=False)
+        np.testing.assert_array_equal(sg.counts, sc.counts)

@@ -271,3 +271,16 @@ def test_task_memory_cap_changes_nothing_but_the_grid(tmp_path, rng, monkeypatch
     np.testing.assert_array_equal(np.asarray(ensemble_scores(small.stack)[:]),
                                   np.asarray(ensemble_scores(big.stack)[:]))
     np.testing.assert_array_equal(evaluate(sets, gt, backend="cpu", progress=False).counts, ev_big.counts)
+
+
+@pytest.mark.slow
+def test_distributed_process_workers(data):
+    """Worker processes: tasks pickle the kernels' backend name and the output Zarr arrays."""
+    distributed = pytest.importorskip("distributed")
+    root, gt, gt_imgs, sets, imgs = data
+    local = merge(sets, gt, str(root / "local"), backend="cpu", progress=False)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster):
+        dist = merge([s.path for s in sets], gt.path, str(root / "dist"), backend="cpu", progress=False)
+    np.testing.assert_array_equal(dist.evaluation.counts, local.evaluation.counts)
+    np.testing.assert_array_equal(np.asarray(dist.stack.array[:]), np.asarray(local.stack.array[:]))

@@ -96,3 +96,14 @@ def test_cli_report(stores, capsys):
     rc = main(["report", a.path, "--gt", gt.path, "--images", a.path, "--out", str(root / "x"), "--quiet"])
     assert rc == 2 and "images" in capsys.readouterr().err
     assert not os.path.exists(root / "x")
+
+
+def test_report_image_average(stores):
+    root, gt, a, b, img = stores
+    out = root / "rep-img"
+    report([a, b], gt, out, average="image", backend="cpu", progress=False)
+    doc = json.loads((out / "report.json").read_text())
+    ev = evaluate([a, b], gt, average="image", backend="cpu", progress=False)
+    assert doc["average"] == "image"
+    assert doc["sets"]["B"]["miou"] == pytest.approx(float(ev.miou[1]))
+    assert "dataset-level IoU" in (out / "tables.md").read_text()

@@ -284,3 +284,14 @@ def test_distributed_process_workers(data):
         dist = merge([s.path for s in sets], gt.path, str(root / "dist"), backend="cpu", progress=False)
     np.testing.assert_array_equal(dist.evaluation.counts, local.evaluation.counts)
     np.testing.assert_array_equal(np.asarray(dist.stack.array[:]), np.asarray(local.stack.array[:]))
+
+
+def test_merge_to_and_from_fsspec_urls(data):
+    root, gt, gt_imgs, sets, imgs = data
+    local = merge(sets, gt, str(root / "local"), backend="cpu", progress=False)
+    url = f"memory://isle-merge-{os.getpid()}-{id(data)}"
+    msets = [write_stack(f"{url}/s{k}", im, num_classes=C, name="ABC"[k]) for k, im in enumerate(imgs)]
+    mgt = write_stack(f"{url}/gt", gt_imgs, kind="gt", num_classes=C, chunks=(2, 8, 8))
+    remote = merge([s.path for s in msets], mgt.path, f"{url}/ens", backend="cpu", progress=False)
+    assert remote.stack.path == f"{url}/ens"
+    np.testing.assert_array_equal(np.asarray(open_stack(f"{url}/ens").array[:]), np.asarray(local.stack.array[:]))

@@ -52,7 +52,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -75,12 +75,11 @@ from .ingest_formats import (
 )
 from .progress import progress, summary
 from .store import (
-    IGNORE_INDEX,
+    KINDS,
     SCORE_SCALE,
     VOC_CLASSES,
     Stack,
     create_stack,
-    default_chunks,
     is_remote,
     open_stack,
 )
@@ -316,6 +315,8 @@ def _result(fn: Callable, *args) -> tuple[Any, str | None]:
 
 def _run(plan: _Plan) -> Stack:
     t0 = time.perf_counter()
+    if plan.kind not in KINDS:
+        raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
     _check_out(plan.out, plan.overwrite)
     workers = _default_workers(plan.workers)
     ref = plan.reference
@@ -356,14 +357,14 @@ def _run(plan: _Plan) -> Stack:
     seconds = time.perf_counter() - t0
     bad = bad + written_bad
     size = stack.stored_bytes()
+    raw = int(np.prod(stack.array.shape)) * stack.array.dtype.itemsize
     n = stack.num_images
     rows = {
         plan.what: f"{n:,}" + (f"  ({len(bad)} skipped)" if bad else ""),
         "pixels": f"{pixels:,}",
         "seconds": f"{seconds:.2f}",
         "throughput": f"{n / seconds:,.1f} images/s, {pixels / seconds / 1e6:,.1f} Mpix/s" if seconds > 0 else "-",
-        "store size": f"{size / 2**20:,.2f} MiB ({stack.describe()['compression_ratio'] or 0:.1f}x smaller "
-                      f"than raw)",
+        "store size": f"{size / 2**20:,.2f} MiB ({raw / max(size, 1):.1f}x smaller than raw)",
         "store": stack.path,
     }
     for i, f, reason in bad[:10]:
@@ -385,7 +386,8 @@ def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: di
                           chunks=plan.chunks, provenance=prov, overwrite=plan.overwrite, padded_shape=padded)
     late_bad: list[tuple[str, str, str]] = []
     pixels = 0
-    with writer:
+    writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isle-ingest-write")
+    with writer, writer_pool:
         arr = writer.array
         k = int(arr.chunks[0])
         fill = writer.layout.fill
@@ -396,13 +398,25 @@ def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: di
         filled = 0  # images in `block`
         start = 0  # output position of block[0]
 
-        def flush():
+        # chunk writes (compression) run on their own thread, overlapping the decoding; at most two
+        # blocks are in flight, so memory stays at a few chunks
+        writes: deque[Future] = deque()
+        spare: list[np.ndarray] = []
+
+        def put(s0: int, buf: np.ndarray, m: int) -> np.ndarray:
+            arr[s0:s0 + m] = buf[:m]
+            return buf
+
+        def flush(final: bool = False):
             nonlocal filled, start, block
             if filled:
-                arr[start:start + filled] = block[:filled]
+                writes.append(writer_pool.submit(put, start, block, filled))
                 start += filled
                 filled = 0
+                block = spare.pop() if spare else np.empty_like(block)
                 block.fill(fill)
+            while writes and (len(writes) >= 2 or final):
+                spare.append(writes.popleft().result())
 
         def task(it: _Item):
             return _result(plan.read, it, shapes[it.id])
@@ -426,7 +440,7 @@ def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: di
             kept_shapes.append((h, w))
             if filled == k:
                 flush()
-        flush()
+        flush(final=True)
         if not kept_ids:
             raise InputError(f"nothing to ingest into {plan.out}: every image is bad; first: "
                              f"{_bad_error(bad + late_bad, False)}")

@@ -23,7 +23,6 @@ from isle_fast.ingest import (
     resolve_classes,
 )
 from isle_fast.ingest_formats import voc_colormap
-from isle_fast.store import open_stack
 
 C = 21
 PALETTE = voc_colormap().ravel().tolist()

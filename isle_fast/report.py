@@ -240,16 +240,13 @@ def _heat_table(path: Path, classes: list[str], names: list[str], iou: np.ndarra
     ax.set_xticklabels(cols, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=8)
+    col_max = np.where(np.isnan(data), -np.inf, data).max(axis=0)
     for r in range(data.shape[0]):
-        col_best = None
         for j in range(data.shape[1]):
             v = data[r, j]
-            if j < data.shape[1] and not np.isnan(v):
-                best = np.nanmax(data[:, j]) if not np.all(np.isnan(data[:, j])) else None
-                col_best = best is not None and v == best
             ax.text(j, r, _fmt(v), ha="center", va="center", fontsize=7,
                     color="white" if (np.isnan(v) or v < 55) else "black",
-                    fontweight="bold" if col_best else "normal")
+                    fontweight="bold" if (not np.isnan(v) and v == col_max[j]) else "normal")
     ax.set_title("Per-class IoU (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

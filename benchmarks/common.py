@@ -57,6 +57,12 @@ __all__ = [
     "synth_quality",
     "synth_block",
     "make_label_stores",
+    "voc_palette",
+    "export_pngs",
+    "read_png",
+    "wsss_confusion",
+    "wsss_evaluate_pngs",
+    "numpy_merge_image",
 ]
 
 #: The ``benchmarks/`` folder of the checkout.
@@ -133,6 +139,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {k: v for k, v in versions.items() if v is not None},
         "git_commit": _git_commit(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -188,7 +195,9 @@ class PeakMemory:
 
     ``with PeakMemory() as pm: ...`` then ``pm.peak`` (bytes, this process +
     all descendants at the same instant, e.g. dask.distributed workers),
-    ``pm.peak_self`` and ``pm.baseline`` (RSS when the block started). Sampling
+    ``pm.peak_self``, ``pm.peak_child`` (the largest single descendant, e.g.
+    one worker), ``pm.children`` (pid -> peak) and ``pm.baseline`` (RSS when
+    the block started). Sampling
     every ``interval`` seconds can miss a very short spike; the chunked
     pipeline's memory is a plateau, which it does not miss.
     """
@@ -198,6 +207,8 @@ class PeakMemory:
         self.pid = pid or os.getpid()
         self.peak = 0
         self.peak_self = 0
+        self.peak_child = 0
+        self.children: dict[int, int] = {}
         self.baseline = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -212,9 +223,12 @@ class PeakMemory:
                 total = own
                 for child in proc.children(recursive=True):
                     try:
-                        total += child.memory_info().rss
+                        rss = child.memory_info().rss
                     except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        pass
+                        continue
+                    total += rss
+                    self.children[child.pid] = max(self.children.get(child.pid, 0), rss)
+                    self.peak_child = max(self.peak_child, rss)
             except psutil.NoSuchProcess:
                 return
             self.peak_self = max(self.peak_self, own)
@@ -616,3 +630,117 @@ def make_label_stores(root: str | os.PathLike, n_images: int, *, n_sets: int = 4
     info["raw_bytes"] = int(sum(int(np.prod(s.array.shape)) for s in stacks))
     info["chunks"] = list(stacks[0].chunks)
     return info
+
+
+# --------------------------------------------------------------------------------------
+# reference implementations (what the public WSSS code does), timed next to ours
+# --------------------------------------------------------------------------------------
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map as a flat 768-entry PIL palette."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def export_pngs(stores: dict[str, str], folder: str | os.PathLike, n_images: int | None = None) -> dict[str, Any]:
+    """Write the (unpadded) label maps of ``stores`` (``name -> path``) as VOC palette PNGs, cached.
+
+    ``folder/<name>/<id>.png``; a ``done.json`` marker makes a second call a no-op.
+    Returns ``{"folder", "ids", "seconds"}``.
+    """
+    from PIL import Image
+
+    from isle_fast.store import open_stack
+
+    folder = Path(folder)
+    marker = folder / "done.json"
+    if marker.exists():
+        return read_json(marker)
+    t0 = time.perf_counter()
+    pal = voc_palette()
+    ids: list[str] = []
+    for name, path in stores.items():
+        st = open_stack(path)
+        n = st.num_images if n_images is None else min(n_images, st.num_images)
+        ids = st.ids[:n]
+        d = folder / name
+        d.mkdir(parents=True, exist_ok=True)
+        k = st.chunks[0]
+        for start in range(0, n, k):
+            block = np.asarray(st.array[start:min(n, start + k)])
+            for j, a in enumerate(block):
+                i = start + j
+                h, w = (int(v) for v in st.shapes[i])
+                im = Image.fromarray(np.ascontiguousarray(a[:h, :w]), mode="P")
+                im.putpalette(pal)
+                im.save(d / f"{st.ids[i]}.png")
+    info = {"folder": str(folder), "ids": ids, "seconds": time.perf_counter() - t0}
+    marker.write_text(json.dumps(info), encoding="utf-8")
+    return info
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """A palette PNG's index array, as the public WSSS code reads it (``np.array(Image.open(p))``)."""
+    from PIL import Image
+
+    return np.array(Image.open(path))
+
+
+def wsss_confusion(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """The per-image confusion of the public WSSS repositories: a masked ``np.bincount``.
+
+    ``mask = (gt >= 0) & (gt < C); bincount(C * gt[mask] + pred[mask], minlength=C*C)``,
+    reshaped ``(C, C)`` (rows: gt class, columns: prediction).
+    """
+    c = num_classes
+    mask = (gt >= 0) & (gt < c)
+    return np.bincount(c * gt[mask].astype(int) + pred[mask], minlength=c * c).reshape(c, c)
+
+
+def wsss_evaluate_pngs(folder: str | os.PathLike, ids: Sequence[str], set_names: Sequence[str],
+                       num_classes: int) -> np.ndarray:
+    """The public evaluation loop over PNG files: decode gt and each set with PIL, add the bincounts.
+
+    Returns ``(N, C, C)`` int64 counts.
+    """
+    folder = Path(folder)
+    hist = np.zeros((len(set_names), num_classes, num_classes), np.int64)
+    for i in ids:
+        gt = read_png(folder / "gt" / f"{i}.png")
+        for n, name in enumerate(set_names):
+            hist[n] += wsss_confusion(gt, read_png(folder / name / f"{i}.png"), num_classes)
+    return hist
+
+
+def numpy_merge_image(preds: Sequence[np.ndarray], selection: np.ndarray, priority: np.ndarray,
+                      num_classes: int) -> np.ndarray:
+    """Plain NumPy Algorithm 3 for one image (label maps), the ``score`` overlap policy.
+
+    Class ``c`` (c >= 1) takes the pixels where the set chosen for it,
+    ``preds[selection[c]]``, says ``c``; where several chosen classes claim a
+    pixel the claim with the higher ``priority[selection[c], c]`` wins (ties:
+    lower class); unclaimed pixels are background, or 255 where every set
+    abstains (value >= C). This is the contract of ``merge_labels``, written
+    as the obvious per-class loop.
+    """
+    c = num_classes
+    order = sorted(range(1, c), key=lambda k: (priority[selection[k], k], -k))
+    out = np.zeros(preds[0].shape, np.uint8)
+    claimed = np.zeros(preds[0].shape, bool)
+    for k in order:
+        m = preds[int(selection[k])] == k
+        out[m] = k
+        claimed |= m
+    abstain = np.ones(preds[0].shape, bool)
+    for p in preds:
+        abstain &= p >= c
+    out[~claimed & abstain] = 255
+    return out

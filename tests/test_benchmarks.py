@@ -1,0 +1,163 @@
+"""Benchmarks: the shared helpers are right, and ``python -m benchmarks --quick`` runs end to end.
+
+No timing assertions: the smoke test only checks that every benchmark module
+that exists runs on tiny sizes and that the combined summary is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks import common
+from benchmarks.__main__ import MODULES, available
+from isle_fast.cli import main as isle_main
+from tests import reference as ref
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+@given(a=st.floats(-2, 3), b=st.floats(-5, 5))
+def test_fit_exponent_recovers_power_law(a, b):
+    x = np.array([1, 2, 4, 8, 16, 32], float)
+    f = common.fit_exponent(x, np.exp(b) * x ** a)
+    assert f["exponent"] == pytest.approx(a, abs=1e-9)
+    assert f["points"] == 6
+
+
+def test_fit_exponent_drops_bad_points():
+    f = common.fit_exponent([1, 2, 0, 4], [1, 2, 5, -1])
+    assert f["points"] == 2 and f["exponent"] == pytest.approx(1.0)
+    assert np.isnan(common.fit_exponent([1], [1])["exponent"])
+
+
+def test_best_of_keeps_minimum_and_value():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.001 * len(calls))
+        return len(calls)
+
+    t = common.best_of(fn, k=3, warmup=1)
+    assert len(calls) == 4 and t.value == 4
+    assert t.best == min(t["runs"]) and len(t["runs"]) == 3
+
+
+def test_write_json_has_machine_and_is_plain_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path))
+    t = common.best_of(lambda: np.arange(3), k=1, warmup=0)
+    p = common.write_json("x", {"t": t, "a": np.arange(3), "n": np.float32(1.5), "bad": float("nan")})
+    doc = json.loads(p.read_text())
+    assert doc["benchmark"] == "x" and doc["machine"]["cpu"] and doc["machine"]["usable_cores"] >= 1
+    assert "numpy" in doc["machine"]["versions"]
+    assert doc["a"] == [0, 1, 2] and doc["n"] == 1.5 and doc["bad"] is None and "value" not in doc["t"]
+
+
+def test_tables():
+    rows = [{"a": 1, "b": 0.5}, {"a": 22, "b": None}]
+    text = common.format_table(rows)
+    assert text.splitlines()[0].split() == ["a", "b"] and "-" in text.splitlines()[-1]
+    md = common.markdown_table(rows)
+    assert md.splitlines()[1] == "| --- | --- |" and md.count("\n") == 3
+
+
+def test_peak_memory_sees_an_allocation():
+    with common.PeakMemory(interval=0.005) as pm:
+        a = np.ones(200 * 2**20, np.uint8)
+        time.sleep(0.1)
+        del a
+    assert pm.peak - pm.baseline > 150 * 2**20
+
+
+def test_plot_loglog_writes_png(tmp_path):
+    p = common.plot_loglog(tmp_path / "p.png", {"s": ([1, 2, 4], [1, 4, 16])}, xlabel="x")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), sets=st.integers(1, 4), c=st.integers(2, 30))
+def test_synth_block_invariants(seed, n, sets, c):
+    shapes = common.synth_shapes(n, 40, seed)
+    gt, ss = common.synth_block(seed, shapes, (40, 40), c, sets)
+    gt2, _ = common.synth_block(seed, shapes, (40, 40), c, sets)
+    assert np.array_equal(gt, gt2)                         # deterministic
+    assert len(ss) == sets
+    rows = np.arange(40)[None, :, None] < shapes[:, 0][:, None, None]
+    cols = np.arange(40)[None, None, :] < shapes[:, 1][:, None, None]
+    inside = rows & cols
+    for a in [gt, *ss]:
+        assert a.dtype == np.uint8 and a.shape == (n, 40, 40)
+        assert (a[~inside] == 255).all()                   # padding
+        v = a[inside]
+        assert ((v < c) | (v == 255)).all()
+    for a in ss:
+        assert (a[inside] < c).all()                       # sets never abstain inside an image
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), c=st.integers(2, 12))
+def test_reference_helpers_match_the_kernel_contract(seed, n, c):
+    """The benchmarks' references (public bincount loop, NumPy Algorithm 3) equal tests/reference.py."""
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, c, size=(9, 11)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.1] = 255
+    sets = [rng.integers(0, c, size=gt.shape).astype(np.uint8) for _ in range(n)]
+    want = ref.confusion_labels(gt, sets, c)
+    for k, s in enumerate(sets):
+        assert np.array_equal(common.wsss_confusion(gt, s, c), want[k, :, :c])
+    abst = [s.copy() for s in sets]
+    for s in abst:
+        s[rng.random(s.shape) < 0.2] = 255
+    selection = rng.integers(0, n, size=c).astype(np.int64)
+    priority = rng.integers(0, 3, size=(n, c)).astype(np.float64)   # many ties
+    assert np.array_equal(common.numpy_merge_image(abst, selection, priority, c),
+                          ref.merge_labels(abst, selection, priority, 0))
+
+
+def test_make_label_stores_is_cached(tmp_path):
+    a = common.make_label_stores(tmp_path, 5, n_sets=2, max_side=24, num_classes=4, chunk_images=2)
+    b = common.make_label_stores(tmp_path, 5, n_sets=2, max_side=24, num_classes=4, chunk_images=2)
+    assert a["generated"] and not b["generated"] and a["gt"] == b["gt"] and len(a["sets"]) == 2
+    assert a["chunks"] == [2, 24, 24]
+
+
+# --------------------------------------------------------------------------------------
+# runners
+# --------------------------------------------------------------------------------------
+def test_unknown_benchmark_is_a_clean_error(capsys):
+    assert isle_main(["bench", "--only", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
+
+
+def test_module_list_matches_files():
+    for name in ("scaling", "pipeline"):
+        assert name in MODULES and available(name)
+
+
+@pytest.mark.slow
+def test_quick_smoke(tmp_path):
+    """``python -m benchmarks --quick`` runs every benchmark module that exists and writes the summary."""
+    env = dict(os.environ, ISLE_BENCH_TMP=str(tmp_path / "cache"), ISLE_PROGRESS="0")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path / "res")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["quick"] is True
+    for name in MODULES:
+        status = summary["modules"][name]["status"]
+        assert status == ("ok" if available(name) else "not built"), (name, summary["modules"][name])
+    md = (tmp_path / "res" / "SUMMARY.md").read_text()
+    assert "## pipeline" in md and "## scaling" in md
+    assert (tmp_path / "res" / "pipeline.json").exists() and (tmp_path / "res" / "scaling_images.png").exists()

@@ -1,0 +1,113 @@
+"""Training: loss goes down, val mIoU beats all-background, resume is bitwise, files and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from _segdata import make_stores
+
+from isle_fast.errors import InputError, StoreError
+from isle_fast.train import miou_from_confusion, train
+
+TINY = dict(backbone="resnet18", weights="none", head_channels=16, crop=32, batch_size=2, num_workers=0,
+            quiet=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    ip, lp = make_stores(root, n=16, seed=0, chunk=3)
+    vi, vg = make_stores(root, n=6, seed=1, chunk=3, prefix="val")
+    return ip, lp, vi, vg
+
+
+def test_miou_from_confusion_matches_hand_counts():
+    conf = np.array([[5, 1, 0, 0],
+                     [2, 3, 0, 1],
+                     [0, 0, 0, 0]])
+    miou, iou = miou_from_confusion(conf)
+    assert iou[0] == pytest.approx(100 * 5 / (6 + 7 - 5))
+    assert iou[1] == pytest.approx(100 * 3 / (6 + 4 - 3))
+    assert iou[2] is None  # absent from gt and prediction: not counted
+    assert miou == pytest.approx((iou[0] + iou[1]) / 2)
+
+
+@pytest.mark.slow
+def test_short_training_lowers_loss_and_beats_all_background(data, tmp_path):
+    ip, lp, vi, vg = data
+    kw = {**TINY, "crop": 48, "batch_size": 4, "head_channels": 32}
+    res = train(ip, lp, tmp_path / "run", val_images=vi, val_gt=vg, steps=24, optimizer="sgd", lr=0.05,
+                log_every=1, val_every=0, ckpt_every=0, seed=0, **kw)
+    hist = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    losses = [r["loss"] for r in hist["train"]]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:2])
+    assert res.final_miou is not None and res.background_miou is not None
+    assert res.final_miou > res.background_miou + 15, (res.final_miou, res.background_miou)
+    assert res.best_miou >= res.final_miou and res.steps == 24
+    # files: metrics (JSON, CSV, PNG), checkpoints loadable with weights_only=True
+    rows = list(csv.DictReader(open(res.paths["metrics_csv"])))
+    assert len(rows) == 24 and rows[-1]["val_miou"] != ""
+    assert open(res.paths["curves_png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("last", "best", "final"):
+        ck = torch.load(res.paths[name], map_location="cpu", weights_only=True)
+        assert ck["step"] == 24 and ck["classes"] == ["background", "red", "green"]
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_resume_continues_bit_for_bit(data, tmp_path):
+    ip, lp, _, _ = data
+    kw = {**TINY, "steps": 5, "seed": 3, "deterministic": True, "ckpt_every": 2, "accum": 2, "log_every": 1}
+    # 16 images, batch 2, accum 2: 4 steps an epoch, so the run crosses an epoch boundary
+    train(ip, lp, tmp_path / "a", **kw)
+    b = train(ip, lp, tmp_path / "b", stop_after=3, **kw)
+    assert b.steps == 3 and "final" not in b.paths
+    b = train(ip, lp, tmp_path / "b", resume=True, **kw)
+    assert b.steps == 5
+    ca = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    cb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 5
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ca["scheduler"] == cb["scheduler"]
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    assert [r["loss"] for r in ca["history"]] == [r["loss"] for r in cb["history"]]
+
+
+def test_run_folder_and_argument_errors(data, tmp_path):
+    ip, lp, vi, vg = data
+    with pytest.raises(InputError, match="val-gt"):
+        train(ip, lp, tmp_path / "r", val_images=vi, steps=1, **TINY)
+    with pytest.raises(InputError, match="optimizer"):
+        train(ip, lp, tmp_path / "r", optimizer="lamb", steps=1, **TINY)
+    with pytest.raises(InputError, match="nothing to resume"):
+        train(ip, lp, tmp_path / "r", resume=True, steps=1, **TINY)
+    train(ip, lp, tmp_path / "r", steps=1, **TINY)
+    with pytest.raises(StoreError, match="--resume"):
+        train(ip, lp, tmp_path / "r", steps=1, **TINY)
+    with pytest.raises(InputError, match="'crop'"):
+        train(ip, lp, tmp_path / "r", resume=True, steps=1, **{**TINY, "crop": 40})
+
+
+def test_cli_train_writes_a_run(data, tmp_path):
+    from isle_fast.cli import main
+
+    ip, lp, vi, vg = data
+    out = tmp_path / "cli"
+    rc = main(["train", "--images", ip, "--labels", lp, "--val-images", vi, "--val-gt", vg, "--out", str(out),
+               "--backbone", "resnet18", "--weights", "none", "--head-channels", "16", "--crop", "32",
+               "--batch-size", "2", "--steps", "2", "--workers", "0", "--quiet"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["val"][-1]["step"] == 2 and 0 <= m["val"][-1]["miou"] <= 100
+    assert json.loads((out / "config.json").read_text())["backbone"] == "resnet18"
+    rc = main(["train", "--images", ip, "--labels", vg, "--out", str(tmp_path / "x"), "--weights", "none",
+               "--steps", "1"])
+    assert rc == 2  # misaligned images / labels: one-line error

@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "gpu": ["cupy-cuda12x>=13"],
+    # numba.cuda compiles the GPU kernels with NVVM: from a CUDA toolkit when there is one,
+    # else from this wheel (kernels/gpu.py points Numba at it).
+    "gpu": ["cupy-cuda12x>=13", "nvidia-cuda-nvcc-cu12>=12.0"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
 }
 

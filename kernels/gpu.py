@@ -63,7 +63,11 @@ device memory), which is why keeping data on the device (CuPy in) is the fast pa
 from __future__ import annotations
 
 import functools
+import glob
+import importlib.util
 import math
+import os
+import sys
 import threading
 import warnings
 from typing import Any, Callable, Sequence
@@ -83,6 +87,40 @@ SCORE, ORDER, IGNORE = 0, 1, 2
 
 #: True when numba runs ``numba.cuda`` kernels in its CPU simulator (``NUMBA_ENABLE_CUDASIM=1``).
 SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+
+
+
+def _pip_nvvm_root() -> str | None:
+    """The ``nvidia-cuda-nvcc-cu12`` wheel's folder when it holds NVVM and libdevice, else None."""
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if glob.glob(os.path.join(root, "nvvm", "lib64", "libnvvm.so*")) and \
+                os.path.isdir(os.path.join(root, "nvvm", "libdevice")):
+            return root
+    return None
+
+
+def _use_pip_nvvm() -> None:
+    """Let Numba's CUDA target compile with the NVVM of the ``nvidia-cuda-nvcc-cu12`` wheel.
+
+    Numba's built-in CUDA target finds NVVM / libdevice only in conda, ``CUDA_HOME`` or a
+    system toolkit (``/usr/local/cuda``); ``pip install isle-fast[gpu]`` brings the wheel, so
+    with none of those we point ``CUDA_HOME`` at it (before Numba first looks: it caches the
+    paths). An explicit ``CUDA_HOME`` / ``CUDA_PATH``, conda or a system toolkit wins.
+    """
+    if SIMULATOR or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if os.path.isdir("/usr/local/cuda/nvvm") or os.path.exists(os.path.join(sys.prefix, "conda-meta")):
+        return
+    root = _pip_nvvm_root()
+    if root:
+        os.environ["CUDA_HOME"] = root
+
+
+_use_pip_nvvm()
 
 _THREADS = 32 if SIMULATOR else 256        # threads per block (the simulator runs one Python thread each)
 _PIX = 4                                   # consecutive pixels per thread per step (run aggregation)

@@ -38,6 +38,18 @@ def test_kernels_under_cuda_simulator():
     assert " passed" in tail and "skipped" not in tail.splitlines()[-1], tail
 
 
+@pytest.mark.slow
+def test_kernels_compile_to_ptx():
+    """Numba's real CUDA target (NVVM, no device needed) accepts every kernel: what the simulator cannot check."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "tests/gpu_sim/compile_ptx.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip("no NVVM / libdevice (CUDA toolkit or nvidia-cuda-nvcc-cu12): " + proc.stdout.strip())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "kernels compiled to PTX" in proc.stdout
+
+
 def test_same_api_as_cpu_module():
     from isle_fast.kernels import cpu
 

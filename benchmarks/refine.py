@@ -119,7 +119,7 @@ def bench_crf_scaling(img: str, src: str, n: int, root: Path, repeat: int) -> li
         from dask.distributed import Client, LocalCluster
 
         t0 = time.perf_counter()
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, \
                 Client(cl) as client:
             startup = time.perf_counter() - t0
             out = root / "crf-distributed.zarr"
@@ -147,12 +147,14 @@ def bench_demo_size(root: Path, n: int, h: int, w: int, repeat: int) -> dict:
     d.mkdir()
     img, src = _write(d, scenes, 21)
     res = {}
-    for label, kw in (("auto (2 processes)", dict(workers=2)), ("1 worker", dict(workers=1))):
+    for label, kw in (("workers=2, scheduler=auto", dict(workers=2)),
+                      ("workers=2, scheduler=processes", dict(workers=2, scheduler="processes")),
+                      ("workers=1", dict(workers=1))):
         def run(kw=kw):
-            refine_stack(src, img, d / "out.zarr", ["crf"], overwrite=True, progress=False, **kw)
+            return refine_stack(src, img, d / "out.zarr", ["crf"], overwrite=True, progress=False, **kw)
 
         t = best_of(run, k=repeat, warmup=0)
-        res[label] = t["best"]
+        res[f"{label} (ran: {t['value'].provenance['scheduler']})"] = t["best"]
     return {"images": n, "size": [h, w], "seconds": res}
 
 

@@ -580,10 +580,12 @@ def walk_input(data: np.ndarray, encoding: str, num_classes: int, background: st
 
 def random_walk_image(model, rgb: np.ndarray, data: np.ndarray, encoding: str, num_classes: int, *,
                       radius: int = 5, beta: float = 8.0, logt: int = 6, background: str = "alpha",
-                      alpha: float = 16.0, device: str = "cpu") -> np.ndarray:
+                      alpha: float = 16.0, device: str = "cpu", engine: str = "auto") -> np.ndarray:
     """AffinityNet inference on one unpadded image: walked scores ``(h, w, C)`` float32 in [0, 1].
 
-    See the module docs for the steps; ``model`` is a trained :class:`AffinityNet` in eval mode.
+    See the module docs for the steps; ``model`` is a trained :class:`AffinityNet` in eval mode
+    on ``device``. ``engine``: ``'numba'`` (the CPU stencil kernel), ``'torch'`` (the same
+    stencil in torch, on ``device``) or ``'auto'`` (torch on CUDA, numba otherwise).
     """
     from .kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
 
@@ -600,14 +602,16 @@ def random_walk_image(model, rgb: np.ndarray, data: np.ndarray, encoding: str, n
     with torch.no_grad():
         x = torch.as_tensor(_normalise(rgb)[None], device=device)
         aff = feature_affinity(model(x), offsets)[0] ** beta     # (K, gh, gw)
-        if str(device).startswith("cuda"):
+        if engine not in ("auto", "numba", "torch"):
+            raise InputError(f"random-walk engine must be auto, numba or torch, not {engine!r}")
+        if engine == "torch" or (engine == "auto" and str(device).startswith("cuda")):
             aff = aff * torch.as_tensor(_valid_offsets(*aff.shape[-2:], offsets), device=aff.device)
             trans = aff / aff.sum(dim=0, keepdim=True).clamp(min=1e-12)
             walked = random_walk_torch(trans, offsets, torch.as_tensor(np.moveaxis(v, -1, 0), device=device),
                                        2 ** int(logt))
             walked = np.moveaxis(walked.cpu().numpy(), 0, -1)
         else:
-            trans = normalise_rows(np.ascontiguousarray(np.moveaxis(aff.numpy(), 0, -1)), offsets)
+            trans = normalise_rows(np.ascontiguousarray(np.moveaxis(aff.cpu().numpy(), 0, -1)), offsets)
             walked = random_walk(trans, offsets, v, 2 ** int(logt))
     out = np.zeros((h, w, num_classes), dtype=np.float32)
     out[..., kept] = np.clip(_upsample(walked, stride, h, w), 0.0, 1.0)

@@ -505,6 +505,7 @@ def shutdown_pool() -> None:
     if pool is not None:
         pool.shutdown(wait=True)
 
+
 def _as_stack(x: Stack | str | os.PathLike, what: str) -> Stack:
     return x if isinstance(x, Stack) else open_stack(x)
 

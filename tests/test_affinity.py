@@ -15,6 +15,7 @@ from isle_fast.affinity import (
     affinity_loss,
     confident_labels,
     pair_labels,
+    random_walk_image,
     random_walk_torch,
     train_affinity,
     walk_input,
@@ -202,6 +203,20 @@ def test_feature_shapes_and_strides():
     assert AffinityNet("resnet18", None, stride=4, dim=70)(x).shape == (1, 70, 10, 13)
     with pytest.raises(InputError):
         AffinityNet("resnet18", None, stride=16)
+
+
+def test_walk_engines_agree_and_keep_classes():
+    torch.manual_seed(0)
+    model = AffinityNet("resnet18", None, stride=8, dim=32).eval()
+    (rgb,), _, (sc,), _ = make_scenes(1, seed=2, hmin=37, hmax=37, wmin=45, wmax=45)
+    sc[..., 3] = 0.0  # class 3 absent
+    a = random_walk_image(model, rgb, sc, "scores", 4, radius=3, logt=3, engine="numba")
+    b = random_walk_image(model, rgb, sc, "scores", 4, radius=3, logt=3, engine="torch")
+    assert a.shape == (37, 45, 4)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not a[..., 3].any() and a.min() >= 0 and a.max() <= 1
+    lab = random_walk_image(model, rgb, sc.argmax(-1).astype(np.uint8), "labels", 4, radius=3, logt=3)
+    assert set(np.unique(lab.argmax(-1))) <= set(np.unique(sc.argmax(-1)))
 
 
 @pytest.mark.slow

@@ -390,11 +390,16 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         md += ["## Per-class IoU (Tables 3-4)\n", _md_table(header, rows), ""]
 
         fg = list(range(1, len(classes)))
+        absent = [classes[j] for j in fg if ev.gt_pixels[j] == 0]
         rows = [[names[k]] + ["✓" if int(sel.best[j]) == k else "" for j in fg]
                 + [str(sum(int(sel.best[j]) == k for j in fg))] for k in range(n)]
         md += ["## Best set per class (Table 1)\n", _md_table(["method"] + [classes[j] for j in fg]
                                                              + ["classes"], rows),
-               f"\nBackground slice (score sets): {names[int(sel.best[0])]}.\n"]
+               f"\nBackground slice (score sets): {names[int(sel.best[0])]}."
+               + ("" if not absent else
+                  f" Classes without ground-truth pixels ({', '.join(absent)}) cannot be scored and go to "
+                  f"the first set, {names[sel.member_indices[0]]}.")
+               + "\n"]
 
         comp = _component_summary(ev, sel)
         best_k = int(np.argmax(np.where(np.isnan(miou), -np.inf, miou))) if n else 0

@@ -48,7 +48,6 @@ __all__ = ["Evaluation", "evaluate", "open_inputs", "AVERAGES"]
 
 AVERAGES = ("dataset", "image")
 
-StackLike = "str | os.PathLike | Stack"
 
 
 # -- inputs ----------------------------------------------------------------------------

@@ -725,9 +725,13 @@ class AffinityNetRefinement(Refinement):
         return state
 
     def _model(self):
-        if self.model is None:
+        if self.model is None:  # in a worker process: the model was not pickled, load the checkpoint
             if not self.checkpoint or not os.path.exists(self.checkpoint):
                 raise InputError(f"AffinityNet checkpoint {self.checkpoint} is missing")
+            import multiprocessing
+
+            if multiprocessing.parent_process() is not None:
+                _torch().set_num_threads(1)  # one image per worker process; workers already fill the cores
             self.model = load_affinity(self.checkpoint, self.device or "cpu")
         return self.model
 

@@ -499,27 +499,45 @@ def _device_empty(shape: tuple[int, ...], dtype: Any, zero: bool = False) -> tup
 
 
 class _Staging(threading.local):
-    """Per-thread streams and reusable pinned / device buffers of the host pipeline."""
+    """Per-thread streams and reusable pinned / device byte arenas of the host pipeline.
+
+    Two slots (one per stream), each with an input and an output arena holding one chunk;
+    typed buffers are aligned views into them, so the memory held per thread stays bounded
+    (about 2 x (chunk inputs + chunk outputs), pinned and on the device) whatever the mix of
+    calls.
+    """
 
     def __init__(self) -> None:
         self.streams: list[Any] = []
-        self.buffers: dict[tuple, tuple[np.ndarray, Any]] = {}
+        self.arenas: dict[tuple[int, str], tuple[np.ndarray, Any]] = {}
 
     def stream(self, slot: int) -> Any:
         while len(self.streams) <= slot:
             self.streams.append(cuda.stream())
         return self.streams[slot]
 
-    def buffer(self, slot: int, key: Any, dtype: np.dtype, n: int) -> tuple[np.ndarray, Any]:
-        k = (slot, key, np.dtype(dtype).str)
-        got = self.buffers.get(k)
-        if got is None or got[0].shape[0] < n:
-            got = (cuda.pinned_array((n,), dtype=dtype), cuda.device_array((n,), dtype=dtype))
-            self.buffers[k] = got
+    def arena(self, slot: int, side: str, nbytes: int) -> tuple[np.ndarray, Any]:
+        got = self.arenas.get((slot, side))
+        if got is None or got[0].nbytes < nbytes:
+            self.arenas.pop((slot, side), None)          # release the smaller one first
+            n = max(int(nbytes), 1)
+            got = (cuda.pinned_array((n,), dtype=np.uint8), cuda.device_array((n,), dtype=np.uint8))
+            self.arenas[(slot, side)] = got
         return got
 
 
 _staging = _Staging()
+_ALIGN = 256
+
+
+def _layout(arrays: Sequence[tuple[np.ndarray, int]], B: int) -> tuple[list[int], int]:
+    """Byte offsets (256-aligned) of each array's ``B``-pixel chunk in an arena, and its size."""
+    offsets, cur = [], 0
+    for a, w in arrays:
+        cur = -(-cur // _ALIGN) * _ALIGN
+        offsets.append(cur)
+        cur += B * w * a.dtype.itemsize
+    return offsets, cur
 
 
 def _pipeline(P: int, inputs: Sequence[tuple[np.ndarray, int]], outputs: Sequence[tuple[np.ndarray, int]],
@@ -528,42 +546,51 @@ def _pipeline(P: int, inputs: Sequence[tuple[np.ndarray, int]], outputs: Sequenc
 
     ``inputs`` / ``outputs``: (flat C-contiguous host array, elements per pixel).
     ``launch(dev_inputs, dev_outputs, m, stream)`` queues the kernel(s) for an ``m``-pixel chunk.
+    For chunk ``k`` on stream ``k % 2``: wait for that stream's previous chunk, copy its outputs
+    out of the pinned arena, stage the new inputs into the pinned arena, queue the async
+    host-to-device copies, the kernel and the async device-to-host copies, and move on.
     """
     per_px = sum(a.dtype.itemsize * w for a, w in inputs) or 1
     B = max(1, min(P, _CHUNK_PIXELS or _CHUNK_BYTES // per_px))
+    in_off, in_bytes = _layout(inputs, B)
+    out_off, out_bytes = _layout(outputs, B)
     pending: list[list] = [[], []]
 
     def drain(slot: int) -> None:
         for dst, lo, hi, host in pending[slot]:
-            dst[lo:hi] = host[: hi - lo]
+            dst[lo:hi] = host
         pending[slot] = []
+
+    def views(arena: tuple[np.ndarray, Any], off: int, a: np.ndarray, n: int) -> tuple[np.ndarray, Any]:
+        nb = n * a.dtype.itemsize
+        return arena[0][off:off + nb].view(a.dtype), arena[1][off:off + nb].view(a.dtype)
 
     for k, lo_px in enumerate(range(0, P, B)):
         hi_px = min(P, lo_px + B)
         m = hi_px - lo_px
         slot = k % 2
         stream = _staging.stream(slot)
-        stream.synchronize()            # this slot's buffers are free again
+        stream.synchronize()            # this slot's arenas are free again
         drain(slot)
+        ain = _staging.arena(slot, "in", in_bytes)
+        aout = _staging.arena(slot, "out", out_bytes)
         d_in = []
-        for j, (a, w) in enumerate(inputs):
-            h, d = _staging.buffer(slot, ("in", j), a.dtype, B * w)
-            h[: m * w] = a[lo_px * w: hi_px * w]
-            dv = d[: m * w]
-            dv.copy_to_device(h[: m * w], stream=stream)
-            d_in.append(dv)
-        d_out = []
-        for j, (a, w) in enumerate(outputs):
-            _, d = _staging.buffer(slot, ("out", j), a.dtype, B * w)
-            d_out.append(d[: m * w])
+        for (a, w), off in zip(inputs, in_off):
+            h, d = views(ain, off, a, m * w)
+            h[...] = a[lo_px * w: hi_px * w]
+            d.copy_to_device(h, stream=stream)
+            d_in.append(d)
+        d_out, h_out = [], []
+        for (a, w), off in zip(outputs, out_off):
+            h, d = views(aout, off, a, m * w)
+            d_out.append(d)
+            h_out.append(h)
         launch(d_in, d_out, m, stream)
-        for j, (a, w) in enumerate(outputs):
-            h, _ = _staging.buffer(slot, ("out", j), a.dtype, B * w)
-            d_out[j].copy_to_host(h[: m * w], stream=stream)
+        for (a, w), h, d in zip(outputs, h_out, d_out):
+            d.copy_to_host(h, stream=stream)
             pending[slot].append((a, lo_px * w, hi_px * w, h))
-    for slot in range(2):
-        if _staging.streams[slot:slot + 1]:
-            _staging.streams[slot].synchronize()
+    for slot in range(min(2, len(_staging.streams))):
+        _staging.streams[slot].synchronize()
         drain(slot)
 
 

@@ -16,6 +16,30 @@ A *factory* takes the refinement's parameters as keyword arguments
 :class:`Refinement` or a plain callable ``f(chunk: RefineChunk) -> ndarray``
 (which must return the chunk's own encoding).
 
+A minimal plug-in (a label-map median filter)::
+
+    from isle_fast.refine import Refinement, register_refinement
+
+    @register_refinement("median")
+    class Median(Refinement):
+        needs_rgb = False
+
+        def __init__(self, size: int = 3):
+            self.size = size
+
+        def params(self):
+            return {"size": self.size}
+
+        def refine(self, chunk):          # chunk.data: (k, H, W) labels or (k, H, W, C) scores
+            from scipy.ndimage import median_filter
+            out = chunk.data.copy()
+            for i, (h, w) in enumerate(chunk.shapes):
+                out[i, :h, :w] = median_filter(chunk.data[i, :h, :w], size=self.size)
+            return out
+
+then ``isle refine SET --with median,crf --param median.size=5 ...``; or, from
+another package, ``entry_points={"isle_fast.refinements": ["median = mypkg.refs:Median"]}``.
+
 Data inside a chain
 -------------------
 Every refinement sees a :class:`RefineChunk`. ``labels`` chunks are the

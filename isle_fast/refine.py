@@ -33,8 +33,9 @@ A minimal plug-in (a label-map median filter)::
         def refine(self, chunk):          # chunk.data: (k, H, W) labels or (k, H, W, C) scores
             from scipy.ndimage import median_filter
             out = chunk.data.copy()
+            size = (self.size, self.size) + (1,) * (chunk.data.ndim - 3)   # not across classes
             for i, (h, w) in enumerate(chunk.shapes):
-                out[i, :h, :w] = median_filter(chunk.data[i, :h, :w], size=self.size)
+                out[i, :h, :w] = median_filter(chunk.data[i, :h, :w], size=size)
             return out
 
 then ``isle refine SET --with median,crf --param median.size=5 ...``; or, from

@@ -92,3 +92,38 @@ def test_force_cudasim_env_makes_the_gpu_path_available(import_numba_first):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[:4] == ["gpu", "True", "isle_fast.kernels.gpu", "True"], out.stdout
     assert "simulator" in out.stdout
+
+
+@pytest.mark.cudasim
+@pytest.mark.slow
+def test_cli_evaluate_gpu_backend_under_forced_simulator(tmp_path):
+    """``ISLE_FORCE_CUDASIM=1 isle evaluate --backend gpu`` runs the GPU kernels (simulated): same JSON as cpu."""
+    import json
+
+    import numpy as np
+
+    from tests.conftest import write_stack
+
+    rng = np.random.default_rng(3)
+    shapes, C = [(4, 6), (5, 3)], 3
+
+    def images():
+        return [rng.choice(np.array([0, 1, 2, 255], np.uint8), size=s) for s in shapes]
+
+    gt = str(tmp_path / "gt")
+    write_stack(gt, images(), kind="gt", num_classes=C, chunks=(1, 3, 4))
+    sets = []
+    for k in range(2):
+        sets.append(str(tmp_path / f"s{k}"))
+        write_stack(sets[-1], images(), num_classes=C, chunks=(2, 2, 3), name=f"s{k}")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["ISLE_FORCE_CUDASIM"] = "1"
+    out = {}
+    for be in ("gpu", "cpu"):
+        path = tmp_path / f"{be}.json"
+        proc = subprocess.run([sys.executable, "-m", "isle_fast", "evaluate", *sets, "--gt", gt, "--backend", be,
+                               "--json", str(path), "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[be] = json.loads(path.read_text())
+    assert out["gpu"]["sets"] == out["cpu"]["sets"] and out["gpu"]["selection"] == out["cpu"]["selection"]

@@ -232,39 +232,111 @@ def _addrs(arrays: tuple) -> np.ndarray:
 # confusion of label maps
 # ----------------------------------------------------------------------------------------------
 
+@njit(inline="always", **_JIT1)
+def _count_word(g, gaddr, ptrs, i, wt, h, R, rowbase, rb):  # pragma: no cover - jitted
+    """Add word i (8 pixels) of gt and every set, ``wt`` times, to the flat histograms h."""
+    gw = _ld(gaddr, i, _I64)
+    g0 = gw & 0xFF
+    guni = gw == g0 * _ONES
+    j0 = i * 8
+    if guni:
+        grow = rowbase[g0]
+    else:
+        for j in range(8):
+            rb[j] = rowbase[g[j0 + j]]
+    for n in range(ptrs.size):
+        a = ptrs[n]
+        off = n * R
+        sw = _ld(a, i, _I64)
+        if guni:
+            s0 = sw & 0xFF
+            if sw == s0 * _ONES:              # gt and set uniform over the word
+                h[off + grow + s0] += 8 * wt
+            else:
+                for j in range(8):
+                    h[off + grow + _ld(a, j0 + j, _U8)] += wt
+        elif sw == gw:                        # set agrees with gt: diagonal
+            for j in range(8):
+                h[off + rb[j] + g[j0 + j]] += wt
+        else:
+            for j in range(8):
+                h[off + rb[j] + _ld(a, j0 + j, _U8)] += wt
+
+
+_CW = 8   # words per constant-block check in the confusion kernel (64 pixels)
+
+
+@njit(**_JIT1)
+def _block_constant(gaddr, ptrs, i0):  # pragma: no cover - jitted
+    """Whether words [i0, i0 + _CW) of gt and of every set each repeat their first word."""
+    w0 = _ld(gaddr, i0, _I64)
+    d = np.int64(0)
+    for i in range(i0 + 1, i0 + _CW):
+        d |= _ld(gaddr, i, _I64) ^ w0
+    if d != 0:
+        return False
+    for n in range(ptrs.size):
+        a = ptrs[n]
+        w0 = _ld(a, i0, _I64)
+        for i in range(i0 + 1, i0 + _CW):
+            d |= _ld(a, i, _I64) ^ w0
+        if d != 0:
+            return False
+    return True
+
+
 @njit(**_JIT)
 def _confusion_labels_kernel(g, gaddr, ptrs, C, nchunks):  # pragma: no cover - jitted
     N = ptrs.size
     npix = g.size
     nw = npix // 8
-    hist = np.zeros((nchunks, N, C + 1, 256), np.int64)
-    rowmap = np.empty(256, np.int64)
+    R = (C + 1) * 256            # one set's histogram: rows min(gt, C) (row C = ignored), 256 columns
+    hist = np.zeros((nchunks, N * R), np.int64)
+    rowbase = np.empty(256, np.int64)
     for v in range(256):
-        rowmap[v] = min(v, C)
+        rowbase[v] = min(v, C) * 256
     per = (nw + nchunks - 1) // nchunks
     for k in prange(nchunks):
         h = hist[k]
-        for i in range(k * per, min(nw, (k + 1) * per)):
+        rb = np.empty(8, np.int64)
+        prev = np.empty(N, np.int64)
+        prev_i = -1
+        prev_g = _I64
+        run = 0
+        start = k * per
+        end = min(nw, (k + 1) * per)
+        i = start
+        # Consecutive words where gt and every set repeat the previous word are counted once
+        # (x run length); blocks of _CW words that are constant in every array are one step.
+        while i < end:
+            step = 1
+            if (i - start) % _CW == 0 and i + _CW <= end and _block_constant(gaddr, ptrs, i):
+                step = _CW
             gw = _ld(gaddr, i, _I64)
-            uniform = gw == (gw & 0xFF) * _ONES
-            for n in range(N):
-                a = ptrs[n]
-                if _ld(a, i, _I64) == gw:
-                    if uniform:
-                        v = gw & 0xFF
-                        h[n, rowmap[v], v] += 8
-                    else:
-                        for j in range(i * 8, i * 8 + 8):
-                            v = g[j]
-                            h[n, rowmap[v], v] += 1
-                else:
-                    for j in range(i * 8, i * 8 + 8):
-                        h[n, rowmap[g[j]], _ld(a, j, _U8)] += 1
+            same = run > 0 and gw == prev_g
+            if same:
+                for n in range(N):
+                    if _ld(ptrs[n], i, _I64) != prev[n]:
+                        same = False
+                        break
+            if same:
+                run += step
+            else:
+                if run > 0:
+                    _count_word(g, gaddr, ptrs, prev_i, run, h, R, rowbase, rb)
+                prev_i = i
+                prev_g = gw
+                for n in range(N):
+                    prev[n] = _ld(ptrs[n], i, _I64)
+                run = step
+            i += step
+        if run > 0:
+            _count_word(g, gaddr, ptrs, prev_i, run, h, R, rowbase, rb)
         if k == nchunks - 1:  # the tail bytes after the last full word
             for j in range(nw * 8, npix):
                 for n in range(N):
-                    h[n, rowmap[g[j]], _ld(ptrs[n], j, _U8)] += 1
-    return hist
+                    h[n * R + rowbase[g[j]] + _ld(ptrs[n], j, _U8)] += 1
+    return hist.reshape(nchunks, N, C + 1, 256)
 
 
 def _fold_columns(hist: np.ndarray, C: int) -> np.ndarray:
@@ -430,44 +502,110 @@ def _merge_tables(selection: np.ndarray, priority: np.ndarray, member: np.ndarra
     return key, lab
 
 
+_MB = 256       # pixels per merge block
+
+
+@njit(**_JIT1)
+def _merge_block(ptrs, p0, kf, lab, m, out):  # pragma: no cover - jitted
+    """Merge the _MB pixels from p0 through the lookup tables, one set at a time."""
+    a = ptrs[0]
+    for j in range(_MB):
+        m[j] = kf[_ld(a, p0 + j, _U8)]
+    for n in range(1, ptrs.size):
+        a = ptrs[n]
+        off = n * 256
+        for j in range(_MB):
+            m[j] = max(m[j], kf[off + _ld(a, p0 + j, _U8)])
+    for j in range(_MB):
+        out[p0 + j] = lab[m[j]]
+
+
+@njit(**_JIT1)
+def _merge_block_ignore(ptrs, p0, ki, acc, out):  # pragma: no cover - jitted
+    """Policy IGNORE over the _MB pixels from p0: a sum of per-set codes (see _ignore_codes)."""
+    a = ptrs[0]
+    for j in range(_MB):
+        acc[j] = ki[_ld(a, p0 + j, _U8)]
+    for n in range(1, ptrs.size):
+        a = ptrs[n]
+        off = n * 256
+        for j in range(_MB):
+            acc[j] += ki[off + _ld(a, p0 + j, _U8)]
+    for j in range(_MB):
+        out[p0 + j] = _ignore_label(acc[j])
+
+
+_IGN_TAB = np.array([255, 0, 0, 0, 255, 255], np.uint8)  # [min(claims, 2) * 2 + (some set answers)]
+
+
 @njit(inline="always", **_JIT1)
-def _merge_pixel(ptrs, j, key, lab, ignore):  # pragma: no cover - jitted
-    m = 0
-    cnt = 0
-    for n in range(ptrs.size):
-        kk = key[n, _ld(ptrs[n], j, _U8)]
-        m = max(m, kk)
-        cnt += kk >= 2
-    return np.uint8(255) if (ignore and cnt >= 2) else lab[m]
+def _ignore_label(s):  # pragma: no cover - jitted
+    """Branch-free decode of a summed IGNORE code."""
+    claims = np.int64((s >> 16) & 0xFF)
+    x = _IGN_TAB[min(claims, 2) * 2 + np.int64((s >> 24) > 0)]
+    cls = np.uint8(s & 0xFF)
+    return cls if claims == 1 else x
+
+
+def _ignore_codes(key: np.ndarray) -> np.ndarray:
+    """Per-set uint32 codes whose sum over sets decides policy IGNORE.
+
+    bits 0-15: the claimed class (exact when one set claims), bits 16-23: number
+    of claims, bits 24-31: number of sets that do not abstain (N <= 255).
+    """
+    N = key.shape[0]
+    v = np.arange(256)
+    codes = np.zeros((N, 256), np.uint32)
+    codes[key >= 1] += np.uint32(1 << 24)
+    claim = key >= 2
+    codes[claim] += np.uint32(1 << 16) + np.broadcast_to(v, key.shape)[claim].astype(np.uint32)
+    return codes.ravel()
+
+
+@njit(**_JIT1)
+def _block_agrees(ptrs, w0, w1, fast):  # pragma: no cover - jitted
+    """Whether words [w0, w1) are equal in every set and each is all < C or all 255 (copy them)."""
+    a0 = ptrs[0]
+    for i in range(w0, w1):
+        w = _ld(a0, i, _I64)
+        if (((w + fast) | w) & _HIGHS) != 0 and w != -1:   # a byte >= C, and not all 255
+            return False
+        for n in range(1, ptrs.size):
+            if _ld(ptrs[n], i, _I64) != w:
+                return False
+    return True
 
 
 @njit(**_JIT)
-def _merge_labels_kernel(ptrs, npix, key, lab, ignore, fast, nchunks):  # pragma: no cover
+def _merge_labels_kernel(ptrs, npix, key, lab, ki, ignore, fast, nchunks):  # pragma: no cover
     N = ptrs.size
-    nw = npix // 8
+    WB = _MB // 8
+    nb = npix // _MB                          # full blocks; the rest is merged pixel by pixel
     out = np.empty(npix, np.uint8)
-    out64 = out[: nw * 8].view(np.int64)
-    per = (nw + nchunks - 1) // nchunks
+    out64 = out[: nb * _MB].view(np.int64)
+    kf = key.ravel()
+    per = (nb + nchunks - 1) // nchunks
     a0 = ptrs[0]
     for k in prange(nchunks):
-        for i in range(k * per, min(nw, (k + 1) * per)):
-            w = _ld(a0, i, _I64)
-            same = fast >= 0
-            if same:
-                for n in range(1, N):
-                    if _ld(ptrs[n], i, _I64) != w:
-                        same = False
-                        break
-                if same and (((w + fast) | w) & _HIGHS) != 0:
-                    same = False  # some byte >= C: not a plain copy
-            if same:
-                out64[i] = w
+        m = np.empty(_MB, np.uint8)
+        acc = np.empty(_MB, np.uint32)
+        for b in range(k * per, min(nb, (k + 1) * per)):
+            if fast >= 0 and _block_agrees(ptrs, b * WB, b * WB + WB, fast):
+                for i in range(b * WB, b * WB + WB):   # every set says the same: copy
+                    out64[i] = _ld(a0, i, _I64)
+            elif ignore:
+                _merge_block_ignore(ptrs, b * _MB, ki, acc, out)
             else:
-                for j in range(i * 8, i * 8 + 8):
-                    out[j] = _merge_pixel(ptrs, j, key, lab, ignore)
+                _merge_block(ptrs, b * _MB, kf, lab, m, out)
         if k == nchunks - 1:
-            for j in range(nw * 8, npix):
-                out[j] = _merge_pixel(ptrs, j, key, lab, ignore)
+            for p in range(nb * _MB, npix):
+                mm = 0
+                ss = np.uint32(0)
+                for n in range(N):
+                    v = n * 256 + _ld(ptrs[n], p, _U8)
+                    mm = max(mm, kf[v])
+                    ss += ki[v]
+                out[p] = _ignore_label(ss) if ignore else lab[mm]
     return out
 
 
@@ -511,7 +649,8 @@ def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np
         raise ValueError(f"priority must have shape (N, C) = ({N}, {C}), got {pri.shape}")
     key, lab = _merge_tables(sel, pri, np.ones(N, bool), pol, C)
     npix = sets[0].size
-    out = _merge_labels_kernel(_addrs(sets), npix, key, lab, pol == IGNORE, _fast_add(C), _nchunks(npix))
+    out = _merge_labels_kernel(_addrs(sets), npix, key, lab, _ignore_codes(key), pol == IGNORE,
+                               _fast_add(C), _nchunks(npix))
     return out.reshape(sets[0].shape)
 
 

@@ -51,12 +51,14 @@ input and processed on two CUDA streams alternately: for chunk ``k`` the host co
 inputs into a page-locked (pinned) staging buffer, queues the asynchronous host-to-device
 copy, the kernel and (for merges) the device-to-host copy of the output on stream
 ``k % 2``, then goes on to chunk ``k+1`` while the device works. So the host-side staging
-copy of one chunk, the PCIe transfer of another and the kernel of a third overlap, and
+copy of chunk ``k+1`` overlaps the device's work on chunk ``k``, on the device the transfer of
+chunk ``k`` overlaps the kernel of chunk ``k-1`` (two streams, separate copy engine), and
 transfers run from pinned memory (full PCIe bandwidth instead of the pageable-memory
 path). Staging and device buffers are reused across calls, one set per calling thread
-(Dask's threaded scheduler calls kernels concurrently); each thread therefore holds up to
-about 4 x 32 MiB pinned + device memory. For counting the only device-to-host copy is the
-histogram at the end. Counting is transfer-bound for host data (PCIe is ~50x slower than
+(Dask's threaded scheduler calls kernels concurrently): two byte arenas per stream slot
+(inputs, outputs) of one chunk each, so a thread holds about 2 x (32 MiB + the chunk's
+outputs) of pinned memory and the same on the device. For counting the only device-to-host
+copy is the histogram at the end. Counting is transfer-bound for host data (PCIe is ~50x slower than
 device memory), which is why keeping data on the device (CuPy in) is the fast path.
 """
 

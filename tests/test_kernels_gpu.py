@@ -50,6 +50,14 @@ def test_kernels_compile_to_ptx():
     assert "kernels compiled to PTX" in proc.stdout
 
 
+@pytest.mark.parametrize("P", [1, 1000, 3 * 2**31 + 5, 2**40])
+def test_grid_bounds_pixels_per_block(P):
+    """uint32 shared-memory bins cannot overflow: no block counts more than 2**31 pixels."""
+    for work in (None, 1 << 20):
+        blocks = G._blocks(P, work_per_block=work)
+        assert blocks >= 1 and -(-P // blocks) <= 2**31
+
+
 def test_same_api_as_cpu_module():
     from isle_fast.kernels import cpu
 

@@ -98,7 +98,7 @@ def bench_crf_image(scenes, repeat: int) -> dict:
             "speedup": t_ref["best"] / t_ours["best"], "kept_classes_ok": same}
 
 
-def bench_crf_scaling(img: str, src: str, n: int, root: Path, repeat: int) -> list[dict]:
+def bench_crf_scaling(img: str, src: str, n: int, root: Path, repeat: int, cluster: bool = True) -> list[dict]:
     from isle_fast.refine import refine_stack
 
     rows = []
@@ -116,6 +116,8 @@ def bench_crf_scaling(img: str, src: str, n: int, root: Path, repeat: int) -> li
         rows.append({"config": label, "seconds": t["best"], "seconds_per_image": t["best"] / n})
     # a 2-process distributed LocalCluster, if one starts here
     try:
+        if not cluster:
+            raise RuntimeError("not in --quick mode")
         from dask.distributed import Client, LocalCluster
 
         t0 = time.perf_counter()
@@ -158,7 +160,8 @@ def bench_demo_size(root: Path, n: int, h: int, w: int, repeat: int) -> dict:
     return {"images": n, "size": [h, w], "seconds": res}
 
 
-def bench_random_walk(h: int, w: int, num_classes: int, repeat: int, with_network: bool) -> dict:
+def bench_random_walk(h: int, w: int, num_classes: int, repeat: int, with_network: bool,
+                      backbone: str = "resnet50") -> dict:
     import torch
 
     from isle_fast.affinity import AffinityNet, random_walk_image
@@ -197,11 +200,12 @@ def bench_random_walk(h: int, w: int, num_classes: int, repeat: int, with_networ
            "speedup": t_ref["best"] / t_ours["best"], "max_abs_difference": err}
     if with_network:
         torch.manual_seed(0)
-        model = AffinityNet("resnet50", None, stride=stride).eval()
+        model = AffinityNet(backbone, None, stride=stride).eval()
         rgb, _, sc = _scenes(1, h, w, num_classes)[0]
         t_full = best_of(lambda: random_walk_image(model, rgb, sc, "scores", num_classes, radius=radius,
                                                    logt=logt), k=max(1, repeat // 2), warmup=1)
         out["affinitynet_image_seconds"] = t_full["best"]
+        out["backbone"] = backbone
         out["torch_threads"] = torch.get_num_threads()
     return out
 
@@ -222,12 +226,13 @@ def main(argv=None) -> int:
             crf1 = bench_crf_image(scenes, repeat)
             log(f"CRF scaling ({n_scale} images)")
             img, src = _write(root, _scenes(n_scale, h, w, 21, seed=50), 21)
-            scaling = bench_crf_scaling(img, src, n_scale, root, repeat)
+            scaling = bench_crf_scaling(img, src, n_scale, root, repeat, cluster=not quick)
             log("CRF at the demo's size")
             demo = bench_demo_size(root, 8 if quick else 64, 60 if quick else 120, 80 if quick else 160,
                                    1 if quick else 2)
             log("random walk")
-            rw = bench_random_walk(h, w, 4 if quick else 21, repeat, with_network=True)
+            rw = bench_random_walk(h, w, 4 if quick else 21, repeat, with_network=True,
+                                   backbone="resnet18" if quick else "resnet50")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
                          "seconds": rw["dense_squaring_seconds"]}]))
     print(f"  ratio {rw['speedup']:.1f}x, max |difference| {rw['max_abs_difference']:.2e}")
     if "affinitynet_image_seconds" in rw:
-        print(f"  whole AffinityNet inference per image (ResNet-50 forward on CPU + walk): "
+        print(f"  whole AffinityNet inference per image ({rw['backbone']} forward on CPU + walk): "
               f"{rw['affinitynet_image_seconds']:.2f} s")
 
     best_proc = next((r for r in scaling if r["config"] == "2 processes"), None)

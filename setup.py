@@ -29,6 +29,8 @@ EXTRAS = {
     # else from this wheel (kernels/gpu.py points Numba at it).
     "gpu": ["cupy-cuda12x>=13", "nvidia-cuda-nvcc-cu12>=12.0"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+    # optional references timed by benchmarks/pipeline.py (skipped cleanly when absent)
+    "bench": ["torchmetrics>=1.4", "SimpleITK>=2.3"],
 }
 
 setup(

@@ -6,7 +6,8 @@ Data: N generated VOC-sized label maps (one side 500, the other 330..500,
 objects with the 255 void band), written once as palette PNGs to
 ``benchmarks/results/tmp/ingest-pngs-N`` (cached between runs).
 
-Measured (best of k, page cache warm for both):
+Measured (best of k rounds after a warm-up round; each round runs the reference and then ours, so
+load changes on a shared machine hit all alike; wall seconds and process CPU seconds, all threads):
 
 * reference: a plain loop, ``np.asarray(PIL.Image.open(f))`` for every file
   into a preallocated padded ``(N, 500, 500)`` uint8 array, then ``np.save``
@@ -24,11 +25,12 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import bench_parser, best_of, format_table, headline_row, tmp_dir, write_json
+from benchmarks.common import bench_parser, format_table, headline_row, tmp_dir, write_json
 from benchmarks.compression import label_batch
 
 
@@ -96,26 +98,43 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         npy = work / "ref.npy"
-        ref = best_of(lambda: reference_loop(folder, npy, side), k=k, warmup=1)
-        rows = [{"method": "PIL + NumPy loop -> np.save (reference)", "threads": 1, "seconds": ref["best"],
-                 "bytes_on_disk": dir_bytes(npy)}]
         store = work / "s.zarr"
-        configs = [1, _default_workers(None)]
-        for w in dict.fromkeys(configs):
-            t = best_of(lambda w=w: ingest_labels(folder, store, overwrite=True, workers=w, quiet=True),
-                        k=k, warmup=0)
-            rows.append({"method": "isle ingest labels", "threads": w, "seconds": t["best"],
-                         "bytes_on_disk": dir_bytes(store)})
+        threads = list(dict.fromkeys([1, _default_workers(None)]))
+        runs: dict[str, dict[str, list[float]]] = {}
+
+        def timed(key: str, fn) -> None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            d = runs.setdefault(key, {"wall": [], "cpu": []})
+            d["wall"].append(time.perf_counter() - t0)
+            d["cpu"].append(time.process_time() - c0)
+
+        # round-robin (reference, then ours at each thread count), so load changes hit all alike
+        for r in range(k + 1):
+            timed("ref", lambda: reference_loop(folder, npy, side))
+            for w in threads:
+                timed(f"isle-{w}", lambda w=w: ingest_labels(folder, store, overwrite=True, workers=w, quiet=True))
+            if r == 0:  # warm-up round (page cache, imports)
+                runs.clear()
+        rows = [{"method": "PIL + NumPy loop -> np.save (reference)", "threads": 1,
+                 "seconds": min(runs["ref"]["wall"]), "cpu_seconds": min(runs["ref"]["cpu"]),
+                 "bytes_on_disk": dir_bytes(npy)}]
+        for w in threads:
+            rows.append({"method": "isle ingest labels", "threads": w, "seconds": min(runs[f"isle-{w}"]["wall"]),
+                         "cpu_seconds": min(runs[f"isle-{w}"]["cpu"]), "bytes_on_disk": dir_bytes(store)})
+        ref = {"best": rows[0]["seconds"]}
         for r in rows:
             r["images_per_s"] = n / r["seconds"]
             r["Mpix_per_s"] = pixels / r["seconds"] / 1e6
             r["speedup_vs_reference"] = ref["best"] / r["seconds"]
+            r["cpu_ratio_vs_reference"] = r["cpu_seconds"] / rows[0]["cpu_seconds"]
         png_bytes = dir_bytes(folder)
         print(f"{n} label PNGs ({pixels / 1e6:.1f} Mpix, {png_bytes / 1e6:.1f} MB as PNG), "
               f"cpu_count={os.cpu_count()}")
         print(format_table([{"method": r["method"], "threads": r["threads"], "seconds": f"{r['seconds']:.2f}",
                              "images/s": f"{r['images_per_s']:.0f}", "Mpix/s": f"{r['Mpix_per_s']:.1f}",
                              "x reference": f"{r['speedup_vs_reference']:.2f}",
+                             "CPU s": f"{r['cpu_seconds']:.2f}",
                              "MB on disk": f"{r['bytes_on_disk'] / 1e6:.1f}"} for r in rows]))
         best = min(rows[1:], key=lambda r: r["seconds"])
         headline = [headline_row(f"ingest {n} label PNGs ({best['threads']} threads)", best["seconds"],

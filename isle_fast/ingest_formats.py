@@ -125,11 +125,12 @@ def check_labels(arr: np.ndarray, num_classes: int) -> np.ndarray:
             raise BadInput(f"value {int(a[r, c])} at row {r}, column {c} is outside [0, {num_classes}) "
                            f"and not {IGNORE_INDEX} (ignore)")
         return a.astype(np.uint8)
-    if num_classes < IGNORE_INDEX:
-        counts = np.bincount(arr.ravel(), minlength=256)
-        if counts[num_classes:IGNORE_INDEX].any():
-            v = int(np.nonzero(counts[num_classes:IGNORE_INDEX])[0][0]) + num_classes
-            r, c = (int(x) for x in np.argwhere(arr == v)[0][:2])
+    # fast test first (two SIMD compares): every value >= C must be 255
+    if num_classes < IGNORE_INDEX and np.count_nonzero(arr >= num_classes) != np.count_nonzero(arr == IGNORE_INDEX):
+        bad = (arr >= num_classes) & (arr != IGNORE_INDEX)
+        if bad.any():
+            r, c = (int(x) for x in np.argwhere(bad)[0][:2])
+            v = int(arr[r, c])
             raise BadInput(f"value {v} at row {r}, column {c} is outside [0, {num_classes}) "
                            f"and not {IGNORE_INDEX} (ignore)")
     return arr

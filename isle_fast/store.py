@@ -413,7 +413,10 @@ class StackWriter:
         self.path = final_path
         self.work_path = work_path
         self.group = group
-        self.array = group[layout.array]
+        # write_empty_chunks: Zarr's test "is this chunk all fill value?" costs ~30x the Zstd encode of a
+        # label chunk (measured: 100 ms vs 3 ms wall per 8 MiB chunk); all-padding chunks are rare
+        # and compress to a few bytes, so they are simply written
+        self.array = group[layout.array].with_config({"write_empty_chunks": True})
         self.layout = layout
         self.shapes = np.asarray(group["shapes"][:], dtype=np.int64)
         self.overwrite = overwrite

@@ -10,6 +10,8 @@ Every sweep varies one variable of a synthetic data set (cached stores under
   the ensemble store);
 * the kernels alone on arrays in memory (``confusion_labels``,
   ``merge_labels``): what the hot loop costs without I/O;
+* in the images sweep, ``isle_fast.ingest.ingest_labels`` of the gt from a
+  PNG folder next to a plain PIL decode loop over the same files;
 * the references on the same arrays in memory: the public WSSS per-image
   masked ``np.bincount`` (one call per image and set) and a plain NumPy
   Algorithm 3 merge (a loop over classes).
@@ -157,6 +159,26 @@ def _in_memory(data: dict[str, Any], repeat: int) -> dict[str, float]:
     }
 
 
+def _ingest(data: dict[str, Any], repeat: int, work: Path) -> dict[str, float]:
+    """``ingest_labels`` of the gt from a PNG folder vs the plain PIL decode loop over the same files."""
+    from isle_fast.ingest import ingest_labels
+
+    from .common import export_pngs, read_png
+
+    pngs = export_pngs({"gt": data["gt"]}, Path(data["root"]) / "png")
+    folder = Path(pngs["folder"]) / "gt"
+    files = sorted(folder.glob("*.png"))
+    runs, ref = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ingest_labels(folder, work / "ingest.zarr", kind="gt", overwrite=True, quiet=True)
+        runs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        [read_png(f) for f in files]
+        ref.append(time.perf_counter() - t0)
+    return {"ingest": min(runs), "ref_pil_decode": min(ref)}
+
+
 def _dataset(root: Path, images: int, side: int, sets: int, classes: int, chunk: int | None = None) -> dict:
     return make_label_stores(root, images, n_sets=sets, max_side=side, num_classes=classes, seed=11,
                              chunk_images=chunk)
@@ -186,6 +208,8 @@ def run_sweep(var: str, sizes: dict[str, Any], repeat: int, root: Path, work: Pa
         data = _dataset(root, cfg["images"], cfg["side"], cfg["sets"], cfg["classes"], chunk)
         steps = _steps(data, work / "ens.zarr", repeat, workers)
         mem = _in_memory(data, repeat) if var not in ("chunk_images", "workers") else {}
+        if var == "images":
+            mem.update(_ingest(data, repeat, work))
         x = v * v * cfg["images"] if var == "pixels" else v
         rows.append({"variable": var, "value": v, "x": x, "images": cfg["images"], "side": cfg["side"],
                      "sets": cfg["sets"], "classes": cfg["classes"], "chunk_images": data["chunks"][0],
@@ -201,6 +225,8 @@ def fits(var: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, label, pi in (("evaluate", "evaluate (stores)", 0), ("merge", "merge (stores)", 1),
                            ("kernel_confusion", "kernel confusion_labels", 0), ("kernel_merge", "kernel merge_labels", 1),
                            ("ref_bincount", "reference np.bincount loop", 0),
+                           ("ingest", "ingest_labels (PNG folder -> store)", 0),
+                           ("ref_pil_decode", "reference PIL decode loop", 0),
                            ("ref_numpy_merge", "reference NumPy Algorithm 3", 1)):
         if not all(key in r for r in rows):
             continue
@@ -235,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         f = fits(var, rows)
         all_fits += f
         cols = ["value", "evaluate", "select", "merge"] + [k for k in ("kernel_confusion", "kernel_merge",
-                                                                       "ref_bincount", "ref_numpy_merge")
+                                                                       "ref_bincount", "ref_numpy_merge",
+                                                                       "ingest", "ref_pil_decode")
                                                            if k in rows[0]]
         print(f"\nSweep over {var} (seconds, best of {repeat}; base: {sizes['base']})")
         print(format_table(rows, cols))
@@ -243,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         series = {lab: ([r["x"] for r in rows], [r[k] for r in rows]) for k, lab in
                   (("evaluate", "evaluate"), ("merge", "merge"), ("kernel_confusion", "kernel confusion"),
                    ("kernel_merge", "kernel merge"), ("ref_bincount", "ref bincount loop"),
-                   ("ref_numpy_merge", "ref NumPy Alg. 3")) if k in rows[0]}
+                   ("ref_numpy_merge", "ref NumPy Alg. 3"), ("ingest", "ingest (PNG -> store)"),
+                   ("ref_pil_decode", "ref PIL decode")) if k in rows[0]}
         plot_loglog(results_dir() / f"scaling_{var}.png", series, xlabel=xlabel,
                     title=f"isle-fast scaling over {var}")
 

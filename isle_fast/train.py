@@ -51,9 +51,9 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -281,7 +281,14 @@ def _plot(path: Path, history: list[dict], val: list[dict]) -> None:
 
 
 # -- training -------------------------------------------------------------------------
-def _seed_everything(seed: int, deterministic: bool) -> None:
+def _seed_everything(seed: int, deterministic: bool) -> dict:
+    """Seed every RNG; with ``deterministic`` switch torch to deterministic kernels.
+
+    Returns the previous global switches, for :func:`_restore_switches`.
+    """
+    old = {"det": torch.are_deterministic_algorithms_enabled(),
+           "warn": torch.is_deterministic_algorithms_warn_only_enabled(),
+           "bench": torch.backends.cudnn.benchmark, "cudnn_det": torch.backends.cudnn.deterministic}
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -292,6 +299,13 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+    return old
+
+
+def _restore_switches(old: dict) -> None:
+    torch.use_deterministic_algorithms(old["det"], warn_only=old["warn"])
+    torch.backends.cudnn.benchmark = old["bench"]
+    torch.backends.cudnn.deterministic = old["cudnn_det"]
 
 
 def _rng_state() -> dict:
@@ -431,7 +445,15 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     run.mkdir(parents=True, exist_ok=True)
     _write_text(run / "config.json", json.dumps(asdict(cfg), indent=1))
 
-    _seed_everything(cfg.seed, cfg.deterministic)
+    switches = _seed_everything(cfg.seed, cfg.deterministic)
+    try:
+        return _run(cfg, run, dev, use_amp, ck, stop_after, quiet, timer)
+    finally:
+        _restore_switches(switches)
+
+
+def _run(cfg: TrainConfig, run: Path, dev: torch.device, use_amp: bool, ck: dict | None,
+         stop_after: int | None, quiet: bool, timer: Timer) -> TrainResult:
     ds = SegmentationDataset(cfg.images, cfg.labels, train=True, crop=cfg.crop,
                              scale_range=(cfg.scale_min, cfg.scale_max), flip=cfg.flip)
     classes = ds.classes

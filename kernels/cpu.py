@@ -220,7 +220,23 @@ def _check_selection(selection, C: int, N: int, first: int, name: str = "selecti
 
 
 def _nchunks(npix: int) -> int:
+    """Parallel work items for npix pixels: one per thread, at least BLOCK pixels each."""
     return int(max(1, min(numba.get_num_threads(), -(-npix // BLOCK))))
+
+
+def _call(kernel, *args):
+    """Run a parallel kernel; with a single chunk (the last argument) on the calling thread only.
+
+    Waking the thread pool for a small input costs far more than the work on a busy machine.
+    """
+    if args[-1] == 1 and numba.get_num_threads() > 1:
+        old = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return kernel(*args)
+        finally:
+            numba.set_num_threads(old)
+    return kernel(*args)
 
 
 def _addrs(arrays: tuple) -> np.ndarray:
@@ -233,56 +249,44 @@ def _addrs(arrays: tuple) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 @njit(inline="always", **_JIT1)
-def _count_word(g, gaddr, ptrs, i, wt, h, R, rowbase, rb):  # pragma: no cover - jitted
-    """Add word i (8 pixels) of gt and every set, ``wt`` times, to the flat histograms h."""
-    gw = _ld(gaddr, i, _I64)
+def _add_word(h, off, rowbase, gw, sw, g, a, j0, wt):  # pragma: no cover - jitted
+    """Add one 8-pixel word pair (gt word gw, set word sw at pixel j0), ``wt`` times, to h[off:]."""
     g0 = gw & 0xFF
-    guni = gw == g0 * _ONES
-    j0 = i * 8
-    if guni:
-        grow = rowbase[g0]
-    else:
-        for j in range(8):
-            rb[j] = rowbase[g[j0 + j]]
-    for n in range(ptrs.size):
-        a = ptrs[n]
-        off = n * R
-        sw = _ld(a, i, _I64)
-        if guni:
-            s0 = sw & 0xFF
-            if sw == s0 * _ONES:              # gt and set uniform over the word
-                h[off + grow + s0] += 8 * wt
-            else:
-                for j in range(8):
-                    h[off + grow + _ld(a, j0 + j, _U8)] += wt
-        elif sw == gw:                        # set agrees with gt: diagonal
-            for j in range(8):
-                h[off + rb[j] + g[j0 + j]] += wt
+    if gw == g0 * _ONES:                       # gt uniform over the word
+        grow = off + rowbase[g0]
+        s0 = sw & 0xFF
+        if sw == s0 * _ONES:                   # ... and the set too: one bin
+            h[grow + s0] += 8 * wt
         else:
             for j in range(8):
-                h[off + rb[j] + _ld(a, j0 + j, _U8)] += wt
+                h[grow + _ld(a, j0 + j, _U8)] += wt
+    else:
+        for j in range(8):
+            h[off + rowbase[g[j0 + j]] + _ld(a, j0 + j, _U8)] += wt
 
 
-_CW = 8   # words per constant-block check in the confusion kernel (64 pixels)
+@njit(inline="always", **_JIT1)
+def _count_pairs(h, off, rowbase, g, gaddr, a, i0, i1):  # pragma: no cover - jitted
+    """Words [i0, i1) of gt against one set; runs of repeated word pairs are added once."""
+    pg = _ld(gaddr, i0, _I64)
+    ps = _ld(a, i0, _I64)
+    pi = i0
+    run = 1
+    for i in range(i0 + 1, i1):
+        gw = _ld(gaddr, i, _I64)
+        sw = _ld(a, i, _I64)
+        if gw == pg and sw == ps:
+            run += 1
+        else:
+            _add_word(h, off, rowbase, pg, ps, g, a, pi * 8, run)
+            pg = gw
+            ps = sw
+            pi = i
+            run = 1
+    _add_word(h, off, rowbase, pg, ps, g, a, pi * 8, run)
 
 
-@njit(**_JIT1)
-def _block_constant(gaddr, ptrs, i0):  # pragma: no cover - jitted
-    """Whether words [i0, i0 + _CW) of gt and of every set each repeat their first word."""
-    w0 = _ld(gaddr, i0, _I64)
-    d = np.int64(0)
-    for i in range(i0 + 1, i0 + _CW):
-        d |= _ld(gaddr, i, _I64) ^ w0
-    if d != 0:
-        return False
-    for n in range(ptrs.size):
-        a = ptrs[n]
-        w0 = _ld(a, i0, _I64)
-        for i in range(i0 + 1, i0 + _CW):
-            d |= _ld(a, i, _I64) ^ w0
-        if d != 0:
-            return False
-    return True
+_CB = 4096   # words per cache block of the confusion kernel (32 KiB of gt, re-read once per set)
 
 
 @njit(**_JIT)
@@ -298,40 +302,11 @@ def _confusion_labels_kernel(g, gaddr, ptrs, C, nchunks):  # pragma: no cover - 
     per = (nw + nchunks - 1) // nchunks
     for k in prange(nchunks):
         h = hist[k]
-        rb = np.empty(8, np.int64)
-        prev = np.empty(N, np.int64)
-        prev_i = -1
-        prev_g = _I64
-        run = 0
-        start = k * per
         end = min(nw, (k + 1) * per)
-        i = start
-        # Consecutive words where gt and every set repeat the previous word are counted once
-        # (x run length); blocks of _CW words that are constant in every array are one step.
-        while i < end:
-            step = 1
-            if (i - start) % _CW == 0 and i + _CW <= end and _block_constant(gaddr, ptrs, i):
-                step = _CW
-            gw = _ld(gaddr, i, _I64)
-            same = run > 0 and gw == prev_g
-            if same:
-                for n in range(N):
-                    if _ld(ptrs[n], i, _I64) != prev[n]:
-                        same = False
-                        break
-            if same:
-                run += step
-            else:
-                if run > 0:
-                    _count_word(g, gaddr, ptrs, prev_i, run, h, R, rowbase, rb)
-                prev_i = i
-                prev_g = gw
-                for n in range(N):
-                    prev[n] = _ld(ptrs[n], i, _I64)
-                run = step
-            i += step
-        if run > 0:
-            _count_word(g, gaddr, ptrs, prev_i, run, h, R, rowbase, rb)
+        for b0 in range(k * per, end, _CB):
+            b1 = min(end, b0 + _CB)
+            for n in range(N):
+                _count_pairs(h, n * R, rowbase, g, gaddr, ptrs[n], b0, b1)
         if k == nchunks - 1:  # the tail bytes after the last full word
             for j in range(nw * 8, npix):
                 for n in range(N):
@@ -368,7 +343,7 @@ def confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     gt = _check_gt(gt)
     sets = _check_label_sets(sets, gt.shape)
     g = gt.reshape(-1)
-    hist = _confusion_labels_kernel(g, _addrs((g,))[0], _addrs(sets), C, _nchunks(g.size))
+    hist = _call(_confusion_labels_kernel, g, _addrs((g,))[0], _addrs(sets), C, _nchunks(g.size))
     return _fold_columns(hist, C)
 
 
@@ -419,7 +394,7 @@ def decode_scores(scores: np.ndarray, bg_threshold: float = -1.0) -> np.ndarray:
     C = s.shape[-1]
     use, thr = _threshold_raw(bg_threshold, s.dtype)
     npix = s.size // C
-    out = _decode_kernel(_addrs((s,))[0], npix, C, use, thr, _nchunks(npix))
+    out = _call(_decode_kernel, _addrs((s,))[0], npix, C, use, thr, _nchunks(npix))
     return out.reshape(s.shape[:-1])
 
 
@@ -461,7 +436,7 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     sets = _check_score_sets(sets, gt.shape, C)
     use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
     g = gt.reshape(-1)
-    hist = _confusion_scores_kernel(g, _addrs(sets), C, use, thr, _nchunks(g.size))
+    hist = _call(_confusion_scores_kernel, g, _addrs(sets), C, use, thr, _nchunks(g.size))
     return hist.sum(axis=0)
 
 
@@ -649,7 +624,7 @@ def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np
         raise ValueError(f"priority must have shape (N, C) = ({N}, {C}), got {pri.shape}")
     key, lab = _merge_tables(sel, pri, np.ones(N, bool), pol, C)
     npix = sets[0].size
-    out = _merge_labels_kernel(_addrs(sets), npix, key, lab, _ignore_codes(key), pol == IGNORE,
+    out = _call(_merge_labels_kernel, _addrs(sets), npix, key, lab, _ignore_codes(key), pol == IGNORE,
                                _fast_add(C), _nchunks(npix))
     return out.reshape(sets[0].shape)
 
@@ -723,7 +698,7 @@ def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,
     npix = sets[0].size // C
     merged = np.empty(shape, sets[0].dtype)
     labels = np.empty(shape[:-1], np.uint8)
-    _merge_scores_kernel(_addrs(sets), sel, pol, use, thr, labels.reshape(-1),
+    _call(_merge_scores_kernel, _addrs(sets), sel, pol, use, thr, labels.reshape(-1),
                          _score_view(merged).reshape(npix, C), _nchunks(npix))
     return labels, merged
 
@@ -902,9 +877,9 @@ def subset_confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     if method == "hash" and not fits:
         raise ValueError(f"method='hash' needs (N + 1) * {bits} <= 63 bits, N = {N}")
     if method != "direct" and fits:
-        out = _subset_labels_hash_kernel(g, ptrs, key, lab, pol == IGNORE, C, bits, _nchunks(g.size))
+        out = _call(_subset_labels_hash_kernel, g, ptrs, key, lab, pol == IGNORE, C, bits, _nchunks(g.size))
     else:
-        out = _subset_labels_direct_kernel(g, ptrs, key, lab, pol == IGNORE, C, _nchunks(g.size))
+        out = _call(_subset_labels_direct_kernel, g, ptrs, key, lab, pol == IGNORE, C, _nchunks(g.size))
     return out.sum(axis=0)
 
 
@@ -983,5 +958,5 @@ def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     pol = _check_policy(policy)
     use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
     g = gt.reshape(-1)
-    out = _subset_scores_kernel(g, _addrs(sets), C, sels, pol, use, thr, _nchunks(g.size))
+    out = _call(_subset_scores_kernel, g, _addrs(sets), C, sels, pol, use, thr, _nchunks(g.size))
     return out.sum(axis=0)

@@ -477,7 +477,7 @@ def _merge_tables(selection: np.ndarray, priority: np.ndarray, member: np.ndarra
     return key, lab
 
 
-_MB = 256       # pixels per merge block
+_MB = 64        # pixels per merge block (measured: 64 beats 16..512 on VOC-like maps)
 
 
 @njit(**_JIT1)
@@ -551,6 +551,17 @@ def _block_agrees(ptrs, w0, w1, fast):  # pragma: no cover - jitted
     return True
 
 
+@njit(**_JIT1)
+def _block_repeats(ptrs, w0, nw):  # pragma: no cover - jitted
+    """Whether words [w0, w0 + nw) of every set equal the nw words before them."""
+    for n in range(ptrs.size):
+        a = ptrs[n]
+        for i in range(w0, w0 + nw):
+            if _ld(a, i, _I64) != _ld(a, i - nw, _I64):
+                return False
+    return True
+
+
 @njit(**_JIT)
 def _merge_labels_kernel(ptrs, npix, key, lab, ki, ignore, fast, nchunks):  # pragma: no cover
     N = ptrs.size
@@ -568,6 +579,9 @@ def _merge_labels_kernel(ptrs, npix, key, lab, ki, ignore, fast, nchunks):  # pr
             if fast >= 0 and _block_agrees(ptrs, b * WB, b * WB + WB, fast):
                 for i in range(b * WB, b * WB + WB):   # every set says the same: copy
                     out64[i] = _ld(a0, i, _I64)
+            elif b > k * per and _block_repeats(ptrs, b * WB, WB):
+                for i in range(b * WB, b * WB + WB):   # every set repeats its previous block
+                    out64[i] = out64[i - WB]
             elif ignore:
                 _merge_block_ignore(ptrs, b * _MB, ki, acc, out)
             else:

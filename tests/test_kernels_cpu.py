@@ -238,8 +238,10 @@ def test_large_inputs_several_chunks(threads, run):
     sets = _label_sets(rng, gt, C, N)
     if run < 100:   # one set is noise: many distinct tuples (hash table flushes)
         sets = (sets[0], rng.integers(0, 256, gt.shape).astype(np.uint8), sets[2])
-    else:           # long runs where all sets agree (word / block fast paths), a few changes
-        sets = tuple(np.where(rng.random(gt.shape) < 0.9995, gt, s).astype(np.uint8) for s in sets)
+    else:           # long runs where all sets agree (word / block fast paths), a few changes; one set
+        half = np.arange(gt.size) < gt.size // 2     # disagrees over whole runs in one half (repeat path)
+        base = (gt, np.where(half & (gt < C), (gt + 1) % C, gt), gt)
+        sets = tuple(np.where(rng.random(gt.shape) < 0.9995, b, s).astype(np.uint8) for b, s in zip(base, sets))
     sel, pri = _selection(rng, C, N)
     sels, members = _subsets(rng, C, N, first=1)
     old = numba.get_num_threads()

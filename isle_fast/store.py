@@ -109,16 +109,16 @@ def default_compressors(encoding: str | None = None) -> tuple:
     encode at >= 1 GB/s (labels) / >= 400 MB/s (scores) per core.
 
     * Label maps: plain Zstd 3 stores them 130x (ground-truth-like) and 170x
-      (pseudo-label-like) smaller than raw, encoding at 3.3-4.0 GB/s and
-      decoding at 5.6-6.6 GB/s per core. The former default, Blosc(zstd, 3,
+      (pseudo-label-like) smaller than raw, encoding at 3.4-4.1 GB/s and
+      decoding at 5.7-6.6 GB/s per core. The former default, Blosc(zstd, 3,
       noshuffle), is worse on every axis there (123x / 161x, 1.2-1.9 GB/s
       encode, 3.6-3.7 GB/s decode); Blosc(zstd, 5) stores ~9 % fewer bytes but
-      encodes 11-17x slower (0.24-0.31 GB/s), which would make merges and ingests
+      encodes 11-16x slower (0.25-0.31 GB/s), which would make merges and ingests
       compression-bound; LZ4 is faster still but 3.4-3.7x larger. Byte / bit
       shuffle cannot help 1-byte values (bitshuffle roughly halved the ratio).
       For comparison, PNG holds the same maps only 77x / 98x smaller.
     * Scores: Zstd 1 gave the best ratio of all candidates (9.0x uint8, 9.4x
-      float16), decoding at 1.4-1.9 GB/s and encoding at 0.58-0.82 GB/s per
+      float16), decoding at 1.4-1.9 GB/s and encoding at 0.59-0.82 GB/s per
       core; the only faster encoder (Blosc LZ4) stores 2.3-2.5x more bytes,
       and a score pixel is C bytes, so bytes dominate. The encode bar is lower
       than for labels because loading and quantising CAM files (float32, 4x

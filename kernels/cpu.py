@@ -21,22 +21,41 @@ Conventions
 
 Performance notes
 -----------------
-* One pass over gt for all N sets (fused), parallel over contiguous pixel
-  chunks with thread-private histograms summed at the end (so the result
-  does not depend on the thread count).
-* Label maps are compared 8 pixels at a time (``uint64`` words): where a set
-  agrees with gt over a whole word (most pixels of real label maps) only the
-  diagonal is counted, with one increment when the word is uniform.
-* ``merge_labels`` reduces each pixel to per-set lookup tables (a claim key
-  ordered by the policy) and copies whole 8-pixel words where all sets agree.
+* The N sets reach the compiled kernels as an int64 array of data addresses
+  (read with an unaligned-load intrinsic), so ONE compiled kernel serves every
+  N (a tuple of arrays would compile once per N, seconds each); score kernels
+  compile once per score dtype. ``cache=True`` keeps them across processes.
+* Parallel over contiguous pixel ranges, one per Numba thread, with
+  thread-private histograms summed at the end: the result does not depend on
+  the thread count or on how the caller chunks the data (counts add up). An
+  input of a single work item (< ``BLOCK`` pixels) runs on the calling thread
+  (waking the pool costs more than the work). Callers that already run
+  kernels from several threads (Dask) may want ``numba.set_num_threads(1)``
+  in those threads to avoid oversubscription.
+* ``confusion_labels`` reads gt once per cache block (4096 words = 32 KiB)
+  and walks it against one set at a time, 8 pixels (one uint64 word) per
+  step: a run of repeated (gt word, set word) pairs is added once (x run
+  length), a pair of uniform words is a single increment, other words are
+  counted pixel by pixel. Real label maps are mostly large uniform regions,
+  so most pixels cost a word compare. Histograms are indexed by raw label
+  bytes (rows min(gt, C), 256 columns), so no per-pixel remapping is needed.
+* ``merge_labels`` works on 64-pixel blocks: where every set has the same
+  bytes (all < C, or all 255) the block is copied; where every set repeats
+  its previous block the previous result is copied; otherwise each pixel's
+  result is ``lab[max_n key[n, label_n]]`` with small per-set lookup tables
+  (the key orders claims by the policy; IGNORE sums per-set codes instead),
+  evaluated one set at a time over the block.
 * ``subset_confusion_labels`` counts the distinct tuples
   ``(gt, l_1 .. l_N)`` of each chunk in a small open-addressing hash table
-  (run-length first: consecutive equal tuples are one insert) and evaluates
-  every subset's merge on the distinct tuples only: exact, and O(distinct x
-  S x N) instead of O(pixels x S x N). Falls back to a per-pixel evaluation
-  when the packed tuple does not fit 63 bits ((N + 1) * bits(C) > 63).
-* ``subset_confusion_scores`` evaluates each subset per pixel (O(S x C) per
-  pixel, after decoding the N x C scores of the pixel once).
+  (run-length first: consecutive equal tuples are one insert; the table is
+  evaluated and cleared when half full) and evaluates every subset's merge
+  on the distinct tuples only: exact, and O(distinct x S x N) instead of
+  O(pixels x S x N). Falls back to a per-pixel evaluation of every subset
+  (``method="direct"``) when the packed tuple does not fit 63 bits,
+  ``(N + 1) * bits(C) > 63`` (e.g. N >= 8 with C > 63).
+* ``subset_confusion_scores`` decodes the N x C scores of a pixel once and
+  evaluates each subset on them: O(S x C) per pixel (exact, but slow for
+  large S: 255 subsets of 8 sets is ~5000 compares per pixel).
 """
 
 from __future__ import annotations
@@ -647,38 +666,53 @@ def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np
 # merge of score stacks
 # ----------------------------------------------------------------------------------------------
 
-@njit(**_JIT)
-def _merge_scores_kernel(ptrs, sel, policy, use_thr, thr, labels, merged, nchunks):  # pragma: no cover
-    npix, C = merged.shape
-    per = (npix + nchunks - 1) // nchunks
-    for k in prange(nchunks):
-        for i in range(k * per, min(npix, (k + 1) * per)):
-            base = i * C
-            r0 = thr if use_thr else _ld(ptrs[sel[0]], base, thr)
-            merged[i, 0] = r0
-            bg = _key(r0)
-            best = 0
+@njit(**_JIT1)
+def _merge_scores_range(pc, sel, policy, use_thr, thr, labels, merged, i0, i1):  # pragma: no cover
+    """Pixels [i0, i1): gather the chosen slices (pc[c] = address of set sel[c]), then decode."""
+    C = merged.shape[1]
+    for i in range(i0, i1):
+        base = i * C
+        for c in range(C):
+            merged[i, c] = _ld(pc[c], base + c, thr)
+        if use_thr:
+            merged[i, 0] = thr
+    for i in range(i0, i1):
+        bg = _key(merged[i, 0])
+        best = 0
+        if policy == SCORE:                      # argmax of the merged row, first index wins
             bestv = bg
+            for c in range(1, C):
+                v = _key(merged[i, c])
+                if v > bestv:
+                    bestv = v
+                    best = c
+            labels[i] = best
+        else:
             bestn = 1 << 30
             cnt = 0
             for c in range(1, C):
-                n = sel[c]
-                r = _ld(ptrs[n], base + c, thr)
-                merged[i, c] = r
-                v = _key(r)
-                if v > bg:
+                if _key(merged[i, c]) > bg:
                     cnt += 1
-                    if policy == SCORE:
-                        if v > bestv:
-                            bestv = v
-                            best = c
-                    elif policy == ORDER:
-                        if n < bestn:
-                            bestn = n
+                    if policy == ORDER:
+                        if sel[c] < bestn:
+                            bestn = sel[c]
                             best = c
                     elif cnt == 1:
                         best = c
             labels[i] = 255 if (policy == IGNORE and cnt >= 2) else best
+
+
+@njit(**_JIT)
+def _merge_scores_kernel(ptrs, sel, policy, use_thr, thr, labels, merged, nchunks):  # pragma: no cover
+    npix, C = merged.shape
+    pc = np.empty(C, np.int64)
+    for c in range(C):
+        pc[c] = ptrs[sel[c]]
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        i1 = min(npix, (k + 1) * per)
+        for i0 in range(k * per, i1, 1024):      # blocks that stay in L1 between gather and decode
+            _merge_scores_range(pc, sel, policy, use_thr, thr, labels, merged, i0, min(i1, i0 + 1024))
 
 
 def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,

@@ -22,7 +22,11 @@ Every kernel is measured next to a plain NumPy reference on the same arrays:
 Rates: pixel-pairs / s = pixels x sets (confusion), pixels / s (merge, decode),
 and for subset analysis pixels / s over all subsets at once. Timings are the
 BEST of k runs after a warm-up (the machine may be shared: noise only adds
-time). Results are checked equal to the references before they are reported.
+time). Besides wall-clock time we record the process CPU time of each run
+(all threads): ``cpu_ratio`` = reference CPU seconds / ours, the work saved,
+which a busy shared machine distorts much less than wall time; the load
+average is printed with the table. Results are checked equal to the
+references before they are reported.
 
 Writes ``<out>/kernels.json`` (default ``benchmarks/results``).
 """
@@ -38,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
-from benchmarks.common import bench_parser, best_of, format_table, headline_row, log, write_json
+from benchmarks.common import bench_parser, format_table, headline_row, log, write_json
 from isle_fast.kernels import cpu
 
 C = 21
@@ -183,6 +187,21 @@ def all_subsets(n_sets: int, priority: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 # --------------------------------------------------------------------------- driver
 
+def timed(fn: Callable[[], Any], k: int, warmup: int = 1) -> dict[str, Any]:
+    """Best wall time and best process CPU time (all threads) of k runs after ``warmup`` runs."""
+    value = None
+    for _ in range(warmup):
+        value = fn()
+    walls, cpus = [], []
+    for _ in range(max(1, k)):
+        c0, t0 = time.process_time(), time.perf_counter()
+        value = fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {"best": min(walls), "median": float(np.median(walls)), "cpu_best": min(cpus), "runs": walls,
+            "value": value}
+
+
 def _row(name: str, data: str, units: float, unit: str, ours: dict, ref: dict | None, ref_name: str,
          equal: bool | None) -> dict[str, Any]:
     r = {"kernel": name, "data": data, "unit": unit,
@@ -191,6 +210,8 @@ def _row(name: str, data: str, units: float, unit: str, ours: dict, ref: dict | 
          "ref_s": ref["best"] if ref else None,
          "ref_rate": units / ref["best"] if ref else None,
          "speedup": (ref["best"] / ours["best"]) if ref else None,
+         "ours_cpu_s": ours["cpu_best"], "ref_cpu_s": ref["cpu_best"] if ref else None,
+         "cpu_ratio": (ref["cpu_best"] / ours["cpu_best"]) if (ref and ours["cpu_best"] > 0) else None,
          "equal": equal}
     return r
 
@@ -224,12 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def bench(name, data, units, unit, ours_fn, ref_fn, ref_name, check, k_ref=None):
         log(f"  {name} ({data}) ...")
-        ours = best_of(ours_fn, k=k, warmup=1)
-        ref = best_of(ref_fn, k=k_ref or max(1, k // 2), warmup=0) if ref_fn else None
+        ours = timed(ours_fn, k=k, warmup=1)
+        ref = timed(ref_fn, k=k_ref or max(1, k // 2), warmup=0) if ref_fn else None
         equal = bool(check(ours["value"], ref["value"])) if (ref and check) else None
         rows.append(_row(name, data, units, unit, ours, ref, ref_name, equal))
 
     t0 = time.perf_counter()
+    load0 = os.getloadavg()
     log(f"kernels benchmark: {n_img} images {h}x{w}, C={C}, Numba threads={threads}, best of {k}")
     log("generating label maps ...")
     gt, sets4 = make_labels(n_img, h, w, 4, seed=1)
@@ -328,14 +350,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = [{"kernel": r["kernel"], "data": r["data"], "ours": _fmt_rate(r["ours_rate"], r["unit"]),
               "reference": r["reference"], "ref": _fmt_rate(r["ref_rate"], r["unit"]),
               "speedup": f"{r['speedup']:.1f}x" if r["speedup"] else "-",
+              "cpu_ratio": f"{r['cpu_ratio']:.1f}x" if r["cpu_ratio"] else "-",
               "equal": r["equal"]} for r in rows]
-    print(f"\nCPU kernels vs NumPy, best of {k} (shared machine: noisy), Numba threads={threads}, "
+    load = os.getloadavg()
+    print(f"\nCPU kernels vs NumPy, best of {k} wall-clock (shared machine: noisy; load average "
+          f"{load0[0]:.1f} at start, {load[0]:.1f} at end on {os.cpu_count()} CPUs), Numba threads={threads}, "
           f"set agreement with gt {min(agree):.0%}-{max(agree):.0%}")
     print(format_table(table))
     heads = [headline_row(f"{r['kernel']} ({r['data']})", r["ours_s"], r["reference"], r["ref_s"],
                           rate=r["ours_rate"], unit=r["unit"] + "/s") for r in rows[:1] + rows[3:4]]
     path = write_json("kernels", {"config": {"images": n_img, "height": h, "width": w, "classes": C,
-                                             "threads": threads, "repeat": k, "set_agreement": agree},
+                                             "threads": threads, "repeat": k, "set_agreement": agree,
+                                             "load_average_start": load0, "load_average_end": os.getloadavg()},
                                   "rows": rows, "headline": heads}, quick=q)
     print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")
     if not all(r["equal"] is not False for r in rows):

@@ -931,49 +931,63 @@ def subset_confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     return out.sum(axis=0)
 
 
+@njit(**_JIT1)
+def _subset_scores_range(g, ptrs, C, sels, idx, policy, use_thr, thr, i0, i1, out):  # pragma: no cover
+    """Pixels [i0, i1): decode the N x C scores once, then the merged label of every subset."""
+    N = ptrs.size
+    S = sels.shape[0]
+    thr_key = np.float64(_key(thr))
+    vals = np.empty(N * C, np.float64)
+    for i in range(i0, i1):
+        t = g[i]
+        if t >= C:
+            continue
+        for n in range(N):
+            a = ptrs[n]
+            for c in range(C):
+                vals[n * C + c] = _key(_ld(a, i * C + c, thr))
+        for s in range(S):
+            bg = thr_key if use_thr else vals[idx[s, 0]]
+            best = 0
+            if policy == SCORE:
+                bestv = bg
+                for c in range(1, C):
+                    v = vals[idx[s, c]]
+                    if v > bestv:
+                        bestv = v
+                        best = c
+                out[s, t, best] += 1
+                continue
+            bestn = 1 << 30
+            cnt = 0
+            for c in range(1, C):
+                if vals[idx[s, c]] > bg:
+                    cnt += 1
+                    if policy == ORDER:
+                        if sels[s, c] < bestn:
+                            bestn = sels[s, c]
+                            best = c
+                    elif cnt == 1:
+                        best = c
+            if policy == IGNORE and cnt >= 2:
+                out[s, t, C] += 1
+            else:
+                out[s, t, best] += 1
+
+
 @njit(**_JIT)
 def _subset_scores_kernel(g, ptrs, C, sels, policy, use_thr, thr, nchunks):  # pragma: no cover
-    N = ptrs.size
     npix = g.size
     S = sels.shape[0]
     out = np.zeros((nchunks, S, C, C + 1), np.int64)
+    idx = np.empty((S, C), np.int64)           # flat index of (set sels[s, c], class c) in a pixel's values
+    for s in range(S):
+        for c in range(C):
+            idx[s, c] = sels[s, c] * C + c
     per = (npix + nchunks - 1) // nchunks
-    thr_key = np.float64(_key(thr))
     for k in prange(nchunks):
-        vals = np.empty((N, C), np.float64)
-        for i in range(k * per, min(npix, (k + 1) * per)):
-            t = g[i]
-            if t >= C:
-                continue
-            for n in range(N):
-                a = ptrs[n]
-                for c in range(C):
-                    vals[n, c] = _key(_ld(a, i * C + c, thr))
-            for s in range(S):
-                bg = thr_key if use_thr else vals[sels[s, 0], 0]
-                best = 0
-                bestv = bg
-                bestn = 1 << 30
-                cnt = 0
-                for c in range(1, C):
-                    n = sels[s, c]
-                    v = vals[n, c]
-                    if v > bg:
-                        cnt += 1
-                        if policy == SCORE:
-                            if v > bestv:
-                                bestv = v
-                                best = c
-                        elif policy == ORDER:
-                            if n < bestn:
-                                bestn = n
-                                best = c
-                        elif cnt == 1:
-                            best = c
-                if policy == IGNORE and cnt >= 2:
-                    out[k, s, t, C] += 1
-                else:
-                    out[k, s, t, best] += 1
+        _subset_scores_range(g, ptrs, C, sels, idx, policy, use_thr, thr, k * per,
+                             min(npix, (k + 1) * per), out[k])
     return out
 
 

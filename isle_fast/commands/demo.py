@@ -28,6 +28,21 @@ HELP = "make a synthetic VOC-like data set and run the whole pipeline"
 
 MARKER = ".isle-demo"
 
+#: DeepLabV3+ settings of the demo's training step (a CPU-sized version of the paper's recipe:
+#: ResNet-18 from random weights, since nothing is downloaded, output stride 32, a narrow head,
+#: small crops). ``--quick`` uses TRAIN_QUICK.
+TRAIN_DEFAULT: dict[str, Any] = dict(steps=120, crop=96, batch_size=8, head_channels=64,
+                                     scale_range=(0.5, 1.0), optimizer="adamw", lr=1e-3)
+TRAIN_QUICK: dict[str, Any] = dict(steps=6, crop=48, batch_size=4, head_channels=32,
+                                   scale_range=(0.5, 1.0), optimizer="adamw", lr=1e-3)
+
+#: AffinityNet settings when ``--refine`` includes ``affinity`` (CPU-sized: ResNet-18 from random
+#: weights, a few epochs of small crops). The paper's ResNet-50 setting is ``isle refine``'s default.
+AFFINITY_DEFAULT: dict[str, Any] = dict(backbone="resnet18", weights="none", epochs=2, crop=128,
+                                        batch_size=8)
+AFFINITY_QUICK: dict[str, Any] = dict(backbone="resnet18", weights="none", epochs=1, crop=64,
+                                      batch_size=4)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-out", metavar="DIR",
@@ -36,7 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of synthetic images, train + val (default 64; 16 with --quick)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small, fast run (16 images of 64-96 px) for smoke tests")
+                        help="a small, fast run (16 images of 64-96 px, a few training steps) for smoke tests")
+    parser.add_argument("--refine", default="crf", metavar="CHAIN",
+                        help="refinement chain for the soft (CAM) sets: 'crf' (default), 'affinity,crf' "
+                             "(adds a short AffinityNet training from random weights: minutes of CPU), "
+                             "'affinity' or 'none'")
+    parser.add_argument("--skip-train", action="store_true",
+                        help="stop after the report (no DeepLabV3+ training)")
+    parser.add_argument("--train-steps", type=int, default=None, metavar="N",
+                        help=f"DeepLabV3+ optimiser steps per model (default {TRAIN_DEFAULT['steps']}; "
+                             f"{TRAIN_QUICK['steps']} with --quick)")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="torch device for training, prediction and AffinityNet (auto: CUDA when present)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier demo in --out (only a folder an earlier demo made)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -63,6 +89,9 @@ class DemoContext:
     results : dict
         Anything a step wants to report or hand on (JSON-ready values end up
         in ``demo_summary.json``).
+    cache : dict
+        Objects steps hand on that are not JSON (the evaluation, the selection,
+        the refinement chain); not written anywhere.
     """
 
     out: Path
@@ -73,6 +102,7 @@ class DemoContext:
     dataset: Any = None
     stores: dict[str, str] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------- steps
@@ -161,11 +191,316 @@ def step_info(ctx: DemoContext) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------ ISLE pipeline steps
+def _hard_sets(ctx: DemoContext) -> list[tuple[str, str]]:
+    """``(name, store)`` of the hard (label-map) pseudo-label sets of the training split, in order."""
+    return [(k.split("/", 2)[2], p) for k, p in ctx.stores.items() if k.startswith("train/pseudo/")]
+
+
+def _soft_sets(ctx: DemoContext) -> list[tuple[str, str]]:
+    """``(name, store)`` of the soft (CAM score) sets of the training split, in order."""
+    return [(k.split("/", 2)[2], p) for k, p in ctx.stores.items() if k.startswith("train/cams/")]
+
+
+def _candidate_sets(ctx: DemoContext) -> list[tuple[str, str]]:
+    """The sets the ensemble chooses from: the hard sets, then every soft set (refined when refined)."""
+    soft = [(name, ctx.stores.get(f"train/refined/{name}", path)) for name, path in _soft_sets(ctx)]
+    return _hard_sets(ctx) + soft
+
+
+def _miou(iou: Any) -> Any:
+    """Row-wise mean over the defined (non-NaN) IoUs; NaN for a row with none."""
+    import numpy as np
+
+    iou = np.atleast_2d(np.asarray(iou, dtype=np.float64))
+    ok = ~np.isnan(iou)
+    n = ok.sum(axis=1)
+    return np.where(n > 0, np.where(ok, iou, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
+
+
+def _r(x: Any, nd: int = 2) -> float | None:
+    """A JSON-friendly rounded float (None for NaN)."""
+    import math
+
+    x = float(x)
+    return None if math.isnan(x) else round(x, nd)
+
+
+def step_refine(ctx: DemoContext) -> Path | None:
+    """ISLE step 1: refine the soft (CAM) sets against the RGB images; score each before and after."""
+    from ..evaluate import evaluate
+    from ..refine import refine_stack, shutdown_pool
+
+    chain = ctx.cache["chain"]
+    soft = _soft_sets(ctx)
+    if not soft:
+        ctx.results["refine"] = "the data set has no soft sets; nothing to refine"
+        return None
+    if not chain:
+        ctx.results["refine"] = {"chain": [], "note": "--refine none: the soft sets are used as they are"}
+        if not ctx.quiet:
+            print("--refine none: the soft sets go to the ensemble unrefined")
+        return None
+    affinity_note = None
+    params: dict[str, Any] = {}
+    if "affinity" in chain:
+        params["affinity"] = dict(AFFINITY_QUICK if ctx.args.quick else AFFINITY_DEFAULT, seed=ctx.args.seed)
+    else:
+        affinity_note = ("AffinityNet skipped: training it from random weights costs minutes of CPU even at "
+                         "demo size (about 60 s of walk alone for 48 images on one core); "
+                         "add it with --refine affinity,crf")
+        if not ctx.quiet:
+            print(affinity_note)
+    images = ctx.stores["train/images"]
+    dest = ctx.out / "refined"
+    dest.mkdir(exist_ok=True)
+    made = []
+    try:
+        for name, path in soft:
+            out = dest / f"{name}.zarr"
+            refine_stack(path, images, out, chain=chain, params=params, name=f"{name}+{'+'.join(chain)}",
+                         device=ctx.args.device, progress=False)
+            ctx.stores[f"train/refined/{name}"] = str(out)
+            made.append(str(out))
+    finally:
+        shutdown_pool()  # worker processes end here, so their CPU time is counted in this step
+    ev = evaluate([p for _, p in soft] + made, ctx.stores["train/gt"], progress=False)
+    m = len(soft)
+    sets: dict[str, Any] = {}
+    for i, (name, _) in enumerate(soft):
+        before, after = float(ev.miou[i]), float(ev.miou[m + i])
+        sets[name] = {"before": _r(before), "after": _r(after), "gain": _r(after - before),
+                      "store": made[i], "refined_name": ev.set_names[m + i]}
+        if not ctx.quiet:
+            flag = "" if after > before else "   WARNING: refinement did not raise the mIoU"
+            print(f"{name:<12} train mIoU {before:5.1f} -> {after:5.1f} after {'+'.join(chain)} "
+                  f"({after - before:+.1f}){flag}")
+    ctx.results["refine"] = {"chain": chain, "params": params, "sets": sets, "note": affinity_note}
+    return dest
+
+
+def step_evaluate(ctx: DemoContext) -> Path:
+    """ISLE step 2: per-class IoU of every set (hard + refined soft) on the train split; evaluation.json."""
+    from ..evaluate import evaluate
+
+    sets = _candidate_sets(ctx)
+    ev = evaluate([p for _, p in sets], ctx.stores["train/gt"], progress=False)
+    sel = ev.select()
+    path = ctx.out / "evaluation.json"
+    ev.write_json(path, sel)
+    ctx.cache["evaluation"] = ev
+    ctx.cache["selection"] = sel
+    ctx.cache["sets"] = sets
+    best = int(_nanargmax(ev.miou))
+    ctx.results["evaluate"] = {
+        "json": str(path),
+        "miou": {n: _r(v) for n, v in zip(ev.set_names, ev.miou)},
+        "selection": sel.mapping(),
+        "classes_won": sel.counts(),
+        "best_single_set": ev.set_names[best],
+        "best_single_miou": _r(ev.miou[best]),
+        "stores": {n: p for n, (_, p) in zip(ev.set_names, sets)},
+    }
+    if not ctx.quiet:
+        print("per-class IoU (%) on the train split; * = the set chosen for that class")
+        print(ev.table(sel))
+        won = ", ".join(f"{n} {k}" for n, k in sel.counts().items())
+        print(f"classes won: {won}")
+    return path
+
+
+def _nanargmax(x: Any) -> int:
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    return int(np.argmax(np.where(np.isnan(x), -np.inf, x)))
+
+
+def step_merge(ctx: DemoContext) -> Path:
+    """ISLE step 3: the class-wise ensemble (Algorithm 3), its gain, an ISLE-2 pair and every subset."""
+    import numpy as np
+
+    from ..evaluate import evaluate
+    from ..merge import merge
+    from ..subsets import subset_analysis
+
+    ev, sel, sets = ctx.cache["evaluation"], ctx.cache["selection"], ctx.cache["sets"]
+    gt = ctx.stores["train/gt"]
+    paths = [p for _, p in sets]
+    names = list(ev.set_names)
+    ens_path = ctx.out / "ensemble.zarr"
+    merge(paths, gt, ens_path, evaluation=ev, name="isle", progress=False)
+    ctx.stores["train/ensemble"] = str(ens_path)
+
+    # ISLE-2 (the paper's ensemble of its two strongest contributors): the two sets winning the most classes
+    won = sel.counts()
+    pair = sorted(range(len(names)), key=lambda n: (-won.get(names[n], 0), n))[:2]
+    pair_names = [names[n] for n in sorted(pair)]
+    isle2_path = ctx.out / "ensemble_isle2.zarr"
+    merge(paths, gt, isle2_path, evaluation=ev, subset=pair_names, name="isle2", progress=False)
+    ctx.stores["train/ensemble_isle2"] = str(isle2_path)
+
+    ens_ev = evaluate([str(ens_path), str(isle2_path)], gt, progress=False)
+    ens_miou, isle2_miou = float(ens_ev.miou[0]), float(ens_ev.miou[1])
+    best = _nanargmax(ev.miou)
+    best_name, best_miou = names[best], float(ev.miou[best])
+    gain = ens_miou - best_miou
+    ctx.cache["best_single"] = (best_name, paths[best])
+
+    # every subset's ensemble in one pass (no stores written)
+    sa = subset_analysis(paths, gt, evaluation=ev, progress=False)
+    sub_path = ctx.out / "subsets.json"
+    _write_json(sub_path, sa.to_json())
+    sub_names, sub_miou = sa.names(), sa.miou
+    by_size = {}
+    for k in range(1, len(names) + 1):
+        row = sa.best(size=k)
+        by_size[k] = {"subset": sub_names[row], "miou": _r(sub_miou[row])}
+    full = int(np.nonzero(sa.members.all(axis=1))[0][0])
+    agrees = bool(abs(float(sub_miou[full]) - ens_miou) < 1e-6)
+
+    # classes where the ensemble beats every single set
+    iou_sets, iou_ens = ev.iou, ens_ev.iou[0]
+    beats = [ev.classes[c] for c in range(1, len(ev.classes))
+             if not np.isnan(iou_ens[c]) and iou_ens[c] > np.nanmax(np.where(np.isnan(iou_sets[:, c]), -1,
+                                                                             iou_sets[:, c]))]
+    ctx.results["merge"] = {
+        "ensemble": str(ens_path), "ensemble_miou": _r(ens_miou),
+        "best_single_set": best_name, "best_single_miou": _r(best_miou), "ensemble_gain": _r(gain),
+        "ensemble_iou": [_r(v) for v in iou_ens],
+        "isle2": {"sets": pair_names, "store": str(isle2_path), "miou": _r(isle2_miou),
+                  "gain": _r(isle2_miou - best_miou)},
+        "subsets": {"json": str(sub_path), "count": int(len(sub_names)), "best_by_size": by_size,
+                    "all_sets_equals_ensemble_store": agrees},
+        "classes_above_every_set": beats,
+    }
+    if not ctx.quiet:
+        print(f"ensemble mIoU {ens_miou:.1f} vs best single set {best_name} {best_miou:.1f}: {gain:+.1f}")
+        print(f"ISLE-2 ({' + '.join(pair_names)}, the two sets winning the most classes): "
+              f"mIoU {isle2_miou:.1f} ({isle2_miou - best_miou:+.1f} over {best_name})")
+        print(f"subset analysis ({len(sub_names)} subsets, one pass; best of each size):")
+        for k, v in by_size.items():
+            print(f"  {k} set{'s' if k > 1 else ' '}  {v['miou']:5.1f}  {v['subset']}")
+        if not agrees:
+            print(f"  WARNING: the subset pass scores all sets at {float(sub_miou[full]):.2f}, the ensemble "
+                  f"store at {ens_miou:.2f}")
+    return ens_path
+
+
+def step_report(ctx: DemoContext) -> Path:
+    """The paper's tables (Markdown / JSON) and figures (PNG) for the sets and the ensemble."""
+    from ..report import report
+
+    paths = [p for _, p in ctx.cache["sets"]]
+    out = ctx.out / "report"
+    info = report(paths, ctx.stores["train/gt"], out, ensemble=ctx.stores["train/ensemble"],
+                  images=ctx.stores["train/images"], progress=False)
+    files = sorted(str(f) for f in info.get("files", [])) if isinstance(info, dict) else []
+    ctx.results["report"] = {"path": str(out), "files": files}
+    if not ctx.quiet:
+        print(f"report: {', '.join(Path(f).name for f in files) or '(see folder)'}")
+    return out
+
+
+def _bootstrap_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, float]:
+    """95 % interval of mIoU(model 0) - mIoU(model 1) over images resampled with replacement.
+
+    ``image_stats`` is ``(I, 2, C, 2)``: per image, model and class the intersection and union;
+    a resample's dataset-level IoU is the ratio of the summed intersections and unions.
+    """
+    import numpy as np
+
+    stats = np.asarray(image_stats, dtype=np.float64)
+    n_img = stats.shape[0]
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=reps).astype(np.float64)  # (B, I)
+    flat = stats.reshape(n_img, -1)
+    summed = (weights @ flat).reshape((reps,) + stats.shape[1:])  # (B, 2, C, 2)
+    inter, union = summed[..., 0], summed[..., 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
+    miou = _miou(iou.reshape(-1, iou.shape[-1])).reshape(iou.shape[:-1]) * 100.0  # (B, 2)
+    diff = miou[:, 0] - miou[:, 1]
+    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def step_train(ctx: DemoContext) -> Path | None:
+    """ISLE step 4: DeepLabV3+ trained on the ensemble and on the best single set, scored on val."""
+    from ..evaluate import evaluate
+    from ..predict import predict
+    from ..train import train
+
+    if ctx.args.skip_train:
+        ctx.results["train"] = "skipped (--skip-train)"
+        return None
+    if "val/images" not in ctx.stores:
+        ctx.results["train"] = "skipped: the data set has no val split"
+        return None
+    cfg = dict(TRAIN_QUICK if ctx.args.quick else TRAIN_DEFAULT)
+    if ctx.args.train_steps is not None:
+        cfg["steps"] = ctx.args.train_steps
+    best_name, best_path = ctx.cache["best_single"]
+    labels = {"ensemble": ctx.stores["train/ensemble"], best_name: best_path}
+    dest = ctx.out / "train"
+    runs: dict[str, Any] = {}
+    preds = []
+    for key, lab in labels.items():
+        run_dir = dest / key.replace("+", "_").replace("/", "_")
+        if not ctx.quiet:
+            print(f"training DeepLabV3+ (resnet18, random init, {cfg['steps']} steps of {cfg['batch_size']} "
+                  f"crops of {cfg['crop']} px) on {key}", flush=True)
+        res = train(ctx.stores["train/images"], lab, run_dir, val_images=ctx.stores["val/images"],
+                    val_gt=ctx.stores["val/gt"], backbone="resnet18", weights="none", output_stride=32,
+                    seed=ctx.args.seed, num_workers=0, val_every=0, ckpt_every=0, log_every=10,
+                    device=ctx.args.device, quiet=ctx.quiet, **cfg)
+        pred = predict(run_dir, ctx.stores["val/images"], run_dir / "val_pred.zarr", which="final",
+                       device=ctx.args.device, quiet=True, name=f"deeplab[{key}]")
+        preds.append(pred.path)
+        runs[key] = {"labels": lab, "run": str(run_dir), "final_loss": _r(res.final_loss, 4),
+                     "trainer_val_miou": _r(res.final_miou), "background_miou": _r(res.background_miou),
+                     "val_pred": pred.path,
+                     "seconds": _r(res.seconds, 1)}
+    ev = evaluate(preds, ctx.stores["val/gt"], average="image", progress=False)
+    val_miou = _miou(ev.dataset_iou)  # dataset-level IoU, as everywhere else in the demo
+    diff = float(val_miou[0] - val_miou[1])
+    lo, hi = _bootstrap_diff(ev.image_stats, 2000, ctx.args.seed)
+    n_val = len(ctx.dataset.val_ids) if ctx.dataset is not None else None
+    bg = next((r["background_miou"] for r in runs.values() if r.get("background_miou") is not None), None)
+    if bg is not None and max(float(val_miou[0]), float(val_miou[1])) <= bg:
+        verdict = (f"no conclusion: neither model beats predicting background everywhere ({bg:.1f}); far "
+                   "too little training to compare them (raise --train-steps)")
+    elif lo <= 0.0 <= hi:
+        verdict = ("within noise: the 95% bootstrap interval over the val images contains 0 (and one "
+                   "training seed on a tiny CPU budget adds noise the interval does not cover)")
+    else:
+        better = "ensemble" if diff > 0 else best_name
+        verdict = (f"the {better}-trained model is better on these val images (bootstrap interval excludes 0; "
+                   "one training seed, so seed-to-seed noise is not covered)")
+    for i, key in enumerate(labels):
+        runs[key]["val_miou"] = _r(val_miou[i])
+    ctx.results["train"] = {
+        "config": {**cfg, "backbone": "resnet18", "weights": "none", "output_stride": 32},
+        "runs": runs, "val_images": n_val,
+        "val_miou_ensemble": _r(val_miou[0]), "val_miou_single": _r(val_miou[1]), "single_set": best_name,
+        "val_gain": _r(diff), "val_gain_95ci": [_r(lo), _r(hi)], "verdict": verdict,
+    }
+    if not ctx.quiet:
+        print(f"val mIoU ({n_val} images): trained on the ensemble {val_miou[0]:.1f}, on {best_name} "
+              f"{val_miou[1]:.1f}: {diff:+.1f} (95% CI {lo:+.1f} .. {hi:+.1f}); {verdict}")
+    return dest
+
+
 #: The demo's steps, in order: (name, function). Later pipeline steps are appended here.
 STEPS: list[tuple[str, Callable[[DemoContext], Any]]] = [
     ("data", step_data),
     ("ingest", step_ingest),
     ("info", step_info),
+    ("refine", step_refine),
+    ("evaluate", step_evaluate),
+    ("merge", step_merge),
+    ("report", step_report),
+    ("train", step_train),
 ]
 
 
@@ -194,32 +529,108 @@ def _prepare(out: Path, overwrite: bool) -> None:
     (out / MARKER).write_text("made by isle demo; --overwrite may replace this folder\n")
 
 
+def _cpu_seconds() -> float:
+    """User CPU seconds of this process and of the child processes it has waited for."""
+    import resource
+
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_utime
+            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime)
+
+
+def _parse_refine(text: str) -> list[str]:
+    """``--refine`` as a list of registered refinement names (empty for ``none``)."""
+    from ..refine import get_refinement, parse_chain
+
+    if text.strip().lower() in ("", "none"):
+        return []
+    chain = parse_chain(text)
+    for name in chain:
+        get_refinement(name)  # InputError naming the refinement when it is unknown
+    return chain
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures the demo is about, from the steps' results (missing ones are None)."""
+    refine = results.get("refine")
+    merge = results.get("merge") or {}
+    train = results.get("train")
+    out: dict[str, Any] = {
+        "refine_gain": ({n: v["gain"] for n, v in refine["sets"].items()}
+                        if isinstance(refine, dict) and "sets" in refine else None),
+        "ensemble_miou": merge.get("ensemble_miou"),
+        "best_single_set": merge.get("best_single_set"),
+        "best_single_miou": merge.get("best_single_miou"),
+        "ensemble_gain": merge.get("ensemble_gain"),
+        "isle2_miou": (merge.get("isle2") or {}).get("miou"),
+    }
+    if isinstance(train, dict):
+        out.update({"val_miou_ensemble": train["val_miou_ensemble"], "val_miou_single": train["val_miou_single"],
+                    "val_single_set": train["single_set"], "val_gain": train["val_gain"],
+                    "val_gain_95ci": train["val_gain_95ci"], "val_verdict": train["verdict"]})
+    else:
+        out.update({"val_miou_ensemble": None, "val_miou_single": None, "val_note": train})
+    return out
+
+
+def _headline_lines(h: dict[str, Any]) -> list[str]:
+    lines = []
+    if h.get("refine_gain"):
+        lines.append("refinement gain (train mIoU): " + ", ".join(
+            f"{n} {g:+.1f}" for n, g in h["refine_gain"].items() if g is not None))
+    if h.get("ensemble_miou") is not None:
+        lines.append(f"ensemble mIoU {h['ensemble_miou']:.1f} vs best single set {h['best_single_set']} "
+                     f"{h['best_single_miou']:.1f}: {h['ensemble_gain']:+.1f} (train split)")
+    if h.get("val_miou_ensemble") is not None:
+        lo, hi = h["val_gain_95ci"]
+        lines.append(f"DeepLabV3+ val mIoU: ensemble-trained {h['val_miou_ensemble']:.1f}, "
+                     f"{h['val_single_set']}-trained {h['val_miou_single']:.1f}: {h['val_gain']:+.1f} "
+                     f"(95% CI {lo:+.1f} .. {hi:+.1f}; {h['val_verdict'].split(':')[0]})")
+    elif h.get("val_note"):
+        lines.append(f"training: {h['val_note']}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from ..progress import Timer
 
     n = args.images if args.images is not None else (16 if args.quick else 64)
     if n < 2:
         raise InputError(f"--images must be at least 2 (train and val), got {n}")
+    if args.train_steps is not None and args.train_steps < 1:
+        raise InputError(f"--train-steps must be at least 1, got {args.train_steps}")
+    chain = _parse_refine(args.refine)
     out = Path(args.out)
     _prepare(out, args.overwrite)
     ctx = DemoContext(out=out, args=args, n_images=n, size_range=(64, 96) if args.quick else (120, 200),
                       quiet=args.quiet)
+    ctx.cache["chain"] = chain
     table: list[dict[str, Any]] = []
-    total = Timer()
+    total, cpu0 = Timer(), _cpu_seconds()
+
+    def summary_doc(final: bool) -> dict[str, Any]:
+        doc = {"steps": table, "headline": headline(ctx.results), "results": ctx.results}
+        if final:
+            doc["total_seconds"] = round(total.seconds, 3)
+            doc["total_user_cpu_seconds"] = round(_cpu_seconds() - cpu0, 3)
+        return doc
+
     for name, fn in STEPS:
-        t = Timer()
+        t, c = Timer(), _cpu_seconds()
         if not ctx.quiet:
             print(f"== {name}: {(fn.__doc__ or '').strip().splitlines()[0]}", flush=True)
         result = fn(ctx)
-        table.append({"step": name, "seconds": round(t.seconds, 3),
+        table.append({"step": name, "seconds": round(t.seconds, 3), "user_cpu_seconds": round(_cpu_seconds() - c, 3),
                       "output": str(result) if result is not None else "-"})
-        _write_json(out / "demo_summary.json", {"steps": table, "results": ctx.results})
-    _write_json(out / "demo_summary.json", {"steps": table, "results": ctx.results,
-                                            "total_seconds": round(total.seconds, 3)})
+        _write_json(out / "demo_summary.json", summary_doc(False))
+    doc = summary_doc(True)
+    _write_json(out / "demo_summary.json", doc)
     width = max(len(r["step"]) for r in table)
-    print(f"\nisle demo: {len(table)} steps in {total.seconds:.1f} s; everything is in {out}")
-    print(f"  {'step'.ljust(width)}  {'seconds':>8}  output")
+    print(f"\nisle demo: {len(table)} steps in {doc['total_seconds']:.1f} s "
+          f"({doc['total_user_cpu_seconds']:.1f} s user CPU); everything is in {out}")
+    print(f"  {'step'.ljust(width)}  {'seconds':>8}  {'user CPU':>8}  output")
     for r in table:
-        print(f"  {r['step'].ljust(width)}  {r['seconds']:>8.2f}  {r['output']}")
+        print(f"  {r['step'].ljust(width)}  {r['seconds']:>8.2f}  {r['user_cpu_seconds']:>8.2f}  {r['output']}")
+    for line in _headline_lines(doc["headline"]):
+        print(f"  {line}")
     sys.stdout.flush()
     return 0

@@ -1,0 +1,192 @@
+"""Tests of `isle demo`: the whole ISLE pipeline on synthetic data (refine, evaluate, merge, report, train)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from isle_fast.cli import main
+from isle_fast.commands import demo
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One `isle demo --quick` run shared by the tests of this module: (folder, summary, printed text)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--quick", "--out", str(out), "--quiet"])
+    assert rc == 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    return out, summary, buf.getvalue()
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_step_and_writes_its_outputs(quick_demo):
+    out, summary, text = quick_demo
+    steps = [s["step"] for s in summary["steps"]]
+    assert steps == ["data", "ingest", "info", "refine", "evaluate", "merge", "report", "train"]
+    for s in summary["steps"]:
+        assert s["seconds"] >= 0 and s["user_cpu_seconds"] >= 0
+        assert s["output"] != "-", s  # every step of a full run writes something
+    assert summary["total_seconds"] > 0 and summary["total_user_cpu_seconds"] > 0
+    # the printed table and headline lines
+    for word in ("step", "seconds", "user CPU", "ensemble mIoU", "refinement gain", "val mIoU"):
+        assert word in text, word
+    # report PNGs are real PNGs
+    from PIL import Image
+
+    pngs = sorted((out / "report").glob("*.png"))
+    assert {p.name for p in pngs} >= {"per_class_iou.png", "iou_table.png", "samples.png"}
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 50 and im.size[1] > 50
+    assert (out / "report" / "tables.md").read_text().strip()
+
+
+@pytest.mark.slow
+def test_quick_demo_evaluation_json_has_the_design_schema(quick_demo):
+    out, summary, _ = quick_demo
+    doc = json.loads((out / "evaluation.json").read_text())
+    classes = doc["classes"]
+    assert classes[0] == "background" and len(classes) == 21
+    names = list(summary["results"]["evaluate"]["miou"])
+    assert list(doc["sets"]) == names and len(names) == 6  # 4 hard sets + 2 refined soft sets
+    for name, s in doc["sets"].items():
+        assert len(s["iou"]) == len(classes)
+        assert all(v is None or 0.0 <= v <= 100.0 for v in s["iou"])
+        assert isinstance(s["miou"], float)
+        for key in ("tp", "fp", "fn"):
+            assert len(s[key]) == len(classes) and all(isinstance(v, int) and v >= 0 for v in s[key])
+        # mIoU is the mean of the defined IoUs
+        assert s["miou"] == pytest.approx(np.mean([v for v in s["iou"] if v is not None]))
+    assert set(doc["selection"]) == set(classes[1:])
+    assert set(doc["selection"].values()) <= set(names)
+
+
+@pytest.mark.slow
+def test_quick_demo_refinement_and_ensemble_gains(quick_demo):
+    from isle_fast.evaluate import evaluate
+    from isle_fast.store import open_stack
+
+    out, summary, _ = quick_demo
+    res, head = summary["results"], summary["headline"]
+    # step 1: the CRF raises every soft set's mIoU
+    refine = res["refine"]
+    assert refine["chain"] == ["crf"] and set(refine["sets"]) == {"pmm_cam", "drs_cam"}
+    for name, r in refine["sets"].items():
+        assert r["after"] > r["before"], name
+        assert head["refine_gain"][name] == pytest.approx(r["after"] - r["before"], abs=0.02)
+    # step 3: the ensemble store opens, is aligned with the gt, and is at least as good as any single set
+    gt = open_stack(summary["results"]["info"][1]["path"])
+    ens = open_stack(str(out / "ensemble.zarr"))
+    assert ens.kind == "ensemble" and ens.ids == gt.ids and np.array_equal(ens.shapes, gt.shapes)
+    ev = evaluate([ens], gt, progress=False)
+    sets_miou = res["evaluate"]["miou"]
+    best = max(sets_miou.values())
+    assert float(ev.miou[0]) >= best
+    assert head["ensemble_miou"] == pytest.approx(float(ev.miou[0]), abs=0.01)
+    assert head["best_single_miou"] == best and head["best_single_set"] == max(sets_miou, key=sets_miou.get)
+    assert head["ensemble_gain"] == pytest.approx(float(ev.miou[0]) - best, abs=0.02)
+    # the one-pass subset analysis scores the all-sets ensemble exactly as the written store
+    assert res["merge"]["subsets"]["all_sets_equals_ensemble_store"] is True
+    assert res["merge"]["subsets"]["count"] == 2 ** 6 - 1
+    assert (out / "ensemble_isle2.zarr").is_dir() and len(res["merge"]["isle2"]["sets"]) == 2
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_both_models_and_scores_them_on_val(quick_demo):
+    from isle_fast.evaluate import evaluate
+    from isle_fast.store import open_stack
+
+    out, summary, _ = quick_demo
+    train, head = summary["results"]["train"], summary["headline"]
+    assert set(train["runs"]) == {"ensemble", summary["headline"]["best_single_set"]}
+    preds = [train["runs"][k]["val_pred"] for k in ("ensemble", train["single_set"])]
+    val_gt = open_stack(str(out / "data" / "stores" / "val" / "gt.zarr"))
+    ev = evaluate(preds, val_gt, progress=False)
+    assert head["val_miou_ensemble"] == pytest.approx(float(ev.miou[0]), abs=0.01)
+    assert head["val_miou_single"] == pytest.approx(float(ev.miou[1]), abs=0.01)
+    lo, hi = head["val_gain_95ci"]
+    assert lo <= hi and head["val_verdict"]
+    for run in train["runs"].values():
+        assert (out / "train").is_dir() and run["run"].startswith(str(out / "train"))
+        # the trainer's own validation agrees with predict + evaluate (same mIoU convention)
+        assert run["trainer_val_miou"] == pytest.approx(run["val_miou"], abs=0.01)
+
+
+def test_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and str(out) in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite does not delete a folder the demo did not make
+    assert main(["demo", "--quick", "--out", str(out), "--quiet", "--overwrite"]) == 2
+    assert (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--refine", "nosuch"], "nosuch"),
+    (["--train-steps", "0"], "--train-steps"),
+    (["--images", "1"], "--images"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, word):
+    out = tmp_path / "never"
+    assert main(["demo", "--quick", "--out", str(out), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert word in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bootstrap_interval_of_identical_models_is_zero():
+    rng = np.random.default_rng(0)
+    inter = rng.integers(0, 50, size=(7, 1, 5))
+    union = inter + rng.integers(0, 50, size=(7, 1, 5))
+    one = np.stack([inter, union], axis=-1)
+    stats = np.concatenate([one, one], axis=1)  # (I, 2, C, 2): the same model twice
+    assert demo._bootstrap_diff(stats, 200, 0) == (0.0, 0.0)
+
+
+def test_bootstrap_interval_brackets_the_difference_and_matches_a_loop():
+    rng = np.random.default_rng(1)
+    n_img, c = 9, 4
+    inter = rng.integers(0, 40, size=(n_img, 2, c))
+    union = inter + rng.integers(1, 40, size=(n_img, 2, c))
+    stats = np.stack([inter, union], axis=-1)
+    lo, hi = demo._bootstrap_diff(stats, 500, 3)
+
+    def miou(s):
+        return 100.0 * np.mean(s[..., 0].sum(0) / s[..., 1].sum(0), axis=-1)
+
+    full = miou(stats)
+    assert lo <= full[0] - full[1] <= hi
+    # reference: the same multinomial resamples, summed image by image in a loop
+    w = np.random.default_rng(3).multinomial(n_img, np.full(n_img, 1 / n_img), size=500)
+    diffs = []
+    for row in w:
+        acc = np.zeros((2, c, 2))
+        for i, k in enumerate(row):
+            acc += k * stats[i]
+        m = miou(acc[None])
+        diffs.append(m[0] - m[1])
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+
+
+def test_headline_without_training():
+    h = demo.headline({"refine": {"chain": ["crf"], "sets": {"a": {"gain": 3.5}}},
+                       "merge": {"ensemble_miou": 80.0, "best_single_set": "b", "best_single_miou": 77.5,
+                                 "ensemble_gain": 2.5, "isle2": {"miou": 79.0}},
+                       "train": "skipped (--skip-train)"})
+    assert h["refine_gain"] == {"a": 3.5} and h["ensemble_gain"] == 2.5 and h["isle2_miou"] == 79.0
+    assert h["val_miou_ensemble"] is None and "skipped" in h["val_note"]
+    lines = demo._headline_lines(h)
+    assert any("ensemble mIoU 80.0 vs best single set b 77.5: +2.5" in line for line in lines)
+    assert any("training: skipped" in line for line in lines)

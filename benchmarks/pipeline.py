@@ -238,7 +238,7 @@ def with_cluster(n_workers: int, threads: int, memory_limit: str | None, fn: Cal
     from dask.distributed import Client, LocalCluster
 
     kw: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": threads, "processes": True,
-                          "dashboard_address": None}
+                          "dashboard_address": ":0"}
     if memory_limit:
         kw["memory_limit"] = memory_limit
     with LocalCluster(**kw) as cluster, Client(cluster):

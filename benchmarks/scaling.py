@@ -85,9 +85,10 @@ def _sizes(quick: bool) -> dict[str, Any]:
         return {"base": {"images": 16, "side": 32, "sets": 2, "classes": 21},
                 "images": [8, 16], "sets": [1, 2], "classes": [2, 21], "side": [16, 32],
                 "chunk_images": [1, 8], "workers": [1, 2]}
-    return {"base": {"images": 256, "side": 128, "sets": 4, "classes": 21},
-            "images": [64, 128, 256, 512, 1024], "sets": [1, 2, 4, 8, 16], "classes": [2, 6, 21, 61, 151],
-            "side": [64, 128, 256, 512], "chunk_images": [1, 4, 16, 64, 256], "workers": [1, 2]}
+    # large enough that per-call overhead (graph building, opening stores) is small next to the work
+    return {"base": {"images": 512, "side": 256, "sets": 4, "classes": 21},
+            "images": [128, 256, 512, 1024, 2048], "sets": [1, 2, 4, 8, 16], "classes": [2, 6, 21, 61, 151],
+            "side": [64, 128, 256, 512], "chunk_images": [1, 4, 16, 64, 128], "workers": [1, 2]}
 
 
 def _steps(data: dict[str, Any], out: Path, repeat: int, workers: int | None = None) -> dict[str, float]:

@@ -232,7 +232,7 @@ def test_threaded_vs_other_chunkings(data, tmp_path, capsys, chunks):
 def test_threaded_vs_distributed_process_workers(data, tmp_path):
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         counts, ens = run_pipeline(data["stores"], tmp_path / "ens.zarr")
@@ -327,7 +327,7 @@ def test_worker_killed_mid_merge(data, tmp_path, capsys):
                     {k: "1,36,44" for k in ("gt", "set0", "set1", "set2")})   # one task per image
     ev = evaluate(set_paths(stores), str(stores["gt"]), backend="cpu", progress=False)
     marker = tmp_path / "killed"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         pids_before = set(client.run(os.getpid).values())
         client.register_plugin(KillWorkerOnce(str(marker), after=3))
@@ -835,7 +835,7 @@ def test_out_of_core_bounded_memory(tmp_path):
     assert d["raw_bytes"] > 3 * parse_bytes(limit)
     tiny = make_label_stores(tmp_path, 4, n_sets=3, max_side=16, seed=4)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, memory_limit=limit,
-                      dashboard_address=None) as cluster, Client(cluster):
+                      dashboard_address=":0") as cluster, Client(cluster):
         evaluate(tiny["sets"], tiny["gt"], backend="cpu", progress=False)          # load the kernels first
         with PeakMemory() as pm:
             ev = evaluate(d["sets"], d["gt"], backend="cpu", progress=False)

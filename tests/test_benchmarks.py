@@ -152,8 +152,13 @@ def test_quick_smoke(tmp_path):
     env = dict(os.environ, ISLE_BENCH_TMP=str(tmp_path / "cache"), ISLE_PROGRESS="0")
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path / "res")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    summary_path = tmp_path / "res" / "summary.json"
+    assert summary_path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    failed = {n: m for n, m in summary["modules"].items() if m["status"] not in ("ok", "not built")}
+    assert proc.returncode == 0 and not failed, "\n".join(
+        f"benchmarks.{n}: {m['status']} (exit {m.get('returncode')})\n" + "\n".join(m.get("stdout_tail", [])[-12:])
+        for n, m in failed.items()) + proc.stderr[-2000:]
     assert summary["quick"] is True
     for name in MODULES:
         status = summary["modules"][name]["status"]

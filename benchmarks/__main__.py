@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results folder (default benchmarks/results)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop a benchmark module that runs longer than this (reported as 'timeout')")
+    p.add_argument("--summary-only", action="store_true",
+                   help="run nothing: rebuild summary.json / SUMMARY.md from the results already there")
 
 
 def available(name: str) -> bool:
@@ -130,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = results_dir()
     t_all = time.perf_counter()
     modules: dict[str, Any] = {}
+    if getattr(args, "summary_only", False):
+        names = []
     for name in names:
         if not available(name):
             print(f"\n=== benchmarks.{name}: not built in this checkout (skipped) ===", flush=True)
@@ -154,6 +158,28 @@ def run(args: argparse.Namespace) -> int:
         res["headline"] = headline
         modules[name] = res
 
+    # modules not run now: their latest results, if any, still belong in the summary
+    for name in MODULES:
+        if name in modules:
+            continue
+        prev = out_dir / f"{name}.json"
+        if not prev.is_file():
+            modules[name] = {"status": "not built" if not available(name) else "not run"}
+            continue
+        try:
+            doc = read_json(prev)
+        except (OSError, ValueError):
+            modules[name] = {"status": "not run"}
+            continue
+        stem = name + "_"
+        files = [prev.name] + sorted(p.name for p in out_dir.glob(f"{stem}*.png")) + (
+            [f"{name}.png"] if (out_dir / f"{name}.png").is_file() else [])
+        modules[name] = {"status": "earlier result", "quick": doc.get("quick"),
+                         "measured_utc": (doc.get("machine") or {}).get("time_utc"), "files": files,
+                         "headline": [{"source": prev.name, **r} for r in doc.get("headline", []) or []
+                                      if isinstance(r, dict)]}
+    modules = {n: modules[n] for n in MODULES if n in modules}
+
     summary = {"quick": bool(args.quick), "machine": machine_info(), "seconds": time.perf_counter() - t_all,
                "modules": modules}
     tmp = out_dir / ".summary.json.tmp"
@@ -170,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:12s} {res['status']:10s} {'' if sec is None else f'{sec:7.1f} s'}")
     print(f"written: {out_dir / 'summary.json'}, {out_dir / 'SUMMARY.md'}")
     failed = [n for n, r in modules.items() if r["status"] in ("failed", "timeout")]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -189,9 +217,12 @@ def _markdown(summary: dict[str, Any], markdown_table) -> str:
         lines.append(f"| {name} | {res['status']} | {'' if sec is None else f'{sec:.1f}'} |")
     lines.append("")
     for name, res in summary["modules"].items():
-        if res["status"] == "not built":
+        if res["status"] in ("not built", "not run"):
             continue
         lines += [f"## {name}", ""]
+        if res["status"] == "earlier result":
+            lines += [f"Not run this time; results of `python -m benchmarks.{name}"
+                      f"{' --quick' if res.get('quick') else ''}` measured {res.get('measured_utc')}.", ""]
         if res.get("headline"):
             cols: list[str] = []
             for row in res["headline"]:
@@ -204,7 +235,7 @@ def _markdown(summary: dict[str, Any], markdown_table) -> str:
         pngs = [f for f in res.get("files", []) if f.endswith(".png")]
         if pngs:
             lines += ["Plots: " + ", ".join(f"`benchmarks/results/{p}`" for p in pngs), ""]
-        if res["status"] != "ok":
+        if res["status"] not in ("ok", "earlier result"):
             lines += [f"Status: **{res['status']}** (exit code {res.get('returncode')}).", ""]
     return "\n".join(lines) + "\n"
 

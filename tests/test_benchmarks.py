@@ -141,6 +141,18 @@ def test_unknown_benchmark_is_a_clean_error(capsys):
     assert "nope" in err and "Traceback" not in err
 
 
+def test_summary_only_collects_earlier_results(tmp_path, monkeypatch, capsys):
+    """``isle bench --summary-only`` runs nothing and puts the results already there into the summary."""
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path))
+    common.write_json("scaling", {"headline": [common.headline_row("x", 1.0, "ref", 4.0)]})
+    assert isle_main(["bench", "--summary-only", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["modules"]["scaling"]["status"] == "earlier result"
+    assert summary["modules"]["scaling"]["headline"][0]["speedup"] == 4.0
+    assert summary["modules"]["pipeline"]["status"] == "not run"
+    assert "| scaling.json | x |" in (tmp_path / "SUMMARY.md").read_text()
+
+
 def test_module_list_matches_files():
     for name in ("scaling", "pipeline"):
         assert name in MODULES and available(name)

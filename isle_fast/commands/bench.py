@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="results folder (default benchmarks/results)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop a benchmark module that runs longer than this")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: rebuild summary.json / SUMMARY.md from the results already there")
 
 
 def run(args: argparse.Namespace) -> int:

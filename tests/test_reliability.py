@@ -169,9 +169,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
     folders = make_pngs(root / "src")
 
-    class _Cap:  # module-scoped: no capsys here, call main directly
-        pass
-
     stores = {}
     gt = root / "gt.zarr"
     assert cli.main(["ingest", "labels", str(folders["gt"]), "--kind", "gt", "-o", str(gt), "-q"]) == 0

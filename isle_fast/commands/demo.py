@@ -2,10 +2,46 @@
 
 The demo is a list of steps (:data:`STEPS`). Each step is a function that
 takes the shared :class:`DemoContext`, does its work, and returns the path of
-what it wrote (or ``None``); :func:`run` times every step and ends with a
-table of step, seconds and output. Add a pipeline step by writing one more
-``step_*`` function and appending it to :data:`STEPS` (a step can read what
-earlier steps left in ``ctx.stores`` / ``ctx.results``).
+what it wrote (or ``None``); :func:`run` times every step (wall seconds and
+user CPU seconds of this process and its finished children) and ends with a
+table of step, seconds and output, the headline figures, and
+``demo_summary.json`` (steps, ``headline``, every step's results). Add a
+pipeline step by writing one more ``step_*`` function and appending it to
+:data:`STEPS` (a step can read what earlier steps left in ``ctx.stores`` /
+``ctx.results`` / ``ctx.cache``).
+
+The steps:
+
+``data``, ``ingest``, ``info``
+    the synthetic data set (4 hard pseudo-label sets, 2 soft CAM sets, train
+    and val splits), its ingestion from the PNG / JPEG / CAM file tree
+    (checked equal to the generated stores) and a store listing.
+``refine`` (ISLE step 1)
+    the soft sets refined with ``--refine`` (default: the dense CRF only;
+    AffinityNet, trained here from random weights because nothing is
+    downloaded, costs minutes of CPU even at demo size, so it is opt-in:
+    ``--refine affinity,crf``); each soft set's train mIoU before and after.
+``evaluate`` (step 2)
+    every candidate set (the hard sets and the refined soft sets) against
+    the train gt: per-class IoU table, ``evaluation.json`` (DESIGN.md schema).
+``merge`` (step 3)
+    the class-wise ensemble of all candidates (``ensemble.zarr``) and its
+    mIoU gain over the best single set; an ISLE-2 style pair (the two sets
+    that win the most classes, as the paper's ISLE-2 kept its two biggest
+    contributors; ``ensemble_isle2.zarr``); the ensemble of every subset in
+    one pass (``subsets.json``).
+``report``
+    :func:`isle_fast.report.report` over the candidates, the ensemble and the
+    images: Markdown / JSON tables and PNG figures in ``report/``.
+``train`` (step 4)
+    DeepLabV3+ trained twice with the same seed and settings, on the ensemble
+    and on the best single set, each scored on the val split by ``predict`` +
+    ``evaluate`` (final checkpoint, not the best-on-val one, so val is not
+    used for model selection). The difference comes with a 95 % bootstrap
+    interval over the val images; it does not cover seed-to-seed training
+    noise, and on the CPU budget of the demo (ResNet-18 from random weights,
+    :data:`TRAIN_DEFAULT`) the models hardly get past predicting background,
+    which the printed verdict says. ``--skip-train`` stops after the report.
 
 The output folder is created fresh: a non-empty folder is refused unless
 ``--overwrite`` is given *and* the folder holds an earlier demo (its
@@ -31,10 +67,10 @@ MARKER = ".isle-demo"
 #: DeepLabV3+ settings of the demo's training step (a CPU-sized version of the paper's recipe:
 #: ResNet-18 from random weights, since nothing is downloaded, output stride 32, a narrow head,
 #: small crops). ``--quick`` uses TRAIN_QUICK.
-TRAIN_DEFAULT: dict[str, Any] = dict(steps=120, crop=96, batch_size=8, head_channels=64,
-                                     scale_range=(0.5, 1.0), optimizer="adamw", lr=1e-3)
+TRAIN_DEFAULT: dict[str, Any] = dict(steps=150, crop=96, batch_size=8, head_channels=64,
+                                     scale_range=(0.5, 1.0), optimizer="adamw", lr=2e-3)
 TRAIN_QUICK: dict[str, Any] = dict(steps=6, crop=48, batch_size=4, head_channels=32,
-                                   scale_range=(0.5, 1.0), optimizer="adamw", lr=1e-3)
+                                   scale_range=(0.5, 1.0), optimizer="adamw", lr=2e-3)
 
 #: AffinityNet settings when ``--refine`` includes ``affinity`` (CPU-sized: ResNet-18 from random
 #: weights, a few epochs of small crops). The paper's ResNet-50 setting is ``isle refine``'s default.

@@ -116,6 +116,8 @@ def test_quick_demo_trains_both_models_and_scores_them_on_val(quick_demo):
     assert lo <= hi and head["val_verdict"]
     for run in train["runs"].values():
         assert (out / "train").is_dir() and run["run"].startswith(str(out / "train"))
+        names = {p.name for p in (out / "train" / run["run"].rsplit("/", 1)[-1]).iterdir()}
+        assert "final.pt" in names and not names & {"last.pt", "best.pt"}  # only the weights predict used
         # the trainer's own validation agrees with predict + evaluate (same mIoU convention)
         assert run["trainer_val_miou"] == pytest.approx(run["val_miou"], abs=0.01)
 

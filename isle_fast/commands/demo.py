@@ -493,6 +493,10 @@ def step_train(ctx: DemoContext) -> Path | None:
         pred = predict(run_dir, ctx.stores["val/images"], run_dir / "val_pred.zarr", which="final",
                        device=ctx.args.device, quiet=True, name=f"deeplab[{key}]")
         preds.append(pred.path)
+        # the demo never resumes: drop the resume state (model + optimiser moments, ~3x the weights) and
+        # best.pt (validation ran only at the last step, so it equals final.pt); final.pt stays
+        for name in ("last.pt", "best.pt"):
+            (run_dir / name).unlink(missing_ok=True)
         runs[key] = {"labels": lab, "run": str(run_dir), "final_loss": _r(res.final_loss, 4),
                      "trainer_val_miou": _r(res.final_miou), "background_miou": _r(res.background_miou),
                      "val_pred": pred.path,

@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a small, fast run (16 images of 64-96 px, a few training steps) for smoke tests")
     parser.add_argument("--refine", default="crf", metavar="CHAIN",
                         help="refinement chain for the soft (CAM) sets: 'crf' (default), 'affinity,crf' "
-                             "(adds a short AffinityNet training from random weights: minutes of CPU), "
-                             "'affinity' or 'none'")
+                             "(adds a short AffinityNet training from random weights: minutes of CPU, and "
+                             "affinities trained that briefly can LOWER the mIoU), 'affinity' or 'none'")
     parser.add_argument("--skip-train", action="store_true",
                         help="stop after the report (no DeepLabV3+ training)")
     parser.add_argument("--train-steps", type=int, default=None, metavar="N",

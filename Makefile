@@ -12,7 +12,7 @@ $(BIN)/isle: setup.py
 	touch $(BIN)/isle
 
 demo: $(BIN)/isle
-	$(BIN)/isle demo --out demo-out
+	$(BIN)/isle demo --out demo-out --overwrite
 
 test: $(BIN)/isle
 	$(BIN)/python -m pytest -q

@@ -194,6 +194,36 @@ def _layout(kind: str, encoding: str, n_classes: int, score_dtype: str) -> _Layo
     raise InputError(f"encoding must be one of {ENCODINGS}, not {encoding!r}")
 
 
+def _check_attrs(path: str, attrs: dict) -> None:
+    """Raise :class:`StoreError` naming the store when an attribute has the wrong type or value.
+
+    Stores come from other people's disks: a hand-edited or foreign attribute
+    must end in a clear error, never in a TypeError deep inside a step.
+    """
+    def bad(key: str, expected: str) -> StoreError:
+        return StoreError(f"{path}: attribute {key!r} is {attrs.get(key)!r}; expected {expected}")
+
+    if attrs.get("kind") not in KINDS:
+        raise bad("kind", f"one of {', '.join(KINDS)}")
+    if attrs.get("encoding") not in ENCODINGS:
+        raise bad("encoding", f"one of {', '.join(ENCODINGS)}")
+    if not isinstance(attrs.get("name"), str):
+        raise bad("name", "a string")
+    classes = attrs.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise bad("classes", "a non-empty list of class names")
+    if len(classes) > 255:
+        raise bad("classes", "at most 255 names (255 is the ignore value)")
+    ignore = attrs.get("ignore_index", IGNORE_INDEX)
+    if isinstance(ignore, bool) or ignore != IGNORE_INDEX:
+        raise bad("ignore_index", str(IGNORE_INDEX))
+    if not isinstance(attrs.get("provenance", {}), dict):
+        raise bad("provenance", "a mapping")
+    scale = attrs.get("score_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise bad("score_scale", "a positive number")
+
+
 class Stack:
     """A complete stack store, opened read-only.
 
@@ -208,6 +238,7 @@ class Stack:
         self.group = group
         attrs = dict(group.attrs)
         self.attrs = attrs
+        _check_attrs(self.path, attrs)
         self.kind: str = attrs["kind"]
         self.name: str = attrs["name"]
         self.classes: list[str] = list(attrs["classes"])
@@ -388,7 +419,8 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
             f"{FORMAT_VERSION}. Re-ingest it with this version.")
     if not attrs.get("complete", False):
         raise StoreError(f"{spath} is incomplete (its write was interrupted); delete it and run again")
-    for member in ("ids", "shapes", attrs.get("encoding", "labels")):
+    _check_attrs(spath, attrs)
+    for member in ("ids", "shapes", attrs["encoding"]):
         if member not in group:
             raise StoreError(f"{spath} lacks its {member!r} array")
     stack = Stack(spath, group)

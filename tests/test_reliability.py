@@ -661,12 +661,6 @@ _ATTR_VALUES = st.one_of(st.none(), st.integers(-3, 300), st.text(max_size=8), s
                                                                                     max_size=2))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "isle_fast/store.py Stack.__init__ / open_stack trust the group attributes: ignore_index '' or None -> "
-    "ValueError/TypeError from int(); encoding '' -> group[''] is the group itself -> AttributeError "
-    "'Group' object has no attribute 'shape'; encoding None -> TypeError path=None; classes None -> TypeError; "
-    "name 1 -> TypeError 'int' object is not subscriptable. open_stack should validate kind/encoding/"
-    "classes/ignore_index/name types and raise StoreError naming the store"))
 @FEW
 @given(key=st.sampled_from(["isle_format", "kind", "classes", "encoding", "ignore_index", "complete", "name",
                             "provenance", "score_scale"]), value=_ATTR_VALUES)

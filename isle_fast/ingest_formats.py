@@ -73,17 +73,9 @@ class BadInput(Exception):
 # --------------------------------------------------------------------------- labels
 def voc_colormap(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: ``(n, 3)`` uint8, colour of class index ``i`` in row ``i``."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
+    from .datasets import voc_palette
+
+    return np.asarray(voc_palette(), dtype=np.uint8)[:n].copy()
 
 
 def _open_pil(path: str):

@@ -46,20 +46,10 @@ __all__ = ["report", "export_pngs", "palette"]
 # -- helpers ------------------------------------------------------------------------------
 
 def palette() -> np.ndarray:
-    """The VOC colour map, ``(256, 3)`` uint8 (255 = (224, 224, 192))."""
-    try:
-        from .datasets import voc_palette
+    """The VOC colour map, ``(256, 3)`` uint8 (255 = (224, 224, 192)); one definition, in datasets."""
+    from .datasets import voc_palette
 
-        return np.asarray(voc_palette(), dtype=np.uint8)
-    except ImportError:  # pragma: no cover - the datasets module ships with the package
-        idx = np.arange(256, dtype=np.int64)
-        pal = np.zeros((256, 3), dtype=np.int64)
-        c = idx.copy()
-        for j in range(8):
-            for ch in range(3):
-                pal[:, ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-        return pal.astype(np.uint8)
+    return np.asarray(voc_palette(), dtype=np.uint8)
 
 
 def _fresh_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:

@@ -651,6 +651,10 @@ def make_label_stores(root: str | os.PathLike, n_images: int, *, n_sets: int = 4
     t0 = time.perf_counter()
     try:
         stacks = [open_stack(p) for p in [gt_path, *set_paths]]
+        from isle_fast.store import default_compressors
+        want = [c.to_dict() for c in default_compressors()]
+        if any([c.to_dict() for c in st.array.compressors] != want for st in stacks):
+            raise ValueError("written with other compressors than today's default: regenerate")
         info["generated"] = False
     except Exception:
         import shutil

@@ -39,12 +39,18 @@ Performance notes
   counted pixel by pixel. Real label maps are mostly large uniform regions,
   so most pixels cost a word compare. Histograms are indexed by raw label
   bytes (rows min(gt, C), 256 columns), so no per-pixel remapping is needed.
-* ``merge_labels`` works on 64-pixel blocks: where every set has the same
-  bytes (all < C, or all 255) the block is copied; where every set repeats
-  its previous block the previous result is copied; otherwise each pixel's
-  result is ``lab[max_n key[n, label_n]]`` with small per-set lookup tables
-  (the key orders claims by the policy; IGNORE sums per-set codes instead),
-  evaluated one set at a time over the block.
+* ``merge_labels`` works on 64-pixel blocks (8 words), then on words: where
+  every set has the same word and its bytes are all < C (or all 255) the word
+  is copied; where every set repeats its previous block (word) the previous
+  result is copied; only the remaining words are merged pixel by pixel, each
+  pixel's result being ``lab[max_n key[n, label_n]]`` with small per-set
+  lookup tables (the key orders claims by the policy; IGNORE sums per-set
+  codes instead). The checks OR together XORs of whole words without
+  branching inside a block. On VOC-like maps about 70 % of the words are
+  copied, 17 % repeat and 13 % are merged pixel by pixel (64-pixel blocks
+  alone left 40 % of the pixels to the slow path). Pixel ``j`` of a word is
+  its byte ``j``: the word tricks assume a little-endian machine (checked at
+  import).
 * ``subset_confusion_labels`` counts the distinct tuples
   ``(gt, l_1 .. l_N)`` of each chunk in a small open-addressing hash table
   (run-length first: consecutive equal tuples are one insert; the table is
@@ -60,6 +66,7 @@ Performance notes
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import numba
@@ -73,6 +80,9 @@ __all__ = [
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores",
 ]
+
+if sys.byteorder != "little":  # pragma: no cover - every platform Numba supports today is little-endian
+    raise ImportError("isle_fast.kernels.cpu reads 8 pixels as one 64-bit word and needs a little-endian CPU")
 
 SCORE, ORDER, IGNORE = 0, 1, 2
 _POLICIES = (SCORE, ORDER, IGNORE)
@@ -496,37 +506,7 @@ def _merge_tables(selection: np.ndarray, priority: np.ndarray, member: np.ndarra
     return key, lab
 
 
-_MB = 64        # pixels per merge block (measured: 64 beats 16..512 on VOC-like maps)
-
-
-@njit(**_JIT1)
-def _merge_block(ptrs, p0, kf, lab, m, out):  # pragma: no cover - jitted
-    """Merge the _MB pixels from p0 through the lookup tables, one set at a time."""
-    a = ptrs[0]
-    for j in range(_MB):
-        m[j] = kf[_ld(a, p0 + j, _U8)]
-    for n in range(1, ptrs.size):
-        a = ptrs[n]
-        off = n * 256
-        for j in range(_MB):
-            m[j] = max(m[j], kf[off + _ld(a, p0 + j, _U8)])
-    for j in range(_MB):
-        out[p0 + j] = lab[m[j]]
-
-
-@njit(**_JIT1)
-def _merge_block_ignore(ptrs, p0, ki, acc, out):  # pragma: no cover - jitted
-    """Policy IGNORE over the _MB pixels from p0: a sum of per-set codes (see _ignore_codes)."""
-    a = ptrs[0]
-    for j in range(_MB):
-        acc[j] = ki[_ld(a, p0 + j, _U8)]
-    for n in range(1, ptrs.size):
-        a = ptrs[n]
-        off = n * 256
-        for j in range(_MB):
-            acc[j] += ki[off + _ld(a, p0 + j, _U8)]
-    for j in range(_MB):
-        out[p0 + j] = _ignore_label(acc[j])
+_MB = 64        # pixels per merge block (8 words); a block that fails the block checks goes word by word
 
 
 _IGN_TAB = np.array([255, 0, 0, 0, 255, 255], np.uint8)  # [min(claims, 2) * 2 + (some set answers)]
@@ -556,57 +536,95 @@ def _ignore_codes(key: np.ndarray) -> np.ndarray:
     return codes.ravel()
 
 
-@njit(**_JIT1)
-def _block_agrees(ptrs, w0, w1, fast):  # pragma: no cover - jitted
-    """Whether words [w0, w1) are equal in every set and each is all < C or all 255 (copy them)."""
+@njit(inline="always", **_JIT1)
+def _words_differ(ptrs, w0, w1):  # pragma: no cover - jitted
+    """Nonzero unless words [w0, w1) are equal in every set (branch-free over the words)."""
     a0 = ptrs[0]
+    x = np.int64(0)
+    for n in range(1, ptrs.size):
+        a = ptrs[n]
+        for i in range(w0, w1):
+            x |= _ld(a, i, _I64) ^ _ld(a0, i, _I64)
+    return x
+
+
+@njit(inline="always", **_JIT1)
+def _words_unclean(a0, w0, w1, fast):  # pragma: no cover - jitted
+    """Nonzero unless each word of [w0, w1) is all < C or all 255 (SWAR, branch-free)."""
+    x = np.int64(0)
     for i in range(w0, w1):
         w = _ld(a0, i, _I64)
-        if (((w + fast) | w) & _HIGHS) != 0 and w != -1:   # a byte >= C, and not all 255
-            return False
-        for n in range(1, ptrs.size):
-            if _ld(ptrs[n], i, _I64) != w:
-                return False
-    return True
+        x |= (((w + fast) | w) & _HIGHS) & -np.int64(w != -1)
+    return x
 
 
-@njit(**_JIT1)
-def _block_repeats(ptrs, w0, nw):  # pragma: no cover - jitted
-    """Whether words [w0, w0 + nw) of every set equal the nw words before them."""
+@njit(inline="always", **_JIT1)
+def _words_changed(ptrs, w0, w1, d):  # pragma: no cover - jitted
+    """Nonzero unless words [w0, w1) of every set equal the words d before them."""
+    x = np.int64(0)
     for n in range(ptrs.size):
         a = ptrs[n]
-        for i in range(w0, w0 + nw):
-            if _ld(a, i, _I64) != _ld(a, i - nw, _I64):
-                return False
-    return True
+        for i in range(w0, w1):
+            x |= _ld(a, i, _I64) ^ _ld(a, i - d, _I64)
+    return x
+
+
+@njit(inline="always", **_JIT1)
+def _merge_word(ptrs, i, kf, lab, ki, ignore):  # pragma: no cover - jitted
+    """The merged 8 pixels of word i, pixel by pixel through the lookup tables, as one word."""
+    res = np.int64(0)
+    for j in range(8):
+        sh = 8 * j
+        if ignore:
+            ss = np.uint32(0)
+            for n in range(ptrs.size):
+                ss += ki[n * 256 + ((_ld(ptrs[n], i, _I64) >> sh) & 0xFF)]
+            v = _ignore_label(ss)
+        else:
+            mm = np.uint8(0)
+            for n in range(ptrs.size):
+                mm = max(mm, kf[n * 256 + ((_ld(ptrs[n], i, _I64) >> sh) & 0xFF)])
+            v = lab[mm]
+        res |= np.int64(v) << sh
+    return res
 
 
 @njit(**_JIT)
 def _merge_labels_kernel(ptrs, npix, key, lab, ki, ignore, fast, nchunks):  # pragma: no cover
     N = ptrs.size
     WB = _MB // 8
-    nb = npix // _MB                          # full blocks; the rest is merged pixel by pixel
+    nw = npix // 8                           # full words; the tail bytes are merged pixel by pixel
+    nb = nw // WB
     out = np.empty(npix, np.uint8)
-    out64 = out[: nb * _MB].view(np.int64)
+    out64 = out[: nw * 8].view(np.int64)
     kf = key.ravel()
     per = (nb + nchunks - 1) // nchunks
     a0 = ptrs[0]
     for k in prange(nchunks):
-        m = np.empty(_MB, np.uint8)
-        acc = np.empty(_MB, np.uint32)
-        for b in range(k * per, min(nb, (k + 1) * per)):
-            if fast >= 0 and _block_agrees(ptrs, b * WB, b * WB + WB, fast):
-                for i in range(b * WB, b * WB + WB):   # every set says the same: copy
-                    out64[i] = _ld(a0, i, _I64)
-            elif b > k * per and _block_repeats(ptrs, b * WB, WB):
-                for i in range(b * WB, b * WB + WB):   # every set repeats its previous block
-                    out64[i] = out64[i - WB]
-            elif ignore:
-                _merge_block_ignore(ptrs, b * _MB, ki, acc, out)
-            else:
-                _merge_block(ptrs, b * _MB, kf, lab, m, out)
+        first = k * per * WB
+        last = min(nb, (k + 1) * per) * WB
         if k == nchunks - 1:
-            for p in range(nb * _MB, npix):
+            last = nw
+        b0 = first
+        while b0 < last:
+            b1 = min(last, b0 + WB)
+            if fast >= 0 and (_words_differ(ptrs, b0, b1) | _words_unclean(a0, b0, b1, fast)) == 0:
+                for i in range(b0, b1):               # every set says the same: copy
+                    out64[i] = _ld(a0, i, _I64)
+            elif b0 - WB >= first and _words_changed(ptrs, b0, b1, WB) == 0:
+                for i in range(b0, b1):               # every set repeats its previous block
+                    out64[i] = out64[i - WB]
+            else:
+                for i in range(b0, b1):               # word by word
+                    if fast >= 0 and (_words_differ(ptrs, i, i + 1) | _words_unclean(a0, i, i + 1, fast)) == 0:
+                        out64[i] = _ld(a0, i, _I64)
+                    elif i > first and _words_changed(ptrs, i, i + 1, 1) == 0:
+                        out64[i] = out64[i - 1]
+                    else:
+                        out64[i] = _merge_word(ptrs, i, kf, lab, ki, ignore)
+            b0 = b1
+        if k == nchunks - 1:
+            for p in range(nw * 8, npix):
                 mm = 0
                 ss = np.uint32(0)
                 for n in range(N):

@@ -156,10 +156,21 @@ def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[np.ndarray],
     return np.asarray(lab), np.asarray(sc)
 
 
-def _valid(shapes: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    r = rows[None, :, None] < shapes[:, 0][:, None, None]
-    c = cols[None, None, :] < shapes[:, 1][:, None, None]
-    return r & c
+def _fill_padding(a: np.ndarray, shapes: np.ndarray, row0: int, col0: int, value: Any) -> int:
+    """Set ``a`` (images x rows x cols [x C]) outside each image's true shape to ``value``, in place.
+
+    ``row0, col0``: where the region starts in the padded image. Touches only the
+    padding (no full-size mask). Returns the number of pixels inside the images.
+    """
+    rows, cols = a.shape[1], a.shape[2]
+    inside = 0
+    for m in range(a.shape[0]):
+        h = min(rows, max(0, int(shapes[m, 0]) - row0))
+        w = min(cols, max(0, int(shapes[m, 1]) - col0))
+        a[m, h:] = value
+        a[m, :h, w:] = value
+        inside += h * w
+    return inside
 
 
 def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray,
@@ -170,15 +181,17 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
 
     K = get_kernels(backend)
     lab, sc = merge_chunk(K, plan, blocks, choice)
-    valid = _valid(shapes, idx_j, idx_k)
-    lab = np.where(valid, lab, np.uint8(255)).astype(np.uint8)
-    region = (slice(int(idx_i[0]), int(idx_i[-1]) + 1), slice(int(idx_j[0]), int(idx_j[-1]) + 1),
-              slice(int(idx_k[0]), int(idx_k[-1]) + 1))
+    lab = np.require(lab, np.uint8, ["C", "W"])
+    row0, col0 = int(idx_j[0]), int(idx_k[0])
+    inside = _fill_padding(lab, shapes, row0, col0, 255)
+    region = (slice(int(idx_i[0]), int(idx_i[-1]) + 1), slice(row0, int(idx_j[-1]) + 1),
+              slice(col0, int(idx_k[-1]) + 1))
     labels_target[region] = lab
     if scores_target is not None and sc is not None:
-        sc = np.where(valid[..., None], sc, np.zeros((), dtype=sc.dtype)).astype(sc.dtype)
+        sc = np.require(sc, None, ["C", "W"])
+        _fill_padding(sc, shapes, row0, col0, 0)
         scores_target[region + (slice(None),)] = sc
-    return np.full((1, 1, 1), int(valid.sum()), dtype=np.int64)
+    return np.full((1, 1, 1), inside, dtype=np.int64)
 
 
 # -- image strategy -----------------------------------------------------------------------

@@ -234,7 +234,9 @@ def _markdown(summary: dict[str, Any], markdown_table) -> str:
                 lines += ["```", *table, "```", ""]
         pngs = [f for f in res.get("files", []) if f.endswith(".png")]
         if pngs:
-            lines += ["Plots: " + ", ".join(f"`benchmarks/results/{p}`" for p in pngs), ""]
+            # images relative to SUMMARY.md (which sits next to them), so they show on GitHub
+            lines += ["Plots (`benchmarks/results/`):", ""]
+            lines += [f"![{Path(p).stem}]({p})" for p in pngs] + [""]
         if res["status"] not in ("ok", "earlier result"):
             lines += [f"Status: **{res['status']}** (exit code {res.get('returncode')}).", ""]
     return "\n".join(lines) + "\n"

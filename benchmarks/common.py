@@ -402,7 +402,9 @@ def fit_power_offset(x: Iterable[float], y: Iterable[float], kmin: float = -1.5,
         (root-mean-square relative residual), ``fixed_share_min`` / ``fixed_share_max``
         (a / fitted y at the smallest / largest x), ``varying_share_max`` (the
         ``b x**k`` part's share at the largest x: near 0 means the series is
-        flat and ``k`` means nothing), ``points``. NaNs with fewer than three
+        flat and ``k`` means nothing), ``varying_share_peak`` (the same share at
+        whichever end of the range it is largest: the smallest x for a
+        decreasing power, ``k < 0``), ``points``. NaNs with fewer than three
         usable points.
     """
     xa = np.asarray(list(x), dtype=float)
@@ -412,7 +414,7 @@ def fit_power_offset(x: Iterable[float], y: Iterable[float], kmin: float = -1.5,
     nan = float("nan")
     out: dict[str, Any] = {"exponent": nan, "fixed": nan, "coef": nan, "rel_rms": nan,
                            "fixed_share_min": nan, "fixed_share_max": nan, "varying_share_max": nan,
-                           "points": int(len(xa))}
+                           "varying_share_peak": nan, "points": int(len(xa))}
     if len(xa) < 3 or np.ptp(xa) == 0:
         return out
     w = 1.0 / ya
@@ -440,7 +442,9 @@ def fit_power_offset(x: Iterable[float], y: Iterable[float], kmin: float = -1.5,
     out.update(exponent=k, fixed=a, coef=float(b / xa.max() ** k), rel_rms=math.sqrt(sse / len(xa)),
                fixed_share_min=float(a / fit_min) if fit_min > 0 else nan,
                fixed_share_max=a / fit_max if fit_max > 0 else nan,
-               varying_share_max=b / fit_max if fit_max > 0 else nan)
+               varying_share_max=b / fit_max if fit_max > 0 else nan,
+               varying_share_peak=float(max(1.0 - a / fit_min if fit_min > 0 else nan,
+                                            b / fit_max if fit_max > 0 else nan)))
     return out
 
 

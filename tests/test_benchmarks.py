@@ -43,6 +43,85 @@ def test_fit_exponent_drops_bad_points():
     assert np.isnan(common.fit_exponent([1], [1])["exponent"])
 
 
+@given(a=st.floats(0, 2), k=st.sampled_from([-1.5, -1.0, -0.5, 0.4, 1.0, 1.37, 2.0]))
+def test_fit_power_offset_recovers_fixed_cost_and_exponent(a, k):
+    x = np.geomspace(1, 1000, 6)
+    f = common.fit_power_offset(x, a + x ** k)
+    assert f["exponent"] == pytest.approx(k, abs=0.011)
+    assert f["fixed"] == pytest.approx(a, abs=0.02 * (1 + a))
+    assert f["rel_rms"] < 0.02 and f["points"] == 6
+
+
+def test_fit_power_offset_sees_a_flat_series_and_needs_three_points():
+    f = common.fit_power_offset([1, 2, 4, 8, 16], [1.0, 1.01, 0.99, 1.0, 1.02])
+    assert f["varying_share_peak"] < 0.1
+    g = common.fit_power_offset([1, 4, 16, 64], [4.0, 1.0, 0.25, 0.0625])   # pure 1/x: all varying
+    assert g["exponent"] == pytest.approx(-1.0, abs=0.011) and g["varying_share_peak"] > 0.9
+    assert np.isnan(common.fit_power_offset([1, 2], [1, 2])["exponent"])
+
+
+def test_scaling_fixed_cost_no_longer_hides_linear_growth():
+    """The old evaluate-in-images slope 0.64 came from a fixed cost; the offset fit reports k = 1."""
+    from benchmarks import scaling
+
+    x = [128, 256, 512, 1024, 2048]
+    rows = [{"x": n, "value": n, "evaluate": 0.15 + 2e-4 * n, "merge": 0.3 + 4e-4 * n, "select": 2e-4}
+            for n in x]
+    by = {f["key"]: f for f in scaling.fits("images", rows)}
+    assert by["evaluate"]["slope"] < 0.8 and by["evaluate"]["exponent"] == pytest.approx(1.0, abs=0.02)
+    assert by["evaluate"]["verdict"] == "agrees with the paper"
+    assert by["select"]["flat"] and by["select"]["verdict"].startswith("as expected")
+    flat = [{"x": c, "value": c, "evaluate": 0.2, "merge": 0.3} for c in (2, 6, 21, 61, 151)]
+    by = {f["key"]: f for f in scaling.fits("classes", flat)}
+    assert by["evaluate"]["exponent"] == pytest.approx(0.0, abs=1e-6)
+    assert by["evaluate"]["verdict"].startswith("differs from the paper, as expected")
+    quick = scaling.fits("classes", flat[:2], quick=True)
+    assert all(f["verdict"].startswith("quick mode") for f in quick)
+
+
+def test_scaling_verdicts():
+    from benchmarks.scaling import Claim, verdict
+
+    c = Claim("x", 1.0, 0.0, "fused kernel")
+    assert verdict(1.1, c) == "agrees with the paper"
+    assert verdict(0.05, c) == "differs from the paper, as expected: fused kernel"
+    assert verdict(2.0, c).startswith("differs from the paper (1) and from expected (0)")
+    assert verdict(0.9, Claim("y", None, 1.0, "pixels")) == "as expected (pixels)"
+    assert verdict(0.3, Claim("y", None, 1.0, "", "png")) == "differs from expected 1: png"
+    assert verdict(float("nan"), c) == "too few points to fit"
+
+
+def test_scaling_sweeps_cover_every_step_and_have_sizes():
+    from benchmarks import scaling
+
+    keys = {k for spec in scaling.SWEEPS.values() for k in spec["series"]}
+    for step in ("ingest", "refine", "evaluate", "select", "merge", "train_step", "predict"):
+        assert step in keys, step
+    full, quick = scaling._sizes(False), scaling._sizes(True)
+    for name in scaling.SWEEPS:
+        assert len(full[name]) >= 2 and len(quick[name]) == 2, name
+        if not name.endswith("workers"):
+            assert len(full[name]) >= 4, name          # enough points for the fixed + power fit
+    # the deployment claim is measured, not only stated
+    assert scaling.SWEEPS["train_sets"]["series"]["train_step"].paper == 0.0
+    assert scaling.SWEEPS["predict_sets"]["series"]["predict"].expected == 0.0
+
+
+def test_scaling_quick_subset_writes_json_and_plots(tmp_path, monkeypatch):
+    """``python -m benchmarks.scaling --quick --only ...`` on a few sweeps: JSON with fits, one PNG per sweep."""
+    from benchmarks import scaling
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "cache"))
+    assert scaling.main(["--quick", "--only", "sets,ingest_images,refine_pixels"]) == 0
+    doc = json.loads((tmp_path / "res" / "scaling.json").read_text())
+    assert doc["quick"] is True and set(doc["sweeps"]) == {"sets", "ingest_images", "refine_pixels"}
+    assert {f["key"] for f in doc["fits"]} >= {"evaluate", "merge", "ingest", "refine"}
+    assert doc["machine"]["load_average_1m"] is not None and doc["load_average_1m_after_sweep"]
+    for name in ("sets", "ingest_images", "refine_pixels"):
+        assert (tmp_path / "res" / f"scaling_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_best_of_keeps_minimum_and_value():
     calls = []
 

@@ -729,6 +729,40 @@ def plot(name: str, rows: list[dict[str, Any]], fit_rows: list[dict[str, Any]], 
     return path
 
 
+def plot_overview(all_fits: list[dict[str, Any]]) -> Path | None:
+    """One chart of every step's measured exponent next to the paper's claim and what we expect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [f for f in all_fits if f["key"] in HEADLINE_SERIES and f["exponent"] is not None]
+    if not rows:
+        return None
+    path = results_dir() / "scaling_overview.png"
+    fig, ax = plt.subplots(figsize=(7.2, 0.32 * len(rows) + 1.4), dpi=110)
+    y = np.arange(len(rows))[::-1]
+    ax.scatter([f["exponent"] for f in rows], y, marker="o", s=36, color="tab:blue", zorder=3, label="measured")
+    ax.scatter([f["expected"] if f["expected"] is not None else np.nan for f in rows], y, marker="s", s=60,
+               facecolors="none", edgecolors="tab:green", lw=1.5, zorder=2, label="expected (this implementation)")
+    ax.scatter([f["paper"] if f["paper"] is not None else np.nan for f in rows], y, marker="x", s=44,
+               color="tab:red", zorder=2, label="paper, section 4.2")
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{f['key']} vs {f['sweep']}" for f in rows], fontsize=7)
+    ax.axvline(0, color="grey", lw=0.6)
+    ax.axvline(1, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("growth exponent (t ~ a + b x^k; slope where flat)")
+    ax.set_title("isle-fast: how each step's cost grows (one thread)", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
@@ -805,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nVerdicts (exponent = k, or the slope where the series is flat or has two points)")
     for f in all_fits:
         print(f"  {f['sweep']:15s} {f['series']:38s} {f['exponent']!s:>7}  {f['verdict']}")
+    plot_overview(all_fits)
     headline = _headline(all_fits, all_rows)
     path = write_json("scaling", {
         "sizes": sizes, "repeat": repeat, "threads": "1 (Dask synchronous, Numba 1, torch 1) except *workers sweeps",

@@ -58,7 +58,7 @@ _EXPORTS: dict[str, str] = {
     "voc_palette": "datasets", "write_label_png": "datasets", "read_label_png": "datasets",
     # backend switch
     "BACKENDS": "backend", "get_kernels": "backend", "resolve_backend": "backend",
-    "gpu_available": "backend", "describe_backend": "backend",
+    "gpu_available": "backend", "describe_backend": "backend", "tune_allocator": "backend",
 }
 
 __all__ = ["__version__", *_EXPORTS]

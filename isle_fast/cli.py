@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mod = _load(COMMANDS[args.command][0], args.command)
     if mod is None:
         parser.error(f"'{args.command}' is not available in this build")
+    from .backend import tune_allocator
+
+    tune_allocator()  # reuse freed chunk buffers (see its docstring); ISLE_TUNE_MALLOC=0 skips it
     try:
         return int(mod.run(args) or 0)
     except IsleError as exc:

@@ -200,25 +200,25 @@ def _contig(a: np.ndarray) -> np.ndarray:
 def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tuple[Group, ...],
                      order: tuple[int, ...], num_classes: int, per_image: bool) -> np.ndarray:
     """Counts of one chunk: ``(1, 1, 1, N, C, C+1)``, or ``(k, 1, 1, N, C, C+1)`` per image."""
-    from .backend import get_kernels
+    from .backend import task_kernels
 
-    K = get_kernels(backend)
-    n_sets = len(order)
-    by_pos = dict(zip(order, blocks))
-    gt = _contig(gt)
-    n_img = gt.shape[0] if per_image else 1
-    out = np.zeros((n_img, 1, 1, n_sets, num_classes, num_classes + 1), dtype=np.int64)
-    for grp in groups:
-        arrs = [_contig(by_pos[m]) for m in grp.members]
-        for m in range(n_img):
-            g = gt[m:m + 1] if per_image else gt
-            sets = tuple(a[m:m + 1] for a in arrs) if per_image else tuple(arrs)
-            if grp.encoding == "labels":
-                res = K.confusion_labels(g, sets, num_classes)
-            else:
-                res = K.confusion_scores(g, sets, num_classes, grp.threshold)
-            out[m, 0, 0, list(grp.members)] = np.asarray(res)
-    return out
+    with task_kernels(backend) as K:
+        n_sets = len(order)
+        by_pos = dict(zip(order, blocks))
+        gt = _contig(gt)
+        n_img = gt.shape[0] if per_image else 1
+        out = np.zeros((n_img, 1, 1, n_sets, num_classes, num_classes + 1), dtype=np.int64)
+        for grp in groups:
+            arrs = [_contig(by_pos[m]) for m in grp.members]
+            for m in range(n_img):
+                g = gt[m:m + 1] if per_image else gt
+                sets = tuple(a[m:m + 1] for a in arrs) if per_image else tuple(arrs)
+                if grp.encoding == "labels":
+                    res = K.confusion_labels(g, sets, num_classes)
+                else:
+                    res = K.confusion_scores(g, sets, num_classes, grp.threshold)
+                out[m, 0, 0, list(grp.members)] = np.asarray(res)
+        return out
 
 
 def _tp_union(block: np.ndarray) -> np.ndarray:

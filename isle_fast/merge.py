@@ -177,35 +177,35 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
                  choice: np.ndarray, *blocks: np.ndarray, backend: str, plan: MergePlan,
                  labels_target: Any, scores_target: Any) -> np.ndarray:
     """Merge one gt chunk's region and write it into the new store; returns ``(1, 1, 1)`` pixel count."""
-    from .backend import get_kernels
+    from .backend import task_kernels
 
-    K = get_kernels(backend)
-    lab, sc = merge_chunk(K, plan, blocks, choice)
-    lab = np.require(lab, np.uint8, ["C", "W"])
-    row0, col0 = int(idx_j[0]), int(idx_k[0])
-    inside = _fill_padding(lab, shapes, row0, col0, 255)
-    region = (slice(int(idx_i[0]), int(idx_i[-1]) + 1), slice(row0, int(idx_j[-1]) + 1),
-              slice(col0, int(idx_k[-1]) + 1))
-    labels_target[region] = lab
-    if scores_target is not None and sc is not None:
-        sc = np.require(sc, None, ["C", "W"])
-        _fill_padding(sc, shapes, row0, col0, 0)
-        scores_target[region + (slice(None),)] = sc
-    return np.full((1, 1, 1), inside, dtype=np.int64)
+    with task_kernels(backend) as K:
+        lab, sc = merge_chunk(K, plan, blocks, choice)
+        lab = np.require(lab, np.uint8, ["C", "W"])
+        row0, col0 = int(idx_j[0]), int(idx_k[0])
+        inside = _fill_padding(lab, shapes, row0, col0, 255)
+        region = (slice(int(idx_i[0]), int(idx_i[-1]) + 1), slice(row0, int(idx_j[-1]) + 1),
+                  slice(col0, int(idx_k[-1]) + 1))
+        labels_target[region] = lab
+        if scores_target is not None and sc is not None:
+            sc = np.require(sc, None, ["C", "W"])
+            _fill_padding(sc, shapes, row0, col0, 0)
+            scores_target[region + (slice(None),)] = sc
+        return np.full((1, 1, 1), inside, dtype=np.int64)
 
 
 # -- image strategy -----------------------------------------------------------------------
 
 def _presence_block(gt: np.ndarray, *, backend: str, num_classes: int) -> np.ndarray:
-    from .backend import get_kernels
+    from .backend import task_kernels
 
-    K = get_kernels(backend)
-    gt = np.ascontiguousarray(gt)
-    out = np.zeros((gt.shape[0], 1, 1, num_classes), dtype=np.int64)
-    for m in range(gt.shape[0]):
-        g = gt[m:m + 1]
-        out[m, 0, 0] = np.asarray(K.confusion_labels(g, (g,), num_classes))[0].sum(axis=1)
-    return out
+    with task_kernels(backend) as K:
+        gt = np.ascontiguousarray(gt)
+        out = np.zeros((gt.shape[0], 1, 1, num_classes), dtype=np.int64)
+        for m in range(gt.shape[0]):
+            g = gt[m:m + 1]
+            out[m, 0, 0] = np.asarray(K.confusion_labels(g, (g,), num_classes))[0].sum(axis=1)
+        return out
 
 
 def gt_presence(gt: Stack, *, backend: str = "cpu", progress: bool = False) -> np.ndarray:
@@ -389,7 +389,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         if scores_dtype:
             scores_target = writer.group.create_array(
                 "scores", shape=tuple(g.shape) + (c,), chunks=grid + (c,),
-                dtype=scores_dtype, fill_value=0, compressors=default_compressors())
+                dtype=scores_dtype, fill_value=0, compressors=default_compressors("scores"),
+            ).with_config({"write_empty_chunks": True})  # skip Zarr's slow all-fill check per chunk
             writer.group.attrs["score_scale"] = scale
         idx = [da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape, g.chunks)]
         shapes = da.from_array(gt_stack.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))

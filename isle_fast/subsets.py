@@ -166,37 +166,37 @@ def _subset_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tup
                   selections: np.ndarray, members: np.ndarray, priority: np.ndarray, policy: int,
                   num_classes: int) -> np.ndarray:
     """Confusion of every subset's ensemble on one chunk: ``(1, 1, 1, S, C, C+1)``."""
-    from .backend import get_kernels
+    from .backend import task_kernels
 
-    K = get_kernels(backend)
-    c = num_classes
-    gt = np.ascontiguousarray(gt)
-    blocks = [np.ascontiguousarray(b) for b in blocks]
-    out = np.zeros((1, 1, 1, len(members), c, c + 1), dtype=np.int64)
-    decoded: dict[int, np.ndarray] = {}
-    for grp in groups:
-        rows = list(grp.rows)
-        pos = {p: k for k, p in enumerate(grp.positions)}
-        mem = np.ascontiguousarray(members[rows][:, list(grp.positions)])
-        sel = np.ascontiguousarray(np.vectorize(lambda v: pos.get(int(v), 0))(selections[rows])
-                                   .astype(np.int64).reshape(len(rows), c))
-        if grp.mode == "labels":
-            labs = []
-            for p in grp.positions:
-                if encodings[p] == "labels":
-                    labs.append(blocks[p])
-                else:
-                    if p not in decoded:
-                        decoded[p] = np.asarray(K.decode_scores(blocks[p], thresholds[p]))
-                    labs.append(decoded[p])
-            prio = np.ascontiguousarray(priority[list(grp.positions)])
-            res = K.subset_confusion_labels(gt, tuple(labs), sel, mem, prio, policy, c)
-        else:
-            arrs = tuple((blocks[p].astype(np.float32) / np.float32(scales[p])) if grp.cast else blocks[p]
-                         for p in grp.positions)
-            res = K.subset_confusion_scores(gt, arrs, sel, mem, policy, c, grp.threshold)
-        out[0, 0, 0, rows] = np.asarray(res, dtype=np.int64)
-    return out
+    with task_kernels(backend) as K:
+        c = num_classes
+        gt = np.ascontiguousarray(gt)
+        blocks = [np.ascontiguousarray(b) for b in blocks]
+        out = np.zeros((1, 1, 1, len(members), c, c + 1), dtype=np.int64)
+        decoded: dict[int, np.ndarray] = {}
+        for grp in groups:
+            rows = list(grp.rows)
+            pos = {p: k for k, p in enumerate(grp.positions)}
+            mem = np.ascontiguousarray(members[rows][:, list(grp.positions)])
+            sel = np.ascontiguousarray(np.vectorize(lambda v: pos.get(int(v), 0))(selections[rows])
+                                       .astype(np.int64).reshape(len(rows), c))
+            if grp.mode == "labels":
+                labs = []
+                for p in grp.positions:
+                    if encodings[p] == "labels":
+                        labs.append(blocks[p])
+                    else:
+                        if p not in decoded:
+                            decoded[p] = np.asarray(K.decode_scores(blocks[p], thresholds[p]))
+                        labs.append(decoded[p])
+                prio = np.ascontiguousarray(priority[list(grp.positions)])
+                res = K.subset_confusion_labels(gt, tuple(labs), sel, mem, prio, policy, c)
+            else:
+                arrs = tuple((blocks[p].astype(np.float32) / np.float32(scales[p])) if grp.cast else blocks[p]
+                             for p in grp.positions)
+                res = K.subset_confusion_scores(gt, arrs, sel, mem, policy, c, grp.threshold)
+            out[0, 0, 0, rows] = np.asarray(res, dtype=np.int64)
+        return out
 
 
 def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | None = None,

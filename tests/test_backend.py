@@ -127,3 +127,46 @@ def test_cli_evaluate_gpu_backend_under_forced_simulator(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[be] = json.loads(path.read_text())
     assert out["gpu"]["sets"] == out["cpu"]["sets"] and out["gpu"]["selection"] == out["cpu"]["selection"]
+
+
+def test_task_kernels_runs_cpu_kernels_on_one_thread_and_restores():
+    import numba
+
+    from isle_fast.backend import get_kernels, task_kernels
+
+    before = numba.get_num_threads()
+    seen = []
+    with task_kernels("cpu") as K:
+        seen.append(numba.get_num_threads())
+        assert K is get_kernels("cpu")
+    assert seen == [1]
+    assert numba.get_num_threads() == before
+
+
+def test_task_kernels_restores_after_an_error():
+    import numba
+
+    from isle_fast.backend import task_kernels
+
+    before = numba.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with task_kernels("cpu"):
+            raise RuntimeError("boom")
+    assert numba.get_num_threads() == before
+
+
+def test_tune_allocator_can_be_disabled(monkeypatch):
+    from isle_fast.backend import tune_allocator
+
+    monkeypatch.setenv("ISLE_TUNE_MALLOC", "0")
+    assert tune_allocator() is False
+
+
+def test_tune_allocator_on_glibc(monkeypatch):
+    import platform
+
+    from isle_fast.backend import tune_allocator
+
+    monkeypatch.delenv("ISLE_TUNE_MALLOC", raising=False)
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert tune_allocator() is glibc

@@ -182,3 +182,65 @@ def test_write_block_round_trip_random_chunks(tmp_path_factory, data):
     np.testing.assert_array_equal(s.to_dask().compute(), full)
     for i, (h, w) in enumerate(shapes):
         np.testing.assert_array_equal(s.read_image(f"i{i}"), full[i, :h, :w])
+
+
+# -- fast chunk reads (Stack.to_dask) -------------------------------------------------------
+
+def _stack_with(path, value_fn, *, encoding="labels", compressors=None, chunks=(2, 3, 4)):
+    shapes = np.array([[5, 7], [3, 4], [6, 2]])
+    kw = dict(kind="pseudo", classes=CLASSES, ids=["a", "b", "c"], shapes=shapes, chunks=chunks)
+    if encoding == "scores":
+        kw.update(encoding="scores", chunks=chunks + (3,), score_dtype="float16")
+    if compressors is not None:
+        kw["compressors"] = compressors
+    with create_stack(path, **kw) as w:
+        for i, (h, wd) in enumerate(shapes):
+            w.write_image(i, value_fn((h, wd) + w.array.shape[3:]).astype(w.array.dtype))
+    return open_stack(path)
+
+
+@pytest.mark.parametrize("encoding,compressors", [("labels", None), ("labels", ()), ("scores", None)])
+def test_to_dask_fast_path_equals_zarr(tmp_path, encoding, compressors):
+    import dask.array as da
+
+    rng = np.random.default_rng(3)
+    s = _stack_with(tmp_path / "s.zarr", lambda shp: rng.integers(0, 3, shp), encoding=encoding,
+                    compressors=compressors)
+    x = s.to_dask()
+    assert x.name.startswith("isle-read-")       # the fast reader serves the default layout
+    assert x.chunks == da.from_zarr(s.array).chunks
+    np.testing.assert_array_equal(x.compute(), s.array[:])
+
+
+def test_to_dask_missing_chunk_reads_fill_value_and_damaged_chunk_is_named(tmp_path):
+    s = _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp))
+    folder = tmp_path / "s.zarr" / "labels" / "c"
+    victim = folder / "1" / "0" / "0"
+    assert victim.exists()
+    victim.unlink()                               # a chunk never written reads as the fill value (255)
+    got = s.to_dask().compute()
+    np.testing.assert_array_equal(got[2:4, 0:3, 0:4], np.full((1, 3, 4), 255, np.uint8)[:, :, :])
+    damaged = folder / "0" / "0" / "0"
+    damaged.write_bytes(b"\x28\xb5\x2f\xfd garbage")
+    with pytest.raises(StoreError, match=r"c/0/0/0"):
+        s.to_dask().compute()
+
+
+def test_to_dask_remote_store_uses_zarr(tmp_path):
+    pytest.importorskip("fsspec")
+    s = _stack_with("memory://fast-path-test.zarr", lambda shp: np.full(shp, 2))
+    x = s.to_dask()
+    assert not x.name.startswith("isle-read-")
+    np.testing.assert_array_equal(x.compute(), s.array[:])
+
+
+def test_zstd_content_size_matches_numcodecs():
+    from numcodecs import Zstd
+
+    from isle_fast.store import _zstd_content_size
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 255, 256, 257, 65791, 65792, 1 << 20):
+        for level in (1, 3):
+            assert _zstd_content_size(Zstd(level).encode(rng.integers(0, 4, n).astype(np.uint8))) == n
+    assert _zstd_content_size(b"not zstd") is None

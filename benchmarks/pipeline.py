@@ -241,7 +241,10 @@ def with_cluster(n_workers: int, threads: int, memory_limit: str | None, fn: Cal
                           "dashboard_address": ":0"}
     if memory_limit:
         kw["memory_limit"] = memory_limit
-    with LocalCluster(**kw) as cluster, Client(cluster):
+    with LocalCluster(**kw) as cluster, Client(cluster) as client:
+        from isle_fast.backend import tune_allocator
+
+        client.run(tune_allocator)  # on the workers, as the isle command does for itself
         warm()
         with PeakMemory() as pm:
             t0 = time.perf_counter()
@@ -268,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (1 if not quick else 1)
     mem_limit = args.memory_limit or ("600MiB" if quick else "1GiB")
     root = tmp_dir()
+    from isle_fast.backend import tune_allocator
+
+    tuned = tune_allocator()  # what the isle command does at start (ISLE_TUNE_MALLOC=0 to compare)
+    log(f"[pipeline] allocator tuned: {tuned}")
 
     log(f"[pipeline] data: {n_img} images up to {side}x{side}, {args.sets} sets + gt (cached in {root})")
     data = make_label_stores(root, n_img, n_sets=args.sets, max_side=side, seed=0)
@@ -367,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                                      e2e["total"], peak_rss_mib=round(r["peak_rss"] / 2**20)))
     path = write_json("pipeline", {"end_to_end": e2e, "references": table, "reference_images": k_ref,
                                    "checks": checks, "dask": dask_rows, "out_of_core": ooc,
+                                   "allocator_tuned": tuned,
                                    "data": {k: v for k, v in data.items() if k != "classes"},
                                    "headline": headline}, quick=quick)
     _plot(results_dir() / "pipeline.png", table, k_ref)

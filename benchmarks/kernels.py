@@ -241,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_scores = 2 if q else 16
     n_sub = 2 if q else 32
     threads = numba.get_num_threads()
+    from isle_fast.backend import tune_allocator
+
+    tuned = tune_allocator()  # as the isle command does; ours and the references share it
     rows: list[dict[str, Any]] = []
 
     def bench(name, data, units, unit, ours_fn, ref_fn, ref_name, check, k_ref=None):
@@ -360,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     heads = [headline_row(f"{r['kernel']} ({r['data']})", r["ours_s"], r["reference"], r["ref_s"],
                           rate=r["ours_rate"], unit=r["unit"] + "/s") for r in rows[:1] + rows[3:4]]
     path = write_json("kernels", {"config": {"images": n_img, "height": h, "width": w, "classes": C,
-                                             "threads": threads, "repeat": k, "set_agreement": agree,
+                                             "threads": threads, "allocator_tuned": tuned, "repeat": k, "set_agreement": agree,
                                              "load_average_start": load0, "load_average_end": os.getloadavg()},
                                   "rows": rows, "headline": heads}, quick=q)
     print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")

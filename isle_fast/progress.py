@@ -1,7 +1,7 @@
 """Progress bars and end-of-run summaries, one look for every command.
 
-Long work shows a tqdm bar on stderr (hidden when ``quiet`` or when stderr is
-not a terminal and ``ISLE_PROGRESS=0``); every command ends with
+Long work shows a tqdm bar on stderr (hidden when ``quiet`` or with
+``ISLE_PROGRESS=0``; redrawn every 30 s when stderr is not a terminal); every command ends with
 :func:`summary`: what was done, how long it took, where the output is.
 """
 
@@ -22,11 +22,24 @@ def _enabled(quiet: bool) -> bool:
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
              unit: str = "it", quiet: bool = False, **kwargs: Any):
-    """A tqdm bar on stderr (a no-op wrapper when ``quiet``)."""
+    """A tqdm bar on stderr (a no-op wrapper when ``quiet``).
+
+    When stderr is not a terminal (a batch job's log file) the bar is redrawn at
+    most every 30 s instead of 10 times a second, so logs get a line now and
+    then rather than thousands of carriage-return updates.
+    """
     from tqdm.auto import tqdm
 
+    kwargs.setdefault("mininterval", 0.1 if _isatty(sys.stderr) else 30.0)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not _enabled(quiet),
                 file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 @contextmanager

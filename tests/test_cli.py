@@ -133,3 +133,22 @@ def test_bad_chunks_argument_is_a_usage_error(tmp_path, capsys):
         main(["ingest", "labels", str(tmp_path), "--out", str(tmp_path / "o"), "--chunks", "a,b"])
     assert exc.value.code == 2
     assert "--chunks" in capsys.readouterr().err
+
+
+def test_progress_bar_redraws_rarely_when_stderr_is_not_a_terminal(monkeypatch):
+    import io
+
+    from isle_fast import progress as P
+
+    monkeypatch.setenv("ISLE_PROGRESS", "1")
+    monkeypatch.setattr(P.sys, "stderr", io.StringIO())
+    bar = P.progress(range(3), desc="x")
+    assert bar.mininterval == 30.0
+    list(bar)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(P.sys, "stderr", Tty())
+    assert P.progress(range(3), desc="x").mininterval == 0.1

@@ -203,7 +203,7 @@ def _bar_chart(path: Path, classes: list[str], names: list[str], iou: np.ndarray
     c = len(classes)
     n = len(names)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * c * max(1, n / 3)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * c * max(1, n / 3)), 4.5), layout="constrained")
     x = np.arange(c)
     cmap = plt.get_cmap("tab10")
     for k in range(n):
@@ -215,8 +215,7 @@ def _bar_chart(path: Path, classes: list[str], names: list[str], iou: np.ndarray
     ax.set_ylim(0, 100)
     ax.set_title("Per-class IoU")
     ax.legend(fontsize=8, ncol=min(n, 4))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
@@ -224,7 +223,7 @@ def _heat_table(path: Path, classes: list[str], names: list[str], iou: np.ndarra
     plt = _plt()
     data = np.concatenate([iou, miou[:, None]], axis=1)
     cols = list(classes) + ["mIoU"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) + 2), 0.45 * len(names) + 1.8))
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) + 2), 0.45 * len(names) + 1.8), layout="constrained")
     ax.imshow(np.nan_to_num(data, nan=0.0), cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, rotation=60, ha="right", fontsize=8)
@@ -238,14 +237,13 @@ def _heat_table(path: Path, classes: list[str], names: list[str], iou: np.ndarra
                     color="white" if (np.isnan(v) or v < 55) else "black",
                     fontweight="bold" if (not np.isnan(v) and v == col_max[j]) else "normal")
     ax.set_title("Per-class IoU (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
 def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndarray) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4), layout="constrained")
     cmap = plt.get_cmap("viridis")
     top = max(int(sizes.max()), 1)
     ax.bar(range(len(names)), np.nan_to_num(miou, nan=0.0), color=[cmap(s / (top + 0.5)) for s in sizes])
@@ -257,8 +255,7 @@ def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndar
         lo = max(0.0, float(finite.min()) - 5)
         ax.set_ylim(lo, min(100.0, float(finite.max()) + 3))
     ax.set_title("Ensemble of every subset of the sets")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
@@ -268,7 +265,8 @@ def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[st
     pal = palette()
     rows = len(images)
     cols = 1 + len(columns)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.0 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.0 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     for r in range(rows):
         axes[r, 0].imshow(images[r])
         axes[r, 0].set_ylabel(ids[r], fontsize=7)
@@ -279,8 +277,7 @@ def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[st
             axes[r, k].set_yticks([])
     for k, title in enumerate(["image"] + [t for t, _ in columns]):
         axes[0, k].set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 

@@ -107,3 +107,20 @@ def test_report_image_average(stores):
     assert doc["average"] == "image"
     assert doc["sets"]["B"]["miou"] == pytest.approx(float(ev.miou[1]))
     assert "dataset-level IoU" in (out / "tables.md").read_text()
+
+
+def test_charts_with_long_names_warn_nothing(tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from isle_fast.report import _bar_chart, _heat_table
+
+    classes = ["background"] + [f"a-rather-long-class-name-{k}" for k in range(1, 6)]
+    names = [f"pseudo-labels-from-a-very-long-method-name-{k}" for k in range(3)]
+    iou = np.random.default_rng(0).uniform(0, 100, (3, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _bar_chart(tmp_path / "bars.png", classes, names, iou)
+        _heat_table(tmp_path / "heat.png", classes, names, iou, iou.mean(axis=1))
+    assert (tmp_path / "bars.png").stat().st_size > 0 and (tmp_path / "heat.png").stat().st_size > 0

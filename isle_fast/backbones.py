@@ -4,6 +4,15 @@
 ImageNet weights: downloaded once into torch's cache where the network allows;
 offline this is a clear error, not a hang), or a path to a local state-dict
 file (loaded with ``weights_only=True``; a ``fc.`` head may be absent).
+
+Narrow variants for quick CPU runs (:data:`NARROW`): ``resnet18_w32`` and
+``resnet18_w16`` are ResNet-18 (torchvision's ``BasicBlock``, the same layout
+of 2-2-2-2 blocks, 7x7 stem and max pool) with 32 or 16 stem channels
+instead of 64, so ``layer1``-``layer4`` have 32-64-128-256 (16-32-64-128)
+channels: about 4x (16x) fewer multiply-adds than ResNet-18. There are no
+ImageNet weights for them: they are for training from random weights (the
+demo, tests, smoke runs), where a narrow net learns in the few hundred steps a
+CPU allows; a state-dict file of the same shape can still be given.
 """
 
 from __future__ import annotations
@@ -13,9 +22,41 @@ from typing import Sequence
 
 from .errors import InputError
 
-__all__ = ["RESNETS", "load_resnet"]
+__all__ = ["RESNETS", "NARROW", "load_resnet"]
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: Narrow ResNets: name -> (torchvision layout it follows, stem width).
+NARROW = {"resnet18_w32": ("resnet18", 32), "resnet18_w16": ("resnet18", 16)}
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101") + tuple(NARROW)
+
+
+def _narrow_resnet(name: str):
+    """A randomly initialised narrow ResNet (:data:`NARROW`) as a torchvision ``ResNet`` object.
+
+    Built with torchvision's own ``ResNet`` / ``BasicBlock`` (its ``_make_layer`` at the
+    narrower widths), initialised as torchvision initialises ResNets.
+    """
+    import torch.nn as nn
+    import torchvision.models as tvm
+    from torchvision.models.resnet import BasicBlock
+
+    layout, width = NARROW[name]
+    net = getattr(tvm, layout)(weights=None)
+    blocks = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    net.layer1 = net._make_layer(BasicBlock, width, blocks[0])
+    net.layer2 = net._make_layer(BasicBlock, 2 * width, blocks[1], stride=2)
+    net.layer3 = net._make_layer(BasicBlock, 4 * width, blocks[2], stride=2)
+    net.layer4 = net._make_layer(BasicBlock, 8 * width, blocks[3], stride=2)
+    net.fc = nn.Linear(8 * width, net.fc.out_features)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
 
 
 def load_resnet(name: str = "resnet50", weights: str | os.PathLike | None = None,
@@ -24,9 +65,9 @@ def load_resnet(name: str = "resnet50", weights: str | os.PathLike | None = None
 
     Parameters
     ----------
-    name : {'resnet18', 'resnet34', 'resnet50', 'resnet101'}
+    name : {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet18_w32', 'resnet18_w16'}
     weights : None, 'none', 'imagenet' or path
-        See the module docstring.
+        See the module docstring ('imagenet' does not exist for the narrow ResNets).
     replace_stride_with_dilation : sequence of 3 bool, optional
         Dilate layers 2-4 instead of striding (output stride 16: ``[False, False, True]``;
         8: ``[False, True, True]``). Only for the bottleneck ResNets (50, 101).
@@ -42,14 +83,21 @@ def load_resnet(name: str = "resnet50", weights: str | os.PathLike | None = None
         raise InputError(f"backbone must be one of {', '.join(RESNETS)}, not {name!r}")
     kwargs = {}
     if replace_stride_with_dilation is not None and any(replace_stride_with_dilation):
-        if name in ("resnet18", "resnet34"):
+        if name in ("resnet18", "resnet34") or name in NARROW:
             raise InputError(f"{name} cannot dilate its layers (basic blocks); use resnet50 or resnet101, "
                              "or output stride 32")
         kwargs["replace_stride_with_dilation"] = list(replace_stride_with_dilation)
-    builder = getattr(tvm, name)
+    if name in NARROW:
+        def builder(weights=None, **kw):
+            return _narrow_resnet(name)
+    else:
+        builder = getattr(tvm, name)
     if weights is None or str(weights).lower() == "none":
         return builder(weights=None, **kwargs)
     if str(weights).lower() == "imagenet":
+        if name in NARROW:
+            raise InputError(f"{name} has no ImageNet weights (it is a narrow ResNet for training from "
+                             "random weights); use --weights none, a state-dict file, or resnet18/50")
         enum = tvm.get_model_weights(name).IMAGENET1K_V1
         try:
             return builder(weights=enum, **kwargs)
@@ -68,7 +116,11 @@ def load_resnet(name: str = "resnet50", weights: str | os.PathLike | None = None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = builder(weights=None, **kwargs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape (another width or depth)
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise InputError(f"weights file {path} does not fit {name}: {first[0].strip()}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise InputError(f"weights file {path} does not fit {name}: "

@@ -103,6 +103,11 @@ def _dilate_basic_layer(layer: nn.Sequential, dilation: int, previous: int) -> N
                     m.padding = (d, d)
 
 
+def _out_channels(layer: nn.Sequential) -> int:
+    """Channels a ResNet layer outputs (its last BatchNorm's width; any block type, any width)."""
+    return [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ with a ResNet backbone; see the module docstring for the layout.
 
@@ -110,7 +115,9 @@ class DeepLabV3Plus(nn.Module):
     ----------
     num_classes : int
         Output classes (background included).
-    backbone : {'resnet18', 'resnet34', 'resnet50', 'resnet101'}
+    backbone : {'resnet50', 'resnet101', 'resnet18', 'resnet34', 'resnet18_w32', 'resnet18_w16'}
+        ``resnet18_w32`` / ``resnet18_w16``: narrow ResNet-18s for quick CPU runs
+        from random weights (:mod:`isle_fast.backbones`).
     weights : None, 'none', 'imagenet' or path
         Backbone weights (:func:`isle_fast.backbones.load_resnet`).
     output_stride : {16, 8, 32}
@@ -132,7 +139,7 @@ class DeepLabV3Plus(nn.Module):
         if num_classes < 1:
             raise InputError(f"num_classes must be at least 1, not {num_classes}")
         dilate = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}[output_stride]
-        bottleneck = backbone in ("resnet50", "resnet101")
+        bottleneck = backbone in ("resnet50", "resnet101")  # the others are basic-block ResNets
         net = load_resnet(backbone, weights, replace_stride_with_dilation=dilate if bottleneck else None)
         if not bottleneck:
             d = 1
@@ -142,8 +149,7 @@ class DeepLabV3Plus(nn.Module):
                     d *= 2
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        expansion = 4 if bottleneck else 1
-        high, low = 512 * expansion, 64 * expansion
+        high, low = _out_channels(self.layer4), _out_channels(self.layer1)
         base = {8: 12, 16: 6, 32: 3}[output_stride]
         self.rates = (base, 2 * base, 3 * base)
         self.output_stride = output_stride

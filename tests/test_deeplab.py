@@ -78,3 +78,40 @@ def test_bad_arguments_are_input_errors(tmp_path):
         DeepLabV3Plus(3, "vgg16")
     with pytest.raises(InputError, match="does not exist"):
         DeepLabV3Plus(3, "resnet18", str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("backbone,width", [("resnet18_w32", 32), ("resnet18_w16", 16)])
+@pytest.mark.parametrize("os_", [8, 16, 32])
+def test_narrow_backbones_have_the_resnet18_layout_at_their_width(backbone, width, os_):
+    torch.manual_seed(0)
+    m = DeepLabV3Plus(4, backbone, None, os_, head_channels=16).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        low, high = m.features(x)
+        y = m(x)
+    assert y.shape == (1, 4, 64, 96)
+    assert low.shape[1:] == (width, 16, 24)  # layer1 at stride 4
+    assert high.shape[1:] == (8 * width, 64 // os_, 96 // os_)
+    assert [len(layer) for layer in (m.layer1, m.layer2, m.layer3, m.layer4)] == [2, 2, 2, 2]
+    assert m.stem[0].out_channels == width and m.stem[0].kernel_size == (7, 7)
+    assert m.low_proj[0].in_channels == width and m.aspp.branches[0][0].in_channels == 8 * width
+    # the multiply-adds of the backbone shrink with the square of the width
+    full = sum(p.numel() for p in DeepLabV3Plus(4, "resnet18", None, 32).backbone_parameters())
+    narrow = sum(p.numel() for p in m.backbone_parameters())
+    assert narrow < full * (width / 64) ** 2 * 1.1
+
+
+def test_narrow_backbone_weights(tmp_path):
+    from isle_fast.backbones import load_resnet
+
+    with pytest.raises(InputError, match="no ImageNet weights"):
+        load_resnet("resnet18_w16", "imagenet")  # refused before any download is tried
+    torch.manual_seed(2)
+    ref = load_resnet("resnet18_w16")
+    path = tmp_path / "w16.pt"
+    torch.save(ref.state_dict(), path)
+    m = DeepLabV3Plus(3, "resnet18_w16", str(path), 16, head_channels=16)
+    assert torch.equal(m.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    assert m.layer4[1].conv2.dilation == (2, 2)
+    with pytest.raises(InputError, match="does not fit"):
+        DeepLabV3Plus(3, "resnet18_w32", str(path), 16)

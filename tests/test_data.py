@@ -174,3 +174,33 @@ def test_normalize_maps_mean_pixel_to_about_zero():
     x = torch.tensor(MEAN_PIXEL, dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
     y = normalize(x)
     assert y.dtype == torch.float32 and y.abs().max() < 0.01
+
+
+def test_foreground_crops_contain_an_object_and_stay_seeded(stores):
+    ip, lp = stores
+    kw = dict(train=True, crop=16, scale_range=(1.0, 1.0), flip=False)
+    uniform = SegmentationDataset(ip, lp, **kw)
+    fg = SegmentationDataset(ip, lp, fg_crop=1.0, **kw)
+
+    def has_object(y):
+        return bool(((y > 0) & (y < 255)).any())
+
+    misses = 0
+    for i in range(len(fg)):
+        _, lab = fg.read(i)
+        if not ((lab > 0) & (lab < 255)).any():
+            continue
+        for s in range(6):
+            x, y = fg[(i, s)]
+            assert x.shape == (3, 16, 16) and has_object(y.numpy()), (i, s)
+            assert torch.equal(y, fg[(i, s)][1])  # seeded
+            misses += not has_object(uniform[(i, s)][1].numpy())
+    assert misses > 0  # uniform 16 px crops do miss the objects: the sampler makes the difference
+    # both classes of the data get centred on (classes are drawn uniformly per image)
+    seen = set()
+    for i in range(len(fg)):
+        for s in range(4):
+            seen |= set(np.unique(fg[(i, s)][1].numpy()).tolist())
+    assert {1, 2} <= seen
+    with pytest.raises(InputError, match="fg_crop"):
+        SegmentationDataset(ip, lp, fg_crop=1.5)

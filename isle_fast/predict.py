@@ -16,6 +16,7 @@ Both appear only when complete.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -32,8 +33,8 @@ from .deeplab import DeepLabV3Plus
 from .errors import InputError, StoreError
 from .progress import Timer, progress, summary
 
-__all__ = ["load_model", "resolve_device", "predict_probs", "predict", "PredictResult",
-           "CHECKPOINT_FORMAT"]
+__all__ = ["load_model", "resolve_device", "amp_dtype", "resolve_threads", "torch_threads", "predict_probs", "predict",
+           "PredictResult", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "isle-fast-deeplab"
 
@@ -49,6 +50,98 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: torch sees no CUDA device here (use --device cpu)")
     return dev
+
+
+def amp_dtype(device_type: str) -> torch.dtype:
+    """Autocast dtype of mixed precision: float16 on CUDA (with a GradScaler in training), bfloat16 on CPU.
+
+    bfloat16 has float32's exponent range, so CPU training needs no loss scaling; it
+    is only faster on CPUs with native bfloat16 instructions (AVX-512 BF16 / AMX).
+    """
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_cores(seconds: float = 0.2) -> float | None:
+    """Cores kept busy by *other* processes over ``seconds`` (Linux ``/proc/stat``), None elsewhere.
+
+    The machine-wide busy time minus this process's own CPU time, in cores.
+    """
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                vals = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+        return sum(vals[:8]), idle
+
+    import time
+
+    a, own0, t0 = read(), time.process_time(), time.perf_counter()
+    if a is None:
+        return None
+    time.sleep(seconds)
+    b, own1, t1 = read(), time.process_time(), time.perf_counter()
+    total, idle = b[0] - a[0], b[1] - a[1]
+    if total <= 0:
+        return None
+    ncpu = os.cpu_count() or 1
+    busy = (total - idle) / total * ncpu  # cores busy, all processes
+    return max(0.0, busy - (own1 - own0) / max(t1 - t0, 1e-9))
+
+
+def resolve_threads(threads: int | None, device: torch.device, deterministic: bool = False) -> int:
+    """Intra-op threads for CPU work: ``threads`` if given, else one per core *not busy elsewhere*.
+
+    Why: torch's CPU kernels split every operation over ``torch.get_num_threads()``
+    OpenMP threads (by default one per core) and wait at a barrier for all of
+    them. On a machine where other processes keep cores busy, one of those
+    threads is often descheduled, and every operation waits for it: measured
+    here (2 cores, one busy with another process) a DeepLabV3+ training step
+    ran 3-5x *slower* with 2 threads than with 1, and a tiny BatchNorm took
+    35 ms instead of 0.05 ms. So the automatic choice is the number of usable
+    cores minus the cores other processes kept busy over 0.2 s
+    (:func:`busy_cores`, rounded up), at least 1. With ``deterministic`` (or
+    where the load cannot be read, or on CUDA) it is torch's current setting:
+    results may differ in the last bits with the thread count, so a load-based
+    choice would make reruns differ.
+    """
+    if threads is not None:
+        if int(threads) < 1:
+            raise InputError(f"--threads must be at least 1, not {threads}")
+        return int(threads)
+    current = torch.get_num_threads()
+    if device.type != "cpu" or deterministic:
+        return current
+    busy = busy_cores()
+    if busy is None:
+        return current
+    free = _usable_cores() - int(math.ceil(busy - 0.25))  # a quarter core of noise is not "busy"
+    return max(1, min(current, free))
+
+
+class torch_threads:
+    """Context manager: ``torch.set_num_threads(n)`` inside, the previous count restored after."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __enter__(self) -> int:
+        self.old = torch.get_num_threads()
+        if self.n != self.old:
+            torch.set_num_threads(self.n)
+        return self.n
+
+    def __exit__(self, *exc) -> None:
+        if torch.get_num_threads() != self.old:
+            torch.set_num_threads(self.old)
 
 
 def checkpoint_path(run: str | os.PathLike, which: str = "best") -> Path:
@@ -93,7 +186,7 @@ def _logits(model: torch.nn.Module, x: torch.Tensor, window: int | None, amp: bo
     dev_type = x.device.type
 
     def run(t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(dev_type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(dev_type, dtype=amp_dtype(dev_type), enabled=amp):
             return torch.softmax(model(t).float(), dim=1)
 
     h, w = x.shape[-2:]
@@ -139,7 +232,7 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, *, scales: Sequen
     window : int, optional
         Sliding-window side; whole-image inference when None.
     amp : bool
-        float16 autocast (CUDA).
+        Autocast: float16 on CUDA, bfloat16 on CPU (:func:`amp_dtype`).
     """
     dev = next(model.parameters()).device
     x = normalize(image.unsqueeze(0).to(dev, non_blocking=True))
@@ -178,8 +271,8 @@ class PredictResult:
 def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
             format: str = "store", which: str = "best", scales: Sequence[float] = (1.0,),
             flip: bool = False, window: int | None = None, device: str = "auto",
-            amp: bool | None = None, num_workers: int = 0, overwrite: bool = False,
-            name: str | None = None, quiet: bool = False) -> PredictResult:
+            amp: bool | None = None, num_workers: int = 0, threads: int | None = None,
+            overwrite: bool = False, name: str | None = None, quiet: bool = False) -> PredictResult:
     """Predict every image of an images store with a trained run.
 
     Parameters
@@ -198,9 +291,11 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     device : str
         ``auto``, ``cpu`` or ``cuda[:N]``.
     amp : bool, optional
-        float16 autocast; default on for CUDA.
+        Autocast (float16 on CUDA, bfloat16 on CPU); default on for CUDA only.
     num_workers : int
         DataLoader workers reading images.
+    threads : int, optional
+        torch CPU threads; default one per core not busy elsewhere (:func:`resolve_threads`).
     overwrite : bool
         Replace an existing output (only once the new one is complete).
     name : str, optional
@@ -241,28 +336,15 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
                               provenance={"source": "isle predict", "checkpoint": meta["path"],
                                           "images": str(images), "step": int(meta.get("step", 0)),
                                           "scales": list(scales), "flip": flip, "window": window})
-        k = int(writer.array.chunks[0])
-        hp, wp = src.padded_shape
-        block = np.full((k, hp, wp), 255, np.uint8)
-        start = 0
+        padded = tuple(src.padded_shape)
     else:
+        writer, padded = None, None
         tmp = outp.with_name(f"{outp.name}.tmp-{uuid.uuid4().hex[:12]}")
         tmp.mkdir(parents=True)
     try:
-        for i, (img, _) in enumerate(progress(loader, total=len(ds), desc="predict", unit="img", quiet=quiet)):
-            probs = predict_probs(model, img, scales=scales, flip=flip, window=window, amp=amp)
-            lab = probs.argmax(0).to(torch.uint8).cpu().numpy()
-            if format == "store":
-                j = i - start
-                block[j] = 255
-                block[j, :lab.shape[0], :lab.shape[1]] = lab
-                if j == k - 1 or i == len(ds) - 1:
-                    writer.write_block(start, block[:j + 1])
-                    start = i + 1
-            else:
-                from .datasets import write_label_png
-
-                write_label_png(tmp / f"{ds.ids[i]}.png", lab)
+        with torch_threads(resolve_threads(threads, dev)):
+            _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
+                          writer=writer, padded=padded, png_dir=tmp if writer is None else None)
         if format == "store":
             writer.commit()
         else:
@@ -282,3 +364,26 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
                              "tta": f"scales {list(scales)}, flip {flip}, window {window}",
                              "seconds": f"{res.seconds:.1f}", "output": str(outp)}, quiet=quiet)
     return res
+
+
+def _predict_loop(model, loader, n: int, ids: list, scales, flip, window, amp, quiet, *,
+                  writer=None, padded=None, png_dir: Path | None = None) -> None:
+    """Predict every image of ``loader`` into ``writer`` (a label store, whole chunks) or PNGs in ``png_dir``."""
+    if writer is not None:
+        k = int(writer.array.chunks[0])
+        block = np.full((k,) + tuple(padded), 255, np.uint8)
+        start = 0
+    for i, (img, _) in enumerate(progress(loader, total=n, desc="predict", unit="img", quiet=quiet)):
+        probs = predict_probs(model, img, scales=scales, flip=flip, window=window, amp=amp)
+        lab = probs.argmax(0).to(torch.uint8).cpu().numpy()
+        if writer is not None:
+            j = i - start
+            block[j] = 255
+            block[j, :lab.shape[0], :lab.shape[1]] = lab
+            if j == k - 1 or i == n - 1:
+                writer.write_block(start, block[:j + 1])
+                start = i + 1
+        else:
+            from .datasets import write_label_png
+
+            write_label_png(png_dir / f"{ids[i]}.png", lab)

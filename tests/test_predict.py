@@ -84,3 +84,51 @@ def test_cli_predict_and_errors(run, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         predict(tmp_path / "nope", vi, tmp_path / "q.zarr", quiet=True)
     assert main(["predict", str(rundir), "--images", vg, "--out", str(tmp_path / "r.zarr")]) == 2
+
+
+def test_thread_choice_and_restore():
+    import subprocess
+    import sys
+
+    from isle_fast.predict import busy_cores, resolve_threads, torch_threads
+
+    cpu = torch.device("cpu")
+    n = torch.get_num_threads()
+    assert resolve_threads(3, cpu) == 3
+    assert resolve_threads(None, cpu, deterministic=True) == n  # reruns must not depend on the load
+    assert 1 <= resolve_threads(None, cpu) <= n
+    with pytest.raises(InputError, match="--threads"):
+        resolve_threads(0, cpu)
+    with torch_threads(1) as k:
+        assert k == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    # another process spinning on a core is seen as busy (Linux /proc/stat); this one's own work is not
+    before = busy_cores(0.2)
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)
+        assert busy_cores(0.5) > 0.3
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_cpu_autocast_is_bfloat16_and_predicts(run):
+    from isle_fast.predict import amp_dtype
+
+    assert amp_dtype("cpu") == torch.bfloat16 and amp_dtype("cuda") == torch.float16
+    model, _ = load_model(run[0])
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype("cpu")):
+        assert model(x).dtype == torch.bfloat16
+    img = torch.randint(0, 256, (3, 37, 41), dtype=torch.uint8)
+    p = predict_probs(model, img, amp=True)
+    assert p.dtype == torch.float32 and p.shape[-2:] == (37, 41)
+    assert torch.allclose(p.sum(0), torch.ones(37, 41), atol=1e-3)
+    # bfloat16 keeps about 3 significant digits: the same argmax almost everywhere
+    agree = (p.argmax(0) == predict_probs(model, img, amp=False).argmax(0)).float().mean()
+    assert agree > 0.9

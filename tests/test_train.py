@@ -81,6 +81,34 @@ def test_resume_continues_bit_for_bit(data, tmp_path):
     assert [r["loss"] for r in ca["history"]] == [r["loss"] for r in cb["history"]]
 
 
+@pytest.mark.slow
+def test_short_training_on_demo_data_beats_all_background(tmp_path):
+    """The demo's recipe, shortened: a narrow ResNet-18 from random weights learns the VOC-like classes."""
+    from isle_fast.datasets import make_voc_like
+
+    ds = make_voc_like(tmp_path / "data", n_images=40, size_range=(96, 144), soft_sets=(), write_tree=False,
+                       keep_arrays=False, seed=0)
+    res = train(ds.stores["train/images"], ds.stores["train/gt"], tmp_path / "run",
+                val_images=ds.stores["val/images"], val_gt=ds.stores["val/gt"], backbone="resnet18_w16",
+                weights="none", output_stride=32, head_channels=64, crop=64, batch_size=8, scale_range=(0.5, 1.0),
+                steps=240, optimizer="sgd", lr=0.1, seed=0, threads=1, num_workers=0, val_every=0, ckpt_every=0,
+                quiet=True)
+    # the trivial prediction, scored here on the same val set with the project's confusion kernel
+    from isle_fast.backend import get_kernels
+    from isle_fast.store import open_stack
+
+    gt = open_stack(ds.stores["val/gt"])
+    conf = np.zeros((21, 22), np.int64)
+    for i in range(len(gt.ids)):
+        lab = np.ascontiguousarray(gt.read_image(i))
+        conf += get_kernels("cpu").confusion_labels(lab, (np.zeros_like(lab),), 21)[0]
+    background = miou_from_confusion(conf)[0]
+    assert background == pytest.approx(res.background_miou)
+    assert res.final_miou > background + 8, (res.final_miou, background)
+    iou = json.loads((tmp_path / "run" / "metrics.json").read_text())["val"][-1]["iou"]
+    assert sum(v is not None and v > 30 for v in iou[1:]) >= 3  # several object classes, not just background
+
+
 def test_run_folder_and_argument_errors(data, tmp_path):
     ip, lp, vi, vg = data
     with pytest.raises(InputError, match="val-gt"):
@@ -111,3 +139,14 @@ def test_cli_train_writes_a_run(data, tmp_path):
     rc = main(["train", "--images", ip, "--labels", vg, "--out", str(tmp_path / "x"), "--weights", "none",
                "--steps", "1"])
     assert rc == 2  # misaligned images / labels: one-line error
+
+
+def test_cpu_mixed_precision_trains_in_bfloat16(data, tmp_path):
+    ip, lp, vi, vg = data
+    res = train(ip, lp, tmp_path / "amp", val_images=vi, val_gt=vg, steps=3, amp=True, device="cpu",
+                log_every=1, **TINY)
+    assert res.steps == 3 and np.isfinite(res.final_loss) and res.final_miou is not None
+    ck = torch.load(res.paths["last"], map_location="cpu", weights_only=True)
+    assert ck["config"]["amp"] is True
+    assert all(v.dtype != torch.bfloat16 for v in ck["model"].values())  # weights stay float32
+    assert not ck["scaler"] or not ck["scaler"].get("_enabled", False)  # no loss scaling for bfloat16

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sliding-window inference with PX-pixel windows (default: whole image)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers reading images")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: one per core that other processes leave idle)")
     parser.add_argument("--name", default=None, help="set name of the output store (default: folder name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -32,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     from ..predict import predict
 
     predict(args.run, args.images, args.out, format=args.format, which=args.checkpoint, scales=args.scales,
-            flip=args.flip, window=args.window, device=args.device, num_workers=args.workers,
+            flip=args.flip, window=args.window, device=args.device, num_workers=args.workers, threads=args.threads,
             overwrite=args.overwrite, name=args.name, quiet=args.quiet)
     return 0

@@ -23,12 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scale", type=float, nargs=2, default=(0.5, 2.0), metavar=("MIN", "MAX"),
                    help="random scale range (default 0.5 2.0)")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    g.add_argument("--fg-crop", type=float, default=0.0, metavar="P",
+                   help="probability that a crop is centred on a random object (class drawn uniformly among "
+                        "the image's classes); default 0: uniform crops, as in the paper")
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
     g.add_argument("--window", type=int, default=2,
                    help="chunk groups shuffled together (larger: more random, more memory; default 2)")
     m = parser.add_argument_group("model")
-    m.add_argument("--backbone", default="resnet50", choices=("resnet50", "resnet101", "resnet18", "resnet34"),
-                   help="ResNet backbone (default resnet50, as in the paper; resnet18 for quick runs)")
+    m.add_argument("--backbone", default="resnet50",
+                   choices=("resnet50", "resnet101", "resnet18", "resnet34", "resnet18_w32", "resnet18_w16"),
+                   help="ResNet backbone (default resnet50, as in the paper; resnet18, or the narrow "
+                        "resnet18_w32 / resnet18_w16 from random weights, for quick CPU runs)")
     m.add_argument("--weights", default="imagenet", type=_weights, metavar="imagenet|none|PATH",
                    help="backbone weights: torchvision ImageNet (needs a download once), none, or a "
                         "state-dict file (default imagenet)")
@@ -47,12 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, default=1e-4)
     o.add_argument("--power", type=float, default=0.9, help="poly schedule power (default 0.9)")
     o.add_argument("--amp", dest="amp", action="store_true", default=None,
-                   help="mixed precision (default: on with CUDA)")
+                   help="mixed precision: float16 on CUDA (default on there), bfloat16 on CPU (default off)")
     o.add_argument("--no-amp", dest="amp", action="store_false", help="full float32")
     o.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
     o.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bitwise-reproducible resume; slower on GPU)")
     o.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    o.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: one per core that other processes leave idle; on a "
+                        "shared machine a thread per core makes every operation wait for a busy one)")
     r = parser.add_argument_group("run")
     r.add_argument("--val-every", type=int, default=1000, help="validate every N steps (0: at the end)")
     r.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (0: at the end)")
@@ -70,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
     train(args.images, args.labels, args.out, val_images=args.val_images, val_gt=args.val_gt,
           backbone=args.backbone, weights=args.weights, output_stride=args.output_stride,
           head_channels=args.head_channels, crop=args.crop, scale_range=tuple(args.scale),
-          flip=not args.no_flip, steps=args.steps, batch_size=args.batch_size, accum=args.accum,
+          flip=not args.no_flip, fg_crop=args.fg_crop, steps=args.steps, batch_size=args.batch_size, accum=args.accum,
           optimizer=args.optimizer, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
           momentum=args.momentum, weight_decay=args.weight_decay, power=args.power, amp=args.amp,
           seed=args.seed, deterministic=args.deterministic, window=args.window, num_workers=args.workers,
           val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
-          device=args.device, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+          device=args.device, threads=args.threads, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
           quiet=args.quiet)
     return 0

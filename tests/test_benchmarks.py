@@ -65,13 +65,13 @@ def test_scaling_fixed_cost_no_longer_hides_linear_growth():
     from benchmarks import scaling
 
     x = [128, 256, 512, 1024, 2048]
-    rows = [{"x": n, "value": n, "evaluate": 0.15 + 2e-4 * n, "merge": 0.3 + 4e-4 * n, "select": 2e-4}
+    rows = [{"x": n, "size": n, "evaluate": 0.15 + 2e-4 * n, "merge": 0.3 + 4e-4 * n, "select": 2e-4}
             for n in x]
     by = {f["key"]: f for f in scaling.fits("images", rows)}
     assert by["evaluate"]["slope"] < 0.8 and by["evaluate"]["exponent"] == pytest.approx(1.0, abs=0.02)
     assert by["evaluate"]["verdict"] == "agrees with the paper"
     assert by["select"]["flat"] and by["select"]["verdict"].startswith("as expected")
-    flat = [{"x": c, "value": c, "evaluate": 0.2, "merge": 0.3} for c in (2, 6, 21, 61, 151)]
+    flat = [{"x": c, "size": c, "evaluate": 0.2, "merge": 0.3} for c in (2, 6, 21, 61, 151)]
     by = {f["key"]: f for f in scaling.fits("classes", flat)}
     assert by["evaluate"]["exponent"] == pytest.approx(0.0, abs=1e-6)
     assert by["evaluate"]["verdict"].startswith("differs from the paper, as expected")

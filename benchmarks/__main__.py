@@ -232,7 +232,8 @@ def _markdown(summary: dict[str, Any], markdown_table) -> str:
             table = _last_table(res.get("stdout_tail", []))
             if table:
                 lines += ["```", *table, "```", ""]
-        pngs = [f for f in res.get("files", []) if f.endswith(".png")]
+        pngs = sorted((f for f in res.get("files", []) if f.endswith(".png")),
+                      key=lambda f: (not f.endswith("_overview.png"), f))   # an overview chart first
         if pngs:
             # images relative to SUMMARY.md (which sits next to them), so they show on GitHub
             lines += ["Plots (`benchmarks/results/`):", ""]

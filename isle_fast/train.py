@@ -133,6 +133,10 @@ class TrainConfig:
             raise InputError(f"--crop must be at least 16, not {self.crop}")
         if (self.val_images is None) != (self.val_gt is None):
             raise InputError("--val-images and --val-gt go together: give both or neither")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads must be at least 1, not {self.threads}")
+        if not 0.0 <= self.fg_crop <= 1.0:
+            raise InputError(f"--fg-crop must be a probability in [0, 1], not {self.fg_crop}")
         for key in ("val_every", "ckpt_every", "log_every", "num_workers"):
             if getattr(self, key) < 0:
                 raise InputError(f"--{key.replace('_', '-')} must be >= 0, not {getattr(self, key)}")
@@ -346,8 +350,8 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
           weight_decay: float = 1e-4, power: float = 0.9, amp: bool | None = None, seed: int = 0,
           deterministic: bool = False, window: int = 2, num_workers: int = 2, val_every: int = 1000,
           ckpt_every: int = 1000, log_every: int = 10, device: str = "auto", threads: int | None = None,
-          resume: bool = False,
-          overwrite: bool = False, stop_after: int | None = None, quiet: bool = False) -> TrainResult:
+          resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
+          quiet: bool = False) -> TrainResult:
     """Train DeepLabV3+ on ``labels`` (see the module docstring for the recipe and the run folder).
 
     Parameters

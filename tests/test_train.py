@@ -115,6 +115,11 @@ def test_run_folder_and_argument_errors(data, tmp_path):
         train(ip, lp, tmp_path / "r", val_images=vi, steps=1, **TINY)
     with pytest.raises(InputError, match="optimizer"):
         train(ip, lp, tmp_path / "r", optimizer="lamb", steps=1, **TINY)
+    with pytest.raises(InputError, match="--threads"):
+        train(ip, lp, tmp_path / "r", threads=0, steps=1, **TINY)
+    with pytest.raises(InputError, match="--fg-crop"):
+        train(ip, lp, tmp_path / "r", fg_crop=2.0, steps=1, **TINY)
+    assert not (tmp_path / "r").exists()  # settings are checked before the run folder is made
     with pytest.raises(InputError, match="nothing to resume"):
         train(ip, lp, tmp_path / "r", resume=True, steps=1, **TINY)
     train(ip, lp, tmp_path / "r", steps=1, **TINY)

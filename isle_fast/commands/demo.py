@@ -74,9 +74,11 @@ MARKER = ".isle-demo"
 #: measured on the demo data, still predicts only background after 150 steps. From random weights a
 #: high learning rate learns the classes: on a half-width net (resnet18_w32, 300 steps) AdamW at
 #: 2e-3 reached val mIoU 12 (all-background 5.5) and SGD at 0.05 reached 32. Scales 0.5-1.0 keep
-#: more objects inside a 64 px crop (0.75-1.25 did worse). ``--quick`` uses TRAIN_QUICK (a smoke test: it does not learn).
-TRAIN_DEFAULT: dict[str, Any] = dict(backbone="resnet18_w16", output_stride=32, head_channels=64, steps=600,
-                                     crop=64, batch_size=8, scale_range=(0.5, 1.0), optimizer="sgd", lr=0.1)
+#: more objects inside a 64 px crop (0.75-1.25 did worse). ``--quick`` uses TRAIN_QUICK (a smoke
+#: test: it does not learn).
+TRAIN_DEFAULT: dict[str, Any] = dict(backbone="resnet18_w16", output_stride=32, head_channels=64,
+                                     steps=600, crop=64, batch_size=8, scale_range=(0.5, 1.0),
+                                     optimizer="sgd", lr=0.1)
 TRAIN_QUICK: dict[str, Any] = dict(backbone="resnet18_w16", output_stride=32, head_channels=32, steps=6,
                                    crop=48, batch_size=4, scale_range=(0.5, 1.0), optimizer="sgd", lr=0.1)
 
@@ -496,7 +498,8 @@ def step_train(ctx: DemoContext) -> Path | None:
                   f"lr {cfg['lr']}, {cfg['steps']} steps of {cfg['batch_size']} crops of {cfg['crop']} px) "
                   f"on {key}", flush=True)
         res = train(ctx.stores["train/images"], lab, run_dir, val_images=ctx.stores["val/images"],
-                    val_gt=ctx.stores["val/gt"], weights="none", seed=ctx.args.seed, num_workers=0, val_every=0, ckpt_every=0, log_every=10,
+                    val_gt=ctx.stores["val/gt"], weights="none", seed=ctx.args.seed, num_workers=0, val_every=0,
+                    ckpt_every=0, log_every=10,
                     device=ctx.args.device, quiet=ctx.quiet, **cfg)
         pred = predict(run_dir, ctx.stores["val/images"], run_dir / "val_pred.zarr", which="final",
                        device=ctx.args.device, quiet=True, name=f"deeplab[{key}]")

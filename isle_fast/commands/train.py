@@ -78,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
     train(args.images, args.labels, args.out, val_images=args.val_images, val_gt=args.val_gt,
           backbone=args.backbone, weights=args.weights, output_stride=args.output_stride,
           head_channels=args.head_channels, crop=args.crop, scale_range=tuple(args.scale),
-          flip=not args.no_flip, fg_crop=args.fg_crop, steps=args.steps, batch_size=args.batch_size, accum=args.accum,
+          flip=not args.no_flip, fg_crop=args.fg_crop, steps=args.steps, batch_size=args.batch_size,
+          accum=args.accum,
           optimizer=args.optimizer, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
           momentum=args.momentum, weight_decay=args.weight_decay, power=args.power, amp=args.amp,
           seed=args.seed, deterministic=args.deterministic, window=args.window, num_workers=args.workers,
           val_every=args.val_every, ckpt_every=args.ckpt_every, log_every=args.log_every,
-          device=args.device, threads=args.threads, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+          device=args.device, threads=args.threads, resume=args.resume, overwrite=args.overwrite,
+          stop_after=args.stop_after,
           quiet=args.quiet)
     return 0

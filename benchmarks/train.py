@@ -227,7 +227,8 @@ def bench_model(backbone: str, crop: int, batch: int, steps: int, device: torch.
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-    name = "torchvision deeplabv3_resnet50" if reference else f"DeepLabV3+ {backbone} os{output_stride} h{head_channels}"
+    name = ("torchvision deeplabv3_resnet50" if reference
+            else f"DeepLabV3+ {backbone} os{output_stride} h{head_channels}")
     return {"model": name, "settings": "library" if library else "plain torch", "threads": n_threads,
             "crop": crop, "batch": batch, "steps": steps, "seconds": dt, "images_per_s": batch * steps / dt}
 
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                     head_channels=TRAIN_DEFAULT["head_channels"])
     # (label, model kwargs, crop, batch, loader store, steps); the demo's model first; scales: the demo's
     # (0.5-1.0) for the demo model, the paper's (0.5-2.0) for the others
-    configs = [("demo", demo_cfg, TRAIN_DEFAULT["crop"], TRAIN_DEFAULT["batch_size"], "demo", 10 if quick else 60),
+    configs = [("demo", demo_cfg, TRAIN_DEFAULT["crop"], TRAIN_DEFAULT["batch_size"], "demo",
+                10 if quick else 60),
                ("resnet18", dict(backbone="resnet18", output_stride=16, head_channels=256), 96, 4 if quick else 8,
                 "voc", 2 if quick else 8)]
     if not quick:
@@ -372,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(ratio_rows, ["crop", "model", "model_images_per_s", "loader_images_per_s",
                                     "loader_over_model", "best_loader_over_model"]))
     print("\nend to end: isle_fast.train.train with the demo's settings on the demo data (trained on its gt)")
-    print(format_table(demo_rows, ["recipe", "steps", "wall_seconds", "seconds_per_step", "train_images_per_s", "val_miou",
+    print(format_table(demo_rows, ["recipe", "steps", "wall_seconds", "seconds_per_step", "train_images_per_s",
+                                   "val_miou",
                                     "background_miou"]))
     headline = []
     for r in ratio_rows:

@@ -151,7 +151,8 @@ def _sizes(quick: bool) -> dict[str, Any]:
         "train": {"images": 32, "side": 128, "crop": 64, "batch": 2, "steps": 12, "head": 64},
         "train_pixels": [64, 128, 192, 256], "train_batch": [2, 4, 8, 16], "train_sets": [1, 2, 4, 8, 16],
         "predict": {"images": 8, "side": 64, "images_pixels": 4},
-        "predict_images": [8, 16, 32, 64, 128], "predict_pixels": [32, 64, 128, 256, 512], "predict_sets": [1, 2, 4, 8, 16],
+        "predict_images": [8, 16, 32, 64, 128], "predict_pixels": [32, 64, 128, 256, 512],
+        "predict_sets": [1, 2, 4, 8, 16],
     }
 
 
@@ -873,7 +874,6 @@ def main(argv: list[str] | None = None) -> int:
     work = root / "out"
     work.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(sizes=sizes, repeat=repeat, root=root, work=work, quick=quick)
-    os.environ.setdefault("ISLE_PROGRESS", "0")
     t_all = time.perf_counter()
     # warm-up: kernels compiled / loaded from the Numba cache
     with threads(1):
@@ -900,9 +900,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows, cols))
         plot(name, rows, f, spec["xlabel"])
 
-    print(f"\nGrowth exponents (one thread, CPU seconds except *workers and train: wall; slope: log-log least "
-          f"squares; k and a: t = a + b*x^k) "
-          f"vs the paper's section 4.2 and what this implementation should show")
+    print("\nGrowth exponents (one thread, CPU seconds except *workers and train: wall; slope: log-log least "
+          "squares; k and a: t = a + b*x^k) vs the paper's section 4.2 and what this implementation should show")
     print(format_table(all_fits, ["sweep", "series", "slope", "k", "fixed_s", "fixed_share_small", "t_ratio",
                                   "x_ratio", "exponent", "paper", "expected"]))
     print("\nVerdicts (exponent = k, or the slope where the series is flat or has two points)")

@@ -35,8 +35,8 @@ sweeps                    what is timed
 ========================  ==========================================================
 
 **One thread.** Every growth sweep runs on one thread (Dask's synchronous
-scheduler, ``numba.set_num_threads(1)``, ``torch.set_num_threads(1)``, one
-decode thread, one CRF worker): the exponent then measures work, not how
+scheduler, ``numba.set_num_threads(1)``, ``threads=1`` for train / predict,
+one decode thread, one CRF worker): the exponent then measures work, not how
 many of the machine's cores a size happens to keep busy; and the fits use
 this process's **CPU seconds** (wall seconds are kept in the JSON): on a
 shared machine a single thread's wall time grows whenever another process
@@ -487,7 +487,7 @@ def _train_step_seconds(ctx: Ctx, images: str, labels: str, run: Path, crop: int
         c0 = time.process_time()
         train(images, labels, run, backbone="resnet18", weights=None, head_channels=t["head"], crop=crop,
               scale_range=(1.0, 1.0), steps=steps, batch_size=batch, num_workers=0, log_every=1,
-              ckpt_every=0, val_every=0, device="cpu", overwrite=True, quiet=True)
+              ckpt_every=0, val_every=0, device="cpu", threads=1, overwrite=True, quiet=True)
         return time.process_time() - c0
 
     steps = max(3, int(t["steps"]))
@@ -577,7 +577,8 @@ def sweep_predict(ctx: Ctx, var: str) -> list[dict[str, Any]]:
         store = _images_store(_dataset(ctx, n, side, 1, 21))
         out = ctx.work / "pred.zarr"
         with threads(1):
-            sec = _best(lambda: predict(run, store, out, which="final", device="cpu", overwrite=True, quiet=True),
+            sec = _best(lambda: predict(run, store, out, which="final", device="cpu", threads=1, overwrite=True,
+                                       quiet=True),
                         ctx.repeat)
             fwd = _best(_model_forward(run, store), ctx.repeat)
         x = v * v * n if var == "predict_pixels" else v

@@ -12,7 +12,8 @@ What it measures, in one run:
    GPU) with torchvision's ``deeplabv3_resnet50`` (no "+" decoder) as a
    yardstick. Each is timed with the trainer's settings (channels-last, fused
    SGD, threads = cores other processes leave idle,
-   :func:`isle_fast.predict.resolve_threads`), on CPU also with the other
+   :func:`isle_fast.predict.resolve_threads`, following the load as training
+   does; ``threads`` lists every count used), on CPU also with the other
    thread count, and against the **reference**: plain PyTorch as the trainer
    ran before (contiguous tensors, per-tensor SGD, one thread per core).
 2. **Data loader alone** (images/s): our chunk-aware ``SegmentationDataset``
@@ -177,13 +178,14 @@ def bench_model(backbone: str, crop: int, batch: int, steps: int, device: torch.
 
     ``library=True`` uses the settings ``isle_fast.train`` uses: channels-last
     tensors, a fused SGD step and the thread count of
-    :func:`isle_fast.predict.resolve_threads` (``threads`` overrides it).
+    :func:`isle_fast.predict.resolve_threads`, re-chosen by a
+    :class:`~isle_fast.predict.ThreadGovernor` as the load changes (``threads`` fixes it).
     ``library=False`` is the plain-PyTorch baseline the trainer had before:
     contiguous tensors, per-tensor SGD, torch's default threads (one per core).
     """
     from isle_fast.data import normalize
     from isle_fast.deeplab import DeepLabV3Plus
-    from isle_fast.predict import resolve_threads, torch_threads
+    from isle_fast.predict import ThreadGovernor, resolve_threads, torch_threads
 
     torch.manual_seed(0)
     if reference:
@@ -205,6 +207,9 @@ def bench_model(backbone: str, crop: int, batch: int, steps: int, device: torch.
     y = torch.randint(0, len(CLASSES), (batch, crop, crop), device=device)
     n_threads = (threads if threads is not None else
                  resolve_threads(None, device) if library else torch.get_num_threads())
+    # as in train(): the automatic thread count follows the load while it runs
+    governor = ThreadGovernor(library and threads is None and device.type == "cpu", torch.get_num_threads(),
+                              period=2.0)
 
     def step():
         x = normalize(x8).contiguous(memory_format=fmt)
@@ -222,14 +227,17 @@ def bench_model(backbone: str, crop: int, batch: int, steps: int, device: torch.
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        used = set()
         for _ in range(steps):
             step()
+            used.add(governor.update())
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
     name = ("torchvision deeplabv3_resnet50" if reference
             else f"DeepLabV3+ {backbone} os{output_stride} h{head_channels}")
-    return {"model": name, "settings": "library" if library else "plain torch", "threads": n_threads,
+    return {"model": name, "settings": "library" if library else "plain torch",
+            "threads": "/".join(str(t) for t in sorted(used | {n_threads})), "threads_start": n_threads,
             "crop": crop, "batch": batch, "steps": steps, "seconds": dt, "images_per_s": batch * steps / dt}
 
 
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             ours = bench_model(crop=crop, batch=batch, steps=steps, device=dev, warmup=wu, **mkw)
             model_rows.append(ours)
             if cpu and not quick:  # the other thread count, to show what the automatic choice gained
-                for t in sorted({1, torch.get_num_threads()} - {ours["threads"]}):
+                for t in sorted({1, torch.get_num_threads()} - {ours["threads_start"]}):
                     log(f"model: the same with {t} thread(s)")
                     model_rows.append(bench_model(crop=crop, batch=batch, steps=steps, device=dev, threads=t,
                                                   warmup=wu, **mkw))

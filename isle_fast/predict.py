@@ -33,8 +33,8 @@ from .deeplab import DeepLabV3Plus
 from .errors import InputError, StoreError
 from .progress import Timer, progress, summary
 
-__all__ = ["load_model", "resolve_device", "amp_dtype", "resolve_threads", "torch_threads", "predict_probs", "predict",
-           "PredictResult", "CHECKPOINT_FORMAT"]
+__all__ = ["load_model", "resolve_device", "amp_dtype", "resolve_threads", "ThreadGovernor", "torch_threads",
+           "predict_probs", "predict", "PredictResult", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "isle-fast-deeplab"
 
@@ -68,33 +68,89 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(total, idle + iowait) jiffies of all CPUs from ``/proc/stat``; None where it cannot be read."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(vals[:8]), vals[3] + (vals[4] if len(vals) > 4 else 0)
+
+
+class _LoadWindow:
+    """Cores busy with *other* processes between two points in time (see :func:`busy_cores`)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.start = (_cpu_times(), time.process_time(), time.perf_counter())
+
+    def others(self) -> float | None:
+        import time
+
+        (a, own0, t0), b = self.start, _cpu_times()
+        own1, t1 = time.process_time(), time.perf_counter()
+        if a is None or b is None or b[0] - a[0] <= 0 or t1 <= t0:
+            return None
+        total, idle = b[0] - a[0], b[1] - a[1]
+        busy = (total - idle) / total * (os.cpu_count() or 1)  # cores busy, all processes
+        return max(0.0, busy - (own1 - own0) / (t1 - t0))
+
+
 def busy_cores(seconds: float = 0.2) -> float | None:
     """Cores kept busy by *other* processes over ``seconds`` (Linux ``/proc/stat``), None elsewhere.
 
     The machine-wide busy time minus this process's own CPU time, in cores.
     """
-    def read() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                vals = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        return sum(vals[:8]), idle
-
     import time
 
-    a, own0, t0 = read(), time.process_time(), time.perf_counter()
-    if a is None:
-        return None
+    w = _LoadWindow()
     time.sleep(seconds)
-    b, own1, t1 = read(), time.process_time(), time.perf_counter()
-    total, idle = b[0] - a[0], b[1] - a[1]
-    if total <= 0:
-        return None
-    ncpu = os.cpu_count() or 1
-    busy = (total - idle) / total * ncpu  # cores busy, all processes
-    return max(0.0, busy - (own1 - own0) / max(t1 - t0, 1e-9))
+    return w.others()
+
+
+def _free_cores(others: float, limit: int) -> int:
+    """Threads for the cores others leave idle: usable cores minus busy ones (a quarter core is noise)."""
+    return max(1, min(limit, _usable_cores() - int(math.ceil(others - 0.25))))
+
+
+class ThreadGovernor:
+    """Re-chooses torch's CPU thread count while a long job runs, as the machine's load changes.
+
+    :func:`resolve_threads` looks at the load once; on a shared machine other
+    jobs come and go during a training run. :meth:`update` (call it between
+    steps; cheap) measures, every ``period`` seconds, the cores other
+    processes kept busy since the last look and sets ``torch.set_num_threads``
+    to the cores left idle (at most ``limit``). Disabled (never changes
+    anything) when ``enabled`` is False: an explicit ``threads``, a
+    deterministic run (the thread count can change results in the last bits),
+    or a device other than the CPU.
+    """
+
+    def __init__(self, enabled: bool, limit: int, period: float = 5.0):
+        self.enabled = bool(enabled) and _cpu_times() is not None
+        self.limit = max(1, int(limit))
+        self.period = float(period)
+        self.changes = 0
+        self._window = _LoadWindow()
+
+    def update(self) -> int:
+        """The current thread count, changed first if the last ``period`` seconds call for it."""
+        import time
+
+        current = torch.get_num_threads()
+        if not self.enabled or time.perf_counter() - self._window.start[2] < self.period:
+            return current
+        others = self._window.others()
+        self._window = _LoadWindow()
+        if others is None:
+            return current
+        want = _free_cores(others, self.limit)
+        if want != current:
+            torch.set_num_threads(want)
+            self.changes += 1
+        return want
 
 
 def resolve_threads(threads: int | None, device: torch.device, deterministic: bool = False) -> int:
@@ -108,7 +164,8 @@ def resolve_threads(threads: int | None, device: torch.device, deterministic: bo
     ran 3-5x *slower* with 2 threads than with 1, and a tiny BatchNorm took
     35 ms instead of 0.05 ms. So the automatic choice is the number of usable
     cores minus the cores other processes kept busy over 0.2 s
-    (:func:`busy_cores`, rounded up), at least 1. With ``deterministic`` (or
+    (:func:`busy_cores`, rounded up), at least 1; training re-checks it every
+    few seconds (:class:`ThreadGovernor`). With ``deterministic`` (or
     where the load cannot be read, or on CUDA) it is torch's current setting:
     results may differ in the last bits with the thread count, so a load-based
     choice would make reruns differ.
@@ -123,8 +180,7 @@ def resolve_threads(threads: int | None, device: torch.device, deterministic: bo
     busy = busy_cores()
     if busy is None:
         return current
-    free = _usable_cores() - int(math.ceil(busy - 0.25))  # a quarter core of noise is not "busy"
-    return max(1, min(current, free))
+    return _free_cores(busy, current)
 
 
 class torch_threads:

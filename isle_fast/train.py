@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from .data import ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader, normalize
 from .deeplab import DeepLabV3Plus
 from .errors import InputError, StoreError
-from .predict import CHECKPOINT_FORMAT, amp_dtype, predict_probs, resolve_device, resolve_threads, torch_threads
+from .predict import (CHECKPOINT_FORMAT, ThreadGovernor, amp_dtype, predict_probs, resolve_device, resolve_threads,
+                      torch_threads)
 from .progress import Timer, progress, summary
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate_model", "miou_from_confusion"]
@@ -245,7 +246,7 @@ def _write_metrics(run: Path, history: list[dict], val: list[dict], extra: dict)
         by_step.setdefault(row["step"], {}).update(row)
     for row in val:
         by_step.setdefault(row["step"], {})["val_miou"] = row["miou"]
-    cols = ["step", "epoch", "loss", "lr", "images_per_s", "seconds", "val_miou"]
+    cols = ["step", "epoch", "loss", "lr", "images_per_s", "seconds", "threads", "val_miou"]
     buf = io.StringIO()
     wr = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     wr.writeheader()
@@ -410,7 +411,9 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
         torch CPU threads. Default: one per core that other processes do not
         keep busy (:func:`isle_fast.predict.resolve_threads`; on a shared
         machine an OpenMP thread per core makes every operation wait for a
-        descheduled thread); torch's setting with ``deterministic``.
+        descheduled thread), re-chosen every 5 s as the load changes
+        (:class:`isle_fast.predict.ThreadGovernor`; the count is logged per row
+        of ``metrics.csv``); torch's setting, fixed, with ``deterministic``.
     resume : bool
         Continue the run in ``out`` from its ``last.pt``.
     overwrite : bool
@@ -470,16 +473,18 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     _write_text(run / "config.json", json.dumps(asdict(cfg), indent=1))
 
     n_threads = resolve_threads(cfg.threads, dev, cfg.deterministic)
+    governor = ThreadGovernor(cfg.threads is None and not cfg.deterministic and dev.type == "cpu",
+                              limit=torch.get_num_threads())
     switches = _seed_everything(cfg.seed, cfg.deterministic)
     try:
         with torch_threads(n_threads):
-            return _run(cfg, run, dev, use_amp, ck, stop_after, quiet, timer)
+            return _run(cfg, run, dev, use_amp, ck, stop_after, quiet, timer, governor)
     finally:
         _restore_switches(switches)
 
 
 def _run(cfg: TrainConfig, run: Path, dev: torch.device, use_amp: bool, ck: dict | None,
-         stop_after: int | None, quiet: bool, timer: Timer) -> TrainResult:
+         stop_after: int | None, quiet: bool, timer: Timer, governor: ThreadGovernor) -> TrainResult:
     ds = SegmentationDataset(cfg.images, cfg.labels, train=True, crop=cfg.crop,
                              scale_range=(cfg.scale_min, cfg.scale_max), flip=cfg.flip, fg_crop=cfg.fg_crop)
     classes = ds.classes
@@ -599,12 +604,13 @@ def _run(cfg: TrainConfig, run: Path, dev: torch.device, use_amp: bool, ck: dict
             win_loss += step_loss
             win_n += 1
             bar.update(1)
+            governor.update()  # follow the machine's load (CPU, automatic thread count only)
             last_step = step == target_step
             if (cfg.log_every and step % cfg.log_every == 0) or last_step:
                 now = time.perf_counter()
                 row = {"step": step, "epoch": round(step * cfg.accum / spe, 3), "loss": win_loss / win_n,
                        "lr": float(opt.param_groups[1]["lr"]), "images_per_s": win_imgs / max(now - win_t, 1e-9),
-                       "seconds": round(timer.seconds, 2)}
+                       "seconds": round(timer.seconds, 2), "threads": torch.get_num_threads()}
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                 img_s=f"{row['images_per_s']:.1f}")
@@ -639,7 +645,10 @@ def _run(cfg: TrainConfig, run: Path, dev: torch.device, use_amp: bool, ck: dict
     rows = {"steps": f"{step} of {cfg.steps}" + ("" if finished else " (stopped; --resume continues)"),
             "model": f"DeepLabV3+ {cfg.backbone} os{cfg.output_stride}, {num_classes} classes",
             "final loss": f"{res.final_loss:.4f}" if res.final_loss is not None else "-",
-            "images/s": f"{res.images_per_s:.1f} ({dev.type})"}
+            "images/s": f"{res.images_per_s:.1f} ({dev.type}"
+                        + (f", {torch.get_num_threads()} threads" if dev.type == "cpu" else "")
+                        + (f", thread count followed the load {governor.changes}x" if governor.changes else "")
+                        + ")"}
     if res.best_miou is not None:
         rows["val mIoU"] = (f"best {res.best_miou:.2f}% (step {res.best_step}), final "
                             + (f"{res.final_miou:.2f}%" if res.final_miou is not None else "-")

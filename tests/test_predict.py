@@ -132,3 +132,33 @@ def test_cpu_autocast_is_bfloat16_and_predicts(run):
     # bfloat16 keeps about 3 significant digits: the same argmax almost everywhere
     agree = (p.argmax(0) == predict_probs(model, img, amp=False).argmax(0)).float().mean()
     assert agree > 0.9
+
+
+def test_thread_governor_follows_the_load():
+    import subprocess
+    import sys
+    import time
+
+    from isle_fast.predict import ThreadGovernor, _usable_cores, busy_cores, torch_threads
+
+    n = torch.get_num_threads()
+    off = ThreadGovernor(False, limit=n, period=0.0)
+    with torch_threads(1):
+        time.sleep(0.05)
+        assert off.update() == 1 and torch.get_num_threads() == 1 and off.changes == 0
+    if busy_cores(0.05) is None or _usable_cores() < 2:
+        pytest.skip("needs /proc/stat and 2 usable cores")
+    usable = _usable_cores()
+    with torch_threads(usable):
+        gov = ThreadGovernor(True, limit=usable, period=0.0)
+        spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+        try:
+            time.sleep(0.2)
+            gov.update()  # starts a fresh window while the spinner runs
+            time.sleep(0.6)
+            k = gov.update()
+            assert k == torch.get_num_threads() and 1 <= k <= usable - 1  # a core is busy elsewhere
+        finally:
+            spin.kill()
+            spin.wait()
+    assert torch.get_num_threads() == n

@@ -16,6 +16,9 @@ What it measures, in one run:
    does; ``threads`` lists every count used), on CPU also with the other
    thread count, and against the **reference**: plain PyTorch as the trainer
    ran before (contiguous tensors, per-tensor SGD, one thread per core).
+   Without ``--quick`` the demo model and ResNet-18 are timed again while
+   another process spins on one core (the shared-machine case), library
+   settings vs the reference.
 2. **Data loader alone** (images/s): our chunk-aware ``SegmentationDataset``
    + ``ChunkBatchSampler`` (random scale, crop, flip) with 0 and 2 worker
    processes (0 only with ``--quick``), against the **reference**: the same
@@ -39,7 +42,10 @@ average is recorded with the results (shared machines make CPU figures noisy).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -241,6 +247,18 @@ def bench_model(backbone: str, crop: int, batch: int, steps: int, device: torch.
             "crop": crop, "batch": batch, "steps": steps, "seconds": dt, "images_per_s": batch * steps / dt}
 
 
+@contextlib.contextmanager
+def _busy_core():
+    """Another process keeps one core busy (a pure-Python spin loop) while the block runs."""
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spin.kill()
+        spin.wait()
+
+
 def _demo_data(root: Path, n_images: int) -> dict[str, str]:
     """The demo's synthetic VOC-like data (isle_fast.datasets, seed 0), cached; its store paths."""
     import json
@@ -361,6 +379,24 @@ def main(argv: list[str] | None = None) -> int:
                                "loader_over_model": mine[0]["ours_images_per_s"] / ours["images_per_s"],
                                "best_loader_over_model": max(r["ours_images_per_s"] for r in mine)
                                / ours["images_per_s"]})
+        contended = []
+        if cpu and not quick and (os.cpu_count() or 1) >= 2:
+            # the shared-machine case: another process spins on one core; our threads choice vs one per core
+            for label, mkw, crop, batch, store, steps in configs[:2]:
+                n_steps = max(2, steps // 3)
+                with _busy_core():
+                    log(f"model under load (one core busy elsewhere): {mkw['backbone']}, library settings")
+                    a = bench_model(crop=crop, batch=batch, steps=n_steps, device=dev, warmup=1, **mkw)
+                    log(f"model under load: {mkw['backbone']}, plain torch")
+                    b = bench_model(crop=crop, batch=batch, steps=n_steps, device=dev, library=False, warmup=1,
+                                    **mkw)
+                for r in (a, b):
+                    r["load"] = "one core busy elsewhere"
+                contended.append({"model": a["model"], "crop": crop, "library_threads": a["threads"],
+                                  "library_images_per_s": a["images_per_s"], "plain_threads": b["threads"],
+                                  "plain_images_per_s": b["images_per_s"],
+                                  "speedup": a["images_per_s"] / b["images_per_s"]})
+                model_rows += [a, b]
         log(f"end to end: train() with the demo's settings, {demo_steps} steps")
         demo_rows = [bench_demo_train(root, demo_steps, n_images=n_demo)]
         if not quick:
@@ -374,7 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     print("model alone (forward + backward + SGD step, batches in memory); library = channels-last, fused SGD, "
           "threads = idle cores")
     print(format_table(model_rows, ["model", "settings", "threads", "crop", "batch", "steps", "seconds",
-                                    "images_per_s"]))
+                                    "images_per_s", "load"]))
+    if contended:
+        print("\nmodel alone with one core busy elsewhere (a spinning process): the trainer's thread choice "
+              "vs a thread per core")
+        print(format_table(contended, ["model", "crop", "library_threads", "library_images_per_s", "plain_threads",
+                                       "plain_images_per_s", "speedup"]))
     print("\ndata loader alone: ours (chunk-aware) vs reference (one Zarr read per image, shuffled)")
     print(format_table(loader_rows, ["store", "crop", "batch", "workers", "ours_images_per_s",
                                      "reference_images_per_s", "speedup", "chunks_decoded", "chunks_in_store"]))
@@ -394,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                                      plain_images_per_s=plain["images_per_s"] if plain else None,
                                      speedup=r["model_images_per_s"] / plain["images_per_s"] if plain else None,
                                      loader_over_model=r["loader_over_model"]))
+    for r in contended:
+        headline.append(headline_row(f"{r['model']} crop {r['crop']} training with one core busy elsewhere "
+                                     "(images/s)", None, "plain torch, a thread per core", None,
+                                     model_images_per_s=r["library_images_per_s"],
+                                     plain_images_per_s=r["plain_images_per_s"], speedup=r["speedup"]))
     for r in loader_rows:
         if r["workers"] == 0:
             headline.append(headline_row(f"loader {r['store']} store crop {r['crop']} (images/s, 0 workers)",
@@ -411,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                                      r["wall_seconds"]))
     path = write_json("train", {"device": str(dev), "store_images": n, "demo_images": n_demo,
                                 "load_average_start": load0, "load_average_end": load1, "model": model_rows,
-                                "loader": loader_rows, "loader_vs_model": ratio_rows, "demo_train": demo_rows,
+                                "loader": loader_rows, "loader_vs_model": ratio_rows, "under_load": contended,
+                                "demo_train": demo_rows,
                                 "headline": headline},
                       quick=quick)
     print(f"\nwrote {path}")

@@ -301,7 +301,8 @@ def bench_demo_train(root: Path, steps: int | None, n_images: int = 64, old: boo
                 overwrite=True, quiet=True, **cfg)
     wall = time.perf_counter() - t0
     desc = (f"{cfg['backbone']} os{cfg['output_stride']} h{cfg['head_channels']}, crop {cfg['crop']}, batch "
-            f"{cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, 0 workers, validation at the end, "
+            f"{cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, threads {cfg.get('threads') or 'auto'}, "
+            "0 workers, validation at the end, "
             "trained on the train gt")
     return {"recipe": "previous demo" if old else "demo", "config": desc, "images": n_images, "steps": steps,
             "wall_seconds": wall, "seconds_per_step": wall / steps, "train_images_per_s": res.images_per_s,

@@ -74,13 +74,17 @@ MARKER = ".isle-demo"
 #: measured on the demo data, still predicts only background after 150 steps. From random weights a
 #: high learning rate learns the classes: on a half-width net (resnet18_w32, 300 steps) AdamW at
 #: 2e-3 reached val mIoU 12 (all-background 5.5) and SGD at 0.05 reached 32. Scales 0.5-1.0 keep
-#: more objects inside a 64 px crop (0.75-1.25 did worse). ``--quick`` uses TRAIN_QUICK (a smoke
-#: test: it does not learn).
+#: more objects inside a 64 px crop (0.75-1.25 did worse). One torch thread: the demo's val figures
+#: are then the same on every run of a machine (the thread count changes results in the last bits,
+#: and an automatic count follows the load), and a model this small gains little from a second
+#: core (197 vs 159 images/s idle) but loses much when another job holds it (53 vs 151 images/s;
+#: benchmarks/results/train.json). ``--quick`` uses TRAIN_QUICK (a smoke test: it does not learn).
 TRAIN_DEFAULT: dict[str, Any] = dict(backbone="resnet18_w16", output_stride=32, head_channels=64,
                                      steps=600, crop=64, batch_size=8, scale_range=(0.5, 1.0),
-                                     optimizer="sgd", lr=0.1)
+                                     optimizer="sgd", lr=0.1, threads=1)
 TRAIN_QUICK: dict[str, Any] = dict(backbone="resnet18_w16", output_stride=32, head_channels=32, steps=6,
-                                   crop=48, batch_size=4, scale_range=(0.5, 1.0), optimizer="sgd", lr=0.1)
+                                   crop=48, batch_size=4, scale_range=(0.5, 1.0), optimizer="sgd", lr=0.1,
+                                   threads=1)
 
 #: AffinityNet settings when ``--refine`` includes ``affinity`` (CPU-sized: ResNet-18 from random
 #: weights, a few epochs of small crops). The paper's ResNet-50 setting is ``isle refine``'s default.
@@ -502,7 +506,7 @@ def step_train(ctx: DemoContext) -> Path | None:
                     ckpt_every=0, log_every=10,
                     device=ctx.args.device, quiet=ctx.quiet, **cfg)
         pred = predict(run_dir, ctx.stores["val/images"], run_dir / "val_pred.zarr", which="final",
-                       device=ctx.args.device, quiet=True, name=f"deeplab[{key}]")
+                       device=ctx.args.device, threads=cfg["threads"], quiet=True, name=f"deeplab[{key}]")
         preds.append(pred.path)
         # the demo never resumes: drop the resume state (model + optimiser moments, ~3x the weights) and
         # best.pt (validation ran only at the last step, so it equals final.pt); final.pt stays

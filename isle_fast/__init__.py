@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "SegmentationDataset": "data", "make_loader": "data",
     "TrainConfig": "train", "TrainResult": "train", "train": "train",
     "predict": "predict", "PredictResult": "predict", "load_model": "predict",
+    "resolve_threads": "predict", "ThreadGovernor": "predict",
     # synthetic data
     "make_voc_like": "datasets", "SyntheticDataset": "datasets", "default_quality": "datasets",
     "voc_palette": "datasets", "write_label_png": "datasets", "read_label_png": "datasets",

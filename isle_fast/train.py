@@ -130,6 +130,10 @@ class TrainConfig:
         for key in ("steps", "batch_size", "accum"):
             if getattr(self, key) < 1:
                 raise InputError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(self, key)}")
+        if self.batch_size < 2:
+            raise InputError(f"--batch-size must be at least 2, not {self.batch_size}: BatchNorm in the ASPP "
+                             "image-pooling branch needs more than one image per micro-batch "
+                             "(use --accum for a larger effective batch)")
         if self.crop < 16:
             raise InputError(f"--crop must be at least 16, not {self.crop}")
         if (self.val_images is None) != (self.val_gt is None):
@@ -487,6 +491,9 @@ def _run(cfg: TrainConfig, run: Path, dev: torch.device, use_amp: bool, ck: dict
          stop_after: int | None, quiet: bool, timer: Timer, governor: ThreadGovernor) -> TrainResult:
     ds = SegmentationDataset(cfg.images, cfg.labels, train=True, crop=cfg.crop,
                              scale_range=(cfg.scale_min, cfg.scale_max), flip=cfg.flip, fg_crop=cfg.fg_crop)
+    if len(ds) < 2:
+        raise InputError(f"--labels {cfg.labels} holds {len(ds)} image(s); training needs at least 2 "
+                         "(BatchNorm needs more than one image per batch)")
     classes = ds.classes
     num_classes = len(classes)
     if cfg.val_gt is not None:

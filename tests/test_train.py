@@ -119,6 +119,8 @@ def test_run_folder_and_argument_errors(data, tmp_path):
         train(ip, lp, tmp_path / "r", threads=0, steps=1, **TINY)
     with pytest.raises(InputError, match="--fg-crop"):
         train(ip, lp, tmp_path / "r", fg_crop=2.0, steps=1, **TINY)
+    with pytest.raises(InputError, match="--batch-size must be at least 2"):
+        train(ip, lp, tmp_path / "r", steps=1, **{**TINY, "batch_size": 1})
     assert not (tmp_path / "r").exists()  # settings are checked before the run folder is made
     with pytest.raises(InputError, match="nothing to resume"):
         train(ip, lp, tmp_path / "r", resume=True, steps=1, **TINY)

@@ -49,7 +49,8 @@ def _scenes(n: int, h: int, w: int, num_classes: int, seed: int = 0):
     return out
 
 
-def _write(root: Path, scenes, num_classes: int):
+def write_scene_stores(root: Path, scenes, num_classes: int):
+    """``root/images.zarr`` + ``root/cams.zarr`` (uint8 scores) of synthetic CRF scenes; their paths."""
     from isle_fast.store import create_stack
 
     classes = ["background"] + [f"class{c}" for c in range(1, num_classes)]
@@ -147,7 +148,7 @@ def bench_demo_size(root: Path, n: int, h: int, w: int, repeat: int) -> dict:
     scenes = _scenes(n, h, w, 21, seed=100)
     d = root / "demo"
     d.mkdir()
-    img, src = _write(d, scenes, 21)
+    img, src = write_scene_stores(d, scenes, 21)
     res = {}
     for label, kw in (("workers=2, scheduler=auto", dict(workers=2)),
                       ("workers=2, scheduler=processes", dict(workers=2, scheduler="processes")),
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
             scenes = _scenes(n_img, h, w, 21)
             crf1 = bench_crf_image(scenes, repeat)
             log(f"CRF scaling ({n_scale} images)")
-            img, src = _write(root, _scenes(n_scale, h, w, 21, seed=50), 21)
+            img, src = write_scene_stores(root, _scenes(n_scale, h, w, 21, seed=50), 21)
             scaling = bench_crf_scaling(img, src, n_scale, root, repeat, cluster=not quick)
             log("CRF at the demo's size")
             demo = bench_demo_size(root, 8 if quick else 64, 60 if quick else 120, 80 if quick else 160,

@@ -100,6 +100,7 @@ from .common import (
     numpy_merge_image,
     read_png,
     results_dir,
+    save_figure,
     tmp_dir,
     wsss_confusion,
     write_json,
@@ -363,7 +364,9 @@ def sweep_ingest(ctx: Ctx, var: str) -> list[dict[str, Any]]:
 def _refine_data(ctx: Ctx, n: int, side: int) -> tuple[str, str, list]:
     """Images + CAM-like score stores of ``n`` synthetic scenes ``side x side`` (21 classes), cached."""
     from isle_fast.refine import synthetic_scene
-    from isle_fast.store import create_stack, open_stack
+    from isle_fast.store import open_stack
+
+    from .refine import write_scene_stores
 
     c = 21
     folder = ctx.root / f"refine-n{n}-s{side}-v1"
@@ -375,15 +378,7 @@ def _refine_data(ctx: Ctx, n: int, side: int) -> tuple[str, str, list]:
     except Exception:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        classes = ["background"] + [f"class{k}" for k in range(1, c)]
-        ids = [f"{i:05d}" for i in range(n)]
-        shapes = [(side, side)] * n
-        with create_stack(img, kind="images", classes=classes, ids=ids, shapes=shapes) as wr:
-            for i, s in enumerate(scenes):
-                wr.write_image(i, s[0])
-        with create_stack(src, kind="pseudo", classes=classes, ids=ids, shapes=shapes, encoding="scores") as wr:
-            for i, s in enumerate(scenes):
-                wr.write_image(i, np.rint(s[2] * 255).astype(np.uint8))
+        write_scene_stores(folder, scenes, c)
     return str(img), str(src), scenes
 
 
@@ -788,12 +783,7 @@ def plot(name: str, rows: list[dict[str, Any]], fit_rows: list[dict[str, Any]], 
     ax.set_title(f"isle-fast scaling: {name}  (dashed: log-log line; dotted: t = a + b x^k)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_overview(all_fits: list[dict[str, Any]]) -> Path | None:
@@ -822,12 +812,7 @@ def plot_overview(all_fits: list[dict[str, Any]]) -> Path | None:
     ax.set_title("isle-fast: how each step's cost grows (one thread)", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------

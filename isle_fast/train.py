@@ -453,6 +453,8 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     dev = resolve_device(cfg.device)
     use_amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
 
+    ds = _open_training_data(cfg)   # a bad store is reported before anything is written
+
     ck = None
     if resume:
         last = run / "last.pt"
@@ -482,26 +484,33 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     switches = _seed_everything(cfg.seed, cfg.deterministic)
     try:
         with torch_threads(n_threads):
-            return _run(cfg, run, dev, use_amp, ck, stop_after, quiet, timer, governor)
+            return _run(cfg, ds, run, dev, use_amp, ck, stop_after, quiet, timer, governor)
     finally:
         _restore_switches(switches)
 
 
-def _run(cfg: TrainConfig, run: Path, dev: torch.device, use_amp: bool, ck: dict | None,
-         stop_after: int | None, quiet: bool, timer: Timer, governor: ThreadGovernor) -> TrainResult:
+def _open_training_data(cfg: TrainConfig) -> SegmentationDataset:
+    """The training dataset, every input checked (stores, alignment, classes) before a run folder is made."""
     ds = SegmentationDataset(cfg.images, cfg.labels, train=True, crop=cfg.crop,
                              scale_range=(cfg.scale_min, cfg.scale_max), flip=cfg.flip, fg_crop=cfg.fg_crop)
     if len(ds) < 2:
         raise InputError(f"--labels {cfg.labels} holds {len(ds)} image(s); training needs at least 2 "
                          "(BatchNorm needs more than one image per batch)")
-    classes = ds.classes
-    num_classes = len(classes)
     if cfg.val_gt is not None:
         from .store import open_stack
 
         vg = open_stack(cfg.val_gt)
-        if list(vg.classes) != list(classes):
-            raise InputError(f"--val-gt {cfg.val_gt} has classes {vg.classes}; --labels {cfg.labels} has {classes}")
+        if list(vg.classes) != list(ds.classes):
+            raise InputError(f"--val-gt {cfg.val_gt} has classes {vg.classes}; --labels {cfg.labels} has "
+                             f"{ds.classes}")
+    return ds
+
+
+def _run(cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device, use_amp: bool,
+         ck: dict | None, stop_after: int | None, quiet: bool, timer: Timer,
+         governor: ThreadGovernor) -> TrainResult:
+    classes = ds.classes
+    num_classes = len(classes)
     groups = chunk_groups(len(ds), ds.image_chunk, ds.label_chunk)
     sampler = ChunkBatchSampler(len(ds), cfg.batch_size, groups, seed=cfg.seed, window=cfg.window,
                                 num_workers=cfg.num_workers)

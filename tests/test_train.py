@@ -122,6 +122,9 @@ def test_run_folder_and_argument_errors(data, tmp_path):
     with pytest.raises(InputError, match="--batch-size must be at least 2"):
         train(ip, lp, tmp_path / "r", steps=1, **{**TINY, "batch_size": 1})
     assert not (tmp_path / "r").exists()  # settings are checked before the run folder is made
+    with pytest.raises((InputError, StoreError), match="missing.zarr"):
+        train(ip, tmp_path / "missing.zarr", tmp_path / "r", steps=1, **TINY)
+    assert not (tmp_path / "r").exists()  # so are the stores
     with pytest.raises(InputError, match="nothing to resume"):
         train(ip, lp, tmp_path / "r", resume=True, steps=1, **TINY)
     train(ip, lp, tmp_path / "r", steps=1, **TINY)

@@ -41,7 +41,8 @@ def threshold_value(bg_threshold: float, dtype: np.dtype) -> np.generic:
     dtype = np.dtype(dtype)
     if dtype == np.uint8:
         return np.uint8(np.floor(np.clip(float(bg_threshold), 0.0, 255.0)))
-    return dtype.type(bg_threshold)
+    with np.errstate(over="ignore"):  # a threshold above float16's range is +inf, on purpose
+        return dtype.type(bg_threshold)
 
 
 def confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:

@@ -192,3 +192,27 @@ def test_headline_without_training():
     lines = demo._headline_lines(h)
     assert any("ensemble mIoU 80.0 vs best single set b 77.5: +2.5" in line for line in lines)
     assert any("training: skipped" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_demo_train_seeds_compares_means_over_seeds(tmp_path):
+    import contextlib
+    import io
+
+    out = tmp_path / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--quick", "--images", "8", "--train-seeds", "2", "--seed", "3", "--out", str(out),
+                   "--refine", "none", "--quiet"])
+    assert rc == 0
+    train = json.loads((out / "demo_summary.json").read_text())["results"]["train"]
+    assert train["seeds"] == [3, 4]
+    per_seed = np.array(train["val_miou_per_seed"], dtype=float)
+    assert per_seed.shape == (2, 2)
+    assert train["val_miou_ensemble"] == pytest.approx(per_seed[:, 0].mean(), abs=0.01)
+    assert train["val_miou_single"] == pytest.approx(per_seed[:, 1].mean(), abs=0.01)
+    assert sorted(r["seed"] for r in train["runs"].values()) == [3, 3, 4, 4]
+    assert all((out / "train" / p).is_dir() for p in ("ensemble-seed3", "ensemble-seed4"))
+    assert "per seed" in train["verdict"]
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(["demo", "--train-seeds", "0", "--out", str(tmp_path / "x")]) == 2

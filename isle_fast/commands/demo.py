@@ -111,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=None, metavar="N",
                         help=f"DeepLabV3+ optimiser steps per model (default {TRAIN_DEFAULT['steps']}; "
                              f"{TRAIN_QUICK['steps']} with --quick)")
+    parser.add_argument("--train-seeds", type=int, default=1, metavar="N",
+                        help="train each model with N seeds (--seed, --seed+1, ...) and compare the means: "
+                             "one seed at the demo's budget moves val mIoU by about 10 points (default 1)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="torch device for training, prediction and AffinityNet (auto: CUDA when present)")
     parser.add_argument("--overwrite", action="store_true",
@@ -495,53 +498,72 @@ def step_train(ctx: DemoContext) -> Path | None:
     dest = ctx.out / "train"
     runs: dict[str, Any] = {}
     preds = []
-    for key, lab in labels.items():
-        run_dir = dest / key.replace("+", "_").replace("/", "_")
+    seeds = [ctx.args.seed + k for k in range(getattr(ctx.args, "train_seeds", 1))]
+    jobs = [(seed, key, lab) for seed in seeds for key, lab in labels.items()]
+    for seed, key, lab in jobs:
+        run_key = key if len(seeds) == 1 else f"{key} seed {seed}"
+        run_dir = dest / (key.replace("+", "_").replace("/", "_") + ("" if len(seeds) == 1 else f"-seed{seed}"))
         if not ctx.quiet:
             print(f"training DeepLabV3+ ({cfg['backbone']}, random init, {cfg['optimizer'].upper()} "
                   f"lr {cfg['lr']}, {cfg['steps']} steps of {cfg['batch_size']} crops of {cfg['crop']} px) "
-                  f"on {key}", flush=True)
+                  f"on {run_key}", flush=True)
         res = train(ctx.stores["train/images"], lab, run_dir, val_images=ctx.stores["val/images"],
-                    val_gt=ctx.stores["val/gt"], weights="none", seed=ctx.args.seed, num_workers=0, val_every=0,
+                    val_gt=ctx.stores["val/gt"], weights="none", seed=seed, num_workers=0, val_every=0,
                     ckpt_every=0, log_every=10,
                     device=ctx.args.device, quiet=ctx.quiet, **cfg)
         pred = predict(run_dir, ctx.stores["val/images"], run_dir / "val_pred.zarr", which="final",
-                       device=ctx.args.device, threads=cfg["threads"], quiet=True, name=f"deeplab[{key}]")
+                       device=ctx.args.device, threads=cfg["threads"], quiet=True, name=f"deeplab[{run_key}]")
         preds.append(pred.path)
         # the demo never resumes: drop the resume state (model + optimiser moments, ~3x the weights) and
         # best.pt (validation ran only at the last step, so it equals final.pt); final.pt stays
         for name in ("last.pt", "best.pt"):
             (run_dir / name).unlink(missing_ok=True)
-        runs[key] = {"labels": lab, "run": str(run_dir), "final_loss": _r(res.final_loss, 4),
+        runs[run_key] = {"labels": lab, "seed": seed, "run": str(run_dir), "final_loss": _r(res.final_loss, 4),
                      "trainer_val_miou": _r(res.final_miou), "background_miou": _r(res.background_miou),
                      "val_pred": pred.path,
                      "seconds": _r(res.seconds, 1)}
+    import numpy as np
+
     ev = evaluate(preds, ctx.stores["val/gt"], average="image", progress=False)
-    val_miou = _miou(ev.dataset_iou)  # dataset-level IoU, as everywhere else in the demo
+    per_run = _miou(ev.dataset_iou)  # dataset-level IoU, as everywhere else in the demo
+    # models in `jobs` order: (seed 0: ensemble, single), (seed 1: ensemble, single), ...
+    per_seed = np.asarray(per_run, dtype=np.float64).reshape(len(seeds), 2)
+    val_miou = per_seed.mean(axis=0)
     diff = float(val_miou[0] - val_miou[1])
-    lo, hi = _bootstrap_diff(ev.image_stats, 2000, ctx.args.seed)
+    # the interval resamples val images; with several seeds each image's intersections and unions are
+    # summed over the seeds (the pooled IoU), so it still covers only the choice of images
+    stats = np.asarray(ev.image_stats).reshape((len(ev.image_stats), len(seeds), 2) + ev.image_stats.shape[2:])
+    lo, hi = _bootstrap_diff(stats.sum(axis=1), 2000, ctx.args.seed)
+    for i, (seed, key, _lab) in enumerate(jobs):
+        runs[key if len(seeds) == 1 else f"{key} seed {seed}"]["val_miou"] = _r(per_run[i])
     n_val = len(ctx.dataset.val_ids) if ctx.dataset is not None else None
     bg = next((r["background_miou"] for r in runs.values() if r.get("background_miou") is not None), None)
     if bg is not None and max(float(val_miou[0]), float(val_miou[1])) <= bg:
         verdict = (f"no conclusion: neither model beats predicting background everywhere ({bg:.1f}); far "
                    "too little training to compare them (raise --train-steps)")
     elif lo <= 0.0 <= hi:
-        verdict = ("within noise: the 95% bootstrap interval over the val images contains 0 (and one "
-                   "training seed on a tiny CPU budget adds noise the interval does not cover)")
+        verdict = ("within noise: the 95% bootstrap interval over the val images contains 0 (and "
+                   + ("one training seed" if len(seeds) == 1 else f"{len(seeds)} training seeds")
+                   + " on a tiny CPU budget add noise the interval does not cover)")
     else:
         better = "ensemble" if diff > 0 else best_name
         verdict = (f"the {better}-trained model is better on these val images (bootstrap interval excludes 0; "
-                   "one training seed, so seed-to-seed noise is not covered)")
-    for i, key in enumerate(labels):
-        runs[key]["val_miou"] = _r(val_miou[i])
+                   + ("one training seed, so seed-to-seed noise is not covered)" if len(seeds) == 1 else
+                      f"mean of {len(seeds)} seeds; the seeds' own spread is not in the interval)"))
+    if len(seeds) > 1:
+        wins = int((per_seed[:, 0] > per_seed[:, 1]).sum())
+        verdict += (f"; per seed: " + ", ".join(f"{a:.1f} vs {b:.1f}" for a, b in per_seed)
+                    + f" (ensemble ahead in {wins} of {len(seeds)})")
     ctx.results["train"] = {
         "config": {**cfg, "weights": "none"},
         "runs": runs, "val_images": n_val,
         "val_miou_ensemble": _r(val_miou[0]), "val_miou_single": _r(val_miou[1]), "single_set": best_name,
         "val_gain": _r(diff), "val_gain_95ci": [_r(lo), _r(hi)], "verdict": verdict,
+        "seeds": seeds, "val_miou_per_seed": [[_r(a), _r(b)] for a, b in per_seed],
     }
     if not ctx.quiet:
-        print(f"val mIoU ({n_val} images): trained on the ensemble {val_miou[0]:.1f}, on {best_name} "
+        print(f"val mIoU ({n_val} images{'' if len(seeds) == 1 else f', mean of {len(seeds)} seeds'}): "
+              f"trained on the ensemble {val_miou[0]:.1f}, on {best_name} "
               f"{val_miou[1]:.1f}: {diff:+.1f} (95% CI {lo:+.1f} .. {hi:+.1f}); {verdict}")
     return dest
 
@@ -653,6 +675,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--images must be at least 2 (train and val), got {n}")
     if args.train_steps is not None and args.train_steps < 1:
         raise InputError(f"--train-steps must be at least 1, got {args.train_steps}")
+    if args.train_seeds < 1:
+        raise InputError(f"--train-seeds must be at least 1, got {args.train_seeds}")
     chain = _parse_refine(args.refine)
     out = Path(args.out)
     _prepare(out, args.overwrite)

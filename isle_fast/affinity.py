@@ -500,7 +500,7 @@ def train_affinity(images, source, checkpoint: str, *, backbone: str = "resnet50
                 if log is not None:
                     log.append({"step": step, "loss": float(loss.detach()), **parts})
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                pbar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
             # a run cut short by max_steps counts as finished (that is what was asked for)
             _save(checkpoint, model, optimizer, epoch + 1 if step < total else epochs, step, cfg)
             if step >= total:

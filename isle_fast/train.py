@@ -629,7 +629,7 @@ def _run(cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device
                        "seconds": round(timer.seconds, 2), "threads": torch.get_num_threads()}
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                img_s=f"{row['images_per_s']:.1f}")
+                                img_s=f"{row['images_per_s']:.1f}", refresh=False)  # redrawn at the bar's pace
                 win_loss, win_n, win_imgs, win_t = 0.0, 0, 0, now
             if cfg.val_gt is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps):
                 validate()

@@ -570,28 +570,30 @@ def _words_changed(ptrs, w0, w1, d):  # pragma: no cover - jitted
 
 
 @njit(inline="always", **_JIT1)
+def _merge_pixel(ptrs, p, kf, lab, ki, ignore):  # pragma: no cover - jitted
+    """The merged label of pixel p, through the lookup tables."""
+    if ignore:
+        ss = np.uint32(0)
+        for n in range(ptrs.size):
+            ss += ki[n * 256 + _ld(ptrs[n], p, _U8)]
+        return _ignore_label(ss)
+    mm = np.uint8(0)
+    for n in range(ptrs.size):
+        mm = max(mm, kf[n * 256 + _ld(ptrs[n], p, _U8)])
+    return lab[mm]
+
+
+@njit(inline="always", **_JIT1)
 def _merge_word(ptrs, i, kf, lab, ki, ignore):  # pragma: no cover - jitted
-    """The merged 8 pixels of word i, pixel by pixel through the lookup tables, as one word."""
+    """The merged 8 pixels of word i, pixel by pixel, as one word (pixel j is byte j)."""
     res = np.int64(0)
     for j in range(8):
-        sh = 8 * j
-        if ignore:
-            ss = np.uint32(0)
-            for n in range(ptrs.size):
-                ss += ki[n * 256 + ((_ld(ptrs[n], i, _I64) >> sh) & 0xFF)]
-            v = _ignore_label(ss)
-        else:
-            mm = np.uint8(0)
-            for n in range(ptrs.size):
-                mm = max(mm, kf[n * 256 + ((_ld(ptrs[n], i, _I64) >> sh) & 0xFF)])
-            v = lab[mm]
-        res |= np.int64(v) << sh
+        res |= np.int64(_merge_pixel(ptrs, i * 8 + j, kf, lab, ki, ignore)) << (8 * j)
     return res
 
 
 @njit(**_JIT)
 def _merge_labels_kernel(ptrs, npix, key, lab, ki, ignore, fast, nchunks):  # pragma: no cover
-    N = ptrs.size
     WB = _MB // 8
     nw = npix // 8                           # full words; the tail bytes are merged pixel by pixel
     nb = nw // WB
@@ -624,14 +626,8 @@ def _merge_labels_kernel(ptrs, npix, key, lab, ki, ignore, fast, nchunks):  # pr
                         out64[i] = _merge_word(ptrs, i, kf, lab, ki, ignore)
             b0 = b1
         if k == nchunks - 1:
-            for p in range(nw * 8, npix):
-                mm = 0
-                ss = np.uint32(0)
-                for n in range(N):
-                    v = n * 256 + _ld(ptrs[n], p, _U8)
-                    mm = max(mm, kf[v])
-                    ss += ki[v]
-                out[p] = _ignore_label(ss) if ignore else lab[mm]
+            for p in range(nw * 8, npix):                # the tail bytes after the last full word
+                out[p] = _merge_pixel(ptrs, p, kf, lab, ki, ignore)
     return out
 
 

@@ -30,6 +30,7 @@ Writes ``pipeline.json`` and ``pipeline.png`` to ``benchmarks/results/``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -125,6 +126,54 @@ def ensemble_equal(a: str, b: str) -> bool:
     if x.array.shape != y.array.shape:
         return False
     return bool(da.all(x.to_dask() == y.to_dask().rechunk(x.to_dask().chunks)).compute())
+
+
+# --------------------------------------------------------------------------------------
+# I/O choices: the direct chunk reader and the allocator setting, each on and off
+# --------------------------------------------------------------------------------------
+_IO_CHILD = r"""
+import json, os, sys, time
+import isle_fast.store as S
+from isle_fast.backend import tune_allocator
+from benchmarks.pipeline import run_pipeline
+if os.environ["ISLE_BENCH_DIRECT"] == "0":
+    S._fast_chunk_spec = lambda array: None      # every read through dask.array.from_zarr
+tune_allocator()                                # honours ISLE_TUNE_MALLOC, as the isle command does
+data, warm, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+run_pipeline(warm, out)                         # warm-up: kernels from the Numba cache
+from isle_fast.evaluate import evaluate
+from isle_fast.merge import merge
+t0, c0 = time.perf_counter(), time.process_time()
+ev = evaluate(data["sets"], data["gt"], backend="cpu", progress=False)
+t1, c1 = time.perf_counter(), time.process_time()
+merge(data["sets"], data["gt"], out, evaluation=ev, backend="cpu", progress=False, overwrite=True)
+t2, c2 = time.perf_counter(), time.process_time()
+print(json.dumps({"evaluate_s": t1 - t0, "merge_s": t2 - t1, "evaluate_cpu_s": c1 - c0, "merge_cpu_s": c2 - c1}))
+"""
+
+
+def io_choices(data: dict[str, Any], warm: dict[str, Any], work: Path) -> list[dict[str, Any]]:
+    """Wall and process CPU seconds of evaluate + merge on ``data`` with the direct chunk reader and
+    the allocator setting each on and off (a fresh process per combination: the allocator is
+    process-wide; ``warm`` loads the kernels first)."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for direct, tuned in ((True, True), (False, True), (True, False), (False, False)):
+        env = dict(os.environ, ISLE_BENCH_DIRECT="1" if direct else "0", ISLE_TUNE_MALLOC="1" if tuned else "0")
+        proc = subprocess.run([sys.executable, "-c", _IO_CHILD, json.dumps(data, default=str),
+                               json.dumps(warm, default=str), str(work / "io-ensemble.zarr")],
+                              env=env, cwd=str(Path(__file__).resolve().parent.parent),
+                              capture_output=True, text=True, check=True)
+        t = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"chunk_reads": "direct" if direct else "zarr", "allocator": "tuned" if tuned else "glibc default",
+                     **t, "total_s": t["evaluate_s"] + t["merge_s"],
+                     "total_cpu_s": t["evaluate_cpu_s"] + t["merge_cpu_s"]})
+    for r in rows:
+        r["wall_over_default"] = r["total_s"] / rows[0]["total_s"]
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -361,6 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table))
     print("checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
 
+    # 4. the I/O choices, each on and off, end to end on the whole data set
+    log("[pipeline] chunk reader and allocator, each on and off")
+    io_rows = io_choices(data, tiny, work)
+    print(f"\nevaluate + merge, {n_img} images, threaded scheduler, a fresh process each: direct chunk reads "
+          "vs Zarr's read path, tuned allocator vs glibc's defaults (wall and process CPU seconds)")
+    print(format_table(io_rows, ["chunk_reads", "allocator", "evaluate_s", "merge_s", "total_s", "total_cpu_s",
+                                 "wall_over_default"]))
+
     headline = [
         headline_row(f"evaluate+select+merge, {n_img} images <= {side}px, {args.sets} sets (threaded)",
                      e2e["total"], peak_rss_mib=round(pm.peak / 2**20)),
@@ -374,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                      e2e["total"], peak_rss_mib=round(r["peak_rss"] / 2**20)))
     path = write_json("pipeline", {"end_to_end": e2e, "references": table, "reference_images": k_ref,
                                    "checks": checks, "dask": dask_rows, "out_of_core": ooc,
-                                   "allocator_tuned": tuned,
+                                   "allocator_tuned": tuned, "io_choices": io_rows,
                                    "data": {k: v for k, v in data.items() if k != "classes"},
                                    "headline": headline}, quick=quick)
     _plot(results_dir() / "pipeline.png", table, k_ref)

@@ -46,9 +46,9 @@ Performance notes
   pixel's result being ``lab[max_n key[n, label_n]]`` with small per-set
   lookup tables (the key orders claims by the policy; IGNORE sums per-set
   codes instead). The checks OR together XORs of whole words without
-  branching inside a block. On VOC-like maps about 70 % of the words are
-  copied, 17 % repeat and 13 % are merged pixel by pixel (64-pixel blocks
-  alone left 40 % of the pixels to the slow path). Pixel ``j`` of a word is
+  branching inside a block. On VOC-like maps most words are copied or
+  repeat; going word by word inside a failed block left far fewer pixels to
+  the slow path than 64-pixel blocks alone. Pixel ``j`` of a word is
   its byte ``j``: the word tricks assume a little-endian machine (checked at
   import).
 * ``subset_confusion_labels`` counts the distinct tuples

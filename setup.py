@@ -41,7 +41,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["isle_fast", "isle_fast.commands", "isle_fast.kernels"],
+    packages=[
+        "isle_fast", "isle_fast.commands", "isle_fast.kernels", "isle_fast.stores",
+        "isle_fast.refinement", "isle_fast.ensemble", "isle_fast.training", "isle_fast.synthetic",
+    ],
     package_dir={"isle_fast": "isle_fast", "isle_fast.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

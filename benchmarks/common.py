@@ -634,7 +634,7 @@ def make_label_stores(root: str | os.PathLike, n_images: int, *, n_sets: int = 4
                       workers: int = 2, classes: Sequence[str] | None = None) -> dict[str, Any]:
     """Generate (or reuse) a synthetic data set as stores: ``gt.zarr`` + ``set0..set{N-1}.zarr``.
 
-    Stores are written block by block with :func:`isle_fast.store.create_stack`
+    Stores are written block by block with :func:`isle_fast.stores.stack.create_stack`
     (default compression and chunking unless ``chunk_images`` is given) and
     committed; a folder whose stores all open as complete is reused as is (the
     parameters are part of the folder name under ``root``).
@@ -647,7 +647,7 @@ def make_label_stores(root: str | os.PathLike, n_images: int, *, n_sets: int = 4
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from isle_fast.store import VOC_CLASSES, create_stack, open_stack
+    from isle_fast.stores.stack import VOC_CLASSES, create_stack, open_stack
 
     if classes is None:
         classes = list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else (
@@ -662,7 +662,7 @@ def make_label_stores(root: str | os.PathLike, n_images: int, *, n_sets: int = 4
     t0 = time.perf_counter()
     try:
         stacks = [open_stack(p) for p in [gt_path, *set_paths]]
-        from isle_fast.store import default_compressors
+        from isle_fast.stores.stack import default_compressors
         want = [c.to_dict() for c in default_compressors()]
         if any([c.to_dict() for c in st.array.compressors] != want for st in stacks):
             raise ValueError("written with other compressors than today's default: regenerate")
@@ -734,7 +734,7 @@ def export_pngs(stores: dict[str, str], folder: str | os.PathLike, n_images: int
     """
     from PIL import Image
 
-    from isle_fast.store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     folder = Path(folder)
     marker = folder / "done.json"

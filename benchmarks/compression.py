@@ -265,7 +265,7 @@ def pick(rows_by_dataset: list[list[dict[str, Any]]], min_encode: float) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from isle_fast.store import default_chunks, default_compressors
+    from isle_fast.stores.stack import default_chunks, default_compressors
 
     p = bench_parser("compression", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="label maps per data set (default 132, quick 12)")

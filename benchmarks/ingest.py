@@ -38,7 +38,7 @@ def make_pngs(n: int, side: int, seed: int = 11) -> tuple[Path, int]:
     """Write (or reuse) ``n`` palette label PNGs; returns the folder and the total pixel count."""
     from PIL import Image
 
-    from isle_fast.ingest_formats import voc_colormap
+    from isle_fast.stores.formats import voc_colormap
 
     folder = tmp_dir() / f"ingest-pngs-{n}-{side}-{seed}"
     marker = folder / ".complete"
@@ -84,7 +84,7 @@ def reference_loop(folder: Path, out_npy: Path, side: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from isle_fast.ingest import _default_workers, ingest_labels
+    from isle_fast.stores.ingest import _default_workers, ingest_labels
 
     p = bench_parser("ingest", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="label PNGs (default 500, quick 24)")

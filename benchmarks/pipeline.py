@@ -7,8 +7,8 @@ What it measures, all in one run:
 1. **End to end at VOC scale** (default 10,582 images up to 500 x 500, 4
    pseudo-label sets + ground truth, synthetic label maps written straight
    into compressed stores and cached under ``benchmarks/results/tmp/``):
-   ``isle_fast.evaluate.evaluate`` -> ``isle_fast.selection.select`` ->
-   ``isle_fast.merge.merge`` on the threaded scheduler, with the peak resident
+   ``isle_fast.ensemble.evaluate.evaluate`` -> ``isle_fast.ensemble.selection.select`` ->
+   ``isle_fast.ensemble.merge.merge`` on the threaded scheduler, with the peak resident
    memory of the process tree sampled by a thread (psutil). Target < 60 s,
    memory bounded by the chunking (< 2 GiB whatever the data set size).
 2. **References on the same data** (the first ``--ref-images`` images, copied
@@ -66,9 +66,9 @@ VOC_TRAIN_AUG = 10582
 # --------------------------------------------------------------------------------------
 def run_pipeline(data: dict[str, Any], out: str | Path, backend: str = "cpu") -> dict[str, Any]:
     """evaluate -> select -> merge once; seconds of each step and the results."""
-    from isle_fast.evaluate import evaluate
-    from isle_fast.merge import merge
-    from isle_fast.selection import select
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.ensemble.selection import select
 
     t0 = time.perf_counter()
     ev = evaluate(data["sets"], data["gt"], backend=backend, progress=False)
@@ -95,7 +95,7 @@ def best_steps(fn: Callable[[], dict[str, Any]], k: int) -> dict[str, Any]:
 
 def subset_stores(data: dict[str, Any], k: int, folder: Path) -> dict[str, Any]:
     """The first ``k`` images of every store of ``data``, as stores of their own (cached)."""
-    from isle_fast.store import create_stack, open_stack
+    from isle_fast.stores.stack import create_stack, open_stack
 
     names = ["gt"] + [Path(p).stem for p in data["sets"]]
     paths = [data["gt"]] + list(data["sets"])
@@ -120,7 +120,7 @@ def ensemble_equal(a: str, b: str) -> bool:
     """Whether two label stores hold the same labels (chunk by chunk, bounded memory)."""
     import dask.array as da
 
-    from isle_fast.store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     x, y = open_stack(a), open_stack(b)
     if x.array.shape != y.array.shape:
@@ -133,7 +133,7 @@ def ensemble_equal(a: str, b: str) -> bool:
 # --------------------------------------------------------------------------------------
 _IO_CHILD = r"""
 import json, os, sys, time
-import isle_fast.store as S
+import isle_fast.stores.stack as S
 from isle_fast.backend import tune_allocator
 from benchmarks.pipeline import run_pipeline
 if os.environ["ISLE_BENCH_DIRECT"] == "0":
@@ -141,8 +141,8 @@ if os.environ["ISLE_BENCH_DIRECT"] == "0":
 tune_allocator()                                # honours ISLE_TUNE_MALLOC, as the isle command does
 data, warm, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 run_pipeline(warm, out)                         # warm-up: kernels from the Numba cache
-from isle_fast.evaluate import evaluate
-from isle_fast.merge import merge
+from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.merge import merge
 t0, c0 = time.perf_counter(), time.process_time()
 ev = evaluate(data["sets"], data["gt"], backend="cpu", progress=False)
 t1, c1 = time.perf_counter(), time.process_time()
@@ -181,7 +181,7 @@ def io_choices(data: dict[str, Any], warm: dict[str, Any], work: Path) -> list[d
 # --------------------------------------------------------------------------------------
 def references(sub: dict[str, Any], ours: dict[str, Any], repeat: int) -> tuple[list[dict], dict[str, Any]]:
     """Time the reference implementations on the subset; check they agree with ours."""
-    from isle_fast.store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     gt = open_stack(sub["gt"])
     names = [Path(p).stem for p in sub["sets"]]

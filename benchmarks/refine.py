@@ -5,10 +5,10 @@
 Measures, on synthetic VOC-sized images (500 x 375, 21 classes, a few objects
 with blurry CAM-like scores):
 
-* **CRF per image**: ``isle_fast.crf.crf_image`` (label set restricted to the
+* **CRF per image**: ``isle_fast.refinement.crf.crf_image`` (label set restricted to the
   image's classes) next to the reference, a direct pydensecrf call over all 21
   classes (what a plain script does);
-* **CRF scaling** over a store with :func:`isle_fast.refine.refine_stack`:
+* **CRF scaling** over a store with :func:`isle_fast.refinement.chain.refine_stack`:
   1 worker (in process), 2 threads, 2 processes (Dask's process pool) and, if
   it starts, a 2-process ``dask.distributed.LocalCluster``. pydensecrf holds
   the GIL, so threads cannot scale; processes can;
@@ -39,7 +39,7 @@ from benchmarks.common import (bench_parser, best_of, format_table, headline_row
 
 
 def _scenes(n: int, h: int, w: int, num_classes: int, seed: int = 0):
-    from isle_fast.refine import synthetic_scene
+    from isle_fast.refinement.chain import synthetic_scene
 
     out = []
     for i in range(n):
@@ -51,7 +51,7 @@ def _scenes(n: int, h: int, w: int, num_classes: int, seed: int = 0):
 
 def write_scene_stores(root: Path, scenes, num_classes: int):
     """``root/images.zarr`` + ``root/cams.zarr`` (uint8 scores) of synthetic CRF scenes; their paths."""
-    from isle_fast.store import create_stack
+    from isle_fast.stores.stack import create_stack
 
     classes = ["background"] + [f"class{c}" for c in range(1, num_classes)]
     ids = [f"{i:05d}" for i in range(len(scenes))]
@@ -79,7 +79,7 @@ def _direct_crf_all_classes(rgb, sc, iterations=10):
 
 
 def bench_crf_image(scenes, repeat: int) -> dict:
-    from isle_fast.crf import crf_image
+    from isle_fast.refinement.crf import crf_image
 
     c = scenes[0][2].shape[-1]
 
@@ -100,7 +100,7 @@ def bench_crf_image(scenes, repeat: int) -> dict:
 
 
 def bench_crf_scaling(img: str, src: str, n: int, root: Path, repeat: int, cluster: bool = True) -> list[dict]:
-    from isle_fast.refine import refine_stack
+    from isle_fast.refinement.chain import refine_stack
 
     rows = []
     configs = [("1 worker (in process)", dict(workers=1, scheduler="sync")),
@@ -143,7 +143,7 @@ def bench_crf_scaling(img: str, src: str, n: int, root: Path, repeat: int, clust
 
 
 def bench_demo_size(root: Path, n: int, h: int, w: int, repeat: int) -> dict:
-    from isle_fast.refine import refine_stack
+    from isle_fast.refinement.chain import refine_stack
 
     scenes = _scenes(n, h, w, 21, seed=100)
     d = root / "demo"
@@ -165,7 +165,7 @@ def bench_random_walk(h: int, w: int, num_classes: int, repeat: int, with_networ
                       backbone: str = "resnet50") -> dict:
     import torch
 
-    from isle_fast.affinity import AffinityNet, random_walk_image
+    from isle_fast.refinement.affinity import AffinityNet, random_walk_image
     from isle_fast.kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
 
     rng = np.random.default_rng(0)
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"\nDense CRF, one {w} x {h} image, 21 classes (10 iterations):")
-    print(format_table([{"implementation": "isle_fast.crf (image's classes only)",
+    print(format_table([{"implementation": "isle_fast.refinement.crf (image's classes only)",
                          "s/image": crf1["seconds_per_image"]},
                         {"implementation": "direct pydensecrf, all 21 classes (reference)",
                          "s/image": crf1["reference_seconds_per_image"]}]))

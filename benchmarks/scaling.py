@@ -10,7 +10,7 @@ and times one step through the library's public API, best of ``--repeat``:
 ========================  ==========================================================
 sweeps                    what is timed
 ========================  ==========================================================
-``images`` ``sets``       ``isle_fast.evaluate.evaluate`` (one fused pass over gt +
+``images`` ``sets``       ``isle_fast.ensemble.evaluate.evaluate`` (one fused pass over gt +
 ``classes`` ``pixels``    every set), ``selection.select`` and ``merge.merge``
 ``chunk_images``          (reads the sets, writes the ensemble store) over
 ``workers``               compressed stores; the kernels alone on arrays in memory
@@ -234,9 +234,9 @@ def _dataset(ctx: Ctx, images: int, side: int, sets: int, classes: int, chunk: i
 # --------------------------------------------------------------------------------------
 def _pipeline_steps(data: dict[str, Any], out: Path, repeat: int) -> dict[str, float]:
     """Best-of-``repeat`` seconds of evaluate, select and merge over the stores (each step's own minimum)."""
-    from isle_fast.evaluate import evaluate
-    from isle_fast.merge import merge
-    from isle_fast.selection import select
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.ensemble.selection import select
 
     best = {k: math.inf for k in ("evaluate", "select", "merge", "evaluate_cpu", "select_cpu", "merge_cpu")}
     spent = 0.0
@@ -259,10 +259,10 @@ def _pipeline_steps(data: dict[str, Any], out: Path, repeat: int) -> dict[str, f
 
 def _in_memory(data: dict[str, Any], repeat: int) -> dict[str, float]:
     """The kernels alone and the references, on the data set loaded into memory."""
-    from isle_fast.evaluate import evaluate
+    from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.kernels import cpu as K
-    from isle_fast.selection import select
-    from isle_fast.store import open_stack
+    from isle_fast.ensemble.selection import select
+    from isle_fast.stores.stack import open_stack
 
     gt = open_stack(data["gt"])
     sets = [open_stack(p) for p in data["sets"]]
@@ -329,7 +329,7 @@ def sweep_pipeline(ctx: Ctx, var: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 def sweep_ingest(ctx: Ctx, var: str) -> list[dict[str, Any]]:
     """``ingest_labels`` of a PNG folder (the gt of a synthetic set) vs the plain PIL decode loop."""
-    from isle_fast.ingest import ingest_labels
+    from isle_fast.stores.ingest import ingest_labels
 
     base = dict(ctx.sizes["base"])
     rows = []
@@ -363,8 +363,8 @@ def sweep_ingest(ctx: Ctx, var: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 def _refine_data(ctx: Ctx, n: int, side: int) -> tuple[str, str, list]:
     """Images + CAM-like score stores of ``n`` synthetic scenes ``side x side`` (21 classes), cached."""
-    from isle_fast.refine import synthetic_scene
-    from isle_fast.store import open_stack
+    from isle_fast.refinement.chain import synthetic_scene
+    from isle_fast.stores.stack import open_stack
 
     from .refine import write_scene_stores
 
@@ -397,7 +397,7 @@ def _pydensecrf_all_classes(rgb: np.ndarray, scores: np.ndarray, iterations: int
 
 def sweep_refine(ctx: Ctx, var: str) -> list[dict[str, Any]]:
     """``refine_stack(chain=['crf'])`` with one worker, store to store, vs direct pydensecrf per image."""
-    from isle_fast.refine import refine_stack
+    from isle_fast.refinement.chain import refine_stack
 
     base = ctx.sizes["refine"]
     rows = []
@@ -420,7 +420,7 @@ def sweep_refine(ctx: Ctx, var: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 def _images_store(data: dict[str, Any]) -> str:
     """An RGB images store aligned with a synthetic set's gt (a flat colour per class + noise), cached."""
-    from isle_fast.store import create_stack, open_stack
+    from isle_fast.stores.stack import create_stack, open_stack
 
     path = Path(data["root"]) / "images.zarr"
     try:
@@ -449,8 +449,8 @@ def _train_data(ctx: Ctx) -> dict[str, Any]:
 
 def _ensemble(ctx: Ctx, data: dict[str, Any], n_sets: int) -> str:
     """The ISLE ensemble of the first ``n_sets`` sets (evaluate + select + merge), cached."""
-    from isle_fast.merge import merge
-    from isle_fast.store import open_stack
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.stores.stack import open_stack
 
     out = Path(data["root"]) / f"ensemble-first{n_sets}.zarr"
     try:
@@ -465,7 +465,7 @@ _WARM: dict[str, bool] = {}
 
 def _train_step_seconds(ctx: Ctx, images: str, labels: str, run: Path, crop: int, batch: int,
                         cpu: bool = True) -> tuple[float, float]:
-    """Wall and CPU seconds of one optimiser step of ``isle_fast.train.train`` (loader + forward + backward + SGD).
+    """Wall and CPU seconds of one optimiser step of ``isle_fast.training.train.train`` (loader + forward + backward + SGD).
 
     Wall: the run logs every step (``log_every=1``); the library's own
     per-step clock gives images/s, and the best step after the first counts
@@ -474,7 +474,7 @@ def _train_step_seconds(ctx: Ctx, images: str, labels: str, run: Path, crop: int
     divided by the difference (construction and checkpointing cancel). With
     ``cpu=False`` only the long run happens (CPU seconds NaN).
     """
-    from isle_fast.train import train
+    from isle_fast.training.train import train
 
     t = ctx.sizes["train"]
 
@@ -525,9 +525,9 @@ def _model_forward(run: str, store: str) -> Callable[[], None]:
     """Reference: the trained model's forward pass alone over the images, already in memory as tensors."""
     import torch
 
-    from isle_fast.data import normalize
-    from isle_fast.predict import load_model
-    from isle_fast.store import open_stack
+    from isle_fast.training.data import normalize
+    from isle_fast.training.predict import load_model
+    from isle_fast.stores.stack import open_stack
 
     model, _ = load_model(run, "final", torch.device("cpu"))
     st = open_stack(store)
@@ -546,7 +546,7 @@ def _model_forward(run: str, store: str) -> Callable[[], None]:
 
 def sweep_predict(ctx: Ctx, var: str) -> list[dict[str, Any]]:
     """``predict`` (images store -> label store) over images, image size, or the sets behind the model."""
-    from isle_fast.predict import predict
+    from isle_fast.training.predict import predict
 
     p = ctx.sizes["predict"]
     t = ctx.sizes["train"]

@@ -12,7 +12,7 @@ What it measures, in one run:
    GPU) with torchvision's ``deeplabv3_resnet50`` (no "+" decoder) as a
    yardstick. Each is timed with the trainer's settings (channels-last, fused
    SGD, threads = cores other processes leave idle,
-   :func:`isle_fast.predict.resolve_threads`, following the load as training
+   :func:`isle_fast.training.predict.resolve_threads`, following the load as training
    does; ``threads`` lists every count used), on CPU also with the other
    thread count, and against the **reference**: plain PyTorch as the trainer
    ran before (contiguous tensors, per-tensor SGD, one thread per core).
@@ -26,10 +26,10 @@ What it measures, in one run:
    order (every image decodes its whole chunk); on the store each model
    trains on: VOC-like images up to 500 x 500 (``--images``, cached under
    ``benchmarks/results/tmp/``) for ResNet-18/50, the demo data
-   (:mod:`isle_fast.datasets`, 120-200 px) for the demo model. The loader
+   (:mod:`isle_fast.synthetic.datasets`, 120-200 px) for the demo model. The loader
    must be at least 3x faster than the model at the same crop
    (``loader_over_model``, 0 workers: what the demo uses).
-3. **End to end** ``isle_fast.train.train`` with the demo's settings on the
+3. **End to end** ``isle_fast.training.train.train`` with the demo's settings on the
    demo data (trained on its train gt, validated at the end): wall seconds,
    images/s and val mIoU next to the all-background mIoU
    (``--demo-steps``, default the demo's 600; 5 with ``--quick``), and, as
@@ -61,7 +61,7 @@ CLASSES = ["background"] + [f"class{c}" for c in range(1, 21)]
 
 def _make_store_pair(root: Path, n: int, max_side: int, seed: int = 0) -> tuple[str, str]:
     """VOC-like synthetic images (smooth colours, a few shapes, mild noise) and their labels."""
-    from isle_fast.store import create_stack, open_stack
+    from isle_fast.stores.stack import create_stack, open_stack
 
     ip, lp = root / f"images-{n}-{max_side}.zarr", root / f"labels-{n}-{max_side}.zarr"
     try:
@@ -97,7 +97,7 @@ class _NaiveDataset(torch.utils.data.Dataset):
     """Reference: one Zarr read per image (its whole chunk decoded), same augmentation as ours."""
 
     def __init__(self, images: str, labels: str, crop: int, scale_range: tuple[float, float] = (0.5, 2.0)):
-        from isle_fast.data import SegmentationDataset
+        from isle_fast.training.data import SegmentationDataset
 
         self.aug = SegmentationDataset(images, labels, train=True, crop=crop, scale_range=scale_range)
         self.images, self.labels = images, labels
@@ -152,7 +152,7 @@ def _time_loader(loader, set_epoch, epochs: int) -> dict[str, float]:
 def bench_loader(images: str, labels: str, crop: int, batch: int, workers: int, epochs: int,
                  scale_range: tuple[float, float] = (0.5, 2.0)) -> dict[str, Any]:
     """Our loader: ``SegmentationDataset`` + ``ChunkBatchSampler`` through ``make_loader``, as ``train()`` builds it."""
-    from isle_fast.data import ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader
+    from isle_fast.training.data import ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader
 
     ds = SegmentationDataset(images, labels, train=True, crop=crop, scale_range=scale_range)
     s = ChunkBatchSampler(len(ds), batch, chunk_groups(len(ds), ds.image_chunk, ds.label_chunk),
@@ -182,16 +182,16 @@ def bench_model(backbone: str, crop: int, batch: int, steps: int, device: torch.
                 threads: int | None = None, reference: bool = False, warmup: int = 2) -> dict[str, Any]:
     """Images/s of forward + backward + optimiser step on in-memory batches.
 
-    ``library=True`` uses the settings ``isle_fast.train`` uses: channels-last
+    ``library=True`` uses the settings ``isle_fast.training.train`` uses: channels-last
     tensors, a fused SGD step and the thread count of
-    :func:`isle_fast.predict.resolve_threads`, re-chosen by a
-    :class:`~isle_fast.predict.ThreadGovernor` as the load changes (``threads`` fixes it).
+    :func:`isle_fast.training.predict.resolve_threads`, re-chosen by a
+    :class:`~isle_fast.training.predict.ThreadGovernor` as the load changes (``threads`` fixes it).
     ``library=False`` is the plain-PyTorch baseline the trainer had before:
     contiguous tensors, per-tensor SGD, torch's default threads (one per core).
     """
-    from isle_fast.data import normalize
-    from isle_fast.deeplab import DeepLabV3Plus
-    from isle_fast.predict import ThreadGovernor, resolve_threads, torch_threads
+    from isle_fast.training.data import normalize
+    from isle_fast.training.deeplab import DeepLabV3Plus
+    from isle_fast.training.predict import ThreadGovernor, resolve_threads, torch_threads
 
     torch.manual_seed(0)
     if reference:
@@ -260,10 +260,10 @@ def _busy_core():
 
 
 def _demo_data(root: Path, n_images: int) -> dict[str, str]:
-    """The demo's synthetic VOC-like data (isle_fast.datasets, seed 0), cached; its store paths."""
+    """The demo's synthetic VOC-like data (isle_fast.synthetic.datasets, seed 0), cached; its store paths."""
     import json
 
-    from isle_fast.datasets import make_voc_like
+    from isle_fast.synthetic.datasets import make_voc_like
 
     out = root / f"demo-data-{n_images}"
     index = root / f"demo-data-{n_images}.json"
@@ -287,7 +287,7 @@ OLD_DEMO = dict(backbone="resnet18", output_stride=32, head_channels=64, steps=1
 def bench_demo_train(root: Path, steps: int | None, n_images: int = 64, old: bool = False) -> dict[str, Any]:
     """``train()`` with the demo's settings (``isle demo``'s TRAIN_DEFAULT, or OLD_DEMO) on the demo data."""
     from isle_fast.commands.demo import TRAIN_DEFAULT
-    from isle_fast.train import train
+    from isle_fast.training.train import train
 
     stores = _demo_data(root, n_images)
     cfg = dict(OLD_DEMO if old else TRAIN_DEFAULT)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     from isle_fast.commands.demo import TRAIN_DEFAULT
-    from isle_fast.predict import resolve_device
+    from isle_fast.training.predict import resolve_device
 
     dev = resolve_device(args.device)
     quick = args.quick
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nloader (0 workers, and the best) vs model with library settings (must be >= 3)")
     print(format_table(ratio_rows, ["crop", "model", "model_images_per_s", "loader_images_per_s",
                                     "loader_over_model", "best_loader_over_model"]))
-    print("\nend to end: isle_fast.train.train with the demo's settings on the demo data (trained on its gt)")
+    print("\nend to end: isle_fast.training.train.train with the demo's settings on the demo data (trained on its gt)")
     print(format_table(demo_rows, ["recipe", "steps", "wall_seconds", "seconds_per_step", "train_images_per_s",
                                    "val_miou",
                                     "background_miou"]))

@@ -24,43 +24,45 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: public name -> defining submodule
-_EXPORTS: dict[str, str] = {
-    # errors
-    "IsleError": "errors", "InputError": "errors", "StoreError": "errors", "AlignmentError": "errors",
-    # stores
-    "IGNORE_INDEX": "store", "VOC_CLASSES": "store", "Stack": "store", "StackWriter": "store",
-    "create_stack": "store", "open_stack": "store", "check_aligned": "store",
-    "default_chunks": "store", "default_compressors": "store",
-    # ingest
-    "DEFAULT_BG_THRESHOLD": "ingest", "read_ids": "ingest", "resolve_classes": "ingest",
-    "ingest_labels": "ingest", "ingest_scores": "ingest", "ingest_images": "ingest",
-    "ingest_tiff": "ingest", "ingest_arrays": "ingest", "ingest_dask": "ingest",
-    # step 1: refinement
-    "refine_stack": "refine", "register_refinement": "refine", "unregister_refinement": "refine",
-    "available_refinements": "refine", "Refinement": "refine", "RefineChunk": "refine",
-    "PrepareContext": "refine", "ENTRY_POINT_GROUP": "refine",
-    # step 2: evaluation, selection, subsets
-    "evaluate": "evaluate", "Evaluation": "evaluate",
-    "select": "selection", "Selection": "selection",
-    "subset_analysis": "subsets", "SubsetAnalysis": "subsets",
-    # step 3: the ensemble
-    "merge": "merge", "MergeResult": "merge", "merge_images": "merge", "ensemble_scores": "merge",
-    "POLICIES": "merge", "STRATEGIES": "merge",
-    "report": "report", "export_pngs": "report",
-    # step 4: DeepLabV3+
-    "DeepLabV3Plus": "deeplab", "build_deeplab": "deeplab",
-    "SegmentationDataset": "data", "make_loader": "data",
-    "TrainConfig": "train", "TrainResult": "train", "train": "train",
-    "predict": "predict", "PredictResult": "predict", "load_model": "predict",
-    "resolve_threads": "predict", "ThreadGovernor": "predict",
-    # synthetic data
-    "make_voc_like": "datasets", "SyntheticDataset": "datasets", "default_quality": "datasets",
-    "voc_palette": "datasets", "write_label_png": "datasets", "read_label_png": "datasets",
-    # backend switch
-    "BACKENDS": "backend", "get_kernels": "backend", "resolve_backend": "backend",
-    "gpu_available": "backend", "describe_backend": "backend", "tune_allocator": "backend",
+#: defining submodule -> the public names it provides
+_MODULES: dict[str, tuple[str, ...]] = {
+    "errors": ("IsleError", "InputError", "StoreError", "AlignmentError",),
+    "stores.stack": (
+        "IGNORE_INDEX", "VOC_CLASSES", "Stack", "StackWriter", "create_stack", "open_stack",
+        "check_aligned", "default_chunks", "default_compressors",
+    ),
+    "stores.ingest": (
+        "DEFAULT_BG_THRESHOLD", "read_ids", "resolve_classes", "ingest_labels", "ingest_scores",
+        "ingest_images", "ingest_tiff", "ingest_arrays", "ingest_dask",
+    ),
+    "refinement.chain": (
+        "refine_stack", "register_refinement", "unregister_refinement", "available_refinements",
+        "Refinement", "RefineChunk", "PrepareContext", "ENTRY_POINT_GROUP",
+    ),
+    "ensemble.evaluate": ("evaluate", "Evaluation",),
+    "ensemble.selection": ("select", "Selection",),
+    "ensemble.subsets": ("subset_analysis", "SubsetAnalysis",),
+    "ensemble.merge": (
+        "merge", "MergeResult", "merge_images", "ensemble_scores", "POLICIES", "STRATEGIES",
+    ),
+    "ensemble.report": ("report", "export_pngs",),
+    "training.deeplab": ("DeepLabV3Plus", "build_deeplab",),
+    "training.data": ("SegmentationDataset", "make_loader",),
+    "training.train": ("TrainConfig", "TrainResult", "train",),
+    "training.predict": (
+        "predict", "PredictResult", "load_model", "resolve_threads", "ThreadGovernor",
+    ),
+    "synthetic.datasets": (
+        "make_voc_like", "SyntheticDataset", "default_quality", "voc_palette", "write_label_png",
+        "read_label_png",
+    ),
+    "backend": (
+        "BACKENDS", "get_kernels", "resolve_backend", "gpu_available", "describe_backend",
+        "tune_allocator",
+    ),
 }
+#: public name -> defining submodule
+_EXPORTS: dict[str, str] = {name: mod for mod, names in _MODULES.items() for name in names}
 
 __all__ = ["__version__", *_EXPORTS]
 

@@ -1,5 +1,5 @@
 """``python -m isle_fast`` is the ``isle`` command."""
 
-from .cli import main
+from isle_fast.cli import main
 
 raise SystemExit(main())

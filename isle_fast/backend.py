@@ -28,7 +28,7 @@ import os
 import sys
 from types import ModuleType
 
-from .errors import InputError
+from isle_fast.errors import InputError
 
 __all__ = [
     "BACKENDS",
@@ -134,10 +134,10 @@ def get_kernels(backend: str = "auto") -> ModuleType:
     """
     name = resolve_backend(backend)
     if name == "gpu":
-        from .kernels import gpu
+        from isle_fast.kernels import gpu
 
         return gpu
-    from .kernels import cpu
+    from isle_fast.kernels import cpu
 
     return cpu
 

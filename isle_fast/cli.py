@@ -16,7 +16,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from .errors import IsleError
+from isle_fast.errors import IsleError
 
 #: subcommand -> (module, one-line help). Order is the order of ``isle --help``.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only`` set, just that subcommand's arguments are loaded."""
-    from . import __version__
+    from isle_fast import __version__
 
     parser = argparse.ArgumentParser(
         prog="isle",
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mod = _load(COMMANDS[args.command][0], args.command)
     if mod is None:
         parser.error(f"'{args.command}' is not available in this build")
-    from .backend import tune_allocator
+    from isle_fast.backend import tune_allocator
 
     tune_allocator()  # reuse freed chunk buffers (see its docstring); ISLE_TUNE_MALLOC=0 skips it
     try:

@@ -1,7 +1,7 @@
 """Hot loops of the refinement stage (AffinityNet random walk), compiled with Numba.
 
 Pure functions over NumPy arrays; no I/O, no Zarr, no Dask. The orchestration
-lives in :mod:`isle_fast.affinity` and :mod:`isle_fast.refine`.
+lives in :mod:`isle_fast.refinement.affinity` and :mod:`isle_fast.refinement.chain`.
 
 The random walk works on a *neighbourhood stencil* instead of a dense
 ``N x N`` transition matrix: pixel ``(y, x)`` of an ``h x w`` grid is linked to

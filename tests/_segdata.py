@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from isle_fast.store import create_stack
+from isle_fast.stores.stack import create_stack
 
 CLASSES = ["background", "red", "green"]
 

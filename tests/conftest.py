@@ -27,7 +27,7 @@ def write_stack(path, images, *, kind="pseudo", encoding="labels", classes=None,
 
     ``images[i]`` is ``(h, w)`` (labels), ``(h, w, C)`` (scores) or ``(h, w, 3)`` (rgb).
     """
-    from isle_fast.store import create_stack
+    from isle_fast.stores.stack import create_stack
 
     if classes is None:
         classes = [f"c{i}" for i in range(num_classes or 3)]

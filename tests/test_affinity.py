@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _refine_data import make_scenes, miou, write_stores
-from isle_fast.affinity import (
+from isle_fast.refinement.affinity import (
     AffinityNet,
     AffinityNetRefinement,
     affinity_loss,
@@ -22,8 +22,8 @@ from isle_fast.affinity import (
 )
 from isle_fast.errors import InputError
 from isle_fast.kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
-from isle_fast.refine import PrepareContext, refine_stack
-from isle_fast.store import open_stack
+from isle_fast.refinement.chain import PrepareContext, refine_stack
+from isle_fast.stores.stack import open_stack
 
 
 @pytest.fixture(autouse=True, scope="module")

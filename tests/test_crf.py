@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
 from _refine_data import make_scenes, miou, write_stores
-from isle_fast.crf import DenseCRF, crf_image, present_classes
+from isle_fast.refinement.crf import DenseCRF, crf_image, present_classes
 from isle_fast.errors import InputError
-from isle_fast.refine import refine_stack, synthetic_scene
-from isle_fast.store import open_stack
+from isle_fast.refinement.chain import refine_stack, synthetic_scene
+from isle_fast.stores.stack import open_stack
 
 
 def _direct(rgb, unary, n, iterations=10):

@@ -1,4 +1,4 @@
-"""Tests of isle_fast.datasets (the synthetic VOC-like data) and the first steps of `isle demo`."""
+"""Tests of isle_fast.synthetic.datasets (the synthetic VOC-like data) and the first steps of `isle demo`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from isle_fast.datasets import (
+from isle_fast.synthetic.datasets import (
     CAM_BG_THRESHOLD,
     PAPER_SETS,
     TABLE1_BEST,
@@ -26,7 +26,7 @@ from isle_fast.datasets import (
     write_label_png,
 )
 from isle_fast.errors import InputError
-from isle_fast.store import VOC_CLASSES, check_aligned, open_stack
+from isle_fast.stores.stack import VOC_CLASSES, check_aligned, open_stack
 
 C = len(VOC_CLASSES)
 TINY = dict(size_range=(40, 56), max_objects=3)
@@ -379,7 +379,7 @@ def test_no_val_split_and_failed_run_leave_nothing_half_written(tmp_path, monkey
     assert ds.val_ids == [] and not any(k.startswith("val/") for k in ds.stores)
     assert (tmp_path / "noval/ImageSets/Segmentation/val.txt").read_text() == ""
 
-    import isle_fast.datasets as mod
+    import isle_fast.synthetic.datasets as mod
 
     real = mod._generate
 

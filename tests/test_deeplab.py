@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from isle_fast.deeplab import DeepLabV3Plus
+from isle_fast.training.deeplab import DeepLabV3Plus
 from isle_fast.errors import InputError
 
 
@@ -102,7 +102,7 @@ def test_narrow_backbones_have_the_resnet18_layout_at_their_width(backbone, widt
 
 
 def test_narrow_backbone_weights(tmp_path):
-    from isle_fast.backbones import load_resnet
+    from isle_fast.training.backbones import load_resnet
 
     with pytest.raises(InputError, match="no ImageNet weights"):
         load_resnet("resnet18_w16", "imagenet")  # refused before any download is tried

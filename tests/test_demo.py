@@ -71,8 +71,8 @@ def test_quick_demo_evaluation_json_has_the_design_schema(quick_demo):
 
 @pytest.mark.slow
 def test_quick_demo_refinement_and_ensemble_gains(quick_demo):
-    from isle_fast.evaluate import evaluate
-    from isle_fast.store import open_stack
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.stores.stack import open_stack
 
     out, summary, _ = quick_demo
     res, head = summary["results"], summary["headline"]
@@ -101,8 +101,8 @@ def test_quick_demo_refinement_and_ensemble_gains(quick_demo):
 
 @pytest.mark.slow
 def test_quick_demo_trains_both_models_and_scores_them_on_val(quick_demo):
-    from isle_fast.evaluate import evaluate
-    from isle_fast.store import open_stack
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.stores.stack import open_stack
 
     out, summary, _ = quick_demo
     train, head = summary["results"]["train"], summary["headline"]

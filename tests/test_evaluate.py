@@ -1,4 +1,4 @@
-"""isle_fast.evaluate: fused Dask confusion counts EQUAL a per-image NumPy reference."""
+"""isle_fast.ensemble.evaluate: fused Dask confusion counts EQUAL a per-image NumPy reference."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from isle_fast.cli import main
 from isle_fast.errors import AlignmentError, InputError
-from isle_fast.evaluate import Evaluation, evaluate
+from isle_fast.ensemble.evaluate import Evaluation, evaluate
 from tests import reference as ref
 from tests.conftest import write_stack
 
@@ -264,8 +264,8 @@ def test_evaluation_take_and_table(stack_factory, rng):
 @pytest.mark.gpu
 def test_gpu_backend_equals_cpu(tmp_path, rng):
     from isle_fast.backend import gpu_available
-    from isle_fast.merge import merge
-    from isle_fast.subsets import subset_analysis
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.ensemble.subsets import subset_analysis
 
     if not gpu_available():
         pytest.skip("no CUDA device")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from isle_fast.errors import InputError, StoreError
-from isle_fast.ingest import (
+from isle_fast.stores.ingest import (
     DEFAULT_BG_THRESHOLD,
     ingest_arrays,
     ingest_dask,
@@ -22,7 +22,7 @@ from isle_fast.ingest import (
     read_ids,
     resolve_classes,
 )
-from isle_fast.ingest_formats import voc_colormap
+from isle_fast.stores.formats import voc_colormap
 
 C = 21
 PALETTE = voc_colormap().ravel().tolist()
@@ -123,7 +123,7 @@ def test_labels_gt_alignment_and_npy(tmp_path, rng):
         np.save(tmp_path / "set" / f"{i}.npy", a.astype(np.int32))
     s = ingest_labels(tmp_path / "set", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", quiet=True)
     assert s.ids == gt.ids and s.padded_shape == gt.padded_shape
-    from isle_fast.store import check_aligned
+    from isle_fast.stores.stack import check_aligned
 
     check_aligned([gt, s])
     for i, a in data.items():

@@ -1,4 +1,4 @@
-"""isle_fast.merge: the chunked ensemble equals a per-image NumPy merge; policies, strategies, export."""
+"""isle_fast.ensemble.merge: the chunked ensemble equals a per-image NumPy merge; policies, strategies, export."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from PIL import Image
 
 from isle_fast.cli import main
 from isle_fast.errors import StoreError
-from isle_fast.evaluate import evaluate
-from isle_fast.merge import POLICIES, ensemble_scores, gt_presence, image_choice, merge, merge_images
-from isle_fast.report import export_pngs, palette
-from isle_fast.selection import select
-from isle_fast.store import open_stack
+from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.merge import POLICIES, ensemble_scores, gt_presence, image_choice, merge, merge_images
+from isle_fast.ensemble.report import export_pngs, palette
+from isle_fast.ensemble.selection import select
+from isle_fast.stores.stack import open_stack
 from tests import reference as ref
 from tests.conftest import write_stack
 
@@ -182,7 +182,7 @@ def test_existing_output_kept_and_failed_merge_leaves_nothing(data, monkeypatch)
     before = np.asarray(first.stack.array[:])
     with pytest.raises(StoreError, match="exists"):
         merge(sets[:1], gt, out, backend="cpu", progress=False)
-    import isle_fast.merge as m
+    import isle_fast.ensemble.merge as m
 
     def boom(*a, **k):
         raise RuntimeError("kernel failed")
@@ -252,7 +252,7 @@ def test_cli_merge_and_export(data, capsys):
 
 
 def test_task_memory_cap_changes_nothing_but_the_grid(tmp_path, rng, monkeypatch):
-    import isle_fast.evaluate as E
+    import isle_fast.ensemble.evaluate as E
 
     gt_imgs = label_imgs(rng)
     gt = write_stack(str(tmp_path / "gt"), gt_imgs, kind="gt", num_classes=C, chunks=(5, 8, 8))

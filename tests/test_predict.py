@@ -8,9 +8,9 @@ import torch
 from _segdata import make_stores
 
 from isle_fast.errors import InputError, StoreError
-from isle_fast.predict import load_model, predict, predict_probs
-from isle_fast.store import open_stack
-from isle_fast.train import train
+from isle_fast.training.predict import load_model, predict, predict_probs
+from isle_fast.stores.stack import open_stack
+from isle_fast.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_predict_store_is_aligned_and_evaluate_scores_it(run, tmp_path):
 
 
 def test_predict_pngs_and_tta(run, tmp_path):
-    from isle_fast.datasets import read_label_png
+    from isle_fast.synthetic.datasets import read_label_png
 
     rundir, vi, _ = run
     out = tmp_path / "pngs"
@@ -90,7 +90,7 @@ def test_thread_choice_and_restore():
     import subprocess
     import sys
 
-    from isle_fast.predict import busy_cores, resolve_threads, torch_threads
+    from isle_fast.training.predict import busy_cores, resolve_threads, torch_threads
 
     cpu = torch.device("cpu")
     n = torch.get_num_threads()
@@ -118,7 +118,7 @@ def test_thread_choice_and_restore():
 
 
 def test_cpu_autocast_is_bfloat16_and_predicts(run):
-    from isle_fast.predict import amp_dtype
+    from isle_fast.training.predict import amp_dtype
 
     assert amp_dtype("cpu") == torch.bfloat16 and amp_dtype("cuda") == torch.float16
     model, _ = load_model(run[0])
@@ -139,7 +139,7 @@ def test_thread_governor_follows_the_load():
     import sys
     import time
 
-    from isle_fast.predict import ThreadGovernor, _usable_cores, busy_cores, torch_threads
+    from isle_fast.training.predict import ThreadGovernor, _usable_cores, busy_cores, torch_threads
 
     n = torch.get_num_threads()
     off = ThreadGovernor(False, limit=n, period=0.0)

@@ -11,7 +11,7 @@ import pytest
 from _refine_data import write_stores
 from isle_fast.cli import main
 from isle_fast.errors import InputError, StoreError
-from isle_fast.refine import (
+from isle_fast.refinement.chain import (
     ENTRY_POINT_GROUP,
     RefineChunk,
     Refinement,
@@ -26,7 +26,7 @@ from isle_fast.refine import (
     shutdown_pool,
     unregister_refinement,
 )
-from isle_fast.store import open_stack
+from isle_fast.stores.stack import open_stack
 
 
 class Shift(Refinement):

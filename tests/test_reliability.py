@@ -31,7 +31,7 @@ from PIL import Image
 
 from isle_fast import cli
 from isle_fast.errors import StoreError
-from isle_fast.store import VOC_CLASSES, create_stack, open_stack
+from isle_fast.stores.stack import VOC_CLASSES, create_stack, open_stack
 
 REPO = Path(__file__).resolve().parents[1]
 C = len(VOC_CLASSES)
@@ -134,8 +134,8 @@ def set_paths(stores: dict[str, Path]) -> list[str]:
 
 def run_pipeline(stores: dict[str, Path], out: Path, backend: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """evaluate + merge through the library; (counts, ensemble label array)."""
-    from isle_fast.evaluate import evaluate
-    from isle_fast.merge import merge
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
 
     ev = evaluate(set_paths(stores), str(stores["gt"]), backend=backend, progress=False)
     res = merge(set_paths(stores), str(stores["gt"]), str(out), evaluation=ev, backend=backend, progress=False,
@@ -189,8 +189,8 @@ def data(tmp_path_factory):
 # --------------------------------------------------------------------------------------
 def test_baseline_equals_numpy_reference(data):
     """threaded == the plain NumPy reference of the kernels (counts and ensemble), bit for bit."""
-    from isle_fast.evaluate import evaluate
-    from isle_fast.selection import select
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.selection import select
     from tests import reference as ref
 
     gt = open_stack(data["stores"]["gt"])
@@ -317,8 +317,8 @@ def test_worker_killed_mid_merge(data, tmp_path, capsys):
     the merge finishes with the same ensemble."""
     from dask.distributed import Client, LocalCluster
 
-    from isle_fast.evaluate import evaluate
-    from isle_fast.merge import merge
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
 
     stores = ingest(data["folders"], tmp_path, capsys,
                     {k: "1,36,44" for k in ("gt", "set0", "set1", "set2")})   # one task per image
@@ -737,9 +737,9 @@ def test_malicious_checkpoint_is_not_executed(tmp_path, capsys):
     """A checkpoint whose pickle runs code: ``isle predict`` refuses it and the code never runs."""
     torch = pytest.importorskip("torch")
     try:
-        from isle_fast.predict import load_model
+        from isle_fast.training.predict import load_model
     except ImportError:
-        pytest.skip("isle_fast.predict not built")
+        pytest.skip("isle_fast.training.predict not built")
     marker = tmp_path / "PWNED"
     ck = tmp_path / "best.pt"
     torch.save({"format": "x", "model": {}, "evil": _Evil(str(marker))}, ck)
@@ -818,8 +818,8 @@ def test_out_of_core_bounded_memory(tmp_path):
     from dask.distributed import Client, LocalCluster
     from dask.utils import parse_bytes
 
-    from isle_fast.evaluate import evaluate
-    from isle_fast.merge import merge
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
 
     limit = "380MiB"
     d = make_label_stores(tmp_path, 1200, n_sets=4, max_side=448, seed=3)   # 5 stores x 1200 x 448^2 B = 1.2 GB

@@ -1,4 +1,4 @@
-"""isle_fast.report: the tables (Markdown + JSON) and PNG figures exist and agree with the evaluation."""
+"""isle_fast.ensemble.report: the tables (Markdown + JSON) and PNG figures exist and agree with the evaluation."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from PIL import Image
 
 from isle_fast.cli import main
 from isle_fast.errors import StoreError
-from isle_fast.evaluate import evaluate
-from isle_fast.merge import merge
-from isle_fast.report import report
-from isle_fast.subsets import subset_analysis
+from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.merge import merge
+from isle_fast.ensemble.report import report
+from isle_fast.ensemble.subsets import subset_analysis
 from tests.conftest import write_stack
 
 SHAPES = [(9, 7), (8, 8), (6, 9)]
@@ -114,7 +114,7 @@ def test_charts_with_long_names_warn_nothing(tmp_path):
 
     import numpy as np
 
-    from isle_fast.report import _bar_chart, _heat_table
+    from isle_fast.ensemble.report import _bar_chart, _heat_table
 
     classes = ["background"] + [f"a-rather-long-class-name-{k}" for k in range(1, 6)]
     names = [f"pseudo-labels-from-a-very-long-method-name-{k}" for k in range(3)]

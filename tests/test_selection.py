@@ -1,4 +1,4 @@
-"""isle_fast.selection: best set per class, ties, absent classes, subset restriction."""
+"""isle_fast.ensemble.selection: best set per class, ties, absent classes, subset restriction."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from isle_fast.errors import InputError
-from isle_fast.evaluate import evaluate
-from isle_fast.selection import resolve_members, select
+from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.selection import resolve_members, select
 
 CLASSES = ["bg", "a", "b", "c", "d"]
 NAMES = ["P", "Q", "R"]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isle_fast.errors import AlignmentError, InputError, StoreError
-from isle_fast.store import (
+from isle_fast.stores.stack import (
     FORMAT_VERSION,
     TARGET_CHUNK_BYTES,
     check_aligned,
@@ -237,7 +237,7 @@ def test_to_dask_remote_store_uses_zarr(tmp_path):
 def test_zstd_content_size_matches_numcodecs():
     from numcodecs import Zstd
 
-    from isle_fast.store import _zstd_content_size
+    from isle_fast.stores.stack import _zstd_content_size
 
     rng = np.random.default_rng(0)
     for n in (0, 1, 255, 256, 257, 65791, 65792, 1 << 20):

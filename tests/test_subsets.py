@@ -1,4 +1,4 @@
-"""isle_fast.subsets: the one-pass subset analysis equals merging every subset and evaluating it."""
+"""isle_fast.ensemble.subsets: the one-pass subset analysis equals merging every subset and evaluating it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from isle_fast.errors import InputError
-from isle_fast.evaluate import evaluate
-from isle_fast.merge import merge
-from isle_fast.subsets import all_subsets, subset_analysis
+from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.merge import merge
+from isle_fast.ensemble.subsets import all_subsets, subset_analysis
 from tests.conftest import write_stack
 
 SHAPES = [(6, 5), (7, 7), (3, 4), (5, 6)]
@@ -37,7 +37,7 @@ def make_sets(root, rng, kinds):
 
 
 def slow_way(sets, gt, root, policy, bg):
-    """Merge every subset into a store with isle_fast.merge, then evaluate it: (S, C, C+1)."""
+    """Merge every subset into a store with isle_fast.ensemble.merge, then evaluate it: (S, C, C+1)."""
     ev = evaluate(sets, gt, backend="cpu", progress=False, bg_threshold=bg)
     out = []
     for s, m in enumerate(all_subsets(len(sets))):

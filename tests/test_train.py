@@ -11,7 +11,7 @@ import torch
 from _segdata import make_stores
 
 from isle_fast.errors import InputError, StoreError
-from isle_fast.train import miou_from_confusion, train
+from isle_fast.training.train import miou_from_confusion, train
 
 TINY = dict(backbone="resnet18", weights="none", head_channels=16, crop=32, batch_size=2, num_workers=0,
             quiet=True)
@@ -84,7 +84,7 @@ def test_resume_continues_bit_for_bit(data, tmp_path):
 @pytest.mark.slow
 def test_short_training_on_demo_data_beats_all_background(tmp_path):
     """The demo's recipe, shortened: a narrow ResNet-18 from random weights learns the VOC-like classes."""
-    from isle_fast.datasets import make_voc_like
+    from isle_fast.synthetic.datasets import make_voc_like
 
     ds = make_voc_like(tmp_path / "data", n_images=40, size_range=(96, 144), soft_sets=(), write_tree=False,
                        keep_arrays=False, seed=0)
@@ -95,7 +95,7 @@ def test_short_training_on_demo_data_beats_all_background(tmp_path):
                 quiet=True)
     # the trivial prediction, scored here on the same val set with the project's confusion kernel
     from isle_fast.backend import get_kernels
-    from isle_fast.store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     gt = open_stack(ds.stores["val/gt"])
     conf = np.zeros((21, 22), np.int64)

@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from isle_fast.errors import InputError
 
 HELP = "run the benchmarks (python -m benchmarks)"
 

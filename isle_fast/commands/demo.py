@@ -31,7 +31,7 @@ The steps:
     contributors; ``ensemble_isle2.zarr``); the ensemble of every subset in
     one pass (``subsets.json``).
 ``report``
-    :func:`isle_fast.report.report` over the candidates, the ensemble and the
+    :func:`isle_fast.ensemble.report.report` over the candidates, the ensemble and the
     images: Markdown / JSON tables and PNG figures in ``report/``.
 ``train`` (step 4)
     DeepLabV3+ trained twice with the same seed and settings, on the ensemble
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import InputError
+from isle_fast.errors import InputError
 
 HELP = "make a synthetic VOC-like data set and run the whole pipeline"
 
@@ -138,7 +138,7 @@ class DemoContext:
         Set by :func:`step_data`.
     stores : dict str -> str
         Store paths by key (``train/gt``, ``train/pseudo/<set>``, ...; see
-        :class:`~isle_fast.datasets.SyntheticDataset`); steps add their outputs here.
+        :class:`~isle_fast.synthetic.datasets.SyntheticDataset`); steps add their outputs here.
     results : dict
         Anything a step wants to report or hand on (JSON-ready values end up
         in ``demo_summary.json``).
@@ -161,7 +161,7 @@ class DemoContext:
 # --------------------------------------------------------------------------------- steps
 def step_data(ctx: DemoContext) -> Path:
     """Make the synthetic VOC-like data set (file tree + stores) and a preview PNG."""
-    from ..datasets import make_voc_like, preview_png
+    from isle_fast.synthetic.datasets import make_voc_like, preview_png
 
     ds = make_voc_like(ctx.out / "data", n_images=ctx.n_images, seed=ctx.args.seed,
                        size_range=ctx.size_range, keep_arrays=False, quiet=ctx.quiet)
@@ -179,17 +179,17 @@ def step_data(ctx: DemoContext) -> Path:
 def step_ingest(ctx: DemoContext) -> Path | None:
     """Ingest the JPEG / PNG / CAM tree into stores and check they equal the generated ones.
 
-    Uses :mod:`isle_fast.ingest` (the training split, as listed in
+    Uses :mod:`isle_fast.stores.ingest` (the training split, as listed in
     ``ImageSets/Segmentation/train.txt``); skipped when that module is absent.
     """
     try:
-        from .. import ingest
+        from isle_fast.stores import ingest
     except ImportError:
-        ctx.results["ingest"] = "isle_fast.ingest is not available in this build; skipped"
+        ctx.results["ingest"] = "isle_fast.stores.ingest is not available in this build; skipped"
         return None
     import numpy as np
 
-    from ..store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     ds = ctx.dataset
     dest = ctx.out / "ingested"
@@ -224,7 +224,7 @@ def step_ingest(ctx: DemoContext) -> Path | None:
 
 def step_info(ctx: DemoContext) -> Path:
     """Describe every store (as isle info does) and write stores.json."""
-    from ..store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     rows = []
     for key, path in ctx.stores.items():
@@ -281,8 +281,8 @@ def _r(x: Any, nd: int = 2) -> float | None:
 
 def step_refine(ctx: DemoContext) -> Path | None:
     """ISLE step 1: refine the soft (CAM) sets against the RGB images; score each before and after."""
-    from ..evaluate import evaluate
-    from ..refine import refine_stack, shutdown_pool
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.refinement.chain import refine_stack, shutdown_pool
 
     chain = ctx.cache["chain"]
     soft = _soft_sets(ctx)
@@ -334,7 +334,7 @@ def step_refine(ctx: DemoContext) -> Path | None:
 
 def step_evaluate(ctx: DemoContext) -> Path:
     """ISLE step 2: per-class IoU of every set (hard + refined soft) on the train split; evaluation.json."""
-    from ..evaluate import evaluate
+    from isle_fast.ensemble.evaluate import evaluate
 
     sets = _candidate_sets(ctx)
     ev = evaluate([p for _, p in sets], ctx.stores["train/gt"], progress=False)
@@ -373,9 +373,9 @@ def step_merge(ctx: DemoContext) -> Path:
     """ISLE step 3: the class-wise ensemble (Algorithm 3), its gain, an ISLE-2 pair and every subset."""
     import numpy as np
 
-    from ..evaluate import evaluate
-    from ..merge import merge
-    from ..subsets import subset_analysis
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.ensemble.subsets import subset_analysis
 
     ev, sel, sets = ctx.cache["evaluation"], ctx.cache["selection"], ctx.cache["sets"]
     gt = ctx.stores["train/gt"]
@@ -442,7 +442,7 @@ def step_merge(ctx: DemoContext) -> Path:
 
 def step_report(ctx: DemoContext) -> Path:
     """The paper's tables (Markdown / JSON) and figures (PNG) for the sets and the ensemble."""
-    from ..report import report
+    from isle_fast.ensemble.report import report
 
     paths = [p for _, p in ctx.cache["sets"]]
     out = ctx.out / "report"
@@ -480,9 +480,9 @@ def _bootstrap_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, floa
 
 def step_train(ctx: DemoContext) -> Path | None:
     """ISLE step 4: DeepLabV3+ trained on the ensemble and on the best single set, scored on val."""
-    from ..evaluate import evaluate
-    from ..predict import predict
-    from ..train import train
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.training.predict import predict
+    from isle_fast.training.train import train
 
     if ctx.args.skip_train:
         ctx.results["train"] = "skipped (--skip-train)"
@@ -616,7 +616,7 @@ def _cpu_seconds() -> float:
 
 def _parse_refine(text: str) -> list[str]:
     """``--refine`` as a list of registered refinement names (empty for ``none``)."""
-    from ..refine import get_refinement, parse_chain
+    from isle_fast.refinement.chain import get_refinement, parse_chain
 
     if text.strip().lower() in ("", "none"):
         return []
@@ -668,7 +668,7 @@ def _headline_lines(h: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..progress import Timer
+    from isle_fast.progress import Timer
 
     n = args.images if args.images is not None else (16 if args.quick else 64)
     if n < 2:

@@ -36,8 +36,8 @@ def parse_subset(text: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
-    from ..progress import summary
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.progress import summary
 
     ev = evaluate(args.sets, args.gt, average=args.average, backend=args.backend,
                   bg_threshold=args.bg_threshold, progress=not args.quiet)

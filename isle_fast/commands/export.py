@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..progress import summary
-    from ..report import export_pngs
+    from isle_fast.progress import summary
+    from isle_fast.ensemble.report import export_pngs
 
     res = export_pngs(args.store, args.out, overwrite=args.overwrite, backend=args.backend,
                       progress=not args.quiet)

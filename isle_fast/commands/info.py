@@ -22,7 +22,7 @@ def _size(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     infos = [open_stack(p).describe() for p in args.stores]
     if args.json:

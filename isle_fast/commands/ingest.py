@@ -68,7 +68,7 @@ def _score_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..ingest import DEFAULT_BG_THRESHOLD
+    from isle_fast.stores.ingest import DEFAULT_BG_THRESHOLD
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _EPILOG
@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import ingest
+    from isle_fast.stores import ingest
 
     common = dict(ids=args.ids, name=args.name, gt=args.gt, skip_bad=args.skip_bad, workers=args.workers,
                   chunks=args.chunks, overwrite=args.overwrite, quiet=args.quiet)

@@ -8,7 +8,7 @@ HELP = "steps 2+3: select the best set per class and build the ensemble"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluate import add_common
+    from isle_fast.commands.evaluate import add_common
 
     add_common(parser)
     parser.add_argument("--out", required=True, metavar="ENSEMBLE", help="the ensemble store to write")
@@ -26,10 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
-    from ..merge import merge
-    from ..progress import Timer, summary
-    from .evaluate import parse_subset
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.progress import Timer, summary
+    from isle_fast.commands.evaluate import parse_subset
 
     t = Timer()
     res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,

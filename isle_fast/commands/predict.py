@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..predict import predict
+    from isle_fast.training.predict import predict
 
     predict(args.run, args.images, args.out, format=args.format, which=args.checkpoint, scales=args.scales,
             flip=args.flip, window=args.window, device=args.device, num_workers=args.workers, threads=args.threads,

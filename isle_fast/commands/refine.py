@@ -1,7 +1,7 @@
 """``isle refine SET --images IMG --with affinity,crf --out REFINED``: step 1 of ISLE.
 
 Runs a chain of refinements (built-ins ``affinity`` and ``crf``, anything
-registered with :func:`isle_fast.refine.register_refinement` or declared in
+registered with :func:`isle_fast.refinement.chain.register_refinement` or declared in
 the ``isle_fast.refinements`` entry-point group) over every image of a set
 and writes a new store; the input is never modified.
 """
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..refine import available_refinements, get_refinement, refine_stack
+    from isle_fast.errors import InputError
+    from isle_fast.refinement.chain import available_refinements, get_refinement, refine_stack
 
     if args.list:
         for name in available_refinements():

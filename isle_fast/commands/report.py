@@ -8,7 +8,7 @@ HELP = "the paper's tables and figures for any data"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluate import add_common
+    from isle_fast.commands.evaluate import add_common
 
     add_common(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (must not exist)")
@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..progress import summary
-    from ..report import report
+    from isle_fast.progress import summary
+    from isle_fast.ensemble.report import report
 
     res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
                  policy=args.policy, average=args.average, backend=args.backend,

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
+    from isle_fast.training.train import train
 
     train(args.images, args.labels, args.out, val_images=args.val_images, val_gt=args.val_gt,
           backbone=args.backbone, weights=args.weights, output_stride=args.output_stride,

@@ -25,8 +25,8 @@ def _images(rng, shapes, C, kind):
 
 
 def test_evaluate_and_merge_gpu_equal_cpu(tmp_path):
-    from isle_fast.evaluate import evaluate
-    from isle_fast.merge import merge
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
 
     rng = np.random.default_rng(7)
     C, shapes = 4, [(5, 7), (6, 4), (3, 9)]
@@ -47,7 +47,7 @@ def test_evaluate_and_merge_gpu_equal_cpu(tmp_path):
 
 
 def test_evaluate_score_sets_gpu_equal_cpu(tmp_path):
-    from isle_fast.evaluate import evaluate
+    from isle_fast.ensemble.evaluate import evaluate
 
     rng = np.random.default_rng(8)
     C, shapes = 3, [(4, 6), (5, 5)]

@@ -43,8 +43,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .evaluate import (
+from isle_fast.errors import InputError
+from isle_fast.ensemble.evaluate import (
     Evaluation,
     _jsonable,
     aligned_arrays,
@@ -55,8 +55,8 @@ from .evaluate import (
     unique_names,
     work_chunks,
 )
-from .selection import Selection, select
-from .store import Stack, create_stack, default_compressors
+from isle_fast.ensemble.selection import Selection, select
+from isle_fast.stores.stack import Stack, create_stack, default_compressors
 
 __all__ = ["POLICIES", "STRATEGIES", "MergePlan", "MergeResult", "merge", "merge_images",
            "make_plan", "image_choice", "gt_presence", "ensemble_scores"]
@@ -177,7 +177,7 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
                  choice: np.ndarray, *blocks: np.ndarray, backend: str, plan: MergePlan,
                  labels_target: Any, scores_target: Any) -> np.ndarray:
     """Merge one gt chunk's region and write it into the new store; returns ``(1, 1, 1)`` pixel count."""
-    from .backend import task_kernels
+    from isle_fast.backend import task_kernels
 
     with task_kernels(backend) as K:
         lab, sc = merge_chunk(K, plan, blocks, choice)
@@ -197,7 +197,7 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
 # -- image strategy -----------------------------------------------------------------------
 
 def _presence_block(gt: np.ndarray, *, backend: str, num_classes: int) -> np.ndarray:
-    from .backend import task_kernels
+    from isle_fast.backend import task_kernels
 
     with task_kernels(backend) as K:
         gt = np.ascontiguousarray(gt)
@@ -212,7 +212,7 @@ def gt_presence(gt: Stack, *, backend: str = "cpu", progress: bool = False) -> n
     """``(I, C)`` bool: which classes each image's gt contains (its image-level labels)."""
     import dask.array as da
 
-    from .progress import dask_progress
+    from isle_fast.progress import dask_progress
 
     g = gt.to_dask()
     c = gt.num_classes
@@ -327,8 +327,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     """
     import dask.array as da
 
-    from .backend import resolve_backend
-    from .progress import dask_progress
+    from isle_fast.backend import resolve_backend
+    from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
     be = resolve_backend(backend)
@@ -423,7 +423,7 @@ def merge_images(sets: Sequence[Any], selection: Selection, indices: Sequence[in
     ``choice`` (image strategy) gives the set (position among all sets) of
     every image of the data set.
     """
-    from .backend import get_kernels
+    from isle_fast.backend import get_kernels
 
     stacks = [s if isinstance(s, Stack) else _open(s) for s in sets]
     K = get_kernels(backend)
@@ -442,6 +442,6 @@ def merge_images(sets: Sequence[Any], selection: Selection, indices: Sequence[in
 
 
 def _open(path: Any) -> Stack:
-    from .store import open_stack
+    from isle_fast.stores.stack import open_stack
 
     return open_stack(path)

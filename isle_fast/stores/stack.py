@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .errors import AlignmentError, InputError, StoreError
+from isle_fast.errors import AlignmentError, InputError, StoreError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -595,7 +595,7 @@ def create_stack(
     """
     import zarr
 
-    from . import __version__
+    from isle_fast import __version__
 
     if kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, not {kind!r}")

@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InputError, StoreError
-from .evaluate import Evaluation, _jsonable, evaluate, open_inputs, unique_names
-from .selection import select
+from isle_fast.errors import InputError, StoreError
+from isle_fast.ensemble.evaluate import Evaluation, _jsonable, evaluate, open_inputs, unique_names
+from isle_fast.ensemble.selection import select
 
 __all__ = ["report", "export_pngs", "palette"]
 
@@ -47,7 +47,7 @@ __all__ = ["report", "export_pngs", "palette"]
 
 def palette() -> np.ndarray:
     """The VOC colour map, ``(256, 3)`` uint8 (255 = (224, 224, 192)); one definition, in datasets."""
-    from .datasets import voc_palette
+    from isle_fast.synthetic.datasets import voc_palette
 
     return np.asarray(voc_palette(), dtype=np.uint8)
 
@@ -108,9 +108,9 @@ def export_pngs(store: Any, out: str | os.PathLike, *, overwrite: bool = False, 
     """
     from PIL import Image
 
-    from .backend import get_kernels
-    from .progress import progress as bar
-    from .store import Stack, open_stack
+    from isle_fast.backend import get_kernels
+    from isle_fast.progress import progress as bar
+    from isle_fast.stores.stack import Stack, open_stack
 
     t0 = time.perf_counter()
     stack = store if isinstance(store, Stack) else open_stack(store)
@@ -317,10 +317,10 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     dict
         ``path``, ``files``, ``seconds``, the ensemble mIoU and the best component.
     """
-    from .backend import resolve_backend
-    from .merge import gt_presence, merge_images
-    from .store import Stack, check_aligned, open_stack
-    from .subsets import MAX_SETS, subset_analysis
+    from isle_fast.backend import resolve_backend
+    from isle_fast.ensemble.merge import gt_presence, merge_images
+    from isle_fast.stores.stack import Stack, check_aligned, open_stack
+    from isle_fast.ensemble.subsets import MAX_SETS, subset_analysis
 
     t0 = time.perf_counter()
     be = resolve_backend(backend)
@@ -439,7 +439,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                 for i in picks:
                     a = s.read_image(i)
                     if s.encoding == "scores":
-                        from .backend import get_kernels
+                        from isle_fast.backend import get_kernels
 
                         thr = -1.0 if bg_threshold is None else float(bg_threshold) * s.score_scale
                         a = np.asarray(get_kernels(be).decode_scores(np.ascontiguousarray(a[None]), thr))[0]

@@ -47,8 +47,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import AlignmentError, InputError
-from .store import Stack, check_aligned, open_stack
+from isle_fast.errors import AlignmentError, InputError
+from isle_fast.stores.stack import Stack, check_aligned, open_stack
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -244,7 +244,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self._lab_cache is None:
             lab = np.full((h, w), 255, np.uint8)
         elif self.label_encoding == "scores":
-            from .backend import get_kernels
+            from isle_fast.backend import get_kernels
 
             lab = get_kernels("cpu").decode_scores(np.ascontiguousarray(self._lab_cache.image(i, h, w)))
         else:

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import SegmentationDataset, normalize
-from .deeplab import DeepLabV3Plus
-from .errors import InputError, StoreError
-from .progress import Timer, progress, summary
+from isle_fast.training.data import SegmentationDataset, normalize
+from isle_fast.training.deeplab import DeepLabV3Plus
+from isle_fast.errors import InputError, StoreError
+from isle_fast.progress import Timer, progress, summary
 
 __all__ = ["load_model", "resolve_device", "amp_dtype", "resolve_threads", "ThreadGovernor", "torch_threads",
            "predict_probs", "predict", "PredictResult", "CHECKPOINT_FORMAT"]
@@ -334,7 +334,7 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     Parameters
     ----------
     run : path
-        Run folder of :func:`isle_fast.train.train` (or a checkpoint file).
+        Run folder of :func:`isle_fast.training.train.train` (or a checkpoint file).
     images : path
         Store of kind ``images``.
     out : path
@@ -363,7 +363,7 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     -------
     PredictResult
     """
-    from .store import create_stack
+    from isle_fast.stores.stack import create_stack
 
     if format not in ("store", "png"):
         raise InputError(f"--format must be store or png, not {format!r}")
@@ -384,7 +384,7 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=dev.type == "cuda")
     if format == "store":
-        from .store import open_stack
+        from isle_fast.stores.stack import open_stack
 
         src = open_stack(images)
         writer = create_stack(out, kind="pseudo", classes=classes, ids=ds.ids, shapes=ds.shapes,
@@ -440,6 +440,6 @@ def _predict_loop(model, loader, n: int, ids: list, scales, flip, window, amp, q
                 writer.write_block(start, block[:j + 1])
                 start = i + 1
         else:
-            from .datasets import write_label_png
+            from isle_fast.synthetic.datasets import write_label_png
 
             write_label_png(png_dir / f"{ids[i]}.png", lab)

@@ -41,8 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .store import Stack, check_aligned, open_stack
+from isle_fast.errors import InputError
+from isle_fast.stores.stack import Stack, check_aligned, open_stack
 
 __all__ = ["Evaluation", "evaluate", "open_inputs", "AVERAGES"]
 
@@ -200,7 +200,7 @@ def _contig(a: np.ndarray) -> np.ndarray:
 def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tuple[Group, ...],
                      order: tuple[int, ...], num_classes: int, per_image: bool) -> np.ndarray:
     """Counts of one chunk: ``(1, 1, 1, N, C, C+1)``, or ``(k, 1, 1, N, C, C+1)`` per image."""
-    from .backend import task_kernels
+    from isle_fast.backend import task_kernels
 
     with task_kernels(backend) as K:
         n_sets = len(order)
@@ -380,8 +380,8 @@ class Evaluation:
 
     # -- selection --------------------------------------------------------------------------
     def select(self, sets: Sequence[str | int] | None = None):
-        """The best set per class (see :func:`isle_fast.selection.select`)."""
-        from .selection import select
+        """The best set per class (see :func:`isle_fast.ensemble.selection.select`)."""
+        from isle_fast.ensemble.selection import select
 
         return select(self, sets=sets)
 
@@ -516,8 +516,8 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     """
     import dask
 
-    from .backend import resolve_backend
-    from .progress import dask_progress
+    from isle_fast.backend import resolve_backend
+    from isle_fast.progress import dask_progress
 
     if average not in AVERAGES:
         raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")

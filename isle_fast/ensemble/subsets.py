@@ -2,11 +2,11 @@
 
 With N sets (N <= 8) there are ``2**N - 1`` non-empty subsets. The selection
 of each subset comes from the single-set IoU table (evaluate first; a subset
-picks, per class, its best member, exactly as :func:`isle_fast.selection.select`
+picks, per class, its best member, exactly as :func:`isle_fast.ensemble.selection.select`
 with ``sets=`` would), then ONE pass over the data computes the confusion of
 every subset's ensemble with the ``subset_confusion_labels`` /
 ``subset_confusion_scores`` kernels. The result equals merging each subset
-with :func:`isle_fast.merge.merge` and evaluating it, without writing any
+with :func:`isle_fast.ensemble.merge.merge` and evaluating it, without writing any
 store. ISLE vs ISLE-2 for all pairs, triples, ... at once.
 
 Subsets are ordered by size, then lexicographically by set position; the
@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .evaluate import (
+from isle_fast.errors import InputError
+from isle_fast.ensemble.evaluate import (
     Evaluation,
     _jsonable,
     _nanmean_rows,
@@ -36,8 +36,8 @@ from .evaluate import (
     open_inputs,
     score_threshold,
 )
-from .merge import _policy_code
-from .selection import Selection, select
+from isle_fast.ensemble.merge import _policy_code
+from isle_fast.ensemble.selection import Selection, select
 
 __all__ = ["MAX_SETS", "SubsetAnalysis", "all_subsets", "subset_analysis"]
 
@@ -123,7 +123,7 @@ class SubsetAnalysis:
 
 @dataclass(frozen=True)
 class _KernelGroup:
-    """Subsets handled by one kernel call: same merge mode as :func:`isle_fast.merge.merge` would use."""
+    """Subsets handled by one kernel call: same merge mode as :func:`isle_fast.ensemble.merge.merge` would use."""
 
     mode: str                   # "labels" or "scores"
     cast: bool                  # scores as float32 in [0, 1] (members of different dtypes)
@@ -166,7 +166,7 @@ def _subset_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tup
                   selections: np.ndarray, members: np.ndarray, priority: np.ndarray, policy: int,
                   num_classes: int) -> np.ndarray:
     """Confusion of every subset's ensemble on one chunk: ``(1, 1, 1, S, C, C+1)``."""
-    from .backend import task_kernels
+    from isle_fast.backend import task_kernels
 
     with task_kernels(backend) as K:
         c = num_classes
@@ -213,7 +213,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
         The single-set evaluation the selections come from (made here if
         absent, with ``average``).
     policy : {'score', 'order', 'ignore'}
-        Overlap policy of the merge (as in :func:`isle_fast.merge.merge`).
+        Overlap policy of the merge (as in :func:`isle_fast.ensemble.merge.merge`).
     backend : {'auto', 'cpu', 'gpu'}
     bg_threshold : float, optional
     progress : bool
@@ -225,8 +225,8 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     """
     import dask.array as da
 
-    from .backend import resolve_backend
-    from .progress import dask_progress
+    from isle_fast.backend import resolve_backend
+    from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
     be = resolve_backend(backend)

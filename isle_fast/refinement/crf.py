@@ -29,7 +29,7 @@ The refinement registered as ``crf``. For every image of a chunk:
    the classes that were not kept); ``'labels'`` or ``'scores'`` force one.
 
 pydensecrf holds the GIL while it runs, so the refinement is ``gil_bound``:
-:func:`isle_fast.refine.refine_stack` runs it in worker processes by default
+:func:`isle_fast.refinement.chain.refine_stack` runs it in worker processes by default
 (``benchmarks/refine.py`` measures threads against processes).
 """
 
@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
-from .refine import RefineChunk, Refinement
+from isle_fast.errors import InputError
+from isle_fast.refinement.chain import RefineChunk, Refinement
 
 __all__ = ["DenseCRF", "crf_image", "crf_unary", "present_classes"]
 

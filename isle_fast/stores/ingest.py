@@ -56,8 +56,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError, StoreError
-from .ingest_formats import (
+from isle_fast.errors import InputError, StoreError
+from isle_fast.stores.formats import (
     IMAGE_EXTS,
     LABEL_EXTS,
     SCORE_EXTS,
@@ -73,8 +73,8 @@ from .ingest_formats import (
     scores_to_store,
     stem,
 )
-from .progress import progress, summary
-from .store import (
+from isle_fast.progress import progress, summary
+from isle_fast.stores.stack import (
     KINDS,
     SCORE_SCALE,
     VOC_CLASSES,
@@ -554,7 +554,7 @@ def ingest_labels(
     workers : int, optional
         Decoding threads (default: 2 x CPUs, 2 to 16).
     chunks : sequence of int, optional
-        Chunk shape ``(k, H, W)``; default :func:`~isle_fast.store.default_chunks`.
+        Chunk shape ``(k, H, W)``; default :func:`~isle_fast.stores.stack.default_chunks`.
     overwrite : bool
         Replace an existing store (only once the new one is complete).
     quiet : bool
@@ -612,7 +612,7 @@ def ingest_scores(
     ----------
     src : path
         Folder of ``<id>.npy`` / ``<id>.npz`` files (see
-        :mod:`isle_fast.ingest_formats` for the layouts understood).
+        :mod:`isle_fast.stores.formats` for the layouts understood).
     out : path or URL
         The store to write.
     bg_threshold : float
@@ -896,7 +896,7 @@ def ingest_dask(
             return outb
 
         fixed = src.map_blocks(fix, dtype=target.dtype)
-        from .progress import dask_progress
+        from isle_fast.progress import dask_progress
 
         with dask_progress("ingest dask", quiet=quiet):
             da.store(fixed, target, lock=False)
@@ -963,8 +963,8 @@ def ingest_tiff(
     Nothing is read whole: the TIFF is opened as a Zarr store
     (``tifffile.imread(path, aszarr=True)``) and read one output chunk region
     at a time, validated and written in that region, by a thread pool. For
-    images larger than :data:`~isle_fast.store.TARGET_CHUNK_BYTES` the store
-    uses spatial tile chunks (:func:`~isle_fast.store.default_chunks`), so the
+    images larger than :data:`~isle_fast.stores.stack.TARGET_CHUNK_BYTES` the store
+    uses spatial tile chunks (:func:`~isle_fast.stores.stack.default_chunks`), so the
     memory used is a few tiles per thread whatever the image size.
 
     Parameters

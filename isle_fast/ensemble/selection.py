@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from isle_fast.errors import InputError
 
 __all__ = ["Selection", "select", "resolve_members"]
 

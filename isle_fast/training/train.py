@@ -5,7 +5,7 @@ are marked *):
 
 * data: random scale 0.5-2.0, crop 512 (padding: mean colour / label 255),
   horizontal flip, ImageNet normalisation; label 255 is ignored by the loss
-  (:mod:`isle_fast.data`). The cross entropy is averaged over the non-ignored
+  (:mod:`isle_fast.training.data`). The cross entropy is averaged over the non-ignored
   pixels of a batch (a batch with none contributes 0, never NaN).
 * optimiser: SGD, momentum 0.9, weight decay 1e-4 (on all parameters),
   ``lr = 0.01`` for the head (ASPP, decoder, classifier) and
@@ -39,7 +39,7 @@ Checkpoints hold only tensors and plain Python types, so they load with
 ``torch.load(..., weights_only=True)``. ``resume=True`` reloads ``last.pt``
 (model, optimiser, scheduler, GradScaler, RNG states, step) and the sampler
 restarts at the same batch of the same epoch (orders and augmentations are a
-function of ``(seed, epoch, position)``, :mod:`isle_fast.data`), so with
+function of ``(seed, epoch, position)``, :mod:`isle_fast.training.data`), so with
 ``deterministic=True`` and the same device a resumed run ends bit for bit where
 an uninterrupted run would.
 """
@@ -61,12 +61,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader, normalize
-from .deeplab import DeepLabV3Plus
-from .errors import InputError, StoreError
-from .predict import (CHECKPOINT_FORMAT, ThreadGovernor, amp_dtype, predict_probs, resolve_device, resolve_threads,
+from isle_fast.training.data import ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader, normalize
+from isle_fast.training.deeplab import DeepLabV3Plus
+from isle_fast.errors import InputError, StoreError
+from isle_fast.training.predict import (CHECKPOINT_FORMAT, ThreadGovernor, amp_dtype, predict_probs, resolve_device, resolve_threads,
                       torch_threads)
-from .progress import Timer, progress, summary
+from isle_fast.progress import Timer, progress, summary
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate_model", "miou_from_confusion"]
 
@@ -200,7 +200,7 @@ def evaluate_model(model: torch.nn.Module, images: str | os.PathLike, gt: str | 
 
     Confusion counts come from ``isle_fast.backend.get_kernels("cpu").confusion_labels``.
     """
-    from .backend import get_kernels
+    from isle_fast.backend import get_kernels
 
     kernels = get_kernels("cpu")
     ds = SegmentationDataset(images, gt, train=False)
@@ -382,7 +382,7 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
         Random horizontal flips.
     fg_crop : float
         Probability that a crop is centred on a foreground object
-        (:class:`isle_fast.data.SegmentationDataset`); 0 = the paper's uniform crops.
+        (:class:`isle_fast.training.data.SegmentationDataset`); 0 = the paper's uniform crops.
     steps : int
         Optimiser steps in total (the poly schedule's length).
     batch_size : int
@@ -404,7 +404,7 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     deterministic : bool
         Deterministic algorithms (bitwise-reproducible resumes; slower on GPU).
     window : int
-        Chunk groups shuffled together (:class:`isle_fast.data.ChunkBatchSampler`).
+        Chunk groups shuffled together (:class:`isle_fast.training.data.ChunkBatchSampler`).
     num_workers : int
         DataLoader worker processes.
     val_every, ckpt_every, log_every : int
@@ -413,10 +413,10 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
         ``auto``, ``cpu`` or ``cuda[:N]``.
     threads : int, optional
         torch CPU threads. Default: one per core that other processes do not
-        keep busy (:func:`isle_fast.predict.resolve_threads`; on a shared
+        keep busy (:func:`isle_fast.training.predict.resolve_threads`; on a shared
         machine an OpenMP thread per core makes every operation wait for a
         descheduled thread), re-chosen every 5 s as the load changes
-        (:class:`isle_fast.predict.ThreadGovernor`; the count is logged per row
+        (:class:`isle_fast.training.predict.ThreadGovernor`; the count is logged per row
         of ``metrics.csv``); torch's setting, fixed, with ``deterministic``.
     resume : bool
         Continue the run in ``out`` from its ``last.pt``.
@@ -497,7 +497,7 @@ def _open_training_data(cfg: TrainConfig) -> SegmentationDataset:
         raise InputError(f"--labels {cfg.labels} holds {len(ds)} image(s); training needs at least 2 "
                          "(BatchNorm needs more than one image per batch)")
     if cfg.val_gt is not None:
-        from .store import open_stack
+        from isle_fast.stores.stack import open_stack
 
         vg = open_stack(cfg.val_gt)
         if list(vg.classes) != list(ds.classes):

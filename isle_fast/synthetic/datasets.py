@@ -109,8 +109,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .store import IGNORE_INDEX, VOC_CLASSES
+from isle_fast.errors import InputError
+from isle_fast.stores.stack import IGNORE_INDEX, VOC_CLASSES
 
 __all__ = [
     "PAPER_SETS",
@@ -147,7 +147,7 @@ TABLE1_BEST: dict[str, str] = {
 }
 
 #: Tables 3 and 4 of the paper: per-class IoU (%) of the final pseudo labels on VOC2012 train,
-#: rows in :data:`PAPER_SETS` order, columns in :data:`~isle_fast.store.VOC_CLASSES` order.
+#: rows in :data:`PAPER_SETS` order, columns in :data:`~isle_fast.stores.stack.VOC_CLASSES` order.
 PAPER_PSEUDO_IOU: np.ndarray = np.array([
     # bkg  aero  bike  bird  boat  bottle bus  car   cat   chair cow   table dog   horse motor person plant sheep sofa train  tv
     [88.6, 79.2, 43.7, 89.0, 61.8, 72.1, 83.3, 76.0, 92.0, 29.5, 86.0, 44.0, 91.6, 83.1, 80.1, 42.8, 68.9, 92.6, 53.4, 64.8, 42.6],
@@ -823,7 +823,7 @@ def cam_scores(cam: Mapping[str, np.ndarray], num_classes: int = NUM_CLASSES,
         C, background included.
     bg_threshold : float, optional
         The constant background slice; default :data:`CAM_BG_THRESHOLD` (0.15,
-        IRN's ``cam_eval_thres`` and the default of :func:`isle_fast.ingest.ingest_scores`,
+        IRN's ``cam_eval_thres`` and the default of :func:`isle_fast.stores.ingest.ingest_scores`,
         so a score store made here equals one ingested from ``cams/<set>``).
 
     Returns
@@ -1054,7 +1054,7 @@ def make_voc_like(
     -------
     SyntheticDataset
     """
-    from .progress import progress
+    from isle_fast.progress import progress
 
     n_images = int(n_images)
     n_val = n_images // 4 if n_val is None else int(n_val)
@@ -1106,7 +1106,7 @@ def make_voc_like(
     spec = _Spec(int(seed), shapes, ids, names, q, ab, soft, sq, bias, int(max_objects), int(band),
                  bool(tags_only))
     params = {
-        "generator": "isle_fast.datasets.make_voc_like", "seed": int(seed), "n_images": n_images,
+        "generator": "isle_fast.synthetic.datasets.make_voc_like", "seed": int(seed), "n_images": n_images,
         "n_val": n_val, "size_range": [lo, hi], "max_objects": int(max_objects), "band": int(band),
         "tags_only": bool(tags_only),
         "set_names": list(names), "soft_sets": list(soft), "abstain": ab.tolist(),
@@ -1189,14 +1189,14 @@ def _absolute(root: Path, rel: dict) -> dict:
 
 def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[int], val_idx: list[int],
                write_tree: bool, write_stores: bool, keep: bool, bar) -> list[Sample] | None:
-    from .store import create_stack
+    from isle_fast.stores.stack import create_stack
 
     rel_paths, rel_stores = _layout(spec.set_names, spec.soft_set_names, write_tree, write_stores)
     writers: dict[str, _Buffered] = {}
     split_of = {i: "train" for i in train_idx}
     split_of.update({i: "val" for i in val_idx})
     if write_stores:
-        prov = {"source": "isle_fast.datasets.make_voc_like", "seed": spec.seed}
+        prov = {"source": "isle_fast.synthetic.datasets.make_voc_like", "seed": spec.seed}
         for key, rel in rel_stores.items():
             split, kind = key.split("/")[:2]
             idx = train_idx if split == "train" else val_idx

@@ -17,7 +17,7 @@ are both known is a positive foreground pair (same class >= 1), a positive
 background pair (both 0) or a negative pair (different labels).
 
 **The network** (:class:`AffinityNet`). A torchvision ResNet-50 (or 18 / 34 /
-101 for quick runs) from :func:`isle_fast.backbones.load_resnet`; ResNet-50/101
+101 for quick runs) from :func:`isle_fast.training.backbones.load_resnet`; ResNet-50/101
 are dilated to output stride 8. Features of ``layer1``, ``layer2`` and
 ``layer4`` pass 1x1 convolutions (64, 128, 256 channels, ELU), are resized
 to the grid (``ceil(H / stride)``) and concatenated, then a last 1x1
@@ -56,8 +56,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .refine import PrepareContext, RefineChunk, Refinement
+from isle_fast.errors import InputError
+from isle_fast.refinement.chain import PrepareContext, RefineChunk, Refinement
 
 __all__ = [
     "confident_labels",
@@ -189,7 +189,7 @@ def _build_model_class():
     class _AffinityNet(nn.Module):
         def __init__(self, backbone: str = "resnet50", weights: Any = None, stride: int = 8, dim: int = 448):
             super().__init__()
-            from .backbones import load_resnet
+            from isle_fast.training.backbones import load_resnet
 
             if stride not in (4, 8):
                 raise InputError(f"affinity.stride must be 4 or 8, not {stride}")
@@ -261,7 +261,7 @@ def AffinityNet(backbone: str = "resnet50", weights: Any = None, stride: int = 8
     ----------
     backbone : {'resnet50', 'resnet18', 'resnet34', 'resnet101'}
     weights : None, 'none', 'imagenet' or path
-        Backbone initialisation (see :func:`isle_fast.backbones.load_resnet`).
+        Backbone initialisation (see :func:`isle_fast.training.backbones.load_resnet`).
     stride : {8, 4}
         Feature-grid stride.
     dim : int
@@ -435,8 +435,8 @@ def train_affinity(images, source, checkpoint: str, *, backbone: str = "resnet50
     -------
     The trained model (eval mode).
     """
-    from .kernels.refine_cpu import disc_offsets
-    from .progress import progress as bar
+    from isle_fast.kernels.refine_cpu import disc_offsets
+    from isle_fast.progress import progress as bar
 
     torch = _torch()
     dev = resolve_device(device)
@@ -587,7 +587,7 @@ def random_walk_image(model, rgb: np.ndarray, data: np.ndarray, encoding: str, n
     on ``device``. ``engine``: ``'numba'`` (the CPU stencil kernel), ``'torch'`` (the same
     stencil in torch, on ``device``) or ``'auto'`` (torch on CUDA, numba otherwise).
     """
-    from .kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
+    from isle_fast.kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
 
     torch = _torch()
     h, w = data.shape[:2]

@@ -18,7 +18,7 @@ A *factory* takes the refinement's parameters as keyword arguments
 
 A minimal plug-in (a label-map median filter)::
 
-    from isle_fast.refine import Refinement, register_refinement
+    from isle_fast.refinement.chain import Refinement, register_refinement
 
     @register_refinement("median")
     class Median(Refinement):
@@ -61,7 +61,7 @@ block, runs the whole chain and writes the result into the output store
 being built. ``scheduler='auto'`` picks a process pool when a refinement
 holds the GIL (``gil_bound``, e.g. pydensecrf) and threads otherwise; a
 ``dask.distributed`` client runs it on a cluster. The output appears only when
-complete (:func:`isle_fast.store.create_stack` + commit) and its provenance
+complete (:func:`isle_fast.stores.stack.create_stack` + commit) and its provenance
 records the source, the chain and every parameter.
 """
 
@@ -79,8 +79,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, StoreError
-from .store import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, is_remote, open_stack
+from isle_fast.errors import InputError, StoreError
+from isle_fast.stores.stack import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, is_remote, open_stack
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -106,8 +106,8 @@ ENTRY_POINT_GROUP = "isle_fast.refinements"
 
 #: Built-in refinements, imported only when asked for (torch stays unimported for a CRF-only run).
 _BUILTINS: dict[str, str] = {
-    "crf": "isle_fast.crf:DenseCRF",
-    "affinity": "isle_fast.affinity:AffinityNetRefinement",
+    "crf": "isle_fast.refinement.crf:DenseCRF",
+    "affinity": "isle_fast.refinement.affinity:AffinityNetRefinement",
 }
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -605,7 +605,7 @@ def refine_stack(
     """
     import dask
 
-    from .progress import Timer, dask_progress, summary
+    from isle_fast.progress import Timer, dask_progress, summary
 
     timer = Timer()
     src = _as_stack(src, "source")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .errors import InputError
+from isle_fast.errors import InputError
 
 __all__ = ["RESNETS", "NARROW", "load_resnet"]
 

@@ -1,8 +1,8 @@
-"""Readers and validators for the pseudo-label formats :mod:`isle_fast.ingest` accepts.
+"""Readers and validators for the pseudo-label formats :mod:`isle_fast.stores.ingest` accepts.
 
 Every reader is a pure function of one file (or one array) that returns the
 image's data already converted to the store's encoding and dtype, or raises
-:class:`BadInput` with a reason. :mod:`isle_fast.ingest` turns a
+:class:`BadInput` with a reason. :mod:`isle_fast.stores.ingest` turns a
 :class:`BadInput` into an :class:`~isle_fast.errors.InputError` naming the file
 and image id (or, with ``skip_bad``, into a skipped-list entry).
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import IGNORE_INDEX, SCORE_SCALE
+from isle_fast.stores.stack import IGNORE_INDEX, SCORE_SCALE
 
 __all__ = [
     "BadInput", "LABEL_EXTS", "SCORE_EXTS", "IMAGE_EXTS", "TIFF_EXTS",
@@ -73,7 +73,7 @@ class BadInput(Exception):
 # --------------------------------------------------------------------------- labels
 def voc_colormap(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map: ``(n, 3)`` uint8, colour of class index ``i`` in row ``i``."""
-    from .datasets import voc_palette
+    from isle_fast.synthetic.datasets import voc_palette
 
     return np.asarray(voc_palette(), dtype=np.uint8)[:n].copy()
 

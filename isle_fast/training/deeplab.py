@@ -2,7 +2,7 @@
 
 The model of the paper's step 4. Layout, following the DeepLabV3+ paper:
 
-* **Backbone**: a torchvision ResNet (:func:`isle_fast.backbones.load_resnet`)
+* **Backbone**: a torchvision ResNet (:func:`isle_fast.training.backbones.load_resnet`)
   without its pooling / fully connected head. Output stride 16 (default)
   dilates ``layer4`` instead of striding it; output stride 8 dilates
   ``layer3`` and ``layer4``. ResNet-50/101 use torchvision's
@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import RESNETS, load_resnet
-from .errors import InputError
+from isle_fast.training.backbones import RESNETS, load_resnet
+from isle_fast.errors import InputError
 
 __all__ = ["DeepLabV3Plus", "build_deeplab", "OUTPUT_STRIDES"]
 
@@ -117,9 +117,9 @@ class DeepLabV3Plus(nn.Module):
         Output classes (background included).
     backbone : {'resnet50', 'resnet101', 'resnet18', 'resnet34', 'resnet18_w32', 'resnet18_w16'}
         ``resnet18_w32`` / ``resnet18_w16``: narrow ResNet-18s for quick CPU runs
-        from random weights (:mod:`isle_fast.backbones`).
+        from random weights (:mod:`isle_fast.training.backbones`).
     weights : None, 'none', 'imagenet' or path
-        Backbone weights (:func:`isle_fast.backbones.load_resnet`).
+        Backbone weights (:func:`isle_fast.training.backbones.load_resnet`).
     output_stride : {16, 8, 32}
         Ratio of input size to the ASPP feature map.
     head_channels : int

@@ -91,13 +91,42 @@ def _open_pil(path: str):
         raise BadInput(f"cannot be opened: {exc}") from None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+#: PNG (colour type, bit depth) pairs that PIL opens in a label-map mode (1, L, I;16, RGB, P).
+_LABEL_PNG_TYPES = {(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2), (3, 4), (3, 8)}
+
+
+def png_size(path: str) -> tuple[int, int] | None:
+    """``(H, W)`` from a PNG's IHDR chunk (the first 33 bytes), or None unless it is a label-map PNG.
+
+    None means "ask PIL": not a PNG, a malformed header, or a colour type that
+    is not a label map (PIL's open then gives the exact error).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(33)
+    except OSError:
+        return None
+    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR" or head[8:12] != b"\0\0\0\r":
+        return None
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    depth, colour = head[24], head[25]
+    if not (0 < w < 2**31 and 0 < h < 2**31) or (colour, depth) not in _LABEL_PNG_TYPES:
+        return None
+    return h, w
+
+
 def label_header(path: str) -> tuple[int, int]:
-    """``(H, W)`` of a label map from its header (PNG) or array header (``.npy``)."""
+    """``(H, W)`` of a label map from its header (PNG: the IHDR bytes alone) or array header (``.npy``)."""
     if path.lower().endswith(".npy"):
         arr = _load_npy_plain(path, mmap=True)
         if arr.ndim != 2:
             raise BadInput(f"a label map must be a 2-D array, this one has shape {arr.shape}")
         return int(arr.shape[0]), int(arr.shape[1])
+    hw = png_size(path)
+    if hw is not None:
+        return hw
     with _open_pil(path) as im:
         w, h = im.size
         if im.mode not in ("P", "L", "I;16", "I", "RGB", "1"):

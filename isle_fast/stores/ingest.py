@@ -37,11 +37,20 @@ and the summary.
 
 Speed
 -----
-Files are decoded by a thread pool (PIL, zlib and NumPy release the GIL), in
-order, with a bounded look-ahead; the main thread writes whole chunks (a run
-of images that fills the store's first chunk axis) so every chunk is
-compressed once. A tqdm bar shows progress; a summary (images, pixels,
-seconds, throughput, store size) ends the run.
+The work is one task per store chunk: a task decodes the images of one chunk
+(a run of images that fills the store's first chunk axis), validates them and
+writes that chunk, compressed once, straight into the temporary store
+(:mod:`isle_fast.stores.chunkio`). Tasks run on worker processes, one per core
+(PIL's PNG decoder holds the GIL, so threads do not scale), on the workers of
+an active ``dask.distributed`` client, or in this process for a single chunk
+(:mod:`isle_fast.stores.parallel`); in-memory arrays use threads. Sizes come
+without decoding: from the ground truth when it is given, else from each
+file's header (a PNG's IHDR). A bad image stops the run as soon as it and
+every chunk before it are done (the first bad image is named, as a
+sequential run would); with ``skip_bad`` the store is compacted afterwards.
+A worker that dies or Ctrl-C stops the workers and removes the temporary
+store. A tqdm bar shows progress; a summary (images, pixels, seconds,
+throughput, store size) ends the run.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -74,6 +84,7 @@ from isle_fast.stores.formats import (
     stem,
 )
 from isle_fast.progress import progress, summary
+from isle_fast.stores import chunkio, parallel
 from isle_fast.stores.stack import (
     KINDS,
     SCORE_SCALE,
@@ -276,6 +287,7 @@ class _Plan:
     provenance: dict = field(default_factory=dict)
     quiet: bool = False
     what: str = "images"
+    in_memory: bool = False  # items are arrays of this process: threads, not worker processes
 
 
 def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> InputError:
@@ -318,7 +330,7 @@ def _run(plan: _Plan) -> Stack:
     if plan.kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
     _check_out(plan.out, plan.overwrite)
-    workers = _default_workers(plan.workers)
+    workers = parallel.default_workers() if plan.workers is None else _default_workers(plan.workers)
     ref = plan.reference
     bad: list[tuple[str, str, str]] = list(plan.prebad)
     items = plan.items
@@ -332,28 +344,24 @@ def _run(plan: _Plan) -> Stack:
         shapes = {it.id: ref.shapes[it.id] for it in items}
     else:
         shapes = {}
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isle-ingest")
-    try:
-        if ref is None and plan.header is not None:
-            heads = _ordered(pool, lambda it: _result(plan.header, it), items, 4 * workers)
-            keep = []
-            for it, (hw, err) in zip(items, progress(heads, total=len(items), desc="headers",
-                                                      unit="img", quiet=plan.quiet)):
-                if err is None:
-                    shapes[it.id] = hw
-                    keep.append(it)
-                else:
-                    bad.append((it.id, it.source, err))
-            items = keep
-        if bad and not plan.skip_bad:
-            raise _bad_error(bad)
-        if not items:
-            raise InputError(f"nothing to ingest into {plan.out}: "
-                             + (f"all {len(bad)} images are bad; first: {_bad_error(bad, False)}" if bad
-                                else "no images"))
-        stack, written_bad, pixels = _write(plan, pool, items, shapes, bad, workers)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    if ref is None and plan.header is not None:
+        heads = parallel.read_headers(partial(_checked_header, plan.header), items, workers=workers,
+                                      in_memory=plan.in_memory, quiet=plan.quiet)
+        keep = []
+        for it, (hw, err) in zip(items, heads):
+            if err is None:
+                shapes[it.id] = hw
+                keep.append(it)
+            else:
+                bad.append((it.id, it.source, err))
+        items = keep
+    if bad and not plan.skip_bad:
+        raise _bad_error(bad)
+    if not items:
+        raise InputError(f"nothing to ingest into {plan.out}: "
+                         + (f"all {len(bad)} images are bad; first: {_bad_error(bad, False)}" if bad
+                            else "no images"))
+    stack, written_bad, pixels = _write(plan, items, shapes, bad, workers)
     seconds = time.perf_counter() - t0
     bad = bad + written_bad
     size = stack.stored_bytes()
@@ -375,8 +383,23 @@ def _run(plan: _Plan) -> Stack:
     return stack
 
 
-def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: dict[str, tuple[int, int]],
+def _checked_header(header: Callable[[_Item], tuple[int, int]], it: _Item) -> tuple[Any, str | None]:
+    """``(header(it), None)`` or ``(None, reason)``: one item's header (runs in a worker)."""
+    return _result(header, it)
+
+
+def _checked_read(read: Callable, source_of_shape: str, it: _Item, hw: tuple[int, int]
+                  ) -> tuple[np.ndarray | None, str | None]:
+    """One item decoded and checked against the size from its header or the ground truth (in a worker)."""
+    data, err = _result(read, it, hw)
+    if err is None and tuple(data.shape[:2]) != tuple(hw):
+        err = f"is {data.shape[0]} x {data.shape[1]} but {source_of_shape} says {hw[0]} x {hw[1]}"
+    return data, err
+
+
+def _write(plan: _Plan, items: list[_Item], shapes: dict[str, tuple[int, int]],
            bad: list[tuple[str, str, str]], workers: int) -> tuple[Stack, list[tuple[str, str, str]], int]:
+    """Write the store: one task per chunk (decode + validate + write) on :mod:`isle_fast.stores.parallel`."""
     ids = [it.id for it in items]
     shape_arr = np.array([shapes[i] for i in ids], dtype=np.int64).reshape(-1, 2)
     padded = plan.reference.padded if plan.reference is not None and plan.reference.padded else None
@@ -384,73 +407,33 @@ def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: di
     writer = create_stack(plan.out, kind=plan.kind, classes=plan.classes, ids=ids, shapes=shape_arr,
                           encoding=plan.encoding, name=plan.name, score_dtype=plan.score_dtype,
                           chunks=plan.chunks, provenance=prov, overwrite=plan.overwrite, padded_shape=padded)
-    late_bad: list[tuple[str, str, str]] = []
-    pixels = 0
-    writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isle-ingest-write")
-    with writer, writer_pool:
+    with writer:
         arr = writer.array
-        k = int(arr.chunks[0])
-        fill = writer.layout.fill
         tail = arr.shape[1:]
-        block = np.full((k,) + tail, fill, dtype=arr.dtype)
-        kept_ids: list[str] = []
-        kept_shapes: list[tuple[int, int]] = []
-        filled = 0  # images in `block`
-        start = 0  # output position of block[0]
+        source_of_shape = "the ground truth" if plan.reference is not None else "its header"
 
-        # chunk writes (compression) run on their own thread, overlapping the decoding; at most two
-        # blocks are in flight, so memory stays at a few chunks
-        writes: deque[Future] = deque()
-        spare: list[np.ndarray] = []
+        def failure(first: list[tuple[int, str]]) -> InputError:
+            p, reason = first[0]
+            return _bad_error(bad + [(items[p].id, items[p].source, reason)])
 
-        def put(s0: int, buf: np.ndarray, m: int) -> np.ndarray:
-            arr[s0:s0 + m] = buf[:m]
-            return buf
-
-        def flush(final: bool = False):
-            nonlocal filled, start, block
-            if filled:
-                writes.append(writer_pool.submit(put, start, block, filled))
-                start += filled
-                filled = 0
-                block = spare.pop() if spare else np.empty_like(block)
-                block.fill(fill)
-            while writes and (len(writes) >= 2 or final):
-                spare.append(writes.popleft().result())
-
-        def task(it: _Item):
-            return _result(plan.read, it, shapes[it.id])
-
-        results = _ordered(pool, task, items, max(4 * workers, 2 * k))
-        for it, (data, err) in zip(items, progress(results, total=len(items), desc=f"ingest {plan.encoding}",
-                                                    unit="img", quiet=plan.quiet)):
-            h, w = shapes[it.id]
-            if err is None and tuple(data.shape[:2]) != (h, w):
-                src = "the ground truth" if plan.reference is not None else "its header"
-                err = f"is {data.shape[0]} x {data.shape[1]} but {src} says {h} x {w}"
-            if err is not None:
-                late_bad.append((it.id, it.source, err))
-                if not plan.skip_bad:
-                    raise _bad_error(bad + late_bad)
-                continue
-            block[filled, :h, :w] = data
-            filled += 1
-            pixels += h * w
-            kept_ids.append(it.id)
-            kept_shapes.append((h, w))
-            if filled == k:
-                flush()
-        flush(final=True)
-        if not kept_ids:
+        late, pixels = parallel.ingest_chunks(
+            partial(_checked_read, plan.read, source_of_shape), items, [shapes[i] for i in ids],
+            chunkio.write_spec(arr), skip_bad=plan.skip_bad, failure=failure, workers=workers,
+            in_memory=plan.in_memory, desc=f"ingest {plan.encoding}", quiet=plan.quiet)
+        late_bad = [(items[p].id, items[p].source, reason) for p, reason in late]
+        if len(late) == len(items):
             raise InputError(f"nothing to ingest into {plan.out}: every image is bad; first: "
                              f"{_bad_error(bad + late_bad, False)}")
         if late_bad:  # compact: the store holds only the images that were written
-            n = len(kept_ids)
+            lost = {p for p, _ in late}
+            keep = [p for p in range(len(items)) if p not in lost]
+            parallel.compact(arr, keep, int(arr.chunks[0]))
+            n = len(keep)
             arr.resize((n,) + tail)
             writer.group["ids"].resize((n,))
-            writer.group["ids"][:] = np.asarray(kept_ids, dtype=object)
+            writer.group["ids"][:] = np.asarray([ids[p] for p in keep], dtype=object)
             writer.group["shapes"].resize((n, 2))
-            writer.group["shapes"][:] = np.asarray(kept_shapes, dtype=np.int32)
+            writer.group["shapes"][:] = np.asarray([shapes[ids[p]] for p in keep], dtype=np.int32)
         all_bad = bad + late_bad
         if all_bad:
             writer.set_provenance(skipped=[{"id": i, "file": f, "reason": r} for i, f, r in all_bad])
@@ -552,7 +535,7 @@ def ingest_labels(
     skip_bad : bool
         Leave bad images out (listed in provenance ``skipped``) instead of failing.
     workers : int, optional
-        Decoding threads (default: 2 x CPUs, 2 to 16).
+        Worker processes that decode and write chunks (default: one per core).
     chunks : sequence of int, optional
         Chunk shape ``(k, H, W)``; default :func:`~isle_fast.stores.stack.default_chunks`.
     overwrite : bool
@@ -580,7 +563,7 @@ def ingest_labels(
     plan = _Plan(
         kind=kind, encoding="labels", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: label_header(it.ref), read=lambda it, hw: read_label(it.ref, c),
-        reference=ref, name=name, chunks=chunks, skip_bad=skip_bad, workers=w, overwrite=overwrite,
+        reference=ref, name=name, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite,
         quiet=quiet, provenance=_common_prov(src, ids_file, gt, format="labels", skip_bad=skip_bad),
     )
     return _run(plan)
@@ -662,7 +645,8 @@ def ingest_scores(
     plan = _Plan(
         kind=kind, encoding="scores", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: score_header(it.ref, c, allow_pickle), read=read, reference=ref, name=name,
-        score_dtype=score_dtype, chunks=chunks, skip_bad=skip_bad, workers=w, overwrite=overwrite, quiet=quiet,
+        score_dtype=score_dtype, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite,
+        quiet=quiet,
         provenance=_common_prov(src, ids_file, gt, format="scores", bg_threshold=bg_threshold,
                                 score_dtype=score_dtype, normalize=normalize, allow_pickle=allow_pickle,
                                 upsample=upsample, skip_bad=skip_bad),
@@ -698,7 +682,7 @@ def ingest_images(
     plan = _Plan(
         kind="images", encoding="rgb", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: image_header(it.ref), read=lambda it, hw: read_image(it.ref), reference=ref,
-        name=name, chunks=chunks, skip_bad=skip_bad, workers=w, overwrite=overwrite, quiet=quiet,
+        name=name, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite, quiet=quiet,
         provenance=_common_prov(src, ids_file, gt, format="images", skip_bad=skip_bad),
     )
     return _run(plan)
@@ -821,7 +805,7 @@ def ingest_arrays(
         kind=kind, encoding=enc, classes=names, items=items, out=str(out), header=header,
         read=lambda it, hw: _validate_block(views[it.ref], enc, c, dt), name=name, score_dtype=score_dtype,
         chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite, quiet=quiet,
-        provenance={"source": "numpy arrays", **(provenance or {})}, what="images",
+        provenance={"source": "numpy arrays", **(provenance or {})}, what="images", in_memory=True,
     )
     return _run(plan)
 

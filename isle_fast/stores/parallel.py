@@ -1,0 +1,687 @@
+"""Where chunk-aligned tasks run: worker processes, threads, this process, or a cluster.
+
+Ingest and export are made of independent tasks, one per chunk (a task
+decodes the images of one chunk and writes that chunk; or reads one chunk and
+encodes its PNGs). PIL's PNG codec holds the GIL, so threads do not scale;
+processes do. This module runs such tasks and hands their results back as they
+finish, with a bounded number in flight (memory stays a few chunks per
+worker).
+
+Executors
+---------
+:class:`ProcessPool`
+    ``n`` worker processes, each fed over its own pipe (no threads in the
+    parent, so forking it later stays safe). The task function is
+    cloudpickled once per worker, so closures work; arguments and results
+    are pickled. A worker that dies (killed, out of memory) is noticed at
+    once through its process sentinel and ends the run with
+    :class:`WorkerLost`; closing the pool on an error or Ctrl-C terminates
+    the workers before the caller removes what they were writing. Workers
+    ignore SIGINT: Ctrl-C reaches the parent, which stops them.
+:class:`ThreadExecutor`
+    A thread pool, for tasks over in-memory arrays (nothing is pickled).
+:class:`InlineExecutor`
+    This process, in order (one worker, or a single task: starting
+    processes would cost more than it saves).
+:class:`ClusterExecutor`
+    The workers of the active ``dask.distributed`` client (``client.submit``);
+    they must see the files and the output folder.
+
+:func:`executor_for` picks one: the pool made active with :func:`use_pool`
+(``isle run`` starts one pool for all its steps), else a cluster when a
+``distributed`` client is active, else a new process pool when there are at
+least two tasks and two workers, else this process.
+
+Start method: ``fork`` where the platform has it (a worker starts in
+milliseconds with the parent's modules already imported; the tasks use only
+NumPy, PIL, numcodecs and plain file I/O in the workers), else ``spawn``;
+``ISLE_START_METHOD=spawn|forkserver|fork`` overrides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import traceback
+from collections import deque
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = [
+    "WorkerLost",
+    "default_workers",
+    "InlineExecutor",
+    "ThreadExecutor",
+    "ProcessPool",
+    "ClusterExecutor",
+    "use_pool",
+    "active_pool",
+    "executor_for",
+]
+
+#: Environment variable naming the multiprocessing start method of worker processes.
+START_METHOD_ENV = "ISLE_START_METHOD"
+
+
+class WorkerLost(OSError):
+    """A worker process died while it held a task (killed by a signal, out of memory).
+
+    An environment failure, not a user mistake: the command line prints it as
+    one line and exits 1. Whatever the run was writing is removed.
+    """
+
+
+def default_workers() -> int:
+    """Worker processes by default: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker (attached as ``__cause__``)."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+def _reraise(packed: tuple[bytes | None, str, str]) -> None:
+    blob, text, tb = packed
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RuntimeError(text)
+    raise exc from RemoteTraceback(tb)
+
+
+def _pack(exc: BaseException) -> tuple[bytes | None, str, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    return blob, f"{type(exc).__name__}: {exc}", tb
+
+
+# ------------------------------------------------------------------------------ in process
+class InlineExecutor:
+    """Runs tasks in this process, in order (``workers`` is 1)."""
+
+    workers = 1
+
+    def imap(self, fn: Callable, tasks: Sequence[tuple], window: int | None = None
+             ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, fn(*tasks[index]))`` for every task, in order."""
+        for i, args in enumerate(tasks):
+            yield i, fn(*args)
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+    def terminate(self) -> None:
+        """Nothing to stop."""
+
+    def __enter__(self) -> "InlineExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class ThreadExecutor:
+    """A pool of ``workers`` threads; for tasks over in-memory data (nothing is pickled)."""
+
+    def __init__(self, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = int(workers)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="isle-task")
+
+    def imap(self, fn: Callable, tasks: Sequence[tuple], window: int | None = None
+             ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, result)`` as tasks finish, at most ``window`` in flight.
+
+        On an exception (a task's, or the consumer's: ``close()`` of the
+        generator) tasks that have not started are cancelled and the running
+        ones are waited for (each is one chunk), so nothing writes after this
+        returns.
+        """
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        window = max(1, window or 2 * self.workers)
+        pending: dict[Any, int] = {}
+        it = iter(enumerate(tasks))
+        try:
+            while True:
+                while len(pending) < window:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
+                    pending[self._pool.submit(fn, *nxt[1])] = nxt[0]
+                if not pending:
+                    return
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for f in sorted(done, key=lambda f: pending[f]):
+                    i = pending.pop(f)
+                    yield i, f.result()
+        finally:
+            for f in pending:
+                f.cancel()
+            wait([f for f in pending if not f.cancelled()])
+
+    def close(self) -> None:
+        """Stop the threads (after the running tasks)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    terminate = close
+
+    def __enter__(self) -> "ThreadExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------ processes
+def _worker_main(conn: Any) -> None:
+    """A worker's loop: receive task functions and tasks, send back results; ends on None or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # terminate() must end a worker at once
+    os.environ["ISLE_PROGRESS"] = "0"               # bars are the parent's
+    fns: dict[int, Callable] = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        if msg[0] == "fn":  # the function of the next run of tasks replaces the last one
+            import cloudpickle
+
+            fns = {msg[1]: cloudpickle.loads(msg[2])}
+            continue
+        _, fid, index, args = msg
+        try:
+            result = fns[fid](*args)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+            reply = (index, False, _pack(exc))
+        else:
+            reply = (index, True, result)
+        try:
+            conn.send(reply)
+        except Exception as exc:  # an unpicklable result
+            conn.send((index, False, _pack(RuntimeError(f"task {index}: result cannot be sent back: {exc}"))))
+
+
+def _start_method() -> str:
+    method = os.environ.get(START_METHOD_ENV, "").strip()
+    if method:
+        if method not in multiprocessing.get_all_start_methods():
+            from isle_fast.errors import InputError
+
+            raise InputError(f"{START_METHOD_ENV}={method!r}: this platform offers "
+                             f"{', '.join(multiprocessing.get_all_start_methods())}")
+        return method
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class _Worker:
+    def __init__(self, ctx: Any):
+        parent, child = ctx.Pipe(duplex=True)
+        self.conn = parent
+        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="isle-worker")
+        self.process.start()
+        child.close()
+        self.fns: set[int] = set()
+        self.tasks: deque[int] = deque()   # indices sent and not answered, in order
+
+
+class ProcessPool:
+    """``workers`` worker processes fed over pipes; see the module docstring.
+
+    Use it as a context manager: leaving the block normally stops the workers
+    after their current task; leaving it with an exception (a bad file,
+    Ctrl-C) terminates them first, so the caller can then remove their
+    output safely.
+    """
+
+    def __init__(self, workers: int | None = None, start_method: str | None = None):
+        self.workers = int(workers or default_workers())
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        self.start_method = start_method or _start_method()
+        self._ctx = multiprocessing.get_context(self.start_method)
+        self._workers: list[_Worker] = []
+        self._next_fn = 0
+        self._broken: BaseException | None = None
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._closed:
+            raise RuntimeError("the worker pool is closed")
+        while len(self._workers) < self.workers:
+            self._workers.append(_Worker(self._ctx))
+
+    def close(self) -> None:
+        """Ask every worker to stop after its current task and wait for it."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            with contextlib.suppress(Exception):
+                w.conn.send(None)
+        for w in self._workers:
+            w.process.join(timeout=5)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join()
+            w.conn.close()
+        self._workers = []
+
+    def terminate(self) -> None:
+        """Stop every worker now (SIGTERM, then SIGKILL after a second) and wait until they are gone."""
+        self._closed = True
+        for w in self._workers:
+            if w.process.is_alive():
+                with contextlib.suppress(Exception):
+                    w.process.terminate()
+        for w in self._workers:
+            w.process.join(timeout=1)
+            if w.process.is_alive():
+                with contextlib.suppress(Exception):
+                    w.process.kill()
+                w.process.join()
+            with contextlib.suppress(Exception):
+                w.conn.close()
+        self._workers = []
+
+    def __enter__(self) -> "ProcessPool":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None and self._broken is None:
+            self.close()
+        else:
+            self.terminate()
+
+    # -- running tasks ----------------------------------------------------------------------
+    def _fn_id(self, fn: Callable) -> tuple[int, bytes]:
+        """A new id and the cloudpickled ``fn``: every :meth:`imap` call sends its function afresh."""
+        import cloudpickle
+
+        self._next_fn += 1
+        return self._next_fn, cloudpickle.dumps(fn)
+
+    def imap(self, fn: Callable, tasks: Sequence[tuple], window: int | None = None
+             ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, fn(*tasks[index]))`` as tasks finish (completion order).
+
+        At most ``window`` tasks (default two per worker) are sent out at a
+        time. A task's exception is raised here with the worker's traceback
+        as its ``__cause__``; a worker that dies raises :class:`WorkerLost`.
+        In both cases, and when the consumer stops early, the pool is broken:
+        the caller's ``with`` block terminates it.
+        """
+        from multiprocessing.connection import wait
+
+        if self._broken is not None:
+            raise RuntimeError("the worker pool was stopped by an earlier failure") from self._broken
+        self._ensure_started()
+        fid, blob = self._fn_id(fn)
+        per_worker = max(1, -(-(window or 2 * self.workers) // self.workers))
+        todo = deque(enumerate(tasks))
+        outstanding = 0
+        finished = False
+        try:
+            while todo or outstanding:
+                for w in self._workers:  # keep every worker's queue topped up, lowest index first
+                    while todo and len(w.tasks) < per_worker:
+                        index, args = todo[0]
+                        try:
+                            if fid not in w.fns:
+                                w.conn.send(("fn", fid, blob))
+                                w.fns.add(fid)
+                            w.conn.send(("task", fid, index, tuple(args)))
+                        except (BrokenPipeError, ConnectionError, EOFError):
+                            self._lost(w)
+                        todo.popleft()
+                        w.tasks.append(index)
+                        outstanding += 1
+                by_conn = {w.conn: w for w in self._workers}
+                by_sentinel = {w.process.sentinel: w for w in self._workers}
+                ready = wait(list(by_conn) + list(by_sentinel))
+                answered = set()
+                for r in ready:
+                    if r not in by_conn:
+                        continue
+                    w = by_conn[r]
+                    answered.add(id(w))
+                    try:
+                        index, ok, payload = w.conn.recv()
+                    except (EOFError, OSError):
+                        self._lost(w)
+                    w.tasks.remove(index)
+                    outstanding -= 1
+                    if not ok:
+                        _reraise(payload)
+                    yield index, payload
+                for r in ready:   # a worker died: with a task, or idle (it never should)
+                    w = by_sentinel.get(r)
+                    if w is not None and id(w) not in answered and not w.conn.poll():
+                        self._lost(w)
+            finished = True
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        finally:
+            if not finished and self._broken is None:
+                self._broken = RuntimeError("the consumer stopped before every task was done")
+
+    def _lost(self, w: _Worker) -> None:
+        w.process.join(timeout=1)
+        code = w.process.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+            if -code == signal.SIGKILL:
+                how += " (out of memory, or killed by hand?)"
+        else:
+            how = f"exited with status {code}"
+        task = w.tasks[0] if w.tasks else None
+        raise WorkerLost(f"worker process {w.process.pid} {how} while running task {task}; "
+                         "nothing was kept")
+
+
+# ------------------------------------------------------------------------------ cluster
+class ClusterExecutor:
+    """Tasks on the workers of a ``dask.distributed`` client (they must share the file system)."""
+
+    def __init__(self, client: Any):
+        self.client = client
+        try:
+            self.workers = max(1, sum(client.nthreads().values()))
+        except Exception:
+            self.workers = 1
+
+    def imap(self, fn: Callable, tasks: Sequence[tuple], window: int | None = None
+             ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, result)`` as tasks finish; at most ``window`` submitted at a time."""
+        from distributed import as_completed
+
+        window = max(1, window or 2 * self.workers)
+        it = iter(enumerate(tasks))
+        index_of: dict[Any, int] = {}
+
+        def submit() -> Any:
+            nxt = next(it, None)
+            if nxt is None:
+                return None
+            fut = self.client.submit(fn, *nxt[1], pure=False)
+            index_of[fut] = nxt[0]
+            return fut
+
+        first = [f for f in (submit() for _ in range(window)) if f is not None]
+        if not first:
+            return
+        ac = as_completed(first)
+        try:
+            for fut in ac:
+                i = index_of.pop(fut)
+                result = fut.result()
+                nxt = submit()
+                if nxt is not None:
+                    ac.add(nxt)
+                yield i, result
+        finally:
+            left = list(index_of)
+            if left:
+                self.client.cancel(left)
+
+    def close(self) -> None:
+        """The cluster is the caller's; nothing to stop."""
+
+    terminate = close
+
+    def __enter__(self) -> "ClusterExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------ choosing
+_ACTIVE: list[ProcessPool] = []
+
+
+@contextlib.contextmanager
+def use_pool(pool: ProcessPool) -> Iterator[ProcessPool]:
+    """Make ``pool`` the one :func:`executor_for` hands out inside the block (``isle run``)."""
+    _ACTIVE.append(pool)
+    try:
+        yield pool
+    finally:
+        _ACTIVE.remove(pool)
+
+
+def active_pool() -> ProcessPool | None:
+    """The pool made active by :func:`use_pool`, if any."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def _current_client() -> Any:
+    """The active ``dask.distributed`` client, without importing distributed when nobody did."""
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def executor_for(n_tasks: int, workers: int | None = None, *, in_memory: bool = False) -> Iterator[Any]:
+    """The executor for ``n_tasks`` chunk tasks (see the module docstring), closed after the block.
+
+    Parameters
+    ----------
+    n_tasks : int
+        How many tasks will run.
+    workers : int, optional
+        Worker processes (threads for ``in_memory``); default one per core.
+    in_memory : bool
+        The tasks read in-memory arrays of this process: threads, never processes.
+    """
+    n = int(workers) if workers is not None else default_workers()
+    if in_memory:
+        if n <= 1 or n_tasks <= 1:
+            yield InlineExecutor()
+            return
+        with ThreadExecutor(min(n, n_tasks)) as ex:
+            yield ex
+        return
+    pool = active_pool()
+    if pool is not None:
+        try:
+            yield pool      # its owner closes it; after a failure nothing it runs may go on writing
+        except BaseException:
+            pool.terminate()
+            raise
+        return
+    client = _current_client()
+    if client is not None:
+        yield ClusterExecutor(client)
+        return
+    if n <= 1 or n_tasks <= 1:
+        yield InlineExecutor()
+        return
+    with ProcessPool(min(n, n_tasks)) as p:
+        yield p
+
+
+# ------------------------------------------------------------------------------ ingest tasks
+def _header_batch(header: Callable, items: Sequence[Any]) -> list[tuple[Any, str | None]]:
+    """``header(item)`` -> ``(value, error or None)`` for a batch of items (one task)."""
+    return [header(it) for it in items]
+
+
+def read_headers(header: Callable, items: Sequence[Any], *, workers: int | None = None,
+                 in_memory: bool = False, batch: int = 256, desc: str = "headers",
+                 quiet: bool = False) -> list[tuple[Any, str | None]]:
+    """``header(item)`` for every item, in item order, in batches of ``batch`` items per task.
+
+    ``header`` returns ``(value, error)`` and never raises for a bad file (the
+    caller decides what a bad header means).
+    """
+    from functools import partial
+
+    from isle_fast.progress import progress
+
+    tasks = [(list(items[s:s + batch]),) for s in range(0, len(items), batch)]
+    out: list[Any] = [None] * len(tasks)
+    with executor_for(len(tasks), workers, in_memory=in_memory) as ex, \
+            progress(total=len(items), desc=desc, unit="img", quiet=quiet) as bar:
+        for i, res in ex.imap(partial(_header_batch, header), tasks):
+            out[i] = res
+            bar.update(len(res))
+    return [r for part in out for r in part]
+
+
+def _ingest_chunk(read: Callable, spec: Any, skip_bad: bool, start: int, items: Sequence[Any],
+                  shapes: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, str]], int]:
+    """One task: decode the images of one chunk, validate them and write the chunk.
+
+    ``read(item, (h, w))`` returns ``(array, None)`` or ``(None, reason)``.
+    Returns ``(bad, pixels)``: ``bad`` lists ``(offset in the chunk, reason)``.
+    A bad image leaves the fill value in its place (``skip_bad``: the caller
+    compacts the store afterwards); without ``skip_bad`` the chunk is not
+    written at all (the run fails).
+    """
+    import numpy as np
+
+    from isle_fast.stores.chunkio import write_block
+
+    k = int(spec.chunk_shape[0])
+    m = min(k, int(spec.shape[0]) - start)
+    block = np.full((m,) + tuple(spec.shape[1:]), spec.fill_value, dtype=np.dtype(spec.dtype))
+    bad: list[tuple[int, str]] = []
+    pixels = 0
+    for j, (it, hw) in enumerate(zip(items, shapes)):
+        data, err = read(it, hw)
+        if err is not None:
+            bad.append((j, err))
+            if not skip_bad:
+                return bad, pixels
+            continue
+        h, w = hw
+        block[j, :h, :w] = data
+        pixels += h * w
+    write_block(spec, start, block)
+    return bad, pixels
+
+
+def ingest_chunks(read: Callable, items: Sequence[Any], shapes: Sequence[tuple[int, int]], spec: Any, *,
+                  skip_bad: bool, failure: Callable[[list[tuple[int, str]]], BaseException],
+                  workers: int | None = None, in_memory: bool = False, desc: str = "ingest",
+                  quiet: bool = False) -> tuple[list[tuple[int, str]], int]:
+    """Decode ``items`` into the array described by ``spec``, one task per chunk, and write it.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(item, (h, w)) -> (array | None, reason | None)``; picklable with
+        cloudpickle for worker processes.
+    items, shapes : sequences
+        What to read and the ``(h, w)`` each image must have; item ``p`` goes
+        to position ``p`` of the array.
+    spec : ChunkWriteSpec
+        The array's chunk layout and codecs (:func:`isle_fast.stores.chunkio.write_spec`).
+    skip_bad : bool
+        Keep going past bad images (their positions hold the fill value).
+    failure : callable
+        Without ``skip_bad``: called with ``[(position, reason)]`` of the first
+        bad image (lowest position among the chunks finished so far and every
+        chunk before it, so the same image is named as a sequential run would
+        name) and the exception it returns is raised, once the workers are
+        stopped.
+    workers, in_memory :
+        See :func:`executor_for`.
+
+    Returns
+    -------
+    (bad, pixels)
+        ``bad``: ``[(position, reason)]`` in position order; ``pixels``: of the
+        images written.
+    """
+    from functools import partial
+
+    from isle_fast.progress import progress
+    from isle_fast.stores.chunkio import prepare_folders
+
+    k = int(spec.chunk_shape[0])
+    n = len(items)
+    starts = list(range(0, n, k))
+    tasks = [(s, list(items[s:s + k]), [tuple(int(v) for v in hw) for hw in shapes[s:s + k]]) for s in starts]
+    prepare_folders(spec)
+    bad: list[tuple[int, str]] = []
+    pixels = 0
+    first_bad_task: int | None = None
+    done: set[int] = set()
+    fn = partial(_ingest_chunk, read, spec, skip_bad)
+    with executor_for(len(tasks), workers, in_memory=in_memory) as ex, \
+            progress(total=n, desc=desc, unit="img", quiet=quiet) as bar:
+        for i, (task_bad, px) in ex.imap(fn, tasks):
+            done.add(i)
+            bar.update(len(tasks[i][1]))
+            pixels += px
+            bad.extend((starts[i] + off, reason) for off, reason in task_bad)
+            if task_bad and not skip_bad:
+                first_bad_task = i if first_bad_task is None else min(first_bad_task, i)
+            if first_bad_task is not None and all(j in done for j in range(first_bad_task)):
+                raise failure([min(bad)])
+    bad.sort()
+    return bad, pixels
+
+
+def compact(array: Any, keep: Sequence[int], chunk_images: int) -> None:
+    """Move the images at positions ``keep`` (increasing) to positions ``0 .. len(keep)-1`` in place.
+
+    Used after ``skip_bad`` left holes. Destination chunks are written in
+    increasing order and every image moves to a lower (or the same) position,
+    so a source chunk is always read before it is overwritten.
+    """
+    import numpy as np
+
+    keep = [int(p) for p in keep]
+    if keep == list(range(len(keep))):
+        return
+    k = int(chunk_images)
+    cache: dict[int, np.ndarray] = {}
+
+    def image(p: int) -> np.ndarray:
+        c = p // k
+        if c not in cache:
+            for old in [o for o in cache if o < c]:
+                del cache[old]
+            cache[c] = np.asarray(array[c * k:min((c + 1) * k, array.shape[0])])
+        return cache[c][p - c * k]
+
+    first = next(d for d, p in enumerate(keep) if p != d)
+    for d0 in range(first // k * k, len(keep), k):
+        d1 = min(d0 + k, len(keep))
+        block = np.stack([image(keep[d]) for d in range(d0, d1)])
+        array[d0:d1] = block

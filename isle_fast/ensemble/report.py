@@ -84,11 +84,13 @@ def _safe_relpath(image_id: str) -> Path:
 # -- export -------------------------------------------------------------------------------
 
 def export_pngs(store: Any, out: str | os.PathLike, *, overwrite: bool = False, backend: str = "auto",
-                progress: bool = True) -> dict:
+                progress: bool = True, compress: str | int = "rle", workers: int | None = None) -> dict:
     """Write every image of a label store as a VOC palette PNG ``OUT/<id>.png`` (unpadded).
 
     Score stores are decoded (argmax) first. The folder is written to a
-    temporary sibling and renamed into place when every PNG is there.
+    temporary sibling and renamed into place when every PNG is there. The
+    PNGs are encoded by worker processes, one task per stored chunk
+    (:func:`isle_fast.stores.export.write_pngs`).
 
     Parameters
     ----------
@@ -98,51 +100,47 @@ def export_pngs(store: Any, out: str | os.PathLike, *, overwrite: bool = False, 
         Output folder; must not exist unless ``overwrite``.
     overwrite : bool
     backend : {'auto', 'cpu', 'gpu'}
-        For decoding score stores.
+        For decoding score stores: ``gpu`` decodes with the GPU kernel in
+        this process; otherwise the workers decode (NumPy's argmax, the same
+        labels as the CPU kernel).
     progress : bool
+    compress : {'rle', 0..9}
+        PNG compression: zlib's run-length strategy (default; measured in
+        :mod:`isle_fast.stores.export`) or a zlib level.
+    workers : int, optional
+        Worker processes (default: one per core).
 
     Returns
     -------
     dict
-        ``images``, ``path``, ``seconds``.
+        ``images``, ``path``, ``seconds``, ``bytes`` (of the PNGs), ``compress``.
     """
-    from PIL import Image
-
-    from isle_fast.backend import get_kernels
-    from isle_fast.progress import progress as bar
+    from isle_fast.stores.export import png_options, write_pngs
     from isle_fast.stores.stack import Stack, open_stack
 
     t0 = time.perf_counter()
+    png_options(compress)  # a bad choice fails before anything is made
     stack = store if isinstance(store, Stack) else open_stack(store)
     if stack.encoding not in ("labels", "scores"):
         raise InputError(f"{stack.path} holds {stack.encoding!r}; export writes label maps")
     rel = [_safe_relpath(i) for i in stack.ids]
-    K = get_kernels(backend) if stack.encoding == "scores" else None
-    pal = palette().ravel().tolist()
+    decode = None
+    if stack.encoding == "scores" and backend != "cpu":
+        from isle_fast.backend import get_kernels, resolve_backend
+
+        if resolve_backend(backend) == "gpu":
+            K = get_kernels("gpu")
+            decode = lambda block: K.decode_scores(block, -1.0)  # noqa: E731
     final, work = _fresh_dir(out, overwrite)
     try:
-        step = max(1, int(stack.chunks[0]))
-        with bar(total=stack.num_images, desc="export", unit="img", quiet=not progress) as pb:
-            for i0 in range(0, stack.num_images, step):
-                i1 = min(stack.num_images, i0 + step)
-                hmax = int(stack.shapes[i0:i1, 0].max())
-                wmax = int(stack.shapes[i0:i1, 1].max())
-                block = np.asarray(stack.array[i0:i1, :hmax, :wmax])
-                if K is not None:
-                    block = np.asarray(K.decode_scores(np.ascontiguousarray(block), -1.0))
-                for m in range(i1 - i0):
-                    h, w = (int(v) for v in stack.shapes[i0 + m])
-                    img = Image.fromarray(np.ascontiguousarray(block[m, :h, :w], dtype=np.uint8), mode="P")
-                    img.putpalette(pal)
-                    dest = work / rel[i0 + m].with_name(rel[i0 + m].name + ".png")
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    img.save(dest, format="PNG")
-                pb.update(i1 - i0)
+        res = write_pngs(stack, work, [str(r.with_name(r.name + ".png")) for r in rel], compress=compress,
+                         workers=workers, progress=progress, decode=decode)
         _move_into_place(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return {"images": stack.num_images, "path": str(final), "seconds": time.perf_counter() - t0}
+    return {"images": stack.num_images, "path": str(final), "seconds": time.perf_counter() - t0,
+            "bytes": res["bytes"], "compress": res["compress"]}
 
 
 # -- tables -------------------------------------------------------------------------------

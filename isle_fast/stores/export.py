@@ -1,0 +1,194 @@
+"""Label stores written out as VOC palette PNGs, one task per chunk on worker processes.
+
+:func:`write_pngs` is the work behind ``isle export`` (and the export step of
+``isle run``): every task reads one stored chunk (the direct chunk reader of
+:mod:`isle_fast.stores.stack` where the layout allows, else Zarr), decodes
+score stacks to labels (argmax, first class wins ties: the kernels' decode)
+and encodes the chunk's images as palette PNGs. PIL's PNG encoder holds the
+GIL, so the tasks run on worker processes (:mod:`isle_fast.stores.parallel`).
+The caller owns the output folder (a temporary sibling renamed into place:
+:func:`isle_fast.ensemble.report.export_pngs`).
+
+Compression
+-----------
+``compress`` is zlib's level ``0``-``9`` (PIL's default is 6) or ``rle``
+(zlib's run-length strategy, ``Z_RLE``; the level does not matter to it). On
+the 1,449 VOC val label maps, one core (``python -m benchmarks.e2e``,
+``png_compression``): level 6 encoded about 850 maps/s at 3.1 KiB a file,
+level 1 about 2,300/s at 5.3 KiB, ``rle`` about 2,600/s at 3.6 KiB. Label
+maps are long runs of one index, which is what ``Z_RLE`` codes; so ``rle`` is
+the default: 3x level 6's speed for files 17 % larger. Any PNG reader decodes
+every choice (it is plain deflate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["COMPRESS_CHOICES", "DEFAULT_COMPRESS", "png_options", "write_pngs"]
+
+#: Values of ``--compress-level``: zlib levels, or zlib's run-length strategy.
+COMPRESS_CHOICES = ("rle",) + tuple(str(i) for i in range(10))
+
+#: The default, chosen by measurement (see the module docstring).
+DEFAULT_COMPRESS = "rle"
+
+_Z_RLE = 3  # zlib's Z_RLE strategy (PIL's ``compress_type``)
+
+
+def png_options(compress: str | int = DEFAULT_COMPRESS) -> dict[str, int]:
+    """The keyword arguments of ``PIL.Image.save(..., format="PNG")`` for a ``compress`` choice.
+
+    Raises
+    ------
+    InputError
+        For anything but ``rle`` or a level 0-9.
+    """
+    from isle_fast.errors import InputError
+
+    text = str(compress).strip().lower()
+    if text == "rle":
+        return {"compress_level": 6, "compress_type": _Z_RLE}
+    if text.isdigit() and 0 <= int(text) <= 9:
+        return {"compress_level": int(text)}
+    raise InputError(f"--compress-level must be 'rle' or a zlib level 0-9, not {compress!r}")
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """What every export task needs (sent once to each worker)."""
+
+    folder: str                 # the output folder being written (the caller's temporary sibling)
+    files: list[str]            # relative output file of every image
+    shapes: np.ndarray          # (I, 2) true sizes
+    chunk_images: int
+    store: str                  # the store's path (Zarr fallback)
+    array_name: str             # 'labels' or 'scores'
+    spec: Any                   # the direct chunk reader's spec, or None
+    spatial: tuple[int, ...]    # stored chunk shape after the image axis
+    padded: tuple[int, ...]     # the array's shape after the image axis
+    scores: bool
+    palette: list[int]
+    options: dict
+
+
+def _read_images(job: _ExportJob, i0: int, i1: int) -> np.ndarray:
+    """Images ``i0:i1`` (one image-axis chunk) as stored, padded."""
+    if job.spec is None:
+        import zarr
+
+        return np.asarray(zarr.open_group(job.store, mode="r")[job.array_name][i0:i1])
+    from isle_fast.stores.stack import _read_chunk
+
+    ci = i0 // job.chunk_images
+    m = i1 - i0
+    grid = [range(-(-n // c)) for n, c in zip(job.padded, job.spatial)]
+    if all(len(g) == 1 for g in grid):
+        shape = (m,) + tuple(job.padded)
+        return _read_chunk(job.spec, block_id=(ci,) + (0,) * len(grid), block_info={None: {"chunk-shape": shape}})
+    import itertools
+
+    out = np.empty((m,) + tuple(job.padded), dtype=np.dtype(job.spec.dtype))
+    for rest in itertools.product(*grid):
+        region = tuple(slice(r * c, min((r + 1) * c, n)) for r, c, n in zip(rest, job.spatial, job.padded))
+        shape = (m,) + tuple(s.stop - s.start for s in region)
+        out[(slice(None),) + region] = _read_chunk(job.spec, block_id=(ci,) + rest,
+                                                  block_info={None: {"chunk-shape": shape}})
+    return out
+
+
+def _write_labels(job: _ExportJob, block: np.ndarray, i0: int) -> int:
+    """Encode the label maps ``block`` (images ``i0 ...``, padded) as PNGs; returns the bytes written."""
+    from PIL import Image
+
+    written = 0
+    for m in range(block.shape[0]):
+        h, w = (int(v) for v in job.shapes[i0 + m])
+        img = Image.fromarray(np.ascontiguousarray(block[m, :h, :w], dtype=np.uint8), mode="P")
+        img.putpalette(job.palette)
+        rel = job.files[i0 + m]
+        dest = os.path.join(job.folder, rel)
+        if "/" in rel or os.sep in rel:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        img.save(dest, format="PNG", **job.options)
+        written += os.path.getsize(dest)
+    return written
+
+
+def _export_chunk(job: _ExportJob, i0: int, i1: int) -> int:
+    """One task: read images ``i0:i1``, decode scores (argmax), write one PNG per image."""
+    block = _read_images(job, i0, i1)
+    if job.scores:
+        block = np.argmax(block, axis=-1).astype(np.uint8)
+    return _write_labels(job, block, i0)
+
+
+def _decode_and_export(job: _ExportJob, decode: Any, i0: int, i1: int) -> int:
+    """:func:`_export_chunk` with a caller-given score decoder (runs in this process)."""
+    block = np.asarray(decode(np.ascontiguousarray(_read_images(job, i0, i1))))
+    return _write_labels(job, block, i0)
+
+
+def write_pngs(stack: Any, folder: str | os.PathLike, files: Sequence[str], *,
+               compress: str | int = DEFAULT_COMPRESS, workers: int | None = None, progress: bool = True,
+               decode: Any = None) -> dict[str, Any]:
+    """Write every image of ``stack`` as a palette PNG ``folder/files[i]``, one task per stored chunk.
+
+    Parameters
+    ----------
+    stack : Stack
+        A ``labels`` or ``scores`` store.
+    folder : path
+        An existing, empty folder (the caller makes it appear atomically).
+    files : sequence of str
+        Relative file name of every image (checked by the caller: no ``..``).
+    compress : {'rle', 0..9}
+        See the module docstring.
+    workers : int, optional
+        Worker processes (default one per core); see :func:`isle_fast.stores.parallel.executor_for`.
+    progress : bool
+    decode : callable, optional
+        ``decode(scores_block) -> labels`` for score stores, run in this
+        process (a GPU kernel); default: NumPy's argmax in the workers.
+
+    Returns
+    -------
+    dict
+        ``images``, ``bytes`` (of the PNGs), ``compress``.
+    """
+    from functools import partial
+
+    from isle_fast.progress import progress as bar
+    from isle_fast.stores import parallel
+    from isle_fast.stores.stack import _fast_chunk_spec, _local
+    from isle_fast.synthetic.datasets import voc_palette
+
+    opts = png_options(compress)
+    arr = stack.array
+    k = max(1, int(stack.chunks[0]))
+    n = stack.num_images
+    scores = stack.encoding == "scores"
+    spec = _fast_chunk_spec(arr)
+    job = _ExportJob(folder=str(folder), files=[str(f) for f in files], shapes=np.asarray(stack.shapes),
+                     chunk_images=k, store=str(_local(stack.path)) if "://" not in stack.path else stack.path,
+                     array_name=stack.encoding, spec=spec, spatial=tuple(int(c) for c in stack.chunks[1:]),
+                     padded=tuple(int(s) for s in arr.shape[1:]), scores=scores and decode is None,
+                     palette=np.asarray(voc_palette(), dtype=np.uint8).ravel().tolist(), options=opts)
+    tasks = [(i0, min(n, i0 + k)) for i0 in range(0, n, k)]
+    total = 0
+    if decode is not None and scores:       # decoded here (e.g. on the GPU), encoded here
+        ex_ctx: Any = contextlib.nullcontext(parallel.InlineExecutor())
+        fn: Any = partial(_decode_and_export, job, decode)
+    else:
+        ex_ctx = parallel.executor_for(len(tasks), workers)
+        fn = partial(_export_chunk, job)
+    with ex_ctx as ex, bar(total=n, desc="export", unit="img", quiet=not progress) as pb:
+        for i, nbytes in ex.imap(fn, tasks):
+            total += nbytes
+            pb.update(tasks[i][1] - tasks[i][0])
+    return {"images": n, "bytes": total, "compress": str(compress)}

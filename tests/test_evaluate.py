@@ -286,3 +286,41 @@ def test_gpu_backend_equals_cpu(tmp_path, rng):
         sc = subset_analysis([a, b], gt, policy=policy, backend="cpu", progress=False)
         sg = subset_analysis([a, b], gt, policy=policy, backend="gpu", progress=False)
         np.testing.assert_array_equal(sg.counts, sc.counts)
+
+
+@settings(max_examples=15)
+@given(cases(), st.sampled_from(["dataset", "image"]))
+def test_local_pass_equals_reference_and_dask(case, average):
+    """Stores chunked alike run on the local thread pool (no Dask); counts equal the reference and Dask's."""
+    import dask
+
+    from isle_fast.ensemble import evaluate as E
+
+    n_img, c, shapes, encodings, chunks, pad, bg, seed = case
+    chunks = [chunks[0]] * len(chunks)          # every store chunked like the gt: one task per gt chunk
+    with tempfile.TemporaryDirectory() as root:
+        gt, gt_imgs, stores, set_imgs = build(root, n_img, c, shapes, encodings, chunks, pad, seed)
+        assert E.local_specs(stores, gt) is not None
+        ev = evaluate(stores, gt, average=average, bg_threshold=bg, backend="cpu", progress=False)
+        expected, per = reference_counts(gt_imgs, set_imgs, encodings, c, bg)
+        np.testing.assert_array_equal(ev.counts, expected)
+        with dask.config.set(scheduler="sync"):
+            assert E.local_specs(stores, gt) is None      # a configured Dask scheduler is honoured
+            ev2 = evaluate(stores, gt, average=average, bg_threshold=bg, backend="cpu", progress=False)
+        np.testing.assert_array_equal(ev.counts, ev2.counts)
+        if average == "image":
+            np.testing.assert_array_equal(ev.image_stats, ev2.image_stats)
+
+
+def test_local_pass_needs_no_dask(stack_factory, monkeypatch):
+    from isle_fast.ensemble import evaluate as E
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 3, size=(5, 6)).astype(np.uint8) for _ in range(7)]
+    gt = stack_factory("gt", imgs, kind="gt", num_classes=3, chunks=(2, 5, 6))
+    s = stack_factory("s", imgs[::-1], num_classes=3, chunks=(2, 5, 6))
+    monkeypatch.setattr(E, "_dask_pass", lambda *a, **k: pytest.fail("the Dask pass ran"))
+    ev = evaluate([s], gt, backend="cpu", progress=False)
+    np.testing.assert_array_equal(ev.counts[0], ref.confusion_labels(np.stack(imgs), [np.stack(imgs[::-1])], 3)[0])
+    t = stack_factory("t", imgs, num_classes=3, chunks=(3, 5, 6))   # chunked otherwise: the Dask pass
+    assert E.local_specs([t], gt) is None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -133,7 +134,7 @@ def group_sets(stacks: Sequence[Stack], bg_threshold: float | None) -> list[Grou
     keys: dict[tuple[str, float], list[int]] = {}
     for i, s in enumerate(stacks):
         if s.encoding == "scores":
-            keys.setdefault((str(s.array.dtype), s.score_scale), []).append(i)
+            keys.setdefault((str(s.dtype), s.score_scale), []).append(i)
     for members in keys.values():
         groups.append(Group("scores", tuple(members), score_threshold(stacks[members[0]], bg_threshold)))
     return groups
@@ -156,8 +157,7 @@ def work_chunks(stacks: Sequence[Stack], gt: Stack, max_task_bytes: int | None =
     if max_task_bytes is None:
         max_task_bytes = MAX_TASK_BYTES
     k, hc, wc = (int(v) for v in gt.chunks)
-    per_pixel = 1 + sum(int(np.prod(s.array.shape[3:], dtype=np.int64)) * s.array.dtype.itemsize
-                        for s in stacks)
+    per_pixel = 1 + sum(int(np.prod(s.shape[3:], dtype=np.int64)) * s.dtype.itemsize for s in stacks)
     fit = max(1, int(max_task_bytes // max(1, hc * wc * per_pixel)))
     return (max(1, min(k, fit)), hc, wc)
 
@@ -482,6 +482,98 @@ def confusion_graph(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_thre
     )
 
 
+# -- the same pass on this machine, without Dask ---------------------------------------------
+
+def dask_requested() -> bool:
+    """Whether the user asked Dask to schedule: a ``dask.distributed`` client, or a configured scheduler.
+
+    ``DASK_SCHEDULER`` in the environment, or ``dask.config`` ``scheduler``
+    (when Dask is imported; with ``dask.config.set(scheduler=...)``).
+    """
+    if os.environ.get("DASK_SCHEDULER"):
+        return True
+    if "dask" in sys.modules:
+        import dask
+
+        if dask.config.get("scheduler", None) is not None:
+            return True
+    from isle_fast.stores.parallel import _current_client
+
+    return _current_client() is not None
+
+
+def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
+    """Direct-reader specs of the gt and every set when one task per gt chunk can read them all, else None.
+
+    That needs every store on local disk in the plain Zstd layout, the sets
+    chunked like the gt (score sets: the whole class axis in one chunk), and
+    the gt's chunks small enough for one task (:func:`work_chunks`).
+    """
+    if dask_requested():
+        return None
+    specs = [gt.chunk_spec()] + [s.chunk_spec() for s in stacks]
+    if any(sp is None for sp in specs) or 0 in gt.shape:
+        return None
+    want = tuple(gt.chunks)
+    if work_chunks(stacks, gt) != want:
+        return None
+    for st in stacks:
+        if tuple(st.chunks[:3]) != want or (st.encoding == "scores" and st.chunks[3] != st.shape[3]):
+            return None
+    return specs
+
+
+def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
+                shape: tuple[int, int, int], **kernel: Any) -> np.ndarray:
+    """One gt chunk: read it and the same chunk of every set (direct reader), count (:func:`_confusion_block`)."""
+    from isle_fast.stores.stack import _read_chunk
+
+    g = _read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
+    blocks = [_read_chunk(specs[1 + m], block_id=block + (0,) * len(tails[m]),
+                          block_info={None: {"chunk-shape": shape + tails[m]}}) for m in kernel["order"]]
+    return _confusion_block(g, *blocks, **kernel)
+
+
+def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, backend: str,
+               bg_threshold: float | None, per_image: bool, progress: bool
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The evaluate pass on a thread pool of this process (one task per gt chunk); ``(counts, image_stats)``.
+
+    The same tasks as the Dask graph (:func:`confusion_graph`), run by
+    :class:`isle_fast.stores.parallel.ThreadExecutor` (a thread per core, a
+    few chunks in flight): for a local run it needs neither Dask nor Zarr,
+    which keeps their imports (about 0.3 s) out of a short command's start.
+    Counts are exact integers, so they equal the Dask pass.
+    """
+    from isle_fast.progress import progress as bar
+    from isle_fast.stores.parallel import ThreadExecutor, default_workers
+
+    c = gt.num_classes
+    groups = tuple(group_sets(stacks, bg_threshold))
+    order = tuple(m for g in groups for m in g.members)
+    tails = [tuple(int(v) for v in st.shape[3:]) for st in stacks]
+    n, h, w = (int(v) for v in gt.shape)
+    k, hc, wc = (int(v) for v in gt.chunks)
+    tasks = []
+    for i in range(-(-n // k)):
+        for j in range(-(-h // hc)):
+            for l in range(-(-w // wc)):
+                tasks.append(((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc))))
+    fn = partial(_local_task, specs, tails, backend=backend, groups=groups, order=order, num_classes=c,
+                 per_image=per_image)
+    counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)
+    stats = np.zeros((n, len(stacks), c, 2), dtype=np.int64) if per_image else None
+    with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
+            bar(total=len(tasks), desc="evaluate", unit="chunk", quiet=not progress) as pb:
+        for t, out in ex.imap(fn, tasks):
+            counts += out.sum(axis=(0, 1, 2))
+            if stats is not None:
+                i0 = tasks[t][0][0] * k
+                stats[i0:i0 + out.shape[0]] += _tp_union(out[:, 0, 0])
+            pb.update(1)
+    return counts, stats
+
+
 def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend: str = "auto",
              bg_threshold: float | None = None, progress: bool = True) -> Evaluation:
     """Per-class confusion counts and scores of every set against the ground truth, in one pass.
@@ -514,10 +606,7 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     same region of every set. Works unchanged on a ``dask.distributed``
     cluster (the active client is used) and on fsspec URLs.
     """
-    import dask
-
     from isle_fast.backend import resolve_backend
-    from isle_fast.progress import dask_progress
 
     if average not in AVERAGES:
         raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
@@ -525,17 +614,13 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
     per_image = average == "image"
-    graph = confusion_graph(stacks, gt_stack, backend=be, bg_threshold=bg_threshold, per_image=per_image)
-    with dask_progress("evaluate", quiet=not progress):
-        if per_image:
-            per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images
-            n, c = len(stacks), gt_stack.num_classes
-            stats = per_img.map_blocks(_tp_union, chunks=(per_img.chunks[0], (n,), (c,), (2,)),
-                                       dtype=np.int64)
-            counts, image_stats = dask.compute(per_img.sum(axis=0), stats)
-        else:
-            (counts,) = dask.compute(graph.sum(axis=(0, 1, 2)))
-            image_stats = None
+    specs = local_specs(stacks, gt_stack)
+    if specs is not None:
+        counts, image_stats = local_pass(specs, stacks, gt_stack, backend=be, bg_threshold=bg_threshold,
+                                         per_image=per_image, progress=progress)
+    else:
+        counts, image_stats = _dask_pass(stacks, gt_stack, backend=be, bg_threshold=bg_threshold,
+                                         per_image=per_image, progress=progress)
     return Evaluation(
         classes=list(gt_stack.classes),
         set_names=unique_names(stacks),
@@ -547,3 +632,23 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
         backend=be,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold: float | None,
+               per_image: bool, progress: bool) -> tuple[Any, Any]:
+    """The evaluate pass as a Dask graph (any scheduler, a cluster, fsspec stores); ``(counts, image_stats)``."""
+    import dask
+
+    from isle_fast.backend import dask_scheduler
+    from isle_fast.progress import dask_progress
+
+    graph = confusion_graph(stacks, gt, backend=backend, bg_threshold=bg_threshold, per_image=per_image)
+    with dask_progress("evaluate", quiet=not progress):
+        if per_image:
+            per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images
+            n, c = len(stacks), gt.num_classes
+            stats = per_img.map_blocks(_tp_union, chunks=(per_img.chunks[0], (n,), (c,), (2,)),
+                                       dtype=np.int64)
+            return dask.compute(per_img.sum(axis=0), stats, scheduler=dask_scheduler())
+        (counts,) = dask.compute(graph.sum(axis=(0, 1, 2)), scheduler=dask_scheduler())
+        return counts, None

@@ -212,6 +212,7 @@ def gt_presence(gt: Stack, *, backend: str = "cpu", progress: bool = False) -> n
     """``(I, C)`` bool: which classes each image's gt contains (its image-level labels)."""
     import dask.array as da
 
+    from isle_fast.backend import dask_scheduler
     from isle_fast.progress import dask_progress
 
     g = gt.to_dask()
@@ -221,7 +222,7 @@ def gt_presence(gt: Stack, *, backend: str = "cpu", progress: bool = False) -> n
                        new_axes={"c": c}, adjust_chunks={"j": one, "k": one}, dtype=np.int64,
                        meta=np.empty((0, 0, 0, 0), dtype=np.int64))
     with dask_progress("image labels", quiet=not progress):
-        px = arr.sum(axis=(1, 2)).compute()
+        px = arr.sum(axis=(1, 2)).compute(scheduler=dask_scheduler())
     return np.asarray(px) > 0
 
 
@@ -327,7 +328,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     """
     import dask.array as da
 
-    from isle_fast.backend import resolve_backend
+    from isle_fast.backend import dask_scheduler, resolve_backend
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
@@ -403,7 +404,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                             adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
                             concatenate=True, meta=np.empty((0, 0, 0), dtype=np.int64))
         with dask_progress("merge", quiet=not progress):
-            written = int(done.sum().compute())
+            written = int(done.sum().compute(scheduler=dask_scheduler()))
         expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
         if written != expected:  # every chunk must have run exactly once
             raise RuntimeError(f"merge wrote {written} pixels, expected {expected}")

@@ -225,7 +225,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     """
     import dask.array as da
 
-    from isle_fast.backend import resolve_backend
+    from isle_fast.backend import dask_scheduler, resolve_backend
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
@@ -258,7 +258,8 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
                          adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
                          concatenate=True, meta=np.empty((0,) * 6, dtype=np.int64))
     with dask_progress("subsets", quiet=not progress):
-        counts = np.asarray(graph.sum(axis=(0, 1, 2)).compute(), dtype=np.int64)
+        counts = graph.sum(axis=(0, 1, 2)).compute(scheduler=dask_scheduler())
+    counts = np.asarray(counts, dtype=np.int64)
     return SubsetAnalysis(classes=list(evaluation.classes), set_names=list(evaluation.set_names),
                           members=members, selections=selections, counts=counts, policy=policy,
                           seconds=time.perf_counter() - t0)

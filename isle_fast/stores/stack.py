@@ -225,6 +225,128 @@ def _check_attrs(path: str, attrs: dict) -> None:
         raise bad("score_scale", "a positive number")
 
 
+@dataclass(frozen=True)
+class ArrayMeta:
+    """Shape, chunks and dtype of a store's main array, and its metadata document (``zarr.json``)."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    doc: dict
+
+    @classmethod
+    def of(cls, array: Any) -> "ArrayMeta":
+        """From an open Zarr array."""
+        return cls(tuple(int(v) for v in array.shape), tuple(int(c) for c in array.chunks),
+                   np.dtype(array.dtype), dict(array.metadata.to_dict()))
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "ArrayMeta | None":
+        """From a ``zarr.json`` document of a numeric array; None for anything unexpected."""
+        try:
+            if doc.get("node_type") != "array" or doc.get("zarr_format") != 3:
+                return None
+            shape = tuple(int(v) for v in doc["shape"])
+            chunks = tuple(int(v) for v in doc["chunk_grid"]["configuration"]["chunk_shape"])
+            dt = doc["data_type"]
+            dtype = np.dtype(str(dt["name"] if isinstance(dt, dict) else dt))
+            if len(chunks) != len(shape) or dtype.kind not in "uif":
+                return None
+            return cls(shape, chunks, dtype, doc)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+
+@dataclass(frozen=True)
+class _LightStore:
+    """What :class:`Stack` needs, read from a local store without Zarr (see :func:`_open_light`)."""
+
+    attrs: dict
+    ids: list[str]
+    shapes: np.ndarray
+    meta: ArrayMeta
+
+
+def _read_doc(path: Path) -> dict | None:
+    import json
+
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _small_array(folder: Path, doc: dict | None) -> np.ndarray | None:
+    """A one-chunk array (``ids``, ``shapes``) decoded without Zarr; None for any other layout.
+
+    Codecs ``bytes`` or ``vlen-utf8``, then at most ``zstd``: the layout
+    :func:`create_stack` writes. Anything else is left to Zarr.
+    """
+    try:
+        if doc is None or doc.get("node_type") != "array" or doc.get("zarr_format") != 3:
+            return None
+        shape = tuple(int(v) for v in doc["shape"])
+        chunk = tuple(int(v) for v in doc["chunk_grid"]["configuration"]["chunk_shape"])
+        key = doc.get("chunk_key_encoding") or {}
+        if key.get("name") != "default" or any(s > c for s, c in zip(shape, chunk)) or len(shape) != len(chunk):
+            return None
+        codecs = [dict(c) for c in doc.get("codecs") or []]
+        names = [c.get("name") for c in codecs]
+        if names not in (["bytes"], ["bytes", "zstd"], ["vlen-utf8"], ["vlen-utf8", "zstd"]):
+            return None
+        if "zstd" in names and (codecs[1].get("configuration") or {}).get("checksum", False):
+            return None
+        if 0 in shape:
+            return np.empty(shape, dtype=object if names[0] == "vlen-utf8" else meta_dtype_str(doc))
+        sep = (key.get("configuration") or {}).get("separator", "/")
+        raw = (folder / sep.join(("c",) + ("0",) * len(shape)).replace("/", os.sep)).read_bytes()
+        if "zstd" in names:
+            from numcodecs import Zstd
+
+            raw = Zstd().decode(raw)
+        if names[0] == "vlen-utf8":
+            from numcodecs import VLenUTF8
+
+            values = np.asarray(VLenUTF8().decode(raw), dtype=object)
+        else:
+            if (codecs[0].get("configuration") or {}).get("endian", "little") != "little":
+                return None
+            values = np.frombuffer(raw, dtype=np.dtype(meta_dtype_str(doc)))
+        values = values.reshape(chunk)
+        return values[tuple(slice(0, s) for s in shape)]
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def meta_dtype_str(doc: dict) -> str:
+    """The little-endian NumPy dtype string of a numeric ``zarr.json`` document."""
+    dt = doc["data_type"]
+    return np.dtype(str(dt["name"] if isinstance(dt, dict) else dt)).newbyteorder("<").str
+
+
+def _open_light(folder: Path, encoding: str, attrs: dict) -> _LightStore | None:
+    """The members of a local store read straight from their files, or None when Zarr should read them.
+
+    Opening a store this way needs no Zarr import (0.15-0.25 s) and no
+    asyncio round trips: the three ``zarr.json`` documents and the one-chunk
+    ``ids`` and ``shapes`` arrays are plain JSON and Zstd. Anything unusual
+    (another layout, a missing or damaged member) returns None and the store
+    is opened through Zarr, which reports the problem as before.
+    """
+    meta = ArrayMeta.from_doc(_read_doc(folder / encoding / "zarr.json"))
+    if meta is None:
+        return None
+    ids = _small_array(folder / "ids", _read_doc(folder / "ids" / "zarr.json"))
+    shapes = _small_array(folder / "shapes", _read_doc(folder / "shapes" / "zarr.json"))
+    if ids is None or shapes is None or ids.ndim != 1 or shapes.ndim != 2 or shapes.shape[1] != 2:
+        return None
+    if not all(isinstance(v, str) for v in ids):
+        return None
+    return _LightStore(attrs=attrs, ids=[str(v) for v in ids], shapes=np.asarray(shapes, dtype=np.int64),
+                       meta=meta)
+
+
 class Stack:
     """A complete stack store, opened read-only.
 
@@ -234,10 +356,14 @@ class Stack:
     are read once and kept in memory.
     """
 
-    def __init__(self, path: str | os.PathLike, group: Any):
+    def __init__(self, path: str | os.PathLike, group: Any = None, light: "_LightStore | None" = None):
         self.path = str(path)
-        self.group = group
-        attrs = dict(group.attrs)
+        self._group = group
+        self._array = None
+        if light is not None:   # read from the JSON documents and two small chunks, without Zarr
+            attrs = dict(light.attrs)
+        else:
+            attrs = dict(group.attrs)
         self.attrs = attrs
         _check_attrs(self.path, attrs)
         self.kind: str = attrs["kind"]
@@ -246,9 +372,42 @@ class Stack:
         self.ignore_index: int = int(attrs.get("ignore_index", IGNORE_INDEX))
         self.encoding: str = attrs["encoding"]
         self.provenance: dict = dict(attrs.get("provenance", {}))
-        self.ids: list[str] = [str(s) for s in group["ids"][:]]
-        self.shapes: np.ndarray = np.asarray(group["shapes"][:], dtype=np.int64).reshape(-1, 2)
-        self.array = group[self.encoding]
+        if light is not None:
+            self.ids: list[str] = list(light.ids)
+            self.shapes: np.ndarray = np.asarray(light.shapes, dtype=np.int64).reshape(-1, 2)
+            self.meta: ArrayMeta = light.meta
+        else:
+            self.ids = [str(s) for s in group["ids"][:]]
+            self.shapes = np.asarray(group["shapes"][:], dtype=np.int64).reshape(-1, 2)
+            self._array = group[self.encoding]
+            self.meta = ArrayMeta.of(self._array)
+
+    # -- the Zarr objects, opened on first use ---------------------------------------
+    @property
+    def group(self) -> Any:
+        """The store's Zarr group (opened read-only on first use)."""
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(self.path if is_remote(self.path) else str(_local(self.path)), mode="r")
+        return self._group
+
+    @property
+    def array(self) -> Any:
+        """The main Zarr array (``labels``, ``scores`` or ``rgb``), opened on first use."""
+        if self._array is None:
+            self._array = self.group[self.encoding]
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the main array, ``(I, H, W[, C])`` (from its metadata; no Zarr needed)."""
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the main array."""
+        return self.meta.dtype
 
     # -- sizes ---------------------------------------------------------------------
     @property
@@ -264,12 +423,18 @@ class Stack:
     @property
     def padded_shape(self) -> tuple[int, int]:
         """(H, W) of the padded arrays."""
-        return tuple(int(s) for s in self.array.shape[1:3])  # type: ignore[return-value]
+        return tuple(int(s) for s in self.meta.shape[1:3])  # type: ignore[return-value]
 
     @property
     def chunks(self) -> tuple[int, ...]:
         """Chunk shape of the main array."""
-        return tuple(int(c) for c in self.array.chunks)
+        return self.meta.chunks
+
+    def chunk_spec(self) -> "_ChunkSpec | None":
+        """What the direct chunk reader needs, or None when the store is not local plain Zstd."""
+        if is_remote(self.path):
+            return None
+        return _spec_from_doc(os.path.join(str(_local(self.path)), self.encoding), self.meta)
 
     @property
     def score_scale(self) -> float:
@@ -318,12 +483,12 @@ class Stack:
 
         from dask.base import tokenize
 
-        spec = _fast_chunk_spec(self.array)
-        if spec is None or 0 in self.array.shape:
+        spec = self.chunk_spec()
+        if spec is None or 0 in self.shape:
             return da.from_zarr(self.array)
-        name = f"isle-read-{tokenize(spec, self.array.shape)}"
-        return da.map_blocks(partial(_read_chunk, spec=spec), chunks=_dask_chunks(self.array),
-                             dtype=self.array.dtype, meta=np.empty((0,) * self.array.ndim, self.array.dtype),
+        name = f"isle-read-{tokenize(spec, self.shape)}"
+        return da.map_blocks(partial(_read_chunk, spec=spec), chunks=_dask_chunks(self.meta),
+                             dtype=self.dtype, meta=np.empty((0,) * len(self.shape), self.dtype),
                              name=name)
 
     def as_dask(self):
@@ -421,16 +586,17 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
         The store is missing, not an isle-fast store, of another format
         version, incomplete (an interrupted write), or of the wrong kind.
     """
-    import zarr
-
     spath = str(path)
     if not is_remote(spath) and not _local(spath).exists():
         raise StoreError(f"store {spath} does not exist")
-    try:
-        group = zarr.open_group(spath if is_remote(spath) else str(_local(spath)), mode="r")
-    except Exception as exc:  # zarr raises several types for "not a group"
-        raise StoreError(f"{spath} is not a Zarr v3 group: {exc}") from None
-    attrs = dict(group.attrs)
+    group = None
+    doc = None if is_remote(spath) else _read_doc(_local(spath) / "zarr.json")
+    if isinstance(doc, dict) and doc.get("node_type") == "group" and doc.get("zarr_format") == 3 \
+            and isinstance(doc.get("attributes", {}), dict):
+        attrs = dict(doc.get("attributes", {}))
+    else:   # not a plain local v3 group: let Zarr open it (and say what is wrong)
+        group = _zarr_group(spath)
+        attrs = dict(group.attrs)
     if "isle_format" not in attrs:
         raise StoreError(f"{spath} is a Zarr group but not an isle-fast stack store (no isle_format attribute)")
     if attrs["isle_format"] != FORMAT_VERSION:
@@ -440,15 +606,27 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
     if not attrs.get("complete", False):
         raise StoreError(f"{spath} is incomplete (its write was interrupted); delete it and run again")
     _check_attrs(spath, attrs)
-    for member in ("ids", "shapes", attrs["encoding"]):
-        if member not in group:
-            raise StoreError(f"{spath} lacks its {member!r} array")
-    stack = Stack(spath, group)
+    light = _open_light(_local(spath), attrs["encoding"], attrs) if group is None else None
+    if light is None:
+        group = group if group is not None else _zarr_group(spath)
+        for member in ("ids", "shapes", attrs["encoding"]):
+            if member not in group:
+                raise StoreError(f"{spath} lacks its {member!r} array")
+    stack = Stack(spath, group, light=light)
     if kind is not None:
         kinds = (kind,) if isinstance(kind, str) else tuple(kind)
         if stack.kind not in kinds:
             raise StoreError(f"{spath} is a {stack.kind!r} store; expected {' or '.join(kinds)}")
     return stack
+
+
+def _zarr_group(spath: str) -> Any:
+    import zarr
+
+    try:
+        return zarr.open_group(spath if is_remote(spath) else str(_local(spath)), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a group"
+        raise StoreError(f"{spath} is not a Zarr v3 group: {exc}") from None
 
 
 class StackWriter:
@@ -727,34 +905,48 @@ class _ChunkSpec:
 def _fast_chunk_spec(array: Any) -> _ChunkSpec | None:
     """A :class:`_ChunkSpec` when ``array`` is a local, unsharded array of plain (Zstd) chunks."""
     try:
-        from zarr.codecs import BytesCodec, ZstdCodec
-        from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
         from zarr.storage import LocalStore
 
-        meta = array.metadata
-        store = array.store
-        if not isinstance(store, LocalStore) or getattr(meta, "zarr_format", 3) != 3:
+        if not isinstance(array.store, LocalStore):
             return None
-        if not isinstance(meta.chunk_key_encoding, DefaultChunkKeyEncoding):
+        root = str(array.store.root)
+        return _spec_from_doc(os.path.join(root, array.path) if array.path else root, ArrayMeta.of(array))
+    except Exception:  # an unexpected Zarr layout: the general path
+        return None
+
+
+def _spec_from_doc(folder: str, meta: "ArrayMeta") -> _ChunkSpec | None:
+    """A :class:`_ChunkSpec` from an array's metadata document (``zarr.json``), or None.
+
+    Only the layout this project writes qualifies: Zarr v3, the default chunk
+    key encoding, a regular grid, the ``bytes`` codec (little endian) and at
+    most one ``zstd`` codec without its checksum.
+    """
+    try:
+        doc = meta.doc
+        if doc.get("zarr_format", 3) != 3 or doc.get("storage_transformers"):
             return None
-        codecs = list(meta.codecs)
-        if not codecs or not isinstance(codecs[0], BytesCodec):
+        key = doc.get("chunk_key_encoding") or {}
+        if key.get("name") != "default" or (doc.get("chunk_grid") or {}).get("name") != "regular":
             return None
-        dt = np.dtype(array.dtype)
-        if dt.itemsize > 1 and not (str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
-                                    and np.little_endian):
+        codecs = [dict(c) for c in (doc.get("codecs") or [])]
+        if not codecs or codecs[0].get("name") != "bytes":
+            return None
+        dt = np.dtype(meta.dtype)
+        endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+        if dt.itemsize > 1 and not (endian == "little" and np.little_endian):
             return None
         if len(codecs) == 1:
             compressed = False
-        elif len(codecs) == 2 and isinstance(codecs[1], ZstdCodec) and not codecs[1].checksum:
+        elif (len(codecs) == 2 and codecs[1].get("name") == "zstd"
+              and not (codecs[1].get("configuration") or {}).get("checksum", False)):
             compressed = True
         else:
             return None
-        folder = os.path.join(str(store.root), array.path) if array.path else str(store.root)
-        return _ChunkSpec(folder=folder, separator=meta.chunk_key_encoding.separator,
-                          chunk_shape=tuple(int(c) for c in array.chunks), dtype=dt.str,
-                          fill_value=np.asarray(meta.fill_value, dtype=dt).item(), compressed=compressed)
-    except Exception:  # an unexpected Zarr layout: the general path
+        return _ChunkSpec(folder=folder, separator=(key.get("configuration") or {}).get("separator", "/"),
+                          chunk_shape=tuple(meta.chunks), dtype=dt.str,
+                          fill_value=np.asarray(doc.get("fill_value", 0), dtype=dt).item(), compressed=compressed)
+    except Exception:  # an unexpected document: the general path
         return None
 
 

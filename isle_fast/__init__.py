@@ -9,6 +9,7 @@ data model):
 * step 1, refinement: :func:`refine_stack`, :func:`register_refinement`
 * step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`
 * step 3, the ensemble: :func:`merge`, :func:`export_pngs`, :func:`report`
+* the whole job from folders (``isle run``): :func:`run_job`, :class:`JobSpec`
 * step 4, DeepLabV3+: :func:`build_deeplab`, :func:`train`, :func:`predict`
 * data: :func:`make_voc_like` (synthetic VOC-like data sets), :func:`voc_palette`
 * backend switch: :func:`get_kernels`, :func:`resolve_backend`, :func:`gpu_available`
@@ -56,6 +57,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "make_voc_like", "SyntheticDataset", "default_quality", "voc_palette", "write_label_png",
         "read_label_png",
     ),
+    "job": ("JobSpec", "JobResult", "run_job", "spec_from_root", "spec_from_toml",),
     "backend": (
         "BACKENDS", "get_kernels", "resolve_backend", "gpu_available", "describe_backend",
         "tune_allocator",

@@ -284,7 +284,7 @@ def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[st
 def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: Any = None,
            images: Any = None, policy: str = "score", average: str = "dataset", backend: str = "auto",
            bg_threshold: float | None = None, num_images: int = 3, overwrite: bool = False,
-           progress: bool = True) -> dict:
+           progress: bool = True, evaluation: Evaluation | None = None) -> dict:
     """Write the paper's tables (Markdown + JSON) and figures (PNG) for ``sets`` against ``gt``.
 
     Parameters
@@ -309,6 +309,10 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     num_images : int
         Images in ``samples.png``.
     overwrite, progress : bool
+    evaluation : Evaluation, optional
+        A finished evaluation of ``sets`` (then of ``ensemble``, last, when
+        given) against ``gt`` with this ``average`` and ``bg_threshold``:
+        skips that pass (``isle run`` has it already).
 
     Returns
     -------
@@ -334,8 +338,15 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     final, work = _fresh_dir(out, overwrite)
     try:
         everything = stacks + ([ens_stack] if ens_stack is not None else [])
-        ev_all = evaluate(everything, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
-                          progress=progress)
+        if evaluation is not None:
+            if len(evaluation.set_names) != len(everything) or evaluation.average != average:
+                raise InputError(f"the evaluation given covers {len(evaluation.set_names)} sets "
+                                 f"({evaluation.average} average); the report needs {len(everything)} "
+                                 f"({average})")
+            ev_all = evaluation
+        else:
+            ev_all = evaluate(everything, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
+                              progress=progress)
         ev = ev_all.take(range(n))
         sel = select(ev)
         sa = None

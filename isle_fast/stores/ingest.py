@@ -509,6 +509,7 @@ def ingest_labels(
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    provenance: dict | None = None,
 ) -> Stack:
     """Ingest a folder of label maps (a pseudo-label set or the ground truth) into a ``labels`` store.
 
@@ -542,6 +543,9 @@ def ingest_labels(
         Replace an existing store (only once the new one is complete).
     quiet : bool
         No progress bar, no summary.
+    provenance : dict, optional
+        Extra JSON-ready entries for the store's provenance (``isle run``
+        records its input fingerprint there).
 
     Returns
     -------
@@ -564,7 +568,8 @@ def ingest_labels(
         kind=kind, encoding="labels", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: label_header(it.ref), read=lambda it, hw: read_label(it.ref, c),
         reference=ref, name=name, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite,
-        quiet=quiet, provenance=_common_prov(src, ids_file, gt, format="labels", skip_bad=skip_bad),
+        quiet=quiet, provenance={**_common_prov(src, ids_file, gt, format="labels", skip_bad=skip_bad),
+                                 **(provenance or {})},
     )
     return _run(plan)
 
@@ -588,6 +593,7 @@ def ingest_scores(
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    provenance: dict | None = None,
 ) -> Stack:
     """Ingest CAM / score files into a ``scores`` store (``(I, H, W, C)``).
 
@@ -647,9 +653,9 @@ def ingest_scores(
         header=lambda it: score_header(it.ref, c, allow_pickle), read=read, reference=ref, name=name,
         score_dtype=score_dtype, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite,
         quiet=quiet,
-        provenance=_common_prov(src, ids_file, gt, format="scores", bg_threshold=bg_threshold,
-                                score_dtype=score_dtype, normalize=normalize, allow_pickle=allow_pickle,
-                                upsample=upsample, skip_bad=skip_bad),
+        provenance={**_common_prov(src, ids_file, gt, format="scores", bg_threshold=bg_threshold,
+                                   score_dtype=score_dtype, normalize=normalize, allow_pickle=allow_pickle,
+                                   upsample=upsample, skip_bad=skip_bad), **(provenance or {})},
     )
     stack = _run(plan)
     return stack
@@ -668,6 +674,7 @@ def ingest_images(
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    provenance: dict | None = None,
 ) -> Stack:
     """Ingest RGB images (JPEG / PNG, ``<id>.jpg`` ...) into an ``images`` store (encoding ``rgb``).
 
@@ -683,7 +690,8 @@ def ingest_images(
         kind="images", encoding="rgb", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: image_header(it.ref), read=lambda it, hw: read_image(it.ref), reference=ref,
         name=name, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite, quiet=quiet,
-        provenance=_common_prov(src, ids_file, gt, format="images", skip_bad=skip_bad),
+        provenance={**_common_prov(src, ids_file, gt, format="images", skip_bad=skip_bad),
+                    **(provenance or {})},
     )
     return _run(plan)
 

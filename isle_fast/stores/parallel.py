@@ -267,6 +267,11 @@ class ProcessPool:
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> "ProcessPool":
+        """Start the workers now (else at the first task): ``isle run`` forks them before any thread exists."""
+        self._ensure_started()
+        return self
+
     def _ensure_started(self) -> None:
         if self._closed:
             raise RuntimeError("the worker pool is closed")

@@ -33,6 +33,10 @@ The steps:
 ``report``
     :func:`isle_fast.ensemble.report.report` over the candidates, the ensemble and the
     images: Markdown / JSON tables and PNG figures in ``report/``.
+``run``
+    the same job as one command, :func:`isle_fast.job.run_job` (``isle run``), from
+    the file tree to ``run/ensemble/*.png``; its ensemble is checked equal to the
+    steps' one, then it runs again and reuses every cached store.
 ``train`` (step 4)
     DeepLabV3+ trained twice with the same seed and settings, on the ensemble
     and on the best single set, each scored on the val split by ``predict`` +
@@ -455,6 +459,44 @@ def step_report(ctx: DemoContext) -> Path:
     return out
 
 
+def _affinity_params(ctx: DemoContext) -> list[str]:
+    """The refine step's AffinityNet settings as ``--param`` strings."""
+    settings = dict(AFFINITY_QUICK if ctx.args.quick else AFFINITY_DEFAULT, seed=ctx.args.seed)
+    return [f"affinity.{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def step_run(ctx: DemoContext) -> Path:
+    """The same job as one command (``isle run``): from the file tree to ensemble PNGs; then a cached re-run."""
+    import numpy as np
+
+    from isle_fast.job import JobSpec, run_job
+    from isle_fast.stores.stack import open_stack
+
+    ds = ctx.dataset
+    chain = ctx.cache["chain"]
+    spec = JobSpec(gt=Path(ds.paths["gt"]), ids=Path(ds.paths["train_list"]), images=Path(ds.paths["images"]),
+                   sets={n: Path(f) for n, f in ds.paths["pseudo"].items()},
+                   cams={n: Path(f) for n, f in ds.paths["cams"].items()}, refine=list(chain),
+                   params=_affinity_params(ctx) if "affinity" in chain else [], allow_pickle=True,
+                   out=ctx.out / "run", quiet=True)
+    first = run_job(spec)
+    second = run_job(JobSpec(**{**spec.__dict__, "report": False}))
+    same = bool(np.array_equal(open_stack(ctx.out / "run" / "ensemble.zarr").array[:],
+                               open_stack(ctx.stores["train/ensemble"]).array[:]))
+    ctx.results["run"] = {"out": str(ctx.out / "run"), "seconds": first.seconds, "rerun_seconds": second.seconds,
+                          "stores_reused_on_rerun": second.reused, "ensemble_miou": first.ensemble_miou,
+                          "identical_to_the_steps": same}
+    if not ctx.quiet:
+        print(f"isle run {ds.root} --ids {Path(ds.paths['train_list']).name} --images ... "
+              f"--refine {','.join(chain) or 'none'}: {first.seconds['total']:.1f} s, ensemble mIoU "
+              f"{first.ensemble_miou:.1f}, the same ensemble as the steps above: {'yes' if same else 'NO'}; "
+              f"re-run {second.seconds['total']:.1f} s ({len(second.reused)} stores reused, "
+              f"{len(second.made)} made)")
+    if not same:
+        raise RuntimeError("isle run made another ensemble than the separate steps")
+    return ctx.out / "run"
+
+
 def _bootstrap_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, float]:
     """95 % interval of mIoU(model 0) - mIoU(model 1) over images resampled with replacement.
 
@@ -577,6 +619,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], Any]]] = [
     ("evaluate", step_evaluate),
     ("merge", step_merge),
     ("report", step_report),
+    ("run", step_run),
     ("train", step_train),
 ]
 

@@ -1,0 +1,635 @@
+"""Folders to folders: ``isle run`` against a plain PIL + NumPy script on a process pool, same run.
+
+``python -m benchmarks.e2e [--quick] [--images N[,N...]] [--sets N] [--repeat K]``
+
+Data: the 1,449 real VOC 2012 val label maps (``../shared/data/voc2012_val_gt.tar.gz``,
+``../shared`` relative to the repository root, or ``$ISLE_SHARED_DATA``),
+repeated for scale under the 8 flips / transposes of the square (so no two
+images are the same array), as ``SegmentationClass/`` and, for every set,
+``pseudo/<set>/``: the gt degraded per class with real boundaries (each set
+dilates or erodes each class by its own radius, drops some objects to
+background, relabels some as another class). All palette PNGs, cached under
+``benchmarks/results/tmp/``. Without the real maps the benchmark skips
+(``--quick`` then uses synthetic rectangles so the smoke test still runs
+everything).
+
+Measured, each next to its reference in the same run (whole processes, started
+fresh, the reference first in every round; best of ``--repeat`` rounds):
+
+``jobs``
+    ``isle run ROOT --out RUN --no-report`` with an empty cache (the job the
+    plain script does: ingest, evaluate, select, merge, export PNGs) and again
+    with the cache warm; the same job written the plain way (``PLAIN_SCRIPT``
+    below: pass 1 decodes gt + sets with PIL and adds ``np.bincount``
+    confusions, the selection is Algorithm 2, pass 2 decodes the sets again,
+    merges with per-class masks (Algorithm 3) and saves with PIL) on a
+    ``multiprocessing`` pool of all cores. The label maps written by both are
+    checked EQUAL. ``isle run`` with the report is timed too. Also the floor:
+    ``decodes / (cores x per-core decode rate) + encodes / (cores x per-core
+    encode rate)``, with both rates measured here on these files.
+``ingest``
+    ``ingest_labels`` of the gt folder (this process, worker processes) vs the
+    per-core PIL decode rate: target >= 1.8x on 2 cores.
+``evaluate``
+    whole-process ``isle evaluate`` of the sets from their stores vs a
+    one-process loop reading the same stores with Zarr and adding
+    ``np.bincount`` confusions, counts checked equal: target >= 5x.
+``fast_start``
+    seconds from process start to the first chunk task of ``isle evaluate``
+    and to its end, for the local thread pool (default) and for the Dask pass
+    (``DASK_SCHEDULER=threads``), and ``python -X importtime`` of the modules
+    the command imports (target: first task < 0.3 s).
+``png_compression``
+    PIL's PNG encoder on these maps at ``rle`` and levels 1, 6, 9: maps/s on
+    one core and KiB a file (the export default, :mod:`isle_fast.stores.export`).
+
+Writes ``e2e.json`` and ``e2e.png`` to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    BENCH_DIR,
+    PeakMemory,
+    bench_parser,
+    format_table,
+    headline_row,
+    log,
+    results_dir,
+    save_figure,
+    tmp_dir,
+    voc_palette,
+    write_json,
+)
+
+REPO = BENCH_DIR.parent
+VOC_TRAIN_AUG = 10_582
+N_CLASSES = 21
+
+#: The plain way: what a script without isle-fast does, on a process pool of all cores.
+PLAIN_SCRIPT = r'''
+import os, sys
+from multiprocessing import Pool
+import numpy as np
+from PIL import Image
+
+root, out, sets, workers = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
+C = 21
+ids = sorted(f[:-4] for f in os.listdir(os.path.join(root, "SegmentationClass")) if f.endswith(".png"))
+
+
+def read(folder, i):
+    return np.array(Image.open(os.path.join(root, folder, i + ".png")))
+
+
+def confusion(batch):
+    hist = np.zeros((len(sets), C, C), np.int64)
+    for i in batch:
+        gt = read("SegmentationClass", i)
+        mask = gt < C
+        g = gt[mask].astype(np.int64) * C
+        for n, s in enumerate(sets):
+            pred = read(os.path.join("pseudo", s), i)
+            hist[n] += np.bincount(g + pred[mask], minlength=C * C).reshape(C, C)
+    return hist
+
+
+def merge(batch):
+    pal = PALETTE
+    for i in batch:
+        preds = [read(os.path.join("pseudo", s), i) for s in sets]
+        lab = np.zeros(preds[0].shape, np.uint8)
+        for c in ORDER:                                   # Algorithm 3: one mask per class
+            lab[preds[SEL[c]] == c] = c
+        im = Image.fromarray(lab, mode="P")
+        im.putpalette(pal)
+        im.save(os.path.join(out, i + ".png"))
+
+
+def init(sel, order, pal):
+    global SEL, ORDER, PALETTE
+    SEL, ORDER, PALETTE = sel, order, pal
+
+
+if __name__ == "__main__":
+    batches = [ids[k:k + 32] for k in range(0, len(ids), 32)]
+    with Pool(workers) as pool:
+        hist = sum(pool.imap_unordered(confusion, batches))
+    tp = np.diagonal(hist, axis1=1, axis2=2).astype(np.float64)
+    union = hist.sum(axis=2) + hist.sum(axis=1) - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = 100.0 * np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)   # Algorithm 2
+    masked = np.where(np.isnan(iou), -np.inf, iou)
+    sel = np.argmax(masked, axis=0)
+    sel[(hist[0].sum(axis=1) == 0) | np.all(np.isinf(masked), axis=0)] = 0
+    prio = np.where(np.isnan(iou), -1.0, iou)
+    order = sorted(range(1, C), key=lambda c: (prio[sel[c], c], -c))   # higher IoU claims win overlaps
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j); g |= ((c >> 1) & 1) << (7 - j); b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    os.makedirs(out, exist_ok=True)
+    with Pool(workers, initializer=init, initargs=([int(v) for v in sel], order, pal)) as pool:
+        list(pool.imap_unordered(merge, batches))
+    print(" ".join(str(int(v)) for v in sel))
+'''
+
+#: The reference of the evaluate target: one process, Zarr reads, np.bincount per image.
+ZARR_LOOP = r'''
+import sys
+import numpy as np
+import zarr
+gt_path, set_paths = sys.argv[1], sys.argv[2:]
+C = 21
+g = zarr.open_group(gt_path, mode="r")
+sets = [zarr.open_group(p, mode="r")["labels"] for p in set_paths]
+shapes = np.asarray(g["shapes"][:])
+labels = g["labels"]
+k = labels.chunks[0]
+hist = np.zeros((len(sets), C, C), np.int64)
+for s in range(0, labels.shape[0], k):
+    gb = labels[s:s + k]
+    sb = [a[s:s + k] for a in sets]
+    for j in range(gb.shape[0]):
+        h, w = shapes[s + j]
+        gt = gb[j, :h, :w]
+        mask = gt < C
+        gm = gt[mask].astype(np.int64) * C
+        for n in range(len(sets)):
+            hist[n] += np.bincount(gm + sb[n][j, :h, :w][mask], minlength=C * C).reshape(C, C)
+print(" ".join(str(int(v)) for v in hist.reshape(-1)))
+'''
+
+#: Seconds from process start to the first chunk task of ``isle evaluate`` (a probe, like the tests').
+FIRST_TASK_PROBE = r'''
+import os, sys, time
+T0 = float(os.environ["E2E_T0"])
+import isle_fast.ensemble.evaluate as E
+orig = E._confusion_block
+first = []
+def probe(*a, **k):
+    if not first:
+        first.append(time.time() - T0)
+    return orig(*a, **k)
+E._confusion_block = probe
+from isle_fast.cli import main
+rc = main(sys.argv[1:])
+print("FIRST_TASK %.4f END %.4f" % (first[0], time.time() - T0), file=sys.stderr)
+sys.exit(rc)
+'''
+
+
+# ================================================================================ data
+def shared_data() -> Path | None:
+    """``voc2012_val_gt.tar.gz`` from ``$ISLE_SHARED_DATA`` or ``../shared/data``; None when absent."""
+    for d in (os.environ.get("ISLE_SHARED_DATA"), REPO.parent / "shared" / "data"):
+        if d and (Path(d) / "voc2012_val_gt.tar.gz").is_file():
+            return Path(d) / "voc2012_val_gt.tar.gz"
+    return None
+
+
+def base_maps(tarball: Path | None, quick: bool) -> tuple[Path, str]:
+    """A folder of base label maps: the real VOC val maps (extracted once), or synthetic ones (quick)."""
+    if tarball is not None:
+        dest = tmp_dir() / "voc2012-val-gt"
+        if not (dest / ".complete").exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            with tarfile.open(tarball) as tf:
+                tf.extractall(dest, filter="data")
+            (dest / ".complete").write_text("ok\n")
+        return dest / "SegmentationClass", "VOC 2012 val ground truth (1,449 real label maps)"
+    dest = tmp_dir() / "e2e-synthetic-base"
+    if not (dest / ".complete").exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(24):
+            h, w = int(rng.integers(90, 121)), 160
+            a = np.zeros((h, w), np.uint8)
+            for _ in range(int(rng.integers(1, 4))):
+                y0, x0 = int(rng.integers(0, h - 20)), int(rng.integers(0, w - 20))
+                y1, x1 = y0 + int(rng.integers(15, h // 2)), x0 + int(rng.integers(15, w // 2))
+                a[y0:y1, x0:x1] = 255
+                a[y0 + 2:y1 - 2, x0 + 2:x1 - 2] = rng.integers(1, N_CLASSES)
+            _save(dest / f"s{i:04d}.png", a)
+        (dest / ".complete").write_text("ok\n")
+    return dest, "synthetic rectangles (the real VOC maps are absent)"
+
+
+def _save(path: Path, a: np.ndarray, **opts: Any) -> None:
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8), mode="P")
+    im.putpalette(voc_palette())
+    im.save(path, **opts)
+
+
+def _dihedral(a: np.ndarray, r: int) -> np.ndarray:
+    """The ``r``-th of the 8 flips / transposes of the square (0 = as is)."""
+    r %= 8
+    if r >= 4:
+        a = a.T
+    if r & 1:
+        a = a[:, ::-1]
+    if r & 2:
+        a = a[::-1]
+    return a
+
+
+def _morph(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Square dilation (radius > 0) or erosion (< 0) with PIL's rank filters."""
+    from PIL import Image, ImageFilter
+
+    if radius == 0:
+        return mask
+    im = Image.fromarray(mask.astype(np.uint8) * 255)
+    f = ImageFilter.MaxFilter(2 * radius + 1) if radius > 0 else ImageFilter.MinFilter(2 * -radius + 1)
+    return np.asarray(im.filter(f)) > 127
+
+
+def set_quality(n_sets: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Per set and class: boundary shift (px), object drop and relabel probabilities, confusable class."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_sets):
+        out.append({"grow": rng.integers(-4, 5, size=N_CLASSES), "drop": rng.uniform(0.0, 0.3, size=N_CLASSES),
+                    "relabel": rng.uniform(0.0, 0.15, size=N_CLASSES),
+                    "other": rng.integers(1, N_CLASSES, size=N_CLASSES)})
+    return out
+
+
+def degrade(gt: np.ndarray, q: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """A pseudo-label map from a gt map: per class, shifted boundaries, dropped or relabelled objects."""
+    out = np.where(gt == 255, 0, gt).astype(np.uint8)
+    for c in np.unique(gt):
+        if c == 0 or c == 255:
+            continue
+        m = gt == c
+        if rng.random() < q["drop"][c]:
+            out[m] = 0
+            continue
+        m2 = _morph(m, int(q["grow"][c]))
+        out[m & ~m2] = 0
+        out[m2] = q["other"][c] if rng.random() < q["relabel"][c] else c
+    return out
+
+
+def _write_part(job: tuple) -> int:
+    """Write images ``lo:hi`` of the data set (a pool task)."""
+    base, root, files, sets, lo, hi, seed = job
+    from PIL import Image
+
+    quality = set_quality(len(sets), seed)
+    for k in range(lo, hi):
+        src = files[k % len(files)]
+        r = k // len(files)
+        name = f"{k:06d}.png"
+        gt_file = root / "SegmentationClass" / name
+        g = _dihedral(np.asarray(Image.open(base / src)), r)
+        if r % 8 == 0:
+            os.link(base / src, gt_file)                    # as is: the original file
+        else:
+            _save(gt_file, g)
+        for n, s in enumerate(sets):
+            rng = np.random.default_rng([seed, n, k])
+            _save(root / "pseudo" / s / name, degrade(g, quality[n], rng), compress_level=6)
+    return hi - lo
+
+
+def make_dataset(n: int, n_sets: int, quick: bool, workers: int) -> dict[str, Any]:
+    """The VOC-style tree of ``n`` images (cached): ``SegmentationClass/``, ``pseudo/set<k>/``."""
+    from multiprocessing import get_context
+
+    tarball = shared_data()
+    base, what = base_maps(tarball, quick)
+    files = sorted(p.name for p in base.glob("*.png"))
+    tag = "voc" if tarball is not None else "synthetic"
+    root = tmp_dir() / f"e2e-{tag}-{n}-{n_sets}sets-v1"
+    sets = [f"set{s}" for s in range(n_sets)]
+    t0 = time.perf_counter()
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        for d in ["SegmentationClass"] + [f"pseudo/{s}" for s in sets]:
+            (root / d).mkdir(parents=True)
+        step = 64
+        jobs = [(base, root, files, sets, lo, min(n, lo + step), 0) for lo in range(0, n, step)]
+        with get_context("fork").Pool(workers) as pool:
+            done = 0
+            for m in pool.imap_unordered(_write_part, jobs):
+                done += m
+        (root / ".complete").write_text("ok\n")
+        log(f"[e2e] wrote {n} images x {n_sets + 1} folders in {time.perf_counter() - t0:.1f} s: {root}")
+    return {"root": root, "sets": sets, "images": n, "source": what, "base_files": len(files)}
+
+
+# ================================================================================ helpers
+def _env() -> dict[str, str]:
+    env = dict(os.environ, ISLE_PROGRESS="0")
+    env.pop("DASK_SCHEDULER", None)
+    return env
+
+
+def _timed(argv: list[str], env: dict | None = None, timeout: float = 3600) -> tuple[float, str, int]:
+    """Wall seconds of a fresh process running ``argv``, its stdout, and the peak RSS of its tree."""
+    t0 = time.perf_counter()
+    with PeakMemory(interval=0.05) as pm:
+        proc = subprocess.run(argv, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return dt, proc.stdout, max(0, pm.peak - pm.baseline)
+
+
+def _isle(*args: Any) -> list[str]:
+    return [sys.executable, "-m", "isle_fast", *map(str, args)]
+
+
+def per_core_rates(folder: Path, sample: int) -> dict[str, float]:
+    """PIL decode (``np.asarray(Image.open)``) and encode rates on one core, files a second."""
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))[:sample]
+    best = float("inf")
+    arrays = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        arrays = [np.asarray(Image.open(f)) for f in files]
+        best = min(best, time.perf_counter() - t0)
+    decode = len(files) / best
+    enc = png_compression(arrays, ("rle", "6"))
+    return {"decode_per_s": decode, "encode_rle_per_s": enc["rle"]["maps_per_s"],
+            "encode_level6_per_s": enc["6"]["maps_per_s"], "files": len(files)}
+
+
+def png_compression(arrays: list[np.ndarray], choices: tuple[str, ...] = ("rle", "1", "6", "9")) -> dict:
+    """Maps/s on one core and KiB a file for each compression choice (best of 3)."""
+    import io
+
+    from PIL import Image
+
+    from isle_fast.stores.export import png_options
+
+    pal = voc_palette()
+    out = {}
+    for choice in choices:
+        opts = png_options(choice)
+        best, size = float("inf"), 0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            size = 0
+            for a in arrays:
+                buf = io.BytesIO()
+                im = Image.fromarray(a, mode="P")
+                im.putpalette(pal)
+                im.save(buf, format="PNG", **opts)
+                size += buf.tell()
+            best = min(best, time.perf_counter() - t0)
+        out[choice] = {"maps_per_s": len(arrays) / best, "kib_per_file": size / len(arrays) / 1024}
+    return out
+
+
+def _compare_pngs(a: Path, b: Path) -> int:
+    """Number of images compared; raises when a label map differs."""
+    from PIL import Image
+
+    fa, fb = sorted(p.name for p in a.glob("*.png")), sorted(p.name for p in b.glob("*.png"))
+    if fa != fb:
+        raise AssertionError(f"{a} and {b} hold different files ({len(fa)} vs {len(fb)})")
+    for name in fa:
+        x, y = np.asarray(Image.open(a / name)), np.asarray(Image.open(b / name))
+        if x.shape != y.shape or not np.array_equal(x, y):
+            raise AssertionError(f"label maps differ: {a / name} vs {b / name}")
+    return len(fa)
+
+
+# ================================================================================ the measurements
+def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -> dict:
+    """``isle run`` (cold and warm cache, with and without the report) vs the plain pool script."""
+    root, sets, n = data["root"], data["sets"], data["images"]
+    runs: dict[str, list[float]] = {"plain": [], "isle_cold": [], "isle_warm": [], "isle_report": []}
+    peaks: dict[str, int] = {}
+    for r in range(repeat):
+        for d in ("plain-out", "run"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        dt, _, pk = _timed([sys.executable, "-c", PLAIN_SCRIPT, str(root), str(work / "plain-out"), ",".join(sets),
+                            str(workers)])
+        runs["plain"].append(dt)
+        peaks["plain"] = max(peaks.get("plain", 0), pk)
+        dt, _, pk = _timed(_isle("run", root, "--out", work / "run", "--no-report", "--workers", workers, "-q"))
+        runs["isle_cold"].append(dt)
+        peaks["isle_cold"] = max(peaks.get("isle_cold", 0), pk)
+        dt, _, pk = _timed(_isle("run", root, "--out", work / "run", "--no-report", "--workers", workers, "-q"))
+        runs["isle_warm"].append(dt)
+        doc = json.loads((work / "run" / "run.json").read_text())
+        assert not doc["made"], "the warm run ingested again"
+        log(f"[e2e] {n} images, round {r + 1}: plain {runs['plain'][-1]:.2f} s, isle run "
+            f"{runs['isle_cold'][-1]:.2f} s (cold), {runs['isle_warm'][-1]:.2f} s (warm)")
+    compared = _compare_pngs(work / "run" / "ensemble", work / "plain-out")
+    steps = json.loads((work / "run" / "run.json").read_text())["seconds"]
+    dt, _, _ = _timed(_isle("run", root, "--out", work / "run", "--workers", workers, "-q"))
+    runs["isle_report"].append(dt)
+    best = {k: min(v) for k, v in runs.items() if v}
+    cores = workers
+    floor = (n * (len(sets) + 1) / (cores * rates["decode_per_s"]) + n / (cores * rates["encode_rle_per_s"]))
+    return {"images": n, "sets": len(sets), "workers": workers, "runs": runs, "best": best,
+            "speedup_cold": best["plain"] / best["isle_cold"], "speedup_warm": best["plain"] / best["isle_warm"],
+            "floor_seconds": floor, "cold_over_floor": best["isle_cold"] / floor, "steps_last_warm_run": steps,
+            "identical_label_maps": compared, "peak_rss": peaks,
+            "target_3x": best["plain"] / best["isle_cold"] >= 3.0}
+
+
+def bench_ingest(data: dict, work: Path, repeat: int, workers: int, rates: dict) -> dict:
+    from isle_fast.stores.ingest import ingest_labels
+
+    src = data["root"] / "SegmentationClass"
+    n = data["images"]
+    best = float("inf")
+    for _ in range(repeat + 1):    # the first round warms the page cache
+        t0 = time.perf_counter()
+        ingest_labels(src, work / "ingest.zarr", kind="gt", workers=workers, overwrite=True, quiet=True)
+        best = min(best, time.perf_counter() - t0)
+    rate = n / best
+    return {"images": n, "workers": workers, "seconds": best, "images_per_s": rate,
+            "per_core_decode_per_s": rates["decode_per_s"], "x_per_core_decode": rate / rates["decode_per_s"],
+            "target_1_8x": rate / rates["decode_per_s"] >= 1.8}
+
+
+def bench_evaluate(data: dict, work: Path, repeat: int) -> dict:
+    """Whole-process ``isle evaluate`` vs a Zarr + np.bincount loop in one process (stores of ``isle run``)."""
+    cache = work / "run" / "cache"
+    gt = cache / "gt.zarr"
+    sets = [cache / f"{s}.zarr" for s in data["sets"]]
+    ours, ref = [], []
+    counts_ref = None
+    for _ in range(repeat):
+        dt, out, _ = _timed([sys.executable, "-c", ZARR_LOOP, str(gt), *map(str, sets)])
+        ref.append(dt)
+        counts_ref = np.array(out.split(), dtype=np.int64)
+        dt, _, _ = _timed(_isle("evaluate", *sets, "--gt", gt, "--quiet", "--json", work / "ev.json"))
+        ours.append(dt)
+    doc = json.loads((work / "ev.json").read_text())
+    hist = counts_ref.reshape(len(sets), N_CLASSES, N_CLASSES)    # rows: gt class, columns: prediction
+    tp_ref = np.diagonal(hist, axis1=1, axis2=2)
+    equal = all(doc["sets"][s]["tp"] == tp_ref[k].tolist()
+                and doc["sets"][s]["fp"] == (hist[k].sum(axis=0) - tp_ref[k]).tolist()
+                and doc["sets"][s]["fn"] == (hist[k].sum(axis=1) - tp_ref[k]).tolist()
+                for k, s in enumerate(data["sets"]))
+    if not equal:
+        raise AssertionError("isle evaluate and the Zarr + bincount loop disagree")
+    return {"images": data["images"], "sets": len(sets), "ours": min(ours), "reference": min(ref),
+            "runs_ours": ours, "runs_reference": ref, "speedup": min(ref) / min(ours), "counts_equal": equal,
+            "target_5x": min(ref) / min(ours) >= 5.0}
+
+
+def bench_fast_start(data: dict, work: Path, repeat: int) -> dict:
+    """Start -> first task, start -> end of ``isle evaluate`` (local pool and Dask pass); import times."""
+    cache = work / "run" / "cache"
+    argv = ["evaluate", *[cache / f"{s}.zarr" for s in data["sets"]], "--gt", cache / "gt.zarr", "--quiet"]
+    out: dict[str, Any] = {}
+    for label, extra in (("local", {}), ("dask", {"DASK_SCHEDULER": "threads"})):
+        firsts, ends = [], []
+        for _ in range(max(3, repeat)):
+            env = dict(_env(), **extra, E2E_T0=repr(time.time()))
+            proc = subprocess.run([sys.executable, "-c", FIRST_TASK_PROBE, *map(str, argv)], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=600)
+            line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("FIRST_TASK"))
+            parts = line.split()
+            firsts.append(float(parts[1]))
+            ends.append(float(parts[3]))
+        out[label] = {"first_task": min(firsts), "end": min(ends), "runs_first_task": firsts, "runs_end": ends}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "isle_fast", *map(str, argv)], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    wanted = ("numpy", "zarr", "numcodecs", "dask", "distributed", "numba", "PIL", "tqdm", "isle_fast",
+              "isle_fast.ensemble.evaluate", "isle_fast.stores.stack", "isle_fast.cli")
+    top: dict[str, float] = {}
+    for ln in proc.stderr.splitlines():
+        if ln.startswith("import time:") and ln.count("|") == 2:
+            _, cum, name = (part.strip() for part in ln[len("import time:"):].split("|"))
+            if name in wanted and cum.isdigit():
+                top[name] = max(top.get(name, 0.0), int(cum) / 1e6)
+    out["import_seconds"] = top          # cumulative; absent = not imported by the command
+    out["target_first_task_0_3s"] = out["local"]["first_task"] < 0.3
+    return out
+
+
+# ================================================================================ main
+def plot(path: Path, jobs: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    labels = [f"{j['images']:,} images" for j in jobs]
+    x = np.arange(len(jobs))
+    width = 0.2
+    series = [("plain PIL + NumPy pool", [j["best"]["plain"] for j in jobs]),
+              ("isle run (cold cache)", [j["best"]["isle_cold"] for j in jobs]),
+              ("isle run (warm cache)", [j["best"]["isle_warm"] for j in jobs]),
+              ("decode + encode floor", [j["floor_seconds"] for j in jobs])]
+    for k, (name, ys) in enumerate(series):
+        ax.bar(x + (k - 1.5) * width, ys, width, label=name)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("seconds (whole process)")
+    ax.set_title("folders to folders: gt + 4 sets of label PNGs -> ensemble PNGs", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = bench_parser("e2e", __doc__.splitlines()[0])
+    p.add_argument("--images", default=None, help=f"comma-separated sizes (default 2400,{VOC_TRAIN_AUG}; quick 48)")
+    p.add_argument("--sets", type=int, default=4, help="pseudo-label sets (default 4)")
+    p.add_argument("--workers", type=int, default=None, help="processes for both sides (default: every core)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    from isle_fast.stores.parallel import default_workers
+
+    workers = args.workers or default_workers()
+    if shared_data() is None and not quick:
+        print("e2e: skipped: ../shared/data/voc2012_val_gt.tar.gz (the real VOC label maps) is absent; "
+              "set ISLE_SHARED_DATA to its folder, or run --quick (synthetic maps)")
+        write_json("e2e", {"skipped": "real VOC label maps absent", "headline": []}, quick=quick)
+        return 0
+    sizes = [int(v) for v in args.images.split(",")] if args.images else ([48] if quick else [2400, VOC_TRAIN_AUG])
+    repeat = args.repeat or (1 if quick else 2)
+    work = tmp_dir() / f"e2e-work-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"workers": workers, "repeat": repeat, "jobs": [], "ingest": [], "evaluate": []}
+    headline = []
+    try:
+        first = True
+        for n in sizes:
+            data = make_dataset(n, args.sets, quick, workers)
+            results["data"] = {"source": data["source"], "base_files": data["base_files"]}
+            rates = per_core_rates(data["root"] / "SegmentationClass", 60 if quick else 500)
+            results.setdefault("per_core_rates", {})[str(n)] = rates
+            job = bench_jobs(data, work, repeat, workers, rates)
+            results["jobs"].append(job)
+            ing = bench_ingest(data, work, repeat, workers, rates)
+            results["ingest"].append(ing)
+            ev = bench_evaluate(data, work, repeat)
+            results["evaluate"].append(ev)
+            if first:
+                results["fast_start"] = bench_fast_start(data, work, repeat)
+                from PIL import Image
+
+                arrays = [np.asarray(Image.open(f)) for f in
+                          sorted((data["root"] / "SegmentationClass").glob("*.png"))[:50 if quick else 1449]]
+                results["png_compression"] = png_compression(arrays)
+                first = False
+            headline += [
+                headline_row(f"folders to folders, {n:,} images, {args.sets} sets (isle run, cold cache)",
+                             job["best"]["isle_cold"], f"plain PIL + NumPy on a {workers}-process pool",
+                             job["best"]["plain"], over_floor=job["cold_over_floor"], target_met=job["target_3x"]),
+                headline_row(f"ingest {n:,} label PNGs ({workers} workers)", ing["seconds"],
+                             "PIL decode, one core", n / ing["per_core_decode_per_s"],
+                             target_met=ing["target_1_8x"]),
+                headline_row(f"isle evaluate, {args.sets} sets x {n:,} images, whole process", ev["ours"],
+                             "Zarr read + np.bincount loop, one process", ev["reference"], target_met=ev["target_5x"]),
+            ]
+        fs = results["fast_start"]
+        headline.append(headline_row("isle evaluate: process start -> first task", fs["local"]["first_task"],
+                                     "the Dask pass (DASK_SCHEDULER=threads)", fs["dask"]["first_task"],
+                                     target_met=fs["target_first_task_0_3s"]))
+        rows = []
+        for job, ing, ev in zip(results["jobs"], results["ingest"], results["evaluate"]):
+            rows.append({"images": job["images"], "plain s": f"{job['best']['plain']:.2f}",
+                         "isle run s": f"{job['best']['isle_cold']:.2f}",
+                         "x plain": f"{job['speedup_cold']:.2f}", "warm s": f"{job['best']['isle_warm']:.2f}",
+                         "floor s": f"{job['floor_seconds']:.2f}", "x floor": f"{job['cold_over_floor']:.2f}",
+                         "ingest x decode": f"{ing['x_per_core_decode']:.2f}", "evaluate x": f"{ev['speedup']:.2f}"})
+        print(format_table(rows))
+        print(f"first task of isle evaluate: {fs['local']['first_task']:.3f} s (Dask pass "
+              f"{fs['dask']['first_task']:.3f} s); end {fs['local']['end']:.3f} s ({fs['dask']['end']:.3f} s)")
+        print("PNG compression, one core: " + ", ".join(
+            f"{k}: {v['maps_per_s']:.0f}/s {v['kib_per_file']:.2f} KiB" for k, v in results["png_compression"].items()))
+        results["headline"] = headline
+        path = write_json("e2e", results, quick=quick)
+        plot(results_dir() / "e2e.png", results["jobs"])
+        print(f"wrote {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -233,8 +233,29 @@ def test_summary_only_collects_earlier_results(tmp_path, monkeypatch, capsys):
 
 
 def test_module_list_matches_files():
-    for name in ("scaling", "pipeline"):
+    for name in ("scaling", "pipeline", "e2e"):
         assert name in MODULES and available(name)
+
+
+@pytest.mark.slow
+def test_e2e_quick(tmp_path, monkeypatch):
+    """``python -m benchmarks.e2e --quick``: every measurement runs, label maps and counts are checked equal."""
+    from benchmarks import e2e
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "cache"))
+    assert e2e.main(["--quick"]) == 0
+    doc = json.loads((tmp_path / "res" / "e2e.json").read_text())
+    assert doc["quick"] is True
+    job = doc["jobs"][0]
+    assert job["identical_label_maps"] == job["images"] == 48
+    assert job["best"]["plain"] > 0 and job["best"]["isle_cold"] > 0 and job["floor_seconds"] > 0
+    assert doc["evaluate"][0]["counts_equal"] is True
+    assert doc["fast_start"]["local"]["first_task"] > 0 and "numpy" in doc["fast_start"]["import_seconds"]
+    assert "dask" not in doc["fast_start"]["import_seconds"]           # isle evaluate never imports Dask
+    assert set(doc["png_compression"]) == {"rle", "1", "6", "9"}
+    assert {"target_met"} <= set(doc["headline"][0]) and len(doc["headline"]) == 4
+    assert (tmp_path / "res" / "e2e.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -269,7 +269,8 @@ def set_quality(n_sets: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_sets):
-        out.append({"grow": rng.integers(-4, 5, size=N_CLASSES), "drop": rng.uniform(0.0, 0.3, size=N_CLASSES),
+        out.append({"grow": rng.integers(-4, 5, size=N_CLASSES),
+                    "drop": rng.uniform(0.0, 0.3, size=N_CLASSES),
                     "relabel": rng.uniform(0.0, 0.15, size=N_CLASSES),
                     "other": rng.integers(1, N_CLASSES, size=N_CLASSES)})
     return out
@@ -350,10 +351,12 @@ def _timed(argv: list[str], env: dict | None = None, timeout: float = 3600) -> t
     """Wall seconds of a fresh process running ``argv``, its stdout, and the peak RSS of its tree."""
     t0 = time.perf_counter()
     with PeakMemory(interval=0.05) as pm:
-        proc = subprocess.run(argv, cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, cwd=REPO, env=env or _env(), capture_output=True, text=True,
+                              timeout=timeout)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     return dt, proc.stdout, max(0, pm.peak - pm.baseline)
 
 
@@ -428,14 +431,15 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
     for r in range(repeat):
         for d in ("plain-out", "run"):
             shutil.rmtree(work / d, ignore_errors=True)
-        dt, _, pk = _timed([sys.executable, "-c", PLAIN_SCRIPT, str(root), str(work / "plain-out"), ",".join(sets),
-                            str(workers)])
+        dt, _, pk = _timed([sys.executable, "-c", PLAIN_SCRIPT, str(root), str(work / "plain-out"),
+                            ",".join(sets), str(workers)])
         runs["plain"].append(dt)
         peaks["plain"] = max(peaks.get("plain", 0), pk)
-        dt, _, pk = _timed(_isle("run", root, "--out", work / "run", "--no-report", "--workers", workers, "-q"))
+        job = _isle("run", root, "--out", work / "run", "--no-report", "--workers", workers, "-q")
+        dt, _, pk = _timed(job)
         runs["isle_cold"].append(dt)
         peaks["isle_cold"] = max(peaks.get("isle_cold", 0), pk)
-        dt, _, pk = _timed(_isle("run", root, "--out", work / "run", "--no-report", "--workers", workers, "-q"))
+        dt, _, pk = _timed(job)
         runs["isle_warm"].append(dt)
         doc = json.loads((work / "run" / "run.json").read_text())
         assert not doc["made"], "the warm run ingested again"
@@ -449,8 +453,10 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
     cores = workers
     floor = (n * (len(sets) + 1) / (cores * rates["decode_per_s"]) + n / (cores * rates["encode_rle_per_s"]))
     return {"images": n, "sets": len(sets), "workers": workers, "runs": runs, "best": best,
-            "speedup_cold": best["plain"] / best["isle_cold"], "speedup_warm": best["plain"] / best["isle_warm"],
-            "floor_seconds": floor, "cold_over_floor": best["isle_cold"] / floor, "steps_last_warm_run": steps,
+            "speedup_cold": best["plain"] / best["isle_cold"],
+            "speedup_warm": best["plain"] / best["isle_warm"],
+            "floor_seconds": floor, "cold_over_floor": best["isle_cold"] / floor,
+            "steps_last_warm_run": steps,
             "identical_label_maps": compared, "peak_rss": peaks,
             "target_3x": best["plain"] / best["isle_cold"] >= 3.0}
 
@@ -472,7 +478,7 @@ def bench_ingest(data: dict, work: Path, repeat: int, workers: int, rates: dict)
 
 
 def bench_evaluate(data: dict, work: Path, repeat: int) -> dict:
-    """Whole-process ``isle evaluate`` vs a Zarr + np.bincount loop in one process (stores of ``isle run``)."""
+    """Whole-process ``isle evaluate`` vs a Zarr + np.bincount loop in one process (``isle run``'s stores)."""
     cache = work / "run" / "cache"
     gt = cache / "gt.zarr"
     sets = [cache / f"{s}.zarr" for s in data["sets"]]
@@ -507,13 +513,14 @@ def bench_fast_start(data: dict, work: Path, repeat: int) -> dict:
         firsts, ends = [], []
         for _ in range(max(3, repeat)):
             env = dict(_env(), **extra, E2E_T0=repr(time.time()))
-            proc = subprocess.run([sys.executable, "-c", FIRST_TASK_PROBE, *map(str, argv)], cwd=REPO, env=env,
-                                  capture_output=True, text=True, timeout=600)
+            proc = subprocess.run([sys.executable, "-c", FIRST_TASK_PROBE, *map(str, argv)], cwd=REPO,
+                                  env=env, capture_output=True, text=True, timeout=600)
             line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("FIRST_TASK"))
             parts = line.split()
             firsts.append(float(parts[1]))
             ends.append(float(parts[3]))
-        out[label] = {"first_task": min(firsts), "end": min(ends), "runs_first_task": firsts, "runs_end": ends}
+        out[label] = {"first_task": min(firsts), "end": min(ends), "runs_first_task": firsts,
+                      "runs_end": ends}
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "isle_fast", *map(str, argv)], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=600)
     wanted = ("numpy", "zarr", "numcodecs", "dask", "distributed", "numba", "PIL", "tqdm", "isle_fast",
@@ -556,7 +563,8 @@ def plot(path: Path, jobs: list[dict]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = bench_parser("e2e", __doc__.splitlines()[0])
-    p.add_argument("--images", default=None, help=f"comma-separated sizes (default 2400,{VOC_TRAIN_AUG}; quick 48)")
+    p.add_argument("--images", default=None,
+                   help=f"comma-separated sizes (default 2400,{VOC_TRAIN_AUG}; quick 48)")
     p.add_argument("--sets", type=int, default=4, help="pseudo-label sets (default 4)")
     p.add_argument("--workers", type=int, default=None, help="processes for both sides (default: every core)")
     args = p.parse_args(argv)
@@ -569,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
               "set ISLE_SHARED_DATA to its folder, or run --quick (synthetic maps)")
         write_json("e2e", {"skipped": "real VOC label maps absent", "headline": []}, quick=quick)
         return 0
-    sizes = [int(v) for v in args.images.split(",")] if args.images else ([48] if quick else [2400, VOC_TRAIN_AUG])
+    sizes = ([int(v) for v in args.images.split(",")] if args.images
+             else [48] if quick else [2400, VOC_TRAIN_AUG])
     repeat = args.repeat or (1 if quick else 2)
     work = tmp_dir() / f"e2e-work-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
@@ -599,12 +608,14 @@ def main(argv: list[str] | None = None) -> int:
             headline += [
                 headline_row(f"folders to folders, {n:,} images, {args.sets} sets (isle run, cold cache)",
                              job["best"]["isle_cold"], f"plain PIL + NumPy on a {workers}-process pool",
-                             job["best"]["plain"], over_floor=job["cold_over_floor"], target_met=job["target_3x"]),
+                             job["best"]["plain"], over_floor=job["cold_over_floor"],
+                             target_met=job["target_3x"]),
                 headline_row(f"ingest {n:,} label PNGs ({workers} workers)", ing["seconds"],
                              "PIL decode, one core", n / ing["per_core_decode_per_s"],
                              target_met=ing["target_1_8x"]),
                 headline_row(f"isle evaluate, {args.sets} sets x {n:,} images, whole process", ev["ours"],
-                             "Zarr read + np.bincount loop, one process", ev["reference"], target_met=ev["target_5x"]),
+                             "Zarr read + np.bincount loop, one process", ev["reference"],
+                             target_met=ev["target_5x"]),
             ]
         fs = results["fast_start"]
         headline.append(headline_row("isle evaluate: process start -> first task", fs["local"]["first_task"],
@@ -616,12 +627,15 @@ def main(argv: list[str] | None = None) -> int:
                          "isle run s": f"{job['best']['isle_cold']:.2f}",
                          "x plain": f"{job['speedup_cold']:.2f}", "warm s": f"{job['best']['isle_warm']:.2f}",
                          "floor s": f"{job['floor_seconds']:.2f}", "x floor": f"{job['cold_over_floor']:.2f}",
-                         "ingest x decode": f"{ing['x_per_core_decode']:.2f}", "evaluate x": f"{ev['speedup']:.2f}"})
+                         "ingest x decode": f"{ing['x_per_core_decode']:.2f}",
+                         "evaluate x": f"{ev['speedup']:.2f}"})
         print(format_table(rows))
         print(f"first task of isle evaluate: {fs['local']['first_task']:.3f} s (Dask pass "
-              f"{fs['dask']['first_task']:.3f} s); end {fs['local']['end']:.3f} s ({fs['dask']['end']:.3f} s)")
+              f"{fs['dask']['first_task']:.3f} s); end {fs['local']['end']:.3f} s "
+              f"({fs['dask']['end']:.3f} s)")
         print("PNG compression, one core: " + ", ".join(
-            f"{k}: {v['maps_per_s']:.0f}/s {v['kib_per_file']:.2f} KiB" for k, v in results["png_compression"].items()))
+            f"{k}: {v['maps_per_s']:.0f}/s {v['kib_per_file']:.2f} KiB"
+            for k, v in results["png_compression"].items()))
         results["headline"] = headline
         path = write_json("e2e", results, quick=quick)
         plot(results_dir() / "e2e.png", results["jobs"])

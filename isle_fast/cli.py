@@ -29,7 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("isle_fast.commands.predict", "predict masks with a trained DeepLabV3+"),
     "export": ("isle_fast.commands.export", "write a label store as VOC palette PNGs"),
     "report": ("isle_fast.commands.report", "the paper's tables and figures for any data"),
-    "run": ("isle_fast.commands.run", "the whole job from folders: ingest (cached), evaluate, merge, export, report"),
+    "run": ("isle_fast.commands.run",
+            "the whole job from folders: ingest (cached), evaluate, merge, export, report"),
     "bench": ("isle_fast.commands.bench", "run the benchmarks"),
     "demo": ("isle_fast.commands.demo", "make a synthetic VOC-like data set and run the whole pipeline"),
 }

@@ -220,6 +220,10 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _subfolders(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir()} if folder.is_dir() else {}
+
+
 def spec_from_root(root: str | os.PathLike, **options: Any) -> JobSpec:
     """A :class:`JobSpec` for a VOC-style folder (see the module docstring); ``options`` override.
 
@@ -234,8 +238,7 @@ def spec_from_root(root: str | os.PathLike, **options: Any) -> JobSpec:
     gt = next((r / g for g in ("SegmentationClassAug", "SegmentationClass") if (r / g).is_dir()), None)
     if gt is None:
         raise InputError(f"{r} holds neither SegmentationClassAug/ nor SegmentationClass/ (the ground truth)")
-    sets = {p.name: p for p in sorted((r / "pseudo").iterdir()) if p.is_dir()} if (r / "pseudo").is_dir() else {}
-    cams = {p.name: p for p in sorted((r / "cams").iterdir()) if p.is_dir()} if (r / "cams").is_dir() else {}
+    sets, cams = _subfolders(r / "pseudo"), _subfolders(r / "cams")
     if not sets and not cams:
         raise InputError(f"{r} holds no set folders: put them in {r / 'pseudo'}/<set>/ (label PNGs) or "
                          f"{r / 'cams'}/<set>/ (CAM files)")
@@ -428,7 +431,8 @@ def _locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(f"{folder} is in use by another isle run (lock {folder / '.isle-run.lock'})") from None
+            raise InputError(f"{folder} is in use by another isle run "
+                             f"(lock {folder / '.isle-run.lock'})") from None
         yield
     finally:
         os.close(fd)
@@ -469,7 +473,7 @@ def _remove_stale(folder: Path, patterns: Sequence[str]) -> None:
 
 
 def _cached(path: Path, fp: str, make: Any) -> tuple[Any, bool]:
-    """The store at ``path`` when its fingerprint is ``fp``, else ``make()`` (which replaces it); (stack, reused)."""
+    """``(store, True)`` when the store at ``path`` has fingerprint ``fp``, else ``(make(), False)``."""
     from isle_fast.stores.stack import open_stack
 
     if path.exists():
@@ -510,7 +514,7 @@ def _joined(a: Any, b: Any) -> Any:
 
 
 def _move_results(staging: Path, out: Path, made: Sequence[str]) -> None:
-    """Replace RUN's results by the staged ones; ``run.json`` goes first (and is written last by the caller)."""
+    """Replace RUN's results by the staged ones; ``run.json`` goes first (the caller writes it last)."""
     (out / "run.json").unlink(missing_ok=True)
     for name in RESULTS:
         final = out / name
@@ -623,8 +627,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
 
     def make_gt() -> Any:
         with _quiet_stdout():
-            return ingest.ingest_labels(spec.gt, cache / "gt.zarr", ids=spec.ids, classes=spec.classes, kind="gt",
-                                        name="gt", provenance={"job_fingerprint": gt_fp}, **common)
+            return ingest.ingest_labels(spec.gt, cache / "gt.zarr", ids=spec.ids, classes=spec.classes,
+                                        kind="gt", name="gt", provenance={"job_fingerprint": gt_fp}, **common)
 
     gt = cached("gt", cache / "gt.zarr", gt_fp, make_gt)
     stores: dict[str, Any] = {}
@@ -639,8 +643,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
                     return ingest.ingest_labels(folder, cache / f"{name}.zarr", gt=gt, name=name,
                                                 provenance={"job_fingerprint": fp}, **common)
                 return ingest.ingest_scores(folder, cache / f"{name}.zarr", gt=gt, name=name,
-                                            allow_pickle=spec.allow_pickle, provenance={"job_fingerprint": fp},
-                                            **common)
+                                            allow_pickle=spec.allow_pickle,
+                                            provenance={"job_fingerprint": fp}, **common)
 
         stores[name] = cached(name, cache / f"{name}.zarr", fp, make_set)
     images = None
@@ -671,8 +675,9 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
 
             def make_refined(src: Any = src, rname: str = rname, fp: str = fp) -> Any:
                 with _quiet_stdout():
-                    st = refine_stack(src, images, cache / f"{rname}.zarr", spec.refine, parse_params(spec.params),
-                                      name=rname, overwrite=True, progress=progress)
+                    st = refine_stack(src, images, cache / f"{rname}.zarr", spec.refine,
+                                      parse_params(spec.params), name=rname, overwrite=True,
+                                      progress=progress)
                 _set_fingerprint(st.path, fp)
                 from isle_fast.stores.stack import open_stack
 
@@ -684,8 +689,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
 
     # -- step 2: evaluate and select ---------------------------------------------------------------
     with steps.step("evaluate"):
-        ev = evaluate(set_stacks, gt, average=spec.average, backend=spec.backend, bg_threshold=spec.bg_threshold,
-                      progress=progress)
+        ev = evaluate(set_stacks, gt, average=spec.average, backend=spec.backend,
+                      bg_threshold=spec.bg_threshold, progress=progress)
     names = ev.set_names
     subset = None
     if spec.subset:
@@ -752,9 +757,12 @@ def _set_fingerprint(path: str, fp: str) -> None:
 
 
 def _spec_json(spec: JobSpec) -> dict:
-    d = asdict(spec)
-    return {k: (str(v) if isinstance(v, Path) else {n: str(p) for n, p in v.items()} if isinstance(v, dict) else v)
-            for k, v in d.items()}
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        return {n: str(p) for n, p in v.items()} if isinstance(v, dict) else v
+
+    return {k: plain(v) for k, v in asdict(spec).items()}
 
 
 def _print_summary(r: JobResult) -> None:
@@ -768,8 +776,9 @@ def _print_summary(r: JobResult) -> None:
         "images": f"{r.images:,}",
         "sets": ", ".join(f"{n} {v:.1f}" if v is not None else n for n, v in r.miou.items()) + " (mIoU)",
         "selection": ", ".join(f"{n} {k} classes" for n, k in won.items()),
-        "ensemble mIoU": (f"{r.ensemble_miou:.2f}" + (f" ({r.ensemble_miou - best[1]:+.2f} over the best set, "
-                                                       f"{best[0]})" if best[0] is not None else "")),
+        "ensemble mIoU": f"{r.ensemble_miou:.2f}" + (
+            f" ({r.ensemble_miou - best[1]:+.2f} over the best set, {best[0]})"
+            if best[0] is not None else ""),
         "stores": f"{len(r.made)} made, {len(r.reused)} reused (inputs unchanged) in {r.files['cache']}",
         "seconds": f"{r.seconds['total']:.2f} (" + ", ".join(f"{k} {v:.2f}" for k, v in r.seconds.items()
                                                             if k != "total") + ")",

@@ -239,7 +239,7 @@ def test_module_list_matches_files():
 
 @pytest.mark.slow
 def test_e2e_quick(tmp_path, monkeypatch):
-    """``python -m benchmarks.e2e --quick``: every measurement runs, label maps and counts are checked equal."""
+    """``python -m benchmarks.e2e --quick``: every measurement runs; label maps and counts are equal."""
     from benchmarks import e2e
 
     monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))

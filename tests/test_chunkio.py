@@ -89,10 +89,11 @@ def test_block_must_be_one_whole_chunk(tmp_path):
 
 
 def test_a_task_never_recreates_a_removed_store(tmp_path):
-    """Folders are made up front by the owner; a write into a removed store fails instead of making it again."""
+    """Folders are made up front by the owner: a write into a removed store fails, it does not remake it."""
     import shutil
 
-    b = zarr.create_array(str(tmp_path / "s.tmp" / "labels"), shape=(4, 3, 3), chunks=(2, 3, 3), dtype="uint8")
+    b = zarr.create_array(str(tmp_path / "s.tmp" / "labels"), shape=(4, 3, 3), chunks=(2, 3, 3),
+                          dtype="uint8")
     spec = write_spec(b)
     prepare_folders(spec)
     shutil.rmtree(tmp_path / "s.tmp")

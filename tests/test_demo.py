@@ -31,7 +31,7 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(quick_demo):
     out, summary, text = quick_demo
     steps = [s["step"] for s in summary["steps"]]
     assert steps == ["data", "ingest", "info", "refine", "evaluate", "merge", "report", "run", "train"]
-    run = summary["results"]["run"]            # isle run on the same tree: the same ensemble, then a cached re-run
+    run = summary["results"]["run"]            # isle run on the same tree: same ensemble, cached re-run
     assert run["identical_to_the_steps"] is True and len(run["stores_reused_on_rerun"]) >= 5
     assert len(list((out / "run" / "ensemble").glob("*.png"))) == summary["results"]["data"]["train"]
     for s in summary["steps"]:

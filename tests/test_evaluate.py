@@ -321,6 +321,7 @@ def test_local_pass_needs_no_dask(stack_factory, monkeypatch):
     s = stack_factory("s", imgs[::-1], num_classes=3, chunks=(2, 5, 6))
     monkeypatch.setattr(E, "_dask_pass", lambda *a, **k: pytest.fail("the Dask pass ran"))
     ev = evaluate([s], gt, backend="cpu", progress=False)
-    np.testing.assert_array_equal(ev.counts[0], ref.confusion_labels(np.stack(imgs), [np.stack(imgs[::-1])], 3)[0])
+    want = ref.confusion_labels(np.stack(imgs), [np.stack(imgs[::-1])], 3)[0]
+    np.testing.assert_array_equal(ev.counts[0], want)
     t = stack_factory("t", imgs, num_classes=3, chunks=(3, 5, 6))   # chunked otherwise: the Dask pass
     assert E.local_specs([t], gt) is None

@@ -84,7 +84,8 @@ def test_compress_choices():
 def test_cli_compress_level(tmp_path, capsys):
     images = [np.full((6, 8), 3, np.uint8)] * 3
     write_stack(str(tmp_path / "s.zarr"), images, num_classes=21)
-    assert main(["export", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--compress-level", "9"]) == 0
+    assert main(["export", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"),
+                 "--compress-level", "9"]) == 0
     out = capsys.readouterr().out
     assert "compression 9" in out and "images/s" in out
     with pytest.raises(SystemExit) as exc:
@@ -106,7 +107,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_cli_export_worker_killed_then_rerun(tmp_path):
-    """A worker SIGKILLed mid-export: exit 1, one line, no output folder, no temporary left; a re-run works."""
+    """A worker SIGKILLed mid-export: exit 1, one line, no output or temporary left; a re-run works."""
     import psutil
 
     rng = np.random.default_rng(4)

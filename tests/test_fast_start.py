@@ -56,8 +56,8 @@ def _probe(argv: list[str]) -> dict:
     code = f"HEAVY = {HEAVY!r}\n" + _PROBE
     env = dict(os.environ, ISLE_PROGRESS="0")
     env.pop("DASK_SCHEDULER", None)
-    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE "))
     return json.loads(line[6:])

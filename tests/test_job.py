@@ -49,7 +49,8 @@ def make_tree(root: Path, n: int = 40, seed: int = 0, sets: tuple[str, ...] = SE
         gt = np.zeros((h, w), np.uint8)
         for _ in range(int(rng.integers(1, 4))):
             y0, x0 = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
-            gt[y0:y0 + int(rng.integers(6, h // 2 + 6)), x0:x0 + int(rng.integers(6, w // 2 + 6))] = rng.integers(1, 9)
+            dy, dx = int(rng.integers(6, h // 2 + 6)), int(rng.integers(6, w // 2 + 6))
+            gt[y0:y0 + dy, x0:x0 + dx] = rng.integers(1, 9)
         saved = gt.copy()
         saved[rng.random((h, w)) < 0.02] = 255
         save_png(root / "SegmentationClass" / f"im{i:03d}.png", saved)
@@ -91,11 +92,12 @@ def test_run_equals_the_separate_commands(tree, tmp_path, capsys):
     assert "isle run: done" in out and "ensemble mIoU" in out and "3 made" not in out
     sep = tmp_path / "sep"
     gt = sep / "gt.zarr"
-    assert main(["ingest", "labels", str(tree / "SegmentationClass"), "--kind", "gt", "-o", str(gt), "-q"]) == 0
+    assert main(["ingest", "labels", str(tree / "SegmentationClass"), "--kind", "gt", "-o", str(gt),
+                 "-q"]) == 0
     stores = []
     for s in SETS:
-        assert main(["ingest", "labels", str(tree / "pseudo" / s), "--gt", str(gt), "-o", str(sep / f"{s}.zarr"),
-                     "-q"]) == 0
+        assert main(["ingest", "labels", str(tree / "pseudo" / s), "--gt", str(gt),
+                     "-o", str(sep / f"{s}.zarr"), "-q"]) == 0
         stores.append(str(sep / f"{s}.zarr"))
     assert main(["merge", *stores, "--gt", str(gt), "--out", str(sep / "ens.zarr"), "--quiet",
                  "--json", str(sep / "merge.json")]) == 0
@@ -213,7 +215,8 @@ def _kill_during_export(argv: list, run: Path) -> None:
                             stderr=subprocess.PIPE, start_new_session=True)
     t0 = time.monotonic()
     while True:
-        staged = list(run.glob(".staging-*/ensemble/*.png")) + list(run.glob(".staging-*/.ensemble.tmp-*/*.png"))
+        staged = (list(run.glob(".staging-*/ensemble/*.png"))
+                  + list(run.glob(".staging-*/.ensemble.tmp-*/*.png")))
         if staged:
             break
         if proc.poll() is not None:
@@ -270,7 +273,8 @@ def test_user_mistakes_are_one_line_exit_2(tree, tmp_path, capsys, case):
     elif case == "overlap":
         argv, needle = ["run", tree, "--out", tree / "pseudo" / "alpha" / "run"], "overlap"
     elif case == "bad_toml":
-        (tmp_path / "j.toml").write_text('gt = "voc/SegmentationClass"\nout = "r"\ncolour = 3\n[sets]\na = "x"\n')
+        (tmp_path / "j.toml").write_text('gt = "voc/SegmentationClass"\nout = "r"\ncolour = 3\n'
+                                         '[sets]\na = "x"\n')
         argv, needle = ["run", tmp_path / "j.toml"], "colour"
     elif case == "dup":
         argv, needle = ["run", "--gt", tree / "SegmentationClass", "--set", f"a={tree / 'pseudo' / 'alpha'}",

@@ -33,7 +33,6 @@ from isle_fast.stores.parallel import (
     use_pool,
 )
 from isle_fast.stores.stack import open_stack
-from tests import reference as ref
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = (np.array([[(i >> 0 & 1) << 7 | (i >> 3 & 1) << 6 | (i >> 6 & 1) << 5,
@@ -213,8 +212,8 @@ def test_process_ingest_first_bad_is_named_like_a_sequential_run(folder300, tmp_
     msgs = []
     for workers in (1, 2):
         with pytest.raises(InputError) as exc:
-            ingest_labels(folder300["bad"], tmp_path / f"o{workers}.zarr", workers=workers, chunks=(4, 500, 500),
-                          quiet=True)
+            ingest_labels(folder300["bad"], tmp_path / f"o{workers}.zarr", workers=workers,
+                          chunks=(4, 500, 500), quiet=True)
         msgs.append(str(exc.value))
     assert msgs[0] == msgs[1]
     assert "2008_000150.png" in msgs[0] and "value 40 at row 7, column 9" in msgs[0]
@@ -266,8 +265,9 @@ def test_ingest_with_gt_store_reads_no_headers(folder300, tmp_path, monkeypatch)
     assert st_.ids == gt.ids
 
 
-# ----------------------------------------------------------------------------------- the command, as users meet it
-def _run_pty(argv: list[str], timeout: float, env: dict | None = None, on_output=None) -> tuple[int, str, float]:
+# ----------------------------------------------------------------------------------- the command, as met
+def _run_pty(argv: list[str], timeout: float, env: dict | None = None,
+             on_output=None) -> tuple[int, str, float]:
     """Run ``isle ARGV`` with stdout and stderr on a pseudo-terminal; (status, output, seconds)."""
     import fcntl
     import struct
@@ -357,10 +357,12 @@ def _slow_ingest(argv: list[str]) -> subprocess.Popen:
 def _wait_for_chunk(out: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if any(p.is_file() for t in out.parent.glob(out.name + ".tmp-*") for p in (t / "labels" / "c").rglob("*")):
+        temps = out.parent.glob(out.name + ".tmp-*")
+        if any(p.is_file() for t in temps for p in (t / "labels" / "c").rglob("*")):
             return
         if proc.poll() is not None:
-            pytest.fail(f"ingest ended (rc {proc.returncode}) before writing a chunk: {proc.stderr.read()[-800:]}")
+            pytest.fail(f"ingest ended (rc {proc.returncode}) before writing a chunk: "
+                        f"{proc.stderr.read()[-800:]}")
         time.sleep(0.01)
     pytest.fail("ingest never wrote a chunk")
 
@@ -383,13 +385,14 @@ def test_cli_worker_killed_mid_ingest(folder300, tmp_path):
     _, err = proc.communicate(timeout=60)
     err = err.decode()
     assert proc.returncode == 1, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("isle ingest: error: worker process")
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("isle ingest: error: worker process")
     _no_store_left(out)
     assert not _children(proc.pid)
 
 
 def test_cli_ctrl_c_mid_ingest(folder300, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it): exit 130, workers gone, no store."""
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it): exit 130, workers gone, no store."""
     out = tmp_path / "s.zarr"
     proc = _slow_ingest(["ingest", "labels", folder300["good"], "-o", out, "--workers", "2", "-q",
                          "--chunks", "5,500,500"])

@@ -466,7 +466,7 @@ def _affinity_params(ctx: DemoContext) -> list[str]:
 
 
 def step_run(ctx: DemoContext) -> Path:
-    """The same job as one command (``isle run``): from the file tree to ensemble PNGs; then a cached re-run."""
+    """The same job as one command (``isle run``): file tree to ensemble PNGs, then a cached re-run."""
     import numpy as np
 
     from isle_fast.job import JobSpec, run_job
@@ -474,7 +474,8 @@ def step_run(ctx: DemoContext) -> Path:
 
     ds = ctx.dataset
     chain = ctx.cache["chain"]
-    spec = JobSpec(gt=Path(ds.paths["gt"]), ids=Path(ds.paths["train_list"]), images=Path(ds.paths["images"]),
+    spec = JobSpec(gt=Path(ds.paths["gt"]), ids=Path(ds.paths["train_list"]),
+                   images=Path(ds.paths["images"]),
                    sets={n: Path(f) for n, f in ds.paths["pseudo"].items()},
                    cams={n: Path(f) for n, f in ds.paths["cams"].items()}, refine=list(chain),
                    params=_affinity_params(ctx) if "affinity" in chain else [], allow_pickle=True,
@@ -483,13 +484,15 @@ def step_run(ctx: DemoContext) -> Path:
     second = run_job(JobSpec(**{**spec.__dict__, "report": False}))
     same = bool(np.array_equal(open_stack(ctx.out / "run" / "ensemble.zarr").array[:],
                                open_stack(ctx.stores["train/ensemble"]).array[:]))
-    ctx.results["run"] = {"out": str(ctx.out / "run"), "seconds": first.seconds, "rerun_seconds": second.seconds,
+    ctx.results["run"] = {"out": str(ctx.out / "run"), "seconds": first.seconds,
+                          "rerun_seconds": second.seconds,
                           "stores_reused_on_rerun": second.reused, "ensemble_miou": first.ensemble_miou,
                           "identical_to_the_steps": same}
     if not ctx.quiet:
         print(f"isle run {ds.root} --ids {Path(ds.paths['train_list']).name} --images ... "
               f"--refine {','.join(chain) or 'none'}: {first.seconds['total']:.1f} s, ensemble mIoU "
-              f"{first.ensemble_miou:.1f}, the same ensemble as the steps above: {'yes' if same else 'NO'}; "
+              f"{first.ensemble_miou:.1f}, the same ensemble as the steps above: "
+              f"{'yes' if same else 'NO'}; "
               f"re-run {second.seconds['total']:.1f} s ({len(second.reused)} stores reused, "
               f"{len(second.made)} made)")
     if not same:

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     rate = res["images"] / res["seconds"] if res["seconds"] > 0 else float("nan")
     summary("isle export: done", {"images": f"{res['images']:,}", "seconds": f"{res['seconds']:.2f}",
                                   "throughput": f"{rate:,.0f} images/s",
-                                  "PNG bytes": f"{res['bytes'] / 2**20:,.2f} MiB (compression {res['compress']})",
+                                  "PNG bytes": (f"{res['bytes'] / 2**20:,.2f} MiB "
+                                                f"(compression {res['compress']})"),
                                   "output": res["path"]}, quiet=args.quiet)
     return 0

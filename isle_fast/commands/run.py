@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", metavar="RUN", help="the run folder (new, or made by isle run)")
     parser.add_argument("--cache", metavar="DIR", help="where the stores are kept (default RUN/cache)")
     parser.add_argument("--ids", metavar="FILE", help="id list (default: every file of the gt folder)")
-    parser.add_argument("--images", metavar="DIR", help="RGB images (<id>.jpg), for refinement and the figure")
+    parser.add_argument("--images", metavar="DIR",
+                        help="RGB images (<id>.jpg), for refinement and the report figure")
     parser.add_argument("--classes", metavar="FILE|voc", help="class names, background first (default voc)")
     parser.add_argument("--refine", metavar="CHAIN", help="refine sets first, e.g. crf or affinity,crf")
     parser.add_argument("--refine-sets", type=_names, metavar="A,B",
@@ -67,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(compress_level=None)
     parser.add_argument("--no-report", dest="report", action="store_false", default=None,
                         help="no report/ folder (tables and figures)")
-    parser.add_argument("--num-images", type=int, default=None, metavar="K", help="images in the report figure")
+    parser.add_argument("--num-images", type=int, default=None, metavar="K",
+                        help="images in the report figure")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     parser.add_argument("--skip-bad", action="store_true", default=None,
                         help="leave bad images out of every store instead of failing")
@@ -88,7 +90,8 @@ def spec_from_args(args: argparse.Namespace):
         "out": Path(args.out) if args.out else None, "cache": Path(args.cache) if args.cache else None,
         "ids": Path(args.ids) if args.ids else None, "images": Path(args.images) if args.images else None,
         "classes": args.classes, "refine": parse_chain(args.refine) if args.refine else None,
-        "refine_sets": args.refine_sets, "params": args.params, "policy": args.policy, "strategy": args.strategy,
+        "refine_sets": args.refine_sets, "params": args.params, "policy": args.policy,
+        "strategy": args.strategy,
         "subset": args.subset, "average": args.average, "bg_threshold": args.bg_threshold,
         "backend": args.backend, "compress": args.compress_level, "report": args.report,
         "num_images": args.num_images, "workers": args.workers, "skip_bad": args.skip_bad,

@@ -525,7 +525,7 @@ def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
 
 def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
                 shape: tuple[int, int, int], **kernel: Any) -> np.ndarray:
-    """One gt chunk: read it and the same chunk of every set (direct reader), count (:func:`_confusion_block`)."""
+    """One gt chunk: read it and the same chunk of every set (direct reader), then count it."""
     from isle_fast.stores.stack import _read_chunk
 
     g = _read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
@@ -537,7 +537,7 @@ def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, 
 def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, backend: str,
                bg_threshold: float | None, per_image: bool, progress: bool
                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The evaluate pass on a thread pool of this process (one task per gt chunk); ``(counts, image_stats)``.
+    """The evaluate pass on a thread pool here (one task per gt chunk): ``(counts, image_stats)``.
 
     The same tasks as the Dask graph (:func:`confusion_graph`), run by
     :class:`isle_fast.stores.parallel.ThreadExecutor` (a thread per core, a
@@ -636,7 +636,7 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
 
 def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold: float | None,
                per_image: bool, progress: bool) -> tuple[Any, Any]:
-    """The evaluate pass as a Dask graph (any scheduler, a cluster, fsspec stores); ``(counts, image_stats)``."""
+    """The evaluate pass as a Dask graph (any scheduler, cluster, fsspec store): ``(counts, image_stats)``."""
     import dask
 
     from isle_fast.backend import dask_scheduler

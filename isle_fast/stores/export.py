@@ -91,7 +91,8 @@ def _read_images(job: _ExportJob, i0: int, i1: int) -> np.ndarray:
     grid = [range(-(-n // c)) for n, c in zip(job.padded, job.spatial)]
     if all(len(g) == 1 for g in grid):
         shape = (m,) + tuple(job.padded)
-        return _read_chunk(job.spec, block_id=(ci,) + (0,) * len(grid), block_info={None: {"chunk-shape": shape}})
+        return _read_chunk(job.spec, block_id=(ci,) + (0,) * len(grid),
+                           block_info={None: {"chunk-shape": shape}})
     import itertools
 
     out = np.empty((m,) + tuple(job.padded), dtype=np.dtype(job.spec.dtype))

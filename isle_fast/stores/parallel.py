@@ -268,7 +268,7 @@ class ProcessPool:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "ProcessPool":
-        """Start the workers now (else at the first task): ``isle run`` forks them before any thread exists."""
+        """Start the workers now, not at the first task (``isle run`` forks them before any thread exists)."""
         self._ensure_started()
         return self
 

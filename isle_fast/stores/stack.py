@@ -289,7 +289,8 @@ def _small_array(folder: Path, doc: dict | None) -> np.ndarray | None:
         shape = tuple(int(v) for v in doc["shape"])
         chunk = tuple(int(v) for v in doc["chunk_grid"]["configuration"]["chunk_shape"])
         key = doc.get("chunk_key_encoding") or {}
-        if key.get("name") != "default" or any(s > c for s, c in zip(shape, chunk)) or len(shape) != len(chunk):
+        if (key.get("name") != "default" or len(shape) != len(chunk)
+                or any(s > c for s, c in zip(shape, chunk))):
             return None
         codecs = [dict(c) for c in doc.get("codecs") or []]
         names = [c.get("name") for c in codecs]
@@ -389,7 +390,8 @@ class Stack:
         if self._group is None:
             import zarr
 
-            self._group = zarr.open_group(self.path if is_remote(self.path) else str(_local(self.path)), mode="r")
+            where = self.path if is_remote(self.path) else str(_local(self.path))
+            self._group = zarr.open_group(where, mode="r")
         return self._group
 
     @property
@@ -945,7 +947,8 @@ def _spec_from_doc(folder: str, meta: "ArrayMeta") -> _ChunkSpec | None:
             return None
         return _ChunkSpec(folder=folder, separator=(key.get("configuration") or {}).get("separator", "/"),
                           chunk_shape=tuple(meta.chunks), dtype=dt.str,
-                          fill_value=np.asarray(doc.get("fill_value", 0), dtype=dt).item(), compressed=compressed)
+                          fill_value=np.asarray(doc.get("fill_value", 0), dtype=dt).item(),
+                          compressed=compressed)
     except Exception:  # an unexpected document: the general path
         return None
 

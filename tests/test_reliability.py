@@ -347,6 +347,12 @@ async def _slow(self, key, value, *a, **k):
         await asyncio.sleep(0.15)
     return await _orig(self, key, value, *a, **k)
 zarr.storage.LocalStore.set = _slow
+from isle_fast.stores import chunkio           # ingest workers write their chunks directly
+_orig_block = chunkio.write_block
+def _slow_block(*a, **k):
+    time.sleep(0.15)
+    return _orig_block(*a, **k)
+chunkio.write_block = _slow_block
 from isle_fast.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -177,7 +177,7 @@ def write_block(spec: ChunkWriteSpec, start: int, block: np.ndarray) -> int:
         return 0
     i = start // k
     grid = _grid(spec)[1:]
-    full = np.full(spec.chunk_shape, spec.fill_value, dtype=np.dtype(spec.dtype))
+    full = None   # a chunk-sized buffer, only for edge chunks (made once)
     written = 0
     import itertools
 
@@ -185,9 +185,11 @@ def write_block(spec: ChunkWriteSpec, start: int, block: np.ndarray) -> int:
         region = tuple(slice(r * c, min((r + 1) * c, n)) for r, c, n in zip(rest, spec.chunk_shape[1:],
                                                                           spec.shape[1:]))
         part = block[(slice(None),) + region]
-        if part.shape == full.shape:
+        if part.shape == tuple(spec.chunk_shape):
             chunk = part
         else:
+            if full is None:
+                full = np.empty(spec.chunk_shape, dtype=np.dtype(spec.dtype))
             full.fill(spec.fill_value)
             full[tuple(slice(0, s) for s in part.shape)] = part
             chunk = full

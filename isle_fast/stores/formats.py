@@ -146,7 +146,9 @@ def check_labels(arr: np.ndarray, num_classes: int) -> np.ndarray:
             raise BadInput(f"value {int(a[r, c])} at row {r}, column {c} is outside [0, {num_classes}) "
                            f"and not {IGNORE_INDEX} (ignore)")
         return a.astype(np.uint8)
-    # fast test first (two SIMD compares): every value >= C must be 255
+    if num_classes < IGNORE_INDEX and arr.size and int(arr.max()) < num_classes:
+        return arr  # one SIMD pass: no ignore and no bad value (most pseudo-label maps)
+    # fast test next (two SIMD compares): every value >= C must be 255
     if num_classes < IGNORE_INDEX and np.count_nonzero(arr >= num_classes) != np.count_nonzero(arr == IGNORE_INDEX):
         bad = (arr >= num_classes) & (arr != IGNORE_INDEX)
         if bad.any():
@@ -181,6 +183,18 @@ def _rgb_to_index(rgb: np.ndarray, num_classes: int) -> np.ndarray:
     return lut[inverse.reshape(packed.shape)]
 
 
+def _plain_png(path: str) -> np.ndarray | None:
+    """The values of a plain label PNG (:func:`isle_fast.stores.png.decode_label_png`), or None: PIL reads it."""
+    from isle_fast.stores.png import decode_label_png
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return decode_label_png(data)
+
+
 def read_label(path: str, num_classes: int) -> np.ndarray:
     """Decode one label map (PNG or ``.npy``) to a validated ``(H, W)`` uint8 array."""
     if path.lower().endswith(".npy"):
@@ -188,6 +202,9 @@ def read_label(path: str, num_classes: int) -> np.ndarray:
         if arr.ndim != 2:
             raise BadInput(f"a label map must be a 2-D array, this one has shape {arr.shape}")
         return check_labels(arr, num_classes)
+    plain = _plain_png(path)
+    if plain is not None:   # an 8-bit palette / grayscale PNG with unfiltered rows: decoded on zlib directly
+        return check_labels(plain, num_classes)
     im = _open_pil(path)
     try:
         with im:

@@ -95,12 +95,12 @@ def test_cli_compress_level(tmp_path, capsys):
 
 _SLOW_SAVES = r"""
 import sys, time
-import PIL.Image
-_orig = PIL.Image.Image.save
-def _slow(self, *a, **k):
+from isle_fast.stores import png
+_orig = png.encode_palette_png
+def _slow(*a, **k):
     time.sleep(0.01)
-    return _orig(self, *a, **k)
-PIL.Image.Image.save = _slow
+    return _orig(*a, **k)
+png.encode_palette_png = _slow   # export encodes every PNG with it (in the worker processes too)
 from isle_fast.cli import main
 sys.exit(main(sys.argv[1:]))
 """

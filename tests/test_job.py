@@ -198,12 +198,12 @@ def test_a_changed_file_is_ingested_again(tree, tmp_path, capsys):
 # --------------------------------------------------------------------------------- kills
 _SLOW_SAVES = r"""
 import sys, time
-import PIL.Image
-_orig = PIL.Image.Image.save
-def _slow(self, *a, **k):
+from isle_fast.stores import png
+_orig = png.encode_palette_png
+def _slow(*a, **k):
     time.sleep(0.03)
-    return _orig(self, *a, **k)
-PIL.Image.Image.save = _slow
+    return _orig(*a, **k)
+png.encode_palette_png = _slow   # export encodes every PNG with it (in the worker processes too)
 from isle_fast.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -295,3 +295,34 @@ def test_merge_to_and_from_fsspec_urls(data):
     remote = merge([s.path for s in msets], mgt.path, f"{url}/ens", backend="cpu", progress=False)
     assert remote.stack.path == f"{url}/ens"
     np.testing.assert_array_equal(np.asarray(open_stack(f"{url}/ens").array[:]), np.asarray(local.stack.array[:]))
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("chunks", [(2, 8, 8), (3, 4, 5), (7, 12, 12)])
+def test_local_merge_equals_reference_and_dask(tmp_path, rng, policy, chunks):
+    """Stores chunked alike merge on the local thread pool (no Dask, direct chunk writes), tiles included."""
+    import dask
+
+    import isle_fast.ensemble.merge as m
+
+    gt_imgs = label_imgs(rng, p_abstain=0.1)
+    gt = write_stack(str(tmp_path / "gt"), gt_imgs, kind="gt", num_classes=C, chunks=chunks)
+    imgs = [label_imgs(rng, p_abstain=0.05) for _ in range(3)]
+    sets = [write_stack(str(tmp_path / f"s{k}"), im, num_classes=C, chunks=chunks, name="ABC"[k])
+            for k, im in enumerate(imgs)]
+    calls = []
+    orig = m._local_merge
+    m_local = lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1]  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(m, "_local_merge", m_local)
+        res = merge(sets, gt, str(tmp_path / "local"), policy=policy, backend="cpu", progress=False)
+    assert calls and calls[0] is not None and res.stack.chunks == gt.chunks   # the local pass ran
+    with dask.config.set(scheduler="sync"):                    # a configured scheduler: the Dask graph
+        via_dask = merge(sets, gt, str(tmp_path / "dask"), policy=policy, backend="cpu", progress=False)
+    np.testing.assert_array_equal(np.asarray(res.stack.array[:]), np.asarray(via_dask.stack.array[:]))
+    sel = res.selection
+    prio = np.where(np.isnan(res.evaluation.iou), -1.0, res.evaluation.iou)
+    for i in range(len(SHAPES)):
+        want = ref.merge_labels([im[i] for im in imgs], sel.best, prio, POLICIES[policy])
+        np.testing.assert_array_equal(res.stack.read_image(i), want)
+    check_padding(res.stack)

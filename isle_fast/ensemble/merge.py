@@ -105,7 +105,7 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
     members = [stacks[i] for i in selection.member_indices]
     encodings = tuple(s.encoding for s in members)
     mode = "scores" if all(e == "scores" for e in encodings) else "labels"
-    kinds = {(str(s.array.dtype), s.score_scale) for s in members if s.encoding == "scores"}
+    kinds = {(str(s.dtype), s.score_scale) for s in members if s.encoding == "scores"}
     cast = mode == "scores" and len(kinds) > 1
     if cast:
         thr = -1.0 if bg_threshold is None or bg_threshold < 0 else float(bg_threshold)
@@ -192,6 +192,65 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
             _fill_padding(sc, shapes, row0, col0, 0)
             scores_target[region + (slice(None),)] = sc
         return np.full((1, 1, 1), inside, dtype=np.int64)
+
+
+def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], shapes: np.ndarray,
+                      choice: np.ndarray, block: tuple[int, int, int], region: tuple[int, int, int], *,
+                      backend: str, plan: MergePlan) -> int:
+    """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk."""
+    from isle_fast.backend import task_kernels
+    from isle_fast.stores.chunkio import write_chunk
+    from isle_fast.stores.stack import _read_chunk
+
+    i, j, l = block
+    k, hc, wc = (int(v) for v in out_spec.chunk_shape)
+    blocks = [_read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
+              for sp, t in zip(specs, tails)]
+    i0 = i * k
+    with task_kernels(backend) as K:
+        lab, _ = merge_chunk(K, plan, blocks, choice[i0:i0 + region[0]])
+    lab = np.require(lab, np.uint8, ["C", "W"])
+    inside = _fill_padding(lab, shapes[i0:i0 + region[0]], j * hc, l * wc, 255)
+    write_chunk(out_spec, block, lab)
+    return inside
+
+
+def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: MergePlan, choice: np.ndarray,
+                 *, backend: str, progress: bool) -> int | None:
+    """The merge on a thread pool here (one task per gt chunk, direct chunk reads and writes); pixels written.
+
+    None when the stores do not allow it (see :func:`isle_fast.ensemble.evaluate.local_specs`; label
+    ensembles only): the caller builds the Dask graph instead. Each task runs the same
+    :func:`merge_chunk` as the graph's, so the ensemble is the same.
+    """
+    from isle_fast.ensemble.evaluate import local_specs
+    from isle_fast.progress import progress as bar
+    from isle_fast.stores.chunkio import prepare_folders, write_spec
+    from isle_fast.stores.parallel import ThreadExecutor, default_workers
+
+    if plan.mode != "labels":
+        return None
+    specs = local_specs(member_stacks, gt)
+    if specs is None:
+        return None
+    out_spec = write_spec(writer.array)
+    if not out_spec.direct or tuple(out_spec.chunk_shape) != tuple(gt.chunks):
+        return None
+    prepare_folders(out_spec)
+    n, h, w = (int(v) for v in gt.shape)
+    k, hc, wc = (int(v) for v in gt.chunks)
+    tasks = [((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc)))
+             for i in range(-(-n // k)) for j in range(-(-h // hc)) for l in range(-(-w // wc))]
+    tails = [tuple(int(v) for v in st.shape[3:]) for st in member_stacks]
+    fn = partial(_local_merge_task, specs[1:], out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
+                 np.asarray(choice, dtype=np.int64), backend=backend, plan=plan)
+    written = 0
+    with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
+            bar(total=len(tasks), desc="merge", unit="chunk", quiet=not progress) as pb:
+        for _, px in ex.imap(fn, tasks):
+            written += px
+            pb.update(1)
+    return written
 
 
 # -- image strategy -----------------------------------------------------------------------
@@ -326,8 +385,6 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     -------
     MergeResult
     """
-    import dask.array as da
-
     from isle_fast.backend import dask_scheduler, resolve_backend
     from isle_fast.progress import dask_progress
 
@@ -380,11 +437,25 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         **({"image_strategy": _jsonable(info)} if info else {}),
     }
     grid = work_chunks(member_stacks, gt_stack)
-    g, arrays = aligned_arrays(member_stacks, gt_stack, grid)
     writer = create_stack(out, kind="ensemble", classes=gt_stack.classes, ids=gt_stack.ids,
                           shapes=gt_stack.shapes, encoding="labels", name=name,
                           chunks=grid, padded_shape=gt_stack.padded_shape,
                           provenance=provenance, overwrite=overwrite)
+    expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
+    try:
+        written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be, progress=progress)
+        if written_here is not None:
+            if written_here != expected:  # every chunk must have run exactly once
+                raise RuntimeError(f"merge wrote {written_here} pixels, expected {expected}")
+            stack = writer.commit()
+            return MergeResult(stack=stack, evaluation=evaluation, selection=selection, plan=plan,
+                               seconds=time.perf_counter() - t0, info=info)
+    except BaseException:
+        writer.abort()
+        raise
+    import dask.array as da
+
+    g, arrays = aligned_arrays(member_stacks, gt_stack, grid)
     try:
         scores_target = None
         if scores_dtype:
@@ -405,7 +476,6 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                             concatenate=True, meta=np.empty((0, 0, 0), dtype=np.int64))
         with dask_progress("merge", quiet=not progress):
             written = int(done.sum().compute(scheduler=dask_scheduler()))
-        expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
         if written != expected:  # every chunk must have run exactly once
             raise RuntimeError(f"merge wrote {written} pixels, expected {expected}")
         stack = writer.commit()

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChunkWriteSpec", "write_spec", "prepare_folders", "write_block", "chunk_path"]
+__all__ = ["ChunkWriteSpec", "write_spec", "prepare_folders", "write_block", "write_chunk", "chunk_path"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,25 @@ def _encode(spec: ChunkWriteSpec, chunk: np.ndarray) -> bytes:
 
         data += int(google_crc32c.value(data)).to_bytes(4, "little")
     return data
+
+
+def write_chunk(spec: ChunkWriteSpec, index: tuple[int, ...], data: np.ndarray) -> int:
+    """Write one chunk (``data`` is the chunk's region, cut at the array's edge); returns bytes written.
+
+    Direct writes only (see :attr:`ChunkWriteSpec.direct`): the region is
+    padded with the fill value to the full chunk shape, as Zarr stores edge
+    chunks.
+    """
+    if not spec.direct:
+        raise ValueError("write_chunk writes direct chunks only; use write_block for a Zarr-written array")
+    if data.shape != tuple(spec.chunk_shape):
+        full = np.full(spec.chunk_shape, spec.fill_value, dtype=np.dtype(spec.dtype))
+        full[tuple(slice(0, s) for s in data.shape)] = data
+        data = full
+    raw = _encode(spec, data)
+    with open(chunk_path(spec, tuple(int(i) for i in index)), "wb") as f:
+        f.write(raw)
+    return len(raw)
 
 
 def write_block(spec: ChunkWriteSpec, start: int, block: np.ndarray) -> int:

@@ -529,12 +529,12 @@ def _move_results(staging: Path, out: Path, made: Sequence[str]) -> None:
 
 
 def _warm_up(backend: str) -> None:
-    """Import and load what the steps after ingest need (Numba kernels, Dask), in a background thread.
+    """Load the kernels the steps after ingest need from Numba's cache, in a background thread.
 
-    While the workers ingest, this process only waits on their pipes; loading
-    the kernels from Numba's cache and importing Dask there (0.4-0.7 s of a
-    short run) takes that idle time instead of the evaluate step's. Any
-    failure is left for the step itself to report.
+    While the workers ingest, this process only waits on their pipes; importing
+    Numba and loading the kernels there (about 0.4 s of a short run) takes that
+    idle time instead of the evaluate step's. Any failure is left for the step
+    itself to report.
     """
     def work() -> None:
         try:
@@ -552,7 +552,6 @@ def _warm_up(backend: str) -> None:
                     K.merge_labels((a, a), np.zeros(3, np.int64), np.zeros((2, 3)), K.SCORE)
                 finally:
                     numba.set_num_threads(old)
-            import dask.array  # noqa: F401  (merge builds a Dask graph)
         except Exception:
             pass
 

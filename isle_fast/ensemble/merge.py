@@ -30,7 +30,11 @@ no foreground class takes the set with the best mIoU (ties: first set).
 Outside each image's true shape the labels are 255 (scores 0). The output is
 written chunk by chunk (one task per gt chunk writes its own region of the
 new store) into a temporary store that is renamed into place on success, so
-peak memory is a few chunks however large the data set is.
+peak memory is a few chunks however large the data set is. When every store
+is local and chunked like the gt (and the sets are label maps), the tasks run
+on a thread pool of this process with direct chunk reads and writes
+(:func:`_local_merge`, as :func:`isle_fast.ensemble.evaluate.local_pass`);
+otherwise as a Dask graph. Both run :func:`merge_chunk` on the same regions.
 """
 
 from __future__ import annotations

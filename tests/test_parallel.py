@@ -423,3 +423,21 @@ def test_rerun_after_a_killed_ingest(folder300, tmp_path):
         open_stack(next(tmp_path.glob("s.zarr.tmp-*")))
     st_ = ingest_labels(folder300["good"], out, workers=2, quiet=True)
     assert st_.num_images == 300
+
+
+@pytest.mark.slow
+def test_ingest_on_an_active_dask_cluster(folder300, tmp_path):
+    """With a dask.distributed client active, the chunk tasks run on its workers; the store is the same."""
+    from dask.distributed import Client, LocalCluster
+
+    from isle_fast.stores import parallel
+
+    want = ingest_labels(folder300["good"], tmp_path / "inline.zarr", workers=1, chunks=(25, 500, 500), quiet=True)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        with executor_for(12, 2) as ex:
+            assert isinstance(ex, parallel.ClusterExecutor)
+        got = ingest_labels(folder300["good"], tmp_path / "cluster.zarr", chunks=(25, 500, 500), quiet=True)
+        pids = set(client.run(os.getpid).values())
+    assert os.getpid() not in pids
+    assert got.ids == want.ids and np.array_equal(got.array[:], want.array[:])

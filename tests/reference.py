@@ -33,6 +33,7 @@ __all__ = [
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores",
+    "quantize_scores_u8", "irn_decode",
 ]
 
 
@@ -182,3 +183,34 @@ def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
         labels, _ = merge_scores([sets[i] for i in idx], sel, policy, bg_threshold)
         out[s] = confusion_labels(gt, [labels], num_classes)[0]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Score stores (kernels/store_cpu.py) and the public CAM evaluation's decode
+# ----------------------------------------------------------------------------------------------
+def quantize_scores_u8(scores: np.ndarray) -> np.ndarray:
+    """``round(255 * clip(s, 0, 1))`` (product in the scores' float type), then, pixel by pixel, where
+    the argmax changed: the float winner + 1, or at 255 the lower classes at 255 -> 254."""
+    s = np.asarray(scores)
+    if s.dtype.kind != "f" or s.dtype.itemsize < 4:
+        s = s.astype(np.float32)
+    f = np.clip(s, 0, 1)
+    q = np.rint(f * s.dtype.type(255)).astype(np.uint8)
+    c = s.shape[-1]
+    fq, ff = q.reshape(-1, c), f.reshape(-1, c)
+    for i in range(len(fq)):
+        win = int(np.argmax(ff[i]))
+        if int(np.argmax(fq[i])) != win:
+            if fq[i, win] < 255:
+                fq[i, win] += 1
+            else:
+                low = fq[i, :win]
+                low[low == 255] = 254
+    return q
+
+
+def irn_decode(cams: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
+    """IRN's evaluation of one CAM file (``step/eval_cam.py``): pad the threshold in front of the K
+    foreground CAMs (same dtype), argmax (first index wins ties), map through ``pad(keys + 1)``."""
+    padded = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=threshold)
+    return np.pad(np.asarray(keys) + 1, (1, 0), mode="constant")[np.argmax(padded, axis=0)]

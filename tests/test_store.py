@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _scores import tricky_scores
 from isle_fast.errors import AlignmentError, InputError, StoreError
 from isle_fast.stores.stack import (
     FORMAT_VERSION,
@@ -19,6 +20,7 @@ from isle_fast.stores.stack import (
     default_compressors,
     open_stack,
 )
+from reference import quantize_scores_u8
 
 CLASSES = ["bg", "a", "b"]
 
@@ -244,3 +246,32 @@ def test_zstd_content_size_matches_numcodecs():
         for level in (1, 3):
             assert _zstd_content_size(Zstd(level).encode(rng.integers(0, 4, n).astype(np.uint8))) == n
     assert _zstd_content_size(b"not zstd") is None
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 200), c=st.integers(1, 12),
+       dtype=st.sampled_from(["uint8", "float16", "float32"]), src=st.sampled_from([np.float32, np.float64]))
+def test_quantize_scores_keeps_every_argmax_in_every_dtype(seed, n, c, dtype, src):
+    """Each store dtype keeps the float argmax (first index wins ties); uint8 is the kernel's reference."""
+    from isle_fast.stores.stack import quantize_scores
+
+    s = tricky_scores(seed, n, c, 4, src).reshape(n, 1, c)
+    q = quantize_scores(s, dtype)
+    assert q.dtype == np.dtype(dtype) and q.shape == s.shape
+    f = np.clip(s, 0, 1)
+    np.testing.assert_array_equal(np.argmax(q, -1), np.argmax(f, -1))
+    assert float(q.max(initial=0)) <= (255 if dtype == "uint8" else 1.0) and float(q.min(initial=0)) >= 0
+    if dtype == "uint8":
+        np.testing.assert_array_equal(q, quantize_scores_u8(s))
+    else:  # at most two representable steps from the value (one for rounding, one for the fix)
+        step = np.spacing(f.astype(dtype)).astype(np.float64)
+        assert (np.abs(q.astype(np.float64) - f.astype(np.float64)) <= 2 * step + 1e-12).all()
+    if dtype == "float32" and src == np.float32:
+        np.testing.assert_array_equal(q, f)
+
+
+def test_quantize_scores_rejects_other_dtypes():
+    from isle_fast.stores.stack import quantize_scores
+
+    with pytest.raises(InputError, match="uint8, float16 or float32"):
+        quantize_scores(np.zeros((2, 3), np.float32), "int16")

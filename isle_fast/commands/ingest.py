@@ -64,7 +64,8 @@ def _common(p: argparse.ArgumentParser, *, kind: bool = True, classes: bool = Tr
 
 def _score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-dtype", choices=("uint8", "float16", "float32"), default="uint8",
-                   help="storage type: uint8 = round(255 * score) (default), or float16 / float32")
+                   help="storage type: uint8 = round(255 * score) (default), or float16 / float32; every "
+                        "type keeps each pixel's argmax, so the store decodes exactly like the files")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,8 @@ Score files (encoding ``scores``)
     Foreground-only inputs become a full C-class stack: the background slice is
     the constant ``bg_threshold`` and absent classes are 0, so the argmax of the
     stored stack is exactly the public evaluation code's decode (pad a constant
-    slice in front, argmax, first index wins ties).
+    slice in front, argmax, first index wins ties), in every score dtype
+    (:func:`~isle_fast.stores.stack.quantize_scores` keeps each pixel's argmax).
 RGB images (encoding ``rgb``)
     JPEG / PNG / anything PIL reads, converted to RGB (EXIF orientation is not
     applied: label maps are aligned with the stored pixel grid).
@@ -44,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from isle_fast.stores.stack import IGNORE_INDEX, SCORE_SCALE
+from isle_fast.stores.stack import IGNORE_INDEX, quantize_scores
 
 __all__ = [
     "BadInput", "LABEL_EXTS", "SCORE_EXTS", "IMAGE_EXTS", "TIFF_EXTS",
@@ -474,12 +475,10 @@ def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_t
 
 
 def scores_to_store(scores: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Convert [0, 1] float scores to the store's dtype (``uint8`` = ``round(255 * score)``)."""
-    if dtype == np.uint8:
-        if scores.dtype == np.uint8:
-            return scores
-        return np.rint(scores * SCORE_SCALE).astype(np.uint8)
-    return scores.astype(dtype)
+    """Convert [0, 1] float scores to the store's dtype, every pixel's argmax kept (:func:`quantize_scores`)."""
+    if dtype == np.uint8 and scores.dtype == np.uint8:
+        return scores
+    return quantize_scores(scores, dtype)
 
 
 def stem(path: str | os.PathLike) -> str:

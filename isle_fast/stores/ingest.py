@@ -621,7 +621,12 @@ def ingest_scores(
         own background slice.
     score_dtype : {'uint8', 'float16', 'float32'}
         ``uint8`` stores ``round(255 * score)`` (decode with
-        ``Stack.score_scale``); a float type keeps the scores.
+        ``Stack.score_scale``); a float type keeps the scores (``float16``
+        rounded). Every type keeps each pixel's argmax
+        (:func:`isle_fast.stores.stack.quantize_scores`), so the stored stack
+        decodes exactly like the public evaluation of the files (threshold
+        slice in front, argmax, ties to the lower class); only ``float32``
+        also re-thresholds exactly at another ``--bg-threshold`` later.
     normalize : bool
         Max-normalise each class slice (ReLU, then divide by the slice's
         maximum) instead of refusing scores outside [0, 1]. Without it values

@@ -1189,7 +1189,7 @@ def _absolute(root: Path, rel: dict) -> dict:
 
 def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[int], val_idx: list[int],
                write_tree: bool, write_stores: bool, keep: bool, bar) -> list[Sample] | None:
-    from isle_fast.stores.stack import create_stack
+    from isle_fast.stores.stack import create_stack, quantize_scores
 
     rel_paths, rel_stores = _layout(spec.set_names, spec.soft_set_names, write_tree, write_stores)
     writers: dict[str, _Buffered] = {}
@@ -1251,7 +1251,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
                         writers[f"train/pseudo/{name}"].add(lab)
                     for name, cam in s.cams.items():
                         sc = cam_scores(cam)
-                        writers[f"train/cams/{name}"].add(np.rint(sc * 255.0).astype(np.uint8))
+                        writers[f"train/cams/{name}"].add(quantize_scores(sc))  # as ingest stores it
             if keep:
                 samples.append(s)
             bar.update(1)

@@ -24,6 +24,7 @@ from isle_fast.refinement.chain import (
     refine_stack,
     register_refinement,
     shutdown_pool,
+    synthetic_scene,
     unregister_refinement,
 )
 from isle_fast.stores.stack import open_stack
@@ -191,6 +192,15 @@ def test_user_errors(tmp_path, shift):
     img2, *_ = write_stores(other, n=4, encoding="labels")
     with pytest.raises(StoreError):
         refine_stack(src, img2, tmp_path / "o2.zarr", "shift", workers=1, progress=False)
+
+
+def test_synthetic_scene_smaller_than_its_blur():
+    """np.convolve(mode='same') returns the kernel's length when the row is shorter: a 30 x 41 scene with the
+    default blur (kernel of 37) failed to broadcast."""
+    for h, w in [(30, 41), (1, 1), (5, 60), (40, 56)]:
+        rgb, gt, sc = synthetic_scene(h, w, 4, rng=1)
+        assert rgb.shape == (h, w, 3) and gt.shape == (h, w) and sc.shape == (h, w, 4)
+        assert np.isfinite(sc).all() and sc.min() >= 0 and sc.max() <= 1
 
 
 def test_processes_threads_and_sync_agree(tmp_path):

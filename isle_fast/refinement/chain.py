@@ -781,8 +781,10 @@ def synthetic_scene(height: int, width: int, num_classes: int = 4, objects: int 
             continue
         dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
         m = np.roll(m, (dy, dx), axis=(0, 1))
-        m = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 0, m)
-        m = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, m)
+        # the centre of the full convolution: np.convolve's "same" for rows longer than the kernel,
+        # and still the row's length when the image is smaller than the kernel ("same" is not then)
+        m = np.apply_along_axis(lambda r: np.convolve(r, kernel)[radius:radius + r.size], 0, m)
+        m = np.apply_along_axis(lambda r: np.convolve(r, kernel)[radius:radius + r.size], 1, m)
         m = np.clip(m + rng.uniform(-noise, noise, size=m.shape), 0, None)
         scores[..., c] = m / max(float(m.max()), 1e-6)
     scores[..., 0] = 1.0 - scores[..., 1:].max(axis=-1)

@@ -33,7 +33,7 @@ __all__ = [
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores",
-    "quantize_scores_u8", "irn_decode",
+    "quantize_scores_u8", "keep_argmax_float", "irn_decode",
 ]
 
 
@@ -214,3 +214,23 @@ def irn_decode(cams: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarr
     foreground CAMs (same dtype), argmax (first index wins ties), map through ``pad(keys + 1)``."""
     padded = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=threshold)
     return np.pad(np.asarray(keys) + 1, (1, 0), mode="constant")[np.argmax(padded, axis=0)]
+
+
+def keep_argmax_float(scores: np.ndarray, dtype) -> np.ndarray:
+    """``clip(s, 0, 1)`` cast to float16 / float32 (``-0`` -> ``+0``), then, pixel by pixel, where the argmax
+    changed: the float winner one representable step up, or at 1.0 the lower classes at 1.0 one step down."""
+    s = np.asarray(scores)
+    f = np.clip(s, 0, 1)
+    q = f.astype(dtype) + np.zeros((), dtype)  # + 0 turns -0 into +0
+    c = s.shape[-1]
+    fq, ff = q.reshape(-1, c), f.reshape(-1, c)
+    one = np.asarray(1.0, dtype)
+    for i in range(len(fq)):
+        win = int(np.argmax(ff[i]))
+        if int(np.argmax(fq[i])) != win:
+            if fq[i, win] < one:
+                fq[i, win] = np.nextafter(fq[i, win], np.asarray(2.0, dtype))
+            else:
+                low = fq[i, :win]
+                low[low == one] = np.nextafter(one, np.asarray(0.0, dtype))
+    return q

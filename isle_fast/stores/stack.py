@@ -128,29 +128,15 @@ def quantize_scores(scores: np.ndarray, dtype: Any = np.uint8) -> np.ndarray:
     if s.ndim < 1 or s.shape[-1] < 1:
         raise InputError(f"scores need a class axis, got shape {s.shape}")
     c = s.shape[-1]
-    if dt == np.uint8:  # one compiled pass: kernels/store_cpu.py (NumPy reference: tests/reference.py)
-        from isle_fast.kernels.store_cpu import quantize_u8
+    from isle_fast.kernels.store_cpu import keep_argmax_float, quantize_u8
 
-        return quantize_u8(s.reshape(-1, c))[0].reshape(s.shape)
-    f = np.clip(s, 0.0, 1.0)
-    q = f.astype(dt)
-    if c == 1 or dt == f.dtype:  # nothing was rounded (or nothing to compare)
-        return q
-    fq, ff = q.reshape(-1, c), f.reshape(-1, c)
-    win = np.argmax(ff, axis=1)
-    bad = np.nonzero(np.argmax(fq, axis=1) != win)[0]
-    if bad.size:
-        w = win[bad]
-        top = fq[bad, w]
-        up = top < 1.0
-        fq[bad[up], w[up]] = np.nextafter(top[up], dt.type(np.inf))
-        rows = bad[~up]
-        if rows.size:  # the winner is at 1.0: lower the classes before it that tie with it
-            sub = fq[rows]
-            sub[(sub == 1.0) & (np.arange(c)[None, :] < win[rows][:, None])] = np.nextafter(dt.type(1.0),
-                                                                                            dt.type(0.0))
-            fq[rows] = sub
-    return q
+    flat = s.reshape(-1, c)
+    if dt == np.uint8:  # one compiled pass (NumPy reference: tests/reference.py)
+        return quantize_u8(flat)[0].reshape(s.shape)
+    q = np.clip(flat, 0.0, 1.0).astype(dt, order="C")
+    if dt != s.dtype:  # float16, or float32 from float64: the cast rounds
+        keep_argmax_float(flat, q)
+    return q.reshape(s.shape)
 
 
 def is_remote(path: str | os.PathLike) -> bool:

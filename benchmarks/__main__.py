@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 #: Benchmark modules in the order they run; missing ones are reported as "not built".
-MODULES: tuple[str, ...] = ("kernels", "ingest", "compression", "refine", "train", "gpu", "scaling", "pipeline")
+MODULES: tuple[str, ...] = ("kernels", "ingest", "score_storage", "compression", "refine", "train", "gpu",
+                            "scaling", "pipeline")
 
 _HERE = Path(__file__).resolve().parent
 

@@ -257,3 +257,19 @@ def test_quick_smoke(tmp_path):
     md = (tmp_path / "res" / "SUMMARY.md").read_text()
     assert "## pipeline" in md and "## scaling" in md
     assert (tmp_path / "res" / "pipeline.json").exists() and (tmp_path / "res" / "scaling_images.png").exists()
+
+
+def test_score_storage_quick_counts_the_decode_plain_rounding_gets_wrong(tmp_path, monkeypatch, capsys):
+    """The ingest benchmark of score storage: every store dtype decodes like IRN's evaluation of the files,
+    the plainly rounded uint8 stacks do not, and they are no smaller than the argmax-keeping ones."""
+    from benchmarks import score_storage
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "tmp"))
+    assert score_storage.main(["--quick"]) == 0
+    doc = json.loads((tmp_path / "res" / "score_storage.json").read_text())
+    rows = {r["storage"].split(" (")[0]: r for r in doc["rows"]}
+    assert [rows[f"ingest, {d}"]["pixels_wrong"] for d in ("uint8", "float16", "float32")] == [0, 0, 0]
+    assert rows["uint8, plain rint"]["pixels_wrong"] > 0
+    assert rows["ingest, uint8"]["bytes_on_disk"] < rows["ingest, float16"]["bytes_on_disk"]
+    assert "decoded unlike IRN" in capsys.readouterr().out

@@ -6,7 +6,8 @@ data model):
 * stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`
 * ingest: :func:`ingest_labels`, :func:`ingest_scores`, :func:`ingest_images`,
   :func:`ingest_tiff`, :func:`ingest_arrays`, :func:`ingest_dask`
-* step 1, refinement: :func:`refine_stack`, :func:`register_refinement`
+* step 1, refinement: :func:`refine_stack`, :func:`register_refinement`, the dense
+  CRF :func:`crf_image` with the public code's presets (:func:`crf_settings`)
 * step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`
 * step 3, the ensemble: :func:`merge`, :func:`export_pngs`, :func:`report`
 * step 4, DeepLabV3+: :func:`build_deeplab`, :func:`train`, :func:`predict`
@@ -29,7 +30,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "errors": ("IsleError", "InputError", "StoreError", "AlignmentError",),
     "stores.stack": (
         "IGNORE_INDEX", "VOC_CLASSES", "Stack", "StackWriter", "create_stack", "open_stack",
-        "check_aligned", "default_chunks", "default_compressors",
+        "check_aligned", "default_chunks", "default_compressors", "quantize_scores",
     ),
     "stores.ingest": (
         "DEFAULT_BG_THRESHOLD", "read_ids", "resolve_classes", "ingest_labels", "ingest_scores",
@@ -37,8 +38,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "refinement.chain": (
         "refine_stack", "register_refinement", "unregister_refinement", "available_refinements",
-        "Refinement", "RefineChunk", "PrepareContext", "ENTRY_POINT_GROUP",
+        "Refinement", "RefineChunk", "PrepareContext", "ENTRY_POINT_GROUP", "image_labels_for",
     ),
+    "refinement.crf": ("crf_image", "crf_settings", "DenseCRF",),
     "ensemble.evaluate": ("evaluate", "Evaluation",),
     "ensemble.selection": ("select", "Selection",),
     "ensemble.subsets": ("subset_analysis", "SubsetAnalysis",),

@@ -19,5 +19,6 @@ def shared_data(*parts: str) -> Path:
     """``SHARED_DATA / parts``, or skip the test when it is absent."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data {path} is absent (../shared/data next to the repository, or ISLE_SHARED_DATA)")
+        pytest.skip(f"real data {path} is absent (../shared/data next to the repository, "
+                    "or ISLE_SHARED_DATA)")
     return path

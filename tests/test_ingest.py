@@ -274,7 +274,7 @@ def test_scores_irn_dict_pickle_refused_then_allowed(tmp_path, rng):
     assert s.encoding == "scores" and s.array.dtype == np.uint8 and s.score_scale == 255.0
     exp = {i: expected_full(d["high_res"], d["keys"], *shapes[i]) for i, d in dicts.items()}
     assert_padded(s, exp, 0)
-    # the decode of the stored stack is the public eval code's, at every pixel: argmax over [thr, cams], keys + 1
+    # the stored stack decodes like the public eval code, every pixel: argmax over [thr, cams], keys + 1
     for i, d in dicts.items():
         np.testing.assert_array_equal(np.argmax(s.read_image(i), axis=-1),
                                       irn_decode(d["high_res"], d["keys"], DEFAULT_BG_THRESHOLD))
@@ -285,8 +285,8 @@ def test_scores_irn_dict_pickle_refused_then_allowed(tmp_path, rng):
 @given(seed=st.integers(0, 2**31), n_keys=st.integers(1, 4), pool=st.integers(1, 5),
        thr=st.sampled_from([DEFAULT_BG_THRESHOLD, 0.0, 0.25, 38.5 / 255, 1.0]),
        h=st.integers(1, 13), w=st.integers(1, 17), dtype=st.sampled_from(["uint8", "float16", "float32"]))
-def test_scores_store_decodes_like_irn_evaluation_of_the_files(tmp_path_factory, seed, n_keys, pool, thr, h, w,
-                                                               dtype):
+def test_scores_store_decodes_like_irn_evaluation_of_the_files(tmp_path_factory, seed, n_keys, pool, thr,
+                                                               h, w, dtype):
     """Issue 13.5: rounding to uint8 made exact ties that went to the lower class (0.49 % of the pixels of
     IRN-style CAMs decoded differently from IRN's own evaluation). CAMs full of near-ties and values equal to
     the threshold, written as IRN writes them: the stored stack decodes exactly like IRN's eval_cam.py."""

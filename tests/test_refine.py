@@ -234,7 +234,8 @@ def test_image_labels_reach_every_block_in_image_order(tmp_path, per_task, sched
         assert [r["params"]["saw"] for r in out.provenance["refinements"]] == ["scores", "labels"]
         assert out.provenance["image_labels"] == "given"
         with pytest.raises(InputError, match="booleans or 0 / 1"):
-            refine_stack(src, None, tmp_path / "x.zarr", "sees-labels", image_labels=labels * 2, progress=False)
+            refine_stack(src, None, tmp_path / "x.zarr", "sees-labels", image_labels=labels * 2,
+                         progress=False)
     finally:
         unregister_refinement("sees-labels")
         shutdown_pool()

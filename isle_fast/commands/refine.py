@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     params = list(args.param)
     if args.preset is not None:
         if "crf" not in parse_chain(args.chain):
-            raise InputError(f"--preset sets the crf refinement's settings, but crf is not in --with {args.chain}")
+            raise InputError(f"--preset sets the crf refinement's settings, but crf is not in "
+                             f"--with {args.chain}")
         given = [p.partition("=")[2].strip() for p in params if p.partition("=")[0].strip() == "crf.preset"]
         if given and given[-1] != args.preset:
             raise InputError(f"--preset {args.preset} and --param crf.preset={given[-1]} disagree; give one")

@@ -152,7 +152,8 @@ def crf_settings(preset: str = "auto", encoding: str | None = None, **overrides:
     """
     if preset == "auto":
         if encoding not in AUTO_PRESET:
-            raise InputError(f"crf.preset 'auto' needs the input encoding ('labels' or 'scores'), not {encoding!r}")
+            raise InputError(f"crf.preset 'auto' needs the input encoding ('labels' or 'scores'), "
+                             f"not {encoding!r}")
         preset = AUTO_PRESET[encoding]
     if preset not in PRESETS:
         raise InputError(f"crf.preset must be one of auto, {', '.join(PRESETS)}; not {preset!r}")
@@ -162,7 +163,8 @@ def crf_settings(preset: str = "auto", encoding: str | None = None, **overrides:
         out[key] = _check_setting(key, default if value is None else value)
     if overrides:
         bad = sorted(overrides)[0]
-        raise InputError(f"the crf refinement has no setting {bad!r}; its settings: {', '.join(PRESETS['psa'])}")
+        raise InputError(f"the crf refinement has no setting {bad!r}; "
+                         f"its settings: {', '.join(PRESETS['psa'])}")
     return out
 
 
@@ -177,7 +179,8 @@ def _label_row(image_labels: Any, num_classes: int) -> np.ndarray:
                          f"{num_classes - 1} (foreground only), not shape {row.shape}")
     if row.dtype != np.bool_:
         if row.dtype.kind not in "iuf" or not np.isin(row, (0, 1)).all():
-            raise InputError(f"image labels must be booleans or 0 / 1, not {row.dtype} values {np.unique(row)[:5]}")
+            raise InputError(f"image labels must be booleans or 0 / 1, not {row.dtype} values "
+                             f"{np.unique(row)[:5]}")
         row = row != 0
     if row.shape[0] == num_classes - 1:
         row = np.concatenate([[True], row])
@@ -207,8 +210,8 @@ def present_classes(data: np.ndarray, encoding: str, num_classes: int, keep: str
     if keep not in _KEEP:
         raise InputError(f"crf.keep must be one of {', '.join(_KEEP)}; not {keep!r}")
     if keep == "image" and image_labels is None:
-        raise InputError("crf.keep='image' needs image-level labels (refine_stack(image_labels=...) or a store "
-                         "that holds them)")
+        raise InputError("crf.keep='image' needs image-level labels (refine_stack(image_labels=...) "
+                         "or a store that holds them)")
     if image_labels is not None and keep in ("auto", "image"):
         return np.nonzero(_label_row(image_labels, num_classes))[0].astype(np.int64)
     if encoding == "labels":
@@ -296,9 +299,9 @@ def crf_image(rgb: np.ndarray, data: np.ndarray, encoding: str, num_classes: int
 
     if output not in ("labels", "scores"):
         raise InputError(f"crf output must be labels or scores, not {output!r}")
-    cfg = crf_settings(preset, encoding, iterations=iterations, gauss_sxy=gauss_sxy, gauss_compat=gauss_compat,
-                       bi_sxy=bi_sxy, bi_srgb=bi_srgb, bi_compat=bi_compat, gt_prob=gt_prob, clip=clip,
-                       features=features)
+    cfg = crf_settings(preset, encoding, iterations=iterations, gauss_sxy=gauss_sxy,
+                       gauss_compat=gauss_compat, bi_sxy=bi_sxy, bi_srgb=bi_srgb, bi_compat=bi_compat,
+                       gt_prob=gt_prob, clip=clip, features=features)
     h, w = data.shape[:2]
     kept = present_classes(data, encoding, num_classes, keep, image_labels)
     n = len(kept)
@@ -311,7 +314,8 @@ def crf_image(rgb: np.ndarray, data: np.ndarray, encoding: str, num_classes: int
             crf = dcrf.DenseCRF2D(w, h, n)
             crf.setUnaryEnergy(unary)
             crf.addPairwiseGaussian(sxy=cfg["gauss_sxy"], compat=cfg["gauss_compat"])
-            crf.addPairwiseBilateral(sxy=cfg["bi_sxy"], srgb=cfg["bi_srgb"], rgbim=img, compat=cfg["bi_compat"])
+            crf.addPairwiseBilateral(sxy=cfg["bi_sxy"], srgb=cfg["bi_srgb"], rgbim=img,
+                                     compat=cfg["bi_compat"])
         else:
             from pydensecrf.utils import create_pairwise_bilateral, create_pairwise_gaussian
 
@@ -319,8 +323,9 @@ def crf_image(rgb: np.ndarray, data: np.ndarray, encoding: str, num_classes: int
             crf.setUnaryEnergy(unary)
             crf.addPairwiseEnergy(create_pairwise_gaussian(sdims=(cfg["gauss_sxy"],) * 2, shape=(h, w)),
                                   compat=cfg["gauss_compat"])
-            crf.addPairwiseEnergy(create_pairwise_bilateral(sdims=(cfg["bi_sxy"],) * 2, schan=(cfg["bi_srgb"],) * 3,
-                                                            img=img, chdim=2), compat=cfg["bi_compat"])
+            bilateral = create_pairwise_bilateral(sdims=(cfg["bi_sxy"],) * 2, schan=(cfg["bi_srgb"],) * 3,
+                                                  img=img, chdim=2)
+            crf.addPairwiseEnergy(bilateral, compat=cfg["bi_compat"])
         q = np.asarray(crf.inference(cfg["iterations"]), dtype=np.float32).reshape(n, h, w)
     if output == "labels":
         return kept[np.argmax(q, axis=0)].astype(np.uint8)
@@ -392,8 +397,8 @@ class DenseCRF(Refinement):
         self._input_encoding = context.encoding
         self._uses_image_labels = context.image_labels is not None and self.keep in ("auto", "image")
         if self.keep == "image" and context.image_labels is None:
-            raise InputError(f"crf.keep='image' needs image-level labels: {context.source.path} holds none and "
-                             "none were given (refine_stack(image_labels=...))")
+            raise InputError(f"crf.keep='image' needs image-level labels: {context.source.path} holds none "
+                             "and none were given (refine_stack(image_labels=...))")
         if context.encoding is not None:
             self.settings(context.encoding)  # a bad override fails before any image runs
 

@@ -475,7 +475,7 @@ def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_t
 
 
 def scores_to_store(scores: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Convert [0, 1] float scores to the store's dtype, every pixel's argmax kept (:func:`quantize_scores`)."""
+    """[0, 1] float scores in the store's dtype, each pixel's argmax kept (:func:`quantize_scores`)."""
     if dtype == np.uint8 and scores.dtype == np.uint8:
         return scores
     return quantize_scores(scores, dtype)

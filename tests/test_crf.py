@@ -411,3 +411,67 @@ def test_cli_preset_and_help(tmp_path, capsys):
     assert main(["refine", src, "--images", img, "--out", str(tmp_path / "y.zarr"), "--preset", "irn",
                  "--param", "crf.preset=psa"]) == 2
     assert "--preset irn and --param crf.preset=psa" in capsys.readouterr().err
+
+
+def _run_in_pty(args, timeout=300):
+    """Run a command with stdout / stderr on a pseudo-terminal (as in a user's shell); (exit code, output)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
+    env = {k: v for k, v in os.environ.items() if k != "ISLE_PROGRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "isle_fast", *args], stdin=slave, stdout=slave, stderr=slave,
+                            close_fds=True, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], timeout)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    code = proc.wait(timeout)
+    os.close(master)
+    return code, out.decode("utf-8", errors="replace")
+
+
+def test_cli_refine_real_size_under_a_terminal(tmp_path):
+    """``isle refine`` as a user runs it: VOC-size images, progress on a terminal, the summary names the preset
+    the label maps got (IRN's) and the output equals the library call."""
+    from isle_fast.stores.stack import create_stack
+
+    ids, shapes = ["2007_000032", "2007_000039"], [(375, 500), (333, 500)]
+    scenes = [textured_scene(10 + i, h, w) for i, (h, w) in enumerate(shapes)]
+    with create_stack(tmp_path / "img.zarr", kind="images", classes=["bg", "a", "b", "c"], ids=ids,
+                      shapes=shapes) as wr:
+        for i, (rgb, _, _) in enumerate(scenes):
+            wr.write_image(i, rgb)
+    with create_stack(tmp_path / "set.zarr", kind="pseudo", classes=["bg", "a", "b", "c"], ids=ids,
+                      shapes=shapes) as wr:
+        for i, (_, _, sc) in enumerate(scenes):
+            wr.write_image(i, sc.argmax(-1).astype(np.uint8))
+    code, out = _run_in_pty(["refine", str(tmp_path / "set.zarr"), "--images", str(tmp_path / "img.zarr"),
+                             "--out", str(tmp_path / "out.zarr"), "--workers", "1"])
+    assert code == 0, out
+    assert "100%" in out and "isle refine: set -> set+crf" in out, out
+    assert "preset=irn" in out and "bi_sxy=50.0" in out and "Traceback" not in out, out
+    got = open_stack(tmp_path / "out.zarr")
+    for i, (rgb, _, sc) in enumerate(scenes):
+        keys = np.union1d([0], np.unique(sc.argmax(-1)))  # no image labels: the classes the map has
+        idx = np.searchsorted(keys, sc.argmax(-1))
+        want = keys[irn_crf_inference_label(rgb, idx, n_labels=len(keys))]
+        np.testing.assert_array_equal(got.read_image(i), want)

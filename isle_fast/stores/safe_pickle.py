@@ -173,7 +173,7 @@ def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayState:
 
 def _make_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
     """``numpy.dtype('f4', False, True)`` (its state follows in a BUILD, checked by NumPy itself)."""
-    if not isinstance(spec, str) or len(spec) > 16 or not isinstance(align, (bool, np.bool_)):
+    if not isinstance(spec, str) or len(spec) > 16 or align not in (0, 1) or copy not in (0, 1):
         raise UnsafePickle(f"makes a dtype from {spec!r}; only type strings such as 'f4' are built")
     try:
         # always a new descriptor: the BUILD that follows sets its state, and must never reach NumPy's

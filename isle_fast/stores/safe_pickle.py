@@ -22,7 +22,7 @@ only what these files contain:
   (torch's legacy serialisation: a few restricted pickles followed by raw
   little-endian data) and the tensor becomes a NumPy array, without torch;
 * ``collections.OrderedDict`` (a tensor's empty backward-hook dict), and the
-  builtins ``set``, ``frozenset``, ``complex``, ``bytearray`` and
+  builtins ``set``, ``frozenset``, ``complex``, ``bytes``, ``bytearray`` and
   ``_codecs.encode(text, 'latin1')`` that protocols 0-3 use for these types.
 
 Any other global, any persistent id outside a torch storage, an object
@@ -249,6 +249,12 @@ def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
     raise UnsafePickle("builds a bytearray from something that is not bytes (a size would allocate memory)")
 
 
+def _bytes(data: Any = b"") -> bytes:
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    raise UnsafePickle("builds bytes from something that is not bytes (a size would allocate memory)")
+
+
 def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise UnsafePickle("calls _codecs.encode other than the way pickle writes bytes (latin1 text)")
@@ -410,6 +416,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): _frozenset, ("__builtin__", "frozenset"): _frozenset,
     ("builtins", "complex"): _complex, ("__builtin__", "complex"): _complex,
     ("builtins", "bytearray"): _bytearray, ("__builtin__", "bytearray"): _bytearray,
+    ("builtins", "bytes"): _bytes, ("__builtin__", "bytes"): _bytes,
     ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -468,6 +475,23 @@ def _resolve(obj: Any, _active: set[int] | None = None) -> Any:
     raise UnsafePickle(f"holds an object of type {type(obj).__name__}")
 
 
+def _check_lengths(data: bytes) -> None:
+    """Walk the opcodes once: every counted length (bytes, strings, frames) must fit in ``data``.
+
+    Python's unpickler allocates a ``BINBYTES8`` / ``BYTEARRAY8`` / ``FRAME``
+    of the size it claims before reading it, so a forged length of 100 GiB
+    would be a 100 GiB allocation; :mod:`pickletools` reads from the data
+    instead and fails on a length the data does not hold.
+    """
+    import pickletools
+
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception as exc:  # ValueError (truncated / bad opcode), and anything odd in a damaged stream
+        raise UnsafePickle(f"is not a complete pickle: {exc}") from None
+
+
 def loads(data: bytes) -> Any:
     """Unpickle ``data`` building only dicts, lists, tuples, NumPy arrays / dtypes / scalars and tensors.
 
@@ -488,6 +512,7 @@ def loads(data: bytes) -> Any:
         The pickle names a global or builds an object outside that list, or
         is malformed; the message says which. Nothing from it has run.
     """
+    _check_lengths(data)
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data)).load()
     except UnsafePickle:

@@ -325,7 +325,7 @@ def _class_dict(members: Mapping, c: int, layout: str, labels: frozenset[int] | 
             pick = _labels_pick(cands, labels)
             if pick is None:
                 raise _ambiguous(f"a dict keyed by class index with keys {keys.tolist()} can be SEAM / PSA CAMs "
-                                 f"(key k is class k+1, so 0 is {'class 1'}) or a background-first dict like PSA's "
+                                 f"(key k is class k+1, so 0 is class 1) or a background-first dict like PSA's "
                                  f"CRF output (0 = background, k = class k), and its maps do not sum to 1 as CRF "
                                  f"probabilities do", ["seam", "psa-crf"])
             cands = [pick]

@@ -39,7 +39,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "ingest_images", "ingest_tiff", "ingest_arrays", "ingest_dask",
     ),
     "stores.image_labels": (
-        "ImageLabels", "read_image_labels", "ingest_image_labels", "open_image_labels", "resolve_image_labels",
+        "ImageLabels", "read_image_labels", "ingest_image_labels", "open_image_labels",
+        "resolve_image_labels",
     ),
     "stores.cams": ("CAM_LAYOUTS",),
     "stores.formats": ("load_pickle_npy",),

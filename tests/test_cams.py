@@ -114,7 +114,7 @@ def test_irn_low_res_torch_cam_upsampled(tmp_path, rng):
 
 # ---------------------------------------------------------------------- PuzzleCAM
 def puzzlecam_files(folder, rng, torch):
-    """PuzzleCAM inference_classification.py: keys = np.pad(keys + 1, (1, 0)); 'cam' tensor, 'hr_cam' numpy."""
+    """PuzzleCAM inference_classification.py: keys = np.pad(keys + 1, (1, 0)), 'cam' tensor, 'hr_cam'."""
     import torch.nn.functional as F
 
     folder.mkdir()
@@ -142,7 +142,7 @@ def puzzlecam_eval(d, entry, thr=THR):
 
 
 def test_puzzlecam_layout(tmp_path, rng):
-    """The paper's own components' format: it was refused before ('has 4 keys but its scores have shape ...')."""
+    """The paper's components' format: refused before ('has 4 keys but its scores have shape ...')."""
     torch = pytest.importorskip("torch")
     make_gt(tmp_path, SHAPES)
     files = puzzlecam_files(tmp_path / "cam", rng, torch)
@@ -240,11 +240,14 @@ def test_seam_dict_with_aeroplane_is_ambiguous_until_told(tmp_path, rng, capsys)
     """Key 0 is aeroplane in SEAM's dicts and background in CRF dicts: refused, naming the layouts."""
     make_gt(tmp_path, SHAPES)
     files = seam_files(tmp_path / "cam", rng, with_aeroplane=True)
-    with pytest.raises(InputError, match=r"2007_000032.*ambiguous.*--cam-layout seam or --cam-layout psa-crf"):
-        ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", normalize=True, quiet=True)
+    with pytest.raises(InputError, match=r"2007_000032.*ambiguous.*--cam-layout seam or --cam-layout "
+                                          "psa-crf"):
+        ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", normalize=True,
+                      quiet=True)
     assert not (tmp_path / "s.zarr").exists()
-    rc = cli.main(["ingest", "scores", str(tmp_path / "cam"), "--gt", str(tmp_path / "gt.zarr"), "--normalize",
-                   "--cam-layout", "seam", "--score-dtype", "float32", "-o", str(tmp_path / "s.zarr"), "-q"])
+    rc = cli.main(["ingest", "scores", str(tmp_path / "cam"), "--gt", str(tmp_path / "gt.zarr"),
+                   "--normalize", "--cam-layout", "seam", "--score-dtype", "float32",
+                   "-o", str(tmp_path / "s.zarr"), "-q"])
     assert rc == 0
     from isle_fast.stores.stack import open_stack
 
@@ -353,7 +356,7 @@ def test_forced_layout_that_does_not_fit(tmp_path, rng):
 
 
 def test_plain_arrays_with_image_labels(tmp_path, rng):
-    """Files without keys: L slices are the image's L labelled classes; of C-1 slices only those keep scores."""
+    """No keys: L slices are the image's L labelled classes; of C-1 slices only those keep scores."""
     make_gt(tmp_path, SHAPES)
     (tmp_path / "cam").mkdir()
     arrays = {}

@@ -28,7 +28,8 @@ def test_npy_header_claiming_more_than_the_file_holds(tmp_path):
     p = tmp_path / "x.npy"
     p.write_bytes(npy_with_header((C, 40000, 40000), data=b"\0" * 1024))  # claims 125 GiB
     tracemalloc.start()
-    with pytest.raises(BadInput, match=r"header claims shape \(21, 40000, 40000\).*134,400,000,000 bytes.*1,024"):
+    with pytest.raises(BadInput, match=r"header claims shape \(21, 40000, 40000\).*134,400,000,000 "
+                                        "bytes.*1,024"):
         read_scores(str(p), C, expect=(4, 5))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -69,7 +70,8 @@ def test_forged_zip_directory_size_is_refused(tmp_path):
     raw = bytearray(p.read_bytes())
     with zipfile.ZipFile(p) as zf:
         info = zf.getinfo("scores.npy")
-    forged = (info.file_size * 10**6).to_bytes(4, "little") if info.file_size * 10**6 < 2**32 else b"\xff\xff\xff\x7f"
+    claim = min(info.file_size * 10**6, 2**31 - 1)
+    forged = claim.to_bytes(4, "little")
     # the uncompressed size field of the central directory entry (offset 24 from its signature)
     cd = raw.rfind(b"PK\x01\x02")
     raw[cd + 24:cd + 28] = forged
@@ -99,5 +101,6 @@ def test_ingest_with_forged_header_writes_nothing(tmp_path):
     with pytest.raises(InputError, match=r"b\.npz: image 'b'.*claims shape \(3, 40000, 40000\)"):
         ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", quiet=True)
     assert not (tmp_path / "s.zarr").exists()
-    s = ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", skip_bad=True, quiet=True)
+    s = ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", skip_bad=True,
+                      quiet=True)
     assert s.ids == ["a"]

@@ -299,7 +299,7 @@ def test_merge_to_and_from_fsspec_urls(data):
 
 # ---------------------------------------------------------------- image-level labels
 def _drop_reference(img: np.ndarray, allowed_row: np.ndarray) -> np.ndarray:
-    """Plain NumPy: a claim (pixel value or score slice) of a class the image is not labelled with is dropped."""
+    """Plain NumPy: a claim (pixel value or score slice) of a class the image is not labelled with goes."""
     out = img.copy()
     if img.ndim == 2:
         for c in range(len(allowed_row)):

@@ -593,7 +593,7 @@ def _cam_folder(data, tmp_path, write) -> Path:
 
 
 def test_fractional_cam_keys(data, tmp_path, capsys):
-    """Issue 18: CAM keys like 0.5 were truncated to a class; now a clear error naming the file and the key."""
+    """Issue 18: CAM keys like 0.5 were truncated to a class; now a clear error naming file and key."""
     def write(p, i, h, w):
         keys = np.array([0.5 if i == "img004" else 2.0, 3.0])
         np.save(f"{p}.npy", {"keys": keys, "high_res": np.full((2, h, w), 0.5, np.float32)})
@@ -814,12 +814,13 @@ def test_hostile_pickles_never_run(data, tmp_path, capsys, case):
     def write(p, i, h, w):
         obj = _hostile(case, marker, h, w) if i == "img005" else {
             "keys": np.array([0]), "high_res": np.zeros((1, h, w), np.float32)}
-        np.save(f"{p}.npy", np.array(obj, dtype=object) if not isinstance(obj, dict) else obj, allow_pickle=True)
+        obj = obj if isinstance(obj, dict) else np.array(obj, dtype=object)
+        np.save(f"{p}.npy", obj, allow_pickle=True)
 
     src = _cam_folder(data, tmp_path, write)
     before = tree_digest(src)
-    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", tmp_path / "c.zarr", "-q"],
-                         capsys)
+    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", tmp_path / "c.zarr",
+                          "-q"], capsys)
     assert_clean_error(rc, err, "img005.npy", "names the global", "refused without running", "--allow-pickle")
     no_complete_store(tmp_path / "c.zarr")
     gt = open_stack(data["stores"]["gt"])
@@ -849,8 +850,8 @@ def test_cam_dicts_as_the_public_code_saves_them_need_no_allow_pickle(data, tmp_
         np.save(f"{p}.npy", {"keys": valid_cat, "cam": hr[:, ::4, ::4].cpu(), "high_res": hr.numpy()})
 
     src = _cam_folder(data, tmp_path, write)
-    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", tmp_path / "c.zarr", "-q"],
-                         capsys)
+    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", tmp_path / "c.zarr",
+                          "-q"], capsys)
     assert rc == 0, err
     st = open_stack(tmp_path / "c.zarr")
     assert (st.read_image("img000")[..., [3, 7]] > 0).any()

@@ -85,13 +85,13 @@ def arrays(draw):
     return a
 
 
-scalars = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=False), st.text(max_size=5), st.booleans(),
-                    st.none(), st.binary(max_size=5),
-                    st.sampled_from([np.float32(1.5), np.int64(-3), np.int32(7), np.bool_(True), np.uint8(255)]))
+NUMPY_SCALARS = [np.float32(1.5), np.int64(-3), np.int32(7), np.bool_(True), np.uint8(255)]
+scalars = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=False), st.text(max_size=5),
+                    st.booleans(), st.none(), st.binary(max_size=5), st.sampled_from(NUMPY_SCALARS))
+keys = st.one_of(st.text(max_size=4), st.integers(0, 30))
 values = st.recursive(st.one_of(scalars, arrays()),
                       lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                              st.dictionaries(st.one_of(st.text(max_size=4), st.integers(0, 30)),
-                                                              inner, max_size=3),
+                                              st.dictionaries(keys, inner, max_size=3),
                                               st.tuples(inner, inner)),
                       max_leaves=8)
 
@@ -154,7 +154,8 @@ def test_tensors_in_np_saved_dicts_become_the_same_arrays(tmp_path, monkeypatch)
         "cam": base[:, ::2, 1:].cpu(),                           # a strided view with an offset
         "t": base.transpose(0, 2),                               # non-contiguous
         "f64": base.double(), "f16": base.half(), "i32": base.int(), "u8": base.to(torch.uint8),
-        "b": base > 3, "bf16": base.to(torch.bfloat16), "empty": torch.zeros((0, 4)), "zero_d": torch.tensor(2.5),
+        "b": base > 3, "bf16": base.to(torch.bfloat16), "empty": torch.zeros((0, 4)),
+        "zero_d": torch.tensor(2.5),
         "grad": torch.ones(2, 2, requires_grad=True),
     }
     np.save(tmp_path / "t.npy", dict(tensors), allow_pickle=True)
@@ -242,8 +243,8 @@ def test_hostile_reduce_never_runs(tmp_path, payload, where):
 
 def test_a_pickle_naming_another_global_is_refused(tmp_path):
     """A global that is only named (never called) is refused too: the loader never imports anything."""
-    for obj in ({"f": eval}, {"f": os.system}, {"c": collections.Counter("ab")}, {"r": np.random.RandomState(0)},
-                {"m": np.memmap}, {"t": type}):
+    for obj in ({"f": eval}, {"f": os.system}, {"c": collections.Counter("ab")},
+                {"r": np.random.RandomState(0)}, {"m": np.memmap}, {"t": type}):
         with pytest.raises(UnsafePickle, match="names the global"):
             loads(pickle.dumps(obj, protocol=4))
 

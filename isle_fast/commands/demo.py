@@ -202,8 +202,8 @@ def step_ingest(ctx: DemoContext) -> Path | None:
     q = True  # the info step lists the stores; ingest's own summaries would repeat it
     made: dict[str, str] = {}
     labels = str(ds.paths["cls_labels"])
-    gt = ingest.ingest_labels(ds.paths["gt"], dest / "gt.zarr", ids=train_list, kind="gt", image_labels=labels,
-                              quiet=q)
+    gt = ingest.ingest_labels(ds.paths["gt"], dest / "gt.zarr", ids=train_list, kind="gt",
+                              image_labels=labels, quiet=q)
     made["train/gt"] = gt.path
     made["train/images"] = ingest.ingest_images(ds.paths["images"], dest / "images.zarr", gt=gt, quiet=q).path
     for name, folder in ds.paths["pseudo"].items():

@@ -77,8 +77,8 @@ def _common(p: argparse.ArgumentParser, *, kind: bool = True, classes: bool = Tr
 
 def _image_labels_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-labels", metavar="SRC",
-                   help="image-level labels to store with the stack (cls_labels.npy, a VOC XML folder, a CSV / "
-                        "JSON, or a store holding them); every image needs labels")
+                   help="image-level labels to store with the stack (cls_labels.npy, a VOC XML folder, a CSV "
+                        "/ JSON, or a store holding them); every image needs labels")
 
 
 def _score_options(p: argparse.ArgumentParser) -> None:
@@ -110,20 +110,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="max-normalise each class slice (ReLU, divide by the maximum) instead of refusing "
                         "scores outside [0, 1]")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="load a pickle the restricted unpickler refuses (one naming anything but arrays, dicts and "
-                        "tensors) with Python's full unpickler; that can run code from the file, so only for files "
-                        "you trust (CAM dicts of the public code need no flag)")
+                   help="load a pickle the restricted unpickler refuses (one naming anything but arrays, "
+                        "dicts and tensors) with Python's full unpickler; that can run code from the file, "
+                        "so only for files you trust (CAM dicts of the public code need no flag)")
     p.add_argument("--upsample", action="store_true",
                    help="bilinearly resize a low-resolution 'cam' (no 'high_res' in the file) to the --gt size")
     from isle_fast.stores.cams import LAYOUT_CHOICES
 
     p.add_argument("--cam-layout", choices=LAYOUT_CHOICES, default="auto",
-                   help="CAM file layout (default auto: recognised per file, and an ambiguous file is refused); "
-                        "see the formats below")
+                   help="CAM file layout (default auto: recognised per file, and an ambiguous file is "
+                        "refused); see the formats below")
     p.add_argument("--image-labels", metavar="SRC",
-                   help="image-level labels (cls_labels.npy, a VOC XML folder, a CSV / JSON, or a store): decide "
-                        "ambiguous layouts per image, give the classes of files without keys, and are stored with "
-                        "the stack")
+                   help="image-level labels (cls_labels.npy, a VOC XML folder, a CSV / JSON, or a store): "
+                        "decide ambiguous layouts per image, give the classes of files without keys, and are "
+                        "stored with the stack")
 
     p = sub.add_parser("images", help="RGB JPEG / PNG folder -> images store",
                        description="Ingest RGB images (converted to RGB) into an images store.")
@@ -136,20 +136,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="default: labels for H x W TIFFs, scores for H x W x C")
     _score_options(p)
 
-    p = sub.add_parser("image-labels", help="image-level labels (cls_labels.npy, VOC XML, CSV, JSON) -> store",
-                       description="Ingest image-level labels into an image-labels store: an (I, C) bool array "
-                                   "over the --gt store's ids (or --ids, or every id of SRC), column 0 "
+    p = sub.add_parser("image-labels", help="image-level labels (cls_labels.npy, VOC XML, CSV, JSON) -> "
+                                            "store",
+                       description="Ingest image-level labels into an image-labels store: an (I, C) bool "
+                                   "array over the --gt store's ids (or --ids, or every id of SRC), column 0 "
                                    "(background) always true. Every gt id needs labels; other ids of SRC are "
                                    "left out and counted. Use the store (or SRC itself) with --image-labels.")
-    p.add_argument("src", metavar="SRC", help="cls_labels.npy, a folder of VOC .xml annotations, a .csv or a .json")
+    p.add_argument("src", metavar="SRC",
+                   help="cls_labels.npy, a folder of VOC .xml annotations, a .csv or a .json")
     p.add_argument("-o", "--out", required=True, metavar="STORE", help="image-labels store to write")
     p.add_argument("--gt", metavar="GT", help="ground truth store: store labels for its ids, in its order")
     p.add_argument("--ids", metavar="FILE", help="without --gt: the ids to store (default: every id of SRC)")
     p.add_argument("--classes", metavar="FILE|voc", default=None,
                    help="class names, background first (default: the --gt store's classes, else voc)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="load a .npy the restricted unpickler refuses with Python's full unpickler (trusted files "
-                        "only)")
+                   help="load a .npy the restricted unpickler refuses with Python's full unpickler (trusted "
+                        "files only)")
     p.add_argument("--overwrite", action="store_true", help="replace STORE if it is an image-labels store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 

@@ -17,9 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=("class", "image"), default="class",
                         help="class-wise ISLE (default) or the paper's naive image-level variant")
     parser.add_argument("--image-labels", metavar="SRC",
-                        help="image-level labels (cls_labels.npy, a VOC XML folder, a CSV / JSON, an image-labels "
-                             "store or a store carrying them): drop claims of classes absent from an image's "
-                             "labels; --strategy image ranks by them instead of the gt")
+                        help="image-level labels (cls_labels.npy, a VOC XML folder, a CSV / JSON, an "
+                             "image-labels store or a store carrying them): drop claims of classes absent "
+                             "from an image's labels; --strategy image ranks by them instead of the gt")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="ensemble of these sets only (e.g. the paper's ISLE-2)")
     parser.add_argument("--name", help="name of the ensemble set (default: folder name)")

@@ -319,6 +319,15 @@ class MergeResult:
     info: dict = field(default_factory=dict)
 
 
+def _labels_source(image_labels: Any) -> str | None:
+    """What ``merge(image_labels=...)`` was given, for the provenance."""
+    if image_labels is None:
+        return None
+    if isinstance(image_labels, np.ndarray):
+        return "array"
+    return str(getattr(image_labels, "path", image_labels))
+
+
 def ensemble_scores(stack: Stack):
     """The merged score stack of an ensemble (a Zarr array), or ``None`` for a label-only ensemble."""
     name = stack.provenance.get("scores_array")
@@ -428,8 +437,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "strategy": strategy,
         "bg_threshold": bg_threshold,
         "scores_array": "scores" if scores_dtype else None,
-        "image_labels": None if image_labels is None else (
-            "array" if isinstance(image_labels, np.ndarray) else str(getattr(image_labels, "path", image_labels))),
+        "image_labels": _labels_source(image_labels),
         **({"image_strategy": _jsonable(info)} if info else {}),
     }
     grid = work_chunks(member_stacks, gt_stack)

@@ -146,8 +146,8 @@ def class_keys(raw: Any, what: str = "keys") -> np.ndarray:
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if bad.any():
-            raise BadCam(f"{what} {arr.tolist()[:8]} hold {float(arr[bad][0])!r}, which is not a whole number; "
-                         f"class indices are never fractions (the file is damaged or not a CAM file)")
+            raise BadCam(f"{what} {arr.tolist()[:8]} hold {float(arr[bad][0])!r}, which is not a whole "
+                         f"number; class indices are never fractions (the file is damaged or not a CAM file)")
     out = arr.astype(np.int64)
     if len(np.unique(out)) != len(out):
         raise BadCam(f"{what} {out.tolist()} repeat a class")
@@ -184,7 +184,8 @@ def _labels_pick(cands: list[tuple[str, Any, tuple[int, ...]]], labels: frozense
     return hits[0] if len(hits) == 1 else None
 
 
-def _shape_options(shape: tuple[int, ...], expect: tuple[int, int] | None, low_res: bool) -> list[tuple[int, int]]:
+def _shape_options(shape: tuple[int, ...], expect: tuple[int, int] | None,
+                   low_res: bool) -> list[tuple[int, int]]:
     """``(axis, slices)`` readings of a 3-D array whose other two axes can be the image."""
     out = []
     if len(shape) != 3:
@@ -264,7 +265,8 @@ def _plain(entry: str, shape: tuple[int, ...], c: int, labels: frozenset[int] | 
                      .replace("  ", " "))
     options = _shape_options(shape, expect, low)
     if not options:
-        raise BadCam(f"scores have shape {shape}, which does not match the image size {expect[0]} x {expect[1]}")
+        raise BadCam(f"scores have shape {shape}, which does not match the image size {expect[0]} x "
+                     f"{expect[1]}")
     lab = sorted(labels) if labels is not None else None
     for axis, n in options:
         if n == c:
@@ -277,8 +279,8 @@ def _plain(entry: str, shape: tuple[int, ...], c: int, labels: frozenset[int] | 
             return CamSlices("image-labels", entry, axis, tuple(range(n)), tuple(lab), low)
     ns = " or ".join(str(n) for _, n in options)
     more = f", or {len(lab)} slices for the image's {len(lab)} labelled classes" if lab is not None else ""
-    raise BadCam(f"scores have shape {shape}: {ns} slices, but the class count disagrees with the {c} classes "
-                 f"(expected {c} slices, or {c - 1} foreground slices{more}; or a 'keys' entry)")
+    raise BadCam(f"scores have shape {shape}: {ns} slices, but the class count disagrees with the {c} "
+                 f"classes (expected {c} slices, or {c - 1} foreground slices{more}; or a 'keys' entry)")
 
 
 def _class_dict(members: Mapping, c: int, layout: str, labels: frozenset[int] | None,
@@ -288,7 +290,8 @@ def _class_dict(members: Mapping, c: int, layout: str, labels: frozenset[int] | 
     keys = np.sort(keys)
     shapes = {tuple(_array(members[k]).shape) for k in order}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise BadCam(f"a dict keyed by class index must hold H x W maps of one size; it holds {sorted(shapes)}")
+        raise BadCam(f"a dict keyed by class index must hold H x W maps of one size; it holds "
+                     f"{sorted(shapes)}")
     shape = next(iter(shapes))
     if expect is not None and shape != tuple(expect):
         raise BadCam(f"maps are {shape[0]} x {shape[1]} but the image is {expect[0]} x {expect[1]}")
@@ -297,19 +300,19 @@ def _class_dict(members: Mapping, c: int, layout: str, labels: frozenset[int] | 
     if keys.min() >= 0 and keys.max() < c - 1:
         cands.append(("seam", None, tuple(int(k) + 1 for k in keys)))
     else:
-        errors.append(f"dict keys {keys.tolist()} are outside [0, {c - 1}) (SEAM: 0-based foreground classes, "
-                      f"key k is class k+1); the class count disagrees")
+        errors.append(f"dict keys {keys.tolist()} are outside [0, {c - 1}) (SEAM: 0-based foreground "
+                      f"classes, key k is class k+1); the class count disagrees")
     if keys[0] == 0 and len(keys) >= 2 and keys.max() < c:
         cands.append(("psa-crf", None, tuple(int(k) for k in keys)))
     elif keys[0] == 0 and len(keys) >= 2:
-        errors.append(f"dict keys {keys.tolist()} are outside [0, {c}) (PSA CRF: 0 = background, k = class k); "
-                      f"the class count disagrees")
+        errors.append(f"dict keys {keys.tolist()} are outside [0, {c}) (PSA CRF: 0 = background, k = class "
+                      f"k); the class count disagrees")
     if layout != "auto":
         forced = [x for x in cands if x[0] == layout]
         if not forced:
             if layout == "psa-crf" and keys[0] != 0:
-                raise BadCam(f"dict keys {keys.tolist()} have no background key 0, so this is not a PSA / SEAM CRF "
-                             f"output (--cam-layout psa-crf)")
+                raise BadCam(f"dict keys {keys.tolist()} have no background key 0, so this is not a PSA / "
+                             f"SEAM CRF output (--cam-layout psa-crf)")
             if layout in ("irn", "puzzlecam"):
                 raise BadCam(f"is a dict keyed by class index (SEAM / PSA), not the {layout} layout "
                              f"(which has a 'keys' entry)")
@@ -324,10 +327,10 @@ def _class_dict(members: Mapping, c: int, layout: str, labels: frozenset[int] | 
         else:
             pick = _labels_pick(cands, labels)
             if pick is None:
-                raise _ambiguous(f"a dict keyed by class index with keys {keys.tolist()} can be SEAM / PSA CAMs "
-                                 f"(key k is class k+1, so 0 is class 1) or a background-first dict like PSA's "
-                                 f"CRF output (0 = background, k = class k), and its maps do not sum to 1 as CRF "
-                                 f"probabilities do", ["seam", "psa-crf"])
+                raise _ambiguous(f"a dict keyed by class index with keys {keys.tolist()} can be SEAM / PSA "
+                                 f"CAMs (key k is class k+1, so 0 is class 1) or a background-first dict "
+                                 f"like PSA's CRF output (0 = background, k = class k), and its maps do not "
+                                 f"sum to 1 as CRF probabilities do", ["seam", "psa-crf"])
             cands = [pick]
     name, _, classes = cands[0]
     take = tuple(order)
@@ -351,7 +354,8 @@ def pick_entry(members: Mapping[str, Any]) -> tuple[str, Any, Any]:
     for name in PLAIN_KEYS + ("arr_0",):
         if name in members:
             return name, members[name], None
-    raise BadCam(f"has several arrays {sorted(members)} and none is named {HIGH_RES_KEYS + LOW_RES_KEYS + PLAIN_KEYS}")
+    raise BadCam(f"has several arrays {sorted(members)} and none is named "
+                 f"{HIGH_RES_KEYS + LOW_RES_KEYS + PLAIN_KEYS}")
 
 
 def interpret(members: Mapping[Any, Any], num_classes: int, *, layout: str = "auto",

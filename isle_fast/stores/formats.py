@@ -107,7 +107,8 @@ def label_header(path: str) -> tuple[int, int]:
     with _open_pil(path) as im:
         w, h = im.size
         if im.mode not in ("P", "L", "I;16", "I", "RGB", "1"):
-            raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured RGB)")
+            raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured "
+                           f"RGB)")
         return int(h), int(w)
 
 
@@ -153,8 +154,9 @@ def _rgb_to_index(rgb: np.ndarray, num_classes: int) -> np.ndarray:
             lut[j] = IGNORE_INDEX
         else:
             r, c = (int(x) for x in np.argwhere(packed == col)[0])
-            raise BadInput(f"RGB colour {(int(col) >> 16, (int(col) >> 8) & 255, int(col) & 255)} at row {r}, "
-                           f"column {c} is not a VOC colour of the {num_classes} classes (nor the ignore colour)")
+            raise BadInput(f"RGB colour {(int(col) >> 16, (int(col) >> 8) & 255, int(col) & 255)} at row "
+                           f"{r}, column {c} is not a VOC colour of the {num_classes} classes (nor the "
+                           f"ignore colour)")
     return lut[inverse.reshape(packed.shape)]
 
 
@@ -171,7 +173,8 @@ def read_label(path: str, num_classes: int) -> np.ndarray:
             if im.mode == "RGB":
                 return check_labels(_rgb_to_index(np.asarray(im), num_classes), num_classes)
             if im.mode not in ("P", "L", "I;16", "I", "1"):
-                raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured RGB)")
+                raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured "
+                               f"RGB)")
             arr = np.asarray(im)
     except BadInput:
         raise
@@ -309,7 +312,7 @@ def load_pickle_npy(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
 
 
 def _npz_index(path: str) -> dict[str, _Header]:
-    """Headers of an ``.npz``'s members, each checked against the member's real size (nothing else is read)."""
+    """Headers of an ``.npz``'s members, each checked against the member's real size (no data is read)."""
     out: dict[str, _Header] = {}
     try:
         with zipfile.ZipFile(path) as zf:
@@ -323,14 +326,14 @@ def _npz_index(path: str) -> dict[str, _Header]:
                 else:
                     plausible = info.file_size <= 1100 * info.compress_size + 4096
                 if not plausible:
-                    raise BadInput(f"corrupt .npz file: member {name!r} claims {info.file_size:,} bytes stored in "
-                                   f"{info.compress_size:,}")
+                    raise BadInput(f"corrupt .npz file: member {name!r} claims {info.file_size:,} bytes "
+                                   f"stored in {info.compress_size:,}")
                 with zf.open(info) as f:
                     head, offset = _read_header(f)
                 if not head.dtype.hasobject and _claimed_bytes(head) != info.file_size - offset:
-                    raise BadInput(f"corrupt or truncated .npz file: the header of member {name!r} claims shape "
-                                   f"{head.shape} of {head.dtype} ({_claimed_bytes(head):,} bytes) but the member "
-                                   f"holds {info.file_size - offset:,}")
+                    raise BadInput(f"corrupt or truncated .npz file: the header of member {name!r} claims "
+                                   f"shape {head.shape} of {head.dtype} ({_claimed_bytes(head):,} bytes) but "
+                                   f"the member holds {info.file_size - offset:,}")
                 out[name] = head
     except FileNotFoundError:
         raise BadInput("file does not exist") from None
@@ -411,12 +414,12 @@ def _interpret(sf: _ScoreFile, num_classes: int, layout: str, labels: Any,
 def score_header(path: str, num_classes: int, allow_pickle: bool = False,
                  expect: tuple[int, int] | None = None, *, cam_layout: str = "auto",
                  labels: Any = None) -> tuple[int, int]:
-    """``(H, W)`` of a score file, reading only headers where the format allows (plain ``.npy`` / ``.npz``)."""
+    """``(H, W)`` of a score file, from headers where the format allows (plain ``.npy`` / ``.npz``)."""
     sf = _ScoreFile(path, allow_pickle)
     sl = _interpret(sf, num_classes, cam_layout, labels, expect)
     if sl.low_res:
-        raise BadInput("holds only a low-resolution 'cam'; its image size is unknown without the ground truth "
-                       "(give --gt, and --upsample to resize it)")
+        raise BadInput("holds only a low-resolution 'cam'; its image size is unknown without the ground "
+                       "truth (give --gt, and --upsample to resize it)")
     if is_class_dict(sf.members):
         shape = tuple(np.shape(sf.members[sl.take[0]]))
     else:
@@ -480,16 +483,18 @@ def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_t
     arr = np.asarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         k, r, c = (int(v) for v in np.argwhere(~np.isfinite(arr))[0])
-        raise BadInput(f"score of slice {k} at row {r}, column {c} is {arr[k, r, c]} (NaN / Inf are not scores)")
+        raise BadInput(f"score of slice {k} at row {r}, column {c} is {arr[k, r, c]} (NaN / Inf are not "
+                       f"scores)")
     if expect is not None and arr.shape[1:] != tuple(expect):
         if sl.low_res and upsample:
             arr = _upsample(arr, expect)
         elif sl.low_res:
-            raise BadInput(f"holds only a low-resolution 'cam' of {arr.shape[1]} x {arr.shape[2]} but the image is "
-                           f"{expect[0]} x {expect[1]}; pass --upsample (upsample=True) to resize it bilinearly, "
-                           f"or save the full-resolution 'high_res'")
+            raise BadInput(f"holds only a low-resolution 'cam' of {arr.shape[1]} x {arr.shape[2]} but the "
+                           f"image is {expect[0]} x {expect[1]}; pass --upsample (upsample=True) to resize "
+                           f"it bilinearly, or save the full-resolution 'high_res'")
         else:
-            raise BadInput(f"scores are {arr.shape[1]} x {arr.shape[2]} but the image is {expect[0]} x {expect[1]}")
+            raise BadInput(f"scores are {arr.shape[1]} x {arr.shape[2]} but the image is {expect[0]} x "
+                           f"{expect[1]}")
     if normalize:
         arr = np.maximum(arr, 0.0)
         peak = arr.reshape(arr.shape[0], -1).max(axis=1, initial=0.0)

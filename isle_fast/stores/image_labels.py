@@ -1,4 +1,4 @@
-"""Image-level labels: WSSS's only supervision, read from the files the public code uses, kept beside the stacks.
+"""Image-level labels: WSSS's only supervision, read from the files the public code uses, kept with stacks.
 
 An image's image-level labels are the classes it contains (its tags). They
 are held as an ``(I, C)`` bool array over a stack's ids and classes; column
@@ -129,9 +129,11 @@ class ImageLabels:
         missing = [str(i) for i, r in zip(ids, rows) if r is None]
         if missing:
             shown = ", ".join(repr(m) for m in missing[:5])
-            raise InputError(f"{self.source}: no image-level labels for {len(missing)} of the {len(ids)} images of "
-                             f"{where}: {shown}{' ...' if len(missing) > 5 else ''}")
-        return self.labels[np.asarray(rows, dtype=np.int64)] if rows else np.zeros((0, len(self.classes)), bool)
+            raise InputError(f"{self.source}: no image-level labels for {len(missing)} of the {len(ids)} "
+                             f"images of {where}: {shown}{' ...' if len(missing) > 5 else ''}")
+        if not rows:
+            return np.zeros((0, len(self.classes)), bool)
+        return self.labels[np.asarray(rows, dtype=np.int64)]
 
     def extra(self, ids: Sequence[str]) -> int:
         """How many of these labels' images are not among ``ids``."""
@@ -157,7 +159,8 @@ def _token_class(tok: Any, index: dict[str, int], c: int, where: str) -> int:
         return _token_class(int(tok), index, c, where)
     name = str(tok).strip().lower()
     if name not in index:
-        raise InputError(f"{where}: {str(tok)!r} is not one of the {c} classes ({', '.join(list(index)[:6])}, ...)")
+        raise InputError(f"{where}: {str(tok)!r} is not one of the {c} classes "
+                         f"({', '.join(list(index)[:6])}, ...)")
     return index[name]
 
 
@@ -196,8 +199,8 @@ def _from_cls_labels(path: Path, classes: list[str], allow_pickle: bool) -> Imag
             raise InputError(f"{path}: image id {key!r} is neither a number nor a string")
         v = np.asarray(value).reshape(-1)
         if v.dtype.kind not in "biuf" or len(v) not in (c - 1, c):
-            raise InputError(f"{path}: labels of image {image_id!r} have {len(v)} values of {v.dtype}; expected "
-                             f"{c - 1} (one per foreground class) or {c}")
+            raise InputError(f"{path}: labels of image {image_id!r} have {len(v)} values of {v.dtype}; "
+                             f"expected {c - 1} (one per foreground class) or {c}")
         if not np.isin(v, (0, 1)).all():
             raise InputError(f"{path}: labels of image {image_id!r} hold {v[~np.isin(v, (0, 1))][0]!r}; "
                              f"expected 0 / 1")
@@ -284,12 +287,13 @@ def _from_json(path: Path, classes: list[str]) -> ImageLabels:
     elif isinstance(obj, list) and all(isinstance(r, dict) and "id" in r for r in obj):
         items = [(r["id"], r.get("labels", r.get("classes"))) for r in obj]
     else:
-        raise InputError(f"{path}: expected {{id: [classes]}} or a list of {{\"id\": ..., \"labels\": [...]}}")
+        raise InputError(f"{path}: expected {{id: [classes]}} or a list of {{\"id\": ..., \"labels\": "
+                         f"[...]}}")
     records = []
     for image_id, toks in items:
         if not isinstance(toks, list):
-            raise InputError(f"{path}: labels of image {image_id!r} are {toks!r}, not a list of class names or "
-                             f"indices")
+            raise InputError(f"{path}: labels of image {image_id!r} are {toks!r}, not a list of class names "
+                             f"or indices")
         records.append((_strip_ext(str(image_id)), toks))
     return _rows_to_labels(records, classes, str(path))
 
@@ -342,8 +346,8 @@ def read_image_labels(src: Any, classes: Sequence[str] | None = None, *, allow_p
         elif p.suffix.lower() == ".json":
             out = _from_json(p, names)
         else:
-            raise InputError(f"image-level labels {p}: expected cls_labels.npy, a .csv, a .json, a folder of VOC "
-                             f".xml annotations or a store")
+            raise InputError(f"image-level labels {p}: expected cls_labels.npy, a .csv, a .json, a folder of "
+                             f"VOC .xml annotations or a store")
     if classes is not None and list(out.classes) != names:
         raise InputError(f"{out.source}: image-level labels over classes {out.classes} do not match the "
                          f"{len(names)} classes {names}")
@@ -445,7 +449,8 @@ def attach_image_labels(writer: StackWriter, labels: np.ndarray, source: str) ->
     n = int(writer.group["ids"].shape[0])
     c = len(writer.group.attrs["classes"])
     if labels.shape != (n, c):
-        raise InputError(f"image labels of shape {labels.shape} do not fit a store of {n} images and {c} classes")
+        raise InputError(f"image labels of shape {labels.shape} do not fit a store of {n} images and {c} "
+                         f"classes")
     arr = writer.group.create_array(IMAGE_LABELS_MEMBER, shape=(n, c), dtype=bool, chunks=(max(n, 1), c))
     if n:
         arr[:] = labels
@@ -462,8 +467,8 @@ def resolve_image_labels(src: Any, ids: Sequence[str], classes: Sequence[str], *
     if isinstance(src, np.ndarray):
         arr = np.asarray(src)
         if arr.shape != (len(ids), len(classes)) or arr.dtype.kind not in "bui":
-            raise InputError(f"image labels of shape {arr.shape} ({arr.dtype}) do not fit {len(ids)} images and "
-                             f"{len(classes)} classes")
+            raise InputError(f"image labels of shape {arr.shape} ({arr.dtype}) do not fit {len(ids)} images "
+                             f"and {len(classes)} classes")
         out = arr.astype(bool)
         out[:, 0] = True
         return out
@@ -522,8 +527,8 @@ def ingest_image_labels(src: Any, out: str | os.PathLike, *, gt: Any = None,
     else:
         want, where = list(read.ids), str(src)
     result = ImageLabels(want, names, read.aligned(want, where), str(src))
-    path = write_image_labels(result, out, overwrite=overwrite,
-                              provenance={"gt": None if ref is None else ref.path, "ignored_ids": read.extra(want)})
+    prov = {"gt": None if ref is None else ref.path, "ignored_ids": read.extra(want)}
+    path = write_image_labels(result, out, overwrite=overwrite, provenance=prov)
     fg = result.labels[:, 1:]
     rows = {"images": f"{len(want):,}", "source ids not used": f"{read.extra(want):,}",
             "labels per image": f"{fg.sum(axis=1).mean():.2f}" if len(want) else "-",

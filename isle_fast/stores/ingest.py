@@ -30,9 +30,9 @@ Validation and atomicity
 Every problem (an id without a file, a size that differs from the ground
 truth, a value outside ``[0, C)`` other than 255, a corrupt or truncated file,
 NaN / Inf or out-of-range scores, a class count that disagrees, a CAM layout
-that is ambiguous, a pickle that names anything but arrays and containers) is an :class:`~isle_fast.errors.InputError` naming the
-file and the image id, and no store is written (the temporary folder is
-removed). With ``skip_bad=True`` the bad images are left out instead, and the
+that is ambiguous, a pickle that names anything but arrays and containers) is
+an :class:`~isle_fast.errors.InputError` naming the file and the image id,
+and no store is written (the temporary folder is removed). With ``skip_bad=True`` the bad images are left out instead, and the
 list of ``(id, file, reason)`` goes into the store's provenance (``skipped``)
 and the summary.
 

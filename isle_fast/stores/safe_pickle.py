@@ -192,8 +192,8 @@ def _scalar(dt: Any, data: Any = None) -> Any:
     if isinstance(data, str):
         data = data.encode("latin-1")
     if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
-        raise UnsafePickle(f"makes a {dt} scalar from {len(data) if isinstance(data, (bytes, bytearray)) else data!r}"
-                           f" bytes")
+        raise UnsafePickle(f"makes a {dt} scalar from "
+                           f"{len(data) if isinstance(data, (bytes, bytearray)) else data!r} bytes")
     return np.frombuffer(bytes(data), dtype=dt)[0]
 
 
@@ -264,7 +264,7 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
 # --------------------------------------------------------------------------- torch
 def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
                        hooks: Any = None, metadata: Any = None) -> np.ndarray:
-    """``torch._utils._rebuild_tensor_v2``: the tensor as a NumPy array (a copy of its view of the storage)."""
+    """``torch._utils._rebuild_tensor_v2``: the tensor as a NumPy array (a copy of its storage view)."""
     if not isinstance(storage, np.ndarray) or storage.ndim != 1:
         raise UnsafePickle("rebuilds a tensor from something that is not a torch storage")
     offset = _int(offset, "tensor storage offset")
@@ -283,8 +283,8 @@ def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requir
         raise UnsafePickle(f"rebuilds a tensor of size {size} that reaches element {last} of a storage of "
                            f"{len(storage)} (a damaged or forged file)")
     item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=tuple(s * item for s in stride),
-                                           writeable=False)
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
+                                           strides=tuple(s * item for s in stride), writeable=False)
     return np.array(view, copy=True)
 
 
@@ -336,7 +336,8 @@ class _TorchLegacyUnpickler(pickle.Unpickler):
         if view is not None:
             if not (isinstance(view, tuple) and len(view) == 3):
                 raise UnsafePickle("names a view of a torch storage in an unknown form")
-            return _StorageRef(key, stype.dtype, numel, (_int(view[1], "view offset"), _int(view[2], "view size")))
+            part = (_int(view[1], "view offset"), _int(view[2], "view size"))
+            return _StorageRef(key, stype.dtype, numel, part)
         return ref
 
 
@@ -348,7 +349,7 @@ def _storage_array(raw: bytes, dtype: Any) -> np.ndarray:
 
 
 def _load_from_bytes(data: Any) -> np.ndarray:
-    """``torch.storage._load_from_bytes(b)``: parse a legacy ``torch.save`` of one storage into a 1-D array."""
+    """``torch.storage._load_from_bytes(b)``: a legacy ``torch.save`` of one storage, as a 1-D array."""
     if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickle("loads a torch storage from something that is not bytes")
     f = io.BytesIO(bytes(data))
@@ -443,8 +444,8 @@ def _resolve(obj: Any, _active: set[int] | None = None) -> Any:
         if obj.array is None:
             raise UnsafePickle("reconstructs an array without its state")
         return obj.array
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, bytearray, np.generic, np.ndarray,
-                                       np.dtype)):
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, bytearray, np.generic,
+                                       np.ndarray, np.dtype)):
         return obj
     if isinstance(obj, _Marker) or callable(obj):
         raise UnsafePickle(f"holds the object {obj!r} itself, which CAM and label files never hold")
@@ -525,7 +526,7 @@ def loads(data: bytes) -> Any:
 
 
 def load_npy_payload(raw: bytes) -> Any:
-    """Read a whole ``.npy`` file (``raw``) of an object dtype: its header, then its pickle, via :func:`loads`.
+    """Read a whole ``.npy`` file (``raw``) of an object dtype: its header, then its pickle (:func:`loads`).
 
     Returns the array ``np.save`` pickled (a 0-d object array for a saved
     dict: call ``.item()``).

@@ -292,8 +292,8 @@ class Stack:
                 except Exception as exc:
                     raise StoreError(f"{self.path}: its image_labels array cannot be read: {exc}") from None
                 if arr.dtype != bool or arr.shape != (self.num_images, self.num_classes):
-                    raise StoreError(f"{self.path}: image_labels has shape {arr.shape} and dtype {arr.dtype}; "
-                                     f"expected ({self.num_images}, {self.num_classes}) bool")
+                    raise StoreError(f"{self.path}: image_labels has shape {arr.shape} and dtype "
+                                     f"{arr.dtype}; expected ({self.num_images}, {self.num_classes}) bool")
             self._image_labels = arr
         return self._image_labels
 

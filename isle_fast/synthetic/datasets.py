@@ -277,7 +277,8 @@ def save_cam_npy(path: str | os.PathLike, keys: np.ndarray, high_res: np.ndarray
     hr = np.asarray(high_res, dtype=np.float32)
     k = np.asarray(keys, dtype=np.int64)
     if layout == "puzzlecam":
-        d = {"keys": np.pad(k + 1, (1, 0), mode="constant"), "cam": hr[:, ::stride, ::stride].copy(), "hr_cam": hr}
+        d = {"keys": np.pad(k + 1, (1, 0), mode="constant"), "cam": hr[:, ::stride, ::stride].copy(),
+             "hr_cam": hr}
     elif layout == "irn":
         d = {"keys": k, "cam": hr[:, ::stride, ::stride].copy(), "high_res": hr}
     else:

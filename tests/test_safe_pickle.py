@@ -287,10 +287,32 @@ def test_allowed_globals_with_forged_arguments_are_refused(forged, match):
         loads(pickle.dumps({"x": forged}, protocol=4))
 
 
-def test_forged_lengths_do_not_allocate():
-    """A BINBYTES8 claiming 1 TB in a 14-byte pickle: an error before anything is allocated."""
-    with pytest.raises(UnsafePickle, match="expected 1000000000000 bytes"):
-        loads(b"\x80\x04\x8e" + (10**12).to_bytes(8, "little") + b"abc")
+@pytest.mark.parametrize("opcode", [b"\x8e", b"\x96", b"\x8d", b"\x95"])  # BINBYTES8 BYTEARRAY8 BINUNICODE8 FRAME
+def test_forged_lengths_do_not_allocate(opcode):
+    """A length of 1 TB in a 14-byte pickle: an error, and nothing near that size is allocated (Python's C
+    unpickler allocates a BINBYTES8 / BYTEARRAY8 of the claimed size before reading it)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(UnsafePickle, match="not a complete pickle"):
+        loads(b"\x80\x04" + opcode + (10**12).to_bytes(8, "little") + b"abc")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20
+
+
+def test_build_never_changes_this_module_or_instantiates_classes():
+    """BUILD on a global (a builder function, with a slot state setting its __defaults__) would change
+    every later load of the process; it is refused, as are INST / OBJ / NEWOBJ."""
+    before = safe_pickle._scalar.__defaults__
+    forged = b"\x80\x02cnumpy._core.multiarray\nscalar\nN}X\x0c\x00\x00\x00__defaults__K\x05\x85s\x86b."
+    with pytest.raises(UnsafePickle, match="sets the state of function"):
+        loads(forged)
+    assert safe_pickle._scalar.__defaults__ == before
+    with pytest.raises(UnsafePickle, match="instantiates a class"):
+        loads(b"\x80\x02cnumpy\nndarray\n)\x81.")
+    with pytest.raises(UnsafePickle, match="instantiates a class"):
+        loads(b"(cnumpy\nndarray\no.")
 
 
 def test_structures_these_files_never_hold_are_refused():

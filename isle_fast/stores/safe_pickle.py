@@ -25,10 +25,13 @@ only what these files contain:
   builtins ``set``, ``frozenset``, ``complex``, ``bytes``, ``bytearray`` and
   ``_codecs.encode(text, 'latin1')`` that protocols 0-3 use for these types.
 
-Any other global, any persistent id outside a torch storage, an object
-array nested in a way these files never are, or a malformed argument raises
-:class:`UnsafePickle` naming what was refused; nothing from the file has run
-by then (globals are looked up in the table above, never imported).
+Any other global, any persistent id outside a torch storage, a class
+instantiation, a BUILD on anything but an array or dtype of this load, or a
+malformed argument raises :class:`UnsafePickle` naming what was refused;
+nothing from the file has run by then (globals are looked up in the table
+above, never imported). The data is unpickled from memory by Python's
+pure-Python unpickler with those opcodes guarded, so no length in the pickle
+can make it allocate more than the file holds.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import struct
 from typing import Any, Callable
 
 import numpy as np
@@ -118,6 +122,47 @@ def _nbytes(shape: tuple[int, ...], dt: np.dtype) -> int:
     return n * dt.itemsize
 
 
+# --------------------------------------------------------------------------- reading
+#: Reads at least this long come back as views of the data instead of copies (array bytes).
+_VIEW_BYTES = 1 << 16
+
+
+class _MemReader:
+    """A file over bytes in memory for the unpickler: long reads are views (no copy), all reads bounded.
+
+    A read past the end comes back short (the unpickler then fails as
+    truncated), so a length in the pickle never allocates more than exists.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview, pos: int = 0):
+        self.view = memoryview(data).cast("B")
+        self.pos = pos
+
+    def read(self, n: int = -1) -> bytes | memoryview:
+        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
+        out = self.view[self.pos:end]
+        self.pos = end
+        return out if len(out) >= _VIEW_BYTES else out.tobytes()
+
+    def readline(self) -> bytes:
+        rest = self.view[self.pos:]
+        n = bytes(rest[:4096]).find(b"\n")
+        if n < 0:
+            n = rest.tobytes().find(b"\n")
+        end = len(self.view) if n < 0 else self.pos + n + 1
+        out = self.view[self.pos:end].tobytes()
+        self.pos = end
+        return out
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(memoryview(buf)))
+        memoryview(buf).cast("B")[:len(data)] = data
+        return len(data)
+
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
 # --------------------------------------------------------------------------- numpy builders
 class _ArrayState:
     """What ``_reconstruct`` returns: BUILD hands it the array's state, and it builds the array then.
@@ -156,12 +201,12 @@ class _ArrayState:
             return
         if isinstance(data, str):  # protocol 0-2 pickles write the bytes as latin-1 text
             data = data.encode("latin-1")
-        if not isinstance(data, (bytes, bytearray)):
+        if not isinstance(data, _BYTES):
             raise UnsafePickle("gives an array data that is not bytes")
         if len(data) != _nbytes(shape, dt):
             raise UnsafePickle(f"gives an array of shape {shape} and dtype {dt} {len(data)} bytes, not "
                                f"{_nbytes(shape, dt)} (a damaged or forged file)")
-        self.array = np.frombuffer(bytes(data), dtype=dt).reshape(shape, order=order).copy(order="K")
+        self.array = np.frombuffer(data, dtype=dt).reshape(shape, order=order).copy(order="K")
 
 
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayState:
@@ -191,10 +236,10 @@ def _scalar(dt: Any, data: Any = None) -> Any:
         return _resolve(data)
     if isinstance(data, str):
         data = data.encode("latin-1")
-    if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
-        raise UnsafePickle(f"makes a {dt} scalar from "
-                           f"{len(data) if isinstance(data, (bytes, bytearray)) else data!r} bytes")
-    return np.frombuffer(bytes(data), dtype=dt)[0]
+    if not isinstance(data, _BYTES) or len(data) != dt.itemsize:
+        raise UnsafePickle(f"makes a {dt} scalar from {len(data) if isinstance(data, _BYTES) else data!r} "
+                           f"bytes")
+    return np.frombuffer(data, dtype=dt)[0]
 
 
 def _frombuffer(buf: Any, dt: Any, shape: Any, order: Any) -> np.ndarray:
@@ -204,15 +249,15 @@ def _frombuffer(buf: Any, dt: Any, shape: Any, order: Any) -> np.ndarray:
         raise UnsafePickle("makes an object array from raw bytes")
     shape = _shape(shape)
     if isinstance(buf, pickle.PickleBuffer):
-        buf = bytes(buf.raw())
-    if not isinstance(buf, (bytes, bytearray)):
+        buf = buf.raw()
+    if not isinstance(buf, _BYTES):
         raise UnsafePickle("gives an array data that is not bytes")
     if len(buf) != _nbytes(shape, dt):
         raise UnsafePickle(f"gives an array of shape {shape} and dtype {dt} {len(buf)} bytes, not "
                            f"{_nbytes(shape, dt)} (a damaged or forged file)")
     if order not in ("C", "F"):
         raise UnsafePickle(f"gives an array order {order!r}")
-    return np.frombuffer(bytes(buf), dtype=dt).reshape(shape, order=order).copy(order="K")
+    return np.frombuffer(buf, dtype=dt).reshape(shape, order=order).copy(order="K")
 
 
 # --------------------------------------------------------------------------- builtins
@@ -244,13 +289,13 @@ def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
 def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
     if isinstance(data, str) and encoding in ("latin-1", "latin1"):
         return bytearray(data.encode("latin-1"))
-    if isinstance(data, (bytes, bytearray)) and encoding is None:
+    if isinstance(data, _BYTES) and encoding is None:
         return bytearray(data)
     raise UnsafePickle("builds a bytearray from something that is not bytes (a size would allocate memory)")
 
 
 def _bytes(data: Any = b"") -> bytes:
-    if isinstance(data, (bytes, bytearray)):
+    if isinstance(data, _BYTES):
         return bytes(data)
     raise UnsafePickle("builds bytes from something that is not bytes (a size would allocate memory)")
 
@@ -302,6 +347,72 @@ def _rebuild_from_type_v2(func: Any, cls: Any, args: Any, state: Any) -> np.ndar
     return func(*args)
 
 
+class _GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Python's own (pure-Python) unpickler with the opcodes these files never need refused.
+
+    The pure-Python implementation is used, not the C one, because its opcodes
+    can be guarded: BUILD may only set the state of an array or dtype this load
+    made (never of a function or marker of this module, which would change
+    later loads), class instantiation (INST, OBJ, NEWOBJ, NEWOBJ_EX) is
+    refused (NumPy and torch pickles use REDUCE), and BYTEARRAY8 reads its
+    data before allocating (the C unpickler allocates a BINBYTES8 /
+    BYTEARRAY8 of the claimed size first). It is also the faster of the two
+    here: it reads the few large byte strings of a CAM file without the
+    pre-scan the C one would need.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+
+    def __init__(self, f: Any):
+        super().__init__(f)
+        self._built: set[int] = set()  # ids of the dtypes this load made (BUILD may set their state)
+
+    def _make_dtype(self, *args: Any) -> np.dtype:
+        dt = _make_dtype(*args)
+        self._built.add(id(dt))
+        return dt
+
+    def load_build(self) -> None:
+        inst = self.stack[-2] if len(self.stack) >= 2 else None
+        if not (isinstance(inst, _ArrayState) or (isinstance(inst, np.dtype) and id(inst) in self._built)):
+            raise UnsafePickle(f"sets the state of {type(inst).__name__} {inst!r}; only arrays and dtypes "
+                               f"are built")
+        super().load_build()
+
+    def _refuse_instance(self) -> None:
+        raise UnsafePickle("instantiates a class (INST / OBJ / NEWOBJ), which CAM and label files never do")
+
+    def load_bytearray8(self) -> None:
+        (n,) = struct.unpack("<Q", self.read(8))
+        data = self.read(n)
+        if len(data) != n:
+            raise UnsafePickle(f"is not a complete pickle: a bytearray of {n} bytes has {len(data)}")
+        self.append(bytearray(data))
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+    for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX):
+        dispatch[_op[0]] = _refuse_instance
+    del _op
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise UnsafePickle(f"names the global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickle("uses persistent ids (a torch.save file, not an np.save one)")
+
+
+def _run(unpickler: _GuardedUnpickler) -> Any:
+    try:
+        return unpickler.load()
+    except UnsafePickle:
+        raise
+    except RecursionError:
+        raise UnsafePickle("nests deeper than Python's recursion limit") from None
+    except Exception as exc:  # truncated or malformed pickle data
+        raise UnsafePickle(f"is not a complete pickle: {type(exc).__name__}: {exc}") from None
+
+
 class _StorageRef:
     """A storage named by a persistent id inside a torch legacy save; filled once its bytes are read."""
 
@@ -309,10 +420,10 @@ class _StorageRef:
         self.key, self.dtype, self.numel, self.view = key, dtype, numel, view
 
 
-class _TorchLegacyUnpickler(pickle.Unpickler):
+class _TorchLegacyUnpickler(_GuardedUnpickler):
     """The pickles inside torch's legacy format: only storage classes and storage persistent ids."""
 
-    def __init__(self, f: io.BytesIO, storages: dict[str, _StorageRef]):
+    def __init__(self, f: Any, storages: dict[str, _StorageRef]):
         super().__init__(f)
         self.storages = storages
 
@@ -345,23 +456,23 @@ def _storage_array(raw: bytes, dtype: Any) -> np.ndarray:
     if dtype == "bfloat16":
         u = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return u.view(np.float32)
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.dtype(dtype), copy=True)
+    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(np.dtype(dtype))
 
 
 def _load_from_bytes(data: Any) -> np.ndarray:
     """``torch.storage._load_from_bytes(b)``: a legacy ``torch.save`` of one storage, as a 1-D array."""
-    if not isinstance(data, (bytes, bytearray)):
+    if not isinstance(data, _BYTES):
         raise UnsafePickle("loads a torch storage from something that is not bytes")
-    f = io.BytesIO(bytes(data))
+    f = _MemReader(data)
     storages: dict[str, _StorageRef] = {}
 
     def load() -> Any:
         try:
-            return _TorchLegacyUnpickler(f, storages).load()
-        except UnsafePickle:
-            raise
-        except Exception as exc:  # truncated / malformed pickle data
-            raise UnsafePickle(f"holds a damaged torch storage: {type(exc).__name__}: {exc}") from None
+            return _run(_TorchLegacyUnpickler(f, storages))
+        except UnsafePickle as exc:
+            if "inside a torch storage" in str(exc):
+                raise
+            raise UnsafePickle(f"{exc} inside a torch storage") from None
 
     if load() != _TORCH_MAGIC or load() != _TORCH_PROTOCOL:
         raise UnsafePickle("holds a torch storage that is not in torch's legacy format")
@@ -427,15 +538,12 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(_GuardedUnpickler):
     def find_class(self, module: str, name: str) -> Any:
         fn = ALLOWED_GLOBALS.get((module, name))
         if fn is None:
             raise UnsafePickle(f"names the global {module}.{name}, which CAM and label files never hold")
-        return fn
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickle("uses persistent ids (a torch.save file, not an np.save one)")
+        return self._make_dtype if fn is _make_dtype else fn
 
 
 def _resolve(obj: Any, _active: set[int] | None = None) -> Any:
@@ -444,6 +552,8 @@ def _resolve(obj: Any, _active: set[int] | None = None) -> Any:
         if obj.array is None:
             raise UnsafePickle("reconstructs an array without its state")
         return obj.array
+    if isinstance(obj, memoryview):  # a long byte string read as a view of the file
+        return obj.tobytes()
     if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, bytearray, np.generic,
                                        np.ndarray, np.dtype)):
         return obj
@@ -476,31 +586,15 @@ def _resolve(obj: Any, _active: set[int] | None = None) -> Any:
     raise UnsafePickle(f"holds an object of type {type(obj).__name__}")
 
 
-def _check_lengths(data: bytes) -> None:
-    """Walk the opcodes once: every counted length (bytes, strings, frames) must fit in ``data``.
-
-    Python's unpickler allocates a ``BINBYTES8`` / ``BYTEARRAY8`` / ``FRAME``
-    of the size it claims before reading it, so a forged length of 100 GiB
-    would be a 100 GiB allocation; :mod:`pickletools` reads from the data
-    instead and fails on a length the data does not hold.
-    """
-    import pickletools
-
-    try:
-        for _ in pickletools.genops(data):
-            pass
-    except Exception as exc:  # ValueError (truncated / bad opcode), and anything odd in a damaged stream
-        raise UnsafePickle(f"is not a complete pickle: {exc}") from None
-
-
 def loads(data: bytes) -> Any:
     """Unpickle ``data`` building only dicts, lists, tuples, NumPy arrays / dtypes / scalars and tensors.
 
     Parameters
     ----------
     data : bytes
-        A whole pickle (read into memory first: sizes in the pickle can then
-        never make the reader allocate more than the data holds).
+        A whole pickle in memory: sizes in the pickle then never make the
+        reader allocate more than the data holds (reads past the end come
+        back short and fail as truncated).
 
     Returns
     -------
@@ -513,16 +607,8 @@ def loads(data: bytes) -> Any:
         The pickle names a global or builds an object outside that list, or
         is malformed; the message says which. Nothing from it has run.
     """
-    _check_lengths(data)
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(data)).load()
-    except UnsafePickle:
-        raise
-    except RecursionError:
-        raise UnsafePickle("nests deeper than Python's recursion limit") from None
-    except Exception as exc:  # truncated or malformed pickle data
-        raise UnsafePickle(f"is not a complete pickle: {type(exc).__name__}: {exc}") from None
-    return _resolve(obj)
+    f = data if isinstance(data, _MemReader) else _MemReader(data)
+    return _resolve(_run(_RestrictedUnpickler(f)))
 
 
 def load_npy_payload(raw: bytes) -> Any:
@@ -542,4 +628,4 @@ def load_npy_payload(raw: bytes) -> Any:
         raise UnsafePickle(f"is not a NumPy .npy file: {exc}") from None
     if not dtype.hasobject:
         raise UnsafePickle("is a plain array, not a pickle")
-    return loads(raw[f.tell():])
+    return loads(_MemReader(raw, f.tell()))  # a view of ``raw``: no copy of the file

@@ -161,6 +161,18 @@ def test_ingest_image_labels_store_checks_ids(tmp_path, capsys):
     with pytest.raises(StoreError, match="not an image-labels store"):
         ingest_image_labels(tmp_path / "l.json", tmp_path / "gt", gt=gt, overwrite=True, quiet=True)
     assert len(os.listdir(tmp_path / "gt")) == 2
+    # an output never replaces an input of the same command
+    before = (tmp_path / "il.zarr" / "zarr.json").read_bytes()
+    with pytest.raises(InputError, match="SRC .*il.zarr is also the output"):
+        ingest_image_labels(tmp_path / "il.zarr", tmp_path / "il.zarr", gt=gt, overwrite=True, quiet=True)
+    with pytest.raises(InputError, match="--image-labels .*il.zarr is also the output"):
+        ingest_labels(tmp_path / "gt", tmp_path / "il.zarr", kind="gt", image_labels=tmp_path / "il.zarr",
+                      overwrite=True, quiet=True)
+    from isle_fast.ensemble.merge import merge
+
+    with pytest.raises(InputError, match="--image-labels .*il.zarr is also the output"):
+        merge([gt], gt, tmp_path / "il.zarr", image_labels=tmp_path / "il.zarr", overwrite=True, progress=False)
+    assert (tmp_path / "il.zarr" / "zarr.json").read_bytes() == before
 
 
 def test_labels_stored_with_a_stack(tmp_path):

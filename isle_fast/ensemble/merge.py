@@ -392,8 +392,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     stacks, gt_stack = open_inputs(sets, gt)
     allowed = None
     if image_labels is not None:
-        from isle_fast.stores.image_labels import resolve_image_labels
+        from isle_fast.stores.image_labels import check_not_output, resolve_image_labels
 
+        check_not_output(image_labels, out)
         allowed = resolve_image_labels(image_labels, gt_stack.ids, gt_stack.classes,
                                        where=f"the ground truth {gt_stack.path}")
     if evaluation is None:

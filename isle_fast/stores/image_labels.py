@@ -67,6 +67,7 @@ from isle_fast.stores.stack import FORMAT_VERSION, VOC_CLASSES, Stack, StackWrit
 __all__ = [
     "IMAGE_LABELS_KIND", "IMAGE_LABELS_MEMBER", "ImageLabels", "read_image_labels", "write_image_labels",
     "open_image_labels", "ingest_image_labels", "resolve_image_labels", "attach_image_labels",
+    "check_not_output",
 ]
 
 #: ``kind`` attribute of a standalone image-labels store.
@@ -457,6 +458,18 @@ def attach_image_labels(writer: StackWriter, labels: np.ndarray, source: str) ->
     writer.set_provenance(image_labels=source)
 
 
+def check_not_output(src: Any, out: Any, what: str = "--image-labels") -> None:
+    """An output never replaces an input of the same command: refuse ``out`` naming the labels' source."""
+    if src is None or out is None or isinstance(src, (np.ndarray, ImageLabels, Stack)):
+        return
+    if is_remote(str(src)) or is_remote(str(out)):
+        if str(src).rstrip("/") == str(out).rstrip("/"):
+            raise InputError(f"{what} {src} is also the output; write the output elsewhere")
+        return
+    if Path(str(src)).resolve() == Path(str(out)).resolve():
+        raise InputError(f"{what} {src} is also the output; write the output elsewhere")
+
+
 def resolve_image_labels(src: Any, ids: Sequence[str], classes: Sequence[str], *, where: str = "the stack",
                          quiet: bool = True) -> np.ndarray:
     """Image labels for exactly these ids and classes: an ``(I, C)`` bool array.
@@ -512,6 +525,8 @@ def ingest_image_labels(src: Any, out: str | os.PathLike, *, gt: Any = None,
     from isle_fast.stores.stack import open_stack
 
     t0 = time.perf_counter()
+    check_not_output(src, out, "SRC")
+    check_not_output(None if isinstance(gt, Stack) else gt, out, "--gt")
     if not overwrite and Path(str(out)).exists():
         raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
     ref = gt if isinstance(gt, Stack) or gt is None else open_stack(gt)

@@ -516,12 +516,13 @@ def _common_prov(src: Any, ids_file: str | None, gt: Any, **params: Any) -> dict
     return prov
 
 
-def _image_labels(src: Any, items: list[_Item], names: list[str], quiet: bool):
+def _image_labels(src: Any, items: list[_Item], names: list[str], quiet: bool, out: Any):
     """Image labels for the items (checked now, so a missing id fails before any work) and the finish hook."""
     if src is None:
         return None, None
-    from isle_fast.stores.image_labels import attach_image_labels, read_image_labels
+    from isle_fast.stores.image_labels import attach_image_labels, check_not_output, read_image_labels
 
+    check_not_output(src, out)
     labels = read_image_labels(src, names, quiet=quiet)
     labels.aligned([it.id for it in items], "the images to ingest")
 
@@ -603,7 +604,7 @@ def ingest_labels(
     names = _check_classes(classes, ref)
     items, missing, ids_file = _select(src, LABEL_EXTS, ids, ref, "label")
     c = len(names)
-    _, finish = _image_labels(image_labels, items, names, quiet)
+    _, finish = _image_labels(image_labels, items, names, quiet, out)
     plan = _Plan(
         kind=kind, encoding="labels", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: label_header(it.ref), read=lambda it, hw: read_label(it.ref, c),
@@ -701,7 +702,7 @@ def ingest_scores(
     if cam_layout not in LAYOUT_CHOICES:
         raise InputError(f"cam_layout must be one of {', '.join(LAYOUT_CHOICES)}, not {cam_layout!r}")
     dt = np.dtype(score_dtype)
-    labels, finish = _image_labels(image_labels, items, names, quiet)
+    labels, finish = _image_labels(image_labels, items, names, quiet, out)
 
     def present(it: _Item):
         return None if labels is None else labels.present(it.id)

@@ -5,7 +5,10 @@ data model):
 
 * stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`
 * ingest: :func:`ingest_labels`, :func:`ingest_scores`, :func:`ingest_images`,
-  :func:`ingest_tiff`, :func:`ingest_arrays`, :func:`ingest_dask`
+  :func:`ingest_tiff`, :func:`ingest_arrays`, :func:`ingest_dask`; CAM layouts
+  (:data:`CAM_LAYOUTS`), pickles loaded safely (:func:`load_pickle_npy`)
+* image-level labels: :func:`ingest_image_labels`, :func:`read_image_labels`,
+  :class:`ImageLabels` (``Stack.image_labels`` reads those stored with a stack)
 * step 1, refinement: :func:`refine_stack`, :func:`register_refinement`, the dense
   CRF :func:`crf_image` with the public code's presets (:func:`crf_settings`)
 * step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`
@@ -36,6 +39,12 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "DEFAULT_BG_THRESHOLD", "read_ids", "resolve_classes", "ingest_labels", "ingest_scores",
         "ingest_images", "ingest_tiff", "ingest_arrays", "ingest_dask",
     ),
+    "stores.image_labels": (
+        "ImageLabels", "read_image_labels", "ingest_image_labels", "open_image_labels",
+        "resolve_image_labels",
+    ),
+    "stores.cams": ("CAM_LAYOUTS",),
+    "stores.formats": ("load_pickle_npy",),
     "refinement.chain": (
         "refine_stack", "register_refinement", "unregister_refinement", "available_refinements",
         "Refinement", "RefineChunk", "PrepareContext", "ENTRY_POINT_GROUP", "image_labels_for",

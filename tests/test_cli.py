@@ -116,7 +116,11 @@ def test_user_errors_one_line_exit_2(tmp_path, capsys, rng, case):
         needle = "none.txt"
     else:
         (tmp_path / "cam").mkdir()
-        np.save(tmp_path / "cam" / "im0.npy", {"keys": np.array([1]), "high_res": np.zeros((1, 5, 7))})
+        # a CAM dict is read by the restricted unpickler; one naming another global is refused
+        import collections
+
+        np.save(tmp_path / "cam" / "im0.npy", {"keys": np.array([1]), "high_res": np.zeros((1, 5, 7)),
+                                               "c": collections.Counter("ab")})
         argv = ["ingest", "scores", str(tmp_path / "cam"), "--out", str(tmp_path / "o.zarr"), "-q"]
         needle = "--allow-pickle"
     code, out, err = run_cli(capsys, *argv)

@@ -100,6 +100,31 @@ def test_quick_demo_refinement_and_ensemble_gains(quick_demo):
 
 
 @pytest.mark.slow
+def test_quick_demo_cams_in_puzzlecam_layout_and_image_labels(quick_demo):
+    """The demo writes PuzzleCAM-layout CAM files and a cls_labels.npy, ingests them without --allow-pickle,
+    stores the labels with the gt, and merges once more with them."""
+    from isle_fast.ensemble.merge import gt_presence
+    from isle_fast.stores.stack import open_stack
+
+    out, summary, _ = quick_demo
+    res = summary["results"]
+    cam = next((out / "data" / "cams" / "pmm_cam").glob("*.npy"))
+    d = np.load(cam, allow_pickle=True).item()
+    assert set(d) == {"keys", "cam", "hr_cam"} and d["keys"][0] == 0
+    assert len(d["keys"]) == len(d["hr_cam"]) + 1  # PuzzleCAM: the background key, then one per slice
+    assert res["ingest"]["identical_to_direct"] and res["ingest"]["cam_layout"] == "puzzlecam"
+    gt = open_stack(res["ingest"]["stores"]["train/gt"])
+    assert gt.image_labels is not None
+    np.testing.assert_array_equal(gt.image_labels[:, 1:], gt_presence(gt, backend="cpu")[:, 1:])
+    il = res["merge"]["image_labels"]
+    ens = open_stack(il["store"])
+    for k, i in enumerate(ens.ids):
+        e = np.asarray(ens.read_image(i))
+        assert gt.image_labels[k, np.unique(e[e != 255])].all()
+    assert il["gain_over_ensemble"] is not None
+
+
+@pytest.mark.slow
 def test_quick_demo_trains_both_models_and_scores_them_on_val(quick_demo):
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.stores.stack import open_stack

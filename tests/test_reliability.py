@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -580,6 +581,59 @@ def test_nan_cams(data, tmp_path, capsys):
     assert tree_digest(src) == before
 
 
+def _cam_folder(data, tmp_path, write) -> Path:
+    """A CAM folder for the gt's images: ``write(path, image_id, h, w)`` writes each file."""
+    src = tmp_path / "cams"
+    src.mkdir()
+    gt = open_stack(data["stores"]["gt"])
+    for i in gt.ids:
+        h, w = (int(v) for v in gt.shapes[gt.index_of(i)])
+        write(src / i, i, h, w)
+    return src
+
+
+def test_fractional_cam_keys(data, tmp_path, capsys):
+    """Issue 18: CAM keys like 0.5 were truncated to a class; now a clear error naming file and key."""
+    def write(p, i, h, w):
+        keys = np.array([0.5 if i == "img004" else 2.0, 3.0])
+        np.save(f"{p}.npy", {"keys": keys, "high_res": np.full((2, h, w), 0.5, np.float32)})
+
+    src = _cam_folder(data, tmp_path, write)
+    before = tree_digest(src)
+    out = tmp_path / "cams.zarr"
+    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", out, "-q"], capsys)
+    assert_clean_error(rc, err, "img004.npy", "0.5", "not a whole number")
+    no_complete_store(out)
+    assert tree_digest(src) == before
+
+
+def test_npz_header_claiming_125_gib(data, tmp_path, capsys):
+    """Issue 18: an .npz member whose header claims 125 GiB: checked against the member's size and the gt's
+    image size before loading; a clear error, no allocation (seconds, not a MemoryError), no traceback."""
+    import io
+    import zipfile
+
+    def write(p, i, h, w):
+        if i != "img003":
+            np.savez(f"{p}.npz", scores=np.full((C, h, w), 0.5, np.float32))
+            return
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (C, 40000, 40000)})
+        with zipfile.ZipFile(f"{p}.npz", "w") as zf:
+            zf.writestr("scores.npy", buf.getvalue() + b"\0" * 4096)
+
+    src = _cam_folder(data, tmp_path, write)
+    before = tree_digest(src)
+    out = tmp_path / "cams.zarr"
+    t0 = time.perf_counter()
+    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", out, "-q"], capsys)
+    assert_clean_error(rc, err, "img003.npz", "(21, 40000, 40000)")
+    assert time.perf_counter() - t0 < 30
+    no_complete_store(out)
+    assert tree_digest(src) == before
+
+
 def test_mismatched_ids_between_stores(data, tmp_path, capsys):
     """A set made from other ids than the gt: evaluate / merge refuse it, naming the store and an id."""
     src = _copy_src(data, tmp_path)
@@ -712,6 +766,95 @@ def test_pickled_cams_refused_unless_allowed(data, tmp_path, capsys):
     assert_clean_error(rc, err, "allow-pickle")
     assert not marker.exists(), "a pickled CAM file was unpickled without --allow-pickle"
     assert tree_digest(src) == before
+
+
+class _System:
+    """A pickle whose loading would run a shell command creating the marker."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Reduce:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _hostile(case: str, marker: Path, h: int, w: int):
+    cam = {"keys": np.array([0]), "high_res": np.zeros((1, h, w), np.float32)}
+    if case == "names-another-global":
+        return {**cam, "f": eval}  # only named, never called
+    if case == "nested-in-allowed-dict":
+        return {**cam, "extra": [1, {"x": _Evil(str(marker))}]}
+    if case == "reduce-os-system":
+        return _System(str(marker))
+    if case == "hostile-torch-storage":
+        torch = pytest.importorskip("torch")
+        from isle_fast.stores import safe_pickle
+
+        inner = (pickle.dumps(safe_pickle._TORCH_MAGIC, 2) + pickle.dumps(safe_pickle._TORCH_PROTOCOL, 2)
+                 + pickle.dumps({"little_endian": True}, 2) + pickle.dumps(_System(str(marker)), 2))
+        return {**cam, "cam": _Reduce(torch.storage._load_from_bytes, (inner,))}
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["names-another-global", "nested-in-allowed-dict", "reduce-os-system",
+                                  "hostile-torch-storage"])
+def test_hostile_pickles_never_run(data, tmp_path, capsys, case):
+    """CAM dicts load without --allow-pickle now (restricted unpickler); a hostile one is refused, naming what
+    it asked for, and its payload never runs: through ingest scores, ingest image-labels and merge."""
+    marker = tmp_path / "PWNED"
+
+    def write(p, i, h, w):
+        obj = _hostile(case, marker, h, w) if i == "img005" else {
+            "keys": np.array([0]), "high_res": np.zeros((1, h, w), np.float32)}
+        obj = obj if isinstance(obj, dict) else np.array(obj, dtype=object)
+        np.save(f"{p}.npy", obj, allow_pickle=True)
+
+    src = _cam_folder(data, tmp_path, write)
+    before = tree_digest(src)
+    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", tmp_path / "c.zarr",
+                          "-q"], capsys)
+    assert_clean_error(rc, err, "img005.npy", "names the global", "refused without running", "--allow-pickle")
+    no_complete_store(tmp_path / "c.zarr")
+    gt = open_stack(data["stores"]["gt"])
+    labels = {i: np.eye(20, dtype=np.float32)[0] for i in gt.ids}
+    labels["img005"] = _hostile(case, marker, 2, 2)
+    np.save(tmp_path / "cls_labels.npy", labels, allow_pickle=True)
+    rc, _, err = cli_run(["ingest", "image-labels", tmp_path / "cls_labels.npy", "--gt", data["stores"]["gt"],
+                          "-o", tmp_path / "il.zarr", "-q"], capsys)
+    assert_clean_error(rc, err, "cls_labels.npy", "names the global")
+    rc, _, err = cli_run(["merge", *set_paths(data["stores"]), "--gt", data["stores"]["gt"], "--image-labels",
+                          tmp_path / "cls_labels.npy", "--out", tmp_path / "e.zarr", "--quiet"], capsys)
+    assert_clean_error(rc, err, "cls_labels.npy", "names the global")
+    no_complete_store(tmp_path / "e.zarr")
+    assert not marker.exists(), "a hostile pickle ran"
+    assert tree_digest(src) == before
+
+
+def test_cam_dicts_as_the_public_code_saves_them_need_no_allow_pickle(data, tmp_path, capsys):
+    """The other side of the trust: IRN-style dicts with a pickled torch tensor ingest without the flag."""
+    torch = pytest.importorskip("torch")
+
+    def write(p, i, h, w):
+        label = torch.zeros(20)
+        label[[2, 6]] = 1
+        valid_cat = torch.nonzero(label)[:, 0]
+        hr = torch.rand((2, h, w))
+        np.save(f"{p}.npy", {"keys": valid_cat, "cam": hr[:, ::4, ::4].cpu(), "high_res": hr.numpy()})
+
+    src = _cam_folder(data, tmp_path, write)
+    rc, _, err = cli_run(["ingest", "scores", src, "--gt", data["stores"]["gt"], "-o", tmp_path / "c.zarr",
+                          "-q"], capsys)
+    assert rc == 0, err
+    st = open_stack(tmp_path / "c.zarr")
+    assert (st.read_image("img000")[..., [3, 7]] > 0).any()
 
 
 def test_every_torch_load_is_weights_only():

@@ -13,9 +13,12 @@ pipeline step by writing one more ``step_*`` function and appending it to
 The steps:
 
 ``data``, ``ingest``, ``info``
-    the synthetic data set (4 hard pseudo-label sets, 2 soft CAM sets, train
-    and val splits), its ingestion from the PNG / JPEG / CAM file tree
-    (checked equal to the generated stores) and a store listing.
+    the synthetic data set (4 hard pseudo-label sets, 2 soft CAM sets in
+    PuzzleCAM's file layout, a ``cls_labels.npy`` of image-level labels, train
+    and val splits), its ingestion from the PNG / JPEG / CAM file tree (the
+    CAMs through the restricted unpickler, no ``--allow-pickle``; the gt
+    with its image-level labels; checked equal to the generated stores) and
+    a store listing.
 ``refine`` (ISLE step 1)
     the soft sets refined with ``--refine`` (default: the dense CRF only;
     AffinityNet, trained here from random weights because nothing is
@@ -26,7 +29,9 @@ The steps:
     the train gt: per-class IoU table, ``evaluation.json`` (DESIGN.md schema).
 ``merge`` (step 3)
     the class-wise ensemble of all candidates (``ensemble.zarr``) and its
-    mIoU gain over the best single set; an ISLE-2 style pair (the two sets
+    mIoU gain over the best single set; the same ensemble with the image-level
+    labels (``--image-labels``: claims of classes absent from an image are
+    dropped; ``ensemble_image_labels.zarr``) and its difference; an ISLE-2 style pair (the two sets
     that win the most classes, as the paper's ISLE-2 kept its two biggest
     contributors; ``ensemble_isle2.zarr``); the ensemble of every subset in
     one pass (``subsets.json``).
@@ -196,7 +201,9 @@ def step_ingest(ctx: DemoContext) -> Path | None:
     train_list = str(ds.paths["train_list"])
     q = True  # the info step lists the stores; ingest's own summaries would repeat it
     made: dict[str, str] = {}
-    gt = ingest.ingest_labels(ds.paths["gt"], dest / "gt.zarr", ids=train_list, kind="gt", quiet=q)
+    labels = str(ds.paths["cls_labels"])
+    gt = ingest.ingest_labels(ds.paths["gt"], dest / "gt.zarr", ids=train_list, kind="gt",
+                              image_labels=labels, quiet=q)
     made["train/gt"] = gt.path
     made["train/images"] = ingest.ingest_images(ds.paths["images"], dest / "images.zarr", gt=gt, quiet=q).path
     for name, folder in ds.paths["pseudo"].items():
@@ -204,7 +211,7 @@ def step_ingest(ctx: DemoContext) -> Path | None:
             folder, dest / "pseudo" / f"{name}.zarr", gt=gt, name=name, quiet=q).path
     for name, folder in ds.paths["cams"].items():
         made[f"train/cams/{name}"] = ingest.ingest_scores(
-            folder, dest / "cams" / f"{name}.zarr", gt=gt, name=name, allow_pickle=True, quiet=q).path
+            folder, dest / "cams" / f"{name}.zarr", gt=gt, name=name, image_labels=labels, quiet=q).path
     # the ingested stores must hold exactly what the generator wrote directly
     mismatched = []
     for key, path in made.items():
@@ -213,7 +220,8 @@ def step_ingest(ctx: DemoContext) -> Path | None:
             np.array_equal(a.read_image(i), b.read_image(i)) for i in range(a.num_images))
         if not same:
             mismatched.append(key)
-    ctx.results["ingest"] = {"stores": made, "identical_to_direct": not mismatched, "mismatched": mismatched}
+    ctx.results["ingest"] = {"stores": made, "identical_to_direct": not mismatched, "mismatched": mismatched,
+                             "cam_layout": "puzzlecam", "image_labels": labels}
     if not ctx.quiet:
         print(f"ingested {len(made)} stores from {ds.root}; identical to the generated stores: "
               f"{'yes' if not mismatched else 'NO'}")
@@ -393,8 +401,17 @@ def step_merge(ctx: DemoContext) -> Path:
     merge(paths, gt, isle2_path, evaluation=ev, subset=pair_names, name="isle2", progress=False)
     ctx.stores["train/ensemble_isle2"] = str(isle2_path)
 
-    ens_ev = evaluate([str(ens_path), str(isle2_path)], gt, progress=False)
+    # the same ensemble with the image-level labels (WSSS's supervision): claims of absent classes dropped
+    labels_path = str(ctx.dataset.paths["cls_labels"]) if ctx.dataset is not None else None
+    il_path = ctx.out / "ensemble_image_labels.zarr"
+    if labels_path:
+        merge(paths, gt, il_path, evaluation=ev, name="isle+image-labels", image_labels=labels_path,
+              progress=False)
+        ctx.stores["train/ensemble_image_labels"] = str(il_path)
+    ens_ev = evaluate([str(ens_path), str(isle2_path)] + ([str(il_path)] if labels_path else []), gt,
+                      progress=False)
     ens_miou, isle2_miou = float(ens_ev.miou[0]), float(ens_ev.miou[1])
+    il_miou = float(ens_ev.miou[2]) if labels_path else float("nan")
     best = _nanargmax(ev.miou)
     best_name, best_miou = names[best], float(ev.miou[best])
     gain = ens_miou - best_miou
@@ -423,6 +440,8 @@ def step_merge(ctx: DemoContext) -> Path:
         "ensemble_iou": [_r(v) for v in iou_ens],
         "isle2": {"sets": pair_names, "store": str(isle2_path), "miou": _r(isle2_miou),
                   "gain": _r(isle2_miou - best_miou)},
+        "image_labels": ({"store": str(il_path), "labels": labels_path, "miou": _r(il_miou, 4),
+                          "gain_over_ensemble": _r(il_miou - ens_miou, 4)} if labels_path else None),
         "subsets": {"json": str(sub_path), "count": int(len(sub_names)), "best_by_size": by_size,
                     "all_sets_equals_ensemble_store": agrees},
         "classes_above_every_set": beats,
@@ -431,6 +450,9 @@ def step_merge(ctx: DemoContext) -> Path:
         print(f"ensemble mIoU {ens_miou:.1f} vs best single set {best_name} {best_miou:.1f}: {gain:+.1f}")
         print(f"ISLE-2 ({' + '.join(pair_names)}, the two sets winning the most classes): "
               f"mIoU {isle2_miou:.1f} ({isle2_miou - best_miou:+.1f} over {best_name})")
+        if labels_path:
+            print(f"with the image-level labels (claims of absent classes dropped): mIoU {il_miou:.2f} "
+                  f"({il_miou - ens_miou:+.2f} over the ensemble)")
         print(f"subset analysis ({len(sub_names)} subsets, one pass; best of each size):")
         for k, v in by_size.items():
             print(f"  {k} set{'s' if k > 1 else ' '}  {v['miou']:5.1f}  {v['subset']}")

@@ -6,8 +6,9 @@ Functions
     VOC-style label-map PNGs (palette / grayscale, value = class index, 255 =
     ignore) or 2-D ``.npy`` label maps; pseudo-label sets and ground truth.
 :func:`ingest_scores`
-    CAM / score files (``.npy`` dicts of IRN / PuzzleCAM / SEAM, plain
-    ``.npy`` / ``.npz`` arrays) into a ``scores`` store.
+    CAM / score files (``.npy`` dicts of IRN / PuzzleCAM / SEAM / PSA, read
+    by a restricted unpickler; plain ``.npy`` / ``.npz`` arrays) into a
+    ``scores`` store.
 :func:`ingest_images`
     RGB JPEG / PNG images into an ``images`` store.
 :func:`ingest_tiff`
@@ -28,10 +29,10 @@ Validation and atomicity
 ------------------------
 Every problem (an id without a file, a size that differs from the ground
 truth, a value outside ``[0, C)`` other than 255, a corrupt or truncated file,
-NaN / Inf or out-of-range scores, a class count that disagrees, a pickled file
-without ``allow_pickle``) is an :class:`~isle_fast.errors.InputError` naming the
-file and the image id, and no store is written (the temporary folder is
-removed). With ``skip_bad=True`` the bad images are left out instead, and the
+NaN / Inf or out-of-range scores, a class count that disagrees, a CAM layout
+that is ambiguous, a pickle that names anything but arrays and containers) is
+an :class:`~isle_fast.errors.InputError` naming the file and the image id,
+and no store is written (the temporary folder is removed). With ``skip_bad=True`` the bad images are left out instead, and the
 list of ``(id, file, reason)`` goes into the store's provenance (``skipped``)
 and the summary.
 
@@ -276,6 +277,8 @@ class _Plan:
     provenance: dict = field(default_factory=dict)
     quiet: bool = False
     what: str = "images"
+    #: called with the writer and the ids written, just before commit (extra arrays such as image labels)
+    finish: Callable[[Any, list[str]], None] | None = None
 
 
 def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> InputError:
@@ -454,6 +457,8 @@ def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: di
         all_bad = bad + late_bad
         if all_bad:
             writer.set_provenance(skipped=[{"id": i, "file": f, "reason": r} for i, f, r in all_bad])
+        if plan.finish is not None:
+            plan.finish(writer, kept_ids)
         stack = writer.commit()
     return stack, late_bad, pixels
 
@@ -511,6 +516,22 @@ def _common_prov(src: Any, ids_file: str | None, gt: Any, **params: Any) -> dict
     return prov
 
 
+def _image_labels(src: Any, items: list[_Item], names: list[str], quiet: bool, out: Any):
+    """Image labels for the items (checked now, so a missing id fails before any work) and the finish hook."""
+    if src is None:
+        return None, None
+    from isle_fast.stores.image_labels import attach_image_labels, check_not_output, read_image_labels
+
+    check_not_output(src, out)
+    labels = read_image_labels(src, names, quiet=quiet)
+    labels.aligned([it.id for it in items], "the images to ingest")
+
+    def finish(writer: Any, ids: list[str]) -> None:
+        attach_image_labels(writer, labels.aligned(ids), labels.source)
+
+    return labels, finish
+
+
 # =========================================================================== public API
 def ingest_labels(
     src: str | os.PathLike,
@@ -526,6 +547,7 @@ def ingest_labels(
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    image_labels: Any = None,
 ) -> Stack:
     """Ingest a folder of label maps (a pseudo-label set or the ground truth) into a ``labels`` store.
 
@@ -559,6 +581,11 @@ def ingest_labels(
         Replace an existing store (only once the new one is complete).
     quiet : bool
         No progress bar, no summary.
+    image_labels : path, optional
+        Image-level labels to store with the stack (``cls_labels.npy``, a VOC
+        XML folder, a CSV / JSON or a store; see
+        :mod:`isle_fast.stores.image_labels`); every image needs labels. Read
+        back as :attr:`Stack.image_labels`.
 
     Returns
     -------
@@ -577,11 +604,13 @@ def ingest_labels(
     names = _check_classes(classes, ref)
     items, missing, ids_file = _select(src, LABEL_EXTS, ids, ref, "label")
     c = len(names)
+    _, finish = _image_labels(image_labels, items, names, quiet, out)
     plan = _Plan(
         kind=kind, encoding="labels", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: label_header(it.ref), read=lambda it, hw: read_label(it.ref, c),
         reference=ref, name=name, chunks=chunks, skip_bad=skip_bad, workers=w, overwrite=overwrite,
         quiet=quiet, provenance=_common_prov(src, ids_file, gt, format="labels", skip_bad=skip_bad),
+        finish=finish,
     )
     return _run(plan)
 
@@ -605,6 +634,8 @@ def ingest_scores(
     chunks: Sequence[int] | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    cam_layout: str = "auto",
+    image_labels: Any = None,
 ) -> Stack:
     """Ingest CAM / score files into a ``scores`` store (``(I, H, W, C)``).
 
@@ -632,11 +663,25 @@ def ingest_scores(
         maximum) instead of refusing scores outside [0, 1]. Without it values
         within 1e-3 of [0, 1] are clipped and anything further out is an error.
     allow_pickle : bool
-        Read pickled ``.npy`` dicts (IRN / PuzzleCAM output). Unpickling runs
-        code from the file, so it is refused unless you trust the files.
+        The CAM dicts of IRN / PuzzleCAM / SEAM / PSA are pickles, read
+        without this by a restricted unpickler that builds only arrays and
+        containers (:mod:`isle_fast.stores.safe_pickle`). A pickle it refuses
+        (one naming anything else) is loaded with Python's full unpickler
+        only with ``allow_pickle``: that can run code from the file, so only
+        for files you trust.
     upsample : bool
         A file with only a low-resolution ``cam`` is bilinearly resized to the
         ground-truth size (requires ``gt``) instead of refused.
+    cam_layout : {'auto', 'irn', 'puzzlecam', 'seam', 'psa-crf'}
+        The CAM layout (:mod:`isle_fast.stores.cams`): ``auto`` recognises it
+        from each file and refuses a file it cannot tell apart (naming the
+        layouts); a name forces it for every file.
+    image_labels : path, optional
+        Image-level labels (see :func:`ingest_labels`): decide per image where
+        a file's layout is ambiguous, give the classes of files without keys
+        (``L`` slices for the image's ``L`` labelled classes; of a ``C - 1`` /
+        ``C`` slice array only the labelled classes keep their scores, as the
+        public code makes CAMs only for them), and are stored with the stack.
 
     Other parameters are those of :func:`ingest_labels`.
 
@@ -657,20 +702,32 @@ def ingest_scores(
     c = len(names)
     if c < 2:
         raise InputError("scores need at least 2 classes (background and one foreground class)")
+    from isle_fast.stores.cams import LAYOUT_CHOICES
+
+    if cam_layout not in LAYOUT_CHOICES:
+        raise InputError(f"cam_layout must be one of {', '.join(LAYOUT_CHOICES)}, not {cam_layout!r}")
     dt = np.dtype(score_dtype)
+    labels, finish = _image_labels(image_labels, items, names, quiet, out)
+
+    def present(it: _Item):
+        return None if labels is None else labels.present(it.id)
 
     def read(it: _Item, hw):
         s = read_scores(it.ref, c, allow_pickle=allow_pickle, bg_threshold=bg_threshold, normalize=normalize,
-                        expect=hw if ref is not None else None, upsample=upsample)
+                        expect=hw if ref is not None else None, upsample=upsample, cam_layout=cam_layout,
+                        labels=present(it))
         return scores_to_store(s, dt)
 
     plan = _Plan(
         kind=kind, encoding="scores", classes=names, items=items, out=str(out), prebad=missing,
-        header=lambda it: score_header(it.ref, c, allow_pickle), read=read, reference=ref, name=name,
+        header=lambda it: score_header(it.ref, c, allow_pickle, cam_layout=cam_layout, labels=present(it)),
+        read=read, reference=ref, name=name,
         score_dtype=score_dtype, chunks=chunks, skip_bad=skip_bad, workers=w, overwrite=overwrite, quiet=quiet,
         provenance=_common_prov(src, ids_file, gt, format="scores", bg_threshold=bg_threshold,
                                 score_dtype=score_dtype, normalize=normalize, allow_pickle=allow_pickle,
-                                upsample=upsample, skip_bad=skip_bad),
+                                upsample=upsample, skip_bad=skip_bad, cam_layout=cam_layout,
+                                image_labels=None if labels is None else labels.source),
+        finish=finish,
     )
     stack = _run(plan)
     return stack

@@ -330,6 +330,27 @@ class Stack:
         """Divide stored ``uint8`` scores by this to get [0, 1] scores (1.0 for float stores)."""
         return float(self.attrs.get("score_scale", 1.0))
 
+    @property
+    def image_labels(self) -> np.ndarray | None:
+        """The image-level labels stored with this stack: ``(I, C)`` bool (column 0 True), or None.
+
+        Row ``i`` says which classes image ``ids[i]`` contains (its tags, WSSS's
+        supervision). A store gets them from ``isle ingest labels/scores
+        --image-labels`` (:mod:`isle_fast.stores.image_labels`). Read once.
+        """
+        if not hasattr(self, "_image_labels"):
+            arr = None
+            if "image_labels" in self.group:
+                try:
+                    arr = np.asarray(self.group["image_labels"][:])
+                except Exception as exc:
+                    raise StoreError(f"{self.path}: its image_labels array cannot be read: {exc}") from None
+                if arr.dtype != bool or arr.shape != (self.num_images, self.num_classes):
+                    raise StoreError(f"{self.path}: image_labels has shape {arr.shape} and dtype "
+                                     f"{arr.dtype}; expected ({self.num_images}, {self.num_classes}) bool")
+            self._image_labels = arr
+        return self._image_labels
+
     def __len__(self) -> int:
         return self.num_images
 

@@ -59,11 +59,17 @@ Soft sets (CAMs)
     an object is only weakly activated (x 0.35) with probability ``0.45 e^2``;
     other objects get weak activations (confusion, amplitude up to ``0.6 e``)
     and a false-positive bump is added; each map is divided by its maximum, as CAM
-    code does. Written as ``{"keys": (K,) int64 foreground class indices
-    0-based (key k is class k + 1), "cam": (K, ceil(H/4), ceil(W/4))
-    float32 (every 4th pixel, the stride-4 map), "high_res": (K, H, W)
-    float32}`` with ``np.save`` (a pickled dict: load with
-    ``np.load(path, allow_pickle=True).item()``). In score stores the
+    code does. Written in PuzzleCAM's layout, as the paper's components
+    (PuzzleCAM, CLIMS, PMM, DRS, all on PuzzleCAM's code) write theirs:
+    ``{"keys": np.pad(keys + 1, (1, 0)) (the background 0, then the image's
+    classes, 1-based), "cam": (K, ceil(H/4), ceil(W/4)) float32 (every 4th
+    pixel, the stride-4 map), "hr_cam": (K, H, W) float32}`` with ``np.save``
+    (a pickled dict; :func:`load_cam_npy` reads it with the restricted
+    unpickler). ``OUT/cls_labels.npy`` holds the image-level labels of every
+    image in the public ``cls_labels.npy`` form (a pickled dict id ->
+    float32[20], 1 = present; the ids are strings here, since synthetic ids
+    are not VOC's numbers). An image's labels are the classes visible in it,
+    so they agree with its ground truth. In score stores the
     background slice is the constant :data:`CAM_BG_THRESHOLD` (0.15, IRN's
     ``cam_eval_thres``, also the default of ``isle ingest scores``), so the
     argmax decodes a pixel as foreground where its best CAM exceeds 0.15
@@ -81,7 +87,8 @@ Layout written by :func:`make_voc_like`::
     OUT/JPEGImages/<id>.jpg
     OUT/SegmentationClass/<id>.png        VOC palette PNG, 255 = ignore
     OUT/pseudo/<set>/<id>.png             palette PNG, every image
-    OUT/cams/<set>/<id>.npy               CAM dict, every image
+    OUT/cams/<set>/<id>.npy               CAM dict (PuzzleCAM layout), every image
+    OUT/cls_labels.npy                    image-level labels of every image
     OUT/ImageSets/Segmentation/train.txt, val.txt
     OUT/stores/train/images.zarr, gt.zarr, pseudo/<set>.zarr, cams/<set>.zarr
     OUT/stores/val/images.zarr, gt.zarr
@@ -125,6 +132,7 @@ __all__ = [
     "read_label_png",
     "save_cam_npy",
     "load_cam_npy",
+    "save_cls_labels",
     "boundary_band",
     "cam_scores",
     "preview_png",
@@ -247,33 +255,65 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def save_cam_npy(path: str | os.PathLike, keys: np.ndarray, high_res: np.ndarray,
-                 stride: int = CAM_STRIDE) -> None:
-    """Write CAMs in the public WSSS ``.npy`` dict form (atomically).
+                 stride: int = CAM_STRIDE, layout: str = "puzzlecam") -> None:
+    """Write CAMs in a public WSSS ``.npy`` dict form (atomically).
 
     Parameters
     ----------
     path : str or path-like
         Output ``.npy`` file.
     keys : ndarray, (K,), int
-        Foreground class indices, 0-based over the foreground (key k is class k + 1).
+        The image's foreground classes, 0-based over the foreground (class k + 1).
     high_res : ndarray, (K, H, W), float
         Full-resolution scores in [0, 1].
     stride : int
         The ``"cam"`` entry is ``high_res[:, ::stride, ::stride]``.
+    layout : {'puzzlecam', 'irn'}
+        ``puzzlecam`` (the default, the paper's components):
+        ``{"keys": np.pad(keys + 1, (1, 0)), "cam", "hr_cam"}``; ``irn``:
+        ``{"keys": keys, "cam", "high_res"}``.
     """
     buf = io.BytesIO()
     hr = np.asarray(high_res, dtype=np.float32)
-    np.save(buf, {"keys": np.asarray(keys, dtype=np.int64), "cam": hr[:, ::stride, ::stride].copy(),
-                  "high_res": hr}, allow_pickle=True)
+    k = np.asarray(keys, dtype=np.int64)
+    if layout == "puzzlecam":
+        d = {"keys": np.pad(k + 1, (1, 0), mode="constant"), "cam": hr[:, ::stride, ::stride].copy(),
+             "hr_cam": hr}
+    elif layout == "irn":
+        d = {"keys": k, "cam": hr[:, ::stride, ::stride].copy(), "high_res": hr}
+    else:
+        raise InputError(f"layout must be 'puzzlecam' or 'irn', not {layout!r}")
+    np.save(buf, d, allow_pickle=True)
     _atomic_bytes(Path(path), buf.getvalue())
 
 
 def load_cam_npy(path: str | os.PathLike) -> dict:
-    """Load a CAM ``.npy`` dict (``keys``, ``cam``, ``high_res``); it is a pickle, so only load trusted files."""
-    obj = np.load(path, allow_pickle=True)
-    if obj.dtype != object or obj.shape != ():
+    """Load a CAM ``.npy`` dict as saved, with the restricted unpickler (nothing in it runs)."""
+    from isle_fast.stores.formats import BadInput, load_pickle_npy
+
+    try:
+        obj = load_pickle_npy(path)
+    except BadInput as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if not isinstance(obj, dict):
         raise InputError(f"{path}: not a CAM dict (.npy of a pickled dict)")
-    return obj.item()
+    return obj
+
+
+def save_cls_labels(path: str | os.PathLike, labels: Mapping[str, Sequence[int]],
+                    num_classes: int = NUM_CLASSES) -> None:
+    """Write image-level labels in the public ``cls_labels.npy`` form: a pickled dict id -> float32[C - 1].
+
+    ``labels`` maps an image id to its foreground classes (1-based class indices).
+    """
+    out = {}
+    for image_id, classes in labels.items():
+        row = np.zeros(num_classes - 1, dtype=np.float32)
+        row[np.asarray(list(classes), dtype=np.int64) - 1] = 1.0
+        out[str(image_id)] = row
+    buf = io.BytesIO()
+    np.save(buf, out, allow_pickle=True)
+    _atomic_bytes(Path(path), buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1166,6 +1206,7 @@ def _layout(names: Sequence[str], soft: Sequence[str], tree: bool, stores: bool)
             "pseudo": {s: f"pseudo/{s}" for s in names}, "cams": {s: f"cams/{s}" for s in soft},
             "train_list": "ImageSets/Segmentation/train.txt",
             "val_list": "ImageSets/Segmentation/val.txt",
+            "cls_labels": "cls_labels.npy",
         }
     st: dict[str, str] = {}
     if stores:
@@ -1229,6 +1270,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
                 fill = 0
             writers[key] = _Buffered(w, int(w.array.chunks[0]), fill)
     samples: list[Sample] = [] if keep else None  # type: ignore[assignment]
+    image_labels: dict[str, list[int]] = {}
     try:
         lists = {"train": [], "val": []}
         # stores are filled split by split, in id order: go over the images in that order
@@ -1236,6 +1278,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
             s = _generate(spec, i)
             split = split_of[i]
             lists[split].append(s.id)
+            image_labels[s.id] = [int(c) for c in s.present]
             if write_tree:
                 _atomic_bytes(work / rel_paths["images"] / f"{s.id}.jpg", s.jpeg)
                 _atomic_bytes(work / rel_paths["gt"] / f"{s.id}.png", _png_bytes(s.gt))
@@ -1261,6 +1304,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
             for split in ("train", "val"):
                 text = "".join(f"{x}\n" for x in sorted(lists[split]))
                 _atomic_bytes(work / rel_paths[f"{split}_list"], text.encode())
+            save_cls_labels(work / rel_paths["cls_labels"], dict(sorted(image_labels.items())))
     except BaseException:
         for w in writers.values():
             w.writer.abort()

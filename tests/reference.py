@@ -1,4 +1,4 @@
-"""Plain NumPy reference implementations of the kernel API (``notes/KERNEL_API.md``).
+"""Plain NumPy references of the kernel API (:mod:`isle_fast.kernels.cpu`) and of the class scores.
 
 These are written to be obviously correct, not fast: every backend
 (:mod:`isle_fast.kernels.cpu`, :mod:`isle_fast.kernels.gpu`) is compared
@@ -32,7 +32,7 @@ __all__ = [
     "SCORE", "ORDER", "IGNORE", "threshold_value",
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
-    "subset_confusion_labels", "subset_confusion_scores",
+    "subset_confusion_labels", "subset_confusion_scores", "class_scores",
 ]
 
 
@@ -181,4 +181,27 @@ def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
         idx, sel = _subset_args(sets, selections, members, s, first=0)
         labels, _ = merge_scores([sets[i] for i in idx], sel, policy, bg_threshold)
         out[s] = confusion_labels(gt, [labels], num_classes)[0]
+    return out
+
+
+def class_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, list[float]]:
+    """Per-class IoU, precision and recall (percent) of one label map, from per-class pixel masks.
+
+    Pixels whose gt is ``>= C`` are ignored; a prediction ``>= C`` claims no class (it is a
+    miss of the gt class). A score whose denominator is empty is NaN; ``miou`` is the plain
+    mean of the defined IoUs (NaN when none is).
+    """
+    C = int(num_classes)
+    valid = np.asarray(gt) < C
+    g, p = np.asarray(gt)[valid], np.asarray(pred)[valid]
+    out: dict[str, list[float]] = {"iou": [], "precision": [], "recall": []}
+    for c in range(C):
+        inter = int(np.sum((g == c) & (p == c)))
+        union = int(np.sum((g == c) | (p == c)))
+        predicted, present = int(np.sum(p == c)), int(np.sum(g == c))
+        out["iou"].append(100.0 * inter / union if union else float("nan"))
+        out["precision"].append(100.0 * inter / predicted if predicted else float("nan"))
+        out["recall"].append(100.0 * inter / present if present else float("nan"))
+    defined = [v for v in out["iou"] if v == v]
+    out["miou"] = [sum(defined) / len(defined) if defined else float("nan")]
     return out

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from isle_fast.training.data import ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader, normalize
 from isle_fast.training.deeplab import DeepLabV3Plus
+from isle_fast import metrics
 from isle_fast.errors import InputError, StoreError
 from isle_fast.training.predict import (CHECKPOINT_FORMAT, ThreadGovernor, amp_dtype, predict_probs, resolve_device, resolve_threads,
                       torch_threads)
@@ -170,17 +171,13 @@ class TrainResult:
 def miou_from_confusion(conf: np.ndarray) -> tuple[float, list[float | None]]:
     """mIoU (%) and per-class IoU (%, None when the class is absent from gt and prediction).
 
-    ``conf`` is ``(C, C+1)`` (rows gt, columns prediction, last column abstentions).
+    ``conf`` is ``(C, C+1)`` (rows gt, columns prediction, last column abstentions). The
+    scores are :func:`isle_fast.metrics.iou` and :func:`isle_fast.metrics.miou`, as in
+    ``isle evaluate``: the mean skips undefined classes, and is NaN when no class is
+    defined (a validation ground truth without a labelled pixel).
     """
-    conf = np.asarray(conf, dtype=np.int64)
-    c = conf.shape[0]
-    tp = np.diag(conf[:, :c]).astype(np.float64)
-    gt = conf.sum(axis=1)
-    pred = conf[:, :c].sum(axis=0)
-    union = gt + pred - tp
-    iou = [float(100.0 * t / u) if u > 0 else None for t, u in zip(tp, union)]
-    vals = [v for v in iou if v is not None]
-    return (float(np.mean(vals)) if vals else 0.0), iou
+    iou = metrics.iou(np.asarray(conf, dtype=np.int64))
+    return float(metrics.miou(iou)), metrics.jsonable(iou)
 
 
 def _background_miou(conf: np.ndarray) -> float:
@@ -198,7 +195,9 @@ def evaluate_model(model: torch.nn.Module, images: str | os.PathLike, gt: str | 
                    quiet: bool = True) -> dict:
     """Whole-image validation: ``{"miou", "iou", "background_miou", "confusion"}``.
 
-    Confusion counts come from ``isle_fast.backend.get_kernels("cpu").confusion_labels``.
+    Confusion counts come from ``isle_fast.backend.get_kernels("cpu").confusion_labels``;
+    ``miou`` and ``background_miou`` are None (JSON ``null``) when no class is defined
+    (the validation ground truth has no labelled pixel).
     """
     from isle_fast.backend import get_kernels
 
@@ -217,7 +216,8 @@ def evaluate_model(model: torch.nn.Module, images: str | os.PathLike, gt: str | 
         conf += kernels.confusion_labels(np.ascontiguousarray(lab.numpy()), (pred,), num_classes)[0]
     model.train(was_training)
     miou, iou = miou_from_confusion(conf)
-    return {"miou": miou, "iou": iou, "background_miou": _background_miou(conf), "confusion": conf.tolist()}
+    return {"miou": metrics.jsonable(miou), "iou": iou,
+            "background_miou": metrics.jsonable(_background_miou(conf)), "confusion": conf.tolist()}
 
 
 # -- files ----------------------------------------------------------------------------
@@ -277,9 +277,11 @@ def _plot(path: Path, history: list[dict], val: list[dict]) -> None:
     a.set_title("loss")
     a.grid(alpha=0.3)
     if val:
-        b.plot([r["step"] for r in val], [r["miou"] for r in val], "o-", lw=1.2)
-        b.axhline(val[-1]["background_miou"], color="grey", ls="--", lw=1, label="all background")
-        b.legend(loc="lower right")
+        curve = [math.nan if r["miou"] is None else r["miou"] for r in val]
+        b.plot([r["step"] for r in val], curve, "o-", lw=1.2)
+        if val[-1]["background_miou"] is not None:
+            b.axhline(val[-1]["background_miou"], color="grey", ls="--", lw=1, label="all background")
+            b.legend(loc="lower right")
     b.set_xlabel("step")
     b.set_ylabel("val mIoU (%)")
     b.set_title("validation mIoU")
@@ -574,7 +576,7 @@ def _run(cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device
             val_hist[-1] = row
         else:
             val_hist.append(row)
-        if best["miou"] is None or r["miou"] > best["miou"]:
+        if r["miou"] is not None and (best["miou"] is None or r["miou"] > best["miou"]):
             best.update(miou=r["miou"], step=step)
             _save({**meta(True), "val_miou": r["miou"]}, run / "best.pt")
 
@@ -670,6 +672,8 @@ def _run(cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device
                             + (f"{res.final_miou:.2f}%" if res.final_miou is not None else "-")
                             + (f", all-background {res.background_miou:.2f}%"
                                if res.background_miou is not None else ""))
+    elif val_hist:
+        rows["val mIoU"] = f"undefined: {cfg.val_gt} has no labelled pixel (every gt value is 255)"
     rows["seconds"] = f"{res.seconds:.1f}"
     rows["output"] = str(run)
     summary("isle train", rows, quiet=quiet)

@@ -49,9 +49,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "training.deeplab": ("DeepLabV3Plus", "build_deeplab",),
     "training.data": ("SegmentationDataset", "make_loader",),
     "training.train": ("TrainConfig", "TrainResult", "train",),
-    "training.predict": (
-        "predict", "PredictResult", "load_model", "resolve_threads", "ThreadGovernor",
-    ),
+    "training.predict": ("predict", "PredictResult", "load_model",),
+    "training.runtime": ("resolve_threads", "ThreadGovernor",),
     "synthetic.datasets": (
         "make_voc_like", "SyntheticDataset", "default_quality", "voc_palette", "write_label_png",
         "read_label_png",

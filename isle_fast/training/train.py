@@ -65,8 +65,9 @@ from isle_fast.training.data import ChunkBatchSampler, SegmentationDataset, chun
 from isle_fast.training.deeplab import DeepLabV3Plus
 from isle_fast import metrics
 from isle_fast.errors import InputError, StoreError
-from isle_fast.training.predict import (CHECKPOINT_FORMAT, ThreadGovernor, amp_dtype, predict_probs, resolve_device, resolve_threads,
-                      torch_threads)
+from isle_fast.training.predict import predict_probs
+from isle_fast.training.runtime import (ThreadGovernor, amp_dtype, load_checkpoint, resolve_device, resolve_threads,
+                                        torch_threads, write_checkpoint)
 from isle_fast.progress import Timer, progress, summary
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate_model", "miou_from_confusion"]
@@ -233,7 +234,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def _save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda p: torch.save(obj, p))
+    _atomic(path, lambda p: write_checkpoint(obj, p))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -415,10 +416,10 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
         ``auto``, ``cpu`` or ``cuda[:N]``.
     threads : int, optional
         torch CPU threads. Default: one per core that other processes do not
-        keep busy (:func:`isle_fast.training.predict.resolve_threads`; on a shared
+        keep busy (:func:`isle_fast.training.runtime.resolve_threads`; on a shared
         machine an OpenMP thread per core makes every operation wait for a
         descheduled thread), re-chosen every 5 s as the load changes
-        (:class:`isle_fast.training.predict.ThreadGovernor`; the count is logged per row
+        (:class:`isle_fast.training.runtime.ThreadGovernor`; the count is logged per row
         of ``metrics.csv``); torch's setting, fixed, with ``deterministic``.
     resume : bool
         Continue the run in ``out`` from its ``last.pt``.
@@ -462,7 +463,7 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
         last = run / "last.pt"
         if not last.is_file():
             raise InputError(f"--resume: {last} does not exist (nothing to resume in {run})")
-        ck = torch.load(last, map_location="cpu", weights_only=True)
+        ck = load_checkpoint(last)
         old = dict(ck["config"])
         new = asdict(cfg)
         defaults = asdict(TrainConfig(images="", labels=""))  # keys added later read as their default
@@ -543,8 +544,6 @@ def _run(cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device
     val_hist: list[dict] = []
     best = {"miou": None, "step": None}
     if ck is not None:
-        if ck.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"{run / 'last.pt'} is not an isle-fast training checkpoint")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -555,7 +554,7 @@ def _run(cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device
         history, val_hist, best = list(ck["history"]), list(ck["val"]), dict(ck["best"])
 
     def meta(weights_only: bool) -> dict:
-        d = {"format": CHECKPOINT_FORMAT, "config": asdict(cfg), "classes": list(classes), "step": step,
+        d = {"config": asdict(cfg), "classes": list(classes), "step": step,
              "model": model.state_dict()}
         if not weights_only:
             rng = _rng_state()

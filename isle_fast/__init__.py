@@ -48,7 +48,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ensemble.report": ("report", "export_pngs",),
     "training.deeplab": ("DeepLabV3Plus", "build_deeplab",),
     "training.data": ("SegmentationDataset", "make_loader",),
-    "training.train": ("TrainConfig", "TrainResult", "train",),
+    "training.config": ("TrainConfig",),
+    "training.train": ("TrainResult", "train",),
     "training.predict": ("predict", "PredictResult", "load_model",),
     "training.runtime": ("resolve_threads", "ThreadGovernor",),
     "synthetic.datasets": (

@@ -30,8 +30,19 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "ratio", "nanmean", "true_positives", "false_positives", "false_negatives", "iou", "miou",
-    "precision", "recall", "intersection_union", "iou_from_stats", "bootstrap_miou_diff", "jsonable",
+    "ratio",
+    "nanmean",
+    "true_positives",
+    "false_positives",
+    "false_negatives",
+    "iou",
+    "miou",
+    "precision",
+    "recall",
+    "intersection_union",
+    "iou_from_stats",
+    "bootstrap_miou_diff",
+    "jsonable",
 ]
 
 

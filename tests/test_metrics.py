@@ -57,7 +57,7 @@ def test_leading_axes_score_row_by_row(seed, shape, C, n):
     rng = np.random.default_rng(seed)
     gt, _ = _maps(rng, shape, C, int(rng.integers(0, C + 1)))
     preds = [_maps(rng, shape, C, 0)[1] for _ in range(n)]
-    counts = R.confusion_labels(gt, preds, C)               # (N, C, C+1)
+    counts = R.confusion_labels(gt, preds, C)  # (N, C, C+1)
     iou = metrics.iou(counts)
     for k in range(n):
         assert np.array_equal(iou[k], metrics.iou(counts[k]), equal_nan=True)
@@ -65,13 +65,11 @@ def test_leading_axes_score_row_by_row(seed, shape, C, n):
 
 
 def test_a_class_absent_from_gt_and_prediction_is_nan_and_skipped():
-    conf = np.array([[5, 1, 0, 0],
-                     [2, 3, 0, 1],
-                     [0, 0, 0, 0]])
+    conf = np.array([[5, 1, 0, 0], [2, 3, 0, 1], [0, 0, 0, 0]])
     iou = metrics.iou(conf)
     assert np.isnan(iou[2]) and not np.isnan(iou[:2]).any()
     assert float(metrics.miou(iou)) == pytest.approx((iou[0] + iou[1]) / 2)
-    assert np.isnan(metrics.miou(metrics.iou(np.zeros((3, 4), np.int64))))     # nothing defined: NaN, not 0
+    assert np.isnan(metrics.miou(metrics.iou(np.zeros((3, 4), np.int64))))  # nothing defined: NaN, not 0
     assert metrics.jsonable(iou)[2] is None
 
 
@@ -88,8 +86,13 @@ def test_every_consumer_agrees_on_the_same_counts():
     counts = R.confusion_labels(gt, preds, C)
     classes = [f"c{i}" for i in range(C)]
     ev = Evaluation(classes=classes, set_names=["a", "b", "c"], counts=counts)
-    sa = SubsetAnalysis(classes=classes, set_names=["a", "b", "c"], members=np.eye(3, dtype=bool),
-                        selections=np.zeros((3, C), np.int64), counts=counts)
+    sa = SubsetAnalysis(
+        classes=classes,
+        set_names=["a", "b", "c"],
+        members=np.eye(3, dtype=bool),
+        selections=np.zeros((3, C), np.int64),
+        counts=counts,
+    )
     assert np.array_equal(ev.iou, sa.iou, equal_nan=True) and np.array_equal(ev.miou, sa.miou, equal_nan=True)
     for k in range(3):
         miou, iou = miou_from_confusion(counts[k])
@@ -111,6 +114,7 @@ def test_bad_counts_shape_is_named():
 
 
 # -- the bootstrap interval of the demo's comparison ------------------------------------------
+
 
 def test_bootstrap_interval_of_identical_models_is_zero():
     rng = np.random.default_rng(0)

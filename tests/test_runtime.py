@@ -28,7 +28,9 @@ def test_thread_choice_and_restore():
     before = busy_cores(0.2)
     if before is None:
         pytest.skip("no /proc/stat here")
-    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    spin = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"]
+    )
     try:
         import time
 
@@ -56,7 +58,9 @@ def test_thread_governor_follows_the_load():
     usable = _usable_cores()
     with torch_threads(usable):
         gov = ThreadGovernor(True, limit=usable, period=0.0)
-        spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+        spin = subprocess.Popen(
+            [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"]
+        )
         try:
             time.sleep(0.2)
             gov.update()  # starts a fresh window while the spinner runs
@@ -89,16 +93,25 @@ def test_resolve_device_names_the_setting():
 
 
 def test_checkpoints_round_trip_with_weights_only_and_foreign_files_are_named(tmp_path):
-    from isle_fast.training.runtime import CHECKPOINT_FORMAT, checkpoint_path, load_checkpoint, write_checkpoint
+    from isle_fast.training.runtime import (
+        CHECKPOINT_FORMAT,
+        checkpoint_path,
+        load_checkpoint,
+        write_checkpoint,
+    )
 
-    ck = {"config": {"backbone": "resnet18"}, "classes": ["a", "b"], "step": 3,
-          "model": {"w": torch.arange(6.0).reshape(2, 3)}}
+    ck = {
+        "config": {"backbone": "resnet18"},
+        "classes": ["a", "b"],
+        "step": 3,
+        "model": {"w": torch.arange(6.0).reshape(2, 3)},
+    }
     write_checkpoint(ck, tmp_path / "best.pt")
-    raw = torch.load(tmp_path / "best.pt", weights_only=True)      # plain tensors and types only
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)  # plain tensors and types only
     assert raw["format"] == CHECKPOINT_FORMAT
     back = load_checkpoint(tmp_path / "best.pt")
     assert back["step"] == 3 and torch.equal(back["model"]["w"], ck["model"]["w"])
-    assert "format" not in ck                                       # the caller's dict is not modified
+    assert "format" not in ck  # the caller's dict is not modified
     assert checkpoint_path(tmp_path) == tmp_path / "best.pt"
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="other.pt is not an isle-fast"):

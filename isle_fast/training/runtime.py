@@ -23,8 +23,16 @@ import torch
 from isle_fast.errors import InputError
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "resolve_device", "amp_dtype", "busy_cores", "resolve_threads", "ThreadGovernor",
-    "torch_threads", "write_checkpoint", "load_checkpoint", "checkpoint_path",
+    "CHECKPOINT_FORMAT",
+    "resolve_device",
+    "amp_dtype",
+    "busy_cores",
+    "resolve_threads",
+    "ThreadGovernor",
+    "torch_threads",
+    "write_checkpoint",
+    "load_checkpoint",
+    "checkpoint_path",
 ]
 
 #: The ``format`` entry of every checkpoint this project writes.
@@ -241,8 +249,11 @@ def checkpoint_path(run: str | os.PathLike, which: str = "best") -> Path:
         return p
     if not p.is_dir():
         raise InputError(f"run {p} does not exist (give the folder `isle train --out` wrote, or a .pt file)")
-    order = {"best": ("best.pt", "final.pt", "last.pt"), "final": ("final.pt", "last.pt"),
-             "last": ("last.pt",)}.get(which)
+    order = {
+        "best": ("best.pt", "final.pt", "last.pt"),
+        "final": ("final.pt", "last.pt"),
+        "last": ("last.pt",),
+    }.get(which)
     if order is None:
         raise InputError(f"--checkpoint must be best, final or last, not {which!r}")
     for name in order:

@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # numba.cuda compiles the GPU kernels with NVVM: from a CUDA toolkit when there is one,
-    # else from this wheel (kernels/gpu.py points Numba at it).
+    # else from this wheel (isle_fast/process.py points Numba at it).
     "gpu": ["cupy-cuda12x>=13", "nvidia-cuda-nvcc-cu12>=12.0"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
     # optional references timed by benchmarks/pipeline.py (skipped cleanly when absent)

@@ -30,7 +30,7 @@ Performance notes
   the thread count or on how the caller chunks the data (counts add up). An
   input of a single work item (< ``BLOCK`` pixels) runs on the calling thread
   (waking the pool costs more than the work). Callers that already run
-  kernels from several threads (Dask) may want ``numba.set_num_threads(1)``
+  kernels from several threads (Dask) may want ``with numba_threads(1):``
   in those threads to avoid oversubscription.
 * ``confusion_labels`` reads gt once per cache block (4096 words = 32 KiB)
   and walks it against one set at a time, 8 pixels (one uint64 word) per
@@ -67,6 +67,8 @@ Performance notes
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Sequence
 
 import numba
@@ -81,7 +83,7 @@ __all__ = [
     "SCORE", "ORDER", "IGNORE",
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
-    "subset_confusion_labels", "subset_confusion_scores",
+    "subset_confusion_labels", "subset_confusion_scores", "numba_threads",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - every platform Numba supports today is little-endian
@@ -175,18 +177,34 @@ def _nchunks(npix: int) -> int:
     return int(max(1, min(numba.get_num_threads(), -(-npix // BLOCK))))
 
 
+@contextmanager
+def numba_threads(n: int) -> Iterator[int]:
+    """Context manager: this thread's Numba parallel regions use at most ``n`` threads inside.
+
+    Numba keeps the count per thread, so other threads are not affected; the previous
+    count is restored on exit. The one place that changes Numba's thread count: the
+    kernels below for an input of one work item, :func:`isle_fast.backend.task_kernels`
+    for every Dask task.
+    """
+    old = numba.get_num_threads()
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    if n != old:
+        numba.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if n != old:
+            numba.set_num_threads(old)
+
+
 def _call(kernel, *args):
     """Run a parallel kernel; with a single chunk (the last argument) on the calling thread only.
 
     Waking the thread pool for a small input costs far more than the work on a busy machine.
     """
     if args[-1] == 1 and numba.get_num_threads() > 1:
-        old = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
+        with numba_threads(1):
             return kernel(*args)
-        finally:
-            numba.set_num_threads(old)
     return kernel(*args)
 
 

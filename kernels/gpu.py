@@ -65,13 +65,8 @@ device memory), which is why keeping data on the device (CuPy in) is the fast pa
 from __future__ import annotations
 
 import functools
-import glob
-import importlib.util
 import math
-import os
-import sys
 import threading
-import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -94,47 +89,12 @@ SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
 
 
 
-def _pip_nvvm_root() -> str | None:
-    """The ``nvidia-cuda-nvcc-cu12`` wheel's folder when it holds NVVM and libdevice, else None."""
-    try:
-        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
-    except (ImportError, ValueError):
-        return None
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        if glob.glob(os.path.join(root, "nvvm", "lib64", "libnvvm.so*")) and \
-                os.path.isdir(os.path.join(root, "nvvm", "libdevice")):
-            return root
-    return None
-
-
-def _use_pip_nvvm() -> None:
-    """Let Numba's CUDA target compile with the NVVM of the ``nvidia-cuda-nvcc-cu12`` wheel.
-
-    Numba's built-in CUDA target finds NVVM / libdevice only in conda, ``CUDA_HOME`` or a
-    system toolkit (``/usr/local/cuda``); ``pip install isle-fast[gpu]`` brings the wheel, so
-    with none of those we point ``CUDA_HOME`` at it (before Numba first looks: it caches the
-    paths). An explicit ``CUDA_HOME`` / ``CUDA_PATH``, conda or a system toolkit wins.
-    """
-    if SIMULATOR or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    if os.path.isdir("/usr/local/cuda/nvvm") or os.path.exists(os.path.join(sys.prefix, "conda-meta")):
-        return
-    root = _pip_nvvm_root()
-    if root:
-        os.environ["CUDA_HOME"] = root
-
-
-_use_pip_nvvm()
-
 _THREADS = 32 if SIMULATOR else 256        # threads per block (the simulator runs one Python thread each)
 _PIX = 4                                   # consecutive pixels per thread per step (run aggregation)
 _SHARED_BINS = 12288                       # uint32 bins per block: 48 KiB of dynamic shared memory
 _CHUNK_BYTES = 32 << 20                    # host pipeline: input bytes per chunk
 _CHUNK_PIXELS: int | None = None           # test hook: fixed pixels per chunk (exercises the pipeline)
 _MAX_BLOCK_PIXELS = 1 << 31                # per-block pixel bound -> uint32 shared bins cannot overflow
-
-# Small chunks (a few images) legitimately give small grids; Numba would warn on every call.
-warnings.filterwarnings("ignore", message=r"Grid size .* will likely result in GPU under-utilization")
 
 # The simulator swaps module globals while a kernel runs, so concurrent launches from several
 # host threads (Dask's threaded scheduler) must be serialised there; real devices need no lock.

@@ -16,12 +16,14 @@ from numba import cuda
 from numba import types as T
 
 from isle_fast.kernels import gpu as G
+from isle_fast.process import prepare_process
 
 
 def main() -> int:
     from numba.cuda.cudadrv.libs import get_libdevice
     from numba.cuda.cudadrv.nvvm import NVVM
 
+    prepare_process(gpu=True)  # NVVM of the nvidia-cuda-nvcc-cu12 wheel when there is no toolkit
     try:
         NVVM()
         if not get_libdevice():

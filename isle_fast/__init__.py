@@ -1,7 +1,7 @@
 """isle-fast: ISLE, the class-wise ensemble of WSSS pseudo-labels, as a fast array pipeline.
 
-The public API, in the order of the pipeline (see README.md; DESIGN.md for the
-data model):
+The public API, in the order of the pipeline (see README.md; :mod:`isle_fast.stores.stack`
+for the data model):
 
 * stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`
 * ingest: :func:`ingest_labels`, :func:`ingest_scores`, :func:`ingest_images`,

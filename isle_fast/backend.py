@@ -163,10 +163,9 @@ def tune_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 
     Every Dask task allocates a few chunk-sized arrays (8 MiB for 33 VOC images
     of uint8) and frees them. glibc serves allocations that large with ``mmap``
     and gives them back to the kernel on ``free``, so the next chunk pays a page
-    fault for every 4 KiB page again. At VOC scale evaluate + merge took 13.5 s
-    (23.2 CPU seconds) with glibc's defaults and 8.8 s (15.1) with this setting
-    (``python -m benchmarks.pipeline``, ``io_choices``). It raises glibc's
-    ``M_MMAP_THRESHOLD`` (chunk buffers come from the heap) and
+    fault for every 4 KiB page again (what that costs at VOC scale: the
+    README, "How it is fast", from ``python -m benchmarks.pipeline``,
+    ``io_choices``). It raises glibc's ``M_MMAP_THRESHOLD`` (chunk buffers come from the heap) and
     ``M_TRIM_THRESHOLD`` (freed heap memory is kept up to ``trim_threshold``
     bytes: the cost, a higher resident size by at most that much).
 

@@ -1,7 +1,8 @@
 """The ``isle`` command line.
 
 Every subcommand lives in its own module under :mod:`isle_fast.commands` and
-provides ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+provides ``add_arguments(parser)`` and ``run(args) -> int``; its one-line help is in
+:data:`COMMANDS`.
 Modules are imported only when their command runs (``isle --help`` stays fast
 and a missing optional dependency only breaks its own command).
 

@@ -78,7 +78,7 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
 
 def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np.ndarray,
                  policy: int) -> np.ndarray:
-    """Algorithm 3 on label maps (one claim per chosen (set, class) slice; see KERNEL_API.md)."""
+    """Algorithm 3 on label maps (one claim per chosen (set, class) slice)."""
     C = len(selection)
     shape = sets[0].shape
     best = np.zeros(shape, np.int64)              # winning class so far (0 = none yet)

@@ -23,7 +23,7 @@ The steps:
     ``--refine affinity,crf``); each soft set's train mIoU before and after.
 ``evaluate`` (step 2)
     every candidate set (the hard sets and the refined soft sets) against
-    the train gt: per-class IoU table, ``evaluation.json`` (DESIGN.md schema).
+    the train gt: per-class IoU table, ``evaluation.json`` (the ``isle evaluate --json`` schema).
 ``merge`` (step 3)
     the class-wise ensemble of all candidates (``ensemble.zarr``) and its
     mIoU gain over the best single set; an ISLE-2 style pair (the two sets
@@ -60,8 +60,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from isle_fast.errors import InputError
-
-HELP = "make a synthetic VOC-like data set and run the whole pipeline"
 
 MARKER = ".isle-demo"
 

@@ -348,7 +348,8 @@ class Evaluation:
         return select(self, sets=sets)
 
     def to_json(self, selection: Any = None) -> dict:
-        """The DESIGN.md JSON: classes, per-set iou / miou / tp / fp / fn (+ extras), selection.
+        """The evaluation JSON (``isle evaluate --json``): classes, per-set iou / miou / tp / fp / fn
+        (+ precision, recall, coverage, path), the selection, background set, average, gt and gt pixels.
 
         IoU values are percent; undefined values are ``null``.
         """

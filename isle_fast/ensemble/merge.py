@@ -91,10 +91,6 @@ class MergePlan:
     thresholds: tuple[float, ...]
     num_classes: int
 
-    @property
-    def score_dtype(self) -> str | None:
-        return None if self.mode != "scores" else ("float32" if self.cast else None)
-
 
 def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "score",
               strategy: str = "class", bg_threshold: float | None = None) -> MergePlan:

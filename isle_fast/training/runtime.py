@@ -174,10 +174,10 @@ def resolve_threads(threads: int | None, device: torch.device, deterministic: bo
     Why: torch's CPU kernels split every operation over ``torch.get_num_threads()``
     OpenMP threads (by default one per core) and wait at a barrier for all of
     them. On a machine where other processes keep cores busy, one of those
-    threads is often descheduled, and every operation waits for it: measured
-    here (2 cores, one busy with another process) a DeepLabV3+ training step
-    ran 3-5x *slower* with 2 threads than with 1, and a tiny BatchNorm took
-    35 ms instead of 0.05 ms. So the automatic choice is the number of usable
+    threads is often descheduled, and every operation waits for it (a training
+    step gets several times *slower* with a thread per core than with one; the
+    README's benchmark section and ``benchmarks/results/train.json`` hold the
+    figures). So the automatic choice is the number of usable
     cores minus the cores other processes kept busy over 0.2 s
     (:func:`busy_cores`, rounded up), at least 1; training re-checks it every
     few seconds (:class:`ThreadGovernor`). With ``deterministic`` (or

@@ -22,7 +22,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--json", metavar="FILE", help="write the scores as JSON (classes, per-set scores, selection)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the scores as JSON (classes, per-set scores, selection)")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="restrict the selection shown (and in the JSON) to these sets")
 

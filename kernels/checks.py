@@ -9,7 +9,6 @@ the GPU kernels pass ``host=False`` and accept device arrays as they are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,13 @@ __all__ = [
     "check_subsets",
     "threshold_value",
     "threshold_args",
+    "confusion_labels_args",
+    "confusion_scores_args",
+    "decode_scores_args",
+    "merge_labels_args",
+    "merge_scores_args",
+    "subset_confusion_labels_args",
+    "subset_confusion_scores_args",
 ]
 
 SCORE, ORDER, IGNORE = 0, 1, 2
@@ -217,3 +223,97 @@ def threshold_args(bg_threshold: float | None, dtype: Any) -> tuple[bool, float,
     v = threshold_value(bg_threshold if use else 0.0, dtype)  # type: ignore[arg-type]
     raw = v.view(np.uint16) if dtype == np.float16 else v
     return use, float(v) if use else 0.0, raw
+
+
+# -- the arguments of each kernel, checked in one call ------------------------------------------
+
+
+def confusion_labels_args(gt: Any, sets: Any, num_classes: Any, host: bool) -> tuple[Any, tuple, int]:
+    """``confusion_labels``: (gt, sets, C)."""
+    what = "confusion_labels"
+    C = check_classes(num_classes, what)
+    gt = check_gt(gt, what, host)
+    return gt, check_label_sets(sets, tuple(gt.shape), what, host), C
+
+
+def confusion_scores_args(
+    gt: Any, sets: Any, num_classes: Any, bg_threshold: float | None, host: bool
+) -> tuple[Any, tuple, int, np.dtype, tuple[bool, float, np.generic]]:
+    """``confusion_scores``: (gt, sets, C, score dtype, :func:`threshold_args`)."""
+    what = "confusion_scores"
+    C = check_classes(num_classes, what)
+    gt = check_gt(gt, what, host)
+    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host)
+    return gt, sets, C, dt, threshold_args(bg_threshold, dt)
+
+
+def decode_scores_args(
+    scores: Any, bg_threshold: float | None, host: bool
+) -> tuple[Any, int, np.dtype, tuple[bool, float, np.generic]]:
+    """``decode_scores``: (scores, C, score dtype, :func:`threshold_args`)."""
+    (scores,), dt = check_score_sets((scores,), None, "decode_scores", host)
+    return scores, int(tuple(scores.shape)[-1]), dt, threshold_args(bg_threshold, dt)
+
+
+def merge_labels_args(
+    sets: Any, selection: Any, priority: Any, policy: Any, host: bool
+) -> tuple[tuple, int, np.ndarray, int, np.ndarray]:
+    """``merge_labels``: (sets, C, selection (C,), policy, priority (N, C))."""
+    what = "merge_labels"
+    sets = check_label_sets(sets, None, what, host)
+    C = check_classes(np.asarray(selection).size, what)
+    sel = check_selection(selection, C, len(sets), 1, what)
+    pol = check_policy(policy, what)
+    return sets, C, sel, pol, check_priority(priority, len(sets), C, what)
+
+
+def merge_scores_args(
+    sets: Any, selection: Any, policy: Any, bg_threshold: float | None, host: bool
+) -> tuple[tuple, int, np.ndarray, int, np.dtype, tuple[bool, float, np.generic]]:
+    """``merge_scores``: (sets, C, selection (C,), policy, score dtype, :func:`threshold_args`)."""
+    what = "merge_scores"
+    sets, dt = check_score_sets(sets, None, what, host)
+    C = int(tuple(sets[0].shape)[-1])
+    sel = check_selection(selection, C, len(sets), 0, what)
+    pol = check_policy(policy, what)
+    return sets, C, sel, pol, dt, threshold_args(bg_threshold, dt)
+
+
+def subset_confusion_labels_args(
+    gt: Any,
+    sets: Any,
+    selections: Any,
+    members: Any,
+    priority: Any,
+    policy: Any,
+    num_classes: Any,
+    host: bool,
+) -> tuple[Any, tuple, int, np.ndarray, np.ndarray, int, np.ndarray]:
+    """``subset_confusion_labels``: (gt, sets, C, selections (S, C), members (S, N), policy, priority)."""
+    what = "subset_confusion_labels"
+    C = check_classes(num_classes, what)
+    gt = check_gt(gt, what, host)
+    sets = check_label_sets(sets, tuple(gt.shape), what, host)
+    sels, mem = check_subsets(selections, members, len(sets), C, 1, what)
+    pol = check_policy(policy, what)
+    return gt, sets, C, sels, mem, pol, check_priority(priority, len(sets), C, what)
+
+
+def subset_confusion_scores_args(
+    gt: Any,
+    sets: Any,
+    selections: Any,
+    members: Any,
+    policy: Any,
+    num_classes: Any,
+    bg_threshold: float | None,
+    host: bool,
+) -> tuple[Any, tuple, int, np.ndarray, np.ndarray, int, np.dtype, tuple[bool, float, np.generic]]:
+    """``subset_confusion_scores``: (gt, sets, C, selections, members, policy, score dtype, threshold)."""
+    what = "subset_confusion_scores"
+    C = check_classes(num_classes, what)
+    gt = check_gt(gt, what, host)
+    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host)
+    sels, mem = check_subsets(selections, members, len(sets), C, 0, what)
+    pol = check_policy(policy, what)
+    return gt, sets, C, sels, mem, pol, dt, threshold_args(bg_threshold, dt)

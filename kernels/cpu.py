@@ -76,8 +76,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .checks import (IGNORE, ORDER, SCORE, check_classes, check_gt, check_label_sets, check_policy,
-                     check_priority, check_score_sets, check_selection, check_subsets, threshold_args)
+from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_scores_args, decode_scores_args,
+                     merge_labels_args, merge_scores_args, subset_confusion_labels_args,
+                     subset_confusion_scores_args)
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE",
@@ -308,10 +309,7 @@ def confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     ndarray of int64, shape (N, C, C + 1)
         ``out[n, t, p]`` = number of pixels with ``gt == t`` and ``sets[n] == p``.
     """
-    what = "confusion_labels"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=True)
-    sets = check_label_sets(sets, gt.shape, what, host=True)
+    gt, sets, C = confusion_labels_args(gt, sets, num_classes, host=True)
     g = gt.reshape(-1)
     hist = _call(_confusion_labels_kernel, g, _addrs((g,))[0], _addrs(sets), C, _nchunks(g.size))
     return _fold_columns(hist, C)
@@ -358,9 +356,7 @@ def decode_scores(scores: np.ndarray, bg_threshold: float = -1.0) -> np.ndarray:
     -------
     ndarray of uint8, shape ``scores.shape[:-1]``
     """
-    (s,), dt = check_score_sets((scores,), None, "decode_scores", host=True)
-    C = s.shape[-1]
-    use, _, thr = threshold_args(bg_threshold, dt)
+    s, C, _, (use, _, thr) = decode_scores_args(scores, bg_threshold, host=True)
     npix = s.size // C
     out = _call(_decode_kernel, _addrs((s,))[0], npix, C, use, thr, _nchunks(npix))
     return out.reshape(s.shape[:-1])
@@ -399,11 +395,7 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     -------
     ndarray of int64, shape (N, C, C + 1); column C is 0 (scores never abstain).
     """
-    what = "confusion_scores"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=True)
-    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host=True)
-    use, _, thr = threshold_args(bg_threshold, dt)
+    gt, sets, C, _, (use, _, thr) = confusion_scores_args(gt, sets, num_classes, bg_threshold, host=True)
     g = gt.reshape(-1)
     hist = _call(_confusion_scores_kernel, g, _addrs(sets), C, use, thr, _nchunks(g.size))
     return hist.sum(axis=0)
@@ -600,13 +592,8 @@ def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np
     ndarray of uint8, the shape of ``sets[0]``: the claimed class; 0 where no chosen
     slice claims the pixel; 255 where every set abstains (or IGNORE conflicts).
     """
-    what = "merge_labels"
-    sets = check_label_sets(sets, None, what, host=True)
+    sets, C, sel, pol, pri = merge_labels_args(sets, selection, priority, policy, host=True)
     N = len(sets)
-    C = check_classes(np.asarray(selection).size, what)
-    sel = check_selection(selection, C, N, 1, what)
-    pol = check_policy(policy, what)
-    pri = check_priority(priority, N, C, what)
     key, lab = _merge_tables(sel, pri, np.ones(N, bool), pol, C)
     npix = sets[0].size
     out = _call(_merge_labels_kernel, _addrs(sets), npix, key, lab, _ignore_codes(key), pol == IGNORE,
@@ -687,13 +674,8 @@ def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,
     labels : uint8 array ``sets[0].shape[:-1]``
     merged : array ``sets[0].shape`` in the sets' dtype
     """
-    what = "merge_scores"
-    sets, dt = check_score_sets(sets, None, what, host=True)
+    sets, C, sel, pol, _, (use, _, thr) = merge_scores_args(sets, selection, policy, bg_threshold, host=True)
     shape = sets[0].shape
-    C = shape[-1]
-    sel = check_selection(selection, C, len(sets), 0, what)
-    pol = check_policy(policy, what)
-    use, _, thr = threshold_args(bg_threshold, dt)
     npix = sets[0].size // C
     merged = np.empty(shape, sets[0].dtype)
     labels = np.empty(shape[:-1], np.uint8)
@@ -837,14 +819,9 @@ def subset_confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     ndarray of int64 (S, C, C + 1): ``out[s]`` is the confusion of
     ``merge_labels`` restricted to subset s (merged 255 -> column C).
     """
-    what = "subset_confusion_labels"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=True)
-    sets = check_label_sets(sets, gt.shape, what, host=True)
+    gt, sets, C, sels, mem, pol, pri = subset_confusion_labels_args(gt, sets, selections, members, priority,
+                                                                    policy, num_classes, host=True)
     N = len(sets)
-    sels, mem = check_subsets(selections, members, N, C, 1, what)
-    pol = check_policy(policy, what)
-    pri = check_priority(priority, N, C, what)
     if method not in ("auto", "hash", "direct"):
         raise ValueError(f"method must be 'auto', 'hash' or 'direct', got {method!r}")
     S = sels.shape[0]
@@ -946,14 +923,8 @@ def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     ndarray of int64 (S, C, C + 1): ``out[s]`` = confusion of ``merge_scores`` over subset s
     (IGNORE conflicts, 255, are counted in column C).
     """
-    what = "subset_confusion_scores"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=True)
-    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host=True)
-    N = len(sets)
-    sels, _ = check_subsets(selections, members, N, C, 0, what)
-    pol = check_policy(policy, what)
-    use, _, thr = threshold_args(bg_threshold, dt)
+    gt, sets, C, sels, _, pol, _, (use, _, thr) = subset_confusion_scores_args(
+        gt, sets, selections, members, policy, num_classes, bg_threshold, host=True)
     g = gt.reshape(-1)
     out = _call(_subset_scores_kernel, g, _addrs(sets), C, sels, pol, use, thr, _nchunks(g.size))
     return out.sum(axis=0)

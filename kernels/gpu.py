@@ -73,9 +73,9 @@ import numpy as np
 from numba import config as _numba_config
 from numba import cuda, float64, int64, uint32, uint64
 
-from .checks import (IGNORE, ORDER, SCORE, check_classes, check_gt, check_label_sets, check_policy,
-                     check_priority, check_score_sets, check_selection, check_subsets, threshold_args,
-                     threshold_value)
+from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_scores_args, decode_scores_args,
+                     merge_labels_args, merge_scores_args, subset_confusion_labels_args,
+                     subset_confusion_scores_args, threshold_value)
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE", "SIMULATOR", "threshold_value",
@@ -614,10 +614,7 @@ def confusion_labels(gt: Any, sets: Sequence[Any], num_classes: int) -> Any:
         ``out[n, t, p]`` = pixels with ``gt == t`` and ``sets[n] == p``. NumPy for NumPy inputs,
         a device array otherwise.
     """
-    what = "confusion_labels"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=False)
-    sets = check_label_sets(sets, tuple(gt.shape), what, host=False)
+    gt, sets, C = confusion_labels_args(gt, sets, num_classes, host=False)
     return _confusion("labels", False, gt, [(s, 1) for s in sets], lambda d: (tuple(d),), len(sets), C)
 
 
@@ -642,11 +639,7 @@ def confusion_scores(gt: Any, sets: Sequence[Any], num_classes: int, bg_threshol
     int64 array (N, C, C+1)
         Confusion of ``decode_scores(sets[n], bg_threshold)``; column C stays 0.
     """
-    what = "confusion_scores"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=False)
-    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host=False)
-    use, thr, _ = threshold_args(bg_threshold, dt)
+    gt, sets, C, dt, (use, thr, _) = confusion_scores_args(gt, sets, num_classes, bg_threshold, host=False)
     return _confusion("scores", dt == np.float16, gt, [(s, C) for s in sets],
                       lambda d: (tuple(d), use, thr), len(sets), C)
 
@@ -665,12 +658,9 @@ def decode_scores(scores: Any, bg_threshold: float = -1.0) -> Any:
     -------
     uint8 array ``scores.shape[:-1]``
     """
-    (scores,), dt = check_score_sets((scores,), None, "decode_scores", host=False)
-    full = tuple(scores.shape)         # (device arrays' shapes need not support negative indices)
-    C = int(full[-1])
-    shape = full[:-1]
+    scores, C, dt, (use, thr, _) = decode_scores_args(scores, bg_threshold, host=False)
+    shape = tuple(scores.shape)[:-1]   # (device arrays' shapes need not support negative indices)
     P = int(np.prod(shape, dtype=np.int64))
-    use, thr, _ = threshold_args(bg_threshold, dt)
     half = dt == np.float16
     kernel = _kernels("decode", half)
     if _is_device(scores):
@@ -714,16 +704,12 @@ def merge_labels(sets: Sequence[Any], selection: Any, priority: Any, policy: int
     uint8 array shaped like ``sets[0]``
         One claim -> its class; several -> policy; none -> 255 if every set abstains, else 0.
     """
-    what = "merge_labels"
-    sets = check_label_sets(sets, None, what, host=False)
+    sets, C, sel, policy, prio = merge_labels_args(sets, selection, priority, policy, host=False)
     N = len(sets)
-    C = check_classes(np.asarray(selection).size, what)
-    sel = check_selection(selection, C, N, 1, what).reshape(1, C)
-    prio = check_priority(priority, N, C, what)
+    sel = sel.reshape(1, C)
     mem = np.ones((1, N), np.uint8)
     shape = tuple(sets[0].shape)
     P = int(np.prod(shape, dtype=np.int64))
-    policy = check_policy(policy, what)
     kernel = _merge_labels_kernel
     device = _mode(sets)
     if device:
@@ -767,18 +753,14 @@ def merge_scores(sets: Sequence[Any], selection: Any, policy: int,
         ``selection[c]`` (ties -> lower c); IGNORE: 255.
     merged : array like ``sets[0]`` (same dtype)
     """
-    what = "merge_scores"
-    sets, dt = check_score_sets(sets, None, what, host=False)
+    sets, C, sel, policy, dt, (use, thr, raw) = merge_scores_args(sets, selection, policy, bg_threshold,
+                                                                  host=False)
     shape = tuple(sets[0].shape)
-    C = shape[-1]
-    N = len(sets)
-    sel = check_selection(selection, C, N, 0, what).reshape(1, C)
-    use, thr, raw = threshold_args(bg_threshold, dt)
+    sel = sel.reshape(1, C)
     half = dt == np.float16
     view = np.uint16 if half else None
     kernel = _kernels("merge_scores", half)
     P = int(np.prod(shape[:-1], dtype=np.int64))
-    policy = check_policy(policy, what)
     if _mode(sets):
         lab, d_lab = _device_empty(shape[:-1], np.uint8)
         mer, d_mer = _device_empty(shape, dt)
@@ -827,15 +809,9 @@ def subset_confusion_labels(gt: Any, sets: Sequence[Any], selections: Any, membe
         ``out[s]`` = confusion of :func:`merge_labels` over the members of s against ``gt``
         (merged 255 counted in column C).
     """
-    what = "subset_confusion_labels"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=False)
-    sets = check_label_sets(sets, tuple(gt.shape), what, host=False)
-    N = len(sets)
-    sel, mem = check_subsets(selections, members, N, C, 1, what)
-    prio = check_priority(priority, N, C, what)
+    gt, sets, C, sel, mem, policy, prio = subset_confusion_labels_args(
+        gt, sets, selections, members, priority, policy, num_classes, host=False)
     d_sel, d_mem, d_prio = (_small(x) for x in (sel, mem.astype(np.uint8), prio))
-    policy = check_policy(policy, what)
     return _confusion("subset_labels", False, gt, [(s, 1) for s in sets],
                       lambda d: (tuple(d), d_sel, d_mem, d_prio, policy), sel.shape[0], C)
 
@@ -861,14 +837,8 @@ def subset_confusion_scores(gt: Any, sets: Sequence[Any], selections: Any, membe
     int64 (S, C, C+1)
         ``out[s]`` = confusion of :func:`merge_scores` labels over the members of s.
     """
-    what = "subset_confusion_scores"
-    C = check_classes(num_classes, what)
-    gt = check_gt(gt, what, host=False)
-    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host=False)
-    N = len(sets)
-    sel, _ = check_subsets(selections, members, N, C, 0, what)
-    use, thr, _ = threshold_args(bg_threshold, dt)
+    gt, sets, C, sel, _, policy, dt, (use, thr, _) = subset_confusion_scores_args(
+        gt, sets, selections, members, policy, num_classes, bg_threshold, host=False)
     d_sel = _small(sel)
-    policy = check_policy(policy, what)
     return _confusion("subset_scores", dt == np.float16, gt, [(s, C) for s in sets],
                       lambda d: (tuple(d), d_sel, policy, use, thr), sel.shape[0], C)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import bench_parser, best_of, format_table, headline_row, write_json
+from .common import bench_parser, best_of, format_table, headline_row, write_json
 
 # --------------------------------------------------------------------------- synthetic data
 

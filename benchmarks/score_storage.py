@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import bench_parser, format_table, headline_row, tmp_dir, write_json
+from .common import bench_parser, format_table, headline_row, tmp_dir, write_json
 
 THRESHOLD = 0.15
 

@@ -1,7 +1,7 @@
 """isle-fast: ISLE, the class-wise ensemble of WSSS pseudo-labels, as a fast array pipeline.
 
-The public API, in the order of the pipeline (see README.md; DESIGN.md for the
-data model):
+The public API, in the order of the pipeline (see README.md; :mod:`isle_fast.stores.stack`
+for the data model):
 
 * stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`
 * ingest: :func:`ingest_labels`, :func:`ingest_scores`, :func:`ingest_images`,
@@ -59,10 +59,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ensemble.report": ("report", "export_pngs",),
     "training.deeplab": ("DeepLabV3Plus", "build_deeplab",),
     "training.data": ("SegmentationDataset", "make_loader",),
-    "training.train": ("TrainConfig", "TrainResult", "train",),
-    "training.predict": (
-        "predict", "PredictResult", "load_model", "resolve_threads", "ThreadGovernor",
-    ),
+    "training.config": ("TrainConfig",),
+    "training.train": ("TrainResult", "train",),
+    "training.predict": ("predict", "PredictResult", "load_model",),
+    "training.runtime": ("resolve_threads", "ThreadGovernor",),
     "synthetic.datasets": (
         "make_voc_like", "SyntheticDataset", "default_quality", "voc_palette", "write_label_png",
         "read_label_png",

@@ -1,7 +1,8 @@
 """The ``isle`` command line.
 
 Every subcommand lives in its own module under :mod:`isle_fast.commands` and
-provides ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+provides ``add_arguments(parser)`` and ``run(args) -> int``; its one-line help is in
+:data:`COMMANDS`.
 Modules are imported only when their command runs (``isle --help`` stays fast
 and a missing optional dependency only breaks its own command).
 
@@ -80,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mod is None:
         parser.error(f"'{args.command}' is not available in this build")
     from isle_fast.backend import tune_allocator
+    from isle_fast.process import prepare_process
 
+    prepare_process()  # the process-wide settings, once, here (isle_fast/process.py), never on import
     tune_allocator()  # reuse freed chunk buffers (see its docstring); ISLE_TUNE_MALLOC=0 skips it
     try:
         return int(mod.run(args) or 0)

@@ -1,4 +1,4 @@
-"""Plain NumPy reference implementations of the kernel API (``notes/KERNEL_API.md``).
+"""Plain NumPy references of the kernel API (:mod:`isle_fast.kernels.cpu`) and of the class scores.
 
 These are written to be obviously correct, not fast: every backend
 (:mod:`isle_fast.kernels.cpu`, :mod:`isle_fast.kernels.gpu`) is compared
@@ -32,7 +32,7 @@ __all__ = [
     "SCORE", "ORDER", "IGNORE", "threshold_value",
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
-    "subset_confusion_labels", "subset_confusion_scores",
+    "subset_confusion_labels", "subset_confusion_scores", "class_scores",
     "quantize_scores_u8", "keep_argmax_float", "irn_decode",
 ]
 
@@ -79,7 +79,7 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
 
 def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np.ndarray,
                  policy: int) -> np.ndarray:
-    """Algorithm 3 on label maps (one claim per chosen (set, class) slice; see KERNEL_API.md)."""
+    """Algorithm 3 on label maps (one claim per chosen (set, class) slice)."""
     C = len(selection)
     shape = sets[0].shape
     best = np.zeros(shape, np.int64)              # winning class so far (0 = none yet)
@@ -234,3 +234,24 @@ def keep_argmax_float(scores: np.ndarray, dtype) -> np.ndarray:
                 low = fq[i, :win]
                 low[low == one] = np.nextafter(one, np.asarray(0.0, dtype))
     return q
+def class_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, list[float]]:
+    """Per-class IoU, precision and recall (percent) of one label map, from per-class pixel masks.
+
+    Pixels whose gt is ``>= C`` are ignored; a prediction ``>= C`` claims no class (it is a
+    miss of the gt class). A score whose denominator is empty is NaN; ``miou`` is the plain
+    mean of the defined IoUs (NaN when none is).
+    """
+    C = int(num_classes)
+    valid = np.asarray(gt) < C
+    g, p = np.asarray(gt)[valid], np.asarray(pred)[valid]
+    out: dict[str, list[float]] = {"iou": [], "precision": [], "recall": []}
+    for c in range(C):
+        inter = int(np.sum((g == c) & (p == c)))
+        union = int(np.sum((g == c) | (p == c)))
+        predicted, present = int(np.sum(p == c)), int(np.sum(g == c))
+        out["iou"].append(100.0 * inter / union if union else float("nan"))
+        out["precision"].append(100.0 * inter / predicted if predicted else float("nan"))
+        out["recall"].append(100.0 * inter / present if present else float("nan"))
+    defined = [v for v in out["iou"] if v == v]
+    out["miou"] = [sum(defined) / len(defined) if defined else float("nan")]
+    return out

@@ -173,40 +173,6 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, word):
     assert not out.exists()
 
 
-def test_bootstrap_interval_of_identical_models_is_zero():
-    rng = np.random.default_rng(0)
-    inter = rng.integers(0, 50, size=(7, 1, 5))
-    union = inter + rng.integers(0, 50, size=(7, 1, 5))
-    one = np.stack([inter, union], axis=-1)
-    stats = np.concatenate([one, one], axis=1)  # (I, 2, C, 2): the same model twice
-    assert demo._bootstrap_diff(stats, 200, 0) == (0.0, 0.0)
-
-
-def test_bootstrap_interval_brackets_the_difference_and_matches_a_loop():
-    rng = np.random.default_rng(1)
-    n_img, c = 9, 4
-    inter = rng.integers(0, 40, size=(n_img, 2, c))
-    union = inter + rng.integers(1, 40, size=(n_img, 2, c))
-    stats = np.stack([inter, union], axis=-1)
-    lo, hi = demo._bootstrap_diff(stats, 500, 3)
-
-    def miou(s):
-        return 100.0 * np.mean(s[..., 0].sum(0) / s[..., 1].sum(0), axis=-1)
-
-    full = miou(stats)
-    assert lo <= full[0] - full[1] <= hi
-    # reference: the same multinomial resamples, summed image by image in a loop
-    w = np.random.default_rng(3).multinomial(n_img, np.full(n_img, 1 / n_img), size=500)
-    diffs = []
-    for row in w:
-        acc = np.zeros((2, c, 2))
-        for i, k in enumerate(row):
-            acc += k * stats[i]
-        m = miou(acc[None])
-        diffs.append(m[0] - m[1])
-    assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
-
-
 def test_headline_without_training():
     h = demo.headline({"refine": {"chain": ["crf"], "sets": {"a": {"gain": 3.5}}},
                        "merge": {"ensemble_miou": 80.0, "best_single_set": "b", "best_single_miou": 77.5,

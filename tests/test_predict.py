@@ -86,39 +86,8 @@ def test_cli_predict_and_errors(run, tmp_path):
     assert main(["predict", str(rundir), "--images", vg, "--out", str(tmp_path / "r.zarr")]) == 2
 
 
-def test_thread_choice_and_restore():
-    import subprocess
-    import sys
-
-    from isle_fast.training.predict import busy_cores, resolve_threads, torch_threads
-
-    cpu = torch.device("cpu")
-    n = torch.get_num_threads()
-    assert resolve_threads(3, cpu) == 3
-    assert resolve_threads(None, cpu, deterministic=True) == n  # reruns must not depend on the load
-    assert 1 <= resolve_threads(None, cpu) <= n
-    with pytest.raises(InputError, match="--threads"):
-        resolve_threads(0, cpu)
-    with torch_threads(1) as k:
-        assert k == 1 and torch.get_num_threads() == 1
-    assert torch.get_num_threads() == n
-    # another process spinning on a core is seen as busy (Linux /proc/stat); this one's own work is not
-    before = busy_cores(0.2)
-    if before is None:
-        pytest.skip("no /proc/stat here")
-    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
-    try:
-        import time
-
-        time.sleep(0.5)
-        assert busy_cores(0.5) > 0.3
-    finally:
-        spin.kill()
-        spin.wait()
-
-
 def test_cpu_autocast_is_bfloat16_and_predicts(run):
-    from isle_fast.training.predict import amp_dtype
+    from isle_fast.training.runtime import amp_dtype
 
     assert amp_dtype("cpu") == torch.bfloat16 and amp_dtype("cuda") == torch.float16
     model, _ = load_model(run[0])
@@ -132,33 +101,3 @@ def test_cpu_autocast_is_bfloat16_and_predicts(run):
     # bfloat16 keeps about 3 significant digits: the same argmax almost everywhere
     agree = (p.argmax(0) == predict_probs(model, img, amp=False).argmax(0)).float().mean()
     assert agree > 0.9
-
-
-def test_thread_governor_follows_the_load():
-    import subprocess
-    import sys
-    import time
-
-    from isle_fast.training.predict import ThreadGovernor, _usable_cores, busy_cores, torch_threads
-
-    n = torch.get_num_threads()
-    off = ThreadGovernor(False, limit=n, period=0.0)
-    with torch_threads(1):
-        time.sleep(0.05)
-        assert off.update() == 1 and torch.get_num_threads() == 1 and off.changes == 0
-    if busy_cores(0.05) is None or _usable_cores() < 2:
-        pytest.skip("needs /proc/stat and 2 usable cores")
-    usable = _usable_cores()
-    with torch_threads(usable):
-        gov = ThreadGovernor(True, limit=usable, period=0.0)
-        spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
-        try:
-            time.sleep(0.2)
-            gov.update()  # starts a fresh window while the spinner runs
-            time.sleep(0.6)
-            k = gov.update()
-            assert k == torch.get_num_threads() and 1 <= k <= usable - 1  # a core is busy elsewhere
-        finally:
-            spin.kill()
-            spin.wait()
-    assert torch.get_num_threads() == n

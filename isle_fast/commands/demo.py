@@ -26,7 +26,7 @@ The steps:
     ``--refine affinity,crf``); each soft set's train mIoU before and after.
 ``evaluate`` (step 2)
     every candidate set (the hard sets and the refined soft sets) against
-    the train gt: per-class IoU table, ``evaluation.json`` (DESIGN.md schema).
+    the train gt: per-class IoU table, ``evaluation.json`` (the ``isle evaluate --json`` schema).
 ``merge`` (step 3)
     the class-wise ensemble of all candidates (``ensemble.zarr``) and its
     mIoU gain over the best single set; the same ensemble with the image-level
@@ -65,8 +65,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from isle_fast.errors import InputError
-
-HELP = "make a synthetic VOC-like data set and run the whole pipeline"
 
 MARKER = ".isle-demo"
 
@@ -269,16 +267,6 @@ def _candidate_sets(ctx: DemoContext) -> list[tuple[str, str]]:
     return _hard_sets(ctx) + soft
 
 
-def _miou(iou: Any) -> Any:
-    """Row-wise mean over the defined (non-NaN) IoUs; NaN for a row with none."""
-    import numpy as np
-
-    iou = np.atleast_2d(np.asarray(iou, dtype=np.float64))
-    ok = ~np.isnan(iou)
-    n = ok.sum(axis=1)
-    return np.where(n > 0, np.where(ok, iou, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
-
-
 def _r(x: Any, nd: int = 2) -> float | None:
     """A JSON-friendly rounded float (None for NaN)."""
     import math
@@ -477,31 +465,9 @@ def step_report(ctx: DemoContext) -> Path:
     return out
 
 
-def _bootstrap_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, float]:
-    """95 % interval of mIoU(model 0) - mIoU(model 1) over images resampled with replacement.
-
-    ``image_stats`` is ``(I, 2, C, 2)``: per image, model and class the intersection and union;
-    a resample's dataset-level IoU is the ratio of the summed intersections and unions.
-    """
-    import numpy as np
-
-    stats = np.asarray(image_stats, dtype=np.float64)
-    n_img = stats.shape[0]
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=reps).astype(np.float64)  # (B, I)
-    flat = stats.reshape(n_img, -1)
-    summed = (weights @ flat).reshape((reps,) + stats.shape[1:])  # (B, 2, C, 2)
-    inter, union = summed[..., 0], summed[..., 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
-    miou = _miou(iou.reshape(-1, iou.shape[-1])).reshape(iou.shape[:-1]) * 100.0  # (B, 2)
-    diff = miou[:, 0] - miou[:, 1]
-    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def step_train(ctx: DemoContext) -> Path | None:
     """ISLE step 4: DeepLabV3+ trained on the ensemble and on the best single set, scored on val."""
+    from isle_fast import metrics
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.training.predict import predict
     from isle_fast.training.train import train
@@ -547,7 +513,7 @@ def step_train(ctx: DemoContext) -> Path | None:
     import numpy as np
 
     ev = evaluate(preds, ctx.stores["val/gt"], average="image", progress=False)
-    per_run = _miou(ev.dataset_iou)  # dataset-level IoU, as everywhere else in the demo
+    per_run = metrics.miou(ev.dataset_iou)  # dataset-level IoU, as everywhere else in the demo
     # models in `jobs` order: (seed 0: ensemble, single), (seed 1: ensemble, single), ...
     per_seed = np.asarray(per_run, dtype=np.float64).reshape(len(seeds), 2)
     val_miou = per_seed.mean(axis=0)
@@ -555,7 +521,7 @@ def step_train(ctx: DemoContext) -> Path | None:
     # the interval resamples val images; with several seeds each image's intersections and unions are
     # summed over the seeds (the pooled IoU), so it still covers only the choice of images
     stats = np.asarray(ev.image_stats).reshape((len(ev.image_stats), len(seeds), 2) + ev.image_stats.shape[2:])
-    lo, hi = _bootstrap_diff(stats.sum(axis=1), 2000, ctx.args.seed)
+    lo, hi = metrics.bootstrap_miou_diff(stats.sum(axis=1), 2000, ctx.args.seed)
     for i, (seed, key, _lab) in enumerate(jobs):
         runs[key if len(seeds) == 1 else f"{key} seed {seed}"]["val_miou"] = _r(per_run[i])
     n_val = len(ctx.dataset.val_ids) if ctx.dataset is not None else None

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "step 2: per-class IoU of every set against ground truth"
-
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by evaluate, merge and report."""
+    from isle_fast.backend import add_backend_argument
+
     parser.add_argument("sets", nargs="+", metavar="SET", help="pseudo-label set stores (labels or scores)")
     parser.add_argument("--gt", required=True, metavar="GT", help="ground-truth label store")
     parser.add_argument("--average", choices=("dataset", "image"), default="dataset",
                         help="IoU from counts summed over the data set (default) or the mean "
                              "per-image IoU (Algorithm 2 as written)")
-    parser.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="kernel backend (results are identical)")
+    add_backend_argument(parser)
     parser.add_argument("--bg-threshold", type=float, default=None, metavar="T",
                         help="score sets: background score replaced by T in [0, 1] before decoding")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -23,7 +22,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--json", metavar="FILE", help="write the scores as JSON (DESIGN.md schema)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the scores as JSON (classes, per-set scores, selection)")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="restrict the selection shown (and in the JSON) to these sets")
 

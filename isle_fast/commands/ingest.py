@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "turn PNG / NPY / TIFF / image folders into stack stores"
-
 _EPILOG = """\
 formats:
   labels   folder of label-map PNGs (palette or grayscale, value = class index, 255 = ignore)

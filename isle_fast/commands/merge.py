@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "steps 2+3: select the best set per class and build the ensemble"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from isle_fast.commands.evaluate import add_common

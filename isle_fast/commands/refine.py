@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "step 1: refine a set (AffinityNet random walk, dense CRF, ...)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SET", nargs="?", help="the set to refine (a labels or scores store)")

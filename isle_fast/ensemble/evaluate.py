@@ -20,7 +20,8 @@ Conventions
 * IoU of class ``c``: ``tp / (tp + fp + fn)`` with ``fn`` including
   abstentions; undefined (NaN, JSON ``null``) when the union is empty.
 * mIoU: the mean over classes whose IoU is defined (NaN classes are skipped,
-  the usual ``nanmean`` convention).
+  the usual ``nanmean`` convention). Both come from :mod:`isle_fast.metrics`,
+  the one definition every score of the project uses.
 * ``average="image"`` (the paper's Algorithm 2 as written): the IoU of class
   ``c`` is the mean of the per-image IoUs over the images where ``c`` is in
   the gt or predicted by that set (per-image union > 0); images where the
@@ -32,7 +33,6 @@ Conventions
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from isle_fast import metrics
 from isle_fast.errors import InputError
 from isle_fast.stores.stack import Stack, check_aligned, open_stack
 
@@ -221,41 +222,7 @@ def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: 
         return out
 
 
-def _tp_union(block: np.ndarray) -> np.ndarray:
-    """Per-image ``(k, N, C, C+1)`` confusion -> ``(k, N, C, 2)``: intersection and union."""
-    c = block.shape[2]
-    sq = block[..., :c]
-    tp = np.diagonal(sq, axis1=2, axis2=3)
-    gt_px = block.sum(axis=3)
-    pred_px = sq.sum(axis=2)
-    return np.stack([tp, gt_px + pred_px - tp], axis=-1)
-
-
 # -- results ------------------------------------------------------------------------------
-
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
-
-
-def _nanmean_rows(x: np.ndarray) -> np.ndarray:
-    ok = ~np.isnan(x)
-    n = ok.sum(axis=-1)
-    s = np.where(ok, x, 0.0).sum(axis=-1)
-    return np.where(n > 0, s / np.maximum(n, 1), np.nan)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(float(x)) else float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return x
-
 
 @dataclass
 class Evaluation:
@@ -299,19 +266,17 @@ class Evaluation:
     @property
     def tp(self) -> np.ndarray:
         """(N, C) true positives."""
-        c = self.num_classes
-        return np.diagonal(self.counts[:, :, :c], axis1=1, axis2=2).copy()
+        return metrics.true_positives(self.counts)
 
     @property
     def fp(self) -> np.ndarray:
         """(N, C) pixels predicted ``c`` whose gt is another (non-ignored) class."""
-        c = self.num_classes
-        return self.counts[:, :, :c].sum(axis=1) - self.tp
+        return metrics.false_positives(self.counts)
 
     @property
     def fn(self) -> np.ndarray:
         """(N, C) gt pixels of ``c`` predicted as something else or abstained."""
-        return self.counts.sum(axis=2) - self.tp
+        return metrics.false_negatives(self.counts)
 
     @property
     def abstained(self) -> np.ndarray:
@@ -327,18 +292,15 @@ class Evaluation:
     @property
     def dataset_iou(self) -> np.ndarray:
         """(N, C) IoU in percent from the summed counts (the standard definition)."""
-        tp = self.tp
-        return 100.0 * _div(tp, tp + self.fp + self.fn)
+        return metrics.iou(self.counts)
 
     @property
     def image_iou(self) -> np.ndarray | None:
         """(N, C) mean per-image IoU in percent over images with union > 0 (image average only)."""
         if self.image_stats is None:
             return None
-        inter = self.image_stats[..., 0].astype(np.float64)
-        union = self.image_stats[..., 1]
-        per = _div(inter, union)  # (I, N, C), NaN where union == 0
-        return 100.0 * _nanmean_rows(np.moveaxis(per, 0, -1))
+        per = metrics.iou_from_stats(self.image_stats)  # (I, N, C), NaN where union == 0
+        return metrics.nanmean(per, axis=0)
 
     @property
     def iou(self) -> np.ndarray:
@@ -350,23 +312,23 @@ class Evaluation:
     @property
     def miou(self) -> np.ndarray:
         """(N,) mean IoU in percent over the classes whose IoU is defined."""
-        return _nanmean_rows(self.iou)
+        return metrics.miou(self.iou)
 
     @property
     def precision(self) -> np.ndarray:
         """(N, C) percent: tp / (tp + fp)."""
-        return 100.0 * _div(self.tp, self.tp + self.fp)
+        return metrics.precision(self.counts)
 
     @property
     def recall(self) -> np.ndarray:
         """(N, C) percent: tp / gt pixels (abstentions count as misses)."""
-        return 100.0 * _div(self.tp, self.tp + self.fn)
+        return metrics.recall(self.counts)
 
     @property
     def coverage(self) -> np.ndarray:
         """(N, C) percent: 1 - abstained / gt pixels of the class."""
         gt_px = self.counts.sum(axis=2)
-        return 100.0 * (1.0 - _div(self.abstained, gt_px))
+        return 100.0 * (1.0 - metrics.ratio(self.abstained, gt_px))
 
     def take(self, indices: Sequence[int]) -> "Evaluation":
         """The evaluation of some of the sets only (no new pass over the data)."""
@@ -386,7 +348,8 @@ class Evaluation:
         return select(self, sets=sets)
 
     def to_json(self, selection: Any = None) -> dict:
-        """The DESIGN.md JSON: classes, per-set iou / miou / tp / fp / fn (+ extras), selection.
+        """The evaluation JSON (``isle evaluate --json``): classes, per-set iou / miou / tp / fp / fn
+        (+ precision, recall, coverage, path), the selection, background set, average, gt and gt pixels.
 
         IoU values are percent; undefined values are ``null``.
         """
@@ -397,14 +360,14 @@ class Evaluation:
         sets = {}
         for n, name in enumerate(self.set_names):
             sets[name] = {
-                "iou": _jsonable(iou[n]),
-                "miou": _jsonable(miou[n]),
-                "tp": _jsonable(tp[n]),
-                "fp": _jsonable(fp[n]),
-                "fn": _jsonable(fn[n]),
-                "precision": _jsonable(prec[n]),
-                "recall": _jsonable(rec[n]),
-                "coverage": _jsonable(cov[n]),
+                "iou": metrics.jsonable(iou[n]),
+                "miou": metrics.jsonable(miou[n]),
+                "tp": metrics.jsonable(tp[n]),
+                "fp": metrics.jsonable(fp[n]),
+                "fn": metrics.jsonable(fn[n]),
+                "precision": metrics.jsonable(prec[n]),
+                "recall": metrics.jsonable(rec[n]),
+                "coverage": metrics.jsonable(cov[n]),
                 "path": self.set_paths[n] if n < len(self.set_paths) else None,
             }
         return {
@@ -414,7 +377,7 @@ class Evaluation:
             "background_set": self.set_names[int(sel.best[0])],
             "average": self.average,
             "gt": self.gt_path,
-            "gt_pixels": _jsonable(self.gt_pixels),
+            "gt_pixels": metrics.jsonable(self.gt_pixels),
         }
 
     def write_json(self, path: str | os.PathLike, selection: Any = None, **extra: Any) -> None:
@@ -530,7 +493,8 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
         if per_image:
             per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images
             n, c = len(stacks), gt_stack.num_classes
-            stats = per_img.map_blocks(_tp_union, chunks=(per_img.chunks[0], (n,), (c,), (2,)),
+            stats = per_img.map_blocks(metrics.intersection_union,
+                                       chunks=(per_img.chunks[0], (n,), (c,), (2,)),
                                        dtype=np.int64)
             counts, image_stats = dask.compute(per_img.sum(axis=0), stats)
         else:

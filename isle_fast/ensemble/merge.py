@@ -56,7 +56,6 @@ import numpy as np
 from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import (
     Evaluation,
-    _jsonable,
     aligned_arrays,
     blockwise_args,
     evaluate,
@@ -66,6 +65,7 @@ from isle_fast.ensemble.evaluate import (
     work_chunks,
 )
 from isle_fast.ensemble.selection import Selection, select
+from isle_fast.metrics import jsonable
 from isle_fast.stores.stack import Stack, create_stack, default_compressors
 
 __all__ = ["POLICIES", "STRATEGIES", "MergePlan", "MergeResult", "merge", "merge_images",
@@ -102,10 +102,6 @@ class MergePlan:
     num_classes: int
     #: claims of classes absent from an image's image-level labels are dropped (``allowed`` rows given)
     drop_absent: bool = False
-
-    @property
-    def score_dtype(self) -> str | None:
-        return None if self.mode != "scores" else ("float32" if self.cast else None)
 
 
 def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "score",
@@ -431,15 +427,15 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "members": [names[m] for m in members],
         "selection": selection.mapping(),
         "background_set": names[int(selection.best[0])],
-        "scores": {names[n]: _jsonable(evaluation.iou[n]) for n in range(len(stacks))},
-        "miou": {names[n]: _jsonable(evaluation.miou[n]) for n in range(len(stacks))},
+        "scores": {names[n]: jsonable(evaluation.iou[n]) for n in range(len(stacks))},
+        "miou": {names[n]: jsonable(evaluation.miou[n]) for n in range(len(stacks))},
         "average": evaluation.average,
         "policy": policy,
         "strategy": strategy,
         "bg_threshold": bg_threshold,
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
-        **({"image_strategy": _jsonable(info)} if info else {}),
+        **({"image_strategy": jsonable(info)} if info else {}),
     }
     grid = work_chunks(member_stacks, gt_stack)
     g, arrays = aligned_arrays(member_stacks, gt_stack, grid)

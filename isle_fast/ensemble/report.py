@@ -37,8 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError, StoreError
-from isle_fast.ensemble.evaluate import Evaluation, _jsonable, evaluate, open_inputs, unique_names
+from isle_fast.ensemble.evaluate import Evaluation, evaluate, open_inputs, unique_names
 from isle_fast.ensemble.selection import select
+from isle_fast.metrics import jsonable
 
 __all__ = ["report", "export_pngs", "palette"]
 
@@ -171,7 +172,7 @@ def _component_summary(ev: Evaluation, sel: Any) -> list[dict]:
             others = [iou[m, j] for m in range(n) if m != k and not np.isnan(iou[m, j])]
             if others and not np.isnan(iou[k, j]):
                 margins.append(float(iou[k, j] - max(others)))
-        out.append({"set": ev.set_names[k], "miou": _jsonable(ev.miou[k]),
+        out.append({"set": ev.set_names[k], "miou": jsonable(ev.miou[k]),
                     "classes_won": [ev.classes[j] for j in won],
                     "mean_margin": float(np.mean(margins)) if margins else None})
     return out
@@ -416,8 +417,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         doc = ev.to_json(sel)
         doc["components"] = comp
         doc["ensemble"] = (None if ens_name is None else
-                           {"name": ens_name, "source": ens_source, "iou": _jsonable(ens_iou),
-                            "miou": _jsonable(ens_miou)})
+                           {"name": ens_name, "source": ens_source, "iou": jsonable(ens_iou),
+                            "miou": jsonable(ens_miou)})
         doc["subsets"] = sa.to_json() if sa is not None else None
         (work / "report.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
 

@@ -173,12 +173,10 @@ def _torch():
 
 def resolve_device(device: str = "auto") -> str:
     """``'cuda'`` when ``device='auto'`` and CUDA is available, else ``device`` (``'cpu'`` for auto)."""
-    torch = _torch()
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"affinity.device {device!r}: CUDA is not available on this machine (use cpu)")
-    return str(device)
+    from isle_fast.training.runtime import resolve_device as torch_device
+
+    dev = torch_device(device, name="affinity.device")
+    return dev.type if device in (None, "", "auto") else str(device)
 
 
 def _build_model_class():

@@ -360,6 +360,8 @@ def make_refinement(name: str, params: Mapping[str, Any] | None = None) -> Refin
                              f"(--param {name}.{bad[0]}); its parameters: {', '.join(known) or 'none'}")
     try:
         obj = factory(**params)
+    except InputError:  # (also a ValueError) already names the parameter
+        raise
     except (TypeError, ValueError) as exc:
         raise InputError(f"refinement {name!r}: bad parameters {params}: {exc}") from None
     if isinstance(obj, Refinement):

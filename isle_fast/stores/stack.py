@@ -1,4 +1,4 @@
-"""Stack stores: the data model of DESIGN.md on Zarr v3.
+"""Stack stores: the data model (README.md, "Data model") on Zarr v3.
 
 A *stack* is the paper's ``ps_i in R^{H x W x C}`` for every image ``i`` of a
 data set. It lives in one Zarr v3 group:

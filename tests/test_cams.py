@@ -378,10 +378,10 @@ def test_plain_arrays_with_image_labels(tmp_path, rng):
         np.testing.assert_array_equal(np.moveaxis(x[..., lab], 2, 0), src)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 3), (2, 2, 2)])
-def test_one_layout_along_either_axis_reads_as_the_public_k_h_w(shape):
+@pytest.mark.parametrize("shape,first", [((1, 1, 1), 3), ((3, 5, 3), 3), ((2, 2, 2), 3), ((1, 1, 1), 0)])
+def test_one_layout_along_either_axis_reads_as_the_public_k_h_w(shape, first):
     """Without a gt to tell, an IRN array whose K equals an image side fits K x H x W and H x W x K
     with the same classes: that is not a layout ambiguity; the public code writes K x H x W."""
-    keys = np.arange(shape[0]) + 3
+    keys = np.arange(shape[0]) + first  # key 0 in IRN's 'high_res' is aeroplane, not PuzzleCAM's background
     got = interpret({"keys": keys, "high_res": np.zeros(shape, np.float32)}, 21)
     assert got.layout == "irn" and got.axis == 0 and got.classes == tuple(int(k) + 1 for k in keys)

@@ -24,7 +24,7 @@ def test_refinement_parameter_errors_keep_their_own_message():
 
     with pytest.raises(InputError) as exc:
         make_refinement("crf", {"iterations": -1})
-    assert str(exc.value).startswith("crf.iterations must be >= 0")
+    assert str(exc.value).startswith("crf.iterations must be a whole number >= 0")
 
 
 def test_the_cli_prints_an_input_error_as_one_line(capsys, tmp_path):

@@ -243,10 +243,12 @@ def _keyed(entry: str, shape: tuple[int, ...], keys: np.ndarray, c: int, layout:
                      + (f" (image is {expect[0]} x {expect[1]})" if expect else "")
                      + "; IRN files hold one slice per key, PuzzleCAM files one slice per key after the "
                        "background key 0")
-    if len(cands) > 1 and len({(x[0], x[2]) for x in cands}) == 1:
-        # the same layout and classes read along axis 0 or 2 (a square or 1-pixel image and no gt to
-        # tell): the public code writes K x H x W, so axis 0
-        cands = [min(cands, key=lambda x: x[1])]
+    # the same layout and classes read along axis 0 or 2 (K equals an image side and no gt to tell):
+    # the public code writes K x H x W, so axis 0
+    first: dict[tuple[str, tuple[int, ...]], tuple[str, Any, tuple[int, ...]]] = {}
+    for cand in cands:
+        first.setdefault((cand[0], cand[2]), cand)
+    cands = list(first.values())
     if len(cands) > 1:
         family = _FAMILY.get(entry)
         named = [x for x in cands if x[0] == family]

@@ -837,3 +837,194 @@ def test_out_of_core_bounded_memory(tmp_path):
     # every set was counted over the same gt pixels (the full-scale equality check is in benchmarks/pipeline.py)
     per_set = ev.counts.sum(axis=(1, 2))
     assert (per_set == per_set[0]).all() and per_set[0] > 0.5 * 1200 * 448 * 448 * 0.66
+
+
+# --------------------------------------------------------------------------------------
+# hangs: a bad file among many queued reads, the way a user meets it (a terminal, bars on)
+# --------------------------------------------------------------------------------------
+def run_in_pty(argv: list, timeout: float, cwd: Path | None = None) -> tuple[int | None, str]:
+    """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal (progress bars on, as in a shell).
+
+    Returns (exit status, or None when it was still running after ``timeout`` s and had to be killed;
+    everything it printed).
+    """
+    import pty
+    import select
+
+    env = {k: v for k, v in os.environ.items() if k != "ISLE_PROGRESS"}
+    env.setdefault("TERM", "xterm")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(a) for a in argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd or REPO,
+                            env=env, start_new_session=True, close_fds=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < timeout:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            data = b""
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:        # EIO: every process holding the terminal has closed it
+                    data = b""
+                chunks.append(data)
+            if not data and proc.poll() is not None:
+                break
+            if ready and not data:
+                time.sleep(0.05)
+        rc = proc.poll()
+        if rc is None:
+            proc.kill()
+        proc.wait()
+    finally:
+        os.close(master)
+    return rc, b"".join(chunks).decode("utf-8", "replace")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+N_BIG = 320              # a real-size folder: the bug needs reads still queued when the bad file is found
+BAD_AT = 7
+CAM_HW = (96, 128)       # CAM-sized: many images per chunk, so many reads queued at once
+
+
+def _smooth_cam() -> np.ndarray:
+    """IRN-style ``high_res`` of two classes, values in [0, 1]."""
+    ramp = ((np.arange(CAM_HW[0])[:, None] + np.arange(CAM_HW[1])[None, :]) / sum(CAM_HW)).astype(np.float32)
+    return np.stack([ramp, 1 - ramp])
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """320 VOC-sized label PNGs; a gt store of 320 CAM-sized images and 320 IRN-style CAM .npz files for it."""
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(5)
+    labels = root / "labels"
+    labels.mkdir()
+    for i in range(N_BIG):
+        a = np.zeros((375, 500), np.uint8)
+        for _ in range(3):
+            y, x = int(rng.integers(0, 300)), int(rng.integers(0, 400))
+            a[y:y + 70, x:x + 90] = rng.integers(1, 21)
+        Image.fromarray(a, mode="L").save(labels / f"img{i:04d}.png")
+    gt_arrays = [np.zeros(CAM_HW, np.uint8) for _ in range(N_BIG)]
+    from isle_fast.stores.ingest import ingest_arrays
+
+    gt = ingest_arrays(gt_arrays, root / "gt.zarr", ids=[f"img{i:04d}" for i in range(N_BIG)], kind="gt").path
+    cams = root / "cams"
+    cams.mkdir()
+    np.savez(cams / "img0000.npz", keys=np.array([0, 14]), high_res=_smooth_cam())
+    for i in range(1, N_BIG):
+        os.link(cams / "img0000.npz", cams / f"img{i:04d}.npz")
+    return {"root": root, "labels": labels, "gt": Path(gt), "cams": cams}
+
+
+def _with_bad_file(src: Path, dst: Path, bad_id: str, write_bad) -> Path:
+    """A copy of folder ``src`` (hard links) in which the file of ``bad_id`` is replaced by ``write_bad``."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    for p in dst.glob(f"{bad_id}.*"):
+        p.unlink()
+    write_bad(dst, bad_id)
+    return dst
+
+
+def _bad_pixel(d: Path, i: str) -> None:
+    a = np.zeros((375, 500), np.uint8)
+    a[5, 5] = 40                                             # not a class, not 255
+    Image.fromarray(a, mode="L").save(d / f"{i}.png")
+
+
+def _cam_with(value: float):
+    def write(d: Path, i: str) -> None:
+        hr = _smooth_cam()
+        hr[1, 3, 4] = value
+        np.savez(d / f"{i}.npz", keys=np.array([0, 14]), high_res=hr)
+    return write
+
+
+def _cam_bad_keys(d: Path, i: str) -> None:
+    np.savez(d / f"{i}.npz", keys=np.array([0, 25]), high_res=_smooth_cam())
+
+
+def _cam_truncated_npz(d: Path, i: str) -> None:
+    np.savez(d / f"{i}.npz", keys=np.array([0, 14]), high_res=_smooth_cam())
+    b = (d / f"{i}.npz").read_bytes()
+    (d / f"{i}.npz").write_bytes(b[: len(b) // 2])
+
+
+def _cam_pickled(d: Path, i: str) -> None:
+    obj = {"keys": np.array([0, 14]), "high_res": _smooth_cam()}
+    np.save(d / f"{i}.npy", np.array(obj, dtype=object), allow_pickle=True)
+
+
+_HANG_CASES = {
+    "labels-bad-pixel": ("labels", _bad_pixel, "outside [0, 21)"),
+    "cams-nan": ("cams", _cam_with(np.nan), "nan"),
+    "cams-inf": ("cams", _cam_with(np.inf), "inf"),
+    "cams-bad-keys": ("cams", _cam_bad_keys, "keys"),
+    "cams-truncated-npz": ("cams", _cam_truncated_npz, "img0007"),
+    "cams-pickle-refused": ("cams", _cam_pickled, "allow-pickle"),
+}
+
+
+def _hang_argv(big, case: str, tmp_path: Path) -> tuple[list, Path, Path]:
+    what, write_bad, _ = _HANG_CASES[case]
+    src = _with_bad_file(big[what], tmp_path / what, f"img{BAD_AT:04d}", write_bad)
+    out = tmp_path / "out.zarr"
+    if what == "labels":
+        argv = ["ingest", "labels", src, "--kind", "gt", "--out", out]
+    else:                      # with --gt every file is checked in the read pass
+        argv = ["ingest", "scores", src, "--gt", big["gt"], "--out", out, "--workers", "2"]
+    return argv, src, out
+
+
+@pytest.mark.parametrize("case", list(_HANG_CASES))
+def test_ingest_bad_file_among_many_exits_under_a_terminal(big, tmp_path, case):
+    """``isle ingest`` of 320 files with one bad file, in a terminal with progress bars: it prints the error
+    and exits 2 within seconds (it used to print the error and then wait forever)."""
+    argv, src, out = _hang_argv(big, case, tmp_path)
+    before = tree_digest(src, big["gt"])
+    rc, text = run_in_pty([sys.executable, "-m", "isle_fast", *argv], timeout=60)
+    assert rc is not None, f"isle ingest hung after its error (killed after 60 s): {text[-400:]}"
+    assert rc == 2, text[-800:]
+    last = _last_line(text)
+    assert last.startswith("isle ingest: error: ") and f"img{BAD_AT:04d}" in last, last
+    assert _HANG_CASES[case][2].lower() in last.lower(), last
+    assert "Traceback" not in text
+    no_complete_store(out)
+    assert not list(tmp_path.glob("out.zarr*")), "the failed ingest left files behind"
+    assert tree_digest(src, big["gt"]) == before
+
+
+_CATCH_AND_GO_ON = r"""
+import sys, time
+from isle_fast.errors import InputError
+from isle_fast.stores.ingest import ingest_labels, ingest_scores
+kind, src, out, gt = sys.argv[1:5]
+t0 = time.monotonic()
+try:
+    if kind == "labels":
+        ingest_labels(src, out, kind="gt", quiet=False)
+    else:
+        ingest_scores(src, out, gt=gt, workers=2, quiet=False)
+except InputError as exc:
+    print("caught:", exc, flush=True)
+print(f"carried on after {time.monotonic() - t0:.1f} s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["labels-bad-pixel", "cams-nan"])
+def test_ingest_function_returns_control_after_a_bad_file(big, tmp_path, case):
+    """The Python API: the caller catches the InputError and carries on; the process exits promptly
+    (it used to block in the ``except`` clause, when the failed run's reads were finalised)."""
+    argv, src, out = _hang_argv(big, case, tmp_path)
+    what = _HANG_CASES[case][0]
+    rc, text = run_in_pty([sys.executable, "-c", _CATCH_AND_GO_ON, what, src, out, big["gt"]], timeout=60)
+    assert rc is not None, f"the process hung after the caller caught the error: {text[-400:]}"
+    assert rc == 0, text[-800:]
+    assert "caught:" in text and f"img{BAD_AT:04d}" in text and "carried on" in text
+    assert not list(tmp_path.glob("out.zarr*"))

@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +287,18 @@ def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> Inpu
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator[Any]:
-    """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order."""
+    """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order.
+
+    Use it as ``with closing(_ordered(...)) as results:`` so that a consumer that stops early
+    (a bad file) ends it at once, while ``pool`` still runs: its ``finally`` cancels the queued
+    tasks and waits for the running ones, so nothing still running may write after that.
+
+    Only the tasks whose :meth:`~concurrent.futures.Future.cancel` fails (running or done) are
+    waited for. A queued task that was cancelled never runs, and ``wait`` would never return for
+    it once ``pool.shutdown(cancel_futures=True)`` has removed it from the queue: its future stays
+    ``CANCELLED`` and only a worker picking it up marks it "notified", which ``wait`` waits for.
+    Waiting on all of them was the hang of ``isle ingest`` after a bad file (issue 18).
+    """
     pending: deque[Future] = deque()
     it = iter(items)
     try:
@@ -297,9 +309,7 @@ def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: in
         while pending:
             yield pending.popleft().result()
     finally:
-        for f in pending:
-            f.cancel()
-        wait(pending)  # nothing still running may write after we return
+        wait([f for f in pending if not f.cancel()])  # nothing still running may write after we return
 
 
 def _result(fn: Callable, *args) -> tuple[Any, str | None]:
@@ -335,15 +345,15 @@ def _run(plan: _Plan) -> Stack:
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isle-ingest")
     try:
         if ref is None and plan.header is not None:
-            heads = _ordered(pool, lambda it: _result(plan.header, it), items, 4 * workers)
             keep = []
-            for it, (hw, err) in zip(items, progress(heads, total=len(items), desc="headers",
-                                                      unit="img", quiet=plan.quiet)):
-                if err is None:
-                    shapes[it.id] = hw
-                    keep.append(it)
-                else:
-                    bad.append((it.id, it.source, err))
+            with closing(_ordered(pool, lambda it: _result(plan.header, it), items, 4 * workers)) as heads:
+                for it, (hw, err) in zip(items, progress(heads, total=len(items), desc="headers",
+                                                          unit="img", quiet=plan.quiet)):
+                    if err is None:
+                        shapes[it.id] = hw
+                        keep.append(it)
+                    else:
+                        bad.append((it.id, it.source, err))
             items = keep
         if bad and not plan.skip_bad:
             raise _bad_error(bad)
@@ -421,25 +431,27 @@ def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: di
         def task(it: _Item):
             return _result(plan.read, it, shapes[it.id])
 
-        results = _ordered(pool, task, items, max(4 * workers, 2 * k))
-        for it, (data, err) in zip(items, progress(results, total=len(items), desc=f"ingest {plan.encoding}",
-                                                    unit="img", quiet=plan.quiet)):
-            h, w = shapes[it.id]
-            if err is None and tuple(data.shape[:2]) != (h, w):
-                src = "the ground truth" if plan.reference is not None else "its header"
-                err = f"is {data.shape[0]} x {data.shape[1]} but {src} says {h} x {w}"
-            if err is not None:
-                late_bad.append((it.id, it.source, err))
-                if not plan.skip_bad:
-                    raise _bad_error(bad + late_bad)
-                continue
-            block[filled, :h, :w] = data
-            filled += 1
-            pixels += h * w
-            kept_ids.append(it.id)
-            kept_shapes.append((h, w))
-            if filled == k:
-                flush()
+        # closing(): a bad file ends the reads here, while the pool runs (see _ordered)
+        with closing(_ordered(pool, task, items, max(4 * workers, 2 * k))) as results:
+            for it, (data, err) in zip(items, progress(results, total=len(items),
+                                                        desc=f"ingest {plan.encoding}", unit="img",
+                                                        quiet=plan.quiet)):
+                h, w = shapes[it.id]
+                if err is None and tuple(data.shape[:2]) != (h, w):
+                    src = "the ground truth" if plan.reference is not None else "its header"
+                    err = f"is {data.shape[0]} x {data.shape[1]} but {src} says {h} x {w}"
+                if err is not None:
+                    late_bad.append((it.id, it.source, err))
+                    if not plan.skip_bad:
+                        raise _bad_error(bad + late_bad)
+                    continue
+                block[filled, :h, :w] = data
+                filled += 1
+                pixels += h * w
+                kept_ids.append(it.id)
+                kept_shapes.append((h, w))
+                if filled == k:
+                    flush()
         flush(final=True)
         if not kept_ids:
             raise InputError(f"nothing to ingest into {plan.out}: every image is bad; first: "
@@ -1069,8 +1081,9 @@ def ingest_tiff(
                         regions = [(r, q) for r in range(0, h_pad, th) for q in range(0, w_pad, tw)]
                         err = None
                         try:
-                            for _ in _ordered(pool, tile, regions, 2 * w):
-                                pass
+                            with closing(_ordered(pool, tile, regions, 2 * w)) as tiles:
+                                for _ in tiles:
+                                    pass
                         except BadInput as exc:
                             err = str(exc)
                     else:  # several images per chunk: assemble the image from tile-sized reads

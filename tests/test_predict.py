@@ -52,8 +52,8 @@ def test_predict_pngs_and_tta(run, tmp_path):
     out = tmp_path / "pngs"
     predict(rundir, vi, out, format="png", flip=True, scales=(0.75, 1.0), quiet=True)
     img = open_stack(vi)
-    files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(f"{i}.png" for i in img.ids)
+    files = sorted(p.name for p in out.iterdir())   # the PNGs and the marker that isle wrote the folder
+    assert files == sorted([".isle-output.json"] + [f"{i}.png" for i in img.ids])
     for i, iid in enumerate(img.ids):
         lab = read_label_png(out / f"{iid}.png")
         assert lab.shape == tuple(img.shapes[i]) and lab.max() < 3

@@ -233,10 +233,21 @@ def _find(folder: Path, image_id: str, exts: Sequence[str]) -> str | None:
     return None
 
 
-def _check_out(out: Any, overwrite: bool) -> None:
-    """Fail before any work when the output exists and may not be replaced."""
-    if not overwrite and not is_remote(out) and Path(str(out)).exists():
-        raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
+def _check_out(out: Any, overwrite: bool, *inputs: Any) -> None:
+    """Fail before any work when the output may not be written (:func:`isle_fast.outputs.check_output`).
+
+    ``inputs``: the sources, ground truth, id and class files of the run (an output never
+    replaces or enters one); strings that name no file (``'voc'``) are not inputs.
+    """
+    from isle_fast.outputs import check_output
+
+    files = []
+    for x in inputs:
+        if isinstance(x, Stack) or (isinstance(x, (str, os.PathLike)) and (is_remote(x) or os.path.exists(x))):
+            files.append(x)
+        elif isinstance(x, (list, tuple)):
+            files.extend(v for v in x if isinstance(v, (str, os.PathLike)) and os.path.exists(v))
+    check_output(out, overwrite=overwrite, inputs=files)
 
 
 def _default_workers(workers: int | None) -> int:
@@ -327,7 +338,6 @@ def _run(plan: _Plan) -> Stack:
     t0 = time.perf_counter()
     if plan.kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
-    _check_out(plan.out, plan.overwrite)
     workers = _default_workers(plan.workers)
     ref = plan.reference
     bad: list[tuple[str, str, str]] = list(plan.prebad)
@@ -584,6 +594,7 @@ def ingest_labels(
     """
     if kind == "images":
         raise InputError("kind 'images' takes RGB images: use ingest_images (isle ingest images)")
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -657,6 +668,7 @@ def ingest_scores(
         raise InputError(f"score_dtype must be uint8, float16 or float32, not {score_dtype!r}")
     if upsample and gt is None:
         raise InputError("upsample needs the image sizes: give the ground truth (--gt)")
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -703,6 +715,7 @@ def ingest_images(
     sizes are checked and the store aligns with the ground truth. Other
     parameters are those of :func:`ingest_labels`.
     """
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -797,6 +810,7 @@ def ingest_arrays(
     Other parameters are those of :func:`ingest_scores`. ``quiet`` defaults
     to True here (library use).
     """
+    _check_out(out, overwrite)
     if isinstance(arrays, np.ndarray):
         if arrays.ndim < 3:
             raise InputError(f"a batch of images needs shape (I, H, W[, C]), not {arrays.shape}")
@@ -864,6 +878,7 @@ def ingest_dask(
     """
     import dask.array as da
 
+    _check_out(out, overwrite)
     if not isinstance(array, da.Array):
         array = da.asarray(array)
     if array.ndim < 3:
@@ -990,6 +1005,7 @@ def ingest_tiff(
     import tifffile
     import zarr
 
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
         ref0 = _reference(gt, _id_list(ids), w)

@@ -101,8 +101,6 @@ import colorsys
 import io
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -201,11 +199,9 @@ def voc_palette() -> np.ndarray:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from isle_fast.outputs import write_bytes
+
+    write_bytes(path, data)
 
 
 def _png_bytes(labels: np.ndarray) -> bytes:
@@ -923,6 +919,11 @@ class SyntheticDataset:
                 for c in range(1, NUM_CLASSES)}
 
 
+def _is_data_set_folder(p: Path) -> bool:
+    """An empty folder or one made by :func:`make_voc_like` (its ``dataset.json``): replaceable."""
+    return p.is_dir() and (not any(p.iterdir()) or (p / "dataset.json").is_file())
+
+
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -931,7 +932,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise InputError(f"{out_dir} exists and is not empty; choose another folder "
                                  "or pass overwrite (--overwrite) to replace a data set made here")
-            if not (out_dir / "dataset.json").is_file():
+            if not _is_data_set_folder(out_dir):
                 raise InputError(f"{out_dir} is not empty and holds no dataset.json; refusing to "
                                  "replace a folder that this tool did not make")
 
@@ -1121,11 +1122,13 @@ def make_voc_like(
         ds.samples = [_generate(spec, i) for i in range(n_images)] if keep_arrays else None
         return ds
 
+    from isle_fast.outputs import FolderOutput, refuse_unsafe
+
     final = Path(out_dir)
+    refuse_unsafe(final, flag="out_dir")
     _prepare_out(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    work.mkdir()
+    dest = FolderOutput(final, command="make_voc_like", overwrite=True, check=False)
+    work = dest.work
     try:
         samples = _write_all(ds, spec, work, train_idx, val_idx, write_tree, write_stores,
                              keep_arrays, progress(total=n_images, desc="synthetic data", unit="img",
@@ -1136,15 +1139,10 @@ def make_voc_like(
                     true_best=ds.true_best() if names else {},
                     paths=rel_paths, stores=rel_stores)
         _atomic_bytes(work / "dataset.json", json.dumps(meta, indent=1).encode())
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-            os.replace(work, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(work, final)
+        # what is there was checked by _prepare_out (empty, or an earlier data set): replaced
+        dest.commit(owned_by_us=_is_data_set_folder)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        dest.abort()
         raise
     ds.root = final
     ds.samples = samples
@@ -1311,10 +1309,11 @@ def preview_png(ds: SyntheticDataset, path: str | os.PathLike, n: int = 4) -> Pa
                 ax.set_title(cols[c], fontsize=7)
         axes[r][0].set_ylabel(s.id, fontsize=6)
     fig.tight_layout()
+    from isle_fast.outputs import write_file
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        write_file(out, lambda p: fig.savefig(p, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -66,6 +66,7 @@ from isle_fast.training.deeplab import DeepLabV3Plus
 from isle_fast.errors import InputError, StoreError
 from isle_fast.training.predict import (CHECKPOINT_FORMAT, ThreadGovernor, amp_dtype, predict_probs, resolve_device, resolve_threads,
                       torch_threads)
+from isle_fast.outputs import MARKER, owned, refuse_unsafe, write_file, write_marker, write_text
 from isle_fast.progress import Timer, progress, summary
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate_model", "miou_from_confusion"]
@@ -221,30 +222,17 @@ def evaluate_model(model: torch.nn.Module, images: str | os.PathLike, gt: str | 
 
 
 # -- files ----------------------------------------------------------------------------
-def _atomic(path: Path, write) -> None:
-    """Write ``path`` through a temporary sibling and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+#: What a run folder holds; ``--overwrite`` deletes these (and only these) before a fresh start.
+RUN_FILES = ("last.pt", "best.pt", "final.pt", "metrics.json", "metrics.csv", "curves.png", "config.json", MARKER)
 
 
 def _save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda p: torch.save(obj, p))
-
-
-def _write_text(path: Path, text: str) -> None:
-    def w(p: Path) -> None:
-        p.write_text(text, encoding="utf-8")
-
-    _atomic(path, w)
+    """A checkpoint, atomically and fsynced (a resume after a crash needs it whole)."""
+    write_file(path, lambda p: torch.save(obj, p), durable=True)
 
 
 def _write_metrics(run: Path, history: list[dict], val: list[dict], extra: dict) -> None:
-    _write_text(run / "metrics.json", json.dumps({"train": history, "val": val, **extra}, indent=1))
+    write_text(run / "metrics.json", json.dumps({"train": history, "val": val, **extra}, indent=1))
     by_step: dict[int, dict] = {}
     for row in history:
         by_step.setdefault(row["step"], {}).update(row)
@@ -256,7 +244,7 @@ def _write_metrics(run: Path, history: list[dict], val: list[dict], extra: dict)
     wr.writeheader()
     for step in sorted(by_step):
         wr.writerow({"step": step, **by_step[step]})
-    _write_text(run / "metrics.csv", buf.getvalue())
+    write_text(run / "metrics.csv", buf.getvalue())
     try:
         _plot(run / "curves.png", history, val)
     except Exception:  # a plot is a courtesy; never fail a run over it
@@ -286,11 +274,10 @@ def _plot(path: Path, history: list[dict], val: list[dict]) -> None:
     b.grid(alpha=0.3)
     fig.tight_layout()
 
-    def w(p: Path) -> None:
-        fig.savefig(p, dpi=110, format="png")
-
-    _atomic(path, w)
-    plt.close(fig)
+    try:
+        write_file(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # -- training -------------------------------------------------------------------------
@@ -454,6 +441,9 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     use_amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
 
     ds = _open_training_data(cfg)   # a bad store is reported before anything is written
+    # the run folder is never an input (nor inside / holding one), /, home or the working directory
+    refuse_unsafe(run, inputs=[images, labels, val_images, val_gt,
+                               weights if weights is not None and os.path.isfile(str(weights)) else None])
 
     ck = None
     if resume:
@@ -469,14 +459,19 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
             k = diff[0]
             raise InputError(f"--resume: setting {k!r} is {new[k]!r} but the run in {run} used {old.get(k)!r} "
                              "(resume with the same settings, or start a new run)")
-    elif run.exists() and any(run.iterdir()):
+    elif run.exists() and (not run.is_dir() or any(run.iterdir())):
         if not overwrite:
             raise StoreError(f"{run} already holds files; pass --resume to continue it or --overwrite to restart")
-        for name in ("last.pt", "best.pt", "final.pt", "metrics.json", "metrics.csv", "curves.png", "config.json"):
+        if not (run.is_dir() and (owned(run) or {p.name for p in run.iterdir()} <= set(RUN_FILES))):
+            raise StoreError(f"{run} holds files that isle train did not write (no {MARKER}); refusing to "
+                             "restart a run there even with --overwrite: choose another folder")
+        for name in RUN_FILES:
             if (run / name).exists():
                 (run / name).unlink()
     run.mkdir(parents=True, exist_ok=True)
-    _write_text(run / "config.json", json.dumps(asdict(cfg), indent=1))
+    if not (run / MARKER).exists():
+        write_marker(run, "isle train")
+    write_text(run / "config.json", json.dumps(asdict(cfg), indent=1))
 
     n_threads = resolve_threads(cfg.threads, dev, cfg.deterministic)
     governor = ThreadGovernor(cfg.threads is None and not cfg.deterministic and dev.type == "cpu",

@@ -665,7 +665,7 @@ def create_stack(
         if layout.array == "scores":
             attrs["score_scale"] = SCORE_SCALE if layout.dtype == np.uint8 else 1.0
         group.attrs.update(attrs)
-    except Exception:
+    except BaseException:  # Ctrl-C / SIGTERM while the skeleton is written must not leave it behind
         if not remote:
             shutil.rmtree(work, ignore_errors=True)
         raise

@@ -162,3 +162,38 @@ def test_thread_governor_follows_the_load():
             spin.kill()
             spin.wait()
     assert torch.get_num_threads() == n
+
+
+def test_predict_never_writes_over_its_inputs_or_foreign_files(run, tmp_path, capsys):
+    """``--out`` is never the images store, the run (it holds the checkpoint) or the checkpoint itself, nor a
+    folder isle did not write, even with --overwrite; a run's own folder may hold its predictions."""
+    import hashlib
+    import shutil
+
+    from isle_fast.cli import main
+
+    from pathlib import Path
+
+    rundir, vi, _ = run
+    vi = Path(vi)
+    run_copy = tmp_path / "run"
+    shutil.copytree(rundir, run_copy)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+
+    def digest():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                for root in (run_copy, vi, mine) for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = digest()
+    for out, needle in ((vi, "input"), (run_copy, "holds the input"), (run_copy / "best.pt", "input"),
+                        (mine, "did not write")):
+        for fmt in ("store", "png"):
+            code = main(["predict", str(run_copy), "--images", str(vi), "--out", str(out), "--format", fmt,
+                         "--quiet", "--overwrite"])
+            err = capsys.readouterr().err
+            assert code == 2 and needle in err and "Traceback" not in err, err
+    assert digest() == before
+    assert main(["predict", str(run_copy), "--images", str(vi), "--out", str(run_copy / "val_pred.zarr"),
+                 "--quiet"]) == 0

@@ -241,12 +241,8 @@ def _check_out(out: Any, overwrite: bool, *inputs: Any) -> None:
     """
     from isle_fast.outputs import check_output
 
-    files = []
-    for x in inputs:
-        if isinstance(x, Stack) or (isinstance(x, (str, os.PathLike)) and (is_remote(x) or os.path.exists(x))):
-            files.append(x)
-        elif isinstance(x, (list, tuple)):
-            files.extend(v for v in x if isinstance(v, (str, os.PathLike)) and os.path.exists(v))
+    files = [x for x in inputs
+             if isinstance(x, Stack) or (isinstance(x, (str, os.PathLike)) and (is_remote(x) or os.path.exists(x)))]
     check_output(out, overwrite=overwrite, inputs=files)
 
 
@@ -1005,7 +1001,7 @@ def ingest_tiff(
     import tifffile
     import zarr
 
-    _check_out(out, overwrite, src, gt, ids, classes)
+    _check_out(out, overwrite, *([src] if isinstance(src, (str, os.PathLike)) else src), gt, ids, classes)
     w = _default_workers(workers)
     if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
         ref0 = _reference(gt, _id_list(ids), w)

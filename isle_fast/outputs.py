@@ -250,8 +250,9 @@ def leftover_note(path: str | os.PathLike) -> str:
         parts.append(f"{', '.join(lo.describe() for lo in tmp)} beside it is the temporary of an interrupted "
                      "write (incomplete; the next run writing it removes it when its process is gone)")
     if old:
+        name = Path(_local(path)).name
         parts.append(f"{', '.join(lo.describe() for lo in old)} beside it holds its previous version "
-                     f"(a replacement was interrupted): rename it back to {Path(_local(path)).name} to use it")
+                     f"(a replacement was interrupted): rename it back to {name} to use it")
     return "; " + "; ".join(parts)
 
 
@@ -338,8 +339,8 @@ def refuse_unsafe(path: str | os.PathLike, *, inputs: Iterable[Any] = (), output
                 continue
             s = str(getattr(inp, "path", inp)).rstrip("/")
             if s == norm or s.startswith(norm + "/") or norm.startswith(s + "/"):
-                raise InputError(f"{flag} {given} is the input {s} of this command, or holds it or lies inside "
-                                 "it; a command never modifies its inputs: choose another path")
+                raise InputError(f"{flag} {given} is the input {s} of this command, or holds it or lies "
+                                 "inside it; a command never modifies its inputs: choose another path")
         return Path(given)
     final = final_path(given)
     if final == Path(final.anchor):
@@ -372,8 +373,8 @@ def refuse_unsafe(path: str | os.PathLike, *, inputs: Iterable[Any] = (), output
             continue
         r = final_path(str(other))
         if final == r or _inside(final, r) or _inside(r, final):
-            raise InputError(f"{flag} {given} is, holds or lies inside {other}, another output of this command; "
-                             "choose another path")
+            raise InputError(f"{flag} {given} is, holds or lies inside {other}, another output of this "
+                             "command; choose another path")
     return final
 
 
@@ -424,9 +425,9 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, inputs: It
             raise StoreError(f"{given} exists; pass overwrite (--overwrite) to replace it")
         if not owned(final):
             what = "folder" if final.is_dir() else "file"
-            raise StoreError(f"{given} exists and is a {what} that isle-fast did not write (no isle_format store, "
-                             f"no {MARKER}); refusing to replace it even with --overwrite: move it away or "
-                             "choose another path")
+            raise StoreError(f"{given} exists and is a {what} that isle-fast did not write (no isle_format "
+                             f"store, no {MARKER}); refusing to replace it even with --overwrite: move it "
+                             "away or choose another path")
     return final
 
 
@@ -448,10 +449,12 @@ def check_json_output(path: str | os.PathLike, *, inputs: Iterable[Any] = (), ou
         raise InputError(f"{flag} {given}: write JSON to a local file")
     final = final_path(given)
     if final.is_dir():
-        raise InputError(f"{flag} {given} is a folder; give a file name such as {Path(given) / 'scores.json'}")
+        example = Path(given) / "scores.json"
+        raise InputError(f"{flag} {given} is a folder; give a file name such as {example}")
     for anc in final.parents:
         if (anc / "zarr.json").is_file():
-            raise InputError(f"{flag} {given} lies inside the store {anc}; a result never writes into a store")
+            raise InputError(f"{flag} {given} lies inside the store {anc}; a result never writes into a "
+                             "store")
     refuse_unsafe(given, inputs=inputs, outputs=outputs, flag=flag)
     clean_stale(final)
     if os.path.lexists(final) and not _is_project_file(final):

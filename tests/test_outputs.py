@@ -18,8 +18,8 @@ import pytest
 from isle_fast import outputs
 from isle_fast.errors import InputError, StoreError
 from isle_fast.outputs import (JSON_KEY, MARKER, FolderOutput, check_json_output, check_output, clean_stale,
-                               commit_dir, leftover_note, leftovers, owned, refuse_unsafe, temp_path, write_bytes,
-                               write_file, write_json, write_text)
+                               commit_dir, leftover_note, leftovers, owned, refuse_unsafe, temp_path,
+                               write_bytes, write_file, write_json, write_text)
 
 
 def small_store(path: Path, value: int = 1):
@@ -168,7 +168,8 @@ def test_check_output_refuses_what_the_project_did_not_write_even_with_overwrite
             check_output(p)
         with pytest.raises(StoreError, match="did not write"):
             check_output(p, overwrite=True)
-    assert (tmp_path / "mine" / "data.csv").read_text() == "1,2" and (tmp_path / "notes.txt").read_text() == "x"
+    assert (tmp_path / "mine" / "data.csv").read_text() == "1,2"
+    assert (tmp_path / "notes.txt").read_text() == "x"
     store = small_store(tmp_path / "s.zarr").path
     assert check_output(store, overwrite=True) == Path(store).resolve()
     assert check_output(tmp_path / "new.zarr") == (tmp_path / "new.zarr").resolve()

@@ -431,13 +431,15 @@ def test_sigterm_mid_write_exits_cleanly(data, tmp_path, capsys, command):
     """SIGTERM (what a batch scheduler sends) is handled like Ctrl-C: exit 143, one line saying so,
     no output and no temporary left, inputs unchanged; a rerun succeeds."""
     if command == "merge":
-        stores = ingest(data["folders"], tmp_path, capsys, {k: "1,36,44" for k in ("gt", "set0", "set1", "set2")})
+        one_per_chunk = {k: "1,36,44" for k in ("gt", "set0", "set1", "set2")}
+        stores = ingest(data["folders"], tmp_path, capsys, one_per_chunk)
         out = tmp_path / "ens.zarr"
         argv = ["merge", *set_paths(stores), "--gt", stores["gt"], "--out", out, "--quiet", "--no-score"]
         inputs = list(stores.values())
     else:
         out = tmp_path / "gt.zarr"
-        argv = ["ingest", "labels", data["folders"]["gt"], "--kind", "gt", "-o", out, "-q", "--chunks", "1,36,44"]
+        argv = ["ingest", "labels", data["folders"]["gt"], "--kind", "gt", "-o", out, "-q",
+                "--chunks", "1,36,44"]
         inputs = [data["folders"]["gt"]]
     before = tree_digest(*inputs)
     proc = _signal_mid_write(argv, out, signal.SIGTERM)
@@ -969,7 +971,7 @@ def _smooth_cam() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """320 VOC-sized label PNGs; a gt store of 320 CAM-sized images and 320 IRN-style CAM .npz files for it."""
+    """320 VOC-sized label PNGs; a gt store of 320 CAM-sized images and 320 IRN-style CAM .npz files."""
     root = tmp_path_factory.mktemp("big")
     rng = np.random.default_rng(5)
     labels = root / "labels"
@@ -1133,13 +1135,14 @@ def _link(target: Path, link: Path) -> Path:
 
 @pytest.mark.parametrize("case", [
     "merge-out-is-a-set", "merge-out-is-the-gt", "merge-out-is-a-link-to-a-set", "merge-out-dot-slash-set",
-    "ingest-out-is-its-gt", "ingest-out-inside-its-source", "ingest-out-is-its-source", "report-out-is-the-gt",
-    "export-out-is-its-store", "refine-out-is-its-images", "merge-out-holds-the-gt", "evaluate-json-is-an-input",
+    "ingest-out-is-its-gt", "ingest-out-inside-its-source", "ingest-out-is-its-source",
+    "report-out-is-the-gt", "export-out-is-its-store", "refine-out-is-its-images", "merge-out-holds-the-gt",
+    "evaluate-json-is-an-input",
 ])
 def test_overwrite_never_replaces_an_input(own, tmp_path, capsys, monkeypatch, case):
-    """``isle merge A.zarr B.zarr --gt gt.zarr --out A.zarr --overwrite`` replaced the set A (and ``--out gt.zarr``
-    scored the ensemble against itself: mIoU 100): every spelling of an input as an output is refused before
-    any work, naming the argument, and every input is unchanged."""
+    """``isle merge A.zarr B.zarr --gt gt.zarr --out A.zarr --overwrite`` replaced the set A (and
+    ``--out gt.zarr`` scored the ensemble against itself: mIoU 100): every spelling of an input as an output
+    is refused before any work, naming the argument, and every input is unchanged."""
     st, fo = own["stores"], own["folders"]
     monkeypatch.chdir(own["root"])
     merge = ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--overwrite"]
@@ -1156,8 +1159,10 @@ def test_overwrite_never_replaces_an_input(own, tmp_path, capsys, monkeypatch, c
         "merge-out-dot-slash-set": merge + ["--out", "./" + st["set2"].name],
         "ingest-out-is-its-gt": ["ingest", "labels", fo["gt"], "--gt", st["gt"], "--out", st["gt"], "-q",
                                  "--overwrite"],
-        "ingest-out-inside-its-source": ["ingest", "labels", fo["set0"], "--out", fo["set0"] / "s.zarr", "-q"],
-        "ingest-out-is-its-source": ["ingest", "labels", fo["set0"], "--out", fo["set0"], "-q", "--overwrite"],
+        "ingest-out-inside-its-source": ["ingest", "labels", fo["set0"], "--out", fo["set0"] / "s.zarr",
+                                         "-q"],
+        "ingest-out-is-its-source": ["ingest", "labels", fo["set0"], "--out", fo["set0"], "-q",
+                                     "--overwrite"],
         "report-out-is-the-gt": ["report", *_sets(own), "--gt", st["gt"], "--out", st["gt"], "--quiet",
                                  "--overwrite"],
         "export-out-is-its-store": ["export", st["set0"], "--out", st["set0"], "--quiet", "--overwrite"],
@@ -1181,8 +1186,9 @@ def test_train_out_is_never_an_input(own, tmp_path, capsys):
     for out in (st["images"], st["set0"], st["images"] / "run"):
         before = tree_digest(st["images"], st["set0"])
         rc, _, err = cli_run(["train", "--images", st["images"], "--labels", st["set0"], "--out", out,
-                              "--steps", "1", "--batch-size", "2", "--crop", "16", "--backbone", "resnet18_w16",
-                              "--weights", "none", "--workers", "0", "--quiet", "--overwrite"], capsys)
+                              "--steps", "1", "--batch-size", "2", "--crop", "16",
+                              "--backbone", "resnet18_w16", "--weights", "none", "--workers", "0", "--quiet",
+                              "--overwrite"], capsys)
         assert_clean_error(rc, err, "input")
         assert tree_digest(st["images"], st["set0"]) == before
 
@@ -1205,8 +1211,9 @@ def test_overwrite_refuses_a_folder_isle_did_not_write(own, tmp_path, capsys, co
         "export": ["export", st["set0"], "--quiet"],
         "report": ["report", *_sets(own), "--gt", st["gt"], "--quiet"],
         "refine": ["refine", st["set0"], "--images", st["images"], "--quiet"],
-        "train": ["train", "--images", st["images"], "--labels", st["set0"], "--steps", "1", "--batch-size", "2",
-                  "--crop", "16", "--backbone", "resnet18_w16", "--weights", "none", "--workers", "0", "--quiet"],
+        "train": ["train", "--images", st["images"], "--labels", st["set0"], "--steps", "1",
+                  "--batch-size", "2", "--crop", "16", "--backbone", "resnet18_w16", "--weights", "none",
+                  "--workers", "0", "--quiet"],
     }[command]
     targets = [mine] + ([notes] if command != "train" else [])
     before = tree_digest(mine, notes)
@@ -1256,9 +1263,9 @@ def test_out_dot_root_home_and_parents_are_clear_errors(own, tmp_path, capsys, m
 
 
 def test_json_never_replaces_what_isle_did_not_write(own, tmp_path, capsys):
-    """``--json`` used to overwrite any file, ``gt.zarr/zarr.json`` included, and to leave ``.x.tmp-...`` when it
-    named a folder. Now: a folder, a file inside a store, an input, a file isle did not write (even for merge
-    with --overwrite) are refused before any work; an earlier isle result is replaced."""
+    """``--json`` used to overwrite any file, ``gt.zarr/zarr.json`` included, and to leave ``.x.tmp-...``
+    when it named a folder. Now: a folder, a file inside a store, an input, a file isle did not write (even
+    for merge with --overwrite) are refused before any work; an earlier isle result is replaced."""
     st = own["stores"]
     ev = ["evaluate", *_sets(own), "--gt", st["gt"], "--quiet"]
     before = tree_digest(*st.values())
@@ -1266,16 +1273,18 @@ def test_json_never_replaces_what_isle_did_not_write(own, tmp_path, capsys):
     folder.mkdir()
     paper = tmp_path / "paper.json"
     paper.write_text('{"title": "mine"}')
-    for target, needle in ((st["gt"] / "zarr.json", "inside the store"), (st["set1"] / "labels" / "x.json",
-                                                                           "inside the store"),
-                           (folder, "is a folder"), (st["set0"], "is a folder"), (paper, "not written by isle")):
+    for target, needle in ((st["gt"] / "zarr.json", "inside the store"),
+                           (st["set1"] / "labels" / "x.json", "inside the store"),
+                           (folder, "is a folder"), (st["set0"], "is a folder"),
+                           (paper, "not written by isle")):
         rc, out, err = cli_run(ev + ["--json", target], capsys)
         assert_clean_error(rc, err, "--json", needle)
         assert out == ""                                   # refused before the evaluation ran
     merge = ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--no-score", "--overwrite"]
     rc, _, err = cli_run(merge + ["--out", tmp_path / "e.zarr", "--json", paper], capsys)
     assert_clean_error(rc, err, "not written by isle")
-    rc, _, err = cli_run(merge + ["--out", tmp_path / "e.zarr", "--json", tmp_path / "e.zarr" / "m.json"], capsys)
+    rc, _, err = cli_run(merge + ["--out", tmp_path / "e.zarr", "--json", tmp_path / "e.zarr" / "m.json"],
+                         capsys)
     assert_clean_error(rc, err, "another output")
     assert not (tmp_path / "e.zarr").exists()
     assert tree_digest(*st.values()) == before and paper.read_text() == '{"title": "mine"}'
@@ -1292,7 +1301,7 @@ def test_broken_stdout_pipe_is_not_a_traceback(data, tmp_path):
     "Exception ignored ... BrokenPipeError" or a traceback."""
     argv = [sys.executable, "-m", "isle_fast", "evaluate", *set_paths(data["stores"]), "--gt",
             data["stores"]["gt"], "--quiet"]
-    plain = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # a user's shell: stdout buffered
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as in a shell: buffered
     for env in (plain, dict(plain, PYTHONUNBUFFERED="1")):
         r, w = os.pipe()
         os.close(r)                                        # the reader is gone before the first write
@@ -1304,7 +1313,7 @@ def test_broken_stdout_pipe_is_not_a_traceback(data, tmp_path):
         err = proc.stderr.decode()
         assert proc.returncode == 1, (proc.returncode, err)
         assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
-    shell = subprocess.run(["bash", "-c", " ".join(f"'{a}'" for a in argv) + " | head -1"], capture_output=True,
-                           text=True, cwd=REPO, env=plain, timeout=120)
+    shell = subprocess.run(["bash", "-c", " ".join(f"'{a}'" for a in argv) + " | head -1"],
+                           capture_output=True, text=True, cwd=REPO, env=plain, timeout=120)
     assert shell.stdout.startswith("class") and "Traceback" not in shell.stderr, shell.stderr
     assert "Exception ignored" not in shell.stderr, shell.stderr

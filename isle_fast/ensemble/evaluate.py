@@ -31,7 +31,6 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

@@ -337,7 +337,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     _policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)
-    # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle did not write
+    # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle
+    # did not write
     check_output(out, overwrite=overwrite, inputs=[*stacks, gt_stack])
     if evaluation is None:
         evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,

@@ -80,7 +80,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError
-from isle_fast.stores.stack import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, open_stack
+from isle_fast.stores.stack import (IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks,
+                                    open_stack)
 
 __all__ = [
     "ENTRY_POINT_GROUP",

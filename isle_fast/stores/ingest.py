@@ -241,8 +241,8 @@ def _check_out(out: Any, overwrite: bool, *inputs: Any) -> None:
     """
     from isle_fast.outputs import check_output
 
-    files = [x for x in inputs
-             if isinstance(x, Stack) or (isinstance(x, (str, os.PathLike)) and (is_remote(x) or os.path.exists(x)))]
+    files = [x for x in inputs if isinstance(x, Stack)
+             or (isinstance(x, (str, os.PathLike)) and (is_remote(x) or os.path.exists(x)))]
     check_output(out, overwrite=overwrite, inputs=files)
 
 

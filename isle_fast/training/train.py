@@ -223,7 +223,8 @@ def evaluate_model(model: torch.nn.Module, images: str | os.PathLike, gt: str | 
 
 # -- files ----------------------------------------------------------------------------
 #: What a run folder holds; ``--overwrite`` deletes these (and only these) before a fresh start.
-RUN_FILES = ("last.pt", "best.pt", "final.pt", "metrics.json", "metrics.csv", "curves.png", "config.json", MARKER)
+RUN_FILES = ("last.pt", "best.pt", "final.pt", "metrics.json", "metrics.csv", "curves.png", "config.json",
+             MARKER)
 
 
 def _save(obj: Any, path: Path) -> None:

@@ -1317,3 +1317,17 @@ def test_broken_stdout_pipe_is_not_a_traceback(data, tmp_path):
                            capture_output=True, text=True, cwd=REPO, env=plain, timeout=120)
     assert shell.stdout.startswith("class") and "Traceback" not in shell.stderr, shell.stderr
     assert "Exception ignored" not in shell.stderr, shell.stderr
+
+
+def test_demo_out_dot_never_deletes_the_working_directory(tmp_path, capsys, monkeypatch):
+    """``isle demo --out . --overwrite`` inside an earlier demo folder used to delete the working directory
+    (``rmtree('.')``); the working directory and the folders above it are never outputs."""
+    work = tmp_path / "demo"
+    work.mkdir()
+    (work / ".isle-demo").write_text("made by isle demo\n")
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", str(work), str(tmp_path)):
+        rc, _, err = cli_run(["demo", "--out", out, "--overwrite", "--quick", "--quiet"], capsys)
+        assert_clean_error(rc, err, "working directory")
+    assert sorted(p.name for p in work.iterdir()) == [".isle-demo", "notes.txt"]

@@ -588,7 +588,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
-    from isle_fast.outputs import refuse_unsafe
+    from isle_fast.outputs import refuse_unsafe, write_marker
 
     refuse_unsafe(out)   # never /, home, the working directory or a folder above it
     if out.exists():
@@ -604,6 +604,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by isle demo; --overwrite may replace this folder\n")
+    write_marker(out, "isle demo")  # any isle command's --overwrite may replace it, as any output folder
 
 
 def _cpu_seconds() -> float:

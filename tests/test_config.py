@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from isle_fast.errors import InputError
-from isle_fast.options import add_arguments, namespace_options, settings_fields
+from isle_fast.options import namespace_options, settings_fields
 from isle_fast.training.config import RunOptions, TrainConfig, config_from_dict, options_from_kwargs
 
 #: the flags ``isle train`` had before the options were derived from TrainConfig (scripts use them)

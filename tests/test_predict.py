@@ -52,8 +52,8 @@ def test_predict_pngs_and_tta(run, tmp_path):
     out = tmp_path / "pngs"
     predict(rundir, vi, out, format="png", flip=True, scales=(0.75, 1.0), quiet=True)
     img = open_stack(vi)
-    files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(f"{i}.png" for i in img.ids)
+    files = sorted(p.name for p in out.iterdir())   # the PNGs and the marker that isle wrote the folder
+    assert files == sorted([".isle-output.json"] + [f"{i}.png" for i in img.ids])
     for i, iid in enumerate(img.ids):
         lab = read_label_png(out / f"{iid}.png")
         assert lab.shape == tuple(img.shapes[i]) and lab.max() < 3
@@ -101,3 +101,38 @@ def test_cpu_autocast_is_bfloat16_and_predicts(run):
     # bfloat16 keeps about 3 significant digits: the same argmax almost everywhere
     agree = (p.argmax(0) == predict_probs(model, img, amp=False).argmax(0)).float().mean()
     assert agree > 0.9
+
+
+def test_predict_never_writes_over_its_inputs_or_foreign_files(run, tmp_path, capsys):
+    """``--out`` is never the images store, the run (it holds the checkpoint) or the checkpoint itself, nor a
+    folder isle did not write, even with --overwrite; a run's own folder may hold its predictions."""
+    import hashlib
+    import shutil
+
+    from isle_fast.cli import main
+
+    from pathlib import Path
+
+    rundir, vi, _ = run
+    vi = Path(vi)
+    run_copy = tmp_path / "run"
+    shutil.copytree(rundir, run_copy)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+
+    def digest():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                for root in (run_copy, vi, mine) for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = digest()
+    for out, needle in ((vi, "input"), (run_copy, "holds the input"), (run_copy / "best.pt", "input"),
+                        (mine, "did not write")):
+        for fmt in ("store", "png"):
+            code = main(["predict", str(run_copy), "--images", str(vi), "--out", str(out), "--format", fmt,
+                         "--quiet", "--overwrite"])
+            err = capsys.readouterr().err
+            assert code == 2 and needle in err and "Traceback" not in err, err
+    assert digest() == before
+    assert main(["predict", str(run_copy), "--images", str(vi), "--out", str(run_copy / "val_pred.zarr"),
+                 "--quiet"]) == 0

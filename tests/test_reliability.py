@@ -406,6 +406,77 @@ def test_cli_ingest_killed_mid_write_then_rerun(data, tmp_path, capsys):
     assert tree_digest(data["folders"]["gt"]) == before
 
 
+def _signal_mid_write(argv: list[str], out: Path, sig: int, timeout: float = 120) -> subprocess.Popen:
+    """Start ``isle ARGV`` with slowed chunk writes; send ``sig`` once its temporary store holds a label chunk
+    (so the signal lands while chunks are being written, not while the store's skeleton is)."""
+    env = dict(os.environ, ISLE_PROGRESS="0")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITES, *map(str, argv)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        tmps = list(out.parent.glob(out.name + ".tmp-*"))
+        if any(p.is_file() and "/labels/c/" in str(p) for t in tmps for p in t.rglob("*")):
+            proc.send_signal(sig)
+            return proc
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended (rc {proc.returncode}) before the signal: "
+                        f"{proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("the command never started writing")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["merge", "ingest"])
+def test_sigterm_mid_write_exits_cleanly(data, tmp_path, capsys, command):
+    """SIGTERM (what a batch scheduler sends) is handled like Ctrl-C: exit 143, one line saying so,
+    no output and no temporary left, inputs unchanged; a rerun succeeds."""
+    if command == "merge":
+        one_per_chunk = {k: "1,36,44" for k in ("gt", "set0", "set1", "set2")}
+        stores = ingest(data["folders"], tmp_path, capsys, one_per_chunk)
+        out = tmp_path / "ens.zarr"
+        argv = ["merge", *set_paths(stores), "--gt", stores["gt"], "--out", out, "--quiet", "--no-score"]
+        inputs = list(stores.values())
+    else:
+        out = tmp_path / "gt.zarr"
+        argv = ["ingest", "labels", data["folders"]["gt"], "--kind", "gt", "-o", out, "-q",
+                "--chunks", "1,36,44"]
+        inputs = [data["folders"]["gt"]]
+    before = tree_digest(*inputs)
+    proc = _signal_mid_write(argv, out, signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("SIGTERM did not end the command within 60 s")
+    err = proc.stderr.read().decode()
+    assert rc == 143, (rc, err[-800:])
+    assert "Traceback" not in err
+    assert re.search(rf"^isle {command}: terminated \(SIGTERM\); no partial output was kept$", err, re.M), err
+    assert not out.exists()
+    assert not list(out.parent.glob(out.name + ".*")), "SIGTERM left a temporary behind"
+    assert tree_digest(*inputs) == before
+    rc, _, err = cli_run(argv, capsys)
+    assert rc == 0, err
+
+
+@pytest.mark.slow
+def test_kill_9_leftover_is_named_then_removed_by_the_next_run(data, tmp_path, capsys):
+    """After kill -9 the temporary stays (nothing can run in the killed process): ``isle info`` of the missing
+    store points at it, and the next run writing the same output removes it and says so."""
+    out = tmp_path / "gt.zarr"
+    argv = ["ingest", "labels", data["folders"]["gt"], "--kind", "gt", "-o", out, "-q", "--chunks", "1,36,44"]
+    _kill_mid_write(argv, out)
+    (tmp,) = out.parent.glob(out.name + ".tmp-*")
+    rc, _, err = cli_run(["info", out], capsys)
+    assert_clean_error(rc, err, "does not exist", tmp.name, "no longer running")
+    rc, _, err = cli_run(argv, capsys)
+    assert rc == 0, err
+    assert f"removed {tmp.name}" in err and "interrupted" in err
+    assert not tmp.exists() and not list(out.parent.glob(out.name + ".tmp-*"))
+    open_stack(out)
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, options: str):
     """Mount a tmpfs at ``path`` (root only); skip the test where mounting is not allowed."""
@@ -980,3 +1051,426 @@ def test_out_of_core_bounded_memory(tmp_path):
     # every set was counted over the same gt pixels (the full-scale equality check is in benchmarks/pipeline.py)
     per_set = ev.counts.sum(axis=(1, 2))
     assert (per_set == per_set[0]).all() and per_set[0] > 0.5 * 1200 * 448 * 448 * 0.66
+
+
+# --------------------------------------------------------------------------------------
+# hangs: a bad file among many queued reads, the way a user meets it (a terminal, bars on)
+# --------------------------------------------------------------------------------------
+def run_in_pty(argv: list, timeout: float, cwd: Path | None = None) -> tuple[int | None, str]:
+    """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal (progress bars on, as in a shell).
+
+    Returns (exit status, or None when it was still running after ``timeout`` s and had to be killed;
+    everything it printed).
+    """
+    import pty
+    import select
+
+    env = {k: v for k, v in os.environ.items() if k != "ISLE_PROGRESS"}
+    env.setdefault("TERM", "xterm")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(a) for a in argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd or REPO,
+                            env=env, start_new_session=True, close_fds=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < timeout:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            data = b""
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:        # EIO: every process holding the terminal has closed it
+                    data = b""
+                chunks.append(data)
+            if not data and proc.poll() is not None:
+                break
+            if ready and not data:
+                time.sleep(0.05)
+        rc = proc.poll()
+        if rc is None:
+            proc.kill()
+        proc.wait()
+    finally:
+        os.close(master)
+    return rc, b"".join(chunks).decode("utf-8", "replace")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+N_BIG = 320              # a real-size folder: the bug needs reads still queued when the bad file is found
+BAD_AT = 7
+CAM_HW = (96, 128)       # CAM-sized: many images per chunk, so many reads queued at once
+
+
+def _smooth_cam() -> np.ndarray:
+    """IRN-style ``high_res`` of two classes, values in [0, 1]."""
+    ramp = ((np.arange(CAM_HW[0])[:, None] + np.arange(CAM_HW[1])[None, :]) / sum(CAM_HW)).astype(np.float32)
+    return np.stack([ramp, 1 - ramp])
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """320 VOC-sized label PNGs; a gt store of 320 CAM-sized images and 320 IRN-style CAM .npz files."""
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(5)
+    labels = root / "labels"
+    labels.mkdir()
+    for i in range(N_BIG):
+        a = np.zeros((375, 500), np.uint8)
+        for _ in range(3):
+            y, x = int(rng.integers(0, 300)), int(rng.integers(0, 400))
+            a[y:y + 70, x:x + 90] = rng.integers(1, 21)
+        Image.fromarray(a, mode="L").save(labels / f"img{i:04d}.png")
+    gt_arrays = [np.zeros(CAM_HW, np.uint8) for _ in range(N_BIG)]
+    from isle_fast.stores.ingest import ingest_arrays
+
+    gt = ingest_arrays(gt_arrays, root / "gt.zarr", ids=[f"img{i:04d}" for i in range(N_BIG)], kind="gt").path
+    cams = root / "cams"
+    cams.mkdir()
+    np.savez(cams / "img0000.npz", keys=np.array([0, 14]), high_res=_smooth_cam())
+    for i in range(1, N_BIG):
+        os.link(cams / "img0000.npz", cams / f"img{i:04d}.npz")
+    return {"root": root, "labels": labels, "gt": Path(gt), "cams": cams}
+
+
+def _with_bad_file(src: Path, dst: Path, bad_id: str, write_bad) -> Path:
+    """A copy of folder ``src`` (hard links) in which the file of ``bad_id`` is replaced by ``write_bad``."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    for p in dst.glob(f"{bad_id}.*"):
+        p.unlink()
+    write_bad(dst, bad_id)
+    return dst
+
+
+def _bad_pixel(d: Path, i: str) -> None:
+    a = np.zeros((375, 500), np.uint8)
+    a[5, 5] = 40                                             # not a class, not 255
+    Image.fromarray(a, mode="L").save(d / f"{i}.png")
+
+
+def _cam_with(value: float):
+    def write(d: Path, i: str) -> None:
+        hr = _smooth_cam()
+        hr[1, 3, 4] = value
+        np.savez(d / f"{i}.npz", keys=np.array([0, 14]), high_res=hr)
+    return write
+
+
+def _cam_bad_keys(d: Path, i: str) -> None:
+    np.savez(d / f"{i}.npz", keys=np.array([0, 25]), high_res=_smooth_cam())
+
+
+def _cam_truncated_npz(d: Path, i: str) -> None:
+    np.savez(d / f"{i}.npz", keys=np.array([0, 14]), high_res=_smooth_cam())
+    b = (d / f"{i}.npz").read_bytes()
+    (d / f"{i}.npz").write_bytes(b[: len(b) // 2])
+
+
+def _cam_pickled(d: Path, i: str) -> None:
+    obj = {"keys": np.array([0, 14]), "high_res": _smooth_cam()}
+    np.save(d / f"{i}.npy", np.array(obj, dtype=object), allow_pickle=True)
+
+
+_HANG_CASES = {
+    "labels-bad-pixel": ("labels", _bad_pixel, "outside [0, 21)"),
+    "cams-nan": ("cams", _cam_with(np.nan), "nan"),
+    "cams-inf": ("cams", _cam_with(np.inf), "inf"),
+    "cams-bad-keys": ("cams", _cam_bad_keys, "keys"),
+    "cams-truncated-npz": ("cams", _cam_truncated_npz, "img0007"),
+    "cams-pickle-refused": ("cams", _cam_pickled, "allow-pickle"),
+}
+
+
+def _hang_argv(big, case: str, tmp_path: Path) -> tuple[list, Path, Path]:
+    what, write_bad, _ = _HANG_CASES[case]
+    src = _with_bad_file(big[what], tmp_path / what, f"img{BAD_AT:04d}", write_bad)
+    out = tmp_path / "out.zarr"
+    if what == "labels":
+        argv = ["ingest", "labels", src, "--kind", "gt", "--out", out]
+    else:                      # with --gt every file is checked in the read pass
+        argv = ["ingest", "scores", src, "--gt", big["gt"], "--out", out, "--workers", "2"]
+    return argv, src, out
+
+
+@pytest.mark.parametrize("case", list(_HANG_CASES))
+def test_ingest_bad_file_among_many_exits_under_a_terminal(big, tmp_path, case):
+    """``isle ingest`` of 320 files with one bad file, in a terminal with progress bars: it prints the error
+    and exits 2 within seconds (it used to print the error and then wait forever)."""
+    argv, src, out = _hang_argv(big, case, tmp_path)
+    before = tree_digest(src, big["gt"])
+    rc, text = run_in_pty([sys.executable, "-m", "isle_fast", *argv], timeout=60)
+    assert rc is not None, f"isle ingest hung after its error (killed after 60 s): {text[-400:]}"
+    assert rc == 2, text[-800:]
+    last = _last_line(text)
+    assert last.startswith("isle ingest: error: ") and f"img{BAD_AT:04d}" in last, last
+    assert _HANG_CASES[case][2].lower() in last.lower(), last
+    assert "Traceback" not in text
+    no_complete_store(out)
+    assert not list(tmp_path.glob("out.zarr*")), "the failed ingest left files behind"
+    assert tree_digest(src, big["gt"]) == before
+
+
+_CATCH_AND_GO_ON = r"""
+import sys, time
+from isle_fast.errors import InputError
+from isle_fast.stores.ingest import ingest_labels, ingest_scores
+kind, src, out, gt = sys.argv[1:5]
+t0 = time.monotonic()
+try:
+    if kind == "labels":
+        ingest_labels(src, out, kind="gt", quiet=False)
+    else:
+        ingest_scores(src, out, gt=gt, workers=2, quiet=False)
+except InputError as exc:
+    print("caught:", exc, flush=True)
+print(f"carried on after {time.monotonic() - t0:.1f} s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["labels-bad-pixel", "cams-nan"])
+def test_ingest_function_returns_control_after_a_bad_file(big, tmp_path, case):
+    """The Python API: the caller catches the InputError and carries on; the process exits promptly
+    (it used to block in the ``except`` clause, when the failed run's reads were finalised)."""
+    argv, src, out = _hang_argv(big, case, tmp_path)
+    what = _HANG_CASES[case][0]
+    rc, text = run_in_pty([sys.executable, "-c", _CATCH_AND_GO_ON, what, src, out, big["gt"]], timeout=60)
+    assert rc is not None, f"the process hung after the caller caught the error: {text[-400:]}"
+    assert rc == 0, text[-800:]
+    assert "caught:" in text and f"img{BAD_AT:04d}" in text and "carried on" in text
+    assert not list(tmp_path.glob("out.zarr*"))
+
+
+# --------------------------------------------------------------------------------------
+# outputs that never destroy: --overwrite replaces only what isle wrote, never an input
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def own(data, tmp_path):
+    """Copies of the stores and PNG folders (a bug here must not damage the module's data), and an images
+    store aligned with the gt, in ``tmp_path/in``."""
+    from isle_fast.stores.ingest import ingest_arrays
+
+    root = tmp_path / "in"
+    stores = {k: root / Path(v).name for k, v in data["stores"].items()}
+    for k, v in data["stores"].items():
+        shutil.copytree(v, stores[k])
+    folders = {k: root / "src" / k for k in data["folders"]}
+    for k, v in data["folders"].items():
+        shutil.copytree(v, folders[k])
+    gt = open_stack(stores["gt"])
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (int(h), int(w), 3)).astype(np.uint8) for h, w in gt.shapes]
+    stores["images"] = Path(ingest_arrays(imgs, root / "images.zarr", ids=gt.ids, kind="images").path)
+    return {"root": root, "stores": stores, "folders": folders}
+
+
+def _sets(own) -> list:
+    return [own["stores"][f"set{s}"] for s in range(N_SETS)]
+
+
+def _link(target: Path, link: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+@pytest.mark.parametrize("case", [
+    "merge-out-is-a-set", "merge-out-is-the-gt", "merge-out-is-a-link-to-a-set", "merge-out-dot-slash-set",
+    "ingest-out-is-its-gt", "ingest-out-inside-its-source", "ingest-out-is-its-source",
+    "report-out-is-the-gt", "export-out-is-its-store", "refine-out-is-its-images", "merge-out-holds-the-gt",
+    "evaluate-json-is-an-input",
+])
+def test_overwrite_never_replaces_an_input(own, tmp_path, capsys, monkeypatch, case):
+    """``isle merge A.zarr B.zarr --gt gt.zarr --out A.zarr --overwrite`` replaced the set A (and
+    ``--out gt.zarr`` scored the ensemble against itself: mIoU 100): every spelling of an input as an output
+    is refused before any work, naming the argument, and every input is unchanged."""
+    st, fo = own["stores"], own["folders"]
+    monkeypatch.chdir(own["root"])
+    merge = ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--overwrite"]
+    if case == "merge-out-holds-the-gt":
+        rep = tmp_path / "rep"           # an earlier report folder (isle's own) into which the gt was moved
+        assert cli_run(["report", *_sets(own)[:2], "--gt", st["gt"], "--out", rep, "--quiet"], capsys)[0] == 0
+        shutil.move(st["gt"], rep / "gt.zarr")
+        st = dict(st, gt=rep / "gt.zarr")
+        merge = ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--overwrite"]
+    argv = {
+        "merge-out-is-a-set": merge + ["--out", st["set0"]],
+        "merge-out-is-the-gt": merge + ["--out", st["gt"]],
+        "merge-out-is-a-link-to-a-set": merge + ["--out", _link(st["set1"], tmp_path / "link.zarr")],
+        "merge-out-dot-slash-set": merge + ["--out", "./" + st["set2"].name],
+        "ingest-out-is-its-gt": ["ingest", "labels", fo["gt"], "--gt", st["gt"], "--out", st["gt"], "-q",
+                                 "--overwrite"],
+        "ingest-out-inside-its-source": ["ingest", "labels", fo["set0"], "--out", fo["set0"] / "s.zarr",
+                                         "-q"],
+        "ingest-out-is-its-source": ["ingest", "labels", fo["set0"], "--out", fo["set0"], "-q",
+                                     "--overwrite"],
+        "report-out-is-the-gt": ["report", *_sets(own), "--gt", st["gt"], "--out", st["gt"], "--quiet",
+                                 "--overwrite"],
+        "export-out-is-its-store": ["export", st["set0"], "--out", st["set0"], "--quiet", "--overwrite"],
+        "refine-out-is-its-images": ["refine", st["set0"], "--images", st["images"], "--out", st["images"],
+                                     "--quiet", "--overwrite"],
+        "merge-out-holds-the-gt": merge + ["--out", tmp_path / "rep"],
+        "evaluate-json-is-an-input": ["evaluate", *_sets(own), "--gt", st["gt"], "--quiet", "--json",
+                                      st["gt"] / "zarr.json"],
+    }[case]
+    roots = [p for p in {*st.values(), *fo.values()} if Path(p).exists()]
+    before = tree_digest(*roots)
+    rc, out, err = cli_run(argv, capsys)
+    assert_clean_error(rc, err, "input" if case != "evaluate-json-is-an-input" else "inside the store")
+    assert rc == 2
+    assert "mIoU" not in out                           # refused before any work
+    assert tree_digest(*roots) == before
+
+
+def test_train_out_is_never_an_input(own, tmp_path, capsys):
+    st = own["stores"]
+    for out in (st["images"], st["set0"], st["images"] / "run"):
+        before = tree_digest(st["images"], st["set0"])
+        rc, _, err = cli_run(["train", "--images", st["images"], "--labels", st["set0"], "--out", out,
+                              "--steps", "1", "--batch-size", "2", "--crop", "16",
+                              "--backbone", "resnet18_w16", "--weights", "none", "--workers", "0", "--quiet",
+                              "--overwrite"], capsys)
+        assert_clean_error(rc, err, "input")
+        assert tree_digest(st["images"], st["set0"]) == before
+
+
+@pytest.mark.parametrize("command", ["merge", "ingest", "export", "report", "refine", "train"])
+def test_overwrite_refuses_a_folder_isle_did_not_write(own, tmp_path, capsys, command):
+    """A folder of someone's files (and a plain file) at --out is refused even with --overwrite, naming it;
+    it is left exactly as it was."""
+    st, fo = own["stores"], own["folders"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "figs").mkdir()
+    (mine / "figs" / "a.png").write_bytes(b"\x89PNG")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("do not delete")
+    base = {
+        "merge": ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--no-score"],
+        "ingest": ["ingest", "labels", fo["set0"], "--gt", st["gt"], "-q"],
+        "export": ["export", st["set0"], "--quiet"],
+        "report": ["report", *_sets(own), "--gt", st["gt"], "--quiet"],
+        "refine": ["refine", st["set0"], "--images", st["images"], "--quiet"],
+        "train": ["train", "--images", st["images"], "--labels", st["set0"], "--steps", "1",
+                  "--batch-size", "2", "--crop", "16", "--backbone", "resnet18_w16", "--weights", "none",
+                  "--workers", "0", "--quiet"],
+    }[command]
+    targets = [mine] + ([notes] if command != "train" else [])
+    before = tree_digest(mine, notes)
+    for target in targets:
+        rc, _, err = cli_run(base + ["--out", target, "--overwrite"], capsys)
+        assert_clean_error(rc, err, str(target), "even with --overwrite")
+        assert tree_digest(mine, notes) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "mine", "notes.txt"]   # no temporaries
+
+
+@pytest.mark.parametrize("command", ["export", "report", "merge"])
+def test_overwrite_replaces_what_isle_wrote(own, tmp_path, capsys, command):
+    st = own["stores"]
+    base = {"export": ["export", st["set0"], "--quiet"],
+            "report": ["report", *_sets(own)[:2], "--gt", st["gt"], "--quiet"],
+            "merge": ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--no-score"]}[command]
+    out = tmp_path / "out"
+    assert cli_run(base + ["--out", out], capsys)[0] == 0
+    rc, _, err = cli_run(base + ["--out", out], capsys)
+    assert_clean_error(rc, err, "exists", "--overwrite")
+    rc, _, err = cli_run(base + ["--out", out, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+@pytest.mark.parametrize("out", [".", "/", "..", "~", "HOME", "CWD"])
+@pytest.mark.parametrize("command", ["merge", "export", "ingest", "report"])
+def test_out_dot_root_home_and_parents_are_clear_errors(own, tmp_path, capsys, monkeypatch, command, out):
+    """``--out .`` used to end in a traceback; ``.``, ``/``, ``..``, the home folder and the working directory
+    are refused before any work, with or without --overwrite."""
+    st, fo = own["stores"], own["folders"]
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    path = {"HOME": str(Path.home()), "CWD": str(work), "~": os.path.expanduser("~")}.get(out, out)
+    base = {"merge": ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--no-score"],
+            "export": ["export", st["set0"], "--quiet"],
+            "ingest": ["ingest", "labels", fo["set0"], "--gt", st["gt"], "-q"],
+            "report": ["report", *_sets(own)[:2], "--gt", st["gt"], "--quiet"]}[command]
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = cli_run(base + ["--out", path] + extra, capsys)
+        assert_clean_error(rc, err, "--out")
+        assert rc == 2
+        assert re.search("root folder|home folder|working directory", err), err
+    assert [p.name for p in work.iterdir()] == ["keep.txt"]
+
+
+def test_json_never_replaces_what_isle_did_not_write(own, tmp_path, capsys):
+    """``--json`` used to overwrite any file, ``gt.zarr/zarr.json`` included, and to leave ``.x.tmp-...``
+    when it named a folder. Now: a folder, a file inside a store, an input, a file isle did not write (even
+    for merge with --overwrite) are refused before any work; an earlier isle result is replaced."""
+    st = own["stores"]
+    ev = ["evaluate", *_sets(own), "--gt", st["gt"], "--quiet"]
+    before = tree_digest(*st.values())
+    folder = tmp_path / "results"
+    folder.mkdir()
+    paper = tmp_path / "paper.json"
+    paper.write_text('{"title": "mine"}')
+    for target, needle in ((st["gt"] / "zarr.json", "inside the store"),
+                           (st["set1"] / "labels" / "x.json", "inside the store"),
+                           (folder, "is a folder"), (st["set0"], "is a folder"),
+                           (paper, "not written by isle")):
+        rc, out, err = cli_run(ev + ["--json", target], capsys)
+        assert_clean_error(rc, err, "--json", needle)
+        assert out == ""                                   # refused before the evaluation ran
+    merge = ["merge", *_sets(own), "--gt", st["gt"], "--quiet", "--no-score", "--overwrite"]
+    rc, _, err = cli_run(merge + ["--out", tmp_path / "e.zarr", "--json", paper], capsys)
+    assert_clean_error(rc, err, "not written by isle")
+    rc, _, err = cli_run(merge + ["--out", tmp_path / "e.zarr", "--json", tmp_path / "e.zarr" / "m.json"],
+                         capsys)
+    assert_clean_error(rc, err, "another output")
+    assert not (tmp_path / "e.zarr").exists()
+    assert tree_digest(*st.values()) == before and paper.read_text() == '{"title": "mine"}'
+    assert not any(folder.iterdir()) and not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    scores = tmp_path / "scores.json"
+    for _ in range(2):                                     # re-running replaces its own result
+        rc, _, err = cli_run(ev + ["--json", scores], capsys)
+        assert rc == 0, err
+    assert json.loads(scores.read_text())["isle_output"]["command"] == "isle evaluate"
+
+
+def test_broken_stdout_pipe_is_not_a_traceback(data, tmp_path):
+    """``isle evaluate ... | head -1``: the reader goes away; the command ends quietly (exit 1), without
+    "Exception ignored ... BrokenPipeError" or a traceback."""
+    argv = [sys.executable, "-m", "isle_fast", "evaluate", *set_paths(data["stores"]), "--gt",
+            data["stores"]["gt"], "--quiet"]
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as in a shell: buffered
+    for env in (plain, dict(plain, PYTHONUNBUFFERED="1")):
+        r, w = os.pipe()
+        os.close(r)                                        # the reader is gone before the first write
+        try:
+            proc = subprocess.run([str(a) for a in argv], stdout=w, stderr=subprocess.PIPE, cwd=REPO, env=env,
+                                  timeout=120)
+        finally:
+            os.close(w)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1, (proc.returncode, err)
+        assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    shell = subprocess.run(["bash", "-c", " ".join(f"'{a}'" for a in argv) + " | head -1"],
+                           capture_output=True, text=True, cwd=REPO, env=plain, timeout=120)
+    assert shell.stdout.startswith("class") and "Traceback" not in shell.stderr, shell.stderr
+    assert "Exception ignored" not in shell.stderr, shell.stderr
+
+
+def test_demo_out_dot_never_deletes_the_working_directory(tmp_path, capsys, monkeypatch):
+    """``isle demo --out . --overwrite`` inside an earlier demo folder used to delete the working directory
+    (``rmtree('.')``); the working directory and the folders above it are never outputs."""
+    work = tmp_path / "demo"
+    work.mkdir()
+    (work / ".isle-demo").write_text("made by isle demo\n")
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", str(work), str(tmp_path)):
+        rc, _, err = cli_run(["demo", "--out", out, "--overwrite", "--quick", "--quiet"], capsys)
+        assert_clean_error(rc, err, "working directory")
+    assert sorted(p.name for p in work.iterdir()) == [".isle-demo", "notes.txt"]

@@ -57,7 +57,6 @@ The output folder is created fresh: a non-empty folder is refused unless
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -571,14 +570,15 @@ STEPS: list[tuple[str, Callable[[DemoContext], Any]]] = [
 
 # --------------------------------------------------------------------------------- driver
 def _write_json(path: Path, obj: Any) -> None:
-    import os
+    from isle_fast.outputs import write_json
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, default=str)
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
+    from isle_fast.outputs import refuse_unsafe, write_marker
+
+    refuse_unsafe(out)   # never /, home, the working directory or a folder above it
     if out.exists():
         if not out.is_dir():
             raise InputError(f"--out {out} exists and is not a folder")
@@ -592,6 +592,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by isle demo; --overwrite may replace this folder\n")
+    write_marker(out, "isle demo")  # any isle command's --overwrite may replace it, as any output folder
 
 
 def _cpu_seconds() -> float:

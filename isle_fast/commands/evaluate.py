@@ -37,8 +37,11 @@ def parse_subset(text: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.outputs import check_json_output
     from isle_fast.progress import summary
 
+    if args.json:  # before the work: never a folder, a store's file, an input or a file isle did not write
+        check_json_output(args.json, inputs=[*args.sets, args.gt])
     ev = evaluate(args.sets, args.gt, average=args.average, backend=args.backend,
                   bg_threshold=args.bg_threshold, progress=not args.quiet)
     sel = ev.select(parse_subset(args.subset))

@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from isle_fast.ensemble.merge import merge
     from isle_fast.progress import Timer, summary
     from isle_fast.commands.evaluate import parse_subset
+    from isle_fast.outputs import check_json_output
 
+    if args.json:  # before the work: never a folder, a store's file, an input, --out or a foreign file
+        check_json_output(args.json, inputs=[*args.sets, args.gt], outputs=[args.out])
     t = Timer()
     res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
                 subset=parse_subset(args.subset), average=args.average, backend=args.backend,
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         extra["ensemble"].update({"miou": e_miou, "iou": [None if v != v else float(v) for v in ens.iou[0]]})
         rows["ensemble mIoU"] = f"{e_miou:.2f} ({e_miou - best:+.2f} over the best member)"
     if args.json:
-        ev.write_json(args.json, sel, **extra)
+        ev.write_json(args.json, sel, command="isle merge", **extra)
         rows["json"] = args.json
     rows["seconds"] = f"{t.seconds:.2f}"
     summary("isle merge: done", rows, quiet=args.quiet)

@@ -32,7 +32,6 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -380,11 +379,20 @@ class Evaluation:
             "gt_pixels": metrics.jsonable(self.gt_pixels),
         }
 
-    def write_json(self, path: str | os.PathLike, selection: Any = None, **extra: Any) -> None:
-        """Write :meth:`to_json` (plus ``extra`` keys) atomically to ``path``."""
+    def write_json(self, path: str | os.PathLike, selection: Any = None, *, command: str = "isle evaluate",
+                   **extra: Any) -> None:
+        """Write :meth:`to_json` (plus ``extra`` keys) atomically to ``path``.
+
+        The file carries the key ``isle_output`` (command, version, time), so a later run may replace
+        it; an existing file without it, a folder, a file inside a store and any input are refused
+        (:func:`isle_fast.outputs.check_json_output`).
+        """
+        from isle_fast.outputs import check_json_output, write_json
+
         doc = self.to_json(selection)
         doc.update(extra)
-        write_text_atomic(path, json.dumps(doc, indent=2))
+        check_json_output(path, inputs=[*self.set_paths, self.gt_path or None])
+        write_json(path, doc, command=command)
 
     def table(self, selection: Any = None) -> str:
         """A plain-text per-class IoU table; the chosen set of each class is marked ``*``."""
@@ -404,17 +412,6 @@ class Evaluation:
         lines.append("mIoU".ljust(width) + "".join(
             ("-" if np.isnan(v) else f"{v:.1f}").rjust(colw - 1) + " " for v in self.miou))
         return "\n".join(lines)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary sibling of ``path`` and rename it into place."""
-    p = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(p))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(p)}.tmp-{os.getpid()}-{time.time_ns()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, p)
 
 
 # -- the pass -----------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from isle_fast.ensemble.evaluate import (
 )
 from isle_fast.ensemble.selection import Selection, select
 from isle_fast.metrics import jsonable
+from isle_fast.outputs import check_output
 from isle_fast.stores.stack import Stack, create_stack, default_compressors
 
 __all__ = ["POLICIES", "STRATEGIES", "MergePlan", "MergeResult", "merge", "merge_images",
@@ -386,6 +387,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     _policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)
+    # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle
+    # did not write
+    check_output(out, overwrite=overwrite, inputs=[*stacks, gt_stack])
     allowed = None
     if image_labels is not None:
         from isle_fast.stores.image_labels import check_not_output, resolve_image_labels

@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import Evaluation, evaluate, open_inputs, unique_names
 from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
+from isle_fast.outputs import FolderOutput
 
 __all__ = ["report", "export_pngs", "palette"]
 
@@ -51,28 +50,6 @@ def palette() -> np.ndarray:
     from isle_fast.synthetic.datasets import voc_palette
 
     return np.asarray(voc_palette(), dtype=np.uint8)
-
-
-def _fresh_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
-    final = Path(os.fspath(out))
-    if "://" in str(out):
-        raise InputError(f"--out {out}: write reports and PNGs to a local folder")
-    if final.exists() and not overwrite:
-        raise StoreError(f"{final} exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    work.mkdir()
-    return final, work
-
-
-def _move_into_place(work: Path, final: Path) -> None:
-    trash = None
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-    os.replace(work, final)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
 
 
 def _safe_relpath(image_id: str) -> Path:
@@ -120,7 +97,8 @@ def export_pngs(store: Any, out: str | os.PathLike, *, overwrite: bool = False, 
     rel = [_safe_relpath(i) for i in stack.ids]
     K = get_kernels(backend) if stack.encoding == "scores" else None
     pal = palette().ravel().tolist()
-    final, work = _fresh_dir(out, overwrite)
+    folder = FolderOutput(out, command="isle export", overwrite=overwrite, inputs=[stack])
+    work = folder.work
     try:
         step = max(1, int(stack.chunks[0]))
         with bar(total=stack.num_images, desc="export", unit="img", quiet=not progress) as pb:
@@ -139,9 +117,9 @@ def export_pngs(store: Any, out: str | os.PathLike, *, overwrite: bool = False, 
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     img.save(dest, format="PNG")
                 pb.update(i1 - i0)
-        _move_into_place(work, final)
+        final = folder.commit()
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abort()
         raise
     return {"images": stack.num_images, "path": str(final), "seconds": time.perf_counter() - t0}
 
@@ -334,7 +312,9 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         img_stack = images if isinstance(images, Stack) else open_stack(images, kind="images")
         check_aligned([gt_stack, img_stack], same_classes=False)
     n = len(stacks)
-    final, work = _fresh_dir(out, overwrite)
+    folder = FolderOutput(out, command="isle report", overwrite=overwrite,
+                          inputs=[*stacks, gt_stack, ens_stack, img_stack])
+    work = folder.work
     try:
         everything = stacks + ([ens_stack] if ens_stack is not None else [])
         ev_all = evaluate(everything, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
@@ -454,9 +434,9 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
             cols.append(("ground truth", [gt_stack.read_image(i) for i in picks]))
             _samples_figure(work / "samples.png", [img_stack.read_image(i) for i in picks], cols, ids)
         files = sorted(p.name for p in work.iterdir())
-        _move_into_place(work, final)
+        final = folder.commit()
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abort()
         raise
     return {"path": str(final), "files": files, "seconds": time.perf_counter() - t0,
             "ensemble_miou": ens_miou, "best_component": names[best_k] if n else None,

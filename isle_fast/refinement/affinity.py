@@ -369,11 +369,12 @@ def _config(backbone: str, stride: int, dim: int, radius: int, epochs: int) -> d
 
 
 def _save(path: str, model, optimizer, epoch: int, step: int, config: dict) -> None:
+    from isle_fast.outputs import write_file
+
     torch = _torch()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else {},
-                "epoch": int(epoch), "step": int(step), "config": dict(config)}, tmp)
-    os.replace(tmp, path)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else {},
+             "epoch": int(epoch), "step": int(step), "config": dict(config)}
+    write_file(path, lambda p: torch.save(state, p), durable=True)  # atomic, fsynced: a resume needs it whole
 
 
 def _load_checkpoint(path: str) -> dict:

@@ -82,14 +82,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError
 from isle_fast.stores.stack import (
     IGNORE_INDEX,
     Stack,
     check_aligned,
     create_stack,
     default_chunks,
-    is_remote,
     open_stack,
     quantize_scores,
 )
@@ -694,11 +693,10 @@ def refine_stack(
     if need and img is None:
         raise InputError(f"refinement {need[0]!r} needs the RGB images: pass --images IMAGES_STORE")
     out = str(out)
-    if os.path.abspath(out) == os.path.abspath(src.path):
-        raise InputError(f"--out {out} is the input store; refine never modifies its input")
+    # never the input set or the images (nor inside / holding them), never what isle did not write
+    from isle_fast.outputs import check_output
 
-    if not overwrite and not is_remote(out) and os.path.exists(out):
-        raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
+    check_output(out, overwrite=overwrite, inputs=[src] + ([img] if img is not None else []))
 
     enc = src.encoding
     for r in refs:

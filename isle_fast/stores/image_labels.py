@@ -52,9 +52,7 @@ import csv
 import json
 import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -393,6 +391,13 @@ def open_image_labels(path: str | os.PathLike) -> ImageLabels:
     return ImageLabels(ids, list(classes), labels, spath)
 
 
+def _is_image_labels_store(path: Path) -> bool:
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("kind") == IMAGE_LABELS_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_image_labels(labels: ImageLabels, out: str | os.PathLike, *, overwrite: bool = False,
                        provenance: dict | None = None) -> str:
     """Write an image-labels store (``ids``, ``image_labels`` (I, C) bool) atomically; returns its path.
@@ -404,20 +409,18 @@ def write_image_labels(labels: ImageLabels, out: str | os.PathLike, *, overwrite
 
     from isle_fast import __version__
 
+    from isle_fast.outputs import commit_dir, remove_path, temp_path
+
     final = Path(str(out))
     if is_remote(str(out)):
         raise InputError("image-labels stores are written to local paths")
     if final.exists():
         if not overwrite:
             raise StoreError(f"{final} exists; pass overwrite (--overwrite) to replace it")
-        try:
-            kind = json.loads((final / "zarr.json").read_text()).get("attributes", {}).get("kind")
-        except (OSError, ValueError):
-            kind = None
-        if kind != IMAGE_LABELS_KIND:
+        if not _is_image_labels_store(final):
             raise StoreError(f"{final} is not an image-labels store; --overwrite replaces only one")
     final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}")
+    work = temp_path(final)
     n, c = labels.labels.shape
     try:
         g = zarr.open_group(str(work), mode="w", zarr_format=3)
@@ -431,15 +434,9 @@ def write_image_labels(labels: ImageLabels, out: str | os.PathLike, *, overwrite
                         "classes": list(labels.classes), "complete": True,
                         "provenance": {"tool": "isle-fast", "version": __version__, "source": labels.source,
                                        **(provenance or {})}})
-        trash = None
-        if final.exists():
-            trash = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-        os.replace(work, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        commit_dir(work, final, overwrite=overwrite, owned_by_us=_is_image_labels_store)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_path(work)
         raise
     return str(final)
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,10 +234,17 @@ def _find(folder: Path, image_id: str, exts: Sequence[str]) -> str | None:
     return None
 
 
-def _check_out(out: Any, overwrite: bool) -> None:
-    """Fail before any work when the output exists and may not be replaced."""
-    if not overwrite and not is_remote(out) and Path(str(out)).exists():
-        raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
+def _check_out(out: Any, overwrite: bool, *inputs: Any) -> None:
+    """Fail before any work when the output may not be written (:func:`isle_fast.outputs.check_output`).
+
+    ``inputs``: the sources, ground truth, id and class files of the run (an output never
+    replaces or enters one); strings that name no file (``'voc'``) are not inputs.
+    """
+    from isle_fast.outputs import check_output
+
+    files = [x for x in inputs if isinstance(x, Stack)
+             or (isinstance(x, (str, os.PathLike)) and (is_remote(x) or os.path.exists(x)))]
+    check_output(out, overwrite=overwrite, inputs=files)
 
 
 def _default_workers(workers: int | None) -> int:
@@ -289,7 +297,18 @@ def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> Inpu
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator[Any]:
-    """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order."""
+    """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order.
+
+    Use it as ``with closing(_ordered(...)) as results:`` so that a consumer that stops early
+    (a bad file) ends it at once, while ``pool`` still runs: its ``finally`` cancels the queued
+    tasks and waits for the running ones, so nothing still running may write after that.
+
+    Only the tasks whose :meth:`~concurrent.futures.Future.cancel` fails (running or done) are
+    waited for. A queued task that was cancelled never runs, and ``wait`` would never return for
+    it once ``pool.shutdown(cancel_futures=True)`` has removed it from the queue: its future stays
+    ``CANCELLED`` and only a worker picking it up marks it "notified", which ``wait`` waits for.
+    Waiting on all of them was the hang of ``isle ingest`` after a bad file (issue 18).
+    """
     pending: deque[Future] = deque()
     it = iter(items)
     try:
@@ -300,9 +319,7 @@ def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: in
         while pending:
             yield pending.popleft().result()
     finally:
-        for f in pending:
-            f.cancel()
-        wait(pending)  # nothing still running may write after we return
+        wait([f for f in pending if not f.cancel()])  # nothing still running may write after we return
 
 
 def _result(fn: Callable, *args) -> tuple[Any, str | None]:
@@ -320,7 +337,6 @@ def _run(plan: _Plan) -> Stack:
     t0 = time.perf_counter()
     if plan.kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
-    _check_out(plan.out, plan.overwrite)
     workers = _default_workers(plan.workers)
     ref = plan.reference
     bad: list[tuple[str, str, str]] = list(plan.prebad)
@@ -338,15 +354,15 @@ def _run(plan: _Plan) -> Stack:
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isle-ingest")
     try:
         if ref is None and plan.header is not None:
-            heads = _ordered(pool, lambda it: _result(plan.header, it), items, 4 * workers)
             keep = []
-            for it, (hw, err) in zip(items, progress(heads, total=len(items), desc="headers",
-                                                      unit="img", quiet=plan.quiet)):
-                if err is None:
-                    shapes[it.id] = hw
-                    keep.append(it)
-                else:
-                    bad.append((it.id, it.source, err))
+            with closing(_ordered(pool, lambda it: _result(plan.header, it), items, 4 * workers)) as heads:
+                for it, (hw, err) in zip(items, progress(heads, total=len(items), desc="headers",
+                                                          unit="img", quiet=plan.quiet)):
+                    if err is None:
+                        shapes[it.id] = hw
+                        keep.append(it)
+                    else:
+                        bad.append((it.id, it.source, err))
             items = keep
         if bad and not plan.skip_bad:
             raise _bad_error(bad)
@@ -424,25 +440,27 @@ def _write(plan: _Plan, pool: ThreadPoolExecutor, items: list[_Item], shapes: di
         def task(it: _Item):
             return _result(plan.read, it, shapes[it.id])
 
-        results = _ordered(pool, task, items, max(4 * workers, 2 * k))
-        for it, (data, err) in zip(items, progress(results, total=len(items), desc=f"ingest {plan.encoding}",
-                                                    unit="img", quiet=plan.quiet)):
-            h, w = shapes[it.id]
-            if err is None and tuple(data.shape[:2]) != (h, w):
-                src = "the ground truth" if plan.reference is not None else "its header"
-                err = f"is {data.shape[0]} x {data.shape[1]} but {src} says {h} x {w}"
-            if err is not None:
-                late_bad.append((it.id, it.source, err))
-                if not plan.skip_bad:
-                    raise _bad_error(bad + late_bad)
-                continue
-            block[filled, :h, :w] = data
-            filled += 1
-            pixels += h * w
-            kept_ids.append(it.id)
-            kept_shapes.append((h, w))
-            if filled == k:
-                flush()
+        # closing(): a bad file ends the reads here, while the pool runs (see _ordered)
+        with closing(_ordered(pool, task, items, max(4 * workers, 2 * k))) as results:
+            for it, (data, err) in zip(items, progress(results, total=len(items),
+                                                        desc=f"ingest {plan.encoding}", unit="img",
+                                                        quiet=plan.quiet)):
+                h, w = shapes[it.id]
+                if err is None and tuple(data.shape[:2]) != (h, w):
+                    src = "the ground truth" if plan.reference is not None else "its header"
+                    err = f"is {data.shape[0]} x {data.shape[1]} but {src} says {h} x {w}"
+                if err is not None:
+                    late_bad.append((it.id, it.source, err))
+                    if not plan.skip_bad:
+                        raise _bad_error(bad + late_bad)
+                    continue
+                block[filled, :h, :w] = data
+                filled += 1
+                pixels += h * w
+                kept_ids.append(it.id)
+                kept_shapes.append((h, w))
+                if filled == k:
+                    flush()
         flush(final=True)
         if not kept_ids:
             raise InputError(f"nothing to ingest into {plan.out}: every image is bad; first: "
@@ -599,6 +617,7 @@ def ingest_labels(
     """
     if kind == "images":
         raise InputError("kind 'images' takes RGB images: use ingest_images (isle ingest images)")
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -695,6 +714,7 @@ def ingest_scores(
         raise InputError(f"score_dtype must be uint8, float16 or float32, not {score_dtype!r}")
     if upsample and gt is None:
         raise InputError("upsample needs the image sizes: give the ground truth (--gt)")
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -753,6 +773,7 @@ def ingest_images(
     sizes are checked and the store aligns with the ground truth. Other
     parameters are those of :func:`ingest_labels`.
     """
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -847,6 +868,7 @@ def ingest_arrays(
     Other parameters are those of :func:`ingest_scores`. ``quiet`` defaults
     to True here (library use).
     """
+    _check_out(out, overwrite)
     if isinstance(arrays, np.ndarray):
         if arrays.ndim < 3:
             raise InputError(f"a batch of images needs shape (I, H, W[, C]), not {arrays.shape}")
@@ -914,6 +936,7 @@ def ingest_dask(
     """
     import dask.array as da
 
+    _check_out(out, overwrite)
     if not isinstance(array, da.Array):
         array = da.asarray(array)
     if array.ndim < 3:
@@ -1040,6 +1063,7 @@ def ingest_tiff(
     import tifffile
     import zarr
 
+    _check_out(out, overwrite, *([src] if isinstance(src, (str, os.PathLike)) else src), gt, ids, classes)
     w = _default_workers(workers)
     if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
         ref0 = _reference(gt, _id_list(ids), w)
@@ -1131,8 +1155,9 @@ def ingest_tiff(
                         regions = [(r, q) for r in range(0, h_pad, th) for q in range(0, w_pad, tw)]
                         err = None
                         try:
-                            for _ in _ordered(pool, tile, regions, 2 * w):
-                                pass
+                            with closing(_ordered(pool, tile, regions, 2 * w)) as tiles:
+                                for _ in tiles:
+                                    pass
                         except BadInput as exc:
                             err = str(exc)
                     else:  # several images per chunk: assemble the image from tile-sized reads

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -500,7 +499,9 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
 
     spath = str(path)
     if not is_remote(spath) and not _local(spath).exists():
-        raise StoreError(f"store {spath} does not exist")
+        from isle_fast.outputs import leftover_note
+
+        raise StoreError(f"store {spath} does not exist{leftover_note(spath)}")
     try:
         group = zarr.open_group(spath if is_remote(spath) else str(_local(spath)), mode="r")
     except Exception as exc:  # zarr raises several types for "not a group"
@@ -576,17 +577,13 @@ class StackWriter:
             raise StoreError(f"{self.path} was already committed or aborted")
         self.group.attrs["complete"] = True
         if self.work_path != self.path:
-            final, work = _local(self.path), _local(self.work_path)
-            trash = None
-            if final.exists():
-                if not self.overwrite:
-                    self.abort()
-                    raise StoreError(f"{self.path} appeared while writing; not overwritten")
-                trash = final.with_name(final.name + f".old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, trash)
-            os.replace(work, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            from isle_fast.outputs import commit_dir
+
+            try:
+                commit_dir(_local(self.work_path), _local(self.path), overwrite=self.overwrite)
+            except BaseException:
+                self.abort()
+                raise
         self.done = True
         return open_stack(self.path)
 
@@ -596,7 +593,9 @@ class StackWriter:
             return
         self.done = True
         if self.work_path != self.path:
-            shutil.rmtree(_local(self.work_path), ignore_errors=True)
+            from isle_fast.outputs import remove_path
+
+            remove_path(_local(self.work_path))
         else:
             try:
                 import fsspec
@@ -705,21 +704,18 @@ def create_stack(
         raise InputError(f"chunks {chunks} do not match an array of rank {len(shape)}")
     chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, shape))
 
+    from isle_fast.outputs import check_output, temp_path
+
     spath = str(path)
     remote = is_remote(spath)
+    # an existing output is replaced only with overwrite and only when it is a store, an output folder
+    # or a result the project wrote; never /, home or the working directory (isle_fast.outputs)
+    final = check_output(spath, overwrite=overwrite)
     if remote:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(spath)
-        if fs.exists(root) and not overwrite:
-            raise StoreError(f"{spath} exists; pass overwrite to replace it")
         work = spath
     else:
-        final = _local(spath)
-        if final.exists() and not overwrite:
-            raise StoreError(f"{spath} exists; pass overwrite (--overwrite) to replace it")
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = str(final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"))
+        work = str(temp_path(final))
     try:
         group = zarr.open_group(work, mode="w", zarr_format=3)
         comp = tuple(compressors) if compressors is not None else default_compressors(layout.array)
@@ -744,7 +740,7 @@ def create_stack(
         if layout.array == "scores":
             attrs["score_scale"] = SCORE_SCALE if layout.dtype == np.uint8 else 1.0
         group.attrs.update(attrs)
-    except Exception:
+    except BaseException:  # Ctrl-C / SIGTERM while the skeleton is written must not leave it behind
         if not remote:
             shutil.rmtree(work, ignore_errors=True)
         raise

@@ -108,8 +108,6 @@ import colorsys
 import io
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -117,6 +115,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError
+from isle_fast.outputs import write_bytes
 from isle_fast.stores.stack import IGNORE_INDEX, VOC_CLASSES
 
 __all__ = [
@@ -208,14 +207,6 @@ def voc_palette() -> np.ndarray:
     return pal.astype(np.uint8)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _png_bytes(labels: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -241,7 +232,7 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
         raise InputError(f"{path}: a label map must be 2-D, got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise InputError(f"{path}: label values must lie in 0..255")
-    _atomic_bytes(Path(path), _png_bytes(labels.astype(np.uint8)))
+    write_bytes(Path(path), _png_bytes(labels.astype(np.uint8)))
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
@@ -284,7 +275,7 @@ def save_cam_npy(path: str | os.PathLike, keys: np.ndarray, high_res: np.ndarray
     else:
         raise InputError(f"layout must be 'puzzlecam' or 'irn', not {layout!r}")
     np.save(buf, d, allow_pickle=True)
-    _atomic_bytes(Path(path), buf.getvalue())
+    write_bytes(Path(path), buf.getvalue())
 
 
 def load_cam_npy(path: str | os.PathLike) -> dict:
@@ -313,7 +304,7 @@ def save_cls_labels(path: str | os.PathLike, labels: Mapping[str, Sequence[int]]
         out[str(image_id)] = row
     buf = io.BytesIO()
     np.save(buf, out, allow_pickle=True)
-    _atomic_bytes(Path(path), buf.getvalue())
+    write_bytes(Path(path), buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -963,6 +954,11 @@ class SyntheticDataset:
                 for c in range(1, NUM_CLASSES)}
 
 
+def _is_data_set_folder(p: Path) -> bool:
+    """An empty folder or one made by :func:`make_voc_like` (its ``dataset.json``): replaceable."""
+    return p.is_dir() and (not any(p.iterdir()) or (p / "dataset.json").is_file())
+
+
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -971,7 +967,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise InputError(f"{out_dir} exists and is not empty; choose another folder "
                                  "or pass overwrite (--overwrite) to replace a data set made here")
-            if not (out_dir / "dataset.json").is_file():
+            if not _is_data_set_folder(out_dir):
                 raise InputError(f"{out_dir} is not empty and holds no dataset.json; refusing to "
                                  "replace a folder that this tool did not make")
 
@@ -1161,11 +1157,13 @@ def make_voc_like(
         ds.samples = [_generate(spec, i) for i in range(n_images)] if keep_arrays else None
         return ds
 
+    from isle_fast.outputs import FolderOutput, refuse_unsafe
+
     final = Path(out_dir)
+    refuse_unsafe(final, flag="out_dir")
     _prepare_out(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    work.mkdir()
+    dest = FolderOutput(final, command="make_voc_like", overwrite=True, check=False)
+    work = dest.work
     try:
         samples = _write_all(ds, spec, work, train_idx, val_idx, write_tree, write_stores,
                              keep_arrays, progress(total=n_images, desc="synthetic data", unit="img",
@@ -1175,16 +1173,11 @@ def make_voc_like(
         meta = dict(params, train_ids=ds.train_ids, val_ids=ds.val_ids,
                     true_best=ds.true_best() if names else {},
                     paths=rel_paths, stores=rel_stores)
-        _atomic_bytes(work / "dataset.json", json.dumps(meta, indent=1).encode())
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-            os.replace(work, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(work, final)
+        write_bytes(work / "dataset.json", json.dumps(meta, indent=1).encode())
+        # what is there was checked by _prepare_out (empty, or an earlier data set): replaced
+        dest.commit(owned_by_us=_is_data_set_folder)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        dest.abort()
         raise
     ds.root = final
     ds.samples = samples
@@ -1280,10 +1273,10 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
             lists[split].append(s.id)
             image_labels[s.id] = [int(c) for c in s.present]
             if write_tree:
-                _atomic_bytes(work / rel_paths["images"] / f"{s.id}.jpg", s.jpeg)
-                _atomic_bytes(work / rel_paths["gt"] / f"{s.id}.png", _png_bytes(s.gt))
+                write_bytes(work / rel_paths["images"] / f"{s.id}.jpg", s.jpeg)
+                write_bytes(work / rel_paths["gt"] / f"{s.id}.png", _png_bytes(s.gt))
                 for name, lab in s.pseudo.items():
-                    _atomic_bytes(work / rel_paths["pseudo"][name] / f"{s.id}.png", _png_bytes(lab))
+                    write_bytes(work / rel_paths["pseudo"][name] / f"{s.id}.png", _png_bytes(lab))
                 for name, cam in s.cams.items():
                     save_cam_npy(work / rel_paths["cams"][name] / f"{s.id}.npy", cam["keys"], cam["high_res"])
             if write_stores:
@@ -1303,7 +1296,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
         if write_tree:
             for split in ("train", "val"):
                 text = "".join(f"{x}\n" for x in sorted(lists[split]))
-                _atomic_bytes(work / rel_paths[f"{split}_list"], text.encode())
+                write_bytes(work / rel_paths[f"{split}_list"], text.encode())
             save_cls_labels(work / rel_paths["cls_labels"], dict(sorted(image_labels.items())))
     except BaseException:
         for w in writers.values():
@@ -1355,10 +1348,11 @@ def preview_png(ds: SyntheticDataset, path: str | os.PathLike, n: int = 4) -> Pa
                 ax.set_title(cols[c], fontsize=7)
         axes[r][0].set_ylabel(s.id, fontsize=6)
     fig.tight_layout()
+    from isle_fast.outputs import write_file
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        write_file(out, lambda p: fig.savefig(p, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -17,8 +17,6 @@ Both appear only when complete.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError
+from isle_fast.outputs import FolderOutput, check_output
 from isle_fast.progress import Timer, progress, summary
 from isle_fast.training.data import SegmentationDataset, normalize
 from isle_fast.training.deeplab import DeepLabV3Plus
@@ -193,8 +192,9 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     classes = list(meta["classes"])
     ds = SegmentationDataset(images, None, train=False)
     outp = Path(out)
-    if outp.exists() and not overwrite:
-        raise StoreError(f"{outp} exists; pass --overwrite to replace it")
+    # never the images or the checkpoint (nor inside / holding them), never what isle did not write; a
+    # run's own folder may hold its predictions (run/val_pred.zarr)
+    check_output(out, overwrite=overwrite, inputs=[images, meta["path"]])
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=dev.type == "cuda")
     if format == "store":
@@ -208,26 +208,15 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
                                           "scales": list(scales), "flip": flip, "window": window})
         padded = tuple(src.padded_shape)
     else:
-        writer, padded = None, None
-        tmp = outp.with_name(f"{outp.name}.tmp-{uuid.uuid4().hex[:12]}")
-        tmp.mkdir(parents=True)
+        writer, padded = FolderOutput(out, command="isle predict", overwrite=overwrite, check=False), None
     try:
         with torch_threads(resolve_threads(threads, dev)):
             _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
-                          writer=writer, padded=padded, png_dir=tmp if writer is None else None)
-        if format == "store":
-            writer.commit()
-        else:
-            if outp.exists():
-                trash = outp.with_name(f"{outp.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(outp, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, outp)
+                          writer=writer if format == "store" else None, padded=padded,
+                          png_dir=writer.work if format == "png" else None)
+        writer.commit()
     except BaseException:
-        if format == "store":
-            writer.abort()
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
     res = PredictResult(str(outp), format, len(ds), timer.seconds, meta["path"])
     summary("isle predict", {"images": len(ds), "checkpoint": f"{meta['path']} (step {meta.get('step')})",

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from isle_fast import metrics
 from isle_fast.errors import InputError, StoreError
 from isle_fast.options import parameters_doc
+from isle_fast.outputs import MARKER, owned, refuse_unsafe, write_file, write_marker, write_text
 from isle_fast.progress import Timer, progress, summary
 from isle_fast.training.config import (RESUMABLE, RunOptions, TrainConfig, config_from_dict,
                                        options_from_kwargs)
@@ -152,30 +153,13 @@ def evaluate_model(model: torch.nn.Module, images: str | os.PathLike, gt: str | 
 
 
 # -- files ----------------------------------------------------------------------------
-def _atomic(path: Path, write) -> None:
-    """Write ``path`` through a temporary sibling and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda p: write_checkpoint(obj, p))
-
-
-def _write_text(path: Path, text: str) -> None:
-    def w(p: Path) -> None:
-        p.write_text(text, encoding="utf-8")
-
-    _atomic(path, w)
+    """A checkpoint, atomically and fsynced (a resume after a crash needs it whole)."""
+    write_file(path, lambda p: write_checkpoint(obj, p), durable=True)
 
 
 def _write_metrics(run: Path, history: list[dict], val: list[dict], extra: dict) -> None:
-    _write_text(run / "metrics.json", json.dumps({"train": history, "val": val, **extra}, indent=1))
+    write_text(run / "metrics.json", json.dumps({"train": history, "val": val, **extra}, indent=1))
     by_step: dict[int, dict] = {}
     for row in history:
         by_step.setdefault(row["step"], {}).update(row)
@@ -187,7 +171,7 @@ def _write_metrics(run: Path, history: list[dict], val: list[dict], extra: dict)
     wr.writeheader()
     for step in sorted(by_step):
         wr.writerow({"step": step, **by_step[step]})
-    _write_text(run / "metrics.csv", buf.getvalue())
+    write_text(run / "metrics.csv", buf.getvalue())
     try:
         _plot(run / "curves.png", history, val)
     except Exception:  # a plot is a courtesy; never fail a run over it
@@ -219,11 +203,10 @@ def _plot(path: Path, history: list[dict], val: list[dict]) -> None:
     b.grid(alpha=0.3)
     fig.tight_layout()
 
-    def w(p: Path) -> None:
-        fig.savefig(p, dpi=110, format="png")
-
-    _atomic(path, w)
-    plt.close(fig)
+    try:
+        write_file(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # -- training -------------------------------------------------------------------------
@@ -323,11 +306,16 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     dev = resolve_device(cfg.device)
     use_amp = (dev.type == "cuda") if cfg.amp is None else bool(cfg.amp)
     ds = _open_training_data(cfg)   # a bad store is reported before anything is written
+    # the run folder is never an input (nor inside / holding one), /, home or the working directory
+    weights = cfg.weights if cfg.weights is not None and os.path.isfile(str(cfg.weights)) else None
+    refuse_unsafe(run, inputs=[cfg.images, cfg.labels, cfg.val_images, cfg.val_gt, weights])
     ck = _resume_checkpoint(run, cfg) if opts.resume else None
     if ck is None:
         _clear_run_folder(run, opts.overwrite)
     run.mkdir(parents=True, exist_ok=True)
-    _write_text(run / "config.json", json.dumps(asdict(cfg), indent=1))
+    if not (run / MARKER).exists():
+        write_marker(run, "isle train")
+    write_text(run / "config.json", json.dumps(asdict(cfg), indent=1))
 
     n_threads = resolve_threads(cfg.threads, dev, cfg.deterministic)
     governor = ThreadGovernor(cfg.threads is None and not cfg.deterministic and dev.type == "cpu",
@@ -364,8 +352,9 @@ def _open_training_data(cfg: TrainConfig) -> SegmentationDataset:
     return ds
 
 
-#: The files a run folder holds (removed by ``overwrite``).
-RUN_FILES = ("last.pt", "best.pt", "final.pt", "metrics.json", "metrics.csv", "curves.png", "config.json")
+#: What a run folder holds; ``--overwrite`` deletes these (and only these) before a fresh start.
+RUN_FILES = ("last.pt", "best.pt", "final.pt", "metrics.json", "metrics.csv", "curves.png", "config.json",
+             MARKER)
 
 
 def _resume_checkpoint(run: Path, cfg: TrainConfig) -> dict:
@@ -384,11 +373,15 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig) -> dict:
 
 
 def _clear_run_folder(run: Path, overwrite: bool) -> None:
-    """Make way for a new run in ``run``: refused when it holds files, unless ``overwrite``."""
-    if not (run.exists() and any(run.iterdir())):
+    """Make way for a new run in ``run``: refused when it holds files, unless ``overwrite`` and
+    every file is one isle train wrote (the folder carries its marker, or holds only run files)."""
+    if not run.exists() or (run.is_dir() and not any(run.iterdir())):
         return
     if not overwrite:
         raise StoreError(f"{run} already holds files; pass --resume to continue it or --overwrite to restart")
+    if not (run.is_dir() and (owned(run) or {p.name for p in run.iterdir()} <= set(RUN_FILES))):
+        raise StoreError(f"{run} holds files that isle train did not write (no {MARKER}); refusing to "
+                         "restart a run there even with --overwrite: choose another folder")
     for name in RUN_FILES:
         if (run / name).exists():
             (run / name).unlink()

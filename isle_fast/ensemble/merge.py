@@ -283,7 +283,7 @@ class MergeResult:
 def ensemble_scores(stack: Stack):
     """The merged score stack of an ensemble (a Zarr array), or ``None`` for a label-only ensemble."""
     name = stack.provenance.get("scores_array")
-    return stack.group[name] if name and name in stack.group else None
+    return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
 
 
 def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str = "score",

@@ -80,7 +80,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError, StoreError
-from isle_fast.stores.stack import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, is_remote, open_stack
+from isle_fast.stores.stack import (
+    IGNORE_INDEX,
+    WRITE_EVERY_CHUNK,
+    Stack,
+    check_aligned,
+    create_stack,
+    default_chunks,
+    is_remote,
+    open_stack,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -489,7 +498,8 @@ def _run_block(job: _Job, start: int, stop: int) -> int:
                         classes=tuple(src.classes), ids=src.ids[start:stop], start=start)
     chunk = apply_chain(job.chain, chunk)
     group = zarr.open_group(job.target, mode="r+")
-    group[job.target_array][start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
+    target = group[job.target_array].with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
+    target[start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
     return stop - start
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -682,6 +683,310 @@ def test_fuzzed_store_attributes(data, tmp_path_factory, key, value):
             assert_clean_error(rc, err_buf.getvalue())
     assert tree_digest(bad) == before
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# stores that know their chunks: damage is an error on every command, never data
+# --------------------------------------------------------------------------------------
+CHUNKS = "2,16,16"        # 5 x 3 x 3 = 45 chunks per array of the tiny data set
+TRAIN_ARGS = ["--steps", "5", "--batch-size", "2", "--crop", "16", "--backbone", "resnet18_w16", "--weights", "none",
+              "--head-channels", "16", "--val-every", "0", "--ckpt-every", "0", "--log-every", "5", "--threads", "1"]
+#: which commands read which store of the ``chunked`` fixture (the damaged one is always the "target")
+READERS = {
+    "gt": ("info", "info --check", "evaluate", "merge", "export", "report"),
+    "set0": ("info", "info --check", "evaluate", "merge", "export", "report", "train"),
+    "images": ("info", "info --check", "train"),
+}
+FAST_COMMANDS = ("info", "info --check", "evaluate", "export")
+
+
+def fuzz(examples: int):
+    """Hypothesis settings of the damage fuzzers: ``examples`` each (``ISLE_FUZZ_EXAMPLES=N`` for more)."""
+    return settings(max_examples=int(os.environ.get("ISLE_FUZZ_EXAMPLES", examples)), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+#: commands that need not read every chunk: info reads ids and shapes only, export each image's own pixels
+#: (a damaged chunk of pure padding changes nothing it writes); the others read all of a store
+PARTIAL_READERS = ("info", "export")
+
+
+class _Shown(dict):
+    """A fixture's dict with a short repr (hypothesis prints the arguments of a failing example)."""
+
+    def __repr__(self) -> str:
+        return f"<{self.get('root')}>"
+
+
+def quiet_cli(argv: list) -> tuple[int, str, str]:
+    """``isle ARGV`` in process, stdout and stderr captured (usable inside hypothesis tests)."""
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _store_data(path: Path) -> tuple:
+    s = open_stack(path)
+    return (s.ids, s.shapes.tolist(), np.asarray(s.array[...]))
+
+
+def run_on_stores(command: str, stores: dict[str, Path], target: str, out: Path,
+                  workers: int = 0) -> tuple[int, str, Any]:
+    """Run ``command`` the way a user would on ``stores`` (``target`` is the store under test); returns
+    (exit status, stderr, what it made: numbers and arrays, compared with an undamaged run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    t = stores[target]
+    sets = [stores["set0"], stores["set1"]]
+    if command == "info":
+        rc, o, err = quiet_cli(["info", "--json", t])
+        made = None if rc else {k: json.loads(o)[k] for k in ("images", "pixels", "image_height", "image_width")}
+    elif command == "info --check":
+        rc, o, err = quiet_cli(["info", "--check", "--json", "--quiet", t])
+        made = None if rc else _store_data(t)
+    elif command == "evaluate":
+        rc, o, err = quiet_cli(["evaluate", *sets, "--gt", stores["gt"], "--json", out / "ev.json", "--quiet"])
+        made = None if rc else [(v["tp"], v["fp"], v["fn"]) for v in json.loads((out / "ev.json").read_text())
+                                ["sets"].values()]
+    elif command == "merge":
+        rc, o, err = quiet_cli(["merge", *sets, "--gt", stores["gt"], "--out", out / "e.zarr", "--json",
+                                out / "m.json", "--quiet"])
+        if rc:
+            no_complete_store(out / "e.zarr")
+            made = None
+        else:
+            doc = json.loads((out / "m.json").read_text())
+            made = ([(v["tp"], v["fp"], v["fn"]) for v in doc["sets"].values()], doc["ensemble"]["iou"],
+                    _store_data(out / "e.zarr")[2])
+    elif command == "export":
+        rc, o, err = quiet_cli(["export", t, "--out", out / "png", "--quiet"])
+        made = None if rc else {p.name: np.asarray(Image.open(p)) for p in sorted((out / "png").iterdir())}
+        if rc:
+            assert not (out / "png").exists()
+    elif command == "report":
+        rc, o, err = quiet_cli(["report", *sets, "--gt", stores["gt"], "--out", out / "rep", "--quiet"])
+        if rc:
+            assert not (out / "rep").exists()
+            made = None
+        else:
+            doc = json.loads((out / "rep" / "report.json").read_text())
+            made = ([(v["tp"], v["fp"], v["fn"]) for v in doc["sets"].values()], doc["ensemble"]["iou"])
+    elif command == "train":
+        rc, o, err = quiet_cli(["train", "--images", stores["images"], "--labels", stores["set0"], "--out",
+                                out / "run", *TRAIN_ARGS, "--workers", workers, "--quiet"])
+        made = None if rc else json.loads((out / "run" / "metrics.json").read_text())["train"][-1]["loss"]
+    else:
+        raise ValueError(command)
+    assert "Traceback" not in err, err
+    return rc, err, made
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory):
+    """gt, two sets and an images store of the tiny data set in small chunks, and what every command
+    makes of them undamaged (the baselines: a damaged store's command must fail or make exactly this)."""
+    root = tmp_path_factory.mktemp("chunked")
+    folders = make_pngs(root / "src")
+    rgb = root / "src" / "rgb"
+    rgb.mkdir()
+    rng = np.random.default_rng(7)
+    for p in sorted(folders["gt"].iterdir()):
+        h, w = np.asarray(Image.open(p)).shape
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(rgb / p.name)
+    stores = {"gt": root / "gt.zarr", "set0": root / "set0.zarr", "set1": root / "set1.zarr",
+              "images": root / "images.zarr"}
+    argvs = [["labels", folders["gt"], "--kind", "gt", "-o", stores["gt"], "--chunks", CHUNKS]]
+    argvs += [["labels", folders[s], "--gt", stores["gt"], "-o", stores[s], "--chunks", CHUNKS] for s in ("set0", "set1")]
+    argvs += [["images", rgb, "--gt", stores["gt"], "-o", stores["images"], "--chunks", CHUNKS + ",3"]]
+    for argv in argvs:
+        rc, _, err = quiet_cli(["ingest", *argv, "-q"])
+        assert rc == 0, err
+    return _Shown(root=root, stores=stores, baseline={})
+
+
+def baseline(chunked, command: str, target: str) -> Any:
+    """What ``command`` makes of the undamaged stores (computed once, when first needed)."""
+    key = (command, target)
+    if key not in chunked["baseline"]:
+        out = chunked["root"] / "baseline" / target / command.replace(" ", "")
+        rc, err, made = run_on_stores(command, chunked["stores"], target, out)
+        assert rc == 0, (command, err)
+        chunked["baseline"][key] = made
+    return chunked["baseline"][key]
+
+
+def _chunk_files(store: Path, array: str) -> list[Path]:
+    return sorted(p for p in (store / array).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def _main_array(store: Path) -> str:
+    return json.loads((store / "zarr.json").read_text())["attributes"]["encoding"]
+
+
+def damage_chunk(store: Path, array: str, how: str, a: int, b: int, value: int) -> None:
+    """Truncate, flip a byte of, delete or swap (with another) one chunk file of ``array``."""
+    files = _chunk_files(store, array)
+    f = files[a % len(files)]
+    raw = bytearray(f.read_bytes())
+    if how == "truncate":
+        f.write_bytes(bytes(raw[: b % max(1, len(raw))]))
+    elif how == "flip":
+        raw[b % len(raw)] = value
+        f.write_bytes(bytes(raw))
+    elif how == "delete":
+        f.unlink()
+    else:
+        g = files[b % len(files)]
+        other = g.read_bytes()
+        g.write_bytes(bytes(raw))
+        f.write_bytes(other)
+
+
+def _copy_target(chunked, tmp: Path, target: str) -> dict[str, Path]:
+    stores = dict(chunked["stores"])
+    stores[target] = tmp / stores[target].name
+    shutil.copytree(chunked["stores"][target], stores[target])
+    return stores
+
+
+def check_damaged_run(chunked, stores: dict[str, Path], target: str, commands: Sequence[str], tmp: Path,
+                      changed: bool, metadata: bool) -> None:
+    """Every command on the damaged ``target``: a clear error naming the store, or exactly the undamaged
+    result (and that only when nothing changed, a metadata change left the data's meaning alone, or the
+    command is one of :data:`PARTIAL_READERS` and did not need the damaged chunk)."""
+    before = tree_digest(*stores.values())
+    for command in commands:
+        rc, err, made = run_on_stores(command, stores, target, tmp / "out" / command.replace(" ", ""))
+        if rc == 0:
+            assert _same(made, baseline(chunked, command, target)), (command, "exit 0 with another result")
+            assert metadata or not changed or command in PARTIAL_READERS, (command, "exit 0 on a damaged chunk")
+        else:
+            assert_clean_error(rc, err)
+            if not metadata:
+                assert str(stores[target]) in err, (command, err)
+    assert tree_digest(*stores.values()) == before, "an input changed"
+
+
+def _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value, commands) -> None:
+    tmp = tmp_path_factory.mktemp("chunkdmg")
+    stores = _copy_target(chunked, tmp, target)
+    name = _main_array(stores[target]) if array == "main" else array
+    if how in ("truncate", "flip", "delete", "swap") and array != "main" and how == "swap":
+        how = "flip"  # ids / shapes have one chunk each: nothing to swap with
+    before = tree_digest(stores[target])
+    damage_chunk(stores[target], name, how, a, b, value)
+    changed = tree_digest(stores[target]) != before
+    check_damaged_run(chunked, stores, target, [c for c in commands if c in READERS[target]], tmp, changed,
+                      metadata=False)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+_DAMAGE = dict(array=st.sampled_from(["main", "main", "main", "ids", "shapes"]),
+               how=st.sampled_from(["truncate", "flip", "delete", "swap"]),
+               a=st.integers(0, 10**6), b=st.integers(0, 10**6), value=st.integers(0, 255))
+
+
+@fuzz(10)
+@given(target=st.sampled_from(["gt", "set0"]), **_DAMAGE)
+def test_fuzzed_chunk_damage(chunked, tmp_path_factory, target, array, how, a, b, value):
+    """Any chunk of a set or the gt truncated, flipped, deleted or swapped: info, info --check, evaluate and
+    export fail cleanly naming the store (or, undamaged, give the same result); inputs unchanged."""
+    _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value, FAST_COMMANDS)
+
+
+@pytest.mark.slow
+@fuzz(12)
+@given(target=st.sampled_from(["gt", "set0", "images"]), **_DAMAGE)
+def test_fuzzed_chunk_damage_every_command(chunked, tmp_path_factory, target, array, how, a, b, value):
+    """The same on every command that reads the store: + merge, report and train (5 steps = one epoch, so
+    every chunk is read)."""
+    _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value,
+                       ("info", "info --check", "evaluate", "merge", "export", "report", "train"))
+
+
+def _json_paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _json_paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _json_paths(v, prefix + (i,))
+    return out
+
+
+_JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 2**33), st.floats(allow_nan=False),
+                                      st.text(max_size=6), st.sampled_from(["uint8", "bool", "int64", "string",
+                                                                            "zstd", "crc32c", "c", "."])),
+                            lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                    st.dictionaries(st.text(max_size=4), inner, max_size=2)),
+                            max_leaves=4)
+
+
+def damage_metadata(store: Path, file: str, how: str, k: int, value: Any, byte: int) -> None:
+    """Set or delete one key anywhere in a zarr.json, or truncate / flip a byte of the file."""
+    p = store / file
+    if how in ("truncate", "flip"):
+        raw = bytearray(p.read_bytes())
+        if how == "truncate":
+            raw = raw[: k % len(raw)]
+        else:
+            raw[k % len(raw)] = byte
+        p.write_bytes(bytes(raw))
+        return
+    doc = json.loads(p.read_text())
+    paths = _json_paths(doc)
+    path = paths[k % len(paths)]
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if how == "delete":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    p.write_text(json.dumps(doc))
+
+
+_META = dict(file=st.sampled_from(["zarr.json", "MAIN/zarr.json", "MAIN/zarr.json", "ids/zarr.json",
+                                   "shapes/zarr.json"]),
+             how=st.sampled_from(["set", "set", "delete", "truncate", "flip"]),
+             k=st.integers(0, 10**6), value=_JSON_VALUES, byte=st.integers(0, 255))
+
+
+def _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte, commands) -> None:
+    tmp = tmp_path_factory.mktemp("metadmg")
+    stores = _copy_target(chunked, tmp, target)
+    damage_metadata(stores[target], file.replace("MAIN", _main_array(stores[target])), how, k, value, byte)
+    check_damaged_run(chunked, stores, target, [c for c in commands if c in READERS[target]], tmp, True,
+                      metadata=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@fuzz(12)
+@given(target=st.sampled_from(["gt", "set0"]), **_META)
+def test_fuzzed_store_metadata(chunked, tmp_path_factory, target, file, how, k, value, byte):
+    """Any key of the group's or an array's zarr.json set to any JSON value or deleted, or the file cut or
+    a byte flipped: info, info --check, evaluate, export fail cleanly or give exactly the undamaged result."""
+    _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte, FAST_COMMANDS)
+
+
+@pytest.mark.slow
+@fuzz(12)
+@given(target=st.sampled_from(["gt", "set0", "images"]), **_META)
+def test_fuzzed_store_metadata_every_command(chunked, tmp_path_factory, target, file, how, k, value, byte):
+    """The same on every command that reads the store (+ merge, report, train)."""
+    _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte,
+                   ("info", "info --check", "evaluate", "merge", "export", "report", "train"))
 
 
 # --------------------------------------------------------------------------------------

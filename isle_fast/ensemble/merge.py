@@ -46,6 +46,7 @@ import numpy as np
 from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import (
     Evaluation,
+    check_bg_threshold,
     _jsonable,
     aligned_arrays,
     blockwise_args,
@@ -331,6 +332,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")

@@ -28,6 +28,7 @@ import numpy as np
 from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import (
     Evaluation,
+    check_bg_threshold,
     _jsonable,
     _nanmean_rows,
     aligned_arrays,
@@ -229,6 +230,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     code = _policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)

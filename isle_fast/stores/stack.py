@@ -112,6 +112,11 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def kind_phrase(kind: str) -> str:
+    """``"a 'pseudo' store"`` / ``"an 'images' store"``, for messages."""
+    return f"{'an' if str(kind)[:1] in 'aeiou' else 'a'} {kind!r} store"
+
+
 def _local(path: str | os.PathLike) -> Path:
     s = str(path)
     return Path(s[len("file://"):] if s.startswith("file://") else s)
@@ -238,6 +243,8 @@ def _check_attrs(path: str, attrs: dict) -> None:
         raise bad("classes", "a non-empty list of class names")
     if len(classes) > 255:
         raise bad("classes", "at most 255 names (255 is the ignore value)")
+    if len(set(classes)) != len(classes):
+        raise bad("classes", "class names that are all different")
     ignore = attrs.get("ignore_index", IGNORE_INDEX)
     if isinstance(ignore, bool) or ignore != IGNORE_INDEX:
         raise bad("ignore_index", str(IGNORE_INDEX))
@@ -578,7 +585,7 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
     if kind is not None:
         kinds = (kind,) if isinstance(kind, str) else tuple(kind)
         if attrs["kind"] not in kinds:
-            raise StoreError(f"{spath} is a {attrs['kind']!r} store; expected {' or '.join(kinds)}")
+            raise StoreError(f"{spath} is {kind_phrase(attrs['kind'])}; expected {' or '.join(kinds)}")
     return Stack(spath, group)
 
 
@@ -739,6 +746,8 @@ def create_stack(
     classes = [str(c) for c in classes]
     if kind != "images" and not 1 <= len(classes) <= 255:
         raise InputError(f"a stack needs 1 to 255 classes (255 is the ignore value); got {len(classes)}")
+    if len(set(classes)) != len(classes):
+        raise InputError(f"class names repeat: {classes}")
     ids = [str(s) for s in ids]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()

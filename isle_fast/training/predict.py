@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isle_fast.training.data import SegmentationDataset, normalize
+from isle_fast.training.data import SegmentationDataset, normalize, worker_error
 from isle_fast.training.deeplab import DeepLabV3Plus
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, IsleError, StoreError
 from isle_fast.progress import Timer, progress, summary
 
 __all__ = ["load_model", "resolve_device", "amp_dtype", "resolve_threads", "ThreadGovernor", "torch_threads",
@@ -399,8 +399,14 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
         tmp.mkdir(parents=True)
     try:
         with torch_threads(resolve_threads(threads, dev)):
-            _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
-                          writer=writer, padded=padded, png_dir=tmp if writer is None else None)
+            try:
+                _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
+                              writer=writer, padded=padded, png_dir=tmp if writer is None else None)
+            except IsleError as exc:  # met by a DataLoader worker: its message, not its traceback
+                clean = worker_error(exc)
+                if clean is exc:
+                    raise
+                raise clean from None
         if format == "store":
             writer.commit()
         else:

@@ -61,9 +61,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isle_fast.training.data import ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader, normalize
+from isle_fast.training.data import (
+    ChunkBatchSampler,
+    SegmentationDataset,
+    chunk_groups,
+    make_loader,
+    normalize,
+    worker_error,
+)
 from isle_fast.training.deeplab import DeepLabV3Plus
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, IsleError, StoreError
 from isle_fast.training.predict import (CHECKPOINT_FORMAT, ThreadGovernor, amp_dtype, predict_probs, resolve_device, resolve_threads,
                       torch_threads)
 from isle_fast.progress import Timer, progress, summary
@@ -485,6 +492,11 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     try:
         with torch_threads(n_threads):
             return _run(cfg, ds, run, dev, use_amp, ck, stop_after, quiet, timer, governor)
+    except IsleError as exc:  # e.g. a damaged chunk met by a DataLoader worker: its message, not its traceback
+        clean = worker_error(exc)
+        if clean is exc:
+            raise
+        raise clean from None
     finally:
         _restore_switches(switches)
 

@@ -694,9 +694,10 @@ TRAIN_ARGS = ["--steps", "5", "--batch-size", "2", "--crop", "16", "--backbone",
 #: which commands read which store of the ``chunked`` fixture (the damaged one is always the "target")
 READERS = {
     "gt": ("info", "info --check", "evaluate", "merge", "export", "report"),
-    "set0": ("info", "info --check", "evaluate", "merge", "export", "report", "train"),
-    "images": ("info", "info --check", "train"),
+    "set0": ("info", "info --check", "evaluate", "merge", "export", "report", "train", "refine"),
+    "images": ("info", "info --check", "train", "refine"),
 }
+EVERY_COMMAND = ("info", "info --check", "evaluate", "merge", "export", "report", "train", "refine")
 FAST_COMMANDS = ("info", "info --check", "evaluate", "export")
 
 
@@ -771,6 +772,12 @@ def run_on_stores(command: str, stores: dict[str, Path], target: str, out: Path,
         else:
             doc = json.loads((out / "rep" / "report.json").read_text())
             made = ([(v["tp"], v["fp"], v["fn"]) for v in doc["sets"].values()], doc["ensemble"]["iou"])
+    elif command == "refine":
+        rc, o, err = quiet_cli(["refine", stores["set0"], "--images", stores["images"], "--with", "crf", "--out",
+                                out / "r.zarr", "--scheduler", "threads", "--quiet"])
+        if rc:
+            no_complete_store(out / "r.zarr")
+        made = None if rc else _store_data(out / "r.zarr")[2]
     elif command == "train":
         rc, o, err = quiet_cli(["train", "--images", stores["images"], "--labels", stores["set0"], "--out",
                                 out / "run", *TRAIN_ARGS, "--workers", workers, "--quiet"])
@@ -908,10 +915,9 @@ def test_fuzzed_chunk_damage(chunked, tmp_path_factory, target, array, how, a, b
 @fuzz(12)
 @given(target=st.sampled_from(["gt", "set0", "images"]), **_DAMAGE)
 def test_fuzzed_chunk_damage_every_command(chunked, tmp_path_factory, target, array, how, a, b, value):
-    """The same on every command that reads the store: + merge, report and train (5 steps = one epoch, so
-    every chunk is read)."""
-    _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value,
-                       ("info", "info --check", "evaluate", "merge", "export", "report", "train"))
+    """The same on every command that reads the store: + merge, report, refine (crf) and train (5 steps =
+    one epoch, so every chunk is read)."""
+    _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value, EVERY_COMMAND)
 
 
 def _json_paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
@@ -984,9 +990,8 @@ def test_fuzzed_store_metadata(chunked, tmp_path_factory, target, file, how, k, 
 @fuzz(12)
 @given(target=st.sampled_from(["gt", "set0", "images"]), **_META)
 def test_fuzzed_store_metadata_every_command(chunked, tmp_path_factory, target, file, how, k, value, byte):
-    """The same on every command that reads the store (+ merge, report, train)."""
-    _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte,
-                   ("info", "info --check", "evaluate", "merge", "export", "report", "train"))
+    """The same on every command that reads the store (+ merge, report, refine, train)."""
+    _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte, EVERY_COMMAND)
 
 
 # the cases of issue 18, one by one, the way a user meets them
@@ -1132,8 +1137,10 @@ def test_bg_threshold_must_be_a_finite_score(data, tmp_path, capsys, command, va
     assert not any(p.name.startswith(("e.zarr", "rep", "s.zarr")) for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("value", [2, float("nan"), -1, float("inf"), True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True, "x"])
 def test_bg_threshold_library_calls(data, tmp_path, value):
+    """The library keeps its tested edge meanings (negative = off, above 1 = background wins) but refuses
+    what has none: nan, infinities, bools, text."""
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.ensemble.merge import merge
     from isle_fast.errors import InputError

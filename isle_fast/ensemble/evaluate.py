@@ -120,15 +120,21 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
 
 
 def check_bg_threshold(value: Any) -> float | None:
-    """``bg_threshold`` checked: None, or a finite number in [0, 1] (:class:`InputError` otherwise)."""
+    """``bg_threshold`` checked: None or a finite number (:class:`InputError` for nan, inf, text, bools).
+
+    The command line accepts only scores, [0, 1] (``--bg-threshold``); the library
+    also keeps its two edge meanings, tested against the reference kernels: a
+    negative value is "off" (as None) and one above 1 makes background win
+    wherever it is compared.
+    """
     if value is None:
         return None
     try:
         v = float(value)
     except (TypeError, ValueError):
         v = float("nan")
-    if isinstance(value, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-        raise InputError(f"--bg-threshold must be a finite number in [0, 1] (a score), not {value!r}")
+    if isinstance(value, bool) or not math.isfinite(v):
+        raise InputError(f"--bg-threshold must be a finite number (a score in [0, 1]), not {value!r}")
     return v
 
 
@@ -523,9 +529,10 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     backend : {'auto', 'cpu', 'gpu'}
         Kernel backend; results are identical.
     bg_threshold : float, optional
-        For score sets: replace the background score by this value (a finite
-        [0, 1] score, anything else is an InputError; ``uint8`` stores compare
-        against ``255 * T``) before decoding.
+        For score sets: replace the background score by this value (a [0, 1]
+        score; ``uint8`` stores compare against ``255 * T``) before decoding.
+        NaN, infinity and non-numbers are an InputError
+        (:func:`check_bg_threshold`).
     progress : bool
         Show a progress bar (local schedulers).
 

@@ -307,7 +307,8 @@ def _decode_every_chunk(stack: Any) -> np.ndarray:
     return out
 
 
-def checksum_cost(datasets: dict[str, tuple[np.ndarray, tuple[int, ...]]], rounds: int) -> list[dict[str, Any]]:
+def checksum_cost(datasets: dict[str, tuple[np.ndarray, tuple[int, ...]]],
+                  rounds: int) -> list[dict[str, Any]]:
     """Read throughput of stores with and without ``crc32c``, through the direct reader and Zarr's path."""
     import shutil
     import tempfile
@@ -347,7 +348,8 @@ def checksum_cost(datasets: dict[str, tuple[np.ndarray, tuple[int, ...]]], round
             mb = data.nbytes / 1e6
             for reader in readers:
                 on, off = best[reader, True], best[reader, False]
-                rows.append({"data": name, "reader": reader, "raw_bytes": int(data.nbytes), "reads_per_timing": inner[reader],
+                rows.append({"data": name, "reader": reader, "raw_bytes": int(data.nbytes),
+                             "reads_per_timing": inner[reader],
                              "seconds_crc32c": on[0], "seconds_without": off[0],
                              "MBps_crc32c": mb / on[0], "MBps_without": mb / off[0],
                              "cpu_MBps_crc32c": mb / on[1], "cpu_MBps_without": mb / off[1],
@@ -413,10 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     for group, pk in picks.items():
         print(f"\npick for {group} (fewest bytes over the {group} data sets among finalists with one-core decode "
               f">= {MIN_DECODE_MBPS:.0f} and encode >= {MIN_ENCODE_MBPS[group]:.0f} MB/s): {pk['codec']}")
-    crc_rows = checksum_cost({n: datasets[n] for n in ("labels-gt", "scores-uint8")}, rounds=3 if quick else 7)
-    print("\nchecksum_cost: reading whole stores (local disk, page cache) with and without the crc32c checksum "
-          "of the default codec chains; raw MB/s of wall time and per process CPU second, best of interleaved "
-          "rounds")
+    crc_rows = checksum_cost({n: datasets[n] for n in ("labels-gt", "scores-uint8")},
+                             rounds=3 if quick else 7)
+    print("\nchecksum_cost: reading whole stores (local disk, page cache) with and without the crc32c "
+          "checksum of the default codec chains; raw MB/s of wall time and per process CPU second, best "
+          "of interleaved rounds")
     print(format_table([{"data": r["data"], "reader": r["reader"],
                          "MB/s crc32c": f"{r['MBps_crc32c']:.0f}", "MB/s without": f"{r['MBps_without']:.0f}",
                          "wall cost": f"{100 * r['wall_overhead']:+.1f} %",
@@ -438,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                                          decode_MBps=r["decode_MBps"]))
     for r in crc_rows:
         headline.append(headline_row(f"{r['data']}: read ({r['reader']} path) with crc32c checksums",
-                                     r["seconds_crc32c"], "without", r["seconds_without"], wall_overhead=r["wall_overhead"],
-                                     cpu_overhead=r["cpu_overhead"]))
+                                     r["seconds_crc32c"], "without", r["seconds_without"],
+                                     wall_overhead=r["wall_overhead"], cpu_overhead=r["cpu_overhead"]))
     path = write_json("compression", {"datasets": results, "picks": picks, "defaults": current, "headline": headline,
                                       "checksum_cost": crc_rows, "repeat": k}, quick=quick)
     print(f"\ndefaults in store.py: {current}")

@@ -336,7 +336,8 @@ def test_store_without_checksums_or_manifest_still_opens_and_reads(tmp_path):
     from isle_fast.stores.chunks import MANIFEST_ATTR
 
     rng = np.random.default_rng(1)
-    s = _stack_with(tmp_path / "s.zarr", lambda shp: rng.integers(0, 3, shp), compressors=(ZstdCodec(level=3),))
+    s = _stack_with(tmp_path / "s.zarr", lambda shp: rng.integers(0, 3, shp),
+                    compressors=(ZstdCodec(level=3),))
     want = s.array[...]
     for name in ("labels", "ids", "shapes"):
         meta_path = tmp_path / "s.zarr" / name / "zarr.json"
@@ -398,7 +399,8 @@ def test_open_refuses_repeated_ids(tmp_path):
 @pytest.mark.parametrize("shapes,needle", [
     (np.array([[3, 4], [-2, 5]], np.int32), r"image 'y' has shape \(-2, 5\).*at least 1"),
     (np.array([[3, 4], [0, 5]], np.int32), r"image 'y' has shape \(0, 5\)"),
-    (np.array([[3, 9], [2, 5]], np.int32), r"image 'x' is 3 x 9 in 'shapes' but array 'labels' is padded to 3 x 5"),
+    (np.array([[3, 9], [2, 5]], np.int32),
+     r"image 'x' is 3 x 9 in 'shapes' but array 'labels' is padded to 3 x 5"),
 ])
 def test_open_refuses_shapes_outside_the_array(tmp_path, shapes, needle):
     small(tmp_path / "s.zarr")

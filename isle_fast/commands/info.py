@@ -12,8 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stores", nargs="+", metavar="STORE", help="store folder(s) or fsspec URL(s)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--check", action="store_true",
-                        help="read and verify every chunk of every array (checksums, the store's record of its "
-                             "chunks, decoding); name each missing or damaged chunk; exit 0 only if all are good")
+                        help="read and verify every chunk of every array (checksums, the store's record "
+                             "of its chunks, decoding); name each missing or damaged chunk; exit 0 only "
+                             "if all are good")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (--check)")
 
 
@@ -83,7 +84,8 @@ def _print(d: dict) -> None:
         elif unrecorded:
             notes.append(f"no record of the chunks of {', '.join(unrecorded)}")
         if check["ok"]:
-            print(f"  check       all {total:,} chunks good ({how})" + (f"; {'; '.join(notes)}" if notes else ""))
+            tail = f"; {'; '.join(notes)}" if notes else ""
+            print(f"  check       all {total:,} chunks good ({how}){tail}")
         else:
             print(f"  check       {len(check['problems'])} of {total:,} chunks missing or damaged ({how}):")
             for line in check["problems"]:

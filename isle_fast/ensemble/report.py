@@ -341,9 +341,10 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     if ensemble is not None:
         ens_stack = ensemble if isinstance(ensemble, Stack) else open_stack(ensemble)
         if ens_stack.kind not in ENSEMBLE_KINDS:
-            raise InputError(f"--ensemble {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is an "
-                             f"{' or '.join(repr(k) for k in ENSEMBLE_KINDS)} store (an ensemble made elsewhere "
-                             "may be ingested as a pseudo-label set)")
+            kinds = " or ".join(repr(k) for k in ENSEMBLE_KINDS)
+            raise InputError(f"--ensemble {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
+                             f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
+                             "pseudo-label set)")
     img_stack = None
     if images is not None:
         img_stack = images if isinstance(images, Stack) else open_stack(images, kind="images")

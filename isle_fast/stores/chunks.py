@@ -133,8 +133,8 @@ class ChunkNames:
         return text
 
     def missing(self, coords: Sequence[int]) -> StoreError:
-        return StoreError(f"{self.where(coords)} is missing: a store isle-fast wrote holds every chunk, so it was "
-                          "deleted or the store was copied incompletely")
+        return StoreError(f"{self.where(coords)} is missing: a store isle-fast wrote holds every chunk, "
+                          "so it was deleted or the store was copied incompletely")
 
     def damaged(self, coords: Sequence[int], why: str) -> StoreError:
         return StoreError(f"{self.where(coords)} is damaged: {why}")
@@ -580,7 +580,8 @@ def check_stack(stack: Any, *, workers: int | None = None, progress: bool = True
             if found is not None:
                 problems.append(found)
             pb.update(1)
-    return StoreCheck(path=st.path, chunks=chunks, checksums=checksums, manifests=manifests, problems=problems)
+    return StoreCheck(path=st.path, chunks=chunks, checksums=checksums, manifests=manifests,
+                      problems=problems)
 
 
 def names_for(store: str, name: str, arr: Any, ids: Sequence[str] | None = None) -> ChunkNames:

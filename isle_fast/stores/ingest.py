@@ -156,7 +156,8 @@ def resolve_classes(classes: str | os.PathLike | Sequence[str] | None) -> list[s
         try:
             lines = p.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
-            raise InputError(f"classes file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            raise InputError(f"classes file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") \
+                from None
         while lines and not lines[-1].strip():
             lines.pop()
         names: list[str] = []
@@ -167,7 +168,8 @@ def resolve_classes(classes: str | os.PathLike | Sequence[str] | None) -> list[s
                 raise InputError(f"classes file {p}, line {k}: blank line; line k names class k - 1, so a "
                                  "blank line would shift every later class (delete it, or name the class)")
             if name in where:
-                raise InputError(f"classes file {p}, line {k}: class {name!r} is already named on line {where[name]}")
+                raise InputError(f"classes file {p}, line {k}: class {name!r} is already named on line "
+                                 f"{where[name]}")
             where[name] = k
             names.append(name)
         if not names:

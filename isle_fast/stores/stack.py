@@ -58,7 +58,6 @@ from isle_fast.stores.chunks import (
     names_for,
     read_chunk,
     record_manifests,
-    row_ids,
     zstd_content_size,
 )
 
@@ -102,7 +101,8 @@ TILE_QUANTUM = 256
 # ``uint8`` scores hold round(score * SCORE_SCALE); a score of 1.0 is 255.
 SCORE_SCALE = 255.0
 
-#: Zarr array config of every writer: write a chunk even when it is all fill value (a store holds every chunk).
+#: Zarr array config of every writer: write a chunk even when it is all fill value
+#: (a store holds every chunk).
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
@@ -267,14 +267,15 @@ def _read_ids(path: str, arr: CheckedArray) -> list[str]:
     """The ``ids`` array, checked: one string per image, no id twice (export would overwrite images)."""
     dt = np.dtype(arr.dtype)
     if arr.ndim != 1 or dt.kind not in "OUT":
-        raise StoreError(f"{path}: array 'ids' is {dt} of shape {tuple(arr.shape)}; expected one string per image")
+        raise StoreError(f"{path}: array 'ids' is {dt} of shape {tuple(arr.shape)}; "
+                         "expected one string per image")
     ids = [str(s) for s in np.asarray(arr[...]).tolist()]
     if len(set(ids)) != len(ids):
         first: dict[str, int] = {}
         for i, s in enumerate(ids):
             if s in first:
-                raise StoreError(f"{path}: image id {s!r} appears twice in 'ids' (positions {first[s]} and {i}); "
-                                 "ids must be unique")
+                raise StoreError(f"{path}: image id {s!r} appears twice in 'ids' (positions {first[s]} "
+                                 f"and {i}); ids must be unique")
             first[s] = i
     return ids
 
@@ -283,14 +284,16 @@ def _read_shapes(path: str, arr: CheckedArray, ids: list[str]) -> np.ndarray:
     """The ``shapes`` array, checked: one (height, width) of at least 1 per id."""
     dt = np.dtype(arr.dtype)
     if arr.ndim != 2 or arr.shape[1] != 2 or dt.kind not in "iu":
-        raise StoreError(f"{path}: array 'shapes' is {dt} of shape {tuple(arr.shape)}; expected (images, 2) integers")
+        raise StoreError(f"{path}: array 'shapes' is {dt} of shape {tuple(arr.shape)}; "
+                         "expected (images, 2) integers")
     if arr.shape[0] != len(ids):
         raise StoreError(f"{path}: 'shapes' has {arr.shape[0]} rows but 'ids' has {len(ids)} images")
     shapes = np.asarray(arr[...], dtype=np.int64).reshape(-1, 2)
     bad = np.nonzero((shapes < 1).any(axis=1))[0]
     if len(bad):
         i = int(bad[0])
-        raise StoreError(f"{path}: image {ids[i]!r} has shape {tuple(int(v) for v in shapes[i])} in 'shapes'; "
+        hw = tuple(int(v) for v in shapes[i])
+        raise StoreError(f"{path}: image {ids[i]!r} has shape {hw} in 'shapes'; "
                          "heights and widths must be at least 1")
     return shapes
 
@@ -313,8 +316,8 @@ def _check_main_array(stack: "Stack") -> None:
     if len(over):
         i = int(over[0])
         h, w = (int(v) for v in stack.shapes[i])
-        raise StoreError(f"{path}: image {stack.ids[i]!r} is {h} x {w} in 'shapes' but array {enc!r} is padded "
-                         f"to {h_pad} x {w_pad}")
+        raise StoreError(f"{path}: image {stack.ids[i]!r} is {h} x {w} in 'shapes' but array {enc!r} "
+                         f"is padded to {h_pad} x {w_pad}")
     if enc == "scores" and arr.shape[3] != stack.num_classes:
         raise StoreError(f"{path}: array 'scores' has {arr.shape[3]} class slices but the store names "
                          f"{stack.num_classes} classes")
@@ -354,7 +357,8 @@ class Stack:
         try:  # every array of the group (an ensemble's scores, anything else), for isle info --check
             others = sorted(str(n) for n in group.array_keys() if n not in self._members)
         except Exception as exc:
-            raise StoreError(f"{self.path}: the metadata of an array is damaged ({type(exc).__name__}: {exc})") from None
+            raise StoreError(f"{self.path}: the metadata of an array is damaged "
+                             f"({type(exc).__name__}: {exc})") from None
         self.array_names: list[str] = ["ids", "shapes", self.encoding] + others
 
     def member(self, name: str) -> CheckedArray:
@@ -635,7 +639,7 @@ class StackWriter:
 
     # -- finishing -----------------------------------------------------------------
     def commit(self) -> Stack:
-        """Record every chunk's checksum, mark the store complete and move it into place; returns it opened."""
+        """Record every chunk's checksum, mark the store complete, move it into place; returns it opened."""
         if self.done:
             raise StoreError(f"{self.path} was already committed or aborted")
         record_manifests(self.group)  # every chunk there; its checksum recorded where it belongs
@@ -859,7 +863,7 @@ def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None
 # -- fast chunk reads ---------------------------------------------------------------------
 
 def _fast_chunk_spec(array: Any):
-    """The direct reader's spec of ``array``, or None for Zarr's general path (benchmarks switch it off here)."""
+    """The direct reader's spec of ``array``, or None for Zarr's path (benchmarks switch it off here)."""
     return fast_chunk_spec(array, getattr(array, "_names", None))
 
 

@@ -492,7 +492,7 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
     try:
         with torch_threads(n_threads):
             return _run(cfg, ds, run, dev, use_amp, ck, stop_after, quiet, timer, governor)
-    except IsleError as exc:  # e.g. a damaged chunk met by a DataLoader worker: its message, not its traceback
+    except IsleError as exc:  # e.g. a damaged chunk met by a DataLoader worker: its message, no traceback
         clean = worker_error(exc)
         if clean is exc:
             raise

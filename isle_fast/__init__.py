@@ -3,7 +3,8 @@
 The public API, in the order of the pipeline (see README.md; :mod:`isle_fast.stores.stack`
 for the data model):
 
-* stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`
+* stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`,
+  :func:`check_stack` (every chunk verified)
 * ingest: :func:`ingest_labels`, :func:`ingest_scores`, :func:`ingest_images`,
   :func:`ingest_tiff`, :func:`ingest_arrays`, :func:`ingest_dask`; CAM layouts
   (:data:`CAM_LAYOUTS`), pickles loaded safely (:func:`load_pickle_npy`)
@@ -35,6 +36,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "IGNORE_INDEX", "VOC_CLASSES", "Stack", "StackWriter", "create_stack", "open_stack",
         "check_aligned", "default_chunks", "default_compressors", "quantize_scores",
     ),
+    "stores.chunks": ("check_stack", "StoreCheck",),
     "stores.ingest": (
         "DEFAULT_BG_THRESHOLD", "read_ids", "resolve_classes", "ingest_labels", "ingest_scores",
         "ingest_images", "ingest_tiff", "ingest_arrays", "ingest_dask",

@@ -89,8 +89,12 @@ def test_read_ids_forms(tmp_path):
 def test_resolve_classes(tmp_path):
     assert len(resolve_classes("voc")) == 21
     f = tmp_path / "c.txt"
-    f.write_text("bg\ncat\n\ndog\n")
+    f.write_text("bg\ncat\ndog\n\n")            # blank lines after the last name are fine
     assert resolve_classes(f) == ["bg", "cat", "dog"]
+    # deliberate change (issue 18): a blank line between names used to be dropped, shifting every later class
+    f.write_text("bg\ncat\n\ndog\n")
+    with pytest.raises(InputError, match=r"c\.txt, line 3: blank line"):
+        resolve_classes(f)
     with pytest.raises(InputError, match="missing.txt"):
         resolve_classes(tmp_path / "missing.txt")
 

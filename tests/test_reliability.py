@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -807,6 +808,579 @@ def test_fuzzed_store_attributes(data, tmp_path_factory, key, value):
             assert_clean_error(rc, err_buf.getvalue())
     assert tree_digest(bad) == before
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# stores that know their chunks: damage is an error on every command, never data
+# --------------------------------------------------------------------------------------
+CHUNKS = "2,16,16"        # 5 x 3 x 3 = 45 chunks per array of the tiny data set
+TRAIN_ARGS = ["--steps", "5", "--batch-size", "2", "--crop", "16", "--backbone", "resnet18_w16",
+              "--weights", "none", "--head-channels", "16", "--val-every", "0", "--ckpt-every", "0",
+              "--log-every", "5", "--threads", "1"]
+#: which commands read which store of the ``chunked`` fixture (the damaged one is always the "target")
+READERS = {
+    "gt": ("info", "info --check", "evaluate", "merge", "export", "report"),
+    "set0": ("info", "info --check", "evaluate", "merge", "export", "report", "train", "refine"),
+    "images": ("info", "info --check", "train", "refine"),
+}
+EVERY_COMMAND = ("info", "info --check", "evaluate", "merge", "export", "report", "train", "refine")
+FAST_COMMANDS = ("info", "info --check", "evaluate", "export")
+
+
+def fuzz(examples: int):
+    """Hypothesis settings of the damage fuzzers: ``examples`` each (``ISLE_FUZZ_EXAMPLES=N`` for more)."""
+    return settings(max_examples=int(os.environ.get("ISLE_FUZZ_EXAMPLES", examples)), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+#: commands that need not read every chunk: info reads ids and shapes only, export each image's own pixels
+#: (a damaged chunk of pure padding changes nothing it writes); the others read all of a store
+PARTIAL_READERS = ("info", "export")
+
+
+class _Shown(dict):
+    """A fixture's dict with a short repr (hypothesis prints the arguments of a failing example)."""
+
+    def __repr__(self) -> str:
+        return f"<{self.get('root')}>"
+
+
+def quiet_cli(argv: list) -> tuple[int, str, str]:
+    """``isle ARGV`` in process, stdout and stderr captured (usable inside hypothesis tests)."""
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _store_data(path: Path) -> tuple:
+    s = open_stack(path)
+    return (s.ids, s.shapes.tolist(), np.asarray(s.array[...]))
+
+
+def run_on_stores(command: str, stores: dict[str, Path], target: str, out: Path,
+                  workers: int = 0) -> tuple[int, str, Any, str]:
+    """Run ``command`` the way a user would on ``stores`` (``target`` is the store under test); returns
+    (exit status, stderr, what it made: numbers and arrays, compared with an undamaged run; stdout)."""
+    out.mkdir(parents=True, exist_ok=True)
+    t = stores[target]
+    sets = [stores["set0"], stores["set1"]]
+    if command == "info":
+        rc, o, err = quiet_cli(["info", "--json", t])
+        keys = ("images", "pixels", "image_height", "image_width")
+        made = None if rc else {k: json.loads(o)[k] for k in keys}
+    elif command == "info --check":
+        rc, o, err = quiet_cli(["info", "--check", "--json", "--quiet", t])
+        made = None if rc else _store_data(t)
+    elif command == "evaluate":
+        rc, o, err = quiet_cli(["evaluate", *sets, "--gt", stores["gt"], "--json", out / "ev.json",
+                                "--quiet"])
+        made = None if rc else [(v["tp"], v["fp"], v["fn"]) for v in json.loads((out / "ev.json").read_text())
+                                ["sets"].values()]
+    elif command == "merge":
+        rc, o, err = quiet_cli(["merge", *sets, "--gt", stores["gt"], "--out", out / "e.zarr", "--json",
+                                out / "m.json", "--quiet"])
+        if rc:
+            no_complete_store(out / "e.zarr")
+            made = None
+        else:
+            doc = json.loads((out / "m.json").read_text())
+            made = ([(v["tp"], v["fp"], v["fn"]) for v in doc["sets"].values()], doc["ensemble"]["iou"],
+                    _store_data(out / "e.zarr")[2])
+    elif command == "export":
+        rc, o, err = quiet_cli(["export", t, "--out", out / "png", "--quiet"])
+        made = None if rc else {p.name: np.asarray(Image.open(p)) for p in sorted((out / "png").iterdir())}
+        if rc:
+            assert not (out / "png").exists()
+    elif command == "report":
+        rc, o, err = quiet_cli(["report", *sets, "--gt", stores["gt"], "--out", out / "rep", "--quiet"])
+        if rc:
+            assert not (out / "rep").exists()
+            made = None
+        else:
+            doc = json.loads((out / "rep" / "report.json").read_text())
+            made = ([(v["tp"], v["fp"], v["fn"]) for v in doc["sets"].values()], doc["ensemble"]["iou"])
+    elif command == "refine":
+        rc, o, err = quiet_cli(["refine", stores["set0"], "--images", stores["images"], "--with", "crf",
+                                "--out", out / "r.zarr", "--scheduler", "threads", "--quiet"])
+        if rc:
+            no_complete_store(out / "r.zarr")
+        made = None if rc else _store_data(out / "r.zarr")[2]
+    elif command == "train":
+        rc, o, err = quiet_cli(["train", "--images", stores["images"], "--labels", stores["set0"], "--out",
+                                out / "run", *TRAIN_ARGS, "--workers", workers, "--quiet"])
+        made = None if rc else json.loads((out / "run" / "metrics.json").read_text())["train"][-1]["loss"]
+    else:
+        raise ValueError(command)
+    assert "Traceback" not in err, err
+    return rc, err, made, o
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory):
+    """gt, two sets and an images store of the tiny data set in small chunks, and what every command
+    makes of them undamaged (the baselines: a damaged store's command must fail or make exactly this)."""
+    root = tmp_path_factory.mktemp("chunked")
+    folders = make_pngs(root / "src")
+    rgb = root / "src" / "rgb"
+    rgb.mkdir()
+    rng = np.random.default_rng(7)
+    for p in sorted(folders["gt"].iterdir()):
+        h, w = np.asarray(Image.open(p)).shape
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(rgb / p.name)
+    stores = {"gt": root / "gt.zarr", "set0": root / "set0.zarr", "set1": root / "set1.zarr",
+              "images": root / "images.zarr"}
+    argvs = [["labels", folders["gt"], "--kind", "gt", "-o", stores["gt"], "--chunks", CHUNKS]]
+    argvs += [["labels", folders[s], "--gt", stores["gt"], "-o", stores[s], "--chunks", CHUNKS]
+              for s in ("set0", "set1")]
+    argvs += [["images", rgb, "--gt", stores["gt"], "-o", stores["images"], "--chunks", CHUNKS + ",3"]]
+    for argv in argvs:
+        rc, _, err = quiet_cli(["ingest", *argv, "-q"])
+        assert rc == 0, err
+    return _Shown(root=root, stores=stores, baseline={})
+
+
+def baseline(chunked, command: str, target: str) -> Any:
+    """What ``command`` makes of the undamaged stores (computed once, when first needed)."""
+    key = (command, target)
+    if key not in chunked["baseline"]:
+        out = chunked["root"] / "baseline" / target / command.replace(" ", "")
+        rc, err, made, _ = run_on_stores(command, chunked["stores"], target, out)
+        assert rc == 0, (command, err)
+        chunked["baseline"][key] = made
+    return chunked["baseline"][key]
+
+
+def _chunk_files(store: Path, array: str) -> list[Path]:
+    return sorted(p for p in (store / array).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def _main_array(store: Path) -> str:
+    return json.loads((store / "zarr.json").read_text())["attributes"]["encoding"]
+
+
+def damage_chunk(store: Path, array: str, how: str, a: int, b: int, value: int) -> None:
+    """Truncate, flip a byte of, delete or swap (with another) one chunk file of ``array``."""
+    files = _chunk_files(store, array)
+    f = files[a % len(files)]
+    raw = bytearray(f.read_bytes())
+    if how == "truncate":
+        f.write_bytes(bytes(raw[: b % max(1, len(raw))]))
+    elif how == "flip":
+        raw[b % len(raw)] = value
+        f.write_bytes(bytes(raw))
+    elif how == "delete":
+        f.unlink()
+    else:
+        g = files[b % len(files)]
+        other = g.read_bytes()
+        g.write_bytes(bytes(raw))
+        f.write_bytes(other)
+
+
+def _copy_target(chunked, tmp: Path, target: str) -> dict[str, Path]:
+    stores = dict(chunked["stores"])
+    stores[target] = tmp / stores[target].name
+    shutil.copytree(chunked["stores"][target], stores[target])
+    return stores
+
+
+def check_damaged_run(chunked, stores: dict[str, Path], target: str, commands: Sequence[str], tmp: Path,
+                      changed: bool, metadata: bool) -> None:
+    """Every command on the damaged ``target``: a clear error naming the store, or exactly the undamaged
+    result (and that only when nothing changed, a metadata change left the data's meaning alone, or the
+    command is one of :data:`PARTIAL_READERS` and did not need the damaged chunk)."""
+    before = tree_digest(*stores.values())
+    for command in commands:
+        rc, err, made, _ = run_on_stores(command, stores, target, tmp / "out" / command.replace(" ", ""))
+        if rc == 0:
+            assert _same(made, baseline(chunked, command, target)), (command, "exit 0 with another result")
+            assert metadata or not changed or command in PARTIAL_READERS, (command, "exit 0 on damage")
+        else:
+            assert_clean_error(rc, err)
+            if not metadata:
+                assert str(stores[target]) in err, (command, err)
+    assert tree_digest(*stores.values()) == before, "an input changed"
+
+
+def _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value, commands) -> None:
+    tmp = tmp_path_factory.mktemp("chunkdmg")
+    stores = _copy_target(chunked, tmp, target)
+    name = _main_array(stores[target]) if array == "main" else array
+    if how in ("truncate", "flip", "delete", "swap") and array != "main" and how == "swap":
+        how = "flip"  # ids / shapes have one chunk each: nothing to swap with
+    before = tree_digest(stores[target])
+    damage_chunk(stores[target], name, how, a, b, value)
+    changed = tree_digest(stores[target]) != before
+    check_damaged_run(chunked, stores, target, [c for c in commands if c in READERS[target]], tmp, changed,
+                      metadata=False)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+_DAMAGE = dict(array=st.sampled_from(["main", "main", "main", "ids", "shapes"]),
+               how=st.sampled_from(["truncate", "flip", "delete", "swap"]),
+               a=st.integers(0, 10**6), b=st.integers(0, 10**6), value=st.integers(0, 255))
+
+
+@fuzz(10)
+@given(target=st.sampled_from(["gt", "set0"]), **_DAMAGE)
+def test_fuzzed_chunk_damage(chunked, tmp_path_factory, target, array, how, a, b, value):
+    """Any chunk of a set or the gt truncated, flipped, deleted or swapped: info, info --check, evaluate and
+    export fail cleanly naming the store (or, undamaged, give the same result); inputs unchanged."""
+    _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value, FAST_COMMANDS)
+
+
+@pytest.mark.slow
+@fuzz(12)
+@given(target=st.sampled_from(["gt", "set0", "images"]), **_DAMAGE)
+def test_fuzzed_chunk_damage_every_command(chunked, tmp_path_factory, target, array, how, a, b, value):
+    """The same on every command that reads the store: + merge, report, refine (crf) and train (5 steps =
+    one epoch, so every chunk is read)."""
+    _chunk_damage_case(chunked, tmp_path_factory, target, array, how, a, b, value, EVERY_COMMAND)
+
+
+def _json_paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += _json_paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _json_paths(v, prefix + (i,))
+    return out
+
+
+_JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**33), st.floats(allow_nan=False),
+                         st.text(max_size=6), st.sampled_from(["uint8", "bool", "int64", "string", "zstd",
+                                                               "crc32c", "c", "."]))
+_JSON_VALUES = st.recursive(_JSON_LEAVES, lambda children: st.lists(children, max_size=3)
+                            | st.dictionaries(st.text(max_size=4), children, max_size=2), max_leaves=4)
+
+
+def damage_metadata(store: Path, file: str, how: str, k: int, value: Any, byte: int) -> None:
+    """Set or delete one key anywhere in a zarr.json, or truncate / flip a byte of the file."""
+    p = store / file
+    if how in ("truncate", "flip"):
+        raw = bytearray(p.read_bytes())
+        if how == "truncate":
+            raw = raw[: k % len(raw)]
+        else:
+            raw[k % len(raw)] = byte
+        p.write_bytes(bytes(raw))
+        return
+    doc = json.loads(p.read_text())
+    paths = _json_paths(doc)
+    path = paths[k % len(paths)]
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if how == "delete":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    p.write_text(json.dumps(doc))
+
+
+_META = dict(file=st.sampled_from(["zarr.json", "MAIN/zarr.json", "MAIN/zarr.json", "ids/zarr.json",
+                                   "shapes/zarr.json"]),
+             how=st.sampled_from(["set", "set", "delete", "truncate", "flip"]),
+             k=st.integers(0, 10**6), value=_JSON_VALUES, byte=st.integers(0, 255))
+
+
+def _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte, commands) -> None:
+    tmp = tmp_path_factory.mktemp("metadmg")
+    stores = _copy_target(chunked, tmp, target)
+    damage_metadata(stores[target], file.replace("MAIN", _main_array(stores[target])), how, k, value, byte)
+    check_damaged_run(chunked, stores, target, [c for c in commands if c in READERS[target]], tmp, True,
+                      metadata=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@fuzz(12)
+@given(target=st.sampled_from(["gt", "set0"]), **_META)
+def test_fuzzed_store_metadata(chunked, tmp_path_factory, target, file, how, k, value, byte):
+    """Any key of the group's or an array's zarr.json set to any JSON value or deleted, or the file cut or
+    a byte flipped: info, info --check, evaluate, export fail cleanly or give exactly the undamaged result."""
+    _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte, FAST_COMMANDS)
+
+
+@pytest.mark.slow
+@fuzz(12)
+@given(target=st.sampled_from(["gt", "set0", "images"]), **_META)
+def test_fuzzed_store_metadata_every_command(chunked, tmp_path_factory, target, file, how, k, value, byte):
+    """The same on every command that reads the store (+ merge, report, refine, train)."""
+    _metadata_case(chunked, tmp_path_factory, target, file, how, k, value, byte, EVERY_COMMAND)
+
+
+# the cases of issue 18, one by one, the way a user meets them
+@pytest.mark.parametrize("target,damage,command", [
+    *[("set0", d, c) for d in ("delete", "flip") for c in READERS["set0"] if c != "info"],
+    *[("gt", "delete", c) for c in READERS["gt"] if c != "info"],
+    *[("images", "delete", c) for c in READERS["images"] if c != "info"],
+])
+def test_missing_or_damaged_chunk_fails_every_command(chunked, tmp_path, target, damage, command):
+    """A deleted chunk of a set used to read as 'ignore' (the set scored 0 and was merged anyway), one of the
+    gt evaluated nothing, all with exit 0; a damaged one was a traceback in export. Now every command that
+    reads it stops with one line naming store, array, chunk and images; no output; inputs unchanged.
+    ``train`` runs with its default DataLoader workers (the error comes from a worker process)."""
+    stores = _copy_target(chunked, tmp_path, target)
+    chunk = stores[target] / _main_array(stores[target]) / "c" / "0" / "0" / "0"
+    chunk = chunk / "0" if target == "images" else chunk
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        raw = bytearray(chunk.read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        chunk.write_bytes(bytes(raw))
+    before = tree_digest(*stores.values())
+    rc, err, _, out = run_on_stores(command, stores, target, tmp_path / "out", workers=2)
+    named = out if command == "info --check" else err      # --check lists the bad chunks, then fails
+    assert_clean_error(rc, err, str(stores[target]))
+    for needle in (str(stores[target]), "chunk c/0/0/0", "images 'img000' to 'img001'",
+                   "missing" if damage == "delete" else "damaged"):
+        assert needle in named, (needle, named)
+    assert tree_digest(*stores.values()) == before
+
+
+@pytest.mark.parametrize("member", ["ids", "shapes"])
+def test_damaged_ids_or_shapes_chunk_on_info_and_evaluate(chunked, tmp_path, capsys, member):
+    """Was a traceback on ``info`` and ``evaluate``: now a clear error naming the store and the array."""
+    stores = _copy_target(chunked, tmp_path, "set0")
+    chunk = _chunk_files(stores["set0"], member)[0]
+    chunk.write_bytes(b"\x28\xb5\x2f\xfd" + chunk.read_bytes()[4:-6])
+    for argv in (["info", stores["set0"]],
+                 ["evaluate", stores["set0"], stores["set1"], "--gt", stores["gt"], "--quiet"]):
+        rc, _, err = cli_run(argv, capsys)
+        assert_clean_error(rc, err, str(stores["set0"]), f"array '{member}'", "damaged")
+
+
+def _rewrite(store: Path, name: str, values: np.ndarray | None = None, **meta: Any) -> None:
+    """Make a store inconsistent the way a foreign tool or a hand edit would (its chunk record kept true)."""
+    import zarr
+
+    from isle_fast.stores.chunks import MANIFEST_ATTR, record_manifests
+
+    if values is not None:
+        g = zarr.open_group(str(store), mode="r+")
+        g[name][...] = values
+        record_manifests(g)
+    if meta:
+        p = store / name / "zarr.json"
+        doc = json.loads(p.read_text())
+        doc.update(meta)
+        doc["attributes"].pop(MANIFEST_ATTR, None)
+        p.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("repeated ids", "image id 'img000' appears twice"),
+    ("negative shape", "image 'img003' has shape (-4, 20)"),
+    ("shape beyond the padding", "is 99 x 20 in 'shapes' but array 'labels' is padded to 35 x 43"),
+    ("labels shape vs ids", "array 'labels' holds 12 images but 'ids' has 10"),
+    ("labels rank vs chunk shape", "array 'labels'"),
+    ("bool labels", "array 'labels' has dtype bool; a labels store holds uint8"),
+])
+def test_inconsistent_store_is_refused(chunked, tmp_path, capsys, case, needle):
+    """Repeated ids (export overwrote images), negative shapes and a shapes / array mismatch (accepted by
+    info), a labels shape that disagrees with the ids or the chunk shape and a bool labels dtype (tracebacks):
+    info, evaluate and export all refuse the store, naming it and what is wrong."""
+    stores = _copy_target(chunked, tmp_path, "set0")
+    s = stores["set0"]
+    st0 = open_stack(s)
+    ids, shapes = list(st0.ids), st0.shapes.astype(np.int32)
+    if case == "repeated ids":
+        _rewrite(s, "ids", np.asarray(ids[:1] + ["img000"] + ids[2:], dtype=object))
+    elif case == "negative shape":
+        shapes[3] = (-4, 20)
+        _rewrite(s, "shapes", shapes)
+    elif case == "shape beyond the padding":
+        shapes[3] = (99, 20)
+        _rewrite(s, "shapes", shapes)
+    elif case == "labels shape vs ids":
+        _rewrite(s, "labels", shape=[12, *st0.array.shape[1:]])
+    elif case == "labels rank vs chunk shape":
+        _rewrite(s, "labels", chunk_grid={"name": "regular", "configuration": {"chunk_shape": [2, 16]}})
+    else:
+        _rewrite(s, "labels", data_type="bool", fill_value=True)
+    before = tree_digest(s)
+    for argv in (["info", s], ["evaluate", s, stores["set1"], "--gt", stores["gt"], "--quiet"],
+                 ["export", s, "--out", tmp_path / "png", "--quiet"]):
+        rc, _, err = cli_run(argv, capsys)
+        assert_clean_error(rc, err, str(s), needle)
+    assert not (tmp_path / "png").exists()
+    assert tree_digest(s) == before
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("background\naeroplane\n\nbicycle\n", "line 3: blank line"),
+    ("background\naeroplane\n  \t\nbicycle\n", "line 3: blank line"),
+    ("background\naeroplane\nbird\naeroplane\n", "line 4: class 'aeroplane' is already named on line 2"),
+])
+def test_classes_file_blank_line_or_repeated_name(data, tmp_path, capsys, text, needle):
+    """A blank line used to shift every later class name by one, a repeated name was accepted."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text(text)
+    rc, _, err = cli_run(["ingest", "labels", data["folders"]["gt"], "--kind", "gt", "--classes", classes,
+                          "-o", tmp_path / "g.zarr", "-q"], capsys)
+    assert_clean_error(rc, err, str(classes), needle)
+    no_complete_store(tmp_path / "g.zarr")
+
+
+def test_classes_file_trailing_blank_lines_are_fine(data, tmp_path, capsys):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(VOC_CLASSES) + "\n\n\n")
+    rc, _, err = cli_run(["ingest", "labels", data["folders"]["gt"], "--kind", "gt", "--classes", classes,
+                          "-o", tmp_path / "g.zarr", "-q"], capsys)
+    assert rc == 0, err
+    assert open_stack(tmp_path / "g.zarr").classes == list(VOC_CLASSES)
+
+
+@pytest.mark.parametrize("value", ["2", "nan", "-1", "inf", "-0.01", "x"])
+@pytest.mark.parametrize("command", ["evaluate", "merge", "report", "ingest"])
+def test_bg_threshold_must_be_a_finite_score(data, tmp_path, capsys, command, value):
+    """``--bg-threshold`` 2, nan and -1 used to be accepted by evaluate and merge: a usage error now."""
+    st_ = data["stores"]
+    sets = [st_["set0"], st_["set1"]]
+    argv = {"evaluate": ["evaluate", *sets, "--gt", st_["gt"]],
+            "merge": ["merge", *sets, "--gt", st_["gt"], "--out", tmp_path / "e.zarr"],
+            "report": ["report", *sets, "--gt", st_["gt"], "--out", tmp_path / "rep"],
+            "ingest": ["ingest", "scores", tmp_path, "--gt", st_["gt"], "--out", tmp_path / "s.zarr"],
+            }[command]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(a) for a in argv + ["--bg-threshold", value, "--quiet"]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.match(rf"isle {command}( scores)?: error: argument --bg-threshold: must be a finite number in "
+                    rf"\[0, 1\] \(a score\), not {re.escape(repr(value))}$",
+                    err.strip().splitlines()[-1]), err
+    assert not any(p.name.startswith(("e.zarr", "rep", "s.zarr")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), True, "x"])
+def test_bg_threshold_library_calls(data, tmp_path, value):
+    """The library keeps its tested edge meanings (negative = off, above 1 = background wins) but refuses
+    what has none: nan, infinities, bools, text."""
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.errors import InputError
+
+    sets = set_paths(data["stores"])
+    with pytest.raises(InputError, match="bg-threshold must be a finite number"):
+        evaluate(sets, data["stores"]["gt"], bg_threshold=value, progress=False)
+    with pytest.raises(InputError, match="bg-threshold must be a finite number"):
+        merge(sets, data["stores"]["gt"], tmp_path / "e.zarr", bg_threshold=value, progress=False)
+    assert not (tmp_path / "e.zarr").exists()
+
+
+@pytest.mark.parametrize("case", ["pseudo as --gt", "gt as --ensemble", "images as a set", "gt as a set"])
+def test_store_kinds_are_checked(chunked, tmp_path, capsys, case):
+    """A pseudo store given as --gt and a gt store as --ensemble were accepted without a word."""
+    s = chunked["stores"]
+    if case == "pseudo as --gt":
+        argvs = [["evaluate", s["set1"], "--gt", s["set0"], "--quiet"],
+                 ["merge", s["set1"], "--gt", s["set0"], "--out", tmp_path / "e.zarr", "--quiet"],
+                 ["report", s["set1"], "--gt", s["set0"], "--out", tmp_path / "rep", "--quiet"]]
+        needles = (str(s["set0"]), "'pseudo' store", "not ground truth")
+    elif case == "gt as --ensemble":
+        argvs = [["report", s["set0"], s["set1"], "--gt", s["gt"], "--ensemble", s["gt"],
+                  "--out", tmp_path / "rep", "--quiet"]]
+        needles = ("--ensemble", str(s["gt"]), "'gt' store")
+    elif case == "images as a set":
+        argvs = [["evaluate", s["set0"], s["images"], "--gt", s["gt"], "--quiet"],
+                 ["merge", s["set0"], s["images"], "--gt", s["gt"], "--out", tmp_path / "e.zarr", "--quiet"]]
+        needles = (str(s["images"]), "an 'images' store", "pseudo-label set")
+    else:  # e.g. ``isle merge stores/*.zarr --gt stores/gt.zarr``: the glob picks up the gt itself
+        argvs = [["merge", s["set0"], s["gt"], "--gt", s["gt"], "--out", tmp_path / "e.zarr", "--quiet"]]
+        needles = (str(s["gt"]), "'gt' store", "pseudo-label set")
+    for argv in argvs:
+        rc, _, err = cli_run(argv, capsys)
+        assert_clean_error(rc, err, *needles)
+    assert not list(tmp_path.iterdir())
+
+
+def run_in_terminal(argv: list, timeout: float = 300) -> tuple[int, str]:
+    """``isle ARGV`` in a subprocess whose stdout and stderr are a pseudo-terminal (progress bars on, as
+    a user sees them); returns (exit status, everything it printed)."""
+    import pty
+    import select
+
+    env = {k: v for k, v in os.environ.items() if k != "ISLE_PROGRESS"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the isle command on a 120 x 40 terminal (tqdm draws nothing 0 columns wide)
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.chdir(str(REPO))
+        os.execve(sys.executable, [sys.executable, "-m", "isle_fast", *map(str, argv)], env)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"isle {argv[0]} did not finish in {timeout} s")
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode("utf-8", "replace")
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in re.split(r"[\r\n]", text) if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def test_info_check_under_a_terminal(chunked, tmp_path):
+    """``isle info --check`` with its progress bar, on a terminal: exit 0 for a good store; for a damaged one
+    every bad chunk is named, the last line is the error, exit 2, no traceback."""
+    good = chunked["stores"]["set0"]
+    rc, text = run_in_terminal(["info", "--check", good])
+    assert rc == 0, text
+    assert "check set0" in text and "chunk" in text                 # the bar was drawn
+    assert "all 47 chunks good (decoded, crc32c verified, compared with the store's record)" in text
+    stores = _copy_target(chunked, tmp_path, "set0")
+    files = _chunk_files(stores["set0"], "labels")
+    files[5].unlink()
+    files[7].write_bytes(files[7].read_bytes()[:-1])
+    rc, text = run_in_terminal(["info", "--check", stores["set0"]])
+    assert rc == 2 and "Traceback" not in text, text
+    assert "2 of 47 chunks missing or damaged" in text
+    for f in (files[5], files[7]):
+        assert "chunk " + "/".join(f.relative_to(stores["set0"] / "labels").parts) in text
+    assert re.match(r"isle info: error: .*set0\.zarr: 2 of 47 chunks missing or damaged",
+                    _last_line(text)), text
+
+
+def test_evaluate_of_a_damaged_store_under_a_terminal(chunked, tmp_path):
+    """Progress bars on, on a terminal: the error is the last line, exit 2, no traceback."""
+    stores = _copy_target(chunked, tmp_path, "gt")
+    _chunk_files(stores["gt"], "labels")[4].unlink()
+    rc, text = run_in_terminal(["evaluate", stores["set0"], stores["set1"], "--gt", stores["gt"]])
+    assert rc == 2 and "Traceback" not in text, text
+    assert "evaluate:" in text                                        # the bar was drawn
+    assert re.match(r"isle evaluate: error: .*gt\.zarr: array 'labels', chunk c/\d/\d/\d .* is missing",
+                    _last_line(text)), text
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,19 @@ from __future__ import annotations
 import argparse
 
 
+def bg_threshold_arg(text: str) -> float:
+    """``--bg-threshold``: a finite number in [0, 1] (2, -1, nan and inf are usage errors)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1] (a score), not {text!r}")
+    return value
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by evaluate, merge and report."""
     from isle_fast.backend import add_backend_argument
@@ -15,7 +28,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="IoU from counts summed over the data set (default) or the mean "
                              "per-image IoU (Algorithm 2 as written)")
     add_backend_argument(parser)
-    parser.add_argument("--bg-threshold", type=float, default=None, metavar="T",
+    parser.add_argument("--bg-threshold", type=bg_threshold_arg, default=None, metavar="T",
                         help="score sets: background score replaced by T in [0, 1] before decoding")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 

@@ -86,6 +86,7 @@ def _score_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from isle_fast.commands.evaluate import bg_threshold_arg
     from isle_fast.stores.ingest import DEFAULT_BG_THRESHOLD
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -101,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Ingest CAM / score files into a scores store (I, H, W, C). Foreground-only "
                                    "CAMs get a constant background slice (--bg-threshold), absent classes 0.")
     _common(p)
-    p.add_argument("--bg-threshold", type=float, default=DEFAULT_BG_THRESHOLD, metavar="T",
+    p.add_argument("--bg-threshold", type=bg_threshold_arg, default=DEFAULT_BG_THRESHOLD, metavar="T",
                    help=f"background score of foreground-only CAMs (default {DEFAULT_BG_THRESHOLD}, "
                         "IRN's cam_eval_thres)")
     _score_options(p)

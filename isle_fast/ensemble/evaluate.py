@@ -32,6 +32,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,11 +43,13 @@ import numpy as np
 
 from isle_fast import metrics
 from isle_fast.errors import InputError
-from isle_fast.stores.stack import Stack, check_aligned, open_stack
+from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
 
-__all__ = ["Evaluation", "evaluate", "open_inputs", "AVERAGES"]
+__all__ = ["Evaluation", "evaluate", "open_inputs", "check_bg_threshold", "AVERAGES"]
 
 AVERAGES = ("dataset", "image")
+#: Store kinds a pseudo-label set may be.
+SET_KINDS = ("pseudo", "ensemble")
 
 
 
@@ -85,18 +88,27 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
     Raises
     ------
     InputError
-        No sets, a store of the wrong encoding (named).
+        No sets, a store of the wrong kind or encoding (named): the gt must be
+        a ``gt`` store, a set a ``pseudo`` or ``ensemble`` one (an ``images``
+        store, or the ground truth itself caught by a shell glob such as
+        ``*.zarr``, is refused).
     AlignmentError
         Stores disagree on ids, order, shapes or classes (names store and id).
     """
     if not sets:
         raise InputError("give at least one pseudo-label set")
     gt_stack = _as_stack(gt)
+    if gt_stack.kind != "gt":
+        raise InputError(f"--gt {gt_stack.path} is {kind_phrase(gt_stack.kind)}, not ground truth "
+                         "(kind 'gt'; ingest ground truth with --kind gt)")
     if gt_stack.encoding != "labels":
         raise InputError(f"ground truth {gt_stack.path} has encoding {gt_stack.encoding!r}; "
                          "it must be a label store")
     stacks = [_as_stack(s) for s in sets]
     for s in stacks:
+        if s.kind not in SET_KINDS:
+            raise InputError(f"set {s.path} is {kind_phrase(s.kind)}; a pseudo-label set is a "
+                             f"{' or '.join(repr(k) for k in SET_KINDS)} store")
         if s.encoding not in ("labels", "scores"):
             raise InputError(f"{s.path} has encoding {s.encoding!r}; a pseudo-label set holds "
                              "'labels' or 'scores'")
@@ -106,6 +118,25 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
     if gt_stack.num_classes > 254:
         raise InputError(f"{gt_stack.path}: at most 254 classes are supported")
     return stacks, gt_stack
+
+
+def check_bg_threshold(value: Any) -> float | None:
+    """``bg_threshold`` checked: None or a finite number (:class:`InputError` for nan, inf, text, bools).
+
+    The command line accepts only scores, [0, 1] (``--bg-threshold``); the library
+    also keeps its two edge meanings, tested against the reference kernels: a
+    negative value is "off" (as None) and one above 1 makes background win
+    wherever it is compared.
+    """
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not math.isfinite(v):
+        raise InputError(f"--bg-threshold must be a finite number (a score in [0, 1]), not {value!r}")
+    return v
 
 
 def score_threshold(stack: Stack, bg_threshold: float | None) -> float:
@@ -461,6 +492,8 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     bg_threshold : float, optional
         For score sets: replace the background score by this value (a [0, 1]
         score; ``uint8`` stores compare against ``255 * T``) before decoding.
+        NaN, infinity and non-numbers are an InputError
+        (:func:`check_bg_threshold`).
     progress : bool
         Show a progress bar (local schedulers).
 
@@ -481,6 +514,7 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
 
     if average not in AVERAGES:
         raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+    bg_threshold = check_bg_threshold(bg_threshold)
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)

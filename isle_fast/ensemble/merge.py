@@ -56,6 +56,7 @@ import numpy as np
 from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import (
     Evaluation,
+    check_bg_threshold,
     aligned_arrays,
     blockwise_args,
     evaluate,
@@ -328,7 +329,7 @@ def _labels_source(image_labels: Any) -> str | None:
 def ensemble_scores(stack: Stack):
     """The merged score stack of an ensemble (a Zarr array), or ``None`` for a label-only ensemble."""
     name = stack.provenance.get("scores_array")
-    return stack.group[name] if name and name in stack.group else None
+    return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
 
 
 def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str = "score",
@@ -382,6 +383,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")

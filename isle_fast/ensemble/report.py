@@ -35,12 +35,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError
-from isle_fast.ensemble.evaluate import Evaluation, evaluate, open_inputs, unique_names
+from isle_fast.ensemble.evaluate import (
+    Evaluation,
+    check_bg_threshold,
+    evaluate,
+    open_inputs,
+    unique_names,
+)
 from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput
 
 __all__ = ["report", "export_pngs", "palette"]
+
+#: Store kinds ``report(ensemble=...)`` accepts: ours, or one made elsewhere and ingested as a set.
+ENSEMBLE_KINDS = ("ensemble", "pseudo")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -277,8 +286,9 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     out : path
         Output folder (must not exist unless ``overwrite``).
     ensemble : path, URL or Stack, optional
-        An ensemble store to report; otherwise the ensemble of all sets is
-        scored by the subset pass (needs N <= 8).
+        An ensemble store to report (kind ``ensemble``, or ``pseudo`` for one
+        made elsewhere; a ``gt`` or ``images`` store is an InputError); otherwise
+        the ensemble of all sets is scored by the subset pass (needs N <= 8).
     images : path, URL or Stack, optional
         An ``images`` store aligned with the sets; enables ``samples.png``.
     policy : {'score', 'order', 'ignore'}
@@ -298,15 +308,21 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     """
     from isle_fast.backend import resolve_backend
     from isle_fast.ensemble.merge import gt_presence, merge_images
-    from isle_fast.stores.stack import Stack, check_aligned, open_stack
+    from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
     from isle_fast.ensemble.subsets import MAX_SETS, subset_analysis
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
     ens_stack = None
     if ensemble is not None:
         ens_stack = ensemble if isinstance(ensemble, Stack) else open_stack(ensemble)
+        if ens_stack.kind not in ENSEMBLE_KINDS:
+            kinds = " or ".join(repr(k) for k in ENSEMBLE_KINDS)
+            raise InputError(f"--ensemble {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
+                             f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
+                             "pseudo-label set)")
     img_stack = None
     if images is not None:
         img_stack = images if isinstance(images, Stack) else open_stack(images, kind="images")

@@ -29,6 +29,7 @@ from isle_fast.errors import InputError
 from isle_fast import metrics
 from isle_fast.ensemble.evaluate import (
     Evaluation,
+    check_bg_threshold,
     aligned_arrays,
     blockwise_args,
     evaluate,
@@ -224,6 +225,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     code = _policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)

@@ -85,6 +85,7 @@ import numpy as np
 from isle_fast.errors import InputError
 from isle_fast.stores.stack import (
     IGNORE_INDEX,
+    WRITE_EVERY_CHUNK,
     Stack,
     check_aligned,
     create_stack,
@@ -553,7 +554,8 @@ def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None
                         image_labels=image_labels)
     chunk = apply_chain(job.chain, chunk)
     group = zarr.open_group(job.target, mode="r+")
-    group[job.target_array][start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
+    target = group[job.target_array].with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
+    target[start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
     return stop - start
 
 

@@ -142,20 +142,49 @@ def read_ids(path: str | os.PathLike) -> list[str]:
 
 
 def resolve_classes(classes: str | os.PathLike | Sequence[str] | None) -> list[str]:
-    """Class names, background first: ``'voc'`` (the 21 VOC classes), a file (one name per line) or a list."""
+    """Class names, background first: ``'voc'`` (the 21 VOC classes), a file (one name per line) or a list.
+
+    In a file, line ``k`` names class ``k - 1``. A blank line between names is an
+    error naming the file and line (dropping it would shift every later class);
+    blank lines after the last name (a final newline) are fine. Names repeated in
+    a file or a list are an error too.
+    """
     if classes is None or (isinstance(classes, str) and classes.lower() == "voc"):
         return list(VOC_CLASSES)
     if isinstance(classes, (str, os.PathLike)):
         p = Path(classes)
         if not p.is_file():
             raise InputError(f"classes file {p} does not exist (give a file with one class name per line, or 'voc')")
-        names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"classes file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") \
+                from None
+        while lines and not lines[-1].strip():
+            lines.pop()
+        names: list[str] = []
+        where: dict[str, int] = {}
+        for k, line in enumerate(lines, 1):
+            name = line.strip()
+            if not name:
+                raise InputError(f"classes file {p}, line {k}: blank line; line k names class k - 1, so a "
+                                 "blank line would shift every later class (delete it, or name the class)")
+            if name in where:
+                raise InputError(f"classes file {p}, line {k}: class {name!r} is already named on line "
+                                 f"{where[name]}")
+            where[name] = k
+            names.append(name)
         if not names:
             raise InputError(f"classes file {p} holds no class names")
         return names
     names = [str(c) for c in classes]
     if not names:
         raise InputError("classes is empty")
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InputError(f"class {name!r} appears twice in classes (position {i})")
+        seen.add(name)
     return names
 
 

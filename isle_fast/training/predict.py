@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, IsleError
 from isle_fast.outputs import FolderOutput, check_output
 from isle_fast.progress import Timer, progress, summary
-from isle_fast.training.data import SegmentationDataset, normalize
+from isle_fast.training.data import SegmentationDataset, normalize, worker_error
 from isle_fast.training.deeplab import DeepLabV3Plus
 from isle_fast.training.runtime import (amp_dtype, checkpoint_path, load_checkpoint, resolve_device,
                                         resolve_threads, torch_threads)
@@ -211,9 +211,15 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
         writer, padded = FolderOutput(out, command="isle predict", overwrite=overwrite, check=False), None
     try:
         with torch_threads(resolve_threads(threads, dev)):
-            _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
-                          writer=writer if format == "store" else None, padded=padded,
-                          png_dir=writer.work if format == "png" else None)
+            try:
+                _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
+                              writer=writer if format == "store" else None, padded=padded,
+                              png_dir=writer.work if format == "png" else None)
+            except IsleError as exc:  # met by a DataLoader worker: its message, not its traceback
+                clean = worker_error(exc)
+                if clean is exc:
+                    raise
+                raise clean from None
         writer.commit()
     except BaseException:
         writer.abort()

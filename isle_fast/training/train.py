@@ -62,14 +62,14 @@ import torch
 import torch.nn.functional as F
 
 from isle_fast import metrics
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, IsleError, StoreError
 from isle_fast.options import parameters_doc
 from isle_fast.outputs import MARKER, owned, refuse_unsafe, write_file, write_marker, write_text
 from isle_fast.progress import Timer, progress, summary
 from isle_fast.training.config import (RESUMABLE, RunOptions, TrainConfig, config_from_dict,
                                        options_from_kwargs)
 from isle_fast.training.data import (ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader,
-                                     normalize)
+                                     normalize, worker_error)
 from isle_fast.training.deeplab import DeepLabV3Plus
 from isle_fast.training.predict import predict_probs
 from isle_fast.training.runtime import (ThreadGovernor, amp_dtype, load_checkpoint, resolve_device,
@@ -327,6 +327,11 @@ def train(images: str | os.PathLike, labels: str | os.PathLike, out: str | os.Pa
             res = trainer.fit(opts.stop_after, opts.quiet, timer, governor)
             _summarise(res, cfg, trainer, governor, opts.quiet)  # (the thread count of the run)
             return res
+    except IsleError as exc:  # e.g. a damaged chunk met by a DataLoader worker: its message, no traceback
+        clean = worker_error(exc)
+        if clean is exc:
+            raise
+        raise clean from None
     finally:
         _restore_switches(switches)
 

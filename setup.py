@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # numba.cuda compiles the GPU kernels with NVVM: from a CUDA toolkit when there is one,
-    # else from this wheel (kernels/gpu.py points Numba at it).
+    # else from this wheel (isle_fast/process.py points Numba at it).
     "gpu": ["cupy-cuda12x>=13", "nvidia-cuda-nvcc-cu12>=12.0"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
     # optional references timed by benchmarks/pipeline.py (skipped cleanly when absent)
@@ -44,8 +44,11 @@ setup(
     packages=[
         "isle_fast", "isle_fast.commands", "isle_fast.kernels", "isle_fast.stores",
         "isle_fast.refinement", "isle_fast.ensemble", "isle_fast.training", "isle_fast.synthetic",
+        "isle_fast_benchmarks",
     ],
-    package_dir={"isle_fast": "isle_fast", "isle_fast.kernels": "kernels"},
+    # kernels/ and benchmarks/ stay at the top of the repository; installed, they are
+    # isle_fast.kernels and isle_fast_benchmarks (`isle bench` from a wheel; results not included)
+    package_dir={"isle_fast": "isle_fast", "isle_fast.kernels": "kernels", "isle_fast_benchmarks": "benchmarks"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={

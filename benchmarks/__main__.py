@@ -13,7 +13,9 @@ heap), its printed tables are shown as they come, and at the end
   without a ``headline``, the last table they printed.
 
 Both go to ``benchmarks/results/`` (or ``--out DIR``). ``isle bench`` runs
-exactly this.
+exactly this, from a source checkout or from an installed wheel, where the
+modules are the package ``isle_fast_benchmarks`` (the same files) and the
+results go to ``./benchmark-results/``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 #: Benchmark modules in the order they run; missing ones are reported as "not built".
-MODULES: tuple[str, ...] = ("kernels", "ingest", "compression", "refine", "train", "gpu", "scaling",
-                            "pipeline", "e2e")
+MODULES: tuple[str, ...] = ("kernels", "ingest", "score_storage", "compression", "refine", "train", "gpu",
+                            "scaling", "pipeline", "e2e")
 
 _HERE = Path(__file__).resolve().parent
+#: ``benchmarks`` in a checkout (``python -m benchmarks``), ``isle_fast_benchmarks`` when installed
+_PACKAGE = __package__ or "benchmarks"
 
 
 def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
@@ -48,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default=None, metavar="NAME,...",
                    help=f"comma-separated subset of: {', '.join(MODULES)}")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="results folder (default benchmarks/results)")
+                   help="results folder (default benchmarks/results in a checkout, ./benchmark-results when "
+                        "installed)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop a benchmark module that runs longer than this (reported as 'timeout')")
     p.add_argument("--summary-only", action="store_true",
@@ -61,12 +66,14 @@ def available(name: str) -> bool:
 
 
 def _run_module(name: str, quick: bool, env: dict[str, str], timeout: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick else [])
+    from .common import SOURCE_CHECKOUT
+
+    cmd = [sys.executable, "-m", f"{_PACKAGE}.{name}"] + (["--quick"] if quick else [])
     print(f"\n=== benchmarks.{name}{' --quick' if quick else ''} ===", flush=True)
     t0 = time.perf_counter()
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, cwd=_HERE.parent, env=env, stdout=subprocess.PIPE, stderr=None,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(cmd, cwd=_HERE.parent if SOURCE_CHECKOUT else None, env=env,
+                            stdout=subprocess.PIPE, stderr=None, text=True, bufsize=1)
     status = "ok"
     try:
         assert proc.stdout is not None
@@ -126,9 +133,11 @@ def run(args: argparse.Namespace) -> int:
         env["ISLE_BENCH_RESULTS"] = str(Path(args.out).resolve())
         os.environ["ISLE_BENCH_RESULTS"] = env["ISLE_BENCH_RESULTS"]
     env.setdefault("ISLE_PROGRESS", "0")
-    env["PYTHONPATH"] = os.pathsep.join([str(_HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
-    from .common import machine_info, markdown_table, read_json, results_dir
+    from .common import SOURCE_CHECKOUT, machine_info, markdown_table, read_json, results_dir
+
+    if SOURCE_CHECKOUT:  # the checkout's benchmarks/ and isle_fast/ come first, as for `python -m benchmarks`
+        env["PYTHONPATH"] = os.pathsep.join([str(_HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
     out_dir = results_dir()
     t_all = time.perf_counter()

@@ -3,9 +3,11 @@
 Every benchmark module (``python -m benchmarks.<name> [--quick]``) uses the
 same conventions so that ``python -m benchmarks`` can collect them:
 
-* results go to :func:`results_dir` (``benchmarks/results/`` unless the
-  environment variable ``ISLE_BENCH_RESULTS`` names another folder; the smoke
-  test uses that to keep its tiny numbers out of the real results);
+* results go to :func:`results_dir` (``benchmarks/results/`` of the source
+  checkout, or ``./benchmark-results/`` when the benchmarks run from an
+  installed wheel as ``isle_fast_benchmarks``, unless the environment variable
+  ``ISLE_BENCH_RESULTS`` names another folder; the smoke test uses that to keep
+  its tiny numbers out of the real results);
 * :func:`write_json` writes ``<name>.json`` with a ``machine`` block (CPU
   model, cores, memory, library versions, git commit) next to the payload;
   a top-level ``headline`` list (rows made by :func:`headline_row`) is what
@@ -36,6 +38,8 @@ import numpy as np
 __all__ = [
     "BENCH_DIR",
     "results_dir",
+    "default_results_dir",
+    "SOURCE_CHECKOUT",
     "tmp_dir",
     "machine_info",
     "best_of",
@@ -66,20 +70,28 @@ __all__ = [
     "numpy_merge_image",
 ]
 
-#: The ``benchmarks/`` folder of the checkout.
+#: The folder of the benchmark modules: ``benchmarks/`` of a checkout, or the installed package.
 BENCH_DIR = Path(__file__).resolve().parent
+#: Whether the modules run from a source checkout (``benchmarks/`` next to ``setup.py``), not a wheel.
+SOURCE_CHECKOUT = (BENCH_DIR.parent / "setup.py").is_file() and (BENCH_DIR.parent / "isle_fast").is_dir()
+
+
+def default_results_dir() -> Path:
+    """``benchmarks/results`` of the checkout; from an installed wheel ``./benchmark-results`` (never
+    the installed package's folder)."""
+    return BENCH_DIR / "results" if SOURCE_CHECKOUT else Path.cwd() / "benchmark-results"
 
 
 def results_dir() -> Path:
-    """Folder that benchmark results go to (created): ``$ISLE_BENCH_RESULTS`` or ``benchmarks/results``."""
-    d = Path(os.environ.get("ISLE_BENCH_RESULTS") or BENCH_DIR / "results")
+    """Folder the results go to (created): ``$ISLE_BENCH_RESULTS`` or :func:`default_results_dir`."""
+    d = Path(os.environ.get("ISLE_BENCH_RESULTS") or default_results_dir())
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def tmp_dir() -> Path:
-    """Cache for generated data (``benchmarks/results/tmp``, git-ignored); ``$ISLE_BENCH_TMP`` overrides."""
-    d = Path(os.environ.get("ISLE_BENCH_TMP") or BENCH_DIR / "results" / "tmp")
+    """Cache for generated data (``<results>/tmp``, git-ignored); ``$ISLE_BENCH_TMP`` overrides."""
+    d = Path(os.environ.get("ISLE_BENCH_TMP") or default_results_dir() / "tmp")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -112,6 +124,8 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    if not SOURCE_CHECKOUT:
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
                              text=True, timeout=5)

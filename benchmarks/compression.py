@@ -16,6 +16,19 @@ throughput in raw MB/s (best of k). References measured in the same run: no
 compression, and the source format of label maps (PNG, PIL's default zlib
 level: bytes and decode speed).
 
+``checksum_cost``: what the per-chunk ``crc32c`` checksum of the default codec
+chains costs on the read path. The default chains are written with and
+without ``crc32c`` into stack stores on local disk (page cache after the
+first read), then read back whole through the two paths of
+``Stack.to_dask``: the direct chunk reader (one thread, Dask's synchronous
+scheduler; it verifies the crc32c and the store's record of its chunks) and
+Zarr's read path (``Stack.array[...]``, Zarr's own threads; its ``crc32c``
+codec verifies), and the direct reader's decode of every chunk on one thread
+(``chunk decode``: its CPU column is thread CPU time, the cleanest measure of
+the checksum's cost on a shared machine). Reported as raw MB per second of
+wall time and per CPU second of the process, interleaved round-robin, best
+round (each timing repeats the read until it lasts 0.25 s).
+
 Writes ``benchmarks/results/compression.json``.
 """
 
@@ -24,11 +37,12 @@ from __future__ import annotations
 import io
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import bench_parser, best_of, format_table, headline_row, write_json
+from .common import bench_parser, best_of, format_table, headline_row, write_json
 
 # --------------------------------------------------------------------------- synthetic data
 
@@ -264,6 +278,89 @@ def pick(rows_by_dataset: list[list[dict[str, Any]]], min_encode: float) -> dict
     return best or {"codec": None}
 
 
+def _stack_store(path: Any, data: np.ndarray, chunks: tuple[int, ...], checksum: bool) -> Any:
+    """``data`` written as a stack store with the default codecs, with or without ``crc32c``."""
+    from isle_fast.stores.stack import create_stack, default_compressors
+
+    scores = data.ndim == 4
+    classes = [f"c{i}" for i in range(data.shape[3] if scores else 21)]
+    n, h, w = data.shape[:3]
+    enc = "scores" if scores else "labels"
+    with create_stack(path, kind="pseudo", classes=classes, ids=[f"i{i}" for i in range(n)],
+                      shapes=[(h, w)] * n, encoding=enc, score_dtype=str(data.dtype), chunks=chunks,
+                      compressors=default_compressors(enc, checksum=checksum), overwrite=True) as wr:
+        wr.write_block(0, data)
+    return wr.path
+
+
+def _decode_every_chunk(stack: Any) -> np.ndarray:
+    """Every chunk of the main array through the direct reader's decode, on this thread."""
+    from isle_fast.stores.chunks import decode_chunk
+    from isle_fast.stores.stack import _fast_chunk_spec
+
+    spec = _fast_chunk_spec(stack.array)
+    out = np.empty(stack.array.shape, stack.array.dtype)
+    for coords in np.ndindex(*spec.names.grid):
+        block = decode_chunk(spec, coords)
+        sl = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, spec.chunk_shape, out.shape))
+        out[sl] = block[tuple(slice(0, s.stop - s.start) for s in sl)]
+    return out
+
+
+def checksum_cost(datasets: dict[str, tuple[np.ndarray, tuple[int, ...]]],
+                  rounds: int) -> list[dict[str, Any]]:
+    """Read throughput of stores with and without ``crc32c``, through the direct reader and Zarr's path."""
+    import shutil
+    import tempfile
+
+    from benchmarks.common import tmp_dir
+    from isle_fast.stores.stack import open_stack
+
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="checksum-", dir=tmp_dir()))
+    try:
+        for name, (data, chunks) in datasets.items():
+            stacks = {crc: open_stack(_stack_store(work / f"{name}-{crc}.zarr", data, chunks, crc))
+                      for crc in (True, False)}
+            readers = {"direct": lambda st: st.to_dask().compute(scheduler="sync"),
+                       "zarr": lambda st: st.array[...],
+                       "chunk decode": _decode_every_chunk}
+            best: dict[tuple[str, bool], tuple[float, float]] = {}
+            inner: dict[str, int] = {}
+            for reader, fn in readers.items():     # warm-up, check, and reads per timing (>= 0.25 s each)
+                for crc, st in stacks.items():
+                    t0 = time.perf_counter()
+                    if not np.array_equal(fn(st), data):
+                        raise AssertionError(f"{name}: {reader} read changed the data")
+                    once = time.perf_counter() - t0
+                    inner[reader] = max(inner.get(reader, 1), int(np.ceil(0.25 / max(once, 1e-6))))
+            for _ in range(rounds):
+                for reader, fn in readers.items():
+                    clock = time.thread_time if reader == "chunk decode" else time.process_time
+                    for crc, st in stacks.items():
+                        w0, c0 = time.perf_counter(), clock()
+                        for _ in range(inner[reader]):
+                            fn(st)
+                        wall = (time.perf_counter() - w0) / inner[reader]
+                        cpu = (clock() - c0) / inner[reader]
+                        old = best.get((reader, crc), (np.inf, np.inf))
+                        best[reader, crc] = (min(old[0], wall), min(old[1], cpu))
+            mb = data.nbytes / 1e6
+            for reader in readers:
+                on, off = best[reader, True], best[reader, False]
+                rows.append({"data": name, "reader": reader, "raw_bytes": int(data.nbytes),
+                             "reads_per_timing": inner[reader],
+                             "seconds_crc32c": on[0], "seconds_without": off[0],
+                             "MBps_crc32c": mb / on[0], "MBps_without": mb / off[0],
+                             "cpu_MBps_crc32c": mb / on[1], "cpu_MBps_without": mb / off[1],
+                             "wall_overhead": on[0] / off[0] - 1.0, "cpu_overhead": on[1] / off[1] - 1.0,
+                             "stored_bytes_crc32c": stacks[True].stored_bytes(),
+                             "stored_bytes_without": stacks[False].stored_bytes()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from isle_fast.stores.stack import default_chunks, default_compressors
 
@@ -318,6 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     for group, pk in picks.items():
         print(f"\npick for {group} (fewest bytes over the {group} data sets among finalists with one-core decode "
               f">= {MIN_DECODE_MBPS:.0f} and encode >= {MIN_ENCODE_MBPS[group]:.0f} MB/s): {pk['codec']}")
+    crc_rows = checksum_cost({n: datasets[n] for n in ("labels-gt", "scores-uint8")},
+                             rounds=3 if quick else 7)
+    print("\nchecksum_cost: reading whole stores (local disk, page cache) with and without the crc32c "
+          "checksum of the default codec chains; raw MB/s of wall time and per process CPU second, best "
+          "of interleaved rounds")
+    print(format_table([{"data": r["data"], "reader": r["reader"],
+                         "MB/s crc32c": f"{r['MBps_crc32c']:.0f}", "MB/s without": f"{r['MBps_without']:.0f}",
+                         "wall cost": f"{100 * r['wall_overhead']:+.1f} %",
+                         "CPU MB/s crc32c": f"{r['cpu_MBps_crc32c']:.0f}",
+                         "CPU MB/s without": f"{r['cpu_MBps_without']:.0f}",
+                         "CPU cost": f"{100 * r['cpu_overhead']:+.1f} %"} for r in crc_rows]))
     current = {enc: [c.to_dict() for c in default_compressors(enc)] for enc in ("labels", "scores", "rgb")}
     headline = []
     for name in datasets:
@@ -331,8 +439,12 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{r['decode_MBps']:.0f} MB/s", mb / r["decode_MBps"],
                                          "uncompressed (memory copy)", mb / none["decode_MBps"], ratio=r["ratio"],
                                          decode_MBps=r["decode_MBps"]))
+    for r in crc_rows:
+        headline.append(headline_row(f"{r['data']}: read ({r['reader']} path) with crc32c checksums",
+                                     r["seconds_crc32c"], "without", r["seconds_without"],
+                                     wall_overhead=r["wall_overhead"], cpu_overhead=r["cpu_overhead"]))
     path = write_json("compression", {"datasets": results, "picks": picks, "defaults": current, "headline": headline,
-                                      "repeat": k}, quick=quick)
+                                      "checksum_cost": crc_rows, "repeat": k}, quick=quick)
     print(f"\ndefaults in store.py: {current}")
     print(f"wrote {path}")
     return 0

@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
+from .common import (
     BENCH_DIR,
     PeakMemory,
     bench_parser,

@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
         return 0
 
-    from isle_fast.kernels import cpu, gpu
+    from isle_fast.backend import get_kernels
 
+    cpu, gpu = get_kernels("cpu"), get_kernels("gpu")  # (prepares Numba's CUDA target first)
     dev = Device(args.simulate)
     xp = dev.xp
     quick = args.quick or args.simulate

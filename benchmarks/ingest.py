@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import bench_parser, format_table, headline_row, tmp_dir, write_json
-from benchmarks.compression import label_batch
+from .common import bench_parser, format_table, headline_row, tmp_dir, write_json
+from .compression import label_batch
 
 
 def make_pngs(n: int, side: int, seed: int = 11) -> tuple[Path, int]:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
-from benchmarks.common import bench_parser, format_table, headline_row, log, write_json
+from .common import bench_parser, format_table, headline_row, log, write_json
 from isle_fast.kernels import cpu
 
 C = 21

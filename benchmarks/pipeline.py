@@ -135,7 +135,7 @@ _IO_CHILD = r"""
 import json, os, sys, time
 import isle_fast.stores.stack as S
 from isle_fast.backend import tune_allocator
-from benchmarks.pipeline import run_pipeline
+from __PACKAGE__.pipeline import run_pipeline
 if os.environ["ISLE_BENCH_DIRECT"] == "0":
     S._fast_chunk_spec = lambda array: None      # every read through dask.array.from_zarr
 tune_allocator()                                # honours ISLE_TUNE_MALLOC, as the isle command does
@@ -163,7 +163,9 @@ def io_choices(data: dict[str, Any], warm: dict[str, Any], work: Path) -> list[d
     rows = []
     for direct, tuned in ((True, True), (False, True), (True, False), (False, False)):
         env = dict(os.environ, ISLE_BENCH_DIRECT="1" if direct else "0", ISLE_TUNE_MALLOC="1" if tuned else "0")
-        proc = subprocess.run([sys.executable, "-c", _IO_CHILD, json.dumps(data, default=str),
+        # the package is benchmarks (checkout) or isle_fast_benchmarks (installed)
+        child = _IO_CHILD.replace("__PACKAGE__", __package__ or "benchmarks")
+        proc = subprocess.run([sys.executable, "-c", child, json.dumps(data, default=str),
                                json.dumps(warm, default=str), str(work / "io-ensemble.zarr")],
                               env=env, cwd=str(Path(__file__).resolve().parent.parent),
                               capture_output=True, text=True, check=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (bench_parser, best_of, format_table, headline_row, log, quiet_progress,
+from .common import (bench_parser, best_of, format_table, headline_row, log, quiet_progress,
                                write_json)
 
 

@@ -12,7 +12,7 @@ What it measures, in one run:
    GPU) with torchvision's ``deeplabv3_resnet50`` (no "+" decoder) as a
    yardstick. Each is timed with the trainer's settings (channels-last, fused
    SGD, threads = cores other processes leave idle,
-   :func:`isle_fast.training.predict.resolve_threads`, following the load as training
+   :func:`isle_fast.training.runtime.resolve_threads`, following the load as training
    does; ``threads`` lists every count used), on CPU also with the other
    thread count, and against the **reference**: plain PyTorch as the trainer
    ran before (contiguous tensors, per-tensor SGD, one thread per core).
@@ -184,14 +184,14 @@ def bench_model(backbone: str, crop: int, batch: int, steps: int, device: torch.
 
     ``library=True`` uses the settings ``isle_fast.training.train`` uses: channels-last
     tensors, a fused SGD step and the thread count of
-    :func:`isle_fast.training.predict.resolve_threads`, re-chosen by a
-    :class:`~isle_fast.training.predict.ThreadGovernor` as the load changes (``threads`` fixes it).
+    :func:`isle_fast.training.runtime.resolve_threads`, re-chosen by a
+    :class:`~isle_fast.training.runtime.ThreadGovernor` as the load changes (``threads`` fixes it).
     ``library=False`` is the plain-PyTorch baseline the trainer had before:
     contiguous tensors, per-tensor SGD, torch's default threads (one per core).
     """
     from isle_fast.training.data import normalize
     from isle_fast.training.deeplab import DeepLabV3Plus
-    from isle_fast.training.predict import ThreadGovernor, resolve_threads, torch_threads
+    from isle_fast.training.runtime import ThreadGovernor, resolve_threads, torch_threads
 
     torch.manual_seed(0)
     if reference:
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     from isle_fast.commands.demo import TRAIN_DEFAULT
-    from isle_fast.training.predict import resolve_device
+    from isle_fast.training.runtime import resolve_device
 
     dev = resolve_device(args.device)
     quick = args.quick

@@ -1,12 +1,17 @@
 """isle-fast: ISLE, the class-wise ensemble of WSSS pseudo-labels, as a fast array pipeline.
 
-The public API, in the order of the pipeline (see README.md; DESIGN.md for the
-data model):
+The public API, in the order of the pipeline (see README.md; :mod:`isle_fast.stores.stack`
+for the data model):
 
-* stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`
+* stores: :func:`create_stack`, :func:`open_stack`, :class:`Stack`, :func:`check_aligned`,
+  :func:`check_stack` (every chunk verified)
 * ingest: :func:`ingest_labels`, :func:`ingest_scores`, :func:`ingest_images`,
-  :func:`ingest_tiff`, :func:`ingest_arrays`, :func:`ingest_dask`
-* step 1, refinement: :func:`refine_stack`, :func:`register_refinement`
+  :func:`ingest_tiff`, :func:`ingest_arrays`, :func:`ingest_dask`; CAM layouts
+  (:data:`CAM_LAYOUTS`), pickles loaded safely (:func:`load_pickle_npy`)
+* image-level labels: :func:`ingest_image_labels`, :func:`read_image_labels`,
+  :class:`ImageLabels` (``Stack.image_labels`` reads those stored with a stack)
+* step 1, refinement: :func:`refine_stack`, :func:`register_refinement`, the dense
+  CRF :func:`crf_image` with the public code's presets (:func:`crf_settings`)
 * step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`
 * step 3, the ensemble: :func:`merge`, :func:`export_pngs`, :func:`report`
 * the whole job from folders (``isle run``): :func:`run_job`, :class:`JobSpec`
@@ -30,16 +35,24 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "errors": ("IsleError", "InputError", "StoreError", "AlignmentError",),
     "stores.stack": (
         "IGNORE_INDEX", "VOC_CLASSES", "Stack", "StackWriter", "create_stack", "open_stack",
-        "check_aligned", "default_chunks", "default_compressors",
+        "check_aligned", "default_chunks", "default_compressors", "quantize_scores",
     ),
+    "stores.chunks": ("check_stack", "StoreCheck",),
     "stores.ingest": (
         "DEFAULT_BG_THRESHOLD", "read_ids", "resolve_classes", "ingest_labels", "ingest_scores",
         "ingest_images", "ingest_tiff", "ingest_arrays", "ingest_dask",
     ),
+    "stores.image_labels": (
+        "ImageLabels", "read_image_labels", "ingest_image_labels", "open_image_labels",
+        "resolve_image_labels",
+    ),
+    "stores.cams": ("CAM_LAYOUTS",),
+    "stores.formats": ("load_pickle_npy",),
     "refinement.chain": (
         "refine_stack", "register_refinement", "unregister_refinement", "available_refinements",
-        "Refinement", "RefineChunk", "PrepareContext", "ENTRY_POINT_GROUP",
+        "Refinement", "RefineChunk", "PrepareContext", "ENTRY_POINT_GROUP", "image_labels_for",
     ),
+    "refinement.crf": ("crf_image", "crf_settings", "DenseCRF",),
     "ensemble.evaluate": ("evaluate", "Evaluation",),
     "ensemble.selection": ("select", "Selection",),
     "ensemble.subsets": ("subset_analysis", "SubsetAnalysis",),
@@ -49,10 +62,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ensemble.report": ("report", "export_pngs",),
     "training.deeplab": ("DeepLabV3Plus", "build_deeplab",),
     "training.data": ("SegmentationDataset", "make_loader",),
-    "training.train": ("TrainConfig", "TrainResult", "train",),
-    "training.predict": (
-        "predict", "PredictResult", "load_model", "resolve_threads", "ThreadGovernor",
-    ),
+    "training.config": ("TrainConfig",),
+    "training.train": ("TrainResult", "train",),
+    "training.predict": ("predict", "PredictResult", "load_model",),
+    "training.runtime": ("resolve_threads", "ThreadGovernor",),
     "synthetic.datasets": (
         "make_voc_like", "SyntheticDataset", "default_quality", "voc_palette", "write_label_png",
         "read_label_png",

@@ -15,8 +15,10 @@ Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs the very
 slowly: tiny data only). When it is enabled, :func:`gpu_available` is true, so
 ``--backend gpu`` / ``auto`` run the whole pipeline through the GPU path. The
 variable must be set before Numba is imported; ``ISLE_FORCE_CUDASIM=1`` does
-that for you when this module is imported before :mod:`numba.cuda` (e.g.
-``ISLE_FORCE_CUDASIM=1 isle evaluate ... --backend gpu``).
+that for you at the first call of :func:`resolve_backend` (or ``isle``'s start),
+as long as :mod:`numba.cuda` is not imported yet (e.g.
+``ISLE_FORCE_CUDASIM=1 isle evaluate ... --backend gpu``): see
+:mod:`isle_fast.process`, the one place that changes process-wide settings.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import sys
 from types import ModuleType
 
 from isle_fast.errors import InputError
+from isle_fast.process import FORCE_CUDASIM_ENV, prepare_process
 
 __all__ = [
     "BACKENDS",
+    "FORCE_CUDASIM_ENV",
     "resolve_backend",
     "get_kernels",
     "gpu_available",
@@ -45,25 +49,6 @@ __all__ = [
 
 BACKENDS = ("auto", "cpu", "gpu")
 
-#: Environment variable that turns Numba's CUDA simulator on for the GPU backend (tests).
-FORCE_CUDASIM_ENV = "ISLE_FORCE_CUDASIM"
-
-
-def _apply_force_cudasim() -> None:
-    """Honour ``ISLE_FORCE_CUDASIM=1`` while it can still take effect (before numba.cuda loads)."""
-    if os.environ.get(FORCE_CUDASIM_ENV, "") not in ("1", "true", "yes"):
-        return
-    if "numba.cuda" in sys.modules:
-        return                      # too late: simulator_enabled() reports the truth
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    if "numba" in sys.modules:      # numba already read its config: make it read it again
-        from numba.core import config
-
-        config.reload_config()
-
-
-_apply_force_cudasim()
-
 
 def simulator_enabled() -> bool:
     """Whether ``numba.cuda`` runs in Numba's CPU simulator (``NUMBA_ENABLE_CUDASIM=1``).
@@ -71,7 +56,7 @@ def simulator_enabled() -> bool:
     Before Numba is imported the environment variable is the answer (it is
     what Numba will read), so asking costs no Numba import (0.13-0.2 s).
     """
-    _apply_force_cudasim()
+    prepare_process()
     if "numba" not in sys.modules:
         try:
             return int(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") or 0) != 0
@@ -139,6 +124,7 @@ def resolve_backend(backend: str = "auto") -> str:
     InputError
         For an unknown name, or ``gpu`` without a usable device.
     """
+    prepare_process()
     if backend not in BACKENDS:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
@@ -158,6 +144,7 @@ def get_kernels(backend: str = "auto") -> ModuleType:
     """
     name = resolve_backend(backend)
     if name == "gpu":
+        prepare_process(gpu=True)  # before any GPU kernel compiles
         from isle_fast.kernels import gpu
 
         return gpu
@@ -186,14 +173,8 @@ def task_kernels(backend: str = "auto"):
     if resolve_backend(backend) != "cpu":
         yield kernels
         return
-    import numba
-
-    old = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
+    with kernels.numba_threads(1):
         yield kernels
-    finally:
-        numba.set_num_threads(old)
 
 
 #: Environment variable: ``0`` leaves the C allocator as it is (see :func:`tune_allocator`).
@@ -206,10 +187,9 @@ def tune_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 
     Every Dask task allocates a few chunk-sized arrays (8 MiB for 33 VOC images
     of uint8) and frees them. glibc serves allocations that large with ``mmap``
     and gives them back to the kernel on ``free``, so the next chunk pays a page
-    fault for every 4 KiB page again. At VOC scale evaluate + merge took 13.5 s
-    (23.2 CPU seconds) with glibc's defaults and 8.8 s (15.1) with this setting
-    (``python -m benchmarks.pipeline``, ``io_choices``). It raises glibc's
-    ``M_MMAP_THRESHOLD`` (chunk buffers come from the heap) and
+    fault for every 4 KiB page again (what that costs at VOC scale: the
+    README, "How it is fast", from ``python -m benchmarks.pipeline``,
+    ``io_choices``). It raises glibc's ``M_MMAP_THRESHOLD`` (chunk buffers come from the heap) and
     ``M_TRIM_THRESHOLD`` (freed heap memory is kept up to ``trim_threshold``
     bytes: the cost, a higher resident size by at most that much).
 

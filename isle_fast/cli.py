@@ -1,20 +1,31 @@
 """The ``isle`` command line.
 
 Every subcommand lives in its own module under :mod:`isle_fast.commands` and
-provides ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+provides ``add_arguments(parser)`` and ``run(args) -> int``; its one-line help is in
+:data:`COMMANDS`.
 Modules are imported only when their command runs (``isle --help`` stays fast
 and a missing optional dependency only breaks its own command).
 
 User mistakes (:class:`isle_fast.errors.IsleError`) print one line, ``isle: error: ...``,
-and exit with status 2; no traceback.
+and exit with status 2; no traceback. Environment errors (disk full, read-only) exit 1.
+Ctrl-C exits 130 and SIGTERM (what batch schedulers send before they kill) 143, both after
+the same clean-up: every output's temporary is removed, nothing half-written is kept. A reader
+that goes away (``isle evaluate ... | head -1``) ends the command quietly, exit 1.
+
+Options are never abbreviated (``--ov`` is an error, not ``--overwrite``): a prefix that
+happens to match today could silently mean another option once one is added.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
+import signal
 import sys
-from typing import Sequence
+import threading
+from typing import Any, Sequence
 
 from isle_fast.errors import IsleError
 
@@ -37,18 +48,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 
+class Parser(argparse.ArgumentParser):
+    """The parser of ``isle`` and of every subcommand: no abbreviated options.
+
+    Subparsers are made with the class of their parent, so every level, down to
+    ``isle ingest labels``, refuses prefixes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds the command like Ctrl-C, so every ``except BaseException`` /
+    ``finally`` clean-up runs (temporaries removed), then ``isle`` exits 143."""
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only`` set, just that subcommand's arguments are loaded."""
     from isle_fast import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="isle",
         description="ISLE: class-wise ensemble of weakly supervised segmentation pseudo-labels.",
     )
     parser.add_argument("--version", action="version", version=f"isle-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_)  # a Parser too: no abbreviations
         if only is None or only == name:
             mod = _load(module, name)
             if mod is not None:
@@ -69,6 +97,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``isle`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        with _sigterm_unwinds(), _notes_on_stderr():
+            rc = _main(argv)
+            sys.stdout.flush()   # a reader that went away shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError as exc:
+        if not _stdout_broken():
+            _say(f"isle {command or ''}: error: {_os_error(exc)}")
+            return 1
+        # Python's docs (signal module, "Note on SIGPIPE"): point stdout at devnull so that the
+        # flush at exit does not fail again with "Exception ignored ... BrokenPipeError"
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
+    command = next((a for a in argv if not a.startswith("-")), None)
     only = command if command in COMMANDS else None
     parser = build_parser(only=only if only else "__none__")
     if not argv:
@@ -82,21 +129,97 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mod is None:
         parser.error(f"'{args.command}' is not available in this build")
     from isle_fast.backend import tune_allocator
+    from isle_fast.process import prepare_process
 
+    prepare_process()  # the process-wide settings, once, here (isle_fast/process.py), never on import
     tune_allocator()  # reuse freed chunk buffers (see its docstring); ISLE_TUNE_MALLOC=0 skips it
     try:
         return int(mod.run(args) or 0)
     except IsleError as exc:
-        print(f"isle {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"isle {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"isle {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        _quiet_abandoned_coroutines()
+        _say(f"isle {args.command}: interrupted; no partial output was kept")
         return 130
+    except Terminated:
+        _quiet_abandoned_coroutines()
+        _say(f"isle {args.command}: terminated (SIGTERM); no partial output was kept")
+        return 143
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         # The environment's to fix, not a bug: disk full, permission denied, read-only file
         # system, a folder that cannot be created. One line naming the path, no traceback.
-        print(f"isle {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        _say(f"isle {args.command}: error: {_os_error(exc)}")
         return 1
+
+
+class _notes_on_stderr(logging.Handler):
+    """While active, the package's warnings (``logging.getLogger('isle_fast')``: a removed leftover of an
+    interrupted run, ...) are printed as plain lines on stderr, whatever the logging set-up."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(record.getMessage())
+
+    def __enter__(self) -> "_notes_on_stderr":
+        logging.getLogger("isle_fast").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("isle_fast").removeHandler(self)
+
+
+class _sigterm_unwinds:
+    """While active (main thread only), SIGTERM raises :class:`Terminated` once; a second SIGTERM
+    during the clean-up is ignored (SIGKILL still ends the process)."""
+
+    def __enter__(self) -> "_sigterm_unwinds":
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def _quiet_abandoned_coroutines() -> None:
+    """An interrupt that lands inside Zarr's sync wrapper leaves a coroutine that never ran; its
+    "was never awaited" RuntimeWarning at clean-up is noise after the interrupt, not a problem."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+
+def _stdout_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports POLLERR on it)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _say(text: str) -> None:
+    """One line on stderr; a stderr that went away too is not worth a traceback."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _os_error(exc: OSError) -> str:

@@ -13,8 +13,11 @@ class IsleError(Exception):
     """Base class of every error that is the user's to fix."""
 
 
-class InputError(IsleError):
-    """An input file, array or argument is malformed; the message names it."""
+class InputError(IsleError, ValueError):
+    """An input file, array or argument is malformed; the message names it.
+
+    Also a :class:`ValueError`, so callers can catch bad arguments the usual way.
+    """
 
 
 class StoreError(IsleError):

@@ -33,12 +33,17 @@ Outputs (RUN)
 ``isle evaluate --json`` schema plus the ensemble), ``report/`` (unless
 ``report=False``), ``run.json`` (what was run, fingerprints, what was reused,
 seconds per step) and ``cache/``. Results are built in a temporary folder
-inside RUN; at the end ``run.json`` is removed, each result is moved into
-place, and ``run.json`` is written last. A killed run leaves the previous
-results (described by their ``run.json``) or nothing, never a half-written
-result; its temporary folder is removed by the next run. RUN must be a new
-folder or one ``isle run`` made (its ``.isle-run`` marker): a re-run
-replaces the results there and keeps the cache.
+inside RUN (:func:`isle_fast.outputs.temp_path` naming); at the end
+``run.json`` is removed, each result is moved into place
+(:func:`isle_fast.outputs.commit_dir`), and ``run.json`` is written last. A
+killed run leaves the previous results (described by their ``run.json``) or
+nothing, never a half-written result; its temporary folder is removed by the
+next run (:func:`isle_fast.outputs.clean_stale`). RUN and the cache are outputs
+isle wrote: each carries the project's output marker (``.isle-output.json``,
+:data:`isle_fast.outputs.MARKER`). RUN must be a new or empty folder or one
+isle made, never an input folder, a folder holding one, ``/``, the home or the
+working directory (:func:`isle_fast.outputs.refuse_unsafe`); a re-run replaces
+the results there and keeps the cache.
 """
 
 from __future__ import annotations
@@ -48,10 +53,8 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -62,8 +65,8 @@ from isle_fast.errors import InputError, StoreError
 
 __all__ = ["JobSpec", "JobResult", "run_job", "spec_from_root", "spec_from_toml", "fingerprint_folder"]
 
-#: Marker file of a folder made by ``isle run`` (a re-run may replace its results).
-MARKER = ".isle-run"
+#: Marker file of a folder isle wrote (``isle run``'s RUN and cache): outputs.py's convention.
+MARKER = ".isle-output.json"
 
 #: The results a run replaces as a whole (``run.json`` comes last).
 RESULTS = ("ensemble.zarr", "ensemble", "evaluation.json", "report")
@@ -438,38 +441,33 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _prepare_out(out: Path) -> None:
-    """Create RUN, or accept one ``isle run`` made; refuse any other non-empty folder."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise InputError(f"--out {out} exists, is not empty and was not made by isle run (no {MARKER}); "
+def _prepare_folder(folder: Path, flag: str, inputs: Sequence[Any], command: str) -> None:
+    """Create RUN (or the cache), or accept a folder isle wrote; refuse anything else.
+
+    :func:`isle_fast.outputs.refuse_unsafe` first (never an input, a folder holding or
+    inside one, ``/``, home, the working directory), then ownership as ``--overwrite``
+    judges it (:func:`isle_fast.outputs.owned`: empty, or holding the output marker; a
+    stack store is not a run folder). The folder is marked as isle's own.
+    """
+    from isle_fast.outputs import is_project_store, owned, refuse_unsafe, write_marker
+
+    final = refuse_unsafe(folder, inputs=inputs, flag=flag)
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{flag} {folder} exists and is not a folder")
+    if final.is_dir() and (not owned(final) or is_project_store(final)):
+        raise InputError(f"{flag} {folder} exists, is not empty and was not made by isle run (no {MARKER}); "
                          "choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by isle run: a re-run replaces the results here and keeps the cache\n")
+    final.mkdir(parents=True, exist_ok=True)
+    if not (final / MARKER).is_file():
+        write_marker(final, command)
 
 
-#: Marker file of a cache folder made by ``isle run``.
-CACHE_MARKER = ".isle-cache"
+def _clean_stale(out: Path) -> None:
+    """Temporaries of earlier, killed runs in RUN: the staging folder, replaced results (outputs.py)."""
+    from isle_fast.outputs import clean_stale
 
-
-def _prepare_cache(cache: Path) -> None:
-    """Create the cache, or accept one ``isle run`` made; refuse any other non-empty folder."""
-    if cache.exists() and not cache.is_dir():
-        raise InputError(f"--cache {cache} exists and is not a folder")
-    if cache.is_dir() and any(p.name != ".isle-run.lock" for p in cache.iterdir()) \
-            and not (cache / CACHE_MARKER).is_file():
-        raise InputError(f"--cache {cache} exists, is not empty and was not made by isle run "
-                         f"(no {CACHE_MARKER}); choose another folder")
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / CACHE_MARKER).write_text("stores made by isle run (reused while their inputs are unchanged)\n")
-
-
-def _remove_stale(folder: Path, patterns: Sequence[str]) -> None:
-    """Temporaries of earlier, killed runs (we hold the folder's lock, so none is in use)."""
-    for pat in patterns:
-        for p in folder.glob(pat):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for name in (".staging",) + RESULTS + ("run.json",):
+        clean_stale(out / name)
 
 
 def _cached(path: Path, fp: str, make: Any) -> tuple[Any, bool]:
@@ -513,19 +511,38 @@ def _joined(a: Any, b: Any) -> Any:
                       gt_path=a.gt_path, backend=a.backend, seconds=a.seconds + b.seconds)
 
 
+def _ours(p: Path) -> bool:
+    """A result of an earlier run: what isle wrote (:func:`isle_fast.outputs.owned`)."""
+    from isle_fast.outputs import owned
+
+    return owned(p)
+
+
 def _move_results(staging: Path, out: Path, made: Sequence[str]) -> None:
-    """Replace RUN's results by the staged ones; ``run.json`` goes first (the caller writes it last)."""
-    (out / "run.json").unlink(missing_ok=True)
+    """Replace RUN's results by the staged ones; ``run.json`` goes first (the caller writes it last).
+
+    Each result is moved with :func:`isle_fast.outputs.commit_dir` (the old one renamed to an
+    ``.old-`` sibling, the new one into place, the old one deleted); a result this run did not
+    make (``--no-report``) is removed. Only what isle wrote is replaced or removed.
+    """
+    from isle_fast.errors import StoreError
+    from isle_fast.outputs import commit_dir, remove_path, temp_path
+
+    run_json = out / "run.json"
+    if os.path.lexists(run_json):
+        if not _ours(run_json):
+            raise StoreError(f"{run_json} was not written by isle; not replaced")
+        remove_path(run_json)
     for name in RESULTS:
         final = out / name
-        trash = None
-        if final.exists() or final.is_symlink():
-            trash = out / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
         if name in made:
-            os.replace(staging / name, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+            commit_dir(staging / name, final, overwrite=True, owned_by_us=_ours)
+        elif os.path.lexists(final):
+            if not _ours(final):
+                raise StoreError(f"{final} was not written by isle; not removed")
+            trash = temp_path(final, "old")
+            os.replace(final, trash)
+            remove_path(trash)
 
 
 def _warm_up(backend: str) -> None:
@@ -578,14 +595,17 @@ def run_job(spec: JobSpec) -> JobResult:
     out = Path(spec.out)
     cache = spec.cache_dir
     steps = _Steps(spec.quiet)
-    _prepare_out(out)
-    _prepare_cache(cache)
+    from isle_fast.outputs import remove_path, temp_path
+
+    inputs = [p for p in (spec.gt, spec.ids, spec.images, *(f for _, f, _ in spec.all_sets()))
+              if p is not None]
+    _prepare_folder(out, "--out", inputs, "isle run")
+    _prepare_folder(cache, "--cache", inputs, "isle run (store cache)")
     with _locked(out), (_locked(cache) if _resolved(cache) != _resolved(out) else contextlib.nullcontext()):
-        _remove_stale(out, [".staging-*", ".*.old-*"])
-        _remove_stale(cache, ["*.tmp-*", ".*.tmp-*", "*.old-*"])
+        _clean_stale(out)       # the cache's stores: create_stack cleans their temporaries (check_output)
         workers = spec.workers or parallel.default_workers()
         pool = parallel.ProcessPool(workers) if workers > 1 else None
-        staging = out / f".staging-{uuid.uuid4().hex[:12]}"
+        staging = temp_path(out / ".staging")
         try:
             with (pool.start() if pool is not None else contextlib.nullcontext()) as p, \
                     (parallel.use_pool(p) if p is not None else contextlib.nullcontext()):
@@ -593,7 +613,7 @@ def run_job(spec: JobSpec) -> JobResult:
                 staging.mkdir()
                 result = _run(spec, out, cache, staging, steps)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_path(staging)
     if not spec.quiet:
         _print_summary(result)
     return result
@@ -739,20 +759,20 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     result.seconds["total"] = round(steps.total, 3)
     doc = {"tool": "isle-fast", "command": "isle run", "spec": _spec_json(spec), "fingerprints": fps,
            "png_bytes": exp["bytes"], "compress": exp["compress"], **result.to_json()}
-    from isle_fast.ensemble.evaluate import write_text_atomic
+    from isle_fast.outputs import write_json
 
-    write_text_atomic(out / "run.json", json.dumps(doc, indent=2))
+    write_json(out / "run.json", doc, command="isle run")
     return result
 
 
 def _set_fingerprint(path: str, fp: str) -> None:
     """Record ``fp`` in a committed store's provenance (a refined store; written by :func:`refine_stack`)."""
-    from isle_fast.ensemble.evaluate import write_text_atomic
+    from isle_fast.outputs import write_text
 
     doc_path = Path(path) / "zarr.json"
     doc = json.loads(doc_path.read_text())
     doc.setdefault("attributes", {}).setdefault("provenance", {})["job_fingerprint"] = fp
-    write_text_atomic(doc_path, json.dumps(doc, indent=2))
+    write_text(doc_path, json.dumps(doc, indent=2))
 
 
 def _spec_json(spec: JobSpec) -> dict:

@@ -1,7 +1,7 @@
 """CPU kernels (Numba) for ISLE steps 2 and 3: confusion counting, score decode, merge.
 
-Same names and semantics as :mod:`isle_fast.kernels.gpu`; the contract is
-``notes/KERNEL_API.md`` and the plain NumPy references are ``tests/reference.py``.
+Same names, semantics and argument checks (:mod:`isle_fast.kernels.checks`) as
+:mod:`isle_fast.kernels.gpu`; the plain NumPy references are ``tests/reference.py``.
 Counts are exact ``int64``; nothing here touches files, Zarr or Dask.
 
 Conventions
@@ -30,7 +30,7 @@ Performance notes
   the thread count or on how the caller chunks the data (counts add up). An
   input of a single work item (< ``BLOCK`` pixels) runs on the calling thread
   (waking the pool costs more than the work). Callers that already run
-  kernels from several threads (Dask) may want ``numba.set_num_threads(1)``
+  kernels from several threads (Dask) may want ``with numba_threads(1):``
   in those threads to avoid oversubscription.
 * ``confusion_labels`` reads gt once per cache block (4096 words = 32 KiB)
   and walks it against one set at a time, 8 pixels (one uint64 word) per
@@ -67,6 +67,8 @@ Performance notes
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Sequence
 
 import numba
@@ -74,18 +76,20 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_scores_args, decode_scores_args,
+                     merge_labels_args, merge_scores_args, subset_confusion_labels_args,
+                     subset_confusion_scores_args)
+
 __all__ = [
     "SCORE", "ORDER", "IGNORE",
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
-    "subset_confusion_labels", "subset_confusion_scores",
+    "subset_confusion_labels", "subset_confusion_scores", "numba_threads",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - every platform Numba supports today is little-endian
     raise ImportError("isle_fast.kernels.cpu reads 8 pixels as one 64-bit word and needs a little-endian CPU")
 
-SCORE, ORDER, IGNORE = 0, 1, 2
-_POLICIES = (SCORE, ORDER, IGNORE)
 _JIT = dict(parallel=True, nogil=True, cache=True)
 _JIT1 = dict(nogil=True, cache=True)
 
@@ -165,92 +169,33 @@ def _score_view(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def _threshold_raw(bg_threshold: float, dtype: np.dtype):
-    """(use, raw value in the kernel's view dtype) for a background threshold."""
-    dtype = np.dtype(dtype)
-    use = bg_threshold is not None and float(bg_threshold) >= 0
-    if dtype == np.uint8:
-        t = np.uint8(np.floor(np.clip(float(bg_threshold), 0.0, 255.0))) if use else np.uint8(0)
-    elif dtype == np.float16:
-        t = np.float16(bg_threshold if use else 0).view(np.uint16)
-    else:
-        t = np.float32(bg_threshold if use else 0)
-    return use, t
-
-
 # ----------------------------------------------------------------------------------------------
-# validation helpers (cheap: shapes, dtypes, small tables)
+# calling the kernels
 # ----------------------------------------------------------------------------------------------
-
-def _tuple_of_arrays(sets, name: str = "sets") -> tuple:
-    if isinstance(sets, np.ndarray) or not isinstance(sets, (tuple, list)):
-        raise ValueError(f"{name} must be a tuple or list of arrays, not {type(sets).__name__}")
-    if len(sets) == 0:
-        raise ValueError(f"{name} is empty: need at least one set")
-    out = []
-    for i, s in enumerate(sets):
-        if not isinstance(s, np.ndarray):
-            raise ValueError(f"{name}[{i}] must be a NumPy array, not {type(s).__name__}")
-        out.append(np.ascontiguousarray(s))
-    return tuple(out)
-
-
-def _check_classes(num_classes) -> int:
-    C = int(num_classes)
-    if not 1 <= C <= 255:
-        raise ValueError(f"num_classes must be in [1, 255] (255 is the ignore label), got {num_classes}")
-    return C
-
-
-def _check_gt(gt) -> np.ndarray:
-    if not isinstance(gt, np.ndarray) or gt.dtype != np.uint8:
-        raise ValueError(f"gt must be a uint8 NumPy array, got {getattr(gt, 'dtype', type(gt).__name__)}")
-    return np.ascontiguousarray(gt)
-
-
-def _check_label_sets(sets, shape) -> tuple:
-    sets = _tuple_of_arrays(sets)
-    for i, s in enumerate(sets):
-        if s.dtype != np.uint8:
-            raise ValueError(f"sets[{i}] must be uint8 labels, got dtype {s.dtype}")
-        if s.shape != shape:
-            raise ValueError(f"sets[{i}] has shape {s.shape}, expected {shape}")
-    return sets
-
-
-def _check_score_sets(sets, shape, C) -> tuple:
-    sets = _tuple_of_arrays(sets)
-    dt = sets[0].dtype
-    if dt not in (np.uint8, np.float16, np.float32):
-        raise ValueError(f"score sets must be uint8, float16 or float32, got {dt}")
-    for i, s in enumerate(sets):
-        if s.dtype != dt:
-            raise ValueError(f"sets[{i}] has dtype {s.dtype}, but sets[0] has {dt} (all must match)")
-        want = sets[0].shape if shape is None else shape + (C,)
-        if s.shape != want:
-            raise ValueError(f"sets[{i}] has shape {s.shape}, expected {want}")
-    return sets
-
-
-def _check_policy(policy) -> int:
-    p = int(policy)
-    if p not in _POLICIES:
-        raise ValueError(f"policy must be SCORE (0), ORDER (1) or IGNORE (2), got {policy}")
-    return p
-
-
-def _check_selection(selection, C: int, N: int, first: int, name: str = "selection") -> np.ndarray:
-    sel = np.asarray(selection, dtype=np.int64).reshape(-1)
-    if sel.shape != (C,):
-        raise ValueError(f"{name} must have one entry per class ({C}), got shape {np.shape(selection)}")
-    if C > first and (sel[first:].min() < 0 or sel[first:].max() >= N):
-        raise ValueError(f"{name} points outside the {N} sets: {sel.tolist()}")
-    return sel
-
 
 def _nchunks(npix: int) -> int:
     """Parallel work items for npix pixels: one per thread, at least BLOCK pixels each."""
     return int(max(1, min(numba.get_num_threads(), -(-npix // BLOCK))))
+
+
+@contextmanager
+def numba_threads(n: int) -> Iterator[int]:
+    """Context manager: this thread's Numba parallel regions use at most ``n`` threads inside.
+
+    Numba keeps the count per thread, so other threads are not affected; the previous
+    count is restored on exit. The one place that changes Numba's thread count: the
+    kernels below for an input of one work item, :func:`isle_fast.backend.task_kernels`
+    for every Dask task.
+    """
+    old = numba.get_num_threads()
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    if n != old:
+        numba.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if n != old:
+            numba.set_num_threads(old)
 
 
 def _call(kernel, *args):
@@ -259,12 +204,8 @@ def _call(kernel, *args):
     Waking the thread pool for a small input costs far more than the work on a busy machine.
     """
     if args[-1] == 1 and numba.get_num_threads() > 1:
-        old = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
+        with numba_threads(1):
             return kernel(*args)
-        finally:
-            numba.set_num_threads(old)
     return kernel(*args)
 
 
@@ -368,9 +309,7 @@ def confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     ndarray of int64, shape (N, C, C + 1)
         ``out[n, t, p]`` = number of pixels with ``gt == t`` and ``sets[n] == p``.
     """
-    C = _check_classes(num_classes)
-    gt = _check_gt(gt)
-    sets = _check_label_sets(sets, gt.shape)
+    gt, sets, C = confusion_labels_args(gt, sets, num_classes, host=True)
     g = gt.reshape(-1)
     hist = _call(_confusion_labels_kernel, g, _addrs((g,))[0], _addrs(sets), C, _nchunks(g.size))
     return _fold_columns(hist, C)
@@ -417,11 +356,7 @@ def decode_scores(scores: np.ndarray, bg_threshold: float = -1.0) -> np.ndarray:
     -------
     ndarray of uint8, shape ``scores.shape[:-1]``
     """
-    (s,) = _check_score_sets((scores,), None, None)
-    if s.ndim < 1 or not 1 <= s.shape[-1] <= 255:
-        raise ValueError(f"scores must have a last (class) axis of length 1..255, got shape {s.shape}")
-    C = s.shape[-1]
-    use, thr = _threshold_raw(bg_threshold, s.dtype)
+    s, C, _, (use, _, thr) = decode_scores_args(scores, bg_threshold, host=True)
     npix = s.size // C
     out = _call(_decode_kernel, _addrs((s,))[0], npix, C, use, thr, _nchunks(npix))
     return out.reshape(s.shape[:-1])
@@ -460,10 +395,7 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     -------
     ndarray of int64, shape (N, C, C + 1); column C is 0 (scores never abstain).
     """
-    C = _check_classes(num_classes)
-    gt = _check_gt(gt)
-    sets = _check_score_sets(sets, gt.shape, C)
-    use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
+    gt, sets, C, _, (use, _, thr) = confusion_scores_args(gt, sets, num_classes, bg_threshold, host=True)
     g = gt.reshape(-1)
     hist = _call(_confusion_scores_kernel, g, _addrs(sets), C, use, thr, _nchunks(g.size))
     return hist.sum(axis=0)
@@ -660,15 +592,8 @@ def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np
     ndarray of uint8, the shape of ``sets[0]``: the claimed class; 0 where no chosen
     slice claims the pixel; 255 where every set abstains (or IGNORE conflicts).
     """
-    sets = _tuple_of_arrays(sets)
-    sets = _check_label_sets(sets, sets[0].shape)
+    sets, C, sel, pol, pri = merge_labels_args(sets, selection, priority, policy, host=True)
     N = len(sets)
-    C = _check_classes(len(np.asarray(selection).reshape(-1)))
-    sel = _check_selection(selection, C, N, 1)
-    pol = _check_policy(policy)
-    pri = np.asarray(priority, dtype=np.float64)
-    if pri.shape != (N, C):
-        raise ValueError(f"priority must have shape (N, C) = ({N}, {C}), got {pri.shape}")
     key, lab = _merge_tables(sel, pri, np.ones(N, bool), pol, C)
     npix = sets[0].size
     out = _call(_merge_labels_kernel, _addrs(sets), npix, key, lab, _ignore_codes(key), pol == IGNORE,
@@ -749,14 +674,8 @@ def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,
     labels : uint8 array ``sets[0].shape[:-1]``
     merged : array ``sets[0].shape`` in the sets' dtype
     """
-    sets = _check_score_sets(sets, None, None)
+    sets, C, sel, pol, _, (use, _, thr) = merge_scores_args(sets, selection, policy, bg_threshold, host=True)
     shape = sets[0].shape
-    if len(shape) < 1 or not 1 <= shape[-1] <= 255:
-        raise ValueError(f"score sets need a last (class) axis of length 1..255, got shape {shape}")
-    C = shape[-1]
-    sel = _check_selection(selection, C, len(sets), 0)
-    pol = _check_policy(policy)
-    use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
     npix = sets[0].size // C
     merged = np.empty(shape, sets[0].dtype)
     labels = np.empty(shape[:-1], np.uint8)
@@ -768,22 +687,6 @@ def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,
 # ----------------------------------------------------------------------------------------------
 # every-subset analysis
 # ----------------------------------------------------------------------------------------------
-
-def _check_subsets(selections, members, N: int, C: int, first: int) -> tuple[np.ndarray, np.ndarray]:
-    sels = np.asarray(selections, dtype=np.int64)
-    mem = np.asarray(members).astype(bool)
-    if sels.ndim != 2 or sels.shape[1] != C:
-        raise ValueError(f"selections must have shape (S, {C}), got {sels.shape}")
-    if mem.shape != (sels.shape[0], N):
-        raise ValueError(f"members must have shape (S, N) = ({sels.shape[0]}, {N}), got {mem.shape}")
-    for s in range(sels.shape[0]):
-        if not mem[s].any():
-            raise ValueError(f"subset {s} has no member set")
-        sel = sels[s, first:]
-        if sel.size and (sel.min() < 0 or sel.max() >= N or not mem[s, sel].all()):
-            raise ValueError(f"selections[{s}] points at sets outside subset {s}: {sels[s].tolist()}")
-    return sels, mem
-
 
 @njit(**_JIT1)
 def _eval_tuple(vals, s, key, lab, ignore):  # pragma: no cover - jitted
@@ -916,15 +819,9 @@ def subset_confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     ndarray of int64 (S, C, C + 1): ``out[s]`` is the confusion of
     ``merge_labels`` restricted to subset s (merged 255 -> column C).
     """
-    C = _check_classes(num_classes)
-    gt = _check_gt(gt)
-    sets = _check_label_sets(sets, gt.shape)
+    gt, sets, C, sels, mem, pol, pri = subset_confusion_labels_args(gt, sets, selections, members, priority,
+                                                                    policy, num_classes, host=True)
     N = len(sets)
-    sels, mem = _check_subsets(selections, members, N, C, 1)
-    pol = _check_policy(policy)
-    pri = np.asarray(priority, dtype=np.float64)
-    if pri.shape != (N, C):
-        raise ValueError(f"priority must have shape (N, C) = ({N}, {C}), got {pri.shape}")
     if method not in ("auto", "hash", "direct"):
         raise ValueError(f"method must be 'auto', 'hash' or 'direct', got {method!r}")
     S = sels.shape[0]
@@ -1026,13 +923,8 @@ def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     ndarray of int64 (S, C, C + 1): ``out[s]`` = confusion of ``merge_scores`` over subset s
     (IGNORE conflicts, 255, are counted in column C).
     """
-    C = _check_classes(num_classes)
-    gt = _check_gt(gt)
-    sets = _check_score_sets(sets, gt.shape, C)
-    N = len(sets)
-    sels, _ = _check_subsets(selections, members, N, C, 0)
-    pol = _check_policy(policy)
-    use, thr = _threshold_raw(bg_threshold, sets[0].dtype)
+    gt, sets, C, sels, _, pol, _, (use, _, thr) = subset_confusion_scores_args(
+        gt, sets, selections, members, policy, num_classes, bg_threshold, host=True)
     g = gt.reshape(-1)
     out = _call(_subset_scores_kernel, g, _addrs(sets), C, sels, pol, use, thr, _nchunks(g.size))
     return out.sum(axis=0)

@@ -1,9 +1,9 @@
 """GPU kernels (``numba.cuda``): confusion counting, class-slice merge, decode, subset confusions.
 
-Same names and semantics as :mod:`isle_fast.kernels.cpu` (see ``notes/KERNEL_API.md``);
-every function is checked against the NumPy reference in ``tests/reference.py`` under
-Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which runs these very kernels in
-Python threads without a GPU.
+Same names, semantics and argument checks (:mod:`isle_fast.kernels.checks`) as
+:mod:`isle_fast.kernels.cpu`; every function is checked against the NumPy reference in
+``tests/reference.py`` under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which runs
+these very kernels in Python threads without a GPU.
 
 Inputs and outputs
 ------------------
@@ -65,18 +65,17 @@ device memory), which is why keeping data on the device (CuPy in) is the fast pa
 from __future__ import annotations
 
 import functools
-import glob
-import importlib.util
 import math
-import os
-import sys
 import threading
-import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from numba import config as _numba_config
 from numba import cuda, float64, int64, uint32, uint64
+
+from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_scores_args, decode_scores_args,
+                     merge_labels_args, merge_scores_args, subset_confusion_labels_args,
+                     subset_confusion_scores_args, threshold_value)
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE", "SIMULATOR", "threshold_value",
@@ -85,44 +84,10 @@ __all__ = [
     "subset_confusion_labels", "subset_confusion_scores",
 ]
 
-SCORE, ORDER, IGNORE = 0, 1, 2
-
 #: True when numba runs ``numba.cuda`` kernels in its CPU simulator (``NUMBA_ENABLE_CUDASIM=1``).
 SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
 
 
-
-def _pip_nvvm_root() -> str | None:
-    """The ``nvidia-cuda-nvcc-cu12`` wheel's folder when it holds NVVM and libdevice, else None."""
-    try:
-        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
-    except (ImportError, ValueError):
-        return None
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        if glob.glob(os.path.join(root, "nvvm", "lib64", "libnvvm.so*")) and \
-                os.path.isdir(os.path.join(root, "nvvm", "libdevice")):
-            return root
-    return None
-
-
-def _use_pip_nvvm() -> None:
-    """Let Numba's CUDA target compile with the NVVM of the ``nvidia-cuda-nvcc-cu12`` wheel.
-
-    Numba's built-in CUDA target finds NVVM / libdevice only in conda, ``CUDA_HOME`` or a
-    system toolkit (``/usr/local/cuda``); ``pip install isle-fast[gpu]`` brings the wheel, so
-    with none of those we point ``CUDA_HOME`` at it (before Numba first looks: it caches the
-    paths). An explicit ``CUDA_HOME`` / ``CUDA_PATH``, conda or a system toolkit wins.
-    """
-    if SIMULATOR or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    if os.path.isdir("/usr/local/cuda/nvvm") or os.path.exists(os.path.join(sys.prefix, "conda-meta")):
-        return
-    root = _pip_nvvm_root()
-    if root:
-        os.environ["CUDA_HOME"] = root
-
-
-_use_pip_nvvm()
 
 _THREADS = 32 if SIMULATOR else 256        # threads per block (the simulator runs one Python thread each)
 _PIX = 4                                   # consecutive pixels per thread per step (run aggregation)
@@ -130,9 +95,6 @@ _SHARED_BINS = 12288                       # uint32 bins per block: 48 KiB of dy
 _CHUNK_BYTES = 32 << 20                    # host pipeline: input bytes per chunk
 _CHUNK_PIXELS: int | None = None           # test hook: fixed pixels per chunk (exercises the pipeline)
 _MAX_BLOCK_PIXELS = 1 << 31                # per-block pixel bound -> uint32 shared bins cannot overflow
-
-# Small chunks (a few images) legitimately give small grids; Numba would warn on every call.
-warnings.filterwarnings("ignore", message=r"Grid size .* will likely result in GPU under-utilization")
 
 # The simulator swaps module globals while a kernel runs, so concurrent launches from several
 # host threads (Dask's threaded scheduler) must be serialised there; real devices need no lock.
@@ -265,57 +227,20 @@ def _score_functions(read: Callable) -> tuple[Callable, Callable]:
 # kernels
 # ----------------------------------------------------------------------------------------------
 
-def _hist_kernels(label_fn: Callable) -> tuple[Any, Any]:
-    """(shared-memory kernel, global-atomics kernel) counting ``label_fn(aux, k, i, C)`` vs gt.
+def _hist_kernel(label_fn: Callable) -> Any:
+    """The kernel counting ``label_fn(aux, k, i, C)`` against ``gt`` for tables ``k0 <= k < k1``.
 
-    ``out`` is the flat ``uint64`` histogram of ``K x C x (C+1)`` bins; a launch counts tables
-    ``k0 <= k < k1``.
+    ``out`` is the flat ``uint64`` histogram of ``K x C x (C+1)`` bins. With ``shared`` the
+    block counts into a privatised ``uint32`` table in dynamic shared memory (tables
+    ``k0..k1`` must fit; launched with that many bytes) and flushes its non-zero bins into
+    ``out`` at the end; without, it adds straight into ``out`` (``uint64`` global atomics, for
+    a table larger than shared memory). The one counting loop serves both: only the array
+    the atomics go to differs.
     """
 
-    @cuda.jit
-    def shared_kernel(gt, aux, k0, k1, C, out):
-        hist = cuda.shared.array(0, dtype=uint32)
-        width = C + 1
-        nbins = (k1 - k0) * C * width
-        tid = cuda.threadIdx.x
-        for b in range(tid, nbins, cuda.blockDim.x):
-            hist[b] = uint32(0)
-        cuda.syncthreads()
-        P = gt.shape[0]
-        step = cuda.gridDim.x * cuda.blockDim.x * _PIX
-        base = (cuda.blockIdx.x * cuda.blockDim.x + tid) * _PIX
-        while base < P:
-            for k in range(k0, k1):
-                prev = int64(-1)
-                run = 0
-                for j in range(_PIX):
-                    i = base + j
-                    if i < P:
-                        t = int64(gt[i])
-                        if t < C:
-                            p = label_fn(aux, k, i, C)
-                            if p > C:
-                                p = int64(C)
-                            b = ((k - k0) * C + t) * width + p
-                            if b == prev:
-                                run += 1
-                            else:
-                                if run > 0:
-                                    cuda.atomic.add(hist, prev, uint32(run))
-                                prev = b
-                                run = 1
-                if run > 0:
-                    cuda.atomic.add(hist, prev, uint32(run))
-            base += step
-        cuda.syncthreads()
-        off = k0 * C * width
-        for b in range(tid, nbins, cuda.blockDim.x):
-            v = hist[b]
-            if v != 0:
-                cuda.atomic.add(out, off + b, uint64(v))
-
-    @cuda.jit
-    def global_kernel(gt, aux, k0, k1, C, out):
+    @cuda.jit(device=True)
+    def count(target, first, gt, aux, k0, k1, C):
+        """Runs of equal bins over this thread's pixels, added to ``target`` (tables from ``first``)."""
         width = C + 1
         P = gt.shape[0]
         step = cuda.gridDim.x * cuda.blockDim.x * _PIX
@@ -332,19 +257,38 @@ def _hist_kernels(label_fn: Callable) -> tuple[Any, Any]:
                             p = label_fn(aux, k, i, C)
                             if p > C:
                                 p = int64(C)
-                            b = (k * C + t) * width + p
+                            b = ((k - first) * C + t) * width + p
                             if b == prev:
                                 run += 1
                             else:
                                 if run > 0:
-                                    cuda.atomic.add(out, prev, uint64(run))
+                                    cuda.atomic.add(target, prev, run)
                                 prev = b
                                 run = 1
                 if run > 0:
-                    cuda.atomic.add(out, prev, uint64(run))
+                    cuda.atomic.add(target, prev, run)
             base += step
 
-    return shared_kernel, global_kernel
+    @cuda.jit
+    def kernel(gt, aux, k0, k1, C, shared, out):
+        if not shared:
+            count(out, 0, gt, aux, k0, k1, C)
+            return
+        hist = cuda.shared.array(0, dtype=uint32)
+        nbins = (k1 - k0) * C * (C + 1)
+        tid = cuda.threadIdx.x
+        for b in range(tid, nbins, cuda.blockDim.x):
+            hist[b] = uint32(0)
+        cuda.syncthreads()
+        count(hist, k0, gt, aux, k0, k1, C)
+        cuda.syncthreads()
+        off = k0 * C * (C + 1)
+        for b in range(tid, nbins, cuda.blockDim.x):
+            v = hist[b]
+            if v != 0:
+                cuda.atomic.add(out, off + b, uint64(v))
+
+    return kernel
 
 
 @cuda.jit(device=True)
@@ -367,22 +311,22 @@ def _merge_labels_kernel(sets, sel, mem, prio, policy, C, out):
 def _kernels(kind: str, half: bool = False) -> Any:
     """Compile-on-first-use kernel families (``half``: float16 scores read as uint16)."""
     if kind == "labels":
-        return _hist_kernels(_label_of_set)
+        return _hist_kernel(_label_of_set)
     if kind == "subset_labels":
-        return _hist_kernels(_label_of_subset)
+        return _hist_kernel(_label_of_subset)
     decode_px, merge_score_px = _score_functions(_read_half if half else _read_plain)
     if kind == "scores":
         @cuda.jit(device=True)
         def label_fn(aux, k, i, C):
             return decode_px(aux[0][k], i, C, aux[1], aux[2])
 
-        return _hist_kernels(label_fn)
+        return _hist_kernel(label_fn)
     if kind == "subset_scores":
         @cuda.jit(device=True)
         def label_fn(aux, k, i, C):
             return merge_score_px(aux[0], aux[1], aux[2], aux[3], aux[4], k, i, C)
 
-        return _hist_kernels(label_fn)
+        return _hist_kernel(label_fn)
     if kind == "decode":
         @cuda.jit
         def decode_kernel(scores, C, use_thr, thr, out):
@@ -601,26 +545,24 @@ def _mode(arrays: Sequence[Any]) -> bool:
     return any(_is_device(a) for a in arrays)
 
 
-def _launch_hist(kernels: tuple[Any, Any], gt: Any, aux: tuple, ntab: int, C: int, out: Any,
-                 P: int, stream: Any) -> None:
+def _launch_hist(kernel: Any, gt: Any, aux: tuple, ntab: int, C: int, out: Any, P: int, stream: Any) -> None:
     """Queue the counting of ``ntab`` tables over ``P`` pixels into ``out`` (flat uint64)."""
-    shared_kernel, global_kernel = kernels
     per_tab = C * (C + 1)
     group = _SHARED_BINS // per_tab
-    if group >= 1:
+    if group >= 1:                      # as many tables per launch as fit in shared memory
         for k0 in range(0, ntab, group):
             k1 = min(ntab, k0 + group)
             nbins = (k1 - k0) * per_tab
             blocks = _blocks(P, work_per_block=max(_THREADS * _PIX, 4 * nbins // max(1, k1 - k0)))
-            shared_kernel[blocks, _THREADS, stream, nbins * 4](gt, aux, k0, k1, C, out)
-    else:
-        global_kernel[_blocks(P), _THREADS, stream](gt, aux, 0, ntab, C, out)
+            kernel[blocks, _THREADS, stream, nbins * 4](gt, aux, k0, k1, C, True, out)
+    else:                               # one table is larger than shared memory: global atomics
+        kernel[_blocks(P), _THREADS, stream](gt, aux, 0, ntab, C, False, out)
 
 
 def _confusion(kind: str, half: bool, gt: Any, pixel_inputs: Sequence[tuple[Any, int]],
                make_aux: Callable[[list], tuple], ntab: int, C: int) -> Any:
     """Shared driver of the four counting functions (host pipeline or device mode)."""
-    kernels = _kernels(kind, half)
+    kernel = _kernels(kind, half)
     nbins = ntab * C * (C + 1)
     shape = (ntab, C, C + 1)
     P = int(np.prod(gt.shape, dtype=np.int64))
@@ -631,7 +573,7 @@ def _confusion(kind: str, half: bool, gt: Any, pixel_inputs: Sequence[tuple[Any,
             stream = _stream()
             d_gt = _flat_device(gt)
             d_in = [_flat_device(a, np.uint16 if half and w > 1 else None) for a, w in pixel_inputs]
-            _launch_hist(kernels, d_gt, make_aux(d_in), ntab, C, out, P, stream)
+            _launch_hist(kernel, d_gt, make_aux(d_in), ntab, C, out, P, stream)
         return res.view(np.int64).reshape(shape)
     if P == 0 or C == 0:
         return np.zeros(shape, np.int64)
@@ -643,84 +585,10 @@ def _confusion(kind: str, half: bool, gt: Any, pixel_inputs: Sequence[tuple[Any,
         ins.append((h.view(np.uint16) if half and w > 1 else h, w))
 
     def launch(d_in: list, d_out: list, m: int, stream: Any) -> None:
-        _launch_hist(kernels, d_in[0], make_aux(d_in[1:]), ntab, C, out, m, stream)
+        _launch_hist(kernel, d_in[0], make_aux(d_in[1:]), ntab, C, out, m, stream)
 
     _pipeline(P, ins, [], launch)
     return out.copy_to_host().view(np.int64).reshape(shape)
-
-
-# ----------------------------------------------------------------------------------------------
-# argument checks
-# ----------------------------------------------------------------------------------------------
-
-def _check_sets(sets: Sequence[Any], shape: tuple[int, ...] | None, what: str,
-                labels: bool = False) -> tuple:
-    if hasattr(sets, "shape") or not isinstance(sets, (tuple, list)):
-        raise ValueError(f"{what}: sets must be a tuple or list of arrays, not {type(sets).__name__}")
-    sets = tuple(sets)
-    if len(sets) == 0:
-        raise ValueError(f"{what}: sets is empty: need at least one set")
-    ref = tuple(sets[0].shape) if shape is None else tuple(shape)
-    dt = np.dtype(sets[0].dtype)
-    for n, s in enumerate(sets):
-        if labels and np.dtype(s.dtype) != np.uint8:
-            raise ValueError(f"{what}: sets[{n}] must be uint8 labels, got dtype {np.dtype(s.dtype)}")
-        if tuple(s.shape) != ref:
-            raise ValueError(f"{what}: sets[{n}] has shape {tuple(s.shape)}, expected {ref}")
-        if np.dtype(s.dtype) != dt:
-            raise ValueError(f"{what}: sets[{n}] has dtype {np.dtype(s.dtype)}, but sets[0] has {dt} "
-                             "(all must match)")
-    return sets
-
-
-def _check_classes(num_classes: Any, what: str) -> int:
-    C = int(num_classes)
-    if not 1 <= C <= 255:
-        raise ValueError(f"{what}: num_classes must be in [1, 255] (255 is the ignore label), "
-                         f"got {num_classes}")
-    return C
-
-
-def _check_gt(gt: Any, what: str) -> None:
-    if np.dtype(getattr(gt, "dtype", object)) != np.uint8:
-        raise ValueError(f"{what}: gt must be a uint8 array, got {getattr(gt, 'dtype', type(gt).__name__)}")
-
-
-def _check_policy(policy: Any, what: str) -> int:
-    p = int(policy)
-    if p not in (SCORE, ORDER, IGNORE):
-        raise ValueError(f"{what}: policy must be SCORE (0), ORDER (1) or IGNORE (2), got {policy}")
-    return p
-
-
-def _check_score_dtype(dtype: Any, what: str) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32)):
-        raise ValueError(f"{what}: score dtype must be uint8, float16 or float32, not {dt}")
-    return dt
-
-
-def threshold_value(bg_threshold: float, dtype: Any) -> np.generic:
-    """The background threshold as a value of the scores' dtype.
-
-    ``uint8``: clipped to [0, 255] and truncated (compares against integer scores exactly like
-    the real-valued threshold); ``float16`` / ``float32``: rounded to the nearest value.
-    """
-    dtype = np.dtype(dtype)
-    if dtype == np.uint8:
-        return np.uint8(np.floor(np.clip(float(bg_threshold), 0.0, 255.0)))
-    with np.errstate(over="ignore"):            # a huge threshold is +inf in float16
-        return dtype.type(bg_threshold)
-
-
-def _threshold_args(bg_threshold: float, dtype: np.dtype) -> tuple[bool, float, np.generic]:
-    """(use, value as float64, raw value in the kernel's element dtype) of a threshold."""
-    if not bg_threshold >= 0:
-        zero = np.uint16(0) if dtype == np.float16 else dtype.type(0)
-        return False, 0.0, zero
-    v = threshold_value(bg_threshold, dtype)
-    raw = v.view(np.uint16) if dtype == np.float16 else v
-    return True, float(v), raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,9 +614,7 @@ def confusion_labels(gt: Any, sets: Sequence[Any], num_classes: int) -> Any:
         ``out[n, t, p]`` = pixels with ``gt == t`` and ``sets[n] == p``. NumPy for NumPy inputs,
         a device array otherwise.
     """
-    C = _check_classes(num_classes, "confusion_labels")
-    _check_gt(gt, "confusion_labels")
-    sets = _check_sets(sets, gt.shape, "confusion_labels", labels=True)
+    gt, sets, C = confusion_labels_args(gt, sets, num_classes, host=False)
     return _confusion("labels", False, gt, [(s, 1) for s in sets], lambda d: (tuple(d),), len(sets), C)
 
 
@@ -773,11 +639,7 @@ def confusion_scores(gt: Any, sets: Sequence[Any], num_classes: int, bg_threshol
     int64 array (N, C, C+1)
         Confusion of ``decode_scores(sets[n], bg_threshold)``; column C stays 0.
     """
-    C = _check_classes(num_classes, "confusion_scores")
-    _check_gt(gt, "confusion_scores")
-    sets = _check_sets(sets, tuple(gt.shape) + (C,), "confusion_scores")
-    dt = _check_score_dtype(sets[0].dtype, "confusion_scores")
-    use, thr, _ = _threshold_args(bg_threshold, dt)
+    gt, sets, C, dt, (use, thr, _) = confusion_scores_args(gt, sets, num_classes, bg_threshold, host=False)
     return _confusion("scores", dt == np.float16, gt, [(s, C) for s in sets],
                       lambda d: (tuple(d), use, thr), len(sets), C)
 
@@ -796,12 +658,9 @@ def decode_scores(scores: Any, bg_threshold: float = -1.0) -> Any:
     -------
     uint8 array ``scores.shape[:-1]``
     """
-    dt = _check_score_dtype(scores.dtype, "decode_scores")
-    full = tuple(scores.shape)         # (device arrays' shapes need not support negative indices)
-    C = int(full[-1])
-    shape = full[:-1]
+    scores, C, dt, (use, thr, _) = decode_scores_args(scores, bg_threshold, host=False)
+    shape = tuple(scores.shape)[:-1]   # (device arrays' shapes need not support negative indices)
     P = int(np.prod(shape, dtype=np.int64))
-    use, thr, _ = _threshold_args(bg_threshold, dt)
     half = dt == np.float16
     kernel = _kernels("decode", half)
     if _is_device(scores):
@@ -819,20 +678,6 @@ def decode_scores(scores: Any, bg_threshold: float = -1.0) -> Any:
 
         _pipeline(P, [(h.view(np.uint16) if half else h, C)], [(result, 1)], launch)
     return result.reshape(shape)
-
-
-def _selection_2d(selection: Any, C: int, what: str) -> np.ndarray:
-    sel = np.asarray(selection, dtype=np.int64).reshape(1, -1)
-    if sel.shape[1] != C:
-        raise ValueError(f"{what}: selection has {sel.shape[1]} entries, expected {C} (one per class)")
-    return np.ascontiguousarray(sel)
-
-
-def _priority(priority: Any, N: int, C: int, what: str) -> np.ndarray:
-    prio = np.asarray(priority, dtype=np.float64)
-    if prio.shape != (N, C):
-        raise ValueError(f"{what}: priority must have shape (N, C) = ({N}, {C}), got {prio.shape}")
-    return np.ascontiguousarray(prio)
 
 
 def _small(a: np.ndarray) -> Any:
@@ -859,18 +704,12 @@ def merge_labels(sets: Sequence[Any], selection: Any, priority: Any, policy: int
     uint8 array shaped like ``sets[0]``
         One claim -> its class; several -> policy; none -> 255 if every set abstains, else 0.
     """
-    sets = _check_sets(sets, None, "merge_labels", labels=True)
-    sel_h = np.asarray(selection, dtype=np.int64)
-    C = _check_classes(sel_h.shape[0], "merge_labels")
+    sets, C, sel, policy, prio = merge_labels_args(sets, selection, priority, policy, host=False)
     N = len(sets)
-    sel = _selection_2d(sel_h, C, "merge_labels")
-    if np.any(sel[0, 1:] < 0) or np.any(sel[0, 1:] >= N):
-        raise ValueError(f"merge_labels: selection entries must be set indices in [0, {N})")
-    prio = _priority(priority, N, C, "merge_labels")
+    sel = sel.reshape(1, C)
     mem = np.ones((1, N), np.uint8)
     shape = tuple(sets[0].shape)
     P = int(np.prod(shape, dtype=np.int64))
-    policy = _check_policy(policy, "merge_labels")
     kernel = _merge_labels_kernel
     device = _mode(sets)
     if device:
@@ -914,20 +753,14 @@ def merge_scores(sets: Sequence[Any], selection: Any, policy: int,
         ``selection[c]`` (ties -> lower c); IGNORE: 255.
     merged : array like ``sets[0]`` (same dtype)
     """
-    sets = _check_sets(sets, None, "merge_scores")
-    dt = _check_score_dtype(sets[0].dtype, "merge_scores")
+    sets, C, sel, policy, dt, (use, thr, raw) = merge_scores_args(sets, selection, policy, bg_threshold,
+                                                                  host=False)
     shape = tuple(sets[0].shape)
-    C = _check_classes(shape[-1], "merge_scores")
-    N = len(sets)
-    sel = _selection_2d(selection, C, "merge_scores")
-    if np.any(sel < 0) or np.any(sel >= N):
-        raise ValueError(f"merge_scores: selection entries must be set indices in [0, {N})")
-    use, thr, raw = _threshold_args(bg_threshold, dt)
+    sel = sel.reshape(1, C)
     half = dt == np.float16
     view = np.uint16 if half else None
     kernel = _kernels("merge_scores", half)
     P = int(np.prod(shape[:-1], dtype=np.int64))
-    policy = _check_policy(policy, "merge_scores")
     if _mode(sets):
         lab, d_lab = _device_empty(shape[:-1], np.uint8)
         mer, d_mer = _device_empty(shape, dt)
@@ -953,25 +786,6 @@ def merge_scores(sets: Sequence[Any], selection: Any, policy: int,
     return labels.reshape(shape[:-1]), merged.reshape(shape)
 
 
-def _subset_params(selections: Any, members: Any, N: int, C: int, first: int, what: str
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    sel = np.ascontiguousarray(np.asarray(selections, dtype=np.int64))
-    mem = np.ascontiguousarray(np.asarray(members).astype(bool).astype(np.uint8))
-    if sel.ndim != 2 or sel.shape[1] != C:
-        raise ValueError(f"{what}: selections must have shape (S, {C}), not {sel.shape}")
-    if mem.shape != (sel.shape[0], N):
-        raise ValueError(f"{what}: members must have shape ({sel.shape[0]}, {N}), not {mem.shape}")
-    if not np.all(mem.any(axis=1)):
-        raise ValueError(f"{what}: every subset needs at least one member set")
-    body = sel[:, first:]
-    if np.any(body < 0) or np.any(body >= N):
-        raise ValueError(f"{what}: selections entries must be set indices in [0, {N})")
-    rows = np.arange(sel.shape[0])[:, None]
-    if body.size and not np.all(mem[rows, body]):
-        raise ValueError(f"{what}: a selection points at a set outside its subset")
-    return sel, mem
-
-
 @_serialised
 def subset_confusion_labels(gt: Any, sets: Sequence[Any], selections: Any, members: Any, priority: Any,
                             policy: int, num_classes: int) -> Any:
@@ -995,14 +809,9 @@ def subset_confusion_labels(gt: Any, sets: Sequence[Any], selections: Any, membe
         ``out[s]`` = confusion of :func:`merge_labels` over the members of s against ``gt``
         (merged 255 counted in column C).
     """
-    C = _check_classes(num_classes, "subset_confusion_labels")
-    _check_gt(gt, "subset_confusion_labels")
-    sets = _check_sets(sets, gt.shape, "subset_confusion_labels", labels=True)
-    N = len(sets)
-    sel, mem = _subset_params(selections, members, N, C, 1, "subset_confusion_labels")
-    prio = _priority(priority, N, C, "subset_confusion_labels")
-    d_sel, d_mem, d_prio = (_small(x) for x in (sel, mem, prio))
-    policy = _check_policy(policy, "subset_confusion_labels")
+    gt, sets, C, sel, mem, policy, prio = subset_confusion_labels_args(
+        gt, sets, selections, members, priority, policy, num_classes, host=False)
+    d_sel, d_mem, d_prio = (_small(x) for x in (sel, mem.astype(np.uint8), prio))
     return _confusion("subset_labels", False, gt, [(s, 1) for s in sets],
                       lambda d: (tuple(d), d_sel, d_mem, d_prio, policy), sel.shape[0], C)
 
@@ -1028,14 +837,8 @@ def subset_confusion_scores(gt: Any, sets: Sequence[Any], selections: Any, membe
     int64 (S, C, C+1)
         ``out[s]`` = confusion of :func:`merge_scores` labels over the members of s.
     """
-    C = _check_classes(num_classes, "subset_confusion_scores")
-    _check_gt(gt, "subset_confusion_scores")
-    sets = _check_sets(sets, tuple(gt.shape) + (C,), "subset_confusion_scores")
-    dt = _check_score_dtype(sets[0].dtype, "subset_confusion_scores")
-    N = len(sets)
-    sel, mem = _subset_params(selections, members, N, C, 0, "subset_confusion_scores")
-    use, thr, _ = _threshold_args(bg_threshold, dt)
+    gt, sets, C, sel, _, policy, dt, (use, thr, _) = subset_confusion_scores_args(
+        gt, sets, selections, members, policy, num_classes, bg_threshold, host=False)
     d_sel = _small(sel)
-    policy = _check_policy(policy, "subset_confusion_scores")
     return _confusion("subset_scores", dt == np.float16, gt, [(s, C) for s in sets],
                       lambda d: (tuple(d), d_sel, policy, use, thr), sel.shape[0], C)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,3 +49,18 @@ def stack_factory(tmp_path):
         return write_stack(str(tmp_path / dirname), images, **kw)
 
     return make
+
+
+#: The project's real data (``../shared/data`` next to the repository; README there). A user's fresh clone
+#: has none, so tests that use it skip cleanly. ``ISLE_SHARED_DATA`` points elsewhere (a git worktree
+#: whose parent folder has no ``shared``).
+SHARED_DATA = Path(os.environ.get("ISLE_SHARED_DATA",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data``; the test is skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data {SHARED_DATA} is absent (set ISLE_SHARED_DATA to use another copy)")
+    return SHARED_DATA

@@ -1,4 +1,4 @@
-"""Plain NumPy reference implementations of the kernel API (``notes/KERNEL_API.md``).
+"""Plain NumPy references of the kernel API (:mod:`isle_fast.kernels.cpu`) and of the class scores.
 
 These are written to be obviously correct, not fast: every backend
 (:mod:`isle_fast.kernels.cpu`, :mod:`isle_fast.kernels.gpu`) is compared
@@ -32,7 +32,8 @@ __all__ = [
     "SCORE", "ORDER", "IGNORE", "threshold_value",
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
-    "subset_confusion_labels", "subset_confusion_scores",
+    "subset_confusion_labels", "subset_confusion_scores", "class_scores",
+    "quantize_scores_u8", "keep_argmax_float", "irn_decode",
 ]
 
 
@@ -78,7 +79,7 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
 
 def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np.ndarray,
                  policy: int) -> np.ndarray:
-    """Algorithm 3 on label maps (one claim per chosen (set, class) slice; see KERNEL_API.md)."""
+    """Algorithm 3 on label maps (one claim per chosen (set, class) slice)."""
     C = len(selection)
     shape = sets[0].shape
     best = np.zeros(shape, np.int64)              # winning class so far (0 = none yet)
@@ -181,4 +182,76 @@ def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
         idx, sel = _subset_args(sets, selections, members, s, first=0)
         labels, _ = merge_scores([sets[i] for i in idx], sel, policy, bg_threshold)
         out[s] = confusion_labels(gt, [labels], num_classes)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Score stores (kernels/store_cpu.py) and the public CAM evaluation's decode
+# ----------------------------------------------------------------------------------------------
+def quantize_scores_u8(scores: np.ndarray) -> np.ndarray:
+    """``round(255 * clip(s, 0, 1))`` (product in the scores' float type), then, pixel by pixel, where
+    the argmax changed: the float winner + 1, or at 255 the lower classes at 255 -> 254."""
+    s = np.asarray(scores)
+    if s.dtype.kind != "f" or s.dtype.itemsize < 4:
+        s = s.astype(np.float32)
+    f = np.clip(s, 0, 1)
+    q = np.rint(f * s.dtype.type(255)).astype(np.uint8)
+    c = s.shape[-1]
+    fq, ff = q.reshape(-1, c), f.reshape(-1, c)
+    for i in range(len(fq)):
+        win = int(np.argmax(ff[i]))
+        if int(np.argmax(fq[i])) != win:
+            if fq[i, win] < 255:
+                fq[i, win] += 1
+            else:
+                low = fq[i, :win]
+                low[low == 255] = 254
+    return q
+
+
+def irn_decode(cams: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
+    """IRN's evaluation of one CAM file (``step/eval_cam.py``): pad the threshold in front of the K
+    foreground CAMs (same dtype), argmax (first index wins ties), map through ``pad(keys + 1)``."""
+    padded = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=threshold)
+    return np.pad(np.asarray(keys) + 1, (1, 0), mode="constant")[np.argmax(padded, axis=0)]
+
+
+def keep_argmax_float(scores: np.ndarray, dtype) -> np.ndarray:
+    """``clip(s, 0, 1)`` cast to float16 / float32 (``-0`` -> ``+0``), then, pixel by pixel, where the argmax
+    changed: the float winner one representable step up, or at 1.0 the lower classes at 1.0 one step down."""
+    s = np.asarray(scores)
+    f = np.clip(s, 0, 1)
+    q = f.astype(dtype) + np.zeros((), dtype)  # + 0 turns -0 into +0
+    c = s.shape[-1]
+    fq, ff = q.reshape(-1, c), f.reshape(-1, c)
+    one = np.asarray(1.0, dtype)
+    for i in range(len(fq)):
+        win = int(np.argmax(ff[i]))
+        if int(np.argmax(fq[i])) != win:
+            if fq[i, win] < one:
+                fq[i, win] = np.nextafter(fq[i, win], np.asarray(2.0, dtype))
+            else:
+                low = fq[i, :win]
+                low[low == one] = np.nextafter(one, np.asarray(0.0, dtype))
+    return q
+def class_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, list[float]]:
+    """Per-class IoU, precision and recall (percent) of one label map, from per-class pixel masks.
+
+    Pixels whose gt is ``>= C`` are ignored; a prediction ``>= C`` claims no class (it is a
+    miss of the gt class). A score whose denominator is empty is NaN; ``miou`` is the plain
+    mean of the defined IoUs (NaN when none is).
+    """
+    C = int(num_classes)
+    valid = np.asarray(gt) < C
+    g, p = np.asarray(gt)[valid], np.asarray(pred)[valid]
+    out: dict[str, list[float]] = {"iou": [], "precision": [], "recall": []}
+    for c in range(C):
+        inter = int(np.sum((g == c) & (p == c)))
+        union = int(np.sum((g == c) | (p == c)))
+        predicted, present = int(np.sum(p == c)), int(np.sum(g == c))
+        out["iou"].append(100.0 * inter / union if union else float("nan"))
+        out["precision"].append(100.0 * inter / predicted if predicted else float("nan"))
+        out["recall"].append(100.0 * inter / present if present else float("nan"))
+    defined = [v for v in out["iou"] if v == v]
+    out["miou"] = [sum(defined) / len(defined) if defined else float("nan")]
     return out

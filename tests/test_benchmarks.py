@@ -278,3 +278,85 @@ def test_quick_smoke(tmp_path):
     md = (tmp_path / "res" / "SUMMARY.md").read_text()
     assert "## pipeline" in md and "## scaling" in md
     assert (tmp_path / "res" / "pipeline.json").exists() and (tmp_path / "res" / "scaling_images.png").exists()
+
+
+def test_score_storage_quick_counts_the_decode_plain_rounding_gets_wrong(tmp_path, monkeypatch, capsys):
+    """The ingest benchmark of score storage: every store dtype decodes like IRN's evaluation of the files,
+    the plainly rounded uint8 stacks do not, and they are no smaller than the argmax-keeping ones."""
+    from benchmarks import score_storage
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "tmp"))
+    assert score_storage.main(["--quick"]) == 0
+    doc = json.loads((tmp_path / "res" / "score_storage.json").read_text())
+    rows = {r["storage"].split(" (")[0]: r for r in doc["rows"]}
+    assert [rows[f"ingest, {d}"]["pixels_wrong"] for d in ("uint8", "float16", "float32")] == [0, 0, 0]
+    assert rows["uint8, plain rint"]["pixels_wrong"] > 0
+    assert rows["ingest, uint8"]["bytes_on_disk"] < rows["ingest, float16"]["bytes_on_disk"]
+    assert "decoded unlike IRN" in capsys.readouterr().out
+
+
+def test_benchmark_modules_import_each_other_relatively():
+    """Installed, the modules are the package ``isle_fast_benchmarks``: an absolute ``benchmarks.``
+    import would load some other installed package of that name (or fail)."""
+    import re
+
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            assert not re.match(r"\s*(from|import) benchmarks\b", line), f"{path.name}: {line.strip()}"
+
+
+def _wheel_venv(tmp_path: Path) -> Path:
+    """A throwaway venv with the isle-fast wheel built from this checkout (other packages via a .pth)."""
+    import shutil
+
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "results", "*.egg-info")
+    for name in ("isle_fast", "kernels", "benchmarks"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("setup.py", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(src)], check=True, capture_output=True, timeout=600)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next(venv.glob("lib/python*/site-packages"))
+    deps = Path(np.__file__).resolve().parents[1]          # the site-packages that holds the dependencies
+    (site / "deps.pth").write_text(f"{deps}\n")
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                    "--prefix", str(venv), *map(str, wheels.glob("*.whl"))], check=True, capture_output=True,
+                   timeout=600)
+    return venv
+
+
+@pytest.mark.slow
+def test_isle_bench_runs_from_an_installed_wheel(tmp_path):
+    """``isle bench`` from a wheel: the benchmarks are packaged (``isle_fast_benchmarks``), a foreign
+    ``benchmarks`` package in the working directory is never imported, results go to the working
+    directory."""
+    venv = _wheel_venv(tmp_path)
+    work = tmp_path / "work"
+    (work / "benchmarks").mkdir(parents=True)
+    (work / "benchmarks" / "__init__.py").write_text("raise SystemExit('imported the wrong benchmarks')\n")
+    drop = ("PYTHONPATH", "ISLE_BENCH_RESULTS", "NUMBA_ENABLE_CUDASIM")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["ISLE_PROGRESS"] = "0"
+    code = "import isle_fast, isle_fast_benchmarks as b; print(isle_fast.__file__); print(b.__file__)"
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert all(line.startswith(str(venv)) for line in where.stdout.split()), where.stdout
+    isle = str(venv / "bin" / "isle")
+    proc = subprocess.run([isle, "bench", "--only", "gpu", "--quick"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((work / "benchmark-results" / "summary.json").read_text())
+    assert summary["modules"]["gpu"]["status"] == "ok", summary["modules"]["gpu"]
+    assert (work / "benchmark-results" / "gpu.json").is_file() and "wrong benchmarks" not in proc.stderr
+    site = next(venv.glob("lib/python*/site-packages"))
+    assert not (site / "isle_fast_benchmarks" / "results").exists()   # results are not packaged
+    proc = subprocess.run([isle, "bench", "--summary-only", "--out", str(tmp_path / "res")], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "res" / "SUMMARY.md").is_file(), proc.stderr[-2000:]

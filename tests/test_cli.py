@@ -116,7 +116,11 @@ def test_user_errors_one_line_exit_2(tmp_path, capsys, rng, case):
         needle = "none.txt"
     else:
         (tmp_path / "cam").mkdir()
-        np.save(tmp_path / "cam" / "im0.npy", {"keys": np.array([1]), "high_res": np.zeros((1, 5, 7))})
+        # a CAM dict is read by the restricted unpickler; one naming another global is refused
+        import collections
+
+        np.save(tmp_path / "cam" / "im0.npy", {"keys": np.array([1]), "high_res": np.zeros((1, 5, 7)),
+                                               "c": collections.Counter("ab")})
         argv = ["ingest", "scores", str(tmp_path / "cam"), "--out", str(tmp_path / "o.zarr"), "-q"]
         needle = "--allow-pickle"
     code, out, err = run_cli(capsys, *argv)
@@ -152,3 +156,58 @@ def test_progress_bar_redraws_rarely_when_stderr_is_not_a_terminal(monkeypatch):
 
     monkeypatch.setattr(P.sys, "stderr", Tty())
     assert P.progress(range(3), desc="x").mininterval == 0.1
+
+
+def _command_paths() -> list[list[str]]:
+    """Every subcommand, and every sub-subcommand (``ingest labels`` ...)."""
+    import argparse
+
+    from isle_fast.cli import build_parser
+
+    paths = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    paths.append(path + [name])
+                    walk(sub, path + [name])
+
+    walk(build_parser(), [])
+    return paths
+
+
+def _parser_at(path):
+    import argparse
+
+    from isle_fast.cli import build_parser
+
+    p = build_parser()
+    for name in path:
+        p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return p
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p))
+def test_no_option_is_ever_abbreviated(capsys, path):
+    """``--hel`` is not ``--help``, ``--ov`` is not ``--overwrite``: on every (sub)command argparse's
+    prefix matching is off. A help prefix shows it: matched, it would print help and exit 0."""
+    assert _parser_at(path).allow_abbrev is False, path
+    with pytest.raises(SystemExit) as exc:
+        main([*path, "--hel"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "error:" in err
+
+
+def test_abbreviated_overwrite_does_not_replace_anything(tmp_path, capsys, rng):
+    """The case of issue 18: ``--ov`` used to mean ``--overwrite`` and replaced the store."""
+    src = tmp_path / "png"
+    write_pngs(src, rng)
+    out = tmp_path / "s.zarr"
+    assert main(["ingest", "labels", str(src), "--out", str(out), "-q"]) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as exc:
+        main(["ingest", "labels", str(src), "--out", str(out), "-q", "--ov"])
+    assert exc.value.code == 2 and "unrecognized arguments: --ov" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before

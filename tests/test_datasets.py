@@ -22,11 +22,13 @@ from isle_fast.synthetic.datasets import (
     make_voc_like,
     read_label_png,
     save_cam_npy,
+    save_cls_labels,
     voc_palette,
     write_label_png,
 )
 from isle_fast.errors import InputError
 from isle_fast.stores.stack import VOC_CLASSES, check_aligned, open_stack
+from reference import quantize_scores_u8
 
 C = len(VOC_CLASSES)
 TINY = dict(size_range=(40, 56), max_objects=3)
@@ -116,17 +118,28 @@ def test_write_label_png_rejects_bad_input(tmp_path):
 
 
 def test_cam_npy_round_trip(tmp_path):
+    """PuzzleCAM's layout by default (keys = np.pad(keys + 1, (1, 0)), cam, hr_cam); IRN's on request."""
     hr = np.random.default_rng(0).random((2, 9, 10)).astype(np.float32)
     save_cam_npy(tmp_path / "c.npy", [4, 14], hr)
     d = np.load(tmp_path / "c.npy", allow_pickle=True).item()
-    assert set(d) == {"keys", "cam", "high_res"}
-    np.testing.assert_array_equal(d["keys"], [4, 14])
-    np.testing.assert_array_equal(d["high_res"], hr)
+    assert set(d) == {"keys", "cam", "hr_cam"}
+    np.testing.assert_array_equal(d["keys"], [0, 5, 15])
+    np.testing.assert_array_equal(d["hr_cam"], hr)
     assert d["cam"].shape == (2, 3, 3)
     np.testing.assert_array_equal(d["cam"], hr[:, ::4, ::4])
-    np.testing.assert_array_equal(load_cam_npy(tmp_path / "c.npy")["high_res"], hr)
+    np.testing.assert_array_equal(load_cam_npy(tmp_path / "c.npy")["hr_cam"], hr)
     with pytest.raises(ValueError):
         np.load(tmp_path / "c.npy")  # a pickled dict needs allow_pickle
+    save_cam_npy(tmp_path / "i.npy", [4, 14], hr, layout="irn")
+    d = load_cam_npy(tmp_path / "i.npy")
+    assert set(d) == {"keys", "cam", "high_res"} and d["keys"].tolist() == [4, 14]
+
+
+def test_cls_labels_npy_is_the_public_form(tmp_path):
+    save_cls_labels(tmp_path / "cls_labels.npy", {"a": [1, 15], "b": []})
+    d = np.load(tmp_path / "cls_labels.npy", allow_pickle=True).item()
+    assert list(d) == ["a", "b"] and d["a"].dtype == np.float32 and d["a"].shape == (20,)
+    assert np.nonzero(d["a"])[0].tolist() == [0, 14] and not d["b"].any()
 
 
 # ------------------------------------------------------------------------ boundary band
@@ -282,6 +295,8 @@ def written(tmp_path_factory):
 def test_tree_layout_and_contents(written):
     ds, root = written, written.root
     meta = json.loads((root / "dataset.json").read_text())
+    cls_labels = np.load(root / "cls_labels.npy", allow_pickle=True).item()
+    assert sorted(cls_labels) == ds.ids and meta["paths"]["cls_labels"] == "cls_labels.npy"
     assert meta["seed"] == 9 and meta["set_names"] == ["p", "q"] and meta["soft_sets"] == ["cam"]
     assert meta["train_ids"] == ds.train_ids and meta["val_ids"] == ds.val_ids
     train = (root / "ImageSets/Segmentation/train.txt").read_text().split()
@@ -299,10 +314,11 @@ def test_tree_layout_and_contents(written):
         d = np.load(root / "cams" / "cam" / f"{image_id}.npy", allow_pickle=True).item()
         h, w = s.gt.shape
         k = len(s.present)
-        np.testing.assert_array_equal(d["keys"], s.present - 1)
-        assert d["high_res"].shape == (k, h, w) and d["high_res"].dtype == np.float32
+        np.testing.assert_array_equal(d["keys"], np.pad(s.present, (1, 0)))  # PuzzleCAM's keys
+        assert d["hr_cam"].shape == (k, h, w) and d["hr_cam"].dtype == np.float32
         assert d["cam"].shape == (k, -(-h // 4), -(-w // 4))
-        assert 0.0 <= d["high_res"].min() and d["high_res"].max() <= 1.0
+        assert 0.0 <= d["hr_cam"].min() and d["hr_cam"].max() <= 1.0
+        assert np.nonzero(cls_labels[image_id])[0].tolist() == (s.present - 1).tolist()
     assert not [p for p in root.rglob("*") if ".tmp" in p.name]
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]
 
@@ -331,8 +347,9 @@ def test_stores_match_tree(written):
                 np.testing.assert_array_equal(got, s.pseudo[key.rsplit("/", 1)[1]])
             else:
                 assert stack.encoding == "scores"
-                want = np.rint(cam_scores(s.cams["cam"]) * 255.0).astype(np.uint8)
-                np.testing.assert_array_equal(got, want)
+                floats = cam_scores(s.cams["cam"])
+                np.testing.assert_array_equal(got, quantize_scores_u8(floats))  # stored as ingest stores it
+                np.testing.assert_array_equal(got.argmax(-1), floats.argmax(-1))
                 assert got[..., 0].min() == got[..., 0].max() == round(CAM_BG_THRESHOLD * 255)
     train = [open_stack(p) for k, p in ds.stores.items() if k.startswith("train/")]
     check_aligned(train)

@@ -118,13 +118,13 @@ def test_cli_export_worker_killed_then_rerun(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVES, *argv], cwd=REPO, stderr=subprocess.PIPE,
                             env=dict(os.environ, ISLE_PROGRESS="0"))
     t0 = time.monotonic()
-    while not any(p.suffix == ".png" for t in tmp_path.glob(".out.tmp-*") for p in t.iterdir()):
+    while not any(p.suffix == ".png" for t in tmp_path.glob("out.tmp-*") for p in t.iterdir()):
         assert proc.poll() is None and time.monotonic() - t0 < 60, "export never started writing"
         time.sleep(0.01)
     os.kill(psutil.Process(proc.pid).children()[0].pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "Traceback" not in err.decode() and "worker process" in err.decode().strip().splitlines()[-1]
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
     assert main(argv) == 0
     assert len(list(out.glob("*.png"))) == 300

@@ -215,8 +215,8 @@ def _kill_during_export(argv: list, run: Path) -> None:
                             stderr=subprocess.PIPE, start_new_session=True)
     t0 = time.monotonic()
     while True:
-        staged = (list(run.glob(".staging-*/ensemble/*.png"))
-                  + list(run.glob(".staging-*/.ensemble.tmp-*/*.png")))
+        staged = (list(run.glob(".staging*/ensemble/*.png"))
+                  + list(run.glob(".staging*/ensemble.tmp-*/*.png")))
         if staged:
             break
         if proc.poll() is not None:
@@ -237,7 +237,7 @@ def test_a_killed_run_leaves_nothing_complete_and_a_rerun_works(tree, tmp_path, 
         if p.name.endswith(".zarr"):
             assert open_stack(p).num_images == 40
     assert run_cli(capsys, *argv)[0] == 0
-    assert not list(run.glob(".staging-*"))           # the killed run's temporary folder is gone
+    assert not list(run.glob(".staging*"))           # the killed run's temporary folder is gone
     clean = tmp_path / "clean"
     assert run_cli(capsys, "run", tree, "--out", clean, "--no-report")[0] == 0
     a, b = pngs(run / "ensemble"), pngs(clean / "ensemble")

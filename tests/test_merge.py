@@ -248,7 +248,9 @@ def test_cli_merge_and_export(data, capsys):
     rc = main(["merge", sets[0].path, "--gt", gt.path, "--out", str(root / "F"), "--sets", "Z", "--quiet"])
     assert rc == 2 and "'Z'" in capsys.readouterr().err
     rc = main(["export", out, "--out", str(root / "png"), "--quiet"])
-    assert rc == 0 and len(os.listdir(root / "png")) == len(SHAPES)
+    # the folder holds one PNG per image and the marker that isle wrote it (.isle-output.json)
+    assert rc == 0 and sorted(os.listdir(root / "png")) == sorted([".isle-output.json"] +
+                                                                  [f"{i}.png" for i in open_stack(out).ids])
 
 
 def test_task_memory_cap_changes_nothing_but_the_grid(tmp_path, rng, monkeypatch):
@@ -326,3 +328,82 @@ def test_local_merge_equals_reference_and_dask(tmp_path, rng, policy, chunks):
         want = ref.merge_labels([im[i] for im in imgs], sel.best, prio, POLICIES[policy])
         np.testing.assert_array_equal(res.stack.read_image(i), want)
     check_padding(res.stack)
+# ---------------------------------------------------------------- image-level labels
+def _drop_reference(img: np.ndarray, allowed_row: np.ndarray) -> np.ndarray:
+    """Plain NumPy: a claim (pixel value or score slice) of a class the image is not labelled with goes."""
+    out = img.copy()
+    if img.ndim == 2:
+        for c in range(len(allowed_row)):
+            if c > 0 and not allowed_row[c]:
+                out[img == c] = 0
+    else:
+        for c in range(1, len(allowed_row)):
+            if not allowed_row[c]:
+                out[..., c] = 0
+    return out
+
+
+def test_drop_absent_claims_equals_reference(rng):
+    from isle_fast.ensemble.merge import drop_absent_claims
+
+    for _ in range(20):
+        c = int(rng.integers(2, 9))
+        blk = rng.choice(np.r_[np.arange(c), 255].astype(np.uint8), size=(3, 5, 7))
+        allowed = rng.random((3, c)) < 0.5
+        got = drop_absent_claims(blk, "labels", allowed)
+        assert got.dtype == np.uint8
+        for m in range(3):
+            np.testing.assert_array_equal(got[m], _drop_reference(blk[m], np.r_[True, allowed[m, 1:]]))
+        sc = rng.random((3, 5, 7, c)).astype(np.float16)
+        got = drop_absent_claims(sc, "scores", allowed)
+        for m in range(3):
+            np.testing.assert_array_equal(got[m], _drop_reference(sc[m], np.r_[True, allowed[m, 1:]]))
+        assert (got[..., 0] == sc[..., 0]).all()  # background is never dropped
+
+
+@pytest.mark.parametrize("kind", ["labels", "scores"])
+def test_merge_with_image_labels_equals_merging_dropped_sets(data, tmp_path, rng, kind):
+    """merge(image_labels=L) == merge of the sets with every claim outside L dropped first."""
+    root, gt, gt_imgs, sets, imgs = data
+    if kind == "scores":
+        imgs = [score_imgs(rng, np.uint8) for _ in range(2)]
+        sets = [write_stack(str(tmp_path / f"sc{k}"), im, num_classes=C, encoding="scores", name="PQ"[k],
+                            chunks=(2, 4, 4, C)) for k, im in enumerate(imgs)]
+    allowed = rng.random((len(SHAPES), C)) < 0.5
+    allowed[:, 0] = True
+    ev = evaluate(sets, gt, backend="cpu", progress=False)
+    res = merge(sets, gt, str(root / f"ens-il-{kind}"), evaluation=ev, image_labels=allowed, backend="cpu",
+                progress=False)
+    dropped = [[_drop_reference(im[i], allowed[i]) for i in range(len(SHAPES))] for im in imgs]
+    enc = "labels" if kind == "labels" else "scores"
+    dsets = [write_stack(str(tmp_path / f"d{k}"), im, num_classes=C, encoding=enc, name=sets[k].name)
+             for k, im in enumerate(dropped)]
+    want = merge(dsets, gt, str(root / f"ens-d-{kind}"), evaluation=ev, backend="cpu", progress=False)
+    for i in range(len(SHAPES)):
+        got = res.stack.read_image(i)
+        np.testing.assert_array_equal(got, want.stack.read_image(i))
+        vals = np.unique(got[got != 255])
+        assert allowed[i, vals].all()
+    assert res.stack.provenance["image_labels"] == "array"
+    few = merge_images(sets, res.selection, [0, 2], backend="cpu", image_labels=allowed)
+    np.testing.assert_array_equal(few[1], res.stack.read_image(2))
+
+
+def test_image_strategy_ranks_by_image_labels(stack_factory):
+    """The naive variant ranks classes by the image labels when given, not by the gt masks."""
+    gt = stack_factory("gt", [np.array([[1, 2]], np.uint8), np.array([[2, 0]], np.uint8),
+                              np.array([[0, 0]], np.uint8)], kind="gt", num_classes=3)
+    a = [np.array([[1, 1]], np.uint8), np.array([[1, 0]], np.uint8), np.array([[1, 2]], np.uint8)]
+    b = [np.array([[2, 2]], np.uint8), np.array([[2, 2]], np.uint8), np.array([[2, 1]], np.uint8)]
+    sa = stack_factory("a", a, num_classes=3, name="A")
+    sb = stack_factory("b", b, num_classes=3, name="B")
+    # labels: class 1 in every image (also where the gt has none: labels from annotations), class 2 in none
+    labels = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 0]], bool)
+    res = merge([sa, sb], gt, str(os.path.dirname(gt.path)) + "/ens", strategy="image", backend="cpu",
+                image_labels=labels, progress=False)
+    assert res.info["instances"] == {"c1": 3, "c2": 0} and res.info["rank"] == ["c1", "c2"]
+    best1 = res.selection.mapping()["c1"]
+    src = {"A": a, "B": b}[best1]
+    for i in range(3):
+        want = _drop_reference(src[i], labels[i])
+        np.testing.assert_array_equal(res.stack.read_image(i), want)

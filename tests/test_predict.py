@@ -52,8 +52,8 @@ def test_predict_pngs_and_tta(run, tmp_path):
     out = tmp_path / "pngs"
     predict(rundir, vi, out, format="png", flip=True, scales=(0.75, 1.0), quiet=True)
     img = open_stack(vi)
-    files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(f"{i}.png" for i in img.ids)
+    files = sorted(p.name for p in out.iterdir())   # the PNGs and the marker that isle wrote the folder
+    assert files == sorted([".isle-output.json"] + [f"{i}.png" for i in img.ids])
     for i, iid in enumerate(img.ids):
         lab = read_label_png(out / f"{iid}.png")
         assert lab.shape == tuple(img.shapes[i]) and lab.max() < 3
@@ -86,39 +86,8 @@ def test_cli_predict_and_errors(run, tmp_path):
     assert main(["predict", str(rundir), "--images", vg, "--out", str(tmp_path / "r.zarr")]) == 2
 
 
-def test_thread_choice_and_restore():
-    import subprocess
-    import sys
-
-    from isle_fast.training.predict import busy_cores, resolve_threads, torch_threads
-
-    cpu = torch.device("cpu")
-    n = torch.get_num_threads()
-    assert resolve_threads(3, cpu) == 3
-    assert resolve_threads(None, cpu, deterministic=True) == n  # reruns must not depend on the load
-    assert 1 <= resolve_threads(None, cpu) <= n
-    with pytest.raises(InputError, match="--threads"):
-        resolve_threads(0, cpu)
-    with torch_threads(1) as k:
-        assert k == 1 and torch.get_num_threads() == 1
-    assert torch.get_num_threads() == n
-    # another process spinning on a core is seen as busy (Linux /proc/stat); this one's own work is not
-    before = busy_cores(0.2)
-    if before is None:
-        pytest.skip("no /proc/stat here")
-    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
-    try:
-        import time
-
-        time.sleep(0.5)
-        assert busy_cores(0.5) > 0.3
-    finally:
-        spin.kill()
-        spin.wait()
-
-
 def test_cpu_autocast_is_bfloat16_and_predicts(run):
-    from isle_fast.training.predict import amp_dtype
+    from isle_fast.training.runtime import amp_dtype
 
     assert amp_dtype("cpu") == torch.bfloat16 and amp_dtype("cuda") == torch.float16
     model, _ = load_model(run[0])
@@ -134,31 +103,36 @@ def test_cpu_autocast_is_bfloat16_and_predicts(run):
     assert agree > 0.9
 
 
-def test_thread_governor_follows_the_load():
-    import subprocess
-    import sys
-    import time
+def test_predict_never_writes_over_its_inputs_or_foreign_files(run, tmp_path, capsys):
+    """``--out`` is never the images store, the run (it holds the checkpoint) or the checkpoint itself, nor a
+    folder isle did not write, even with --overwrite; a run's own folder may hold its predictions."""
+    import hashlib
+    import shutil
 
-    from isle_fast.training.predict import ThreadGovernor, _usable_cores, busy_cores, torch_threads
+    from isle_fast.cli import main
 
-    n = torch.get_num_threads()
-    off = ThreadGovernor(False, limit=n, period=0.0)
-    with torch_threads(1):
-        time.sleep(0.05)
-        assert off.update() == 1 and torch.get_num_threads() == 1 and off.changes == 0
-    if busy_cores(0.05) is None or _usable_cores() < 2:
-        pytest.skip("needs /proc/stat and 2 usable cores")
-    usable = _usable_cores()
-    with torch_threads(usable):
-        gov = ThreadGovernor(True, limit=usable, period=0.0)
-        spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
-        try:
-            time.sleep(0.2)
-            gov.update()  # starts a fresh window while the spinner runs
-            time.sleep(0.6)
-            k = gov.update()
-            assert k == torch.get_num_threads() and 1 <= k <= usable - 1  # a core is busy elsewhere
-        finally:
-            spin.kill()
-            spin.wait()
-    assert torch.get_num_threads() == n
+    from pathlib import Path
+
+    rundir, vi, _ = run
+    vi = Path(vi)
+    run_copy = tmp_path / "run"
+    shutil.copytree(rundir, run_copy)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+
+    def digest():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                for root in (run_copy, vi, mine) for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = digest()
+    for out, needle in ((vi, "input"), (run_copy, "holds the input"), (run_copy / "best.pt", "input"),
+                        (mine, "did not write")):
+        for fmt in ("store", "png"):
+            code = main(["predict", str(run_copy), "--images", str(vi), "--out", str(out), "--format", fmt,
+                         "--quiet", "--overwrite"])
+            err = capsys.readouterr().err
+            assert code == 2 and needle in err and "Traceback" not in err, err
+    assert digest() == before
+    assert main(["predict", str(run_copy), "--images", str(vi), "--out", str(run_copy / "val_pred.zarr"),
+                 "--quiet"]) == 0

@@ -24,6 +24,7 @@ from isle_fast.refinement.chain import (
     refine_stack,
     register_refinement,
     shutdown_pool,
+    synthetic_scene,
     unregister_refinement,
 )
 from isle_fast.stores.stack import open_stack
@@ -191,6 +192,62 @@ def test_user_errors(tmp_path, shift):
     img2, *_ = write_stores(other, n=4, encoding="labels")
     with pytest.raises(StoreError):
         refine_stack(src, img2, tmp_path / "o2.zarr", "shift", workers=1, progress=False)
+
+
+class SeesLabels(Refinement):
+    """Test refinement: labels out, each image filled with its highest image-level class; records what
+    encoding its ``prepare`` was told it gets."""
+
+    needs_rgb = False
+
+    def __init__(self):
+        self.saw = None
+
+    def prepare(self, context):
+        self.saw = context.encoding
+
+    def params(self):
+        return {"saw": self.saw}
+
+    def output_encoding(self, input_encoding):
+        return "labels"
+
+    def refine(self, chunk):
+        out = np.full(chunk.data.shape[:3], 255, np.uint8)
+        for i, (h, w) in enumerate(chunk.shapes):
+            out[i, :h, :w] = np.nonzero(chunk.image_labels[i])[0].max()
+        return out
+
+
+@pytest.mark.parametrize("per_task,scheduler", [(1, "sync"), (3, "threads"), (2, "processes")])
+def test_image_labels_reach_every_block_in_image_order(tmp_path, per_task, scheduler):
+    register_refinement("sees-labels", SeesLabels, overwrite=True)
+    try:
+        img, src, _, _, _, shapes = write_stores(tmp_path, n=7, encoding="scores")
+        labels = np.random.default_rng(1).random((7, 4)) < 0.5  # (I, C): the background column is ignored
+        labels[0] = False
+        out = refine_stack(src, None, tmp_path / "o.zarr", "sees-labels,sees-labels", image_labels=labels,
+                           images_per_task=per_task, workers=2, scheduler=scheduler, progress=False)
+        for i in range(7):
+            top = max([0] + [c for c in range(1, 4) if labels[i, c]])
+            assert (out.read_image(i) == top).all()
+        assert [r["params"]["saw"] for r in out.provenance["refinements"]] == ["scores", "labels"]
+        assert out.provenance["image_labels"] == "given"
+        with pytest.raises(InputError, match="booleans or 0 / 1"):
+            refine_stack(src, None, tmp_path / "x.zarr", "sees-labels", image_labels=labels * 2,
+                         progress=False)
+    finally:
+        unregister_refinement("sees-labels")
+        shutdown_pool()
+
+
+def test_synthetic_scene_smaller_than_its_blur():
+    """np.convolve(mode='same') returns the kernel's length when the row is shorter: a 30 x 41 scene with the
+    default blur (kernel of 37) failed to broadcast."""
+    for h, w in [(30, 41), (1, 1), (5, 60), (40, 56)]:
+        rgb, gt, sc = synthetic_scene(h, w, 4, rng=1)
+        assert rgb.shape == (h, w, 3) and gt.shape == (h, w) and sc.shape == (h, w, 4)
+        assert np.isfinite(sc).all() and sc.min() >= 0 and sc.max() <= 1
 
 
 def test_processes_threads_and_sync_agree(tmp_path):

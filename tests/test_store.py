@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _scores import tricky_scores
 from isle_fast.errors import AlignmentError, InputError, StoreError
 from isle_fast.stores.stack import (
     FORMAT_VERSION,
@@ -19,6 +20,7 @@ from isle_fast.stores.stack import (
     default_compressors,
     open_stack,
 )
+from reference import quantize_scores_u8
 
 CLASSES = ["bg", "a", "b"]
 
@@ -212,18 +214,281 @@ def test_to_dask_fast_path_equals_zarr(tmp_path, encoding, compressors):
     np.testing.assert_array_equal(x.compute(), s.array[:])
 
 
-def test_to_dask_missing_chunk_reads_fill_value_and_damaged_chunk_is_named(tmp_path):
-    s = _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp))
-    folder = tmp_path / "s.zarr" / "labels" / "c"
-    victim = folder / "1" / "0" / "0"
+# -- a store knows its chunks: missing / damaged / misplaced chunks are errors on every read path --
+# (deliberate change: a missing chunk used to read as the fill value, 255, in to_dask and everywhere else)
+
+def _readers(monkeypatch):
+    """Every way a store's main array is read: the direct chunk reader, Zarr's path, one image."""
+    import dask.array as da
+
+    import isle_fast.stores.stack as S
+
+    def zarr_fallback(s):
+        monkeypatch.setattr(S, "_fast_chunk_spec", lambda array: None)
+        try:
+            return s.to_dask().compute()
+        finally:
+            monkeypatch.undo()
+
+    return {
+        "to_dask (direct reader)": lambda s: s.to_dask().compute(),
+        "to_dask (from_zarr fallback)": zarr_fallback,
+        "array[...] (Zarr)": lambda s: s.array[...],
+        "read_image": lambda s: [s.read_image(i) for i in range(s.num_images)],
+        "from_zarr(array)": lambda s: da.from_zarr(s.array).compute(),
+    }
+
+
+OLD_STYLE = "zstd only (a store written before checksums)"
+
+
+@pytest.mark.parametrize("codecs", ["default", OLD_STYLE])
+def test_missing_chunk_is_an_error_naming_store_array_chunk_and_images(tmp_path, monkeypatch, codecs):
+    from zarr.codecs import ZstdCodec
+
+    comp = None if codecs == "default" else (ZstdCodec(level=3),)
+    s = _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp), compressors=comp)
+    victim = tmp_path / "s.zarr" / "labels" / "c" / "1" / "0" / "0"
     assert victim.exists()
-    victim.unlink()                               # a chunk never written reads as the fill value (255)
-    got = s.to_dask().compute()
-    np.testing.assert_array_equal(got[2:4, 0:3, 0:4], np.full((1, 3, 4), 255, np.uint8)[:, :, :])
-    damaged = folder / "0" / "0" / "0"
-    damaged.write_bytes(b"\x28\xb5\x2f\xfd garbage")
-    with pytest.raises(StoreError, match=r"c/0/0/0"):
-        s.to_dask().compute()
+    victim.unlink()
+    for what, read in _readers(monkeypatch).items():
+        with pytest.raises(StoreError) as err:
+            read(open_stack(tmp_path / "s.zarr"))
+        msg = str(err.value)
+        for needle in (str(tmp_path / "s.zarr"), "'labels'", "c/1/0/0", "image 'c'", "missing"):
+            assert needle in msg, (what, msg)
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "garbage", "empty"])
+def test_damaged_chunk_is_an_error_naming_it_on_every_read_path(tmp_path, monkeypatch, damage):
+    s = _stack_with(tmp_path / "s.zarr", lambda shp: np.arange(np.prod(shp)).reshape(shp) % 3)
+    victim = tmp_path / "s.zarr" / "labels" / "c" / "0" / "1" / "0"
+    raw = bytearray(victim.read_bytes())
+    if damage == "flip a byte":
+        raw[len(raw) // 2] ^= 0x40
+    elif damage == "truncate":
+        raw = raw[: len(raw) - 3]
+    elif damage == "garbage":
+        raw = bytearray(b"\x28\xb5\x2f\xfd garbage")
+    else:
+        raw = bytearray()
+    victim.write_bytes(bytes(raw))
+    for what, read in _readers(monkeypatch).items():
+        with pytest.raises(StoreError) as err:
+            read(open_stack(tmp_path / "s.zarr"))
+        msg = str(err.value)
+        for needle in ("'labels'", "c/0/1/0", "images 'a' to 'b'", "damaged"):
+            assert needle in msg, (what, msg)
+    del s
+
+
+def test_old_style_damaged_chunk_is_named_where_it_fails_to_decode(tmp_path, monkeypatch):
+    """Without checksums a damaged chunk is found where Zstandard fails on it, and still named."""
+    from zarr.codecs import ZstdCodec
+
+    _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp), compressors=(ZstdCodec(level=3),))
+    (tmp_path / "s.zarr" / "labels" / "c" / "0" / "0" / "0").write_bytes(b"\x28\xb5\x2f\xfd garbage")
+    for what, read in _readers(monkeypatch).items():
+        with pytest.raises(StoreError, match=r"c/0/0/0.*images 'a' to 'b'.*damaged"):
+            read(open_stack(tmp_path / "s.zarr"))
+
+
+def test_swapped_chunks_are_caught_by_the_chunk_manifest(tmp_path, monkeypatch):
+    """Two whole chunk files swapped: each passes its own checksum; only the store's record of them tells."""
+    rng = np.random.default_rng(0)
+    _stack_with(tmp_path / "s.zarr", lambda shp: rng.integers(0, 3, shp))
+    folder = tmp_path / "s.zarr" / "labels" / "c" / "0"
+    a, b = folder / "0" / "0", folder / "1" / "0"          # both full (2, 3, 4) chunks
+    ra, rb = a.read_bytes(), b.read_bytes()
+    assert ra != rb
+    a.write_bytes(rb)
+    b.write_bytes(ra)
+    for what, read in _readers(monkeypatch).items():
+        with pytest.raises(StoreError, match=r"c/0/[01]/0.*recorded when the store was written"):
+            read(open_stack(tmp_path / "s.zarr"))
+
+
+def test_every_chunk_is_written_even_all_fill_and_checksummed(tmp_path):
+    """Chunks of pure padding (all 255) and an id list of one empty string are written and recorded."""
+    import json
+
+    from isle_fast.stores.chunks import MANIFEST_ATTR
+
+    with create_stack(tmp_path / "s.zarr", kind="gt", classes=CLASSES, ids=["", "b"], shapes=[(1, 1), (1, 1)],
+                      chunks=(1, 1, 1), padded_shape=(2, 3)) as w:
+        w.write_image(0, np.zeros((1, 1), np.uint8))
+        w.write_image(1, np.zeros((1, 1), np.uint8))
+    root = tmp_path / "s.zarr"
+    for name, n_chunks in (("labels", 2 * 2 * 3), ("ids", 1), ("shapes", 1)):
+        meta = json.loads((root / name / "zarr.json").read_text())
+        assert meta["codecs"][-1]["name"] == "crc32c", name
+        assert len(meta["attributes"][MANIFEST_ATTR]) == n_chunks, name
+        files = [p for p in (root / name).rglob("*") if p.is_file() and p.name != "zarr.json"]
+        assert len(files) == n_chunks, name
+    s = open_stack(root)
+    assert s.ids == ["", "b"] and (s.array[:, 1:, :] == 255).all()
+
+
+def test_store_without_checksums_or_manifest_still_opens_and_reads(tmp_path):
+    """Stores written before checksums (no crc32c codec, no manifest attribute) open and read as before."""
+    import json
+
+    from zarr.codecs import ZstdCodec
+
+    from isle_fast.stores.chunks import MANIFEST_ATTR
+
+    rng = np.random.default_rng(1)
+    s = _stack_with(tmp_path / "s.zarr", lambda shp: rng.integers(0, 3, shp),
+                    compressors=(ZstdCodec(level=3),))
+    want = s.array[...]
+    for name in ("labels", "ids", "shapes"):
+        meta_path = tmp_path / "s.zarr" / name / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta["attributes"].pop(MANIFEST_ATTR, None)
+        meta_path.write_text(json.dumps(meta))
+    old = open_stack(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(old.to_dask().compute(), want)
+    np.testing.assert_array_equal(old.array[...], want)
+    assert old.ids == ["a", "b", "c"]
+
+
+def test_default_codec_chains_end_with_crc32c():
+    from zarr.codecs import Crc32cCodec
+
+    for enc in (None, "labels", "scores", "rgb"):
+        assert isinstance(default_compressors(enc)[-1], Crc32cCodec)
+        assert not any(isinstance(c, Crc32cCodec) for c in default_compressors(enc, checksum=False))
+
+
+# -- open_stack checks the metadata, ids and shapes against the arrays ----------------------
+
+def _record_manifests(group):
+    try:
+        from isle_fast.stores.chunks import record_manifests
+    except ImportError:  # an isle-fast without chunk manifests (to show these tests fail there)
+        return
+    record_manifests(group)
+
+
+def _edit_array(store, name, values=None, **meta_changes):
+    """Rewrite one array of a committed store (data and / or zarr.json keys), keeping its manifest true."""
+    import json
+
+    import zarr
+
+    if values is not None:
+        g = zarr.open_group(str(store), mode="r+")
+        arr = g[name]
+        if values.shape != arr.shape:
+            arr.resize(values.shape)
+        arr[...] = values
+        _record_manifests(g)
+    if meta_changes:  # a hand-made store: no manifest
+        p = store / name / "zarr.json"
+        meta = json.loads(p.read_text())
+        meta.update(meta_changes)
+        meta["attributes"].pop("isle_chunk_crc32c", None)
+        p.write_text(json.dumps(meta))
+
+
+def test_open_refuses_repeated_ids(tmp_path):
+    small(tmp_path / "s.zarr", ids=("x", "y"))
+    _edit_array(tmp_path / "s.zarr", "ids", np.asarray(["x", "x"], dtype=object))
+    with pytest.raises(StoreError, match=r"s\.zarr: image id 'x' appears twice"):
+        open_stack(tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("shapes,needle", [
+    (np.array([[3, 4], [-2, 5]], np.int32), r"image 'y' has shape \(-2, 5\).*at least 1"),
+    (np.array([[3, 4], [0, 5]], np.int32), r"image 'y' has shape \(0, 5\)"),
+    (np.array([[3, 9], [2, 5]], np.int32),
+     r"image 'x' is 3 x 9 in 'shapes' but array 'labels' is padded to 3 x 5"),
+])
+def test_open_refuses_shapes_outside_the_array(tmp_path, shapes, needle):
+    small(tmp_path / "s.zarr")
+    _edit_array(tmp_path / "s.zarr", "shapes", shapes)
+    with pytest.raises(StoreError, match=needle):
+        open_stack(tmp_path / "s.zarr")
+
+
+def test_open_refuses_labels_inconsistent_with_ids(tmp_path):
+    small(tmp_path / "s.zarr")
+    _edit_array(tmp_path / "s.zarr", "labels", shape=[3, 3, 5])
+    with pytest.raises(StoreError, match=r"array 'labels' holds 3 images but 'ids' has 2"):
+        open_stack(tmp_path / "s.zarr")
+    small(tmp_path / "t.zarr")
+    _edit_array(tmp_path / "t.zarr", "shapes", np.array([[3, 4], [2, 5], [1, 1]], np.int32))
+    with pytest.raises(StoreError, match=r"'shapes' has 3 rows but 'ids' has 2 images"):
+        open_stack(tmp_path / "t.zarr")
+
+
+def test_open_refuses_a_bool_labels_array_and_broken_array_metadata(tmp_path):
+    small(tmp_path / "s.zarr")
+    _edit_array(tmp_path / "s.zarr", "labels", data_type="bool", fill_value=False)
+    with pytest.raises(StoreError, match=r"array 'labels' has dtype bool; a labels store holds uint8"):
+        open_stack(tmp_path / "s.zarr")
+    small(tmp_path / "t.zarr")
+    _edit_array(tmp_path / "t.zarr", "labels", chunk_grid={"name": "regular",
+                                                           "configuration": {"chunk_shape": [1, 1]}})
+    with pytest.raises(StoreError, match=r"t\.zarr: array 'labels'"):
+        open_stack(tmp_path / "t.zarr")
+    small(tmp_path / "u.zarr")
+    (tmp_path / "u.zarr" / "labels" / "zarr.json").write_text("{not json")
+    with pytest.raises(StoreError, match=r"u\.zarr"):
+        open_stack(tmp_path / "u.zarr")
+
+
+@pytest.mark.parametrize("member", ["ids", "shapes"])
+@pytest.mark.parametrize("damage", ["delete", "garbage", "flip"])
+def test_damaged_ids_or_shapes_chunk_is_a_store_error(tmp_path, member, damage):
+    small(tmp_path / "s.zarr")
+    chunk = tmp_path / "s.zarr" / member / "c" / "0"
+    if member == "shapes":
+        chunk = chunk / "0"
+    if damage == "delete":
+        chunk.unlink()
+    elif damage == "garbage":
+        chunk.write_bytes(b"\x00" * 9)
+    else:
+        raw = bytearray(chunk.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=rf"s\.zarr: array '{member}', chunk c/0"):
+        open_stack(tmp_path / "s.zarr")
+
+
+def test_damaged_manifest_attribute_is_a_store_error(tmp_path):
+    import json
+
+    from isle_fast.stores.chunks import MANIFEST_ATTR
+
+    small(tmp_path / "s.zarr")
+    p = tmp_path / "s.zarr" / "labels" / "zarr.json"
+    meta = json.loads(p.read_text())
+    meta["attributes"][MANIFEST_ATTR] = ["x"]
+    p.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=rf"array 'labels': attribute '{MANIFEST_ATTR}' is damaged"):
+        open_stack(tmp_path / "s.zarr")
+
+
+# -- check_stack: every chunk of every array ------------------------------------------------
+
+def test_check_stack_names_every_bad_chunk_and_passes_a_good_store(tmp_path):
+    from isle_fast.stores.chunks import check_stack
+
+    rng = np.random.default_rng(2)
+    s = _stack_with(tmp_path / "s.zarr", lambda shp: rng.integers(0, 3, shp))
+    good = check_stack(s, progress=False)
+    assert good.ok and good.chunks == {"ids": 1, "shapes": 1, "labels": 8} and all(good.manifests.values())
+    c = tmp_path / "s.zarr" / "labels" / "c"
+    (c / "1" / "1" / "1").unlink()
+    raw = bytearray((c / "0" / "0" / "1").read_bytes())
+    raw[3] ^= 1
+    (c / "0" / "0" / "1").write_bytes(bytes(raw))
+    bad = check_stack(open_stack(tmp_path / "s.zarr"), progress=False)
+    assert not bad.ok and len(bad.problems) == 2
+    assert any("c/1/1/1" in p and "missing" in p for p in bad.problems)
+    assert any("c/0/0/1" in p and "damaged" in p for p in bad.problems)
 
 
 def test_to_dask_remote_store_uses_zarr(tmp_path):
@@ -244,3 +509,32 @@ def test_zstd_content_size_matches_numcodecs():
         for level in (1, 3):
             assert _zstd_content_size(Zstd(level).encode(rng.integers(0, 4, n).astype(np.uint8))) == n
     assert _zstd_content_size(b"not zstd") is None
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 200), c=st.integers(1, 12),
+       dtype=st.sampled_from(["uint8", "float16", "float32"]), src=st.sampled_from([np.float32, np.float64]))
+def test_quantize_scores_keeps_every_argmax_in_every_dtype(seed, n, c, dtype, src):
+    """Each store dtype keeps the float argmax (first index wins ties); uint8 is the kernel's reference."""
+    from isle_fast.stores.stack import quantize_scores
+
+    s = tricky_scores(seed, n, c, 4, src).reshape(n, 1, c)
+    q = quantize_scores(s, dtype)
+    assert q.dtype == np.dtype(dtype) and q.shape == s.shape
+    f = np.clip(s, 0, 1)
+    np.testing.assert_array_equal(np.argmax(q, -1), np.argmax(f, -1))
+    assert float(q.max(initial=0)) <= (255 if dtype == "uint8" else 1.0) and float(q.min(initial=0)) >= 0
+    if dtype == "uint8":
+        np.testing.assert_array_equal(q, quantize_scores_u8(s))
+    else:  # at most two representable steps from the value (one for rounding, one for the fix)
+        step = np.spacing(f.astype(dtype)).astype(np.float64)
+        assert (np.abs(q.astype(np.float64) - f.astype(np.float64)) <= 2 * step + 1e-12).all()
+    if dtype == "float32" and src == np.float32:
+        np.testing.assert_array_equal(q, f)
+
+
+def test_quantize_scores_rejects_other_dtypes():
+    from isle_fast.stores.stack import quantize_scores
+
+    with pytest.raises(InputError, match="uint8, float16 or float32"):
+        quantize_scores(np.zeros((2, 3), np.float32), "int16")

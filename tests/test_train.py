@@ -160,3 +160,18 @@ def test_cpu_mixed_precision_trains_in_bfloat16(data, tmp_path):
     assert ck["config"]["amp"] is True
     assert all(v.dtype != torch.bfloat16 for v in ck["model"].values())  # weights stay float32
     assert not ck["scaler"] or not ck["scaler"].get("_enabled", False)  # no loss scaling for bfloat16
+
+
+def test_resume_reads_a_checkpoint_of_the_earlier_config_keys(data, tmp_path):
+    """Runs written before ``scale_range`` was one setting stored ``scale_min`` / ``scale_max``."""
+    ip, lp, _, _ = data
+    kw = {**TINY, "steps": 2, "scale_range": (0.6, 1.5)}
+    train(ip, lp, tmp_path / "r", stop_after=1, **kw)
+    ck = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    cfg = dict(ck["config"])
+    lo, hi = cfg.pop("scale_range")
+    ck["config"] = {**cfg, "scale_min": lo, "scale_max": hi}
+    torch.save(ck, tmp_path / "r" / "last.pt")
+    assert train(ip, lp, tmp_path / "r", resume=True, **kw).steps == 2
+    with pytest.raises(InputError, match="'scale_range'"):
+        train(ip, lp, tmp_path / "r", resume=True, **{**kw, "scale_range": (0.5, 2.0), "steps": 3})

@@ -1,1 +1,4 @@
-"""One module per ``isle`` subcommand: ``HELP``, ``add_arguments(parser)``, ``run(args) -> int``."""
+"""One module per ``isle`` subcommand: ``add_arguments(parser)`` and ``run(args) -> int``.
+
+The one-line help of each is in :data:`isle_fast.cli.COMMANDS`.
+"""

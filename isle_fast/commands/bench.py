@@ -1,33 +1,28 @@
 """``isle bench [--quick] [--only NAME,...]``: run the benchmarks (same as ``python -m benchmarks``).
 
-The benchmarks live in the ``benchmarks/`` folder of a source checkout (they
-are not installed with the package); run this from the checkout.
+The benchmark modules are installed with the package as ``isle_fast_benchmarks`` (the
+``benchmarks/`` folder of the repository), so ``isle bench`` runs the same from a source
+checkout and from an installed wheel, and never imports some other installed package
+that happens to be called ``benchmarks``. From a wheel the results go to
+``./benchmark-results`` (``--out`` to choose).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
-from pathlib import Path
 
 from isle_fast.errors import InputError
-
-HELP = "run the benchmarks (python -m benchmarks)"
 
 
 def _benchmarks_main():
     try:
-        return importlib.import_module("benchmarks.__main__")
+        return importlib.import_module("isle_fast_benchmarks.__main__")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("benchmarks", "benchmarks.__main__"):
+        if exc.name not in ("isle_fast_benchmarks", "isle_fast_benchmarks.__main__"):
             raise
-    # Not importable from the working directory: try the checkout this package was installed from.
-    root = Path(__file__).resolve().parents[2]
-    if (root / "benchmarks" / "__main__.py").is_file():
-        sys.path.insert(0, str(root))
-        return importlib.import_module("benchmarks.__main__")
-    raise InputError("the benchmarks/ folder was not found: run `isle bench` from an isle-fast source checkout")
+    raise InputError("the benchmarks (package isle_fast_benchmarks) are not installed: reinstall isle-fast "
+                     "(in a source checkout: pip install -e .)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None, metavar="NAME,...",
                         help="comma-separated subset of: kernels, ingest, compression, refine, train, gpu, "
                              "scaling, pipeline")
-    parser.add_argument("--out", default=None, metavar="DIR", help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="results folder (default benchmarks/results in a checkout, ./benchmark-results "
+                             "when installed)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop a benchmark module that runs longer than this")
     parser.add_argument("--summary-only", action="store_true",

@@ -13,9 +13,12 @@ pipeline step by writing one more ``step_*`` function and appending it to
 The steps:
 
 ``data``, ``ingest``, ``info``
-    the synthetic data set (4 hard pseudo-label sets, 2 soft CAM sets, train
-    and val splits), its ingestion from the PNG / JPEG / CAM file tree
-    (checked equal to the generated stores) and a store listing.
+    the synthetic data set (4 hard pseudo-label sets, 2 soft CAM sets in
+    PuzzleCAM's file layout, a ``cls_labels.npy`` of image-level labels, train
+    and val splits), its ingestion from the PNG / JPEG / CAM file tree (the
+    CAMs through the restricted unpickler, no ``--allow-pickle``; the gt
+    with its image-level labels; checked equal to the generated stores) and
+    a store listing.
 ``refine`` (ISLE step 1)
     the soft sets refined with ``--refine`` (default: the dense CRF only;
     AffinityNet, trained here from random weights because nothing is
@@ -23,10 +26,12 @@ The steps:
     ``--refine affinity,crf``); each soft set's train mIoU before and after.
 ``evaluate`` (step 2)
     every candidate set (the hard sets and the refined soft sets) against
-    the train gt: per-class IoU table, ``evaluation.json`` (DESIGN.md schema).
+    the train gt: per-class IoU table, ``evaluation.json`` (the ``isle evaluate --json`` schema).
 ``merge`` (step 3)
     the class-wise ensemble of all candidates (``ensemble.zarr``) and its
-    mIoU gain over the best single set; an ISLE-2 style pair (the two sets
+    mIoU gain over the best single set; the same ensemble with the image-level
+    labels (``--image-labels``: claims of classes absent from an image are
+    dropped; ``ensemble_image_labels.zarr``) and its difference; an ISLE-2 style pair (the two sets
     that win the most classes, as the paper's ISLE-2 kept its two biggest
     contributors; ``ensemble_isle2.zarr``); the ensemble of every subset in
     one pass (``subsets.json``).
@@ -56,7 +61,6 @@ The output folder is created fresh: a non-empty folder is refused unless
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -64,8 +68,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from isle_fast.errors import InputError
-
-HELP = "make a synthetic VOC-like data set and run the whole pipeline"
 
 MARKER = ".isle-demo"
 
@@ -200,7 +202,9 @@ def step_ingest(ctx: DemoContext) -> Path | None:
     train_list = str(ds.paths["train_list"])
     q = True  # the info step lists the stores; ingest's own summaries would repeat it
     made: dict[str, str] = {}
-    gt = ingest.ingest_labels(ds.paths["gt"], dest / "gt.zarr", ids=train_list, kind="gt", quiet=q)
+    labels = str(ds.paths["cls_labels"])
+    gt = ingest.ingest_labels(ds.paths["gt"], dest / "gt.zarr", ids=train_list, kind="gt",
+                              image_labels=labels, quiet=q)
     made["train/gt"] = gt.path
     made["train/images"] = ingest.ingest_images(ds.paths["images"], dest / "images.zarr", gt=gt, quiet=q).path
     for name, folder in ds.paths["pseudo"].items():
@@ -208,7 +212,7 @@ def step_ingest(ctx: DemoContext) -> Path | None:
             folder, dest / "pseudo" / f"{name}.zarr", gt=gt, name=name, quiet=q).path
     for name, folder in ds.paths["cams"].items():
         made[f"train/cams/{name}"] = ingest.ingest_scores(
-            folder, dest / "cams" / f"{name}.zarr", gt=gt, name=name, allow_pickle=True, quiet=q).path
+            folder, dest / "cams" / f"{name}.zarr", gt=gt, name=name, image_labels=labels, quiet=q).path
     # the ingested stores must hold exactly what the generator wrote directly
     mismatched = []
     for key, path in made.items():
@@ -217,7 +221,8 @@ def step_ingest(ctx: DemoContext) -> Path | None:
             np.array_equal(a.read_image(i), b.read_image(i)) for i in range(a.num_images))
         if not same:
             mismatched.append(key)
-    ctx.results["ingest"] = {"stores": made, "identical_to_direct": not mismatched, "mismatched": mismatched}
+    ctx.results["ingest"] = {"stores": made, "identical_to_direct": not mismatched, "mismatched": mismatched,
+                             "cam_layout": "puzzlecam", "image_labels": labels}
     if not ctx.quiet:
         print(f"ingested {len(made)} stores from {ds.root}; identical to the generated stores: "
               f"{'yes' if not mismatched else 'NO'}")
@@ -263,16 +268,6 @@ def _candidate_sets(ctx: DemoContext) -> list[tuple[str, str]]:
     """The sets the ensemble chooses from: the hard sets, then every soft set (refined when refined)."""
     soft = [(name, ctx.stores.get(f"train/refined/{name}", path)) for name, path in _soft_sets(ctx)]
     return _hard_sets(ctx) + soft
-
-
-def _miou(iou: Any) -> Any:
-    """Row-wise mean over the defined (non-NaN) IoUs; NaN for a row with none."""
-    import numpy as np
-
-    iou = np.atleast_2d(np.asarray(iou, dtype=np.float64))
-    ok = ~np.isnan(iou)
-    n = ok.sum(axis=1)
-    return np.where(n > 0, np.where(ok, iou, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
 
 
 def _r(x: Any, nd: int = 2) -> float | None:
@@ -397,8 +392,17 @@ def step_merge(ctx: DemoContext) -> Path:
     merge(paths, gt, isle2_path, evaluation=ev, subset=pair_names, name="isle2", progress=False)
     ctx.stores["train/ensemble_isle2"] = str(isle2_path)
 
-    ens_ev = evaluate([str(ens_path), str(isle2_path)], gt, progress=False)
+    # the same ensemble with the image-level labels (WSSS's supervision): claims of absent classes dropped
+    labels_path = str(ctx.dataset.paths["cls_labels"]) if ctx.dataset is not None else None
+    il_path = ctx.out / "ensemble_image_labels.zarr"
+    if labels_path:
+        merge(paths, gt, il_path, evaluation=ev, name="isle+image-labels", image_labels=labels_path,
+              progress=False)
+        ctx.stores["train/ensemble_image_labels"] = str(il_path)
+    ens_ev = evaluate([str(ens_path), str(isle2_path)] + ([str(il_path)] if labels_path else []), gt,
+                      progress=False)
     ens_miou, isle2_miou = float(ens_ev.miou[0]), float(ens_ev.miou[1])
+    il_miou = float(ens_ev.miou[2]) if labels_path else float("nan")
     best = _nanargmax(ev.miou)
     best_name, best_miou = names[best], float(ev.miou[best])
     gain = ens_miou - best_miou
@@ -427,6 +431,8 @@ def step_merge(ctx: DemoContext) -> Path:
         "ensemble_iou": [_r(v) for v in iou_ens],
         "isle2": {"sets": pair_names, "store": str(isle2_path), "miou": _r(isle2_miou),
                   "gain": _r(isle2_miou - best_miou)},
+        "image_labels": ({"store": str(il_path), "labels": labels_path, "miou": _r(il_miou, 4),
+                          "gain_over_ensemble": _r(il_miou - ens_miou, 4)} if labels_path else None),
         "subsets": {"json": str(sub_path), "count": int(len(sub_names)), "best_by_size": by_size,
                     "all_sets_equals_ensemble_store": agrees},
         "classes_above_every_set": beats,
@@ -435,6 +441,9 @@ def step_merge(ctx: DemoContext) -> Path:
         print(f"ensemble mIoU {ens_miou:.1f} vs best single set {best_name} {best_miou:.1f}: {gain:+.1f}")
         print(f"ISLE-2 ({' + '.join(pair_names)}, the two sets winning the most classes): "
               f"mIoU {isle2_miou:.1f} ({isle2_miou - best_miou:+.1f} over {best_name})")
+        if labels_path:
+            print(f"with the image-level labels (claims of absent classes dropped): mIoU {il_miou:.2f} "
+                  f"({il_miou - ens_miou:+.2f} over the ensemble)")
         print(f"subset analysis ({len(sub_names)} subsets, one pass; best of each size):")
         for k, v in by_size.items():
             print(f"  {k} set{'s' if k > 1 else ' '}  {v['miou']:5.1f}  {v['subset']}")
@@ -500,31 +509,9 @@ def step_run(ctx: DemoContext) -> Path:
     return ctx.out / "run"
 
 
-def _bootstrap_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, float]:
-    """95 % interval of mIoU(model 0) - mIoU(model 1) over images resampled with replacement.
-
-    ``image_stats`` is ``(I, 2, C, 2)``: per image, model and class the intersection and union;
-    a resample's dataset-level IoU is the ratio of the summed intersections and unions.
-    """
-    import numpy as np
-
-    stats = np.asarray(image_stats, dtype=np.float64)
-    n_img = stats.shape[0]
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=reps).astype(np.float64)  # (B, I)
-    flat = stats.reshape(n_img, -1)
-    summed = (weights @ flat).reshape((reps,) + stats.shape[1:])  # (B, 2, C, 2)
-    inter, union = summed[..., 0], summed[..., 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), np.nan)
-    miou = _miou(iou.reshape(-1, iou.shape[-1])).reshape(iou.shape[:-1]) * 100.0  # (B, 2)
-    diff = miou[:, 0] - miou[:, 1]
-    lo, hi = np.nanpercentile(diff, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def step_train(ctx: DemoContext) -> Path | None:
     """ISLE step 4: DeepLabV3+ trained on the ensemble and on the best single set, scored on val."""
+    from isle_fast import metrics
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.training.predict import predict
     from isle_fast.training.train import train
@@ -570,7 +557,7 @@ def step_train(ctx: DemoContext) -> Path | None:
     import numpy as np
 
     ev = evaluate(preds, ctx.stores["val/gt"], average="image", progress=False)
-    per_run = _miou(ev.dataset_iou)  # dataset-level IoU, as everywhere else in the demo
+    per_run = metrics.miou(ev.dataset_iou)  # dataset-level IoU, as everywhere else in the demo
     # models in `jobs` order: (seed 0: ensemble, single), (seed 1: ensemble, single), ...
     per_seed = np.asarray(per_run, dtype=np.float64).reshape(len(seeds), 2)
     val_miou = per_seed.mean(axis=0)
@@ -578,7 +565,7 @@ def step_train(ctx: DemoContext) -> Path | None:
     # the interval resamples val images; with several seeds each image's intersections and unions are
     # summed over the seeds (the pooled IoU), so it still covers only the choice of images
     stats = np.asarray(ev.image_stats).reshape((len(ev.image_stats), len(seeds), 2) + ev.image_stats.shape[2:])
-    lo, hi = _bootstrap_diff(stats.sum(axis=1), 2000, ctx.args.seed)
+    lo, hi = metrics.bootstrap_miou_diff(stats.sum(axis=1), 2000, ctx.args.seed)
     for i, (seed, key, _lab) in enumerate(jobs):
         runs[key if len(seeds) == 1 else f"{key} seed {seed}"]["val_miou"] = _r(per_run[i])
     n_val = len(ctx.dataset.val_ids) if ctx.dataset is not None else None
@@ -629,14 +616,15 @@ STEPS: list[tuple[str, Callable[[DemoContext], Any]]] = [
 
 # --------------------------------------------------------------------------------- driver
 def _write_json(path: Path, obj: Any) -> None:
-    import os
+    from isle_fast.outputs import write_json
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, default=str)
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
+    from isle_fast.outputs import refuse_unsafe, write_marker
+
+    refuse_unsafe(out)   # never /, home, the working directory or a folder above it
     if out.exists():
         if not out.is_dir():
             raise InputError(f"--out {out} exists and is not a folder")
@@ -650,6 +638,7 @@ def _prepare(out: Path, overwrite: bool) -> None:
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by isle demo; --overwrite may replace this folder\n")
+    write_marker(out, "isle demo")  # any isle command's --overwrite may replace it, as any output folder
 
 
 def _cpu_seconds() -> float:

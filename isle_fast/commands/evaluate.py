@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "step 2: per-class IoU of every set against ground truth"
+
+def bg_threshold_arg(text: str) -> float:
+    """``--bg-threshold``: a finite number in [0, 1] (2, -1, nan and inf are usage errors)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1] (a score), not {text!r}")
+    return value
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by evaluate, merge and report."""
+    from isle_fast.backend import add_backend_argument
+
     parser.add_argument("sets", nargs="+", metavar="SET", help="pseudo-label set stores (labels or scores)")
     parser.add_argument("--gt", required=True, metavar="GT", help="ground-truth label store")
     parser.add_argument("--average", choices=("dataset", "image"), default="dataset",
                         help="IoU from counts summed over the data set (default) or the mean "
                              "per-image IoU (Algorithm 2 as written)")
-    parser.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="kernel backend (results are identical)")
-    parser.add_argument("--bg-threshold", type=float, default=None, metavar="T",
+    add_backend_argument(parser)
+    parser.add_argument("--bg-threshold", type=bg_threshold_arg, default=None, metavar="T",
                         help="score sets: background score replaced by T in [0, 1] before decoding")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--json", metavar="FILE", help="write the scores as JSON (DESIGN.md schema)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the scores as JSON (classes, per-set scores, selection)")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="restrict the selection shown (and in the JSON) to these sets")
 
@@ -37,8 +50,11 @@ def parse_subset(text: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.outputs import check_json_output
     from isle_fast.progress import summary
 
+    if args.json:  # before the work: never a folder, a store's file, an input or a file isle did not write
+        check_json_output(args.json, inputs=[*args.sets, args.gt])
     ev = evaluate(args.sets, args.gt, average=args.average, backend=args.backend,
                   bg_threshold=args.bg_threshold, progress=not args.quiet)
     sel = ev.select(parse_subset(args.subset))

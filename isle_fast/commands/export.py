@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "write a label store as VOC palette PNGs"
-
 
 def add_compress_argument(parser: argparse.ArgumentParser) -> None:
     """``--compress-level`` (shared with ``isle run``)."""
@@ -19,11 +17,12 @@ def add_compress_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from isle_fast.backend import add_backend_argument
+
     parser.add_argument("store", metavar="ENSEMBLE", help="ensemble (or any label / score) store")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for <id>.png (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder when done")
-    parser.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="kernel backend for decoding score stores")
+    add_backend_argument(parser)  # (decodes score stores)
     add_compress_argument(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes encoding PNGs (default: one per core)")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "steps 2+3: select the best set per class and build the ensemble"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from isle_fast.commands.evaluate import add_common
@@ -16,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overlapping claims: higher IoU wins (default), earlier set wins, or 255")
     parser.add_argument("--strategy", choices=("class", "image"), default="class",
                         help="class-wise ISLE (default) or the paper's naive image-level variant")
+    parser.add_argument("--image-labels", metavar="SRC",
+                        help="image-level labels (cls_labels.npy, a VOC XML folder, a CSV / JSON, an "
+                             "image-labels store or a store carrying them): drop claims of classes absent "
+                             "from an image's labels; --strategy image ranks by them instead of the gt")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="ensemble of these sets only (e.g. the paper's ISLE-2)")
     parser.add_argument("--name", help="name of the ensemble set (default: folder name)")
@@ -30,12 +32,15 @@ def run(args: argparse.Namespace) -> int:
     from isle_fast.ensemble.merge import merge
     from isle_fast.progress import Timer, summary
     from isle_fast.commands.evaluate import parse_subset
+    from isle_fast.outputs import check_json_output
 
+    if args.json:  # before the work: never a folder, a store's file, an input, --out or a foreign file
+        check_json_output(args.json, inputs=[*args.sets, args.gt], outputs=[args.out])
     t = Timer()
     res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
                 subset=parse_subset(args.subset), average=args.average, backend=args.backend,
                 bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
-                progress=not args.quiet)
+                progress=not args.quiet, image_labels=args.image_labels)
     ev, sel = res.evaluation, res.selection
     print(ev.table(sel))
     extra: dict = {"ensemble": {"path": res.stack.path, "policy": args.policy, "strategy": args.strategy,
@@ -44,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     rows = {"ensemble": res.stack.path,
             "members": ", ".join(ev.set_names[i] for i in sel.member_indices),
             "policy / strategy": f"{args.policy} / {args.strategy}"}
+    if args.image_labels:
+        rows["image labels"] = f"{args.image_labels} (claims of absent classes dropped)"
+        extra["ensemble"]["image_labels"] = args.image_labels
     if not args.no_score:
         ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
                        progress=not args.quiet)
@@ -53,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         extra["ensemble"].update({"miou": e_miou, "iou": [None if v != v else float(v) for v in ens.iou[0]]})
         rows["ensemble mIoU"] = f"{e_miou:.2f} ({e_miou - best:+.2f} over the best member)"
     if args.json:
-        ev.write_json(args.json, sel, **extra)
+        ev.write_json(args.json, sel, command="isle merge", **extra)
         rows["json"] = args.json
     rows["seconds"] = f"{t.seconds:.2f}"
     summary("isle merge: done", rows, quiet=args.quiet)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "predict masks with a trained DeepLabV3+"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="run folder written by `isle train` (or a .pt checkpoint)")

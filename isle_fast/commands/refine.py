@@ -3,14 +3,13 @@
 Runs a chain of refinements (built-ins ``affinity`` and ``crf``, anything
 registered with :func:`isle_fast.refinement.chain.register_refinement` or declared in
 the ``isle_fast.refinements`` entry-point group) over every image of a set
-and writes a new store; the input is never modified.
+and writes a new store; the input is never modified. ``--preset`` picks the
+dense CRF's settings among the public code's (:mod:`isle_fast.refinement.crf`).
 """
 
 from __future__ import annotations
 
 import argparse
-
-HELP = "step 1: refine a set (AffinityNet random walk, dense CRF, ...)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
                         help="a refinement parameter, e.g. crf.iterations=5, affinity.backbone=resnet18 "
                              "(repeatable; values are parsed as JSON where possible)")
+    parser.add_argument("--preset", choices=("auto", "psa", "irn", "pydensecrf-example"), default=None,
+                        help="the dense CRF's settings, as the public code calls pydensecrf. "
+                             "auto (default) chooses per input: label maps -> irn, scores -> psa. "
+                             "irn = IRN's crf_inference_label (Gaussian sxy 3 / compat 3, bilateral "
+                             "sxy 50 / srgb 5 / compat 10, gt_prob 0.7, 10 iterations); psa = PSA's "
+                             "crf_inference for scores (bilateral sxy 80 / srgb 13 / compat 10, "
+                             "10 iterations); pydensecrf-example = pydensecrf's examples/inference.py "
+                             "(as psa, 5 iterations, its feature order). --param crf.KEY=VALUE still "
+                             "overrides one setting (e.g. crf.bi_sxy=60). With image-level labels in SET, "
+                             "the CRF uses exactly each image's labelled classes (crf.keep)")
     parser.add_argument("--name", help="name of the refined set (default: SET's name + '+' + chain)")
     parser.add_argument("--workers", type=int, default=None, help="parallel workers (default: CPU count)")
     parser.add_argument("--scheduler", default="auto", choices=("auto", "threads", "processes", "sync"),
@@ -39,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from isle_fast.errors import InputError
-    from isle_fast.refinement.chain import available_refinements, get_refinement, refine_stack
+    from isle_fast.refinement.chain import available_refinements, get_refinement, parse_chain, refine_stack
 
     if args.list:
         for name in available_refinements():
@@ -50,7 +59,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give the SET store to refine (or --list)")
     if not args.out:
         raise InputError("--out REFINED is required (refine writes a new store)")
-    refine_stack(args.source, args.images, args.out, args.chain, args.param, workers=args.workers,
+    params = list(args.param)
+    if args.preset is not None:
+        if "crf" not in parse_chain(args.chain):
+            raise InputError(f"--preset sets the crf refinement's settings, but crf is not in "
+                             f"--with {args.chain}")
+        given = [p.partition("=")[2].strip() for p in params if p.partition("=")[0].strip() == "crf.preset"]
+        if given and given[-1] != args.preset:
+            raise InputError(f"--preset {args.preset} and --param crf.preset={given[-1]} disagree; give one")
+        params.append(f"crf.preset={args.preset}")
+    refine_stack(args.source, args.images, args.out, args.chain, params, workers=args.workers,
                  scheduler=args.scheduler, images_per_task=args.images_per_task, name=args.name,
                  score_dtype=args.score_dtype, overwrite=args.overwrite, resume=args.resume,
                  device=args.device, progress=not args.quiet)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "the paper's tables and figures for any data"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from isle_fast.commands.evaluate import add_common

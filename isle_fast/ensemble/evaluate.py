@@ -20,7 +20,8 @@ Conventions
 * IoU of class ``c``: ``tp / (tp + fp + fn)`` with ``fn`` including
   abstentions; undefined (NaN, JSON ``null``) when the union is empty.
 * mIoU: the mean over classes whose IoU is defined (NaN classes are skipped,
-  the usual ``nanmean`` convention).
+  the usual ``nanmean`` convention). Both come from :mod:`isle_fast.metrics`,
+  the one definition every score of the project uses.
 * ``average="image"`` (the paper's Algorithm 2 as written): the IoU of class
   ``c`` is the mean of the per-image IoUs over the images where ``c`` is in
   the gt or predicted by that set (per-image union > 0); images where the
@@ -31,7 +32,6 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -42,12 +42,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from isle_fast import metrics
 from isle_fast.errors import InputError
-from isle_fast.stores.stack import Stack, check_aligned, open_stack
+from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
 
-__all__ = ["Evaluation", "evaluate", "open_inputs", "AVERAGES"]
+__all__ = ["Evaluation", "evaluate", "open_inputs", "check_bg_threshold", "AVERAGES"]
 
 AVERAGES = ("dataset", "image")
+#: Store kinds a pseudo-label set may be.
+SET_KINDS = ("pseudo", "ensemble")
 
 
 
@@ -86,18 +89,27 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
     Raises
     ------
     InputError
-        No sets, a store of the wrong encoding (named).
+        No sets, a store of the wrong kind or encoding (named): the gt must be
+        a ``gt`` store, a set a ``pseudo`` or ``ensemble`` one (an ``images``
+        store, or the ground truth itself caught by a shell glob such as
+        ``*.zarr``, is refused).
     AlignmentError
         Stores disagree on ids, order, shapes or classes (names store and id).
     """
     if not sets:
         raise InputError("give at least one pseudo-label set")
     gt_stack = _as_stack(gt)
+    if gt_stack.kind != "gt":
+        raise InputError(f"--gt {gt_stack.path} is {kind_phrase(gt_stack.kind)}, not ground truth "
+                         "(kind 'gt'; ingest ground truth with --kind gt)")
     if gt_stack.encoding != "labels":
         raise InputError(f"ground truth {gt_stack.path} has encoding {gt_stack.encoding!r}; "
                          "it must be a label store")
     stacks = [_as_stack(s) for s in sets]
     for s in stacks:
+        if s.kind not in SET_KINDS:
+            raise InputError(f"set {s.path} is {kind_phrase(s.kind)}; a pseudo-label set is a "
+                             f"{' or '.join(repr(k) for k in SET_KINDS)} store")
         if s.encoding not in ("labels", "scores"):
             raise InputError(f"{s.path} has encoding {s.encoding!r}; a pseudo-label set holds "
                              "'labels' or 'scores'")
@@ -107,6 +119,25 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
     if gt_stack.num_classes > 254:
         raise InputError(f"{gt_stack.path}: at most 254 classes are supported")
     return stacks, gt_stack
+
+
+def check_bg_threshold(value: Any) -> float | None:
+    """``bg_threshold`` checked: None or a finite number (:class:`InputError` for nan, inf, text, bools).
+
+    The command line accepts only scores, [0, 1] (``--bg-threshold``); the library
+    also keeps its two edge meanings, tested against the reference kernels: a
+    negative value is "off" (as None) and one above 1 makes background win
+    wherever it is compared.
+    """
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not math.isfinite(v):
+        raise InputError(f"--bg-threshold must be a finite number (a score in [0, 1]), not {value!r}")
+    return v
 
 
 def score_threshold(stack: Stack, bg_threshold: float | None) -> float:
@@ -221,41 +252,7 @@ def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: 
         return out
 
 
-def _tp_union(block: np.ndarray) -> np.ndarray:
-    """Per-image ``(k, N, C, C+1)`` confusion -> ``(k, N, C, 2)``: intersection and union."""
-    c = block.shape[2]
-    sq = block[..., :c]
-    tp = np.diagonal(sq, axis1=2, axis2=3)
-    gt_px = block.sum(axis=3)
-    pred_px = sq.sum(axis=2)
-    return np.stack([tp, gt_px + pred_px - tp], axis=-1)
-
-
 # -- results ------------------------------------------------------------------------------
-
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
-
-
-def _nanmean_rows(x: np.ndarray) -> np.ndarray:
-    ok = ~np.isnan(x)
-    n = ok.sum(axis=-1)
-    s = np.where(ok, x, 0.0).sum(axis=-1)
-    return np.where(n > 0, s / np.maximum(n, 1), np.nan)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(float(x)) else float(x)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return x
-
 
 @dataclass
 class Evaluation:
@@ -299,19 +296,17 @@ class Evaluation:
     @property
     def tp(self) -> np.ndarray:
         """(N, C) true positives."""
-        c = self.num_classes
-        return np.diagonal(self.counts[:, :, :c], axis1=1, axis2=2).copy()
+        return metrics.true_positives(self.counts)
 
     @property
     def fp(self) -> np.ndarray:
         """(N, C) pixels predicted ``c`` whose gt is another (non-ignored) class."""
-        c = self.num_classes
-        return self.counts[:, :, :c].sum(axis=1) - self.tp
+        return metrics.false_positives(self.counts)
 
     @property
     def fn(self) -> np.ndarray:
         """(N, C) gt pixels of ``c`` predicted as something else or abstained."""
-        return self.counts.sum(axis=2) - self.tp
+        return metrics.false_negatives(self.counts)
 
     @property
     def abstained(self) -> np.ndarray:
@@ -327,18 +322,15 @@ class Evaluation:
     @property
     def dataset_iou(self) -> np.ndarray:
         """(N, C) IoU in percent from the summed counts (the standard definition)."""
-        tp = self.tp
-        return 100.0 * _div(tp, tp + self.fp + self.fn)
+        return metrics.iou(self.counts)
 
     @property
     def image_iou(self) -> np.ndarray | None:
         """(N, C) mean per-image IoU in percent over images with union > 0 (image average only)."""
         if self.image_stats is None:
             return None
-        inter = self.image_stats[..., 0].astype(np.float64)
-        union = self.image_stats[..., 1]
-        per = _div(inter, union)  # (I, N, C), NaN where union == 0
-        return 100.0 * _nanmean_rows(np.moveaxis(per, 0, -1))
+        per = metrics.iou_from_stats(self.image_stats)  # (I, N, C), NaN where union == 0
+        return metrics.nanmean(per, axis=0)
 
     @property
     def iou(self) -> np.ndarray:
@@ -350,23 +342,23 @@ class Evaluation:
     @property
     def miou(self) -> np.ndarray:
         """(N,) mean IoU in percent over the classes whose IoU is defined."""
-        return _nanmean_rows(self.iou)
+        return metrics.miou(self.iou)
 
     @property
     def precision(self) -> np.ndarray:
         """(N, C) percent: tp / (tp + fp)."""
-        return 100.0 * _div(self.tp, self.tp + self.fp)
+        return metrics.precision(self.counts)
 
     @property
     def recall(self) -> np.ndarray:
         """(N, C) percent: tp / gt pixels (abstentions count as misses)."""
-        return 100.0 * _div(self.tp, self.tp + self.fn)
+        return metrics.recall(self.counts)
 
     @property
     def coverage(self) -> np.ndarray:
         """(N, C) percent: 1 - abstained / gt pixels of the class."""
         gt_px = self.counts.sum(axis=2)
-        return 100.0 * (1.0 - _div(self.abstained, gt_px))
+        return 100.0 * (1.0 - metrics.ratio(self.abstained, gt_px))
 
     def take(self, indices: Sequence[int]) -> "Evaluation":
         """The evaluation of some of the sets only (no new pass over the data)."""
@@ -386,7 +378,8 @@ class Evaluation:
         return select(self, sets=sets)
 
     def to_json(self, selection: Any = None) -> dict:
-        """The DESIGN.md JSON: classes, per-set iou / miou / tp / fp / fn (+ extras), selection.
+        """The evaluation JSON (``isle evaluate --json``): classes, per-set iou / miou / tp / fp / fn
+        (+ precision, recall, coverage, path), the selection, background set, average, gt and gt pixels.
 
         IoU values are percent; undefined values are ``null``.
         """
@@ -397,14 +390,14 @@ class Evaluation:
         sets = {}
         for n, name in enumerate(self.set_names):
             sets[name] = {
-                "iou": _jsonable(iou[n]),
-                "miou": _jsonable(miou[n]),
-                "tp": _jsonable(tp[n]),
-                "fp": _jsonable(fp[n]),
-                "fn": _jsonable(fn[n]),
-                "precision": _jsonable(prec[n]),
-                "recall": _jsonable(rec[n]),
-                "coverage": _jsonable(cov[n]),
+                "iou": metrics.jsonable(iou[n]),
+                "miou": metrics.jsonable(miou[n]),
+                "tp": metrics.jsonable(tp[n]),
+                "fp": metrics.jsonable(fp[n]),
+                "fn": metrics.jsonable(fn[n]),
+                "precision": metrics.jsonable(prec[n]),
+                "recall": metrics.jsonable(rec[n]),
+                "coverage": metrics.jsonable(cov[n]),
                 "path": self.set_paths[n] if n < len(self.set_paths) else None,
             }
         return {
@@ -414,14 +407,23 @@ class Evaluation:
             "background_set": self.set_names[int(sel.best[0])],
             "average": self.average,
             "gt": self.gt_path,
-            "gt_pixels": _jsonable(self.gt_pixels),
+            "gt_pixels": metrics.jsonable(self.gt_pixels),
         }
 
-    def write_json(self, path: str | os.PathLike, selection: Any = None, **extra: Any) -> None:
-        """Write :meth:`to_json` (plus ``extra`` keys) atomically to ``path``."""
+    def write_json(self, path: str | os.PathLike, selection: Any = None, *, command: str = "isle evaluate",
+                   **extra: Any) -> None:
+        """Write :meth:`to_json` (plus ``extra`` keys) atomically to ``path``.
+
+        The file carries the key ``isle_output`` (command, version, time), so a later run may replace
+        it; an existing file without it, a folder, a file inside a store and any input are refused
+        (:func:`isle_fast.outputs.check_json_output`).
+        """
+        from isle_fast.outputs import check_json_output, write_json
+
         doc = self.to_json(selection)
         doc.update(extra)
-        write_text_atomic(path, json.dumps(doc, indent=2))
+        check_json_output(path, inputs=[*self.set_paths, self.gt_path or None])
+        write_json(path, doc, command=command)
 
     def table(self, selection: Any = None) -> str:
         """A plain-text per-class IoU table; the chosen set of each class is marked ``*``."""
@@ -441,17 +443,6 @@ class Evaluation:
         lines.append("mIoU".ljust(width) + "".join(
             ("-" if np.isnan(v) else f"{v:.1f}").rjust(colw - 1) + " " for v in self.miou))
         return "\n".join(lines)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary sibling of ``path`` and rename it into place."""
-    p = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(p))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(p)}.tmp-{os.getpid()}-{time.time_ns()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, p)
 
 
 # -- the pass -----------------------------------------------------------------------------
@@ -526,10 +517,10 @@ def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
 def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
                 shape: tuple[int, int, int], **kernel: Any) -> np.ndarray:
     """One gt chunk: read it and the same chunk of every set (direct reader), then count it."""
-    from isle_fast.stores.stack import _read_chunk
+    from isle_fast.stores.chunks import read_chunk
 
-    g = _read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
-    blocks = [_read_chunk(specs[1 + m], block_id=block + (0,) * len(tails[m]),
+    g = read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
+    blocks = [read_chunk(specs[1 + m], block_id=block + (0,) * len(tails[m]),
                           block_info={None: {"chunk-shape": shape + tails[m]}}) for m in kernel["order"]]
     return _confusion_block(g, *blocks, **kernel)
 
@@ -569,7 +560,7 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
             counts += out.sum(axis=(0, 1, 2))
             if stats is not None:
                 i0 = tasks[t][0][0] * k
-                stats[i0:i0 + out.shape[0]] += _tp_union(out[:, 0, 0])
+                stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
             pb.update(1)
     return counts, stats
 
@@ -593,6 +584,8 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     bg_threshold : float, optional
         For score sets: replace the background score by this value (a [0, 1]
         score; ``uint8`` stores compare against ``255 * T``) before decoding.
+        NaN, infinity and non-numbers are an InputError
+        (:func:`check_bg_threshold`).
     progress : bool
         Show a progress bar (local schedulers).
 
@@ -610,6 +603,7 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
 
     if average not in AVERAGES:
         raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+    bg_threshold = check_bg_threshold(bg_threshold)
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
@@ -647,7 +641,7 @@ def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold
         if per_image:
             per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images
             n, c = len(stacks), gt.num_classes
-            stats = per_img.map_blocks(_tp_union, chunks=(per_img.chunks[0], (n,), (c,), (2,)),
+            stats = per_img.map_blocks(metrics.intersection_union, chunks=(per_img.chunks[0], (n,), (c,), (2,)),
                                        dtype=np.int64)
             return dask.compute(per_img.sum(axis=0), stats, scheduler=dask_scheduler())
         (counts,) = dask.compute(graph.sum(axis=(0, 1, 2)), scheduler=dask_scheduler())

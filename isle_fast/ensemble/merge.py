@@ -20,12 +20,22 @@ claims.
   different dtypes are merged as float32 in [0, 1].
 
 ``strategy="image"`` (the paper's naive variant): classes are ranked by their
-number of instances in the training set, counted as the number of gt images
+number of instances in the training set, counted as the number of images
 that contain the class (ties: lower class index first). For each image, the
-image-level labels are the foreground classes present in its gt (WSSS has
-image-level labels; the gt store supplies them); the image takes the WHOLE
-prediction of the set chosen for its top-ranked present class. An image with
-no foreground class takes the set with the best mIoU (ties: first set).
+image-level labels are the foreground classes present in its gt, or, when
+``image_labels`` are given, those labels (WSSS's real supervision); the image
+takes the WHOLE prediction of the set chosen for its top-ranked present
+class. An image with no foreground class takes the set with the best mIoU
+(ties: first set).
+
+``image_labels`` (either strategy): claims of classes absent from an image's
+image-level labels are dropped before merging, as WSSS pipelines do (their
+CAMs exist only for the labelled classes): in a label-map set such a pixel
+becomes background (no claim), in a score set the class's slice becomes 0,
+so the pixel goes to the best labelled class or background. The selection
+itself uses the sets' own scores (the evaluation is unchanged). A class in
+the labels but absent from the gt (818 of VOC's 12,031 images) changes
+nothing but the ranking of the image strategy.
 
 Outside each image's true shape the labels are 255 (scores 0). The output is
 written chunk by chunk (one task per gt chunk writes its own region of the
@@ -50,7 +60,7 @@ import numpy as np
 from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import (
     Evaluation,
-    _jsonable,
+    check_bg_threshold,
     aligned_arrays,
     blockwise_args,
     evaluate,
@@ -60,10 +70,12 @@ from isle_fast.ensemble.evaluate import (
     work_chunks,
 )
 from isle_fast.ensemble.selection import Selection, select
+from isle_fast.metrics import jsonable
+from isle_fast.outputs import check_output
 from isle_fast.stores.stack import Stack, create_stack, default_compressors
 
 __all__ = ["POLICIES", "STRATEGIES", "MergePlan", "MergeResult", "merge", "merge_images",
-           "make_plan", "image_choice", "gt_presence", "ensemble_scores"]
+           "make_plan", "image_choice", "gt_presence", "ensemble_scores", "drop_absent_claims"]
 
 POLICIES = {"score": 0, "order": 1, "ignore": 2}
 STRATEGIES = ("class", "image")
@@ -94,14 +106,13 @@ class MergePlan:
     policy: int
     thresholds: tuple[float, ...]
     num_classes: int
-
-    @property
-    def score_dtype(self) -> str | None:
-        return None if self.mode != "scores" else ("float32" if self.cast else None)
+    #: claims of classes absent from an image's image-level labels are dropped (``allowed`` rows given)
+    drop_absent: bool = False
 
 
 def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "score",
-              strategy: str = "class", bg_threshold: float | None = None) -> MergePlan:
+              strategy: str = "class", bg_threshold: float | None = None,
+              drop_absent: bool = False) -> MergePlan:
     """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets)."""
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -122,7 +133,7 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
         scales=tuple(float(s.score_scale) for s in members), cast=cast,
         selection=tuple(int(v) for v in selection.kernel_selection()),
         priority=tuple(tuple(float(v) for v in row) for row in selection.priority()),
-        policy=code, thresholds=thresholds, num_classes=len(selection.classes),
+        policy=code, thresholds=thresholds, num_classes=len(selection.classes), drop_absent=bool(drop_absent),
     )
 
 
@@ -133,14 +144,40 @@ def _gather(arrays: Sequence[np.ndarray], choice: np.ndarray) -> np.ndarray:
     return out
 
 
+def drop_absent_claims(block: np.ndarray, encoding: str, allowed: np.ndarray) -> np.ndarray:
+    """A copy of ``block`` (images x rows x cols [x C]) without claims of classes ``allowed`` rules out.
+
+    ``allowed`` is ``(images, C)`` bool (column 0, background, is always
+    allowed). Label maps: a pixel of a disallowed class becomes 0 (background:
+    no claim); 255 stays. Scores: the slices of disallowed classes become 0.
+    """
+    allowed = np.asarray(allowed, dtype=bool).copy()
+    allowed[:, 0] = True
+    if encoding == "labels":
+        c = allowed.shape[1]
+        out = np.empty_like(block)
+        for m in range(block.shape[0]):
+            lut = np.arange(256, dtype=np.uint8)
+            lut[:c][~allowed[m]] = 0
+            out[m] = lut[block[m]]
+        return out
+    return block * allowed[:, None, None, :].astype(block.dtype)
+
+
 def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[np.ndarray],
-                choice: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                choice: np.ndarray | None = None,
+                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Merge one aligned region of the member sets: ``(labels, merged scores or None)``.
 
     ``choice`` (image strategy): the member position chosen for every image of the region.
+    ``allowed`` (``plan.drop_absent``): ``(images, C)`` image-level labels of the region's images.
     """
     sel = np.asarray(plan.selection, dtype=np.int64)
     blocks = [np.ascontiguousarray(b) for b in blocks]
+    if plan.drop_absent:
+        if allowed is None:
+            raise ValueError("the plan drops absent classes but no image labels were given")
+        blocks = [drop_absent_claims(b, e, allowed) for b, e in zip(blocks, plan.encodings)]
     if plan.mode == "labels":
         labs = [b if e == "labels" else np.asarray(K.decode_scores(b, t))
                 for b, e, t in zip(blocks, plan.encodings, plan.thresholds)]
@@ -178,13 +215,13 @@ def _fill_padding(a: np.ndarray, shapes: np.ndarray, row0: int, col0: int, value
 
 
 def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray,
-                 choice: np.ndarray, *blocks: np.ndarray, backend: str, plan: MergePlan,
+                 choice: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, backend: str, plan: MergePlan,
                  labels_target: Any, scores_target: Any) -> np.ndarray:
     """Merge one gt chunk's region and write it into the new store; returns ``(1, 1, 1)`` pixel count."""
     from isle_fast.backend import task_kernels
 
     with task_kernels(backend) as K:
-        lab, sc = merge_chunk(K, plan, blocks, choice)
+        lab, sc = merge_chunk(K, plan, blocks, choice, allowed if plan.drop_absent else None)
         lab = np.require(lab, np.uint8, ["C", "W"])
         row0, col0 = int(idx_j[0]), int(idx_k[0])
         inside = _fill_padding(lab, shapes, row0, col0, 255)
@@ -204,11 +241,11 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk."""
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
-    from isle_fast.stores.stack import _read_chunk
+    from isle_fast.stores.chunks import read_chunk
 
     i, j, l = block
     k, hc, wc = (int(v) for v in out_spec.chunk_shape)
-    blocks = [_read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
+    blocks = [read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
               for sp, t in zip(specs, tails)]
     i0 = i * k
     with task_kernels(backend) as K:
@@ -344,17 +381,26 @@ class MergeResult:
     info: dict = field(default_factory=dict)
 
 
+def _labels_source(image_labels: Any) -> str | None:
+    """What ``merge(image_labels=...)`` was given, for the provenance."""
+    if image_labels is None:
+        return None
+    if isinstance(image_labels, np.ndarray):
+        return "array"
+    return str(getattr(image_labels, "path", image_labels))
+
+
 def ensemble_scores(stack: Stack):
     """The merged score stack of an ensemble (a Zarr array), or ``None`` for a label-only ensemble."""
     name = stack.provenance.get("scores_array")
-    return stack.group[name] if name and name in stack.group else None
+    return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
 
 
 def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str = "score",
           strategy: str = "class", subset: Sequence[str | int] | None = None,
           evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
-          progress: bool = True) -> MergeResult:
+          progress: bool = True, image_labels: Any = None) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
     Parameters
@@ -384,6 +430,12 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     overwrite : bool
         Replace an existing store at ``out`` once the new one is complete.
     progress : bool
+    image_labels : path, Stack or (I, C) bool array, optional
+        Image-level labels (``cls_labels.npy``, a VOC XML folder, CSV / JSON,
+        an image-labels store, a stack carrying them, or an array in the gt's
+        order; :mod:`isle_fast.stores.image_labels`): claims of classes absent
+        from an image's labels are dropped, and the image strategy ranks by
+        them instead of the gt. Every gt image needs labels.
 
     Returns
     -------
@@ -393,23 +445,35 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     _policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)
+    # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle
+    # did not write
+    check_output(out, overwrite=overwrite, inputs=[*stacks, gt_stack])
+    allowed = None
+    if image_labels is not None:
+        from isle_fast.stores.image_labels import check_not_output, resolve_image_labels
+
+        check_not_output(image_labels, out)
+        allowed = resolve_image_labels(image_labels, gt_stack.ids, gt_stack.classes,
+                                       where=f"the ground truth {gt_stack.path}")
     if evaluation is None:
         evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
                               progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
     selection = select(evaluation, sets=subset)
-    plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold)
+    plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
+                     drop_absent=allowed is not None)
     members = selection.member_indices
     names = unique_names(stacks)
     info: dict[str, Any] = {}
     if strategy == "image":
-        presence = gt_presence(gt_stack, backend=be, progress=progress)
+        presence = allowed if allowed is not None else gt_presence(gt_stack, backend=be, progress=progress)
         choice_all, info = image_choice(presence, selection, evaluation.miou)
         pos = {m: k for k, m in enumerate(members)}
         choice = np.asarray([pos[int(v)] for v in choice_all], dtype=np.int64)
@@ -431,14 +495,15 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "members": [names[m] for m in members],
         "selection": selection.mapping(),
         "background_set": names[int(selection.best[0])],
-        "scores": {names[n]: _jsonable(evaluation.iou[n]) for n in range(len(stacks))},
-        "miou": {names[n]: _jsonable(evaluation.miou[n]) for n in range(len(stacks))},
+        "scores": {names[n]: jsonable(evaluation.iou[n]) for n in range(len(stacks))},
+        "miou": {names[n]: jsonable(evaluation.miou[n]) for n in range(len(stacks))},
         "average": evaluation.average,
         "policy": policy,
         "strategy": strategy,
         "bg_threshold": bg_threshold,
         "scores_array": "scores" if scores_dtype else None,
-        **({"image_strategy": _jsonable(info)} if info else {}),
+        "image_labels": _labels_source(image_labels),
+        **({"image_strategy": jsonable(info)} if info else {}),
     }
     grid = work_chunks(member_stacks, gt_stack)
     writer = create_stack(out, kind="ensemble", classes=gt_stack.classes, ids=gt_stack.ids,
@@ -471,11 +536,13 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         idx = [da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape, g.chunks)]
         shapes = da.from_array(gt_stack.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))
         choice_da = da.from_array(choice, chunks=(g.chunks[0],))
+        allowed_np = allowed if allowed is not None else np.ones((gt_stack.num_images, 1), dtype=bool)
+        allowed_da = da.from_array(allowed_np, chunks=(g.chunks[0], (allowed_np.shape[1],)))
         func = partial(_merge_block, backend=be, plan=plan, labels_target=writer.array,
                        scores_target=scores_target)
         one = lambda n: 1  # noqa: E731
         done = da.blockwise(func, "ijk", idx[0], "i", idx[1], "j", idx[2], "k", shapes, "iz",
-                            choice_da, "i", *blockwise_args(arrays, member_stacks),
+                            choice_da, "i", allowed_da, "iy", *blockwise_args(arrays, member_stacks),
                             adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
                             concatenate=True, meta=np.empty((0, 0, 0), dtype=np.int64))
         with dask_progress("merge", quiet=not progress):
@@ -492,17 +559,20 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
 
 def merge_images(sets: Sequence[Any], selection: Selection, indices: Sequence[int], *,
                  policy: str = "score", strategy: str = "class", choice: np.ndarray | None = None,
-                 backend: str = "auto", bg_threshold: float | None = None) -> list[np.ndarray]:
+                 backend: str = "auto", bg_threshold: float | None = None,
+                 image_labels: np.ndarray | None = None) -> list[np.ndarray]:
     """The ensemble labels of a few images, in memory (unpadded), e.g. for figures.
 
     ``choice`` (image strategy) gives the set (position among all sets) of
-    every image of the data set.
+    every image of the data set; ``image_labels`` ((I, C) bool, the data
+    set's order) drops claims of absent classes as :func:`merge` does.
     """
     from isle_fast.backend import get_kernels
 
     stacks = [s if isinstance(s, Stack) else _open(s) for s in sets]
     K = get_kernels(backend)
-    plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold)
+    plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
+                     drop_absent=image_labels is not None)
     members = [stacks[m] for m in selection.member_indices]
     pos = {m: k for k, m in enumerate(selection.member_indices)}
     out = []
@@ -511,7 +581,8 @@ def merge_images(sets: Sequence[Any], selection: Selection, indices: Sequence[in
         h, w = (int(v) for v in members[0].shapes[i])
         blocks = [np.asarray(s.array[i:i + 1, :h, :w]) for s in members]
         ch = None if choice is None else np.asarray([pos[int(choice[i])]], dtype=np.int64)
-        lab, _ = merge_chunk(K, plan, blocks, ch)
+        al = None if image_labels is None else np.asarray(image_labels, dtype=bool)[i:i + 1]
+        lab, _ = merge_chunk(K, plan, blocks, ch, al)
         out.append(np.asarray(lab)[0])
     return out
 

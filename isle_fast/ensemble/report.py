@@ -28,19 +28,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
-from isle_fast.ensemble.evaluate import Evaluation, _jsonable, evaluate, open_inputs, unique_names
+from isle_fast.errors import InputError
+from isle_fast.ensemble.evaluate import (
+    Evaluation,
+    check_bg_threshold,
+    evaluate,
+    open_inputs,
+    unique_names,
+)
 from isle_fast.ensemble.selection import select
+from isle_fast.metrics import jsonable
+from isle_fast.outputs import FolderOutput
 
 __all__ = ["report", "export_pngs", "palette"]
+
+#: Store kinds ``report(ensemble=...)`` accepts: ours, or one made elsewhere and ingested as a set.
+ENSEMBLE_KINDS = ("ensemble", "pseudo")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -50,28 +59,6 @@ def palette() -> np.ndarray:
     from isle_fast.synthetic.datasets import voc_palette
 
     return np.asarray(voc_palette(), dtype=np.uint8)
-
-
-def _fresh_dir(out: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
-    final = Path(os.fspath(out))
-    if "://" in str(out):
-        raise InputError(f"--out {out}: write reports and PNGs to a local folder")
-    if final.exists() and not overwrite:
-        raise StoreError(f"{final} exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    work.mkdir()
-    return final, work
-
-
-def _move_into_place(work: Path, final: Path) -> None:
-    trash = None
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-    os.replace(work, final)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
 
 
 def _safe_relpath(image_id: str) -> Path:
@@ -131,13 +118,14 @@ def export_pngs(store: Any, out: str | os.PathLike, *, overwrite: bool = False, 
         if resolve_backend(backend) == "gpu":
             K = get_kernels("gpu")
             decode = lambda block: K.decode_scores(block, -1.0)  # noqa: E731
-    final, work = _fresh_dir(out, overwrite)
+    folder = FolderOutput(out, command="isle export", overwrite=overwrite, inputs=[stack])
+    work = folder.work
     try:
         res = write_pngs(stack, work, [str(r.with_name(r.name + ".png")) for r in rel], compress=compress,
                          workers=workers, progress=progress, decode=decode)
-        _move_into_place(work, final)
+        final = folder.commit()
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abort()
         raise
     return {"images": stack.num_images, "path": str(final), "seconds": time.perf_counter() - t0,
             "bytes": res["bytes"], "compress": res["compress"]}
@@ -169,7 +157,7 @@ def _component_summary(ev: Evaluation, sel: Any) -> list[dict]:
             others = [iou[m, j] for m in range(n) if m != k and not np.isnan(iou[m, j])]
             if others and not np.isnan(iou[k, j]):
                 margins.append(float(iou[k, j] - max(others)))
-        out.append({"set": ev.set_names[k], "miou": _jsonable(ev.miou[k]),
+        out.append({"set": ev.set_names[k], "miou": jsonable(ev.miou[k]),
                     "classes_won": [ev.classes[j] for j in won],
                     "mean_margin": float(np.mean(margins)) if margins else None})
     return out
@@ -296,8 +284,9 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     out : path
         Output folder (must not exist unless ``overwrite``).
     ensemble : path, URL or Stack, optional
-        An ensemble store to report; otherwise the ensemble of all sets is
-        scored by the subset pass (needs N <= 8).
+        An ensemble store to report (kind ``ensemble``, or ``pseudo`` for one
+        made elsewhere; a ``gt`` or ``images`` store is an InputError); otherwise
+        the ensemble of all sets is scored by the subset pass (needs N <= 8).
     images : path, URL or Stack, optional
         An ``images`` store aligned with the sets; enables ``samples.png``.
     policy : {'score', 'order', 'ignore'}
@@ -321,21 +310,29 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     """
     from isle_fast.backend import resolve_backend
     from isle_fast.ensemble.merge import gt_presence, merge_images
-    from isle_fast.stores.stack import Stack, check_aligned, open_stack
+    from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
     from isle_fast.ensemble.subsets import MAX_SETS, subset_analysis
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
     ens_stack = None
     if ensemble is not None:
         ens_stack = ensemble if isinstance(ensemble, Stack) else open_stack(ensemble)
+        if ens_stack.kind not in ENSEMBLE_KINDS:
+            kinds = " or ".join(repr(k) for k in ENSEMBLE_KINDS)
+            raise InputError(f"--ensemble {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
+                             f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
+                             "pseudo-label set)")
     img_stack = None
     if images is not None:
         img_stack = images if isinstance(images, Stack) else open_stack(images, kind="images")
         check_aligned([gt_stack, img_stack], same_classes=False)
     n = len(stacks)
-    final, work = _fresh_dir(out, overwrite)
+    folder = FolderOutput(out, command="isle report", overwrite=overwrite,
+                          inputs=[*stacks, gt_stack, ens_stack, img_stack])
+    work = folder.work
     try:
         everything = stacks + ([ens_stack] if ens_stack is not None else [])
         if evaluation is not None:
@@ -425,8 +422,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         doc = ev.to_json(sel)
         doc["components"] = comp
         doc["ensemble"] = (None if ens_name is None else
-                           {"name": ens_name, "source": ens_source, "iou": _jsonable(ens_iou),
-                            "miou": _jsonable(ens_miou)})
+                           {"name": ens_name, "source": ens_source, "iou": jsonable(ens_iou),
+                            "miou": jsonable(ens_miou)})
         doc["subsets"] = sa.to_json() if sa is not None else None
         (work / "report.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
@@ -462,9 +459,9 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
             cols.append(("ground truth", [gt_stack.read_image(i) for i in picks]))
             _samples_figure(work / "samples.png", [img_stack.read_image(i) for i in picks], cols, ids)
         files = sorted(p.name for p in work.iterdir())
-        _move_into_place(work, final)
+        final = folder.commit()
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        folder.abort()
         raise
     return {"path": str(final), "files": files, "seconds": time.perf_counter() - t0,
             "ensemble_miou": ens_miou, "best_component": names[best_k] if n else None,

@@ -26,10 +26,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError
+from isle_fast import metrics
 from isle_fast.ensemble.evaluate import (
     Evaluation,
-    _jsonable,
-    _nanmean_rows,
+    check_bg_threshold,
     aligned_arrays,
     blockwise_args,
     evaluate,
@@ -86,16 +86,12 @@ class SubsetAnalysis:
     @property
     def iou(self) -> np.ndarray:
         """(S, C) dataset-level IoU in percent (NaN where undefined)."""
-        c = len(self.classes)
-        tp = np.diagonal(self.counts[:, :, :c], axis1=1, axis2=2).astype(np.float64)
-        union = self.counts[:, :, :c].sum(axis=1) + self.counts.sum(axis=2) - tp
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(union > 0, 100.0 * tp / np.where(union > 0, union, 1), np.nan)
+        return metrics.iou(self.counts)
 
     @property
     def miou(self) -> np.ndarray:
         """(S,) mIoU in percent over classes with a defined IoU."""
-        return _nanmean_rows(self.iou)
+        return metrics.miou(self.iou)
 
     def best(self, size: int | None = None) -> int:
         """Row of the subset with the highest mIoU (of the given size; ties: earlier row)."""
@@ -113,7 +109,7 @@ class SubsetAnalysis:
             "policy": self.policy,
             "subsets": [
                 {"name": name, "members": [self.set_names[i] for i in np.nonzero(self.members[s])[0]],
-                 "miou": _jsonable(miou[s]), "iou": _jsonable(iou[s]),
+                 "miou": metrics.jsonable(miou[s]), "iou": metrics.jsonable(iou[s]),
                  "selection": {self.classes[c]: self.set_names[int(self.selections[s, c])]
                                for c in range(1, len(self.classes))}}
                 for s, name in enumerate(self.names())
@@ -229,6 +225,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
+    bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     code = _policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)

@@ -173,12 +173,10 @@ def _torch():
 
 def resolve_device(device: str = "auto") -> str:
     """``'cuda'`` when ``device='auto'`` and CUDA is available, else ``device`` (``'cpu'`` for auto)."""
-    torch = _torch()
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"affinity.device {device!r}: CUDA is not available on this machine (use cpu)")
-    return str(device)
+    from isle_fast.training.runtime import resolve_device as torch_device
+
+    dev = torch_device(device, name="affinity.device")
+    return dev.type if device in (None, "", "auto") else str(device)
 
 
 def _build_model_class():
@@ -371,11 +369,12 @@ def _config(backbone: str, stride: int, dim: int, radius: int, epochs: int) -> d
 
 
 def _save(path: str, model, optimizer, epoch: int, step: int, config: dict) -> None:
+    from isle_fast.outputs import write_file
+
     torch = _torch()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else {},
-                "epoch": int(epoch), "step": int(step), "config": dict(config)}, tmp)
-    os.replace(tmp, path)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else {},
+             "epoch": int(epoch), "step": int(step), "config": dict(config)}
+    write_file(path, lambda p: torch.save(state, p), durable=True)  # atomic, fsynced: a resume needs it whole
 
 
 def _load_checkpoint(path: str) -> dict:

@@ -51,7 +51,10 @@ included. Arrays are padded to the store's padded shape; refinements work
 on ``data[i, :h, :w]`` of each image (``shapes[i] = (h, w)``) and the runner
 resets the padding (255 / 0) after every step, so padding never leaks into a
 refined image. The final chunk is encoded for the output store (scores:
-``round(255 p)`` for ``uint8``, a cast for ``float16`` / ``float32``).
+``round(255 p)`` for ``uint8``, a cast for ``float16`` / ``float32``, each
+keeping every pixel's argmax: :func:`isle_fast.stores.stack.quantize_scores`).
+Image-level labels, when the run has them, reach every step as
+``chunk.image_labels`` (the dense CRF then uses exactly the image's classes).
 
 Running
 -------
@@ -79,8 +82,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
-from isle_fast.stores.stack import IGNORE_INDEX, Stack, check_aligned, create_stack, default_chunks, is_remote, open_stack
+from isle_fast.errors import InputError
+from isle_fast.stores.stack import (
+    IGNORE_INDEX,
+    WRITE_EVERY_CHUNK,
+    Stack,
+    check_aligned,
+    create_stack,
+    default_chunks,
+    open_stack,
+    quantize_scores,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -97,6 +109,7 @@ __all__ = [
     "parse_chain",
     "apply_chain",
     "refine_stack",
+    "image_labels_for",
     "shutdown_pool",
     "synthetic_scene",
 ]
@@ -135,6 +148,9 @@ class RefineChunk:
         Image ids of the block.
     start : int
         Position of the first image in the store.
+    image_labels : (k, C) bool array or None
+        The images' image-level labels (background column True) when the run has
+        them (:func:`refine_stack`'s ``image_labels`` or the source store's).
     """
 
     data: np.ndarray
@@ -144,6 +160,7 @@ class RefineChunk:
     classes: tuple[str, ...]
     ids: list[str]
     start: int = 0
+    image_labels: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -171,6 +188,10 @@ class PrepareContext:
         Show progress bars.
     device : str
         Torch device for refinements that train or run a network (``'auto'``, ``'cpu'``, ``'cuda'``...).
+    encoding : {'labels', 'scores'} or None
+        The encoding this refinement receives (the source's, or the previous step's output).
+    image_labels : (I, C) bool array or None
+        The run's image-level labels (background column True), if any.
     """
 
     source: Stack
@@ -180,6 +201,8 @@ class PrepareContext:
     progress: bool = True
     device: str = "auto"
     extra: dict = field(default_factory=dict)
+    encoding: str | None = None
+    image_labels: np.ndarray | None = None
 
 
 class Refinement:
@@ -337,6 +360,8 @@ def make_refinement(name: str, params: Mapping[str, Any] | None = None) -> Refin
                              f"(--param {name}.{bad[0]}); its parameters: {', '.join(known) or 'none'}")
     try:
         obj = factory(**params)
+    except InputError:  # (also a ValueError) already names the parameter
+        raise
     except (TypeError, ValueError) as exc:
         raise InputError(f"refinement {name!r}: bad parameters {params}: {exc}") from None
     if isinstance(obj, Refinement):
@@ -446,9 +471,7 @@ def apply_chain(chain: Sequence[Refinement], chunk: RefineChunk) -> RefineChunk:
 def _encode(data: np.ndarray, encoding: str, dtype: np.dtype) -> np.ndarray:
     if encoding == "labels":
         return data.astype(np.uint8, copy=False)
-    if dtype == np.uint8:
-        return np.rint(np.clip(data, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return data.astype(dtype)
+    return quantize_scores(data, dtype)  # every pixel's argmax kept (uint8 / float16 rounding)
 
 
 _OPEN: dict[tuple[str, str], Stack] = {}
@@ -475,7 +498,48 @@ class _Job:
     token: str = ""
 
 
-def _run_block(job: _Job, start: int, stop: int) -> int:
+def image_labels_for(stack: Stack, image_labels: Any = None) -> np.ndarray | None:
+    """The run's image-level labels as an ``(I, C)`` bool array (background column True), or None.
+
+    Parameters
+    ----------
+    stack : Stack
+        The set being refined (``I`` images, ``C`` classes).
+    image_labels : array, optional
+        ``(I, C)`` (every class; the background column is ignored) or
+        ``(I, C-1)`` (foreground only, the form of the public ``cls_labels.npy``),
+        booleans or 0 / 1, in the store's image order. ``None``: the store's own
+        image-level labels (``stack.image_labels``) when it holds them.
+
+    Raises
+    ------
+    InputError
+        Wrong shape or values (the message names the store).
+    """
+    source = "given"
+    if image_labels is None:
+        image_labels = getattr(stack, "image_labels", None)
+        if callable(image_labels):
+            image_labels = image_labels()
+        if image_labels is None:
+            return None
+        source = f"held by {stack.path}"
+    a = np.asarray(image_labels)
+    n, c = stack.num_images, stack.num_classes
+    if a.ndim != 2 or a.shape[0] != n or a.shape[1] not in (c, c - 1):
+        raise InputError(f"image labels ({source}) have shape {a.shape}; {stack.path} has {n} images and {c} "
+                         f"classes, so they must be ({n}, {c}) or, foreground only, ({n}, {c - 1})")
+    if a.dtype != np.bool_:
+        if a.dtype.kind not in "iuf" or not np.isin(a, (0, 1)).all():
+            raise InputError(f"image labels ({source}) must be booleans or 0 / 1, not {a.dtype} values "
+                             f"{np.unique(a)[:5].tolist()}")
+        a = a != 0
+    out = np.ones((n, c), dtype=bool)
+    out[:, 1:] = a[:, 1:] if a.shape[1] == c else a
+    return out
+
+
+def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None = None) -> int:
     import zarr
 
     src = _open_cached(job.source, job.token)
@@ -486,10 +550,12 @@ def _run_block(job: _Job, start: int, stop: int) -> int:
         data = raw
     rgb = np.asarray(_open_cached(job.images, job.token).array[start:stop]) if job.images else None
     chunk = RefineChunk(data=data, encoding=src.encoding, shapes=src.shapes[start:stop].copy(), rgb=rgb,
-                        classes=tuple(src.classes), ids=src.ids[start:stop], start=start)
+                        classes=tuple(src.classes), ids=src.ids[start:stop], start=start,
+                        image_labels=image_labels)
     chunk = apply_chain(job.chain, chunk)
     group = zarr.open_group(job.target, mode="r+")
-    group[job.target_array][start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
+    target = group[job.target_array].with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
+    target[start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
     return stop - start
 
 
@@ -552,6 +618,7 @@ def refine_stack(
     resume: bool = False,
     device: str = "auto",
     progress: bool = True,
+    image_labels: Any = None,
 ) -> Stack:
     """Refine a pseudo-label set with a chain of refinements and write a new store.
 
@@ -595,13 +662,18 @@ def refine_stack(
         Torch device for refinements with a network (``auto``: CUDA when available).
     progress : bool
         Show progress bars and print a summary.
+    image_labels : (I, C) or (I, C-1) bool array, optional
+        Image-level labels in the store's image order (see
+        :func:`image_labels_for`); default: the source store's own, when it
+        holds them. Each step gets its block's rows as ``chunk.image_labels``;
+        the dense CRF then uses exactly each image's labelled classes.
 
     Returns
     -------
     Stack
         The committed output store; its provenance holds ``refined_from``,
-        ``images``, ``refinements`` (name + parameters of each step in order)
-        and the source's provenance.
+        ``images``, ``refinements`` (name + parameters of each step in order),
+        ``image_labels`` (``'given'``, ``'store'`` or None) and the source's provenance.
     """
     import dask
 
@@ -613,6 +685,7 @@ def refine_stack(
         raise InputError(f"{src.path} is a {src.kind!r} store with encoding {src.encoding!r}; "
                          "refine needs a labels or scores set")
     refs = make_chain(chain, params)
+    labels = image_labels_for(src, image_labels)
     img = _as_stack(images, "images") if images is not None else None
     if img is not None:
         if img.kind != "images" or img.encoding != "rgb":
@@ -622,11 +695,10 @@ def refine_stack(
     if need and img is None:
         raise InputError(f"refinement {need[0]!r} needs the RGB images: pass --images IMAGES_STORE")
     out = str(out)
-    if os.path.abspath(out) == os.path.abspath(src.path):
-        raise InputError(f"--out {out} is the input store; refine never modifies its input")
+    # never the input set or the images (nor inside / holding them), never what isle did not write
+    from isle_fast.outputs import check_output
 
-    if not overwrite and not is_remote(out) and os.path.exists(out):
-        raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
+    check_output(out, overwrite=overwrite, inputs=[src] + ([img] if img is not None else []))
 
     enc = src.encoding
     for r in refs:
@@ -650,9 +722,12 @@ def refine_stack(
     if k < 1:
         raise InputError(f"images per task must be at least 1, not {images_per_task}")
 
-    ctx = PrepareContext(source=src, images=img, out=out, resume=resume, progress=progress, device=device)
+    ctx = PrepareContext(source=src, images=img, out=out, resume=resume, progress=progress, device=device,
+                         image_labels=labels)
+    step_encoding = src.encoding
     for r in refs:
-        r.prepare(ctx)
+        r.prepare(replace(ctx, encoding=step_encoding))
+        step_encoding = r.output_encoding(step_encoding)
 
     if client is not None:
         sched = "distributed"
@@ -683,6 +758,7 @@ def refine_stack(
         "images": img.path if img is not None else None,
         "refinements": chain_record,
         "chain": [r.name for r in refs],
+        "image_labels": None if labels is None else ("given" if image_labels is not None else "store"),
     }
     chunks = (k, h_pad, w_pad) + ((c,) if enc == "scores" else ())
     writer = create_stack(out, kind=src.kind if src.kind != "images" else "pseudo", classes=src.classes,
@@ -694,7 +770,9 @@ def refine_stack(
         job = _Job(source=src.path, images=img.path if img is not None else None, target=writer.work_path,
                    target_array=enc, out_dtype=score_dtype if enc == "scores" else "uint8", chain=refs,
                    token=uuid.uuid4().hex)
-        tasks = [dask.delayed(_run_block, pure=False)(job, s, min(n, s + k)) for s in range(0, n, k)]
+        tasks = [dask.delayed(_run_block, pure=False)(job, s, min(n, s + k),
+                                                      None if labels is None else labels[s:s + k])
+                 for s in range(0, n, k)]
         if tasks:
             desc = f"refine {src.name} ({'+'.join(r.name for r in refs)})"
             if sched == "distributed":
@@ -720,6 +798,7 @@ def refine_stack(
             "chain": " -> ".join(f"{r.name}({', '.join(f'{a}={b}' for a, b in r.params().items())})"
                                  for r in refs),
             "images": f"{n} ({sched}, {n_workers} worker{'s' if n_workers != 1 else ''}, {k} per task)",
+            **({"image labels": prov["image_labels"]} if labels is not None else {}),
             "seconds": f"{timer.seconds:.1f}",
             "output": f"{stack.path} ({stack.encoding}, {stack.array.dtype})",
         })
@@ -781,8 +860,10 @@ def synthetic_scene(height: int, width: int, num_classes: int = 4, objects: int 
             continue
         dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
         m = np.roll(m, (dy, dx), axis=(0, 1))
-        m = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 0, m)
-        m = np.apply_along_axis(lambda r: np.convolve(r, kernel, mode="same"), 1, m)
+        # the centre of the full convolution: np.convolve's "same" for rows longer than the kernel,
+        # and still the row's length when the image is smaller than the kernel ("same" is not then)
+        m = np.apply_along_axis(lambda r: np.convolve(r, kernel)[radius:radius + r.size], 0, m)
+        m = np.apply_along_axis(lambda r: np.convolve(r, kernel)[radius:radius + r.size], 1, m)
         m = np.clip(m + rng.uniform(-noise, noise, size=m.shape), 0, None)
         scores[..., c] = m / max(float(m.max()), 1e-6)
     scores[..., 0] = 1.0 - scores[..., 1:].max(axis=-1)

@@ -80,20 +80,36 @@ class _ExportJob:
     compress: str
 
 
+_OPENED: dict[Any, Any] = {}
+
+
+def _opened(store: str) -> Any:
+    """The store opened once per process and store version (:func:`open_stack`, every check)."""
+    try:
+        key: Any = (store, os.stat(os.path.join(store, "zarr.json")).st_mtime_ns)
+    except OSError:
+        key = (store, None)
+    st = _OPENED.get(key)
+    if st is None:
+        from isle_fast.stores.stack import open_stack
+
+        _OPENED.clear()
+        st = _OPENED[key] = open_stack(store)
+    return st
+
+
 def _read_images(job: _ExportJob, i0: int, i1: int) -> np.ndarray:
     """Images ``i0:i1`` (one image-axis chunk) as stored, padded."""
-    if job.spec is None:
-        import zarr
-
-        return np.asarray(zarr.open_group(job.store, mode="r")[job.array_name][i0:i1])
-    from isle_fast.stores.stack import _read_chunk
+    if job.spec is None:   # Zarr's path, through the checked array (a missing chunk is a StoreError)
+        return np.asarray(_opened(job.store).array[i0:i1])
+    from isle_fast.stores.chunks import read_chunk
 
     ci = i0 // job.chunk_images
     m = i1 - i0
     grid = [range(-(-n // c)) for n, c in zip(job.padded, job.spatial)]
     if all(len(g) == 1 for g in grid):
         shape = (m,) + tuple(job.padded)
-        return _read_chunk(job.spec, block_id=(ci,) + (0,) * len(grid),
+        return read_chunk(job.spec, block_id=(ci,) + (0,) * len(grid),
                            block_info={None: {"chunk-shape": shape}})
     import itertools
 
@@ -101,7 +117,7 @@ def _read_images(job: _ExportJob, i0: int, i1: int) -> np.ndarray:
     for rest in itertools.product(*grid):
         region = tuple(slice(r * c, min((r + 1) * c, n)) for r, c, n in zip(rest, job.spatial, job.padded))
         shape = (m,) + tuple(s.stop - s.start for s in region)
-        out[(slice(None),) + region] = _read_chunk(job.spec, block_id=(ci,) + rest,
+        out[(slice(None),) + region] = read_chunk(job.spec, block_id=(ci,) + rest,
                                                   block_info={None: {"chunk-shape": shape}})
     return out
 
@@ -176,19 +192,18 @@ def write_pngs(stack: Any, folder: str | os.PathLike, files: Sequence[str], *,
 
     from isle_fast.progress import progress as bar
     from isle_fast.stores import parallel
-    from isle_fast.stores.stack import _fast_chunk_spec, _local
+    from isle_fast.stores.stack import _local
     from isle_fast.synthetic.datasets import voc_palette
 
     png_options(compress)   # a bad choice is an InputError before any work
-    arr = stack.array
     k = max(1, int(stack.chunks[0]))
     n = stack.num_images
     scores = stack.encoding == "scores"
-    spec = _fast_chunk_spec(arr)
+    spec = stack.chunk_spec()   # the direct reader (presence, crc32c, manifest checked), or None
     job = _ExportJob(folder=str(folder), files=[str(f) for f in files], shapes=np.asarray(stack.shapes),
                      chunk_images=k, store=str(_local(stack.path)) if "://" not in stack.path else stack.path,
                      array_name=stack.encoding, spec=spec, spatial=tuple(int(c) for c in stack.chunks[1:]),
-                     padded=tuple(int(s) for s in arr.shape[1:]), scores=scores and decode is None,
+                     padded=tuple(int(s) for s in stack.shape[1:]), scores=scores and decode is None,
                      palette=np.asarray(voc_palette(), dtype=np.uint8).ravel().tolist(), compress=str(compress))
     tasks = [(i0, min(n, i0 + k)) for i0 in range(0, n, k)]
     total = 0

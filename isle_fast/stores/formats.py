@@ -16,20 +16,27 @@ Label maps (encoding ``labels``)
     ``.npy`` arrays are accepted too. Any value outside ``[0, C)`` other than
     255 is an error.
 Score files (encoding ``scores``)
-    * ``.npy`` holding a pickled dict as written by IRN / PuzzleCAM / SEAM:
-      ``keys`` (foreground classes present, 0-based over the foreground, so key
-      ``k`` is class ``k + 1``) with ``high_res`` (or PuzzleCAM's ``hr_cam``)
-      and/or ``cam``, each ``K x H x W``; ``high_res`` is preferred when both
-      are present (as the IRN / PuzzleCAM evaluation does). SEAM-style dicts
-      mapping an int foreground index to an ``H x W`` map are read the same way.
+    * ``.npy`` dicts as the public WSSS code writes them with ``np.save``:
+      IRN (``keys`` 0-based + ``high_res`` / ``cam``), PuzzleCAM (``keys``
+      with the background first + ``hr_cam`` / ``cam``, and its random-walk
+      ``rw``), SEAM / PSA CAMs (``{class index: H x W}``) and PSA / SEAM CRF
+      outputs (``{0: background, k + 1: class k}``); see
+      :mod:`isle_fast.stores.cams` for each layout and how it is recognised.
+      They are pickles, loaded by :mod:`isle_fast.stores.safe_pickle`, which
+      builds only arrays, dicts and the like (torch tensors included) and
+      refuses anything else without running it.
     * plain ``.npy`` / ``.npz`` arrays ``C x H x W`` or ``H x W x C`` (all
       classes, background included: stored as they are), ``(C-1)`` foreground
       slices (background added from the threshold), or ``K`` slices plus a
-      ``keys`` array in an ``.npz``.
+      ``keys`` array in an ``.npz``. Headers are checked against the bytes
+      the file holds and against the ground truth's image size before any
+      data is read, so a damaged or forged header is an error, never a huge
+      allocation.
     Foreground-only inputs become a full C-class stack: the background slice is
     the constant ``bg_threshold`` and absent classes are 0, so the argmax of the
     stored stack is exactly the public evaluation code's decode (pad a constant
-    slice in front, argmax, first index wins ties).
+    slice in front, argmax, first index wins ties), in every score dtype
+    (:func:`~isle_fast.stores.stack.quantize_scores` keeps each pixel's argmax).
 RGB images (encoding ``rgb``)
     JPEG / PNG / anything PIL reads, converted to RGB (EXIF orientation is not
     applied: label maps are aligned with the stored pixel grid).
@@ -37,18 +44,22 @@ RGB images (encoding ``rgb``)
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from isle_fast.stores.stack import IGNORE_INDEX, SCORE_SCALE
+from isle_fast.stores.cams import BadCam, CamSlices, interpret, is_class_dict
+from isle_fast.stores.safe_pickle import UnsafePickle, load_npy_payload
+from isle_fast.stores.stack import IGNORE_INDEX, quantize_scores
 
 __all__ = [
     "BadInput", "LABEL_EXTS", "SCORE_EXTS", "IMAGE_EXTS", "TIFF_EXTS",
-    "voc_colormap", "label_header", "read_label", "check_labels",
+    "voc_colormap", "label_header", "read_label", "check_labels", "load_pickle_npy",
     "score_header", "read_scores", "scores_to_store", "image_header", "read_image",
 ]
 
@@ -60,10 +71,6 @@ TIFF_EXTS = (".tif", ".tiff")
 #: Values this far outside [0, 1] are float rounding (float16 CAMs), not an error; they are clipped.
 SCORE_TOLERANCE = 1e-3
 
-#: Names of the high-resolution and low-resolution CAM entries, in order of preference.
-HIGH_RES_KEYS = ("high_res", "hr_cam")
-LOW_RES_KEYS = ("cam",)
-PLAIN_KEYS = ("scores", "probs", "prob", "prediction", "pred")
 
 
 class BadInput(Exception):
@@ -130,7 +137,8 @@ def label_header(path: str) -> tuple[int, int]:
     with _open_pil(path) as im:
         w, h = im.size
         if im.mode not in ("P", "L", "I;16", "I", "RGB", "1"):
-            raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured RGB)")
+            raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured "
+                           f"RGB)")
         return int(h), int(w)
 
 
@@ -178,8 +186,9 @@ def _rgb_to_index(rgb: np.ndarray, num_classes: int) -> np.ndarray:
             lut[j] = IGNORE_INDEX
         else:
             r, c = (int(x) for x in np.argwhere(packed == col)[0])
-            raise BadInput(f"RGB colour {(int(col) >> 16, (int(col) >> 8) & 255, int(col) & 255)} at row {r}, "
-                           f"column {c} is not a VOC colour of the {num_classes} classes (nor the ignore colour)")
+            raise BadInput(f"RGB colour {(int(col) >> 16, (int(col) >> 8) & 255, int(col) & 255)} at row "
+                           f"{r}, column {c} is not a VOC colour of the {num_classes} classes (nor the "
+                           f"ignore colour)")
     return lut[inverse.reshape(packed.shape)]
 
 
@@ -211,7 +220,8 @@ def read_label(path: str, num_classes: int) -> np.ndarray:
             if im.mode == "RGB":
                 return check_labels(_rgb_to_index(np.asarray(im), num_classes), num_classes)
             if im.mode not in ("P", "L", "I;16", "I", "1"):
-                raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured RGB)")
+                raise BadInput(f"PNG mode {im.mode!r} is not a label map (palette, grayscale or VOC-coloured "
+                               f"RGB)")
             arr = np.asarray(im)
     except BadInput:
         raise
@@ -242,190 +252,229 @@ def read_image(path: str) -> np.ndarray:
     return arr
 
 
-# --------------------------------------------------------------------------- scores
-def _npy_is_pickled(path: str) -> bool:
-    with open(path, "rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                _, _, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                _, _, dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as exc:
-            raise BadInput(f"not a NumPy .npy file: {exc}") from None
-    return dtype.hasobject
+# --------------------------------------------------------------------------- .npy / .npz files
+@dataclass(frozen=True)
+class _Header:
+    """What an array's ``.npy`` header claims (checked against the bytes the file really holds)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+
+
+def _read_header(f: Any) -> tuple[_Header, int]:
+    """The header of the ``.npy`` stream ``f`` (positioned at its start) and the data offset."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=2**20)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=2**20)
+    return _Header(tuple(int(s) for s in shape), dtype, bool(fortran)), f.tell()
+
+
+def _claimed_bytes(h: _Header) -> int:
+    n = 1
+    for s in h.shape:
+        n *= s
+    return n * h.dtype.itemsize
+
+
+def _npy_header(path: str) -> _Header:
+    """Header of a ``.npy`` file; a plain array's claimed size must be the size of the data that follows."""
+    try:
+        with open(path, "rb") as f:
+            head, offset = _read_header(f)
+    except FileNotFoundError:
+        raise BadInput("file does not exist") from None
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise BadInput(f"not a NumPy .npy file: {exc}") from None
+    if not head.dtype.hasobject:
+        have = os.path.getsize(path) - offset
+        if have != _claimed_bytes(head):
+            raise BadInput(f"corrupt or truncated .npy file: its header claims shape {head.shape} of "
+                           f"{head.dtype} ({_claimed_bytes(head):,} bytes) but {have:,} bytes follow it")
+    return head
 
 
 def _load_npy_plain(path: str, mmap: bool = False) -> np.ndarray:
+    head = _npy_header(path)
+    if head.dtype.hasobject:
+        raise BadInput("holds pickled Python objects, not a plain array")
     try:
-        if _npy_is_pickled(path):
-            raise BadInput("holds pickled Python objects, not a plain array")
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError:
         raise BadInput("file does not exist") from None
-    except BadInput:
-        raise
     except (ValueError, OSError, EOFError) as exc:
         raise BadInput(f"corrupt or truncated .npy file: {exc}") from None
 
 
-PICKLE_REFUSAL = (
-    "holds a pickled Python dict (the IRN / PuzzleCAM CAM format); loading a pickle can run arbitrary "
-    "code from the file, so it is refused. If you trust where the file came from, pass --allow-pickle "
-    "(allow_pickle=True), or re-save it as .npz with arrays 'keys' and 'high_res'")
+def _refusal(exc: UnsafePickle) -> BadInput:
+    return BadInput(f"its pickle {exc}; it was refused without running anything. The CAM and label files of "
+                    f"the public WSSS code (np.save of dicts of arrays) load without --allow-pickle; pass "
+                    f"--allow-pickle (allow_pickle=True) only for a file you trust, to load it with Python's "
+                    f"full unpickler, which can run code from the file")
 
 
-def _npz_members(path: str) -> dict[str, np.ndarray]:
+def _unpickle(raw: bytes, allow_pickle: bool, full: Callable[[], Any]) -> Any:
+    """Safely unpickle a ``.npy`` payload; with ``allow_pickle``, a refused one goes to ``full()``."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise BadInput("file does not exist") from None
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise BadInput("an array in the .npz holds pickled Python objects; re-save it as plain arrays") from None
-        raise BadInput(f"corrupt .npz file: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise BadInput(f"corrupt or truncated .npz file: {exc}") from None
+        return load_npy_payload(raw)
+    except UnsafePickle as exc:
+        if not allow_pickle:
+            raise _refusal(exc) from None
+    try:
+        return full()
+    except Exception as exc:  # the full unpickler can raise anything
+        raise BadInput(f"cannot be unpickled: {type(exc).__name__}: {exc}") from None
 
 
-def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Shapes of an .npz's members from their headers (no data read)."""
-    out = {}
+def load_pickle_npy(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
+    """The object ``np.save`` pickled into a ``.npy`` (a dict for CAM and label files), loaded safely.
+
+    The file is read through :mod:`isle_fast.stores.safe_pickle`, which builds
+    only dicts, lists, tuples, NumPy arrays / dtypes / scalars and torch tensors
+    (as NumPy arrays) and refuses anything else without running it. With
+    ``allow_pickle`` a file it refuses is loaded with ``np.load(...,
+    allow_pickle=True)`` (Python's full unpickler: only for trusted files).
+    A 0-d object array (what ``np.save`` makes of a dict) is unwrapped.
+
+    Raises
+    ------
+    BadInput
+        Missing, damaged, or refused (the message says what the pickle asked for).
+    """
+    path = str(path)
+    head = _npy_header(path)
+    if not head.dtype.hasobject:
+        return _load_npy_plain(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise BadInput(f"cannot be read: {exc}") from None
+    obj = _unpickle(raw, allow_pickle, lambda: np.load(path, allow_pickle=True))
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        obj = obj.item()
+    return obj
+
+
+def _npz_index(path: str) -> dict[str, _Header]:
+    """Headers of an ``.npz``'s members, each checked against the member's real size (no data is read)."""
+    out: dict[str, _Header] = {}
     try:
         with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                if not name.endswith(".npy"):
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
                     continue
-                with zf.open(name) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, _ = np.lib.format.read_array_header_1_0(f)
-                    else:
-                        shape, _, _ = np.lib.format.read_array_header_2_0(f)
-                out[name[:-4]] = tuple(int(s) for s in shape)
+                name = info.filename[:-4]
+                # deflate cannot expand data more than about 1032:1; a directory claiming more is forged
+                if info.compress_type == zipfile.ZIP_STORED:
+                    plausible = info.file_size == info.compress_size
+                else:
+                    plausible = info.file_size <= 1100 * info.compress_size + 4096
+                if not plausible:
+                    raise BadInput(f"corrupt .npz file: member {name!r} claims {info.file_size:,} bytes "
+                                   f"stored in {info.compress_size:,}")
+                with zf.open(info) as f:
+                    head, offset = _read_header(f)
+                if not head.dtype.hasobject and _claimed_bytes(head) != info.file_size - offset:
+                    raise BadInput(f"corrupt or truncated .npz file: the header of member {name!r} claims "
+                                   f"shape {head.shape} of {head.dtype} ({_claimed_bytes(head):,} bytes) but "
+                                   f"the member holds {info.file_size - offset:,}")
+                out[name] = head
     except FileNotFoundError:
         raise BadInput("file does not exist") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except BadInput:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, SyntaxError, KeyError) as exc:
         raise BadInput(f"corrupt or truncated .npz file: {exc}") from None
+    if not out:
+        raise BadInput("an .npz file without arrays")
     return out
 
 
-def _as_array(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor pickled by IRN ("cam": strided_cam.cpu())
-        v = v.detach().cpu().numpy()
-    return np.asarray(v)
-
-
-def _load_raw(path: str, allow_pickle: bool) -> dict[str, Any]:
-    """The members of a score file: a dict of name -> array (a plain array is ``{'': arr}``)."""
-    low = path.lower()
-    if low.endswith(".npz"):
-        return _npz_members(path)
+def _npz_member(path: str, name: str, head: _Header, allow_pickle: bool) -> Any:
+    """One member of an ``.npz`` (already checked by :func:`_npz_index`); object members load safely."""
     try:
-        pickled = _npy_is_pickled(path)
-    except FileNotFoundError:
-        raise BadInput("file does not exist") from None
-    if not pickled:
-        return {"": _load_npy_plain(path)}
-    if not allow_pickle:
-        raise BadInput(PICKLE_REFUSAL)
+        with zipfile.ZipFile(path) as zf:
+            raw = zf.read(name + ".npy")
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as exc:
+        raise BadInput(f"corrupt or truncated .npz file: {exc}") from None
+    if head.dtype.hasobject:
+        def full() -> Any:
+            with np.load(path, allow_pickle=True) as z:
+                return z[name]
+        return _unpickle(raw, allow_pickle, full)
     try:
-        obj = np.load(path, allow_pickle=True)
-        if obj.shape == ():
-            obj = obj.item()
-    except Exception as exc:  # unpickling can raise anything
-        raise BadInput(f"cannot be unpickled: {type(exc).__name__}: {exc}") from None
-    if isinstance(obj, dict):
-        if obj and all(isinstance(k, (int, np.integer)) for k in obj):  # SEAM: {fg index: H x W cam}
-            keys = sorted(int(k) for k in obj)
-            return {"keys": np.asarray(keys), "high_res": np.stack([_as_array(obj[k]) for k in keys])}
-        return {str(k): v for k, v in obj.items()}
-    if isinstance(obj, np.ndarray) and obj.dtype != object:
-        return {"": obj}
-    raise BadInput(f"holds a pickled {type(obj).__name__}, not a dict of CAMs or an array")
+        return np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadInput(f"corrupt .npz member {name!r}: {exc}") from None
 
 
-def _pick(members: dict[str, Any], path: str) -> tuple[str, Any, np.ndarray | None]:
-    """Choose the score entry of a file: (name, value, keys or None)."""
-    keys = members.get("keys")
-    for name in HIGH_RES_KEYS + LOW_RES_KEYS:
-        if name in members:
-            return name, members[name], (None if keys is None else _as_array(keys).astype(np.int64).ravel())
-    if keys is not None:
-        raise BadInput(f"has 'keys' but none of {HIGH_RES_KEYS + LOW_RES_KEYS}; members: {sorted(members)}")
-    if len(members) == 1:
-        name, v = next(iter(members.items()))
-        return name, v, None
-    for name in PLAIN_KEYS + ("arr_0",):
-        if name in members:
-            return name, members[name], None
-    raise BadInput(f"has several arrays {sorted(members)} and none is named "
-                   f"{HIGH_RES_KEYS + LOW_RES_KEYS + PLAIN_KEYS}")
+class _ScoreFile:
+    """A score file's members: headers first, data on demand (so a layout or size error costs no read)."""
+
+    def __init__(self, path: str, allow_pickle: bool):
+        self.path = path
+        self.allow_pickle = allow_pickle
+        self.npz = path.lower().endswith(".npz")
+        self.members: dict[Any, Any]
+        if self.npz:
+            self.heads = _npz_index(path)
+            self.members = dict(self.heads)
+            if "keys" in self.members:  # keys are data: needed to recognise the layout
+                self.members["keys"] = _npz_member(path, "keys", self.heads["keys"], allow_pickle)
+            return
+        head = _npy_header(path)
+        if not head.dtype.hasobject:
+            self.members = {"": head}
+            return
+        obj = load_pickle_npy(path, allow_pickle)
+        if isinstance(obj, dict):
+            self.members = dict(obj)
+        elif isinstance(obj, np.ndarray) and obj.dtype != object:
+            self.members = {"": obj}
+        else:
+            raise BadInput(f"holds a pickled {type(obj).__name__}, not a dict of CAMs or an array")
+        if not is_class_dict(self.members):
+            self.members = {str(k): v for k, v in self.members.items()}
+
+    def value(self, entry: str) -> Any:
+        """The data of one entry (the whole dict for a dict keyed by class)."""
+        if is_class_dict(self.members):
+            return self.members
+        v = self.members[entry]
+        if isinstance(v, _Header):
+            v = (_npz_member(self.path, entry, v, self.allow_pickle) if self.npz
+                 else _load_npy_plain(self.path, mmap=True))
+        return v
 
 
-def _layout(shape: tuple[int, ...], num_classes: int, keys: np.ndarray | None,
-            expect: tuple[int, int] | None, name: str) -> tuple[int, str]:
-    """(channel axis, meaning) of a score array; meaning is 'full', 'fg' or 'keys'."""
-    if len(shape) == 2 and keys is not None and len(keys) == 1:
-        return -1, "keys2d"
-    if len(shape) != 3:
-        raise BadInput(f"score array {name or ''} has shape {shape}; expected C x H x W or H x W x C".replace("  ", " "))
-    nk = None if keys is None else len(keys)
-    options = []
-    for axis in (0, 2):
-        n = shape[axis]
-        spatial = tuple(s for i, s in enumerate(shape) if i != axis)
-        if expect is not None and spatial != tuple(expect):
-            continue
-        if nk is not None:
-            if n == nk:
-                options.append((axis, "keys"))
-        elif n == num_classes:
-            options.append((axis, "full"))
-        elif n == num_classes - 1:
-            options.append((axis, "fg"))
-    if not options:
-        if nk is not None:
-            raise BadInput(f"has {nk} keys but its scores have shape {shape}"
-                           + (f" (image is {expect[0]} x {expect[1]})" if expect else ""))
-        if expect is not None and not any(tuple(s for i, s in enumerate(shape) if i != a) == tuple(expect)
-                                          for a in (0, 2)):
-            raise BadInput(f"scores have shape {shape}, which does not match the image size "
-                           f"{expect[0]} x {expect[1]}")
-        raise BadInput(f"scores have shape {shape}: the class count disagrees with the {num_classes} classes "
-                       f"(expected {num_classes} slices, or {num_classes - 1} foreground slices)")
-    return options[0]
+def _interpret(sf: _ScoreFile, num_classes: int, layout: str, labels: Any,
+               expect: tuple[int, int] | None) -> CamSlices:
+    try:
+        return interpret(sf.members, num_classes, layout=layout, labels=labels, expect=expect)
+    except BadCam as exc:
+        raise BadInput(str(exc)) from None
 
 
-def score_header(path: str, num_classes: int, allow_pickle: bool,
-                 expect: tuple[int, int] | None = None) -> tuple[int, int]:
-    """``(H, W)`` of a score file, reading only headers where the format allows."""
-    low = path.lower()
-    if low.endswith(".npy") and not _npy_is_pickled_safe(path):
-        arr = _load_npy_plain(path, mmap=True)
-        shapes = {"": tuple(arr.shape)}
-    elif low.endswith(".npz"):
-        shapes = _npz_shapes(path)
+def score_header(path: str, num_classes: int, allow_pickle: bool = False,
+                 expect: tuple[int, int] | None = None, *, cam_layout: str = "auto",
+                 labels: Any = None) -> tuple[int, int]:
+    """``(H, W)`` of a score file, from headers where the format allows (plain ``.npy`` / ``.npz``)."""
+    sf = _ScoreFile(path, allow_pickle)
+    sl = _interpret(sf, num_classes, cam_layout, labels, expect)
+    if sl.low_res:
+        raise BadInput("holds only a low-resolution 'cam'; its image size is unknown without the ground "
+                       "truth (give --gt, and --upsample to resize it)")
+    if is_class_dict(sf.members):
+        shape = tuple(np.shape(sf.members[sl.take[0]]))
     else:
-        arr3 = read_scores(path, num_classes, allow_pickle=allow_pickle, expect=expect, normalize=True,
-                           bg_threshold=0.0)
-        return int(arr3.shape[0]), int(arr3.shape[1])
-    name, shape, keys = _pick(shapes, path)
-    if keys is not None:  # keys are data: read them
-        keys = _npz_members(path)["keys"].astype(np.int64).ravel()
-    axis, meaning = _layout(tuple(shape), num_classes, keys, expect, name)
-    if meaning == "keys2d":
-        return int(shape[0]), int(shape[1])
-    spatial = [s for i, s in enumerate(shape) if i != axis]
-    return int(spatial[0]), int(spatial[1])
-
-
-def _npy_is_pickled_safe(path: str) -> bool:
-    try:
-        return _npy_is_pickled(path)
-    except FileNotFoundError:
-        raise BadInput("file does not exist") from None
+        v = sf.members[sl.entry]
+        shape = tuple(int(s) for s in getattr(v, "shape", np.shape(v)))
+        if sl.axis is not None:
+            shape = tuple(s for i, s in enumerate(shape) if i != sl.axis)
+    return int(shape[0]), int(shape[1])
 
 
 def _upsample(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -442,57 +491,60 @@ def _upsample(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_threshold: float = 0.15,
                 normalize: bool = False, expect: tuple[int, int] | None = None,
-                upsample: bool = False) -> np.ndarray:
+                upsample: bool = False, cam_layout: str = "auto", labels: Any = None) -> np.ndarray:
     """Load one score file as a validated full ``(H, W, C)`` float32 stack in [0, 1].
 
     Parameters
     ----------
     path : str
-        ``.npy`` (plain array or pickled dict) or ``.npz``.
+        ``.npy`` (plain array or pickled dict, loaded safely: see
+        :func:`load_pickle_npy`) or ``.npz``.
     num_classes : int
         C, background included.
     allow_pickle : bool
-        Load pickled dicts (they can run code when loaded).
+        Load pickles the safe loader refuses with Python's full unpickler
+        (it can run code from the file).
     bg_threshold : float
-        Background score of foreground-only inputs.
+        Background score where the file has no background slice of its own.
     normalize : bool
         Max-normalise each class slice (negative values become 0, each slice
         is divided by its maximum when that is positive), as IRN does, instead
         of refusing values outside [0, 1].
     expect : (int, int), optional
-        The image size (from ground truth): decides ambiguous layouts and is
-        checked.
+        The image size (from ground truth): decides ambiguous shapes and is
+        checked before any data is read.
     upsample : bool
         Bilinearly resize a low-resolution ``cam`` (the only entry) to
         ``expect`` instead of refusing it.
+    cam_layout : {'auto', 'irn', 'puzzlecam', 'seam', 'psa-crf'}
+        The layout (:mod:`isle_fast.stores.cams`); ``auto`` recognises it.
+    labels : sequence of int, optional
+        The image's image-level labels (foreground class indices): they
+        decide ambiguous layouts and which classes a file without keys holds.
     """
-    members = _load_raw(path, allow_pickle)
-    name, value, keys = _pick(members, path)
-    arr = _as_array(value)
+    sf = _ScoreFile(path, allow_pickle)
+    sl = _interpret(sf, num_classes, cam_layout, labels, expect)
+    arr = sl.extract(sf.value(sl.entry))
     if arr.dtype.kind not in "fiub":
-        raise BadInput(f"score array {name!r} has dtype {arr.dtype}, not numbers")
-    axis, meaning = _layout(tuple(arr.shape), num_classes, keys, None if name in LOW_RES_KEYS else expect, name)
-    if meaning == "keys2d":
-        arr = arr[None]
-        axis = 0
-    if axis == 2:
-        arr = np.moveaxis(arr, 2, 0)
+        raise BadInput(f"score array {sl.entry!r} has dtype {arr.dtype}, not numbers")
     arr = np.asarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         k, r, c = (int(v) for v in np.argwhere(~np.isfinite(arr))[0])
-        raise BadInput(f"score of slice {k} at row {r}, column {c} is {arr[k, r, c]} (NaN / Inf are not scores)")
+        raise BadInput(f"score of slice {k} at row {r}, column {c} is {arr[k, r, c]} (NaN / Inf are not "
+                       f"scores)")
     if expect is not None and arr.shape[1:] != tuple(expect):
-        if name in LOW_RES_KEYS and upsample:
+        if sl.low_res and upsample:
             arr = _upsample(arr, expect)
-        elif name in LOW_RES_KEYS:
-            raise BadInput(f"holds only a low-resolution 'cam' of {arr.shape[1]} x {arr.shape[2]} but the image is "
-                           f"{expect[0]} x {expect[1]}; pass --upsample (upsample=True) to resize it bilinearly, "
-                           f"or save the full-resolution 'high_res'")
+        elif sl.low_res:
+            raise BadInput(f"holds only a low-resolution 'cam' of {arr.shape[1]} x {arr.shape[2]} but the "
+                           f"image is {expect[0]} x {expect[1]}; pass --upsample (upsample=True) to resize "
+                           f"it bilinearly, or save the full-resolution 'high_res'")
         else:
-            raise BadInput(f"scores are {arr.shape[1]} x {arr.shape[2]} but the image is {expect[0]} x {expect[1]}")
+            raise BadInput(f"scores are {arr.shape[1]} x {arr.shape[2]} but the image is {expect[0]} x "
+                           f"{expect[1]}")
     if normalize:
         arr = np.maximum(arr, 0.0)
-        peak = arr.reshape(arr.shape[0], -1).max(axis=1)
+        peak = arr.reshape(arr.shape[0], -1).max(axis=1, initial=0.0)
         peak[peak <= 0] = 1.0
         arr /= peak[:, None, None]
     else:
@@ -502,30 +554,18 @@ def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_t
                            f"(normalize=True) to max-normalise each class slice")
         np.clip(arr, 0.0, 1.0, out=arr)
     h, w = arr.shape[1:]
-    if meaning == "full":
-        full = arr
-    else:
-        if meaning == "fg":
-            keys = np.arange(num_classes - 1)
-        keys = np.asarray(keys, dtype=np.int64)
-        if len(keys) and (keys.min() < 0 or keys.max() >= num_classes - 1):
-            raise BadInput(f"keys {keys.tolist()} are outside [0, {num_classes - 1}) (0-based foreground classes: "
-                           f"key k is class k+1); the class count disagrees")
-        if len(np.unique(keys)) != len(keys):
-            raise BadInput(f"keys {keys.tolist()} repeat a class")
-        full = np.zeros((num_classes, h, w), dtype=np.float32)
+    full = np.zeros((num_classes, h, w), dtype=np.float32)
+    if not sl.own_background:
         full[0] = bg_threshold
-        full[keys + 1] = arr
+    full[list(sl.classes)] = arr
     return np.moveaxis(full, 0, 2)
 
 
 def scores_to_store(scores: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Convert [0, 1] float scores to the store's dtype (``uint8`` = ``round(255 * score)``)."""
-    if dtype == np.uint8:
-        if scores.dtype == np.uint8:
-            return scores
-        return np.rint(scores * SCORE_SCALE).astype(np.uint8)
-    return scores.astype(dtype)
+    """[0, 1] float scores in the store's dtype, each pixel's argmax kept (:func:`quantize_scores`)."""
+    if dtype == np.uint8 and scores.dtype == np.uint8:
+        return scores
+    return quantize_scores(scores, dtype)
 
 
 def stem(path: str | os.PathLike) -> str:

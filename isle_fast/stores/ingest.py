@@ -6,8 +6,9 @@ Functions
     VOC-style label-map PNGs (palette / grayscale, value = class index, 255 =
     ignore) or 2-D ``.npy`` label maps; pseudo-label sets and ground truth.
 :func:`ingest_scores`
-    CAM / score files (``.npy`` dicts of IRN / PuzzleCAM / SEAM, plain
-    ``.npy`` / ``.npz`` arrays) into a ``scores`` store.
+    CAM / score files (``.npy`` dicts of IRN / PuzzleCAM / SEAM / PSA, read
+    by a restricted unpickler; plain ``.npy`` / ``.npz`` arrays) into a
+    ``scores`` store.
 :func:`ingest_images`
     RGB JPEG / PNG images into an ``images`` store.
 :func:`ingest_tiff`
@@ -28,10 +29,10 @@ Validation and atomicity
 ------------------------
 Every problem (an id without a file, a size that differs from the ground
 truth, a value outside ``[0, C)`` other than 255, a corrupt or truncated file,
-NaN / Inf or out-of-range scores, a class count that disagrees, a pickled file
-without ``allow_pickle``) is an :class:`~isle_fast.errors.InputError` naming the
-file and the image id, and no store is written (the temporary folder is
-removed). With ``skip_bad=True`` the bad images are left out instead, and the
+NaN / Inf or out-of-range scores, a class count that disagrees, a CAM layout
+that is ambiguous, a pickle that names anything but arrays and containers) is
+an :class:`~isle_fast.errors.InputError` naming the file and the image id,
+and no store is written (the temporary folder is removed). With ``skip_bad=True`` the bad images are left out instead, and the
 list of ``(id, file, reason)`` goes into the store's provenance (``skipped``)
 and the summary.
 
@@ -58,6 +59,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -151,20 +153,49 @@ def read_ids(path: str | os.PathLike) -> list[str]:
 
 
 def resolve_classes(classes: str | os.PathLike | Sequence[str] | None) -> list[str]:
-    """Class names, background first: ``'voc'`` (the 21 VOC classes), a file (one name per line) or a list."""
+    """Class names, background first: ``'voc'`` (the 21 VOC classes), a file (one name per line) or a list.
+
+    In a file, line ``k`` names class ``k - 1``. A blank line between names is an
+    error naming the file and line (dropping it would shift every later class);
+    blank lines after the last name (a final newline) are fine. Names repeated in
+    a file or a list are an error too.
+    """
     if classes is None or (isinstance(classes, str) and classes.lower() == "voc"):
         return list(VOC_CLASSES)
     if isinstance(classes, (str, os.PathLike)):
         p = Path(classes)
         if not p.is_file():
             raise InputError(f"classes file {p} does not exist (give a file with one class name per line, or 'voc')")
-        names = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"classes file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") \
+                from None
+        while lines and not lines[-1].strip():
+            lines.pop()
+        names: list[str] = []
+        where: dict[str, int] = {}
+        for k, line in enumerate(lines, 1):
+            name = line.strip()
+            if not name:
+                raise InputError(f"classes file {p}, line {k}: blank line; line k names class k - 1, so a "
+                                 "blank line would shift every later class (delete it, or name the class)")
+            if name in where:
+                raise InputError(f"classes file {p}, line {k}: class {name!r} is already named on line "
+                                 f"{where[name]}")
+            where[name] = k
+            names.append(name)
         if not names:
             raise InputError(f"classes file {p} holds no class names")
         return names
     names = [str(c) for c in classes]
     if not names:
         raise InputError("classes is empty")
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InputError(f"class {name!r} appears twice in classes (position {i})")
+        seen.add(name)
     return names
 
 
@@ -243,10 +274,17 @@ def _find(folder: Path, image_id: str, exts: Sequence[str]) -> str | None:
     return None
 
 
-def _check_out(out: Any, overwrite: bool) -> None:
-    """Fail before any work when the output exists and may not be replaced."""
-    if not overwrite and not is_remote(out) and Path(str(out)).exists():
-        raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
+def _check_out(out: Any, overwrite: bool, *inputs: Any) -> None:
+    """Fail before any work when the output may not be written (:func:`isle_fast.outputs.check_output`).
+
+    ``inputs``: the sources, ground truth, id and class files of the run (an output never
+    replaces or enters one); strings that name no file (``'voc'``) are not inputs.
+    """
+    from isle_fast.outputs import check_output
+
+    files = [x for x in inputs if isinstance(x, Stack)
+             or (isinstance(x, (str, os.PathLike)) and (is_remote(x) or os.path.exists(x)))]
+    check_output(out, overwrite=overwrite, inputs=files)
 
 
 def _default_workers(workers: int | None) -> int:
@@ -288,6 +326,8 @@ class _Plan:
     quiet: bool = False
     what: str = "images"
     in_memory: bool = False  # items are arrays of this process: threads, not worker processes
+    #: called with the writer and the ids written, just before commit (extra arrays such as image labels)
+    finish: Callable[[Any, list[str]], None] | None = None
 
 
 def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> InputError:
@@ -298,7 +338,18 @@ def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> Inpu
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator[Any]:
-    """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order."""
+    """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order.
+
+    Use it as ``with closing(_ordered(...)) as results:`` so that a consumer that stops early
+    (a bad file) ends it at once, while ``pool`` still runs: its ``finally`` cancels the queued
+    tasks and waits for the running ones, so nothing still running may write after that.
+
+    Only the tasks whose :meth:`~concurrent.futures.Future.cancel` fails (running or done) are
+    waited for. A queued task that was cancelled never runs, and ``wait`` would never return for
+    it once ``pool.shutdown(cancel_futures=True)`` has removed it from the queue: its future stays
+    ``CANCELLED`` and only a worker picking it up marks it "notified", which ``wait`` waits for.
+    Waiting on all of them was the hang of ``isle ingest`` after a bad file (issue 18).
+    """
     pending: deque[Future] = deque()
     it = iter(items)
     try:
@@ -309,9 +360,7 @@ def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: in
         while pending:
             yield pending.popleft().result()
     finally:
-        for f in pending:
-            f.cancel()
-        wait(pending)  # nothing still running may write after we return
+        wait([f for f in pending if not f.cancel()])  # nothing still running may write after we return
 
 
 def _result(fn: Callable, *args) -> tuple[Any, str | None]:
@@ -329,7 +378,7 @@ def _run(plan: _Plan) -> Stack:
     t0 = time.perf_counter()
     if plan.kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
-    _check_out(plan.out, plan.overwrite)
+    # the output was checked (check_output, with the inputs) by the public function before any work
     workers = parallel.default_workers() if plan.workers is None else _default_workers(plan.workers)
     ref = plan.reference
     bad: list[tuple[str, str, str]] = list(plan.prebad)
@@ -421,11 +470,12 @@ def _write(plan: _Plan, items: list[_Item], shapes: dict[str, tuple[int, int]],
             chunkio.write_spec(arr), skip_bad=plan.skip_bad, failure=failure, workers=workers,
             in_memory=plan.in_memory, desc=f"ingest {plan.encoding}", quiet=plan.quiet)
         late_bad = [(items[p].id, items[p].source, reason) for p, reason in late]
-        if len(late) == len(items):
+        lost = {p for p, _ in late}
+        kept_ids = [i for p, i in enumerate(ids) if p not in lost]
+        if not kept_ids:
             raise InputError(f"nothing to ingest into {plan.out}: every image is bad; first: "
                              f"{_bad_error(bad + late_bad, False)}")
         if late_bad:  # compact: the store holds only the images that were written
-            lost = {p for p, _ in late}
             keep = [p for p in range(len(items)) if p not in lost]
             parallel.compact(arr, keep, int(arr.chunks[0]))
             n = len(keep)
@@ -437,6 +487,8 @@ def _write(plan: _Plan, items: list[_Item], shapes: dict[str, tuple[int, int]],
         all_bad = bad + late_bad
         if all_bad:
             writer.set_provenance(skipped=[{"id": i, "file": f, "reason": r} for i, f, r in all_bad])
+        if plan.finish is not None:
+            plan.finish(writer, kept_ids)
         stack = writer.commit()
     return stack, late_bad, pixels
 
@@ -494,6 +546,22 @@ def _common_prov(src: Any, ids_file: str | None, gt: Any, **params: Any) -> dict
     return prov
 
 
+def _image_labels(src: Any, items: list[_Item], names: list[str], quiet: bool, out: Any):
+    """Image labels for the items (checked now, so a missing id fails before any work) and the finish hook."""
+    if src is None:
+        return None, None
+    from isle_fast.stores.image_labels import attach_image_labels, check_not_output, read_image_labels
+
+    check_not_output(src, out)
+    labels = read_image_labels(src, names, quiet=quiet)
+    labels.aligned([it.id for it in items], "the images to ingest")
+
+    def finish(writer: Any, ids: list[str]) -> None:
+        attach_image_labels(writer, labels.aligned(ids), labels.source)
+
+    return labels, finish
+
+
 # =========================================================================== public API
 def ingest_labels(
     src: str | os.PathLike,
@@ -510,6 +578,7 @@ def ingest_labels(
     overwrite: bool = False,
     quiet: bool = False,
     provenance: dict | None = None,
+    image_labels: Any = None,
 ) -> Stack:
     """Ingest a folder of label maps (a pseudo-label set or the ground truth) into a ``labels`` store.
 
@@ -546,6 +615,11 @@ def ingest_labels(
     provenance : dict, optional
         Extra JSON-ready entries for the store's provenance (``isle run``
         records its input fingerprint there).
+    image_labels : path, optional
+        Image-level labels to store with the stack (``cls_labels.npy``, a VOC
+        XML folder, a CSV / JSON or a store; see
+        :mod:`isle_fast.stores.image_labels`); every image needs labels. Read
+        back as :attr:`Stack.image_labels`.
 
     Returns
     -------
@@ -559,17 +633,20 @@ def ingest_labels(
     """
     if kind == "images":
         raise InputError("kind 'images' takes RGB images: use ingest_images (isle ingest images)")
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
     items, missing, ids_file = _select(src, LABEL_EXTS, ids, ref, "label")
     c = len(names)
+    _, finish = _image_labels(image_labels, items, names, quiet, out)
     plan = _Plan(
         kind=kind, encoding="labels", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: label_header(it.ref), read=lambda it, hw: read_label(it.ref, c),
         reference=ref, name=name, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite,
         quiet=quiet, provenance={**_common_prov(src, ids_file, gt, format="labels", skip_bad=skip_bad),
                                  **(provenance or {})},
+        finish=finish,
     )
     return _run(plan)
 
@@ -594,6 +671,8 @@ def ingest_scores(
     overwrite: bool = False,
     quiet: bool = False,
     provenance: dict | None = None,
+    cam_layout: str = "auto",
+    image_labels: Any = None,
 ) -> Stack:
     """Ingest CAM / score files into a ``scores`` store (``(I, H, W, C)``).
 
@@ -610,17 +689,36 @@ def ingest_scores(
         own background slice.
     score_dtype : {'uint8', 'float16', 'float32'}
         ``uint8`` stores ``round(255 * score)`` (decode with
-        ``Stack.score_scale``); a float type keeps the scores.
+        ``Stack.score_scale``); a float type keeps the scores (``float16``
+        rounded). Every type keeps each pixel's argmax
+        (:func:`isle_fast.stores.stack.quantize_scores`), so the stored stack
+        decodes exactly like the public evaluation of the files (threshold
+        slice in front, argmax, ties to the lower class); only ``float32``
+        also re-thresholds exactly at another ``--bg-threshold`` later.
     normalize : bool
         Max-normalise each class slice (ReLU, then divide by the slice's
         maximum) instead of refusing scores outside [0, 1]. Without it values
         within 1e-3 of [0, 1] are clipped and anything further out is an error.
     allow_pickle : bool
-        Read pickled ``.npy`` dicts (IRN / PuzzleCAM output). Unpickling runs
-        code from the file, so it is refused unless you trust the files.
+        The CAM dicts of IRN / PuzzleCAM / SEAM / PSA are pickles, read
+        without this by a restricted unpickler that builds only arrays and
+        containers (:mod:`isle_fast.stores.safe_pickle`). A pickle it refuses
+        (one naming anything else) is loaded with Python's full unpickler
+        only with ``allow_pickle``: that can run code from the file, so only
+        for files you trust.
     upsample : bool
         A file with only a low-resolution ``cam`` is bilinearly resized to the
         ground-truth size (requires ``gt``) instead of refused.
+    cam_layout : {'auto', 'irn', 'puzzlecam', 'seam', 'psa-crf'}
+        The CAM layout (:mod:`isle_fast.stores.cams`): ``auto`` recognises it
+        from each file and refuses a file it cannot tell apart (naming the
+        layouts); a name forces it for every file.
+    image_labels : path, optional
+        Image-level labels (see :func:`ingest_labels`): decide per image where
+        a file's layout is ambiguous, give the classes of files without keys
+        (``L`` slices for the image's ``L`` labelled classes; of a ``C - 1`` /
+        ``C`` slice array only the labelled classes keep their scores, as the
+        public code makes CAMs only for them), and are stored with the stack.
 
     Other parameters are those of :func:`ingest_labels`.
 
@@ -634,6 +732,7 @@ def ingest_scores(
         raise InputError(f"score_dtype must be uint8, float16 or float32, not {score_dtype!r}")
     if upsample and gt is None:
         raise InputError("upsample needs the image sizes: give the ground truth (--gt)")
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -641,21 +740,34 @@ def ingest_scores(
     c = len(names)
     if c < 2:
         raise InputError("scores need at least 2 classes (background and one foreground class)")
+    from isle_fast.stores.cams import LAYOUT_CHOICES
+
+    if cam_layout not in LAYOUT_CHOICES:
+        raise InputError(f"cam_layout must be one of {', '.join(LAYOUT_CHOICES)}, not {cam_layout!r}")
     dt = np.dtype(score_dtype)
+    labels, finish = _image_labels(image_labels, items, names, quiet, out)
+
+    def present(it: _Item):
+        return None if labels is None else labels.present(it.id)
 
     def read(it: _Item, hw):
         s = read_scores(it.ref, c, allow_pickle=allow_pickle, bg_threshold=bg_threshold, normalize=normalize,
-                        expect=hw if ref is not None else None, upsample=upsample)
+                        expect=hw if ref is not None else None, upsample=upsample, cam_layout=cam_layout,
+                        labels=present(it))
         return scores_to_store(s, dt)
 
     plan = _Plan(
         kind=kind, encoding="scores", classes=names, items=items, out=str(out), prebad=missing,
-        header=lambda it: score_header(it.ref, c, allow_pickle), read=read, reference=ref, name=name,
+        header=lambda it: score_header(it.ref, c, allow_pickle, cam_layout=cam_layout, labels=present(it)),
+        read=read, reference=ref, name=name,
         score_dtype=score_dtype, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite,
         quiet=quiet,
         provenance={**_common_prov(src, ids_file, gt, format="scores", bg_threshold=bg_threshold,
                                    score_dtype=score_dtype, normalize=normalize, allow_pickle=allow_pickle,
-                                   upsample=upsample, skip_bad=skip_bad), **(provenance or {})},
+                                   upsample=upsample, skip_bad=skip_bad, cam_layout=cam_layout,
+                                   image_labels=None if labels is None else labels.source),
+                    **(provenance or {})},
+        finish=finish,
     )
     stack = _run(plan)
     return stack
@@ -682,6 +794,7 @@ def ingest_images(
     sizes are checked and the store aligns with the ground truth. Other
     parameters are those of :func:`ingest_labels`.
     """
+    _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)
     names = _check_classes(classes, ref)
@@ -777,6 +890,7 @@ def ingest_arrays(
     Other parameters are those of :func:`ingest_scores`. ``quiet`` defaults
     to True here (library use).
     """
+    _check_out(out, overwrite)
     if isinstance(arrays, np.ndarray):
         if arrays.ndim < 3:
             raise InputError(f"a batch of images needs shape (I, H, W[, C]), not {arrays.shape}")
@@ -844,6 +958,7 @@ def ingest_dask(
     """
     import dask.array as da
 
+    _check_out(out, overwrite)
     if not isinstance(array, da.Array):
         array = da.asarray(array)
     if array.ndim < 3:
@@ -970,6 +1085,7 @@ def ingest_tiff(
     import tifffile
     import zarr
 
+    _check_out(out, overwrite, *([src] if isinstance(src, (str, os.PathLike)) else src), gt, ids, classes)
     w = _default_workers(workers)
     if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
         ref0 = _reference(gt, _id_list(ids), w)
@@ -1061,8 +1177,9 @@ def ingest_tiff(
                         regions = [(r, q) for r in range(0, h_pad, th) for q in range(0, w_pad, tw)]
                         err = None
                         try:
-                            for _ in _ordered(pool, tile, regions, 2 * w):
-                                pass
+                            with closing(_ordered(pool, tile, regions, 2 * w)) as tiles:
+                                for _ in tiles:
+                                    pass
                         except BadInput as exc:
                             err = str(exc)
                     else:  # several images per chunk: assemble the image from tile-sized reads

@@ -1,4 +1,4 @@
-"""Stack stores: the data model of DESIGN.md on Zarr v3.
+"""Stack stores: the data model (README.md, "Data model") on Zarr v3.
 
 A *stack* is the paper's ``ps_i in R^{H x W x C}`` for every image ``i`` of a
 data set. It lives in one Zarr v3 group:
@@ -19,6 +19,12 @@ rgb      (I, H, W, 3) uint8     kind ``images``
 Padding is ``ignore_index`` (255) in ``labels`` and 0 in ``scores`` / ``rgb``;
 ``shapes`` says where the data ends, so padding never counts as data.
 
+A store holds every chunk of every array, each ending in a crc32c checksum, and
+records every chunk's checksum at commit (:mod:`isle_fast.stores.chunks`): a
+missing, damaged or misplaced chunk is an error naming it on every read path,
+never the fill value. :func:`open_stack` checks the metadata, the ids (unique)
+and the shapes against the arrays before anything is read.
+
 Both encodings are views of one logical H x W x C stack
 (:meth:`Stack.as_dask`), but a hard set is never inflated to C bytes per pixel
 on disk or on the hot path: kernels read the label map directly.
@@ -34,15 +40,31 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from isle_fast.errors import AlignmentError, InputError, StoreError
+from isle_fast.errors import AlignmentError, InputError, IsleError, StoreError
+from isle_fast.stores.chunks import (
+    ChunkNames,
+    ChunkSpec,
+    DefaultKeys,
+    checksum_codec,
+    dask_chunks,
+    doc_codecs,
+    fast_chunk_spec,
+    names_for,
+    read_chunk,
+    read_manifest,
+    record_manifests,
+    row_ids,
+    verify_crc,
+    verify_tail,
+    zstd_content_size,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,6 +72,8 @@ __all__ = [
     "KINDS",
     "ENCODINGS",
     "VOC_CLASSES",
+    "SCORE_SCALE",
+    "quantize_scores",
     "Stack",
     "StackWriter",
     "create_stack",
@@ -81,8 +105,65 @@ TARGET_CHUNK_BYTES = 8 * 2**20
 #: slides): tiles are multiples of this.
 TILE_QUANTUM = 256
 
-# ``uint8`` scores hold round(score * SCORE_SCALE); a score of 1.0 is 255.
+# ``uint8`` scores hold round(score * SCORE_SCALE); a score of 1.0 is 255 (see quantize_scores).
 SCORE_SCALE = 255.0
+
+#: Zarr array config of every writer: write a chunk even when it is all fill value
+#: (a store holds every chunk).
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+SCORE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
+
+
+def quantize_scores(scores: np.ndarray, dtype: Any = np.uint8) -> np.ndarray:
+    """[0, 1] scores ``(..., C)`` in a store's score dtype, with every pixel's argmax kept exactly.
+
+    ``uint8`` holds ``round(255 * score)``; ``float16`` / ``float32`` the
+    nearest value. Rounding alone would turn two classes closer than one step
+    (1/255 in ``uint8``) into a tie that the argmax gives to the lower class:
+    on IRN-style CAMs 0.49 % of the pixels then decoded differently from the
+    float files. So where a pixel's argmax changed, its winning class is raised
+    by one step (or, when it is already at the top value, 255 / 1.0, the lower
+    classes tied with it are lowered by one step): for every pixel
+    ``np.argmax(quantize_scores(s), -1) == np.argmax(s, -1)``, first index
+    winning ties as in ``np.argmax``. No value moves by more than 1.5 steps
+    (0.5 steps where nothing is fixed).
+
+    With CAMs whose background slice is the constant threshold (CAM ingest),
+    this is the public evaluation's decode (pad the threshold in front, argmax)
+    of the float scores, exactly; re-thresholding at another value
+    (``evaluate --bg-threshold``) compares the stored values, whose precision
+    is one step (use ``float32`` storage to re-threshold exactly).
+
+    Parameters
+    ----------
+    scores : (..., C) float array
+        Finite scores; values outside [0, 1] are clipped first.
+    dtype : {'uint8', 'float16', 'float32'}
+
+    Returns
+    -------
+    ndarray of ``dtype``, same shape (a new array; ``scores`` is not modified).
+    """
+    dt = np.dtype(dtype)
+    if dt not in SCORE_DTYPES:
+        raise InputError(f"score dtype must be uint8, float16 or float32, not {dtype!r}")
+    s = np.asarray(scores)
+    if s.dtype.kind != "f" or s.dtype.itemsize < 4:
+        s = s.astype(np.float32)
+    if s.ndim < 1 or s.shape[-1] < 1:
+        raise InputError(f"scores need a class axis, got shape {s.shape}")
+    c = s.shape[-1]
+    from isle_fast.kernels.store_cpu import keep_argmax_float, quantize_u8
+
+    flat = s.reshape(-1, c)
+    if dt == np.uint8:  # one compiled pass (NumPy reference: tests/reference.py)
+        return quantize_u8(flat)[0].reshape(s.shape)
+    q = np.clip(flat, 0.0, 1.0).astype(dt, order="C")
+    if dt != s.dtype:  # float16, or float32 from float64: the cast rounds
+        keep_argmax_float(flat, q)
+    return q.reshape(s.shape)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -91,16 +172,24 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def kind_phrase(kind: str) -> str:
+    """``"a 'pseudo' store"`` / ``"an 'images' store"``, for messages."""
+    return f"{'an' if str(kind)[:1] in 'aeiou' else 'a'} {kind!r} store"
+
+
 def _local(path: str | os.PathLike) -> Path:
     s = str(path)
     return Path(s[len("file://"):] if s.startswith("file://") else s)
 
 
-def default_compressors(encoding: str | None = None) -> tuple:
-    """Compressor chain used for an array unless the caller gives one: Zarr v3 ``zstd``.
+def default_compressors(encoding: str | None = None, *, checksum: bool = True) -> tuple:
+    """Compressor chain used for an array unless the caller gives one: Zarr v3 ``zstd``, then ``crc32c``.
 
     ``labels`` and ``rgb`` (and ``None``): Zstandard level 3. ``scores``:
-    Zstandard level 1. Chosen by ``python -m benchmarks.compression`` (results
+    Zstandard level 1. Every chain ends with the ``crc32c`` codec (a 4-byte
+    checksum per chunk, verified on every read; ``checksum=False`` leaves it
+    out, for benchmarks). What it costs on the read path: ``python -m
+    benchmarks.compression`` (``checksum_cost``). Chosen by ``python -m benchmarks.compression`` (results
     in ``benchmarks/results/compression.json``) on VOC-sized synthetic label
     maps (132 images of up to 500 x 500 in 33-image chunks, ground-truth-like
     with the 255 void band and pseudo-label-like) and CAM-like score stacks
@@ -129,9 +218,8 @@ def default_compressors(encoding: str | None = None) -> tuple:
     """
     from zarr.codecs import ZstdCodec
 
-    if encoding == "scores":
-        return (ZstdCodec(level=1),)
-    return (ZstdCodec(level=3),)
+    zstd = ZstdCodec(level=1 if encoding == "scores" else 3)
+    return (zstd, checksum_codec()) if checksum else (zstd,)
 
 
 def default_chunks(
@@ -215,6 +303,8 @@ def _check_attrs(path: str, attrs: dict) -> None:
         raise bad("classes", "a non-empty list of class names")
     if len(classes) > 255:
         raise bad("classes", "at most 255 names (255 is the ignore value)")
+    if len(set(classes)) != len(classes):
+        raise bad("classes", "class names that are all different")
     ignore = attrs.get("ignore_index", IGNORE_INDEX)
     if isinstance(ignore, bool) or ignore != IGNORE_INDEX:
         raise bad("ignore_index", str(IGNORE_INDEX))
@@ -242,15 +332,16 @@ class ArrayMeta:
 
     @classmethod
     def from_doc(cls, doc: Any) -> "ArrayMeta | None":
-        """From a ``zarr.json`` document of a numeric array; None for anything unexpected."""
+        """From a ``zarr.json`` document of a numeric or string array; None for anything unexpected."""
         try:
             if doc.get("node_type") != "array" or doc.get("zarr_format") != 3:
                 return None
             shape = tuple(int(v) for v in doc["shape"])
             chunks = tuple(int(v) for v in doc["chunk_grid"]["configuration"]["chunk_shape"])
             dt = doc["data_type"]
-            dtype = np.dtype(str(dt["name"] if isinstance(dt, dict) else dt))
-            if len(chunks) != len(shape) or dtype.kind not in "uif":
+            name = str(dt["name"] if isinstance(dt, dict) else dt)
+            dtype = np.dtype(object) if name == "string" else np.dtype(name)
+            if len(chunks) != len(shape) or any(c < 1 for c in chunks) or dtype.kind not in "uifO":
                 return None
             return cls(shape, chunks, dtype, doc)
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -262,9 +353,12 @@ class _LightStore:
     """What :class:`Stack` needs, read from a local store without Zarr (see :func:`_open_light`)."""
 
     attrs: dict
-    ids: list[str]
+    ids: np.ndarray
     shapes: np.ndarray
     meta: ArrayMeta
+    names: ChunkNames               # the main array's chunk names (its manifest checked)
+    spec: ChunkSpec                 # the direct reader of the main array
+    array_names: list[str]
 
 
 def _read_doc(path: Path) -> dict | None:
@@ -277,75 +371,185 @@ def _read_doc(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _small_array(folder: Path, doc: dict | None) -> np.ndarray | None:
-    """A one-chunk array (``ids``, ``shapes``) decoded without Zarr; None for any other layout.
+def _light_names(store: str, name: str, meta: ArrayMeta) -> ChunkNames:
+    """:class:`ChunkNames` of an array from its document, the manifest checked as on Zarr's path."""
+    from types import SimpleNamespace
 
-    Codecs ``bytes`` or ``vlen-utf8``, then at most ``zstd``: the layout
-    :func:`create_stack` writes. Anything else is left to Zarr.
+    key = meta.doc.get("chunk_key_encoding") or {}
+    names = ChunkNames(store=store, array=name, shape=meta.shape, chunks=meta.chunks,
+                       key_encoding=DefaultKeys((key.get("configuration") or {}).get("separator", "/")))
+    attrs = SimpleNamespace(attrs=meta.doc.get("attributes") or {})
+    return replace(names, crc=read_manifest(store, name, attrs, names.grid))
+
+
+def _small_array(folder: Path, meta: ArrayMeta, names: ChunkNames) -> np.ndarray | None:
+    """A one-chunk array (``ids``, ``shapes``) read, checked and decoded without Zarr; None otherwise.
+
+    Codecs ``bytes`` or ``vlen-utf8``, then at most ``zstd``, then ``crc32c``: the layout
+    :func:`create_stack` writes. The chunk must be present and pass its crc32c and the
+    manifest's; anything else (another layout, a missing or damaged chunk) is left to Zarr's
+    path, which names the problem.
     """
+    doc = meta.doc
+    key = doc.get("chunk_key_encoding") or {}
+    if key.get("name") != "default" or any(s > c for s, c in zip(meta.shape, meta.chunks)):
+        return None
+    codecs = [dict(c) for c in doc.get("codecs") or []]
+    names_ = [c.get("name") for c in codecs]
+    checksum = names_[-1:] == ["crc32c"]
+    body_names = names_[:-1] if checksum else names_
+    if body_names not in (["bytes"], ["bytes", "zstd"], ["vlen-utf8"], ["vlen-utf8", "zstd"]):
+        return None
+    if "zstd" in body_names and (codecs[1].get("configuration") or {}).get("checksum", False):
+        return None
+    if 0 in meta.shape:
+        return np.empty(meta.shape, dtype=object if body_names[0] == "vlen-utf8" else meta.dtype)
+    coords = (0,) * len(meta.shape)
     try:
-        if doc is None or doc.get("node_type") != "array" or doc.get("zarr_format") != 3:
-            return None
-        shape = tuple(int(v) for v in doc["shape"])
-        chunk = tuple(int(v) for v in doc["chunk_grid"]["configuration"]["chunk_shape"])
-        key = doc.get("chunk_key_encoding") or {}
-        if (key.get("name") != "default" or len(shape) != len(chunk)
-                or any(s > c for s, c in zip(shape, chunk))):
-            return None
-        codecs = [dict(c) for c in doc.get("codecs") or []]
-        names = [c.get("name") for c in codecs]
-        if names not in (["bytes"], ["bytes", "zstd"], ["vlen-utf8"], ["vlen-utf8", "zstd"]):
-            return None
-        if "zstd" in names and (codecs[1].get("configuration") or {}).get("checksum", False):
-            return None
-        if 0 in shape:
-            return np.empty(shape, dtype=object if names[0] == "vlen-utf8" else meta_dtype_str(doc))
-        sep = (key.get("configuration") or {}).get("separator", "/")
-        raw = (folder / sep.join(("c",) + ("0",) * len(shape)).replace("/", os.sep)).read_bytes()
-        if "zstd" in names:
+        raw = (folder / names.key(coords).replace("/", os.sep)).read_bytes()
+        verify_tail(names, coords, raw)
+        body = verify_crc(names, coords, raw) if checksum else np.frombuffer(raw, dtype=np.uint8)
+        if "zstd" in body_names:
             from numcodecs import Zstd
 
-            raw = Zstd().decode(raw)
-        if names[0] == "vlen-utf8":
+            body = Zstd().decode(body)
+        if body_names[0] == "vlen-utf8":
             from numcodecs import VLenUTF8
 
-            values = np.asarray(VLenUTF8().decode(raw), dtype=object)
+            values = np.asarray(VLenUTF8().decode(body), dtype=object)
         else:
             if (codecs[0].get("configuration") or {}).get("endian", "little") != "little":
                 return None
-            values = np.frombuffer(raw, dtype=np.dtype(meta_dtype_str(doc)))
-        values = values.reshape(chunk)
-        return values[tuple(slice(0, s) for s in shape)]
-    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+            values = np.frombuffer(body, dtype=meta.dtype.newbyteorder("<"))
+        values = values.reshape(meta.chunks)
+    except (IsleError, OSError, KeyError, TypeError, ValueError, AttributeError, RuntimeError):
         return None
+    return values[tuple(slice(0, s) for s in meta.shape)]
 
 
-def meta_dtype_str(doc: dict) -> str:
-    """The little-endian NumPy dtype string of a numeric ``zarr.json`` document."""
-    dt = doc["data_type"]
-    return np.dtype(str(dt["name"] if isinstance(dt, dict) else dt)).newbyteorder("<").str
-
-
-def _open_light(folder: Path, encoding: str, attrs: dict) -> _LightStore | None:
+def _open_light(folder: Path, spath: str, encoding: str, attrs: dict) -> _LightStore | None:
     """The members of a local store read straight from their files, or None when Zarr should read them.
 
-    Opening a store this way needs no Zarr import (0.15-0.25 s) and no
-    asyncio round trips: the three ``zarr.json`` documents and the one-chunk
-    ``ids`` and ``shapes`` arrays are plain JSON and Zstd. Anything unusual
-    (another layout, a missing or damaged member) returns None and the store
-    is opened through Zarr, which reports the problem as before.
+    Opening a store this way needs no Zarr import (0.15-0.25 s) and no asyncio round
+    trips: the ``zarr.json`` documents and the one-chunk ``ids`` and ``shapes`` arrays are
+    plain JSON and Zstd, their chunks checked against their crc32c and the store's manifest.
+    Anything unusual (another layout, a missing or damaged member or chunk, metadata
+    Zarr might read otherwise) returns None and the store is opened through Zarr, which
+    reports the problem with the same message as always. The checks of ids, shapes and
+    the main array (:class:`Stack`) run the same on both paths.
     """
-    meta = ArrayMeta.from_doc(_read_doc(folder / encoding / "zarr.json"))
-    if meta is None:
+    try:
+        metas: dict[str, ArrayMeta] = {}
+        array_names = ["ids", "shapes", encoding]
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if not entry.is_dir() or not os.path.exists(os.path.join(entry.path, "zarr.json")):
+                continue
+            doc = _read_doc(Path(entry.path) / "zarr.json")
+            if doc is None or doc.get("zarr_format") != 3:
+                return None
+            if doc.get("node_type") == "array":
+                meta = ArrayMeta.from_doc(doc)
+                if meta is None:
+                    return None
+                metas[entry.name] = meta
+                if entry.name not in array_names:
+                    array_names.append(entry.name)
+        if any(n not in metas for n in ("ids", "shapes", encoding)):
+            return None
+        main = metas[encoding]
+        codecs = doc_codecs(main.doc)
+        if codecs is None or main.dtype.kind == "O":
+            return None
+        small = []
+        for name in ("ids", "shapes"):
+            values = _small_array(folder / name, metas[name], _light_names(spath, name, metas[name]))
+            if values is None:
+                return None
+            small.append(values)
+        ids, shapes = small
+        names = _light_names(spath, encoding, main)
+        if len(main.shape) >= 1 and ids.ndim == 1 and main.shape[0] == len(ids):
+            names = replace(names, row_ids=row_ids([str(v) for v in ids.tolist()], main.chunks[0]))
+        spec = ChunkSpec(folder=str(folder / encoding), chunk_shape=main.chunks, dtype=main.dtype.str,
+                         compressed=codecs[0], checksum=codecs[1], names=names)
+    except (IsleError, OSError):
         return None
-    ids = _small_array(folder / "ids", _read_doc(folder / "ids" / "zarr.json"))
-    shapes = _small_array(folder / "shapes", _read_doc(folder / "shapes" / "zarr.json"))
-    if ids is None or shapes is None or ids.ndim != 1 or shapes.ndim != 2 or shapes.shape[1] != 2:
-        return None
-    if not all(isinstance(v, str) for v in ids):
-        return None
-    return _LightStore(attrs=attrs, ids=[str(v) for v in ids], shapes=np.asarray(shapes, dtype=np.int64),
-                       meta=meta)
+    return _LightStore(attrs=attrs, ids=ids, shapes=shapes, meta=main, names=names, spec=spec,
+                       array_names=array_names)
+
+
+#: dtypes each encoding's array may hold
+_DTYPES: dict[str, tuple[np.dtype, ...]] = {
+    "labels": (np.dtype(np.uint8),),
+    "scores": (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32)),
+    "rgb": (np.dtype(np.uint8),),
+}
+
+
+def _read_ids(path: str, arr: Any) -> list[str]:
+    """The ``ids`` array (a CheckedArray, or its values), checked: one string per image, no id twice."""
+    dt = np.dtype(arr.dtype)
+    if arr.ndim != 1 or dt.kind not in "OUT":
+        raise StoreError(f"{path}: array 'ids' is {dt} of shape {tuple(arr.shape)}; "
+                         "expected one string per image")
+    ids = [str(s) for s in np.asarray(arr[...]).tolist()]
+    if len(set(ids)) != len(ids):
+        first: dict[str, int] = {}
+        for i, s in enumerate(ids):
+            if s in first:
+                raise StoreError(f"{path}: image id {s!r} appears twice in 'ids' (positions {first[s]} "
+                                 f"and {i}); ids must be unique")
+            first[s] = i
+    return ids
+
+
+def _read_shapes(path: str, arr: Any, ids: list[str]) -> np.ndarray:
+    """The ``shapes`` array (a CheckedArray, or its values), checked: one (height, width) >= 1 per id."""
+    dt = np.dtype(arr.dtype)
+    if arr.ndim != 2 or arr.shape[1] != 2 or dt.kind not in "iu":
+        raise StoreError(f"{path}: array 'shapes' is {dt} of shape {tuple(arr.shape)}; "
+                         "expected (images, 2) integers")
+    if arr.shape[0] != len(ids):
+        raise StoreError(f"{path}: 'shapes' has {arr.shape[0]} rows but 'ids' has {len(ids)} images")
+    shapes = np.asarray(arr[...], dtype=np.int64).reshape(-1, 2)
+    bad = np.nonzero((shapes < 1).any(axis=1))[0]
+    if len(bad):
+        i = int(bad[0])
+        hw = tuple(int(v) for v in shapes[i])
+        raise StoreError(f"{path}: image {ids[i]!r} has shape {hw} in 'shapes'; "
+                         "heights and widths must be at least 1")
+    return shapes
+
+
+def _check_main_array(stack: "Stack") -> None:
+    """The main array agrees with its encoding, the ids, the shapes and the classes.
+
+    Uses ``Stack.shape`` / ``Stack.dtype`` (the array's metadata), so it runs the same
+    whether the store was opened through Zarr or from its documents.
+    """
+    shape, enc, path = stack.shape, stack.encoding, stack.path
+    dt = np.dtype(stack.dtype)
+    ndim = 3 if enc == "labels" else 4
+    if len(shape) != ndim:
+        raise StoreError(f"{path}: array {enc!r} has shape {tuple(shape)}; a {enc} array has {ndim} axes")
+    if dt not in _DTYPES[enc]:
+        raise StoreError(f"{path}: array {enc!r} has dtype {dt}; a {enc} store holds "
+                         f"{' or '.join(str(d) for d in _DTYPES[enc])}")
+    n = len(stack.ids)
+    if shape[0] != n:
+        raise StoreError(f"{path}: array {enc!r} holds {shape[0]} images but 'ids' has {n}")
+    h_pad, w_pad = (int(v) for v in shape[1:3])
+    over = np.nonzero((stack.shapes[:, 0] > h_pad) | (stack.shapes[:, 1] > w_pad))[0]
+    if len(over):
+        i = int(over[0])
+        h, w = (int(v) for v in stack.shapes[i])
+        raise StoreError(f"{path}: image {stack.ids[i]!r} is {h} x {w} in 'shapes' but array {enc!r} "
+                         f"is padded to {h_pad} x {w_pad}")
+    if enc == "scores" and shape[3] != stack.num_classes:
+        raise StoreError(f"{path}: array 'scores' has {shape[3]} class slices but the store names "
+                         f"{stack.num_classes} classes")
+    if enc == "rgb" and shape[3] != 3:
+        raise StoreError(f"{path}: array 'rgb' has {shape[3]} colour channels; expected 3")
 
 
 class Stack:
@@ -354,7 +558,9 @@ class Stack:
     Use :func:`open_stack` to get one. Attributes mirror the group's attrs:
     ``kind``, ``name``, ``classes``, ``ignore_index``, ``encoding``,
     ``provenance``; ``ids`` (list of str) and ``shapes`` ((I, 2) int array)
-    are read once and kept in memory.
+    are read once and kept in memory. ``array`` and :meth:`member` are
+    :class:`~isle_fast.stores.chunks.CheckedArray` objects: a missing or damaged
+    chunk is an error naming it, never the fill value.
     """
 
     def __init__(self, path: str | os.PathLike, group: Any = None, light: "_LightStore | None" = None):
@@ -373,33 +579,43 @@ class Stack:
         self.ignore_index: int = int(attrs.get("ignore_index", IGNORE_INDEX))
         self.encoding: str = attrs["encoding"]
         self.provenance: dict = dict(attrs.get("provenance", {}))
+        self._members: dict[str, Any] = {}
+        self.ids: list[str] | None = None
         if light is not None:
-            self.ids: list[str] = list(light.ids)
-            self.shapes: np.ndarray = np.asarray(light.shapes, dtype=np.int64).reshape(-1, 2)
+            self.ids = _read_ids(self.path, light.ids)
+            self.shapes: np.ndarray = _read_shapes(self.path, light.shapes, self.ids)
             self.meta: ArrayMeta = light.meta
-        else:
-            self.ids = [str(s) for s in group["ids"][:]]
-            self.shapes = np.asarray(group["shapes"][:], dtype=np.int64).reshape(-1, 2)
-            self._array = group[self.encoding]
-            self.meta = ArrayMeta.of(self._array)
+            self._names: ChunkNames = light.names
+            self._spec: ChunkSpec | None = light.spec
+            self.array_names: list[str] = list(light.array_names)
+            _check_main_array(self)
+            return
+        self.ids = _read_ids(self.path, self.member("ids"))
+        self.shapes = _read_shapes(self.path, self.member("shapes"), self.ids)
+        arr = self.member(self.encoding)
+        self.meta = ArrayMeta.of(arr)
+        self._names = arr._names
+        self._spec = fast_chunk_spec(arr, arr._names)
+        _check_main_array(self)
+        try:  # every array of the group (an ensemble's scores, anything else), for isle info --check
+            others = sorted(str(n) for n in group.array_keys() if n not in self._members)
+        except Exception as exc:
+            raise StoreError(f"{self.path}: the metadata of an array is damaged "
+                             f"({type(exc).__name__}: {exc})") from None
+        self.array_names = ["ids", "shapes", self.encoding] + others
 
     # -- the Zarr objects, opened on first use ---------------------------------------
     @property
     def group(self) -> Any:
-        """The store's Zarr group (opened read-only on first use)."""
+        """The store's Zarr group, read-only, on a :class:`CheckedStore` (opened on first use)."""
         if self._group is None:
-            import zarr
-
-            where = self.path if is_remote(self.path) else str(_local(self.path))
-            self._group = zarr.open_group(where, mode="r")
+            self._group = _zarr_group(self.path)
         return self._group
 
     @property
     def array(self) -> Any:
-        """The main Zarr array (``labels``, ``scores`` or ``rgb``), opened on first use."""
-        if self._array is None:
-            self._array = self.group[self.encoding]
-        return self._array
+        """The main array (``labels``, ``scores`` or ``rgb``) as a CheckedArray, opened on first use."""
+        return self.member(self.encoding)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -410,6 +626,36 @@ class Stack:
     def dtype(self) -> np.dtype:
         """dtype of the main array."""
         return self.meta.dtype
+
+    def member(self, name: str) -> Any:
+        """One array of the store's group (``ids``, ``shapes``, the main array, an ensemble's ``scores``).
+
+        A :class:`~isle_fast.stores.chunks.CheckedArray`. Raises :class:`StoreError` naming
+        the store and array when it is absent or its metadata (zarr.json, the chunk
+        manifest) is damaged.
+        """
+        from isle_fast.stores import chunks
+
+        arr = self._members.get(name)
+        if arr is not None:
+            return arr
+        try:
+            raw = self.group[name]
+            names = names_for(self.path, name, raw, self.ids)
+        except IsleError:
+            raise
+        except KeyError:
+            raise StoreError(f"{self.path} lacks its {name!r} array") from None
+        except Exception as exc:
+            raise StoreError(f"{self.path}: array {name!r}: its metadata (zarr.json) is damaged "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not hasattr(raw, "chunks"):
+            raise StoreError(f"{self.path}: {name!r} is a group, not an array")
+        store = self.group.store
+        if isinstance(store, chunks.CheckedStore):
+            store.arrays[name] = names
+        arr = self._members[name] = chunks.CheckedArray(raw, names)
+        return arr
 
     # -- sizes ---------------------------------------------------------------------
     @property
@@ -432,16 +678,40 @@ class Stack:
         """Chunk shape of the main array."""
         return self.meta.chunks
 
-    def chunk_spec(self) -> "_ChunkSpec | None":
-        """What the direct chunk reader needs, or None when the store is not local plain Zstd."""
-        if is_remote(self.path):
-            return None
-        return _spec_from_doc(os.path.join(str(_local(self.path)), self.encoding), self.meta)
+    def chunk_spec(self) -> ChunkSpec | None:
+        """The direct chunk reader's spec of the main array (checks presence, crc32c, manifest), or None.
+
+        None when the store is not local plain Zstd: read it through :attr:`array` then.
+        """
+        if _fast_chunk_spec is not _FAST_CHUNK_SPEC:  # switched off or replaced (benchmarks, tests)
+            return _fast_chunk_spec(self.array)
+        return self._spec
 
     @property
     def score_scale(self) -> float:
         """Divide stored ``uint8`` scores by this to get [0, 1] scores (1.0 for float stores)."""
         return float(self.attrs.get("score_scale", 1.0))
+
+    @property
+    def image_labels(self) -> np.ndarray | None:
+        """The image-level labels stored with this stack: ``(I, C)`` bool (column 0 True), or None.
+
+        Row ``i`` says which classes image ``ids[i]`` contains (its tags, WSSS's
+        supervision). A store gets them from ``isle ingest labels/scores
+        --image-labels`` (:mod:`isle_fast.stores.image_labels`). Read once.
+        """
+        if not hasattr(self, "_image_labels"):
+            arr = None
+            if "image_labels" in self.array_names:
+                try:
+                    arr = np.asarray(self.group["image_labels"][:])
+                except Exception as exc:
+                    raise StoreError(f"{self.path}: its image_labels array cannot be read: {exc}") from None
+                if arr.dtype != bool or arr.shape != (self.num_images, self.num_classes):
+                    raise StoreError(f"{self.path}: image_labels has shape {arr.shape} and dtype "
+                                     f"{arr.dtype}; expected ({self.num_images}, {self.num_classes}) bool")
+            self._image_labels = arr
+        return self._image_labels
 
     def __len__(self) -> int:
         return self.num_images
@@ -472,14 +742,16 @@ class Stack:
         """The stored array (``labels``, ``scores`` or ``rgb``) as a Dask array on the store's chunks.
 
         A store on local disk whose chunks are plain Zstandard (our default
-        layout) is read by :func:`_read_chunk`: the chunk file is read and
+        layout) is read by :func:`isle_fast.stores.chunks.read_chunk`: the chunk file is read and
         decompressed straight into the block. Zarr's general read path (an
         asyncio event loop and an extra copy) cost more CPU and kept the two
         Dask threads less busy: at VOC scale evaluate + merge took 16.0 s (21.1
         CPU seconds) through it and 8.8 s (15.1) here (``python -m
         benchmarks.pipeline``, ``io_choices``). Anything else (fsspec URLs,
         other codecs, sharding) goes through :func:`dask.array.from_zarr`. Both
-        give the same array.
+        give the same array, and both raise a :class:`StoreError` naming the
+        chunk when one is missing, fails its crc32c or the store's record of
+        it, or does not decode.
         """
         import dask.array as da
 
@@ -489,7 +761,7 @@ class Stack:
         if spec is None or 0 in self.shape:
             return da.from_zarr(self.array)
         name = f"isle-read-{tokenize(spec, self.shape)}"
-        return da.map_blocks(partial(_read_chunk, spec=spec), chunks=_dask_chunks(self.meta),
+        return da.map_blocks(partial(read_chunk, spec=spec), chunks=dask_chunks(self.meta),
                              dtype=self.dtype, meta=np.empty((0,) * len(self.shape), self.dtype),
                              name=name)
 
@@ -586,11 +858,17 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
     ------
     StoreError
         The store is missing, not an isle-fast store, of another format
-        version, incomplete (an interrupted write), or of the wrong kind.
+        version, incomplete (an interrupted write), or of the wrong kind; its
+        metadata is damaged (attributes, an array's zarr.json, the chunks of
+        ``ids`` / ``shapes``); its ids repeat; its shapes, array shape or dtype
+        disagree with each other or the encoding. Each message names the store
+        and what is wrong. Chunks of the main array are checked when read.
     """
     spath = str(path)
     if not is_remote(spath) and not _local(spath).exists():
-        raise StoreError(f"store {spath} does not exist")
+        from isle_fast.outputs import leftover_note
+
+        raise StoreError(f"store {spath} does not exist{leftover_note(spath)}")
     group = None
     doc = None if is_remote(spath) else _read_doc(_local(spath) / "zarr.json")
     if isinstance(doc, dict) and doc.get("node_type") == "group" and doc.get("zarr_format") == 3 \
@@ -608,25 +886,26 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
     if not attrs.get("complete", False):
         raise StoreError(f"{spath} is incomplete (its write was interrupted); delete it and run again")
     _check_attrs(spath, attrs)
-    light = _open_light(_local(spath), attrs["encoding"], attrs) if group is None else None
-    if light is None:
-        group = group if group is not None else _zarr_group(spath)
-        for member in ("ids", "shapes", attrs["encoding"]):
-            if member not in group:
-                raise StoreError(f"{spath} lacks its {member!r} array")
-    stack = Stack(spath, group, light=light)
     if kind is not None:
         kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-        if stack.kind not in kinds:
-            raise StoreError(f"{spath} is a {stack.kind!r} store; expected {' or '.join(kinds)}")
-    return stack
+        if attrs["kind"] not in kinds:
+            raise StoreError(f"{spath} is {kind_phrase(attrs['kind'])}; expected {' or '.join(kinds)}")
+    light = _open_light(_local(spath), spath, attrs["encoding"], attrs) if group is None else None
+    if light is not None:
+        return Stack(spath, light=light)
+    return Stack(spath, group if group is not None else _zarr_group(spath))
 
 
 def _zarr_group(spath: str) -> Any:
+    """The store's group, read-only, on a CheckedStore (a missing chunk is an error, never the fill value)."""
     import zarr
 
+    from isle_fast.stores.chunks import CheckedStore
+
     try:
-        return zarr.open_group(spath if is_remote(spath) else str(_local(spath)), mode="r")
+        plain = zarr.open_group(spath if is_remote(spath) else str(_local(spath)), mode="r")
+        # the same group on a store that refuses to read a missing chunk as the fill value
+        return zarr.open_group(CheckedStore(plain.store), path=plain.path, mode="r")
     except Exception as exc:  # zarr raises several types for "not a group"
         raise StoreError(f"{spath} is not a Zarr v3 group: {exc}") from None
 
@@ -645,10 +924,11 @@ class StackWriter:
         self.path = final_path
         self.work_path = work_path
         self.group = group
-        # write_empty_chunks: Zarr's test "is this chunk all fill value?" costs ~30x the Zstd encode of a
-        # label chunk (measured: 100 ms vs 3 ms wall per 8 MiB chunk); all-padding chunks are rare
-        # and compress to a few bytes, so they are simply written
-        self.array = group[layout.array].with_config({"write_empty_chunks": True})
+        # write_empty_chunks: a store holds every chunk (Zarr would skip an all-fill chunk and read it
+        # back as fill, so a deleted chunk could not be told from one never written; see
+        # isle_fast.stores.chunks); it is also faster: Zarr's test "is this chunk all fill value?" costs
+        # ~30x the Zstd encode of a label chunk (measured: 100 ms vs 3 ms wall per 8 MiB chunk)
+        self.array = group[layout.array].with_config(WRITE_EVERY_CHUNK)
         self.layout = layout
         self.shapes = np.asarray(group["shapes"][:], dtype=np.int64)
         self.overwrite = overwrite
@@ -676,22 +956,19 @@ class StackWriter:
 
     # -- finishing -----------------------------------------------------------------
     def commit(self) -> Stack:
-        """Mark the store complete and move it into place; returns it opened."""
+        """Record every chunk's checksum, mark the store complete, move it into place; returns it opened."""
         if self.done:
             raise StoreError(f"{self.path} was already committed or aborted")
+        record_manifests(self.group)  # every chunk there; its checksum recorded where it belongs
         self.group.attrs["complete"] = True
         if self.work_path != self.path:
-            final, work = _local(self.path), _local(self.work_path)
-            trash = None
-            if final.exists():
-                if not self.overwrite:
-                    self.abort()
-                    raise StoreError(f"{self.path} appeared while writing; not overwritten")
-                trash = final.with_name(final.name + f".old-{uuid.uuid4().hex[:8]}")
-                os.replace(final, trash)
-            os.replace(work, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            from isle_fast.outputs import commit_dir
+
+            try:
+                commit_dir(_local(self.work_path), _local(self.path), overwrite=self.overwrite)
+            except BaseException:
+                self.abort()
+                raise
         self.done = True
         return open_stack(self.path)
 
@@ -701,7 +978,9 @@ class StackWriter:
             return
         self.done = True
         if self.work_path != self.path:
-            shutil.rmtree(_local(self.work_path), ignore_errors=True)
+            from isle_fast.outputs import remove_path
+
+            remove_path(_local(self.work_path))
         else:
             try:
                 import fsspec
@@ -757,11 +1036,13 @@ def create_stack(
     name : str, optional
         The set's name; defaults to the store's folder name without suffix.
     score_dtype : {'uint8', 'float16', 'float32'}
-        Storage type of ``scores`` (``uint8`` holds ``round(255 * score)``).
+        Storage type of ``scores`` (``uint8`` holds ``round(255 * score)``, see :func:`quantize_scores`).
     chunks : sequence of int, optional
         Chunk shape of the main array; :func:`default_chunks` otherwise.
     compressors : iterable of codecs, optional
-        Zarr v3 compressors; :func:`default_compressors` otherwise.
+        Zarr v3 compressors (bytes-to-bytes codecs, used as given: end them with
+        :func:`isle_fast.stores.chunks.checksum_codec` to keep per-chunk
+        checksums); :func:`default_compressors` (Zstd + crc32c) otherwise.
     provenance : dict, optional
         JSON-ready provenance (sources, parameters, tool version).
     overwrite : bool
@@ -784,6 +1065,8 @@ def create_stack(
     classes = [str(c) for c in classes]
     if kind != "images" and not 1 <= len(classes) <= 255:
         raise InputError(f"a stack needs 1 to 255 classes (255 is the ignore value); got {len(classes)}")
+    if len(set(classes)) != len(classes):
+        raise InputError(f"class names repeat: {classes}")
     ids = [str(s) for s in ids]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
@@ -810,30 +1093,29 @@ def create_stack(
         raise InputError(f"chunks {chunks} do not match an array of rank {len(shape)}")
     chunks = tuple(max(1, min(c, s)) if s else 1 for c, s in zip(chunks, shape))
 
+    from isle_fast.outputs import check_output, temp_path
+
     spath = str(path)
     remote = is_remote(spath)
+    # an existing output is replaced only with overwrite and only when it is a store, an output folder
+    # or a result the project wrote; never /, home or the working directory (isle_fast.outputs)
+    final = check_output(spath, overwrite=overwrite)
     if remote:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(spath)
-        if fs.exists(root) and not overwrite:
-            raise StoreError(f"{spath} exists; pass overwrite to replace it")
         work = spath
     else:
-        final = _local(spath)
-        if final.exists() and not overwrite:
-            raise StoreError(f"{spath} exists; pass overwrite (--overwrite) to replace it")
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = str(final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}"))
+        work = str(temp_path(final))
     try:
         group = zarr.open_group(work, mode="w", zarr_format=3)
         comp = tuple(compressors) if compressors is not None else default_compressors(layout.array)
         group.create_array(layout.array, shape=shape, chunks=chunks, dtype=layout.dtype,
                            fill_value=layout.fill, compressors=comp)
-        id_arr = group.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
+        id_arr = group.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),),
+                                    compressors=default_compressors()).with_config(WRITE_EVERY_CHUNK)
         if n:
             id_arr[:] = np.asarray(ids, dtype=object)
-        sh = group.create_array("shapes", shape=(n, 2), dtype=np.int32, chunks=(max(n, 1), 2))
+        sh = group.create_array("shapes", shape=(n, 2), dtype=np.int32, chunks=(max(n, 1), 2),
+                                compressors=default_compressors()).with_config(WRITE_EVERY_CHUNK)
         if n:
             sh[:] = shapes_arr.astype(np.int32)
         attrs = {
@@ -849,7 +1131,7 @@ def create_stack(
         if layout.array == "scores":
             attrs["score_scale"] = SCORE_SCALE if layout.dtype == np.uint8 else 1.0
         group.attrs.update(attrs)
-    except Exception:
+    except BaseException:  # Ctrl-C / SIGTERM while the skeleton is written must not leave it behind
         if not remote:
             shutil.rmtree(work, ignore_errors=True)
         raise
@@ -892,116 +1174,12 @@ def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None
 
 # -- fast chunk reads ---------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _ChunkSpec:
-    """What :func:`_read_chunk` needs to decode one stored chunk (small and picklable)."""
-
-    folder: str                 # the array's folder on local disk
-    separator: str              # of the default chunk key encoding ("c/0/0/0" or "c.0.0.0")
-    chunk_shape: tuple
-    dtype: str
-    fill_value: Any
-    compressed: bool
+def _fast_chunk_spec(array: Any):
+    """The direct reader's spec of ``array``, or None for Zarr's path (benchmarks switch it off here)."""
+    return fast_chunk_spec(array, getattr(array, "_names", None))
 
 
-def _fast_chunk_spec(array: Any) -> _ChunkSpec | None:
-    """A :class:`_ChunkSpec` when ``array`` is a local, unsharded array of plain (Zstd) chunks."""
-    try:
-        from zarr.storage import LocalStore
-
-        if not isinstance(array.store, LocalStore):
-            return None
-        root = str(array.store.root)
-        return _spec_from_doc(os.path.join(root, array.path) if array.path else root, ArrayMeta.of(array))
-    except Exception:  # an unexpected Zarr layout: the general path
-        return None
+_FAST_CHUNK_SPEC = _fast_chunk_spec
 
 
-def _spec_from_doc(folder: str, meta: "ArrayMeta") -> _ChunkSpec | None:
-    """A :class:`_ChunkSpec` from an array's metadata document (``zarr.json``), or None.
-
-    Only the layout this project writes qualifies: Zarr v3, the default chunk
-    key encoding, a regular grid, the ``bytes`` codec (little endian) and at
-    most one ``zstd`` codec without its checksum.
-    """
-    try:
-        doc = meta.doc
-        if doc.get("zarr_format", 3) != 3 or doc.get("storage_transformers"):
-            return None
-        key = doc.get("chunk_key_encoding") or {}
-        if key.get("name") != "default" or (doc.get("chunk_grid") or {}).get("name") != "regular":
-            return None
-        codecs = [dict(c) for c in (doc.get("codecs") or [])]
-        if not codecs or codecs[0].get("name") != "bytes":
-            return None
-        dt = np.dtype(meta.dtype)
-        endian = (codecs[0].get("configuration") or {}).get("endian", "little")
-        if dt.itemsize > 1 and not (endian == "little" and np.little_endian):
-            return None
-        if len(codecs) == 1:
-            compressed = False
-        elif (len(codecs) == 2 and codecs[1].get("name") == "zstd"
-              and not (codecs[1].get("configuration") or {}).get("checksum", False)):
-            compressed = True
-        else:
-            return None
-        return _ChunkSpec(folder=folder, separator=(key.get("configuration") or {}).get("separator", "/"),
-                          chunk_shape=tuple(meta.chunks), dtype=dt.str,
-                          fill_value=np.asarray(doc.get("fill_value", 0), dtype=dt).item(),
-                          compressed=compressed)
-    except Exception:  # an unexpected document: the general path
-        return None
-
-
-def _dask_chunks(array: Any) -> tuple:
-    """Dask ``chunks`` of an array on its stored chunk grid (edge chunks cut to the shape)."""
-    out = []
-    for n, c in zip(array.shape, array.chunks):
-        c = max(1, int(c))
-        out.append(tuple(min(c, n - s) for s in range(0, n, c)) or (0,))
-    return tuple(out)
-
-
-def _zstd_content_size(raw: bytes) -> int | None:
-    """The decompressed size a Zstandard frame header declares, or None (RFC 8878, 3.1.1.1)."""
-    if len(raw) < 6 or raw[:4] != b"\x28\xb5\x2f\xfd":
-        return None
-    fhd = raw[4]
-    single = (fhd >> 5) & 1
-    fcs_flag = fhd >> 6
-    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
-    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
-    if size == 0 or len(raw) < pos + size:
-        return None
-    value = int.from_bytes(raw[pos:pos + size], "little")
-    return value + 256 if size == 2 else value
-
-
-def _read_chunk(spec: _ChunkSpec, block_id: tuple = (), block_info: Any = None) -> np.ndarray:
-    """One stored chunk decoded into a new array of the block's shape (fill value where not written)."""
-    shape = tuple(block_info[None]["chunk-shape"])
-    key = spec.separator.join(("c",) + tuple(str(int(i)) for i in block_id))
-    path = os.path.join(spec.folder, *key.split("/"))
-    full = np.empty(spec.chunk_shape, dtype=np.dtype(spec.dtype))
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        full.fill(spec.fill_value)
-        return full[tuple(slice(0, s) for s in shape)]
-    try:
-        if spec.compressed:
-            from numcodecs import Zstd
-
-            if _zstd_content_size(raw) == full.nbytes:
-                Zstd().decode(raw, out=full)
-            else:  # size not in the header (or wrong): decode, then check the length
-                data = np.frombuffer(Zstd().decode(raw), dtype=np.uint8)
-                full.reshape(-1).view(np.uint8)[:] = data
-        else:
-            full.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
-    except Exception as e:
-        raise StoreError(f"chunk {path} is damaged or not a {spec.chunk_shape} {spec.dtype} chunk: {e}") from None
-    if shape == spec.chunk_shape:
-        return full
-    return np.ascontiguousarray(full[tuple(slice(0, s) for s in shape)])
+_zstd_content_size = zstd_content_size

@@ -59,11 +59,17 @@ Soft sets (CAMs)
     an object is only weakly activated (x 0.35) with probability ``0.45 e^2``;
     other objects get weak activations (confusion, amplitude up to ``0.6 e``)
     and a false-positive bump is added; each map is divided by its maximum, as CAM
-    code does. Written as ``{"keys": (K,) int64 foreground class indices
-    0-based (key k is class k + 1), "cam": (K, ceil(H/4), ceil(W/4))
-    float32 (every 4th pixel, the stride-4 map), "high_res": (K, H, W)
-    float32}`` with ``np.save`` (a pickled dict: load with
-    ``np.load(path, allow_pickle=True).item()``). In score stores the
+    code does. Written in PuzzleCAM's layout, as the paper's components
+    (PuzzleCAM, CLIMS, PMM, DRS, all on PuzzleCAM's code) write theirs:
+    ``{"keys": np.pad(keys + 1, (1, 0)) (the background 0, then the image's
+    classes, 1-based), "cam": (K, ceil(H/4), ceil(W/4)) float32 (every 4th
+    pixel, the stride-4 map), "hr_cam": (K, H, W) float32}`` with ``np.save``
+    (a pickled dict; :func:`load_cam_npy` reads it with the restricted
+    unpickler). ``OUT/cls_labels.npy`` holds the image-level labels of every
+    image in the public ``cls_labels.npy`` form (a pickled dict id ->
+    float32[20], 1 = present; the ids are strings here, since synthetic ids
+    are not VOC's numbers). An image's labels are the classes visible in it,
+    so they agree with its ground truth. In score stores the
     background slice is the constant :data:`CAM_BG_THRESHOLD` (0.15, IRN's
     ``cam_eval_thres``, also the default of ``isle ingest scores``), so the
     argmax decodes a pixel as foreground where its best CAM exceeds 0.15
@@ -81,7 +87,8 @@ Layout written by :func:`make_voc_like`::
     OUT/JPEGImages/<id>.jpg
     OUT/SegmentationClass/<id>.png        VOC palette PNG, 255 = ignore
     OUT/pseudo/<set>/<id>.png             palette PNG, every image
-    OUT/cams/<set>/<id>.npy               CAM dict, every image
+    OUT/cams/<set>/<id>.npy               CAM dict (PuzzleCAM layout), every image
+    OUT/cls_labels.npy                    image-level labels of every image
     OUT/ImageSets/Segmentation/train.txt, val.txt
     OUT/stores/train/images.zarr, gt.zarr, pseudo/<set>.zarr, cams/<set>.zarr
     OUT/stores/val/images.zarr, gt.zarr
@@ -101,8 +108,6 @@ import colorsys
 import io
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -110,6 +115,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError
+from isle_fast.outputs import write_bytes
 from isle_fast.stores.stack import IGNORE_INDEX, VOC_CLASSES
 
 __all__ = [
@@ -125,6 +131,7 @@ __all__ = [
     "read_label_png",
     "save_cam_npy",
     "load_cam_npy",
+    "save_cls_labels",
     "boundary_band",
     "cam_scores",
     "preview_png",
@@ -200,14 +207,6 @@ def voc_palette() -> np.ndarray:
     return pal.astype(np.uint8)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _png_bytes(labels: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -233,7 +232,7 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
         raise InputError(f"{path}: a label map must be 2-D, got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise InputError(f"{path}: label values must lie in 0..255")
-    _atomic_bytes(Path(path), _png_bytes(labels.astype(np.uint8)))
+    write_bytes(Path(path), _png_bytes(labels.astype(np.uint8)))
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
@@ -247,33 +246,65 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def save_cam_npy(path: str | os.PathLike, keys: np.ndarray, high_res: np.ndarray,
-                 stride: int = CAM_STRIDE) -> None:
-    """Write CAMs in the public WSSS ``.npy`` dict form (atomically).
+                 stride: int = CAM_STRIDE, layout: str = "puzzlecam") -> None:
+    """Write CAMs in a public WSSS ``.npy`` dict form (atomically).
 
     Parameters
     ----------
     path : str or path-like
         Output ``.npy`` file.
     keys : ndarray, (K,), int
-        Foreground class indices, 0-based over the foreground (key k is class k + 1).
+        The image's foreground classes, 0-based over the foreground (class k + 1).
     high_res : ndarray, (K, H, W), float
         Full-resolution scores in [0, 1].
     stride : int
         The ``"cam"`` entry is ``high_res[:, ::stride, ::stride]``.
+    layout : {'puzzlecam', 'irn'}
+        ``puzzlecam`` (the default, the paper's components):
+        ``{"keys": np.pad(keys + 1, (1, 0)), "cam", "hr_cam"}``; ``irn``:
+        ``{"keys": keys, "cam", "high_res"}``.
     """
     buf = io.BytesIO()
     hr = np.asarray(high_res, dtype=np.float32)
-    np.save(buf, {"keys": np.asarray(keys, dtype=np.int64), "cam": hr[:, ::stride, ::stride].copy(),
-                  "high_res": hr}, allow_pickle=True)
-    _atomic_bytes(Path(path), buf.getvalue())
+    k = np.asarray(keys, dtype=np.int64)
+    if layout == "puzzlecam":
+        d = {"keys": np.pad(k + 1, (1, 0), mode="constant"), "cam": hr[:, ::stride, ::stride].copy(),
+             "hr_cam": hr}
+    elif layout == "irn":
+        d = {"keys": k, "cam": hr[:, ::stride, ::stride].copy(), "high_res": hr}
+    else:
+        raise InputError(f"layout must be 'puzzlecam' or 'irn', not {layout!r}")
+    np.save(buf, d, allow_pickle=True)
+    write_bytes(Path(path), buf.getvalue())
 
 
 def load_cam_npy(path: str | os.PathLike) -> dict:
-    """Load a CAM ``.npy`` dict (``keys``, ``cam``, ``high_res``); it is a pickle, so only load trusted files."""
-    obj = np.load(path, allow_pickle=True)
-    if obj.dtype != object or obj.shape != ():
+    """Load a CAM ``.npy`` dict as saved, with the restricted unpickler (nothing in it runs)."""
+    from isle_fast.stores.formats import BadInput, load_pickle_npy
+
+    try:
+        obj = load_pickle_npy(path)
+    except BadInput as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if not isinstance(obj, dict):
         raise InputError(f"{path}: not a CAM dict (.npy of a pickled dict)")
-    return obj.item()
+    return obj
+
+
+def save_cls_labels(path: str | os.PathLike, labels: Mapping[str, Sequence[int]],
+                    num_classes: int = NUM_CLASSES) -> None:
+    """Write image-level labels in the public ``cls_labels.npy`` form: a pickled dict id -> float32[C - 1].
+
+    ``labels`` maps an image id to its foreground classes (1-based class indices).
+    """
+    out = {}
+    for image_id, classes in labels.items():
+        row = np.zeros(num_classes - 1, dtype=np.float32)
+        row[np.asarray(list(classes), dtype=np.int64) - 1] = 1.0
+        out[str(image_id)] = row
+    buf = io.BytesIO()
+    np.save(buf, out, allow_pickle=True)
+    write_bytes(Path(path), buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,6 +954,11 @@ class SyntheticDataset:
                 for c in range(1, NUM_CLASSES)}
 
 
+def _is_data_set_folder(p: Path) -> bool:
+    """An empty folder or one made by :func:`make_voc_like` (its ``dataset.json``): replaceable."""
+    return p.is_dir() and (not any(p.iterdir()) or (p / "dataset.json").is_file())
+
+
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -931,7 +967,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise InputError(f"{out_dir} exists and is not empty; choose another folder "
                                  "or pass overwrite (--overwrite) to replace a data set made here")
-            if not (out_dir / "dataset.json").is_file():
+            if not _is_data_set_folder(out_dir):
                 raise InputError(f"{out_dir} is not empty and holds no dataset.json; refusing to "
                                  "replace a folder that this tool did not make")
 
@@ -1121,11 +1157,13 @@ def make_voc_like(
         ds.samples = [_generate(spec, i) for i in range(n_images)] if keep_arrays else None
         return ds
 
+    from isle_fast.outputs import FolderOutput, refuse_unsafe
+
     final = Path(out_dir)
+    refuse_unsafe(final, flag="out_dir")
     _prepare_out(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-    work.mkdir()
+    dest = FolderOutput(final, command="make_voc_like", overwrite=True, check=False)
+    work = dest.work
     try:
         samples = _write_all(ds, spec, work, train_idx, val_idx, write_tree, write_stores,
                              keep_arrays, progress(total=n_images, desc="synthetic data", unit="img",
@@ -1135,16 +1173,11 @@ def make_voc_like(
         meta = dict(params, train_ids=ds.train_ids, val_ids=ds.val_ids,
                     true_best=ds.true_best() if names else {},
                     paths=rel_paths, stores=rel_stores)
-        _atomic_bytes(work / "dataset.json", json.dumps(meta, indent=1).encode())
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, trash)
-            os.replace(work, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(work, final)
+        write_bytes(work / "dataset.json", json.dumps(meta, indent=1).encode())
+        # what is there was checked by _prepare_out (empty, or an earlier data set): replaced
+        dest.commit(owned_by_us=_is_data_set_folder)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        dest.abort()
         raise
     ds.root = final
     ds.samples = samples
@@ -1166,6 +1199,7 @@ def _layout(names: Sequence[str], soft: Sequence[str], tree: bool, stores: bool)
             "pseudo": {s: f"pseudo/{s}" for s in names}, "cams": {s: f"cams/{s}" for s in soft},
             "train_list": "ImageSets/Segmentation/train.txt",
             "val_list": "ImageSets/Segmentation/val.txt",
+            "cls_labels": "cls_labels.npy",
         }
     st: dict[str, str] = {}
     if stores:
@@ -1189,7 +1223,7 @@ def _absolute(root: Path, rel: dict) -> dict:
 
 def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[int], val_idx: list[int],
                write_tree: bool, write_stores: bool, keep: bool, bar) -> list[Sample] | None:
-    from isle_fast.stores.stack import create_stack
+    from isle_fast.stores.stack import create_stack, quantize_scores
 
     rel_paths, rel_stores = _layout(spec.set_names, spec.soft_set_names, write_tree, write_stores)
     writers: dict[str, _Buffered] = {}
@@ -1229,6 +1263,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
                 fill = 0
             writers[key] = _Buffered(w, int(w.array.chunks[0]), fill)
     samples: list[Sample] = [] if keep else None  # type: ignore[assignment]
+    image_labels: dict[str, list[int]] = {}
     try:
         lists = {"train": [], "val": []}
         # stores are filled split by split, in id order: go over the images in that order
@@ -1236,11 +1271,12 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
             s = _generate(spec, i)
             split = split_of[i]
             lists[split].append(s.id)
+            image_labels[s.id] = [int(c) for c in s.present]
             if write_tree:
-                _atomic_bytes(work / rel_paths["images"] / f"{s.id}.jpg", s.jpeg)
-                _atomic_bytes(work / rel_paths["gt"] / f"{s.id}.png", _png_bytes(s.gt))
+                write_bytes(work / rel_paths["images"] / f"{s.id}.jpg", s.jpeg)
+                write_bytes(work / rel_paths["gt"] / f"{s.id}.png", _png_bytes(s.gt))
                 for name, lab in s.pseudo.items():
-                    _atomic_bytes(work / rel_paths["pseudo"][name] / f"{s.id}.png", _png_bytes(lab))
+                    write_bytes(work / rel_paths["pseudo"][name] / f"{s.id}.png", _png_bytes(lab))
                 for name, cam in s.cams.items():
                     save_cam_npy(work / rel_paths["cams"][name] / f"{s.id}.npy", cam["keys"], cam["high_res"])
             if write_stores:
@@ -1251,7 +1287,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
                         writers[f"train/pseudo/{name}"].add(lab)
                     for name, cam in s.cams.items():
                         sc = cam_scores(cam)
-                        writers[f"train/cams/{name}"].add(np.rint(sc * 255.0).astype(np.uint8))
+                        writers[f"train/cams/{name}"].add(quantize_scores(sc))  # as ingest stores it
             if keep:
                 samples.append(s)
             bar.update(1)
@@ -1260,7 +1296,8 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
         if write_tree:
             for split in ("train", "val"):
                 text = "".join(f"{x}\n" for x in sorted(lists[split]))
-                _atomic_bytes(work / rel_paths[f"{split}_list"], text.encode())
+                write_bytes(work / rel_paths[f"{split}_list"], text.encode())
+            save_cls_labels(work / rel_paths["cls_labels"], dict(sorted(image_labels.items())))
     except BaseException:
         for w in writers.values():
             w.writer.abort()
@@ -1311,10 +1348,11 @@ def preview_png(ds: SyntheticDataset, path: str | os.PathLike, n: int = 4) -> Pa
                 ax.set_title(cols[c], fontsize=7)
         axes[r][0].set_ylabel(s.id, fontsize=6)
     fig.tight_layout()
+    from isle_fast.outputs import write_file
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        write_file(out, lambda p: fig.savefig(p, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return out

@@ -47,7 +47,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from isle_fast.errors import AlignmentError, InputError
+from isle_fast.errors import AlignmentError, InputError, IsleError
 from isle_fast.stores.stack import Stack, check_aligned, open_stack
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "ChunkBatchSampler",
     "chunk_groups",
     "make_loader",
+    "worker_error",
 ]
 
 #: ImageNet channel mean and standard deviation on the 0-255 scale (torchvision's).
@@ -398,6 +399,25 @@ class ChunkBatchSampler(torch.utils.data.Sampler):
         batches = self.epoch_batches(self.epoch)
         start, self.start = self.start, 0
         yield from batches[start:]
+
+
+def worker_error(exc: BaseException) -> BaseException:
+    """An :class:`~isle_fast.errors.IsleError` raised in a DataLoader worker, as the user should see it.
+
+    PyTorch re-raises a worker's exception in the main process as the same type
+    whose message is the worker's whole traceback ("Caught StoreError in
+    DataLoader worker process 0. Original Traceback (most recent call last):
+    ..."), which the command line would print in full. Returns the same type with
+    the original one-line message (``exc`` itself when it is not such a wrapper).
+    """
+    text = str(exc)
+    if not isinstance(exc, IsleError) or "Original Traceback" not in text:
+        return exc
+    cls = type(exc)
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    if marker not in text:
+        return exc
+    return cls(text.rsplit(marker, 1)[1].strip())
 
 
 def make_loader(dataset: SegmentationDataset, sampler: ChunkBatchSampler, *, num_workers: int = 0,

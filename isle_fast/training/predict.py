@@ -16,10 +16,7 @@ Both appear only when complete.
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,205 +25,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isle_fast.training.data import SegmentationDataset, normalize
-from isle_fast.training.deeplab import DeepLabV3Plus
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, IsleError
+from isle_fast.outputs import FolderOutput, check_output
 from isle_fast.progress import Timer, progress, summary
+from isle_fast.training.data import SegmentationDataset, normalize, worker_error
+from isle_fast.training.deeplab import DeepLabV3Plus
+from isle_fast.training.runtime import (amp_dtype, checkpoint_path, load_checkpoint, resolve_device,
+                                        resolve_threads, torch_threads)
 
-__all__ = ["load_model", "resolve_device", "amp_dtype", "resolve_threads", "ThreadGovernor", "torch_threads",
-           "predict_probs", "predict", "PredictResult", "CHECKPOINT_FORMAT"]
-
-CHECKPOINT_FORMAT = "isle-fast-deeplab"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an unusable ``cuda`` is an :class:`InputError`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"--device must be auto, cpu or cuda[:N], not {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: torch sees no CUDA device here (use --device cpu)")
-    return dev
-
-
-def amp_dtype(device_type: str) -> torch.dtype:
-    """Autocast dtype of mixed precision: float16 on CUDA (with a GradScaler in training), bfloat16 on CPU.
-
-    bfloat16 has float32's exponent range, so CPU training needs no loss scaling; it
-    is only faster on CPUs with native bfloat16 instructions (AVX-512 BF16 / AMX).
-    """
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    """(total, idle + iowait) jiffies of all CPUs from ``/proc/stat``; None where it cannot be read."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(vals[:8]), vals[3] + (vals[4] if len(vals) > 4 else 0)
-
-
-class _LoadWindow:
-    """Cores busy with *other* processes between two points in time (see :func:`busy_cores`)."""
-
-    def __init__(self) -> None:
-        import time
-
-        self.start = (_cpu_times(), time.process_time(), time.perf_counter())
-
-    def others(self) -> float | None:
-        import time
-
-        (a, own0, t0), b = self.start, _cpu_times()
-        own1, t1 = time.process_time(), time.perf_counter()
-        if a is None or b is None or b[0] - a[0] <= 0 or t1 <= t0:
-            return None
-        total, idle = b[0] - a[0], b[1] - a[1]
-        busy = (total - idle) / total * (os.cpu_count() or 1)  # cores busy, all processes
-        return max(0.0, busy - (own1 - own0) / (t1 - t0))
-
-
-def busy_cores(seconds: float = 0.2) -> float | None:
-    """Cores kept busy by *other* processes over ``seconds`` (Linux ``/proc/stat``), None elsewhere.
-
-    The machine-wide busy time minus this process's own CPU time, in cores.
-    """
-    import time
-
-    w = _LoadWindow()
-    time.sleep(seconds)
-    return w.others()
-
-
-def _free_cores(others: float, limit: int) -> int:
-    """Threads for the cores others leave idle: usable cores minus busy ones (a quarter core is noise)."""
-    return max(1, min(limit, _usable_cores() - int(math.ceil(others - 0.25))))
-
-
-class ThreadGovernor:
-    """Re-chooses torch's CPU thread count while a long job runs, as the machine's load changes.
-
-    :func:`resolve_threads` looks at the load once; on a shared machine other
-    jobs come and go during a training run. :meth:`update` (call it between
-    steps; cheap) measures, every ``period`` seconds, the cores other
-    processes kept busy since the last look and sets ``torch.set_num_threads``
-    to the cores left idle (at most ``limit``). Disabled (never changes
-    anything) when ``enabled`` is False: an explicit ``threads``, a
-    deterministic run (the thread count can change results in the last bits),
-    or a device other than the CPU.
-    """
-
-    def __init__(self, enabled: bool, limit: int, period: float = 5.0):
-        self.enabled = bool(enabled) and _cpu_times() is not None
-        self.limit = max(1, int(limit))
-        self.period = float(period)
-        self.changes = 0
-        self._window = _LoadWindow()
-
-    def update(self) -> int:
-        """The current thread count, changed first if the last ``period`` seconds call for it."""
-        import time
-
-        current = torch.get_num_threads()
-        if not self.enabled or time.perf_counter() - self._window.start[2] < self.period:
-            return current
-        others = self._window.others()
-        self._window = _LoadWindow()
-        if others is None:
-            return current
-        want = _free_cores(others, self.limit)
-        if want != current:
-            torch.set_num_threads(want)
-            self.changes += 1
-        return want
-
-
-def resolve_threads(threads: int | None, device: torch.device, deterministic: bool = False) -> int:
-    """Intra-op threads for CPU work: ``threads`` if given, else one per core *not busy elsewhere*.
-
-    Why: torch's CPU kernels split every operation over ``torch.get_num_threads()``
-    OpenMP threads (by default one per core) and wait at a barrier for all of
-    them. On a machine where other processes keep cores busy, one of those
-    threads is often descheduled, and every operation waits for it: measured
-    here (2 cores, one busy with another process) a DeepLabV3+ training step
-    ran 3-5x *slower* with 2 threads than with 1, and a tiny BatchNorm took
-    35 ms instead of 0.05 ms. So the automatic choice is the number of usable
-    cores minus the cores other processes kept busy over 0.2 s
-    (:func:`busy_cores`, rounded up), at least 1; training re-checks it every
-    few seconds (:class:`ThreadGovernor`). With ``deterministic`` (or
-    where the load cannot be read, or on CUDA) it is torch's current setting:
-    results may differ in the last bits with the thread count, so a load-based
-    choice would make reruns differ.
-    """
-    if threads is not None:
-        if int(threads) < 1:
-            raise InputError(f"--threads must be at least 1, not {threads}")
-        return int(threads)
-    current = torch.get_num_threads()
-    if device.type != "cpu" or deterministic:
-        return current
-    busy = busy_cores()
-    if busy is None:
-        return current
-    return _free_cores(busy, current)
-
-
-class torch_threads:
-    """Context manager: ``torch.set_num_threads(n)`` inside, the previous count restored after."""
-
-    def __init__(self, n: int):
-        self.n = int(n)
-
-    def __enter__(self) -> int:
-        self.old = torch.get_num_threads()
-        if self.n != self.old:
-            torch.set_num_threads(self.n)
-        return self.n
-
-    def __exit__(self, *exc) -> None:
-        if torch.get_num_threads() != self.old:
-            torch.set_num_threads(self.old)
-
-
-def checkpoint_path(run: str | os.PathLike, which: str = "best") -> Path:
-    """The checkpoint file of a run folder (``best`` falls back to ``final`` then ``last``) or a file."""
-    p = Path(run)
-    if p.is_file():
-        return p
-    if not p.is_dir():
-        raise InputError(f"run {p} does not exist (give the folder `isle train --out` wrote, or a .pt file)")
-    order = {"best": ("best.pt", "final.pt", "last.pt"), "final": ("final.pt", "last.pt"),
-             "last": ("last.pt",)}.get(which)
-    if order is None:
-        raise InputError(f"--checkpoint must be best, final or last, not {which!r}")
-    for name in order:
-        if (p / name).is_file():
-            return p / name
-    raise InputError(f"run {p} holds no checkpoint ({', '.join(order)}); did training finish a step?")
-
+__all__ = ["load_model", "predict_probs", "predict", "PredictResult"]
 
 def load_model(run: str | os.PathLike, which: str = "best",
                device: torch.device | str = "cpu") -> tuple[DeepLabV3Plus, dict]:
     """The model of a run (eval mode, on ``device``) and its checkpoint metadata (config, classes, step)."""
     path = checkpoint_path(run, which)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"could not read checkpoint {path}: {exc}") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not an isle-fast DeepLabV3+ checkpoint")
+    ck = load_checkpoint(path)
     cfg = ck["config"]
     model = DeepLabV3Plus(len(ck["classes"]), cfg["backbone"], None, cfg["output_stride"],
                           cfg["head_channels"])
@@ -379,8 +192,9 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     classes = list(meta["classes"])
     ds = SegmentationDataset(images, None, train=False)
     outp = Path(out)
-    if outp.exists() and not overwrite:
-        raise StoreError(f"{outp} exists; pass --overwrite to replace it")
+    # never the images or the checkpoint (nor inside / holding them), never what isle did not write; a
+    # run's own folder may hold its predictions (run/val_pred.zarr)
+    check_output(out, overwrite=overwrite, inputs=[images, meta["path"]])
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=dev.type == "cuda")
     if format == "store":
@@ -394,26 +208,21 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
                                           "scales": list(scales), "flip": flip, "window": window})
         padded = tuple(src.padded_shape)
     else:
-        writer, padded = None, None
-        tmp = outp.with_name(f"{outp.name}.tmp-{uuid.uuid4().hex[:12]}")
-        tmp.mkdir(parents=True)
+        writer, padded = FolderOutput(out, command="isle predict", overwrite=overwrite, check=False), None
     try:
         with torch_threads(resolve_threads(threads, dev)):
-            _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
-                          writer=writer, padded=padded, png_dir=tmp if writer is None else None)
-        if format == "store":
-            writer.commit()
-        else:
-            if outp.exists():
-                trash = outp.with_name(f"{outp.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(outp, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, outp)
+            try:
+                _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
+                              writer=writer if format == "store" else None, padded=padded,
+                              png_dir=writer.work if format == "png" else None)
+            except IsleError as exc:  # met by a DataLoader worker: its message, not its traceback
+                clean = worker_error(exc)
+                if clean is exc:
+                    raise
+                raise clean from None
+        writer.commit()
     except BaseException:
-        if format == "store":
-            writer.abort()
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
     res = PredictResult(str(outp), format, len(ds), timer.seconds, meta["path"])
     summary("isle predict", {"images": len(ds), "checkpoint": f"{meta['path']} (step {meta.get('step')})",

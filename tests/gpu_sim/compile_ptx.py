@@ -16,12 +16,14 @@ from numba import cuda
 from numba import types as T
 
 from isle_fast.kernels import gpu as G
+from isle_fast.process import prepare_process
 
 
 def main() -> int:
     from numba.cuda.cudadrv.libs import get_libdevice
     from numba.cuda.cudadrv.nvvm import NVVM
 
+    prepare_process(gpu=True)  # NVVM of the nvidia-cuda-nvcc-cu12 wheel when there is no toolkit
     try:
         NVVM()
         if not get_libdevice():
@@ -42,20 +44,18 @@ def main() -> int:
     jobs = []
     for N in (1, 3):
         sets = T.UniTuple(u8, N)
-        for kernel in G._kernels("labels"):
-            jobs.append((f"confusion_labels N={N}", kernel, (u8, T.Tuple((sets,)), i64, i64, i64, u64)))
-        for kernel in G._kernels("subset_labels"):
-            jobs.append((f"subset_confusion_labels N={N}", kernel,
-                         (u8, T.Tuple((sets, i64_2, u8_2, f64_2, i64)), i64, i64, i64, u64)))
+        jobs.append((f"confusion_labels N={N}", G._kernels("labels"),
+                     (u8, T.Tuple((sets,)), i64, i64, i64, b, u64)))
+        jobs.append((f"subset_confusion_labels N={N}", G._kernels("subset_labels"),
+                     (u8, T.Tuple((sets, i64_2, u8_2, f64_2, i64)), i64, i64, i64, b, u64)))
         jobs.append((f"merge_labels N={N}", G._merge_labels_kernel, (sets, i64_2, u8_2, f64_2, i64, i64, u8)))
         for half, arr, raw in ((False, u8, T.uint8), (True, u16, T.uint16), (False, f32, T.float32)):
             ss = T.UniTuple(arr, N)
-            for kernel in G._kernels("scores", half):
-                jobs.append((f"confusion_scores {arr.dtype} N={N}", kernel,
-                             (u8, T.Tuple((ss, b, f64)), i64, i64, i64, u64)))
-            for kernel in G._kernels("subset_scores", half):
-                jobs.append((f"subset_confusion_scores {arr.dtype} N={N}", kernel,
-                             (u8, T.Tuple((ss, i64_2, i64, b, f64)), i64, i64, i64, u64)))
+            jobs.append((f"confusion_scores {arr.dtype} N={N}", G._kernels("scores", half),
+                         (u8, T.Tuple((ss, b, f64)), i64, i64, i64, b, u64)))
+            jobs.append((f"subset_confusion_scores {arr.dtype} N={N}",
+                         G._kernels("subset_scores", half),
+                         (u8, T.Tuple((ss, i64_2, i64, b, f64)), i64, i64, i64, b, u64)))
             jobs.append((f"merge_scores {arr.dtype} N={N}", G._kernels("merge_scores", half),
                          (ss, i64_2, i64, b, f64, raw, i64, u8, arr)))
             if N == 1:

@@ -1,0 +1,186 @@
+"""Scores from confusion counts: the one definition of IoU, precision, recall and mIoU.
+
+Every score the project reports comes from here: :func:`isle_fast.evaluate`
+(step 2), the subset analysis, the report, the training validation
+(:func:`isle_fast.training.train.evaluate_model`) and the demo.
+
+Conventions
+-----------
+* ``counts[..., t, p]``: pixels of gt class ``t`` predicted ``p``; shape
+  ``(..., C, C+1)``, the last column counts abstentions (a prediction of 255).
+  Pixels whose gt is 255 (ignore, padding) are never counted.
+* true positives ``tp = counts[t, t]``; false positives ``fp``: pixels
+  predicted ``c`` whose gt is another class; false negatives ``fn``: gt pixels
+  of ``c`` predicted as something else or abstained.
+* IoU of class ``c``: ``tp / (tp + fp + fn)``, in percent. A class absent from
+  both the gt and the prediction has an empty union: its IoU is undefined,
+  NaN (JSON ``null``), never 0.
+* mIoU: the mean over the classes whose IoU is defined (NaN classes are
+  skipped, the usual ``nanmean`` and the VOC convention); NaN when no class
+  is defined.
+* precision ``tp / (tp + fp)``, recall ``tp / (tp + fn)``, percent; NaN where
+  the denominator is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ratio",
+    "nanmean",
+    "true_positives",
+    "false_positives",
+    "false_negatives",
+    "iou",
+    "miou",
+    "precision",
+    "recall",
+    "intersection_union",
+    "iou_from_stats",
+    "bootstrap_miou_diff",
+    "jsonable",
+]
+
+
+def ratio(num: Any, den: Any) -> np.ndarray:
+    """``num / den`` as float64, NaN where ``den`` is 0 (no warning)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def nanmean(x: Any, axis: int = -1) -> np.ndarray:
+    """Mean over ``axis`` of the values that are not NaN; NaN where there are none (no warning)."""
+    x = np.asarray(x, dtype=np.float64)
+    ok = ~np.isnan(x)
+    n = ok.sum(axis=axis)
+    s = np.where(ok, x, 0.0).sum(axis=axis)
+    return np.where(n > 0, s / np.maximum(n, 1), np.nan)
+
+
+def _square(counts: Any) -> tuple[np.ndarray, int]:
+    counts = np.asarray(counts)
+    if counts.ndim < 2 or counts.shape[-1] != counts.shape[-2] + 1:
+        raise ValueError(f"confusion counts must have shape (..., C, C+1), not {counts.shape}")
+    return counts, counts.shape[-2]
+
+
+def true_positives(counts: Any) -> np.ndarray:
+    """``(..., C)`` pixels of class ``c`` predicted ``c``."""
+    counts, c = _square(counts)
+    return np.diagonal(counts[..., :c], axis1=-2, axis2=-1).copy()
+
+
+def false_positives(counts: Any) -> np.ndarray:
+    """``(..., C)`` pixels predicted ``c`` whose gt is another (not ignored) class."""
+    counts, c = _square(counts)
+    return counts[..., :c].sum(axis=-2) - true_positives(counts)
+
+
+def false_negatives(counts: Any) -> np.ndarray:
+    """``(..., C)`` gt pixels of ``c`` predicted as another class or abstained."""
+    counts, _ = _square(counts)
+    return counts.sum(axis=-1) - true_positives(counts)
+
+
+def iou(counts: Any) -> np.ndarray:
+    """``(..., C)`` IoU in percent from confusion counts; NaN where the union is empty.
+
+    Parameters
+    ----------
+    counts : array_like of int, shape (..., C, C+1)
+        Confusion counts (rows: gt class, columns: prediction, last: abstained).
+
+    Returns
+    -------
+    ndarray of float64, shape (..., C)
+
+    Examples
+    --------
+    >>> iou([[5, 1, 0, 0], [2, 3, 0, 1], [0, 0, 0, 0]]).round(1).tolist()
+    [62.5, 42.9, nan]
+    """
+    tp = true_positives(counts)
+    return 100.0 * ratio(tp, tp + false_positives(counts) + false_negatives(counts))
+
+
+def miou(iou_values: Any) -> np.ndarray:
+    """Mean IoU over the last axis, skipping undefined (NaN) classes; NaN where none is defined.
+
+    Examples
+    --------
+    >>> float(miou([62.5, 40.0, float("nan")]))
+    51.25
+    """
+    return nanmean(iou_values, axis=-1)
+
+
+def precision(counts: Any) -> np.ndarray:
+    """``(..., C)`` percent: ``tp / (tp + fp)``; NaN for a class never predicted."""
+    tp = true_positives(counts)
+    return 100.0 * ratio(tp, tp + false_positives(counts))
+
+
+def recall(counts: Any) -> np.ndarray:
+    """``(..., C)`` percent: ``tp / (tp + fn)`` (abstentions are misses); NaN for a class not in the gt."""
+    tp = true_positives(counts)
+    return 100.0 * ratio(tp, tp + false_negatives(counts))
+
+
+def intersection_union(counts: Any) -> np.ndarray:
+    """``(..., C, 2)`` int64: the intersection (``tp``) and the union (``tp + fp + fn``) of every class."""
+    tp = true_positives(counts)
+    return np.stack([tp, tp + false_positives(counts) + false_negatives(counts)], axis=-1)
+
+
+def iou_from_stats(stats: Any) -> np.ndarray:
+    """IoU in percent from ``(..., 2)`` intersection / union pairs; NaN where the union is 0."""
+    stats = np.asarray(stats)
+    return 100.0 * ratio(stats[..., 0], stats[..., 1])
+
+
+def bootstrap_miou_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, float]:
+    """95 % interval of mIoU(model 0) - mIoU(model 1) over images resampled with replacement.
+
+    Parameters
+    ----------
+    image_stats : array_like, shape (I, 2, C, 2)
+        Per image, model and class: the intersection and the union.
+    reps : int
+        Bootstrap resamples.
+    seed : int
+        Seed of the resampling.
+
+    Returns
+    -------
+    (float, float)
+        The 2.5 and 97.5 percentiles of the difference, in mIoU points. A
+        resample's IoU is dataset-level: its summed intersections over its
+        summed unions (:func:`iou_from_stats`, :func:`miou`).
+    """
+    stats = np.asarray(image_stats, dtype=np.float64)
+    n_img = stats.shape[0]
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=reps).astype(np.float64)  # (B, I)
+    summed = (weights @ stats.reshape(n_img, -1)).reshape((reps,) + stats.shape[1:])  # (B, 2, C, 2)
+    m = miou(iou_from_stats(summed))  # (B, 2)
+    lo, hi = np.nanpercentile(m[:, 0] - m[:, 1], [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with arrays as lists, NumPy scalars as Python numbers and NaN as None (JSON ``null``)."""
+    if isinstance(x, np.ndarray):
+        return [jsonable(v) for v in x.tolist()]
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

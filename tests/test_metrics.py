@@ -1,0 +1,150 @@
+"""The one definition of the scores (``isle_fast.metrics``) against masks counted by hand.
+
+The reference (``tests/reference.py::class_scores``) scores a label map class by class from
+pixel masks; :mod:`isle_fast.metrics` scores confusion counts. Every consumer (evaluate, the
+subset analysis, the training validation, the demo's interval) is checked to give the same
+numbers from the same counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference as R
+from isle_fast import metrics
+
+seeds = st.integers(0, 2**32 - 1)
+shapes = st.lists(st.integers(1, 17), min_size=1, max_size=3)
+
+
+def _maps(rng: np.random.Generator, shape, C: int, absent: int):
+    """gt with 255 (ignore) and ``absent`` classes missing; a prediction with abstentions (>= C)."""
+    present = np.arange(C)[rng.permutation(C) >= absent] if absent < C else np.arange(0)
+    pool = np.concatenate([present, [255]]).astype(np.uint8)
+    gt = pool[rng.integers(0, pool.size, shape)]
+    pred_pool = np.concatenate([np.arange(C), [C, 200, 255]]).astype(np.uint8)
+    pred = pred_pool[rng.integers(0, pred_pool.size, shape)]
+    return gt, pred
+
+
+def _same(a, b) -> None:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    assert np.array_equal(np.isnan(a), np.isnan(b)), (a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-12, equal_nan=True)
+
+
+@given(seed=seeds, shape=shapes, C=st.integers(1, 7), absent=st.integers(0, 7))
+def test_scores_equal_the_mask_reference(seed, shape, C, absent):
+    rng = np.random.default_rng(seed)
+    gt, pred = _maps(rng, shape, C, absent)
+    counts = R.confusion_labels(gt, [pred], C)[0]
+    ref = R.class_scores(gt, pred, C)
+    _same(metrics.iou(counts), ref["iou"])
+    _same(metrics.precision(counts), ref["precision"])
+    _same(metrics.recall(counts), ref["recall"])
+    _same(metrics.miou(metrics.iou(counts)), ref["miou"][0])
+    inter_union = metrics.intersection_union(counts)
+    _same(metrics.iou_from_stats(inter_union), ref["iou"])
+    assert inter_union.dtype == np.int64
+
+
+@given(seed=seeds, shape=shapes, C=st.integers(1, 6), n=st.integers(1, 4))
+def test_leading_axes_score_row_by_row(seed, shape, C, n):
+    rng = np.random.default_rng(seed)
+    gt, _ = _maps(rng, shape, C, int(rng.integers(0, C + 1)))
+    preds = [_maps(rng, shape, C, 0)[1] for _ in range(n)]
+    counts = R.confusion_labels(gt, preds, C)  # (N, C, C+1)
+    iou = metrics.iou(counts)
+    for k in range(n):
+        assert np.array_equal(iou[k], metrics.iou(counts[k]), equal_nan=True)
+    assert np.array_equal(metrics.miou(iou), [float(metrics.miou(iou[k])) for k in range(n)], equal_nan=True)
+
+
+def test_a_class_absent_from_gt_and_prediction_is_nan_and_skipped():
+    conf = np.array([[5, 1, 0, 0], [2, 3, 0, 1], [0, 0, 0, 0]])
+    iou = metrics.iou(conf)
+    assert np.isnan(iou[2]) and not np.isnan(iou[:2]).any()
+    assert float(metrics.miou(iou)) == pytest.approx((iou[0] + iou[1]) / 2)
+    assert np.isnan(metrics.miou(metrics.iou(np.zeros((3, 4), np.int64))))  # nothing defined: NaN, not 0
+    assert metrics.jsonable(iou)[2] is None
+
+
+def test_every_consumer_agrees_on_the_same_counts():
+    """Evaluation, SubsetAnalysis and the training validation: one formula, bit for bit."""
+    from isle_fast.ensemble.evaluate import Evaluation
+    from isle_fast.ensemble.subsets import SubsetAnalysis
+    from isle_fast.training.train import miou_from_confusion
+
+    rng = np.random.default_rng(4)
+    C = 5
+    gt, _ = _maps(rng, (40, 30), C, 2)
+    preds = [_maps(rng, (40, 30), C, 0)[1] for _ in range(3)]
+    counts = R.confusion_labels(gt, preds, C)
+    classes = [f"c{i}" for i in range(C)]
+    ev = Evaluation(classes=classes, set_names=["a", "b", "c"], counts=counts)
+    sa = SubsetAnalysis(
+        classes=classes,
+        set_names=["a", "b", "c"],
+        members=np.eye(3, dtype=bool),
+        selections=np.zeros((3, C), np.int64),
+        counts=counts,
+    )
+    assert np.array_equal(ev.iou, sa.iou, equal_nan=True) and np.array_equal(ev.miou, sa.miou, equal_nan=True)
+    for k in range(3):
+        miou, iou = miou_from_confusion(counts[k])
+        assert miou == float(ev.miou[k])
+        assert [None if np.isnan(v) else v for v in ev.iou[k]] == iou
+
+
+def test_training_validation_of_nothing_is_undefined_not_zero():
+    """Before: ``miou_from_confusion`` gave 0.0 where evaluate gave NaN (no class defined)."""
+    from isle_fast.training.train import miou_from_confusion
+
+    miou, iou = miou_from_confusion(np.zeros((3, 4), np.int64))
+    assert np.isnan(miou) and iou == [None, None, None]
+
+
+def test_bad_counts_shape_is_named():
+    with pytest.raises(ValueError, match=r"\(\.\.\., C, C\+1\)"):
+        metrics.iou(np.zeros((3, 3)))
+
+
+# -- the bootstrap interval of the demo's comparison ------------------------------------------
+
+
+def test_bootstrap_interval_of_identical_models_is_zero():
+    rng = np.random.default_rng(0)
+    inter = rng.integers(0, 50, size=(7, 1, 5))
+    union = inter + rng.integers(0, 50, size=(7, 1, 5))
+    one = np.stack([inter, union], axis=-1)
+    stats = np.concatenate([one, one], axis=1)  # (I, 2, C, 2): the same model twice
+    assert metrics.bootstrap_miou_diff(stats, 200, 0) == (0.0, 0.0)
+
+
+def test_bootstrap_interval_brackets_the_difference_and_matches_a_loop():
+    rng = np.random.default_rng(1)
+    n_img, c = 9, 4
+    inter = rng.integers(0, 40, size=(n_img, 2, c))
+    union = inter + rng.integers(1, 40, size=(n_img, 2, c))
+    stats = np.stack([inter, union], axis=-1)
+    lo, hi = metrics.bootstrap_miou_diff(stats, 500, 3)
+
+    def miou(s):
+        return 100.0 * np.mean(s[..., 0].sum(0) / s[..., 1].sum(0), axis=-1)
+
+    full = miou(stats)
+    assert lo <= full[0] - full[1] <= hi
+    # reference: the same multinomial resamples, summed image by image in a loop
+    w = np.random.default_rng(3).multinomial(n_img, np.full(n_img, 1 / n_img), size=500)
+    diffs = []
+    for row in w:
+        acc = np.zeros((2, c, 2))
+        for i, k in enumerate(row):
+            acc += k * stats[i]
+        m = miou(acc[None])
+        diffs.append(m[0] - m[1])
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(BIN)/isle: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ demo: $(BIN)/isle
 
 test: $(BIN)/isle
 	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/isle
+	$(BIN)/ruff check .
 
 bench: $(BIN)/isle
 	$(BIN)/python -m benchmarks

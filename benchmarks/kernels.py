@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           lambda: cpu.confusion_labels(gt, conf4[:1], C),
           lambda: ref_confusion(gt, conf4[:1]), "per-image np.bincount",
           lambda a, b: np.array_equal(a[:, :, :C], b))
-    del conf4
+    conf4 = None  # free it (the lambdas above have run)
     n_noise = max(1, n_img // 8)
     noise = tuple(rng.integers(0, C, gt[:n_noise].shape).astype(np.uint8) for _ in range(4))
     bench("confusion_labels", f"{n_noise} images of random noise (worst case), 4 sets", gt[:n_noise].size * 4,
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           lambda: cpu.subset_confusion_labels(g8, sets8, sels8, members8, priority, cpu.SCORE, C),
           lambda: ref_subsets(g8, sets8, sels8, members8, priority, cpu.SCORE),
           "per subset: NumPy merge + bincount", np.array_equal, k_ref=1)
-    del g8, sets8
+    g8 = sets8 = None
 
     # scores: decode, confusion, merge, subsets
     gs = gt[:n_scores]
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   lambda: cpu.subset_confusion_scores(g3, sc3, sels3, members3, cpu.SCORE, C),
                   ref_sub_scores, "per subset: NumPy merge + argmax + bincount",
                   lambda a, b: np.array_equal(a[:, :, :C], b), k_ref=1)
-        del sc
+        sc = None
 
     table = [{"kernel": r["kernel"], "data": r["data"], "ours": _fmt_rate(r["ours_rate"], r["unit"]),
               "reference": r["reference"], "ref": _fmt_rate(r["ref_rate"], r["unit"]),

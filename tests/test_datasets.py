@@ -163,7 +163,7 @@ def test_deterministic_and_prefix_stable():
     assert a.ids == b.ids and a.train_ids == b.train_ids and a.val_ids == b.val_ids
     np.testing.assert_array_equal(a.quality, b.quality)
     for i in range(4):
-        sa, sb, sl, so = a.sample(i), b.sample(i), longer.sample(i), other.sample(i)
+        sa, sb, sl = a.sample(i), b.sample(i), longer.sample(i)
         for x, y in ((sa, sb), (sa, sl)):
             np.testing.assert_array_equal(x.image, y.image)
             np.testing.assert_array_equal(x.gt, y.gt)

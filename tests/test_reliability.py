@@ -895,7 +895,7 @@ def run_on_stores(command: str, stores: dict[str, Path], target: str, out: Path,
                     _store_data(out / "e.zarr")[2])
     elif command == "export":
         rc, o, err = quiet_cli(["export", t, "--out", out / "png", "--quiet"])
-        made = None if rc else {p.name: np.asarray(Image.open(p)) for p in sorted((out / "png").iterdir())}
+        made = None if rc else {p.name: np.asarray(Image.open(p)) for p in sorted((out / "png").glob("*.png"))}
         if rc:
             assert not (out / "png").exists()
     elif command == "report":
@@ -1751,7 +1751,8 @@ def _cam_truncated_npz(d: Path, i: str) -> None:
 
 
 def _cam_pickled(d: Path, i: str) -> None:
-    obj = {"keys": np.array([0, 14]), "high_res": _smooth_cam()}
+    # a plain dict of arrays is read by the restricted unpickler; one that names another global is refused
+    obj = {"keys": np.array([0, 14]), "high_res": _smooth_cam(), "evil": _System(str(d / "PWNED"))}
     np.save(d / f"{i}.npy", np.array(obj, dtype=object), allow_pickle=True)
 
 

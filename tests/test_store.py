@@ -247,7 +247,7 @@ def test_missing_chunk_is_an_error_naming_store_array_chunk_and_images(tmp_path,
     from zarr.codecs import ZstdCodec
 
     comp = None if codecs == "default" else (ZstdCodec(level=3),)
-    s = _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp), compressors=comp)
+    _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp), compressors=comp)
     victim = tmp_path / "s.zarr" / "labels" / "c" / "1" / "0" / "0"
     assert victim.exists()
     victim.unlink()

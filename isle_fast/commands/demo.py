@@ -584,7 +584,7 @@ def step_train(ctx: DemoContext) -> Path | None:
                       f"mean of {len(seeds)} seeds; the seeds' own spread is not in the interval)"))
     if len(seeds) > 1:
         wins = int((per_seed[:, 0] > per_seed[:, 1]).sum())
-        verdict += (f"; per seed: " + ", ".join(f"{a:.1f} vs {b:.1f}" for a, b in per_seed)
+        verdict += ("; per seed: " + ", ".join(f"{a:.1f} vs {b:.1f}" for a, b in per_seed)
                     + f" (ensemble ahead in {wins} of {len(seeds)})")
     ctx.results["train"] = {
         "config": {**cfg, "weights": "none"},

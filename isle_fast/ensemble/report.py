@@ -365,7 +365,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         iou, miou = ev.iou, ev.miou
 
         # -- Markdown ---------------------------------------------------------------------
-        md = [f"# ISLE report\n", f"Ground truth: `{gt_stack.path}` ({gt_stack.num_images} images, "
+        md = ["# ISLE report\n", f"Ground truth: `{gt_stack.path}` ({gt_stack.num_images} images, "
               f"{len(classes)} classes). IoU in percent, {ev.average}-level average. "
               f"Ensemble: {ens_source or 'none'}.\n"]
         header = ["method"] + classes + ["mIoU"]

@@ -990,7 +990,7 @@ def ingest_dask(
 
         def fix(block: np.ndarray, block_info=None) -> np.ndarray:
             loc = block_info[0]["array-location"]
-            (i0, i1), (r0, r1), (c0, c1) = loc[0], loc[1], loc[2]
+            (i0, i1), (r0, _), (c0, _) = loc[0], loc[1], loc[2]
             outb = np.empty(block.shape, dtype=target.dtype)
             for j in range(i1 - i0):
                 try:

@@ -470,6 +470,8 @@ def step_report(ctx: DemoContext) -> Path:
 
 def _affinity_params(ctx: DemoContext) -> list[str]:
     """The refine step's AffinityNet settings as ``--param`` strings."""
+    import json
+
     settings = dict(AFFINITY_QUICK if ctx.args.quick else AFFINITY_DEFAULT, seed=ctx.args.seed)
     return [f"affinity.{k}={json.dumps(v)}" for k, v in settings.items()]
 

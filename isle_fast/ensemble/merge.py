@@ -236,8 +236,8 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
 
 
 def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], shapes: np.ndarray,
-                      choice: np.ndarray, block: tuple[int, int, int], region: tuple[int, int, int], *,
-                      backend: str, plan: MergePlan) -> int:
+                      choice: np.ndarray, allowed: np.ndarray | None, block: tuple[int, int, int],
+                      region: tuple[int, int, int], *, backend: str, plan: MergePlan) -> int:
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk."""
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
@@ -249,7 +249,8 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
               for sp, t in zip(specs, tails)]
     i0 = i * k
     with task_kernels(backend) as K:
-        lab, _ = merge_chunk(K, plan, blocks, choice[i0:i0 + region[0]])
+        rows = None if allowed is None else allowed[i0:i0 + region[0]]
+        lab, _ = merge_chunk(K, plan, blocks, choice[i0:i0 + region[0]], rows)
     lab = np.require(lab, np.uint8, ["C", "W"])
     inside = _fill_padding(lab, shapes[i0:i0 + region[0]], j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
@@ -257,7 +258,7 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
 
 
 def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: MergePlan, choice: np.ndarray,
-                 *, backend: str, progress: bool) -> int | None:
+                 *, backend: str, progress: bool, allowed: np.ndarray | None = None) -> int | None:
     """The merge on a thread pool here (one task per gt chunk, direct chunk reads and writes); pixels written.
 
     None when the stores do not allow it (see :func:`isle_fast.ensemble.evaluate.local_specs`; label
@@ -284,7 +285,9 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
              for i in range(-(-n // k)) for j in range(-(-h // hc)) for l in range(-(-w // wc))]
     tails = [tuple(int(v) for v in st.shape[3:]) for st in member_stacks]
     fn = partial(_local_merge_task, specs[1:], out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
-                 np.asarray(choice, dtype=np.int64), backend=backend, plan=plan)
+                 np.asarray(choice, dtype=np.int64),
+                 None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool),
+                 backend=backend, plan=plan)
     written = 0
     with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
             bar(total=len(tasks), desc="merge", unit="chunk", quiet=not progress) as pb:
@@ -512,7 +515,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                           provenance=provenance, overwrite=overwrite)
     expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
     try:
-        written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be, progress=progress)
+        written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be, progress=progress,
+                                    allowed=allowed)
         if written_here is not None:
             if written_here != expected:  # every chunk must have run exactly once
                 raise RuntimeError(f"merge wrote {written_here} pixels, expected {expected}")

@@ -42,8 +42,8 @@ from isle_fast.errors import IsleError, StoreError
 __all__ = [
     "MANIFEST_ATTR",
     "ChunkNames",
-    "CheckedStore",
-    "CheckedArray",
+    "CheckedStore",  # noqa: F822 (made on first use: module __getattr__)
+    "CheckedArray",  # noqa: F822
     "StoreCheck",
     "checksum_codec",
     "record_manifests",

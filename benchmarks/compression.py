@@ -313,7 +313,7 @@ def checksum_cost(datasets: dict[str, tuple[np.ndarray, tuple[int, ...]]],
     import shutil
     import tempfile
 
-    from benchmarks.common import tmp_dir
+    from .common import tmp_dir
     from isle_fast.stores.stack import open_stack
 
     rows = []

@@ -170,8 +170,10 @@ def test_ingest_image_labels_store_checks_ids(tmp_path, capsys):
                       overwrite=True, quiet=True)
     from isle_fast.ensemble.merge import merge
 
+    pseudo = ingest_labels(tmp_path / "gt", tmp_path / "p.zarr", kind="pseudo", quiet=True)
     with pytest.raises(InputError, match="--image-labels .*il.zarr is also the output"):
-        merge([gt], gt, tmp_path / "il.zarr", image_labels=tmp_path / "il.zarr", overwrite=True, progress=False)
+        merge([pseudo], gt, tmp_path / "il.zarr", image_labels=tmp_path / "il.zarr", overwrite=True,
+              progress=False)
     assert (tmp_path / "il.zarr" / "zarr.json").read_bytes() == before
 
 

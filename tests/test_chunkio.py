@@ -28,6 +28,8 @@ def _chunk_files(root: str) -> dict[str, str]:
 CODECS = {
     "zstd3": (ZstdCodec(level=3),),
     "zstd1+crc32c": (ZstdCodec(level=1), Crc32cCodec()),
+    "zstd3+crc32c": (ZstdCodec(level=3), Crc32cCodec()),   # default_compressors("labels"): every new store
+    "crc32c": (Crc32cCodec(),),
     "zstd-checksum": (ZstdCodec(level=2, checksum=True),),
     "raw": (),
 }
@@ -100,3 +102,60 @@ def test_a_task_never_recreates_a_removed_store(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_block(spec, 0, np.zeros((2, 3, 3), np.uint8))
     assert not (tmp_path / "s.tmp").exists()
+
+
+@pytest.mark.parametrize("encoding", ["labels", "scores"])
+def test_default_chains_are_checksummed_and_equal_zarr(tmp_path, encoding):
+    """The chains every new store gets end in crc32c; direct writes of them are Zarr's bytes."""
+    from isle_fast.stores.stack import default_compressors
+
+    chain = default_compressors(encoding)
+    assert isinstance(chain[-1], Crc32cCodec)
+    shape, chunks = ((5, 13, 11, 4), (2, 7, 11, 4)) if encoding == "scores" else ((5, 13, 11), (2, 7, 5))
+    arr = (np.random.default_rng(1).random(shape) * 256).astype(np.uint8)
+    a = zarr.create_array(str(tmp_path / "a"), shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+                          compressors=chain).with_config({"write_empty_chunks": True})
+    a[:] = arr
+    b = zarr.create_array(str(tmp_path / "b"), shape=shape, chunks=chunks, dtype="uint8", fill_value=0,
+                          compressors=default_compressors(encoding))
+    spec = write_spec(b)
+    assert spec.direct and spec.crc32c
+    prepare_folders(spec)
+    for s0 in range(0, shape[0], chunks[0]):
+        write_block(spec, s0, arr[s0:s0 + chunks[0]])
+    assert _chunk_files(str(tmp_path / "a")) == _chunk_files(str(tmp_path / "b"))
+
+
+def test_process_ingest_writes_every_chunk_checksummed_with_a_manifest(tmp_path):
+    """Ingest in worker processes (direct chunk writes): every chunk there, crc32c, manifest, Zarr's bytes."""
+    from PIL import Image
+
+    from isle_fast.stores.chunks import MANIFEST_ATTR, check_stack
+    from isle_fast.stores.ingest import ingest_labels
+    from isle_fast.stores.stack import open_stack
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "png"
+    src.mkdir()
+    for i in range(23):
+        h, w = int(rng.integers(9, 40)), int(rng.integers(9, 40))
+        m = rng.integers(0, 5, (h, w)).astype(np.uint8)
+        m[: h // 3] = 0                          # all-background rows: chunks of the fill value are written too
+        Image.fromarray(m, mode="L").save(src / f"im{i:02d}.png")
+    st_ = ingest_labels(src, tmp_path / "s.zarr", classes=[f"c{k}" for k in range(5)], kind="gt",
+                        chunks=(4, 16, 16), workers=2, quiet=True)
+    check = check_stack(st_, progress=False)
+    assert check.ok, check.problems
+    assert all(check.checksums.values()) and all(check.manifests.values())
+    arr = st_.array
+    grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks)]
+    files = _chunk_files(str(tmp_path / "s.zarr" / "labels"))
+    assert len(files) == int(np.prod(grid))                  # every chunk written
+    assert len(arr.attrs[MANIFEST_ATTR]) == int(np.prod(grid))
+    # Zarr writing the same array with the same codecs gives the same chunk files
+    z = zarr.create_array(str(tmp_path / "z"), shape=arr.shape, chunks=arr.chunks, dtype="uint8",
+                          fill_value=arr.fill_value, compressors=arr.compressors
+                          ).with_config({"write_empty_chunks": True})
+    z[:] = np.asarray(arr[:])
+    assert _chunk_files(str(tmp_path / "z")) == files
+    assert open_stack(tmp_path / "s.zarr").ids == [f"im{i:02d}" for i in range(23)]

@@ -94,3 +94,85 @@ def test_backend_choice_imports_nothing_heavy(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------ the fast open keeps every check of open_stack
+def _damaged_copy(root: Path, tmp: Path, name: str) -> Path:
+    import shutil
+
+    dst = tmp / name
+    shutil.copytree(root / "s1.zarr", dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["ids-flip", "ids-missing", "shapes-swap", "main-missing", "main-flip",
+                                    "main-swap", "dup-ids", "manifest"])
+def test_fast_open_and_local_pass_raise_store_errors(tmp_path, damage):
+    """A store opened from its documents (no Zarr) fails exactly where open_stack through Zarr fails, and the
+    local evaluate pass (direct reads) names a missing, damaged or swapped chunk."""
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.errors import StoreError
+    from isle_fast.stores import stack as S
+    from isle_fast.stores.stack import open_stack
+
+    root = tmp_path / "stores"
+    root.mkdir()
+    _stores(root)
+    st = _damaged_copy(root, tmp_path, "d.zarr")
+    assert open_stack(st)._group is None              # opened without Zarr
+    if damage.startswith("ids") or damage == "shapes-swap" or damage == "dup-ids":
+        arr = "shapes" if damage == "shapes-swap" else "ids"
+        chunk = st / arr / "c" / "0"
+        if damage == "ids-flip":
+            raw = bytearray(chunk.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            chunk.write_bytes(bytes(raw))
+        elif damage == "ids-missing":
+            chunk.unlink()
+        elif damage == "shapes-swap":
+            (st / "shapes" / "c" / "0" / "0").write_bytes(b"\x00" * 12)
+        else:
+            import zarr
+
+            g = zarr.open_group(str(st), mode="r+")
+            ids = list(g["ids"][:])
+            ids[1] = ids[0]
+            g["ids"][:] = np.asarray(ids, dtype=object)
+            from isle_fast.stores.chunks import record_manifests
+
+            record_manifests(g)
+        with pytest.raises(StoreError) as fast:
+            open_stack(st)
+        light, S._open_light = S._open_light, (lambda *a, **k: None)   # Zarr's path only
+        try:
+            with pytest.raises(StoreError) as slow:
+                open_stack(st)
+        finally:
+            S._open_light = light
+        assert str(fast.value) == str(slow.value)
+        assert str(st) in str(fast.value)
+        return
+    if damage == "manifest":
+        doc = json.loads((st / "labels" / "zarr.json").read_text())
+        doc["attributes"]["isle_chunk_crc32c"] = doc["attributes"]["isle_chunk_crc32c"][:-1]
+        (st / "labels" / "zarr.json").write_text(json.dumps(doc))
+        with pytest.raises(StoreError, match="isle_chunk_crc32c"):
+            open_stack(st)
+        return
+    chunks = sorted(p for p in (st / "labels").rglob("*") if p.is_file() and p.name != "zarr.json")
+    if damage == "main-missing":
+        chunks[0].unlink()
+        want = "is missing"
+    elif damage == "main-flip":
+        raw = bytearray(chunks[0].read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        chunks[0].write_bytes(bytes(raw))
+        want = "is damaged"
+    else:
+        a, b = chunks[0].read_bytes(), chunks[1].read_bytes()
+        chunks[0].write_bytes(b)
+        chunks[1].write_bytes(a)
+        want = "is damaged"
+    opened = open_stack(st)
+    with pytest.raises(StoreError, match=f"{st}: array 'labels', chunk c/.* {want}"):
+        evaluate([opened], str(root / "gt.zarr"), backend="cpu", progress=False)

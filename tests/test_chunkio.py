@@ -140,7 +140,7 @@ def test_process_ingest_writes_every_chunk_checksummed_with_a_manifest(tmp_path)
     for i in range(23):
         h, w = int(rng.integers(9, 40)), int(rng.integers(9, 40))
         m = rng.integers(0, 5, (h, w)).astype(np.uint8)
-        m[: h // 3] = 0                          # all-background rows: chunks of the fill value are written too
+        m[: h // 3] = 0      # all-background rows: chunks of the fill value are written too
         Image.fromarray(m, mode="L").save(src / f"im{i:02d}.png")
     st_ = ingest_labels(src, tmp_path / "s.zarr", classes=[f"c{k}" for k in range(5)], kind="gt",
                         chunks=(4, 16, 16), workers=2, quiet=True)

@@ -641,7 +641,8 @@ def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold
         if per_image:
             per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images
             n, c = len(stacks), gt.num_classes
-            stats = per_img.map_blocks(metrics.intersection_union, chunks=(per_img.chunks[0], (n,), (c,), (2,)),
+            stats = per_img.map_blocks(metrics.intersection_union,
+                                       chunks=(per_img.chunks[0], (n,), (c,), (2,)),
                                        dtype=np.int64)
             return dask.compute(per_img.sum(axis=0), stats, scheduler=dask_scheduler())
         (counts,) = dask.compute(graph.sum(axis=(0, 1, 2)), scheduler=dask_scheduler())

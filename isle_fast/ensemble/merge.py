@@ -515,8 +515,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                           provenance=provenance, overwrite=overwrite)
     expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
     try:
-        written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be, progress=progress,
-                                    allowed=allowed)
+        written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be,
+                                    progress=progress, allowed=allowed)
         if written_here is not None:
             if written_here != expected:  # every chunk must have run exactly once
                 raise RuntimeError(f"merge wrote {written_here} pixels, expected {expected}")

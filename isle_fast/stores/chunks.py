@@ -294,7 +294,7 @@ def _zarr_classes() -> dict[str, type]:
         get_block_selection = _checked_read("get_block_selection", "block")
 
         def _locate(self, kind: str, selection: Any, exc: BaseException) -> BaseException:
-            """The error naming the first chunk of ``selection`` that does not read (on a failed read only)."""
+            """The error naming the first chunk of ``selection`` that fails to read (after a failed read)."""
             names = self._names
             if names is None:
                 return StoreError(f"array {self.path!r} of {self.store}: a chunk is damaged: {_reason(exc)}")

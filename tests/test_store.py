@@ -538,3 +538,34 @@ def test_quantize_scores_rejects_other_dtypes():
 
     with pytest.raises(InputError, match="uint8, float16 or float32"):
         quantize_scores(np.zeros((2, 3), np.float32), "int16")
+
+
+def test_a_class_deleted_from_the_attributes_is_damage_not_another_store(tmp_path):
+    """Deleting one name from ``classes`` leaves a store that is consistent in itself (its labels
+    may all be below the new class count), so only the identity checksum written at commit tells
+    that every later class name moved; a store written before the checksum still opens."""
+    import json
+
+    _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp))
+    meta = tmp_path / "s.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    assert "isle_identity_crc32c" in doc["attributes"]
+    del doc["attributes"]["classes"][1]
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="classes.*do not match the checksum"):
+        open_stack(tmp_path / "s.zarr")
+    del doc["attributes"]["isle_identity_crc32c"]  # as written before the checksum existed
+    meta.write_text(json.dumps(doc))
+    assert len(open_stack(tmp_path / "s.zarr").classes) == len(CLASSES) - 1
+
+
+def test_ids_metadata_claiming_billions_is_an_error_not_an_allocation(tmp_path):
+    import json
+
+    _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp))
+    meta = tmp_path / "s.zarr" / "ids" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["shape"] = [4_247_762_216]
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="is damaged|disagree on the number of images"):
+        open_stack(tmp_path / "s.zarr")

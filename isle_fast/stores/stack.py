@@ -38,6 +38,7 @@ guards the store.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -486,6 +487,43 @@ _DTYPES: dict[str, tuple[np.dtype, ...]] = {
 }
 
 
+#: Group attribute holding the crc32c of the attributes that say what the data means (written at commit).
+IDENTITY_ATTR = "isle_identity_crc32c"
+_IDENTITY_KEYS = ("kind", "encoding", "classes", "ignore_index", "score_scale")
+
+
+def identity_crc32c(attrs: dict) -> int:
+    """crc32c of the attributes that give the stored numbers their meaning (kind, encoding, classes,
+    ignore index, score scale): a class deleted from ``classes`` would shift every later class name
+    and still open as a consistent store; the checksum tells."""
+    import google_crc32c
+
+    doc = json.dumps({k: attrs.get(k) for k in _IDENTITY_KEYS}, sort_keys=True, separators=(",", ":"))
+    return int(google_crc32c.value(doc.encode("utf-8")))
+
+
+def _check_identity(path: str, attrs: dict) -> None:
+    """The identity checksum, where the store has one (stores written before it existed have none)."""
+    if IDENTITY_ATTR not in attrs:
+        return
+    if attrs[IDENTITY_ATTR] != identity_crc32c(attrs):
+        raise StoreError(f"{path}: its attributes {', '.join(_IDENTITY_KEYS)} do not match the checksum "
+                         f"written when it was made ({IDENTITY_ATTR}); the store's metadata is damaged")
+
+
+def _check_image_counts(path: str, ids: Any, shapes: Any, main: Any, encoding: str) -> None:
+    """``ids``, ``shapes`` and the main array agree on the number of images, from their metadata
+    alone: a damaged ``zarr.json`` claiming billions of ids must be an error, not an allocation."""
+    counts = {"ids": ids.shape, "shapes": shapes.shape, encoding: main.shape}
+    n = {name: int(shape[0]) if len(shape) else None for name, shape in counts.items()}
+    if len(ids.shape) == 1 and len(shapes.shape) and n["shapes"] != n["ids"]:
+        raise StoreError(f"{path}: 'shapes' has {n['shapes']} rows but 'ids' has {n['ids']} images")
+    if len(set(n.values())) != 1:
+        desc = ", ".join(f"'{name}' {tuple(counts[name])}" for name in n)
+        raise StoreError(f"{path}: its arrays disagree on the number of images ({desc}); the store's "
+                         "metadata is damaged")
+
+
 def _read_ids(path: str, arr: Any) -> list[str]:
     """The ``ids`` array (a CheckedArray, or its values), checked: one string per image, no id twice."""
     dt = np.dtype(arr.dtype)
@@ -573,6 +611,7 @@ class Stack:
             attrs = dict(group.attrs)
         self.attrs = attrs
         _check_attrs(self.path, attrs)
+        _check_identity(self.path, attrs)
         self.kind: str = attrs["kind"]
         self.name: str = attrs["name"]
         self.classes: list[str] = list(attrs["classes"])
@@ -590,9 +629,11 @@ class Stack:
             self.array_names: list[str] = list(light.array_names)
             _check_main_array(self)
             return
-        self.ids = _read_ids(self.path, self.member("ids"))
-        self.shapes = _read_shapes(self.path, self.member("shapes"), self.ids)
+        ids_array, shapes_array = self.member("ids"), self.member("shapes")
         arr = self.member(self.encoding)
+        _check_image_counts(self.path, ids_array, shapes_array, arr, self.encoding)  # before reading any
+        self.ids = _read_ids(self.path, ids_array)
+        self.shapes = _read_shapes(self.path, shapes_array, self.ids)
         self.meta = ArrayMeta.of(arr)
         self._names = arr._names
         self._spec = fast_chunk_spec(arr, arr._names)
@@ -960,6 +1001,7 @@ class StackWriter:
         if self.done:
             raise StoreError(f"{self.path} was already committed or aborted")
         record_manifests(self.group)  # every chunk there; its checksum recorded where it belongs
+        self.group.attrs[IDENTITY_ATTR] = identity_crc32c(dict(self.group.attrs))
         self.group.attrs["complete"] = True
         if self.work_path != self.path:
             from isle_fast.outputs import commit_dir

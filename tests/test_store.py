@@ -569,3 +569,19 @@ def test_ids_metadata_claiming_billions_is_an_error_not_an_allocation(tmp_path):
     meta.write_text(json.dumps(doc))
     with pytest.raises(StoreError, match="is damaged|disagree on the number of images"):
         open_stack(tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("key,value", [("chunk_key_encoding", True), ("codecs", None),
+                                       ("chunk_grid", 7), ("shape", "x")])
+def test_array_metadata_of_an_unexpected_shape_is_a_store_error(tmp_path, key, value):
+    """The fast open (no Zarr) meets a damaged ``ids/zarr.json`` (the fuzz set keys to true / null):
+    it hands the store to Zarr's path, which names the problem; never an AttributeError."""
+    import json
+
+    _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp))
+    meta = tmp_path / "s.zarr" / "ids" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc[key] = value
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError):
+        open_stack(tmp_path / "s.zarr")

@@ -931,7 +931,16 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
         kinds = (kind,) if isinstance(kind, str) else tuple(kind)
         if attrs["kind"] not in kinds:
             raise StoreError(f"{spath} is {kind_phrase(attrs['kind'])}; expected {' or '.join(kinds)}")
-    light = _open_light(_local(spath), spath, attrs["encoding"], attrs) if group is None else None
+    light = None
+    if group is None:
+        try:
+            light = _open_light(_local(spath), spath, attrs["encoding"], attrs)
+        except IsleError:
+            raise
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, OverflowError):
+            # metadata of a shape the fast open does not expect (damaged, or written by another
+            # tool): Zarr's path reads it, or names what is wrong with it
+            light = None
     if light is not None:
         return Stack(spath, light=light)
     return Stack(spath, group if group is not None else _zarr_group(spath))

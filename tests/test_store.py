@@ -585,3 +585,40 @@ def test_array_metadata_of_an_unexpected_shape_is_a_store_error(tmp_path, key, v
     meta.write_text(json.dumps(doc))
     with pytest.raises(StoreError):
         open_stack(tmp_path / "s.zarr")
+
+
+def test_missing_chunk_is_an_error_when_threads_open_the_group_at_once(tmp_path, monkeypatch):
+    """Two threads that open a fast-opened stack's Zarr group at the same moment (Dask threads share one
+    Stack in refine) each got a group; the array came from one and its chunk names were registered on the
+    other's store, so a missing chunk read as the fill value (a deleted set chunk refined to another result,
+    exit 0, found once by the damage fuzz). The interleaving is forced here: every ``group`` access opens
+    a new group, as a second thread's assignment would make it."""
+    import threading
+
+    import isle_fast.stores.stack as S
+
+    _stack_with(tmp_path / "s.zarr", lambda shp: np.ones(shp))
+    (tmp_path / "s.zarr" / "labels" / "c" / "1" / "0" / "0").unlink()
+    monkeypatch.setattr(S.Stack, "group", property(lambda self: S._zarr_group(self.path)))
+    with pytest.raises(StoreError, match="missing"):
+        open_stack(tmp_path / "s.zarr").array[...]
+    monkeypatch.undo()
+
+    # and for real: many threads reading a freshly opened stack at once all see the error
+    for _ in range(20):
+        s = open_stack(tmp_path / "s.zarr")
+        start, errors = threading.Barrier(6), []
+
+        def read():
+            start.wait()
+            try:
+                s.array[...]
+            except StoreError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=read) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 6

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -604,6 +605,7 @@ class Stack:
     def __init__(self, path: str | os.PathLike, group: Any = None, light: "_LightStore | None" = None):
         self.path = str(path)
         self._group = group
+        self._lock = threading.RLock()
         self._array = None
         if light is not None:   # read from the JSON documents and two small chunks, without Zarr
             attrs = dict(light.attrs)
@@ -645,12 +647,23 @@ class Stack:
                              f"({type(exc).__name__}: {exc})") from None
         self.array_names = ["ids", "shapes", self.encoding] + others
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a Stack travels to worker processes; its lock does not
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     # -- the Zarr objects, opened on first use ---------------------------------------
     @property
     def group(self) -> Any:
         """The store's Zarr group, read-only, on a :class:`CheckedStore` (opened on first use)."""
         if self._group is None:
-            self._group = _zarr_group(self.path)
+            with self._lock:  # Dask threads share one Stack: open the group once
+                if self._group is None:
+                    self._group = _zarr_group(self.path)
         return self._group
 
     @property
@@ -675,13 +688,19 @@ class Stack:
         the store and array when it is absent or its metadata (zarr.json, the chunk
         manifest) is damaged.
         """
-        from isle_fast.stores import chunks
-
         arr = self._members.get(name)
         if arr is not None:
             return arr
+        with self._lock:
+            arr = self._members.get(name)
+            return arr if arr is not None else self._open_member(name)
+
+    def _open_member(self, name: str) -> Any:
+        from isle_fast.stores import chunks
+
+        group = self.group
         try:
-            raw = self.group[name]
+            raw = group[name]
             names = names_for(self.path, name, raw, self.ids)
         except IsleError:
             raise
@@ -692,9 +711,12 @@ class Stack:
                              f"({type(exc).__name__}: {exc})") from None
         if not hasattr(raw, "chunks"):
             raise StoreError(f"{self.path}: {name!r} is a group, not an array")
-        store = self.group.store
-        if isinstance(store, chunks.CheckedStore):
-            store.arrays[name] = names
+        # the chunk names go to the store this very array reads through (a group opened by another
+        # thread has a store of its own, whose registration would not guard this array)
+        store = raw.store
+        if not isinstance(store, chunks.CheckedStore):
+            raise StoreError(f"{self.path}: array {name!r} is not read through a checked store")
+        store.arrays[name] = names
         arr = self._members[name] = chunks.CheckedArray(raw, names)
         return arr
 

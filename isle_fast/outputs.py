@@ -63,6 +63,7 @@ __all__ = [
     "MARKER",
     "JSON_KEY",
     "Leftover",
+    "AllOrNothing",
     "FolderOutput",
     "final_path",
     "temp_path",
@@ -591,7 +592,30 @@ def commit_dir(work: str | os.PathLike, final: str | os.PathLike, *, overwrite: 
             remove_path(lo.path)
 
 
-class FolderOutput:
+class AllOrNothing:
+    """Context-manager half of an output built aside: commit on success, abort on any exception.
+
+    Subclasses set ``done`` and define ``commit()`` and ``abort()``; Ctrl-C and SIGTERM
+    (raised as exceptions here) abort too.
+    """
+
+    done: bool
+
+    def commit(self) -> Any:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def abort(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if not self.done:
+                self.commit()
+        else:
+            self.abort()
+
+
+class FolderOutput(AllOrNothing):
     """A folder output built in a temporary sibling, marked as the project's, renamed into place.
 
     ``out = FolderOutput(path, command="isle export", overwrite=..., inputs=[...])`` checks the
@@ -632,10 +656,3 @@ class FolderOutput:
 
     def __enter__(self) -> Path:
         return self.work
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if not self.done:
-                self.commit()
-        else:
-            self.abort()

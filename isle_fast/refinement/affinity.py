@@ -184,10 +184,14 @@ def _build_model_class():
     nn = torch.nn
     F = torch.nn.functional
 
-    class _AffinityNet(nn.Module):
+    from isle_fast.training.backbones import ParameterGroups
+
+    class _AffinityNet(ParameterGroups, nn.Module):
+        HEAD_MODULES = ("head1", "head2", "head4", "fuse")
+
         def __init__(self, backbone: str = "resnet50", weights: Any = None, stride: int = 8, dim: int = 448):
             super().__init__()
-            from isle_fast.training.backbones import load_resnet
+            from isle_fast.training.backbones import load_resnet, out_channels
 
             if stride not in (4, 8):
                 raise InputError(f"affinity.stride must be 4 or 8, not {stride}")
@@ -196,7 +200,7 @@ def _build_model_class():
                               replace_stride_with_dilation=[False, True, True] if bottleneck else None)
             self.stem = nn.Sequential(res.conv1, res.bn1, res.relu, res.maxpool)
             self.layer1, self.layer2, self.layer3, self.layer4 = res.layer1, res.layer2, res.layer3, res.layer4
-            c1, c2, c4 = _out_channels(res.layer1), _out_channels(res.layer2), _out_channels(res.layer4)
+            c1, c2, c4 = out_channels(res.layer1), out_channels(res.layer2), out_channels(res.layer4)
             d1, d2 = dim // 7, 2 * dim // 7
             d4 = dim - d1 - d2
             self.head1 = nn.Conv2d(c1, d1, 1, bias=False)
@@ -208,14 +212,6 @@ def _build_model_class():
             self.stride = stride
             self.dim = dim
             self.backbone_name = backbone
-
-        def backbone_parameters(self):
-            for mod in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
-                yield from mod.parameters()
-
-        def head_parameters(self):
-            for mod in (self.head1, self.head2, self.head4, self.fuse):
-                yield from mod.parameters()
 
         def train(self, mode: bool = True):
             super().train(mode)
@@ -241,12 +237,6 @@ def _build_model_class():
             return F.elu(self.fuse(f))
 
     return _AffinityNet
-
-
-def _out_channels(layer) -> int:
-    last = layer[-1]
-    conv = getattr(last, "conv3", None) or last.conv2
-    return int(conv.out_channels)
 
 
 _MODEL_CLASS = None

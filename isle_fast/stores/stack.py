@@ -50,6 +50,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from isle_fast.errors import AlignmentError, InputError, IsleError, StoreError
+from isle_fast.outputs import AllOrNothing
 from isle_fast.stores.chunks import (
     ChunkNames,
     ChunkSpec,
@@ -982,7 +983,7 @@ def _zarr_group(spath: str) -> Any:
         raise StoreError(f"{spath} is not a Zarr v3 group: {exc}") from None
 
 
-class StackWriter:
+class StackWriter(AllOrNothing):
     """Writes one stack store; all-or-nothing.
 
     Made by :func:`create_stack`. Fill it with :meth:`write_image` (one image,
@@ -1065,13 +1066,6 @@ class StackWriter:
 
     def __enter__(self) -> "StackWriter":
         return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if not self.done:
-                self.commit()
-        else:
-            self.abort()
 
 
 def create_stack(

@@ -22,11 +22,40 @@ from typing import Sequence
 
 from isle_fast.errors import InputError
 
-__all__ = ["RESNETS", "NARROW", "load_resnet"]
+__all__ = ["RESNETS", "NARROW", "load_resnet", "out_channels", "ParameterGroups"]
 
 #: Narrow ResNets: name -> (torchvision layout it follows, stem width).
 NARROW = {"resnet18_w32": ("resnet18", 32), "resnet18_w16": ("resnet18", 16)}
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101") + tuple(NARROW)
+
+
+
+def out_channels(layer) -> int:
+    """Channels a ResNet layer outputs: the width of its last BatchNorm (any block type, any width)."""
+    import torch.nn as nn
+
+    return [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
+class ParameterGroups:
+    """The two parameter groups of a network on a ResNet backbone (the head gets a larger learning rate).
+
+    Mixed into an ``nn.Module`` that names its head modules in ``HEAD_MODULES``; the backbone is
+    the ResNet stem and ``layer1``-``layer4``.
+    """
+
+    BACKBONE_MODULES: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
+    HEAD_MODULES: tuple[str, ...] = ()
+
+    def backbone_parameters(self):
+        """Parameters of the ResNet (for a separate learning rate)."""
+        for name in self.BACKBONE_MODULES:
+            yield from getattr(self, name).parameters()
+
+    def head_parameters(self):
+        """Parameters of everything after the backbone."""
+        for name in self.HEAD_MODULES:
+            yield from getattr(self, name).parameters()
 
 
 def _narrow_resnet(name: str):

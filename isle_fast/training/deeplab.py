@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isle_fast.training.backbones import RESNETS, load_resnet
+from isle_fast.training.backbones import RESNETS, ParameterGroups, load_resnet, out_channels
 from isle_fast.errors import InputError
 
 __all__ = ["DeepLabV3Plus", "build_deeplab", "OUTPUT_STRIDES"]
@@ -103,12 +103,7 @@ def _dilate_basic_layer(layer: nn.Sequential, dilation: int, previous: int) -> N
                     m.padding = (d, d)
 
 
-def _out_channels(layer: nn.Sequential) -> int:
-    """Channels a ResNet layer outputs (its last BatchNorm's width; any block type, any width)."""
-    return [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
-
-
-class DeepLabV3Plus(nn.Module):
+class DeepLabV3Plus(ParameterGroups, nn.Module):
     """DeepLabV3+ with a ResNet backbone; see the module docstring for the layout.
 
     Parameters
@@ -127,6 +122,8 @@ class DeepLabV3Plus(nn.Module):
     low_level_channels : int
         Channels of the low-level projection (48 in the paper).
     """
+
+    HEAD_MODULES = ("aspp", "low_proj", "decoder", "classifier")
 
     def __init__(self, num_classes: int, backbone: str = "resnet50",
                  weights: str | os.PathLike | None = None, output_stride: int = 16,
@@ -149,7 +146,7 @@ class DeepLabV3Plus(nn.Module):
                     d *= 2
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        high, low = _out_channels(self.layer4), _out_channels(self.layer1)
+        high, low = out_channels(self.layer4), out_channels(self.layer1)
         base = {8: 12, 16: 6, 32: 3}[output_stride]
         self.rates = (base, 2 * base, 3 * base)
         self.output_stride = output_stride
@@ -175,16 +172,6 @@ class DeepLabV3Plus(nn.Module):
                     nn.init.zeros_(m.bias)
         # Small classifier weights: the first logits are near 0 and the first loss near log(C).
         nn.init.normal_(self.classifier.weight, std=0.01)
-
-    def backbone_parameters(self):
-        """Parameters of the ResNet (for a separate learning rate)."""
-        for mod in (self.stem, self.layer1, self.layer2, self.layer3, self.layer4):
-            yield from mod.parameters()
-
-    def head_parameters(self):
-        """Parameters of ASPP, decoder and classifier."""
-        for mod in (self.aspp, self.low_proj, self.decoder, self.classifier):
-            yield from mod.parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes, H, W)`` for a normalized ``(N, 3, H, W)`` batch."""

@@ -84,7 +84,8 @@ def reference_loop(folder: Path, out_npy: Path, side: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from isle_fast.stores.ingest import _default_workers, ingest_labels
+    from isle_fast.stores.ingest import ingest_labels
+    from isle_fast.stores.ingest_engine import _default_workers
 
     p = bench_parser("ingest", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="label PNGs (default 500, quick 24)")

@@ -71,7 +71,8 @@ def irn_decode(path: Path) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     from isle_fast.kernels.cpu import decode_scores
     from isle_fast.stores.formats import read_scores
-    from isle_fast.stores.ingest import ingest_arrays, ingest_scores
+    from isle_fast.stores.ingest import ingest_scores
+    from isle_fast.stores.ingest_arrays import ingest_arrays
     from isle_fast.stores.stack import VOC_CLASSES, quantize_scores
 
     p = bench_parser("score_storage", __doc__.splitlines()[0])

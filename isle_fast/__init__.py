@@ -40,8 +40,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "stores.chunks": ("check_stack", "StoreCheck",),
     "stores.ingest": (
         "DEFAULT_BG_THRESHOLD", "read_ids", "resolve_classes", "ingest_labels", "ingest_scores",
-        "ingest_images", "ingest_tiff", "ingest_arrays", "ingest_dask",
+        "ingest_images",
     ),
+    "stores.ingest_tiff": ("ingest_tiff",),
+    "stores.ingest_arrays": ("ingest_arrays", "ingest_dask",),
     "stores.image_labels": (
         "ImageLabels", "read_image_labels", "ingest_image_labels", "open_image_labels",
         "resolve_image_labels",

@@ -13,15 +13,14 @@ from PIL import Image
 from isle_fast.errors import InputError, StoreError
 from isle_fast.stores.ingest import (
     DEFAULT_BG_THRESHOLD,
-    ingest_arrays,
-    ingest_dask,
     ingest_images,
     ingest_labels,
     ingest_scores,
-    ingest_tiff,
     read_ids,
     resolve_classes,
 )
+from isle_fast.stores.ingest_arrays import ingest_arrays, ingest_dask
+from isle_fast.stores.ingest_tiff import ingest_tiff
 from isle_fast.stores.formats import voc_colormap
 from reference import irn_decode, quantize_scores_u8
 

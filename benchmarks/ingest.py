@@ -38,14 +38,14 @@ def make_pngs(n: int, side: int, seed: int = 11) -> tuple[Path, int]:
     """Write (or reuse) ``n`` palette label PNGs; returns the folder and the total pixel count."""
     from PIL import Image
 
-    from isle_fast.stores.formats import voc_colormap
+    from isle_fast.stores.png import voc_palette
 
     folder = tmp_dir() / f"ingest-pngs-{n}-{side}-{seed}"
     marker = folder / ".complete"
     if not marker.exists():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        palette = voc_colormap().ravel().tolist()
+        palette = voc_palette().ravel().tolist()
         start = 0
         while start < n:  # generate in batches to bound memory
             m = min(50, n - start)

@@ -630,20 +630,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
-    from isle_fast.outputs import refuse_unsafe, write_marker
+    from isle_fast.outputs import check_replaceable_folder, refuse_unsafe, write_marker
 
     refuse_unsafe(out)   # never /, home, the working directory or a folder above it
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out} exists and is not a folder")
-        if any(out.iterdir()):
-            if not overwrite:
-                raise InputError(f"--out {out} exists and is not empty; choose another folder or pass "
-                                 "--overwrite to replace an earlier demo there")
-            if not (out / MARKER).is_file():
-                raise InputError(f"--out {out} is not empty and was not made by isle demo (no {MARKER}); "
-                                 "refusing to delete it even with --overwrite")
-            shutil.rmtree(out)
+    if check_replaceable_folder(
+            out, overwrite=overwrite, ours=lambda p: (p / MARKER).is_file(), name=f"--out {out}",
+            choose="choose another folder or pass --overwrite to replace an earlier demo there",
+            not_ours=f"was not made by isle demo (no {MARKER}); refusing to delete it even with --overwrite"):
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by isle demo; --overwrite may replace this folder\n")
     write_marker(out, "isle demo")  # any isle command's --overwrite may replace it, as any output folder

@@ -212,16 +212,12 @@ def _is_data_set_folder(p: Path) -> bool:
 
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise InputError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()):
-            if not overwrite:
-                raise InputError(f"{out_dir} exists and is not empty; choose another folder "
-                                 "or pass overwrite (--overwrite) to replace a data set made here")
-            if not _is_data_set_folder(out_dir):
-                raise InputError(f"{out_dir} is not empty and holds no dataset.json; refusing to "
-                                 "replace a folder that this tool did not make")
+    from isle_fast.outputs import check_replaceable_folder
+
+    check_replaceable_folder(
+        out_dir, overwrite=overwrite, ours=_is_data_set_folder, name=str(out_dir),
+        choose="choose another folder or pass overwrite (--overwrite) to replace a data set made here",
+        not_ours="holds no dataset.json; refusing to replace a folder that this tool did not make")
 
 
 class _Buffered:

@@ -64,7 +64,7 @@ Soft sets (CAMs)
     ``{"keys": np.pad(keys + 1, (1, 0)) (the background 0, then the image's
     classes, 1-based), "cam": (K, ceil(H/4), ceil(W/4)) float32 (every 4th
     pixel, the stride-4 map), "hr_cam": (K, H, W) float32}`` with ``np.save``
-    (a pickled dict; :func:`load_cam_npy` reads it with the restricted
+    (a pickled dict; :func:`~isle_fast.synthetic.wsss_files.load_cam_npy` reads it with the restricted
     unpickler). ``OUT/cls_labels.npy`` holds the image-level labels of every
     image in the public ``cls_labels.npy`` form (a pickled dict id ->
     float32[20], 1 = present; the ids are strings here, since synthetic ids

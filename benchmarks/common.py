@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,38 @@ def tmp_dir() -> Path:
     d = Path(os.environ.get("ISLE_BENCH_TMP") or default_results_dir() / "tmp")
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def fill_once(folder: Path, write: Callable[[Path], Any]) -> Path:
+    """Generated data, cached: ``write(folder)`` into a fresh ``folder`` unless its ``.complete`` marker is there.
+
+    The marker is written after ``write`` returns, so an interrupted run is redone, not reused.
+    """
+    marker = folder / ".complete"
+    if not marker.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write(folder)
+        marker.write_text("ok\n")
+    return folder
+
+
+@contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A scratch folder under :func:`tmp_dir` for this process (``<name>-<pid>``), removed afterwards."""
+    work = tmp_dir() / f"{name}-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file below a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # --------------------------------------------------------------------------------------

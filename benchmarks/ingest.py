@@ -23,14 +23,13 @@ disk (PNG folder, ``.npy``, store). Writes ``benchmarks/results/ingest.json``.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import bench_parser, format_table, headline_row, tmp_dir, write_json
+from .common import bench_parser, dir_bytes, fill_once, format_table, headline_row, scratch, tmp_dir, write_json
 from .compression import label_batch
 
 
@@ -38,14 +37,10 @@ def make_pngs(n: int, side: int, seed: int = 11) -> tuple[Path, int]:
     """Write (or reuse) ``n`` palette label PNGs; returns the folder and the total pixel count."""
     from PIL import Image
 
-    from isle_fast.stores.formats import voc_colormap
+    from isle_fast.stores.png import voc_palette
 
-    folder = tmp_dir() / f"ingest-pngs-{n}-{side}-{seed}"
-    marker = folder / ".complete"
-    if not marker.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        palette = voc_colormap().ravel().tolist()
+    def write(folder: Path) -> None:
+        palette = voc_palette().ravel().tolist()
         start = 0
         while start < n:  # generate in batches to bound memory
             m = min(50, n - start)
@@ -55,20 +50,13 @@ def make_pngs(n: int, side: int, seed: int = 11) -> tuple[Path, int]:
                 im.putpalette(palette)
                 im.save(folder / f"{2007 + (start + j) // 10000}_{(start + j) % 10000:06d}.png")
             start += m
-        marker.write_text("ok\n")
-    pixels = 0
-    from PIL import Image
 
+    folder = fill_once(tmp_dir() / f"ingest-pngs-{n}-{side}-{seed}", write)
+    pixels = 0
     for f in sorted(folder.glob("*.png")):
         with Image.open(f) as im:
             pixels += im.size[0] * im.size[1]
     return folder, pixels
-
-
-def dir_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def reference_loop(folder: Path, out_npy: Path, side: int) -> None:
@@ -84,7 +72,8 @@ def reference_loop(folder: Path, out_npy: Path, side: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from isle_fast.stores.ingest import _default_workers, ingest_labels
+    from isle_fast.stores.ingest import ingest_labels
+    from isle_fast.stores.ingest_engine import _default_workers
 
     p = bench_parser("ingest", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="label PNGs (default 500, quick 24)")
@@ -94,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     side = 200 if quick else 500
     k = args.repeat or (1 if quick else 3)
     folder, pixels = make_pngs(n, side)
-    work = tmp_dir() / f"ingest-out-{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch("ingest-out") as work:
         npy = work / "ref.npy"
         store = work / "s.zarr"
         threads = list(dict.fromkeys([1, _default_workers(None)]))
@@ -143,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         path = write_json("ingest", {"images": n, "pixels": pixels, "png_bytes": png_bytes, "rows": rows,
                                      "headline": headline, "repeat": k}, quick=quick)
         print(f"wrote {path}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -39,7 +39,7 @@ from .common import (bench_parser, best_of, format_table, headline_row, log, qui
 
 
 def _scenes(n: int, h: int, w: int, num_classes: int, seed: int = 0):
-    from isle_fast.refinement.chain import synthetic_scene
+    from isle_fast.synthetic.scene import synthetic_scene
 
     out = []
     for i in range(n):

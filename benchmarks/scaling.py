@@ -363,7 +363,7 @@ def sweep_ingest(ctx: Ctx, var: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 def _refine_data(ctx: Ctx, n: int, side: int) -> tuple[str, str, list]:
     """Images + CAM-like score stores of ``n`` synthetic scenes ``side x side`` (21 classes), cached."""
-    from isle_fast.refinement.chain import synthetic_scene
+    from isle_fast.synthetic.scene import synthetic_scene
     from isle_fast.stores.stack import open_stack
 
     from .refine import write_scene_stores

@@ -22,44 +22,42 @@ Writes ``benchmarks/results/score_storage.json``.
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import bench_parser, format_table, headline_row, tmp_dir, write_json
+from .common import (
+    best_of,
+    bench_parser,
+    dir_bytes,
+    fill_once,
+    format_table,
+    headline_row,
+    scratch,
+    tmp_dir,
+    write_json,
+)
 
 THRESHOLD = 0.15
 
 
 def make_cams(n: int, h: int, w: int, seed: int = 5) -> Path:
     """Write (or reuse) ``n`` IRN-style CAM files; returns the folder."""
-    folder = tmp_dir() / f"score-storage-cams-{n}-{h}x{w}-{seed}"
-    marker = folder / ".complete"
-    if marker.exists():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w] / max(h, w)
-    for i in range(n):
-        k = int(rng.integers(1, 4))
-        keys = np.sort(rng.choice(20, k, replace=False))
-        cams = []
-        for _ in range(k):
-            cy, cx, r = rng.random(3) * [0.75, 1.0, 0.3] + [0.0, 0.0, 0.1]
-            c = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) + 0.05 * rng.random((h, w))
-            cams.append((c / c.max()).astype(np.float32))  # max-normalised, as IRN's make_cam saves them
-        hr = np.stack(cams)
-        np.save(folder / f"2007_{i:06d}.npy", {"keys": keys, "cam": hr[:, ::4, ::4], "high_res": hr})
-    marker.write_text("ok\n")
-    return folder
+    def write(folder: Path) -> None:
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:h, :w] / max(h, w)
+        for i in range(n):
+            k = int(rng.integers(1, 4))
+            keys = np.sort(rng.choice(20, k, replace=False))
+            cams = []
+            for _ in range(k):
+                cy, cx, r = rng.random(3) * [0.75, 1.0, 0.3] + [0.0, 0.0, 0.1]
+                c = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) + 0.05 * rng.random((h, w))
+                cams.append((c / c.max()).astype(np.float32))  # max-normalised, as IRN's make_cam saves them
+            hr = np.stack(cams)
+            np.save(folder / f"2007_{i:06d}.npy", {"keys": keys, "cam": hr[:, ::4, ::4], "high_res": hr})
 
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return fill_once(tmp_dir() / f"score-storage-cams-{n}-{h}x{w}-{seed}", write)
 
 
 def irn_decode(path: Path) -> np.ndarray:
@@ -71,7 +69,8 @@ def irn_decode(path: Path) -> np.ndarray:
 def main(argv: list[str] | None = None) -> int:
     from isle_fast.kernels.cpu import decode_scores
     from isle_fast.stores.formats import read_scores
-    from isle_fast.stores.ingest import ingest_arrays, ingest_scores
+    from isle_fast.stores.ingest import ingest_scores
+    from isle_fast.stores.ingest_arrays import ingest_arrays
     from isle_fast.stores.stack import VOC_CLASSES, quantize_scores
 
     p = bench_parser("score_storage", __doc__.splitlines()[0])
@@ -84,20 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     folder = make_cams(n, h, w)
     files = sorted(folder.glob("*.npy"))
     truth = {f.stem: irn_decode(f) for f in files}
-    work = tmp_dir() / f"score-storage-out-{os.getpid()}"
-    work.mkdir(parents=True, exist_ok=True)
     classes = list(VOC_CLASSES)
-    try:
+    with scratch("score-storage-out") as work:
         rows = []
         for dtype in ("uint8", "float16", "float32"):
             out = work / f"{dtype}.zarr"
-            best = np.inf
-            for r in range(k + 1):
-                t0 = time.perf_counter()
-                st = ingest_scores(folder, out, classes=classes, allow_pickle=True, score_dtype=dtype,
-                                   bg_threshold=THRESHOLD, workers=1, overwrite=True, quiet=True)
-                if r:  # round 0 warms up (page cache, Numba)
-                    best = min(best, time.perf_counter() - t0)
+            # one warm-up run (page cache, Numba), then the best of k
+            timing = best_of(lambda: ingest_scores(folder, out, classes=classes, allow_pickle=True,
+                                                   score_dtype=dtype, bg_threshold=THRESHOLD, workers=1,
+                                                   overwrite=True, quiet=True), k)
+            best, st = timing.best, timing.value
             wrong = sum(int((decode_scores(st.read_image(i)) != truth[i]).sum()) for i in st.ids)
             label = f"ingest, {dtype}" + (" (default, argmax kept)" if dtype == "uint8" else "")
             rows.append({"storage": label, "ms_per_image": 1e3 * best / n, "bytes_on_disk": dir_bytes(out),
@@ -106,13 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         stacks = [read_scores(str(f), len(classes), allow_pickle=True, bg_threshold=THRESHOLD) for f in files]
         times = {}
         for name, fn in (("plain", lambda s: np.rint(s * 255.0).astype(np.uint8)), ("kept", quantize_scores)):
-            best = np.inf
-            for r in range(k + 1):
-                t0 = time.perf_counter()
-                q = [fn(s) for s in stacks]
-                if r:
-                    best = min(best, time.perf_counter() - t0)
-            times[name] = (best, q)
+            timing = best_of(lambda fn=fn: [fn(s) for s in stacks], k)
+            times[name] = (timing.best, timing.value)
         plain = times["plain"][1]
         plain_wrong = sum(int((decode_scores(q) != truth[f.stem]).sum()) for q, f in zip(plain, files))
         plain_store = work / "plain.zarr"
@@ -139,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
                                             "rows": rows, "quantize_ms_per_image": step,
                                             "headline": headline, "repeat": k}, quick=quick)
         print(f"wrote {path}")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -286,7 +286,7 @@ OLD_DEMO = dict(backbone="resnet18", output_stride=32, head_channels=64, steps=1
 
 def bench_demo_train(root: Path, steps: int | None, n_images: int = 64, old: bool = False) -> dict[str, Any]:
     """``train()`` with the demo's settings (``isle demo``'s TRAIN_DEFAULT, or OLD_DEMO) on the demo data."""
-    from isle_fast.commands.demo import TRAIN_DEFAULT
+    from isle_fast.demo import TRAIN_DEFAULT
     from isle_fast.training.train import train
 
     stores = _demo_data(root, n_images)
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-steps", type=int, default=None, help="steps of the end-to-end demo training")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    from isle_fast.commands.demo import TRAIN_DEFAULT
+    from isle_fast.demo import TRAIN_DEFAULT
     from isle_fast.training.runtime import resolve_device
 
     dev = resolve_device(args.device)

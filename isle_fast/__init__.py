@@ -40,8 +40,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "stores.chunks": ("check_stack", "StoreCheck",),
     "stores.ingest": (
         "DEFAULT_BG_THRESHOLD", "read_ids", "resolve_classes", "ingest_labels", "ingest_scores",
-        "ingest_images", "ingest_tiff", "ingest_arrays", "ingest_dask",
+        "ingest_images",
     ),
+    "stores.ingest_tiff": ("ingest_tiff",),
+    "stores.ingest_arrays": ("ingest_arrays", "ingest_dask",),
     "stores.image_labels": (
         "ImageLabels", "read_image_labels", "ingest_image_labels", "open_image_labels",
         "resolve_image_labels",
@@ -66,10 +68,9 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "training.train": ("TrainResult", "train",),
     "training.predict": ("predict", "PredictResult", "load_model",),
     "training.runtime": ("resolve_threads", "ThreadGovernor",),
-    "synthetic.datasets": (
-        "make_voc_like", "SyntheticDataset", "default_quality", "voc_palette", "write_label_png",
-        "read_label_png",
-    ),
+    "stores.png": ("voc_palette", "write_label_png", "read_label_png",),
+    "synthetic.datasets": ("make_voc_like", "SyntheticDataset",),
+    "synthetic.quality": ("default_quality",),
     "job": ("JobSpec", "JobResult", "run_job", "spec_from_root", "spec_from_toml",),
     "backend": (
         "BACKENDS", "get_kernels", "resolve_backend", "gpu_available", "describe_backend",

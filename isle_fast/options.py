@@ -57,6 +57,8 @@ class _Spec:
     parse: Callable[[str], Any] | None
     cli_help: str | tuple[str, str] | None
     resumable: bool
+    doc_type: str | None
+    cli: bool
 
 
 def option(
@@ -73,6 +75,8 @@ def option(
     parse: Callable[[str], Any] | None = None,
     cli_help: str | tuple[str, str] | None = None,
     resumable: bool = False,
+    doc_type: str | None = None,
+    cli: bool = True,
 ) -> Any:
     """A dataclass field that is also a documented, checked command-line option.
 
@@ -99,6 +103,11 @@ def option(
         for a bool that may be None (automatic), the texts of ``--x`` and ``--no-x``.
     resumable : bool
         May change when a run is resumed without changing its result.
+    doc_type : str, optional
+        The type as the docs write it (``path or sequence of str, optional``), where the
+        annotation's own name would not read well.
+    cli : bool
+        False for a setting of the Python API only: no argparse option, no flag in the docs.
     """
     spec = _Spec(
         help=help,
@@ -113,6 +122,8 @@ def option(
         parse=parse,
         cli_help=cli_help,
         resumable=resumable,
+        doc_type=doc_type,
+        cli=cli,
     )
     meta = {_META: spec}
     if default is dataclasses.MISSING:
@@ -242,6 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
         hints = _hints(cls)
         for f in settings_fields(cls):
             spec = _spec(f)
+            if not spec.cli:
+                continue
             if spec.group not in groups:
                 groups[spec.group] = parser.add_argument_group(spec.group)
             g = groups[spec.group]
@@ -311,7 +324,7 @@ def parameters_doc(*classes: type, skip: Iterable[str] = (), indent: str = "    
             if f.name in skip:
                 continue
             spec = _spec(f)
-            head = f"{f.name} : {_type_text(hints[f.name])}"
+            head = f"{f.name} : {spec.doc_type or _type_text(hints[f.name])}"
             if spec.choices is not None:
                 head = f"{f.name} : {{{', '.join(repr(c) for c in spec.choices)}}}"
             if not spec.required and f.default is not None:
@@ -321,7 +334,7 @@ def parameters_doc(*classes: type, skip: Iterable[str] = (), indent: str = "    
                 spec.help[:1].upper()
                 + spec.help[1:].rstrip(".")
                 + "."
-                + f" Command line: ``{flag_of(cls, f.name)}``."
+                + (f" Command line: ``{flag_of(cls, f.name)}``." if spec.cli else "")
             )
             lines.append(
                 textwrap.fill(

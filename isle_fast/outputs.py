@@ -73,6 +73,7 @@ __all__ = [
     "owned",
     "is_project_store",
     "refuse_unsafe",
+    "check_replaceable_folder",
     "check_output",
     "check_json_output",
     "write_file",
@@ -430,6 +431,28 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, inputs: It
                              f"store, no {MARKER}); refusing to replace it even with --overwrite: move it "
                              "away or choose another path")
     return final
+
+
+def check_replaceable_folder(path: Path, *, overwrite: bool, ours: Callable[[Path], bool], name: str,
+                             choose: str, not_ours: str) -> bool:
+    """Whether a tool's own output folder ``path`` holds something to replace (else: absent or empty).
+
+    A file there, a non-empty folder without ``overwrite``, or one that ``ours`` does not recognise
+    (its marker is missing) is an :class:`InputError`: ``name`` names the folder in messages,
+    ``choose`` says what to do instead of the non-empty folder, ``not_ours`` why it is refused.
+    Nothing is deleted here.
+    """
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise InputError(f"{name} exists and is not a folder")
+    if not any(path.iterdir()):
+        return False
+    if not overwrite:
+        raise InputError(f"{name} exists and is not empty; {choose}")
+    if not ours(path):
+        raise InputError(f"{name} is not empty and {not_ours}")
+    return True
 
 
 def check_json_output(path: str | os.PathLike, *, inputs: Iterable[Any] = (), outputs: Iterable[Any] = (),

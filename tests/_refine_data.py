@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from isle_fast.refinement.chain import synthetic_scene
+from isle_fast.synthetic.scene import synthetic_scene
 from isle_fast.stores.stack import create_stack
 
 CLASSES = ["background", "a", "b", "c"]

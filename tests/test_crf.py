@@ -20,7 +20,8 @@ from _refine_data import make_scenes, miou, write_stores
 from _shared import shared_data
 from isle_fast.cli import main
 from isle_fast.errors import InputError
-from isle_fast.refinement.chain import refine_stack, synthetic_scene
+from isle_fast.refinement.chain import refine_stack
+from isle_fast.synthetic.scene import synthetic_scene
 from isle_fast.refinement.crf import AUTO_PRESET, PRESETS, DenseCRF, crf_image, crf_settings, present_classes
 from isle_fast.stores.stack import Stack, open_stack
 from reference import quantize_scores_u8

@@ -11,21 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from isle_fast.synthetic.datasets import (
-    CAM_BG_THRESHOLD,
-    PAPER_SETS,
-    TABLE1_BEST,
-    boundary_band,
-    cam_scores,
-    default_quality,
-    load_cam_npy,
-    make_voc_like,
-    read_label_png,
-    save_cam_npy,
-    save_cls_labels,
-    voc_palette,
-    write_label_png,
-)
+from isle_fast.stores.png import read_label_png, voc_palette, write_label_png
+from isle_fast.synthetic.datasets import make_voc_like
+from isle_fast.synthetic.imageops import boundary_band
+from isle_fast.synthetic.quality import PAPER_SETS, TABLE1_BEST, default_quality
+from isle_fast.synthetic.wsss_files import CAM_BG_THRESHOLD, cam_scores, load_cam_npy, save_cam_npy, save_cls_labels
 from isle_fast.errors import InputError
 from isle_fast.stores.stack import VOC_CLASSES, check_aligned, open_stack
 from reference import quantize_scores_u8

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from isle_fast.cli import main
+from isle_fast import demo as demo_lib
 from isle_fast.commands import demo
 
 
@@ -177,7 +178,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, word):
 
 
 def test_headline_without_training():
-    h = demo.headline({"refine": {"chain": ["crf"], "sets": {"a": {"gain": 3.5}}},
+    h = demo_lib.headline({"refine": {"chain": ["crf"], "sets": {"a": {"gain": 3.5}}},
                        "merge": {"ensemble_miou": 80.0, "best_single_set": "b", "best_single_miou": 77.5,
                                  "ensemble_gain": 2.5, "isle2": {"miou": 79.0}},
                        "train": "skipped (--skip-train)"})

@@ -13,20 +13,19 @@ from PIL import Image
 from isle_fast.errors import InputError, StoreError
 from isle_fast.stores.ingest import (
     DEFAULT_BG_THRESHOLD,
-    ingest_arrays,
-    ingest_dask,
     ingest_images,
     ingest_labels,
     ingest_scores,
-    ingest_tiff,
     read_ids,
     resolve_classes,
 )
-from isle_fast.stores.formats import voc_colormap
+from isle_fast.stores.ingest_arrays import ingest_arrays, ingest_dask
+from isle_fast.stores.ingest_tiff import ingest_tiff
+from isle_fast.stores.png import voc_palette
 from reference import irn_decode, quantize_scores_u8
 
 C = 21
-PALETTE = voc_colormap().ravel().tolist()
+PALETTE = voc_palette().ravel().tolist()
 
 
 # ------------------------------------------------------------------ fixtures
@@ -35,7 +34,7 @@ def save_label(path, arr, mode="P"):
         im = Image.fromarray(arr.astype(np.uint8)).convert("L")
         im.putpalette(PALETTE)
     elif mode == "RGB":
-        im = Image.fromarray(voc_colormap()[arr])
+        im = Image.fromarray(voc_palette()[arr])
     else:
         im = Image.fromarray(arr.astype(np.uint8))
     im.save(path)

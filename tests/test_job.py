@@ -29,7 +29,7 @@ SETS = ("alpha", "beta", "gamma")
 
 
 def _palette() -> list[int]:
-    from isle_fast.synthetic.datasets import voc_palette
+    from isle_fast.stores.png import voc_palette
 
     return np.asarray(voc_palette(), dtype=np.uint8).ravel().tolist()
 

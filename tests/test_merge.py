@@ -13,7 +13,8 @@ from isle_fast.cli import main
 from isle_fast.errors import StoreError
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.merge import POLICIES, ensemble_scores, gt_presence, image_choice, merge, merge_images
-from isle_fast.ensemble.report import export_pngs, palette
+from isle_fast.ensemble.report import export_pngs
+from isle_fast.stores.png import voc_palette
 from isle_fast.ensemble.selection import select
 from isle_fast.stores.stack import open_stack
 from tests import reference as ref
@@ -213,7 +214,7 @@ def test_export_pngs(data):
     out = root / "png"
     info = export_pngs(res.stack, out, backend="cpu", progress=False)
     assert info["images"] == len(SHAPES)
-    pal = palette()
+    pal = voc_palette()
     assert pal.shape == (256, 3) and tuple(pal[255]) == (224, 224, 192)
     for i, img_id in enumerate(res.stack.ids):
         with Image.open(out / f"{img_id}.png") as im:

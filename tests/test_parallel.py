@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from isle_fast.errors import InputError, StoreError
-from isle_fast.stores.ingest import ingest_arrays, ingest_labels
+from isle_fast.stores.ingest import ingest_labels
+from isle_fast.stores.ingest_arrays import ingest_arrays
 from isle_fast.stores.parallel import (
     InlineExecutor,
     ProcessPool,

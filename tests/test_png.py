@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from isle_fast.stores.png import decode_label_png, encode_palette_png, zlib_options
-from isle_fast.synthetic.datasets import voc_palette
+from isle_fast.stores.png import decode_label_png, encode_palette_png, voc_palette, zlib_options
 
 PALETTE = np.asarray(voc_palette(), dtype=np.uint8).ravel().tolist()
 

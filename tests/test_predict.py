@@ -46,7 +46,7 @@ def test_predict_store_is_aligned_and_evaluate_scores_it(run, tmp_path):
 
 
 def test_predict_pngs_and_tta(run, tmp_path):
-    from isle_fast.synthetic.datasets import read_label_png
+    from isle_fast.stores.png import read_label_png
 
     rundir, vi, _ = run
     out = tmp_path / "pngs"

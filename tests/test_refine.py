@@ -24,10 +24,10 @@ from isle_fast.refinement.chain import (
     refine_stack,
     register_refinement,
     shutdown_pool,
-    synthetic_scene,
     unregister_refinement,
 )
 from isle_fast.stores.stack import open_stack
+from isle_fast.synthetic.scene import synthetic_scene
 
 
 class Shift(Refinement):

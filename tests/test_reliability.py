@@ -1706,7 +1706,7 @@ def big(tmp_path_factory):
             a[y:y + 70, x:x + 90] = rng.integers(1, 21)
         Image.fromarray(a, mode="L").save(labels / f"img{i:04d}.png")
     gt_arrays = [np.zeros(CAM_HW, np.uint8) for _ in range(N_BIG)]
-    from isle_fast.stores.ingest import ingest_arrays
+    from isle_fast.stores.ingest_arrays import ingest_arrays
 
     gt = ingest_arrays(gt_arrays, root / "gt.zarr", ids=[f"img{i:04d}" for i in range(N_BIG)], kind="gt").path
     cams = root / "cams"
@@ -1832,7 +1832,7 @@ def test_ingest_function_returns_control_after_a_bad_file(big, tmp_path, case):
 def own(data, tmp_path):
     """Copies of the stores and PNG folders (a bug here must not damage the module's data), and an images
     store aligned with the gt, in ``tmp_path/in``."""
-    from isle_fast.stores.ingest import ingest_arrays
+    from isle_fast.stores.ingest_arrays import ingest_arrays
 
     root = tmp_path / "in"
     stores = {k: root / Path(v).name for k, v in data["stores"].items()}

@@ -179,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         ingest.ingest_images(args.src, args.out, classes=args.classes, **common)
     else:
         src = args.src[0] if len(args.src) == 1 else args.src
-        ingest.ingest_tiff(src, args.out, classes=args.classes, kind=args.kind, encoding=args.encoding,
-                           score_dtype=args.score_dtype, **common)
+        from isle_fast.stores.ingest_tiff import ingest_tiff
+
+        ingest_tiff(src, args.out, classes=args.classes, kind=args.kind, encoding=args.encoding,
+                    score_dtype=args.score_dtype, **common)
     return 0

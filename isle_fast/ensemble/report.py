@@ -46,20 +46,13 @@ from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput
 
-__all__ = ["report", "export_pngs", "palette"]
+__all__ = ["report", "export_pngs"]
 
 #: Store kinds ``report(ensemble=...)`` accepts: ours, or one made elsewhere and ingested as a set.
 ENSEMBLE_KINDS = ("ensemble", "pseudo")
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-def palette() -> np.ndarray:
-    """The VOC colour map, ``(256, 3)`` uint8 (255 = (224, 224, 192)); one definition, in datasets."""
-    from isle_fast.synthetic.datasets import voc_palette
-
-    return np.asarray(voc_palette(), dtype=np.uint8)
-
 
 def _safe_relpath(image_id: str) -> Path:
     p = Path(image_id)
@@ -248,7 +241,9 @@ def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndar
 def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[str, list[np.ndarray]]],
                     ids: list[str]) -> None:
     plt = _plt()
-    pal = palette()
+    from isle_fast.stores.png import voc_palette
+
+    pal = voc_palette()
     rows = len(images)
     cols = 1 + len(columns)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.0 * rows + 0.4), squeeze=False,

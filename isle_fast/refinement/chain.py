@@ -111,7 +111,6 @@ __all__ = [
     "refine_stack",
     "image_labels_for",
     "shutdown_pool",
-    "synthetic_scene",
 ]
 
 #: Entry-point group through which other packages add refinements.
@@ -675,11 +674,67 @@ def refine_stack(
         ``images``, ``refinements`` (name + parameters of each step in order),
         ``image_labels`` (``'given'``, ``'store'`` or None) and the source's provenance.
     """
-    import dask
-
-    from isle_fast.progress import Timer, dask_progress, summary
+    from isle_fast.progress import Timer
 
     timer = Timer()
+    src, img, refs, labels = _refine_inputs(src, images, chain, params, image_labels)
+    out = str(out)
+    # never the input set or the images (nor inside / holding them), never what isle did not write
+    from isle_fast.outputs import check_output
+
+    check_output(out, overwrite=overwrite, inputs=[src] + ([img] if img is not None else []))
+    enc, score_dtype = _output_encoding(src, refs, score_dtype)
+    n_workers, k = _task_size(src, enc, score_dtype, workers, images_per_task)
+
+    ctx = PrepareContext(source=src, images=img, out=out, resume=resume, progress=progress, device=device,
+                         image_labels=labels)
+    step_encoding = src.encoding
+    for r in refs:
+        r.prepare(replace(ctx, encoding=step_encoding))
+        step_encoding = r.output_encoding(step_encoding)
+    sched = _scheduler(src, refs, scheduler, client, n_workers)
+
+    prov = {
+        "refined_from": src.path,
+        "source_name": src.name,
+        "source_provenance": src.provenance,
+        "images": img.path if img is not None else None,
+        "refinements": [{"name": r.name, "params": r.params()} for r in refs],
+        "chain": [r.name for r in refs],
+        "image_labels": None if labels is None else ("given" if image_labels is not None else "store"),
+    }
+    h_pad, w_pad = src.padded_shape
+    chunks = (k, h_pad, w_pad) + ((src.num_classes,) if enc == "scores" else ())
+    writer = create_stack(out, kind=src.kind if src.kind != "images" else "pseudo", classes=src.classes,
+                          ids=src.ids, shapes=src.shapes, encoding=enc,
+                          name=name or f"{src.name}+{'+'.join(r.name for r in refs)}",
+                          score_dtype=score_dtype, chunks=chunks, provenance=prov, overwrite=overwrite,
+                          padded_shape=(h_pad, w_pad))
+    try:
+        job = _Job(source=src.path, images=img.path if img is not None else None, target=writer.work_path,
+                   target_array=enc, out_dtype=score_dtype if enc == "scores" else "uint8", chain=refs,
+                   token=uuid.uuid4().hex)
+        _compute(job, labels, src.num_images, k, sched, client, n_workers,
+                 f"refine {src.name} ({'+'.join(r.name for r in refs)})", progress)
+        writer.set_provenance(scheduler=sched, workers=n_workers, images_per_task=k)
+        stack = writer.commit()
+    except BaseException:
+        writer.abort()
+        if sched == "processes":  # a failed or interrupted pool is not reused
+            pool = _POOL.pop("pool", None)
+            _POOL.pop("n", None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if progress:
+        _refine_summary(src, stack, refs, labels is not None and prov["image_labels"], sched, n_workers, k,
+                        timer.seconds)
+    return stack
+
+
+def _refine_inputs(src: Any, images: Any, chain: str | Sequence[str], params: Any, image_labels: Any
+                   ) -> tuple[Stack, Stack | None, list[Refinement], np.ndarray | None]:
+    """The source and images stores (checked and aligned), the chain and the image labels of a refine."""
     src = _as_stack(src, "source")
     if src.encoding not in ("labels", "scores"):
         raise InputError(f"{src.path} is a {src.kind!r} store with encoding {src.encoding!r}; "
@@ -694,12 +749,11 @@ def refine_stack(
     need = [r.name for r in refs if r.needs_rgb]
     if need and img is None:
         raise InputError(f"refinement {need[0]!r} needs the RGB images: pass --images IMAGES_STORE")
-    out = str(out)
-    # never the input set or the images (nor inside / holding them), never what isle did not write
-    from isle_fast.outputs import check_output
+    return src, img, refs, labels
 
-    check_output(out, overwrite=overwrite, inputs=[src] + ([img] if img is not None else []))
 
+def _output_encoding(src: Stack, refs: Sequence[Refinement], score_dtype: str | None) -> tuple[str, str]:
+    """The encoding the chain ends in and the output's score dtype (default: the source's)."""
     enc = src.encoding
     for r in refs:
         enc = r.output_encoding(enc)
@@ -707,7 +761,12 @@ def refine_stack(
         score_dtype = str(src.array.dtype) if src.encoding == "scores" else "uint8"
     if score_dtype not in ("uint8", "float16", "float32"):
         raise InputError(f"score dtype must be uint8, float16 or float32, not {score_dtype!r}")
+    return enc, score_dtype
 
+
+def _task_size(src: Stack, enc: str, score_dtype: str, workers: int | None,
+               images_per_task: int | None) -> tuple[int, int]:
+    """``(workers, images per task)``: the defaults, or the given ones checked."""
     n = src.num_images
     h_pad, w_pad = src.padded_shape
     c = src.num_classes
@@ -721,14 +780,11 @@ def refine_stack(
     k = int(images_per_task)
     if k < 1:
         raise InputError(f"images per task must be at least 1, not {images_per_task}")
+    return n_workers, k
 
-    ctx = PrepareContext(source=src, images=img, out=out, resume=resume, progress=progress, device=device,
-                         image_labels=labels)
-    step_encoding = src.encoding
-    for r in refs:
-        r.prepare(replace(ctx, encoding=step_encoding))
-        step_encoding = r.output_encoding(step_encoding)
 
+def _scheduler(src: Stack, refs: Sequence[Refinement], scheduler: str, client: Any, n_workers: int) -> str:
+    """The Dask scheduler of a refine (see ``scheduler`` of :func:`refine_stack`), checked against the chain."""
     if client is not None:
         sched = "distributed"
     elif scheduler == "auto":
@@ -749,122 +805,41 @@ def refine_stack(
         bad = next(r.name for r in refs if not r.process_safe)
         raise InputError(f"refinement {bad!r} cannot run in worker processes here (its model is on a GPU); "
                          "use --scheduler threads")
-
-    chain_record = [{"name": r.name, "params": r.params()} for r in refs]
-    prov = {
-        "refined_from": src.path,
-        "source_name": src.name,
-        "source_provenance": src.provenance,
-        "images": img.path if img is not None else None,
-        "refinements": chain_record,
-        "chain": [r.name for r in refs],
-        "image_labels": None if labels is None else ("given" if image_labels is not None else "store"),
-    }
-    chunks = (k, h_pad, w_pad) + ((c,) if enc == "scores" else ())
-    writer = create_stack(out, kind=src.kind if src.kind != "images" else "pseudo", classes=src.classes,
-                          ids=src.ids, shapes=src.shapes, encoding=enc,
-                          name=name or f"{src.name}+{'+'.join(r.name for r in refs)}",
-                          score_dtype=score_dtype, chunks=chunks, provenance=prov, overwrite=overwrite,
-                          padded_shape=(h_pad, w_pad))
-    try:
-        job = _Job(source=src.path, images=img.path if img is not None else None, target=writer.work_path,
-                   target_array=enc, out_dtype=score_dtype if enc == "scores" else "uint8", chain=refs,
-                   token=uuid.uuid4().hex)
-        tasks = [dask.delayed(_run_block, pure=False)(job, s, min(n, s + k),
-                                                      None if labels is None else labels[s:s + k])
-                 for s in range(0, n, k)]
-        if tasks:
-            desc = f"refine {src.name} ({'+'.join(r.name for r in refs)})"
-            if sched == "distributed":
-                dask.compute(*tasks, scheduler=client)
-            else:
-                kwargs = {} if sched == "sync" else {"num_workers": n_workers}
-                if sched == "processes":
-                    kwargs["pool"] = _process_pool(n_workers)
-                with dask_progress(desc, quiet=not progress):
-                    dask.compute(*tasks, scheduler=sched, **kwargs)
-        writer.set_provenance(scheduler=sched, workers=n_workers, images_per_task=k)
-        stack = writer.commit()
-    except BaseException:
-        writer.abort()
-        if sched == "processes":  # a failed or interrupted pool is not reused
-            pool = _POOL.pop("pool", None)
-            _POOL.pop("n", None)
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    if progress:
-        summary(f"isle refine: {src.name} -> {stack.name}", {
-            "chain": " -> ".join(f"{r.name}({', '.join(f'{a}={b}' for a, b in r.params().items())})"
-                                 for r in refs),
-            "images": f"{n} ({sched}, {n_workers} worker{'s' if n_workers != 1 else ''}, {k} per task)",
-            **({"image labels": prov["image_labels"]} if labels is not None else {}),
-            "seconds": f"{timer.seconds:.1f}",
-            "output": f"{stack.path} ({stack.encoding}, {stack.array.dtype})",
-        })
-    return stack
+    return sched
 
 
-# ----------------------------------------------------------------------------------------------
-# Synthetic data (tests, benchmarks, demos)
-# ----------------------------------------------------------------------------------------------
-def synthetic_scene(height: int, width: int, num_classes: int = 4, objects: int = 3, *,
-                    blur: float = 6.0, shift: int = 3, noise: float = 0.05,
-                    rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A clean RGB image of a few coloured rectangles, its true labels and blurry CAM-like scores.
+def _compute(job: _Job, labels: np.ndarray | None, n: int, k: int, sched: str, client: Any, n_workers: int,
+             desc: str, progress: bool) -> None:
+    """Run the job's blocks of ``k`` images (one task each) on the chosen scheduler."""
+    import dask
 
-    Parameters
-    ----------
-    height, width : int
-        Image size.
-    num_classes : int
-        C, background included; object classes are drawn from ``1..C-1``.
-    objects : int
-        Number of rectangles.
-    blur : float
-        Std (pixels) of the Gaussian blur applied to the true masks to make the scores.
-    shift : int
-        The scores are shifted by up to this many pixels (CAMs are not aligned with edges).
-    noise : float
-        Uniform noise amplitude added to the scores.
-    rng : Generator or int, optional
+    from isle_fast.progress import dask_progress
 
-    Returns
-    -------
-    rgb : (h, w, 3) uint8
-        Every class has its own flat colour plus a little noise.
-    gt : (h, w) uint8
-    scores : (h, w, C) float32 in [0, 1]
-        Blurry foreground slices (max-normalised per class) and background ``1 - max fg``.
-    """
-    rng = np.random.default_rng(rng)
-    gt = np.zeros((height, width), dtype=np.uint8)
-    for _ in range(objects):
-        c = int(rng.integers(1, num_classes))
-        h0 = int(rng.integers(max(2, height // 5), max(3, height // 2)))
-        w0 = int(rng.integers(max(2, width // 5), max(3, width // 2)))
-        y0 = int(rng.integers(0, max(1, height - h0)))
-        x0 = int(rng.integers(0, max(1, width - w0)))
-        gt[y0:y0 + h0, x0:x0 + w0] = c
-    palette = rng.integers(30, 226, size=(num_classes, 3))
-    palette[0] = (20, 20, 20)
-    rgb = np.clip(palette[gt] + rng.normal(0, 3, size=gt.shape + (3,)), 0, 255).astype(np.uint8)
-    scores = np.zeros((height, width, num_classes), dtype=np.float32)
-    radius = max(1, int(3 * blur))
-    xs = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (xs / max(blur, 1e-6)) ** 2)
-    kernel /= kernel.sum()
-    for c in range(1, num_classes):
-        m = (gt == c).astype(np.float32)
-        if not m.any():
-            continue
-        dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
-        m = np.roll(m, (dy, dx), axis=(0, 1))
-        # the centre of the full convolution: np.convolve's "same" for rows longer than the kernel,
-        # and still the row's length when the image is smaller than the kernel ("same" is not then)
-        m = np.apply_along_axis(lambda r: np.convolve(r, kernel)[radius:radius + r.size], 0, m)
-        m = np.apply_along_axis(lambda r: np.convolve(r, kernel)[radius:radius + r.size], 1, m)
-        m = np.clip(m + rng.uniform(-noise, noise, size=m.shape), 0, None)
-        scores[..., c] = m / max(float(m.max()), 1e-6)
-    scores[..., 0] = 1.0 - scores[..., 1:].max(axis=-1)
-    return rgb, gt, scores.astype(np.float32)
+    tasks = [dask.delayed(_run_block, pure=False)(job, s, min(n, s + k),
+                                                  None if labels is None else labels[s:s + k])
+             for s in range(0, n, k)]
+    if not tasks:
+        return
+    if sched == "distributed":
+        dask.compute(*tasks, scheduler=client)
+    else:
+        kwargs = {} if sched == "sync" else {"num_workers": n_workers}
+        if sched == "processes":
+            kwargs["pool"] = _process_pool(n_workers)
+        with dask_progress(desc, quiet=not progress):
+            dask.compute(*tasks, scheduler=sched, **kwargs)
+
+
+def _refine_summary(src: Stack, stack: Stack, refs: Sequence[Refinement], image_labels: Any, sched: str,
+                    n_workers: int, k: int, seconds: float) -> None:
+    """The end-of-run summary of :func:`refine_stack` (``image_labels``: where they came from, or False)."""
+    from isle_fast.progress import summary
+
+    summary(f"isle refine: {src.name} -> {stack.name}", {
+        "chain": " -> ".join(f"{r.name}({', '.join(f'{a}={b}' for a, b in r.params().items())})"
+                             for r in refs),
+        "images": f"{src.num_images} ({sched}, {n_workers} worker{'s' if n_workers != 1 else ''}, {k} per task)",
+        **({"image labels": image_labels} if image_labels is not False else {}),
+        "seconds": f"{seconds:.1f}",
+        "output": f"{stack.path} ({stack.encoding}, {stack.array.dtype})",
+    })

@@ -193,7 +193,7 @@ def write_pngs(stack: Any, folder: str | os.PathLike, files: Sequence[str], *,
     from isle_fast.progress import progress as bar
     from isle_fast.stores import parallel
     from isle_fast.stores.stack import _local
-    from isle_fast.synthetic.datasets import voc_palette
+    from isle_fast.stores.png import voc_palette
 
     png_options(compress)   # a bad choice is an InputError before any work
     k = max(1, int(stack.chunks[0]))
@@ -204,7 +204,7 @@ def write_pngs(stack: Any, folder: str | os.PathLike, files: Sequence[str], *,
                      chunk_images=k, store=str(_local(stack.path)) if "://" not in stack.path else stack.path,
                      array_name=stack.encoding, spec=spec, spatial=tuple(int(c) for c in stack.chunks[1:]),
                      padded=tuple(int(s) for s in stack.shape[1:]), scores=scores and decode is None,
-                     palette=np.asarray(voc_palette(), dtype=np.uint8).ravel().tolist(), compress=str(compress))
+                     palette=voc_palette().ravel().tolist(), compress=str(compress))
     tasks = [(i0, min(n, i0 + k)) for i0 in range(0, n, k)]
     total = 0
     if decode is not None and scores:       # decoded here (e.g. on the GPU), encoded here

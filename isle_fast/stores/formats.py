@@ -59,7 +59,7 @@ from isle_fast.stores.stack import IGNORE_INDEX, quantize_scores
 
 __all__ = [
     "BadInput", "LABEL_EXTS", "SCORE_EXTS", "IMAGE_EXTS", "TIFF_EXTS",
-    "voc_colormap", "label_header", "read_label", "check_labels", "load_pickle_npy",
+    "label_header", "read_label", "check_labels", "load_pickle_npy",
     "score_header", "read_scores", "scores_to_store", "image_header", "read_image",
 ]
 
@@ -78,13 +78,6 @@ class BadInput(Exception):
 
 
 # --------------------------------------------------------------------------- labels
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: ``(n, 3)`` uint8, colour of class index ``i`` in row ``i``."""
-    from isle_fast.synthetic.datasets import voc_palette
-
-    return np.asarray(voc_palette(), dtype=np.uint8)[:n].copy()
-
-
 def _open_pil(path: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -173,7 +166,9 @@ _VOC_PACKED: np.ndarray | None = None
 def _rgb_to_index(rgb: np.ndarray, num_classes: int) -> np.ndarray:
     global _VOC_PACKED
     if _VOC_PACKED is None:
-        cm = voc_colormap(256).astype(np.int64)
+        from isle_fast.stores.png import voc_palette
+
+        cm = voc_palette().astype(np.int64)
         _VOC_PACKED = (cm[:, 0] << 16) | (cm[:, 1] << 8) | cm[:, 2]
     packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     colours, inverse = np.unique(packed, return_inverse=True)

@@ -15,16 +15,33 @@ Anything else (other colour types or bit depths, interlacing, filtered rows,
 a chunk whose CRC does not match, a truncated or over-long stream) is not
 decoded here: :func:`decode_label_png` returns ``None`` and the caller uses
 PIL, so PIL's acceptance rules and error messages stay those of the project.
+
+The VOC colour map (:func:`voc_palette`) and the plain label-PNG file I/O on PIL
+(:func:`write_label_png`, :func:`read_label_png`: synthetic data, predictions) live
+here too: the one home of VOC's PNGs.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["decode_label_png", "encode_palette_png", "zlib_options"]
+from isle_fast.errors import InputError
+
+__all__ = [
+    "decode_label_png",
+    "encode_palette_png",
+    "zlib_options",
+    "voc_palette",
+    "label_png_bytes",
+    "write_label_png",
+    "read_label_png",
+]
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _Z_RLE = zlib.Z_RLE
@@ -127,3 +144,65 @@ def encode_palette_png(labels: np.ndarray, palette: bytes, level: int = 6, strat
     body = comp.compress(raw) + comp.flush()
     return b"".join((_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)),
                      _chunk(b"PLTE", bytes(palette)), _chunk(b"IDAT", body), _chunk(b"IEND", b"")))
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map.
+
+    Returns
+    -------
+    ndarray, shape (256, 3), uint8
+        Colour of every label value: the standard bit-interleaving VOC map
+        (bits 0, 1, 2 of the label go to the top bits of R, G, B, then the
+        next three bits, ...). Background 0 is black; 255 (ignore) is
+        (224, 224, 192), as in VOC's PNGs.
+    """
+    idx = np.arange(256, dtype=np.int64)
+    pal = np.zeros((256, 3), dtype=np.int64)
+    c = idx.copy()
+    for j in range(8):
+        for ch in range(3):
+            pal[:, ch] |= ((c >> ch) & 1) << (7 - j)
+        c >>= 3
+    return pal.astype(np.uint8)
+
+
+def label_png_bytes(labels: np.ndarray) -> bytes:
+    """A label map ``(H, W)`` uint8 as the bytes of a VOC palette PNG (PIL's encoder, not optimised)."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8), mode="P")
+    img.putpalette(voc_palette().ravel().tolist())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def write_label_png(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write a label map as a VOC palette PNG (atomically: temp file + rename).
+
+    Parameters
+    ----------
+    path : str or path-like
+        Output file; parent folders are created.
+    labels : ndarray, (H, W), integer
+        Label values 0..255 (255 = ignore, drawn in VOC's ignore colour).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise InputError(f"{path}: a label map must be 2-D, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise InputError(f"{path}: label values must lie in 0..255")
+    from isle_fast.outputs import write_bytes
+
+    write_bytes(Path(path), label_png_bytes(labels.astype(np.uint8)))
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a palette (or grey) label PNG as its ``(H, W)`` uint8 label values (not colours)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise InputError(f"{path}: expected a palette or greyscale label PNG, got mode {img.mode}")
+        return np.array(img, dtype=np.uint8)

@@ -249,6 +249,6 @@ def _predict_loop(model, loader, n: int, ids: list, scales, flip, window, amp, q
                 writer.write_block(start, block[:j + 1])
                 start = i + 1
         else:
-            from isle_fast.synthetic.datasets import write_label_png
+            from isle_fast.stores.png import write_label_png
 
             write_label_png(png_dir / f"{ids[i]}.png", lab)

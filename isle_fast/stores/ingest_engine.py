@@ -1,0 +1,263 @@
+"""The ingest engine: a described run (:class:`_Plan`) of items read, checked and written chunk by chunk.
+
+:mod:`isle_fast.stores.ingest` (folders of files), :mod:`isle_fast.stores.ingest_arrays` (NumPy and
+Dask arrays) and :mod:`isle_fast.stores.ingest_tiff` (large TIFFs) describe their inputs as items and a
+reader; this module checks them against the ground truth, writes the store (on
+:mod:`isle_fast.stores.parallel`), compacts it when bad images were skipped, and prints the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from isle_fast.errors import InputError
+from isle_fast.progress import summary
+from isle_fast.stores import chunkio, parallel
+from isle_fast.stores.formats import BadInput
+from isle_fast.stores.stack import KINDS, Stack, create_stack
+
+
+@dataclass
+class _Reference:
+    """What ground truth says: ids, sizes, padding (and classes, for a store)."""
+
+    source: str
+    ids: list[str]
+    shapes: dict[str, tuple[int, int]]
+    padded: tuple[int, int] | None
+    classes: list[str] | None
+
+
+def _default_workers(workers: int | None) -> int:
+    if workers is not None:
+        if workers < 1:
+            raise InputError(f"workers must be at least 1, not {workers}")
+        return int(workers)
+    return max(2, min(16, (os.cpu_count() or 1) * 2))
+
+
+@dataclass
+class _Item:
+    id: str
+    source: str  # a file path, or a description for arrays
+    ref: Any = None  # what the reader needs (path, array index)
+
+
+@dataclass
+class _Plan:
+    """A fully described ingest run, executed by :func:`_run`."""
+
+    kind: str
+    encoding: str
+    classes: list[str]
+    items: list[_Item]
+    out: str
+    header: Callable[[_Item], tuple[int, int]] | None
+    read: Callable[[_Item, tuple[int, int] | None], np.ndarray]
+    reference: _Reference | None = None
+    prebad: list[tuple[str, str, str]] = field(default_factory=list)
+    name: str | None = None
+    score_dtype: str = "uint8"
+    chunks: Sequence[int] | None = None
+    skip_bad: bool = False
+    workers: int | None = None
+    overwrite: bool = False
+    provenance: dict = field(default_factory=dict)
+    quiet: bool = False
+    what: str = "images"
+    in_memory: bool = False  # items are arrays of this process: threads, not worker processes
+    #: called with the writer and the ids written, just before commit (extra arrays such as image labels)
+    finish: Callable[[Any, list[str]], None] | None = None
+
+
+def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> InputError:
+    i, f, reason = bad[0]
+    more = f" ({len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
+    hint = "; nothing was written (--skip-bad / skip_bad=True writes the rest)" if extra_hint else ""
+    return InputError(f"{f}: image {i!r}: {reason}{more}{hint}")
+
+
+def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator[Any]:
+    """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order.
+
+    Use it as ``with closing(_ordered(...)) as results:`` so that a consumer that stops early
+    (a bad file) ends it at once, while ``pool`` still runs: its ``finally`` cancels the queued
+    tasks and waits for the running ones, so nothing still running may write after that.
+
+    Only the tasks whose :meth:`~concurrent.futures.Future.cancel` fails (running or done) are
+    waited for. A queued task that was cancelled never runs, and ``wait`` would never return for
+    it once ``pool.shutdown(cancel_futures=True)`` has removed it from the queue: its future stays
+    ``CANCELLED`` and only a worker picking it up marks it "notified", which ``wait`` waits for.
+    Waiting on all of them was the hang of ``isle ingest`` after a bad file (issue 18).
+    """
+    pending: deque[Future] = deque()
+    it = iter(items)
+    try:
+        for x in it:
+            pending.append(pool.submit(fn, x))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        wait([f for f in pending if not f.cancel()])  # nothing still running may write after we return
+
+
+def _result(fn: Callable, *args) -> tuple[Any, str | None]:
+    try:
+        return fn(*args), None
+    except BadInput as exc:
+        return None, str(exc)
+    except MemoryError:
+        raise
+    except Exception as exc:  # an unexpected decoder error is still this file's problem
+        return None, f"cannot be read: {type(exc).__name__}: {exc}"
+
+
+def _run(plan: _Plan) -> Stack:
+    t0 = time.perf_counter()
+    if plan.kind not in KINDS:
+        raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
+    # the output was checked (check_output, with the inputs) by the public function before any work
+    workers = parallel.default_workers() if plan.workers is None else _default_workers(plan.workers)
+    ref = plan.reference
+    bad: list[tuple[str, str, str]] = list(plan.prebad)
+    items = plan.items
+    if ref is not None:
+        # the set must cover the ground truth's ids and hold no others
+        ref_set = set(ref.ids)
+        for it in items:
+            if it.id not in ref_set:
+                bad.append((it.id, it.source, f"id is not in the ground truth {ref.source}"))
+        items = [it for it in items if it.id in ref_set]
+        shapes = {it.id: ref.shapes[it.id] for it in items}
+    else:
+        shapes = {}
+    if ref is None and plan.header is not None:
+        heads = parallel.read_headers(partial(_checked_header, plan.header), items, workers=workers,
+                                      in_memory=plan.in_memory, quiet=plan.quiet)
+        keep = []
+        for it, (hw, err) in zip(items, heads):
+            if err is None:
+                shapes[it.id] = hw
+                keep.append(it)
+            else:
+                bad.append((it.id, it.source, err))
+        items = keep
+    if bad and not plan.skip_bad:
+        raise _bad_error(bad)
+    if not items:
+        raise InputError(f"nothing to ingest into {plan.out}: "
+                         + (f"all {len(bad)} images are bad; first: {_bad_error(bad, False)}" if bad
+                            else "no images"))
+    stack, written_bad, pixels = _write(plan, items, shapes, bad, workers)
+    summarize(f"isle ingest: {plan.encoding} -> {plan.kind} store", stack, bad + written_bad, pixels,
+              time.perf_counter() - t0, what=plan.what, quiet=plan.quiet)
+    return stack
+
+
+def _checked_header(header: Callable[[_Item], tuple[int, int]], it: _Item) -> tuple[Any, str | None]:
+    """``(header(it), None)`` or ``(None, reason)``: one item's header (runs in a worker)."""
+    return _result(header, it)
+
+
+def _checked_read(read: Callable, source_of_shape: str, it: _Item, hw: tuple[int, int]
+                  ) -> tuple[np.ndarray | None, str | None]:
+    """One item decoded and checked against the size from its header or the ground truth (in a worker)."""
+    data, err = _result(read, it, hw)
+    if err is None and tuple(data.shape[:2]) != tuple(hw):
+        err = f"is {data.shape[0]} x {data.shape[1]} but {source_of_shape} says {hw[0]} x {hw[1]}"
+    return data, err
+
+
+def _write(plan: _Plan, items: list[_Item], shapes: dict[str, tuple[int, int]],
+           bad: list[tuple[str, str, str]], workers: int) -> tuple[Stack, list[tuple[str, str, str]], int]:
+    """Write the store: one task per chunk (decode + validate + write) on :mod:`isle_fast.stores.parallel`."""
+    ids = [it.id for it in items]
+    shape_arr = np.array([shapes[i] for i in ids], dtype=np.int64).reshape(-1, 2)
+    padded = plan.reference.padded if plan.reference is not None and plan.reference.padded else None
+    prov = dict(plan.provenance)
+    writer = create_stack(plan.out, kind=plan.kind, classes=plan.classes, ids=ids, shapes=shape_arr,
+                          encoding=plan.encoding, name=plan.name, score_dtype=plan.score_dtype,
+                          chunks=plan.chunks, provenance=prov, overwrite=plan.overwrite, padded_shape=padded)
+    with writer:
+        arr = writer.array
+        source_of_shape = "the ground truth" if plan.reference is not None else "its header"
+
+        def failure(first: list[tuple[int, str]]) -> InputError:
+            p, reason = first[0]
+            return _bad_error(bad + [(items[p].id, items[p].source, reason)])
+
+        late, pixels = parallel.ingest_chunks(
+            partial(_checked_read, plan.read, source_of_shape), items, [shapes[i] for i in ids],
+            chunkio.write_spec(arr), skip_bad=plan.skip_bad, failure=failure, workers=workers,
+            in_memory=plan.in_memory, desc=f"ingest {plan.encoding}", quiet=plan.quiet)
+        late_bad = [(items[p].id, items[p].source, reason) for p, reason in late]
+        lost = {p for p, _ in late}
+        kept_ids = [i for p, i in enumerate(ids) if p not in lost]
+        if not kept_ids:
+            raise nothing_left(plan.out, bad + late_bad, "image")
+        if late_bad:  # compact: the store holds only the images that were written
+            keep = [p for p in range(len(items)) if p not in lost]
+            parallel.compact(arr, keep, int(arr.chunks[0]))
+            shrink(writer, [ids[p] for p in keep], [shapes[ids[p]] for p in keep])
+        record_skipped(writer, bad + late_bad)
+        if plan.finish is not None:
+            plan.finish(writer, kept_ids)
+        stack = writer.commit()
+    return stack, late_bad, pixels
+
+
+def shrink(writer: Any, ids: list[str], shapes: Sequence[tuple[int, int]]) -> None:
+    """Cut an open store to the images that were written: its first ``len(ids)`` images, these ids and sizes.
+
+    The images themselves must already stand at positions ``0 .. len(ids) - 1`` (written there, or moved
+    by :func:`isle_fast.stores.parallel.compact`).
+    """
+    arr = writer.array
+    n = len(ids)
+    arr.resize((n,) + tuple(arr.shape[1:]))
+    writer.group["ids"].resize((n,))
+    writer.group["ids"][:] = np.asarray(ids, dtype=object)
+    writer.group["shapes"].resize((n, 2))
+    writer.group["shapes"][:] = np.asarray(shapes, dtype=np.int32).reshape(-1, 2)
+
+
+def record_skipped(writer: Any, bad: list[tuple[str, str, str]]) -> None:
+    """The ``(id, file, reason)`` of the images left out, in the store's provenance (``skipped``)."""
+    if bad:
+        writer.set_provenance(skipped=[{"id": i, "file": f, "reason": r} for i, f, r in bad])
+
+
+def nothing_left(out: Any, bad: list[tuple[str, str, str]], what: str) -> InputError:
+    """The error of a run in which every input (``what``: image, TIFF) turned out bad."""
+    return InputError(f"nothing to ingest into {out}: every {what} is bad; first: {_bad_error(bad, False)}")
+
+
+def summarize(title: str, stack: Stack, bad: list[tuple[str, str, str]], pixels: int, seconds: float, *,
+              what: str = "images", quiet: bool = False) -> None:
+    """The end-of-run summary: images (and how many skipped), pixels, seconds, throughput, size, store."""
+    size = stack.stored_bytes()
+    raw = int(np.prod(stack.array.shape)) * stack.array.dtype.itemsize
+    n = stack.num_images
+    rows = {
+        what: f"{n:,}" + (f"  ({len(bad)} skipped)" if bad else ""),
+        "pixels": f"{pixels:,}",
+        "seconds": f"{seconds:.2f}",
+        "throughput": f"{n / seconds:,.1f} images/s, {pixels / seconds / 1e6:,.1f} Mpix/s" if seconds > 0 else "-",
+        "store size": f"{size / 2**20:,.2f} MiB ({raw / max(size, 1):.1f}x smaller than raw)",
+        "store": stack.path,
+    }
+    for i, f, reason in bad[:10]:
+        rows[f"skipped {i}"] = f"{f}: {reason}"
+    if len(bad) > 10:
+        rows["skipped ..."] = f"{len(bad) - 10} more (see the store's provenance)"
+    summary(title, rows, quiet=quiet)

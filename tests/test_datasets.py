@@ -399,3 +399,13 @@ def test_no_val_split_and_failed_run_leave_nothing_half_written(tmp_path, monkey
     with pytest.raises(RuntimeError, match="boom"):
         make_voc_like(tmp_path / "broken", n_images=4, n_val=1, **TINY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noval"]
+
+
+def test_repr_is_one_short_line(tmp_path):
+    """``print(ds)`` used to dump every sample's image, JPEG bytes and label maps (megabytes)."""
+    import isle_fast as il
+
+    ds = il.make_voc_like(tmp_path / "d", n_images=4, size_range=(30, 40), soft_sets=(), seed=1)
+    text = repr(ds)
+    assert "\n" not in text and len(text) < 300, text
+    assert "images=4" in text and "puzzlecam" in text and "seed=1" in text

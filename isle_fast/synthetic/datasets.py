@@ -179,6 +179,13 @@ class SyntheticDataset:
     samples: list[Sample] | None = None
     _spec: _Spec | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        # the samples hold every image, JPEG and label map: a repr of a line, not of megabytes
+        return (f"SyntheticDataset(root={str(self.root)!r}, images={len(self.ids)} "
+                f"(train {len(self.train_ids)}, val {len(self.val_ids)}), sets={list(self.set_names)}, "
+                f"soft_sets={list(self.soft_set_names)}, seed={self.seed}, "
+                f"arrays={'kept' if self.samples is not None else 'not kept'})")
+
     @property
     def num_images(self) -> int:
         """Number of images (train + val)."""

@@ -173,7 +173,7 @@ def _convert(value: Any, tp: Any, flag: str) -> Any:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
         if isinstance(value, numbers.Real) and float(value).is_integer():
-            return int(value)
+            return int(float(value))
         raise InputError(f"{flag} must be a whole number, not {value!r}")
     if base is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):

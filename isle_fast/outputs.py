@@ -219,8 +219,10 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     in a warning. Leftovers of another host or of an older naming are named, never removed.
     Returns the removed paths.
     """
-    removed = []
-    final = None if _is_remote(path) else final_path(path)
+    removed: list[Path] = []
+    if _is_remote(path):  # no leftovers beside a remote output
+        return removed
+    final = final_path(path)
     for lo in leftovers(path):
         state = lo.state
         if state == "running":

@@ -202,7 +202,8 @@ def aligned_arrays(stacks: Sequence[Stack], gt: Stack, chunks: tuple[int, int, i
     pixels. Stores chunked otherwise are rechunked (each stored chunk is still
     read once).
     """
-    chunks = tuple(chunks) if chunks is not None else work_chunks(stacks, gt)
+    chunks = ((int(chunks[0]), int(chunks[1]), int(chunks[2])) if chunks is not None
+              else work_chunks(stacks, gt))
     g = gt.to_dask()
     if g.chunksize != chunks:
         g = g.rechunk(chunks)

@@ -137,7 +137,9 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
     )
 
 
-def _gather(arrays: Sequence[np.ndarray], choice: np.ndarray) -> np.ndarray:
+def _gather(arrays: Sequence[np.ndarray], choice: np.ndarray | None) -> np.ndarray:
+    if choice is None:
+        raise ValueError("the image strategy needs the member chosen for every image (choice)")
     out = np.empty_like(arrays[0])
     for m, n in enumerate(choice):
         out[m] = arrays[int(n)][m]

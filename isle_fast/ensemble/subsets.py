@@ -167,7 +167,7 @@ def _subset_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tup
     with task_kernels(backend) as K:
         c = num_classes
         gt = np.ascontiguousarray(gt)
-        blocks = [np.ascontiguousarray(b) for b in blocks]
+        blocks = tuple(np.ascontiguousarray(b) for b in blocks)
         out = np.zeros((1, 1, 1, len(members), c, c + 1), dtype=np.int64)
         decoded: dict[int, np.ndarray] = {}
         for grp in groups:

@@ -305,11 +305,7 @@ def unregister_refinement(name: str) -> None:
 
 
 def _entry_points() -> list:
-    try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except TypeError:  # very old importlib.metadata API
-        eps = importlib.metadata.entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
-    return list(eps)
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
 def available_refinements() -> list[str]:
@@ -554,7 +550,8 @@ def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None
                         image_labels=image_labels)
     chunk = apply_chain(job.chain, chunk)
     group = zarr.open_group(job.target, mode="r+")
-    target = group[job.target_array].with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
+    member: Any = group[job.target_array]  # an array: the refine target made by create_stack
+    target = member.with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
     target[start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
     return stop - start
 

@@ -426,9 +426,11 @@ class DenseCRF(Refinement):
         else:
             out = np.zeros((k, h_pad, w_pad, c), dtype=np.float32)
         labels = chunk.image_labels
+        rgb = chunk.rgb
+        assert rgb is not None, "the chain hands RGB to a refinement with needs_rgb"
         for i in range(k):
             h, w = (int(v) for v in chunk.shapes[i])
-            out[i, :h, :w] = crf_image(chunk.rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding, c,
+            out[i, :h, :w] = crf_image(rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding, c,
                                        preset=preset, **cfg, keep=self.keep,
                                        image_labels=None if labels is None else labels[i], output=enc)
         return out

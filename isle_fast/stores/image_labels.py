@@ -187,7 +187,9 @@ def _from_cls_labels(path: Path, classes: list[str], allow_pickle: bool) -> Imag
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a dict image id -> labels "
                          f"(the cls_labels.npy form)")
     c = len(classes)
-    ids, rows, aliases = [], [], {}
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    aliases: dict[str, int] = {}
     for key, value in obj.items():
         if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             image_id = _irn_id(int(key))
@@ -381,8 +383,11 @@ def open_image_labels(path: str | os.PathLike) -> ImageLabels:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) < 2:
         raise StoreError(f"{spath}: attribute 'classes' is {classes!r}; expected a list of class names")
     try:
-        ids = [str(s) for s in group["ids"][:]]
-        labels = np.asarray(group[IMAGE_LABELS_MEMBER][:])
+        # Array or Group to Zarr's types; a group here fails to slice and is reported below
+        ids_member: Any = group["ids"]
+        labels_member: Any = group[IMAGE_LABELS_MEMBER]
+        ids = [str(s) for s in ids_member[:]]
+        labels = np.asarray(labels_member[:])
     except Exception as exc:
         raise StoreError(f"{spath}: its ids or image labels cannot be read: {exc}") from None
     if labels.dtype != bool or labels.shape != (len(ids), len(classes)):

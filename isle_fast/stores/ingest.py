@@ -64,7 +64,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
@@ -232,7 +232,7 @@ def _reference(gt: Any, ids: list[str] | None, workers: int) -> _Reference | Non
     else:
         use = ids
     found = [(i, _find(d, i, LABEL_EXTS)) for i in use]
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes = {}
 
     def head(item):
         i, f = item
@@ -337,7 +337,8 @@ def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> Inpu
     return InputError(f"{f}: image {i!r}: {reason}{more}{hint}")
 
 
-def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator[Any]:
+def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence,
+             window: int) -> Generator[Any, None, None]:
     """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order.
 
     Use it as ``with closing(_ordered(...)) as results:`` so that a consumer that stops early
@@ -1093,7 +1094,10 @@ def ingest_tiff(
     else:
         paths = [src] if isinstance(src, (str, os.PathLike)) else list(src)
         ids_file = str(ids) if isinstance(ids, (str, os.PathLike)) else None
-        id_list = (read_ids(ids) if ids_file else list(ids) if ids is not None else [stem(p) for p in paths])
+        if isinstance(ids, (str, os.PathLike)):
+            id_list = read_ids(ids)
+        else:
+            id_list = list(ids) if ids is not None else [stem(p) for p in paths]
         if len(id_list) != len(paths):
             raise InputError(f"{len(paths)} TIFF files but {len(id_list)} ids")
         items = [_Item(str(i), str(p), str(p)) for i, p in zip(id_list, paths)]
@@ -1158,7 +1162,7 @@ def ingest_tiff(
                 h, wd = shapes[it.id]
                 store = tifffile.imread(it.ref, aszarr=True)
                 try:
-                    zin = zarr.open(store, mode="r")
+                    zin: Any = zarr.open(store, mode="r")  # a group (pyramid) or an array
                     if not hasattr(zin, "shape"):  # a multiscale group: level 0
                         zin = zin["0"]
 

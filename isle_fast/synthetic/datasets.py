@@ -274,7 +274,7 @@ def save_cam_npy(path: str | os.PathLike, keys: np.ndarray, high_res: np.ndarray
         d = {"keys": k, "cam": hr[:, ::stride, ::stride].copy(), "high_res": hr}
     else:
         raise InputError(f"layout must be 'puzzlecam' or 'irn', not {layout!r}")
-    np.save(buf, d, allow_pickle=True)
+    np.save(buf, np.asarray(d, dtype=object), allow_pickle=True)  # what np.save makes of a dict
     write_bytes(Path(path), buf.getvalue())
 
 
@@ -303,7 +303,7 @@ def save_cls_labels(path: str | os.PathLike, labels: Mapping[str, Sequence[int]]
         row[np.asarray(list(classes), dtype=np.int64) - 1] = 1.0
         out[str(image_id)] = row
     buf = io.BytesIO()
-    np.save(buf, out, allow_pickle=True)
+    np.save(buf, np.asarray(out, dtype=object), allow_pickle=True)  # what np.save makes of a dict
     write_bytes(Path(path), buf.getvalue())
 
 
@@ -1265,7 +1265,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
     samples: list[Sample] = [] if keep else None  # type: ignore[assignment]
     image_labels: dict[str, list[int]] = {}
     try:
-        lists = {"train": [], "val": []}
+        lists: dict[str, list[str]] = {"train": [], "val": []}
         # stores are filled split by split, in id order: go over the images in that order
         for i in list(train_idx) + list(val_idx):
             s = _generate(spec, i)
@@ -1291,16 +1291,16 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
             if keep:
                 samples.append(s)
             bar.update(1)
-        for w in writers.values():
-            w.commit()
+        for buffered in writers.values():
+            buffered.commit()
         if write_tree:
             for split in ("train", "val"):
                 text = "".join(f"{x}\n" for x in sorted(lists[split]))
                 write_bytes(work / rel_paths[f"{split}_list"], text.encode())
             save_cls_labels(work / rel_paths["cls_labels"], dict(sorted(image_labels.items())))
     except BaseException:
-        for w in writers.values():
-            w.writer.abort()
+        for buffered in writers.values():
+            buffered.writer.abort()
         raise
     finally:
         bar.close()

@@ -351,7 +351,7 @@ def _open_training_data(cfg: TrainConfig) -> SegmentationDataset:
         from isle_fast.stores.stack import open_stack
 
         vg = open_stack(cfg.val_gt)
-        if list(vg.classes) != list(ds.classes):
+        if list(vg.classes) != ds.classes:
             raise InputError(f"--val-gt {cfg.val_gt} has classes {vg.classes}; --labels {cfg.labels} has "
                              f"{ds.classes}")
     return ds
@@ -398,22 +398,26 @@ def _build_model(cfg: TrainConfig, num_classes: int, dev: torch.device, pretrain
                           cfg.output_stride, cfg.head_channels)
     # channels_last on every device: cuDNN and oneDNN (CPU) both run NHWC convolutions faster
     # (measured on the 2-core CPU: about 5-15 % per training step)
-    model.to(dev, memory_format=torch.channels_last)
+    model.to(dev)
+    model.to(memory_format=torch.channels_last)
     return model
 
 
 def _build_optimisation(cfg: TrainConfig, model: DeepLabV3Plus, dev: torch.device,
                         use_amp: bool) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
     """The optimiser (backbone and head learning rates), the poly schedule and the GradScaler."""
-    groups = [{"params": list(model.backbone_parameters()), "lr": cfg.lr * cfg.backbone_lr_mult},
-              {"params": list(model.head_parameters()), "lr": cfg.lr}]
+    lr, backbone_mult = cfg.lr, cfg.backbone_lr_mult
+    assert lr is not None and backbone_mult is not None, "train() passes cfg.resolved()"
+    groups = [{"params": list(model.backbone_parameters()), "lr": lr * backbone_mult},
+              {"params": list(model.head_parameters()), "lr": lr}]
     # fused: one kernel per step for all parameters (CPU and CUDA) instead of several per tensor;
     # the per-tensor AdamW update was about 15 % of a small model's CPU step
+    opt: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               fused=_fused_ok(dev))
     else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fused_ok(dev))
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=_fused_ok(dev))
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.steps, power=cfg.power)
     # loss scaling only for float16 (CUDA); bfloat16 (CPU autocast) has float32's range
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and amp_dtype(dev.type) == torch.float16)
@@ -426,7 +430,8 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device, use_amp: bool,
                  ck: dict | None) -> None:
         self.cfg, self.ds, self.run, self.dev, self.use_amp = cfg, ds, run, dev, use_amp
-        self.classes = ds.classes
+        assert ds.classes is not None, "a training dataset opens its labels"
+        self.classes: list[str] = ds.classes
         groups = chunk_groups(len(ds), ds.image_chunk, ds.label_chunk)
         self.sampler = ChunkBatchSampler(len(ds), cfg.batch_size, groups, seed=cfg.seed, window=cfg.window,
                                          num_workers=cfg.num_workers)
@@ -479,6 +484,7 @@ class _Trainer:
     def validate(self) -> None:
         """Score the model on the validation split; a new best mIoU writes ``best.pt``."""
         cfg = self.cfg
+        assert cfg.val_images is not None and cfg.val_gt is not None, "TrainConfig.check pairs them"
         r = evaluate_model(self.model, cfg.val_images, cfg.val_gt, num_classes=len(self.classes),
                            amp=self.use_amp, num_workers=min(cfg.num_workers, 2), quiet=True)
         row = {"step": self.step, "miou": r["miou"], "iou": r["iou"], "background_miou": r["background_miou"]}

@@ -35,13 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError
-from isle_fast.ensemble.evaluate import (
-    Evaluation,
-    check_bg_threshold,
-    evaluate,
-    open_inputs,
-    unique_names,
-)
+from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate
+from isle_fast.ensemble.graph import open_inputs, unique_names
 from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput

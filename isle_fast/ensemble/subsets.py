@@ -27,16 +27,9 @@ import numpy as np
 
 from isle_fast.errors import InputError
 from isle_fast import metrics
-from isle_fast.ensemble.evaluate import (
-    Evaluation,
-    check_bg_threshold,
-    aligned_arrays,
-    blockwise_args,
-    evaluate,
-    open_inputs,
-    score_threshold,
-)
-from isle_fast.ensemble.merge import _policy_code
+from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate, score_threshold
+from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, open_inputs
+from isle_fast.ensemble.merge import policy_code
 from isle_fast.ensemble.selection import Selection, select
 
 __all__ = ["MAX_SETS", "SubsetAnalysis", "all_subsets", "subset_analysis"]
@@ -227,7 +220,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     t0 = time.perf_counter()
     bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
-    code = _policy_code(policy)
+    code = policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)
     n = len(stacks)
     if n > MAX_SETS:

@@ -83,6 +83,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError
+from isle_fast.stores.image_labels import normalize_image_labels
 from isle_fast.stores.stack import (
     IGNORE_INDEX,
     WRITE_EVERY_CHUNK,
@@ -525,14 +526,7 @@ def image_labels_for(stack: Stack, image_labels: Any = None) -> np.ndarray | Non
     if a.ndim != 2 or a.shape[0] != n or a.shape[1] not in (c, c - 1):
         raise InputError(f"image labels ({source}) have shape {a.shape}; {stack.path} has {n} images and {c} "
                          f"classes, so they must be ({n}, {c}) or, foreground only, ({n}, {c - 1})")
-    if a.dtype != np.bool_:
-        if a.dtype.kind not in "iuf" or not np.isin(a, (0, 1)).all():
-            raise InputError(f"image labels ({source}) must be booleans or 0 / 1, not {a.dtype} values "
-                             f"{np.unique(a)[:5].tolist()}")
-        a = a != 0
-    out = np.ones((n, c), dtype=bool)
-    out[:, 1:] = a[:, 1:] if a.shape[1] == c else a
-    return out
+    return normalize_image_labels(a, c, f"image labels ({source})")
 
 
 def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None = None) -> int:

@@ -83,6 +83,7 @@ import numpy as np
 
 from isle_fast.errors import InputError
 from isle_fast.refinement.chain import PrepareContext, RefineChunk, Refinement
+from isle_fast.stores.image_labels import normalize_image_labels
 
 __all__ = ["PRESETS", "AUTO_PRESET", "DenseCRF", "crf_settings", "crf_image", "crf_unary", "present_classes"]
 
@@ -177,17 +178,7 @@ def _label_row(image_labels: Any, num_classes: int) -> np.ndarray:
     if row.ndim != 1 or row.shape[0] not in (num_classes, num_classes - 1):
         raise InputError(f"image labels of one image must have {num_classes} entries (one per class) or "
                          f"{num_classes - 1} (foreground only), not shape {row.shape}")
-    if row.dtype != np.bool_:
-        if row.dtype.kind not in "iuf" or not np.isin(row, (0, 1)).all():
-            raise InputError(f"image labels must be booleans or 0 / 1, not {row.dtype} values "
-                             f"{np.unique(row)[:5]}")
-        row = row != 0
-    if row.shape[0] == num_classes - 1:
-        row = np.concatenate([[True], row])
-    else:
-        row = row.copy()
-        row[0] = True
-    return row
+    return normalize_image_labels(row, num_classes)
 
 
 def present_classes(data: np.ndarray, encoding: str, num_classes: int, keep: str = "auto",

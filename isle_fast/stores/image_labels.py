@@ -65,7 +65,7 @@ from isle_fast.stores.stack import FORMAT_VERSION, VOC_CLASSES, Stack, StackWrit
 __all__ = [
     "IMAGE_LABELS_KIND", "IMAGE_LABELS_MEMBER", "ImageLabels", "read_image_labels", "write_image_labels",
     "open_image_labels", "ingest_image_labels", "resolve_image_labels", "attach_image_labels",
-    "check_not_output",
+    "check_not_output", "normalize_image_labels",
 ]
 
 #: ``kind`` attribute of a standalone image-labels store.
@@ -472,21 +472,61 @@ def check_not_output(src: Any, out: Any, what: str = "--image-labels") -> None:
         raise InputError(f"{what} {src} is also the output; write the output elsewhere")
 
 
+def normalize_image_labels(values: Any, num_classes: int, what: str = "image labels") -> np.ndarray:
+    """Image-level labels as bool rows of every class, the background column set.
+
+    Parameters
+    ----------
+    values : array-like, (..., C) or (..., C-1)
+        Every class (the background entry is ignored) or the foreground only (the
+        form of the public ``cls_labels.npy``); booleans or the numbers 0 / 1.
+    num_classes : int
+        ``C``, background included.
+    what : str
+        How messages name ``values``.
+
+    Returns
+    -------
+    ndarray of bool, (..., C)
+        A new array; column 0 (background) is True.
+
+    Raises
+    ------
+    InputError
+        The last axis is neither ``C`` nor ``C-1`` long, or a value is not a boolean, 0 or 1.
+
+    Examples
+    --------
+    >>> normalize_image_labels([0, 1, 0], 4).tolist()
+    [True, False, True, False]
+    """
+    a = np.asarray(values)
+    c = int(num_classes)
+    if a.ndim == 0 or a.shape[-1] not in (c, c - 1):
+        raise InputError(f"{what} have shape {a.shape}; with {c} classes a row holds {c} entries (one per "
+                         f"class) or {c - 1} (foreground only)")
+    if a.dtype != np.bool_:
+        if a.dtype.kind not in "iuf" or not np.isin(a, (0, 1)).all():
+            raise InputError(f"{what} must be booleans or 0 / 1, not {a.dtype} values "
+                             f"{np.unique(a)[:5].tolist()}")
+        a = a != 0
+    out = np.ones(a.shape[:-1] + (c,), dtype=bool)
+    out[..., 1:] = a[..., 1:] if a.shape[-1] == c else a
+    return out
+
+
 def resolve_image_labels(src: Any, ids: Sequence[str], classes: Sequence[str], *, where: str = "the stack",
                          quiet: bool = True) -> np.ndarray:
     """Image labels for exactly these ids and classes: an ``(I, C)`` bool array.
 
-    ``src`` is anything :func:`read_image_labels` reads, or an ``(I, C)``
-    array already in this order.
+    ``src`` is anything :func:`read_image_labels` reads, or an array already in
+    this order (:func:`normalize_image_labels`: ``(I, C)`` or ``(I, C-1)``).
     """
     if isinstance(src, np.ndarray):
-        arr = np.asarray(src)
-        if arr.shape != (len(ids), len(classes)) or arr.dtype.kind not in "bui":
-            raise InputError(f"image labels of shape {arr.shape} ({arr.dtype}) do not fit {len(ids)} images "
+        if src.ndim != 2 or src.shape[0] != len(ids):
+            raise InputError(f"image labels of shape {src.shape} ({src.dtype}) do not fit {len(ids)} images "
                              f"and {len(classes)} classes")
-        out = arr.astype(bool)
-        out[:, 0] = True
-        return out
+        return normalize_image_labels(src, len(classes))
     return read_image_labels(src, classes, quiet=quiet).aligned(ids, where)
 
 

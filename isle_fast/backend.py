@@ -30,7 +30,7 @@ import os
 import sys
 from types import ModuleType
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.process import FORCE_CUDASIM_ENV, prepare_process
 
 __all__ = [
@@ -126,12 +126,12 @@ def resolve_backend(backend: str = "auto") -> str:
     """
     prepare_process()
     if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        raise InputError(f"{param('backend')} must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
         return "gpu" if gpu_available() else "cpu"
     if backend == "gpu" and not gpu_available():
-        raise InputError("--backend gpu: no CUDA device visible to CuPy / Numba (install isle-fast[gpu] "
-                         "on a machine with an NVIDIA GPU, or use --backend cpu)")
+        raise InputError(f"{param('backend', 'gpu')}: no CUDA device visible to CuPy / Numba (install "
+                         f"isle-fast[gpu] on a machine with an NVIDIA GPU, or use {param('backend', 'cpu')})")
     return backend
 
 

@@ -61,7 +61,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, StoreError, param
 
 __all__ = ["JobSpec", "JobResult", "run_job", "spec_from_root", "spec_from_toml", "fingerprint_folder"]
 
@@ -183,19 +183,19 @@ class JobSpec:
         for n, p, _ in every:
             if not p.is_dir():
                 raise InputError(f"set {n!r}: folder {p} does not exist")
-        for what, given in (("--ids", self.ids), ("--images", self.images)):
+        for what, given in ((param("ids"), self.ids), (param("images"), self.images)):
             if given is not None and not Path(given).exists():
                 raise InputError(f"{what} {given} does not exist")
         if self.policy not in POLICIES:
-            raise InputError(f"--policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+            raise InputError(f"{param('policy')} must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.strategy not in STRATEGIES:
-            raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+            raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         if self.average not in AVERAGES:
-            raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {self.average!r}")
+            raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {self.average!r}")
         png_options(self.compress)
         for n in self.subset or []:
             if n not in names:
-                raise InputError(f"--sets names {n!r}, which is not a set of this run ({', '.join(names)})")
+                raise InputError(f"{param('subset')} names {n!r}, which is not a set of this run ({', '.join(names)})")
         if self.refine:
             from isle_fast.refinement.chain import get_refinement
 
@@ -203,16 +203,16 @@ class JobSpec:
                 get_refinement(r)
             for n in self.refine_sets or []:
                 if n not in names:
-                    raise InputError(f"--refine-sets names {n!r}, which is not a set of this run")
+                    raise InputError(f"{param('refine_sets')} names {n!r}, which is not a set of this run")
         if self.workers is not None and self.workers < 1:
-            raise InputError(f"--workers must be at least 1, not {self.workers}")
+            raise InputError(f"{param('workers')} must be at least 1, not {self.workers}")
         if self.num_images < 0:
-            raise InputError(f"--num-images must be at least 0, not {self.num_images}")
+            raise InputError(f"{param('num_images')} must be at least 0, not {self.num_images}")
         out, cache = _resolved(self.out), _resolved(self.cache_dir)
         for n, p, _ in every + [("gt", Path(self.gt), "labels")]:
             src = _resolved(p)
             if _inside(out, src) or _inside(src, out) or _inside(cache, src):
-                raise InputError(f"--out {self.out} and input folder {p} overlap; write the run elsewhere")
+                raise InputError(f"{param('out')} {self.out} and input folder {p} overlap; write the run elsewhere")
 
 
 def _resolved(p: str | os.PathLike) -> Path:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, StoreError, param
 
 __all__ = [
     "MARKER",
@@ -321,7 +321,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def refuse_unsafe(path: str | os.PathLike, *, inputs: Iterable[Any] = (), outputs: Iterable[Any] = (),
-                  flag: str = "--out") -> Path:
+                  flag: str = param("out")) -> Path:
     """Refuse an output path that no command may write; returns :func:`final_path` of it.
 
     Refused: ``/``, the home folder, the working directory or a folder above it, any input of
@@ -381,7 +381,7 @@ def refuse_unsafe(path: str | os.PathLike, *, inputs: Iterable[Any] = (), output
 
 
 def check_output(path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[Any] = (),
-                 flag: str = "--out") -> Path:
+                 flag: str = param("out")) -> Path:
     """Fail before any work when output ``path`` may not be written; returns :func:`final_path` of it.
 
     Applies :func:`refuse_unsafe`, removes stale temporaries of the output
@@ -603,7 +603,7 @@ class FolderOutput:
     """
 
     def __init__(self, path: str | os.PathLike, *, command: str, overwrite: bool = False,
-                 inputs: Iterable[Any] = (), flag: str = "--out", check: bool = True) -> None:
+                 inputs: Iterable[Any] = (), flag: str = param("out"), check: bool = True) -> None:
         if _is_remote(path):
             raise InputError(f"{flag} {os.fspath(path)}: write folders of files to a local path")
         self.command = command

@@ -167,13 +167,13 @@ def test_ingest_image_labels_store_checks_ids(tmp_path, capsys):
     before = (tmp_path / "il.zarr" / "zarr.json").read_bytes()
     with pytest.raises(InputError, match="SRC .*il.zarr is also the output"):
         ingest_image_labels(tmp_path / "il.zarr", tmp_path / "il.zarr", gt=gt, overwrite=True, quiet=True)
-    with pytest.raises(InputError, match="--image-labels .*il.zarr is also the output"):
+    with pytest.raises(InputError, match="^image_labels .*il.zarr is also the output"):
         ingest_labels(tmp_path / "gt", tmp_path / "il.zarr", kind="gt", image_labels=tmp_path / "il.zarr",
                       overwrite=True, quiet=True)
     from isle_fast.ensemble.merge import merge
 
     pseudo = ingest_labels(tmp_path / "gt", tmp_path / "p.zarr", kind="pseudo", quiet=True)
-    with pytest.raises(InputError, match="--image-labels .*il.zarr is also the output"):
+    with pytest.raises(InputError, match="^image_labels .*il.zarr is also the output"):
         merge([pseudo], gt, tmp_path / "il.zarr", image_labels=tmp_path / "il.zarr", overwrite=True,
               progress=False)
     assert (tmp_path / "il.zarr" / "zarr.json").read_bytes() == before

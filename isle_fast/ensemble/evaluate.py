@@ -43,7 +43,7 @@ import numpy as np
 
 from isle_fast import metrics
 from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, local_specs, open_inputs, unique_names
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack
 
 __all__ = ["Evaluation", "evaluate", "check_bg_threshold", "AVERAGES"]
@@ -68,7 +68,7 @@ def check_bg_threshold(value: Any) -> float | None:
     except (TypeError, ValueError):
         v = float("nan")
     if isinstance(value, bool) or not math.isfinite(v):
-        raise InputError(f"--bg-threshold must be a finite number (a score in [0, 1]), not {value!r}")
+        raise InputError(f"{param('bg_threshold')} must be a finite number (a score in [0, 1]), not {value!r}")
     return v
 
 
@@ -444,7 +444,7 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     from isle_fast.backend import resolve_backend
 
     if average not in AVERAGES:
-        raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+        raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {average!r}")
     bg_threshold = check_bg_threshold(bg_threshold)
     t0 = time.perf_counter()
     be = resolve_backend(backend)

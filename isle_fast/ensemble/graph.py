@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
 
 __all__ = ["SET_KINDS", "MAX_TASK_BYTES", "open_inputs", "unique_names", "work_chunks", "aligned_arrays",
@@ -73,7 +73,7 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
         raise InputError("give at least one pseudo-label set")
     gt_stack = _as_stack(gt)
     if gt_stack.kind != "gt":
-        raise InputError(f"--gt {gt_stack.path} is {kind_phrase(gt_stack.kind)}, not ground truth "
+        raise InputError(f"{param('gt')} {gt_stack.path} is {kind_phrase(gt_stack.kind)}, not ground truth "
                          "(kind 'gt'; ingest ground truth with --kind gt)")
     if gt_stack.encoding != "labels":
         raise InputError(f"ground truth {gt_stack.path} has encoding {gt_stack.encoding!r}; "

@@ -57,7 +57,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate, score_threshold
 from isle_fast.ensemble.graph import (aligned_arrays, blockwise_args, local_specs, open_inputs, unique_names,
                                       work_chunks)
@@ -76,7 +76,7 @@ STRATEGIES = ("class", "image")
 def policy_code(policy: str) -> int:
     """The merge kernels' code of a tie ``policy`` (:data:`POLICIES`); :class:`InputError` if unknown."""
     if policy not in POLICIES:
-        raise InputError(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        raise InputError(f"{param('policy')} must be one of {', '.join(POLICIES)}, not {policy!r}")
     return POLICIES[policy]
 
 
@@ -108,7 +108,7 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
               drop_absent: bool = False) -> MergePlan:
     """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets)."""
     if strategy not in STRATEGIES:
-        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     code = policy_code(policy)
     members = [stacks[i] for i in selection.member_indices]
     encodings = tuple(s.encoding for s in members)
@@ -445,7 +445,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     if strategy not in STRATEGIES:
-        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)
     # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate
 from isle_fast.ensemble.graph import open_inputs, unique_names
 from isle_fast.ensemble.selection import select
@@ -317,7 +317,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         ens_stack = ensemble if isinstance(ensemble, Stack) else open_stack(ensemble)
         if ens_stack.kind not in ENSEMBLE_KINDS:
             kinds = " or ".join(repr(k) for k in ENSEMBLE_KINDS)
-            raise InputError(f"--ensemble {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
+            raise InputError(f"{param('ensemble')} {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
                              f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
                              "pseudo-label set)")
     img_stack = None

@@ -82,7 +82,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.stores.image_labels import normalize_image_labels
 from isle_fast.stores.stack import (
     IGNORE_INDEX,
@@ -374,7 +374,7 @@ def parse_chain(chain: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in chain.split(",")] if isinstance(chain, str) else [str(s).strip() for s in chain]
     names = [s for s in names if s]
     if not names:
-        raise InputError("--with needs at least one refinement (e.g. --with affinity,crf)")
+        raise InputError(f"{param('chain')} needs at least one refinement (e.g. {param('chain', 'affinity,crf')})")
     return names
 
 
@@ -412,7 +412,7 @@ def parse_params(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, d
         key, eq, text = str(item).partition("=")
         name, dot, par = key.strip().partition(".")
         if not eq or not dot or not name or not par:
-            raise InputError(f"--param {item!r} must look like NAME.KEY=VALUE (e.g. crf.iterations=5)")
+            raise InputError(f"{param('params')} {item!r} must look like NAME.KEY=VALUE (e.g. crf.iterations=5)")
         out.setdefault(name, {})[par.strip()] = _value(text.strip())
     return out
 
@@ -423,7 +423,7 @@ def make_chain(chain: str | Sequence[str], params: Any = None) -> list[Refinemen
     by_name = parse_params(params)
     stray = sorted(set(by_name) - set(names))
     if stray:
-        raise InputError(f"--param {stray[0]}.* given but {stray[0]!r} is not in the chain ({','.join(names)})")
+        raise InputError(f"{param('params')} {stray[0]}.* given but {stray[0]!r} is not in the chain ({','.join(names)})")
     return [make_refinement(n, by_name.get(n, {})) for n in names]
 
 
@@ -680,7 +680,7 @@ def refine_stack(
     img = _as_stack(images, "images") if images is not None else None
     if img is not None:
         if img.kind != "images" or img.encoding != "rgb":
-            raise InputError(f"--images {img.path} is a {img.kind!r} store; expected an 'images' (rgb) store")
+            raise InputError(f"{param('images')} {img.path} is a {img.kind!r} store; expected an 'images' (rgb) store")
         check_aligned([src, img], same_classes=False)
     need = [r.name for r in refs if r.needs_rgb]
     if need and img is None:
@@ -704,7 +704,7 @@ def refine_stack(
     c = src.num_classes
     n_workers = int(workers) if workers else (os.cpu_count() or 1)
     if n_workers < 1:
-        raise InputError(f"--workers must be at least 1, not {workers}")
+        raise InputError(f"{param('workers')} must be at least 1, not {workers}")
     if images_per_task is None:
         k_default = default_chunks(max(n, 1), h_pad, w_pad, c if enc == "scores" else None,
                                    np.dtype(score_dtype).itemsize if enc == "scores" else 1)[0]
@@ -735,7 +735,7 @@ def refine_stack(
     elif scheduler in ("threads", "processes", "sync"):
         sched = scheduler
     else:
-        raise InputError(f"--scheduler must be auto, threads, processes or sync, not {scheduler!r}")
+        raise InputError(f"{param('scheduler')} must be auto, threads, processes or sync, not {scheduler!r}")
     if sched == "processes" and not all(r.process_safe for r in refs):
         bad = next(r.name for r in refs if not r.process_safe)
         raise InputError(f"refinement {bad!r} cannot run in worker processes here (its model is on a GPU); "

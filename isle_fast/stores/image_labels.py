@@ -59,7 +59,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, StoreError, param
 from isle_fast.stores.stack import FORMAT_VERSION, VOC_CLASSES, Stack, StackWriter, is_remote
 
 __all__ = [
@@ -460,7 +460,7 @@ def attach_image_labels(writer: StackWriter, labels: np.ndarray, source: str) ->
     writer.set_provenance(image_labels=source)
 
 
-def check_not_output(src: Any, out: Any, what: str = "--image-labels") -> None:
+def check_not_output(src: Any, out: Any, what: str = param("image_labels")) -> None:
     """An output never replaces an input of the same command: refuse ``out`` naming the labels' source."""
     if src is None or out is None or isinstance(src, (np.ndarray, ImageLabels, Stack)):
         return
@@ -568,7 +568,7 @@ def ingest_image_labels(src: Any, out: str | os.PathLike, *, gt: Any = None,
 
     t0 = time.perf_counter()
     check_not_output(src, out, "SRC")
-    check_not_output(None if isinstance(gt, Stack) else gt, out, "--gt")
+    check_not_output(None if isinstance(gt, Stack) else gt, out, param("gt"))
     if not overwrite and Path(str(out)).exists():
         raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
     ref = gt if isinstance(gt, Stack) or gt is None else open_stack(gt)

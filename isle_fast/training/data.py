@@ -47,7 +47,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from isle_fast.errors import AlignmentError, InputError, IsleError
+from isle_fast.errors import AlignmentError, InputError, IsleError, param
 from isle_fast.stores.stack import Stack, check_aligned, open_stack
 
 __all__ = [
@@ -194,7 +194,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def _open(self) -> tuple[Stack, Stack | None]:
         img = open_stack(self.images_path)
         if img.kind != "images":
-            raise InputError(f"--images {self.images_path} is a {img.kind!r} store; expected kind 'images'")
+            raise InputError(f"{param('images')} {self.images_path} is a {img.kind!r} store; expected kind 'images'")
         lab = None
         if self.labels_path is not None:
             lab = open_stack(self.labels_path)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isle_fast.errors import InputError, IsleError
+from isle_fast.errors import InputError, IsleError, param
 from isle_fast.outputs import FolderOutput, check_output
 from isle_fast.progress import Timer, progress, summary
 from isle_fast.training.data import SegmentationDataset, normalize, worker_error
@@ -182,12 +182,12 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     from isle_fast.stores.stack import StackWriter, create_stack
 
     if format not in ("store", "png"):
-        raise InputError(f"--format must be store or png, not {format!r}")
+        raise InputError(f"{param('format')} must be store or png, not {format!r}")
     if window is not None and window < 16:
-        raise InputError(f"--window must be at least 16 pixels, not {window}")
+        raise InputError(f"{param('window')} must be at least 16 pixels, not {window}")
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0:
-        raise InputError(f"--scales must be positive numbers, not {scales}")
+        raise InputError(f"{param('scales')} must be positive numbers, not {scales}")
     timer = Timer()
     dev = resolve_device(device)
     amp = (dev.type == "cuda") if amp is None else bool(amp)

@@ -128,7 +128,7 @@ def test_run_folder_and_argument_errors(data, tmp_path):
     with pytest.raises(InputError, match="nothing to resume"):
         train(ip, lp, tmp_path / "r", resume=True, steps=1, **TINY)
     train(ip, lp, tmp_path / "r", steps=1, **TINY)
-    with pytest.raises(StoreError, match="--resume"):
+    with pytest.raises(StoreError, match="pass resume to continue it or overwrite to restart"):
         train(ip, lp, tmp_path / "r", steps=1, **TINY)
     with pytest.raises(InputError, match="'crop'"):
         train(ip, lp, tmp_path / "r", resume=True, steps=1, **{**TINY, "crop": 40})

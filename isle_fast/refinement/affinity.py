@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.refinement.chain import PrepareContext, RefineChunk, Refinement
 
 __all__ = [
@@ -449,7 +449,7 @@ def train_affinity(images, source, checkpoint: str, *, backbone: str = "resnet50
         old = {k: ck.get("config", {}).get(k) for k in ("backbone", "stride", "dim", "radius")}
         new = {k: cfg[k] for k in old}
         if old != new:
-            raise InputError(f"--resume: checkpoint {checkpoint} was trained with {old}, not {new}")
+            raise InputError(f"{param('resume')}: checkpoint {checkpoint} was trained with {old}, not {new}")
         start_epoch, step = int(ck["epoch"]), int(ck["step"])
         rng = np.random.default_rng([seed, start_epoch])
     model = AffinityNet(backbone, None if ck is not None else weights, stride, dim)
@@ -710,12 +710,12 @@ class AffinityNetRefinement(Refinement):
                 return
             if not context.resume:
                 raise InputError(f"AffinityNet checkpoint {path} holds an unfinished training (epoch "
-                                 f"{ck.get('epoch')} of {ck.get('config', {}).get('epochs')}); pass --resume "
+                                 f"{ck.get('epoch')} of {ck.get('config', {}).get('epochs')}); pass {param('resume')} "
                                  "to continue it, or delete it to start again")
         elif not self.train:
             raise InputError(f"affinity.checkpoint {path} does not exist (and affinity.train is false)")
         if context.images is None:
-            raise InputError("AffinityNet training needs the RGB images: pass --images")
+            raise InputError(f"AffinityNet training needs the RGB images: pass {param('images')}")
         self.model = train_affinity(context.images, context.source, path, device=dev, resume=context.resume,
                                     progress=context.progress, **self.train_kw)
         self.trained_now = True

@@ -684,7 +684,8 @@ def refine_stack(
         check_aligned([src, img], same_classes=False)
     need = [r.name for r in refs if r.needs_rgb]
     if need and img is None:
-        raise InputError(f"refinement {need[0]!r} needs the RGB images: pass --images IMAGES_STORE")
+        raise InputError(f"refinement {need[0]!r} needs the RGB images: pass {param('images')} "
+                         "(an images store)")
     out = str(out)
     # never the input set or the images (nor inside / holding them), never what isle did not write
     from isle_fast.outputs import check_output

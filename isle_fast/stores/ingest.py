@@ -68,7 +68,7 @@ from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, StoreError, param
 from isle_fast.stores.formats import (
     IMAGE_EXTS,
     LABEL_EXTS,
@@ -732,7 +732,7 @@ def ingest_scores(
     if np.dtype(score_dtype) not in (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32)):
         raise InputError(f"score_dtype must be uint8, float16 or float32, not {score_dtype!r}")
     if upsample and gt is None:
-        raise InputError("upsample needs the image sizes: give the ground truth (--gt)")
+        raise InputError(f"upsample needs the image sizes: give the ground truth ({param('gt')})")
     _check_out(out, overwrite, src, gt, ids, classes)
     w = _default_workers(workers)
     ref = _reference(gt, _id_list(ids), w)

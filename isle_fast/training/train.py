@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from isle_fast import metrics
-from isle_fast.errors import InputError, IsleError, StoreError
+from isle_fast.errors import InputError, IsleError, StoreError, param
 from isle_fast.options import parameters_doc
 from isle_fast.outputs import MARKER, owned, refuse_unsafe, write_file, write_marker, write_text
 from isle_fast.progress import Timer, progress, summary
@@ -345,15 +345,15 @@ def _open_training_data(cfg: TrainConfig) -> SegmentationDataset:
     ds = SegmentationDataset(cfg.images, cfg.labels, train=True, crop=cfg.crop, scale_range=cfg.scale_range,
                              flip=cfg.flip, fg_crop=cfg.fg_crop)
     if len(ds) < 2:
-        raise InputError(f"--labels {cfg.labels} holds {len(ds)} image(s); training needs at least 2 "
-                         "(BatchNorm needs more than one image per batch)")
+        raise InputError(f"{param('labels')} {cfg.labels} holds {len(ds)} image(s); training needs at "
+                         "least 2 (BatchNorm needs more than one image per batch)")
     if cfg.val_gt is not None:
         from isle_fast.stores.stack import open_stack
 
         vg = open_stack(cfg.val_gt)
         if list(vg.classes) != ds.classes:
-            raise InputError(f"--val-gt {cfg.val_gt} has classes {vg.classes}; --labels {cfg.labels} has "
-                             f"{ds.classes}")
+            raise InputError(f"{param('val_gt')} {cfg.val_gt} has classes {vg.classes}; "
+                             f"{param('labels')} {cfg.labels} has {ds.classes}")
     return ds
 
 
@@ -366,14 +366,14 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig) -> dict:
     """The ``last.pt`` of ``run``, after checking that it was trained with the same settings as ``cfg``."""
     last = run / "last.pt"
     if not last.is_file():
-        raise InputError(f"--resume: {last} does not exist (nothing to resume in {run})")
+        raise InputError(f"{param('resume')}: {last} does not exist (nothing to resume in {run})")
     ck = load_checkpoint(last)
     old, new = config_from_dict(ck["config"]), asdict(cfg)
     diff = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
     if diff:
         k = diff[0]
-        raise InputError(f"--resume: setting {k!r} is {new[k]!r} but the run in {run} used {old.get(k)!r} "
-                         "(resume with the same settings, or start a new run)")
+        raise InputError(f"{param('resume')}: setting {k!r} is {new[k]!r} but the run in {run} used "
+                         f"{old.get(k)!r} (resume with the same settings, or start a new run)")
     return ck
 
 
@@ -383,7 +383,8 @@ def _clear_run_folder(run: Path, overwrite: bool) -> None:
     if not run.exists() or (run.is_dir() and not any(run.iterdir())):
         return
     if not overwrite:
-        raise StoreError(f"{run} already holds files; pass --resume to continue it or --overwrite to restart")
+        raise StoreError(f"{run} already holds files; pass {param('resume')} to continue it or "
+                         f"{param('overwrite')} to restart")
     if not (run.is_dir() and (owned(run) or {p.name for p in run.iterdir()} <= set(RUN_FILES))):
         raise StoreError(f"{run} holds files that isle train did not write (no {MARKER}); refusing to "
                          "restart a run there even with --overwrite: choose another folder")

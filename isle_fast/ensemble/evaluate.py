@@ -103,18 +103,23 @@ def group_sets(stacks: Sequence[Stack], bg_threshold: float | None) -> list[Grou
     return groups
 
 
-def _contig(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a)
+def _contig(a: Any) -> Any:
+    from isle_fast.backend import is_device_array
+
+    return a if is_device_array(a) else np.ascontiguousarray(a)
 
 
 # -- the per-chunk task -------------------------------------------------------------------
 
 def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tuple[Group, ...],
                      order: tuple[int, ...], num_classes: int, per_image: bool) -> np.ndarray:
-    """Counts of one chunk: ``(1, 1, 1, N, C, C+1)``, or ``(k, 1, 1, N, C, C+1)`` per image."""
-    from isle_fast.backend import task_kernels
+    """Counts of one chunk: ``(1, 1, 1, N, C, C+1)``, or ``(k, 1, 1, N, C, C+1)`` per image.
 
-    with task_kernels(backend) as K:
+    Chunks in GPU memory (CuPy) stay there: the GPU kernels count them (:func:`task_kernels`).
+    """
+    from isle_fast.backend import task_kernels, to_host
+
+    with task_kernels(backend, gt, *blocks) as K:
         n_sets = len(order)
         by_pos = dict(zip(order, blocks))
         gt = _contig(gt)
@@ -129,7 +134,7 @@ def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: 
                     res = K.confusion_labels(g, sets, num_classes)
                 else:
                     res = K.confusion_scores(g, sets, num_classes, grp.threshold)
-                out[m, 0, 0, list(grp.members)] = np.asarray(res)
+                out[m, 0, 0, list(grp.members)] = to_host(res)
         return out
 
 

@@ -147,7 +147,9 @@ def _main(argv: list[str]) -> int:
     try:
         return int(mod.run(args) or 0)
     except IsleError as exc:
-        _say(f"isle {args.command}: error: {exc.for_cli(FLAGS)}")
+        from isle_fast.options import cli_flags
+
+        _say(f"isle {args.command}: error: {exc.for_cli({**cli_flags(), **FLAGS})}")
         return 2
     except KeyboardInterrupt:
         _quiet_abandoned_coroutines()

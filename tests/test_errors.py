@@ -79,3 +79,16 @@ def test_cli_prints_the_flag(tmp_path, capsys):
     assert code == 2 and "error: --window must be at least 16 pixels" in err, err
     with pytest.raises(InputError, match="^window must be at least 16 pixels"):
         il.predict(tmp_path / "run", "i.zarr", tmp_path / "o.zarr", window=8)
+
+
+def test_cli_prints_the_flags_of_training_options(tmp_path, capsys):
+    from isle_fast import cli
+
+    code = cli.main(["train", "--images", "i.zarr", "--labels", "l.zarr", "--out", str(tmp_path / "run"),
+                     "--batch-size", "1", "--workers", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --batch-size must be at least 2" in err and "use --accum" in err, err
+    code = cli.main(["train", "--images", "i.zarr", "--labels", "l.zarr", "--out", str(tmp_path / "run"),
+                     "--workers", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --workers must be at least 0" in err, err     # the setting is num_workers

@@ -189,13 +189,15 @@ class JobSpec:
         if self.policy not in POLICIES:
             raise InputError(f"{param('policy')} must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.strategy not in STRATEGIES:
-            raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+            raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, "
+                             f"not {self.strategy!r}")
         if self.average not in AVERAGES:
             raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {self.average!r}")
         png_options(self.compress)
         for n in self.subset or []:
             if n not in names:
-                raise InputError(f"{param('subset')} names {n!r}, which is not a set of this run ({', '.join(names)})")
+                raise InputError(f"{param('subset')} names {n!r}, which is not a set of this run "
+                                 f"({', '.join(names)})")
         if self.refine:
             from isle_fast.refinement.chain import get_refinement
 
@@ -212,7 +214,8 @@ class JobSpec:
         for n, p, _ in every + [("gt", Path(self.gt), "labels")]:
             src = _resolved(p)
             if _inside(out, src) or _inside(src, out) or _inside(cache, src):
-                raise InputError(f"{param('out')} {self.out} and input folder {p} overlap; write the run elsewhere")
+                raise InputError(f"{param('out')} {self.out} and input folder {p} overlap; "
+                                 "write the run elsewhere")
 
 
 def _resolved(p: str | os.PathLike) -> Path:

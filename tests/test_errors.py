@@ -73,8 +73,8 @@ def test_api_messages_name_the_parameter(call, api, flag):
 def test_cli_prints_the_flag(tmp_path, capsys):
     from isle_fast import cli
 
-    code = cli.main(["predict", str(tmp_path / "run"), "--images", "i.zarr", "--out", str(tmp_path / "o.zarr"),
-                     "--window", "8"])
+    code = cli.main(["predict", str(tmp_path / "run"), "--images", "i.zarr",
+                     "--out", str(tmp_path / "o.zarr"), "--window", "8"])
     err = capsys.readouterr().err
     assert code == 2 and "error: --window must be at least 16 pixels" in err, err
     with pytest.raises(InputError, match="^window must be at least 16 pixels"):

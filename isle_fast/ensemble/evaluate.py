@@ -68,7 +68,8 @@ def check_bg_threshold(value: Any) -> float | None:
     except (TypeError, ValueError):
         v = float("nan")
     if isinstance(value, bool) or not math.isfinite(v):
-        raise InputError(f"{param('bg_threshold')} must be a finite number (a score in [0, 1]), not {value!r}")
+        raise InputError(f"{param('bg_threshold')} must be a finite number (a score in [0, 1]), "
+                         f"not {value!r}")
     return v
 
 

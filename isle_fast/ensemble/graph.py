@@ -102,7 +102,8 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
 MAX_TASK_BYTES = 128 * 2**20
 
 
-def work_chunks(stacks: Sequence[Stack], gt: Stack, max_task_bytes: int | None = None) -> tuple[int, int, int]:
+def work_chunks(stacks: Sequence[Stack], gt: Stack,
+                max_task_bytes: int | None = None) -> tuple[int, int, int]:
     """The regular ``(images, rows, cols)`` chunk grid every array is aligned to.
 
     The gt's chunk shape, with the image count reduced (never below 1) so that

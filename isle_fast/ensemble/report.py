@@ -317,7 +317,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         ens_stack = ensemble if isinstance(ensemble, Stack) else open_stack(ensemble)
         if ens_stack.kind not in ENSEMBLE_KINDS:
             kinds = " or ".join(repr(k) for k in ENSEMBLE_KINDS)
-            raise InputError(f"{param('ensemble')} {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
+            raise InputError(f"{param('ensemble')} {ens_stack.path} is {kind_phrase(ens_stack.kind)}; "
+                             "an ensemble is "
                              f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
                              "pseudo-label set)")
     img_stack = None

@@ -710,8 +710,8 @@ class AffinityNetRefinement(Refinement):
                 return
             if not context.resume:
                 raise InputError(f"AffinityNet checkpoint {path} holds an unfinished training (epoch "
-                                 f"{ck.get('epoch')} of {ck.get('config', {}).get('epochs')}); pass {param('resume')} "
-                                 "to continue it, or delete it to start again")
+                                 f"{ck.get('epoch')} of {ck.get('config', {}).get('epochs')}); "
+                                 f"pass {param('resume')} to continue it, or delete it to start again")
         elif not self.train:
             raise InputError(f"affinity.checkpoint {path} does not exist (and affinity.train is false)")
         if context.images is None:

@@ -374,7 +374,8 @@ def parse_chain(chain: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in chain.split(",")] if isinstance(chain, str) else [str(s).strip() for s in chain]
     names = [s for s in names if s]
     if not names:
-        raise InputError(f"{param('chain')} needs at least one refinement (e.g. {param('chain', 'affinity,crf')})")
+        raise InputError(f"{param('chain')} needs at least one refinement "
+                         f"(e.g. {param('chain', 'affinity,crf')})")
     return names
 
 
@@ -412,7 +413,8 @@ def parse_params(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, d
         key, eq, text = str(item).partition("=")
         name, dot, par = key.strip().partition(".")
         if not eq or not dot or not name or not par:
-            raise InputError(f"{param('params')} {item!r} must look like NAME.KEY=VALUE (e.g. crf.iterations=5)")
+            raise InputError(f"{param('params')} {item!r} must look like NAME.KEY=VALUE "
+                             "(e.g. crf.iterations=5)")
         out.setdefault(name, {})[par.strip()] = _value(text.strip())
     return out
 
@@ -423,7 +425,8 @@ def make_chain(chain: str | Sequence[str], params: Any = None) -> list[Refinemen
     by_name = parse_params(params)
     stray = sorted(set(by_name) - set(names))
     if stray:
-        raise InputError(f"{param('params')} {stray[0]}.* given but {stray[0]!r} is not in the chain ({','.join(names)})")
+        raise InputError(f"{param('params')} {stray[0]}.* given but {stray[0]!r} is not in the chain "
+                         f"({','.join(names)})")
     return [make_refinement(n, by_name.get(n, {})) for n in names]
 
 
@@ -680,7 +683,8 @@ def refine_stack(
     img = _as_stack(images, "images") if images is not None else None
     if img is not None:
         if img.kind != "images" or img.encoding != "rgb":
-            raise InputError(f"{param('images')} {img.path} is a {img.kind!r} store; expected an 'images' (rgb) store")
+            raise InputError(f"{param('images')} {img.path} is a {img.kind!r} store; "
+                             "expected an 'images' (rgb) store")
         check_aligned([src, img], same_classes=False)
     need = [r.name for r in refs if r.needs_rgb]
     if need and img is None:

@@ -194,7 +194,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def _open(self) -> tuple[Stack, Stack | None]:
         img = open_stack(self.images_path)
         if img.kind != "images":
-            raise InputError(f"{param('images')} {self.images_path} is a {img.kind!r} store; expected kind 'images'")
+            raise InputError(f"{param('images')} {self.images_path} is a {img.kind!r} store; "
+                             "expected kind 'images'")
         lab = None
         if self.labels_path is not None:
             lab = open_stack(self.labels_path)

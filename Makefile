@@ -19,6 +19,7 @@ test: $(BIN)/isle
 
 lint: $(BIN)/isle
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 
 bench: $(BIN)/isle
 	$(BIN)/python -m benchmarks

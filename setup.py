@@ -28,7 +28,7 @@ EXTRAS = {
     # numba.cuda compiles the GPU kernels with NVVM: from a CUDA toolkit when there is one,
     # else from this wheel (isle_fast/process.py points Numba at it).
     "gpu": ["cupy-cuda12x>=13", "nvidia-cuda-nvcc-cu12>=12.0"],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.11"],
     # optional references timed by benchmarks/pipeline.py (skipped cleanly when absent)
     "bench": ["torchmetrics>=1.4", "SimpleITK>=2.3"],
 }

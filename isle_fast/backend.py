@@ -8,6 +8,11 @@ kernels; it never imports a kernel module itself. Both kernel modules accept
 NumPy arrays and return NumPy results for them, so Dask graphs over host
 chunks are the same for both backends.
 
+The chunks' type decides too (:func:`chunk_backend`, as dask-image dispatches on
+a Dask array's ``_meta``): a task handed chunks in GPU memory (CuPy, or a Dask
+array of CuPy chunks) runs the GPU kernels on them where they are, with no copy
+to the host and back; :func:`to_host` brings a (small) result back.
+
 Testing without a GPU
 ---------------------
 Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs the very
@@ -29,9 +34,13 @@ import functools
 import os
 import sys
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.process import FORCE_CUDASIM_ENV, prepare_process
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +51,9 @@ __all__ = [
     "simulator_enabled",
     "describe_backend",
     "task_kernels",
+    "is_device_array",
+    "chunk_backend",
+    "to_host",
     "tune_allocator",
     "dask_scheduler",
     "add_backend_argument",
@@ -126,12 +138,12 @@ def resolve_backend(backend: str = "auto") -> str:
     """
     prepare_process()
     if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        raise InputError(f"{param('backend')} must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
         return "gpu" if gpu_available() else "cpu"
     if backend == "gpu" and not gpu_available():
-        raise InputError("--backend gpu: no CUDA device visible to CuPy / Numba (install isle-fast[gpu] "
-                         "on a machine with an NVIDIA GPU, or use --backend cpu)")
+        raise InputError(f"{param('backend', 'gpu')}: no CUDA device visible to CuPy / Numba (install "
+                         f"isle-fast[gpu] on a machine with an NVIDIA GPU, or use {param('backend', 'cpu')})")
     return backend
 
 
@@ -153,8 +165,56 @@ def get_kernels(backend: str = "auto") -> ModuleType:
     return cpu
 
 
+def is_device_array(a: Any) -> bool:
+    """Whether ``a`` lives in GPU memory: a CuPy or Numba device array, or a Dask array of such chunks.
+
+    Anything exposing ``__cuda_array_interface__`` is a device array, and so is the
+    device array of Numba's CUDA simulator; a Dask array is judged by its ``_meta``
+    (the type of its chunks), as dask-image dispatches.
+    """
+    if type(a).__module__.split(".", 1)[0] == "dask" and hasattr(a, "_meta"):
+        a = a._meta
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    kind = type(a)
+    return kind.__name__ == "FakeCUDAArray" and kind.__module__.startswith("numba.")
+
+
+def chunk_backend(backend: str, *arrays: Any) -> str:
+    """``'cpu'`` or ``'gpu'`` for data ``arrays``: chunks in GPU memory run on the GPU.
+
+    Host arrays (NumPy) leave the choice to :func:`resolve_backend`. Device arrays
+    (CuPy, Numba device arrays, Dask arrays of them) run on the GPU kernels, which
+    take them without a copy to the host; ``backend='cpu'`` cannot read them.
+
+    Raises
+    ------
+    InputError
+        An unknown backend, or ``cpu`` for arrays in GPU memory.
+    """
+    if not any(is_device_array(a) for a in arrays):
+        return resolve_backend(backend)
+    if backend not in BACKENDS:
+        resolve_backend(backend)  # names the choices
+    if backend == "cpu":
+        raise InputError(f"{param('backend', 'cpu')}: the arrays are in GPU memory (CuPy chunks); use "
+                         f"{param('backend', 'gpu')} or {param('backend', 'auto')}, or move them to the host")
+    prepare_process(gpu=True)
+    return "gpu"
+
+
+def to_host(a: Any) -> np.ndarray:
+    """``a`` as a NumPy array: device arrays copied to the host (CuPy ``.get()``, Numba ``copy_to_host``)."""
+    import numpy as np
+
+    if is_device_array(a):
+        get = getattr(a, "get", None) or getattr(a, "copy_to_host")
+        return np.asarray(get())
+    return np.asarray(a)
+
+
 @contextlib.contextmanager
-def task_kernels(backend: str = "auto"):
+def task_kernels(backend: str = "auto", *blocks: Any):
     """The kernel module for one Dask task, with CPU kernels on the calling thread only.
 
     Dask already runs one task per core (threads or worker processes); a Numba
@@ -162,15 +222,17 @@ def task_kernels(backend: str = "auto"):
     cores on the machine (an OpenMP team per Dask thread, spinning while it
     waits), which slowed the VOC-scale pipeline down. Within the ``with`` block
     the calling thread's Numba thread count is 1 (Numba keeps it per thread);
-    it is restored afterwards. GPU kernels are returned unchanged.
+    it is restored afterwards. GPU kernels are returned unchanged. ``blocks`` are
+    the task's chunks: in GPU memory they choose the GPU kernels (:func:`chunk_backend`).
 
     Yields
     ------
     module
         As :func:`get_kernels`.
     """
-    kernels = get_kernels(backend)
-    if resolve_backend(backend) != "cpu":
+    name = chunk_backend(backend, *blocks)
+    kernels = get_kernels(name)
+    if name != "cpu":
         yield kernels
         return
     with kernels.numba_threads(1):

@@ -30,6 +30,17 @@ from typing import Any, Sequence
 from isle_fast.errors import IsleError
 
 #: subcommand -> (module, one-line help). Order is the order of ``isle --help``.
+#: Flags of the library parameters whose flag is not ``--`` + the name with dashes: an error
+#: message names a parameter (:func:`isle_fast.errors.param`), the user sees the flag they typed.
+FLAGS = {
+    "which": "--checkpoint",       # isle predict
+    "chain": "--with",             # isle refine
+    "params": "--param",
+    "compress": "--compress-level",
+    "subset": "--sets",            # isle run (JobSpec.subset)
+    "cache_dir": "--cache",
+}
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("isle_fast.commands.ingest", "turn PNG / NPY / TIFF / image folders into stack stores"),
     "info": ("isle_fast.commands.info", "describe a stack store"),
@@ -136,7 +147,9 @@ def _main(argv: list[str]) -> int:
     try:
         return int(mod.run(args) or 0)
     except IsleError as exc:
-        _say(f"isle {args.command}: error: {exc}")
+        from isle_fast.options import cli_flags
+
+        _say(f"isle {args.command}: error: {exc.for_cli({**cli_flags(), **FLAGS})}")
         return 2
     except KeyboardInterrupt:
         _quiet_abandoned_coroutines()

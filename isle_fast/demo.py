@@ -152,6 +152,7 @@ def step_data(ctx: DemoContext) -> Path:
         "sets": list(ds.set_names), "soft_sets": list(ds.soft_set_names),
         "true_best": ds.true_best(), "preview": str(ctx.out / "data_preview.png"),
     }
+    assert ds.root is not None, "make_voc_like was given a folder"
     return ds.root
 
 
@@ -535,6 +536,7 @@ def _val_comparison(ctx: DemoContext, preds: list[str], n_seeds: int) -> tuple[A
     per_seed = np.asarray(per_run, dtype=np.float64).reshape(n_seeds, 2)
     # the interval resamples val images; with several seeds each image's intersections and unions are
     # summed over the seeds (the pooled IoU), so it still covers only the choice of images
+    assert ev.image_stats is not None, "average='image' keeps the per-image statistics"
     stats = np.asarray(ev.image_stats).reshape((len(ev.image_stats), n_seeds, 2) + ev.image_stats.shape[2:])
     lo, hi = metrics.bootstrap_miou_diff(stats.sum(axis=1), 2000, ctx.args.seed)
     return per_run, per_seed, lo, hi
@@ -738,7 +740,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     total, cpu0 = Timer(), _cpu_seconds()
 
     def summary_doc(final: bool) -> dict[str, Any]:
-        doc = {"steps": table, "headline": headline(ctx.results), "results": ctx.results}
+        doc: dict[str, Any] = {"steps": table, "headline": headline(ctx.results), "results": ctx.results}
         if final:
             doc["total_seconds"] = round(total.seconds, 3)
             doc["total_user_cpu_seconds"] = round(_cpu_seconds() - cpu0, 3)

@@ -2,15 +2,72 @@
 
 The command line prints these as one clear line (no traceback) and exits with
 status 2. Everything else is a bug and keeps its traceback.
+
+A message names an argument with :func:`param`: a Python caller reads the
+parameter (``average must be one of ...``, ``backend='gpu': ...``), while the
+command line shows the flag the user typed (``--average must be one of ...``,
+``--backend gpu: ...``) through :meth:`IsleError.for_cli`.
 """
 
 from __future__ import annotations
 
-__all__ = ["IsleError", "InputError", "StoreError", "AlignmentError"]
+import re
+from typing import Any, Mapping
+
+__all__ = ["IsleError", "InputError", "StoreError", "AlignmentError", "param"]
+
+_OPEN, _SEP, _CLOSE = "\x1f", "\x1e", "\x1d"
+_PARAM = re.compile(f"{_OPEN}([^{_SEP}{_CLOSE}]*)(?:{_SEP}([^{_SEP}]*){_SEP}([^{_CLOSE}]*))?{_CLOSE}")
+_NO_VALUE = object()
+
+
+def param(name: str, value: Any = _NO_VALUE) -> str:
+    """How a message names the argument ``name`` (optionally with the ``value`` given).
+
+    In the message a Python caller reads: ``name``, or ``name=<repr(value)>``.
+    On the command line (:meth:`IsleError.for_cli`): the flag, ``--name-with-dashes``
+    or the one the CLI maps the name to, and ``--flag value``.
+
+    Examples
+    --------
+    >>> str(InputError(f"{param('average')} must be one of dataset, image"))
+    'average must be one of dataset, image'
+    >>> InputError(f"{param('backend', 'gpu')}: no CUDA device").for_cli()
+    '--backend gpu: no CUDA device'
+    """
+    if value is _NO_VALUE:
+        return f"{_OPEN}{name}{_CLOSE}"
+    return f"{_OPEN}{name}{_SEP}{value!r}{_SEP}{value}{_CLOSE}"
+
+
+def _render(template: str, flags: Mapping[str, str] | None) -> str:
+    def one(m: re.Match) -> str:
+        name, shown, typed = m.group(1), m.group(2), m.group(3)
+        if flags is None:
+            return name if shown is None else f"{name}={shown}"
+        flag = flags.get(name) or "--" + name.replace("_", "-")
+        return flag if typed is None else f"{flag} {typed}"
+
+    return _PARAM.sub(one, template)
 
 
 class IsleError(Exception):
     """Base class of every error that is the user's to fix."""
+
+    def __init__(self, *args: Any) -> None:
+        if args and isinstance(args[0], str) and _OPEN in args[0]:
+            self.template = args[0]
+            args = (_render(args[0], None),) + args[1:]
+        super().__init__(*args)
+
+    def for_cli(self, flags: Mapping[str, str] | None = None) -> str:
+        """The message with every :func:`param` shown as its command-line flag.
+
+        ``flags`` maps parameter names to flags where the flag is not
+        ``--`` + the name with dashes.
+        """
+        template = getattr(self, "template", None)
+        return str(self) if template is None else _render(template, flags or {})
 
 
 class InputError(IsleError, ValueError):

@@ -61,7 +61,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, StoreError, param
 
 __all__ = ["JobSpec", "JobResult", "run_job", "spec_from_root", "spec_from_toml", "fingerprint_folder"]
 
@@ -183,19 +183,21 @@ class JobSpec:
         for n, p, _ in every:
             if not p.is_dir():
                 raise InputError(f"set {n!r}: folder {p} does not exist")
-        for what, p in (("--ids", self.ids), ("--images", self.images)):
-            if p is not None and not Path(p).exists():
-                raise InputError(f"{what} {p} does not exist")
+        for what, given in ((param("ids"), self.ids), (param("images"), self.images)):
+            if given is not None and not Path(given).exists():
+                raise InputError(f"{what} {given} does not exist")
         if self.policy not in POLICIES:
-            raise InputError(f"--policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+            raise InputError(f"{param('policy')} must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.strategy not in STRATEGIES:
-            raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+            raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, "
+                             f"not {self.strategy!r}")
         if self.average not in AVERAGES:
-            raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {self.average!r}")
+            raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {self.average!r}")
         png_options(self.compress)
         for n in self.subset or []:
             if n not in names:
-                raise InputError(f"--sets names {n!r}, which is not a set of this run ({', '.join(names)})")
+                raise InputError(f"{param('subset')} names {n!r}, which is not a set of this run "
+                                 f"({', '.join(names)})")
         if self.refine:
             from isle_fast.refinement.chain import get_refinement
 
@@ -203,19 +205,20 @@ class JobSpec:
                 get_refinement(r)
             for n in self.refine_sets or []:
                 if n not in names:
-                    raise InputError(f"--refine-sets names {n!r}, which is not a set of this run")
+                    raise InputError(f"{param('refine_sets')} names {n!r}, which is not a set of this run")
         if self.workers is not None and self.workers < 1:
-            raise InputError(f"--workers must be at least 1, not {self.workers}")
+            raise InputError(f"{param('workers')} must be at least 1, not {self.workers}")
         if self.num_images < 0:
-            raise InputError(f"--num-images must be at least 0, not {self.num_images}")
+            raise InputError(f"{param('num_images')} must be at least 0, not {self.num_images}")
         out, cache = _resolved(self.out), _resolved(self.cache_dir)
         for n, p, _ in every + [("gt", Path(self.gt), "labels")]:
             src = _resolved(p)
             if _inside(out, src) or _inside(src, out) or _inside(cache, src):
-                raise InputError(f"--out {self.out} and input folder {p} overlap; write the run elsewhere")
+                raise InputError(f"{param('out')} {self.out} and input folder {p} overlap; "
+                                 "write the run elsewhere")
 
 
-def _resolved(p: Path | str) -> Path:
+def _resolved(p: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.fspath(p))))
 
 
@@ -357,7 +360,7 @@ def fingerprint_folder(folder: str | os.PathLike, exts: Sequence[str]) -> dict[s
     One ``stat`` per file, no reads: about 5 microseconds a file.
     """
     entries = []
-    with os.scandir(folder) as it:
+    with os.scandir(os.fspath(folder)) as it:
         for e in it:
             if e.name.startswith(".") or os.path.splitext(e.name)[1].lower() not in exts:
                 continue
@@ -630,7 +633,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     made: list[str] = []
     fps: dict[str, str] = {}
     ids_digest = _file_digest(spec.ids)
-    common = dict(skip_bad=spec.skip_bad, workers=spec.workers, overwrite=True, quiet=spec.quiet)
+    common: dict[str, Any] = dict(skip_bad=spec.skip_bad, workers=spec.workers, overwrite=True,
+                                  quiet=spec.quiet)
 
     def cached(key: str, path: Path, fp: str, make: Any) -> Any:
         with steps.step("ingest" if key != "refine" else "refine"):
@@ -668,11 +672,12 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
         stores[name] = cached(name, cache / f"{name}.zarr", fp, make_set)
     images = None
     if spec.images is not None:
-        img_fp = _fingerprint(kind="images", files=fingerprint_folder(spec.images, _IMAGE_EXTS), gt=gt_fp)
+        image_dir = spec.images
+        img_fp = _fingerprint(kind="images", files=fingerprint_folder(image_dir, _IMAGE_EXTS), gt=gt_fp)
 
         def make_images() -> Any:
             with _quiet_stdout():
-                return ingest.ingest_images(spec.images, cache / "images.zarr", gt=gt, name="images",
+                return ingest.ingest_images(image_dir, cache / "images.zarr", gt=gt, name="images",
                                             provenance={"job_fingerprint": img_fp}, **common)
 
         images = cached("images", cache / "images.zarr", img_fp, make_images)
@@ -790,14 +795,15 @@ def _print_summary(r: JobResult) -> None:
     won: dict[str, int] = {}
     for name in r.selection.values():
         won[name] = won.get(name, 0) + 1
-    best = max(((n, v) for n, v in r.miou.items() if v is not None), key=lambda t: t[1], default=(None, None))
+    scored = [(n, v) for n, v in r.miou.items() if v is not None]
+    best = max(scored, key=lambda t: t[1], default=None)
     rows = {
         "images": f"{r.images:,}",
         "sets": ", ".join(f"{n} {v:.1f}" if v is not None else n for n, v in r.miou.items()) + " (mIoU)",
         "selection": ", ".join(f"{n} {k} classes" for n, k in won.items()),
         "ensemble mIoU": f"{r.ensemble_miou:.2f}" + (
             f" ({r.ensemble_miou - best[1]:+.2f} over the best set, {best[0]})"
-            if best[0] is not None else ""),
+            if best is not None and r.ensemble_miou is not None else ""),
         "stores": f"{len(r.made)} made, {len(r.reused)} reused (inputs unchanged) in {r.files['cache']}",
         "seconds": f"{r.seconds['total']:.2f} (" + ", ".join(f"{k} {v:.2f}" for k, v in r.seconds.items()
                                                             if k != "total") + ")",

@@ -6,7 +6,7 @@ metavar, choices, bounds). From that one definition
 
 * :func:`build` checks and converts keyword arguments of a Python call (unknown names,
   types, choices and bounds give an :class:`~isle_fast.errors.InputError` naming the
-  setting by its command-line flag, as the command's own errors do),
+  setting by its parameter name; the command line shows its flag, :func:`cli_flags`),
 * :func:`add_arguments` adds the argparse options of a command, and :func:`namespace_options`
   reads them back as keyword arguments,
 * :func:`parameters_doc` writes the numpydoc ``Parameters`` entries of the function
@@ -27,12 +27,13 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 
 __all__ = [
     "option",
     "settings_fields",
     "flag_of",
+    "cli_flags",
     "build",
     "add_arguments",
     "namespace_options",
@@ -142,6 +143,30 @@ def _spec(f: dataclasses.Field) -> _Spec:
     return f.metadata[_META]
 
 
+#: Classes whose settings were built or added to a parser: :func:`cli_flags` reads their flags.
+_SEEN: list[type] = []
+
+
+def _seen(cls: type) -> None:
+    if cls not in _SEEN:
+        _SEEN.append(cls)
+
+
+def cli_flags() -> dict[str, str]:
+    """``{setting: flag}`` of the settings met so far whose flag is not ``--`` + the name with dashes.
+
+    Messages name a setting as the parameter (:func:`isle_fast.errors.param`); the
+    command line shows these flags instead (:meth:`isle_fast.errors.IsleError.for_cli`).
+    """
+    out: dict[str, str] = {}
+    for cls in _SEEN:
+        for f in settings_fields(cls):
+            flag = flag_of(cls, f.name)
+            if flag != "--" + f.name.replace("_", "-"):
+                out[f.name] = flag
+    return out
+
+
 def flag_of(cls: type, name: str) -> str:
     """The command-line flag of setting ``name`` of ``cls``."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
@@ -184,7 +209,7 @@ def _convert(value: Any, tp: Any, flag: str) -> Any:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
         if isinstance(value, numbers.Real) and float(value).is_integer():
-            return int(value)
+            return int(float(value))
         raise InputError(f"{flag} must be a whole number, not {value!r}")
     if base is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -220,6 +245,7 @@ def build(cls: type, values: dict[str, Any]) -> Any:
         An unknown setting (the known ones are listed), a missing required one, or a
         value of the wrong type, outside its choices or its bounds (named by its flag).
     """
+    _seen(cls)
     fields = {f.name: f for f in settings_fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -230,7 +256,7 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     hints = _hints(cls)
     out: dict[str, Any] = {}
     for name, f in fields.items():
-        spec, flag = _spec(f), flag_of(cls, name)
+        spec, flag = _spec(f), param(name)
         if name not in values:
             if spec.required:
                 raise InputError(f"{flag} is required")
@@ -250,6 +276,7 @@ def add_arguments(parser: argparse.ArgumentParser, *classes: type) -> None:
     """Add every setting of ``classes`` to ``parser`` (one argument group per ``group``)."""
     groups: dict[str, Any] = {}
     for cls in classes:
+        _seen(cls)
         hints = _hints(cls)
         for f in settings_fields(cls):
             spec = _spec(f)

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, StoreError, param
 
 __all__ = [
     "MARKER",
@@ -221,8 +221,10 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     in a warning. Leftovers of another host or of an older naming are named, never removed.
     Returns the removed paths.
     """
-    removed = []
-    final = None if _is_remote(path) else final_path(path)
+    removed: list[Path] = []
+    if _is_remote(path):  # no leftovers beside a remote output
+        return removed
+    final = final_path(path)
     for lo in leftovers(path):
         state = lo.state
         if state == "running":
@@ -321,7 +323,7 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def refuse_unsafe(path: str | os.PathLike, *, inputs: Iterable[Any] = (), outputs: Iterable[Any] = (),
-                  flag: str = "--out") -> Path:
+                  flag: str = param("out")) -> Path:
     """Refuse an output path that no command may write; returns :func:`final_path` of it.
 
     Refused: ``/``, the home folder, the working directory or a folder above it, any input of
@@ -381,7 +383,7 @@ def refuse_unsafe(path: str | os.PathLike, *, inputs: Iterable[Any] = (), output
 
 
 def check_output(path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[Any] = (),
-                 flag: str = "--out") -> Path:
+                 flag: str = param("out")) -> Path:
     """Fail before any work when output ``path`` may not be written; returns :func:`final_path` of it.
 
     Applies :func:`refuse_unsafe`, removes stale temporaries of the output
@@ -416,15 +418,15 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, inputs: It
         except Exception:
             exists = False
         if exists and not overwrite:
-            raise StoreError(f"{given} exists; pass overwrite (--overwrite) to replace it")
+            raise StoreError(f"{given} exists; pass {param('overwrite')} to replace it")
         if exists and not is_project_store(given):
             raise StoreError(f"{given} exists and is not an isle-fast store; refusing to replace it "
-                             "(even with --overwrite)")
+                             f"(even with {param('overwrite')})")
         return final
     clean_stale(final)
     if os.path.lexists(final):
         if not overwrite:
-            raise StoreError(f"{given} exists; pass overwrite (--overwrite) to replace it")
+            raise StoreError(f"{given} exists; pass {param('overwrite')} to replace it")
         if not owned(final):
             what = "folder" if final.is_dir() else "file"
             raise StoreError(f"{given} exists and is a {what} that isle-fast did not write (no isle_format "
@@ -648,7 +650,7 @@ class FolderOutput(AllOrNothing):
     """
 
     def __init__(self, path: str | os.PathLike, *, command: str, overwrite: bool = False,
-                 inputs: Iterable[Any] = (), flag: str = "--out", check: bool = True) -> None:
+                 inputs: Iterable[Any] = (), flag: str = param("out"), check: bool = True) -> None:
         if _is_remote(path):
             raise InputError(f"{flag} {os.fspath(path)}: write folders of files to a local path")
         self.command = command

@@ -400,7 +400,7 @@ def _device_view(a: Any) -> Any:
     return cuda.as_cuda_array(a, sync=False)
 
 
-def _flat_device(a: Any, dtype: np.dtype | None = None) -> Any:
+def _flat_device(a: Any, dtype: np.dtype | type[np.generic] | None = None) -> Any:
     """Contiguous 1-D Numba device view of a device (or NumPy, moved) array, reinterpreted as dtype."""
     cp = _cupy()
     if isinstance(a, np.ndarray):

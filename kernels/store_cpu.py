@@ -19,41 +19,52 @@ from numba import njit
 __all__ = ["quantize_u8", "keep_argmax_float"]
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _clamp(v, lo, hi):  # pragma: no cover - jitted
+    return lo if v < lo else (hi if v > hi else v)
+
+
+@njit(inline="always", nogil=True, cache=True)
+def _keep_row_argmax(f, q, i, lo, hi, top):  # pragma: no cover - jitted
+    """Row ``i``: when ``q``'s argmax differs from clamped ``f``'s, raise the winner one step (0 / 1 fixed).
+
+    ``top`` is ``q``'s largest value (255, or the bits of 1.0): a winner already
+    there stays, and the lower classes at ``top`` go one step down instead.
+    """
+    c = f.shape[1]
+    win = 0
+    qwin = 0
+    fbest = _clamp(f[i, 0], lo, hi)
+    qbest = q[i, 0]
+    for k in range(1, c):
+        v = _clamp(f[i, k], lo, hi)
+        if v > fbest:
+            fbest = v
+            win = k
+        b = q[i, k]
+        if b > qbest:
+            qbest = b
+            qwin = k
+    if qwin == win:
+        return 0
+    if q[i, win] < top:
+        q[i, win] += 1
+    else:
+        for k in range(win):
+            if q[i, k] == top:
+                q[i, k] = top - 1
+    return 1
+
+
 @njit(nogil=True, cache=True)
 def _quantize_u8_kernel(f, out, lo, hi, scale):  # pragma: no cover - jitted
     n, c = f.shape
+    top = np.uint8(255)
     fixed = 0
     for i in range(n):
-        fbest = f[i, 0]
-        win = 0
-        qbest = np.uint8(0)
-        qwin = 0
         for k in range(c):
-            v = f[i, k]
-            if v < lo:
-                v = lo
-            elif v > hi:
-                v = hi
-            q = np.uint8(np.rint(v * scale))
-            out[i, k] = q
-            if k == 0:
-                fbest = v
-                qbest = q
-            else:
-                if v > fbest:
-                    fbest = v
-                    win = k
-                if q > qbest:
-                    qbest = q
-                    qwin = k
-        if qwin != win:
-            fixed += 1
-            if out[i, win] < 255:
-                out[i, win] += 1
-            else:
-                for k in range(win):
-                    if out[i, k] == 255:
-                        out[i, k] = 254
+            out[i, k] = np.uint8(np.rint(_clamp(f[i, k], lo, hi) * scale))
+        fixed += _keep_row_argmax(f, out, i, lo, hi, top)
     return fixed
 
 
@@ -93,38 +104,10 @@ def _keep_argmax_bits_kernel(f, bits, lo, hi, zero, one, sign):  # pragma: no co
     n, c = f.shape
     fixed = 0
     for i in range(n):
-        win = 0
-        qwin = 0
-        fbest = f[i, 0]
-        qbest = bits[i, 0]
         for k in range(c):
-            v = f[i, k]
-            if v < lo:
-                v = lo
-            elif v > hi:
-                v = hi
-            b = bits[i, k]
-            if b == sign:  # -0 -> +0, so that the bits order like the values
-                b = zero
+            if bits[i, k] == sign:  # -0 -> +0, so that the bits order like the values
                 bits[i, k] = zero
-            if k == 0:
-                fbest = v
-                qbest = b
-            else:
-                if v > fbest:
-                    fbest = v
-                    win = k
-                if b > qbest:
-                    qbest = b
-                    qwin = k
-        if qwin != win:
-            fixed += 1
-            if bits[i, win] < one:
-                bits[i, win] += 1
-            else:
-                for k in range(win):
-                    if bits[i, k] == one:
-                        bits[i, k] = one - 1
+        fixed += _keep_row_argmax(f, bits, i, lo, hi, one)
     return fixed
 
 

@@ -241,7 +241,7 @@ def test_train_checkpoint_resume_and_refine(tmp_path):
     torch.save(state, cut)
     ref = AffinityNetRefinement(checkpoint=cut, backbone="resnet18", weights="none", epochs=3, crop=32,
                                 batch_size=2, device="cpu")
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="pass resume to continue it"):
         ref.prepare(PrepareContext(open_stack(src), open_stack(img), str(tmp_path / "x.zarr")))
 
     # a finished checkpoint is loaded; the walk runs in the chain; classes are never invented

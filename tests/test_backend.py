@@ -44,9 +44,9 @@ def test_auto_without_gpu_is_cpu(no_gpu):
 
 
 def test_gpu_without_device_is_a_user_error(no_gpu):
-    with pytest.raises(InputError, match="--backend gpu"):
+    with pytest.raises(InputError, match="backend=.gpu.: no CUDA device"):
         backend.resolve_backend("gpu")
-    with pytest.raises(InputError, match="--backend cpu"):
+    with pytest.raises(InputError, match="backend=.cpu."):
         backend.get_kernels("gpu")
 
 
@@ -170,3 +170,59 @@ def test_tune_allocator_on_glibc(monkeypatch):
     monkeypatch.delenv("ISLE_TUNE_MALLOC", raising=False)
     glibc = platform.libc_ver()[0] == "glibc"
     assert tune_allocator() is glibc
+
+
+# -- the chunks' type chooses the kernels ------------------------------------------------------
+
+class _FakeDeviceArray:
+    """Stands in for a CuPy array (CuPy is not installed here): GPU memory, ``.get()`` to the host."""
+
+    def __init__(self, data):
+        self.data = data
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.data.shape, "typestr": self.data.dtype.str, "data": (0, False), "version": 3}
+
+    def get(self):
+        return self.data.copy()
+
+
+def test_device_arrays_and_dask_arrays_of_them_are_recognised():
+    import dask.array as da
+    import numpy as np
+
+    host = np.zeros((2, 3), np.uint8)
+    dev = _FakeDeviceArray(host)
+    assert backend.is_device_array(dev) and not backend.is_device_array(host)
+    x = da.from_array(host, chunks=1)
+    assert not backend.is_device_array(x)
+    x._meta = _FakeDeviceArray(host[:0])             # what da.map_blocks(cupy.asarray) gives
+    assert backend.is_device_array(x)
+    np.testing.assert_array_equal(backend.to_host(dev), host)
+    assert type(backend.to_host(host)) is np.ndarray
+
+
+def test_chunks_in_gpu_memory_choose_the_gpu_kernels(no_gpu, monkeypatch):
+    import numpy as np
+
+    calls = []
+    monkeypatch.setattr(backend, "prepare_process", lambda gpu=False: calls.append(gpu))
+    host, dev = np.zeros(4, np.uint8), _FakeDeviceArray(np.zeros(4, np.uint8))
+    assert backend.chunk_backend("auto", host, host) == "cpu"
+    assert backend.chunk_backend("auto", host, dev) == "gpu" and calls[-1] is True   # GPU set-up first
+    assert backend.chunk_backend("gpu", dev) == "gpu"       # the data are on a device: no probe needed
+    with pytest.raises(InputError, match="backend='cpu': the arrays are in GPU memory") as info:
+        backend.chunk_backend("cpu", dev)
+    assert info.value.for_cli().startswith("--backend cpu: the arrays are in GPU memory")
+    with pytest.raises(InputError, match="backend must be one of"):
+        backend.chunk_backend("tpu", dev)
+    chosen = []
+    real = backend.get_kernels
+    monkeypatch.setattr(backend, "get_kernels",
+                        lambda name: chosen.append(name) or ("gpu kernels" if name == "gpu" else real(name)))
+    with backend.task_kernels("auto", host, dev) as K:
+        assert K == "gpu kernels"
+    with backend.task_kernels("auto", host) as K:
+        assert K.__name__.endswith("kernels.cpu")
+    assert chosen == ["gpu", "cpu"]

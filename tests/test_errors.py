@@ -14,7 +14,7 @@ def test_input_error_is_a_value_error():
     assert not issubclass(StoreError, ValueError) and issubclass(AlignmentError, StoreError)
     with pytest.raises(ValueError, match="at least one pseudo-label set"):
         il.evaluate([], "gt.zarr")
-    with pytest.raises(ValueError, match="--backend must be one of"):
+    with pytest.raises(ValueError, match="^backend must be one of"):
         il.resolve_backend("tpu")
 
 
@@ -34,3 +34,61 @@ def test_the_cli_prints_an_input_error_as_one_line(capsys, tmp_path):
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("isle evaluate: error: ") and "Traceback" not in err
+
+
+# -- library messages name the parameter, the CLI the flag -------------------------------------
+
+def test_param_reads_as_the_parameter_and_as_the_flag():
+    import pickle
+
+    from isle_fast.errors import param
+
+    e = InputError(f"{param('bg_threshold')} must be finite; or {param('backend', 'gpu')}")
+    assert str(e) == "bg_threshold must be finite; or backend='gpu'"
+    assert e.for_cli() == "--bg-threshold must be finite; or --backend gpu"
+    assert e.for_cli({"backend": "--be"}) == "--bg-threshold must be finite; or --be gpu"
+    again = pickle.loads(pickle.dumps(e))       # as a worker process hands it back
+    assert str(again) == str(e) and again.for_cli() == e.for_cli()
+    assert StoreError("plain text").for_cli() == "plain text"
+
+
+@pytest.mark.parametrize("call, api, flag", [
+    (lambda: il.resolve_backend("tpu"), "backend must be one of", "--backend must be one of"),
+    (lambda: il.evaluate(["s.zarr"], "gt.zarr", average="mean"), "average must be one of",
+     "--average must be one of"),
+    (lambda: il.evaluate(["s.zarr"], "gt.zarr", bg_threshold=float("nan")), "bg_threshold must be a finite",
+     "--bg-threshold must be a finite"),
+    (lambda: il.merge(["s.zarr"], "gt.zarr", "out.zarr", strategy="best"), "strategy must be one of",
+     "--strategy must be one of"),
+    (lambda: il.merge(["s.zarr"], "gt.zarr", "out.zarr", policy="vote"), "policy must be one of",
+     "--policy must be one of"),
+])
+def test_api_messages_name_the_parameter(call, api, flag):
+    with pytest.raises(InputError) as info:
+        call()
+    assert str(info.value).startswith(api) and "--" not in str(info.value)
+    assert info.value.for_cli().startswith(flag)
+
+
+def test_cli_prints_the_flag(tmp_path, capsys):
+    from isle_fast import cli
+
+    code = cli.main(["predict", str(tmp_path / "run"), "--images", "i.zarr",
+                     "--out", str(tmp_path / "o.zarr"), "--window", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --window must be at least 16 pixels" in err, err
+    with pytest.raises(InputError, match="^window must be at least 16 pixels"):
+        il.predict(tmp_path / "run", "i.zarr", tmp_path / "o.zarr", window=8)
+
+
+def test_cli_prints_the_flags_of_training_options(tmp_path, capsys):
+    from isle_fast import cli
+
+    code = cli.main(["train", "--images", "i.zarr", "--labels", "l.zarr", "--out", str(tmp_path / "run"),
+                     "--batch-size", "1", "--workers", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --batch-size must be at least 2" in err and "use --accum" in err, err
+    code = cli.main(["train", "--images", "i.zarr", "--labels", "l.zarr", "--out", str(tmp_path / "run"),
+                     "--workers", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: --workers must be at least 0" in err, err     # the setting is num_workers

@@ -294,18 +294,18 @@ def test_local_pass_equals_reference_and_dask(case, average):
     """Stores chunked alike run on the local thread pool (no Dask); counts equal the reference and Dask's."""
     import dask
 
-    from isle_fast.ensemble import evaluate as E
+    from isle_fast.ensemble import graph as G
 
     n_img, c, shapes, encodings, chunks, pad, bg, seed = case
     chunks = [chunks[0]] * len(chunks)          # every store chunked like the gt: one task per gt chunk
     with tempfile.TemporaryDirectory() as root:
         gt, gt_imgs, stores, set_imgs = build(root, n_img, c, shapes, encodings, chunks, pad, seed)
-        assert E.local_specs(stores, gt) is not None
+        assert G.local_specs(stores, gt) is not None
         ev = evaluate(stores, gt, average=average, bg_threshold=bg, backend="cpu", progress=False)
         expected, per = reference_counts(gt_imgs, set_imgs, encodings, c, bg)
         np.testing.assert_array_equal(ev.counts, expected)
         with dask.config.set(scheduler="sync"):
-            assert E.local_specs(stores, gt) is None      # a configured Dask scheduler is honoured
+            assert G.local_specs(stores, gt) is None      # a configured Dask scheduler is honoured
             ev2 = evaluate(stores, gt, average=average, bg_threshold=bg, backend="cpu", progress=False)
         np.testing.assert_array_equal(ev.counts, ev2.counts)
         if average == "image":
@@ -324,4 +324,6 @@ def test_local_pass_needs_no_dask(stack_factory, monkeypatch):
     want = ref.confusion_labels(np.stack(imgs), [np.stack(imgs[::-1])], 3)[0]
     np.testing.assert_array_equal(ev.counts[0], want)
     t = stack_factory("t", imgs, num_classes=3, chunks=(3, 5, 6))   # chunked otherwise: the Dask pass
-    assert E.local_specs([t], gt) is None
+    from isle_fast.ensemble import graph as G
+
+    assert G.local_specs([t], gt) is None

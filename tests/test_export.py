@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from isle_fast import cli
 from isle_fast.cli import main
 from isle_fast.ensemble.report import export_pngs
 from isle_fast.errors import InputError
@@ -77,8 +78,9 @@ def test_compress_choices():
     assert png_options("rle") == {"compress_level": 6, "compress_type": 3}
     assert png_options(1) == {"compress_level": 1}
     for bad in ("10", "fast", -1):
-        with pytest.raises(InputError, match="compress-level"):
+        with pytest.raises(InputError, match="^compress must be 'rle' or a zlib level") as info:
             png_options(bad)
+        assert info.value.for_cli(cli.FLAGS).startswith("--compress-level must be")
 
 
 def test_cli_compress_level(tmp_path, capsys):

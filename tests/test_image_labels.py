@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from isle_fast import cli
@@ -165,13 +167,13 @@ def test_ingest_image_labels_store_checks_ids(tmp_path, capsys):
     before = (tmp_path / "il.zarr" / "zarr.json").read_bytes()
     with pytest.raises(InputError, match="SRC .*il.zarr is also the output"):
         ingest_image_labels(tmp_path / "il.zarr", tmp_path / "il.zarr", gt=gt, overwrite=True, quiet=True)
-    with pytest.raises(InputError, match="--image-labels .*il.zarr is also the output"):
+    with pytest.raises(InputError, match="^image_labels .*il.zarr is also the output"):
         ingest_labels(tmp_path / "gt", tmp_path / "il.zarr", kind="gt", image_labels=tmp_path / "il.zarr",
                       overwrite=True, quiet=True)
     from isle_fast.ensemble.merge import merge
 
     pseudo = ingest_labels(tmp_path / "gt", tmp_path / "p.zarr", kind="pseudo", quiet=True)
-    with pytest.raises(InputError, match="--image-labels .*il.zarr is also the output"):
+    with pytest.raises(InputError, match="^image_labels .*il.zarr is also the output"):
         merge([pseudo], gt, tmp_path / "il.zarr", image_labels=tmp_path / "il.zarr", overwrite=True,
               progress=False)
     assert (tmp_path / "il.zarr" / "zarr.json").read_bytes() == before
@@ -341,3 +343,62 @@ def test_xml_folder_of_all_voc_images_under_a_terminal(shared_data, tmp_path):
     got = open_image_labels(tmp_path / "il.zarr")
     assert got.ids == sorted(ref.ids)
     assert np.array_equal(got.aligned(ref.ids), ref.labels)
+
+
+# -- one normalisation for every caller (refine chain, CRF, resolve_image_labels) ----------------
+
+def _reference_rows(values: np.ndarray, c: int) -> np.ndarray:
+    """Plain NumPy: (..., C) or (..., C-1) of 0 / 1 to (..., C) bool with the background column set."""
+    v = np.asarray(values).astype(np.float64) != 0
+    fg = v[..., 1:] if v.shape[-1] == c else v
+    return np.concatenate([np.ones(fg.shape[:-1] + (1,), dtype=bool), fg], axis=-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 7), st.integers(0, 3), st.booleans(),
+       st.sampled_from(["bool", "uint8", "int64", "float32"]), st.integers(0, 2**32 - 1))
+def test_normalize_image_labels_equals_reference(c, lead, fg_only, dtype, seed):
+    from isle_fast.stores.image_labels import normalize_image_labels
+
+    rng = np.random.default_rng(seed)
+    shape = (lead,) * min(lead, 2) + (c - 1 if fg_only else c,)
+    values = rng.integers(0, 2, size=shape).astype(dtype)
+    before = values.copy()
+    out = normalize_image_labels(values, c)
+    assert out.dtype == np.bool_ and out.shape == shape[:-1] + (c,)
+    np.testing.assert_array_equal(out, _reference_rows(values, c))
+    np.testing.assert_array_equal(values, before)           # the input is not modified
+    assert not np.shares_memory(out, values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 7), st.integers(-3, 3).filter(lambda d: d not in (0, -1)))
+def test_normalize_image_labels_refuses_a_row_of_another_length(c, delta):
+    from isle_fast.stores.image_labels import normalize_image_labels
+
+    if c + delta < 0:
+        return
+    with pytest.raises(InputError, match=f"{c} entries .* or {c - 1} .foreground only"):
+        normalize_image_labels(np.zeros((3, c + delta), bool), c)
+
+
+@pytest.mark.parametrize("bad", [np.array([0, 2, 1]), np.array([0.0, 0.5, 1.0]), np.array(["a", "b", "c"])])
+def test_normalize_image_labels_refuses_values_other_than_0_and_1(bad):
+    from isle_fast.stores.image_labels import normalize_image_labels
+
+    with pytest.raises(InputError, match="given labels must be booleans or 0 / 1"):
+        normalize_image_labels(bad, 3, "given labels")
+
+
+def test_refine_crf_and_resolve_share_the_normalisation():
+    """The chain's (I, C) rows, the CRF's one-image row and resolve_image_labels agree."""
+    from isle_fast.refinement.crf import _label_row
+    from isle_fast.stores.image_labels import resolve_image_labels
+
+    fg = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 1]], np.uint8)          # foreground only, C = 4
+    full = resolve_image_labels(fg, ["a", "b", "c"], ["bg", "x", "y", "z"])
+    np.testing.assert_array_equal(full, _reference_rows(fg, 4))
+    for i in range(3):
+        np.testing.assert_array_equal(_label_row(fg[i], 4), full[i])
+    with pytest.raises(InputError, match="booleans or 0 / 1"):
+        resolve_image_labels(np.array([[0, 2, 1, 1]]), ["a"], ["bg", "x", "y", "z"])

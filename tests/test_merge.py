@@ -255,19 +255,19 @@ def test_cli_merge_and_export(data, capsys):
 
 
 def test_task_memory_cap_changes_nothing_but_the_grid(tmp_path, rng, monkeypatch):
-    import isle_fast.ensemble.evaluate as E
+    import isle_fast.ensemble.graph as G
 
     gt_imgs = label_imgs(rng)
     gt = write_stack(str(tmp_path / "gt"), gt_imgs, kind="gt", num_classes=C, chunks=(5, 8, 8))
     imgs = [score_imgs(rng, "float32") for _ in range(2)]
     sets = [write_stack(str(tmp_path / f"s{k}"), im, encoding="scores", score_dtype="float32", num_classes=C,
                         chunks=(2, 8, 8, C)) for k, im in enumerate(imgs)]
-    assert E.work_chunks(sets, gt) == (5, 8, 8)
+    assert G.work_chunks(sets, gt) == (5, 8, 8)
     big = merge(sets, gt, str(tmp_path / "big"), backend="cpu", progress=False)
     ev_big = evaluate(sets, gt, backend="cpu", progress=False)
     # one image's region of gt + two float32 score stacks is 64 * (1 + 2 * 16) bytes
-    monkeypatch.setattr(E, "MAX_TASK_BYTES", 64 * 33 * 2)
-    assert E.work_chunks(sets, gt) == (2, 8, 8)
+    monkeypatch.setattr(G, "MAX_TASK_BYTES", 64 * 33 * 2)
+    assert G.work_chunks(sets, gt) == (2, 8, 8)
     small = merge(sets, gt, str(tmp_path / "small"), backend="cpu", progress=False)
     assert small.stack.chunks == (2, 8, 8) and big.stack.chunks == (5, 8, 8)
     np.testing.assert_array_equal(np.asarray(small.stack.array[:]), np.asarray(big.stack.array[:]))

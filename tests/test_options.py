@@ -4,13 +4,15 @@ and the docs, and they agree."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from isle_fast.errors import InputError
-from isle_fast.options import add_arguments, build, flag_of, namespace_options, option, parameters_doc
+from isle_fast.options import (add_arguments, build, cli_flags, flag_of, namespace_options, option,
+                               parameters_doc)
 
 
 @dataclass
@@ -57,8 +59,11 @@ def test_python_values_are_checked_and_converted():
         ({"src": 3}, "--src must be a string or a path"),
         ({"src": "s", "colour": 1}, "unknown setting colour; the settings are: src, size"),
     ]:
-        with pytest.raises(InputError, match=match):
+        with pytest.raises(InputError) as info:
             build(_Demo, values)
+        # the command line names the flag, a Python caller the parameter
+        assert re.search(match, info.value.for_cli(cli_flags())), info.value.for_cli(cli_flags())
+        assert "--" not in str(info.value)
 
 
 def test_command_line_defaults_are_the_dataclass_defaults():

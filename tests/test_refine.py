@@ -174,7 +174,7 @@ def test_failure_leaves_no_output(tmp_path, shift):
 
 def test_user_errors(tmp_path, shift):
     img, src, *_ = write_stores(tmp_path, n=3, encoding="labels")
-    with pytest.raises(InputError, match="--images"):
+    with pytest.raises(InputError, match="needs the RGB images: pass images"):
         refine_stack(src, None, tmp_path / "o.zarr", "crf", progress=False)
     with pytest.raises(InputError, match="never modifies"):
         refine_stack(src, img, src, "shift", progress=False)

@@ -19,7 +19,7 @@ def test_thread_choice_and_restore():
     assert resolve_threads(3, cpu) == 3
     assert resolve_threads(None, cpu, deterministic=True) == n  # reruns must not depend on the load
     assert 1 <= resolve_threads(None, cpu) <= n
-    with pytest.raises(InputError, match="--threads"):
+    with pytest.raises(InputError, match="^threads must be at least 1"):
         resolve_threads(0, cpu)
     with torch_threads(1) as k:
         assert k == 1 and torch.get_num_threads() == 1

@@ -108,7 +108,8 @@ def spec_from_args(args: argparse.Namespace):
         raise InputError("give a VOC-style ROOT, a JOB.toml, or --gt DIR with --set NAME=DIR")
     if not args.out:
         raise InputError("give --out RUN (the run folder)")
-    sets, cams = {}, {}
+    sets: dict[str, Path] = {}
+    cams: dict[str, Path] = {}
     for target, pairs in ((sets, args.sets), (cams, args.cams)):
         for name, folder in pairs:
             if name in sets or name in cams:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,83 +42,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast import metrics
-from isle_fast.errors import InputError
-from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
+from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, local_specs, open_inputs, unique_names
+from isle_fast.errors import InputError, param
+from isle_fast.stores.stack import Stack
 
-__all__ = ["Evaluation", "evaluate", "open_inputs", "check_bg_threshold", "AVERAGES"]
+__all__ = ["Evaluation", "evaluate", "check_bg_threshold", "AVERAGES"]
 
 AVERAGES = ("dataset", "image")
-#: Store kinds a pseudo-label set may be.
-SET_KINDS = ("pseudo", "ensemble")
-
 
 
 # -- inputs ----------------------------------------------------------------------------
-
-def _as_stack(obj: Any, kind: Any = None) -> Stack:
-    return obj if isinstance(obj, Stack) else open_stack(obj, kind=kind)
-
-
-def unique_names(stacks: Sequence[Stack]) -> list[str]:
-    """Set names, made unique: a repeated name gets ``-2``, ``-3``, ... appended."""
-    names: list[str] = []
-    for s in stacks:
-        base = s.name or os.path.basename(str(s.path).rstrip("/"))
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}-{k}", k + 1
-        names.append(name)
-    return names
-
-
-def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
-    """Open (if given as paths) and check the sets and the ground truth.
-
-    Parameters
-    ----------
-    sets : sequence of path, URL or Stack
-        Pseudo-label sets (``labels`` or ``scores`` encoding).
-    gt : path, URL or Stack
-        Ground truth (``labels`` encoding).
-
-    Returns
-    -------
-    (list of Stack, Stack)
-
-    Raises
-    ------
-    InputError
-        No sets, a store of the wrong kind or encoding (named): the gt must be
-        a ``gt`` store, a set a ``pseudo`` or ``ensemble`` one (an ``images``
-        store, or the ground truth itself caught by a shell glob such as
-        ``*.zarr``, is refused).
-    AlignmentError
-        Stores disagree on ids, order, shapes or classes (names store and id).
-    """
-    if not sets:
-        raise InputError("give at least one pseudo-label set")
-    gt_stack = _as_stack(gt)
-    if gt_stack.kind != "gt":
-        raise InputError(f"--gt {gt_stack.path} is {kind_phrase(gt_stack.kind)}, not ground truth "
-                         "(kind 'gt'; ingest ground truth with --kind gt)")
-    if gt_stack.encoding != "labels":
-        raise InputError(f"ground truth {gt_stack.path} has encoding {gt_stack.encoding!r}; "
-                         "it must be a label store")
-    stacks = [_as_stack(s) for s in sets]
-    for s in stacks:
-        if s.kind not in SET_KINDS:
-            raise InputError(f"set {s.path} is {kind_phrase(s.kind)}; a pseudo-label set is a "
-                             f"{' or '.join(repr(k) for k in SET_KINDS)} store")
-        if s.encoding not in ("labels", "scores"):
-            raise InputError(f"{s.path} has encoding {s.encoding!r}; a pseudo-label set holds "
-                             "'labels' or 'scores'")
-    check_aligned([gt_stack, *stacks])
-    if gt_stack.num_images == 0:
-        raise InputError(f"ground truth {gt_stack.path} holds no images")
-    if gt_stack.num_classes > 254:
-        raise InputError(f"{gt_stack.path}: at most 254 classes are supported")
-    return stacks, gt_stack
-
 
 def check_bg_threshold(value: Any) -> float | None:
     """``bg_threshold`` checked: None or a finite number (:class:`InputError` for nan, inf, text, bools).
@@ -136,7 +68,8 @@ def check_bg_threshold(value: Any) -> float | None:
     except (TypeError, ValueError):
         v = float("nan")
     if isinstance(value, bool) or not math.isfinite(v):
-        raise InputError(f"--bg-threshold must be a finite number (a score in [0, 1]), not {value!r}")
+        raise InputError(f"{param('bg_threshold')} must be a finite number (a score in [0, 1]), "
+                         f"not {value!r}")
     return v
 
 
@@ -171,69 +104,23 @@ def group_sets(stacks: Sequence[Stack], bg_threshold: float | None) -> list[Grou
     return groups
 
 
-#: Most uncompressed bytes one task holds (gt + every set's region). The work
-#: grid follows the gt's chunks but takes fewer images per task when the sets
-#: are much wider than the gt (score stacks are C bytes or more per pixel).
-MAX_TASK_BYTES = 128 * 2**20
+def _contig(a: Any) -> Any:
+    from isle_fast.backend import is_device_array
 
-
-def work_chunks(stacks: Sequence[Stack], gt: Stack, max_task_bytes: int | None = None) -> tuple[int, int, int]:
-    """The regular ``(images, rows, cols)`` chunk grid every array is aligned to.
-
-    The gt's chunk shape, with the image count reduced (never below 1) so that
-    one task's gt region plus the same region of every set stays within
-    ``max_task_bytes``. Regular, so an output store written on this grid gets
-    exactly one task per Zarr chunk.
-    """
-    if max_task_bytes is None:
-        max_task_bytes = MAX_TASK_BYTES
-    k, hc, wc = (int(v) for v in gt.chunks)
-    per_pixel = 1 + sum(int(np.prod(s.shape[3:], dtype=np.int64)) * s.dtype.itemsize for s in stacks)
-    fit = max(1, int(max_task_bytes // max(1, hc * wc * per_pixel)))
-    return (max(1, min(k, fit)), hc, wc)
-
-
-def aligned_arrays(stacks: Sequence[Stack], gt: Stack, chunks: tuple[int, int, int] | None = None
-                   ) -> tuple[Any, list[Any]]:
-    """The gt and every set as Dask arrays on one chunk grid (:func:`work_chunks`).
-
-    Label arrays get ``chunks``, score arrays ``chunks`` plus one chunk over
-    the class axis, so block ``(i, j, k)`` of every array covers the same
-    pixels. Stores chunked otherwise are rechunked (each stored chunk is still
-    read once).
-    """
-    chunks = tuple(chunks) if chunks is not None else work_chunks(stacks, gt)
-    g = gt.to_dask()
-    if g.chunksize != chunks:
-        g = g.rechunk(chunks)
-    out = []
-    for s in stacks:
-        a = s.to_dask()
-        target = g.chunks if s.encoding == "labels" else g.chunks + ((a.shape[-1],),)
-        out.append(a if a.chunks == target else a.rechunk(target))
-    return g, out
-
-
-def blockwise_args(arrays: Sequence[Any], stacks: Sequence[Stack]) -> list[Any]:
-    """``(array, index)`` pairs for :func:`dask.array.blockwise` (``ijk`` / ``ijkc``)."""
-    args: list[Any] = []
-    for a, s in zip(arrays, stacks):
-        args += [a, "ijk" if s.encoding == "labels" else "ijkc"]
-    return args
-
-
-def _contig(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a)
+    return a if is_device_array(a) else np.ascontiguousarray(a)
 
 
 # -- the per-chunk task -------------------------------------------------------------------
 
 def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tuple[Group, ...],
                      order: tuple[int, ...], num_classes: int, per_image: bool) -> np.ndarray:
-    """Counts of one chunk: ``(1, 1, 1, N, C, C+1)``, or ``(k, 1, 1, N, C, C+1)`` per image."""
-    from isle_fast.backend import task_kernels
+    """Counts of one chunk: ``(1, 1, 1, N, C, C+1)``, or ``(k, 1, 1, N, C, C+1)`` per image.
 
-    with task_kernels(backend) as K:
+    Chunks in GPU memory (CuPy) stay there: the GPU kernels count them (:func:`task_kernels`).
+    """
+    from isle_fast.backend import task_kernels, to_host
+
+    with task_kernels(backend, gt, *blocks) as K:
         n_sets = len(order)
         by_pos = dict(zip(order, blocks))
         gt = _contig(gt)
@@ -248,7 +135,7 @@ def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: 
                     res = K.confusion_labels(g, sets, num_classes)
                 else:
                     res = K.confusion_scores(g, sets, num_classes, grp.threshold)
-                out[m, 0, 0, list(grp.members)] = np.asarray(res)
+                out[m, 0, 0, list(grp.members)] = to_host(res)
         return out
 
 
@@ -475,45 +362,6 @@ def confusion_graph(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_thre
 
 # -- the same pass on this machine, without Dask ---------------------------------------------
 
-def dask_requested() -> bool:
-    """Whether the user asked Dask to schedule: a ``dask.distributed`` client, or a configured scheduler.
-
-    ``DASK_SCHEDULER`` in the environment, or ``dask.config`` ``scheduler``
-    (when Dask is imported; with ``dask.config.set(scheduler=...)``).
-    """
-    if os.environ.get("DASK_SCHEDULER"):
-        return True
-    if "dask" in sys.modules:
-        import dask
-
-        if dask.config.get("scheduler", None) is not None:
-            return True
-    from isle_fast.stores.parallel import _current_client
-
-    return _current_client() is not None
-
-
-def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
-    """Direct-reader specs of the gt and every set when one task per gt chunk can read them all, else None.
-
-    That needs every store on local disk in the plain Zstd layout, the sets
-    chunked like the gt (score sets: the whole class axis in one chunk), and
-    the gt's chunks small enough for one task (:func:`work_chunks`).
-    """
-    if dask_requested():
-        return None
-    specs = [gt.chunk_spec()] + [s.chunk_spec() for s in stacks]
-    if any(sp is None for sp in specs) or 0 in gt.shape:
-        return None
-    want = tuple(gt.chunks)
-    if work_chunks(stacks, gt) != want:
-        return None
-    for st in stacks:
-        if tuple(st.chunks[:3]) != want or (st.encoding == "scores" and st.chunks[3] != st.shape[3]):
-            return None
-    return specs
-
-
 def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
                 shape: tuple[int, int, int], **kernel: Any) -> np.ndarray:
     """One gt chunk: read it and the same chunk of every set (direct reader), then count it."""
@@ -602,7 +450,7 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     from isle_fast.backend import resolve_backend
 
     if average not in AVERAGES:
-        raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+        raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {average!r}")
     bg_threshold = check_bg_threshold(bg_threshold)
     t0 = time.perf_counter()
     be = resolve_backend(backend)

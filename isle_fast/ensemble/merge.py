@@ -57,18 +57,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
-from isle_fast.ensemble.evaluate import (
-    Evaluation,
-    check_bg_threshold,
-    aligned_arrays,
-    blockwise_args,
-    evaluate,
-    open_inputs,
-    score_threshold,
-    unique_names,
-    work_chunks,
-)
+from isle_fast.errors import InputError, param
+from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate, score_threshold
+from isle_fast.ensemble.graph import (aligned_arrays, blockwise_args, local_specs, open_inputs, unique_names,
+                                      work_chunks)
 from isle_fast.ensemble.selection import Selection, select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import check_output
@@ -81,9 +73,10 @@ POLICIES = {"score": 0, "order": 1, "ignore": 2}
 STRATEGIES = ("class", "image")
 
 
-def _policy_code(policy: str) -> int:
+def policy_code(policy: str) -> int:
+    """The merge kernels' code of a tie ``policy`` (:data:`POLICIES`); :class:`InputError` if unknown."""
     if policy not in POLICIES:
-        raise InputError(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        raise InputError(f"{param('policy')} must be one of {', '.join(POLICIES)}, not {policy!r}")
     return POLICIES[policy]
 
 
@@ -115,8 +108,8 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
               drop_absent: bool = False) -> MergePlan:
     """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets)."""
     if strategy not in STRATEGIES:
-        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    code = _policy_code(policy)
+        raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    code = policy_code(policy)
     members = [stacks[i] for i in selection.member_indices]
     encodings = tuple(s.encoding for s in members)
     mode = "scores" if all(e == "scores" for e in encodings) else "labels"
@@ -137,7 +130,9 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
     )
 
 
-def _gather(arrays: Sequence[np.ndarray], choice: np.ndarray) -> np.ndarray:
+def _gather(arrays: Sequence[np.ndarray], choice: np.ndarray | None) -> np.ndarray:
+    if choice is None:
+        raise ValueError("the image strategy needs the member chosen for every image (choice)")
     out = np.empty_like(arrays[0])
     for m, n in enumerate(choice):
         out[m] = arrays[int(n)][m]
@@ -261,11 +256,10 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
                  *, backend: str, progress: bool, allowed: np.ndarray | None = None) -> int | None:
     """The merge on a thread pool here (one task per gt chunk, direct chunk reads and writes); pixels written.
 
-    None when the stores do not allow it (see :func:`isle_fast.ensemble.evaluate.local_specs`; label
+    None when the stores do not allow it (see :func:`isle_fast.ensemble.graph.local_specs`; label
     ensembles only): the caller builds the Dask graph instead. Each task runs the same
     :func:`merge_chunk` as the graph's, so the ensemble is the same.
     """
-    from isle_fast.ensemble.evaluate import local_specs
     from isle_fast.progress import progress as bar
     from isle_fast.stores.chunkio import prepare_folders, write_spec
     from isle_fast.stores.parallel import ThreadExecutor, default_workers
@@ -451,8 +445,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     if strategy not in STRATEGIES:
-        raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    _policy_code(policy)
+        raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)
     # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle
     # did not write

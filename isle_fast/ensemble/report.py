@@ -34,14 +34,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
-from isle_fast.ensemble.evaluate import (
-    Evaluation,
-    check_bg_threshold,
-    evaluate,
-    open_inputs,
-    unique_names,
-)
+from isle_fast.errors import InputError, param
+from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate
+from isle_fast.ensemble.graph import open_inputs, unique_names
 from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput
@@ -317,7 +312,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         ens_stack = ensemble if isinstance(ensemble, Stack) else open_stack(ensemble)
         if ens_stack.kind not in ENSEMBLE_KINDS:
             kinds = " or ".join(repr(k) for k in ENSEMBLE_KINDS)
-            raise InputError(f"--ensemble {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
+            raise InputError(f"{param('ensemble')} {ens_stack.path} is {kind_phrase(ens_stack.kind)}; "
+                             "an ensemble is "
                              f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
                              "pseudo-label set)")
     img_stack = None
@@ -365,7 +361,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
               f"Ensemble: {ens_source or 'none'}.\n"]
         header = ["method"] + classes + ["mIoU"]
         rows = []
-        best_col = np.where(np.isnan(iou), -np.inf, iou).max(axis=0) if n else None
+        best_col = np.where(np.isnan(iou), -np.inf, iou).max(axis=0) if n else np.empty(0)
         for k in range(n):
             cells = [names[k]]
             for j in range(len(classes)):
@@ -393,7 +389,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         best_k = int(np.argmax(np.where(np.isnan(miou), -np.inf, miou))) if n else 0
         rows = [[c["set"], _fmt(c["miou"]), str(len(c["classes_won"])), _fmt(c["mean_margin"], 2)]
                 for c in comp]
-        if ens_name is not None:
+        if ens_name is not None and ens_miou is not None:
             rows.append([_ens_label(ens_name), _fmt(ens_miou), "-",
                          f"{ens_miou - float(miou[best_k]):+.2f} vs {names[best_k]}"])
         md += ["## Ensemble vs components (Table 2, pseudo-labels, no training)\n",
@@ -402,10 +398,10 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         if sa is not None:
             smiou = sa.miou
             rows = []
-            for s, sname in enumerate(sa.names()):
-                mem = np.nonzero(sa.members[s])[0]
+            for si, sname in enumerate(sa.names()):
+                mem = np.nonzero(sa.members[si])[0]
                 best_member = max((float(miou[m]) for m in mem if not np.isnan(miou[m])), default=float("nan"))
-                rows.append([sname, str(len(mem)), _fmt(smiou[s], 2), _fmt(smiou[s] - best_member, 2)])
+                rows.append([sname, str(len(mem)), _fmt(smiou[si], 2), _fmt(smiou[si] - best_member, 2)])
             note = ("" if ev.average == "dataset" else
                     "\nSubset ensembles are scored with dataset-level IoU; the gain compares with the "
                     "members' image-averaged mIoU above.\n")
@@ -435,18 +431,18 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
             picks = _pick_images(presence, max(1, num_images))
             ids = [gt_stack.ids[i] for i in picks]
             cols: list[tuple[str, list[np.ndarray]]] = []
-            for k, s in enumerate(stacks):
+            for k, st in enumerate(stacks):
                 masks = []
                 for i in picks:
-                    a = s.read_image(i)
-                    if s.encoding == "scores":
+                    a = st.read_image(i)
+                    if st.encoding == "scores":
                         from isle_fast.backend import get_kernels
 
-                        thr = -1.0 if bg_threshold is None else float(bg_threshold) * s.score_scale
+                        thr = -1.0 if bg_threshold is None else float(bg_threshold) * st.score_scale
                         a = np.asarray(get_kernels(be).decode_scores(np.ascontiguousarray(a[None]), thr))[0]
                     masks.append(a)
                 cols.append((names[k], masks))
-            if ens_stack is not None:
+            if ens_stack is not None and ens_name is not None:
                 cols.append((ens_name, [ens_stack.read_image(i) for i in picks]))
             else:
                 cols.append(("ensemble", merge_images(stacks, sel, picks, policy=policy, backend=be,

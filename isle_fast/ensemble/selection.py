@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 
 __all__ = ["Selection", "select", "resolve_members"]
 
@@ -101,16 +101,16 @@ def resolve_members(set_names: Sequence[str], sets: Sequence[str | int] | None) 
         mask[:] = True
         return mask
     if len(sets) == 0:
-        raise InputError("--sets: give at least one set")
+        raise InputError(f"{param('sets')}: give at least one set")
     for s in sets:
         if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
             if not 0 <= int(s) < n:
-                raise InputError(f"--sets: position {s} is out of range (there are {n} sets)")
+                raise InputError(f"{param('sets')}: position {s} is out of range (there are {n} sets)")
             mask[int(s)] = True
         elif str(s) in set_names:
             mask[list(set_names).index(str(s))] = True
         else:
-            raise InputError(f"--sets: no set named {s!r}; the sets are {', '.join(set_names)}")
+            raise InputError(f"{param('sets')}: no set named {s!r}; the sets are {', '.join(set_names)}")
     return mask
 
 

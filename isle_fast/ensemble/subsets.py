@@ -27,16 +27,9 @@ import numpy as np
 
 from isle_fast.errors import InputError
 from isle_fast import metrics
-from isle_fast.ensemble.evaluate import (
-    Evaluation,
-    check_bg_threshold,
-    aligned_arrays,
-    blockwise_args,
-    evaluate,
-    open_inputs,
-    score_threshold,
-)
-from isle_fast.ensemble.merge import _policy_code
+from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate, score_threshold
+from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, open_inputs
+from isle_fast.ensemble.merge import policy_code
 from isle_fast.ensemble.selection import Selection, select
 
 __all__ = ["MAX_SETS", "SubsetAnalysis", "all_subsets", "subset_analysis"]
@@ -161,13 +154,16 @@ def _subset_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tup
                   encodings: tuple[str, ...], scales: tuple[float, ...], thresholds: tuple[float, ...],
                   selections: np.ndarray, members: np.ndarray, priority: np.ndarray, policy: int,
                   num_classes: int) -> np.ndarray:
-    """Confusion of every subset's ensemble on one chunk: ``(1, 1, 1, S, C, C+1)``."""
-    from isle_fast.backend import task_kernels
+    """Confusion of every subset's ensemble on one chunk: ``(1, 1, 1, S, C, C+1)``.
 
-    with task_kernels(backend) as K:
+    Chunks in GPU memory (CuPy) stay there: the GPU kernels count them (:func:`task_kernels`).
+    """
+    from isle_fast.backend import is_device_array, task_kernels, to_host
+
+    with task_kernels(backend, gt, *blocks) as K:
         c = num_classes
-        gt = np.ascontiguousarray(gt)
-        blocks = [np.ascontiguousarray(b) for b in blocks]
+        gt = gt if is_device_array(gt) else np.ascontiguousarray(gt)
+        blocks = tuple(b if is_device_array(b) else np.ascontiguousarray(b) for b in blocks)
         out = np.zeros((1, 1, 1, len(members), c, c + 1), dtype=np.int64)
         decoded: dict[int, np.ndarray] = {}
         for grp in groups:
@@ -183,7 +179,7 @@ def _subset_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tup
                         labs.append(blocks[p])
                     else:
                         if p not in decoded:
-                            decoded[p] = np.asarray(K.decode_scores(blocks[p], thresholds[p]))
+                            decoded[p] = K.decode_scores(blocks[p], thresholds[p])
                         labs.append(decoded[p])
                 prio = np.ascontiguousarray(priority[list(grp.positions)])
                 res = K.subset_confusion_labels(gt, tuple(labs), sel, mem, prio, policy, c)
@@ -191,7 +187,7 @@ def _subset_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tup
                 arrs = tuple((blocks[p].astype(np.float32) / np.float32(scales[p])) if grp.cast else blocks[p]
                              for p in grp.positions)
                 res = K.subset_confusion_scores(gt, arrs, sel, mem, policy, c, grp.threshold)
-            out[0, 0, 0, rows] = np.asarray(res, dtype=np.int64)
+            out[0, 0, 0, rows] = to_host(res).astype(np.int64, copy=False)
         return out
 
 
@@ -227,7 +223,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     t0 = time.perf_counter()
     bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
-    code = _policy_code(policy)
+    code = policy_code(policy)
     stacks, gt_stack = open_inputs(sets, gt)
     n = len(stacks)
     if n > MAX_SETS:

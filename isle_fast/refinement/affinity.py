@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.refinement.chain import PrepareContext, RefineChunk, Refinement
 
 __all__ = [
@@ -439,7 +439,7 @@ def train_affinity(images, source, checkpoint: str, *, backbone: str = "resnet50
         old = {k: ck.get("config", {}).get(k) for k in ("backbone", "stride", "dim", "radius")}
         new = {k: cfg[k] for k in old}
         if old != new:
-            raise InputError(f"--resume: checkpoint {checkpoint} was trained with {old}, not {new}")
+            raise InputError(f"{param('resume')}: checkpoint {checkpoint} was trained with {old}, not {new}")
         start_epoch, step = int(ck["epoch"]), int(ck["step"])
         rng = np.random.default_rng([seed, start_epoch])
     model = AffinityNet(backbone, None if ck is not None else weights, stride, dim)
@@ -594,7 +594,8 @@ def random_walk_image(model, rgb: np.ndarray, data: np.ndarray, encoding: str, n
         if engine not in ("auto", "numba", "torch"):
             raise InputError(f"random-walk engine must be auto, numba or torch, not {engine!r}")
         if engine == "torch" or (engine == "auto" and str(device).startswith("cuda")):
-            aff = aff * torch.as_tensor(_valid_offsets(*aff.shape[-2:], offsets), device=aff.device)
+            gh, gw = aff.shape[-2:]
+            aff = aff * torch.as_tensor(_valid_offsets(int(gh), int(gw), offsets), device=aff.device)
             trans = aff / aff.sum(dim=0, keepdim=True).clamp(min=1e-12)
             walked = random_walk_torch(trans, offsets, torch.as_tensor(np.moveaxis(v, -1, 0), device=device),
                                        2 ** int(logt))
@@ -662,11 +663,12 @@ class AffinityNetRefinement(Refinement):
             raise InputError("affinity.radius must be >= 1, logt >= 0 and epochs >= 0")
         self.checkpoint = checkpoint
         self.train = bool(train)
-        self.train_kw = dict(backbone=backbone, weights=weights, epochs=int(epochs), batch_size=int(batch_size),
-                             lr=float(lr), crop=int(crop), max_steps=max_steps, seed=int(seed), stride=int(stride),
-                             radius=int(radius), alpha_lo=float(alpha_lo), alpha_hi=float(alpha_hi))
-        self.walk_kw = dict(radius=int(radius), beta=float(beta), logt=int(logt), background=background,
-                            alpha=float(alpha))
+        self.train_kw: dict[str, Any] = dict(
+            backbone=backbone, weights=weights, epochs=int(epochs), batch_size=int(batch_size),
+            lr=float(lr), crop=int(crop), max_steps=max_steps, seed=int(seed), stride=int(stride),
+            radius=int(radius), alpha_lo=float(alpha_lo), alpha_hi=float(alpha_hi))
+        self.walk_kw: dict[str, Any] = dict(radius=int(radius), beta=float(beta), logt=int(logt),
+                                            background=background, alpha=float(alpha))
         self.device = device
         self.output = output
         self.model = None
@@ -698,12 +700,12 @@ class AffinityNetRefinement(Refinement):
                 return
             if not context.resume:
                 raise InputError(f"AffinityNet checkpoint {path} holds an unfinished training (epoch "
-                                 f"{ck.get('epoch')} of {ck.get('config', {}).get('epochs')}); pass --resume "
-                                 "to continue it, or delete it to start again")
+                                 f"{ck.get('epoch')} of {ck.get('config', {}).get('epochs')}); "
+                                 f"pass {param('resume')} to continue it, or delete it to start again")
         elif not self.train:
             raise InputError(f"affinity.checkpoint {path} does not exist (and affinity.train is false)")
         if context.images is None:
-            raise InputError("AffinityNet training needs the RGB images: pass --images")
+            raise InputError(f"AffinityNet training needs the RGB images: pass {param('images')}")
         self.model = train_affinity(context.images, context.source, path, device=dev, resume=context.resume,
                                     progress=context.progress, **self.train_kw)
         self.trained_now = True
@@ -729,11 +731,13 @@ class AffinityNetRefinement(Refinement):
         enc = self.output_encoding(chunk.encoding)
         k, h_pad, w_pad = chunk.data.shape[:3]
         c = chunk.num_classes
+        rgb = chunk.rgb
+        assert rgb is not None, "the chain hands RGB to a refinement with needs_rgb"
         out = (np.full((k, h_pad, w_pad), 255, dtype=np.uint8) if enc == "labels"
                else np.zeros((k, h_pad, w_pad, c), dtype=np.float32))
         for i in range(k):
             h, w = (int(v) for v in chunk.shapes[i])
-            walked = random_walk_image(model, chunk.rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding, c,
+            walked = random_walk_image(model, rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding, c,
                                        device=self.device or "cpu", **self.walk_kw)
             out[i, :h, :w] = walked.argmax(axis=-1).astype(np.uint8) if enc == "labels" else walked
         return out

@@ -82,7 +82,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
+from isle_fast.stores.image_labels import normalize_image_labels
 from isle_fast.stores.stack import (
     IGNORE_INDEX,
     WRITE_EVERY_CHUNK,
@@ -304,11 +305,7 @@ def unregister_refinement(name: str) -> None:
 
 
 def _entry_points() -> list:
-    try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except TypeError:  # very old importlib.metadata API
-        eps = importlib.metadata.entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
-    return list(eps)
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
 def available_refinements() -> list[str]:
@@ -376,7 +373,8 @@ def parse_chain(chain: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in chain.split(",")] if isinstance(chain, str) else [str(s).strip() for s in chain]
     names = [s for s in names if s]
     if not names:
-        raise InputError("--with needs at least one refinement (e.g. --with affinity,crf)")
+        raise InputError(f"{param('chain')} needs at least one refinement "
+                         f"(e.g. {param('chain', 'affinity,crf')})")
     return names
 
 
@@ -414,7 +412,8 @@ def parse_params(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, d
         key, eq, text = str(item).partition("=")
         name, dot, par = key.strip().partition(".")
         if not eq or not dot or not name or not par:
-            raise InputError(f"--param {item!r} must look like NAME.KEY=VALUE (e.g. crf.iterations=5)")
+            raise InputError(f"{param('params')} {item!r} must look like NAME.KEY=VALUE "
+                             "(e.g. crf.iterations=5)")
         out.setdefault(name, {})[par.strip()] = _value(text.strip())
     return out
 
@@ -425,7 +424,8 @@ def make_chain(chain: str | Sequence[str], params: Any = None) -> list[Refinemen
     by_name = parse_params(params)
     stray = sorted(set(by_name) - set(names))
     if stray:
-        raise InputError(f"--param {stray[0]}.* given but {stray[0]!r} is not in the chain ({','.join(names)})")
+        raise InputError(f"{param('params')} {stray[0]}.* given but {stray[0]!r} is not in the chain "
+                         f"({','.join(names)})")
     return [make_refinement(n, by_name.get(n, {})) for n in names]
 
 
@@ -528,14 +528,7 @@ def image_labels_for(stack: Stack, image_labels: Any = None) -> np.ndarray | Non
     if a.ndim != 2 or a.shape[0] != n or a.shape[1] not in (c, c - 1):
         raise InputError(f"image labels ({source}) have shape {a.shape}; {stack.path} has {n} images and {c} "
                          f"classes, so they must be ({n}, {c}) or, foreground only, ({n}, {c - 1})")
-    if a.dtype != np.bool_:
-        if a.dtype.kind not in "iuf" or not np.isin(a, (0, 1)).all():
-            raise InputError(f"image labels ({source}) must be booleans or 0 / 1, not {a.dtype} values "
-                             f"{np.unique(a)[:5].tolist()}")
-        a = a != 0
-    out = np.ones((n, c), dtype=bool)
-    out[:, 1:] = a[:, 1:] if a.shape[1] == c else a
-    return out
+    return normalize_image_labels(a, c, f"image labels ({source})")
 
 
 def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None = None) -> int:
@@ -553,7 +546,8 @@ def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None
                         image_labels=image_labels)
     chunk = apply_chain(job.chain, chunk)
     group = zarr.open_group(job.target, mode="r+")
-    target = group[job.target_array].with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
+    member: Any = group[job.target_array]  # an array: the refine target made by create_stack
+    target = member.with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
     target[start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
     return stop - start
 
@@ -744,11 +738,13 @@ def _refine_inputs(src: Any, images: Any, chain: str | Sequence[str], params: An
     img = _as_stack(images, "images") if images is not None else None
     if img is not None:
         if img.kind != "images" or img.encoding != "rgb":
-            raise InputError(f"--images {img.path} is a {img.kind!r} store; expected an 'images' (rgb) store")
+            raise InputError(f"{param('images')} {img.path} is a {img.kind!r} store; "
+                             "expected an 'images' (rgb) store")
         check_aligned([src, img], same_classes=False)
     need = [r.name for r in refs if r.needs_rgb]
     if need and img is None:
-        raise InputError(f"refinement {need[0]!r} needs the RGB images: pass --images IMAGES_STORE")
+        raise InputError(f"refinement {need[0]!r} needs the RGB images: pass {param('images')} "
+                         "(an images store)")
     return src, img, refs, labels
 
 
@@ -772,7 +768,7 @@ def _task_size(src: Stack, enc: str, score_dtype: str, workers: int | None,
     c = src.num_classes
     n_workers = int(workers) if workers else (os.cpu_count() or 1)
     if n_workers < 1:
-        raise InputError(f"--workers must be at least 1, not {workers}")
+        raise InputError(f"{param('workers')} must be at least 1, not {workers}")
     if images_per_task is None:
         k_default = default_chunks(max(n, 1), h_pad, w_pad, c if enc == "scores" else None,
                                    np.dtype(score_dtype).itemsize if enc == "scores" else 1)[0]
@@ -800,7 +796,7 @@ def _scheduler(src: Stack, refs: Sequence[Refinement], scheduler: str, client: A
     elif scheduler in ("threads", "processes", "sync"):
         sched = scheduler
     else:
-        raise InputError(f"--scheduler must be auto, threads, processes or sync, not {scheduler!r}")
+        raise InputError(f"{param('scheduler')} must be auto, threads, processes or sync, not {scheduler!r}")
     if sched == "processes" and not all(r.process_safe for r in refs):
         bad = next(r.name for r in refs if not r.process_safe)
         raise InputError(f"refinement {bad!r} cannot run in worker processes here (its model is on a GPU); "

@@ -83,6 +83,7 @@ import numpy as np
 
 from isle_fast.errors import InputError
 from isle_fast.refinement.chain import PrepareContext, RefineChunk, Refinement
+from isle_fast.stores.image_labels import normalize_image_labels
 
 __all__ = ["PRESETS", "AUTO_PRESET", "DenseCRF", "crf_settings", "crf_image", "crf_unary", "present_classes"]
 
@@ -177,17 +178,7 @@ def _label_row(image_labels: Any, num_classes: int) -> np.ndarray:
     if row.ndim != 1 or row.shape[0] not in (num_classes, num_classes - 1):
         raise InputError(f"image labels of one image must have {num_classes} entries (one per class) or "
                          f"{num_classes - 1} (foreground only), not shape {row.shape}")
-    if row.dtype != np.bool_:
-        if row.dtype.kind not in "iuf" or not np.isin(row, (0, 1)).all():
-            raise InputError(f"image labels must be booleans or 0 / 1, not {row.dtype} values "
-                             f"{np.unique(row)[:5]}")
-        row = row != 0
-    if row.shape[0] == num_classes - 1:
-        row = np.concatenate([[True], row])
-    else:
-        row = row.copy()
-        row[0] = True
-    return row
+    return normalize_image_labels(row, num_classes)
 
 
 def present_classes(data: np.ndarray, encoding: str, num_classes: int, keep: str = "auto",
@@ -426,9 +417,11 @@ class DenseCRF(Refinement):
         else:
             out = np.zeros((k, h_pad, w_pad, c), dtype=np.float32)
         labels = chunk.image_labels
+        rgb = chunk.rgb
+        assert rgb is not None, "the chain hands RGB to a refinement with needs_rgb"
         for i in range(k):
             h, w = (int(v) for v in chunk.shapes[i])
-            out[i, :h, :w] = crf_image(chunk.rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding, c,
+            out[i, :h, :w] = crf_image(rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding, c,
                                        preset=preset, **cfg, keep=self.keep,
                                        image_labels=None if labels is None else labels[i], output=enc)
         return out

@@ -187,7 +187,7 @@ def _labels_pick(cands: list[tuple[str, Any, tuple[int, ...]]], labels: frozense
 def _shape_options(shape: tuple[int, ...], expect: tuple[int, int] | None,
                    low_res: bool) -> list[tuple[int, int]]:
     """``(axis, slices)`` readings of a 3-D array whose other two axes can be the image."""
-    out = []
+    out: list[tuple[int, int]] = []
     if len(shape) != 3:
         return out
     for axis in (0, 2):
@@ -210,6 +210,7 @@ def _keyed(entry: str, shape: tuple[int, ...], keys: np.ndarray, c: int, layout:
     else:
         options = _shape_options(shape, expect, low)
         if not options:
+            assert expect is not None, "without an image size every 3-D shape has a reading"
             raise BadCam(f"scores have shape {shape}, which does not match the image size "
                          f"{expect[0]} x {expect[1]}")
     starts_bg = k > 0 and keys[0] == 0
@@ -271,6 +272,7 @@ def _plain(entry: str, shape: tuple[int, ...], c: int, labels: frozenset[int] | 
                      .replace("  ", " "))
     options = _shape_options(shape, expect, low)
     if not options:
+        assert expect is not None, "without an image size every 3-D shape has a reading"
         raise BadCam(f"scores have shape {shape}, which does not match the image size {expect[0]} x "
                      f"{expect[1]}")
     lab = sorted(labels) if labels is not None else None

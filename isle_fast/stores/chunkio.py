@@ -141,7 +141,7 @@ def prepare_folders(spec: ChunkWriteSpec) -> None:
 
 
 def _encode(spec: ChunkWriteSpec, chunk: np.ndarray) -> bytes:
-    data: bytes | memoryview = memoryview(np.ascontiguousarray(chunk, dtype=np.dtype(spec.dtype))).cast("B")
+    data: bytes | memoryview = np.ascontiguousarray(chunk, dtype=np.dtype(spec.dtype)).data.cast("B")
     if spec.zstd is not None:
         from numcodecs import Zstd
 
@@ -191,7 +191,7 @@ def write_block(spec: ChunkWriteSpec, start: int, block: np.ndarray) -> int:
     if not spec.direct:
         import zarr
 
-        arr = zarr.open_array(spec.zarr_path, path=spec.zarr_array, mode="r+")
+        arr = zarr.open_array(spec.zarr_path, path=spec.zarr_array or "", mode="r+")
         arr[start:start + m] = block
         return 0
     i = start // k

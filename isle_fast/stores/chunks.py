@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -189,17 +190,17 @@ def _passes(exc: BaseException) -> bool:
 # Zarr is imported only when a store is opened through it: the classes below are made on first
 # use (module ``__getattr__``), so that opening a store with the direct reader needs no Zarr.
 
-_CLASSES: dict[str, type] = {}
+_CLASSES: dict[str, Any] = {}
 
 
-def _zarr_classes() -> dict[str, type]:
+def _zarr_classes() -> dict[str, Any]:
     """``CheckedStore`` and ``CheckedArray``, made (and Zarr imported) on first use."""
     if _CLASSES:
         return _CLASSES
     import zarr
     from zarr.storage import WrapperStore
 
-    class CheckedStore(WrapperStore):  # type: ignore[misc]
+    class CheckedStore(WrapperStore):
         """A read-only Zarr store wrapper on which a missing chunk is an error, not the fill value.
 
         ``arrays`` maps the group's array names to their :class:`ChunkNames`; keys of those
@@ -226,7 +227,7 @@ def _zarr_classes() -> dict[str, type]:
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             buf = await self._store.get(key, prototype, byte_range)
             names, coords = self._chunk(key)
-            if names is None:
+            if names is None or coords is None:
                 return buf
             if buf is None:
                 raise names.missing(coords)
@@ -239,7 +240,7 @@ def _zarr_classes() -> dict[str, type]:
             out = await self._store.get_partial_values(prototype, key_ranges)
             for (key, _), buf in zip(key_ranges, out):
                 names, coords = self._chunk(key)
-                if names is not None and buf is None:
+                if names is not None and coords is not None and buf is None:
                     raise names.missing(coords)
             return out
 
@@ -271,7 +272,7 @@ def _zarr_classes() -> dict[str, type]:
         return read
 
 
-    class CheckedArray(zarr.Array):  # type: ignore[misc]
+    class CheckedArray(zarr.Array):
         """The ``zarr.Array`` a :class:`~isle_fast.stores.stack.Stack` hands out.
 
         The same array (a subclass, so ``dask.array.from_zarr`` and everything else take
@@ -298,7 +299,7 @@ def _zarr_classes() -> dict[str, type]:
             names = self._names
             if names is None:
                 return StoreError(f"array {self.path!r} of {self.store}: a chunk is damaged: {_reason(exc)}")
-            for coords in self._touched(kind, selection):
+            for coords in self._touched(kind, selection, names.grid):
                 try:
                     _array_class().get_block_selection(self, coords)
                 except Exception as again:
@@ -309,17 +310,19 @@ def _zarr_classes() -> dict[str, type]:
                     return names.damaged(coords, _reason(again))
             return StoreError(f"{names.store}: array {names.array!r}: reading failed: {_reason(exc)}")
 
-        def _touched(self, kind: str, selection: Any) -> Iterator[tuple[int, ...]]:
+        def _touched(self, kind: str, selection: Any,
+                     grid_shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
             """Chunk coordinates a selection reads (every chunk when that is not easily known)."""
             try:
                 from zarr.core.indexing import BasicIndexer, BlockIndexer, OrthogonalIndexer
 
                 grid = self.metadata.chunk_grid
-                indexer = {"basic": BasicIndexer, "block": BlockIndexer,
-                           "orthogonal": OrthogonalIndexer}[kind](selection, self.shape, grid)
+                indexers: dict[str, Any] = {"basic": BasicIndexer, "block": BlockIndexer,
+                                            "orthogonal": OrthogonalIndexer}
+                indexer = indexers[kind](selection, self.shape, grid)
                 coords = [tuple(int(c) for c in p.chunk_coords) for p in indexer]
             except Exception:
-                coords = [tuple(int(c) for c in idx) for idx in np.ndindex(*self._names.grid)]
+                coords = [tuple(int(c) for c in idx) for idx in np.ndindex(*grid_shape)]
             return iter(coords)
 
     for cls in (CheckedStore, CheckedArray):  # picklable by name, found through __getattr__
@@ -401,7 +404,7 @@ def fast_chunk_spec(array: Any, names: ChunkNames | None) -> ChunkSpec | None:
         from zarr.storage import LocalStore
 
         meta = array.metadata
-        store = array.store
+        store: Any = array.store
         while isinstance(store, _zarr_classes()["CheckedStore"]):
             store = store._store
         if names is None or not isinstance(store, LocalStore) or getattr(meta, "zarr_format", 3) != 3:
@@ -607,7 +610,7 @@ def check_stack(stack: Any, *, workers: int | None = None, progress: bool = True
     from isle_fast.stores.stack import Stack, open_stack
 
     st = stack if isinstance(stack, Stack) else open_stack(stack)
-    jobs: list[tuple[Callable[[], None], ChunkNames, tuple[int, ...]]] = []
+    jobs: list[tuple[Callable[[], object], ChunkNames, tuple[int, ...]]] = []
     chunks, checksums, manifests = {}, {}, {}
     for name in st.array_names:
         arr = st.member(name)
@@ -618,11 +621,11 @@ def check_stack(stack: Any, *, workers: int | None = None, progress: bool = True
         chunks[name] = names.num_chunks
         for coords in np.ndindex(*names.grid):
             if spec is not None:
-                jobs.append((lambda s=spec, c=coords: decode_chunk(s, c), names, coords))
+                jobs.append((partial(decode_chunk, spec, coords), names, coords))
             else:
-                jobs.append((lambda a=arr, c=coords: a.get_block_selection(c), names, coords))
+                jobs.append((partial(arr.get_block_selection, coords), names, coords))
 
-    def run(job: tuple[Callable[[], None], ChunkNames, tuple[int, ...]]) -> str | None:
+    def run(job: tuple[Callable[[], object], ChunkNames, tuple[int, ...]]) -> str | None:
         fn, names, coords = job
         try:
             fn()

@@ -52,14 +52,14 @@ def png_options(compress: str | int = DEFAULT_COMPRESS) -> dict[str, int]:
     InputError
         For anything but ``rle`` or a level 0-9.
     """
-    from isle_fast.errors import InputError
+    from isle_fast.errors import InputError, param
 
     text = str(compress).strip().lower()
     if text == "rle":
         return {"compress_level": 6, "compress_type": _Z_RLE}
     if text.isdigit() and 0 <= int(text) <= 9:
         return {"compress_level": int(text)}
-    raise InputError(f"--compress-level must be 'rle' or a zlib level 0-9, not {compress!r}")
+    raise InputError(f"{param('compress')} must be 'rle' or a zlib level 0-9, not {compress!r}")
 
 
 @dataclass(frozen=True)

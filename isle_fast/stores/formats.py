@@ -480,7 +480,7 @@ def _upsample(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     out = np.empty((arr.shape[0], h, w), dtype=np.float32)
     for k in range(arr.shape[0]):
         im = Image.fromarray(np.ascontiguousarray(arr[k], dtype=np.float32), mode="F")
-        out[k] = np.asarray(im.resize((w, h), Image.BILINEAR))
+        out[k] = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR))
     return out
 
 

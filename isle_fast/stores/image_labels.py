@@ -59,13 +59,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, StoreError
+from isle_fast.errors import InputError, StoreError, param
 from isle_fast.stores.stack import FORMAT_VERSION, VOC_CLASSES, Stack, StackWriter, is_remote
 
 __all__ = [
     "IMAGE_LABELS_KIND", "IMAGE_LABELS_MEMBER", "ImageLabels", "read_image_labels", "write_image_labels",
     "open_image_labels", "ingest_image_labels", "resolve_image_labels", "attach_image_labels",
-    "check_not_output",
+    "check_not_output", "normalize_image_labels",
 ]
 
 #: ``kind`` attribute of a standalone image-labels store.
@@ -187,7 +187,9 @@ def _from_cls_labels(path: Path, classes: list[str], allow_pickle: bool) -> Imag
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a dict image id -> labels "
                          f"(the cls_labels.npy form)")
     c = len(classes)
-    ids, rows, aliases = [], [], {}
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    aliases: dict[str, int] = {}
     for key, value in obj.items():
         if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             image_id = _irn_id(int(key))
@@ -357,7 +359,8 @@ def read_image_labels(src: Any, classes: Sequence[str] | None = None, *, allow_p
 def _from_stack(st: Stack) -> ImageLabels:
     arr = st.image_labels
     if arr is None:
-        raise InputError(f"store {st.path} holds no image-level labels (ingest them with --image-labels)")
+        raise InputError(f"store {st.path} holds no image-level labels "
+                         f"(ingest them with {param('image_labels')})")
     return ImageLabels(list(st.ids), list(st.classes), arr, st.path)
 
 
@@ -381,8 +384,11 @@ def open_image_labels(path: str | os.PathLike) -> ImageLabels:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) < 2:
         raise StoreError(f"{spath}: attribute 'classes' is {classes!r}; expected a list of class names")
     try:
-        ids = [str(s) for s in group["ids"][:]]
-        labels = np.asarray(group[IMAGE_LABELS_MEMBER][:])
+        # Array or Group to Zarr's types; a group here fails to slice and is reported below
+        ids_member: Any = group["ids"]
+        labels_member: Any = group[IMAGE_LABELS_MEMBER]
+        ids = [str(s) for s in ids_member[:]]
+        labels = np.asarray(labels_member[:])
     except Exception as exc:
         raise StoreError(f"{spath}: its ids or image labels cannot be read: {exc}") from None
     if labels.dtype != bool or labels.shape != (len(ids), len(classes)):
@@ -416,9 +422,9 @@ def write_image_labels(labels: ImageLabels, out: str | os.PathLike, *, overwrite
         raise InputError("image-labels stores are written to local paths")
     if final.exists():
         if not overwrite:
-            raise StoreError(f"{final} exists; pass overwrite (--overwrite) to replace it")
+            raise StoreError(f"{final} exists; pass {param('overwrite')} to replace it")
         if not _is_image_labels_store(final):
-            raise StoreError(f"{final} is not an image-labels store; --overwrite replaces only one")
+            raise StoreError(f"{final} is not an image-labels store; {param('overwrite')} replaces only one")
     final.parent.mkdir(parents=True, exist_ok=True)
     work = temp_path(final)
     n, c = labels.labels.shape
@@ -455,7 +461,7 @@ def attach_image_labels(writer: StackWriter, labels: np.ndarray, source: str) ->
     writer.set_provenance(image_labels=source)
 
 
-def check_not_output(src: Any, out: Any, what: str = "--image-labels") -> None:
+def check_not_output(src: Any, out: Any, what: str = param("image_labels")) -> None:
     """An output never replaces an input of the same command: refuse ``out`` naming the labels' source."""
     if src is None or out is None or isinstance(src, (np.ndarray, ImageLabels, Stack)):
         return
@@ -467,21 +473,61 @@ def check_not_output(src: Any, out: Any, what: str = "--image-labels") -> None:
         raise InputError(f"{what} {src} is also the output; write the output elsewhere")
 
 
+def normalize_image_labels(values: Any, num_classes: int, what: str = "image labels") -> np.ndarray:
+    """Image-level labels as bool rows of every class, the background column set.
+
+    Parameters
+    ----------
+    values : array-like, (..., C) or (..., C-1)
+        Every class (the background entry is ignored) or the foreground only (the
+        form of the public ``cls_labels.npy``); booleans or the numbers 0 / 1.
+    num_classes : int
+        ``C``, background included.
+    what : str
+        How messages name ``values``.
+
+    Returns
+    -------
+    ndarray of bool, (..., C)
+        A new array; column 0 (background) is True.
+
+    Raises
+    ------
+    InputError
+        The last axis is neither ``C`` nor ``C-1`` long, or a value is not a boolean, 0 or 1.
+
+    Examples
+    --------
+    >>> normalize_image_labels([0, 1, 0], 4).tolist()
+    [True, False, True, False]
+    """
+    a = np.asarray(values)
+    c = int(num_classes)
+    if a.ndim == 0 or a.shape[-1] not in (c, c - 1):
+        raise InputError(f"{what} have shape {a.shape}; with {c} classes a row holds {c} entries (one per "
+                         f"class) or {c - 1} (foreground only)")
+    if a.dtype != np.bool_:
+        if a.dtype.kind not in "iuf" or not np.isin(a, (0, 1)).all():
+            raise InputError(f"{what} must be booleans or 0 / 1, not {a.dtype} values "
+                             f"{np.unique(a)[:5].tolist()}")
+        a = a != 0
+    out = np.ones(a.shape[:-1] + (c,), dtype=bool)
+    out[..., 1:] = a[..., 1:] if a.shape[-1] == c else a
+    return out
+
+
 def resolve_image_labels(src: Any, ids: Sequence[str], classes: Sequence[str], *, where: str = "the stack",
                          quiet: bool = True) -> np.ndarray:
     """Image labels for exactly these ids and classes: an ``(I, C)`` bool array.
 
-    ``src`` is anything :func:`read_image_labels` reads, or an ``(I, C)``
-    array already in this order.
+    ``src`` is anything :func:`read_image_labels` reads, or an array already in
+    this order (:func:`normalize_image_labels`: ``(I, C)`` or ``(I, C-1)``).
     """
     if isinstance(src, np.ndarray):
-        arr = np.asarray(src)
-        if arr.shape != (len(ids), len(classes)) or arr.dtype.kind not in "bui":
-            raise InputError(f"image labels of shape {arr.shape} ({arr.dtype}) do not fit {len(ids)} images "
+        if src.ndim != 2 or src.shape[0] != len(ids):
+            raise InputError(f"image labels of shape {src.shape} ({src.dtype}) do not fit {len(ids)} images "
                              f"and {len(classes)} classes")
-        out = arr.astype(bool)
-        out[:, 0] = True
-        return out
+        return normalize_image_labels(src, len(classes))
     return read_image_labels(src, classes, quiet=quiet).aligned(ids, where)
 
 
@@ -523,9 +569,9 @@ def ingest_image_labels(src: Any, out: str | os.PathLike, *, gt: Any = None,
 
     t0 = time.perf_counter()
     check_not_output(src, out, "SRC")
-    check_not_output(None if isinstance(gt, Stack) else gt, out, "--gt")
+    check_not_output(None if isinstance(gt, Stack) else gt, out, param("gt"))
     if not overwrite and Path(str(out)).exists():
-        raise StoreError(f"{out} exists; pass overwrite (--overwrite) to replace it")
+        raise StoreError(f"{out} exists; pass {param('overwrite')} to replace it")
     ref = gt if isinstance(gt, Stack) or gt is None else open_stack(gt)
     names = list(ref.classes) if ref is not None and classes is None else resolve_classes(classes)
     if ref is not None and names != list(ref.classes):

@@ -68,7 +68,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.options import option, parameters_doc
 from isle_fast.stores.formats import (
     IMAGE_EXTS,
@@ -253,7 +253,7 @@ def _reference(gt: Any, ids: list[str] | None, workers: int) -> _Reference | Non
     else:
         use = ids
     found = [(i, _find(d, i, LABEL_EXTS)) for i in use]
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes = {}
 
     def head(item):
         i, f = item
@@ -532,7 +532,7 @@ def ingest_scores(
     if np.dtype(score_dtype) not in (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32)):
         raise InputError(f"score_dtype must be uint8, float16 or float32, not {score_dtype!r}")
     if upsample and gt is None:
-        raise InputError("upsample needs the image sizes: give the ground truth (--gt)")
+        raise InputError(f"upsample needs the image sizes: give the ground truth ({param('gt')})")
     _check_out(out, overwrite, src, gt, ids, classes)
     ref, names, items, missing, ids_file = _folder_inputs(src, SCORE_EXTS, "score", ids, classes, gt, workers)
     c = len(names)

@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
@@ -85,7 +85,8 @@ def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> Inpu
     return InputError(f"{f}: image {i!r}: {reason}{more}{hint}")
 
 
-def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence, window: int) -> Iterator[Any]:
+def _ordered(pool: ThreadPoolExecutor, fn: Callable, items: Sequence,
+             window: int) -> Generator[Any, None, None]:
     """``pool.map`` with at most ``window`` tasks in flight (bounded memory), results in order.
 
     Use it as ``with closing(_ordered(...)) as results:`` so that a consumer that stops early

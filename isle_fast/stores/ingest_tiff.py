@@ -83,7 +83,7 @@ def _copy_tiff(path: str, arr: Any, pos: int, hw: tuple[int, int], fill: Any, po
     tail = tuple(arr.shape[3:])
     store = tifffile.imread(path, aszarr=True)
     try:
-        zin = zarr.open(store, mode="r")
+        zin: Any = zarr.open(store, mode="r")  # a group (pyramid) or an array
         if not hasattr(zin, "shape"):  # a multiscale group: level 0
             zin = zin["0"]
 
@@ -185,7 +185,10 @@ def ingest_tiff(
     else:
         paths = [src] if isinstance(src, (str, os.PathLike)) else list(src)
         ids_file = str(ids) if isinstance(ids, (str, os.PathLike)) else None
-        id_list = (read_ids(ids) if ids_file else list(ids) if ids is not None else [stem(p) for p in paths])
+        if isinstance(ids, (str, os.PathLike)):
+            id_list = read_ids(ids)
+        else:
+            id_list = list(ids) if ids is not None else [stem(p) for p in paths]
         if len(id_list) != len(paths):
             raise InputError(f"{len(paths)} TIFF files but {len(id_list)} ids")
         items = [_Item(str(i), str(p), str(p)) for i, p in zip(id_list, paths)]

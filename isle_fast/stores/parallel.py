@@ -382,9 +382,9 @@ class ProcessPool:
                         _reraise(payload)
                     yield index, payload
                 for r in ready:   # a worker died: with a task, or idle (it never should)
-                    w = by_sentinel.get(r)
-                    if w is not None and id(w) not in answered and not w.conn.poll():
-                        self._lost(w)
+                    died = by_sentinel.get(r)
+                    if died is not None and id(died) not in answered and not died.conn.poll():
+                        self._lost(died)
             finished = True
         except BaseException as exc:
             self._broken = exc

@@ -141,7 +141,7 @@ def encode_palette_png(labels: np.ndarray, palette: bytes, level: int = 6, strat
     raw[:, 0] = 0
     raw[:, 1:] = a
     comp = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
-    body = comp.compress(raw) + comp.flush()
+    body = comp.compress(raw.data) + comp.flush()
     return b"".join((_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)),
                      _chunk(b"PLTE", bytes(palette)), _chunk(b"IDAT", body), _chunk(b"IEND", b"")))
 

@@ -40,7 +40,7 @@ import collections
 import io
 import pickle
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
@@ -187,7 +187,7 @@ class _ArrayState:
         dt = _dtype_ok(dt, "array dtype")
         if not isinstance(fortran, (bool, np.bool_)):
             raise UnsafePickle("gives an array a fortran flag that is not a boolean")
-        order = "F" if fortran else "C"
+        order: Literal["C", "F"] = "F" if fortran else "C"
         if dt.hasobject:
             if not isinstance(data, list):
                 raise UnsafePickle("gives an object array data that is not a list")
@@ -347,7 +347,7 @@ def _rebuild_from_type_v2(func: Any, cls: Any, args: Any, state: Any) -> np.ndar
     return func(*args)
 
 
-class _GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class _GuardedUnpickler(pickle._Unpickler):
     """Python's own (pure-Python) unpickler with the opcodes these files never need refused.
 
     The pure-Python implementation is used, not the C one, because its opcodes
@@ -361,7 +361,11 @@ class _GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     pre-scan the C one would need.
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(pickle._Unpickler.dispatch)
+    # attributes of the pure-Python unpickler that typeshed does not declare
+    stack: list[Any]
+    read: Callable[[int], bytes]
+    append: Callable[[Any], None]
 
     def __init__(self, f: Any):
         super().__init__(f)
@@ -377,7 +381,7 @@ class _GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         if not (isinstance(inst, _ArrayState) or (isinstance(inst, np.dtype) and id(inst) in self._built)):
             raise UnsafePickle(f"sets the state of {type(inst).__name__} {inst!r}; only arrays and dtypes "
                                f"are built")
-        super().load_build()
+        super().load_build()  # type: ignore[misc]  # typeshed omits the pure-Python unpickler's load_*
 
     def _refuse_instance(self) -> None:
         raise UnsafePickle("instantiates a class (INST / OBJ / NEWOBJ), which CAM and label files never do")
@@ -452,7 +456,7 @@ class _TorchLegacyUnpickler(_GuardedUnpickler):
         return ref
 
 
-def _storage_array(raw: bytes, dtype: Any) -> np.ndarray:
+def _storage_array(raw: bytes | memoryview, dtype: Any) -> np.ndarray:
     if dtype == "bfloat16":
         u = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return u.view(np.float32)
@@ -607,7 +611,11 @@ def loads(data: bytes) -> Any:
         The pickle names a global or builds an object outside that list, or
         is malformed; the message says which. Nothing from it has run.
     """
-    f = data if isinstance(data, _MemReader) else _MemReader(data)
+    return _load_from(_MemReader(data))
+
+
+def _load_from(f: _MemReader) -> Any:
+    """:func:`loads` reading ``f``."""
     return _resolve(_run(_RestrictedUnpickler(f)))
 
 
@@ -628,4 +636,4 @@ def load_npy_payload(raw: bytes) -> Any:
         raise UnsafePickle(f"is not a NumPy .npy file: {exc}") from None
     if not dtype.hasobject:
         raise UnsafePickle("is a plain array, not a pickle")
-    return loads(_MemReader(raw, f.tell()))  # a view of ``raw``: no copy of the file
+    return _load_from(_MemReader(raw, f.tell()))  # a view of ``raw``: no copy of the file

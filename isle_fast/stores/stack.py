@@ -45,9 +45,12 @@ import threading
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
 
 from isle_fast.errors import AlignmentError, InputError, IsleError, StoreError
 from isle_fast.outputs import AllOrNothing
@@ -113,7 +116,7 @@ SCORE_SCALE = 255.0
 
 #: Zarr array config of every writer: write a chunk even when it is all fill value
 #: (a store holds every chunk).
-WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+WRITE_EVERY_CHUNK: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 SCORE_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
@@ -622,9 +625,8 @@ class Stack:
         self.encoding: str = attrs["encoding"]
         self.provenance: dict = dict(attrs.get("provenance", {}))
         self._members: dict[str, Any] = {}
-        self.ids: list[str] | None = None
         if light is not None:
-            self.ids = _read_ids(self.path, light.ids)
+            self.ids: list[str] = _read_ids(self.path, light.ids)
             self.shapes: np.ndarray = _read_shapes(self.path, light.shapes, self.ids)
             self.meta: ArrayMeta = light.meta
             self._names: ChunkNames = light.names
@@ -702,7 +704,8 @@ class Stack:
         group = self.group
         try:
             raw = group[name]
-            names = names_for(self.path, name, raw, self.ids)
+            # ids is unset while __init__ opens the ids and shapes arrays themselves
+            names = names_for(self.path, name, raw, getattr(self, "ids", None))
         except IsleError:
             raise
         except KeyError:
@@ -790,7 +793,7 @@ class Stack:
         try:
             return self._index[image_id]
         except AttributeError:
-            self._index = {s: i for i, s in enumerate(self.ids)}
+            self._index: dict[str, int] = {s: i for i, s in enumerate(self.ids)}
             return self.index_of(image_id)
         except KeyError:
             raise InputError(f"image id {image_id!r} is not in store {self.path}") from None
@@ -898,7 +901,7 @@ class Stack:
 
 
 def _codec_name(codec: Any) -> str:
-    d = codec.to_dict() if hasattr(codec, "to_dict") else {"name": str(codec)}
+    d: dict[str, Any] = codec.to_dict() if hasattr(codec, "to_dict") else {"name": str(codec)}
     conf = d.get("configuration", {})
     keep = {k: v for k, v in conf.items() if k in ("cname", "clevel", "level", "shuffle")}
     return d.get("name", "?") + (f"({', '.join(f'{k}={v}' for k, v in keep.items())})" if keep else "")
@@ -1185,7 +1188,7 @@ def create_stack(
                                 compressors=default_compressors()).with_config(WRITE_EVERY_CHUNK)
         if n:
             sh[:] = shapes_arr.astype(np.int32)
-        attrs = {
+        attrs: dict[str, Any] = {
             "isle_format": FORMAT_VERSION,
             "kind": kind,
             "name": name or _default_name(spath),

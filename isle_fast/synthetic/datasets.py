@@ -112,7 +112,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.outputs import write_bytes
 from isle_fast.stores.png import label_png_bytes, voc_palette
 from isle_fast.stores.stack import IGNORE_INDEX, VOC_CLASSES
@@ -223,7 +223,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
 
     check_replaceable_folder(
         out_dir, overwrite=overwrite, ours=_is_data_set_folder, name=str(out_dir),
-        choose="choose another folder or pass overwrite (--overwrite) to replace a data set made here",
+        choose=f"choose another folder or pass {param('overwrite')} to replace a data set made here",
         not_ours="holds no dataset.json; refusing to replace a folder that this tool did not make")
 
 
@@ -520,7 +520,7 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
     samples: list[Sample] = [] if keep else None  # type: ignore[assignment]
     image_labels: dict[str, list[int]] = {}
     try:
-        lists = {"train": [], "val": []}
+        lists: dict[str, list[str]] = {"train": [], "val": []}
         # stores are filled split by split, in id order: go over the images in that order
         for i in list(train_idx) + list(val_idx):
             s = _generate(spec, i)
@@ -546,16 +546,16 @@ def _write_all(ds: SyntheticDataset, spec: _Spec, work: Path, train_idx: list[in
             if keep:
                 samples.append(s)
             bar.update(1)
-        for w in writers.values():
-            w.commit()
+        for buffered in writers.values():
+            buffered.commit()
         if write_tree:
             for split in ("train", "val"):
                 text = "".join(f"{x}\n" for x in sorted(lists[split]))
                 write_bytes(work / rel_paths[f"{split}_list"], text.encode())
             save_cls_labels(work / rel_paths["cls_labels"], dict(sorted(image_labels.items())))
     except BaseException:
-        for w in writers.values():
-            w.writer.abort()
+        for buffered in writers.values():
+            buffered.writer.abort()
         raise
     finally:
         bar.close()

@@ -54,7 +54,7 @@ def save_cam_npy(path: str | os.PathLike, keys: np.ndarray, high_res: np.ndarray
         d = {"keys": k, "cam": hr[:, ::stride, ::stride].copy(), "high_res": hr}
     else:
         raise InputError(f"layout must be 'puzzlecam' or 'irn', not {layout!r}")
-    np.save(buf, d, allow_pickle=True)
+    np.save(buf, np.asarray(d, dtype=object), allow_pickle=True)  # what np.save makes of a dict
     write_bytes(Path(path), buf.getvalue())
 
 
@@ -83,7 +83,7 @@ def save_cls_labels(path: str | os.PathLike, labels: Mapping[str, Sequence[int]]
         row[np.asarray(list(classes), dtype=np.int64) - 1] = 1.0
         out[str(image_id)] = row
     buf = io.BytesIO()
-    np.save(buf, out, allow_pickle=True)
+    np.save(buf, np.asarray(out, dtype=object), allow_pickle=True)  # what np.save makes of a dict
     write_bytes(Path(path), buf.getvalue())
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from isle_fast.errors import InputError
-from isle_fast.options import build, flag_of, option, resumable, settings_fields
+from isle_fast.errors import InputError, param
+from isle_fast.options import build, option, resumable, settings_fields
 from isle_fast.training.backbones import RESNETS
 
 __all__ = ["TrainConfig", "RunOptions", "options_from_kwargs", "config_from_dict", "RESUMABLE"]
@@ -101,7 +101,7 @@ class TrainConfig:
         group="optimisation",
         minimum=2,
         why="BatchNorm in the ASPP image-pooling branch needs more than one image per "
-        "micro-batch (use --accum for a larger effective batch)",
+        f"micro-batch (use {param('accum')} for a larger effective batch)",
         help="images per micro-batch",
     )
     accum: int = option(
@@ -186,7 +186,7 @@ class TrainConfig:
         build(TrainConfig, asdict(self))
         if (self.val_images is None) != (self.val_gt is None):
             raise InputError(
-                f"{flag_of(TrainConfig, 'val_images')} and {flag_of(TrainConfig, 'val_gt')} go "
+                f"{param('val_images')} and {param('val_gt')} go "
                 "together: give both or neither"
             )
 

@@ -42,12 +42,12 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from isle_fast.errors import AlignmentError, InputError, IsleError
+from isle_fast.errors import AlignmentError, InputError, IsleError, param
 from isle_fast.stores.stack import Stack, check_aligned, open_stack
 
 __all__ = [
@@ -194,7 +194,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def _open(self) -> tuple[Stack, Stack | None]:
         img = open_stack(self.images_path)
         if img.kind != "images":
-            raise InputError(f"--images {self.images_path} is a {img.kind!r} store; expected kind 'images'")
+            raise InputError(f"{param('images')} {self.images_path} is a {img.kind!r} store; "
+                             "expected kind 'images'")
         lab = None
         if self.labels_path is not None:
             lab = open_stack(self.labels_path)
@@ -288,9 +289,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if y1 > y0 and x1 > x0:
             box = (x0 * w / sw, y0 * h / sh, x1 * w / sw, y1 * h / sh)
             size = (x1 - x0, y1 - y0)
-            patch = Image.fromarray(np.ascontiguousarray(img)).resize(size, Image.BILINEAR, box=box)
+            bilinear, nearest = Image.Resampling.BILINEAR, Image.Resampling.NEAREST
+            patch = Image.fromarray(np.ascontiguousarray(img)).resize(size, bilinear, box=box)
             out_img[:y1 - y0, :x1 - x0] = np.asarray(patch)
-            lpatch = Image.fromarray(np.ascontiguousarray(lab)).resize(size, Image.NEAREST, box=box)
+            lpatch = Image.fromarray(np.ascontiguousarray(lab)).resize(size, nearest, box=box)
             out_lab[:y1 - y0, :x1 - x0] = np.asarray(lpatch)
         if flip:
             out_img = out_img[:, ::-1]
@@ -428,7 +430,7 @@ def make_loader(dataset: SegmentationDataset, sampler: ChunkBatchSampler, *, num
     consumes the global torch RNG, which would make a resumed run's dropout
     differ from an uninterrupted one).
     """
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=4)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,

@@ -70,7 +70,7 @@ class ASPP(nn.Module):
 
     def __init__(self, cin: int, rates: Sequence[int], channels: int = 256, dropout: float = 0.1):
         super().__init__()
-        branches = [_conv_bn_relu(cin, channels, 1)]
+        branches: list[nn.Module] = [_conv_bn_relu(cin, channels, 1)]
         branches += [_conv_bn_relu(cin, channels, 3, dilation=int(r)) for r in rates]
         branches.append(_ImagePooling(cin, channels))
         self.branches = nn.ModuleList(branches)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from isle_fast.errors import InputError, IsleError
+from isle_fast.errors import InputError, IsleError, param
 from isle_fast.outputs import FolderOutput, check_output
 from isle_fast.progress import Timer, progress, summary
 from isle_fast.training.data import SegmentationDataset, normalize, worker_error
@@ -71,7 +71,7 @@ def _logits(model: torch.nn.Module, x: torch.Tensor, window: int | None, amp: bo
         ys.append(H - window)
     if xs[-1] + window < W:
         xs.append(W - window)
-    acc = None
+    acc: torch.Tensor | None = None
     count = torch.zeros((1, 1, H, W), device=x.device)
     for y0 in ys:
         for x0 in xs:
@@ -80,6 +80,7 @@ def _logits(model: torch.nn.Module, x: torch.Tensor, window: int | None, amp: bo
                 acc = torch.zeros((1, p.shape[1], H, W), device=x.device)
             acc[..., y0:y0 + window, x0:x0 + window] += p
             count[..., y0:y0 + window, x0:x0 + window] += 1
+    assert acc is not None, "the windows cover the image"
     return (acc / count)[..., :h, :w]
 
 
@@ -106,7 +107,7 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, *, scales: Sequen
     dev = next(model.parameters()).device
     x = normalize(image.unsqueeze(0).to(dev, non_blocking=True))
     h, w = x.shape[-2:]
-    total = None
+    total: torch.Tensor | None = None
     n = 0
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(
@@ -120,6 +121,8 @@ def predict_probs(model: torch.nn.Module, image: torch.Tensor, *, scales: Sequen
                 p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
             total = p if total is None else total + p
             n += 1
+    if total is None:
+        raise InputError("scales must hold at least one scale")
     return (total / n)[0]
 
 
@@ -176,15 +179,15 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     -------
     PredictResult
     """
-    from isle_fast.stores.stack import create_stack
+    from isle_fast.stores.stack import StackWriter, create_stack
 
     if format not in ("store", "png"):
-        raise InputError(f"--format must be store or png, not {format!r}")
+        raise InputError(f"{param('format')} must be store or png, not {format!r}")
     if window is not None and window < 16:
-        raise InputError(f"--window must be at least 16 pixels, not {window}")
+        raise InputError(f"{param('window')} must be at least 16 pixels, not {window}")
     scales = tuple(float(s) for s in scales)
     if not scales or min(scales) <= 0:
-        raise InputError(f"--scales must be positive numbers, not {scales}")
+        raise InputError(f"{param('scales')} must be positive numbers, not {scales}")
     timer = Timer()
     dev = resolve_device(device)
     amp = (dev.type == "cuda") if amp is None else bool(amp)
@@ -197,6 +200,7 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     check_output(out, overwrite=overwrite, inputs=[images, meta["path"]])
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
                                          pin_memory=dev.type == "cuda")
+    writer: StackWriter | FolderOutput
     if format == "store":
         from isle_fast.stores.stack import open_stack
 
@@ -213,8 +217,8 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
         with torch_threads(resolve_threads(threads, dev)):
             try:
                 _predict_loop(model, loader, len(ds), ds.ids, scales, flip, window, amp, quiet,
-                              writer=writer if format == "store" else None, padded=padded,
-                              png_dir=writer.work if format == "png" else None)
+                              writer=writer if isinstance(writer, StackWriter) else None, padded=padded,
+                              png_dir=writer.work if isinstance(writer, FolderOutput) else None)
             except IsleError as exc:  # met by a DataLoader worker: its message, not its traceback
                 clean = worker_error(exc)
                 if clean is exc:
@@ -251,4 +255,5 @@ def _predict_loop(model, loader, n: int, ids: list, scales, flip, window, amp, q
         else:
             from isle_fast.stores.png import write_label_png
 
+            assert png_dir is not None, "PNG output without a folder"
             write_label_png(png_dir / f"{ids[i]}.png", lab)

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import torch
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -187,7 +187,7 @@ def resolve_threads(threads: int | None, device: torch.device, deterministic: bo
     """
     if threads is not None:
         if int(threads) < 1:
-            raise InputError(f"--threads must be at least 1, not {threads}")
+            raise InputError(f"{param('threads')} must be at least 1, not {threads}")
         return int(threads)
     current = torch.get_num_threads()
     if device.type != "cpu" or deterministic:
@@ -255,7 +255,7 @@ def checkpoint_path(run: str | os.PathLike, which: str = "best") -> Path:
         "last": ("last.pt",),
     }.get(which)
     if order is None:
-        raise InputError(f"--checkpoint must be best, final or last, not {which!r}")
+        raise InputError(f"{param('which')} must be best, final or last, not {which!r}")
     for name in order:
         if (p / name).is_file():
             return p / name

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from isle_fast import metrics
-from isle_fast.errors import InputError, IsleError, StoreError
+from isle_fast.errors import InputError, IsleError, StoreError, param
 from isle_fast.options import parameters_doc
 from isle_fast.outputs import MARKER, owned, refuse_unsafe, write_file, write_marker, write_text
 from isle_fast.progress import Timer, progress, summary
@@ -345,15 +345,15 @@ def _open_training_data(cfg: TrainConfig) -> SegmentationDataset:
     ds = SegmentationDataset(cfg.images, cfg.labels, train=True, crop=cfg.crop, scale_range=cfg.scale_range,
                              flip=cfg.flip, fg_crop=cfg.fg_crop)
     if len(ds) < 2:
-        raise InputError(f"--labels {cfg.labels} holds {len(ds)} image(s); training needs at least 2 "
-                         "(BatchNorm needs more than one image per batch)")
+        raise InputError(f"{param('labels')} {cfg.labels} holds {len(ds)} image(s); training needs at "
+                         "least 2 (BatchNorm needs more than one image per batch)")
     if cfg.val_gt is not None:
         from isle_fast.stores.stack import open_stack
 
         vg = open_stack(cfg.val_gt)
-        if list(vg.classes) != list(ds.classes):
-            raise InputError(f"--val-gt {cfg.val_gt} has classes {vg.classes}; --labels {cfg.labels} has "
-                             f"{ds.classes}")
+        if list(vg.classes) != ds.classes:
+            raise InputError(f"{param('val_gt')} {cfg.val_gt} has classes {vg.classes}; "
+                             f"{param('labels')} {cfg.labels} has {ds.classes}")
     return ds
 
 
@@ -366,14 +366,14 @@ def _resume_checkpoint(run: Path, cfg: TrainConfig) -> dict:
     """The ``last.pt`` of ``run``, after checking that it was trained with the same settings as ``cfg``."""
     last = run / "last.pt"
     if not last.is_file():
-        raise InputError(f"--resume: {last} does not exist (nothing to resume in {run})")
+        raise InputError(f"{param('resume')}: {last} does not exist (nothing to resume in {run})")
     ck = load_checkpoint(last)
     old, new = config_from_dict(ck["config"]), asdict(cfg)
     diff = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
     if diff:
         k = diff[0]
-        raise InputError(f"--resume: setting {k!r} is {new[k]!r} but the run in {run} used {old.get(k)!r} "
-                         "(resume with the same settings, or start a new run)")
+        raise InputError(f"{param('resume')}: setting {k!r} is {new[k]!r} but the run in {run} used "
+                         f"{old.get(k)!r} (resume with the same settings, or start a new run)")
     return ck
 
 
@@ -383,7 +383,8 @@ def _clear_run_folder(run: Path, overwrite: bool) -> None:
     if not run.exists() or (run.is_dir() and not any(run.iterdir())):
         return
     if not overwrite:
-        raise StoreError(f"{run} already holds files; pass --resume to continue it or --overwrite to restart")
+        raise StoreError(f"{run} already holds files; pass {param('resume')} to continue it or "
+                         f"{param('overwrite')} to restart")
     if not (run.is_dir() and (owned(run) or {p.name for p in run.iterdir()} <= set(RUN_FILES))):
         raise StoreError(f"{run} holds files that isle train did not write (no {MARKER}); refusing to "
                          "restart a run there even with --overwrite: choose another folder")
@@ -398,22 +399,26 @@ def _build_model(cfg: TrainConfig, num_classes: int, dev: torch.device, pretrain
                           cfg.output_stride, cfg.head_channels)
     # channels_last on every device: cuDNN and oneDNN (CPU) both run NHWC convolutions faster
     # (measured on the 2-core CPU: about 5-15 % per training step)
-    model.to(dev, memory_format=torch.channels_last)
+    model.to(dev)
+    model.to(memory_format=torch.channels_last)
     return model
 
 
 def _build_optimisation(cfg: TrainConfig, model: DeepLabV3Plus, dev: torch.device,
                         use_amp: bool) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
     """The optimiser (backbone and head learning rates), the poly schedule and the GradScaler."""
-    groups = [{"params": list(model.backbone_parameters()), "lr": cfg.lr * cfg.backbone_lr_mult},
-              {"params": list(model.head_parameters()), "lr": cfg.lr}]
+    lr, backbone_mult = cfg.lr, cfg.backbone_lr_mult
+    assert lr is not None and backbone_mult is not None, "train() passes cfg.resolved()"
+    groups = [{"params": list(model.backbone_parameters()), "lr": lr * backbone_mult},
+              {"params": list(model.head_parameters()), "lr": lr}]
     # fused: one kernel per step for all parameters (CPU and CUDA) instead of several per tensor;
     # the per-tensor AdamW update was about 15 % of a small model's CPU step
+    opt: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               fused=_fused_ok(dev))
     else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fused_ok(dev))
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, fused=_fused_ok(dev))
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.steps, power=cfg.power)
     # loss scaling only for float16 (CUDA); bfloat16 (CPU autocast) has float32's range
     scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and amp_dtype(dev.type) == torch.float16)
@@ -426,7 +431,8 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, ds: SegmentationDataset, run: Path, dev: torch.device, use_amp: bool,
                  ck: dict | None) -> None:
         self.cfg, self.ds, self.run, self.dev, self.use_amp = cfg, ds, run, dev, use_amp
-        self.classes = ds.classes
+        assert ds.classes is not None, "a training dataset opens its labels"
+        self.classes: list[str] = ds.classes
         groups = chunk_groups(len(ds), ds.image_chunk, ds.label_chunk)
         self.sampler = ChunkBatchSampler(len(ds), cfg.batch_size, groups, seed=cfg.seed, window=cfg.window,
                                          num_workers=cfg.num_workers)
@@ -479,6 +485,7 @@ class _Trainer:
     def validate(self) -> None:
         """Score the model on the validation split; a new best mIoU writes ``best.pt``."""
         cfg = self.cfg
+        assert cfg.val_images is not None and cfg.val_gt is not None, "TrainConfig.check pairs them"
         r = evaluate_model(self.model, cfg.val_images, cfg.val_gt, num_classes=len(self.classes),
                            amp=self.use_amp, num_workers=min(cfg.num_workers, 2), quiet=True)
         row = {"step": self.step, "miou": r["miou"], "iou": r["iou"], "background_miou": r["background_miou"]}

@@ -211,3 +211,78 @@ def test_abbreviated_overwrite_does_not_replace_anything(tmp_path, capsys, rng):
         main(["ingest", "labels", str(src), "--out", str(out), "-q", "--ov"])
     assert exc.value.code == 2 and "unrecognized arguments: --ov" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+# -- one style on every command (issue 19) ---------------------------------------------------------
+
+def _options(parser):
+    import argparse
+
+    return {o: a for a in parser._actions if not isinstance(a, argparse._SubParsersAction)
+            for o in a.option_strings}
+
+
+def _leaf_paths():
+    return [p for p in _command_paths() if not any(
+        type(a).__name__ == "_SubParsersAction" for a in _parser_at(p)._actions)]
+
+
+@pytest.mark.parametrize("path", _leaf_paths(), ids=lambda p: " ".join(p))
+def test_every_command_has_one_style(path):
+    """Same short flags for the same long ones, ``-q/--quiet`` on every command with the one meaning,
+    no abbreviations, and no short flag used for anything else."""
+    from isle_fast.cli import QUIET_HELP, SHORT_FLAGS
+
+    parser = _parser_at(path)
+    assert parser.allow_abbrev is False
+    opts = _options(parser)
+    assert "--quiet" in opts, f"isle {' '.join(path)} has no --quiet"
+    assert opts["--quiet"].help == QUIET_HELP and opts["--quiet"].const is True
+    for long, short in SHORT_FLAGS.items():
+        if long in opts:
+            assert opts.get(short) is opts[long], (path, long)
+        else:
+            assert short not in opts, (path, short)
+    shorts = sorted(o for o in opts if not o.startswith("--"))
+    assert set(shorts) <= {"-h", *SHORT_FLAGS.values()}, (path, shorts)
+
+
+def test_unknown_flag_prints_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "a.zarr", "--gt", "g.zarr", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("usage: isle evaluate") and "isle evaluate: error: unrecognized arguments: " \
+        "--no-such-flag" in err
+    with pytest.raises(SystemExit):
+        main(["ingest", "labels", "src", "-o", "x.zarr", "--bogus"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: isle ingest labels") and "isle ingest labels: error:" in err
+
+
+def test_errors_have_one_prefix_and_name_flags(tmp_path, capsys, rng):
+    src = tmp_path / "png"
+    write_pngs(src, rng)
+    out = tmp_path / "s.zarr"
+    assert main(["ingest", "labels", str(src), "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["ingest", "labels", str(src), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("isle ingest labels: error: ") and "--overwrite" in err, err
+    assert "overwrite (" not in err and "overwrite=" not in err, err
+
+
+def test_cli_message_translates_api_parameters_to_flags():
+    from isle_fast.cli import build_parser, cli_message, leaf_parser
+
+    parser = build_parser()
+    leaf = leaf_parser(parser, parser.parse_args(["merge", "a", "--gt", "g", "-o", "e"]))
+    assert cli_message("x exists; pass overwrite (--overwrite) to replace it", leaf) == \
+        "x exists; pass --overwrite to replace it"
+    assert cli_message("average='image' needs ...", leaf) == "--average image needs ..."
+    assert cli_message("subset= names no set", leaf) == "--sets names no set"
+    assert cli_message("pass overwrite=True", leaf) == "pass --overwrite"
+    assert cli_message("crf.iterations=5 and my_average=2 stay", leaf) == "crf.iterations=5 and my_average=2 stay"
+    ingest = leaf_parser(parser, parser.parse_args(["ingest", "labels", "s", "-o", "x"]))
+    assert cli_message("nothing was written (--skip-bad / skip_bad=True writes the rest)", ingest) == \
+        "nothing was written (--skip-bad writes the rest)"

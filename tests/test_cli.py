@@ -286,3 +286,19 @@ def test_cli_message_translates_api_parameters_to_flags():
     ingest = leaf_parser(parser, parser.parse_args(["ingest", "labels", "s", "-o", "x"]))
     assert cli_message("nothing was written (--skip-bad / skip_bad=True writes the rest)", ingest) == \
         "nothing was written (--skip-bad writes the rest)"
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".png", "labels"), (".jpg", "images"), (".npy", "scores")])
+def test_a_folder_where_a_store_is_expected_says_what_to_run(tmp_path, capsys, rng, suffix, fmt):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"x{i}{suffix}").write_bytes(b"not read")
+    code, _, err = run_cli(capsys, "evaluate", str(folder), "--gt", str(folder))
+    assert code == 2
+    assert err.startswith(f"isle evaluate: error: {folder} is a folder of ")
+    assert f"isle ingest {fmt} {folder}" in err and "Zarr" not in err and "zarr.json" not in err
+    if fmt != "images":
+        assert "isle run" in err
+    code, _, err = run_cli(capsys, "info", str(folder / f"x0{suffix}"))
+    assert code == 2 and f"isle ingest {fmt} {folder}" in err

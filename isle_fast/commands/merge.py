@@ -28,19 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isle_fast.ensemble.evaluate import evaluate
-    from isle_fast.ensemble.merge import merge
-    from isle_fast.progress import Timer, summary
-    from isle_fast.commands.evaluate import parse_subset
+    from isle_fast.progress import Timer, one_bar, summary
+    from isle_fast.stores.stack import open_stack
     from isle_fast.outputs import check_json_output
 
     if args.json:  # before the work: never a folder, a store's file, an input, --out or a foreign file
         check_json_output(args.json, inputs=[*args.sets, args.gt], outputs=[args.out])
     t = Timer()
-    res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
-                subset=parse_subset(args.subset), average=args.average, backend=args.backend,
-                bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
-                progress=not args.quiet, image_labels=args.image_labels)
+    with one_bar("merge", units=open_stack(args.gt).num_images, stages=2 if args.no_score else 3,
+                 quiet=args.quiet):  # one bar for the passes: evaluate, write, score
+        res, ens = _merge_and_score(args)
     ev, sel = res.evaluation, res.selection
     print(ev.table(sel))
     extra: dict = {"ensemble": {"path": res.stack.path, "policy": args.policy, "strategy": args.strategy,
@@ -52,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.image_labels:
         rows["image labels"] = f"{args.image_labels} (claims of absent classes dropped)"
         extra["ensemble"]["image_labels"] = args.image_labels
-    if not args.no_score:
-        ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
-                       progress=not args.quiet)
+    if ens is not None:
         best = max((m for m, ok in zip(ev.miou, sel.members) if ok), default=float("nan"))
         e_miou = float(ens.miou[0])
         print(f"ensemble mIoU {e_miou:.2f} (best member {best:.2f}, {e_miou - best:+.2f})")
@@ -66,3 +61,20 @@ def run(args: argparse.Namespace) -> int:
     rows["seconds"] = f"{t.seconds:.2f}"
     summary("isle merge: done", rows, quiet=args.quiet)
     return 0
+
+
+def _merge_and_score(args: argparse.Namespace):
+    """The ensemble (:func:`isle_fast.ensemble.merge.merge`) and, unless ``--no-score``, its evaluation."""
+    from isle_fast.commands.evaluate import parse_subset
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
+
+    res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
+                subset=parse_subset(args.subset), average=args.average, backend=args.backend,
+                bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
+                progress=not args.quiet, image_labels=args.image_labels)
+    ens = None
+    if not args.no_score:
+        ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
+                       progress=not args.quiet)
+    return res, ens

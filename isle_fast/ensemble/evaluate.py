@@ -555,13 +555,14 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
     counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), c, 2), dtype=np.int64) if per_image else None
     with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
-            bar(total=len(tasks), desc="evaluate", unit="chunk", quiet=not progress) as pb:
+            bar(total=n, desc="evaluate", unit="img", quiet=not progress) as pb:
         for t, out in ex.imap(fn, tasks):
             counts += out.sum(axis=(0, 1, 2))
             if stats is not None:
                 i0 = tasks[t][0][0] * k
                 stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
-            pb.update(1)
+            size = tasks[t][1]
+            pb.advance(size[0] * size[1] * size[2] / (h * w))  # a tile's share of its images
     return counts, stats
 
 
@@ -637,7 +638,7 @@ def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold
     from isle_fast.progress import dask_progress
 
     graph = confusion_graph(stacks, gt, backend=backend, bg_threshold=bg_threshold, per_image=per_image)
-    with dask_progress("evaluate", quiet=not progress):
+    with dask_progress("evaluate", quiet=not progress, images=gt.num_images):
         if per_image:
             per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images
             n, c = len(stacks), gt.num_classes

@@ -254,7 +254,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
                          new_axes={"a": len(members), "b": c, "d": c + 1},
                          adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
                          concatenate=True, meta=np.empty((0,) * 6, dtype=np.int64))
-    with dask_progress("subsets", quiet=not progress):
+    with dask_progress("subsets", quiet=not progress, images=gt_stack.num_images):
         counts = graph.sum(axis=(0, 1, 2)).compute(scheduler=dask_scheduler())
     counts = np.asarray(counts, dtype=np.int64)
     return SubsetAnalysis(classes=list(evaluation.classes), set_names=list(evaluation.set_names),

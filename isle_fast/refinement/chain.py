@@ -781,7 +781,7 @@ def refine_stack(
                 kwargs = {} if sched == "sync" else {"num_workers": n_workers}
                 if sched == "processes":
                     kwargs["pool"] = _process_pool(n_workers)
-                with dask_progress(desc, quiet=not progress):
+                with dask_progress(desc, quiet=not progress, images=src.num_images):
                     dask.compute(*tasks, scheduler=sched, **kwargs)
         writer.set_provenance(scheduler=sched, workers=n_workers, images_per_task=k)
         stack = writer.commit()

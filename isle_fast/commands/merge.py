@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                  quiet=args.quiet):  # one bar for the passes: evaluate, write, score
         res, ens = _merge_and_score(args)
     ev, sel = res.evaluation, res.selection
-    print(ev.table(sel))
+    print(ev.table(sel, ensemble=ens))  # the ensemble's per-class IoU and mIoU: its last column
     extra: dict = {"ensemble": {"path": res.stack.path, "policy": args.policy, "strategy": args.strategy,
                                 "members": [ev.set_names[i] for i in sel.member_indices],
                                 "scores_array": res.stack.provenance.get("scores_array")}}
@@ -50,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
         rows["image labels"] = f"{args.image_labels} (claims of absent classes dropped)"
         extra["ensemble"]["image_labels"] = args.image_labels
     if ens is not None:
-        best = max((m for m, ok in zip(ev.miou, sel.members) if ok), default=float("nan"))
+        members = [k for k in sel.member_indices if ev.miou[k] == ev.miou[k]]
+        best = max(members, key=lambda k: ev.miou[k], default=None)
         e_miou = float(ens.miou[0])
-        print(f"ensemble mIoU {e_miou:.2f} (best member {best:.2f}, {e_miou - best:+.2f})")
         extra["ensemble"].update({"miou": e_miou, "iou": [None if v != v else float(v) for v in ens.iou[0]]})
-        rows["ensemble mIoU"] = f"{e_miou:.2f} ({e_miou - best:+.2f} over the best member)"
+        if best is not None:  # the mIoU itself is in the table, once
+            rows["gain"] = f"{e_miou - float(ev.miou[best]):+.2f} mIoU over the best member, {ev.set_names[best]}"
     if args.json:
         ev.write_json(args.json, sel, command="isle merge", **extra)
         rows["json"] = args.json

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
                  progress=not args.quiet)
     rows = {"files": ", ".join(res["files"]), "seconds": f"{res['seconds']:.2f}", "output": res["path"]}
     if res["ensemble_miou"] is not None:
-        rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best component {res['best_component']} "
+        rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best member {res['best_component']} "
                                  f"{res['best_component_miou']:.2f})")
     summary("isle report: done", rows, quiet=args.quiet)
     return 0

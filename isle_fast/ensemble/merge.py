@@ -384,6 +384,10 @@ class MergeResult:
     seconds: float
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        members = ", ".join(self.evaluation.set_names[i] for i in self.selection.member_indices)
+        return f"<MergeResult {self.stack.path}: ensemble of {members} in {self.seconds:.1f} s>"
+
 
 def _labels_source(image_labels: Any) -> str | None:
     """What ``merge(image_labels=...)`` was given, for the provenance."""

@@ -52,6 +52,12 @@ class Selection:
     members: np.ndarray
     scores: np.ndarray
 
+    def __repr__(self) -> str:
+        won = [(name, int((self.best[1:] == k).sum())) for k, name in enumerate(self.set_names) if self.members[k]]
+        text = ", ".join(f"{name} {n}" for name, n in won)
+        return (f"<Selection of {len(self.classes)} classes among {len(won)} sets: foreground classes won "
+                f"{text}; .mapping() for each class>")
+
     @property
     def member_indices(self) -> list[int]:
         """Positions of the allowed sets, in order."""

@@ -79,6 +79,13 @@ class SubsetAnalysis:
     policy: str = "score"
     seconds: float = 0.0
 
+    def __repr__(self) -> str:
+        if not len(self.members):
+            return f"<SubsetAnalysis of no subsets of {', '.join(self.set_names)}>"
+        b = self.best()
+        return (f"<SubsetAnalysis of {len(self.members)} subsets of {', '.join(self.set_names)} "
+                f"({self.policy} policy): best {self.names()[b]}, mIoU {float(self.miou[b]):.1f}>")
+
     def names(self) -> list[str]:
         """``'A+B'`` style name of every subset."""
         return ["+".join(self.set_names[i] for i in np.nonzero(m)[0]) for m in self.members]

@@ -124,3 +124,59 @@ def test_charts_with_long_names_warn_nothing(tmp_path):
         _bar_chart(tmp_path / "bars.png", classes, names, iou)
         _heat_table(tmp_path / "heat.png", classes, names, iou, iou.mean(axis=1))
     assert (tmp_path / "bars.png").stat().st_size > 0 and (tmp_path / "heat.png").stat().st_size > 0
+
+
+# -- figures and tables that explain themselves (issue 19) -----------------------------------------
+
+def test_tables_name_the_best_subset_and_the_background_slice_only_for_score_sets(stores, rng):
+    root, gt, a, b, img = stores
+    vals = np.array([0, 1, 2, 255], np.uint8)
+    c = write_stack(str(root / "c"), [rng.choice(vals, size=s) for s in SHAPES], num_classes=C, name="C|x")
+    res = report([a, c], gt, root / "labels", backend="cpu", progress=False)
+    md = (root / "labels" / "tables.md").read_text()
+    assert "Background slice" not in md  # every set is a label set
+    assert "C\\|x" in md and "| C|x |" not in md  # a '|' in a name does not split the row
+    sa = subset_analysis([a, c], gt, backend="cpu", progress=False)
+    best = sa.names()[sa.best()].replace("|", "\\|")
+    assert f"Best subset (bold): **{best}**" in md and f"| **{best}** |" in md
+    report([a, b], gt, root / "mixed", backend="cpu", progress=False)
+    assert "Background slice (score sets): " in (root / "mixed" / "tables.md").read_text()
+    assert res["path"]
+
+
+def test_figures_have_keys_and_sensible_sizes(tmp_path):
+    """21 classes x 5 bars: the bar chart stays within about 1,800 px (was 3,246), the heat map and the
+    subset chart have their colour keys beside the plot (wider than the plot alone)."""
+    from isle_fast.ensemble import report as R
+
+    classes = [f"class{j}" for j in range(21)]
+    names = ["a", "b", "c", "d", "ensemble"]
+    rng = np.random.default_rng(0)
+    iou = rng.uniform(0, 100, (5, 21))
+    no_gt = [j in (3, 4) for j in range(21)]
+    iou[:, 3:5] = 0.0  # predicted but not in the gt: IoU 0 by the formula, undefined as a score
+    R._bar_chart(tmp_path / "bars.png", classes, names, iou, no_gt=no_gt)
+    R._heat_table(tmp_path / "heat.png", classes, names, iou, np.nanmean(iou, axis=1), no_gt=no_gt)
+    R._heat_table(tmp_path / "heat0.png", classes, names, iou, np.nanmean(iou, axis=1))
+    with Image.open(tmp_path / "bars.png") as im:
+        assert 800 < im.size[0] <= 1900, im.size
+    with Image.open(tmp_path / "heat.png") as im, Image.open(tmp_path / "heat0.png") as im0:
+        grey = np.all(np.asarray(im.convert("RGB")) == (0xD9, 0xD9, 0xD9), axis=-1).sum()
+        grey0 = np.all(np.asarray(im0.convert("RGB")) == (0xD9, 0xD9, 0xD9), axis=-1).sum()
+        assert grey > 1000 and grey > 10 * max(grey0, 1)  # no-gt columns are grey, not IoU 0's colour
+    sizes = np.array([1, 1, 2])
+    R._subset_chart(tmp_path / "sub.png", ["a", "b", "a+b"], np.array([50.0, 60.0, 55.0]), sizes, best=1)
+    with Image.open(tmp_path / "sub.png") as im:
+        red = np.asarray(im.convert("RGB")).astype(int)
+        assert ((red[..., 0] > 200) & (red[..., 1] < 60) & (red[..., 2] < 60)).sum() > 50  # the best outlined
+
+
+def test_samples_figure_has_a_class_legend(tmp_path):
+    from isle_fast.ensemble import report as R
+
+    img = [np.zeros((20, 30, 3), np.uint8)]
+    masks = [np.array([[0] * 30] * 10 + [[1] * 30] * 10, np.uint8)]
+    R._samples_figure(tmp_path / "with.png", img, [("A", masks)], ["x"], class_names=["bg", "cat"])
+    R._samples_figure(tmp_path / "without.png", img, [("A", masks)], ["x"])
+    with Image.open(tmp_path / "with.png") as a, Image.open(tmp_path / "without.png") as b:
+        assert a.size[1] > b.size[1]  # the legend's row below the images

@@ -139,9 +139,14 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return f"{v:.{digits}f}"
 
 
+def md_cell(text: str) -> str:
+    """``text`` safe in a Markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]  # a set named 'a|b' keeps its row
     return "\n".join(out)
 
 
@@ -184,55 +189,94 @@ def _plt():
     return plt
 
 
-def _bar_chart(path: Path, classes: list[str], names: list[str], iou: np.ndarray) -> None:
+#: widest figure, in inches (at the figures' 110 dpi: about 1,800 px with the legend)
+MAX_WIDTH_IN = 14.0
+
+
+def _bar_chart(path: Path, classes: list[str], names: list[str], iou: np.ndarray,
+               no_gt: Sequence[bool] | None = None) -> None:
     plt = _plt()
     c = len(classes)
     n = len(names)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * c * max(1, n / 3)), 4.5), layout="constrained")
+    # about 0.12 in per bar, within [8, MAX_WIDTH_IN] in: VOC's 21 classes x 5 bars fit a page
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, max(8.0, 0.12 * c * max(n, 1) + 1.5)), 4.5),
+                           layout="constrained")
     x = np.arange(c)
     cmap = plt.get_cmap("tab10")
     for k in range(n):
         ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(iou[k], nan=0.0), width, label=names[k],
                color=cmap(k % 10), edgecolor="black" if k == n - 1 else None, linewidth=0.5)
+    labels = [f"{name} (no gt)" if no_gt is not None and no_gt[j] else name for j, name in enumerate(classes)]
     ax.set_xticks(x)
-    ax.set_xticklabels(classes, rotation=60, ha="right")
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    if no_gt is not None:
+        for tick, missing in zip(ax.get_xticklabels(), no_gt):
+            if missing:
+                tick.set_color("grey")
+    ax.set_xlim(-0.6, c - 0.4)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Per-class IoU")
-    ax.legend(fontsize=8, ncol=min(n, 4))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the bars
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
-def _heat_table(path: Path, classes: list[str], names: list[str], iou: np.ndarray, miou: np.ndarray) -> None:
+def _heat_table(path: Path, classes: list[str], names: list[str], iou: np.ndarray, miou: np.ndarray,
+                no_gt: Sequence[bool] | None = None) -> None:
+    """The IoU table as a heat map with a colour bar; a class without gt pixels is a hatched grey
+    column saying "no gt" (its IoU is undefined, not 0), an undefined cell is grey with "-"."""
+    from matplotlib.patches import Rectangle
+
     plt = _plt()
     data = np.concatenate([iou, miou[:, None]], axis=1)
+    missing = np.zeros(data.shape[1], dtype=bool)
+    if no_gt is not None:
+        missing[:len(classes)] = np.asarray(no_gt, dtype=bool)
     cols = list(classes) + ["mIoU"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) + 2), 0.45 * len(names) + 1.8), layout="constrained")
-    ax.imshow(np.nan_to_num(data, nan=0.0), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    shown = np.ma.masked_array(data, mask=np.isnan(data) | missing[None, :])
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) + 3), 0.45 * len(names) + 1.8), layout="constrained")
+    im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, rotation=60, ha="right", fontsize=8)
+    for tick, gone in zip(ax.get_xticklabels(), missing):
+        if gone:
+            tick.set_color("grey")
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=8)
     col_max = np.where(np.isnan(data), -np.inf, data).max(axis=0)
+    for j in np.nonzero(missing)[0]:
+        ax.add_patch(Rectangle((j - 0.5, -0.5), 1, data.shape[0], facecolor="none", edgecolor="grey",
+                               hatch="///", linewidth=0))
     for r in range(data.shape[0]):
         for j in range(data.shape[1]):
             v = data[r, j]
+            if missing[j]:
+                ax.text(j, r, "no gt", ha="center", va="center", fontsize=6, color="black",
+                        bbox=dict(facecolor="#d9d9d9", edgecolor="none", pad=0.5))
+                continue
             ax.text(j, r, _fmt(v), ha="center", va="center", fontsize=7,
-                    color="white" if (np.isnan(v) or v < 55) else "black",
+                    color="black" if (np.isnan(v) or v >= 55) else "white",
                     fontweight="bold" if (not np.isnan(v) and v == col_max[j]) else "normal")
-    ax.set_title("Per-class IoU (%)")
+    fig.colorbar(im, ax=ax, label="IoU (%)", fraction=0.03, pad=0.01)
+    ax.set_title("Per-class IoU (%)" + ("; hatched: no ground-truth pixels, IoU undefined" if missing.any() else ""))
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
-def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndarray) -> None:
+def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndarray, best: int | None = None) -> None:
+    """mIoU of every subset's ensemble, coloured by the number of sets; the best subset ``best`` is
+    outlined in red, labelled with its mIoU and named in the title."""
+    from matplotlib.patches import Patch
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, max(6, 0.35 * len(names) + 3)), 4), layout="constrained")
     cmap = plt.get_cmap("viridis")
     top = max(int(sizes.max()), 1)
-    ax.bar(range(len(names)), np.nan_to_num(miou, nan=0.0), color=[cmap(s / (top + 0.5)) for s in sizes])
+    colour = lambda s: cmap(s / (top + 0.5))  # noqa: E731
+    bars = ax.bar(range(len(names)), np.nan_to_num(miou, nan=0.0), color=[colour(s) for s in sizes])
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("ensemble mIoU (%)")
@@ -240,13 +284,25 @@ def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndar
     if finite.size:
         lo = max(0.0, float(finite.min()) - 5)
         ax.set_ylim(lo, min(100.0, float(finite.max()) + 3))
-    ax.set_title("Ensemble of every subset of the sets")
+    title = "Ensemble of every subset of the sets"
+    handles = [Patch(color=colour(s), label=f"{s} set{'s' if s > 1 else ''}") for s in sorted(set(int(v) for v in sizes))]
+    if best is not None and not np.isnan(miou[best]):
+        bars[best].set_edgecolor("red")
+        bars[best].set_linewidth(2.0)
+        ax.annotate(f"best {miou[best]:.1f}", (best, float(miou[best])), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7, color="red", fontweight="bold")
+        ax.get_xticklabels()[best].set_color("red")
+        ax.get_xticklabels()[best].set_fontweight("bold")
+        title += f"; best: {names[best]}"
+        handles.append(Patch(facecolor="none", edgecolor="red", linewidth=2.0, label="best subset"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title(title)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
 def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[str, list[np.ndarray]]],
-                    ids: list[str]) -> None:
+                    ids: list[str], class_names: Sequence[str] | None = None) -> None:
     plt = _plt()
     pal = palette()
     rows = len(images)
@@ -263,6 +319,15 @@ def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[st
             axes[r, k].set_yticks([])
     for k, title in enumerate(["image"] + [t for t, _ in columns]):
         axes[0, k].set_title(title, fontsize=8)
+    if class_names is not None:  # a key to the colours: every class shown, and ignore
+        from matplotlib.patches import Patch
+
+        shown = sorted(set().union(*(np.unique(m).tolist() for _, masks in columns for m in masks)))
+        handles = [Patch(facecolor=pal[v] / 255.0, edgecolor="black", linewidth=0.3,
+                         label=class_names[v] if v < len(class_names) else ("ignore" if v == 255 else str(v)))
+                   for v in shown]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 12), fontsize=7,
+                   frameon=False)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
@@ -388,10 +453,12 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                 + [str(sum(int(sel.best[j]) == k for j in fg))] for k in range(n)]
         md += ["## Best set per class (Table 1)\n", _md_table(["method"] + [classes[j] for j in fg]
                                                              + ["classes"], rows),
-               f"\nBackground slice (score sets): {names[int(sel.best[0])]}."
-               + ("" if not absent else
-                  f" Classes without ground-truth pixels ({', '.join(absent)}) cannot be scored and go to "
-                  f"the first set, {names[sel.member_indices[0]]}.")
+               "\n" + " ".join(
+                   ([f"Background slice (score sets): {names[int(sel.best[0])]}."]
+                    if any(s.encoding == "scores" for s in stacks) else [])  # label sets have no slice
+                   + ([] if not absent else
+                      [f"Classes without ground-truth pixels ({', '.join(absent)}) cannot be scored and go to "
+                       f"the first set, {names[sel.member_indices[0]]}."]))
                + "\n"]
 
         comp = _component_summary(ev, sel)
@@ -406,14 +473,20 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
 
         if sa is not None:
             smiou = sa.miou
+            top = sa.best()
             rows = []
             for s, sname in enumerate(sa.names()):
                 mem = np.nonzero(sa.members[s])[0]
                 best_member = max((float(miou[m]) for m in mem if not np.isnan(miou[m])), default=float("nan"))
-                rows.append([sname, str(len(mem)), _fmt(smiou[s], 2), _fmt(smiou[s] - best_member, 2)])
-            note = ("" if ev.average == "dataset" else
-                    "\nSubset ensembles are scored with dataset-level IoU; the gain compares with the "
-                    "members' image-averaged mIoU above.\n")
+                cells = [sname, str(len(mem)), _fmt(smiou[s], 2), _fmt(smiou[s] - best_member, 2)]
+                rows.append([f"**{c}**" for c in cells] if s == top else cells)
+            best_line = f"\nBest subset (bold): **{md_cell(sa.names()[top])}**, mIoU {_fmt(smiou[top], 2)}"
+            if top != len(smiou) - 1:
+                best_line += (f", {smiou[top] - smiou[-1]:+.2f} over the ensemble of all {n} sets: fewer sets "
+                              "make the better ensemble here")
+            note = best_line + ".\n" + ("" if ev.average == "dataset" else
+                                        "\nSubset ensembles are scored with dataset-level IoU; the gain compares "
+                                        "with the members' image-averaged mIoU above.\n")
             md += ["## Ensemble of every subset\n",
                    _md_table(["subset", "sets", "mIoU", "gain over best member"], rows), note]
         (work / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -431,10 +504,12 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         bar_names = names + ([ens_name] if ens_name is not None else [])
         bar_iou = np.concatenate([iou, ens_iou[None]], axis=0) if ens_name is not None else iou
         bar_miou = np.concatenate([miou, [ens_miou]]) if ens_name is not None else miou
-        _bar_chart(work / "per_class_iou.png", classes, bar_names, bar_iou)
-        _heat_table(work / "iou_table.png", classes, bar_names, bar_iou, np.asarray(bar_miou, dtype=float))
+        no_gt = [int(v) == 0 for v in ev.gt_pixels]
+        _bar_chart(work / "per_class_iou.png", classes, bar_names, bar_iou, no_gt=no_gt)
+        _heat_table(work / "iou_table.png", classes, bar_names, bar_iou, np.asarray(bar_miou, dtype=float),
+                    no_gt=no_gt)
         if sa is not None:
-            _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1))
+            _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1), best=sa.best())
         if img_stack is not None and gt_stack.num_images:
             presence = gt_presence(gt_stack, backend=be)
             picks = _pick_images(presence, max(1, num_images))
@@ -457,7 +532,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                 cols.append(("ensemble", merge_images(stacks, sel, picks, policy=policy, backend=be,
                                                       bg_threshold=bg_threshold)))
             cols.append(("ground truth", [gt_stack.read_image(i) for i in picks]))
-            _samples_figure(work / "samples.png", [img_stack.read_image(i) for i in picks], cols, ids)
+            _samples_figure(work / "samples.png", [img_stack.read_image(i) for i in picks], cols, ids,
+                            class_names=classes)
         files = sorted(p.name for p in work.iterdir())
         final = folder.commit()
     except BaseException:

@@ -180,3 +180,77 @@ def test_samples_figure_has_a_class_legend(tmp_path):
     R._samples_figure(tmp_path / "without.png", img, [("A", masks)], ["x"])
     with Image.open(tmp_path / "with.png") as a, Image.open(tmp_path / "without.png") as b:
         assert a.size[1] > b.size[1]  # the legend's row below the images
+
+
+# -- report.html in a real browser (issue 19) --------------------------------------------------------
+
+def _browser() -> str | None:
+    import shutil
+
+    for name in (os.environ.get("ISLE_CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome",
+                 "google-chrome-stable", "chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _chromium(browser, tmp_path, *args, timeout=120):
+    import subprocess
+    import tempfile
+
+    profile = tempfile.mkdtemp(dir=tmp_path, prefix="chromium-profile-")
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+
+
+def test_report_html_is_self_contained(stores):
+    import re
+
+    root, gt, a, b, img = stores
+    report([a, b], gt, root / "rep", images=img, backend="cpu", num_images=2, progress=False)
+    page = (root / "rep" / "report.html").read_text(encoding="utf-8")
+    srcs = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), srcs  # nothing to fetch
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert page.count("<img ") == 4  # bars, heat map, subsets, samples
+    assert page.count("<table>") == 4  # Tables 3-4, 1, 2 and the subsets
+    for needed in ("Provenance", "isle-fast", "numpy", "policy", "score", gt.path, a.path, "A", "B"):
+        assert needed in page, needed
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium / Chrome found (.ci/run installs chromium)")
+def test_report_html_renders_in_headless_chromium(stores):
+    import re
+
+    root, gt, a, b, img = stores
+    report([a, b], gt, root / "rep", images=img, backend="cpu", num_images=2, progress=False)
+    browser = _browser()
+    page = (root / "rep" / "report.html").read_text(encoding="utf-8")
+    # a copy with a probe: after load, how many figures decoded, and how many tables there are
+    probe = ("<script>window.addEventListener('load', function () {"
+             "var im = document.images, ok = 0;"
+             "for (var i = 0; i < im.length; i++) { if (im[i].complete && im[i].naturalWidth > 0) ok++; }"
+             "var p = document.createElement('pre'); p.id = 'probe';"
+             "p.textContent = 'PROBE ' + ok + '/' + im.length + ' tables ' + document.querySelectorAll('table').length;"
+             "document.body.appendChild(p); });</script>")
+    (root / "probe.html").write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+    run = _chromium(browser, root, "--virtual-time-budget=10000", "--dump-dom", (root / "probe.html").as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = re.search(r"PROBE (\d+)/(\d+) tables (\d+)", run.stdout)
+    assert found, run.stdout[-2000:] + run.stderr[-2000:]
+    ok, total, tables = (int(v) for v in found.groups())
+    assert total == 4 and ok == total and tables == 4, found.group(0)  # every figure loads
+    # the page itself (no probe) as a screenshot: its size, and not blank
+    shot = root / "shot.png"
+    run = _chromium(browser, root, "--window-size=1280,1800", f"--screenshot={shot}",
+                    (root / "rep" / "report.html").as_uri())
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1280, 1800), im.size
+        px = np.asarray(im.convert("RGB"))
+    not_white = (px < 240).any(axis=-1).mean()
+    colours = len(np.unique(px.reshape(-1, 3)[::7], axis=0))
+    assert not_white > 0.03 and colours > 50, (not_white, colours)  # text, tables and figures drawn
+

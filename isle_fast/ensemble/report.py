@@ -19,6 +19,10 @@ renamed into place when complete):
     a few images side by side: image, every set, the ensemble, the ground
     truth (the paper's Fig. 3). The images with the most foreground classes
     in their gt are shown (ties: first in the store).
+``report.html``
+    all of the above in one self-contained page (figures embedded as data
+    URIs, no scripts, no links out: readable offline, mailed as one file),
+    with the provenance: inputs, versions, options (:func:`html_report`).
 
 The ensemble row is the ``--ensemble`` store when given, otherwise the
 ensemble of all sets computed by the subset pass (no store is written).
@@ -46,7 +50,7 @@ from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput
 
-__all__ = ["report", "export_pngs", "palette"]
+__all__ = ["report", "export_pngs", "palette", "html_report"]
 
 #: Store kinds ``report(ensemble=...)`` accepts: ours, or one made elsewhere and ingested as a set.
 ENSEMBLE_KINDS = ("ensemble", "pseudo")
@@ -332,6 +336,139 @@ def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[st
     plt.close(fig)
 
 
+# -- report.html ------------------------------------------------------------------------
+
+#: figure file -> caption, in the page's order
+FIGURES = {
+    "per_class_iou.png": "Per-class IoU of every set and the ensemble.",
+    "iou_table.png": "The per-class IoU table as a heat map; bold: best in the column; hatched: no ground truth.",
+    "subsets.png": "mIoU of the ensemble of every subset of the sets; the best subset outlined in red.",
+    "samples.png": "Images side by side: every set, the ensemble and the ground truth (cf. the paper's Fig. 3).",
+}
+
+_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1400px;
+padding:0 1em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f2f2f2}
+td:first-child,th:first-child{text-align:left}figure{margin:1em 0 2em}img{max-width:100%;height:auto}
+figcaption{color:#555;font-size:13px}code{background:#f4f4f4;padding:0 3px}
+.scroll{overflow-x:auto}dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em;font-size:13px}
+dt{font-weight:600}dd{margin:0}"""
+
+
+def _inline(text: str) -> str:
+    """One line of our Markdown (``**bold**``, ```code```, ``\\|``) as HTML, escaped."""
+    import html
+    import re
+
+    out = html.escape(text.replace("\\|", "|").replace("\\\\", "\\"), quote=False)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
+def _md_to_html(md: str) -> str:
+    """The Markdown that :func:`report` writes (headings, pipe tables, paragraphs) as HTML."""
+    import re
+
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if not table:
+            return
+        head, *body = table
+        out.append('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                   + "</tr></thead><tbody>")
+        out.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+        out.append("</tbody></table></div>")
+        table.clear()
+
+    for line in md.splitlines():
+        s = line.strip()
+        if s.startswith("|") and s.endswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", s[1:-1])]
+            if not all(re.fullmatch(r"-{3,}", c) for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        if s.startswith("## "):
+            out.append(f"<h2>{_inline(s[3:])}</h2>")
+        elif s.startswith("# "):
+            out.append(f"<h1>{_inline(s[2:])}</h1>")
+        elif s:
+            out.append(f"<p>{_inline(s)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    from isle_fast import __version__
+
+    found = {"isle-fast": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "zarr", "dask", "numba", "matplotlib"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def _dl(items: dict[str, Any]) -> str:
+    import html
+
+    return "<dl>" + "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape('-' if v is None else str(v))}</dd>"
+                            for k, v in items.items()) + "</dl>"
+
+
+def html_report(folder: str | os.PathLike, markdown: str, *, inputs: dict[str, Any], options: dict[str, Any],
+                files: Sequence[str] = ()) -> str:
+    """``report.html``: the tables of ``markdown`` and the figures of ``folder`` in one page.
+
+    Self-contained: the CSS is inline, every figure is embedded as a ``data:image/png;base64``
+    URI, there is no script and no link out, so the page reads the same offline, mailed, or
+    archived. The provenance closes it: the inputs, the versions of isle-fast and its libraries,
+    the options and the files of the report.
+
+    Parameters
+    ----------
+    folder : path
+        Where the figures (:data:`FIGURES`) are; those missing are left out.
+    markdown : str
+        The text of ``tables.md``.
+    inputs, options : dict
+        Shown as given (``None`` as ``-``).
+    files : sequence of str
+        The report's files.
+
+    Returns
+    -------
+    str
+        The HTML document.
+    """
+    import base64
+    import html
+    from datetime import datetime, timezone
+
+    folder = Path(folder)
+    body = [_md_to_html(markdown), "<h2>Figures</h2>"]
+    for name, caption in FIGURES.items():
+        p = folder / name
+        if not p.is_file():
+            continue
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        body.append(f'<figure id="{name[:-4]}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                    f"<figcaption>{html.escape(caption)} (<code>{name}</code>)</figcaption></figure>")
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body += ["<h2>Provenance</h2>", "<h3>Inputs</h3>", _dl(inputs), "<h3>Versions</h3>", _dl(_versions()),
+             "<h3>Options</h3>", _dl(options), "<h3>Files</h3>", _dl({"written": made, "files": ", ".join(files)})]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>ISLE report</title><style>{_CSS}</style></head><body>\n" + "\n".join(body)
+            + "\n</body></html>\n")
+
+
 # -- the report ---------------------------------------------------------------------------
 
 def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: Any = None,
@@ -534,7 +671,16 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
             cols.append(("ground truth", [gt_stack.read_image(i) for i in picks]))
             _samples_figure(work / "samples.png", [img_stack.read_image(i) for i in picks], cols, ids,
                             class_names=classes)
-        files = sorted(p.name for p in work.iterdir())
+        options = {"policy": policy, "average": average, "backend": be, "bg_threshold": bg_threshold,
+                   "num_images": num_images if img_stack is not None else None,
+                   "subset analysis": sa is not None}
+        inputs = {**{f"set {names[k]}": s.path for k, s in enumerate(stacks)}, "ground truth": gt_stack.path,
+                  "ensemble": ens_stack.path if ens_stack is not None else ens_source,
+                  "images": img_stack.path if img_stack is not None else None}
+        files = sorted([p.name for p in work.iterdir()] + ["report.html"])
+        (work / "report.html").write_text(
+            html_report(work, "\n".join(md) + "\n", inputs=inputs, options=options, files=files),
+            encoding="utf-8")
         final = folder.commit()
     except BaseException:
         folder.abort()

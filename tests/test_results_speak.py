@@ -49,3 +49,22 @@ def test_merge_prints_the_ensemble_column_once(tmp_path, capsys):
     assert sum(ln.startswith("mIoU") for ln in lines) == 1 and "ensemble mIoU" not in out, out
     assert len(lines[1].split()) == 4  # class, s0, s1, ensemble: its per-class IoU in the column
     assert "over the best member" in out and "* the set chosen" in out
+
+
+def test_sets_by_name_or_path_and_renames_are_said(tmp_path, capsys):
+    """Two stores named alike: the second is renamed with a note; --sets takes either name or path."""
+    import json
+    import shutil
+
+    gt, sets = _stores(tmp_path)
+    twin = tmp_path / "twin" / "s0.zarr"
+    shutil.copytree(sets[0], twin)  # a copied store keeps its name: s0
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", sets[0], str(twin), sets[1], "--gt", gt, "--backend", "cpu", "--json", str(out),
+                 "--sets", f"{twin},s1"]) == 0
+    err = capsys.readouterr().err
+    assert "two sets are named 's0'" in err and "'s0-2'" in err and str(twin) in err, err
+    doc = json.loads(out.read_text())
+    assert set(doc["selection"].values()) <= {"s0-2", "s1"}
+    assert main(["evaluate", sets[0], sets[1], "--gt", gt, "--sets", "nope", "-q"]) == 2
+    assert "no set named 'nope' (nor a store of that path)" in capsys.readouterr().err

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "image-labels store or a store carrying them): drop claims of classes absent "
                              "from an image's labels; --strategy image ranks by them instead of the gt")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
-                        help="ensemble of these sets only (e.g. the paper's ISLE-2)")
+                        help="ensemble of these sets only (names or store paths; e.g. the paper's ISLE-2)")
     parser.add_argument("--name", help="name of the ensemble set (default: folder name)")
     parser.add_argument("--json", metavar="FILE", help="write the scores, selection and ensemble as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble store")

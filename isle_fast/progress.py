@@ -177,7 +177,8 @@ class Bar:
     def _maybe_log(self) -> None:
         now = time.perf_counter()
         tenth = int(10 * self.n / self._total) if self._total else 0
-        if now - self._last >= LOG_EVERY or (tenth >= self._next_tenth and now - self._last >= 1.0):
+        finished = bool(self._total) and self.n >= self._total  # the line at close says it
+        if not finished and (now - self._last >= LOG_EVERY or (tenth >= self._next_tenth and now - self._last >= 1.0)):
             self._write()
         if tenth >= self._next_tenth:
             self._next_tenth = tenth + 1

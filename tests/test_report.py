@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from isle_fast.cli import main
-from isle_fast.errors import StoreError
+from isle_fast.errors import InputError, StoreError
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.merge import merge
 from isle_fast.ensemble.report import report
@@ -61,7 +61,7 @@ def test_report_files_and_numbers(stores):
     assert res["ensemble_miou"] == pytest.approx(float(sa.miou[-1]))
     assert [s["name"] for s in doc["subsets"]["subsets"]] == ["A", "B", "A+B"]
     md = (out / "tables.md").read_text()
-    for title in ("Per-class IoU", "Best set per class", "Ensemble vs components", "every subset"):
+    for title in ("Per-class IoU", "Best set per class", "Ensemble vs its members", "every subset"):
         assert title in md
     assert md.count("✓") == C - 1  # one chosen set per foreground class
     assert f"{ev.miou[0]:.1f}" in md
@@ -254,3 +254,20 @@ def test_report_html_renders_in_headless_chromium(stores):
     colours = len(np.unique(px.reshape(-1, 3)[::7], axis=0))
     assert not_white > 0.03 and colours > 50, (not_white, colours)  # text, tables and figures drawn
 
+
+
+def test_report_reads_the_figure_images_from_a_folder(stores):
+    """Issue 19: --images may be a folder of <id>.jpg / .png; the figure is the same as from a store."""
+    root, gt, a, b, img = stores
+    folder = root / "jpegs"
+    folder.mkdir()
+    for i, image_id in enumerate(img.ids):
+        Image.fromarray(img.read_image(i)).save(folder / f"{image_id}.png")
+    report([a, b], gt, root / "from_store", images=img, backend="cpu", num_images=2, progress=False)
+    report([a, b], gt, root / "from_folder", images=folder, backend="cpu", num_images=2, progress=False)
+    assert (root / "from_folder" / "samples.png").read_bytes() == (root / "from_store" / "samples.png").read_bytes()
+    (folder / f"{img.ids[0]}.png").unlink()
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(folder / f"{img.ids[0]}.png")
+    with pytest.raises(InputError, match=r"is 3 x 3 pixels; the ground truth"):
+        report([a, b], gt, root / "bad", images=folder, backend="cpu", num_images=3, progress=False)
+    assert not (root / "bad").exists()

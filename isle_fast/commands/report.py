@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (must not exist)")
     parser.add_argument("--ensemble", metavar="E", help="an ensemble store to report (default: computed)")
-    parser.add_argument("--images", metavar="IMG", help="images store: adds the side-by-side figure")
+    parser.add_argument("--images", metavar="IMG", help="images store, or a folder of <id>.jpg / .png (only the images drawn "
+                        "are read): adds the side-by-side figure")
     parser.add_argument("--num-images", type=int, default=3, metavar="K", help="images in the figure")
     parser.add_argument("--policy", choices=("score", "order", "ignore"), default="score",
                         help="merge policy of the computed ensembles")
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
                  progress=not args.quiet)
     rows = {"files": ", ".join(res["files"]), "seconds": f"{res['seconds']:.2f}", "output": res["path"]}
     if res["ensemble_miou"] is not None:
-        rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best member {res['best_component']} "
-                                 f"{res['best_component_miou']:.2f})")
+        rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best member {res['best_member']} "
+                                 f"{res['best_member_miou']:.2f})")
     summary("isle report: done", rows, quiet=args.quiet)
     return 0

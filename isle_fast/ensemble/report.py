@@ -6,7 +6,7 @@ renamed into place when complete):
 ``tables.md`` / ``report.json``
     * per-class IoU of every set and of the ensemble (the paper's Tables 3-4),
     * the best-set matrix (Table 1: a check mark where a set is chosen for a class),
-    * ensemble vs components (Table 2 without training): mIoU, classes won,
+    * ensemble vs its members (Table 2 without training): mIoU, classes won,
       mean margin over the runner-up in the classes won, gain of the ensemble,
     * the subset table: mIoU of the ensemble of every subset of the sets (N <= 8).
 ``per_class_iou.png``
@@ -336,6 +336,38 @@ def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[st
     plt.close(fig)
 
 
+# -- images from a folder ---------------------------------------------------------------
+
+_RGB_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+def _is_image_folder(path: Any) -> bool:
+    """A local folder of images (not a store): ``report(images=)`` reads the few it draws from it."""
+    p = Path(str(path))
+    return "://" not in str(path) and p.is_dir() and not (p / "zarr.json").exists()
+
+
+def _folder_images(folder: Path, ids: Sequence[str], shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """``<id>.jpg`` (or .jpeg / .png) of each id from ``folder`` as RGB, checked against the gt size."""
+    from PIL import Image
+
+    out = []
+    for image_id, (h, w) in zip(ids, shapes):
+        path = next((folder / f"{image_id}{e}" for e in _RGB_EXTS if (folder / f"{image_id}{e}").is_file()), None)
+        if path is None:
+            raise InputError(f"--images {folder}: no {image_id}.jpg / .png for image id {image_id!r}")
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot be read as an image ({exc})") from None
+        if rgb.shape[:2] != (h, w):
+            raise InputError(f"{path} is {rgb.shape[1]} x {rgb.shape[0]} pixels; the ground truth of "
+                             f"{image_id!r} is {w} x {h}")
+        out.append(rgb)
+    return out
+
+
 # -- report.html ------------------------------------------------------------------------
 
 #: figure file -> caption, in the page's order
@@ -490,7 +522,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         made elsewhere; a ``gt`` or ``images`` store is an InputError); otherwise
         the ensemble of all sets is scored by the subset pass (needs N <= 8).
     images : path, URL or Stack, optional
-        An ``images`` store aligned with the sets; enables ``samples.png``.
+        An ``images`` store aligned with the sets, or a folder of ``<id>.jpg`` / ``.png`` (only the
+        images drawn are read); enables ``samples.png``.
     policy : {'score', 'order', 'ignore'}
         Merge policy for the computed ensembles (subset table, figure).
     average : {'dataset', 'image'}
@@ -508,7 +541,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     Returns
     -------
     dict
-        ``path``, ``files``, ``seconds``, the ensemble mIoU and the best component.
+        ``path``, ``files``, ``seconds``, the ensemble mIoU and the best member (``best_member``,
+        ``best_member_miou``).
     """
     from isle_fast.backend import resolve_backend
     from isle_fast.ensemble.merge import gt_presence, merge_images
@@ -527,13 +561,15 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
             raise InputError(f"--ensemble {ens_stack.path} is {kind_phrase(ens_stack.kind)}; an ensemble is "
                              f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
                              "pseudo-label set)")
-    img_stack = None
-    if images is not None:
+    img_stack = img_folder = None
+    if images is not None and not isinstance(images, Stack) and _is_image_folder(images):
+        img_folder = Path(images)  # the few images drawn are read from it: no images store needed
+    elif images is not None:
         img_stack = images if isinstance(images, Stack) else open_stack(images, kind="images")
         check_aligned([gt_stack, img_stack], same_classes=False)
     n = len(stacks)
     folder = FolderOutput(out, command="isle report", overwrite=overwrite,
-                          inputs=[*stacks, gt_stack, ens_stack, img_stack])
+                          inputs=[*stacks, gt_stack, ens_stack, img_stack, img_folder])
     work = folder.work
     try:
         everything = stacks + ([ens_stack] if ens_stack is not None else [])
@@ -605,7 +641,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         if ens_name is not None:
             rows.append([_ens_label(ens_name), _fmt(ens_miou), "-",
                          f"{ens_miou - float(miou[best_k]):+.2f} vs {names[best_k]}"])
-        md += ["## Ensemble vs components (Table 2, pseudo-labels, no training)\n",
+        md += ["## Ensemble vs its members (Table 2, pseudo-labels, no training)\n",
                _md_table(["method", "mIoU", "classes won", "mean margin in won classes"], rows), ""]
 
         if sa is not None:
@@ -647,7 +683,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                     no_gt=no_gt)
         if sa is not None:
             _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1), best=sa.best())
-        if img_stack is not None and gt_stack.num_images:
+        if (img_stack is not None or img_folder is not None) and gt_stack.num_images:
             presence = gt_presence(gt_stack, backend=be)
             picks = _pick_images(presence, max(1, num_images))
             ids = [gt_stack.ids[i] for i in picks]
@@ -669,14 +705,17 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                 cols.append(("ensemble", merge_images(stacks, sel, picks, policy=policy, backend=be,
                                                       bg_threshold=bg_threshold)))
             cols.append(("ground truth", [gt_stack.read_image(i) for i in picks]))
-            _samples_figure(work / "samples.png", [img_stack.read_image(i) for i in picks], cols, ids,
+            rgb = ([img_stack.read_image(i) for i in picks] if img_stack is not None else
+                   _folder_images(img_folder, ids, [tuple(int(v) for v in gt_stack.shapes[i]) for i in picks]))
+            _samples_figure(work / "samples.png", rgb, cols, ids,
                             class_names=classes)
         options = {"policy": policy, "average": average, "backend": be, "bg_threshold": bg_threshold,
-                   "num_images": num_images if img_stack is not None else None,
+                   "num_images": num_images if images is not None else None,
                    "subset analysis": sa is not None}
         inputs = {**{f"set {names[k]}": s.path for k, s in enumerate(stacks)}, "ground truth": gt_stack.path,
                   "ensemble": ens_stack.path if ens_stack is not None else ens_source,
-                  "images": img_stack.path if img_stack is not None else None}
+                  "images": img_stack.path if img_stack is not None else
+                  (str(img_folder) if img_folder is not None else None)}
         files = sorted([p.name for p in work.iterdir()] + ["report.html"])
         (work / "report.html").write_text(
             html_report(work, "\n".join(md) + "\n", inputs=inputs, options=options, files=files),
@@ -686,5 +725,5 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         folder.abort()
         raise
     return {"path": str(final), "files": files, "seconds": time.perf_counter() - t0,
-            "ensemble_miou": ens_miou, "best_component": names[best_k] if n else None,
-            "best_component_miou": float(miou[best_k]) if n else None}
+            "ensemble_miou": ens_miou, "best_member": names[best_k] if n else None,
+            "best_member_miou": float(miou[best_k]) if n else None}

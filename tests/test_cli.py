@@ -302,3 +302,23 @@ def test_a_folder_where_a_store_is_expected_says_what_to_run(tmp_path, capsys, r
         assert "isle run" in err
     code, _, err = run_cli(capsys, "info", str(folder / f"x0{suffix}"))
     assert code == 2 and f"isle ingest {fmt} {folder}" in err
+
+
+def test_a_skip_bad_store_against_the_full_gt_says_how_to_score_it(tmp_path, capsys, rng):
+    src = tmp_path / "png"
+    write_pngs(src, rng, n=4)
+    gt = tmp_path / "gt.zarr"
+    assert main(["ingest", "labels", str(src), "--kind", "gt", "-o", str(gt), "-q"]) == 0
+    bad = tmp_path / "set"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "im1.png").write_bytes(b"not a png")
+    kept = tmp_path / "set.zarr"
+    assert main(["ingest", "labels", str(bad), "--gt", str(gt), "--skip-bad", "-o", str(kept), "-q"]) == 0
+    code, _, err = run_cli(capsys, "evaluate", str(kept), "--gt", str(gt), "-q")
+    assert code == 2 and "lacks image id 'im1'" in err and "--skip-bad (1 image(s) left out)" in err, err
+    hint = err.split("ingest the ground truth aligned with it: ")[1].strip()
+    argv = hint.replace("GT_DIR", str(src)).replace("gt-kept.zarr", str(tmp_path / "kept-gt.zarr")).split()
+    assert argv[0] == "isle" and main([*argv[1:], "-q"]) == 0  # the hint works as written
+    assert main(["evaluate", str(kept), "--gt", str(tmp_path / "kept-gt.zarr"), "-q"]) == 0

@@ -1240,6 +1240,20 @@ def _default_name(path: str) -> str:
     return base[:-5] if base.endswith(".zarr") else base
 
 
+def _skip_bad_hint(*stacks: "Stack") -> str:
+    """For a store ingested with ``--skip-bad``: how to evaluate on the ids it kept."""
+    for s in stacks:
+        try:
+            skipped = (s.provenance or {}).get("skipped")
+        except Exception:  # provenance of a damaged or foreign store: no hint
+            skipped = None
+        if skipped:
+            return (f". {s.path} was ingested with --skip-bad ({len(skipped)} image(s) left out); to score it on "
+                    f"the images it kept, ingest the ground truth aligned with it: isle ingest labels GT_DIR "
+                    f"--kind gt --gt {s.path} -o gt-kept.zarr")
+    return ""
+
+
 def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None:
     """Raise :class:`AlignmentError` unless all stacks have the same ids, order, shapes (and classes).
 
@@ -1255,7 +1269,7 @@ def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None
                 extra = sorted(set(s.ids) - set(ref.ids))
                 what = (f"lacks image id {missing[0]!r}" if missing else f"has extra image id {extra[0]!r}")
                 raise AlignmentError(f"{s.path} {what} (compared with {ref.path}); "
-                                     f"{len(missing)} missing, {len(extra)} extra")
+                                     f"{len(missing)} missing, {len(extra)} extra{_skip_bad_hint(s, ref)}")
             first = next(i for i, (a, b) in enumerate(zip(ref.ids, s.ids)) if a != b)
             raise AlignmentError(f"{s.path} has the image ids of {ref.path} in another order "
                                  f"(position {first}: {s.ids[first]!r} vs {ref.ids[first]!r})")

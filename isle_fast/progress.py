@@ -67,6 +67,7 @@ class Bar:
         self._closed = False
         self._t0 = self._last = time.perf_counter()
         self._next_tenth = 1
+        self.passes: tuple[int, float] | None = None  # a one_bar's (passes, units per pass)
         self.file = sys.stderr
         self.log_mode = self.enabled and not _SHARED and not _isatty(self.file)
         if not self.enabled:
@@ -163,6 +164,8 @@ class Bar:
         rate = (self.n - self._initial) / secs if secs > 0 else 0.0
         head = f"{self.desc}: " if self.desc else ""
         count = f"{n:,}/{int(self._total):,} {self.unit}" if self._total else f"{n:,} {self.unit}"
+        if done and self.passes is not None:
+            count = f"{self.passes[0]} pass{'es' if self.passes[0] != 1 else ''} over {int(self.passes[1]):,} {self.unit}"
         if self._total and not done:
             count += f" ({100.0 * self.n / self._total:.0f}%)"
         parts = [count, f"{rate:,.1f} {self.unit}/s"]
@@ -205,7 +208,9 @@ class _Shared:
         if self.started > self.stages:  # more passes than announced: the bar grows
             self.stages = self.started
             self.bar.total = self.per_stage * self.stages
-        self.bar.desc = f"{self.desc} ({inner.desc})" if inner.desc and inner.desc != self.desc else self.desc
+        what = f"{inner.desc}, " if inner.desc and inner.desc != self.desc else ""
+        self.bar.desc = f"{self.desc} ({what}pass {self.started}/{self.stages})"  # why the count is N x images
+        self.bar.passes = (self.started, self.per_stage)
         if self.bar._tqdm is not None:
             self.bar._tqdm.set_description(self.bar.desc, refresh=False)
 

@@ -322,3 +322,11 @@ def test_a_skip_bad_store_against_the_full_gt_says_how_to_score_it(tmp_path, cap
     argv = hint.replace("GT_DIR", str(src)).replace("gt-kept.zarr", str(tmp_path / "kept-gt.zarr")).split()
     assert argv[0] == "isle" and main([*argv[1:], "-q"]) == 0  # the hint works as written
     assert main(["evaluate", str(kept), "--gt", str(tmp_path / "kept-gt.zarr"), "-q"]) == 0
+
+
+def test_quiet_prints_nothing_on_stdout_on_any_command(capsys):
+    """-q is one thing everywhere: what a command prints on stdout is dropped (here refine --list)."""
+    assert main(["refine", "--list"]) == 0
+    assert "crf" in capsys.readouterr().out
+    assert main(["refine", "--list", "-q"]) == 0
+    assert capsys.readouterr().out == ""

@@ -71,14 +71,14 @@ def test_one_bar_takes_the_passes_as_stages(monkeypatch):
     with P.one_bar("merge", units=10, stages=2) as bar:
         with P.progress(total=3, desc="evaluate", unit="chunk") as inner:
             inner.update(3)
-            assert bar.n == 10 and bar.desc == "merge (evaluate)"
+            assert bar.n == 10 and bar.desc == "merge (evaluate, pass 1/2)"
         with P.progress(total=4, desc="merge", unit="img") as inner:
             inner.update(2)
             assert bar.n == 15
         with P.progress(total=5, desc="score") as inner:  # a third pass: the bar grows
             pass
         assert bar.total == 30 and bar.n == 30
-    assert out.getvalue().splitlines()[-1].startswith("merge: 30/30 img, ")
+    assert out.getvalue().splitlines()[-1].startswith("merge: 3 passes over 10 img, ")
 
 
 def test_merge_in_a_log_file_writes_lines_in_images(tmp_path):
@@ -91,7 +91,8 @@ def test_merge_in_a_log_file_writes_lines_in_images(tmp_path):
     assert "\r" not in text and "task" not in text, text
     lines = text.splitlines()
     assert lines and all(ln.startswith("merge") for ln in lines), lines
-    assert lines[-1].startswith("merge: 72/72 img, ") and "done in" in lines[-1], lines
+    assert lines[-1].startswith("merge: 3 passes over 24 img, ") and "done in" in lines[-1], lines
+    assert any("(evaluate, pass 1/3)" in ln for ln in lines[:-1]) or len(lines) == 1, lines
 
 
 def test_merge_on_a_terminal_shows_one_bar_in_images(tmp_path):

@@ -271,3 +271,12 @@ def test_report_reads_the_figure_images_from_a_folder(stores):
     with pytest.raises(InputError, match=r"is 3 x 3 pixels; the ground truth"):
         report([a, b], gt, root / "bad", images=folder, backend="cpu", num_images=3, progress=False)
     assert not (root / "bad").exists()
+
+
+def test_report_html_embeds_any_other_figure(tmp_path):
+    """A figure added to the report folder later (e.g. an uncertainty figure) is embedded too."""
+    from isle_fast.ensemble.report import html_report
+
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "selection_uncertainty.png")
+    page = html_report(tmp_path, "# ISLE report\n", inputs={"gt": "g"}, options={"policy": "score"})
+    assert page.count("data:image/png;base64,") == 1 and "selection uncertainty" in page

@@ -20,13 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isle_fast.progress import summary
+    from isle_fast.progress import one_bar, summary
     from isle_fast.ensemble.report import report
+    from isle_fast.stores.stack import open_stack
 
-    res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
-                 policy=args.policy, average=args.average, backend=args.backend,
-                 bg_threshold=args.bg_threshold, num_images=args.num_images, overwrite=args.overwrite,
-                 progress=not args.quiet)
+    with one_bar("report", units=open_stack(args.gt).num_images, stages=2, quiet=args.quiet):  # evaluate, subsets
+        res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
+                     policy=args.policy, average=args.average, backend=args.backend,
+                     bg_threshold=args.bg_threshold, num_images=args.num_images, overwrite=args.overwrite,
+                     progress=not args.quiet)
     rows = {"files": ", ".join(res["files"]), "seconds": f"{res['seconds']:.2f}", "output": res["path"]}
     if res["ensemble_miou"] is not None:
         rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best member {res['best_member']} "

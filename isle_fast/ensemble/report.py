@@ -466,7 +466,8 @@ def html_report(folder: str | os.PathLike, markdown: str, *, inputs: dict[str, A
     Parameters
     ----------
     folder : path
-        Where the figures (:data:`FIGURES`) are; those missing are left out.
+        Where the figures are: those of :data:`FIGURES` (those missing are left out), then any
+        other ``*.png`` there, captioned with its file name.
     markdown : str
         The text of ``tables.md``.
     inputs, options : dict
@@ -485,7 +486,8 @@ def html_report(folder: str | os.PathLike, markdown: str, *, inputs: dict[str, A
 
     folder = Path(folder)
     body = [_md_to_html(markdown), "<h2>Figures</h2>"]
-    for name, caption in FIGURES.items():
+    others = sorted(p.name for p in folder.glob("*.png") if p.name not in FIGURES)  # any other figure too
+    for name, caption in [*FIGURES.items(), *((o, o[:-4].replace("_", " ")) for o in others)]:
         p = folder / name
         if not p.is_file():
             continue

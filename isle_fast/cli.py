@@ -6,14 +6,21 @@ provides ``add_arguments(parser)`` and ``run(args) -> int``; its one-line help i
 Modules are imported only when their command runs (``isle --help`` stays fast
 and a missing optional dependency only breaks its own command).
 
-User mistakes (:class:`isle_fast.errors.IsleError`) print one line, ``isle: error: ...``,
-and exit with status 2; no traceback. Environment errors (disk full, read-only) exit 1.
+User mistakes (:class:`isle_fast.errors.IsleError`) print one line, ``isle COMMAND: error: ...``
+(``COMMAND`` as typed, e.g. ``ingest labels``; the same prefix as argparse's usage errors), naming
+command-line flags rather than API parameters (:func:`cli_message`), and exit with status 2; no
+traceback. Environment errors (disk full, read-only) exit 1.
 Ctrl-C exits 130 and SIGTERM (what batch schedulers send before they kill) 143, both after
 the same clean-up: every output's temporary is removed, nothing half-written is kept. A reader
 that goes away (``isle evaluate ... | head -1``) ends the command quietly, exit 1.
 
 Options are never abbreviated (``--ov`` is an error, not ``--overwrite``): a prefix that
 happens to match today could silently mean another option once one is added.
+
+One style on every command (:func:`one_style`, checked by a test over every parser): ``-o`` is
+``--out`` and ``-q`` is ``--quiet`` wherever they exist, and ``--quiet`` means one thing: print
+nothing but errors (no progress bars, tables or summaries; stdout is discarded while the command
+runs). An unknown option prints the usage of the (sub)command it was given to.
 """
 
 from __future__ import annotations
@@ -71,6 +78,66 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+#: long option -> its short form, the same on every command that has the long one.
+SHORT_FLAGS: dict[str, str] = {"--out": "-o", "--quiet": "-q"}
+
+#: the one meaning of ``--quiet``.
+QUIET_HELP = "print nothing but errors: no progress bars, tables or summary"
+
+
+def one_style(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give ``parser`` and every subcommand below it the common flags (:data:`SHORT_FLAGS`, the one
+    help of ``--quiet``); a short flag already taken for another option is a bug, raised here."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                one_style(sub)
+            continue
+        for long, short in SHORT_FLAGS.items():
+            if long not in action.option_strings or short in action.option_strings:
+                continue
+            taken = parser._option_string_actions.get(short)
+            if taken is not None:
+                raise RuntimeError(f"{parser.prog}: {short} is {taken.option_strings}, not {long}")
+            action.option_strings = [short, *action.option_strings]
+            parser._option_string_actions[short] = action
+        if "--quiet" in action.option_strings:
+            action.help = QUIET_HELP
+    return parser
+
+
+def leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser that parsed the last command word of ``args`` (``isle ingest labels``'s)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name is None or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
+def cli_message(error: BaseException | str, parser: argparse.ArgumentParser | None = None) -> str:
+    """A library error in the command line's words: every parameter the message names
+    (:func:`isle_fast.errors.param`) is shown as the flag the user typed.
+
+    The flags are those of ``parser`` (the subcommand that ran: ``overwrite`` -> ``--overwrite``,
+    ``subset`` -> ``--sets``), then :data:`FLAGS` and the training settings' own flags; a name none
+    of them knows is shown as ``--`` + the name with dashes. The one place where API names are
+    translated.
+    """
+    from isle_fast.options import cli_flags
+
+    flags: dict[str, str] = {**cli_flags(), **FLAGS}
+    if parser is not None:
+        for action in parser._actions:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            if longs and action.dest != "help":
+                flags.setdefault(action.dest, longs[0])
+    if isinstance(error, IsleError):
+        return error.for_cli(flags)
+    return str(error)
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: unwinds the command like Ctrl-C, so every ``except BaseException`` /
     ``finally`` clean-up runs (temporaries removed), then ``isle`` exits 143."""
@@ -92,7 +159,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             mod = _load(module, name)
             if mod is not None:
                 mod.add_arguments(p)
-    return parser
+    return one_style(parser)
 
 
 def _load(module: str, name: str):
@@ -132,7 +199,10 @@ def _main(argv: list[str]) -> int:
     if not argv:
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    leaf = leaf_parser(parser, args)
+    if extra:  # argparse would print the top-level usage; the subcommand's says what it takes
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
@@ -144,28 +214,47 @@ def _main(argv: list[str]) -> int:
 
     prepare_process()  # the process-wide settings, once, here (isle_fast/process.py), never on import
     tune_allocator()  # reuse freed chunk buffers (see its docstring); ISLE_TUNE_MALLOC=0 skips it
+    prog = leaf.prog  # "isle ingest labels": the prefix of argparse's errors too
     try:
-        return int(mod.run(args) or 0)
+        with _stdout_discarded(bool(getattr(args, "quiet", False))):
+            return int(mod.run(args) or 0)
     except IsleError as exc:
-        from isle_fast.options import cli_flags
-
-        _say(f"isle {args.command}: error: {exc.for_cli({**cli_flags(), **FLAGS})}")
+        _say(f"{prog}: error: {cli_message(exc, leaf)}")
         return 2
     except KeyboardInterrupt:
         _quiet_abandoned_coroutines()
-        _say(f"isle {args.command}: interrupted; no partial output was kept")
+        _say(f"{prog}: interrupted; no partial output was kept")
         return 130
     except Terminated:
         _quiet_abandoned_coroutines()
-        _say(f"isle {args.command}: terminated (SIGTERM); no partial output was kept")
+        _say(f"{prog}: terminated (SIGTERM); no partial output was kept")
         return 143
     except BrokenPipeError:
         raise
     except OSError as exc:
         # The environment's to fix, not a bug: disk full, permission denied, read-only file
         # system, a folder that cannot be created. One line naming the path, no traceback.
-        _say(f"isle {args.command}: error: {_os_error(exc)}")
+        _say(f"{prog}: error: {_os_error(exc)}")
         return 1
+
+
+class _stdout_discarded:
+    """With ``--quiet``: what the command prints on stdout (tables, summaries, step lines) is
+    discarded; errors and warnings still reach stderr."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self) -> "_stdout_discarded":
+        if self.active:
+            self.saved = sys.stdout
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            sys.stdout.close()
+            sys.stdout = self.saved
 
 
 class _notes_on_stderr(logging.Handler):

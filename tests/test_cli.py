@@ -147,7 +147,7 @@ def test_progress_bar_redraws_rarely_when_stderr_is_not_a_terminal(monkeypatch):
     monkeypatch.setenv("ISLE_PROGRESS", "1")
     monkeypatch.setattr(P.sys, "stderr", io.StringIO())
     bar = P.progress(range(3), desc="x")
-    assert bar.mininterval == 30.0
+    assert bar.mininterval == P.LOG_EVERY and bar.log_mode
     list(bar)
 
     class Tty(io.StringIO):
@@ -211,3 +211,124 @@ def test_abbreviated_overwrite_does_not_replace_anything(tmp_path, capsys, rng):
         main(["ingest", "labels", str(src), "--out", str(out), "-q", "--ov"])
     assert exc.value.code == 2 and "unrecognized arguments: --ov" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+# -- one style on every command (issue 19) ---------------------------------------------------------
+
+def _options(parser):
+    import argparse
+
+    return {o: a for a in parser._actions if not isinstance(a, argparse._SubParsersAction)
+            for o in a.option_strings}
+
+
+def _leaf_paths():
+    return [p for p in _command_paths() if not any(
+        type(a).__name__ == "_SubParsersAction" for a in _parser_at(p)._actions)]
+
+
+@pytest.mark.parametrize("path", _leaf_paths(), ids=lambda p: " ".join(p))
+def test_every_command_has_one_style(path):
+    """Same short flags for the same long ones, ``-q/--quiet`` on every command with the one meaning,
+    no abbreviations, and no short flag used for anything else."""
+    from isle_fast.cli import QUIET_HELP, SHORT_FLAGS
+
+    parser = _parser_at(path)
+    assert parser.allow_abbrev is False
+    opts = _options(parser)
+    assert "--quiet" in opts, f"isle {' '.join(path)} has no --quiet"
+    assert opts["--quiet"].help == QUIET_HELP and opts["--quiet"].const is True
+    for long, short in SHORT_FLAGS.items():
+        if long in opts:
+            assert opts.get(short) is opts[long], (path, long)
+        else:
+            assert short not in opts, (path, short)
+    shorts = sorted(o for o in opts if not o.startswith("--"))
+    assert set(shorts) <= {"-h", *SHORT_FLAGS.values()}, (path, shorts)
+
+
+def test_unknown_flag_prints_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "a.zarr", "--gt", "g.zarr", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("usage: isle evaluate") and "isle evaluate: error: unrecognized arguments: " \
+        "--no-such-flag" in err
+    with pytest.raises(SystemExit):
+        main(["ingest", "labels", "src", "-o", "x.zarr", "--bogus"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: isle ingest labels") and "isle ingest labels: error:" in err
+
+
+def test_errors_have_one_prefix_and_name_flags(tmp_path, capsys, rng):
+    src = tmp_path / "png"
+    write_pngs(src, rng)
+    out = tmp_path / "s.zarr"
+    assert main(["ingest", "labels", str(src), "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["ingest", "labels", str(src), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("isle ingest labels: error: ") and "--overwrite" in err, err
+    assert "overwrite (" not in err and "overwrite=" not in err, err
+
+
+def test_cli_message_translates_api_parameters_to_flags():
+    from isle_fast.cli import build_parser, cli_message, leaf_parser
+    from isle_fast.errors import InputError, StoreError, param
+
+    parser = build_parser()
+    leaf = leaf_parser(parser, parser.parse_args(["merge", "a", "--gt", "g", "-o", "e"]))
+    err = StoreError(f"x exists; pass {param('overwrite')} to replace it")
+    assert str(err) == "x exists; pass overwrite to replace it"          # what a Python caller reads
+    assert cli_message(err, leaf) == "x exists; pass --overwrite to replace it"
+    assert cli_message(InputError(f"{param('average', 'image')} needs ..."), leaf) == "--average image needs ..."
+    assert cli_message(InputError(f"{param('subset')} names no set"), leaf) == "--sets names no set"
+    assert cli_message(InputError("crf.iterations=5 and my_average=2 stay"), leaf) == \
+        "crf.iterations=5 and my_average=2 stay"
+    ingest = leaf_parser(parser, parser.parse_args(["ingest", "labels", "s", "-o", "x"]))
+    assert cli_message(InputError(f"nothing was written ({param('skip_bad')} writes the rest)"), ingest) == \
+        "nothing was written (--skip-bad writes the rest)"
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".png", "labels"), (".jpg", "images"), (".npy", "scores")])
+def test_a_folder_where_a_store_is_expected_says_what_to_run(tmp_path, capsys, rng, suffix, fmt):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"x{i}{suffix}").write_bytes(b"not read")
+    code, _, err = run_cli(capsys, "evaluate", str(folder), "--gt", str(folder))
+    assert code == 2
+    assert err.startswith(f"isle evaluate: error: {folder} is a folder of ")
+    assert f"isle ingest {fmt} {folder}" in err and "Zarr" not in err and "zarr.json" not in err
+    if fmt != "images":
+        assert "isle run" in err
+    code, _, err = run_cli(capsys, "info", str(folder / f"x0{suffix}"))
+    assert code == 2 and f"isle ingest {fmt} {folder}" in err
+
+
+def test_a_skip_bad_store_against_the_full_gt_says_how_to_score_it(tmp_path, capsys, rng):
+    src = tmp_path / "png"
+    write_pngs(src, rng, n=4)
+    gt = tmp_path / "gt.zarr"
+    assert main(["ingest", "labels", str(src), "--kind", "gt", "-o", str(gt), "-q"]) == 0
+    bad = tmp_path / "set"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "im1.png").write_bytes(b"not a png")
+    kept = tmp_path / "set.zarr"
+    assert main(["ingest", "labels", str(bad), "--gt", str(gt), "--skip-bad", "-o", str(kept), "-q"]) == 0
+    code, _, err = run_cli(capsys, "evaluate", str(kept), "--gt", str(gt), "-q")
+    assert code == 2 and "lacks image id 'im1'" in err and "--skip-bad (1 image(s) left out)" in err, err
+    hint = err.split("ingest the ground truth aligned with it: ")[1].strip()
+    argv = hint.replace("GT_DIR", str(src)).replace("gt-kept.zarr", str(tmp_path / "kept-gt.zarr")).split()
+    assert argv[0] == "isle" and main([*argv[1:], "-q"]) == 0  # the hint works as written
+    assert main(["evaluate", str(kept), "--gt", str(tmp_path / "kept-gt.zarr"), "-q"]) == 0
+
+
+def test_quiet_prints_nothing_on_stdout_on_any_command(capsys):
+    """-q is one thing everywhere: what a command prints on stdout is dropped (here refine --list)."""
+    assert main(["refine", "--list"]) == 0
+    assert "crf" in capsys.readouterr().out
+    assert main(["refine", "--list", "-q"]) == 0
+    assert capsys.readouterr().out == ""

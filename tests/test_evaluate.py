@@ -236,6 +236,8 @@ def test_cli_evaluate(tmp_path, rng, capsys):
     rc = main(["evaluate", a.path, b.path, "--gt", gt.path, "--json", str(out), "--backend", "cpu",
                "--quiet", "--bg-threshold", "0.5"])
     assert rc == 0
+    assert capsys.readouterr().out == ""  # --quiet: nothing but errors (the JSON is still written)
+    assert main(["evaluate", a.path, b.path, "--gt", gt.path, "--backend", "cpu", "--bg-threshold", "0.5"]) == 0
     text = capsys.readouterr().out
     assert "c1" in text and "mIoU" in text and "A" in text
     doc = json.loads(out.read_text())

@@ -85,6 +85,23 @@ def test_read_ids_forms(tmp_path):
         read_ids(tmp_path / "nope.txt")
 
 
+def test_read_ids_follows_the_folder_listing(tmp_path, caplog):
+    """Issue 19: a BOM is dropped, an id with a space is whole (as a file 'a b.png' in a folder), and
+    'dir/x' is read as 'x' with a note saying so (the VOC two-column form needs no note)."""
+    f = tmp_path / "ids.txt"
+    f.write_bytes("\ufeff2007_000032\na b\n".encode("utf-8"))
+    assert read_ids(f) == ["2007_000032", "a b"]
+    f.write_text("dir/x\nother/y.png\nz\n")
+    with caplog.at_level("WARNING", logger="isle_fast"):
+        assert read_ids(f) == ["x", "y", "z"]
+    assert "2 entries with a folder (e.g. 'dir/x') read as their file name ('x')" in caplog.text
+    caplog.clear()
+    f.write_text("JPEGImages/a.jpg SegmentationClassAug/a.png\n")
+    with caplog.at_level("WARNING", logger="isle_fast"):
+        assert read_ids(f) == ["a"]
+    assert caplog.text == ""
+
+
 def test_resolve_classes(tmp_path):
     assert len(resolve_classes("voc")) == 21
     f = tmp_path / "c.txt"

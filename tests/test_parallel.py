@@ -323,7 +323,7 @@ def test_cli_bad_file_under_a_terminal_exits_2_promptly(folder300, tmp_path):
                                   "--workers", "2"], timeout=60)
     assert rc == 2, text
     last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
-    assert last.startswith("isle ingest: error: ") and "2008_000150.png" in last, text
+    assert last.startswith("isle ingest labels: error: ") and "2008_000150.png" in last, text
     assert "Traceback" not in text
     assert not out.exists() and not list(tmp_path.glob("s.zarr*"))
 
@@ -389,7 +389,7 @@ def test_cli_worker_killed_mid_ingest(folder300, tmp_path):
     err = err.decode()
     assert proc.returncode == 1, err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("isle ingest: error: worker process")
+    assert err.strip().splitlines()[-1].startswith("isle ingest labels: error: worker process")
     _no_store_left(out)
     assert not _children(proc.pid)
 

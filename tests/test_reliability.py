@@ -106,7 +106,7 @@ def assert_clean_error(rc: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert lines, "no error message"
-    assert re.match(r"^isle \w+: error: ", lines[-1]), err
+    assert re.match(r"^isle \w+( [a-z-]+)?: error: ", lines[-1]), err  # "isle ingest labels: error: "
     for n in needles:
         assert n.lower() in err.lower(), (n, err)
 
@@ -459,7 +459,8 @@ def test_sigterm_mid_write_exits_cleanly(data, tmp_path, capsys, command):
     err = proc.stderr.read().decode()
     assert rc == 143, (rc, err[-800:])
     assert "Traceback" not in err
-    assert re.search(rf"^isle {command}: terminated \(SIGTERM\); no partial output was kept$", err, re.M), err
+    prog = "ingest labels" if command == "ingest" else command  # the command as typed
+    assert re.search(rf"^isle {prog}: terminated \(SIGTERM\); no partial output was kept$", err, re.M), err
     assert not out.exists()
     assert not list(out.parent.glob(out.name + ".*")), "SIGTERM left a temporary behind"
     assert tree_digest(*inputs) == before
@@ -1150,7 +1151,7 @@ def test_missing_or_damaged_chunk_fails_every_command(chunked, tmp_path, target,
         chunk.write_bytes(bytes(raw))
     before = tree_digest(*stores.values())
     rc, err, _, out = run_on_stores(command, stores, target, tmp_path / "out", workers=2)
-    named = out if command == "info --check" else err      # --check lists the bad chunks, then fails
+    named = err      # (info --check -q prints no list; its error names the bad chunks)
     assert_clean_error(rc, err, str(stores[target]))
     for needle in (str(stores[target]), "chunk c/0/0/0", "images 'img000' to 'img001'",
                    "missing" if damage == "delete" else "damaged"):
@@ -1787,7 +1788,8 @@ def test_ingest_bad_file_among_many_exits_under_a_terminal(big, tmp_path, case):
     assert rc is not None, f"isle ingest hung after its error (killed after 60 s): {text[-400:]}"
     assert rc == 2, text[-800:]
     last = _last_line(text)
-    assert last.startswith("isle ingest: error: ") and f"img{BAD_AT:04d}" in last, last
+    fmt = "labels" if _HANG_CASES[case][0] == "labels" else "scores"
+    assert last.startswith(f"isle ingest {fmt}: error: ") and f"img{BAD_AT:04d}" in last, last
     assert _HANG_CASES[case][2].lower() in last.lower(), last
     assert "Traceback" not in text
     no_complete_store(out)
@@ -2024,8 +2026,9 @@ def test_broken_stdout_pipe_is_not_a_traceback(data, tmp_path):
     """``isle evaluate ... | head -1``: the reader goes away; the command ends quietly (exit 1), without
     "Exception ignored ... BrokenPipeError" or a traceback."""
     argv = [sys.executable, "-m", "isle_fast", "evaluate", *set_paths(data["stores"]), "--gt",
-            data["stores"]["gt"], "--quiet"]
+            data["stores"]["gt"]]                           # (not --quiet: it prints nothing to stdout)
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # as in a shell: buffered
+    plain["ISLE_PROGRESS"] = "0"
     for env in (plain, dict(plain, PYTHONUNBUFFERED="1")):
         r, w = os.pipe()
         os.close(r)                                        # the reader is gone before the first write

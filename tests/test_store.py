@@ -78,7 +78,7 @@ def test_open_refuses_missing_foreign_incomplete_and_other_versions(tmp_path):
     with pytest.raises(StoreError, match="nothere.zarr does not exist"):
         open_stack(tmp_path / "nothere.zarr")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(StoreError, match="plain is not a Zarr v3 group"):
+    with pytest.raises(StoreError, match="plain is a folder but not a store"):
         open_stack(tmp_path / "plain")
     zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w", zarr_format=3).attrs["x"] = 1
     with pytest.raises(StoreError, match="foreign.zarr.*not an isle-fast stack store"):

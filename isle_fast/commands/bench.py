@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop a benchmark module that runs longer than this")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing: rebuild summary.json / SUMMARY.md from the results already there")
+    parser.add_argument("--quiet", action="store_true")  # help and meaning: isle_fast.cli.one_style
 
 
 def run(args: argparse.Namespace) -> int:

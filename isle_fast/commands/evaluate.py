@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE",
                         help="write the scores as JSON (classes, per-set scores, selection)")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
-                        help="restrict the selection shown (and in the JSON) to these sets")
+                        help="restrict the selection shown (and in the JSON) to these sets (names or store paths)")
 
 
 def parse_subset(text: str | None) -> list[str] | None:

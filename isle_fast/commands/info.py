@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
             found = check_stack(stack, progress=not args.quiet)
             d["check"] = found.to_json()
             if not found.ok:
-                bad.append(f"{stack.path}: {len(found.problems)} of {found.total} chunks missing or damaged")
+                bad.append(f"{stack.path}: {len(found.problems)} of {found.total} chunks missing or damaged"
+                           + (f": {'; '.join(found.problems[:3])}{' ...' if len(found.problems) > 3 else ''}"
+                              if args.quiet else ""))  # -q prints no list: the error names them
         infos.append(d)
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         for d in infos:
             _print(d)
     if bad:
-        raise StoreError("; ".join(bad) + (" (listed above)" if not args.json else ""))
+        raise StoreError("; ".join(bad) + (" (listed above)" if not args.json and not args.quiet else ""))
     return 0
 
 

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "image-labels store or a store carrying them): drop claims of classes absent "
                              "from an image's labels; --strategy image ranks by them instead of the gt")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
-                        help="ensemble of these sets only (e.g. the paper's ISLE-2)")
+                        help="ensemble of these sets only (names or store paths; e.g. the paper's ISLE-2)")
     parser.add_argument("--name", help="name of the ensemble set (default: folder name)")
     parser.add_argument("--json", metavar="FILE", help="write the scores, selection and ensemble as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble store")
@@ -28,21 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isle_fast.ensemble.evaluate import evaluate
-    from isle_fast.ensemble.merge import merge
-    from isle_fast.progress import Timer, summary
-    from isle_fast.commands.evaluate import parse_subset
+    from isle_fast.progress import Timer, one_bar, summary
+    from isle_fast.stores.stack import open_stack
     from isle_fast.outputs import check_json_output
 
     if args.json:  # before the work: never a folder, a store's file, an input, --out or a foreign file
         check_json_output(args.json, inputs=[*args.sets, args.gt], outputs=[args.out])
     t = Timer()
-    res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
-                subset=parse_subset(args.subset), average=args.average, backend=args.backend,
-                bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
-                progress=not args.quiet, image_labels=args.image_labels)
+    with one_bar("merge", units=open_stack(args.gt).num_images, stages=2 if args.no_score else 3,
+                 quiet=args.quiet):  # one bar for the passes: evaluate, write, score
+        res, ens = _merge_and_score(args)
     ev, sel = res.evaluation, res.selection
-    print(ev.table(sel))
+    print(ev.table(sel, ensemble=ens))  # the ensemble's per-class IoU and mIoU: its last column
     extra: dict = {"ensemble": {"path": res.stack.path, "policy": args.policy, "strategy": args.strategy,
                                 "members": [ev.set_names[i] for i in sel.member_indices],
                                 "scores_array": res.stack.provenance.get("scores_array")}}
@@ -52,17 +49,33 @@ def run(args: argparse.Namespace) -> int:
     if args.image_labels:
         rows["image labels"] = f"{args.image_labels} (claims of absent classes dropped)"
         extra["ensemble"]["image_labels"] = args.image_labels
-    if not args.no_score:
-        ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
-                       progress=not args.quiet)
-        best = max((m for m, ok in zip(ev.miou, sel.members) if ok), default=float("nan"))
+    if ens is not None:
+        members = [k for k in sel.member_indices if ev.miou[k] == ev.miou[k]]
+        best = max(members, key=lambda k: ev.miou[k], default=None)
         e_miou = float(ens.miou[0])
-        print(f"ensemble mIoU {e_miou:.2f} (best member {best:.2f}, {e_miou - best:+.2f})")
         extra["ensemble"].update({"miou": e_miou, "iou": [None if v != v else float(v) for v in ens.iou[0]]})
-        rows["ensemble mIoU"] = f"{e_miou:.2f} ({e_miou - best:+.2f} over the best member)"
+        if best is not None:  # the mIoU itself is in the table, once
+            rows["gain"] = f"{e_miou - float(ev.miou[best]):+.2f} mIoU over the best member, {ev.set_names[best]}"
     if args.json:
         ev.write_json(args.json, sel, command="isle merge", **extra)
         rows["json"] = args.json
     rows["seconds"] = f"{t.seconds:.2f}"
     summary("isle merge: done", rows, quiet=args.quiet)
     return 0
+
+
+def _merge_and_score(args: argparse.Namespace):
+    """The ensemble (:func:`isle_fast.ensemble.merge.merge`) and, unless ``--no-score``, its evaluation."""
+    from isle_fast.commands.evaluate import parse_subset
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.merge import merge
+
+    res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
+                subset=parse_subset(args.subset), average=args.average, backend=args.backend,
+                bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
+                progress=not args.quiet, image_labels=args.image_labels)
+    ens = None
+    if not args.no_score:
+        ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
+                       progress=not args.quiet)
+    return res, ens

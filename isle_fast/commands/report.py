@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (must not exist)")
     parser.add_argument("--ensemble", metavar="E", help="an ensemble store to report (default: computed)")
-    parser.add_argument("--images", metavar="IMG", help="images store: adds the side-by-side figure")
+    parser.add_argument("--images", metavar="IMG", help="images store, or a folder of <id>.jpg / .png (only the images drawn "
+                        "are read): adds the side-by-side figure")
     parser.add_argument("--num-images", type=int, default=3, metavar="K", help="images in the figure")
     parser.add_argument("--policy", choices=("score", "order", "ignore"), default="score",
                         help="merge policy of the computed ensembles")
@@ -19,16 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isle_fast.progress import summary
+    from isle_fast.progress import one_bar, summary
     from isle_fast.ensemble.report import report
+    from isle_fast.stores.stack import open_stack
 
-    res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
-                 policy=args.policy, average=args.average, backend=args.backend,
-                 bg_threshold=args.bg_threshold, num_images=args.num_images, overwrite=args.overwrite,
-                 progress=not args.quiet)
+    with one_bar("report", units=open_stack(args.gt).num_images, stages=2, quiet=args.quiet):  # evaluate, subsets
+        res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
+                     policy=args.policy, average=args.average, backend=args.backend,
+                     bg_threshold=args.bg_threshold, num_images=args.num_images, overwrite=args.overwrite,
+                     progress=not args.quiet)
     rows = {"files": ", ".join(res["files"]), "seconds": f"{res['seconds']:.2f}", "output": res["path"]}
     if res["ensemble_miou"] is not None:
-        rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best component {res['best_component']} "
-                                 f"{res['best_component_miou']:.2f})")
+        rows["ensemble mIoU"] = (f"{res['ensemble_miou']:.2f} (best member {res['best_member']} "
+                                 f"{res['best_member_miou']:.2f})")
     summary("isle report: done", rows, quiet=args.quiet)
     return 0

@@ -312,24 +312,40 @@ class Evaluation:
         check_json_output(path, inputs=[*self.set_paths, self.gt_path or None])
         write_json(path, doc, command=command)
 
-    def table(self, selection: Any = None) -> str:
-        """A plain-text per-class IoU table; the chosen set of each class is marked ``*``."""
+    def table(self, selection: Any = None, ensemble: "Evaluation | None" = None) -> str:
+        """A plain-text per-class IoU table; the chosen set of each class is marked ``*`` (and the
+        last line says so). ``ensemble``: the evaluation of the ensemble, shown as a last column."""
         sel = selection if selection is not None else self.select()
-        iou = self.iou
+        iou, miou = self.iou, self.miou
+        names = list(self.set_names)
+        if ensemble is not None:
+            names.append(ensemble.set_names[0] if "ensemble" in ensemble.set_names[0].lower() else "ensemble")
         width = max(10, *(len(c) for c in self.classes))
-        cols = [n[:12] for n in self.set_names]
+        cols = [n[:12] for n in names]
         colw = max(7, *(len(c) for c in cols)) + 1
+        fmt = lambda v: ("-" if np.isnan(v) else f"{v:.1f}").rjust(colw - 1)  # noqa: E731
         lines = ["class".ljust(width) + "".join(c.rjust(colw) for c in cols)]
         for c, cname in enumerate(self.classes):
             cells = []
             for n in range(len(self.set_names)):
-                v = iou[n, c]
                 mark = "*" if int(sel.best[c]) == n and sel.members[n] else " "
-                cells.append(("-" if np.isnan(v) else f"{v:.1f}").rjust(colw - 1) + mark)
+                cells.append(fmt(iou[n, c]) + mark)
+            if ensemble is not None:
+                cells.append(fmt(ensemble.iou[0, c]) + " ")
             lines.append(cname.ljust(width) + "".join(cells))
-        lines.append("mIoU".ljust(width) + "".join(
-            ("-" if np.isnan(v) else f"{v:.1f}").rjust(colw - 1) + " " for v in self.miou))
+        last = [*miou, *(ensemble.miou[:1] if ensemble is not None else [])]
+        lines.append("mIoU".ljust(width) + "".join(fmt(v) + " " for v in last))
+        key = "* the set chosen for the class (highest IoU)"
+        if np.isnan(iou).any():
+            key += "; - no IoU (no pixels of the class in gt or prediction)"
+        lines.append(key)
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        mious = ", ".join(f"{n} {'-' if np.isnan(v) else f'{v:.1f}'}" for n, v in zip(self.set_names, self.miou))
+        return (f"<Evaluation of {len(self.set_names)} set{'s' if len(self.set_names) != 1 else ''} x "
+                f"{self.num_classes} classes against {self.gt_path or 'gt'} ({self.average} average): "
+                f"mIoU {mious}; .table() for every class>")
 
 
 # -- the pass -----------------------------------------------------------------------------
@@ -403,13 +419,14 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
     counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), c, 2), dtype=np.int64) if per_image else None
     with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
-            bar(total=len(tasks), desc="evaluate", unit="chunk", quiet=not progress) as pb:
+            bar(total=n, desc="evaluate", unit="img", quiet=not progress) as pb:
         for t, out in ex.imap(fn, tasks):
             counts += out.sum(axis=(0, 1, 2))
             if stats is not None:
                 i0 = tasks[t][0][0] * k
                 stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
-            pb.update(1)
+            size = tasks[t][1]
+            pb.advance(size[0] * size[1] * size[2] / (h * w))  # a tile's share of its images
     return counts, stats
 
 
@@ -465,7 +482,7 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
                                          per_image=per_image, progress=progress)
     return Evaluation(
         classes=list(gt_stack.classes),
-        set_names=unique_names(stacks),
+        set_names=unique_names(stacks, say=True),
         counts=np.asarray(counts, dtype=np.int64),
         average=average,
         image_stats=None if image_stats is None else np.asarray(image_stats, dtype=np.int64),
@@ -485,7 +502,7 @@ def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold
     from isle_fast.progress import dask_progress
 
     graph = confusion_graph(stacks, gt, backend=backend, bg_threshold=bg_threshold, per_image=per_image)
-    with dask_progress("evaluate", quiet=not progress):
+    with dask_progress("evaluate", quiet=not progress, images=gt.num_images):
         if per_image:
             per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images
             n, c = len(stacks), gt.num_classes

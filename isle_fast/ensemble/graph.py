@@ -33,14 +33,21 @@ def _as_stack(obj: Any, kind: Any = None) -> Stack:
     return obj if isinstance(obj, Stack) else open_stack(obj, kind=kind)
 
 
-def unique_names(stacks: Sequence[Stack]) -> list[str]:
-    """Set names, made unique: a repeated name gets ``-2``, ``-3``, ... appended."""
+def unique_names(stacks: Sequence[Stack], say: bool = False) -> list[str]:
+    """Set names, made unique: a repeated name gets ``-2``, ``-3``, ... appended; with ``say``, each
+    renaming is a warning on the ``isle_fast`` logger (the command line prints it)."""
     names: list[str] = []
     for s in stacks:
         base = s.name or os.path.basename(str(s.path).rstrip("/"))
         name, k = base, 2
         while name in names:
             name, k = f"{base}-{k}", k + 1
+        if say and name != base:
+            import logging
+
+            logging.getLogger("isle_fast").warning(
+                "isle: two sets are named %r; %s is called %r in the tables and the selection (choose it "
+                "by that name or by its path)", base, s.path, name)
         names.append(name)
     return names
 

@@ -284,10 +284,11 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
                  backend=backend, plan=plan)
     written = 0
     with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
-            bar(total=len(tasks), desc="merge", unit="chunk", quiet=not progress) as pb:
-        for _, px in ex.imap(fn, tasks):
+            bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
+        for t, px in ex.imap(fn, tasks):
             written += px
-            pb.update(1)
+            size = tasks[t][1]
+            pb.advance(size[0] * size[1] * size[2] / (h * w))  # a tile's share of its images
     return written
 
 
@@ -318,7 +319,7 @@ def gt_presence(gt: Stack, *, backend: str = "cpu", progress: bool = False) -> n
     arr = da.blockwise(partial(_presence_block, backend=backend, num_classes=c), "ijkc", g, "ijk",
                        new_axes={"c": c}, adjust_chunks={"j": one, "k": one}, dtype=np.int64,
                        meta=np.empty((0, 0, 0, 0), dtype=np.int64))
-    with dask_progress("image labels", quiet=not progress):
+    with dask_progress("image labels", quiet=not progress, images=gt.num_images):
         px = arr.sum(axis=(1, 2)).compute(scheduler=dask_scheduler())
     return np.asarray(px) > 0
 
@@ -376,6 +377,10 @@ class MergeResult:
     plan: MergePlan
     seconds: float
     info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        members = ", ".join(self.evaluation.set_names[i] for i in self.selection.member_indices)
+        return f"<MergeResult {self.stack.path}: ensemble of {members} in {self.seconds:.1f} s>"
 
 
 def _labels_source(image_labels: Any) -> str | None:
@@ -543,7 +548,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                             choice_da, "i", allowed_da, "iy", *blockwise_args(arrays, member_stacks),
                             adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
                             concatenate=True, meta=np.empty((0, 0, 0), dtype=np.int64))
-        with dask_progress("merge", quiet=not progress):
+        with dask_progress("merge", quiet=not progress, images=gt_stack.num_images):
             written = int(done.sum().compute(scheduler=dask_scheduler()))
         if written != expected:  # every chunk must have run exactly once
             raise RuntimeError(f"merge wrote {written} pixels, expected {expected}")

@@ -6,7 +6,7 @@ renamed into place when complete):
 ``tables.md`` / ``report.json``
     * per-class IoU of every set and of the ensemble (the paper's Tables 3-4),
     * the best-set matrix (Table 1: a check mark where a set is chosen for a class),
-    * ensemble vs components (Table 2 without training): mIoU, classes won,
+    * ensemble vs its members (Table 2 without training): mIoU, classes won,
       mean margin over the runner-up in the classes won, gain of the ensemble,
     * the subset table: mIoU of the ensemble of every subset of the sets (N <= 8).
 ``per_class_iou.png``
@@ -19,6 +19,10 @@ renamed into place when complete):
     a few images side by side: image, every set, the ensemble, the ground
     truth (the paper's Fig. 3). The images with the most foreground classes
     in their gt are shown (ties: first in the store).
+``report.html``
+    all of the above in one self-contained page (figures embedded as data
+    URIs, no scripts, no links out: readable offline, mailed as one file),
+    with the provenance: inputs, versions, options (:func:`html_report`).
 
 The ensemble row is the ``--ensemble`` store when given, otherwise the
 ensemble of all sets computed by the subset pass (no store is written).
@@ -41,7 +45,7 @@ from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput
 
-__all__ = ["report", "export_pngs"]
+__all__ = ["report", "export_pngs", "html_report"]
 
 #: Store kinds ``report(ensemble=...)`` accepts: ours, or one made elsewhere and ingested as a set.
 ENSEMBLE_KINDS = ("ensemble", "pseudo")
@@ -127,9 +131,14 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return f"{v:.{digits}f}"
 
 
+def md_cell(text: str) -> str:
+    """``text`` safe in a Markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]  # a set named 'a|b' keeps its row
     return "\n".join(out)
 
 
@@ -172,55 +181,94 @@ def _plt():
     return plt
 
 
-def _bar_chart(path: Path, classes: list[str], names: list[str], iou: np.ndarray) -> None:
+#: widest figure, in inches (at the figures' 110 dpi: about 1,800 px with the legend)
+MAX_WIDTH_IN = 14.0
+
+
+def _bar_chart(path: Path, classes: list[str], names: list[str], iou: np.ndarray,
+               no_gt: Sequence[bool] | None = None) -> None:
     plt = _plt()
     c = len(classes)
     n = len(names)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.6 * c * max(1, n / 3)), 4.5), layout="constrained")
+    # about 0.12 in per bar, within [8, MAX_WIDTH_IN] in: VOC's 21 classes x 5 bars fit a page
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, max(8.0, 0.12 * c * max(n, 1) + 1.5)), 4.5),
+                           layout="constrained")
     x = np.arange(c)
     cmap = plt.get_cmap("tab10")
     for k in range(n):
         ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(iou[k], nan=0.0), width, label=names[k],
                color=cmap(k % 10), edgecolor="black" if k == n - 1 else None, linewidth=0.5)
+    labels = [f"{name} (no gt)" if no_gt is not None and no_gt[j] else name for j, name in enumerate(classes)]
     ax.set_xticks(x)
-    ax.set_xticklabels(classes, rotation=60, ha="right")
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    if no_gt is not None:
+        for tick, missing in zip(ax.get_xticklabels(), no_gt):
+            if missing:
+                tick.set_color("grey")
+    ax.set_xlim(-0.6, c - 0.4)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Per-class IoU")
-    ax.legend(fontsize=8, ncol=min(n, 4))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the bars
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
-def _heat_table(path: Path, classes: list[str], names: list[str], iou: np.ndarray, miou: np.ndarray) -> None:
+def _heat_table(path: Path, classes: list[str], names: list[str], iou: np.ndarray, miou: np.ndarray,
+                no_gt: Sequence[bool] | None = None) -> None:
+    """The IoU table as a heat map with a colour bar; a class without gt pixels is a hatched grey
+    column saying "no gt" (its IoU is undefined, not 0), an undefined cell is grey with "-"."""
+    from matplotlib.patches import Rectangle
+
     plt = _plt()
     data = np.concatenate([iou, miou[:, None]], axis=1)
+    missing = np.zeros(data.shape[1], dtype=bool)
+    if no_gt is not None:
+        missing[:len(classes)] = np.asarray(no_gt, dtype=bool)
     cols = list(classes) + ["mIoU"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) + 2), 0.45 * len(names) + 1.8), layout="constrained")
-    ax.imshow(np.nan_to_num(data, nan=0.0), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    shown = np.ma.masked_array(data, mask=np.isnan(data) | missing[None, :])
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(cols) + 3), 0.45 * len(names) + 1.8), layout="constrained")
+    im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(cols, rotation=60, ha="right", fontsize=8)
+    for tick, gone in zip(ax.get_xticklabels(), missing):
+        if gone:
+            tick.set_color("grey")
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=8)
     col_max = np.where(np.isnan(data), -np.inf, data).max(axis=0)
+    for col in np.nonzero(missing)[0]:
+        ax.add_patch(Rectangle((col - 0.5, -0.5), 1, data.shape[0], facecolor="none", edgecolor="grey",
+                               hatch="///", linewidth=0))
     for r in range(data.shape[0]):
         for j in range(data.shape[1]):
             v = data[r, j]
+            if missing[j]:
+                ax.text(j, r, "no gt", ha="center", va="center", fontsize=6, color="black",
+                        bbox=dict(facecolor="#d9d9d9", edgecolor="none", pad=0.5))
+                continue
             ax.text(j, r, _fmt(v), ha="center", va="center", fontsize=7,
-                    color="white" if (np.isnan(v) or v < 55) else "black",
+                    color="black" if (np.isnan(v) or v >= 55) else "white",
                     fontweight="bold" if (not np.isnan(v) and v == col_max[j]) else "normal")
-    ax.set_title("Per-class IoU (%)")
+    fig.colorbar(im, ax=ax, label="IoU (%)", fraction=0.03, pad=0.01)
+    ax.set_title("Per-class IoU (%)" + ("; hatched: no ground-truth pixels, IoU undefined" if missing.any() else ""))
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
-def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndarray) -> None:
+def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndarray, best: int | None = None) -> None:
+    """mIoU of every subset's ensemble, coloured by the number of sets; the best subset ``best`` is
+    outlined in red, labelled with its mIoU and named in the title."""
+    from matplotlib.patches import Patch
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(MAX_WIDTH_IN, max(6, 0.35 * len(names) + 3)), 4), layout="constrained")
     cmap = plt.get_cmap("viridis")
     top = max(int(sizes.max()), 1)
-    ax.bar(range(len(names)), np.nan_to_num(miou, nan=0.0), color=[cmap(s / (top + 0.5)) for s in sizes])
+    colour = lambda s: cmap(s / (top + 0.5))  # noqa: E731
+    bars = ax.bar(range(len(names)), np.nan_to_num(miou, nan=0.0), color=[colour(s) for s in sizes])
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("ensemble mIoU (%)")
@@ -228,13 +276,25 @@ def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndar
     if finite.size:
         lo = max(0.0, float(finite.min()) - 5)
         ax.set_ylim(lo, min(100.0, float(finite.max()) + 3))
-    ax.set_title("Ensemble of every subset of the sets")
+    title = "Ensemble of every subset of the sets"
+    handles = [Patch(color=colour(s), label=f"{s} set{'s' if s > 1 else ''}") for s in sorted(set(int(v) for v in sizes))]
+    if best is not None and not np.isnan(miou[best]):
+        bars[best].set_edgecolor("red")
+        bars[best].set_linewidth(2.0)
+        ax.annotate(f"best {miou[best]:.1f}", (best, float(miou[best])), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7, color="red", fontweight="bold")
+        ax.get_xticklabels()[best].set_color("red")
+        ax.get_xticklabels()[best].set_fontweight("bold")
+        title += f"; best: {names[best]}"
+        handles.append(Patch(facecolor="none", edgecolor="red", linewidth=2.0, label="best subset"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title(title)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
 
 
 def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[str, list[np.ndarray]]],
-                    ids: list[str]) -> None:
+                    ids: list[str], class_names: Sequence[str] | None = None) -> None:
     plt = _plt()
     from isle_fast.stores.png import voc_palette
 
@@ -253,8 +313,184 @@ def _samples_figure(path: Path, images: list[np.ndarray], columns: list[tuple[st
             axes[r, k].set_yticks([])
     for k, title in enumerate(["image"] + [t for t, _ in columns]):
         axes[0, k].set_title(title, fontsize=8)
+    if class_names is not None:  # a key to the colours: every class shown, and ignore
+        from matplotlib.patches import Patch
+
+        shown = sorted(set().union(*(np.unique(m).tolist() for _, masks in columns for m in masks)))
+        handles = [Patch(facecolor=pal[v] / 255.0, edgecolor="black", linewidth=0.3,
+                         label=class_names[v] if v < len(class_names) else ("ignore" if v == 255 else str(v)))
+                   for v in shown]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 12), fontsize=7,
+                   frameon=False)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long class / set names widen the canvas
     plt.close(fig)
+
+
+# -- images from a folder ---------------------------------------------------------------
+
+_RGB_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+def _is_image_folder(path: Any) -> bool:
+    """A local folder of images (not a store): ``report(images=)`` reads the few it draws from it."""
+    p = Path(str(path))
+    return "://" not in str(path) and p.is_dir() and not (p / "zarr.json").exists()
+
+
+def _folder_images(folder: Path, ids: Sequence[str], shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """``<id>.jpg`` (or .jpeg / .png) of each id from ``folder`` as RGB, checked against the gt size."""
+    from PIL import Image
+
+    out = []
+    for image_id, (h, w) in zip(ids, shapes):
+        path = next((folder / f"{image_id}{e}" for e in _RGB_EXTS if (folder / f"{image_id}{e}").is_file()), None)
+        if path is None:
+            raise InputError(f"--images {folder}: no {image_id}.jpg / .png for image id {image_id!r}")
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except OSError as exc:
+            raise InputError(f"{path}: cannot be read as an image ({exc})") from None
+        if rgb.shape[:2] != (h, w):
+            raise InputError(f"{path} is {rgb.shape[1]} x {rgb.shape[0]} pixels; the ground truth of "
+                             f"{image_id!r} is {w} x {h}")
+        out.append(rgb)
+    return out
+
+
+# -- report.html ------------------------------------------------------------------------
+
+#: figure file -> caption, in the page's order
+FIGURES = {
+    "per_class_iou.png": "Per-class IoU of every set and the ensemble.",
+    "iou_table.png": "The per-class IoU table as a heat map; bold: best in the column; hatched: no ground truth.",
+    "subsets.png": "mIoU of the ensemble of every subset of the sets; the best subset outlined in red.",
+    "samples.png": "Images side by side: every set, the ensemble and the ground truth (cf. the paper's Fig. 3).",
+}
+
+_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1400px;
+padding:0 1em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f2f2f2}
+td:first-child,th:first-child{text-align:left}figure{margin:1em 0 2em}img{max-width:100%;height:auto}
+figcaption{color:#555;font-size:13px}code{background:#f4f4f4;padding:0 3px}
+.scroll{overflow-x:auto}dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em;font-size:13px}
+dt{font-weight:600}dd{margin:0}"""
+
+
+def _inline(text: str) -> str:
+    """One line of our Markdown (``**bold**``, ```code```, ``\\|``) as HTML, escaped."""
+    import html
+    import re
+
+    out = html.escape(text.replace("\\|", "|").replace("\\\\", "\\"), quote=False)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
+def _md_to_html(md: str) -> str:
+    """The Markdown that :func:`report` writes (headings, pipe tables, paragraphs) as HTML."""
+    import re
+
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if not table:
+            return
+        head, *body = table
+        out.append('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                   + "</tr></thead><tbody>")
+        out.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+        out.append("</tbody></table></div>")
+        table.clear()
+
+    for line in md.splitlines():
+        s = line.strip()
+        if s.startswith("|") and s.endswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", s[1:-1])]
+            if not all(re.fullmatch(r"-{3,}", c) for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        if s.startswith("## "):
+            out.append(f"<h2>{_inline(s[3:])}</h2>")
+        elif s.startswith("# "):
+            out.append(f"<h1>{_inline(s[2:])}</h1>")
+        elif s:
+            out.append(f"<p>{_inline(s)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    from isle_fast import __version__
+
+    found = {"isle-fast": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "zarr", "dask", "numba", "matplotlib"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def _dl(items: dict[str, Any]) -> str:
+    import html
+
+    return "<dl>" + "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape('-' if v is None else str(v))}</dd>"
+                            for k, v in items.items()) + "</dl>"
+
+
+def html_report(folder: str | os.PathLike, markdown: str, *, inputs: dict[str, Any], options: dict[str, Any],
+                files: Sequence[str] = ()) -> str:
+    """``report.html``: the tables of ``markdown`` and the figures of ``folder`` in one page.
+
+    Self-contained: the CSS is inline, every figure is embedded as a ``data:image/png;base64``
+    URI, there is no script and no link out, so the page reads the same offline, mailed, or
+    archived. The provenance closes it: the inputs, the versions of isle-fast and its libraries,
+    the options and the files of the report.
+
+    Parameters
+    ----------
+    folder : path
+        Where the figures are: those of :data:`FIGURES` (those missing are left out), then any
+        other ``*.png`` there, captioned with its file name.
+    markdown : str
+        The text of ``tables.md``.
+    inputs, options : dict
+        Shown as given (``None`` as ``-``).
+    files : sequence of str
+        The report's files.
+
+    Returns
+    -------
+    str
+        The HTML document.
+    """
+    import base64
+    import html
+    from datetime import datetime, timezone
+
+    folder = Path(folder)
+    body = [_md_to_html(markdown), "<h2>Figures</h2>"]
+    others = sorted(p.name for p in folder.glob("*.png") if p.name not in FIGURES)  # any other figure too
+    for name, caption in [*FIGURES.items(), *((o, o[:-4].replace("_", " ")) for o in others)]:
+        p = folder / name
+        if not p.is_file():
+            continue
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        body.append(f'<figure id="{name[:-4]}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                    f"<figcaption>{html.escape(caption)} (<code>{name}</code>)</figcaption></figure>")
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body += ["<h2>Provenance</h2>", "<h3>Inputs</h3>", _dl(inputs), "<h3>Versions</h3>", _dl(_versions()),
+             "<h3>Options</h3>", _dl(options), "<h3>Files</h3>", _dl({"written": made, "files": ", ".join(files)})]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>ISLE report</title><style>{_CSS}</style></head><body>\n" + "\n".join(body)
+            + "\n</body></html>\n")
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -278,7 +514,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         made elsewhere; a ``gt`` or ``images`` store is an InputError); otherwise
         the ensemble of all sets is scored by the subset pass (needs N <= 8).
     images : path, URL or Stack, optional
-        An ``images`` store aligned with the sets; enables ``samples.png``.
+        An ``images`` store aligned with the sets, or a folder of ``<id>.jpg`` / ``.png`` (only the
+        images drawn are read); enables ``samples.png``.
     policy : {'score', 'order', 'ignore'}
         Merge policy for the computed ensembles (subset table, figure).
     average : {'dataset', 'image'}
@@ -296,7 +533,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     Returns
     -------
     dict
-        ``path``, ``files``, ``seconds``, the ensemble mIoU and the best component.
+        ``path``, ``files``, ``seconds``, the ensemble mIoU and the best member (``best_member``,
+        ``best_member_miou``).
     """
     from isle_fast.backend import resolve_backend
     from isle_fast.ensemble.merge import gt_presence, merge_images
@@ -316,13 +554,15 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                              "an ensemble is "
                              f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
                              "pseudo-label set)")
-    img_stack = None
-    if images is not None:
+    img_stack = img_folder = None
+    if images is not None and not isinstance(images, Stack) and _is_image_folder(images):
+        img_folder = Path(images)  # the few images drawn are read from it: no images store needed
+    elif images is not None:
         img_stack = images if isinstance(images, Stack) else open_stack(images, kind="images")
         check_aligned([gt_stack, img_stack], same_classes=False)
     n = len(stacks)
     folder = FolderOutput(out, command="isle report", overwrite=overwrite,
-                          inputs=[*stacks, gt_stack, ens_stack, img_stack])
+                          inputs=[*stacks, gt_stack, ens_stack, img_stack, img_folder])
     work = folder.work
     try:
         everything = stacks + ([ens_stack] if ens_stack is not None else [])
@@ -379,10 +619,12 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                 + [str(sum(int(sel.best[j]) == k for j in fg))] for k in range(n)]
         md += ["## Best set per class (Table 1)\n", _md_table(["method"] + [classes[j] for j in fg]
                                                              + ["classes"], rows),
-               f"\nBackground slice (score sets): {names[int(sel.best[0])]}."
-               + ("" if not absent else
-                  f" Classes without ground-truth pixels ({', '.join(absent)}) cannot be scored and go to "
-                  f"the first set, {names[sel.member_indices[0]]}.")
+               "\n" + " ".join(
+                   ([f"Background slice (score sets): {names[int(sel.best[0])]}."]
+                    if any(s.encoding == "scores" for s in stacks) else [])  # label sets have no slice
+                   + ([] if not absent else
+                      [f"Classes without ground-truth pixels ({', '.join(absent)}) cannot be scored and go to "
+                       f"the first set, {names[sel.member_indices[0]]}."]))
                + "\n"]
 
         comp = _component_summary(ev, sel)
@@ -392,19 +634,25 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         if ens_name is not None and ens_miou is not None:
             rows.append([_ens_label(ens_name), _fmt(ens_miou), "-",
                          f"{ens_miou - float(miou[best_k]):+.2f} vs {names[best_k]}"])
-        md += ["## Ensemble vs components (Table 2, pseudo-labels, no training)\n",
+        md += ["## Ensemble vs its members (Table 2, pseudo-labels, no training)\n",
                _md_table(["method", "mIoU", "classes won", "mean margin in won classes"], rows), ""]
 
         if sa is not None:
             smiou = sa.miou
+            top = sa.best()
             rows = []
             for si, sname in enumerate(sa.names()):
                 mem = np.nonzero(sa.members[si])[0]
                 best_member = max((float(miou[m]) for m in mem if not np.isnan(miou[m])), default=float("nan"))
-                rows.append([sname, str(len(mem)), _fmt(smiou[si], 2), _fmt(smiou[si] - best_member, 2)])
-            note = ("" if ev.average == "dataset" else
-                    "\nSubset ensembles are scored with dataset-level IoU; the gain compares with the "
-                    "members' image-averaged mIoU above.\n")
+                cells = [sname, str(len(mem)), _fmt(smiou[si], 2), _fmt(smiou[si] - best_member, 2)]
+                rows.append([f"**{c}**" for c in cells] if si == top else cells)
+            best_line = f"\nBest subset (bold): **{md_cell(sa.names()[top])}**, mIoU {_fmt(smiou[top], 2)}"
+            if top != len(smiou) - 1:
+                best_line += (f", {smiou[top] - smiou[-1]:+.2f} over the ensemble of all {n} sets: fewer sets "
+                              "make the better ensemble here")
+            note = best_line + ".\n" + ("" if ev.average == "dataset" else
+                                        "\nSubset ensembles are scored with dataset-level IoU; the gain compares "
+                                        "with the members' image-averaged mIoU above.\n")
             md += ["## Ensemble of every subset\n",
                    _md_table(["subset", "sets", "mIoU", "gain over best member"], rows), note]
         (work / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -422,11 +670,13 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         bar_names = names + ([ens_name] if ens_name is not None else [])
         bar_iou = np.concatenate([iou, ens_iou[None]], axis=0) if ens_name is not None else iou
         bar_miou = np.concatenate([miou, [ens_miou]]) if ens_name is not None else miou
-        _bar_chart(work / "per_class_iou.png", classes, bar_names, bar_iou)
-        _heat_table(work / "iou_table.png", classes, bar_names, bar_iou, np.asarray(bar_miou, dtype=float))
+        no_gt = [int(v) == 0 for v in ev.gt_pixels]
+        _bar_chart(work / "per_class_iou.png", classes, bar_names, bar_iou, no_gt=no_gt)
+        _heat_table(work / "iou_table.png", classes, bar_names, bar_iou, np.asarray(bar_miou, dtype=float),
+                    no_gt=no_gt)
         if sa is not None:
-            _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1))
-        if img_stack is not None and gt_stack.num_images:
+            _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1), best=sa.best())
+        if (img_stack is not None or img_folder is not None) and gt_stack.num_images:
             presence = gt_presence(gt_stack, backend=be)
             picks = _pick_images(presence, max(1, num_images))
             ids = [gt_stack.ids[i] for i in picks]
@@ -448,12 +698,29 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                 cols.append(("ensemble", merge_images(stacks, sel, picks, policy=policy, backend=be,
                                                       bg_threshold=bg_threshold)))
             cols.append(("ground truth", [gt_stack.read_image(i) for i in picks]))
-            _samples_figure(work / "samples.png", [img_stack.read_image(i) for i in picks], cols, ids)
-        files = sorted(p.name for p in work.iterdir())
+            if img_stack is not None:
+                rgb = [img_stack.read_image(i) for i in picks]
+            else:
+                assert img_folder is not None
+                rgb = _folder_images(img_folder, ids, [(int(gt_stack.shapes[i][0]), int(gt_stack.shapes[i][1]))
+                                                       for i in picks])
+            _samples_figure(work / "samples.png", rgb, cols, ids,
+                            class_names=classes)
+        options = {"policy": policy, "average": average, "backend": be, "bg_threshold": bg_threshold,
+                   "num_images": num_images if images is not None else None,
+                   "subset analysis": sa is not None}
+        inputs = {**{f"set {names[k]}": s.path for k, s in enumerate(stacks)}, "ground truth": gt_stack.path,
+                  "ensemble": ens_stack.path if ens_stack is not None else ens_source,
+                  "images": img_stack.path if img_stack is not None else
+                  (str(img_folder) if img_folder is not None else None)}
+        files = sorted([p.name for p in work.iterdir()] + ["report.html"])
+        (work / "report.html").write_text(
+            html_report(work, "\n".join(md) + "\n", inputs=inputs, options=options, files=files),
+            encoding="utf-8")
         final = folder.commit()
     except BaseException:
         folder.abort()
         raise
     return {"path": str(final), "files": files, "seconds": time.perf_counter() - t0,
-            "ensemble_miou": ens_miou, "best_component": names[best_k] if n else None,
-            "best_component_miou": float(miou[best_k]) if n else None}
+            "ensemble_miou": ens_miou, "best_member": names[best_k] if n else None,
+            "best_member_miou": float(miou[best_k]) if n else None}

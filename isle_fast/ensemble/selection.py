@@ -52,6 +52,12 @@ class Selection:
     members: np.ndarray
     scores: np.ndarray
 
+    def __repr__(self) -> str:
+        won = [(name, int((self.best[1:] == k).sum())) for k, name in enumerate(self.set_names) if self.members[k]]
+        text = ", ".join(f"{name} {n}" for name, n in won)
+        return (f"<Selection of {len(self.classes)} classes among {len(won)} sets: foreground classes won "
+                f"{text}; .mapping() for each class>")
+
     @property
     def member_indices(self) -> list[int]:
         """Positions of the allowed sets, in order."""
@@ -87,8 +93,18 @@ class Selection:
         }
 
 
-def resolve_members(set_names: Sequence[str], sets: Sequence[str | int] | None) -> np.ndarray:
-    """Boolean mask over ``set_names`` for a list of names or positions (``None``: all).
+def _same_path(a: str, b: str) -> bool:
+    import os
+
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a.rstrip("/") or "/") == os.path.realpath(b.rstrip("/") or "/")
+
+
+def resolve_members(set_names: Sequence[str], sets: Sequence[str | int] | None,
+                    set_paths: Sequence[str] | None = None) -> np.ndarray:
+    """Boolean mask over ``set_names`` for a list of names, positions or (with ``set_paths``, where each
+    set came from) paths of the stores: a name first, else a path (``None``: all).
 
     Raises
     ------
@@ -109,8 +125,11 @@ def resolve_members(set_names: Sequence[str], sets: Sequence[str | int] | None) 
             mask[int(s)] = True
         elif str(s) in set_names:
             mask[list(set_names).index(str(s))] = True
+        elif set_paths and any(_same_path(str(s), str(p)) for p in set_paths):
+            mask[next(k for k, p in enumerate(set_paths) if _same_path(str(s), str(p)))] = True
         else:
-            raise InputError(f"{param('sets')}: no set named {s!r}; the sets are {', '.join(set_names)}")
+            raise InputError(f"{param('sets')}: no set named {s!r} (nor a store of that path); the sets are "
+                             f"{', '.join(set_names)}")
     return mask
 
 
@@ -124,7 +143,8 @@ def select(evaluation: Any = None, sets: Sequence[str | int] | None = None, *,
     evaluation : Evaluation, optional
         Source of the IoU table, class names, set names and gt pixel counts.
     sets : sequence of str or int, optional
-        Restrict the choice to these sets (names or positions).
+        Restrict the choice to these sets (names, positions or, with an ``evaluation``, the stores'
+        paths).
     scores, gt_pixels, set_names, classes : optional
         Give the ``(N, C)`` IoU table, the ``(C,)`` gt pixels per class and the
         names directly instead of an ``evaluation``.
@@ -133,7 +153,9 @@ def select(evaluation: Any = None, sets: Sequence[str | int] | None = None, *,
     -------
     Selection
     """
+    set_paths = None
     if evaluation is not None:
+        set_paths = getattr(evaluation, "set_paths", None)
         scores = evaluation.iou
         gt_pixels = evaluation.gt_pixels
         set_names = evaluation.set_names
@@ -144,7 +166,7 @@ def select(evaluation: Any = None, sets: Sequence[str | int] | None = None, *,
     n, c = scores.shape
     if gt_pixels is None:
         gt_pixels = np.ones(c, dtype=np.int64)
-    members = resolve_members(list(set_names), sets)
+    members = resolve_members(list(set_names), sets, set_paths)
     masked = np.where(members[:, None] & ~np.isnan(scores), scores, -np.inf)
     first = int(np.argmax(members))
     best = np.argmax(masked, axis=0).astype(np.int64)  # argmax keeps the first maximum

@@ -72,6 +72,13 @@ class SubsetAnalysis:
     policy: str = "score"
     seconds: float = 0.0
 
+    def __repr__(self) -> str:
+        if not len(self.members):
+            return f"<SubsetAnalysis of no subsets of {', '.join(self.set_names)}>"
+        b = self.best()
+        return (f"<SubsetAnalysis of {len(self.members)} subsets of {', '.join(self.set_names)} "
+                f"({self.policy} policy): best {self.names()[b]}, mIoU {float(self.miou[b]):.1f}>")
+
     def names(self) -> list[str]:
         """``'A+B'`` style name of every subset."""
         return ["+".join(self.set_names[i] for i in np.nonzero(m)[0]) for m in self.members]
@@ -250,7 +257,7 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
                          new_axes={"a": len(members), "b": c, "d": c + 1},
                          adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
                          concatenate=True, meta=np.empty((0,) * 6, dtype=np.int64))
-    with dask_progress("subsets", quiet=not progress):
+    with dask_progress("subsets", quiet=not progress, images=gt_stack.num_images):
         counts = graph.sum(axis=(0, 1, 2)).compute(scheduler=dask_scheduler())
     counts = np.asarray(counts, dtype=np.int64)
     return SubsetAnalysis(classes=list(evaluation.classes), set_names=list(evaluation.set_names),

@@ -822,7 +822,7 @@ def _compute(job: _Job, labels: np.ndarray | None, n: int, k: int, sched: str, c
         kwargs = {} if sched == "sync" else {"num_workers": n_workers}
         if sched == "processes":
             kwargs["pool"] = _process_pool(n_workers)
-        with dask_progress(desc, quiet=not progress):
+        with dask_progress(desc, quiet=not progress, images=n):
             dask.compute(*tasks, scheduler=sched, **kwargs)
 
 

@@ -154,7 +154,11 @@ def read_ids(path: str | os.PathLike) -> list[str]:
     ``JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png`` (the id
     is the first column's file name without extension). Blank lines and lines
     starting with ``#`` are skipped; a single-column entry that ends with a
-    known image / array extension loses it.
+    known image / array extension loses it. The rules of a folder listing hold:
+    a UTF-8 byte-order mark is dropped, an id may hold spaces (a line is two
+    columns only when both name files: a folder or a known extension), and an
+    entry with a folder (``dir/x``) is its file name (``x``), which is said once
+    (a warning on the ``isle_fast`` logger) unless the line is the two-column form.
 
     Raises
     ------
@@ -168,12 +172,21 @@ def read_ids(path: str | os.PathLike) -> list[str]:
     ids: list[str] = []
     seen: dict[str, int] = {}
     known = {e for e in LABEL_EXTS + SCORE_EXTS + IMAGE_EXTS + TIFF_EXTS}
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+
+    def names_file(text: str) -> bool:
+        return "/" in text or os.path.splitext(text)[1].lower() in known
+
+    folders: list[str] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):  # -sig: a BOM is no id
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        first = line.split()[0]
-        if len(line.split()) > 1 or "/" in first or os.path.splitext(first)[1].lower() in known:
+        cols = line.split()
+        pair = len(cols) == 2 and names_file(cols[0]) and names_file(cols[1])  # VOC's image / mask form
+        first = cols[0] if pair else line  # else the whole line: an id may hold spaces, as in a folder
+        if names_file(first):
+            if "/" in first and not pair:
+                folders.append(first)
             first = stem(first) if os.path.splitext(first)[1].lower() in known else Path(first).name
         if first in seen:
             raise InputError(f"ids file {p} line {n}: id {first!r} repeats line {seen[first]}")
@@ -181,6 +194,14 @@ def read_ids(path: str | os.PathLike) -> list[str]:
         ids.append(first)
     if not ids:
         raise InputError(f"ids file {p} holds no ids")
+    if folders:
+        import logging
+
+        logging.getLogger("isle_fast").warning(
+            "isle: ids file %s: %d entr%s with a folder (e.g. %r) read as %s file name (%r)", p, len(folders),
+            "y" if len(folders) == 1 else "ies", folders[0], "its" if len(folders) == 1 else "their",
+            Path(folders[0]).name.rsplit(".", 1)[0] if os.path.splitext(folders[0])[1].lower() in known
+            else Path(folders[0]).name)
     return ids
 
 

@@ -218,7 +218,7 @@ def ingest_dask(
         fixed = src.map_blocks(fix, dtype=target.dtype)
         from isle_fast.progress import dask_progress
 
-        with dask_progress("ingest dask", quiet=quiet):
+        with dask_progress("ingest", quiet=quiet, images=len(shapes)):
             da.store(fixed, target, lock=False)
         stack = writer.commit()
     seconds = time.perf_counter() - t0

@@ -936,6 +936,10 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
         from isle_fast.outputs import leftover_note
 
         raise StoreError(f"store {spath} does not exist{leftover_note(spath)}")
+    if not is_remote(spath) and not (_local(spath) / "zarr.json").exists():
+        hint = not_a_store_hint(_local(spath), spath)
+        if hint:
+            raise StoreError(hint)
     group = None
     doc = None if is_remote(spath) else _read_doc(_local(spath) / "zarr.json")
     if isinstance(doc, dict) and doc.get("node_type") == "group" and doc.get("zarr_format") == 3 \
@@ -970,6 +974,48 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
     if light is not None:
         return Stack(spath, light=light)
     return Stack(spath, group if group is not None else _zarr_group(spath))
+
+
+#: file suffix -> (what the files are, the ``isle ingest`` format that reads them)
+_SOURCE_FILES = {".png": ("PNG", "labels"), ".jpg": ("JPEG", "images"), ".jpeg": ("JPEG", "images"),
+                 ".npy": ("NPY", "scores"), ".npz": ("NPZ", "scores"), ".tif": ("TIFF", "tiff"),
+                 ".tiff": ("TIFF", "tiff")}
+
+
+def not_a_store_hint(local: Path, spath: str) -> str | None:
+    """What to say when ``local`` (no ``zarr.json``) is given where a store is expected: a folder or
+    file of PNGs / JPEGs / CAMs gets the command that makes a store of it, instead of Zarr's jargon;
+    ``None`` for anything else (Zarr's own message then)."""
+    if local.is_file():
+        what = _SOURCE_FILES.get(local.suffix.lower())
+        if what is None:
+            return f"{spath} is a file, not a store (a store is a folder made by isle ingest)"
+        return (f"{spath} is a {what[0]} file, not a store: a store is made from a folder of such files, "
+                f"e.g. isle ingest {what[1]} {local.parent} -o {local.parent.name or 'set'}.zarr")
+    if not local.is_dir() or (local / ".zgroup").exists() or (local / ".zarray").exists():
+        return None  # a Zarr v2 node: Zarr's message says what it is
+    counts: dict[str, int] = {}
+    for n, entry in enumerate(os.scandir(local)):
+        if n >= 10_000:
+            break
+        suffix = os.path.splitext(entry.name)[1].lower()
+        if suffix in _SOURCE_FILES:
+            counts[suffix] = counts.get(suffix, 0) + 1
+    if not counts:
+        return (f"{spath} is a folder but not a store (no zarr.json); stores are made by isle ingest "
+                "(or give the source folders to isle run)")
+    suffix = max(counts, key=lambda k: counts[k])
+    files, fmt = _SOURCE_FILES[suffix]
+    name = (local.name or "set").removesuffix(".zarr")
+    example = {"labels": f"isle ingest labels {spath} --gt GT.zarr -o {name}.zarr (ground truth: "
+                         f"isle ingest labels {spath} --kind gt -o gt.zarr)",
+               "images": f"isle ingest images {spath} --gt GT.zarr -o images.zarr",
+               "scores": f"isle ingest scores {spath} --gt GT.zarr -o {name}.zarr",
+               "tiff": f"isle ingest tiff {spath} --gt GT.zarr -o {name}.zarr"}[fmt]
+    flag = "--cams" if fmt == "scores" else "--set"
+    run = "" if fmt in ("images", "tiff") else \
+        f" or give the folders to isle run (isle run --gt GT_DIR {flag} NAME=DIR -o RUN), which ingests them"
+    return (f"{spath} is a folder of {files} files, not a store: ingest it first ({example}){run}")
 
 
 def _zarr_group(spath: str) -> Any:
@@ -1213,6 +1259,20 @@ def _default_name(path: str) -> str:
     return base[:-5] if base.endswith(".zarr") else base
 
 
+def _skip_bad_hint(*stacks: "Stack") -> str:
+    """For a store ingested with ``--skip-bad``: how to evaluate on the ids it kept."""
+    for s in stacks:
+        try:
+            skipped = (s.provenance or {}).get("skipped")
+        except Exception:  # provenance of a damaged or foreign store: no hint
+            skipped = None
+        if skipped:
+            return (f". {s.path} was ingested with --skip-bad ({len(skipped)} image(s) left out); to score it on "
+                    f"the images it kept, ingest the ground truth aligned with it: isle ingest labels GT_DIR "
+                    f"--kind gt --gt {s.path} -o gt-kept.zarr")
+    return ""
+
+
 def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None:
     """Raise :class:`AlignmentError` unless all stacks have the same ids, order, shapes (and classes).
 
@@ -1228,7 +1288,7 @@ def check_aligned(stacks: Sequence[Stack], *, same_classes: bool = True) -> None
                 extra = sorted(set(s.ids) - set(ref.ids))
                 what = (f"lacks image id {missing[0]!r}" if missing else f"has extra image id {extra[0]!r}")
                 raise AlignmentError(f"{s.path} {what} (compared with {ref.path}); "
-                                     f"{len(missing)} missing, {len(extra)} extra")
+                                     f"{len(missing)} missing, {len(extra)} extra{_skip_bad_hint(s, ref)}")
             first = next(i for i, (a, b) in enumerate(zip(ref.ids, s.ids)) if a != b)
             raise AlignmentError(f"{s.path} has the image ids of {ref.path} in another order "
                                  f"(position {first}: {s.ids[first]!r} vs {ref.ids[first]!r})")

@@ -1283,9 +1283,9 @@ def test_bg_threshold_library_calls(data, tmp_path, value):
     from isle_fast.errors import InputError
 
     sets = set_paths(data["stores"])
-    with pytest.raises(InputError, match="bg-threshold must be a finite number"):
+    with pytest.raises(InputError, match="^bg_threshold must be a finite number"):
         evaluate(sets, data["stores"]["gt"], bg_threshold=value, progress=False)
-    with pytest.raises(InputError, match="bg-threshold must be a finite number"):
+    with pytest.raises(InputError, match="^bg_threshold must be a finite number"):
         merge(sets, data["stores"]["gt"], tmp_path / "e.zarr", bg_threshold=value, progress=False)
     assert not (tmp_path / "e.zarr").exists()
 

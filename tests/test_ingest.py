@@ -535,3 +535,23 @@ def test_store_round_trip_random_shapes_and_chunks(tmp_path_factory, data):
         oh = s.as_dask().compute()
         lab = s.array[:]
         assert (oh.argmax(-1)[lab < 3] == lab[lab < 3]).all() and (oh[lab == 255] == 0).all()
+
+
+def test_finding_files_from_one_listing_equals_a_stat_per_id(tmp_path):
+    """``_find`` with the folder's listing gives what a stat per candidate gives (dirs, case, links, subfolders)."""
+    from isle_fast.stores.ingest import _files_of, _find
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").mkdir()                    # a folder named like a file is not a file
+    (tmp_path / "c.PNG").write_bytes(b"x")
+    (tmp_path / "d.npy").write_bytes(b"x")
+    (tmp_path / "d.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "e.png").symlink_to(tmp_path / "gone.png")    # a dangling link is no file
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.png").write_bytes(b"x")
+    files = _files_of(tmp_path)
+    for i in ("a", "b", "c", "d", "e", "sub/f", "missing", "sub"):
+        assert _find(tmp_path, i, (".png", ".npy"), files) == _find(tmp_path, i, (".png", ".npy")), i
+    assert _find(tmp_path, "d", (".png", ".npy"), files) == str(tmp_path / "d.png")
+    assert _find(tmp_path, "sub/f", (".png",), files) == str(tmp_path / "sub" / "f.png")
+    assert _files_of(tmp_path / "nope") is None

@@ -31,8 +31,8 @@ Outputs (RUN)
 -------------
 ``ensemble/<id>.png``, ``ensemble.zarr``, ``evaluation.json`` (the
 ``isle evaluate --json`` schema plus the ensemble), ``report/`` (unless
-``report=False``), ``run.json`` (what was run, fingerprints, what was reused,
-seconds per step) and ``cache/``. Results are built in a temporary folder
+``report=False``), ``run.json`` (what was run, fingerprints, what was reused, wall
+and CPU seconds per step) and ``cache/``. Results are built in a temporary folder
 inside RUN (:func:`isle_fast.outputs.temp_path` naming); at the end
 ``run.json`` is removed, each result is moved into place
 (:func:`isle_fast.outputs.commit_dir`), and ``run.json`` is written last. A
@@ -382,7 +382,7 @@ def _fingerprint(**parts: Any) -> str:
 # ======================================================================================== running
 @dataclass
 class JobResult:
-    """What :func:`run_job` did: the paths, the figures, what was reused, seconds per step."""
+    """What :func:`run_job` did: the paths, the figures, what was reused, wall and CPU seconds per step."""
 
     out: str
     images: int
@@ -394,25 +394,50 @@ class JobResult:
     made: list[str]
     seconds: dict[str, float]
     files: dict[str, str]
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """JSON-ready dict."""
         return asdict(self)
 
 
+def _cpu_now() -> float:
+    """CPU seconds (user + sys) of this process and of its live children (the worker pool) so far."""
+    t = time.process_time()
+    try:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                c = child.cpu_times()
+                t += c.user + c.system
+            except psutil.Error:      # gone since the listing: its time is lost, not wrong
+                pass
+    except Exception:
+        pass
+    return t
+
+
 class _Steps:
-    """Times the steps of a run and prints one line per step to stderr (unless quiet)."""
+    """Times the steps of a run (wall and CPU seconds) and prints one line per step to stderr (unless quiet).
+
+    CPU seconds are this process's plus its worker processes' (user + sys), so a
+    run on a busy machine still says how much work each step was.
+    """
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self.t0 = time.perf_counter()
+        self.cpu0 = _cpu_now()
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu_now()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        self.cpu[name] = self.cpu.get(name, 0.0) + _cpu_now() - c
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -773,6 +798,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     _move_results(staging, out, produced)
     result.seconds = {k: round(v, 3) for k, v in steps.seconds.items()}
     result.seconds["total"] = round(steps.total, 3)
+    result.cpu_seconds = {k: round(v, 3) for k, v in steps.cpu.items()}
+    result.cpu_seconds["total"] = round(_cpu_now() - steps.cpu0, 3)
     doc = {"tool": "isle-fast", "command": "isle run", "spec": _spec_json(spec), "fingerprints": fps,
            "png_bytes": exp["bytes"], "compress": exp["compress"], **result.to_json()}
     from isle_fast.outputs import write_json

@@ -122,6 +122,8 @@ def test_run_equals_the_separate_commands(tree, tmp_path, capsys):
     doc = run_doc(run)
     assert doc["made"] == ["gt.zarr", "alpha.zarr", "beta.zarr", "gamma.zarr"] and doc["reused"] == []
     assert set(doc["seconds"]) >= {"ingest", "evaluate", "merge", "export", "report", "total"}
+    assert set(doc["cpu_seconds"]) == set(doc["seconds"])       # CPU per step: this process + its workers
+    assert all(v >= 0 for v in doc["cpu_seconds"].values()) and doc["cpu_seconds"]["total"] > 0
 
 
 def _strip_paths(x):

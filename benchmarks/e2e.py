@@ -532,7 +532,8 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
         timed("isle_warm", job)
         doc = json.loads((work / "run" / "run.json").read_text())
         assert not doc["made"], "the warm run ingested again"
-        log(f"[e2e] {n} images, round {r + 1}: plain {runs['plain'][-1]:.2f} s ({cpu['plain'][-1]:.2f} s CPU), "
+        log(f"[e2e] {n} images, round {r + 1}: plain {runs['plain'][-1]:.2f} s "
+            f"({cpu['plain'][-1]:.2f} s CPU), "
             f"isle run {runs['isle_cold'][-1]:.2f} s ({cpu['isle_cold'][-1]:.2f} s CPU) cold, "
             f"{runs['isle_warm'][-1]:.2f} s ({cpu['isle_warm'][-1]:.2f} s CPU) warm")
     compared = _compare_pngs(work / "run" / "ensemble", work / "plain-out")

@@ -757,21 +757,39 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
         subset = [names[set_names.index(n)] for n in spec.subset]
 
     # -- step 3: merge ---------------------------------------------------------------------------------
-    with steps.step("merge"):
-        res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
-                    subset=subset, evaluation=ev, backend=spec.backend, bg_threshold=spec.bg_threshold,
-                    name="ensemble", progress=progress)
+    # Fused when the stores allow (local, whole images per chunk): each ensemble chunk is counted
+    # against the gt and encoded as PNGs while the merge holds it, instead of reading it back twice.
+    counter, sink = _fused_outputs(spec, gt, staging / "ensemble")
+    try:
+        with steps.step("merge"):
+            res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
+                        subset=subset, evaluation=ev, backend=spec.backend, bg_threshold=spec.bg_threshold,
+                        name="ensemble", progress=progress,
+                        each_chunk=None if counter is None else _each_chunk(counter, sink))
+        if counter is not None and not res.each_chunk_ran:   # the Dask graph ran: the separate passes
+            sink.abort()
+            counter = sink = None
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
     sel = res.selection
-    with steps.step("evaluate"):
-        ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress)
+    if counter is not None:
+        ens_ev = counter.evaluation(res.stack)
+    else:
+        with steps.step("evaluate"):
+            ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress)
     e_miou = float(ens_ev.miou[0])
     steps.say(f"ensemble mIoU {e_miou:.2f}")
     produced = ["ensemble.zarr"]
 
     # -- export ------------------------------------------------------------------------------------------
     with steps.step("export"):
-        exp = export_pngs(res.stack, staging / "ensemble", compress=spec.compress, workers=spec.workers,
-                          progress=progress, backend=spec.backend)
+        if sink is not None:
+            exp = sink.commit()
+        else:
+            exp = export_pngs(res.stack, staging / "ensemble", compress=spec.compress, workers=spec.workers,
+                              progress=progress, backend=spec.backend)
     produced.append("ensemble")
     members = [names[i] for i in sel.member_indices]
     ev.write_json(staging / "evaluation.json", sel, ensemble={
@@ -801,11 +819,36 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     result.cpu_seconds = {k: round(v, 3) for k, v in steps.cpu.items()}
     result.cpu_seconds["total"] = round(_cpu_now() - steps.cpu0, 3)
     doc = {"tool": "isle-fast", "command": "isle run", "spec": _spec_json(spec), "fingerprints": fps,
-           "png_bytes": exp["bytes"], "compress": exp["compress"], **result.to_json()}
+           "png_bytes": exp["bytes"], "compress": exp["compress"],
+           "ensemble_pass": "fused" if counter is not None else "separate", **result.to_json()}
     from isle_fast.outputs import write_json
 
     write_json(out / "run.json", doc, command="isle run")
     return result
+
+
+def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path) -> tuple[Any, Any]:
+    """``(ChunkCounts, ChunkExport)`` for the fused merge pass, or ``(None, None)`` where it cannot run.
+
+    It needs what the merge's local pass needs (local stores in the plain layout, no Dask scheduler
+    asked for) and chunks that hold whole images (PNGs are written per chunk).
+    """
+    from isle_fast.ensemble.evaluate import ChunkCounts, dask_requested
+    from isle_fast.ensemble.report import ChunkExport
+
+    if dask_requested() or gt.chunk_spec() is None or tuple(gt.chunks[1:]) != tuple(gt.shape[1:]):
+        return None, None
+    counter = ChunkCounts(gt, average=spec.average, backend=spec.backend)
+    return counter, ChunkExport(pngs, gt.ids, gt.shapes, compress=spec.compress)
+
+
+def _each_chunk(counter: Any, sink: Any) -> Any:
+    """The merge's ``each_chunk``: count the ensemble chunk against the gt, then write its PNGs."""
+    def each_chunk(start: tuple[int, int, int], labels: np.ndarray) -> None:
+        counter.add(start, labels)
+        sink.write(start[0], labels)
+
+    return each_chunk
 
 
 def _set_fingerprint(path: str, fp: str) -> None:

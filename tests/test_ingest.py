@@ -538,7 +538,7 @@ def test_store_round_trip_random_shapes_and_chunks(tmp_path_factory, data):
 
 
 def test_finding_files_from_one_listing_equals_a_stat_per_id(tmp_path):
-    """``_find`` with the folder's listing gives what a stat per candidate gives (dirs, case, links, subfolders)."""
+    """``_find`` with the listing finds what a stat per candidate finds (dirs, case, links, subfolders)."""
     from isle_fast.stores.ingest import _files_of, _find
 
     (tmp_path / "a.png").write_bytes(b"x")

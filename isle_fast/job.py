@@ -401,20 +401,39 @@ class JobResult:
         return asdict(self)
 
 
+def _children_cpu(pid: int, tick: float, depth: int = 0) -> float:
+    """User + sys seconds of the live descendants of ``pid`` (Linux ``/proc``; 0 where unreadable)."""
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick   # utime, stime
+            except (OSError, ValueError, IndexError):  # gone since the listing: its time is lost
+                continue
+            if depth < 4:
+                total += _children_cpu(k, tick, depth + 1)
+    return total
+
+
 def _cpu_now() -> float:
     """CPU seconds (user + sys) of this process and of its live children (the worker pool) so far."""
     t = time.process_time()
-    try:
-        import psutil
-
-        for child in psutil.Process().children(recursive=True):
-            try:
-                c = child.cpu_times()
-                t += c.user + c.system
-            except psutil.Error:      # gone since the listing: its time is lost, not wrong
-                pass
-    except Exception:
-        pass
+    if sys.platform.startswith("linux"):
+        try:
+            t += _children_cpu(os.getpid(), float(os.sysconf("SC_CLK_TCK")))
+        except (OSError, ValueError):
+            pass
     return t
 
 

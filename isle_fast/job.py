@@ -31,8 +31,8 @@ Outputs (RUN)
 -------------
 ``ensemble/<id>.png``, ``ensemble.zarr``, ``evaluation.json`` (the
 ``isle evaluate --json`` schema plus the ensemble), ``report/`` (unless
-``report=False``), ``run.json`` (what was run, fingerprints, what was reused,
-seconds per step) and ``cache/``. Results are built in a temporary folder
+``report=False``), ``run.json`` (what was run, fingerprints, what was reused, wall
+and CPU seconds per step) and ``cache/``. Results are built in a temporary folder
 inside RUN (:func:`isle_fast.outputs.temp_path` naming); at the end
 ``run.json`` is removed, each result is moved into place
 (:func:`isle_fast.outputs.commit_dir`), and ``run.json`` is written last. A
@@ -385,7 +385,7 @@ def _fingerprint(**parts: Any) -> str:
 # ======================================================================================== running
 @dataclass
 class JobResult:
-    """What :func:`run_job` did: the paths, the figures, what was reused, seconds per step."""
+    """What :func:`run_job` did: the paths, the figures, what was reused, wall and CPU seconds per step."""
 
     out: str
     images: int
@@ -397,25 +397,69 @@ class JobResult:
     made: list[str]
     seconds: dict[str, float]
     files: dict[str, str]
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """JSON-ready dict."""
         return asdict(self)
 
 
+def _children_cpu(pid: int, tick: float, depth: int = 0) -> float:
+    """User + sys seconds of the live descendants of ``pid`` (Linux ``/proc``; 0 where unreadable)."""
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick   # utime, stime
+            except (OSError, ValueError, IndexError):  # gone since the listing: its time is lost
+                continue
+            if depth < 4:
+                total += _children_cpu(k, tick, depth + 1)
+    return total
+
+
+def _cpu_now() -> float:
+    """CPU seconds (user + sys) of this process and of its live children (the worker pool) so far."""
+    t = time.process_time()
+    if sys.platform.startswith("linux"):
+        try:
+            t += _children_cpu(os.getpid(), float(os.sysconf("SC_CLK_TCK")))
+        except (OSError, ValueError):
+            pass
+    return t
+
+
 class _Steps:
-    """Times the steps of a run and prints one line per step to stderr (unless quiet)."""
+    """Times the steps of a run (wall and CPU seconds) and prints one line per step to stderr (unless quiet).
+
+    CPU seconds are this process's plus its worker processes' (user + sys), so a
+    run on a busy machine still says how much work each step was.
+    """
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self.t0 = time.perf_counter()
+        self.cpu0 = _cpu_now()
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu_now()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        self.cpu[name] = self.cpu.get(name, 0.0) + _cpu_now() - c
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -548,6 +592,20 @@ def _move_results(staging: Path, out: Path, made: Sequence[str]) -> None:
             remove_path(trash)
 
 
+def _preload_task_modules() -> None:
+    """Import what the worker tasks run (PNG codec, chunk codecs, ingest, export) before the workers fork.
+
+    This process imports them anyway for its own steps; imported before the
+    fork, every worker has them already instead of importing them again at its
+    first task (about 0.1 s of CPU per worker). None of them starts a thread.
+    """
+    import cloudpickle  # noqa: F401 - the workers unpickle their task functions with it
+    import google_crc32c  # noqa: F401
+    import numcodecs  # noqa: F401
+
+    from isle_fast.stores import chunkio, chunks, export, formats, ingest, png  # noqa: F401
+
+
 def _warm_up(backend: str) -> None:
     """Load the kernels the steps after ingest need from Numba's cache, in a background thread.
 
@@ -607,6 +665,8 @@ def run_job(spec: JobSpec) -> JobResult:
     with _locked(out), (_locked(cache) if _resolved(cache) != _resolved(out) else contextlib.nullcontext()):
         _clean_stale(out)       # the cache's stores: create_stack cleans their temporaries (check_output)
         workers = spec.workers or parallel.default_workers()
+        if workers > 1:
+            _preload_task_modules()
         pool = parallel.ProcessPool(workers) if workers > 1 else None
         staging = temp_path(out / ".staging")
         try:
@@ -721,21 +781,39 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
         subset = [names[set_names.index(n)] for n in spec.subset]
 
     # -- step 3: merge ---------------------------------------------------------------------------------
-    with steps.step("merge"):
-        res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
-                    subset=subset, evaluation=ev, backend=spec.backend, bg_threshold=spec.bg_threshold,
-                    name="ensemble", progress=progress)
+    # Fused when the stores allow (local, whole images per chunk): each ensemble chunk is counted
+    # against the gt and encoded as PNGs while the merge holds it, instead of reading it back twice.
+    counter, sink = _fused_outputs(spec, gt, staging / "ensemble")
+    try:
+        with steps.step("merge"):
+            res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
+                        subset=subset, evaluation=ev, backend=spec.backend, bg_threshold=spec.bg_threshold,
+                        name="ensemble", progress=progress,
+                        each_chunk=None if counter is None else _each_chunk(counter, sink))
+        if counter is not None and not res.each_chunk_ran:   # the Dask graph ran: the separate passes
+            sink.abort()
+            counter = sink = None
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
     sel = res.selection
-    with steps.step("evaluate"):
-        ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress)
+    if counter is not None:
+        ens_ev = counter.evaluation(res.stack)
+    else:
+        with steps.step("evaluate"):
+            ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress)
     e_miou = float(ens_ev.miou[0])
     steps.say(f"ensemble mIoU {e_miou:.2f}")
     produced = ["ensemble.zarr"]
 
     # -- export ------------------------------------------------------------------------------------------
     with steps.step("export"):
-        exp = export_pngs(res.stack, staging / "ensemble", compress=spec.compress, workers=spec.workers,
-                          progress=progress, backend=spec.backend)
+        if sink is not None:
+            exp = sink.commit()
+        else:
+            exp = export_pngs(res.stack, staging / "ensemble", compress=spec.compress, workers=spec.workers,
+                              progress=progress, backend=spec.backend)
     produced.append("ensemble")
     members = [names[i] for i in sel.member_indices]
     ev.write_json(staging / "evaluation.json", sel, ensemble={
@@ -762,12 +840,40 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     _move_results(staging, out, produced)
     result.seconds = {k: round(v, 3) for k, v in steps.seconds.items()}
     result.seconds["total"] = round(steps.total, 3)
+    result.cpu_seconds = {k: round(v, 3) for k, v in steps.cpu.items()}
+    result.cpu_seconds["total"] = round(_cpu_now() - steps.cpu0, 3)
     doc = {"tool": "isle-fast", "command": "isle run", "spec": _spec_json(spec), "fingerprints": fps,
-           "png_bytes": exp["bytes"], "compress": exp["compress"], **result.to_json()}
+           "png_bytes": exp["bytes"], "compress": exp["compress"],
+           "ensemble_pass": "fused" if counter is not None else "separate", **result.to_json()}
     from isle_fast.outputs import write_json
 
     write_json(out / "run.json", doc, command="isle run")
     return result
+
+
+def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path) -> tuple[Any, Any]:
+    """``(ChunkCounts, ChunkExport)`` for the fused merge pass, or ``(None, None)`` where it cannot run.
+
+    It needs what the merge's local pass needs (local stores in the plain layout, no Dask scheduler
+    asked for) and chunks that hold whole images (PNGs are written per chunk).
+    """
+    from isle_fast.ensemble.evaluate import ChunkCounts
+    from isle_fast.ensemble.graph import dask_requested
+    from isle_fast.ensemble.report import ChunkExport
+
+    if dask_requested() or gt.chunk_spec() is None or tuple(gt.chunks[1:]) != tuple(gt.shape[1:]):
+        return None, None
+    counter = ChunkCounts(gt, average=spec.average, backend=spec.backend)
+    return counter, ChunkExport(pngs, gt.ids, gt.shapes, compress=spec.compress)
+
+
+def _each_chunk(counter: Any, sink: Any) -> Any:
+    """The merge's ``each_chunk``: count the ensemble chunk against the gt, then write its PNGs."""
+    def each_chunk(start: tuple[int, int, int], labels: np.ndarray) -> None:
+        counter.add(start, labels)
+        sink.write(start[0], labels)
+
+    return each_chunk
 
 
 def _set_fingerprint(path: str, fp: str) -> None:

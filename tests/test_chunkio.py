@@ -159,3 +159,33 @@ def test_process_ingest_writes_every_chunk_checksummed_with_a_manifest(tmp_path)
     z[:] = np.asarray(arr[:])
     assert _chunk_files(str(tmp_path / "z")) == files
     assert open_stack(tmp_path / "s.zarr").ids == [f"im{i:02d}" for i in range(23)]
+
+
+def test_commit_reads_the_manifest_from_the_files_and_refuses_a_missing_chunk(tmp_path):
+    """Commit's manifest is every chunk file's crc32c trailer, read from the files; a missing chunk fails."""
+    from isle_fast.stores.chunks import MANIFEST_ATTR
+    from isle_fast.stores.stack import create_stack
+
+    rng = np.random.default_rng(4)
+    shapes = [(12, 10)] * 7
+    w = create_stack(str(tmp_path / "a.zarr"), kind="gt", classes=["bg", "x"],
+                     ids=[f"i{k}" for k in range(7)], shapes=shapes, chunks=(3, 8, 8))
+    spec = write_spec(w.array)
+    prepare_folders(spec)
+    for s0 in range(0, 7, 3):
+        write_block(spec, s0, rng.integers(0, 2, size=(min(3, 7 - s0), 12, 10)).astype(np.uint8))
+    st_ = w.commit()
+    root = tmp_path / "a.zarr" / "labels"
+    tails = []
+    for idx in np.ndindex(3, 2, 2):
+        data = (root / "c" / "/".join(map(str, idx))).read_bytes()
+        tails.append(int.from_bytes(data[-4:], "little"))
+    assert st_.array.attrs[MANIFEST_ATTR] == tails
+    w = create_stack(str(tmp_path / "b.zarr"), kind="gt", classes=["bg", "x"], ids=["a", "b"],
+                     shapes=[(4, 4)] * 2, chunks=(1, 4, 4))
+    spec = write_spec(w.array)
+    prepare_folders(spec)
+    write_block(spec, 0, np.zeros((1, 4, 4), np.uint8))       # chunk 1 is never written
+    with pytest.raises(RuntimeError, match="never written"):
+        w.commit()
+    w.abort()

@@ -130,3 +130,25 @@ def test_cli_export_worker_killed_then_rerun(tmp_path):
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
     assert main(argv) == 0
     assert len(list(out.glob("*.png"))) == 300
+
+
+def test_blocks_in_memory_write_the_files_the_export_writes(tmp_path):
+    """``LabelPngWriter`` (isle run's fused export) writes what ``export_pngs`` writes; refuses cut images."""
+    from isle_fast.stores.export import LabelPngWriter
+
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 4, size=(int(rng.integers(20, 41)), int(rng.integers(20, 51)))).astype(np.uint8)
+              for _ in range(12)]
+    st_ = write_stack(str(tmp_path / "s.zarr"), images, num_classes=21, chunks=(5, 40, 50))
+    export_pngs(st_, tmp_path / "a", progress=False, workers=1)
+    (tmp_path / "b").mkdir()
+    w = LabelPngWriter(tmp_path / "b", [f"{i}.png" for i in st_.ids], st_.shapes)
+    arr = np.asarray(st_.array[:])
+    assert w.write(0, arr[:7]) > 0 and w.write(7, arr[7:]) > 0
+    assert w.images == 12
+    for i in st_.ids:
+        assert (tmp_path / "a" / f"{i}.png").read_bytes() == (tmp_path / "b" / f"{i}.png").read_bytes()
+    with pytest.raises(ValueError, match="cuts"):
+        w.write(0, np.ascontiguousarray(arr[:2, :10, :10]))
+    with pytest.raises(ValueError, match="outside"):
+        w.write(11, arr[:2])

@@ -339,8 +339,9 @@ def test_scores_low_res_cam_refused_or_upsampled(tmp_path, rng):
                       upsample=True, quiet=True)
     x = s.read_image("a")
     assert x.shape == (8, 8, C) and (x[..., 5] == 128).all() and (x[..., 0] == 38).all()
-    with pytest.raises(InputError, match="--gt"):
+    with pytest.raises(InputError, match=r"give the ground truth \(gt\)") as err:  # the API names the parameter
         ingest_scores(tmp_path / "cam", tmp_path / "s2.zarr", upsample=True, quiet=True)
+    assert "(--gt)" in err.value.for_cli()                                     # the command line, the flag
 
 
 def test_scores_plain_layouts(tmp_path, rng):
@@ -551,3 +552,23 @@ def test_store_round_trip_random_shapes_and_chunks(tmp_path_factory, data):
         oh = s.as_dask().compute()
         lab = s.array[:]
         assert (oh.argmax(-1)[lab < 3] == lab[lab < 3]).all() and (oh[lab == 255] == 0).all()
+
+
+def test_finding_files_from_one_listing_equals_a_stat_per_id(tmp_path):
+    """``_find`` with the listing finds what a stat per candidate finds (dirs, case, links, subfolders)."""
+    from isle_fast.stores.ingest import _files_of, _find
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").mkdir()                    # a folder named like a file is not a file
+    (tmp_path / "c.PNG").write_bytes(b"x")
+    (tmp_path / "d.npy").write_bytes(b"x")
+    (tmp_path / "d.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "e.png").symlink_to(tmp_path / "gone.png")    # a dangling link is no file
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "f.png").write_bytes(b"x")
+    files = _files_of(tmp_path)
+    for i in ("a", "b", "c", "d", "e", "sub/f", "missing", "sub"):
+        assert _find(tmp_path, i, (".png", ".npy"), files) == _find(tmp_path, i, (".png", ".npy")), i
+    assert _find(tmp_path, "d", (".png", ".npy"), files) == str(tmp_path / "d.png")
+    assert _find(tmp_path, "sub/f", (".png",), files) == str(tmp_path / "sub" / "f.png")
+    assert _files_of(tmp_path / "nope") is None

@@ -122,6 +122,8 @@ def test_run_equals_the_separate_commands(tree, tmp_path, capsys):
     doc = run_doc(run)
     assert doc["made"] == ["gt.zarr", "alpha.zarr", "beta.zarr", "gamma.zarr"] and doc["reused"] == []
     assert set(doc["seconds"]) >= {"ingest", "evaluate", "merge", "export", "report", "total"}
+    assert set(doc["cpu_seconds"]) == set(doc["seconds"])       # CPU per step: this process + its workers
+    assert all(v >= 0 for v in doc["cpu_seconds"].values()) and doc["cpu_seconds"]["total"] > 0
 
 
 def _strip_paths(x):
@@ -147,6 +149,47 @@ def test_toml_and_flags_give_the_same_run(tree, tmp_path, capsys):
     for p in (tmp_path / "r1" / "ensemble").glob("*.png"):
         assert p.read_bytes() == (tmp_path / "r2" / "ensemble" / p.name).read_bytes()
     assert run_doc(tmp_path / "r1")["spec"]["policy"] == "order"
+
+
+@pytest.mark.parametrize("average", ["dataset", "image"])
+def test_the_fused_ensemble_pass_equals_the_separate_one(tree, tmp_path, capsys, average):
+    """Counting and encoding each ensemble chunk inside the merge gives the store, PNGs and scores that
+    the separate evaluate and export passes give (forced by a Dask scheduler: the merge's graph then runs)."""
+    argv = ["run", tree, "--no-report", "--average", average, "--workers", "2"]
+    import dask
+
+    assert run_cli(capsys, *argv, "--out", tmp_path / "fused")[0] == 0
+    with dask.config.set(scheduler="sync"):        # (not DASK_SCHEDULER: Dask keeps it once imported)
+        assert run_cli(capsys, *argv, "--out", tmp_path / "separate")[0] == 0
+    a, b = run_doc(tmp_path / "fused"), run_doc(tmp_path / "separate")
+    assert (a["ensemble_pass"], b["ensemble_pass"]) == ("fused", "separate")
+    assert a["ensemble_miou"] == b["ensemble_miou"] and a["png_bytes"] == b["png_bytes"]
+    fa, fb = sorted((tmp_path / "fused" / "ensemble").glob("*.png")), sorted((tmp_path / "separate" /
+                                                                              "ensemble").glob("*.png"))
+    assert [p.name for p in fa] == [p.name for p in fb] and len(fa) == 40
+    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(fa, fb))
+    assert (tmp_path / "fused" / "ensemble" / ".isle-output.json").is_file()
+    ea = json.loads((tmp_path / "fused" / "evaluation.json").read_text())["ensemble"]
+    eb = json.loads((tmp_path / "separate" / "evaluation.json").read_text())["ensemble"]
+    assert ea == eb
+    assert np.array_equal(open_stack(tmp_path / "fused" / "ensemble.zarr").array[:],
+                          open_stack(tmp_path / "separate" / "ensemble.zarr").array[:])
+
+
+def test_a_failing_fused_export_leaves_no_folder(tree, tmp_path, capsys, monkeypatch):
+    """An error while the merge encodes PNGs fails the run and leaves no ensemble, PNG or staging folder."""
+    from isle_fast.stores import export
+
+    def broken(self, start, block):
+        real(self, start, block.copy()[:1])                 # some PNGs are written, then the disk is full
+        raise OSError("disk full (simulated)")
+
+    real = export.LabelPngWriter.write
+    monkeypatch.setattr(export.LabelPngWriter, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_job(spec_from_root(tree, out=tmp_path / "run", report=False, quiet=True, workers=2))
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == sorted([".isle-output.json", ".isle-run.lock", "cache"]), left
 
 
 # --------------------------------------------------------------------------------- the cache

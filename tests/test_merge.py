@@ -407,3 +407,38 @@ def test_image_strategy_ranks_by_image_labels(stack_factory):
     for i in range(3):
         want = _drop_reference(src[i], labels[i])
         np.testing.assert_array_equal(res.stack.read_image(i), want)
+
+
+@pytest.mark.parametrize("average", ["dataset", "image"])
+@pytest.mark.parametrize("chunks", [(2, 8, 8), (3, 4, 5)])
+def test_each_chunk_sees_the_stored_ensemble_and_counts_like_evaluate(tmp_path, rng, average, chunks):
+    """``merge(each_chunk=...)`` gets each chunk as stored; ``ChunkCounts`` of them equal ``evaluate``."""
+    from isle_fast.ensemble.evaluate import ChunkCounts
+
+    gt = write_stack(str(tmp_path / "gt"), label_imgs(rng, p_abstain=0.1), kind="gt", num_classes=C,
+                     chunks=chunks)
+    sets = [write_stack(str(tmp_path / f"s{k}"), label_imgs(rng), num_classes=C, chunks=chunks, name="ABC"[k])
+            for k in range(3)]
+    counter = ChunkCounts(gt, average=average, backend="cpu")
+    seen = {}
+
+    def each_chunk(start, labels):
+        counter.add(start, labels)
+        seen[start] = labels.copy()
+
+    res = merge(sets, gt, str(tmp_path / "ens"), backend="cpu", progress=False, each_chunk=each_chunk)
+    assert res.each_chunk_ran
+    stored = np.asarray(res.stack.array[:])
+    grid = [range(0, n, c) for n, c in zip(stored.shape, chunks)]
+    assert sorted(seen) == sorted((i, r, c) for i in grid[0] for r in grid[1] for c in grid[2])
+    for (i, r, c), lab in seen.items():
+        assert np.array_equal(stored[i:i + lab.shape[0], r:r + lab.shape[1], c:c + lab.shape[2]], lab)
+    direct = evaluate([res.stack], gt, average=average, backend="cpu", progress=False)
+    fused = counter.evaluation(res.stack)
+    assert np.array_equal(fused.counts, direct.counts) and fused.set_names == direct.set_names
+    assert (fused.image_stats is None) == (direct.image_stats is None)
+    if direct.image_stats is not None:
+        assert np.array_equal(fused.image_stats, direct.image_stats)
+    assert np.array_equal(fused.iou, direct.iou, equal_nan=True)
+    with pytest.raises(RuntimeError, match="expected"):          # a chunk that never came is an error
+        ChunkCounts(gt, average=average, backend="cpu").evaluation(res.stack)

@@ -138,3 +138,27 @@ def test_an_over_long_stream_is_refused_without_inflating_it():
             + chunk(b"PLTE", bytes(PALETTE)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     assert decode_label_png(data) is None
     assert a.shape == (4, 4)
+
+
+@settings(max_examples=80, deadline=None)
+@given(h=st.integers(1, 300), w=st.integers(1, 300), seed=st.integers(0, 2**31),
+       noise=st.sampled_from([0.0, 0.01, 0.3, 1.0]))
+def test_zlib_ng_and_the_standard_library_give_the_same_files_and_arrays(h, w, seed, noise, monkeypatch):
+    """The codec runs on zlib-ng when installed: its ``rle`` bytes and its decode equal plain zlib's."""
+    from isle_fast.stores import png
+
+    if png.INFLATE == "zlib":
+        pytest.skip("zlib-ng is not installed")
+    rng = np.random.default_rng(seed)
+    a = label_map(rng, h, w)
+    hit = rng.random((h, w)) < noise
+    a[hit] = rng.integers(0, 256, size=int(hit.sum()))
+    level, strategy = zlib_options("rle")
+    fast = encode_palette_png(a, bytes(PALETTE), level, strategy)
+    decoded_fast = decode_label_png(fast)
+    with monkeypatch.context() as m:
+        m.setattr(png, "_ng", zlib)
+        plain = encode_palette_png(a, bytes(PALETTE), level, strategy)
+        decoded_plain = decode_label_png(fast)
+    assert fast == plain
+    assert np.array_equal(decoded_fast, a) and np.array_equal(decoded_plain, a)

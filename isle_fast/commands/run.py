@@ -84,8 +84,9 @@ def spec_from_args(args: argparse.Namespace):
 
     from isle_fast.errors import InputError
     from isle_fast.job import JobSpec, spec_from_root, spec_from_toml
-    from isle_fast.refinement.chain import parse_chain
 
+    if args.refine:
+        from isle_fast.refinement.chain import parse_chain
     options = {
         "out": Path(args.out) if args.out else None, "cache": Path(args.cache) if args.cache else None,
         "ids": Path(args.ids) if args.ids else None, "images": Path(args.images) if args.images else None,

@@ -46,7 +46,7 @@ from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, local_specs
 from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack
 
-__all__ = ["Evaluation", "evaluate", "check_bg_threshold", "AVERAGES"]
+__all__ = ["Evaluation", "evaluate", "check_bg_threshold", "AVERAGES", "ChunkCounts"]
 
 AVERAGES = ("dataset", "image")
 
@@ -428,6 +428,83 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
             size = tasks[t][1]
             pb.advance(size[0] * size[1] * size[2] / (h * w))  # a tile's share of its images
     return counts, stats
+
+
+class ChunkCounts:
+    """The evaluation of one label set whose chunks arrive one at a time, already in memory (a fused pass).
+
+    ``isle run`` counts every ensemble chunk against the gt right after the
+    merge wrote it, instead of reading the ensemble back in a second pass.
+    :meth:`add` runs the local pass's task on the chunk (the gt region read by
+    the direct reader, the same kernel call), so :meth:`evaluation` equals
+    ``evaluate([stack], gt, average=..., backend=...)`` of the store the chunks
+    were written to, count for count. Thread-safe.
+
+    Parameters
+    ----------
+    gt : Stack
+        The ground truth, on local disk in the plain layout (``gt.chunk_spec()``
+        is not None; :class:`ValueError` otherwise).
+    average : {'dataset', 'image'}
+    backend : {'auto', 'cpu', 'gpu'}
+    """
+
+    def __init__(self, gt: Stack, *, average: str = "dataset", backend: str = "auto"):
+        import threading
+
+        from isle_fast.backend import resolve_backend
+
+        if average not in AVERAGES:
+            raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+        self.spec = gt.chunk_spec()
+        if self.spec is None:
+            raise ValueError(f"{gt.path}: chunks are counted against a local gt in the plain layout only")
+        self.gt = gt
+        self.average = average
+        self.backend = resolve_backend(backend)
+        self.t0 = time.perf_counter()
+        c = gt.num_classes
+        self.counts = np.zeros((1, c, c + 1), dtype=np.int64)
+        self.stats = np.zeros((gt.num_images, 1, c, 2), dtype=np.int64) if average == "image" else None
+        self.pixels = 0
+        self._lock = threading.Lock()
+
+    def add(self, start: tuple[int, int, int], labels: np.ndarray) -> None:
+        """Count the label region starting at ``start`` (image, row, column; on the gt's chunk grid)."""
+        from isle_fast.stores.chunks import read_chunk
+
+        k, hc, wc = (int(v) for v in self.gt.chunks)
+        i0, r0, c0 = (int(v) for v in start)
+        if i0 % k or r0 % hc or c0 % wc:
+            raise ValueError(f"region at {start} does not start a chunk of the gt's {self.gt.chunks} grid")
+        shape = tuple(int(v) for v in labels.shape)
+        assert self.spec is not None, "ChunkCounts needs the gt's plain chunk layout"
+        g = read_chunk(self.spec, block_id=(i0 // k, r0 // hc, c0 // wc),
+                       block_info={None: {"chunk-shape": shape}})
+        out = _confusion_block(g, labels, backend=self.backend, groups=(Group("labels", (0,)),), order=(0,),
+                               num_classes=self.gt.num_classes, per_image=self.stats is not None)
+        with self._lock:
+            self.counts += out.sum(axis=(0, 1, 2))
+            if self.stats is not None:
+                self.stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
+            self.pixels += labels.size
+
+    def evaluation(self, stack: Stack) -> Evaluation:
+        """The :class:`Evaluation` of ``stack`` (the store the chunks were written to).
+
+        Raises
+        ------
+        RuntimeError
+            Not every chunk was counted (``stack``'s size and the pixels added differ).
+        """
+        expected = int(np.prod(self.gt.shape))
+        if self.pixels != expected:
+            raise RuntimeError(f"counted {self.pixels} pixels of {stack.path}, expected {expected}")
+        return Evaluation(classes=list(self.gt.classes), set_names=unique_names([stack]),
+                          counts=self.counts.copy(), average=self.average,
+                          image_stats=None if self.stats is None else self.stats.copy(),
+                          set_paths=[stack.path], gt_path=self.gt.path, backend=self.backend,
+                          seconds=time.perf_counter() - self.t0)
 
 
 def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend: str = "auto",

@@ -53,7 +53,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -232,8 +232,13 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
 
 def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], shapes: np.ndarray,
                       choice: np.ndarray, allowed: np.ndarray | None, block: tuple[int, int, int],
-                      region: tuple[int, int, int], *, backend: str, plan: MergePlan) -> int:
-    """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk."""
+                      region: tuple[int, int, int], *, backend: str, plan: MergePlan,
+                      each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> int:
+    """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk.
+
+    ``each_chunk(start, labels)``, when given, is then called with the chunk as written (``start``:
+    its first ``(image, row, column)``; ``labels``: the region, padding = 255).
+    """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
     from isle_fast.stores.chunks import read_chunk
@@ -249,11 +254,14 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     lab = np.require(lab, np.uint8, ["C", "W"])
     inside = _fill_padding(lab, shapes[i0:i0 + region[0]], j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
+    if each_chunk is not None:
+        each_chunk((i0, j * hc, l * wc), lab)
     return inside
 
 
 def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: MergePlan, choice: np.ndarray,
-                 *, backend: str, progress: bool, allowed: np.ndarray | None = None) -> int | None:
+                 *, backend: str, progress: bool, allowed: np.ndarray | None = None,
+                 each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> int | None:
     """The merge on a thread pool here (one task per gt chunk, direct chunk reads and writes); pixels written.
 
     None when the stores do not allow it (see :func:`isle_fast.ensemble.graph.local_specs`; label
@@ -281,7 +289,7 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     fn = partial(_local_merge_task, specs[1:], out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
                  np.asarray(choice, dtype=np.int64),
                  None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool),
-                 backend=backend, plan=plan)
+                 backend=backend, plan=plan, each_chunk=each_chunk)
     written = 0
     with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
@@ -377,6 +385,8 @@ class MergeResult:
     plan: MergePlan
     seconds: float
     info: dict = field(default_factory=dict)
+    #: Whether ``merge(each_chunk=...)`` was called with every chunk (the local pass ran).
+    each_chunk_ran: bool = False
 
     def __repr__(self) -> str:
         members = ", ".join(self.evaluation.set_names[i] for i in self.selection.member_indices)
@@ -402,7 +412,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
           strategy: str = "class", subset: Sequence[str | int] | None = None,
           evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
-          progress: bool = True, image_labels: Any = None) -> MergeResult:
+          progress: bool = True, image_labels: Any = None,
+          each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
     Parameters
@@ -438,6 +449,15 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         order; :mod:`isle_fast.stores.image_labels`): claims of classes absent
         from an image's labels are dropped, and the image strategy ranks by
         them instead of the gt. Every gt image needs labels.
+    each_chunk : callable, optional
+        ``each_chunk(start, labels)``: called with every ensemble chunk once it
+        is written (``start``: its first ``(image, row, column)``; ``labels``:
+        the chunk's region of the array, padding = 255), from the threads of the
+        local pass, so a caller can use the chunk while it is in memory
+        (``isle run`` counts it against the gt and encodes its PNGs). Only the
+        local pass calls it: :attr:`MergeResult.each_chunk_ran` says whether it
+        ran (the Dask graph, taken for a cluster, remote stores or another
+        layout, does not call it).
 
     Returns
     -------
@@ -515,13 +535,14 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
     try:
         written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be,
-                                    progress=progress, allowed=allowed)
+                                    progress=progress, allowed=allowed, each_chunk=each_chunk)
         if written_here is not None:
             if written_here != expected:  # every chunk must have run exactly once
                 raise RuntimeError(f"merge wrote {written_here} pixels, expected {expected}")
             stack = writer.commit()
             return MergeResult(stack=stack, evaluation=evaluation, selection=selection, plan=plan,
-                               seconds=time.perf_counter() - t0, info=info)
+                               seconds=time.perf_counter() - t0, info=info,
+                               each_chunk_ran=each_chunk is not None)
     except BaseException:
         writer.abort()
         raise

@@ -45,7 +45,7 @@ from isle_fast.ensemble.selection import select
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput
 
-__all__ = ["report", "export_pngs", "html_report"]
+__all__ = ["report", "export_pngs", "html_report", "ChunkExport"]
 
 #: Store kinds ``report(ensemble=...)`` accepts: ours, or one made elsewhere and ingested as a set.
 ENSEMBLE_KINDS = ("ensemble", "pseudo")
@@ -121,6 +121,70 @@ def export_pngs(store: Any, out: str | os.PathLike, *, overwrite: bool = False, 
         raise
     return {"images": stack.num_images, "path": str(final), "seconds": time.perf_counter() - t0,
             "bytes": res["bytes"], "compress": res["compress"]}
+
+
+class ChunkExport:
+    """:func:`export_pngs` fed with label chunks already in memory: the same folder, files and bytes.
+
+    ``isle run`` hands every ensemble chunk to :meth:`write` as the merge makes
+    it (:func:`isle_fast.ensemble.merge.merge`'s ``each_chunk``), so the store is
+    not read back for the PNGs. The folder is built in a temporary sibling
+    (:class:`isle_fast.outputs.FolderOutput`); :meth:`commit` checks that every
+    image was written and moves it into place, :meth:`abort` removes it.
+
+    Parameters
+    ----------
+    out : path
+        Output folder; must not exist unless ``overwrite``.
+    ids : sequence of str
+        Image ids (files ``<id>.png``), in store order.
+    shapes : (I, 2) array
+        True image sizes.
+    compress : {'rle', 0..9}
+    overwrite : bool
+    inputs : sequence
+        Paths the folder must not replace or enter (:func:`isle_fast.outputs.check_output`).
+    """
+
+    def __init__(self, out: str | os.PathLike, ids: Sequence[str], shapes: Any, *,
+                 compress: str | int = "rle", overwrite: bool = False, inputs: Sequence[Any] = ()):
+        from isle_fast.stores.export import LabelPngWriter, png_options
+
+        png_options(compress)
+        rel = [_safe_relpath(i) for i in ids]
+        self.t0 = time.perf_counter()
+        self.compress = str(compress)
+        self.folder = FolderOutput(out, command="isle export", overwrite=overwrite, inputs=list(inputs))
+        try:
+            self.writer = LabelPngWriter(self.folder.work, [str(r.with_name(r.name + ".png")) for r in rel],
+                                         shapes, compress=compress)
+        except BaseException:
+            self.folder.abort()
+            raise
+
+    def write(self, start: int, block: np.ndarray) -> int:
+        """Encode images ``start ..`` of ``block`` (padded, whole images); see :class:`LabelPngWriter`."""
+        return self.writer.write(start, block)
+
+    def commit(self) -> dict:
+        """Move the folder into place; returns what :func:`export_pngs` returns.
+
+        Raises
+        ------
+        RuntimeError
+            Not every image was written (the folder is removed).
+        """
+        n = len(self.writer.job.files)
+        if self.writer.images != n:
+            self.abort()
+            raise RuntimeError(f"exported {self.writer.images} of {n} images")
+        final = self.folder.commit()
+        return {"images": n, "path": str(final), "seconds": time.perf_counter() - self.t0,
+                "bytes": self.writer.bytes, "compress": self.compress}
+
+    def abort(self) -> None:
+        """Remove the temporary folder."""
+        self.folder.abort()
 
 
 # -- tables -------------------------------------------------------------------------------

@@ -273,7 +273,8 @@ def _reference(gt: Any, ids: list[str] | None, workers: int) -> _Reference | Non
         use = [i for i in files]
     else:
         use = ids
-    found = [(i, _find(d, i, LABEL_EXTS)) for i in use]
+    listing = _files_of(d)
+    found = [(i, _find(d, i, LABEL_EXTS, listing)) for i in use]
     shapes = {}
 
     def head(item):
@@ -307,12 +308,27 @@ def _listing(folder: Path, exts: Sequence[str], what: str) -> list[str]:
     return list(by_id)
 
 
-def _find(folder: Path, image_id: str, exts: Sequence[str]) -> str | None:
+def _files_of(folder: Path) -> set[str] | None:
+    """Names of the files (symlinks followed) directly in ``folder``: one directory read, no stat per file."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name for e in it if e.is_file()}
+    except OSError:
+        return None
+
+
+def _find(folder: Path, image_id: str, exts: Sequence[str], files: set[str] | None = None) -> str | None:
+    """The file of ``image_id`` (``<id><ext>``, extensions in order, lower case first), or None.
+
+    ``files``: the folder's file names (:func:`_files_of`), looked up instead of a ``stat`` per
+    candidate; ids naming a subfolder (``a/b``) are looked up on disk.
+    """
+    local = files is not None and "/" not in image_id and os.sep not in image_id
     for e in exts:
         for cand in (e, e.upper()):
-            p = folder / f"{image_id}{cand}"
-            if p.is_file():
-                return str(p)
+            name = f"{image_id}{cand}"
+            if name in files if files is not None and local else (folder / name).is_file():
+                return str(folder / name)
     return None
 
 
@@ -346,8 +362,9 @@ def _select(src: str | os.PathLike, exts: Sequence[str], ids: Any, ref: _Referen
         if len(set(id_list)) != len(id_list):
             raise InputError("ids repeat an id")
     items, missing = [], []
+    files = _files_of(folder)
     for i in id_list:
-        f = _find(folder, i, exts)
+        f = _find(folder, i, exts, files)
         if f is None:
             missing.append((i, str(folder / f"{i}{exts[0]}"),
                             f"no file for this id in {folder} (looked for {'/'.join(exts)})"))

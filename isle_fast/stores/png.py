@@ -5,10 +5,20 @@ row stored unfiltered (filter type 0: PIL and libpng write palette images
 that way, and so are all 1,449 VOC val files). For such a file the pixel
 values are the inflated IDAT stream minus one filter byte per row, so
 decoding is one ``zlib`` call and a NumPy view, and encoding is one ``zlib``
-call and four chunks. ``zlib`` releases the GIL; there is no per-row Python
-or C overhead. Measured on the VOC val maps, one core, CPU time: decode about
-0.30 ms a file against 0.375 ms for ``np.asarray(PIL.Image.open(f))``, encode
-2,700 maps/s against PIL's 2,280/s at the same settings, with output
+call and four chunks. There is no per-row Python or C overhead.
+
+The inflate, and the deflate of ``rle`` (``Z_RLE``), run on zlib-ng
+(the ``zlib-ng`` package, :data:`INFLATE`) when it is installed, else on
+the standard library's ``zlib``. zlib-ng inflates these streams about 10x
+faster (long runs of one value are its fast copy path) and its ``Z_RLE``
+deflate is about 4x faster and writes the same bytes as zlib's (equal on the
+1,449 VOC val maps and 3,000 random maps, noise included; ``tests/test_png.py``
+compares with PIL's output). The numeric levels 0-9 stay on the standard
+library's zlib, whose bytes are PIL's (zlib-ng's levels make other, equally
+valid streams). Measured on the VOC val maps, one core, CPU time: decode about
+0.06 ms a file (0.30 ms on zlib) against 0.375 ms for
+``np.asarray(PIL.Image.open(f))``; ``rle`` encode about 0.08 ms a map
+(0.32 ms on zlib, PIL's 0.44 ms at the same settings), with output
 byte-identical to PIL's for files whose compressed data fits one IDAT chunk.
 
 Anything else (other colour types or bit depths, interlacing, filtered rows,
@@ -26,6 +36,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import types
 import zlib
 from pathlib import Path
 
@@ -41,7 +52,18 @@ __all__ = [
     "label_png_bytes",
     "write_label_png",
     "read_label_png",
+    "INFLATE",
 ]
+
+_ng: types.ModuleType
+try:  # zlib-ng: the same API and streams, several times faster on label maps
+    from zlib_ng import zlib_ng as _ng
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; the standard library still works
+    _ng = zlib
+_ZLIB_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _ng.error)
+
+#: The module that inflates label PNGs and deflates ``rle``: ``zlib_ng`` or, without it, ``zlib``.
+INFLATE = _ng.__name__
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _Z_RLE = zlib.Z_RLE
@@ -96,10 +118,10 @@ def decode_label_png(data: bytes) -> np.ndarray | None:
     if not idat:
         return None
     size = height * (width + 1)
-    z = zlib.decompressobj()
+    z = _ng.decompressobj()
     try:   # at most one byte more than the image holds: a longer stream is refused, never inflated
         raw = z.decompress(idat[0] if len(idat) == 1 else b"".join(idat), size + 1)
-    except zlib.error:
+    except _ZLIB_ERRORS:
         return None
     if len(raw) != size or not z.eof or z.unused_data:
         return None
@@ -140,7 +162,9 @@ def encode_palette_png(labels: np.ndarray, palette: bytes, level: int = 6, strat
     raw = np.empty((h, w + 1), dtype=np.uint8)
     raw[:, 0] = 0
     raw[:, 1:] = a
-    comp = zlib.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
+    # Z_RLE on zlib-ng (the same bytes, faster); the levels on zlib (PIL's bytes)
+    mod = _ng if strategy == _Z_RLE else zlib
+    comp = mod.compressobj(level, zlib.DEFLATED, 15, 9, strategy)
     body = comp.compress(raw.data) + comp.flush()
     return b"".join((_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)),
                      _chunk(b"PLTE", bytes(palette)), _chunk(b"IDAT", body), _chunk(b"IEND", b"")))

@@ -44,7 +44,7 @@ import numpy as np
 
 from isle_fast import metrics
 from isle_fast.errors import InputError
-from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
+from isle_fast.stores.stack import Stack, kind_phrase, open_stack
 
 __all__ = ["Evaluation", "evaluate", "open_inputs", "check_bg_threshold", "AVERAGES"]
 
@@ -94,7 +94,9 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
         store, or the ground truth itself caught by a shell glob such as
         ``*.zarr``, is refused).
     AlignmentError
-        Stores disagree on ids, order, shapes or classes (names store and id).
+        The sets disagree on ids, order, shapes or classes, or the gt holds an
+        id the sets lack (names store and id). The gt may hold a subset of the
+        sets' ids in any order (:mod:`isle_fast.ensemble.partial`).
     """
     if not sets:
         raise InputError("give at least one pseudo-label set")
@@ -113,7 +115,9 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
         if s.encoding not in ("labels", "scores"):
             raise InputError(f"{s.path} has encoding {s.encoding!r}; a pseudo-label set holds "
                              "'labels' or 'scores'")
-    check_aligned([gt_stack, *stacks])
+    from isle_fast.ensemble.partial import check_gt_subset
+
+    check_gt_subset(gt_stack, stacks)  # the gt may label a subset of the sets' images, in any order
     if gt_stack.num_images == 0:
         raise InputError(f"ground truth {gt_stack.path} holds no images")
     if gt_stack.num_classes > 254:
@@ -448,7 +452,7 @@ class Evaluation:
 # -- the pass -----------------------------------------------------------------------------
 
 def confusion_graph(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold: float | None,
-                    per_image: bool):
+                    per_image: bool, positions: np.ndarray | None = None):
     """The lazy Dask array of per-chunk counts (see :func:`evaluate`).
 
     Returns a ``(bi, bj, bk, N, C, C+1)`` array (one entry per chunk of the
@@ -459,7 +463,12 @@ def confusion_graph(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_thre
     c = gt.num_classes
     groups = tuple(group_sets(stacks, bg_threshold))
     order = tuple(m for g in groups for m in g.members)
-    g, arrays = aligned_arrays(stacks, gt)
+    if positions is None:
+        g, arrays = aligned_arrays(stacks, gt)
+    else:  # a gt of some images: the sets' images at its positions (isle_fast.ensemble.partial)
+        from isle_fast.ensemble.partial import subset_arrays
+
+        g, arrays = subset_arrays(stacks, gt, positions)
     ordered = [arrays[m] for m in order]
     ordered_stacks = [stacks[m] for m in order]
     func = partial(_confusion_block, backend=backend, groups=groups, order=order, num_classes=c,
@@ -566,7 +575,7 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
 
 
 def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend: str = "auto",
-             bg_threshold: float | None = None, progress: bool = True) -> Evaluation:
+             bg_threshold: float | None = None, progress: bool = True, per_image: bool = False) -> Evaluation:
     """Per-class confusion counts and scores of every set against the ground truth, in one pass.
 
     Parameters
@@ -574,7 +583,8 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     sets : sequence of path, fsspec URL or Stack
         The pseudo-label sets; label maps and score stacks may be mixed.
     gt : path, fsspec URL or Stack
-        Ground-truth label store (255 = ignore).
+        Ground-truth label store (255 = ignore). It may label only some of
+        the sets' images, in any order: they are aligned by id.
     average : {'dataset', 'image'}
         ``'dataset'``: IoU from counts summed over all images (standard).
         ``'image'``: Algorithm 2 as written, the mean per-image IoU over the
@@ -588,6 +598,9 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
         (:func:`check_bg_threshold`).
     progress : bool
         Show a progress bar (local schedulers).
+    per_image : bool
+        Also keep the per-image intersection and union (``image_stats``,
+        for :mod:`isle_fast.ensemble.uncertainty`), from the same pass.
 
     Returns
     -------
@@ -607,14 +620,17 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
-    per_image = average == "image"
-    specs = local_specs(stacks, gt_stack)
+    per_image = average == "image" or bool(per_image)
+    from isle_fast.ensemble.partial import gt_positions
+
+    positions = gt_positions(gt_stack, stacks)
+    specs = local_specs(stacks, gt_stack) if positions is None else None
     if specs is not None:
         counts, image_stats = local_pass(specs, stacks, gt_stack, backend=be, bg_threshold=bg_threshold,
                                          per_image=per_image, progress=progress)
     else:
         counts, image_stats = _dask_pass(stacks, gt_stack, backend=be, bg_threshold=bg_threshold,
-                                         per_image=per_image, progress=progress)
+                                         per_image=per_image, progress=progress, positions=positions)
     return Evaluation(
         classes=list(gt_stack.classes),
         set_names=unique_names(stacks),
@@ -629,14 +645,15 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
 
 
 def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold: float | None,
-               per_image: bool, progress: bool) -> tuple[Any, Any]:
+               per_image: bool, progress: bool, positions: np.ndarray | None = None) -> tuple[Any, Any]:
     """The evaluate pass as a Dask graph (any scheduler, cluster, fsspec store): ``(counts, image_stats)``."""
     import dask
 
     from isle_fast.backend import dask_scheduler
     from isle_fast.progress import dask_progress
 
-    graph = confusion_graph(stacks, gt, backend=backend, bg_threshold=bg_threshold, per_image=per_image)
+    graph = confusion_graph(stacks, gt, backend=backend, bg_threshold=bg_threshold, per_image=per_image,
+                            positions=positions)
     with dask_progress("evaluate", quiet=not progress):
         if per_image:
             per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images

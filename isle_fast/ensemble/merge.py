@@ -399,6 +399,13 @@ def ensemble_scores(stack: Stack):
     return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
 
 
+def merge_frame(gt: Stack, stacks: Sequence[Stack]) -> Any:
+    """The layout the ensemble is written on: the gt's, or the first set's when the gt labels a subset."""
+    from isle_fast.ensemble.partial import SetFrame, gt_positions
+
+    return gt if gt_positions(gt, stacks) is None else SetFrame(stacks[0])
+
+
 def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str = "score",
           strategy: str = "class", subset: Sequence[str | int] | None = None,
           evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
@@ -412,7 +419,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         The pseudo-label sets, in priority order (ties go to earlier sets).
     gt : path, URL or Stack
         Ground truth; gives the per-class scores and (image strategy) the
-        image-level labels.
+        image-level labels. It may label a subset of the sets' images (any
+        order): the selection comes from those, the ensemble covers every
+        image of the sets.
     out : path or URL
         The new ensemble store (kind ``ensemble``, encoding ``labels``).
     policy : {'score', 'order', 'ignore'}
@@ -457,13 +466,18 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle
     # did not write
     check_output(out, overwrite=overwrite, inputs=[*stacks, gt_stack])
+    # a gt of some images selects; the ensemble covers every image of the sets (their layout: the frame)
+    frame = merge_frame(gt_stack, stacks)
+    if frame is not gt_stack and strategy == "image" and image_labels is None:
+        raise InputError(f"--strategy image with a ground truth of {gt_stack.num_images} of the "
+                         f"{frame.num_images} images needs --image-labels for every image")
     allowed = None
     if image_labels is not None:
         from isle_fast.stores.image_labels import check_not_output, resolve_image_labels
 
         check_not_output(image_labels, out)
-        allowed = resolve_image_labels(image_labels, gt_stack.ids, gt_stack.classes,
-                                       where=f"the ground truth {gt_stack.path}")
+        where = f"the ground truth {gt_stack.path}" if frame is gt_stack else f"the set {frame.path}"
+        allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=where)
     if evaluation is None:
         evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
                               progress=progress)
@@ -482,7 +496,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         choice = np.asarray([pos[int(v)] for v in choice_all], dtype=np.int64)
         info["images_per_set"] = {names[m]: int((choice_all == m).sum()) for m in members}
     else:
-        choice = np.zeros(gt_stack.num_images, dtype=np.int64)
+        choice = np.zeros(frame.num_images, dtype=np.int64)
 
     member_stacks = [stacks[m] for m in members]
     c = gt_stack.num_classes
@@ -494,6 +508,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     provenance = {
         "sources": [s.path for s in stacks],
         "gt": gt_stack.path,
+        "labelled_images": int(gt_stack.num_images),
         "sets": names,
         "members": [names[m] for m in members],
         "selection": selection.mapping(),
@@ -508,14 +523,14 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "image_labels": _labels_source(image_labels),
         **({"image_strategy": jsonable(info)} if info else {}),
     }
-    grid = work_chunks(member_stacks, gt_stack)
-    writer = create_stack(out, kind="ensemble", classes=gt_stack.classes, ids=gt_stack.ids,
-                          shapes=gt_stack.shapes, encoding="labels", name=name,
-                          chunks=grid, padded_shape=gt_stack.padded_shape,
+    grid = work_chunks(member_stacks, frame)
+    writer = create_stack(out, kind="ensemble", classes=frame.classes, ids=frame.ids,
+                          shapes=frame.shapes, encoding="labels", name=name,
+                          chunks=grid, padded_shape=frame.padded_shape,
                           provenance=provenance, overwrite=overwrite)
-    expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
+    expected = int((frame.shapes[:, 0] * frame.shapes[:, 1]).sum())
     try:
-        written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be,
+        written_here = _local_merge(member_stacks, frame, writer, plan, choice, backend=be,
                                     progress=progress, allowed=allowed)
         if written_here is not None:
             if written_here != expected:  # every chunk must have run exactly once
@@ -528,7 +543,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         raise
     import dask.array as da
 
-    g, arrays = aligned_arrays(member_stacks, gt_stack, grid)
+    g, arrays = aligned_arrays(member_stacks, frame, grid)
     try:
         scores_target = None
         if scores_dtype:
@@ -538,9 +553,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
             ).with_config({"write_empty_chunks": True})  # skip Zarr's slow all-fill check per chunk
             writer.group.attrs["score_scale"] = scale
         idx = [da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape, g.chunks)]
-        shapes = da.from_array(gt_stack.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))
+        shapes = da.from_array(frame.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))
         choice_da = da.from_array(choice, chunks=(g.chunks[0],))
-        allowed_np = allowed if allowed is not None else np.ones((gt_stack.num_images, 1), dtype=bool)
+        allowed_np = allowed if allowed is not None else np.ones((frame.num_images, 1), dtype=bool)
         allowed_da = da.from_array(allowed_np, chunks=(g.chunks[0], (allowed_np.shape[1],)))
         func = partial(_merge_block, backend=be, plan=plan, labels_target=writer.array,
                        scores_target=scores_target)

@@ -709,7 +709,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     # -- step 2: evaluate and select ---------------------------------------------------------------
     with steps.step("evaluate"):
         ev = evaluate(set_stacks, gt, average=spec.average, backend=spec.backend,
-                      bg_threshold=spec.bg_threshold, progress=progress)
+                      bg_threshold=spec.bg_threshold, progress=progress, per_image=spec.report)
     names = ev.set_names
     subset = None
     if spec.subset:
@@ -722,7 +722,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
                     name="ensemble", progress=progress)
     sel = res.selection
     with steps.step("evaluate"):
-        ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress)
+        ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress,
+                          per_image=spec.report)
     e_miou = float(ens_ev.miou[0])
     steps.say(f"ensemble mIoU {e_miou:.2f}")
     produced = ["ensemble.zarr"]

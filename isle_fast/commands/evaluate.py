@@ -39,6 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the scores as JSON (classes, per-set scores, selection)")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="restrict the selection shown (and in the JSON) to these sets")
+    add_bootstrap(parser)
+
+
+def add_bootstrap(parser: argparse.ArgumentParser) -> None:
+    """``--bootstrap N`` and ``--seed``: the uncertainty of every choice (0: off)."""
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="resamples of the labelled images for the uncertainty of every class's "
+                             "choice (default 1000; 0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
 
 
 def parse_subset(text: str | None) -> list[str] | None:
@@ -48,6 +57,20 @@ def parse_subset(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def uncertain_row(unc) -> str:
+    """The summary line of the bootstrap: uncertain classes and the labelled images that would settle them."""
+    import math
+
+    bad = unc.uncertain()
+    if not bad:
+        return f"none (every choice p >= 0.9 over {unc.labelled} labelled images)"
+    more = unc.more_images_total()
+    more_s = "more images cannot settle a tie" if not math.isfinite(more) else f"about {int(more)} more " \
+        "labelled images would settle them"
+    names = ", ".join(unc.classes[c] for c in bad[:6]) + (" ..." if len(bad) > 6 else "")
+    return f"{len(bad)} of {len(unc.classes)} ({names}) p < 0.9 over {unc.labelled} labelled images; {more_s}"
+
+
 def run(args: argparse.Namespace) -> int:
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.outputs import check_json_output
@@ -55,14 +78,27 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:  # before the work: never a folder, a store's file, an input or a file isle did not write
         check_json_output(args.json, inputs=[*args.sets, args.gt])
+    if args.bootstrap < 0:
+        from isle_fast.errors import InputError
+
+        raise InputError(f"--bootstrap must be 0 (off) or a number of resamples, not {args.bootstrap}")
     ev = evaluate(args.sets, args.gt, average=args.average, backend=args.backend,
-                  bg_threshold=args.bg_threshold, progress=not args.quiet)
+                  bg_threshold=args.bg_threshold, progress=not args.quiet, per_image=args.bootstrap > 0)
     sel = ev.select(parse_subset(args.subset))
-    print(ev.table(sel))
-    if args.json:
-        ev.write_json(args.json, sel)
+    extra: dict = {}
     rows = {"sets": f"{len(ev.set_names)} ({', '.join(ev.set_names)})",
             "average": ev.average, "backend": ev.backend, "seconds": f"{ev.seconds:.2f}"}
+    if args.bootstrap > 0:
+        from isle_fast.ensemble.uncertainty import selection_uncertainty
+
+        unc = selection_uncertainty(ev, sel, reps=args.bootstrap, seed=args.seed)
+        print(unc.table(ev.table(sel)))
+        extra["uncertainty"] = unc.to_json()
+        rows["uncertain choices"] = uncertain_row(unc)
+    else:
+        print(ev.table(sel))
+    if args.json:
+        ev.write_json(args.json, sel, **extra)
     if args.json:
         rows["json"] = args.json
     summary("isle evaluate: done", rows, quiet=args.quiet)

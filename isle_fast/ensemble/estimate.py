@@ -1,0 +1,330 @@
+"""ISLE without pixel labels: each set's per-class quality estimated from the sets themselves.
+
+One pass over the sets (no ground truth) counts, per class, the joint votes
+of the N sets: ``patterns[c, m]`` pixels where exactly the sets in bit mask
+``m`` predict class ``c`` (the ``vote_patterns`` kernel; score sets are
+decoded first). With image-level labels (``cls_labels.npy`` and the other
+sources of :mod:`isle_fast.stores.image_labels`) a set's claim of a class
+absent from an image's labels counts as background, as the merge drops it.
+Every estimator works on these exact counts only, so it is deterministic
+and independent of chunking and scheduling.
+
+Estimators (``method``)
+-----------------------
+``agreement``
+    Leave-one-out consensus: for set ``n`` and class ``c``, the reference is
+    "at least half of the other N-1 sets predict ``c``"; the estimate is set
+    ``n``'s IoU against that reference. Needs N >= 2 (with 2 sets each is
+    scored against the other, which cannot rank them: both get the same IoU).
+``staple``
+    A binary Dawid-Skene / STAPLE model per class fitted by EM on the 2**N
+    vote patterns: a latent true label with prior ``pi``, each set a
+    sensitivity and a specificity, sets conditionally independent given the
+    truth. Initialised from the vote share, 200 EM steps at most (stops when
+    no parameter moves by 1e-10). The estimate is the expected IoU of every
+    set against the posterior truth:
+    ``sum w b / sum (w b + (1-w) b + w (1-b))`` over patterns (``w`` the
+    posterior, ``b`` the set's vote).
+
+The selection then takes the set with the highest estimate per class
+(:func:`isle_fast.ensemble.selection.select`). How well each estimator
+picks, against a full ground truth, is measured by ``benchmarks/selection.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Sequence
+
+import numpy as np
+
+from isle_fast import metrics
+from isle_fast.errors import InputError
+from isle_fast.stores.stack import Stack, check_aligned
+
+__all__ = ["ESTIMATORS", "Estimate", "estimate", "vote_patterns_pass", "estimate_from_patterns",
+           "agreement_iou", "staple_iou", "DEFAULT_ESTIMATOR"]
+
+ESTIMATORS = ("agreement", "staple")
+#: the estimator used when none is named (the better one in benchmarks/selection.py)
+DEFAULT_ESTIMATOR = "agreement"
+
+
+def _bits(n: int) -> np.ndarray:
+    """``(2**n, n)`` 0/1: bit ``k`` of every pattern."""
+    m = np.arange(1 << n)
+    return ((m[:, None] >> np.arange(n)[None, :]) & 1).astype(np.float64)
+
+
+def _iou_against(patterns: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``(N, C)`` IoU in percent of every set against a soft reference ``truth[c, m]`` in [0, 1]."""
+    c, p = patterns.shape
+    n = int(round(np.log2(p)))
+    b = _bits(n)  # (P, N)
+    h = patterns.astype(np.float64)
+    tp = np.einsum("cm,cm,mn->nc", h, truth, b)
+    fp = np.einsum("cm,cm,mn->nc", h, 1.0 - truth, b)
+    fn = np.einsum("cm,cm,mn->nc", h, truth, 1.0 - b)
+    return 100.0 * metrics.ratio(tp, tp + fp + fn)
+
+
+def agreement_iou(patterns: Any) -> np.ndarray:
+    """``(N, C)`` estimated IoU: each set against the leave-one-out consensus of the others (percent).
+
+    The consensus for set ``n`` says class ``c`` where at least half of the
+    other sets (``2 * votes >= N - 1``) predict it.
+    """
+    h = np.asarray(patterns, dtype=np.int64)
+    c, p = h.shape
+    n = int(round(np.log2(p)))
+    if n < 2:
+        raise InputError("the agreement estimate needs at least two sets")
+    b = _bits(n)
+    votes = b.sum(axis=1)
+    out = np.empty((n, c))
+    for k in range(n):
+        others = votes - b[:, k]
+        cons = (2 * others >= n - 1).astype(np.float64)  # (P,)
+        out[k] = _iou_against(h, np.broadcast_to(cons, (c, p)))[k]
+    return out
+
+
+def _staple_class(h: np.ndarray, b: np.ndarray, iters: int, tol: float) -> np.ndarray:
+    """Posterior ``P(truth = 1 | pattern)`` of one class by EM (binary Dawid-Skene)."""
+    tot = h.sum()
+    if tot <= 0:
+        return np.zeros(h.shape[0])
+    w = b.mean(axis=1)  # vote share
+    eps = 1e-9
+    prev = None
+    for _ in range(iters):
+        pos = (h * w).sum()
+        neg = tot - pos
+        pi = np.clip(pos / tot, eps, 1 - eps)
+        sens = np.clip((h * w) @ b / max(pos, eps), eps, 1 - eps)          # P(vote | truth 1)
+        fpr = np.clip((h * (1 - w)) @ b / max(neg, eps), eps, 1 - eps)     # P(vote | truth 0)
+        l1 = np.log(pi) + b @ np.log(sens) + (1 - b) @ np.log(1 - sens)
+        l0 = np.log(1 - pi) + b @ np.log(fpr) + (1 - b) @ np.log(1 - fpr)
+        w = 1.0 / (1.0 + np.exp(np.clip(l0 - l1, -700, 700)))
+        params = np.concatenate([[pi], sens, fpr])
+        if prev is not None and np.max(np.abs(params - prev)) < tol:
+            break
+        prev = params
+    return w
+
+
+def staple_iou(patterns: Any, iters: int = 200, tol: float = 1e-10) -> np.ndarray:
+    """``(N, C)`` estimated IoU: each set against the per-class Dawid-Skene / STAPLE posterior (percent)."""
+    h = np.asarray(patterns, dtype=np.int64)
+    c, p = h.shape
+    n = int(round(np.log2(p)))
+    b = _bits(n)
+    truth = np.stack([_staple_class(h[k].astype(np.float64), b, iters, tol) for k in range(c)])
+    return _iou_against(h, truth)
+
+
+def estimate_from_patterns(patterns: Any, method: str = DEFAULT_ESTIMATOR) -> np.ndarray:
+    """``(N, C)`` estimated IoU (percent) by ``method`` (one of :data:`ESTIMATORS`)."""
+    if method not in ESTIMATORS:
+        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, not {method!r}")
+    return agreement_iou(patterns) if method == "agreement" else staple_iou(patterns)
+
+
+@dataclass
+class Estimate:
+    """Per-class quality of N sets estimated without pixel labels (in place of an :class:`Evaluation`).
+
+    Attributes
+    ----------
+    classes, set_names : list of str
+    patterns : (C, 2**N) int64
+        The joint vote counts the estimate comes from.
+    method : str
+        The estimator.
+    iou : (N, C) float64
+        Estimated IoU in percent (NaN where undefined).
+    image_labels : str or None
+        Where the image-level labels came from.
+    """
+
+    classes: list[str]
+    set_names: list[str]
+    patterns: np.ndarray
+    method: str
+    iou: np.ndarray
+    image_labels: str | None = None
+    set_paths: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    image_stats: None = None
+    backend: str = "cpu"
+
+    @property
+    def average(self) -> str:
+        return f"estimate ({self.method}, no pixel labels)"
+
+    @property
+    def miou(self) -> np.ndarray:
+        """(N,) estimated mIoU."""
+        return metrics.miou(self.iou)
+
+    @property
+    def gt_pixels(self) -> np.ndarray:
+        """(C,) pixels any set predicts for the class (a class no set predicts cannot be ranked)."""
+        return self.patterns[:, 1:].sum(axis=1)
+
+    def select(self, sets: Sequence[str | int] | None = None):
+        """The set with the highest estimate per class (:func:`isle_fast.ensemble.selection.select`)."""
+        from isle_fast.ensemble.selection import select
+
+        return select(self, sets=sets)
+
+    def table(self, selection: Any = None) -> str:
+        """Plain-text table of the estimated IoU, chosen set marked ``*``."""
+        from isle_fast.ensemble.evaluate import Evaluation
+
+        sel = selection if selection is not None else self.select()
+        return Evaluation.table(_View(self), sel)  # type: ignore[arg-type]  # the same layout
+
+    def to_json(self, selection: Any = None) -> dict:
+        """Estimated per-set IoU / mIoU, the selection and the method (JSON; no pixel labels)."""
+        sel = selection if selection is not None else self.select()
+        return {
+            "classes": list(self.classes),
+            "sets": {n: {"iou_estimate": metrics.jsonable(self.iou[k]), "miou_estimate":
+                         metrics.jsonable(self.miou[k]),
+                         "path": self.set_paths[k] if k < len(self.set_paths) else None}
+                     for k, n in enumerate(self.set_names)},
+            "selection": sel.mapping(),
+            "background_set": self.set_names[int(sel.best[0])],
+            "gt": None,
+            "estimator": self.method,
+            "image_labels": self.image_labels,
+            "voting_pixels": int(self.patterns[0].sum()) if self.patterns.size else 0,
+        }
+
+
+class _View:
+    """The attributes :meth:`Evaluation.table` reads, from an :class:`Estimate`."""
+
+    def __init__(self, est: Estimate):
+        self.classes, self.set_names, self.iou, self.miou = est.classes, est.set_names, est.iou, est.miou
+
+    def select(self):  # pragma: no cover - table is always given a selection
+        raise AssertionError
+
+
+def _votes_block(idx: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, encodings: tuple[str, ...],
+                 thresholds: tuple[float, ...], num_classes: int, drop: bool) -> np.ndarray:
+    """``(1, 1, 1, C, 2**N)`` vote patterns of one region of every set."""
+    from isle_fast.backend import task_kernels
+    from isle_fast.ensemble.merge import drop_absent_claims
+    from isle_fast.kernels import cpu
+
+    with task_kernels("cpu") as K:
+        labs = []
+        for b, e, t in zip(blocks, encodings, thresholds):
+            b = np.ascontiguousarray(b)
+            lab = b if e == "labels" else np.asarray(K.decode_scores(b, t))
+            if drop:
+                lab = drop_absent_claims(lab, "labels", allowed)
+            labs.append(np.ascontiguousarray(lab))
+        out = cpu.vote_patterns(tuple(labs), num_classes)
+    return out[None, None, None]
+
+
+def vote_patterns_pass(sets: Sequence[Any], *, image_labels: Any = None, bg_threshold: float | None = None,
+                       progress: bool = True) -> tuple[np.ndarray, list[Stack], np.ndarray | None]:
+    """One pass over the sets: the ``(C, 2**N)`` joint vote counts, the opened sets and the labels used.
+
+    Parameters
+    ----------
+    sets : sequence of path, URL or Stack
+        Two to twelve pseudo-label sets, aligned with each other.
+    image_labels : path, Stack or (I, C) bool array, optional
+        Image-level labels (:func:`isle_fast.stores.image_labels.resolve_image_labels`);
+        claims of classes absent from an image's labels count as background.
+    bg_threshold : float, optional
+        Background threshold of score sets ([0, 1]).
+    progress : bool
+    """
+    import dask.array as da
+
+    from isle_fast.backend import dask_scheduler
+    from isle_fast.ensemble.evaluate import (SET_KINDS, aligned_arrays, blockwise_args, check_bg_threshold,
+                                             score_threshold, work_chunks)
+    from isle_fast.ensemble.partial import SetFrame
+    from isle_fast.kernels.checks import MAX_VOTE_SETS
+    from isle_fast.progress import dask_progress
+    from isle_fast.stores.stack import kind_phrase, open_stack
+
+    bg_threshold = check_bg_threshold(bg_threshold)
+    stacks = [s if isinstance(s, Stack) else open_stack(s) for s in sets]
+    if len(stacks) < 2:
+        raise InputError("selection without pixel labels needs at least two sets to compare")
+    if len(stacks) > MAX_VOTE_SETS:
+        raise InputError(f"selection without pixel labels compares at most {MAX_VOTE_SETS} sets, "
+                         f"not {len(stacks)}")
+    for s in stacks:
+        if s.kind not in SET_KINDS or s.encoding not in ("labels", "scores"):
+            raise InputError(f"set {s.path} is {kind_phrase(s.kind)} ({s.encoding}); a pseudo-label set "
+                             "is a 'pseudo' or 'ensemble' store of labels or scores")
+    check_aligned(stacks)
+    frame = SetFrame(stacks[0])
+    c = frame.num_classes
+    allowed = None
+    if image_labels is not None:
+        from isle_fast.stores.image_labels import resolve_image_labels
+
+        allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=f"the set {frame.path}")
+    grid = work_chunks(stacks, frame)
+    g, arrays = aligned_arrays(stacks, frame, grid)
+    idx = da.arange(g.shape[0], chunks=g.chunks[0], dtype=np.int64)
+    allowed_np = allowed if allowed is not None else np.ones((frame.num_images, c), dtype=bool)
+    allowed_da = da.from_array(allowed_np, chunks=(g.chunks[0], (c,)))
+    func = partial(_votes_block, encodings=tuple(s.encoding for s in stacks),
+                   thresholds=tuple(score_threshold(s, bg_threshold) if s.encoding == "scores" else -1.0
+                                    for s in stacks),
+                   num_classes=c, drop=allowed is not None)
+    one = lambda n: 1  # noqa: E731
+    arr = da.blockwise(func, "ijkcm", idx, "i", allowed_da, "iy", *blockwise_args(arrays, stacks),
+                       new_axes={"c": c, "m": 1 << len(stacks)},
+                       adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64, concatenate=True,
+                       meta=np.empty((0,) * 5, dtype=np.int64))
+    with dask_progress("votes", quiet=not progress):
+        patterns = np.asarray(arr.sum(axis=(0, 1, 2)).compute(scheduler=dask_scheduler()), dtype=np.int64)
+    return patterns, stacks, allowed
+
+
+def estimate(sets: Sequence[Any], *, method: str = DEFAULT_ESTIMATOR, image_labels: Any = None,
+             bg_threshold: float | None = None, progress: bool = True) -> Estimate:
+    """Estimate every set's per-class IoU without pixel labels (see the module docstring).
+
+    Parameters
+    ----------
+    sets : sequence of path, URL or Stack
+        Two to twelve pseudo-label sets (labels or scores), aligned.
+    method : {'agreement', 'staple'}
+        The estimator.
+    image_labels : path, Stack or (I, C) bool array, optional
+        Image-level labels of the sets' images (recommended: WSSS has them).
+    bg_threshold : float, optional
+    progress : bool
+
+    Returns
+    -------
+    Estimate
+    """
+    if method not in ESTIMATORS:
+        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, not {method!r}")
+    t0 = time.perf_counter()
+    patterns, stacks, _ = vote_patterns_pass(sets, image_labels=image_labels, bg_threshold=bg_threshold,
+                                             progress=progress)
+    from isle_fast.ensemble.evaluate import unique_names
+    from isle_fast.ensemble.merge import _labels_source
+
+    return Estimate(classes=list(stacks[0].classes), set_names=unique_names(stacks), patterns=patterns,
+                    method=method, iou=estimate_from_patterns(patterns, method),
+                    image_labels=_labels_source(image_labels), set_paths=[s.path for s in stacks],
+                    seconds=time.perf_counter() - t0)

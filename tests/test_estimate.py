@@ -100,3 +100,36 @@ def test_estimate_api_with_image_labels(tmp_path):
     assert "*" in est.table(sel)
     st_est = estimate(sets, method="staple", progress=False)
     assert int(st_est.select().best[1]) == 0
+
+
+def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
+    import json
+
+    from isle_fast.cli import main
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.stores.stack import open_stack
+
+    rng = np.random.default_rng(4)
+    c = 3
+    truths = [rng.integers(0, c, size=(15, 18)).astype(np.uint8) for _ in range(6)]
+    sets = [write_stack(f"{tmp_path}/s{k}.zarr", [_noisy(t, r, rng, c) for t in truths], num_classes=c,
+                        chunks=(4, 15, 18)) for k, r in enumerate((0.3, 0.1, 0.25))]
+    paths = [s.path for s in sets]
+    js = tmp_path / "e.json"
+    assert main(["evaluate", *paths, "--gt", "none", "--estimator", "staple", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "estimated IoU" in out and "staple" in out
+    doc = json.loads(js.read_text())
+    assert doc["estimator"] == "staple" and set(doc["selection"].values()) == {"s1"}
+    assert main(["merge", *paths, "--gt", "None", "--out", f"{tmp_path}/ens.zarr", "--quiet"]) == 0
+    ens = open_stack(f"{tmp_path}/ens.zarr")
+    assert ens.provenance["gt"] is None and ens.provenance["estimator"] == "agreement"
+    # the ensemble of an estimated selection is the merge of that selection
+    res = merge(paths, None, f"{tmp_path}/ens2.zarr", progress=False)
+    np.testing.assert_array_equal(np.asarray(ens.array[:]), np.asarray(res.stack.array[:]))
+    assert main(["report", *paths, "--gt", "none", "--out", f"{tmp_path}/rep", "--quiet"]) != 0
+    gt = write_stack(f"{tmp_path}/gt.zarr", truths, kind="gt", num_classes=c)
+    assert main(["evaluate", *paths, "--gt", gt.path, "--quiet", "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", *paths, "--gt", gt.path, "--estimator", "staple", "--quiet"]) != 0
+    assert "--gt none only" in capsys.readouterr().err

@@ -23,7 +23,13 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     from isle_fast.backend import add_backend_argument
 
     parser.add_argument("sets", nargs="+", metavar="SET", help="pseudo-label set stores (labels or scores)")
-    parser.add_argument("--gt", required=True, metavar="GT", help="ground-truth label store")
+    parser.add_argument("--gt", required=True, metavar="GT",
+                        help="ground-truth label store; it may label only some of the sets' images (any "
+                             "order). 'none': no pixel labels, each set's quality is estimated from the "
+                             "sets (and --image-labels), see --estimator (a store named none: ./none)")
+    parser.add_argument("--estimator", choices=("agreement", "staple"), default=None,
+                        help="with --gt none: leave-one-out agreement with the other sets (default) or a "
+                             "per-class Dawid-Skene / STAPLE model")
     parser.add_argument("--average", choices=("dataset", "image"), default="dataset",
                         help="IoU from counts summed over the data set (default) or the mean "
                              "per-image IoU (Algorithm 2 as written)")
@@ -39,7 +45,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the scores as JSON (classes, per-set scores, selection)")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="restrict the selection shown (and in the JSON) to these sets")
+    parser.add_argument("--image-labels", metavar="SRC",
+                        help="with --gt none: image-level labels (cls_labels.npy, ...); claims of classes "
+                             "absent from an image count as background")
     add_bootstrap(parser)
+
+
+def no_gt(text: str) -> bool:
+    """``--gt none``: no pixel labels."""
+    return str(text).strip().lower() == "none"
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """``isle evaluate SETS --gt none``: the estimated per-class IoU and the selection from it."""
+    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
+    from isle_fast.outputs import check_json_output, write_json
+    from isle_fast.progress import summary
+
+    if args.json:
+        check_json_output(args.json, inputs=[*args.sets, args.image_labels])
+    est = estimate(args.sets, method=args.estimator or DEFAULT_ESTIMATOR, image_labels=args.image_labels,
+                   bg_threshold=args.bg_threshold, progress=not args.quiet)
+    sel = est.select(parse_subset(args.subset))
+    print(f"estimated IoU (no pixel labels, {est.method}; see the README for how far to trust it)")
+    print(est.table(sel))
+    if args.json:
+        write_json(args.json, est.to_json(sel), command="isle evaluate")
+    rows = {"sets": f"{len(est.set_names)} ({', '.join(est.set_names)})", "estimator": est.method,
+            "image labels": args.image_labels or "none (give --image-labels: it helps)",
+            "seconds": f"{est.seconds:.2f}"}
+    if args.json:
+        rows["json"] = args.json
+    summary("isle evaluate: done (estimated)", rows, quiet=args.quiet)
+    return 0
 
 
 def add_bootstrap(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
     from isle_fast.outputs import check_json_output
     from isle_fast.progress import summary
 
+    if no_gt(args.gt):
+        return run_estimate(args)
+    if args.image_labels or args.estimator:
+        from isle_fast.errors import InputError
+
+        raise InputError("--image-labels and --estimator apply to --gt none only")
     if args.json:  # before the work: never a folder, a store's file, an input or a file isle did not write
         check_json_output(args.json, inputs=[*args.sets, args.gt])
     if args.bootstrap < 0:

@@ -34,10 +34,17 @@ def run(args: argparse.Namespace) -> int:
     from isle_fast.commands.evaluate import parse_subset
     from isle_fast.outputs import check_json_output
 
+    from isle_fast.commands.evaluate import no_gt
+
+    gt = None if no_gt(args.gt) else args.gt
+    if gt is not None and args.estimator:
+        from isle_fast.errors import InputError
+
+        raise InputError("--estimator applies to --gt none only")
     if args.json:  # before the work: never a folder, a store's file, an input, --out or a foreign file
-        check_json_output(args.json, inputs=[*args.sets, args.gt], outputs=[args.out])
+        check_json_output(args.json, inputs=[*args.sets, gt], outputs=[args.out])
     t = Timer()
-    res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
+    res = merge(args.sets, gt, args.out, estimator=args.estimator, policy=args.policy, strategy=args.strategy,
                 subset=parse_subset(args.subset), average=args.average, backend=args.backend,
                 bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
                 progress=not args.quiet, image_labels=args.image_labels)
@@ -52,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if args.image_labels:
         rows["image labels"] = f"{args.image_labels} (claims of absent classes dropped)"
         extra["ensemble"]["image_labels"] = args.image_labels
-    if not args.no_score:
+    if gt is None:
+        rows["selection"] = f"estimated without pixel labels ({args.estimator or 'agreement'})"
+    if not args.no_score and gt is not None:
         ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
                        progress=not args.quiet)
         best = max((m for m, ok in zip(ev.miou, sel.members) if ok), default=float("nan"))
@@ -60,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"ensemble mIoU {e_miou:.2f} (best member {best:.2f}, {e_miou - best:+.2f})")
         extra["ensemble"].update({"miou": e_miou, "iou": [None if v != v else float(v) for v in ens.iou[0]]})
         rows["ensemble mIoU"] = f"{e_miou:.2f} ({e_miou - best:+.2f} over the best member)"
-    if args.json:
+    if args.json and gt is None:
+        from isle_fast.outputs import write_json
+
+        write_json(args.json, {**ev.to_json(sel), **extra}, command="isle merge")
+    elif args.json:
         ev.write_json(args.json, sel, command="isle merge", **extra)
         rows["json"] = args.json
     rows["seconds"] = f"{t.seconds:.2f}"

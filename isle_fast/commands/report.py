@@ -22,6 +22,12 @@ def run(args: argparse.Namespace) -> int:
     from isle_fast.progress import summary
     from isle_fast.ensemble.report import report
 
+    from isle_fast.commands.evaluate import no_gt
+    from isle_fast.errors import InputError
+
+    if no_gt(args.gt) or args.estimator:
+        raise InputError("isle report scores against pixel labels: give a --gt (one of some images works); "
+                         "--gt none and --estimator are for isle evaluate and isle merge")
     res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
                  policy=args.policy, average=args.average, backend=args.backend,
                  bg_threshold=args.bg_threshold, num_images=args.num_images, overwrite=args.overwrite,

@@ -399,10 +399,16 @@ def ensemble_scores(stack: Stack):
     return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
 
 
-def merge_frame(gt: Stack, stacks: Sequence[Stack]) -> Any:
-    """The layout the ensemble is written on: the gt's, or the first set's when the gt labels a subset."""
+def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
+    """The layout the ensemble is written on: the gt's, or the first set's when the gt labels a subset
+    (or there is none)."""
     from isle_fast.ensemble.partial import SetFrame, gt_positions
 
+    if gt is None:
+        from isle_fast.stores.stack import check_aligned
+
+        check_aligned(list(stacks))
+        return SetFrame(stacks[0])
     return gt if gt_positions(gt, stacks) is None else SetFrame(stacks[0])
 
 
@@ -410,7 +416,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
           strategy: str = "class", subset: Sequence[str | int] | None = None,
           evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
-          progress: bool = True, image_labels: Any = None) -> MergeResult:
+          progress: bool = True, image_labels: Any = None, estimator: str | None = None) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
     Parameters
@@ -421,7 +427,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         Ground truth; gives the per-class scores and (image strategy) the
         image-level labels. It may label a subset of the sets' images (any
         order): the selection comes from those, the ensemble covers every
-        image of the sets.
+        image of the sets. ``None``: no pixel labels at all, the selection
+        comes from ``estimator`` (:mod:`isle_fast.ensemble.estimate`).
     out : path or URL
         The new ensemble store (kind ``ensemble``, encoding ``labels``).
     policy : {'score', 'order', 'ignore'}
@@ -448,6 +455,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         order; :mod:`isle_fast.stores.image_labels`): claims of classes absent
         from an image's labels are dropped, and the image strategy ranks by
         them instead of the gt. Every gt image needs labels.
+    estimator : {'agreement', 'staple'}, optional
+        With ``gt=None``: how each set's per-class IoU is estimated from the
+        sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`).
 
     Returns
     -------
@@ -462,23 +472,37 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     _policy_code(policy)
-    stacks, gt_stack = open_inputs(sets, gt)
+    if gt is None:  # no pixel labels: the selection is estimated from the sets
+        from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, ESTIMATORS
+
+        estimator = estimator or DEFAULT_ESTIMATOR
+        if estimator not in ESTIMATORS:
+            raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
+        stacks, gt_stack = [s if isinstance(s, Stack) else _open(s) for s in sets], None
+    else:
+        stacks, gt_stack = open_inputs(sets, gt)
     # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle
     # did not write
-    check_output(out, overwrite=overwrite, inputs=[*stacks, gt_stack])
+    check_output(out, overwrite=overwrite, inputs=[s for s in [*stacks, gt_stack] if s is not None])
     # a gt of some images selects; the ensemble covers every image of the sets (their layout: the frame)
     frame = merge_frame(gt_stack, stacks)
     if frame is not gt_stack and strategy == "image" and image_labels is None:
-        raise InputError(f"--strategy image with a ground truth of {gt_stack.num_images} of the "
-                         f"{frame.num_images} images needs --image-labels for every image")
+        have = "no ground truth" if gt_stack is None else f"a ground truth of {gt_stack.num_images} of the " \
+            f"{frame.num_images} images"
+        raise InputError(f"--strategy image with {have} needs --image-labels for every image")
     allowed = None
     if image_labels is not None:
         from isle_fast.stores.image_labels import check_not_output, resolve_image_labels
 
         check_not_output(image_labels, out)
-        where = f"the ground truth {gt_stack.path}" if frame is gt_stack else f"the set {frame.path}"
+        where = f"the set {frame.path}" if frame is not gt_stack else f"the ground truth {frame.path}"
         allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=where)
-    if evaluation is None:
+    if evaluation is None and gt_stack is None:
+        from isle_fast.ensemble.estimate import estimate
+
+        evaluation = estimate(stacks, method=estimator, image_labels=allowed, bg_threshold=bg_threshold,
+                              progress=progress)
+    elif evaluation is None:
         evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
                               progress=progress)
     elif len(evaluation.set_names) != len(stacks):
@@ -499,7 +523,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         choice = np.zeros(frame.num_images, dtype=np.int64)
 
     member_stacks = [stacks[m] for m in members]
-    c = gt_stack.num_classes
+    c = frame.num_classes
     scores_dtype = None
     scale = 1.0
     if plan.mode == "scores":
@@ -507,8 +531,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         scale = 1.0 if plan.cast else member_stacks[0].score_scale
     provenance = {
         "sources": [s.path for s in stacks],
-        "gt": gt_stack.path,
-        "labelled_images": int(gt_stack.num_images),
+        "gt": None if gt_stack is None else gt_stack.path,
+        "labelled_images": 0 if gt_stack is None else int(gt_stack.num_images),
+        **({"estimator": evaluation.method} if gt_stack is None and hasattr(evaluation, "method") else {}),
         "sets": names,
         "members": [names[m] for m in members],
         "selection": selection.mapping(),

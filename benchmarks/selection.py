@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR
+
 from .common import bench_parser, format_table, log, markdown_table, results_dir, save_figure, write_json
 
 KS = (10, 25, 50, 100, 200)
@@ -106,7 +108,6 @@ def voc(n_images: int | None, seed: int = 0) -> dict[str, Any] | None:
 def precompute(data: dict[str, Any]) -> dict[str, Any]:
     """Per-image counts (exact), vote patterns (with and without image labels) and the full-gt reference."""
     from isle_fast import metrics
-    from isle_fast.ensemble.merge import drop_absent_claims
     from isle_fast.kernels import cpu
 
     c = data["classes"]
@@ -114,17 +115,19 @@ def precompute(data: dict[str, Any]) -> dict[str, Any]:
     n_img = len(gts)
     counts = np.zeros((n_img, N_SETS, c, c + 1), np.int64)
     presence = np.zeros((n_img, c), bool)
-    pat_labels = np.zeros((c, 1 << N_SETS), np.int64)
+    pat_labels = np.zeros((2, c, 1 << N_SETS), np.int64)  # [1]: classes the image labels rule out
     pat_plain = np.zeros((c, 1 << N_SETS), np.int64)
     for i in range(n_img):
         g = np.ascontiguousarray(gts[i][None])
         s = tuple(np.ascontiguousarray(sets[n][i][None]) for n in range(N_SETS))
         counts[i] = cpu.confusion_labels(g, s, c)
         presence[i] = counts[i, 0].sum(axis=1) > 0
-        pat_plain += cpu.vote_patterns(s, c)
-        allowed = presence[i][None]
-        pat_labels += cpu.vote_patterns(tuple(np.ascontiguousarray(drop_absent_claims(a, "labels", allowed))
-                                              for a in s), c)
+        h = cpu.vote_patterns(s, c)
+        pat_plain += h
+        ok = presence[i].copy()
+        ok[0] = True
+        pat_labels[0][ok] += h[ok]
+        pat_labels[1][~ok] += h[~ok]
     stats = metrics.intersection_union(counts)  # (I, N, C, 2)
     gt_px = counts[:, 0].sum(axis=2)  # (I, C)
     full_iou = metrics.iou(counts.sum(axis=0))
@@ -206,7 +209,8 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
     for method in ESTIMATORS:
         for variant in ("labels", "plain"):
             est = estimate_from_patterns(pre["patterns"][variant], method)
-            sel = select_from(est, pre["patterns"][variant][:, 1:].sum(axis=1), c)
+            pat = pre["patterns"][variant]
+            sel = select_from(est, (pat[0] if pat.ndim == 3 else pat)[:, 1:].sum(axis=1), c)
             rows.append(_row(data["name"], f"none: {method}" + ("" if variant == "labels" else
                                                               " (no image labels)"), [judge(sel)], 0, 0))
     log(f"[selection] {data['name']}: {n_img} images, gain {gain:.2f} in {time.perf_counter() - t0:.1f} s")
@@ -256,12 +260,12 @@ def plot(path: Path, studies: list[dict]) -> Path:
         gk = [100 * r["gain_kept"] for r in s["rows"] if r["mode"].startswith("K=")]
         ax.plot(ks, gk, "o-", color=cmap(j % 10), label=f"{s['name']} (gain {s['full_gt_gain']:.2f})")
         for r in s["rows"]:
-            if r["mode"] == "none: agreement":
+            if r["mode"] == f"none: {DEFAULT_ESTIMATOR}":
                 ax.axhline(100 * r["gain_kept"], color=cmap(j % 10), linestyle=":", linewidth=1)
     ax.axhline(90, color="black", linewidth=0.8)
     ax.axhline(70, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
-    ax.set_xlabel("labelled images K (dotted: no pixel labels, agreement estimate)")
+    ax.set_xlabel(f"labelled images K (dotted: no pixel labels, {DEFAULT_ESTIMATOR} estimate)")
     ax.set_ylabel("share of the full-gt ensemble gain kept (%)")
     ax.set_title("ISLE selection from few or no pixel labels")
     ax.legend(fontsize=7)
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, detail_cols))
     out = results_dir()
     k100 = next((r for r in summary if r["mode"] == "K=100"), None)
-    none = next((r for r in summary if r["mode"] == "none: agreement"), None)
+    none = next((r for r in summary if r["mode"] == f"none: {DEFAULT_ESTIMATOR}"), None)
     calib_n = sum(r["p90_choices"] for r in summary)
     calib = (sum((r["p90_right"] or 0) * r["p90_choices"] for r in summary) / calib_n) if calib_n else None
     targets = {

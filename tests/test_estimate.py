@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from isle_fast.ensemble.estimate import agreement_iou, estimate, staple_iou
+from isle_fast.ensemble.estimate import agreement_iou, estimate, pairwise_iou, staple_iou
 from isle_fast.kernels import cpu
 from tests.conftest import write_stack
 
@@ -70,7 +70,17 @@ def _noisy(truth, rate, rng, c):
     return a
 
 
-@pytest.mark.parametrize("fn", [agreement_iou, staple_iou])
+def test_known_negatives_count_as_false_positives():
+    # 2 sets, 1 class + background; pattern bit n = set n votes
+    unknown = np.zeros((2, 4), np.int64)
+    unknown[1] = [0, 0, 0, 10]      # both sets agree on 10 pixels of class 1
+    negative = np.zeros((2, 4), np.int64)
+    negative[1] = [0, 5, 0, 0]      # set 0 claims class 1 on 5 pixels the image labels rule out
+    est = agreement_iou(np.stack([unknown, negative]))
+    assert est[0, 1] == pytest.approx(100 * 10 / 15) and est[1, 1] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("fn", [agreement_iou, pairwise_iou, staple_iou])
 def test_estimators_rank_independent_noisy_sets(fn):
     rng = np.random.default_rng(1)
     c = 4
@@ -92,7 +102,10 @@ def test_estimate_api_with_image_labels(tmp_path):
     labels = np.zeros((5, c), bool)
     labels[:, 1] = True  # class 2 is in no image
     est = estimate(sets, image_labels=labels, progress=False)
-    assert est.patterns[2, 1:].sum() == 0  # every claim of class 2 was dropped
+    assert est.patterns[0, 2, 1:].sum() == 0 < est.patterns[1, 2, 1:].sum()  # class 2: known negatives
+    plain = estimate(sets, progress=False)
+    np.testing.assert_array_equal(plain.patterns.sum(axis=0), est.patterns.sum(axis=0))
+    assert plain.patterns[1].sum() == 0
     sel = est.select()
     assert int(sel.best[1]) == 0
     doc = est.to_json(sel)

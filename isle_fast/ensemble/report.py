@@ -499,7 +499,8 @@ def uncertainty_markdown(unc: Any, names: Sequence[str]) -> list[str]:
         lo, hi = unc.iou_interval[b, c]
         dlo, dhi = unc.diff_interval[r, c] if r >= 0 else (float("nan"), float("nan"))
         more = unc.more_images[c]
-        rows.append([cname, names[b], _fmt(unc.p_best[c], 2), _fmt(unc.expected_loss[c], 2),
+        rows.append([cname, names[b], _fmt(unc.p_best[c], 2), str(int(unc.class_images[c])),
+                     _fmt(unc.expected_loss[c], 2),
                      f"{_fmt(lo)}-{_fmt(hi)}", names[r] if r >= 0 else "-",
                      f"{_fmt(dlo)} to {_fmt(dhi)}",
                      "-" if np.isnan(unc.p_best[c]) else ("no (tie)" if not math.isfinite(more) else str(int(more)))])
@@ -508,13 +509,14 @@ def uncertainty_markdown(unc: Any, names: Sequence[str]) -> list[str]:
             "p(best): share of resamples in which the chosen set has the highest IoU; expected loss: mean IoU "
             "points the best set of a resample has over the chosen one; more images: labelled images to add "
             "until the margin over the runner-up is 1.645 bootstrap standard deviations (spread shrinking as "
-            "1/sqrt(images)), for the choices below p = 0.9. "
+            "1/sqrt(images)), for the choices below p = 0.9. p is optimistic for a class in few labelled "
+            "images: trust it where 20 or more contain the class. "
             + ("Every choice is settled." if not unc.uncertain() else
                f"Uncertain: {', '.join(unc.classes[c] for c in unc.uncertain())}"
                + ("." if not math.isfinite(total) else f"; about {int(total)} more labelled images would "
                   "settle them all.")) + "\n")
     return ["## Uncertainty of every choice\n",
-            _md_table(["class", "chosen", "p(best)", "expected loss", "chosen IoU 95%", "runner-up",
+            _md_table(["class", "chosen", "p(best)", "images with it", "expected loss", "chosen IoU 95%", "runner-up",
                        "runner-up minus chosen 95%", "more images"], rows), note]
 
 

@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=None, help="random subsets per K (default 20; quick 3)")
     p.add_argument("--images", type=int, default=None, help="images per synthetic data set (default 600)")
     p.add_argument("--reps", type=int, default=None, help="bootstrap resamples (default 500; quick 100)")
+    p.add_argument("--voc-images", type=int, default=None,
+                   help="real VOC val maps used (default all 1,449; quick 120)")
     args = p.parse_args(argv)
     quick = args.quick
     trials = args.trials or (3 if quick else 20)
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for quality in ("spread", "close"):
             studies.append(study(synthetic(seed, quality, n_img, side), trials, reps, ks))
-    real = voc(120 if quick else None)
+    real = voc(args.voc_images or (120 if quick else None))
     if real is None:
         log("[selection] ../shared/data/voc2012_val_gt.tar.gz is absent: the VOC data set is skipped")
     else:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from isle_fast.ensemble.estimate import agreement_iou, estimate, pairwise_iou, staple_iou
+from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, agreement_iou, estimate, pairwise_iou, staple_iou
 from isle_fast.kernels import cpu
 from tests.conftest import write_stack
 
@@ -109,7 +109,7 @@ def test_estimate_api_with_image_labels(tmp_path):
     sel = est.select()
     assert int(sel.best[1]) == 0
     doc = est.to_json(sel)
-    assert doc["estimator"] == "agreement" and doc["gt"] is None
+    assert doc["estimator"] == DEFAULT_ESTIMATOR and doc["gt"] is None
     assert "*" in est.table(sel)
     st_est = estimate(sets, method="staple", progress=False)
     assert int(st_est.select().best[1]) == 0
@@ -136,7 +136,7 @@ def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
     assert doc["estimator"] == "staple" and set(doc["selection"].values()) == {"s1"}
     assert main(["merge", *paths, "--gt", "None", "--out", f"{tmp_path}/ens.zarr", "--quiet"]) == 0
     ens = open_stack(f"{tmp_path}/ens.zarr")
-    assert ens.provenance["gt"] is None and ens.provenance["estimator"] == "agreement"
+    assert ens.provenance["gt"] is None and ens.provenance["estimator"] == DEFAULT_ESTIMATOR
     # the ensemble of an estimated selection is the merge of that selection
     res = merge(paths, None, f"{tmp_path}/ens2.zarr", progress=False)
     np.testing.assert_array_equal(np.asarray(ens.array[:]), np.asarray(res.stack.array[:]))

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         rows["image labels"] = f"{args.image_labels} (claims of absent classes dropped)"
         extra["ensemble"]["image_labels"] = args.image_labels
     if gt is None:
-        rows["selection"] = f"estimated without pixel labels ({args.estimator or 'agreement'})"
+        rows["selection"] = f"estimated without pixel labels ({ev.method})"
     if not args.no_score and gt is not None:
         ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
                        progress=not args.quiet)

@@ -58,7 +58,7 @@ __all__ = ["ESTIMATORS", "Estimate", "estimate", "vote_patterns_pass", "estimate
 
 ESTIMATORS = ("agreement", "pairwise", "staple")
 #: the estimator used when none is named (the better one in benchmarks/selection.py)
-DEFAULT_ESTIMATOR = "agreement"
+DEFAULT_ESTIMATOR = "staple"
 
 
 def _bits(n: int) -> np.ndarray:

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for quality in ("spread", "close"):
             studies.append(study(synthetic(seed, quality, n_img, side), trials, reps, ks))
-    real = voc(args.voc_images or (120 if quick else None))
+    real = voc(args.voc_images or (40 if quick else None))
     if real is None:
         log("[selection] ../shared/data/voc2012_val_gt.tar.gz is absent: the VOC data set is skipped")
     else:

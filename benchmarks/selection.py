@@ -253,7 +253,7 @@ def plot(path: Path, studies: list[dict]) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     cmap = plt.get_cmap("tab10")
     for j, s in enumerate(studies):
         ks = [int(r["mode"][2:]) for r in s["rows"] if r["mode"].startswith("K=")]

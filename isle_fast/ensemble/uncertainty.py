@@ -176,11 +176,13 @@ def _pooled_spread(iou: np.ndarray, stats: np.ndarray, best: np.ndarray, members
     A class in few labelled images has a bootstrap that cannot see failures
     those images lack (an object a set confuses elsewhere): alone it is far
     too sure (measured in benchmarks/selection.py). Per class and set ``n``
-    the per-image variance ``v`` of ``IoU_n - IoU_chosen`` (images where
-    either is defined, ``m`` of them) is shrunk toward the median ``v0`` over
-    the classes: ``(m v + prior v0) / (m + prior)``; where the bootstrap's
+    the per-image variance ``v`` of ``IoU_n - IoU_chosen`` (images that
+    contain the class, ``m`` of them) is shrunk toward ``v0``, the mean square
+    of every such difference pooled over the foreground classes:
+    ``((m - 1) v + prior v0) / (m - 1 + prior)``; where the bootstrap's
     variance of the difference is below that over ``m``, seeded normal noise
-    makes up the rest. Deterministic for a seed.
+    makes up the rest. Background (class 0, in nearly every image and on
+    another scale) keeps its plain bootstrap. Deterministic for a seed.
     """
     per = metrics.iou_from_stats(stats)  # (I, N, C)
     n_img, n, c = per.shape
@@ -193,6 +195,7 @@ def _pooled_spread(iou: np.ndarray, stats: np.ndarray, best: np.ndarray, members
         warnings.simplefilter("ignore", RuntimeWarning)
         v = np.where(m >= 2, np.nanvar(np.where(ok, diff, np.nan), axis=0, ddof=1), np.nan)
     others = members[:, None] & (np.arange(n)[:, None] != best[None, :])  # (N, C)
+    others[:, 0] = False  # background (in nearly every image, another scale) keeps its own bootstrap
     pooled = diff[ok & others[None]]  # every image, class and competitor pooled
     if pooled.size < 2:
         return iou
@@ -204,6 +207,7 @@ def _pooled_spread(iou: np.ndarray, stats: np.ndarray, best: np.ndarray, members
         boot = np.nanvar(iou - iou[:, best, np.arange(c)][:, None, :], axis=0)
     extra = np.sqrt(np.clip(target - np.nan_to_num(boot), 0.0, None))
     extra[best, np.arange(c)] = 0.0
+    extra[:, 0] = 0.0
     extra[(m >= 2) & (np.nan_to_num(v) == 0)] = 0.0  # the same IoU as the choice in every image: no spread
     rng = np.random.default_rng([int(seed), 7])
     noise = rng.standard_normal(iou.shape) * extra[None]

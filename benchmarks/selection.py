@@ -214,6 +214,9 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
             rows.append(_row(data["name"], f"none: {method}" + ("" if variant == "labels" else
                                                               " (no image labels)"), [judge(sel)], 0, 0))
     log(f"[selection] {data['name']}: {n_img} images, gain {gain:.2f} in {time.perf_counter() - t0:.1f} s")
+    for r in rows:
+        log(f"[selection]   {r['mode']:34s} agree {r['agree']:.2f}  lost {r['iou_lost']:.2f}  gain kept "
+            f"{r['gain_kept']:.2f}  below best {r['below_best']}  p>=0.9 right {r['p90_right']} of {r['p90_choices']}")
     return {"name": data["name"], "images": n_img, "best_single_miou": best_single, "full_gt_ensemble_miou":
             full_ens, "full_gt_gain": gain, "set_miou": [float(v) for v in singles], "rows": rows}
 

@@ -161,7 +161,7 @@ def ensemble_miou(data: dict[str, Any], sel: Any) -> float:
 # ================================================================================ the study
 def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> dict[str, Any]:
     from isle_fast import metrics
-    from isle_fast.ensemble.estimate import ESTIMATORS, estimate_from_patterns
+    from isle_fast.ensemble.estimate import ESTIMATORS, blend_scores, estimate_from_patterns
     from isle_fast.ensemble.uncertainty import choice_uncertainty
 
     t0 = time.perf_counter()
@@ -190,10 +190,11 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
 
     rows = []
     rng = np.random.default_rng(12345)
+    prior = estimate_from_patterns(pre["patterns"]["labels"], DEFAULT_ESTIMATOR)  # every image's votes
     for k in ks:
         if k >= n_img:
             continue
-        per, calib_n, calib_right = [], 0, 0
+        per, calib_n, calib_right, blended = [], 0, 0, []
         for t in range(trials):
             sub = np.sort(rng.choice(n_img, size=k, replace=False))
             sub_counts = pre["counts"][sub].sum(axis=0)
@@ -201,11 +202,14 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
             per.append(judge(sel))
             unc = choice_uncertainty(pre["stats"][sub], sel.best, gt_present=sub_counts[0].sum(axis=1) > 0,
                                      reps=reps, seed=t)
+            mixed = blend_scores(metrics.iou(sub_counts), unc["class_images"], prior)
+            blended.append(judge(select_from(mixed, sub_counts.sum(axis=2)[0], c)))
             for cls in fg:
                 if unc["p_best"][cls] >= SETTLED:
                     calib_n += 1
                     calib_right += int(full_iou[int(sel.best[cls]), cls] >= full_iou[int(full_sel.best[cls]), cls])
         rows.append(_row(data["name"], f"K={k}", per, calib_n, calib_right))
+        rows.append(_row(data["name"], f"K={k} + estimate", blended, 0, 0))
     for method in ESTIMATORS:
         for variant in ("labels", "plain"):
             est = estimate_from_patterns(pre["patterns"][variant], method)
@@ -259,16 +263,20 @@ def plot(path: Path, studies: list[dict]) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cmap = plt.get_cmap("tab10")
     for j, s in enumerate(studies):
-        ks = [int(r["mode"][2:]) for r in s["rows"] if r["mode"].startswith("K=")]
-        gk = [100 * r["gain_kept"] for r in s["rows"] if r["mode"].startswith("K=")]
-        ax.plot(ks, gk, "o-", color=cmap(j % 10), label=f"{s['name']} (gain {s['full_gt_gain']:.2f})")
+        kr = [r for r in s["rows"] if r["mode"].startswith("K=") and "+" not in r["mode"]]
+        ax.plot([int(r["mode"][2:]) for r in kr], [100 * r["gain_kept"] for r in kr], "o-", color=cmap(j % 10),
+                label=f"{s['name']} (gain {s['full_gt_gain']:.2f})")
+        kb = [r for r in s["rows"] if r["mode"].endswith("+ estimate")]
+        ax.plot([int(r["mode"][2:].split()[0]) for r in kb], [100 * r["gain_kept"] for r in kb], "s--",
+                color=cmap(j % 10), linewidth=0.8, markersize=3)
         for r in s["rows"]:
             if r["mode"] == f"none: {DEFAULT_ESTIMATOR}":
                 ax.axhline(100 * r["gain_kept"], color=cmap(j % 10), linestyle=":", linewidth=1)
     ax.axhline(90, color="black", linewidth=0.8)
     ax.axhline(70, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
-    ax.set_xlabel(f"labelled images K (dotted: no pixel labels, {DEFAULT_ESTIMATOR} estimate)")
+    ax.set_xlabel(f"labelled images K (dashed: K + the estimate as prior; dotted: no pixel labels, "
+                  f"{DEFAULT_ESTIMATOR})")
     ax.set_ylabel("share of the full-gt ensemble gain kept (%)")
     ax.set_title("ISLE selection from few or no pixel labels")
     ax.legend(fontsize=7)

@@ -369,9 +369,10 @@ def test_selection_study_on_a_tiny_synthetic_set():
     data = selection.synthetic(0, "spread", 30, 40)
     res = selection.study(data, trials=2, reps=20, ks=(10, 29))
     modes = [r["mode"] for r in res["rows"]]
-    assert modes[:2] == ["K=10", "K=29"] and "none: staple" in modes and "none: pairwise" in modes
+    assert modes[:4] == ["K=10", "K=10 + estimate", "K=29", "K=29 + estimate"]
+    assert "none: staple" in modes and "none: pairwise" in modes
     assert res["full_gt_gain"] == res["full_gt_ensemble_miou"] - res["best_single_miou"]
-    k29 = res["rows"][1]
+    k29 = res["rows"][2]
     assert 0.0 <= k29["agree"] <= 1.0 and k29["iou_lost"] >= 0.0
     assert k29["agree"] >= res["rows"][0]["agree"] - 0.35  # more labels are not much worse
     summary = selection.summarize([res])

@@ -146,3 +146,14 @@ def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", *paths, "--gt", gt.path, "--estimator", "staple", "--quiet"]) != 0
     assert "--gt none only" in capsys.readouterr().err
+
+
+def test_blend_scores_weights_the_labelled_iou_by_images_with_the_class():
+    from isle_fast.ensemble.estimate import blend_scores
+
+    lab = np.array([[50.0, np.nan, 10.0], [40.0, 20.0, 30.0]])
+    est = np.array([[30.0, 60.0, 90.0], [35.0, 10.0, 80.0]])
+    out = blend_scores(lab, np.array([30, 0, 10]), est, prior_images=10)
+    np.testing.assert_allclose(out[:, 0], 0.75 * lab[:, 0] + 0.25 * est[:, 0])
+    np.testing.assert_allclose(out[:, 1], [60.0, 10.0])  # no labelled image: the estimate (NaN -> estimate)
+    np.testing.assert_allclose(out[:, 2], 0.5 * lab[:, 2] + 0.5 * est[:, 2])

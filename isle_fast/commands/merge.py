@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="name of the ensemble set (default: folder name)")
     parser.add_argument("--json", metavar="FILE", help="write the scores, selection and ensemble as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble store")
+    parser.add_argument("--blend-estimate", action="store_true",
+                        help="with a gt of few images: blend each class's labelled IoU with the no-label "
+                             "estimate (--estimator), weighted by the labelled images holding the class")
     parser.add_argument("--no-score", action="store_true",
                         help="do not evaluate the new ensemble against the gt afterwards")
 
@@ -37,14 +40,14 @@ def run(args: argparse.Namespace) -> int:
     from isle_fast.commands.evaluate import no_gt
 
     gt = None if no_gt(args.gt) else args.gt
-    if gt is not None and args.estimator:
+    if gt is not None and args.estimator and not args.blend_estimate:
         from isle_fast.errors import InputError
 
-        raise InputError("--estimator applies to --gt none only")
+        raise InputError("--estimator applies to --gt none or --blend-estimate only")
     if args.json:  # before the work: never a folder, a store's file, an input, --out or a foreign file
         check_json_output(args.json, inputs=[*args.sets, gt], outputs=[args.out])
     t = Timer()
-    res = merge(args.sets, gt, args.out, estimator=args.estimator, policy=args.policy, strategy=args.strategy,
+    res = merge(args.sets, gt, args.out, estimator=args.estimator, blend_estimate=args.blend_estimate, policy=args.policy, strategy=args.strategy,
                 subset=parse_subset(args.subset), average=args.average, backend=args.backend,
                 bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
                 progress=not args.quiet, image_labels=args.image_labels)

@@ -399,6 +399,22 @@ def ensemble_scores(stack: Stack):
     return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
 
 
+def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, estimator: str | None,
+                    allowed: np.ndarray | None, backend: str, bg_threshold: float | None,
+                    progress: bool) -> np.ndarray:
+    """The labelled IoU blended with the no-label estimate (see :func:`merge`, ``blend_estimate``)."""
+    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, blend_scores, estimate
+
+    ev = evaluation
+    if ev.image_stats is None:  # the labelled images containing each class need per-image counts
+        ev = evaluate(stacks, gt, average=evaluation.average, backend=backend, bg_threshold=bg_threshold,
+                      progress=progress, per_image=True)
+    class_images = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
+    est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
+                   bg_threshold=bg_threshold, progress=progress)
+    return blend_scores(evaluation.iou, class_images, est.iou)
+
+
 def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
     """The layout the ensemble is written on: the gt's, or the first set's when the gt labels a subset
     (or there is none)."""
@@ -416,7 +432,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
           strategy: str = "class", subset: Sequence[str | int] | None = None,
           evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
-          progress: bool = True, image_labels: Any = None, estimator: str | None = None) -> MergeResult:
+          progress: bool = True, image_labels: Any = None, estimator: str | None = None,
+          blend_estimate: bool = False) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
     Parameters
@@ -458,6 +475,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     estimator : {'agreement', 'pairwise', 'staple'}, optional
         With ``gt=None``: how each set's per-class IoU is estimated from the
         sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`).
+    blend_estimate : bool
+        With a gt of some images: select from the labelled IoU blended with
+        the no-label estimate of every image (``estimator``), per class
+        weighted by the labelled images containing it
+        (:func:`isle_fast.ensemble.estimate.blend_scores`).
 
     Returns
     -------
@@ -507,7 +529,12 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                               progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
-    selection = select(evaluation, sets=subset)
+    blended = None
+    if blend_estimate and gt_stack is not None:
+        blended = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress)
+    selection = select(evaluation, sets=subset) if blended is None else select(
+        scores=blended, gt_pixels=evaluation.gt_pixels, set_names=evaluation.set_names,
+        classes=evaluation.classes, sets=subset)
     plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
                      drop_absent=allowed is not None)
     members = selection.member_indices
@@ -546,6 +573,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "bg_threshold": bg_threshold,
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
+        **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))}}
+           if blended is not None else {}),
         **({"image_strategy": jsonable(info)} if info else {}),
     }
     grid = work_chunks(member_stacks, frame)

@@ -12,7 +12,9 @@ for the data model):
   :class:`ImageLabels` (``Stack.image_labels`` reads those stored with a stack)
 * step 1, refinement: :func:`refine_stack`, :func:`register_refinement`, the dense
   CRF :func:`crf_image` with the public code's presets (:func:`crf_settings`)
-* step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`
+* step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`;
+  with few pixel labels the uncertainty of every choice (:func:`selection_uncertainty`), with
+  none an estimate from the sets (:func:`estimate`)
 * step 3, the ensemble: :func:`merge`, :func:`export_pngs`, :func:`report`
 * the whole job from folders (``isle run``): :func:`run_job`, :class:`JobSpec`
 * step 4, DeepLabV3+: :func:`build_deeplab`, :func:`train`, :func:`predict`
@@ -57,6 +59,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "refinement.crf": ("crf_image", "crf_settings", "DenseCRF",),
     "ensemble.evaluate": ("evaluate", "Evaluation",),
     "ensemble.selection": ("select", "Selection",),
+    "ensemble.uncertainty": ("selection_uncertainty", "choice_uncertainty", "Uncertainty",),
+    "ensemble.estimate": ("estimate", "Estimate", "ESTIMATORS",),
     "ensemble.subsets": ("subset_analysis", "SubsetAnalysis",),
     "ensemble.merge": (
         "merge", "MergeResult", "merge_images", "ensemble_scores", "POLICIES", "STRATEGIES",

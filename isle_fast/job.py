@@ -774,7 +774,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     # -- step 2: evaluate and select ---------------------------------------------------------------
     with steps.step("evaluate"):
         ev = evaluate(set_stacks, gt, average=spec.average, backend=spec.backend,
-                      bg_threshold=spec.bg_threshold, progress=progress)
+                      bg_threshold=spec.bg_threshold, progress=progress, per_image=spec.report)
     names = ev.set_names
     subset = None
     if spec.subset:
@@ -802,7 +802,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
         ens_ev = counter.evaluation(res.stack)
     else:
         with steps.step("evaluate"):
-            ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress)
+            ens_ev = evaluate([res.stack], gt, average=spec.average, backend=spec.backend, progress=progress,
+                              per_image=spec.report)
     e_miou = float(ens_ev.miou[0])
     steps.say(f"ensemble mIoU {e_miou:.2f}")
     produced = ["ensemble.zarr"]
@@ -863,7 +864,7 @@ def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path) -> tuple[Any, Any]:
 
     if dask_requested() or gt.chunk_spec() is None or tuple(gt.chunks[1:]) != tuple(gt.shape[1:]):
         return None, None
-    counter = ChunkCounts(gt, average=spec.average, backend=spec.backend)
+    counter = ChunkCounts(gt, average=spec.average, backend=spec.backend, per_image=spec.report)
     return counter, ChunkExport(pngs, gt.ids, gt.shapes, compress=spec.compress)
 
 

@@ -41,6 +41,8 @@ __all__ = [
     "recall",
     "intersection_union",
     "iou_from_stats",
+    "bootstrap_weights",
+    "bootstrap_sums",
     "bootstrap_miou_diff",
     "jsonable",
 ]
@@ -144,6 +146,34 @@ def iou_from_stats(stats: Any) -> np.ndarray:
     return 100.0 * ratio(stats[..., 0], stats[..., 1])
 
 
+def bootstrap_weights(num_images: int, reps: int, seed: int) -> np.ndarray:
+    """``(reps, I)`` int64: how often each image is drawn in each resample (with replacement).
+
+    The one resampling of the project (deterministic for a ``seed``): row ``b``
+    is a multinomial draw of ``I`` images, uniform over the images.
+    """
+    rng = np.random.default_rng(seed)
+    n = max(1, int(num_images))
+    return rng.multinomial(int(num_images), np.full(n, 1.0 / n), size=int(reps)).astype(np.int64)
+
+
+def bootstrap_sums(image_stats: Any, weights: Any, batch: int = 256) -> np.ndarray:
+    """Per-image counts summed over every resample: ``(B, ...)`` from ``(I, ...)`` counts and ``(B, I)`` weights.
+
+    Exact: the weights and counts are integers (summed as float64, exact below
+    2**53, then returned as int64), in batches of ``batch`` resamples to
+    bound memory.
+    """
+    stats = np.asarray(image_stats)
+    w = np.asarray(weights)
+    n_img = stats.shape[0]
+    flat = stats.reshape(n_img, -1).astype(np.float64)
+    out = np.empty((w.shape[0], flat.shape[1]), dtype=np.int64)
+    for b0 in range(0, w.shape[0], batch):
+        out[b0:b0 + batch] = np.rint(w[b0:b0 + batch].astype(np.float64) @ flat).astype(np.int64)
+    return out.reshape((w.shape[0],) + stats.shape[1:])
+
+
 def bootstrap_miou_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, float]:
     """95 % interval of mIoU(model 0) - mIoU(model 1) over images resampled with replacement.
 
@@ -163,11 +193,7 @@ def bootstrap_miou_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, 
         resample's IoU is dataset-level: its summed intersections over its
         summed unions (:func:`iou_from_stats`, :func:`miou`).
     """
-    stats = np.asarray(image_stats, dtype=np.float64)
-    n_img = stats.shape[0]
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_img, np.full(n_img, 1.0 / n_img), size=reps).astype(np.float64)  # (B, I)
-    summed = (weights @ stats.reshape(n_img, -1)).reshape((reps,) + stats.shape[1:])  # (B, 2, C, 2)
+    summed = bootstrap_sums(image_stats, bootstrap_weights(np.shape(image_stats)[0], reps, seed))
     m = miou(iou_from_stats(summed))  # (B, 2)
     lo, hi = np.nanpercentile(m[:, 0] - m[:, 1], [2.5, 97.5])
     return float(lo), float(hi)

@@ -317,3 +317,17 @@ def subset_confusion_scores_args(
     sels, mem = check_subsets(selections, members, len(sets), C, 0, what)
     pol = check_policy(policy, what)
     return gt, sets, C, sels, mem, pol, dt, threshold_args(bg_threshold, dt)
+
+
+#: most sets :func:`vote_patterns` counts the joint votes of (2**N patterns per class)
+MAX_VOTE_SETS = 12
+
+
+def vote_patterns_args(sets: Any, num_classes: Any, host: bool) -> tuple[tuple, int]:
+    """``vote_patterns``: (sets, C); 1..MAX_VOTE_SETS label maps of one shape."""
+    what = "vote_patterns"
+    C = check_classes(num_classes, what)
+    sets = check_label_sets(sets, None, what, host)
+    if len(sets) > MAX_VOTE_SETS:
+        raise ValueError(f"{what}: at most {MAX_VOTE_SETS} sets, got {len(sets)}")
+    return sets, C

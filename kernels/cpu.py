@@ -78,13 +78,14 @@ from numba.extending import intrinsic, overload
 
 from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_scores_args, decode_scores_args,
                      merge_labels_args, merge_scores_args, subset_confusion_labels_args,
-                     subset_confusion_scores_args)
+                     subset_confusion_scores_args, vote_patterns_args)
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE",
     "confusion_labels", "confusion_scores", "decode_scores",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores", "numba_threads",
+    "vote_patterns",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - every platform Numba supports today is little-endian
@@ -928,3 +929,65 @@ def subset_confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], selectio
     g = gt.reshape(-1)
     out = _call(_subset_scores_kernel, g, _addrs(sets), C, sels, pol, use, thr, _nchunks(g.size))
     return out.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# joint votes of N label maps (no ground truth): per class, which sets predict it
+# ----------------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _vote_patterns_kernel(ptrs, npix, C, nchunks):  # pragma: no cover - jitted
+    N = ptrs.size
+    P = 1 << N
+    hist = np.zeros((nchunks, C, P), np.int64)
+    voting = np.zeros(nchunks, np.int64)
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        h = hist[k]
+        mask = np.zeros(C, np.int64)
+        touched = np.empty(N, np.int64)
+        cnt = 0
+        for j in range(k * per, min(npix, (k + 1) * per)):
+            nt = 0
+            for n in range(N):
+                lab = np.int64(_ld(ptrs[n], j, _U8))
+                if lab < C:
+                    if mask[lab] == 0:
+                        touched[nt] = lab
+                        nt += 1
+                    mask[lab] |= np.int64(1) << n
+            if nt > 0:
+                cnt += 1
+                for t in range(nt):
+                    lab = touched[t]
+                    h[lab, mask[lab]] += 1
+                    mask[lab] = 0
+        voting[k] = cnt
+    out = hist.sum(axis=0)
+    total = voting.sum()
+    for c in range(C):
+        out[c, 0] = total - out[c, 1:].sum()
+    return out
+
+
+def vote_patterns(sets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Joint votes of N label maps: per class, how many pixels each subset of the sets predicts it.
+
+    Parameters
+    ----------
+    sets : tuple of N ndarrays of uint8, one shape (N <= 12)
+        Label maps; values ``>= num_classes`` (255) are abstentions (no vote).
+    num_classes : int
+        C, background included.
+
+    Returns
+    -------
+    ndarray of int64, shape (C, 2**N)
+        ``out[c, m]``: pixels where exactly the sets in bit mask ``m`` (bit
+        ``n`` = set ``n``) predict class ``c``, over the pixels where at least
+        one set votes (a pixel every set abstains on, such as padding, is not
+        counted). ``out[c].sum()`` is the same for every class: those pixels.
+    """
+    sets, C = vote_patterns_args(sets, num_classes, host=True)
+    npix = int(sets[0].size)
+    return _call(_vote_patterns_kernel, _addrs(sets), npix, C, _nchunks(npix))

@@ -360,3 +360,35 @@ def test_isle_bench_runs_from_an_installed_wheel(tmp_path):
     proc = subprocess.run([isle, "bench", "--summary-only", "--out", str(tmp_path / "res")], cwd=work,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and (tmp_path / "res" / "SUMMARY.md").is_file(), proc.stderr[-2000:]
+
+
+def test_selection_study_on_a_tiny_synthetic_set():
+    """benchmarks.selection: K rows and no-label rows; the K = I - 1 choice is nearly the full-gt one."""
+    from benchmarks import selection
+
+    data = selection.synthetic(0, "spread", 30, 40)
+    res = selection.study(data, trials=2, reps=20, ks=(10, 29))
+    modes = [r["mode"] for r in res["rows"]]
+    assert modes[:4] == ["K=10", "K=10 + estimate", "K=29", "K=29 + estimate"]
+    assert "none: staple" in modes and "none: pairwise" in modes
+    assert res["full_gt_gain"] == res["full_gt_ensemble_miou"] - res["best_single_miou"]
+    k29 = res["rows"][2]
+    assert 0.0 <= k29["agree"] <= 1.0 and k29["iou_lost"] >= 0.0
+    assert k29["agree"] >= res["rows"][0]["agree"] - 0.35  # more labels are not much worse
+    summary = selection.summarize([res])
+    assert {r["mode"] for r in summary} == set(modes)
+
+
+@pytest.mark.slow
+def test_selection_quick(tmp_path, monkeypatch):
+    """``python -m benchmarks.selection --quick``: tables, JSON with the targets, and the plot."""
+    from benchmarks import selection
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "cache"))
+    assert selection.main(["--quick", "--trials", "2", "--reps", "30", "--images", "40", "--voc-images", "12"]) == 0
+    doc = json.loads((tmp_path / "res" / "selection.json").read_text())
+    assert doc["quick"] is True and set(doc["targets"]) == {
+        "k100_gain_kept>=0.90", "none_gain_kept>=0.70_every_data_set", "none_never_below_best", "p90_right>=0.85"}
+    assert (tmp_path / "res" / "selection.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Targets" in (tmp_path / "res" / "selection.md").read_text()

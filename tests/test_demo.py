@@ -211,3 +211,19 @@ def test_demo_train_seeds_compares_means_over_seeds(tmp_path):
     assert "per seed" in train["verdict"]
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(["demo", "--train-seeds", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_quick_demo_selects_from_few_and_no_pixel_labels(quick_demo):
+    from isle_fast.stores.stack import open_stack
+
+    out, summary, _ = quick_demo
+    few = summary["results"]["merge"]["few_labels"]
+    assert few["labelled_images"] == 12 and few["full_gain"] == summary["headline"]["ensemble_gain"]
+    assert isinstance(few["few_gain"], float) and isinstance(few["none_gain"], float)
+    gt = open_stack(summary["results"]["info"][1]["path"])
+    for name in ("ensemble_few_labels.zarr", "ensemble_no_labels.zarr"):
+        ens = open_stack(str(out / name))
+        assert ens.ids == gt.ids  # every training image, whatever the selection came from
+    assert open_stack(str(out / "gt_12_labelled.zarr")).num_images == 12
+    assert open_stack(str(out / "ensemble_no_labels.zarr")).provenance["gt"] is None

@@ -23,7 +23,14 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     from isle_fast.backend import add_backend_argument
 
     parser.add_argument("sets", nargs="+", metavar="SET", help="pseudo-label set stores (labels or scores)")
-    parser.add_argument("--gt", required=True, metavar="GT", help="ground-truth label store")
+    parser.add_argument("--gt", required=True, metavar="GT",
+                        help="ground-truth label store; it may label only some of the sets' images (any "
+                             "order). 'none': no pixel labels, each set's quality is estimated from the "
+                             "sets (and --image-labels), see --estimator (a store named none: ./none)")
+    parser.add_argument("--estimator", choices=("agreement", "pairwise", "staple"), default=None,
+                        help="with --gt none: leave-one-out agreement with the other sets, the mean IoU "
+                             "against each other set, or a per-class Dawid-Skene / STAPLE model (default: "
+                             "the best measured, see the README)")
     parser.add_argument("--average", choices=("dataset", "image"), default="dataset",
                         help="IoU from counts summed over the data set (default) or the mean "
                              "per-image IoU (Algorithm 2 as written)")
@@ -39,6 +46,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the scores as JSON (classes, per-set scores, selection)")
     parser.add_argument("--sets", dest="subset", metavar="A,B",
                         help="restrict the selection shown (and in the JSON) to these sets (names or store paths)")
+    parser.add_argument("--image-labels", metavar="SRC",
+                        help="with --gt none: image-level labels (cls_labels.npy, ...); claims of classes "
+                             "absent from an image count as background")
+    add_bootstrap(parser)
+
+
+def no_gt(text: str) -> bool:
+    """``--gt none``: no pixel labels."""
+    return str(text).strip().lower() == "none"
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """``isle evaluate SETS --gt none``: the estimated per-class IoU and the selection from it."""
+    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
+    from isle_fast.outputs import check_json_output, write_json
+    from isle_fast.progress import summary
+
+    if args.json:
+        check_json_output(args.json, inputs=[*args.sets, args.image_labels])
+    est = estimate(args.sets, method=args.estimator or DEFAULT_ESTIMATOR, image_labels=args.image_labels,
+                   bg_threshold=args.bg_threshold, progress=not args.quiet)
+    sel = est.select(parse_subset(args.subset))
+    print(f"estimated IoU (no pixel labels, {est.method}; see the README for how far to trust it)")
+    print(est.table(sel))
+    if args.json:
+        write_json(args.json, est.to_json(sel), command="isle evaluate")
+    rows = {"sets": f"{len(est.set_names)} ({', '.join(est.set_names)})", "estimator": est.method,
+            "image labels": args.image_labels or "none (give --image-labels: it helps)",
+            "seconds": f"{est.seconds:.2f}"}
+    if args.json:
+        rows["json"] = args.json
+    summary("isle evaluate: done (estimated)", rows, quiet=args.quiet)
+    return 0
+
+
+def add_bootstrap(parser: argparse.ArgumentParser) -> None:
+    """``--bootstrap N`` and ``--seed``: the uncertainty of every choice (0: off)."""
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="resamples of the labelled images for the uncertainty of every class's "
+                             "choice (default 1000; 0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
 
 
 def parse_subset(text: str | None) -> list[str] | None:
@@ -48,21 +96,54 @@ def parse_subset(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def uncertain_row(unc) -> str:
+    """The summary line of the bootstrap: uncertain classes and the labelled images that would settle them."""
+    import math
+
+    bad = unc.uncertain()
+    if not bad:
+        return f"none (every choice p >= 0.9 over {unc.labelled} labelled images)"
+    more = unc.more_images_total()
+    more_s = "more images cannot settle a tie" if not math.isfinite(more) else f"about {int(more)} more " \
+        "labelled images would settle them"
+    names = ", ".join(unc.classes[c] for c in bad[:6]) + (" ..." if len(bad) > 6 else "")
+    return f"{len(bad)} of {len(unc.classes)} ({names}) p < 0.9 over {unc.labelled} labelled images; {more_s}"
+
+
 def run(args: argparse.Namespace) -> int:
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.outputs import check_json_output
     from isle_fast.progress import summary
 
+    if no_gt(args.gt):
+        return run_estimate(args)
+    if args.image_labels or args.estimator:
+        from isle_fast.errors import InputError
+
+        raise InputError("--image-labels and --estimator apply to --gt none only")
     if args.json:  # before the work: never a folder, a store's file, an input or a file isle did not write
         check_json_output(args.json, inputs=[*args.sets, args.gt])
+    if args.bootstrap < 0:
+        from isle_fast.errors import InputError
+
+        raise InputError(f"--bootstrap must be 0 (off) or a number of resamples, not {args.bootstrap}")
     ev = evaluate(args.sets, args.gt, average=args.average, backend=args.backend,
-                  bg_threshold=args.bg_threshold, progress=not args.quiet)
+                  bg_threshold=args.bg_threshold, progress=not args.quiet, per_image=args.bootstrap > 0)
     sel = ev.select(parse_subset(args.subset))
-    print(ev.table(sel))
-    if args.json:
-        ev.write_json(args.json, sel)
+    extra: dict = {}
     rows = {"sets": f"{len(ev.set_names)} ({', '.join(ev.set_names)})",
             "average": ev.average, "backend": ev.backend, "seconds": f"{ev.seconds:.2f}"}
+    if args.bootstrap > 0:
+        from isle_fast.ensemble.uncertainty import selection_uncertainty
+
+        unc = selection_uncertainty(ev, sel, reps=args.bootstrap, seed=args.seed)
+        print(unc.table(ev.table(sel)))
+        extra["uncertainty"] = unc.to_json()
+        rows["uncertain choices"] = uncertain_row(unc)
+    else:
+        print(ev.table(sel))
+    if args.json:
+        ev.write_json(args.json, sel, **extra)
     if args.json:
         rows["json"] = args.json
     summary("isle evaluate: done", rows, quiet=args.quiet)

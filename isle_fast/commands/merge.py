@@ -23,23 +23,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="name of the ensemble set (default: folder name)")
     parser.add_argument("--json", metavar="FILE", help="write the scores, selection and ensemble as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble store")
+    parser.add_argument("--blend-estimate", action="store_true",
+                        help="with a gt of few images: blend each class's labelled IoU with the no-label "
+                             "estimate (--estimator), weighted by the labelled images holding the class")
     parser.add_argument("--no-score", action="store_true",
                         help="do not evaluate the new ensemble against the gt afterwards")
 
 
 def run(args: argparse.Namespace) -> int:
+    from isle_fast.commands.evaluate import no_gt
+    from isle_fast.errors import InputError
+    from isle_fast.outputs import check_json_output
     from isle_fast.progress import Timer, one_bar, summary
     from isle_fast.stores.stack import open_stack
-    from isle_fast.outputs import check_json_output
 
+    gt = None if no_gt(args.gt) else args.gt
+    if gt is not None and args.estimator and not args.blend_estimate:
+        raise InputError("--estimator applies to --gt none or --blend-estimate only")
     if args.json:  # before the work: never a folder, a store's file, an input, --out or a foreign file
-        check_json_output(args.json, inputs=[*args.sets, args.gt], outputs=[args.out])
+        check_json_output(args.json, inputs=[*args.sets, gt], outputs=[args.out])
     t = Timer()
-    with one_bar("merge", units=open_stack(args.gt).num_images, stages=2 if args.no_score else 3,
-                 quiet=args.quiet):  # one bar for the passes: evaluate, write, score
-        res, ens = _merge_and_score(args)
+    score = not args.no_score and gt is not None
+    with one_bar("merge", units=open_stack(args.sets[0]).num_images, stages=3 if score else 2,
+                 quiet=args.quiet):  # one bar for the passes: evaluate (or estimate), write, score
+        res, ens = _merge_and_score(args, gt, score)
     ev, sel = res.evaluation, res.selection
-    print(ev.table(sel, ensemble=ens))  # the ensemble's per-class IoU and mIoU: its last column
+    # the ensemble's per-class IoU and mIoU: the table's last column
+    print(ev.table(sel, ensemble=ens) if ens is not None else ev.table(sel))
     extra: dict = {"ensemble": {"path": res.stack.path, "policy": args.policy, "strategy": args.strategy,
                                 "members": [ev.set_names[i] for i in sel.member_indices],
                                 "scores_array": res.stack.provenance.get("scores_array")}}
@@ -49,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.image_labels:
         rows["image labels"] = f"{args.image_labels} (claims of absent classes dropped)"
         extra["ensemble"]["image_labels"] = args.image_labels
+    if gt is None:
+        rows["selection"] = f"estimated without pixel labels ({ev.method})"
     if ens is not None:
         members = [k for k in sel.member_indices if ev.miou[k] == ev.miou[k]]
         best = max(members, key=lambda k: ev.miou[k], default=None)
@@ -56,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
         extra["ensemble"].update({"miou": e_miou, "iou": [None if v != v else float(v) for v in ens.iou[0]]})
         if best is not None:  # the mIoU itself is in the table, once
             rows["gain"] = f"{e_miou - float(ev.miou[best]):+.2f} mIoU over the best member, {ev.set_names[best]}"
-    if args.json:
+    if args.json and gt is None:
+        from isle_fast.outputs import write_json
+
+        write_json(args.json, {**ev.to_json(sel), **extra}, command="isle merge")
+        rows["json"] = args.json
+    elif args.json:
         ev.write_json(args.json, sel, command="isle merge", **extra)
         rows["json"] = args.json
     rows["seconds"] = f"{t.seconds:.2f}"
@@ -64,18 +81,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge_and_score(args: argparse.Namespace):
-    """The ensemble (:func:`isle_fast.ensemble.merge.merge`) and, unless ``--no-score``, its evaluation."""
+def _merge_and_score(args: argparse.Namespace, gt: str | None, score: bool):
+    """The ensemble (:func:`isle_fast.ensemble.merge.merge`; ``gt`` None: selected from the no-label
+    estimate) and, when ``score``, its evaluation against the gt."""
     from isle_fast.commands.evaluate import parse_subset
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.ensemble.merge import merge
 
-    res = merge(args.sets, args.gt, args.out, policy=args.policy, strategy=args.strategy,
-                subset=parse_subset(args.subset), average=args.average, backend=args.backend,
-                bg_threshold=args.bg_threshold, name=args.name, overwrite=args.overwrite,
-                progress=not args.quiet, image_labels=args.image_labels)
+    res = merge(args.sets, gt, args.out, estimator=args.estimator, blend_estimate=args.blend_estimate,
+                policy=args.policy, strategy=args.strategy, subset=parse_subset(args.subset),
+                average=args.average, backend=args.backend, bg_threshold=args.bg_threshold, name=args.name,
+                overwrite=args.overwrite, progress=not args.quiet, image_labels=args.image_labels)
     ens = None
-    if not args.no_score:
-        ens = evaluate([res.stack], args.gt, average=args.average, backend=args.backend,
-                       progress=not args.quiet)
+    if score:
+        ens = evaluate([res.stack], gt, average=args.average, backend=args.backend, progress=not args.quiet)
     return res, ens

@@ -24,6 +24,12 @@ def run(args: argparse.Namespace) -> int:
     from isle_fast.ensemble.report import report
     from isle_fast.stores.stack import open_stack
 
+    from isle_fast.commands.evaluate import no_gt
+    from isle_fast.errors import InputError
+
+    if no_gt(args.gt) or args.estimator:
+        raise InputError("isle report scores against pixel labels: give a --gt (one of some images works); "
+                         "--gt none and --estimator are for isle evaluate and isle merge")
     with one_bar("report", units=open_stack(args.gt).num_images, stages=2, quiet=args.quiet):  # evaluate, subsets
         res = report(args.sets, args.gt, args.out, ensemble=args.ensemble, images=args.images,
                      policy=args.policy, average=args.average, backend=args.backend,

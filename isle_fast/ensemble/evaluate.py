@@ -351,7 +351,7 @@ class Evaluation:
 # -- the pass -----------------------------------------------------------------------------
 
 def confusion_graph(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold: float | None,
-                    per_image: bool):
+                    per_image: bool, positions: np.ndarray | None = None):
     """The lazy Dask array of per-chunk counts (see :func:`evaluate`).
 
     Returns a ``(bi, bj, bk, N, C, C+1)`` array (one entry per chunk of the
@@ -362,7 +362,12 @@ def confusion_graph(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_thre
     c = gt.num_classes
     groups = tuple(group_sets(stacks, bg_threshold))
     order = tuple(m for g in groups for m in g.members)
-    g, arrays = aligned_arrays(stacks, gt)
+    if positions is None:
+        g, arrays = aligned_arrays(stacks, gt)
+    else:  # a gt of some images: the sets' images at its positions (isle_fast.ensemble.partial)
+        from isle_fast.ensemble.partial import subset_arrays
+
+        g, arrays = subset_arrays(stacks, gt, positions)
     ordered = [arrays[m] for m in order]
     ordered_stacks = [stacks[m] for m in order]
     func = partial(_confusion_block, backend=backend, groups=groups, order=order, num_classes=c,
@@ -447,9 +452,11 @@ class ChunkCounts:
         is not None; :class:`ValueError` otherwise).
     average : {'dataset', 'image'}
     backend : {'auto', 'cpu', 'gpu'}
+    per_image : bool
+        Keep the per-image counts with the dataset average too (as ``evaluate(per_image=True)``).
     """
 
-    def __init__(self, gt: Stack, *, average: str = "dataset", backend: str = "auto"):
+    def __init__(self, gt: Stack, *, average: str = "dataset", backend: str = "auto", per_image: bool = False):
         import threading
 
         from isle_fast.backend import resolve_backend
@@ -465,7 +472,8 @@ class ChunkCounts:
         self.t0 = time.perf_counter()
         c = gt.num_classes
         self.counts = np.zeros((1, c, c + 1), dtype=np.int64)
-        self.stats = np.zeros((gt.num_images, 1, c, 2), dtype=np.int64) if average == "image" else None
+        keep = per_image or average == "image"
+        self.stats = np.zeros((gt.num_images, 1, c, 2), dtype=np.int64) if keep else None
         self.pixels = 0
         self._lock = threading.Lock()
 
@@ -508,7 +516,7 @@ class ChunkCounts:
 
 
 def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend: str = "auto",
-             bg_threshold: float | None = None, progress: bool = True) -> Evaluation:
+             bg_threshold: float | None = None, progress: bool = True, per_image: bool = False) -> Evaluation:
     """Per-class confusion counts and scores of every set against the ground truth, in one pass.
 
     Parameters
@@ -516,7 +524,8 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     sets : sequence of path, fsspec URL or Stack
         The pseudo-label sets; label maps and score stacks may be mixed.
     gt : path, fsspec URL or Stack
-        Ground-truth label store (255 = ignore).
+        Ground-truth label store (255 = ignore). It may label only some of
+        the sets' images, in any order: they are aligned by id.
     average : {'dataset', 'image'}
         ``'dataset'``: IoU from counts summed over all images (standard).
         ``'image'``: Algorithm 2 as written, the mean per-image IoU over the
@@ -530,6 +539,9 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
         (:func:`check_bg_threshold`).
     progress : bool
         Show a progress bar (local schedulers).
+    per_image : bool
+        Also keep the per-image intersection and union (``image_stats``,
+        for :mod:`isle_fast.ensemble.uncertainty`), from the same pass.
 
     Returns
     -------
@@ -549,14 +561,17 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
-    per_image = average == "image"
-    specs = local_specs(stacks, gt_stack)
+    per_image = average == "image" or bool(per_image)
+    from isle_fast.ensemble.partial import gt_positions
+
+    positions = gt_positions(gt_stack, stacks)
+    specs = local_specs(stacks, gt_stack) if positions is None else None
     if specs is not None:
         counts, image_stats = local_pass(specs, stacks, gt_stack, backend=be, bg_threshold=bg_threshold,
                                          per_image=per_image, progress=progress)
     else:
         counts, image_stats = _dask_pass(stacks, gt_stack, backend=be, bg_threshold=bg_threshold,
-                                         per_image=per_image, progress=progress)
+                                         per_image=per_image, progress=progress, positions=positions)
     return Evaluation(
         classes=list(gt_stack.classes),
         set_names=unique_names(stacks, say=True),
@@ -571,14 +586,15 @@ def evaluate(sets: Sequence[Any], gt: Any, *, average: str = "dataset", backend:
 
 
 def _dask_pass(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_threshold: float | None,
-               per_image: bool, progress: bool) -> tuple[Any, Any]:
+               per_image: bool, progress: bool, positions: np.ndarray | None = None) -> tuple[Any, Any]:
     """The evaluate pass as a Dask graph (any scheduler, cluster, fsspec store): ``(counts, image_stats)``."""
     import dask
 
     from isle_fast.backend import dask_scheduler
     from isle_fast.progress import dask_progress
 
-    graph = confusion_graph(stacks, gt, backend=backend, bg_threshold=bg_threshold, per_image=per_image)
+    graph = confusion_graph(stacks, gt, backend=backend, bg_threshold=bg_threshold, per_image=per_image,
+                            positions=positions)
     with dask_progress("evaluate", quiet=not progress, images=gt.num_images):
         if per_image:
             per_img = graph.sum(axis=(1, 2))  # (I, N, C, C+1), chunked by images

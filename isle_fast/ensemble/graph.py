@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast.errors import InputError, param
-from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
+from isle_fast.stores.stack import Stack, kind_phrase, open_stack
 
 __all__ = ["SET_KINDS", "MAX_TASK_BYTES", "open_inputs", "unique_names", "work_chunks", "aligned_arrays",
            "blockwise_args", "dask_requested", "local_specs"]
@@ -74,7 +74,9 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
         store, or the ground truth itself caught by a shell glob such as
         ``*.zarr``, is refused).
     AlignmentError
-        Stores disagree on ids, order, shapes or classes (names store and id).
+        The sets disagree on ids, order, shapes or classes, or the gt holds an
+        id the sets lack (names store and id). The gt may hold a subset of the
+        sets' ids in any order (:mod:`isle_fast.ensemble.partial`).
     """
     if not sets:
         raise InputError("give at least one pseudo-label set")
@@ -93,7 +95,9 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
         if s.encoding not in ("labels", "scores"):
             raise InputError(f"{s.path} has encoding {s.encoding!r}; a pseudo-label set holds "
                              "'labels' or 'scores'")
-    check_aligned([gt_stack, *stacks])
+    from isle_fast.ensemble.partial import check_gt_subset
+
+    check_gt_subset(gt_stack, stacks)  # the gt may label a subset of the sets' images, in any order
     if gt_stack.num_images == 0:
         raise InputError(f"ground truth {gt_stack.path} holds no images")
     if gt_stack.num_classes > 254:

@@ -408,11 +408,41 @@ def ensemble_scores(stack: Stack):
     return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
 
 
+def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, estimator: str | None,
+                    allowed: np.ndarray | None, backend: str, bg_threshold: float | None,
+                    progress: bool) -> np.ndarray:
+    """The labelled IoU blended with the no-label estimate (see :func:`merge`, ``blend_estimate``)."""
+    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, blend_scores, estimate
+
+    ev = evaluation
+    if ev.image_stats is None:  # the labelled images containing each class need per-image counts
+        ev = evaluate(stacks, gt, average=evaluation.average, backend=backend, bg_threshold=bg_threshold,
+                      progress=progress, per_image=True)
+    class_images = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
+    est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
+                   bg_threshold=bg_threshold, progress=progress)
+    return blend_scores(evaluation.iou, class_images, est.iou)
+
+
+def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
+    """The layout the ensemble is written on: the gt's, or the first set's when the gt labels a subset
+    (or there is none)."""
+    from isle_fast.ensemble.partial import SetFrame, gt_positions
+
+    if gt is None:
+        from isle_fast.stores.stack import check_aligned
+
+        check_aligned(list(stacks))
+        return SetFrame(stacks[0])
+    return gt if gt_positions(gt, stacks) is None else SetFrame(stacks[0])
+
+
 def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str = "score",
           strategy: str = "class", subset: Sequence[str | int] | None = None,
           evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
-          progress: bool = True, image_labels: Any = None,
+          progress: bool = True, image_labels: Any = None, estimator: str | None = None,
+          blend_estimate: bool = False,
           each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
@@ -422,7 +452,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         The pseudo-label sets, in priority order (ties go to earlier sets).
     gt : path, URL or Stack
         Ground truth; gives the per-class scores and (image strategy) the
-        image-level labels.
+        image-level labels. It may label a subset of the sets' images (any
+        order): the selection comes from those, the ensemble covers every
+        image of the sets. ``None``: no pixel labels at all, the selection
+        comes from ``estimator`` (:mod:`isle_fast.ensemble.estimate`).
     out : path or URL
         The new ensemble store (kind ``ensemble``, encoding ``labels``).
     policy : {'score', 'order', 'ignore'}
@@ -449,6 +482,14 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         order; :mod:`isle_fast.stores.image_labels`): claims of classes absent
         from an image's labels are dropped, and the image strategy ranks by
         them instead of the gt. Every gt image needs labels.
+    estimator : {'agreement', 'pairwise', 'staple'}, optional
+        With ``gt=None``: how each set's per-class IoU is estimated from the
+        sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`).
+    blend_estimate : bool
+        With a gt of some images: select from the labelled IoU blended with
+        the no-label estimate of every image (``estimator``), per class
+        weighted by the labelled images containing it
+        (:func:`isle_fast.ensemble.estimate.blend_scores`).
     each_chunk : callable, optional
         ``each_chunk(start, labels)``: called with every ensemble chunk once it
         is written (``start``: its first ``(image, row, column)``; ``labels``:
@@ -457,7 +498,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         (``isle run`` counts it against the gt and encodes its PNGs). Only the
         local pass calls it: :attr:`MergeResult.each_chunk_ran` says whether it
         ran (the Dask graph, taken for a cluster, remote stores or another
-        layout, does not call it).
+        layout, does not call it; nor does a merge whose gt
+        covers only some of the images).
 
     Returns
     -------
@@ -472,23 +514,47 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     if strategy not in STRATEGIES:
         raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     policy_code(policy)
-    stacks, gt_stack = open_inputs(sets, gt)
+    if gt is None:  # no pixel labels: the selection is estimated from the sets
+        from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, ESTIMATORS
+
+        estimator = estimator or DEFAULT_ESTIMATOR
+        if estimator not in ESTIMATORS:
+            raise InputError(f"{param('estimator')} must be one of {', '.join(ESTIMATORS)}, not {estimator!r}")
+        stacks, gt_stack = [s if isinstance(s, Stack) else _open(s) for s in sets], None
+    else:
+        stacks, gt_stack = open_inputs(sets, gt)
     # before any work: never an input (`--out A.zarr` of set A, `--out gt.zarr`), never what isle
     # did not write
-    check_output(out, overwrite=overwrite, inputs=[*stacks, gt_stack])
+    check_output(out, overwrite=overwrite, inputs=[s for s in [*stacks, gt_stack] if s is not None])
+    # a gt of some images selects; the ensemble covers every image of the sets (their layout: the frame)
+    frame = merge_frame(gt_stack, stacks)
+    if frame is not gt_stack and strategy == "image" and image_labels is None:
+        have = "no ground truth" if gt_stack is None else f"a ground truth of {gt_stack.num_images} of the " \
+            f"{frame.num_images} images"
+        raise InputError(f"--strategy image with {have} needs --image-labels for every image")
     allowed = None
     if image_labels is not None:
         from isle_fast.stores.image_labels import check_not_output, resolve_image_labels
 
         check_not_output(image_labels, out)
-        allowed = resolve_image_labels(image_labels, gt_stack.ids, gt_stack.classes,
-                                       where=f"the ground truth {gt_stack.path}")
-    if evaluation is None:
+        where = f"the set {frame.path}" if frame is not gt_stack else f"the ground truth {frame.path}"
+        allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=where)
+    if evaluation is None and gt_stack is None:
+        from isle_fast.ensemble.estimate import estimate
+
+        evaluation = estimate(stacks, method=estimator, image_labels=allowed, bg_threshold=bg_threshold,
+                              progress=progress)
+    elif evaluation is None:
         evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
                               progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
-    selection = select(evaluation, sets=subset)
+    blended = None
+    if blend_estimate and gt_stack is not None:
+        blended = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress)
+    selection = select(evaluation, sets=subset) if blended is None else select(
+        scores=blended, gt_pixels=evaluation.gt_pixels, set_names=evaluation.set_names,
+        classes=evaluation.classes, sets=subset)
     plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
                      drop_absent=allowed is not None)
     members = selection.member_indices
@@ -501,10 +567,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         choice = np.asarray([pos[int(v)] for v in choice_all], dtype=np.int64)
         info["images_per_set"] = {names[m]: int((choice_all == m).sum()) for m in members}
     else:
-        choice = np.zeros(gt_stack.num_images, dtype=np.int64)
+        choice = np.zeros(frame.num_images, dtype=np.int64)
 
     member_stacks = [stacks[m] for m in members]
-    c = gt_stack.num_classes
+    c = frame.num_classes
     scores_dtype = None
     scale = 1.0
     if plan.mode == "scores":
@@ -512,7 +578,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         scale = 1.0 if plan.cast else member_stacks[0].score_scale
     provenance = {
         "sources": [s.path for s in stacks],
-        "gt": gt_stack.path,
+        "gt": None if gt_stack is None else gt_stack.path,
+        "labelled_images": 0 if gt_stack is None else int(gt_stack.num_images),
+        **({"estimator": evaluation.method} if gt_stack is None and hasattr(evaluation, "method") else {}),
         "sets": names,
         "members": [names[m] for m in members],
         "selection": selection.mapping(),
@@ -525,30 +593,33 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "bg_threshold": bg_threshold,
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
+        **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))}}
+           if blended is not None else {}),
         **({"image_strategy": jsonable(info)} if info else {}),
     }
-    grid = work_chunks(member_stacks, gt_stack)
-    writer = create_stack(out, kind="ensemble", classes=gt_stack.classes, ids=gt_stack.ids,
-                          shapes=gt_stack.shapes, encoding="labels", name=name,
-                          chunks=grid, padded_shape=gt_stack.padded_shape,
+    grid = work_chunks(member_stacks, frame)
+    writer = create_stack(out, kind="ensemble", classes=frame.classes, ids=frame.ids,
+                          shapes=frame.shapes, encoding="labels", name=name,
+                          chunks=grid, padded_shape=frame.padded_shape,
                           provenance=provenance, overwrite=overwrite)
-    expected = int((gt_stack.shapes[:, 0] * gt_stack.shapes[:, 1]).sum())
+    expected = int((frame.shapes[:, 0] * frame.shapes[:, 1]).sum())
     try:
-        written_here = _local_merge(member_stacks, gt_stack, writer, plan, choice, backend=be,
-                                    progress=progress, allowed=allowed, each_chunk=each_chunk)
+        fused = each_chunk if frame is gt_stack else None  # chunks on the gt's grid only
+        written_here = _local_merge(member_stacks, frame, writer, plan, choice, backend=be,
+                                    progress=progress, allowed=allowed, each_chunk=fused)
         if written_here is not None:
             if written_here != expected:  # every chunk must have run exactly once
                 raise RuntimeError(f"merge wrote {written_here} pixels, expected {expected}")
             stack = writer.commit()
             return MergeResult(stack=stack, evaluation=evaluation, selection=selection, plan=plan,
                                seconds=time.perf_counter() - t0, info=info,
-                               each_chunk_ran=each_chunk is not None)
+                               each_chunk_ran=fused is not None)
     except BaseException:
         writer.abort()
         raise
     import dask.array as da
 
-    g, arrays = aligned_arrays(member_stacks, gt_stack, grid)
+    g, arrays = aligned_arrays(member_stacks, frame, grid)
     try:
         scores_target = None
         if scores_dtype:
@@ -558,9 +629,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
             ).with_config({"write_empty_chunks": True})  # skip Zarr's slow all-fill check per chunk
             writer.group.attrs["score_scale"] = scale
         idx = [da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape, g.chunks)]
-        shapes = da.from_array(gt_stack.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))
+        shapes = da.from_array(frame.shapes.astype(np.int64), chunks=(g.chunks[0], (2,)))
         choice_da = da.from_array(choice, chunks=(g.chunks[0],))
-        allowed_np = allowed if allowed is not None else np.ones((gt_stack.num_images, 1), dtype=bool)
+        allowed_np = allowed if allowed is not None else np.ones((frame.num_images, 1), dtype=bool)
         allowed_da = da.from_array(allowed_np, chunks=(g.chunks[0], (allowed_np.shape[1],)))
         func = partial(_merge_block, backend=be, plan=plan, labels_target=writer.array,
                        scores_target=scores_target)

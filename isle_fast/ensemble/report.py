@@ -619,11 +619,14 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                              f"an {kinds} store (an ensemble made elsewhere may be ingested as a "
                              "pseudo-label set)")
     img_stack = img_folder = None
+    from isle_fast.ensemble.partial import gt_positions
+
+    partial_gt = gt_positions(gt_stack, stacks) is not None  # the gt labels some of the images
     if images is not None and not isinstance(images, Stack) and _is_image_folder(images):
         img_folder = Path(images)  # the few images drawn are read from it: no images store needed
     elif images is not None:
         img_stack = images if isinstance(images, Stack) else open_stack(images, kind="images")
-        check_aligned([gt_stack, img_stack], same_classes=False)
+        check_aligned([stacks[0] if partial_gt else gt_stack, img_stack], same_classes=False)
     n = len(stacks)
     folder = FolderOutput(out, command="isle report", overwrite=overwrite,
                           inputs=[*stacks, gt_stack, ens_stack, img_stack, img_folder])
@@ -638,11 +641,12 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
             ev_all = evaluation
         else:
             ev_all = evaluate(everything, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
-                              progress=progress)
+                              progress=progress, per_image=True)
         ev = ev_all.take(range(n))
         sel = select(ev)
+        unc = choice_uncertainty_or_none(ev, sel)
         sa = None
-        if n <= MAX_SETS:
+        if n <= MAX_SETS and not partial_gt:
             sa = subset_analysis(stacks, gt_stack, evaluation=ev, policy=policy, backend=be,
                                  bg_threshold=bg_threshold, progress=progress)
         names = unique_names(stacks)
@@ -719,6 +723,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                                         "with the members' image-averaged mIoU above.\n")
             md += ["## Ensemble of every subset\n",
                    _md_table(["subset", "sets", "mIoU", "gain over best member"], rows), note]
+        if unc is not None:
+            md += uncertainty_markdown(unc, names)
         (work / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
         # -- JSON -------------------------------------------------------------------------
@@ -728,6 +734,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                            {"name": ens_name, "source": ens_source, "iou": jsonable(ens_iou),
                             "miou": jsonable(ens_miou)})
         doc["subsets"] = sa.to_json() if sa is not None else None
+        doc["uncertainty"] = unc.to_json() if unc is not None else None
         (work / "report.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
         # -- figures ----------------------------------------------------------------------
@@ -740,7 +747,9 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                     no_gt=no_gt)
         if sa is not None:
             _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1), best=sa.best())
-        if (img_stack is not None or img_folder is not None) and gt_stack.num_images:
+        if unc is not None:
+            uncertainty_figure(work / "choice_uncertainty.png", unc)
+        if (img_stack is not None or img_folder is not None) and gt_stack.num_images and not partial_gt:
             presence = gt_presence(gt_stack, backend=be)
             picks = _pick_images(presence, max(1, num_images))
             ids = [gt_stack.ids[i] for i in picks]
@@ -788,3 +797,78 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     return {"path": str(final), "files": files, "seconds": time.perf_counter() - t0,
             "ensemble_miou": ens_miou, "best_member": names[best_k] if n else None,
             "best_member_miou": float(miou[best_k]) if n else None}
+
+
+
+# -- the uncertainty of every choice (issue 16) ------------------------------------------------
+
+def choice_uncertainty_or_none(ev: Evaluation, sel: Any, reps: int = 1000, seed: int = 0) -> Any:
+    """The bootstrap uncertainty of ``sel`` (:mod:`isle_fast.ensemble.uncertainty`), or None without
+    per-image counts (an evaluation handed in without them)."""
+    from isle_fast.ensemble.uncertainty import selection_uncertainty
+
+    if ev.image_stats is None or ev.image_stats.shape[0] == 0:
+        return None
+    return selection_uncertainty(ev, sel, reps=reps, seed=seed)
+
+
+def uncertainty_markdown(unc: Any, names: Sequence[str]) -> list[str]:
+    """The ``tables.md`` section: per class the choice, p(best), expected loss, runner-up and more images."""
+    import math
+
+    rows = []
+    for c, cname in enumerate(unc.classes):
+        b, r = int(unc.best[c]), int(unc.runner_up[c])
+        lo, hi = unc.iou_interval[b, c]
+        dlo, dhi = unc.diff_interval[r, c] if r >= 0 else (float("nan"), float("nan"))
+        more = unc.more_images[c]
+        rows.append([cname, names[b], _fmt(unc.p_best[c], 2), str(int(unc.class_images[c])),
+                     _fmt(unc.expected_loss[c], 2),
+                     f"{_fmt(lo)}-{_fmt(hi)}", names[r] if r >= 0 else "-",
+                     f"{_fmt(dlo)} to {_fmt(dhi)}",
+                     "-" if np.isnan(unc.p_best[c]) else ("no (tie)" if not math.isfinite(more) else str(int(more)))])
+    total = unc.more_images_total()
+    note = (f"\nBootstrap over the {unc.labelled} labelled images ({unc.reps} resamples, seed {unc.seed}). "
+            "p(best): share of resamples in which the chosen set has the highest IoU; expected loss: mean IoU "
+            "points the best set of a resample has over the chosen one; more images: labelled images to add "
+            "until the margin over the runner-up is 1.645 bootstrap standard deviations (spread shrinking as "
+            "1/sqrt(images)), for the choices below p = 0.9. p is optimistic for a class in few labelled "
+            "images: trust it where 20 or more contain the class. "
+            + ("Every choice is settled." if not unc.uncertain() else
+               f"Uncertain: {', '.join(unc.classes[c] for c in unc.uncertain())}"
+               + ("." if not math.isfinite(total) else f"; about {int(total)} more labelled images would "
+                  "settle them all.")) + "\n")
+    return ["## Uncertainty of every choice\n",
+            _md_table(["class", "chosen", "p(best)", "images with it", "expected loss", "chosen IoU 95%", "runner-up",
+                       "runner-up minus chosen 95%", "more images"], rows), note]
+
+
+def uncertainty_figure(path: Path, unc: Any) -> None:
+    """``choice_uncertainty.png``: per class the bootstrap 95 % IoU interval of every set, the chosen
+    set's drawn bold with a star at its midpoint, and p(best) above each class."""
+    plt = _plt()
+    n, c = unc.iou_interval.shape[:2]
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * c * max(1, n / 3)), 4.5), layout="constrained")
+    cmap = plt.get_cmap("tab10")
+    width = 0.8 / max(n, 1)
+    for k in range(n):
+        xs = np.arange(c) - 0.4 + width * (k + 0.5)
+        lo, hi = unc.iou_interval[k, :, 0], unc.iou_interval[k, :, 1]
+        ok = ~np.isnan(lo)
+        chosen = (unc.best == k) & ok
+        ax.vlines(xs[ok & ~chosen], lo[ok & ~chosen], hi[ok & ~chosen], color=cmap(k % 10), linewidth=1.5,
+                  label=unc.set_names[k])
+        ax.vlines(xs[chosen], lo[chosen], hi[chosen], color=cmap(k % 10), linewidth=4)
+        ax.plot(xs[chosen], ((lo + hi) / 2)[chosen], "*", color="black", markersize=7)
+    for j in range(c):
+        if not np.isnan(unc.p_best[j]):
+            ax.text(j, 101, f"{unc.p_best[j]:.2f}", ha="center", va="bottom", fontsize=7,
+                    color="black" if unc.p_best[j] >= 0.9 else "red")
+    ax.set_xticks(np.arange(c))
+    ax.set_xticklabels(unc.classes, rotation=60, ha="right")
+    ax.set_ylabel("IoU (%), bootstrap 95% interval")
+    ax.set_ylim(0, 108)
+    ax.set_title(f"Choice per class (bold, *) and p(best) above; {unc.labelled} labelled images")
+    ax.legend(fontsize=8, ncol=min(n, 4), loc="lower right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

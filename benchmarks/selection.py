@@ -1,0 +1,352 @@
+"""ISLE's selection with few or no pixel labels, against the selection with every label.
+
+``python -m benchmarks.selection [--quick] [--trials T] [--images N]``
+
+Data sets (each: a ground truth and N = 4 pseudo-label sets, all in memory):
+
+``synthetic``
+    :func:`benchmarks.common.synth_block` scenes (rectangles on a grid, VOC's
+    2-pixel ignore boundary) for several seeds and two quality matrices:
+    ``spread`` (each set's per-class miss / confusion rates drawn
+    independently, the sets far apart) and ``close`` (every rate within
+    +-0.02 of a common value: sets within about a point or two of mIoU, as the
+    paper's four components span 1.6 mIoU).
+``voc``
+    The 1,449 real VOC 2012 val label maps (``../shared/data/voc2012_val_gt.tar.gz``)
+    degraded per set and class with :func:`benchmarks.e2e.degrade` (boundaries
+    shifted, objects dropped or relabelled); skipped when ``../shared`` is absent.
+
+For every data set the full-gt choice (Algorithm 2 on every image) and its
+ensemble (the score policy, merged and scored on every image) are the
+reference. Then, for K = 10, 25, 50, 100, 200 labelled images (``--trials``
+random subsets each, seeded) and for no pixel labels (every estimator of
+:mod:`isle_fast.ensemble.estimate`, with the image-level labels taken from
+the gt as VOC's ``cls_labels.npy`` are):
+
+* ``agree``: share of the foreground classes (with gt pixels) chosen as with full gt;
+* ``iou_lost``: mean over those classes of full-gt IoU(full-gt choice) minus
+  full-gt IoU(this choice), points;
+* ``gain_kept``: (ensemble mIoU of this choice - best single set's mIoU) /
+  (full-gt ensemble mIoU - best single set's mIoU), both scored on every
+  image with full gt; averaged over the trials;
+* ``below_best``: trials whose ensemble is below the best single set;
+* calibration (K only): of the choices the bootstrap
+  (:mod:`isle_fast.ensemble.uncertainty`, on the subset) reports at
+  p >= 0.9, the share that are the full-gt choice (or as good: equal full-gt IoU).
+
+Targets (issue 16): K = 100 keeps >= 90 % of the gain; no labels keeps >= 70 %
+and never falls below the best single set; p >= 0.9 is right >= 85 % of the time.
+
+Writes ``selection.json``, ``selection.md`` and ``selection.png`` to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR
+
+from .common import bench_parser, format_table, log, markdown_table, results_dir, save_figure, write_json
+
+KS = (10, 25, 50, 100, 200)
+N_SETS = 4
+SETTLED = 0.9
+
+
+# ================================================================================ data
+def _close_quality(n_sets: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rates within +-0.02 of a common per-class value: sets within small margins."""
+    rng = np.random.default_rng(seed + 104729)
+    base_miss = rng.uniform(0.08, 0.25, size=c)
+    base_conf = rng.uniform(0.02, 0.08, size=c)
+    miss = np.clip(base_miss[None] + rng.uniform(-0.02, 0.02, size=(n_sets, c)), 0, 1)
+    conf = np.clip(base_conf[None] + rng.uniform(-0.02, 0.02, size=(n_sets, c)), 0, 1)
+    miss[:, 0] = rng.uniform(0.0, 0.03, size=n_sets)
+    return miss, conf
+
+
+def synthetic(seed: int, quality: str, n_images: int, side: int, c: int = 21) -> dict[str, Any]:
+    """One synthetic data set: per-image views of the gt and of every set."""
+    from .common import synth_block, synth_quality, synth_shapes
+
+    shapes = synth_shapes(n_images, side, seed=seed)
+    q = synth_quality(N_SETS, c, seed=seed) if quality == "spread" else _close_quality(N_SETS, c, seed)
+    gt, sets = synth_block(seed, shapes, (side, side), c, N_SETS, quality=q)
+    return {"name": f"synthetic-{quality}-s{seed}", "gts": [gt[i] for i in range(n_images)],
+            "sets": [[s[i] for i in range(n_images)] for s in sets], "classes": c}
+
+
+def voc(n_images: int | None, seed: int = 0) -> dict[str, Any] | None:
+    """The real VOC val maps degraded per set and class (None without ``../shared``)."""
+    from PIL import Image
+
+    from .e2e import N_CLASSES, base_maps, degrade, set_quality, shared_data
+
+    tarball = shared_data()
+    if tarball is None:
+        return None
+    folder, _ = base_maps(tarball, quick=False)
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".png")
+    if n_images:
+        files = files[:n_images]
+    quality = set_quality(N_SETS, seed=seed)
+    rng = np.random.default_rng(seed + 17)
+    gts, sets = [], [[] for _ in range(N_SETS)]
+    for f in files:
+        g = np.array(Image.open(f), dtype=np.uint8)
+        gts.append(g)
+        for n in range(N_SETS):
+            sets[n].append(degrade(g, quality[n], rng))
+    return {"name": f"voc-val-degraded-s{seed}", "gts": gts, "sets": sets, "classes": N_CLASSES}
+
+
+# ================================================================================ counts
+def precompute(data: dict[str, Any]) -> dict[str, Any]:
+    """Per-image counts (exact), vote patterns (with and without image labels) and the full-gt reference."""
+    from isle_fast import metrics
+    from isle_fast.kernels import cpu
+
+    c = data["classes"]
+    gts, sets = data["gts"], data["sets"]
+    n_img = len(gts)
+    counts = np.zeros((n_img, N_SETS, c, c + 1), np.int64)
+    presence = np.zeros((n_img, c), bool)
+    pat_labels = np.zeros((2, c, 1 << N_SETS), np.int64)  # [1]: classes the image labels rule out
+    pat_plain = np.zeros((c, 1 << N_SETS), np.int64)
+    for i in range(n_img):
+        g = np.ascontiguousarray(gts[i][None])
+        s = tuple(np.ascontiguousarray(sets[n][i][None]) for n in range(N_SETS))
+        counts[i] = cpu.confusion_labels(g, s, c)
+        presence[i] = counts[i, 0].sum(axis=1) > 0
+        h = cpu.vote_patterns(s, c)
+        pat_plain += h
+        ok = presence[i].copy()
+        ok[0] = True
+        pat_labels[0][ok] += h[ok]
+        pat_labels[1][~ok] += h[~ok]
+    stats = metrics.intersection_union(counts)  # (I, N, C, 2)
+    gt_px = counts[:, 0].sum(axis=2)  # (I, C)
+    full_iou = metrics.iou(counts.sum(axis=0))
+    return {"counts": counts, "stats": stats, "gt_px": gt_px, "presence": presence, "full_iou": full_iou,
+            "patterns": {"labels": pat_labels, "plain": pat_plain}}
+
+
+def select_from(scores: np.ndarray, gt_px: np.ndarray, c: int):
+    from isle_fast.ensemble.selection import select
+
+    return select(scores=scores, gt_pixels=gt_px, set_names=[f"set{n}" for n in range(N_SETS)],
+                  classes=[f"c{k}" for k in range(c)])
+
+
+def ensemble_miou(data: dict[str, Any], sel: Any) -> float:
+    """mIoU of the score-policy ensemble of ``sel`` over every image, with full gt."""
+    from isle_fast import metrics
+    from isle_fast.kernels import cpu
+
+    c = data["classes"]
+    ksel = sel.kernel_selection()
+    prio = sel.priority()
+    total = np.zeros((c, c + 1), np.int64)
+    for i, g in enumerate(data["gts"]):
+        s = tuple(np.ascontiguousarray(data["sets"][n][i][None]) for n in range(N_SETS))
+        merged = np.asarray(cpu.merge_labels(s, ksel, prio, 0))
+        total += cpu.confusion_labels(np.ascontiguousarray(g[None]), (merged,), c)[0]
+    return float(metrics.miou(metrics.iou(total)))
+
+
+# ================================================================================ the study
+def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> dict[str, Any]:
+    from isle_fast import metrics
+    from isle_fast.ensemble.estimate import ESTIMATORS, blend_scores, estimate_from_patterns
+    from isle_fast.ensemble.uncertainty import choice_uncertainty
+
+    t0 = time.perf_counter()
+    pre = precompute(data)
+    c = data["classes"]
+    n_img = len(data["gts"])
+    full_iou = pre["full_iou"]
+    full_sel = select_from(full_iou, pre["gt_px"].sum(axis=0), c)
+    fg = [k for k in range(1, c) if pre["gt_px"][:, k].sum() > 0]
+    singles = metrics.miou(full_iou)
+    best_single = float(np.nanmax(singles))
+    full_ens = ensemble_miou(data, full_sel)
+    gain = full_ens - best_single
+    cache: dict[tuple, float] = {}
+
+    def judge(sel: Any) -> dict[str, float]:
+        key = tuple(int(v) for v in sel.best) + tuple(np.round(sel.priority(), 9).ravel().tolist())
+        if key not in cache:
+            cache[key] = ensemble_miou(data, sel)
+        ens = cache[key]
+        good = [full_iou[int(sel.best[k]), k] >= full_iou[int(full_sel.best[k]), k] for k in fg]
+        lost = [full_iou[int(full_sel.best[k]), k] - full_iou[int(sel.best[k]), k] for k in fg]
+        return {"agree": float(np.mean(good)), "iou_lost": float(np.mean(lost)), "ensemble_miou": ens,
+                "gain_kept": (ens - best_single) / gain if gain > 0 else float("nan"),
+                "below_best": float(ens < best_single - 1e-9)}
+
+    rows = []
+    rng = np.random.default_rng(12345)
+    prior = estimate_from_patterns(pre["patterns"]["labels"], DEFAULT_ESTIMATOR)  # every image's votes
+    for k in ks:
+        if k >= n_img:
+            continue
+        per, calib_n, calib_right, blended = [], 0, 0, []
+        for t in range(trials):
+            sub = np.sort(rng.choice(n_img, size=k, replace=False))
+            sub_counts = pre["counts"][sub].sum(axis=0)
+            sel = select_from(metrics.iou(sub_counts), sub_counts.sum(axis=2)[0], c)
+            per.append(judge(sel))
+            unc = choice_uncertainty(pre["stats"][sub], sel.best, gt_present=sub_counts[0].sum(axis=1) > 0,
+                                     reps=reps, seed=t)
+            mixed = blend_scores(metrics.iou(sub_counts), unc["class_images"], prior)
+            blended.append(judge(select_from(mixed, sub_counts.sum(axis=2)[0], c)))
+            for cls in fg:
+                if unc["p_best"][cls] >= SETTLED:
+                    calib_n += 1
+                    calib_right += int(full_iou[int(sel.best[cls]), cls] >= full_iou[int(full_sel.best[cls]), cls])
+        rows.append(_row(data["name"], f"K={k}", per, calib_n, calib_right))
+        rows.append(_row(data["name"], f"K={k} + estimate", blended, 0, 0))
+    for method in ESTIMATORS:
+        for variant in ("labels", "plain"):
+            est = estimate_from_patterns(pre["patterns"][variant], method)
+            pat = pre["patterns"][variant]
+            sel = select_from(est, (pat[0] if pat.ndim == 3 else pat)[:, 1:].sum(axis=1), c)
+            rows.append(_row(data["name"], f"none: {method}" + ("" if variant == "labels" else
+                                                              " (no image labels)"), [judge(sel)], 0, 0))
+    log(f"[selection] {data['name']}: {n_img} images, gain {gain:.2f} in {time.perf_counter() - t0:.1f} s")
+    for r in rows:
+        log(f"[selection]   {r['mode']:34s} agree {r['agree']:.2f}  lost {r['iou_lost']:.2f}  gain kept "
+            f"{r['gain_kept']:.2f}  below best {r['below_best']}  p>=0.9 right {r['p90_right']} of {r['p90_choices']}")
+    return {"name": data["name"], "images": n_img, "best_single_miou": best_single, "full_gt_ensemble_miou":
+            full_ens, "full_gt_gain": gain, "set_miou": [float(v) for v in singles], "rows": rows}
+
+
+def _row(dataset: str, mode: str, per: list[dict], n: int, right: int) -> dict[str, Any]:
+    mean = {k: float(np.nanmean([p[k] for p in per])) for k in per[0]}
+    return {"data": dataset, "mode": mode, "trials": len(per), "agree": mean["agree"],
+            "iou_lost": mean["iou_lost"], "ensemble_miou": mean["ensemble_miou"],
+            "gain_kept": mean["gain_kept"], "min_gain_kept": float(np.nanmin([p["gain_kept"] for p in per])),
+            "below_best": int(sum(p["below_best"] for p in per)),
+            "p90_choices": n, "p90_right": (right / n) if n else None}
+
+
+# ================================================================================ output
+def summarize(studies: list[dict]) -> list[dict[str, Any]]:
+    """Per mode, across data sets: mean gain kept, worst data set, calibration pooled."""
+    modes: dict[str, list[dict]] = {}
+    for s in studies:
+        for r in s["rows"]:
+            modes.setdefault(r["mode"], []).append(r)
+    out = []
+    for mode, rs in modes.items():
+        n = sum(r["p90_choices"] for r in rs)
+        right = sum((r["p90_right"] or 0) * r["p90_choices"] for r in rs)
+        out.append({"mode": mode, "data_sets": len(rs), "agree": float(np.mean([r["agree"] for r in rs])),
+                    "iou_lost": float(np.mean([r["iou_lost"] for r in rs])),
+                    "gain_kept": float(np.nanmean([r["gain_kept"] for r in rs])),
+                    "worst_data_set_gain_kept": float(np.nanmin([r["gain_kept"] for r in rs])),
+                    "below_best": int(sum(r["below_best"] for r in rs)),
+                    "p90_right": (right / n) if n else None, "p90_choices": n})
+    return out
+
+
+def plot(path: Path, studies: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = plt.get_cmap("tab10")
+    for j, s in enumerate(studies):
+        kr = [r for r in s["rows"] if r["mode"].startswith("K=") and "+" not in r["mode"]]
+        ax.plot([int(r["mode"][2:]) for r in kr], [100 * r["gain_kept"] for r in kr], "o-", color=cmap(j % 10),
+                label=f"{s['name']} (gain {s['full_gt_gain']:.2f})")
+        kb = [r for r in s["rows"] if r["mode"].endswith("+ estimate")]
+        ax.plot([int(r["mode"][2:].split()[0]) for r in kb], [100 * r["gain_kept"] for r in kb], "s--",
+                color=cmap(j % 10), linewidth=0.8, markersize=3)
+        for r in s["rows"]:
+            if r["mode"] == f"none: {DEFAULT_ESTIMATOR}":
+                ax.axhline(100 * r["gain_kept"], color=cmap(j % 10), linestyle=":", linewidth=1)
+    ax.axhline(90, color="black", linewidth=0.8)
+    ax.axhline(70, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"labelled images K (dashed: K + the estimate as prior; dotted: no pixel labels, "
+                  f"{DEFAULT_ESTIMATOR})")
+    ax.set_ylabel("share of the full-gt ensemble gain kept (%)")
+    ax.set_title("ISLE selection from few or no pixel labels")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = bench_parser("selection", "ISLE's selection from K labelled images or none, vs full gt.")
+    p.add_argument("--trials", type=int, default=None, help="random subsets per K (default 20; quick 3)")
+    p.add_argument("--images", type=int, default=None, help="images per synthetic data set (default 600)")
+    p.add_argument("--reps", type=int, default=None, help="bootstrap resamples (default 500; quick 100)")
+    p.add_argument("--voc-images", type=int, default=None,
+                   help="real VOC val maps used (default all 1,449; quick 120)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    trials = args.trials or (3 if quick else 20)
+    reps = args.reps or (100 if quick else 500)
+    n_img = args.images or (60 if quick else 600)
+    side = 64 if quick else 160
+    seeds = (0,) if quick else (0, 1, 2)
+    ks = tuple(k for k in KS if not quick or k <= 50)
+    studies = []
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for quality in ("spread", "close"):
+            studies.append(study(synthetic(seed, quality, n_img, side), trials, reps, ks))
+    real = voc(args.voc_images or (40 if quick else None))
+    if real is None:
+        log("[selection] ../shared/data/voc2012_val_gt.tar.gz is absent: the VOC data set is skipped")
+    else:
+        studies.append(study(real, trials, reps, ks))
+    summary = summarize(studies)
+    cols = ["mode", "data_sets", "agree", "iou_lost", "gain_kept", "worst_data_set_gain_kept", "below_best",
+            "p90_right", "p90_choices"]
+    print(format_table(summary, cols))
+    print()
+    detail_cols = ["data", "mode", "trials", "agree", "iou_lost", "ensemble_miou", "gain_kept", "min_gain_kept",
+                   "below_best", "p90_right", "p90_choices"]
+    rows = [r for s in studies for r in s["rows"]]
+    print(format_table(rows, detail_cols))
+    out = results_dir()
+    k100 = next((r for r in summary if r["mode"] == "K=100"), None)
+    none = next((r for r in summary if r["mode"] == f"none: {DEFAULT_ESTIMATOR}"), None)
+    calib_n = sum(r["p90_choices"] for r in summary)
+    calib = (sum((r["p90_right"] or 0) * r["p90_choices"] for r in summary) / calib_n) if calib_n else None
+    targets = {
+        "k100_gain_kept>=0.90": None if k100 is None else k100["gain_kept"] >= 0.90,
+        "none_gain_kept>=0.70_every_data_set": None if none is None else none["worst_data_set_gain_kept"] >= 0.70,
+        "none_never_below_best": None if none is None else none["below_best"] == 0,
+        "p90_right>=0.85": None if calib is None else calib >= 0.85,
+    }
+    doc = {"quick": quick, "trials": trials, "reps": reps, "ks": list(ks), "seconds": time.perf_counter() - t0,
+           "data_sets": [{k: v for k, v in s.items() if k != "rows"} for s in studies],
+           "summary": summary, "rows": rows, "p90_right_pooled": calib, "targets": targets}
+    write_json("selection", doc, quick=quick)
+    md = ["# ISLE selection with few or no pixel labels", "",
+          f"`python -m benchmarks.selection{' --quick' if quick else ''}`: {trials} subsets per K, "
+          f"{reps} bootstrap resamples; synthetic sets have independent errors (real CAM sets are more alike, "
+          "which makes the no-label estimate harder).", "",
+          "## Across data sets", "", markdown_table(summary, cols), "", "## Per data set", "",
+          markdown_table(rows, detail_cols), "", "## Targets", "",
+          *[f"- {k}: {v}" for k, v in targets.items()], ""]
+    tmp = out / ".selection.md.tmp"
+    tmp.write_text("\n".join(md), encoding="utf-8")
+    tmp.replace(out / "selection.md")
+    plot(out / "selection.png", studies)
+    print(f"\ntargets: {targets}")
+    print(f"written: {out / 'selection.json'}, {out / 'selection.md'}, {out / 'selection.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

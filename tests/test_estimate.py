@@ -1,0 +1,159 @@
+"""Selection without pixel labels: the vote_patterns kernel equals NumPy; the estimators on known cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, agreement_iou, estimate, pairwise_iou, staple_iou
+from isle_fast.kernels import cpu
+from tests.conftest import write_stack
+
+
+def reference_vote_patterns(sets, c):
+    """Per class the bit mask of the sets predicting it, pixel by pixel (plain NumPy)."""
+    n = len(sets)
+    labs = np.stack([s.reshape(-1) for s in sets])  # (N, P)
+    voting = (labs < c).any(axis=0)
+    out = np.zeros((c, 1 << n), np.int64)
+    for k in range(c):
+        mask = ((labs == k) * (1 << np.arange(n))[:, None]).sum(axis=0)
+        np.add.at(out[k], mask[voting], 1)
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 5), c=st.integers(1, 6), shape=st.tuples(st.integers(0, 3), st.integers(0, 40),
+                                                                  st.integers(0, 70)),
+       seed=st.integers(0, 2**31 - 1), runs=st.booleans())
+def test_vote_patterns_equals_numpy(n, c, shape, seed, runs):
+    rng = np.random.default_rng(seed)
+    vals = np.array(list(range(c)) + [255, 200, c], np.uint8)
+    sets = []
+    for _ in range(n):
+        a = rng.choice(vals, size=shape)
+        if runs and a.size:  # long uniform runs, as in real label maps
+            a = np.repeat(a.reshape(-1)[: -(-a.size // 16)], 16)[: a.size].reshape(shape)
+        sets.append(a)
+    got = cpu.vote_patterns(tuple(sets), c)
+    np.testing.assert_array_equal(got, reference_vote_patterns(sets, c))
+    # counts add up over any split of the pixels (chunk boundaries)
+    if sets[0].size > 1:
+        flat = [s.reshape(-1) for s in sets]
+        cut = int(rng.integers(1, flat[0].size))
+        parts = cpu.vote_patterns(tuple(f[:cut] for f in flat), c) + cpu.vote_patterns(
+            tuple(f[cut:] for f in flat), c)
+        np.testing.assert_array_equal(parts, got)
+
+
+def test_vote_patterns_large_parallel_equals_numpy():
+    rng = np.random.default_rng(0)
+    sets = [rng.integers(0, 5, size=(3, 300, 301)).astype(np.uint8) for _ in range(4)]
+    sets[2][0, :10] = 255
+    np.testing.assert_array_equal(cpu.vote_patterns(tuple(sets), 5), reference_vote_patterns(sets, 5))
+
+
+def test_vote_patterns_checks_its_arguments():
+    a = np.zeros((2, 3), np.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        cpu.vote_patterns((a.astype(np.int16),), 3)
+    with pytest.raises(ValueError, match="at most 12"):
+        cpu.vote_patterns((a,) * 13, 3)
+
+
+def _noisy(truth, rate, rng, c):
+    a = truth.copy()
+    flip = rng.random(truth.shape) < rate
+    a[flip] = rng.integers(0, c, size=int(flip.sum()))
+    return a
+
+
+def test_known_negatives_count_as_false_positives():
+    # 2 sets, 1 class + background; pattern bit n = set n votes
+    unknown = np.zeros((2, 4), np.int64)
+    unknown[1] = [0, 0, 0, 10]      # both sets agree on 10 pixels of class 1
+    negative = np.zeros((2, 4), np.int64)
+    negative[1] = [0, 5, 0, 0]      # set 0 claims class 1 on 5 pixels the image labels rule out
+    est = agreement_iou(np.stack([unknown, negative]))
+    assert est[0, 1] == pytest.approx(100 * 10 / 15) and est[1, 1] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("fn", [agreement_iou, pairwise_iou, staple_iou])
+def test_estimators_rank_independent_noisy_sets(fn):
+    rng = np.random.default_rng(1)
+    c = 4
+    truth = rng.integers(0, c, size=(200, 200)).astype(np.uint8)
+    sets = [_noisy(truth, r, rng, c) for r in (0.1, 0.3, 0.5, 0.2)]
+    est = fn(cpu.vote_patterns(tuple(sets), c))
+    ranks = np.argsort(-est, axis=0)
+    assert (ranks[0] == 0).all()  # the least noisy set wins every class
+    true_order = [0, 3, 1, 2]
+    assert all(list(ranks[:, k]) == true_order for k in range(c))
+
+
+def test_estimate_api_with_image_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    c = 3
+    truths = [rng.integers(0, 2, size=(20, 25)).astype(np.uint8) for _ in range(5)]
+    sets = [write_stack(f"{tmp_path}/s{k}.zarr", [_noisy(t, r, rng, c) for t in truths], num_classes=c,
+                        chunks=(2, 8, 9)) for k, r in enumerate((0.1, 0.4, 0.25))]
+    labels = np.zeros((5, c), bool)
+    labels[:, 1] = True  # class 2 is in no image
+    est = estimate(sets, image_labels=labels, progress=False)
+    assert est.patterns[0, 2, 1:].sum() == 0 < est.patterns[1, 2, 1:].sum()  # class 2: known negatives
+    plain = estimate(sets, progress=False)
+    np.testing.assert_array_equal(plain.patterns.sum(axis=0), est.patterns.sum(axis=0))
+    assert plain.patterns[1].sum() == 0
+    sel = est.select()
+    assert int(sel.best[1]) == 0
+    doc = est.to_json(sel)
+    assert doc["estimator"] == DEFAULT_ESTIMATOR and doc["gt"] is None
+    assert "*" in est.table(sel)
+    st_est = estimate(sets, method="staple", progress=False)
+    assert int(st_est.select().best[1]) == 0
+
+
+def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
+    import json
+
+    from isle_fast.cli import main
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.stores.stack import open_stack
+
+    rng = np.random.default_rng(4)
+    c = 3
+    truths = [rng.integers(0, c, size=(15, 18)).astype(np.uint8) for _ in range(6)]
+    sets = [write_stack(f"{tmp_path}/s{k}.zarr", [_noisy(t, r, rng, c) for t in truths], num_classes=c,
+                        chunks=(4, 15, 18)) for k, r in enumerate((0.3, 0.1, 0.25))]
+    paths = [s.path for s in sets]
+    js = tmp_path / "e.json"
+    assert main(["evaluate", *paths, "--gt", "none", "--estimator", "staple", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "estimated IoU" in out and "staple" in out
+    doc = json.loads(js.read_text())
+    assert doc["estimator"] == "staple" and set(doc["selection"].values()) == {"s1"}
+    assert main(["merge", *paths, "--gt", "None", "--out", f"{tmp_path}/ens.zarr", "--quiet"]) == 0
+    ens = open_stack(f"{tmp_path}/ens.zarr")
+    assert ens.provenance["gt"] is None and ens.provenance["estimator"] == DEFAULT_ESTIMATOR
+    # the ensemble of an estimated selection is the merge of that selection
+    res = merge(paths, None, f"{tmp_path}/ens2.zarr", progress=False)
+    np.testing.assert_array_equal(np.asarray(ens.array[:]), np.asarray(res.stack.array[:]))
+    assert main(["report", *paths, "--gt", "none", "--out", f"{tmp_path}/rep", "--quiet"]) != 0
+    gt = write_stack(f"{tmp_path}/gt.zarr", truths, kind="gt", num_classes=c)
+    assert main(["evaluate", *paths, "--gt", gt.path, "--quiet", "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", *paths, "--gt", gt.path, "--estimator", "staple", "--quiet"]) != 0
+    assert "--gt none only" in capsys.readouterr().err
+
+
+def test_blend_scores_weights_the_labelled_iou_by_images_with_the_class():
+    from isle_fast.ensemble.estimate import blend_scores
+
+    lab = np.array([[50.0, np.nan, 10.0], [40.0, 20.0, 30.0]])
+    est = np.array([[30.0, 60.0, 90.0], [35.0, 10.0, 80.0]])
+    out = blend_scores(lab, np.array([30, 0, 10]), est, prior_images=10)
+    np.testing.assert_allclose(out[:, 0], 0.75 * lab[:, 0] + 0.25 * est[:, 0])
+    np.testing.assert_allclose(out[:, 1], [60.0, 10.0])  # no labelled image: the estimate (NaN -> estimate)
+    np.testing.assert_allclose(out[:, 2], 0.5 * lab[:, 2] + 0.5 * est[:, 2])

@@ -1,0 +1,128 @@
+"""A ground truth of some of the images, in any order: evaluate aligns by id, merge writes every image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from isle_fast.cli import main
+from isle_fast.errors import AlignmentError
+from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.merge import merge
+from isle_fast.stores.stack import open_stack
+from tests import reference as ref
+from tests.conftest import write_stack
+
+
+def make_case(root, rng, n_img=7, c=4, n_sets=3, chunks=(2, 5, 6), subset=None, scores=False):
+    shapes = [(int(rng.integers(3, 11)), int(rng.integers(3, 13))) for _ in range(n_img)]
+    gts = [rng.integers(0, c, size=s).astype(np.uint8) for s in shapes]
+    for g in gts:
+        g[rng.random(g.shape) < 0.1] = 255
+    sets = []
+    for k in range(n_sets):
+        imgs = []
+        for g in gts:
+            a = np.where(rng.random(g.shape) < 0.6, g, rng.integers(0, c, size=g.shape)).astype(np.uint8)
+            a[g == 255] = rng.integers(0, c, size=int((g == 255).sum()))
+            imgs.append(a)
+        if scores and k == n_sets - 1:
+            imgs = [(np.eye(c, dtype=np.uint8)[a] * 200) for a in imgs]
+            sets.append(write_stack(f"{root}/s{k}.zarr", imgs, encoding="scores", num_classes=c,
+                                    chunks=chunks + (c,)))
+        else:
+            sets.append(write_stack(f"{root}/s{k}.zarr", imgs, num_classes=c, chunks=chunks))
+    sub = subset if subset is not None else rng.permutation(n_img)[: max(1, n_img // 2)]
+    ids = [f"img{i:03d}" for i in sub]
+    gt = write_stack(f"{root}/gt.zarr", [gts[i] for i in sub], kind="gt", num_classes=c, ids=ids,
+                     chunks=(int(rng.integers(1, 4)), 4, 5))
+    return sets, gt, gts, list(sub), c
+
+
+def reference(sets, gts, sub, c):
+    per = np.zeros((len(sub), len(sets), c, c + 1), np.int64)
+    for r, i in enumerate(sub):
+        for k, s in enumerate(sets):
+            h, w = gts[i].shape
+            a = np.asarray(s.array[i, :h, :w])
+            if s.encoding == "labels":
+                per[r, k] = ref.confusion_labels(gts[i], [a], c)[0]
+            else:
+                per[r, k] = ref.confusion_scores(gts[i], [a], c, -1.0)[0]
+    return per
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), scores=st.booleans())
+def test_partial_shuffled_gt_equals_reference_on_the_subset(tmp_path_factory, seed, scores):
+    rng = np.random.default_rng(seed)
+    root = tmp_path_factory.mktemp("p")
+    sets, gt, gts, sub, c = make_case(root, rng, n_img=int(rng.integers(2, 8)), scores=scores)
+    ev = evaluate(sets, gt, progress=False, per_image=True)
+    per = reference(sets, gts, sub, c)
+    np.testing.assert_array_equal(ev.counts, per.sum(axis=0))
+    from isle_fast import metrics
+
+    np.testing.assert_array_equal(ev.image_stats, metrics.intersection_union(per))
+
+
+def test_full_gt_in_another_order_equals_aligned(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 6
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=n, subset=list(range(n)))
+    perm = [4, 1, 5, 0, 3, 2]
+    gt2 = write_stack(f"{tmp_path}/gt2.zarr", [gts[i] for i in perm], kind="gt", num_classes=c,
+                      ids=[f"img{i:03d}" for i in perm], chunks=(4, 4, 5))
+    a, b = evaluate(sets, gt, progress=False), evaluate(sets, gt2, progress=False)
+    np.testing.assert_array_equal(a.counts, b.counts)
+
+
+def test_gt_ids_not_in_the_sets_are_named(tmp_path):
+    rng = np.random.default_rng(1)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=4, subset=[0, 1])
+    bad = write_stack(f"{tmp_path}/bad.zarr", [gts[0], gts[1]], kind="gt", num_classes=c,
+                      ids=["img000", "zebra"])
+    with pytest.raises(AlignmentError, match="zebra"):
+        evaluate(sets, bad, progress=False)
+    rc = main(["evaluate", *(s.path for s in sets), "--gt", bad.path, "--quiet"])
+    assert rc != 0
+
+
+def test_merge_with_partial_gt_writes_every_image(tmp_path):
+    rng = np.random.default_rng(7)
+    n = 8
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=n, subset=[6, 2, 3])
+    full = write_stack(f"{tmp_path}/full.zarr", gts, kind="gt", num_classes=c, chunks=(3, 6, 6))
+    res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False)
+    assert res.stack.ids == sets[0].ids
+    assert res.stack.provenance["labelled_images"] == 3
+    # the same selection with a full gt writes the same ensemble
+    other = merge(sets, full, f"{tmp_path}/ens2.zarr", progress=False, evaluation=res.evaluation)
+    np.testing.assert_array_equal(np.asarray(res.stack.array[:]), np.asarray(other.stack.array[:]))
+    rc = main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens3.zarr",
+               "--quiet", "--no-score"])
+    assert rc == 0
+    np.testing.assert_array_equal(np.asarray(open_stack(f"{tmp_path}/ens3.zarr").array[:]),
+                                  np.asarray(res.stack.array[:]))
+
+
+def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
+    from isle_fast.ensemble.estimate import blend_scores, estimate
+    from isle_fast.ensemble.selection import select
+
+    rng = np.random.default_rng(11)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=9, subset=[5, 0, 7])
+    res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, blend_estimate=True)
+    ev = evaluate(sets, gt, progress=False, per_image=True)
+    n_c = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
+    want = select(scores=blend_scores(ev.iou, n_c, estimate(sets, progress=False).iou), gt_pixels=ev.gt_pixels,
+                  set_names=ev.set_names, classes=ev.classes)
+    np.testing.assert_array_equal(res.selection.best, want.best)
+    assert "blended_scores" in res.stack.provenance and res.stack.ids == sets[0].ids
+    rc = main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens2.zarr",
+               "--blend-estimate", "--estimator", "pairwise", "--quiet", "--no-score"])
+    assert rc == 0
+    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens3.zarr",
+                 "--estimator", "pairwise", "--quiet"]) != 0

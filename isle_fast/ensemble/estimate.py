@@ -339,8 +339,8 @@ def vote_patterns_pass(sets: Sequence[Any], *, image_labels: Any = None, bg_thre
         from isle_fast.stores.image_labels import resolve_image_labels
 
         allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=f"the set {frame.path}")
-    grid = work_chunks(stacks, frame)
-    g, arrays = aligned_arrays(stacks, frame, grid)
+    grid = work_chunks(stacks, frame)  # type: ignore[arg-type]  # a SetFrame stands for the gt's layout
+    g, arrays = aligned_arrays(stacks, frame, grid)  # type: ignore[arg-type]
     idx = da.arange(g.shape[0], chunks=g.chunks[0], dtype=np.int64)
     allowed_np = allowed if allowed is not None else np.ones((frame.num_images, c), dtype=bool)
     allowed_da = da.from_array(allowed_np, chunks=(g.chunks[0], (c,)))

@@ -380,7 +380,7 @@ class MergeResult:
     """What :func:`merge` made: the new store and what it was made from."""
 
     stack: Stack
-    evaluation: Evaluation
+    evaluation: Any  # an Evaluation; without pixel labels, the Estimate the selection came from
     selection: Selection
     plan: MergePlan
     seconds: float
@@ -418,6 +418,7 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
     if ev.image_stats is None:  # the labelled images containing each class need per-image counts
         ev = evaluate(stacks, gt, average=evaluation.average, backend=backend, bg_threshold=bg_threshold,
                       progress=progress, per_image=True)
+    assert ev.image_stats is not None  # per_image=True above
     class_images = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
     est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
                    bg_threshold=bg_threshold, progress=progress)
@@ -439,7 +440,7 @@ def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
 
 def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str = "score",
           strategy: str = "class", subset: Sequence[str | int] | None = None,
-          evaluation: Evaluation | None = None, average: str = "dataset", backend: str = "auto",
+          evaluation: Any = None, average: str = "dataset", backend: str = "auto",
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
           progress: bool = True, image_labels: Any = None, estimator: str | None = None,
           blend_estimate: bool = False,
@@ -465,7 +466,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     subset : sequence of str or int, optional
         Build the ensemble of these sets only (ISLE-2 style).
     evaluation : Evaluation, optional
-        A finished evaluation of ``sets`` against ``gt`` (skips that pass).
+        A finished evaluation of ``sets`` against ``gt`` (skips that pass); with
+        ``gt=None``, a finished :class:`~isle_fast.ensemble.estimate.Estimate`.
     average : {'dataset', 'image'}
         IoU averaging used for the selection (when evaluating here).
     backend : {'auto', 'cpu', 'gpu'}
@@ -537,12 +539,13 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         from isle_fast.stores.image_labels import check_not_output, resolve_image_labels
 
         check_not_output(image_labels, out)
-        where = f"the set {frame.path}" if frame is not gt_stack else f"the ground truth {frame.path}"
+        frame_path = str(frame.path)
+        where = f"the set {frame_path}" if frame is not gt_stack else f"the ground truth {frame_path}"
         allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=where)
     if evaluation is None and gt_stack is None:
-        from isle_fast.ensemble.estimate import estimate
+        from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
 
-        evaluation = estimate(stacks, method=estimator, image_labels=allowed, bg_threshold=bg_threshold,
+        evaluation = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed, bg_threshold=bg_threshold,
                               progress=progress)
     elif evaluation is None:
         evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
@@ -561,7 +564,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     names = unique_names(stacks)
     info: dict[str, Any] = {}
     if strategy == "image":
-        presence = allowed if allowed is not None else gt_presence(gt_stack, backend=be, progress=progress)
+        if allowed is None:
+            assert gt_stack is not None  # without a gt (or of some images) image labels are required above
+            presence = gt_presence(gt_stack, backend=be, progress=progress)
+        else:
+            presence = allowed
         choice_all, info = image_choice(presence, selection, evaluation.miou)
         pos = {m: k for k, m in enumerate(members)}
         choice = np.asarray([pos[int(v)] for v in choice_all], dtype=np.int64)
@@ -640,7 +647,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                             choice_da, "i", allowed_da, "iy", *blockwise_args(arrays, member_stacks),
                             adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64,
                             concatenate=True, meta=np.empty((0, 0, 0), dtype=np.int64))
-        with dask_progress("merge", quiet=not progress, images=gt_stack.num_images):
+        with dask_progress("merge", quiet=not progress, images=frame.num_images):
             written = int(done.sum().compute(scheduler=dask_scheduler()))
         if written != expected:  # every chunk must have run exactly once
             raise RuntimeError(f"merge wrote {written} pixels, expected {expected}")

@@ -63,7 +63,7 @@ def gt_positions(gt: Stack, sets: Sequence[Stack]) -> np.ndarray | None:
         raise AlignmentError(f"the ground truth {gt.path} holds image id {dup!r} twice")
     pos = np.asarray([index[v] for v in gt.ids], dtype=np.int64)
     shapes = np.asarray(ref.shapes)[pos]
-    bad = np.nonzero((np.asarray(gt.shapes) != shapes).any(axis=1))[0] if len(pos) else []
+    bad = np.nonzero((np.asarray(gt.shapes) != shapes).any(axis=1))[0] if len(pos) else np.zeros(0, np.int64)
     if len(bad):
         i = int(bad[0])
         raise AlignmentError(f"image {gt.ids[i]!r} is {tuple(int(v) for v in gt.shapes[i])} in {gt.path} but "

@@ -12,7 +12,8 @@ for the data model):
   :class:`ImageLabels` (``Stack.image_labels`` reads those stored with a stack)
 * step 1, refinement: :func:`refine_stack`, :func:`register_refinement`, the dense
   CRF :func:`crf_image` with the public code's presets (:func:`crf_settings`)
-* step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`
+* step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`,
+  every background threshold in one pass: :func:`sweep_thresholds`
 * step 3, the ensemble: :func:`merge`, :func:`export_pngs`, :func:`report`
 * the whole job from folders (``isle run``): :func:`run_job`, :class:`JobSpec`
 * step 4, DeepLabV3+: :func:`build_deeplab`, :func:`train`, :func:`predict`
@@ -54,6 +55,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "refinement.crf": ("crf_image", "crf_settings", "DenseCRF",),
     "ensemble.evaluate": ("evaluate", "Evaluation",),
+    "ensemble.sweep": ("sweep_thresholds", "ThresholdSweep",),
     "ensemble.selection": ("select", "Selection",),
     "ensemble.subsets": ("subset_analysis", "SubsetAnalysis",),
     "ensemble.merge": (

@@ -30,6 +30,7 @@ __all__ = [
     "check_subsets",
     "threshold_value",
     "threshold_args",
+    "confusion_score_bins_args",
     "confusion_labels_args",
     "confusion_scores_args",
     "decode_scores_args",
@@ -245,6 +246,17 @@ def confusion_scores_args(
     gt = check_gt(gt, what, host)
     sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host)
     return gt, sets, C, dt, threshold_args(bg_threshold, dt)
+
+
+def confusion_score_bins_args(gt: Any, sets: Any, num_classes: Any, host: bool) -> tuple[Any, tuple, int]:
+    """``confusion_score_bins``: (gt, sets, C); the sets must be ``uint8`` (the bins are its 256 levels)."""
+    what = "confusion_score_bins"
+    C = check_classes(num_classes, what)
+    gt = check_gt(gt, what, host)
+    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host)
+    if dt != np.uint8:
+        raise ValueError(f"{what}: score sets must be uint8 (one bin per stored level), not {dt}")
+    return gt, sets, C
 
 
 def decode_scores_args(

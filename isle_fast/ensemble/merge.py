@@ -112,8 +112,14 @@ class MergePlan:
 
 def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "score",
               strategy: str = "class", bg_threshold: float | None = None,
-              drop_absent: bool = False) -> MergePlan:
-    """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets)."""
+              drop_absent: bool = False, set_thresholds: Sequence[float | None] | None = None) -> MergePlan:
+    """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets).
+
+    ``set_thresholds`` (one [0, 1] threshold or None per set of ``stacks``, e.g. each set's best
+    threshold, :class:`isle_fast.ensemble.sweep.ThresholdSweep`) replaces ``bg_threshold``: where the
+    member score sets' thresholds differ, each set is decoded at its own threshold and the label
+    maps are merged (mode ``'labels'``); where they are all one value, that is ``bg_threshold``.
+    """
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     code = _policy_code(policy)
@@ -122,6 +128,21 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
     mode = "scores" if all(e == "scores" for e in encodings) else "labels"
     kinds = {(str(s.dtype), s.score_scale) for s in members if s.encoding == "scores"}
     cast = mode == "scores" and len(kinds) > 1
+    if set_thresholds is not None:
+        own = [set_thresholds[i] for i in selection.member_indices]
+        used = {t for t, s in zip(own, members) if s.encoding == "scores"}
+        if len(used) <= 1:
+            bg_threshold = next(iter(used), None)
+        else:
+            mode, cast = "labels", False
+            return MergePlan(
+                mode=mode, strategy=strategy, encodings=encodings,
+                scales=tuple(float(s.score_scale) for s in members), cast=cast,
+                selection=tuple(int(v) for v in selection.kernel_selection()),
+                priority=tuple(tuple(float(v) for v in row) for row in selection.priority()),
+                policy=code, thresholds=tuple(score_threshold(s, t) if s.encoding == "scores" else -1.0
+                                              for s, t in zip(members, own)),
+                num_classes=len(selection.classes), drop_absent=bool(drop_absent))
     if cast:
         thr = -1.0 if bg_threshold is None or bg_threshold < 0 else float(bg_threshold)
         thresholds = tuple(thr for _ in members)
@@ -426,8 +447,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     average : {'dataset', 'image'}
         IoU averaging used for the selection (when evaluating here).
     backend : {'auto', 'cpu', 'gpu'}
-    bg_threshold : float, optional
-        Background threshold ([0, 1] score) for score sets.
+    bg_threshold : float, str or sequence of float, optional
+        Background threshold ([0, 1] score) for score sets; or a sweep (``'best'``,
+        ``'A:B:STEP'``, ``'T1,T2'``, a sequence; :func:`isle_fast.ensemble.sweep.parse_thresholds`):
+        every set is evaluated at every threshold in one pass and merged at its own best one
+        (recorded in the provenance as ``bg_thresholds``, the sweep as ``bg_sweep``).
     name : str, optional
         Name of the ensemble set (default: the store's folder name).
     overwrite : bool
@@ -447,8 +471,17 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     from isle_fast.backend import dask_scheduler, resolve_backend
     from isle_fast.progress import dask_progress
 
+    from isle_fast.ensemble.sweep import is_sweep, parse_thresholds
+
     t0 = time.perf_counter()
-    bg_threshold = check_bg_threshold(bg_threshold)
+    sweep_spec = bg_threshold if is_sweep(bg_threshold) else None
+    if sweep_spec is not None:
+        sweep_values = parse_thresholds(sweep_spec)   # a bad sweep is an error before any work
+        if evaluation is not None:
+            raise InputError("give an evaluation or a threshold sweep (bg_threshold), not both")
+        bg_threshold = None
+    else:
+        bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -464,14 +497,22 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         check_not_output(image_labels, out)
         allowed = resolve_image_labels(image_labels, gt_stack.ids, gt_stack.classes,
                                        where=f"the ground truth {gt_stack.path}")
-    if evaluation is None:
+    set_thresholds = None
+    if sweep_spec is not None:
+        from isle_fast.ensemble.sweep import sweep_thresholds
+
+        sweep = sweep_thresholds(stacks, gt_stack, sweep_values, average=average, backend=be,
+                                 progress=progress)
+        evaluation = sweep.best_evaluation()
+        set_thresholds = sweep.best_thresholds
+    elif evaluation is None:
         evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
                               progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
     selection = select(evaluation, sets=subset)
     plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
-                     drop_absent=allowed is not None)
+                     drop_absent=allowed is not None, set_thresholds=set_thresholds)
     members = selection.member_indices
     names = unique_names(stacks)
     info: dict[str, Any] = {}
@@ -503,7 +544,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "average": evaluation.average,
         "policy": policy,
         "strategy": strategy,
-        "bg_threshold": bg_threshold,
+        "bg_threshold": bg_threshold if sweep_spec is None else (
+            sweep_spec.strip().lower() if isinstance(sweep_spec, str) else list(sweep_values)),
+        **({"bg_thresholds": dict(zip(names, set_thresholds)), "bg_sweep": list(sweep_values)}
+           if set_thresholds is not None else {}),
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
         **({"image_strategy": jsonable(info)} if info else {}),

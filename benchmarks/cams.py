@@ -46,8 +46,17 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import (PeakMemory, bench_parser, format_table, headline_row, log, quiet_progress, synth_shapes,
-                     tmp_dir, write_json)
+from .common import (
+    PeakMemory,
+    bench_parser,
+    format_table,
+    headline_row,
+    log,
+    quiet_progress,
+    synth_shapes,
+    tmp_dir,
+    write_json,
+)
 
 THRESHOLDS = "0.05:0.80:0.05"
 N_SETS = 4
@@ -71,18 +80,18 @@ def _write_image(folder: Path, i: int, shape: Sequence[int], seed: int) -> None:
     rng = np.random.default_rng([seed, i])
     h, w = (int(v) for v in shape)
     k = int(rng.integers(1, 4))
-    keys = np.sort(rng.choice(C - 1, k, replace=False))        # 0-based foreground classes (IRN's keys)
+    keys = np.sort(rng.choice(C - 1, k, replace=False))  # 0-based foreground classes (IRN's keys)
     truth = _blobs(rng, h, w, k)
     fg = truth.max(axis=0)
     gt = np.where(fg > 0.5, (keys + 1)[np.argmax(truth, axis=0)], 0).astype(np.uint8)
-    gt[(fg > 0.42) & (fg < 0.5)] = 255                          # the VOC void band around objects
+    gt[(fg > 0.42) & (fg < 0.5)] = 255  # the VOC void band around objects
     Image.fromarray(gt).save(folder / "gt" / f"{i:06d}.png")
     for s in range(N_SETS):
         shift = rng.normal(0, 0.03 * (s + 1), (k, 1, 1))
         cam = truth * (0.7 + 0.3 * rng.random((k, 1, 1))) + shift + 0.08 * (s + 1) * rng.random((k, h, w))
         cam = np.clip(cam, 0, None)
         cam /= np.maximum(cam.reshape(k, -1).max(axis=1)[:, None, None], 1e-6)
-        hr = (np.rint(cam * 255.0) / 255.0).astype(np.float32)   # on the uint8 grid (see the notes)
+        hr = (np.rint(cam * 255.0) / 255.0).astype(np.float32)  # on the uint8 grid (see the notes)
         np.save(folder / f"set{s}" / f"{i:06d}.npy", {"keys": keys, "cam": hr[:, ::4, ::4], "high_res": hr})
 
 
@@ -103,6 +112,7 @@ def make_data(n: int, max_side: int, seed: int = 14, workers: int = 1) -> Path:
 
 # -- the public scripts' approach -------------------------------------------------------------
 
+
 def _public_one(args: tuple[str, str, tuple[float, ...], int]) -> np.ndarray:
     """One CAM file at every threshold, the file read once per threshold: ``(T, C, C)`` counts."""
     from PIL import Image
@@ -111,7 +121,7 @@ def _public_one(args: tuple[str, str, tuple[float, ...], int]) -> np.ndarray:
     out = np.zeros((len(thresholds), c, c), np.int64)
     gt = np.asarray(Image.open(gt_path)).astype(np.int64)
     for t, thr in enumerate(thresholds):
-        d = np.load(cam_path, allow_pickle=True).item()              # eval_cam.py: np.load per threshold
+        d = np.load(cam_path, allow_pickle=True).item()  # eval_cam.py: np.load per threshold
         cams = np.pad(d["high_res"], ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=thr)
         keys = np.pad(d["keys"] + 1, (1, 0), mode="constant")
         pred = keys[np.argmax(cams, axis=0)].astype(np.int64)
@@ -125,14 +135,17 @@ def public_sweep(root: Path, ids: Sequence[str], thresholds: Sequence[float], wo
     out = np.zeros((N_SETS, len(thresholds), C, C), np.int64)
     with ProcessPoolExecutor(workers) as ex:
         for s in range(N_SETS):
-            jobs = [(str(root / f"set{s}" / f"{i}.npy"), str(root / "gt" / f"{i}.png"), tuple(thresholds), C)
-                    for i in ids]
+            jobs = [
+                (str(root / f"set{s}" / f"{i}.npy"), str(root / "gt" / f"{i}.png"), tuple(thresholds), C)
+                for i in ids
+            ]
             for res in ex.map(_public_one, jobs, chunksize=8):
                 out[s] += res
     return out
 
 
 # -- ours -------------------------------------------------------------------------------------
+
 
 def _timed(fn):
     t0, c0 = time.perf_counter(), time.process_time()
@@ -166,54 +179,116 @@ def main(argv: list[str] | None = None) -> int:
     steps = []
     try:
         with quiet_progress(), PeakMemory() as pm:
-            gt, wall, cpu = _timed(lambda: ingest_labels(root / "gt", work / "gt.zarr", kind="gt",
-                                                         classes=classes, quiet=True))
+            gt, wall, cpu = _timed(
+                lambda: ingest_labels(root / "gt", work / "gt.zarr", kind="gt", classes=classes, quiet=True)
+            )
             steps.append({"step": "ingest gt", "wall_s": wall, "cpu_s": cpu})
 
             def ingest_all():
-                return [ingest_scores(root / f"set{s}", work / f"set{s}.zarr", gt=gt, classes=classes,
-                                      allow_pickle=True, quiet=True) for s in range(N_SETS)]
+                return [
+                    ingest_scores(
+                        root / f"set{s}",
+                        work / f"set{s}.zarr",
+                        gt=gt,
+                        classes=classes,
+                        allow_pickle=True,
+                        quiet=True,
+                    )
+                    for s in range(N_SETS)
+                ]
+
             stores, wall, cpu = _timed(ingest_all)
             steps.append({"step": f"ingest {N_SETS} CAM sets", "wall_s": wall, "cpu_s": cpu})
-            sw, wall, cpu = _timed(lambda: sweep_thresholds(stores, gt, thresholds, backend="cpu",
-                                                            progress=False))
-            steps.append({"step": f"sweep {len(thresholds)} thresholds, one pass", "wall_s": wall, "cpu_s": cpu})
-            one, wall1, cpu1 = _timed(lambda: sweep_thresholds(stores, gt, thresholds[:1], backend="cpu",
-                                                               progress=False))
+            sw, wall, cpu = _timed(
+                lambda: sweep_thresholds(stores, gt, thresholds, backend="cpu", progress=False)
+            )
+            steps.append(
+                {"step": f"sweep {len(thresholds)} thresholds, one pass", "wall_s": wall, "cpu_s": cpu}
+            )
+            one, wall1, cpu1 = _timed(
+                lambda: sweep_thresholds(stores, gt, thresholds[:1], backend="cpu", progress=False)
+            )
             steps.append({"step": "one threshold, same pass", "wall_s": wall1, "cpu_s": cpu1})
-            res, wall, cpu = _timed(lambda: merge(stores, gt, work / "ens.zarr", bg_threshold=list(thresholds),
-                                                  backend="cpu", progress=False))
+            res, wall, cpu = _timed(
+                lambda: merge(
+                    stores,
+                    gt,
+                    work / "ens.zarr",
+                    bg_threshold=list(thresholds),
+                    backend="cpu",
+                    progress=False,
+                )
+            )
             steps.append({"step": "merge at each set's best (sweep + merge)", "wall_s": wall, "cpu_s": cpu})
         ours_peak = pm.peak
         log(f"cams: the public scripts' approach on {workers} processes")
         ref, ref_wall, ref_cpu = _timed(lambda: public_sweep(root, ids, thresholds, workers))
-        equal = bool(np.array_equal(sw.counts[..., :C], ref) and not sw.counts[..., C].any()
-                     and np.array_equal(one.counts[:, 0], sw.counts[:, 0]))
+        equal = bool(
+            np.array_equal(sw.counts[..., :C], ref)
+            and not sw.counts[..., C].any()
+            and np.array_equal(one.counts[:, 0], sw.counts[:, 0])
+        )
         assert equal, "the sweep's confusion counts differ from the public scripts' approach"
         pixels = int((gt.shapes[:, 0] * gt.shapes[:, 1]).sum())
         sweep_wall = steps[2]["wall_s"]
         sweep_cpu = steps[2]["cpu_s"]
-        print(f"{n} images ({pixels / 1e6:.1f} Mpix), {N_SETS} CAM sets, {len(thresholds)} thresholds "
-              f"({THRESHOLDS}); {os.cpu_count()} cores")
-        print(format_table([{"step": r["step"], "wall": f"{r['wall_s']:.2f} s", "cpu": f"{r['cpu_s']:.2f} s"}
-                            for r in steps]))
-        print(f"public approach ({workers} processes): {ref_wall:.2f} s wall "
-              f"(this process's CPU {ref_cpu:.2f} s; the pool's is not counted)")
+        print(
+            f"{n} images ({pixels / 1e6:.1f} Mpix), {N_SETS} CAM sets, {len(thresholds)} thresholds "
+            f"({THRESHOLDS}); {os.cpu_count()} cores"
+        )
+        print(
+            format_table(
+                [
+                    {"step": r["step"], "wall": f"{r['wall_s']:.2f} s", "cpu": f"{r['cpu_s']:.2f} s"}
+                    for r in steps
+                ]
+            )
+        )
+        print(
+            f"public approach ({workers} processes): {ref_wall:.2f} s wall "
+            f"(this process's CPU {ref_cpu:.2f} s; the pool's is not counted)"
+        )
         rate = N_SETS * pixels / sweep_wall / 1e9
-        print(f"sweep: {rate:.3f} Gpix/s for {N_SETS} sets ({N_SETS * pixels / max(sweep_cpu, 1e-9) / 1e9:.3f} "
-              f"per CPU second), {sweep_wall / max(wall1, 1e-9):.2f}x one threshold; "
-              f"{ref_wall / sweep_wall:.1f}x faster than the public approach; counts equal: {equal}")
-        print("best thresholds: " + ", ".join(f"{nm} {t:g}" for nm, t in zip(sw.set_names, sw.best_thresholds)))
-        headline = [headline_row(f"threshold sweep, {N_SETS} CAM sets x {len(thresholds)} thresholds",
-                                 sweep_wall, f"public scripts' approach, {workers} processes", ref_wall,
-                                 counts_equal=equal, gpix_per_s=rate, sweep_over_one_threshold=sweep_wall / wall1)]
-        path = write_json("cams", {
-            "images": n, "max_side": side, "pixels": pixels, "sets": N_SETS, "thresholds": list(thresholds),
-            "workers": workers, "steps": steps, "reference": {"wall_s": ref_wall, "cpu_s_parent": ref_cpu},
-            "peak_rss_bytes": ours_peak, "counts_equal": equal,
-            "best_thresholds": dict(zip(sw.set_names, sw.best_thresholds)),
-            "ensemble_provenance": {k: res.stack.provenance.get(k) for k in ("bg_threshold", "bg_thresholds")},
-            "headline": headline}, quick=quick)
+        print(
+            f"sweep: {rate:.3f} Gpix/s for {N_SETS} sets ({N_SETS * pixels / max(sweep_cpu, 1e-9) / 1e9:.3f} "
+            f"per CPU second), {sweep_wall / max(wall1, 1e-9):.2f}x one threshold; "
+            f"{ref_wall / sweep_wall:.1f}x faster than the public approach; counts equal: {equal}"
+        )
+        print(
+            "best thresholds: " + ", ".join(f"{nm} {t:g}" for nm, t in zip(sw.set_names, sw.best_thresholds))
+        )
+        headline = [
+            headline_row(
+                f"threshold sweep, {N_SETS} CAM sets x {len(thresholds)} thresholds",
+                sweep_wall,
+                f"public scripts' approach, {workers} processes",
+                ref_wall,
+                counts_equal=equal,
+                gpix_per_s=rate,
+                sweep_over_one_threshold=sweep_wall / wall1,
+            )
+        ]
+        path = write_json(
+            "cams",
+            {
+                "images": n,
+                "max_side": side,
+                "pixels": pixels,
+                "sets": N_SETS,
+                "thresholds": list(thresholds),
+                "workers": workers,
+                "steps": steps,
+                "reference": {"wall_s": ref_wall, "cpu_s_parent": ref_cpu},
+                "peak_rss_bytes": ours_peak,
+                "counts_equal": equal,
+                "best_thresholds": dict(zip(sw.set_names, sw.best_thresholds)),
+                "ensemble_provenance": {
+                    k: res.stack.provenance.get(k) for k in ("bg_threshold", "bg_thresholds")
+                },
+                "headline": headline,
+            },
+            quick=quick,
+        )
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -31,6 +31,7 @@ SCORE, ORDER, IGNORE = 0, 1, 2
 __all__ = [
     "SCORE", "ORDER", "IGNORE", "threshold_value",
     "confusion_labels", "confusion_scores", "decode_scores", "confusion_score_bins", "confusion_score_sweep",
+    "densify_sparse",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores", "class_scores",
     "quantize_scores_u8", "keep_argmax_float", "irn_decode",
@@ -94,6 +95,18 @@ def confusion_score_bins(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes
             a = np.zeros(flat.shape[0], np.int64)
             m = np.zeros(flat.shape[0], np.int64)
         np.add.at(out[n], (g[valid], a[valid], m[valid]), 1)
+    return out
+
+
+def densify_sparse(cams: np.ndarray, keys: np.ndarray, num_classes: int, background: int = 0) -> np.ndarray:
+    """The dense ``(n, h, w, C)`` stack of class-sparse slots: class ``keys[m, j]`` is slot j, others 0."""
+    n, h, w, k = cams.shape
+    out = np.zeros((n, h, w, num_classes), np.uint8)
+    out[..., 0] = background
+    for m in range(n):
+        for j in range(k):
+            if keys[m, j]:
+                out[m, :, :, keys[m, j]] = cams[m, :, :, j]
     return out
 
 

@@ -14,8 +14,13 @@ from hypothesis import strategies as st
 
 from isle_fast.cli import main
 from isle_fast.ensemble.evaluate import evaluate
-from isle_fast.ensemble.sweep import (BEST_GRID, counts_at_levels, parse_thresholds, sweep_thresholds,
-                                      threshold_levels)
+from isle_fast.ensemble.sweep import (
+    BEST_GRID,
+    counts_at_levels,
+    parse_thresholds,
+    sweep_thresholds,
+    threshold_levels,
+)
 from isle_fast.errors import InputError
 from isle_fast.kernels import cpu
 from tests import reference as ref
@@ -46,7 +51,9 @@ def _case(seed):
 @given(seeds)
 def test_score_bins_equal_reference(seed):
     _, C, gt, sets = _case(seed)
-    np.testing.assert_array_equal(cpu.confusion_score_bins(gt, sets, C), ref.confusion_score_bins(gt, sets, C))
+    np.testing.assert_array_equal(
+        cpu.confusion_score_bins(gt, sets, C), ref.confusion_score_bins(gt, sets, C)
+    )
 
 
 @given(seeds)
@@ -70,8 +77,9 @@ def test_bins_over_chunk_boundaries(threads):
         whole = cpu.confusion_score_bins(gt, sets, C)
     np.testing.assert_array_equal(whole, ref.confusion_score_bins(gt, sets, C))
     cut = cpu.BLOCK + 5
-    parts = (cpu.confusion_score_bins(gt[:cut], tuple(s[:cut] for s in sets), C)
-             + cpu.confusion_score_bins(gt[cut:], tuple(s[cut:] for s in sets), C))
+    parts = cpu.confusion_score_bins(gt[:cut], tuple(s[:cut] for s in sets), C) + cpu.confusion_score_bins(
+        gt[cut:], tuple(s[cut:] for s in sets), C
+    )
     np.testing.assert_array_equal(whole, parts)
 
 
@@ -86,8 +94,8 @@ def test_tie_with_threshold_is_background():
     gt = np.array([2], np.uint8)
     s = np.array([[200, 51, 51]], np.uint8)
     c = counts_at_levels(cpu.confusion_score_bins(gt, (s,), 3), [50, 51])
-    assert c[0, 0, 2].tolist() == [0, 1, 0, 0]   # level 50: 51 > 50, class 1 (first of the tie)
-    assert c[0, 1, 2].tolist() == [1, 0, 0, 0]   # level 51: a tie with the threshold is background
+    assert c[0, 0, 2].tolist() == [0, 1, 0, 0]  # level 50: 51 > 50, class 1 (first of the tie)
+    assert c[0, 1, 2].tolist() == [1, 0, 0, 0]  # level 51: a tie with the threshold is background
 
 
 def test_threshold_levels_are_the_single_threshold_units():
@@ -97,11 +105,12 @@ def test_threshold_levels_are_the_single_threshold_units():
     lv = threshold_levels(ts, 255.0)
     want = [int(threshold_value(t * 255.0, np.uint8)) for t in ts]
     assert lv.tolist() == want
-    assert threshold_levels([0.2], 255.0).tolist() == [51]          # 0.2 * 255 = 51.00000000000001
+    assert threshold_levels([0.2], 255.0).tolist() == [51]  # 0.2 * 255 = 51.00000000000001
     assert threshold_levels([1.0, 0.0], 255.0).tolist() == [255, 0]
 
 
 # -- parsing ------------------------------------------------------------------------------------
+
 
 def test_parse_thresholds():
     assert parse_thresholds("0.05:0.80:0.05") == tuple(round(0.05 * k, 2) for k in range(1, 17))
@@ -112,11 +121,20 @@ def test_parse_thresholds():
     assert parse_thresholds("0:1:0.5") == (0.0, 0.5, 1.0)
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("0.1:0.5", "START:STOP:STEP"), ("0.5:0.1:0.1", "ends before"), ("0.1:0.5:0", "positive"),
-    ("0.1:2:0.1", "in \\[0, 1\\]"), ("0.1,x", "'x' is not a number"), ("nan", "in \\[0, 1\\]"),
-    ("-0.1,0.2", "in \\[0, 1\\]"), ([True], "not a threshold"), ([], "no threshold"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("0.1:0.5", "START:STOP:STEP"),
+        ("0.5:0.1:0.1", "ends before"),
+        ("0.1:0.5:0", "positive"),
+        ("0.1:2:0.1", "in \\[0, 1\\]"),
+        ("0.1,x", "'x' is not a number"),
+        ("nan", "in \\[0, 1\\]"),
+        ("-0.1,0.2", "in \\[0, 1\\]"),
+        ([True], "not a threshold"),
+        ([], "no threshold"),
+    ],
+)
 def test_parse_thresholds_errors(spec, match):
     with pytest.raises(InputError, match=match):
         parse_thresholds(spec)
@@ -124,14 +142,17 @@ def test_parse_thresholds_errors(spec, match):
 
 # -- stores: the sweep equals evaluate() at every threshold, bit for bit -------------------------
 
+
 @st.composite
 def store_cases(draw):
     n_img = draw(st.integers(1, 4))
     c = draw(st.integers(2, 5))
     shapes = [(draw(st.integers(1, 9)), draw(st.integers(1, 9))) for _ in range(n_img)]
-    encodings = [draw(st.sampled_from(("uint8", "uint8", "labels", "float16"))) for _ in range(draw(st.integers(1, 3)))]
+    encodings = [
+        draw(st.sampled_from(("uint8", "uint8", "labels", "float16"))) for _ in range(draw(st.integers(1, 3)))
+    ]
     chunk = lambda: (draw(st.integers(1, 3)), draw(st.integers(1, 10)), draw(st.integers(1, 10)))  # noqa: E731
-    same = draw(st.booleans())   # one chunk grid: the local pass; else Dask rechunks
+    same = draw(st.booleans())  # one chunk grid: the local pass; else Dask rechunks
     gchunk = chunk()
     chunks = [gchunk] + [gchunk if same else chunk() for _ in encodings]
     pad = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
@@ -142,20 +163,35 @@ def _build(root, n_img, c, shapes, encodings, chunks, pad, seed):
     rng = np.random.default_rng(seed)
     padded = (max(h for h, _ in shapes) + pad[0], max(w for _, w in shapes) + pad[1])
     gt_imgs = [rng.choice(np.array(list(range(c)) + [255], np.uint8), size=s) for s in shapes]
-    gt = write_stack(os.path.join(root, "gt"), gt_imgs, kind="gt", num_classes=c, chunks=chunks[0],
-                     padded_shape=padded)
+    gt = write_stack(
+        os.path.join(root, "gt"), gt_imgs, kind="gt", num_classes=c, chunks=chunks[0], padded_shape=padded
+    )
     stores = []
     for k, e in enumerate(encodings):
         if e == "labels":
             imgs = [rng.choice(np.array(list(range(c)) + [255], np.uint8), size=s) for s in shapes]
-            st_ = write_stack(os.path.join(root, f"s{k}"), imgs, num_classes=c, chunks=chunks[k + 1],
-                              padded_shape=padded, name=f"set{k}")
+            st_ = write_stack(
+                os.path.join(root, f"s{k}"),
+                imgs,
+                num_classes=c,
+                chunks=chunks[k + 1],
+                padded_shape=padded,
+                name=f"set{k}",
+            )
         else:
             # levels around the thresholds 0.2 (51) and 0.5 (127): ties with the threshold
             vals = np.array([0, 50, 51, 52, 126, 127, 128, 255]) / (255.0 if e == "uint8" else 1.0)
             imgs = [rng.choice(vals, size=s + (c,)).astype(e) for s in shapes]
-            st_ = write_stack(os.path.join(root, f"s{k}"), imgs, encoding="scores", score_dtype=e,
-                              num_classes=c, chunks=chunks[k + 1] + (c,), padded_shape=padded, name=f"set{k}")
+            st_ = write_stack(
+                os.path.join(root, f"s{k}"),
+                imgs,
+                encoding="scores",
+                score_dtype=e,
+                num_classes=c,
+                chunks=chunks[k + 1] + (c,),
+                padded_shape=padded,
+                name=f"set{k}",
+            )
         stores.append(st_)
     return gt, stores
 
@@ -179,7 +215,7 @@ def test_sweep_equals_evaluate_at_every_threshold(case, average):
         best = sw.best_evaluation()
         for n, b in enumerate(sw.best_index):
             curve = np.where(np.isnan(sw.miou[n]), -np.inf, sw.miou[n])
-            assert b == int(np.flatnonzero(curve == curve.max())[0])     # the lowest of the best
+            assert b == int(np.flatnonzero(curve == curve.max())[0])  # the lowest of the best
             np.testing.assert_array_equal(best.counts[n], sw.counts[n, b])
         for n, e in enumerate(sw.encodings):
             assert (sw.best_thresholds[n] is None) == (e == "labels")
@@ -196,11 +232,25 @@ def test_dask_pass_equals_local_pass(tmp_path, monkeypatch):
 
 # -- command line -------------------------------------------------------------------------------
 
+
 def test_cli_evaluate_sweep_prints_curve_and_best(tmp_path, capsys):
-    gt, stores = _build(str(tmp_path), 2, 3, [(6, 5), (4, 4)], ["uint8", "uint8"], [(2, 6, 5)] * 3, (0, 0), 11)
+    gt, stores = _build(
+        str(tmp_path), 2, 3, [(6, 5), (4, 4)], ["uint8", "uint8"], [(2, 6, 5)] * 3, (0, 0), 11
+    )
     out = str(tmp_path / "sweep.json")
-    rc = main(["evaluate", *[s.path for s in stores], "--gt", gt.path, "--bg-threshold", "0.05:0.80:0.05",
-               "--json", out, "--quiet"])
+    rc = main(
+        [
+            "evaluate",
+            *[s.path for s in stores],
+            "--gt",
+            gt.path,
+            "--bg-threshold",
+            "0.05:0.80:0.05",
+            "--json",
+            out,
+            "--quiet",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     sw = sweep_thresholds(stores, gt, "0.05:0.80:0.05", progress=False)
@@ -220,8 +270,10 @@ def test_cli_evaluate_sweep_prints_curve_and_best(tmp_path, capsys):
 def test_cli_single_threshold_unchanged(tmp_path, capsys):
     gt, stores = _build(str(tmp_path), 2, 3, [(6, 5), (4, 4)], ["uint8"], [(2, 6, 5)] * 2, (0, 0), 5)
     out = str(tmp_path / "one.json")
-    assert main(["evaluate", stores[0].path, "--gt", gt.path, "--bg-threshold", "0.2", "--json", out,
-                 "--quiet"]) == 0
+    assert (
+        main(["evaluate", stores[0].path, "--gt", gt.path, "--bg-threshold", "0.2", "--json", out, "--quiet"])
+        == 0
+    )
     doc = json.load(open(out))
     assert "threshold_sweep" not in doc
     ev = evaluate(stores, gt, bg_threshold=0.2, progress=False)
@@ -242,8 +294,16 @@ def test_merge_best_uses_each_sets_best_threshold(tmp_path, capsys):
     from isle_fast.ensemble.merge import merge
     from isle_fast.stores.stack import open_stack
 
-    gt, stores = _build(str(tmp_path), 3, 4, [(6, 5), (4, 4), (7, 3)], ["uint8", "uint8", "labels"],
-                        [(3, 7, 5)] * 4, (0, 0), 21)
+    gt, stores = _build(
+        str(tmp_path),
+        3,
+        4,
+        [(6, 5), (4, 4), (7, 3)],
+        ["uint8", "uint8", "labels"],
+        [(3, 7, 5)] * 4,
+        (0, 0),
+        21,
+    )
     res = merge(stores, gt, str(tmp_path / "ens.zarr"), bg_threshold="best", backend="cpu", progress=False)
     sw = sweep_thresholds(stores, gt, "best", progress=False)
     prov = open_stack(res.stack.path).provenance
@@ -258,14 +318,31 @@ def test_merge_best_uses_each_sets_best_threshold(tmp_path, capsys):
     for m in members:
         a = np.asarray(stores[m].array[:])
         t = sw.best_thresholds[m]
-        sets.append(a if t is None else K.decode_scores(np.ascontiguousarray(a), float(
-            threshold_levels([t], 255.0)[0])))
+        sets.append(
+            a
+            if t is None
+            else K.decode_scores(np.ascontiguousarray(a), float(threshold_levels([t], 255.0)[0]))
+        )
     sel = np.asarray(res.plan.selection, np.int64)
     pri = np.asarray(res.plan.priority, np.float64)
     want = K.merge_labels(tuple(sets), sel, pri, res.plan.policy)
     got = np.asarray(res.stack.array[:])
     for i, (h, w) in enumerate(gt.shapes):
         np.testing.assert_array_equal(got[i, :h, :w], want[i, :h, :w])
-    assert main(["merge", *[s.path for s in stores], "--gt", gt.path, "--bg-threshold", "best",
-                 "--out", str(tmp_path / "ens2.zarr"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                *[s.path for s in stores],
+                "--gt",
+                gt.path,
+                "--bg-threshold",
+                "best",
+                "--out",
+                str(tmp_path / "ens2.zarr"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert open_stack(str(tmp_path / "ens2.zarr")).provenance["bg_thresholds"] == prov["bg_thresholds"]

@@ -290,12 +290,13 @@ def step_threshold_sweep(ctx: DemoContext) -> Path | None:
     doc = sw.to_json()
     out = ctx.out / "thresholds.json"
     _write_json(out, doc)
-    ctx.results["threshold_sweep"] = {name: {"best_threshold": d["best_threshold"], "best_miou": _r(d["best_miou"])}
+    ctx.results["threshold_sweep"] = {name: {"best_threshold": d["best_threshold"],
+                                             "best_miou": _r(d["best_miou"])}
                                       for name, d in doc["sets"].items()}
     if not ctx.quiet:
         for name, d in ctx.results["threshold_sweep"].items():
-            print(f"{name:<12} best background threshold {d['best_threshold']:g} (train mIoU {d['best_miou']}) "
-                  f"of {len(sw.thresholds)} in one pass")
+            print(f"{name:<12} best background threshold {d['best_threshold']:g} "
+                  f"(train mIoU {d['best_miou']}) of {len(sw.thresholds)} in one pass")
     return out
 
 

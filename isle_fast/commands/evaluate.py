@@ -20,7 +20,8 @@ def bg_threshold_arg(text: str) -> float:
 
 def bg_threshold_spec(text: str) -> float | str:
     """``--bg-threshold`` of evaluate and merge: one threshold (a float, as :func:`bg_threshold_arg`) or a
-    sweep, kept as its text: ``best``, ``A:B:STEP`` or ``T1,T2,...`` (:func:`isle_fast.ensemble.sweep.parse_thresholds`).
+    sweep, kept as its text: ``best``, ``A:B:STEP`` or ``T1,T2,...``
+    (:func:`isle_fast.ensemble.sweep.parse_thresholds`).
     """
     t = text.strip()
     if t.lower() != "best" and ":" not in t and "," not in t:

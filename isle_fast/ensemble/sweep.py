@@ -29,6 +29,10 @@ One pass counts ``(gt, a, m)`` for every pixel
 others (:func:`counts_at_levels`): equal, bit for bit, to
 ``evaluate(..., bg_threshold=T)`` for every ``T`` of the sweep.
 
+Class-sparse stores (:mod:`isle_fast.stores.sparse`) are counted from their
+stored slots and keys (:func:`isle_fast.kernels.cpu.confusion_score_bins_sparse`),
+without making the dense stack.
+
 ``float16`` / ``float32`` score stores have no levels: they are evaluated
 once per threshold (exact too, but one decode per threshold). Label-map sets
 do not depend on the threshold (one count, the same at every threshold).
@@ -52,8 +56,15 @@ from isle_fast import metrics
 from isle_fast.errors import InputError
 from isle_fast.stores.stack import Stack
 
-__all__ = ["ThresholdSweep", "sweep_thresholds", "parse_thresholds", "counts_at_levels",
-           "threshold_levels", "BEST", "BEST_GRID"]
+__all__ = [
+    "ThresholdSweep",
+    "sweep_thresholds",
+    "parse_thresholds",
+    "counts_at_levels",
+    "threshold_levels",
+    "BEST",
+    "BEST_GRID",
+]
 
 #: ``--bg-threshold best``: the thresholds searched, 0.00, 0.01, ..., 1.00.
 BEST = "best"
@@ -91,7 +102,9 @@ def parse_thresholds(spec: Any) -> tuple[float, ...]:
             try:
                 a, b, step = (float(p) for p in parts)
             except ValueError:
-                raise InputError(f"--bg-threshold: a range is START:STOP:STEP of numbers, not {spec!r}") from None
+                raise InputError(
+                    f"--bg-threshold: a range is START:STOP:STEP of numbers, not {spec!r}"
+                ) from None
             _check_one(a, parts[0])
             _check_one(b, parts[1])
             if not math.isfinite(step) or step <= 0:
@@ -162,11 +175,11 @@ def counts_at_levels(bins: np.ndarray, levels: Sequence[int]) -> np.ndarray:
         raise ValueError("levels must be a 1-d sequence of integers in 0..255")
     C = bins.shape[-2]
     # above[..., t, a, L] = pixels with m > L
-    above = np.cumsum(bins[..., ::-1], axis=-1)[..., ::-1]          # m >= L
+    above = np.cumsum(bins[..., ::-1], axis=-1)[..., ::-1]  # m >= L
     above = np.concatenate([above[..., 1:], np.zeros(above.shape[:-1] + (1,), np.int64)], axis=-1)
-    sel = np.moveaxis(above[..., lv], -1, -3)                        # (..., T, C, C)
+    sel = np.moveaxis(above[..., lv], -1, -3)  # (..., T, C, C)
     out = np.zeros(sel.shape[:-1] + (C + 1,), np.int64)
-    rows = bins.sum(axis=(-1, -2))                                   # (..., C)
+    rows = bins.sum(axis=(-1, -2))  # (..., C)
     out[..., 1:C] = sel[..., 1:]
     out[..., 0] = rows[..., None, :] - sel[..., 1:].sum(axis=-1)
     return out
@@ -174,13 +187,14 @@ def counts_at_levels(bins: np.ndarray, levels: Sequence[int]) -> np.ndarray:
 
 # -- the per-chunk task -------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _SetPlan:
-    """How one set is counted: ``'labels'`` (once), ``'bins'`` (uint8 levels) or ``'scores'`` (per threshold)."""
+    """How one set is counted: ``'labels'`` (once), ``'bins'`` / ``'sparse'`` (uint8 levels), ``'scores'``."""
 
     mode: str
-    levels: tuple[int, ...] = ()          # bins
-    units: tuple[float, ...] = ()         # scores: thresholds in stored units
+    levels: tuple[int, ...] = ()  # bins
+    units: tuple[float, ...] = ()  # scores: thresholds in stored units
 
 
 def _plans(stacks: Sequence[Stack], thresholds: Sequence[float]) -> tuple[_SetPlan, ...]:
@@ -188,15 +202,28 @@ def _plans(stacks: Sequence[Stack], thresholds: Sequence[float]) -> tuple[_SetPl
     for s in stacks:
         if s.encoding == "labels":
             out.append(_SetPlan("labels"))
+        elif s.score_layout == "sparse":
+            out.append(
+                _SetPlan("sparse", levels=tuple(int(v) for v in threshold_levels(thresholds, s.score_scale)))
+            )
         elif np.dtype(s.dtype) == np.uint8:
-            out.append(_SetPlan("bins", levels=tuple(int(v) for v in threshold_levels(thresholds, s.score_scale))))
+            out.append(
+                _SetPlan("bins", levels=tuple(int(v) for v in threshold_levels(thresholds, s.score_scale)))
+            )
         else:
             out.append(_SetPlan("scores", units=tuple(float(t) * s.score_scale for t in thresholds)))
     return tuple(out)
 
 
-def _sweep_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, plans: tuple[_SetPlan, ...],
-                 n_thr: int, num_classes: int, per_image: bool) -> np.ndarray:
+def _sweep_block(
+    gt: np.ndarray,
+    *blocks: np.ndarray,
+    backend: str,
+    plans: tuple[_SetPlan, ...],
+    n_thr: int,
+    num_classes: int,
+    per_image: bool,
+) -> np.ndarray:
     """Counts of one chunk at every threshold: ``(1 or k, 1, 1, N, T, C, C+1)``."""
     from isle_fast.backend import task_kernels
     from isle_fast.kernels import cpu
@@ -205,39 +232,67 @@ def _sweep_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, plans: tuple
     gt = np.ascontiguousarray(gt)
     n_img = gt.shape[0] if per_image else 1
     out = np.zeros((n_img, 1, 1, len(plans), n_thr, C, C + 1), dtype=np.int64)
-    arrs = [np.ascontiguousarray(b) for b in blocks]
+    it = iter(np.ascontiguousarray(b) for b in blocks)
+    arrs = [(next(it), next(it)) if pl.mode == "sparse" else next(it) for pl in plans]  # sparse: (cams, keys)
     with task_kernels(backend) as K:
         for m in range(n_img):
-            g = gt[m:m + 1] if per_image else gt
-            part = [a[m:m + 1] for a in arrs] if per_image else arrs
+            g = gt[m : m + 1] if per_image else gt
+            if per_image:
+                part = [
+                    (a[0][m : m + 1], a[1][m : m + 1]) if isinstance(a, tuple) else a[m : m + 1] for a in arrs
+                ]
+            else:
+                part = arrs
+            # all uint8 sets in one fused pass each layout (CPU kernels: the bins are host histograms)
             bins_sets = tuple(p for p, pl in zip(part, plans) if pl.mode == "bins")
-            if bins_sets:   # all uint8 sets in one fused pass (CPU kernel: the bins are host histograms)
+            if bins_sets:
                 bins = cpu.confusion_score_bins(g, bins_sets, C)
-            b = 0
+            sparse_sets = [p for p, pl in zip(part, plans) if pl.mode == "sparse"]
+            if sparse_sets:
+                g3 = g.reshape((-1,) + g.shape[-2:])
+                sbins = cpu.confusion_score_bins_sparse(
+                    g3, tuple(p[0] for p in sparse_sets), tuple(p[1] for p in sparse_sets), C
+                )
+            b = sb = 0
             for n, (a, pl) in enumerate(zip(part, plans)):
                 if pl.mode == "labels":
                     out[m, 0, 0, n] = np.asarray(K.confusion_labels(g, (a,), C))[0][None]
                 elif pl.mode == "bins":
                     out[m, 0, 0, n] = counts_at_levels(bins[b], pl.levels)
                     b += 1
+                elif pl.mode == "sparse":
+                    out[m, 0, 0, n] = counts_at_levels(sbins[sb], pl.levels)
+                    sb += 1
                 else:
                     for k, u in enumerate(pl.units):
                         out[m, 0, 0, n, k] = np.asarray(K.confusion_scores(g, (a,), C, u))[0]
     return out
 
 
-def _local_sweep_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
-                      shape: tuple[int, int, int], **kernel: Any) -> np.ndarray:
+def _local_sweep_task(
+    specs: Sequence[Any],
+    tails: Sequence[tuple],
+    block: tuple[int, int, int],
+    shape: tuple[int, int, int],
+    **kernel: Any,
+) -> np.ndarray:
     from isle_fast.stores.chunks import read_chunk
 
     g = read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
-    blocks = [read_chunk(specs[1 + m], block_id=block + (0,) * len(tails[m]),
-                         block_info={None: {"chunk-shape": shape + tails[m]}}) for m in range(len(tails))]
+    blocks = [
+        read_chunk(
+            specs[1 + m],
+            block_id=block + (0,) * len(tails[m]),
+            block_info={None: {"chunk-shape": shape + tails[m]}},
+        )
+        for m in range(len(tails))
+    ]
     return _sweep_block(g, *blocks, **kernel)
 
 
-def _local_sweep(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, progress: bool,
-                 **kernel: Any) -> tuple[np.ndarray, np.ndarray | None]:
+def _local_sweep(
+    specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, progress: bool, **kernel: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The sweep on a thread pool here, one task per gt chunk (as :func:`isle_fast.evaluate`'s local pass)."""
     from isle_fast.progress import progress as bar
     from isle_fast.stores.parallel import ThreadExecutor, default_workers
@@ -255,19 +310,22 @@ def _local_sweep(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, pr
     T = kernel["n_thr"]
     counts = np.zeros((len(stacks), T, c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), T, c, 2), dtype=np.int64) if kernel["per_image"] else None
-    with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
-            bar(total=len(tasks), desc="threshold sweep", unit="chunk", quiet=not progress) as pb:
+    with (
+        ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex,
+        bar(total=len(tasks), desc="threshold sweep", unit="chunk", quiet=not progress) as pb,
+    ):
         for t, out in ex.imap(fn, tasks):
             counts += out.sum(axis=(0, 1, 2))
             if stats is not None:
                 i0 = tasks[t][0][0] * k
-                stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
+                stats[i0 : i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
             pb.update(1)
     return counts, stats
 
 
-def _dask_sweep(stacks: Sequence[Stack], gt: Stack, *, progress: bool, **kernel: Any
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+def _dask_sweep(
+    stacks: Sequence[Stack], gt: Stack, *, progress: bool, **kernel: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The sweep as a Dask graph (any scheduler, cluster, fsspec store)."""
     import dask
     import dask.array as da
@@ -278,25 +336,56 @@ def _dask_sweep(stacks: Sequence[Stack], gt: Stack, *, progress: bool, **kernel:
 
     c = gt.num_classes
     per_image = kernel["per_image"]
-    g, arrays = aligned_arrays(stacks, gt)
+    sparse = [n for n, pl in enumerate(kernel["plans"]) if pl.mode == "sparse"]
+    letters = "fghlmnopqrstuvwxyz"
+    if len(sparse) > len(letters):
+        raise InputError(f"at most {len(letters)} class-sparse sets in one threshold sweep")
+    dense = [n for n in range(len(stacks)) if n not in sparse]
+    g, dense_arrays = aligned_arrays([stacks[n] for n in dense], gt)
+    dense_args = blockwise_args(dense_arrays, [stacks[n] for n in dense])
+    args: list[Any] = []
+    for n in range(len(stacks)):
+        if n in sparse:  # the stored slots and keys, on the gt's grid: no dense stack is made
+            from isle_fast.stores.sparse import cams_dask
+
+            st = stacks[n]
+            k = int(st.sparse_keys.shape[1])
+            ax = letters[sparse.index(n)]
+            cams = cams_dask(st)
+            target = g.chunks + ((k,),)
+            cams = cams if cams.chunks == target else cams.rechunk(target)
+            keys = da.from_array(st.sparse_keys, chunks=(g.chunks[0], (k,)))
+            args += [cams, "ijk" + ax, keys, "i" + ax]
+        else:
+            j = dense.index(n)
+            args += dense_args[2 * j : 2 * j + 2]
     one = lambda n: 1  # noqa: E731
     graph = da.blockwise(
-        partial(_sweep_block, **kernel), "ijkaebd", g, "ijk", *blockwise_args(arrays, stacks),
+        partial(_sweep_block, **kernel),
+        "ijkaebd",
+        g,
+        "ijk",
+        *args,
         new_axes={"a": len(stacks), "e": kernel["n_thr"], "b": c, "d": c + 1},
         adjust_chunks={"i": (lambda n: n) if per_image else one, "j": one, "k": one},
-        dtype=np.int64, concatenate=True, meta=np.empty((0,) * 7, dtype=np.int64))
+        dtype=np.int64,
+        concatenate=True,
+        meta=np.empty((0,) * 7, dtype=np.int64),
+    )
     with dask_progress("threshold sweep", quiet=not progress):
         if per_image:
-            per_img = graph.sum(axis=(1, 2))   # (I, N, T, C, C+1), chunked by images
+            per_img = graph.sum(axis=(1, 2))  # (I, N, T, C, C+1), chunked by images
             n, t = len(stacks), kernel["n_thr"]
-            stats = per_img.map_blocks(metrics.intersection_union,
-                                       chunks=(per_img.chunks[0], (n,), (t,), (c,), (2,)), dtype=np.int64)
+            stats = per_img.map_blocks(
+                metrics.intersection_union, chunks=(per_img.chunks[0], (n,), (t,), (c,), (2,)), dtype=np.int64
+            )
             return dask.compute(per_img.sum(axis=0), stats, scheduler=dask_scheduler())
         (counts,) = dask.compute(graph.sum(axis=(0, 1, 2)), scheduler=dask_scheduler())
         return counts, None
 
 
 # -- the result ---------------------------------------------------------------------------------
+
 
 @dataclass
 class ThresholdSweep:
@@ -332,16 +421,22 @@ class ThresholdSweep:
     seconds: float = 0.0
 
     def evaluation(self, indices: Sequence[int]) -> Any:
-        """The :class:`Evaluation` of every set ``n`` at threshold ``thresholds[indices[n]]`` (no new pass)."""
+        """The :class:`Evaluation` of every set ``n`` at ``thresholds[indices[n]]`` (no new pass)."""
         from isle_fast.ensemble.evaluate import Evaluation
 
         idx = np.asarray(indices, dtype=np.int64)
         n = np.arange(len(self.set_names))
         return Evaluation(
-            classes=list(self.classes), set_names=list(self.set_names), counts=self.counts[n, idx].copy(),
+            classes=list(self.classes),
+            set_names=list(self.set_names),
+            counts=self.counts[n, idx].copy(),
             average=self.average,
             image_stats=None if self.image_stats is None else self.image_stats[:, n, idx].copy(),
-            set_paths=list(self.set_paths), gt_path=self.gt_path, backend=self.backend, seconds=self.seconds)
+            set_paths=list(self.set_paths),
+            gt_path=self.gt_path,
+            backend=self.backend,
+            seconds=self.seconds,
+        )
 
     @property
     def iou(self) -> np.ndarray:
@@ -364,8 +459,10 @@ class ThresholdSweep:
     @property
     def best_thresholds(self) -> list[float | None]:
         """Each score set's best threshold; None for label sets (the threshold does not apply)."""
-        return [None if e == "labels" else float(self.thresholds[int(k)])
-                for e, k in zip(self.encodings, self.best_index)]
+        return [
+            None if e == "labels" else float(self.thresholds[int(k)])
+            for e, k in zip(self.encodings, self.best_index)
+        ]
 
     def best_evaluation(self) -> Any:
         """The :class:`Evaluation` of every set at its own best threshold."""
@@ -385,7 +482,12 @@ class ThresholdSweep:
                 "levels": self.levels[n],
                 "path": self.set_paths[n] if n < len(self.set_paths) else None,
             }
-        return {"thresholds": list(self.thresholds), "average": self.average, "gt": self.gt_path, "sets": sets}
+        return {
+            "thresholds": list(self.thresholds),
+            "average": self.average,
+            "gt": self.gt_path,
+            "sets": sets,
+        }
 
     def table(self) -> str:
         """The mIoU curve: one row per threshold, one column per set; each set's best marked ``*``."""
@@ -406,8 +508,15 @@ class ThresholdSweep:
         return "\n".join(lines)
 
 
-def sweep_thresholds(sets: Sequence[Any], gt: Any, thresholds: Any = BEST, *, average: str = "dataset",
-                     backend: str = "auto", progress: bool = True) -> ThresholdSweep:
+def sweep_thresholds(
+    sets: Sequence[Any],
+    gt: Any,
+    thresholds: Any = BEST,
+    *,
+    average: str = "dataset",
+    backend: str = "auto",
+    progress: bool = True,
+) -> ThresholdSweep:
     """Confusion counts of every set at every background threshold, in one pass over the data.
 
     Parameters
@@ -440,20 +549,28 @@ def sweep_thresholds(sets: Sequence[Any], gt: Any, thresholds: Any = BEST, *, av
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
     plans = _plans(stacks, ts)
-    kernel = dict(backend=be, plans=plans, n_thr=len(ts), num_classes=gt_stack.num_classes,
-                  per_image=average == "image")
-    specs = local_specs(stacks, gt_stack)
+    kernel = dict(
+        backend=be, plans=plans, n_thr=len(ts), num_classes=gt_stack.num_classes, per_image=average == "image"
+    )
+    specs = None if any(p.mode == "sparse" for p in plans) else local_specs(stacks, gt_stack)
     if specs is not None:
         counts, stats = _local_sweep(specs, stacks, gt_stack, progress=progress, **kernel)
     else:
         counts, stats = _dask_sweep(stacks, gt_stack, progress=progress, **kernel)
     return ThresholdSweep(
-        thresholds=ts, classes=list(gt_stack.classes), set_names=unique_names(stacks),
-        counts=np.asarray(counts, dtype=np.int64), encodings=[s.encoding for s in stacks],
-        levels=[list(p.levels) if p.mode == "bins" else None for p in plans], average=average,
+        thresholds=ts,
+        classes=list(gt_stack.classes),
+        set_names=unique_names(stacks),
+        counts=np.asarray(counts, dtype=np.int64),
+        encodings=[s.encoding for s in stacks],
+        levels=[list(p.levels) if p.mode in ("bins", "sparse") else None for p in plans],
+        average=average,
         image_stats=None if stats is None else np.asarray(stats, dtype=np.int64),
-        set_paths=[s.path for s in stacks], gt_path=gt_stack.path, backend=be,
-        seconds=time.perf_counter() - t0)
+        set_paths=[s.path for s in stacks],
+        gt_path=gt_stack.path,
+        backend=be,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def write_sweep_json(path: str | os.PathLike, sweep: ThresholdSweep, doc: dict, *, command: str) -> None:

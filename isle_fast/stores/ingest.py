@@ -61,7 +61,7 @@ import time
 from collections import deque
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -673,6 +673,7 @@ def ingest_scores(
     provenance: dict | None = None,
     cam_layout: str = "auto",
     image_labels: Any = None,
+    score_layout: str = "auto",
 ) -> Stack:
     """Ingest CAM / score files into a ``scores`` store (``(I, H, W, C)``).
 
@@ -719,6 +720,13 @@ def ingest_scores(
         (``L`` slices for the image's ``L`` labelled classes; of a ``C - 1`` /
         ``C`` slice array only the labelled classes keep their scores, as the
         public code makes CAMs only for them), and are stored with the stack.
+    score_layout : {'auto', 'sparse', 'dense'}
+        ``sparse``: store only the classes present in each image
+        (:mod:`isle_fast.stores.sparse`; ``uint8`` only, and the background
+        slice must be the constant threshold, as for foreground-only CAMs);
+        ``dense``: every class slice; ``auto`` (default): sparse where it
+        applies (``uint8``, local, constant background), else dense. Readers
+        see the same logical stack either way.
 
     Other parameters are those of :func:`ingest_labels`.
 
@@ -769,8 +777,10 @@ def ingest_scores(
                     **(provenance or {})},
         finish=finish,
     )
-    stack = _run(plan)
-    return stack
+    from isle_fast.stores.sparse import ingest_layout
+
+    return ingest_layout(lambda dense_out, q: _run(replace(plan, out=dense_out, quiet=q)), out,
+                         layout=score_layout, score_dtype=score_dtype, overwrite=overwrite, quiet=quiet)
 
 
 def ingest_images(

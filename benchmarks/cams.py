@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             steps.append({"step": "merge at each set's best (sweep + merge)", "wall_s": wall, "cpu_s": cpu})
         ours_peak = pm.peak
+        layout = {st.name: {"layout": st.score_layout, "stored_bytes": st.stored_bytes()} for st in stores}
+        cam_bytes = sum(f.stat().st_size for k in range(N_SETS) for f in (root / f"set{k}").glob("*.npy"))
         log(f"cams: the public scripts' approach on {workers} processes")
         ref, ref_wall, ref_cpu = _timed(lambda: public_sweep(root, ids, thresholds, workers))
         equal = bool(
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             f"per CPU second), {sweep_wall / max(wall1, 1e-9):.2f}x one threshold; "
             f"{ref_wall / sweep_wall:.1f}x faster than the public approach; counts equal: {equal}"
         )
+        sizes = ", ".join(f"{k} {v['layout']} {v['stored_bytes'] / 2**20:.1f} MiB" for k, v in layout.items())
+        print(f"stores: {sizes} (the CAM files: {cam_bytes / 2**20:.1f} MiB); peak RSS {ours_peak / 2**20:.0f} MiB")
         print(
             "best thresholds: " + ", ".join(f"{nm} {t:g}" for nm, t in zip(sw.set_names, sw.best_thresholds))
         )
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": steps,
                 "reference": {"wall_s": ref_wall, "cpu_s_parent": ref_cpu},
                 "peak_rss_bytes": ours_peak,
+                "stores": layout,
+                "cam_file_bytes": cam_bytes,
                 "counts_equal": equal,
                 "best_thresholds": dict(zip(sw.set_names, sw.best_thresholds)),
                 "ensemble_provenance": {

@@ -276,3 +276,18 @@ def test_cam_ingest_is_class_sparse_by_default(tmp_path, rng, capsys):
     assert "class-sparse" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "cli.zarr")]) == 0
     assert "sparse" in capsys.readouterr().out
+
+
+def test_crf_refine_reads_a_sparse_store_like_the_dense_one(tmp_path):
+    pytest.importorskip("pydensecrf")
+    from isle_fast.refinement.chain import refine_stack
+
+    rng = np.random.default_rng(4)
+    shapes = [(12, 10), (9, 14), (11, 11)]
+    d = write_stack(str(tmp_path / "d"), _cam_images(rng, shapes, 5), encoding="scores", num_classes=5)
+    s = sparsify(d, str(tmp_path / "s.zarr"))
+    img = write_stack(str(tmp_path / "img"), [rng.integers(0, 256, sh + (3,)).astype(np.uint8) for sh in shapes],
+                      kind="images", encoding="rgb", num_classes=5)
+    a = refine_stack(s, img, tmp_path / "a.zarr", "crf", workers=1, progress=False)
+    b = refine_stack(d, img, tmp_path / "b.zarr", "crf", workers=1, progress=False)
+    np.testing.assert_array_equal(np.asarray(a.array[:]), np.asarray(b.array[:]))

@@ -258,6 +258,7 @@ def test_cam_ingest_is_class_sparse_by_default(tmp_path, rng, capsys):
                       score_layout="dense")
     assert s.score_layout == "sparse" and d.score_layout == "dense"
     assert s.provenance["score_layout"] == "sparse"
+    assert (s.name, d.name) == ("s", "d")       # the store's name, not its temporary's
     np.testing.assert_array_equal(s.array[:], np.asarray(d.array[:]))
     # K = the most classes any image has (here 1-3 of 21)
     assert s.sparse_keys.shape[1] == int((s.sparse_keys > 0).sum(axis=1).max()) <= 3
@@ -291,3 +292,19 @@ def test_crf_refine_reads_a_sparse_store_like_the_dense_one(tmp_path):
     a = refine_stack(s, img, tmp_path / "a.zarr", "crf", workers=1, progress=False)
     b = refine_stack(d, img, tmp_path / "b.zarr", "crf", workers=1, progress=False)
     np.testing.assert_array_equal(np.asarray(a.array[:]), np.asarray(b.array[:]))
+
+
+def test_files_with_their_own_background_stay_dense(tmp_path, rng):
+    from isle_fast.stores.ingest import ingest_scores
+
+    gt, classes = _irn_folder(tmp_path, rng)
+    (tmp_path / "probs").mkdir()
+    for i, (h, w) in zip(gt.ids, gt.shapes):
+        p = rng.random((21, int(h), int(w))).astype(np.float32)
+        np.save(tmp_path / "probs" / f"{i}.npy", p / p.sum(axis=0))
+    s = ingest_scores(tmp_path / "probs", tmp_path / "p.zarr", gt=gt, classes=classes, quiet=True)
+    assert s.score_layout == "dense" and s.name == "p"
+    with pytest.raises(InputError, match="not the constant"):
+        ingest_scores(tmp_path / "probs", tmp_path / "q.zarr", gt=gt, classes=classes, quiet=True,
+                      score_layout="sparse")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cams", "gt", "gt.zarr", "p.zarr", "probs"]

@@ -779,7 +779,10 @@ def ingest_scores(
     )
     from isle_fast.stores.sparse import ingest_layout
 
-    return ingest_layout(lambda dense_out, q: _run(replace(plan, out=dense_out, quiet=q)), out,
+    from isle_fast.stores.stack import _default_name
+
+    named = replace(plan, name=plan.name or _default_name(str(out)))   # not the temporary's name
+    return ingest_layout(lambda dense_out, q: _run(replace(named, out=dense_out, quiet=q)), out,
                          layout=score_layout, score_dtype=score_dtype, overwrite=overwrite, quiet=quiet)
 
 

@@ -246,6 +246,7 @@ def sparsify(
     overwrite: bool = False,
     progress: bool = False,
     provenance: dict | None = None,
+    name: str | None = None,
 ) -> Any:
     """Write the class-sparse store of a dense ``uint8`` score store whose background is one constant.
 
@@ -260,6 +261,8 @@ def sparsify(
     progress : bool
     provenance : dict, optional
         The new store's provenance (default: ``src``'s, with ``class_sparse_of``).
+    name : str, optional
+        The new store's set name (default: ``src``'s).
 
     Returns
     -------
@@ -318,7 +321,7 @@ def sparsify(
             ids=st.ids,
             shapes=st.shapes,
             encoding="labels",
-            name=st.name,
+            name=name or st.name,
             padded_shape=st.padded_shape,
             provenance=provenance
             if provenance is not None

@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p = bench_parser("cams", __doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=None, help="images (default 10582, quick 24)")
     p.add_argument("--side", type=int, default=None, help="largest image side (default 500, quick 96)")
+    p.add_argument("--layout", choices=("auto", "sparse", "dense"), default="auto",
+                   help="score store layout of the CAM ingest (default auto: class-sparse)")
     p.add_argument("--workers", type=int, default=None, help="reference process pool (default: all cores)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                         classes=classes,
                         allow_pickle=True,
                         quiet=True,
+                        score_layout=args.layout,
                     )
                     for s in range(N_SETS)
                 ]
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sets": N_SETS,
                 "thresholds": list(thresholds),
                 "workers": workers,
+            "layout": args.layout,
                 "steps": steps,
                 "reference": {"wall_s": ref_wall, "cpu_s_parent": ref_cpu},
                 "peak_rss_bytes": ours_peak,

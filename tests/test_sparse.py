@@ -308,3 +308,15 @@ def test_files_with_their_own_background_stay_dense(tmp_path, rng):
         ingest_scores(tmp_path / "probs", tmp_path / "q.zarr", gt=gt, classes=classes, quiet=True,
                       score_layout="sparse")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cams", "gt", "gt.zarr", "p.zarr", "probs"]
+
+
+def test_missing_cams_chunk_is_an_error_on_the_sweep_and_the_dense_view(tmp_path):
+    gt, _, sparse = _build(str(tmp_path), 3, 4, [(6, 5), (4, 4), (7, 3)], (0, 0), (1, 7, 5), 0, n_sets=1)
+    chunk = sorted(p for p in (tmp_path / "s0.zarr" / "cams").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    chunk.unlink()
+    s = open_stack(sparse[0].path)
+    with pytest.raises(StoreError, match="array 'cams', chunk .* is missing"):
+        sweep_thresholds([s], gt, "0.1,0.2", progress=False)
+    with pytest.raises(StoreError, match="array 'cams', chunk .* is missing"):
+        s.read_image(0)
+    assert main(["info", s.path, "--check"]) == 2

@@ -346,3 +346,17 @@ def test_merge_best_uses_each_sets_best_threshold(tmp_path, capsys):
         == 0
     )
     assert open_stack(str(tmp_path / "ens2.zarr")).provenance["bg_thresholds"] == prov["bg_thresholds"]
+
+
+def test_cams_benchmark_quick(tmp_path, monkeypatch):
+    """``python -m benchmarks.cams --quick``: the sweep's counts equal the public scripts' approach."""
+    from benchmarks import cams
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "tmp"))
+    assert cams.main(["--quick", "--workers", "2"]) == 0
+    doc = json.loads((tmp_path / "res" / "cams.json").read_text())
+    assert doc["counts_equal"] is True and doc["quick"] is True
+    assert {v["layout"] for v in doc["stores"].values()} == {"sparse"}
+    assert set(doc["best_thresholds"]) == {f"set{s}" for s in range(4)}
+    assert doc["ensemble_provenance"]["bg_thresholds"] == doc["best_thresholds"]

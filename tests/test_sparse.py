@@ -320,3 +320,23 @@ def test_missing_cams_chunk_is_an_error_on_the_sweep_and_the_dense_view(tmp_path
     with pytest.raises(StoreError, match="array 'cams', chunk .* is missing"):
         s.read_image(0)
     assert main(["info", s.path, "--check"]) == 2
+
+
+def test_sweep_of_sparse_stores_aligned_with_the_gt_runs_without_dask(tmp_path):
+    """A gt with the default chunks and sparse stores (whose cams take the label stores' default chunks)
+    go through the direct thread pass, with the same counts as evaluate()."""
+    from isle_fast.ensemble.sweep import _local_specs, _plans
+
+    rng = np.random.default_rng(9)
+    shapes = [(6, 5), (4, 4), (7, 3), (5, 5)]
+    gt = write_stack(str(tmp_path / "gt"), [rng.choice(np.array([0, 1, 2, 3, 255], np.uint8), size=s)
+                                             for s in shapes], kind="gt", num_classes=4)
+    sparse = [sparsify(write_stack(str(tmp_path / f"d{k}"), _cam_images(rng, shapes, 4), encoding="scores",
+                                   num_classes=4), str(tmp_path / f"s{k}.zarr")) for k in range(2)]
+    ts = (0.1, 0.15, 0.2, 0.5)
+    assert _local_specs(sparse, gt, _plans(sparse, ts)) is not None
+    sw = sweep_thresholds(sparse, gt, ts, average="image", backend="cpu", progress=False)
+    for k, t in enumerate(sw.thresholds):
+        ev = evaluate(sparse, gt, bg_threshold=t, average="image", backend="cpu", progress=False)
+        np.testing.assert_array_equal(sw.counts[:, k], ev.counts)
+        np.testing.assert_array_equal(sw.image_stats[:, :, k], ev.image_stats)

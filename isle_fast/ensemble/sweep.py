@@ -272,22 +272,53 @@ def _sweep_block(
 def _local_sweep_task(
     specs: Sequence[Any],
     tails: Sequence[tuple],
+    keys: Sequence[np.ndarray | None],
+    images_per_chunk: int,
     block: tuple[int, int, int],
     shape: tuple[int, int, int],
     **kernel: Any,
 ) -> np.ndarray:
+    """One gt chunk: read it and the same chunk of every set (a class-sparse set: its slots and keys)."""
     from isle_fast.stores.chunks import read_chunk
 
     g = read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
-    blocks = [
-        read_chunk(
-            specs[1 + m],
-            block_id=block + (0,) * len(tails[m]),
-            block_info={None: {"chunk-shape": shape + tails[m]}},
+    i0 = block[0] * images_per_chunk
+    blocks: list[np.ndarray] = []
+    for m in range(len(tails)):
+        blocks.append(
+            read_chunk(
+                specs[1 + m],
+                block_id=block + (0,) * len(tails[m]),
+                block_info={None: {"chunk-shape": shape + tails[m]}},
+            )
         )
-        for m in range(len(tails))
-    ]
+        if keys[m] is not None:
+            blocks.append(keys[m][i0 : i0 + shape[0]])
     return _sweep_block(g, *blocks, **kernel)
+
+
+def _local_specs(stacks: Sequence[Stack], gt: Stack, plans: Sequence[_SetPlan]) -> list[Any] | None:
+    """Direct-reader specs of the gt and every set (a class-sparse set: its ``cams``) for a pass without
+    Dask, or None: every store local, plain Zstd, chunked like the gt (one chunk over the class / slot axis)."""
+    from isle_fast.ensemble.evaluate import local_specs
+    from isle_fast.stores.sparse import _cams_spec
+
+    dense = [s for s, p in zip(stacks, plans) if p.mode != "sparse"]
+    base = local_specs(dense, gt) if dense else local_specs([], gt)
+    if base is None:
+        return None
+    it = iter(base[1:])
+    specs = [base[0]]
+    for s, p in zip(stacks, plans):
+        if p.mode != "sparse":
+            specs.append(next(it))
+            continue
+        cm = s.cams_meta
+        spec = _cams_spec(s)
+        if spec is None or tuple(cm.chunks[:3]) != tuple(gt.chunks) or cm.chunks[3] != cm.shape[3]:
+            return None
+        specs.append(spec)
+    return specs
 
 
 def _local_sweep(
@@ -306,7 +337,10 @@ def _local_sweep(
         for j in range(-(-h // hc)):
             for l in range(-(-w // wc)):
                 tasks.append(((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc))))
-    fn = partial(_local_sweep_task, specs, tails, **kernel)
+    keys = [s.sparse_keys if p.mode == "sparse" else None for s, p in zip(stacks, kernel["plans"])]
+    tails = [(int(s.cams_meta.shape[3]),) if p.mode == "sparse" else t
+             for s, p, t in zip(stacks, kernel["plans"], tails)]
+    fn = partial(_local_sweep_task, specs, tails, keys, k, **kernel)
     T = kernel["n_thr"]
     counts = np.zeros((len(stacks), T, c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), T, c, 2), dtype=np.int64) if kernel["per_image"] else None
@@ -540,7 +574,7 @@ def sweep_thresholds(
         ``counts[:, k]`` equals ``evaluate(sets, gt, bg_threshold=thresholds[k]).counts``.
     """
     from isle_fast.backend import resolve_backend
-    from isle_fast.ensemble.evaluate import AVERAGES, local_specs, open_inputs, unique_names
+    from isle_fast.ensemble.evaluate import AVERAGES, open_inputs, unique_names
 
     if average not in AVERAGES:
         raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
@@ -552,7 +586,7 @@ def sweep_thresholds(
     kernel = dict(
         backend=be, plans=plans, n_thr=len(ts), num_classes=gt_stack.num_classes, per_image=average == "image"
     )
-    specs = None if any(p.mode == "sparse" for p in plans) else local_specs(stacks, gt_stack)
+    specs = _local_specs(stacks, gt_stack, plans)
     if specs is not None:
         counts, stats = _local_sweep(specs, stacks, gt_stack, progress=progress, **kernel)
     else:

@@ -276,6 +276,7 @@ def sparsify(
     """
     from isle_fast.progress import progress as bar
     from isle_fast.stores.stack import (
+        TARGET_CHUNK_BYTES,
         WRITE_EVERY_CHUNK,
         create_stack,
         default_chunks,
@@ -331,7 +332,13 @@ def sparsify(
         try:
             g = writer.group
             del g["labels"]
-            chunks = default_chunks(n, h_pad, w_pad, kmax, 1)
+            # the images (and tiles) of a label store's default chunks, so a ground truth ingested
+            # with the defaults needs no rechunking; one chunk stays within 4 x the usual bytes
+            lab = default_chunks(n, h_pad, w_pad)
+            if int(np.prod(lab)) * kmax <= 4 * TARGET_CHUNK_BYTES:
+                chunks = tuple(lab) + (kmax,)
+            else:
+                chunks = default_chunks(n, h_pad, w_pad, kmax, 1)
             cams = g.create_array(
                 "cams",
                 shape=(n, h_pad, w_pad, kmax),

@@ -340,12 +340,15 @@ def test_merge_best_uses_each_sets_best_threshold(tmp_path, capsys):
                 "best",
                 "--out",
                 str(tmp_path / "ens2.zarr"),
+                "--json",
+                str(tmp_path / "merge.json"),
                 "--quiet",
             ]
         )
         == 0
     )
     assert open_stack(str(tmp_path / "ens2.zarr")).provenance["bg_thresholds"] == prov["bg_thresholds"]
+    assert json.load(open(tmp_path / "merge.json"))["ensemble"]["bg_thresholds"] == prov["bg_thresholds"]
 
 
 def test_cams_benchmark_quick(tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     extra: dict = {"ensemble": {"path": res.stack.path, "policy": args.policy, "strategy": args.strategy,
                                 "members": [ev.set_names[i] for i in sel.member_indices],
                                 "scores_array": res.stack.provenance.get("scores_array")}}
+    if chosen:
+        extra["ensemble"]["bg_thresholds"] = chosen
     rows = {"ensemble": res.stack.path,
             "members": ", ".join(ev.set_names[i] for i in sel.member_indices),
             "policy / strategy": f"{args.policy} / {args.strategy}"}

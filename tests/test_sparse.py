@@ -340,3 +340,18 @@ def test_sweep_of_sparse_stores_aligned_with_the_gt_runs_without_dask(tmp_path):
         ev = evaluate(sparse, gt, bg_threshold=t, average="image", backend="cpu", progress=False)
         np.testing.assert_array_equal(sw.counts[:, k], ev.counts)
         np.testing.assert_array_equal(sw.image_stats[:, :, k], ev.image_stats)
+
+
+def test_evaluate_at_reads_sparse_sets_directly_with_the_same_counts(tmp_path, monkeypatch):
+    import isle_fast.stores.sparse as sparse_mod
+    from isle_fast.ensemble.sweep import evaluate_at
+
+    gt, dense, sparse = _build(str(tmp_path), 3, 4, [(6, 5), (4, 4), (7, 3)], (1, 0), (2, 4, 4), 8)
+    for t in (None, 0.0, 0.15, 0.2, 1.0):
+        want = evaluate(sparse, gt, bg_threshold=t, backend="cpu", progress=False)
+        got = evaluate_at(sparse + [dense[0]], gt, t, backend="cpu", progress=False)
+        np.testing.assert_array_equal(got.counts[:2], want.counts)
+        assert got.set_names[:2] == want.set_names
+    # with a threshold, the dense view is not made
+    monkeypatch.setattr(sparse_mod, "densify", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense")))
+    evaluate_at(sparse, gt, 0.2, backend="cpu", progress=False)

@@ -73,7 +73,7 @@ def parse_subset(text: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.ensemble.sweep import evaluate_at as evaluate   # class-sparse sets read as stored
     from isle_fast.outputs import check_json_output
     from isle_fast.progress import summary
 
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         check_json_output(args.json, inputs=[*args.sets, args.gt])
     if isinstance(args.bg_threshold, str):
         return run_sweep(args)
-    ev = evaluate(args.sets, args.gt, average=args.average, backend=args.backend,
-                  bg_threshold=args.bg_threshold, progress=not args.quiet)
+    ev = evaluate(args.sets, args.gt, args.bg_threshold, average=args.average, backend=args.backend,
+                  progress=not args.quiet)
     sel = ev.select(parse_subset(args.subset))
     print(ev.table(sel))
     if args.json:

@@ -63,7 +63,7 @@ from isle_fast.ensemble.evaluate import (
     check_bg_threshold,
     aligned_arrays,
     blockwise_args,
-    evaluate,
+    evaluate,  # noqa: F401 - re-exported for callers of isle_fast.ensemble.merge.evaluate
     open_inputs,
     score_threshold,
     unique_names,
@@ -506,8 +506,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         evaluation = sweep.best_evaluation()
         set_thresholds = sweep.best_thresholds
     elif evaluation is None:
-        evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
-                              progress=progress)
+        from isle_fast.ensemble.sweep import evaluate_at
+
+        evaluation = evaluate_at(stacks, gt_stack, bg_threshold, average=average, backend=be,
+                                 progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
     selection = select(evaluation, sets=subset)

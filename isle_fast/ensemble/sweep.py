@@ -57,6 +57,7 @@ from isle_fast.errors import InputError
 from isle_fast.stores.stack import Stack
 
 __all__ = [
+    "evaluate_at",
     "ThresholdSweep",
     "sweep_thresholds",
     "parse_thresholds",
@@ -613,3 +614,21 @@ def write_sweep_json(path: str | os.PathLike, sweep: ThresholdSweep, doc: dict, 
 
     check_json_output(path, inputs=[*sweep.set_paths, sweep.gt_path or None])
     write_json(path, {**doc, "threshold_sweep": sweep.to_json()}, command=command)
+
+
+def evaluate_at(sets: Sequence[Any], gt: Any, bg_threshold: float | None, *, average: str = "dataset",
+                backend: str = "auto", progress: bool = True) -> Any:
+    """:func:`isle_fast.evaluate`, through the one-threshold sweep where a set is class-sparse.
+
+    The sweep reads a class-sparse store's slots and keys directly (the plain pass reads its
+    dense view); the counts are equal (tests/test_sparse.py). Without a threshold (the stored
+    background slice), or without class-sparse sets, this is :func:`isle_fast.evaluate`.
+    """
+    from isle_fast.ensemble.evaluate import _as_stack, check_bg_threshold, evaluate
+
+    t = check_bg_threshold(bg_threshold)
+    stacks = [_as_stack(s) for s in sets]
+    if t is None or t < 0 or t > 1 or not any(getattr(s, "score_layout", "dense") == "sparse" for s in stacks):
+        return evaluate(stacks, gt, average=average, backend=backend, bg_threshold=t, progress=progress)
+    sw = sweep_thresholds(stacks, gt, [t], average=average, backend=backend, progress=progress)
+    return sw.evaluation([0] * len(stacks))

@@ -14,7 +14,8 @@ for the data model):
   CRF :func:`crf_image` with the public code's presets (:func:`crf_settings`)
 * step 2, evaluation and selection: :func:`evaluate`, :func:`select`, :func:`subset_analysis`;
   with few pixel labels the uncertainty of every choice (:func:`selection_uncertainty`), with
-  none an estimate from the sets (:func:`estimate`)
+  none an estimate from the sets (:func:`estimate`); every background threshold in one pass:
+  :func:`sweep_thresholds`
 * step 3, the ensemble: :func:`merge`, :func:`export_pngs`, :func:`report`
 * the whole job from folders (``isle run``): :func:`run_job`, :class:`JobSpec`
 * step 4, DeepLabV3+: :func:`build_deeplab`, :func:`train`, :func:`predict`
@@ -58,6 +59,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "refinement.crf": ("crf_image", "crf_settings", "DenseCRF",),
     "ensemble.evaluate": ("evaluate", "Evaluation",),
+    "ensemble.sweep": ("sweep_thresholds", "ThresholdSweep",),
     "ensemble.selection": ("select", "Selection",),
     "ensemble.uncertainty": ("selection_uncertainty", "choice_uncertainty", "Uncertainty",),
     "ensemble.estimate": ("estimate", "Estimate", "ESTIMATORS",),

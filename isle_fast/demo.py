@@ -252,6 +252,28 @@ def _r(x: Any, nd: int = 2) -> float | None:
     return None if math.isnan(x) else round(x, nd)
 
 
+def step_threshold_sweep(ctx: DemoContext) -> Path | None:
+    """Every background threshold of the CAM sets in one pass; each set's best threshold (thresholds.json)."""
+    from isle_fast.ensemble.sweep import sweep_thresholds
+
+    soft = _soft_sets(ctx)
+    if not soft:
+        ctx.results["threshold_sweep"] = "the data set has no soft sets"
+        return None
+    sw = sweep_thresholds([p for _, p in soft], ctx.stores["train/gt"], "0.05:0.80:0.05", progress=False)
+    doc = sw.to_json()
+    out = ctx.out / "thresholds.json"
+    _write_json(out, doc)
+    ctx.results["threshold_sweep"] = {name: {"best_threshold": d["best_threshold"],
+                                             "best_miou": _r(d["best_miou"])}
+                                      for name, d in doc["sets"].items()}
+    if not ctx.quiet:
+        for name, d in ctx.results["threshold_sweep"].items():
+            print(f"{name:<12} best background threshold {d['best_threshold']:g} "
+                  f"(train mIoU {d['best_miou']}) of {len(sw.thresholds)} in one pass")
+    return out
+
+
 def step_refine(ctx: DemoContext) -> Path | None:
     """ISLE step 1: refine the soft (CAM) sets against the RGB images; score each before and after."""
     from isle_fast.ensemble.evaluate import evaluate
@@ -652,6 +674,7 @@ STEPS: list[tuple[str, Callable[[DemoContext], Any]]] = [
     ("data", step_data),
     ("ingest", step_ingest),
     ("info", step_info),
+    ("threshold_sweep", step_threshold_sweep),
     ("refine", step_refine),
     ("evaluate", step_evaluate),
     ("merge", step_merge),

@@ -30,6 +30,8 @@ __all__ = [
     "check_subsets",
     "threshold_value",
     "threshold_args",
+    "confusion_score_bins_args",
+    "confusion_score_bins_sparse_args",
     "confusion_labels_args",
     "confusion_scores_args",
     "decode_scores_args",
@@ -245,6 +247,43 @@ def confusion_scores_args(
     gt = check_gt(gt, what, host)
     sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host)
     return gt, sets, C, dt, threshold_args(bg_threshold, dt)
+
+
+def confusion_score_bins_args(gt: Any, sets: Any, num_classes: Any, host: bool) -> tuple[Any, tuple, int]:
+    """``confusion_score_bins``: (gt, sets, C); the sets must be ``uint8`` (the bins are its 256 levels)."""
+    what = "confusion_score_bins"
+    C = check_classes(num_classes, what)
+    gt = check_gt(gt, what, host)
+    sets, dt = check_score_sets(sets, tuple(gt.shape) + (C,), what, host)
+    if dt != np.uint8:
+        raise ValueError(f"{what}: score sets must be uint8 (one bin per stored level), not {dt}")
+    return gt, sets, C
+
+
+def confusion_score_bins_sparse_args(gt: Any, cams: Any, keys: Any, num_classes: Any, host: bool
+                                     ) -> tuple[Any, tuple, tuple, int]:
+    """``confusion_score_bins_sparse``: (gt ``(n, h, w)``, cams ``(n, h, w, K_s)``, keys ``(n, K_s)``, C)."""
+    what = "confusion_score_bins_sparse"
+    C = check_classes(num_classes, what)
+    gt = check_gt(gt, what, host)
+    if gt.ndim != 3:
+        raise ValueError(f"{what}: gt must be (images, H, W), not shape {tuple(gt.shape)}")
+    cams = check_sets(cams, what, host)
+    keys = check_sets(keys, what, host)
+    if len(keys) != len(cams):
+        raise ValueError(f"{what}: {len(cams)} cams arrays but {len(keys)} keys arrays")
+    for n, (a, k) in enumerate(zip(cams, keys)):
+        if a.dtype != np.uint8 or k.dtype != np.uint8:
+            raise ValueError(f"{what}: set {n}: cams and keys must be uint8, not {a.dtype} / {k.dtype}")
+        if a.ndim != 4 or tuple(a.shape[:3]) != tuple(gt.shape):
+            raise ValueError(f"{what}: set {n}: cams of shape {tuple(a.shape)} do not match gt "
+                             f"{tuple(gt.shape)}")
+        if tuple(k.shape) != (a.shape[0], a.shape[3]):
+            raise ValueError(f"{what}: set {n}: keys of shape {tuple(k.shape)}; expected "
+                             f"{(a.shape[0], a.shape[3])}")
+        if host and k.size and int(k.max()) >= C:
+            raise ValueError(f"{what}: set {n}: a key >= {C} classes")
+    return gt, cams, keys, C
 
 
 def decode_scores_args(

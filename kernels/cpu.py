@@ -76,13 +76,16 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_scores_args, decode_scores_args,
+from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_score_bins_args,
+                     confusion_score_bins_sparse_args,
+                     confusion_scores_args, decode_scores_args,
                      merge_labels_args, merge_scores_args, subset_confusion_labels_args,
                      subset_confusion_scores_args, vote_patterns_args)
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE",
-    "confusion_labels", "confusion_scores", "decode_scores",
+    "confusion_labels", "confusion_scores", "confusion_score_bins", "confusion_score_bins_sparse",
+    "decode_scores",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores", "numba_threads",
     "vote_patterns",
@@ -399,6 +402,129 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     gt, sets, C, _, (use, _, thr) = confusion_scores_args(gt, sets, num_classes, bg_threshold, host=True)
     g = gt.reshape(-1)
     hist = _call(_confusion_scores_kernel, g, _addrs(sets), C, use, thr, _nchunks(g.size))
+    return hist.sum(axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# every background threshold at once: (gt, foreground argmax, foreground max) histograms
+# ----------------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _score_bins_kernel(g, ptrs, C, nchunks):  # pragma: no cover - jitted
+    N = ptrs.size
+    npix = g.size
+    R = C * 256                      # one gt row of one set: C argmax values x 256 levels
+    hist = np.zeros((nchunks, N * C * R), np.int64)
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        h = hist[k]
+        for i in range(k * per, min(npix, (k + 1) * per)):
+            t = g[i]
+            if t >= C:
+                continue
+            base = i * C
+            for n in range(N):
+                a = ptrs[n]
+                best = 0                 # C == 1: argmax 0, level 0 (decodes to 0 at any threshold)
+                bi = 0
+                if C > 1:
+                    best = np.int64(_ld(a, base + 1, _U8))
+                    bi = 1
+                    for c in range(2, C):
+                        v = np.int64(_ld(a, base + c, _U8))
+                        if v > best:
+                            best = v
+                            bi = c
+                h[(n * C + t) * R + bi * 256 + best] += 1
+    return hist.reshape(nchunks, N, C, C, 256)
+
+
+def confusion_score_bins(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """Per-level histograms of N uint8 score stacks, from which every threshold's confusion follows.
+
+    A thresholded decode (:func:`decode_scores` with ``bg_threshold = L``, a level
+    0..255) gives a pixel the foreground argmax ``a`` (first of the largest of slices
+    1..C-1) when its value ``m`` is ``> L`` and background otherwise (a tie goes to
+    background, as the background slice comes first); the stored background slice is
+    not read. So ``(gt, a, m)`` decides the pixel at every threshold.
+
+    Parameters
+    ----------
+    gt : ndarray of uint8, any shape
+        Ground truth; values ``>= num_classes`` (255) are ignored.
+    sets : tuple of N uint8 ndarrays ``gt.shape + (C,)``
+    num_classes : int
+        C (1..255). With C == 1 every pixel is counted at ``a = 0, m = 0``.
+
+    Returns
+    -------
+    ndarray of int64, shape (N, C, C, 256)
+        ``out[n, t, a, m]`` = pixels with ``gt == t`` whose foreground argmax in set
+        ``n`` is ``a`` with the value ``m`` (``a >= 1`` unless C == 1).
+    """
+    gt, sets, C = confusion_score_bins_args(gt, sets, num_classes, host=True)
+    g = gt.reshape(-1)
+    hist = _call(_score_bins_kernel, g, _addrs(sets), C, _nchunks(g.size))
+    return hist.sum(axis=0)
+
+
+@njit(**_JIT)
+def _score_bins_sparse_kernel(g, ptrs, kptrs, ks, hw, C, nchunks):  # pragma: no cover - jitted
+    N = ptrs.size
+    npix = g.size
+    R = C * 256
+    hist = np.zeros((nchunks, N * C * R), np.int64)
+    a0 = 1 if C > 1 else 0
+    per = (npix + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        h = hist[k]
+        for i in range(k * per, min(npix, (k + 1) * per)):
+            t = g[i]
+            if t >= C:
+                continue
+            img = i // hw
+            for n in range(N):
+                K = ks[n]
+                a = ptrs[n]
+                kp = kptrs[n]
+                best = np.int64(0)
+                bi = np.int64(a0)
+                for j in range(K):          # slots hold ascending classes, unused (0) last
+                    key = np.int64(_ld(kp, img * K + j, _U8))
+                    if key == 0:
+                        break
+                    v = np.int64(_ld(a, i * K + j, _U8))
+                    if v > best:
+                        best = v
+                        bi = key
+                h[(n * C + t) * R + bi * 256 + best] += 1
+    return hist.reshape(nchunks, N, C, C, 256)
+
+
+def confusion_score_bins_sparse(gt: np.ndarray, cams: Sequence[np.ndarray], keys: Sequence[np.ndarray],
+                                num_classes: int) -> np.ndarray:
+    """:func:`confusion_score_bins` of class-sparse score stacks, read as stored (no dense stack is made).
+
+    Parameters
+    ----------
+    gt : uint8 (n, h, w)
+    cams : tuple of N uint8 arrays (n, h, w, K_s)
+        Slot ``j`` of image ``m`` holds the scores of class ``keys[s][m, j]``.
+    keys : tuple of N uint8 arrays (n, K_s)
+        Per image: ascending classes in 1..C-1, unused slots (0) last
+        (:func:`isle_fast.stores.sparse.check_keys`). Classes without a slot score 0.
+    num_classes : int
+
+    Returns
+    -------
+    ndarray of int64 (N, C, C, 256): equal to :func:`confusion_score_bins` of the dense stacks
+    (every class without a slot 0; a pixel whose foreground scores are all 0 counts at ``a = 1, m = 0``).
+    """
+    gt, cams, keys, C = confusion_score_bins_sparse_args(gt, cams, keys, num_classes, host=True)
+    g = gt.reshape(-1)
+    hw = int(gt.shape[1] * gt.shape[2]) or 1
+    ks = np.array([a.shape[3] for a in cams], np.int64)
+    hist = _call(_score_bins_sparse_kernel, g, _addrs(cams), _addrs(keys), ks, hw, C, _nchunks(g.size))
     return hist.sum(axis=0)
 
 

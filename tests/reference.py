@@ -30,7 +30,8 @@ SCORE, ORDER, IGNORE = 0, 1, 2
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE", "threshold_value",
-    "confusion_labels", "confusion_scores", "decode_scores",
+    "confusion_labels", "confusion_scores", "decode_scores", "confusion_score_bins", "confusion_score_sweep",
+    "densify_sparse",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores", "class_scores",
     "quantize_scores_u8", "keep_argmax_float", "irn_decode",
@@ -75,6 +76,44 @@ def confusion_scores(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     for s in sets:
         assert s.shape == gt.shape + (num_classes,)
     return confusion_labels(gt, [decode_scores(s, bg_threshold) for s in sets], num_classes)
+
+
+def confusion_score_bins(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
+    """``out[n, t, a, m]``: pixels of gt ``t`` (< C) whose foreground argmax (first max of slices
+    1..C-1) in set n is ``a`` with value ``m`` (uint8 sets; C == 1: every pixel at a = 0, m = 0)."""
+    C = int(num_classes)
+    g = np.asarray(gt).ravel().astype(np.int64)
+    valid = g < C
+    out = np.zeros((len(sets), C, C, 256), np.int64)
+    for n, s in enumerate(sets):
+        assert s.dtype == np.uint8 and s.shape == gt.shape + (C,)
+        flat = s.reshape(-1, C).astype(np.int64)
+        if C > 1:
+            a = 1 + np.argmax(flat[:, 1:], axis=1)
+            m = flat[np.arange(flat.shape[0]), a]
+        else:
+            a = np.zeros(flat.shape[0], np.int64)
+            m = np.zeros(flat.shape[0], np.int64)
+        np.add.at(out[n], (g[valid], a[valid], m[valid]), 1)
+    return out
+
+
+def densify_sparse(cams: np.ndarray, keys: np.ndarray, num_classes: int, background: int = 0) -> np.ndarray:
+    """The dense ``(n, h, w, C)`` stack of class-sparse slots: class ``keys[m, j]`` is slot j, others 0."""
+    n, h, w, k = cams.shape
+    out = np.zeros((n, h, w, num_classes), np.uint8)
+    out[..., 0] = background
+    for m in range(n):
+        for j in range(k):
+            if keys[m, j]:
+                out[m, :, :, keys[m, j]] = cams[m, :, :, j]
+    return out
+
+
+def confusion_score_sweep(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: int,
+                          thresholds: Sequence[float]) -> np.ndarray:
+    """``(N, T, C, C + 1)``: :func:`confusion_scores` once per threshold (the public scripts' approach)."""
+    return np.stack([confusion_scores(gt, sets, num_classes, float(t)) for t in thresholds], axis=1)
 
 
 def merge_labels(sets: Sequence[np.ndarray], selection: np.ndarray, priority: np.ndarray,

@@ -56,6 +56,10 @@ def _print(d: dict) -> None:
     print(f"{d['path']}")
     print(f"  kind        {d['kind']}  (name {d['name']!r})")
     print(f"  encoding    {d['encoding']} ({d['dtype']})")
+    if "score_layout" in d:
+        per = d.get("classes_per_image")
+        print(f"  layout      {d['score_layout']}" + (f" (classes stored per image: up to {per['max']}, "
+                                                      f"mean {per['mean']:.2f})" if per else ""))
     print(f"  classes     {len(d['classes'])}: {', '.join(d['classes'])}")
     print(f"  images      {d['images']}  ({d['pixels']:,} pixels)")
     print(f"  shapes      H {d['image_height']['min']}-{d['image_height']['max']}, "

@@ -117,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bilinearly resize a low-resolution 'cam' (no 'high_res' in the file) to the --gt size")
     from isle_fast.stores.cams import LAYOUT_CHOICES
 
+    p.add_argument("--score-layout", choices=("auto", "sparse", "dense"), default="auto",
+                   help="sparse: store only the classes present in each image (a CAM file's keys; uint8, "
+                        "constant background); dense: every class slice; auto (default): sparse where it "
+                        "applies. Readers see the same H x W x C stack either way")
     p.add_argument("--cam-layout", choices=LAYOUT_CHOICES, default="auto",
                    help="CAM file layout (default auto: recognised per file, and an ambiguous file is "
                         "refused); see the formats below")
@@ -174,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         ingest.ingest_scores(args.src, args.out, classes=args.classes, kind=args.kind,
                              bg_threshold=args.bg_threshold, score_dtype=args.score_dtype,
                              normalize=args.normalize, allow_pickle=args.allow_pickle, upsample=args.upsample,
-                             cam_layout=args.cam_layout, image_labels=args.image_labels, **common)
+                             cam_layout=args.cam_layout, image_labels=args.image_labels,
+                             score_layout=args.score_layout, **common)
     elif args.format == "images":
         ingest.ingest_images(args.src, args.out, classes=args.classes, **common)
     else:

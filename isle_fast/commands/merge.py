@@ -8,7 +8,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from isle_fast.commands.evaluate import add_common
 
-    add_common(parser)
+    add_common(parser, sweep=True)
     parser.add_argument("--out", required=True, metavar="ENSEMBLE", help="the ensemble store to write")
     parser.add_argument("--policy", choices=("score", "order", "ignore"), default="score",
                         help="overlapping claims: higher IoU wins (default), earlier set wins, or 255")
@@ -50,9 +50,16 @@ def run(args: argparse.Namespace) -> int:
     ev, sel = res.evaluation, res.selection
     # the ensemble's per-class IoU and mIoU: the table's last column
     print(ev.table(sel, ensemble=ens) if ens is not None else ev.table(sel))
+    chosen = res.stack.provenance.get("bg_thresholds")
+    if chosen:
+        for name, thr in chosen.items():
+            if thr is not None:
+                print(f"{name}: best threshold {thr:g}")
     extra: dict = {"ensemble": {"path": res.stack.path, "policy": args.policy, "strategy": args.strategy,
                                 "members": [ev.set_names[i] for i in sel.member_indices],
                                 "scores_array": res.stack.provenance.get("scores_array")}}
+    if chosen:
+        extra["ensemble"]["bg_thresholds"] = chosen
     rows = {"ensemble": res.stack.path,
             "members": ", ".join(ev.set_names[i] for i in sel.member_indices),
             "policy / strategy": f"{args.policy} / {args.strategy}"}

@@ -105,8 +105,14 @@ class MergePlan:
 
 def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "score",
               strategy: str = "class", bg_threshold: float | None = None,
-              drop_absent: bool = False) -> MergePlan:
-    """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets)."""
+              drop_absent: bool = False, set_thresholds: Sequence[float | None] | None = None) -> MergePlan:
+    """The :class:`MergePlan` for the member sets of ``selection`` (``stacks`` = all evaluated sets).
+
+    ``set_thresholds`` (one [0, 1] threshold or None per set of ``stacks``, e.g. each set's best
+    threshold, :class:`isle_fast.ensemble.sweep.ThresholdSweep`) replaces ``bg_threshold``: where the
+    member score sets' thresholds differ, each set is decoded at its own threshold and the label
+    maps are merged (mode ``'labels'``); where they are all one value, that is ``bg_threshold``.
+    """
     if strategy not in STRATEGIES:
         raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     code = policy_code(policy)
@@ -115,6 +121,21 @@ def make_plan(stacks: Sequence[Stack], selection: Selection, *, policy: str = "s
     mode = "scores" if all(e == "scores" for e in encodings) else "labels"
     kinds = {(str(s.dtype), s.score_scale) for s in members if s.encoding == "scores"}
     cast = mode == "scores" and len(kinds) > 1
+    if set_thresholds is not None:
+        own = [set_thresholds[i] for i in selection.member_indices]
+        used = {t for t, s in zip(own, members) if s.encoding == "scores"}
+        if len(used) <= 1:
+            bg_threshold = next(iter(used), None)
+        else:
+            mode, cast = "labels", False
+            return MergePlan(
+                mode=mode, strategy=strategy, encodings=encodings,
+                scales=tuple(float(s.score_scale) for s in members), cast=cast,
+                selection=tuple(int(v) for v in selection.kernel_selection()),
+                priority=tuple(tuple(float(v) for v in row) for row in selection.priority()),
+                policy=code, thresholds=tuple(score_threshold(s, t) if s.encoding == "scores" else -1.0
+                                              for s, t in zip(members, own)),
+                num_classes=len(selection.classes), drop_absent=bool(drop_absent))
     if cast:
         thr = -1.0 if bg_threshold is None or bg_threshold < 0 else float(bg_threshold)
         thresholds = tuple(thr for _ in members)
@@ -471,8 +492,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     average : {'dataset', 'image'}
         IoU averaging used for the selection (when evaluating here).
     backend : {'auto', 'cpu', 'gpu'}
-    bg_threshold : float, optional
-        Background threshold ([0, 1] score) for score sets.
+    bg_threshold : float, str or sequence of float, optional
+        Background threshold ([0, 1] score) for score sets; or a sweep (``'best'``,
+        ``'A:B:STEP'``, ``'T1,T2'``, a sequence; :func:`isle_fast.ensemble.sweep.parse_thresholds`):
+        every set is evaluated at every threshold in one pass and merged at its own best one
+        (recorded in the provenance as ``bg_thresholds``, the sweep as ``bg_sweep``).
     name : str, optional
         Name of the ensemble set (default: the store's folder name).
     overwrite : bool
@@ -510,8 +534,17 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     from isle_fast.backend import dask_scheduler, resolve_backend
     from isle_fast.progress import dask_progress
 
+    from isle_fast.ensemble.sweep import is_sweep, parse_thresholds
+
     t0 = time.perf_counter()
-    bg_threshold = check_bg_threshold(bg_threshold)
+    sweep_spec = bg_threshold if is_sweep(bg_threshold) else None
+    if sweep_spec is not None:
+        sweep_values = parse_thresholds(sweep_spec)   # a bad sweep is an error before any work
+        if evaluation is not None:
+            raise InputError("give an evaluation or a threshold sweep (bg_threshold), not both")
+        bg_threshold = None
+    else:
+        bg_threshold = check_bg_threshold(bg_threshold)
     be = resolve_backend(backend)
     if strategy not in STRATEGIES:
         raise InputError(f"{param('strategy')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -542,14 +575,26 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         frame_path = str(frame.path)
         where = f"the set {frame_path}" if frame is not gt_stack else f"the ground truth {frame_path}"
         allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=where)
+    set_thresholds = None
     if evaluation is None and gt_stack is None:
         from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
 
-        evaluation = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed, bg_threshold=bg_threshold,
-                              progress=progress)
+        if sweep_spec is not None:
+            raise InputError(f"a threshold sweep ({param('bg_threshold')}) needs pixel labels: give a gt")
+        evaluation = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
+                              bg_threshold=bg_threshold, progress=progress)
+    elif sweep_spec is not None:
+        from isle_fast.ensemble.sweep import sweep_thresholds
+
+        sweep = sweep_thresholds(stacks, gt_stack, sweep_values, average=average, backend=be,
+                                 progress=progress)
+        evaluation = sweep.best_evaluation()
+        set_thresholds = sweep.best_thresholds
     elif evaluation is None:
-        evaluation = evaluate(stacks, gt_stack, average=average, backend=be, bg_threshold=bg_threshold,
-                              progress=progress)
+        from isle_fast.ensemble.sweep import evaluate_at
+
+        evaluation = evaluate_at(stacks, gt_stack, bg_threshold, average=average, backend=be,
+                                 progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
     blended = None
@@ -559,7 +604,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         scores=blended, gt_pixels=evaluation.gt_pixels, set_names=evaluation.set_names,
         classes=evaluation.classes, sets=subset)
     plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
-                     drop_absent=allowed is not None)
+                     drop_absent=allowed is not None, set_thresholds=set_thresholds)
     members = selection.member_indices
     names = unique_names(stacks)
     info: dict[str, Any] = {}
@@ -597,7 +642,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         "average": evaluation.average,
         "policy": policy,
         "strategy": strategy,
-        "bg_threshold": bg_threshold,
+        "bg_threshold": bg_threshold if sweep_spec is None else (
+            sweep_spec.strip().lower() if isinstance(sweep_spec, str) else list(sweep_values)),
+        **({"bg_thresholds": dict(zip(names, set_thresholds)), "bg_sweep": list(sweep_values)}
+           if set_thresholds is not None else {}),
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
         **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))}}

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -513,6 +513,7 @@ def ingest_scores(
     provenance: dict | None = None,
     cam_layout: str = "auto",
     image_labels: Any = None,
+    score_layout: str = "auto",
 ) -> Stack:
     """Ingest CAM / score files into a ``scores`` store (``(I, H, W, C)``).
 
@@ -560,6 +561,13 @@ def ingest_scores(
         (``L`` slices for the image's ``L`` labelled classes; of a ``C - 1`` /
         ``C`` slice array only the labelled classes keep their scores, as the
         public code makes CAMs only for them), and are stored with the stack.
+    score_layout : {'auto', 'sparse', 'dense'}
+        ``sparse``: store only the classes present in each image
+        (:mod:`isle_fast.stores.sparse`; ``uint8`` only, and the background
+        slice must be the constant threshold, as for foreground-only CAMs);
+        ``dense``: every class slice; ``auto`` (default): sparse where it
+        applies (``uint8``, local, constant background), else dense. Readers
+        see the same logical stack either way.
 
     Returns
     -------
@@ -605,8 +613,13 @@ def ingest_scores(
                     **(provenance or {})},
         finish=finish,
     )
-    stack = _run(plan)
-    return stack
+    from isle_fast.stores.sparse import ingest_layout
+
+    from isle_fast.stores.stack import _default_name
+
+    named = replace(plan, name=plan.name or _default_name(str(out)))   # not the temporary's name
+    return ingest_layout(lambda dense_out, q: _run(replace(named, out=dense_out, quiet=q)), out,
+                         layout=score_layout, score_dtype=score_dtype, overwrite=overwrite, quiet=quiet)
 
 
 def ingest_images(

@@ -495,6 +495,8 @@ _DTYPES: dict[str, tuple[np.dtype, ...]] = {
 #: Group attribute holding the crc32c of the attributes that say what the data means (written at commit).
 IDENTITY_ATTR = "isle_identity_crc32c"
 _IDENTITY_KEYS = ("kind", "encoding", "classes", "ignore_index", "score_scale")
+#: in the checksum only when the store has them (class-sparse score stores, :mod:`isle_fast.stores.sparse`)
+_IDENTITY_KEYS_IF_SET = ("score_layout", "background_level")
 
 
 def identity_crc32c(attrs: dict) -> int:
@@ -503,7 +505,9 @@ def identity_crc32c(attrs: dict) -> int:
     and still open as a consistent store; the checksum tells."""
     import google_crc32c
 
-    doc = json.dumps({k: attrs.get(k) for k in _IDENTITY_KEYS}, sort_keys=True, separators=(",", ":"))
+    ident = {k: attrs.get(k) for k in _IDENTITY_KEYS}
+    ident.update({k: attrs[k] for k in _IDENTITY_KEYS_IF_SET if k in attrs})  # older stores: unchanged crc
+    doc = json.dumps(ident, sort_keys=True, separators=(",", ":"))
     return int(google_crc32c.value(doc.encode("utf-8")))
 
 
@@ -512,7 +516,8 @@ def _check_identity(path: str, attrs: dict) -> None:
     if IDENTITY_ATTR not in attrs:
         return
     if attrs[IDENTITY_ATTR] != identity_crc32c(attrs):
-        raise StoreError(f"{path}: its attributes {', '.join(_IDENTITY_KEYS)} do not match the checksum "
+        keys = _IDENTITY_KEYS + tuple(k for k in _IDENTITY_KEYS_IF_SET if k in attrs)
+        raise StoreError(f"{path}: its attributes {', '.join(keys)} do not match the checksum "
                          f"written when it was made ({IDENTITY_ATTR}); the store's metadata is damaged")
 
 
@@ -610,7 +615,7 @@ class Stack:
         self.path = str(path)
         self._group = group
         self._lock = threading.RLock()
-        self._array = None
+        self._array: Any = None  # a class-sparse store's dense view, made on first use
         if light is not None:   # read from the JSON documents and two small chunks, without Zarr
             attrs = dict(light.attrs)
         else:
@@ -635,20 +640,56 @@ class Stack:
             _check_main_array(self)
             return
         ids_array, shapes_array = self.member("ids"), self.member("shapes")
-        arr = self.member(self.encoding)
-        _check_image_counts(self.path, ids_array, shapes_array, arr, self.encoding)  # before reading any
+        sparse = self.score_layout == "sparse"
+        main_name = "cams" if sparse else self.encoding
+        arr = self.member(main_name)
+        _check_image_counts(self.path, ids_array, shapes_array, arr, main_name)  # before reading any
         self.ids = _read_ids(self.path, ids_array)
         self.shapes = _read_shapes(self.path, shapes_array, self.ids)
         self.meta = ArrayMeta.of(arr)
         self._names = arr._names
         self._spec = fast_chunk_spec(arr, arr._names)
+        if sparse:
+            self._open_sparse(arr)
         _check_main_array(self)
         try:  # every array of the group (an ensemble's scores, anything else), for isle info --check
             others = sorted(str(n) for n in group.array_keys() if n not in self._members)
         except Exception as exc:
             raise StoreError(f"{self.path}: the metadata of an array is damaged "
                              f"({type(exc).__name__}: {exc})") from None
-        self.array_names = ["ids", "shapes", self.encoding] + others
+        self.array_names = ["ids", "shapes"] + (["cams", "keys"] if sparse else [self.encoding]) + others
+
+    def _open_sparse(self, cams: Any) -> None:
+        """A class-sparse store (:mod:`isle_fast.stores.sparse`): keys read and checked, the logical meta."""
+        from isle_fast.stores.sparse import BACKGROUND_ATTR, check_keys
+
+        if self.encoding != "scores":
+            raise StoreError(f"{self.path}: score_layout 'sparse' needs encoding 'scores', "
+                             f"not {self.encoding!r}")
+        level = self.attrs.get(BACKGROUND_ATTR)
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 255:
+            raise StoreError(f"{self.path}: attribute {BACKGROUND_ATTR!r} is {level!r}; "
+                             "expected a level 0..255")
+        cm = self.meta
+        if len(cm.shape) != 4 or cm.dtype != np.uint8 or cm.chunks[3] != cm.shape[3]:
+            raise StoreError(f"{self.path}: array 'cams' is {cm.dtype} of shape {cm.shape} "
+                             f"(chunks {cm.chunks}); expected (images, H, W, K) uint8, one chunk over K")
+        keys_arr = self.member("keys")
+        if tuple(keys_arr.shape) != (cm.shape[0], cm.shape[3]):
+            raise StoreError(f"{self.path}: array 'keys' has shape {tuple(keys_arr.shape)}; expected "
+                             f"{(cm.shape[0], cm.shape[3])} (images, K of 'cams')")
+        keys = np.asarray(keys_arr[...])
+        check_keys(self.path, keys, self.num_classes)
+        self.sparse_keys: np.ndarray = keys
+        self.cams_meta: ArrayMeta = cm
+        self.meta = ArrayMeta(cm.shape[:3] + (self.num_classes,), cm.chunks[:3] + (self.num_classes,),
+                              np.dtype(np.uint8), cm.doc)
+        self._spec = None   # the direct reader reads stored chunks; the dense view is made per block
+
+    @property
+    def score_layout(self) -> str:
+        """``'dense'`` (every class slice stored) or ``'sparse'`` (only the classes present in each image)."""
+        return str(self.attrs.get("score_layout", "dense"))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -671,7 +712,17 @@ class Stack:
 
     @property
     def array(self) -> Any:
-        """The main array (``labels``, ``scores`` or ``rgb``) as a CheckedArray, opened on first use."""
+        """The main array (``labels``, ``scores`` or ``rgb``) as a CheckedArray, opened on first use.
+
+        A class-sparse score store gives its logical dense ``(I, H, W, C)`` stack
+        (:class:`isle_fast.stores.sparse.SparseView`, read on indexing).
+        """
+        if self.score_layout == "sparse":
+            if self._array is None:
+                from isle_fast.stores.sparse import SparseView
+
+                self._array = SparseView(self)
+            return self._array
         return self.member(self.encoding)
 
     @property
@@ -750,6 +801,8 @@ class Stack:
 
         None when the store is not local plain Zstd: read it through :attr:`array` then.
         """
+        if self.score_layout == "sparse":   # stored chunks are not the dense view's
+            return None
         if _fast_chunk_spec is not _FAST_CHUNK_SPEC:  # switched off or replaced (benchmarks, tests)
             return _fast_chunk_spec(self.array)
         return self._spec
@@ -824,6 +877,10 @@ class Stack:
 
         from dask.base import tokenize
 
+        if self.score_layout == "sparse":
+            from isle_fast.stores.sparse import dense_dask
+
+            return dense_dask(self)
         spec = self.chunk_spec()
         if spec is None or 0 in self.shape:
             return da.from_zarr(self.array)
@@ -884,6 +941,11 @@ class Stack:
             "kind": self.kind,
             "name": self.name,
             "encoding": self.encoding,
+            **({"score_layout": self.score_layout} if self.encoding == "scores" else {}),
+            **({"classes_per_image": {"max": int(self.sparse_keys.shape[1]),
+                                      "mean": float((self.sparse_keys > 0).sum(axis=1).mean())
+                                      if self.num_images else 0.0}}
+               if self.score_layout == "sparse" else {}),
             "dtype": str(self.array.dtype),
             "classes": self.classes,
             "images": self.num_images,

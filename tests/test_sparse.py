@@ -1,0 +1,357 @@
+"""Class-sparse score stores (isle_fast.stores.sparse): the dense view EQUALS the dense store; the sparse
+sweep kernel EQUALS the dense one; damaged keys or layout attributes are errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isle_fast.cli import main
+from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.sweep import sweep_thresholds
+from isle_fast.errors import InputError, StoreError
+from isle_fast.kernels import cpu
+from isle_fast.stores.sparse import sparsify
+from isle_fast.stores.stack import open_stack
+from tests import reference as ref
+from tests.conftest import write_stack
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def _keys(rng, n, C, K):
+    keys = np.zeros((n, K), np.uint8)
+    for m in range(n):
+        k = int(rng.integers(0, min(K, C - 1) + 1))
+        keys[m, :k] = np.sort(rng.choice(np.arange(1, C), k, replace=False))
+    return keys
+
+
+@given(seeds)
+def test_sparse_bins_equal_dense_bins(seed):
+    rng = np.random.default_rng(seed)
+    C = int(rng.choice([2, 3, 5, 21]))
+    n, h, w = (int(rng.choice([1, 2, 3, 7])) for _ in range(3))
+    gt = rng.integers(0, C, (n, h, w)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.2] = 255
+    cams, keys, dense = [], [], []
+    for _ in range(int(rng.integers(1, 4))):
+        K = int(rng.integers(1, 4))
+        kk = _keys(rng, n, C, K)
+        vals = np.array([0, 0, 1, 37, 38, 200, 255], np.uint8) if rng.random() < 0.5 else np.arange(256)
+        a = rng.choice(vals, (n, h, w, K)).astype(np.uint8)
+        a[..., :][np.broadcast_to((kk == 0)[:, None, None, :], a.shape)] = 0  # unused slots hold 0
+        cams.append(a)
+        keys.append(kk)
+        dense.append(ref.densify_sparse(a, kk, C, background=int(rng.integers(0, 256))))
+    got = cpu.confusion_score_bins_sparse(gt, tuple(cams), tuple(keys), C)
+    np.testing.assert_array_equal(got, ref.confusion_score_bins(gt, tuple(dense), C))
+
+
+def test_sparse_kernel_argument_checks():
+    gt = np.zeros((1, 2, 2), np.uint8)
+    with pytest.raises(ValueError, match="keys of shape"):
+        cpu.confusion_score_bins_sparse(
+            gt, (np.zeros((1, 2, 2, 2), np.uint8),), (np.zeros((1, 3), np.uint8),), 3
+        )
+    with pytest.raises(ValueError, match="a key >= 3"):
+        cpu.confusion_score_bins_sparse(
+            gt, (np.zeros((1, 2, 2, 1), np.uint8),), (np.full((1, 1), 3, np.uint8),), 3
+        )
+
+
+def _cam_images(rng, shapes, C, background=38):
+    imgs = []
+    for h, w in shapes:
+        a = np.zeros((h, w, C), np.uint8)
+        a[..., 0] = background
+        for c in rng.choice(np.arange(1, C), int(rng.integers(0, min(3, C - 1) + 1)), replace=False):
+            a[..., c] = rng.choice(np.array([0, 37, 38, 39, 51, 52, 255], np.uint8), (h, w))
+        imgs.append(a)
+    return imgs
+
+
+@st.composite
+def store_cases(draw):
+    n = draw(st.integers(1, 5))
+    C = draw(st.integers(2, 6))
+    shapes = [(draw(st.integers(1, 9)), draw(st.integers(1, 9))) for _ in range(n)]
+    pad = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    chunks = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    return n, C, shapes, pad, chunks, draw(st.integers(0, 2**31))
+
+
+def _build(root, n, C, shapes, pad, chunks, seed, n_sets=2):
+    rng = np.random.default_rng(seed)
+    padded = (max(h for h, _ in shapes) + pad[0], max(w for _, w in shapes) + pad[1])
+    gt_imgs = [rng.choice(np.array(list(range(C)) + [255], np.uint8), size=s) for s in shapes]
+    gt = write_stack(
+        os.path.join(root, "gt"), gt_imgs, kind="gt", num_classes=C, chunks=chunks, padded_shape=padded
+    )
+    dense, sparse = [], []
+    for k in range(n_sets):
+        d = write_stack(
+            os.path.join(root, f"d{k}"),
+            _cam_images(rng, shapes, C),
+            encoding="scores",
+            num_classes=C,
+            chunks=chunks + (C,),
+            padded_shape=padded,
+            name=f"set{k}",
+        )
+        dense.append(d)
+        sparse.append(sparsify(d, os.path.join(root, f"s{k}.zarr")))
+    return gt, dense, sparse
+
+
+@settings(max_examples=10)
+@given(store_cases())
+def test_dense_view_equals_the_dense_store(case):
+    with tempfile.TemporaryDirectory() as root:
+        _, dense, sparse = _build(root, *case, n_sets=1)
+        d, s = dense[0], open_stack(sparse[0].path)
+        assert s.score_layout == "sparse" and d.score_layout == "dense"
+        assert s.shape == d.shape and s.dtype == d.dtype and s.num_classes == d.num_classes
+        np.testing.assert_array_equal(s.array[:], np.asarray(d.array[:]))
+        np.testing.assert_array_equal(np.asarray(s.to_dask()), np.asarray(d.to_dask()))
+        np.testing.assert_array_equal(s.array[-1, 1:, ::2, 1:], np.asarray(d.array[-1, 1:, ::2, 1:]))
+        for i in range(s.num_images):
+            np.testing.assert_array_equal(s.read_image(i), d.read_image(i))
+        # grows with the classes present, not with C
+        assert s.sparse_keys.shape[1] == max(
+            1,
+            int(
+                max(
+                    (d.read_image(i)[..., 1:].reshape(-1, d.num_classes - 1).any(axis=0).sum())
+                    for i in range(d.num_images)
+                )
+            ),
+        )
+
+
+@settings(max_examples=10)
+@given(store_cases(), st.sampled_from(["dataset", "image"]))
+def test_sparse_sweep_equals_dense_sweep_and_evaluate(case, average):
+    ts = (0.0, 0.15, 37 / 255, 38 / 255, 0.2, 0.5, 1.0)
+    with tempfile.TemporaryDirectory() as root:
+        gt, dense, sparse = _build(root, *case)
+        a = sweep_thresholds(sparse, gt, ts, average=average, backend="cpu", progress=False)
+        b = sweep_thresholds(dense, gt, ts, average=average, backend="cpu", progress=False)
+        np.testing.assert_array_equal(a.counts, b.counts)
+        assert a.levels == b.levels
+        mixed = sweep_thresholds(
+            [sparse[0], dense[1]], gt, ts, average=average, backend="cpu", progress=False
+        )
+        np.testing.assert_array_equal(mixed.counts, b.counts)
+        for k, t in enumerate(a.thresholds):
+            ev = evaluate(sparse, gt, bg_threshold=t, average=average, backend="cpu", progress=False)
+            np.testing.assert_array_equal(a.counts[:, k], ev.counts)
+        ev = evaluate(sparse, gt, backend="cpu", progress=False)  # the stored background slice
+        np.testing.assert_array_equal(ev.counts, evaluate(dense, gt, backend="cpu", progress=False).counts)
+
+
+def test_merge_and_best_on_sparse_stores_equal_dense(tmp_path):
+    from isle_fast.ensemble.merge import merge
+
+    gt, dense, sparse = _build(str(tmp_path), 4, 4, [(6, 5), (4, 4), (7, 3), (2, 2)], (1, 1), (2, 4, 4), 3)
+    for bg in (None, "best"):
+        a = merge(sparse, gt, str(tmp_path / f"a{bg}.zarr"), bg_threshold=bg, backend="cpu", progress=False)
+        b = merge(dense, gt, str(tmp_path / f"b{bg}.zarr"), bg_threshold=bg, backend="cpu", progress=False)
+        np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))
+
+
+def test_background_must_be_constant(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = _cam_images(rng, [(3, 3), (2, 4)], 4)
+    imgs[1][1, 1, 0] = 9
+    d = write_stack(str(tmp_path / "d"), imgs, encoding="scores", num_classes=4, ids=["a", "b"])
+    with pytest.raises(InputError, match="image 'b' has a background slice that is not the constant 38"):
+        sparsify(d, str(tmp_path / "s.zarr"))
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def _sparse_store(tmp_path):
+    rng = np.random.default_rng(1)
+    d = write_stack(
+        str(tmp_path / "d"), _cam_images(rng, [(3, 3), (2, 4), (4, 4)], 5), encoding="scores", num_classes=5
+    )
+    return sparsify(d, str(tmp_path / "s.zarr"))
+
+
+def test_damaged_keys_chunk_is_an_error(tmp_path):
+    s = _sparse_store(tmp_path)
+    chunk = next(
+        p for p in (tmp_path / "s.zarr" / "keys").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="keys"):
+        open_stack(s.path)
+    chunk.unlink()
+    with pytest.raises(StoreError, match="keys"):
+        open_stack(s.path)
+
+
+@pytest.mark.parametrize("attr, value", [("score_layout", "dense"), ("background_level", 12)])
+def test_layout_attributes_are_in_the_identity_checksum(tmp_path, attr, value):
+    s = _sparse_store(tmp_path)
+    meta = tmp_path / "s.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"][attr] = value
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="checksum"):
+        open_stack(s.path)
+
+
+def test_keys_out_of_order_are_an_error(tmp_path):
+    from isle_fast.stores.sparse import check_keys
+
+    with pytest.raises(StoreError, match="image 1"):
+        check_keys("x", np.array([[1, 2], [3, 1]], np.uint8), 5)
+    with pytest.raises(StoreError, match="image 0"):
+        check_keys("x", np.array([[0, 2]], np.uint8), 5)
+    with pytest.raises(StoreError, match="image 0"):
+        check_keys("x", np.array([[5, 0]], np.uint8), 5)
+    check_keys("x", np.array([[1, 4], [2, 0], [0, 0]], np.uint8), 5)
+
+
+def test_info_shows_the_layout(tmp_path, capsys):
+    s = _sparse_store(tmp_path)
+    assert main(["info", s.path, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["score_layout"] == "sparse" and doc["classes_per_image"]["max"] == s.sparse_keys.shape[1]
+
+
+# -- ingest: class-sparse is the default for CAM files ------------------------------------------
+
+def _irn_folder(tmp_path, rng):
+    from PIL import Image
+
+    from isle_fast.stores.ingest import ingest_labels
+
+    shapes = {"a": (9, 7), "b": (5, 12), "c": (8, 8)}
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "cams").mkdir()
+    for i, (h, w) in shapes.items():
+        Image.fromarray(rng.integers(0, 3, (h, w)).astype(np.uint8)).save(tmp_path / "gt" / f"{i}.png")
+        keys = np.sort(rng.choice(20, int(rng.integers(1, 4)), replace=False))
+        hr = rng.random((keys.size, h, w)).astype(np.float32)
+        np.save(tmp_path / "cams" / f"{i}.npy", {"keys": keys, "cam": hr[:, ::4, ::4], "high_res": hr})
+    classes = [f"k{c}" for c in range(21)]
+    gt = ingest_labels(tmp_path / "gt", tmp_path / "gt.zarr", kind="gt", classes=classes, quiet=True)
+    return gt, classes
+
+
+def test_cam_ingest_is_class_sparse_by_default(tmp_path, rng, capsys):
+    from isle_fast.stores.ingest import ingest_scores
+
+    gt, classes = _irn_folder(tmp_path, rng)
+    s = ingest_scores(tmp_path / "cams", tmp_path / "s.zarr", gt=gt, classes=classes, quiet=True)
+    d = ingest_scores(tmp_path / "cams", tmp_path / "d.zarr", gt=gt, classes=classes, quiet=True,
+                      score_layout="dense")
+    assert s.score_layout == "sparse" and d.score_layout == "dense"
+    assert s.provenance["score_layout"] == "sparse"
+    assert (s.name, d.name) == ("s", "d")       # the store's name, not its temporary's
+    np.testing.assert_array_equal(s.array[:], np.asarray(d.array[:]))
+    # K = the most classes any image has (here 1-3 of 21)
+    assert s.sparse_keys.shape[1] == int((s.sparse_keys > 0).sum(axis=1).max()) <= 3
+    assert s.cams_meta.shape == d.shape[:3] + (s.sparse_keys.shape[1],)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cams", "d.zarr", "gt", "gt.zarr", "s.zarr"]  # no temp
+    # float scores and --score-layout dense stay dense; sparse float is refused
+    f = ingest_scores(tmp_path / "cams", tmp_path / "f.zarr", gt=gt, classes=classes, quiet=True,
+                      score_dtype="float16")
+    assert f.score_layout == "dense"
+    with pytest.raises(InputError, match="uint8"):
+        ingest_scores(tmp_path / "cams", tmp_path / "g.zarr", gt=gt, classes=classes, quiet=True,
+                      score_dtype="float16", score_layout="sparse")
+    # the command line, and isle info shows the layout
+    assert main(["ingest", "scores", str(tmp_path / "cams"), "--gt", gt.path,
+                 "--out", str(tmp_path / "cli.zarr")]) == 0
+    assert "class-sparse" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "cli.zarr")]) == 0
+    assert "sparse" in capsys.readouterr().out
+
+
+def test_crf_refine_reads_a_sparse_store_like_the_dense_one(tmp_path):
+    pytest.importorskip("pydensecrf")
+    from isle_fast.refinement.chain import refine_stack
+
+    rng = np.random.default_rng(4)
+    shapes = [(12, 10), (9, 14), (11, 11)]
+    d = write_stack(str(tmp_path / "d"), _cam_images(rng, shapes, 5), encoding="scores", num_classes=5)
+    s = sparsify(d, str(tmp_path / "s.zarr"))
+    img = write_stack(str(tmp_path / "img"), [rng.integers(0, 256, sh + (3,)).astype(np.uint8) for sh in shapes],
+                      kind="images", encoding="rgb", num_classes=5)
+    a = refine_stack(s, img, tmp_path / "a.zarr", "crf", workers=1, progress=False)
+    b = refine_stack(d, img, tmp_path / "b.zarr", "crf", workers=1, progress=False)
+    np.testing.assert_array_equal(np.asarray(a.array[:]), np.asarray(b.array[:]))
+
+
+def test_files_with_their_own_background_stay_dense(tmp_path, rng):
+    from isle_fast.stores.ingest import ingest_scores
+
+    gt, classes = _irn_folder(tmp_path, rng)
+    (tmp_path / "probs").mkdir()
+    for i, (h, w) in zip(gt.ids, gt.shapes):
+        p = rng.random((21, int(h), int(w))).astype(np.float32)
+        np.save(tmp_path / "probs" / f"{i}.npy", p / p.sum(axis=0))
+    s = ingest_scores(tmp_path / "probs", tmp_path / "p.zarr", gt=gt, classes=classes, quiet=True)
+    assert s.score_layout == "dense" and s.name == "p"
+    with pytest.raises(InputError, match="not the constant"):
+        ingest_scores(tmp_path / "probs", tmp_path / "q.zarr", gt=gt, classes=classes, quiet=True,
+                      score_layout="sparse")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cams", "gt", "gt.zarr", "p.zarr", "probs"]
+
+
+def test_missing_cams_chunk_is_an_error_on_the_sweep_and_the_dense_view(tmp_path):
+    gt, _, sparse = _build(str(tmp_path), 3, 4, [(6, 5), (4, 4), (7, 3)], (0, 0), (1, 7, 5), 0, n_sets=1)
+    chunk = sorted(p for p in (tmp_path / "s0.zarr" / "cams").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    chunk.unlink()
+    s = open_stack(sparse[0].path)
+    with pytest.raises(StoreError, match="array 'cams', chunk .* is missing"):
+        sweep_thresholds([s], gt, "0.1,0.2", progress=False)
+    with pytest.raises(StoreError, match="array 'cams', chunk .* is missing"):
+        s.read_image(0)
+    assert main(["info", s.path, "--check"]) == 2
+
+
+def test_sweep_of_sparse_stores_aligned_with_the_gt_runs_without_dask(tmp_path):
+    """A gt with the default chunks and sparse stores (whose cams take the label stores' default chunks)
+    go through the direct thread pass, with the same counts as evaluate()."""
+    from isle_fast.ensemble.sweep import _local_specs, _plans
+
+    rng = np.random.default_rng(9)
+    shapes = [(6, 5), (4, 4), (7, 3), (5, 5)]
+    gt = write_stack(str(tmp_path / "gt"), [rng.choice(np.array([0, 1, 2, 3, 255], np.uint8), size=s)
+                                             for s in shapes], kind="gt", num_classes=4)
+    sparse = [sparsify(write_stack(str(tmp_path / f"d{k}"), _cam_images(rng, shapes, 4), encoding="scores",
+                                   num_classes=4), str(tmp_path / f"s{k}.zarr")) for k in range(2)]
+    ts = (0.1, 0.15, 0.2, 0.5)
+    assert _local_specs(sparse, gt, _plans(sparse, ts)) is not None
+    sw = sweep_thresholds(sparse, gt, ts, average="image", backend="cpu", progress=False)
+    for k, t in enumerate(sw.thresholds):
+        ev = evaluate(sparse, gt, bg_threshold=t, average="image", backend="cpu", progress=False)
+        np.testing.assert_array_equal(sw.counts[:, k], ev.counts)
+        np.testing.assert_array_equal(sw.image_stats[:, :, k], ev.image_stats)
+
+
+def test_evaluate_at_reads_sparse_sets_directly_with_the_same_counts(tmp_path, monkeypatch):
+    import isle_fast.stores.sparse as sparse_mod
+    from isle_fast.ensemble.sweep import evaluate_at
+
+    gt, dense, sparse = _build(str(tmp_path), 3, 4, [(6, 5), (4, 4), (7, 3)], (1, 0), (2, 4, 4), 8)
+    for t in (None, 0.0, 0.15, 0.2, 1.0):
+        want = evaluate(sparse, gt, bg_threshold=t, backend="cpu", progress=False)
+        got = evaluate_at(sparse + [dense[0]], gt, t, backend="cpu", progress=False)
+        np.testing.assert_array_equal(got.counts[:2], want.counts)
+        assert got.set_names[:2] == want.set_names
+    # with a threshold, the dense view is not made
+    monkeypatch.setattr(sparse_mod, "densify", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense")))
+    evaluate_at(sparse, gt, 0.2, backend="cpu", progress=False)

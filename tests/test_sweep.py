@@ -248,11 +248,10 @@ def test_cli_evaluate_sweep_prints_curve_and_best(tmp_path, capsys):
             "0.05:0.80:0.05",
             "--json",
             out,
-            "--quiet",
         ]
     )
     assert rc == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().out   # not --quiet: that prints nothing but errors
     sw = sweep_thresholds(stores, gt, "0.05:0.80:0.05", progress=False)
     doc = json.load(open(out))
     assert doc["threshold_sweep"]["thresholds"] == list(sw.thresholds)

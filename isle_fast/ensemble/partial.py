@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast.errors import AlignmentError
-from isle_fast.stores.stack import Stack, check_aligned
+from isle_fast.stores.stack import Stack, _skip_bad_hint, check_aligned
 
 __all__ = ["gt_positions", "check_gt_subset", "subset_arrays", "SetFrame"]
 
@@ -56,7 +56,8 @@ def gt_positions(gt: Stack, sets: Sequence[Stack]) -> np.ndarray | None:
     if missing:
         shown = ", ".join(repr(v) for v in missing[:5])
         raise AlignmentError(f"the ground truth {gt.path} has {len(missing)} image id(s) that are not in the "
-                             f"sets ({ref.path}): {shown}{' ...' if len(missing) > 5 else ''}")
+                             f"sets ({ref.path}): {shown}{' ...' if len(missing) > 5 else ''}"
+                             f"{_skip_bad_hint(*sets)}")
     if len(set(gt.ids)) != len(gt.ids):
         seen: set[str] = set()
         dup = next(v for v in gt.ids if v in seen or seen.add(v))  # type: ignore[func-returns-value]

@@ -767,7 +767,10 @@ def refine_stack(
                           score_dtype=score_dtype, chunks=chunks, provenance=prov, overwrite=overwrite,
                           padded_shape=(h_pad, w_pad))
     try:
-        job = _Job(source=src.path, images=img.path if img is not None else None, target=writer.work_path,
+        from isle_fast.stores.stack import absolute_location
+
+        job = _Job(source=absolute_location(src.path),   # the tasks may run on cluster workers elsewhere
+                   images=absolute_location(img.path) if img is not None else None, target=writer.work_path,
                    target_array=enc, out_dtype=score_dtype if enc == "scores" else "uint8", chain=refs,
                    token=uuid.uuid4().hex)
         tasks = [dask.delayed(_run_block, pure=False)(job, s, min(n, s + k),
@@ -776,7 +779,8 @@ def refine_stack(
         if tasks:
             desc = f"refine {src.name} ({'+'.join(r.name for r in refs)})"
             if sched == "distributed":
-                dask.compute(*tasks, scheduler=client)
+                with client.as_current(), dask_progress(desc, quiet=not progress):
+                    dask.compute(*tasks)   # on client's workers, the bar counting their tasks
             else:
                 kwargs = {} if sched == "sync" else {"num_workers": n_workers}
                 if sched == "processes":

@@ -178,9 +178,20 @@ def kind_phrase(kind: str) -> str:
     return f"{'an' if str(kind)[:1] in 'aeiou' else 'a'} {kind!r} store"
 
 
+def absolute_location(path: str | os.PathLike) -> str:
+    """``path`` as any process can open it: a URL unchanged, a local path made absolute.
+
+    Tasks that open a store by its path on ``dask.distributed`` workers need it (the workers
+    run in another working directory).
+    """
+    return str(path) if is_remote(path) else str(_local(path))
+
+
 def _local(path: str | os.PathLike) -> Path:
+    """The local path of a store, absolute: what Zarr opens and what tasks sent to cluster workers
+    (another working directory) read and write."""
     s = str(path)
-    return Path(s[len("file://"):] if s.startswith("file://") else s)
+    return Path(s[len("file://"):] if s.startswith("file://") else s).absolute()
 
 
 def default_compressors(encoding: str | None = None, *, checksum: bool = True) -> tuple:
@@ -1155,7 +1166,7 @@ def create_stack(
         work = spath
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = str(temp_path(final))
+        work = str(temp_path(final.absolute()))   # absolute: cluster workers write into it too
     try:
         group = zarr.open_group(work, mode="w", zarr_format=3)
         comp = tuple(compressors) if compressors is not None else default_compressors(layout.array)

@@ -47,6 +47,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Commands that do array work: they take ``--scheduler ADDRESS`` (isle_fast/cluster.py), and the
+#: local scheduler names they accept instead of an address (the first is the default).
+ARRAY_COMMANDS: dict[str, tuple[str, ...]] = {
+    "ingest": (), "refine": ("auto", "threads", "processes", "sync"), "evaluate": (), "merge": (),
+    "export": (), "report": (), "run": (),
+}
+
 
 class Parser(argparse.ArgumentParser):
     """The parser of ``isle`` and of every subcommand: no abbreviated options.
@@ -81,6 +88,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             mod = _load(module, name)
             if mod is not None:
                 mod.add_arguments(p)
+                if name in ARRAY_COMMANDS:
+                    from isle_fast.cluster import add_scheduler_argument
+
+                    add_scheduler_argument(p, local=ARRAY_COMMANDS[name])
     return parser
 
 
@@ -134,7 +145,8 @@ def _main(argv: list[str]) -> int:
     prepare_process()  # the process-wide settings, once, here (isle_fast/process.py), never on import
     tune_allocator()  # reuse freed chunk buffers (see its docstring); ISLE_TUNE_MALLOC=0 skips it
     try:
-        return int(mod.run(args) or 0)
+        with _on_cluster(args):
+            return int(mod.run(args) or 0)
     except IsleError as exc:
         _say(f"isle {args.command}: error: {exc}")
         return 2
@@ -153,6 +165,17 @@ def _main(argv: list[str]) -> int:
         # system, a folder that cannot be created. One line naming the path, no traceback.
         _say(f"isle {args.command}: error: {_os_error(exc)}")
         return 1
+
+
+def _on_cluster(args: argparse.Namespace):
+    """Connected to the scheduler of ``--scheduler`` / Dask's config for an array command, else nothing."""
+    import contextlib
+
+    if args.command not in ARRAY_COMMANDS:
+        return contextlib.nullcontext()
+    from isle_fast.cluster import connected, scheduler_address
+
+    return connected(scheduler_address(getattr(args, "scheduler", None), local=ARRAY_COMMANDS[args.command]))
 
 
 class _notes_on_stderr(logging.Handler):

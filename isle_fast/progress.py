@@ -46,13 +46,28 @@ def _isatty(stream: Any) -> bool:
 def dask_progress(desc: str = "", quiet: bool = False) -> Iterator[None]:
     """Show a tqdm bar over the tasks of every Dask computation inside the block.
 
-    Works with the local schedulers (a callback per finished task); on a
-    ``dask.distributed`` client the computation runs on the cluster and the
-    dashboard shows progress instead.
+    Works with the local schedulers (a callback per finished task) and on a
+    ``dask.distributed`` client: there every computation inside the block that
+    leaves the scheduler to Dask runs on the cluster and the bar counts the
+    tasks the cluster finishes (:func:`isle_fast.cluster.cluster_get`).
     """
     if not _enabled(quiet):
         yield
         return
+    if "distributed" in sys.modules:
+        from isle_fast.cluster import cluster_get, current_client
+
+        client = current_client()
+        if client is not None:
+            import dask
+
+            bar = progress(desc=desc, unit="task")
+            try:
+                with dask.config.set(scheduler=cluster_get(client, bar)):
+                    yield
+            finally:
+                bar.close()
+            return
     from dask.callbacks import Callback
 
     bar = progress(desc=desc, unit="task")
@@ -87,6 +102,10 @@ def summary(title: str, rows: dict[str, Any], *, quiet: bool = False, file=None)
     """Print a short aligned summary block (to stdout by default)."""
     if quiet:
         return
+    if "distributed" in sys.modules:     # on a cluster: name the scheduler and its workers
+        from isle_fast.cluster import summary_row
+
+        rows = {**rows, **summary_row()}
     out = file or sys.stdout
     width = max((len(k) for k in rows), default=0)
     print(title, file=out)

@@ -148,6 +148,7 @@ def _main(argv: list[str]) -> int:
         with _on_cluster(args):
             return int(mod.run(args) or 0)
     except IsleError as exc:
+        _quiet_abandoned_coroutines()
         _say(f"isle {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
@@ -163,6 +164,7 @@ def _main(argv: list[str]) -> int:
     except OSError as exc:
         # The environment's to fix, not a bug: disk full, permission denied, read-only file
         # system, a folder that cannot be created. One line naming the path, no traceback.
+        _quiet_abandoned_coroutines()
         _say(f"isle {args.command}: error: {_os_error(exc)}")
         return 1
 
@@ -217,11 +219,22 @@ class _sigterm_unwinds:
 
 
 def _quiet_abandoned_coroutines() -> None:
-    """An interrupt that lands inside Zarr's sync wrapper leaves a coroutine that never ran; its
-    "was never awaited" RuntimeWarning at clean-up is noise after the interrupt, not a problem."""
+    """An interrupt or error that lands inside Zarr's sync wrapper leaves coroutines that never ran or
+    never finished; their warnings and "Exception ignored" tracebacks at clean-up are noise after the
+    one-line message, not a problem."""
+    import inspect
     import warnings
 
     warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    # an object store that failed mid-request (s3fs / aiobotocore) leaves coroutines whose clean-up at
+    # exit raises "Exception ignored in: <coroutine ...>" with a traceback: noise after the one-line error
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not inspect.iscoroutine(getattr(unraisable, "object", None)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _stdout_broken() -> bool:

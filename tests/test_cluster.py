@@ -9,7 +9,6 @@ group by the fixture's finalizer, whether the test passed or not.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,17 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from isle_fast.stores.stack import open_stack
+from tests._pipeline_data import _same_files, _same_store, _scores, make_folders
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_WORKER = Path(__file__).with_name("_slow_worker.py")
-PALETTE = [v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)]
 
 
 def _free_port() -> int:
@@ -128,37 +124,9 @@ def slow_cluster(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ data
-def _png(path: Path, a: np.ndarray) -> None:
-    im = Image.fromarray(a, mode="P")
-    im.putpalette(PALETTE)
-    im.save(path, compress_level=1)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A gt folder and three noisy pseudo-label folders (label PNGs, 6 classes, odd sizes) + RGB."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(15)
-    names = ["gt", "a", "b", "c", "rgb"]
-    for n in names:
-        (root / n).mkdir()
-    for i in range(40):
-        h, w = int(rng.integers(40, 61)), int(rng.integers(50, 71))
-        gt = np.zeros((h, w), np.uint8)
-        for _ in range(3):
-            y, x = int(rng.integers(0, h - 10)), int(rng.integers(0, w - 10))
-            gt[y:y + int(rng.integers(5, 20)), x:x + int(rng.integers(5, 20))] = rng.integers(1, 6)
-        gt[rng.random((h, w)) < 0.02] = 255
-        _png(root / "gt" / f"im{i:03d}.png", gt)
-        for s, p in zip("abc", (0.1, 0.2, 0.3)):
-            noisy = gt.copy()
-            flip = rng.random((h, w)) < p
-            noisy[flip] = rng.integers(0, 6, size=int(flip.sum()))
-            noisy[noisy == 255] = 0
-            _png(root / s / f"im{i:03d}.png", noisy)
-        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(root / "rgb" / f"im{i:03d}.png")
-    (root / "classes.txt").write_text("background\nc1\nc2\nc3\nc4\nc5\n")
-    return root
+    return make_folders(tmp_path_factory.mktemp("data"))
 
 
 def isle(args: list, cwd: Path, *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -184,23 +152,6 @@ def _ingest_all(root: Path, out: Path, extra: list) -> None:
     ok(isle(["ingest", "images", "rgb", "--gt", f"{rel}/gt.zarr", "-o", f"{rel}/rgb.zarr", *extra], root))
 
 
-def _same_store(a: Path, b: Path) -> None:
-    x, y = open_stack(a), open_stack(b)
-    assert x.ids == y.ids and np.array_equal(x.shapes, y.shapes)
-    assert x.classes == y.classes and x.encoding == y.encoding
-    assert x.array.dtype == y.array.dtype and x.array.shape == y.array.shape
-    assert np.array_equal(np.asarray(x.array[:]), np.asarray(y.array[:]))
-
-
-def _same_files(a: Path, b: Path) -> None:
-    """Every PNG byte for byte (not isle's ownership marker: it records when it was written)."""
-    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != ".isle-output.json")
-    fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != ".isle-output.json")
-    assert fa == fb and fa
-    for p in fa:
-        assert (a / p).read_bytes() == (b / p).read_bytes(), p
-
-
 @pytest.fixture(scope="module")
 def local_run(folders):
     """Every step threaded / in local processes (no scheduler): the reference."""
@@ -215,13 +166,6 @@ def local_run(folders):
     ok(isle(["refine", "local/a.zarr", "--images", "local/rgb.zarr", "--with", "crf",
              "--param", "crf.iterations=2", "--out", "local/ref.zarr"], folders))
     return out
-
-
-def _scores(path: Path) -> dict:
-    """The JSON's numbers and selection (without the store paths, which differ by folder)."""
-    d = json.loads(path.read_text())
-    sets = {n: {k: v for k, v in s.items() if k != "path"} for n, s in d["sets"].items()}
-    return {"classes": d["classes"], "sets": sets, "selection": d["selection"], "gt_pixels": d["gt_pixels"]}
 
 
 # ----------------------------------------------------------------------------------------- tests
@@ -329,3 +273,44 @@ def test_a_worker_killed_mid_merge_changes_nothing(slow_cluster, folders, local_
         _kill_group(proc, signal.SIGKILL)
     assert proc.returncode == 0, stderr[-3000:]
     _same_store(local_run / "ens.zarr", out)
+
+
+def test_progress_comes_from_the_cluster(cluster, folders, local_run):
+    """Under a terminal the bar counts the tasks the cluster finishes (the scheduler's progress plugin)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = dict(os.environ, ISLE_PROGRESS="1", PYTHONPATH=str(REPO))
+    env.pop(SCHED_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-m", "isle_fast", "evaluate", "local/a.zarr", "local/b.zarr",
+                             "--gt", "local/gt.zarr", "--scheduler", cluster.address], cwd=folders, env=env,
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 120:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk and proc.poll() is not None:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        _kill_group(proc, signal.SIGKILL)
+        os.close(master)
+    text = out.decode(errors="replace").replace("\r", "\n")
+    assert proc.wait() == 0, text[-2000:]
+    done = [ln for ln in text.splitlines() if ln.startswith("evaluate: 100%") and "task" in ln]
+    assert done, text[-2000:]          # e.g. "evaluate: 100%|####| 20/20 [00:00<00:00, 63.7task/s]"
+    assert "cluster" in text and "2 workers" in text

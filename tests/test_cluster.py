@@ -314,3 +314,16 @@ def test_progress_comes_from_the_cluster(cluster, folders, local_run):
     done = [ln for ln in text.splitlines() if ln.startswith("evaluate: 100%") and "task" in ln]
     assert done, text[-2000:]          # e.g. "evaluate: 100%|####| 20/20 [00:00<00:00, 63.7task/s]"
     assert "cluster" in text and "2 workers" in text
+
+
+def test_run_and_report_on_the_cluster(cluster, folders, local_run):
+    """``isle run`` (every step on the cluster: no local process pool) and ``isle report``."""
+    text = ok(isle(["run", "--gt", "gt", "--set", "a=a", "--set", "b=b", "--set", "c=c", "--classes", "classes.txt",
+                    "--no-report", "-o", "run-cluster", "--scheduler", cluster.address], folders))
+    assert "2 workers" in text, text
+    _same_store(local_run / "ens.zarr", folders / "run-cluster" / "ensemble.zarr")
+    _same_files(local_run / "png", folders / "run-cluster" / "ensemble")
+    stores = [f"local/{s}.zarr" for s in "abc"]
+    text = ok(isle(["report", *stores, "--gt", "local/gt.zarr", "--out", "report-cluster",
+                    "--scheduler", cluster.address], folders))
+    assert "2 workers" in text and (folders / "report-cluster").is_dir()

@@ -12,6 +12,9 @@ Ctrl-C exits 130 and SIGTERM (what batch schedulers send before they kill) 143, 
 the same clean-up: every output's temporary is removed, nothing half-written is kept. A reader
 that goes away (``isle evaluate ... | head -1``) ends the command quietly, exit 1.
 
+The commands that do array work (:data:`ARRAY_COMMANDS`) take ``--scheduler ADDRESS`` and run on
+that ``dask.distributed`` cluster (or the one Dask's configuration names): :mod:`isle_fast.cluster`.
+
 Options are never abbreviated (``--ov`` is an error, not ``--overwrite``): a prefix that
 happens to match today could silently mean another option once one is added.
 """
@@ -175,9 +178,10 @@ def _on_cluster(args: argparse.Namespace):
 
     if args.command not in ARRAY_COMMANDS:
         return contextlib.nullcontext()
-    from isle_fast.cluster import connected, scheduler_address
+    from isle_fast.cluster import address_origin, connected, scheduler_address
 
-    return connected(scheduler_address(getattr(args, "scheduler", None), local=ARRAY_COMMANDS[args.command]))
+    given, local = getattr(args, "scheduler", None), ARRAY_COMMANDS[args.command]
+    return connected(scheduler_address(given, local=local), origin=address_origin(given, local=local))
 
 
 class _notes_on_stderr(logging.Handler):

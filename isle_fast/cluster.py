@@ -43,6 +43,7 @@ __all__ = [
     "TIMEOUT_ENV",
     "add_scheduler_argument",
     "scheduler_address",
+    "address_origin",
     "connected",
     "current_client",
     "describe_cluster",
@@ -114,6 +115,15 @@ def scheduler_address(given: str | None = None, *, local: Sequence[str] = ()) ->
     return None
 
 
+def address_origin(given: str | None, *, local: Sequence[str] = ()) -> str:
+    """Where :func:`scheduler_address` found its answer, for messages."""
+    if given and given not in local:
+        return "--scheduler"
+    if os.environ.get(SCHEDULER_ENV, "").strip():
+        return f"${SCHEDULER_ENV}"
+    return "Dask's scheduler-address config"
+
+
 def _timeout() -> float:
     text = os.environ.get(TIMEOUT_ENV, "10")
     try:
@@ -126,10 +136,11 @@ def _timeout() -> float:
 
 
 @contextlib.contextmanager
-def connected(address: str | None, *, timeout: float | None = None) -> Iterator[Any]:
+def connected(address: str | None, *, timeout: float | None = None, origin: str = "--scheduler") -> Iterator[Any]:
     """A ``distributed.Client`` on ``address``, the default client inside the block; closed after it.
 
-    Yields None (and imports nothing) when ``address`` is None.
+    Yields None (and imports nothing) when ``address`` is None. ``origin`` names where the address
+    came from in messages (``--scheduler``, ``$DASK_SCHEDULER_ADDRESS``, ...).
 
     Raises
     ------
@@ -153,7 +164,7 @@ def connected(address: str | None, *, timeout: float | None = None) -> Iterator[
         client = Client(address, timeout=timeout, set_as_default=True)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"--scheduler {address}: cannot connect to a dask scheduler there within "
+        raise InputError(f"{origin} {address}: cannot connect to a dask scheduler there within "
                          f"{timeout:g} s ({reason})") from None
     finally:
         for lg, lv in zip(quiet, levels):

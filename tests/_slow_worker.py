@@ -1,6 +1,6 @@
 """``dask worker --preload`` module for tests/test_cluster.py: slows each chunk task on the worker.
 
-A worker started with it sleeps before decoding each label file and before each merge block,
+A worker started with it sleeps before decoding each label file and before each merge chunk task,
 so a test can kill a worker while an ingest or a merge is in the middle of its chunks. The
 results are unchanged (the wrapped functions are called as they are).
 """
@@ -29,4 +29,5 @@ def dask_setup(worker=None) -> None:
     from isle_fast.stores import formats, ingest
 
     formats.read_label = ingest.read_label = _slow(formats.read_label)
-    merge._merge_block = _slow(merge._merge_block)
+    merge._merge_block = _slow(merge._merge_block)            # the Dask graph's merge task
+    merge._local_merge_task = _slow(merge._local_merge_task)  # the direct chunk pass's

@@ -276,7 +276,7 @@ def test_a_worker_killed_mid_merge_changes_nothing(slow_cluster, folders, local_
 
 
 def test_progress_comes_from_the_cluster(cluster, folders, local_run):
-    """Under a terminal the bar counts the tasks the cluster finishes (the scheduler's progress plugin)."""
+    """Under a terminal the bar counts the tasks the cluster's workers finish."""
     import fcntl
     import pty
     import select
@@ -311,8 +311,10 @@ def test_progress_comes_from_the_cluster(cluster, folders, local_run):
         os.close(master)
     text = out.decode(errors="replace").replace("\r", "\n")
     assert proc.wait() == 0, text[-2000:]
-    done = [ln for ln in text.splitlines() if ln.startswith("evaluate: 100%") and "task" in ln]
-    assert done, text[-2000:]          # e.g. "evaluate: 100%|####| 20/20 [00:00<00:00, 63.7task/s]"
+    # chunk tasks of the direct pass (stores chunked alike) or the Dask graph's tasks (the scheduler's
+    # progress plugin), e.g. "evaluate: 100%|####| 62/62 [00:06<00:00, 8.98task/s]"
+    done = [ln for ln in text.splitlines() if ln.startswith("evaluate: 100%") and ("task/s" in ln or "chunk/s" in ln)]
+    assert done, text[-2000:]
     assert "cluster" in text and "2 workers" in text
 
 
@@ -327,3 +329,28 @@ def test_run_and_report_on_the_cluster(cluster, folders, local_run):
     text = ok(isle(["report", *stores, "--gt", "local/gt.zarr", "--out", "report-cluster",
                     "--scheduler", cluster.address], folders))
     assert "2 workers" in text and (folders / "report-cluster").is_dir()
+
+
+def test_the_scheduler_address_comes_from_the_flag_the_environment_or_dask_config(tmp_path, monkeypatch):
+    from isle_fast.cluster import address_origin, scheduler_address
+
+    monkeypatch.delenv(SCHED_ENV, raising=False)
+    monkeypatch.setenv("DASK_CONFIG", str(tmp_path / "none"))
+    if "dask" not in sys.modules:    # nothing configured (with Dask imported, its config is read)
+        assert scheduler_address(None) is None
+    monkeypatch.setenv(SCHED_ENV, "tcp://10.0.0.1:8786")
+    assert scheduler_address(None) == "tcp://10.0.0.1:8786"
+    assert scheduler_address("tcp://10.0.0.2:8786") == "tcp://10.0.0.2:8786"     # the flag wins
+    assert scheduler_address("threads", local=("auto", "threads")) is None        # refine's local names
+    assert address_origin(None) == "$DASK_SCHEDULER_ADDRESS" and address_origin("tcp://x:1") == "--scheduler"
+
+
+def test_dask_yaml_config_is_honoured(folders, local_run, tmp_path):
+    """``scheduler-address`` in a Dask YAML file (here via DASK_CONFIG) is where the command goes."""
+    port = _free_port()
+    (tmp_path / "dask.yaml").write_text(f"scheduler-address: tcp://127.0.0.1:{port}\n")
+    proc = isle(["evaluate", "local/a.zarr", "--gt", "local/gt.zarr"], folders,
+                env={"DASK_CONFIG": str(tmp_path), "ISLE_SCHEDULER_TIMEOUT": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert f"isle evaluate: error: Dask's scheduler-address config tcp://127.0.0.1:{port}: cannot connect" \
+        in proc.stderr, proc.stderr

@@ -498,9 +498,14 @@ def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
 
     That needs every store on local disk in the plain Zstd layout, the sets
     chunked like the gt (score sets: the whole class axis in one chunk), and
-    the gt's chunks small enough for one task (:func:`work_chunks`).
+    the gt's chunks small enough for one task (:func:`work_chunks`). Another
+    Dask scheduler chosen by the user means the Dask graph; a ``dask.distributed``
+    client does not: the same chunk tasks then run on its workers
+    (:func:`chunk_executor`), which read the stores on the shared file system.
     """
-    if dask_requested():
+    from isle_fast.cluster import current_client
+
+    if dask_requested() and current_client() is None:
         return None
     specs = [gt.chunk_spec()] + [s.chunk_spec() for s in stacks]
     if any(sp is None for sp in specs) or 0 in gt.shape:
@@ -512,6 +517,19 @@ def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
         if tuple(st.chunks[:3]) != want or (st.encoding == "scores" and st.chunks[3] != st.shape[3]):
             return None
     return specs
+
+
+def chunk_executor(n_tasks: int) -> Any:
+    """Where the chunk tasks of the direct passes run: on the workers of the active
+    ``dask.distributed`` client (:class:`~isle_fast.stores.parallel.ClusterExecutor`), else on
+    a thread per core here (:class:`~isle_fast.stores.parallel.ThreadExecutor`)."""
+    from isle_fast.cluster import current_client
+    from isle_fast.stores.parallel import ClusterExecutor, ThreadExecutor, default_workers
+
+    client = current_client()
+    if client is not None:
+        return ClusterExecutor(client)
+    return ThreadExecutor(max(1, min(default_workers(), n_tasks)))
 
 
 def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
@@ -532,12 +550,12 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
 
     The same tasks as the Dask graph (:func:`confusion_graph`), run by
     :class:`isle_fast.stores.parallel.ThreadExecutor` (a thread per core, a
-    few chunks in flight): for a local run it needs neither Dask nor Zarr,
+    few chunks in flight; on a cluster's workers when a ``distributed`` client is
+    active, :func:`chunk_executor`): for a local run it needs neither Dask nor Zarr,
     which keeps their imports (about 0.3 s) out of a short command's start.
     Counts are exact integers, so they equal the Dask pass.
     """
     from isle_fast.progress import progress as bar
-    from isle_fast.stores.parallel import ThreadExecutor, default_workers
 
     c = gt.num_classes
     groups = tuple(group_sets(stacks, bg_threshold))
@@ -554,7 +572,7 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
                  per_image=per_image)
     counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), c, 2), dtype=np.int64) if per_image else None
-    with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
+    with chunk_executor(len(tasks)) as ex, \
             bar(total=len(tasks), desc="evaluate", unit="chunk", quiet=not progress) as pb:
         for t, out in ex.imap(fn, tasks):
             counts += out.sum(axis=(0, 1, 2))

@@ -543,6 +543,18 @@ def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, 
     return _confusion_block(g, *blocks, **kernel)
 
 
+def _local_counts(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
+                  shape: tuple[int, int, int], **kernel: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_local_task` reduced where it ran: ``(counts (N, C, C+1), per-image stats or None)``.
+
+    The chunk's counts are summed in the task, so a cluster worker sends back one small table
+    instead of the per-image counts of every image of its chunk.
+    """
+    out = _local_task(specs, tails, block, shape, **kernel)
+    stats = metrics.intersection_union(out[:, 0, 0]) if kernel["per_image"] else None
+    return out.sum(axis=(0, 1, 2)), stats
+
+
 def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, backend: str,
                bg_threshold: float | None, per_image: bool, progress: bool
                ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -568,17 +580,17 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
         for j in range(-(-h // hc)):
             for l in range(-(-w // wc)):
                 tasks.append(((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc))))
-    fn = partial(_local_task, specs, tails, backend=backend, groups=groups, order=order, num_classes=c,
+    fn = partial(_local_counts, specs, tails, backend=backend, groups=groups, order=order, num_classes=c,
                  per_image=per_image)
     counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), c, 2), dtype=np.int64) if per_image else None
     with chunk_executor(len(tasks)) as ex, \
             bar(total=len(tasks), desc="evaluate", unit="chunk", quiet=not progress) as pb:
-        for t, out in ex.imap(fn, tasks):
-            counts += out.sum(axis=(0, 1, 2))
+        for t, (part, part_stats) in ex.imap(fn, tasks):
+            counts += part
             if stats is not None:
                 i0 = tasks[t][0][0] * k
-                stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
+                stats[i0:i0 + part_stats.shape[0]] += part_stats
             pb.update(1)
     return counts, stats
 

@@ -89,7 +89,7 @@ def add_scheduler_argument(parser: argparse.ArgumentParser, *, local: Sequence[s
 def _dask_config_files() -> bool:
     """Whether any of Dask's YAML configuration locations exists (then Dask's config is read)."""
     roots = [os.environ.get("DASK_CONFIG") or str(Path("~/.config/dask").expanduser()),
-             os.path.join(sys.prefix, "etc", "dask"), "/etc/dask"]
+             os.path.join(sys.prefix, "etc", "dask"), os.environ.get("DASK_ROOT_CONFIG") or "/etc/dask"]
     return any(os.path.isdir(r) and any(f.endswith((".yaml", ".yml")) for f in os.listdir(r))
                for r in roots if r)
 

@@ -30,7 +30,11 @@ EXTRAS = {
     # numba.cuda compiles the GPU kernels with NVVM: from a CUDA toolkit when there is one,
     # else from this wheel (isle_fast/process.py points Numba at it).
     "gpu": ["cupy-cuda12x>=13", "nvidia-cuda-nvcc-cu12>=12.0"],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.11"],
+    # stores at s3:// URLs (and any S3-compatible server: AWS_ENDPOINT_URL)
+    "s3": ["s3fs>=2024.6"],
+    # moto's S3 server (tests/test_s3.py starts it on 127.0.0.1) and s3fs, so CI runs the bucket tests
+    "dev": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.11", "s3fs>=2024.6",
+            "moto[server]>=5.0"],
     # optional references timed by benchmarks/pipeline.py (skipped cleanly when absent)
     "bench": ["torchmetrics>=1.4", "SimpleITK>=2.3"],
 }

@@ -21,6 +21,7 @@ for the data model):
 * step 4, DeepLabV3+: :func:`build_deeplab`, :func:`train`, :func:`predict`
 * data: :func:`make_voc_like` (synthetic VOC-like data sets), :func:`voc_palette`
 * backend switch: :func:`get_kernels`, :func:`resolve_backend`, :func:`gpu_available`
+* a ``dask.distributed`` cluster (``--scheduler``): :func:`connected`, :func:`scheduler_address`
 
 Names are resolved lazily (PEP 562), so ``import isle_fast`` stays light and
 torch is only imported by the functions that need it.
@@ -78,6 +79,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "synthetic.datasets": ("make_voc_like", "SyntheticDataset",),
     "synthetic.quality": ("default_quality",),
     "job": ("JobSpec", "JobResult", "run_job", "spec_from_root", "spec_from_toml",),
+    "cluster": ("connected", "scheduler_address",),
     "backend": (
         "BACKENDS", "get_kernels", "resolve_backend", "gpu_available", "describe_backend",
         "tune_allocator",

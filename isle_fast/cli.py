@@ -14,6 +14,9 @@ Ctrl-C exits 130 and SIGTERM (what batch schedulers send before they kill) 143, 
 the same clean-up: every output's temporary is removed, nothing half-written is kept. A reader
 that goes away (``isle evaluate ... | head -1``) ends the command quietly, exit 1.
 
+The commands that do array work (:data:`ARRAY_COMMANDS`) take ``--scheduler ADDRESS`` and run on
+that ``dask.distributed`` cluster (or the one Dask's configuration names): :mod:`isle_fast.cluster`.
+
 Options are never abbreviated (``--ov`` is an error, not ``--overwrite``): a prefix that
 happens to match today could silently mean another option once one is added.
 
@@ -64,6 +67,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("isle_fast.commands.demo", "make a synthetic VOC-like data set and run the whole pipeline"),
 }
 
+
+#: Commands that do array work: they take ``--scheduler ADDRESS`` (isle_fast/cluster.py), and the
+#: local scheduler names they accept instead of an address (the first is the default).
+ARRAY_COMMANDS: dict[str, tuple[str, ...]] = {
+    "ingest": (), "refine": ("auto", "threads", "processes", "sync"), "evaluate": (), "merge": (),
+    "export": (), "report": (), "run": (),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -159,6 +169,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             mod = _load(module, name)
             if mod is not None:
                 mod.add_arguments(p)
+                if name in ARRAY_COMMANDS:
+                    from isle_fast.cluster import add_scheduler_argument
+
+                    add_scheduler_argument(p, local=ARRAY_COMMANDS[name])
     return one_style(parser)
 
 
@@ -216,9 +230,10 @@ def _main(argv: list[str]) -> int:
     tune_allocator()  # reuse freed chunk buffers (see its docstring); ISLE_TUNE_MALLOC=0 skips it
     prog = leaf.prog  # "isle ingest labels": the prefix of argparse's errors too
     try:
-        with _stdout_discarded(bool(getattr(args, "quiet", False))):
+        with _stdout_discarded(bool(getattr(args, "quiet", False))), _on_cluster(args):
             return int(mod.run(args) or 0)
     except IsleError as exc:
+        _quiet_abandoned_coroutines()
         _say(f"{prog}: error: {cli_message(exc, leaf)}")
         return 2
     except KeyboardInterrupt:
@@ -234,6 +249,7 @@ def _main(argv: list[str]) -> int:
     except OSError as exc:
         # The environment's to fix, not a bug: disk full, permission denied, read-only file
         # system, a folder that cannot be created. One line naming the path, no traceback.
+        _quiet_abandoned_coroutines()
         _say(f"{prog}: error: {_os_error(exc)}")
         return 1
 
@@ -255,6 +271,18 @@ class _stdout_discarded:
         if self.active:
             sys.stdout.close()
             sys.stdout = self.saved
+
+
+def _on_cluster(args: argparse.Namespace):
+    """Connected to the scheduler of ``--scheduler`` / Dask's config for an array command, else nothing."""
+    import contextlib
+
+    if args.command not in ARRAY_COMMANDS:
+        return contextlib.nullcontext()
+    from isle_fast.cluster import address_origin, connected, scheduler_address
+
+    given, local = getattr(args, "scheduler", None), ARRAY_COMMANDS[args.command]
+    return connected(scheduler_address(given, local=local), origin=address_origin(given, local=local))
 
 
 class _notes_on_stderr(logging.Handler):
@@ -296,11 +324,22 @@ class _sigterm_unwinds:
 
 
 def _quiet_abandoned_coroutines() -> None:
-    """An interrupt that lands inside Zarr's sync wrapper leaves a coroutine that never ran; its
-    "was never awaited" RuntimeWarning at clean-up is noise after the interrupt, not a problem."""
+    """An interrupt or error that lands inside Zarr's sync wrapper leaves coroutines that never ran or
+    never finished; their warnings and "Exception ignored" tracebacks at clean-up are noise after the
+    one-line message, not a problem."""
+    import inspect
     import warnings
 
     warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    # an object store that failed mid-request (s3fs / aiobotocore) leaves coroutines whose clean-up at
+    # exit raises "Exception ignored in: <coroutine ...>" with a traceback: noise after the one-line error
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not inspect.iscoroutine(getattr(unraisable, "object", None)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _stdout_broken() -> bool:

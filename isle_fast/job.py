@@ -665,9 +665,13 @@ def run_job(spec: JobSpec) -> JobResult:
     with _locked(out), (_locked(cache) if _resolved(cache) != _resolved(out) else contextlib.nullcontext()):
         _clean_stale(out)       # the cache's stores: create_stack cleans their temporaries (check_output)
         workers = spec.workers or parallel.default_workers()
-        if workers > 1:
+        from isle_fast.cluster import current_client
+
+        # on a cluster (--scheduler) the steps run on its workers; else one local pool for every step
+        local_pool = workers > 1 and current_client() is None
+        if local_pool:
             _preload_task_modules()
-        pool = parallel.ProcessPool(workers) if workers > 1 else None
+        pool = parallel.ProcessPool(workers) if local_pool else None
         staging = temp_path(out / ".staging")
         try:
             with (pool.start() if pool is not None else contextlib.nullcontext()) as p, \

@@ -277,6 +277,8 @@ def is_project_store(path: str | os.PathLike) -> bool:
             import fsspec
 
             fs, root = fsspec.core.url_to_fs(str(path))
+            if fs.exists(root.rstrip("/") + "/.isle-commit"):
+                return True   # a commit onto an object store that was interrupted (isle_fast.stores.remote)
             with fs.open(root.rstrip("/") + "/zarr.json", "rb") as f:
                 doc = json.loads(f.read(64 * 2**20))
         except Exception:

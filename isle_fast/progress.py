@@ -258,15 +258,30 @@ def dask_progress(desc: str = "", quiet: bool = False, *, images: int | None = N
     them, each finished task moving it by its share of the graph (tasks of one graph do
     comparable work per image chunk), so a user sees ``merge: 700/1,449 img``, not Dask's task
     count. Without ``images`` the bar shows the share done in percent. Works with the local
-    schedulers (a callback per finished task); on a ``dask.distributed`` client the computation
-    runs on the cluster and the dashboard shows progress instead.
+    schedulers (a callback per finished task) and on a ``dask.distributed`` client: there every
+    computation inside the block that leaves the scheduler to Dask runs on the cluster, and the
+    bar moves as the cluster finishes its tasks (:func:`isle_fast.cluster.cluster_get`; a lost
+    worker's re-run tasks show as work still to do).
     """
     if not _enabled(quiet):
         yield
         return
+    bar = progress(desc=desc, total=images if images else 100, unit="img" if images else "%")
+    if "distributed" in sys.modules:
+        from isle_fast.cluster import cluster_get, current_client
+
+        client = current_client()
+        if client is not None:
+            import dask
+
+            try:
+                with dask.config.set(scheduler=cluster_get(client, _TaskShare(bar))):
+                    yield
+            finally:
+                bar.close()
+            return
     from dask.callbacks import Callback
 
-    bar = progress(desc=desc, total=images if images else 100, unit="img" if images else "%")
     tasks = {"total": 0, "done": 0}
 
     class _Bar(Callback):
@@ -284,6 +299,19 @@ def dask_progress(desc: str = "", quiet: bool = False, *, images: int | None = N
         bar.close()
 
 
+class _TaskShare:
+    """What :func:`isle_fast.cluster.cluster_get` moves (tasks finished of all, over every computation
+    of the block), shown on ``bar`` as that share of its images."""
+
+    disable = False
+
+    def __init__(self, bar: Bar) -> None:
+        self.bar, self.total, self.n = bar, 0, 0
+
+    def refresh(self) -> None:
+        self.bar.set_fraction(self.n / max(1, self.total))
+
+
 class Timer:
     """Wall-clock seconds since creation: ``t = Timer(); ...; t.seconds``."""
 
@@ -299,6 +327,10 @@ def summary(title: str, rows: dict[str, Any], *, quiet: bool = False, file=None)
     """Print a short aligned summary block (to stdout by default)."""
     if quiet:
         return
+    if "distributed" in sys.modules:     # on a cluster: name the scheduler and its workers
+        from isle_fast.cluster import summary_row
+
+        rows = {**rows, **summary_row()}
     out = file or sys.stdout
     width = max((len(k) for k in rows), default=0)
     print(title, file=out)

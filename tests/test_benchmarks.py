@@ -238,6 +238,25 @@ def test_module_list_matches_files():
 
 
 @pytest.mark.slow
+def test_coco_quick(tmp_path, monkeypatch):
+    """``python -m benchmarks.coco --quick``: threaded, 1 and 2 workers equal; the projection is written."""
+    from benchmarks import coco
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "cache"))
+    assert coco.main(["--quick"]) == 0
+    doc = json.loads((tmp_path / "res" / "coco.json").read_text())
+    assert doc["quick"] is True and doc["classes"] == 81 and doc["coco_images"] == 82081
+    assert [r["workers"] for r in doc["cluster"]] == [1, 2]
+    assert all(r["counts_equal"] and r["ensemble_equal"] and r["peak_rss_worker"] > 0 for r in doc["cluster"])
+    proj = doc["projection"]
+    assert proj["chunks"] == 8 and [r["workers"] for r in proj["at_coco_size"]][:3] == [1, 2, 4]
+    assert coco.projection(1.0, 0.5, 5, [1, 2, 5]) == [{"workers": 1, "seconds": 3.5},
+                                                      {"workers": 2, "seconds": 2.5},
+                                                      {"workers": 5, "seconds": 1.5}]
+
+
+@pytest.mark.slow
 def test_e2e_quick(tmp_path, monkeypatch):
     """``python -m benchmarks.e2e --quick``: every measurement runs; label maps and counts are equal."""
     from benchmarks import e2e

@@ -34,8 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the CRF uses exactly each image's labelled classes (crf.keep)")
     parser.add_argument("--name", help="name of the refined set (default: SET's name + '+' + chain)")
     parser.add_argument("--workers", type=int, default=None, help="parallel workers (default: CPU count)")
-    parser.add_argument("--scheduler", default="auto", choices=("auto", "threads", "processes", "sync"),
-                        help="Dask scheduler (auto: processes for the GIL-bound CRF, else threads)")
     parser.add_argument("--images-per-task", type=int, default=None, help="images per Dask task / output chunk")
     parser.add_argument("--score-dtype", choices=("uint8", "float16", "float32"), default=None,
                         help="storage type of a scores output (default: the input's)")
@@ -68,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
         if given and given[-1] != args.preset:
             raise InputError(f"--preset {args.preset} and --param crf.preset={given[-1]} disagree; give one")
         params.append(f"crf.preset={args.preset}")
+    from isle_fast.cluster import current_client
+
+    client = current_client()   # --scheduler ADDRESS (isle_fast/cli.py connected it); else a local name
+    local = args.scheduler if client is None and args.scheduler else "auto"
     refine_stack(args.source, args.images, args.out, args.chain, params, workers=args.workers,
-                 scheduler=args.scheduler, images_per_task=args.images_per_task, name=args.name,
+                 scheduler=local, client=client, images_per_task=args.images_per_task, name=args.name,
                  score_dtype=args.score_dtype, overwrite=args.overwrite, resume=args.resume,
                  device=args.device, progress=not args.quiet)
     return 0

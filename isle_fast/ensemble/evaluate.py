@@ -42,7 +42,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast import metrics
-from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, local_specs, open_inputs, unique_names
+from isle_fast.ensemble.graph import (aligned_arrays, blockwise_args, chunk_executor, local_specs, open_inputs,
+                                      unique_names)
 from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack
 
@@ -394,6 +395,18 @@ def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, 
     return _confusion_block(g, *blocks, **kernel)
 
 
+def _local_counts(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
+                  shape: tuple[int, int, int], **kernel: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_local_task` reduced where it ran: ``(counts (N, C, C+1), per-image stats or None)``.
+
+    The chunk's counts are summed in the task, so a cluster worker sends back one small table
+    instead of the per-image counts of every image of its chunk.
+    """
+    out = _local_task(specs, tails, block, shape, **kernel)
+    stats = metrics.intersection_union(out[:, 0, 0]) if kernel["per_image"] else None
+    return out.sum(axis=(0, 1, 2)), stats
+
+
 def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, backend: str,
                bg_threshold: float | None, per_image: bool, progress: bool
                ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -401,12 +414,12 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
 
     The same tasks as the Dask graph (:func:`confusion_graph`), run by
     :class:`isle_fast.stores.parallel.ThreadExecutor` (a thread per core, a
-    few chunks in flight): for a local run it needs neither Dask nor Zarr,
+    few chunks in flight; on a cluster's workers when a ``distributed`` client is
+    active, :func:`chunk_executor`): for a local run it needs neither Dask nor Zarr,
     which keeps their imports (about 0.3 s) out of a short command's start.
     Counts are exact integers, so they equal the Dask pass.
     """
     from isle_fast.progress import progress as bar
-    from isle_fast.stores.parallel import ThreadExecutor, default_workers
 
     c = gt.num_classes
     groups = tuple(group_sets(stacks, bg_threshold))
@@ -419,17 +432,17 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
         for j in range(-(-h // hc)):
             for l in range(-(-w // wc)):
                 tasks.append(((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc))))
-    fn = partial(_local_task, specs, tails, backend=backend, groups=groups, order=order, num_classes=c,
+    fn = partial(_local_counts, specs, tails, backend=backend, groups=groups, order=order, num_classes=c,
                  per_image=per_image)
     counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), c, 2), dtype=np.int64) if per_image else None
-    with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
+    with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="evaluate", unit="img", quiet=not progress) as pb:
-        for t, out in ex.imap(fn, tasks):
-            counts += out.sum(axis=(0, 1, 2))
+        for t, (part, part_stats) in ex.imap(fn, tasks):
+            counts += part
             if stats is not None:
                 i0 = tasks[t][0][0] * k
-                stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
+                stats[i0:i0 + part_stats.shape[0]] += part_stats
             size = tasks[t][1]
             pb.advance(size[0] * size[1] * size[2] / (h * w))  # a tile's share of its images
     return counts, stats

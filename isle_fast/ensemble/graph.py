@@ -21,7 +21,7 @@ from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack, kind_phrase, open_stack
 
 __all__ = ["SET_KINDS", "MAX_TASK_BYTES", "open_inputs", "unique_names", "work_chunks", "aligned_arrays",
-           "blockwise_args", "dask_requested", "local_specs"]
+           "blockwise_args", "dask_requested", "local_specs", "chunk_executor"]
 
 #: Store kinds a pseudo-label set may be.
 SET_KINDS = ("pseudo", "ensemble")
@@ -185,9 +185,14 @@ def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
 
     That needs every store on local disk in the plain Zstd layout, the sets
     chunked like the gt (score sets: the whole class axis in one chunk), and
-    the gt's chunks small enough for one task (:func:`work_chunks`).
+    the gt's chunks small enough for one task (:func:`work_chunks`). Another
+    Dask scheduler chosen by the user means the Dask graph; a ``dask.distributed``
+    client does not: the same chunk tasks then run on its workers
+    (:func:`chunk_executor`), which read the stores on the shared file system.
     """
-    if dask_requested():
+    from isle_fast.cluster import current_client
+
+    if dask_requested() and current_client() is None:
         return None
     specs = [gt.chunk_spec()] + [s.chunk_spec() for s in stacks]
     if any(sp is None for sp in specs) or 0 in gt.shape:
@@ -199,3 +204,16 @@ def local_specs(stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
         if tuple(st.chunks[:3]) != want or (st.encoding == "scores" and st.chunks[3] != st.shape[3]):
             return None
     return specs
+
+
+def chunk_executor(n_tasks: int) -> Any:
+    """Where the chunk tasks of the direct passes run: on the workers of the active
+    ``dask.distributed`` client (:class:`~isle_fast.stores.parallel.ClusterExecutor`), else on
+    a thread per core here (:class:`~isle_fast.stores.parallel.ThreadExecutor`)."""
+    from isle_fast.cluster import current_client
+    from isle_fast.stores.parallel import ClusterExecutor, ThreadExecutor, default_workers
+
+    client = current_client()
+    if client is not None:
+        return ClusterExecutor(client)
+    return ThreadExecutor(max(1, min(default_workers(), n_tasks)))

@@ -283,15 +283,16 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
 def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: MergePlan, choice: np.ndarray,
                  *, backend: str, progress: bool, allowed: np.ndarray | None = None,
                  each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> int | None:
-    """The merge on a thread pool here (one task per gt chunk, direct chunk reads and writes); pixels written.
+    """The merge on a thread pool here, or on a cluster's workers (one task per gt chunk, direct chunk
+    reads and writes: :func:`isle_fast.ensemble.graph.chunk_executor`); pixels written.
 
     None when the stores do not allow it (see :func:`isle_fast.ensemble.graph.local_specs`; label
     ensembles only): the caller builds the Dask graph instead. Each task runs the same
     :func:`merge_chunk` as the graph's, so the ensemble is the same.
     """
+    from isle_fast.ensemble.graph import chunk_executor
     from isle_fast.progress import progress as bar
     from isle_fast.stores.chunkio import prepare_folders, write_spec
-    from isle_fast.stores.parallel import ThreadExecutor, default_workers
 
     if plan.mode != "labels":
         return None
@@ -312,7 +313,7 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
                  None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool),
                  backend=backend, plan=plan, each_chunk=each_chunk)
     written = 0
-    with ThreadExecutor(max(1, min(default_workers(), len(tasks)))) as ex, \
+    with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
         for t, px in ex.imap(fn, tasks):
             written += px

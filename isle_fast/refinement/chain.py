@@ -705,7 +705,10 @@ def refine_stack(
                           score_dtype=score_dtype, chunks=chunks, provenance=prov, overwrite=overwrite,
                           padded_shape=(h_pad, w_pad))
     try:
-        job = _Job(source=src.path, images=img.path if img is not None else None, target=writer.work_path,
+        from isle_fast.stores.stack import absolute_location
+
+        job = _Job(source=absolute_location(src.path),   # the tasks may run on cluster workers elsewhere
+                   images=absolute_location(img.path) if img is not None else None, target=writer.work_path,
                    target_array=enc, out_dtype=score_dtype if enc == "scores" else "uint8", chain=refs,
                    token=uuid.uuid4().hex)
         _compute(job, labels, src.num_images, k, sched, client, n_workers,
@@ -817,7 +820,8 @@ def _compute(job: _Job, labels: np.ndarray | None, n: int, k: int, sched: str, c
     if not tasks:
         return
     if sched == "distributed":
-        dask.compute(*tasks, scheduler=client)
+        with client.as_current(), dask_progress(desc, quiet=not progress, images=n):
+            dask.compute(*tasks)   # on the client's workers, the bar counting their tasks
     else:
         kwargs = {} if sched == "sync" else {"num_workers": n_workers}
         if sched == "processes":

@@ -110,6 +110,9 @@ def write_spec(array: Any) -> ChunkWriteSpec:
     if plan is None or folder is None:
         store = array.store
         root = str(getattr(store, "root", "")) or str(getattr(store, "path", ""))
+        fs = getattr(store, "fs", None)
+        if fs is not None and root:   # an fsspec store: its URL (s3://bucket/x.zarr), not the bare key
+            root = fs.unstrip_protocol(root)
         return ChunkWriteSpec(shape=shape, chunk_shape=chunks, dtype=dtype, fill_value=fill,
                               zarr_path=root or None, zarr_array=array.path)
     zstd, crc = plan

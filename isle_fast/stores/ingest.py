@@ -348,7 +348,7 @@ def _check_out(out: Any, overwrite: bool, *inputs: Any) -> None:
 def _select(src: str | os.PathLike, exts: Sequence[str], ids: Any, ref: _Reference | None,
             what: str) -> tuple[list[_Item], list[tuple[str, str, str]], str | None]:
     """Items of a folder source: (items, missing-file problems, ids file or None)."""
-    folder = Path(src)
+    folder = Path(src).absolute()   # the tasks may run on cluster workers in another directory
     if not folder.is_dir():
         raise InputError(f"{what} source {folder} is not a folder")
     ids_file = None

@@ -183,9 +183,20 @@ def kind_phrase(kind: str) -> str:
     return f"{'an' if str(kind)[:1] in 'aeiou' else 'a'} {kind!r} store"
 
 
+def absolute_location(path: str | os.PathLike) -> str:
+    """``path`` as any process can open it: a URL unchanged, a local path made absolute.
+
+    Tasks that open a store by its path on ``dask.distributed`` workers need it (the workers
+    run in another working directory).
+    """
+    return str(path) if is_remote(path) else str(_local(path))
+
+
 def _local(path: str | os.PathLike) -> Path:
+    """The local path of a store, absolute: what Zarr opens and what tasks sent to cluster workers
+    (another working directory) read and write."""
     s = str(path)
-    return Path(s[len("file://"):] if s.startswith("file://") else s)
+    return Path(s[len("file://"):] if s.startswith("file://") else s).absolute()
 
 
 def default_compressors(encoding: str | None = None, *, checksum: bool = True) -> tuple:
@@ -1091,7 +1102,17 @@ def _zarr_group(spath: str) -> Any:
         # the same group on a store that refuses to read a missing chunk as the fill value
         return zarr.open_group(CheckedStore(plain.store), path=plain.path, mode="r")
     except Exception as exc:  # zarr raises several types for "not a group"
-        raise StoreError(f"{spath} is not a Zarr v3 group: {exc}") from None
+        if is_remote(spath):
+            from isle_fast.stores.remote import bucket_problem
+
+            problem = bucket_problem(spath)
+            if problem is not None:
+                raise StoreError(problem) from None
+            if "No group found" in str(exc):
+                raise StoreError(f"store {spath} does not exist (no root zarr.json there: never written, or "
+                                 "its write never completed)") from None
+        raise StoreError(f"{spath} is not a Zarr v3 group: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
 
 
 class StackWriter(AllOrNothing):
@@ -1147,10 +1168,15 @@ class StackWriter(AllOrNothing):
         self.group.attrs[IDENTITY_ATTR] = identity_crc32c(dict(self.group.attrs))
         self.group.attrs["complete"] = True
         if self.work_path != self.path:
-            from isle_fast.outputs import commit_dir
-
             try:
-                commit_dir(_local(self.work_path), _local(self.path), overwrite=self.overwrite)
+                if is_remote(self.path):
+                    from isle_fast.stores.remote import commit_prefix
+
+                    commit_prefix(self.work_path, self.path, overwrite=self.overwrite)
+                else:
+                    from isle_fast.outputs import commit_dir
+
+                    commit_dir(_local(self.work_path), _local(self.path), overwrite=self.overwrite)
             except BaseException:
                 self.abort()
                 raise
@@ -1162,7 +1188,14 @@ class StackWriter(AllOrNothing):
         if self.done:
             return
         self.done = True
-        if self.work_path != self.path:
+        if self.work_path != self.path and is_remote(self.work_path):
+            from isle_fast.stores.remote import remove_prefix
+
+            try:
+                remove_prefix(self.work_path)
+            except Exception:  # noqa: BLE001 - never hides the error that made us abort
+                pass
+        elif self.work_path != self.path:
             from isle_fast.outputs import remove_path
 
             remove_path(_local(self.work_path))
@@ -1278,11 +1311,14 @@ def create_stack(
     # an existing output is replaced only with overwrite and only when it is a store, an output folder
     # or a result the project wrote; never /, home or the working directory (isle_fast.outputs)
     final = check_output(spath, overwrite=overwrite)
-    if remote:
-        work = spath
+    if remote:   # built under a temporary prefix, copied into place at commit (isle_fast/stores/remote.py)
+        from isle_fast.stores.remote import check_bucket, temp_url
+
+        check_bucket(spath)
+        work = temp_url(spath)
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = str(temp_path(final))
+        work = str(temp_path(final.absolute()))   # absolute: cluster workers write into it too
     try:
         group = zarr.open_group(work, mode="w", zarr_format=3)
         comp = tuple(compressors) if compressors is not None else default_compressors(layout.array)
@@ -1312,6 +1348,13 @@ def create_stack(
     except BaseException:  # Ctrl-C / SIGTERM while the skeleton is written must not leave it behind
         if not remote:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            from isle_fast.stores.remote import remove_prefix
+
+            try:
+                remove_prefix(work)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
         raise
     return StackWriter(spath, work, group, layout, overwrite)
 

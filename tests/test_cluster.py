@@ -1,0 +1,356 @@
+"""The ``isle`` CLI on a real ``dask.distributed`` cluster: a ``dask scheduler`` and two ``dask worker``
+processes started here (``--nworkers 1 --nthreads 1``, 127.0.0.1 only, free ports).
+
+Every result equals the threaded run's bit for bit; a worker killed in the middle of an ingest or a
+merge does not change the result (its tasks run again on the other); a bad address is one line, no
+traceback, within the timeout. Every process is started in its own session and killed with its
+group by the fixture's finalizer, whether the test passed or not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._pipeline_data import _same_files, _same_store, _scores, make_folders
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW_WORKER = Path(__file__).with_name("_slow_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """A scheduler and workers as process groups; :meth:`stop` kills them all."""
+
+    def __init__(self, root: Path, workers: int = 2, *, slow: float | None = None):
+        self.root = root
+        self.procs: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
+        self.port = _free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        run_dir = root / "cluster-cwd"   # workers run elsewhere: paths must reach them absolute
+        run_dir.mkdir(exist_ok=True)
+        self.env = dict(os.environ, ISLE_PROGRESS="0", PYTHONPATH=str(REPO),
+                        DASK_DISTRIBUTED__WORKER__DAEMON="False")
+        self.env.pop(SCHED_ENV, None)
+        if slow is not None:
+            self.env["ISLE_TEST_TASK_DELAY"] = str(slow)
+        self.log = open(root / "cluster.log", "ab")
+        self._start([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port",
+                     str(self.port), "--no-dashboard"], run_dir)
+        for _ in range(workers):
+            cmd = [sys.executable, "-m", "dask", "worker", self.address, "--nworkers", "1", "--nthreads", "1",
+                   "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "60"]
+            if slow is not None:
+                cmd += ["--preload", str(SLOW_WORKER)]
+            self.workers.append(self._start(cmd, run_dir))
+        self.wait_for_workers(workers)
+
+    def _start(self, cmd: list[str], cwd: Path) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=self.log, stderr=self.log,
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def n_workers(self) -> int:
+        from distributed import Client
+
+        with Client(self.address, timeout=10) as c:
+            return len(c.scheduler_info()["workers"])
+
+    def wait_for_workers(self, n: int, timeout: float = 120) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout=timeout) as c:
+            c.wait_for_workers(n, timeout=timeout)
+
+    def kill_worker(self, i: int) -> None:
+        """SIGKILL worker ``i``'s whole process group (its nanny and the worker process)."""
+        _kill_group(self.workers[i], signal.SIGKILL)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            _kill_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(p, signal.SIGKILL)
+                p.wait(timeout=15)
+        self.log.close()
+
+
+SCHED_ENV = "DASK_SCHEDULER_ADDRESS"
+
+
+def _kill_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def slow_cluster(tmp_path):
+    c = Cluster(tmp_path, slow=0.15)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+# ------------------------------------------------------------------------------------------ data
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return make_folders(tmp_path_factory.mktemp("data"))
+
+
+def isle(args: list, cwd: Path, *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    e = dict(os.environ, ISLE_PROGRESS="0", PYTHONPATH=str(REPO))
+    e.pop(SCHED_ENV, None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "isle_fast", *map(str, args)], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _ingest_all(root: Path, out: Path, extra: list) -> None:
+    """Ingest the gt, the three sets and the RGB images into ``out`` (paths relative to ``root``)."""
+    rel = os.path.relpath(out, root)
+    ok(isle(["ingest", "labels", "gt", "--kind", "gt", "--classes", "classes.txt", "--chunks", "4,60,70",
+             "-o", f"{rel}/gt.zarr", *extra], root))
+    for s in "abc":
+        ok(isle(["ingest", "labels", s, "--gt", f"{rel}/gt.zarr", "-o", f"{rel}/{s}.zarr", *extra], root))
+    ok(isle(["ingest", "images", "rgb", "--gt", f"{rel}/gt.zarr", "-o", f"{rel}/rgb.zarr", *extra], root))
+
+
+@pytest.fixture(scope="module")
+def local_run(folders):
+    """Every step threaded / in local processes (no scheduler): the reference."""
+    out = folders / "local"
+    out.mkdir()
+    _ingest_all(folders, out, [])
+    stores = [f"local/{s}.zarr" for s in "abc"]
+    ok(isle(["evaluate", *stores, "--gt", "local/gt.zarr", "--json", "local/eval.json"], folders))
+    ok(isle(["merge", *stores, "--gt", "local/gt.zarr", "--out", "local/ens.zarr", "--json", "local/merge.json"],
+            folders))
+    ok(isle(["export", "local/ens.zarr", "--out", "local/png"], folders))
+    ok(isle(["refine", "local/a.zarr", "--images", "local/rgb.zarr", "--with", "crf",
+             "--param", "crf.iterations=2", "--out", "local/ref.zarr"], folders))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- tests
+def test_every_command_on_the_cluster_equals_the_threaded_run(cluster, folders, local_run):
+    out = folders / "on-cluster"
+    out.mkdir()
+    sched = ["--scheduler", cluster.address]
+    _ingest_all(folders, out, sched)
+    for s in ("gt", "a", "b", "c", "rgb"):
+        _same_store(local_run / f"{s}.zarr", out / f"{s}.zarr")
+    stores = [f"on-cluster/{s}.zarr" for s in "abc"]
+    text = ok(isle(["evaluate", *stores, "--gt", "on-cluster/gt.zarr", "--json", "on-cluster/eval.json",
+                    *sched], folders))
+    assert f"cluster  {cluster.address} (2 workers, 2 threads)" in text, text
+    assert _scores(out / "eval.json") == _scores(local_run / "eval.json")
+    text = ok(isle(["merge", *stores, "--gt", "on-cluster/gt.zarr", "--out", "on-cluster/ens.zarr",
+                    "--json", "on-cluster/merge.json", *sched], folders))
+    assert "2 workers" in text
+    _same_store(local_run / "ens.zarr", out / "ens.zarr")
+    ok(isle(["export", "on-cluster/ens.zarr", "--out", "on-cluster/png", *sched], folders))
+    _same_files(local_run / "png", out / "png")
+    ok(isle(["refine", "on-cluster/a.zarr", "--images", "on-cluster/rgb.zarr", "--with", "crf",
+             "--param", "crf.iterations=2", "--out", "on-cluster/ref.zarr", *sched], folders))
+    _same_store(local_run / "ref.zarr", out / "ref.zarr")
+
+
+def test_dask_scheduler_address_is_honoured(cluster, folders, local_run):
+    stores = [f"local/{s}.zarr" for s in "abc"]
+    text = ok(isle(["evaluate", *stores, "--gt", "local/gt.zarr", "--json", "env-eval.json"], folders,
+                   env={SCHED_ENV: cluster.address}))
+    assert cluster.address in text and "2 workers" in text
+    assert _scores(folders / "env-eval.json") == _scores(local_run / "eval.json")
+    # --scheduler wins over the environment; a local name (refine) means this machine
+    bad = isle(["evaluate", *stores, "--gt", "local/gt.zarr", "--scheduler", cluster.address], folders,
+               env={SCHED_ENV: "tcp://127.0.0.1:1"})
+    assert bad.returncode == 0, bad.stderr
+
+
+def test_a_bad_scheduler_address_is_one_line(folders, local_run):
+    port = _free_port()   # nothing listens there
+    t0 = time.monotonic()
+    proc = isle(["evaluate", "local/a.zarr", "--gt", "local/gt.zarr", "--scheduler", f"tcp://127.0.0.1:{port}"],
+                folders, env={"ISLE_SCHEDULER_TIMEOUT": "2"})
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("isle evaluate: error: --scheduler tcp://127.0.0.1:") and "2 s" in lines[0]
+    proc = isle(["ingest", "labels", "gt", "-o", "x.zarr", "--scheduler", "no such::host"], folders,
+                env={"ISLE_SCHEDULER_TIMEOUT": "1"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (folders / "x.zarr").exists()
+
+
+def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the command ended (rc {proc.returncode}) before {what}: {err[-1500:]}")
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _popen(args: list, cwd: Path) -> subprocess.Popen:
+    e = dict(os.environ, ISLE_PROGRESS="0", PYTHONPATH=str(REPO))
+    e.pop(SCHED_ENV, None)
+    return subprocess.Popen([sys.executable, "-m", "isle_fast", *map(str, args)], cwd=cwd, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _chunks_written(store_glob: str, root: Path, array: str = "labels") -> int:
+    return sum(1 for t in root.glob(store_glob) for p in (t / array / "c").rglob("*") if p.is_file())
+
+
+def test_a_worker_killed_mid_ingest_changes_nothing(slow_cluster, folders, local_run, tmp_path):
+    out = tmp_path / "k.zarr"
+    proc = _popen(["ingest", "labels", "gt", "--kind", "gt", "--classes", "classes.txt", "--chunks", "2,60,70",
+                   "-o", out, "--scheduler", slow_cluster.address], folders)
+    try:
+        _wait_for(lambda: _chunks_written("k.zarr.tmp-*", tmp_path) >= 2, proc, "two chunks were written")
+        slow_cluster.kill_worker(1)
+        assert proc.poll() is None, "the ingest ended before the worker was killed"
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _kill_group(proc, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "1 worker" in stdout, stdout     # the summary counts the workers left
+    _same_store(local_run / "gt.zarr", out)
+
+
+def test_a_worker_killed_mid_merge_changes_nothing(slow_cluster, folders, local_run, tmp_path):
+    stores = [f"local/{s}.zarr" for s in "abc"]
+    out = tmp_path / "e.zarr"
+    proc = _popen(["merge", *stores, "--gt", "local/gt.zarr", "--out", out, "--no-score",
+                   "--scheduler", slow_cluster.address], folders)
+    try:
+        _wait_for(lambda: _chunks_written("e.zarr.tmp-*", tmp_path) >= 2, proc, "two ensemble chunks were written")
+        slow_cluster.kill_worker(0)
+        assert proc.poll() is None, "the merge ended before the worker was killed"
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        _kill_group(proc, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    _same_store(local_run / "ens.zarr", out)
+
+
+def test_progress_comes_from_the_cluster(cluster, folders, local_run):
+    """Under a terminal the bar counts the tasks the cluster's workers finish."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = dict(os.environ, ISLE_PROGRESS="1", PYTHONPATH=str(REPO))
+    env.pop(SCHED_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-m", "isle_fast", "evaluate", "local/a.zarr", "local/b.zarr",
+                             "--gt", "local/gt.zarr", "--scheduler", cluster.address], cwd=folders, env=env,
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 120:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk and proc.poll() is not None:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        _kill_group(proc, signal.SIGKILL)
+        os.close(master)
+    text = out.decode(errors="replace").replace("\r", "\n")
+    assert proc.wait() == 0, text[-2000:]
+    # chunk tasks of the direct pass (stores chunked alike) or the Dask graph's tasks (the scheduler's
+    # progress plugin), e.g. "evaluate: 100%|####| 62/62 [00:06<00:00, 8.98task/s]"
+    done = [ln for ln in text.splitlines() if ln.startswith("evaluate: 100%") and ("task/s" in ln or "chunk/s" in ln)]
+    assert done, text[-2000:]
+    assert "cluster" in text and "2 workers" in text
+
+
+def test_run_and_report_on_the_cluster(cluster, folders, local_run):
+    """``isle run`` (every step on the cluster: no local process pool) and ``isle report``."""
+    text = ok(isle(["run", "--gt", "gt", "--set", "a=a", "--set", "b=b", "--set", "c=c", "--classes", "classes.txt",
+                    "--no-report", "-o", "run-cluster", "--scheduler", cluster.address], folders))
+    assert "2 workers" in text, text
+    _same_store(local_run / "ens.zarr", folders / "run-cluster" / "ensemble.zarr")
+    _same_files(local_run / "png", folders / "run-cluster" / "ensemble")
+    stores = [f"local/{s}.zarr" for s in "abc"]
+    text = ok(isle(["report", *stores, "--gt", "local/gt.zarr", "--out", "report-cluster",
+                    "--scheduler", cluster.address], folders))
+    assert "2 workers" in text and (folders / "report-cluster").is_dir()
+
+
+def test_the_scheduler_address_comes_from_the_flag_the_environment_or_dask_config(tmp_path, monkeypatch):
+    from isle_fast.cluster import address_origin, scheduler_address
+
+    monkeypatch.delenv(SCHED_ENV, raising=False)
+    monkeypatch.setenv("DASK_CONFIG", str(tmp_path / "none"))
+    if "dask" not in sys.modules:    # nothing configured (with Dask imported, its config is read)
+        assert scheduler_address(None) is None
+    monkeypatch.setenv(SCHED_ENV, "tcp://10.0.0.1:8786")
+    assert scheduler_address(None) == "tcp://10.0.0.1:8786"
+    assert scheduler_address("tcp://10.0.0.2:8786") == "tcp://10.0.0.2:8786"     # the flag wins
+    assert scheduler_address("threads", local=("auto", "threads")) is None        # refine's local names
+    assert address_origin(None) == "$DASK_SCHEDULER_ADDRESS" and address_origin("tcp://x:1") == "--scheduler"
+
+
+def test_dask_yaml_config_is_honoured(folders, local_run, tmp_path):
+    """``scheduler-address`` in a Dask YAML file (here via DASK_CONFIG) is where the command goes."""
+    port = _free_port()
+    (tmp_path / "dask.yaml").write_text(f"scheduler-address: tcp://127.0.0.1:{port}\n")
+    proc = isle(["evaluate", "local/a.zarr", "--gt", "local/gt.zarr"], folders,
+                env={"DASK_CONFIG": str(tmp_path), "ISLE_SCHEDULER_TIMEOUT": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert f"isle evaluate: error: Dask's scheduler-address config tcp://127.0.0.1:{port}: cannot connect" \
+        in proc.stderr, proc.stderr

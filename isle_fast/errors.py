@@ -30,6 +30,7 @@ def param(name: str, value: Any = _NO_VALUE) -> str:
 
     Examples
     --------
+    >>> from isle_fast.errors import InputError, param
     >>> str(InputError(f"{param('average')} must be one of dataset, image"))
     'average must be one of dataset, image'
     >>> InputError(f"{param('backend', 'gpu')}: no CUDA device").for_cli()

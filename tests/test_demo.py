@@ -20,8 +20,14 @@ def quick_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo") / "run"
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(["demo", "--quick", "--out", str(out), "--quiet"])
+    # not --quiet: that prints nothing but errors, and the printed table is under test; no bars instead
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ISLE_PROGRESS", "0")
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = main(["demo", "--quick", "--out", str(out)])
+    finally:
+        mp.undo()
     assert rc == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     return out, summary, buf.getvalue()
@@ -31,7 +37,8 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_runs_every_step_and_writes_its_outputs(quick_demo):
     out, summary, text = quick_demo
     steps = [s["step"] for s in summary["steps"]]
-    assert steps == ["data", "ingest", "info", "refine", "evaluate", "merge", "report", "run", "train"]
+    assert steps == ["data", "ingest", "info", "threshold_sweep", "refine", "evaluate", "merge", "report", "run",
+                     "train"]
     run = summary["results"]["run"]            # isle run on the same tree: same ensemble, cached re-run
     assert run["identical_to_the_steps"] is True and len(run["stores_reused_on_rerun"]) >= 5
     assert len(list((out / "run" / "ensemble").glob("*.png"))) == summary["results"]["data"]["train"]

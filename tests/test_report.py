@@ -214,8 +214,8 @@ def test_report_html_is_self_contained(stores):
     srcs = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), srcs  # nothing to fetch
     assert "<script" not in page and "http://" not in page and "https://" not in page
-    assert page.count("<img ") == 4  # bars, heat map, subsets, samples
-    assert page.count("<table>") == 4  # Tables 3-4, 1, 2 and the subsets
+    assert page.count("<img ") == 5  # bars, heat map, subsets, samples, the uncertainty of every choice
+    assert page.count("<table>") == 5  # Tables 3-4, 1, 2, the subsets and the uncertainty of every choice
     for needed in ("Provenance", "isle-fast", "numpy", "policy", "score", gt.path, a.path, "A", "B"):
         assert needed in page, needed
 
@@ -241,7 +241,7 @@ def test_report_html_renders_in_headless_chromium(stores):
     found = re.search(r"PROBE (\d+)/(\d+) tables (\d+)", run.stdout)
     assert found, run.stdout[-2000:] + run.stderr[-2000:]
     ok, total, tables = (int(v) for v in found.groups())
-    assert total == 4 and ok == total and tables == 4, found.group(0)  # every figure loads
+    assert total == 5 and ok == total and tables == 5, found.group(0)  # every figure loads
     # the page itself (no probe) as a screenshot: its size, and not blank
     shot = root / "shot.png"
     run = _chromium(browser, root, "--window-size=1280,1800", f"--screenshot={shot}",

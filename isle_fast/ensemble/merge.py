@@ -531,6 +531,15 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     Returns
     -------
     MergeResult
+
+    Examples
+    --------
+    >>> import tempfile, isle_fast as il
+    >>> ds = il.make_voc_like(tempfile.mkdtemp() + "/voc", n_images=12, size_range=(40, 60), soft_sets=())
+    >>> sets = [ds.stores[f"train/pseudo/{name}"] for name in ds.set_names]
+    >>> res = il.merge(sets, ds.stores["train/gt"], tempfile.mkdtemp() + "/ensemble.zarr", progress=False)
+    >>> res.stack.kind, res.stack.num_images
+    ('ensemble', 9)
     """
     from isle_fast.backend import dask_scheduler, resolve_backend
     from isle_fast.progress import dask_progress

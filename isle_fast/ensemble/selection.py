@@ -152,6 +152,15 @@ def select(evaluation: Any = None, sets: Sequence[str | int] | None = None, *,
     Returns
     -------
     Selection
+
+    Examples
+    --------
+    >>> import tempfile, isle_fast as il
+    >>> ds = il.make_voc_like(tempfile.mkdtemp() + "/voc", n_images=12, size_range=(40, 60), soft_sets=())
+    >>> sets = [ds.stores[f"train/pseudo/{name}"] for name in ds.set_names]
+    >>> sel = il.select(il.evaluate(sets, ds.stores["train/gt"], progress=False))
+    >>> [sel.set_names[b] for b in sel.best[:3]]   # the sets chosen for background, aeroplane, bicycle
+    ['drs', 'puzzlecam', 'puzzlecam']
     """
     set_paths = None
     if evaluation is not None:

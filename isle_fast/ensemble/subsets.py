@@ -221,6 +221,15 @@ def subset_analysis(sets: Sequence[Any], gt: Any, *, evaluation: Evaluation | No
     -------
     SubsetAnalysis
         Its scores are dataset-level IoU of each subset's ensemble.
+
+    Examples
+    --------
+    >>> import tempfile, isle_fast as il
+    >>> ds = il.make_voc_like(tempfile.mkdtemp() + "/voc", n_images=12, size_range=(40, 60), soft_sets=())
+    >>> sets = [ds.stores[f"train/pseudo/{name}"] for name in ds.set_names]
+    >>> sa = il.subset_analysis(sets, ds.stores["train/gt"], progress=False)
+    >>> len(sa.names()), sa.names()[-1]
+    (15, 'puzzlecam+clims+pmm+drs')
     """
     import dask.array as da
 

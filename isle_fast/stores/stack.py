@@ -1003,6 +1003,14 @@ def open_stack(path: str | os.PathLike, kind: str | Sequence[str] | None = None)
         ``ids`` / ``shapes``); its ids repeat; its shapes, array shape or dtype
         disagree with each other or the encoding. Each message names the store
         and what is wrong. Chunks of the main array are checked when read.
+
+    Examples
+    --------
+    >>> import tempfile, isle_fast as il
+    >>> ds = il.make_voc_like(tempfile.mkdtemp() + "/voc", n_images=12, size_range=(40, 60), soft_sets=())
+    >>> gt = il.open_stack(ds.stores["train/gt"])
+    >>> gt.kind, gt.encoding, gt.num_images, gt.num_classes
+    ('gt', 'labels', 9, 21)
     """
     spath = str(path)
     if not is_remote(spath) and not _local(spath).exists():

@@ -313,8 +313,9 @@ def checksum_cost(datasets: dict[str, tuple[np.ndarray, tuple[int, ...]]],
     import shutil
     import tempfile
 
-    from .common import tmp_dir
     from isle_fast.stores.stack import open_stack
+
+    from .common import tmp_dir
 
     rows = []
     work = Path(tempfile.mkdtemp(prefix="checksum-", dir=tmp_dir()))

@@ -29,7 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import bench_parser, dir_bytes, fill_once, format_table, headline_row, scratch, tmp_dir, write_json
+from .common import (
+    bench_parser,
+    dir_bytes,
+    fill_once,
+    format_table,
+    headline_row,
+    scratch,
+    tmp_dir,
+    write_json,
+)
 from .compression import label_batch
 
 

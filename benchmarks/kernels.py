@@ -42,8 +42,9 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
-from .common import bench_parser, format_table, headline_row, log, write_json
 from isle_fast.kernels import cpu
+
+from .common import bench_parser, format_table, headline_row, log, write_json
 
 C = 21
 
@@ -363,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     heads = [headline_row(f"{r['kernel']} ({r['data']})", r["ours_s"], r["reference"], r["ref_s"],
                           rate=r["ours_rate"], unit=r["unit"] + "/s") for r in rows[:1] + rows[3:4]]
     path = write_json("kernels", {"config": {"images": n_img, "height": h, "width": w, "classes": C,
-                                             "threads": threads, "allocator_tuned": tuned, "repeat": k, "set_agreement": agree,
+                                             "threads": threads, "allocator_tuned": tuned, "repeat": k,
+                                             "set_agreement": agree,
                                              "load_average_start": load0, "load_average_end": os.getloadavg()},
                                   "rows": rows, "headline": heads}, quick=q)
     print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")

@@ -53,9 +53,9 @@ from .common import (
     read_png,
     results_dir,
     tmp_dir,
+    write_json,
     wsss_confusion,
     wsss_evaluate_pngs,
-    write_json,
 )
 
 VOC_TRAIN_AUG = 10582

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (bench_parser, best_of, format_table, headline_row, log, quiet_progress,
-                               write_json)
+from .common import bench_parser, best_of, format_table, headline_row, log, quiet_progress, write_json
 
 
 def _scenes(n: int, h: int, w: int, num_classes: int, seed: int = 0):
@@ -165,8 +164,8 @@ def bench_random_walk(h: int, w: int, num_classes: int, repeat: int, with_networ
                       backbone: str = "resnet50") -> dict:
     import torch
 
-    from isle_fast.refinement.affinity import AffinityNet, random_walk_image
     from isle_fast.kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
+    from isle_fast.refinement.affinity import AffinityNet, random_walk_image
 
     rng = np.random.default_rng(0)
     stride, radius, logt, beta = 8, 5, 6, 8.0

@@ -102,8 +102,8 @@ from .common import (
     results_dir,
     save_figure,
     tmp_dir,
-    wsss_confusion,
     write_json,
+    wsss_confusion,
 )
 
 #: Series whose varying part is below this share of the time at the largest size count as flat.
@@ -260,8 +260,8 @@ def _pipeline_steps(data: dict[str, Any], out: Path, repeat: int) -> dict[str, f
 def _in_memory(data: dict[str, Any], repeat: int) -> dict[str, float]:
     """The kernels alone and the references, on the data set loaded into memory."""
     from isle_fast.ensemble.evaluate import evaluate
-    from isle_fast.kernels import cpu as K
     from isle_fast.ensemble.selection import select
+    from isle_fast.kernels import cpu as K
     from isle_fast.stores.stack import open_stack
 
     gt = open_stack(data["gt"])
@@ -363,8 +363,8 @@ def sweep_ingest(ctx: Ctx, var: str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 def _refine_data(ctx: Ctx, n: int, side: int) -> tuple[str, str, list]:
     """Images + CAM-like score stores of ``n`` synthetic scenes ``side x side`` (21 classes), cached."""
-    from isle_fast.synthetic.scene import synthetic_scene
     from isle_fast.stores.stack import open_stack
+    from isle_fast.synthetic.scene import synthetic_scene
 
     from .refine import write_scene_stores
 
@@ -465,7 +465,8 @@ _WARM: dict[str, bool] = {}
 
 def _train_step_seconds(ctx: Ctx, images: str, labels: str, run: Path, crop: int, batch: int,
                         cpu: bool = True) -> tuple[float, float]:
-    """Wall and CPU seconds of one optimiser step of ``isle_fast.training.train.train`` (loader + forward + backward + SGD).
+    """Wall and CPU seconds of one optimiser step of ``isle_fast.training.train.train``
+    (loader + forward + backward + SGD).
 
     Wall: the run logs every step (``log_every=1``); the library's own
     per-step clock gives images/s, and the best step after the first counts
@@ -525,9 +526,9 @@ def _model_forward(run: str, store: str) -> Callable[[], None]:
     """Reference: the trained model's forward pass alone over the images, already in memory as tensors."""
     import torch
 
+    from isle_fast.stores.stack import open_stack
     from isle_fast.training.data import normalize
     from isle_fast.training.predict import load_model
-    from isle_fast.stores.stack import open_stack
 
     model, _ = load_model(run, "final", torch.device("cpu"))
     st = open_stack(store)

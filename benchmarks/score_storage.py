@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import (
-    best_of,
     bench_parser,
+    best_of,
     dir_bytes,
     fill_once,
     format_table,

@@ -53,8 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import (bench_parser, format_table, headline_row, log, quiet_progress, tmp_dir,
-                     write_json)
+from .common import bench_parser, format_table, headline_row, log, quiet_progress, tmp_dir, write_json
 
 CLASSES = ["background"] + [f"class{c}" for c in range(1, 21)]
 

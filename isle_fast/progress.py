@@ -166,7 +166,8 @@ class Bar:
         head = f"{self.desc}: " if self.desc else ""
         count = f"{n:,}/{int(self._total):,} {self.unit}" if self._total else f"{n:,} {self.unit}"
         if done and self.passes is not None:
-            count = f"{self.passes[0]} pass{'es' if self.passes[0] != 1 else ''} over {int(self.passes[1]):,} {self.unit}"
+            passes = self.passes[0]
+            count = f"{passes} pass{'es' if passes != 1 else ''} over {int(self.passes[1]):,} {self.unit}"
         if self._total and not done:
             count += f" ({100.0 * self.n / self._total:.0f}%)"
         parts = [count, f"{rate:,.1f} {self.unit}/s"]

@@ -76,11 +76,21 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_score_bins_args,
-                     confusion_score_bins_sparse_args,
-                     confusion_scores_args, decode_scores_args,
-                     merge_labels_args, merge_scores_args, subset_confusion_labels_args,
-                     subset_confusion_scores_args, vote_patterns_args)
+from .checks import (
+    IGNORE,
+    ORDER,
+    SCORE,
+    confusion_labels_args,
+    confusion_score_bins_args,
+    confusion_score_bins_sparse_args,
+    confusion_scores_args,
+    decode_scores_args,
+    merge_labels_args,
+    merge_scores_args,
+    subset_confusion_labels_args,
+    subset_confusion_scores_args,
+    vote_patterns_args,
+)
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE",

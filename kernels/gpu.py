@@ -73,9 +73,19 @@ import numpy as np
 from numba import config as _numba_config
 from numba import cuda, float64, int64, uint32, uint64
 
-from .checks import (IGNORE, ORDER, SCORE, confusion_labels_args, confusion_scores_args, decode_scores_args,
-                     merge_labels_args, merge_scores_args, subset_confusion_labels_args,
-                     subset_confusion_scores_args, threshold_value)
+from .checks import (
+    IGNORE,
+    ORDER,
+    SCORE,
+    confusion_labels_args,
+    confusion_scores_args,
+    decode_scores_args,
+    merge_labels_args,
+    merge_scores_args,
+    subset_confusion_labels_args,
+    subset_confusion_scores_args,
+    threshold_value,
+)
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE", "SIMULATOR", "threshold_value",

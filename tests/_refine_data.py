@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from isle_fast.synthetic.scene import synthetic_scene
 from isle_fast.stores.stack import create_stack
+from isle_fast.synthetic.scene import synthetic_scene
 
 CLASSES = ["background", "a", "b", "c"]
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _refine_data import make_scenes, miou, write_stores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _refine_data import make_scenes, miou, write_stores
+from isle_fast.errors import InputError
+from isle_fast.kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
 from isle_fast.refinement.affinity import (
     AffinityNet,
     AffinityNetRefinement,
@@ -20,8 +22,6 @@ from isle_fast.refinement.affinity import (
     train_affinity,
     walk_input,
 )
-from isle_fast.errors import InputError
-from isle_fast.kernels.refine_cpu import disc_offsets, normalise_rows, random_walk
 from isle_fast.refinement.chain import PrepareContext, refine_stack
 from isle_fast.stores.stack import open_stack
 

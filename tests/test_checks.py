@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference as R
+
 from isle_fast.kernels import checks, cpu
 from isle_fast.kernels import gpu as G
 

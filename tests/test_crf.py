@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pydensecrf.densecrf as dcrf
 import pytest
+from _refine_data import make_scenes, miou, write_stores
+from _shared import shared_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -15,16 +17,14 @@ from pydensecrf.utils import (
     unary_from_labels,
     unary_from_softmax,
 )
+from reference import quantize_scores_u8
 
-from _refine_data import make_scenes, miou, write_stores
-from _shared import shared_data
 from isle_fast.cli import main
 from isle_fast.errors import InputError
 from isle_fast.refinement.chain import refine_stack
-from isle_fast.synthetic.scene import synthetic_scene
 from isle_fast.refinement.crf import AUTO_PRESET, PRESETS, DenseCRF, crf_image, crf_settings, present_classes
 from isle_fast.stores.stack import Stack, open_stack
-from reference import quantize_scores_u8
+from isle_fast.synthetic.scene import synthetic_scene
 
 
 # --------------------------------------------------------------------------------- the public calls
@@ -416,14 +416,13 @@ def test_cli_preset_and_help(tmp_path, capsys):
 
 def _run_in_pty(args, timeout=300):
     """Run a command with stdout / stderr on a pseudo-terminal (as in a user's shell); (exit code, output)."""
+    import fcntl
     import os
     import pty
     import select
+    import struct
     import subprocess
     import sys
-
-    import fcntl
-    import struct
     import termios
 
     master, slave = pty.openpty()

@@ -9,10 +9,16 @@ import pytest
 import torch
 from _segdata import make_stores
 
-from isle_fast.training.data import (MEAN_PIXEL, ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader,
-                            normalize)
 from isle_fast.errors import AlignmentError, InputError
 from isle_fast.stores.stack import open_stack
+from isle_fast.training.data import (
+    MEAN_PIXEL,
+    ChunkBatchSampler,
+    SegmentationDataset,
+    chunk_groups,
+    make_loader,
+    normalize,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from reference import quantize_scores_u8
 
+from isle_fast.errors import InputError
 from isle_fast.stores.png import read_label_png, voc_palette, write_label_png
+from isle_fast.stores.stack import VOC_CLASSES, check_aligned, open_stack
 from isle_fast.synthetic.datasets import make_voc_like
 from isle_fast.synthetic.imageops import boundary_band
 from isle_fast.synthetic.quality import PAPER_SETS, TABLE1_BEST, default_quality
-from isle_fast.synthetic.wsss_files import CAM_BG_THRESHOLD, cam_scores, load_cam_npy, save_cam_npy, save_cls_labels
-from isle_fast.errors import InputError
-from isle_fast.stores.stack import VOC_CLASSES, check_aligned, open_stack
-from reference import quantize_scores_u8
+from isle_fast.synthetic.wsss_files import (
+    CAM_BG_THRESHOLD,
+    cam_scores,
+    load_cam_npy,
+    save_cam_npy,
+    save_cls_labels,
+)
 
 C = len(VOC_CLASSES)
 TINY = dict(size_range=(40, 56), max_objects=3)

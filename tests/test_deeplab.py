@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from isle_fast.training.deeplab import DeepLabV3Plus
 from isle_fast.errors import InputError
+from isle_fast.training.deeplab import DeepLabV3Plus
 
 
 @pytest.mark.parametrize("backbone,os_", [("resnet18", 16), ("resnet18", 8), ("resnet18", 32),

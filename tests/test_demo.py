@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from isle_fast.cli import main
 from isle_fast import demo as demo_lib
+from isle_fast.cli import main
 from isle_fast.commands import demo
 
 

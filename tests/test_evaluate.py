@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isle_fast.cli import main
-from isle_fast.errors import AlignmentError, InputError
 from isle_fast.ensemble.evaluate import Evaluation, evaluate
+from isle_fast.errors import AlignmentError, InputError
 from tests import reference as ref
 from tests.conftest import write_stack
 

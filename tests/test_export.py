@@ -20,8 +20,8 @@ from isle_fast.cli import main
 from isle_fast.ensemble.report import export_pngs
 from isle_fast.errors import InputError
 from isle_fast.stores.export import png_options
-from tests.conftest import write_stack
 from tests import reference as ref
+from tests.conftest import write_stack
 
 REPO = Path(__file__).resolve().parents[1]
 

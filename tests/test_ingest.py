@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from reference import irn_decode, quantize_scores_u8
 
 from isle_fast.errors import InputError, StoreError
 from isle_fast.stores.ingest import (
@@ -22,7 +23,6 @@ from isle_fast.stores.ingest import (
 from isle_fast.stores.ingest_arrays import ingest_arrays, ingest_dask
 from isle_fast.stores.ingest_tiff import ingest_tiff
 from isle_fast.stores.png import voc_palette
-from reference import irn_decode, quantize_scores_u8
 
 C = 21
 PALETTE = voc_palette().ravel().tolist()
@@ -308,6 +308,7 @@ def test_scores_store_decodes_like_irn_evaluation_of_the_files(tmp_path_factory,
     IRN-style CAMs decoded differently from IRN's own evaluation). CAMs full of near-ties and values equal to
     the threshold, written as IRN writes them: the stored stack decodes exactly like IRN's eval_cam.py."""
     from _scores import tricky_scores
+
     from isle_fast.kernels.cpu import decode_scores
 
     root = tmp_path_factory.mktemp("irn")

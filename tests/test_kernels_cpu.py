@@ -7,10 +7,10 @@ import itertools
 import numba
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from isle_fast.kernels import cpu
-
 from tests import reference as ref
 
 DTYPES = (np.uint8, np.float16, np.float32)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference as R
+
 from isle_fast.backend import gpu_available, simulator_enabled
 from isle_fast.kernels import gpu as G
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as ref
+from _scores import tricky_scores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as ref
-from _scores import tricky_scores
 from isle_fast.kernels.store_cpu import keep_argmax_float, quantize_u8
+
 
 @settings(max_examples=60)
 @given(seed=st.integers(0, 2**31), n=st.integers(0, 300), c=st.integers(1, 25), pool=st.integers(1, 6),

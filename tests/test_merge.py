@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from isle_fast.cli import main
-from isle_fast.errors import StoreError
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.merge import POLICIES, ensemble_scores, gt_presence, image_choice, merge, merge_images
 from isle_fast.ensemble.report import export_pngs
-from isle_fast.stores.png import voc_palette
 from isle_fast.ensemble.selection import select
+from isle_fast.errors import StoreError
+from isle_fast.stores.png import voc_palette
 from isle_fast.stores.stack import open_stack
 from tests import reference as ref
 from tests.conftest import write_stack

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference as R
 from isle_fast import metrics
 
 seeds = st.integers(0, 2**32 - 1)

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 from isle_fast.errors import InputError
-from isle_fast.options import (add_arguments, build, cli_flags, flag_of, namespace_options, option,
-                               parameters_doc)
+from isle_fast.options import (
+    add_arguments,
+    build,
+    cli_flags,
+    flag_of,
+    namespace_options,
+    option,
+    parameters_doc,
+)
 
 
 @dataclass

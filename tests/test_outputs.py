@@ -17,9 +17,24 @@ import pytest
 
 from isle_fast import outputs
 from isle_fast.errors import InputError, StoreError
-from isle_fast.outputs import (JSON_KEY, MARKER, FolderOutput, check_json_output, check_output, clean_stale,
-                               commit_dir, leftover_note, leftovers, owned, refuse_unsafe, temp_path,
-                               write_bytes, write_file, write_json, write_text)
+from isle_fast.outputs import (
+    JSON_KEY,
+    MARKER,
+    FolderOutput,
+    check_json_output,
+    check_output,
+    clean_stale,
+    commit_dir,
+    leftover_note,
+    leftovers,
+    owned,
+    refuse_unsafe,
+    temp_path,
+    write_bytes,
+    write_file,
+    write_json,
+    write_text,
+)
 
 
 def small_store(path: Path, value: int = 1):

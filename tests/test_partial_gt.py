@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isle_fast.cli import main
-from isle_fast.errors import AlignmentError
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.merge import merge
+from isle_fast.errors import AlignmentError
 from isle_fast.stores.stack import open_stack
 from tests import reference as ref
 from tests.conftest import write_stack

@@ -8,8 +8,8 @@ import torch
 from _segdata import make_stores
 
 from isle_fast.errors import InputError, StoreError
-from isle_fast.training.predict import load_model, predict, predict_probs
 from isle_fast.stores.stack import open_stack
+from isle_fast.training.predict import load_model, predict, predict_probs
 from isle_fast.training.train import train
 
 
@@ -108,10 +108,9 @@ def test_predict_never_writes_over_its_inputs_or_foreign_files(run, tmp_path, ca
     folder isle did not write, even with --overwrite; a run's own folder may hold its predictions."""
     import hashlib
     import shutil
+    from pathlib import Path
 
     from isle_fast.cli import main
-
-    from pathlib import Path
 
     rundir, vi, _ = run
     vi = Path(vi)

@@ -6,9 +6,9 @@ import fcntl
 import io
 import os
 import pty
+import re
 import select
 import struct
-import re
 import subprocess
 import sys
 import termios

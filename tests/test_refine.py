@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 from _refine_data import write_stores
+
 from isle_fast.cli import main
 from isle_fast.errors import InputError, StoreError
 from isle_fast.refinement.chain import (

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import pytest
+from distributed import WorkerPlugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from distributed import WorkerPlugin
 from PIL import Image
 
 from isle_fast import cli
@@ -1609,10 +1609,10 @@ def test_out_of_core_bounded_memory(tmp_path):
     """evaluate + merge over a data set several times the workers' memory limit completes, and no worker
     grows past its limit (measured: peak RSS sampled every 20 ms)."""
     sys.path.insert(0, str(REPO))
-    from benchmarks.common import PeakMemory, make_label_stores
     from dask.distributed import Client, LocalCluster
     from dask.utils import parse_bytes
 
+    from benchmarks.common import PeakMemory, make_label_stores
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.ensemble.merge import merge
 

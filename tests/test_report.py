@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from isle_fast.cli import main
-from isle_fast.errors import InputError, StoreError
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.merge import merge
 from isle_fast.ensemble.report import report
 from isle_fast.ensemble.subsets import subset_analysis
+from isle_fast.errors import InputError, StoreError
 from tests.conftest import write_stack
 
 SHAPES = [(9, 7), (8, 8), (6, 9)]

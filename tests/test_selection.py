@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.selection import resolve_members, select
+from isle_fast.errors import InputError
 
 CLASSES = ["bg", "a", "b", "c", "d"]
 NAMES = ["P", "Q", "R"]

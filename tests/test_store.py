@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import pytest
+from _scores import tricky_scores
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import quantize_scores_u8
 
-from _scores import tricky_scores
 from isle_fast.errors import AlignmentError, InputError, StoreError
 from isle_fast.stores.stack import (
     FORMAT_VERSION,
@@ -20,7 +21,6 @@ from isle_fast.stores.stack import (
     default_compressors,
     open_stack,
 )
-from reference import quantize_scores_u8
 
 CLASSES = ["bg", "a", "b"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from isle_fast.errors import InputError
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.merge import merge
 from isle_fast.ensemble.subsets import all_subsets, subset_analysis
+from isle_fast.errors import InputError
 from tests.conftest import write_stack
 
 SHAPES = [(6, 5), (7, 7), (3, 4), (5, 6)]

@@ -135,7 +135,7 @@ def uncertain_row(unc) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isle_fast.ensemble.sweep import evaluate_at as evaluate   # class-sparse sets read as stored
+    from isle_fast.ensemble.sweep import evaluate_at as evaluate  # class-sparse sets read as stored
     from isle_fast.outputs import check_json_output
     from isle_fast.progress import summary
 

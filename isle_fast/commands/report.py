@@ -11,8 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="report folder (must not exist)")
     parser.add_argument("--ensemble", metavar="E", help="an ensemble store to report (default: computed)")
-    parser.add_argument("--images", metavar="IMG", help="images store, or a folder of <id>.jpg / .png (only the images drawn "
-                        "are read): adds the side-by-side figure")
+    parser.add_argument("--images", metavar="IMG",
+                        help="images store, or a folder of <id>.jpg / .png (only the images drawn are read): "
+                             "adds the side-by-side figure")
     parser.add_argument("--num-images", type=int, default=3, metavar="K", help="images in the figure")
     parser.add_argument("--policy", choices=("score", "order", "ignore"), default="score",
                         help="merge policy of the computed ensembles")
@@ -20,12 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from isle_fast.progress import one_bar, summary
-    from isle_fast.ensemble.report import report
-    from isle_fast.stores.stack import open_stack
-
     from isle_fast.commands.evaluate import no_gt
+    from isle_fast.ensemble.report import report
     from isle_fast.errors import InputError
+    from isle_fast.progress import one_bar, summary
+    from isle_fast.stores.stack import open_stack
 
     if no_gt(args.gt) or args.estimator:
         raise InputError("isle report scores against pixel labels: give a --gt (one of some images works); "

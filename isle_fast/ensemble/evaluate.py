@@ -42,8 +42,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast import metrics
-from isle_fast.ensemble.graph import (aligned_arrays, blockwise_args, chunk_executor, local_specs, open_inputs,
-                                      unique_names)
+from isle_fast.ensemble.graph import (
+    aligned_arrays,
+    blockwise_args,
+    chunk_executor,
+    local_specs,
+    open_inputs,
+    unique_names,
+)
 from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack
 

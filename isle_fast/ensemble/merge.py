@@ -57,11 +57,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, param
 from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate, score_threshold
-from isle_fast.ensemble.graph import (aligned_arrays, blockwise_args, local_specs, open_inputs, unique_names,
-                                      work_chunks)
+from isle_fast.ensemble.graph import (
+    aligned_arrays,
+    blockwise_args,
+    local_specs,
+    open_inputs,
+    unique_names,
+    work_chunks,
+)
 from isle_fast.ensemble.selection import Selection, select
+from isle_fast.errors import InputError, param
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import check_output
 from isle_fast.stores.stack import Stack, create_stack, default_compressors
@@ -542,9 +548,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     ('ensemble', 9)
     """
     from isle_fast.backend import dask_scheduler, resolve_backend
-    from isle_fast.progress import dask_progress
-
     from isle_fast.ensemble.sweep import is_sweep, parse_thresholds
+    from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
     sweep_spec = bg_threshold if is_sweep(bg_threshold) else None

@@ -38,10 +38,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError, param
 from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate
 from isle_fast.ensemble.graph import open_inputs, unique_names
 from isle_fast.ensemble.selection import select
+from isle_fast.errors import InputError, param
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import FolderOutput
 
@@ -341,7 +341,8 @@ def _subset_chart(path: Path, names: list[str], miou: np.ndarray, sizes: np.ndar
         lo = max(0.0, float(finite.min()) - 5)
         ax.set_ylim(lo, min(100.0, float(finite.max()) + 3))
     title = "Ensemble of every subset of the sets"
-    handles = [Patch(color=colour(s), label=f"{s} set{'s' if s > 1 else ''}") for s in sorted(set(int(v) for v in sizes))]
+    handles = [Patch(color=colour(s), label=f"{s} set{'s' if s > 1 else ''}")
+               for s in sorted(set(int(v) for v in sizes))]
     if best is not None and not np.isnan(miou[best]):
         bars[best].set_edgecolor("red")
         bars[best].set_linewidth(2.0)
@@ -602,8 +603,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
     """
     from isle_fast.backend import resolve_backend
     from isle_fast.ensemble.merge import gt_presence, merge_images
-    from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
     from isle_fast.ensemble.subsets import MAX_SETS, subset_analysis
+    from isle_fast.stores.stack import Stack, check_aligned, kind_phrase, open_stack
 
     t0 = time.perf_counter()
     bg_threshold = check_bg_threshold(bg_threshold)

@@ -25,12 +25,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
 from isle_fast import metrics
 from isle_fast.ensemble.evaluate import Evaluation, check_bg_threshold, evaluate, score_threshold
 from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, open_inputs
 from isle_fast.ensemble.merge import policy_code
 from isle_fast.ensemble.selection import Selection, select
+from isle_fast.errors import InputError
 
 __all__ = ["MAX_SETS", "SubsetAnalysis", "all_subsets", "subset_analysis"]
 

@@ -243,7 +243,8 @@ _MODEL_CLASS = None
 
 
 def AffinityNet(backbone: str = "resnet50", weights: Any = None, stride: int = 8, dim: int = 448):
-    """The affinity network (a ``torch.nn.Module``): images ``(N, 3, H, W)`` -> features ``(N, dim, ceil(H/s), ceil(W/s))``.
+    """The affinity network (a ``torch.nn.Module``): images ``(N, 3, H, W)`` -> features
+    ``(N, dim, ceil(H/s), ceil(W/s))``.
 
     Parameters
     ----------

@@ -391,7 +391,8 @@ def _value(text: str) -> Any:
 
 
 def parse_params(items: Iterable[str] | Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Turn ``['crf.iterations=5', ...]`` (or ``{'crf.iterations': 5}`` / ``{'crf': {...}}``) into ``{'crf': {'iterations': 5}}``.
+    """Turn ``['crf.iterations=5', ...]`` (or ``{'crf.iterations': 5}`` / ``{'crf': {...}}``) into
+    ``{'crf': {'iterations': 5}}``.
 
     Values are parsed as JSON where they parse (``5``, ``0.7``, ``true``, ``[1,2]``), else kept as strings.
     """

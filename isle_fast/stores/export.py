@@ -255,8 +255,8 @@ def write_pngs(stack: Any, folder: str | os.PathLike, files: Sequence[str], *,
 
     from isle_fast.progress import progress as bar
     from isle_fast.stores import parallel
-    from isle_fast.stores.stack import _local
     from isle_fast.stores.png import voc_palette
+    from isle_fast.stores.stack import _local
 
     png_options(compress)   # a bad choice is an InputError before any work
     k = max(1, int(stack.chunks[0]))

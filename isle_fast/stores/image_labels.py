@@ -414,7 +414,6 @@ def write_image_labels(labels: ImageLabels, out: str | os.PathLike, *, overwrite
     import zarr
 
     from isle_fast import __version__
-
     from isle_fast.outputs import commit_dir, remove_path, temp_path
 
     final = Path(str(out))

@@ -36,8 +36,8 @@ truth, a value outside ``[0, C)`` other than 255, a corrupt or truncated file,
 NaN / Inf or out-of-range scores, a class count that disagrees, a CAM layout
 that is ambiguous, a pickle that names anything but arrays and containers) is
 an :class:`~isle_fast.errors.InputError` naming the file and the image id,
-and no store is written (the temporary folder is removed). With ``skip_bad=True`` the bad images are left out instead, and the
-list of ``(id, file, reason)`` goes into the store's provenance (``skipped``)
+and no store is written (the temporary folder is removed). With ``skip_bad=True`` the bad images are
+left out instead, and the list of ``(id, file, reason)`` goes into the store's provenance (``skipped``)
 and the summary.
 
 Speed
@@ -614,7 +614,6 @@ def ingest_scores(
         finish=finish,
     )
     from isle_fast.stores.sparse import ingest_layout
-
     from isle_fast.stores.stack import _default_name
 
     named = replace(plan, name=plan.name or _default_name(str(out)))   # not the temporary's name

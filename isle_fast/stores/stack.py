@@ -885,7 +885,6 @@ class Stack:
         it, or does not decode.
         """
         import dask.array as da
-
         from dask.base import tokenize
 
         if self.score_layout == "sparse":

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from isle_fast.training.backbones import RESNETS, ParameterGroups, load_resnet, out_channels
 from isle_fast.errors import InputError
+from isle_fast.training.backbones import RESNETS, ParameterGroups, load_resnet, out_channels
 
 __all__ = ["DeepLabV3Plus", "build_deeplab", "OUTPUT_STRIDES"]
 

@@ -30,8 +30,14 @@ from isle_fast.outputs import FolderOutput, check_output
 from isle_fast.progress import Timer, progress, summary
 from isle_fast.training.data import SegmentationDataset, normalize, worker_error
 from isle_fast.training.deeplab import DeepLabV3Plus
-from isle_fast.training.runtime import (amp_dtype, checkpoint_path, load_checkpoint, resolve_device,
-                                        resolve_threads, torch_threads)
+from isle_fast.training.runtime import (
+    amp_dtype,
+    checkpoint_path,
+    load_checkpoint,
+    resolve_device,
+    resolve_threads,
+    torch_threads,
+)
 
 __all__ = ["load_model", "predict_probs", "predict", "PredictResult"]
 

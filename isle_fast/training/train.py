@@ -66,14 +66,32 @@ from isle_fast.errors import InputError, IsleError, StoreError, param
 from isle_fast.options import parameters_doc
 from isle_fast.outputs import MARKER, owned, refuse_unsafe, write_file, write_marker, write_text
 from isle_fast.progress import Timer, progress, summary
-from isle_fast.training.config import (RESUMABLE, RunOptions, TrainConfig, config_from_dict,
-                                       options_from_kwargs)
-from isle_fast.training.data import (ChunkBatchSampler, SegmentationDataset, chunk_groups, make_loader,
-                                     normalize, worker_error)
+from isle_fast.training.config import (
+    RESUMABLE,
+    RunOptions,
+    TrainConfig,
+    config_from_dict,
+    options_from_kwargs,
+)
+from isle_fast.training.data import (
+    ChunkBatchSampler,
+    SegmentationDataset,
+    chunk_groups,
+    make_loader,
+    normalize,
+    worker_error,
+)
 from isle_fast.training.deeplab import DeepLabV3Plus
 from isle_fast.training.predict import predict_probs
-from isle_fast.training.runtime import (ThreadGovernor, amp_dtype, load_checkpoint, resolve_device,
-                                        resolve_threads, torch_threads, write_checkpoint)
+from isle_fast.training.runtime import (
+    ThreadGovernor,
+    amp_dtype,
+    load_checkpoint,
+    resolve_device,
+    resolve_threads,
+    torch_threads,
+    write_checkpoint,
+)
 
 __all__ = ["TrainResult", "train", "evaluate_model", "miou_from_confusion"]
 

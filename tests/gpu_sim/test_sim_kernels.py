@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import reference as R
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
-import reference as R
 from isle_fast import backend
 from isle_fast.kernels import gpu as G
 

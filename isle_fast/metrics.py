@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "AveragedIoU",
     "ratio",
     "nanmean",
     "true_positives",
@@ -210,3 +211,41 @@ def jsonable(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+class AveragedIoU:
+    """IoU and mIoU of confusion counts, averaged the way ``average`` says (a mixin).
+
+    The class sets ``counts`` (``(..., C, C+1)`` int64, :func:`iou`'s input), ``image_stats``
+    (``(I, ..., C, 2)`` per-image intersection and union, or None) and ``average``
+    (``'dataset'`` or ``'image'``). Shared by an evaluation (``(N, C)`` scores) and a threshold
+    sweep (``(N, T, C)``): one definition of the two averages.
+    """
+
+    counts: np.ndarray
+    image_stats: np.ndarray | None
+    average: str
+
+    @property
+    def dataset_iou(self) -> np.ndarray:
+        """IoU in percent from the summed counts (the standard definition); NaN where undefined."""
+        return iou(self.counts)
+
+    @property
+    def image_iou(self) -> np.ndarray | None:
+        """Mean per-image IoU in percent over the images with union > 0 (None without per-image counts)."""
+        if self.image_stats is None:
+            return None
+        return nanmean(iou_from_stats(self.image_stats), axis=0)
+
+    @property
+    def iou(self) -> np.ndarray:
+        """IoU in percent, averaged as :attr:`average` says; NaN where undefined."""
+        if self.average == "image" and self.image_stats is not None:
+            return self.image_iou  # type: ignore[return-value]
+        return self.dataset_iou
+
+    @property
+    def miou(self) -> np.ndarray:
+        """Mean IoU in percent over the classes whose IoU is defined."""
+        return miou(self.iou)

@@ -149,7 +149,7 @@ def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: 
 # -- results ------------------------------------------------------------------------------
 
 @dataclass
-class Evaluation:
+class Evaluation(metrics.AveragedIoU):
     """Per-class scores of N sets against one ground truth.
 
     Attributes
@@ -212,32 +212,7 @@ class Evaluation:
         """(C,) gt pixels of every class (same for every set)."""
         return self.counts[0].sum(axis=1)
 
-    # -- scores (percent) -----------------------------------------------------------------
-    @property
-    def dataset_iou(self) -> np.ndarray:
-        """(N, C) IoU in percent from the summed counts (the standard definition)."""
-        return metrics.iou(self.counts)
-
-    @property
-    def image_iou(self) -> np.ndarray | None:
-        """(N, C) mean per-image IoU in percent over images with union > 0 (image average only)."""
-        if self.image_stats is None:
-            return None
-        per = metrics.iou_from_stats(self.image_stats)  # (I, N, C), NaN where union == 0
-        return metrics.nanmean(per, axis=0)
-
-    @property
-    def iou(self) -> np.ndarray:
-        """(N, C) IoU in percent, averaged as :attr:`average` says; NaN where undefined."""
-        if self.average == "image" and self.image_stats is not None:
-            return self.image_iou  # type: ignore[return-value]
-        return self.dataset_iou
-
-    @property
-    def miou(self) -> np.ndarray:
-        """(N,) mean IoU in percent over the classes whose IoU is defined."""
-        return metrics.miou(self.iou)
-
+    # -- scores (percent): dataset_iou, image_iou, iou, miou from metrics.AveragedIoU ----------
     @property
     def precision(self) -> np.ndarray:
         """(N, C) percent: tp / (tp + fp)."""

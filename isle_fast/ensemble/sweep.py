@@ -424,7 +424,7 @@ def _dask_sweep(
 
 
 @dataclass
-class ThresholdSweep:
+class ThresholdSweep(metrics.AveragedIoU):
     """Confusion counts of N sets at T background thresholds, from one pass.
 
     Attributes
@@ -474,17 +474,7 @@ class ThresholdSweep:
             seconds=self.seconds,
         )
 
-    @property
-    def iou(self) -> np.ndarray:
-        """(N, T, C) IoU in percent, averaged as :attr:`average` says."""
-        if self.average == "image" and self.image_stats is not None:
-            return metrics.nanmean(metrics.iou_from_stats(self.image_stats), axis=0)
-        return metrics.iou(self.counts)
-
-    @property
-    def miou(self) -> np.ndarray:
-        """(N, T) mIoU in percent: the curve of every set."""
-        return metrics.miou(self.iou)
+    # iou (N, T, C) and miou (N, T), the curve of every set: metrics.AveragedIoU
 
     @property
     def best_index(self) -> np.ndarray:

@@ -46,6 +46,7 @@ from isle_fast.ensemble.graph import (
     aligned_arrays,
     blockwise_args,
     chunk_executor,
+    chunk_tasks,
     local_specs,
     open_inputs,
     unique_names,
@@ -408,11 +409,7 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
     tails = [tuple(int(v) for v in st.shape[3:]) for st in stacks]
     n, h, w = (int(v) for v in gt.shape)
     k, hc, wc = (int(v) for v in gt.chunks)
-    tasks = []
-    for i in range(-(-n // k)):
-        for j in range(-(-h // hc)):
-            for l in range(-(-w // wc)):
-                tasks.append(((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc))))
+    tasks = chunk_tasks(gt)
     fn = partial(_local_counts, specs, tails, backend=backend, groups=groups, order=order, num_classes=c,
                  per_image=per_image)
     counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)

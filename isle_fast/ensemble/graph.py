@@ -21,7 +21,7 @@ from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack, kind_phrase, open_stack
 
 __all__ = ["SET_KINDS", "MAX_TASK_BYTES", "open_inputs", "unique_names", "work_chunks", "aligned_arrays",
-           "blockwise_args", "dask_requested", "local_specs", "chunk_executor"]
+           "blockwise_args", "dask_requested", "local_specs", "chunk_executor", "chunk_tasks"]
 
 #: Store kinds a pseudo-label set may be.
 SET_KINDS = ("pseudo", "ensemble")
@@ -217,3 +217,12 @@ def chunk_executor(n_tasks: int) -> Any:
     if client is not None:
         return ClusterExecutor(client)
     return ThreadExecutor(max(1, min(default_workers(), n_tasks)))
+
+
+def chunk_tasks(gt: Stack) -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """One task per chunk of the gt's grid: ``((i, j, l) block index, (images, rows, columns) it holds)``,
+    in C order; what the direct passes (evaluate, sweep, merge) hand their executor."""
+    n, h, w = (int(v) for v in gt.shape[:3])
+    k, hc, wc = (int(v) for v in gt.chunks[:3])
+    return [((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc)))
+            for i in range(-(-n // k)) for j in range(-(-h // hc)) for l in range(-(-w // wc))]

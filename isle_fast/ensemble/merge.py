@@ -296,7 +296,7 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     ensembles only): the caller builds the Dask graph instead. Each task runs the same
     :func:`merge_chunk` as the graph's, so the ensemble is the same.
     """
-    from isle_fast.ensemble.graph import chunk_executor
+    from isle_fast.ensemble.graph import chunk_executor, chunk_tasks
     from isle_fast.progress import progress as bar
     from isle_fast.stores.chunkio import prepare_folders, write_spec
 
@@ -310,9 +310,7 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
         return None
     prepare_folders(out_spec)
     n, h, w = (int(v) for v in gt.shape)
-    k, hc, wc = (int(v) for v in gt.chunks)
-    tasks = [((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc)))
-             for i in range(-(-n // k)) for j in range(-(-h // hc)) for l in range(-(-w // wc))]
+    tasks = chunk_tasks(gt)
     tails = [tuple(int(v) for v in st.shape[3:]) for st in member_stacks]
     fn = partial(_local_merge_task, specs[1:], out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
                  np.asarray(choice, dtype=np.int64),

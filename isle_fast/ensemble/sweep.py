@@ -327,6 +327,7 @@ def _local_sweep(
     specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, progress: bool, **kernel: Any
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The sweep on a thread pool here, one task per gt chunk (as :func:`isle_fast.evaluate`'s local pass)."""
+    from isle_fast.ensemble.graph import chunk_tasks
     from isle_fast.progress import progress as bar
     from isle_fast.stores.parallel import ThreadExecutor, default_workers
 
@@ -334,11 +335,7 @@ def _local_sweep(
     tails = [tuple(int(v) for v in st.shape[3:]) for st in stacks]
     n, h, w = (int(v) for v in gt.shape)
     k, hc, wc = (int(v) for v in gt.chunks)
-    tasks = []
-    for i in range(-(-n // k)):
-        for j in range(-(-h // hc)):
-            for l in range(-(-w // wc)):
-                tasks.append(((i, j, l), (min(k, n - i * k), min(hc, h - j * hc), min(wc, w - l * wc))))
+    tasks = chunk_tasks(gt)
     keys = [s.sparse_keys if p.mode == "sparse" else None for s, p in zip(stacks, kernel["plans"])]
     tails = [(int(s.cams_meta.shape[3]),) if p.mode == "sparse" else t
              for s, p, t in zip(stacks, kernel["plans"], tails)]

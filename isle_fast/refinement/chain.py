@@ -56,6 +56,17 @@ keeping every pixel's argmax: :func:`isle_fast.stores.stack.quantize_scores`).
 Image-level labels, when the run has them, reach every step as
 ``chunk.image_labels`` (the dense CRF then uses exactly the image's classes).
 
+Class-sparse sets
+-----------------
+A class-sparse score store (:mod:`isle_fast.stores.sparse`) is read as it is
+stored, never through its dense view: the chunk's ``data`` is ``(k, H, W, 1 + K)``
+slots (background, then each image's classes, ``chunk.keys``). Refinements
+with ``sparse_input`` (the CRF and AffinityNet) work on the slots and return
+:class:`SparseScores`; any other gets the dense block. The output is then
+class-sparse too (``layout``): the classes each image's refined scores hold
+and, as refined scores have no constant background, the background slice per
+pixel. Its dense view equals the dense refine's output exactly.
+
 Running
 -------
 :func:`refine_stack` builds one Dask task per block of images (the output

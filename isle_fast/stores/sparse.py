@@ -13,7 +13,12 @@ keys     (I, K) uint8           the class of every slot, ascending; 0 = unused
                                 slot (its scores are 0)
 attrs                           ``background_level``: the stored background score
                                 of every pixel inside an image (CAM ingest's
-                                threshold); padding is 0, as in a dense store
+                                threshold); padding is 0, as in a dense store;
+                                or ``"stored"``: the member ``background`` holds it
+background (I, H, W) uint8      only with ``background_level: "stored"`` (refined
+                                scores, whose background varies per pixel: CRF
+                                marginals, random-walk scores;
+                                :mod:`isle_fast.refinement.chain`); 0 in the padding
 ======== ====================== ==================================================
 
 next to ``ids`` and ``shapes``. Its *logical* stack is the dense ``(I, H, W,

@@ -202,6 +202,9 @@ def step_ingest(ctx: DemoContext) -> Path | None:
               f"{'yes' if not mismatched else 'NO'}")
     if mismatched:
         raise RuntimeError(f"ingested stores differ from the generated ones: {', '.join(mismatched)}")
+    for key, path in made.items():   # the CAM sets go on as ingested: class-sparse (sweep, refine, merge)
+        if key.startswith("train/cams/"):
+            ctx.stores[key] = path
     return dest
 
 

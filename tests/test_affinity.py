@@ -22,7 +22,7 @@ from isle_fast.refinement.affinity import (
     train_affinity,
     walk_input,
 )
-from isle_fast.refinement.chain import PrepareContext, refine_stack
+from isle_fast.refinement.chain import PrepareContext, RefineChunk, SparseScores, refine_stack
 from isle_fast.stores.stack import open_stack
 
 
@@ -268,3 +268,61 @@ def test_refine_chain_trains_when_no_checkpoint(tmp_path):
     assert out.encoding == "labels"
     assert (tmp_path / "out.zarr.affinity.pt").exists()
     assert [r["name"] for r in out.provenance["refinements"]] == ["affinity", "crf"]
+
+
+_WALK_MODEL: dict = {}
+
+
+def _walk_model():
+    """A stand-in feature network for the walk (what it uses: ``model(x)`` on the stride-4 grid and
+    ``model.stride``): one random strided convolution, so the test runs the walk, not a ResNet."""
+    if "m" not in _WALK_MODEL:
+        torch.manual_seed(1)
+        conv = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        model = torch.nn.Sequential(conv, torch.nn.ELU()).eval()
+        model.stride = 4
+        _WALK_MODEL["m"] = model
+    return _WALK_MODEL["m"]
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), h=st.integers(1, 21), w=st.integers(1, 23), c=st.integers(2, 7),
+       background=st.sampled_from(["alpha", "stored"]), engine=st.sampled_from(["numba", "torch"]))
+def test_random_walk_on_slots_equals_walk_on_dense_scores(seed, h, w, c, background, engine):
+    """The walk of an image's slots (background + its classes) is the dense walk's, exactly, for those
+    classes; every other class stays 0; the refinement's class-sparse output keeps the keys."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    present = np.flatnonzero(rng.random(c - 1) < 0.5) + 1
+    dense = np.zeros((h, w, c), np.float32)
+    dense[..., 0] = rng.random((h, w))
+    dense[..., present] = rng.random((h, w, present.size))
+    dense[rng.random((h, w, c)) < 0.2] = 0.0
+    slots = np.concatenate([dense[..., :1], dense[..., present], np.zeros((h, w, 1), np.float32)], axis=-1)
+    kw = dict(radius=2, logt=2, background=background, engine=engine)
+    want = random_walk_image(_walk_model(), rgb, dense, "scores", c, **kw)
+    got = random_walk_image(_walk_model(), rgb, slots, "scores", slots.shape[-1], **kw)
+    np.testing.assert_array_equal(got[..., 1:1 + present.size], want[..., present])
+    np.testing.assert_array_equal(got[..., 0], want[..., 0])
+    assert not got[..., -1].any()
+    others = np.setdiff1d(np.arange(1, c), present)
+    assert not want[..., others].any()
+    # through the refinement: class-sparse in, SparseScores with the same keys out; labels: the dense argmax
+    ref = AffinityNetRefinement(radius=2, logt=2, background=background, device="cpu")
+    ref.model = _walk_model()
+    keys = np.zeros((1, slots.shape[-1] - 1), np.uint8)
+    keys[0, :present.size] = present
+    classes = tuple(f"c{i}" for i in range(c))
+    chunk = RefineChunk(data=slots[None], encoding="scores", shapes=np.array([[h, w]]), rgb=rgb[None],
+                        classes=classes, ids=["x"], keys=keys)
+    out = ref.refine(chunk)
+    assert isinstance(out, SparseScores) and (out.keys == keys).all()
+    np.testing.assert_array_equal(out.data[0], random_walk_image(_walk_model(), rgb, slots, "scores",
+                                                                 slots.shape[-1], radius=2, logt=2,
+                                                                 background=background))
+    ref.output = "labels"
+    lab = ref.refine(chunk)
+    dense_lab = random_walk_image(_walk_model(), rgb, dense, "scores", c, radius=2, logt=2,
+                                  background=background).argmax(-1)
+    np.testing.assert_array_equal(lab[0], dense_lab)
+

@@ -22,7 +22,15 @@ from reference import quantize_scores_u8
 from isle_fast.cli import main
 from isle_fast.errors import InputError
 from isle_fast.refinement.chain import refine_stack
-from isle_fast.refinement.crf import AUTO_PRESET, PRESETS, DenseCRF, crf_image, crf_settings, present_classes
+from isle_fast.refinement.crf import (
+    AUTO_PRESET,
+    PRESETS,
+    DenseCRF,
+    crf_image,
+    crf_marginals,
+    crf_settings,
+    present_classes,
+)
 from isle_fast.stores.stack import Stack, open_stack
 from isle_fast.synthetic.scene import synthetic_scene
 
@@ -475,3 +483,35 @@ def test_cli_refine_real_size_under_a_terminal(tmp_path):
         idx = np.searchsorted(keys, sc.argmax(-1))
         want = keys[irn_crf_inference_label(rgb, idx, n_labels=len(keys))]
         np.testing.assert_array_equal(got.read_image(i), want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), h=st.integers(1, 13), w=st.integers(1, 17), c=st.integers(2, 7),
+       keep=st.sampled_from(["auto", "nonzero", "image"]), ties=st.booleans())
+def test_crf_on_slots_equals_crf_on_dense_scores(seed, h, w, c, keep, ties):
+    """Class-sparse CRF (each image's slots: background + its classes) = the dense CRF, exactly: the kept
+    classes and every marginal; image labels may name a class the image has no slot for, and list
+    slot classes they exclude."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    present = np.flatnonzero(rng.random(c - 1) < 0.5) + 1       # the image's classes (maybe none)
+    dense = np.zeros((h, w, c), np.float32)
+    dense[..., 0] = rng.random((h, w))
+    dense[..., present] = rng.random((h, w, present.size))
+    dense[rng.random((h, w, c)) < 0.2] = 0.0
+    if ties:
+        dense = np.round(dense * 3) / 3
+    slots = np.concatenate([dense[..., :1], dense[..., present], np.zeros((h, w, 1), np.float32)], axis=-1)
+    slot_classes = np.concatenate([[0], present, [0]])            # with an unused slot at the end
+    labels = None
+    if keep == "image":
+        labels = rng.random(c) < 0.5
+        labels[0] = True
+    cfg = crf_settings("psa", "scores", iterations=3)
+    k1, q1 = crf_marginals(rgb, dense, "scores", c, cfg, keep=keep, image_labels=labels)
+    k2, q2 = crf_marginals(rgb, slots, "scores", c, cfg, keep=keep, image_labels=labels,
+                           slot_classes=slot_classes)
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(q1, q2)
+    assert k1[0] == 0 and (keep == "image" or set(k1[1:]) <= set(present))
+

@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 from _refine_data import write_stores
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from isle_fast.cli import main
 from isle_fast.errors import InputError, StoreError
@@ -15,8 +17,11 @@ from isle_fast.refinement.chain import (
     ENTRY_POINT_GROUP,
     RefineChunk,
     Refinement,
+    SparseScores,
     apply_chain,
     available_refinements,
+    compact_slots,
+    dense_to_slots,
     get_refinement,
     make_chain,
     parse_chain,
@@ -24,9 +29,11 @@ from isle_fast.refinement.chain import (
     refine_stack,
     register_refinement,
     shutdown_pool,
+    slots_to_dense,
     unregister_refinement,
 )
-from isle_fast.stores.stack import open_stack
+from isle_fast.stores.sparse import sparsify
+from isle_fast.stores.stack import create_stack, open_stack, quantize_scores
 from isle_fast.synthetic.scene import synthetic_scene
 
 
@@ -282,3 +289,299 @@ def test_cli_refine(tmp_path, capsys):
     assert rc == 2 and "crf.nope" in capsys.readouterr().err
     assert main(["refine", "--list"]) == 0 and "crf" in capsys.readouterr().out
     assert main(["refine", src, "--images", img]) == 2  # no --out
+
+
+# ----------------------------------------------------------------------------------------------
+# Class-sparse score stores through the chain
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def _dense_scores(draw):
+    """(k, H, W, C) float32 scores in [0, 1]: per image a random subset of classes nonzero (maybe none)."""
+    k, h, w, c = (draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 6)),
+                  draw(st.integers(2, 6)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    s = rng.random((k, h, w, c)).astype(np.float32)
+    s[rng.random(s.shape) < 0.3] = 0.0
+    s[..., 1:] *= (rng.random((k, 1, 1, c - 1)) < 0.5)      # classes absent from an image
+    if rng.random() < 0.5:                                    # ties, and values on the steps
+        s = np.round(s * 4) / 4
+    return s
+
+
+@settings(max_examples=60, deadline=None)
+@given(_dense_scores())
+def test_slot_helpers_equal_the_dense_scores(s):
+    """NumPy reference: dense -> slots -> dense is the identity; quantizing the slots (what a class-sparse
+    refine output stores) gives the dense store's values; compacting keeps exactly the nonzero classes."""
+    slots, keys = dense_to_slots(s)
+    k, c = s.shape[0], s.shape[-1]
+    assert keys.shape == (k, slots.shape[-1] - 1)
+    for m in range(k):
+        want = [cl for cl in range(1, c) if s[m, ..., cl].max() > 0]
+        assert [int(v) for v in keys[m] if v] == want
+    np.testing.assert_array_equal(slots_to_dense(slots, keys, c), s)
+    q = quantize_scores(slots, np.uint8)
+    dense_q = quantize_scores(s, np.uint8)
+    np.testing.assert_array_equal(slots_to_dense(q, keys, c), dense_q)
+    fg, kept = compact_slots(q, keys)
+    back = np.concatenate([q[..., :1], fg], axis=-1)
+    np.testing.assert_array_equal(slots_to_dense(back, kept, c), dense_q)
+    for m in range(k):
+        assert [int(v) for v in kept[m] if v] == [cl for cl in range(1, c) if dense_q[m, ..., cl].any()]
+
+
+def _cam_stores(root, n=7, seed=0, chunk=2):
+    """A dense uint8 CAM store (background the constant threshold, per image a random subset of its classes,
+    image 3 none at all) and its class-sparse form; images and a gt beside. Returns the paths."""
+    img, _, rgbs, gts, scores, shapes = write_stores(root, n=n, seed=seed, encoding="scores", hmin=17,
+                                                     hmax=31, wmin=19, wmax=37)
+    rng = np.random.default_rng(seed)
+    ids = [f"im{i:03d}" for i in range(n)]
+    classes = ["background", "a", "b", "c"]
+    h_pad, w_pad = max(h for h, _ in shapes), max(w for _, w in shapes)
+    with create_stack(root / "cam.zarr", kind="pseudo", classes=classes, ids=ids, shapes=shapes,
+                      encoding="scores", chunks=(chunk, h_pad, w_pad, 4)) as wr:
+        for i in range(n):
+            s = np.rint(scores[i] * 255).astype(np.uint8)
+            s[..., 1:][..., rng.random(3) < 0.4] = 0
+            if i == 3:
+                s[..., 1:] = 0
+            s[..., 0] = 51
+            wr.write_image(i, s)
+    with create_stack(root / "gt.zarr", kind="gt", classes=classes, ids=ids, shapes=shapes) as wr:
+        for i in range(n):
+            wr.write_image(i, gts[i].astype(np.uint8))
+    sparse = sparsify(root / "cam.zarr", root / "sparse.zarr")
+    assert sparse.score_layout == "sparse" and not sparse.sparse_keys[3].any()
+    return img, str(root / "cam.zarr"), str(sparse.path), str(root / "gt.zarr")
+
+
+def _walk_checkpoint(path) -> str:
+    """A randomly initialised small AffinityNet checkpoint (loaded, not trained, by the refinement)."""
+    torch = pytest.importorskip("torch")
+    from isle_fast.refinement.affinity import AffinityNet, _config, _save
+
+    torch.manual_seed(0)
+    _save(str(path), AffinityNet("resnet18", None, stride=4, dim=16), None, 1, 0,
+          _config("resnet18", 4, 16, 2, 1))
+    return str(path)
+
+
+_WALK = ["affinity.train=false", "affinity.epochs=1", "affinity.radius=2", "affinity.logt=2",
+         "affinity.backbone=resnet18", "affinity.stride=4", "affinity.device=cpu"]
+_CHAINS = {
+    "crf": ("crf", ["crf.iterations=3"]),
+    "crf-labels": ("crf", ["crf.iterations=3", "crf.output=labels"]),
+    "crf-nonzero": ("crf", ["crf.iterations=3", "crf.keep=nonzero"]),
+    "shift": ("shift", ["shift.k=1"]),   # a plug-in without sparse_input: it gets the dense form
+    "affinity": ("affinity", _WALK),
+    "affinity-stored-bg": ("affinity", _WALK + ["affinity.background=stored"]),
+    "affinity,crf": ("affinity,crf", _WALK + ["crf.iterations=3"]),
+}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread while a test runs (the walk's network on tiny images; the machine is shared)."""
+    torch = pytest.importorskip("torch")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", list(_CHAINS))
+def test_sparse_refine_equals_dense(tmp_path, request, shift, name):
+    """A class-sparse set refined natively gives exactly the dense set's refined scores / labels, in either
+    output layout; tasks of 3 images cross the source's 2-image chunks; image 3 has no class."""
+    walk = name.startswith("affinity")
+    img, dense, sparse, _ = _cam_stores(tmp_path, n=5 if walk else 7)
+    chain, params = _CHAINS[name]
+    if walk:
+        request.getfixturevalue("one_torch_thread")
+        params = [f"affinity.checkpoint={_walk_checkpoint(tmp_path / 'walk.pt')}", *params]
+    kw = dict(workers=1, images_per_task=3, progress=False)
+    ref = refine_stack(dense, img, tmp_path / "d.zarr", chain, params, **kw)
+    out = refine_stack(sparse, img, tmp_path / "s.zarr", chain, params, **kw)
+    labels = name == "crf-labels"
+    assert ref.encoding == out.encoding == ("labels" if labels else "scores")
+    np.testing.assert_array_equal(out.array[:], ref.array[:])
+    if not labels:
+        to_sparse = refine_stack(dense, img, tmp_path / "ds.zarr", chain, params, layout="sparse", **kw)
+        assert ref.score_layout == "dense" and out.score_layout == to_sparse.score_layout == "sparse"
+        assert out.provenance["score_layout"] == "sparse" and ref.provenance["score_layout"] == "dense"
+        assert out.attrs["background_level"] == "stored"
+        np.testing.assert_array_equal(to_sparse.array[:], ref.array[:])
+        np.testing.assert_array_equal(to_sparse.sparse_keys, out.sparse_keys)
+        # the keys are the classes the stored scores hold (as sparsify keys them), K the most an image has
+        for i in range(ref.num_images):
+            want = [c for c in range(1, 4) if ref.read_image(i)[..., c].any()]
+            assert [int(c) for c in out.sparse_keys[i] if c] == want
+        assert out.sparse_keys.shape[1] == max(1, int((out.sparse_keys > 0).sum(axis=1).max()))
+        if name != "shift":   # the CRF and the walk never invent a class: image 3 stays background only
+            assert not out.sparse_keys[3].any()
+    if not walk:
+        to_dense = refine_stack(sparse, img, tmp_path / "sd.zarr", chain, params, layout="dense", **kw)
+        assert to_dense.encoding == "labels" or to_dense.score_layout == "dense"
+        np.testing.assert_array_equal(to_dense.array[:], ref.array[:])
+    assert out.provenance["refinements"] == ref.provenance["refinements"]
+    assert out.provenance["refined_from"] == open_stack(sparse).path
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
+
+
+def test_refined_sparse_store_views_and_info(tmp_path, capsys):
+    """The dense view of a refined class-sparse store (per-pixel background) is the same through every
+    reader; isle info shows its layout; its stored scores take fewer slots than classes."""
+    img, dense, sparse, _ = _cam_stores(tmp_path, n=5, seed=3)
+    out = refine_stack(sparse, img, tmp_path / "r.zarr", "crf", ["crf.iterations=2"], workers=1,
+                       images_per_task=2, progress=False)
+    full = out.array[:]
+    assert full.shape == out.shape == (5,) + out.padded_shape + (4,)
+    np.testing.assert_array_equal(out.to_dask().compute(), full)
+    for i, (h, w) in enumerate(out.shapes):
+        np.testing.assert_array_equal(out.read_image(i), full[i, :h, :w])
+        assert not full[i, h:].any() and not full[i, :, w:].any()
+    np.testing.assert_array_equal(out.array[1, 2, :, 0], full[1, 2, :, 0])
+    np.testing.assert_array_equal(out.array[1:4, :, 3], full[1:4, :, 3])
+    assert out.cams_meta.shape[3] < 3 and "background" in out.array_names
+    assert main(["info", str(out.path)]) == 0
+    text = capsys.readouterr().out
+    assert "layout      sparse" in text and "background stored per pixel" in text
+    assert main(["info", str(sparse)]) == 0 and "background level 51" in capsys.readouterr().out
+    assert main(["info", "--check", "--quiet", str(out.path)]) == 0
+    # a damaged attribute or a missing background array is an error, never a constant background
+    import json
+    import shutil
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(out.path, bad)
+    shutil.rmtree(bad / "background")
+    with pytest.raises(StoreError, match="background"):
+        open_stack(bad)
+    doc = json.loads((tmp_path / "r.zarr" / "zarr.json").read_text())
+    doc["attributes"]["background_level"] = 51
+    shutil.rmtree(bad)
+    shutil.copytree(out.path, bad)
+    (bad / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="checksum"):
+        open_stack(bad)
+
+
+def test_refine_sparse_then_threshold_sweep_and_merge(tmp_path, capsys):
+    """refine -> evaluate --bg-threshold A:B:STEP -> merge --bg-threshold best on class-sparse refined sets
+    gives the dense refined sets' curves, best thresholds and ensemble."""
+    img, dense, sparse, gt = _cam_stores(tmp_path, n=6, seed=5)
+    import json
+
+    res = {}
+    for lay, src in (("dense", dense), ("sparse", sparse)):
+        sets = []
+        for chain, params in (("crf", ["crf.iterations=2"]), ("crf", ["crf.iterations=4"])):
+            p = tmp_path / f"{lay}{len(sets)}.zarr"
+            assert main(["refine", src, "--images", img, "--with", chain, "--out", str(p), "--quiet",
+                         "--workers", "1", "--images-per-task", "4", "--name", f"set{len(sets)}"]
+                        + [x for q in params for x in ("--param", q)]) == 0
+            assert open_stack(p).score_layout == lay
+            sets.append(str(p))
+        js = tmp_path / f"{lay}.json"
+        assert main(["evaluate", *sets, "--gt", gt, "--bg-threshold", "0.05:0.8:0.05", "--quiet",
+                     "--json", str(js)]) == 0
+        plain = tmp_path / f"{lay}-plain.json"
+        assert main(["evaluate", *sets, "--gt", gt, "--quiet", "--json", str(plain)]) == 0
+        ens = tmp_path / f"{lay}-ens.zarr"
+        assert main(["merge", *sets, "--gt", gt, "--bg-threshold", "best", "--out", str(ens), "--quiet"]) == 0
+        doc = json.loads(js.read_text())["threshold_sweep"]
+        res[lay] = (doc, json.loads(plain.read_text()), open_stack(ens))
+    capsys.readouterr()
+    (ds, dp, de), (ss, sp, se) = res["dense"], res["sparse"]
+
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in ("set_paths", "gt_path", "seconds", "paths",
+                                                                    "path", "command", "isle")}
+        if isinstance(d, list):
+            return [strip(v) for v in d]
+        return d
+
+    assert strip(ds) == strip(ss) and set(ds["sets"]) == {"set0", "set1"}
+    assert any(len(set(v["miou"])) > 1 for v in ds["sets"].values())   # the threshold matters here
+    assert strip(dp["sets"]) == strip(sp["sets"])
+    np.testing.assert_array_equal(de.array[:], se.array[:])
+    assert se.provenance["bg_thresholds"] == de.provenance["bg_thresholds"]
+    assert se.provenance["bg_threshold"] == "best"
+
+
+def test_sparse_layout_errors_and_failure(tmp_path, shift, capsys):
+    img, dense, sparse, _ = _cam_stores(tmp_path, n=4)
+    with pytest.raises(InputError, match="uint8"):
+        refine_stack(sparse, img, tmp_path / "f.zarr", "crf", layout="sparse", score_dtype="float32",
+                     progress=False)
+    with pytest.raises(InputError, match="label maps"):
+        refine_stack(sparse, img, tmp_path / "f.zarr", "crf", ["crf.output=labels"], layout="sparse",
+                     progress=False)
+    with pytest.raises(InputError, match="layout"):
+        refine_stack(sparse, img, tmp_path / "f.zarr", "crf", layout="csr", progress=False)
+    # a float output of a class-sparse set follows the score dtype: dense
+    f = refine_stack(sparse, img, tmp_path / "f.zarr", "crf", ["crf.iterations=1"], score_dtype="float32",
+                     workers=1, progress=False)
+    assert f.score_layout == "dense" and f.dtype == np.float32
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(RuntimeError, match="boom"):
+        refine_stack(sparse, None, tmp_path / "out.zarr", "shift", {"shift.fail_at": 2}, workers=1,
+                     images_per_task=1, progress=False)
+    assert sorted(os.listdir(tmp_path)) == before   # no output, no blocks folder left
+    with pytest.raises(SystemExit):
+        main(["refine", "--help"])
+    assert "--layout" in capsys.readouterr().out
+    assert main(["refine", sparse, "--images", img, "--out", str(tmp_path / "c.zarr"), "--layout", "dense",
+                 "--param", "crf.iterations=1", "--quiet", "--workers", "1"]) == 0
+    assert open_stack(tmp_path / "c.zarr").score_layout == "dense"
+
+
+def test_sparse_chunk_reaches_sparse_refinements_only(tmp_path):
+    """A refinement with sparse_input gets the slots and keys; the others the dense form; a bad
+    SparseScores is an error naming the refinement."""
+    seen = []
+
+    class Slots(Refinement):
+        needs_rgb = False
+        sparse_input = True
+
+        def refine(self, chunk):
+            seen.append(("slots", chunk.keys is not None, chunk.data.shape[-1]))
+            return chunk.data * 0.5 if chunk.keys is None else SparseScores(chunk.data * 0.5, chunk.keys)
+
+    class Dense(Refinement):
+        needs_rgb = False
+
+        def refine(self, chunk):
+            seen.append(("dense", chunk.keys is not None, chunk.data.shape[-1]))
+            return chunk.data
+
+    class Bad(Refinement):
+        needs_rgb = False
+        sparse_input = True
+
+        def refine(self, chunk):
+            return SparseScores(chunk.data, chunk.keys[:, ::-1].copy() + 7)
+
+    _, dense, sparse, _ = _cam_stores(tmp_path, n=4)
+    src = open_stack(sparse)
+    for name, cls in (("slots", Slots), ("dense", Dense), ("bad", Bad)):
+        register_refinement(name, cls, overwrite=True)
+    try:
+        a = refine_stack(sparse, None, tmp_path / "a.zarr", "slots,dense,slots", workers=1, images_per_task=4,
+                         progress=False)
+        k = src.sparse_keys.shape[1]
+        assert seen == [("slots", True, 1 + k), ("dense", False, 4), ("slots", False, 4)]
+        b = refine_stack(dense, None, tmp_path / "b.zarr", "dense", workers=1, progress=False, layout="sparse")
+        assert b.score_layout == "sparse"
+        np.testing.assert_array_equal(b.array[:], open_stack(dense).array[:])
+        with pytest.raises(InputError, match="'bad'"):
+            refine_stack(sparse, None, tmp_path / "c.zarr", "bad", workers=1, progress=False)
+        assert a.score_layout == "sparse"
+    finally:
+        for name in ("slots", "dense", "bad"):
+            unregister_refinement(name)

@@ -58,8 +58,11 @@ def _print(d: dict) -> None:
     print(f"  encoding    {d['encoding']} ({d['dtype']})")
     if "score_layout" in d:
         per = d.get("classes_per_image")
+        bg = d.get("background_level")
+        background = ("" if bg is None else "; background stored per pixel" if bg == "stored"
+                      else f"; background level {bg}")
         print(f"  layout      {d['score_layout']}" + (f" (classes stored per image: up to {per['max']}, "
-                                                      f"mean {per['mean']:.2f})" if per else ""))
+                                                      f"mean {per['mean']:.2f}{background})" if per else ""))
     print(f"  classes     {len(d['classes'])}: {', '.join(d['classes'])}")
     print(f"  images      {d['images']}  ({d['pixels']:,} pixels)")
     print(f"  shapes      H {d['image_height']['min']}-{d['image_height']['max']}, "

@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-task", type=int, default=None, help="images per Dask task / output chunk")
     parser.add_argument("--score-dtype", choices=("uint8", "float16", "float32"), default=None,
                         help="storage type of a scores output (default: the input's)")
+    parser.add_argument("--layout", choices=("auto", "sparse", "dense"), default="auto",
+                        help="layout of a scores output: sparse = a class-sparse store (per image the classes "
+                             "its refined scores hold, the background slice per pixel; uint8), dense = every "
+                             "class slice. auto (default) follows SET: a class-sparse SET (CAM ingest's "
+                             "default) is refined as such, only its images' classes and background going "
+                             "through the CRF / random walk, and written class-sparse. Both hold the same "
+                             "scores")
     parser.add_argument("--device", default="auto", help="torch device for AffinityNet (auto, cpu, cuda)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted AffinityNet training")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
@@ -73,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
     refine_stack(args.source, args.images, args.out, args.chain, params, workers=args.workers,
                  scheduler=local, client=client, images_per_task=args.images_per_task, name=args.name,
                  score_dtype=args.score_dtype, overwrite=args.overwrite, resume=args.resume,
-                 device=args.device, progress=not args.quiet)
+                 device=args.device, progress=not args.quiet, layout=args.layout)
     return 0

@@ -649,6 +649,7 @@ class AffinityNetRefinement(Refinement):
 
     needs_rgb = True
     gil_bound = False
+    sparse_input = True
 
     def __init__(self, checkpoint: str | None = None, train: bool = True, backbone: str = "resnet50",
                  weights: str = "imagenet", epochs: int = 8, batch_size: int = 8, lr: float = 0.01,
@@ -727,11 +728,17 @@ class AffinityNetRefinement(Refinement):
             self.model = load_affinity(self.checkpoint, self.device or "cpu")
         return self.model
 
-    def refine(self, chunk: RefineChunk) -> np.ndarray:
+    def refine(self, chunk: RefineChunk) -> Any:
+        """The walked block; a class-sparse chunk walks its slots only (the walk is per class, linear,
+        and a class that is 0 everywhere stays 0) and gives :class:`SparseScores` with the same keys."""
+        from isle_fast.refinement.chain import SparseScores
+
         model = self._model()
         enc = self.output_encoding(chunk.encoding)
         k, h_pad, w_pad = chunk.data.shape[:3]
-        c = chunk.num_classes
+        sparse = chunk.keys is not None
+        c = chunk.data.shape[3] if sparse else chunk.num_classes   # the slots of a class-sparse chunk
+        slots = chunk.slot_classes() if sparse else None
         rgb = chunk.rgb
         assert rgb is not None, "the chain hands RGB to a refinement with needs_rgb"
         out = (np.full((k, h_pad, w_pad), 255, dtype=np.uint8) if enc == "labels"
@@ -740,5 +747,12 @@ class AffinityNetRefinement(Refinement):
             h, w = (int(v) for v in chunk.shapes[i])
             walked = random_walk_image(model, rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding, c,
                                        device=self.device or "cpu", **self.walk_kw)
-            out[i, :h, :w] = walked.argmax(axis=-1).astype(np.uint8) if enc == "labels" else walked
+            if enc == "labels":
+                arg = walked.argmax(axis=-1)
+                out[i, :h, :w] = (arg if slots is None else slots[i][arg]).astype(np.uint8)
+            else:
+                out[i, :h, :w] = walked
+        if sparse and enc == "scores":
+            assert chunk.keys is not None
+            return SparseScores(data=out, keys=chunk.keys.copy())
         return out

@@ -56,6 +56,17 @@ keeping every pixel's argmax: :func:`isle_fast.stores.stack.quantize_scores`).
 Image-level labels, when the run has them, reach every step as
 ``chunk.image_labels`` (the dense CRF then uses exactly the image's classes).
 
+Class-sparse sets
+-----------------
+A class-sparse score store (:mod:`isle_fast.stores.sparse`) is read as it is
+stored, never through its dense view: the chunk's ``data`` is ``(k, H, W, 1 + K)``
+slots (background, then each image's classes, ``chunk.keys``). Refinements
+with ``sparse_input`` (the CRF and AffinityNet) work on the slots and return
+:class:`SparseScores`; any other gets the dense block. The output is then
+class-sparse too (``layout``): the classes each image's refined scores hold
+and, as refined scores have no constant background, the background slice per
+pixel. Its dense view equals the dense refine's output exactly.
+
 Running
 -------
 :func:`refine_stack` builds one Dask task per block of images (the output
@@ -98,6 +109,7 @@ from isle_fast.stores.stack import (
 __all__ = [
     "ENTRY_POINT_GROUP",
     "RefineChunk",
+    "SparseScores",
     "Refinement",
     "PrepareContext",
     "register_refinement",
@@ -151,6 +163,12 @@ class RefineChunk:
     image_labels : (k, C) bool array or None
         The images' image-level labels (background column True) when the run has
         them (:func:`refine_stack`'s ``image_labels`` or the source store's).
+    keys : (k, K) uint8 array or None
+        Set for **class-sparse** scores (a class-sparse source store,
+        :mod:`isle_fast.stores.sparse`): ``data`` is then ``(k, H, W, 1 + K)``,
+        slot 0 the background and slot ``j + 1`` the scores of class ``keys[i, j]``
+        (ascending; 0 = an unused slot, all zero); every class without a slot
+        scores 0. Only refinements with ``sparse_input`` get such chunks.
     """
 
     data: np.ndarray
@@ -161,6 +179,7 @@ class RefineChunk:
     ids: list[str]
     start: int = 0
     image_labels: np.ndarray | None = None
+    keys: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -168,6 +187,88 @@ class RefineChunk:
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
+
+    def slot_classes(self) -> np.ndarray:
+        """``(k, 1 + K)`` int64: the class of every slot of a class-sparse chunk (slot 0: background).
+
+        Unused slots (key 0) are all zero and also say 0.
+        """
+        if self.keys is None:
+            raise InputError("slot_classes: the chunk is dense")
+        return np.concatenate([np.zeros((len(self), 1), np.int64), self.keys.astype(np.int64)], axis=1)
+
+    def dense(self) -> "RefineChunk":
+        """The chunk with dense ``(k, H, W, C)`` scores (itself when it is dense already)."""
+        if self.keys is None:
+            return self
+        return replace(self, data=slots_to_dense(self.data, self.keys, self.num_classes), keys=None)
+
+
+@dataclass
+class SparseScores:
+    """Class-sparse scores, as a refinement with ``sparse_input`` may return them for a class-sparse chunk.
+
+    Attributes
+    ----------
+    data : (k, H, W, 1 + K) float array
+        Slot 0 the background, slot ``j + 1`` the scores of class ``keys[i, j]`` (see :class:`RefineChunk`).
+    keys : (k, K) uint8 array
+        Per image the slot classes, ascending, in 1..C-1; unused slots (0) last, their scores 0.
+    """
+
+    data: np.ndarray
+    keys: np.ndarray
+
+
+def slots_to_dense(data: np.ndarray, keys: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dense ``(k, H, W, C)`` scores of class-sparse ``data`` ``(k, H, W, 1 + K)`` with slot classes ``keys``."""
+    k = data.shape[0]
+    out = np.zeros(data.shape[:3] + (num_classes,), dtype=data.dtype)
+    out[..., 0] = data[..., 0]
+    for m in range(k):
+        for j, cls in enumerate(keys[m]):
+            if cls:
+                out[m, :, :, int(cls)] = data[m, :, :, j + 1]
+    return out
+
+
+def dense_to_slots(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class-sparse ``(slots (k, H, W, 1 + K), keys (k, K))`` of dense scores ``(k, H, W, C)``.
+
+    The slots of an image are its foreground classes with a score above 0 somewhere (padding is 0);
+    K is the most any image of the block has.
+    """
+    k, c = data.shape[0], data.shape[-1]
+    present = data[..., 1:].reshape(k, data.shape[1] * data.shape[2], c - 1).max(axis=1, initial=0) > 0
+    kk = int(present.sum(axis=1).max(initial=0))
+    keys = np.zeros((k, kk), np.uint8)
+    slots = np.zeros(data.shape[:3] + (1 + kk,), dtype=data.dtype)
+    slots[..., 0] = data[..., 0]
+    for m in range(k):
+        cls = np.flatnonzero(present[m]) + 1
+        keys[m, :cls.size] = cls
+        slots[m, :, :, 1:1 + cls.size] = data[m][..., cls]
+    return slots, keys
+
+
+def compact_slots(q: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the foreground slots that are all zero; ``q`` ``(k, H, W, 1 + K)`` -> ``(fg slots, keys)``.
+
+    Returns the foreground slots ``(k, H, W, K')`` and their keys ``(k, K')`` (K' the most an image
+    keeps): the classes an image's stored scores hold, as :func:`isle_fast.stores.sparse.sparsify` keys them.
+    """
+    k = q.shape[0]
+    fg = q[..., 1:]
+    used = (fg.reshape(k, q.shape[1] * q.shape[2], fg.shape[-1]).max(axis=1, initial=0) > 0) & (keys > 0)
+    kk = int(used.sum(axis=1).max(initial=0))
+    out = np.zeros(q.shape[:3] + (kk,), dtype=q.dtype)
+    new_keys = np.zeros((k, kk), np.uint8)
+    for m in range(k):
+        j = np.flatnonzero(used[m])
+        order = j[np.argsort(keys[m, j], kind="stable")]
+        new_keys[m, :order.size] = keys[m, order]
+        out[m, :, :, :order.size] = fg[m][..., order]
+    return out, new_keys
 
 
 @dataclass
@@ -219,12 +320,16 @@ class Refinement:
         release it): ``scheduler='auto'`` runs such chains in processes.
     process_safe : bool
         It may be pickled into worker processes (False e.g. for a model held on a GPU).
+    sparse_input : bool
+        It takes class-sparse chunks (``chunk.keys`` set, see :class:`RefineChunk`) and
+        returns labels, dense scores or :class:`SparseScores`; the others get the dense form.
     """
 
     name: str = "refinement"
     needs_rgb: bool = True
     gil_bound: bool = False
     process_safe: bool = True
+    sparse_input: bool = False
 
     def params(self) -> dict:
         """JSON-ready parameters recorded in the output's provenance."""
@@ -439,6 +544,31 @@ def _valid(shapes: np.ndarray, h_pad: int, w_pad: int) -> np.ndarray:
     return rows & cols
 
 
+def _check_sparse_output(r: Refinement, chunk: RefineChunk, out: SparseScores) -> SparseScores:
+    """A refinement's class-sparse scores checked (shapes, keys) and cleaned as :func:`_check_output`."""
+    from isle_fast.stores.sparse import check_keys
+
+    k, h_pad, w_pad = chunk.data.shape[:3]
+    data, keys = np.asarray(out.data), np.asarray(out.keys)
+    if chunk.encoding != "scores" or r.output_encoding(chunk.encoding) != "scores":
+        raise InputError(f"refinement {r.name!r} returned class-sparse scores for a {chunk.encoding} chunk "
+                         f"whose output is {r.output_encoding(chunk.encoding)}")
+    if (data.ndim != 4 or data.shape[:3] != (k, h_pad, w_pad) or keys.ndim != 2
+            or keys.shape != (k, data.shape[3] - 1)):
+        raise InputError(f"refinement {r.name!r} returned class-sparse scores of shape {data.shape} with keys "
+                         f"{keys.shape} for images {chunk.ids[:3]}...; expected ({k}, {h_pad}, {w_pad}, 1 + K) "
+                         f"and ({k}, K)")
+    if keys.size and (keys.dtype.kind not in "iu" or keys.min() < 0 or keys.max() >= chunk.num_classes):
+        raise InputError(f"refinement {r.name!r} returned slot classes {np.unique(keys).tolist()} for images "
+                         f"{chunk.ids[:3]}...; they must be integers in 1..{chunk.num_classes - 1} (0 = unused)")
+    check_keys(f"refinement {r.name!r} (images {chunk.ids[:3]}...)", keys.astype(np.uint8), chunk.num_classes)
+    data = np.nan_to_num(data.astype(np.float32, copy=True), nan=0.0, posinf=1.0, neginf=0.0)
+    np.clip(data, 0.0, 1.0, out=data)
+    data[~_valid(chunk.shapes, h_pad, w_pad)] = 0.0
+    data[..., 1:][np.broadcast_to((keys == 0)[:, None, None, :], data[..., 1:].shape)] = 0.0
+    return SparseScores(data=data, keys=keys.astype(np.uint8))
+
+
 def _check_output(r: Refinement, chunk: RefineChunk, out: np.ndarray, encoding: str) -> np.ndarray:
     k, h_pad, w_pad = chunk.data.shape[:3]
     want = (k, h_pad, w_pad) if encoding == "labels" else (k, h_pad, w_pad, chunk.num_classes)
@@ -458,13 +588,23 @@ def _check_output(r: Refinement, chunk: RefineChunk, out: np.ndarray, encoding: 
 
 
 def apply_chain(chain: Sequence[Refinement], chunk: RefineChunk) -> RefineChunk:
-    """Run ``chain`` on one chunk, in order; padding is reset after every step."""
+    """Run ``chain`` on one chunk, in order; padding is reset after every step.
+
+    A class-sparse chunk (``chunk.keys`` set) stays class-sparse through the steps with
+    ``sparse_input`` that return :class:`SparseScores`; a step without it gets the dense form.
+    """
     for r in chain:
         enc = r.output_encoding(chunk.encoding)
         if enc not in ("labels", "scores"):
             raise InputError(f"refinement {r.name!r} declares output encoding {enc!r}")
-        data = _check_output(r, chunk, r(chunk), enc)
-        chunk = replace(chunk, data=data, encoding=enc)
+        if chunk.keys is not None and not r.sparse_input:
+            chunk = chunk.dense()
+        out = r(chunk)
+        if isinstance(out, SparseScores):
+            sp = _check_sparse_output(r, chunk, out)
+            chunk = replace(chunk, data=sp.data, keys=sp.keys, encoding=enc)
+        else:
+            chunk = replace(chunk, data=_check_output(r, chunk, out, enc), encoding=enc, keys=None)
     return chunk
 
 
@@ -496,6 +636,8 @@ class _Job:
     out_dtype: str
     chain: list
     token: str = ""
+    layout: str = "dense"  # of a scores output: 'dense' or 'sparse' (class-sparse, isle_fast.stores.sparse)
+    blocks: str | None = None  # sparse: the folder of each task's foreground slots until they are assembled
 
 
 def image_labels_for(stack: Stack, image_labels: Any = None) -> np.ndarray | None:
@@ -532,25 +674,95 @@ def image_labels_for(stack: Stack, image_labels: Any = None) -> np.ndarray | Non
     return normalize_image_labels(a, c, f"image labels ({source})")
 
 
-def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None = None) -> int:
+def read_sparse_block(src: Stack, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``start:stop`` of a class-sparse score store as ``(slots, keys)``, without its dense view.
+
+    ``slots`` is ``(k, H, W, 1 + K)`` float32 in [0, 1] (slot 0 the background: the store's level
+    inside each image, or its stored slice; 0 in the padding), ``keys`` ``(k, K)`` uint8
+    (:class:`RefineChunk`).
+    """
+    from isle_fast.stores.sparse import BACKGROUND_ATTR, BACKGROUND_MEMBER, BACKGROUND_STORED
+
+    cams = np.asarray(src.member("cams")[start:stop])
+    keys = np.asarray(src.sparse_keys[start:stop], dtype=np.uint8)
+    scale = np.float32(src.score_scale)
+    data = np.empty(cams.shape[:3] + (1 + cams.shape[3],), np.float32)
+    data[..., 1:] = cams.astype(np.float32) / scale
+    level = src.attrs[BACKGROUND_ATTR]
+    if level == BACKGROUND_STORED:
+        data[..., 0] = np.asarray(src.member(BACKGROUND_MEMBER)[start:stop]).astype(np.float32) / scale
+    else:
+        data[..., 0] = np.where(src.valid_mask(start, stop), np.float32(int(level)) / scale, np.float32(0))
+    return data, keys
+
+
+def _run_block(job: _Job, start: int, stop: int, image_labels: np.ndarray | None = None) -> Any:
+    """One task: read images ``start:stop``, run the chain, write the result.
+
+    Returns the number of images, or for a class-sparse output ``(start, keys)`` (its foreground
+    slots wait in ``job.blocks`` until :func:`_assemble_sparse` knows the store's K).
+    """
     import zarr
 
     src = _open_cached(job.source, job.token)
-    raw = np.asarray(src.array[start:stop])
-    if src.encoding == "scores":
-        data = raw.astype(np.float32) / np.float32(src.score_scale)
+    keys = None
+    if src.encoding == "scores" and src.score_layout == "sparse":
+        data, keys = read_sparse_block(src, start, stop)   # only the classes present (and background)
+    elif src.encoding == "scores":
+        data = np.asarray(src.array[start:stop]).astype(np.float32) / np.float32(src.score_scale)
     else:
-        data = raw
+        data = np.asarray(src.array[start:stop])
     rgb = np.asarray(_open_cached(job.images, job.token).array[start:stop]) if job.images else None
     chunk = RefineChunk(data=data, encoding=src.encoding, shapes=src.shapes[start:stop].copy(), rgb=rgb,
                         classes=tuple(src.classes), ids=src.ids[start:stop], start=start,
-                        image_labels=image_labels)
+                        image_labels=image_labels, keys=keys)
     chunk = apply_chain(job.chain, chunk)
     group = zarr.open_group(job.target, mode="r+")
+    if chunk.encoding == "scores" and job.layout == "sparse":
+        slots, slot_keys = (chunk.data, chunk.keys) if chunk.keys is not None else dense_to_slots(chunk.data)
+        q = quantize_scores(slots, np.uint8)   # per pixel over its image's slots: the dense store's values
+        fg, fg_keys = compact_slots(q, slot_keys)
+        from isle_fast.stores.sparse import BACKGROUND_MEMBER
+
+        bg: Any = group[BACKGROUND_MEMBER]   # an array: made by _start_sparse
+        bg.with_config(WRITE_EVERY_CHUNK)[start:stop] = q[..., 0]
+        assert job.blocks is not None
+        np.save(os.path.join(job.blocks, f"{start}.npy"), fg)
+        return start, fg_keys
+    data = chunk.data if chunk.keys is None else chunk.dense().data
     member: Any = group[job.target_array]  # an array: the refine target made by create_stack
     target = member.with_config(WRITE_EVERY_CHUNK)  # an all-255 chunk is written too
-    target[start:stop] = _encode(chunk.data, chunk.encoding, np.dtype(job.out_dtype))
+    target[start:stop] = _encode(data, chunk.encoding, np.dtype(job.out_dtype))
     return stop - start
+
+
+def _assemble_sparse(group: Any, blocks: str, results: Sequence[tuple[int, np.ndarray]], n: int, k: int,
+                     h_pad: int, w_pad: int) -> None:
+    """Write ``cams`` and ``keys`` of a class-sparse output from the tasks' blocks, one block at a time.
+
+    K is the most classes any image keeps (at least 1); a block with fewer slots is padded with
+    unused ones.
+    """
+    from isle_fast.stores.stack import default_compressors
+
+    kk = max([1] + [int(r[1].shape[1]) for r in results])
+    keys = np.zeros((n, kk), np.uint8)
+    cams = group.create_array("cams", shape=(n, h_pad, w_pad, kk), chunks=(k, h_pad, w_pad, kk),
+                              dtype=np.uint8, fill_value=0,
+                              compressors=default_compressors("scores")).with_config(WRITE_EVERY_CHUNK)
+    for start, bkeys in sorted(results, key=lambda r: r[0]):
+        path = os.path.join(blocks, f"{start}.npy")
+        fg = np.load(path)
+        m, kb = bkeys.shape
+        keys[start:start + m, :kb] = bkeys
+        block = np.zeros((m, h_pad, w_pad, kk), np.uint8)
+        block[..., :kb] = fg
+        cams[start:start + m] = block
+        os.remove(path)
+    ka = group.create_array("keys", shape=(n, kk), chunks=(max(n, 1), kk), dtype=np.uint8, fill_value=0,
+                            compressors=default_compressors()).with_config(WRITE_EVERY_CHUNK)
+    if n:
+        ka[:] = keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,6 +825,7 @@ def refine_stack(
     device: str = "auto",
     progress: bool = True,
     image_labels: Any = None,
+    layout: str | None = None,
 ) -> Stack:
     """Refine a pseudo-label set with a chain of refinements and write a new store.
 
@@ -661,13 +874,23 @@ def refine_stack(
         :func:`image_labels_for`); default: the source store's own, when it
         holds them. Each step gets its block's rows as ``chunk.image_labels``;
         the dense CRF then uses exactly each image's labelled classes.
+    layout : {'auto', 'sparse', 'dense'}, optional
+        Layout of a scores output. ``sparse``: a class-sparse store
+        (:mod:`isle_fast.stores.sparse`: per image the classes its refined scores
+        hold, and the background slice per pixel; ``uint8`` only, local disk);
+        ``dense``: every class slice. ``auto`` / None (default): the source's
+        layout (a class-sparse source is read and refined as such: only its
+        images' classes and background go through the chain's built-in steps).
+        Either layout holds the same scores (the dense view of a sparse output
+        equals the dense output).
 
     Returns
     -------
     Stack
         The committed output store; its provenance holds ``refined_from``,
         ``images``, ``refinements`` (name + parameters of each step in order),
-        ``image_labels`` (``'given'``, ``'store'`` or None) and the source's provenance.
+        ``image_labels`` (``'given'``, ``'store'`` or None), ``score_layout`` (of a
+        scores output) and the source's provenance.
     """
     from isle_fast.progress import Timer
 
@@ -679,6 +902,7 @@ def refine_stack(
 
     check_output(out, overwrite=overwrite, inputs=[src] + ([img] if img is not None else []))
     enc, score_dtype = _output_encoding(src, refs, score_dtype)
+    out_layout = _output_layout(src, enc, score_dtype, layout, out)
     n_workers, k = _task_size(src, enc, score_dtype, workers, images_per_task)
 
     ctx = PrepareContext(source=src, images=img, out=out, resume=resume, progress=progress, device=device,
@@ -697,26 +921,37 @@ def refine_stack(
         "refinements": [{"name": r.name, "params": r.params()} for r in refs],
         "chain": [r.name for r in refs],
         "image_labels": None if labels is None else ("given" if image_labels is not None else "store"),
+        **({"score_layout": out_layout} if enc == "scores" else {}),
     }
     h_pad, w_pad = src.padded_shape
-    chunks = (k, h_pad, w_pad) + ((src.num_classes,) if enc == "scores" else ())
+    sparse = out_layout == "sparse"
+    chunks = (k, h_pad, w_pad) + ((src.num_classes,) if enc == "scores" and not sparse else ())
     writer = create_stack(out, kind=src.kind if src.kind != "images" else "pseudo", classes=src.classes,
-                          ids=src.ids, shapes=src.shapes, encoding=enc,
+                          ids=src.ids, shapes=src.shapes, encoding="labels" if sparse else enc,
                           name=name or f"{src.name}+{'+'.join(r.name for r in refs)}",
                           score_dtype=score_dtype, chunks=chunks, provenance=prov, overwrite=overwrite,
                           padded_shape=(h_pad, w_pad))
+    blocks = None
     try:
         from isle_fast.stores.stack import absolute_location
 
+        if sparse:
+            blocks = _start_sparse(writer, out, k)
         job = _Job(source=absolute_location(src.path),   # the tasks may run on cluster workers elsewhere
                    images=absolute_location(img.path) if img is not None else None, target=writer.work_path,
                    target_array=enc, out_dtype=score_dtype if enc == "scores" else "uint8", chain=refs,
-                   token=uuid.uuid4().hex)
-        _compute(job, labels, src.num_images, k, sched, client, n_workers,
-                 f"refine {src.name} ({'+'.join(r.name for r in refs)})", progress)
+                   token=uuid.uuid4().hex, layout=out_layout, blocks=None if blocks is None else str(blocks))
+        results = _compute(job, labels, src.num_images, k, sched, client, n_workers,
+                           f"refine {src.name} ({'+'.join(r.name for r in refs)})", progress)
+        if blocks is not None:
+            _assemble_sparse(writer.group, str(blocks), results, src.num_images, k, h_pad, w_pad)
         writer.set_provenance(scheduler=sched, workers=n_workers, images_per_task=k)
         stack = writer.commit()
     except BaseException:
+        if blocks is not None:
+            from isle_fast.outputs import remove_path
+
+            remove_path(blocks)
         writer.abort()
         if sched == "processes":  # a failed or interrupted pool is not reused
             pool = _POOL.pop("pool", None)
@@ -724,10 +959,61 @@ def refine_stack(
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         raise
+    if blocks is not None:
+        from isle_fast.outputs import remove_path
+
+        remove_path(blocks)
     if progress:
         _refine_summary(src, stack, refs, labels is not None and prov["image_labels"], sched, n_workers, k,
                         timer.seconds)
     return stack
+
+
+def _output_layout(src: Stack, enc: str, score_dtype: str, layout: str | None, out: str) -> str:
+    """``'sparse'`` or ``'dense'``: the layout of a refine's output (``layout`` of :func:`refine_stack`)."""
+    from isle_fast.stores.stack import is_remote
+
+    choice = "auto" if layout is None else str(layout)
+    if choice not in ("auto", "sparse", "dense"):
+        raise InputError(f"{param('layout')} must be auto, sparse or dense, not {layout!r}")
+    if choice == "auto":
+        sparse_src = src.encoding == "scores" and src.score_layout == "sparse"
+        ok = enc == "scores" and np.dtype(score_dtype) == np.uint8 and not is_remote(out)
+        return "sparse" if sparse_src and ok else "dense"
+    if choice == "sparse":
+        if enc != "scores":
+            raise InputError(f"{param('layout', 'sparse')}: the chain ends in label maps, not scores "
+                             "(a label store has no score layout)")
+        if np.dtype(score_dtype) != np.uint8:
+            raise InputError(f"{param('layout', 'sparse')}: a class-sparse score store holds uint8 scores, "
+                             f"not {score_dtype}")
+        if is_remote(out):
+            raise InputError(f"{out}: class-sparse stores are written to local disk only")
+    return choice
+
+
+def _start_sparse(writer: Any, out: str, k: int) -> Any:
+    """Turn the labels skeleton of ``writer`` into a class-sparse score store; the folder for the blocks.
+
+    ``cams`` and ``keys`` come at the end (:func:`_assemble_sparse`); the tasks write the stored
+    background slice (``background``, chunked like ``cams``) and leave their slots in the folder.
+    """
+    from pathlib import Path
+
+    from isle_fast.outputs import temp_path
+    from isle_fast.stores.sparse import BACKGROUND_ATTR, BACKGROUND_MEMBER, BACKGROUND_STORED, LAYOUT_ATTR
+    from isle_fast.stores.stack import SCORE_SCALE, default_compressors
+
+    g = writer.group
+    n, h_pad, w_pad = (int(v) for v in g["labels"].shape)
+    del g["labels"]
+    g.create_array(BACKGROUND_MEMBER, shape=(n, h_pad, w_pad), chunks=(k, h_pad, w_pad), dtype=np.uint8,
+                   fill_value=0, compressors=default_compressors("scores"))
+    g.attrs.update({"encoding": "scores", "score_scale": SCORE_SCALE, LAYOUT_ATTR: "sparse",
+                    BACKGROUND_ATTR: BACKGROUND_STORED})
+    blocks = temp_path(Path(out).absolute())   # beside the output: cluster workers see it too
+    blocks.mkdir(parents=True)
+    return blocks
 
 
 def _refine_inputs(src: Any, images: Any, chain: str | Sequence[str], params: Any, image_labels: Any
@@ -809,8 +1095,8 @@ def _scheduler(src: Stack, refs: Sequence[Refinement], scheduler: str, client: A
 
 
 def _compute(job: _Job, labels: np.ndarray | None, n: int, k: int, sched: str, client: Any, n_workers: int,
-             desc: str, progress: bool) -> None:
-    """Run the job's blocks of ``k`` images (one task each) on the chosen scheduler."""
+             desc: str, progress: bool) -> list:
+    """Run the job's blocks of ``k`` images (one task each) on the chosen scheduler; their results."""
     import dask
 
     from isle_fast.progress import dask_progress
@@ -819,16 +1105,15 @@ def _compute(job: _Job, labels: np.ndarray | None, n: int, k: int, sched: str, c
                                                   None if labels is None else labels[s:s + k])
              for s in range(0, n, k)]
     if not tasks:
-        return
+        return []
     if sched == "distributed":
         with client.as_current(), dask_progress(desc, quiet=not progress, images=n):
-            dask.compute(*tasks)   # on the client's workers, the bar counting their tasks
-    else:
-        kwargs = {} if sched == "sync" else {"num_workers": n_workers}
-        if sched == "processes":
-            kwargs["pool"] = _process_pool(n_workers)
-        with dask_progress(desc, quiet=not progress, images=n):
-            dask.compute(*tasks, scheduler=sched, **kwargs)
+            return list(dask.compute(*tasks))   # on the client's workers, the bar counting their tasks
+    kwargs = {} if sched == "sync" else {"num_workers": n_workers}
+    if sched == "processes":
+        kwargs["pool"] = _process_pool(n_workers)
+    with dask_progress(desc, quiet=not progress, images=n):
+        return list(dask.compute(*tasks, scheduler=sched, **kwargs))
 
 
 def _refine_summary(src: Stack, stack: Stack, refs: Sequence[Refinement], image_labels: Any, sched: str,
@@ -842,5 +1127,6 @@ def _refine_summary(src: Stack, stack: Stack, refs: Sequence[Refinement], image_
         "images": f"{src.num_images} ({sched}, {n_workers} worker{'s' if n_workers != 1 else ''}, {k} per task)",
         **({"image labels": image_labels} if image_labels is not False else {}),
         "seconds": f"{seconds:.1f}",
-        "output": f"{stack.path} ({stack.encoding}, {stack.array.dtype})",
+        "output": f"{stack.path} ({stack.encoding}, {stack.array.dtype}"
+                  + (f", {stack.score_layout}" if stack.encoding == "scores" else "") + ")",
     })

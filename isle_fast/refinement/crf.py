@@ -85,7 +85,8 @@ from isle_fast.errors import InputError
 from isle_fast.refinement.chain import PrepareContext, RefineChunk, Refinement
 from isle_fast.stores.image_labels import normalize_image_labels
 
-__all__ = ["PRESETS", "AUTO_PRESET", "DenseCRF", "crf_settings", "crf_image", "crf_unary", "present_classes"]
+__all__ = ["PRESETS", "AUTO_PRESET", "DenseCRF", "crf_settings", "crf_image", "crf_marginals", "crf_unary",
+           "present_classes"]
 
 #: The public code's CRF settings by name (see the module docs).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -182,12 +183,13 @@ def _label_row(image_labels: Any, num_classes: int) -> np.ndarray:
 
 
 def present_classes(data: np.ndarray, encoding: str, num_classes: int, keep: str = "auto",
-                    image_labels: Any = None) -> np.ndarray:
+                    image_labels: Any = None, slot_classes: np.ndarray | None = None) -> np.ndarray:
     """Sorted int64 array of the classes the CRF of one (unpadded) image uses, background (0) always included.
 
     Parameters
     ----------
     data : (h, w) uint8 labels or (h, w, C) float scores
+        Or, with ``slot_classes``, class-sparse scores ``(h, w, 1 + K)``.
     encoding : {'labels', 'scores'}
     num_classes : int
     keep : {'auto', 'image', 'argmax', 'nonzero'}
@@ -197,6 +199,10 @@ def present_classes(data: np.ndarray, encoding: str, num_classes: int, keep: str
         For labels both mean the label values present.
     image_labels : (C,) or (C-1,) bool array, optional
         The image's image-level labels (all classes, or foreground only).
+    slot_classes : (1 + K,) int array, optional
+        The class of every slot of class-sparse ``data`` (slot 0 background, ascending,
+        0 for an unused all-zero slot); every other class scores 0. The result is the
+        dense scores' (the first of tied slots is the first of tied classes).
     """
     if keep not in _KEEP:
         raise InputError(f"crf.keep must be one of {', '.join(_KEEP)}; not {keep!r}")
@@ -212,7 +218,22 @@ def present_classes(data: np.ndarray, encoding: str, num_classes: int, keep: str
         vals = np.unique(np.argmax(data, axis=-1)).astype(np.int64) if data.size else np.zeros(0, np.int64)
     else:
         vals = np.nonzero(data.reshape(-1, data.shape[-1]).max(axis=0, initial=0) > 0)[0].astype(np.int64)
+    if slot_classes is not None and encoding == "scores":
+        vals = np.asarray(slot_classes, np.int64)[vals]
     return np.union1d(np.zeros(1, np.int64), vals)
+
+
+def _kept_scores(data: np.ndarray, kept: np.ndarray, slot_classes: np.ndarray | None) -> np.ndarray:
+    """``(h, w, len(kept))`` scores of the kept classes: ``data[..., kept]``, or gathered from slots (0 if none)."""
+    if slot_classes is None:
+        return data[..., kept]
+    pos = {int(c): j for j, c in enumerate(slot_classes) if j == 0 or c}
+    out = np.zeros(data.shape[:2] + (len(kept),), dtype=data.dtype)
+    for t, c in enumerate(kept):
+        j = pos.get(int(c))
+        if j is not None:
+            out[..., t] = data[..., j]
+    return out
 
 
 def crf_unary(data: np.ndarray, encoding: str, kept: np.ndarray, *, gt_prob: float = 0.7,
@@ -286,21 +307,42 @@ def crf_image(rgb: np.ndarray, data: np.ndarray, encoding: str, num_classes: int
     -------
     (h, w) uint8 labels or (h, w, C) float32 marginals (0 for classes not kept).
     """
-    import pydensecrf.densecrf as dcrf
-
     if output not in ("labels", "scores"):
         raise InputError(f"crf output must be labels or scores, not {output!r}")
     cfg = crf_settings(preset, encoding, iterations=iterations, gauss_sxy=gauss_sxy,
                        gauss_compat=gauss_compat, bi_sxy=bi_sxy, bi_srgb=bi_srgb, bi_compat=bi_compat,
                        gt_prob=gt_prob, clip=clip, features=features)
+    kept, q = crf_marginals(rgb, data, encoding, num_classes, cfg, keep=keep, image_labels=image_labels)
     h, w = data.shape[:2]
-    kept = present_classes(data, encoding, num_classes, keep, image_labels)
+    if output == "labels":
+        return kept[np.argmax(q, axis=0)].astype(np.uint8)
+    out = np.zeros((h, w, num_classes), dtype=np.float32)
+    out[..., kept] = np.moveaxis(q, 0, -1)
+    return out
+
+
+def crf_marginals(rgb: np.ndarray, data: np.ndarray, encoding: str, num_classes: int, cfg: dict, *,
+                  keep: str = "auto", image_labels: Any = None, slot_classes: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The kept classes and the CRF marginals ``(len(kept), h, w)`` float32 of one unpadded image.
+
+    ``cfg``: resolved settings (:func:`crf_settings`). With ``slot_classes``, ``data`` is the
+    image's class-sparse scores ``(h, w, 1 + K)`` (see :func:`present_classes`): only its
+    kept classes are gathered, and the result equals that of the dense scores exactly.
+    """
+    import pydensecrf.densecrf as dcrf
+
+    h, w = data.shape[:2]
+    kept = present_classes(data, encoding, num_classes, keep, image_labels, slot_classes)
     n = len(kept)
     if n == 1 or h * w == 0:
         q = np.ones((1, h, w), dtype=np.float32)
     else:
         img = _crf_rgb(rgb, h, w)
-        unary = crf_unary(data, encoding, kept, gt_prob=cfg["gt_prob"], clip=cfg["clip"])
+        if encoding == "scores":
+            unary = crf_unary(_kept_scores(data, kept, slot_classes), encoding, np.arange(n), clip=cfg["clip"])
+        else:
+            unary = crf_unary(data, encoding, kept, gt_prob=cfg["gt_prob"], clip=cfg["clip"])
         if cfg["features"] == "xy":
             crf = dcrf.DenseCRF2D(w, h, n)
             crf.setUnaryEnergy(unary)
@@ -318,11 +360,7 @@ def crf_image(rgb: np.ndarray, data: np.ndarray, encoding: str, num_classes: int
                                                   img=img, chdim=2)
             crf.addPairwiseEnergy(bilateral, compat=cfg["bi_compat"])
         q = np.asarray(crf.inference(cfg["iterations"]), dtype=np.float32).reshape(n, h, w)
-    if output == "labels":
-        return kept[np.argmax(q, axis=0)].astype(np.uint8)
-    out = np.zeros((h, w, num_classes), dtype=np.float32)
-    out[..., kept] = np.moveaxis(q, 0, -1)
-    return out
+    return kept, q
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +398,7 @@ class DenseCRF(Refinement):
 
     needs_rgb = True
     gil_bound = True
+    sparse_input = True
 
     def __init__(self, preset: str = "auto", iterations: int | None = None, gauss_sxy: float | None = None,
                  gauss_compat: float | None = None, bi_sxy: float | None = None, bi_srgb: float | None = None,
@@ -406,7 +445,9 @@ class DenseCRF(Refinement):
     def output_encoding(self, input_encoding: str) -> str:
         return input_encoding if self.output == "auto" else self.output
 
-    def refine(self, chunk: RefineChunk) -> np.ndarray:
+    def refine(self, chunk: RefineChunk) -> Any:
+        if chunk.keys is not None:
+            return self._refine_sparse(chunk)
         enc = self.output_encoding(chunk.encoding)
         cfg = self.settings(chunk.encoding)
         preset = cfg.pop("preset")
@@ -425,3 +466,34 @@ class DenseCRF(Refinement):
                                        preset=preset, **cfg, keep=self.keep,
                                        image_labels=None if labels is None else labels[i], output=enc)
         return out
+
+    def _refine_sparse(self, chunk: RefineChunk) -> Any:
+        """A class-sparse chunk: each image's kept classes gathered from its slots; sparse scores out."""
+        from isle_fast.refinement.chain import SparseScores
+
+        enc = self.output_encoding(chunk.encoding)
+        cfg = self.settings(chunk.encoding)
+        k, h_pad, w_pad = chunk.data.shape[:3]
+        labels, rgb, slots = chunk.image_labels, chunk.rgb, chunk.slot_classes()
+        assert rgb is not None, "the chain hands RGB to a refinement with needs_rgb"
+        results = []
+        for i in range(k):
+            h, w = (int(v) for v in chunk.shapes[i])
+            results.append(crf_marginals(rgb[i, :h, :w], chunk.data[i, :h, :w], chunk.encoding,
+                                         chunk.num_classes, cfg, keep=self.keep,
+                                         image_labels=None if labels is None else labels[i],
+                                         slot_classes=slots[i]))
+        if enc == "labels":
+            out = np.full((k, h_pad, w_pad), 255, dtype=np.uint8)
+            for i, (kept, q) in enumerate(results):
+                h, w = q.shape[1:]
+                out[i, :h, :w] = kept[np.argmax(q, axis=0)].astype(np.uint8)
+            return out
+        kk = max([0] + [len(kept) - 1 for kept, _ in results])
+        data = np.zeros((k, h_pad, w_pad, 1 + kk), dtype=np.float32)
+        keys = np.zeros((k, kk), dtype=np.uint8)
+        for i, (kept, q) in enumerate(results):
+            h, w = q.shape[1:]
+            data[i, :h, :w, :len(kept)] = np.moveaxis(q, 0, -1)   # kept[0] is the background
+            keys[i, :len(kept) - 1] = kept[1:]
+        return SparseScores(data=data, keys=keys)

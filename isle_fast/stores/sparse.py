@@ -13,7 +13,12 @@ keys     (I, K) uint8           the class of every slot, ascending; 0 = unused
                                 slot (its scores are 0)
 attrs                           ``background_level``: the stored background score
                                 of every pixel inside an image (CAM ingest's
-                                threshold); padding is 0, as in a dense store
+                                threshold); padding is 0, as in a dense store;
+                                or ``"stored"``: the member ``background`` holds it
+background (I, H, W) uint8      only with ``background_level: "stored"`` (refined
+                                scores, whose background varies per pixel: CRF
+                                marginals, random-walk scores;
+                                :mod:`isle_fast.refinement.chain`); 0 in the padding
 ======== ====================== ==================================================
 
 next to ``ids`` and ``shapes``. Its *logical* stack is the dense ``(I, H, W,
@@ -45,21 +50,30 @@ import numpy as np
 
 from isle_fast.errors import InputError, StoreError
 
-__all__ = ["SPARSE", "DENSE", "sparsify", "densify", "check_keys", "SparseView"]
+__all__ = ["SPARSE", "DENSE", "sparsify", "densify", "check_keys", "SparseView", "BACKGROUND_STORED"]
 
 SPARSE = "sparse"
 DENSE = "dense"
 LAYOUT_ATTR = "score_layout"
 BACKGROUND_ATTR = "background_level"
+#: ``background_level`` of a store whose background slice varies per pixel (refined scores: CRF
+#: marginals, random-walk scores): it is stored in the member ``background`` (I, H, W) uint8, 0 in
+#: the padding, next to ``cams`` and ``keys`` (written by :mod:`isle_fast.refinement.chain`)
+BACKGROUND_STORED = "stored"
+BACKGROUND_MEMBER = "background"
 
 
 def densify(
-    cams: np.ndarray, keys: np.ndarray, background: int, num_classes: int, valid: np.ndarray | None = None
+    cams: np.ndarray,
+    keys: np.ndarray,
+    background: int | np.ndarray,
+    num_classes: int,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """The dense ``(n, h, w, C)`` uint8 block of ``cams`` ``(n, h, w, K)``, slot classes ``keys`` ``(n, K)``.
 
-    Slice 0 is ``background`` where ``valid`` ``(n, h, w)`` is True (0 elsewhere); unused slots
-    (key 0) are skipped.
+    Slice 0 is ``background`` (a level, or the stored ``(n, h, w)`` slice) where ``valid``
+    ``(n, h, w)`` is True (0 elsewhere); unused slots (key 0) are skipped.
     """
     n, h, w, k = cams.shape
     out = np.zeros((n, h, w, num_classes), np.uint8)
@@ -104,7 +118,9 @@ class SparseView:
         self._stack = stack
         self.cams = stack.member("cams")
         self.keys = stack.sparse_keys
-        self.background = int(stack.attrs[BACKGROUND_ATTR])
+        level = stack.attrs[BACKGROUND_ATTR]
+        self.background_slice = stack.member(BACKGROUND_MEMBER) if level == BACKGROUND_STORED else None
+        self.background = 0 if self.background_slice is not None else int(level)
         self.shape = tuple(stack.shape)
         self.chunks = tuple(stack.chunks)
         self.dtype = np.dtype(np.uint8)
@@ -147,7 +163,10 @@ class SparseView:
         valid = (rr[None, :, None] < st.shapes[idx, 0][:, None, None]) & (
             cc[None, None, :] < st.shapes[idx, 1][:, None, None]
         )
-        out = densify(cams, self.keys[idx], self.background, self.shape[3], valid)
+        background: int | np.ndarray = self.background
+        if self.background_slice is not None:
+            background = _background_block(self.background_slice, sel, rows, cols)
+        out = densify(cams, self.keys[idx], background, self.shape[3], valid)
         out = out[(slice(None), slice(None), slice(None), cls)]
         drop = tuple(0 if isinstance(k, (int, np.integer)) else slice(None) for k in (img, rows, cols))
         return out[drop]
@@ -155,6 +174,66 @@ class SparseView:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         a = self[...]
         return a if dtype is None else a.astype(dtype)
+
+
+def _background_block(arr: Any, sel: slice, rows: Any, cols: Any) -> np.ndarray:
+    """The stored background slice ``(n, h, w)`` of images ``sel``, rows and columns kept as axes."""
+    r = slice(int(rows), int(rows) + 1) if isinstance(rows, (int, np.integer)) else rows
+    c = slice(int(cols), int(cols) + 1) if isinstance(cols, (int, np.integer)) else cols
+    return np.asarray(arr[sel, r, c])
+
+
+def _dense_block_stored(block: np.ndarray, background: np.ndarray, keys: np.ndarray, num_classes: int
+                        ) -> np.ndarray:
+    """Dask task of the dense view of a store with a stored background slice (0 in the padding)."""
+    return densify(block, keys, background, num_classes)
+
+
+def member_dask(stack: Any, name: str) -> Any:
+    """One member array of a store as a Dask array on its chunks (the direct reader where it applies)."""
+    import dask.array as da
+
+    from isle_fast.stores.chunks import dask_chunks, fast_chunk_spec, read_chunk
+    from isle_fast.stores.stack import ArrayMeta
+
+    arr = stack.member(name)
+    spec = fast_chunk_spec(arr, getattr(arr, "_names", None))
+    if spec is None or 0 in arr.shape:
+        return da.from_zarr(arr)
+    from dask.base import tokenize
+
+    meta = ArrayMeta.of(arr)
+    return da.map_blocks(
+        partial(read_chunk, spec=spec),
+        chunks=dask_chunks(meta),
+        dtype=meta.dtype,
+        meta=np.empty((0,) * len(meta.shape), meta.dtype),
+        name=f"isle-{name}-{tokenize(spec, meta.shape)}",
+    )
+
+
+def _dense_dask_stored(stack: Any, src: Any) -> Any:
+    """:func:`dense_dask` of a store whose background slice is stored (member ``background``)."""
+    import dask.array as da
+
+    bg = member_dask(stack, BACKGROUND_MEMBER).rechunk(src.chunks[:3])
+    k = int(stack.cams_meta.shape[3])
+    keys = da.from_array(stack.sparse_keys, chunks=(src.chunks[0], (k,)))
+    c = stack.num_classes
+    return da.blockwise(
+        partial(_dense_block_stored, num_classes=c),
+        "ijkc",
+        src,
+        "ijkl",
+        bg,
+        "ijk",
+        keys,
+        "il",
+        new_axes={"c": c},
+        concatenate=True,
+        dtype=np.uint8,
+        meta=np.empty((0,) * 4, np.uint8),
+    )
 
 
 def _dense_block(
@@ -194,6 +273,8 @@ def dense_dask(stack: Any) -> Any:
         )
     else:
         src = da.from_zarr(cams)
+    if stack.attrs[BACKGROUND_ATTR] == BACKGROUND_STORED:
+        return _dense_dask_stored(stack, src)
     c = stack.num_classes
     fn = partial(
         _dense_block,

@@ -668,20 +668,27 @@ class Stack:
         except Exception as exc:
             raise StoreError(f"{self.path}: the metadata of an array is damaged "
                              f"({type(exc).__name__}: {exc})") from None
-        self.array_names = ["ids", "shapes"] + (["cams", "keys"] if sparse else [self.encoding]) + others
+        stored = ["cams", "keys"] + [n for n in ("background",) if n in self._members]
+        self.array_names = ["ids", "shapes"] + (stored if sparse else [self.encoding]) + others
 
     def _open_sparse(self, cams: Any) -> None:
         """A class-sparse store (:mod:`isle_fast.stores.sparse`): keys read and checked, the logical meta."""
-        from isle_fast.stores.sparse import BACKGROUND_ATTR, check_keys
+        from isle_fast.stores.sparse import BACKGROUND_ATTR, BACKGROUND_MEMBER, BACKGROUND_STORED, check_keys
 
         if self.encoding != "scores":
             raise StoreError(f"{self.path}: score_layout 'sparse' needs encoding 'scores', "
                              f"not {self.encoding!r}")
         level = self.attrs.get(BACKGROUND_ATTR)
-        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 255:
+        if level != BACKGROUND_STORED and (isinstance(level, bool) or not isinstance(level, int)
+                                           or not 0 <= level <= 255):
             raise StoreError(f"{self.path}: attribute {BACKGROUND_ATTR!r} is {level!r}; "
-                             "expected a level 0..255")
+                             f"expected a level 0..255 or {BACKGROUND_STORED!r}")
         cm = self.meta
+        if level == BACKGROUND_STORED:   # refined scores: the background slice is stored per pixel
+            bg = self.member(BACKGROUND_MEMBER)
+            if tuple(bg.shape) != tuple(cm.shape[:3]) or np.dtype(bg.dtype) != np.uint8:
+                raise StoreError(f"{self.path}: array {BACKGROUND_MEMBER!r} is {bg.dtype} of shape "
+                                 f"{tuple(bg.shape)}; expected {tuple(cm.shape[:3])} uint8 (images, H, W)")
         if len(cm.shape) != 4 or cm.dtype != np.uint8 or cm.chunks[3] != cm.shape[3]:
             raise StoreError(f"{self.path}: array 'cams' is {cm.dtype} of shape {cm.shape} "
                              f"(chunks {cm.chunks}); expected (images, H, W, K) uint8, one chunk over K")
@@ -956,6 +963,7 @@ class Stack:
                                       "mean": float((self.sparse_keys > 0).sum(axis=1).mean())
                                       if self.num_images else 0.0}}
                if self.score_layout == "sparse" else {}),
+            **({"background_level": self.attrs.get("background_level")} if self.score_layout == "sparse" else {}),
             "dtype": str(self.array.dtype),
             "classes": self.classes,
             "images": self.num_images,

@@ -126,3 +126,38 @@ def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
     assert rc == 0
     assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens3.zarr",
                  "--estimator", "pairwise", "--quiet"]) != 0
+
+
+def test_isle_run_with_a_partial_gt_equals_merge_on_the_same_stores(tmp_path, capsys):
+    """``isle run`` with a gt folder of some images: the sets' folders give the images, every image is
+    merged and exported, and the ensemble is the one ``isle merge --gt PARTIAL`` makes from the same stores."""
+    import json
+    import shutil
+
+    from tests.test_job import make_tree
+
+    tree = make_tree(tmp_path / "voc", n=16, seed=3)
+    gt_dir = tree / "SegmentationClass"
+    for p in sorted(gt_dir.glob("*.png"))[::2]:   # keep the gt of every other image
+        p.unlink()
+    kept = sorted(p.stem for p in gt_dir.glob("*.png"))
+    assert len(kept) == 8
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", str(tree), "--out", str(run), "--workers", "1", "--quiet", "--no-report"]) == 0
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["images"] == 16
+    ens = open_stack(run / "ensemble.zarr")
+    assert len(ens.ids) == 16 and len(list((run / "ensemble").glob("*.png"))) == 16
+    cache = type(run)(doc["files"]["cache"])
+    stores = [open_stack(cache / f"{s}.zarr") for s in ("alpha", "beta", "gamma")]
+    gt = open_stack(cache / "gt.zarr")
+    assert list(gt.ids) == kept and all(list(s.ids) == list(ens.ids) for s in stores)
+    res = merge(stores, gt, f"{tmp_path}/ens.zarr", progress=False)
+    np.testing.assert_array_equal(np.asarray(res.stack.array[:]), np.asarray(ens.array[:]))
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["selection"] == res.selection.mapping()
+    # the ensemble's mIoU is scored on the labelled images only
+    want = evaluate([res.stack], gt, progress=False).miou[0]
+    assert ev["ensemble"]["miou"] == pytest.approx(float(want), abs=1e-12)
+    shutil.rmtree(run)

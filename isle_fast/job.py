@@ -796,7 +796,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     # -- step 3: merge ---------------------------------------------------------------------------------
     # Fused when the stores allow (local, whole images per chunk): each ensemble chunk is counted
     # against the gt and encoded as PNGs while the merge holds it, instead of reading it back twice.
-    counter, sink = (None, None) if partial_gt else _fused_outputs(spec, gt, staging / "ensemble")
+    counter, sink = _fused_outputs(spec, gt, staging / "ensemble", partial_gt)
     try:
         with steps.step("merge"):
             res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
@@ -879,17 +879,18 @@ def _partial_gt(spec: JobSpec, gt: Any) -> bool:
     return have < found
 
 
-def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path) -> tuple[Any, Any]:
+def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path, partial_gt: bool = False) -> tuple[Any, Any]:
     """``(ChunkCounts, ChunkExport)`` for the fused merge pass, or ``(None, None)`` where it cannot run.
 
     It needs what the merge's local pass needs (local stores in the plain layout, no Dask scheduler
-    asked for) and chunks that hold whole images (PNGs are written per chunk).
+    asked for), chunks that hold whole images (PNGs are written per chunk) and a gt of every image.
     """
     from isle_fast.ensemble.evaluate import ChunkCounts
     from isle_fast.ensemble.graph import dask_requested
     from isle_fast.ensemble.report import ChunkExport
 
-    if dask_requested() or gt.chunk_spec() is None or tuple(gt.chunks[1:]) != tuple(gt.shape[1:]):
+    if (partial_gt or dask_requested() or gt.chunk_spec() is None
+            or tuple(gt.chunks[1:]) != tuple(gt.shape[1:])):
         return None, None
     counter = ChunkCounts(gt, average=spec.average, backend=spec.backend, per_image=spec.report)
     return counter, ChunkExport(pngs, gt.ids, gt.shapes, compress=spec.compress)

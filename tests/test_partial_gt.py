@@ -109,17 +109,20 @@ def test_merge_with_partial_gt_writes_every_image(tmp_path):
 
 
 def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
-    from isle_fast.ensemble.estimate import blend_scores, estimate
+    from isle_fast.ensemble.estimate import estimate
     from isle_fast.ensemble.selection import select
+    from isle_fast.ensemble.uncertainty import posterior_scores
 
     rng = np.random.default_rng(11)
     sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=9, subset=[5, 0, 7])
     res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, blend_estimate=True)
     ev = evaluate(sets, gt, progress=False, per_image=True)
-    n_c = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
-    want = select(scores=blend_scores(ev.iou, n_c, estimate(sets, progress=False).iou), gt_pixels=ev.gt_pixels,
-                  set_names=ev.set_names, classes=ev.classes)
+    post = posterior_scores(ev.image_stats, estimate(sets, progress=False).iou, gt_present=ev.gt_pixels > 0,
+                            population=9, pooled=True)
+    want = select(scores=post["scores"], gt_pixels=ev.gt_pixels, set_names=ev.set_names, classes=ev.classes)
     np.testing.assert_array_equal(res.selection.best, want.best)
+    first = list(res.stack.provenance["blended_scores"].values())[0]
+    np.testing.assert_allclose([np.nan if v is None else v for v in first], post["scores"][0], rtol=1e-12)
     assert "blended_scores" in res.stack.provenance and res.stack.ids == sets[0].ids
     rc = main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens2.zarr",
                "--blend-estimate", "--estimator", "pairwise", "--quiet", "--no-score"])

@@ -438,17 +438,19 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
                     allowed: np.ndarray | None, backend: str, bg_threshold: float | None,
                     progress: bool) -> np.ndarray:
     """The labelled IoU blended with the no-label estimate (see :func:`merge`, ``blend_estimate``)."""
-    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, blend_scores, estimate
+    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
+    from isle_fast.ensemble.uncertainty import posterior_scores
 
     ev = evaluation
     if ev.image_stats is None:  # the labelled images containing each class need per-image counts
         ev = evaluate(stacks, gt, average=evaluation.average, backend=backend, bg_threshold=bg_threshold,
                       progress=progress, per_image=True)
     assert ev.image_stats is not None  # per_image=True above
-    class_images = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
     est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
                    bg_threshold=bg_threshold, progress=progress)
-    return blend_scores(evaluation.iou, class_images, est.iou)
+    post = posterior_scores(ev.image_stats, est.iou, gt_present=ev.gt_pixels > 0, average=ev.average,
+                            population=stacks[0].num_images, pooled=True)
+    return post["scores"]
 
 
 def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
@@ -517,10 +519,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         With ``gt=None``: how each set's per-class IoU is estimated from the
         sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`).
     blend_estimate : bool
-        With a gt of some images: select from the labelled IoU blended with
-        the no-label estimate of every image (``estimator``), per class
-        weighted by the labelled images containing it
-        (:func:`isle_fast.ensemble.estimate.blend_scores`).
+        With a gt of some images: select from the posterior expected IoU
+        of the labelled IoU and the no-label estimate of every image
+        (``estimator``), each weighted by its error: the labelled one's from
+        the bootstrap, the estimate's fitted on the labelled images
+        (:func:`isle_fast.ensemble.uncertainty.posterior_scores`).
     each_chunk : callable, optional
         ``each_chunk(start, labels)``: called with every ensemble chunk once it
         is written (``start``: its first ``(image, row, column)``; ``labels``:

@@ -233,3 +233,18 @@ def test_posterior_rejects_bad_shapes():
         posterior_scores(stats, quality[:, :2])
     with pytest.raises(InputError, match="population"):
         posterior_scores(stats, quality, population=3)
+
+
+def test_combined_estimate_is_the_mean_of_staple_and_pairwise():
+    from isle_fast.ensemble.estimate import combined_iou, estimate_from_patterns
+
+    rng = np.random.default_rng(5)
+    pat = rng.integers(0, 500, size=(2, 4, 8))
+    pat[0, 3] = 0  # a class no set votes for: undefined in both
+    pat[1, 3] = 0
+    want = (staple_iou(pat) + pairwise_iou(pat)) / 2
+    got = combined_iou(pat)
+    np.testing.assert_allclose(got[:, :3], want[:, :3], rtol=1e-12)
+    assert np.isnan(got[:, 3]).all()
+    np.testing.assert_array_equal(estimate_from_patterns(pat, "combined"), got)
+    assert DEFAULT_ESTIMATOR == "combined"

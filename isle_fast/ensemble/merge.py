@@ -515,7 +515,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         order; :mod:`isle_fast.stores.image_labels`): claims of classes absent
         from an image's labels are dropped, and the image strategy ranks by
         them instead of the gt. Every gt image needs labels.
-    estimator : {'agreement', 'pairwise', 'staple'}, optional
+    estimator : {'agreement', 'pairwise', 'staple', 'combined'}, optional
         With ``gt=None``: how each set's per-class IoU is estimated from the
         sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`).
     blend_estimate : bool

@@ -342,7 +342,8 @@ def selection_uncertainty(evaluation: Any, selection: Any = None, *, reps: int =
 MIN_ESTIMATE_VARIANCE = 0.25
 
 
-def have_any(s_q: np.ndarray) -> bool:
+def _have_any(s_q: np.ndarray) -> bool:
+    """Whether any class has a labelled covariance."""
     return bool((~np.isnan(s_q).any(axis=(1, 2))).any()) if s_q.size else False
 
 
@@ -394,32 +395,40 @@ def _estimate_error_grid(l_q: np.ndarray, s_q: np.ndarray, e_q: np.ndarray,
 def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = None, members: Any = None,
                      reps: int = 1000, seed: int = 0, average: str = "dataset",
                      prior_images: float = PRIOR_IMAGES, draws: int = 4000, fit_slope: bool = True,
-                     population: int | None = None, pooled: bool = False) -> dict[str, Any]:
+                     population: int | None = None, pooled: bool = True) -> dict[str, Any]:
     """Per-class IoU from a few labelled images and the no-label estimate, weighted by their errors.
 
     A normal model of every class's contrasts between the sets
     (:func:`contrast_basis`: the sets' IoU less their mean):
 
     * labelled: ``Q'L_c ~ N(Q'T_c, S_c)``, ``L`` the IoU on the labelled
-      images and ``S_c`` the bootstrap covariance of the sets' IoU of class
-      ``c`` (resampling the labelled images, the spread raised toward the
-      pooled one as in :func:`choice_uncertainty`); a class the labelled
-      images lack has no labelled term;
+      images, ``T`` the IoU on every image (``population`` of them), ``S_c``
+      the bootstrap covariance of the sets' IoU of class ``c`` (resampling the
+      labelled images, the spread raised toward the pooled one as in
+      :func:`choice_uncertainty`). With ``pooled`` (default) the per-image
+      covariance ``n_c S_c`` is averaged over the foreground classes and
+      divided by each class's ``n_c`` (labelled images with the class): a
+      class in ten images has a bootstrap too noisy to weigh it by, and
+      ``benchmarks/selection.py`` chose better with the pooled one. Times
+      ``1 - I / population``: the labelled images are part of every image (all
+      of them labelled: no sampling error). A class the labelled images lack
+      has no labelled term;
     * no-label estimate (prior): ``Q'T_c ~ N(a Q'E_c, tau2 I)``. ``a`` and
-      ``tau2`` are fitted on the labelled foreground classes themselves: ``a``
-      by least squares of the labelled contrasts on the estimated ones (1 with
-      ``fit_slope=False``; clipped to [0, 2]), ``tau2`` by moments, the mean
-      squared residual less the labelled noise ``tr S_c`` (at least
-      :data:`MIN_ESTIMATE_VARIANCE`).
+      ``tau2`` are fitted on the labelled foreground classes themselves
+      (empirical Bayes): the marginal likelihood ``Q'L_c ~ N(a Q'E_c, S_c +
+      tau2 I)`` on a grid of ``tau2`` (:data:`TAU2_GRID`, a flat prior on
+      ``tau``), ``a`` by generalised least squares at each (clipped to [0, 2];
+      1 with ``fit_slope=False``); the posterior averages over the grid.
 
-    The posterior of ``Q'T_c`` is normal, its mean the precision-weighted
-    combination: where the labelled images are few (large ``S_c``) the
-    estimate decides, where they are many the labelled IoU does, and an
-    estimate that disagrees with the labelled images (large ``tau2``) counts
-    less everywhere. Per class the set with the highest posterior mean is the
-    choice (the highest expected IoU); ``p_best`` is the posterior
+    Per ``tau2`` the posterior of ``Q'T_c`` is normal, its mean the
+    precision-weighted combination: where the labelled images are few (large
+    ``S_c``) the estimate decides, where they are many the labelled IoU does,
+    and an estimate that disagrees with the labelled images (large ``tau2``)
+    counts less everywhere. Per class the set with the highest posterior mean
+    is the choice (the highest expected IoU); ``p_best`` is the posterior
     probability that it is the best set and ``expected_loss`` the expected IoU
-    it loses, both from ``draws`` seeded normal draws. Deterministic for a seed.
+    it loses, both from ``draws`` seeded draws of the mixture over the grid.
+    Deterministic for a seed.
 
     Parameters
     ----------
@@ -437,6 +446,10 @@ def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = 
         Posterior draws for ``p_best`` and ``expected_loss``.
     fit_slope : bool
         Fit the estimate's scale ``a`` (else 1).
+    population : int, optional
+        Images the choice is for (every image of the sets; default: many more than labelled).
+    pooled : bool
+        The labelled covariance pooled over the classes per image (see above).
 
     Returns
     -------
@@ -445,7 +458,8 @@ def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = 
         class plus the posterior contrasts; non-members keep the labelled
         IoU), ``best`` (C,), ``p_best`` (C,), ``expected_loss`` (C,),
         ``labelled_weight`` (C,) the labelled term's share of the posterior
-        precision (0: the estimate alone), ``slope`` and ``tau2``.
+        precision (0: the estimate alone), ``slope`` and ``tau2`` (the grid's posterior mean of ``a``, the
+        geometric one of ``tau2``).
     """
     stats = np.asarray(image_stats, dtype=np.int64)
     if stats.ndim != 4 or stats.shape[-1] != 2:
@@ -483,7 +497,7 @@ def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = 
     have = ~np.isnan(l_q).any(axis=1)
     fit = have.copy()
     fit[0] = False  # background: another scale, in every image
-    if pooled and have_any(s_q):
+    if pooled and _have_any(s_q):
         n_c = (stats[..., 0].sum(axis=1) > 0).sum(axis=0).astype(np.float64)  # labelled images with the class
         ok = ~np.isnan(s_q).any(axis=(1, 2)) & (n_c > 0)
         ok_fg = ok.copy()

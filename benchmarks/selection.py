@@ -43,7 +43,7 @@ and ``K=... + estimate, posterior`` (each weighted by its error,
 Ensembles are scored from the distinct (gt, set labels) tuples of every
 pixel, weighted by their pixels (:func:`joint_labels`; exact, the same counts
 as merging image by image). A reduced run for development (about 10 min on
-the busy 2-core machine): ``--images 300 --trials 5 --reps 200 --voc-images 250``.
+the busy 2-core machine; the README quotes it): ``--images 300 --trials 8 --reps 200 --voc-images 600``.
 
 Targets (issue 16): K = 100 keeps >= 90 % of the gain; no labels keeps >= 70 %
 and never falls below the best single set; p >= 0.9 is right >= 85 % of the time.

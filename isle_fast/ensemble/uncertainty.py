@@ -40,6 +40,12 @@ raised toward the spread pooled over all classes (:func:`_pooled_spread`,
 ``prior_images`` pseudo-images, default 10). It helps (K = 100: 62 % -> 86 %
 right at p >= 0.9 in that study) but with a handful of images per class p is
 still optimistic: trust it only where ``class_images`` is 20 or more.
+
+With the no-label estimate of every image beside the labelled images,
+:func:`posterior_scores` combines the two, each weighted by its error (the
+labelled IoU's from this bootstrap, the estimate's fitted on the labelled
+classes), and reports the posterior ``p_best`` of its choices
+(``merge(..., blend_estimate=True)``, ``isle merge --blend-estimate``).
 """
 
 from __future__ import annotations

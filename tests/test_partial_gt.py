@@ -123,6 +123,12 @@ def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
     np.testing.assert_array_equal(res.selection.best, want.best)
     first = list(res.stack.provenance["blended_scores"].values())[0]
     np.testing.assert_allclose([np.nan if v is None else v for v in first], post["scores"][0], rtol=1e-12)
+    told = res.stack.provenance["blend_posterior"]  # the p(best) of the same posterior, per class
+    np.testing.assert_allclose([np.nan if v is None else v for v in told["p_best"]], post["p_best"], rtol=1e-12)
+    assert told["estimate_error_variance"] == post["tau2"]
+    sub = merge(sets, gt, f"{tmp_path}/ens_sub.zarr", progress=False, blend_estimate=True, subset=[0, 2])
+    assert set(sub.selection.best[1:]) <= {0, 2}
+    assert all(0.0 <= p <= 1.0 for p in sub.stack.provenance["blend_posterior"]["p_best"] if p is not None)
     assert "blended_scores" in res.stack.provenance and res.stack.ids == sets[0].ids
     rc = main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens2.zarr",
                "--blend-estimate", "--estimator", "pairwise", "--quiet", "--no-score"])

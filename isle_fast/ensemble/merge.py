@@ -436,9 +436,11 @@ def ensemble_scores(stack: Stack):
 
 def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, estimator: str | None,
                     allowed: np.ndarray | None, backend: str, bg_threshold: float | None,
-                    progress: bool) -> np.ndarray:
-    """The labelled IoU blended with the no-label estimate (see :func:`merge`, ``blend_estimate``)."""
+                    progress: bool, subset: Sequence[str | int] | None = None) -> dict[str, Any]:
+    """The labelled IoU and the no-label estimate combined (see :func:`merge`, ``blend_estimate``): the
+    :func:`isle_fast.ensemble.uncertainty.posterior_scores` result."""
     from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
+    from isle_fast.ensemble.selection import resolve_members
     from isle_fast.ensemble.uncertainty import posterior_scores
 
     ev = evaluation
@@ -448,9 +450,9 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
     assert ev.image_stats is not None  # per_image=True above
     est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
                    bg_threshold=bg_threshold, progress=progress)
-    post = posterior_scores(ev.image_stats, est.iou, gt_present=ev.gt_pixels > 0, average=ev.average,
-                            population=stacks[0].num_images, pooled=True)
-    return post["scores"]
+    members = resolve_members(ev.set_names, subset, ev.set_paths)
+    return posterior_scores(ev.image_stats, est.iou, gt_present=ev.gt_pixels > 0, average=ev.average,
+                            population=stacks[0].num_images, pooled=True, members=members)
 
 
 def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
@@ -614,8 +616,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
     blended = None
+    posterior: dict[str, Any] = {}
     if blend_estimate and gt_stack is not None:
-        blended = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress)
+        posterior = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress,
+                                    subset)
+        blended = np.where(np.isnan(posterior["scores"]), evaluation.iou, posterior["scores"])
     selection = select(evaluation, sets=subset) if blended is None else select(
         scores=blended, gt_pixels=evaluation.gt_pixels, set_names=evaluation.set_names,
         classes=evaluation.classes, sets=subset)
@@ -664,7 +669,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
            if set_thresholds is not None else {}),
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
-        **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))}}
+        **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))},
+            "blend_posterior": {"p_best": jsonable(posterior["p_best"]),
+                                "expected_loss": jsonable(posterior["expected_loss"]),
+                                "labelled_weight": jsonable(posterior["labelled_weight"]),
+                                "estimate_error_variance": posterior["tau2"], "estimate_slope": posterior["slope"]}}
            if blended is not None else {}),
         **({"image_strategy": jsonable(info)} if info else {}),
     }

@@ -476,17 +476,22 @@ def _few_labels(ctx: DemoContext, paths: list[str], gt: str, best_miou: float, g
     w.commit()
     few = merge(paths, str(gt_k), ctx.out / "ensemble_few_labels.zarr", name=f"isle-{len(pick)}-labels",
                 overwrite=True, progress=False)
+    both = merge(paths, str(gt_k), ctx.out / "ensemble_few_labels_estimate.zarr",
+                 name=f"isle-{len(pick)}-labels-estimate", blend_estimate=True, image_labels=labels_path,
+                 overwrite=True, progress=False)
     none = merge(paths, None, ctx.out / "ensemble_no_labels.zarr", name="isle-no-labels",
                  image_labels=labels_path, overwrite=True, progress=False)
-    scored = evaluate([few.stack, none.stack], gt, progress=False).miou
+    scored = evaluate([few.stack, both.stack, none.stack], gt, progress=False).miou
     res = {"labelled_images": int(len(pick)), "few_gain": _r(float(scored[0]) - best_miou),
-           "none_gain": _r(float(scored[1]) - best_miou), "full_gain": _r(gain), "estimator": DEFAULT_ESTIMATOR,
+           "few_estimate_gain": _r(float(scored[1]) - best_miou),
+           "none_gain": _r(float(scored[2]) - best_miou), "full_gain": _r(gain), "estimator": DEFAULT_ESTIMATOR,
            "image_labels": labels_path}
     ctx.results["merge"]["few_labels"] = res
     if not ctx.quiet:
         print(f"ensemble gain over the best single set: full gt {gain:+.1f}, {len(pick)} labelled images "
-              f"{res['few_gain']:+.1f}, no pixel labels ({DEFAULT_ESTIMATOR}"
-              f"{' + image labels' if labels_path else ''}) {res['none_gain']:+.1f}")
+              f"{res['few_gain']:+.1f} (with the estimate, --blend-estimate: {res['few_estimate_gain']:+.1f}), "
+              f"no pixel labels ({DEFAULT_ESTIMATOR}{' + image labels' if labels_path else ''}) "
+              f"{res['none_gain']:+.1f}")
 
 
 def step_report(ctx: DemoContext) -> Path:

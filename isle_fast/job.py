@@ -718,30 +718,39 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
                                         kind="gt", name="gt", provenance={"job_fingerprint": gt_fp}, **common)
 
     gt = cached("gt", cache / "gt.zarr", gt_fp, make_gt)
+    # a gt of some images only: the first set's folder gives the images, the other sets follow it
+    partial_gt = _partial_gt(spec, gt)
+    ref: Any = None if partial_gt else gt
+    ref_fp: dict[str, Any] = {}
     stores: dict[str, Any] = {}
     for name, folder, enc in spec.all_sets():
         exts = _LABEL_EXTS if enc == "labels" else _SCORE_EXTS
         fp = _fingerprint(kind=enc, files=fingerprint_folder(folder, exts), gt=gt_fp, skip_bad=spec.skip_bad,
-                          allow_pickle=spec.allow_pickle if enc == "scores" else None)
+                          allow_pickle=spec.allow_pickle if enc == "scores" else None, **ref_fp)
+        own = {"classes": spec.classes} if ref is None else {}
 
-        def make_set(name: str = name, folder: Path = folder, enc: str = enc, fp: str = fp) -> Any:
+        def make_set(name: str = name, folder: Path = folder, enc: str = enc, fp: str = fp,
+                     ref: Any = ref, own: dict = own) -> Any:
             with _quiet_stdout():
                 if enc == "labels":
-                    return ingest.ingest_labels(folder, cache / f"{name}.zarr", gt=gt, name=name,
-                                                provenance={"job_fingerprint": fp}, **common)
-                return ingest.ingest_scores(folder, cache / f"{name}.zarr", gt=gt, name=name,
+                    return ingest.ingest_labels(folder, cache / f"{name}.zarr", gt=ref, name=name,
+                                                provenance={"job_fingerprint": fp}, **own, **common)
+                return ingest.ingest_scores(folder, cache / f"{name}.zarr", gt=ref, name=name,
                                             allow_pickle=spec.allow_pickle,
-                                            provenance={"job_fingerprint": fp}, **common)
+                                            provenance={"job_fingerprint": fp}, **own, **common)
 
         stores[name] = cached(name, cache / f"{name}.zarr", fp, make_set)
+        if ref is None:
+            ref, ref_fp = stores[name], {"partial_gt_reference": fp}
     images = None
     if spec.images is not None:
         image_dir = spec.images
-        img_fp = _fingerprint(kind="images", files=fingerprint_folder(image_dir, _IMAGE_EXTS), gt=gt_fp)
+        img_fp = _fingerprint(kind="images", files=fingerprint_folder(image_dir, _IMAGE_EXTS), gt=gt_fp,
+                              **ref_fp)
 
         def make_images() -> Any:
             with _quiet_stdout():
-                return ingest.ingest_images(image_dir, cache / "images.zarr", gt=gt, name="images",
+                return ingest.ingest_images(image_dir, cache / "images.zarr", gt=ref, name="images",
                                             provenance={"job_fingerprint": img_fp}, **common)
 
         images = cached("images", cache / "images.zarr", img_fp, make_images)
@@ -787,7 +796,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     # -- step 3: merge ---------------------------------------------------------------------------------
     # Fused when the stores allow (local, whole images per chunk): each ensemble chunk is counted
     # against the gt and encoded as PNGs while the merge holds it, instead of reading it back twice.
-    counter, sink = _fused_outputs(spec, gt, staging / "ensemble")
+    counter, sink = _fused_outputs(spec, gt, staging / "ensemble", partial_gt)
     try:
         with steps.step("merge"):
             res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
@@ -837,7 +846,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     # -- into place -------------------------------------------------------------------------------------
     miou = {n: (None if v != v else round(float(v), 4)) for n, v in zip(names, ev.miou)}
     result = JobResult(
-        out=str(out), images=gt.num_images, sets=list(names), selection=sel.mapping(), miou=miou,
+        out=str(out), images=ref.num_images, sets=list(names), selection=sel.mapping(), miou=miou,
         ensemble_miou=round(e_miou, 4), reused=reused, made=made, seconds={}, files={
             "ensemble_pngs": str(out / "ensemble"), "ensemble_store": str(out / "ensemble.zarr"),
             "evaluation": str(out / "evaluation.json"), "cache": str(cache),
@@ -856,17 +865,32 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     return result
 
 
-def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path) -> tuple[Any, Any]:
+def _partial_gt(spec: JobSpec, gt: Any) -> bool:
+    """Whether the gt labels only some of the images: no ids file, and the first set's folder holds ids the
+    gt lacks besides all of the gt's (then the sets' folders give the images and the gt's subset scores
+    them, as ``isle evaluate`` / ``isle merge`` with a partial gt do)."""
+    from isle_fast.stores.ingest import _listing
+
+    if spec.ids is not None:
+        return False
+    name, folder, enc = spec.all_sets()[0]
+    found = set(_listing(folder, _LABEL_EXTS if enc == "labels" else _SCORE_EXTS, f"set {name}"))
+    have = set(gt.ids)
+    return have < found
+
+
+def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path, partial_gt: bool = False) -> tuple[Any, Any]:
     """``(ChunkCounts, ChunkExport)`` for the fused merge pass, or ``(None, None)`` where it cannot run.
 
     It needs what the merge's local pass needs (local stores in the plain layout, no Dask scheduler
-    asked for) and chunks that hold whole images (PNGs are written per chunk).
+    asked for), chunks that hold whole images (PNGs are written per chunk) and a gt of every image.
     """
     from isle_fast.ensemble.evaluate import ChunkCounts
     from isle_fast.ensemble.graph import dask_requested
     from isle_fast.ensemble.report import ChunkExport
 
-    if dask_requested() or gt.chunk_spec() is None or tuple(gt.chunks[1:]) != tuple(gt.shape[1:]):
+    if (partial_gt or dask_requested() or gt.chunk_spec() is None
+            or tuple(gt.chunks[1:]) != tuple(gt.shape[1:])):
         return None, None
     counter = ChunkCounts(gt, average=spec.average, backend=spec.backend, per_image=spec.report)
     return counter, ChunkExport(pngs, gt.ids, gt.shapes, compress=spec.compress)

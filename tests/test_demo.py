@@ -228,8 +228,9 @@ def test_quick_demo_selects_from_few_and_no_pixel_labels(quick_demo):
     few = summary["results"]["merge"]["few_labels"]
     assert few["labelled_images"] == 12 and few["full_gain"] == summary["headline"]["ensemble_gain"]
     assert isinstance(few["few_gain"], float) and isinstance(few["none_gain"], float)
+    assert isinstance(few["few_estimate_gain"], float)
     gt = open_stack(summary["results"]["info"][1]["path"])
-    for name in ("ensemble_few_labels.zarr", "ensemble_no_labels.zarr"):
+    for name in ("ensemble_few_labels.zarr", "ensemble_few_labels_estimate.zarr", "ensemble_no_labels.zarr"):
         ens = open_stack(str(out / name))
         assert ens.ids == gt.ids  # every training image, whatever the selection came from
     assert open_stack(str(out / "gt_12_labelled.zarr")).num_images == 12

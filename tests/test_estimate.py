@@ -157,3 +157,94 @@ def test_blend_scores_weights_the_labelled_iou_by_images_with_the_class():
     np.testing.assert_allclose(out[:, 0], 0.75 * lab[:, 0] + 0.25 * est[:, 0])
     np.testing.assert_allclose(out[:, 1], [60.0, 10.0])  # no labelled image: the estimate (NaN -> estimate)
     np.testing.assert_allclose(out[:, 2], 0.5 * lab[:, 2] + 0.5 * est[:, 2])
+
+
+# ------------------------------------------------------------------ the labelled IoU and the estimate together
+def _labelled_case(seed: int, n_img: int = 30, n: int = 3, c: int = 5):
+    """Per-image intersection / union counts of ``n`` sets with class-wise different quality."""
+    rng = np.random.default_rng(seed)
+    union = rng.integers(50, 200, size=(n_img, n, c))
+    present = rng.random((n_img, c)) < 0.5
+    present[:, 0] = True
+    quality = rng.uniform(0.3, 0.9, size=(n, c))
+    inter = (union * np.clip(quality[None] + rng.normal(0, 0.1, size=union.shape), 0, 1)).astype(np.int64)
+    stats = np.stack([inter, union], axis=-1) * present[:, None, :, None]
+    return stats.astype(np.int64), 100 * quality
+
+
+def test_contrast_basis_is_orthonormal_and_blind_to_a_common_offset():
+    from isle_fast.ensemble.uncertainty import contrast_basis
+
+    for n in range(1, 7):
+        q = contrast_basis(n)
+        assert q.shape == (n, n - 1)
+        np.testing.assert_allclose(q.T @ q, np.eye(n - 1), atol=1e-12)
+        np.testing.assert_allclose(np.ones(n) @ q, 0.0, atol=1e-12)
+
+
+def test_posterior_follows_the_labels_when_every_image_is_labelled():
+    """population = the labelled images: no sampling error is left, the labelled IoU decides exactly."""
+    from isle_fast import metrics
+    from isle_fast.ensemble.uncertainty import posterior_scores
+
+    stats, _ = _labelled_case(1)
+    lab = metrics.iou_from_stats(stats.sum(axis=0))
+    wrong = -lab  # an estimate that ranks every class backwards
+    post = posterior_scores(stats, wrong, reps=100, seed=0, population=stats.shape[0])
+    np.testing.assert_array_equal(post["best"], np.argmax(lab, axis=0))
+    np.testing.assert_allclose(post["scores"], lab, atol=1e-4)
+    assert np.all(post["p_best"] > 0.99) and post["labelled_weight"][1:].min() > 0.999
+
+
+def test_posterior_follows_the_estimate_where_no_image_is_labelled():
+    from isle_fast.ensemble.uncertainty import posterior_scores
+
+    stats, quality = _labelled_case(2)
+    stats[:, :, 3] = 0  # class 3 is in no labelled image
+    est = quality + np.arange(quality.shape[1])[None]  # a class offset: contrasts unchanged
+    present = stats[..., 1].sum(axis=(0, 1)) > 0
+    post = posterior_scores(stats, est, gt_present=present, reps=100, seed=0, population=1000)
+    assert post["best"][3] == np.argmax(est[:, 3]) and post["labelled_weight"][3] == 0.0
+    assert 0.0 <= post["p_best"][3] <= 1.0 and post["expected_loss"][3] >= 0.0
+
+
+def test_posterior_weights_the_labels_more_with_more_labelled_images_and_is_seeded():
+    from isle_fast.ensemble.uncertainty import posterior_scores
+
+    stats, quality = _labelled_case(3, n_img=200)
+    est = quality[::-1].copy()  # disagrees with the labelled images
+    few = posterior_scores(stats[:10], est, reps=100, seed=4, population=10_000, pooled=True)
+    many = posterior_scores(stats, est, reps=100, seed=4, population=10_000, pooled=True)
+    assert many["labelled_weight"][1:].mean() > few["labelled_weight"][1:].mean()
+    again = posterior_scores(stats, est, reps=100, seed=4, population=10_000, pooled=True)
+    for key in ("scores", "p_best", "expected_loss", "best"):
+        np.testing.assert_array_equal(many[key], again[key])
+    assert many["tau2"] > 1.0  # an estimate that disagrees is given a large error
+
+
+def test_posterior_rejects_bad_shapes():
+    from isle_fast.ensemble.uncertainty import posterior_scores
+    from isle_fast.errors import InputError
+
+    stats, quality = _labelled_case(4)
+    with pytest.raises(InputError, match="shape"):
+        posterior_scores(stats[..., 0], quality)
+    with pytest.raises(InputError, match="estimate"):
+        posterior_scores(stats, quality[:, :2])
+    with pytest.raises(InputError, match="population"):
+        posterior_scores(stats, quality, population=3)
+
+
+def test_combined_estimate_is_the_mean_of_staple_and_pairwise():
+    from isle_fast.ensemble.estimate import combined_iou, estimate_from_patterns
+
+    rng = np.random.default_rng(5)
+    pat = rng.integers(0, 500, size=(2, 4, 8))
+    pat[0, 3] = 0  # a class no set votes for: undefined in both
+    pat[1, 3] = 0
+    want = (staple_iou(pat) + pairwise_iou(pat)) / 2
+    got = combined_iou(pat)
+    np.testing.assert_allclose(got[:, :3], want[:, :3], rtol=1e-12)
+    assert np.isnan(got[:, 3]).all()
+    np.testing.assert_array_equal(estimate_from_patterns(pat, "combined"), got)
+    assert DEFAULT_ESTIMATOR == "combined"

@@ -109,20 +109,64 @@ def test_merge_with_partial_gt_writes_every_image(tmp_path):
 
 
 def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
-    from isle_fast.ensemble.estimate import blend_scores, estimate
+    from isle_fast.ensemble.estimate import estimate
     from isle_fast.ensemble.selection import select
+    from isle_fast.ensemble.uncertainty import posterior_scores
 
     rng = np.random.default_rng(11)
     sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=9, subset=[5, 0, 7])
     res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, blend_estimate=True)
     ev = evaluate(sets, gt, progress=False, per_image=True)
-    n_c = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
-    want = select(scores=blend_scores(ev.iou, n_c, estimate(sets, progress=False).iou), gt_pixels=ev.gt_pixels,
-                  set_names=ev.set_names, classes=ev.classes)
+    post = posterior_scores(ev.image_stats, estimate(sets, progress=False).iou, gt_present=ev.gt_pixels > 0,
+                            population=9, pooled=True)
+    want = select(scores=post["scores"], gt_pixels=ev.gt_pixels, set_names=ev.set_names, classes=ev.classes)
     np.testing.assert_array_equal(res.selection.best, want.best)
+    first = list(res.stack.provenance["blended_scores"].values())[0]
+    np.testing.assert_allclose([np.nan if v is None else v for v in first], post["scores"][0], rtol=1e-12)
+    told = res.stack.provenance["blend_posterior"]  # the p(best) of the same posterior, per class
+    np.testing.assert_allclose([np.nan if v is None else v for v in told["p_best"]], post["p_best"], rtol=1e-12)
+    assert told["estimate_error_variance"] == post["tau2"]
+    sub = merge(sets, gt, f"{tmp_path}/ens_sub.zarr", progress=False, blend_estimate=True, subset=[0, 2])
+    assert set(sub.selection.best[1:]) <= {0, 2}
+    assert all(0.0 <= p <= 1.0 for p in sub.stack.provenance["blend_posterior"]["p_best"] if p is not None)
     assert "blended_scores" in res.stack.provenance and res.stack.ids == sets[0].ids
     rc = main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens2.zarr",
                "--blend-estimate", "--estimator", "pairwise", "--quiet", "--no-score"])
     assert rc == 0
     assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens3.zarr",
                  "--estimator", "pairwise", "--quiet"]) != 0
+
+
+def test_isle_run_with_a_partial_gt_equals_merge_on_the_same_stores(tmp_path, capsys):
+    """``isle run`` with a gt folder of some images: the sets' folders give the images, every image is
+    merged and exported, and the ensemble is the one ``isle merge --gt PARTIAL`` makes from the same stores."""
+    import json
+    import shutil
+
+    from tests.test_job import make_tree
+
+    tree = make_tree(tmp_path / "voc", n=16, seed=3)
+    gt_dir = tree / "SegmentationClass"
+    for p in sorted(gt_dir.glob("*.png"))[::2]:   # keep the gt of every other image
+        p.unlink()
+    kept = sorted(p.stem for p in gt_dir.glob("*.png"))
+    assert len(kept) == 8
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", str(tree), "--out", str(run), "--workers", "1", "--quiet", "--no-report"]) == 0
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["images"] == 16
+    ens = open_stack(run / "ensemble.zarr")
+    assert len(ens.ids) == 16 and len(list((run / "ensemble").glob("*.png"))) == 16
+    cache = type(run)(doc["files"]["cache"])
+    stores = [open_stack(cache / f"{s}.zarr") for s in ("alpha", "beta", "gamma")]
+    gt = open_stack(cache / "gt.zarr")
+    assert list(gt.ids) == kept and all(list(s.ids) == list(ens.ids) for s in stores)
+    res = merge(stores, gt, f"{tmp_path}/ens.zarr", progress=False)
+    np.testing.assert_array_equal(np.asarray(res.stack.array[:]), np.asarray(ens.array[:]))
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert ev["selection"] == res.selection.mapping()
+    # the ensemble's mIoU is scored on the labelled images only
+    want = evaluate([res.stack], gt, progress=False).miou[0]
+    assert ev["ensemble"]["miou"] == pytest.approx(float(want), abs=1e-12)
+    shutil.rmtree(run)

@@ -71,3 +71,20 @@ def test_select_from_evaluation(stack_factory):
     assert sel.mapping() == {"c1": "A", "c2": "B"}
     assert ev.to_json(sel)["selection"] == {"c1": "A", "c2": "B"}
     assert ev.select(["B"]).mapping() == {"c1": "B", "c2": "B"}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_benchmark_ensemble_from_joint_labels_equals_the_image_by_image_merge(seed):
+    """benchmarks.selection scores an ensemble from the distinct (gt, sets) label tuples: the same counts."""
+    from benchmarks import selection as bench
+
+    data = bench.synthetic(seed, "close", 12, 40)
+    data["gts"][0][:5, :5] = 255
+    data["sets"][1][2][3:9, 3:9] = 255  # an abstaining set
+    pre = bench.precompute(data)
+    assert pre["joint_pixels"].sum() == sum(g.size for g in data["gts"])
+    rng = np.random.default_rng(seed)
+    for _ in range(4):
+        scores = rng.uniform(0, 100, size=(bench.N_SETS, data["classes"]))
+        sel = bench.select_from(scores, pre["gt_px"].sum(axis=0), data["classes"])
+        assert bench.ensemble_miou(data, sel, pre) == bench.ensemble_miou(data, sel)

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the scores, selection and ensemble as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble store")
     parser.add_argument("--blend-estimate", action="store_true",
-                        help="with a gt of few images: blend each class's labelled IoU with the no-label "
-                             "estimate (--estimator), weighted by the labelled images holding the class")
+                        help="with a gt of few images: choose by the posterior of each class's labelled IoU "
+                             "and the no-label estimate (--estimator), each weighted by its error")
     parser.add_argument("--no-score", action="store_true",
                         help="do not evaluate the new ensemble against the gt afterwards")
 

@@ -436,19 +436,23 @@ def ensemble_scores(stack: Stack):
 
 def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, estimator: str | None,
                     allowed: np.ndarray | None, backend: str, bg_threshold: float | None,
-                    progress: bool) -> np.ndarray:
-    """The labelled IoU blended with the no-label estimate (see :func:`merge`, ``blend_estimate``)."""
-    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, blend_scores, estimate
+                    progress: bool, subset: Sequence[str | int] | None = None) -> dict[str, Any]:
+    """The labelled IoU and the no-label estimate combined (see :func:`merge`, ``blend_estimate``): the
+    :func:`isle_fast.ensemble.uncertainty.posterior_scores` result."""
+    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
+    from isle_fast.ensemble.selection import resolve_members
+    from isle_fast.ensemble.uncertainty import posterior_scores
 
     ev = evaluation
     if ev.image_stats is None:  # the labelled images containing each class need per-image counts
         ev = evaluate(stacks, gt, average=evaluation.average, backend=backend, bg_threshold=bg_threshold,
                       progress=progress, per_image=True)
     assert ev.image_stats is not None  # per_image=True above
-    class_images = (ev.image_stats[..., 0].sum(axis=1) > 0).sum(axis=0)
     est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
                    bg_threshold=bg_threshold, progress=progress)
-    return blend_scores(evaluation.iou, class_images, est.iou)
+    members = resolve_members(ev.set_names, subset, ev.set_paths)
+    return posterior_scores(ev.image_stats, est.iou, gt_present=ev.gt_pixels > 0, average=ev.average,
+                            population=stacks[0].num_images, pooled=True, members=members)
 
 
 def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
@@ -513,14 +517,15 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         order; :mod:`isle_fast.stores.image_labels`): claims of classes absent
         from an image's labels are dropped, and the image strategy ranks by
         them instead of the gt. Every gt image needs labels.
-    estimator : {'agreement', 'pairwise', 'staple'}, optional
+    estimator : {'agreement', 'pairwise', 'staple', 'combined'}, optional
         With ``gt=None``: how each set's per-class IoU is estimated from the
         sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`).
     blend_estimate : bool
-        With a gt of some images: select from the labelled IoU blended with
-        the no-label estimate of every image (``estimator``), per class
-        weighted by the labelled images containing it
-        (:func:`isle_fast.ensemble.estimate.blend_scores`).
+        With a gt of some images: select from the posterior expected IoU
+        of the labelled IoU and the no-label estimate of every image
+        (``estimator``), each weighted by its error: the labelled one's from
+        the bootstrap, the estimate's fitted on the labelled images
+        (:func:`isle_fast.ensemble.uncertainty.posterior_scores`).
     each_chunk : callable, optional
         ``each_chunk(start, labels)``: called with every ensemble chunk once it
         is written (``start``: its first ``(image, row, column)``; ``labels``:
@@ -611,8 +616,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
     blended = None
+    posterior: dict[str, Any] = {}
     if blend_estimate and gt_stack is not None:
-        blended = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress)
+        posterior = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress,
+                                    subset)
+        blended = np.where(np.isnan(posterior["scores"]), evaluation.iou, posterior["scores"])
     selection = select(evaluation, sets=subset) if blended is None else select(
         scores=blended, gt_pixels=evaluation.gt_pixels, set_names=evaluation.set_names,
         classes=evaluation.classes, sets=subset)
@@ -661,7 +669,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
            if set_thresholds is not None else {}),
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
-        **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))}}
+        **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))},
+            "blend_posterior": {"p_best": jsonable(posterior["p_best"]),
+                                "expected_loss": jsonable(posterior["expected_loss"]),
+                                "labelled_weight": jsonable(posterior["labelled_weight"]),
+                                "estimate_error_variance": posterior["tau2"], "estimate_slope": posterior["slope"]}}
            if blended is not None else {}),
         **({"image_strategy": jsonable(info)} if info else {}),
     }

@@ -40,6 +40,12 @@ raised toward the spread pooled over all classes (:func:`_pooled_spread`,
 ``prior_images`` pseudo-images, default 10). It helps (K = 100: 62 % -> 86 %
 right at p >= 0.9 in that study) but with a handful of images per class p is
 still optimistic: trust it only where ``class_images`` is 20 or more.
+
+With the no-label estimate of every image beside the labelled images,
+:func:`posterior_scores` combines the two, each weighted by its error (the
+labelled IoU's from this bootstrap, the estimate's fitted on the labelled
+classes), and reports the posterior ``p_best`` of its choices
+(``merge(..., blend_estimate=True)``, ``isle merge --blend-estimate``).
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ import numpy as np
 from isle_fast import metrics
 from isle_fast.errors import InputError
 
-__all__ = ["Uncertainty", "choice_uncertainty", "selection_uncertainty", "SETTLED", "Z_SETTLE"]
+__all__ = ["Uncertainty", "choice_uncertainty", "selection_uncertainty", "SETTLED", "Z_SETTLE", "posterior_scores",
+           "contrast_basis"]
 
 #: A choice at or above this probability counts as settled.
 SETTLED = 0.9
@@ -334,3 +341,226 @@ def selection_uncertainty(evaluation: Any, selection: Any = None, *, reps: int =
     return Uncertainty(classes=list(evaluation.classes), set_names=list(evaluation.set_names),
                        best=np.asarray(sel.best, dtype=np.int64), labelled=int(evaluation.image_stats.shape[0]),
                        reps=int(reps), seed=int(seed), **res)
+
+
+# ================================================================================ labelled IoU + estimate
+#: smallest error variance (IoU points squared, per contrast) allowed for the no-label estimate
+MIN_ESTIMATE_VARIANCE = 0.25
+
+
+def _have_any(s_q: np.ndarray) -> bool:
+    """Whether any class has a labelled covariance."""
+    return bool((~np.isnan(s_q).any(axis=(1, 2))).any()) if s_q.size else False
+
+
+def contrast_basis(n: int) -> np.ndarray:
+    """``(n, n-1)`` orthonormal contrasts (Helmert): columns orthogonal to each other and to the ones.
+
+    A per-class offset common to every set (a no-label estimate that over-
+    or under-rates a class for all sets alike) does not change a choice, so the
+    combination works on these contrasts only.
+    """
+    q = np.zeros((n, max(n - 1, 0)))
+    for j in range(1, n):
+        q[:j, j - 1] = 1.0
+        q[j, j - 1] = -float(j)
+        q[:, j - 1] /= math.sqrt(j * (j + 1))
+    return q
+
+
+#: the error variances (IoU points squared, per contrast) the marginal likelihood is searched over
+TAU2_GRID = np.geomspace(MIN_ESTIMATE_VARIANCE, 2.5e3, 81)
+
+
+def _estimate_error_grid(l_q: np.ndarray, s_q: np.ndarray, e_q: np.ndarray,
+                         fit_slope: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(tau2, a, weight)`` over :data:`TAU2_GRID`: the estimate's error variance, its GLS slope and the
+    posterior weight of each (marginal likelihood of ``l_q ~ N(a e_q, S + tau2 I)``, a flat prior on tau).
+
+    ``a`` is clipped to [0, 2] (1 without ``fit_slope``). Deterministic.
+    """
+    k = l_q.shape[1]
+    slopes, lls = [], []
+    for tau2 in TAU2_GRID:
+        cov = s_q + tau2 * np.eye(k)[None]
+        inv = np.linalg.inv(cov)
+        a = 1.0
+        if fit_slope:
+            den = float(np.einsum("ci,cij,cj->", e_q, inv, e_q))
+            a = float(np.clip(np.einsum("ci,cij,cj->", e_q, inv, l_q) / den, 0.0, 2.0)) if den > 0 else 0.0
+        r = l_q - a * e_q
+        slopes.append(a)
+        lls.append(-0.5 * float(np.einsum("ci,cij,cj->", r, inv, r) + np.linalg.slogdet(cov)[1].sum()))
+    # a flat prior on tau (not on log tau: the likelihood is flat as tau2 -> 0 when the labelled noise is
+    # larger, and a log-flat prior would put most weight there): on the log grid, weight * tau
+    ll = np.asarray(lls) + 0.5 * np.log(TAU2_GRID)
+    w = np.exp(ll - ll.max())
+    return TAU2_GRID.copy(), np.asarray(slopes), w / w.sum()
+
+
+def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = None, members: Any = None,
+                     reps: int = 1000, seed: int = 0, average: str = "dataset",
+                     prior_images: float = PRIOR_IMAGES, draws: int = 4000, fit_slope: bool = True,
+                     population: int | None = None, pooled: bool = True) -> dict[str, Any]:
+    """Per-class IoU from a few labelled images and the no-label estimate, weighted by their errors.
+
+    A normal model of every class's contrasts between the sets
+    (:func:`contrast_basis`: the sets' IoU less their mean):
+
+    * labelled: ``Q'L_c ~ N(Q'T_c, S_c)``, ``L`` the IoU on the labelled
+      images, ``T`` the IoU on every image (``population`` of them), ``S_c``
+      the bootstrap covariance of the sets' IoU of class ``c`` (resampling the
+      labelled images, the spread raised toward the pooled one as in
+      :func:`choice_uncertainty`). With ``pooled`` (default) the per-image
+      covariance ``n_c S_c`` is averaged over the foreground classes and
+      divided by each class's ``n_c`` (labelled images with the class): a
+      class in ten images has a bootstrap too noisy to weigh it by, and
+      ``benchmarks/selection.py`` chose better with the pooled one. Times
+      ``1 - I / population``: the labelled images are part of every image (all
+      of them labelled: no sampling error). A class the labelled images lack
+      has no labelled term;
+    * no-label estimate (prior): ``Q'T_c ~ N(a Q'E_c, tau2 I)``. ``a`` and
+      ``tau2`` are fitted on the labelled foreground classes themselves
+      (empirical Bayes): the marginal likelihood ``Q'L_c ~ N(a Q'E_c, S_c +
+      tau2 I)`` on a grid of ``tau2`` (:data:`TAU2_GRID`, a flat prior on
+      ``tau``), ``a`` by generalised least squares at each (clipped to [0, 2];
+      1 with ``fit_slope=False``); the posterior averages over the grid.
+
+    Per ``tau2`` the posterior of ``Q'T_c`` is normal, its mean the
+    precision-weighted combination: where the labelled images are few (large
+    ``S_c``) the estimate decides, where they are many the labelled IoU does,
+    and an estimate that disagrees with the labelled images (large ``tau2``)
+    counts less everywhere. Per class the set with the highest posterior mean
+    is the choice (the highest expected IoU); ``p_best`` is the posterior
+    probability that it is the best set and ``expected_loss`` the expected IoU
+    it loses, both from ``draws`` seeded draws of the mixture over the grid.
+    Deterministic for a seed.
+
+    Parameters
+    ----------
+    image_stats : (I, N, C, 2) int
+        Per labelled image, set and class: intersection and union.
+    estimated_iou : (N, C) float
+        The no-label estimate (percent, from every image; NaN read as 0).
+    gt_present : (C,) bool, optional
+        Classes with labelled gt pixels (default: union > 0 somewhere).
+    members : (N,) bool, optional
+        Sets the choice is restricted to (default all).
+    reps, seed, average, prior_images
+        As :func:`choice_uncertainty`.
+    draws : int
+        Posterior draws for ``p_best`` and ``expected_loss``.
+    fit_slope : bool
+        Fit the estimate's scale ``a`` (else 1).
+    population : int, optional
+        Images the choice is for (every image of the sets; default: many more than labelled).
+    pooled : bool
+        The labelled covariance pooled over the classes per image (see above).
+
+    Returns
+    -------
+    dict
+        ``scores`` (N, C) posterior mean IoU (the labelled mean level of each
+        class plus the posterior contrasts; non-members keep the labelled
+        IoU), ``best`` (C,), ``p_best`` (C,), ``expected_loss`` (C,),
+        ``labelled_weight`` (C,) the labelled term's share of the posterior
+        precision (0: the estimate alone), ``slope`` and ``tau2`` (the grid's posterior mean of ``a``, the
+        geometric one of ``tau2``).
+    """
+    stats = np.asarray(image_stats, dtype=np.int64)
+    if stats.ndim != 4 or stats.shape[-1] != 2:
+        raise InputError(f"per-image counts must have shape (images, sets, classes, 2), not {stats.shape}")
+    n_img, n, c, _ = stats.shape
+    est = np.nan_to_num(np.asarray(estimated_iou, dtype=np.float64), nan=0.0)
+    if est.shape != (n, c):
+        raise InputError(f"the estimate has shape {est.shape}; the labelled counts have {n} sets, {c} classes")
+    members = np.ones(n, dtype=bool) if members is None else np.asarray(members, dtype=bool)
+    present = (stats[..., 1].sum(axis=(0, 1)) > 0) if gt_present is None else np.asarray(gt_present, bool)
+    mem = np.nonzero(members)[0]
+    m = len(mem)
+    full = _resampled_iou(stats, np.ones((1, max(n_img, 1)), dtype=np.int64), average)[0] if n_img else \
+        np.full((n, c), np.nan)
+    lab_best = np.asarray([mem[int(np.argmax(np.where(np.isnan(full[mem, k]), -np.inf, full[mem, k])))]
+                           for k in range(c)], dtype=np.int64)
+    q = contrast_basis(m)
+    l_q = np.full((c, m - 1), np.nan)
+    s_q = np.full((c, m - 1, m - 1), np.nan)
+    if n_img and m > 1:
+        weights = metrics.bootstrap_weights(n_img, reps, seed)
+        boot = _resampled_iou(stats, weights, average)
+        if prior_images > 0:
+            boot = _pooled_spread(boot, stats, lab_best, members, float(prior_images), seed)
+        for k in range(c):
+            if not present[k] or np.isnan(full[mem, k]).any():
+                continue
+            b = boot[:, mem, k]
+            b = b[~np.isnan(b).any(axis=1)]
+            if b.shape[0] < 2:
+                continue
+            l_q[k] = q.T @ full[mem, k]
+            s_q[k] = q.T @ np.cov(b, rowvar=False) @ q + 1e-9 * np.eye(m - 1)
+    e_q = est[mem].T @ q  # (C, M-1)
+    have = ~np.isnan(l_q).any(axis=1)
+    fit = have.copy()
+    fit[0] = False  # background: another scale, in every image
+    if pooled and _have_any(s_q):
+        n_c = (stats[..., 0].sum(axis=1) > 0).sum(axis=0).astype(np.float64)  # labelled images with the class
+        ok = ~np.isnan(s_q).any(axis=(1, 2)) & (n_c > 0)
+        ok_fg = ok.copy()
+        ok_fg[0] = False
+        if ok_fg.any():
+            per_image = (s_q[ok_fg] * n_c[ok_fg, None, None]).mean(axis=0)
+            s_q[ok & ~(np.arange(c) == 0)] = per_image[None] / n_c[ok & ~(np.arange(c) == 0), None, None]
+    if population is not None and n_img:
+        if population < n_img:
+            raise InputError(f"population ({population}) is smaller than the labelled images ({n_img})")
+        s_q = s_q * max(1.0 - n_img / float(population), 0.0) + 1e-9 * np.eye(max(m - 1, 0))[None]
+    if m > 1 and fit.any():
+        grid, slopes, gw = _estimate_error_grid(l_q[fit], s_q[fit], e_q[fit], fit_slope)
+        keep = gw > 1e-6 * gw.max()  # the grid points that carry weight
+        grid, slopes, gw = grid[keep], slopes[keep], gw[keep] / gw[keep].sum()
+    else:  # nothing labelled to judge the estimate by: it decides
+        grid, slopes, gw = np.array([MIN_ESTIMATE_VARIANCE]), np.array([1.0]), np.array([1.0])
+    scores = np.where(members[:, None], np.nan, full)
+    p_best = np.full(c, np.nan)
+    loss = np.full(c, np.nan)
+    lab_w = np.zeros(c)
+    best = np.full(c, int(mem[0]), dtype=np.int64)
+    rng = np.random.default_rng([int(seed), 11])
+    z = rng.standard_normal((draws, max(m - 1, 0)))
+    # every draw takes one grid point (tau2, a) with its posterior weight: a mixture of normals
+    which = np.minimum(np.searchsorted(np.cumsum(gw), (np.arange(draws) + 0.5) / draws), len(gw) - 1)
+    eye = np.eye(max(m - 1, 0))
+    for k in range(c):
+        if m == 1:
+            scores[mem, k] = full[mem, k] if have[k] else est[mem, k]
+            best[k] = mem[0]
+            continue
+        means, chols = [], []
+        for tau2, a in zip(grid, slopes):
+            if have[k]:
+                s_inv = np.linalg.inv(s_q[k])
+                prec = s_inv + eye / tau2
+                cov = np.linalg.inv(prec)
+                means.append(cov @ (s_inv @ l_q[k] + a * e_q[k] / tau2))
+            else:
+                cov = tau2 * eye
+                means.append(a * e_q[k])
+            chols.append(np.linalg.cholesky((cov + cov.T) / 2))
+        mean = np.einsum("g,gi->i", gw, np.asarray(means))
+        if have[k]:
+            s_inv = np.linalg.inv(s_q[k])
+            lab_w[k] = float(sum(w * np.trace(s_inv) / np.trace(s_inv + eye / t) for w, t in zip(gw, grid)))
+        level = float(full[mem, k].mean()) if have[k] else float(est[mem, k].mean())
+        vals = level + q @ mean
+        scores[mem, k] = vals
+        top = int(np.argmax(vals))  # ties: the first set
+        best[k] = mem[top]
+        ch = np.asarray(chols)[which]  # (draws, M-1, M-1)
+        sample = (np.asarray(means)[which] + np.einsum("dij,dj->di", ch, z)) @ q.T  # (draws, M)
+        p_best[k] = float((sample[:, top] >= sample.max(axis=1)).mean())
+        loss[k] = float((sample.max(axis=1) - sample[:, top]).mean())
+    slope = float(gw @ slopes)
+    tau2 = float(np.exp(gw @ np.log(grid)))
+    return {"scores": scores, "best": best, "p_best": p_best, "expected_loss": loss,
+            "labelled_weight": lab_w, "slope": slope, "tau2": tau2}

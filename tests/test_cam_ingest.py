@@ -229,7 +229,11 @@ def test_own_background_falls_back_to_the_dense_path(tmp_path, rng):
         p = rng.random((3, 4, 5)).astype(np.float32)
         p /= p.sum(axis=0)
         np.save(tmp_path / "s" / f"im{i}.npy", {0: p[0], 3: p[1], 7: p[2]})
-    auto = ingest_scores(tmp_path / "s", tmp_path / "a.zarr", quiet=True, workers=1)
+    from isle_fast.stores.parallel import ProcessPool, use_pool
+
+    with ProcessPool(2) as pool, use_pool(pool.start()):  # isle run's shared pool survives the fallback
+        auto = ingest_scores(tmp_path / "s", tmp_path / "a.zarr", quiet=True)
+        assert list(pool.imap(abs, [(-1,), (-2,)])) in ([(0, 1), (1, 2)], [(1, 2), (0, 1)])
     assert auto.score_layout == "dense"
     dense = ingest_scores(tmp_path / "s", tmp_path / "d.zarr", quiet=True, workers=1, score_layout="dense")
     assert np.array_equal(auto.array[...], dense.array[...])

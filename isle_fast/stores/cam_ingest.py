@@ -173,11 +173,13 @@ def read_cam_slots(path: str, num_classes: int, *, allow_pickle: bool = False, b
 # --------------------------------------------------------------------------- the two passes (worker tasks)
 def _slots_task(read: Callable, header: Callable | None, with_shapes: bool, skip_bad: bool, folder: str,
                 index: int, items: Sequence[Any], shapes: Sequence[tuple[int, int]] | None
-                ) -> tuple[list, list, int]:
+                ) -> tuple[list, list, int, bool]:
     """Pass 1, one task: read the files of one run of images, write their slots to ``folder/<index>.u8``.
 
-    Returns ``(bad, meta, pixels)``: ``bad`` lists ``(offset, reason, header shape or None)``;
-    ``meta`` lists ``(offset, classes, h, w, byte offset, bg_lo, bg_hi)`` of the images read.
+    Returns ``(bad, meta, pixels, not_sparse)``: ``bad`` lists ``(offset, reason, header shape or
+    None)``; ``meta`` lists ``(offset, classes, h, w, byte offset, bg_lo, bg_hi)`` of the images read;
+    ``not_sparse``: an image's background is not one constant (the task stops there: the run goes
+    the dense way).
     """
     from isle_fast.stores.ingest_engine import _result
 
@@ -200,13 +202,15 @@ def _slots_task(read: Callable, header: Callable | None, with_shapes: bool, skip
                 if not skip_bad:
                     break
                 continue
+            if res.bg_lo != res.bg_hi:
+                return bad, meta, pixels, True
             h, w = (int(v) for v in res.data.shape[1:])
             meta.append((j, res.classes, h, w, pos, res.bg_lo, res.bg_hi))
             if res.data.nbytes:
                 f.write(np.ascontiguousarray(res.data).data.cast("B"))
             pos += res.data.nbytes
             pixels += h * w
-    return bad, meta, pixels
+    return bad, meta, pixels, False
 
 
 def _chunk_task(spec: Any, folder: str, start: int, parts: Sequence[tuple]) -> int:
@@ -311,25 +315,29 @@ def ingest_cam_sparse(plan: Any, read: Callable, header: Callable | None, *,
         pixels = 0
         first_bad: int | None = None
         level: int | None = None
+        not_sparse = False
         fn = partial(_slots_task, read, header, shapes is not None, plan.skip_bad, str(folder))
+        # every task runs to its end (a task stops at its first image whose background is not one
+        # constant): a pool shared by ``isle run`` must not be stopped for the dense fallback
         with parallel.executor_for(len(tasks), workers) as ex, \
                 progress(total=len(items), desc="ingest CAMs", unit="img", quiet=plan.quiet) as bar:
-            for i, (tb, tm, px) in ex.imap(fn, tasks):
+            for i, (tb, tm, px, ns) in ex.imap(fn, tasks):
                 bar.update(len(tasks[i][1]))
                 pixels += px
                 task_bad[i] = tb
                 meta[i] = tm
-                for _, _, _, _, _, lo, hi in tm:
-                    if level is None:
-                        level = lo
-                    if lo != hi or lo != level:
-                        raise NotSparse()
+                not_sparse |= ns
+                for _, _, _, _, _, lo, _ in tm:
+                    level = lo if level is None else level
+                    not_sparse |= lo != level
                 if tb and not plan.skip_bad:
                     first_bad = i if first_bad is None else min(first_bad, i)
                 if first_bad is not None and all(j in meta for j in range(first_bad)):
                     j, reason, _ = task_bad[first_bad][0]
                     it = items[starts[first_bad] + j]
                     raise _bad_error(bad + [(it.id, it.source, reason)])
+        if not_sparse:
+            raise NotSparse()
         # the dense path's order: files whose header is bad (no ground truth), then those whose data is
         head_bad: list[tuple[str, str, str]] = []
         late_bad: list[tuple[str, str, str]] = []

@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if core:
             print(
-                f"per core (CPU time), {core['files']} files: np.load {core['np_load']['ms_per_image']:.2f} ms an image "
+                f"per core (CPU time), {core['files']} files: np.load "
+                f"{core['np_load']['ms_per_image']:.2f} ms an image "
                 f"({core['np_load']['mb_per_s']:.0f} MB/s), isle's reader (load + check + quantise) "
                 f"{core['read_cam_slots']['ms_per_image']:.2f} ms ({core['read_cam_slots']['mb_per_s']:.0f} MB/s)"
             )

@@ -307,7 +307,7 @@ def ingest_cam_sparse(plan: Any, read: Callable, header: Callable | None, *,
     starts = list(range(0, len(items), g))
     tasks = [(t, items[s:s + g], None if shapes is None else [shapes[it.id] for it in items[s:s + g]])
              for t, s in enumerate(starts)]
-    folder = temp_path(plan.out, "slots")
+    folder = temp_path(plan.out)  # a temporary sibling, removed below (or as a leftover of a dead run)
     folder.mkdir(parents=True)
     try:
         task_bad: dict[int, list] = {}

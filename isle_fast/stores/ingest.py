@@ -567,7 +567,8 @@ def ingest_scores(
         slice must be the constant threshold, as for foreground-only CAMs);
         ``dense``: every class slice; ``auto`` (default): sparse where it
         applies (``uint8``, local, constant background), else dense. Readers
-        see the same logical stack either way.
+        see the same logical stack either way. The class-sparse store is
+        written straight from the files (:mod:`isle_fast.stores.cam_ingest`).
 
     Returns
     -------

@@ -24,10 +24,13 @@ the padding), class ``keys[i, j]`` is slot ``j``, every other class is 0.
 report and train read a sparse store like a dense one; the threshold sweep
 (:mod:`isle_fast.ensemble.sweep`) reads ``cams`` and ``keys`` directly.
 
-A store is made sparse from a dense ``uint8`` score store (:func:`sparsify`)
-when its background slice is one constant inside every image (CAM ingest:
-the threshold); the dense view of the result equals the dense store, bit
-for bit. Both arrays end every chunk in a crc32c and are in the store's chunk
+CAM ingest writes it straight from the CAM files
+(:mod:`isle_fast.stores.cam_ingest`); a dense ``uint8`` score store is made
+sparse by :func:`sparsify` when its background slice is one constant inside
+every image (CAM ingest: the threshold); the dense view of the result equals
+the dense store, bit for bit. Both write through :class:`SparseWriter`
+(keys and background level up front, then whole chunks of slots, by this
+process or by worker tasks). Both arrays end every chunk in a crc32c and are in the store's chunk
 manifest; ``score_layout`` and ``background_level`` are in its identity
 checksum. The keys are checked when the store is opened (ascending, in
 1..C-1, unused slots last), so a damaged ``keys`` chunk is an error, never
@@ -505,7 +508,9 @@ def ingest_layout(
 ) -> Any:
     """Write a score ingest as ``layout`` (see ``ingest_scores(score_layout=...)``).
 
-    ``run_dense(path, quiet)`` writes the dense store at ``path`` and returns it. For a
+    CAM ingest takes this path only where the direct one (:mod:`isle_fast.stores.cam_ingest`)
+    found a background that is not one constant. ``run_dense(path, quiet)`` writes the dense
+    store at ``path`` and returns it. For a
     class-sparse result it writes a dense temporary sibling of ``out`` first, converts it
     (:func:`sparsify`) and removes it; ``auto`` keeps the dense store (moved into place)
     where the sparse layout does not apply (float scores, an fsspec URL, a background slice

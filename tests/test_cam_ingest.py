@@ -240,3 +240,20 @@ def test_own_background_falls_back_to_the_dense_path(tmp_path, rng):
     with pytest.raises(InputError, match="cannot be stored class-sparse"):
         ingest_scores(tmp_path / "s", tmp_path / "s.zarr", quiet=True, workers=1, score_layout="sparse")
     assert not os.path.exists(tmp_path / "s.zarr")
+
+
+def test_missing_files_and_ids_outside_the_gt_as_before(tmp_path, rng):
+    """A listed id without a file, and a file whose id the ground truth lacks: the dense path's errors."""
+    shapes = _write_cams(tmp_path / "s", rng, 5, 0)
+    gt = _gt(tmp_path, {**{k: v for k, v in shapes.items() if k != "im004"}, "extra": (3, 3)})
+    ids = sorted(shapes)[:4] + ["nope"]
+    for t, kw in enumerate((dict(ids=ids), dict(gt=gt), dict(gt=gt, ids=sorted(shapes)))):
+        with pytest.raises(InputError) as new:
+            ingest_scores(tmp_path / "s", tmp_path / "x.zarr", quiet=True, workers=1, **kw)
+        with pytest.raises(InputError) as old:
+            ingest_scores(tmp_path / "s", tmp_path / "y.zarr", quiet=True, workers=1, score_layout="dense", **kw)
+        assert str(new.value) == str(old.value)
+        a = ingest_scores(tmp_path / "s", tmp_path / f"a{t}.zarr", quiet=True, workers=1, skip_bad=True, **kw)
+        b = _old_path(tmp_path / "s", tmp_path / f"b{t}.zarr", workers=1, skip_bad=True, **kw)
+        _assert_same_store(a, b)
+        assert a.provenance == b.provenance and a.provenance["skipped"]

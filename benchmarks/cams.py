@@ -15,10 +15,12 @@ sets at the full size, more than a shared disk should hold at once, so the
 its files are written (timed apart, not counted), read by a plain
 ``np.load(allow_pickle=True)`` loop (the file-read speed), ingested by isle,
 run through the public scripts' approach (below), and deleted. The threshold
-sweep and the merge then run from the 4 stores, which are small (the
-class-sparse stores hold ~1/8 of the files' bytes here; the noisy synthetic
-CAMs compress worse than real ones). Peak disk use is about one set's files
-plus the stores (sampled, in the JSON as ``disk_peak_bytes``). Each set's
+sweep and the merge then run from the 4 stores, which are smaller (each
+class-sparse store holds ~1/5 of its files' bytes here, ~4 GB a set at the
+full size; the noisy synthetic CAMs compress worse than real ones). Peak disk
+use is one set's files (~19 GB at the full size) plus the stores so far and
+the ingest's temporary slot files (~3 GB): ~37 GB at the full size, from
+1.05 GiB sampled at 300 images (in the JSON as ``disk_peak_bytes``). Each set's
 files are in the page cache when they are read (just written), for every
 reader alike, as long as one set fits in memory (~21 GB at the full size).
 ``--side`` makes smaller images.

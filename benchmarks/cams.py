@@ -217,7 +217,10 @@ def np_load_all(paths: Sequence[str], workers: int) -> float:
 
 
 def per_core(paths: Sequence[str], limit: int = 200) -> dict:
-    """One core, the first ``limit`` files: CPU ms an image of ``np.load`` and of isle's reader (best of 2).
+    """One core, the first ``limit`` files: CPU ms an image of ``np.load``, isle's reader and the old one (best of 2).
+
+    The old reader (``read_scores`` + ``quantize_scores``: the full C-class float32 stack, what the
+    dense path built for every file) on the first 50 files only.
 
     CPU time of this process (``time.process_time``), so other load on a shared machine counts less.
     """
@@ -227,15 +230,24 @@ def per_core(paths: Sequence[str], limit: int = 200) -> dict:
     nbytes = sum(os.path.getsize(p) for p in paths)
     read_cam_slots(paths[0], C)  # compile
     out = {"files": len(paths), "bytes": nbytes}
-    for name, fn in (("np_load", lambda p: np.load(p, allow_pickle=True).item()),
-                     ("read_cam_slots", lambda p: read_cam_slots(p, C))):
+    from isle_fast.stores.formats import read_scores
+    from isle_fast.stores.stack import quantize_scores
+
+    def dense(p: str) -> None:  # the dense path's reader: the full C-class float32 stack, quantised
+        quantize_scores(read_scores(p, C), np.uint8)
+
+    dense(paths[0])
+    for name, fn, files in (("np_load", lambda p: np.load(p, allow_pickle=True).item(), paths),
+                            ("read_cam_slots", lambda p: read_cam_slots(p, C), paths),
+                            ("dense_reader", dense, paths[:50])):
         best = float("inf")
         for _ in range(2):
             t0 = time.process_time()
-            for p in paths:
+            for p in files:
                 fn(p)
             best = min(best, time.process_time() - t0)
-        out[name] = {"ms_per_image": 1e3 * best / len(paths), "mb_per_s": nbytes / best / 1e6}
+        size = sum(os.path.getsize(p) for p in files)
+        out[name] = {"files": len(files), "ms_per_image": 1e3 * best / len(files), "mb_per_s": size / best / 1e6}
     return out
 
 
@@ -423,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"per core (CPU time), {core['files']} files: np.load "
                 f"{core['np_load']['ms_per_image']:.2f} ms an image "
                 f"({core['np_load']['mb_per_s']:.0f} MB/s), isle's reader (load + check + quantise) "
-                f"{core['read_cam_slots']['ms_per_image']:.2f} ms ({core['read_cam_slots']['mb_per_s']:.0f} MB/s)"
+                f"{core['read_cam_slots']['ms_per_image']:.2f} ms ({core['read_cam_slots']['mb_per_s']:.0f} MB/s); "
+                f"the dense path's reader (full C-class stack, quantised; {core['dense_reader']['files']} files) "
+                f"{core['dense_reader']['ms_per_image']:.2f} ms"
             )
         print(f"disk: CAM sets on disk one at a time; peak {disk.peak / 2**30:.2f} GiB (files + stores)")
         print(

@@ -27,79 +27,90 @@ def _clamp(v, lo, hi):  # pragma: no cover - jitted
 
 
 @njit(nogil=True, cache=True)
-def _cam_slots_kernel(f, take, bg_index, bg_value, q, present, stats):  # pragma: no cover - jitted
-    """See :func:`cam_slots_u8`; ``stats`` = [finite (1/0), min, max, bg q min, bg q max] (float64)."""
+def _row_pass(row, qrow, j, fbest, qbest, win, qwin, lo, hi):  # pragma: no cover - jitted
+    """One foreground row: quantise it, keep the running argmax of the floats and of the quantised
+    values per pixel (first index wins ties, as ``np.argmax``); returns how many values are not in
+    ``[lo, hi]`` (NaN / Inf included). Branch-free over the pixels, so it vectorises."""
+    zero = row.dtype.type(0.0)
+    one = row.dtype.type(1.0)
+    scale = row.dtype.type(255.0)
+    bad = 0
+    for p in range(row.shape[0]):
+        v = row[p]
+        bad += not (v >= lo and v <= hi)  # compared in float64, as the dense path's range check
+        c = _clamp(v, zero, one)
+        b = np.uint8(np.rint(c * scale))
+        qrow[p] = b
+        up = c > fbest[p]
+        fbest[p] = c if up else fbest[p]
+        win[p] = j if up else win[p]
+        uq = b > qbest[p]
+        qbest[p] = b if uq else qbest[p]
+        qwin[p] = j if uq else qwin[p]
+    return bad
+
+
+@njit(nogil=True, cache=True)
+def _cam_slots_kernel(f, take, bg_index, bg_value, lo, hi, q, present, stats):  # pragma: no cover - jitted
+    """See :func:`cam_slots_u8`; ``stats`` = [values outside [lo, hi], bg q min, bg q max]."""
     p_count = f.shape[1]
     j_count = take.shape[0]
     zero = f.dtype.type(0.0)
     one = f.dtype.type(1.0)
     scale = f.dtype.type(255.0)
-    finite = True
-    lo = zero
-    hi = zero
+    fbest = np.empty(p_count, f.dtype)
+    qbg = np.empty(p_count, np.uint8)
+    win = np.full(p_count, -1, np.int16)
+    qwin = np.full(p_count, -1, np.int16)
+    bad = 0
+    if bg_index >= 0:
+        row = f[bg_index]
+        for p in range(p_count):
+            v = row[p]
+            bad += not (v >= lo and v <= hi)
+            c = _clamp(v, zero, one)
+            fbest[p] = c
+            qbg[p] = np.uint8(np.rint(c * scale))
+    else:
+        c = _clamp(bg_value, zero, one)
+        fbest[:] = c
+        qbg[:] = np.uint8(np.rint(c * scale))
+    qbest = qbg.copy()
+    for j in range(j_count):
+        bad += _row_pass(f[take[j]], q[j], j, fbest, qbest, win, qwin, lo, hi)
+    # where rounding moved the argmax (rare): raise the winner, or lower the ties at 255 below it
     bq_lo = 255
     bq_hi = 0
     for p in range(p_count):
-        if bg_index >= 0:
-            b = f[bg_index, p]
-            if not np.isfinite(b):
-                finite = False
-            if b < lo:
-                lo = b
-            if b > hi:
-                hi = b
-        else:
-            b = bg_value
-        fbest = _clamp(b, zero, one)
-        qb = np.uint8(np.rint(fbest * scale))
-        qbest = qb
-        win = -1
-        qwin = -1
-        for j in range(j_count):
-            v = f[take[j], p]
-            if not np.isfinite(v):
-                finite = False
-            if v < lo:
-                lo = v
-            if v > hi:
-                hi = v
-            v = _clamp(v, zero, one)
-            b8 = np.uint8(np.rint(v * scale))
-            q[j, p] = b8
-            if v > fbest:
-                fbest = v
-                win = j
-            if b8 > qbest:
-                qbest = b8
-                qwin = j
-        if qwin != win:  # rounding moved the argmax: raise the winner, or lower the ties at 255 below it
-            if win < 0:
+        qb = qbg[p]
+        w = win[p]
+        if w != qwin[p]:
+            if w < 0:  # never: rounding cannot lift a class above the background it did not beat
                 if qb < 255:
                     qb += 1
-            elif q[win, p] < 255:
-                q[win, p] += 1
+            elif q[w, p] < 255:
+                q[w, p] += 1
             else:
                 if qb == 255:
                     qb = np.uint8(254)
-                for j in range(win):
+                for j in range(w):
                     if q[j, p] == 255:
                         q[j, p] = 254
-        for j in range(j_count):
-            if q[j, p] > 0:
-                present[j] = True
-        if qb < bq_lo:
-            bq_lo = qb
-        if qb > bq_hi:
-            bq_hi = qb
-    stats[0] = 1.0 if finite else 0.0
-    stats[1] = lo
-    stats[2] = hi
-    stats[3] = bq_lo
-    stats[4] = bq_hi
+        bq_lo = min(bq_lo, qb)
+        bq_hi = max(bq_hi, qb)
+    for j in range(j_count):
+        seen = np.uint8(0)
+        row8 = q[j]
+        for p in range(p_count):
+            seen |= row8[p]
+        present[j] = seen > 0
+    stats[0] = bad
+    stats[1] = bq_lo
+    stats[2] = bq_hi
 
 
-def cam_slots_u8(f: np.ndarray, take: np.ndarray, bg_index: int, bg_value: float
-                 ) -> tuple[np.ndarray, np.ndarray, bool, float, float, int, int]:
+def cam_slots_u8(f: np.ndarray, take: np.ndarray, bg_index: int, bg_value: float,
+                 lo: float = -1e-3, hi: float = 1 + 1e-3) -> tuple[np.ndarray, np.ndarray, bool, int, int]:
     """Quantise a CAM file's slices to ``uint8`` as the dense path would, keeping every pixel's argmax.
 
     Parameters
@@ -109,13 +120,16 @@ def cam_slots_u8(f: np.ndarray, take: np.ndarray, bg_index: int, bg_value: float
         S`` entry seen as ``(S, H * W)`` works without a copy).
     take : (J,) int64 array
         The rows of ``f`` holding the foreground classes, in ascending class
-        order.
+        order (J < 32768).
     bg_index : int
         The row of the file's own background slice, or -1: the background is
         ``bg_value`` at every pixel (the threshold in front of the CAMs).
     bg_value : float
         The background score when ``bg_index`` is -1 (in ``f``'s float type, as the
         dense path stores it).
+    lo, hi : float
+        The accepted raw range (compared in float64): values outside it, NaN and
+        Inf make ``in_range`` False (the dense path's checks then name the value).
 
     Returns
     -------
@@ -126,11 +140,8 @@ def cam_slots_u8(f: np.ndarray, take: np.ndarray, bg_index: int, bg_value: float
     present : (J,) bool
         Rows with a value above 0 after quantisation (the classes a class-sparse
         store keeps).
-    finite : bool
-        No NaN / Inf in the rows read (background row and ``take``).
-    lo, hi : float
-        Smallest and largest raw value of those rows (0 included, as
-        ``arr.min(initial=0)``): the range check of the dense path.
+    in_range : bool
+        Every value read (background row and ``take``) is finite and in ``[lo, hi]``.
     bg_lo, bg_hi : int
         Smallest and largest quantised background value (equal when the
         background is one constant, as a class-sparse store needs).
@@ -140,8 +151,8 @@ def cam_slots_u8(f: np.ndarray, take: np.ndarray, bg_index: int, bg_value: float
     take = np.ascontiguousarray(take, dtype=np.int64)
     q = np.empty((take.shape[0], f.shape[1]), np.uint8)
     present = np.zeros(take.shape[0], np.bool_)
-    stats = np.zeros(5, np.float64)
+    stats = np.zeros(3, np.int64)
     if f.shape[1] == 0:
-        return q, present, True, 0.0, 0.0, 255, 0
-    _cam_slots_kernel(f, take, int(bg_index), f.dtype.type(bg_value), q, present, stats)
-    return q, present, bool(stats[0]), float(stats[1]), float(stats[2]), int(stats[3]), int(stats[4])
+        return q, present, True, 255, 0
+    _cam_slots_kernel(f, take, int(bg_index), f.dtype.type(bg_value), float(lo), float(hi), q, present, stats)
+    return q, present, bool(stats[0] == 0), int(stats[1]), int(stats[2])

@@ -53,6 +53,12 @@ def _write_cams(folder, rng, n, style, *, max_side=9, max_k=3, layout="irn"):
         hr = _values(rng, (k, h, w), style)
         if k >= 2 and rng.random() < 0.3:
             hr[1] = hr[0]  # exact ties between two classes
+        if layout == "ownbg":  # PuzzleCAM keys (0 first, then 1-based classes) with a background slice
+            bg = _values(rng, (1, h, w), style)
+            np.save(folder / f"im{i:03d}.npy", {"keys": np.pad(keys + 1, (1, 0)),
+                                                 "hr_cam": np.concatenate([bg, hr])})
+            shapes[f"im{i:03d}"] = (h, w)
+            continue
         if layout == "hwk":
             hr = np.ascontiguousarray(np.moveaxis(hr, 0, 2))
         np.save(folder / f"im{i:03d}.npy", {"keys": keys, "cam": hr[..., ::4, ::4], "high_res": hr})
@@ -103,7 +109,7 @@ def small_chunks(monkeypatch):
 @settings(max_examples=60)
 @given(seed=st.integers(0, 2**32 - 1), style=st.integers(0, 3),
        thr=st.sampled_from([0.0, 0.15, 0.5 / 255, 1.5 / 255, 0.999, 1.0, 0.37]),
-       layout=st.sampled_from(["irn", "hwk"]))
+       layout=st.sampled_from(["irn", "hwk", "ownbg"]))
 def test_read_cam_slots_equals_the_dense_path(tmp_path_factory, seed, style, thr, layout):
     rng = np.random.default_rng(seed)
     folder = tmp_path_factory.mktemp("f")
@@ -111,8 +117,15 @@ def test_read_cam_slots_equals_the_dense_path(tmp_path_factory, seed, style, thr
     for i, hw in shapes.items():
         path = str(folder / "s" / f"{i}.npy")
         for expect in (hw, None):
-            new = read_cam_slots(path, C, bg_threshold=thr, expect=expect)
-            ref = _dense_slots(read_scores(path, C, bg_threshold=thr, expect=expect))
+            kw = dict(bg_threshold=thr, expect=expect, cam_layout="puzzlecam" if layout == "ownbg" else "auto")
+            try:
+                ref = _dense_slots(read_scores(path, C, **kw))
+            except BadInput as exc:  # e.g. a 2-slice file of a 2-pixel-wide image: both paths refuse it alike
+                with pytest.raises(BadInput) as new_exc:
+                    read_cam_slots(path, C, **kw)
+                assert str(new_exc.value) == str(exc)
+                continue
+            new = read_cam_slots(path, C, **kw)
             assert new.classes == ref.classes
             assert new.data.dtype == np.uint8 and np.array_equal(new.data, ref.data)
             assert (new.bg_lo, new.bg_hi) == (ref.bg_lo, ref.bg_hi)
@@ -229,6 +242,10 @@ def test_own_background_falls_back_to_the_dense_path(tmp_path, rng):
         p = rng.random((3, 4, 5)).astype(np.float32)
         p /= p.sum(axis=0)
         np.save(tmp_path / "s" / f"im{i}.npy", {0: p[0], 3: p[1], 7: p[2]})
+        new = read_cam_slots(str(tmp_path / "s" / f"im{i}.npy"), C, expect=(4, 5))
+        ref = _dense_slots(read_scores(str(tmp_path / "s" / f"im{i}.npy"), C, expect=(4, 5)))
+        assert new.classes == ref.classes and np.array_equal(new.data, ref.data)
+        assert (new.bg_lo, new.bg_hi) == (ref.bg_lo, ref.bg_hi) and new.bg_lo < new.bg_hi
     from isle_fast.stores.parallel import ProcessPool, use_pool
 
     with ProcessPool(2) as pool, use_pool(pool.start()):  # isle run's shared pool survives the fallback
@@ -257,3 +274,21 @@ def test_missing_files_and_ids_outside_the_gt_as_before(tmp_path, rng):
         b = _old_path(tmp_path / "s", tmp_path / f"b{t}.zarr", workers=1, skip_bad=True, **kw)
         _assert_same_store(a, b)
         assert a.provenance == b.provenance and a.provenance["skipped"]
+
+
+@pytest.mark.parametrize("value", [np.float32(-1e-3), np.float32(1 + 1e-3), np.nextafter(np.float32(-1e-3), 0),
+                                   np.nextafter(np.float32(1 + 1e-3), 2), -1e-3, 1.001, 1e-45])
+def test_the_range_check_at_its_edges_is_the_dense_paths(tmp_path, value):
+    """The tolerance is compared in float64, as the dense path compares ``float(arr.min())``."""
+    hr = np.full((2, 3, 4), 0.25, np.float32)
+    hr[1, 1, 2] = value
+    np.save(tmp_path / "a.npy", {"keys": np.array([5, 9]), "cam": hr, "high_res": hr})
+    try:
+        ref = _dense_slots(read_scores(str(tmp_path / "a.npy"), C, expect=(3, 4)))
+    except BadInput as exc:
+        with pytest.raises(BadInput) as new:
+            read_cam_slots(str(tmp_path / "a.npy"), C, expect=(3, 4))
+        assert str(new.value) == str(exc)
+    else:
+        new = read_cam_slots(str(tmp_path / "a.npy"), C, expect=(3, 4))
+        assert new.classes == ref.classes and np.array_equal(new.data, ref.data)

@@ -117,7 +117,7 @@ def read_cam_slots(path: str, num_classes: int, *, allow_pickle: bool = False, b
     """
     from isle_fast.kernels.cam_cpu import cam_slots_u8
     from isle_fast.stores.cams import _array
-    from isle_fast.stores.formats import _interpret, _ScoreFile, read_scores, score_header
+    from isle_fast.stores.formats import SCORE_TOLERANCE, _interpret, _ScoreFile, read_scores, score_header
 
     args = dict(allow_pickle=allow_pickle, bg_threshold=bg_threshold, normalize=normalize, expect=expect,
                 upsample=upsample, cam_layout=cam_layout, labels=labels)
@@ -159,10 +159,9 @@ def read_cam_slots(path: str, num_classes: int, *, allow_pickle: bool = False, b
     fg = [int(i) for i in order if classes[i] != 0]
     take = rows[fg] if fg else np.zeros(0, np.int64)
     bg_index = int(rows[bg_pos[0]]) if bg_pos.size else -1
-    q, present, finite, lo, hi, bg_lo, bg_hi = cam_slots_u8(flat, take, bg_index, np.float32(bg_threshold))
-    from isle_fast.stores.formats import SCORE_TOLERANCE
-
-    if not finite or lo < -SCORE_TOLERANCE or hi > 1 + SCORE_TOLERANCE:
+    q, present, in_range, bg_lo, bg_hi = cam_slots_u8(flat, take, bg_index, np.float32(bg_threshold),
+                                                      -SCORE_TOLERANCE, 1 + SCORE_TOLERANCE)
+    if not in_range:
         raise dense_error()
     keep = np.flatnonzero(present)
     kept = tuple(int(classes[fg[j]]) for j in keep)

@@ -7,10 +7,23 @@ VOC-like shapes (up to 500 x 500, ``--quick`` 96), a ground-truth PNG each
 (1-3 object classes as blobs, a 255 band around every object) and 4 CAM sets
 written the way IRN's ``make_cam.py`` writes them: one ``<id>.npy`` pickled
 dict ``{"keys", "cam", "high_res"}`` per image, the image's 1-3 classes only,
-float32 (max-normalised blobs of different quality per set, plus noise).
-Written once to ``benchmarks/results/tmp`` (cached between runs): the CAM
-files take about 2 MB an image and set at 500 x 500 (the full size, ~85 GB;
-``--side`` makes smaller images).
+float32 (max-normalised blobs of different quality per set, plus noise). The
+CAM files take about 2 MB an image and set at 500 x 500: ~85 GB for the 4
+sets at the full size, more than a shared disk should hold at once, so the
+**CAM sets are on disk one at a time**: the ground truth is written once to
+``benchmarks/results/tmp`` (cached between runs); then for each set in turn
+its files are written (timed apart, not counted), read by a plain
+``np.load(allow_pickle=True)`` loop (the file-read speed), ingested by isle,
+run through the public scripts' approach (below), and deleted. The threshold
+sweep and the merge then run from the 4 stores, which are smaller (each
+class-sparse store holds ~1/5 of its files' bytes here, ~4 GB a set at the
+full size; the noisy synthetic CAMs compress worse than real ones). Peak disk
+use is one set's files (~19 GB at the full size) plus the stores so far and
+the ingest's temporary slot files (~3 GB): ~37 GB at the full size, from
+1.05 GiB sampled at 300 images (in the JSON as ``disk_peak_bytes``). Each set's
+files are in the page cache when they are read (just written), for every
+reader alike, as long as one set fits in memory (~21 GB at the full size).
+``--side`` makes smaller images.
 
 CAM values are drawn on the ``uint8`` grid (``k / 255`` as float32), so the
 default ``uint8`` store holds them without loss and the equality check below
@@ -19,17 +32,22 @@ scores is exact for the stored precision: one level, 1/255).
 
 Timed, in one run:
 
-* **isle**: ``ingest_scores`` of the 4 folders (the default layout) and of
-  the ground truth; :func:`isle_fast.sweep_thresholds` over 16 thresholds
-  (0.05:0.80:0.05) in one pass; :func:`isle_fast.merge` with
+* **isle**: ``ingest_scores`` of each of the 4 folders (the default layout:
+  class-sparse, straight from the files) and of the ground truth; beside it,
+  the plain ``np.load`` loop over the same files on the same number of
+  processes (MB/s and images/s of both), and per core on the first files
+  (``np.load`` vs :func:`isle_fast.stores.cam_ingest.read_cam_slots`);
+  :func:`isle_fast.sweep_thresholds` over 16 thresholds (0.05:0.80:0.05) in
+  one pass; :func:`isle_fast.merge` with
   ``bg_threshold`` = the same sweep (each set merged at its own best
   threshold; this includes its own sweep pass). Wall and CPU seconds, peak
   resident memory.
 * **public scripts' approach** (IRN ``eval_cam.py``, PuzzleCAM
   ``evaluate.py``): for every threshold, load every CAM file, pad the
   threshold in front, argmax, map through the keys, ``np.bincount`` against
-  the gt PNG; on a process pool of all cores (``--workers``). Reading the
-  files is part of it, as in those scripts.
+  the gt PNG; on a process pool of all cores (``--workers``), one set at a
+  time while its files are on disk. Reading the files is part of it, as in
+  those scripts.
 
 The confusion counts of both are asserted EQUAL (every set, every
 threshold). Writes ``benchmarks/results/cams.json``.
@@ -74,40 +92,163 @@ def _blobs(rng: np.random.Generator, h: int, w: int, k: int) -> np.ndarray:
     return out
 
 
-def _write_image(folder: Path, i: int, shape: Sequence[int], seed: int) -> None:
-    from PIL import Image
-
+def _truth(i: int, shape: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``i``'s classes (IRN's 0-based keys) and its ``(k, h, w)`` blobs: the same for the gt and every set."""
     rng = np.random.default_rng([seed, i])
     h, w = (int(v) for v in shape)
     k = int(rng.integers(1, 4))
     keys = np.sort(rng.choice(C - 1, k, replace=False))  # 0-based foreground classes (IRN's keys)
-    truth = _blobs(rng, h, w, k)
+    return keys, _blobs(rng, h, w, k)
+
+
+def _write_gt(folder: Path, i: int, shape: Sequence[int], seed: int) -> None:
+    from PIL import Image
+
+    keys, truth = _truth(i, shape, seed)
     fg = truth.max(axis=0)
     gt = np.where(fg > 0.5, (keys + 1)[np.argmax(truth, axis=0)], 0).astype(np.uint8)
     gt[(fg > 0.42) & (fg < 0.5)] = 255  # the VOC void band around objects
-    Image.fromarray(gt).save(folder / "gt" / f"{i:06d}.png")
-    for s in range(N_SETS):
-        shift = rng.normal(0, 0.03 * (s + 1), (k, 1, 1))
-        cam = truth * (0.7 + 0.3 * rng.random((k, 1, 1))) + shift + 0.08 * (s + 1) * rng.random((k, h, w))
-        cam = np.clip(cam, 0, None)
-        cam /= np.maximum(cam.reshape(k, -1).max(axis=1)[:, None, None], 1e-6)
-        hr = (np.rint(cam * 255.0) / 255.0).astype(np.float32)  # on the uint8 grid (see the notes)
-        np.save(folder / f"set{s}" / f"{i:06d}.npy", {"keys": keys, "cam": hr[:, ::4, ::4], "high_res": hr})
+    Image.fromarray(gt).save(folder / f"{i:06d}.png")
 
 
-def make_data(n: int, max_side: int, seed: int = 14, workers: int = 1) -> Path:
-    """Write (or reuse) the ground truth and the 4 CAM folders; returns the root."""
+def _write_cam(folder: Path, i: int, shape: Sequence[int], seed: int, s: int) -> int:
+    """Set ``s``'s CAM file of image ``i`` (its own random stream); returns its size in bytes."""
+    keys, truth = _truth(i, shape, seed)
+    k, h, w = truth.shape
+    rng = np.random.default_rng([seed, i, 1 + s])
+    shift = rng.normal(0, 0.03 * (s + 1), (k, 1, 1))
+    cam = truth * (0.7 + 0.3 * rng.random((k, 1, 1))) + shift + 0.08 * (s + 1) * rng.random((k, h, w))
+    cam = np.clip(cam, 0, None)
+    cam /= np.maximum(cam.reshape(k, -1).max(axis=1)[:, None, None], 1e-6)
+    hr = (np.rint(cam * 255.0) / 255.0).astype(np.float32)  # on the uint8 grid (see the notes)
+    path = folder / f"{i:06d}.npy"
+    np.save(path, {"keys": keys, "cam": hr[:, ::4, ::4], "high_res": hr})
+    return path.stat().st_size
+
+
+def make_gt(n: int, max_side: int, seed: int = 14, workers: int = 1) -> Path:
+    """Write (or reuse) the ground-truth PNGs; returns the root (the CAM sets go into ``root/set<s>``)."""
     root = tmp_dir() / f"cams-{n}-{max_side}-{seed}"
     if (root / ".complete").exists():
+        for old in root.glob("set*"):  # CAM sets left by an interrupted run (or an older version)
+            shutil.rmtree(old, ignore_errors=True)
         return root
     shutil.rmtree(root, ignore_errors=True)
-    for sub in ["gt"] + [f"set{s}" for s in range(N_SETS)]:
-        (root / sub).mkdir(parents=True)
+    (root / "gt").mkdir(parents=True)
     shapes = synth_shapes(n, max_side, seed)
     with ProcessPoolExecutor(max(1, workers)) as ex:
-        list(ex.map(_write_image, [root] * n, range(n), shapes, [seed] * n, chunksize=16))
+        list(ex.map(_write_gt, [root / "gt"] * n, range(n), shapes, [seed] * n, chunksize=16))
     (root / ".complete").write_text("ok\n")
     return root
+
+
+def write_set(root: Path, s: int, n: int, max_side: int, seed: int = 14, workers: int = 1) -> tuple[Path, int]:
+    """Write CAM set ``s`` fresh into ``root/set<s>``; returns the folder and its bytes."""
+    folder = root / f"set{s}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shapes = synth_shapes(n, max_side, seed)
+    with ProcessPoolExecutor(max(1, workers)) as ex:
+        sizes = list(ex.map(_write_cam, [folder] * n, range(n), shapes, [seed] * n, [s] * n, chunksize=16))
+    return folder, int(sum(sizes))
+
+
+class DiskPeak:
+    """The largest total size of the files under some folders, sampled every ``interval`` s by a thread."""
+
+    def __init__(self, *folders: Path, interval: float = 1.0):
+        import threading
+
+        self.folders = folders
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        total = 0
+        stack = [str(f) for f in self.folders]
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    for e in it:
+                        try:
+                            if e.is_dir(follow_symlinks=False):
+                                stack.append(e.path)
+                            else:
+                                total += e.stat(follow_symlinks=False).st_size
+                        except OSError:  # removed while we looked
+                            pass
+            except OSError:
+                pass
+        self.peak = max(self.peak, total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "DiskPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+# -- the plain file-read speed ----------------------------------------------------------------
+
+
+def _np_load_one(path: str) -> int:
+    """``np.load(allow_pickle=True)`` of one CAM file, as the public scripts load it; returns its bytes."""
+    d = np.load(path, allow_pickle=True).item()
+    return int(sum(np.asarray(v).nbytes for v in d.values()))
+
+
+def np_load_all(paths: Sequence[str], workers: int) -> float:
+    """Wall seconds of loading every file once with ``np.load`` on a pool of ``workers`` processes."""
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers) as ex:
+        for _ in ex.map(_np_load_one, paths, chunksize=16):
+            pass
+    return time.perf_counter() - t0
+
+
+def per_core(paths: Sequence[str], limit: int = 200) -> dict:
+    """One core, the first ``limit`` files: CPU ms an image of ``np.load``, isle's reader and the old one (best of 2).
+
+    The old reader (``read_scores`` + ``quantize_scores``: the full C-class float32 stack, what the
+    dense path built for every file) on the first 50 files only.
+
+    CPU time of this process (``time.process_time``), so other load on a shared machine counts less.
+    """
+    from isle_fast.stores.cam_ingest import read_cam_slots
+
+    paths = list(paths)[:limit]
+    nbytes = sum(os.path.getsize(p) for p in paths)
+    read_cam_slots(paths[0], C)  # compile
+    out = {"files": len(paths), "bytes": nbytes}
+    from isle_fast.stores.formats import read_scores
+    from isle_fast.stores.stack import quantize_scores
+
+    def dense(p: str) -> None:  # the dense path's reader: the full C-class float32 stack, quantised
+        quantize_scores(read_scores(p, C), np.uint8)
+
+    dense(paths[0])
+    for name, fn, files in (("np_load", lambda p: np.load(p, allow_pickle=True).item(), paths),
+                            ("read_cam_slots", lambda p: read_cam_slots(p, C), paths),
+                            ("dense_reader", dense, paths[:50])):
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.process_time()
+            for p in files:
+                fn(p)
+            best = min(best, time.process_time() - t0)
+        size = sum(os.path.getsize(p) for p in files)
+        out[name] = {"files": len(files), "ms_per_image": 1e3 * best / len(files), "mb_per_s": size / best / 1e6}
+    return out
 
 
 # -- the public scripts' approach -------------------------------------------------------------
@@ -130,17 +271,14 @@ def _public_one(args: tuple[str, str, tuple[float, ...], int]) -> np.ndarray:
     return out
 
 
-def public_sweep(root: Path, ids: Sequence[str], thresholds: Sequence[float], workers: int) -> np.ndarray:
-    """``(N, T, C, C)`` counts the public way, on a process pool."""
-    out = np.zeros((N_SETS, len(thresholds), C, C), np.int64)
+def public_sweep(folder: Path, gt_folder: Path, ids: Sequence[str], thresholds: Sequence[float],
+                 workers: int) -> np.ndarray:
+    """``(T, C, C)`` counts of one CAM set the public way, on a process pool."""
+    out = np.zeros((len(thresholds), C, C), np.int64)
+    jobs = [(str(folder / f"{i}.npy"), str(gt_folder / f"{i}.png"), tuple(thresholds), C) for i in ids]
     with ProcessPoolExecutor(workers) as ex:
-        for s in range(N_SETS):
-            jobs = [
-                (str(root / f"set{s}" / f"{i}.npy"), str(root / "gt" / f"{i}.png"), tuple(thresholds), C)
-                for i in ids
-            ]
-            for res in ex.map(_public_one, jobs, chunksize=8):
-                out[s] += res
+        for res in ex.map(_public_one, jobs, chunksize=8):
+            out += res
     return out
 
 
@@ -171,63 +309,89 @@ def main(argv: list[str] | None = None) -> int:
     side = args.side or (96 if quick else 500)
     workers = args.workers or os.cpu_count() or 1
     thresholds = parse_thresholds(THRESHOLDS)
-    log(f"cams: writing / reusing {n} images x {N_SETS} CAM sets (max side {side})")
-    root = make_data(n, side, workers=workers)
+    log(f"cams: writing / reusing the ground truth of {n} images (max side {side})")
+    root = make_gt(n, side, workers=workers)
     ids = sorted(f.stem for f in (root / "gt").glob("*.png"))
     work = tmp_dir() / f"cams-out-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     classes = list(VOC_CLASSES)
     steps = []
+    per_set = []
+    peaks = []
+    ref = np.zeros((N_SETS, len(thresholds), C, C), np.int64)
+    ref_wall = ref_cpu = 0.0
+    cam_bytes = 0
+    core: dict = {}
     try:
-        with quiet_progress(), PeakMemory() as pm:
-            gt, wall, cpu = _timed(
-                lambda: ingest_labels(root / "gt", work / "gt.zarr", kind="gt", classes=classes, quiet=True)
-            )
-            steps.append({"step": "ingest gt", "wall_s": wall, "cpu_s": cpu})
-
-            def ingest_all():
-                return [
-                    ingest_scores(
-                        root / f"set{s}",
-                        work / f"set{s}.zarr",
-                        gt=gt,
-                        classes=classes,
-                        allow_pickle=True,
-                        quiet=True,
-                        score_layout=args.layout,
-                    )
-                    for s in range(N_SETS)
-                ]
-
-            stores, wall, cpu = _timed(ingest_all)
-            steps.append({"step": f"ingest {N_SETS} CAM sets", "wall_s": wall, "cpu_s": cpu})
-            sw, wall, cpu = _timed(
-                lambda: sweep_thresholds(stores, gt, thresholds, backend="cpu", progress=False)
-            )
-            steps.append(
-                {"step": f"sweep {len(thresholds)} thresholds, one pass", "wall_s": wall, "cpu_s": cpu}
-            )
-            one, wall1, cpu1 = _timed(
-                lambda: sweep_thresholds(stores, gt, thresholds[:1], backend="cpu", progress=False)
-            )
-            steps.append({"step": "one threshold, same pass", "wall_s": wall1, "cpu_s": cpu1})
-            res, wall, cpu = _timed(
-                lambda: merge(
-                    stores,
-                    gt,
-                    work / "ens.zarr",
-                    bg_threshold=list(thresholds),
-                    backend="cpu",
-                    progress=False,
+        with quiet_progress(), DiskPeak(root, work) as disk:
+            with PeakMemory() as pm:
+                gt, wall, cpu = _timed(
+                    lambda: ingest_labels(root / "gt", work / "gt.zarr", kind="gt", classes=classes, quiet=True)
                 )
-            )
-            steps.append({"step": "merge at each set's best (sweep + merge)", "wall_s": wall, "cpu_s": cpu})
-        ours_peak = pm.peak
+            peaks.append(pm.peak)
+            steps.append({"step": "ingest gt", "wall_s": wall, "cpu_s": cpu})
+            stores = []
+            for s in range(N_SETS):  # one set's CAM files on disk at a time (see the notes)
+                log(f"cams: set {s}: writing {n} CAM files")
+                t0 = time.perf_counter()
+                folder, nbytes = write_set(root, s, n, side, workers=workers)
+                gen_s = time.perf_counter() - t0
+                cam_bytes += nbytes
+                paths = [str(folder / f"{i}.npy") for i in ids]
+                if s == 0:
+                    core = per_core(paths)
+                load_s = np_load_all(paths, workers)
+                log(f"cams: set {s}: isle ingest")
+                with PeakMemory() as pm:
+                    st, wall, cpu = _timed(
+                        lambda: ingest_scores(folder, work / f"set{s}.zarr", gt=gt, classes=classes,
+                                              allow_pickle=True, quiet=True, score_layout=args.layout)
+                    )
+                peaks.append(pm.peak)
+                stores.append(st)
+                log(f"cams: set {s}: the public scripts' approach on {workers} processes")
+                ref[s], rwall, rcpu = _timed(lambda: public_sweep(folder, root / "gt", ids, thresholds, workers))
+                ref_wall += rwall
+                ref_cpu += rcpu
+                disk.sample()
+                shutil.rmtree(folder)
+                per_set.append({
+                    "set": s, "cam_file_bytes": nbytes, "write_files_s": gen_s,
+                    "np_load_s": load_s, "np_load_mb_per_s": nbytes / load_s / 1e6,
+                    "ingest_wall_s": wall, "ingest_cpu_s": cpu, "ingest_mb_per_s": nbytes / wall / 1e6,
+                    "ingest_images_per_s": n / wall, "np_load_images_per_s": n / load_s,
+                    "reference_wall_s": rwall,
+                })
+            steps.append({"step": f"ingest {N_SETS} CAM sets", "wall_s": sum(r["ingest_wall_s"] for r in per_set),
+                          "cpu_s": sum(r["ingest_cpu_s"] for r in per_set)})
+            with PeakMemory() as pm:
+                sw, wall, cpu = _timed(
+                    lambda: sweep_thresholds(stores, gt, thresholds, backend="cpu", progress=False)
+                )
+                steps.append(
+                    {"step": f"sweep {len(thresholds)} thresholds, one pass", "wall_s": wall, "cpu_s": cpu}
+                )
+                one, wall1, cpu1 = _timed(
+                    lambda: sweep_thresholds(stores, gt, thresholds[:1], backend="cpu", progress=False)
+                )
+                steps.append({"step": "one threshold, same pass", "wall_s": wall1, "cpu_s": cpu1})
+                res, wall, cpu = _timed(
+                    lambda: merge(
+                        stores,
+                        gt,
+                        work / "ens.zarr",
+                        bg_threshold=list(thresholds),
+                        backend="cpu",
+                        progress=False,
+                    )
+                )
+                steps.append({"step": "merge at each set's best (sweep + merge)", "wall_s": wall, "cpu_s": cpu})
+            peaks.append(pm.peak)
+        ours_peak = max(peaks)
         layout = {st.name: {"layout": st.score_layout, "stored_bytes": st.stored_bytes()} for st in stores}
-        cam_bytes = sum(f.stat().st_size for k in range(N_SETS) for f in (root / f"set{k}").glob("*.npy"))
-        log(f"cams: the public scripts' approach on {workers} processes")
-        ref, ref_wall, ref_cpu = _timed(lambda: public_sweep(root, ids, thresholds, workers))
+        load_total = sum(r["np_load_s"] for r in per_set)
+        ingest_total = steps[1]["wall_s"]
         equal = bool(
             np.array_equal(sw.counts[..., :C], ref)
             and not sw.counts[..., C].any()
@@ -262,6 +426,21 @@ def main(argv: list[str] | None = None) -> int:
         sizes = ", ".join(f"{k} {v['layout']} {v['stored_bytes'] / 2**20:.1f} MiB" for k, v in layout.items())
         print(f"stores: {sizes} (the CAM files: {cam_bytes / 2**20:.1f} MiB); peak RSS {ours_peak / 2**20:.0f} MiB")
         print(
+            f"CAM ingest: {cam_bytes / ingest_total / 1e6:.0f} MB/s, {N_SETS * n / ingest_total:.1f} images/s; "
+            f"plain np.load loop ({workers} processes): {cam_bytes / load_total / 1e6:.0f} MB/s, "
+            f"{N_SETS * n / load_total:.1f} images/s (ingest = {ingest_total / load_total:.2f}x the load time)"
+        )
+        if core:
+            print(
+                f"per core (CPU time), {core['files']} files: np.load "
+                f"{core['np_load']['ms_per_image']:.2f} ms an image "
+                f"({core['np_load']['mb_per_s']:.0f} MB/s), isle's reader (load + check + quantise) "
+                f"{core['read_cam_slots']['ms_per_image']:.2f} ms ({core['read_cam_slots']['mb_per_s']:.0f} MB/s); "
+                f"the dense path's reader (full C-class stack, quantised; {core['dense_reader']['files']} files) "
+                f"{core['dense_reader']['ms_per_image']:.2f} ms"
+            )
+        print(f"disk: CAM sets on disk one at a time; peak {disk.peak / 2**30:.2f} GiB (files + stores)")
+        print(
             "best thresholds: " + ", ".join(f"{nm} {t:g}" for nm, t in zip(sw.set_names, sw.best_thresholds))
         )
         headline = [
@@ -284,12 +463,22 @@ def main(argv: list[str] | None = None) -> int:
                 "sets": N_SETS,
                 "thresholds": list(thresholds),
                 "workers": workers,
-            "layout": args.layout,
+                "layout": args.layout,
                 "steps": steps,
                 "reference": {"wall_s": ref_wall, "cpu_s_parent": ref_cpu},
                 "peak_rss_bytes": ours_peak,
                 "stores": layout,
                 "cam_file_bytes": cam_bytes,
+                "cam_sets_on_disk": "one at a time: written, read (np.load loop, isle ingest, public approach), "
+                                    "deleted; sweep and merge from the stores",
+                "disk_peak_bytes": disk.peak,
+                "per_set": per_set,
+                "ingest": {"wall_s": ingest_total, "mb_per_s": cam_bytes / ingest_total / 1e6,
+                           "images_per_s": N_SETS * n / ingest_total},
+                "np_load_loop": {"wall_s": load_total, "workers": workers,
+                                 "mb_per_s": cam_bytes / load_total / 1e6,
+                                 "images_per_s": N_SETS * n / load_total},
+                "per_core_read": core,
                 "counts_equal": equal,
                 "best_thresholds": dict(zip(sw.set_names, sw.best_thresholds)),
                 "ensemble_provenance": {

@@ -567,7 +567,8 @@ def ingest_scores(
         slice must be the constant threshold, as for foreground-only CAMs);
         ``dense``: every class slice; ``auto`` (default): sparse where it
         applies (``uint8``, local, constant background), else dense. Readers
-        see the same logical stack either way.
+        see the same logical stack either way. The class-sparse store is
+        written straight from the files (:mod:`isle_fast.stores.cam_ingest`).
 
     Returns
     -------
@@ -617,6 +618,22 @@ def ingest_scores(
     from isle_fast.stores.stack import _default_name
 
     named = replace(plan, name=plan.name or _default_name(str(out)))   # not the temporary's name
+    if score_layout in ("auto", "sparse") and dt == np.uint8 and not is_remote(out):
+        # class-sparse straight from the files (isle_fast/stores/cam_ingest.py); the dense path below
+        # only where the background is not one constant (it then writes dense or fails, as before)
+        from isle_fast.stores.cam_ingest import NotSparse, ingest_cam_sparse, read_cam_slots
+
+        def read_slots(it: _Item, hw):
+            return read_cam_slots(it.ref, c, allow_pickle=allow_pickle, bg_threshold=bg_threshold,
+                                  normalize=normalize, expect=hw if ref is not None else None, upsample=upsample,
+                                  cam_layout=cam_layout, labels=present(it))
+
+        try:
+            return ingest_cam_sparse(
+                named, read_slots, plan.header,
+                image_labels=None if labels is None else (lambda ids: (labels.aligned(ids), labels.source)))
+        except NotSparse:
+            pass
     return ingest_layout(lambda dense_out, q: _run(replace(named, out=dense_out, quiet=q)), out,
                          layout=score_layout, score_dtype=score_dtype, overwrite=overwrite, quiet=quiet)
 

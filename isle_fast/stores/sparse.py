@@ -29,10 +29,13 @@ the padding), class ``keys[i, j]`` is slot ``j``, every other class is 0.
 report and train read a sparse store like a dense one; the threshold sweep
 (:mod:`isle_fast.ensemble.sweep`) reads ``cams`` and ``keys`` directly.
 
-A store is made sparse from a dense ``uint8`` score store (:func:`sparsify`)
-when its background slice is one constant inside every image (CAM ingest:
-the threshold); the dense view of the result equals the dense store, bit
-for bit. Both arrays end every chunk in a crc32c and are in the store's chunk
+CAM ingest writes it straight from the CAM files
+(:mod:`isle_fast.stores.cam_ingest`); a dense ``uint8`` score store is made
+sparse by :func:`sparsify` when its background slice is one constant inside
+every image (CAM ingest: the threshold); the dense view of the result equals
+the dense store, bit for bit. Both write through :class:`SparseWriter`
+(keys and background level up front, then whole chunks of slots, by this
+process or by worker tasks). Both arrays end every chunk in a crc32c and are in the store's chunk
 manifest; ``score_layout`` and ``background_level`` are in its identity
 checksum. The keys are checked when the store is opened (ascending, in
 1..C-1, unused slots last), so a damaged ``keys`` chunk is an error, never
@@ -50,7 +53,10 @@ import numpy as np
 
 from isle_fast.errors import InputError, StoreError
 
-__all__ = ["SPARSE", "DENSE", "sparsify", "densify", "check_keys", "SparseView", "BACKGROUND_STORED"]
+__all__ = [
+    "SPARSE", "DENSE", "SparseWriter", "sparse_chunks", "sparsify", "densify", "check_keys", "SparseView",
+    "BACKGROUND_STORED",
+]
 
 SPARSE = "sparse"
 DENSE = "dense"
@@ -320,6 +326,165 @@ def cams_dask(stack: Any) -> Any:
 # -- writing ------------------------------------------------------------------------------------
 
 
+def sparse_chunks(n: int, h_pad: int, w_pad: int, kmax: int) -> tuple[int, int, int, int]:
+    """The chunk shape of a class-sparse ``cams`` array ``(n, h_pad, w_pad, kmax)``.
+
+    The images (and tiles) of a label store's default chunks, so a ground truth ingested with the
+    defaults needs no rechunking, while one chunk stays within 4 x the usual bytes; else the usual
+    chunk bytes with the K slots as the channel axis.
+    """
+    from isle_fast.stores.stack import TARGET_CHUNK_BYTES, default_chunks
+
+    lab = default_chunks(n, h_pad, w_pad)
+    if int(np.prod(lab)) * kmax <= 4 * TARGET_CHUNK_BYTES:
+        return tuple(int(v) for v in lab) + (int(kmax),)  # type: ignore[return-value]
+    return tuple(int(v) for v in default_chunks(n, h_pad, w_pad, kmax, 1))  # type: ignore[return-value]
+
+
+class SparseWriter:
+    """Writes one class-sparse score store, all-or-nothing: the writer of CAM ingest, refine and :func:`sparsify`.
+
+    The slot classes of every image (``keys``) and the background level are given up front; the
+    ``cams`` slots are then written in whole chunks of :attr:`chunk_images` images, here
+    (:meth:`write_block`) or by worker tasks (:attr:`spec` is a picklable
+    :class:`isle_fast.stores.chunkio.ChunkWriteSpec`: ``chunkio.write_block(spec, start, block)``;
+    the chunk folders already exist). Used as a context manager it aborts (removes everything) on
+    an exception; :meth:`commit` records the chunk manifest and moves the store into place.
+
+    Parameters
+    ----------
+    out : path
+        The store to write (local disk only).
+    kind, classes, ids, shapes, name, padded_shape, overwrite :
+        As :func:`isle_fast.stores.stack.create_stack`.
+    keys : (I, K) uint8 array
+        The class of every slot of every image, ascending in 1..C-1, unused slots (0) last
+        (:func:`check_keys`); K >= 1.
+    background : int
+        The stored background score (0..255) of every pixel inside every image.
+    provenance : dict, optional
+        The store's provenance (``tool`` and ``version`` are added).
+    image_labels : (I, C) bool array, optional
+        Stored as :attr:`Stack.image_labels`.
+    score_scale : float
+        Stored units per score (255 for ``uint8`` scores).
+
+    Examples
+    --------
+    >>> import tempfile, os, numpy as np
+    >>> keys = np.array([[3, 0], [1, 2]], np.uint8)
+    >>> out = os.path.join(tempfile.mkdtemp(), "s.zarr")
+    >>> with SparseWriter(out, kind="pseudo", classes=["bg", "a", "b", "c"], ids=["x", "y"],
+    ...                   shapes=[(2, 3), (2, 3)], keys=keys, background=38) as w:
+    ...     w.write_block(0, np.full((2, 2, 3, 2), 7, np.uint8) * (keys[:, None, None, :] > 0))
+    ...     st = w.commit()
+    >>> st.score_layout, st.array[1, 0, 0].tolist()
+    ('sparse', [38, 7, 7, 0])
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        kind: str,
+        classes: Any,
+        ids: Any,
+        shapes: Any,
+        keys: np.ndarray,
+        background: int,
+        name: str | None = None,
+        padded_shape: tuple[int, int] | None = None,
+        provenance: dict | None = None,
+        overwrite: bool = False,
+        image_labels: np.ndarray | None = None,
+        score_scale: float = 255.0,
+    ):
+        from isle_fast.stores.chunkio import prepare_folders, write_spec
+        from isle_fast.stores.stack import WRITE_EVERY_CHUNK, create_stack, default_compressors, is_remote
+
+        if is_remote(out):
+            raise InputError(f"{out}: class-sparse stores are written to local disk only")
+        keys = np.asarray(keys)
+        n = len(ids)
+        if keys.ndim != 2 or keys.shape[0] != n or keys.shape[1] < 1:
+            raise InputError(f"keys of shape {keys.shape} do not fit {n} images (expected ({n}, K), K >= 1)")
+        if keys.size and (keys.dtype.kind not in "iu" or keys.min() < 0 or keys.max() > 255):
+            raise InputError(f"{out}: keys must be class indices 0..255, not {keys.dtype} {keys.min()}..{keys.max()}")
+        try:
+            check_keys(str(out), keys.astype(np.uint8), len(classes))
+        except StoreError as exc:
+            raise InputError(str(exc).replace("; the store is damaged", "")) from None
+        if not 0 <= int(background) <= 255:
+            raise InputError(f"background level {background} is outside 0..255")
+        keys = keys.astype(np.uint8)
+        self.writer = create_stack(out, kind=kind, classes=classes, ids=ids, shapes=shapes, encoding="labels",
+                                   name=name, padded_shape=padded_shape, provenance=provenance,
+                                   overwrite=overwrite)
+        try:
+            g = self.writer.group
+            del g["labels"]
+            _, h_pad, w_pad = (int(v) for v in self.writer.array.shape)
+            kmax = int(keys.shape[1])
+            self.keys = keys
+            self.shape = (n, h_pad, w_pad, kmax)
+            chunks = sparse_chunks(n, h_pad, w_pad, kmax)
+            self.cams = g.create_array("cams", shape=self.shape, chunks=chunks, dtype=np.uint8, fill_value=0,
+                                       compressors=default_compressors("scores")).with_config(WRITE_EVERY_CHUNK)
+            ka = g.create_array("keys", shape=(n, kmax), chunks=(max(n, 1), kmax), dtype=np.uint8,
+                                fill_value=0, compressors=default_compressors()).with_config(WRITE_EVERY_CHUNK)
+            if n:
+                ka[:] = keys
+            if image_labels is not None:
+                from isle_fast.stores.image_labels import IMAGE_LABELS_MEMBER
+
+                labels = np.asarray(image_labels, dtype=bool)
+                la = g.create_array(IMAGE_LABELS_MEMBER, shape=labels.shape, chunks=labels.shape or (1, 1),
+                                    dtype=bool, compressors=default_compressors()).with_config(WRITE_EVERY_CHUNK)
+                la[:] = labels
+            g.attrs.update({"encoding": "scores", "score_scale": score_scale, LAYOUT_ATTR: SPARSE,
+                            BACKGROUND_ATTR: int(background)})
+            self.spec = write_spec(self.cams)
+            prepare_folders(self.spec)
+        except BaseException:
+            self.writer.abort()
+            raise
+
+    @property
+    def chunk_images(self) -> int:
+        """Images per chunk of ``cams``: every block written starts at a multiple of it."""
+        return int(self.spec.chunk_shape[0])
+
+    @property
+    def group(self) -> Any:
+        """The store's Zarr group (for extra members, e.g. :func:`attach_image_labels`)."""
+        return self.writer.group
+
+    def write_block(self, start: int, block: np.ndarray) -> None:
+        """Write images ``start : start + len(block)``: ``(m, H, W, K)`` uint8 slots, padding 0, whole chunks."""
+        from isle_fast.stores.chunkio import write_block
+
+        write_block(self.spec, int(start), np.asarray(block, dtype=np.uint8))
+
+    def set_provenance(self, **items: Any) -> None:
+        """Merge ``items`` into the store's provenance."""
+        self.writer.set_provenance(**items)
+
+    def commit(self) -> Any:
+        """Finish the store (chunk manifest, identity) and move it into place; returns it opened."""
+        return self.writer.commit()
+
+    def abort(self) -> None:
+        """Remove what was written."""
+        self.writer.abort()
+
+    def __enter__(self) -> "SparseWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 def sparsify(
     src: Any,
     out: str | os.PathLike,
@@ -356,14 +521,7 @@ def sparsify(
         ``src`` is not a dense uint8 score store, or its background is not one constant (named image).
     """
     from isle_fast.progress import progress as bar
-    from isle_fast.stores.stack import (
-        TARGET_CHUNK_BYTES,
-        WRITE_EVERY_CHUNK,
-        create_stack,
-        default_chunks,
-        default_compressors,
-        open_stack,
-    )
+    from isle_fast.stores.stack import open_stack
 
     st = src if hasattr(src, "encoding") else open_stack(src)
     if st.encoding != "scores" or st.score_layout != DENSE or np.dtype(st.dtype) != np.uint8:
@@ -396,69 +554,24 @@ def sparsify(
         for i in range(n):
             cls = np.flatnonzero(present[i])
             keys[i, : cls.size] = cls
-        writer = create_stack(
+        with SparseWriter(
             out,
             kind=st.kind,
             classes=st.classes,
             ids=st.ids,
             shapes=st.shapes,
-            encoding="labels",
+            keys=keys,
+            background=int(background or 0),
             name=name or st.name,
             padded_shape=st.padded_shape,
             provenance=provenance
             if provenance is not None
             else {**st.provenance, "class_sparse_of": st.path},
             overwrite=overwrite,
-        )
-        try:
-            g = writer.group
-            del g["labels"]
-            # the images (and tiles) of a label store's default chunks, so a ground truth ingested
-            # with the defaults needs no rechunking; one chunk stays within 4 x the usual bytes
-            lab = default_chunks(n, h_pad, w_pad)
-            if int(np.prod(lab)) * kmax <= 4 * TARGET_CHUNK_BYTES:
-                chunks = tuple(lab) + (kmax,)
-            else:
-                chunks = default_chunks(n, h_pad, w_pad, kmax, 1)
-            cams = g.create_array(
-                "cams",
-                shape=(n, h_pad, w_pad, kmax),
-                chunks=chunks,
-                dtype=np.uint8,
-                fill_value=0,
-                compressors=default_compressors("scores"),
-            ).with_config(WRITE_EVERY_CHUNK)
-            ka = g.create_array(
-                "keys",
-                shape=(n, kmax),
-                chunks=(max(n, 1), kmax),
-                dtype=np.uint8,
-                fill_value=0,
-                compressors=default_compressors(),
-            ).with_config(WRITE_EVERY_CHUNK)
-            if n:
-                ka[:] = keys
-            labels = st.image_labels
-            if labels is not None:
-                from isle_fast.stores.image_labels import IMAGE_LABELS_MEMBER
-
-                la = g.create_array(
-                    IMAGE_LABELS_MEMBER,
-                    shape=labels.shape,
-                    chunks=labels.shape or (1, 1),
-                    dtype=bool,
-                    compressors=default_compressors(),
-                ).with_config(WRITE_EVERY_CHUNK)
-                la[:] = labels
-            g.attrs.update(
-                {
-                    "encoding": "scores",
-                    "score_scale": st.score_scale,
-                    LAYOUT_ATTR: SPARSE,
-                    BACKGROUND_ATTR: int(background or 0),
-                }
-            )
-            kc = int(chunks[0])
+            image_labels=st.image_labels,
+            score_scale=st.score_scale,
+        ) as writer:
+            kc = writer.chunk_images
             for i0 in range(0, n, kc):
                 block = np.asarray(arr[i0 : i0 + kc])
                 sl = np.zeros(block.shape[:3] + (kmax,), np.uint8)
@@ -466,12 +579,9 @@ def sparsify(
                     for j, cl in enumerate(keys[i0 + m]):
                         if cl:
                             sl[m, :, :, j] = block[m, :, :, cl]
-                cams[i0 : i0 + block.shape[0]] = sl
+                writer.write_block(i0, sl)
                 pb.update(block.shape[0])
-        except BaseException:
-            writer.abort()
-            raise
-    return writer.commit()
+            return writer.commit()
 
 
 LAYOUTS = ("auto", SPARSE, DENSE)
@@ -482,7 +592,9 @@ def ingest_layout(
 ) -> Any:
     """Write a score ingest as ``layout`` (see ``ingest_scores(score_layout=...)``).
 
-    ``run_dense(path, quiet)`` writes the dense store at ``path`` and returns it. For a
+    CAM ingest takes this path only where the direct one (:mod:`isle_fast.stores.cam_ingest`)
+    found a background that is not one constant. ``run_dense(path, quiet)`` writes the dense
+    store at ``path`` and returns it. For a
     class-sparse result it writes a dense temporary sibling of ``out`` first, converts it
     (:func:`sparsify`) and removes it; ``auto`` keeps the dense store (moved into place)
     where the sparse layout does not apply (float scores, an fsspec URL, a background slice

@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast import metrics
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack, check_aligned
 
 __all__ = ["ESTIMATORS", "Estimate", "estimate", "vote_patterns_pass", "estimate_from_patterns",
@@ -180,7 +180,7 @@ def blend_scores(labelled_iou: Any, class_images: Any, estimated_iou: Any,
 def estimate_from_patterns(patterns: Any, method: str = DEFAULT_ESTIMATOR) -> np.ndarray:
     """``(N, C)`` estimated IoU (percent) by ``method`` (one of :data:`ESTIMATORS`)."""
     if method not in ESTIMATORS:
-        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, not {method!r}")
+        raise InputError(f"{param('method')} must be one of {', '.join(ESTIMATORS)}, not {method!r}")
     fn = {"agreement": agreement_iou, "pairwise": pairwise_iou, "staple": staple_iou}[method]
     return fn(patterns)
 
@@ -378,7 +378,7 @@ def estimate(sets: Sequence[Any], *, method: str = DEFAULT_ESTIMATOR, image_labe
     Estimate
     """
     if method not in ESTIMATORS:
-        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, not {method!r}")
+        raise InputError(f"{param('method')} must be one of {', '.join(ESTIMATORS)}, not {method!r}")
     t0 = time.perf_counter()
     patterns, stacks, _ = vote_patterns_pass(sets, image_labels=image_labels, bg_threshold=bg_threshold,
                                              progress=progress)

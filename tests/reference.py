@@ -34,7 +34,7 @@ __all__ = [
     "densify_sparse",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores", "class_scores",
-    "quantize_scores_u8", "keep_argmax_float", "irn_decode",
+    "quantize_scores_u8", "keep_argmax_float", "irn_decode", "voc_palette",
 ]
 
 
@@ -293,4 +293,20 @@ def class_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str
         out["recall"].append(100.0 * inter / present if present else float("nan"))
     defined = [v for v in out["iou"] if v == v]
     out["miou"] = [sum(defined) / len(defined) if defined else float("nan")]
+    return out
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map, ``(256, 3)`` uint8, written the slow, obvious way (the devkit's bit
+    interleaving: bit ``3j + k`` of the index is bit ``7 - j`` of channel ``k``)."""
+    out = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
     return out

@@ -32,12 +32,11 @@ from isle_fast.stores.parallel import (
     use_pool,
 )
 from isle_fast.stores.stack import open_stack
+from tests import reference
 from tests._pty import isle_on_terminal
 
 REPO = Path(__file__).resolve().parents[1]
-PALETTE = (np.array([[(i >> 0 & 1) << 7 | (i >> 3 & 1) << 6 | (i >> 6 & 1) << 5,
-                      (i >> 1 & 1) << 7 | (i >> 4 & 1) << 6 | (i >> 7 & 1) << 5,
-                      (i >> 2 & 1) << 7 | (i >> 5 & 1) << 6] for i in range(256)], np.uint8).ravel().tolist())
+PALETTE = reference.voc_palette().ravel().tolist()
 
 
 def voc_like(rng: np.random.Generator, h: int, w: int, c: int = 21) -> np.ndarray:

@@ -34,6 +34,7 @@ from PIL import Image
 from isle_fast import cli
 from isle_fast.errors import StoreError
 from isle_fast.stores.stack import VOC_CLASSES, create_stack, open_stack
+from tests import reference
 from tests._pty import isle_on_terminal, on_terminal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,21 +47,7 @@ FEW = settings(max_examples=8, deadline=None,
 # --------------------------------------------------------------------------------------
 # data and helpers
 # --------------------------------------------------------------------------------------
-def _palette() -> list[int]:
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
-PALETTE = _palette()
+PALETTE = reference.voc_palette().ravel().tolist()
 
 
 def save_png(path: Path, labels: np.ndarray) -> None:

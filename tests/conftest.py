@@ -60,3 +60,14 @@ def stack_factory(tmp_path):
 def shared_data() -> Path:
     """``../shared/data`` (:data:`tests._shared.SHARED_DATA`); the test is skipped when it is absent."""
     return _shared.shared_data()
+
+
+@pytest.fixture(scope="session")
+def process_cluster():
+    """One ``dask.distributed`` LocalCluster of 2 worker processes (1 thread each), started once for the
+    tests that only need their tasks to run in other processes; each test opens its own ``Client`` on it
+    (the active scheduler only while it is open). Tests that kill or slow a worker start their own."""
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster

@@ -385,15 +385,14 @@ def test_rerun_after_a_killed_ingest(folder300, tmp_path):
 
 
 @pytest.mark.slow
-def test_ingest_on_an_active_dask_cluster(folder300, tmp_path):
+def test_ingest_on_an_active_dask_cluster(folder300, tmp_path, process_cluster):
     """With a dask.distributed client active, the chunk tasks run on its workers; the store is the same."""
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     from isle_fast.stores import parallel
 
     want = ingest_labels(folder300["good"], tmp_path / "inline.zarr", workers=1, chunks=(25, 500, 500), quiet=True)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with Client(process_cluster) as client:
         with executor_for(12, 2) as ex:
             assert isinstance(ex, parallel.ClusterExecutor)
         got = ingest_labels(folder300["good"], tmp_path / "cluster.zarr", chunks=(25, 500, 500), quiet=True)

@@ -216,11 +216,10 @@ def test_threaded_vs_other_chunkings(data, tmp_path, capsys, chunks):
 
 
 @pytest.mark.slow
-def test_threaded_vs_distributed_process_workers(data, tmp_path):
-    from dask.distributed import Client, LocalCluster
+def test_threaded_vs_distributed_process_workers(data, tmp_path, process_cluster):
+    from dask.distributed import Client
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with Client(process_cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         counts, ens = run_pipeline(data["stores"], tmp_path / "ens.zarr")
     assert np.array_equal(counts, data["counts"])

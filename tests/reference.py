@@ -298,15 +298,8 @@ def class_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str
 
 def voc_palette() -> np.ndarray:
     """The PASCAL VOC colour map, ``(256, 3)`` uint8, written the slow, obvious way (the devkit's bit
-    interleaving: bit ``3j + k`` of the index is bit ``7 - j`` of channel ``k``)."""
-    out = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out[i] = (r, g, b)
-    return out
+    interleaving, as the benchmarks' reference of the public code writes it:
+    :func:`benchmarks.common.voc_palette`)."""
+    from benchmarks.common import voc_palette as flat
+
+    return np.asarray(flat(), dtype=np.uint8).reshape(256, 3)

@@ -353,7 +353,7 @@ def test_demo_quick(tmp_path, capsys):
     from isle_fast.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--images", "6", "--quick", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--images", "6", "--quick", "--skip-train", "--quiet"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
     assert steps[:3] == ["data", "ingest", "info"]

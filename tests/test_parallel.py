@@ -311,8 +311,11 @@ sys.exit(main(sys.argv[1:]))
 
 def _slow_ingest(argv: list[str]) -> subprocess.Popen:
     env = dict(os.environ, ISLE_PROGRESS="0")
+    # Ctrl-C reaches the command as in a shell's foreground job, even when pytest itself runs with SIGINT
+    # ignored (a background job of a non-interactive shell), which the child would inherit
     return subprocess.Popen([sys.executable, "-c", _SLOW_READS, *map(str, argv)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_chunk(out: Path, proc: subprocess.Popen, timeout: float = 60) -> None:

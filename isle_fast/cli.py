@@ -49,6 +49,9 @@ FLAGS = {
     "compress": "--compress-level",
     "subset": "--sets",            # isle run (JobSpec.subset)
     "cache_dir": "--cache",
+    "method": "--estimator",       # isle evaluate / merge (estimate)
+    "thresholds": "--bg-threshold",  # isle evaluate (sweep_thresholds)
+    "reps": "--bootstrap",         # isle evaluate (selection_uncertainty)
 }
 
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 
 MARKER = ".isle-demo"
 
@@ -704,9 +704,10 @@ def _prepare(out: Path, overwrite: bool) -> None:
 
     refuse_unsafe(out)   # never /, home, the working directory or a folder above it
     if check_replaceable_folder(
-            out, overwrite=overwrite, ours=lambda p: (p / MARKER).is_file(), name=f"--out {out}",
-            choose="choose another folder or pass --overwrite to replace an earlier demo there",
-            not_ours=f"was not made by isle demo (no {MARKER}); refusing to delete it even with --overwrite"):
+            out, overwrite=overwrite, ours=lambda p: (p / MARKER).is_file(), name=f"{param('out')} {out}",
+            choose=f"choose another folder or pass {param('overwrite')} to replace an earlier demo there",
+            not_ours=f"was not made by isle demo (no {MARKER}); refusing to delete it even with "
+                     f"{param('overwrite')}"):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by isle demo; --overwrite may replace this folder\n")
@@ -766,11 +767,11 @@ def check_arguments(args: argparse.Namespace) -> tuple[int, list[str]]:
     """
     n = args.images if args.images is not None else (16 if args.quick else 64)
     if n < 2:
-        raise InputError(f"--images must be at least 2 (train and val), got {n}")
+        raise InputError(f"{param('images')} must be at least 2 (train and val), got {n}")
     if args.train_steps is not None and args.train_steps < 1:
-        raise InputError(f"--train-steps must be at least 1, got {args.train_steps}")
+        raise InputError(f"{param('train_steps')} must be at least 1, got {args.train_steps}")
     if args.train_seeds < 1:
-        raise InputError(f"--train-seeds must be at least 1, got {args.train_seeds}")
+        raise InputError(f"{param('train_seeds')} must be at least 1, got {args.train_seeds}")
     return n, _parse_refine(args.refine)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-__all__ = ["IsleError", "InputError", "StoreError", "AlignmentError", "param"]
+__all__ = ["IsleError", "InputError", "StoreError", "AlignmentError", "param", "plain"]
 
 _OPEN, _SEP, _CLOSE = "\x1f", "\x1e", "\x1d"
 _PARAM = re.compile(f"{_OPEN}([^{_SEP}{_CLOSE}]*)(?:{_SEP}([^{_SEP}]*){_SEP}([^{_CLOSE}]*))?{_CLOSE}")
@@ -26,7 +26,8 @@ def param(name: str, value: Any = _NO_VALUE) -> str:
 
     In the message a Python caller reads: ``name``, or ``name=<repr(value)>``.
     On the command line (:meth:`IsleError.for_cli`): the flag, ``--name-with-dashes``
-    or the one the CLI maps the name to, and ``--flag value``.
+    or the one the CLI maps the name to, and ``--flag value``; for ``value`` True (a
+    switch such as ``upsample=True``) the flag alone, ``--upsample``.
 
     Examples
     --------
@@ -35,10 +36,28 @@ def param(name: str, value: Any = _NO_VALUE) -> str:
     'average must be one of dataset, image'
     >>> InputError(f"{param('backend', 'gpu')}: no CUDA device").for_cli()
     '--backend gpu: no CUDA device'
+    >>> e = InputError(f"pass {param('upsample', True)} to resize it")
+    >>> str(e), e.for_cli()
+    ('pass upsample=True to resize it', 'pass --upsample to resize it')
     """
     if value is _NO_VALUE:
         return f"{_OPEN}{name}{_CLOSE}"
-    return f"{_OPEN}{name}{_SEP}{value!r}{_SEP}{value}{_CLOSE}"
+    typed = "" if value is True else str(value)
+    return f"{_OPEN}{name}{_SEP}{value!r}{_SEP}{typed}{_CLOSE}"
+
+
+def plain(message: str) -> str:
+    """``message`` as a Python caller reads it: every :func:`param` in it as the parameter's name.
+
+    For a reason kept as text rather than raised (a skipped file's, in a store's provenance or a
+    summary), where no :class:`IsleError` renders it.
+
+    Examples
+    --------
+    >>> plain(f"pass {param('upsample', True)} to resize it")
+    'pass upsample=True to resize it'
+    """
+    return _render(message, None)
 
 
 def _render(template: str, flags: Mapping[str, str] | None) -> str:
@@ -47,7 +66,7 @@ def _render(template: str, flags: Mapping[str, str] | None) -> str:
         if flags is None:
             return name if shown is None else f"{name}={shown}"
         flag = flags.get(name) or "--" + name.replace("_", "-")
-        return flag if typed is None else f"{flag} {typed}"
+        return flag if not typed else f"{flag} {typed}"
 
     return _PARAM.sub(one, template)
 

@@ -171,7 +171,7 @@ class JobSpec:
             raise InputError(f"ground-truth folder {self.gt} does not exist")
         every = self.all_sets()
         if not every:
-            raise InputError("give at least one pseudo-label set (--set NAME=DIR or --cams NAME=DIR)")
+            raise InputError(f"give at least one pseudo-label set ({param('sets')} or {param('cams')}, NAME=DIR)")
         names = [n for n, _, _ in every]
         for n in names:
             if not n or n in ("gt", "images") or "/" in n or n.startswith(".") or n != n.strip():
@@ -253,7 +253,7 @@ def spec_from_root(root: str | os.PathLike, **options: Any) -> JobSpec:
         fields["images"] = r / "JPEGImages"
     fields.update({k: v for k, v in options.items() if v is not None})
     if "out" not in fields:
-        raise InputError("give --out RUN (the run folder)")
+        raise InputError(f"give {param('out')} (the run folder)")
     return JobSpec(**fields)
 
 
@@ -346,7 +346,7 @@ def spec_from_toml(path: str | os.PathLike, **options: Any) -> JobSpec:
     if "gt" not in fields:
         raise InputError(f"job file {p} names no gt folder (gt = \"...\")")
     if "out" not in fields:
-        raise InputError(f"job file {p} names no run folder: add out = \"...\" or give --out")
+        raise InputError(f"job file {p} names no run folder: add out = \"...\" or give {param('out')}")
     try:
         return JobSpec(**fields)
     except TypeError as exc:
@@ -761,7 +761,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
         from isle_fast.refinement.chain import make_chain, parse_params, refine_stack
 
         if images is None:
-            raise InputError(f"refinement {'+'.join(spec.refine)} needs the RGB images: give --images DIR")
+            raise InputError(f"refinement {'+'.join(spec.refine)} needs the RGB images: give {param('images')}")
         chain_record = [{"name": r.name, "params": r.params()} for r in make_chain(spec.refine, spec.params)]
         targets = spec.refine_sets or (list(spec.cams) or list(spec.sets))
         for name in targets:

@@ -432,7 +432,7 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, inputs: It
         if not owned(final):
             what = "folder" if final.is_dir() else "file"
             raise StoreError(f"{given} exists and is a {what} that isle-fast did not write (no isle_format "
-                             f"store, no {MARKER}); refusing to replace it even with --overwrite: move it "
+                             f"store, no {MARKER}); refusing to replace it even with {param('overwrite')}: move it "
                              "away or choose another path")
     return final
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+from tests import _shared
+
 # Hypothesis profiles: "ci" (default) keeps the suite within minutes on 2 cores.
 settings.register_profile("ci", max_examples=40, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -54,16 +56,18 @@ def stack_factory(tmp_path):
     return make
 
 
-#: The project's real data (``../shared/data`` next to the repository; README there). A user's fresh clone
-#: has none, so tests that use it skip cleanly. ``ISLE_SHARED_DATA`` points elsewhere (a git worktree
-#: whose parent folder has no ``shared``).
-SHARED_DATA = Path(os.environ.get("ISLE_SHARED_DATA",
-                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-
-
 @pytest.fixture
 def shared_data() -> Path:
-    """``../shared/data``; the test is skipped when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data {SHARED_DATA} is absent (set ISLE_SHARED_DATA to use another copy)")
-    return SHARED_DATA
+    """``../shared/data`` (:data:`tests._shared.SHARED_DATA`); the test is skipped when it is absent."""
+    return _shared.shared_data()
+
+
+@pytest.fixture(scope="session")
+def process_cluster():
+    """One ``dask.distributed`` LocalCluster of 2 worker processes (1 thread each), started once for the
+    tests that only need their tasks to run in other processes; each test opens its own ``Client`` on it
+    (the active scheduler only while it is open). Tests that kill or slow a worker start their own."""
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster

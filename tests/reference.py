@@ -34,7 +34,7 @@ __all__ = [
     "densify_sparse",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores", "class_scores",
-    "quantize_scores_u8", "keep_argmax_float", "irn_decode",
+    "quantize_scores_u8", "keep_argmax_float", "irn_decode", "voc_palette",
 ]
 
 
@@ -294,3 +294,12 @@ def class_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str
     defined = [v for v in out["iou"] if v == v]
     out["miou"] = [sum(defined) / len(defined) if defined else float("nan")]
     return out
+
+
+def voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map, ``(256, 3)`` uint8, written the slow, obvious way (the devkit's bit
+    interleaving, as the benchmarks' reference of the public code writes it:
+    :func:`benchmarks.common.voc_palette`)."""
+    from benchmarks.common import voc_palette as flat
+
+    return np.asarray(flat(), dtype=np.uint8).reshape(256, 3)

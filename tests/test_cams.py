@@ -11,12 +11,14 @@ the decode comparison is exact (uint8 quantisation is another matter).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from isle_fast import cli
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, plain
 from isle_fast.stores.cams import interpret
 from isle_fast.stores.ingest import ingest_labels, ingest_scores
 
@@ -101,9 +103,9 @@ def test_irn_low_res_torch_cam_upsampled(tmp_path, rng):
     for i, d in files.items():
         np.save(tmp_path / "cam" / f"{i}.npy", {"keys": d["keys"], "cam": d["cam"]})
     # keys [0, 14] with two 'cam' slices: IRN with aeroplane, or PuzzleCAM with a background slice
-    with pytest.raises(InputError, match="2007_000032.*ambiguous.*--cam-layout irn"):
+    with pytest.raises(InputError, match="2007_000032.*ambiguous.*cam_layout='irn'"):
         ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", quiet=True)
-    with pytest.raises(InputError, match="low-resolution 'cam'.*--upsample"):
+    with pytest.raises(InputError, match="low-resolution 'cam'.*upsample=True"):
         ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", cam_layout="irn",
                       quiet=True)
     s = ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", upsample=True,
@@ -240,8 +242,8 @@ def test_seam_dict_with_aeroplane_is_ambiguous_until_told(tmp_path, rng, capsys)
     """Key 0 is aeroplane in SEAM's dicts and background in CRF dicts: refused, naming the layouts."""
     make_gt(tmp_path, SHAPES)
     files = seam_files(tmp_path / "cam", rng, with_aeroplane=True)
-    with pytest.raises(InputError, match=r"2007_000032.*ambiguous.*--cam-layout seam or --cam-layout "
-                                          "psa-crf"):
+    with pytest.raises(InputError, match=r"2007_000032.*ambiguous.*cam_layout='seam' or cam_layout="
+                                          "'psa-crf'"):
         ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", normalize=True,
                       quiet=True)
     assert not (tmp_path / "s.zarr").exists()
@@ -316,8 +318,9 @@ def test_ambiguous_keys_with_cam_only(tmp_path, rng):
     members = {"keys": np.array([0, 5]), "cam": rng.random((2, 6, 6)).astype(np.float32)}
     from isle_fast.stores.cams import BadCam
 
-    with pytest.raises(BadCam, match=r"ambiguous.*--cam-layout irn or --cam-layout puzzlecam"):
+    with pytest.raises(BadCam) as err:
         interpret(members, C)
+    assert re.search(r"ambiguous.*cam_layout='irn' or cam_layout='puzzlecam'", plain(str(err.value)))
     assert interpret(members, C, layout="irn").classes == (1, 6)
     assert interpret(members, C, layout="puzzlecam").classes == (0, 5)
     assert interpret(members, C, labels=[1, 6]).layout == "irn"

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests._pipeline_data import _same_files, _same_store, _scores, make_folders
+from tests._pty import isle_on_terminal
 
 pytestmark = pytest.mark.cluster
 
@@ -278,40 +279,11 @@ def test_a_worker_killed_mid_merge_changes_nothing(slow_cluster, folders, local_
 
 def test_progress_comes_from_the_cluster(cluster, folders, local_run):
     """Under a terminal the bar counts the tasks the cluster's workers finish."""
-    import fcntl
-    import pty
-    import select
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = dict(os.environ, ISLE_PROGRESS="1", PYTHONPATH=str(REPO))
-    env.pop(SCHED_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "isle_fast", "evaluate", "local/a.zarr", "local/b.zarr",
-                             "--gt", "local/gt.zarr", "--scheduler", cluster.address], cwd=folders, env=env,
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-    os.close(slave)
-    out = b""
-    t0 = time.monotonic()
-    try:
-        while time.monotonic() - t0 < 120:
-            r, _, _ = select.select([master], [], [], 0.1)
-            if r:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    chunk = b""
-                if not chunk and proc.poll() is not None:
-                    break
-                out += chunk
-            elif proc.poll() is not None:
-                break
-    finally:
-        _kill_group(proc, signal.SIGKILL)
-        os.close(master)
-    text = out.decode(errors="replace").replace("\r", "\n")
-    assert proc.wait() == 0, text[-2000:]
+    rc, text, _ = isle_on_terminal(["evaluate", "local/a.zarr", "local/b.zarr", "--gt", "local/gt.zarr",
+                                    "--scheduler", cluster.address], cwd=folders, timeout=120,
+                                   env={SCHED_ENV: None})
+    text = text.replace("\r", "\n")
+    assert rc == 0, text[-2000:]
     # the bar counts images (40), moved by the chunk tasks the workers finish (the direct pass, stores
     # chunked alike) or by the scheduler's progress plugin (the Dask graph), e.g.
     # "evaluate:  85%|#####  | 34/40 [00:00<00:00, 204.56img/s]"

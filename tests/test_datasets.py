@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from reference import quantize_scores_u8
 
 from isle_fast.errors import InputError
 from isle_fast.stores.png import read_label_png, voc_palette, write_label_png
@@ -25,27 +24,14 @@ from isle_fast.synthetic.wsss_files import (
     save_cam_npy,
     save_cls_labels,
 )
+from tests import reference
+from tests.reference import quantize_scores_u8
 
 C = len(VOC_CLASSES)
 TINY = dict(size_range=(40, 56), max_objects=3)
 
 
 # ------------------------------------------------------------------------ plain NumPy references
-def ref_palette() -> np.ndarray:
-    """The VOC colour map written the slow, obvious way."""
-    out = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out[i] = (r, g, b)
-    return out
-
-
 def ref_band(labels: np.ndarray, band: int) -> np.ndarray:
     """Pixel by pixel: does a pixel within Chebyshev distance `band` (inside the image) differ?"""
     h, w = labels.shape
@@ -83,7 +69,7 @@ def measured(ds, set_name: str) -> np.ndarray:
 def test_palette_matches_reference_and_voc_colours():
     pal = voc_palette()
     assert pal.shape == (256, 3) and pal.dtype == np.uint8
-    np.testing.assert_array_equal(pal, ref_palette())
+    np.testing.assert_array_equal(pal, reference.voc_palette())
     assert tuple(pal[0]) == (0, 0, 0)
     assert tuple(pal[1]) == (128, 0, 0)      # aeroplane
     assert tuple(pal[15]) == (192, 128, 128)  # person
@@ -367,7 +353,7 @@ def test_demo_quick(tmp_path, capsys):
     from isle_fast.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--images", "6", "--quick", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--images", "6", "--quick", "--skip-train", "--quiet"]) == 0
     summary = json.loads((out / "demo_summary.json").read_text())
     steps = [s["step"] for s in summary["steps"]]
     assert steps[:3] == ["data", "ingest", "info"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import isle_fast as il
-from isle_fast.errors import AlignmentError, InputError, IsleError, StoreError
+from isle_fast.errors import AlignmentError, InputError, IsleError, StoreError, param
 
 
 def test_input_error_is_a_value_error():
@@ -92,3 +92,40 @@ def test_cli_prints_the_flags_of_training_options(tmp_path, capsys):
                      "--workers", "-1"])
     err = capsys.readouterr().err
     assert code == 2 and "error: --workers must be at least 0" in err, err     # the setting is num_workers
+
+
+def _diverge():
+    from isle_fast.training.train import Diverged
+
+    raise Diverged(f"training loss became nan at step 3; lower {param('lr')}")
+
+
+@pytest.mark.parametrize("call, api, flag", [
+    (lambda: il.estimate(["s.zarr"], method="mean"), "method must be one of", "--estimator must be one of"),
+    (lambda: il.sweep_thresholds(["s.zarr"], "gt.zarr", thresholds="0.9:0.1:0.1"),
+     "thresholds: the range '0.9:0.1:0.1' ends", "--bg-threshold: the range '0.9:0.1:0.1' ends"),
+    (lambda: il.merge(["s.zarr"], "gt.zarr", "out.zarr", bg_threshold="0.1:x:0.1"),
+     "bg_threshold: a range is START:STOP:STEP", "--bg-threshold: a range is START:STOP:STEP"),
+    (_diverge, "lower lr", "lower --lr"),
+])
+def test_messages_that_named_a_flag_name_the_parameter(call, api, flag):
+    """Messages that used to name the flag (``--estimator``, ``--bg-threshold``, ``lower --lr``): the API
+    reads the parameter, the command line (:func:`isle_fast.cli.cli_message`) the flag the user typed."""
+    from isle_fast.cli import cli_message
+
+    with pytest.raises(IsleError) as info:
+        call()
+    assert api in str(info.value) and "--" not in str(info.value), str(info.value)
+    assert flag in cli_message(info.value), cli_message(info.value)
+
+
+def test_a_switch_reads_as_name_true_and_as_the_bare_flag():
+    """``param(name, True)``: ``skip_bad=True`` for a Python caller, ``--skip-bad`` on the command line; a
+    reason kept as text (a skipped file's, in the provenance) reads as the API does."""
+    from isle_fast.errors import plain
+    from isle_fast.stores.ingest_engine import _bad_error
+
+    e = _bad_error([("a", "a.png", "not a PNG")])
+    assert str(e) == "a.png: image 'a': not a PNG; nothing was written (skip_bad=True writes the rest)"
+    assert e.for_cli().endswith("nothing was written (--skip-bad writes the rest)")
+    assert plain(e.template) == str(e)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from isle_fast.stores.image_labels import (
 )
 from isle_fast.stores.ingest import ingest_labels
 from isle_fast.stores.stack import VOC_CLASSES, open_stack
+from tests._pty import isle_on_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 C = len(VOC_CLASSES)
@@ -291,35 +288,6 @@ def test_real_labels_absent_from_the_gt_break_nothing(shared_data, tmp_path, cap
 
 
 # ---------------------------------------------------------------- the CLI under a terminal, real size
-def _run_in_pty(argv: list[str], timeout: float = 300) -> tuple[int, str]:
-    """Run ``python -m isle_fast ARGV`` with stdout and stderr on a pseudo-terminal; (exit code, output)."""
-    import fcntl
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    # a real terminal's size (a fresh pty is 0 x 0, where tqdm draws a bar of width 0)
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "isle_fast", *argv], stdout=slave, stderr=slave,
-                            stdin=subprocess.DEVNULL, cwd=REPO, env=dict(os.environ, ISLE_PROGRESS="1"))
-    os.close(slave)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([master], [], [], timeout)
-        if not ready:
-            proc.kill()
-            raise AssertionError(f"isle {' '.join(argv)} produced no output for {timeout} s")
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    return proc.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
-
-
 @pytest.mark.slow
 def test_xml_folder_of_all_voc_images_under_a_terminal(shared_data, tmp_path):
     """12,031 VOC-style XML annotations written from the real cls_labels.npy (with parts and difficult
@@ -336,7 +304,8 @@ def test_xml_folder_of_all_voc_images_under_a_terminal(shared_data, tmp_path):
             for _ in range(1 + int(rng.random() < 0.3)):  # some classes twice, some objects difficult
                 objs.append((name, bool(rng.random() < 0.2), ["head", "hand"] if name == "person" else []))
         (xml / f"{i}.xml").write_text(voc_xml(i, objs))
-    rc, out = _run_in_pty(["ingest", "image-labels", str(xml), "-o", str(tmp_path / "il.zarr")])
+    rc, out, _ = isle_on_terminal(["ingest", "image-labels", xml, "-o", tmp_path / "il.zarr"], size=(24, 100),
+                                  stdin=False)
     assert rc == 0, out
     assert "image labels (xml)" in out and "file/s" in out  # the tqdm bar was drawn on the terminal
     assert "isle ingest: image-level labels" in out and "12,031" in out

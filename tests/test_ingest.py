@@ -333,9 +333,11 @@ def test_scores_low_res_cam_refused_or_upsampled(tmp_path, rng):
     write_gt(tmp_path, {"a": (8, 8)})
     (tmp_path / "cam").mkdir()
     np.save(tmp_path / "cam" / "a.npy", {"keys": np.array([4]), "cam": np.ones((1, 2, 2), np.float32) * 0.5})
-    with pytest.raises(InputError, match=r"a\.npy.*low-resolution 'cam' of 2 x 2.*8 x 8.*--upsample"):
+    with pytest.raises(InputError, match=r"a\.npy.*low-resolution 'cam' of 2 x 2.*8 x 8.*pass upsample=True to "
+                       r"resize") as err:                                       # the API names the parameter
         ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", allow_pickle=True,
                       quiet=True)
+    assert "pass --upsample to resize" in err.value.for_cli() and "--" not in str(err.value)   # the CLI the flag
     s = ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", allow_pickle=True,
                       upsample=True, quiet=True)
     x = s.read_image("a")
@@ -371,7 +373,7 @@ def test_scores_plain_layouts(tmp_path, rng):
 
 @pytest.mark.parametrize("problem,match", [
     ("nan", r"x\.npy.*NaN"),
-    ("range", r"x\.npy.*outside \[0, 1\].*--normalize"),
+    ("range", r"x\.npy.*outside \[0, 1\].*pass normalize=True to max-normalise"),
     ("classes", r"x\.npy.*class count disagrees"),
     ("keys", r"x\.npz.*keys \[20\].*class count disagrees"),
     ("truncated", r"x\.npy.*(corrupt|truncated)"),
@@ -404,6 +406,8 @@ def test_scores_bad_input(tmp_path, rng, problem, match):
     # skip_bad keeps y
     s = ingest_scores(tmp_path / "cam", tmp_path / "s.zarr", gt=tmp_path / "gt.zarr", skip_bad=True, quiet=True)
     assert s.ids == ["y"] and s.provenance["skipped"][0]["id"] == "x"
+    reason = s.provenance["skipped"][0]["reason"]   # kept as text: the parameter's name, no markup
+    assert reason in str(exc.value) and reason.isprintable(), reason
 
 
 def test_scores_normalize(tmp_path, rng):

@@ -276,13 +276,12 @@ def test_task_memory_cap_changes_nothing_but_the_grid(tmp_path, rng, monkeypatch
 
 
 @pytest.mark.slow
-def test_distributed_process_workers(data):
+def test_distributed_process_workers(data, process_cluster):
     """Worker processes: tasks pickle the kernels' backend name and the output Zarr arrays."""
     distributed = pytest.importorskip("distributed")
     root, gt, gt_imgs, sets, imgs = data
     local = merge(sets, gt, str(root / "local"), backend="cpu", progress=False)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0") as cluster, distributed.Client(cluster):
+    with distributed.Client(process_cluster):
         dist = merge([s.path for s in sets], gt.path, str(root / "dist"), backend="cpu", progress=False)
     np.testing.assert_array_equal(dist.evaluation.counts, local.evaluation.counts)
     np.testing.assert_array_equal(np.asarray(dist.stack.array[:]), np.asarray(local.stack.array[:]))

@@ -8,8 +8,6 @@ with progress bars on, a bad file in the middle, a worker killed, Ctrl-C.
 from __future__ import annotations
 
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -34,11 +32,11 @@ from isle_fast.stores.parallel import (
     use_pool,
 )
 from isle_fast.stores.stack import open_stack
+from tests import reference
+from tests._pty import isle_on_terminal
 
 REPO = Path(__file__).resolve().parents[1]
-PALETTE = (np.array([[(i >> 0 & 1) << 7 | (i >> 3 & 1) << 6 | (i >> 6 & 1) << 5,
-                      (i >> 1 & 1) << 7 | (i >> 4 & 1) << 6 | (i >> 7 & 1) << 5,
-                      (i >> 2 & 1) << 7 | (i >> 5 & 1) << 6] for i in range(256)], np.uint8).ravel().tolist())
+PALETTE = reference.voc_palette().ravel().tolist()
 
 
 def voc_like(rng: np.random.Generator, h: int, w: int, c: int = 21) -> np.ndarray:
@@ -267,46 +265,6 @@ def test_ingest_with_gt_store_reads_no_headers(folder300, tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------- the command, as met
-def _run_pty(argv: list[str], timeout: float, env: dict | None = None,
-             on_output=None) -> tuple[int, str, float]:
-    """Run ``isle ARGV`` with stdout and stderr on a pseudo-terminal; (status, output, seconds)."""
-    import fcntl
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))   # a 120-column terminal
-    env = dict(os.environ, ISLE_PROGRESS="1", **(env or {}))
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "isle_fast", *map(str, argv)], cwd=REPO, env=env,
-                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-    os.close(slave)
-    out = b""
-    try:
-        while True:
-            if time.monotonic() - t0 > timeout:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                pytest.fail(f"isle {' '.join(map(str, argv[:2]))} did not exit within {timeout} s; output:\n"
-                            + out.decode(errors="replace")[-2000:])
-            r, _, _ = select.select([master], [], [], 0.1)
-            if r:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    chunk = b""
-                if not chunk and proc.poll() is not None:
-                    break
-                out += chunk
-                if on_output is not None:
-                    on_output(proc, out)
-            elif proc.poll() is not None:
-                break
-    finally:
-        os.close(master)
-    return proc.wait(), out.decode(errors="replace"), time.monotonic() - t0
-
-
 def _children(pid: int) -> list[int]:
     import psutil
 
@@ -319,8 +277,8 @@ def _children(pid: int) -> list[int]:
 def test_cli_bad_file_under_a_terminal_exits_2_promptly(folder300, tmp_path):
     """300 real-size PNGs, one bad, progress bars on a terminal: status 2, the clear error, no hang."""
     out = tmp_path / "s.zarr"
-    rc, text, seconds = _run_pty(["ingest", "labels", folder300["bad"], "--kind", "gt", "-o", out,
-                                  "--workers", "2"], timeout=60)
+    rc, text, _ = isle_on_terminal(["ingest", "labels", folder300["bad"], "--kind", "gt", "-o", out,
+                                    "--workers", "2"], timeout=60)
     assert rc == 2, text
     last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
     assert last.startswith("isle ingest labels: error: ") and "2008_000150.png" in last, text
@@ -329,8 +287,8 @@ def test_cli_bad_file_under_a_terminal_exits_2_promptly(folder300, tmp_path):
 
 
 def test_cli_good_folder_under_a_terminal(folder300, tmp_path):
-    rc, text, _ = _run_pty(["ingest", "labels", folder300["good"], "--kind", "gt", "-o", tmp_path / "s.zarr",
-                            "--workers", "2"], timeout=120)
+    rc, text, _ = isle_on_terminal(["ingest", "labels", folder300["good"], "--kind", "gt", "-o",
+                                    tmp_path / "s.zarr", "--workers", "2"], timeout=120)
     assert rc == 0, text
     assert "ingest labels" in text and "throughput" in text       # the bar, then the summary
     assert open_stack(tmp_path / "s.zarr").num_images == 300
@@ -353,8 +311,11 @@ sys.exit(main(sys.argv[1:]))
 
 def _slow_ingest(argv: list[str]) -> subprocess.Popen:
     env = dict(os.environ, ISLE_PROGRESS="0")
+    # Ctrl-C reaches the command as in a shell's foreground job, even when pytest itself runs with SIGINT
+    # ignored (a background job of a non-interactive shell), which the child would inherit
     return subprocess.Popen([sys.executable, "-c", _SLOW_READS, *map(str, argv)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_chunk(out: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -427,15 +388,14 @@ def test_rerun_after_a_killed_ingest(folder300, tmp_path):
 
 
 @pytest.mark.slow
-def test_ingest_on_an_active_dask_cluster(folder300, tmp_path):
+def test_ingest_on_an_active_dask_cluster(folder300, tmp_path, process_cluster):
     """With a dask.distributed client active, the chunk tasks run on its workers; the store is the same."""
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     from isle_fast.stores import parallel
 
     want = ingest_labels(folder300["good"], tmp_path / "inline.zarr", workers=1, chunks=(25, 500, 500), quiet=True)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with Client(process_cluster) as client:
         with executor_for(12, 2) as ex:
             assert isinstance(ex, parallel.ClusterExecutor)
         got = ingest_labels(folder300["good"], tmp_path / "cluster.zarr", chunks=(25, 500, 500), quiet=True)

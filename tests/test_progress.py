@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
-import pty
 import re
-import select
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests._pty import on_terminal
 from tests.conftest import write_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,30 +95,8 @@ def test_merge_in_a_log_file_writes_lines_in_images(tmp_path):
 
 
 def test_merge_on_a_terminal_shows_one_bar_in_images(tmp_path):
-    master, slave = pty.openpty()
-    # a fresh pty reports 0 columns; a terminal has a size
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen(_merge_argv(tmp_path), stdin=slave, stdout=subprocess.PIPE, stderr=slave,
-                            env=_env(), cwd=ROOT)
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 120)
-            if not ready:
-                break
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(master)
-        proc.stdout.read()
-        rc = proc.wait(timeout=120)
-    text = b"".join(chunks).decode("utf-8", "replace")
+    # stderr on the terminal, stdout not: the bar is drawn on stderr
+    rc, text, _ = on_terminal(_merge_argv(tmp_path), timeout=120, stdout=False, env={"DASK_SCHEDULER": None})
     assert rc == 0, text
     frames = [f for f in text.replace("\n", "\r").split("\r") if f.strip() and "\x1b" not in f[:1]]
     assert frames, text

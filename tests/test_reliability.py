@@ -34,6 +34,8 @@ from PIL import Image
 from isle_fast import cli
 from isle_fast.errors import StoreError
 from isle_fast.stores.stack import VOC_CLASSES, create_stack, open_stack
+from tests import reference
+from tests._pty import isle_on_terminal, on_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 C = len(VOC_CLASSES)
@@ -45,21 +47,7 @@ FEW = settings(max_examples=8, deadline=None,
 # --------------------------------------------------------------------------------------
 # data and helpers
 # --------------------------------------------------------------------------------------
-def _palette() -> list[int]:
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
-PALETTE = _palette()
+PALETTE = reference.voc_palette().ravel().tolist()
 
 
 def save_png(path: Path, labels: np.ndarray) -> None:
@@ -228,11 +216,10 @@ def test_threaded_vs_other_chunkings(data, tmp_path, capsys, chunks):
 
 
 @pytest.mark.slow
-def test_threaded_vs_distributed_process_workers(data, tmp_path):
-    from dask.distributed import Client, LocalCluster
+def test_threaded_vs_distributed_process_workers(data, tmp_path, process_cluster):
+    from dask.distributed import Client
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with Client(process_cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         counts, ens = run_pipeline(data["stores"], tmp_path / "ens.zarr")
     assert np.array_equal(counts, data["counts"])
@@ -1316,53 +1303,11 @@ def test_store_kinds_are_checked(chunked, tmp_path, capsys, case):
     assert not list(tmp_path.iterdir())
 
 
-def run_in_terminal(argv: list, timeout: float = 300) -> tuple[int, str]:
-    """``isle ARGV`` in a subprocess whose stdout and stderr are a pseudo-terminal (progress bars on, as
-    a user sees them); returns (exit status, everything it printed)."""
-    import pty
-    import select
-
-    env = {k: v for k, v in os.environ.items() if k != "ISLE_PROGRESS"}
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the isle command on a 120 x 40 terminal (tqdm draws nothing 0 columns wide)
-        import fcntl
-        import struct
-        import termios
-
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        os.chdir(str(REPO))
-        os.execve(sys.executable, [sys.executable, "-m", "isle_fast", *map(str, argv)], env)
-    chunks, deadline = [], time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"isle {argv[0]} did not finish in {timeout} s")
-    finally:
-        os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode("utf-8", "replace")
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in re.split(r"[\r\n]", text) if ln.strip()]
-    return lines[-1] if lines else ""
-
-
 def test_info_check_under_a_terminal(chunked, tmp_path):
     """``isle info --check`` with its progress bar, on a terminal: exit 0 for a good store; for a damaged one
     every bad chunk is named, the last line is the error, exit 2, no traceback."""
     good = chunked["stores"]["set0"]
-    rc, text = run_in_terminal(["info", "--check", good])
+    rc, text, _ = isle_on_terminal(["info", "--check", good])
     assert rc == 0, text
     assert "check set0" in text and "chunk" in text                 # the bar was drawn
     assert "all 47 chunks good (decoded, crc32c verified, compared with the store's record)" in text
@@ -1370,7 +1315,7 @@ def test_info_check_under_a_terminal(chunked, tmp_path):
     files = _chunk_files(stores["set0"], "labels")
     files[5].unlink()
     files[7].write_bytes(files[7].read_bytes()[:-1])
-    rc, text = run_in_terminal(["info", "--check", stores["set0"]])
+    rc, text, _ = isle_on_terminal(["info", "--check", stores["set0"]])
     assert rc == 2 and "Traceback" not in text, text
     assert "2 of 47 chunks missing or damaged" in text
     for f in (files[5], files[7]):
@@ -1383,7 +1328,7 @@ def test_evaluate_of_a_damaged_store_under_a_terminal(chunked, tmp_path):
     """Progress bars on, on a terminal: the error is the last line, exit 2, no traceback."""
     stores = _copy_target(chunked, tmp_path, "gt")
     _chunk_files(stores["gt"], "labels")[4].unlink()
-    rc, text = run_in_terminal(["evaluate", stores["set0"], stores["set1"], "--gt", stores["gt"]])
+    rc, text, _ = isle_on_terminal(["evaluate", stores["set0"], stores["set1"], "--gt", stores["gt"]])
     assert rc == 2 and "Traceback" not in text, text
     assert "evaluate:" in text                                        # the bar was drawn
     assert re.match(r"isle evaluate: error: .*gt\.zarr: array 'labels', chunk c/\d/\d/\d .* is missing",
@@ -1637,46 +1582,6 @@ def test_out_of_core_bounded_memory(tmp_path):
 # --------------------------------------------------------------------------------------
 # hangs: a bad file among many queued reads, the way a user meets it (a terminal, bars on)
 # --------------------------------------------------------------------------------------
-def run_in_pty(argv: list, timeout: float, cwd: Path | None = None) -> tuple[int | None, str]:
-    """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal (progress bars on, as in a shell).
-
-    Returns (exit status, or None when it was still running after ``timeout`` s and had to be killed;
-    everything it printed).
-    """
-    import pty
-    import select
-
-    env = {k: v for k, v in os.environ.items() if k != "ISLE_PROGRESS"}
-    env.setdefault("TERM", "xterm")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([str(a) for a in argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd or REPO,
-                            env=env, start_new_session=True, close_fds=True)
-    os.close(slave)
-    chunks: list[bytes] = []
-    t0 = time.monotonic()
-    try:
-        while time.monotonic() - t0 < timeout:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            data = b""
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:        # EIO: every process holding the terminal has closed it
-                    data = b""
-                chunks.append(data)
-            if not data and proc.poll() is not None:
-                break
-            if ready and not data:
-                time.sleep(0.05)
-        rc = proc.poll()
-        if rc is None:
-            proc.kill()
-        proc.wait()
-    finally:
-        os.close(master)
-    return rc, b"".join(chunks).decode("utf-8", "replace")
-
-
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -1784,7 +1689,7 @@ def test_ingest_bad_file_among_many_exits_under_a_terminal(big, tmp_path, case):
     and exits 2 within seconds (it used to print the error and then wait forever)."""
     argv, src, out = _hang_argv(big, case, tmp_path)
     before = tree_digest(src, big["gt"])
-    rc, text = run_in_pty([sys.executable, "-m", "isle_fast", *argv], timeout=60)
+    rc, text, _ = isle_on_terminal(argv, timeout=60, size=None, fail_on_timeout=False)
     assert rc is not None, f"isle ingest hung after its error (killed after 60 s): {text[-400:]}"
     assert rc == 2, text[-800:]
     last = _last_line(text)
@@ -1820,7 +1725,8 @@ def test_ingest_function_returns_control_after_a_bad_file(big, tmp_path, case):
     (it used to block in the ``except`` clause, when the failed run's reads were finalised)."""
     argv, src, out = _hang_argv(big, case, tmp_path)
     what = _HANG_CASES[case][0]
-    rc, text = run_in_pty([sys.executable, "-c", _CATCH_AND_GO_ON, what, src, out, big["gt"]], timeout=60)
+    rc, text, _ = on_terminal([sys.executable, "-c", _CATCH_AND_GO_ON, what, src, out, big["gt"]], timeout=60,
+                              size=None, fail_on_timeout=False)
     assert rc is not None, f"the process hung after the caller caught the error: {text[-400:]}"
     assert rc == 0, text[-800:]
     assert "caught:" in text and f"img{BAD_AT:04d}" in text and "carried on" in text

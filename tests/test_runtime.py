@@ -79,7 +79,7 @@ def test_resolve_device_names_the_setting():
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(InputError, match="--device must be auto, cpu or cuda"):
+    with pytest.raises(InputError, match="^device must be auto, cpu or cuda"):
         resolve_device("tpu")
     with pytest.raises(InputError, match="affinity.device must be"):
         resolve_device("tpu", name="affinity.device")

@@ -148,7 +148,7 @@ def test_train_streams_the_ensemble_from_the_bucket(s3, tmp_path):
     local = make_stores(tmp_path, n=8, seed=0, chunk=3)
     remote = make_stores(f"{s3['bucket']}/train", n=8, seed=0, chunk=3)
     _same_store(local[1], remote[1])
-    args = ["--backbone", "resnet18", "--weights", "none", "--head-channels", "16", "--crop", "32",
+    args = ["--backbone", "resnet18_w16", "--weights", "none", "--head-channels", "16", "--crop", "32",
             "--batch-size", "2", "--steps", "2", "--workers", "0", "--seed", "3", "--deterministic", "--quiet"]
     ok(isle(["train", "--images", local[0], "--labels", local[1], "--out", tmp_path / "run-local", *args],
             tmp_path, {}))

@@ -32,7 +32,7 @@ def bg_threshold_spec(text: str) -> float | str:
     try:
         parse_thresholds(t)
     except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--bg-threshold: ")) from None
+        raise argparse.ArgumentTypeError(exc.for_cli().removeprefix("--bg-threshold: ")) from None
     return t
 
 

@@ -56,7 +56,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast import metrics
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack, check_aligned
 
 __all__ = ["ESTIMATORS", "Estimate", "estimate", "vote_patterns_pass", "estimate_from_patterns",
@@ -194,7 +194,7 @@ def combined_iou(patterns: Any) -> np.ndarray:
 def estimate_from_patterns(patterns: Any, method: str = DEFAULT_ESTIMATOR) -> np.ndarray:
     """``(N, C)`` estimated IoU (percent) by ``method`` (one of :data:`ESTIMATORS`)."""
     if method not in ESTIMATORS:
-        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, not {method!r}")
+        raise InputError(f"{param('method')} must be one of {', '.join(ESTIMATORS)}, not {method!r}")
     fn = {"agreement": agreement_iou, "pairwise": pairwise_iou, "staple": staple_iou,
           "combined": combined_iou}[method]
     return fn(patterns)
@@ -393,7 +393,7 @@ def estimate(sets: Sequence[Any], *, method: str = DEFAULT_ESTIMATOR, image_labe
     Estimate
     """
     if method not in ESTIMATORS:
-        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, not {method!r}")
+        raise InputError(f"{param('method')} must be one of {', '.join(ESTIMATORS)}, not {method!r}")
     t0 = time.perf_counter()
     patterns, stacks, _ = vote_patterns_pass(sets, image_labels=image_labels, bg_threshold=bg_threshold,
                                              progress=progress)

@@ -453,7 +453,7 @@ class ChunkCounts:
         from isle_fast.backend import resolve_backend
 
         if average not in AVERAGES:
-            raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+            raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {average!r}")
         self.spec = gt.chunk_spec()
         if self.spec is None:
             raise ValueError(f"{gt.path}: chunks are counted against a local gt in the plain layout only")

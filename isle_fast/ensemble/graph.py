@@ -83,7 +83,7 @@ def open_inputs(sets: Sequence[Any], gt: Any) -> tuple[list[Stack], Stack]:
     gt_stack = _as_stack(gt)
     if gt_stack.kind != "gt":
         raise InputError(f"{param('gt')} {gt_stack.path} is {kind_phrase(gt_stack.kind)}, not ground truth "
-                         "(kind 'gt'; ingest ground truth with --kind gt)")
+                         f"(kind 'gt'; ingest ground truth with {param('kind', 'gt')})")
     if gt_stack.encoding != "labels":
         raise InputError(f"ground truth {gt_stack.path} has encoding {gt_stack.encoding!r}; "
                          "it must be a label store")

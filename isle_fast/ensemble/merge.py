@@ -584,7 +584,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     if frame is not gt_stack and strategy == "image" and image_labels is None:
         have = "no ground truth" if gt_stack is None else f"a ground truth of {gt_stack.num_images} of the " \
             f"{frame.num_images} images"
-        raise InputError(f"--strategy image with {have} needs --image-labels for every image")
+        raise InputError(f"{param('strategy', 'image')} with {have} needs {param('image_labels')} for every image")
     allowed = None
     if image_labels is not None:
         from isle_fast.stores.image_labels import check_not_output, resolve_image_labels

@@ -410,7 +410,7 @@ def _folder_images(folder: Path, ids: Sequence[str], shapes: Sequence[tuple[int,
     for image_id, (h, w) in zip(ids, shapes):
         path = next((folder / f"{image_id}{e}" for e in _RGB_EXTS if (folder / f"{image_id}{e}").is_file()), None)
         if path is None:
-            raise InputError(f"--images {folder}: no {image_id}.jpg / .png for image id {image_id!r}")
+            raise InputError(f"{param('images')} {folder}: no {image_id}.jpg / .png for image id {image_id!r}")
         try:
             with Image.open(path) as im:
                 rgb = np.asarray(im.convert("RGB"))

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from isle_fast import metrics
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 from isle_fast.stores.stack import Stack
 
 __all__ = [
@@ -72,19 +72,19 @@ BEST = "best"
 BEST_GRID: tuple[float, ...] = tuple(round(k / 100, 2) for k in range(101))
 
 
-def _check_one(v: float, text: str) -> float:
+def _check_one(v: float, text: str, name: str = "bg_threshold") -> float:
     if not math.isfinite(v) or not 0.0 <= v <= 1.0:
-        raise InputError(f"--bg-threshold: {text!r} is not a finite number in [0, 1] (a score)")
+        raise InputError(f"{param(name)}: {text!r} is not a finite number in [0, 1] (a score)")
     return v
 
 
-def parse_thresholds(spec: Any) -> tuple[float, ...]:
+def parse_thresholds(spec: Any, name: str = "bg_threshold") -> tuple[float, ...]:
     """A threshold sweep from ``'best'``, ``'A:B:STEP'`` (A to B inclusive), ``'T1,T2,...'`` or a sequence.
 
     Values are [0, 1] scores; a range's values are rounded to 12 decimals
     (``0.05:0.80:0.05`` gives exactly the floats ``0.05, 0.1, 0.15, ...``
     a user would type). ``'best'`` is :data:`BEST_GRID`. Repeats are dropped,
-    the order is ascending.
+    the order is ascending. Messages name the caller's parameter ``name``.
 
     Raises
     ------
@@ -99,22 +99,22 @@ def parse_thresholds(spec: Any) -> tuple[float, ...]:
         if ":" in text:
             parts = text.split(":")
             if len(parts) != 3:
-                raise InputError(f"--bg-threshold: a range is START:STOP:STEP, not {spec!r}")
+                raise InputError(f"{param(name)}: a range is START:STOP:STEP, not {spec!r}")
             try:
                 a, b, step = (float(p) for p in parts)
             except ValueError:
                 raise InputError(
-                    f"--bg-threshold: a range is START:STOP:STEP of numbers, not {spec!r}"
+                    f"{param(name)}: a range is START:STOP:STEP of numbers, not {spec!r}"
                 ) from None
-            _check_one(a, parts[0])
-            _check_one(b, parts[1])
+            _check_one(a, parts[0], name)
+            _check_one(b, parts[1], name)
             if not math.isfinite(step) or step <= 0:
-                raise InputError(f"--bg-threshold: the step of {spec!r} must be a positive number")
+                raise InputError(f"{param(name)}: the step of {spec!r} must be a positive number")
             if b < a:
-                raise InputError(f"--bg-threshold: the range {spec!r} ends before it starts")
+                raise InputError(f"{param(name)}: the range {spec!r} ends before it starts")
             n = int(math.floor((b - a) / step + 1e-9))
             if n > 100_000:
-                raise InputError(f"--bg-threshold: the range {spec!r} has more than 100000 thresholds")
+                raise InputError(f"{param(name)}: the range {spec!r} has more than 100000 thresholds")
             values = [round(a + k * step, 12) for k in range(n + 1)]
         else:
             values = []
@@ -122,20 +122,20 @@ def parse_thresholds(spec: Any) -> tuple[float, ...]:
                 try:
                     values.append(float(p))
                 except ValueError:
-                    raise InputError(f"--bg-threshold: {p.strip()!r} is not a number (in {spec!r})") from None
+                    raise InputError(f"{param(name)}: {p.strip()!r} is not a number (in {spec!r})") from None
             for v, p in zip(values, text.split(",")):
-                _check_one(v, p.strip())
+                _check_one(v, p.strip(), name)
     else:
         values = []
         for v in spec:
             if isinstance(v, bool):
-                raise InputError(f"--bg-threshold: {v!r} is not a threshold")
+                raise InputError(f"{param(name)}: {v!r} is not a threshold")
             try:
-                values.append(_check_one(float(v), str(v)))
+                values.append(_check_one(float(v), str(v), name))
             except (TypeError, ValueError):
-                raise InputError(f"--bg-threshold: {v!r} is not a threshold") from None
+                raise InputError(f"{param(name)}: {v!r} is not a threshold") from None
     if not values:
-        raise InputError("--bg-threshold: the sweep holds no threshold")
+        raise InputError(f"{param(name)}: the sweep holds no threshold")
     return tuple(sorted(set(values)))
 
 
@@ -567,8 +567,8 @@ def sweep_thresholds(
     from isle_fast.ensemble.graph import open_inputs, unique_names
 
     if average not in AVERAGES:
-        raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
-    ts = parse_thresholds(thresholds)
+        raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {average!r}")
+    ts = parse_thresholds(thresholds, "thresholds")
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)

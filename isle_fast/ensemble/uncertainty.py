@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from isle_fast import metrics
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 
 __all__ = ["Uncertainty", "choice_uncertainty", "selection_uncertainty", "SETTLED", "Z_SETTLE", "posterior_scores",
            "contrast_basis"]
@@ -333,7 +333,7 @@ def selection_uncertainty(evaluation: Any, selection: Any = None, *, reps: int =
     if evaluation.image_stats is None:
         raise InputError("the uncertainty needs per-image counts: evaluate(..., per_image=True)")
     if int(reps) < 1:
-        raise InputError(f"--bootstrap must be at least 1 resample, not {reps}")
+        raise InputError(f"{param('reps')} must be at least 1 resample, not {reps}")
     sel = selection if selection is not None else evaluation.select()
     res = choice_uncertainty(evaluation.image_stats, sel.best, sel.members,
                              gt_present=np.asarray(evaluation.gt_pixels) > 0, reps=int(reps), seed=int(seed),

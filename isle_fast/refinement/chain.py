@@ -458,7 +458,7 @@ def make_refinement(name: str, params: Mapping[str, Any] | None = None) -> Refin
         bad = sorted(set(params) - set(known))
         if bad:
             raise InputError(f"refinement {name!r} has no parameter {bad[0]!r} "
-                             f"(--param {name}.{bad[0]}); its parameters: {', '.join(known) or 'none'}")
+                             f"({param('params', f'{name}.{bad[0]}')}); its parameters: {', '.join(known) or 'none'}")
     try:
         obj = factory(**params)
     except InputError:  # (also a ValueError) already names the parameter
@@ -1090,7 +1090,7 @@ def _scheduler(src: Stack, refs: Sequence[Refinement], scheduler: str, client: A
     if sched == "processes" and not all(r.process_safe for r in refs):
         bad = next(r.name for r in refs if not r.process_safe)
         raise InputError(f"refinement {bad!r} cannot run in worker processes here (its model is on a GPU); "
-                         "use --scheduler threads")
+                         f"use {param('scheduler', 'threads')}")
     return sched
 
 

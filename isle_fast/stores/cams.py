@@ -59,6 +59,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from isle_fast.errors import param
+
 __all__ = ["CAM_LAYOUTS", "LAYOUT_CHOICES", "CamSlices", "interpret", "HIGH_RES_KEYS", "LOW_RES_KEYS",
            "PLAIN_KEYS"]
 
@@ -171,9 +173,9 @@ def is_class_dict(members: Mapping) -> bool:
 
 # --------------------------------------------------------------------------- helpers
 def _ambiguous(what: str, options: Sequence[str]) -> BadCam:
-    opts = " or ".join(f"--cam-layout {o}" for o in options)
-    return BadCam(f"is ambiguous: {what}; pick the layout with {opts} (cam_layout=...), or give the "
-                  f"image-level labels (--image-labels) to decide per image")
+    opts = " or ".join(param("cam_layout", o) for o in options)
+    return BadCam(f"is ambiguous: {what}; pick the layout with {opts}, or give the "
+                  f"image-level labels ({param('image_labels')}) to decide per image")
 
 
 def _labels_pick(cands: list[tuple[str, Any, tuple[int, ...]]], labels: frozenset[int] | None):
@@ -239,7 +241,7 @@ def _keyed(entry: str, shape: tuple[int, ...], keys: np.ndarray, c: int, layout:
         n_desc = " or ".join(str(n) for _, n in options)
         if layout == "puzzlecam" and not starts_bg:
             raise BadCam(f"keys {keys.tolist()} do not start with the background key 0, so this is not the "
-                         f"PuzzleCAM layout (--cam-layout puzzlecam)")
+                         f"PuzzleCAM layout ({param('cam_layout', 'puzzlecam')})")
         raise BadCam(f"has {k} keys but its scores have shape {shape} ({n_desc} slices)"
                      + (f" (image is {expect[0]} x {expect[1]})" if expect else "")
                      + "; IRN files hold one slice per key, PuzzleCAM files one slice per key after the "
@@ -320,11 +322,11 @@ def _class_dict(members: Mapping, c: int, layout: str, labels: frozenset[int] | 
         if not forced:
             if layout == "psa-crf" and keys[0] != 0:
                 raise BadCam(f"dict keys {keys.tolist()} have no background key 0, so this is not a PSA / "
-                             f"SEAM CRF output (--cam-layout psa-crf)")
+                             f"SEAM CRF output ({param('cam_layout', 'psa-crf')})")
             if layout in ("irn", "puzzlecam"):
                 raise BadCam(f"is a dict keyed by class index (SEAM / PSA), not the {layout} layout "
                              f"(which has a 'keys' entry)")
-            raise BadCam(errors[0] if errors else f"does not fit --cam-layout {layout}")
+            raise BadCam(errors[0] if errors else f"does not fit {param('cam_layout', layout)}")
         cands = forced
     if not cands:
         raise BadCam(errors[0])

@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from isle_fast.errors import param
 from isle_fast.stores.cams import BadCam, CamSlices, interpret, is_class_dict
 from isle_fast.stores.safe_pickle import UnsafePickle, load_npy_payload
 from isle_fast.stores.stack import IGNORE_INDEX, quantize_scores
@@ -305,8 +306,8 @@ def _load_npy_plain(path: str, mmap: bool = False) -> np.ndarray:
 
 def _refusal(exc: UnsafePickle) -> BadInput:
     return BadInput(f"its pickle {exc}; it was refused without running anything. The CAM and label files of "
-                    f"the public WSSS code (np.save of dicts of arrays) load without --allow-pickle; pass "
-                    f"--allow-pickle (allow_pickle=True) only for a file you trust, to load it with Python's "
+                    f"the public WSSS code (np.save of dicts of arrays) load without {param('allow_pickle')}; "
+                    f"pass {param('allow_pickle', True)} only for a file you trust, to load it with Python's "
                     f"full unpickler, which can run code from the file")
 
 
@@ -460,8 +461,8 @@ def score_header(path: str, num_classes: int, allow_pickle: bool = False,
     sf = _ScoreFile(path, allow_pickle)
     sl = _interpret(sf, num_classes, cam_layout, labels, expect)
     if sl.low_res:
-        raise BadInput("holds only a low-resolution 'cam'; its image size is unknown without the ground "
-                       "truth (give --gt, and --upsample to resize it)")
+        raise BadInput(f"holds only a low-resolution 'cam'; its image size is unknown without the ground "
+                       f"truth (give {param('gt')}, and {param('upsample', True)} to resize it)")
     if is_class_dict(sf.members):
         shape = tuple(np.shape(sf.members[sl.take[0]]))
     else:
@@ -532,7 +533,7 @@ def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_t
             arr = _upsample(arr, expect)
         elif sl.low_res:
             raise BadInput(f"holds only a low-resolution 'cam' of {arr.shape[1]} x {arr.shape[2]} but the "
-                           f"image is {expect[0]} x {expect[1]}; pass --upsample (upsample=True) to resize "
+                           f"image is {expect[0]} x {expect[1]}; pass {param('upsample', True)} to resize "
                            f"it bilinearly, or save the full-resolution 'high_res'")
         else:
             raise BadInput(f"scores are {arr.shape[1]} x {arr.shape[2]} but the image is {expect[0]} x "
@@ -545,8 +546,8 @@ def read_scores(path: str, num_classes: int, *, allow_pickle: bool = False, bg_t
     else:
         lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
         if lo < -SCORE_TOLERANCE or hi > 1 + SCORE_TOLERANCE:
-            raise BadInput(f"scores range over [{lo:.4g}, {hi:.4g}], outside [0, 1]; pass --normalize "
-                           f"(normalize=True) to max-normalise each class slice")
+            raise BadInput(f"scores range over [{lo:.4g}, {hi:.4g}], outside [0, 1]; pass "
+                           f"{param('normalize', True)} to max-normalise each class slice")
         np.clip(arr, 0.0, 1.0, out=arr)
     h, w = arr.shape[1:]
     full = np.zeros((num_classes, h, w), dtype=np.float32)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param, plain
 from isle_fast.progress import summary
 from isle_fast.stores import chunkio, parallel
 from isle_fast.stores.formats import BadInput
@@ -81,7 +81,7 @@ class _Plan:
 def _bad_error(bad: list[tuple[str, str, str]], extra_hint: bool = True) -> InputError:
     i, f, reason = bad[0]
     more = f" ({len(bad) - 1} more problem(s))" if len(bad) > 1 else ""
-    hint = "; nothing was written (--skip-bad / skip_bad=True writes the rest)" if extra_hint else ""
+    hint = f"; nothing was written ({param('skip_bad', True)} writes the rest)" if extra_hint else ""
     return InputError(f"{f}: image {i!r}: {reason}{more}{hint}")
 
 
@@ -235,7 +235,7 @@ def shrink(writer: Any, ids: list[str], shapes: Sequence[tuple[int, int]]) -> No
 def record_skipped(writer: Any, bad: list[tuple[str, str, str]]) -> None:
     """The ``(id, file, reason)`` of the images left out, in the store's provenance (``skipped``)."""
     if bad:
-        writer.set_provenance(skipped=[{"id": i, "file": f, "reason": r} for i, f, r in bad])
+        writer.set_provenance(skipped=[{"id": i, "file": f, "reason": plain(r)} for i, f, r in bad])
 
 
 def nothing_left(out: Any, bad: list[tuple[str, str, str]], what: str) -> InputError:
@@ -258,7 +258,7 @@ def summarize(title: str, stack: Stack, bad: list[tuple[str, str, str]], pixels:
         "store": stack.path,
     }
     for i, f, reason in bad[:10]:
-        rows[f"skipped {i}"] = f"{f}: {reason}"
+        rows[f"skipped {i}"] = f"{f}: {plain(reason)}"
     if len(bad) > 10:
         rows["skipped ..."] = f"{len(bad) - 10} more (see the store's provenance)"
     summary(title, rows, quiet=quiet)

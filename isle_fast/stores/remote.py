@@ -34,7 +34,7 @@ import socket
 import uuid
 from typing import Any
 
-from isle_fast.errors import StoreError
+from isle_fast.errors import StoreError, param
 
 __all__ = ["is_remote", "temp_url", "bucket_problem", "check_bucket", "commit_prefix", "remove_prefix"]
 
@@ -131,7 +131,7 @@ def commit_prefix(work: str, final: str, *, overwrite: bool) -> None:
     if len(rest) == len(objects):
         raise StoreError(f"{work}: no root {head} to commit")
     if fs.exists(froot) and not overwrite:
-        raise StoreError(f"{final} exists; pass overwrite (--overwrite) to replace it")
+        raise StoreError(f"{final} exists; pass {param('overwrite')} to replace it")
     # the marker says "isle is committing here": a prefix left without a zarr.json by an interrupted
     # commit is still the project's to replace (isle_fast.outputs.is_project_store)
     fs.pipe_file(f"{froot}/{mark}", json.dumps({"from": work}).encode())

@@ -52,7 +52,7 @@ import numpy as np
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
 
-from isle_fast.errors import AlignmentError, InputError, IsleError, StoreError
+from isle_fast.errors import AlignmentError, InputError, IsleError, StoreError, param
 from isle_fast.outputs import AllOrNothing
 from isle_fast.stores.chunks import (
     ChunkNames,
@@ -1387,9 +1387,9 @@ def _skip_bad_hint(*stacks: "Stack") -> str:
         except Exception:  # provenance of a damaged or foreign store: no hint
             skipped = None
         if skipped:
-            return (f". {s.path} was ingested with --skip-bad ({len(skipped)} image(s) left out); to score it on "
-                    f"the images it kept, ingest the ground truth aligned with it: isle ingest labels GT_DIR "
-                    f"--kind gt --gt {s.path} -o gt-kept.zarr")
+            return (f". {s.path} was ingested with {param('skip_bad', True)} ({len(skipped)} image(s) left out); "
+                    f"to score it on the images it kept, ingest the ground truth aligned with it: "
+                    f"isle ingest labels GT_DIR --kind gt --gt {s.path} -o gt-kept.zarr")
     return ""
 
 

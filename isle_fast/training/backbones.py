@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from isle_fast.errors import InputError
+from isle_fast.errors import InputError, param
 
 __all__ = ["RESNETS", "NARROW", "load_resnet", "out_channels", "ParameterGroups"]
 
@@ -126,15 +126,15 @@ def load_resnet(name: str = "resnet50", weights: str | os.PathLike | None = None
     if str(weights).lower() == "imagenet":
         if name in NARROW:
             raise InputError(f"{name} has no ImageNet weights (it is a narrow ResNet for training from "
-                             "random weights); use --weights none, a state-dict file, or resnet18/50")
+                             f"random weights); use {param('weights', 'none')}, a state-dict file, or resnet18/50")
         enum = tvm.get_model_weights(name).IMAGENET1K_V1
         try:
             return builder(weights=enum, **kwargs)
         except Exception as exc:  # URLError, OSError, HTTP errors: all mean "no download here"
             raise InputError(
                 f"could not get torchvision's ImageNet weights for {name} ({type(exc).__name__}: {exc}); "
-                "this machine may be offline. Download them elsewhere and pass the file with "
-                "--weights PATH, or use --weights none") from None
+                "this machine may be offline. Download them elsewhere and pass the file's path as "
+                f"{param('weights')}, or use {param('weights', 'none')}") from None
     path = os.fspath(weights)
     if not os.path.isfile(path):
         raise InputError(f"weights file {path} does not exist (use 'none', 'imagenet' or a state-dict path)")

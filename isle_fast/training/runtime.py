@@ -40,7 +40,7 @@ CHECKPOINT_FORMAT = "isle-fast-deeplab"
 
 
 # -- devices --------------------------------------------------------------------------
-def resolve_device(device: str | None = "auto", name: str = "--device") -> torch.device:
+def resolve_device(device: str | None = "auto", name: str = param("device")) -> torch.device:
     """The torch device for ``device``: ``auto`` (or None / empty) is CUDA when available, else CPU.
 
     Parameters

@@ -93,9 +93,13 @@ from isle_fast.training.runtime import (
     write_checkpoint,
 )
 
-__all__ = ["TrainResult", "train", "evaluate_model", "miou_from_confusion"]
+__all__ = ["Diverged", "TrainResult", "train", "evaluate_model", "miou_from_confusion"]
 
 IGNORE = 255
+
+
+class Diverged(IsleError, FloatingPointError):
+    """The training loss became NaN or infinite (a learning rate too high for the data): the user's to fix."""
 
 
 @dataclass
@@ -405,7 +409,7 @@ def _clear_run_folder(run: Path, overwrite: bool) -> None:
                          f"{param('overwrite')} to restart")
     if not (run.is_dir() and (owned(run) or {p.name for p in run.iterdir()} <= set(RUN_FILES))):
         raise StoreError(f"{run} holds files that isle train did not write (no {MARKER}); refusing to "
-                         "restart a run there even with --overwrite: choose another folder")
+                         f"restart a run there even with {param('overwrite')}: choose another folder")
     for name in RUN_FILES:
         if (run / name).exists():
             (run / name).unlink()
@@ -547,7 +551,7 @@ class _Trainer:
         self.sched.step()
         self.step += 1
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"training loss became {step_loss} at step {self.step}; lower --lr")
+            raise Diverged(f"training loss became {step_loss} at step {self.step}; lower {param('lr')}")
         return step_loss, images
 
     def fit(self, stop_after: int | None, quiet: bool, timer: Timer, governor: ThreadGovernor) -> TrainResult:

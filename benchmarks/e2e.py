@@ -1,6 +1,7 @@
 """Folders to folders: ``isle run`` against a plain PIL + NumPy script on a process pool, same run.
 
-``python -m benchmarks.e2e [--quick] [--images N[,N...]] [--sets N] [--repeat K] [--workers W] [--no-save] [--only evaluate]``
+``python -m benchmarks.e2e [--quick] [--images N[,N...]] [--sets N] [--repeat K] [--workers W] [--no-save]
+[--only evaluate]``
 
 The full measurement (the issue's two sizes, on an idle machine; the first run
 also generates and caches the 10,582-image tree, several minutes)::

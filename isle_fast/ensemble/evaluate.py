@@ -396,6 +396,16 @@ def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, 
 
     ``shapes``: the images' regions in the chunk (:func:`tile_shapes`), for the padding-skipping kernel.
     """
+    if shapes is not None and kernel["backend"] == "cpu" and not any(tails):
+        # label sets on the CPU: every chunk decoded into this thread's kept buffers, counted in place
+        # (the kernel skips what lies outside the tile's images: no cut-out copies of edge chunks)
+        from isle_fast.stores.chunkio import read_into, thread_buffer
+
+        k = shape[0]
+        g, *blocks = [read_into(specs[p], block, thread_buffer(("evaluate", p), specs[p].chunk_shape,
+                                                               specs[p].dtype))[:k]
+                      for p in (0, *(1 + m for m in kernel["order"]))]
+        return _confusion_block(g, *blocks, shapes=shapes, **kernel)
     from isle_fast.stores.chunks import read_chunk
 
     g = read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})

@@ -39,6 +39,12 @@ Performance notes
   counted pixel by pixel. Real label maps are mostly large uniform regions,
   so most pixels cost a word compare. Histograms are indexed by raw label
   bytes (rows min(gt, C), 256 columns), so no per-pixel remapping is needed.
+* ``confusion_labels_images`` is the same count over a chunk of padded images,
+  each image's own ``rows x cols`` region only (the padding is never read),
+  the counts of every image folded in the kernel (``per_image``): one call per
+  chunk from the passes' threads. It is one ``prange`` item: compiled as a
+  parallel region, the same loops measured about 2x faster than in a plain
+  ``@njit`` function (Numba 0.68, this machine).
 * ``merge_labels`` works on 64-pixel blocks (8 words), then on words: where
   every set has the same word and its bytes are all < C (or all 255) the word
   is copied; where every set repeats its previous block (word) the previous

@@ -8,6 +8,12 @@ per-chunk ``(N, C, C+1)`` int64 counts are summed with a tree reduction.
 Counts are exact integers, so the result never depends on the chunking, the
 scheduler (threaded, ``dask.distributed``) or the backend (CPU / GPU).
 
+On this machine (stores on local disk, chunked alike) the same tasks run on a
+thread pool without Dask (:func:`local_pass`): each thread decodes the chunks
+into buffers it keeps (:func:`isle_fast.stores.chunkio.read_into`) and label
+sets are counted over every image's own region (``confusion_labels_images``:
+the padding, ignore in the gt, is not read; every image's counts in one call).
+
 Stores may be chunked differently: every set is rechunked to the gt's chunks
 (the class axis of a score set is always one chunk), so a task sees the same
 pixels of every store.

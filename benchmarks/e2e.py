@@ -1,6 +1,7 @@
 """Folders to folders: ``isle run`` against a plain PIL + NumPy script on a process pool, same run.
 
-``python -m benchmarks.e2e [--quick] [--images N[,N...]] [--sets N] [--repeat K] [--workers W] [--no-save]``
+``python -m benchmarks.e2e [--quick] [--images N[,N...]] [--sets N] [--repeat K] [--workers W] [--no-save]
+[--only evaluate]``
 
 The full measurement (the issue's two sizes, on an idle machine; the first run
 also generates and caches the 10,582-image tree, several minutes)::
@@ -645,6 +646,22 @@ def bench_fast_start(data: dict, work: Path, repeat: int) -> dict:
     return out
 
 
+def only_evaluate(data: dict, work: Path, repeat: int, workers: int) -> None:
+    """``--only evaluate``: the stores of one (untimed) ``isle run``, then the evaluate and fast-start sections."""
+    shutil.rmtree(work / "run", ignore_errors=True)
+    _timed(_isle("run", data["root"], "--out", work / "run", "--no-report", "--workers", workers, "-q"))
+    ev = bench_evaluate(data, work, repeat)
+    fs = bench_fast_start(data, work, repeat)
+    load = os.getloadavg()[0]
+    print(f"isle evaluate, {ev['sets']} sets x {ev['images']:,} images, whole process: ours {ev['ours']:.2f} s "
+          f"(runs {', '.join(f'{v:.2f}' for v in ev['runs_ours'])}), Zarr + np.bincount loop {ev['reference']:.2f} s "
+          f"(runs {', '.join(f'{v:.2f}' for v in ev['runs_reference'])}): {ev['speedup']:.2f}x "
+          f"(CPU {ev['cpu_ours']:.2f} s vs {ev['cpu_reference']:.2f} s: {ev['speedup_cpu']:.2f}x); "
+          f"counts equal {ev['counts_equal']}; load average {load:.2f}")
+    print(f"first task of isle evaluate: {fs['local']['first_task']:.3f} s, end {fs['local']['end']:.3f} s "
+          f"(Dask pass {fs['dask']['first_task']:.3f} s / {fs['dask']['end']:.3f} s)")
+
+
 # ================================================================================ main
 def plot(path: Path, jobs: list[dict]) -> Path:
     import matplotlib
@@ -678,7 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes for both sides (default: every core)")
     p.add_argument("--no-save", dest="save", action="store_false",
                    help="print the tables only; do not write e2e.json / e2e.png")
+    p.add_argument("--only", choices=("evaluate",), default=None,
+                   help="run one section only: 'evaluate' makes the stores with one `isle run` (untimed), then "
+                        "times the evaluate section and the fast start (nothing is saved)")
     args = p.parse_args(argv)
+    if args.only:
+        args.save = False
     quick = args.quick
     from isle_fast.stores.parallel import default_workers
 
@@ -701,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             data = make_dataset(n, args.sets, quick, workers)
             results["data"] = {"source": data["source"], "base_files": data["base_files"]}
+            if args.only == "evaluate":
+                only_evaluate(data, work, repeat, workers)
+                continue
             rates = per_core_rates(data["root"] / "SegmentationClass", 60 if quick else 500)
             results.setdefault("per_core_rates", {})[str(n)] = rates
             job = bench_jobs(data, work, repeat, workers, rates)
@@ -732,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
                              cpu_seconds=ev["cpu_ours"], reference_cpu_seconds=ev["cpu_reference"],
                              speedup_cpu=ev["speedup_cpu"], target_met=ev["target_5x"]),
             ]
+        if args.only:
+            return 0
         fs = results["fast_start"]
         headline.append(headline_row("isle evaluate: process start -> first task", fs["local"]["first_task"],
                                      "the Dask pass (DASK_SCHEDULER=threads)", fs["dask"]["first_task"],

@@ -39,6 +39,12 @@ Performance notes
   counted pixel by pixel. Real label maps are mostly large uniform regions,
   so most pixels cost a word compare. Histograms are indexed by raw label
   bytes (rows min(gt, C), 256 columns), so no per-pixel remapping is needed.
+* ``confusion_labels_images`` is the same count over a chunk of padded images,
+  each image's own ``rows x cols`` region only (the padding is never read),
+  the counts of every image folded in the kernel (``per_image``): one call per
+  chunk from the passes' threads. It is one ``prange`` item: compiled as a
+  parallel region, the same loops measured about 2x faster than in a plain
+  ``@njit`` function (Numba 0.68, this machine).
 * ``merge_labels`` works on 64-pixel blocks (8 words), then on words: where
   every set has the same word and its bytes are all < C (or all 255) the word
   is copied; where every set repeats its previous block (word) the previous
@@ -94,7 +100,8 @@ from .checks import (
 
 __all__ = [
     "SCORE", "ORDER", "IGNORE",
-    "confusion_labels", "confusion_scores", "confusion_score_bins", "confusion_score_bins_sparse",
+    "confusion_labels", "confusion_labels_images", "confusion_scores", "confusion_score_bins",
+    "confusion_score_bins_sparse",
     "decode_scores",
     "merge_labels", "merge_scores",
     "subset_confusion_labels", "subset_confusion_scores", "numba_threads",
@@ -144,6 +151,24 @@ def _ld(typingctx, addr, idx, like):
         vt = context.get_value_type(rt)
         p = builder.inttoptr(a, vt.as_pointer())
         return builder.load(builder.gep(p, [i]), align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def _ldb(typingctx, addr, off, like):
+    """The ``type(like)`` value at byte offset ``off`` from integer address ``addr`` (any alignment)."""
+    if not isinstance(addr, types.Integer) or not isinstance(off, types.Integer):
+        return None
+    rt = types.unliteral(like)
+    sig = rt(types.int64, types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        a, i, _ = args
+        vt = context.get_value_type(rt)
+        p = builder.inttoptr(a, context.get_value_type(types.uint8).as_pointer())
+        q = builder.bitcast(builder.gep(p, [i]), vt.as_pointer())
+        return builder.load(q, align=1)
 
     return sig, codegen
 
@@ -327,6 +352,146 @@ def confusion_labels(gt: np.ndarray, sets: Sequence[np.ndarray], num_classes: in
     g = gt.reshape(-1)
     hist = _call(_confusion_labels_kernel, g, _addrs((g,))[0], _addrs(sets), C, _nchunks(g.size))
     return _fold_columns(hist, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# confusion of label maps over the real region of every image (padding skipped)
+# ----------------------------------------------------------------------------------------------
+
+@njit(inline="always", **_JIT1)
+def _count_span(h, off, rowbase, g, gaddr, a, p0, p1):  # pragma: no cover - jitted
+    """Pixels [p0, p1) (byte offsets) of gt against one set: words from p0 (runs added once), then the tail."""
+    nw = (p1 - p0) >> 3
+    if nw > 0:
+        pg = _ldb(gaddr, p0, _I64)
+        ps = _ldb(a, p0, _I64)
+        pj = p0
+        run = 1
+        for i in range(1, nw):
+            q = p0 + 8 * i
+            gw = _ldb(gaddr, q, _I64)
+            sw = _ldb(a, q, _I64)
+            if gw == pg and sw == ps:
+                run += 1
+            else:
+                _add_word(h, off, rowbase, pg, ps, g, a, pj, run)
+                pg = gw
+                ps = sw
+                pj = q
+                run = 1
+        _add_word(h, off, rowbase, pg, ps, g, a, pj, run)
+    for j in range(p0 + 8 * nw, p1):
+        h[off + rowbase[g[j]] + _ld(a, j, _U8)] += 1
+
+
+@njit(**_JIT1)
+def _count_image(h, rowbase, g, gaddr, ptrs, base, rows, cols, W, R):  # pragma: no cover - jitted
+    """One image (rows x cols at byte ``base``, rows ``W`` apart) of gt against every set, into ``h``."""
+    N = ptrs.size
+    if cols == W:               # whole rows: one contiguous span, walked in cache blocks
+        end = base + rows * W
+        b0 = base
+        while b0 < end:
+            b1 = min(end, b0 + _CB * 8)
+            for n in range(N):
+                _count_span(h, n * R, rowbase, g, gaddr, ptrs[n], b0, b1)
+            b0 = b1
+    else:                       # the first ``cols`` pixels of every row
+        for r in range(rows):
+            b0 = base + r * W
+            for n in range(N):
+                _count_span(h, n * R, rowbase, g, gaddr, ptrs[n], b0, b0 + cols)
+
+
+@njit(inline="always", **_JIT1)
+def _fold_into(h, out, N, C, R):  # pragma: no cover - jitted
+    """Add raw histograms ``h`` (N x (C + 1) x 256) into ``out`` (N, C, C + 1) and zero ``h`` again."""
+    for n in range(N):
+        for t in range(C):
+            row = n * R + t * 256
+            for p in range(C):
+                out[n, t, p] += h[row + p]
+            rest = 0
+            for p in range(C, 256):
+                rest += h[row + p]
+            out[n, t, C] += rest
+    h[:] = 0
+
+
+@njit(**_JIT)
+def _confusion_images_kernel(g, gaddr, ptrs, shapes, H, W, C, per_image):  # pragma: no cover - jitted
+    # one prange item: the passes call this from one thread per chunk; compiled as a parallel region it
+    # measured ~2x faster than the same loops in a plain @njit function
+    N = ptrs.size
+    k = shapes.shape[0]
+    R = (C + 1) * 256
+    out = np.zeros((k if per_image else 1, N, C, C + 1), np.int64)
+    rowbase = np.empty(256, np.int64)
+    for v in range(256):
+        rowbase[v] = min(v, C) * 256
+    for t in prange(1):
+        h = np.zeros(N * R, np.int64)   # raw counts (rows min(gt, C), 256 columns), folded per image
+        for m in range(k):
+            rows = shapes[m, 0]
+            cols = shapes[m, 1]
+            base = m * H * W
+            if cols == W:           # whole rows: one contiguous span, walked in cache blocks
+                end = base + rows * W
+                for b0 in range(base, end, _CB * 8):
+                    b1 = min(end, b0 + _CB * 8)
+                    for n in range(N):
+                        _count_span(h, n * R, rowbase, g, gaddr, ptrs[n], b0, b1)
+            else:                   # the first ``cols`` pixels of every row
+                for r in range(rows):
+                    b0 = base + r * W
+                    for n in range(N):
+                        _count_span(h, n * R, rowbase, g, gaddr, ptrs[n], b0, b0 + cols)
+            if per_image:
+                _fold_into(h, out[m], N, C, R)
+        if not per_image:
+            _fold_into(h, out[0], N, C, R)
+    return out
+
+
+def confusion_labels_images(gt: np.ndarray, sets: Sequence[np.ndarray], shapes: np.ndarray, num_classes: int,
+                            per_image: bool = False) -> np.ndarray:
+    """:func:`confusion_labels` of a chunk of padded images, over each image's own region only.
+
+    Image ``m`` is ``gt[m, :rows_m, :cols_m]`` (and the same region of every set):
+    the padding around it is not read. On the calling thread (no parallel region):
+    the passes run one such call per chunk on each of their threads.
+
+    Parameters
+    ----------
+    gt : (k, H, W) uint8
+        Ground truth of ``k`` images padded to ``H x W``; values ``>= num_classes`` are ignored.
+    sets : tuple of N (k, H, W) uint8 arrays
+        Predicted labels; values ``>= num_classes`` are abstentions (column C).
+    shapes : (k, 2) integer array
+        ``(rows, cols)`` of every image, ``0 <= rows <= H``, ``0 <= cols <= W``.
+    num_classes : int
+        C, background included (1..255).
+    per_image : bool
+        Counts of every image instead of their sum.
+
+    Returns
+    -------
+    ndarray of int64, (N, C, C + 1), or (k, N, C, C + 1) with ``per_image``
+        ``out[n, t, p]``: pixels of the images' regions with ``gt == t`` and ``sets[n] == p``.
+    """
+    gt, sets, C = confusion_labels_args(gt, sets, num_classes, host=True)
+    what = "confusion_labels_images"
+    if gt.ndim != 3:
+        raise ValueError(f"{what}: gt must be (images, H, W), not shape {tuple(gt.shape)}")
+    k, H, W = (int(v) for v in gt.shape)
+    sh = np.asarray(shapes)
+    if sh.shape != (k, 2) or sh.dtype.kind not in "iu":
+        raise ValueError(f"{what}: shapes must be a ({k}, 2) integer array, not {sh.dtype} {sh.shape}")
+    sh = np.ascontiguousarray(sh, dtype=np.int64)
+    if k and ((sh < 0).any() or (sh[:, 0] > H).any() or (sh[:, 1] > W).any()):
+        raise ValueError(f"{what}: every (rows, cols) of shapes must lie within the padded {H} x {W}")
+    out = _confusion_images_kernel(gt.reshape(-1), _addrs((gt,))[0], _addrs(sets), sh, H, W, C, bool(per_image))
+    return out if per_image else out[0]
 
 
 # ----------------------------------------------------------------------------------------------

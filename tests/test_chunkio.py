@@ -189,3 +189,106 @@ def test_commit_reads_the_manifest_from_the_files_and_refuses_a_missing_chunk(tm
     with pytest.raises(RuntimeError, match="never written"):
         w.commit()
     w.abort()
+
+
+# -- reading chunks into kept buffers (read_into) ------------------------------------------------
+
+READABLE = ("zstd3", "zstd1+crc32c", "zstd3+crc32c", "crc32c", "raw")   # the layouts of the direct reader
+
+
+def _read_spec(root, arr, name="a"):
+    from isle_fast.stores.chunks import fast_chunk_spec, names_for
+
+    spec = fast_chunk_spec(arr, names_for(str(root), name, arr))
+    assert spec is not None
+    return spec
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), codec=st.sampled_from(READABLE), dtype=st.sampled_from(["uint8", "float16"]),
+       libzstd=st.booleans())
+def test_read_into_equals_decode_chunk(tmp_path_factory, data, codec, dtype, libzstd):
+    """Every chunk (edge chunks, odd shapes) read into a kept buffer equals the chunk decode_chunk reads,
+    with libzstd (ctypes) and with numcodecs; the buffer is reused from chunk to chunk."""
+    from isle_fast.stores import chunkio
+    from isle_fast.stores.chunks import decode_chunk
+
+    n, h, w = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 23)), data.draw(st.integers(1, 23))
+    chunks = (data.draw(st.integers(1, n)), data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    arr = (rng.random((n, h, w)) * 250).astype(dtype)
+    root = tmp_path_factory.mktemp("r")
+    a = zarr.create_array(str(root / "a"), shape=arr.shape, chunks=chunks, dtype=dtype, fill_value=0,
+                          compressors=CODECS[codec]).with_config({"write_empty_chunks": True})
+    a[:] = arr
+    spec = _read_spec(root, zarr.open_array(str(root / "a"), mode="r"))
+    old = chunkio._ZSTD
+    chunkio._ZSTD = None if libzstd else False
+    try:
+        buf = chunkio.thread_buffer(("test", 0), spec.chunk_shape, spec.dtype)
+        for coords in np.ndindex(*[-(-s // c) for s, c in zip(arr.shape, chunks)]):
+            got = chunkio.read_into(spec, coords, buf)
+            assert got is buf
+            assert np.array_equal(got.view(np.uint8), decode_chunk(spec, coords).view(np.uint8))
+        assert chunkio.thread_buffer(("test", 0), spec.chunk_shape, spec.dtype) is buf
+    finally:
+        chunkio._ZSTD = old
+
+
+@pytest.mark.parametrize("libzstd", [True, False])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "swap"])
+def test_read_into_names_a_damaged_or_missing_chunk(tmp_path, monkeypatch, libzstd, damage):
+    """A missing, flipped, cut or swapped chunk is the StoreError decode_chunk raises, naming store and chunk."""
+    from isle_fast.errors import StoreError
+    from isle_fast.stores import chunkio
+    from isle_fast.stores.chunks import decode_chunk, record_manifests
+
+    monkeypatch.setattr(chunkio, "_ZSTD", None if libzstd else False)
+    root = tmp_path / "g"
+    g = zarr.open_group(str(root), mode="w")
+    a = g.create_array("a", shape=(4, 9, 9), chunks=(2, 9, 9), dtype="uint8", fill_value=255,
+                       compressors=CODECS["zstd3+crc32c"], config={"write_empty_chunks": True})
+    a[:] = np.arange(4 * 81).reshape(4, 9, 9) % 7
+    record_manifests(g)
+    spec = _read_spec(root, zarr.open_group(str(root), mode="r")["a"])
+    assert spec.names.crc is not None
+    path = root / "a" / "c" / "1" / "0" / "0"
+    raw = path.read_bytes()
+    if damage == "flip":
+        path.write_bytes(raw[:5] + bytes([raw[5] ^ 1]) + raw[6:])
+    elif damage == "truncate":
+        path.write_bytes(raw[:-7])
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes((root / "a" / "c" / "0" / "0" / "0").read_bytes())
+    buf = np.empty(spec.chunk_shape, np.uint8)
+    with pytest.raises(StoreError) as want:
+        decode_chunk(spec, (1, 0, 0))
+    with pytest.raises(StoreError) as got:
+        chunkio.read_into(spec, (1, 0, 0), buf)
+    assert str(got.value) == str(want.value)
+    assert "chunk c/1/0/0" in str(got.value) and str(root) in str(got.value)
+
+
+def test_read_into_undecodable_and_wrong_buffer(tmp_path, monkeypatch):
+    """A frame that does not decode to the chunk's size is 'damaged' (no crc32c to catch it first); a buffer
+    of the wrong shape, type or layout is a ValueError."""
+    from numcodecs import Zstd
+
+    from isle_fast.errors import StoreError
+    from isle_fast.stores import chunkio
+
+    a = zarr.create_array(str(tmp_path / "a"), shape=(2, 5, 5), chunks=(2, 5, 5), dtype="uint8", fill_value=0,
+                          compressors=CODECS["zstd3"]).with_config({"write_empty_chunks": True})
+    a[:] = 3
+    spec = _read_spec(tmp_path, zarr.open_array(str(tmp_path / "a"), mode="r"))
+    buf = np.empty(spec.chunk_shape, np.uint8)
+    (tmp_path / "a" / "c" / "0" / "0" / "0").write_bytes(Zstd(level=3).encode(np.zeros(49, np.uint8)))
+    for lib in (None, False):
+        monkeypatch.setattr(chunkio, "_ZSTD", lib)
+        with pytest.raises(StoreError, match=r"chunk c/0/0/0 is damaged: it is not a \(2, 5, 5\) \|u1 chunk"):
+            chunkio.read_into(spec, (0, 0, 0), buf)
+    for bad in (np.empty((2, 5, 4), np.uint8), np.empty((2, 5, 5), np.int16), np.empty((5, 5, 2), np.uint8).T):
+        with pytest.raises(ValueError, match="read_into needs a C-contiguous"):
+            chunkio.read_into(spec, (0, 0, 0), bad)

@@ -133,6 +133,65 @@ def test_confusion_labels_chunking_does_not_matter(seed):
     assert np.array_equal(total, cpu.confusion_labels(gt, sets, C))
 
 
+def _padded_case(seed):
+    """k images padded to H x W (padding of any value, not only 255), their (rows, cols), N sets."""
+    rng = np.random.default_rng(seed)
+    C = int(rng.integers(2, 31))
+    N = int(rng.integers(1, 6))
+    k = int(rng.integers(0, 5))
+    H = int(rng.choice([1, 2, 7, 8, 9, 13, 17, 31, 40]))
+    W = int(rng.choice([1, 2, 7, 8, 9, 13, 17, 31, 40, 67]))
+    gt = _label_map(rng, (k, H, W), C, rng.choice([0.0, 0.1, 0.6]))
+    sets = _label_sets(rng, gt, C, N)
+    rows = rng.integers(0, H + 1, k)
+    cols = np.where(rng.random(k) < 0.5, W, rng.integers(0, W + 1, k))    # whole rows often (VOC)
+    rows[rng.random(k) < 0.2] = H
+    return rng, C, N, gt, sets, np.stack([rows, cols], axis=1) if k else np.zeros((0, 2), np.int64)
+
+
+@given(seeds)
+def test_confusion_labels_images_equals_reference(seed):
+    """Per image: the reference on the image's own region; the padding (any values) never counts."""
+    rng, C, N, gt, sets, shapes = _padded_case(seed)
+    per = cpu.confusion_labels_images(gt, sets, shapes.astype(rng.choice([np.int32, np.int64, np.uint16])), C,
+                                      per_image=True)
+    assert per.dtype == np.int64 and per.shape == (gt.shape[0], N, C, C + 1)
+    for m, (r, c) in enumerate(shapes):
+        assert np.array_equal(per[m], ref.confusion_labels(gt[m, :r, :c], [s[m, :r, :c] for s in sets], C))
+    total = cpu.confusion_labels_images(gt, sets, shapes, C)
+    assert total.shape == (N, C, C + 1) and np.array_equal(total, per.sum(axis=0))
+    full = np.tile([gt.shape[1], gt.shape[2]], (gt.shape[0], 1))
+    assert np.array_equal(cpu.confusion_labels_images(gt, sets, full, C), cpu.confusion_labels(gt, sets, C))
+
+
+def test_confusion_labels_images_large_blocks():
+    """Images larger than the kernel's cache block, rows that do not start on a word, a long run."""
+    rng = np.random.default_rng(11)
+    C, N, H, W = 21, 4, 157, 301   # 157 x 301 > 4096 words; row starts at every byte offset
+    gt = _label_map(rng, (3, H, W), C, 0.01, run=700)
+    sets = _label_sets(rng, gt, C, N)
+    shapes = np.array([[H, W], [150, W], [H, 293]])
+    per = cpu.confusion_labels_images(gt, sets, shapes, C, per_image=True)
+    for m, (r, c) in enumerate(shapes):
+        assert np.array_equal(per[m], ref.confusion_labels(gt[m, :r, :c], [s[m, :r, :c] for s in sets], C))
+
+
+def test_confusion_labels_images_validation():
+    g = np.zeros((2, 4, 5), np.uint8)
+    with pytest.raises(ValueError, match=r"shapes must be a \(2, 2\) integer array"):
+        cpu.confusion_labels_images(g, (g,), np.zeros((3, 2), np.int64), 3)
+    with pytest.raises(ValueError, match="integer array"):
+        cpu.confusion_labels_images(g, (g,), np.zeros((2, 2), np.float64), 3)
+    with pytest.raises(ValueError, match="within the padded 4 x 5"):
+        cpu.confusion_labels_images(g, (g,), np.array([[4, 6], [1, 1]]), 3)
+    with pytest.raises(ValueError, match="within the padded"):
+        cpu.confusion_labels_images(g, (g,), np.array([[-1, 2], [1, 1]]), 3)
+    with pytest.raises(ValueError, match=r"\(images, H, W\)"):
+        cpu.confusion_labels_images(g[0], (g[0],), np.zeros((4, 2), np.int64), 3)
+    with pytest.raises(ValueError, match=r"sets\[0\] has shape"):
+        cpu.confusion_labels_images(g, (g[:1],), np.zeros((2, 2), np.int64), 3)
+
+
 @given(seeds)
 def test_confusion_scores_equals_reference(seed):
     _, C, N, gt, sets, thr = _score_case(seed)

@@ -8,6 +8,12 @@ per-chunk ``(N, C, C+1)`` int64 counts are summed with a tree reduction.
 Counts are exact integers, so the result never depends on the chunking, the
 scheduler (threaded, ``dask.distributed``) or the backend (CPU / GPU).
 
+On this machine (stores on local disk, chunked alike) the same tasks run on a
+thread pool without Dask (:func:`local_pass`): each thread decodes the chunks
+into buffers it keeps (:func:`isle_fast.stores.chunkio.read_into`) and label
+sets are counted over every image's own region (``confusion_labels_images``:
+the padding, ignore in the gt, is not read; every image's counts in one call).
+
 Stores may be chunked differently: every set is rechunked to the gt's chunks
 (the class axis of a score set is always one chunk), so a task sees the same
 pixels of every store.
@@ -120,11 +126,30 @@ def _contig(a: Any) -> Any:
 
 # -- the per-chunk task -------------------------------------------------------------------
 
+def tile_shapes(shapes: np.ndarray, start: tuple[int, int, int], size: tuple[int, int, int]) -> np.ndarray:
+    """``(k, 2)`` rows and columns of every image's own region inside the tile at ``start`` of ``size``.
+
+    ``shapes`` are the stack's true ``(height, width)`` of every image; the rest of a
+    padded array is padding, which no count includes.
+    """
+    i0, r0, c0 = (int(v) for v in start)
+    k, th, tw = (int(v) for v in size)
+    sh = np.asarray(shapes[i0:i0 + k], dtype=np.int64)
+    out = np.empty((k, 2), dtype=np.int64)
+    out[:, 0] = np.clip(sh[:, 0] - r0, 0, th)
+    out[:, 1] = np.clip(sh[:, 1] - c0, 0, tw)
+    return out
+
+
 def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: tuple[Group, ...],
-                     order: tuple[int, ...], num_classes: int, per_image: bool) -> np.ndarray:
+                     order: tuple[int, ...], num_classes: int, per_image: bool,
+                     shapes: np.ndarray | None = None) -> np.ndarray:
     """Counts of one chunk: ``(1, 1, 1, N, C, C+1)``, or ``(k, 1, 1, N, C, C+1)`` per image.
 
     Chunks in GPU memory (CuPy) stay there: the GPU kernels count them (:func:`task_kernels`).
+    ``shapes`` (:func:`tile_shapes`, optional): each image's region in the chunk; the CPU
+    kernel of label sets then skips the padding around it (``confusion_labels_images``, the
+    counts of every image in one call). The counts are the same: padding is ignore (255) in gt.
     """
     from isle_fast.backend import task_kernels, to_host
 
@@ -134,8 +159,13 @@ def _confusion_block(gt: np.ndarray, *blocks: np.ndarray, backend: str, groups: 
         gt = _contig(gt)
         n_img = gt.shape[0] if per_image else 1
         out = np.zeros((n_img, 1, 1, n_sets, num_classes, num_classes + 1), dtype=np.int64)
+        images = getattr(K, "confusion_labels_images", None) if shapes is not None and gt.ndim == 3 else None
         for grp in groups:
             arrs = [_contig(by_pos[m]) for m in grp.members]
+            if grp.encoding == "labels" and images is not None:
+                res = images(gt, tuple(arrs), shapes, num_classes, per_image=per_image)
+                out[:, 0, 0, list(grp.members)] = res if per_image else res[None]
+                continue
             for m in range(n_img):
                 g = gt[m:m + 1] if per_image else gt
                 sets = tuple(a[m:m + 1] for a in arrs) if per_image else tuple(arrs)
@@ -367,24 +397,38 @@ def confusion_graph(stacks: Sequence[Stack], gt: Stack, *, backend: str, bg_thre
 # -- the same pass on this machine, without Dask ---------------------------------------------
 
 def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
-                shape: tuple[int, int, int], **kernel: Any) -> np.ndarray:
-    """One gt chunk: read it and the same chunk of every set (direct reader), then count it."""
+                shape: tuple[int, int, int], shapes: np.ndarray | None = None, **kernel: Any) -> np.ndarray:
+    """One gt chunk: read it and the same chunk of every set (direct reader), then count it.
+
+    ``shapes``: the images' regions in the chunk (:func:`tile_shapes`), for the padding-skipping kernel.
+    """
+    if shapes is not None and kernel["backend"] == "cpu" and not any(tails):
+        # label sets on the CPU: every chunk decoded into this thread's kept buffers, counted in place
+        # (the kernel skips what lies outside the tile's images: no cut-out copies of edge chunks)
+        from isle_fast.stores.chunkio import read_into, thread_buffer
+
+        k = shape[0]
+        g, *blocks = [read_into(specs[p], block, thread_buffer(("evaluate", p), specs[p].chunk_shape,
+                                                               specs[p].dtype))[:k]
+                      for p in (0, *(1 + m for m in kernel["order"]))]
+        return _confusion_block(g, *blocks, shapes=shapes, **kernel)
     from isle_fast.stores.chunks import read_chunk
 
     g = read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
     blocks = [read_chunk(specs[1 + m], block_id=block + (0,) * len(tails[m]),
                           block_info={None: {"chunk-shape": shape + tails[m]}}) for m in kernel["order"]]
-    return _confusion_block(g, *blocks, **kernel)
+    return _confusion_block(g, *blocks, shapes=shapes, **kernel)
 
 
 def _local_counts(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, int, int],
-                  shape: tuple[int, int, int], **kernel: Any) -> tuple[np.ndarray, np.ndarray | None]:
+                  shape: tuple[int, int, int], shapes: np.ndarray | None = None,
+                  **kernel: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`_local_task` reduced where it ran: ``(counts (N, C, C+1), per-image stats or None)``.
 
     The chunk's counts are summed in the task, so a cluster worker sends back one small table
     instead of the per-image counts of every image of its chunk.
     """
-    out = _local_task(specs, tails, block, shape, **kernel)
+    out = _local_task(specs, tails, block, shape, shapes, **kernel)
     stats = metrics.intersection_union(out[:, 0, 0]) if kernel["per_image"] else None
     return out.sum(axis=(0, 1, 2)), stats
 
@@ -410,13 +454,15 @@ def local_pass(specs: Sequence[Any], stacks: Sequence[Stack], gt: Stack, *, back
     n, h, w = (int(v) for v in gt.shape)
     k, hc, wc = (int(v) for v in gt.chunks)
     tasks = chunk_tasks(gt)
+    shapes = np.asarray(gt.shapes)
+    jobs = [(b, size, tile_shapes(shapes, (b[0] * k, b[1] * hc, b[2] * wc), size)) for b, size in tasks]
     fn = partial(_local_counts, specs, tails, backend=backend, groups=groups, order=order, num_classes=c,
                  per_image=per_image)
     counts = np.zeros((len(stacks), c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), c, 2), dtype=np.int64) if per_image else None
     with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="evaluate", unit="img", quiet=not progress) as pb:
-        for t, (part, part_stats) in ex.imap(fn, tasks):
+        for t, (part, part_stats) in ex.imap(fn, jobs):
             counts += part
             if stats is not None:
                 i0 = tasks[t][0][0] * k
@@ -466,6 +512,7 @@ class ChunkCounts:
         keep = per_image or average == "image"
         self.stats = np.zeros((gt.num_images, 1, c, 2), dtype=np.int64) if keep else None
         self.pixels = 0
+        self._shapes = np.asarray(gt.shapes)
         self._lock = threading.Lock()
 
     def add(self, start: tuple[int, int, int], labels: np.ndarray) -> None:
@@ -481,7 +528,8 @@ class ChunkCounts:
         g = read_chunk(self.spec, block_id=(i0 // k, r0 // hc, c0 // wc),
                        block_info={None: {"chunk-shape": shape}})
         out = _confusion_block(g, labels, backend=self.backend, groups=(Group("labels", (0,)),), order=(0,),
-                               num_classes=self.gt.num_classes, per_image=self.stats is not None)
+                               num_classes=self.gt.num_classes, per_image=self.stats is not None,
+                               shapes=tile_shapes(self._shapes, start, shape) if len(shape) == 3 else None)
         with self._lock:
             self.counts += out.sum(axis=(0, 1, 2))
             if self.stats is not None:

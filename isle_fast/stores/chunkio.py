@@ -21,6 +21,14 @@ task. Both give the same store, byte for byte where the codecs are ours
 Chunk folders are made up front by :func:`prepare_folders` in the process that
 owns the store: a task never creates folders, so a task still running after
 its store was aborted (removed) fails instead of recreating part of it.
+
+Reading: :func:`read_into` decodes one chunk of a local plain store (a
+:class:`~isle_fast.stores.chunks.ChunkSpec`) into a buffer the caller keeps
+(:func:`thread_buffer`: one per thread and array, reused chunk after chunk), with
+every check of :func:`~isle_fast.stores.chunks.decode_chunk` (present, its crc32c,
+the manifest's, its size) and the same messages. Zstandard frames are decoded by
+``ZSTD_decompressDCtx`` with one decompression context per thread (libzstd through
+ctypes: no context made and freed per chunk, no Python layer), else by numcodecs.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChunkWriteSpec", "write_spec", "prepare_folders", "write_block", "write_chunk", "chunk_path"]
+__all__ = ["ChunkWriteSpec", "write_spec", "prepare_folders", "write_block", "write_chunk", "chunk_path",
+           "read_into", "thread_buffer"]
 
 
 @dataclass(frozen=True)
@@ -220,3 +229,125 @@ def write_block(spec: ChunkWriteSpec, start: int, block: np.ndarray) -> int:
             f.write(data)
         written += len(data)
     return written
+
+
+# -- reading chunks into buffers that are kept ----------------------------------------------
+
+_LOCAL: Any = None          # threading.local: this thread's buffers and zstd context
+_ZSTD: Any = None           # libzstd through ctypes, False when it cannot be had
+
+
+def _tls() -> Any:
+    global _LOCAL
+    if _LOCAL is None:
+        import threading
+
+        _LOCAL = threading.local()
+    return _LOCAL
+
+
+def _libzstd() -> Any:
+    """libzstd (ctypes) with the three functions :func:`_unzstd` calls, or False."""
+    global _ZSTD
+    if _ZSTD is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libzstd.so.1")
+            lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+            lib.ZSTD_createDCtx.argtypes = []
+            lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
+            lib.ZSTD_decompressDCtx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                                ctypes.c_void_p, ctypes.c_size_t]
+            lib.ZSTD_isError.restype = ctypes.c_uint
+            lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+            lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+            lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+            _ZSTD = lib
+        except (OSError, AttributeError):
+            _ZSTD = False
+    return _ZSTD
+
+
+def _unzstd(body: np.ndarray, out: np.ndarray) -> None:
+    """Decode one Zstandard frame into all of ``out`` (C-contiguous); ValueError unless it fills it exactly."""
+    from isle_fast.stores.chunks import zstd_content_size
+
+    lib = _libzstd()
+    if lib is False or zstd_content_size(body) != out.nbytes:
+        from numcodecs import Zstd
+
+        if zstd_content_size(body) == out.nbytes:
+            Zstd().decode(body, out=out)
+            return
+        data = np.frombuffer(Zstd().decode(body), dtype=np.uint8)   # size not in the header: decode, compare
+        if data.size != out.nbytes:
+            raise ValueError(f"{data.size} bytes decoded, not {out.nbytes}")
+        out.reshape(-1).view(np.uint8)[:] = data
+        return
+    tls = _tls()
+    ctx = getattr(tls, "zstd", None)
+    if ctx is None:
+        ctx = tls.zstd = lib.ZSTD_createDCtx()
+        if not ctx:
+            raise MemoryError("ZSTD_createDCtx failed")
+    n = lib.ZSTD_decompressDCtx(ctx, out.ctypes.data, out.nbytes, body.ctypes.data, body.nbytes)
+    if lib.ZSTD_isError(n):
+        raise ValueError(f"Zstandard: {lib.ZSTD_getErrorName(n).decode(errors='replace')}")
+    if n != out.nbytes:
+        raise ValueError(f"{n} bytes decoded, not {out.nbytes}")
+
+
+def thread_buffer(key: Any, shape: tuple, dtype: Any) -> np.ndarray:
+    """This thread's buffer ``key`` of ``shape`` and ``dtype`` (made on first use, then the same array).
+
+    The caller must be done with it before it asks for the same key again on this thread.
+    """
+    tls = _tls()
+    bufs = getattr(tls, "buffers", None)
+    if bufs is None:
+        bufs = tls.buffers = {}
+    dt = np.dtype(dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dt:
+        buf = bufs[key] = np.empty(shape, dtype=dt)
+    return buf
+
+
+def read_into(spec: Any, coords: tuple, out: np.ndarray) -> np.ndarray:
+    """One stored chunk of a local plain array (``spec``: a ChunkSpec), checked, decoded into ``out``.
+
+    ``out`` must be C-contiguous of the chunk's full shape and dtype. Returns ``out``.
+
+    Raises
+    ------
+    StoreError
+        The chunk is missing, fails its checksum or the manifest's, or does not
+        decode to a chunk of this shape and type: the messages of
+        :func:`isle_fast.stores.chunks.decode_chunk` (store, array, chunk, images).
+    """
+    from isle_fast.stores.chunks import verify_crc, verify_tail
+
+    if out.shape != tuple(spec.chunk_shape) or out.dtype != np.dtype(spec.dtype) or not out.flags.c_contiguous:
+        raise ValueError(f"read_into needs a C-contiguous {spec.chunk_shape} {spec.dtype} buffer, "
+                         f"not {out.dtype} {out.shape}")
+    names = spec.names
+    path = os.path.join(spec.folder, *names.key(coords).split("/"))
+    try:
+        with open(path, "rb", buffering=0) as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise names.missing(coords) from None
+    verify_tail(names, coords, raw)
+    body = verify_crc(names, coords, raw) if spec.checksum else np.frombuffer(raw, dtype=np.uint8)
+    try:
+        if spec.compressed:
+            _unzstd(body, out)
+        else:
+            if body.size != out.nbytes:
+                raise ValueError(f"{body.size} bytes, not {out.nbytes}")
+            out.reshape(-1).view(np.uint8)[:] = body
+    except Exception as e:
+        raise names.damaged(coords, f"it is not a {spec.chunk_shape} {spec.dtype} chunk "
+                                    f"({type(e).__name__}: {e})") from None
+    return out

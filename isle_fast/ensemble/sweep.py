@@ -174,16 +174,46 @@ def counts_at_levels(bins: np.ndarray, levels: Sequence[int]) -> np.ndarray:
         raise ValueError(f"bins must have shape (..., C, C, 256), not {bins.shape}")
     if lv.ndim != 1 or (lv.size and (lv.min() < 0 or lv.max() > 255)):
         raise ValueError("levels must be a 1-d sequence of integers in 0..255")
+    return counts_at_bins(bins, lv + 1)
+
+
+def counts_at_bins(bins: np.ndarray, starts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Confusion counts at every threshold from ``(..., C, C, B)`` bins: ``(..., T, C, C + 1)``.
+
+    ``bins[..., t, a, b]``: pixels of gt ``t`` with foreground argmax ``a`` whose max is in bin
+    ``b`` (:func:`level_bins`); at threshold ``k`` such a pixel is predicted ``a`` when
+    ``b >= starts[k]`` and background (0) otherwise (``starts[k] == B``: background everywhere).
+    """
+    bins = np.asarray(bins, dtype=np.int64)
+    st = np.asarray(starts, dtype=np.int64)
+    B = bins.shape[-1]
+    if bins.ndim < 3 or bins.shape[-2] != bins.shape[-3]:
+        raise ValueError(f"bins must have shape (..., C, C, B), not {bins.shape}")
+    if st.ndim != 1 or (st.size and (st.min() < 1 or st.max() > B)):
+        raise ValueError(f"starts must be a 1-d sequence of integers in 1..{B}")
     C = bins.shape[-2]
-    # above[..., t, a, L] = pixels with m > L
-    above = np.cumsum(bins[..., ::-1], axis=-1)[..., ::-1]  # m >= L
-    above = np.concatenate([above[..., 1:], np.zeros(above.shape[:-1] + (1,), np.int64)], axis=-1)
-    sel = np.moveaxis(above[..., lv], -1, -3)  # (..., T, C, C)
+    # above[..., t, a, b] = pixels in bins >= b (b = B: none)
+    above = np.cumsum(bins[..., ::-1], axis=-1)[..., ::-1]
+    above = np.concatenate([above, np.zeros(above.shape[:-1] + (1,), np.int64)], axis=-1)
+    sel = np.moveaxis(above[..., st], -1, -3)  # (..., T, C, C)
     out = np.zeros(sel.shape[:-1] + (C + 1,), np.int64)
     rows = bins.sum(axis=(-1, -2))  # (..., C)
     out[..., 1:C] = sel[..., 1:]
     out[..., 0] = rows[..., None, :] - sel[..., 1:].sum(axis=-1)
     return out
+
+
+def level_bins(levels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The score bins of a sweep's levels: ``(table (256,) uint8, starts (T,) int64)``.
+
+    ``table[m]`` is the number of distinct levels below ``m``, so a pixel with foreground max ``m``
+    is foreground at level ``L`` (``m > L``) exactly when its bin is ``>= starts[k]``, the position
+    of ``L = levels[k]`` among the distinct levels plus one. ``B = distinct levels + 1`` bins.
+    """
+    lv = np.asarray(levels, dtype=np.int64)
+    uniq = np.unique(lv)
+    table = np.searchsorted(uniq, np.arange(256), side="left").astype(np.uint8)
+    return table, np.searchsorted(uniq, lv, side="left").astype(np.int64) + 1
 
 
 # -- the per-chunk task -------------------------------------------------------------------------
@@ -224,8 +254,13 @@ def _sweep_block(
     n_thr: int,
     num_classes: int,
     per_image: bool,
+    shapes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Counts of one chunk at every threshold: ``(1 or k, 1, 1, N, T, C, C+1)``."""
+    """Counts of one chunk at every threshold: ``(1 or k, 1, 1, N, T, C, C+1)``.
+
+    ``shapes`` (local pass): rows and columns of each image inside the chunk; the class-sparse
+    kernel does not read the rest (padding, 255 in the gt, is never counted either way).
+    """
     from isle_fast.backend import task_kernels
     from isle_fast.kernels import cpu
 
@@ -235,6 +270,12 @@ def _sweep_block(
     out = np.zeros((n_img, 1, 1, len(plans), n_thr, C, C + 1), dtype=np.int64)
     it = iter(np.ascontiguousarray(b) for b in blocks)
     arrs = [(next(it), next(it)) if pl.mode == "sparse" else next(it) for pl in plans]  # sparse: (cams, keys)
+    sparse_n = [n for n, pl in enumerate(plans) if pl.mode == "sparse"]
+    if sparse_n:  # every class-sparse set in one decode + count sweep, on the bins of its own levels
+        tables = [level_bins(plans[n].levels) for n in sparse_n]
+        lut = np.zeros((len(sparse_n), 256), np.uint8)
+        for j, (t, _) in enumerate(tables):
+            lut[j] = t
     with task_kernels(backend) as K:
         for m in range(n_img):
             g = gt[m : m + 1] if per_image else gt
@@ -248,11 +289,11 @@ def _sweep_block(
             bins_sets = tuple(p for p, pl in zip(part, plans) if pl.mode == "bins")
             if bins_sets:
                 bins = cpu.confusion_score_bins(g, bins_sets, C)
-            sparse_sets = [p for p, pl in zip(part, plans) if pl.mode == "sparse"]
-            if sparse_sets:
+            if sparse_n:
                 g3 = g.reshape((-1,) + g.shape[-2:])
-                sbins = cpu.confusion_score_bins_sparse(
-                    g3, tuple(p[0] for p in sparse_sets), tuple(p[1] for p in sparse_sets), C
+                sh = None if shapes is None else (shapes[m : m + 1] if per_image else shapes)
+                sbins = cpu.sparse_score_bins(
+                    g3, tuple(part[n][0] for n in sparse_n), tuple(part[n][1] for n in sparse_n), C, lut, sh
                 )
             b = sb = 0
             for n, (a, pl) in enumerate(zip(part, plans)):
@@ -262,7 +303,7 @@ def _sweep_block(
                     out[m, 0, 0, n] = counts_at_levels(bins[b], pl.levels)
                     b += 1
                 elif pl.mode == "sparse":
-                    out[m, 0, 0, n] = counts_at_levels(sbins[sb], pl.levels)
+                    out[m, 0, 0, n] = counts_at_bins(sbins[sb], tables[sb][1])
                     sb += 1
                 else:
                     for k, u in enumerate(pl.units):
@@ -275,11 +316,16 @@ def _local_sweep_task(
     tails: Sequence[tuple],
     keys: Sequence[np.ndarray | None],
     images_per_chunk: int,
+    image_shapes: np.ndarray,
+    tile: tuple[int, int],
     block: tuple[int, int, int],
     shape: tuple[int, int, int],
     **kernel: Any,
 ) -> np.ndarray:
-    """One gt chunk: read it and the same chunk of every set (a class-sparse set: its slots and keys)."""
+    """One gt chunk: read it and the same chunk of every set (a class-sparse set: its slots and keys).
+
+    ``image_shapes`` (I, 2): every image's rows and columns; ``tile``: the chunks' rows and columns.
+    """
     from isle_fast.stores.chunks import read_chunk
 
     g = read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
@@ -296,7 +342,9 @@ def _local_sweep_task(
         km = keys[m]
         if km is not None:
             blocks.append(km[i0 : i0 + shape[0]])
-    return _sweep_block(g, *blocks, **kernel)
+    origin = np.array([block[1] * tile[0], block[2] * tile[1]], np.int64)
+    inside = np.clip(image_shapes[i0 : i0 + shape[0]] - origin, 0, np.array(shape[1:], np.int64))
+    return _sweep_block(g, *blocks, shapes=inside, **kernel)
 
 
 def _local_specs(stacks: Sequence[Stack], gt: Stack, plans: Sequence[_SetPlan]) -> list[Any] | None:
@@ -339,7 +387,7 @@ def _local_sweep(
     keys = [s.sparse_keys if p.mode == "sparse" else None for s, p in zip(stacks, kernel["plans"])]
     tails = [(int(s.cams_meta.shape[3]),) if p.mode == "sparse" else t
              for s, p, t in zip(stacks, kernel["plans"], tails)]
-    fn = partial(_local_sweep_task, specs, tails, keys, k, **kernel)
+    fn = partial(_local_sweep_task, specs, tails, keys, k, np.asarray(gt.shapes, np.int64), (hc, wc), **kernel)
     T = kernel["n_thr"]
     counts = np.zeros((len(stacks), T, c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), T, c, 2), dtype=np.int64) if kernel["per_image"] else None
@@ -357,9 +405,13 @@ def _local_sweep(
 
 
 def _dask_sweep(
-    stacks: Sequence[Stack], gt: Stack, *, progress: bool, **kernel: Any
+    stacks: Sequence[Stack], gt: Stack, *, progress: bool, positions: np.ndarray | None = None, **kernel: Any
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The sweep as a Dask graph (any scheduler, cluster, fsspec store)."""
+    """The sweep as a Dask graph (any scheduler, cluster, fsspec store).
+
+    ``positions`` (a gt of some images, :func:`isle_fast.ensemble.partial.gt_positions`): the sets'
+    images at the gt's ids, in its order, cropped to the common padded shape (as ``evaluate``).
+    """
     import dask
     import dask.array as da
 
@@ -374,7 +426,14 @@ def _dask_sweep(
     if len(sparse) > len(letters):
         raise InputError(f"at most {len(letters)} class-sparse sets in one threshold sweep")
     dense = [n for n in range(len(stacks)) if n not in sparse]
-    g, dense_arrays = aligned_arrays([stacks[n] for n in dense], gt)
+    if positions is None:
+        g, dense_arrays = aligned_arrays([stacks[n] for n in dense], gt)
+    else:
+        from isle_fast.ensemble.partial import subset_arrays
+
+        # (the sets' padded shape comes from the first set: a class-sparse one's dense view is not computed)
+        g, dense_arrays = subset_arrays([stacks[n] for n in dense] or [stacks[0]], gt, positions)
+        dense_arrays = dense_arrays[: len(dense)]
     dense_args = blockwise_args(dense_arrays, [stacks[n] for n in dense])
     args: list[Any] = []
     for n in range(len(stacks)):
@@ -385,9 +444,13 @@ def _dask_sweep(
             k = int(st.sparse_keys.shape[1])
             ax = letters[sparse.index(n)]
             cams = cams_dask(st)
+            skeys = st.sparse_keys
+            if positions is not None:
+                cams = cams[positions][:, : g.shape[1], : g.shape[2]]
+                skeys = skeys[positions]
             target = g.chunks + ((k,),)
             cams = cams if cams.chunks == target else cams.rechunk(target)
-            keys = da.from_array(st.sparse_keys, chunks=(g.chunks[0], (k,)))
+            keys = da.from_array(skeys, chunks=(g.chunks[0], (k,)))
             args += [cams, "ijk" + ax, keys, "i" + ax]
         else:
             j = dense.index(n)
@@ -574,19 +637,16 @@ def sweep_thresholds(
     stacks, gt_stack = open_inputs(sets, gt)
     from isle_fast.ensemble.partial import gt_positions
 
-    if gt_positions(gt_stack, stacks) is not None:
-        raise InputError(f"a threshold sweep needs a ground truth of every image, in the sets' order; "
-                         f"{gt_stack.path} labels {gt_stack.num_images} of {stacks[0].num_images} (sweep on a "
-                         "store of the same images, or give one threshold)")
+    positions = gt_positions(gt_stack, stacks)  # a gt of some images: the sets' images at its ids
     plans = _plans(stacks, ts)
     kernel = dict(
         backend=be, plans=plans, n_thr=len(ts), num_classes=gt_stack.num_classes, per_image=average == "image"
     )
-    specs = _local_specs(stacks, gt_stack, plans)
+    specs = _local_specs(stacks, gt_stack, plans) if positions is None else None
     if specs is not None:
         counts, stats = _local_sweep(specs, stacks, gt_stack, progress=progress, **kernel)
     else:
-        counts, stats = _dask_sweep(stacks, gt_stack, progress=progress, **kernel)
+        counts, stats = _dask_sweep(stacks, gt_stack, progress=progress, positions=positions, **kernel)
     return ThresholdSweep(
         thresholds=ts,
         classes=list(gt_stack.classes),

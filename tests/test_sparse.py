@@ -489,6 +489,8 @@ def test_sparse_kernels_refuse_bad_arguments():
 def test_sweep_with_a_gt_of_some_images_equals_evaluate(case, average):
     """A gt labelling a shuffled subset of the sets' ids: the sweep (sparse, dense, mixed) equals
     ``evaluate`` at each threshold (which aligns by id) and the one-decode-per-threshold reference."""
+    from isle_fast.ensemble.sweep import evaluate_at
+
     n, C, shapes, pad, chunks, seed = case
     ts = (0.0, 0.15, 38 / 255, 0.5, 1.0)
     with tempfile.TemporaryDirectory() as root:
@@ -506,6 +508,9 @@ def test_sweep_with_a_gt_of_some_images_equals_evaluate(case, average):
                 np.testing.assert_array_equal(sw.counts[:, k], ev.counts)
                 if average == "image":
                     np.testing.assert_array_equal(sw.image_stats[:, :, k], ev.image_stats)
+                else:  # a sparse set's one-threshold evaluation goes through the sweep
+                    np.testing.assert_array_equal(
+                        evaluate_at(sets, gt, t, backend="cpu", progress=False).counts, ev.counts)
         for s, d in enumerate(dense):
             g = np.concatenate([a.reshape(-1) for a in gt_imgs])
             x = np.concatenate([d.read_image(i).reshape(-1, C) for i in sub])

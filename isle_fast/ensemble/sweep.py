@@ -676,9 +676,9 @@ def evaluate_at(sets: Sequence[Any], gt: Any, bg_threshold: float | None, *, ave
     """:func:`isle_fast.evaluate`, through the one-threshold sweep where a set is class-sparse.
 
     The sweep reads a class-sparse store's slots and keys directly (the plain pass reads its
-    dense view); the counts are equal (tests/test_sparse.py). Without a threshold (the stored
-    background slice), without class-sparse sets, or asked for the per-image counts (``per_image``:
-    the sweep keeps none), this is :func:`isle_fast.evaluate`.
+    dense view), also against a gt of some images; the counts are equal (tests/test_sparse.py).
+    Without a threshold (the stored background slice), without class-sparse sets, or asked for
+    the per-image counts (``per_image``: the sweep keeps none), this is :func:`isle_fast.evaluate`.
     """
     from isle_fast.ensemble.evaluate import check_bg_threshold, evaluate
     from isle_fast.ensemble.graph import _as_stack
@@ -686,10 +686,7 @@ def evaluate_at(sets: Sequence[Any], gt: Any, bg_threshold: float | None, *, ave
     t = check_bg_threshold(bg_threshold)
     stacks = [_as_stack(s) for s in sets]
     sparse = any(getattr(s, "score_layout", "dense") == "sparse" for s in stacks)
-    from isle_fast.ensemble.partial import gt_positions
-
-    partial_gt = gt_positions(_as_stack(gt), stacks) is not None  # the plain pass aligns by id
-    if t is None or t < 0 or t > 1 or not sparse or per_image or partial_gt:
+    if t is None or t < 0 or t > 1 or not sparse or per_image:
         return evaluate(stacks, gt, average=average, backend=backend, bg_threshold=t, progress=progress,
                         per_image=per_image)
     sw = sweep_thresholds(stacks, gt, [t], average=average, backend=backend, progress=progress)

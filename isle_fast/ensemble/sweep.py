@@ -30,8 +30,14 @@ others (:func:`counts_at_levels`): equal, bit for bit, to
 ``evaluate(..., bg_threshold=T)`` for every ``T`` of the sweep.
 
 Class-sparse stores (:mod:`isle_fast.stores.sparse`) are counted from their
-stored slots and keys (:func:`isle_fast.kernels.cpu.confusion_score_bins_sparse`),
-without making the dense stack.
+stored slots and keys (:func:`isle_fast.kernels.cpu.sparse_score_bins`),
+without making the dense stack: one sweep per chunk decodes the K stored slots
+of every pixel inside its image (the padding is not read) and counts ``(gt,
+a, bin)``, the bin of ``m`` being the number of the sweep's distinct levels
+below it (:func:`level_bins`; ``T + 1`` bins instead of 256, so the
+histogram stays in cache), and :func:`counts_at_bins` gives every
+threshold. A ground truth of some of the images (any order,
+:mod:`isle_fast.ensemble.partial`) is swept on those images, aligned by id.
 
 ``float16`` / ``float32`` score stores have no levels: they are evaluated
 once per threshold (exact too, but one decode per threshold). Label-map sets
@@ -62,6 +68,8 @@ __all__ = [
     "sweep_thresholds",
     "parse_thresholds",
     "counts_at_levels",
+    "counts_at_bins",
+    "level_bins",
     "threshold_levels",
     "BEST",
     "BEST_GRID",

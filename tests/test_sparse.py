@@ -352,9 +352,14 @@ def test_evaluate_at_reads_sparse_sets_directly_with_the_same_counts(tmp_path, m
         got = evaluate_at(sparse + [dense[0]], gt, t, backend="cpu", progress=False)
         np.testing.assert_array_equal(got.counts[:2], want.counts)
         assert got.set_names[:2] == want.set_names
-    # with a threshold, the dense view is not made
+    stored = {av: evaluate(dense, gt, average=av, backend="cpu", progress=False) for av in ("dataset", "image")}
+    # with a threshold, or without one when every score set is class-sparse, the dense view is not made
     monkeypatch.setattr(sparse_mod, "densify", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense")))
     evaluate_at(sparse, gt, 0.2, backend="cpu", progress=False)
+    for av, want in stored.items():  # no threshold: foreground above each store's background level
+        got = evaluate_at(sparse, gt, None, average=av, backend="cpu", progress=False)
+        np.testing.assert_array_equal(got.counts, want.counts)
+        np.testing.assert_array_almost_equal(got.miou, want.miou)
 
 
 # -- the class-sparse kernels: decode + (gt, argmax, bin) in one sweep, the merge of N sets ------------

@@ -236,11 +236,18 @@ class _SetPlan:
     units: tuple[float, ...] = ()  # scores: thresholds in stored units
 
 
-def _plans(stacks: Sequence[Stack], thresholds: Sequence[float]) -> tuple[_SetPlan, ...]:
+def _plans(stacks: Sequence[Stack], thresholds: Sequence[float], stored_background: bool = False
+           ) -> tuple[_SetPlan, ...]:
+    """How each set is counted; ``stored_background``: a class-sparse set at its store's background
+    level (its dense view's background slice: no threshold) instead of the thresholds'."""
+    from isle_fast.stores.sparse import BACKGROUND_ATTR
+
     out = []
     for s in stacks:
         if s.encoding == "labels":
             out.append(_SetPlan("labels"))
+        elif s.score_layout == "sparse" and stored_background:
+            out.append(_SetPlan("sparse", levels=(int(s.attrs[BACKGROUND_ATTR]),) * len(thresholds)))
         elif s.score_layout == "sparse":
             out.append(
                 _SetPlan("sparse", levels=tuple(int(v) for v in threshold_levels(thresholds, s.score_scale)))
@@ -635,7 +642,7 @@ def sweep_thresholds(
     """
     from isle_fast.backend import resolve_backend
     from isle_fast.ensemble.evaluate import AVERAGES
-    from isle_fast.ensemble.graph import open_inputs, unique_names
+    from isle_fast.ensemble.graph import open_inputs
 
     if average not in AVERAGES:
         raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
@@ -643,10 +650,18 @@ def sweep_thresholds(
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
+    return _sweep(stacks, gt_stack, ts, _plans(stacks, ts), average=average, backend=be, progress=progress,
+                  t0=t0)
+
+
+def _sweep(stacks: Sequence[Stack], gt_stack: Stack, ts: tuple[float, ...], plans: tuple[_SetPlan, ...], *,
+           average: str, backend: str, progress: bool, t0: float) -> ThresholdSweep:
+    """The pass of :func:`sweep_thresholds` with the sets' plans given."""
+    from isle_fast.ensemble.graph import unique_names
     from isle_fast.ensemble.partial import gt_positions
 
+    be = backend
     positions = gt_positions(gt_stack, stacks)  # a gt of some images: the sets' images at its ids
-    plans = _plans(stacks, ts)
     kernel = dict(
         backend=be, plans=plans, n_thr=len(ts), num_classes=gt_stack.num_classes, per_image=average == "image"
     )
@@ -685,17 +700,33 @@ def evaluate_at(sets: Sequence[Any], gt: Any, bg_threshold: float | None, *, ave
 
     The sweep reads a class-sparse store's slots and keys directly (the plain pass reads its
     dense view), also against a gt of some images; the counts are equal (tests/test_sparse.py).
-    Without a threshold (the stored background slice), without class-sparse sets, or asked for
-    the per-image counts (``per_image``: the sweep keeps none), this is :func:`isle_fast.evaluate`.
+    Without a threshold, every score set class-sparse: the sweep at each store's background level
+    (what its stored background slice decodes to). Without class-sparse sets, without a threshold
+    and a dense score set, or asked for the per-image counts (``per_image``: the sweep keeps
+    none), this is :func:`isle_fast.evaluate`.
     """
     from isle_fast.ensemble.evaluate import check_bg_threshold, evaluate
     from isle_fast.ensemble.graph import _as_stack
 
     t = check_bg_threshold(bg_threshold)
     stacks = [_as_stack(s) for s in sets]
-    sparse = any(getattr(s, "score_layout", "dense") == "sparse" for s in stacks)
-    if t is None or t < 0 or t > 1 or not sparse or per_image:
+    layouts = [getattr(s, "score_layout", "dense") for s in stacks if s.encoding == "scores"]
+    sparse = "sparse" in layouts
+    stored = t is None and sparse and all(v == "sparse" for v in layouts)  # foreground > the stored level
+    if (t is None and not stored) or (t is not None and not 0 <= t <= 1) or not sparse or per_image:
         return evaluate(stacks, gt, average=average, backend=backend, bg_threshold=t, progress=progress,
                         per_image=per_image)
-    sw = sweep_thresholds(stacks, gt, [t], average=average, backend=backend, progress=progress)
+    if stored:
+        from isle_fast.backend import resolve_backend
+        from isle_fast.ensemble.evaluate import AVERAGES
+        from isle_fast.ensemble.graph import open_inputs
+
+        if average not in AVERAGES:
+            raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+        t0 = time.perf_counter()
+        opened, gt_stack = open_inputs(stacks, gt)
+        sw = _sweep(opened, gt_stack, (0.0,), _plans(opened, (0.0,), stored_background=True), average=average,
+                    backend=resolve_backend(backend), progress=progress, t0=t0)
+    else:
+        sw = sweep_thresholds(stacks, gt, [t], average=average, backend=backend, progress=progress)
     return sw.evaluation([0] * len(stacks))

@@ -370,3 +370,56 @@ def vote_patterns_args(sets: Any, num_classes: Any, host: bool) -> tuple[tuple, 
     if len(sets) > MAX_VOTE_SETS:
         raise ValueError(f"{what}: at most {MAX_VOTE_SETS} sets, got {len(sets)}")
     return sets, C
+
+
+def sparse_set_args(gt_shape: tuple[int, ...], cams: Any, keys: Any, shapes: Any, C: int, what: str
+                    ) -> tuple[tuple, tuple, np.ndarray]:
+    """Class-sparse sets of one block: (cams ``(n, h, w, K_s)`` uint8, keys ``(n, K_s)`` uint8, shapes ``(n, 2)``).
+
+    ``shapes`` (int64) are the rows and columns of every image inside the block (clipped to it);
+    None: the whole block.
+    """
+    cams = check_sets(cams, what, True)
+    keys = check_sets(keys, what, True)
+    if len(keys) != len(cams):
+        raise ValueError(f"{what}: {len(cams)} cams arrays but {len(keys)} keys arrays")
+    for n, (a, k) in enumerate(zip(cams, keys)):
+        if a.dtype != np.uint8 or k.dtype != np.uint8:
+            raise ValueError(f"{what}: set {n}: cams and keys must be uint8, not {a.dtype} / {k.dtype}")
+        if a.ndim != 4 or tuple(a.shape[:3]) != tuple(gt_shape):
+            raise ValueError(f"{what}: set {n}: cams of shape {tuple(a.shape)} do not match {tuple(gt_shape)}")
+        if tuple(k.shape) != (a.shape[0], a.shape[3]):
+            raise ValueError(f"{what}: set {n}: keys of shape {tuple(k.shape)}; expected {(a.shape[0], a.shape[3])}")
+        if k.size and int(k.max()) >= C:
+            raise ValueError(f"{what}: set {n}: a key >= {C} classes")
+    n_img, h, w = (int(v) for v in gt_shape)
+    if shapes is None:
+        sh = np.empty((n_img, 2), np.int64)
+        sh[:, 0], sh[:, 1] = h, w
+    else:
+        sh = np.asarray(shapes)
+        if sh.shape != (n_img, 2) or not np.issubdtype(sh.dtype, np.integer):
+            raise ValueError(f"{what}: shapes must be ({n_img}, 2) integers, not {sh.dtype} {sh.shape}")
+        sh = np.clip(sh.astype(np.int64), 0, [h, w])
+    cams = tuple(np.ascontiguousarray(a) for a in cams)
+    keys = tuple(np.ascontiguousarray(k) for k in keys)
+    return cams, keys, np.ascontiguousarray(sh)
+
+
+def level_bins_args(level_bins: Any, N: int, what: str) -> tuple[np.ndarray, int]:
+    """``(N, 256)`` bin of every stored level per set (non-decreasing, from 0): (the table, bins)."""
+    lb = np.asarray(level_bins)
+    if lb.shape != (N, 256) or not np.issubdtype(lb.dtype, np.integer):
+        raise ValueError(f"{what}: level_bins must be ({N}, 256) integers, not {lb.dtype} {lb.shape}")
+    if lb.size and (lb.min() < 0 or lb.max() > 255 or (np.diff(lb.astype(np.int64), axis=1) < 0).any()
+                    or (lb[:, 0] != 0).any()):
+        raise ValueError(f"{what}: level_bins rows must be non-decreasing integers in 0..255 starting at 0")
+    return np.ascontiguousarray(lb, dtype=np.uint8), (int(lb.max()) + 1 if lb.size else 1)
+
+
+def levels_args(levels: Any, N: int, what: str) -> np.ndarray:
+    """``(N,)`` stored uint8 level per set that a foreground score must exceed."""
+    lv = np.asarray(levels)
+    if lv.shape != (N,) or not np.issubdtype(lv.dtype, np.integer) or (lv.size and (lv.min() < 0 or lv.max() > 255)):
+        raise ValueError(f"{what}: levels must be {N} integers in 0..255, not {lv.dtype} {lv.shape}")
+    return np.ascontiguousarray(lv, dtype=np.int64)

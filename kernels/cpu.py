@@ -104,6 +104,7 @@ __all__ = [
     "confusion_score_bins_sparse",
     "decode_scores",
     "merge_labels", "merge_scores",
+    "sparse_score_bins", "merge_sparse_labels",
     "subset_confusion_labels", "subset_confusion_scores", "numba_threads",
     "vote_patterns",
 ]
@@ -704,6 +705,194 @@ def confusion_score_bins_sparse(gt: np.ndarray, cams: Sequence[np.ndarray], keys
 
 
 # ----------------------------------------------------------------------------------------------
+# class-sparse score blocks: decode + (gt, argmax, score bin) in one sweep, the merge of N sets
+# ----------------------------------------------------------------------------------------------
+
+@njit(inline="always", **_JIT1)
+def _slot_step(a, q, best, bi, kj):  # pragma: no cover - jitted
+    """One slot of the running (max, its class): slot value at element ``q`` of address ``a``, class ``kj``."""
+    v = np.int64(_ld(a, q, _U8))
+    up = v > best
+    return (v if up else best), (kj if up else bi)
+
+
+@njit(inline="always", **_JIT1)
+def _image_slots(kaddr, m, K, kk, scale):  # pragma: no cover - jitted
+    """Used slots of image ``m`` (keys at ``kaddr``, K a row): their classes x ``scale`` into ``kk``; count."""
+    ku = 0
+    for j in range(K):
+        c = np.int64(_ld(kaddr, m * K + j, _U8))
+        if c == 0:
+            break
+        kk[j] = c * scale
+        ku += 1
+    return ku
+
+
+@njit(inline="always", **_JIT1)
+def _decode_row(a, K, ku, kk, a0, w, mv, bv):  # pragma: no cover - jitted
+    """Foreground max (``mv``) and its class (``bv``) of ``w`` pixels of a class-sparse row at address ``a``.
+
+    ``K`` slots a pixel, the first ``ku`` used, of classes ``kk[:ku]`` (ascending): the first of the
+    largest values wins, and where every slot is 0 the class is ``a0`` (the dense argmax of an
+    all-zero foreground: the first foreground class). Loops specialised on ``ku`` (1, 2, 3, more).
+    """
+    if ku == 0:
+        for x in range(w):
+            mv[x] = 0
+            bv[x] = a0
+    elif ku == 1:
+        k0 = kk[0]
+        for x in range(w):
+            best = np.int64(_ld(a, x * K, _U8))
+            mv[x] = best
+            bv[x] = k0 if best > 0 else a0
+    elif ku == 2:
+        k0 = kk[0]
+        k1 = kk[1]
+        for x in range(w):
+            q = x * K
+            best = np.int64(_ld(a, q, _U8))
+            bi = k0 if best > 0 else a0
+            best, bi = _slot_step(a, q + 1, best, bi, k1)
+            mv[x] = best
+            bv[x] = bi
+    else:
+        k0 = kk[0]
+        k1 = kk[1]
+        k2 = kk[2]
+        for x in range(w):
+            q = x * K
+            best = np.int64(_ld(a, q, _U8))
+            bi = k0 if best > 0 else a0
+            best, bi = _slot_step(a, q + 1, best, bi, k1)
+            best, bi = _slot_step(a, q + 2, best, bi, k2)
+            for j in range(3, ku):
+                best, bi = _slot_step(a, q + j, best, bi, kk[j])
+            mv[x] = best
+            bv[x] = bi
+
+
+@njit(**_JIT)
+def _sparse_bins_kernel(g, ptrs, kptrs, ks, shapes, lut, B, C, H, W, nchunks):  # pragma: no cover
+    """Rows of (image, row) in parallel; per row and set: the image's slots, then decode + count fused
+    (the loop is specialised on the used slots, the count goes straight to the histogram)."""
+    N = ptrs.size
+    rows = shapes.shape[0] * H
+    CB = C * B
+    hist = np.zeros((nchunks, N * C * CB), np.int64)
+    a0 = np.int64(1 if C > 1 else 0) * B
+    per = (rows + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        h = hist[k]
+        kk = np.zeros(256, np.int64)
+        for r in range(k * per, min(rows, (k + 1) * per)):
+            m = r // H
+            if r - m * H >= shapes[m, 0]:
+                continue                          # a padding row
+            w = shapes[m, 1]                      # the columns after w are padding
+            p0 = r * W
+            gr = g[p0:p0 + w]
+            for n in range(N):
+                K = ks[n]
+                ku = _image_slots(kptrs[n], m, K, kk, B)
+                a = ptrs[n] + p0 * K
+                hr = h[n * C * CB:(n + 1) * C * CB]
+                lr = lut[n * 256:(n + 1) * 256]
+                if ku == 0:
+                    for x in range(w):
+                        t = np.int64(gr[x])
+                        if t < C:
+                            hr[t * CB + a0] += 1
+                elif ku == 1:
+                    k0 = kk[0]
+                    for x in range(w):
+                        t = np.int64(gr[x])
+                        if t < C:
+                            best = np.int64(_ld(a, x * K, _U8))
+                            hr[t * CB + (k0 if best > 0 else a0) + lr[best]] += 1
+                elif ku == 2:
+                    k0 = kk[0]
+                    k1 = kk[1]
+                    for x in range(w):
+                        t = np.int64(gr[x])
+                        if t < C:
+                            q = x * K
+                            best = np.int64(_ld(a, q, _U8))
+                            bi = k0 if best > 0 else a0
+                            best, bi = _slot_step(a, q + 1, best, bi, k1)
+                            hr[t * CB + bi + lr[best]] += 1
+                else:
+                    k0 = kk[0]
+                    k1 = kk[1]
+                    k2 = kk[2]
+                    for x in range(w):
+                        t = np.int64(gr[x])
+                        if t < C:
+                            q = x * K
+                            best = np.int64(_ld(a, q, _U8))
+                            bi = k0 if best > 0 else a0
+                            best, bi = _slot_step(a, q + 1, best, bi, k1)
+                            best, bi = _slot_step(a, q + 2, best, bi, k2)
+                            for j in range(3, ku):
+                                best, bi = _slot_step(a, q + j, best, bi, kk[j])
+                            hr[t * CB + bi + lr[best]] += 1
+    return hist
+
+
+def sparse_score_bins(gt: np.ndarray, cams: Sequence[np.ndarray], keys: Sequence[np.ndarray],
+                      num_classes: int, level_bins: np.ndarray,
+                      shapes: np.ndarray | None = None) -> np.ndarray:
+    """Decode + confusion of N class-sparse uint8 score blocks in one sweep: ``(gt, argmax, score bin)`` counts.
+
+    Each pixel's K stored slots are read once per set: the first of their largest values
+    ``m`` (the foreground max; classes without a slot score 0) and its class ``a``, then
+    ``(gt, a, level_bins[n, m])`` is counted. With ``level_bins[n]`` the number of a sweep's
+    (sorted, distinct) levels below ``m``, the pixel is ``a`` at the sweep's ``u``-th level when
+    its bin is ``> u`` and background otherwise (:func:`isle_fast.ensemble.sweep.counts_at_bins`);
+    the identity table gives :func:`confusion_score_bins_sparse`'s 256 bins.
+
+    Parameters
+    ----------
+    gt : uint8 (n, h, w)
+        Ground truth of the block; values ``>= num_classes`` (255) are ignored.
+    cams : tuple of N uint8 arrays (n, h, w, K_s)
+        Slot ``j`` of image ``m`` holds the scores of class ``keys[s][m, j]``.
+    keys : tuple of N uint8 arrays (n, K_s)
+        Ascending classes in 1..C-1, unused slots (0) last.
+    num_classes : int
+    level_bins : (N, 256) integers
+        The bin of every stored level, per set: non-decreasing, ``level_bins[:, 0] == 0``.
+    shapes : (n, 2) integers, optional
+        Rows and columns of each image inside the block (the rest is padding and is not read);
+        default the whole block.
+
+    Returns
+    -------
+    ndarray of int64 (N, C, C, B), ``B = level_bins.max() + 1``: ``out[n, t, a, b]`` = pixels of
+    gt ``t`` whose foreground argmax in set ``n`` is ``a`` with a max in bin ``b``.
+    """
+    from .checks import check_classes, check_gt, level_bins_args, sparse_set_args
+
+    what = "sparse_score_bins"
+    C = check_classes(num_classes, what)
+    gt = np.ascontiguousarray(check_gt(gt, what, True))
+    if gt.ndim != 3:
+        raise ValueError(f"{what}: gt must be (images, H, W), not shape {tuple(gt.shape)}")
+    cams, keys, sh = sparse_set_args(gt.shape, cams, keys, shapes, C, what)
+    lut, B = level_bins_args(level_bins, len(cams), what)
+    n, H, W = (int(v) for v in gt.shape)
+    N = len(cams)
+    if N == 0 or gt.size == 0:
+        return np.zeros((N, C, C, B), np.int64)
+    ks = np.array([a.shape[3] for a in cams], np.int64)
+    npix = int((sh[:, 0] * sh[:, 1]).sum())
+    hist = _call(_sparse_bins_kernel, gt.reshape(-1), _addrs(cams), _addrs(keys), ks, sh, lut.reshape(-1),
+                 B, C, H, W, _nchunks(npix * N))
+    return hist.sum(axis=0).reshape(N, C, C, B)
+
+
+# ----------------------------------------------------------------------------------------------
 # merge of label maps (Algorithm 3)
 # ----------------------------------------------------------------------------------------------
 
@@ -984,6 +1173,104 @@ def merge_scores(sets: Sequence[np.ndarray], selection: np.ndarray, policy: int,
     _call(_merge_scores_kernel, _addrs(sets), sel, pol, use, thr, labels.reshape(-1),
                          _score_view(merged).reshape(npix, C), _nchunks(npix))
     return labels, merged
+
+
+@njit(**_JIT)
+def _merge_sparse_kernel(ptrs, kptrs, ks, shapes, lev, kf, lab, ki, ignore, C, H, W,
+                         nchunks):  # pragma: no cover - jitted
+    """Rows in parallel; per row: each set decoded at its level into the running max of its merge key
+    (or the sum of its IGNORE codes), then the merged label; the padding stays 255."""
+    N = ptrs.size
+    rows = shapes.shape[0] * H
+    out = np.full(rows * W, 255, np.uint8)
+    per = (rows + nchunks - 1) // nchunks
+    for k in prange(nchunks):
+        kk = np.zeros(256, np.int64)
+        mv = np.empty(W, np.int64)
+        bv = np.empty(W, np.int64)
+        mm = np.empty(W, np.int64)
+        for r in range(k * per, min(rows, (k + 1) * per)):
+            m = r // H
+            if r - m * H >= shapes[m, 0]:
+                continue
+            w = shapes[m, 1]
+            p0 = r * W
+            mm[:w] = 0
+            for n in range(N):
+                K = ks[n]
+                ku = _image_slots(kptrs[n], m, K, kk, 1)
+                _decode_row(ptrs[n] + p0 * K, K, ku, kk, 1, w, mv, bv)
+                L = lev[n]
+                base = n * 256
+                if ignore:
+                    for x in range(w):
+                        mm[x] += np.int64(ki[base + (bv[x] if mv[x] > L else 0)])
+                else:
+                    for x in range(w):
+                        mm[x] = max(mm[x], np.int64(kf[base + (bv[x] if mv[x] > L else 0)]))
+            if ignore:
+                for x in range(w):
+                    out[p0 + x] = _ignore_label(np.uint32(mm[x]))
+            else:
+                for x in range(w):
+                    out[p0 + x] = lab[mm[x]]
+    return out
+
+
+def merge_sparse_labels(cams: Sequence[np.ndarray], keys: Sequence[np.ndarray], levels: Sequence[int],
+                        selection: np.ndarray, priority: np.ndarray, policy: int,
+                        shapes: np.ndarray | None = None) -> np.ndarray:
+    """Algorithm 3 on N class-sparse uint8 score blocks, each decoded at its own level, in one sweep.
+
+    Equal to :func:`merge_labels` of the sets' decoded label maps: set ``n``'s pixel is the
+    class of the first of its largest slots when that value is ``> levels[n]`` (the stored
+    threshold level, or the store's background level), else background 0.
+
+    Parameters
+    ----------
+    cams, keys : tuples of N arrays, as :func:`sparse_score_bins`
+    levels : (N,) integers in 0..255
+    selection : int64 (C,)
+        Set chosen for every class (``selection[0]`` unused).
+    priority : float64 (N, C)
+    policy : int
+        SCORE, ORDER or IGNORE (:func:`merge_labels`).
+    shapes : (n, 2) integers, optional
+        Rows and columns of each image inside the block; the padding is 255 (not read).
+
+    Returns
+    -------
+    ndarray of uint8 ``cams[0].shape[:3]``.
+    """
+    from .checks import (
+        check_classes,
+        check_policy,
+        check_priority,
+        check_selection,
+        levels_args,
+        sparse_set_args,
+    )
+
+    what = "merge_sparse_labels"
+    if not len(cams):
+        raise ValueError(f"{what}: no sets")
+    shape = tuple(np.asarray(cams[0]).shape[:3])
+    C = check_classes(np.asarray(selection).size, what)
+    cams, keys, sh = sparse_set_args(shape, cams, keys, shapes, C, what)
+    N = len(cams)
+    sel = check_selection(selection, C, N, 1, what)
+    pol = check_policy(policy, what)
+    pri = check_priority(priority, N, C, what)
+    lv = levels_args(levels, N, what)
+    n, H, W = (int(v) for v in shape)
+    if n * H * W == 0:
+        return np.full(shape, 255, np.uint8)
+    key, lab = _merge_tables(sel, pri, np.ones(N, bool), pol, C)
+    ks = np.array([a.shape[3] for a in cams], np.int64)
+    npix = int((sh[:, 0] * sh[:, 1]).sum())
+    out = _call(_merge_sparse_kernel, _addrs(cams), _addrs(keys), ks, sh, lv, key.reshape(-1), lab,
+                _ignore_codes(key), pol == IGNORE, C, H, W, _nchunks(npix * N))
+    return out.reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------

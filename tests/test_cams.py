@@ -388,3 +388,64 @@ def test_one_layout_along_either_axis_reads_as_the_public_k_h_w(shape, first):
     keys = np.arange(shape[0]) + first  # key 0 in IRN's 'high_res' is aeroplane, not PuzzleCAM's background
     got = interpret({"keys": keys, "high_res": np.zeros(shape, np.float32)}, 21)
     assert got.layout == "irn" and got.axis == 0 and got.classes == tuple(int(k) + 1 for k in keys)
+
+
+# ---------------------------------------------------------------------- the sweep of CAM sets
+def test_cam_sets_sweep_with_a_partial_gt_and_merge_equal_the_public_eval(tmp_path, rng):
+    """IRN CAM files (values on the uint8 grid, so the stored scores are exact) of 2 sets, ingested
+    class-sparse (the default) and dense: the sweep against a gt of some images equals IRN's
+    ``eval_cam.py`` run once per threshold on those images; the merge at each set's best threshold
+    is the same from either layout; the benchmark's kernel line agrees with its NumPy reference."""
+    from benchmarks.cams import kernel_throughput
+    from isle_fast.ensemble.merge import merge
+    from isle_fast.ensemble.sweep import parse_thresholds, sweep_thresholds
+
+    shapes = {f"im{i}": (int(rng.integers(5, 30)), int(rng.integers(5, 30))) for i in range(7)}
+    (tmp_path / "gt").mkdir()
+    gts = {}
+    for i, (h, w) in shapes.items():
+        g = rng.integers(0, C, (h, w)).astype(np.uint8)
+        g[rng.random((h, w)) < 0.1] = 255
+        gts[i] = g
+        Image.fromarray(g).save(tmp_path / "gt" / f"{i}.png")
+    files = {}
+    for s in range(2):
+        (tmp_path / f"set{s}").mkdir()
+        for i, (h, w) in shapes.items():
+            keys = np.sort(rng.choice(C - 1, int(rng.integers(1, 4)), replace=False))
+            hr = (rng.integers(0, 256, (keys.size, h, w)) / 255.0).astype(np.float32)
+            d = {"keys": keys, "cam": hr[:, ::4, ::4], "high_res": hr}
+            np.save(tmp_path / f"set{s}" / f"{i}.npy", d)
+            files[s, i] = d
+    classes = [f"k{c}" for c in range(C)]
+    gt = ingest_labels(tmp_path / "gt", tmp_path / "gt.zarr", kind="gt", classes=classes, quiet=True)
+    some = ["im5", "im1", "im3"]
+    (tmp_path / "some").mkdir()
+    for i in some:
+        Image.fromarray(gts[i]).save(tmp_path / "some" / f"{i}.png")
+    part = ingest_labels(tmp_path / "some", tmp_path / "some.zarr", kind="gt", classes=classes, quiet=True)
+    sparse = [ingest_scores(tmp_path / f"set{s}", tmp_path / f"s{s}.zarr", gt=gt, classes=classes,
+                            allow_pickle=True, quiet=True) for s in range(2)]
+    dense = [ingest_scores(tmp_path / f"set{s}", tmp_path / f"d{s}.zarr", gt=gt, classes=classes,
+                           allow_pickle=True, quiet=True, score_layout="dense") for s in range(2)]
+    assert [st.score_layout for st in sparse] == ["sparse"] * 2
+    ts = parse_thresholds("0.05:0.80:0.05")
+    sw = sweep_thresholds(sparse, part, ts, backend="cpu", progress=False)
+    np.testing.assert_array_equal(sw.counts, sweep_thresholds(dense, part, ts, backend="cpu",
+                                                              progress=False).counts)
+    for s in range(2):
+        for k, t in enumerate(ts):
+            want = np.zeros((C, C), np.int64)
+            for i in part.ids:
+                pred, g = irn_eval(files[s, i], t), gts[i].astype(np.int64)
+                ok = g < C
+                want += np.bincount(g[ok] * C + pred[ok], minlength=C * C).reshape(C, C)
+            np.testing.assert_array_equal(sw.counts[s, k, :, :C], want)
+    a = merge(sparse, part, tmp_path / "a.zarr", bg_threshold="best", backend="cpu", progress=False)
+    b = merge(dense, part, tmp_path / "b.zarr", bg_threshold="best", backend="cpu", progress=False)
+    assert a.stack.num_images == len(shapes)  # a gt of some images selects; every image is merged
+    assert list(a.stack.provenance["bg_thresholds"].values()) == list(b.stack.provenance["bg_thresholds"].values())
+    np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))
+    line = kernel_throughput(sparse, gt, ts, images=5)
+    assert line is not None and line["counts_equal"] and line["set_pixels"] > 0
+    assert kernel_throughput(dense, gt, ts) is None

@@ -352,6 +352,221 @@ def test_evaluate_at_reads_sparse_sets_directly_with_the_same_counts(tmp_path, m
         got = evaluate_at(sparse + [dense[0]], gt, t, backend="cpu", progress=False)
         np.testing.assert_array_equal(got.counts[:2], want.counts)
         assert got.set_names[:2] == want.set_names
-    # with a threshold, the dense view is not made
+    stored = {av: evaluate(dense, gt, average=av, backend="cpu", progress=False) for av in ("dataset", "image")}
+    # with a threshold, or without one when every score set is class-sparse, the dense view is not made
     monkeypatch.setattr(sparse_mod, "densify", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense")))
     evaluate_at(sparse, gt, 0.2, backend="cpu", progress=False)
+    for av, want in stored.items():  # no threshold: foreground above each store's background level
+        got = evaluate_at(sparse, gt, None, average=av, backend="cpu", progress=False)
+        np.testing.assert_array_equal(got.counts, want.counts)
+        np.testing.assert_array_almost_equal(got.miou, want.miou)
+
+
+# -- the class-sparse kernels: decode + (gt, argmax, bin) in one sweep, the merge of N sets ------------
+
+
+def _ref_inside(gt_shape, shapes):
+    n, h, w = gt_shape
+    return (np.arange(h)[None, :, None] < shapes[:, 0, None, None]) & (
+        np.arange(w)[None, None, :] < shapes[:, 1, None, None]
+    )
+
+
+def _ref_sparse_bins(gt, cams, keys, C, lut, shapes):
+    """Plain NumPy: the dense stack, the first of the largest foreground slices, counted inside and gt < C."""
+    B = int(lut.max()) + 1
+    out = np.zeros((len(cams), C, C, B), np.int64)
+    keep = _ref_inside(gt.shape, shapes) & (gt < C)
+    for s, (c, k) in enumerate(zip(cams, keys)):
+        d = ref.densify_sparse(c, k, C).astype(np.int64)
+        if C > 1:
+            a, m = 1 + np.argmax(d[..., 1:], axis=-1), np.max(d[..., 1:], axis=-1)
+        else:
+            a = m = np.zeros(gt.shape, np.int64)
+        np.add.at(out[s], (gt[keep].astype(np.int64), a[keep], lut[s][m[keep]].astype(np.int64)), 1)
+    return out
+
+
+def _ref_sparse_merge(cams, keys, levels, sel, pri, pol, shapes, C):
+    """Plain NumPy: every set decoded at its level (the dense decode), merged by the reference merge."""
+    labs = [ref.decode_scores(ref.densify_sparse(c, k, C), float(v)) for c, k, v in zip(cams, keys, levels)]
+    out = ref.merge_labels(labs, sel, pri, pol).astype(np.uint8)
+    out[~_ref_inside(out.shape, shapes)] = 255
+    return out
+
+
+def _sparse_case(rng, C, n_sets):
+    n, h, w = (int(rng.choice([1, 2, 3, 5, 7])) for _ in range(3))
+    gt = rng.integers(0, C, (n, h, w)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.2] = 255
+    cams, keys = [], []
+    for _ in range(n_sets):
+        K = int(rng.integers(1, 6))
+        kk = _keys(rng, n, C, K)  # some images have 0 present classes
+        vals = np.array([0, 0, 1, 37, 38, 200, 255], np.uint8) if rng.random() < 0.5 else np.arange(256)
+        a = rng.choice(vals, (n, h, w, K)).astype(np.uint8)
+        a[np.broadcast_to((kk == 0)[:, None, None, :], a.shape)] = 0  # unused slots hold 0
+        cams.append(a)
+        keys.append(kk)
+    # each image's true rows / columns in the block (the rest is padding, never read)
+    shapes = np.stack([rng.integers(0, h + 1, n), rng.integers(0, w + 1, n)], axis=1).astype(np.int64)
+    if rng.random() < 0.3:
+        shapes[:] = (h, w)
+    return gt, cams, keys, shapes
+
+
+@settings(max_examples=60)
+@given(seeds)
+def test_sparse_score_bins_equal_the_numpy_reference(seed):
+    from isle_fast.ensemble.sweep import counts_at_bins, level_bins
+
+    rng = np.random.default_rng(seed)
+    C = int(rng.choice([1, 2, 3, 5, 21]))
+    N = int(rng.integers(1, 5))
+    gt, cams, keys, shapes = _sparse_case(rng, C, N)
+    levels = [np.sort(rng.choice(np.array([0, 1, 36, 37, 38, 199, 200, 254, 255]), int(rng.integers(1, 6))))
+              for _ in range(N)]
+    tabs = [level_bins(lv) for lv in levels]
+    lut = np.stack([t for t, _ in tabs]) if rng.random() < 0.7 else np.tile(np.arange(256), (N, 1))
+    got = cpu.sparse_score_bins(gt, tuple(cams), tuple(keys), C, lut, shapes)
+    np.testing.assert_array_equal(got, _ref_sparse_bins(gt, cams, keys, C, lut, shapes))
+    if lut.max() == 255:  # the identity: the 256-level bins of the dense kernel, on the whole block
+        whole = cpu.sparse_score_bins(gt, tuple(cams), tuple(keys), C, lut)
+        np.testing.assert_array_equal(whole, cpu.confusion_score_bins_sparse(gt, tuple(cams), tuple(keys), C))
+    # chunk boundaries: images split, rows split; the counts add up
+    cut = int(rng.integers(0, gt.shape[0] + 1))
+    parts = [cpu.sparse_score_bins(gt[a:b], tuple(c[a:b] for c in cams), tuple(k[a:b] for k in keys), C, lut,
+                                   shapes[a:b]) for a, b in ((0, cut), (cut, gt.shape[0]))]
+    np.testing.assert_array_equal(parts[0] + parts[1], got)
+    r = int(rng.integers(0, gt.shape[1] + 1))
+    top = np.stack([np.minimum(shapes[:, 0], r), shapes[:, 1]], axis=1)
+    low = np.stack([np.maximum(shapes[:, 0] - r, 0), shapes[:, 1]], axis=1)
+    parts = [cpu.sparse_score_bins(gt[:, :r], tuple(c[:, :r] for c in cams), tuple(keys), C, lut, top),
+             cpu.sparse_score_bins(gt[:, r:], tuple(c[:, r:] for c in cams), tuple(keys), C, lut, low)]
+    np.testing.assert_array_equal(parts[0] + parts[1], got)
+    # every threshold of the sweep from its bins = one decode per threshold (the public scripts' way)
+    sweep_lut = np.stack([t for t, _ in tabs])
+    bins = cpu.sparse_score_bins(gt, tuple(cams), tuple(keys), C, sweep_lut, shapes)
+    masked = np.where(_ref_inside(gt.shape, shapes), gt, np.uint8(255))
+    for s in range(N):
+        want = ref.confusion_score_sweep(masked, (ref.densify_sparse(cams[s], keys[s], C),), C, levels[s])[0]
+        np.testing.assert_array_equal(counts_at_bins(bins[s], tabs[s][1]), want)
+
+
+@settings(max_examples=60)
+@given(seeds, st.sampled_from([0, 1, 2]))
+def test_merge_sparse_labels_equals_the_numpy_reference(seed, policy):
+    rng = np.random.default_rng(seed)
+    C = int(rng.choice([2, 3, 5, 21]))
+    N = int(rng.integers(1, 5))
+    _, cams, keys, shapes = _sparse_case(rng, C, N)
+    levels = rng.choice(np.array([0, 1, 37, 38, 200, 254, 255]), N)
+    sel = rng.integers(0, N, C)
+    pri = rng.choice(np.array([0.1, 0.5, 0.5, 0.9]), (N, C))
+    got = cpu.merge_sparse_labels(tuple(cams), tuple(keys), levels, sel, pri, policy, shapes)
+    np.testing.assert_array_equal(got, _ref_sparse_merge(cams, keys, levels, sel, pri, policy, shapes, C))
+    whole = np.full(shapes.shape, 0) + np.array(cams[0].shape[1:3])
+    np.testing.assert_array_equal(cpu.merge_sparse_labels(tuple(cams), tuple(keys), levels, sel, pri, policy),
+                                  _ref_sparse_merge(cams, keys, levels, sel, pri, policy, whole, C))
+
+
+def test_sparse_kernels_refuse_bad_arguments():
+    gt = np.zeros((1, 2, 2), np.uint8)
+    cams, keys = (np.zeros((1, 2, 2, 2), np.uint8),), (np.zeros((1, 2), np.uint8),)
+    lut = np.zeros((1, 256), np.uint8)
+    with pytest.raises(ValueError, match="keys of shape"):
+        cpu.sparse_score_bins(gt, cams, (np.zeros((1, 3), np.uint8),), 3, lut)
+    with pytest.raises(ValueError, match="level_bins must be"):
+        cpu.sparse_score_bins(gt, cams, keys, 3, np.zeros((2, 256), np.uint8))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        cpu.sparse_score_bins(gt, cams, keys, 3, np.tile(np.arange(256)[::-1], (1, 1)).astype(np.uint8))
+    with pytest.raises(ValueError, match="shapes must be"):
+        cpu.sparse_score_bins(gt, cams, keys, 3, lut, np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match="levels must be"):
+        cpu.merge_sparse_labels(cams, keys, [300], np.zeros(3, np.int64), np.ones((1, 3)), 0)
+    with pytest.raises(ValueError, match="a key >= 3"):
+        cpu.merge_sparse_labels(cams, (np.full((1, 2), 3, np.uint8),), [0], np.zeros(3, np.int64), np.ones((1, 3)), 0)
+    np.testing.assert_array_equal(gt, 0)  # inputs are never modified
+
+
+@settings(max_examples=5)
+@given(store_cases(), st.sampled_from(["dataset", "image"]))
+def test_sweep_with_a_gt_of_some_images_equals_evaluate(case, average):
+    """A gt labelling a shuffled subset of the sets' ids: the sweep (sparse, dense, mixed) equals the
+    one-decode-per-threshold reference on those images and ``evaluate`` at each threshold (which
+    aligns by id)."""
+    from isle_fast.ensemble.sweep import evaluate_at
+
+    n, C, shapes, pad, chunks, seed = case
+    ts = (0.0, 38 / 255, 0.5)
+    with tempfile.TemporaryDirectory() as root:
+        full, dense, sparse = _build(root, *case)
+        rng = np.random.default_rng(seed)
+        sub = [int(v) for v in rng.permutation(n)[: int(rng.integers(1, n + 1))]]
+        gt_imgs = [full.read_image(i) for i in sub]
+        gt = write_stack(os.path.join(root, "gt-part"), gt_imgs, kind="gt", num_classes=C,
+                         ids=[full.ids[i] for i in sub], chunks=(1, 4, 4),
+                         padded_shape=full.padded_shape if sub == list(range(n)) else None)
+        sw = {name: sweep_thresholds(sets, gt, ts, average=average, backend="cpu", progress=False)
+              for name, sets in (("sparse", sparse), ("dense", dense), ("mixed", [sparse[0], dense[1]]))}
+        np.testing.assert_array_equal(sw["sparse"].counts, sw["dense"].counts)
+        np.testing.assert_array_equal(sw["mixed"].counts, sw["dense"].counts)
+        g = np.concatenate([a.reshape(-1) for a in gt_imgs])
+        for s, d in enumerate(dense):
+            x = np.concatenate([d.read_image(i).reshape(-1, C) for i in sub])
+            want = ref.confusion_score_sweep(g, (x,), C, [t * 255 for t in ts])[0]
+            np.testing.assert_array_equal(sw["dense"].counts[s], want)
+        for k, t in enumerate(ts):
+            ev = evaluate(sparse, gt, bg_threshold=t, average=average, backend="cpu", progress=False)
+            np.testing.assert_array_equal(sw["sparse"].counts[:, k], ev.counts)
+            if average == "image":
+                np.testing.assert_array_equal(sw["sparse"].image_stats[:, :, k], ev.image_stats)
+        # a sparse set's one-threshold evaluation goes through the sweep, aligned by id too
+        np.testing.assert_array_equal(evaluate_at(sparse, gt, ts[1], backend="cpu", progress=False).counts,
+                                      sw["sparse"].counts[:, 1])
+
+
+def _aligned_sparse(root, rng, shapes, C, n_sets):
+    """A gt with the default chunks and class-sparse sets (their ``cams`` take the label stores' default
+    chunks): chunked alike, so the merge takes its direct pass."""
+    gt = write_stack(os.path.join(root, "gt"), [rng.choice(np.array(list(range(C)) + [255], np.uint8), size=s)
+                                                for s in shapes], kind="gt", num_classes=C)
+    dense = [write_stack(os.path.join(root, f"d{k}"), _cam_images(rng, shapes, C), encoding="scores",
+                         num_classes=C, name=f"set{k}") for k in range(n_sets)]
+    sparse = [sparsify(d, os.path.join(root, f"s{k}.zarr")) for k, d in enumerate(dense)]
+    return gt, dense, sparse
+
+
+@pytest.mark.parametrize("policy, strategy, labels", [("score", "class", False), ("order", "class", True),
+                                                      ("ignore", "class", False), ("score", "image", False)])
+def test_merge_at_each_sets_threshold_reads_sparse_slots_and_equals_dense(tmp_path, monkeypatch, policy,
+                                                                         strategy, labels):
+    """The merge at per-set thresholds of class-sparse sets runs the direct pass on the stored slots (the
+    dense view is never made) and writes the ensemble of the dense stores, exactly."""
+    import isle_fast.stores.sparse as sparse_mod
+    from isle_fast.ensemble.merge import merge
+
+    rng = np.random.default_rng(5)
+    shapes = [(9, 7), (6, 8), (9, 8), (3, 2), (8, 8)]
+    C = 5
+    gt, dense, sparse = _aligned_sparse(str(tmp_path), rng, shapes, C, 3)
+    thr = {"set0": 37 / 255, "set1": 0.2, "set2": 0.0}
+    from isle_fast.ensemble import merge as merge_mod
+    from isle_fast.ensemble.sweep import ThresholdSweep
+
+    real = merge_mod.make_plan
+
+    def per_set(stacks, selection, **kw):  # each set at its own threshold, whatever the sweep found best
+        kw["set_thresholds"] = [thr[s.name] for s in stacks]
+        return real(stacks, selection, **kw)
+
+    monkeypatch.setattr(merge_mod, "make_plan", per_set)
+    assert ThresholdSweep  # the sweep runs as usual; only the thresholds of the plan are forced
+    allowed = rng.random((len(shapes), C)) < 0.7 if labels else None
+    kw = dict(bg_threshold="0.1,0.2", backend="cpu", progress=False, policy=policy, strategy=strategy,
+              image_labels=allowed)
+    b = merge(dense, gt, str(tmp_path / "b.zarr"), **kw)
+    monkeypatch.setattr(sparse_mod, "densify", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense")))
+    a = merge(sparse, gt, str(tmp_path / "a.zarr"), **kw)
+    assert a.plan.mode == "labels" and len(set(a.plan.thresholds)) > 1
+    np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))

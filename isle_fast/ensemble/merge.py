@@ -186,26 +186,61 @@ def drop_absent_claims(block: np.ndarray, encoding: str, allowed: np.ndarray) ->
     return block * allowed[:, None, None, :].astype(block.dtype)
 
 
-def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[np.ndarray],
+def _sparse_labels(block: tuple[np.ndarray, np.ndarray], level: int, C: int,
+                   shapes: np.ndarray | None) -> np.ndarray:
+    """The label map of a class-sparse block ``(cams, keys)`` decoded at the stored ``level``."""
+    from isle_fast.kernels import cpu
+
+    one = np.zeros(C, np.int64)  # set 0 chosen for every class: the merge of one set is its decode
+    return cpu.merge_sparse_labels(block[:1], block[1:], [level], one, np.ones((1, C)), POLICIES["order"], shapes)
+
+
+def _drop_absent_sparse(block: tuple[np.ndarray, np.ndarray], allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`drop_absent_claims` of a class-sparse block: the slots of disallowed classes become 0."""
+    cams, keys = block
+    allowed = np.asarray(allowed, dtype=bool).copy()
+    allowed[:, 0] = True
+    keep = allowed[np.arange(keys.shape[0])[:, None], keys]  # (images, K); unused slots (key 0) are kept
+    return cams * keep[:, None, None, :].astype(np.uint8), keys
+
+
+def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
                 choice: np.ndarray | None = None,
-                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                allowed: np.ndarray | None = None, sparse_levels: Sequence[int | None] | None = None,
+                shapes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Merge one aligned region of the member sets: ``(labels, merged scores or None)``.
 
     ``choice`` (image strategy): the member position chosen for every image of the region.
     ``allowed`` (``plan.drop_absent``): ``(images, C)`` image-level labels of the region's images.
+    A class-sparse member's block is its ``(cams, keys)`` (the local pass, labels mode), decoded at
+    ``sparse_levels[n]`` (its stored threshold level, or its store's background level); when every
+    member is one, the class strategy runs :func:`isle_fast.kernels.cpu.merge_sparse_labels` (decode
+    and merge in one sweep; ``shapes``: each image's rows and columns in the region, the rest 255).
     """
     sel = np.asarray(plan.selection, dtype=np.int64)
-    blocks = [np.ascontiguousarray(b) for b in blocks]
+    blocks = [tuple(np.ascontiguousarray(x) for x in b) if isinstance(b, tuple) else np.ascontiguousarray(b)
+              for b in blocks]
+    sparse = [isinstance(b, tuple) for b in blocks]
+    if any(sparse) and (plan.mode != "labels" or sparse_levels is None):
+        raise ValueError("class-sparse blocks are merged as label maps, at their levels (sparse_levels)")
     if plan.drop_absent:
         if allowed is None:
             raise ValueError("the plan drops absent classes but no image labels were given")
-        blocks = [drop_absent_claims(b, e, allowed) for b, e in zip(blocks, plan.encodings)]
+        blocks = [_drop_absent_sparse(b, allowed) if sp else drop_absent_claims(b, e, allowed)
+                  for b, e, sp in zip(blocks, plan.encodings, sparse)]
     if plan.mode == "labels":
-        labs = [b if e == "labels" else np.asarray(K.decode_scores(b, t))
-                for b, e, t in zip(blocks, plan.encodings, plan.thresholds)]
+        prio = np.asarray(plan.priority, dtype=np.float64)
+        if all(sparse) and plan.strategy == "class":
+            from isle_fast.kernels import cpu
+
+            lv = [int(v) for v in (sparse_levels or ()) if v is not None]
+            return cpu.merge_sparse_labels(tuple(b[0] for b in blocks), tuple(b[1] for b in blocks),
+                                           lv, sel, prio, plan.policy, shapes), None
+        labs = [_sparse_labels(b, int(sparse_levels[n] or 0), plan.num_classes, shapes)  # type: ignore[index]
+                if sp else b if e == "labels" else np.asarray(K.decode_scores(b, t))
+                for n, (b, e, t, sp) in enumerate(zip(blocks, plan.encodings, plan.thresholds, sparse))]
         if plan.strategy == "image":
             return _gather(labs, choice), None
-        prio = np.asarray(plan.priority, dtype=np.float64)
         return np.asarray(K.merge_labels(tuple(labs), sel, prio, plan.policy)), None
     arrs = ([(b.astype(np.float32) / np.float32(s)) for b, s in zip(blocks, plan.scales)]
             if plan.cast else blocks)
@@ -260,11 +295,14 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
 def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], shapes: np.ndarray,
                       choice: np.ndarray, allowed: np.ndarray | None, block: tuple[int, int, int],
                       region: tuple[int, int, int], *, backend: str, plan: MergePlan,
-                      each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> int:
+                      each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
+                      sparse_keys: Sequence[np.ndarray | None] = (),
+                      sparse_levels: Sequence[int | None] | None = None) -> int:
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk.
 
     ``each_chunk(start, labels)``, when given, is then called with the chunk as written (``start``:
-    its first ``(image, row, column)``; ``labels``: the region, padding = 255).
+    its first ``(image, row, column)``; ``labels``: the region, padding = 255). A member with
+    ``sparse_keys[n]`` is class-sparse: its block is its stored slots with those keys' rows.
     """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
@@ -272,18 +310,49 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
 
     i, j, l = block
     k, hc, wc = (int(v) for v in out_spec.chunk_shape)
-    blocks = [read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
-              for sp, t in zip(specs, tails)]
     i0 = i * k
+    blocks: list[Any] = []
+    for n, (sp, t) in enumerate(zip(specs, tails)):
+        b = read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
+        km = sparse_keys[n] if n < len(sparse_keys) else None
+        blocks.append(b if km is None else (b, km[i0:i0 + region[0]]))
+    inside = np.clip(shapes[i0:i0 + region[0]] - np.array([j * hc, l * wc], np.int64), 0,
+                     np.array(region[1:], np.int64))
     with task_kernels(backend) as K:
         rows = None if allowed is None else allowed[i0:i0 + region[0]]
-        lab, _ = merge_chunk(K, plan, blocks, choice[i0:i0 + region[0]], rows)
+        lab, _ = merge_chunk(K, plan, blocks, choice[i0:i0 + region[0]], rows, sparse_levels, inside)
     lab = np.require(lab, np.uint8, ["C", "W"])
-    inside = _fill_padding(lab, shapes[i0:i0 + region[0]], j * hc, l * wc, 255)
+    done = _fill_padding(lab, shapes[i0:i0 + region[0]], j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
     if each_chunk is not None:
         each_chunk((i0, j * hc, l * wc), lab)
-    return inside
+    return done
+
+
+def _member_specs(member_stacks: Sequence[Stack], gt: Stack) -> list[Any] | None:
+    """Direct-reader specs of every member (a class-sparse one: its stored slots), or None."""
+    from isle_fast.ensemble.graph import MAX_TASK_BYTES
+    from isle_fast.ensemble.sweep import _local_specs, _SetPlan
+
+    k, hc, wc = (int(v) for v in gt.chunks)
+    per_pixel = 1 + sum(int(s.cams_meta.shape[3]) if s.score_layout == "sparse"
+                        else int(np.prod(s.shape[3:], dtype=np.int64)) * s.dtype.itemsize for s in member_stacks)
+    if k * hc * wc * per_pixel > MAX_TASK_BYTES:  # the stored slots of a gt chunk must fit one task
+        return None
+    plans = [_SetPlan("sparse" if s.score_layout == "sparse" else s.encoding) for s in member_stacks]
+    specs = _local_specs(member_stacks, gt, plans)
+    return None if specs is None else specs[1:]
+
+
+def _sparse_level(stack: Stack, threshold: float) -> int:
+    """The stored level a class-sparse member's foreground must exceed: the threshold's (in stored units,
+    ``threshold >= 0``), else the store's background level (its dense view's background slice)."""
+    from isle_fast.kernels.checks import threshold_value
+    from isle_fast.stores.sparse import BACKGROUND_ATTR
+
+    if threshold >= 0:
+        return int(threshold_value(threshold, np.uint8))
+    return int(stack.attrs[BACKGROUND_ATTR])
 
 
 def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: MergePlan, choice: np.ndarray,
@@ -294,7 +363,8 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
 
     None when the stores do not allow it (see :func:`isle_fast.ensemble.graph.local_specs`; label
     ensembles only): the caller builds the Dask graph instead. Each task runs the same
-    :func:`merge_chunk` as the graph's, so the ensemble is the same.
+    :func:`merge_chunk` as the graph's, so the ensemble is the same. Class-sparse members are read
+    as stored (slots and keys), never as their dense view.
     """
     from isle_fast.ensemble.graph import chunk_executor, chunk_tasks
     from isle_fast.progress import progress as bar
@@ -302,20 +372,26 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
 
     if plan.mode != "labels":
         return None
-    specs = local_specs(member_stacks, gt)
+    sparse = [s.score_layout == "sparse" for s in member_stacks]
+    specs = _member_specs(member_stacks, gt) if any(sparse) else local_specs(member_stacks, gt)
     if specs is None:
         return None
+    if not any(sparse):
+        specs = specs[1:]
     out_spec = write_spec(writer.array)
     if not out_spec.direct or tuple(out_spec.chunk_shape) != tuple(gt.chunks):
         return None
     prepare_folders(out_spec)
     n, h, w = (int(v) for v in gt.shape)
     tasks = chunk_tasks(gt)
-    tails = [tuple(int(v) for v in st.shape[3:]) for st in member_stacks]
-    fn = partial(_local_merge_task, specs[1:], out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
+    tails = [(int(st.cams_meta.shape[3]),) if sp else tuple(int(v) for v in st.shape[3:])
+             for st, sp in zip(member_stacks, sparse)]
+    keys = [st.sparse_keys if sp else None for st, sp in zip(member_stacks, sparse)]
+    levels = [_sparse_level(st, t) if sp else None for st, sp, t in zip(member_stacks, sparse, plan.thresholds)]
+    fn = partial(_local_merge_task, specs, out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
                  np.asarray(choice, dtype=np.int64),
                  None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool),
-                 backend=backend, plan=plan, each_chunk=each_chunk)
+                 backend=backend, plan=plan, each_chunk=each_chunk, sparse_keys=keys, sparse_levels=levels)
     written = 0
     with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
@@ -678,6 +754,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         **({"image_strategy": jsonable(info)} if info else {}),
     }
     grid = work_chunks(member_stacks, frame)
+    if plan.mode == "labels" and any(s.score_layout == "sparse" for s in member_stacks) and \
+            _member_specs(member_stacks, frame) is not None:
+        # the direct pass reads the K stored slots of a pixel, not its C classes: the gt's own grid
+        grid = (int(frame.chunks[0]), int(frame.chunks[1]), int(frame.chunks[2]))
     writer = create_stack(out, kind="ensemble", classes=frame.classes, ids=frame.ids,
                           shapes=frame.shapes, encoding="labels", name=name,
                           chunks=grid, padded_shape=frame.padded_shape,

@@ -30,8 +30,14 @@ others (:func:`counts_at_levels`): equal, bit for bit, to
 ``evaluate(..., bg_threshold=T)`` for every ``T`` of the sweep.
 
 Class-sparse stores (:mod:`isle_fast.stores.sparse`) are counted from their
-stored slots and keys (:func:`isle_fast.kernels.cpu.confusion_score_bins_sparse`),
-without making the dense stack.
+stored slots and keys (:func:`isle_fast.kernels.cpu.sparse_score_bins`),
+without making the dense stack: one sweep per chunk decodes the K stored slots
+of every pixel inside its image (the padding is not read) and counts ``(gt,
+a, bin)``, the bin of ``m`` being the number of the sweep's distinct levels
+below it (:func:`level_bins`; ``T + 1`` bins instead of 256, so the
+histogram stays in cache), and :func:`counts_at_bins` gives every
+threshold. A ground truth of some of the images (any order,
+:mod:`isle_fast.ensemble.partial`) is swept on those images, aligned by id.
 
 ``float16`` / ``float32`` score stores have no levels: they are evaluated
 once per threshold (exact too, but one decode per threshold). Label-map sets
@@ -62,6 +68,8 @@ __all__ = [
     "sweep_thresholds",
     "parse_thresholds",
     "counts_at_levels",
+    "counts_at_bins",
+    "level_bins",
     "threshold_levels",
     "BEST",
     "BEST_GRID",
@@ -174,16 +182,46 @@ def counts_at_levels(bins: np.ndarray, levels: Sequence[int]) -> np.ndarray:
         raise ValueError(f"bins must have shape (..., C, C, 256), not {bins.shape}")
     if lv.ndim != 1 or (lv.size and (lv.min() < 0 or lv.max() > 255)):
         raise ValueError("levels must be a 1-d sequence of integers in 0..255")
+    return counts_at_bins(bins, lv + 1)
+
+
+def counts_at_bins(bins: np.ndarray, starts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Confusion counts at every threshold from ``(..., C, C, B)`` bins: ``(..., T, C, C + 1)``.
+
+    ``bins[..., t, a, b]``: pixels of gt ``t`` with foreground argmax ``a`` whose max is in bin
+    ``b`` (:func:`level_bins`); at threshold ``k`` such a pixel is predicted ``a`` when
+    ``b >= starts[k]`` and background (0) otherwise (``starts[k] == B``: background everywhere).
+    """
+    bins = np.asarray(bins, dtype=np.int64)
+    st = np.asarray(starts, dtype=np.int64)
+    B = bins.shape[-1]
+    if bins.ndim < 3 or bins.shape[-2] != bins.shape[-3]:
+        raise ValueError(f"bins must have shape (..., C, C, B), not {bins.shape}")
+    if st.ndim != 1 or (st.size and (st.min() < 1 or st.max() > B)):
+        raise ValueError(f"starts must be a 1-d sequence of integers in 1..{B}")
     C = bins.shape[-2]
-    # above[..., t, a, L] = pixels with m > L
-    above = np.cumsum(bins[..., ::-1], axis=-1)[..., ::-1]  # m >= L
-    above = np.concatenate([above[..., 1:], np.zeros(above.shape[:-1] + (1,), np.int64)], axis=-1)
-    sel = np.moveaxis(above[..., lv], -1, -3)  # (..., T, C, C)
+    # above[..., t, a, b] = pixels in bins >= b (b = B: none)
+    above = np.cumsum(bins[..., ::-1], axis=-1)[..., ::-1]
+    above = np.concatenate([above, np.zeros(above.shape[:-1] + (1,), np.int64)], axis=-1)
+    sel = np.moveaxis(above[..., st], -1, -3)  # (..., T, C, C)
     out = np.zeros(sel.shape[:-1] + (C + 1,), np.int64)
     rows = bins.sum(axis=(-1, -2))  # (..., C)
     out[..., 1:C] = sel[..., 1:]
     out[..., 0] = rows[..., None, :] - sel[..., 1:].sum(axis=-1)
     return out
+
+
+def level_bins(levels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The score bins of a sweep's levels: ``(table (256,) uint8, starts (T,) int64)``.
+
+    ``table[m]`` is the number of distinct levels below ``m``, so a pixel with foreground max ``m``
+    is foreground at level ``L`` (``m > L``) exactly when its bin is ``>= starts[k]``, the position
+    of ``L = levels[k]`` among the distinct levels plus one. ``B = distinct levels + 1`` bins.
+    """
+    lv = np.asarray(levels, dtype=np.int64)
+    uniq = np.unique(lv)
+    table = np.searchsorted(uniq, np.arange(256), side="left").astype(np.uint8)
+    return table, np.searchsorted(uniq, lv, side="left").astype(np.int64) + 1
 
 
 # -- the per-chunk task -------------------------------------------------------------------------
@@ -198,11 +236,18 @@ class _SetPlan:
     units: tuple[float, ...] = ()  # scores: thresholds in stored units
 
 
-def _plans(stacks: Sequence[Stack], thresholds: Sequence[float]) -> tuple[_SetPlan, ...]:
+def _plans(stacks: Sequence[Stack], thresholds: Sequence[float], stored_background: bool = False
+           ) -> tuple[_SetPlan, ...]:
+    """How each set is counted; ``stored_background``: a class-sparse set at its store's background
+    level (its dense view's background slice: no threshold) instead of the thresholds'."""
+    from isle_fast.stores.sparse import BACKGROUND_ATTR
+
     out = []
     for s in stacks:
         if s.encoding == "labels":
             out.append(_SetPlan("labels"))
+        elif s.score_layout == "sparse" and stored_background:
+            out.append(_SetPlan("sparse", levels=(int(s.attrs[BACKGROUND_ATTR]),) * len(thresholds)))
         elif s.score_layout == "sparse":
             out.append(
                 _SetPlan("sparse", levels=tuple(int(v) for v in threshold_levels(thresholds, s.score_scale)))
@@ -224,8 +269,13 @@ def _sweep_block(
     n_thr: int,
     num_classes: int,
     per_image: bool,
+    shapes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Counts of one chunk at every threshold: ``(1 or k, 1, 1, N, T, C, C+1)``."""
+    """Counts of one chunk at every threshold: ``(1 or k, 1, 1, N, T, C, C+1)``.
+
+    ``shapes`` (local pass): rows and columns of each image inside the chunk; the class-sparse
+    kernel does not read the rest (padding, 255 in the gt, is never counted either way).
+    """
     from isle_fast.backend import task_kernels
     from isle_fast.kernels import cpu
 
@@ -235,6 +285,12 @@ def _sweep_block(
     out = np.zeros((n_img, 1, 1, len(plans), n_thr, C, C + 1), dtype=np.int64)
     it = iter(np.ascontiguousarray(b) for b in blocks)
     arrs = [(next(it), next(it)) if pl.mode == "sparse" else next(it) for pl in plans]  # sparse: (cams, keys)
+    sparse_n = [n for n, pl in enumerate(plans) if pl.mode == "sparse"]
+    if sparse_n:  # every class-sparse set in one decode + count sweep, on the bins of its own levels
+        tables = [level_bins(plans[n].levels) for n in sparse_n]
+        lut = np.zeros((len(sparse_n), 256), np.uint8)
+        for j, (t, _) in enumerate(tables):
+            lut[j] = t
     with task_kernels(backend) as K:
         for m in range(n_img):
             g = gt[m : m + 1] if per_image else gt
@@ -248,11 +304,11 @@ def _sweep_block(
             bins_sets = tuple(p for p, pl in zip(part, plans) if pl.mode == "bins")
             if bins_sets:
                 bins = cpu.confusion_score_bins(g, bins_sets, C)
-            sparse_sets = [p for p, pl in zip(part, plans) if pl.mode == "sparse"]
-            if sparse_sets:
+            if sparse_n:
                 g3 = g.reshape((-1,) + g.shape[-2:])
-                sbins = cpu.confusion_score_bins_sparse(
-                    g3, tuple(p[0] for p in sparse_sets), tuple(p[1] for p in sparse_sets), C
+                sh = None if shapes is None else (shapes[m : m + 1] if per_image else shapes)
+                sbins = cpu.sparse_score_bins(
+                    g3, tuple(part[n][0] for n in sparse_n), tuple(part[n][1] for n in sparse_n), C, lut, sh
                 )
             b = sb = 0
             for n, (a, pl) in enumerate(zip(part, plans)):
@@ -262,7 +318,7 @@ def _sweep_block(
                     out[m, 0, 0, n] = counts_at_levels(bins[b], pl.levels)
                     b += 1
                 elif pl.mode == "sparse":
-                    out[m, 0, 0, n] = counts_at_levels(sbins[sb], pl.levels)
+                    out[m, 0, 0, n] = counts_at_bins(sbins[sb], tables[sb][1])
                     sb += 1
                 else:
                     for k, u in enumerate(pl.units):
@@ -275,11 +331,16 @@ def _local_sweep_task(
     tails: Sequence[tuple],
     keys: Sequence[np.ndarray | None],
     images_per_chunk: int,
+    image_shapes: np.ndarray,
+    tile: tuple[int, int],
     block: tuple[int, int, int],
     shape: tuple[int, int, int],
     **kernel: Any,
 ) -> np.ndarray:
-    """One gt chunk: read it and the same chunk of every set (a class-sparse set: its slots and keys)."""
+    """One gt chunk: read it and the same chunk of every set (a class-sparse set: its slots and keys).
+
+    ``image_shapes`` (I, 2): every image's rows and columns; ``tile``: the chunks' rows and columns.
+    """
     from isle_fast.stores.chunks import read_chunk
 
     g = read_chunk(specs[0], block_id=block, block_info={None: {"chunk-shape": shape}})
@@ -296,7 +357,9 @@ def _local_sweep_task(
         km = keys[m]
         if km is not None:
             blocks.append(km[i0 : i0 + shape[0]])
-    return _sweep_block(g, *blocks, **kernel)
+    origin = np.array([block[1] * tile[0], block[2] * tile[1]], np.int64)
+    inside = np.clip(image_shapes[i0 : i0 + shape[0]] - origin, 0, np.array(shape[1:], np.int64))
+    return _sweep_block(g, *blocks, shapes=inside, **kernel)
 
 
 def _local_specs(stacks: Sequence[Stack], gt: Stack, plans: Sequence[_SetPlan]) -> list[Any] | None:
@@ -339,7 +402,7 @@ def _local_sweep(
     keys = [s.sparse_keys if p.mode == "sparse" else None for s, p in zip(stacks, kernel["plans"])]
     tails = [(int(s.cams_meta.shape[3]),) if p.mode == "sparse" else t
              for s, p, t in zip(stacks, kernel["plans"], tails)]
-    fn = partial(_local_sweep_task, specs, tails, keys, k, **kernel)
+    fn = partial(_local_sweep_task, specs, tails, keys, k, np.asarray(gt.shapes, np.int64), (hc, wc), **kernel)
     T = kernel["n_thr"]
     counts = np.zeros((len(stacks), T, c, c + 1), dtype=np.int64)
     stats = np.zeros((n, len(stacks), T, c, 2), dtype=np.int64) if kernel["per_image"] else None
@@ -357,9 +420,13 @@ def _local_sweep(
 
 
 def _dask_sweep(
-    stacks: Sequence[Stack], gt: Stack, *, progress: bool, **kernel: Any
+    stacks: Sequence[Stack], gt: Stack, *, progress: bool, positions: np.ndarray | None = None, **kernel: Any
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The sweep as a Dask graph (any scheduler, cluster, fsspec store)."""
+    """The sweep as a Dask graph (any scheduler, cluster, fsspec store).
+
+    ``positions`` (a gt of some images, :func:`isle_fast.ensemble.partial.gt_positions`): the sets'
+    images at the gt's ids, in its order, cropped to the common padded shape (as ``evaluate``).
+    """
     import dask
     import dask.array as da
 
@@ -374,7 +441,14 @@ def _dask_sweep(
     if len(sparse) > len(letters):
         raise InputError(f"at most {len(letters)} class-sparse sets in one threshold sweep")
     dense = [n for n in range(len(stacks)) if n not in sparse]
-    g, dense_arrays = aligned_arrays([stacks[n] for n in dense], gt)
+    if positions is None:
+        g, dense_arrays = aligned_arrays([stacks[n] for n in dense], gt)
+    else:
+        from isle_fast.ensemble.partial import subset_arrays
+
+        # (the sets' padded shape comes from the first set: a class-sparse one's dense view is not computed)
+        g, dense_arrays = subset_arrays([stacks[n] for n in dense] or [stacks[0]], gt, positions)
+        dense_arrays = dense_arrays[: len(dense)]
     dense_args = blockwise_args(dense_arrays, [stacks[n] for n in dense])
     args: list[Any] = []
     for n in range(len(stacks)):
@@ -385,9 +459,13 @@ def _dask_sweep(
             k = int(st.sparse_keys.shape[1])
             ax = letters[sparse.index(n)]
             cams = cams_dask(st)
+            skeys = st.sparse_keys
+            if positions is not None:
+                cams = cams[positions][:, : g.shape[1], : g.shape[2]]
+                skeys = skeys[positions]
             target = g.chunks + ((k,),)
             cams = cams if cams.chunks == target else cams.rechunk(target)
-            keys = da.from_array(st.sparse_keys, chunks=(g.chunks[0], (k,)))
+            keys = da.from_array(skeys, chunks=(g.chunks[0], (k,)))
             args += [cams, "ijk" + ax, keys, "i" + ax]
         else:
             j = dense.index(n)
@@ -564,7 +642,7 @@ def sweep_thresholds(
     """
     from isle_fast.backend import resolve_backend
     from isle_fast.ensemble.evaluate import AVERAGES
-    from isle_fast.ensemble.graph import open_inputs, unique_names
+    from isle_fast.ensemble.graph import open_inputs
 
     if average not in AVERAGES:
         raise InputError(f"{param('average')} must be one of {', '.join(AVERAGES)}, not {average!r}")
@@ -572,21 +650,26 @@ def sweep_thresholds(
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     stacks, gt_stack = open_inputs(sets, gt)
+    return _sweep(stacks, gt_stack, ts, _plans(stacks, ts), average=average, backend=be, progress=progress,
+                  t0=t0)
+
+
+def _sweep(stacks: Sequence[Stack], gt_stack: Stack, ts: tuple[float, ...], plans: tuple[_SetPlan, ...], *,
+           average: str, backend: str, progress: bool, t0: float) -> ThresholdSweep:
+    """The pass of :func:`sweep_thresholds` with the sets' plans given."""
+    from isle_fast.ensemble.graph import unique_names
     from isle_fast.ensemble.partial import gt_positions
 
-    if gt_positions(gt_stack, stacks) is not None:
-        raise InputError(f"a threshold sweep needs a ground truth of every image, in the sets' order; "
-                         f"{gt_stack.path} labels {gt_stack.num_images} of {stacks[0].num_images} (sweep on a "
-                         "store of the same images, or give one threshold)")
-    plans = _plans(stacks, ts)
+    be = backend
+    positions = gt_positions(gt_stack, stacks)  # a gt of some images: the sets' images at its ids
     kernel = dict(
         backend=be, plans=plans, n_thr=len(ts), num_classes=gt_stack.num_classes, per_image=average == "image"
     )
-    specs = _local_specs(stacks, gt_stack, plans)
+    specs = _local_specs(stacks, gt_stack, plans) if positions is None else None
     if specs is not None:
         counts, stats = _local_sweep(specs, stacks, gt_stack, progress=progress, **kernel)
     else:
-        counts, stats = _dask_sweep(stacks, gt_stack, progress=progress, **kernel)
+        counts, stats = _dask_sweep(stacks, gt_stack, progress=progress, positions=positions, **kernel)
     return ThresholdSweep(
         thresholds=ts,
         classes=list(gt_stack.classes),
@@ -616,21 +699,34 @@ def evaluate_at(sets: Sequence[Any], gt: Any, bg_threshold: float | None, *, ave
     """:func:`isle_fast.evaluate`, through the one-threshold sweep where a set is class-sparse.
 
     The sweep reads a class-sparse store's slots and keys directly (the plain pass reads its
-    dense view); the counts are equal (tests/test_sparse.py). Without a threshold (the stored
-    background slice), without class-sparse sets, or asked for the per-image counts (``per_image``:
-    the sweep keeps none), this is :func:`isle_fast.evaluate`.
+    dense view), also against a gt of some images; the counts are equal (tests/test_sparse.py).
+    Without a threshold, every score set class-sparse: the sweep at each store's background level
+    (what its stored background slice decodes to). Without class-sparse sets, without a threshold
+    and a dense score set, or asked for the per-image counts (``per_image``: the sweep keeps
+    none), this is :func:`isle_fast.evaluate`.
     """
     from isle_fast.ensemble.evaluate import check_bg_threshold, evaluate
     from isle_fast.ensemble.graph import _as_stack
 
     t = check_bg_threshold(bg_threshold)
     stacks = [_as_stack(s) for s in sets]
-    sparse = any(getattr(s, "score_layout", "dense") == "sparse" for s in stacks)
-    from isle_fast.ensemble.partial import gt_positions
-
-    partial_gt = gt_positions(_as_stack(gt), stacks) is not None  # the plain pass aligns by id
-    if t is None or t < 0 or t > 1 or not sparse or per_image or partial_gt:
+    layouts = [getattr(s, "score_layout", "dense") for s in stacks if s.encoding == "scores"]
+    sparse = "sparse" in layouts
+    stored = t is None and sparse and all(v == "sparse" for v in layouts)  # foreground > the stored level
+    if (t is None and not stored) or (t is not None and not 0 <= t <= 1) or not sparse or per_image:
         return evaluate(stacks, gt, average=average, backend=backend, bg_threshold=t, progress=progress,
                         per_image=per_image)
-    sw = sweep_thresholds(stacks, gt, [t], average=average, backend=backend, progress=progress)
+    if stored:
+        from isle_fast.backend import resolve_backend
+        from isle_fast.ensemble.evaluate import AVERAGES
+        from isle_fast.ensemble.graph import open_inputs
+
+        if average not in AVERAGES:
+            raise InputError(f"--average must be one of {', '.join(AVERAGES)}, not {average!r}")
+        t0 = time.perf_counter()
+        opened, gt_stack = open_inputs(stacks, gt)
+        sw = _sweep(opened, gt_stack, (0.0,), _plans(opened, (0.0,), stored_background=True), average=average,
+                    backend=resolve_backend(backend), progress=progress, t0=t0)
+    else:
+        sw = sweep_thresholds(stacks, gt, [t], average=average, backend=backend, progress=progress)
     return sw.evaluation([0] * len(stacks))

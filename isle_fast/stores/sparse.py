@@ -27,7 +27,11 @@ the padding), class ``keys[i, j]`` is slot ``j``, every other class is 0.
 :class:`isle_fast.stores.stack.Stack` gives that view to every reader
 (``Stack.array``, ``read_image``, ``to_dask``), so refine, merge, export,
 report and train read a sparse store like a dense one; the threshold sweep
-(:mod:`isle_fast.ensemble.sweep`) reads ``cams`` and ``keys`` directly.
+(:mod:`isle_fast.ensemble.sweep`) and the merge at per-set thresholds
+(:func:`isle_fast.ensemble.merge.merge`, its direct pass) read ``cams`` and
+``keys`` directly, decoding only the K stored slots of each pixel inside its
+image (:func:`isle_fast.kernels.cpu.sparse_score_bins`,
+:func:`isle_fast.kernels.cpu.merge_sparse_labels`).
 
 CAM ingest writes it straight from the CAM files
 (:mod:`isle_fast.stores.cam_ingest`); a dense ``uint8`` score store is made

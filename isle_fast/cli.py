@@ -190,12 +190,15 @@ def _load(module: str, name: str):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``isle`` command; returns the exit status."""
+    entry = argv is None   # the ``isle`` process itself, not a Python caller
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         with _sigterm_unwinds(), _notes_on_stderr():
             rc = _main(argv)
             sys.stdout.flush()   # a reader that went away shows here, not at interpreter exit
+        if entry:
+            _exit_when_done(rc)
         return rc
     except BrokenPipeError as exc:
         if not _stdout_broken():
@@ -207,6 +210,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 1
+
+
+def _exit_when_done(rc: int) -> None:
+    """End the ``isle`` process now that its work is done, without the interpreter's module teardown.
+
+    Python's finalisation after a Numba-using command spends 0.15-0.2 s tearing
+    down modules (measured on the 2,400-image ``isle evaluate``, about a tenth of
+    the whole process) and does nothing a finished command needs. Everything it
+    does that matters is done here first, in the same order: the threads' exit
+    hooks and a join of every non-daemon thread (``threading._shutdown``, which
+    stops the thread pools), then the ``atexit`` functions (logging's flush, the
+    refine pool's shutdown), then stdout and stderr are flushed. Where any of
+    that is unavailable, a child process is still alive, or ``ISLE_FAST_EXIT=0``,
+    the process ends the ordinary way.
+    """
+    shutdown = getattr(threading, "_shutdown", None)
+    if os.environ.get("ISLE_FAST_EXIT", "1") == "0" or shutdown is None:
+        return
+    import atexit
+
+    shutdown()
+    atexit._run_exitfuncs()
+    mp = sys.modules.get("multiprocessing")
+    if mp is not None and mp.active_children():
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return          # the ordinary exit reports it
+    os._exit(rc)
 
 
 def _main(argv: list[str]) -> int:

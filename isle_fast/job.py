@@ -519,6 +519,12 @@ def _clean_stale(out: Path) -> None:
 
 def _cached(path: Path, fp: str, make: Any) -> tuple[Any, bool]:
     """``(store, True)`` when the store at ``path`` has fingerprint ``fp``, else ``(make(), False)``."""
+    st = _reusable(path, fp)
+    return (st, True) if st is not None else (make(), False)
+
+
+def _reusable(path: Path, fp: str) -> Any:
+    """The store at ``path`` when it has fingerprint ``fp``, else None (:class:`InputError`: not a store)."""
     from isle_fast.stores.stack import open_stack
 
     if path.exists():
@@ -531,8 +537,8 @@ def _cached(path: Path, fp: str, make: Any) -> tuple[Any, bool]:
                 raise InputError(f"{path} is in the cache folder but is not an isle-fast store; "
                                  "move it away (the cache holds only the stores isle run makes)") from None
         if st is not None and st.provenance.get("job_fingerprint") == fp:
-            return st, True
-    return make(), False
+            return st
+    return None
 
 
 def _quiet_stdout() -> Any:
@@ -703,9 +709,13 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     def cached(key: str, path: Path, fp: str, make: Any) -> Any:
         with steps.step("ingest" if key != "refine" else "refine"):
             st, hit = _cached(path, fp, make)
-        (reused if hit else made).append(path.name)
-        fps[path.name] = fp
-        steps.say(f"{path.name}: {'reused (inputs unchanged)' if hit else 'made'} ({st.num_images:,} images)")
+        return record(st, hit, fp)
+
+    def record(st: Any, hit: bool, fp: str) -> Any:
+        name = os.path.basename(str(st.path).rstrip("/"))
+        (reused if hit else made).append(name)
+        fps[name] = fp
+        steps.say(f"{name}: {'reused (inputs unchanged)' if hit else 'made'} ({st.num_images:,} images)")
         return st
 
     # -- ingest (cached) -----------------------------------------------------------------------
@@ -719,6 +729,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
 
     gt = cached("gt", cache / "gt.zarr", gt_fp, make_gt)
     stores: dict[str, Any] = {}
+    per_image = spec.report or spec.average == "image"
+    todo: list[tuple[str, Path, str]] = []      # label sets to make: in one counted pass (run_counted)
     for name, folder, enc in spec.all_sets():
         exts = _LABEL_EXTS if enc == "labels" else _SCORE_EXTS
         fp = _fingerprint(kind=enc, files=fingerprint_folder(folder, exts), gt=gt_fp, skip_bad=spec.skip_bad,
@@ -733,7 +745,28 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
                                             allow_pickle=spec.allow_pickle,
                                             provenance={"job_fingerprint": fp}, **common)
 
+        if enc == "labels":
+            with steps.step("ingest"):
+                hit_st = _reusable(cache / f"{name}.zarr", fp)
+            if hit_st is None:
+                stores[name] = None        # made below; the dict keeps the sets' order
+                todo.append((name, folder, fp))
+            else:
+                stores[name] = record(hit_st, True, fp)
+            continue
         stores[name] = cached(name, cache / f"{name}.zarr", fp, make_set)
+    counted = _ingest_counted(spec, gt, cache, todo, common, per_image, steps) if todo else None
+    for name, folder, fp in todo:
+        if counted is not None:
+            stores[name] = record(counted.stacks[[t[0] for t in todo].index(name)], False, fp)
+            continue
+
+        def make_again(name: str = name, folder: Path = folder, fp: str = fp) -> Any:
+            with _quiet_stdout():
+                return ingest.ingest_labels(folder, cache / f"{name}.zarr", gt=gt, name=name,
+                                            provenance={"job_fingerprint": fp}, **common)
+
+        stores[name] = cached(name, cache / f"{name}.zarr", fp, make_again)
     images = None
     if spec.images is not None:
         image_dir = spec.images
@@ -777,8 +810,10 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
 
     # -- step 2: evaluate and select ---------------------------------------------------------------
     with steps.step("evaluate"):
-        ev = evaluate(set_stacks, gt, average=spec.average, backend=spec.backend,
-                      bg_threshold=spec.bg_threshold, progress=progress, per_image=spec.report)
+        known = {} if counted is None else {
+            n: (counted.counts[k], None if counted.image_stats is None else counted.image_stats[:, k])
+            for k, (n, _, _) in enumerate(todo) if candidates[n] is counted.stacks[k]}
+        ev = _evaluation(spec, set_names, set_stacks, gt, known, progress)
     names = ev.set_names
     subset = None
     if spec.subset:
@@ -870,6 +905,55 @@ def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path) -> tuple[Any, Any]:
         return None, None
     counter = ChunkCounts(gt, average=spec.average, backend=spec.backend, per_image=spec.report)
     return counter, ChunkExport(pngs, gt.ids, gt.shapes, compress=spec.compress)
+
+
+def _ingest_counted(spec: JobSpec, gt: Any, cache: Path, todo: Sequence[tuple[str, Path, str]],
+                    common: dict[str, Any], per_image: bool, steps: _Steps) -> Any:
+    """The label sets of ``todo`` ingested in one pass that also counts them against the gt
+    (:func:`isle_fast.stores.ingest_engine.run_counted`), or None: then they are made one by one
+    (and evaluated) the separate way, which also reports any bad input exactly as ``isle ingest``."""
+    from isle_fast.stores import ingest
+    from isle_fast.stores.ingest_engine import run_counted
+
+    with steps.step("ingest"), _quiet_stdout():
+        plans = [ingest.labels_plan(folder, cache / f"{name}.zarr", gt=gt, name=name,
+                                    provenance={"job_fingerprint": fp}, **common) for name, folder, fp in todo]
+        return run_counted(plans, gt, per_image=per_image, workers=spec.workers, quiet=spec.quiet)
+
+
+def _evaluation(spec: JobSpec, set_names: Sequence[str], set_stacks: Sequence[Any], gt: Any,
+                known: dict[str, tuple[np.ndarray, np.ndarray | None]], progress: bool) -> Any:
+    """``evaluate(set_stacks, gt, ...)``, taking the counts of the sets in ``known`` (counted while they
+    were ingested) instead of reading them again; the other sets are evaluated. Counts are exact
+    integers, so the result is the one evaluation of every set would give."""
+    from isle_fast.backend import resolve_backend
+    from isle_fast.ensemble.evaluate import Evaluation, evaluate
+    from isle_fast.ensemble.graph import open_inputs, unique_names
+
+    kw: dict[str, Any] = dict(average=spec.average, backend=spec.backend, bg_threshold=spec.bg_threshold,
+                              progress=progress, per_image=spec.report)
+    if not known:
+        return evaluate(set_stacks, gt, **kw)
+    t0 = time.perf_counter()
+    open_inputs(set_stacks, gt)                 # the checks evaluate makes
+    n, c = len(set_stacks), gt.num_classes
+    per_image = spec.report or spec.average == "image"
+    counts = np.zeros((n, c, c + 1), dtype=np.int64)
+    stats = np.zeros((gt.num_images, n, c, 2), dtype=np.int64) if per_image else None
+    rest = [i for i, name in enumerate(set_names) if name not in known]
+    if rest:
+        part = evaluate([set_stacks[i] for i in rest], gt, **kw)
+        counts[rest] = part.counts
+        if stats is not None:
+            stats[:, rest] = part.image_stats
+    for i, name in enumerate(set_names):
+        if name in known:
+            counts[i] = known[name][0]
+            if stats is not None:
+                stats[:, i] = known[name][1]
+    return Evaluation(classes=list(gt.classes), set_names=unique_names(set_stacks, say=True), counts=counts,
+                      average=spec.average, image_stats=stats, set_paths=[s.path for s in set_stacks],
+                      gt_path=gt.path, backend=resolve_backend(spec.backend), seconds=time.perf_counter() - t0)
 
 
 def _each_chunk(counter: Any, sink: Any) -> Any:

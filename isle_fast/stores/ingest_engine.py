@@ -262,3 +262,159 @@ def summarize(title: str, stack: Stack, bad: list[tuple[str, str, str]], pixels:
     if len(bad) > 10:
         rows["skipped ..."] = f"{len(bad) - 10} more (see the store's provenance)"
     summary(title, rows, quiet=quiet)
+
+
+# ------------------------------------------------------------------------ several sets in one pass
+@dataclass
+class Counted:
+    """What :func:`run_counted` made: the stores, and their counts against the ground truth.
+
+    Attributes
+    ----------
+    stacks : list of Stack
+        The new stores, one per plan, committed.
+    counts : ndarray, int64, (N, C, C+1)
+        The confusion counts of every store against the gt (``Evaluation.counts``).
+    image_stats : ndarray, int64, (I, N, C, 2), optional
+        Per-image intersection and union (``Evaluation.image_stats``), with ``per_image``.
+    """
+
+    stacks: list[Stack]
+    counts: np.ndarray
+    image_stats: np.ndarray | None
+
+
+def _counted_layout(plans: Sequence[_Plan], gt: Stack) -> bool:
+    """Whether :func:`run_counted` can run these plans: label folders of exactly the gt's images,
+    no problem found so far, a local gt in the plain layout holding whole images per chunk."""
+    if not plans or gt.chunk_spec() is None or tuple(gt.chunks[1:]) != tuple(gt.shape[1:]):
+        return False
+    ids = list(gt.ids)
+    for p in plans:
+        if (p.encoding != "labels" or p.in_memory or p.reference is None or p.prebad or p.finish is not None
+                or p.chunks is not None or [it.id for it in p.items] != ids):
+            return False
+    return True
+
+
+def _counted_chunk(reads: Sequence[Callable], specs: Sequence[Any], gt_spec: Any, k: int, kernel: dict, start: int,
+                   items: Sequence[Sequence[Any]], shapes: Sequence[tuple[int, int]]
+                   ) -> tuple[bool, np.ndarray | None, np.ndarray | None]:
+    """One task of :func:`run_counted`: decode one chunk of every set, write the chunks, count them.
+
+    Returns ``(ok, counts (N, C, C+1), per-image stats or None)``; ``ok`` is False (nothing
+    written by this task) when an image is bad: the caller then takes the separate way.
+    """
+    from isle_fast.ensemble.evaluate import _confusion_block
+    from isle_fast.metrics import intersection_union
+    from isle_fast.stores.chunkio import write_block
+    from isle_fast.stores.chunks import read_chunk
+
+    blocks = []
+    for read, spec, its in zip(reads, specs, items):
+        m = len(its)
+        block = np.full((m,) + tuple(spec.shape[1:]), spec.fill_value, dtype=np.dtype(spec.dtype))
+        for j, (it, hw) in enumerate(zip(its, shapes)):
+            data, err = read(it, hw)
+            if err is not None:
+                return False, None, None
+            block[j, :hw[0], :hw[1]] = data
+        blocks.append(block)
+    for spec, block in zip(specs, blocks):
+        write_block(spec, start, block)
+    shape = blocks[0].shape
+    g = read_chunk(gt_spec, block_id=(start // k, 0, 0), block_info={None: {"chunk-shape": shape}})
+    out = _confusion_block(g, *blocks, **kernel)
+    stats = intersection_union(out[:, 0, 0]) if kernel["per_image"] else None
+    return True, out.sum(axis=(0, 1, 2)), stats
+
+
+def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, workers: int | None = None,
+                quiet: bool = False) -> Counted | None:
+    """Run several label-folder ingests (:func:`isle_fast.stores.ingest.labels_plan`, each against ``gt``)
+    as one pass of chunk tasks, and count every set against the gt in the same tasks.
+
+    A task decodes the images of one chunk of every set, writes those chunks and counts them
+    against the gt's chunk (the kernels of :func:`isle_fast.ensemble.evaluate.evaluate`, so the
+    counts equal ``evaluate(stacks, gt)``'s, count for count). The stores are the ones
+    :func:`_run` would write, one by one.
+
+    Returns None, having written nothing, when the pass cannot run (:func:`_counted_layout`) or an
+    image turns out bad: the caller then ingests and evaluates the separate way, which reports
+    (or, with ``skip_bad``, skips) the bad images exactly as it always does.
+    """
+    from isle_fast.ensemble.evaluate import Group
+    from isle_fast.progress import progress
+
+    if not _counted_layout(plans, gt):
+        return None
+    n, k = gt.num_images, int(gt.chunks[0])
+    wk = parallel.default_workers() if workers is None else _default_workers(workers)
+    pool = parallel.active_pool()
+    if pool is not None:
+        safe = pool.numba_safe
+    else:   # executor_for forks a new pool unless one worker, one task or a cluster
+        safe = wk <= 1 or n <= k or parallel._current_client() is not None or parallel.numba_fork_safe()
+    if not safe:
+        return None     # worker processes could not run the counting kernel (forked after Numba's threads)
+    t0 = time.perf_counter()
+    c = gt.num_classes
+    shapes = [tuple(int(v) for v in hw) for hw in gt.shapes]
+    writers: list[Any] = []
+    try:
+        specs = []
+        for p in plans:
+            shape_arr = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+            ref = p.reference
+            assert ref is not None
+            w = create_stack(p.out, kind=p.kind, classes=p.classes, ids=[it.id for it in p.items],
+                             shapes=shape_arr, encoding=p.encoding, name=p.name, score_dtype=p.score_dtype,
+                             chunks=p.chunks, provenance=dict(p.provenance), overwrite=p.overwrite,
+                             padded_shape=ref.padded or None)
+            writers.append(w)
+            spec = chunkio.write_spec(w.array)
+            if not spec.direct or tuple(spec.chunk_shape) != tuple(int(v) for v in gt.chunks):
+                raise _NotCounted
+            chunkio.prepare_folders(spec)
+            specs.append(spec)
+        kernel = dict(backend="cpu", groups=(Group("labels", tuple(range(len(plans)))),),
+                      order=tuple(range(len(plans))), num_classes=c, per_image=per_image)
+        source = "the ground truth"
+        reads = [partial(_checked_read, p.read, source) for p in plans]
+        starts = list(range(0, n, k))
+        tasks = [(s, [p.items[s:s + k] for p in plans], shapes[s:s + k]) for s in starts]
+        fn = partial(_counted_chunk, reads, specs, gt.chunk_spec(), k, kernel)
+        counts = np.zeros((len(plans), c, c + 1), dtype=np.int64)
+        stats = np.zeros((n, len(plans), c, 2), dtype=np.int64) if per_image else None
+        with parallel.executor_for(len(tasks), wk) as ex, \
+                progress(total=n * len(plans), desc="ingest labels", unit="img", quiet=quiet) as bar:
+            bad = False
+            for i, (ok, part, part_stats) in ex.imap(fn, tasks):
+                bar.update(len(tasks[i][2]) * len(plans))
+                if not ok:   # every task still runs to its end: the pool stays usable for the separate way
+                    bad = True
+                    continue
+                counts += part
+                if stats is not None:
+                    stats[starts[i]:starts[i] + part_stats.shape[0]] += part_stats
+        if bad:
+            raise _NotCounted
+        stacks = [w.commit() for w in writers]
+    except _NotCounted:
+        for w in writers:
+            w.abort()
+        return None
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    pixels = sum(h * w for h, w in shapes)
+    seconds = time.perf_counter() - t0
+    for p, st in zip(plans, stacks):
+        summarize(f"isle ingest: {p.encoding} -> {p.kind} store", st, [], pixels, seconds, what=p.what,
+                  quiet=p.quiet)
+    return Counted(stacks=stacks, counts=counts, image_stats=stats)
+
+
+class _NotCounted(Exception):
+    """The fused pass cannot go on (a bad image, another layout): take the separate way."""

@@ -60,6 +60,7 @@ __all__ = [
     "use_pool",
     "active_pool",
     "executor_for",
+    "numba_fork_safe",
 ]
 
 #: Environment variable naming the multiprocessing start method of worker processes.
@@ -110,6 +111,18 @@ def _pack(exc: BaseException) -> tuple[bytes | None, str, str]:
     except Exception:
         blob = None
     return blob, f"{type(exc).__name__}: {exc}", tb
+
+
+def numba_fork_safe() -> bool:
+    """Whether processes forked from this one now may run Numba's parallel kernels.
+
+    A forked child inherits Numba's thread pool once this process has started it, and GNU
+    OpenMP's cannot work there: Numba ends such a child (SIGTERM) at its first parallel kernel.
+    So tasks that run kernels may go to worker processes only when the pool was forked before
+    this process started Numba's threads (``isle`` forks its pool first), or not forked at all.
+    """
+    mod = sys.modules.get("numba.np.ufunc.parallel")
+    return mod is None or not getattr(mod, "_is_initialized", False)
 
 
 # ------------------------------------------------------------------------------ in process
@@ -265,6 +278,8 @@ class ProcessPool:
         self._next_fn = 0
         self._broken: BaseException | None = None
         self._closed = False
+        #: whether the workers may run Numba's parallel kernels (:func:`numba_fork_safe` when they started)
+        self.numba_safe = True
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "ProcessPool":
@@ -275,6 +290,8 @@ class ProcessPool:
     def _ensure_started(self) -> None:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
+        if len(self._workers) < self.workers and self.start_method == "fork":
+            self.numba_safe = self.numba_safe and numba_fork_safe()
         while len(self._workers) < self.workers:
             self._workers.append(_Worker(self._ctx))
 

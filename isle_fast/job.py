@@ -884,7 +884,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     result.cpu_seconds["total"] = round(_cpu_now() - steps.cpu0, 3)
     doc = {"tool": "isle-fast", "command": "isle run", "spec": _spec_json(spec), "fingerprints": fps,
            "png_bytes": exp["bytes"], "compress": exp["compress"],
-           "ensemble_pass": "fused" if counter is not None else "separate", **result.to_json()}
+           "ensemble_pass": "fused" if counter is not None else "separate",
+           "counted_at_ingest": [f"{n}.zarr" for n in known], **result.to_json()}
     from isle_fast.outputs import write_json
 
     write_json(out / "run.json", doc, command="isle run")

@@ -622,6 +622,8 @@ def _warm_up(backend: str) -> None:
     """
     def work() -> None:
         try:
+            import zarr  # noqa: F401 - the stores' writers need it soon (0.15 s), the workers decode now
+
             from isle_fast.backend import get_kernels, resolve_backend
 
             if resolve_backend(backend) == "cpu":
@@ -916,10 +918,25 @@ def _ingest_counted(spec: JobSpec, gt: Any, cache: Path, todo: Sequence[tuple[st
     from isle_fast.stores import ingest
     from isle_fast.stores.ingest_engine import run_counted
 
+    from isle_fast.stores import parallel
+
+    pool = parallel.active_pool()
+    if pool is not None and pool.numba_safe:    # the counting kernel loads in the workers meanwhile
+        pool.broadcast(_load_counting_kernel)
     with steps.step("ingest"), _quiet_stdout():
         plans = [ingest.labels_plan(folder, cache / f"{name}.zarr", gt=gt, name=name,
                                     provenance={"job_fingerprint": fp}, **common) for name, folder, fp in todo]
         return run_counted(plans, gt, per_image=per_image, workers=spec.workers, quiet=spec.quiet)
+
+
+def _load_counting_kernel() -> None:
+    """Load the confusion kernel from Numba's cache (about 0.4 s of CPU), in a worker process."""
+    from isle_fast.backend import get_kernels
+
+    K = get_kernels("cpu")
+    a = np.zeros((1, 8, 8), np.uint8)
+    with K.numba_threads(1):
+        K.confusion_labels(a, (a, a), 3)
 
 
 def _evaluation(spec: JobSpec, set_names: Sequence[str], set_stacks: Sequence[Any], gt: Any,

@@ -327,7 +327,11 @@ def _find(folder: Path, image_id: str, exts: Sequence[str], files: set[str] | No
     for e in exts:
         for cand in (e, e.upper()):
             name = f"{image_id}{cand}"
-            if name in files if files is not None and local else (folder / name).is_file():
+            if local:   # a name in the listing: the path as str(folder / name) writes it, without pathlib
+                if name in files:   # type: ignore[operator]
+                    base = str(folder)
+                    return name if base == "." else os.path.join(base, name)
+            elif (folder / name).is_file():
                 return str(folder / name)
     return None
 

@@ -223,6 +223,14 @@ def _worker_main(conn: Any) -> None:
 
             fns = {msg[1]: cloudpickle.loads(msg[2])}
             continue
+        if msg[0] == "call":  # broadcast(): run it, answer nothing; a failure is left to the tasks to meet
+            import cloudpickle
+
+            try:
+                cloudpickle.loads(msg[1])()
+            except Exception:  # noqa: BLE001 - a warm-up; the tasks that need it report their own errors
+                pass
+            continue
         _, fid, index, args = msg
         try:
             result = fns[fid](*args)
@@ -409,6 +417,22 @@ class ProcessPool:
         finally:
             if not finished and self._broken is None:
                 self._broken = RuntimeError("the consumer stopped before every task was done")
+
+    def broadcast(self, fn: Callable[[], Any]) -> None:
+        """Have every worker call ``fn()`` before its next task, without waiting for it (a warm-up:
+        loading what the next tasks need while this process does something else). Nothing comes
+        back; an exception is ignored. Needs a worker pool that has no tasks in flight."""
+        import cloudpickle
+
+        if self._broken is not None or self._closed:
+            return
+        self._ensure_started()
+        blob = cloudpickle.dumps(fn)
+        for w in self._workers:
+            try:
+                w.conn.send(("call", blob))
+            except (BrokenPipeError, ConnectionError, EOFError):
+                self._lost(w)
 
     def _lost(self, w: _Worker) -> None:
         w.process.join(timeout=1)

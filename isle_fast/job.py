@@ -915,10 +915,8 @@ def _ingest_counted(spec: JobSpec, gt: Any, cache: Path, todo: Sequence[tuple[st
     """The label sets of ``todo`` ingested in one pass that also counts them against the gt
     (:func:`isle_fast.stores.ingest_engine.run_counted`), or None: then they are made one by one
     (and evaluated) the separate way, which also reports any bad input exactly as ``isle ingest``."""
-    from isle_fast.stores import ingest
+    from isle_fast.stores import ingest, parallel
     from isle_fast.stores.ingest_engine import run_counted
-
-    from isle_fast.stores import parallel
 
     pool = parallel.active_pool()
     if pool is not None and pool.numba_safe:    # the counting kernel loads in the workers meanwhile

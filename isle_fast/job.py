@@ -729,35 +729,49 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
             return ingest.ingest_labels(spec.gt, cache / "gt.zarr", ids=spec.ids, classes=spec.classes,
                                         kind="gt", name="gt", provenance={"job_fingerprint": gt_fp}, **common)
 
-    gt = cached("gt", cache / "gt.zarr", gt_fp, make_gt)
+    with steps.step("ingest"):
+        gt = _reusable(cache / "gt.zarr", gt_fp)
     stores: dict[str, Any] = {}
     per_image = spec.report or spec.average == "image"
     todo: list[tuple[str, Path, str]] = []      # label sets to make: in one counted pass (run_counted)
+    later: list[tuple[str, Path, str]] = []     # score sets: ingested against the gt store
     for name, folder, enc in spec.all_sets():
         exts = _LABEL_EXTS if enc == "labels" else _SCORE_EXTS
         fp = _fingerprint(kind=enc, files=fingerprint_folder(folder, exts), gt=gt_fp, skip_bad=spec.skip_bad,
                           allow_pickle=spec.allow_pickle if enc == "scores" else None)
-
-        def make_set(name: str = name, folder: Path = folder, enc: str = enc, fp: str = fp) -> Any:
-            with _quiet_stdout():
-                if enc == "labels":
-                    return ingest.ingest_labels(folder, cache / f"{name}.zarr", gt=gt, name=name,
-                                                provenance={"job_fingerprint": fp}, **common)
-                return ingest.ingest_scores(folder, cache / f"{name}.zarr", gt=gt, name=name,
-                                            allow_pickle=spec.allow_pickle,
-                                            provenance={"job_fingerprint": fp}, **common)
-
+        stores[name] = None                     # made below; the dict keeps the sets' order
         if enc == "labels":
             with steps.step("ingest"):
                 hit_st = _reusable(cache / f"{name}.zarr", fp)
             if hit_st is None:
-                stores[name] = None        # made below; the dict keeps the sets' order
                 todo.append((name, folder, fp))
             else:
                 stores[name] = record(hit_st, True, fp)
-            continue
-        stores[name] = cached(name, cache / f"{name}.zarr", fp, make_set)
-    counted = _ingest_counted(spec, gt, cache, todo, common, per_image, steps) if todo else None
+        else:
+            later.append((name, folder, fp))
+    counted = None
+    if gt is not None:
+        record(gt, True, gt_fp)
+    else:
+        both = _ingest_gt_counted(spec, cache, gt_fp, todo, common, per_image, steps) if todo else None
+        if both is not None:
+            gt, counted = both
+            record(gt, False, gt_fp)
+        else:
+            with steps.step("ingest"):
+                gt = make_gt()
+            record(gt, False, gt_fp)
+    for name, folder, fp in later:
+
+        def make_scores(name: str = name, folder: Path = folder, fp: str = fp) -> Any:
+            with _quiet_stdout():
+                return ingest.ingest_scores(folder, cache / f"{name}.zarr", gt=gt, name=name,
+                                            allow_pickle=spec.allow_pickle,
+                                            provenance={"job_fingerprint": fp}, **common)
+
+        stores[name] = cached(name, cache / f"{name}.zarr", fp, make_scores)
+    if counted is None and todo:
+        counted = _ingest_counted(spec, gt, cache, todo, common, per_image, steps)
     for name, folder, fp in todo:
         if counted is not None:
             stores[name] = record(counted.stacks[[t[0] for t in todo].index(name)], False, fp)
@@ -925,6 +939,28 @@ def _ingest_counted(spec: JobSpec, gt: Any, cache: Path, todo: Sequence[tuple[st
         plans = [ingest.labels_plan(folder, cache / f"{name}.zarr", gt=gt, name=name,
                                     provenance={"job_fingerprint": fp}, **common) for name, folder, fp in todo]
         return run_counted(plans, gt, per_image=per_image, workers=spec.workers, quiet=spec.quiet)
+
+
+def _ingest_gt_counted(spec: JobSpec, cache: Path, gt_fp: str, todo: Sequence[tuple[str, Path, str]],
+                       common: dict[str, Any], per_image: bool, steps: _Steps) -> Any:
+    """The gt and the label sets of ``todo`` in one counted pass
+    (:func:`isle_fast.stores.ingest_engine.run_counted_with_gt`): ``(gt, counted)``, or None (then the
+    gt is ingested on its own, and the sets after it)."""
+    from isle_fast.stores import ingest, parallel
+    from isle_fast.stores.ingest_engine import run_counted_with_gt
+
+    def set_plans(ref: Any) -> list:
+        pool = parallel.active_pool()
+        if pool is not None and pool.numba_safe:    # the workers load it while the sets are planned here
+            pool.broadcast(_load_counting_kernel)
+        return [ingest.labels_plan(folder, cache / f"{name}.zarr", gt=ref, name=name,
+                                   provenance={"job_fingerprint": fp}, **common) for name, folder, fp in todo]
+
+    with steps.step("ingest"), _quiet_stdout():
+        gt_plan = ingest.labels_plan(spec.gt, cache / "gt.zarr", ids=spec.ids, classes=spec.classes, kind="gt",
+                                     name="gt", provenance={"job_fingerprint": gt_fp}, **common)
+        return run_counted_with_gt(gt_plan, set_plans, per_image=per_image, workers=spec.workers,
+                                   quiet=spec.quiet)
 
 
 def _load_counting_kernel() -> None:

@@ -458,3 +458,45 @@ def test_run_counted_leaves_a_bad_set_to_the_separate_way(tree, tmp_path, capsys
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
     rc, _, err = run_cli(capsys, "run", tree, "--out", tmp_path / "run", "-q")
     assert rc == 2 and "im011" in err and str(bad) in err and "5 x 5" in err
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_run_counted_with_gt_equals_ingesting_the_gt_then_the_sets(tree, tmp_path, per_image):
+    """The gt in the same pass: its store and the sets' equal ``ingest_labels`` of the gt and then of
+    each set against it (arrays, ids, shapes, every attribute but the time), the counts ``evaluate``'s."""
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.stores.ingest import ingest_labels, labels_plan
+    from isle_fast.stores.ingest_engine import run_counted_with_gt
+
+    out = tmp_path / "fused"
+    gt_plan = labels_plan(tree / "SegmentationClass", out / "gt.zarr", kind="gt", name="gt", quiet=True,
+                          workers=1, chunks=(7, 999, 999))       # 6 chunks of whole images, the last short
+    got = run_counted_with_gt(gt_plan, lambda ref: [
+        labels_plan(tree / "pseudo" / s, out / f"{s}.zarr", gt=ref, name=s, quiet=True, workers=1,
+                    chunks=(7, 999, 999)) for s in SETS], per_image=per_image, workers=1, quiet=True)
+    assert got is not None
+    gt, res = got
+    sep_gt = ingest_labels(tree / "SegmentationClass", tmp_path / "sep" / "gt.zarr", kind="gt", name="gt",
+                           quiet=True, workers=1, chunks=(7, 999, 999))
+    sep = [ingest_labels(tree / "pseudo" / s, tmp_path / "sep" / f"{s}.zarr", gt=sep_gt, name=s, quiet=True,
+                         workers=1, chunks=(7, 999, 999)) for s in SETS]
+    for a, b in zip([gt, *res.stacks], [sep_gt, *sep]):
+        assert np.array_equal(a.array[:], b.array[:]) and list(a.ids) == list(b.ids)
+        assert np.array_equal(a.shapes, b.shapes) and a.chunks == b.chunks
+        da, db = _store_doc(Path(a.path)), _store_doc(Path(b.path))
+        for d, root in ((da, out), (db, tmp_path / "sep")):       # the gt store named where it is
+            if d["provenance"].get("gt"):
+                assert d["provenance"]["gt"] == str(root / "gt.zarr")
+                d["provenance"]["gt"] = "GT"
+        assert da == db
+    ev = evaluate(sep, sep_gt, progress=False, per_image=per_image)
+    assert np.array_equal(res.counts, ev.counts)
+    assert (res.image_stats is None) == (not per_image)
+    if per_image:
+        assert np.array_equal(res.image_stats, ev.image_stats)
+    # a bad gt header: nothing written, None
+    (tree / "SegmentationClass" / "im005.png").write_bytes(b"not a png")
+    gt_plan = labels_plan(tree / "SegmentationClass", tmp_path / "bad" / "gt.zarr", kind="gt", quiet=True,
+                          workers=1)
+    assert run_counted_with_gt(gt_plan, lambda ref: [], workers=1, quiet=True) is None
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -253,8 +253,8 @@ def resolve_classes(classes: str | os.PathLike | Sequence[str] | None) -> list[s
 
 
 def _reference(gt: Any, ids: list[str] | None, workers: int) -> _Reference | None:
-    if gt is None:
-        return None
+    if gt is None or isinstance(gt, _Reference):   # a _Reference: the gt store isle run is writing
+        return gt
     if isinstance(gt, Stack):
         st = gt
     elif is_remote(gt) or (Path(gt) / "zarr.json").exists():

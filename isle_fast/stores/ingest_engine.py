@@ -35,6 +35,11 @@ class _Reference:
     padded: tuple[int, int] | None
     classes: list[str] | None
 
+    @property
+    def path(self) -> str:
+        """Where the ground truth is (a store's path, as a ``Stack`` has it; or a folder)."""
+        return self.source
+
 
 def _default_workers(workers: int | None) -> int:
     if workers is not None:
@@ -302,8 +307,10 @@ def _counted_chunk(reads: Sequence[Callable], specs: Sequence[Any], gt_spec: Any
                    ) -> tuple[bool, np.ndarray | None, np.ndarray | None]:
     """One task of :func:`run_counted`: decode one chunk of every set, write the chunks, count them.
 
-    Returns ``(ok, counts (N, C, C+1), per-image stats or None)``; ``ok`` is False (nothing
-    written by this task) when an image is bad: the caller then takes the separate way.
+    ``gt_spec`` None: the first plan is the ground truth itself, counted against in memory; else the
+    gt's chunk is read from its store. Returns ``(ok, counts (N, C, C+1), per-image stats or None)``;
+    ``ok`` is False (nothing written by this task) when an image is bad: the caller then takes the
+    separate way.
     """
     from isle_fast.ensemble.evaluate import _confusion_block
     from isle_fast.metrics import intersection_union
@@ -313,20 +320,93 @@ def _counted_chunk(reads: Sequence[Callable], specs: Sequence[Any], gt_spec: Any
     blocks = []
     for read, spec, its in zip(reads, specs, items):
         m = len(its)
-        block = np.full((m,) + tuple(spec.shape[1:]), spec.fill_value, dtype=np.dtype(spec.dtype))
+        block = np.empty((m,) + tuple(spec.shape[1:]), dtype=np.dtype(spec.dtype))
         for j, (it, hw) in enumerate(zip(its, shapes)):
             data, err = read(it, hw)
             if err is not None:
                 return False, None, None
-            block[j, :hw[0], :hw[1]] = data
+            h, w = hw
+            block[j, :h, :w] = data
+            block[j, :h, w:] = spec.fill_value        # the padding only: each pixel is written once
+            block[j, h:] = spec.fill_value
         blocks.append(block)
     for spec, block in zip(specs, blocks):
         write_block(spec, start, block)
     shape = blocks[0].shape
-    g = read_chunk(gt_spec, block_id=(start // k, 0, 0), block_info={None: {"chunk-shape": shape}})
+    if gt_spec is None:
+        g, blocks = blocks[0], blocks[1:]
+    else:
+        g = read_chunk(gt_spec, block_id=(start // k, 0, 0), block_info={None: {"chunk-shape": shape}})
     out = _confusion_block(g, *blocks, **kernel)
     stats = intersection_union(out[:, 0, 0]) if kernel["per_image"] else None
     return True, out.sum(axis=(0, 1, 2)), stats
+
+
+def _fork_safe(n: int, k: int, workers: int) -> bool:
+    """Whether the chunk tasks may run the counting kernel where :func:`parallel.executor_for` puts them."""
+    pool = parallel.active_pool()
+    if pool is not None:
+        return pool.numba_safe
+    # executor_for forks a new pool unless one worker, one task or a cluster
+    return workers <= 1 or n <= k or parallel._current_client() is not None or parallel.numba_fork_safe()
+
+
+def _create(p: _Plan, ids: list[str], shapes: Sequence[tuple[int, int]], padded: Any) -> Any:
+    """The store writer of plan ``p``, as :func:`_write` creates it."""
+    return create_stack(p.out, kind=p.kind, classes=p.classes, ids=ids,
+                        shapes=np.asarray(shapes, dtype=np.int64).reshape(-1, 2), encoding=p.encoding,
+                        name=p.name, score_dtype=p.score_dtype, chunks=p.chunks, provenance=dict(p.provenance),
+                        overwrite=p.overwrite, padded_shape=padded)
+
+
+def _counted_pass(plans: Sequence[_Plan], writers: list[Any], chunks: tuple[int, ...], gt_spec: Any,
+                  shapes: list[tuple[int, int]], num_classes: int, per_image: bool, workers: int,
+                  quiet: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The chunk tasks of :func:`run_counted` (``gt_spec`` None: ``plans[0]`` is the gt, in the pass);
+    ``(counts, image stats)`` of the plans counted. :class:`_NotCounted` when it cannot run or an image
+    was bad (every task has ended then: the pool stays usable)."""
+    from isle_fast.ensemble.evaluate import Group
+    from isle_fast.progress import progress
+
+    n, k = len(shapes), int(chunks[0])
+    specs = []
+    for w in writers:
+        spec = chunkio.write_spec(w.array)
+        if not spec.direct or tuple(spec.chunk_shape) != tuple(chunks):
+            raise _NotCounted
+        specs.append(spec)
+    for spec in specs:
+        chunkio.prepare_folders(spec)
+    counted = len(plans) - (1 if gt_spec is None else 0)
+    kernel = dict(backend="cpu", groups=(Group("labels", tuple(range(counted))),), order=tuple(range(counted)),
+                  num_classes=num_classes, per_image=per_image)
+    reads = [partial(_checked_read, p.read, "its header" if p.reference is None else "the ground truth")
+             for p in plans]
+    starts = list(range(0, n, k))
+    tasks = [(s, [p.items[s:s + k] for p in plans], shapes[s:s + k]) for s in starts]
+    fn = partial(_counted_chunk, reads, specs, gt_spec, k, kernel)
+    counts = np.zeros((counted, num_classes, num_classes + 1), dtype=np.int64)
+    stats = np.zeros((n, counted, num_classes, 2), dtype=np.int64) if per_image else None
+    bad = False
+    with parallel.executor_for(len(tasks), workers) as ex, \
+            progress(total=n * len(plans), desc="ingest labels", unit="img", quiet=quiet) as bar:
+        for i, (ok, part, part_stats) in ex.imap(fn, tasks):
+            bar.update(len(tasks[i][2]) * len(plans))
+            if not ok:   # every task still runs to its end: the pool stays usable for the separate way
+                bad = True
+                continue
+            counts += part
+            if stats is not None:
+                stats[starts[i]:starts[i] + part_stats.shape[0]] += part_stats
+    if bad:
+        raise _NotCounted
+    return counts, stats
+
+
+def _summaries(plans: Sequence[_Plan], stacks: Sequence[Stack], pixels: int, seconds: float) -> None:
+    for p, st in zip(plans, stacks):
+        summarize(f"isle ingest: {p.encoding} -> {p.kind} store", st, [], pixels, seconds, what=p.what,
+                  quiet=p.quiet)
 
 
 def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, workers: int | None = None,
@@ -339,66 +419,26 @@ def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, w
     counts equal ``evaluate(stacks, gt)``'s, count for count). The stores are the ones
     :func:`_run` would write, one by one.
 
-    Returns None, having written nothing, when the pass cannot run (:func:`_counted_layout`) or an
+    Returns None, having written nothing, when the pass cannot run (:func:`_counted_layout`, or
+    worker processes forked after Numba started its threads: :func:`parallel.numba_fork_safe`) or an
     image turns out bad: the caller then ingests and evaluates the separate way, which reports
     (or, with ``skip_bad``, skips) the bad images exactly as it always does.
     """
-    from isle_fast.ensemble.evaluate import Group
-    from isle_fast.progress import progress
-
     if not _counted_layout(plans, gt):
         return None
     n, k = gt.num_images, int(gt.chunks[0])
     wk = parallel.default_workers() if workers is None else _default_workers(workers)
-    pool = parallel.active_pool()
-    if pool is not None:
-        safe = pool.numba_safe
-    else:   # executor_for forks a new pool unless one worker, one task or a cluster
-        safe = wk <= 1 or n <= k or parallel._current_client() is not None or parallel.numba_fork_safe()
-    if not safe:
-        return None     # worker processes could not run the counting kernel (forked after Numba's threads)
+    if not _fork_safe(n, k, wk):
+        return None
     t0 = time.perf_counter()
-    c = gt.num_classes
-    shapes = [tuple(int(v) for v in hw) for hw in gt.shapes]
+    shapes = [(int(h), int(w)) for h, w in gt.shapes]
     writers: list[Any] = []
     try:
-        specs = []
         for p in plans:
-            shape_arr = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
-            ref = p.reference
-            assert ref is not None
-            w = create_stack(p.out, kind=p.kind, classes=p.classes, ids=[it.id for it in p.items],
-                             shapes=shape_arr, encoding=p.encoding, name=p.name, score_dtype=p.score_dtype,
-                             chunks=p.chunks, provenance=dict(p.provenance), overwrite=p.overwrite,
-                             padded_shape=ref.padded or None)
-            writers.append(w)
-            spec = chunkio.write_spec(w.array)
-            if not spec.direct or tuple(spec.chunk_shape) != tuple(int(v) for v in gt.chunks):
-                raise _NotCounted
-            chunkio.prepare_folders(spec)
-            specs.append(spec)
-        kernel = dict(backend="cpu", groups=(Group("labels", tuple(range(len(plans)))),),
-                      order=tuple(range(len(plans))), num_classes=c, per_image=per_image)
-        source = "the ground truth"
-        reads = [partial(_checked_read, p.read, source) for p in plans]
-        starts = list(range(0, n, k))
-        tasks = [(s, [p.items[s:s + k] for p in plans], shapes[s:s + k]) for s in starts]
-        fn = partial(_counted_chunk, reads, specs, gt.chunk_spec(), k, kernel)
-        counts = np.zeros((len(plans), c, c + 1), dtype=np.int64)
-        stats = np.zeros((n, len(plans), c, 2), dtype=np.int64) if per_image else None
-        with parallel.executor_for(len(tasks), wk) as ex, \
-                progress(total=n * len(plans), desc="ingest labels", unit="img", quiet=quiet) as bar:
-            bad = False
-            for i, (ok, part, part_stats) in ex.imap(fn, tasks):
-                bar.update(len(tasks[i][2]) * len(plans))
-                if not ok:   # every task still runs to its end: the pool stays usable for the separate way
-                    bad = True
-                    continue
-                counts += part
-                if stats is not None:
-                    stats[starts[i]:starts[i] + part_stats.shape[0]] += part_stats
-        if bad:
-            raise _NotCounted
+            assert p.reference is not None
+            writers.append(_create(p, [it.id for it in p.items], shapes, p.reference.padded or None))
+        counts, stats = _counted_pass(plans, writers, tuple(int(v) for v in gt.chunks), gt.chunk_spec(), shapes,
+                                      gt.num_classes, per_image, wk, quiet)
         stacks = [w.commit() for w in writers]
     except _NotCounted:
         for w in writers:
@@ -408,12 +448,64 @@ def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, w
         for w in writers:
             w.abort()
         raise
-    pixels = sum(h * w for h, w in shapes)
-    seconds = time.perf_counter() - t0
-    for p, st in zip(plans, stacks):
-        summarize(f"isle ingest: {p.encoding} -> {p.kind} store", st, [], pixels, seconds, what=p.what,
-                  quiet=p.quiet)
+    _summaries(plans, stacks, sum(h * w for h, w in shapes), time.perf_counter() - t0)
     return Counted(stacks=stacks, counts=counts, image_stats=stats)
+
+
+def run_counted_with_gt(gt_plan: _Plan, set_plans: Callable[[_Reference], list[_Plan]], *,
+                        per_image: bool = False, workers: int | None = None, quiet: bool = False
+                        ) -> tuple[Stack, Counted] | None:
+    """:func:`run_counted` with the ground truth ingested in the same pass: ``(gt, counted)`` or None.
+
+    ``gt_plan``: the gt folder's plan (``labels_plan(..., kind="gt")``). Its headers are read first
+    (the images' sizes, as :func:`_run` reads them); ``set_plans(reference)`` then makes the sets'
+    plans against the gt store about to be written (``labels_plan(..., gt=reference)``: the
+    reference says what the committed store will: ids, sizes, padding, classes, path). Each task
+    decodes one chunk of the gt and of every set, writes them all and counts the sets against the
+    gt's chunk in memory. The stores equal those of ``ingest_labels`` of the gt, then of each set
+    against it; the counts equal ``evaluate``'s. None, with nothing written, where
+    :func:`run_counted` would give None, or a header is bad.
+    """
+    p = gt_plan
+    if (p.reference is not None or p.header is None or p.encoding != "labels" or p.in_memory or p.prebad
+            or p.finish is not None or not p.items):
+        return None
+    wk = parallel.default_workers() if workers is None else _default_workers(workers)
+    t0 = time.perf_counter()
+    heads = parallel.read_headers(partial(_checked_header, p.header), p.items, workers=wk,
+                                  in_memory=p.in_memory, quiet=True)
+    if any(err is not None for _, err in heads):
+        return None
+    ids = [it.id for it in p.items]
+    shapes = [(int(hw[0]), int(hw[1])) for hw, _ in heads]
+    writers: list[Any] = []
+    try:
+        gw = _create(p, ids, shapes, None)
+        writers.append(gw)
+        chunks = tuple(int(v) for v in gw.array.chunks)
+        padded = (int(gw.array.shape[1]), int(gw.array.shape[2]))
+        if not _fork_safe(len(ids), chunks[0], wk) or chunks[1:] != padded:
+            raise _NotCounted
+        ref = _Reference(gw.path, ids, dict(zip(ids, shapes)), padded, list(p.classes))
+        plans = set_plans(ref)
+        if not plans or any(q.encoding != "labels" or q.in_memory or q.prebad or q.finish is not None
+                            or [it.id for it in q.items] != ids for q in plans):
+            raise _NotCounted
+        for q in plans:
+            writers.append(_create(q, ids, shapes, padded))
+        counts, stats = _counted_pass([p, *plans], writers, chunks, None, shapes, len(p.classes), per_image,
+                                      wk, quiet)
+        stacks = [w.commit() for w in writers]
+    except _NotCounted:
+        for w in writers:
+            w.abort()
+        return None
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    _summaries([p, *plans], stacks, sum(h * w for h, w in shapes), time.perf_counter() - t0)
+    return stacks[0], Counted(stacks=stacks[1:], counts=counts, image_stats=stats)
 
 
 class _NotCounted(Exception):

@@ -27,6 +27,21 @@ PNG of a set re-ingests that set. Refined sets are cached the same way (their
 fingerprint covers the source store, the images and the refinement chain
 with its parameters). Two runs never share a cache at once (a lock file).
 
+Counted while ingested
+----------------------
+The label sets a run makes are ingested in one pass of chunk tasks on the
+worker pool, with the gt too when it is made
+(:func:`isle_fast.stores.ingest_engine.run_counted_with_gt`, else
+:func:`~isle_fast.stores.ingest_engine.run_counted` against the cached gt): a
+task decodes one chunk of every folder, writes the chunks and counts each set
+against the gt chunk it holds, so these sets need no evaluate pass (their
+counts equal ``isle evaluate``'s, count for count). Reused sets, score sets and
+refined sets are evaluated as before. Any bad image, another chunk layout, or
+worker processes forked after Numba started its threads
+(:func:`isle_fast.stores.parallel.numba_fork_safe`) send the run the separate
+way, which reports bad inputs exactly as ``isle ingest`` does. ``run.json``
+lists the sets counted at ingest (``counted_at_ingest``).
+
 Outputs (RUN)
 -------------
 ``ensemble/<id>.png``, ``ensemble.zarr``, ``evaluation.json`` (the

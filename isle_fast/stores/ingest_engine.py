@@ -4,6 +4,8 @@
 Dask arrays) and :mod:`isle_fast.stores.ingest_tiff` (large TIFFs) describe their inputs as items and a
 reader; this module checks them against the ground truth, writes the store (on
 :mod:`isle_fast.stores.parallel`), compacts it when bad images were skipped, and prints the summary.
+:func:`run_counted` and :func:`run_counted_with_gt` run the plans of several label folders (and the
+gt's) as one pass that also counts every set against the gt (``isle run``).
 """
 
 from __future__ import annotations

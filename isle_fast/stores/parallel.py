@@ -18,6 +18,10 @@ Executors
     :class:`WorkerLost`; closing the pool on an error or Ctrl-C terminates
     the workers before the caller removes what they were writing. Workers
     ignore SIGINT: Ctrl-C reaches the parent, which stops them.
+    :meth:`ProcessPool.broadcast` has every worker run a warm-up call (load
+    a kernel) without waiting for it. Tasks that run Numba's parallel kernels
+    may go to workers only when they were forked before this process started
+    Numba's threads (:func:`numba_fork_safe`, :attr:`ProcessPool.numba_safe`).
 :class:`ThreadExecutor`
     A thread pool, for tasks over in-memory arrays (nothing is pickled).
 :class:`InlineExecutor`

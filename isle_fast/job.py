@@ -751,6 +751,8 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     pool = parallel.active_pool()
     if gt is None and pool is not None and pool.numba_safe:
         pool.broadcast(_import_kernels)     # a cold run counts in the workers: Numba imported meanwhile
+    if gt is not None:
+        record(gt, True, gt_fp)
     stores: dict[str, Any] = {}
     per_image = spec.report or spec.average == "image"
     todo: list[tuple[str, Path, str]] = []      # label sets to make: in one counted pass (run_counted)
@@ -770,9 +772,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
         else:
             later.append((name, folder, fp))
     counted = None
-    if gt is not None:
-        record(gt, True, gt_fp)
-    else:
+    if gt is None:
         both = _ingest_gt_counted(spec, cache, gt_fp, todo, common, per_image, steps) if todo else None
         if both is not None:
             gt, counted = both

@@ -627,38 +627,63 @@ def _preload_task_modules() -> None:
     from isle_fast.stores import chunkio, chunks, export, formats, ingest, png  # noqa: F401
 
 
-def _warm_up(backend: str) -> None:
+class _WarmUp:
     """Load the kernels the steps after ingest need from Numba's cache, in a background thread.
 
     While the workers ingest, this process only waits on their pipes; importing
     Numba and loading the kernels there (about 0.4 s of a short run) takes that
-    idle time instead of the evaluate step's. Any failure is left for the step
+    idle time instead of the evaluate step's. It holds the GIL most of that time,
+    so a cold run starts it when the counted ingest pass starts (:meth:`start`
+    passed as ``before_pass``), not while this process still plans and creates
+    the stores (Zarr's calls wait on the GIL: 0.35 s more for 5 stores). Zarr
+    itself is imported at once (:meth:`zarr`). Any failure is left for the step
     itself to report.
     """
-    def work() -> None:
-        try:
-            import zarr  # noqa: F401 - the stores' writers need it soon (0.15 s), the workers decode now
 
-            from isle_fast.backend import get_kernels, resolve_backend
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.started = False
 
-            if resolve_backend(backend) == "cpu":
-                import numba
+    @staticmethod
+    def zarr() -> None:
+        """Import Zarr in a thread (the stores' writers need it soon, 0.15 s; the workers read headers)."""
+        import threading
 
-                K = get_kernels("cpu")
-                old = numba.get_num_threads()
-                numba.set_num_threads(1)
-                try:
-                    a = np.zeros((1, 8, 8), np.uint8)
-                    K.confusion_labels(a, (a, a), 3)
-                    K.merge_labels((a, a), np.zeros(3, np.int64), np.zeros((2, 3)), K.SCORE)
-                finally:
-                    numba.set_num_threads(old)
-        except Exception:
-            pass
+        def work() -> None:
+            with contextlib.suppress(Exception):
+                import zarr  # noqa: F401
 
-    import threading
+        threading.Thread(target=work, name="isle-import-zarr", daemon=True).start()
 
-    threading.Thread(target=work, name="isle-warm-up", daemon=True).start()
+    def start(self) -> None:
+        """Start loading the kernels (once)."""
+        if self.started:
+            return
+        self.started = True
+        backend = self.backend
+
+        def work() -> None:
+            try:
+                from isle_fast.backend import get_kernels, resolve_backend
+
+                if resolve_backend(backend) == "cpu":
+                    import numba
+
+                    K = get_kernels("cpu")
+                    old = numba.get_num_threads()
+                    numba.set_num_threads(1)
+                    try:
+                        a = np.zeros((1, 8, 8), np.uint8)
+                        K.confusion_labels(a, (a, a), 3)
+                        K.merge_labels((a, a), np.zeros(3, np.int64), np.zeros((2, 3)), K.SCORE)
+                    finally:
+                        numba.set_num_threads(old)
+            except Exception:
+                pass
+
+        import threading
+
+        threading.Thread(target=work, name="isle-warm-up", daemon=True).start()
 
 
 def run_job(spec: JobSpec) -> JobResult:
@@ -699,9 +724,10 @@ def run_job(spec: JobSpec) -> JobResult:
         try:
             with (pool.start() if pool is not None else contextlib.nullcontext()) as p, \
                     (parallel.use_pool(p) if p is not None else contextlib.nullcontext()):
-                _warm_up(spec.backend)        # after the fork: the workers never see this thread
+                warm = _WarmUp(spec.backend)   # its threads start after the fork: the workers never see them
+                warm.zarr()
                 staging.mkdir()
-                result = _run(spec, out, cache, staging, steps)
+                result = _run(spec, out, cache, staging, steps, warm)
         finally:
             remove_path(staging)
     if not spec.quiet:
@@ -709,7 +735,8 @@ def run_job(spec: JobSpec) -> JobResult:
     return result
 
 
-def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) -> JobResult:
+def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps, warm: _WarmUp | None = None
+         ) -> JobResult:
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.ensemble.merge import merge
     from isle_fast.ensemble.report import export_pngs, report
@@ -773,7 +800,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
             later.append((name, folder, fp))
     counted = None
     if gt is None:
-        both = _ingest_gt_counted(spec, cache, gt_fp, todo, common, per_image, steps) if todo else None
+        both = _ingest_gt_counted(spec, cache, gt_fp, todo, common, per_image, steps, warm) if todo else None
         if both is not None:
             gt, counted = both
             record(gt, False, gt_fp)
@@ -791,7 +818,9 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
 
         stores[name] = cached(name, cache / f"{name}.zarr", fp, make_scores)
     if counted is None and todo:
-        counted = _ingest_counted(spec, gt, cache, todo, common, per_image, steps)
+        counted = _ingest_counted(spec, gt, cache, todo, common, per_image, steps, warm)
+    if warm is not None:
+        warm.start()      # no counted pass ran (or it did: started already)
     for name, folder, fp in todo:
         if counted is not None:
             stores[name] = record(counted.stacks[[t[0] for t in todo].index(name)], False, fp)
@@ -945,7 +974,7 @@ def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path) -> tuple[Any, Any]:
 
 
 def _ingest_counted(spec: JobSpec, gt: Any, cache: Path, todo: Sequence[tuple[str, Path, str]],
-                    common: dict[str, Any], per_image: bool, steps: _Steps) -> Any:
+                    common: dict[str, Any], per_image: bool, steps: _Steps, warm: _WarmUp | None = None) -> Any:
     """The label sets of ``todo`` ingested in one pass that also counts them against the gt
     (:func:`isle_fast.stores.ingest_engine.run_counted`), or None: then they are made one by one
     (and evaluated) the separate way, which also reports any bad input exactly as ``isle ingest``."""
@@ -958,11 +987,13 @@ def _ingest_counted(spec: JobSpec, gt: Any, cache: Path, todo: Sequence[tuple[st
     with steps.step("ingest"), _quiet_stdout():
         plans = [ingest.labels_plan(folder, cache / f"{name}.zarr", gt=gt, name=name,
                                     provenance={"job_fingerprint": fp}, **common) for name, folder, fp in todo]
-        return run_counted(plans, gt, per_image=per_image, workers=spec.workers, quiet=spec.quiet)
+        return run_counted(plans, gt, per_image=per_image, workers=spec.workers, quiet=spec.quiet,
+                           before_pass=None if warm is None else warm.start)
 
 
 def _ingest_gt_counted(spec: JobSpec, cache: Path, gt_fp: str, todo: Sequence[tuple[str, Path, str]],
-                       common: dict[str, Any], per_image: bool, steps: _Steps) -> Any:
+                       common: dict[str, Any], per_image: bool, steps: _Steps, warm: _WarmUp | None = None
+                       ) -> Any:
     """The gt and the label sets of ``todo`` in one counted pass
     (:func:`isle_fast.stores.ingest_engine.run_counted_with_gt`): ``(gt, counted)``, or None (then the
     gt is ingested on its own, and the sets after it)."""
@@ -980,7 +1011,7 @@ def _ingest_gt_counted(spec: JobSpec, cache: Path, gt_fp: str, todo: Sequence[tu
         gt_plan = ingest.labels_plan(spec.gt, cache / "gt.zarr", ids=spec.ids, classes=spec.classes, kind="gt",
                                      name="gt", provenance={"job_fingerprint": gt_fp}, **common)
         return run_counted_with_gt(gt_plan, set_plans, per_image=per_image, workers=spec.workers,
-                                   quiet=spec.quiet)
+                                   quiet=spec.quiet, before_pass=None if warm is None else warm.start)
 
 
 def _import_kernels() -> None:

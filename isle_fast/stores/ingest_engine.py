@@ -363,7 +363,8 @@ def _create(p: _Plan, ids: list[str], shapes: Sequence[tuple[int, int]], padded:
 
 def _counted_pass(plans: Sequence[_Plan], writers: list[Any], chunks: tuple[int, ...], gt_spec: Any,
                   shapes: list[tuple[int, int]], num_classes: int, per_image: bool, workers: int,
-                  quiet: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                  quiet: bool, before_pass: Callable[[], None] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
     """The chunk tasks of :func:`run_counted` (``gt_spec`` None: ``plans[0]`` is the gt, in the pass);
     ``(counts, image stats)`` of the plans counted. :class:`_NotCounted` when it cannot run or an image
     was bad (every task has ended then: the pool stays usable)."""
@@ -390,6 +391,8 @@ def _counted_pass(plans: Sequence[_Plan], writers: list[Any], chunks: tuple[int,
     counts = np.zeros((counted, num_classes, num_classes + 1), dtype=np.int64)
     stats = np.zeros((n, counted, num_classes, 2), dtype=np.int64) if per_image else None
     bad = False
+    if before_pass is not None:
+        before_pass()
     with parallel.executor_for(len(tasks), workers) as ex, \
             progress(total=n * len(plans), desc="ingest labels", unit="img", quiet=quiet) as bar:
         for i, (ok, part, part_stats) in ex.imap(fn, tasks):
@@ -412,7 +415,7 @@ def _summaries(plans: Sequence[_Plan], stacks: Sequence[Stack], pixels: int, sec
 
 
 def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, workers: int | None = None,
-                quiet: bool = False) -> Counted | None:
+                quiet: bool = False, before_pass: Callable[[], None] | None = None) -> Counted | None:
     """Run several label-folder ingests (:func:`isle_fast.stores.ingest.labels_plan`, each against ``gt``)
     as one pass of chunk tasks, and count every set against the gt in the same tasks.
 
@@ -424,7 +427,9 @@ def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, w
     Returns None, having written nothing, when the pass cannot run (:func:`_counted_layout`, or
     worker processes forked after Numba started its threads: :func:`parallel.numba_fork_safe`) or an
     image turns out bad: the caller then ingests and evaluates the separate way, which reports
-    (or, with ``skip_bad``, skips) the bad images exactly as it always does.
+    (or, with ``skip_bad``, skips) the bad images exactly as it always does. ``before_pass()`` is
+    called once the stores are created, just before the first task is sent (``isle run`` starts
+    loading its kernels there: this process only waits from then on).
     """
     if not _counted_layout(plans, gt):
         return None
@@ -440,7 +445,7 @@ def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, w
             assert p.reference is not None
             writers.append(_create(p, [it.id for it in p.items], shapes, p.reference.padded or None))
         counts, stats = _counted_pass(plans, writers, tuple(int(v) for v in gt.chunks), gt.chunk_spec(), shapes,
-                                      gt.num_classes, per_image, wk, quiet)
+                                      gt.num_classes, per_image, wk, quiet, before_pass)
         stacks = [w.commit() for w in writers]
     except _NotCounted:
         for w in writers:
@@ -455,8 +460,8 @@ def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, w
 
 
 def run_counted_with_gt(gt_plan: _Plan, set_plans: Callable[[_Reference], list[_Plan]], *,
-                        per_image: bool = False, workers: int | None = None, quiet: bool = False
-                        ) -> tuple[Stack, Counted] | None:
+                        per_image: bool = False, workers: int | None = None, quiet: bool = False,
+                        before_pass: Callable[[], None] | None = None) -> tuple[Stack, Counted] | None:
     """:func:`run_counted` with the ground truth ingested in the same pass: ``(gt, counted)`` or None.
 
     ``gt_plan``: the gt folder's plan (``labels_plan(..., kind="gt")``). Its headers are read first
@@ -496,7 +501,7 @@ def run_counted_with_gt(gt_plan: _Plan, set_plans: Callable[[_Reference], list[_
         for q in plans:
             writers.append(_create(q, ids, shapes, padded))
         counts, stats = _counted_pass([p, *plans], writers, chunks, None, shapes, len(p.classes), per_image,
-                                      wk, quiet)
+                                      wk, quiet, before_pass)
         stacks = [w.commit() for w in writers]
     except _NotCounted:
         for w in writers:

@@ -529,14 +529,17 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
         timed("isle_cold", job)
         doc = json.loads((work / "run" / "run.json").read_text())
         if not steps_cold or cpu["isle_cold"][-1] <= min(cpu["isle_cold"]):
-            steps_cold = {"seconds": doc["seconds"], "cpu_seconds": doc.get("cpu_seconds")}
+            steps_cold = {"seconds": doc["seconds"], "cpu_seconds": doc.get("cpu_seconds"),
+                          "counted_at_ingest": doc.get("counted_at_ingest")}
         timed("isle_warm", job)
         doc = json.loads((work / "run" / "run.json").read_text())
         assert not doc["made"], "the warm run ingested again"
+        cold_steps = ", ".join(f"{k} {v:.2f}" for k, v in steps_cold["seconds"].items())
         log(f"[e2e] {n} images, round {r + 1}: plain {runs['plain'][-1]:.2f} s "
             f"({cpu['plain'][-1]:.2f} s CPU), "
             f"isle run {runs['isle_cold'][-1]:.2f} s ({cpu['isle_cold'][-1]:.2f} s CPU) cold, "
-            f"{runs['isle_warm'][-1]:.2f} s ({cpu['isle_warm'][-1]:.2f} s CPU) warm")
+            f"{runs['isle_warm'][-1]:.2f} s ({cpu['isle_warm'][-1]:.2f} s CPU) warm; "
+            f"best cold run's steps: {cold_steps}")
     compared = _compare_pngs(work / "run" / "ensemble", work / "plain-out")
     doc = json.loads((work / "run" / "run.json").read_text())
     steps = {"seconds": doc["seconds"], "cpu_seconds": doc.get("cpu_seconds")}

@@ -27,6 +27,21 @@ PNG of a set re-ingests that set. Refined sets are cached the same way (their
 fingerprint covers the source store, the images and the refinement chain
 with its parameters). Two runs never share a cache at once (a lock file).
 
+Counted while ingested
+----------------------
+The label sets a run makes are ingested in one pass of chunk tasks on the
+worker pool, with the gt too when it is made
+(:func:`isle_fast.stores.ingest_engine.run_counted_with_gt`, else
+:func:`~isle_fast.stores.ingest_engine.run_counted` against the cached gt): a
+task decodes one chunk of every folder, writes the chunks and counts each set
+against the gt chunk it holds, so these sets need no evaluate pass (their
+counts equal ``isle evaluate``'s, count for count). Reused sets, score sets and
+refined sets are evaluated as before. Any bad image, another chunk layout, or
+worker processes forked after Numba started its threads
+(:func:`isle_fast.stores.parallel.numba_fork_safe`) send the run the separate
+way, which reports bad inputs exactly as ``isle ingest`` does. ``run.json``
+lists the sets counted at ingest (``counted_at_ingest``).
+
 Outputs (RUN)
 -------------
 ``ensemble/<id>.png``, ``ensemble.zarr``, ``evaluation.json`` (the
@@ -519,6 +534,12 @@ def _clean_stale(out: Path) -> None:
 
 def _cached(path: Path, fp: str, make: Any) -> tuple[Any, bool]:
     """``(store, True)`` when the store at ``path`` has fingerprint ``fp``, else ``(make(), False)``."""
+    st = _reusable(path, fp)
+    return (st, True) if st is not None else (make(), False)
+
+
+def _reusable(path: Path, fp: str) -> Any:
+    """The store at ``path`` when it has fingerprint ``fp``, else None (:class:`InputError`: not a store)."""
     from isle_fast.stores.stack import open_stack
 
     if path.exists():
@@ -531,8 +552,8 @@ def _cached(path: Path, fp: str, make: Any) -> tuple[Any, bool]:
                 raise InputError(f"{path} is in the cache folder but is not an isle-fast store; "
                                  "move it away (the cache holds only the stores isle run makes)") from None
         if st is not None and st.provenance.get("job_fingerprint") == fp:
-            return st, True
-    return make(), False
+            return st
+    return None
 
 
 def _quiet_stdout() -> Any:
@@ -606,36 +627,63 @@ def _preload_task_modules() -> None:
     from isle_fast.stores import chunkio, chunks, export, formats, ingest, png  # noqa: F401
 
 
-def _warm_up(backend: str) -> None:
+class _WarmUp:
     """Load the kernels the steps after ingest need from Numba's cache, in a background thread.
 
     While the workers ingest, this process only waits on their pipes; importing
     Numba and loading the kernels there (about 0.4 s of a short run) takes that
-    idle time instead of the evaluate step's. Any failure is left for the step
+    idle time instead of the evaluate step's. It holds the GIL most of that time,
+    so a cold run starts it when the counted ingest pass starts (:meth:`start`
+    passed as ``before_pass``), not while this process still plans and creates
+    the stores (Zarr's calls wait on the GIL: 0.35 s more for 5 stores). Zarr
+    itself is imported at once (:meth:`zarr`). Any failure is left for the step
     itself to report.
     """
-    def work() -> None:
-        try:
-            from isle_fast.backend import get_kernels, resolve_backend
 
-            if resolve_backend(backend) == "cpu":
-                import numba
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.started = False
 
-                K = get_kernels("cpu")
-                old = numba.get_num_threads()
-                numba.set_num_threads(1)
-                try:
-                    a = np.zeros((1, 8, 8), np.uint8)
-                    K.confusion_labels(a, (a, a), 3)
-                    K.merge_labels((a, a), np.zeros(3, np.int64), np.zeros((2, 3)), K.SCORE)
-                finally:
-                    numba.set_num_threads(old)
-        except Exception:
-            pass
+    @staticmethod
+    def zarr() -> None:
+        """Import Zarr in a thread (the stores' writers need it soon, 0.15 s; the workers read headers)."""
+        import threading
 
-    import threading
+        def work() -> None:
+            with contextlib.suppress(Exception):
+                import zarr  # noqa: F401
 
-    threading.Thread(target=work, name="isle-warm-up", daemon=True).start()
+        threading.Thread(target=work, name="isle-import-zarr", daemon=True).start()
+
+    def start(self) -> None:
+        """Start loading the kernels (once)."""
+        if self.started:
+            return
+        self.started = True
+        backend = self.backend
+
+        def work() -> None:
+            try:
+                from isle_fast.backend import get_kernels, resolve_backend
+
+                if resolve_backend(backend) == "cpu":
+                    import numba
+
+                    K = get_kernels("cpu")
+                    old = numba.get_num_threads()
+                    numba.set_num_threads(1)
+                    try:
+                        a = np.zeros((1, 8, 8), np.uint8)
+                        K.confusion_labels(a, (a, a), 3)
+                        K.merge_labels((a, a), np.zeros(3, np.int64), np.zeros((2, 3)), K.SCORE)
+                    finally:
+                        numba.set_num_threads(old)
+            except Exception:
+                pass
+
+        import threading
+
+        threading.Thread(target=work, name="isle-warm-up", daemon=True).start()
 
 
 def run_job(spec: JobSpec) -> JobResult:
@@ -676,9 +724,10 @@ def run_job(spec: JobSpec) -> JobResult:
         try:
             with (pool.start() if pool is not None else contextlib.nullcontext()) as p, \
                     (parallel.use_pool(p) if p is not None else contextlib.nullcontext()):
-                _warm_up(spec.backend)        # after the fork: the workers never see this thread
+                warm = _WarmUp(spec.backend)   # its threads start after the fork: the workers never see them
+                warm.zarr()
                 staging.mkdir()
-                result = _run(spec, out, cache, staging, steps)
+                result = _run(spec, out, cache, staging, steps, warm)
         finally:
             remove_path(staging)
     if not spec.quiet:
@@ -686,7 +735,8 @@ def run_job(spec: JobSpec) -> JobResult:
     return result
 
 
-def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) -> JobResult:
+def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps, warm: _WarmUp | None = None
+         ) -> JobResult:
     from isle_fast.ensemble.evaluate import evaluate
     from isle_fast.ensemble.merge import merge
     from isle_fast.ensemble.report import export_pngs, report
@@ -703,9 +753,13 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     def cached(key: str, path: Path, fp: str, make: Any) -> Any:
         with steps.step("ingest" if key != "refine" else "refine"):
             st, hit = _cached(path, fp, make)
-        (reused if hit else made).append(path.name)
-        fps[path.name] = fp
-        steps.say(f"{path.name}: {'reused (inputs unchanged)' if hit else 'made'} ({st.num_images:,} images)")
+        return record(st, hit, fp)
+
+    def record(st: Any, hit: bool, fp: str) -> Any:
+        name = os.path.basename(str(st.path).rstrip("/"))
+        (reused if hit else made).append(name)
+        fps[name] = fp
+        steps.say(f"{name}: {'reused (inputs unchanged)' if hit else 'made'} ({st.num_images:,} images)")
         return st
 
     # -- ingest (cached) -----------------------------------------------------------------------
@@ -717,16 +771,58 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
             return ingest.ingest_labels(spec.gt, cache / "gt.zarr", ids=spec.ids, classes=spec.classes,
                                         kind="gt", name="gt", provenance={"job_fingerprint": gt_fp}, **common)
 
-    gt = cached("gt", cache / "gt.zarr", gt_fp, make_gt)
+    with steps.step("ingest"):
+        gt = _reusable(cache / "gt.zarr", gt_fp)
+    if gt is not None:
+        record(gt, True, gt_fp)
     # a gt of some images only: the first set's folder gives the images, the other sets follow it
-    partial_gt = _partial_gt(spec, gt)
+    partial_gt = _partial_gt(spec, None if gt is None else gt.ids)
+    if partial_gt and gt is None:
+        gt = cached("gt", cache / "gt.zarr", gt_fp, make_gt)
     ref: Any = None if partial_gt else gt
     ref_fp: dict[str, Any] = {}
+    from isle_fast.stores import parallel
+
+    pool = parallel.active_pool()
+    if gt is None and pool is not None and pool.numba_safe:
+        pool.broadcast(_import_kernels)     # a cold run counts in the workers: Numba imported meanwhile
     stores: dict[str, Any] = {}
+    per_image = spec.report or spec.average == "image"
+    todo: list[tuple[str, Path, str]] = []      # label sets to make: in one counted pass (run_counted)
+    later: list[tuple[str, Path, str]] = []     # the other sets: each ingested against its reference
     for name, folder, enc in spec.all_sets():
         exts = _LABEL_EXTS if enc == "labels" else _SCORE_EXTS
         fp = _fingerprint(kind=enc, files=fingerprint_folder(folder, exts), gt=gt_fp, skip_bad=spec.skip_bad,
-                          allow_pickle=spec.allow_pickle if enc == "scores" else None, **ref_fp)
+                          allow_pickle=spec.allow_pickle if enc == "scores" else None)
+        stores[name] = None                     # made below; the dict keeps the sets' order
+        if enc == "labels" and not partial_gt:
+            with steps.step("ingest"):
+                hit_st = _reusable(cache / f"{name}.zarr", fp)
+            if hit_st is None:
+                todo.append((name, folder, fp))
+            else:
+                stores[name] = record(hit_st, True, fp)
+        else:
+            later.append((name, folder, fp))
+    counted = None
+    if gt is None:
+        both = _ingest_gt_counted(spec, cache, gt_fp, todo, common, per_image, steps, warm) if todo else None
+        if both is not None:
+            gt, counted = both
+            record(gt, False, gt_fp)
+        else:
+            with steps.step("ingest"):
+                gt = make_gt()
+            record(gt, False, gt_fp)
+        ref = gt
+    for name, folder, enc in spec.all_sets():
+        entry = next((t for t in later if t[0] == name), None)
+        if entry is None:
+            continue
+        fp = entry[2] if not ref_fp else _fingerprint(
+            kind=enc, files=fingerprint_folder(folder, _LABEL_EXTS if enc == "labels" else _SCORE_EXTS),
+            gt=gt_fp, skip_bad=spec.skip_bad, allow_pickle=spec.allow_pickle if enc == "scores" else None,
+            **ref_fp)
         own = {"classes": spec.classes} if ref is None else {}
 
         def make_set(name: str = name, folder: Path = folder, enc: str = enc, fp: str = fp,
@@ -742,6 +838,21 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
         stores[name] = cached(name, cache / f"{name}.zarr", fp, make_set)
         if ref is None:
             ref, ref_fp = stores[name], {"partial_gt_reference": fp}
+    if counted is None and todo:
+        counted = _ingest_counted(spec, gt, cache, todo, common, per_image, steps, warm)
+    if warm is not None:
+        warm.start()      # no counted pass ran (or it did: started already)
+    for name, folder, fp in todo:
+        if counted is not None:
+            stores[name] = record(counted.stacks[[t[0] for t in todo].index(name)], False, fp)
+            continue
+
+        def make_again(name: str = name, folder: Path = folder, fp: str = fp) -> Any:
+            with _quiet_stdout():
+                return ingest.ingest_labels(folder, cache / f"{name}.zarr", gt=gt, name=name,
+                                            provenance={"job_fingerprint": fp}, **common)
+
+        stores[name] = cached(name, cache / f"{name}.zarr", fp, make_again)
     images = None
     if spec.images is not None:
         image_dir = spec.images
@@ -786,8 +897,10 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
 
     # -- step 2: evaluate and select ---------------------------------------------------------------
     with steps.step("evaluate"):
-        ev = evaluate(set_stacks, gt, average=spec.average, backend=spec.backend,
-                      bg_threshold=spec.bg_threshold, progress=progress, per_image=spec.report)
+        known = {} if counted is None else {
+            n: (counted.counts[k], None if counted.image_stats is None else counted.image_stats[:, k])
+            for k, (n, _, _) in enumerate(todo) if candidates[n] is counted.stacks[k]}
+        ev = _evaluation(spec, set_names, set_stacks, gt, known, progress)
     names = ev.set_names
     subset = None
     if spec.subset:
@@ -858,24 +971,28 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps) ->
     result.cpu_seconds["total"] = round(_cpu_now() - steps.cpu0, 3)
     doc = {"tool": "isle-fast", "command": "isle run", "spec": _spec_json(spec), "fingerprints": fps,
            "png_bytes": exp["bytes"], "compress": exp["compress"],
-           "ensemble_pass": "fused" if counter is not None else "separate", **result.to_json()}
+           "ensemble_pass": "fused" if counter is not None else "separate",
+           "counted_at_ingest": [f"{n}.zarr" for n in known], **result.to_json()}
     from isle_fast.outputs import write_json
 
     write_json(out / "run.json", doc, command="isle run")
     return result
 
 
-def _partial_gt(spec: JobSpec, gt: Any) -> bool:
+def _partial_gt(spec: JobSpec, gt_ids: Any = None) -> bool:
     """Whether the gt labels only some of the images: no ids file, and the first set's folder holds ids the
     gt lacks besides all of the gt's (then the sets' folders give the images and the gt's subset scores
-    them, as ``isle evaluate`` / ``isle merge`` with a partial gt do)."""
+    them, as ``isle evaluate`` / ``isle merge`` with a partial gt do).
+
+    ``gt_ids``: the gt store's ids; ``None`` before the gt is ingested (then the gt folder's listing).
+    """
     from isle_fast.stores.ingest import _listing
 
     if spec.ids is not None:
         return False
     name, folder, enc = spec.all_sets()[0]
     found = set(_listing(folder, _LABEL_EXTS if enc == "labels" else _SCORE_EXTS, f"set {name}"))
-    have = set(gt.ids)
+    have = set(_listing(spec.gt, _LABEL_EXTS, "gt") if gt_ids is None else gt_ids)
     return have < found
 
 
@@ -894,6 +1011,99 @@ def _fused_outputs(spec: JobSpec, gt: Any, pngs: Path, partial_gt: bool = False)
         return None, None
     counter = ChunkCounts(gt, average=spec.average, backend=spec.backend, per_image=spec.report)
     return counter, ChunkExport(pngs, gt.ids, gt.shapes, compress=spec.compress)
+
+
+def _ingest_counted(spec: JobSpec, gt: Any, cache: Path, todo: Sequence[tuple[str, Path, str]],
+                    common: dict[str, Any], per_image: bool, steps: _Steps, warm: _WarmUp | None = None) -> Any:
+    """The label sets of ``todo`` ingested in one pass that also counts them against the gt
+    (:func:`isle_fast.stores.ingest_engine.run_counted`), or None: then they are made one by one
+    (and evaluated) the separate way, which also reports any bad input exactly as ``isle ingest``."""
+    from isle_fast.stores import ingest, parallel
+    from isle_fast.stores.ingest_engine import run_counted
+
+    pool = parallel.active_pool()
+    if pool is not None and pool.numba_safe:    # the counting kernel loads in the workers meanwhile
+        pool.broadcast(_load_counting_kernel)
+    with steps.step("ingest"), _quiet_stdout():
+        plans = [ingest.labels_plan(folder, cache / f"{name}.zarr", gt=gt, name=name,
+                                    provenance={"job_fingerprint": fp}, **common) for name, folder, fp in todo]
+        return run_counted(plans, gt, per_image=per_image, workers=spec.workers, quiet=spec.quiet,
+                           before_pass=None if warm is None else warm.start)
+
+
+def _ingest_gt_counted(spec: JobSpec, cache: Path, gt_fp: str, todo: Sequence[tuple[str, Path, str]],
+                       common: dict[str, Any], per_image: bool, steps: _Steps, warm: _WarmUp | None = None
+                       ) -> Any:
+    """The gt and the label sets of ``todo`` in one counted pass
+    (:func:`isle_fast.stores.ingest_engine.run_counted_with_gt`): ``(gt, counted)``, or None (then the
+    gt is ingested on its own, and the sets after it)."""
+    from isle_fast.stores import ingest, parallel
+    from isle_fast.stores.ingest_engine import run_counted_with_gt
+
+    def set_plans(ref: Any) -> list:
+        pool = parallel.active_pool()
+        if pool is not None and pool.numba_safe:    # the workers load it while the sets are planned here
+            pool.broadcast(_load_counting_kernel)
+        return [ingest.labels_plan(folder, cache / f"{name}.zarr", gt=ref, name=name,
+                                   provenance={"job_fingerprint": fp}, **common) for name, folder, fp in todo]
+
+    with steps.step("ingest"), _quiet_stdout():
+        gt_plan = ingest.labels_plan(spec.gt, cache / "gt.zarr", ids=spec.ids, classes=spec.classes, kind="gt",
+                                     name="gt", provenance={"job_fingerprint": gt_fp}, **common)
+        return run_counted_with_gt(gt_plan, set_plans, per_image=per_image, workers=spec.workers,
+                                   quiet=spec.quiet, before_pass=None if warm is None else warm.start)
+
+
+def _import_kernels() -> None:
+    """Import Numba and the CPU kernels (about 0.2 s of CPU; starts no thread), in a worker process."""
+    from isle_fast.backend import get_kernels
+
+    get_kernels("cpu")
+
+
+def _load_counting_kernel() -> None:
+    """Load the confusion kernel from Numba's cache (about 0.4 s of CPU), in a worker process."""
+    from isle_fast.backend import get_kernels
+
+    K = get_kernels("cpu")
+    a = np.zeros((1, 8, 8), np.uint8)
+    with K.numba_threads(1):
+        K.confusion_labels(a, (a, a), 3)
+
+
+def _evaluation(spec: JobSpec, set_names: Sequence[str], set_stacks: Sequence[Any], gt: Any,
+                known: dict[str, tuple[np.ndarray, np.ndarray | None]], progress: bool) -> Any:
+    """``evaluate(set_stacks, gt, ...)``, taking the counts of the sets in ``known`` (counted while they
+    were ingested) instead of reading them again; the other sets are evaluated. Counts are exact
+    integers, so the result is the one evaluation of every set would give."""
+    from isle_fast.backend import resolve_backend
+    from isle_fast.ensemble.evaluate import Evaluation, evaluate
+    from isle_fast.ensemble.graph import open_inputs, unique_names
+
+    kw: dict[str, Any] = dict(average=spec.average, backend=spec.backend, bg_threshold=spec.bg_threshold,
+                              progress=progress, per_image=spec.report)
+    if not known:
+        return evaluate(set_stacks, gt, **kw)
+    t0 = time.perf_counter()
+    open_inputs(set_stacks, gt)                 # the checks evaluate makes
+    n, c = len(set_stacks), gt.num_classes
+    per_image = spec.report or spec.average == "image"
+    counts = np.zeros((n, c, c + 1), dtype=np.int64)
+    stats = np.zeros((gt.num_images, n, c, 2), dtype=np.int64) if per_image else None
+    rest = [i for i, name in enumerate(set_names) if name not in known]
+    if rest:
+        part = evaluate([set_stacks[i] for i in rest], gt, **kw)
+        counts[rest] = part.counts
+        if stats is not None:
+            stats[:, rest] = part.image_stats
+    for i, name in enumerate(set_names):
+        if name in known:
+            counts[i] = known[name][0]
+            if stats is not None:
+                stats[:, i] = known[name][1]
+    return Evaluation(classes=list(gt.classes), set_names=unique_names(set_stacks, say=True), counts=counts,
+                      average=spec.average, image_stats=stats, set_paths=[s.path for s in set_stacks],
+                      gt_path=gt.path, backend=resolve_backend(spec.backend), seconds=time.perf_counter() - t0)
 
 
 def _each_chunk(counter: Any, sink: Any) -> Any:

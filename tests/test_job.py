@@ -347,3 +347,156 @@ def test_library_spec_from_root_and_toml(tree, tmp_path):
     res = run_job(JobSpec(gt=tree / "SegmentationClass", sets={"beta": tree / "pseudo" / "beta"},
                           out=tmp_path / "lib", report=False, quiet=True))
     assert res.images == 40 and res.sets == ["beta"] and set(res.selection.values()) == {"beta"}
+
+
+# --------------------------------------------------------------------------------- counted at ingest
+def _run_fresh(argv: list, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``isle`` in a fresh process: its worker pool is forked before Numba starts, so the label sets
+    are counted while they are ingested (a test process that ran Numba already takes the separate way)."""
+    proc = subprocess.run([sys.executable, "-m", "isle_fast", *map(str, argv)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, ISLE_PROGRESS="0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def _counts_of(ev_json: dict, sets) -> dict:
+    return {s: {k: ev_json["sets"][s][k] for k in ("tp", "fp", "fn", "iou")} for s in sets}
+
+
+@pytest.mark.parametrize("average", ["dataset", "image"])
+def test_counts_made_at_ingest_equal_isle_evaluate(tree, tmp_path, capsys, average):
+    """A cold run counts the sets in the ingest tasks: the same counts (and per-image figures of the
+    report) as ``isle evaluate`` of the stores; a warm run (every store reused) evaluates them: the same
+    again; one changed file: that set is made (and counted) again, the others evaluated."""
+    run = tmp_path / "run"
+    argv = ["run", tree, "--out", run, "--workers", "2", "--average", average, "-q"]
+    _run_fresh(argv)
+    doc = run_doc(run)
+    assert doc["counted_at_ingest"] == [f"{s}.zarr" for s in SETS]
+    cache = run / "cache"
+    stores = [cache / f"{s}.zarr" for s in SETS]
+    assert main(["evaluate", *map(str, stores), "--gt", str(cache / "gt.zarr"), "--average", average,
+                 "--quiet", "--json", str(tmp_path / "ev.json")]) == 0
+    ref = json.loads((tmp_path / "ev.json").read_text())
+    cold = json.loads((run / "evaluation.json").read_text())
+    assert _counts_of(cold, SETS) == _counts_of(ref, SETS) and cold["selection"] == ref["selection"]
+    assert [cold["sets"][s]["miou"] for s in SETS] == [ref["sets"][s]["miou"] for s in SETS]
+    report_cold = json.loads((run / "report" / "report.json").read_text())
+    # warm: every store reused, counted by evaluate (this process)
+    assert run_cli(capsys, *argv)[0] == 0
+    assert run_doc(run)["made"] == [] and run_doc(run)["counted_at_ingest"] == []
+    warm = json.loads((run / "evaluation.json").read_text())
+    assert _counts_of(warm, SETS) == _counts_of(cold, SETS) and warm["ensemble"] == cold["ensemble"]
+    report_warm = json.loads((run / "report" / "report.json").read_text())
+    assert _strip_paths(report_warm) == _strip_paths(report_cold)   # per-image uncertainty included
+    # one changed file: beta made and counted again, alpha and gamma evaluated
+    f = tree / "pseudo" / "beta" / "im007.png"
+    a = np.asarray(Image.open(f)).copy()
+    a[:6, :6] = 7
+    save_png(f, a)
+    _run_fresh(argv)
+    doc = run_doc(run)
+    assert doc["made"] == ["beta.zarr"] and doc["counted_at_ingest"] == ["beta.zarr"]
+    assert np.array_equal(open_stack(cache / "beta.zarr").read_image("im007"), a)
+    assert main(["evaluate", *map(str, stores), "--gt", str(cache / "gt.zarr"), "--average", average,
+                 "--quiet", "--json", str(tmp_path / "ev2.json")]) == 0
+    mixed = json.loads((run / "evaluation.json").read_text())
+    assert _counts_of(mixed, SETS) == _counts_of(json.loads((tmp_path / "ev2.json").read_text()), SETS)
+    assert mixed["sets"]["beta"]["tp"] != cold["sets"]["beta"]["tp"]
+
+
+def _store_doc(path: Path) -> dict:
+    doc = json.loads((path / "zarr.json").read_text())["attributes"]
+    prov = dict(doc.get("provenance", {}))
+    prov.pop("created", None)
+    return {**{k: v for k, v in doc.items() if k not in ("provenance", "isle_identity_crc32c")},
+            "provenance": prov}
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_run_counted_equals_ingest_then_evaluate(tree, tmp_path, per_image):
+    """:func:`run_counted` writes the stores ``ingest_labels`` writes (arrays, ids, shapes, attributes)
+    and counts what ``evaluate`` counts on them, image by image; here on one worker (this process)."""
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.stores.ingest import ingest_labels, labels_plan
+    from isle_fast.stores.ingest_engine import run_counted
+
+    gt = ingest_labels(tree / "SegmentationClass", tmp_path / "gt.zarr", kind="gt", quiet=True)
+    chunks = (7,) + tuple(gt.shape[1:])                       # 6 chunks, the last one short
+    gt = ingest_labels(tree / "SegmentationClass", tmp_path / "gt.zarr", kind="gt", chunks=chunks,
+                       quiet=True, overwrite=True)
+    plans = [labels_plan(tree / "pseudo" / s, tmp_path / "fused" / f"{s}.zarr", gt=gt, name=s, quiet=True,
+                         workers=1, chunks=chunks) for s in SETS]
+    res = run_counted(plans, gt, per_image=per_image, workers=1, quiet=True)
+    assert res is not None
+    sep = [ingest_labels(tree / "pseudo" / s, tmp_path / "sep" / f"{s}.zarr", gt=gt, name=s, quiet=True,
+                         workers=1, chunks=chunks) for s in SETS]
+    for a, b in zip(res.stacks, sep):
+        assert np.array_equal(a.array[:], b.array[:]) and list(a.ids) == list(b.ids)
+        assert np.array_equal(a.shapes, b.shapes) and a.chunks == b.chunks == gt.chunks
+        assert _store_doc(Path(a.path)) == _store_doc(Path(b.path))
+    ev = evaluate(sep, gt, progress=False, per_image=per_image)
+    assert np.array_equal(res.counts, ev.counts)
+    if per_image:
+        assert res.image_stats is not None and np.array_equal(res.image_stats, ev.image_stats)
+    else:
+        assert res.image_stats is None
+
+
+def test_run_counted_leaves_a_bad_set_to_the_separate_way(tree, tmp_path, capsys):
+    """A bad image: run_counted writes nothing and says so (None); the run then ingests the separate
+    way and fails with the message ``isle ingest`` gives, naming the file and the image."""
+    from isle_fast.stores.ingest import ingest_labels, labels_plan
+    from isle_fast.stores.ingest_engine import run_counted
+
+    bad = tree / "pseudo" / "gamma" / "im011.png"
+    save_png(bad, np.full((5, 5), 3, np.uint8))                      # the wrong size
+    gt = ingest_labels(tree / "SegmentationClass", tmp_path / "gt.zarr", kind="gt", quiet=True)
+    plans = [labels_plan(tree / "pseudo" / s, tmp_path / "c" / f"{s}.zarr", gt=gt, quiet=True, workers=1)
+             for s in SETS]
+    assert run_counted(plans, gt, workers=1, quiet=True) is None
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    rc, _, err = run_cli(capsys, "run", tree, "--out", tmp_path / "run", "-q")
+    assert rc == 2 and "im011" in err and str(bad) in err and "5 x 5" in err
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_run_counted_with_gt_equals_ingesting_the_gt_then_the_sets(tree, tmp_path, per_image):
+    """The gt in the same pass: its store and the sets' equal ``ingest_labels`` of the gt and then of
+    each set against it (arrays, ids, shapes, every attribute but the time), the counts ``evaluate``'s."""
+    from isle_fast.ensemble.evaluate import evaluate
+    from isle_fast.stores.ingest import ingest_labels, labels_plan
+    from isle_fast.stores.ingest_engine import run_counted_with_gt
+
+    out = tmp_path / "fused"
+    gt_plan = labels_plan(tree / "SegmentationClass", out / "gt.zarr", kind="gt", name="gt", quiet=True,
+                          workers=1, chunks=(7, 999, 999))       # 6 chunks of whole images, the last short
+    got = run_counted_with_gt(gt_plan, lambda ref: [
+        labels_plan(tree / "pseudo" / s, out / f"{s}.zarr", gt=ref, name=s, quiet=True, workers=1,
+                    chunks=(7, 999, 999)) for s in SETS], per_image=per_image, workers=1, quiet=True)
+    assert got is not None
+    gt, res = got
+    sep_gt = ingest_labels(tree / "SegmentationClass", tmp_path / "sep" / "gt.zarr", kind="gt", name="gt",
+                           quiet=True, workers=1, chunks=(7, 999, 999))
+    sep = [ingest_labels(tree / "pseudo" / s, tmp_path / "sep" / f"{s}.zarr", gt=sep_gt, name=s, quiet=True,
+                         workers=1, chunks=(7, 999, 999)) for s in SETS]
+    for a, b in zip([gt, *res.stacks], [sep_gt, *sep]):
+        assert np.array_equal(a.array[:], b.array[:]) and list(a.ids) == list(b.ids)
+        assert np.array_equal(a.shapes, b.shapes) and a.chunks == b.chunks
+        da, db = _store_doc(Path(a.path)), _store_doc(Path(b.path))
+        for d, root in ((da, out), (db, tmp_path / "sep")):       # the gt store named where it is
+            if d["provenance"].get("gt"):
+                assert d["provenance"]["gt"] == str(root / "gt.zarr")
+                d["provenance"]["gt"] = "GT"
+        assert da == db
+    ev = evaluate(sep, sep_gt, progress=False, per_image=per_image)
+    assert np.array_equal(res.counts, ev.counts)
+    assert (res.image_stats is None) == (not per_image)
+    if per_image:
+        assert np.array_equal(res.image_stats, ev.image_stats)
+    # a bad gt header: nothing written, None
+    (tree / "SegmentationClass" / "im005.png").write_bytes(b"not a png")
+    gt_plan = labels_plan(tree / "SegmentationClass", tmp_path / "bad" / "gt.zarr", kind="gt", quiet=True,
+                          workers=1)
+    assert run_counted_with_gt(gt_plan, lambda ref: [], workers=1, quiet=True) is None
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -105,6 +105,41 @@ def test_process_pool_results_closures_and_reuse():
         assert len(pids) == 2 and os.getpid() not in pids
 
 
+def _mark_env():
+    os.environ["ISLE_TEST_BROADCAST"] = "warm"
+    raise ValueError("a warm-up that fails is ignored")
+
+
+def _read_env(_):
+    return os.environ.get("ISLE_TEST_BROADCAST")
+
+
+def test_broadcast_runs_in_every_worker_before_its_next_task_and_answers_nothing():
+    with ProcessPool(2) as pool:
+        pool.broadcast(_mark_env)
+        got = sorted(pool.imap(_read_env, [(i,) for i in range(6)]))
+    assert got == [(i, "warm") for i in range(6)] and "ISLE_TEST_BROADCAST" not in os.environ
+
+
+def test_numba_fork_safe_follows_numba_threads():
+    """Forked after Numba started its thread pool, a worker cannot run a parallel kernel: a pool
+    records it when it forks (isle run then counts in the separate evaluate pass)."""
+    code = ("from isle_fast.stores.parallel import ProcessPool, numba_fork_safe\n"
+            "p = ProcessPool(2, start_method='fork')\n"
+            "p.start(); print(numba_fork_safe(), p.numba_safe); p.close()\n")
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert fresh.stdout.split() == ["True", "True"], fresh.stderr[-500:]
+    from isle_fast.backend import get_kernels
+    from isle_fast.stores.parallel import numba_fork_safe
+
+    a = np.zeros((1, 8, 8), np.uint8)
+    get_kernels("cpu").confusion_labels(a, (a,), 3)     # a parallel kernel: Numba's threads start
+    assert not numba_fork_safe()
+    pool = ProcessPool(2, start_method="fork")
+    with pool.start():
+        assert not pool.numba_safe
+
+
 def test_process_pool_task_error_keeps_its_traceback():
     with pytest.raises(ValueError, match="task 13 failed") as exc:
         with ProcessPool(2) as pool:

@@ -253,8 +253,8 @@ def resolve_classes(classes: str | os.PathLike | Sequence[str] | None) -> list[s
 
 
 def _reference(gt: Any, ids: list[str] | None, workers: int) -> _Reference | None:
-    if gt is None:
-        return None
+    if gt is None or isinstance(gt, _Reference):   # a _Reference: the gt store isle run is writing
+        return gt
     if isinstance(gt, Stack):
         st = gt
     elif is_remote(gt) or (Path(gt) / "zarr.json").exists():
@@ -327,7 +327,11 @@ def _find(folder: Path, image_id: str, exts: Sequence[str], files: set[str] | No
     for e in exts:
         for cand in (e, e.upper()):
             name = f"{image_id}{cand}"
-            if name in files if files is not None and local else (folder / name).is_file():
+            if local:   # a name in the listing: the path as str(folder / name) writes it, without pathlib
+                if name in files:   # type: ignore[operator]
+                    base = str(folder)
+                    return name if base == "." else os.path.join(base, name)
+            elif (folder / name).is_file():
                 return str(folder / name)
     return None
 
@@ -474,13 +478,27 @@ def ingest_labels(
     InputError
         A bad input (message names the file and image id); nothing is written.
     """
+    return _run(labels_plan(src, out, ids=ids, classes=classes, kind=kind, name=name, gt=gt, skip_bad=skip_bad,
+                            workers=workers, chunks=chunks, overwrite=overwrite, quiet=quiet,
+                            provenance=provenance, image_labels=image_labels))
+
+
+def labels_plan(src: str | os.PathLike, out: str | os.PathLike, *, ids: Any = None, classes: Any = None,
+                kind: str = "pseudo", name: str | None = None, gt: Any = None, skip_bad: bool = False,
+                workers: int | None = None, chunks: Sequence[int] | None = None, overwrite: bool = False,
+                quiet: bool = False, provenance: dict | None = None, image_labels: Any = None) -> _Plan:
+    """The checked, described run of :func:`ingest_labels` (same arguments), not yet run.
+
+    ``isle run`` runs the plans of several sets in one pass
+    (:func:`isle_fast.stores.ingest_engine.run_counted`).
+    """
     if kind == "images":
         raise InputError("kind 'images' takes RGB images: use ingest_images (isle ingest images)")
     _check_out(out, overwrite, src, gt, ids, classes)
     ref, names, items, missing, ids_file = _folder_inputs(src, LABEL_EXTS, "label", ids, classes, gt, workers)
     c = len(names)
     _, finish = _image_labels(image_labels, items, names, quiet, out)
-    plan = _Plan(
+    return _Plan(
         kind=kind, encoding="labels", classes=names, items=items, out=str(out), prebad=missing,
         header=lambda it: label_header(it.ref), read=lambda it, hw: read_label(it.ref, c),
         reference=ref, name=name, chunks=chunks, skip_bad=skip_bad, workers=workers, overwrite=overwrite,
@@ -488,7 +506,6 @@ def ingest_labels(
                                  **(provenance or {})},
         finish=finish,
     )
-    return _run(plan)
 
 
 def ingest_scores(

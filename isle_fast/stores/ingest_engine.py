@@ -4,6 +4,8 @@
 Dask arrays) and :mod:`isle_fast.stores.ingest_tiff` (large TIFFs) describe their inputs as items and a
 reader; this module checks them against the ground truth, writes the store (on
 :mod:`isle_fast.stores.parallel`), compacts it when bad images were skipped, and prints the summary.
+:func:`run_counted` and :func:`run_counted_with_gt` run the plans of several label folders (and the
+gt's) as one pass that also counts every set against the gt (``isle run``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class _Reference:
     shapes: dict[str, tuple[int, int]]
     padded: tuple[int, int] | None
     classes: list[str] | None
+
+    @property
+    def path(self) -> str:
+        """Where the ground truth is (a store's path, as a ``Stack`` has it; or a folder)."""
+        return self.source
 
 
 def _default_workers(workers: int | None) -> int:
@@ -262,3 +269,251 @@ def summarize(title: str, stack: Stack, bad: list[tuple[str, str, str]], pixels:
     if len(bad) > 10:
         rows["skipped ..."] = f"{len(bad) - 10} more (see the store's provenance)"
     summary(title, rows, quiet=quiet)
+
+
+# ------------------------------------------------------------------------ several sets in one pass
+@dataclass
+class Counted:
+    """What :func:`run_counted` made: the stores, and their counts against the ground truth.
+
+    Attributes
+    ----------
+    stacks : list of Stack
+        The new stores, one per plan, committed.
+    counts : ndarray, int64, (N, C, C+1)
+        The confusion counts of every store against the gt (``Evaluation.counts``).
+    image_stats : ndarray, int64, (I, N, C, 2), optional
+        Per-image intersection and union (``Evaluation.image_stats``), with ``per_image``.
+    """
+
+    stacks: list[Stack]
+    counts: np.ndarray
+    image_stats: np.ndarray | None
+
+
+def _counted_layout(plans: Sequence[_Plan], gt: Stack) -> bool:
+    """Whether :func:`run_counted` can run these plans: label folders of exactly the gt's images,
+    no problem found so far, a local gt in the plain layout holding whole images per chunk."""
+    if not plans or gt.chunk_spec() is None or tuple(gt.chunks[1:]) != tuple(gt.shape[1:]):
+        return False
+    ids = list(gt.ids)
+    for p in plans:
+        if (p.encoding != "labels" or p.in_memory or p.reference is None or p.prebad or p.finish is not None
+                or [it.id for it in p.items] != ids):
+            return False
+    return True
+
+
+def _counted_chunk(reads: Sequence[Callable], specs: Sequence[Any], gt_spec: Any, k: int, kernel: dict, start: int,
+                   items: Sequence[Sequence[Any]], shapes: Sequence[tuple[int, int]]
+                   ) -> tuple[bool, np.ndarray | None, np.ndarray | None]:
+    """One task of :func:`run_counted`: decode one chunk of every set, write the chunks, count them.
+
+    ``gt_spec`` None: the first plan is the ground truth itself, counted against in memory; else the
+    gt's chunk is read from its store. Returns ``(ok, counts (N, C, C+1), per-image stats or None)``;
+    ``ok`` is False (nothing written by this task) when an image is bad: the caller then takes the
+    separate way.
+    """
+    from isle_fast.ensemble.evaluate import _confusion_block
+    from isle_fast.metrics import intersection_union
+    from isle_fast.stores.chunkio import write_block
+    from isle_fast.stores.chunks import read_chunk
+
+    blocks = []
+    for read, spec, its in zip(reads, specs, items):
+        m = len(its)
+        block = np.empty((m,) + tuple(spec.shape[1:]), dtype=np.dtype(spec.dtype))
+        for j, (it, hw) in enumerate(zip(its, shapes)):
+            data, err = read(it, hw)
+            if err is not None:
+                return False, None, None
+            h, w = hw
+            block[j, :h, :w] = data
+            block[j, :h, w:] = spec.fill_value        # the padding only: each pixel is written once
+            block[j, h:] = spec.fill_value
+        blocks.append(block)
+    for spec, block in zip(specs, blocks):
+        write_block(spec, start, block)
+    shape = blocks[0].shape
+    if gt_spec is None:
+        g, blocks = blocks[0], blocks[1:]
+    else:
+        g = read_chunk(gt_spec, block_id=(start // k, 0, 0), block_info={None: {"chunk-shape": shape}})
+    out = _confusion_block(g, *blocks, **kernel)
+    stats = intersection_union(out[:, 0, 0]) if kernel["per_image"] else None
+    return True, out.sum(axis=(0, 1, 2)), stats
+
+
+def _fork_safe(n: int, k: int, workers: int) -> bool:
+    """Whether the chunk tasks may run the counting kernel where :func:`parallel.executor_for` puts them."""
+    pool = parallel.active_pool()
+    if pool is not None:
+        return pool.numba_safe
+    # executor_for forks a new pool unless one worker, one task or a cluster
+    return workers <= 1 or n <= k or parallel._current_client() is not None or parallel.numba_fork_safe()
+
+
+def _create(p: _Plan, ids: list[str], shapes: Sequence[tuple[int, int]], padded: Any) -> Any:
+    """The store writer of plan ``p``, as :func:`_write` creates it."""
+    return create_stack(p.out, kind=p.kind, classes=p.classes, ids=ids,
+                        shapes=np.asarray(shapes, dtype=np.int64).reshape(-1, 2), encoding=p.encoding,
+                        name=p.name, score_dtype=p.score_dtype, chunks=p.chunks, provenance=dict(p.provenance),
+                        overwrite=p.overwrite, padded_shape=padded)
+
+
+def _counted_pass(plans: Sequence[_Plan], writers: list[Any], chunks: tuple[int, ...], gt_spec: Any,
+                  shapes: list[tuple[int, int]], num_classes: int, per_image: bool, workers: int,
+                  quiet: bool, before_pass: Callable[[], None] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The chunk tasks of :func:`run_counted` (``gt_spec`` None: ``plans[0]`` is the gt, in the pass);
+    ``(counts, image stats)`` of the plans counted. :class:`_NotCounted` when it cannot run or an image
+    was bad (every task has ended then: the pool stays usable)."""
+    from isle_fast.ensemble.evaluate import Group
+    from isle_fast.progress import progress
+
+    n, k = len(shapes), int(chunks[0])
+    specs = []
+    for w in writers:
+        spec = chunkio.write_spec(w.array)
+        if not spec.direct or tuple(spec.chunk_shape) != tuple(chunks):
+            raise _NotCounted
+        specs.append(spec)
+    for spec in specs:
+        chunkio.prepare_folders(spec)
+    counted = len(plans) - (1 if gt_spec is None else 0)
+    kernel = dict(backend="cpu", groups=(Group("labels", tuple(range(counted))),), order=tuple(range(counted)),
+                  num_classes=num_classes, per_image=per_image)
+    reads = [partial(_checked_read, p.read, "its header" if p.reference is None else "the ground truth")
+             for p in plans]
+    starts = list(range(0, n, k))
+    tasks = [(s, [p.items[s:s + k] for p in plans], shapes[s:s + k]) for s in starts]
+    fn = partial(_counted_chunk, reads, specs, gt_spec, k, kernel)
+    counts = np.zeros((counted, num_classes, num_classes + 1), dtype=np.int64)
+    stats = np.zeros((n, counted, num_classes, 2), dtype=np.int64) if per_image else None
+    bad = False
+    if before_pass is not None:
+        before_pass()
+    with parallel.executor_for(len(tasks), workers) as ex, \
+            progress(total=n * len(plans), desc="ingest labels", unit="img", quiet=quiet) as bar:
+        for i, (ok, part, part_stats) in ex.imap(fn, tasks):
+            bar.update(len(tasks[i][2]) * len(plans))
+            if not ok:   # every task still runs to its end: the pool stays usable for the separate way
+                bad = True
+                continue
+            counts += part
+            if stats is not None:
+                stats[starts[i]:starts[i] + part_stats.shape[0]] += part_stats
+    if bad:
+        raise _NotCounted
+    return counts, stats
+
+
+def _summaries(plans: Sequence[_Plan], stacks: Sequence[Stack], pixels: int, seconds: float) -> None:
+    for p, st in zip(plans, stacks):
+        summarize(f"isle ingest: {p.encoding} -> {p.kind} store", st, [], pixels, seconds, what=p.what,
+                  quiet=p.quiet)
+
+
+def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, workers: int | None = None,
+                quiet: bool = False, before_pass: Callable[[], None] | None = None) -> Counted | None:
+    """Run several label-folder ingests (:func:`isle_fast.stores.ingest.labels_plan`, each against ``gt``)
+    as one pass of chunk tasks, and count every set against the gt in the same tasks.
+
+    A task decodes the images of one chunk of every set, writes those chunks and counts them
+    against the gt's chunk (the kernels of :func:`isle_fast.ensemble.evaluate.evaluate`, so the
+    counts equal ``evaluate(stacks, gt)``'s, count for count). The stores are the ones
+    :func:`_run` would write, one by one.
+
+    Returns None, having written nothing, when the pass cannot run (:func:`_counted_layout`, or
+    worker processes forked after Numba started its threads: :func:`parallel.numba_fork_safe`) or an
+    image turns out bad: the caller then ingests and evaluates the separate way, which reports
+    (or, with ``skip_bad``, skips) the bad images exactly as it always does. ``before_pass()`` is
+    called once the stores are created, just before the first task is sent (``isle run`` starts
+    loading its kernels there: this process only waits from then on).
+    """
+    if not _counted_layout(plans, gt):
+        return None
+    n, k = gt.num_images, int(gt.chunks[0])
+    wk = parallel.default_workers() if workers is None else _default_workers(workers)
+    if not _fork_safe(n, k, wk):
+        return None
+    t0 = time.perf_counter()
+    shapes = [(int(h), int(w)) for h, w in gt.shapes]
+    writers: list[Any] = []
+    try:
+        for p in plans:
+            assert p.reference is not None
+            writers.append(_create(p, [it.id for it in p.items], shapes, p.reference.padded or None))
+        counts, stats = _counted_pass(plans, writers, tuple(int(v) for v in gt.chunks), gt.chunk_spec(), shapes,
+                                      gt.num_classes, per_image, wk, quiet, before_pass)
+        stacks = [w.commit() for w in writers]
+    except _NotCounted:
+        for w in writers:
+            w.abort()
+        return None
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    _summaries(plans, stacks, sum(h * w for h, w in shapes), time.perf_counter() - t0)
+    return Counted(stacks=stacks, counts=counts, image_stats=stats)
+
+
+def run_counted_with_gt(gt_plan: _Plan, set_plans: Callable[[_Reference], list[_Plan]], *,
+                        per_image: bool = False, workers: int | None = None, quiet: bool = False,
+                        before_pass: Callable[[], None] | None = None) -> tuple[Stack, Counted] | None:
+    """:func:`run_counted` with the ground truth ingested in the same pass: ``(gt, counted)`` or None.
+
+    ``gt_plan``: the gt folder's plan (``labels_plan(..., kind="gt")``). Its headers are read first
+    (the images' sizes, as :func:`_run` reads them); ``set_plans(reference)`` then makes the sets'
+    plans against the gt store about to be written (``labels_plan(..., gt=reference)``: the
+    reference says what the committed store will: ids, sizes, padding, classes, path). Each task
+    decodes one chunk of the gt and of every set, writes them all and counts the sets against the
+    gt's chunk in memory. The stores equal those of ``ingest_labels`` of the gt, then of each set
+    against it; the counts equal ``evaluate``'s. None, with nothing written, where
+    :func:`run_counted` would give None, or a header is bad.
+    """
+    p = gt_plan
+    if (p.reference is not None or p.header is None or p.encoding != "labels" or p.in_memory or p.prebad
+            or p.finish is not None or not p.items):
+        return None
+    wk = parallel.default_workers() if workers is None else _default_workers(workers)
+    t0 = time.perf_counter()
+    heads = parallel.read_headers(partial(_checked_header, p.header), p.items, workers=wk,
+                                  in_memory=p.in_memory, quiet=True)
+    if any(err is not None for _, err in heads):
+        return None
+    ids = [it.id for it in p.items]
+    shapes = [(int(hw[0]), int(hw[1])) for hw, _ in heads]
+    writers: list[Any] = []
+    try:
+        gw = _create(p, ids, shapes, None)
+        writers.append(gw)
+        chunks = tuple(int(v) for v in gw.array.chunks)
+        padded = (int(gw.array.shape[1]), int(gw.array.shape[2]))
+        if not _fork_safe(len(ids), chunks[0], wk) or chunks[1:] != padded:
+            raise _NotCounted
+        ref = _Reference(gw.path, ids, dict(zip(ids, shapes)), padded, list(p.classes))
+        plans = set_plans(ref)
+        if not plans or any(q.encoding != "labels" or q.in_memory or q.prebad or q.finish is not None
+                            or [it.id for it in q.items] != ids for q in plans):
+            raise _NotCounted
+        for q in plans:
+            writers.append(_create(q, ids, shapes, padded))
+        counts, stats = _counted_pass([p, *plans], writers, chunks, None, shapes, len(p.classes), per_image,
+                                      wk, quiet, before_pass)
+        stacks = [w.commit() for w in writers]
+    except _NotCounted:
+        for w in writers:
+            w.abort()
+        return None
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    _summaries([p, *plans], stacks, sum(h * w for h, w in shapes), time.perf_counter() - t0)
+    return stacks[0], Counted(stacks=stacks[1:], counts=counts, image_stats=stats)
+
+
+class _NotCounted(Exception):
+    """The fused pass cannot go on (a bad image, another layout): take the separate way."""

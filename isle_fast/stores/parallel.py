@@ -18,6 +18,10 @@ Executors
     :class:`WorkerLost`; closing the pool on an error or Ctrl-C terminates
     the workers before the caller removes what they were writing. Workers
     ignore SIGINT: Ctrl-C reaches the parent, which stops them.
+    :meth:`ProcessPool.broadcast` has every worker run a warm-up call (load
+    a kernel) without waiting for it. Tasks that run Numba's parallel kernels
+    may go to workers only when they were forked before this process started
+    Numba's threads (:func:`numba_fork_safe`, :attr:`ProcessPool.numba_safe`).
 :class:`ThreadExecutor`
     A thread pool, for tasks over in-memory arrays (nothing is pickled).
 :class:`InlineExecutor`
@@ -60,6 +64,7 @@ __all__ = [
     "use_pool",
     "active_pool",
     "executor_for",
+    "numba_fork_safe",
 ]
 
 #: Environment variable naming the multiprocessing start method of worker processes.
@@ -110,6 +115,18 @@ def _pack(exc: BaseException) -> tuple[bytes | None, str, str]:
     except Exception:
         blob = None
     return blob, f"{type(exc).__name__}: {exc}", tb
+
+
+def numba_fork_safe() -> bool:
+    """Whether processes forked from this one now may run Numba's parallel kernels.
+
+    A forked child inherits Numba's thread pool once this process has started it, and GNU
+    OpenMP's cannot work there: Numba ends such a child (SIGTERM) at its first parallel kernel.
+    So tasks that run kernels may go to worker processes only when the pool was forked before
+    this process started Numba's threads (``isle`` forks its pool first), or not forked at all.
+    """
+    mod = sys.modules.get("numba.np.ufunc.parallel")
+    return mod is None or not getattr(mod, "_is_initialized", False)
 
 
 # ------------------------------------------------------------------------------ in process
@@ -210,6 +227,14 @@ def _worker_main(conn: Any) -> None:
 
             fns = {msg[1]: cloudpickle.loads(msg[2])}
             continue
+        if msg[0] == "call":  # broadcast(): run it, answer nothing; a failure is left to the tasks to meet
+            import cloudpickle
+
+            try:
+                cloudpickle.loads(msg[1])()
+            except Exception:  # noqa: BLE001 - a warm-up; the tasks that need it report their own errors
+                pass
+            continue
         _, fid, index, args = msg
         try:
             result = fns[fid](*args)
@@ -265,6 +290,8 @@ class ProcessPool:
         self._next_fn = 0
         self._broken: BaseException | None = None
         self._closed = False
+        #: whether the workers may run Numba's parallel kernels (:func:`numba_fork_safe` when they started)
+        self.numba_safe = True
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "ProcessPool":
@@ -275,6 +302,8 @@ class ProcessPool:
     def _ensure_started(self) -> None:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
+        if len(self._workers) < self.workers and self.start_method == "fork":
+            self.numba_safe = self.numba_safe and numba_fork_safe()
         while len(self._workers) < self.workers:
             self._workers.append(_Worker(self._ctx))
 
@@ -392,6 +421,22 @@ class ProcessPool:
         finally:
             if not finished and self._broken is None:
                 self._broken = RuntimeError("the consumer stopped before every task was done")
+
+    def broadcast(self, fn: Callable[[], Any]) -> None:
+        """Have every worker call ``fn()`` before its next task, without waiting for it (a warm-up:
+        loading what the next tasks need while this process does something else). Nothing comes
+        back; an exception is ignored. Needs a worker pool that has no tasks in flight."""
+        import cloudpickle
+
+        if self._broken is not None or self._closed:
+            return
+        self._ensure_started()
+        blob = cloudpickle.dumps(fn)
+        for w in self._workers:
+            try:
+                w.conn.send(("call", blob))
+            except (BrokenPipeError, ConnectionError, EOFError):
+                self._lost(w)
 
     def _lost(self, w: _Worker) -> None:
         w.process.join(timeout=1)

@@ -257,14 +257,16 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
         return np.full((1, 1, 1), inside, dtype=np.int64)
 
 
-def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], shapes: np.ndarray,
-                      choice: np.ndarray, allowed: np.ndarray | None, block: tuple[int, int, int],
-                      region: tuple[int, int, int], *, backend: str, plan: MergePlan,
+def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], block: tuple[int, int, int],
+                      region: tuple[int, int, int], shapes: np.ndarray, choice: np.ndarray,
+                      allowed: np.ndarray | None, *, backend: str, plan: MergePlan,
                       each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> int:
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk.
 
-    ``each_chunk(start, labels)``, when given, is then called with the chunk as written (``start``:
-    its first ``(image, row, column)``; ``labels``: the region, padding = 255).
+    ``shapes``, ``choice`` and ``allowed`` are the rows of the chunk's images only (a task sent to a
+    cluster worker carries its own images' rows, not the data set's). ``each_chunk(start, labels)``,
+    when given, is then called with the chunk as written (``start``: its first ``(image, row,
+    column)``; ``labels``: the region, padding = 255).
     """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
@@ -276,10 +278,9 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
               for sp, t in zip(specs, tails)]
     i0 = i * k
     with task_kernels(backend) as K:
-        rows = None if allowed is None else allowed[i0:i0 + region[0]]
-        lab, _ = merge_chunk(K, plan, blocks, choice[i0:i0 + region[0]], rows)
+        lab, _ = merge_chunk(K, plan, blocks, choice, allowed)
     lab = np.require(lab, np.uint8, ["C", "W"])
-    inside = _fill_padding(lab, shapes[i0:i0 + region[0]], j * hc, l * wc, 255)
+    inside = _fill_padding(lab, shapes, j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
     if each_chunk is not None:
         each_chunk((i0, j * hc, l * wc), lab)
@@ -312,14 +313,20 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     n, h, w = (int(v) for v in gt.shape)
     tasks = chunk_tasks(gt)
     tails = [tuple(int(v) for v in st.shape[3:]) for st in member_stacks]
-    fn = partial(_local_merge_task, specs[1:], out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
-                 np.asarray(choice, dtype=np.int64),
-                 None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool),
-                 backend=backend, plan=plan, each_chunk=each_chunk)
+    shapes = np.asarray(gt.shapes, dtype=np.int64)
+    choice = np.asarray(choice, dtype=np.int64)
+    rows = None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool)
+    k = int(gt.chunks[0])
+    # each task carries its own images' rows: a task sent to a worker is pickled whole, and the data
+    # set's rows in every one of them were (images x tasks) bytes through the scheduler
+    work = [(block, region, shapes[block[0] * k:block[0] * k + region[0]],
+             choice[block[0] * k:block[0] * k + region[0]],
+             None if rows is None else rows[block[0] * k:block[0] * k + region[0]]) for block, region in tasks]
+    fn = partial(_local_merge_task, specs[1:], out_spec, tails, backend=backend, plan=plan, each_chunk=each_chunk)
     written = 0
     with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
-        for t, px in ex.imap(fn, tasks):
+        for t, px in ex.imap(fn, work):
             written += px
             size = tasks[t][1]
             pb.advance(size[0] * size[1] * size[2] / (h * w))  # a tile's share of its images

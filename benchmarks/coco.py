@@ -170,11 +170,12 @@ class _SampledPeak(PeakMemory):
             self.sampler_cpu = time.thread_time()
 
 
-def on_cluster(n_workers: int, log: Path, fn: Callable[[], Any], warm: Callable[[], Any]
-               ) -> tuple[Any, float, dict[str, float], PeakMemory, str]:
+def on_cluster(n_workers: int, log: Path, fn: Callable[[], Any], warm: Callable[[], Any], idle: float = 5.0
+               ) -> tuple[Any, float, dict[str, float], dict[str, float], PeakMemory, str]:
     """Run ``fn`` (timed) with a client on a fresh :class:`ProcessCluster` after ``warm`` (untimed).
 
-    Returns ``(value, seconds, cpu seconds by role during fn, peak memory, cluster description)``.
+    Returns ``(value, seconds, cpu seconds by role during fn, cpu seconds per second by role while
+    the cluster sat idle for ``idle`` seconds before fn, peak memory, cluster description)``.
     """
     from distributed import Client
 
@@ -185,6 +186,9 @@ def on_cluster(n_workers: int, log: Path, fn: Callable[[], Any], warm: Callable[
         client.run(tune_allocator)  # on the workers, as the isle command does for itself
         warm()
         what = describe_cluster(client)
+        i0 = cluster.cpu()
+        time.sleep(idle)    # what the scheduler, nannies and workers spend doing nothing (heartbeats, monitors)
+        i1 = cluster.cpu()
         c0, k0 = _client_cpu(), cluster.cpu()
         with _SampledPeak(interval=0.1) as pm:
             t0 = time.perf_counter()
@@ -192,7 +196,7 @@ def on_cluster(n_workers: int, log: Path, fn: Callable[[], Any], warm: Callable[
             secs = time.perf_counter() - t0
         c1, k1 = _client_cpu(), cluster.cpu()
     cpu = {"client": c1 - c0 - pm.sampler_cpu, **{k: k1[k] - k0[k] for k in k0}}
-    return value, secs, cpu, pm, what
+    return value, secs, cpu, {k: (i1[k] - i0[k]) / idle for k in i0}, pm, what
 
 
 def _chunk_tasks(data: dict[str, Any]) -> int:
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = make_label_stores(root, 8, n_sets=args.sets, max_side=32, num_classes=n_cls, seed=1)
     # the warm-up: a chunk per image, so that every worker gets some of its tasks and loads the kernels
     warm = make_label_stores(root, 16, n_sets=args.sets, max_side=32, num_classes=n_cls, seed=2, chunk_images=1)
-    work = root / "coco-out"
+    work = root / f"coco-out-{scale.lower()}-{n_img}-{os.getpid()}"   # a run of its own: removed at the end
     work.mkdir(exist_ok=True)
     chunks = _chunk_tasks(data)
     load0 = os.getloadavg()[0]
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_pipeline(warm, work / "warm.zarr")
                 fixed_box.append(min(timed_tiny() for _ in range(2)))  # a run that has almost no chunks
 
-            res, secs, cpu, pmc, what = on_cluster(nw, work / "cluster.log",
+            res, secs, cpu, idle_rate, pmc, what = on_cluster(nw, work / "cluster.log",
                                                    lambda: run_pipeline(data, work / f"cluster{nw}.zarr"),
                                                    warm_and_fixed)
             fixed = fixed_box[0]
@@ -293,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                           "merge": res["merge"], "peak_rss_worker": pmc.peak_child,
                           "peak_rss_client": pmc.peak_self, "fixed_seconds": fixed,
                           "cpu_seconds": cpu, "cpu_total": total_cpu, "cpu_floor_wall": total_cpu / 2,
-                          "overhead_cpu": over, "vs_threaded": res["total"] / threaded["total"],
+                          "overhead_cpu": over, "idle_cpu_per_second": idle_rate,
+                          "idle_cpu_during_run": sum(idle_rate.values()) * res["total"],
+                          "vs_threaded": res["total"] / threaded["total"],
                           "counts_equal": bool(np.array_equal(res["counts"], ref["counts"])),
                           "ensemble_equal": ensemble_equal(res["ensemble"], ref["ensemble"])})
         print("\nOn a dask.distributed cluster (dask scheduler + dask worker processes, 1 thread each; "
@@ -307,10 +313,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{threaded['total']:.1f} s, less the memory sampler's); overhead = all - the threaded run's CPU "
               f"seconds; floor = all / 2 cores, the wall time the run would take on 2 otherwise idle cores")
         print(format_table([{"cluster": f"{r['workers']} worker(s)", **r["cpu_seconds"], "all": r["cpu_total"],
-                             "overhead": r["overhead_cpu"], "floor_s": r["cpu_floor_wall"], "wall_s": r["seconds"]}
+                             "overhead": r["overhead_cpu"], "of_it_idle": r["idle_cpu_during_run"],
+                             "floor_s": r["cpu_floor_wall"], "wall_s": r["seconds"]}
                             for r in sweep],
                            ["cluster", "client", "scheduler", "nannies", "workers", "all", "overhead",
-                            "floor_s", "wall_s"]))
+                            "of_it_idle", "floor_s", "wall_s"]))
+        print("of_it_idle: what the scheduler, nannies and workers spend per second when idle (measured for 5 s "
+              "before the run: heartbeats, monitors) x the run's wall time; it grows with the wall time, so a "
+              "contended machine inflates it")
         fixed = fixed_runs[0]
         per_chunk = max(0.0, (sweep[0]["seconds"] - fixed) / chunks)
         full_chunks = math.ceil(chunks * full / n_img)

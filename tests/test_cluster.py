@@ -361,8 +361,9 @@ def test_dask_yaml_config_is_honoured(folders, local_run, tmp_path):
 # ------------------------------------------------------------------------------ the chunk executor
 def test_the_executor_sends_the_function_once_and_batches_the_tasks(cluster, monkeypatch):
     """``ClusterExecutor.imap``: every result, each under its own index, equal to a plain call; the
-    function (here holding 1 MiB, as a partial holds the stores' chunk specs) is pickled once per
-    worker at most, not once per task; consecutive tasks go together in fewer cluster tasks."""
+    function (here holding 1 MiB, as a partial holds the stores' chunk specs) is pickled at most twice
+    (it goes to the cluster as a task of its own), not once per task; consecutive tasks go together
+    in fewer cluster tasks."""
     from distributed import Client
 
     from isle_fast.stores.parallel import ClusterExecutor
@@ -381,7 +382,8 @@ def test_the_executor_sends_the_function_once_and_batches_the_tasks(cluster, mon
         assert got == {i: a * b + 2**20 for i, (a, b) in enumerate(tasks)}
         assert CountedFn.pickled <= 2                      # was once per task: 200 MiB through the scheduler
         size = ex.batch_size(len(tasks))
-        assert size == 6 and len(submits) == -(-len(tasks) // size)   # 200 // (2 workers x 16)
+        # 200 // (2 workers x 16) tasks per cluster task, + 1: the task holding the function
+        assert size == 6 and len(submits) == 1 + -(-len(tasks) // size)
         assert list(ex.imap(fn, [])) == []
 
 

@@ -411,9 +411,14 @@ class ProcessPool:
 
 
 # ------------------------------------------------------------------------------ cluster
+def _value(fn: Callable) -> Callable:
+    """``fn`` itself: the task that holds a :class:`ClusterExecutor`'s task function on the cluster."""
+    return fn
+
+
 def _call_shared(fn: Callable, batch: Sequence[tuple]) -> list[Any]:
-    """``[fn(*args) for args in batch]`` on a worker, ``fn`` being the value of a future scattered once
-    (:class:`ClusterExecutor`)."""
+    """``[fn(*args) for args in batch]`` on a worker, ``fn`` being the result of the :func:`_value`
+    task (:class:`ClusterExecutor`)."""
     return [fn(*args) for args in batch]
 
 
@@ -422,7 +427,7 @@ class ClusterExecutor:
 
     What a task costs besides its work (the client's submit, the scheduler's bookkeeping, a round
     trip; milliseconds, paid on the same cores on a small machine) is kept small: ``fn`` is sent to
-    every worker once (scattered), not inside every task, and consecutive tasks go together in one
+    the cluster once (a task of its own), not inside every task, and consecutive tasks go together in one
     cluster task (:meth:`batch_size`), while leaving every worker many to balance the load.
     """
 
@@ -455,9 +460,10 @@ class ClusterExecutor:
         size = self.batch_size(len(tasks))
         batches = iter(range(0, len(tasks), size))
         first_of: dict[Any, int] = {}
-        # ``fn`` (often a partial holding the stores' chunk specs, with their manifests) goes to every
-        # worker once; each task then carries only its own arguments and the shared key
-        shared = self.client.scatter(fn, broadcast=True, hash=False)
+        # ``fn`` (often a partial holding the stores' chunk specs, with their manifests) goes to the
+        # cluster once, as the result of a task of its own: every worker fetches it once, each task
+        # carries only its own arguments and that key, and a lost copy is recomputed from the task
+        shared = self.client.submit(_value, fn, pure=False)
 
         def submit() -> Any:
             s = next(batches, None)

@@ -249,6 +249,11 @@ def test_coco_quick(tmp_path, monkeypatch):
     assert doc["quick"] is True and doc["classes"] == 81 and doc["coco_images"] == 82081
     assert [r["workers"] for r in doc["cluster"]] == [1, 2]
     assert all(r["counts_equal"] and r["ensemble_equal"] and r["peak_rss_worker"] > 0 for r in doc["cluster"])
+    for r in doc["cluster"]:   # CPU seconds by process: the workers did the chunk work, the others some
+        assert set(r["cpu_seconds"]) == {"client", "scheduler", "nannies", "workers"}
+        assert r["cpu_seconds"]["workers"] > 0 and r["cpu_seconds"]["scheduler"] > 0
+        assert r["cpu_total"] == pytest.approx(sum(r["cpu_seconds"].values()))
+        assert r["overhead_cpu"] == pytest.approx(r["cpu_total"] - doc["threaded"]["cpu_seconds"])
     proj = doc["projection"]
     assert proj["chunks"] == 8 and [r["workers"] for r in proj["at_coco_size"]][:3] == [1, 2, 4]
     assert coco.projection(1.0, 0.5, 5, [1, 2, 5]) == [{"workers": 1, "seconds": 3.5},

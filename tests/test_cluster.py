@@ -328,3 +328,42 @@ def test_dask_yaml_config_is_honoured(folders, local_run, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"isle evaluate: error: Dask's scheduler-address config tcp://127.0.0.1:{port}: cannot connect" \
         in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------ the chunk executor
+def test_the_executor_sends_the_function_once_and_batches_the_tasks(cluster, monkeypatch):
+    """``ClusterExecutor.imap``: every result, each under its own index, equal to a plain call; the
+    function (here holding 1 MiB, as a partial holds the stores' chunk specs) is pickled at most twice
+    (it goes to the cluster as a task of its own), not once per task; consecutive tasks go together
+    in fewer cluster tasks."""
+    from distributed import Client
+
+    from isle_fast.stores.parallel import ClusterExecutor
+    from tests._cluster_fn import CountedFn
+
+    fn = CountedFn(b"x" * 2**20)
+    tasks = [(i, i + 1) for i in range(200)]
+    with Client(cluster.address, timeout=30) as client:
+        ex = ClusterExecutor(client)
+        assert ex.workers == 2
+        submits = []
+        real_submit = client.submit
+        monkeypatch.setattr(client, "submit", lambda *a, **k: submits.append(1) or real_submit(*a, **k))
+        CountedFn.pickled = 0
+        got = dict(ex.imap(fn, tasks))
+        assert got == {i: a * b + 2**20 for i, (a, b) in enumerate(tasks)}
+        assert CountedFn.pickled <= 2                      # was once per task: 200 MiB through the scheduler
+        size = ex.batch_size(len(tasks))
+        # 200 // (2 workers x 16) tasks per cluster task, + 1: the task holding the function
+        assert size == 6 and len(submits) == 1 + -(-len(tasks) // size)
+        assert list(ex.imap(fn, [])) == []
+
+
+def test_the_executor_batch_size_leaves_every_worker_many_tasks():
+    from isle_fast.stores.parallel import ClusterExecutor
+
+    ex = ClusterExecutor.__new__(ClusterExecutor)
+    ex.workers = 2
+    assert [ex.batch_size(n) for n in (1, 31, 32, 64, 200, 256, 10_000)] == [1, 1, 1, 2, 6, 8, 8]
+    ex.workers = 64
+    assert ex.batch_size(1000) == 1

@@ -292,17 +292,19 @@ def _merge_block(idx_i: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes
         return np.full((1, 1, 1), inside, dtype=np.int64)
 
 
-def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], shapes: np.ndarray,
-                      choice: np.ndarray, allowed: np.ndarray | None, block: tuple[int, int, int],
-                      region: tuple[int, int, int], *, backend: str, plan: MergePlan,
+def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple], block: tuple[int, int, int],
+                      region: tuple[int, int, int], shapes: np.ndarray, choice: np.ndarray,
+                      allowed: np.ndarray | None, *, backend: str, plan: MergePlan,
                       each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
                       sparse_keys: Sequence[np.ndarray | None] = (),
                       sparse_levels: Sequence[int | None] | None = None) -> int:
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk.
 
-    ``each_chunk(start, labels)``, when given, is then called with the chunk as written (``start``:
-    its first ``(image, row, column)``; ``labels``: the region, padding = 255). A member with
-    ``sparse_keys[n]`` is class-sparse: its block is its stored slots with those keys' rows.
+    ``shapes``, ``choice`` and ``allowed`` are the rows of the chunk's images only (a task sent to a
+    cluster worker carries its own images' rows, not the data set's). ``each_chunk(start, labels)``,
+    when given, is then called with the chunk as written (``start``: its first ``(image, row,
+    column)``; ``labels``: the region, padding = 255). A member with ``sparse_keys[n]`` (the data
+    set's keys) is class-sparse: its block is its stored slots with those keys' rows.
     """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
@@ -316,13 +318,12 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
         b = read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
         km = sparse_keys[n] if n < len(sparse_keys) else None
         blocks.append(b if km is None else (b, km[i0:i0 + region[0]]))
-    inside = np.clip(shapes[i0:i0 + region[0]] - np.array([j * hc, l * wc], np.int64), 0,
+    inside = np.clip(shapes - np.array([j * hc, l * wc], np.int64), 0,
                      np.array(region[1:], np.int64))
     with task_kernels(backend) as K:
-        rows = None if allowed is None else allowed[i0:i0 + region[0]]
-        lab, _ = merge_chunk(K, plan, blocks, choice[i0:i0 + region[0]], rows, sparse_levels, inside)
+        lab, _ = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
     lab = np.require(lab, np.uint8, ["C", "W"])
-    done = _fill_padding(lab, shapes[i0:i0 + region[0]], j * hc, l * wc, 255)
+    done = _fill_padding(lab, shapes, j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
     if each_chunk is not None:
         each_chunk((i0, j * hc, l * wc), lab)
@@ -388,14 +389,21 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
              for st, sp in zip(member_stacks, sparse)]
     keys = [st.sparse_keys if sp else None for st, sp in zip(member_stacks, sparse)]
     levels = [_sparse_level(st, t) if sp else None for st, sp, t in zip(member_stacks, sparse, plan.thresholds)]
-    fn = partial(_local_merge_task, specs, out_spec, tails, np.asarray(gt.shapes, dtype=np.int64),
-                 np.asarray(choice, dtype=np.int64),
-                 None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool),
-                 backend=backend, plan=plan, each_chunk=each_chunk, sparse_keys=keys, sparse_levels=levels)
+    shapes = np.asarray(gt.shapes, dtype=np.int64)
+    choice = np.asarray(choice, dtype=np.int64)
+    rows = None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool)
+    k = int(gt.chunks[0])
+    # each task carries its own images' rows: a task sent to a worker is pickled whole, and the data
+    # set's rows in every one of them were (images x tasks) bytes through the scheduler
+    work = [(block, region, shapes[block[0] * k:block[0] * k + region[0]],
+             choice[block[0] * k:block[0] * k + region[0]],
+             None if rows is None else rows[block[0] * k:block[0] * k + region[0]]) for block, region in tasks]
+    fn = partial(_local_merge_task, specs, out_spec, tails, backend=backend, plan=plan, each_chunk=each_chunk,
+                 sparse_keys=keys, sparse_levels=levels)
     written = 0
     with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
-        for t, px in ex.imap(fn, tasks):
+        for t, px in ex.imap(fn, work):
             written += px
             size = tasks[t][1]
             pb.advance(size[0] * size[1] * size[2] / (h * w))  # a tile's share of its images

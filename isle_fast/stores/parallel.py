@@ -456,8 +456,30 @@ class ProcessPool:
 
 
 # ------------------------------------------------------------------------------ cluster
+def _value(fn: Callable) -> Callable:
+    """``fn`` itself: the task that holds a :class:`ClusterExecutor`'s task function on the cluster."""
+    return fn
+
+
+def _call_shared(fn: Callable, batch: Sequence[tuple]) -> list[Any]:
+    """``[fn(*args) for args in batch]`` on a worker, ``fn`` being the result of the :func:`_value`
+    task (:class:`ClusterExecutor`)."""
+    return [fn(*args) for args in batch]
+
+
 class ClusterExecutor:
-    """Tasks on the workers of a ``dask.distributed`` client (they must share the file system)."""
+    """Tasks on the workers of a ``dask.distributed`` client (they must share the file system).
+
+    What a task costs besides its work (the client's submit, the scheduler's bookkeeping, a round
+    trip; milliseconds, paid on the same cores on a small machine) is kept small: ``fn`` is sent to
+    the cluster once (a task of its own), not inside every task, and consecutive tasks go together in one
+    cluster task (:meth:`batch_size`), while leaving every worker many to balance the load.
+    """
+
+    #: a cluster task holds at most this many of the caller's tasks
+    MAX_BATCH = 8
+    #: ... and the cluster tasks are at least this many per worker thread (for balance at the end)
+    MIN_PER_WORKER = 16
 
     def __init__(self, client: Any):
         self.client = client
@@ -466,37 +488,49 @@ class ClusterExecutor:
         except Exception:
             self.workers = 1
 
+    def batch_size(self, n_tasks: int) -> int:
+        """The caller's tasks per cluster task for ``n_tasks`` tasks (1 to :attr:`MAX_BATCH`)."""
+        return max(1, min(self.MAX_BATCH, n_tasks // (self.workers * self.MIN_PER_WORKER)))
+
     def imap(self, fn: Callable, tasks: Sequence[tuple], window: int | None = None
              ) -> Iterator[tuple[int, Any]]:
-        """Yield ``(index, result)`` as tasks finish; at most ``window`` submitted at a time."""
+        """Yield ``(index, result)`` as tasks finish; at most ``window`` cluster tasks (each of
+        :meth:`batch_size` tasks) submitted at a time."""
         from distributed import as_completed
 
+        tasks = list(tasks)
+        if not tasks:
+            return
         window = max(1, window or 2 * self.workers)
-        it = iter(enumerate(tasks))
-        index_of: dict[Any, int] = {}
+        size = self.batch_size(len(tasks))
+        batches = iter(range(0, len(tasks), size))
+        first_of: dict[Any, int] = {}
+        # ``fn`` (often a partial holding the stores' chunk specs, with their manifests) goes to the
+        # cluster once, as the result of a task of its own: every worker fetches it once, each task
+        # carries only its own arguments and that key, and a lost copy is recomputed from the task
+        shared = self.client.submit(_value, fn, pure=False)
 
         def submit() -> Any:
-            nxt = next(it, None)
-            if nxt is None:
+            s = next(batches, None)
+            if s is None:
                 return None
-            fut = self.client.submit(fn, *nxt[1], pure=False)
-            index_of[fut] = nxt[0]
+            fut = self.client.submit(_call_shared, shared, tasks[s:s + size], pure=False)
+            first_of[fut] = s
             return fut
 
         first = [f for f in (submit() for _ in range(window)) if f is not None]
-        if not first:
-            return
         ac = as_completed(first)
         try:
             for fut in ac:
-                i = index_of.pop(fut)
-                result = fut.result()
+                s = first_of.pop(fut)
+                results = fut.result()
                 nxt = submit()
                 if nxt is not None:
                     ac.add(nxt)
-                yield i, result
+                for j, result in enumerate(results):
+                    yield s + j, result
         finally:
-            left = list(index_of)
+            left = list(first_of)
             if left:
                 self.client.cancel(left)
 

@@ -492,10 +492,17 @@ def test_refine_sparse_then_threshold_sweep_and_merge(tmp_path, capsys):
         assert main(["evaluate", *sets, "--gt", gt, "--quiet", "--json", str(plain)]) == 0
         ens = tmp_path / f"{lay}-ens.zarr"
         assert main(["merge", *sets, "--gt", gt, "--bg-threshold", "best", "--out", str(ens), "--quiet"]) == 0
+        # no threshold: a refined class-sparse store has its background per pixel, no stored level
+        # (the one-threshold sweep's shortcut must not take it; the demo's merge failed on it)
+        plain0 = tmp_path / f"{lay}-plain0.json"
+        assert main(["evaluate", *sets, "--gt", gt, "--quiet", "--bootstrap", "0", "--json", str(plain0)]) == 0
+        ens0 = tmp_path / f"{lay}-ens0.zarr"
+        assert main(["merge", *sets, "--gt", gt, "--out", str(ens0), "--quiet"]) == 0
         doc = json.loads(js.read_text())["threshold_sweep"]
-        res[lay] = (doc, json.loads(plain.read_text()), open_stack(ens))
+        res[lay] = (doc, json.loads(plain.read_text()), open_stack(ens), json.loads(plain0.read_text()),
+                    open_stack(ens0))
     capsys.readouterr()
-    (ds, dp, de), (ss, sp, se) = res["dense"], res["sparse"]
+    (ds, dp, de, dp0, de0), (ss, sp, se, sp0, se0) = res["dense"], res["sparse"]
 
     def strip(d):
         if isinstance(d, dict):
@@ -508,6 +515,8 @@ def test_refine_sparse_then_threshold_sweep_and_merge(tmp_path, capsys):
     assert strip(ds) == strip(ss) and set(ds["sets"]) == {"set0", "set1"}
     assert any(len(set(v["miou"])) > 1 for v in ds["sets"].values())   # the threshold matters here
     assert strip(dp["sets"]) == strip(sp["sets"])
+    assert strip(dp0["sets"]) == strip(sp0["sets"])
+    np.testing.assert_array_equal(de0.array[:], se0.array[:])
     np.testing.assert_array_equal(de.array[:], se.array[:])
     assert se.provenance["bg_thresholds"] == de.provenance["bg_thresholds"]
     assert se.provenance["bg_threshold"] == "best"

@@ -374,6 +374,11 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     if plan.mode != "labels":
         return None
     sparse = [s.score_layout == "sparse" for s in member_stacks]
+    from isle_fast.stores.sparse import constant_background
+
+    if any(sp and t < 0 and constant_background(st) is None
+           for st, sp, t in zip(member_stacks, sparse, plan.thresholds)):
+        return None     # no threshold and a background stored per pixel: the dense view (Dask graph)
     specs = _member_specs(member_stacks, gt) if any(sparse) else local_specs(member_stacks, gt)
     if specs is None:
         return None

@@ -707,12 +707,15 @@ def evaluate_at(sets: Sequence[Any], gt: Any, bg_threshold: float | None, *, ave
     """
     from isle_fast.ensemble.evaluate import check_bg_threshold, evaluate
     from isle_fast.ensemble.graph import _as_stack
+    from isle_fast.stores.sparse import constant_background
 
     t = check_bg_threshold(bg_threshold)
     stacks = [_as_stack(s) for s in sets]
     layouts = [getattr(s, "score_layout", "dense") for s in stacks if s.encoding == "scores"]
     sparse = "sparse" in layouts
-    stored = t is None and sparse and all(v == "sparse" for v in layouts)  # foreground > the stored level
+    # foreground > the stored level; a store whose background is stored per pixel (refined) has none
+    stored = t is None and sparse and all(v == "sparse" for v in layouts) and all(
+        constant_background(s) is not None for s in stacks if s.encoding == "scores")
     if (t is None and not stored) or (t is not None and not 0 <= t <= 1) or not sparse or per_image:
         return evaluate(stacks, gt, average=average, backend=backend, bg_threshold=t, progress=progress,
                         per_image=per_image)

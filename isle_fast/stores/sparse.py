@@ -58,8 +58,8 @@ import numpy as np
 from isle_fast.errors import InputError, StoreError
 
 __all__ = [
-    "SPARSE", "DENSE", "SparseWriter", "sparse_chunks", "sparsify", "densify", "check_keys", "SparseView",
-    "BACKGROUND_STORED",
+    "SPARSE", "DENSE", "SparseWriter", "constant_background", "sparse_chunks", "sparsify", "densify",
+    "check_keys", "SparseView", "BACKGROUND_STORED",
 ]
 
 SPARSE = "sparse"
@@ -487,6 +487,15 @@ class SparseWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def constant_background(stack: Any) -> int | None:
+    """A class-sparse store's one background level (0-255), or ``None`` where its background is
+    stored per pixel (:data:`BACKGROUND_STORED`, refined stores) or the store is not class-sparse."""
+    if getattr(stack, "score_layout", DENSE) != SPARSE:
+        return None
+    level = stack.attrs.get(BACKGROUND_ATTR)
+    return None if level is None or level == BACKGROUND_STORED else int(level)
 
 
 def sparsify(

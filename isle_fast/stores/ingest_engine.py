@@ -447,13 +447,11 @@ def run_counted(plans: Sequence[_Plan], gt: Stack, *, per_image: bool = False, w
         counts, stats = _counted_pass(plans, writers, tuple(int(v) for v in gt.chunks), gt.chunk_spec(), shapes,
                                       gt.num_classes, per_image, wk, quiet, before_pass)
         stacks = [w.commit() for w in writers]
-    except _NotCounted:
+    except BaseException as exc:
         for w in writers:
             w.abort()
-        return None
-    except BaseException:
-        for w in writers:
-            w.abort()
+        if isinstance(exc, _NotCounted):
+            return None
         raise
     _summaries(plans, stacks, sum(h * w for h, w in shapes), time.perf_counter() - t0)
     return Counted(stacks=stacks, counts=counts, image_stats=stats)
@@ -503,13 +501,11 @@ def run_counted_with_gt(gt_plan: _Plan, set_plans: Callable[[_Reference], list[_
         counts, stats = _counted_pass([p, *plans], writers, chunks, None, shapes, len(p.classes), per_image,
                                       wk, quiet, before_pass)
         stacks = [w.commit() for w in writers]
-    except _NotCounted:
+    except BaseException as exc:
         for w in writers:
             w.abort()
-        return None
-    except BaseException:
-        for w in writers:
-            w.abort()
+        if isinstance(exc, _NotCounted):
+            return None
         raise
     _summaries([p, *plans], stacks, sum(h * w for h, w in shapes), time.perf_counter() - t0)
     return stacks[0], Counted(stacks=stacks[1:], counts=counts, image_stats=stats)

@@ -758,3 +758,60 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     share = (pat[..., 1:] * wt[..., 1:]).sum(axis=(0, 2))
     return {"scores": scores, "best": best, "p_best": p_best, "expected_loss": loss,
             "labelled_weight": metrics.ratio(share, voting), "voting_pixels": voting}
+
+
+def _strata_block(g: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, encodings: tuple[str, ...],
+                  thresholds: tuple[float, ...], num_classes: int) -> np.ndarray:
+    """``(I, 1, 1, 2, C, 2**N, 3)`` strata of one region of the gt and every set, image by image."""
+    from isle_fast.backend import task_kernels
+
+    with task_kernels("cpu") as K:
+        labs = [np.ascontiguousarray(b if e == "labels" else np.asarray(K.decode_scores(np.ascontiguousarray(b), t)))
+                for b, e, t in zip(blocks, encodings, thresholds)]
+    out = np.zeros((g.shape[0], 1, 1, 2, num_classes, 1 << len(labs), 3), np.int64)
+    for m in range(g.shape[0]):
+        out[m, 0, 0] = strata_counts(g[m:m + 1], [a[m:m + 1] for a in labs], num_classes, allowed[m:m + 1])
+    return out
+
+
+def labelled_strata_pass(stacks: Sequence[Any], gt: Any, positions: Any, *, allowed: Any = None,
+                         bg_threshold: float | None = None, progress: bool = True) -> np.ndarray:
+    """``(I_gt, 2, C, 2**N, 3)``: :func:`strata_counts` of every gt image (one pass over the gt's images).
+
+    Parameters
+    ----------
+    stacks : sequence of Stack
+        The sets (aligned with each other).
+    gt : Stack
+        A ground truth of some of their images.
+    positions : (I_gt,) int
+        Every gt image's position in the sets (:func:`isle_fast.ensemble.partial.gt_positions`).
+    allowed : (I_gt, C) bool, optional
+        Image-level labels of the gt images.
+    bg_threshold : float, optional
+    progress : bool
+    """
+    from functools import partial
+
+    import dask.array as da
+
+    from isle_fast.backend import dask_scheduler
+    from isle_fast.ensemble.evaluate import score_threshold
+    from isle_fast.ensemble.graph import blockwise_args
+    from isle_fast.ensemble.partial import subset_arrays
+    from isle_fast.progress import dask_progress
+
+    c = gt.num_classes
+    g, arrays = subset_arrays(stacks, gt, np.asarray(positions, dtype=np.int64))
+    ok = np.ones((gt.num_images, c), bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    ok_da = da.from_array(ok, chunks=(g.chunks[0], (c,)))
+    func = partial(_strata_block, encodings=tuple(s.encoding for s in stacks),
+                   thresholds=tuple(score_threshold(s, bg_threshold) if s.encoding == "scores" else -1.0
+                                    for s in stacks), num_classes=c)
+    one = lambda n: 1  # noqa: E731
+    arr = da.blockwise(func, "ijkgcmt", g, "ijk", ok_da, "iy", *blockwise_args(arrays, stacks),
+                       new_axes={"g": 2, "c": c, "m": 1 << len(stacks), "t": 3},
+                       adjust_chunks={"j": one, "k": one}, dtype=np.int64, concatenate=True,
+                       meta=np.empty((0,) * 7, dtype=np.int64))
+    with dask_progress("strata", quiet=not progress):
+        return np.asarray(arr.sum(axis=(1, 2)).compute(scheduler=dask_scheduler()), dtype=np.int64)

@@ -214,3 +214,30 @@ def test_isle_run_with_a_partial_gt_equals_merge_on_the_same_stores(tmp_path, ca
     want = evaluate([res.stack], gt, progress=False).miou[0]
     assert ev["ensemble"]["miou"] == pytest.approx(float(want), abs=1e-12)
     shutil.rmtree(run)
+
+
+def test_evaluate_with_a_partial_gt_shows_the_choice_merge_makes(tmp_path, capsys):
+    import json
+
+    rng = np.random.default_rng(9)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=8, subset=[3, 6, 1])
+    labels = tmp_path / "labels.npy"  # cls_labels.npy style: id -> foreground classes present
+    np.save(labels, {f"img{i:03d}": np.array([(g == k).any() for k in range(1, c)], np.float32)
+                     for i, g in enumerate(gts)}, allow_pickle=True)
+    res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, image_labels=str(labels))
+    assert res.stack.provenance["subset_selection"] == "strata"
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", *(s.path for s in sets), "--gt", gt.path, "--image-labels", str(labels),
+                 "--json", str(out), "--bootstrap", "50"]) == 0
+    assert "isle merge's choice with this gt (strata" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["default_selection"]["mode"] == "strata"
+    assert doc["default_selection"]["selection"] == res.selection.mapping()
+    # without image labels: the posterior, as merge; with a gt of every image: nothing more
+    assert main(["evaluate", *(s.path for s in sets), "--gt", gt.path, "--bootstrap", "0"]) == 0
+    assert "isle merge's choice with this gt (posterior" in capsys.readouterr().out
+    full = write_stack(f"{tmp_path}/full.zarr", gts, kind="gt", num_classes=c)
+    assert main(["evaluate", *(s.path for s in sets), "--gt", full.path, "--bootstrap", "0"]) == 0
+    assert "isle merge's choice" not in capsys.readouterr().out
+    assert main(["evaluate", *(s.path for s in sets), "--gt", full.path, "--quiet", "--image-labels",
+                 str(labels)]) != 0

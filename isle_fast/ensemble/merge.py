@@ -573,6 +573,51 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
     return stratified_scores(strata, patterns, members=members, reps=1000, seed=0)
 
 
+def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: Any, *, mode: str = "auto",
+                  partial: bool = True, allowed: np.ndarray | None = None, estimator: str | None = None,
+                  backend: str = "cpu", bg_threshold: float | None = None, sweep: bool = False,
+                  progress: bool = True, subset: Sequence[str | int] | None = None
+                  ) -> tuple[str, Any, np.ndarray | None, dict[str, Any], dict[str, Any]]:
+    """The selection of a gt of some images (see :func:`merge`, ``subset_selection``).
+
+    Returns ``(mode, selection, scores or None, strata result, posterior result)``; ``mode`` is the one
+    taken (``auto`` resolved: ``strata`` with image labels ``allowed``, ``posterior`` without, ``labelled``
+    for a gt of every image (``partial`` False) or a threshold ``sweep``; ``estimate`` without a gt).
+    """
+    if mode not in SUBSET_SELECTIONS:
+        raise InputError(f"{param('subset_selection')} must be one of {', '.join(SUBSET_SELECTIONS)}, not "
+                         f"{mode!r}")
+    blended = None
+    strata: dict[str, Any] = {}
+    posterior: dict[str, Any] = {}
+    if mode == "auto":
+        # by measurement (benchmarks/selection.py, K = 100): strata with image labels, the posterior without
+        mode = "labelled" if gt_stack is None or not partial or sweep else (
+            "strata" if allowed is not None else "posterior")
+    if gt_stack is None:
+        mode = "estimate"
+    if mode == "strata":
+        assert gt_stack is not None  # mode "estimate" without a gt
+        if sweep:
+            raise InputError(f"{param('subset_selection', 'strata')} does not take a threshold sweep "
+                             f"({param('bg_threshold')}): give one threshold")
+        strata = _strata_selection_scores(stacks, gt_stack, allowed, bg_threshold, progress, subset,
+                                          list(evaluation.set_names), list(evaluation.set_paths))
+        blended = np.where(np.isnan(strata["scores"]), evaluation.iou, strata["scores"])
+    elif mode == "posterior":
+        assert gt_stack is not None
+        posterior = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, backend, bg_threshold,
+                                    progress, subset)
+        blended = np.where(np.isnan(posterior["scores"]), evaluation.iou, posterior["scores"])
+    # a class the labelled images lack is still chosen from the votes (not left to the first set)
+    voting = (strata or posterior).get("voting_pixels")
+    sel_pixels = evaluation.gt_pixels if voting is None else np.maximum(evaluation.gt_pixels, voting)
+    selection = select(evaluation, sets=subset) if blended is None else select(
+        scores=blended, gt_pixels=sel_pixels, set_names=evaluation.set_names,
+        classes=evaluation.classes, sets=subset)
+    return mode, selection, blended, strata, posterior
+
+
 def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
     """The layout the ensemble is written on: the gt's, or the first set's when the gt labels a subset
     (or there is none)."""
@@ -747,40 +792,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                                  progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
-    blended = None
-    posterior: dict[str, Any] = {}
-    strata: dict[str, Any] = {}
-    if subset_selection not in SUBSET_SELECTIONS:
-        raise InputError(f"{param('subset_selection')} must be one of {', '.join(SUBSET_SELECTIONS)}, not "
-                         f"{subset_selection!r}")
-    mode = "posterior" if blend_estimate else subset_selection
-    if mode == "auto":
-        # by measurement (benchmarks/selection.py, K = 100): strata with image labels, the posterior without
-        mode = "labelled" if gt_stack is None or frame is gt_stack or sweep_spec is not None else (
-            "strata" if allowed is not None else "posterior")
-    if gt_stack is None:
-        mode = "estimate"
-    if mode == "strata":
-        assert gt_stack is not None  # mode "estimate" without a gt
-        if sweep_spec is not None:
-            raise InputError(f"{param('subset_selection', 'strata')} does not take a threshold sweep "
-                             f"({param('bg_threshold')}): give one threshold")
-        strata = _strata_selection_scores(stacks, gt_stack, allowed, bg_threshold, progress, subset,
-                                          list(evaluation.set_names), list(evaluation.set_paths))
-        blended = np.where(np.isnan(strata["scores"]), evaluation.iou, strata["scores"])
-    elif mode == "posterior":
-        assert gt_stack is not None
-        posterior = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress,
-                                    subset)
-        blended = np.where(np.isnan(posterior["scores"]), evaluation.iou, posterior["scores"])
-    # a class the labelled images lack is still chosen from the votes (not left to the first set)
-    voting = strata.get("voting_pixels")
-    sel_pixels = evaluation.gt_pixels if voting is None else np.maximum(evaluation.gt_pixels, voting)
-    if posterior:
-        sel_pixels = np.maximum(evaluation.gt_pixels, posterior.get("voting_pixels", 0))
-    selection = select(evaluation, sets=subset) if blended is None else select(
-        scores=blended, gt_pixels=sel_pixels, set_names=evaluation.set_names,
-        classes=evaluation.classes, sets=subset)
+    mode, selection, blended, strata, posterior = subset_choice(
+        stacks, gt_stack, evaluation, mode="posterior" if blend_estimate else subset_selection,
+        partial=gt_stack is not None and frame is not gt_stack, allowed=allowed, estimator=estimator, backend=be,
+        bg_threshold=bg_threshold, sweep=sweep_spec is not None, progress=progress, subset=subset)
     plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
                      drop_absent=allowed is not None, set_thresholds=set_thresholds)
     members = selection.member_indices

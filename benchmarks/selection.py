@@ -26,7 +26,11 @@ images with the estimate of every image: ``K=... + estimate`` (the fixed
 weight ``n_c / (n_c + 10)``, :func:`isle_fast.ensemble.estimate.blend_scores`)
 and ``K=... + estimate, posterior`` (each weighted by its error,
 :func:`isle_fast.ensemble.uncertainty.posterior_scores`, what ``merge
---blend-estimate`` does; ``(no image labels)``: the estimate without them):
+--blend-estimate`` does; ``(no image labels)``: the estimate without them), and ``K=... + strata``
+(:func:`isle_fast.ensemble.uncertainty.stratified_scores`, what ``isle merge`` does by default with a gt of
+some images: the labelled images' truth rate per vote stratum applied to every image's vote patterns).
+A class the labelled subset lacks is chosen from the estimate in every ``+`` mode (its pixels for the
+selection are the votes; before, such a class fell to the first set):
 
 * ``agree``: share of the foreground classes (with gt pixels) chosen as with full gt;
 * ``iou_lost``: mean over those classes of full-gt IoU(full-gt choice) minus
@@ -45,7 +49,7 @@ pixel, weighted by their pixels (:func:`joint_labels`; exact, the same counts
 as merging image by image). A reduced run for development (about 10 min on
 the busy 2-core machine; the README quotes it): ``--images 300 --trials 8 --reps 200 --voc-images 600``.
 
-Targets (issue 16): K = 100 keeps >= 90 % of the gain; no labels keeps >= 70 %
+Targets (issue 16), judged on ``K=100 + strata``: K = 100 keeps >= 90 % of the gain; no labels keeps >= 70 %
 and never falls below the best single set; p >= 0.9 is right >= 85 % of the time.
 
 Writes ``selection.json``, ``selection.md`` and ``selection.png`` to ``benchmarks/results/``.
@@ -120,6 +124,7 @@ def voc(n_images: int | None, seed: int = 0) -> dict[str, Any] | None:
 def precompute(data: dict[str, Any]) -> dict[str, Any]:
     """Per-image counts (exact), vote patterns (with and without image labels) and the full-gt reference."""
     from isle_fast import metrics
+    from isle_fast.ensemble.uncertainty import strata_counts
     from isle_fast.kernels import cpu
 
     c = data["classes"]
@@ -129,6 +134,7 @@ def precompute(data: dict[str, Any]) -> dict[str, Any]:
     presence = np.zeros((n_img, c), bool)
     pat_labels = np.zeros((2, c, 1 << N_SETS), np.int64)  # [1]: classes the image labels rule out
     pat_plain = np.zeros((c, 1 << N_SETS), np.int64)
+    strata = np.zeros((n_img, 2, c, 1 << N_SETS, 3), np.int64)  # per image: labelled pixels by vote stratum
     for i in range(n_img):
         g = np.ascontiguousarray(gts[i][None])
         s = tuple(np.ascontiguousarray(sets[n][i][None]) for n in range(N_SETS))
@@ -140,12 +146,14 @@ def precompute(data: dict[str, Any]) -> dict[str, Any]:
         ok[0] = True
         pat_labels[0][ok] += h[ok]
         pat_labels[1][~ok] += h[~ok]
+        strata[i] = strata_counts(g, s, c, allowed=ok[None])
     stats = metrics.intersection_union(counts)  # (I, N, C, 2)
     joint, joint_n = joint_labels(gts, sets)
     gt_px = counts[:, 0].sum(axis=2)  # (I, C)
     full_iou = metrics.iou(counts.sum(axis=0))
     return {"counts": counts, "stats": stats, "gt_px": gt_px, "presence": presence, "full_iou": full_iou,
-            "patterns": {"labels": pat_labels, "plain": pat_plain}, "joint": joint, "joint_pixels": joint_n}
+            "patterns": {"labels": pat_labels, "plain": pat_plain}, "strata": strata, "joint": joint,
+            "joint_pixels": joint_n}
 
 
 def joint_labels(gts: list[np.ndarray], sets: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +218,7 @@ def ensemble_miou(data: dict[str, Any], sel: Any, pre: dict[str, Any] | None = N
 def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> dict[str, Any]:
     from isle_fast import metrics
     from isle_fast.ensemble.estimate import ESTIMATORS, blend_scores, estimate_from_patterns
-    from isle_fast.ensemble.uncertainty import choice_uncertainty, posterior_scores
+    from isle_fast.ensemble.uncertainty import choice_uncertainty, posterior_scores, stratified_scores
 
     t0 = time.perf_counter()
     pre = precompute(data)
@@ -236,15 +244,17 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
                 "gain_kept": (ens - best_single) / gain if gain > 0 else float("nan"),
                 "below_best": float(ens < best_single - 1e-9)}
 
-    rows, post_rows = [], []
+    rows, post_rows, strata_rows = [], [], []
     rng = np.random.default_rng(12345)
     prior = estimate_from_patterns(pre["patterns"]["labels"], DEFAULT_ESTIMATOR)  # every image's votes
     prior_plain = estimate_from_patterns(pre["patterns"]["plain"], DEFAULT_ESTIMATOR)
+    voting = pre["patterns"]["plain"][:, 1:].sum(axis=1)  # pixels some set predicts the class on
     for k in ks:
         if k >= n_img:
             continue
         per, calib_n, calib_right, blended = [], 0, 0, []
         posts: dict[str, dict[str, Any]] = {}
+        strata: dict[str, dict[str, Any]] = {}
         for t in range(trials):
             sub = np.sort(rng.choice(n_img, size=k, replace=False))
             sub_counts = pre["counts"][sub].sum(axis=0)
@@ -252,18 +262,32 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
             per.append(judge(sel))
             unc = choice_uncertainty(pre["stats"][sub], sel.best, gt_present=sub_counts[0].sum(axis=1) > 0,
                                      reps=reps, seed=t)
+            # a class the labelled images lack is still chosen from the estimate: its pixels are the votes
+            est_px = sub_counts.sum(axis=2)[0] + voting
             mixed = blend_scores(metrics.iou(sub_counts), unc["class_images"], prior)
-            blended.append(judge(select_from(mixed, sub_counts.sum(axis=2)[0], c)))
+            blended.append(judge(select_from(mixed, est_px, c)))
             for variant, est in (("", prior), (" (no image labels)", prior_plain)):
                 post = posterior_scores(pre["stats"][sub], est, gt_present=sub_counts[0].sum(axis=1) > 0,
                                         reps=reps, seed=t, population=n_img, pooled=True)
-                post_sel = select_from(post["scores"], sub_counts.sum(axis=2)[0], c)
+                post_sel = select_from(post["scores"], est_px, c)
                 got = posts.setdefault(variant, {"per": [], "n": 0, "right": 0})
                 got["per"].append(judge(post_sel))
                 for cls in fg:
                     if post["p_best"][cls] >= SETTLED:
                         got["n"] += 1
                         got["right"] += int(full_iou[int(post_sel.best[cls]), cls] >=
+                                            full_iou[int(full_sel.best[cls]), cls])
+            for variant, st, pat in (("", pre["strata"][sub], pre["patterns"]["labels"]),
+                                     (" (no image labels)", pre["strata"][sub].sum(axis=1, keepdims=True),
+                                      pre["patterns"]["plain"][None])):
+                strat = stratified_scores(st, pat, reps=reps, seed=t)
+                strat_sel = select_from(strat["scores"], strat["voting_pixels"], c)
+                got = strata.setdefault(variant, {"per": [], "n": 0, "right": 0})
+                got["per"].append(judge(strat_sel))
+                for cls in fg:
+                    if strat["p_best"][cls] >= SETTLED:
+                        got["n"] += 1
+                        got["right"] += int(full_iou[int(strat_sel.best[cls]), cls] >=
                                             full_iou[int(full_sel.best[cls]), cls])
             for cls in fg:
                 if unc["p_best"][cls] >= SETTLED:
@@ -274,7 +298,10 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
         for variant, got in posts.items():
             post_rows.append(_row(data["name"], f"K={k} + estimate, posterior{variant}", got["per"], got["n"],
                                   got["right"]))
+        for variant, got in strata.items():
+            strata_rows.append(_row(data["name"], f"K={k} + strata{variant}", got["per"], got["n"], got["right"]))
     rows.extend(post_rows)
+    rows.extend(strata_rows)
     for method in ESTIMATORS:
         for variant in ("labels", "plain"):
             est = estimate_from_patterns(pre["patterns"][variant], method)
@@ -331,7 +358,7 @@ def plot(path: Path, studies: list[dict]) -> Path:
         kr = [r for r in s["rows"] if r["mode"].startswith("K=") and "+" not in r["mode"]]
         ax.plot([int(r["mode"][2:]) for r in kr], [100 * r["gain_kept"] for r in kr], "o-", color=cmap(j % 10),
                 label=f"{s['name']} (gain {s['full_gt_gain']:.2f})")
-        kb = [r for r in s["rows"] if r["mode"].endswith("+ estimate, posterior")]
+        kb = [r for r in s["rows"] if r["mode"].endswith("+ strata")]
         ax.plot([int(r["mode"][2:].split()[0]) for r in kb], [100 * r["gain_kept"] for r in kb], "s--",
                 color=cmap(j % 10), linewidth=0.8, markersize=3)
         for r in s["rows"]:
@@ -340,7 +367,7 @@ def plot(path: Path, studies: list[dict]) -> Path:
     ax.axhline(90, color="black", linewidth=0.8)
     ax.axhline(70, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
-    ax.set_xlabel(f"labelled images K (dashed: K + the estimate, posterior; dotted: no pixel labels, "
+    ax.set_xlabel(f"labelled images K (dashed: K + strata, the default; dotted: no pixel labels, "
                   f"{DEFAULT_ESTIMATOR})")
     ax.set_ylabel("share of the full-gt ensemble gain kept (%)")
     ax.set_title("ISLE selection from few or no pixel labels")
@@ -391,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for s in studies for r in s["rows"]]
     print(format_table(rows, detail_cols))
     out = results_dir()
-    # the targets are judged on the recommended modes: K labelled images with the estimate (the posterior,
-    # merge --blend-estimate), and the default estimator; calibration: the p the posterior reports, every K
-    k_mode = "K=100 + estimate, posterior"
+    # the targets are judged on the recommended modes: K labelled images with every image's votes (the
+    # strata, what merge does by default with a gt of some images), and the default estimator; calibration:
+    # the p the strata's bootstrap reports, every K
+    k_mode = "K=100 + strata"
     k100 = next((r for r in summary if r["mode"] == k_mode), None)
     none = next((r for r in summary if r["mode"] == f"none: {DEFAULT_ESTIMATOR}"), None)
-    post = [r for r in summary if r["mode"].endswith("+ estimate, posterior")]
+    post = [r for r in summary if r["mode"].endswith("+ strata")]
     calib_n = sum(r["p90_choices"] for r in post)
     calib = (sum((r["p90_right"] or 0) * r["p90_choices"] for r in post) / calib_n) if calib_n else None
     targets = {
@@ -409,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
            "data_sets": [{k: v for k, v in s.items() if k != "rows"} for s in studies],
            "summary": summary, "rows": rows, "p90_right_pooled": calib, "targets": targets,
            "target_modes": {"k100": k_mode, "none": f"none: {DEFAULT_ESTIMATOR}",
-                            "p90": "every 'K=... + estimate, posterior' row"},
+                            "p90": "every 'K=... + strata' row"},
            "command": "python -m benchmarks.selection " + " ".join(argv if argv is not None else sys.argv[1:]),
            "load": _load()}
     write_json("selection", doc, quick=quick)
@@ -419,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{doc['seconds']:.0f} s, load {doc['load']} (the figures do not depend on the load, only the time "
           "does). Synthetic sets have independent errors (real CAM sets are more alike, which makes the "
           "no-label estimate harder).", "",
-          f"Targets judged on: {k_mode} (`merge --blend-estimate`), none: {DEFAULT_ESTIMATOR} (the default "
-          "estimator), calibration of the posterior's p(best) over every K.", "",
+          f"Targets judged on: {k_mode} (what `isle merge` does with a gt of some images), none: "
+          f"{DEFAULT_ESTIMATOR} (the default estimator), calibration of the strata bootstrap's p(best) over "
+          "every K.", "",
           "## Across data sets", "", markdown_table(summary, cols), "", "## Per data set", "",
           markdown_table(rows, detail_cols), "", "## Targets", "",
           *[f"- {k}: {v}" for k, v in targets.items()], ""]

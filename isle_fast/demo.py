@@ -475,9 +475,11 @@ def _few_labels(ctx: DemoContext, paths: list[str], gt: str, best_miou: float, g
         w.write_image(j, full.read_image(int(i)))
     w.commit()
     few = merge(paths, str(gt_k), ctx.out / "ensemble_few_labels.zarr", name=f"isle-{len(pick)}-labels",
-                overwrite=True, progress=False)
+                overwrite=True, progress=False, subset_selection="labelled")
+    # the default with a gt of some images: the labelled images with every image's votes (strata with image
+    # labels, the posterior without)
     both = merge(paths, str(gt_k), ctx.out / "ensemble_few_labels_estimate.zarr",
-                 name=f"isle-{len(pick)}-labels-estimate", blend_estimate=True, image_labels=labels_path,
+                 name=f"isle-{len(pick)}-labels-estimate", image_labels=labels_path,
                  overwrite=True, progress=False)
     none = merge(paths, None, ctx.out / "ensemble_no_labels.zarr", name="isle-no-labels",
                  image_labels=labels_path, overwrite=True, progress=False)
@@ -485,11 +487,13 @@ def _few_labels(ctx: DemoContext, paths: list[str], gt: str, best_miou: float, g
     res = {"labelled_images": int(len(pick)), "few_gain": _r(float(scored[0]) - best_miou),
            "few_estimate_gain": _r(float(scored[1]) - best_miou),
            "none_gain": _r(float(scored[2]) - best_miou), "full_gain": _r(gain), "estimator": DEFAULT_ESTIMATOR,
+           "subset_selection": both.stack.provenance.get("subset_selection"),
            "image_labels": labels_path}
     ctx.results["merge"]["few_labels"] = res
     if not ctx.quiet:
         print(f"ensemble gain over the best single set: full gt {gain:+.1f}, {len(pick)} labelled images "
-              f"{res['few_gain']:+.1f} (with the estimate, --blend-estimate: {res['few_estimate_gain']:+.1f}), "
+              f"{res['few_gain']:+.1f} alone, {res['few_estimate_gain']:+.1f} with every image's votes (the default, "
+              f"{res['subset_selection']}), "
               f"no pixel labels ({DEFAULT_ESTIMATOR}{' + image labels' if labels_path else ''}) "
               f"{res['none_gain']:+.1f}")
 

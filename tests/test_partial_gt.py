@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from isle_fast.cli import main
 from isle_fast.ensemble.evaluate import evaluate
 from isle_fast.ensemble.merge import merge
-from isle_fast.errors import AlignmentError
+from isle_fast.errors import AlignmentError, InputError
 from isle_fast.stores.stack import open_stack
 from tests import reference as ref
 from tests.conftest import write_stack
@@ -95,17 +95,61 @@ def test_merge_with_partial_gt_writes_every_image(tmp_path):
     n = 8
     sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=n, subset=[6, 2, 3])
     full = write_stack(f"{tmp_path}/full.zarr", gts, kind="gt", num_classes=c, chunks=(3, 6, 6))
-    res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False)
+    res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, subset_selection="labelled")
     assert res.stack.ids == sets[0].ids
     assert res.stack.provenance["labelled_images"] == 3
+    assert res.stack.provenance["subset_selection"] == "labelled"
     # the same selection with a full gt writes the same ensemble
     other = merge(sets, full, f"{tmp_path}/ens2.zarr", progress=False, evaluation=res.evaluation)
     np.testing.assert_array_equal(np.asarray(res.stack.array[:]), np.asarray(other.stack.array[:]))
     rc = main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ens3.zarr",
-               "--quiet", "--no-score"])
+               "--quiet", "--no-score", "--subset-selection", "labelled"])
     assert rc == 0
     np.testing.assert_array_equal(np.asarray(open_stack(f"{tmp_path}/ens3.zarr").array[:]),
                                   np.asarray(res.stack.array[:]))
+
+
+@pytest.mark.parametrize("scores", [False, True])
+def test_merge_with_partial_gt_selects_from_the_strata_by_default(tmp_path, scores):
+    from isle_fast.ensemble.estimate import vote_patterns_pass
+    from isle_fast.ensemble.uncertainty import strata_counts, stratified_scores
+
+    rng = np.random.default_rng(5)
+    n = 9
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=n, subset=[4, 1, 7, 0], scores=scores)
+    allowed = np.stack([[(g == k).any() for k in range(c)] for g in gts])  # image labels of every image
+    allowed[2, 1] = False  # one the labels rule out
+    res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, image_labels=allowed)
+    plain = merge(sets, gt, f"{tmp_path}/plain.zarr", progress=False, subset_selection="strata")
+    # the reference: the strata of every gt image from plain arrays (the padded region both stores hold:
+    # a score set's padding decodes to background, as the vote pass counts it), every image's vote patterns
+    rows = min(gt.padded_shape[0], sets[0].padded_shape[0])
+    cols = min(gt.padded_shape[1], sets[0].padded_shape[1])
+    for got, labels in ((res, allowed), (plain, None)):
+        prov = got.stack.provenance
+        assert prov["subset_selection"] == "strata" and got.stack.ids == sets[0].ids
+        per = []
+        for r, i in enumerate(sub):
+            a = [np.asarray(s.array[i, :rows, :cols]) for s in sets]
+            a = [x if x.ndim == 2 else np.argmax(x, axis=-1).astype(np.uint8) for x in a]
+            per.append(strata_counts(np.asarray(gt.array[r, :rows, :cols])[None], [x[None] for x in a], c,
+                                     None if labels is None else labels[i:i + 1]))
+        patterns, _, _ = vote_patterns_pass(sets, image_labels=labels, progress=False)
+        want = stratified_scores(np.stack(per), patterns, reps=1000, seed=0)
+        told = np.array([[np.nan if v is None else v for v in prov["strata_scores"][k]] for k in prov["sets"]])
+        np.testing.assert_allclose(told, want["scores"], rtol=1e-12)
+        np.testing.assert_array_equal(got.selection.best[1:], want["best"][1:])
+        assert all(0.0 <= p <= 1.0 for p in prov["strata"]["p_best"] if p is not None)
+    # without image labels the default is the posterior (the better of the two there, by measurement)
+    post = merge(sets, gt, f"{tmp_path}/post.zarr", progress=False)
+    assert post.stack.provenance["subset_selection"] == "posterior" and "blend_posterior" in post.stack.provenance
+    # the CLI takes the modes by name
+    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/e2.zarr",
+                 "--quiet", "--no-score", "--subset-selection", "strata"]) == 0
+    np.testing.assert_array_equal(np.asarray(open_stack(f"{tmp_path}/e2.zarr").array[:]),
+                                  np.asarray(plain.stack.array[:]))
+    with pytest.raises(InputError, match="subset_selection"):
+        merge(sets, gt, f"{tmp_path}/e4.zarr", progress=False, subset_selection="bogus")
 
 
 def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
@@ -170,3 +214,30 @@ def test_isle_run_with_a_partial_gt_equals_merge_on_the_same_stores(tmp_path, ca
     want = evaluate([res.stack], gt, progress=False).miou[0]
     assert ev["ensemble"]["miou"] == pytest.approx(float(want), abs=1e-12)
     shutil.rmtree(run)
+
+
+def test_evaluate_with_a_partial_gt_shows_the_choice_merge_makes(tmp_path, capsys):
+    import json
+
+    rng = np.random.default_rng(9)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=8, subset=[3, 6, 1])
+    labels = tmp_path / "labels.npy"  # cls_labels.npy style: id -> foreground classes present
+    np.save(labels, {f"img{i:03d}": np.array([(g == k).any() for k in range(1, c)], np.float32)
+                     for i, g in enumerate(gts)}, allow_pickle=True)
+    res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, image_labels=str(labels))
+    assert res.stack.provenance["subset_selection"] == "strata"
+    out = tmp_path / "ev.json"
+    assert main(["evaluate", *(s.path for s in sets), "--gt", gt.path, "--image-labels", str(labels),
+                 "--json", str(out), "--bootstrap", "50"]) == 0
+    assert "isle merge's choice with this gt (strata" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["default_selection"]["mode"] == "strata"
+    assert doc["default_selection"]["selection"] == res.selection.mapping()
+    # without image labels: the posterior, as merge; with a gt of every image: nothing more
+    assert main(["evaluate", *(s.path for s in sets), "--gt", gt.path, "--bootstrap", "0"]) == 0
+    assert "isle merge's choice with this gt (posterior" in capsys.readouterr().out
+    full = write_stack(f"{tmp_path}/full.zarr", gts, kind="gt", num_classes=c)
+    assert main(["evaluate", *(s.path for s in sets), "--gt", full.path, "--bootstrap", "0"]) == 0
+    assert "isle merge's choice" not in capsys.readouterr().out
+    assert main(["evaluate", *(s.path for s in sets), "--gt", full.path, "--quiet", "--image-labels",
+                 str(labels)]) != 0

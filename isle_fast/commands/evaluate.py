@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="restrict the selection shown (and in the JSON) to these sets (names or store paths)")
     parser.add_argument("--image-labels", metavar="SRC",
                         help="with --gt none: image-level labels (cls_labels.npy, ...); claims of classes "
-                             "absent from an image count as background")
+                             "absent from an image count as background; with a gt of some images: for the "
+                             "choice isle merge makes there (the strata)")
     add_bootstrap(parser)
 
 
@@ -141,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
 
     if no_gt(args.gt):
         return run_estimate(args)
-    if args.image_labels or args.estimator:
+    if args.estimator:
         from isle_fast.errors import InputError
 
-        raise InputError("--image-labels and --estimator apply to --gt none only")
+        raise InputError("--estimator applies to --gt none only")
     if args.json:  # before the work: never a folder, a store's file, an input or a file isle did not write
         check_json_output(args.json, inputs=[*args.sets, args.gt])
     if args.bootstrap < 0:
@@ -168,6 +169,14 @@ def run(args: argparse.Namespace) -> int:
         rows["uncertain choices"] = uncertain_row(unc)
     else:
         print(ev.table(sel))
+    default = default_choice(args, ev)  # a gt of some images: the choice isle merge makes with it
+    if default is not None:
+        extra["default_selection"] = default
+        rows["isle merge's choice"] = f"{default['mode']} (every image's votes; see above)"
+    elif args.image_labels:
+        from isle_fast.errors import InputError
+
+        raise InputError("--image-labels applies to --gt none or a gt of some of the images only")
     if args.json:
         ev.write_json(args.json, sel, **extra)
     if args.json:
@@ -201,3 +210,38 @@ def run_sweep(args: argparse.Namespace) -> int:
         rows["json"] = args.json
     summary("isle evaluate: done", rows, quiet=args.quiet)
     return 0
+
+
+def default_choice(args: argparse.Namespace, ev) -> dict | None:
+    """With a gt of some of the sets' images: print and return the choice ``isle merge`` makes by default
+    (:func:`isle_fast.ensemble.merge.subset_choice`: the strata with ``--image-labels``, the posterior
+    without); None for a gt of every image."""
+    import numpy as np
+
+    from isle_fast.ensemble.merge import subset_choice
+    from isle_fast.ensemble.partial import gt_positions
+    from isle_fast.metrics import jsonable
+    from isle_fast.stores.stack import open_stack
+
+    stacks = [open_stack(p) for p in args.sets]
+    gt = open_stack(args.gt)
+    if gt_positions(gt, stacks) is None:
+        return None
+    allowed = None
+    if args.image_labels:
+        from isle_fast.stores.image_labels import resolve_image_labels
+
+        allowed = resolve_image_labels(args.image_labels, stacks[0].ids, stacks[0].classes,
+                                       where=f"the set {stacks[0].path}")
+    mode, sel, scores, strata, posterior = subset_choice(
+        stacks, gt, ev, allowed=allowed, backend=args.backend, bg_threshold=args.bg_threshold,
+        progress=not args.quiet, subset=parse_subset(args.subset))
+    p_best = (strata or posterior).get("p_best", np.full(len(ev.classes), np.nan))
+    print(f"\nisle merge's choice with this gt ({mode}: the {gt.num_images} labelled images with the votes of "
+          f"all {stacks[0].num_images}; p = its bootstrap's p(best)):")
+    for c in range(1, len(ev.classes)):
+        p = p_best[c]
+        print(f"  {ev.classes[c]:>16s}: {ev.set_names[int(sel.best[c])]}" + ("" if p != p else f"  p={p:.2f}"))
+    return {"mode": mode, "selection": sel.mapping(),
+            "scores": {n: jsonable(scores[k]) for k, n in enumerate(ev.set_names)} if scores is not None else None,
+            "p_best": jsonable(p_best)}

@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blend-estimate", action="store_true",
                         help="with a gt of few images: choose by the posterior of each class's labelled IoU "
                              "and the no-label estimate (--estimator), each weighted by its error")
+    parser.add_argument("--subset-selection", choices=("auto", "strata", "posterior", "labelled"), default="auto",
+                        help="how a gt of some of the images selects: strata (the default there: the labelled "
+                             "images' truth per vote stratum applied to every image's votes), posterior "
+                             "(= --blend-estimate) or labelled (their IoU alone; the default with a gt of "
+                             "every image)")
     parser.add_argument("--no-score", action="store_true",
                         help="do not evaluate the new ensemble against the gt afterwards")
 
@@ -96,6 +101,7 @@ def _merge_and_score(args: argparse.Namespace, gt: str | None, score: bool):
     from isle_fast.ensemble.merge import merge
 
     res = merge(args.sets, gt, args.out, estimator=args.estimator, blend_estimate=args.blend_estimate,
+                subset_selection=args.subset_selection,
                 policy=args.policy, strategy=args.strategy, subset=parse_subset(args.subset),
                 average=args.average, backend=args.backend, bg_threshold=args.bg_threshold, name=args.name,
                 overwrite=args.overwrite, progress=not args.quiet, image_labels=args.image_labels)

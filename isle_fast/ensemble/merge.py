@@ -540,8 +540,82 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
     est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
                    bg_threshold=bg_threshold, progress=progress)
     members = resolve_members(ev.set_names, subset, ev.set_paths)
-    return posterior_scores(ev.image_stats, est.iou, gt_present=ev.gt_pixels > 0, average=ev.average,
-                            population=stacks[0].num_images, pooled=True, members=members)
+    res = posterior_scores(ev.image_stats, est.iou, gt_present=ev.gt_pixels > 0, average=ev.average,
+                           population=stacks[0].num_images, pooled=True, members=members)
+    res["voting_pixels"] = est.gt_pixels  # pixels some set predicts each class on (every image)
+    return res
+
+
+#: how a gt of some images selects (``merge(subset_selection=...)``); ``auto``: ``strata`` for a gt of some
+#: of the sets' images, ``labelled`` for a gt of every image
+SUBSET_SELECTIONS = ("auto", "strata", "posterior", "labelled")
+
+
+def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.ndarray | None,
+                             bg_threshold: float | None, progress: bool,
+                             subset: Sequence[str | int] | None, set_names: list[str],
+                             set_paths: list[str]) -> dict[str, Any]:
+    """The :func:`isle_fast.ensemble.uncertainty.stratified_scores` result of a gt of some images: every
+    image's vote patterns and the labelled images' strata (two passes; the labelled one over the gt's images)."""
+    from isle_fast.ensemble.estimate import vote_patterns_pass
+    from isle_fast.ensemble.partial import gt_positions
+    from isle_fast.ensemble.selection import resolve_members
+    from isle_fast.ensemble.uncertainty import labelled_strata_pass, stratified_scores
+
+    positions = gt_positions(gt, stacks)
+    if positions is None:
+        positions = np.arange(gt.num_images, dtype=np.int64)
+    patterns, _, _ = vote_patterns_pass(stacks, image_labels=allowed, bg_threshold=bg_threshold,
+                                        progress=progress)
+    strata = labelled_strata_pass(stacks, gt, positions, allowed=None if allowed is None else allowed[positions],
+                                  bg_threshold=bg_threshold, progress=progress)
+    members = resolve_members(set_names, subset, set_paths)
+    return stratified_scores(strata, patterns, members=members, reps=1000, seed=0)
+
+
+def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: Any, *, mode: str = "auto",
+                  partial: bool = True, allowed: np.ndarray | None = None, estimator: str | None = None,
+                  backend: str = "cpu", bg_threshold: float | None = None, sweep: bool = False,
+                  progress: bool = True, subset: Sequence[str | int] | None = None
+                  ) -> tuple[str, Any, np.ndarray | None, dict[str, Any], dict[str, Any]]:
+    """The selection of a gt of some images (see :func:`merge`, ``subset_selection``).
+
+    Returns ``(mode, selection, scores or None, strata result, posterior result)``; ``mode`` is the one
+    taken (``auto`` resolved: ``strata`` with image labels ``allowed``, ``posterior`` without, ``labelled``
+    for a gt of every image (``partial`` False) or a threshold ``sweep``; ``estimate`` without a gt).
+    """
+    if mode not in SUBSET_SELECTIONS:
+        raise InputError(f"{param('subset_selection')} must be one of {', '.join(SUBSET_SELECTIONS)}, not "
+                         f"{mode!r}")
+    blended = None
+    strata: dict[str, Any] = {}
+    posterior: dict[str, Any] = {}
+    if mode == "auto":
+        # by measurement (benchmarks/selection.py, K = 100): strata with image labels, the posterior without
+        mode = "labelled" if gt_stack is None or not partial or sweep else (
+            "strata" if allowed is not None else "posterior")
+    if gt_stack is None:
+        mode = "estimate"
+    if mode == "strata":
+        assert gt_stack is not None  # mode "estimate" without a gt
+        if sweep:
+            raise InputError(f"{param('subset_selection', 'strata')} does not take a threshold sweep "
+                             f"({param('bg_threshold')}): give one threshold")
+        strata = _strata_selection_scores(stacks, gt_stack, allowed, bg_threshold, progress, subset,
+                                          list(evaluation.set_names), list(evaluation.set_paths))
+        blended = np.where(np.isnan(strata["scores"]), evaluation.iou, strata["scores"])
+    elif mode == "posterior":
+        assert gt_stack is not None
+        posterior = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, backend, bg_threshold,
+                                    progress, subset)
+        blended = np.where(np.isnan(posterior["scores"]), evaluation.iou, posterior["scores"])
+    # a class the labelled images lack is still chosen from the votes (not left to the first set)
+    voting = (strata or posterior).get("voting_pixels")
+    sel_pixels = evaluation.gt_pixels if voting is None else np.maximum(evaluation.gt_pixels, voting)
+    selection = select(evaluation, sets=subset) if blended is None else select(
+        scores=blended, gt_pixels=sel_pixels, set_names=evaluation.set_names,
+        classes=evaluation.classes, sets=subset)
+    return mode, selection, blended, strata, posterior
 
 
 def merge_frame(gt: Stack | None, stacks: Sequence[Stack]) -> Any:
@@ -562,7 +636,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
           evaluation: Any = None, average: str = "dataset", backend: str = "auto",
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
           progress: bool = True, image_labels: Any = None, estimator: str | None = None,
-          blend_estimate: bool = False,
+          blend_estimate: bool = False, subset_selection: str = "auto",
           each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
@@ -614,7 +688,21 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         of the labelled IoU and the no-label estimate of every image
         (``estimator``), each weighted by its error: the labelled one's from
         the bootstrap, the estimate's fitted on the labelled images
-        (:func:`isle_fast.ensemble.uncertainty.posterior_scores`).
+        (:func:`isle_fast.ensemble.uncertainty.posterior_scores`); the same as
+        ``subset_selection='posterior'``.
+    subset_selection : {'auto', 'strata', 'posterior', 'labelled'}
+        How a gt of some images selects. ``strata`` (what ``auto`` takes for a
+        gt of some of the images with ``image_labels``): the labelled images'
+        truth rate per vote stratum (a class and the sets predicting it)
+        applied to every image's votes, the labelled pixels counted exactly
+        (:func:`isle_fast.ensemble.uncertainty.stratified_scores`);
+        ``posterior`` (what ``auto`` takes there without image labels): as
+        ``blend_estimate``; ``labelled``: the labelled images' IoU alone (what
+        ``auto`` takes for a gt of every image, and with a threshold sweep).
+        ``auto`` takes the best of these by measurement in
+        ``benchmarks/selection.py`` (with 100 labelled images of 300: strata
+        kept 77 % of the full-gt gain with image labels, the posterior 72 %
+        without them, the labelled IoU alone 36 %).
     each_chunk : callable, optional
         ``each_chunk(start, labels)``: called with every ensemble chunk once it
         is written (``start``: its first ``(image, row, column)``; ``labels``:
@@ -704,15 +792,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                                  progress=progress)
     elif len(evaluation.set_names) != len(stacks):
         raise InputError(f"the evaluation has {len(evaluation.set_names)} sets, {len(stacks)} were given")
-    blended = None
-    posterior: dict[str, Any] = {}
-    if blend_estimate and gt_stack is not None:
-        posterior = _blended_scores(stacks, gt_stack, evaluation, estimator, allowed, be, bg_threshold, progress,
-                                    subset)
-        blended = np.where(np.isnan(posterior["scores"]), evaluation.iou, posterior["scores"])
-    selection = select(evaluation, sets=subset) if blended is None else select(
-        scores=blended, gt_pixels=evaluation.gt_pixels, set_names=evaluation.set_names,
-        classes=evaluation.classes, sets=subset)
+    mode, selection, blended, strata, posterior = subset_choice(
+        stacks, gt_stack, evaluation, mode="posterior" if blend_estimate else subset_selection,
+        partial=gt_stack is not None and frame is not gt_stack, allowed=allowed, estimator=estimator, backend=be,
+        bg_threshold=bg_threshold, sweep=sweep_spec is not None, progress=progress, subset=subset)
     plan = make_plan(stacks, selection, policy=policy, strategy=strategy, bg_threshold=bg_threshold,
                      drop_absent=allowed is not None, set_thresholds=set_thresholds)
     members = selection.member_indices
@@ -738,6 +821,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     if plan.mode == "scores":
         scores_dtype = "float32" if plan.cast else str(member_stacks[0].array.dtype)
         scale = 1.0 if plan.cast else member_stacks[0].score_scale
+    shown = blended if blended is not None else evaluation.iou  # the scores the selection was made from
     provenance = {
         "sources": [s.path for s in stacks],
         "gt": None if gt_stack is None else gt_stack.path,
@@ -758,13 +842,17 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
            if set_thresholds is not None else {}),
         "scores_array": "scores" if scores_dtype else None,
         "image_labels": _labels_source(image_labels),
-        **({"blended_scores": {names[n]: jsonable(blended[n]) for n in range(len(stacks))},
+        **({"blended_scores": {names[n]: jsonable(shown[n]) for n in range(len(stacks))},
             "blend_posterior": {"p_best": jsonable(posterior["p_best"]),
                                 "expected_loss": jsonable(posterior["expected_loss"]),
                                 "labelled_weight": jsonable(posterior["labelled_weight"]),
                                 "estimate_error_variance": posterior["tau2"], "estimate_slope": posterior["slope"]}}
-           if blended is not None else {}),
+           if posterior else {}),
         **({"image_strategy": jsonable(info)} if info else {}),
+        **({"subset_selection": mode} if gt_stack is not None else {}),
+        **({"strata_scores": {names[n]: jsonable(shown[n]) for n in range(len(stacks))},
+            "strata": {"p_best": jsonable(strata["p_best"]), "expected_loss": jsonable(strata["expected_loss"]),
+                       "labelled_weight": jsonable(strata["labelled_weight"])}} if strata else {}),
     }
     grid = work_chunks(member_stacks, frame)
     if plan.mode == "labels" and any(s.score_layout == "sparse" for s in member_stacks) and \

@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -564,3 +564,254 @@ def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = 
     tau2 = float(np.exp(gw @ np.log(grid)))
     return {"scores": scores, "best": best, "p_best": p_best, "expected_loss": loss,
             "labelled_weight": lab_w, "slope": slope, "tau2": tau2}
+
+
+# ================================================================================ labelled strata + every image's votes
+#: labelled images a stratum needs before its own truth rate outweighs the rate pooled over the classes
+STRATA_PRIOR_IMAGES = 3.0
+
+
+def strata_counts(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any = None) -> np.ndarray:
+    """``(2, C, 2**N, 3)`` exact counts of labelled pixels by vote stratum and truth.
+
+    A stratum is a class ``c`` and the bit mask ``m`` of the sets that predict
+    it at a pixel (the ``vote_patterns`` kernel: pixels where some set votes);
+    ``[..., 0]``: the stratum's pixels, ``[..., 1]``: of those, gt ``c``,
+    ``[..., 2]``: gt ignore (``>= C``). Group ``[0]``: the classes an image's
+    labels allow (every class without ``allowed``), ``[1]``: those they rule
+    out (as :func:`isle_fast.ensemble.estimate.vote_patterns_pass` splits its
+    counts). Summed over the images; three kernel calls per image.
+
+    Parameters
+    ----------
+    gt : (I, H, W) uint8
+    sets : sequence of N (I, H, W) uint8
+    num_classes : int
+    allowed : (I, C) bool, optional
+        Image-level labels (background is always allowed).
+    """
+    from isle_fast.kernels import cpu
+
+    g = np.asarray(gt, dtype=np.uint8)
+    labs = [np.asarray(s, dtype=np.uint8) for s in sets]
+    if g.ndim == 2:
+        g, labs = g[None], [s[None] for s in labs]
+    if any(s.shape != g.shape for s in labs):
+        raise InputError(f"the sets' shapes {[s.shape for s in labs]} differ from the gt's {g.shape}")
+    c, p = int(num_classes), 1 << len(labs)
+    out = np.zeros((2, c, p, 3), np.int64)
+    for i in range(g.shape[0]):
+        s = tuple(np.ascontiguousarray(a[i:i + 1]) for a in labs)
+        voting = np.zeros(g.shape[1:], bool)
+        for a in s:
+            voting |= a[0] < c
+        gi = np.where(voting, g[i], 255).astype(np.uint8)[None]  # gt only where some set votes
+        h = cpu.vote_patterns(s, c)
+        pos = cpu.vote_patterns(s + (np.ascontiguousarray(gi),), c)[:, p:]
+        ign = cpu.vote_patterns(tuple(np.ascontiguousarray(np.where(gi >= c, a, 255).astype(np.uint8))
+                                      for a in s), c)
+        ok = np.ones(c, bool) if allowed is None else np.asarray(allowed[i], bool).copy()
+        ok[0] = True
+        one = np.stack([h, pos, ign], axis=-1)
+        out[0][ok] += one[ok]
+        out[1][~ok] += one[~ok]
+    return out
+
+
+def _staple_truth(patterns: np.ndarray) -> np.ndarray:
+    """``(2, C, P)`` the no-label model's ``P(truth = c | stratum)``: the STAPLE posterior
+    (:mod:`isle_fast.ensemble.estimate`) where the class may be present, 0 where the labels rule it out."""
+    from isle_fast.ensemble.estimate import _bits, _split, _staple_class
+
+    hu, hn, n = _split(patterns)
+    b = _bits(n)
+    truth = np.zeros((2,) + hu.shape)
+    truth[0] = np.stack([_staple_class(hu[k], hn[k], b, 200, 1e-10) for k in range(hu.shape[0])])
+    return truth
+
+
+def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.ndarray, fallback: np.ndarray,
+                kappa: float, pool: bool, bits: np.ndarray) -> np.ndarray:
+    """``(..., N, C)`` IoU (percent): the labelled strata ``exact (G, C, P, 3)`` counted exactly, the
+    unlabelled pixels ``unl (G, C, P)`` at the truth rates of ``lab (..., G, C, P, 3)`` (``seen``: the
+    labelled images with each stratum; ``fallback (G, C, P)``: the no-label model's truth rate)."""
+    h, pos, ign = lab[..., 0], lab[..., 1], lab[..., 2]
+    neg = np.maximum(h - pos - ign, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # per pattern, over the foreground classes: the truth, ignore and other-class shares
+        tot = h[..., 1:, :].sum(axis=-2, keepdims=True)
+        p_pos = pos[..., 1:, :].sum(axis=-2, keepdims=True) / tot
+        p_ign = ign[..., 1:, :].sum(axis=-2, keepdims=True) / tot
+        if not pool:
+            p_pos = np.full_like(p_pos, np.nan)
+        prior_pos = np.where(np.isnan(p_pos), fallback * (1 - np.nan_to_num(p_ign)), p_pos)
+        prior_pos = np.broadcast_to(prior_pos, h.shape).copy()
+        prior_pos[..., 0] = fallback[..., 0] if pool else prior_pos[..., 0]  # background keeps the model's
+        prior_neg = np.clip(1 - np.nan_to_num(p_ign) - prior_pos, 0.0, 1.0)
+        wt = seen / (seen + kappa) if kappa > 0 else (seen > 0).astype(np.float64)
+        r_pos = np.where(h > 0, wt * pos / np.where(h > 0, h, 1) + (1 - wt) * prior_pos, prior_pos)
+        r_neg = np.where(h > 0, wt * neg / np.where(h > 0, h, 1) + (1 - wt) * prior_neg, prior_neg)
+    e_pos = exact[..., 1]
+    e_neg = np.maximum(exact[..., 0] - exact[..., 1] - exact[..., 2], 0)
+    tp_m = (e_pos + unl * r_pos).sum(axis=-3)  # (..., C, P): the groups summed
+    fp_m = (e_neg + unl * r_neg).sum(axis=-3)
+    tp = np.einsum("...cm,mn->...nc", tp_m, bits)
+    fp = np.einsum("...cm,mn->...nc", fp_m, bits)
+    fn = np.einsum("...cm,mn->...nc", tp_m, 1.0 - bits)
+    return 100.0 * metrics.ratio(tp, tp + fp + fn)
+
+
+def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: float = STRATA_PRIOR_IMAGES,
+                      pool: bool = True, members: Any = None, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per-class IoU of every set on every image, from the labelled images' truth per vote stratum.
+
+    Every image's vote patterns (``patterns``, the no-label pass) say how many
+    pixels each stratum has (class ``c`` and the sets ``m`` that predict it);
+    the labelled images (``labelled_strata``, :func:`strata_counts` per image)
+    say which share of a stratum's pixels is truly ``c``, another class, or
+    ignored. The labelled pixels count exactly; every other pixel at its
+    stratum's truth rate: the labelled rate of the class and pattern, weighted
+    ``k / (k + prior_images)`` (``k`` labelled images with the stratum) against
+    the rate of the pattern pooled over the foreground classes (``pool``; an
+    empirical-Bayes prior: "3 of 4 sets say c" means about the same for every
+    class), and the no-label STAPLE posterior where the labelled images have no
+    such pattern at all (background: always its own labelled rate and STAPLE).
+    A class the labelled images lack thus takes the pooled rates of its own
+    votes on every image. It is a stratified, model-assisted estimate of
+    every set's intersection and union; with every image labelled it is the
+    full-gt IoU exactly. Per class the set with the highest estimate is the choice.
+
+    The uncertainty: a bootstrap over the labelled images (their strata
+    resampled, the pooled rates with them; the labelled pixels stay exact),
+    ``p_best`` the share of resamples where the choice scores highest (over
+    those where the sets do not all score the same), ``expected_loss`` the mean
+    IoU it loses to the top. Exact counts and seeded resamples: deterministic.
+
+    Parameters
+    ----------
+    labelled_strata : (K, G, C, P, 3) or (G, C, P, 3) int
+        Per labelled image (or summed: no bootstrap); ``G`` = 2 with image
+        labels (:func:`strata_counts`), 1 without (the groups summed).
+    patterns : (G, C, P) or (C, P) int
+        Every image's vote patterns, the labelled images included (the same grouping).
+    prior_images : float
+        Labelled images with a stratum at which its own rate has half the weight (0: its own rate alone).
+    pool : bool
+        Shrink toward the rate pooled over the classes (else toward STAPLE's).
+    members : (N,) bool, optional
+    reps, seed : int
+        Bootstrap resamples (0: none) and their seed.
+
+    Returns
+    -------
+    dict
+        ``scores`` (N, C), ``best`` (C,), ``p_best`` (C,), ``expected_loss`` (C,),
+        ``labelled_weight`` (C,) the mean weight of the class's own labelled rates over its voting
+        pixels, ``voting_pixels`` (C,) pixels some set predicts the class on (every image).
+    """
+    pat = np.asarray(patterns, dtype=np.int64)
+    if pat.ndim == 2:
+        pat = pat[None]
+    strata = np.asarray(labelled_strata, dtype=np.int64)
+    if strata.ndim == pat.ndim + 1:
+        strata = strata[None]
+    if pat.ndim != 3 or strata.ndim != 5 or strata.shape[1:] != pat.shape + (3,) or pat.shape[0] not in (1, 2):
+        raise InputError(f"labelled strata of shape {strata.shape} do not match vote patterns {pat.shape}")
+    if prior_images < 0:
+        raise InputError(f"{param('prior_images')} must be at least 0, not {prior_images}")
+    g, c, p = pat.shape
+    n = int(p).bit_length() - 1
+    members = np.ones(n, dtype=bool) if members is None else np.asarray(members, dtype=bool)
+    from isle_fast.ensemble.estimate import _bits
+
+    bits = _bits(n)
+    lab = strata.sum(axis=0)
+    unl = (pat - lab[..., 0]).astype(np.float64)
+    # pattern 0 (no set votes the class) is the same false negative of every set: immaterial to a choice
+    unl[..., 0] = np.maximum(unl[..., 0], 0.0)
+    if (unl < 0).any():
+        raise InputError("the labelled images have more votes than every image's vote patterns: "
+                         "the patterns must count every image, the labelled ones included")
+    fallback = _staple_truth(pat if g == 2 else np.concatenate([pat, np.zeros_like(pat)]))[:g]
+    kappa = float(prior_images)
+    seen = (strata[..., 0] > 0).sum(axis=0)
+    scores = _strata_iou(lab, seen, lab, unl, fallback, kappa, pool, bits)
+    masked = np.where(members[:, None] & ~np.isnan(scores), scores, -np.inf)
+    best = np.argmax(masked, axis=0).astype(np.int64)  # ties: the first set
+    p_best = np.full(c, np.nan)
+    loss = np.full(c, np.nan)
+    if strata.shape[0] > 1 and reps > 0:
+        wts = metrics.bootstrap_weights(strata.shape[0], reps, seed)
+        boot = metrics.bootstrap_sums(strata, wts)  # (B, G, C, P, 3)
+        seen_b = metrics.bootstrap_sums((strata[..., 0] > 0).astype(np.int64), wts)
+        it = _strata_iou(boot, seen_b, lab, unl, fallback, kappa, pool, bits)  # (B, N, C)
+        m_it = np.where(members[None, :, None] & ~np.isnan(it), it, -np.inf)
+        top = m_it.max(axis=1)
+        low = np.where(members[None, :, None] & ~np.isnan(it), it, np.inf).min(axis=1)
+        ch = m_it[:, best, np.arange(c)]
+        informative = np.isfinite(top) & (top > low)
+        n_inf = informative.sum(axis=0)
+        p_best = np.where(n_inf > 0, ((ch >= top) & informative).sum(axis=0) / np.maximum(n_inf, 1), 1.0)
+        loss = np.where(np.isfinite(top), top - np.where(np.isfinite(ch), ch, 0.0), 0.0).mean(axis=0)
+    voting = pat[..., 1:].sum(axis=(0, 2)).astype(np.float64)
+    wt = seen / (seen + kappa) if kappa > 0 else (seen > 0).astype(np.float64)
+    share = (pat[..., 1:] * wt[..., 1:]).sum(axis=(0, 2))
+    return {"scores": scores, "best": best, "p_best": p_best, "expected_loss": loss,
+            "labelled_weight": metrics.ratio(share, voting), "voting_pixels": voting}
+
+
+def _strata_block(g: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, encodings: tuple[str, ...],
+                  thresholds: tuple[float, ...], num_classes: int) -> np.ndarray:
+    """``(I, 1, 1, 2, C, 2**N, 3)`` strata of one region of the gt and every set, image by image."""
+    from isle_fast.backend import task_kernels
+
+    with task_kernels("cpu") as K:
+        labs = [np.ascontiguousarray(b if e == "labels" else np.asarray(K.decode_scores(np.ascontiguousarray(b), t)))
+                for b, e, t in zip(blocks, encodings, thresholds)]
+    out = np.zeros((g.shape[0], 1, 1, 2, num_classes, 1 << len(labs), 3), np.int64)
+    for m in range(g.shape[0]):
+        out[m, 0, 0] = strata_counts(g[m:m + 1], [a[m:m + 1] for a in labs], num_classes, allowed[m:m + 1])
+    return out
+
+
+def labelled_strata_pass(stacks: Sequence[Any], gt: Any, positions: Any, *, allowed: Any = None,
+                         bg_threshold: float | None = None, progress: bool = True) -> np.ndarray:
+    """``(I_gt, 2, C, 2**N, 3)``: :func:`strata_counts` of every gt image (one pass over the gt's images).
+
+    Parameters
+    ----------
+    stacks : sequence of Stack
+        The sets (aligned with each other).
+    gt : Stack
+        A ground truth of some of their images.
+    positions : (I_gt,) int
+        Every gt image's position in the sets (:func:`isle_fast.ensemble.partial.gt_positions`).
+    allowed : (I_gt, C) bool, optional
+        Image-level labels of the gt images.
+    bg_threshold : float, optional
+    progress : bool
+    """
+    from functools import partial
+
+    import dask.array as da
+
+    from isle_fast.backend import dask_scheduler
+    from isle_fast.ensemble.evaluate import score_threshold
+    from isle_fast.ensemble.graph import blockwise_args
+    from isle_fast.ensemble.partial import subset_arrays
+    from isle_fast.progress import dask_progress
+
+    c = gt.num_classes
+    g, arrays = subset_arrays(stacks, gt, np.asarray(positions, dtype=np.int64))
+    ok = np.ones((gt.num_images, c), bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    ok_da = da.from_array(ok, chunks=(g.chunks[0], (c,)))
+    func = partial(_strata_block, encodings=tuple(s.encoding for s in stacks),
+                   thresholds=tuple(score_threshold(s, bg_threshold) if s.encoding == "scores" else -1.0
+                                    for s in stacks), num_classes=c)
+    one = lambda n: 1  # noqa: E731
+    arr = da.blockwise(func, "ijkgcmt", g, "ijk", ok_da, "iy", *blockwise_args(arrays, stacks),
+                       new_axes={"g": 2, "c": c, "m": 1 << len(stacks), "t": 3},
+                       adjust_chunks={"j": one, "k": one}, dtype=np.int64, concatenate=True,
+                       meta=np.empty((0,) * 7, dtype=np.int64))
+    with dask_progress("strata", quiet=not progress):
+        return np.asarray(arr.sum(axis=(1, 2)).compute(scheduler=dask_scheduler()), dtype=np.int64)

@@ -1,0 +1,128 @@
+"""isle_fast.ensemble.uncertainty.stratified_scores: labelled truth per vote stratum on every image's votes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isle_fast import metrics
+from isle_fast.ensemble.uncertainty import strata_counts, stratified_scores
+from isle_fast.errors import InputError
+from isle_fast.kernels import cpu
+
+
+def reference_strata(gt, sets, c, allowed=None):
+    """Pixel by pixel (plain NumPy): per class the sets' bit mask, and the gt there."""
+    n = len(sets)
+    out = np.zeros((2, c, 1 << n, 3), np.int64)
+    for i in range(gt.shape[0]):
+        labs = np.stack([s[i].reshape(-1) for s in sets])
+        g = gt[i].reshape(-1)
+        voting = (labs < c).any(axis=0)
+        for k in range(c):
+            grp = 0 if allowed is None or k == 0 or allowed[i, k] else 1
+            mask = ((labs == k) * (1 << np.arange(n))[:, None]).sum(axis=0)
+            for m, gv in zip(mask[voting], g[voting]):
+                out[grp, k, m, 0] += 1
+                out[grp, k, m, 1] += int(gv == k)
+                out[grp, k, m, 2] += int(gv >= c)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 5), shape=st.tuples(st.integers(1, 3), st.integers(1, 9),
+                                                                  st.integers(1, 11)),
+       seed=st.integers(0, 2**31 - 1), labels=st.booleans())
+def test_strata_counts_equal_numpy(n, c, shape, seed, labels):
+    rng = np.random.default_rng(seed)
+    vals = np.array(list(range(c)) + [255, c], np.uint8)
+    gt = rng.choice(vals, size=shape)
+    sets = [rng.choice(vals, size=shape) for _ in range(n)]
+    allowed = rng.random((shape[0], c)) < 0.6 if labels else None
+    got = strata_counts(gt, sets, c, allowed=allowed)
+    np.testing.assert_array_equal(got, reference_strata(gt, sets, c, allowed))
+    # the strata's pixels are the vote patterns of every image (split by the labels)
+    h = sum(cpu.vote_patterns(tuple(s[i:i + 1] for s in sets), c) for i in range(shape[0]))
+    np.testing.assert_array_equal(got[..., 0].sum(axis=0), h)
+
+
+def _case(seed=0, images=40, c=4, n=3, side=12):
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, c, size=(images, side, side)).astype(np.uint8)
+    gt[:, 0] = 255
+    gt[images // 2:][gt[images // 2:] == c - 1] = 0  # the last class only in the first half
+    sets = []
+    for k in range(n):
+        s = gt.copy()
+        flip = rng.random(gt.shape) < 0.1 + 0.1 * k
+        s[flip] = rng.integers(0, c, size=int(flip.sum()))
+        s[s == 255] = 0
+        s[images // 2:][s[images // 2:] == c - 1] = 0  # nor does any set vote it elsewhere
+        sets.append(s)
+    per = np.stack([strata_counts(gt[i:i + 1], [s[i:i + 1] for s in sets], c) for i in range(images)])
+    patterns = per[..., 0].sum(axis=0)
+    return gt, sets, per, patterns
+
+
+def full_iou(gt, sets, c):
+    counts = cpu.confusion_labels(gt, tuple(sets), c)
+    return metrics.iou(counts)
+
+
+def test_every_image_labelled_gives_the_full_gt_iou_and_choice():
+    gt, sets, per, patterns = _case()
+    res = stratified_scores(per, patterns, reps=50, seed=1)
+    ref = full_iou(gt, sets, 4)
+    np.testing.assert_allclose(res["scores"], ref, rtol=0, atol=1e-9)
+    assert (res["best"] == np.nanargmax(ref, axis=0)).all()
+    # every pixel is labelled: no resample can change the IoU, so every choice is certain
+    assert np.all(res["p_best"][~np.isnan(res["p_best"])] == 1.0)
+    assert np.all(res["labelled_weight"][1:] > 0)
+
+
+def test_a_class_the_labelled_images_lack_is_estimated_from_its_votes():
+    gt, sets, per, patterns = _case()
+    sub = np.arange(20, 40)  # the last class is in none of these
+    assert per[sub][:, 0, 3, :, 1].sum() == 0
+    res = stratified_scores(per[sub], patterns, reps=50, seed=0)
+    assert np.isfinite(res["scores"][:, 3]).all()
+    assert res["labelled_weight"][3] == 0.0  # none of its strata has a labelled pixel
+    # the sets' noise grows with their index: the estimate still ranks them from the votes alone
+    assert res["best"][3] == 0
+    ref = full_iou(gt, sets, 4)
+    assert np.all(np.abs(res["scores"][:, 1:3] - ref[:, 1:3]) < 5)
+
+
+def test_deterministic_and_more_labels_are_closer():
+    gt, sets, per, patterns = _case(seed=3)
+    a = stratified_scores(per[:10], patterns, reps=40, seed=2)
+    b = stratified_scores(per[:10], patterns, reps=40, seed=2)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    ref = full_iou(gt, sets, 4)
+    more = stratified_scores(per[:30], patterns, reps=0)
+    assert np.nanmean(np.abs(more["scores"] - ref)) <= np.nanmean(np.abs(a["scores"] - ref)) + 1e-9
+    assert np.isnan(more["p_best"]).all()  # reps=0: no bootstrap
+
+
+def test_image_labels_group_and_members():
+    gt, sets, _, _ = _case(seed=5)
+    allowed = np.stack([[(gt[i] == k).any() for k in range(4)] for i in range(gt.shape[0])])
+    per = np.stack([strata_counts(gt[i:i + 1], [s[i:i + 1] for s in sets], 4, allowed[i:i + 1])
+                    for i in range(gt.shape[0])])
+    res = stratified_scores(per[:15], per[..., 0].sum(axis=0), reps=30, members=np.array([False, True, True]))
+    assert set(res["best"].tolist()) <= {1, 2}
+    full = stratified_scores(per, per[..., 0].sum(axis=0), reps=0)
+    np.testing.assert_allclose(full["scores"], full_iou(gt, sets, 4), atol=1e-9)
+
+
+def test_bad_arguments_are_named():
+    _, _, per, patterns = _case()
+    with pytest.raises(InputError, match="do not match"):
+        stratified_scores(per[..., :2], patterns)
+    with pytest.raises(InputError, match="more votes"):
+        stratified_scores(per, per[:5, ..., 0].sum(axis=0))
+    with pytest.raises(InputError, match="prior_images"):
+        stratified_scores(per, patterns, prior_images=-1)

@@ -62,6 +62,7 @@ __all__ = [
     "ProcessPool",
     "ClusterExecutor",
     "ClusterStalled",
+    "imap_combined",
     "use_pool",
     "active_pool",
     "executor_for",
@@ -682,6 +683,21 @@ class ClusterExecutor:
 
     def __exit__(self, *exc: Any) -> None:
         pass
+
+
+def imap_combined(ex: Any, fn: Callable, tasks: Sequence[tuple], combine: Callable[[list], Any],
+                  window: int | None = None) -> Iterator[tuple[range, Any]]:
+    """``(indices, combine([fn(*tasks[i]) for i in indices]))`` from any executor, as tasks finish.
+
+    On a :class:`ClusterExecutor` ``combine`` runs on the workers over each cluster task's batch
+    (:meth:`ClusterExecutor.imap_batches`: what comes back is the reduced batch); elsewhere
+    nothing is sent, and every task's result is combined alone, here.
+    """
+    if isinstance(ex, ClusterExecutor):
+        yield from ex.imap_batches(fn, tasks, combine, window)
+        return
+    for i, result in ex.imap(fn, tasks, window):
+        yield range(i, i + 1), combine([result])
 
 
 # ------------------------------------------------------------------------------ choosing

@@ -367,3 +367,20 @@ def test_the_executor_batch_size_leaves_every_worker_many_tasks():
     assert [ex.batch_size(n) for n in (1, 31, 32, 64, 200, 256, 10_000)] == [1, 1, 1, 2, 6, 8, 8]
     ex.workers = 64
     assert ex.batch_size(1000) == 1
+
+
+def test_a_task_that_kills_its_worker_each_time_is_worker_lost_naming_the_memory_limit():
+    """A task whose worker dies each time it runs it (as one killed by its nanny past 95 % memory):
+    distributed gives up after ``allowed-failures`` (``KilledWorker``), and the executor raises
+    :class:`WorkerLost`, the one-line environment failure, naming the tasks and what to change."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from isle_fast.stores.parallel import ClusterExecutor, WorkerLost
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as client:
+        ex = ClusterExecutor(client)
+        with pytest.raises(WorkerLost, match=r"tasks 0\.\.0 were on a cluster worker that died.*memory_limit"):
+            list(ex.imap(os._exit, [(3,)]))

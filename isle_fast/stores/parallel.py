@@ -562,11 +562,15 @@ class _StallWatch:
 
 
 def _release_memory() -> None:
-    """On a worker: give back what Python and the C heap keep but do not use (``gc``, glibc's
-    ``malloc_trim``), so that a worker paused by memory nobody holds can resume."""
+    """On a worker: give back what this process keeps but does not use (the chunk buffers its
+    threads keep, ``gc``, glibc's ``malloc_trim``), so that a worker paused by memory no task
+    holds can resume."""
     import ctypes
     import gc
 
+    from isle_fast.stores.chunkio import release_thread_buffers
+
+    release_thread_buffers()
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

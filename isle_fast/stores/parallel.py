@@ -29,7 +29,12 @@ Executors
     processes would cost more than it saves).
 :class:`ClusterExecutor`
     The workers of the active ``dask.distributed`` client (``client.submit``);
-    they must see the files and the output folder.
+    they must see the files and the output folder. A cluster that cannot move
+    (every worker paused at its memory limit, or none left) is first asked to
+    free what it keeps unused, then, still stuck, an error
+    (:class:`ClusterStalled`), never a silent wait; a task that kills its worker
+    each time is :class:`WorkerLost`. :func:`imap_combined` reduces each batch
+    of results on the worker that made it.
 
 :func:`executor_for` picks one: the pool made active with :func:`use_pool`
 (``isle run`` starts one pool for all its steps), else a cluster when a

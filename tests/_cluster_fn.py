@@ -17,3 +17,18 @@ class CountedFn:
     def __reduce__(self):
         type(self).pickled += 1
         return (CountedFn, (self.payload,))
+
+
+def keep_buffer(nbytes: int) -> int:
+    """A task that leaves ``nbytes`` in this thread's kept chunk buffer (touched, so it is resident),
+    as the direct passes' chunk reads do, and waits long enough for the worker to see its memory."""
+    import time
+
+    import numpy as np
+
+    from isle_fast.stores.chunkio import thread_buffer
+
+    if nbytes:
+        thread_buffer(("test", "kept"), (nbytes,), np.uint8)[:] = 1
+        time.sleep(1.0)
+    return nbytes

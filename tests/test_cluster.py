@@ -367,3 +367,47 @@ def test_the_executor_batch_size_leaves_every_worker_many_tasks():
     assert [ex.batch_size(n) for n in (1, 31, 32, 64, 200, 256, 10_000)] == [1, 1, 1, 2, 6, 8, 8]
     ex.workers = 64
     assert ex.batch_size(1000) == 1
+
+
+def test_a_task_that_kills_its_worker_each_time_is_worker_lost_naming_the_memory_limit():
+    """A task whose worker dies each time it runs it (as one killed by its nanny past 95 % memory):
+    distributed gives up after ``allowed-failures`` (``KilledWorker``), and the executor raises
+    :class:`WorkerLost`, the one-line environment failure, naming the tasks and what to change."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from isle_fast.stores.parallel import ClusterExecutor, WorkerLost
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            Client(lc) as client:
+        ex = ClusterExecutor(client)
+        with pytest.raises(WorkerLost, match=r"tasks 0\.\.0 were on a cluster worker that died.*memory_limit"):
+            list(ex.imap(os._exit, [(3,)]))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_paused_by_its_kept_chunk_buffers_resumes(monkeypatch):
+    """The chunk buffers a worker's threads keep are memory distributed cannot spill: a worker they hold
+    past its pause threshold ran nothing more, for good (the stall of test_out_of_core_bounded_memory).
+    The executor, seeing every worker paused, has them drop their kept buffers; the worker resumes
+    and every task finishes (before: ClusterStalled once the stall limit passed)."""
+    import dask
+    import psutil
+    from distributed import Client, LocalCluster
+
+    from isle_fast.stores.parallel import ClusterExecutor
+    from tests._cluster_fn import keep_buffer
+
+    monkeypatch.setenv("ISLE_CLUSTER_STALL_SECONDS", "8")
+    big = 400 * 2**20
+    with dask.config.set({"distributed.worker.memory.terminate": False, "distributed.worker.memory.spill": False,
+                          "distributed.worker.memory.target": False}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                         memory_limit="8GiB") as lc, Client(lc) as client:
+        client.run(keep_buffer, 0)   # the worker imports what the task needs, then its resident size
+        rss = max(client.run(lambda: psutil.Process().memory_info().rss).values())
+        limit = int((rss + big // 2) / 0.8)      # paused with the buffer, running without it
+        client.run(lambda dask_worker: setattr(dask_worker.memory_manager, "memory_limit", limit))
+        ex = ClusterExecutor(client)
+        assert dict(ex.imap(keep_buffer, [(big,)] + [(0,)] * 5)) == {0: big, **{i: 0 for i in range(1, 6)}}

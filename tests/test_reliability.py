@@ -1579,6 +1579,38 @@ def test_out_of_core_bounded_memory(tmp_path):
     assert (per_set == per_set[0]).all() and per_set[0] > 0.5 * 1200 * 448 * 448 * 0.66
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_cluster_whose_workers_all_pause_is_a_clear_error_not_a_hang(data, tmp_path, capsys, monkeypatch):
+    """A worker paused at its memory limit with nothing to spill stays paused for good (its memory is
+    the libraries' and the allocator's, not task results), and with every worker paused the run waited
+    forever (a CI run stalled an hour in test_out_of_core_bounded_memory). Made certain here: a pause
+    threshold of 1 % pauses the only worker at once. `isle merge` on it fails within the stall limit,
+    one line naming the pause, the memory and what to change; no store and no temporary left."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    monkeypatch.setenv("ISLE_CLUSTER_STALL_SECONDS", "3")
+    with dask.config.set({"distributed.worker.memory.pause": 0.01, "distributed.worker.memory.terminate": False,
+                          "distributed.worker.memory.spill": False, "distributed.worker.memory.target": False}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="4GiB",
+                         dashboard_address=":0") as cluster:
+        deadline = time.monotonic() + 30
+        with Client(cluster) as client:
+            while not all(w["status"] == "paused" for w in client.scheduler_info()["workers"].values()):
+                assert time.monotonic() < deadline, "the worker never paused"
+                time.sleep(0.1)
+        out = tmp_path / "ens.zarr"
+        t0 = time.monotonic()
+        rc, _, err = cli_run(["merge", *set_paths(data["stores"]), "--gt", data["stores"]["gt"], "-o", out,
+                              "-q", "--scheduler", cluster.scheduler_address], capsys)
+    assert time.monotonic() - t0 < 60
+    assert rc == 1, err
+    assert_clean_error(rc, err, "no progress", "paused", "memory_limit", "smaller chunks")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("ens.zarr")], list(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------------------
 # hangs: a bad file among many queued reads, the way a user meets it (a terminal, bars on)
 # --------------------------------------------------------------------------------------

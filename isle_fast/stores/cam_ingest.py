@@ -52,7 +52,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from isle_fast.errors import InputError
 from isle_fast.stores.formats import BadInput
 
 __all__ = ["CamSlots", "read_cam_slots", "ingest_cam_sparse", "NotSparse"]
@@ -269,31 +268,14 @@ def ingest_cam_sparse(plan: Any, read: Callable, header: Callable | None, *,
     from isle_fast.outputs import remove_path, temp_path
     from isle_fast.progress import progress
     from isle_fast.stores import parallel
-    from isle_fast.stores.ingest_engine import _bad_error, _default_workers, nothing_left
+    from isle_fast.stores.ingest_engine import _bad_error, admit, check_admitted, nothing_left
     from isle_fast.stores.sparse import SparseWriter
-    from isle_fast.stores.stack import KINDS, default_chunks
+    from isle_fast.stores.stack import default_chunks
 
     t0 = time.perf_counter()
-    if plan.kind not in KINDS:
-        raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
-    workers = parallel.default_workers() if plan.workers is None else _default_workers(plan.workers)
+    workers, items, shapes, bad = admit(plan)
+    check_admitted(plan, items, bad)
     ref = plan.reference
-    bad: list[tuple[str, str, str]] = list(plan.prebad)
-    items = list(plan.items)
-    shapes: dict[str, tuple[int, int]] | None = None
-    if ref is not None:
-        ref_set = set(ref.ids)
-        for it in items:
-            if it.id not in ref_set:
-                bad.append((it.id, it.source, f"id is not in the ground truth {ref.source}"))
-        items = [it for it in items if it.id in ref_set]
-        shapes = {it.id: tuple(ref.shapes[it.id]) for it in items}
-    if bad and not plan.skip_bad:
-        raise _bad_error(bad)
-    if not items:
-        raise InputError(f"nothing to ingest into {plan.out}: "
-                         + (f"all {len(bad)} images are bad; first: {_bad_error(bad, False)}" if bad
-                            else "no images"))
     # one task: the images of one chunk of a label store of this size (33 at 500 x 500)
     if ref is not None and ref.padded:
         hp, wp = ref.padded

@@ -34,6 +34,7 @@ ctypes: no context made and freed per chunk, no Python layer), else by numcodecs
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,6 +299,33 @@ def _unzstd(body: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"{n} bytes decoded, not {out.nbytes}")
 
 
+class _Buffers(dict):
+    """One thread's kept buffers (a dict that a weak set can hold, by identity: gone with its thread)."""
+
+    __slots__ = ("__weakref__",)
+    __hash__ = object.__hash__  # type: ignore[assignment]
+    __eq__ = object.__eq__
+
+
+_EVERY_THREADS_BUFFERS: "weakref.WeakSet[_Buffers]" = weakref.WeakSet()
+
+
+def release_thread_buffers() -> int:
+    """Drop the kept buffers of every thread of this process; returns the bytes they held.
+
+    A cluster worker paused at its memory limit runs nothing, and the buffers its threads keep
+    for the next chunk are memory it cannot spill: they alone can hold it paused for good
+    (:class:`isle_fast.stores.parallel.ClusterStalled`). A task that still uses one keeps its own
+    reference; the next :func:`thread_buffer` call makes a new one.
+    """
+    freed = 0
+    for bufs in list(_EVERY_THREADS_BUFFERS):
+        for key in list(bufs):
+            buf = bufs.pop(key, None)
+            freed += 0 if buf is None else int(buf.nbytes)
+    return freed
+
+
 def thread_buffer(key: Any, shape: tuple, dtype: Any) -> np.ndarray:
     """This thread's buffer ``key`` of ``shape`` and ``dtype`` (made on first use, then the same array).
 
@@ -306,7 +334,8 @@ def thread_buffer(key: Any, shape: tuple, dtype: Any) -> np.ndarray:
     tls = _tls()
     bufs = getattr(tls, "buffers", None)
     if bufs is None:
-        bufs = tls.buffers = {}
+        bufs = tls.buffers = _Buffers()
+        _EVERY_THREADS_BUFFERS.add(bufs)
     dt = np.dtype(dtype)
     buf = bufs.get(key)
     if buf is None or buf.shape != tuple(shape) or buf.dtype != dt:

@@ -130,25 +130,49 @@ def _result(fn: Callable, *args) -> tuple[Any, str | None]:
         return None, f"cannot be read: {type(exc).__name__}: {exc}"
 
 
-def _run(plan: _Plan) -> Stack:
-    t0 = time.perf_counter()
+def admit(plan: _Plan) -> tuple[int, list[_Item], dict[str, tuple[int, int]] | None,
+                                list[tuple[str, str, str]]]:
+    """The start of an ingest run, dense (:func:`_run`) or class-sparse
+    (:func:`isle_fast.stores.cam_ingest.ingest_cam_sparse`): the kind checked, the workers, and
+    the items the ground truth admits.
+
+    Returns ``(workers, items, shapes, bad)``: ``shapes`` the ground truth's ``(h, w)`` of every
+    item kept (None without one); ``bad`` the plan's bad inputs and every id the ground truth
+    does not hold. :func:`check_admitted` then says whether the run may go on.
+    """
     if plan.kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, not {plan.kind!r}")
     # the output was checked (check_output, with the inputs) by the public function before any work
     workers = parallel.default_workers() if plan.workers is None else _default_workers(plan.workers)
     ref = plan.reference
     bad: list[tuple[str, str, str]] = list(plan.prebad)
-    items = plan.items
-    if ref is not None:
-        # the set must cover the ground truth's ids and hold no others
-        ref_set = set(ref.ids)
-        for it in items:
-            if it.id not in ref_set:
-                bad.append((it.id, it.source, f"id is not in the ground truth {ref.source}"))
-        items = [it for it in items if it.id in ref_set]
-        shapes = {it.id: ref.shapes[it.id] for it in items}
-    else:
-        shapes = {}
+    items = list(plan.items)
+    if ref is None:
+        return workers, items, None, bad
+    # the set must cover the ground truth's ids and hold no others
+    ref_set = set(ref.ids)
+    for it in items:
+        if it.id not in ref_set:
+            bad.append((it.id, it.source, f"id is not in the ground truth {ref.source}"))
+    items = [it for it in items if it.id in ref_set]
+    return workers, items, {it.id: (int(ref.shapes[it.id][0]), int(ref.shapes[it.id][1])) for it in items}, bad
+
+
+def check_admitted(plan: _Plan, items: Sequence[_Item], bad: list[tuple[str, str, str]]) -> None:
+    """Raise the run's error when a bad input ends it (no ``skip_bad``) or no item is left."""
+    if bad and not plan.skip_bad:
+        raise _bad_error(bad)
+    if not items:
+        raise InputError(f"nothing to ingest into {plan.out}: "
+                         + (f"all {len(bad)} images are bad; first: {_bad_error(bad, False)}" if bad
+                            else "no images"))
+
+
+def _run(plan: _Plan) -> Stack:
+    t0 = time.perf_counter()
+    workers, items, ref_shapes, bad = admit(plan)
+    ref = plan.reference
+    shapes = {} if ref_shapes is None else ref_shapes
     if ref is None and plan.header is not None:
         heads = parallel.read_headers(partial(_checked_header, plan.header), items, workers=workers,
                                       in_memory=plan.in_memory, quiet=plan.quiet)
@@ -160,12 +184,7 @@ def _run(plan: _Plan) -> Stack:
             else:
                 bad.append((it.id, it.source, err))
         items = keep
-    if bad and not plan.skip_bad:
-        raise _bad_error(bad)
-    if not items:
-        raise InputError(f"nothing to ingest into {plan.out}: "
-                         + (f"all {len(bad)} images are bad; first: {_bad_error(bad, False)}" if bad
-                            else "no images"))
+    check_admitted(plan, items, bad)
     stack, written_bad, pixels = _write(plan, items, shapes, bad, workers)
     summarize(f"isle ingest: {plan.encoding} -> {plan.kind} store", stack, bad + written_bad, pixels,
               time.perf_counter() - t0, what=plan.what, quiet=plan.quiet)

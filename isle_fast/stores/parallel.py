@@ -29,7 +29,12 @@ Executors
     processes would cost more than it saves).
 :class:`ClusterExecutor`
     The workers of the active ``dask.distributed`` client (``client.submit``);
-    they must see the files and the output folder.
+    they must see the files and the output folder. A cluster that cannot move
+    (every worker paused at its memory limit, or none left) is first asked to
+    free what it keeps unused, then, still stuck, an error
+    (:class:`ClusterStalled`), never a silent wait; a task that kills its worker
+    each time is :class:`WorkerLost`. :func:`imap_combined` reduces each batch
+    of results on the worker that made it.
 
 :func:`executor_for` picks one: the pool made active with :func:`use_pool`
 (``isle run`` starts one pool for all its steps), else a cluster when a
@@ -61,6 +66,8 @@ __all__ = [
     "ThreadExecutor",
     "ProcessPool",
     "ClusterExecutor",
+    "ClusterStalled",
+    "imap_combined",
     "use_pool",
     "active_pool",
     "executor_for",
@@ -461,10 +468,126 @@ def _value(fn: Callable) -> Callable:
     return fn
 
 
-def _call_shared(fn: Callable, batch: Sequence[tuple]) -> list[Any]:
-    """``[fn(*args) for args in batch]`` on a worker, ``fn`` being the result of the :func:`_value`
-    task (:class:`ClusterExecutor`)."""
-    return [fn(*args) for args in batch]
+def _call_shared(fn: Callable, batch: Sequence[tuple], combine: Callable[[list], Any] = list) -> Any:
+    """``combine([fn(*args) for args in batch])`` on a worker, ``fn`` being the result of the
+    :func:`_value` task (:class:`ClusterExecutor`); ``combine`` reduces the batch where it ran."""
+    return combine([fn(*args) for args in batch])
+
+
+#: Environment variable: seconds a cluster may make no progress, every worker paused (or none
+#: there), before :class:`ClusterExecutor` gives up with :class:`ClusterStalled`.
+STALL_ENV = "ISLE_CLUSTER_STALL_SECONDS"
+#: ... its default
+STALL_SECONDS = 60.0
+
+
+class ClusterStalled(OSError):
+    """The cluster stopped making progress: every worker paused at its memory limit, or no worker left.
+
+    ``distributed`` pauses a worker whose process memory passes ``distributed.worker.memory.pause``
+    (80 % of its ``memory_limit``) and resumes it only once the memory falls again. Memory the worker
+    holds outside its task results (library buffers, the allocator's heap) cannot be spilled, so
+    such a worker stays paused for good, and with every worker paused nothing ever finishes
+    (dask/distributed#5999). An environment failure like :class:`WorkerLost`: one line, exit 1,
+    whatever the run was writing removed.
+    """
+
+
+def _stall_seconds() -> float:
+    raw = os.environ.get(STALL_ENV, "").strip()
+    if not raw:
+        return STALL_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from isle_fast.errors import InputError
+
+        raise InputError(f"{STALL_ENV}={raw!r}: must be a number of seconds above 0")
+    return value
+
+
+def _mib(n: Any) -> str:
+    return f"{int(n or 0) / 2**20:.0f} MiB"
+
+
+class _StallWatch:
+    """Notices a cluster on which nothing can run: every worker paused, or none at all, for ``patience`` s.
+
+    At the first look at such a cluster the workers are asked to release the memory they keep
+    unused (:func:`_release_memory`): often enough to resume them. Only a stall that outlasts that
+    is an error."""
+
+    def __init__(self, client: Any, patience: float):
+        import time
+
+        self.client = client
+        self.patience = patience
+        self._clock = time.monotonic
+        self.since: float | None = None
+
+    def progress(self) -> None:
+        """A task finished: the cluster is moving."""
+        self.since = None
+
+    def check(self) -> None:
+        """Called when nothing finished for a while; raises :class:`ClusterStalled` once that has lasted."""
+        try:
+            workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        except TypeError:  # an older distributed
+            workers = self.client.scheduler_info().get("workers", {})
+        stuck = not workers or all(w.get("status") in ("paused", "closing_gracefully") for w in workers.values())
+        if not stuck:
+            self.since = None
+            return
+        now = self._clock()
+        if self.since is None:
+            self.since = now
+            with contextlib.suppress(Exception):  # the first look at a stall: free what can be freed
+                self.client.run(_release_memory)
+            return
+        if now - self.since < self.patience:
+            return
+        if not workers:
+            raise ClusterStalled(
+                f"the cluster made no progress for {now - self.since:.0f} s: it has no worker left "
+                "(workers that die while holding a task are restarted by their nanny; none came back); "
+                "nothing was kept")
+        parts = []
+        for addr, w in sorted(workers.items()):
+            mem = (w.get("metrics") or {}).get("memory")
+            parts.append(f"{addr} at {_mib(mem)} of its {_mib(w.get('memory_limit'))} limit")
+        raise ClusterStalled(
+            f"the cluster made no progress for {now - self.since:.0f} s: every worker is paused at its "
+            f"memory limit ({'; '.join(parts)}; distributed pauses a worker at "
+            "distributed.worker.memory.pause, 80 % of memory_limit, and memory it cannot spill keeps it "
+            "paused); give the workers a larger memory_limit or fewer threads each, or use smaller chunks "
+            "(isle ingest --chunk-images); nothing was kept")
+
+
+def _release_memory() -> None:
+    """On a worker: give back what this process keeps but does not use (the chunk buffers its
+    threads keep, ``gc``, glibc's ``malloc_trim``), so that a worker paused by memory no task
+    holds can resume."""
+    import ctypes
+    import gc
+
+    from isle_fast.stores.chunkio import release_thread_buffers
+
+    release_thread_buffers()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _lost_on_cluster(exc: BaseException, first: int, size: int) -> WorkerLost:
+    """distributed's ``KilledWorker`` (the task's worker died ``allowed-failures`` times) as a :class:`WorkerLost`."""
+    return WorkerLost(
+        f"tasks {first}..{first + size - 1} were on a cluster worker that died each time it ran them "
+        f"({exc}); a worker whose memory passes distributed.worker.memory.terminate (95 % of memory_limit) "
+        "is killed by its nanny: give the workers a larger memory_limit or fewer threads each, or use "
+        "smaller chunks (isle ingest --chunk-images); nothing was kept")
 
 
 class ClusterExecutor:
@@ -473,13 +596,23 @@ class ClusterExecutor:
     What a task costs besides its work (the client's submit, the scheduler's bookkeeping, a round
     trip; milliseconds, paid on the same cores on a small machine) is kept small: ``fn`` is sent to
     the cluster once (a task of its own), not inside every task, and consecutive tasks go together in one
-    cluster task (:meth:`batch_size`), while leaving every worker many to balance the load.
+    cluster task (:meth:`batch_size`), while leaving every worker many to balance the load. The tasks
+    of a batch run one after the other in one worker thread, so a batch holds no more memory while it
+    runs than one task does, besides the results (:meth:`imap_batches` reduces those where they ran).
+
+    The executor never waits silently for a cluster that cannot move: when no task finishes and every
+    worker is paused at its memory limit (or no worker is left) for ``ISLE_CLUSTER_STALL_SECONDS``
+    (default 60), it cancels its tasks and raises :class:`ClusterStalled`; a task whose worker died
+    each time it ran it (distributed's ``KilledWorker``) raises :class:`WorkerLost`. Both name the
+    cause and what to change.
     """
 
     #: a cluster task holds at most this many of the caller's tasks
     MAX_BATCH = 8
     #: ... and the cluster tasks are at least this many per worker thread (for balance at the end)
     MIN_PER_WORKER = 16
+    #: seconds between looks at the workers while no task finishes
+    POLL_SECONDS = 1.0
 
     def __init__(self, client: Any):
         self.client = client
@@ -496,7 +629,18 @@ class ClusterExecutor:
              ) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, result)`` as tasks finish; at most ``window`` cluster tasks (each of
         :meth:`batch_size` tasks) submitted at a time."""
-        from distributed import as_completed
+        for indices, results in self.imap_batches(fn, tasks, list, window):
+            yield from zip(indices, results)
+
+    def imap_batches(self, fn: Callable, tasks: Sequence[tuple], combine: Callable[[list], Any],
+                     window: int | None = None) -> Iterator[tuple[range, Any]]:
+        """Yield ``(indices, combine([fn(*tasks[i]) for i in indices]))`` as cluster tasks finish.
+
+        ``combine`` runs on the worker, over the results of one cluster task's batch (consecutive
+        indices, :meth:`batch_size` of them), so what comes back is what it returns: a sum of the
+        batch instead of one table per task. Stalls and lost workers raise as the class says.
+        """
+        from distributed import KilledWorker, wait
 
         tasks = list(tasks)
         if not tasks:
@@ -505,34 +649,38 @@ class ClusterExecutor:
         size = self.batch_size(len(tasks))
         batches = iter(range(0, len(tasks), size))
         first_of: dict[Any, int] = {}
+        watch = _StallWatch(self.client, _stall_seconds())
         # ``fn`` (often a partial holding the stores' chunk specs, with their manifests) goes to the
         # cluster once, as the result of a task of its own: every worker fetches it once, each task
         # carries only its own arguments and that key, and a lost copy is recomputed from the task
         shared = self.client.submit(_value, fn, pure=False)
 
-        def submit() -> Any:
+        def submit() -> None:
             s = next(batches, None)
-            if s is None:
-                return None
-            fut = self.client.submit(_call_shared, shared, tasks[s:s + size], pure=False)
-            first_of[fut] = s
-            return fut
+            if s is not None:
+                first_of[self.client.submit(_call_shared, shared, tasks[s:s + size], combine, pure=False)] = s
 
-        first = [f for f in (submit() for _ in range(window)) if f is not None]
-        ac = as_completed(first)
+        for _ in range(window):
+            submit()
         try:
-            for fut in ac:
-                s = first_of.pop(fut)
-                results = fut.result()
-                nxt = submit()
-                if nxt is not None:
-                    ac.add(nxt)
-                for j, result in enumerate(results):
-                    yield s + j, result
+            while first_of:
+                try:
+                    done, _ = wait(list(first_of), timeout=self.POLL_SECONDS, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    watch.check()
+                    continue
+                watch.progress()
+                for fut in sorted(done, key=first_of.__getitem__):
+                    s = first_of[fut]
+                    try:
+                        result = fut.result()
+                    except KilledWorker as exc:
+                        raise _lost_on_cluster(exc, s, min(size, len(tasks) - s)) from exc
+                    del first_of[fut]
+                    submit()
+                    yield range(s, min(s + size, len(tasks))), result
         finally:
-            left = list(first_of)
-            if left:
-                self.client.cancel(left)
+            self.client.cancel(list(first_of) + [shared])
 
     def close(self) -> None:
         """The cluster is the caller's; nothing to stop."""
@@ -544,6 +692,21 @@ class ClusterExecutor:
 
     def __exit__(self, *exc: Any) -> None:
         pass
+
+
+def imap_combined(ex: Any, fn: Callable, tasks: Sequence[tuple], combine: Callable[[list], Any],
+                  window: int | None = None) -> Iterator[tuple[range, Any]]:
+    """``(indices, combine([fn(*tasks[i]) for i in indices]))`` from any executor, as tasks finish.
+
+    On a :class:`ClusterExecutor` ``combine`` runs on the workers over each cluster task's batch
+    (:meth:`ClusterExecutor.imap_batches`: what comes back is the reduced batch); elsewhere
+    nothing is sent, and every task's result is combined alone, here.
+    """
+    if isinstance(ex, ClusterExecutor):
+        yield from ex.imap_batches(fn, tasks, combine, window)
+        return
+    for i, result in ex.imap(fn, tasks, window):
+        yield range(i, i + 1), combine([result])
 
 
 # ------------------------------------------------------------------------------ choosing

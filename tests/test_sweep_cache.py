@@ -160,7 +160,13 @@ def test_evaluate_then_merge_makes_one_sweep(tmp_path, cache, monkeypatch, capsy
     gt, dense, sparse = _stores(tmp_path)
     sets = [s.path for s in sparse]
     spec = "0.1:0.5:0.05"
-    assert main(["evaluate", *sets, "--gt", gt.path, "--bg-threshold", spec, "--quiet"]) == 0
+    assert main(["evaluate", *sets, "--gt", gt.path, "--bg-threshold", spec]) == 0
+    assert "kept from an earlier sweep" not in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        _no_pass(m)
+        assert main(["evaluate", *sets, "--gt", gt.path, "--bg-threshold", spec]) == 0
+    out = capsys.readouterr()
+    assert "kept from an earlier sweep of the same stores" in out.out + out.err
     with monkeypatch.context() as m:
         _no_pass(m)
         assert main(["merge", *sets, "--gt", gt.path, "--bg-threshold", spec, "--no-score", "--quiet",

@@ -1,6 +1,6 @@
 """CAM sets at VOC scale: ingest -> every background threshold in one pass -> merge at each set's best.
 
-``python -m benchmarks.cams [--quick] [--images N] [--workers W]``
+``python -m benchmarks.cams [--quick] [--images N] [--workers W] [--reference-images M]``
 
 Data: N images (default 10,582, VOC ``train_aug``; ``--quick`` 24) of
 VOC-like shapes (up to 500 x 500, ``--quick`` 96), a ground-truth PNG each
@@ -40,9 +40,14 @@ Timed, in one run:
   :func:`isle_fast.sweep_thresholds` over 16 thresholds (0.05:0.80:0.05) in
   one pass; :func:`isle_fast.merge` with
   ``bg_threshold`` = the same sweep (each set merged at its own best
-  threshold; this includes its own sweep pass). Wall and CPU seconds, peak
-  resident memory. An untimed one-threshold sweep first loads the kernels
-  (Numba's cache), so no step is charged for it.
+  threshold), twice: with no sweep kept (its own sweep pass + the merge
+  pass), then with the sweep kept (:mod:`isle_fast.ensemble.sweep_cache`, as
+  after ``isle evaluate --bg-threshold S``: the merge pass only; the two
+  ensembles asserted equal). Both are compared with one threshold's pass (the
+  target: the merge <= 1.5x). The run's sweep cache is a folder of its own,
+  emptied before each counted step. Wall and CPU seconds, peak resident
+  memory. An untimed one-threshold sweep first loads the kernels (Numba's
+  cache), so no step is charged for it.
 * **kernel only**: ``sparse_score_bins`` (decode of the stored slots +
   ``(gt, argmax, score bin)`` counts on the sweep's bins, padding skipped)
   on the first 32 images held in memory, all cores, best of 5, in G
@@ -53,7 +58,18 @@ Timed, in one run:
   threshold in front, argmax, map through the keys, ``np.bincount`` against
   the gt PNG; on a process pool of all cores (``--workers``), one set at a
   time while its files are on disk. Reading the files is part of it, as in
-  those scripts.
+  those scripts. ``--reference-images M`` runs it on a random sample of M
+  images (the same sample for every set; ~25 minutes at all 10,582 images on
+  2 cores): its time at all images is then a **projection** (its per-image
+  rate x the images), labelled so in the output and the JSON
+  (``reference.projected_wall_s_all_images``), and its counts are checked
+  against our sweep of a ground truth of the sample's images. Ours always
+  runs on every image.
+
+Before anything is written, the run checks that the disk under
+``ISLE_BENCH_TMP`` holds its peak (:func:`disk_needed`, ~37 GB at the full
+size) and says so otherwise; progress lines (with the seconds since the start)
+go to stderr.
 
 The confusion counts of both are asserted EQUAL (every set, every
 threshold). Writes ``benchmarks/results/cams.json``.
@@ -288,6 +304,27 @@ def public_sweep(folder: Path, gt_folder: Path, ids: Sequence[str], thresholds: 
     return out
 
 
+def reference_sample(ids: Sequence[str], m: int | None, seed: int = 14) -> list[str]:
+    """The images the public approach runs on: all of them, or a random sample of ``m`` (the same for every
+    set, so the sweep of a ground truth of those images checks its counts; sorted by id)."""
+    if m is None or m >= len(ids):
+        return list(ids)
+    rng = np.random.default_rng([seed, 99])
+    return sorted(str(v) for v in rng.choice(np.asarray(ids), m, replace=False))
+
+
+#: CAM file bytes of one 500 x 500-ish image (1-3 classes, float32 ``high_res`` + ``cam``), measured: 1.7 MB
+_FILE_BYTES_PER_IMAGE = 1.75e6
+#: a class-sparse store of the synthetic CAMs holds about this share of its files' bytes (0.21-0.23 measured)
+_STORE_SHARE = 0.25
+
+
+def disk_needed(n: int, side: int) -> int:
+    """Bytes the run needs at its peak: one set's CAM files, the 4 stores, the gt, the ingest's slot files."""
+    one_set = _FILE_BYTES_PER_IMAGE * n * (side / 500) ** 2
+    return int(one_set * (1 + N_SETS * _STORE_SHARE) + 0.2 * one_set + 2**30)
+
+
 # -- ours -------------------------------------------------------------------------------------
 
 
@@ -376,18 +413,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", choices=("auto", "sparse", "dense"), default="auto",
                    help="score store layout of the CAM ingest (default auto: class-sparse)")
     p.add_argument("--workers", type=int, default=None, help="reference process pool (default: all cores)")
+    p.add_argument("--reference-images", type=int, default=None, metavar="M",
+                   help="run the public approach on a random sample of M images (the same for every set) and "
+                        "project its time to all images (default: all images); ours always runs on all")
     args = p.parse_args(argv)
     quick = args.quick
     n = args.images or (24 if quick else 10582)
     side = args.side or (96 if quick else 500)
     workers = args.workers or os.cpu_count() or 1
+    if args.reference_images is not None and args.reference_images < 1:
+        p.error("--reference-images must be at least 1")
     thresholds = parse_thresholds(THRESHOLDS)
+    need, free = disk_needed(n, side), shutil.disk_usage(tmp_dir()).free
+    if need > free:
+        p.error(f"{n} images of side {side} need about {need / 1e9:.0f} GB free under {tmp_dir()} "
+                f"(one set's CAM files at a time, the 4 stores), {free / 1e9:.0f} GB are; "
+                f"point ISLE_BENCH_TMP elsewhere or use fewer --images")
+    log(f"cams: {n} images, side {side}: about {need / 1e9:.1f} GB of disk at the peak ({free / 1e9:.0f} GB free)")
+    from isle_fast.ensemble.sweep_cache import CACHE_ENV
+
+    run_t0 = time.perf_counter()
     log(f"cams: writing / reusing the ground truth of {n} images (max side {side})")
     root = make_gt(n, side, workers=workers)
     ids = sorted(f.stem for f in (root / "gt").glob("*.png"))
+    if len(ids) != n:
+        raise SystemExit(f"cams: {root / 'gt'} holds {len(ids)} PNGs, not {n}: remove {root} and run again")
+    ref_ids = reference_sample(ids, args.reference_images)
+    sampled = len(ref_ids) < n
     work = tmp_dir() / f"cams-out-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    # the sweep cache of this run only (never the user's), emptied where a step must count afresh
+    cache = work / "sweep-cache"
+    old_cache = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(cache)
+
+    def elapsed() -> str:
+        return f"[{time.perf_counter() - run_t0:.0f} s]"
     classes = list(VOC_CLASSES)
     steps = []
     per_set = []
@@ -406,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             steps.append({"step": "ingest gt", "wall_s": wall, "cpu_s": cpu})
             stores = []
             for s in range(N_SETS):  # one set's CAM files on disk at a time (see the notes)
-                log(f"cams: set {s}: writing {n} CAM files")
+                log(f"cams: {elapsed()} set {s}: writing {n} CAM files")
                 t0 = time.perf_counter()
                 folder, nbytes = write_set(root, s, n, side, workers=workers)
                 gen_s = time.perf_counter() - t0
@@ -415,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 if s == 0:
                     core = per_core(paths)
                 load_s = np_load_all(paths, workers)
-                log(f"cams: set {s}: isle ingest")
+                log(f"cams: {elapsed()} set {s}: {nbytes / 1e9:.2f} GB written in {gen_s:.0f} s; isle ingest")
                 with PeakMemory() as pm:
                     st, wall, cpu = _timed(
                         lambda: ingest_scores(folder, work / f"set{s}.zarr", gt=gt, classes=classes,
@@ -423,8 +485,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 peaks.append(pm.peak)
                 stores.append(st)
-                log(f"cams: set {s}: the public scripts' approach on {workers} processes")
-                ref[s], rwall, rcpu = _timed(lambda: public_sweep(folder, root / "gt", ids, thresholds, workers))
+                log(f"cams: {elapsed()} set {s}: the public scripts' approach on {workers} processes, "
+                    f"{len(ref_ids)} images" + (" (a sample)" if sampled else ""))
+                ref[s], rwall, rcpu = _timed(
+                    lambda: public_sweep(folder, root / "gt", ref_ids, thresholds, workers)
+                )
                 ref_wall += rwall
                 ref_cpu += rcpu
                 disk.sample()
@@ -440,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu_s": sum(r["ingest_cpu_s"] for r in per_set)})
             # untimed: the kernels' first call loads them from Numba's cache (or compiles them), which
             # would otherwise be charged to whichever step runs first
+            log(f"cams: {elapsed()} sweep and merge from the stores")
             sweep_thresholds(stores, gt, thresholds[:1], backend="cpu", progress=False)
+            shutil.rmtree(cache, ignore_errors=True)
             with PeakMemory() as pm:
                 sw, wall, cpu = _timed(
                     lambda: sweep_thresholds(stores, gt, thresholds, backend="cpu", progress=False)
@@ -452,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: sweep_thresholds(stores, gt, thresholds[:1], backend="cpu", progress=False)
                 )
                 steps.append({"step": "one threshold, same pass", "wall_s": wall1, "cpu_s": cpu1})
+                shutil.rmtree(cache, ignore_errors=True)  # nothing kept: the merge makes its own sweep
                 res, wall, cpu = _timed(
                     lambda: merge(
                         stores,
@@ -463,21 +531,40 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 steps.append({"step": "merge at each set's best (sweep + merge)", "wall_s": wall, "cpu_s": cpu})
+                # as after `isle evaluate --bg-threshold S`: the sweep is kept, the merge only merges
+                res2, wall, cpu = _timed(
+                    lambda: merge(stores, gt, work / "ens2.zarr", bg_threshold=list(thresholds), backend="cpu",
+                                  progress=False)
+                )
+                steps.append({"step": "merge at each set's best, sweep kept (merge pass only)", "wall_s": wall,
+                              "cpu_s": cpu})
             peaks.append(pm.peak)
+            ens_equal = bool(np.array_equal(np.asarray(res.stack.array[:]), np.asarray(res2.stack.array[:])))
+            assert ens_equal, "the merge with the kept sweep differs from the merge with its own sweep"
+            if sampled:  # untimed: the sweep of a gt of the sample's images, to check the reference's counts
+                gt_s = ingest_labels(root / "gt", work / "gt_sample.zarr", kind="gt", classes=classes,
+                                     ids=ref_ids, quiet=True)
+                sw_ref = sweep_thresholds(stores, gt_s, thresholds, backend="cpu", progress=False)
+            else:
+                sw_ref = sw
+            log(f"cams: {elapsed()} done")
         ours_peak = max(peaks)
         kernel = kernel_throughput(stores, gt, thresholds)
         layout = {st.name: {"layout": st.score_layout, "stored_bytes": st.stored_bytes()} for st in stores}
         load_total = sum(r["np_load_s"] for r in per_set)
         ingest_total = steps[1]["wall_s"]
         equal = bool(
-            np.array_equal(sw.counts[..., :C], ref)
-            and not sw.counts[..., C].any()
+            np.array_equal(sw_ref.counts[..., :C], ref)
+            and not sw_ref.counts[..., C].any()
             and np.array_equal(one.counts[:, 0], sw.counts[:, 0])
         )
         assert equal, "the sweep's confusion counts differ from the public scripts' approach"
         pixels = int((gt.shapes[:, 0] * gt.shapes[:, 1]).sum())
         sweep_wall = steps[2]["wall_s"]
         sweep_cpu = steps[2]["cpu_s"]
+        # the public approach's time at all images: measured, or projected from its sample's per-image rate
+        ref_per_image = ref_wall / (N_SETS * len(ref_ids))
+        ref_full = ref_per_image * N_SETS * n
         print(
             f"{n} images ({pixels / 1e6:.1f} Mpix), {N_SETS} CAM sets, {len(thresholds)} thresholds "
             f"({THRESHOLDS}); {os.cpu_count()} cores"
@@ -491,14 +578,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print(
-            f"public approach ({workers} processes): {ref_wall:.2f} s wall "
+            f"public approach ({workers} processes): {ref_wall:.2f} s wall on {len(ref_ids)} images x {N_SETS} "
+            f"sets, {1e3 * ref_per_image:.1f} ms an image and set "
             f"(this process's CPU {ref_cpu:.2f} s; the pool's is not counted)"
         )
+        if sampled:
+            print(f"public approach at all {n} images: {ref_full:.0f} s PROJECTED from the sample of "
+                  f"{len(ref_ids)} images (not measured); counts checked on the sample")
         rate = N_SETS * pixels / sweep_wall / 1e9
         print(
             f"sweep: {rate:.3f} Gpix/s for {N_SETS} sets ({N_SETS * pixels / max(sweep_cpu, 1e-9) / 1e9:.3f} "
             f"per CPU second), {sweep_wall / max(wall1, 1e-9):.2f}x one threshold; "
-            f"{ref_wall / sweep_wall:.1f}x faster than the public approach; counts equal: {equal}"
+            f"{ref_full / sweep_wall:.1f}x faster than the public approach"
+            f"{' (projected)' if sampled else ''}; counts equal: {equal}"
         )
         sizes = ", ".join(f"{k} {v['layout']} {v['stored_bytes'] / 2**20:.1f} MiB" for k, v in layout.items())
         print(f"stores: {sizes} (the CAM files: {cam_bytes / 2**20:.1f} MiB); peak RSS {ours_peak / 2**20:.0f} MiB")
@@ -511,7 +603,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"({kernel['numpy_s'] / kernel['kernel_s']:.0f}x slower); counts equal"
             )
         merge_s = steps[4]["wall_s"]
-        print(f"merge at each set's best (sweep + merge): {merge_s / sweep_wall:.2f}x the sweep")
+        merge_only = steps[5]["wall_s"]
+        print(f"merge at each set's best: with its own sweep {merge_s:.2f} s = {merge_s / wall1:.2f}x one threshold "
+              f"pass; the sweep kept (after `isle evaluate`): {merge_only:.2f} s = {merge_only / wall1:.2f}x "
+              f"one threshold pass (ensembles equal)")
         print(
             f"CAM ingest: {cam_bytes / ingest_total / 1e6:.0f} MB/s, {N_SETS * n / ingest_total:.1f} images/s; "
             f"plain np.load loop ({workers} processes): {cam_bytes / load_total / 1e6:.0f} MB/s, "
@@ -534,8 +629,9 @@ def main(argv: list[str] | None = None) -> int:
             headline_row(
                 f"threshold sweep, {N_SETS} CAM sets x {len(thresholds)} thresholds",
                 sweep_wall,
-                f"public scripts' approach, {workers} processes",
-                ref_wall,
+                f"public scripts' approach, {workers} processes"
+                + (f" (PROJECTED from a sample of {len(ref_ids)} images)" if sampled else ""),
+                ref_full,
                 counts_equal=equal,
                 gpix_per_s=rate,
                 sweep_over_one_threshold=sweep_wall / wall1,
@@ -552,7 +648,15 @@ def main(argv: list[str] | None = None) -> int:
                 "workers": workers,
                 "layout": args.layout,
                 "steps": steps,
-                "reference": {"wall_s": ref_wall, "cpu_s_parent": ref_cpu},
+                "reference": {
+                    "images": len(ref_ids), "sampled": sampled, "wall_s": ref_wall, "cpu_s_parent": ref_cpu,
+                    "s_per_image_and_set": ref_per_image,
+                    ("projected_wall_s_all_images" if sampled else "wall_s_all_images"): ref_full,
+                    "note": (f"run on a random sample of {len(ref_ids)} of the {n} images (the same for every "
+                             f"set); the time at all images is a PROJECTION (per-image rate x images), not "
+                             f"measured; its counts equal our sweep of a gt of the sample's images")
+                    if sampled else "run on every image",
+                },
                 "peak_rss_bytes": ours_peak,
                 "stores": layout,
                 "cam_file_bytes": cam_bytes,
@@ -569,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
                 "counts_equal": equal,
                 "kernel": kernel,
                 "merge_over_sweep": steps[4]["wall_s"] / sweep_wall,
+                "merge_over_one_threshold": steps[4]["wall_s"] / wall1,
+                "merge_kept_sweep_over_one_threshold": steps[5]["wall_s"] / wall1,
+                "ensembles_equal": ens_equal,
+                "wall_s_total": time.perf_counter() - run_t0,
                 "best_thresholds": dict(zip(sw.set_names, sw.best_thresholds)),
                 "ensemble_provenance": {
                     k: res.stack.provenance.get(k) for k in ("bg_threshold", "bg_thresholds")
@@ -580,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if old_cache is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = old_cache
     return 0
 
 

@@ -21,6 +21,12 @@ settings.register_profile("noshrink", settings.get_profile("ci"),
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# the threshold sweep's cache (isle_fast.ensemble.sweep_cache) of this test session, never the user's
+if "ISLE_SWEEP_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["ISLE_SWEEP_CACHE"] = tempfile.mkdtemp(prefix="isle-sweep-cache-")
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:

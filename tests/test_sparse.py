@@ -570,3 +570,68 @@ def test_merge_at_each_sets_threshold_reads_sparse_slots_and_equals_dense(tmp_pa
     a = merge(sparse, gt, str(tmp_path / "a.zarr"), **kw)
     assert a.plan.mode == "labels" and len(set(a.plan.thresholds)) > 1
     np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))
+
+
+@settings(max_examples=16)
+@given(store_cases(), st.sampled_from([None, 0.0, 0.15, 38 / 255, 0.2, 1.0]), st.sampled_from(["score", "order",
+                                                                                               "ignore"]))
+def test_score_merge_at_one_threshold_reads_the_slots_and_equals_dense(case, bg, policy):
+    """A score ensemble of class-sparse sets at one shared threshold: merged from the stored slots on the
+    local pass (no dense view), labels and merged stack equal to the merge of the dense stores."""
+    from isle_fast.ensemble import merge as merge_mod
+    from isle_fast.ensemble.merge import merge
+
+    with tempfile.TemporaryDirectory() as root:
+        gt, dense, sparse = _build(root, *case, n_sets=3)
+        if len(called_grid := tuple(int(v) for v in sparse[0].cams_meta.chunks[:3])) and case[5] % 2:
+            # half the cases: a gt chunked like the slots, so the local pass reads them directly
+            a0 = np.asarray(gt.array[:])
+            gt = write_stack(os.path.join(root, "gt2"), [a0[i, :h, :w] for i, (h, w) in enumerate(gt.shapes)],
+                             kind="gt", num_classes=case[1], chunks=called_grid, padded_shape=tuple(gt.padded_shape))
+        called = []
+        real = merge_mod._gather_sparse_scores
+
+        def spy(*a, **k):
+            called.append(1)
+            return real(*a, **k)
+
+        merge_mod._gather_sparse_scores = spy
+        try:
+            a = merge(sparse, gt, os.path.join(root, "a.zarr"), bg_threshold=bg, policy=policy, backend="cpu",
+                      progress=False)
+        finally:
+            merge_mod._gather_sparse_scores = real
+        b = merge(dense, gt, os.path.join(root, "b.zarr"), bg_threshold=bg, policy=policy, backend="cpu",
+                  progress=False)
+        # the stored slots of a gt chunk are read directly where the stores are chunked alike (else the
+        # Dask graph of the dense view, the same ensemble)
+        local = merge_mod._member_specs([open_stack(x.path) for x in sparse], gt) is not None
+        assert a.plan.mode == "scores" and bool(called) == local
+        np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))
+        sa, sb = a.stack.member("scores"), b.stack.member("scores")
+        assert sa.dtype == sb.dtype and a.stack.attrs["score_scale"] == b.stack.attrs["score_scale"]
+        np.testing.assert_array_equal(np.asarray(sa[:]), np.asarray(sb[:]))
+        assert a.stack.provenance["scores_array"] == "scores"
+
+
+def test_score_merge_at_one_threshold_on_aligned_stores_is_the_slot_pass(tmp_path, monkeypatch):
+    from isle_fast.ensemble import merge as merge_mod
+    from isle_fast.ensemble.merge import merge
+
+    gt0, dense, sparse = _build(str(tmp_path), 4, 4, [(6, 5), (4, 4), (7, 3), (2, 2)], (1, 1), (2, 4, 4), 3,
+                                n_sets=3)
+    # a gt chunked like the sparse stores' slots: the local pass reads them directly
+    grid = tuple(int(v) for v in sparse[0].cams_meta.chunks[:3])
+    a0 = np.asarray(gt0.array[:])
+    gt = write_stack(str(tmp_path / "gt2"), [a0[i, :h, :w] for i, (h, w) in enumerate(gt0.shapes)], kind="gt",
+                     num_classes=4, chunks=grid, padded_shape=tuple(gt0.padded_shape))
+    assert merge_mod._member_specs([open_stack(x.path) for x in sparse], gt) is not None
+    monkeypatch.setattr(merge_mod, "aligned_arrays", None)  # the Dask graph (dense view) is not built
+    for bg in (None, 0.2):
+        a = merge(sparse, gt, str(tmp_path / f"a{bg}.zarr"), bg_threshold=bg, backend="cpu", progress=False)
+        monkeypatch.undo()
+        b = merge(dense, gt, str(tmp_path / f"b{bg}.zarr"), bg_threshold=bg, backend="cpu", progress=False)
+        monkeypatch.setattr(merge_mod, "aligned_arrays", None)
+        np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))
+        np.testing.assert_array_equal(np.asarray(a.stack.member("scores")[:]),
+                                      np.asarray(b.stack.member("scores")[:]))

@@ -362,3 +362,19 @@ def test_cams_benchmark_quick(tmp_path, monkeypatch):
     assert {v["layout"] for v in doc["stores"].values()} == {"sparse"}
     assert set(doc["best_thresholds"]) == {f"set{s}" for s in range(4)}
     assert doc["ensemble_provenance"]["bg_thresholds"] == doc["best_thresholds"]
+    assert doc["ensembles_equal"] is True and doc["reference"]["sampled"] is False
+
+
+def test_cams_benchmark_reference_sample(tmp_path, monkeypatch):
+    """``--reference-images M``: the public approach on M images, its counts checked on them, the time projected."""
+    from benchmarks import cams
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "tmp"))
+    assert cams.main(["--quick", "--images", "12", "--workers", "2", "--reference-images", "5"]) == 0
+    doc = json.loads((tmp_path / "res" / "cams.json").read_text())
+    r = doc["reference"]
+    assert doc["counts_equal"] is True and r["sampled"] is True and r["images"] == 5
+    assert r["projected_wall_s_all_images"] == pytest.approx(r["s_per_image_and_set"] * 4 * 12)
+    assert "PROJECTED" in doc["headline"][0]["reference"]
+    assert len(cams.reference_sample([f"{i:06d}" for i in range(12)], 5)) == 5

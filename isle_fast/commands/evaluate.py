@@ -204,7 +204,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.json:
         write_sweep_json(args.json, sw, ev.to_json(sel), command="isle evaluate")
     rows = {"sets": f"{len(sw.set_names)} ({', '.join(sw.set_names)})",
-            "thresholds": f"{len(sw.thresholds)} ({sw.thresholds[0]:g} .. {sw.thresholds[-1]:g}), one pass",
+            "thresholds": f"{len(sw.thresholds)} ({sw.thresholds[0]:g} .. {sw.thresholds[-1]:g}), "
+                          + ("kept from an earlier sweep of the same stores (no pass)" if sw.from_cache
+                             else "one pass"),
             "average": sw.average, "backend": sw.backend, "seconds": f"{sw.seconds:.2f}"}
     if args.json:
         rows["json"] = args.json

@@ -41,7 +41,9 @@ Outside each image's true shape the labels are 255 (scores 0). The output is
 written chunk by chunk (one task per gt chunk writes its own region of the
 new store) into a temporary store that is renamed into place on success, so
 peak memory is a few chunks however large the data set is. When every store
-is local and chunked like the gt (and the sets are label maps), the tasks run
+is local and chunked like the gt (and the sets are label maps, or all
+class-sparse score sets merged as scores: the slots each class chooses are
+gathered into the merged stack, no member's dense view is made), the tasks run
 on a thread pool of this process with direct chunk reads and writes
 (:func:`_local_merge`, as :func:`isle_fast.ensemble.evaluate.local_pass`);
 otherwise as a Dask graph. Both run :func:`merge_chunk` on the same regions.
@@ -204,6 +206,27 @@ def _drop_absent_sparse(block: tuple[np.ndarray, np.ndarray], allowed: np.ndarra
     return cams * keep[:, None, None, :].astype(np.uint8), keys
 
 
+def _gather_sparse_scores(blocks: Sequence[tuple[np.ndarray, np.ndarray]], sel: np.ndarray, C: int,
+                          background: int) -> np.ndarray:
+    """The merged ``(n, h, w, C)`` uint8 stack of class-sparse blocks ``(cams, keys)``: slice ``c`` is the
+    slot of class ``c`` in set ``sel[c]`` (0 where that image has no such slot), slice 0 ``background``.
+
+    Equal to gathering slice ``c`` of set ``sel[c]``'s dense view (:func:`isle_fast.stores.sparse.densify`);
+    only the chosen slots are copied (1-3 an image for CAMs), not N dense blocks.
+    """
+    cams0 = blocks[0][0]
+    n, h, w = cams0.shape[:3]
+    out = np.zeros((n, h, w, C), np.uint8)
+    out[..., 0] = background
+    for s, (cams, keys) in enumerate(blocks):
+        for m in range(n):
+            for j in range(keys.shape[1]):
+                c = int(keys[m, j])
+                if 0 < c < C and int(sel[c]) == s:
+                    out[m, :, :, c] = cams[m, :, :, j]
+    return out
+
+
 def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
                 choice: np.ndarray | None = None,
                 allowed: np.ndarray | None = None, sparse_levels: Sequence[int | None] | None = None,
@@ -221,8 +244,10 @@ def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
     blocks = [tuple(np.ascontiguousarray(x) for x in b) if isinstance(b, tuple) else np.ascontiguousarray(b)
               for b in blocks]
     sparse = [isinstance(b, tuple) for b in blocks]
-    if any(sparse) and (plan.mode != "labels" or sparse_levels is None):
-        raise ValueError("class-sparse blocks are merged as label maps, at their levels (sparse_levels)")
+    scores_sparse = plan.mode == "scores" and all(sparse) and plan.strategy == "class" and not plan.cast
+    if any(sparse) and (sparse_levels is None or (plan.mode != "labels" and not scores_sparse)):
+        raise ValueError("class-sparse blocks are merged as label maps at their levels (sparse_levels), or "
+                         "all of them as score stacks (class strategy, one dtype)")
     if plan.drop_absent:
         if allowed is None:
             raise ValueError("the plan drops absent classes but no image labels were given")
@@ -242,9 +267,15 @@ def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
         if plan.strategy == "image":
             return _gather(labs, choice), None
         return np.asarray(K.merge_labels(tuple(labs), sel, prio, plan.policy)), None
+    thr = plan.thresholds[0]
+    if scores_sparse:  # the chosen slots gathered into the merged stack: no member's dense block is made
+        lv0 = (sparse_levels or [0])[int(sel[0])] if sparse_levels else 0
+        merged = _gather_sparse_scores(blocks, sel, plan.num_classes, int(lv0 or 0))
+        # every member is the merged stack: merge_scores then gathers it unchanged and applies the policy
+        lab, sc = K.merge_scores((merged,) * len(blocks), sel, plan.policy, thr)
+        return np.asarray(lab), np.asarray(sc)
     arrs = ([(b.astype(np.float32) / np.float32(s)) for b, s in zip(blocks, plan.scales)]
             if plan.cast else blocks)
-    thr = plan.thresholds[0]
     if plan.strategy == "image":
         sc = _gather(arrs, choice)
         if thr >= 0:
@@ -297,14 +328,15 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
                       allowed: np.ndarray | None, *, backend: str, plan: MergePlan,
                       each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
                       sparse_keys: Sequence[np.ndarray | None] = (),
-                      sparse_levels: Sequence[int | None] | None = None) -> int:
+                      sparse_levels: Sequence[int | None] | None = None, scores_spec: Any = None) -> int:
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk.
 
     ``shapes``, ``choice`` and ``allowed`` are the rows of the chunk's images only (a task sent to a
     cluster worker carries its own images' rows, not the data set's). ``each_chunk(start, labels)``,
     when given, is then called with the chunk as written (``start``: its first ``(image, row,
     column)``; ``labels``: the region, padding = 255). A member with ``sparse_keys[n]`` (the data
-    set's keys) is class-sparse: its block is its stored slots with those keys' rows.
+    set's keys) is class-sparse: its block is its stored slots with those keys' rows. ``scores_spec``
+    (a score ensemble of class-sparse members): the merged stack's chunk is written there too (padding 0).
     """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
@@ -321,10 +353,14 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     inside = np.clip(shapes - np.array([j * hc, l * wc], np.int64), 0,
                      np.array(region[1:], np.int64))
     with task_kernels(backend) as K:
-        lab, _ = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
+        lab, sc = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
     lab = np.require(lab, np.uint8, ["C", "W"])
     done = _fill_padding(lab, shapes, j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
+    if scores_spec is not None:
+        sc = np.require(sc, np.uint8, ["C", "W"])
+        _fill_padding(sc, shapes, j * hc, l * wc, 0)
+        write_chunk(scores_spec, block + (0,), sc)
     if each_chunk is not None:
         each_chunk((i0, j * hc, l * wc), lab)
     return done
@@ -345,6 +381,15 @@ def _member_specs(member_stacks: Sequence[Stack], gt: Stack) -> list[Any] | None
     return None if specs is None else specs[1:]
 
 
+def sparse_scores_merge(member_stacks: Sequence[Stack], plan: MergePlan) -> bool:
+    """A score ensemble (one threshold for all) of class-sparse members only, class strategy, each with
+    one background level: merged from the stored slots (:func:`_gather_sparse_scores`), on the gt's grid."""
+    from isle_fast.stores.sparse import constant_background
+
+    return (plan.mode == "scores" and plan.strategy == "class" and not plan.cast and bool(member_stacks)
+            and all(s.score_layout == "sparse" and constant_background(s) is not None for s in member_stacks))
+
+
 def _sparse_level(stack: Stack, threshold: float) -> int:
     """The stored level a class-sparse member's foreground must exceed: the threshold's (in stored units,
     ``threshold >= 0``), else the store's background level (its dense view's background slice)."""
@@ -363,7 +408,8 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     reads and writes: :func:`isle_fast.ensemble.graph.chunk_executor`); pixels written.
 
     None when the stores do not allow it (see :func:`isle_fast.ensemble.graph.local_specs`; label
-    ensembles only): the caller builds the Dask graph instead. Each task runs the same
+    ensembles, and score ensembles of class-sparse sets: :func:`sparse_scores_merge`, which write the
+    merged stack as ``scores`` beside the labels): the caller builds the Dask graph instead. Each task runs the same
     :func:`merge_chunk` as the graph's, so the ensemble is the same. Class-sparse members are read
     as stored (slots and keys), never as their dense view.
     """
@@ -371,11 +417,11 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     from isle_fast.progress import progress as bar
     from isle_fast.stores.chunkio import prepare_folders, write_spec
 
-    if plan.mode != "labels":
-        return None
     sparse = [s.score_layout == "sparse" for s in member_stacks]
     from isle_fast.stores.sparse import constant_background
 
+    if plan.mode != "labels" and not sparse_scores_merge(member_stacks, plan):
+        return None
     if any(sp and t < 0 and constant_background(st) is None
            for st, sp, t in zip(member_stacks, sparse, plan.thresholds)):
         return None     # no threshold and a background stored per pixel: the dense view (Dask graph)
@@ -387,6 +433,17 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     out_spec = write_spec(writer.array)
     if not out_spec.direct or tuple(out_spec.chunk_shape) != tuple(gt.chunks):
         return None
+    scores_spec = None
+    if plan.mode == "scores":  # the merged stack beside the labels, on the same grid (slots gathered)
+        c = int(plan.num_classes)
+        arr = writer.group.create_array(
+            "scores", shape=tuple(writer.array.shape) + (c,), chunks=tuple(gt.chunks) + (c,), dtype="uint8",
+            fill_value=0, compressors=default_compressors("scores"))
+        writer.group.attrs["score_scale"] = float(member_stacks[0].score_scale)
+        scores_spec = write_spec(arr)
+        if not scores_spec.direct:
+            raise RuntimeError("the ensemble's scores array cannot be written chunk by chunk")
+        prepare_folders(scores_spec)
     prepare_folders(out_spec)
     n, h, w = (int(v) for v in gt.shape)
     tasks = chunk_tasks(gt)
@@ -404,7 +461,7 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
              choice[block[0] * k:block[0] * k + region[0]],
              None if rows is None else rows[block[0] * k:block[0] * k + region[0]]) for block, region in tasks]
     fn = partial(_local_merge_task, specs, out_spec, tails, backend=backend, plan=plan, each_chunk=each_chunk,
-                 sparse_keys=keys, sparse_levels=levels)
+                 sparse_keys=keys, sparse_levels=levels, scores_spec=scores_spec)
     written = 0
     with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
@@ -855,8 +912,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                        "labelled_weight": jsonable(strata["labelled_weight"])}} if strata else {}),
     }
     grid = work_chunks(member_stacks, frame)
-    if plan.mode == "labels" and any(s.score_layout == "sparse" for s in member_stacks) and \
-            _member_specs(member_stacks, frame) is not None:
+    if (plan.mode == "labels" and any(s.score_layout == "sparse" for s in member_stacks)
+            or sparse_scores_merge(member_stacks, plan)) and _member_specs(member_stacks, frame) is not None:
         # the direct pass reads the K stored slots of a pixel, not its C classes: the gt's own grid
         grid = (int(frame.chunks[0]), int(frame.chunks[1]), int(frame.chunks[2]))
     writer = create_stack(out, kind="ensemble", classes=frame.classes, ids=frame.ids,

@@ -45,6 +45,11 @@ do not depend on the threshold (one count, the same at every threshold).
 
 The best threshold of a set is the one with the highest mIoU, the lowest
 threshold winning ties.
+
+The counts of a sweep are kept (:mod:`isle_fast.ensemble.sweep_cache`, keyed by
+the stores' metadata checksums and the thresholds): ``isle evaluate
+--bg-threshold S`` followed by ``isle merge --bg-threshold S`` makes one sweep
+pass; the merge only reads the chunks to write the ensemble.
 """
 
 from __future__ import annotations
@@ -516,6 +521,9 @@ class ThresholdSweep(metrics.AveragedIoU):
         The stored ``uint8`` level each threshold compares, per set (None: not a uint8 score set).
     image_stats : ndarray, int64, (I, N, T, C, 2), optional
         Per-image intersection and union (``average='image'``).
+    from_cache : bool
+        The counts were kept from an earlier sweep of the same stores and thresholds
+        (:mod:`isle_fast.ensemble.sweep_cache`): no pass over the data was made.
     """
 
     thresholds: tuple[float, ...]
@@ -530,6 +538,8 @@ class ThresholdSweep(metrics.AveragedIoU):
     gt_path: str = ""
     backend: str = "cpu"
     seconds: float = 0.0
+    #: the counts came from the sweep cache (:mod:`isle_fast.ensemble.sweep_cache`), no pass was made
+    from_cache: bool = False
 
     def evaluation(self, indices: Sequence[int]) -> Any:
         """The :class:`Evaluation` of every set ``n`` at ``thresholds[indices[n]]`` (no new pass)."""
@@ -665,11 +675,20 @@ def _sweep(stacks: Sequence[Stack], gt_stack: Stack, ts: tuple[float, ...], plan
     kernel = dict(
         backend=be, plans=plans, n_thr=len(ts), num_classes=gt_stack.num_classes, per_image=average == "image"
     )
-    specs = _local_specs(stacks, gt_stack, plans) if positions is None else None
-    if specs is not None:
-        counts, stats = _local_sweep(specs, stacks, gt_stack, progress=progress, **kernel)
-    else:
-        counts, stats = _dask_sweep(stacks, gt_stack, progress=progress, positions=positions, **kernel)
+    from isle_fast.ensemble import sweep_cache
+
+    c = gt_stack.num_classes
+    key = sweep_cache.sweep_key(stacks, gt_stack, plans, ts, num_classes=c, average=average)
+    counts = sweep_cache.load_counts(key, (len(stacks), len(ts), c, c + 1))
+    stats = None
+    cached = counts is not None
+    if counts is None:
+        specs = _local_specs(stacks, gt_stack, plans) if positions is None else None
+        if specs is not None:
+            counts, stats = _local_sweep(specs, stacks, gt_stack, progress=progress, **kernel)
+        else:
+            counts, stats = _dask_sweep(stacks, gt_stack, progress=progress, positions=positions, **kernel)
+        sweep_cache.save_counts(key, np.asarray(counts, dtype=np.int64))
     return ThresholdSweep(
         thresholds=ts,
         classes=list(gt_stack.classes),
@@ -683,6 +702,7 @@ def _sweep(stacks: Sequence[Stack], gt_stack: Stack, ts: tuple[float, ...], plan
         gt_path=gt_stack.path,
         backend=be,
         seconds=time.perf_counter() - t0,
+        from_cache=cached,
     )
 
 

@@ -42,6 +42,19 @@ worker processes forked after Numba started its threads
 way, which reports bad inputs exactly as ``isle ingest`` does. ``run.json``
 lists the sets counted at ingest (``counted_at_ingest``).
 
+Counts kept in the cache
+------------------------
+The counts of every label set (its confusion against the gt, and the
+per-image counts when the run needs them) are kept in ``cache/counts/<set>.zarr.npz``
+under a key made of both stores' identity (:func:`_store_digest`: a SHA-256
+of their metadata documents, which hold every chunk's crc32c), so a warm run
+(the stores reused) takes them instead of reading the sets again. A store made
+again, or any other change to either store, changes the key: that set is
+counted again. The file is written atomically (a killed run leaves the old
+file or none); one that does not load or does not match is ignored.
+``run.json`` lists the sets whose counts came from the cache
+(``counts_from_cache``).
+
 Outputs (RUN)
 -------------
 ``ensemble/<id>.png``, ``ensemble.zarr``, ``evaluation.json`` (the
@@ -395,6 +408,101 @@ def _file_digest(path: Path | None) -> str | None:
 def _fingerprint(**parts: Any) -> str:
     doc = json.dumps({"v": FINGERPRINT_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
+
+
+#: Version of the cached counts' key recipe (:func:`_counts_key`).
+COUNTS_VERSION = 1
+
+
+def _store_digest(path: str | os.PathLike) -> str | None:
+    """SHA-256 of a committed store's metadata: its ``zarr.json`` and every array's, or None.
+
+    An array's document holds its attributes, shape and chunk manifest (the crc32c of every chunk,
+    checked at every read: :mod:`isle_fast.stores.chunks`), so the digest changes whenever the
+    store's content does. None: not a local folder, or an array without a manifest (an older store).
+    """
+    from isle_fast.stores.chunks import MANIFEST_ATTR
+
+    root = Path(path)
+    try:
+        docs = [root / "zarr.json"] + sorted(e / "zarr.json" for e in root.iterdir()
+                                             if e.is_dir() and (e / "zarr.json").is_file())
+        h = hashlib.sha256()
+        for k, d in enumerate(docs):
+            data = d.read_bytes()
+            if k and b'"node_type": "array"' in data and MANIFEST_ATTR.encode() not in data:
+                return None
+            h.update(f"{d.parent.name if k else ''}\0{len(data)}\0".encode())
+            h.update(data)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _counts_key(st: Any, gt: Any) -> str | None:
+    """The key of ``st``'s counts against ``gt`` in the cache, or None (not cached: a score set, whose
+    counts depend on the threshold, or a store without a digest)."""
+    if getattr(st, "encoding", None) != "labels":
+        return None
+    a, b = _store_digest(st.path), _store_digest(gt.path)
+    if a is None or b is None:
+        return None
+    return _fingerprint(counts=COUNTS_VERSION, set=a, gt=b, classes=int(gt.num_classes),
+                        images=int(gt.num_images))
+
+
+def _counts_file(cache: Path, st: Any) -> Path:
+    return cache / "counts" / (os.path.basename(str(st.path).rstrip("/")) + ".npz")
+
+
+def _load_counts(cache: Path, st: Any, gt: Any, per_image: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """``(counts, per-image counts or None)`` of ``st`` kept by an earlier run, or None (none kept, another
+    key, per-image counts needed and not kept, a file that does not load)."""
+    from isle_fast.outputs import clean_stale
+
+    key = _counts_key(st, gt)
+    f = _counts_file(cache, st)
+    if f.parent.is_dir():
+        clean_stale(f)          # a killed run's temporary
+    if key is None or not f.is_file():
+        return None
+    c = int(gt.num_classes)
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            counts = np.array(z["counts"], dtype=np.int64)
+            stats = np.array(z["stats"], dtype=np.int64) if "stats" in z.files else None
+    except Exception:       # a damaged or foreign file: counted again (and rewritten)
+        return None
+    if counts.shape != (c, c + 1) or (stats is not None and stats.shape != (int(gt.num_images), c, 2)):
+        return None
+    if per_image and stats is None:
+        return None
+    return counts, stats
+
+
+def _save_counts(cache: Path, st: Any, gt: Any, counts: np.ndarray, stats: np.ndarray | None) -> None:
+    """Keep ``st``'s counts (and per-image counts) in the cache, atomically (see the module docstring)."""
+    from isle_fast.outputs import clean_stale, write_file
+
+    key = _counts_key(st, gt)
+    if key is None:
+        return
+    f = _counts_file(cache, st)
+    if f.parent.is_dir():
+        clean_stale(f)
+    kept = np.asarray(counts, dtype=np.int64)
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as fh:
+            if stats is None:
+                np.savez(fh, key=np.array(key), counts=kept)
+            else:
+                np.savez(fh, key=np.array(key), counts=kept, stats=np.asarray(stats, dtype=np.int64))
+
+    write_file(f, write)
 
 
 # ======================================================================================== running
@@ -900,7 +1008,18 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps, wa
         known = {} if counted is None else {
             n: (counted.counts[k], None if counted.image_stats is None else counted.image_stats[:, k])
             for k, (n, _, _) in enumerate(todo) if candidates[n] is counted.stacks[k]}
-        ev = _evaluation(spec, set_names, set_stacks, gt, known, progress)
+        per_image_counts = spec.report or spec.average == "image"
+        from_cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        for n in set_names:
+            if n not in known:
+                kept = _load_counts(cache, candidates[n], gt, per_image_counts)
+                if kept is not None:
+                    from_cache[n] = kept
+        ev = _evaluation(spec, set_names, set_stacks, gt, {**known, **from_cache}, progress)
+        for k, n in enumerate(set_names):
+            if n not in from_cache:
+                _save_counts(cache, candidates[n], gt, ev.counts[k],
+                             None if ev.image_stats is None else ev.image_stats[:, k])
     names = ev.set_names
     subset = None
     if spec.subset:
@@ -972,7 +1091,9 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps, wa
     doc = {"tool": "isle-fast", "command": "isle run", "spec": _spec_json(spec), "fingerprints": fps,
            "png_bytes": exp["bytes"], "compress": exp["compress"],
            "ensemble_pass": "fused" if counter is not None else "separate",
-           "counted_at_ingest": [f"{n}.zarr" for n in known], **result.to_json()}
+           "counted_at_ingest": [f"{n}.zarr" for n in known],
+           "counts_from_cache": [os.path.basename(str(candidates[n].path).rstrip("/")) for n in from_cache],
+           **result.to_json()}
     from isle_fast.outputs import write_json
 
     write_json(out / "run.json", doc, command="isle run")

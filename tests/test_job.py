@@ -500,3 +500,98 @@ def test_run_counted_with_gt_equals_ingesting_the_gt_then_the_sets(tree, tmp_pat
                           workers=1)
     assert run_counted_with_gt(gt_plan, lambda ref: [], workers=1, quiet=True) is None
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+# --------------------------------------------------------------------------------- cached counts
+def _ev_counts(run: Path) -> dict:
+    return _counts_of(json.loads((run / "evaluation.json").read_text()), SETS)
+
+
+def test_a_warm_run_takes_the_counts_from_the_cache(tree, tmp_path, capsys):
+    """Every store reused: the sets' counts come from ``cache/counts`` (no evaluate pass), the same
+    evaluation, selection, ensemble and per-image report figures as the cold run."""
+    run = tmp_path / "run"
+    argv = ["run", tree, "--out", run, "--workers", "2", "--average", "image", "-q"]
+    assert run_cli(capsys, *argv)[0] == 0
+    assert run_doc(run)["counts_from_cache"] == []
+    assert sorted(p.name for p in (run / "cache" / "counts").iterdir()) == [f"{s}.zarr.npz" for s in SETS]
+    cold = json.loads((run / "evaluation.json").read_text())
+    report_cold = json.loads((run / "report" / "report.json").read_text())
+    import isle_fast.ensemble.evaluate as ev_mod
+
+    calls = []
+    real = ev_mod.evaluate
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    ev_mod.evaluate = counting
+    try:
+        assert run_cli(capsys, *argv)[0] == 0
+    finally:
+        ev_mod.evaluate = real
+    doc = run_doc(run)
+    assert doc["made"] == [] and doc["counts_from_cache"] == [f"{s}.zarr" for s in SETS]
+    assert calls == []                                      # no set read again
+    warm = json.loads((run / "evaluation.json").read_text())
+    assert _counts_of(warm, SETS) == _counts_of(cold, SETS) and warm["selection"] == cold["selection"]
+    assert warm["ensemble"] == cold["ensemble"]
+    assert _strip_paths(json.loads((run / "report" / "report.json").read_text())) == _strip_paths(report_cold)
+
+
+def test_cached_counts_follow_the_stores(tree, tmp_path, capsys):
+    """A changed input file: that set is made and counted again (its new counts are isle evaluate's),
+    the others come from the cache; a changed gt: every set counted again; a damaged or foreign counts
+    file is ignored (counted again, rewritten)."""
+    run = tmp_path / "run"
+    argv = ["run", tree, "--out", run, "--workers", "2", "--no-report", "-q"]
+    assert run_cli(capsys, *argv)[0] == 0
+    f = tree / "pseudo" / "beta" / "im007.png"
+    a = np.asarray(Image.open(f)).copy()
+    a[:6, :6] = 7
+    save_png(f, a)
+    assert run_cli(capsys, *argv)[0] == 0
+    doc = run_doc(run)
+    assert doc["made"] == ["beta.zarr"] and doc["counts_from_cache"] == ["alpha.zarr", "gamma.zarr"]
+    cache = run / "cache"
+    assert main(["evaluate", *(str(cache / f"{s}.zarr") for s in SETS), "--gt", str(cache / "gt.zarr"),
+                 "--quiet", "--json", str(tmp_path / "ev.json")]) == 0
+    assert _ev_counts(run) == _counts_of(json.loads((tmp_path / "ev.json").read_text()), SETS)
+    # a damaged file and one of another set: neither is taken
+    (cache / "counts" / "alpha.zarr.npz").write_bytes(b"not an npz")
+    (cache / "counts" / "gamma.zarr.npz").write_bytes((cache / "counts" / "beta.zarr.npz").read_bytes())
+    assert run_cli(capsys, *argv)[0] == 0
+    assert run_doc(run)["counts_from_cache"] == ["beta.zarr"]
+    assert _ev_counts(run) == _counts_of(json.loads((tmp_path / "ev.json").read_text()), SETS)
+    assert run_cli(capsys, *argv)[0] == 0                   # rewritten: all three taken again
+    assert run_doc(run)["counts_from_cache"] == [f"{s}.zarr" for s in SETS]
+    g = tree / "SegmentationClass" / "im003.png"            # the gt changed: every store, every count
+    os.utime(g, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert run_cli(capsys, *argv)[0] == 0
+    assert run_doc(run)["counts_from_cache"] == [] and len(run_doc(run)["made"]) == 4
+
+
+def test_a_killed_run_leaves_counts_that_a_rerun_can_trust(tree, tmp_path, capsys):
+    """Killed while exporting (the counts were kept): the re-run takes them and gives a clean run's
+    results; a counts temporary left by a killed writer is removed, never read."""
+    run = tmp_path / "run"
+    argv = ["run", tree, "--out", run, "--no-report", "--workers", "2"]
+    _kill_during_export(argv, run)
+    counts = run / "cache" / "counts"
+    kept = sorted(p.name for p in counts.iterdir()) if counts.is_dir() else []
+    assert set(kept) <= {f"{s}.zarr.npz" for s in SETS}     # complete files only
+    from isle_fast.outputs import temp_path
+
+    counts.mkdir(exist_ok=True)
+    stale = temp_path(counts / "alpha.zarr.npz")
+    stale = stale.with_name(stale.name.replace(f"-{os.getpid()}-", "-999999999-"))  # a writer that is gone
+    stale.write_bytes(b"half")
+    assert run_cli(capsys, *argv)[0] == 0
+    assert not stale.exists()
+    assert run_doc(run)["counts_from_cache"] == [s.replace(".npz", "") for s in kept]
+    clean = tmp_path / "clean"
+    assert run_cli(capsys, "run", tree, "--out", clean, "--no-report")[0] == 0
+    assert _ev_counts(run) == _ev_counts(clean)
+    a, b = pngs(run / "ensemble"), pngs(clean / "ensemble")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

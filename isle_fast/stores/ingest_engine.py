@@ -316,13 +316,14 @@ def _counted_chunk(reads: Sequence[Callable], specs: Sequence[Any], gt_spec: Any
     """
     from isle_fast.ensemble.evaluate import _confusion_block
     from isle_fast.metrics import intersection_union
-    from isle_fast.stores.chunkio import write_block
+    from isle_fast.stores.chunkio import thread_buffer, write_block
     from isle_fast.stores.chunks import read_chunk
 
     blocks = []
-    for read, spec, its in zip(reads, specs, items):
+    for n_set, (read, spec, its) in enumerate(zip(reads, specs, items)):
         m = len(its)
-        block = np.empty((m,) + tuple(spec.shape[1:]), dtype=np.dtype(spec.dtype))
+        # a block kept by this worker from chunk to chunk: a fresh one page-faults in every page of it
+        block = thread_buffer(("counted", n_set), (m,) + tuple(spec.shape[1:]), spec.dtype)
         for j, (it, hw) in enumerate(zip(its, shapes)):
             data, err = read(it, hw)
             if err is not None:
@@ -339,7 +340,8 @@ def _counted_chunk(reads: Sequence[Callable], specs: Sequence[Any], gt_spec: Any
         g, blocks = blocks[0], blocks[1:]
     else:
         g = read_chunk(gt_spec, block_id=(start // k, 0, 0), block_info={None: {"chunk-shape": shape}})
-    out = _confusion_block(g, *blocks, **kernel)
+    # each image's own region only: the padding (ignore in the gt) is not read, the counts are the same
+    out = _confusion_block(g, *blocks, shapes=np.asarray(shapes, dtype=np.int64).reshape(-1, 2), **kernel)
     stats = intersection_union(out[:, 0, 0]) if kernel["per_image"] else None
     return True, out.sum(axis=(0, 1, 2)), stats
 

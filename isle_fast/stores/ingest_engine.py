@@ -381,7 +381,7 @@ def _counted_pass(plans: Sequence[_Plan], writers: list[Any], chunks: tuple[int,
             raise _NotCounted
         specs.append(spec)
     for spec in specs:
-        chunkio.prepare_folders(spec)
+        chunkio.prepare_root(spec)      # the tasks make their chunks' folders below it
     counted = len(plans) - (1 if gt_spec is None else 0)
     kernel = dict(backend="cpu", groups=(Group("labels", tuple(range(counted))),), order=tuple(range(counted)),
                   num_classes=num_classes, per_image=per_image)

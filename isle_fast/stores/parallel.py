@@ -714,13 +714,13 @@ def ingest_chunks(read: Callable, items: Sequence[Any], shapes: Sequence[tuple[i
     from functools import partial
 
     from isle_fast.progress import progress
-    from isle_fast.stores.chunkio import prepare_folders
+    from isle_fast.stores.chunkio import prepare_root
 
     k = int(spec.chunk_shape[0])
     n = len(items)
     starts = list(range(0, n, k))
     tasks = [(s, list(items[s:s + k]), [tuple(int(v) for v in hw) for hw in shapes[s:s + k]]) for s in starts]
-    prepare_folders(spec)
+    prepare_root(spec)      # the tasks make their chunks' folders below it
     bad: list[tuple[int, str]] = []
     pixels = 0
     first_bad_task: int | None = None

@@ -655,13 +655,14 @@ def _ingest_chunk(read: Callable, spec: Any, skip_bad: bool, start: int, items: 
     compacts the store afterwards); without ``skip_bad`` the chunk is not
     written at all (the run fails).
     """
-    import numpy as np
-
-    from isle_fast.stores.chunkio import write_block
+    from isle_fast.stores.chunkio import thread_buffer, write_block
 
     k = int(spec.chunk_shape[0])
     m = min(k, int(spec.shape[0]) - start)
-    block = np.full((m,) + tuple(spec.shape[1:]), spec.fill_value, dtype=np.dtype(spec.dtype))
+    # kept by this worker from chunk to chunk (a fresh block page-faults in every page of it); every
+    # pixel is written below: the image, the padding around it, or all fill for a bad image
+    block = thread_buffer("ingest", (m,) + tuple(spec.shape[1:]), spec.dtype)
+    fill = spec.fill_value
     bad: list[tuple[int, str]] = []
     pixels = 0
     for j, (it, hw) in enumerate(zip(items, shapes)):
@@ -670,10 +671,14 @@ def _ingest_chunk(read: Callable, spec: Any, skip_bad: bool, start: int, items: 
             bad.append((j, err))
             if not skip_bad:
                 return bad, pixels
+            block[j] = fill
             continue
         h, w = hw
         block[j, :h, :w] = data
+        block[j, :h, w:] = fill
+        block[j, h:] = fill
         pixels += h * w
+    block[len(items):] = fill
     write_block(spec, start, block)
     return bad, pixels
 

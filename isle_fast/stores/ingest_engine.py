@@ -253,6 +253,8 @@ def nothing_left(out: Any, bad: list[tuple[str, str, str]], what: str) -> InputE
 def summarize(title: str, stack: Stack, bad: list[tuple[str, str, str]], pixels: int, seconds: float, *,
               what: str = "images", quiet: bool = False) -> None:
     """The end-of-run summary: images (and how many skipped), pixels, seconds, throughput, size, store."""
+    if quiet:
+        return      # the size walks every file of the store: not for a summary nobody sees
     size = stack.stored_bytes()
     raw = int(np.prod(stack.array.shape)) * stack.array.dtype.itemsize
     n = stack.num_images

@@ -567,19 +567,35 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
 
 
 def bench_ingest(data: dict, work: Path, repeat: int, workers: int, rates: dict) -> dict:
+    """``ingest_labels`` of the gt folder into a new store (as a first ingest: nothing to replace).
+
+    Each round writes a fresh path and the previous round's store is removed untimed: replacing a
+    store (``overwrite``) also deletes the old one at commit, which on these disks (about 0.8 ms an
+    ``rmdir``, 154 folders for 2,400 images) was 0.14 s of a 0.32 s round and is no ingest work;
+    that figure is kept apart (``seconds_overwrite``: one more round into the existing store).
+    """
     from isle_fast.stores.ingest import ingest_labels
 
     src = data["root"] / "SegmentationClass"
     n = data["images"]
     best = best_cpu = float("inf")
-    for _ in range(repeat + 1):    # the first round warms the page cache
+    last = None
+    for r in range(repeat + 1):    # the first round warms the page cache
+        out = work / f"ingest-{r}.zarr"
         t0, c0 = time.perf_counter(), _own_cpu()
-        ingest_labels(src, work / "ingest.zarr", kind="gt", workers=workers, overwrite=True, quiet=True)
+        ingest_labels(src, out, kind="gt", workers=workers, quiet=True)
         best = min(best, time.perf_counter() - t0)
         best_cpu = min(best_cpu, _own_cpu() - c0)
+        if last is not None:
+            shutil.rmtree(last)
+        last = out
+    t0 = time.perf_counter()
+    ingest_labels(src, last, kind="gt", workers=workers, overwrite=True, quiet=True)
+    over = time.perf_counter() - t0
     rate = n / best
     per_cpu_s = n / best_cpu         # images per CPU second (this process and its workers)
     return {"images": n, "workers": workers, "seconds": best, "images_per_s": rate,
+            "seconds_overwrite": over,
             "cpu_seconds": best_cpu, "images_per_cpu_s": per_cpu_s,
             "per_core_decode_per_s": rates["decode_per_s"], "x_per_core_decode": rate / rates["decode_per_s"],
             "x_per_core_decode_cpu": per_cpu_s / rates["decode_per_s"],

@@ -1189,7 +1189,7 @@ def _load_counting_kernel() -> None:
     K = get_kernels("cpu")
     a = np.zeros((1, 8, 8), np.uint8)
     with K.numba_threads(1):
-        K.confusion_labels(a, (a, a), 3)
+        K.confusion_labels_images(a, (a, a), np.array([[8, 8]]), 3)   # the kernel of the counted pass
 
 
 def _evaluation(spec: JobSpec, set_names: Sequence[str], set_stacks: Sequence[Any], gt: Any,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from isle_fast.stores.chunkio import prepare_folders, write_block, write_spec
+from isle_fast.stores.chunkio import prepare_folders, prepare_root, write_block, write_spec
 
 
 def _chunk_files(root: str) -> dict[str, str]:
@@ -37,9 +37,10 @@ CODECS = {
 
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), codec=st.sampled_from(sorted(CODECS)), dtype=st.sampled_from(["uint8", "float16"]),
-       channels=st.sampled_from([None, 1, 3]))
-def test_write_block_equals_zarr(tmp_path_factory, data, codec, dtype, channels):
-    """Odd shapes, tile chunks, edge chunks, padding: the chunk files are the ones Zarr writes."""
+       channels=st.sampled_from([None, 1, 3]), folders=st.sampled_from(["all", "root"]))
+def test_write_block_equals_zarr(tmp_path_factory, data, codec, dtype, channels, folders):
+    """Odd shapes, tile chunks, edge chunks, padding: the chunk files are the ones Zarr writes, whether
+    the owner made every chunk folder (``prepare_folders``) or only ``c/`` and the writes the rest."""
     n = data.draw(st.integers(1, 9))
     h, w = data.draw(st.integers(1, 23)), data.draw(st.integers(1, 23))
     k = data.draw(st.integers(1, n))
@@ -58,7 +59,7 @@ def test_write_block_equals_zarr(tmp_path_factory, data, codec, dtype, channels)
                           compressors=CODECS[codec])
     spec = write_spec(b)
     assert spec.direct
-    prepare_folders(spec)
+    (prepare_folders if folders == "all" else prepare_root)(spec)
     for s in range(0, n, k):
         write_block(spec, s, arr[s:s + k])
     assert np.array_equal(zarr.open_array(str(root / "b"))[:], arr)
@@ -90,14 +91,18 @@ def test_block_must_be_one_whole_chunk(tmp_path):
     assert (zarr.open_array(str(tmp_path / "b"))[4] == 1).all()
 
 
-def test_a_task_never_recreates_a_removed_store(tmp_path):
-    """Folders are made up front by the owner: a write into a removed store fails, it does not remake it."""
+@pytest.mark.parametrize("folders", ["all", "root"])
+def test_a_task_never_recreates_a_removed_store(tmp_path, folders):
+    """The owner makes ``c/`` (or every folder) up front and a write makes at most the folders below
+    ``c/``: a write into a removed store fails, it does not remake it."""
     import shutil
 
     b = zarr.create_array(str(tmp_path / "s.tmp" / "labels"), shape=(4, 3, 3), chunks=(2, 3, 3),
                           dtype="uint8")
     spec = write_spec(b)
-    prepare_folders(spec)
+    (prepare_folders if folders == "all" else prepare_root)(spec)
+    write_block(spec, 2, np.ones((2, 3, 3), np.uint8))
+    assert (tmp_path / "s.tmp" / "labels" / "c" / "1" / "0" / "0").is_file()
     shutil.rmtree(tmp_path / "s.tmp")
     with pytest.raises(FileNotFoundError):
         write_block(spec, 0, np.zeros((2, 3, 3), np.uint8))

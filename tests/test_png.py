@@ -162,3 +162,45 @@ def test_zlib_ng_and_the_standard_library_give_the_same_files_and_arrays(h, w, s
         decoded_plain = decode_label_png(fast)
     assert fast == plain
     assert np.array_equal(decoded_fast, a) and np.array_equal(decoded_plain, a)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), c=st.integers(1, 256))
+def test_check_label_rows_equals_check_labels(data, c):
+    """The range check over the contiguous decoded rows (filter bytes included) accepts and refuses exactly
+    what ``check_labels`` of the values does, with the same message (the first bad pixel named)."""
+    from isle_fast.stores.formats import BadInput, check_label_rows, check_labels
+
+    h, w = data.draw(st.integers(0, 9)), data.draw(st.integers(0, 9))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    pool = data.draw(st.sampled_from(["valid", "valid+ignore", "any", "edges"]))
+    if pool == "valid":
+        vals = rng.integers(0, min(c, 256), (h, w))
+    elif pool == "valid+ignore":
+        vals = np.where(rng.random((h, w)) < 0.3, 255, rng.integers(0, min(c, 256), (h, w)))
+    elif pool == "edges":       # the values around the limits: C - 1, C, 254, 255, 0
+        vals = rng.choice(np.array([0, max(c - 1, 0), min(c, 255), 254, 255]), (h, w))
+    else:
+        vals = rng.integers(0, 256, (h, w))
+    rows = np.zeros((h, w + 1), np.uint8)
+    rows[:, 1:] = vals
+    values = rows[:, 1:]
+
+    def outcome(fn):
+        try:
+            got = fn()
+        except BadInput as exc:
+            return "bad", str(exc)
+        return "ok", got.tobytes(), got.shape
+
+    assert outcome(lambda: check_label_rows(rows, c)) == outcome(lambda: check_labels(values, c))
+
+
+def test_decode_label_png_rows_holds_the_values_and_zero_filter_bytes():
+    from isle_fast.stores.png import decode_label_png_rows
+
+    a = np.random.default_rng(3).integers(0, 21, (17, 23)).astype(np.uint8)
+    data = encode_palette_png(a, voc_palette().tobytes())
+    rows = decode_label_png_rows(data)
+    assert rows.shape == (17, 24) and rows.flags.c_contiguous and not rows[:, 0].any()
+    assert np.array_equal(rows[:, 1:], a) and np.array_equal(decode_label_png(data), a)

@@ -18,9 +18,14 @@ writes through Zarr instead (``zarr_path``), in whatever process runs the
 task. Both give the same store, byte for byte where the codecs are ours
 (``tests/test_chunkio.py``).
 
-Chunk folders are made up front by :func:`prepare_folders` in the process that
-owns the store: a task never creates folders, so a task still running after
-its store was aborted (removed) fails instead of recreating part of it.
+Chunk folders: the process that owns the store makes the array's ``c/`` folder
+(:func:`prepare_root`, or every folder up front: :func:`prepare_folders`); a task
+makes the folders *below* ``c/`` that its chunks go into (``c/i/j``, one level at a
+time, never ``c/`` itself or anything above), when the chunk file cannot be opened
+for want of them. So a task still running after its store was aborted (removed)
+fails instead of recreating part of it, and the owner does not make a store's
+hundreds of chunk folders one after another before the first task can start
+(0.15 s of mkdir for the five stores of a 2,400-image ``isle run``).
 
 Reading: :func:`read_into` decodes one chunk of a local plain store (a
 :class:`~isle_fast.stores.chunks.ChunkSpec`) into a buffer the caller keeps
@@ -40,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChunkWriteSpec", "write_spec", "prepare_folders", "write_block", "write_chunk", "chunk_path",
-           "read_into", "thread_buffer"]
+__all__ = ["ChunkWriteSpec", "write_spec", "prepare_folders", "prepare_root", "write_block", "write_chunk",
+           "chunk_path", "read_into", "thread_buffer"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,31 @@ def prepare_folders(spec: ChunkWriteSpec) -> None:
         os.makedirs(os.path.dirname(chunk_path(spec, lead + (0,))), exist_ok=True)
 
 
+def prepare_root(spec: ChunkWriteSpec) -> None:
+    """Make the array's chunk folder ``c/`` (direct writes only): the tasks make the folders below it."""
+    if not spec.direct or spec.separator != "/":
+        return      # ``c.i.j`` chunks lie in the array's own folder
+    os.makedirs(os.path.join(spec.folder or "", "c"), exist_ok=True)
+
+
+def _open_chunk(spec: ChunkWriteSpec, index: tuple[int, ...]) -> Any:
+    """The chunk file ``index`` opened for writing; the folders below ``c/`` made if missing (never ``c/``)."""
+    path = chunk_path(spec, index)
+    try:
+        return open(path, "wb")
+    except FileNotFoundError:
+        if spec.separator != "/" or len(index) < 2:
+            raise
+    folder = os.path.join(spec.folder or "", "c")
+    for i in index[:-1]:        # c/i, c/i/j, ...: one level at a time, so a removed store stays removed
+        folder = os.path.join(folder, str(int(i)))
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+    return open(path, "wb")
+
+
 def _encode(spec: ChunkWriteSpec, chunk: np.ndarray) -> bytes:
     data: bytes | memoryview = np.ascontiguousarray(chunk, dtype=np.dtype(spec.dtype)).data.cast("B")
     if spec.zstd is not None:
@@ -181,7 +211,7 @@ def write_chunk(spec: ChunkWriteSpec, index: tuple[int, ...], data: np.ndarray) 
         full[tuple(slice(0, s) for s in data.shape)] = data
         data = full
     raw = _encode(spec, data)
-    with open(chunk_path(spec, tuple(int(i) for i in index)), "wb") as f:
+    with _open_chunk(spec, tuple(int(i) for i in index)) as f:
         f.write(raw)
     return len(raw)
 
@@ -226,7 +256,7 @@ def write_block(spec: ChunkWriteSpec, start: int, block: np.ndarray) -> int:
             full[tuple(slice(0, s) for s in part.shape)] = part
             chunk = full
         data = _encode(spec, chunk)
-        with open(chunk_path(spec, (i,) + rest), "wb") as f:
+        with _open_chunk(spec, (i,) + tuple(rest)) as f:
             f.write(data)
         written += len(data)
     return written

@@ -818,13 +818,14 @@ def _ingest_chunk(read: Callable, spec: Any, skip_bad: bool, start: int, items: 
     compacts the store afterwards); without ``skip_bad`` the chunk is not
     written at all (the run fails).
     """
-    import numpy as np
-
-    from isle_fast.stores.chunkio import write_block
+    from isle_fast.stores.chunkio import thread_buffer, write_block
 
     k = int(spec.chunk_shape[0])
     m = min(k, int(spec.shape[0]) - start)
-    block = np.full((m,) + tuple(spec.shape[1:]), spec.fill_value, dtype=np.dtype(spec.dtype))
+    # kept by this worker from chunk to chunk (a fresh block page-faults in every page of it); every
+    # pixel is written below: the image, the padding around it, or all fill for a bad image
+    block = thread_buffer("ingest", (m,) + tuple(spec.shape[1:]), spec.dtype)
+    fill = spec.fill_value
     bad: list[tuple[int, str]] = []
     pixels = 0
     for j, (it, hw) in enumerate(zip(items, shapes)):
@@ -833,10 +834,14 @@ def _ingest_chunk(read: Callable, spec: Any, skip_bad: bool, start: int, items: 
             bad.append((j, err))
             if not skip_bad:
                 return bad, pixels
+            block[j] = fill
             continue
         h, w = hw
         block[j, :h, :w] = data
+        block[j, :h, w:] = fill
+        block[j, h:] = fill
         pixels += h * w
+    block[len(items):] = fill
     write_block(spec, start, block)
     return bad, pixels
 
@@ -877,13 +882,13 @@ def ingest_chunks(read: Callable, items: Sequence[Any], shapes: Sequence[tuple[i
     from functools import partial
 
     from isle_fast.progress import progress
-    from isle_fast.stores.chunkio import prepare_folders
+    from isle_fast.stores.chunkio import prepare_root
 
     k = int(spec.chunk_shape[0])
     n = len(items)
     starts = list(range(0, n, k))
     tasks = [(s, list(items[s:s + k]), [tuple(int(v) for v in hw) for hw in shapes[s:s + k]]) for s in starts]
-    prepare_folders(spec)
+    prepare_root(spec)      # the tasks make their chunks' folders below it
     bad: list[tuple[int, str]] = []
     pixels = 0
     first_bad_task: int | None = None

@@ -46,6 +46,7 @@ from isle_fast.errors import InputError
 
 __all__ = [
     "decode_label_png",
+    "decode_label_png_rows",
     "encode_palette_png",
     "zlib_options",
     "voc_palette",
@@ -76,6 +77,17 @@ def decode_label_png(data: bytes) -> np.ndarray | None:
     ----------
     data : bytes
         The whole file.
+    """
+    got = decode_label_png_rows(data)
+    return None if got is None else got[:, 1:]
+
+
+def decode_label_png_rows(data: bytes) -> np.ndarray | None:
+    """:func:`decode_label_png`'s rows with their filter bytes: ``(H, W + 1)`` uint8, C-contiguous, column 0
+    all zero (unfiltered rows), the values in ``[:, 1:]``; or None (use PIL).
+
+    One contiguous buffer holding the values and zeros: a check of the values' range (0 is always a
+    valid label) can run over it in one contiguous pass instead of over the strided ``[:, 1:]`` view.
     """
     if not data.startswith(_SIGNATURE):
         return None
@@ -128,7 +140,7 @@ def decode_label_png(data: bytes) -> np.ndarray | None:
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
     if rows[:, 0].any():
         return None                                       # filtered rows: PIL unfilters them
-    return rows[:, 1:]
+    return rows
 
 
 def zlib_options(compress: str | int) -> tuple[int, int]:

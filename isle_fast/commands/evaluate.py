@@ -45,10 +45,12 @@ def add_common(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                         help="ground-truth label store; it may label only some of the sets' images (any "
                              "order). 'none': no pixel labels, each set's quality is estimated from the "
                              "sets (and --image-labels), see --estimator (a store named none: ./none)")
-    parser.add_argument("--estimator", choices=("agreement", "pairwise", "staple", "combined"), default=None,
+    parser.add_argument("--estimator", choices=("agreement", "pairwise", "staple", "combined", "rank"),
+                        default=None,
                         help="with --gt none: leave-one-out agreement with the other sets, the mean IoU "
-                             "against each other set, a per-class Dawid-Skene / STAPLE model, or the mean of "
-                             "the last two (default: combined, the best measured, see the README)")
+                             "against each other set, a per-class Dawid-Skene / STAPLE model, the mean of "
+                             "the last two, or their rank vote (default: rank, the best measured, a score "
+                             "rather than an IoU; see the README)")
     parser.add_argument("--average", choices=("dataset", "image"), default="dataset",
                         help="IoU from counts summed over the data set (default) or the mean "
                              "per-image IoU (Algorithm 2 as written)")

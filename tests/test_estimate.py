@@ -112,6 +112,7 @@ def test_estimate_api_with_image_labels(tmp_path):
     assert int(sel.best[1]) == 0
     doc = est.to_json(sel)
     assert doc["estimator"] == DEFAULT_ESTIMATOR and doc["gt"] is None
+    assert doc["estimate_is"] == "rank score (0-100), not an IoU"
     assert "*" in est.table(sel)
     st_est = estimate(sets, method="staple", progress=False)
     assert int(st_est.select().best[1]) == 0
@@ -136,6 +137,7 @@ def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
     assert "estimated IoU" in out and "staple" in out
     doc = json.loads(js.read_text())
     assert doc["estimator"] == "staple" and set(doc["selection"].values()) == {"s1"}
+    assert doc["estimate_is"] == "IoU (%)"
     assert main(["merge", *paths, "--gt", "None", "--out", f"{tmp_path}/ens.zarr", "--quiet"]) == 0
     ens = open_stack(f"{tmp_path}/ens.zarr")
     assert ens.provenance["gt"] is None and ens.provenance["estimator"] == DEFAULT_ESTIMATOR
@@ -146,6 +148,13 @@ def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
     gt = write_stack(f"{tmp_path}/gt.zarr", truths, kind="gt", num_classes=c)
     assert main(["evaluate", *paths, "--gt", gt.path, "--quiet", "--bootstrap", "0"]) == 0
     capsys.readouterr()
+    assert main(["evaluate", *paths, "--gt", "none"]) == 0  # the default: a rank score, said so
+    assert "choice score" in capsys.readouterr().out
+    # a rank score is no IoU: the labelled-subset blend refuses it, naming the flag
+    assert main(["merge", *paths, "--gt", gt.path, "--out", f"{tmp_path}/b.zarr", "--blend-estimate",
+                 "--estimator", "rank", "--quiet", "--no-score"]) != 0
+    assert "--estimator 'rank'" in capsys.readouterr().err
+    assert not (tmp_path / "b.zarr").exists()
     assert main(["evaluate", *paths, "--gt", gt.path, "--estimator", "staple", "--quiet"]) != 0
     assert "--gt none only" in capsys.readouterr().err
 

@@ -94,7 +94,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     est = estimate(args.sets, method=args.estimator or DEFAULT_ESTIMATOR, image_labels=args.image_labels,
                    bg_threshold=args.bg_threshold, progress=not args.quiet)
     sel = est.select(parse_subset(args.subset))
-    print(f"estimated IoU (no pixel labels, {est.method}; see the README for how far to trust it)")
+    what = ("choice score (the mean rank of each set under staple and pairwise, 0-100; not an IoU)"
+            if est.method == "rank" else "estimated IoU")
+    print(f"{what} (no pixel labels, {est.method}; see the README for how far to trust it)")
     print(est.table(sel))
     if args.json:
         write_json(args.json, est.to_json(sel), command="isle evaluate")

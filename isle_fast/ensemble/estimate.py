@@ -304,6 +304,7 @@ class Estimate:
             "background_set": self.set_names[int(sel.best[0])],
             "gt": None,
             "estimator": self.method,
+            "estimate_is": "rank score (0-100), not an IoU" if self.method == "rank" else "IoU (%)",
             "image_labels": self.image_labels,
             "voting_pixels": int(self.patterns[:, 0].sum()) if self.patterns.size else 0,
         }

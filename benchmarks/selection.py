@@ -217,7 +217,7 @@ def ensemble_miou(data: dict[str, Any], sel: Any, pre: dict[str, Any] | None = N
 # ================================================================================ the study
 def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> dict[str, Any]:
     from isle_fast import metrics
-    from isle_fast.ensemble.estimate import ESTIMATORS, blend_scores, estimate_from_patterns
+    from isle_fast.ensemble.estimate import ESTIMATORS, PRIOR_ESTIMATOR, blend_scores, estimate_from_patterns
     from isle_fast.ensemble.uncertainty import choice_uncertainty, posterior_scores, stratified_scores
 
     t0 = time.perf_counter()
@@ -246,8 +246,8 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
 
     rows, post_rows, strata_rows = [], [], []
     rng = np.random.default_rng(12345)
-    prior = estimate_from_patterns(pre["patterns"]["labels"], DEFAULT_ESTIMATOR)  # every image's votes
-    prior_plain = estimate_from_patterns(pre["patterns"]["plain"], DEFAULT_ESTIMATOR)
+    prior = estimate_from_patterns(pre["patterns"]["labels"], PRIOR_ESTIMATOR)  # every image's votes
+    prior_plain = estimate_from_patterns(pre["patterns"]["plain"], PRIOR_ESTIMATOR)
     voting = pre["patterns"]["plain"][:, 1:].sum(axis=1)  # pixels some set predicts the class on
     for k in ks:
         if k >= n_img:

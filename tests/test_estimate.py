@@ -80,8 +80,10 @@ def test_known_negatives_count_as_false_positives():
     assert est[0, 1] == pytest.approx(100 * 10 / 15) and est[1, 1] == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize("fn", [agreement_iou, pairwise_iou, staple_iou])
+@pytest.mark.parametrize("fn", [agreement_iou, pairwise_iou, staple_iou, "rank"])
 def test_estimators_rank_independent_noisy_sets(fn):
+    if fn == "rank":
+        from isle_fast.ensemble.estimate import rank_score as fn
     rng = np.random.default_rng(1)
     c = 4
     truth = rng.integers(0, c, size=(200, 200)).astype(np.uint8)
@@ -110,6 +112,7 @@ def test_estimate_api_with_image_labels(tmp_path):
     assert int(sel.best[1]) == 0
     doc = est.to_json(sel)
     assert doc["estimator"] == DEFAULT_ESTIMATOR and doc["gt"] is None
+    assert doc["estimate_is"] == "rank score (0-100), not an IoU"
     assert "*" in est.table(sel)
     st_est = estimate(sets, method="staple", progress=False)
     assert int(st_est.select().best[1]) == 0
@@ -134,6 +137,7 @@ def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
     assert "estimated IoU" in out and "staple" in out
     doc = json.loads(js.read_text())
     assert doc["estimator"] == "staple" and set(doc["selection"].values()) == {"s1"}
+    assert doc["estimate_is"] == "IoU (%)"
     assert main(["merge", *paths, "--gt", "None", "--out", f"{tmp_path}/ens.zarr", "--quiet"]) == 0
     ens = open_stack(f"{tmp_path}/ens.zarr")
     assert ens.provenance["gt"] is None and ens.provenance["estimator"] == DEFAULT_ESTIMATOR
@@ -144,6 +148,13 @@ def test_cli_gt_none_evaluate_and_merge(tmp_path, capsys):
     gt = write_stack(f"{tmp_path}/gt.zarr", truths, kind="gt", num_classes=c)
     assert main(["evaluate", *paths, "--gt", gt.path, "--quiet", "--bootstrap", "0"]) == 0
     capsys.readouterr()
+    assert main(["evaluate", *paths, "--gt", "none"]) == 0  # the default: a rank score, said so
+    assert "choice score" in capsys.readouterr().out
+    # a rank score is no IoU: the labelled-subset blend refuses it, naming the flag
+    assert main(["merge", *paths, "--gt", gt.path, "--out", f"{tmp_path}/b.zarr", "--blend-estimate",
+                 "--estimator", "rank", "--quiet", "--no-score"]) != 0
+    assert "--estimator 'rank'" in capsys.readouterr().err
+    assert not (tmp_path / "b.zarr").exists()
     assert main(["evaluate", *paths, "--gt", gt.path, "--estimator", "staple", "--quiet"]) != 0
     assert "--gt none only" in capsys.readouterr().err
 
@@ -247,4 +258,55 @@ def test_combined_estimate_is_the_mean_of_staple_and_pairwise():
     np.testing.assert_allclose(got[:, :3], want[:, :3], rtol=1e-12)
     assert np.isnan(got[:, 3]).all()
     np.testing.assert_array_equal(estimate_from_patterns(pat, "combined"), got)
-    assert DEFAULT_ESTIMATOR == "combined"
+
+
+def test_staple_fit_ignores_known_negatives_that_no_set_votes_for():
+    # known-negative pixels are exact: their votes are false positives, but they do not dilute the false-positive
+    # rates fitted where the class may be present (pooled, 10**6 silent known negatives moved every estimate)
+    rng = np.random.default_rng(3)
+    unknown = rng.integers(0, 400, size=(3, 16))
+    unknown[:, 0] = 0
+    negative = np.zeros_like(unknown)
+    base = staple_iou(np.stack([unknown, negative]))
+    negative[:, 0] = 10**6  # pixels of images without the class where no set votes for it
+    np.testing.assert_allclose(staple_iou(np.stack([unknown, negative])), base, rtol=1e-12)
+    negative[1, 1] = 50  # set 0 claims class 1 on 50 ruled-out pixels: exactly 50 more false positives for set 0
+    got = staple_iou(np.stack([unknown, negative]))
+    np.testing.assert_allclose(got[1:, 0], base[1:, 0], rtol=1e-12)
+    np.testing.assert_allclose(got[[0, 2], 2], base[[0, 2], 2], rtol=1e-12)
+    assert got[0, 1] < base[0, 1]
+
+
+def test_rank_score_hand_case():
+    from isle_fast.ensemble.estimate import _ranks, estimate_from_patterns, rank_score
+
+    # ties share the lower rank; NaN ranks lowest
+    np.testing.assert_array_equal(_ranks(np.array([[3.0, 1.0], [1.0, 1.0], [2.0, np.nan]])),
+                                  [[2, 1], [0, 1], [1, 0]])
+    rng = np.random.default_rng(7)
+    pat = rng.integers(0, 300, size=(2, 3, 8))
+    st_, pw = staple_iou(pat), pairwise_iou(pat)
+    want = 100 * (_ranks(st_) + _ranks(pw)) / 4 + 1e-4 * st_
+    got = rank_score(pat)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_array_equal(estimate_from_patterns(pat, "rank"), got)
+    np.testing.assert_array_equal(rank_score(pat), got)  # deterministic
+    assert DEFAULT_ESTIMATOR == "rank"
+
+
+def test_rank_score_chooses_a_perfect_set_and_ties_symmetric_sets_to_the_first():
+    from isle_fast.ensemble.estimate import Estimate, rank_score
+
+    rng = np.random.default_rng(2)
+    c = 4
+    truth = rng.integers(0, c, size=(120, 150)).astype(np.uint8)
+    sets = [truth.copy(), _noisy(truth, 0.3, rng, c), _noisy(truth, 0.4, rng, c)]
+    score = rank_score(cpu.vote_patterns(tuple(sets), c))
+    assert (score.argmax(axis=0) == 0).all()
+    same = _noisy(truth, 0.3, rng, c)
+    pat = cpu.vote_patterns((same, same.copy(), _noisy(truth, 0.5, rng, c)), c)
+    score = rank_score(pat)
+    np.testing.assert_array_equal(score[0], score[1])  # identical sets: identical scores
+    est = Estimate(classes=[f"c{k}" for k in range(c)], set_names=["a", "b", "z"], patterns=np.stack(
+        [pat, np.zeros_like(pat)]), method="rank", iou=score)
+    assert (est.select().best == 0).all()  # the tie goes to the first set, every time

@@ -45,10 +45,12 @@ def add_common(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
                         help="ground-truth label store; it may label only some of the sets' images (any "
                              "order). 'none': no pixel labels, each set's quality is estimated from the "
                              "sets (and --image-labels), see --estimator (a store named none: ./none)")
-    parser.add_argument("--estimator", choices=("agreement", "pairwise", "staple", "combined"), default=None,
+    parser.add_argument("--estimator", choices=("agreement", "pairwise", "staple", "combined", "rank"),
+                        default=None,
                         help="with --gt none: leave-one-out agreement with the other sets, the mean IoU "
-                             "against each other set, a per-class Dawid-Skene / STAPLE model, or the mean of "
-                             "the last two (default: combined, the best measured, see the README)")
+                             "against each other set, a per-class Dawid-Skene / STAPLE model, the mean of "
+                             "the last two, or their rank vote (default: rank, the best measured, a score "
+                             "rather than an IoU; see the README)")
     parser.add_argument("--average", choices=("dataset", "image"), default="dataset",
                         help="IoU from counts summed over the data set (default) or the mean "
                              "per-image IoU (Algorithm 2 as written)")
@@ -93,7 +95,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     est = estimate(args.sets, method=args.estimator or DEFAULT_ESTIMATOR, image_labels=args.image_labels,
                    bg_threshold=args.bg_threshold, progress=not args.quiet)
     sel = est.select(parse_subset(args.subset))
-    print(f"estimated IoU (no pixel labels, {est.method}; see the README for how far to trust it)")
+    what = ("choice score (the mean rank of each set under staple and pairwise, 0-100; not an IoU)"
+            if est.method == "rank" else "estimated IoU")
+    print(f"{what} (no pixel labels, {est.method}; see the README for how far to trust it)")
     print(est.table(sel))
     if args.json:
         write_json(args.json, est.to_json(sel), command="isle evaluate")

@@ -585,7 +585,7 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
                     progress: bool, subset: Sequence[str | int] | None = None) -> dict[str, Any]:
     """The labelled IoU and the no-label estimate combined (see :func:`merge`, ``blend_estimate``): the
     :func:`isle_fast.ensemble.uncertainty.posterior_scores` result."""
-    from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR, estimate
+    from isle_fast.ensemble.estimate import PRIOR_ESTIMATOR, estimate
     from isle_fast.ensemble.selection import resolve_members
     from isle_fast.ensemble.uncertainty import posterior_scores
 
@@ -594,7 +594,11 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
         ev = evaluate(stacks, gt, average=evaluation.average, backend=backend, bg_threshold=bg_threshold,
                       progress=progress, per_image=True)
     assert ev.image_stats is not None  # per_image=True above
-    est = estimate(stacks, method=estimator or DEFAULT_ESTIMATOR, image_labels=allowed,
+    if estimator == "rank":
+        raise InputError(f"{param('estimator')} 'rank' gives a choice score, not an IoU, and cannot be "
+                         "blended with the labelled IoU; name an IoU estimator (default "
+                         f"{PRIOR_ESTIMATOR!r})")
+    est = estimate(stacks, method=estimator or PRIOR_ESTIMATOR, image_labels=allowed,
                    bg_threshold=bg_threshold, progress=progress)
     members = resolve_members(ev.set_names, subset, ev.set_paths)
     res = posterior_scores(ev.image_stats, est.iou, gt_present=ev.gt_pixels > 0, average=ev.average,
@@ -737,9 +741,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         order; :mod:`isle_fast.stores.image_labels`): claims of classes absent
         from an image's labels are dropped, and the image strategy ranks by
         them instead of the gt. Every gt image needs labels.
-    estimator : {'agreement', 'pairwise', 'staple', 'combined'}, optional
+    estimator : {'agreement', 'pairwise', 'staple', 'combined', 'rank'}, optional
         With ``gt=None``: how each set's per-class IoU is estimated from the
-        sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`).
+        sets (default :data:`isle_fast.ensemble.estimate.DEFAULT_ESTIMATOR`);
+        with ``blend_estimate``: the prior's estimator (default
+        :data:`isle_fast.ensemble.estimate.PRIOR_ESTIMATOR`; not ``rank``).
     blend_estimate : bool
         With a gt of some images: select from the posterior expected IoU
         of the labelled IoU and the no-label estimate of every image

@@ -626,7 +626,7 @@ def _staple_truth(patterns: np.ndarray) -> np.ndarray:
     hu, hn, n = _split(patterns)
     b = _bits(n)
     truth = np.zeros((2,) + hu.shape)
-    truth[0] = np.stack([_staple_class(hu[k], hn[k], b, 200, 1e-10) for k in range(hu.shape[0])])
+    truth[0] = np.stack([_staple_class(hu[k], b, 200, 1e-10) for k in range(hu.shape[0])])
     return truth
 
 

@@ -232,6 +232,51 @@ def _gather_sparse_scores(blocks: Sequence[tuple[np.ndarray, np.ndarray]], sel: 
     return out
 
 
+def sparse_scores_chunk(K: Any, plan: MergePlan, blocks: Sequence[tuple[np.ndarray, np.ndarray]],
+                        keys: np.ndarray, level: int, allowed: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`merge_chunk` of class-sparse blocks ``(cams, keys)`` (score plan, class strategy) with the
+    merged stack as its slots: ``(labels, slots (n, h, w, K))`` for the ensemble's ``keys`` ``(n, K)``.
+
+    Each image is merged on its own compact stack (the background ``level``, then the chosen set's slot
+    of every class in ``keys``): the ``merge_scores`` kernel's decisions depend on the classes only
+    through their order and their chosen sets (ascending keys keep both), and a class held by no chosen
+    set is 0, which claims no pixel; so the labels equal :func:`merge_chunk`'s, and the slots its stack's.
+    """
+    sel = np.asarray(plan.selection, dtype=np.int64)
+    blocks = [(np.ascontiguousarray(b[0]), np.ascontiguousarray(b[1])) for b in blocks]
+    if plan.drop_absent:
+        if allowed is None:
+            raise ValueError("the plan drops absent classes but no image labels were given")
+        blocks = [_drop_absent_sparse(b, allowed) for b in blocks]
+    n, h, w = blocks[0][0].shape[:3]
+    k = keys.shape[1]
+    labels = np.empty((n, h, w), np.uint8)
+    slots = np.empty((n, h, w, k), np.uint8)
+    for m in range(n):
+        compact = np.zeros((1, h, w, k + 1), np.uint8)
+        compact[..., 0] = level
+        csel = np.zeros(k + 1, np.int64)
+        csel[0] = sel[0]
+        lut = np.full(256, 255, np.uint8)
+        lut[0] = 0
+        for j in range(k):
+            c = int(keys[m, j])
+            if not c:
+                continue
+            s = int(sel[c])
+            csel[j + 1] = s
+            lut[j + 1] = c
+            cams, ks = blocks[s]
+            hit = np.flatnonzero(ks[m] == c)
+            if hit.size:
+                compact[0, :, :, j + 1] = cams[m, :, :, int(hit[0])]
+        lab, sc = K.merge_scores((compact,) * len(blocks), csel, plan.policy, -1.0)
+        labels[m] = lut[np.asarray(lab)[0]]
+        slots[m] = np.asarray(sc)[0, :, :, 1:]
+    return labels, slots
+
+
 def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
                 choice: np.ndarray | None = None,
                 allowed: np.ndarray | None = None, sparse_levels: Sequence[int | None] | None = None,
@@ -343,8 +388,8 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     column)``; ``labels``: the region, padding = 255). A member with ``sparse_keys[n]`` (the data
     set's keys) is class-sparse: its block is its stored slots with those keys' rows. ``scores_spec``
     (a score ensemble of class-sparse members): the merged stack's chunk is written there too (padding 0);
-    with ``scores_keys`` (the ensemble's ``(I, K)`` keys) as its slots (:func:`isle_fast.stores.sparse.slots_of`),
-    its background slice checked to be ``scores_level`` inside every image.
+    with ``scores_keys`` (the ensemble's ``(I, K)`` keys) as its slots, merged by :func:`sparse_scores_chunk`
+    at the background level ``scores_level``.
     """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
@@ -361,25 +406,17 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     inside = np.clip(shapes - np.array([j * hc, l * wc], np.int64), 0,
                      np.array(region[1:], np.int64))
     with task_kernels(backend) as K:
-        lab, sc = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
+        if scores_keys is None:
+            lab, sc = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
+        else:  # class-sparse merged scores: each image merged on its own classes, no C-slice stack
+            lab, sc = sparse_scores_chunk(K, plan, blocks, scores_keys[i0:i0 + region[0]], scores_level, allowed)
     lab = np.require(lab, np.uint8, ["C", "W"])
     done = _fill_padding(lab, shapes, j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
     if scores_spec is not None:
         sc = np.require(sc, np.uint8, ["C", "W"])
-        if scores_keys is None:
-            _fill_padding(sc, shapes, j * hc, l * wc, 0)
-            write_chunk(scores_spec, block + (0,), sc)
-        else:
-            from isle_fast.stores.sparse import slots_of
-
-            bg = sc[..., 0].copy()
-            _fill_padding(bg, shapes, j * hc, l * wc, scores_level)
-            if (bg != scores_level).any():  # the layout holds one background level: never a wrong one
-                raise RuntimeError("the merged background slice is not one level inside the images")
-            slots = slots_of(sc, scores_keys[i0:i0 + region[0]])
-            _fill_padding(slots, shapes, j * hc, l * wc, 0)
-            write_chunk(scores_spec, block + (0,), slots)
+        _fill_padding(sc, shapes, j * hc, l * wc, 0)
+        write_chunk(scores_spec, block + (0,), sc)
     if each_chunk is not None:
         each_chunk((i0, j * hc, l * wc), lab)
     return done

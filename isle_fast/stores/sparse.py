@@ -59,7 +59,7 @@ from isle_fast.errors import InputError, StoreError
 
 __all__ = [
     "SPARSE", "DENSE", "SparseWriter", "constant_background", "sparse_chunks", "sparsify", "densify",
-    "check_keys", "SparseView", "BACKGROUND_STORED", "ensemble_view", "slots_of",
+    "check_keys", "SparseView", "BACKGROUND_STORED", "ensemble_view",
 ]
 
 SPARSE = "sparse"
@@ -708,16 +708,3 @@ def ensemble_view(stack: Any) -> SparseView | None:
         return None
     return SparseView(_EnsembleSlots(stack))
 
-
-def slots_of(dense: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """The slots ``(n, h, w, K)`` of a dense ``(n, h, w, C)`` block: slot ``j`` of image ``m`` is class
-    ``keys[m, j]`` (0 for an unused slot, key 0). The inverse of :func:`densify` on the stored classes."""
-    n, h, w, _ = dense.shape
-    k = keys.shape[1]
-    out = np.zeros((n, h, w, k), np.uint8)
-    for m in range(n):
-        for j in range(k):
-            c = int(keys[m, j])
-            if c:
-                out[m, :, :, j] = dense[m, :, :, c]
-    return out

@@ -679,3 +679,51 @@ def test_class_sparse_score_ensemble_reads_downstream(tmp_path, capsys):
         merge([dense[0], sparse[1]], gt, str(tmp_path / "x.zarr"), bg_threshold=0.2, layout="sparse",
               backend="cpu", progress=False)
     assert not os.path.exists(tmp_path / "x.zarr")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(2, 7), st.sampled_from(["score", "order", "ignore"]),
+       st.sampled_from([-1.0, 0.0, 38.0, 76.5, 255.0]), st.booleans())
+def test_sparse_scores_chunk_equals_the_dense_merge_chunk(seed, n_sets, c, policy, thr, drop):
+    """Each image merged on its own classes' slots: the labels of :func:`merge_chunk` on the same blocks,
+    and the slots of its merged stack (every other class 0, one background level), for every policy,
+    threshold (or none: the background set's level) and with absent classes dropped."""
+    from isle_fast.backend import task_kernels
+    from isle_fast.ensemble.merge import POLICIES, MergePlan, merge_chunk, sparse_scores_chunk
+
+    rng = np.random.default_rng(seed)
+    n, h, w = 3, 5, 4
+    blocks, levels = [], []
+    for _ in range(n_sets):
+        k = int(rng.integers(1, c))
+        keys = np.zeros((n, k), np.uint8)
+        for m in range(n):
+            cls = np.sort(rng.choice(np.arange(1, c), size=int(rng.integers(0, k + 1)), replace=False))
+            keys[m, :cls.size] = cls
+        cams = rng.integers(0, 256, (n, h, w, k)).astype(np.uint8) * (keys > 0)[:, None, None, :]
+        blocks.append((cams.astype(np.uint8), keys))
+        levels.append(int(rng.integers(0, 256)) if thr < 0 else int(min(255, thr)))
+    sel = tuple(int(v) for v in rng.integers(0, n_sets, c))
+    plan = MergePlan(mode="scores", strategy="class", encodings=("scores",) * n_sets, scales=(255.0,) * n_sets,
+                     cast=False, selection=sel, priority=tuple((1.0,) * c for _ in range(n_sets)),
+                     policy=POLICIES[policy], thresholds=(thr,) * n_sets, num_classes=c, drop_absent=drop)
+    allowed = rng.random((n, c)) < 0.6 if drop else None
+    present = np.zeros((n, c), bool)
+    for s, (_, keys) in enumerate(blocks):
+        held = np.zeros((n, c), bool)
+        held[np.arange(n)[:, None], keys] = True
+        present |= held & (np.asarray(sel) == s)[None, :]
+    present[:, 0] = False
+    kk = max(1, int(present.sum(1).max()))
+    out_keys = np.zeros((n, kk), np.uint8)
+    for m in range(n):
+        cls = np.flatnonzero(present[m])
+        out_keys[m, :cls.size] = cls
+    with task_kernels("cpu") as K:
+        lab, sc = merge_chunk(K, plan, blocks, None, allowed, levels, np.full((n, 2), (h, w), np.int64))
+        level = int(np.asarray(sc)[0, 0, 0, 0])
+        lab2, slots = sparse_scores_chunk(K, plan, blocks, out_keys, level, allowed)
+    np.testing.assert_array_equal(np.asarray(lab2), np.asarray(lab))
+    from isle_fast.stores.sparse import densify
+
+    np.testing.assert_array_equal(densify(slots, out_keys, level, c), np.asarray(sc))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from isle_fast.cli import main
 from isle_fast.ensemble.evaluate import evaluate
+from isle_fast.ensemble.merge import ensemble_scores
 from isle_fast.ensemble.sweep import sweep_thresholds
 from isle_fast.errors import InputError, StoreError
 from isle_fast.kernels import cpu
@@ -608,10 +609,21 @@ def test_score_merge_at_one_threshold_reads_the_slots_and_equals_dense(case, bg,
         local = merge_mod._member_specs([open_stack(x.path) for x in sparse], gt) is not None
         assert a.plan.mode == "scores" and bool(called) == local
         np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))
-        sa, sb = a.stack.member("scores"), b.stack.member("scores")
+        # the slot pass writes the merged stack class-sparse; its dense view is the dense merge's stack
+        sa, sb = ensemble_scores(a.stack), ensemble_scores(b.stack)
+        assert a.stack.provenance["scores_layout"] == ("sparse" if local else "dense")
+        assert ("scores_cams" in a.stack.array_names) == local and ("scores" in a.stack.array_names) != local
+        assert b.stack.provenance["scores_layout"] == "dense"
         assert sa.dtype == sb.dtype and a.stack.attrs["score_scale"] == b.stack.attrs["score_scale"]
+        assert tuple(sa.shape) == tuple(sb.shape)
         np.testing.assert_array_equal(np.asarray(sa[:]), np.asarray(sb[:]))
+        np.testing.assert_array_equal(np.asarray(sa[1:, 1:, :, 1:]), np.asarray(sb[1:, 1:, :, 1:]))
         assert a.stack.provenance["scores_array"] == "scores"
+        if local:  # the dense layout on request: the same stack, as every class slice
+            d = merge(sparse, gt, os.path.join(root, "d.zarr"), bg_threshold=bg, policy=policy, backend="cpu",
+                      progress=False, layout="dense")
+            assert "scores" in d.stack.array_names and d.stack.provenance["scores_layout"] == "dense"
+            np.testing.assert_array_equal(np.asarray(d.stack.member("scores")[:]), np.asarray(sb[:]))
 
 
 def test_score_merge_at_one_threshold_on_aligned_stores_is_the_slot_pass(tmp_path, monkeypatch):
@@ -633,5 +645,85 @@ def test_score_merge_at_one_threshold_on_aligned_stores_is_the_slot_pass(tmp_pat
         b = merge(dense, gt, str(tmp_path / f"b{bg}.zarr"), bg_threshold=bg, backend="cpu", progress=False)
         monkeypatch.setattr(merge_mod, "aligned_arrays", None)
         np.testing.assert_array_equal(np.asarray(a.stack.array[:]), np.asarray(b.stack.array[:]))
-        np.testing.assert_array_equal(np.asarray(a.stack.member("scores")[:]),
+        np.testing.assert_array_equal(np.asarray(ensemble_scores(a.stack)[:]),
                                       np.asarray(b.stack.member("scores")[:]))
+        assert a.stack.provenance["scores_layout"] == "sparse" and "scores" not in a.stack.array_names
+
+
+def test_class_sparse_score_ensemble_reads_downstream(tmp_path, capsys):
+    """``isle merge --layout``: the class-sparse merged stack is shown by ``isle info`` (and passes its
+    check), evaluating the ensemble equals the dense merge's, and ``sparse``
+    over a dense member is a user error."""
+    gt0, dense, sparse = _build(str(tmp_path), 4, 4, [(6, 5), (4, 4), (7, 3), (2, 2)], (1, 1), (2, 4, 4), 3,
+                                n_sets=3)
+    grid = tuple(int(v) for v in sparse[0].cams_meta.chunks[:3])
+    a0 = np.asarray(gt0.array[:])
+    gt = write_stack(str(tmp_path / "gt2"), [a0[i, :h, :w] for i, (h, w) in enumerate(gt0.shapes)], kind="gt",
+                     num_classes=4, chunks=grid, padded_shape=tuple(gt0.padded_shape))
+    out_s, out_d = str(tmp_path / "s.zarr"), str(tmp_path / "d.zarr")
+    assert main(["merge", *[s.path for s in sparse], "--gt", gt.path, "--out", out_s, "--bg-threshold", "0.2",
+                 "--layout", "sparse", "-q"]) == 0
+    assert main(["merge", *[s.path for s in sparse], "--gt", gt.path, "--out", out_d, "--bg-threshold", "0.2",
+                 "--layout", "dense", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["info", out_s, "--check"]) == 0
+    assert "scores_layout: sparse" in capsys.readouterr().out
+    es, ed = open_stack(out_s), open_stack(out_d)
+    assert "scores_cams" in es.array_names and "scores" not in es.array_names
+    np.testing.assert_array_equal(np.asarray(ensemble_scores(es)[:]), np.asarray(ensemble_scores(ed)[:]))
+    va, vb = evaluate([es], gt, backend="cpu", progress=False), evaluate([ed], gt, backend="cpu", progress=False)
+    np.testing.assert_array_equal(va.iou, vb.iou)
+    with pytest.raises(InputError, match="dense score store"):
+        from isle_fast.ensemble.merge import merge
+
+        merge([dense[0], sparse[1]], gt, str(tmp_path / "x.zarr"), bg_threshold=0.2, layout="sparse",
+              backend="cpu", progress=False)
+    assert not os.path.exists(tmp_path / "x.zarr")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(2, 7), st.sampled_from(["score", "order", "ignore"]),
+       st.sampled_from([-1.0, 0.0, 38.0, 76.5, 255.0]), st.booleans())
+def test_sparse_scores_chunk_equals_the_dense_merge_chunk(seed, n_sets, c, policy, thr, drop):
+    """Each image merged on its own classes' slots: the labels of :func:`merge_chunk` on the same blocks,
+    and the slots of its merged stack (every other class 0, one background level), for every policy,
+    threshold (or none: the background set's level) and with absent classes dropped."""
+    from isle_fast.backend import task_kernels
+    from isle_fast.ensemble.merge import POLICIES, MergePlan, merge_chunk, sparse_scores_chunk
+
+    rng = np.random.default_rng(seed)
+    n, h, w = 3, 5, 4
+    blocks, levels = [], []
+    for _ in range(n_sets):
+        k = int(rng.integers(1, c))
+        keys = np.zeros((n, k), np.uint8)
+        for m in range(n):
+            cls = np.sort(rng.choice(np.arange(1, c), size=int(rng.integers(0, k + 1)), replace=False))
+            keys[m, :cls.size] = cls
+        cams = rng.integers(0, 256, (n, h, w, k)).astype(np.uint8) * (keys > 0)[:, None, None, :]
+        blocks.append((cams.astype(np.uint8), keys))
+        levels.append(int(rng.integers(0, 256)) if thr < 0 else int(min(255, thr)))
+    sel = tuple(int(v) for v in rng.integers(0, n_sets, c))
+    plan = MergePlan(mode="scores", strategy="class", encodings=("scores",) * n_sets, scales=(255.0,) * n_sets,
+                     cast=False, selection=sel, priority=tuple((1.0,) * c for _ in range(n_sets)),
+                     policy=POLICIES[policy], thresholds=(thr,) * n_sets, num_classes=c, drop_absent=drop)
+    allowed = rng.random((n, c)) < 0.6 if drop else None
+    present = np.zeros((n, c), bool)
+    for s, (_, keys) in enumerate(blocks):
+        held = np.zeros((n, c), bool)
+        held[np.arange(n)[:, None], keys] = True
+        present |= held & (np.asarray(sel) == s)[None, :]
+    present[:, 0] = False
+    kk = max(1, int(present.sum(1).max()))
+    out_keys = np.zeros((n, kk), np.uint8)
+    for m in range(n):
+        cls = np.flatnonzero(present[m])
+        out_keys[m, :cls.size] = cls
+    with task_kernels("cpu") as K:
+        lab, sc = merge_chunk(K, plan, blocks, None, allowed, levels, np.full((n, 2), (h, w), np.int64))
+        level = int(np.asarray(sc)[0, 0, 0, 0])
+        lab2, slots = sparse_scores_chunk(K, plan, blocks, out_keys, level, allowed)
+    np.testing.assert_array_equal(np.asarray(lab2), np.asarray(lab))
+    from isle_fast.stores.sparse import densify
+
+    np.testing.assert_array_equal(densify(slots, out_keys, level, c), np.asarray(sc))

@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="name of the ensemble set (default: folder name)")
     parser.add_argument("--json", metavar="FILE", help="write the scores, selection and ensemble as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ensemble store")
+    parser.add_argument("--layout", choices=("auto", "sparse", "dense"), default="auto",
+                        help="layout of a score ensemble's merged stack: sparse = class-sparse (per image the "
+                             "classes its chosen sets hold; needs class-sparse members), dense = every class "
+                             "slice, auto (default) = sparse where possible")
     parser.add_argument("--blend-estimate", action="store_true",
                         help="with a gt of few images: choose by the posterior of each class's labelled IoU "
                              "and the no-label estimate (--estimator), each weighted by its error")
@@ -104,7 +108,8 @@ def _merge_and_score(args: argparse.Namespace, gt: str | None, score: bool):
                 subset_selection=args.subset_selection,
                 policy=args.policy, strategy=args.strategy, subset=parse_subset(args.subset),
                 average=args.average, backend=args.backend, bg_threshold=args.bg_threshold, name=args.name,
-                overwrite=args.overwrite, progress=not args.quiet, image_labels=args.image_labels)
+                overwrite=args.overwrite, progress=not args.quiet, image_labels=args.image_labels,
+                layout=args.layout)
     ens = None
     if score:
         ens = evaluate([res.stack], gt, average=args.average, backend=args.backend, progress=not args.quiet)

@@ -17,7 +17,12 @@ claims.
   slice; several claims are resolved by the policy (``score`` = argmax of the
   merged stack). The ensemble then also holds the merged stack as a second
   array named ``scores`` (provenance ``scores_array``). Score sets of
-  different dtypes are merged as float32 in [0, 1].
+  different dtypes are merged as float32 in [0, 1]. When every set is
+  class-sparse (and the merge takes the slot pass below) the merged stack is
+  stored class-sparse too (``layout``; provenance ``scores_layout``): per image
+  the classes its chosen sets hold, as slots ``scores_cams`` and keys
+  ``scores_keys``, and one background level (:func:`ensemble_scores` gives
+  its dense view, equal to the dense ``scores``).
 
 ``strategy="image"`` (the paper's naive variant): classes are ranked by their
 number of instances in the training set, counted as the number of images
@@ -227,6 +232,51 @@ def _gather_sparse_scores(blocks: Sequence[tuple[np.ndarray, np.ndarray]], sel: 
     return out
 
 
+def sparse_scores_chunk(K: Any, plan: MergePlan, blocks: Sequence[tuple[np.ndarray, np.ndarray]],
+                        keys: np.ndarray, level: int, allowed: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`merge_chunk` of class-sparse blocks ``(cams, keys)`` (score plan, class strategy) with the
+    merged stack as its slots: ``(labels, slots (n, h, w, K))`` for the ensemble's ``keys`` ``(n, K)``.
+
+    Each image is merged on its own compact stack (the background ``level``, then the chosen set's slot
+    of every class in ``keys``): the ``merge_scores`` kernel's decisions depend on the classes only
+    through their order and their chosen sets (ascending keys keep both), and a class held by no chosen
+    set is 0, which claims no pixel; so the labels equal :func:`merge_chunk`'s, and the slots its stack's.
+    """
+    sel = np.asarray(plan.selection, dtype=np.int64)
+    blocks = [(np.ascontiguousarray(b[0]), np.ascontiguousarray(b[1])) for b in blocks]
+    if plan.drop_absent:
+        if allowed is None:
+            raise ValueError("the plan drops absent classes but no image labels were given")
+        blocks = [_drop_absent_sparse(b, allowed) for b in blocks]
+    n, h, w = blocks[0][0].shape[:3]
+    k = keys.shape[1]
+    labels = np.empty((n, h, w), np.uint8)
+    slots = np.empty((n, h, w, k), np.uint8)
+    for m in range(n):
+        compact = np.zeros((1, h, w, k + 1), np.uint8)
+        compact[..., 0] = level
+        csel = np.zeros(k + 1, np.int64)
+        csel[0] = sel[0]
+        lut = np.full(256, 255, np.uint8)
+        lut[0] = 0
+        for j in range(k):
+            c = int(keys[m, j])
+            if not c:
+                continue
+            s = int(sel[c])
+            csel[j + 1] = s
+            lut[j + 1] = c
+            cams, ks = blocks[s]
+            hit = np.flatnonzero(ks[m] == c)
+            if hit.size:
+                compact[0, :, :, j + 1] = cams[m, :, :, int(hit[0])]
+        lab, sc = K.merge_scores((compact,) * len(blocks), csel, plan.policy, -1.0)
+        labels[m] = lut[np.asarray(lab)[0]]
+        slots[m] = np.asarray(sc)[0, :, :, 1:]
+    return labels, slots
+
+
 def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
                 choice: np.ndarray | None = None,
                 allowed: np.ndarray | None = None, sparse_levels: Sequence[int | None] | None = None,
@@ -328,7 +378,8 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
                       allowed: np.ndarray | None, *, backend: str, plan: MergePlan,
                       each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
                       sparse_keys: Sequence[np.ndarray | None] = (),
-                      sparse_levels: Sequence[int | None] | None = None, scores_spec: Any = None) -> int:
+                      sparse_levels: Sequence[int | None] | None = None, scores_spec: Any = None,
+                      scores_keys: np.ndarray | None = None, scores_level: int = 0) -> int:
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk.
 
     ``shapes``, ``choice`` and ``allowed`` are the rows of the chunk's images only (a task sent to a
@@ -336,7 +387,9 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     when given, is then called with the chunk as written (``start``: its first ``(image, row,
     column)``; ``labels``: the region, padding = 255). A member with ``sparse_keys[n]`` (the data
     set's keys) is class-sparse: its block is its stored slots with those keys' rows. ``scores_spec``
-    (a score ensemble of class-sparse members): the merged stack's chunk is written there too (padding 0).
+    (a score ensemble of class-sparse members): the merged stack's chunk is written there too (padding 0);
+    with ``scores_keys`` (the ensemble's ``(I, K)`` keys) as its slots, merged by :func:`sparse_scores_chunk`
+    at the background level ``scores_level``.
     """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import write_chunk
@@ -353,7 +406,10 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     inside = np.clip(shapes - np.array([j * hc, l * wc], np.int64), 0,
                      np.array(region[1:], np.int64))
     with task_kernels(backend) as K:
-        lab, sc = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
+        if scores_keys is None:
+            lab, sc = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
+        else:  # class-sparse merged scores: each image merged on its own classes, no C-slice stack
+            lab, sc = sparse_scores_chunk(K, plan, blocks, scores_keys[i0:i0 + region[0]], scores_level, allowed)
     lab = np.require(lab, np.uint8, ["C", "W"])
     done = _fill_padding(lab, shapes, j * hc, l * wc, 255)
     write_chunk(out_spec, block, lab)
@@ -390,6 +446,29 @@ def sparse_scores_merge(member_stacks: Sequence[Stack], plan: MergePlan) -> bool
             and all(s.score_layout == "sparse" and constant_background(s) is not None for s in member_stacks))
 
 
+def _scores_layout(layout: str | None, plan: MergePlan, member_stacks: Sequence[Stack], slot_pass: bool,
+                   out: Any) -> str:
+    """``'sparse'`` or ``'dense'``: the layout of a score ensemble's merged stack (``layout`` of :func:`merge`)."""
+    from isle_fast.stores.stack import is_remote
+
+    choice = "auto" if layout is None else str(layout)
+    if choice not in ("auto", "sparse", "dense"):
+        raise InputError(f"{param('layout')} must be auto, sparse or dense, not {layout!r}")
+    ok = plan.mode == "scores" and slot_pass and not is_remote(str(out))
+    if choice == "sparse" and not ok:
+        if plan.mode != "scores":
+            why = "the ensemble is a label map (a member is a label set): it has no scores"
+        elif any(s.score_layout != "sparse" for s in member_stacks):
+            why = "a member set is a dense score store"
+        elif is_remote(str(out)):
+            why = "class-sparse scores are written to local disk only"
+        else:
+            why = ("it needs class-sparse members with one background level each, the class strategy, one "
+                   "score dtype and a gt whose chunks hold the members' slots in one task")
+        raise InputError(f"{param('layout', 'sparse')}: {why}")
+    return "sparse" if ok and choice != "dense" else "dense"
+
+
 def _sparse_level(stack: Stack, threshold: float) -> int:
     """The stored level a class-sparse member's foreground must exceed: the threshold's (in stored units,
     ``threshold >= 0``), else the store's background level (its dense view's background slice)."""
@@ -401,9 +480,56 @@ def _sparse_level(stack: Stack, threshold: float) -> int:
     return int(stack.attrs[BACKGROUND_ATTR])
 
 
+def _sparse_scores_arrays(member_stacks: Sequence[Stack], writer: Any, gt: Stack, plan: MergePlan,
+                          levels: Sequence[int | None], allowed: np.ndarray | None, backend: str
+                          ) -> tuple[Any, np.ndarray, int]:
+    """The class-sparse ``scores`` of a score ensemble of class-sparse members: ``(slots array, keys, level)``.
+
+    Class ``c`` of image ``i`` is stored when the set chosen for it (``plan.selection[c]``) holds it for
+    that image (every other class of the merged stack is 0 there); the background slice is one level
+    inside every image (the shared threshold's, else the background set's), found by merging one pixel
+    with :func:`merge_chunk` itself. Writes ``scores_keys`` and the group attribute of the level; the
+    slots (``scores_cams``, chunked like the gt, one chunk over K) are written by the tasks.
+    """
+    from isle_fast.backend import task_kernels
+    from isle_fast.stores.sparse import ENSEMBLE_BACKGROUND_ATTR, ENSEMBLE_CAMS, ENSEMBLE_KEYS
+
+    c = int(plan.num_classes)
+    sel = np.asarray(plan.selection, dtype=np.int64)
+    n_img = int(gt.num_images)
+    rows = np.arange(n_img)[:, None]
+    present = np.zeros((n_img, c), dtype=bool)
+    for s, st in enumerate(member_stacks):
+        held = np.zeros((n_img, c), dtype=bool)
+        held[rows, np.asarray(st.sparse_keys, dtype=np.int64)] = True
+        present |= held & (sel == s)[None, :]
+    present[:, 0] = False
+    k = max(1, int(present.sum(axis=1).max(initial=0)))
+    keys = np.zeros((n_img, k), np.uint8)
+    for i in range(n_img):
+        cls = np.flatnonzero(present[i])
+        keys[i, :cls.size] = cls
+    one = [(np.zeros((1, 1, 1, int(st.cams_meta.shape[3])), np.uint8),
+            np.zeros((1, int(st.cams_meta.shape[3])), np.uint8)) for st in member_stacks]
+    with task_kernels(backend) as K:
+        _, sc = merge_chunk(K, plan, one, None, np.ones((1, c), dtype=bool) if plan.drop_absent else None,
+                            levels, np.ones((1, 2), np.int64))
+    assert sc is not None  # a score plan
+    level = int(np.asarray(sc)[0, 0, 0, 0])
+    karr = writer.group.create_array(ENSEMBLE_KEYS, shape=keys.shape, chunks=keys.shape, dtype="uint8",
+                                     fill_value=0, compressors=default_compressors("scores"))
+    karr[...] = keys
+    arr = writer.group.create_array(
+        ENSEMBLE_CAMS, shape=tuple(writer.array.shape) + (k,), chunks=tuple(gt.chunks) + (k,), dtype="uint8",
+        fill_value=0, compressors=default_compressors("scores"))
+    writer.group.attrs[ENSEMBLE_BACKGROUND_ATTR] = level
+    return arr, keys, level
+
+
 def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: MergePlan, choice: np.ndarray,
                  *, backend: str, progress: bool, allowed: np.ndarray | None = None,
-                 each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> int | None:
+                 each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
+                 sparse_out: bool = False) -> int | None:
     """The merge on a thread pool here, or on a cluster's workers (one task per gt chunk, direct chunk
     reads and writes: :func:`isle_fast.ensemble.graph.chunk_executor`); pixels written.
 
@@ -411,7 +537,8 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     ensembles, and score ensembles of class-sparse sets: :func:`sparse_scores_merge`, which write the
     merged stack as ``scores`` beside the labels): the caller builds the Dask graph instead. Each task runs the same
     :func:`merge_chunk` as the graph's, so the ensemble is the same. Class-sparse members are read
-    as stored (slots and keys), never as their dense view.
+    as stored (slots and keys), never as their dense view. ``sparse_out`` (a score ensemble of
+    class-sparse members): the merged stack is written class-sparse (:func:`_sparse_scores_arrays`).
     """
     from isle_fast.ensemble.graph import chunk_executor, chunk_tasks
     from isle_fast.progress import progress as bar
@@ -434,11 +561,18 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     if not out_spec.direct or tuple(out_spec.chunk_shape) != tuple(gt.chunks):
         return None
     scores_spec = None
+    out_keys: np.ndarray | None = None
+    out_level = 0
+    levels = [_sparse_level(st, t) if sp else None for st, sp, t in zip(member_stacks, sparse, plan.thresholds)]
     if plan.mode == "scores":  # the merged stack beside the labels, on the same grid (slots gathered)
         c = int(plan.num_classes)
-        arr = writer.group.create_array(
-            "scores", shape=tuple(writer.array.shape) + (c,), chunks=tuple(gt.chunks) + (c,), dtype="uint8",
-            fill_value=0, compressors=default_compressors("scores"))
+        if sparse_out:
+            arr, out_keys, out_level = _sparse_scores_arrays(member_stacks, writer, gt, plan, levels, allowed,
+                                                             backend)
+        else:
+            arr = writer.group.create_array(
+                "scores", shape=tuple(writer.array.shape) + (c,), chunks=tuple(gt.chunks) + (c,),
+                dtype="uint8", fill_value=0, compressors=default_compressors("scores"))
         writer.group.attrs["score_scale"] = float(member_stacks[0].score_scale)
         scores_spec = write_spec(arr)
         if not scores_spec.direct:
@@ -450,7 +584,6 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     tails = [(int(st.cams_meta.shape[3]),) if sp else tuple(int(v) for v in st.shape[3:])
              for st, sp in zip(member_stacks, sparse)]
     keys = [st.sparse_keys if sp else None for st, sp in zip(member_stacks, sparse)]
-    levels = [_sparse_level(st, t) if sp else None for st, sp, t in zip(member_stacks, sparse, plan.thresholds)]
     shapes = np.asarray(gt.shapes, dtype=np.int64)
     choice = np.asarray(choice, dtype=np.int64)
     rows = None if allowed is None or not plan.drop_absent else np.asarray(allowed, dtype=bool)
@@ -461,7 +594,8 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
              choice[block[0] * k:block[0] * k + region[0]],
              None if rows is None else rows[block[0] * k:block[0] * k + region[0]]) for block, region in tasks]
     fn = partial(_local_merge_task, specs, out_spec, tails, backend=backend, plan=plan, each_chunk=each_chunk,
-                 sparse_keys=keys, sparse_levels=levels, scores_spec=scores_spec)
+                 sparse_keys=keys, sparse_levels=levels, scores_spec=scores_spec, scores_keys=out_keys,
+                 scores_level=out_level)
     written = 0
     with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
@@ -575,9 +709,20 @@ def _labels_source(image_labels: Any) -> str | None:
 
 
 def ensemble_scores(stack: Stack):
-    """The merged score stack of an ensemble (a Zarr array), or ``None`` for a label-only ensemble."""
+    """The merged score stack of an ensemble, or ``None`` for a label-only ensemble.
+
+    A Zarr array (dense ``scores``), or for class-sparse scores (provenance ``scores_layout``
+    ``'sparse'``) their dense view (:class:`isle_fast.stores.sparse.SparseView`): the same
+    ``(I, H, W, C)`` uint8 stack either way.
+    """
+    from isle_fast.stores.sparse import ensemble_view
+
     name = stack.provenance.get("scores_array")
-    return stack.member(name) if isinstance(name, str) and name in stack.array_names else None
+    if not isinstance(name, str):
+        return None
+    if name in stack.array_names:
+        return stack.member(name)
+    return ensemble_view(stack)  # class-sparse scores (``scores_layout: sparse``): their dense view
 
 
 def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, estimator: str | None,
@@ -698,7 +843,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
           bg_threshold: float | None = None, name: str | None = None, overwrite: bool = False,
           progress: bool = True, image_labels: Any = None, estimator: str | None = None,
           blend_estimate: bool = False, subset_selection: str = "auto",
-          each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None) -> MergeResult:
+          each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
+          layout: str | None = None) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
     Parameters
@@ -776,6 +922,15 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         ran (the Dask graph, taken for a cluster, remote stores or another
         layout, does not call it; nor does a merge whose gt
         covers only some of the images).
+    layout : {'auto', 'sparse', 'dense'}, optional
+        Layout of a score ensemble's merged stack. ``sparse``: class-sparse
+        (:mod:`isle_fast.stores.sparse`: per image the classes its chosen sets
+        hold, as slots ``scores_cams`` and keys ``scores_keys``, and the
+        background level), possible when every member is class-sparse with one
+        background level, class strategy, one dtype, local disk; ``dense``:
+        every class slice (the array ``scores``). ``auto`` / None (default):
+        sparse where possible. Either layout gives the same stack
+        (:func:`ensemble_scores`); the provenance's ``scores_layout`` says which.
 
     Returns
     -------
@@ -792,6 +947,9 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     """
     from isle_fast.backend import dask_scheduler, resolve_backend
     from isle_fast.ensemble.sweep import is_sweep, parse_thresholds
+
+    if layout not in (None, "auto", "sparse", "dense"):  # a user mistake, before any pass
+        raise InputError(f"{param('layout')} must be auto, sparse or dense, not {layout!r}")
     from isle_fast.progress import dask_progress
 
     t0 = time.perf_counter()
@@ -918,10 +1076,14 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                        "labelled_weight": jsonable(strata["labelled_weight"])}} if strata else {}),
     }
     grid = work_chunks(member_stacks, frame)
-    if (plan.mode == "labels" and any(s.score_layout == "sparse" for s in member_stacks)
-            or sparse_scores_merge(member_stacks, plan)) and _member_specs(member_stacks, frame) is not None:
+    slot_pass = (plan.mode == "labels" and any(s.score_layout == "sparse" for s in member_stacks)
+                 or sparse_scores_merge(member_stacks, plan)) and _member_specs(member_stacks, frame) is not None
+    if slot_pass:
         # the direct pass reads the K stored slots of a pixel, not its C classes: the gt's own grid
         grid = (int(frame.chunks[0]), int(frame.chunks[1]), int(frame.chunks[2]))
+    sparse_out = _scores_layout(layout, plan, member_stacks, slot_pass, out) == "sparse"
+    if plan.mode == "scores":
+        provenance["scores_layout"] = "sparse" if sparse_out else "dense"
     writer = create_stack(out, kind="ensemble", classes=frame.classes, ids=frame.ids,
                           shapes=frame.shapes, encoding="labels", name=name,
                           chunks=grid, padded_shape=frame.padded_shape,
@@ -930,7 +1092,10 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     try:
         fused = each_chunk if frame is gt_stack else None  # chunks on the gt's grid only
         written_here = _local_merge(member_stacks, frame, writer, plan, choice, backend=be,
-                                    progress=progress, allowed=allowed, each_chunk=fused)
+                                    progress=progress, allowed=allowed, each_chunk=fused,
+                                    sparse_out=sparse_out)
+        if written_here is None and sparse_out:  # the direct pass was possible when the layout was chosen
+            raise RuntimeError("a class-sparse ensemble's scores are written by the local pass only")
         if written_here is not None:
             if written_here != expected:  # every chunk must have run exactly once
                 raise RuntimeError(f"merge wrote {written_here} pixels, expected {expected}")

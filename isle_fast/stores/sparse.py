@@ -59,7 +59,7 @@ from isle_fast.errors import InputError, StoreError
 
 __all__ = [
     "SPARSE", "DENSE", "SparseWriter", "constant_background", "sparse_chunks", "sparsify", "densify",
-    "check_keys", "SparseView", "BACKGROUND_STORED",
+    "check_keys", "SparseView", "BACKGROUND_STORED", "ensemble_view",
 ]
 
 SPARSE = "sparse"
@@ -660,3 +660,51 @@ def ingest_layout(
             quiet=False,
         )
     return stack
+
+
+#: members of an ensemble store whose merged score stack is class-sparse (the ensemble's labels are
+#: its main array; ``scores_cams`` / ``scores_keys`` are the slots and keys of the ``scores`` stack,
+#: the group attribute ``scores_background_level`` its background level inside every image)
+ENSEMBLE_CAMS = "scores_cams"
+ENSEMBLE_KEYS = "scores_keys"
+ENSEMBLE_BACKGROUND_ATTR = "scores_background_level"
+
+
+class _EnsembleSlots:
+    """What :class:`SparseView` reads of a store, for the class-sparse ``scores`` of an ensemble."""
+
+    def __init__(self, stack: Any):
+        cams = stack.member(ENSEMBLE_CAMS)
+        keys = np.asarray(stack.member(ENSEMBLE_KEYS)[...])
+        n, h, w, k = (int(v) for v in cams.shape)
+        c = int(stack.num_classes)
+        if (tuple(keys.shape) != (n, k) or np.dtype(cams.dtype) != np.uint8 or int(cams.chunks[3]) != k
+                or (n, h, w) != tuple(int(v) for v in stack.shape[:3])):
+            raise StoreError(f"{stack.path}: arrays {ENSEMBLE_CAMS!r} {cams.dtype} {tuple(cams.shape)} and "
+                             f"{ENSEMBLE_KEYS!r} {tuple(keys.shape)} are not the (images, H, W, K) slots and "
+                             "(images, K) keys of the ensemble's scores")
+        check_keys(stack.path, keys, c)
+        level = stack.attrs.get(ENSEMBLE_BACKGROUND_ATTR)
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 255:
+            raise StoreError(f"{stack.path}: attribute {ENSEMBLE_BACKGROUND_ATTR!r} is {level!r}; "
+                             "expected a level 0..255")
+        self._cams = cams
+        self.path = stack.path
+        self.sparse_keys = keys
+        self.attrs = {BACKGROUND_ATTR: level}
+        self.shape = (n, h, w, c)
+        self.chunks = tuple(int(v) for v in cams.chunks[:3]) + (c,)
+        self.shapes = np.asarray(stack.shapes)
+
+    def member(self, name: str) -> Any:
+        if name != "cams":
+            raise KeyError(name)
+        return self._cams
+
+
+def ensemble_view(stack: Any) -> SparseView | None:
+    """The dense ``(I, H, W, C)`` view of an ensemble's class-sparse ``scores``, or None (none stored)."""
+    if ENSEMBLE_CAMS not in getattr(stack, "array_names", ()):
+        return None
+    return SparseView(_EnsembleSlots(stack))
+

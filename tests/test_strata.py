@@ -126,3 +126,31 @@ def test_bad_arguments_are_named():
         stratified_scores(per, per[:5, ..., 0].sum(axis=0))
     with pytest.raises(InputError, match="prior_images"):
         stratified_scores(per, patterns, prior_images=-1)
+
+
+def test_the_choice_prior_picks_the_set_and_the_bootstrap_judges_it():
+    gt, sets, per, patterns = _case(seed=7)
+    sub = per[:8]
+    a = stratified_scores(sub, patterns, reps=60, seed=4, choice_prior_images=300.0)
+    b = stratified_scores(sub, patterns, reps=60, seed=4, choice_prior_images=300.0)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    # the choice's scores are the estimate with the choice's prior
+    same = stratified_scores(sub, patterns, reps=0, prior_images=300.0, choice_prior_images=None)
+    np.testing.assert_allclose(a["scores"], same["scores"], atol=1e-12)
+    assert (a["best"] == np.nanargmax(np.where(np.isnan(a["scores"]), -np.inf, a["scores"]), axis=0)).all()
+    p = a["p_best"][~np.isnan(a["p_best"])]
+    assert ((p >= 0) & (p <= 1)).all()
+    # p is the share of the calibrated bootstrap's resamples in which the chosen set is on top: a set
+    # the calibrated bootstrap never ranks first gets 0, whatever the choice's own estimate says
+    calib = stratified_scores(sub, patterns, reps=60, seed=4, choice_prior_images=None)
+    for c in range(4):
+        if a["best"][c] == calib["best"][c]:
+            assert a["p_best"][c] == calib["p_best"][c]
+    # every image labelled: both priors give the full-gt IoU and choice
+    full = stratified_scores(per, patterns, reps=20, choice_prior_images=300.0)
+    ref = full_iou(gt, sets, 4)
+    np.testing.assert_allclose(full["scores"], ref, atol=1e-9)
+    assert (full["best"] == np.nanargmax(ref, axis=0)).all()
+    with pytest.raises(InputError, match="choice_prior_images"):
+        stratified_scores(per, patterns, choice_prior_images=-1)

@@ -569,6 +569,8 @@ def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = 
 # ================================================================================ labelled strata + every image's votes
 #: labelled images a stratum needs before its own truth rate outweighs the rate pooled over the classes
 STRATA_PRIOR_IMAGES = 3.0
+#: the same for the choice: stronger pooling chooses better than it reports (the p comes from the calibrated one)
+STRATA_CHOICE_PRIOR_IMAGES = 30.0
 
 
 def strata_counts(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any = None) -> np.ndarray:
@@ -662,7 +664,8 @@ def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.nd
 
 
 def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: float = STRATA_PRIOR_IMAGES,
-                      pool: bool = True, members: Any = None, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
+                      choice_prior_images: float | None = STRATA_CHOICE_PRIOR_IMAGES, pool: bool = True,
+                      members: Any = None, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per-class IoU of every set on every image, from the labelled images' truth per vote stratum.
 
     Every image's vote patterns (``patterns``, the no-label pass) say how many
@@ -681,9 +684,18 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     every set's intersection and union; with every image labelled it is the
     full-gt IoU exactly. Per class the set with the highest estimate is the choice.
 
+    The choice and its probability use two weights: the choice (and the
+    returned ``scores``) leans harder on the pooled rates (``choice_prior_images``,
+    30: in a development run of the selection benchmark's data, 8 subsets per K,
+    the gain kept at K = 100 rose from 74 % to 78 % over its 7 data sets and
+    from 79 % to 85 % on 6 unseen synthetic ones, 20-50 about the same), which
+    chooses better but is overconfident in its own bootstrap; the uncertainty
+    comes from the calibrated weight (``prior_images``, 3).
+
     The uncertainty: a bootstrap over the labelled images (their strata
     resampled, the pooled rates with them; the labelled pixels stay exact),
-    ``p_best`` the share of resamples where the choice scores highest (over
+    under the ``prior_images`` weight, ``p_best`` the share of resamples where
+    the chosen set scores highest (over
     those where the sets do not all score the same), ``expected_loss`` the mean
     IoU it loses to the top. Exact counts and seeded resamples: deterministic.
 
@@ -695,7 +707,10 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     patterns : (G, C, P) or (C, P) int
         Every image's vote patterns, the labelled images included (the same grouping).
     prior_images : float
-        Labelled images with a stratum at which its own rate has half the weight (0: its own rate alone).
+        Labelled images with a stratum at which its own rate has half the weight (0: its own rate alone),
+        in the bootstrap that gives ``p_best`` and ``expected_loss``.
+    choice_prior_images : float, optional
+        The same for the scores and the choice (None: ``prior_images``).
     pool : bool
         Shrink toward the rate pooled over the classes (else toward STAPLE's).
     members : (N,) bool, optional
@@ -719,6 +734,8 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
         raise InputError(f"labelled strata of shape {strata.shape} do not match vote patterns {pat.shape}")
     if prior_images < 0:
         raise InputError(f"{param('prior_images')} must be at least 0, not {prior_images}")
+    if choice_prior_images is not None and choice_prior_images < 0:
+        raise InputError(f"{param('choice_prior_images')} must be at least 0, not {choice_prior_images}")
     g, c, p = pat.shape
     n = int(p).bit_length() - 1
     members = np.ones(n, dtype=bool) if members is None else np.asarray(members, dtype=bool)
@@ -734,8 +751,9 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
                          "the patterns must count every image, the labelled ones included")
     fallback = _staple_truth(pat if g == 2 else np.concatenate([pat, np.zeros_like(pat)]))[:g]
     kappa = float(prior_images)
+    kappa_choice = kappa if choice_prior_images is None else float(choice_prior_images)
     seen = (strata[..., 0] > 0).sum(axis=0)
-    scores = _strata_iou(lab, seen, lab, unl, fallback, kappa, pool, bits)
+    scores = _strata_iou(lab, seen, lab, unl, fallback, kappa_choice, pool, bits)
     masked = np.where(members[:, None] & ~np.isnan(scores), scores, -np.inf)
     best = np.argmax(masked, axis=0).astype(np.int64)  # ties: the first set
     p_best = np.full(c, np.nan)

@@ -238,6 +238,19 @@ def test_module_list_matches_files():
 
 
 @pytest.mark.slow
+def test_score_merge_quick(tmp_path, monkeypatch):
+    """``python -m benchmarks.score_merge --quick``: both layouts timed, the ensembles equal, JSON written."""
+    from benchmarks import score_merge
+
+    monkeypatch.setenv("ISLE_BENCH_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("ISLE_BENCH_TMP", str(tmp_path / "cache"))
+    assert score_merge.main(["--quick"]) == 0
+    doc = json.loads((tmp_path / "res" / "score_merge.json").read_text())
+    assert doc["quick"] is True and doc["equal"] is True and doc["layouts"] == ["sparse", "dense"]
+    want = {"merge sparse scores, sweep off", "merge dense scores, sweep kept", "one threshold pass"}
+    assert want <= set(doc["steps"])
+
+
 def test_coco_quick(tmp_path, monkeypatch):
     """``python -m benchmarks.coco --quick``: threaded, 1 and 2 workers equal; the projection is written."""
     from benchmarks import coco

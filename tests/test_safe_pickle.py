@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from isle_fast.errors import plain
@@ -43,7 +43,7 @@ def same(a, b) -> bool:
     """Structural equality with exact arrays (dtype, shape, values, memory order)."""
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and (np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+                and a.shape == b.shape and (np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
                                             if a.dtype != object else all(same(x, y) for x, y in
                                                                          zip(a.ravel(), b.ravel()))))
     if isinstance(a, dict):
@@ -101,6 +101,8 @@ values = st.recursive(st.one_of(scalars, arrays()),
 @SETTINGS
 @given(obj=st.dictionaries(st.one_of(st.text(max_size=6), st.integers(0, 20)), values, max_size=4),
        protocol=st.sampled_from([2, 3, 4, 5]))
+# a NaN inside a complex value: the comparison once called the exact round trip unequal (CI, by chance)
+@example(obj={"": None, "0": np.array(complex(0, float("nan")), dtype=np.complex64)}, protocol=2)
 def test_np_save_of_random_dicts_equals_the_full_unpickler(obj, protocol):
     raw = npy_bytes(obj, protocol)
     got = load_npy_payload(raw).item()

@@ -9,7 +9,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from isle_fast.cli import main
@@ -576,6 +576,8 @@ def test_merge_at_each_sets_threshold_reads_sparse_slots_and_equals_dense(tmp_pa
 @settings(max_examples=16)
 @given(store_cases(), st.sampled_from([None, 0.0, 0.15, 38 / 255, 0.2, 1.0]), st.sampled_from(["score", "order",
                                                                                                "ignore"]))
+# one image whose chosen sets hold no class: every key 0, the fill value (its chunk was once never written)
+@example(case=(1, 2, [(1, 1)], (0, 0), (1, 1, 1), 2), bg=None, policy="score")
 def test_score_merge_at_one_threshold_reads_the_slots_and_equals_dense(case, bg, policy):
     """A score ensemble of class-sparse sets at one shared threshold: merged from the stored slots on the
     local pass (no dense view), labels and merged stack equal to the merge of the dense stores."""

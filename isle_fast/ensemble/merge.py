@@ -77,7 +77,7 @@ from isle_fast.ensemble.selection import Selection, select
 from isle_fast.errors import InputError, param
 from isle_fast.metrics import jsonable
 from isle_fast.outputs import check_output
-from isle_fast.stores.stack import Stack, create_stack, default_compressors
+from isle_fast.stores.stack import WRITE_EVERY_CHUNK, Stack, create_stack, default_compressors
 
 __all__ = ["POLICIES", "STRATEGIES", "MergePlan", "MergeResult", "merge", "merge_images",
            "make_plan", "image_choice", "gt_presence", "ensemble_scores", "drop_absent_claims"]
@@ -516,8 +516,11 @@ def _sparse_scores_arrays(member_stacks: Sequence[Stack], writer: Any, gt: Stack
                             levels, np.ones((1, 2), np.int64))
     assert sc is not None  # a score plan
     level = int(np.asarray(sc)[0, 0, 0, 0])
+    # written even when every key is 0 (no image holds a chosen class): Zarr skips chunks equal to the fill
+    # value, and a chunk that is missing at commit is an error, never a zero
     karr = writer.group.create_array(ENSEMBLE_KEYS, shape=keys.shape, chunks=keys.shape, dtype="uint8",
-                                     fill_value=0, compressors=default_compressors("scores"))
+                                     fill_value=0, compressors=default_compressors("scores")
+                                     ).with_config(WRITE_EVERY_CHUNK)
     karr[...] = keys
     arr = writer.group.create_array(
         ENSEMBLE_CAMS, shape=tuple(writer.array.shape) + (k,), chunks=tuple(gt.chunks) + (k,), dtype="uint8",

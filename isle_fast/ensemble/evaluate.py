@@ -408,7 +408,7 @@ def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, 
         from isle_fast.stores.chunkio import read_into, thread_buffer
 
         k = shape[0]
-        g, *blocks = [read_into(specs[p], block, thread_buffer(("evaluate", p), specs[p].chunk_shape,
+        g, *blocks = [read_into(specs[p], block, thread_buffer(("chunk", p), specs[p].chunk_shape,
                                                                specs[p].dtype))[:k]
                       for p in (0, *(1 + m for m in kernel["order"]))]
         return _confusion_block(g, *blocks, shapes=shapes, **kernel)

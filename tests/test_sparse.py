@@ -406,7 +406,8 @@ def _sparse_case(rng, C, n_sets):
         kk = _keys(rng, n, C, K)  # some images have 0 present classes
         vals = np.array([0, 0, 1, 37, 38, 200, 255], np.uint8) if rng.random() < 0.5 else np.arange(256)
         a = rng.choice(vals, (n, h, w, K)).astype(np.uint8)
-        a[np.broadcast_to((kk == 0)[:, None, None, :], a.shape)] = 0  # unused slots hold 0
+        if rng.random() < 0.7:  # unused slots hold 0 as written, else anything: never read
+            a[np.broadcast_to((kk == 0)[:, None, None, :], a.shape)] = 0
         cams.append(a)
         keys.append(kk)
     # each image's true rows / columns in the block (the rest is padding, never read)
@@ -469,6 +470,66 @@ def test_merge_sparse_labels_equals_the_numpy_reference(seed, policy):
     whole = np.full(shapes.shape, 0) + np.array(cams[0].shape[1:3])
     np.testing.assert_array_equal(cpu.merge_sparse_labels(tuple(cams), tuple(keys), levels, sel, pri, policy),
                                   _ref_sparse_merge(cams, keys, levels, sel, pri, policy, whole, C))
+
+
+def _wide_case(rng, C, N):
+    """Rows wide enough for the vectorised decode loops (their main body and remainder), every slot
+    count K = 1..8 (the literal strides 1..6 and the run-time one), all used-slot counts 0..K, gt values
+    >= C (not only 255), padding, 1..7 sets (the 4 / 2 / 1 groups of the count)."""
+    n, h = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    w = int(rng.choice([33, 64, 97, 130, 257]))
+    gt = rng.integers(0, C, (n, h, w)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.1] = 255
+    gt[rng.random(gt.shape) < 0.05] = rng.integers(C, 256)
+    if rng.random() < 0.3:  # long runs of one gt class and one score: repeated bins
+        gt[:] = rng.integers(0, C)
+    cams, keys = [], []
+    for _ in range(N):
+        K = int(rng.integers(1, 9))
+        kk = _keys(rng, n, C, K)
+        a = rng.integers(0, 256, (n, h, w, K)).astype(np.uint8)
+        if rng.random() < 0.3:
+            a[:] = rng.choice(np.array([0, 37, 38, 255], np.uint8), (n, 1, 1, K))
+        elif rng.random() < 0.3:
+            a = rng.choice(np.array([0, 0, 1, 37, 38, 255], np.uint8), a.shape)  # ties, all-zero pixels
+        if rng.random() < 0.5:
+            a[np.broadcast_to((kk == 0)[:, None, None, :], a.shape)] = 0
+        cams.append(a)
+        keys.append(kk)
+    shapes = np.stack([rng.integers(0, h + 1, n), rng.integers(0, w + 1, n)], axis=1).astype(np.int64)
+    if rng.random() < 0.4:
+        shapes[:] = (h, w)
+    return gt, cams, keys, shapes
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds)
+def test_sparse_kernels_on_wide_rows_equal_the_numpy_reference(seed):
+    from isle_fast.ensemble.sweep import level_bins
+
+    rng = np.random.default_rng(seed)
+    C = int(rng.choice([1, 2, 7, 21]))
+    N = int(rng.integers(1, 8))
+    gt, cams, keys, shapes = _wide_case(rng, C, N)
+    pick = rng.random()
+    if pick < 0.3:
+        lut = np.tile(np.arange(256), (N, 1))  # 256 bins
+    elif pick < 0.4:
+        lut = np.zeros((N, 256), np.int64)  # one bin
+    else:
+        lut = np.stack([level_bins(np.sort(rng.choice(256, int(rng.integers(1, 20)), replace=False)))[0]
+                        for _ in range(N)])
+    got = cpu.sparse_score_bins(gt, tuple(cams), tuple(keys), C, lut, shapes)
+    np.testing.assert_array_equal(got, _ref_sparse_bins(gt, cams, keys, C, lut, shapes))
+    if C > 1:
+        levels = rng.integers(0, 256, N)
+        sel = rng.integers(0, N, C)
+        pri = rng.random((N, C))
+        for policy in (0, 1, 2):
+            np.testing.assert_array_equal(
+                cpu.merge_sparse_labels(tuple(cams), tuple(keys), levels, sel, pri, policy, shapes),
+                _ref_sparse_merge(cams, keys, levels, sel, pri, policy, shapes, C),
+            )
 
 
 def test_sparse_kernels_refuse_bad_arguments():

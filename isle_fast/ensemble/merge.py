@@ -392,7 +392,7 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     at the background level ``scores_level``.
     """
     from isle_fast.backend import task_kernels
-    from isle_fast.stores.chunkio import write_chunk
+    from isle_fast.stores.chunkio import read_kept, write_chunk
     from isle_fast.stores.chunks import read_chunk
 
     i, j, l = block
@@ -400,9 +400,12 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     i0 = i * k
     blocks: list[Any] = []
     for n, (sp, t) in enumerate(zip(specs, tails)):
-        b = read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
         km = sparse_keys[n] if n < len(sparse_keys) else None
-        blocks.append(b if km is None else (b, km[i0:i0 + region[0]]))
+        if km is None:  # a dense member: decoded into this thread's kept buffer (used by this task only)
+            blocks.append(read_kept(sp, block + (0,) * len(t), region + t, ("merge", n)))
+            continue
+        b = read_chunk(sp, block_id=block + (0,) * len(t), block_info={None: {"chunk-shape": region + t}})
+        blocks.append((b, km[i0:i0 + region[0]]))
     inside = np.clip(shapes - np.array([j * hc, l * wc], np.int64), 0,
                      np.array(region[1:], np.int64))
     with task_kernels(backend) as K:

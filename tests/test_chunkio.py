@@ -297,3 +297,54 @@ def test_read_into_undecodable_and_wrong_buffer(tmp_path, monkeypatch):
     for bad in (np.empty((2, 5, 4), np.uint8), np.empty((2, 5, 5), np.int16), np.empty((5, 5, 2), np.uint8).T):
         with pytest.raises(ValueError, match="read_into needs a C-contiguous"):
             chunkio.read_into(spec, (0, 0, 0), bad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), codec=st.sampled_from(READABLE), dtype=st.sampled_from(["uint8", "float16"]),
+       channels=st.sampled_from([None, 3]))
+def test_read_kept_equals_read_chunk(tmp_path_factory, data, codec, dtype, channels):
+    """Every chunk's block (edge chunks cut along any axis, a class axis too) read into a kept buffer equals
+    read_chunk's, C-contiguous; a whole chunk or a cut of its first axis is the kept buffer itself (no copy),
+    the same buffer from chunk to chunk."""
+    from isle_fast.stores import chunkio
+    from isle_fast.stores.chunks import read_chunk
+
+    n, h, w = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 23)), data.draw(st.integers(1, 23))
+    shape = (n, h, w) + ((channels,) if channels else ())
+    chunks = (data.draw(st.integers(1, n)), data.draw(st.integers(1, h)), data.draw(st.integers(1, w)))
+    chunks += (channels,) if channels else ()
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    arr = (rng.random(shape) * 250).astype(dtype)
+    root = tmp_path_factory.mktemp("k")
+    a = zarr.create_array(str(root / "a"), shape=arr.shape, chunks=chunks, dtype=dtype, fill_value=0,
+                          compressors=CODECS[codec]).with_config({"write_empty_chunks": True})
+    a[:] = arr
+    spec = _read_spec(root, zarr.open_array(str(root / "a"), mode="r"))
+    key = ("test-kept", codec)
+    for coords in np.ndindex(*[-(-s // c) for s, c in zip(arr.shape, chunks)]):
+        region = tuple(min(c, s - i * c) for i, c, s in zip(coords, chunks, arr.shape))
+        got = chunkio.read_kept(spec, coords, region, key)
+        want = read_chunk(spec, block_id=coords, block_info={None: {"chunk-shape": region}})
+        assert got.shape == want.shape == region and got.flags.c_contiguous
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+        assert np.array_equal(got, arr[tuple(slice(i * c, i * c + r) for i, c, r in zip(coords, chunks, region))])
+        if region[1:] == tuple(chunks[1:]):        # decoded in place, nothing copied
+            assert np.shares_memory(got, chunkio.thread_buffer(key, spec.chunk_shape, spec.dtype))
+
+
+def test_read_kept_names_a_missing_chunk(tmp_path):
+    """read_kept raises read_chunk's StoreError for a missing chunk, word for word."""
+    from isle_fast.errors import StoreError
+    from isle_fast.stores import chunkio
+    from isle_fast.stores.chunks import read_chunk
+
+    a = zarr.create_array(str(tmp_path / "a"), shape=(4, 5, 5), chunks=(2, 5, 5), dtype="uint8", fill_value=0,
+                          compressors=CODECS["zstd3+crc32c"]).with_config({"write_empty_chunks": True})
+    a[:] = 1
+    spec = _read_spec(tmp_path, zarr.open_array(str(tmp_path / "a"), mode="r"))
+    (tmp_path / "a" / "c" / "1" / "0" / "0").unlink()
+    with pytest.raises(StoreError) as want:
+        read_chunk(spec, block_id=(1, 0, 0), block_info={None: {"chunk-shape": (2, 5, 5)}})
+    with pytest.raises(StoreError) as got:
+        chunkio.read_kept(spec, (1, 0, 0), (2, 5, 5), "test-missing")
+    assert str(got.value) == str(want.value)

@@ -560,7 +560,7 @@ class ChunkCounts:
 
     def add(self, start: tuple[int, int, int], labels: np.ndarray) -> None:
         """Count the label region starting at ``start`` (image, row, column; on the gt's chunk grid)."""
-        from isle_fast.stores.chunks import read_chunk
+        from isle_fast.stores.chunkio import read_kept
 
         k, hc, wc = (int(v) for v in self.gt.chunks)
         i0, r0, c0 = (int(v) for v in start)
@@ -568,8 +568,8 @@ class ChunkCounts:
             raise ValueError(f"region at {start} does not start a chunk of the gt's {self.gt.chunks} grid")
         shape = tuple(int(v) for v in labels.shape)
         assert self.spec is not None, "ChunkCounts needs the gt's plain chunk layout"
-        g = read_chunk(self.spec, block_id=(i0 // k, r0 // hc, c0 // wc),
-                       block_info={None: {"chunk-shape": shape}})
+        # into this thread's kept buffer: the gt chunk is only read by the count below
+        g = read_kept(self.spec, (i0 // k, r0 // hc, c0 // wc), shape, ("chunk", 0))
         out = _confusion_block(g, labels, backend=self.backend, groups=(Group("labels", (0,)),), order=(0,),
                                num_classes=self.gt.num_classes, per_image=self.stats is not None,
                                shapes=tile_shapes(self._shapes, start, shape) if len(shape) == 3 else None)

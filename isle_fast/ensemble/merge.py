@@ -392,7 +392,7 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     at the background level ``scores_level``.
     """
     from isle_fast.backend import task_kernels
-    from isle_fast.stores.chunkio import read_into, thread_buffer, write_chunk
+    from isle_fast.stores.chunkio import read_kept, write_chunk
 
     i, j, l = block
     k, hc, wc = (int(v) for v in out_spec.chunk_shape)
@@ -400,11 +400,10 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     blocks: list[Any] = []
     for n, (sp, t) in enumerate(zip(specs, tails)):
         # into this thread's kept buffer of the same read slot as the evaluation's (gt 0, sets 1..):
-        # a merge after an evaluate in the same worker needs no memory of its own for its reads, and
-        # no fresh chunk-size arrays that the allocator keeps after the task (a memory-limited
-        # cluster worker paused over them); merge_chunk copies before it changes anything
-        full = read_into(sp, block + (0,) * len(t), thread_buffer(("chunk", 1 + n), sp.chunk_shape, sp.dtype))
-        b = full[tuple(slice(0, s) for s in region + t)]
+        # a merge after an evaluate in the same worker needs no memory of its own for its reads, no
+        # fresh chunk-size arrays that the allocator keeps after the task (a memory-limited cluster
+        # worker paused over them) and no page faults; merge_chunk copies before it changes anything
+        b = read_kept(sp, block + (0,) * len(t), region + t, ("chunk", 1 + n))
         km = sparse_keys[n] if n < len(sparse_keys) else None
         blocks.append(b if km is None else (b, km[i0:i0 + region[0]]))
     inside = np.clip(shapes - np.array([j * hc, l * wc], np.int64), 0,

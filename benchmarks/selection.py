@@ -28,7 +28,8 @@ and ``K=... + estimate, posterior`` (each weighted by its error,
 :func:`isle_fast.ensemble.uncertainty.posterior_scores`, what ``merge
 --blend-estimate`` does; ``(no image labels)``: the estimate without them), and ``K=... + strata``
 (:func:`isle_fast.ensemble.uncertainty.stratified_scores`, what ``isle merge`` does by default with a gt of
-some images: the labelled images' truth rate per vote stratum applied to every image's vote patterns).
+some images: the labelled images' truth rate per vote stratum applied to every image's vote patterns;
+``K=... + strata, semi``: its other prior model, the STAPLE model fitted with the labelled truth, ``model='semi'``).
 A class the labelled subset lacks is chosen from the estimate in every ``+`` mode (its pixels for the
 selection are the votes; before, such a class fell to the first set):
 
@@ -218,7 +219,13 @@ def ensemble_miou(data: dict[str, Any], sel: Any, pre: dict[str, Any] | None = N
 def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> dict[str, Any]:
     from isle_fast import metrics
     from isle_fast.ensemble.estimate import ESTIMATORS, PRIOR_ESTIMATOR, blend_scores, estimate_from_patterns
-    from isle_fast.ensemble.uncertainty import choice_uncertainty, posterior_scores, stratified_scores
+    from isle_fast.ensemble.uncertainty import (
+        STRATA_MODEL,
+        STRATA_MODELS,
+        choice_uncertainty,
+        posterior_scores,
+        stratified_scores,
+    )
 
     t0 = time.perf_counter()
     pre = precompute(data)
@@ -277,10 +284,13 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
                         got["n"] += 1
                         got["right"] += int(full_iou[int(post_sel.best[cls]), cls] >=
                                             full_iou[int(full_sel.best[cls]), cls])
-            for variant, st, pat in (("", pre["strata"][sub], pre["patterns"]["labels"]),
-                                     (" (no image labels)", pre["strata"][sub].sum(axis=1, keepdims=True),
-                                      pre["patterns"]["plain"][None])):
-                strat = stratified_scores(st, pat, reps=reps, seed=t)
+            for variant, st, pat, model in (
+                    ("", pre["strata"][sub], pre["patterns"]["labels"], STRATA_MODEL),
+                    (" (no image labels)", pre["strata"][sub].sum(axis=1, keepdims=True),
+                     pre["patterns"]["plain"][None], STRATA_MODEL),
+                    *[(f", {m}", pre["strata"][sub], pre["patterns"]["labels"], m)
+                      for m in STRATA_MODELS if m != STRATA_MODEL]):
+                strat = stratified_scores(st, pat, reps=reps, seed=t, model=model)
                 strat_sel = select_from(strat["scores"], strat["voting_pixels"], c)
                 got = strata.setdefault(variant, {"per": [], "n": 0, "right": 0})
                 got["per"].append(judge(strat_sel))

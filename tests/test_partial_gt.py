@@ -152,6 +152,29 @@ def test_merge_with_partial_gt_selects_from_the_strata_by_default(tmp_path, scor
         merge(sets, gt, f"{tmp_path}/e4.zarr", progress=False, subset_selection="bogus")
 
 
+def test_merge_strata_semi_takes_the_semi_supervised_prior(tmp_path):
+    from isle_fast.ensemble.estimate import vote_patterns_pass
+    from isle_fast.ensemble.uncertainty import strata_counts, stratified_scores
+
+    rng = np.random.default_rng(8)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=8, subset=[3, 6, 0])
+    allowed = np.stack([[(g == k).any() for k in range(c)] for g in gts])
+    res = merge(sets, gt, f"{tmp_path}/semi.zarr", progress=False, image_labels=allowed,
+                subset_selection="strata-semi")
+    prov = res.stack.provenance
+    assert prov["subset_selection"] == "strata-semi"
+    per = [strata_counts(gts[i][None], [np.asarray(s.array[i, :gts[i].shape[0], :gts[i].shape[1]])[None]
+                                        for s in sets], c, allowed[i:i + 1]) for i in sub]
+    patterns, _, _ = vote_patterns_pass(sets, image_labels=allowed, progress=False)
+    want = stratified_scores(np.stack(per), patterns, reps=1000, seed=0, model="semi")
+    told = np.array([[np.nan if v is None else v for v in prov["strata_scores"][k]] for k in prov["sets"]])
+    np.testing.assert_allclose(told, want["scores"], rtol=1e-12)
+    np.testing.assert_array_equal(res.selection.best[1:], want["best"][1:])
+    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/semi2.zarr",
+                 "--quiet", "--no-score", "--subset-selection", "strata-semi"]) == 0
+    assert open_stack(f"{tmp_path}/semi2.zarr").provenance["subset_selection"] == "strata-semi"
+
+
 def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
     from isle_fast.ensemble.estimate import estimate
     from isle_fast.ensemble.selection import select

@@ -154,3 +154,78 @@ def test_the_choice_prior_picks_the_set_and_the_bootstrap_judges_it():
     assert (full["best"] == np.nanargmax(ref, axis=0)).all()
     with pytest.raises(InputError, match="choice_prior_images"):
         stratified_scores(per, patterns, choice_prior_images=-1)
+
+
+# ------------------------------------------------------------------ the semi-supervised STAPLE prior
+def _expected_patterns(pi, sens, fpr, total):
+    """Exact expected pixels per vote pattern and truth under the binary Dawid-Skene model."""
+    from isle_fast.ensemble.estimate import _bits
+
+    b = _bits(len(sens))
+    p1 = pi * np.prod(np.where(b == 1, sens, 1 - sens), axis=1)
+    p0 = (1 - pi) * np.prod(np.where(b == 1, fpr, 1 - fpr), axis=1)
+    return total * p1, total * p0, b
+
+
+def test_semi_staple_without_labels_is_staple():
+    from isle_fast.ensemble.estimate import _bits, _staple_class
+    from isle_fast.ensemble.uncertainty import _semi_staple_class
+
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 4):
+        h = rng.integers(0, 500, size=1 << n).astype(np.float64)
+        zero = np.zeros_like(h)
+        np.testing.assert_allclose(_semi_staple_class(h, zero, zero, _bits(n)),
+                                   _staple_class(h, _bits(n), 200, 1e-10), rtol=0, atol=1e-12)
+    assert (_semi_staple_class(np.zeros(4), np.zeros(4), np.zeros(4), _bits(2)) == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(3, 4), seed=st.integers(0, 2**31 - 1), share=st.floats(0.05, 0.9))
+def test_semi_staple_recovers_the_model_posterior(n, seed, share):
+    """Exact expected counts of a known model, some labelled: the fit is the model's posterior."""
+    from isle_fast.ensemble.uncertainty import _semi_staple_class
+
+    rng = np.random.default_rng(seed)
+    pi = rng.uniform(0.1, 0.5)
+    sens = rng.uniform(0.7, 0.95, size=n)
+    fpr = rng.uniform(0.02, 0.2, size=n)
+    p1, p0, b = _expected_patterns(pi, sens, fpr, 1e6)
+    truth = p1 / (p1 + p0)
+    w = _semi_staple_class((1 - share) * (p1 + p0), share * p1, share * p0, b, iters=2000, tol=1e-13)
+    np.testing.assert_allclose(w, truth, atol=1e-5)
+
+
+def test_semi_staple_takes_the_labelled_truth_where_the_votes_cannot_tell():
+    """Two sets agree against the third: whether that pattern is truly the class is what the labelled
+    pixels say (the unlabelled votes are the same in both cases)."""
+    from isle_fast.ensemble.estimate import _bits
+    from isle_fast.ensemble.uncertainty import _semi_staple_class
+
+    b = _bits(3)
+    u = np.zeros(8)
+    u[[0, 7, 3]] = [6000.0, 2000.0, 1000.0]  # pattern 3: sets 0 and 1 say yes, set 2 no
+    pos, neg = np.zeros(8), np.zeros(8)
+    pos[7], neg[0] = 200.0, 600.0
+    pos[3], neg[3] = 2700.0, 300.0  # in the labelled images that pattern is mostly truly the class
+    high = _semi_staple_class(u, pos, neg, b)[3]
+    pos[3], neg[3] = 300.0, 2700.0  # ... or mostly not
+    low = _semi_staple_class(u, pos, neg, b)[3]
+    assert high > 0.9 and low < 0.5
+
+
+def test_semi_model_every_image_labelled_and_bad_model_named():
+    gt, sets, per, patterns = _case(seed=9)
+    full = stratified_scores(per, patterns, reps=20, model="semi")
+    ref = full_iou(gt, sets, 4)
+    np.testing.assert_allclose(full["scores"], ref, atol=1e-9)
+    assert (full["best"] == np.nanargmax(ref, axis=0)).all()
+    a = stratified_scores(per[:12], patterns, reps=30, seed=1, model="semi")
+    b = stratified_scores(per[:12], patterns, reps=30, seed=1, model="semi")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    other = stratified_scores(per[:12], patterns, reps=0, model="staple")
+    assert not np.allclose(a["scores"], other["scores"])  # the prior model is used
+    assert np.nanmean(np.abs(a["scores"] - ref)) < 5
+    with pytest.raises(InputError, match="model"):
+        stratified_scores(per, patterns, model="dawid")

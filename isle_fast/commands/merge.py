@@ -30,9 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blend-estimate", action="store_true",
                         help="with a gt of few images: choose by the posterior of each class's labelled IoU "
                              "and the no-label estimate (--estimator), each weighted by its error")
-    parser.add_argument("--subset-selection", choices=("auto", "strata", "posterior", "labelled"), default="auto",
+    parser.add_argument("--subset-selection", choices=("auto", "strata", "strata-semi", "posterior", "labelled"),
+                        default="auto",
                         help="how a gt of some of the images selects: strata (the default there: the labelled "
-                             "images' truth per vote stratum applied to every image's votes), posterior "
+                             "images' truth per vote stratum applied to every image's votes), strata-semi "
+                             "(the same, its prior the STAPLE model fitted with the labelled truth), posterior "
                              "(= --blend-estimate) or labelled (their IoU alone; the default with a gt of "
                              "every image)")
     parser.add_argument("--no-score", action="store_true",

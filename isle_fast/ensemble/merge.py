@@ -760,13 +760,13 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
 
 #: how a gt of some images selects (``merge(subset_selection=...)``); ``auto``: ``strata`` for a gt of some
 #: of the sets' images, ``labelled`` for a gt of every image
-SUBSET_SELECTIONS = ("auto", "strata", "posterior", "labelled")
+SUBSET_SELECTIONS = ("auto", "strata", "strata-semi", "posterior", "labelled")
 
 
 def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.ndarray | None,
                              bg_threshold: float | None, progress: bool,
                              subset: Sequence[str | int] | None, set_names: list[str],
-                             set_paths: list[str]) -> dict[str, Any]:
+                             set_paths: list[str], model: str = "staple") -> dict[str, Any]:
     """The :func:`isle_fast.ensemble.uncertainty.stratified_scores` result of a gt of some images: every
     image's vote patterns and the labelled images' strata (two passes; the labelled one over the gt's images)."""
     from isle_fast.ensemble.estimate import vote_patterns_pass
@@ -782,7 +782,7 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
     strata = labelled_strata_pass(stacks, gt, positions, allowed=None if allowed is None else allowed[positions],
                                   bg_threshold=bg_threshold, progress=progress)
     members = resolve_members(set_names, subset, set_paths)
-    return stratified_scores(strata, patterns, members=members, reps=1000, seed=0)
+    return stratified_scores(strata, patterns, members=members, reps=1000, seed=0, model=model)
 
 
 def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: Any, *, mode: str = "auto",
@@ -808,13 +808,14 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
             "strata" if allowed is not None else "posterior")
     if gt_stack is None:
         mode = "estimate"
-    if mode == "strata":
+    if mode in ("strata", "strata-semi"):
         assert gt_stack is not None  # mode "estimate" without a gt
         if sweep:
-            raise InputError(f"{param('subset_selection', 'strata')} does not take a threshold sweep "
+            raise InputError(f"{param('subset_selection', mode)} does not take a threshold sweep "
                              f"({param('bg_threshold')}): give one threshold")
         strata = _strata_selection_scores(stacks, gt_stack, allowed, bg_threshold, progress, subset,
-                                          list(evaluation.set_names), list(evaluation.set_paths))
+                                          list(evaluation.set_names), list(evaluation.set_paths),
+                                          model="semi" if mode == "strata-semi" else "staple")
         blended = np.where(np.isnan(strata["scores"]), evaluation.iou, strata["scores"])
     elif mode == "posterior":
         assert gt_stack is not None
@@ -905,12 +906,15 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         the bootstrap, the estimate's fitted on the labelled images
         (:func:`isle_fast.ensemble.uncertainty.posterior_scores`); the same as
         ``subset_selection='posterior'``.
-    subset_selection : {'auto', 'strata', 'posterior', 'labelled'}
+    subset_selection : {'auto', 'strata', 'strata-semi', 'posterior', 'labelled'}
         How a gt of some images selects. ``strata`` (what ``auto`` takes for a
         gt of some of the images with ``image_labels``): the labelled images'
         truth rate per vote stratum (a class and the sets predicting it)
         applied to every image's votes, the labelled pixels counted exactly
         (:func:`isle_fast.ensemble.uncertainty.stratified_scores`);
+        ``strata-semi``: the same with the STAPLE model fitted with the
+        labelled truth in the strata's prior (``model='semi'``; more of the
+        gain on average in ``benchmarks/selection.py``, not on every data set);
         ``posterior`` (what ``auto`` takes there without image labels): as
         ``blend_estimate``; ``labelled``: the labelled images' IoU alone (what
         ``auto`` takes for a gt of every image, and with a threshold sweep).

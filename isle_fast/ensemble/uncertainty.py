@@ -571,6 +571,12 @@ def posterior_scores(image_stats: Any, estimated_iou: Any, *, gt_present: Any = 
 STRATA_PRIOR_IMAGES = 3.0
 #: the same for the choice: stronger pooling chooses better than it reports (the p comes from the calibrated one)
 STRATA_CHOICE_PRIOR_IMAGES = 30.0
+#: the truth model of the strata's prior (stratified_scores ``model``): 'staple' (the no-label STAPLE
+#: posterior, only where no labelled image has the pattern) or 'semi' (STAPLE fitted with the labelled truth)
+STRATA_MODELS = ("staple", "semi")
+STRATA_MODEL = "staple"
+#: with ``model='semi'``: the model's weight in the prior, against the rate pooled over the classes
+SEMI_MODEL_WEIGHT = 0.5
 
 
 def strata_counts(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any = None) -> np.ndarray:
@@ -632,11 +638,63 @@ def _staple_truth(patterns: np.ndarray) -> np.ndarray:
     return truth
 
 
+def _semi_staple_class(u: np.ndarray, pos: np.ndarray, neg: np.ndarray, b: np.ndarray, iters: int = 200,
+                       tol: float = 1e-10) -> np.ndarray:
+    """``P(truth = 1 | pattern)`` of one class by EM with the labelled pixels' truth known.
+
+    The binary Dawid-Skene / STAPLE model of :mod:`isle_fast.ensemble.estimate`
+    (a prior, a sensitivity and a false-positive rate per set, the sets
+    conditionally independent given the truth), fitted on ``u`` (``(P,)``
+    unlabelled pixels per vote pattern, truth latent) and the labelled pixels
+    ``pos`` / ``neg`` (``(P,)``, truth the class / not the class: fixed). Starts
+    from the labelled truth share where a pattern has labelled pixels, else the
+    vote share; stops when no parameter moves by ``tol``.
+    """
+    lab = pos + neg
+    if u.sum() + lab.sum() <= 0:
+        return np.zeros(u.shape[0])
+    w = np.where(lab > 0, pos / np.where(lab > 0, lab, 1.0), b.mean(axis=1))
+    eps = 1e-9
+    prev = None
+    for _ in range(iters):
+        t1 = pos + u * w
+        t0 = neg + u * (1.0 - w)
+        n1, n0 = t1.sum(), t0.sum()
+        pi = np.clip(n1 / max(n1 + n0, eps), eps, 1 - eps)
+        sens = np.clip(t1 @ b / max(n1, eps), eps, 1 - eps)
+        fpr = np.clip(t0 @ b / max(n0, eps), eps, 1 - eps)
+        l1 = np.log(pi) + b @ np.log(sens) + (1 - b) @ np.log(1 - sens)
+        l0 = np.log(1 - pi) + b @ np.log(fpr) + (1 - b) @ np.log(1 - fpr)
+        w = 1.0 / (1.0 + np.exp(np.clip(l0 - l1, -700, 700)))
+        params = np.concatenate([[pi], sens, fpr])
+        if prev is not None and np.max(np.abs(params - prev)) < tol:
+            break
+        prev = params
+    return w
+
+
+def _semi_staple_truth(patterns: np.ndarray, lab: np.ndarray) -> np.ndarray:
+    """``(G, C, P)``: :func:`_semi_staple_class` of every class where it may be present (group 0; the
+    labelled strata ``lab (G, C, P, 3)`` fixed, the other pixels of ``patterns (G, C, P)`` latent), 0 where
+    the image labels rule it out."""
+    from isle_fast.ensemble.estimate import _bits
+
+    g, c, p = patterns.shape
+    b = _bits(int(p).bit_length() - 1)
+    truth = np.zeros((g, c, p))
+    for k in range(c):
+        h, pos, ign = (lab[0, k, :, j].astype(np.float64) for j in range(3))
+        u = np.maximum(patterns[0, k].astype(np.float64) - h, 0.0)
+        truth[0, k] = _semi_staple_class(u, pos, np.maximum(h - pos - ign, 0.0), b)
+    return truth
+
+
 def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.ndarray, fallback: np.ndarray,
-                kappa: float, pool: bool, bits: np.ndarray) -> np.ndarray:
+                kappa: float, pool: bool, bits: np.ndarray, mix: float = 0.0) -> np.ndarray:
     """``(..., N, C)`` IoU (percent): the labelled strata ``exact (G, C, P, 3)`` counted exactly, the
     unlabelled pixels ``unl (G, C, P)`` at the truth rates of ``lab (..., G, C, P, 3)`` (``seen``: the
-    labelled images with each stratum; ``fallback (G, C, P)``: the no-label model's truth rate)."""
+    labelled images with each stratum; ``fallback (G, C, P)``: the no-label model's truth rate; ``mix``:
+    its weight in the prior where the pooled rate is defined, with ``pool``)."""
     h, pos, ign = lab[..., 0], lab[..., 1], lab[..., 2]
     neg = np.maximum(h - pos - ign, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -646,7 +704,8 @@ def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.nd
         p_ign = ign[..., 1:, :].sum(axis=-2, keepdims=True) / tot
         if not pool:
             p_pos = np.full_like(p_pos, np.nan)
-        prior_pos = np.where(np.isnan(p_pos), fallback * (1 - np.nan_to_num(p_ign)), p_pos)
+        model = fallback * (1 - np.nan_to_num(p_ign))
+        prior_pos = np.where(np.isnan(p_pos), model, (1.0 - mix) * p_pos + mix * model)
         prior_pos = np.broadcast_to(prior_pos, h.shape).copy()
         prior_pos[..., 0] = fallback[..., 0] if pool else prior_pos[..., 0]  # background keeps the model's
         prior_neg = np.clip(1 - np.nan_to_num(p_ign) - prior_pos, 0.0, 1.0)
@@ -665,7 +724,8 @@ def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.nd
 
 def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: float = STRATA_PRIOR_IMAGES,
                       choice_prior_images: float | None = STRATA_CHOICE_PRIOR_IMAGES, pool: bool = True,
-                      members: Any = None, reps: int = 1000, seed: int = 0) -> dict[str, Any]:
+                      model: str = STRATA_MODEL, members: Any = None, reps: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
     """Per-class IoU of every set on every image, from the labelled images' truth per vote stratum.
 
     Every image's vote patterns (``patterns``, the no-label pass) say how many
@@ -712,7 +772,19 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     choice_prior_images : float, optional
         The same for the scores and the choice (None: ``prior_images``).
     pool : bool
-        Shrink toward the rate pooled over the classes (else toward STAPLE's).
+        Shrink toward the rate pooled over the classes (else toward the model's).
+    model : {'staple', 'semi'}
+        The truth model of the prior. ``staple``: the no-label STAPLE posterior
+        of every image's votes, used where no labelled image has the pattern
+        (with ``pool``). ``semi``: STAPLE fitted by EM on every image's votes
+        with the labelled pixels' truth fixed (:func:`_semi_staple_class`: each
+        set's per-class sensitivity and false-positive rate from the labelled
+        truth and the unlabelled votes together); with ``pool`` the prior is
+        then ``SEMI_MODEL_WEIGHT`` (0.5) of the model's rate and the rest the
+        pooled rate. It is the choice's prior only: ``p_best`` and
+        ``expected_loss`` stay those of the ``staple`` bootstrap (with the
+        semi model in the bootstrap too, p >= 0.9 was right 84 % of the time in
+        the selection benchmark, against 86 % with this one).
     members : (N,) bool, optional
     reps, seed : int
         Bootstrap resamples (0: none) and their seed.
@@ -736,6 +808,8 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
         raise InputError(f"{param('prior_images')} must be at least 0, not {prior_images}")
     if choice_prior_images is not None and choice_prior_images < 0:
         raise InputError(f"{param('choice_prior_images')} must be at least 0, not {choice_prior_images}")
+    if model not in STRATA_MODELS:
+        raise InputError(f"{param('model')} must be one of {', '.join(STRATA_MODELS)}, not {model!r}")
     g, c, p = pat.shape
     n = int(p).bit_length() - 1
     members = np.ones(n, dtype=bool) if members is None else np.asarray(members, dtype=bool)
@@ -750,10 +824,12 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
         raise InputError("the labelled images have more votes than every image's vote patterns: "
                          "the patterns must count every image, the labelled ones included")
     fallback = _staple_truth(pat if g == 2 else np.concatenate([pat, np.zeros_like(pat)]))[:g]
+    # the choice's prior model; the bootstrap keeps the no-label one (its p is the calibrated one)
+    choice_fallback, mix = (_semi_staple_truth(pat, lab), SEMI_MODEL_WEIGHT) if model == "semi" else (fallback, 0.0)
     kappa = float(prior_images)
     kappa_choice = kappa if choice_prior_images is None else float(choice_prior_images)
     seen = (strata[..., 0] > 0).sum(axis=0)
-    scores = _strata_iou(lab, seen, lab, unl, fallback, kappa_choice, pool, bits)
+    scores = _strata_iou(lab, seen, lab, unl, choice_fallback, kappa_choice, pool, bits, mix)
     masked = np.where(members[:, None] & ~np.isnan(scores), scores, -np.inf)
     best = np.argmax(masked, axis=0).astype(np.int64)  # ties: the first set
     p_best = np.full(c, np.nan)

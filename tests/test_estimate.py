@@ -310,3 +310,27 @@ def test_rank_score_chooses_a_perfect_set_and_ties_symmetric_sets_to_the_first()
     est = Estimate(classes=[f"c{k}" for k in range(c)], set_names=["a", "b", "z"], patterns=np.stack(
         [pat, np.zeros_like(pat)]), method="rank", iou=score)
     assert (est.select().best == 0).all()  # the tie goes to the first set, every time
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vote_patterns_of_score_sets_skip_their_padding(tmp_path, seed):
+    """A score set's padding (every slice 0) decoded to background, and the vote pass counted it as every
+    score set agreeing on background (class 0's all-sets pattern grew with the padding). The votes of
+    score sets now equal those of their label maps, whose padding is 255 (no vote); tiles cut images."""
+    from isle_fast.ensemble.estimate import vote_patterns_pass
+
+    rng = np.random.default_rng(seed)
+    c = 4
+    shapes = [(int(rng.integers(3, 17)), int(rng.integers(3, 21))) for _ in range(5)]
+    scores = [[rng.integers(0, 256, size=(h, w, c)).astype(np.uint8) for h, w in shapes] for _ in range(3)]
+    for bg in (None, 0.3):
+        t = -1.0 if bg is None else bg * 255.0
+        as_scores = [write_stack(f"{tmp_path}/s{k}-{bg}.zarr", imgs, encoding="scores", num_classes=c,
+                                 chunks=(2, 8, 9, c), padded_shape=(16, 20)) for k, imgs in enumerate(scores)]
+        as_labels = [write_stack(f"{tmp_path}/l{k}-{bg}.zarr", [cpu.decode_scores(a, t) for a in imgs],
+                                 num_classes=c, chunks=(2, 8, 9), padded_shape=(16, 20))
+                     for k, imgs in enumerate(scores)]
+        got, _, _ = vote_patterns_pass(as_scores, bg_threshold=bg, progress=False)
+        want, _, _ = vote_patterns_pass(as_labels, progress=False)
+        np.testing.assert_array_equal(got, want)
+        assert int(want[0, 0].sum()) == sum(h * w for h, w in shapes)   # every image pixel, no padding

@@ -121,15 +121,14 @@ def test_merge_with_partial_gt_selects_from_the_strata_by_default(tmp_path, scor
     allowed[2, 1] = False  # one the labels rule out
     res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, image_labels=allowed)
     plain = merge(sets, gt, f"{tmp_path}/plain.zarr", progress=False, subset_selection="strata")
-    # the reference: the strata of every gt image from plain arrays (the padded region both stores hold:
-    # a score set's padding decodes to background, as the vote pass counts it), every image's vote patterns
-    rows = min(gt.padded_shape[0], sets[0].padded_shape[0])
-    cols = min(gt.padded_shape[1], sets[0].padded_shape[1])
+    # the reference: the strata of every gt image from plain arrays (its own pixels: a score set's
+    # padding is no vote, as in the vote pass), every image's vote patterns
     for got, labels in ((res, allowed), (plain, None)):
         prov = got.stack.provenance
         assert prov["subset_selection"] == "strata" and got.stack.ids == sets[0].ids
         per = []
         for r, i in enumerate(sub):
+            rows, cols = (int(v) for v in gt.shapes[r])
             a = [np.asarray(s.array[i, :rows, :cols]) for s in sets]
             a = [x if x.ndim == 2 else np.argmax(x, axis=-1).astype(np.uint8) for x in a]
             per.append(strata_counts(np.asarray(gt.array[r, :rows, :cols])[None], [x[None] for x in a], c,

@@ -320,18 +320,29 @@ class _View:
         raise AssertionError
 
 
-def _votes_block(idx: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, encodings: tuple[str, ...],
-                 thresholds: tuple[float, ...], num_classes: int, split: bool) -> np.ndarray:
+def _votes_block(idx: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray, allowed: np.ndarray,
+                 *blocks: np.ndarray, encodings: tuple[str, ...], thresholds: tuple[float, ...], num_classes: int,
+                 split: bool) -> np.ndarray:
     """``(1, 1, 1, 2, C, 2**N)`` vote patterns of one region of every set (``split``: image by image,
-    the classes an image's labels rule out apart)."""
+    the classes an image's labels rule out apart).
+
+    A score set's padding (every slice 0) decodes to background: it is set to 255 (no vote) as a label
+    set's padding is, so that padding is never counted as the sets agreeing on background.
+    """
     from isle_fast.backend import task_kernels
+    from isle_fast.ensemble.merge import _fill_padding
     from isle_fast.kernels import cpu
 
     with task_kernels("cpu") as K:
         labs = []
         for b, e, t in zip(blocks, encodings, thresholds):
             b = np.ascontiguousarray(b)
-            labs.append(np.ascontiguousarray(b if e == "labels" else np.asarray(K.decode_scores(b, t))))
+            if e == "labels":
+                labs.append(b)
+                continue
+            lab = np.require(np.asarray(K.decode_scores(b, t)), np.uint8, ["C", "W"])
+            _fill_padding(lab, shapes, int(idx_j[0]), int(idx_k[0]), 255)
+            labs.append(lab)
         p = 1 << len(labs)
         out = np.zeros((2, num_classes, p), dtype=np.int64)
         if not split:
@@ -392,7 +403,8 @@ def vote_patterns_pass(sets: Sequence[Any], *, image_labels: Any = None, bg_thre
         allowed = resolve_image_labels(image_labels, frame.ids, frame.classes, where=f"the set {frame.path}")
     grid = work_chunks(stacks, frame)  # type: ignore[arg-type]  # a SetFrame stands for the gt's layout
     g, arrays = aligned_arrays(stacks, frame, grid)  # type: ignore[arg-type]
-    idx = da.arange(g.shape[0], chunks=g.chunks[0], dtype=np.int64)
+    idx, idx_j, idx_k = (da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape, g.chunks))
+    shapes = da.from_array(np.asarray(frame.shapes, dtype=np.int64), chunks=(g.chunks[0], (2,)))
     allowed_np = allowed if allowed is not None else np.ones((frame.num_images, c), dtype=bool)
     allowed_da = da.from_array(allowed_np, chunks=(g.chunks[0], (c,)))
     func = partial(_votes_block, encodings=tuple(s.encoding for s in stacks),
@@ -400,7 +412,8 @@ def vote_patterns_pass(sets: Sequence[Any], *, image_labels: Any = None, bg_thre
                                     for s in stacks),
                    num_classes=c, split=allowed is not None)
     one = lambda n: 1  # noqa: E731
-    arr = da.blockwise(func, "ijkscm", idx, "i", allowed_da, "iy", *blockwise_args(arrays, stacks),
+    arr = da.blockwise(func, "ijkscm", idx, "i", idx_j, "j", idx_k, "k", shapes, "iz", allowed_da, "iy",
+                       *blockwise_args(arrays, stacks),
                        new_axes={"s": 2, "c": c, "m": 1 << len(stacks)},
                        adjust_chunks={"i": one, "j": one, "k": one}, dtype=np.int64, concatenate=True,
                        meta=np.empty((0,) * 6, dtype=np.int64))

@@ -854,14 +854,25 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
             "labelled_weight": metrics.ratio(share, voting), "voting_pixels": voting}
 
 
-def _strata_block(g: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, encodings: tuple[str, ...],
-                  thresholds: tuple[float, ...], num_classes: int) -> np.ndarray:
-    """``(I, 1, 1, 2, C, 2**N, 3)`` strata of one region of the gt and every set, image by image."""
-    from isle_fast.backend import task_kernels
+def _strata_block(g: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray, allowed: np.ndarray,
+                  *blocks: np.ndarray, encodings: tuple[str, ...], thresholds: tuple[float, ...],
+                  num_classes: int) -> np.ndarray:
+    """``(I, 1, 1, 2, C, 2**N, 3)`` strata of one region of the gt and every set, image by image.
 
+    A score set's padding is no vote (255), as in :func:`isle_fast.ensemble.estimate.vote_patterns_pass`.
+    """
+    from isle_fast.backend import task_kernels
+    from isle_fast.ensemble.merge import _fill_padding
+
+    labs = []
     with task_kernels("cpu") as K:
-        labs = [np.ascontiguousarray(b if e == "labels" else np.asarray(K.decode_scores(np.ascontiguousarray(b), t)))
-                for b, e, t in zip(blocks, encodings, thresholds)]
+        for b, e, t in zip(blocks, encodings, thresholds):
+            if e == "labels":
+                labs.append(np.ascontiguousarray(b))
+                continue
+            lab = np.require(np.asarray(K.decode_scores(np.ascontiguousarray(b), t)), np.uint8, ["C", "W"])
+            _fill_padding(lab, shapes, int(idx_j[0]), int(idx_k[0]), 255)
+            labs.append(lab)
     out = np.zeros((g.shape[0], 1, 1, 2, num_classes, 1 << len(labs), 3), np.int64)
     for m in range(g.shape[0]):
         out[m, 0, 0] = strata_counts(g[m:m + 1], [a[m:m + 1] for a in labs], num_classes, allowed[m:m + 1])
@@ -903,7 +914,10 @@ def labelled_strata_pass(stacks: Sequence[Any], gt: Any, positions: Any, *, allo
                    thresholds=tuple(score_threshold(s, bg_threshold) if s.encoding == "scores" else -1.0
                                     for s in stacks), num_classes=c)
     one = lambda n: 1  # noqa: E731
-    arr = da.blockwise(func, "ijkgcmt", g, "ijk", ok_da, "iy", *blockwise_args(arrays, stacks),
+    idx_j, idx_k = (da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape[1:], g.chunks[1:]))
+    shapes = da.from_array(np.asarray(gt.shapes, dtype=np.int64), chunks=(g.chunks[0], (2,)))
+    arr = da.blockwise(func, "ijkgcmt", g, "ijk", idx_j, "j", idx_k, "k", shapes, "iz", ok_da, "iy",
+                       *blockwise_args(arrays, stacks),
                        new_axes={"g": 2, "c": c, "m": 1 << len(stacks), "t": 3},
                        adjust_chunks={"j": one, "k": one}, dtype=np.int64, concatenate=True,
                        meta=np.empty((0,) * 7, dtype=np.int64))

@@ -713,6 +713,26 @@ def test_score_merge_at_one_threshold_on_aligned_stores_is_the_slot_pass(tmp_pat
         assert a.stack.provenance["scores_layout"] == "sparse" and "scores" not in a.stack.array_names
 
 
+def test_class_sparse_score_ensemble_background_level_is_in_the_identity_checksum(tmp_path):
+    """The background level of an ensemble's class-sparse merged scores gives every dense-view pixel's
+    slice 0: edited by hand, the store opened and served other scores; now it fails the checksum."""
+    from isle_fast.ensemble.merge import merge
+
+    gt0, _, sparse = _build(str(tmp_path), 4, 4, [(6, 5), (4, 4), (7, 3), (2, 2)], (1, 1), (2, 4, 4), 3,
+                            n_sets=2)
+    grid = tuple(int(v) for v in sparse[0].cams_meta.chunks[:3])
+    a0 = np.asarray(gt0.array[:])
+    gt = write_stack(str(tmp_path / "gt2"), [a0[i, :h, :w] for i, (h, w) in enumerate(gt0.shapes)], kind="gt",
+                     num_classes=4, chunks=grid, padded_shape=tuple(gt0.padded_shape))
+    a = merge(sparse, gt, str(tmp_path / "a.zarr"), bg_threshold=0.2, backend="cpu", progress=False)
+    assert "scores_cams" in a.stack.array_names
+    meta = tmp_path / "a.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["scores_background_level"] = int(doc["attributes"]["scores_background_level"]) + 1
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="scores_background_level.*checksum"):
+        open_stack(str(tmp_path / "a.zarr"))
+
 def test_class_sparse_score_ensemble_reads_downstream(tmp_path, capsys):
     """``isle merge --layout``: the class-sparse merged stack is shown by ``isle info`` (and passes its
     check), evaluating the ensemble equals the dense merge's, and ``sparse``
@@ -790,3 +810,21 @@ def test_sparse_scores_chunk_equals_the_dense_merge_chunk(seed, n_sets, c, polic
     from isle_fast.stores.sparse import densify
 
     np.testing.assert_array_equal(densify(slots, out_keys, level, c), np.asarray(sc))
+
+
+def test_stores_committed_before_the_identity_version_still_open(tmp_path):
+    """A store committed before version 2 of the identity checksum (no version attribute, the checksum
+    of the version-1 keys) opens as before; dropping the version of a version-2 store is damage."""
+    from isle_fast.stores.stack import IDENTITY_ATTR, IDENTITY_VERSION_ATTR, identity_crc32c
+
+    s = _sparse_store(tmp_path)
+    meta = tmp_path / "s.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    assert doc["attributes"][IDENTITY_VERSION_ATTR] == 2
+    del doc["attributes"][IDENTITY_VERSION_ATTR]
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="checksum"):
+        open_stack(s.path)
+    doc["attributes"][IDENTITY_ATTR] = identity_crc32c(doc["attributes"])   # as version 1 wrote it
+    meta.write_text(json.dumps(doc))
+    assert open_stack(s.path).score_layout == "sparse"

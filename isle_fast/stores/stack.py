@@ -508,16 +508,27 @@ IDENTITY_ATTR = "isle_identity_crc32c"
 _IDENTITY_KEYS = ("kind", "encoding", "classes", "ignore_index", "score_scale")
 #: in the checksum only when the store has them (class-sparse score stores, :mod:`isle_fast.stores.sparse`)
 _IDENTITY_KEYS_IF_SET = ("score_layout", "background_level")
+#: Group attribute: the version of the identity checksum's key set (absent: version 1, the keys above).
+#: Version 2 adds ``scores_background_level`` (an ensemble's class-sparse merged ``scores``: the slice 0
+#: of every pixel of their dense view), and the version itself; stores committed before keep version 1.
+IDENTITY_VERSION_ATTR = "isle_identity_version"
+IDENTITY_VERSION = 2
+_IDENTITY_KEYS_IF_SET_V2 = _IDENTITY_KEYS_IF_SET + ("scores_background_level", IDENTITY_VERSION_ATTR)
+
+
+def _identity_keys(attrs: dict) -> tuple[str, ...]:
+    optional = _IDENTITY_KEYS_IF_SET_V2 if attrs.get(IDENTITY_VERSION_ATTR) == 2 else _IDENTITY_KEYS_IF_SET
+    return _IDENTITY_KEYS + tuple(k for k in optional if k in attrs)
 
 
 def identity_crc32c(attrs: dict) -> int:
     """crc32c of the attributes that give the stored numbers their meaning (kind, encoding, classes,
-    ignore index, score scale): a class deleted from ``classes`` would shift every later class name
-    and still open as a consistent store; the checksum tells."""
+    ignore index, score scale, and a class-sparse store's layout and background levels): a class
+    deleted from ``classes`` would shift every later class name and still open as a consistent store;
+    the checksum tells."""
     import google_crc32c
 
-    ident = {k: attrs.get(k) for k in _IDENTITY_KEYS}
-    ident.update({k: attrs[k] for k in _IDENTITY_KEYS_IF_SET if k in attrs})  # older stores: unchanged crc
+    ident = {k: attrs.get(k) for k in _identity_keys(attrs)}  # older stores: their key set, unchanged crc
     doc = json.dumps(ident, sort_keys=True, separators=(",", ":"))
     return int(google_crc32c.value(doc.encode("utf-8")))
 
@@ -527,7 +538,7 @@ def _check_identity(path: str, attrs: dict) -> None:
     if IDENTITY_ATTR not in attrs:
         return
     if attrs[IDENTITY_ATTR] != identity_crc32c(attrs):
-        keys = _IDENTITY_KEYS + tuple(k for k in _IDENTITY_KEYS_IF_SET if k in attrs)
+        keys = _identity_keys(attrs)
         raise StoreError(f"{path}: its attributes {', '.join(keys)} do not match the checksum "
                          f"written when it was made ({IDENTITY_ATTR}); the store's metadata is damaged")
 
@@ -1180,6 +1191,7 @@ class StackWriter(AllOrNothing):
         if self.done:
             raise StoreError(f"{self.path} was already committed or aborted")
         record_manifests(self.group)  # every chunk there; its checksum recorded where it belongs
+        self.group.attrs[IDENTITY_VERSION_ATTR] = IDENTITY_VERSION
         self.group.attrs[IDENTITY_ATTR] = identity_crc32c(dict(self.group.attrs))
         self.group.attrs["complete"] = True
         if self.work_path != self.path:

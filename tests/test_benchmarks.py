@@ -251,6 +251,7 @@ def test_score_merge_quick(tmp_path, monkeypatch):
     assert want <= set(doc["steps"])
 
 
+@pytest.mark.slow
 def test_coco_quick(tmp_path, monkeypatch):
     """``python -m benchmarks.coco --quick``: threaded, 1 and 2 workers equal; the projection is written."""
     from benchmarks import coco

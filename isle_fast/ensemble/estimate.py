@@ -320,29 +320,40 @@ class _View:
         raise AssertionError
 
 
+def vote_labels(K: Any, blocks: Sequence[np.ndarray], encodings: Sequence[str], thresholds: Sequence[float],
+                shapes: np.ndarray, row0: int, col0: int) -> list[np.ndarray]:
+    """The label maps the vote passes count, of one region of every set (C-contiguous uint8).
+
+    A label set's block as it is; a score set's decoded by ``K`` (the task's kernels) at its threshold
+    (stored units, -1: off), its padding (every slice 0, which decodes to background) set to 255, no
+    vote, as a label set stores it: padding is never counted as the sets agreeing on background.
+    ``shapes``: the region's images' (rows, columns); ``row0, col0``: where the region starts in the
+    padded image.
+    """
+    from isle_fast.ensemble.merge import _fill_padding
+
+    labs = []
+    for b, e, t in zip(blocks, encodings, thresholds):
+        b = np.ascontiguousarray(b)
+        if e == "labels":
+            labs.append(b)
+            continue
+        lab = np.require(np.asarray(K.decode_scores(b, t)), np.uint8, ["C", "W"])
+        _fill_padding(lab, shapes, row0, col0, 255)
+        labs.append(lab)
+    return labs
+
+
 def _votes_block(idx: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray, allowed: np.ndarray,
                  *blocks: np.ndarray, encodings: tuple[str, ...], thresholds: tuple[float, ...], num_classes: int,
                  split: bool) -> np.ndarray:
     """``(1, 1, 1, 2, C, 2**N)`` vote patterns of one region of every set (``split``: image by image,
-    the classes an image's labels rule out apart).
-
-    A score set's padding (every slice 0) decodes to background: it is set to 255 (no vote) as a label
-    set's padding is, so that padding is never counted as the sets agreeing on background.
-    """
+    the classes an image's labels rule out apart; a score set's padding no vote: :func:`vote_labels`)."""
     from isle_fast.backend import task_kernels
-    from isle_fast.ensemble.merge import _fill_padding
     from isle_fast.kernels import cpu
 
     with task_kernels("cpu") as K:
-        labs = []
-        for b, e, t in zip(blocks, encodings, thresholds):
-            b = np.ascontiguousarray(b)
-            if e == "labels":
-                labs.append(b)
-                continue
-            lab = np.require(np.asarray(K.decode_scores(b, t)), np.uint8, ["C", "W"])
-            _fill_padding(lab, shapes, int(idx_j[0]), int(idx_k[0]), 255)
-            labs.append(lab)
+        labs = vote_labels(K, blocks, encodings, thresholds, shapes, int(idx_j[0]), int(idx_k[0]))
         p = 1 << len(labs)
         out = np.zeros((2, num_classes, p), dtype=np.int64)
         if not split:

@@ -405,11 +405,9 @@ def _local_task(specs: Sequence[Any], tails: Sequence[tuple], block: tuple[int, 
     if shapes is not None and kernel["backend"] == "cpu" and not any(tails):
         # label sets on the CPU: every chunk decoded into this thread's kept buffers, counted in place
         # (the kernel skips what lies outside the tile's images: no cut-out copies of edge chunks)
-        from isle_fast.stores.chunkio import read_into, thread_buffer
+        from isle_fast.stores.chunkio import read_kept
 
-        k = shape[0]
-        g, *blocks = [read_into(specs[p], block, thread_buffer(("chunk", p), specs[p].chunk_shape,
-                                                               specs[p].dtype))[:k]
+        g, *blocks = [read_kept(specs[p], block, (shape[0],) + tuple(specs[p].chunk_shape[1:]), ("chunk", p))
                       for p in (0, *(1 + m for m in kernel["order"]))]
         return _confusion_block(g, *blocks, shapes=shapes, **kernel)
     from isle_fast.stores.chunks import read_chunk

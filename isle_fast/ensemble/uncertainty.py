@@ -859,20 +859,13 @@ def _strata_block(g: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: n
                   num_classes: int) -> np.ndarray:
     """``(I, 1, 1, 2, C, 2**N, 3)`` strata of one region of the gt and every set, image by image.
 
-    A score set's padding is no vote (255), as in :func:`isle_fast.ensemble.estimate.vote_patterns_pass`.
+    A score set's padding is no vote, as in the vote pass (:func:`isle_fast.ensemble.estimate.vote_labels`).
     """
     from isle_fast.backend import task_kernels
-    from isle_fast.ensemble.merge import _fill_padding
+    from isle_fast.ensemble.estimate import vote_labels
 
-    labs = []
     with task_kernels("cpu") as K:
-        for b, e, t in zip(blocks, encodings, thresholds):
-            if e == "labels":
-                labs.append(np.ascontiguousarray(b))
-                continue
-            lab = np.require(np.asarray(K.decode_scores(np.ascontiguousarray(b), t)), np.uint8, ["C", "W"])
-            _fill_padding(lab, shapes, int(idx_j[0]), int(idx_k[0]), 255)
-            labs.append(lab)
+        labs = vote_labels(K, blocks, encodings, thresholds, shapes, int(idx_j[0]), int(idx_k[0]))
     out = np.zeros((g.shape[0], 1, 1, 2, num_classes, 1 << len(labs), 3), np.int64)
     for m in range(g.shape[0]):
         out[m, 0, 0] = strata_counts(g[m:m + 1], [a[m:m + 1] for a in labs], num_classes, allowed[m:m + 1])

@@ -1371,7 +1371,7 @@ def create_stack(
         }
         if layout.array == "scores":
             attrs["score_scale"] = SCORE_SCALE if layout.dtype == np.uint8 else 1.0
-        group.attrs.update(attrs)
+        group.update_attributes(attrs)   # one write of zarr.json (attrs.update writes it once per key)
     except BaseException:  # Ctrl-C / SIGTERM while the skeleton is written must not leave it behind
         if not remote:
             shutil.rmtree(work, ignore_errors=True)

@@ -807,6 +807,8 @@ class _WarmUp:
                         a = np.zeros((1, 8, 8), np.uint8)
                         K.confusion_labels(a, (a, a), 3)
                         K.merge_labels((a, a), np.zeros(3, np.int64), np.zeros((2, 3)), K.SCORE)
+                        # the fused merge's count of each ensemble chunk (ChunkCounts: per image region)
+                        K.confusion_labels_images(a, (a,), np.full((1, 2), 8, np.int64), 3)
                     finally:
                         numba.set_num_threads(old)
             except Exception:

@@ -178,3 +178,68 @@ def test_evaluate_then_merge_makes_one_sweep(tmp_path, cache, monkeypatch, capsy
     np.testing.assert_array_equal(np.asarray(a.array[:]), np.asarray(b.array[:]))
     assert a.provenance["bg_thresholds"] == b.provenance["bg_thresholds"]
     capsys.readouterr()
+
+
+# -- the bound --------------------------------------------------------------------------------------
+
+def _kept_file(folder, n, size, mtime):
+    p = folder / (f"{n:064x}"[-64:] + ".npz")
+    p.write_bytes(b"x" * size)
+    import os
+
+    os.utime(p, (mtime, mtime))
+    return p
+
+
+def test_prune_removes_least_recently_used_only_ours(tmp_path):
+    import os
+    import time
+
+    d = tmp_path / "sweeps"
+    d.mkdir()
+    now = time.time()
+    old, mid, new = (_kept_file(d, i, 1000, now - 100 + i * 10) for i in range(3))
+    foreign = [d / "notes.txt", d / "abc.npz", d / ("f" * 64 + ".npz.bak")]
+    for f in foreign:
+        f.write_bytes(b"y" * 5000)
+    stale_tmp = d / (f"{7:064x}" + ".npz.tmp-host-1-deadbeef")
+    fresh_tmp = d / (f"{8:064x}" + ".npz.tmp-host-2-deadbeef")
+    for f in (stale_tmp, fresh_tmp):
+        f.write_bytes(b"z")
+    os.utime(stale_tmp, (now - 7200, now - 7200))
+    # room for two of the three: the oldest goes, the foreign files are neither counted nor removed
+    assert sweep_cache.prune(d, limit=2000) == 2          # the oldest sweep and the stale temporary
+    assert not old.exists() and mid.exists() and new.exists()
+    assert all(f.exists() for f in foreign) and fresh_tmp.exists() and not stale_tmp.exists()
+    # the kept file counts against the bound but is never removed, even when it alone is too large
+    assert sweep_cache.prune(d, keep=mid, limit=500) == 1
+    assert mid.exists() and not new.exists()
+
+
+def test_load_renews_and_save_prunes(tmp_path, cache, monkeypatch):
+    import os
+
+    gt, dense, sparse = _stores(tmp_path)
+    sets = sparse + dense[:1]
+    sweep_thresholds(sets, gt, TS, backend="cpu", progress=False)
+    first = next(cache.glob("*.npz"))
+    size = first.stat().st_size
+    os.utime(first, (1, 1))                       # long unused ...
+    again = sweep_thresholds(sets, gt, TS, backend="cpu", progress=False)
+    assert again.from_cache and first.stat().st_mtime > 1      # ... until loaded again
+    monkeypatch.setenv(sweep_cache.MAX_ENV, str(1.5 * size / 2**20))   # room for one sweep only
+    other = sweep_thresholds(sets, gt, TS + (0.3,), backend="cpu", progress=False)
+    assert not other.from_cache
+    left = list(cache.glob("*.npz"))
+    assert len(left) == 1 and left[0] != first                # the older sweep made room
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan"])
+def test_bad_bound_is_named_before_the_pass(tmp_path, cache, monkeypatch, value):
+    from isle_fast.errors import InputError
+
+    gt, dense, sparse = _stores(tmp_path)
+    monkeypatch.setenv(sweep_cache.MAX_ENV, value)
+    _no_pass(monkeypatch)
+    with pytest.raises(InputError, match=sweep_cache.MAX_ENV):
+        sweep_thresholds(sparse, gt, TS, backend="cpu", progress=False)

@@ -21,6 +21,14 @@ or changed in any chunk has another digest, so its sweeps are counted again. A s
 checksums (an uncommitted one, an older one, chunks without crc32c) or not on a local disk has no
 digest and is never cached.
 
+Bounded
+-------
+The folder is kept under :data:`MAX_ENV` megabytes (``$ISLE_SWEEP_CACHE_MB``, default
+:data:`DEFAULT_MAX_MB`): after each save the least recently used sweeps (a file's modification
+time, renewed whenever it is loaded) are removed until the rest fit. Only this module's own files
+are ever removed: ``<64 hex digits>.npz`` and the temporaries of its writes, older than an hour
+(a killed write's); anything else in the folder is left alone and not counted.
+
 Never trusted if damaged
 ------------------------
 A cache file holds its key and the sha256 of its counts; a file that does not load, whose key is
@@ -34,18 +42,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["CACHE_ENV", "cache_dir", "store_digest", "sweep_key", "load_counts", "save_counts"]
+__all__ = ["CACHE_ENV", "MAX_ENV", "DEFAULT_MAX_MB", "cache_dir", "max_bytes", "store_digest", "sweep_key",
+           "load_counts", "save_counts", "prune"]
 
 #: Environment variable: the cache folder, or ``off`` (also ``0``, ``none``, empty) for no cache.
 CACHE_ENV = "ISLE_SWEEP_CACHE"
 #: Version of the key recipe and the file layout: a change makes every kept sweep be counted again.
 RECIPE = 1
 _OFF = {"", "0", "off", "none", "no", "false"}
+#: Environment variable: the most megabytes the cache folder keeps (see the module notes).
+MAX_ENV = "ISLE_SWEEP_CACHE_MB"
+#: The default bound: about a thousand 4-set VOC sweeps (0.24 MB each), 70 of COCO's 81 classes.
+DEFAULT_MAX_MB = 256
+_OURS = re.compile(r"^[0-9a-f]{64}\.npz$")
+_OUR_TEMPORARY = re.compile(r"^[0-9a-f]{64}\.npz\.tmp-.+$")
+_TEMPORARY_AGE_S = 3600.0
 
 
 def cache_dir() -> Path | None:
@@ -55,6 +73,28 @@ def cache_dir() -> Path | None:
         return None if v.strip().lower() in _OFF else Path(v)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "isle-fast" / "sweeps"
+
+
+def max_bytes() -> int:
+    """The cache folder's bound in bytes (:data:`MAX_ENV`, else :data:`DEFAULT_MAX_MB`).
+
+    Raises
+    ------
+    InputError
+        :data:`MAX_ENV` is not a number of megabytes >= 0.
+    """
+    from isle_fast.errors import InputError
+
+    v = os.environ.get(MAX_ENV)
+    if v is None or not v.strip():
+        return DEFAULT_MAX_MB * 2**20
+    try:
+        mb = float(v)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise InputError(f"{MAX_ENV}={v!r}: give the sweep cache's bound in megabytes (a number >= 0)")
+    return int(mb * 2**20)
 
 
 def store_digest(stack: Any) -> str | None:
@@ -99,6 +139,8 @@ def sweep_key(stacks: Sequence[Any], gt: Any, plans: Sequence[Any], thresholds: 
     ``average='image'``)."""
     if average != "dataset":
         return None
+    if cache_dir() is not None:
+        max_bytes()      # a bad bound is an error before the pass, not after it
     digests = [store_digest(s) for s in [gt, *stacks]]
     if any(d is None for d in digests):
         return None
@@ -136,6 +178,10 @@ def load_counts(key: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
         return None
     if k != key or counts.dtype != np.int64 or counts.shape != tuple(shape) or digest != _checksum(counts):
         return None
+    try:
+        os.utime(f)     # used now: the last to be pruned
+    except OSError:
+        pass
     return counts
 
 
@@ -154,6 +200,55 @@ def save_counts(key: str | None, counts: np.ndarray) -> Path | None:
             np.savez(fh, key=np.array(key), sha256=np.array(_checksum(counts)), counts=counts)
 
     try:
-        return write_file(f, write)
+        written = write_file(f, write)
     except OSError:
         return None
+    prune(written.parent, keep=written)
+    return written
+
+
+def prune(folder: str | os.PathLike, *, keep: str | os.PathLike | None = None, limit: int | None = None) -> int:
+    """Remove the least recently used sweeps of ``folder`` until the rest fit ``limit`` bytes; files removed.
+
+    ``limit``: :func:`max_bytes` when None. ``keep`` (the file just written) is never removed. Only this
+    module's files are looked at (see the module notes); a file another process removes or renews
+    meanwhile is no error.
+    """
+    limit = max_bytes() if limit is None else int(limit)
+    now = time.time()
+    kept = None if keep is None else os.path.abspath(keep)
+    files: list[tuple[float, int, str]] = []
+    removed = 0
+    try:
+        entries = list(os.scandir(os.fspath(folder)))
+    except OSError:
+        return 0
+    for e in entries:
+        try:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if _OURS.match(e.name):
+            if os.path.abspath(e.path) != kept:
+                files.append((st.st_mtime, st.st_size, e.path))
+            else:
+                limit -= st.st_size
+        elif _OUR_TEMPORARY.match(e.name) and now - st.st_mtime > _TEMPORARY_AGE_S:
+            try:
+                os.unlink(e.path)
+                removed += 1
+            except OSError:
+                pass
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):      # oldest first
+        if total <= limit:
+            break
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            continue
+        total -= size
+    return removed

@@ -27,9 +27,12 @@ weight ``n_c / (n_c + 10)``, :func:`isle_fast.ensemble.estimate.blend_scores`)
 and ``K=... + estimate, posterior`` (each weighted by its error,
 :func:`isle_fast.ensemble.uncertainty.posterior_scores`, what ``merge
 --blend-estimate`` does; ``(no image labels)``: the estimate without them), and ``K=... + strata``
-(:func:`isle_fast.ensemble.uncertainty.stratified_scores`, what ``isle merge`` does by default with a gt of
-some images: the labelled images' truth rate per vote stratum applied to every image's vote patterns;
-``K=... + strata, semi``: its other prior model, the STAPLE model fitted with the labelled truth, ``model='semi'``).
+(:func:`isle_fast.ensemble.uncertainty.stratified_scores` with its default prior model
+:data:`~isle_fast.ensemble.uncertainty.STRATA_MODEL`, the STAPLE model fitted with the labelled truth
+(``model='semi'``): what ``isle merge`` does by default with a gt of some images and image labels,
+``--subset-selection strata-semi``; the labelled images' truth rate per vote stratum applied to every
+image's vote patterns; ``K=... + strata, staple``: its other prior model, the no-label STAPLE posterior,
+``--subset-selection strata``, the default before 2026-12-02).
 A class the labelled subset lacks is chosen from the estimate in every ``+`` mode (its pixels for the
 selection are the votes; before, such a class fell to the first set):
 
@@ -50,8 +53,8 @@ pixel, weighted by their pixels (:func:`joint_labels`; exact, the same counts
 as merging image by image). A reduced run for development (about 10 min on
 the busy 2-core machine; the README quotes it): ``--images 300 --trials 8 --reps 200 --voc-images 600``.
 
-Targets (issue 16), judged on ``K=100 + strata``: K = 100 keeps >= 90 % of the gain; no labels keeps >= 70 %
-and never falls below the best single set; p >= 0.9 is right >= 85 % of the time.
+Targets (issue 16), judged on ``K=100 + strata`` (the default, ``strata-semi``): K = 100 keeps >= 90 % of
+the gain; no labels keeps >= 70 % and never falls below the best single set; p >= 0.9 is right >= 85 % of the time.
 
 Writes ``selection.json``, ``selection.md`` and ``selection.png`` to ``benchmarks/results/``.
 """
@@ -66,6 +69,7 @@ from typing import Any
 import numpy as np
 
 from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR
+from isle_fast.ensemble.uncertainty import STRATA_MODEL
 
 from .common import bench_parser, format_table, log, markdown_table, results_dir, save_figure, write_json
 
@@ -220,7 +224,6 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...]) -> 
     from isle_fast import metrics
     from isle_fast.ensemble.estimate import ESTIMATORS, PRIOR_ESTIMATOR, blend_scores, estimate_from_patterns
     from isle_fast.ensemble.uncertainty import (
-        STRATA_MODEL,
         STRATA_MODELS,
         choice_uncertainty,
         posterior_scores,
@@ -457,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{doc['seconds']:.0f} s, load {doc['load']} (the figures do not depend on the load, only the time "
           "does). Synthetic sets have independent errors (real CAM sets are more alike, which makes the "
           "no-label estimate harder).", "",
-          f"Targets judged on: {k_mode} (what `isle merge` does with a gt of some images), none: "
+          f"Targets judged on: {k_mode} (what `isle merge` does with a gt of some images and image labels: "
+          f"the strata with the `{STRATA_MODEL}` prior, `--subset-selection strata-semi`), none: "
           f"{DEFAULT_ESTIMATOR} (the default estimator), calibration of the strata bootstrap's p(best) over "
-          "every K.", "",
+          "every K of those rows.", "",
           "## Across data sets", "", markdown_table(summary, cols), "", "## Per data set", "",
           markdown_table(rows, detail_cols), "", "## Targets", "",
           *[f"- {k}: {v}" for k, v in targets.items()], ""]

@@ -122,10 +122,11 @@ def test_merge_with_partial_gt_selects_from_the_strata_by_default(tmp_path, scor
     res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, image_labels=allowed)
     plain = merge(sets, gt, f"{tmp_path}/plain.zarr", progress=False, subset_selection="strata")
     # the reference: the strata of every gt image from plain arrays (its own pixels: a score set's
-    # padding is no vote, as in the vote pass), every image's vote patterns
-    for got, labels in ((res, allowed), (plain, None)):
+    # padding is no vote, as in the vote pass), every image's vote patterns; the default with image labels
+    # takes the semi-supervised prior, 'strata' the no-label one
+    for got, labels, mode, model in ((res, allowed, "strata-semi", "semi"), (plain, None, "strata", "staple")):
         prov = got.stack.provenance
-        assert prov["subset_selection"] == "strata" and got.stack.ids == sets[0].ids
+        assert prov["subset_selection"] == mode and got.stack.ids == sets[0].ids
         per = []
         for r, i in enumerate(sub):
             rows, cols = (int(v) for v in gt.shapes[r])
@@ -134,7 +135,7 @@ def test_merge_with_partial_gt_selects_from_the_strata_by_default(tmp_path, scor
             per.append(strata_counts(np.asarray(gt.array[r, :rows, :cols])[None], [x[None] for x in a], c,
                                      None if labels is None else labels[i:i + 1]))
         patterns, _, _ = vote_patterns_pass(sets, image_labels=labels, progress=False)
-        want = stratified_scores(np.stack(per), patterns, reps=1000, seed=0)
+        want = stratified_scores(np.stack(per), patterns, reps=1000, seed=0, model=model)
         told = np.array([[np.nan if v is None else v for v in prov["strata_scores"][k]] for k in prov["sets"]])
         np.testing.assert_allclose(told, want["scores"], rtol=1e-12)
         np.testing.assert_array_equal(got.selection.best[1:], want["best"][1:])
@@ -247,13 +248,13 @@ def test_evaluate_with_a_partial_gt_shows_the_choice_merge_makes(tmp_path, capsy
     np.save(labels, {f"img{i:03d}": np.array([(g == k).any() for k in range(1, c)], np.float32)
                      for i, g in enumerate(gts)}, allow_pickle=True)
     res = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, image_labels=str(labels))
-    assert res.stack.provenance["subset_selection"] == "strata"
+    assert res.stack.provenance["subset_selection"] == "strata-semi"
     out = tmp_path / "ev.json"
     assert main(["evaluate", *(s.path for s in sets), "--gt", gt.path, "--image-labels", str(labels),
                  "--json", str(out), "--bootstrap", "50"]) == 0
-    assert "isle merge's choice with this gt (strata" in capsys.readouterr().out
+    assert "isle merge's choice with this gt (strata-semi" in capsys.readouterr().out
     doc = json.loads(out.read_text())
-    assert doc["default_selection"]["mode"] == "strata"
+    assert doc["default_selection"]["mode"] == "strata-semi"
     assert doc["default_selection"]["selection"] == res.selection.mapping()
     # without image labels: the posterior, as merge; with a gt of every image: nothing more
     assert main(["evaluate", *(s.path for s in sets), "--gt", gt.path, "--bootstrap", "0"]) == 0

@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-labels", metavar="SRC",
                         help="with --gt none: image-level labels (cls_labels.npy, ...); claims of classes "
                              "absent from an image count as background; with a gt of some images: for the "
-                             "choice isle merge makes there (the strata)")
+                             "choice isle merge makes there (the strata, strata-semi)")
     add_bootstrap(parser)
 
 
@@ -220,8 +220,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def default_choice(args: argparse.Namespace, ev) -> dict | None:
     """With a gt of some of the sets' images: print and return the choice ``isle merge`` makes by default
-    (:func:`isle_fast.ensemble.merge.subset_choice`: the strata with ``--image-labels``, the posterior
-    without); None for a gt of every image."""
+    (:func:`isle_fast.ensemble.merge.subset_choice`: the strata (``strata-semi``) with ``--image-labels``,
+    the posterior without); None for a gt of every image."""
     import numpy as np
 
     from isle_fast.ensemble.merge import subset_choice

@@ -32,11 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and the no-label estimate (--estimator), each weighted by its error")
     parser.add_argument("--subset-selection", choices=("auto", "strata", "strata-semi", "posterior", "labelled"),
                         default="auto",
-                        help="how a gt of some of the images selects: strata (the default there: the labelled "
-                             "images' truth per vote stratum applied to every image's votes), strata-semi "
-                             "(the same, its prior the STAPLE model fitted with the labelled truth), posterior "
-                             "(= --blend-estimate) or labelled (their IoU alone; the default with a gt of "
-                             "every image)")
+                        help="how a gt of some of the images selects: strata-semi (the default there with "
+                             "--image-labels: the labelled images' truth per vote stratum applied to every "
+                             "image's votes, its prior the STAPLE model fitted with the labelled truth), strata "
+                             "(the same, its prior the no-label STAPLE model), posterior (= --blend-estimate; "
+                             "the default without --image-labels) or labelled (their IoU alone; the default "
+                             "with a gt of every image)")
     parser.add_argument("--no-score", action="store_true",
                         help="do not evaluate the new ensemble against the gt afterwards")
 

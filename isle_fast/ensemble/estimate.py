@@ -148,21 +148,37 @@ def pairwise_iou(patterns: Any) -> np.ndarray:
     return out
 
 
-def _staple_class(h: np.ndarray, b: np.ndarray, iters: int, tol: float) -> np.ndarray:
-    """Posterior ``P(truth = 1 | pattern)`` of one class by EM (binary Dawid-Skene) on the pixels ``h`` where
-    the class may be present."""
-    tot = h.sum()
-    if tot <= 0:
-        return np.zeros(h.shape[0])
-    w = b.mean(axis=1)  # vote share
+def staple_em(u: np.ndarray, b: np.ndarray, iters: int = 200, tol: float = 1e-10, pos: np.ndarray | None = None,
+              neg: np.ndarray | None = None) -> np.ndarray:
+    """``P(truth = 1 | pattern)`` of one class by EM (binary Dawid-Skene / STAPLE), some pixels' truth known.
+
+    The model: a prior, and per set a sensitivity and a false-positive rate,
+    the sets conditionally independent given the truth. Fitted on ``u``
+    (``(P,)`` pixels per vote pattern whose truth is latent) and, optionally,
+    labelled pixels ``pos`` / ``neg`` (``(P,)``, truth the class / not the
+    class: held fixed). Starts from the labelled truth share where a pattern
+    has labelled pixels, else the vote share; stops when no parameter moves by
+    ``tol`` (at most ``iters`` steps). Without labelled pixels it is the
+    no-label STAPLE fit; all zeros when there are no pixels at all. The one EM
+    of the no-label (:func:`staple_iou`) and the semi-supervised
+    (:func:`isle_fast.ensemble.uncertainty.stratified_scores`) models.
+    """
+    u = np.asarray(u, dtype=np.float64)
+    pos = np.zeros_like(u) if pos is None else np.asarray(pos, dtype=np.float64)
+    neg = np.zeros_like(u) if neg is None else np.asarray(neg, dtype=np.float64)
+    lab = pos + neg
+    if u.sum() + lab.sum() <= 0:
+        return np.zeros(u.shape[0])
+    w = np.where(lab > 0, pos / np.where(lab > 0, lab, 1.0), b.mean(axis=1))  # labelled share, else vote share
     eps = 1e-9
     prev = None
     for _ in range(iters):
-        pos = (h * w).sum()
-        neg = tot - pos
-        pi = np.clip(pos / tot, eps, 1 - eps)
-        sens = np.clip((h * w) @ b / max(pos, eps), eps, 1 - eps)          # P(vote | truth 1)
-        fpr = np.clip((h * (1 - w)) @ b / max(neg, eps), eps, 1 - eps)     # P(vote | truth 0)
+        t1 = pos + u * w
+        t0 = neg + u * (1.0 - w)
+        n1, n0 = t1.sum(), t0.sum()
+        pi = np.clip(n1 / max(n1 + n0, eps), eps, 1 - eps)
+        sens = np.clip(t1 @ b / max(n1, eps), eps, 1 - eps)          # P(vote | truth 1)
+        fpr = np.clip(t0 @ b / max(n0, eps), eps, 1 - eps)           # P(vote | truth 0)
         l1 = np.log(pi) + b @ np.log(sens) + (1 - b) @ np.log(1 - sens)
         l0 = np.log(1 - pi) + b @ np.log(fpr) + (1 - b) @ np.log(1 - fpr)
         w = 1.0 / (1.0 + np.exp(np.clip(l0 - l1, -700, 700)))
@@ -171,6 +187,12 @@ def _staple_class(h: np.ndarray, b: np.ndarray, iters: int, tol: float) -> np.nd
             break
         prev = params
     return w
+
+
+def _staple_class(h: np.ndarray, b: np.ndarray, iters: int, tol: float) -> np.ndarray:
+    """Posterior ``P(truth = 1 | pattern)`` of one class by EM (binary Dawid-Skene) on the pixels ``h`` where
+    the class may be present (:func:`staple_em` without labelled pixels)."""
+    return staple_em(h, b, iters, tol)
 
 
 def staple_iou(patterns: Any, iters: int = 200, tol: float = 1e-10) -> np.ndarray:

@@ -758,8 +758,8 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
     return res
 
 
-#: how a gt of some images selects (``merge(subset_selection=...)``); ``auto``: ``strata`` for a gt of some
-#: of the sets' images, ``labelled`` for a gt of every image
+#: how a gt of some images selects (``merge(subset_selection=...)``); ``auto``: ``strata-semi`` for a gt of
+#: some of the sets' images with image labels (``posterior`` without), ``labelled`` for a gt of every image
 SUBSET_SELECTIONS = ("auto", "strata", "strata-semi", "posterior", "labelled")
 
 
@@ -793,7 +793,7 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
     """The selection of a gt of some images (see :func:`merge`, ``subset_selection``).
 
     Returns ``(mode, selection, scores or None, strata result, posterior result)``; ``mode`` is the one
-    taken (``auto`` resolved: ``strata`` with image labels ``allowed``, ``posterior`` without, ``labelled``
+    taken (``auto`` resolved: ``strata-semi`` with image labels ``allowed``, ``posterior`` without, ``labelled``
     for a gt of every image (``partial`` False) or a threshold ``sweep``; ``estimate`` without a gt).
     """
     if mode not in SUBSET_SELECTIONS:
@@ -803,9 +803,10 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
     strata: dict[str, Any] = {}
     posterior: dict[str, Any] = {}
     if mode == "auto":
-        # by measurement (benchmarks/selection.py, K = 100): strata with image labels, the posterior without
+        # by measurement (benchmarks/selection.py, K = 100): the strata with the semi-supervised prior with
+        # image labels, the posterior without
         mode = "labelled" if gt_stack is None or not partial or sweep else (
-            "strata" if allowed is not None else "posterior")
+            "strata-semi" if allowed is not None else "posterior")
     if gt_stack is None:
         mode = "estimate"
     if mode in ("strata", "strata-semi"):
@@ -907,21 +908,23 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         (:func:`isle_fast.ensemble.uncertainty.posterior_scores`); the same as
         ``subset_selection='posterior'``.
     subset_selection : {'auto', 'strata', 'strata-semi', 'posterior', 'labelled'}
-        How a gt of some images selects. ``strata`` (what ``auto`` takes for a
-        gt of some of the images with ``image_labels``): the labelled images'
-        truth rate per vote stratum (a class and the sets predicting it)
-        applied to every image's votes, the labelled pixels counted exactly
-        (:func:`isle_fast.ensemble.uncertainty.stratified_scores`);
-        ``strata-semi``: the same with the STAPLE model fitted with the
-        labelled truth in the strata's prior (``model='semi'``; more of the
-        gain on average in ``benchmarks/selection.py``, not on every data set);
-        ``posterior`` (what ``auto`` takes there without image labels): as
-        ``blend_estimate``; ``labelled``: the labelled images' IoU alone (what
-        ``auto`` takes for a gt of every image, and with a threshold sweep).
-        ``auto`` takes the best of these by measurement in
-        ``benchmarks/selection.py`` (with 100 labelled images of 300: strata
-        kept 77 % of the full-gt gain with image labels, the posterior 72 %
-        without them, the labelled IoU alone 36 %).
+        How a gt of some images selects. ``strata-semi`` (what ``auto`` takes
+        for a gt of some of the images with ``image_labels``): the labelled
+        images' truth rate per vote stratum (a class and the sets predicting
+        it) applied to every image's votes, the labelled pixels counted
+        exactly, each stratum's rate shrunk toward a prior from the STAPLE
+        model fitted with the labelled truth
+        (:func:`isle_fast.ensemble.uncertainty.stratified_scores`,
+        ``model='semi'``); ``strata``: the same with the no-label STAPLE
+        posterior in the prior (``model='staple'``, the default before
+        2026-12-02); ``posterior`` (what ``auto`` takes there without image
+        labels): as ``blend_estimate``; ``labelled``: the labelled images' IoU
+        alone (what ``auto`` takes for a gt of every image, and with a
+        threshold sweep). ``auto`` takes the best of these by measurement in
+        ``benchmarks/selection.py`` (100 labelled images of 300-600, mean of 7
+        data sets: ``strata-semi`` kept 82 % of the full-gt gain with image
+        labels (worst data set 48 %), ``strata`` 80 % (46 %), the posterior
+        72 % without them, the labelled IoU alone 36 %).
     each_chunk : callable, optional
         ``each_chunk(start, labels)``: called with every ensemble chunk once it
         is written (``start``: its first ``(image, row, column)``; ``labels``:

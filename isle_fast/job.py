@@ -140,6 +140,12 @@ class JobSpec:
         Refinement parameters, ``crf.iterations=5``.
     policy, strategy, subset, average, bg_threshold, backend :
         As ``isle merge``.
+    image_labels : Path, optional
+        Image-level labels (``cls_labels.npy``, an ids + labels text file, or a
+        store carrying them; :mod:`isle_fast.stores.image_labels`), as ``isle merge
+        --image-labels``: claims of classes absent from an image are dropped from
+        the ensemble, and with a gt of some of the images the selection takes
+        the strata (``strata-semi``) instead of the posterior.
     compress : str
         PNG compression of the export (``rle`` or 0-9).
     report : bool
@@ -171,6 +177,7 @@ class JobSpec:
     average: str = "dataset"
     bg_threshold: float | None = None
     backend: str = "auto"
+    image_labels: Path | None = None
     compress: str = "rle"
     report: bool = True
     num_images: int = 3
@@ -211,7 +218,8 @@ class JobSpec:
         for n, p, _ in every:
             if not p.is_dir():
                 raise InputError(f"set {n!r}: folder {p} does not exist")
-        for what, given in ((param("ids"), self.ids), (param("images"), self.images)):
+        for what, given in ((param("ids"), self.ids), (param("images"), self.images),
+                            (param("image_labels"), self.image_labels)):
             if given is not None and not Path(given).exists():
                 raise InputError(f"{what} {given} does not exist")
         if self.policy not in POLICIES:
@@ -239,6 +247,10 @@ class JobSpec:
         if self.num_images < 0:
             raise InputError(f"{param('num_images')} must be at least 0, not {self.num_images}")
         out, cache = _resolved(self.out), _resolved(self.cache_dir)
+        if self.image_labels is not None and (_inside(_resolved(self.image_labels), out)
+                                              or _inside(_resolved(self.image_labels), cache)):
+            raise InputError(f"{param('image_labels')} {self.image_labels} lies in the run folder "
+                             f"{self.out} or its cache; keep inputs elsewhere")
         for n, p, _ in every + [("gt", Path(self.gt), "labels")]:
             src = _resolved(p)
             if _inside(out, src) or _inside(src, out) or _inside(cache, src):
@@ -289,16 +301,16 @@ def spec_from_root(root: str | os.PathLike, **options: Any) -> JobSpec:
 _TOML_FIELDS = {
     "gt": "gt", "out": "out", "cache": "cache", "ids": "ids", "images": "images", "classes": "classes",
     "workers": "workers", "skip_bad": "skip_bad", "allow_pickle": "allow_pickle", "backend": "backend",
-    "average": "average", "bg_threshold": "bg_threshold",
+    "average": "average", "bg_threshold": "bg_threshold", "image_labels": "image_labels",
 }
 _TOML_SECTIONS = {
     "refine": {"chain": "refine", "sets": "refine_sets", "params": "params"},
     "merge": {"policy": "policy", "strategy": "strategy", "sets": "subset", "average": "average",
-              "bg_threshold": "bg_threshold"},
+              "bg_threshold": "bg_threshold", "image_labels": "image_labels"},
     "export": {"compress_level": "compress"},
     "report": {"enabled": "report", "num_images": "num_images"},
 }
-_PATH_FIELDS = {"gt", "out", "cache", "ids", "images"}
+_PATH_FIELDS = {"gt", "out", "cache", "ids", "images", "image_labels"}
 
 
 def spec_from_toml(path: str | os.PathLike, **options: Any) -> JobSpec:
@@ -320,6 +332,7 @@ def spec_from_toml(path: str | os.PathLike, **options: Any) -> JobSpec:
         params = ["crf.iterations=5"]
         [merge]
         policy = "score"
+        image_labels = "VOC/cls_labels.npy"   # optional (also at the top level)
         [export]
         compress_level = "rle"
         [report]
@@ -357,7 +370,8 @@ def spec_from_toml(path: str | os.PathLike, **options: Any) -> JobSpec:
                 if k not in _TOML_SECTIONS[key]:
                     raise InputError(f"job file {p}: unknown key {key}.{k} (known: "
                                      f"{', '.join(_TOML_SECTIONS[key])})")
-                fields[_TOML_SECTIONS[key][k]] = v
+                f = _TOML_SECTIONS[key][k]
+                fields[f] = path_of(f"{key}.{k}", v) if f in _PATH_FIELDS else v
         elif key in _TOML_FIELDS:
             fields[_TOML_FIELDS[key]] = path_of(key, value) if key in _PATH_FIELDS else value
         else:
@@ -839,7 +853,8 @@ def run_job(spec: JobSpec) -> JobResult:
     steps = _Steps(spec.quiet)
     from isle_fast.outputs import remove_path, temp_path
 
-    inputs = [p for p in (spec.gt, spec.ids, spec.images, *(f for _, f, _ in spec.all_sets()))
+    inputs = [p for p in (spec.gt, spec.ids, spec.images, spec.image_labels,
+                          *(f for _, f, _ in spec.all_sets()))
               if p is not None]
     _prepare_folder(out, "--out", inputs, "isle run")
     _prepare_folder(cache, "--cache", inputs, "isle run (store cache)")
@@ -1060,6 +1075,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps, wa
         with steps.step("merge"):
             res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
                         subset=subset, evaluation=ev, backend=spec.backend, bg_threshold=spec.bg_threshold,
+                        image_labels=None if spec.image_labels is None else str(spec.image_labels),
                         name="ensemble", progress=progress,
                         each_chunk=None if counter is None else _each_chunk(counter, sink))
         if counter is not None and not res.each_chunk_ran:   # the Dask graph ran: the separate passes

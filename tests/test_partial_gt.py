@@ -239,6 +239,77 @@ def test_isle_run_with_a_partial_gt_equals_merge_on_the_same_stores(tmp_path, ca
     shutil.rmtree(run)
 
 
+def _image_labels_of_tree(tree, path, classes: int = 21):
+    """cls_labels.npy of a make_tree root: each image's foreground classes, from its full gt."""
+    from PIL import Image
+
+    labels = {}
+    for p in sorted((tree / "SegmentationClass").glob("*.png")):
+        g = np.asarray(Image.open(p))
+        labels[p.stem] = np.array([(g == k).any() for k in range(1, classes)], np.float32)
+    np.save(path, labels, allow_pickle=True)
+    return path
+
+
+def test_isle_run_with_image_labels_equals_merge_with_them(tmp_path, capsys):
+    """``isle run --image-labels``: with a gt of some images the choice takes the strata (strata-semi) and the
+    ensemble is ``merge(image_labels=...)``'s on the same stores; with a gt of every image the absent classes'
+    claims are dropped as ``isle merge --image-labels`` drops them. Before, ``isle run`` had no such option."""
+    import json
+
+    from tests.test_job import make_tree
+
+    tree = make_tree(tmp_path / "voc", n=16, seed=5)
+    labels = _image_labels_of_tree(tree, tmp_path / "cls_labels.npy")
+    # a gt of every image first: the same ensemble as isle merge --image-labels on the run's stores
+    full_run = tmp_path / "full"
+    assert main(["run", str(tree), "--out", str(full_run), "--workers", "1", "--quiet", "--no-report",
+                 "--image-labels", str(labels)]) == 0
+    cache = full_run / "cache"
+    stores = [str(cache / f"{s}.zarr") for s in ("alpha", "beta", "gamma")]
+    assert main(["merge", *stores, "--gt", str(cache / "gt.zarr"), "--out", str(tmp_path / "m.zarr"),
+                 "--image-labels", str(labels), "--quiet", "--no-score"]) == 0
+    ens = open_stack(full_run / "ensemble.zarr")
+    np.testing.assert_array_equal(np.asarray(ens.array[:]), np.asarray(open_stack(tmp_path / "m.zarr").array[:]))
+    plain = merge([open_stack(s) for s in stores], open_stack(cache / "gt.zarr"), f"{tmp_path}/plain.zarr",
+                  progress=False)
+    assert not np.array_equal(np.asarray(plain.stack.array[:]), np.asarray(ens.array[:])), \
+        "the image labels changed nothing: the test cannot tell"
+    assert json.loads((full_run / "run.json").read_text())["spec"]["image_labels"] == str(labels)
+    # then a gt of every other image
+    for p in sorted((tree / "SegmentationClass").glob("*.png"))[::2]:
+        p.unlink()
+    run = tmp_path / "run"
+    assert main(["run", str(tree), "--out", str(run), "--workers", "1", "--quiet", "--no-report",
+                 "--image-labels", str(labels)]) == 0
+    ens = open_stack(run / "ensemble.zarr")
+    assert ens.provenance["subset_selection"] == "strata-semi"
+    cache = run / "cache"
+    sets = [open_stack(cache / f"{s}.zarr") for s in ("alpha", "beta", "gamma")]
+    res = merge(sets, open_stack(cache / "gt.zarr"), f"{tmp_path}/ens.zarr", progress=False,
+                image_labels=str(labels))
+    np.testing.assert_array_equal(np.asarray(res.stack.array[:]), np.asarray(ens.array[:]))
+    assert json.loads((run / "evaluation.json").read_text())["selection"] == res.selection.mapping()
+
+
+def test_isle_run_image_labels_mistakes_are_named(tmp_path, capsys):
+    from isle_fast.job import spec_from_toml
+    from tests.test_job import make_tree
+
+    job = tmp_path / "job" / "job.toml"
+    job.parent.mkdir()
+    for body in ('image_labels = "cls.npy"', '[merge]\nimage_labels = "cls.npy"'):
+        job.write_text(f'gt = "gt"\nout = "run"\n{body}\n')
+        assert spec_from_toml(job).image_labels == job.parent / "cls.npy"   # relative to the file
+
+    tree = make_tree(tmp_path / "voc", n=4, seed=1)
+    capsys.readouterr()
+    assert main(["run", str(tree), "--out", str(tmp_path / "run"), "--quiet",
+                 "--image-labels", str(tmp_path / "nope.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "--image-labels" in err and "nope.npy" in err and "Traceback" not in err
+
+
 def test_evaluate_with_a_partial_gt_shows_the_choice_merge_makes(tmp_path, capsys):
     import json
 

@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="IoU averaging of the selection (default dataset)")
     parser.add_argument("--bg-threshold", type=float, default=None, metavar="T",
                         help="score sets: background score replaced by T in [0, 1]")
+    parser.add_argument("--image-labels", metavar="SRC",
+                        help="image-level labels (cls_labels.npy, an ids + labels file, or a store carrying "
+                             "them), as isle merge: claims of classes absent from an image are dropped; with a "
+                             "gt of some images the choice takes the vote strata (strata-semi)")
     parser.add_argument("--backend", choices=("auto", "cpu", "gpu"), default=None, help="kernel backend")
     add_compress_argument(parser)
     parser.set_defaults(compress_level=None)
@@ -95,6 +99,7 @@ def spec_from_args(args: argparse.Namespace):
         "strategy": args.strategy,
         "subset": args.subset, "average": args.average, "bg_threshold": args.bg_threshold,
         "backend": args.backend, "compress": args.compress_level, "report": args.report,
+        "image_labels": Path(args.image_labels) if args.image_labels else None,
         "num_images": args.num_images, "workers": args.workers, "skip_bad": args.skip_bad,
         "allow_pickle": args.allow_pickle, "quiet": args.quiet or None,
     }

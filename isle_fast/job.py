@@ -1059,7 +1059,7 @@ def _run(spec: JobSpec, out: Path, cache: Path, staging: Path, steps: _Steps, wa
             res = merge(set_stacks, gt, staging / "ensemble.zarr", policy=spec.policy, strategy=spec.strategy,
                         subset=subset, evaluation=ev, backend=spec.backend, bg_threshold=spec.bg_threshold,
                         name="ensemble", progress=progress,
-                        each_chunk=None if counter is None else _each_chunk(counter, sink))
+                        each_chunk=None if sink is None else _each_chunk(sink), counter=counter)
         if counter is not None and not res.each_chunk_ran:   # the Dask graph ran: the separate passes
             sink.abort()
             counter = sink = None
@@ -1252,10 +1252,9 @@ def _evaluation(spec: JobSpec, set_names: Sequence[str], set_stacks: Sequence[An
                       gt_path=gt.path, backend=resolve_backend(spec.backend), seconds=time.perf_counter() - t0)
 
 
-def _each_chunk(counter: Any, sink: Any) -> Any:
-    """The merge's ``each_chunk``: count the ensemble chunk against the gt, then write its PNGs."""
+def _each_chunk(sink: Any) -> Any:
+    """The merge's ``each_chunk``: write the ensemble chunk's PNGs (the merge counted it: its ``counter``)."""
     def each_chunk(start: tuple[int, int, int], labels: np.ndarray) -> None:
-        counter.add(start, labels)
         sink.write(start[0], labels)
 
     return each_chunk

@@ -1046,6 +1046,12 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                                 or tuple(counter.gt.shape) != tuple(gt_stack.shape)
                                 or tuple(counter.gt.chunks) != tuple(gt_stack.chunks)):
         raise ValueError(f"{param('counter')} counts against another gt than {gt}: give a ChunkCounts of it")
+    if counter is not None:
+        from isle_fast.cluster import current_client
+
+        if current_client() is not None:   # its counts live in this process; the tasks would run on workers
+            raise ValueError(f"{param('counter')} counts on this machine's threads: not with a dask.distributed "
+                             "client (evaluate the ensemble store instead)")
     if frame is not gt_stack and strategy == "image" and image_labels is None:
         have = "no ground truth" if gt_stack is None else f"a ground truth of {gt_stack.num_images} of the " \
             f"{frame.num_images} images"

@@ -46,17 +46,27 @@ Performance notes
   parallel region, the same loops measured about 2x faster than in a plain
   ``@njit`` function (Numba 0.68, this machine).
 * ``merge_labels`` works on 64-pixel blocks (8 words), then on words: where
-  every set has the same word and its bytes are all < C (or all 255) the word
-  is copied; where every set repeats its previous block (word) the previous
-  result is copied; only the remaining words are merged pixel by pixel, each
-  pixel's result being ``lab[max_n key[n, label_n]]`` with small per-set
-  lookup tables (the key orders claims by the policy; IGNORE sums per-set
-  codes instead). The checks OR together XORs of whole words without
-  branching inside a block. On VOC-like maps most words are copied or
-  repeat; going word by word inside a failed block left far fewer pixels to
-  the slow path than 64-pixel blocks alone. Pixel ``j`` of a word is
-  its byte ``j``: the word tricks assume a little-endian machine (checked at
-  import).
+  every set has the same words and their bytes are all < C (or all 255) the
+  words are copied; where every set repeats the row above (the same bytes one
+  row length back) the output of the row above is copied; only the remaining
+  words are merged, 8 pixels at a time: each set's word becomes a word of its
+  per-pixel keys (one lookup where the word is one label), the keys' bytewise
+  max is taken with SWAR arithmetic and mapped through ``lab`` (the key orders
+  claims by the policy; IGNORE sums per-set codes instead, pixel by pixel, as
+  do keys of C > 127). The checks OR together XORs of whole words without
+  branching inside a block. On the 2,400-image VOC e2e data 71 % of the words
+  are in copied blocks, 25 % repeat the row above and 3.4 % are merged; the
+  row-above copy replaced a previous-block / previous-word repeat (which
+  caught far fewer of the words of a failed block) and with the 8-pixel merge
+  took the kernel from 0.44 to 0.35 s of one core for the 73 chunks of 33
+  images (a hand measurement: 12 of them timed, x 73/12). Pixel ``j`` of a word is its byte
+  ``j``: the word tricks assume a little-endian machine (checked at import).
+* ``merge_count_images`` (``isle run``'s fused ensemble pass) merges a chunk of
+  padded images image by image, only each image's rows (its padding is set to
+  255), and counts the image against the gt right after it is merged, while its
+  rows are in cache: merge, padding and count took 0.42 s against 0.57 s for
+  ``merge_labels``, the padding fill and ``confusion_labels_images`` in turn
+  (the same hand measurement).
 * ``sparse_score_bins`` (decode + ``(gt, argmax, bin)`` counts of class-sparse uint8 slots) works
   row by row in two steps: per set, the row's max / class are decoded into uint8 rows by loops
   specialised on the slot count K (a literal stride 1..6) and on the used slots, so that LLVM

@@ -1346,7 +1346,8 @@ def merge_count_images(sets: Sequence[np.ndarray], gt: np.ndarray, shapes: np.nd
     (labels,), shapes, C, per_image)`` of them. Each image is counted right after it is
     merged, while its rows are in cache, instead of in a second pass over the chunk; the
     padding rows are not merged. On the calling thread (no parallel region), as
-    :func:`confusion_labels_images`.
+    :func:`confusion_labels_images`. CPU only: :mod:`isle_fast.kernels.gpu` has no such kernel
+    (:func:`isle_fast.ensemble.merge.merge_chunk_counted` then merges and counts in turn).
 
     Parameters
     ----------

@@ -242,6 +242,105 @@ def test_merge_labels_rules():
     assert cpu.merge_labels((a, b), sel, pri, cpu.IGNORE).tolist() == [255, 1, 2, 0, 255, 0, 1]
 
 
+def _blocky_sets(rng, shape, C, N):
+    """gt and N sets that are 2-D blocky (equal rows repeat, as real label maps): the merge's row-above
+    copies run, beside sets that differ in rectangles, pixel noise, abstentions 255 and values >= C."""
+    lead, H, W = shape[:-2], shape[-2] if len(shape) > 1 else 1, shape[-1]
+    bh, bw = int(rng.choice([1, 2, 5, 16])), int(rng.choice([1, 3, 8, 20]))
+    low = rng.integers(0, C, lead + (-(-H // bh), -(-W // bw))).astype(np.uint8)
+    gt = np.repeat(np.repeat(low, bh, axis=-2), bw, axis=-1)[..., :H, :W].reshape(shape)
+    gt = np.where(rng.random(shape) < rng.choice([0.0, 0.05]), 255, gt).astype(np.uint8)
+    sets = []
+    for _ in range(N):
+        s = np.where(gt >= C, rng.integers(0, C, shape), gt).astype(np.uint8).reshape(lead + (H, W))
+        for _ in range(int(rng.integers(0, 4))):      # a rectangle of another class (or abstention)
+            r0, c0 = int(rng.integers(0, H)), int(rng.integers(0, W))
+            v = 255 if rng.random() < 0.3 else int(rng.integers(0, C))
+            s[..., r0:r0 + int(rng.integers(1, H + 1)), c0:c0 + int(rng.integers(1, W + 1))] = v
+        s = s.reshape(shape)
+        noise = rng.random(shape) < rng.choice([0.0, 0.01, 0.2])
+        s[noise] = rng.integers(0, 256, int(noise.sum()))   # values >= C too
+        sets.append(s)
+    return gt, tuple(sets)
+
+
+_MERGE_CLASSES = [2, 3, 21, 30, 126, 127, 128, 129, 200, 255]   # 127 / 128: the word paths' limits
+
+
+@given(seeds, st.sampled_from([cpu.SCORE, cpu.ORDER, cpu.IGNORE]))
+def test_merge_labels_blocky_maps_equal_reference(seed, policy):
+    """Maps whose rows repeat (the row-above copies), any width (under a word too), C past 127 / 128."""
+    rng = np.random.default_rng(seed)
+    C = int(rng.choice(_MERGE_CLASSES))
+    N = int(rng.integers(1, 6))
+    ndim = int(rng.integers(1, 4))
+    shape = tuple(int(rng.choice([1, 2, 3, 5, 7, 8, 9, 17, 40, 67, 130])) for _ in range(ndim))
+    gt, sets = _blocky_sets(rng, shape, C, N)
+    sel, pri = _selection(rng, C, N)
+    got = cpu.merge_labels(sets, sel, pri, policy)
+    assert got.dtype == np.uint8 and got.shape == shape
+    assert np.array_equal(got, ref.merge_labels(sets, sel, pri, policy))
+
+
+def _merge_count_reference(gt, sets, shapes, sel, pri, policy, C):
+    """The reference merge with 255 outside each image's region, and its per-image confusion."""
+    lab = ref.merge_labels(sets, sel, pri, policy).astype(np.uint8)
+    per = np.zeros((gt.shape[0], 1, C, C + 1), np.int64)
+    for m, (r, c) in enumerate(shapes):
+        lab[m, r:] = 255
+        lab[m, :, c:] = 255
+        per[m] = ref.confusion_labels(gt[m, :r, :c], [lab[m, :r, :c]], C)
+    return lab, per
+
+
+@given(seeds, st.sampled_from([cpu.SCORE, cpu.ORDER, cpu.IGNORE]), st.booleans())
+def test_merge_count_images_equals_reference(seed, policy, blocky):
+    """Labels as merge_labels with the padding 255, counts as confusion_labels_images of them; padded
+    chunks of odd sizes, padding of any value in the sets, gt 255, C past the word paths' limits."""
+    rng, C, N, gt, sets, shapes = _padded_case(seed)
+    if blocky or rng.random() < 0.3:
+        C = int(rng.choice(_MERGE_CLASSES)) if rng.random() < 0.5 else C
+        gt, sets = _blocky_sets(rng, gt.shape, C, N)
+    sel, pri = _selection(rng, C, N)
+    want, per = _merge_count_reference(gt, sets, shapes, sel, pri, policy, C)
+    lab, counts = cpu.merge_count_images(sets, gt, shapes.astype(rng.choice([np.int32, np.int64])), sel, pri,
+                                         policy, per_image=True)
+    assert lab.dtype == np.uint8 and lab.shape == gt.shape and np.array_equal(lab, want)
+    assert counts.dtype == np.int64 and np.array_equal(counts, per)
+    lab1, total = cpu.merge_count_images(sets, gt, shapes, sel, pri, policy)
+    assert np.array_equal(lab1, want) and np.array_equal(total, per.sum(axis=0))
+    assert np.array_equal(total, cpu.confusion_labels_images(gt, (want,), shapes, C))
+
+
+def test_merge_count_images_large_blocky_chunk():
+    """VOC-like: images larger than the count's cache block, rows not starting on a word, portrait and
+    landscape images in one padded chunk, all three policies."""
+    rng = np.random.default_rng(5)
+    C, N, H, W = 21, 4, 157, 301
+    gt, sets = _blocky_sets(rng, (4, H, W), C, N)
+    shapes = np.array([[H, W], [150, W], [H, 293], [0, 0]])
+    sel, pri = _selection(rng, C, N)
+    for policy in (cpu.SCORE, cpu.ORDER, cpu.IGNORE):
+        want, per = _merge_count_reference(gt, sets, shapes, sel, pri, policy, C)
+        lab, counts = cpu.merge_count_images(sets, gt, shapes, sel, pri, policy, per_image=True)
+        assert np.array_equal(lab, want) and np.array_equal(counts, per)
+
+
+def test_merge_count_images_validation():
+    g = np.zeros((2, 4, 5), np.uint8)
+    sel, pri = np.zeros(3, np.int64), np.zeros((1, 3))
+    with pytest.raises(ValueError, match=r"shapes must be a \(2, 2\) integer array"):
+        cpu.merge_count_images((g,), g, np.zeros((3, 2), np.int64), sel, pri, cpu.SCORE)
+    with pytest.raises(ValueError, match="within the padded 4 x 5"):
+        cpu.merge_count_images((g,), g, np.array([[4, 6], [1, 1]]), sel, pri, cpu.SCORE)
+    with pytest.raises(ValueError, match=r"\(images, H, W\)"):
+        cpu.merge_count_images((g[0],), g[0], np.zeros((4, 2), np.int64), sel, pri, cpu.SCORE)
+    with pytest.raises(ValueError, match=r"sets\[0\] has shape"):
+        cpu.merge_count_images((g[:1],), g, np.zeros((2, 2), np.int64), sel, pri, cpu.SCORE)
+    with pytest.raises(ValueError, match="policy"):
+        cpu.merge_count_images((g,), g, np.zeros((2, 2), np.int64), sel, pri, 7)
+
+
 @given(seeds, st.sampled_from([cpu.SCORE, cpu.ORDER, cpu.IGNORE]))
 def test_merge_scores_equals_reference(seed, policy):
     rng, C, N, gt, sets, thr = _score_case(seed)
@@ -311,6 +410,22 @@ def test_large_inputs_several_chunks(threads, run):
             assert np.array_equal(cpu.merge_labels(sets, sel, pri, pol), ref.merge_labels(sets, sel, pri, pol))
             assert np.array_equal(cpu.subset_confusion_labels(gt, sets, sels, members, pri, pol, C),
                                   ref.subset_confusion_labels(gt, sets, sels, members, pri, pol, C))
+    finally:
+        numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_merge_labels_blocky_several_chunks(threads):
+    """Several parallel work items on 2-D blocky maps: a row-above copy never reads another item's output."""
+    rng = np.random.default_rng(8)
+    C, N = 21, 4
+    gt, sets = _blocky_sets(rng, (5, 203, 301), C, N)
+    sel, pri = _selection(rng, C, N)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads or old)
+        for pol in (cpu.SCORE, cpu.ORDER, cpu.IGNORE):
+            assert np.array_equal(cpu.merge_labels(sets, sel, pri, pol), ref.merge_labels(sets, sel, pri, pol))
     finally:
         numba.set_num_threads(old)
 

@@ -408,6 +408,38 @@ def test_image_strategy_ranks_by_image_labels(stack_factory):
         np.testing.assert_array_equal(res.stack.read_image(i), want)
 
 
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("chunks,strategy,labels", [((2, 8, 8), "class", False), ((3, 4, 5), "class", False),
+                                                    ((2, 8, 8), "class", True), ((2, 8, 8), "image", False)])
+def test_merge_counter_counts_like_evaluate(tmp_path, rng, policy, per_image, chunks, strategy, labels):
+    """``merge(counter=...)``: the counts made in the merge kernel's pass (class strategy, whole images or
+    tiles, image labels) or after it (image strategy) equal ``evaluate`` of the stored ensemble; the store is
+    the one a merge without a counter writes, byte for byte."""
+    from isle_fast.ensemble.evaluate import ChunkCounts
+
+    gt = write_stack(str(tmp_path / "gt"), label_imgs(rng, p_abstain=0.1), kind="gt", num_classes=C,
+                     chunks=chunks)
+    sets = [write_stack(str(tmp_path / f"s{k}"), label_imgs(rng), num_classes=C, chunks=chunks, name="ABC"[k])
+            for k in range(3)]
+    kw = dict(policy=policy, strategy=strategy, backend="cpu", progress=False,
+              image_labels=rng.random((len(SHAPES), C)) < 0.7 if labels else None)
+    counter = ChunkCounts(gt, backend="cpu", per_image=per_image)
+    res = merge(sets, gt, str(tmp_path / "ens"), counter=counter, **kw)
+    assert res.each_chunk_ran
+    plain = merge(sets, gt, str(tmp_path / "plain"), **kw)
+    assert np.array_equal(np.asarray(res.stack.array[:]), np.asarray(plain.stack.array[:]))
+    check_padding(res.stack)
+    direct = evaluate([res.stack], gt, backend="cpu", progress=False, per_image=per_image)
+    fused = counter.evaluation(res.stack)
+    assert np.array_equal(fused.counts, direct.counts)
+    assert (fused.image_stats is None) == (not per_image)
+    if per_image:
+        assert np.array_equal(fused.image_stats, direct.image_stats)
+    with pytest.raises(ValueError, match="another gt"):
+        merge(sets, gt, str(tmp_path / "other"), counter=ChunkCounts(sets[0], backend="cpu"), **kw)
+
+
 @pytest.mark.parametrize("average", ["dataset", "image"])
 @pytest.mark.parametrize("chunks", [(2, 8, 8), (3, 4, 5)])
 def test_each_chunk_sees_the_stored_ensemble_and_counts_like_evaluate(tmp_path, rng, average, chunks):

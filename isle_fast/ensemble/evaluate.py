@@ -556,26 +556,54 @@ class ChunkCounts:
         self._shapes = np.asarray(gt.shapes)
         self._lock = threading.Lock()
 
-    def add(self, start: tuple[int, int, int], labels: np.ndarray) -> None:
-        """Count the label region starting at ``start`` (image, row, column; on the gt's chunk grid)."""
+    @property
+    def per_image(self) -> bool:
+        """Whether every image's counts are kept (:meth:`add_counts` takes them per image)."""
+        return self.stats is not None
+
+    def gt_region(self, start: tuple[int, int, int], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The gt region of ``shape`` at ``start`` (on the gt's chunk grid) and each image's rows and columns
+        in it (:func:`tile_shapes`): what a kernel that counts a label region needs.
+
+        The block is this thread's kept buffer of the gt's read slot (``("chunk", 0)``): valid until the
+        thread's next gt read.
+        """
         from isle_fast.stores.chunkio import read_kept
 
         k, hc, wc = (int(v) for v in self.gt.chunks)
         i0, r0, c0 = (int(v) for v in start)
         if i0 % k or r0 % hc or c0 % wc:
             raise ValueError(f"region at {start} does not start a chunk of the gt's {self.gt.chunks} grid")
-        shape = tuple(int(v) for v in labels.shape)
+        if len(shape) != 3:
+            raise ValueError(f"a label region is (images, rows, columns), not {tuple(shape)}")
+        size = (int(shape[0]), int(shape[1]), int(shape[2]))
         assert self.spec is not None, "ChunkCounts needs the gt's plain chunk layout"
-        # into this thread's kept buffer: the gt chunk is only read by the count below
-        g = read_kept(self.spec, (i0 // k, r0 // hc, c0 // wc), shape, ("chunk", 0))
+        g = read_kept(self.spec, (i0 // k, r0 // hc, c0 // wc), size, ("chunk", 0))
+        return g, tile_shapes(self._shapes, start, size)
+
+    def add(self, start: tuple[int, int, int], labels: np.ndarray) -> None:
+        """Count the label region starting at ``start`` (image, row, column; on the gt's chunk grid)."""
+        shape = tuple(int(v) for v in labels.shape)
+        g, shapes = self.gt_region(start, shape)
         out = _confusion_block(g, labels, backend=self.backend, groups=(Group("labels", (0,)),), order=(0,),
-                               num_classes=self.gt.num_classes, per_image=self.stats is not None,
-                               shapes=tile_shapes(self._shapes, start, shape) if len(shape) == 3 else None)
+                               num_classes=self.gt.num_classes, per_image=self.per_image, shapes=shapes)
+        self.add_counts(start, shape, out[:, 0, 0, 0])
+
+    def add_counts(self, start: tuple[int, int, int], shape: tuple[int, ...], counts: np.ndarray) -> None:
+        """Add the counts of the label region of ``shape`` at ``start``, counted by the caller against
+        :meth:`gt_region`: ``(images, C, C + 1)`` with :attr:`per_image`, else their sum ``(1, C, C + 1)``."""
+        c = self.gt.num_classes
+        counts = np.asarray(counts, dtype=np.int64)
+        n_img = int(shape[0]) if self.per_image else 1
+        if counts.shape != (n_img, c, c + 1):
+            raise ValueError(f"counts of a {tuple(shape)} region must be ({n_img}, {c}, {c + 1}), "
+                             f"not {counts.shape}")
+        i0 = int(start[0])
         with self._lock:
-            self.counts += out.sum(axis=(0, 1, 2))
+            self.counts[0] += counts.sum(axis=0)
             if self.stats is not None:
-                self.stats[i0:i0 + out.shape[0]] += metrics.intersection_union(out[:, 0, 0])
-            self.pixels += labels.size
+                self.stats[i0:i0 + n_img] += metrics.intersection_union(counts[:, None])
+            self.pixels += int(np.prod(shape))
 
     def evaluation(self, stack: Stack) -> Evaluation:
         """The :class:`Evaluation` of ``stack`` (the store the chunks were written to).

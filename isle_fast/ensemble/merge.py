@@ -335,6 +335,33 @@ def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
     return np.asarray(lab), np.asarray(sc)
 
 
+def merge_chunk_counted(K: Any, plan: MergePlan, blocks: Sequence[Any], gt: np.ndarray, shapes: np.ndarray,
+                        allowed: np.ndarray | None = None, per_image: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`merge_chunk` of a plain label merge, counted against ``gt`` in the same kernel pass.
+
+    ``(labels, counts)``: the labels as :func:`merge_chunk` makes them with the padding outside each
+    image's ``shapes`` (rows, columns in the region) 255, and their counts against ``gt`` as
+    ``confusion_labels_images`` gives them (``(1, C, C + 1)``; per image ``(images, C, C + 1)``).
+    None where the merge is another (score plans, the image strategy, class-sparse or score
+    members, a kernel module without ``merge_count_images``): merge, then count, instead.
+    """
+    fused = getattr(K, "merge_count_images", None)
+    if (fused is None or plan.mode != "labels" or plan.strategy != "class"
+            or any(e != "labels" for e in plan.encodings) or any(isinstance(b, tuple) for b in blocks)):
+        return None
+    blocks = [np.ascontiguousarray(b) for b in blocks]
+    if any(b.ndim != 3 for b in blocks) or gt.shape != blocks[0].shape:
+        return None
+    if plan.drop_absent:    # as merge_chunk: claims of classes an image's labels rule out become 0
+        if allowed is None:
+            raise ValueError("the plan drops absent classes but no image labels were given")
+        blocks = [drop_absent_claims(b, "labels", allowed) for b in blocks]
+    lab, counts = fused(tuple(blocks), np.ascontiguousarray(gt), shapes, np.asarray(plan.selection, dtype=np.int64),
+                        np.asarray(plan.priority, dtype=np.float64), plan.policy, per_image=per_image)
+    return lab, counts[:, 0] if per_image else counts
+
+
 def _fill_padding(a: np.ndarray, shapes: np.ndarray, row0: int, col0: int, value: Any) -> int:
     """Set ``a`` (images x rows x cols [x C]) outside each image's true shape to ``value``, in place.
 
@@ -379,7 +406,7 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
                       each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
                       sparse_keys: Sequence[np.ndarray | None] = (),
                       sparse_levels: Sequence[int | None] | None = None, scores_spec: Any = None,
-                      scores_keys: np.ndarray | None = None, scores_level: int = 0) -> int:
+                      scores_keys: np.ndarray | None = None, scores_level: int = 0, counter: Any = None) -> int:
     """One gt chunk on the local pass: read the members' chunks, merge, write the ensemble chunk.
 
     ``shapes``, ``choice`` and ``allowed`` are the rows of the chunk's images only (a task sent to a
@@ -389,7 +416,9 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
     set's keys) is class-sparse: its block is its stored slots with those keys' rows. ``scores_spec``
     (a score ensemble of class-sparse members): the merged stack's chunk is written there too (padding 0);
     with ``scores_keys`` (the ensemble's ``(I, K)`` keys) as its slots, merged by :func:`sparse_scores_chunk`
-    at the background level ``scores_level``.
+    at the background level ``scores_level``. ``counter`` (a
+    :class:`~isle_fast.ensemble.evaluate.ChunkCounts` of the gt): the chunk is counted into it, in the
+    merge kernel's pass where :func:`merge_chunk_counted` takes the plan (else after the merge).
     """
     from isle_fast.backend import task_kernels
     from isle_fast.stores.chunkio import read_kept, write_chunk
@@ -408,20 +437,35 @@ def _local_merge_task(specs: Sequence[Any], out_spec: Any, tails: Sequence[tuple
         blocks.append(b if km is None else (b, km[i0:i0 + region[0]]))
     inside = np.clip(shapes - np.array([j * hc, l * wc], np.int64), 0,
                      np.array(region[1:], np.int64))
+    start = (i0, j * hc, l * wc)
+    counted = None
     with task_kernels(backend) as K:
-        if scores_keys is None:
+        if counter is not None and scores_keys is None and int(plan.num_classes) == int(counter.gt.num_classes):
+            g, _ = counter.gt_region(start, region)
+            counted = merge_chunk_counted(K, plan, blocks, g, inside, allowed, per_image=counter.per_image)
+        if counted is not None:
+            lab, sc = counted[0], None      # its padding is 255 already
+        elif scores_keys is None:
             lab, sc = merge_chunk(K, plan, blocks, choice, allowed, sparse_levels, inside)
         else:  # class-sparse merged scores: each image merged on its own classes, no C-slice stack
             lab, sc = sparse_scores_chunk(K, plan, blocks, scores_keys[i0:i0 + region[0]], scores_level, allowed)
-    lab = np.require(lab, np.uint8, ["C", "W"])
-    done = _fill_padding(lab, shapes, j * hc, l * wc, 255)
+    if counted is None:
+        lab = np.require(lab, np.uint8, ["C", "W"])
+        done = _fill_padding(lab, shapes, j * hc, l * wc, 255)
+    else:
+        done = int((inside[:, 0] * inside[:, 1]).sum())
     write_chunk(out_spec, block, lab)
     if scores_spec is not None:
         sc = np.require(sc, np.uint8, ["C", "W"])
         _fill_padding(sc, shapes, j * hc, l * wc, 0)
         write_chunk(scores_spec, block + (0,), sc)
+    if counter is not None:
+        if counted is None:
+            counter.add(start, lab)
+        else:
+            counter.add_counts(start, lab.shape, counted[1])
     if each_chunk is not None:
-        each_chunk((i0, j * hc, l * wc), lab)
+        each_chunk(start, lab)
     return done
 
 
@@ -535,7 +579,7 @@ def _sparse_scores_arrays(member_stacks: Sequence[Stack], writer: Any, gt: Stack
 def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: MergePlan, choice: np.ndarray,
                  *, backend: str, progress: bool, allowed: np.ndarray | None = None,
                  each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
-                 sparse_out: bool = False) -> int | None:
+                 sparse_out: bool = False, counter: Any = None) -> int | None:
     """The merge on a thread pool here, or on a cluster's workers (one task per gt chunk, direct chunk
     reads and writes: :func:`isle_fast.ensemble.graph.chunk_executor`); pixels written.
 
@@ -545,6 +589,7 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
     :func:`merge_chunk` as the graph's, so the ensemble is the same. Class-sparse members are read
     as stored (slots and keys), never as their dense view. ``sparse_out`` (a score ensemble of
     class-sparse members): the merged stack is written class-sparse (:func:`_sparse_scores_arrays`).
+    ``counter``: every chunk is counted into it (:func:`_local_merge_task`).
     """
     from isle_fast.ensemble.graph import chunk_executor, chunk_tasks
     from isle_fast.progress import progress as bar
@@ -601,7 +646,7 @@ def _local_merge(member_stacks: Sequence[Stack], gt: Stack, writer: Any, plan: M
              None if rows is None else rows[block[0] * k:block[0] * k + region[0]]) for block, region in tasks]
     fn = partial(_local_merge_task, specs, out_spec, tails, backend=backend, plan=plan, each_chunk=each_chunk,
                  sparse_keys=keys, sparse_levels=levels, scores_spec=scores_spec, scores_keys=out_keys,
-                 scores_level=out_level)
+                 scores_level=out_level, counter=counter)
     written = 0
     with chunk_executor(len(tasks)) as ex, \
             bar(total=n, desc="merge", unit="img", quiet=not progress) as pb:
@@ -852,7 +897,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
           progress: bool = True, image_labels: Any = None, estimator: str | None = None,
           blend_estimate: bool = False, subset_selection: str = "auto",
           each_chunk: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
-          layout: str | None = None) -> MergeResult:
+          layout: str | None = None, counter: Any = None) -> MergeResult:
     """Evaluate, select and write the ensemble store (ISLE steps 2 and 3).
 
     Parameters
@@ -945,6 +990,14 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         sparse where possible. Either layout gives the same stack
         (:func:`ensemble_scores`); the provenance's ``scores_layout`` says which.
 
+    counter : ChunkCounts, optional
+        A :class:`~isle_fast.ensemble.evaluate.ChunkCounts` of ``gt``: the local
+        pass counts every ensemble chunk into it (``isle run``'s fused
+        evaluation of the ensemble), in the merge kernel's own pass where the
+        plan is a plain label merge (:func:`merge_chunk_counted`: each image
+        counted while it is in cache), else right after the chunk is merged;
+        before ``each_chunk`` is called with it. Only the local pass counts, as
+        for ``each_chunk`` (:attr:`MergeResult.each_chunk_ran`).
     Returns
     -------
     MergeResult
@@ -992,6 +1045,16 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
     check_output(out, overwrite=overwrite, inputs=[s for s in [*stacks, gt_stack] if s is not None])
     # a gt of some images selects; the ensemble covers every image of the sets (their layout: the frame)
     frame = merge_frame(gt_stack, stacks)
+    if counter is not None and (gt_stack is None or str(counter.gt.path) != str(gt_stack.path)
+                                or tuple(counter.gt.shape) != tuple(gt_stack.shape)
+                                or tuple(counter.gt.chunks) != tuple(gt_stack.chunks)):
+        raise ValueError(f"{param('counter')} counts against another gt than {gt}: give a ChunkCounts of it")
+    if counter is not None:
+        from isle_fast.cluster import current_client
+
+        if current_client() is not None:   # its counts live in this process; the tasks would run on workers
+            raise ValueError(f"{param('counter')} counts on this machine's threads: not with a dask.distributed "
+                             "client (evaluate the ensemble store instead)")
     if frame is not gt_stack and strategy == "image" and image_labels is None:
         have = "no ground truth" if gt_stack is None else f"a ground truth of {gt_stack.num_images} of the " \
             f"{frame.num_images} images"
@@ -1103,10 +1166,11 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
                           provenance=provenance, overwrite=overwrite)
     expected = int((frame.shapes[:, 0] * frame.shapes[:, 1]).sum())
     try:
-        fused = each_chunk if frame is gt_stack else None  # chunks on the gt's grid only
+        on_grid = frame is gt_stack     # chunks on the gt's grid only
+        fused = each_chunk if on_grid else None
         written_here = _local_merge(member_stacks, frame, writer, plan, choice, backend=be,
                                     progress=progress, allowed=allowed, each_chunk=fused,
-                                    sparse_out=sparse_out)
+                                    sparse_out=sparse_out, counter=counter if on_grid else None)
         if written_here is None and sparse_out:  # the direct pass was possible when the layout was chosen
             raise RuntimeError("a class-sparse ensemble's scores are written by the local pass only")
         if written_here is not None:
@@ -1115,7 +1179,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
             stack = writer.commit()
             return MergeResult(stack=stack, evaluation=evaluation, selection=selection, plan=plan,
                                seconds=time.perf_counter() - t0, info=info,
-                               each_chunk_ran=fused is not None)
+                               each_chunk_ran=on_grid and (each_chunk is not None or counter is not None))
     except BaseException:
         writer.abort()
         raise

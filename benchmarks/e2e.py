@@ -628,6 +628,8 @@ def bench_ingest(data: dict, work: Path, repeat: int, workers: int, rates: dict)
     t0 = time.perf_counter()
     ingest_labels(src, last, kind="gt", workers=workers, overwrite=True, quiet=True)
     over = time.perf_counter() - t0
+    if last is not None:        # the next size's rounds write the same names
+        shutil.rmtree(last)
     rate = n / best
     per_cpu_s = n / best_cpu         # images per CPU second (this process and its workers)
     return {"images": n, "workers": workers, "seconds": best, "images_per_s": rate,

@@ -69,6 +69,7 @@ Writes ``e2e.json`` and ``e2e.png`` to ``benchmarks/results/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -404,12 +405,19 @@ def _own_cpu() -> float:
     return r.ru_utime + r.ru_stime + _children_cpu()
 
 
-def _timed(argv: list[str], env: dict | None = None, timeout: float = 3600) -> tuple[float, str, int, float]:
-    """A fresh process running ``argv``: wall seconds, its stdout, the peak RSS of its tree, and its CPU
-    seconds (user + sys of the process and of every process below it, worker pools included)."""
+def _timed(argv: list[str], env: dict | None = None, timeout: float = 3600, memory: bool = False
+           ) -> tuple[float, str, int, float]:
+    """A fresh process running ``argv``: wall seconds, its stdout, the peak RSS of its tree (``memory``;
+    else 0), and its CPU seconds (user + sys of the process and of every process below it, worker pools
+    included).
+
+    The RSS sampler walks the process table every 50 ms (psutil), which took about 0.2 s of a 2.9 s
+    run on 2 cores from the program it watched: the timed runs are not sampled, and each program's
+    memory is taken in a run of its own (:func:`bench_jobs`).
+    """
     t0 = time.perf_counter()
     c0 = _children_cpu()
-    with PeakMemory(interval=0.05) as pm:
+    with (PeakMemory(interval=0.05) if memory else contextlib.nullcontext()) as pm:
         proc = subprocess.run(argv, cwd=REPO, env=env or _env(), capture_output=True, text=True,
                               timeout=timeout)
     dt = time.perf_counter() - t0
@@ -417,7 +425,7 @@ def _timed(argv: list[str], env: dict | None = None, timeout: float = 3600) -> t
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed ({proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
-    return dt, proc.stdout, max(0, pm.peak - pm.baseline), cpu
+    return dt, proc.stdout, max(0, pm.peak - pm.baseline) if pm is not None else 0, cpu
 
 
 #: Seconds to wait after removing a round's outputs before the next timed run. ext4 without a journal
@@ -545,18 +553,21 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
     peaks: dict[str, int] = {}
     steps_cold: dict[str, Any] = {}
 
-    def timed(key: str, argv: list[str]) -> None:
-        dt, _, pk, c = _timed(argv)
+    def timed(key: str, argv: list[str], memory: bool = False) -> None:
+        dt, _, pk, c = _timed(argv, memory=memory)
         runs[key].append(dt)
         cpu[key].append(c)
-        peaks[key] = max(peaks.get(key, 0), pk)
+        if memory:
+            peaks[key] = max(peaks.get(key, 0), pk)
+
+    def plain_to(out: Path) -> list[str]:
+        return [sys.executable, "-c", PLAIN_SCRIPT, str(root), str(out), ",".join(sets), str(workers)]
 
     for r in range(repeat):
         for d in ("plain-out", "run"):
             shutil.rmtree(work / d, ignore_errors=True)
         _settle()
-        plain = [sys.executable, "-c", PLAIN_SCRIPT, str(root), str(work / "plain-out"), ",".join(sets),
-                 str(workers)]
+        plain = plain_to(work / "plain-out")
         if r % 2 == 0:  # each side is the first run after the settle in every other round
             timed("plain", plain)
         job = _isle("run", root, "--out", work / "run", "--no-report", "--workers", workers, "-q")
@@ -579,7 +590,14 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
     compared = _compare_pngs(work / "run" / "ensemble", work / "plain-out")
     doc = json.loads((work / "run" / "run.json").read_text())
     steps = {"seconds": doc["seconds"], "cpu_seconds": doc.get("cpu_seconds")}
-    timed("isle_report", _isle("run", root, "--out", work / "run", "--workers", workers, "-q"))
+    # peak memory: a run of each kind of its own, sampled (untimed: the sampler takes CPU from what it watches)
+    for d in ("plain-memory", "run-memory"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    mem_job = _isle("run", root, "--out", work / "run-memory", "--no-report", "--workers", workers, "-q")
+    for key, argv in (("plain", plain_to(work / "plain-memory")), ("isle_cold", mem_job), ("isle_warm", mem_job)):
+        peaks[key] = _timed(argv, memory=True)[2]
+    # the report run is timed once, sampled: its time is not a target
+    timed("isle_report", _isle("run", root, "--out", work / "run", "--workers", workers, "-q"), memory=True)
     best = {k: min(v) for k, v in runs.items() if v}
     best_cpu = {k: min(v) for k, v in cpu.items() if v}
     cores = workers

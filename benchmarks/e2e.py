@@ -428,14 +428,6 @@ def _timed(argv: list[str], env: dict | None = None, timeout: float = 3600, memo
     return dt, proc.stdout, max(0, pm.peak - pm.baseline) if pm is not None else 0, cpu
 
 
-#: Seconds to wait after removing a round's outputs before the next timed run. ext4 without a journal
-#: (these machines' disks) skips every inode freed in the last 30 s when it allocates one, so a run that
-#: creates thousands of files right after thousands were deleted scans past all of them at each
-#: creation (0.4 s of CPU in a 2,400-image run, about as much in the plain script's). That is a cost of
-#: the benchmark's own clean-up, not of either program; a user's first run meets no such folder.
-SETTLE_S = float(os.environ.get("ISLE_BENCH_SETTLE_S", "31"))
-
-
 def _compile_bytecode() -> None:
     """Write the bytecode of isle-fast's modules, as an install does, before any timed process.
 
@@ -451,12 +443,6 @@ def _compile_bytecode() -> None:
 
     for mod in (isle_fast, isle_fast.kernels):
         compileall.compile_dir(str(Path(mod.__file__).parent), quiet=1)
-
-
-def _settle() -> None:
-    """Wait out ext4's window of recently deleted inodes (:data:`SETTLE_S`) after a clean-up."""
-    if SETTLE_S > 0:
-        time.sleep(SETTLE_S)
 
 
 def _isle(*args: Any) -> list[str]:
@@ -563,21 +549,37 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
     def plain_to(out: Path) -> list[str]:
         return [sys.executable, "-c", PLAIN_SCRIPT, str(root), str(out), ",".join(sets), str(workers)]
 
+    # Every run writes folders of its own (the warm run a new RUN beside the cold run's cache) and nothing
+    # is deleted until the section ends. ext4 without a journal (these machines' disks) skips every inode
+    # freed in the last 30 s when it allocates one: a run started right after the previous round's
+    # thousands of files were deleted scanned past all of them at each file it made (about 0.4 s of
+    # CPU of a 2,400-image isle run, and the script's share). Waiting 30 s out was no cure: these VMs
+    # page out memory left idle (DAMON), and the first run after a pause re-read its libraries (0.25-0.6
+    # s slower). A user's first run meets neither.
+    made_dirs: list[Path] = []
+
+    def fresh(name: str) -> Path:
+        d = work / name
+        shutil.rmtree(d, ignore_errors=True)   # a folder of the size before: deleted long before its reuse
+        made_dirs.append(d)
+        return d
+
     for r in range(repeat):
-        for d in ("plain-out", "run"):
-            shutil.rmtree(work / d, ignore_errors=True)
-        _settle()
-        plain = plain_to(work / "plain-out")
-        if r % 2 == 0:  # each side is the first run after the settle in every other round
+        plain = plain_to(fresh(f"plain-out-{r}"))
+        run_dir = fresh("run" if r == repeat - 1 else f"run-{r}")   # the last one is the later sections' stores
+        job = _isle("run", root, "--out", run_dir, "--no-report", "--workers", workers, "-q")
+        warm_dir = fresh(f"run-{r}-warm")
+        warm = _isle("run", root, "--out", warm_dir, "--cache", run_dir / "cache", "--no-report", "--workers",
+                     workers, "-q")
+        if r % 2 == 0:  # each side is the first timed run of a round in every other round
             timed("plain", plain)
-        job = _isle("run", root, "--out", work / "run", "--no-report", "--workers", workers, "-q")
         timed("isle_cold", job)
-        doc = json.loads((work / "run" / "run.json").read_text())
+        doc = json.loads((run_dir / "run.json").read_text())
         if not steps_cold or cpu["isle_cold"][-1] <= min(cpu["isle_cold"]):
             steps_cold = {"seconds": doc["seconds"], "cpu_seconds": doc.get("cpu_seconds"),
                           "counted_at_ingest": doc.get("counted_at_ingest")}
-        timed("isle_warm", job)
-        doc = json.loads((work / "run" / "run.json").read_text())
+        timed("isle_warm", warm)
+        doc = json.loads((warm_dir / "run.json").read_text())
         assert not doc["made"], "the warm run ingested again"
         if r % 2 == 1:
             timed("plain", plain)
@@ -587,17 +589,17 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
             f"isle run {runs['isle_cold'][-1]:.2f} s ({cpu['isle_cold'][-1]:.2f} s CPU) cold, "
             f"{runs['isle_warm'][-1]:.2f} s ({cpu['isle_warm'][-1]:.2f} s CPU) warm; "
             f"best cold run's steps: {cold_steps}")
-    compared = _compare_pngs(work / "run" / "ensemble", work / "plain-out")
-    doc = json.loads((work / "run" / "run.json").read_text())
+    compared = _compare_pngs(work / "run" / "ensemble", work / f"plain-out-{repeat - 1}")
     steps = {"seconds": doc["seconds"], "cpu_seconds": doc.get("cpu_seconds")}
     # peak memory: a run of each kind of its own, sampled (untimed: the sampler takes CPU from what it watches)
-    for d in ("plain-memory", "run-memory"):
-        shutil.rmtree(work / d, ignore_errors=True)
-    mem_job = _isle("run", root, "--out", work / "run-memory", "--no-report", "--workers", workers, "-q")
-    for key, argv in (("plain", plain_to(work / "plain-memory")), ("isle_cold", mem_job), ("isle_warm", mem_job)):
+    mem_job = _isle("run", root, "--out", fresh("run-memory"), "--no-report", "--workers", workers, "-q")
+    for key, argv in (("plain", plain_to(fresh("plain-memory"))), ("isle_cold", mem_job), ("isle_warm", mem_job)):
         peaks[key] = _timed(argv, memory=True)[2]
     # the report run is timed once, sampled: its time is not a target
     timed("isle_report", _isle("run", root, "--out", work / "run", "--workers", workers, "-q"), memory=True)
+    for d in made_dirs:
+        if d != work / "run":           # the later sections read its stores
+            shutil.rmtree(d, ignore_errors=True)
     best = {k: min(v) for k, v in runs.items() if v}
     best_cpu = {k: min(v) for k, v in cpu.items() if v}
     cores = workers
@@ -781,9 +783,6 @@ def main(argv: list[str] | None = None) -> int:
 
     workers = args.workers or default_workers()
     _compile_bytecode()
-    if quick:       # a smoke test: its figures mean nothing, and it runs in the test suite
-        global SETTLE_S
-        SETTLE_S = 0.0
     if shared_data() is None and not quick:
         print("e2e: skipped: ../shared/data/voc2012_val_gt.tar.gz (the real VOC label maps) is absent; "
               "set ISLE_SHARED_DATA to its folder, or run --quick (synthetic maps)")

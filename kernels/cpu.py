@@ -492,6 +492,17 @@ def _confusion_images_kernel(g, gaddr, ptrs, shapes, H, W, C, per_image):  # pra
     return out
 
 
+def _image_shapes_arg(what: str, shapes: "np.typing.ArrayLike", k: int, H: int, W: int) -> np.ndarray:
+    """``shapes`` checked as the ``(k, 2)`` rows and columns of k images padded to ``H x W``: int64, contiguous."""
+    sh = np.asarray(shapes)
+    if sh.shape != (k, 2) or sh.dtype.kind not in "iu":
+        raise ValueError(f"{what}: shapes must be a ({k}, 2) integer array, not {sh.dtype} {sh.shape}")
+    sh = np.ascontiguousarray(sh, dtype=np.int64)
+    if k and ((sh < 0).any() or (sh[:, 0] > H).any() or (sh[:, 1] > W).any()):
+        raise ValueError(f"{what}: every (rows, cols) of shapes must lie within the padded {H} x {W}")
+    return sh
+
+
 def confusion_labels_images(gt: np.ndarray, sets: Sequence[np.ndarray], shapes: np.ndarray, num_classes: int,
                             per_image: bool = False) -> np.ndarray:
     """:func:`confusion_labels` of a chunk of padded images, over each image's own region only.
@@ -523,12 +534,7 @@ def confusion_labels_images(gt: np.ndarray, sets: Sequence[np.ndarray], shapes: 
     if gt.ndim != 3:
         raise ValueError(f"{what}: gt must be (images, H, W), not shape {tuple(gt.shape)}")
     k, H, W = (int(v) for v in gt.shape)
-    sh = np.asarray(shapes)
-    if sh.shape != (k, 2) or sh.dtype.kind not in "iu":
-        raise ValueError(f"{what}: shapes must be a ({k}, 2) integer array, not {sh.dtype} {sh.shape}")
-    sh = np.ascontiguousarray(sh, dtype=np.int64)
-    if k and ((sh < 0).any() or (sh[:, 0] > H).any() or (sh[:, 1] > W).any()):
-        raise ValueError(f"{what}: every (rows, cols) of shapes must lie within the padded {H} x {W}")
+    sh = _image_shapes_arg(what, shapes, k, H, W)
     out = _confusion_images_kernel(gt.reshape(-1), _addrs((gt,))[0], _addrs(sets), sh, H, W, C, bool(per_image))
     return out if per_image else out[0]
 
@@ -1374,12 +1380,7 @@ def merge_count_images(sets: Sequence[np.ndarray], gt: np.ndarray, shapes: np.nd
     if gt.ndim != 3:
         raise ValueError(f"{what}: gt must be (images, H, W), not shape {tuple(gt.shape)}")
     k, H, W = (int(v) for v in gt.shape)
-    sh = np.asarray(shapes)
-    if sh.shape != (k, 2) or sh.dtype.kind not in "iu":
-        raise ValueError(f"{what}: shapes must be a ({k}, 2) integer array, not {sh.dtype} {sh.shape}")
-    sh = np.ascontiguousarray(sh, dtype=np.int64)
-    if k and ((sh < 0).any() or (sh[:, 0] > H).any() or (sh[:, 1] > W).any()):
-        raise ValueError(f"{what}: every (rows, cols) of shapes must lie within the padded {H} x {W}")
+    sh = _image_shapes_arg(what, shapes, k, H, W)
     key, lab = _merge_tables(sel, pri, np.ones(len(sets), bool), pol, C)
     out, counts = _merge_count_kernel(_addrs(sets), gt.reshape(-1), _addrs((gt,))[0], sh, H, W, key, lab,
                                       _ignore_codes(key), pol == IGNORE, _swar_keys(pol, C), _fast_add(C),

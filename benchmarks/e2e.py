@@ -412,7 +412,7 @@ def _timed(argv: list[str], env: dict | None = None, timeout: float = 3600, memo
     included).
 
     The RSS sampler walks the process table every 50 ms (psutil), which took about 0.2 s of a 2.9 s
-    run on 2 cores from the program it watched: the timed runs are not sampled, and each program's
+    run on 2 cores from the program it watched (A/B runs by hand): the timed runs are not sampled, and each program's
     memory is taken in a run of its own (:func:`bench_jobs`).
     """
     t0 = time.perf_counter()
@@ -434,7 +434,7 @@ def _compile_bytecode() -> None:
     An editable install imports the source tree, and where ``PYTHONDONTWRITEBYTECODE`` is set (it is on
     these machines) no ``__pycache__`` is ever written for modules changed since: every ``isle`` process
     of the benchmark then compiles them again (0.11 s of a 2,400-image run, about 45 modules after a
-    day's commits), which a user's installed package never does.
+    day's commits, in a profile by hand), which a user's installed package never does.
     """
     import compileall
 
@@ -555,7 +555,7 @@ def bench_jobs(data: dict, work: Path, repeat: int, workers: int, rates: dict) -
     # thousands of files were deleted scanned past all of them at each file it made (about 0.4 s of
     # CPU of a 2,400-image isle run, and the script's share). Waiting 30 s out was no cure: these VMs
     # page out memory left idle (DAMON), and the first run after a pause re-read its libraries (0.25-0.6
-    # s slower). A user's first run meets neither.
+    # s slower; figures of runs by hand). A user's first run meets neither.
     made_dirs: list[Path] = []
 
     def fresh(name: str) -> Path:

@@ -298,11 +298,7 @@ def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
     if any(sparse) and (sparse_levels is None or (plan.mode != "labels" and not scores_sparse)):
         raise ValueError("class-sparse blocks are merged as label maps at their levels (sparse_levels), or "
                          "all of them as score stacks (class strategy, one dtype)")
-    if plan.drop_absent:
-        if allowed is None:
-            raise ValueError("the plan drops absent classes but no image labels were given")
-        blocks = [_drop_absent_sparse(b, allowed) if sp else drop_absent_claims(b, e, allowed)
-                  for b, e, sp in zip(blocks, plan.encodings, sparse)]
+    blocks = _absent_claims_dropped(plan, blocks, allowed)
     if plan.mode == "labels":
         prio = np.asarray(plan.priority, dtype=np.float64)
         if all(sparse) and plan.strategy == "class":
@@ -335,6 +331,17 @@ def merge_chunk(K: Any, plan: MergePlan, blocks: Sequence[Any],
     return np.asarray(lab), np.asarray(sc)
 
 
+def _absent_claims_dropped(plan: MergePlan, blocks: Sequence[Any], allowed: np.ndarray | None) -> list[Any]:
+    """``blocks`` with the claims of classes an image's labels rule out made 0 (``plan.drop_absent``),
+    class-sparse ``(cams, keys)`` blocks included; ``blocks`` as they are otherwise."""
+    if not plan.drop_absent:
+        return list(blocks)
+    if allowed is None:
+        raise ValueError("the plan drops absent classes but no image labels were given")
+    return [_drop_absent_sparse(b, allowed) if isinstance(b, tuple) else drop_absent_claims(b, e, allowed)
+            for b, e in zip(blocks, plan.encodings)]
+
+
 def merge_chunk_counted(K: Any, plan: MergePlan, blocks: Sequence[Any], gt: np.ndarray, shapes: np.ndarray,
                         allowed: np.ndarray | None = None, per_image: bool = False
                         ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -353,10 +360,7 @@ def merge_chunk_counted(K: Any, plan: MergePlan, blocks: Sequence[Any], gt: np.n
     blocks = [np.ascontiguousarray(b) for b in blocks]
     if any(b.ndim != 3 for b in blocks) or gt.shape != blocks[0].shape:
         return None
-    if plan.drop_absent:    # as merge_chunk: claims of classes an image's labels rule out become 0
-        if allowed is None:
-            raise ValueError("the plan drops absent classes but no image labels were given")
-        blocks = [drop_absent_claims(b, "labels", allowed) for b in blocks]
+    blocks = _absent_claims_dropped(plan, blocks, allowed)
     lab, counts = fused(tuple(blocks), np.ascontiguousarray(gt), shapes, np.asarray(plan.selection, dtype=np.int64),
                         np.asarray(plan.priority, dtype=np.float64), plan.policy, per_image=per_image)
     return lab, counts[:, 0] if per_image else counts

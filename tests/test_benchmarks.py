@@ -436,6 +436,54 @@ def test_selection_study_on_a_tiny_synthetic_set():
     assert {r["mode"] for r in summary} == set(modes)
 
 
+def test_selection_rate_scores_at_the_data_sets_own_rates_are_the_full_gt_iou():
+    """benchmarks.selection.rate_scores: at the strata's own truth rates, with no image labelled, every
+    set's IoU is the full-gt IoU (each stratum's pixels split as the gt splits them); with every image
+    labelled, it is the full-gt IoU whatever the rates."""
+    from benchmarks import selection
+    from isle_fast import metrics
+
+    data = selection.synthetic(1, "close", 24, 40)
+    pre = selection.precompute(data)
+    full = metrics.iou(pre["counts"].sum(axis=0))
+    own = pre["strata"].sum(axis=0)
+    pat = pre["patterns"]["labels"]
+    np.testing.assert_allclose(selection.rate_scores(own, np.zeros_like(own), pat), full, rtol=1e-12, atol=1e-9)
+    other = selection.model_strata(data, 30)
+    assert not np.array_equal(other, own)
+    np.testing.assert_allclose(selection.rate_scores(other, own, pat), full, rtol=1e-12, atol=1e-9)
+
+
+def test_selection_model_strata_is_a_new_sample_of_the_same_model():
+    """benchmarks.selection.model_strata: deterministic, about the requested size, and the model's rates
+    (the same quality matrix) rather than the data set's own images."""
+    from benchmarks import selection
+
+    data = selection.synthetic(2, "spread", 20, 40)
+    a = selection.model_strata(data, 500)
+    assert np.array_equal(a, selection.model_strata(data, 500))
+    assert a.shape == (2, 21, 16, 3) and (a[..., 1] <= a[..., 0]).all() and (a[..., 2] <= a[..., 0]).all()
+    # of the pixels not ignored, a stratum where every set votes the class is mostly the class, one where one
+    # set alone votes it mostly not
+    fg = a[0, 1:].sum(axis=0)
+    rate = fg[:, 1] / (fg[:, 0] - fg[:, 2])
+    assert rate[15] > 0.85 and rate[1] < 0.5 and rate[2] < 0.5 and rate[4] < 0.5 and rate[8] < 0.5
+
+
+def test_selection_paper_quality_keeps_the_papers_best_sets_and_margins():
+    """benchmarks.selection._paper_quality: per class the paper's best component has the lowest miss rate,
+    and a wider margin in Tables 3-4 is a higher miss rate."""
+    from benchmarks import selection
+    from isle_fast.synthetic.quality import PAPER_PSEUDO_IOU
+
+    miss, conf = selection._paper_quality(4, 21, 0, 40)
+    assert miss.shape == conf.shape == (4, 21) and (miss >= 0).all() and (miss <= 0.85 + 1e-12).all()
+    for k in range(1, 21):
+        order = np.argsort(-PAPER_PSEUDO_IOU[:, k], kind="stable")
+        assert np.all(np.diff(miss[order, k]) >= -1e-12), k
+        assert miss[order[0], k] == pytest.approx(selection.PAPER_BEST_MISS)
+
+
 @pytest.mark.slow
 def test_selection_quick(tmp_path, monkeypatch):
     """``python -m benchmarks.selection --quick``: tables, JSON with the targets, and the plot."""
@@ -448,4 +496,7 @@ def test_selection_quick(tmp_path, monkeypatch):
     assert doc["quick"] is True and set(doc["targets"]) == {
         "k100_gain_kept>=0.90", "none_gain_kept>=0.70_every_data_set", "none_never_below_best", "p90_right>=0.85"}
     assert (tmp_path / "res" / "selection.png").read_bytes()[:4] == b"\x89PNG"
-    assert "## Targets" in (tmp_path / "res" / "selection.md").read_text()
+    assert (tmp_path / "res" / "selection_oracle.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "res" / "selection.md").read_text()
+    assert "## Targets" in md and "## Oracle" in md and "model rates (oracle)" in md
+    assert {r["data"] for r in doc["oracle"]} >= {"mean", "worst"}

@@ -693,6 +693,14 @@ def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.nd
         wt = seen / (seen + kappa) if kappa > 0 else (seen > 0).astype(np.float64)
         r_pos = np.where(h > 0, wt * pos / np.where(h > 0, h, 1) + (1 - wt) * prior_pos, prior_pos)
         r_neg = np.where(h > 0, wt * neg / np.where(h > 0, h, 1) + (1 - wt) * prior_neg, prior_neg)
+    return _iou_at_rates(exact, unl, r_pos, r_neg, bits)
+
+
+def _iou_at_rates(exact: np.ndarray, unl: np.ndarray, r_pos: np.ndarray, r_neg: np.ndarray,
+                  bits: np.ndarray) -> np.ndarray:
+    """``(..., N, C)`` IoU (percent): the labelled strata ``exact (G, C, P, 3)`` counted exactly, the
+    unlabelled pixels ``unl (G, C, P)`` at the truth rates ``r_pos`` (the class) and ``r_neg`` (another
+    class) of their stratum (``(..., G, C, P)``); ``bits (P, N)`` the sets voting in every pattern."""
     e_pos = exact[..., 1]
     e_neg = np.maximum(exact[..., 0] - exact[..., 1] - exact[..., 2], 0)
     tp_m = (e_pos + unl * r_pos).sum(axis=-3)  # (..., C, P): the groups summed

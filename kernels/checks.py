@@ -362,6 +362,33 @@ def subset_confusion_scores_args(
 MAX_VOTE_SETS = 12
 
 
+def vote_context_args(sets: Any, gt: Any, num_classes: Any, radii: Any
+                      ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """``vote_context``: (the sets stacked ``(N, H, W)``, gt ``(H, W)`` or empty, C, radii int64).
+
+    1..MAX_VOTE_SETS label maps of one 2-D shape; ``gt`` None or uint8 of that shape; ``radii`` one or
+    more increasing pixel distances >= 0.
+    """
+    what = "vote_context"
+    C = check_classes(num_classes, what)
+    sets = check_label_sets(sets, None, what, True)
+    if len(sets) > MAX_VOTE_SETS:
+        raise ValueError(f"{what}: at most {MAX_VOTE_SETS} sets, got {len(sets)}")
+    if np.ndim(sets[0]) != 2:
+        raise ValueError(f"{what}: the sets must be 2-D label maps (one image), not shape {np.shape(sets[0])}")
+    labs = np.ascontiguousarray(np.stack(sets))
+    if gt is None:
+        g = np.zeros((0, 0), np.uint8)
+    else:
+        g = np.ascontiguousarray(gt)
+        if g.dtype != np.uint8 or g.shape != labs.shape[1:]:
+            raise ValueError(f"{what}: gt must be uint8 of shape {labs.shape[1:]}, not {g.dtype} {g.shape}")
+    r = np.asarray(radii, dtype=np.int64).ravel()
+    if r.size < 1 or (r < 0).any() or (np.diff(r) <= 0).any():
+        raise ValueError(f"{what}: radii must be one or more increasing distances >= 0, not {list(r)}")
+    return labs, g, C, np.ascontiguousarray(r)
+
+
 def vote_patterns_args(sets: Any, num_classes: Any, host: bool) -> tuple[tuple, int]:
     """``vote_patterns``: (sets, C); 1..MAX_VOTE_SETS label maps of one shape."""
     what = "vote_patterns"

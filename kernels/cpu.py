@@ -114,6 +114,7 @@ from .checks import (
     merge_scores_args,
     subset_confusion_labels_args,
     subset_confusion_scores_args,
+    vote_context_args,
     vote_patterns_args,
 )
 
@@ -125,7 +126,7 @@ __all__ = [
     "merge_labels", "merge_scores", "merge_count_images",
     "sparse_score_bins", "merge_sparse_labels",
     "subset_confusion_labels", "subset_confusion_scores", "numba_threads",
-    "vote_patterns",
+    "vote_patterns", "vote_context",
 ]
 
 if sys.byteorder != "little":  # pragma: no cover - every platform Numba supports today is little-endian
@@ -1875,3 +1876,126 @@ def vote_patterns(sets: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
     sets, C = vote_patterns_args(sets, num_classes, host=True)
     npix = int(sets[0].size)
     return _call(_vote_patterns_kernel, _addrs(sets), npix, C, _nchunks(npix))
+
+
+# ----------------------------------------------------------------------------------------------
+# joint votes by their distance to where every set agrees (one image)
+# ----------------------------------------------------------------------------------------------
+
+@njit(**_JIT1)
+def _vote_context_kernel(labs, gt, C, radii):  # pragma: no cover - jitted
+    N, H, W = labs.shape
+    P = 1 << N
+    B = radii.size + 1
+    far = radii[radii.size - 1] + 1  # every distance beyond the last radius is the same bin
+    has_gt = gt.shape[0] > 0
+    out = np.zeros((B, C, P, 3), np.int64)
+    voted = np.zeros(C, np.bool_)
+    voting = np.zeros((H, W), np.bool_)
+    gt_hist = np.zeros((C + 1, 2), np.int64)  # over the voting pixels: gt == c (rows < C), ignore (row C)
+    for y in range(H):
+        for x in range(W):
+            for n in range(N):
+                lab = labs[n, y, x]
+                if lab < C:
+                    voted[lab] = True
+                    voting[y, x] = True
+            if voting[y, x] and has_gt:
+                g = gt[y, x]
+                gt_hist[min(np.int64(g), C), 0] += 1
+    n_voting = np.int64(voting.sum())
+    dist = np.empty((H, W), np.int64)
+    for c in range(C):
+        if not voted[c]:  # no set votes c in the image: pattern 0, no agreement anywhere (the last bin)
+            out[B - 1, c, 0, 0] = n_voting
+            if has_gt:
+                out[B - 1, c, 0, 1] = gt_hist[c, 0]
+                out[B - 1, c, 0, 2] = gt_hist[C, 0]
+            continue
+        # chessboard distance to the nearest pixel every set votes c on (two raster passes; exact), capped
+        for y in range(H):
+            for x in range(W):
+                every = True
+                for n in range(N):
+                    if labs[n, y, x] != c:
+                        every = False
+                        break
+                dist[y, x] = 0 if every else far
+        for y in range(H):
+            for x in range(W):
+                d = dist[y, x]
+                if x > 0 and dist[y, x - 1] + 1 < d:
+                    d = dist[y, x - 1] + 1
+                if y > 0:
+                    for dx in range(-1, 2):
+                        if 0 <= x + dx < W and dist[y - 1, x + dx] + 1 < d:
+                            d = dist[y - 1, x + dx] + 1
+                dist[y, x] = d
+        for y in range(H - 1, -1, -1):
+            for x in range(W - 1, -1, -1):
+                d = dist[y, x]
+                if x < W - 1 and dist[y, x + 1] + 1 < d:
+                    d = dist[y, x + 1] + 1
+                if y < H - 1:
+                    for dx in range(-1, 2):
+                        if 0 <= x + dx < W and dist[y + 1, x + dx] + 1 < d:
+                            d = dist[y + 1, x + dx] + 1
+                dist[y, x] = d
+        for y in range(H):
+            for x in range(W):
+                if not voting[y, x]:
+                    continue
+                m = 0
+                for n in range(N):
+                    if labs[n, y, x] == c:
+                        m |= 1 << n
+                d = dist[y, x]
+                b = B - 1
+                for j in range(radii.size):
+                    if d <= radii[j]:
+                        b = j
+                        break
+                out[b, c, m, 0] += 1
+                if has_gt:
+                    g = gt[y, x]
+                    if g == c:
+                        out[b, c, m, 1] += 1
+                    elif g >= C:
+                        out[b, c, m, 2] += 1
+    return out
+
+
+def vote_context(sets: Sequence[np.ndarray], num_classes: int, radii: Sequence[int],
+                 gt: np.ndarray | None = None) -> np.ndarray:
+    """Joint votes of N label maps of one image, by their distance to where every set agrees.
+
+    The :func:`vote_patterns` strata of every class ``c`` split by how far each
+    pixel lies from the nearest pixel where every set predicts ``c``
+    (chessboard distance, in pixels): bin ``j`` holds the pixels within
+    ``radii[j]`` (and not within ``radii[j - 1]``), the last bin the pixels
+    farther than every radius, and every pixel of a class no pixel of the image
+    has every set agree on. With a gt, the pixels of each stratum that are
+    truly ``c`` and that are ignored (gt ``>= C``) are counted too.
+
+    Parameters
+    ----------
+    sets : tuple of N 2-D uint8 arrays, one shape (N <= 12)
+        Label maps of one image; values ``>= num_classes`` (255) are abstentions.
+    num_classes : int
+        C, background included.
+    radii : sequence of int
+        Increasing distances ``>= 0`` (pixels), the bins' upper bounds.
+    gt : 2-D uint8 array, optional
+        Ground truth of the image (values ``>= num_classes`` ignored).
+
+    Returns
+    -------
+    ndarray of int64, shape (len(radii) + 1, C, 2**N, 3)
+        ``out[b, c, m, 0]``: pixels in bin ``b`` where exactly the sets in bit
+        mask ``m`` predict ``c`` (over the pixels where some set votes, as
+        :func:`vote_patterns` counts them: summed over ``b`` it is
+        ``vote_patterns``); ``[..., 1]``: of those, gt ``c``; ``[..., 2]``: gt
+        ignored (both 0 without ``gt``).
+    """
+    labs, g, C, r = vote_context_args(sets, gt, num_classes, radii)
+    return _vote_context_kernel(labs, g, C, r)

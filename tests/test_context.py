@@ -88,3 +88,97 @@ def test_vote_context_checks_its_arguments():
     with pytest.raises(ValueError, match="at most 12"):
         cpu.vote_context((a,) * 13, 3, (4,))
 
+
+# ================================================================================ context_strata + stratified_scores
+from isle_fast import metrics  # noqa: E402
+from isle_fast.ensemble.uncertainty import context_strata, strata_counts, stratified_scores  # noqa: E402
+from isle_fast.errors import InputError  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 5), shape=st.tuples(st.integers(1, 3), st.integers(1, 13),
+                                                                  st.integers(1, 17)),
+       seed=st.integers(0, 2**31 - 1), labels=st.booleans(), with_gt=st.booleans())
+def test_context_strata_split_the_strata_by_bin(n, c, shape, seed, labels, with_gt):
+    rng = np.random.default_rng(seed)
+    vals = np.array(list(range(c)) + [255, c], np.uint8)
+    gt = rng.choice(vals, size=shape)
+    sets = [np.where(rng.random(shape) < 0.7, gt, rng.choice(vals, size=shape)).astype(np.uint8)
+            for _ in range(n)]
+    allowed = rng.random((shape[0], c)) < 0.6 if labels else None
+    radii = (1, 3)
+    got = context_strata(gt if with_gt else None, sets, c, allowed=allowed, radii=radii)
+    want = np.zeros_like(got)
+    for i in range(shape[0]):
+        one = reference_vote_context([s[i] for s in sets], c, radii, gt[i] if with_gt else None)
+        for k in range(c):
+            grp = 0 if allowed is None or k == 0 or allowed[i, k] else 1
+            want[grp][:, k] += one[:, k]
+    np.testing.assert_array_equal(got, want)
+    strata = strata_counts(gt, sets, c, allowed=allowed)
+    np.testing.assert_array_equal(got.sum(axis=1)[..., 0], strata[..., 0])
+    if with_gt:
+        np.testing.assert_array_equal(got.sum(axis=1), strata)
+
+
+SLOTS = ((2, 2), (2, 50), (50, 2), (50, 50))  # 10 x 10 objects, 38 pixels apart (past every radius)
+
+
+def _rings_case():
+    """Set 0 finds every object of class 1 and a 2-pixel ring of false positives around each; set 1 is
+    exact but misses objects. The labelled images (10) have 3 found objects and 1 missed, the others (30)
+    1 found and 3 missed: the truth of "set 0 alone" is mostly ring in the first, mostly object in the
+    second, and its distance to where both sets agree tells the two apart."""
+    images, side = 40, 64
+    gt = np.zeros((images, side, side), np.uint8)
+    s0 = np.zeros_like(gt)
+    s1 = np.zeros_like(gt)
+    for i in range(images):
+        found = 3 if i < 10 else 1
+        for j, (y, x) in enumerate(SLOTS):
+            gt[i, y:y + 10, x:x + 10] = 1
+            s0[i, max(0, y - 2):y + 12, max(0, x - 2):x + 12] = 1
+            if j < found:
+                s1[i, y:y + 10, x:x + 10] = 1
+    sets = [s0, s1]
+    per = np.stack([strata_counts(gt[i:i + 1], [s[i:i + 1] for s in sets], 2) for i in range(images)])
+    ctx = np.stack([context_strata(gt[i:i + 1], [s[i:i + 1] for s in sets], 2) for i in range(images)])
+    return gt, sets, per, ctx
+
+
+def test_context_tells_the_ring_from_the_missed_object():
+    gt, sets, per, ctx = _rings_case()
+    full = metrics.iou(cpu.confusion_labels(gt, tuple(sets), 2))
+    assert full[0, 1] > full[1, 1]  # set 0 is the better set of class 1
+    lab = np.arange(10)
+    plain = stratified_scores(per[lab], per[..., 0].sum(axis=0), reps=0)
+    refined = stratified_scores(per[lab], per[..., 0].sum(axis=0), reps=0,
+                                context=(ctx[lab], ctx[..., 0].sum(axis=0)))
+    assert plain["best"][1] == 1  # the strata alone take the ring rate of the labelled images everywhere
+    assert refined["best"][1] == 0
+    assert np.all(np.abs(refined["scores"][:, 1] - full[:, 1]) < np.abs(plain["scores"][:, 1] - full[:, 1]))
+
+
+def test_context_with_every_image_labelled_or_one_bin_changes_nothing():
+    gt, sets, per, ctx = _rings_case()
+    patterns, ctx_pat = per[..., 0].sum(axis=0), ctx[..., 0].sum(axis=0)
+    every = stratified_scores(per, patterns, reps=20, context=(ctx, ctx_pat))
+    np.testing.assert_allclose(every["scores"], metrics.iou(cpu.confusion_labels(gt, tuple(sets), 2)), atol=1e-9)
+    # every pixel in one bin: the refined rates are the strata's own, the bootstrap too
+    one = np.zeros_like(ctx)
+    one[:, :, 0] = ctx.sum(axis=2)
+    lab = np.arange(0, 40, 3)
+    a = stratified_scores(per[lab], patterns, reps=30, seed=4)
+    b = stratified_scores(per[lab], patterns, reps=30, seed=4, context=(one[lab], one[..., 0].sum(axis=0)))
+    np.testing.assert_allclose(b["scores"], a["scores"], rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(b["best"], a["best"])
+    np.testing.assert_allclose(b["p_best"], a["p_best"], rtol=0, atol=1e-12)
+
+
+def test_context_that_does_not_match_is_named():
+    _, _, per, ctx = _rings_case()
+    patterns, ctx_pat = per[..., 0].sum(axis=0), ctx[..., 0].sum(axis=0)
+    with pytest.raises(InputError, match="do not match"):
+        stratified_scores(per[:5], patterns, context=(ctx[:5, :, :, :1], ctx_pat))
+    with pytest.raises(InputError, match="differ from the strata"):
+        stratified_scores(per[:5], patterns, context=(ctx[20:25], ctx_pat))

@@ -579,6 +579,11 @@ STRATA_MODELS = ("staple", "semi")
 STRATA_MODEL = "semi"
 #: with ``model='semi'``: the model's weight in the prior, against the rate pooled over the classes
 SEMI_MODEL_WEIGHT = 0.5
+#: the context bins of the strata (:func:`context_strata`): chessboard distance (pixels) to the nearest pixel
+#: where every set votes the class, at most 4, 12, 30, or farther (or nowhere in the image). Chosen in a
+#: development run of the selection benchmark's oracle rows (the model's own rates per bin) among four
+#: spacings, all of which raised the oracle on the worst data set; not tuned on the estimate.
+CONTEXT_RADII = (4, 12, 30)
 
 
 def strata_counts(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any = None) -> np.ndarray:
@@ -628,6 +633,48 @@ def strata_counts(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any =
     return out
 
 
+def context_strata(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any = None,
+                   radii: Sequence[int] = CONTEXT_RADII) -> np.ndarray:
+    """``(2, B, C, 2**N, 3)``: :func:`strata_counts` split by the distance to agreement, over the images.
+
+    Bin ``b`` of a pixel's stratum (class ``c``, the sets voting it) is where its
+    chessboard distance to the nearest pixel of the image that every set votes
+    ``c`` on falls among ``radii`` (the ``vote_context`` kernel): ``B =
+    len(radii) + 1``, the last bin farther than every radius or with no such
+    pixel. Summed over the bins it is :func:`strata_counts`. Without ``gt`` only
+    ``[..., 0]`` is counted (every image's context vote patterns). Group ``[0]``
+    / ``[1]``: the classes the image labels allow / rule out, as there.
+
+    Parameters
+    ----------
+    gt : (I, H, W) uint8, optional
+    sets : sequence of N (I, H, W) uint8
+    num_classes : int
+    allowed : (I, C) bool, optional
+        Image-level labels (background is always allowed).
+    radii : sequence of int
+        The bins' upper bounds (pixels, increasing).
+    """
+    from isle_fast.kernels import cpu
+
+    labs = [np.asarray(a, dtype=np.uint8) for a in sets]
+    g = None if gt is None else np.asarray(gt, dtype=np.uint8)
+    if labs and labs[0].ndim == 2:
+        labs, g = [a[None] for a in labs], (None if g is None else g[None])
+    if any(a.shape != labs[0].shape for a in labs) or (g is not None and g.shape != labs[0].shape):
+        raise InputError(f"the sets' shapes {[a.shape for a in labs]} differ from each other or from the "
+                         f"gt's {None if g is None else g.shape}")
+    c, p, b = int(num_classes), 1 << len(labs), len(radii) + 1
+    out = np.zeros((2, b, c, p, 3), np.int64)
+    for i in range(labs[0].shape[0]):
+        one = cpu.vote_context(tuple(a[i] for a in labs), c, radii, gt=None if g is None else g[i])
+        ok = np.ones(c, bool) if allowed is None else np.asarray(allowed[i], bool).copy()
+        ok[0] = True
+        out[0][:, ok] += one[:, ok]
+        out[1][:, ~ok] += one[:, ~ok]
+    return out
+
+
 def _staple_truth(patterns: np.ndarray) -> np.ndarray:
     """``(2, C, P)`` the no-label model's ``P(truth = c | stratum)``: the STAPLE posterior
     (:mod:`isle_fast.ensemble.estimate`) where the class may be present, 0 where the labels rule it out."""
@@ -670,12 +717,12 @@ def _semi_staple_truth(patterns: np.ndarray, lab: np.ndarray) -> np.ndarray:
     return truth
 
 
-def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.ndarray, fallback: np.ndarray,
-                kappa: float, pool: bool, bits: np.ndarray, mix: float = 0.0) -> np.ndarray:
-    """``(..., N, C)`` IoU (percent): the labelled strata ``exact (G, C, P, 3)`` counted exactly, the
-    unlabelled pixels ``unl (G, C, P)`` at the truth rates of ``lab (..., G, C, P, 3)`` (``seen``: the
-    labelled images with each stratum; ``fallback (G, C, P)``: the no-label model's truth rate; ``mix``:
-    its weight in the prior where the pooled rate is defined, with ``pool``)."""
+def _strata_rates(lab: np.ndarray, seen: np.ndarray, fallback: np.ndarray, kappa: float, pool: bool,
+                  mix: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(r_pos, r_neg)``, each ``(..., G, C, P)``: the truth rates (the class, another class) of every
+    stratum from the labelled strata ``lab (..., G, C, P, 3)`` (``seen``: the labelled images with each
+    stratum; ``fallback (G, C, P)``: the no-label model's truth rate; ``mix``: its weight in the prior where
+    the pooled rate is defined, with ``pool``)."""
     h, pos, ign = lab[..., 0], lab[..., 1], lab[..., 2]
     neg = np.maximum(h - pos - ign, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -693,7 +740,45 @@ def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.nd
         wt = seen / (seen + kappa) if kappa > 0 else (seen > 0).astype(np.float64)
         r_pos = np.where(h > 0, wt * pos / np.where(h > 0, h, 1) + (1 - wt) * prior_pos, prior_pos)
         r_neg = np.where(h > 0, wt * neg / np.where(h > 0, h, 1) + (1 - wt) * prior_neg, prior_neg)
+    return r_pos, r_neg
+
+
+def _strata_iou(lab: np.ndarray, seen: np.ndarray, exact: np.ndarray, unl: np.ndarray, fallback: np.ndarray,
+                kappa: float, pool: bool, bits: np.ndarray, mix: float = 0.0) -> np.ndarray:
+    """``(..., N, C)`` IoU (percent): the labelled strata ``exact (G, C, P, 3)`` counted exactly, the
+    unlabelled pixels ``unl (G, C, P)`` at the truth rates of :func:`_strata_rates`."""
+    r_pos, r_neg = _strata_rates(lab, seen, fallback, kappa, pool, mix)
     return _iou_at_rates(exact, unl, r_pos, r_neg, bits)
+
+
+def _context_iou(r_pos: np.ndarray, r_neg: np.ndarray, lab_ctx: np.ndarray, exact_ctx: np.ndarray,
+                 unl_ctx: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """``(..., N, C)`` IoU (percent) with the strata's rates ``r_pos, r_neg (..., G, C, P)`` refined by the
+    distance to agreement (:func:`context_strata`).
+
+    Per context bin ``b`` and pattern ``m`` the labelled foreground pixels of ``lab_ctx (..., G, B, C, P,
+    3)`` (group 0, pooled over the classes: many pixels, few rates) give the odds of the truth in the bin
+    against the odds over every bin (each rate smoothed by half a pixel: ``(pos + 1/2) / (pixels + 1)``);
+    a class's rate of ``m`` is multiplied in odds by that ratio in bin ``b``. Background, the classes the
+    image labels rule out and a bin no labelled pixel has keep the strata's rates; another class's rate
+    takes what the class's rate gives up (the ignored share kept). The labelled pixels ``exact_ctx (G, B, C,
+    P, 3)`` count exactly, the others ``unl_ctx (G, B, C, P)`` at the refined rates.
+    """
+    hb = lab_ctx[..., 0, :, 1:, :, 0].sum(axis=-2).astype(np.float64)  # (..., B, P)
+    pb = lab_ctx[..., 0, :, 1:, :, 1].sum(axis=-2).astype(np.float64)
+    rb = (pb + 0.5) / (hb + 1.0)
+    rm = (pb.sum(axis=-2, keepdims=True) + 0.5) / (hb.sum(axis=-2, keepdims=True) + 1.0)
+    ratio = np.where(hb > 0, (rb / (1.0 - rb)) / (rm / (1.0 - rm)), 1.0)  # (..., B, P)
+    n_bins = lab_ctx.shape[-4]
+    rp = np.repeat(r_pos[..., None, :, :], n_bins, axis=-3)  # (..., G, B, C, P)
+    r0 = r_pos[..., 0, None, 1:, :]  # (..., 1, C - 1, P): group 0, foreground
+    f = ratio[..., :, None, :]  # (..., B, 1, P)
+    rp[..., 0, :, 1:, :] = r0 * f / (1.0 - r0 + r0 * f)
+    rn = np.maximum(r_neg[..., None, :, :] + r_pos[..., None, :, :] - rp, 0.0)
+    g, c, p = unl_ctx.shape[0], unl_ctx.shape[-2], unl_ctx.shape[-1]
+    lead = rp.shape[:-4]
+    return _iou_at_rates(exact_ctx.reshape((g * n_bins, c, p, 3)), unl_ctx.reshape((g * n_bins, c, p)),
+                         rp.reshape(lead + (g * n_bins, c, p)), rn.reshape(lead + (g * n_bins, c, p)), bits)
 
 
 def _iou_at_rates(exact: np.ndarray, unl: np.ndarray, r_pos: np.ndarray, r_neg: np.ndarray,
@@ -714,7 +799,7 @@ def _iou_at_rates(exact: np.ndarray, unl: np.ndarray, r_pos: np.ndarray, r_neg: 
 def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: float = STRATA_PRIOR_IMAGES,
                       choice_prior_images: float | None = STRATA_CHOICE_PRIOR_IMAGES, pool: bool = True,
                       model: str = STRATA_MODEL, members: Any = None, reps: int = 1000,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, context: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Per-class IoU of every set on every image, from the labelled images' truth per vote stratum.
 
     Every image's vote patterns (``patterns``, the no-label pass) say how many
@@ -778,6 +863,13 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     members : (N,) bool, optional
     reps, seed : int
         Bootstrap resamples (0: none) and their seed.
+    context : (labelled, patterns), optional
+        The same strata split by the distance to agreement (:func:`context_strata`): ``labelled``
+        ``(K, G, B, C, P, 3)`` per labelled image (summed over the bins: ``labelled_strata``), ``patterns``
+        ``(G, B, C, P)`` of every image. Every unlabelled pixel is then counted at its stratum's rate
+        refined by its bin (:func:`_context_iou`: the odds of the truth per bin and pattern, pooled over the
+        foreground classes of the labelled images), in the choice and in the bootstrap (the ratios
+        resampled with the images).
 
     Returns
     -------
@@ -819,7 +911,12 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     kappa = float(prior_images)
     kappa_choice = kappa if choice_prior_images is None else float(choice_prior_images)
     seen = (strata[..., 0] > 0).sum(axis=0)
-    scores = _strata_iou(lab, seen, lab, unl, choice_fallback, kappa_choice, pool, bits, mix)
+    ctx = None if context is None else _context_args(context, strata, pat)
+    if ctx is None:
+        scores = _strata_iou(lab, seen, lab, unl, choice_fallback, kappa_choice, pool, bits, mix)
+    else:
+        scores = _context_iou(*_strata_rates(lab, seen, choice_fallback, kappa_choice, pool, mix), ctx[1], ctx[1],
+                              ctx[2], bits)
     masked = np.where(members[:, None] & ~np.isnan(scores), scores, -np.inf)
     best = np.argmax(masked, axis=0).astype(np.int64)  # ties: the first set
     p_best = np.full(c, np.nan)
@@ -828,7 +925,11 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
         wts = metrics.bootstrap_weights(strata.shape[0], reps, seed)
         boot = metrics.bootstrap_sums(strata, wts)  # (B, G, C, P, 3)
         seen_b = metrics.bootstrap_sums((strata[..., 0] > 0).astype(np.int64), wts)
-        it = _strata_iou(boot, seen_b, lab, unl, fallback, kappa, pool, bits)  # (B, N, C)
+        if ctx is None:
+            it = _strata_iou(boot, seen_b, lab, unl, fallback, kappa, pool, bits)  # (B, N, C)
+        else:
+            it = _context_iou(*_strata_rates(boot, seen_b, fallback, kappa, pool),
+                              metrics.bootstrap_sums(ctx[0], wts), ctx[1], ctx[2], bits)
         m_it = np.where(members[None, :, None] & ~np.isnan(it), it, -np.inf)
         top = m_it.max(axis=1)
         low = np.where(members[None, :, None] & ~np.isnan(it), it, np.inf).min(axis=1)
@@ -842,6 +943,31 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     share = (pat[..., 1:] * wt[..., 1:]).sum(axis=(0, 2))
     return {"scores": scores, "best": best, "p_best": p_best, "expected_loss": loss,
             "labelled_weight": metrics.ratio(share, voting), "voting_pixels": voting}
+
+
+def _context_args(context: tuple[Any, Any], strata: np.ndarray, pat: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(per image (K, G, B, C, P, 3), labelled sum (G, B, C, P, 3), unlabelled (G, B, C, P))`` of
+    :func:`stratified_scores`'s ``context``, checked against its strata and patterns."""
+    lab_img = np.asarray(context[0], dtype=np.int64)
+    pat_ctx = np.asarray(context[1], dtype=np.int64)
+    if lab_img.ndim == strata.ndim:  # summed over the images
+        lab_img = lab_img[None]
+    if (lab_img.ndim != 6 or pat_ctx.ndim != 4 or lab_img.shape[:2] != strata.shape[:2]
+            or lab_img.shape[3:] != strata.shape[2:] or pat_ctx.shape != lab_img.shape[1:5]):
+        raise InputError(f"context strata of shape {lab_img.shape} and patterns {pat_ctx.shape} do not match "
+                         f"the strata {strata.shape}")
+    lab_ctx = lab_img.sum(axis=0)
+    if not (np.array_equal(lab_ctx.sum(axis=1), strata.sum(axis=0))
+            and np.array_equal(pat_ctx.sum(axis=1), pat)):
+        raise InputError("the context strata summed over their bins differ from the strata (or the context "
+                         "patterns from the patterns): they must count the same images and pixels")
+    unl = (pat_ctx - lab_ctx[..., 0]).astype(np.float64)
+    unl[..., 0] = np.maximum(unl[..., 0], 0.0)
+    if (unl < 0).any():
+        raise InputError("the labelled images have more votes in some context bin than every image's "
+                         "context patterns")
+    return lab_img, lab_ctx, unl
 
 
 def _strata_block(g: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray, allowed: np.ndarray,
@@ -906,3 +1032,91 @@ def labelled_strata_pass(stacks: Sequence[Any], gt: Any, positions: Any, *, allo
                        meta=np.empty((0,) * 7, dtype=np.int64))
     with dask_progress("strata", quiet=not progress):
         return np.asarray(arr.sum(axis=(1, 2)).compute(scheduler=dask_scheduler()), dtype=np.int64)
+
+
+def _context_block(shapes: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, with_gt: bool,
+                   encodings: tuple[str, ...], thresholds: tuple[float, ...], num_classes: int) -> np.ndarray:
+    """``(I, 2, B, C, 2**N, 3)`` :func:`context_strata` of every image of a block of whole images (the gt
+    first with ``with_gt``), each over its own ``rows x cols`` (a score set's padding no vote)."""
+    from isle_fast.backend import task_kernels
+    from isle_fast.ensemble.estimate import vote_labels
+
+    g = blocks[0] if with_gt else None
+    sets = blocks[1:] if with_gt else blocks
+    with task_kernels("cpu") as K:
+        labs = vote_labels(K, sets, encodings, thresholds, shapes, 0, 0)
+    n_img = labs[0].shape[0]
+    out = np.zeros((n_img, 2, len(CONTEXT_RADII) + 1, num_classes, 1 << len(labs), 3), np.int64)
+    for m in range(n_img):
+        r, c = (int(v) for v in shapes[m])
+        out[m] = context_strata(None if g is None else g[m:m + 1, :r, :c], [a[m:m + 1, :r, :c] for a in labs],
+                                num_classes, allowed[m:m + 1])
+    return out
+
+
+def context_pass(stacks: Sequence[Any], gt: Any = None, positions: Any = None, *, allowed: Any = None,
+                 bg_threshold: float | None = None, progress: bool = True) -> np.ndarray:
+    """The strata by distance to agreement (:func:`context_strata`) of the sets' images, in one pass.
+
+    The distance needs the whole image, so the pass reads whole images (as many
+    per task as fit in :data:`isle_fast.ensemble.graph.MAX_TASK_BYTES`, at least one),
+    whatever the stores' chunks.
+
+    Parameters
+    ----------
+    stacks : sequence of Stack
+        The sets (aligned with each other).
+    gt : Stack, optional
+        A ground truth of some of their images; without it every image of the sets is counted.
+    positions : (I_gt,) int, optional
+        With ``gt``: every gt image's position in the sets
+        (:func:`isle_fast.ensemble.partial.gt_positions`; default the same order).
+    allowed : (I, C) bool, optional
+        Image-level labels of the images counted (the gt's, with ``gt``).
+    bg_threshold : float, optional
+    progress : bool
+
+    Returns
+    -------
+    ndarray of int64
+        Without ``gt``: ``(2, B, C, 2**N)``, every image's context vote patterns (``[..., 0]`` summed). With
+        it: ``(I_gt, 2, B, C, 2**N, 3)``, every gt image's.
+    """
+    from functools import partial
+
+    import dask.array as da
+
+    from isle_fast.backend import dask_scheduler
+    from isle_fast.ensemble.evaluate import score_threshold
+    from isle_fast.ensemble.graph import MAX_TASK_BYTES, aligned_arrays, blockwise_args
+    from isle_fast.ensemble.partial import SetFrame, subset_arrays
+    from isle_fast.progress import dask_progress
+
+    frame = SetFrame(stacks[0]) if gt is None else gt
+    c = frame.num_classes
+    if gt is None:
+        g = None
+        _, arrays = aligned_arrays(stacks, frame, (1,) + tuple(int(v) for v in frame.padded_shape))  # type: ignore[arg-type]
+    else:
+        pos = np.arange(gt.num_images, dtype=np.int64) if positions is None else np.asarray(positions, np.int64)
+        g, arrays = subset_arrays(stacks, gt, pos)
+    rows, cols = (int(v) for v in (arrays[0].shape[1], arrays[0].shape[2]))
+    per_pixel = 1 + sum(int(np.prod(s.shape[3:], dtype=np.int64)) * s.dtype.itemsize for s in stacks)
+    k = max(1, min(frame.num_images, int(MAX_TASK_BYTES // max(1, rows * cols * per_pixel))))
+    whole = (k, rows, cols)
+    arrays = [a.rechunk(whole if a.ndim == 3 else whole + (a.shape[3],)) for a in arrays]
+    n_img = arrays[0].shape[0]
+    ok = np.ones((n_img, c), bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    ok_da = da.from_array(ok, chunks=(arrays[0].chunks[0], (c,)))
+    shapes = da.from_array(np.asarray(frame.shapes, dtype=np.int64), chunks=(arrays[0].chunks[0], (2,)))
+    func = partial(_context_block, with_gt=g is not None, encodings=tuple(s.encoding for s in stacks),
+                   thresholds=tuple(score_threshold(s, bg_threshold) if s.encoding == "scores" else -1.0
+                                    for s in stacks), num_classes=c)
+    lead = [] if g is None else [g.rechunk(whole), "ijk"]
+    arr = da.blockwise(func, "igbcmt", shapes, "iz", ok_da, "iy", *lead, *blockwise_args(arrays, stacks),
+                       new_axes={"g": 2, "b": len(CONTEXT_RADII) + 1, "c": c, "m": 1 << len(stacks), "t": 3},
+                       dtype=np.int64, concatenate=True, meta=np.empty((0,) * 6, dtype=np.int64))
+    with dask_progress("context", quiet=not progress, images=n_img):
+        if g is None:
+            return np.asarray(arr[..., 0].sum(axis=0).compute(scheduler=dask_scheduler()), dtype=np.int64)
+        return np.asarray(arr.compute(scheduler=dask_scheduler()), dtype=np.int64)

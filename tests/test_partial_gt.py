@@ -175,6 +175,40 @@ def test_merge_strata_semi_takes_the_semi_supervised_prior(tmp_path):
     assert open_stack(f"{tmp_path}/semi2.zarr").provenance["subset_selection"] == "strata-semi"
 
 
+@pytest.mark.parametrize("scores", [False, True])
+def test_merge_strata_context_reads_whole_images_of_chunked_stores(tmp_path, scores):
+    """The stores are chunked 5 x 6 pixels: the distance to agreement still spans each whole image, as
+    :func:`context_strata` of the plain arrays has it."""
+    from isle_fast.ensemble.uncertainty import context_strata, strata_counts, stratified_scores
+
+    rng = np.random.default_rng(11)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=8, subset=[5, 2, 0], scores=scores)
+    assert sets[0].chunks[1:3] == (5, 6)
+    allowed = np.stack([[(g == k).any() for k in range(c)] for g in gts])
+    allowed[3, 2] = False
+    res = merge(sets, gt, f"{tmp_path}/ctx.zarr", progress=False, image_labels=allowed,
+                subset_selection="strata-context")
+    prov = res.stack.provenance
+    assert prov["subset_selection"] == "strata-context"
+
+    def plain(i):
+        h, w = gts[i].shape
+        a = [np.asarray(s.array[i, :h, :w]) for s in sets]
+        return [x if x.ndim == 2 else np.argmax(x, axis=-1).astype(np.uint8) for x in a]
+
+    per = np.stack([strata_counts(gts[i][None], [x[None] for x in plain(i)], c, allowed[i:i + 1]) for i in sub])
+    ctx = np.stack([context_strata(gts[i][None], [x[None] for x in plain(i)], c, allowed[i:i + 1]) for i in sub])
+    every = sum(context_strata(None, [x[None] for x in plain(i)], c, allowed[i:i + 1])[..., 0]
+                for i in range(len(gts)))
+    want = stratified_scores(per, every.sum(axis=1), reps=1000, seed=0, model="semi", context=(ctx, every))
+    told = np.array([[np.nan if v is None else v for v in prov["strata_scores"][k]] for k in prov["sets"]])
+    np.testing.assert_allclose(told, want["scores"], rtol=1e-12)
+    np.testing.assert_array_equal(res.selection.best[1:], want["best"][1:])
+    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ctx2.zarr",
+                 "--quiet", "--no-score", "--subset-selection", "strata-context"]) == 0
+    assert open_stack(f"{tmp_path}/ctx2.zarr").provenance["subset_selection"] == "strata-context"
+
+
 def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
     from isle_fast.ensemble.estimate import estimate
     from isle_fast.ensemble.selection import select

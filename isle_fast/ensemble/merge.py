@@ -809,19 +809,20 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
 
 #: how a gt of some images selects (``merge(subset_selection=...)``); ``auto``: ``strata-semi`` for a gt of
 #: some of the sets' images with image labels (``posterior`` without), ``labelled`` for a gt of every image
-SUBSET_SELECTIONS = ("auto", "strata", "strata-semi", "posterior", "labelled")
+SUBSET_SELECTIONS = ("auto", "strata", "strata-semi", "strata-context", "posterior", "labelled")
 
 
 def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.ndarray | None,
                              bg_threshold: float | None, progress: bool,
                              subset: Sequence[str | int] | None, set_names: list[str],
-                             set_paths: list[str], model: str = "staple") -> dict[str, Any]:
+                             set_paths: list[str], model: str = "staple", context: bool = False) -> dict[str, Any]:
     """The :func:`isle_fast.ensemble.uncertainty.stratified_scores` result of a gt of some images: every
-    image's vote patterns and the labelled images' strata (two passes; the labelled one over the gt's images)."""
+    image's vote patterns and the labelled images' strata (two passes; the labelled one over the gt's images;
+    with ``context`` two more, the same split by the distance to agreement, over whole images)."""
     from isle_fast.ensemble.estimate import vote_patterns_pass
     from isle_fast.ensemble.partial import gt_positions
     from isle_fast.ensemble.selection import resolve_members
-    from isle_fast.ensemble.uncertainty import labelled_strata_pass, stratified_scores
+    from isle_fast.ensemble.uncertainty import context_pass, labelled_strata_pass, stratified_scores
 
     positions = gt_positions(gt, stacks)
     if positions is None:
@@ -830,8 +831,13 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
                                         progress=progress)
     strata = labelled_strata_pass(stacks, gt, positions, allowed=None if allowed is None else allowed[positions],
                                   bg_threshold=bg_threshold, progress=progress)
+    ctx = None
+    if context:
+        lab_allowed = None if allowed is None else allowed[positions]
+        ctx = (context_pass(stacks, gt, positions, allowed=lab_allowed, bg_threshold=bg_threshold, progress=progress),
+               context_pass(stacks, allowed=allowed, bg_threshold=bg_threshold, progress=progress))
     members = resolve_members(set_names, subset, set_paths)
-    return stratified_scores(strata, patterns, members=members, reps=1000, seed=0, model=model)
+    return stratified_scores(strata, patterns, members=members, reps=1000, seed=0, model=model, context=ctx)
 
 
 def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: Any, *, mode: str = "auto",
@@ -858,14 +864,15 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
             "strata-semi" if allowed is not None else "posterior")
     if gt_stack is None:
         mode = "estimate"
-    if mode in ("strata", "strata-semi"):
+    if mode in ("strata", "strata-semi", "strata-context"):
         assert gt_stack is not None  # mode "estimate" without a gt
         if sweep:
             raise InputError(f"{param('subset_selection', mode)} does not take a threshold sweep "
                              f"({param('bg_threshold')}): give one threshold")
         strata = _strata_selection_scores(stacks, gt_stack, allowed, bg_threshold, progress, subset,
                                           list(evaluation.set_names), list(evaluation.set_paths),
-                                          model="semi" if mode == "strata-semi" else "staple")
+                                          model="staple" if mode == "strata" else "semi",
+                                          context=mode == "strata-context")
         blended = np.where(np.isnan(strata["scores"]), evaluation.iou, strata["scores"])
     elif mode == "posterior":
         assert gt_stack is not None
@@ -956,7 +963,7 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         the bootstrap, the estimate's fitted on the labelled images
         (:func:`isle_fast.ensemble.uncertainty.posterior_scores`); the same as
         ``subset_selection='posterior'``.
-    subset_selection : {'auto', 'strata', 'strata-semi', 'posterior', 'labelled'}
+    subset_selection : {'auto', 'strata', 'strata-semi', 'strata-context', 'posterior', 'labelled'}
         How a gt of some images selects. ``strata-semi`` (what ``auto`` takes
         for a gt of some of the images with ``image_labels``): the labelled
         images' truth rate per vote stratum (a class and the sets predicting
@@ -966,7 +973,12 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         (:func:`isle_fast.ensemble.uncertainty.stratified_scores`,
         ``model='semi'``); ``strata``: the same with the no-label STAPLE
         posterior in the prior (``model='staple'``, the default before
-        2026-12-02); ``posterior`` (what ``auto`` takes there without image
+        2026-12-02); ``strata-context``: ``strata-semi`` with every unlabelled
+        pixel's stratum rate refined by its distance to where every set agrees
+        on the class (``stratified_scores(context=...)``, two more passes over
+        whole images, :func:`isle_fast.ensemble.uncertainty.context_pass`; not
+        yet what ``auto`` takes: measured on the development run only, see the
+        README); ``posterior`` (what ``auto`` takes there without image
         labels): as ``blend_estimate``; ``labelled``: the labelled images' IoU
         alone (what ``auto`` takes for a gt of every image, and with a
         threshold sweep). ``auto`` takes the best of these by measurement in

@@ -37,7 +37,9 @@ and ``K=... + estimate, posterior`` (each weighted by its error,
 (``model='semi'``): what ``isle merge`` does by default with a gt of some images and image labels,
 ``--subset-selection strata-semi``; the labelled images' truth rate per vote stratum applied to every
 image's vote patterns; ``K=... + strata, staple``: its other prior model, the no-label STAPLE posterior,
-``--subset-selection strata``, the default before 2026-12-02).
+``--subset-selection strata``, the default before 2026-12-02; ``K=... + strata, context``: the default's
+rates refined by each pixel's distance to where every set agrees on the class,
+:func:`isle_fast.ensemble.uncertainty.context_strata` and ``stratified_scores(context=...)``).
 A class the labelled subset lacks is chosen from the estimate in every ``+`` mode (its pixels for the
 selection are the votes; before, such a class fell to the first set):
 
@@ -258,7 +260,7 @@ def rate_scores(rates: np.ndarray, exact: np.ndarray, patterns: np.ndarray) -> n
 def precompute(data: dict[str, Any]) -> dict[str, Any]:
     """Per-image counts (exact), vote patterns (with and without image labels) and the full-gt reference."""
     from isle_fast import metrics
-    from isle_fast.ensemble.uncertainty import strata_counts
+    from isle_fast.ensemble.uncertainty import CONTEXT_RADII, context_strata, strata_counts
     from isle_fast.kernels import cpu
 
     c = data["classes"]
@@ -269,6 +271,7 @@ def precompute(data: dict[str, Any]) -> dict[str, Any]:
     pat_labels = np.zeros((2, c, 1 << N_SETS), np.int64)  # [1]: classes the image labels rule out
     pat_plain = np.zeros((c, 1 << N_SETS), np.int64)
     strata = np.zeros((n_img, 2, c, 1 << N_SETS, 3), np.int64)  # per image: labelled pixels by vote stratum
+    context = np.zeros((n_img, 2, len(CONTEXT_RADII) + 1, c, 1 << N_SETS, 3), np.int64)  # ... and context bin
     for i in range(n_img):
         g = np.ascontiguousarray(gts[i][None])
         s = tuple(np.ascontiguousarray(sets[n][i][None]) for n in range(N_SETS))
@@ -281,12 +284,14 @@ def precompute(data: dict[str, Any]) -> dict[str, Any]:
         pat_labels[0][ok] += h[ok]
         pat_labels[1][~ok] += h[~ok]
         strata[i] = strata_counts(g, s, c, allowed=ok[None])
+        context[i] = context_strata(g, s, c, allowed=ok[None])
     stats = metrics.intersection_union(counts)  # (I, N, C, 2)
     joint, joint_n = joint_labels(gts, sets)
     gt_px = counts[:, 0].sum(axis=2)  # (I, C)
     full_iou = metrics.iou(counts.sum(axis=0))
     return {"counts": counts, "stats": stats, "gt_px": gt_px, "presence": presence, "full_iou": full_iou,
-            "patterns": {"labels": pat_labels, "plain": pat_plain}, "strata": strata, "joint": joint,
+            "patterns": {"labels": pat_labels, "plain": pat_plain}, "strata": strata, "context": context,
+            "context_patterns": context[..., 0].sum(axis=0), "joint": joint,
             "joint_pixels": joint_n}
 
 
@@ -427,13 +432,15 @@ def study(data: dict[str, Any], trials: int, reps: int, ks: tuple[int, ...], ora
                         got["n"] += 1
                         got["right"] += int(full_iou[int(post_sel.best[cls]), cls] >=
                                             full_iou[int(full_sel.best[cls]), cls])
-            for variant, st, pat, model in (
-                    ("", pre["strata"][sub], pre["patterns"]["labels"], STRATA_MODEL),
+            for variant, st, pat, model, ctx in (
+                    ("", pre["strata"][sub], pre["patterns"]["labels"], STRATA_MODEL, None),
                     (" (no image labels)", pre["strata"][sub].sum(axis=1, keepdims=True),
-                     pre["patterns"]["plain"][None], STRATA_MODEL),
-                    *[(f", {m}", pre["strata"][sub], pre["patterns"]["labels"], m)
-                      for m in STRATA_MODELS if m != STRATA_MODEL]):
-                strat = stratified_scores(st, pat, reps=reps, seed=t, model=model)
+                     pre["patterns"]["plain"][None], STRATA_MODEL, None),
+                    *[(f", {m}", pre["strata"][sub], pre["patterns"]["labels"], m, None)
+                      for m in STRATA_MODELS if m != STRATA_MODEL],
+                    (", context", pre["strata"][sub], pre["patterns"]["labels"], STRATA_MODEL,
+                     (pre["context"][sub], pre["context_patterns"]))):
+                strat = stratified_scores(st, pat, reps=reps, seed=t, model=model, context=ctx)
                 strat_sel = select_from(strat["scores"], strat["voting_pixels"], c)
                 got = strata.setdefault(variant, {"per": [], "n": 0, "right": 0})
                 got["per"].append(judge(strat_sel))

@@ -25,6 +25,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "intersection_union",
     "iou_from_stats",
     "bootstrap_weights",
+    "bootstrap_batches",
     "bootstrap_sums",
     "bootstrap_miou_diff",
     "jsonable",
@@ -158,21 +160,49 @@ def bootstrap_weights(num_images: int, reps: int, seed: int) -> np.ndarray:
     return rng.multinomial(int(num_images), np.full(n, 1.0 / n), size=int(reps)).astype(np.int64)
 
 
+def bootstrap_batches(image_stats: Sequence[Any], weights: Any, batch: int = 256
+                      ) -> Iterator[tuple[slice, list[np.ndarray]]]:
+    """Per-image counts of several arrays summed over the resamples, ``batch`` resamples at a time.
+
+    Yields ``(rows, sums)``: the resamples ``rows`` of ``weights`` (``(B, I)``)
+    and, for every ``(I, ...)`` array of ``image_stats``, its ``(len(rows), ...)``
+    sums. Exact: integer weights and counts, summed as float64 (exact below
+    2**53) and returned as int64. Only the entries some image counts enter the
+    product (per-image strata are mostly zero), so the cost and memory follow
+    what the images hold, and a caller that reduces every batch before the next
+    (:func:`isle_fast.ensemble.uncertainty.stratified_scores`) holds one batch.
+    """
+    w = np.asarray(weights)
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}")
+    parts = []
+    for a in image_stats:
+        stats = np.asarray(a)
+        flat = stats.reshape(stats.shape[0], -1)
+        cols = np.flatnonzero(flat.any(axis=0))
+        parts.append((stats.shape[1:], flat.shape[1], cols, flat[:, cols].astype(np.float64)))
+    for b0 in range(0, w.shape[0], batch):
+        rows = slice(b0, min(b0 + batch, w.shape[0]))
+        wb = w[rows].astype(np.float64)
+        sums = []
+        for shape, width, cols, dense in parts:
+            out = np.zeros((wb.shape[0], width), dtype=np.int64)
+            out[:, cols] = np.rint(wb @ dense).astype(np.int64)
+            sums.append(out.reshape((wb.shape[0],) + shape))
+        yield rows, sums
+
+
 def bootstrap_sums(image_stats: Any, weights: Any, batch: int = 256) -> np.ndarray:
     """Per-image counts summed over every resample: ``(B, ...)`` from ``(I, ...)`` counts and ``(B, I)`` weights.
 
-    Exact: the weights and counts are integers (summed as float64, exact below
-    2**53, then returned as int64), in batches of ``batch`` resamples to
-    bound memory.
+    Exact (:func:`bootstrap_batches`, in batches of ``batch`` resamples).
     """
     stats = np.asarray(image_stats)
     w = np.asarray(weights)
-    n_img = stats.shape[0]
-    flat = stats.reshape(n_img, -1).astype(np.float64)
-    out = np.empty((w.shape[0], flat.shape[1]), dtype=np.int64)
-    for b0 in range(0, w.shape[0], batch):
-        out[b0:b0 + batch] = np.rint(w[b0:b0 + batch].astype(np.float64) @ flat).astype(np.int64)
-    return out.reshape((w.shape[0],) + stats.shape[1:])
+    out = np.empty((w.shape[0],) + stats.shape[1:], dtype=np.int64)
+    for rows, (sums,) in bootstrap_batches([stats], w, batch):
+        out[rows] = sums
+    return out
 
 
 def bootstrap_miou_diff(image_stats: Any, reps: int, seed: int) -> tuple[float, float]:

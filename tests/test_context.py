@@ -182,3 +182,45 @@ def test_context_that_does_not_match_is_named():
         stratified_scores(per[:5], patterns, context=(ctx[:5, :, :, :1], ctx_pat))
     with pytest.raises(InputError, match="differ from the strata"):
         stratified_scores(per[:5], patterns, context=(ctx[20:25], ctx_pat))
+
+
+def test_the_bootstrap_in_batches_gives_the_same_uncertainty(monkeypatch):
+    from isle_fast.ensemble import uncertainty
+
+    gt, sets, per, ctx = _rings_case()
+    patterns, ctx_pat = per[..., 0].sum(axis=0), ctx[..., 0].sum(axis=0)
+    lab = np.arange(0, 40, 3)
+    for context in (None, (ctx[lab], ctx_pat)):
+        whole = stratified_scores(per[lab], patterns, reps=60, seed=5, context=context)
+        monkeypatch.setattr(uncertainty, "STRATA_BOOTSTRAP_BYTES", 1)  # one resample a batch
+        one = stratified_scores(per[lab], patterns, reps=60, seed=5, context=context)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(one["p_best"], whole["p_best"])  # counts of resamples: exact
+        np.testing.assert_allclose(one["expected_loss"], whole["expected_loss"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(one["scores"], whole["scores"])
+
+
+def test_the_bootstrap_holds_one_batch_of_resamples(monkeypatch):
+    """Many sets: a resample's strata are 2**N patterns wide, and 1000 resamples at once took 3 GiB at N = 8
+    with the context (``python -m benchmarks.strata_memory``). Here N = 7 and 400 resamples: the inputs are
+    3 MiB, all resamples at once held 181 MiB, batches of 4 MiB hold 6 MiB."""
+    import tracemalloc
+
+    from isle_fast.ensemble import uncertainty
+
+    rng = np.random.default_rng(0)
+    k, g, b, c, p = 20, 2, 4, 6, 1 << 7
+    h = rng.poisson(0.5, size=(k, g, b, c, p))
+    pos = rng.binomial(h, 0.5)
+    lab_ctx = np.stack([h, pos, rng.binomial(h - pos, 0.1)], axis=-1).astype(np.int64)
+    pat_ctx = lab_ctx[..., 0].sum(axis=0) + rng.poisson(3.0, size=(g, b, c, p))
+    strata, pat = lab_ctx.sum(axis=2), pat_ctx.sum(axis=1)
+    monkeypatch.setattr(uncertainty, "STRATA_BOOTSTRAP_BYTES", 4 * 2**20)
+    tracemalloc.start()
+    try:
+        res = stratified_scores(strata, pat, reps=400, seed=1, context=(lab_ctx, pat_ctx))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.isfinite(res["p_best"]).all()
+    assert peak < 24 * 2**20, f"peak {peak / 2**20:.0f} MiB"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as R
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isle_fast import metrics
@@ -148,3 +148,33 @@ def test_bootstrap_interval_brackets_the_difference_and_matches_a_loop():
         m = miou(acc[None])
         diffs.append(m[0] - m[1])
     assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+
+
+# -- the bootstrap's resampled sums, batch by batch -------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(images=st.integers(1, 7), reps=st.integers(1, 9), batch=st.integers(1, 10),
+       shape=st.tuples(st.integers(1, 3), st.integers(1, 5)), seed=st.integers(0, 2**31 - 1),
+       density=st.floats(0.0, 1.0))
+def test_bootstrap_batches_equal_a_loop(images, reps, batch, shape, seed, density):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 1000, size=(images,) + shape) * (rng.random((images,) + shape) < density)
+    b = rng.integers(0, 3, size=(images, 4))  # a second array, summed with the same weights
+    w = metrics.bootstrap_weights(images, reps, seed)
+    want_a = np.stack([sum(int(w[r, i]) * a[i] for i in range(images)) for r in range(reps)])
+    want_b = np.stack([sum(int(w[r, i]) * b[i] for i in range(images)) for r in range(reps)])
+    seen = np.zeros(reps, bool)
+    for rows, (sa, sb) in metrics.bootstrap_batches([a, b], w, batch):
+        assert sa.dtype == np.int64 and sa.shape == (rows.stop - rows.start,) + shape
+        np.testing.assert_array_equal(sa, want_a[rows])
+        np.testing.assert_array_equal(sb, want_b[rows])
+        assert not seen[rows].any()
+        seen[rows] = True
+    assert seen.all()
+    np.testing.assert_array_equal(metrics.bootstrap_sums(a, w, batch), want_a)
+
+
+def test_bootstrap_batches_bad_batch_is_named():
+    with pytest.raises(ValueError, match="batch"):
+        next(metrics.bootstrap_batches([np.ones((2, 3))], np.ones((4, 2)), 0))

@@ -922,27 +922,48 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     p_best = np.full(c, np.nan)
     loss = np.full(c, np.nan)
     if strata.shape[0] > 1 and reps > 0:
-        wts = metrics.bootstrap_weights(strata.shape[0], reps, seed)
-        boot = metrics.bootstrap_sums(strata, wts)  # (B, G, C, P, 3)
-        seen_b = metrics.bootstrap_sums((strata[..., 0] > 0).astype(np.int64), wts)
-        if ctx is None:
-            it = _strata_iou(boot, seen_b, lab, unl, fallback, kappa, pool, bits)  # (B, N, C)
-        else:
-            it = _context_iou(*_strata_rates(boot, seen_b, fallback, kappa, pool),
-                              metrics.bootstrap_sums(ctx[0], wts), ctx[1], ctx[2], bits)
-        m_it = np.where(members[None, :, None] & ~np.isnan(it), it, -np.inf)
-        top = m_it.max(axis=1)
-        low = np.where(members[None, :, None] & ~np.isnan(it), it, np.inf).min(axis=1)
-        ch = m_it[:, best, np.arange(c)]
-        informative = np.isfinite(top) & (top > low)
-        n_inf = informative.sum(axis=0)
-        p_best = np.where(n_inf > 0, ((ch >= top) & informative).sum(axis=0) / np.maximum(n_inf, 1), 1.0)
-        loss = np.where(np.isfinite(top), top - np.where(np.isfinite(ch), ch, 0.0), 0.0).mean(axis=0)
+        p_best, loss = _strata_bootstrap(strata, ctx, lab, unl, fallback, kappa, pool, bits, members, best, reps,
+                                         seed)
     voting = pat[..., 1:].sum(axis=(0, 2)).astype(np.float64)
     wt = seen / (seen + kappa) if kappa > 0 else (seen > 0).astype(np.float64)
     share = (pat[..., 1:] * wt[..., 1:]).sum(axis=(0, 2))
     return {"scores": scores, "best": best, "p_best": p_best, "expected_loss": loss,
             "labelled_weight": metrics.ratio(share, voting), "voting_pixels": voting}
+
+
+#: bytes of one batch of the strata bootstrap's resamples (their summed strata and the rates and IoU made
+#: from them, about 8 float64 arrays of a resample's strata size each): N = 12 sets would need tens of GiB
+#: for 1000 resamples at once
+STRATA_BOOTSTRAP_BYTES = 256 * 2**20
+
+
+def _strata_bootstrap(strata: np.ndarray, ctx: tuple[np.ndarray, np.ndarray, np.ndarray] | None, lab: np.ndarray,
+                      unl: np.ndarray, fallback: np.ndarray, kappa: float, pool: bool, bits: np.ndarray,
+                      members: np.ndarray, best: np.ndarray, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(p_best, expected_loss)`` of :func:`stratified_scores`: the labelled images resampled ``reps`` times,
+    batch by batch (:data:`STRATA_BOOTSTRAP_BYTES`), each batch reduced before the next."""
+    c = strata.shape[-3]
+    wts = metrics.bootstrap_weights(strata.shape[0], reps, seed)
+    arrays = [strata, (strata[..., 0] > 0).astype(np.int64)] + ([] if ctx is None else [ctx[0]])
+    per_resample = 8 * 8 * max(a[0].size for a in arrays)
+    wins = np.zeros(c, dtype=np.int64)
+    n_inf = np.zeros(c, dtype=np.int64)
+    lost = np.zeros(c)
+    for _, (boot, seen_b, *ctx_b) in metrics.bootstrap_batches(arrays, wts,
+                                                               max(1, STRATA_BOOTSTRAP_BYTES // per_resample)):
+        if ctx is None:
+            it = _strata_iou(boot, seen_b, lab, unl, fallback, kappa, pool, bits)  # (b, N, C)
+        else:
+            it = _context_iou(*_strata_rates(boot, seen_b, fallback, kappa, pool), ctx_b[0], ctx[1], ctx[2], bits)
+        m_it = np.where(members[None, :, None] & ~np.isnan(it), it, -np.inf)
+        top = m_it.max(axis=1)
+        low = np.where(members[None, :, None] & ~np.isnan(it), it, np.inf).min(axis=1)
+        ch = m_it[:, best, np.arange(c)]
+        informative = np.isfinite(top) & (top > low)
+        n_inf += informative.sum(axis=0)
+        wins += ((ch >= top) & informative).sum(axis=0)
+        lost += np.where(np.isfinite(top), top - np.where(np.isfinite(ch), ch, 0.0), 0.0).sum(axis=0)
+    return np.where(n_inf > 0, wins / np.maximum(n_inf, 1), 1.0), lost / reps
 
 
 def _context_args(context: tuple[Any, Any], strata: np.ndarray, pat: np.ndarray

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 #: Benchmark modules in the order they run; missing ones are reported as "not built".
 MODULES: tuple[str, ...] = ("kernels", "ingest", "score_storage", "cams", "score_merge", "compression", "refine",
-                            "train", "gpu", "scaling", "pipeline", "coco", "e2e", "selection")
+                            "train", "gpu", "scaling", "pipeline", "coco", "e2e", "selection", "strata_memory")
 
 _HERE = Path(__file__).resolve().parent
 #: ``benchmarks`` in a checkout (``python -m benchmarks``), ``isle_fast_benchmarks`` when installed

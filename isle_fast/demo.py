@@ -476,8 +476,8 @@ def _few_labels(ctx: DemoContext, paths: list[str], gt: str, best_miou: float, g
     w.commit()
     few = merge(paths, str(gt_k), ctx.out / "ensemble_few_labels.zarr", name=f"isle-{len(pick)}-labels",
                 overwrite=True, progress=False, subset_selection="labelled")
-    # the default with a gt of some images: the labelled images with every image's votes (strata-semi with
-    # image labels, the posterior without)
+    # the default with a gt of some images: the labelled images with every image's votes (with image labels
+    # strata-semi for these few, strata-context from CONTEXT_MIN_IMAGES; the posterior without them)
     both = merge(paths, str(gt_k), ctx.out / "ensemble_few_labels_estimate.zarr",
                  name=f"isle-{len(pick)}-labels-estimate", image_labels=labels_path,
                  overwrite=True, progress=False)

@@ -145,7 +145,8 @@ class JobSpec:
         store carrying them; :mod:`isle_fast.stores.image_labels`), as ``isle merge
         --image-labels``: claims of classes absent from an image are dropped from
         the ensemble, and with a gt of some of the images the selection takes
-        the strata (``strata-semi``) instead of the posterior.
+        the strata (``strata-context``; ``strata-semi`` below 25 labelled images)
+        instead of the posterior.
     compress : str
         PNG compression of the export (``rle`` or 0-9).
     report : bool

@@ -209,6 +209,27 @@ def test_merge_strata_context_reads_whole_images_of_chunked_stores(tmp_path, sco
     assert open_stack(f"{tmp_path}/ctx2.zarr").provenance["subset_selection"] == "strata-context"
 
 
+def test_auto_takes_the_context_from_enough_labelled_images(tmp_path, monkeypatch):
+    """``auto`` with image labels: ``strata-context`` for a gt of at least ``CONTEXT_MIN_IMAGES`` images (the
+    same ensemble as asked for by name), ``strata-semi`` for fewer; without image labels the posterior."""
+    from isle_fast.ensemble import merge as merge_module
+
+    rng = np.random.default_rng(13)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=8, subset=[6, 1, 3, 0])
+    allowed = np.stack([[(g == k).any() for k in range(c)] for g in gts])
+    assert merge_module.CONTEXT_MIN_IMAGES == 25
+    for at_least, want in ((4, "strata-context"), (5, "strata-semi")):
+        monkeypatch.setattr(merge_module, "CONTEXT_MIN_IMAGES", at_least)
+        res = merge(sets, gt, f"{tmp_path}/auto{at_least}.zarr", progress=False, image_labels=allowed)
+        named = merge(sets, gt, f"{tmp_path}/named{at_least}.zarr", progress=False, image_labels=allowed,
+                      subset_selection=want)
+        assert res.stack.provenance["subset_selection"] == want
+        assert res.stack.provenance["strata_scores"] == named.stack.provenance["strata_scores"]
+        np.testing.assert_array_equal(np.asarray(res.stack.array[:]), np.asarray(named.stack.array[:]))
+    plain = merge(sets, gt, f"{tmp_path}/plain.zarr", progress=False)
+    assert plain.stack.provenance["subset_selection"] == "posterior"
+
+
 def test_merge_blends_a_partial_gt_with_the_estimate(tmp_path):
     from isle_fast.ensemble.estimate import estimate
     from isle_fast.ensemble.selection import select

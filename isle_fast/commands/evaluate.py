@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-labels", metavar="SRC",
                         help="with --gt none: image-level labels (cls_labels.npy, ...); claims of classes "
                              "absent from an image count as background; with a gt of some images: for the "
-                             "choice isle merge makes there (the strata, strata-semi)")
+                             "choice isle merge makes there (the strata: strata-context, strata-semi below 25 "
+                             "labelled images)")
     add_bootstrap(parser)
 
 
@@ -220,8 +221,9 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def default_choice(args: argparse.Namespace, ev) -> dict | None:
     """With a gt of some of the sets' images: print and return the choice ``isle merge`` makes by default
-    (:func:`isle_fast.ensemble.merge.subset_choice`: the strata (``strata-semi``) with ``--image-labels``,
-    the posterior without); None for a gt of every image."""
+    (:func:`isle_fast.ensemble.merge.subset_choice`: the strata (``strata-context``, ``strata-semi`` below
+    ``CONTEXT_MIN_IMAGES`` labelled images) with ``--image-labels``, the posterior without); None for a gt
+    of every image."""
     import numpy as np
 
     from isle_fast.ensemble.merge import subset_choice

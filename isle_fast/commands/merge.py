@@ -33,11 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset-selection",
                         choices=("auto", "strata", "strata-semi", "strata-context", "posterior", "labelled"),
                         default="auto",
-                        help="how a gt of some of the images selects: strata-semi (the default there with "
-                             "--image-labels: the labelled images' truth per vote stratum applied to every "
-                             "image's votes, its prior the STAPLE model fitted with the labelled truth), "
-                             "strata-context (the same, each pixel's rate refined by its distance to where every "
-                             "set agrees on the class; two more passes over whole images), strata "
+                        help="how a gt of some of the images selects: strata-semi (the labelled images' "
+                             "truth per vote stratum applied to every image's votes, its prior the STAPLE model "
+                             "fitted with the labelled truth; the default with --image-labels and a gt of fewer "
+                             "than 25 images), strata-context (the same, each pixel's rate refined by its "
+                             "distance to where every set agrees on the class, two more passes over whole "
+                             "images; the default with --image-labels from 25 labelled images), strata "
                              "(the same, its prior the no-label STAPLE model), posterior (= --blend-estimate; "
                              "the default without --image-labels) or labelled (their IoU alone; the default "
                              "with a gt of every image)")

@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-labels", metavar="SRC",
                         help="image-level labels (cls_labels.npy, an ids + labels file, or a store carrying "
                              "them), as isle merge: claims of classes absent from an image are dropped; with a "
-                             "gt of some images the choice takes the vote strata (strata-semi)")
+                             "gt of some images the choice takes the vote strata (strata-context; strata-semi "
+                             "below 25 labelled images)")
     parser.add_argument("--backend", choices=("auto", "cpu", "gpu"), default=None, help="kernel backend")
     add_compress_argument(parser)
     parser.set_defaults(compress_level=None)

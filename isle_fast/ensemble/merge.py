@@ -807,9 +807,14 @@ def _blended_scores(stacks: Sequence[Stack], gt: Stack, evaluation: Evaluation, 
     return res
 
 
-#: how a gt of some images selects (``merge(subset_selection=...)``); ``auto``: ``strata-semi`` for a gt of
-#: some of the sets' images with image labels (``posterior`` without), ``labelled`` for a gt of every image
+#: how a gt of some images selects (``merge(subset_selection=...)``); ``auto``: ``strata-context`` for a gt of
+#: some of the sets' images with image labels (``strata-semi`` below :data:`CONTEXT_MIN_IMAGES` of them,
+#: ``posterior`` without image labels), ``labelled`` for a gt of every image
 SUBSET_SELECTIONS = ("auto", "strata", "strata-semi", "strata-context", "posterior", "labelled")
+#: labelled images from which ``auto`` refines the strata by the distance to agreement (``strata-context``):
+#: in ``benchmarks/selection.py`` it kept more of the gain than ``strata-semi`` from 25 labelled images on
+#: (K = 25, 50, 100, 200), less at 10, where the labelled pixels are too few for its per-bin odds
+CONTEXT_MIN_IMAGES = 25
 
 
 def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.ndarray | None,
@@ -848,8 +853,9 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
     """The selection of a gt of some images (see :func:`merge`, ``subset_selection``).
 
     Returns ``(mode, selection, scores or None, strata result, posterior result)``; ``mode`` is the one
-    taken (``auto`` resolved: ``strata-semi`` with image labels ``allowed``, ``posterior`` without, ``labelled``
-    for a gt of every image (``partial`` False) or a threshold ``sweep``; ``estimate`` without a gt).
+    taken (``auto`` resolved: with image labels ``allowed`` ``strata-context``, or ``strata-semi`` for a gt of
+    fewer than :data:`CONTEXT_MIN_IMAGES` images; ``posterior`` without them; ``labelled`` for a gt of every
+    image (``partial`` False) or a threshold ``sweep``; ``estimate`` without a gt).
     """
     if mode not in SUBSET_SELECTIONS:
         raise InputError(f"{param('subset_selection')} must be one of {', '.join(SUBSET_SELECTIONS)}, not "
@@ -858,10 +864,12 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
     strata: dict[str, Any] = {}
     posterior: dict[str, Any] = {}
     if mode == "auto":
-        # by measurement (benchmarks/selection.py, K = 100): the strata with the semi-supervised prior with
-        # image labels, the posterior without
+        # by measurement (benchmarks/selection.py): with image labels the strata with the semi-supervised
+        # prior, refined by the distance to agreement from CONTEXT_MIN_IMAGES labelled images; the posterior
+        # without them
         mode = "labelled" if gt_stack is None or not partial or sweep else (
-            "strata-semi" if allowed is not None else "posterior")
+            "posterior" if allowed is None else
+            "strata-context" if gt_stack.num_images >= CONTEXT_MIN_IMAGES else "strata-semi")
     if gt_stack is None:
         mode = "estimate"
     if mode in ("strata", "strata-semi", "strata-context"):
@@ -964,28 +972,31 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         (:func:`isle_fast.ensemble.uncertainty.posterior_scores`); the same as
         ``subset_selection='posterior'``.
     subset_selection : {'auto', 'strata', 'strata-semi', 'strata-context', 'posterior', 'labelled'}
-        How a gt of some images selects. ``strata-semi`` (what ``auto`` takes
-        for a gt of some of the images with ``image_labels``): the labelled
+        How a gt of some images selects. ``strata-semi``: the labelled
         images' truth rate per vote stratum (a class and the sets predicting
         it) applied to every image's votes, the labelled pixels counted
         exactly, each stratum's rate shrunk toward a prior from the STAPLE
         model fitted with the labelled truth
         (:func:`isle_fast.ensemble.uncertainty.stratified_scores`,
-        ``model='semi'``); ``strata``: the same with the no-label STAPLE
-        posterior in the prior (``model='staple'``, the default before
-        2026-12-02); ``strata-context``: ``strata-semi`` with every unlabelled
-        pixel's stratum rate refined by its distance to where every set agrees
-        on the class (``stratified_scores(context=...)``, two more passes over
-        whole images, :func:`isle_fast.ensemble.uncertainty.context_pass`; not
-        yet what ``auto`` takes: measured on the development run only, see the
-        README); ``posterior`` (what ``auto`` takes there without image
-        labels): as ``blend_estimate``; ``labelled``: the labelled images' IoU
-        alone (what ``auto`` takes for a gt of every image, and with a
-        threshold sweep). ``auto`` takes the best of these by measurement in
-        ``benchmarks/selection.py`` (100 labelled images of 300-600, mean of 7
-        data sets: ``strata-semi`` kept 82 % of the full-gt gain with image
-        labels (worst data set 48 %), ``strata`` 80 % (46 %), the posterior
-        72 % without them, the labelled IoU alone 36 %).
+        ``model='semi'``); ``strata-context`` (what ``auto`` takes for a gt of
+        some of the images with ``image_labels``, ``strata-semi`` for a gt of
+        fewer than :data:`CONTEXT_MIN_IMAGES`): ``strata-semi`` with every
+        unlabelled pixel's stratum rate refined by its distance to where every
+        set agrees on the class (``stratified_scores(context=...)``, two more
+        passes over whole images,
+        :func:`isle_fast.ensemble.uncertainty.context_pass`); ``strata``: the
+        same as ``strata-semi`` with the no-label STAPLE posterior in the
+        prior (``model='staple'``, the default before 2026-12-02);
+        ``posterior`` (what ``auto`` takes without image labels): as
+        ``blend_estimate``; ``labelled``: the labelled images' IoU alone (what
+        ``auto`` takes for a gt of every image, and with a threshold sweep).
+        ``auto`` takes the best of these by measurement in
+        ``benchmarks/selection.py`` (its default run: 100 labelled images of
+        600, mean of 10 data sets, 20 subsets each: ``strata-context`` kept
+        83 % of the full-gt gain with image labels (worst data set 59 %),
+        ``strata-semi`` 81 % (52 %), ``strata`` 80 % (49 %), the posterior
+        77 % without image labels, the labelled IoU alone 35 %; with 10
+        labelled images ``strata-semi`` 71 % and ``strata-context`` 69 %).
     each_chunk : callable, optional
         ``each_chunk(start, labels)``: called with every ensemble chunk once it
         is written (``start``: its first ``(image, row, column)``; ``labels``:

@@ -34,12 +34,13 @@ and ``K=... + estimate, posterior`` (each weighted by its error,
 --blend-estimate`` does; ``(no image labels)``: the estimate without them), and ``K=... + strata``
 (:func:`isle_fast.ensemble.uncertainty.stratified_scores` with its default prior model
 :data:`~isle_fast.ensemble.uncertainty.STRATA_MODEL`, the STAPLE model fitted with the labelled truth
-(``model='semi'``): what ``isle merge`` does by default with a gt of some images and image labels,
-``--subset-selection strata-semi``; the labelled images' truth rate per vote stratum applied to every
-image's vote patterns; ``K=... + strata, staple``: its other prior model, the no-label STAPLE posterior,
-``--subset-selection strata``, the default before 2026-12-02; ``K=... + strata, context``: the default's
-rates refined by each pixel's distance to where every set agrees on the class,
-:func:`isle_fast.ensemble.uncertainty.context_strata` and ``stratified_scores(context=...)``).
+(``model='semi'``): ``--subset-selection strata-semi``, what ``isle merge`` does by default with a gt
+of fewer than 25 images and image labels; the labelled images' truth rate per vote stratum applied to
+every image's vote patterns; ``K=... + strata, staple``: its other prior model, the no-label STAPLE
+posterior, ``--subset-selection strata``, the default before 2026-12-02; ``K=... + strata, context``: the
+same rates refined by each pixel's distance to where every set agrees on the class,
+:func:`isle_fast.ensemble.uncertainty.context_strata` and ``stratified_scores(context=...)``,
+``--subset-selection strata-context``, the default from 25 labelled images on (since 2026-12-03)).
 A class the labelled subset lacks is chosen from the estimate in every ``+`` mode (its pixels for the
 selection are the votes; before, such a class fell to the first set):
 
@@ -66,7 +67,8 @@ pixel, weighted by their pixels (:func:`joint_labels`; exact, the same counts
 as merging image by image). A reduced run for development (about 10 min on
 the busy 2-core machine; the README quotes it): ``--images 300 --trials 8 --reps 200 --voc-images 600``.
 
-Targets (issue 16), judged on ``K=100 + strata`` (the default, ``strata-semi``): K = 100 keeps >= 90 % of
+Targets (issue 16), judged on what ``isle merge`` takes by default (:func:`auto_mode`: ``K=100 + strata,
+context``, ``strata-context``; the calibration over every K, ``strata-semi`` below 25): K = 100 keeps >= 90 % of
 the gain; no labels keeps >= 70 % and never falls below the best single set; p >= 0.9 is right >= 85 % of the time.
 
 Writes ``selection.json``, ``selection.md``, ``selection.png`` and (with the oracle rows)
@@ -84,11 +86,17 @@ from typing import Any
 import numpy as np
 
 from isle_fast.ensemble.estimate import DEFAULT_ESTIMATOR
+from isle_fast.ensemble.merge import CONTEXT_MIN_IMAGES
 from isle_fast.ensemble.uncertainty import STRATA_MODEL
 
 from .common import bench_parser, format_table, log, markdown_table, results_dir, save_figure, write_json
 
 KS = (10, 25, 50, 100, 200)
+
+
+def auto_mode(k: int) -> str:
+    """The row of what ``isle merge``'s ``auto`` takes with a gt of ``k`` images and image labels."""
+    return f"K={k} + strata" + (", context" if k >= CONTEXT_MIN_IMAGES else "")
 #: the modes of the oracle rows (:func:`model_strata`)
 ORACLE_K = "K={k} + strata, model rates (oracle)"
 ORACLE_NONE = "none: model rates (oracle)"
@@ -505,7 +513,8 @@ ORACLE_TEXT = (
     "images of the same kind (not these). It is not a strict bound (an estimate can pass it on one data set "
     "by chance), but where it is far below a target, better rate estimates cannot reach the target: the gain "
     "left is how these particular images came out (which set happened to miss which object), which only "
-    "their own gt shows. `k100`: K=100 + strata (the default); `none`: the default no-label estimator.")
+    "their own gt shows. `k100`: what merge takes with 100 labelled images (K=100 + strata, context); `none`: "
+    "the default no-label estimator.")
 
 
 def oracle_table(studies: list[dict], k_mode: str, none_mode: str) -> list[dict[str, Any]]:
@@ -559,7 +568,7 @@ def plot(path: Path, studies: list[dict]) -> Path:
         kr = [r for r in s["rows"] if r["mode"].startswith("K=") and "+" not in r["mode"]]
         ax.plot([int(r["mode"][2:]) for r in kr], [100 * r["gain_kept"] for r in kr], "o-", color=cmap(j % 10),
                 label=f"{s['name']} (gain {s['full_gt_gain']:.2f})")
-        kb = [r for r in s["rows"] if r["mode"].endswith("+ strata")]
+        kb = [r for r in s["rows"] if r["mode"] in {auto_mode(k) for k in KS}]
         ax.plot([int(r["mode"][2:].split()[0]) for r in kb], [100 * r["gain_kept"] for r in kb], "s--",
                 color=cmap(j % 10), linewidth=0.8, markersize=3)
         for r in s["rows"]:
@@ -568,8 +577,8 @@ def plot(path: Path, studies: list[dict]) -> Path:
     ax.axhline(90, color="black", linewidth=0.8)
     ax.axhline(70, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
-    ax.set_xlabel(f"labelled images K (dashed: K + strata, the default; dotted: no pixel labels, "
-                  f"{DEFAULT_ESTIMATOR})")
+    ax.set_xlabel(f"labelled images K (dashed: K + strata, context from K = {CONTEXT_MIN_IMAGES}, the default; "
+                  f"dotted: no pixel labels, {DEFAULT_ESTIMATOR})")
     ax.set_ylabel("share of the full-gt ensemble gain kept (%)")
     ax.set_title("ISLE selection from few or no pixel labels")
     ax.legend(fontsize=7)
@@ -586,7 +595,7 @@ def plot_oracle(path: Path, oracle: list[dict[str, Any]]) -> Path:
     rows = [r for r in oracle if r["data"] not in ("mean", "worst")]
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, (key, title) in zip(axes, (("k100", "100 labelled images (K=100 + strata)"),
+    for ax, (key, title) in zip(axes, (("k100", f"100 labelled images ({auto_mode(100)})"),
                                        ("none", f"no pixel labels ({DEFAULT_ESTIMATOR})"))):
         est = [100 * (r[key] if r[key] is not None else np.nan) for r in rows]
         orc = [100 * (r[f"{key}_oracle"] if r[f"{key}_oracle"] is not None else np.nan) for r in rows]
@@ -618,7 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=None, help="images per synthetic data set (default 600)")
     p.add_argument("--reps", type=int, default=None, help="bootstrap resamples (default 500; quick 100)")
     p.add_argument("--voc-images", type=int, default=None,
-                   help="real VOC val maps used (default all 1,449; quick 120)")
+                   help="real VOC val maps used (default all 1,449; quick 120; 0: no VOC data set)")
+    p.add_argument("--seeds", default=None,
+                   help="seeds of the synthetic data sets, comma-separated (default 0,1,2; quick 0): other "
+                        "seeds are data sets no choice of a default was made on")
     p.add_argument("--oracle-images", type=int, default=None,
                    help="images of the new sample that gives the model's stratum rates for the oracle rows "
                         "(default 6000; quick 250; 0: no oracle rows)")
@@ -628,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (100 if quick else 500)
     n_img = args.images or (60 if quick else 600)
     side = 64 if quick else 160
-    seeds = (0,) if quick else (0, 1, 2)
+    seeds = (tuple(int(v) for v in args.seeds.split(",")) if args.seeds else (0,) if quick else (0, 1, 2))
     ks = tuple(k for k in KS if not quick or k <= 50)
     oracle_images = args.oracle_images if args.oracle_images is not None else (250 if quick else 6000)
     studies = []
@@ -636,8 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for quality in ("spread", "close", "paper"):
             studies.append(study(synthetic(seed, quality, n_img, side), trials, reps, ks, oracle_images))
-    real = voc(args.voc_images or (40 if quick else None))
-    if real is None:
+    real = None if args.voc_images == 0 else voc(args.voc_images or (40 if quick else None))
+    if args.voc_images == 0:
+        log("[selection] --voc-images 0: no VOC data set")
+    elif real is None:
         log("[selection] ../shared/data/voc2012_val_gt.tar.gz is absent: the VOC data set is skipped")
     else:
         studies.append(study(real, trials, reps, ks, oracle_images))
@@ -652,12 +666,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, detail_cols))
     out = results_dir()
     # the targets are judged on the recommended modes: K labelled images with every image's votes (the
-    # strata, what merge does by default with a gt of some images), and the default estimator; calibration:
-    # the p the strata's bootstrap reports, every K
-    k_mode = "K=100 + strata"
+    # strata, as merge's auto takes them with a gt of K images, auto_mode), and the default estimator;
+    # calibration: the p the strata's bootstrap reports in those rows, every K
+    k_mode = auto_mode(100)
     k100 = next((r for r in summary if r["mode"] == k_mode), None)
     none = next((r for r in summary if r["mode"] == f"none: {DEFAULT_ESTIMATOR}"), None)
-    post = [r for r in summary if r["mode"].endswith("+ strata")]
+    post = [r for r in summary if r["mode"] in {auto_mode(k) for k in ks}]
     calib_n = sum(r["p90_choices"] for r in post)
     calib = (sum((r["p90_right"] or 0) * r["p90_choices"] for r in post) / calib_n) if calib_n else None
     targets = {
@@ -672,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
            "summary": summary, "rows": rows, "p90_right_pooled": calib, "targets": targets,
            "oracle": oracle, "oracle_images": oracle_images,
            "target_modes": {"k100": k_mode, "none": f"none: {DEFAULT_ESTIMATOR}",
-                            "p90": "every 'K=... + strata' row"},
+                            "p90": ", ".join(auto_mode(k) for k in ks)},
            "command": "python -m benchmarks.selection " + " ".join(argv if argv is not None else sys.argv[1:]),
            "load": _load()}
     write_json("selection", doc, quick=quick)
@@ -682,10 +696,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{doc['seconds']:.0f} s, load {doc['load']} (the figures do not depend on the load, only the time "
           "does). Synthetic sets have independent errors (real CAM sets are more alike, which makes the "
           "no-label estimate harder).", "",
-          f"Targets judged on: {k_mode} (what `isle merge` does with a gt of some images and image labels: "
-          f"the strata with the `{STRATA_MODEL}` prior, `--subset-selection strata-semi`), none: "
-          f"{DEFAULT_ESTIMATOR} (the default estimator), calibration of the strata bootstrap's p(best) over "
-          "every K of those rows.", "",
+          f"Targets judged on: {k_mode} (what `isle merge` does with a gt of 100 images and image labels: "
+          f"the strata with the `{STRATA_MODEL}` prior refined by the distance to agreement, "
+          f"`--subset-selection strata-context`, from {CONTEXT_MIN_IMAGES} labelled images on; `strata-semi` "
+          f"below), none: {DEFAULT_ESTIMATOR} (the default estimator), calibration of the strata bootstrap's "
+          f"p(best) over the rows of those modes, every K.", "",
           "## Across data sets", "", markdown_table(summary, cols), "", "## Per data set", "",
           markdown_table(rows, detail_cols), "", "## Targets", "",
           *[f"- {k}: {v}" for k, v in targets.items()], "",

@@ -390,3 +390,31 @@ def test_evaluate_with_a_partial_gt_shows_the_choice_merge_makes(tmp_path, capsy
     assert "isle merge's choice" not in capsys.readouterr().out
     assert main(["evaluate", *(s.path for s in sets), "--gt", full.path, "--quiet", "--image-labels",
                  str(labels)]) != 0
+
+
+def test_strata_that_would_not_fit_in_memory_are_a_clear_error_before_any_output(tmp_path, monkeypatch, capsys):
+    """The labelled images' strata are 2**N patterns wide per class and image: 12 sets and a thousand
+    labelled images with the distance bins take 16 GiB. Where they would take more than half of the free
+    memory the merge stops first, naming the size and what to take instead; before, it ran out of memory."""
+    from isle_fast.ensemble import merge as merge_module
+    from isle_fast.ensemble.uncertainty import labelled_strata_bytes
+
+    assert labelled_strata_bytes(1000, 12, 21, context=True) == 1000 * 2 * 21 * 4096 * 3 * 8 * 5
+    assert labelled_strata_bytes(1000, 12, 21) == 1000 * 2 * 21 * 4096 * 3 * 8
+    rng = np.random.default_rng(17)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=8, subset=[6, 1, 3, 0])
+    need = labelled_strata_bytes(4, len(sets), c, context=True)
+    monkeypatch.setattr(merge_module, "_available_memory", lambda: 2 * need - 2)
+    out = tmp_path / "ens.zarr"
+    with pytest.raises(InputError, match=r"4 labelled images and 3 sets .* GiB .*'strata-semi'"):
+        merge(sets, gt, out, progress=False, subset_selection="strata-context")
+    assert not out.exists()
+    # the same strata without the bins fit, so strata-semi runs
+    assert merge(sets, gt, out, progress=False, subset_selection="strata-semi").stack.provenance[
+        "subset_selection"] == "strata-semi"
+    capsys.readouterr()
+    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", str(tmp_path / "cli.zarr"),
+                 "--quiet", "--no-score", "--subset-selection", "strata-context"]) == 2
+    err = capsys.readouterr().err
+    assert "--subset-selection strata-context" in err and "--sets" in err and "Traceback" not in err
+    assert not (tmp_path / "cli.zarr").exists()

@@ -845,6 +845,34 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
     return stratified_scores(strata, patterns, members=members, reps=1000, seed=0, model=model, context=ctx)
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory this machine has free (``psutil``), or None where it cannot tell."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no psutil or no /proc: no check
+        return None
+
+
+def _check_strata_memory(mode: str, labelled: int, n_sets: int, num_classes: int) -> None:
+    """An :class:`InputError` before any pass where the labelled images' per-image strata (``mode``) would take
+    more than half of the free memory: ``2**N`` vote patterns per class and image, dense, grow 4x with every
+    two sets (and 4x more with the distance bins), and running out of memory ends the run without a word."""
+    from isle_fast.ensemble.uncertainty import labelled_strata_bytes
+
+    need = labelled_strata_bytes(labelled, n_sets, num_classes, context=mode == "strata-context")
+    have = _available_memory()
+    if have is None or need <= have // 2:
+        return
+    other = "'strata-semi' (no distance bins: a quarter of it), " if mode == "strata-context" else ""
+    raise InputError(
+        f"{param('subset_selection', mode)}: the vote strata of {labelled} labelled images and {n_sets} sets "
+        f"take {need / 2**30:.1f} GiB ({1 << n_sets} vote patterns per class and image), more than half of the "
+        f"{have / 2**30:.1f} GiB this machine has free: choose from fewer sets ({param('subset')}), or "
+        f"take {other}'posterior' or 'labelled'")
+
+
 def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: Any, *, mode: str = "auto",
                   partial: bool = True, allowed: np.ndarray | None = None, estimator: str | None = None,
                   backend: str = "cpu", bg_threshold: float | None = None, sweep: bool = False,
@@ -877,6 +905,7 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
         if sweep:
             raise InputError(f"{param('subset_selection', mode)} does not take a threshold sweep "
                              f"({param('bg_threshold')}): give one threshold")
+        _check_strata_memory(mode, gt_stack.num_images, len(stacks), gt_stack.num_classes)
         strata = _strata_selection_scores(stacks, gt_stack, allowed, bg_threshold, progress, subset,
                                           list(evaluation.set_names), list(evaluation.set_paths),
                                           model="staple" if mode == "strata" else "semi",

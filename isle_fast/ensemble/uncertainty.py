@@ -675,6 +675,14 @@ def context_strata(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any 
     return out
 
 
+def labelled_strata_bytes(labelled: int, n_sets: int, num_classes: int, context: bool = False) -> int:
+    """Bytes of the per-image strata a selection from ``labelled`` images holds: :func:`strata_counts` of
+    every labelled image (``(K, 2, C, 2**N, 3)`` int64), with ``context`` those of :func:`context_strata`
+    too (``len(CONTEXT_RADII) + 1`` bins more)."""
+    one = 2 * int(num_classes) * (1 << int(n_sets)) * 3 * 8
+    return int(labelled) * one * (1 + (len(CONTEXT_RADII) + 1 if context else 0))
+
+
 def _staple_truth(patterns: np.ndarray) -> np.ndarray:
     """``(2, C, P)`` the no-label model's ``P(truth = c | stratum)``: the STAPLE posterior
     (:mod:`isle_fast.ensemble.estimate`) where the class may be present, 0 where the labels rule it out."""

@@ -418,3 +418,43 @@ def test_strata_that_would_not_fit_in_memory_are_a_clear_error_before_any_output
     err = capsys.readouterr().err
     assert "--subset-selection strata-context" in err and "--sets" in err and "Traceback" not in err
     assert not (tmp_path / "cli.zarr").exists()
+
+
+def test_the_report_shows_the_choice_the_ensemble_was_made_with(tmp_path):
+    """With a gt of some images the ensemble's choice comes from the strata, not from the labelled IoU the
+    report's other tables show: the report gives that choice with its own p(best) and expected loss, marks
+    where it differs from the labelled IoU's, and says so in the JSON. Before, its uncertainty table showed
+    only the labelled IoU's choice, one the ensemble had not made."""
+    import json
+
+    from isle_fast.ensemble.report import report
+    from isle_fast.ensemble.selection import select
+
+    rng = np.random.default_rng(21)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=12, subset=[9, 2, 5, 0, 7])
+    allowed = np.stack([[(g == k).any() for k in range(c)] for g in gts])
+    ens = merge(sets, gt, f"{tmp_path}/ens.zarr", progress=False, image_labels=allowed)
+    prov = ens.stack.provenance
+    assert prov["subset_selection"] == "strata-semi"
+    out = report(sets, gt, tmp_path / "rep", ensemble=ens.stack, progress=False)
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    got = doc["ensemble_choice"]
+    names = [s.name for s in sets]
+    assert got["mode"] == "strata-semi" and got["labelled_images"] == 5
+    assert [names[b] for b in got["best"][1:]] == [prov["selection"][k] for k in gt.classes[1:]]
+    assert names[got["best"][0]] == prov["background_set"]
+    np.testing.assert_allclose(got["p_best"], [np.nan if v is None else v for v in prov["strata"]["p_best"]])
+    md = (tmp_path / "rep" / "tables.md").read_text()
+    assert "## The ensemble's choice" in md and "`strata-semi`" in md
+    labelled = select(evaluate(sets, gt, progress=False))
+    differ = [k for k in range(c) if int(labelled.best[k]) != got["best"][k]]
+    assert differ, "the two choices agree: the test cannot tell"
+    assert f"otherwise in {len(differ)} of {c} classes" in md
+    for k in differ:
+        assert f"| **{gt.classes[k]}** |" in md
+    assert out["path"]
+    # an ensemble that took the labelled IoU's choice (a gt of every image) has no such section
+    full = merge(sets, gt, f"{tmp_path}/lab.zarr", progress=False, subset_selection="labelled")
+    report(sets, gt, tmp_path / "rep2", ensemble=full.stack, progress=False)
+    assert json.loads((tmp_path / "rep2" / "report.json").read_text())["ensemble_choice"] is None
+    assert "The ensemble's choice" not in (tmp_path / "rep2" / "tables.md").read_text()

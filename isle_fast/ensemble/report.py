@@ -646,6 +646,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         ev = ev_all.take(range(n))
         sel = select(ev)
         unc = choice_uncertainty_or_none(ev, sel)
+        ens_choice = ensemble_choice(ens_stack, ev.classes, unique_names(stacks)) if ens_stack is not None else None
         sa = None
         if n <= MAX_SETS and not partial_gt:
             sa = subset_analysis(stacks, gt_stack, evaluation=ev, policy=policy, backend=be,
@@ -724,6 +725,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                                         "with the members' image-averaged mIoU above.\n")
             md += ["## Ensemble of every subset\n",
                    _md_table(["subset", "sets", "mIoU", "gain over best member"], rows), note]
+        if ens_choice is not None:
+            md += ensemble_choice_markdown(ens_choice, sel, unc, names)
         if unc is not None:
             md += uncertainty_markdown(unc, names)
         (work / "tables.md").write_text("\n".join(md) + "\n", encoding="utf-8")
@@ -736,6 +739,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
                             "miou": jsonable(ens_miou)})
         doc["subsets"] = sa.to_json() if sa is not None else None
         doc["uncertainty"] = unc.to_json() if unc is not None else None
+        doc["ensemble_choice"] = None if ens_choice is None else {
+            k: (jsonable(v) if isinstance(v, np.ndarray) else v) for k, v in ens_choice.items()}
         (work / "report.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
         # -- figures ----------------------------------------------------------------------
@@ -749,7 +754,8 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         if sa is not None:
             _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1), best=sa.best())
         if unc is not None:
-            uncertainty_figure(work / "choice_uncertainty.png", unc)
+            uncertainty_figure(work / "choice_uncertainty.png", unc,
+                               ensemble=None if ens_choice is None else ens_choice)
         if (img_stack is not None or img_folder is not None) and gt_stack.num_images and not partial_gt:
             presence = gt_presence(gt_stack, backend=be)
             picks = _pick_images(presence, max(1, num_images))
@@ -813,6 +819,64 @@ def choice_uncertainty_or_none(ev: Evaluation, sel: Any, reps: int = 1000, seed:
     return selection_uncertainty(ev, sel, reps=reps, seed=seed)
 
 
+#: the modes of a gt of some images whose choice is not the labelled IoU's (merge's ``subset_selection``)
+_OWN_CHOICE_MODES = ("strata", "strata-semi", "strata-context", "posterior")
+
+
+def ensemble_choice(ens_stack: Any, classes: Sequence[str], names: Sequence[str]) -> dict[str, Any] | None:
+    """The choice an ensemble store was merged with from a gt of some images, with its own uncertainty (its
+    provenance: ``subset_selection``, ``selection``, ``strata`` or ``blend_posterior``), or None where the
+    ensemble took the labelled IoU's choice (or was made elsewhere).
+
+    Returns ``{"mode", "labelled_images", "best" (C,) set index (-1: a set not among ``names``), "p_best"
+    (C,), "expected_loss" (C,)}``.
+    """
+    prov = ens_stack.provenance or {}
+    mode = prov.get("subset_selection")
+    own = prov.get("blend_posterior" if mode == "posterior" else "strata")
+    mapping = prov.get("selection")
+    if mode not in _OWN_CHOICE_MODES or not isinstance(own, dict) or not isinstance(mapping, dict):
+        return None
+    pos = {name: k for k, name in enumerate(names)}
+    chosen = [prov.get("background_set")] + [mapping.get(c) for c in classes[1:]]
+    best = np.array([pos.get(str(v), -1) for v in chosen], dtype=np.int64)
+
+    def per_class(key: str) -> np.ndarray:
+        vals = own.get(key) or []
+        out = np.full(len(classes), np.nan)
+        for j, v in enumerate(vals[:len(classes)]):
+            out[j] = np.nan if v is None else float(v)
+        return out
+
+    return {"mode": mode, "labelled_images": prov.get("labelled_images"), "best": best,
+            "p_best": per_class("p_best"), "expected_loss": per_class("expected_loss")}
+
+
+def ensemble_choice_markdown(choice: dict[str, Any], sel: Any, unc: Any, names: Sequence[str]) -> list[str]:
+    """The ``tables.md`` section of :func:`ensemble_choice`: per class the ensemble's set, its p(best) and
+    expected loss, beside what the labelled IoU alone chooses (bold where the two differ)."""
+    classes = list(sel.classes)
+    rows = []
+    for j, cname in enumerate(classes):
+        b, lab = int(choice["best"][j]), int(sel.best[j])
+        p_lab = "-" if unc is None else _fmt(unc.p_best[j], 2)
+        cells = [cname, names[b] if b >= 0 else "?", _fmt(choice["p_best"][j], 2), _fmt(choice["expected_loss"][j], 2),
+                 names[lab], p_lab]
+        rows.append([f"**{c}**" for c in cells] if b != lab else cells)
+    differ = sum(int(choice["best"][j]) != int(sel.best[j]) for j in range(len(classes)))
+    how = ("the posterior of the labelled IoU and the no-label estimate" if choice["mode"] == "posterior" else
+           "the labelled images' truth per vote stratum applied to every image's votes"
+           + (", refined by the distance to agreement" if choice["mode"] == "strata-context" else ""))
+    note = (f"\nThe ensemble chose from {choice['labelled_images']} labelled images and every image "
+            f"(`{choice['mode']}`: {how}); its p(best) and expected loss come from its own bootstrap over the "
+            f"labelled images. The labelled IoU alone (the tables above, and the uncertainty below) would choose "
+            f"otherwise in {differ} of {len(classes)} classes (bold); the ensemble's mIoU comes from its own "
+            "choice.\n")
+    return ["## The ensemble's choice\n",
+            _md_table(["class", "ensemble's set", "p(best)", "expected loss", "labelled IoU alone", "its p(best)"],
+                      rows), note]
+
+
 def uncertainty_markdown(unc: Any, names: Sequence[str]) -> list[str]:
     """The ``tables.md`` section: per class the choice, p(best), expected loss, runner-up and more images."""
     import math
@@ -844,9 +908,10 @@ def uncertainty_markdown(unc: Any, names: Sequence[str]) -> list[str]:
                        "runner-up minus chosen 95%", "more images"], rows), note]
 
 
-def uncertainty_figure(path: Path, unc: Any) -> None:
+def uncertainty_figure(path: Path, unc: Any, ensemble: dict[str, Any] | None = None) -> None:
     """``choice_uncertainty.png``: per class the bootstrap 95 % IoU interval of every set, the chosen
-    set's drawn bold with a star at its midpoint, and p(best) above each class."""
+    set's drawn bold with a star at its midpoint, and p(best) above each class; with ``ensemble``
+    (:func:`ensemble_choice`) a ring on the set the ensemble took where that differs."""
     plt = _plt()
     n, c = unc.iou_interval.shape[:2]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * c * max(1, n / 3)), 4.5), layout="constrained")
@@ -861,6 +926,10 @@ def uncertainty_figure(path: Path, unc: Any) -> None:
                   label=unc.set_names[k])
         ax.vlines(xs[chosen], lo[chosen], hi[chosen], color=cmap(k % 10), linewidth=4)
         ax.plot(xs[chosen], ((lo + hi) / 2)[chosen], "*", color="black", markersize=7)
+        if ensemble is not None:
+            took = (ensemble["best"] == k) & (unc.best != k) & ok
+            ax.plot(xs[took], ((lo + hi) / 2)[took], "o", markerfacecolor="none", markeredgecolor="black",
+                    markersize=9, label=None)
     for j in range(c):
         if not np.isnan(unc.p_best[j]):
             ax.text(j, 101, f"{unc.p_best[j]:.2f}", ha="center", va="bottom", fontsize=7,
@@ -869,7 +938,8 @@ def uncertainty_figure(path: Path, unc: Any) -> None:
     ax.set_xticklabels(unc.classes, rotation=60, ha="right")
     ax.set_ylabel("IoU (%), bootstrap 95% interval")
     ax.set_ylim(0, 108)
-    ax.set_title(f"Choice per class (bold, *) and p(best) above; {unc.labelled} labelled images")
+    ax.set_title(f"Choice per class (bold, *) and p(best) above; {unc.labelled} labelled images"
+                 + ("" if ensemble is None else f"; o: the ensemble's other choice ({ensemble['mode']})"))
     ax.legend(fontsize=8, ncol=min(n, 4), loc="lower right")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -41,6 +41,19 @@ def make_case(root, rng, n_img=7, c=4, n_sets=3, chunks=(2, 5, 6), subset=None, 
     return sets, gt, gts, list(sub), c
 
 
+def _assert_strata_merge(res, want, sets, gt, tmp_path, mode):
+    """The merge's provenance holds the reference's strata scores and choice; ``isle merge
+    --subset-selection mode`` takes the same mode."""
+    prov = res.stack.provenance
+    told = np.array([[np.nan if v is None else v for v in prov["strata_scores"][k]] for k in prov["sets"]])
+    np.testing.assert_allclose(told, want["scores"], rtol=1e-12)
+    np.testing.assert_array_equal(res.selection.best[1:], want["best"][1:])
+    out = f"{tmp_path}/{mode}-cli.zarr"
+    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", out,
+                 "--quiet", "--no-score", "--subset-selection", mode]) == 0
+    assert open_stack(out).provenance["subset_selection"] == mode
+
+
 def reference(sets, gts, sub, c):
     per = np.zeros((len(sub), len(sets), c, c + 1), np.int64)
     for r, i in enumerate(sub):
@@ -167,12 +180,7 @@ def test_merge_strata_semi_takes_the_semi_supervised_prior(tmp_path):
                                         for s in sets], c, allowed[i:i + 1]) for i in sub]
     patterns, _, _ = vote_patterns_pass(sets, image_labels=allowed, progress=False)
     want = stratified_scores(np.stack(per), patterns, reps=1000, seed=0, model="semi")
-    told = np.array([[np.nan if v is None else v for v in prov["strata_scores"][k]] for k in prov["sets"]])
-    np.testing.assert_allclose(told, want["scores"], rtol=1e-12)
-    np.testing.assert_array_equal(res.selection.best[1:], want["best"][1:])
-    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/semi2.zarr",
-                 "--quiet", "--no-score", "--subset-selection", "strata-semi"]) == 0
-    assert open_stack(f"{tmp_path}/semi2.zarr").provenance["subset_selection"] == "strata-semi"
+    _assert_strata_merge(res, want, sets, gt, tmp_path, "strata-semi")
 
 
 @pytest.mark.parametrize("scores", [False, True])
@@ -201,12 +209,7 @@ def test_merge_strata_context_reads_whole_images_of_chunked_stores(tmp_path, sco
     every = sum(context_strata(None, [x[None] for x in plain(i)], c, allowed[i:i + 1])[..., 0]
                 for i in range(len(gts)))
     want = stratified_scores(per, every.sum(axis=1), reps=1000, seed=0, model="semi", context=(ctx, every))
-    told = np.array([[np.nan if v is None else v for v in prov["strata_scores"][k]] for k in prov["sets"]])
-    np.testing.assert_allclose(told, want["scores"], rtol=1e-12)
-    np.testing.assert_array_equal(res.selection.best[1:], want["best"][1:])
-    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", f"{tmp_path}/ctx2.zarr",
-                 "--quiet", "--no-score", "--subset-selection", "strata-context"]) == 0
-    assert open_stack(f"{tmp_path}/ctx2.zarr").provenance["subset_selection"] == "strata-context"
+    _assert_strata_merge(res, want, sets, gt, tmp_path, "strata-context")
 
 
 def test_auto_takes_the_context_from_enough_labelled_images(tmp_path, monkeypatch):
@@ -394,7 +397,7 @@ def test_evaluate_with_a_partial_gt_shows_the_choice_merge_makes(tmp_path, capsy
 
 def test_strata_that_would_not_fit_in_memory_are_a_clear_error_before_any_output(tmp_path, monkeypatch, capsys):
     """The labelled images' strata are 2**N patterns wide per class and image: 12 sets and a thousand
-    labelled images with the distance bins take 16 GiB. Where they would take more than half of the free
+    labelled images with the distance bins take 19 GiB. Where they would take more than half of the free
     memory the merge stops first, naming the size and what to take instead; before, it ran out of memory."""
     from isle_fast.ensemble import merge as merge_module
     from isle_fast.ensemble.uncertainty import labelled_strata_bytes

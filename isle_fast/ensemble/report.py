@@ -646,12 +646,12 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         ev = ev_all.take(range(n))
         sel = select(ev)
         unc = choice_uncertainty_or_none(ev, sel)
-        ens_choice = ensemble_choice(ens_stack, ev.classes, unique_names(stacks)) if ens_stack is not None else None
+        names = unique_names(stacks)
+        ens_choice = ensemble_choice(ens_stack, ev.classes, names) if ens_stack is not None else None
         sa = None
         if n <= MAX_SETS and not partial_gt:
             sa = subset_analysis(stacks, gt_stack, evaluation=ev, policy=policy, backend=be,
                                  bg_threshold=bg_threshold, progress=progress)
-        names = unique_names(stacks)
         if ens_stack is not None:
             ens_name = ev_all.set_names[n]
             ens_iou, ens_miou = ev_all.iou[n], float(ev_all.miou[n])
@@ -754,8 +754,7 @@ def report(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, ensemble: An
         if sa is not None:
             _subset_chart(work / "subsets.png", sa.names(), sa.miou, sa.members.sum(axis=1), best=sa.best())
         if unc is not None:
-            uncertainty_figure(work / "choice_uncertainty.png", unc,
-                               ensemble=None if ens_choice is None else ens_choice)
+            uncertainty_figure(work / "choice_uncertainty.png", unc, ensemble=ens_choice)
         if (img_stack is not None or img_folder is not None) and gt_stack.num_images and not partial_gt:
             presence = gt_presence(gt_stack, backend=be)
             picks = _pick_images(presence, max(1, num_images))
@@ -856,14 +855,14 @@ def ensemble_choice_markdown(choice: dict[str, Any], sel: Any, unc: Any, names: 
     """The ``tables.md`` section of :func:`ensemble_choice`: per class the ensemble's set, its p(best) and
     expected loss, beside what the labelled IoU alone chooses (bold where the two differ)."""
     classes = list(sel.classes)
-    rows = []
+    rows, differ = [], 0
     for j, cname in enumerate(classes):
         b, lab = int(choice["best"][j]), int(sel.best[j])
+        differ += b != lab
         p_lab = "-" if unc is None else _fmt(unc.p_best[j], 2)
         cells = [cname, names[b] if b >= 0 else "?", _fmt(choice["p_best"][j], 2), _fmt(choice["expected_loss"][j], 2),
                  names[lab], p_lab]
         rows.append([f"**{c}**" for c in cells] if b != lab else cells)
-    differ = sum(int(choice["best"][j]) != int(sel.best[j]) for j in range(len(classes)))
     how = ("the posterior of the labelled IoU and the no-label estimate" if choice["mode"] == "posterior" else
            "the labelled images' truth per vote stratum applied to every image's votes"
            + (", refined by the distance to agreement" if choice["mode"] == "strata-context" else ""))

@@ -390,6 +390,27 @@ def _votes_block(idx: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: 
     return out[None, None, None]
 
 
+def check_vote_sets(sets: Sequence[Any]) -> list[Stack]:
+    """The sets a pass over their joint votes takes, opened: 2 to ``MAX_VOTE_SETS`` aligned pseudo-label sets
+    of labels or scores (an :class:`InputError` naming the set or the count otherwise)."""
+    from isle_fast.ensemble.graph import SET_KINDS
+    from isle_fast.kernels.checks import MAX_VOTE_SETS
+    from isle_fast.stores.stack import kind_phrase, open_stack
+
+    stacks = [s if isinstance(s, Stack) else open_stack(s) for s in sets]
+    if len(stacks) < 2:
+        raise InputError("selection without pixel labels needs at least two sets to compare")
+    if len(stacks) > MAX_VOTE_SETS:
+        raise InputError(f"selection without pixel labels compares at most {MAX_VOTE_SETS} sets, "
+                         f"not {len(stacks)}")
+    for s in stacks:
+        if s.kind not in SET_KINDS or s.encoding not in ("labels", "scores"):
+            raise InputError(f"set {s.path} is {kind_phrase(s.kind)} ({s.encoding}); a pseudo-label set "
+                             "is a 'pseudo' or 'ensemble' store of labels or scores")
+    check_aligned(stacks)
+    return stacks
+
+
 def vote_patterns_pass(sets: Sequence[Any], *, image_labels: Any = None, bg_threshold: float | None = None,
                        progress: bool = True) -> tuple[np.ndarray, list[Stack], np.ndarray | None]:
     """One pass over the sets: the ``(2, C, 2**N)`` joint vote counts, the opened sets and the labels used.
@@ -409,24 +430,12 @@ def vote_patterns_pass(sets: Sequence[Any], *, image_labels: Any = None, bg_thre
 
     from isle_fast.backend import dask_scheduler
     from isle_fast.ensemble.evaluate import check_bg_threshold, score_threshold
-    from isle_fast.ensemble.graph import SET_KINDS, aligned_arrays, blockwise_args, work_chunks
+    from isle_fast.ensemble.graph import aligned_arrays, blockwise_args, work_chunks
     from isle_fast.ensemble.partial import SetFrame
-    from isle_fast.kernels.checks import MAX_VOTE_SETS
     from isle_fast.progress import dask_progress
-    from isle_fast.stores.stack import kind_phrase, open_stack
 
     bg_threshold = check_bg_threshold(bg_threshold)
-    stacks = [s if isinstance(s, Stack) else open_stack(s) for s in sets]
-    if len(stacks) < 2:
-        raise InputError("selection without pixel labels needs at least two sets to compare")
-    if len(stacks) > MAX_VOTE_SETS:
-        raise InputError(f"selection without pixel labels compares at most {MAX_VOTE_SETS} sets, "
-                         f"not {len(stacks)}")
-    for s in stacks:
-        if s.kind not in SET_KINDS or s.encoding not in ("labels", "scores"):
-            raise InputError(f"set {s.path} is {kind_phrase(s.kind)} ({s.encoding}); a pseudo-label set "
-                             "is a 'pseudo' or 'ensemble' store of labels or scores")
-    check_aligned(stacks)
+    stacks = check_vote_sets(sets)
     frame = SetFrame(stacks[0])
     c = frame.num_classes
     allowed = None

@@ -823,8 +823,9 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
                              set_paths: list[str], model: str = "staple", context: bool = False) -> dict[str, Any]:
     """The :func:`isle_fast.ensemble.uncertainty.stratified_scores` result of a gt of some images: every
     image's vote patterns and the labelled images' strata (two passes; the labelled one over the gt's images;
-    with ``context`` two more, the same split by the distance to agreement, over whole images)."""
-    from isle_fast.ensemble.estimate import vote_patterns_pass
+    with ``context`` the same two split by the distance to agreement, over whole images, which summed over
+    the bins are the plain ones)."""
+    from isle_fast.ensemble.estimate import check_vote_sets, vote_patterns_pass
     from isle_fast.ensemble.partial import gt_positions
     from isle_fast.ensemble.selection import resolve_members
     from isle_fast.ensemble.uncertainty import context_pass, labelled_strata_pass, stratified_scores
@@ -832,15 +833,18 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
     positions = gt_positions(gt, stacks)
     if positions is None:
         positions = np.arange(gt.num_images, dtype=np.int64)
-    patterns, _, _ = vote_patterns_pass(stacks, image_labels=allowed, bg_threshold=bg_threshold,
-                                        progress=progress)
-    strata = labelled_strata_pass(stacks, gt, positions, allowed=None if allowed is None else allowed[positions],
-                                  bg_threshold=bg_threshold, progress=progress)
+    lab_allowed = None if allowed is None else allowed[positions]
     ctx = None
     if context:
-        lab_allowed = None if allowed is None else allowed[positions]
+        check_vote_sets(stacks)
         ctx = (context_pass(stacks, gt, positions, allowed=lab_allowed, bg_threshold=bg_threshold, progress=progress),
                context_pass(stacks, allowed=allowed, bg_threshold=bg_threshold, progress=progress))
+        strata, patterns = ctx[0].sum(axis=2), ctx[1].sum(axis=1)
+    else:
+        patterns, _, _ = vote_patterns_pass(stacks, image_labels=allowed, bg_threshold=bg_threshold,
+                                            progress=progress)
+        strata = labelled_strata_pass(stacks, gt, positions, allowed=lab_allowed, bg_threshold=bg_threshold,
+                                      progress=progress)
     members = resolve_members(set_names, subset, set_paths)
     return stratified_scores(strata, patterns, members=members, reps=1000, seed=0, model=model, context=ctx)
 
@@ -856,16 +860,18 @@ def _available_memory() -> int | None:
 
 
 def _check_strata_memory(mode: str, labelled: int, n_sets: int, num_classes: int) -> None:
-    """An :class:`InputError` before any pass where the labelled images' per-image strata (``mode``) would take
-    more than half of the free memory: ``2**N`` vote patterns per class and image, dense, grow 4x with every
-    two sets (and 4x more with the distance bins), and running out of memory ends the run without a word."""
+    """An :class:`InputError` before the strata passes where the labelled images' per-image strata (``mode``)
+    would take more than half of the free memory: ``2**N`` vote patterns per class and image, dense, grow 4x
+    with every two sets (5x in all with the distance bins,
+    :func:`~isle_fast.ensemble.uncertainty.labelled_strata_bytes`), and running out of memory ends the run
+    without a word."""
     from isle_fast.ensemble.uncertainty import labelled_strata_bytes
 
     need = labelled_strata_bytes(labelled, n_sets, num_classes, context=mode == "strata-context")
     have = _available_memory()
     if have is None or need <= have // 2:
         return
-    other = "'strata-semi' (no distance bins: a quarter of it), " if mode == "strata-context" else ""
+    other = "'strata-semi' (no distance bins: a fifth of it), " if mode == "strata-context" else ""
     raise InputError(
         f"{param('subset_selection', mode)}: the vote strata of {labelled} labelled images and {n_sets} sets "
         f"take {need / 2**30:.1f} GiB ({1 << n_sets} vote patterns per class and image), more than half of the "

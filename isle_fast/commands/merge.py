@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "truth per vote stratum applied to every image's votes, its prior the STAPLE model "
                              "fitted with the labelled truth; the default with --image-labels and a gt of fewer "
                              "than 25 images), strata-context (the same, each pixel's rate refined by its "
-                             "distance to where every set agrees on the class, two more passes over whole "
+                             "distance to where every set agrees on the class, its passes over whole "
                              "images; the default with --image-labels from 25 labelled images), strata "
                              "(the same, its prior the no-label STAPLE model), posterior (= --blend-estimate; "
                              "the default without --image-labels) or labelled (their IoU alone; the default "

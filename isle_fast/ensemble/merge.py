@@ -1017,8 +1017,8 @@ def merge(sets: Sequence[Any], gt: Any, out: str | os.PathLike, *, policy: str =
         some of the images with ``image_labels``, ``strata-semi`` for a gt of
         fewer than :data:`CONTEXT_MIN_IMAGES`): ``strata-semi`` with every
         unlabelled pixel's stratum rate refined by its distance to where every
-        set agrees on the class (``stratified_scores(context=...)``, two more
-        passes over whole images,
+        set agrees on the class (``stratified_scores(context=...)``; its two
+        passes read whole images,
         :func:`isle_fast.ensemble.uncertainty.context_pass`); ``strata``: the
         same as ``strata-semi`` with the no-label STAPLE posterior in the
         prior (``model='staple'``, the default before 2026-12-02);

@@ -608,22 +608,73 @@ class _Steps:
         return time.perf_counter() - self.t0
 
 
+#: Seconds a run waits for a lock whose run has ended but whose worker processes still hold it.
+LOCK_WAIT_S = 30.0
+
+
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder/.isle-run.lock`` (another run using the folder is an error)."""
+    """An exclusive lock on ``folder/.isle-run.lock`` (another run using the folder is an error).
+
+    The holder writes ``<pid> <host>`` into the file. The worker processes a
+    run forks hold its lock too, so a run that was killed (``kill -9``, a
+    closed terminal) keeps the folder locked until its workers have gone,
+    which takes them a moment or, when only the main process was killed, until
+    their current task ends. When the recorded run is no longer alive on this
+    host, the lock is waited for (:data:`LOCK_WAIT_S`) instead of refused, so a
+    re-run right after a kill works; a live holder is an error at once.
+    """
     import fcntl
+    import socket
 
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".isle-run.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    path = folder / ".isle-run.lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{folder} is in use by another isle run "
-                             f"(lock {folder / '.isle-run.lock'})") from None
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid, host = _lock_holder(path)
+                ended = pid is not None and host == socket.gethostname() and not _alive(pid)
+                if not ended:
+                    who = f" (pid {pid} on {host})" if pid is not None else ""
+                    raise InputError(f"{folder} is in use by another isle run{who}; "
+                                     f"wait for it to end (lock {path})") from None
+                deadline = deadline or time.monotonic() + LOCK_WAIT_S
+                if time.monotonic() > deadline:
+                    raise InputError(
+                        f"{folder} is still locked by the worker processes of an isle run that has "
+                        f"ended (pid {pid}) after {LOCK_WAIT_S:.0f} s; stop them or wait until they "
+                        f"finish, then run again (lock {path})") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _lock_holder(path: Path) -> tuple[int | None, str | None]:
+    """The ``(pid, host)`` a lock file names, or ``(None, None)`` when it names none."""
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None, None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _prepare_folder(folder: Path, flag: str, inputs: Sequence[Any], command: str) -> None:

@@ -8,6 +8,7 @@ complete after a kill.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -285,6 +286,87 @@ def test_a_killed_run_leaves_nothing_complete_and_a_rerun_works(tree, tmp_path, 
     assert run_cli(capsys, "run", tree, "--out", clean, "--no-report")[0] == 0
     a, b = pngs(run / "ensemble"), pngs(clean / "ensemble")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# A process that takes RUN's lock as a run does (``<pid> <host>`` in the file), forks a "worker" that
+# keeps the lock for argv[2] seconds, and then ends at once (argv[3] == "exit") or stays (a live run).
+_HOLD_LOCK = r"""
+import fcntl, os, socket, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".isle-run.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+if os.fork() == 0:          # the worker: holds the inherited lock, then ends
+    time.sleep(float(sys.argv[2]))
+    os._exit(0)
+print("locked", flush=True)
+if sys.argv[3] == "exit":
+    os._exit(0)
+time.sleep(600)
+"""
+
+
+def _hold_lock(folder: Path, seconds: float, main: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder), str(seconds), main],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "locked"
+    if main == "exit":
+        proc.wait()
+    return proc
+
+
+def test_a_rerun_right_after_a_kill_waits_for_the_killed_runs_workers(tree, tmp_path, capsys):
+    """The killed run's forked workers still hold the lock for a moment after its main process is gone
+    (this raced in ``test_a_killed_run_leaves_counts_that_a_rerun_can_trust``): the re-run waits for
+    them instead of calling the folder in use."""
+    run = tmp_path / "run"
+    argv = ["run", tree, "--out", run, "--no-report"]
+    assert run_cli(capsys, *argv)[0] == 0
+    group = _hold_lock(run, 1.5, "exit")
+    t0 = time.monotonic()
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert time.monotonic() - t0 > 1.0       # it did wait for the worker
+    _stop(group)
+
+
+def _stop(group: subprocess.Popen) -> None:
+    """Kill what is left of a :func:`_hold_lock` process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group.pid, signal.SIGKILL)
+    group.wait()
+
+
+def test_a_live_run_holding_the_folder_is_an_error_naming_it(tree, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["run", tree, "--out", run, "--no-report"]
+    assert run_cli(capsys, *argv)[0] == 0
+    before = (run / "run.json").read_text()
+    holder = _hold_lock(run, 600, "stay")
+    try:
+        rc, _, err = run_cli(capsys, *argv)
+    finally:
+        _stop(holder)
+    assert rc == 2 and "Traceback" not in err
+    assert "in use by another isle run" in err and f"pid {holder.pid}" in err
+    assert (run / "run.json").read_text() == before          # the live run's folder is untouched
+
+
+def test_workers_of_an_ended_run_that_keep_the_lock_are_an_error_after_the_wait(tree, tmp_path, capsys,
+                                                                                monkeypatch):
+    from isle_fast import job
+
+    run = tmp_path / "run"
+    argv = ["run", tree, "--out", run, "--no-report"]
+    assert run_cli(capsys, *argv)[0] == 0
+    monkeypatch.setattr(job, "LOCK_WAIT_S", 0.3)
+    group = _hold_lock(run, 600, "exit")
+    try:
+        rc, _, err = run_cli(capsys, *argv)
+    finally:
+        _stop(group)
+    assert rc == 2 and "Traceback" not in err
+    assert "worker processes of an isle run that has ended" in err and str(run) in err
 
 
 def test_a_killed_rerun_keeps_the_previous_results(tree, tmp_path, capsys):

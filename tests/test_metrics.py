@@ -178,3 +178,61 @@ def test_bootstrap_batches_equal_a_loop(images, reps, batch, shape, seed, densit
 def test_bootstrap_batches_bad_batch_is_named():
     with pytest.raises(ValueError, match="batch"):
         next(metrics.bootstrap_batches([np.ones((2, 3))], np.ones((4, 2)), 0))
+
+
+# -- per-image counts held sparse ----------------------------------------------------------------
+
+
+def _sparse_counts(rng, images, shape, density):
+    return rng.integers(0, 1000, size=(images,) + shape) * (rng.random((images,) + shape) < density)
+
+
+@settings(max_examples=60, deadline=None)
+@given(images=st.integers(0, 6), shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3)),
+       seed=st.integers(0, 2**31 - 1), density=st.floats(0.0, 1.0), axis=st.integers(-3, 2))
+def test_image_counts_equal_their_dense_array(images, shape, seed, density, axis):
+    rng = np.random.default_rng(seed)
+    a = _sparse_counts(rng, images, shape, density)
+    s = metrics.ImageCounts.from_dense(a)
+    assert s.num_images == images and s.shape == shape and (s.value != 0).all()
+    np.testing.assert_array_equal(s.dense(), a)
+    np.testing.assert_array_equal(s.total(), a.sum(axis=0))
+    np.testing.assert_array_equal(s.sum_axis(axis).dense(), a.sum(axis=axis % 3 + 1))
+    for k in range(shape[-1]):
+        np.testing.assert_array_equal(s.component(k).dense(), a[..., k])
+    np.testing.assert_array_equal(s.indicator().total(), (a != 0).sum(axis=0))
+    pick = rng.integers(0, max(images, 1), size=int(rng.integers(0, 8))) if images else np.zeros(0, int)
+    np.testing.assert_array_equal(s.take(pick).dense(), a[pick])
+    b = _sparse_counts(rng, images, shape, density)
+    np.testing.assert_array_equal(metrics.ImageCounts.add([s, metrics.ImageCounts.from_dense(b)]).dense(), a + b)
+    halves = [metrics.ImageCounts.from_dense(a[:images // 2]), metrics.ImageCounts.from_dense(a[images // 2:])]
+    np.testing.assert_array_equal(metrics.ImageCounts.stack(halves).dense(), a)
+
+
+def test_image_counts_refuse_what_does_not_fit():
+    one = metrics.ImageCounts.from_dense(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="do not stack"):
+        metrics.ImageCounts.stack([one, metrics.ImageCounts.from_dense(np.ones((2, 4)))])
+    with pytest.raises(ValueError, match="same images"):
+        metrics.ImageCounts.add([one, metrics.ImageCounts.from_dense(np.ones((3, 3)))])
+    with pytest.raises(IndexError, match="out of range"):
+        one.take([2])
+    assert metrics.ImageCounts.stack([], shape=(3,)).dense().shape == (0, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(images=st.integers(1, 7), reps=st.integers(1, 9), batch=st.integers(1, 10),
+       shape=st.tuples(st.integers(1, 3), st.integers(1, 5)), seed=st.integers(0, 2**31 - 1),
+       density=st.floats(0.0, 1.0), piece=st.integers(1, 9), dense_share=st.sampled_from([0.0, 2.0]))
+def test_sparse_bootstrap_batches_equal_the_dense_ones(images, reps, batch, shape, seed, density, piece,
+                                                       dense_share, monkeypatch):
+    rng = np.random.default_rng(seed)
+    a = _sparse_counts(rng, images, shape, density)
+    w = metrics.bootstrap_weights(images, reps, seed)
+    with monkeypatch.context() as m:
+        m.setattr(metrics, "_SPARSE_PRODUCT_ENTRIES", piece)   # products in pieces that split columns
+        m.setattr(metrics, "_DENSE_SHARE", dense_share)        # 0: every part as a dense product, 2: none
+        got = list(metrics.bootstrap_batches([metrics.ImageCounts.from_dense(a), a], w, batch))
+    for rows, (sparse, dense) in got:
+        assert sparse.dtype == np.int64
+        np.testing.assert_array_equal(sparse, dense)

@@ -395,32 +395,64 @@ def test_evaluate_with_a_partial_gt_shows_the_choice_merge_makes(tmp_path, capsy
                  str(labels)]) != 0
 
 
-def test_strata_that_would_not_fit_in_memory_are_a_clear_error_before_any_output(tmp_path, monkeypatch, capsys):
-    """The labelled images' strata are 2**N patterns wide per class and image: 12 sets and a thousand
-    labelled images with the distance bins take 19 GiB. Where they would take more than half of the free
-    memory the merge stops first, naming the size and what to take instead; before, it ran out of memory."""
-    from isle_fast.ensemble import merge as merge_module
-    from isle_fast.ensemble.uncertainty import labelled_strata_bytes
+@pytest.mark.parametrize("scores", [False, True])
+def test_the_strata_passes_return_every_labelled_images_strata_as_the_reference(tmp_path, scores):
+    """``labelled_strata_pass`` and ``context_pass`` (chunks of 5 x 6 pixels, a score set) give every gt image's
+    strata, in the gt's order, held sparse: exactly :func:`strata_counts` / :func:`context_strata` of the
+    plain arrays; ``context_pass`` without a gt every image's vote patterns summed."""
+    from isle_fast.ensemble.uncertainty import (
+        context_pass,
+        context_strata,
+        labelled_strata_pass,
+        strata_counts,
+    )
+    from isle_fast.metrics import ImageCounts
 
-    assert labelled_strata_bytes(1000, 12, 21, context=True) == 1000 * 2 * 21 * 4096 * 3 * 8 * 5
-    assert labelled_strata_bytes(1000, 12, 21) == 1000 * 2 * 21 * 4096 * 3 * 8
-    rng = np.random.default_rng(17)
-    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=8, subset=[6, 1, 3, 0])
-    need = labelled_strata_bytes(4, len(sets), c, context=True)
-    monkeypatch.setattr(merge_module, "_available_memory", lambda: 2 * need - 2)
-    out = tmp_path / "ens.zarr"
-    with pytest.raises(InputError, match=r"4 labelled images and 3 sets .* GiB .*'strata-semi'"):
-        merge(sets, gt, out, progress=False, subset_selection="strata-context")
-    assert not out.exists()
-    # the same strata without the bins fit, so strata-semi runs
-    assert merge(sets, gt, out, progress=False, subset_selection="strata-semi").stack.provenance[
-        "subset_selection"] == "strata-semi"
-    capsys.readouterr()
-    assert main(["merge", *(s.path for s in sets), "--gt", gt.path, "--out", str(tmp_path / "cli.zarr"),
-                 "--quiet", "--no-score", "--subset-selection", "strata-context"]) == 2
-    err = capsys.readouterr().err
-    assert "--subset-selection strata-context" in err and "--sets" in err and "Traceback" not in err
-    assert not (tmp_path / "cli.zarr").exists()
+    rng = np.random.default_rng(19)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=9, subset=[6, 1, 3, 0, 8], scores=scores)
+    allowed = np.stack([[(g == k).any() for k in range(c)] for g in gts])
+    allowed[1, 1] = False
+
+    def plain(i):
+        h, w = gts[i].shape
+        a = [np.asarray(s.array[i, :h, :w]) for s in sets]
+        return [x[None] if x.ndim == 2 else np.argmax(x, axis=-1).astype(np.uint8)[None] for x in a]
+
+    per = labelled_strata_pass(sets, gt, sub, allowed=allowed[sub], progress=False)
+    assert isinstance(per, ImageCounts) and per.num_images == len(sub)
+    np.testing.assert_array_equal(per.dense(), np.stack([strata_counts(gts[i][None], plain(i), c, allowed[i:i + 1])
+                                                         for i in sub]))
+    ctx = context_pass(sets, gt, sub, allowed=allowed[sub], progress=False)
+    want = np.stack([context_strata(gts[i][None], plain(i), c, allowed[i:i + 1]) for i in sub])
+    assert isinstance(ctx, ImageCounts)
+    np.testing.assert_array_equal(ctx.dense(), want)
+    np.testing.assert_array_equal(ctx.sum_axis(1).dense(), per.dense())
+    every = context_pass(sets, allowed=allowed, progress=False)
+    np.testing.assert_array_equal(every, sum(context_strata(None, plain(i), c, allowed[i:i + 1])[..., 0]
+                                             for i in range(len(gts))))
+
+
+def test_the_labelled_strata_of_many_sets_are_held_sparse(tmp_path):
+    """2**N vote patterns per class and image: with 10 sets each labelled image's context strata are 5 MiB
+    dense (12 sets and 1,000 images: 19 GiB, which ran out of memory or, later, was refused). Held sparse they
+    take what the images hold, and the pass's memory does not grow with the labelled images."""
+    import tracemalloc
+
+    from isle_fast.ensemble.uncertainty import context_pass
+
+    rng = np.random.default_rng(29)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=40, n_sets=10, subset=list(range(40)),
+                                      chunks=(8, 16, 16))  # few chunks: little of Dask's own memory
+    dense = 40 * 2 * 5 * c * 2**10 * 3 * 8
+    context_pass(sets[:2], gt, sub, progress=False)          # imports and caches outside the measurement
+    tracemalloc.start()
+    try:
+        ctx = context_pass(sets, gt, sub, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ctx.num_images == 40 and ctx.nbytes < dense / 100
+    assert peak < dense / 2, (peak, dense)     # the dense strata alone took all of ``dense``
 
 
 def test_the_report_shows_the_choice_the_ensemble_was_made_with(tmp_path):

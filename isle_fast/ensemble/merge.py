@@ -829,6 +829,7 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
     from isle_fast.ensemble.partial import gt_positions
     from isle_fast.ensemble.selection import resolve_members
     from isle_fast.ensemble.uncertainty import context_pass, labelled_strata_pass, stratified_scores
+    from isle_fast.metrics import ImageCounts
 
     positions = gt_positions(gt, stacks)
     if positions is None:
@@ -837,9 +838,12 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
     ctx = None
     if context:
         check_vote_sets(stacks)
-        ctx = (context_pass(stacks, gt, positions, allowed=lab_allowed, bg_threshold=bg_threshold, progress=progress),
-               context_pass(stacks, allowed=allowed, bg_threshold=bg_threshold, progress=progress))
-        strata, patterns = ctx[0].sum(axis=2), ctx[1].sum(axis=1)
+        lab_ctx = context_pass(stacks, gt, positions, allowed=lab_allowed, bg_threshold=bg_threshold,
+                               progress=progress)
+        every = context_pass(stacks, allowed=allowed, bg_threshold=bg_threshold, progress=progress)
+        assert isinstance(lab_ctx, ImageCounts) and isinstance(every, np.ndarray)  # with a gt / without
+        ctx = (lab_ctx, every)
+        strata, patterns = lab_ctx.sum_axis(1), every.sum(axis=1)
     else:
         patterns, _, _ = vote_patterns_pass(stacks, image_labels=allowed, bg_threshold=bg_threshold,
                                             progress=progress)
@@ -847,36 +851,6 @@ def _strata_selection_scores(stacks: Sequence[Stack], gt: Stack, allowed: np.nda
                                       progress=progress)
     members = resolve_members(set_names, subset, set_paths)
     return stratified_scores(strata, patterns, members=members, reps=1000, seed=0, model=model, context=ctx)
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory this machine has free (``psutil``), or None where it cannot tell."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - no psutil or no /proc: no check
-        return None
-
-
-def _check_strata_memory(mode: str, labelled: int, n_sets: int, num_classes: int) -> None:
-    """An :class:`InputError` before the strata passes where the labelled images' per-image strata (``mode``)
-    would take more than half of the free memory: ``2**N`` vote patterns per class and image, dense, grow 4x
-    with every two sets (5x in all with the distance bins,
-    :func:`~isle_fast.ensemble.uncertainty.labelled_strata_bytes`), and running out of memory ends the run
-    without a word."""
-    from isle_fast.ensemble.uncertainty import labelled_strata_bytes
-
-    need = labelled_strata_bytes(labelled, n_sets, num_classes, context=mode == "strata-context")
-    have = _available_memory()
-    if have is None or need <= have // 2:
-        return
-    other = "'strata-semi' (no distance bins: a fifth of it), " if mode == "strata-context" else ""
-    raise InputError(
-        f"{param('subset_selection', mode)}: the vote strata of {labelled} labelled images and {n_sets} sets "
-        f"take {need / 2**30:.1f} GiB ({1 << n_sets} vote patterns per class and image), more than half of the "
-        f"{have / 2**30:.1f} GiB this machine has free: choose from fewer sets ({param('subset')}), or "
-        f"take {other}'posterior' or 'labelled'")
 
 
 def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: Any, *, mode: str = "auto",
@@ -911,7 +885,6 @@ def subset_choice(stacks: Sequence[Stack], gt_stack: Stack | None, evaluation: A
         if sweep:
             raise InputError(f"{param('subset_selection', mode)} does not take a threshold sweep "
                              f"({param('bg_threshold')}): give one threshold")
-        _check_strata_memory(mode, gt_stack.num_images, len(stacks), gt_stack.num_classes)
         strata = _strata_selection_scores(stacks, gt_stack, allowed, bg_threshold, progress, subset,
                                           list(evaluation.set_names), list(evaluation.set_paths),
                                           model="staple" if mode == "strata" else "semi",

@@ -675,14 +675,6 @@ def context_strata(gt: Any, sets: Sequence[Any], num_classes: int, allowed: Any 
     return out
 
 
-def labelled_strata_bytes(labelled: int, n_sets: int, num_classes: int, context: bool = False) -> int:
-    """Bytes of the per-image strata a selection from ``labelled`` images holds: :func:`strata_counts` of
-    every labelled image (``(K, 2, C, 2**N, 3)`` int64), with ``context`` those of :func:`context_strata`
-    too (``len(CONTEXT_RADII) + 1`` bins more)."""
-    one = 2 * int(num_classes) * (1 << int(n_sets)) * 3 * 8
-    return int(labelled) * one * (1 + (len(CONTEXT_RADII) + 1 if context else 0))
-
-
 def _staple_truth(patterns: np.ndarray) -> np.ndarray:
     """``(2, C, P)`` the no-label model's ``P(truth = c | stratum)``: the STAPLE posterior
     (:mod:`isle_fast.ensemble.estimate`) where the class may be present, 0 where the labels rule it out."""
@@ -843,9 +835,11 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
 
     Parameters
     ----------
-    labelled_strata : (K, G, C, P, 3) or (G, C, P, 3) int
+    labelled_strata : (K, G, C, P, 3) or (G, C, P, 3) int, or ImageCounts
         Per labelled image (or summed: no bootstrap); ``G`` = 2 with image
-        labels (:func:`strata_counts`), 1 without (the groups summed).
+        labels (:func:`strata_counts`), 1 without (the groups summed). Held
+        sparse (:class:`~isle_fast.metrics.ImageCounts`, as the passes return
+        them) whatever is given: an image holds a few classes and patterns.
     patterns : (G, C, P) or (C, P) int
         Every image's vote patterns, the labelled images included (the same grouping).
     prior_images : float
@@ -873,7 +867,8 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
         Bootstrap resamples (0: none) and their seed.
     context : (labelled, patterns), optional
         The same strata split by the distance to agreement (:func:`context_strata`): ``labelled``
-        ``(K, G, B, C, P, 3)`` per labelled image (summed over the bins: ``labelled_strata``), ``patterns``
+        ``(K, G, B, C, P, 3)`` per labelled image or their ImageCounts (summed over the bins:
+        ``labelled_strata``), ``patterns``
         ``(G, B, C, P)`` of every image. Every unlabelled pixel is then counted at its stratum's rate
         refined by its bin (:func:`_context_iou`: the odds of the truth per bin and pattern, pooled over the
         foreground classes of the labelled images), in the choice and in the bootstrap (the ratios
@@ -889,11 +884,10 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     pat = np.asarray(patterns, dtype=np.int64)
     if pat.ndim == 2:
         pat = pat[None]
-    strata = np.asarray(labelled_strata, dtype=np.int64)
-    if strata.ndim == pat.ndim + 1:
-        strata = strata[None]
-    if pat.ndim != 3 or strata.ndim != 5 or strata.shape[1:] != pat.shape + (3,) or pat.shape[0] not in (1, 2):
-        raise InputError(f"labelled strata of shape {strata.shape} do not match vote patterns {pat.shape}")
+    strata = _per_image(labelled_strata, pat.ndim + 1)
+    if pat.ndim != 3 or strata.shape != pat.shape + (3,) or pat.shape[0] not in (1, 2):
+        raise InputError(f"labelled strata of shape {(strata.num_images,) + strata.shape} do not match vote "
+                         f"patterns {pat.shape}")
     if prior_images < 0:
         raise InputError(f"{param('prior_images')} must be at least 0, not {prior_images}")
     if choice_prior_images is not None and choice_prior_images < 0:
@@ -906,7 +900,7 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     from isle_fast.ensemble.estimate import _bits
 
     bits = _bits(n)
-    lab = strata.sum(axis=0)
+    lab = strata.total()
     unl = (pat - lab[..., 0]).astype(np.float64)
     # pattern 0 (no set votes the class) is the same false negative of every set: immaterial to a choice
     unl[..., 0] = np.maximum(unl[..., 0], 0.0)
@@ -918,8 +912,8 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     choice_fallback, mix = (_semi_staple_truth(pat, lab), SEMI_MODEL_WEIGHT) if model == "semi" else (fallback, 0.0)
     kappa = float(prior_images)
     kappa_choice = kappa if choice_prior_images is None else float(choice_prior_images)
-    seen = (strata[..., 0] > 0).sum(axis=0)
-    ctx = None if context is None else _context_args(context, strata, pat)
+    seen = strata.component(0).indicator().total()
+    ctx = None if context is None else _context_args(context, strata, lab, pat)
     if ctx is None:
         scores = _strata_iou(lab, seen, lab, unl, choice_fallback, kappa_choice, pool, bits, mix)
     else:
@@ -929,7 +923,7 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
     best = np.argmax(masked, axis=0).astype(np.int64)  # ties: the first set
     p_best = np.full(c, np.nan)
     loss = np.full(c, np.nan)
-    if strata.shape[0] > 1 and reps > 0:
+    if strata.num_images > 1 and reps > 0:
         p_best, loss = _strata_bootstrap(strata, ctx, lab, unl, fallback, kappa, pool, bits, members, best, reps,
                                          seed)
     voting = pat[..., 1:].sum(axis=(0, 2)).astype(np.float64)
@@ -945,15 +939,16 @@ def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: floa
 STRATA_BOOTSTRAP_BYTES = 256 * 2**20
 
 
-def _strata_bootstrap(strata: np.ndarray, ctx: tuple[np.ndarray, np.ndarray, np.ndarray] | None, lab: np.ndarray,
+def _strata_bootstrap(strata: metrics.ImageCounts, ctx: tuple[metrics.ImageCounts, np.ndarray, np.ndarray] | None,
+                      lab: np.ndarray,
                       unl: np.ndarray, fallback: np.ndarray, kappa: float, pool: bool, bits: np.ndarray,
                       members: np.ndarray, best: np.ndarray, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(p_best, expected_loss)`` of :func:`stratified_scores`: the labelled images resampled ``reps`` times,
     batch by batch (:data:`STRATA_BOOTSTRAP_BYTES`), each batch reduced before the next."""
     c = strata.shape[-3]
-    wts = metrics.bootstrap_weights(strata.shape[0], reps, seed)
-    arrays = [strata, (strata[..., 0] > 0).astype(np.int64)] + ([] if ctx is None else [ctx[0]])
-    per_resample = 8 * 8 * max(a[0].size for a in arrays)
+    wts = metrics.bootstrap_weights(strata.num_images, reps, seed)
+    arrays = [strata, strata.component(0).indicator()] + ([] if ctx is None else [ctx[0]])
+    per_resample = 8 * 8 * max(int(np.prod(a.shape, dtype=np.int64)) for a in arrays)
     wins = np.zeros(c, dtype=np.int64)
     n_inf = np.zeros(c, dtype=np.int64)
     lost = np.zeros(c)
@@ -974,21 +969,28 @@ def _strata_bootstrap(strata: np.ndarray, ctx: tuple[np.ndarray, np.ndarray, np.
     return np.where(n_inf > 0, wins / np.maximum(n_inf, 1), 1.0), lost / reps
 
 
-def _context_args(context: tuple[Any, Any], strata: np.ndarray, pat: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _per_image(counts: Any, ndim: int) -> metrics.ImageCounts:
+    """Per-image counts (:class:`~isle_fast.metrics.ImageCounts`, or ``(K,) + shape`` with ``shape`` of
+    ``ndim - 1`` axes, or one summed ``shape``: one image) held sparse."""
+    if isinstance(counts, metrics.ImageCounts):
+        return counts
+    a = np.asarray(counts, dtype=np.int64)
+    return metrics.ImageCounts.from_dense(a[None] if a.ndim == ndim - 1 else a)
+
+
+def _context_args(context: tuple[Any, Any], strata: metrics.ImageCounts, lab: np.ndarray, pat: np.ndarray
+                  ) -> tuple[metrics.ImageCounts, np.ndarray, np.ndarray]:
     """``(per image (K, G, B, C, P, 3), labelled sum (G, B, C, P, 3), unlabelled (G, B, C, P))`` of
-    :func:`stratified_scores`'s ``context``, checked against its strata and patterns."""
-    lab_img = np.asarray(context[0], dtype=np.int64)
+    :func:`stratified_scores`'s ``context``, checked against its strata (summed: ``lab``) and patterns."""
+    lab_img = _per_image(context[0], 6)
     pat_ctx = np.asarray(context[1], dtype=np.int64)
-    if lab_img.ndim == strata.ndim:  # summed over the images
-        lab_img = lab_img[None]
-    if (lab_img.ndim != 6 or pat_ctx.ndim != 4 or lab_img.shape[:2] != strata.shape[:2]
-            or lab_img.shape[3:] != strata.shape[2:] or pat_ctx.shape != lab_img.shape[1:5]):
-        raise InputError(f"context strata of shape {lab_img.shape} and patterns {pat_ctx.shape} do not match "
-                         f"the strata {strata.shape}")
-    lab_ctx = lab_img.sum(axis=0)
-    if not (np.array_equal(lab_ctx.sum(axis=1), strata.sum(axis=0))
-            and np.array_equal(pat_ctx.sum(axis=1), pat)):
+    shape = lab_img.shape
+    if (len(shape) != 5 or pat_ctx.ndim != 4 or lab_img.num_images != strata.num_images
+            or shape[:1] + shape[2:] != strata.shape or pat_ctx.shape != shape[:4]):
+        raise InputError(f"context strata of shape {(lab_img.num_images,) + shape} and patterns {pat_ctx.shape} "
+                         f"do not match the strata {(strata.num_images,) + strata.shape}")
+    lab_ctx = lab_img.total()
+    if not (np.array_equal(lab_ctx.sum(axis=1), lab) and np.array_equal(pat_ctx.sum(axis=1), pat)):
         raise InputError("the context strata summed over their bins differ from the strata (or the context "
                          "patterns from the patterns): they must count the same images and pixels")
     unl = (pat_ctx - lab_ctx[..., 0]).astype(np.float64)
@@ -1002,7 +1004,8 @@ def _context_args(context: tuple[Any, Any], strata: np.ndarray, pat: np.ndarray
 def _strata_block(g: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: np.ndarray, allowed: np.ndarray,
                   *blocks: np.ndarray, encodings: tuple[str, ...], thresholds: tuple[float, ...],
                   num_classes: int) -> np.ndarray:
-    """``(I, 1, 1, 2, C, 2**N, 3)`` strata of one region of the gt and every set, image by image.
+    """``(1, 1, 1)`` object: the strata of one region of the gt and every set, image by image, as
+    :class:`~isle_fast.metrics.ImageCounts` of ``(2, C, 2**N, 3)``.
 
     A score set's padding is no vote, as in the vote pass (:func:`isle_fast.ensemble.estimate.vote_labels`).
     """
@@ -1011,15 +1014,23 @@ def _strata_block(g: np.ndarray, idx_j: np.ndarray, idx_k: np.ndarray, shapes: n
 
     with task_kernels("cpu") as K:
         labs = vote_labels(K, blocks, encodings, thresholds, shapes, int(idx_j[0]), int(idx_k[0]))
-    out = np.zeros((g.shape[0], 1, 1, 2, num_classes, 1 << len(labs), 3), np.int64)
-    for m in range(g.shape[0]):
-        out[m, 0, 0] = strata_counts(g[m:m + 1], [a[m:m + 1] for a in labs], num_classes, allowed[m:m + 1])
+    per = [metrics.ImageCounts.from_dense(
+        strata_counts(g[m:m + 1], [a[m:m + 1] for a in labs], num_classes, allowed[m:m + 1])[None])
+        for m in range(g.shape[0])]
+    return _boxed(metrics.ImageCounts.stack(per, shape=(2, num_classes, 1 << len(labs), 3)), 3)
+
+
+def _boxed(value: Any, ndim: int) -> np.ndarray:
+    """``value`` as the one element of an object array of ``ndim`` axes (a dask block of Python objects)."""
+    out = np.empty((1,) * ndim, dtype=object)
+    out[(0,) * ndim] = value
     return out
 
 
 def labelled_strata_pass(stacks: Sequence[Any], gt: Any, positions: Any, *, allowed: Any = None,
-                         bg_threshold: float | None = None, progress: bool = True) -> np.ndarray:
-    """``(I_gt, 2, C, 2**N, 3)``: :func:`strata_counts` of every gt image (one pass over the gt's images).
+                         bg_threshold: float | None = None, progress: bool = True) -> metrics.ImageCounts:
+    """:func:`strata_counts` of every gt image (``(2, C, 2**N, 3)`` each, held sparse: an
+    :class:`~isle_fast.metrics.ImageCounts` of ``I_gt`` images), in one pass over the gt's images.
 
     Parameters
     ----------
@@ -1054,19 +1065,23 @@ def labelled_strata_pass(stacks: Sequence[Any], gt: Any, positions: Any, *, allo
     one = lambda n: 1  # noqa: E731
     idx_j, idx_k = (da.arange(n, chunks=ch, dtype=np.int64) for n, ch in zip(g.shape[1:], g.chunks[1:]))
     shapes = da.from_array(np.asarray(gt.shapes, dtype=np.int64), chunks=(g.chunks[0], (2,)))
-    arr = da.blockwise(func, "ijkgcmt", g, "ijk", idx_j, "j", idx_k, "k", shapes, "iz", ok_da, "iy",
+    arr = da.blockwise(func, "ijk", g, "ijk", idx_j, "j", idx_k, "k", shapes, "iz", ok_da, "iy",
                        *blockwise_args(arrays, stacks),
-                       new_axes={"g": 2, "c": c, "m": 1 << len(stacks), "t": 3},
-                       adjust_chunks={"j": one, "k": one}, dtype=np.int64, concatenate=True,
-                       meta=np.empty((0,) * 7, dtype=np.int64))
+                       adjust_chunks={"i": one, "j": one, "k": one}, dtype=object, concatenate=True,
+                       meta=np.empty((0,) * 3, dtype=object))
     with dask_progress("strata", quiet=not progress):
-        return np.asarray(arr.sum(axis=(1, 2)).compute(scheduler=dask_scheduler()), dtype=np.int64)
+        parts = arr.compute(scheduler=dask_scheduler())
+    # a block's images over every region of them: their regions' counts added
+    return metrics.ImageCounts.stack([metrics.ImageCounts.add(list(parts[i].ravel())) for i in range(parts.shape[0])],
+                                     shape=(2, c, 1 << len(stacks), 3))
 
 
 def _context_block(shapes: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray, with_gt: bool,
                    encodings: tuple[str, ...], thresholds: tuple[float, ...], num_classes: int) -> np.ndarray:
-    """``(I, 2, B, C, 2**N, 3)`` :func:`context_strata` of every image of a block of whole images (the gt
-    first with ``with_gt``), each over its own ``rows x cols`` (a score set's padding no vote)."""
+    """:func:`context_strata` of a block of whole images, each over its own ``rows x cols`` (a score set's
+    padding no vote): with ``with_gt`` (the gt the first block) every image's, held sparse (a ``(1,)`` object
+    array of :class:`~isle_fast.metrics.ImageCounts`); without it their vote patterns summed,
+    ``(1, 2, B, C, 2**N)``."""
     from isle_fast.backend import task_kernels
     from isle_fast.ensemble.estimate import vote_labels
 
@@ -1074,17 +1089,21 @@ def _context_block(shapes: np.ndarray, allowed: np.ndarray, *blocks: np.ndarray,
     sets = blocks[1:] if with_gt else blocks
     with task_kernels("cpu") as K:
         labs = vote_labels(K, sets, encodings, thresholds, shapes, 0, 0)
-    n_img = labs[0].shape[0]
-    out = np.zeros((n_img, 2, len(CONTEXT_RADII) + 1, num_classes, 1 << len(labs), 3), np.int64)
-    for m in range(n_img):
+    shape = (2, len(CONTEXT_RADII) + 1, num_classes, 1 << len(labs), 3)
+    per, summed = [], np.zeros((1,) + shape[:-1], np.int64)
+    for m in range(labs[0].shape[0]):
         r, c = (int(v) for v in shapes[m])
-        out[m] = context_strata(None if g is None else g[m:m + 1, :r, :c], [a[m:m + 1, :r, :c] for a in labs],
-                                num_classes, allowed[m:m + 1])
-    return out
+        one = context_strata(None if g is None else g[m:m + 1, :r, :c], [a[m:m + 1, :r, :c] for a in labs],
+                             num_classes, allowed[m:m + 1])
+        if with_gt:
+            per.append(metrics.ImageCounts.from_dense(one[None]))
+        else:
+            summed[0] += one[..., 0]
+    return _boxed(metrics.ImageCounts.stack(per, shape=shape), 1) if with_gt else summed
 
 
 def context_pass(stacks: Sequence[Any], gt: Any = None, positions: Any = None, *, allowed: Any = None,
-                 bg_threshold: float | None = None, progress: bool = True) -> np.ndarray:
+                 bg_threshold: float | None = None, progress: bool = True) -> np.ndarray | metrics.ImageCounts:
     """The strata by distance to agreement (:func:`context_strata`) of the sets' images, in one pass.
 
     The distance needs the whole image, so the pass reads whole images (as many
@@ -1107,9 +1126,9 @@ def context_pass(stacks: Sequence[Any], gt: Any = None, positions: Any = None, *
 
     Returns
     -------
-    ndarray of int64
+    ndarray of int64 or ImageCounts
         Without ``gt``: ``(2, B, C, 2**N)``, every image's context vote patterns (``[..., 0]`` summed). With
-        it: ``(I_gt, 2, B, C, 2**N, 3)``, every gt image's.
+        it: every gt image's ``(2, B, C, 2**N, 3)``, held sparse (:class:`~isle_fast.metrics.ImageCounts`).
     """
     from functools import partial
 
@@ -1142,10 +1161,15 @@ def context_pass(stacks: Sequence[Any], gt: Any = None, positions: Any = None, *
                    thresholds=tuple(score_threshold(s, bg_threshold) if s.encoding == "scores" else -1.0
                                     for s in stacks), num_classes=c)
     lead = [] if g is None else [g.rechunk(whole), "ijk"]
-    arr = da.blockwise(func, "igbcmt", shapes, "iz", ok_da, "iy", *lead, *blockwise_args(arrays, stacks),
-                       new_axes={"g": 2, "b": len(CONTEXT_RADII) + 1, "c": c, "m": 1 << len(stacks), "t": 3},
-                       dtype=np.int64, concatenate=True, meta=np.empty((0,) * 6, dtype=np.int64))
+    one = lambda n: 1  # noqa: E731
+    args = [shapes, "iz", ok_da, "iy", *lead, *blockwise_args(arrays, stacks)]
+    shape = (2, len(CONTEXT_RADII) + 1, c, 1 << len(stacks), 3)
     with dask_progress("context", quiet=not progress, images=n_img):
         if g is None:
-            return np.asarray(arr[..., 0].sum(axis=0).compute(scheduler=dask_scheduler()), dtype=np.int64)
-        return np.asarray(arr.compute(scheduler=dask_scheduler()), dtype=np.int64)
+            # output axes apart from the inputs' (a score set's class axis is "c")
+            arr = da.blockwise(func, "igbqm", *args, new_axes=dict(zip("gbqm", shape)), adjust_chunks={"i": one},
+                               dtype=np.int64, concatenate=True, meta=np.empty((0,) * 5, dtype=np.int64))
+            return np.asarray(arr.sum(axis=0).compute(scheduler=dask_scheduler()), dtype=np.int64)
+        arr = da.blockwise(func, "i", *args, adjust_chunks={"i": one}, dtype=object, concatenate=True,
+                           meta=np.empty((0,), dtype=object))
+        return metrics.ImageCounts.stack(list(arr.compute(scheduler=dask_scheduler())), shape=shape)

@@ -254,15 +254,9 @@ def rate_scores(rates: np.ndarray, exact: np.ndarray, patterns: np.ndarray) -> n
     """``(N, C)`` IoU (percent): the labelled strata ``exact (2, C, P, 3)`` counted exactly, every other
     pixel of ``patterns (2, C, P)`` at the truth rates of the strata ``rates (2, C, P, 3)`` (a stratum the
     rates never saw counts as not the class), as the strata estimate counts them."""
-    from isle_fast.ensemble.estimate import _bits
-    from isle_fast.ensemble.uncertainty import _iou_at_rates
+    from isle_fast.ensemble.uncertainty import iou_at_rates
 
-    h, pos, ign = (rates[..., j].astype(np.float64) for j in range(3))
-    seen = h > 0
-    r_pos = np.where(seen, pos / np.where(seen, h, 1.0), 0.0)
-    r_neg = np.where(seen, np.maximum(h - pos - ign, 0.0) / np.where(seen, h, 1.0), 1.0)
-    unl = np.maximum(patterns - exact[..., 0], 0).astype(np.float64)
-    return _iou_at_rates(exact, unl, r_pos, r_neg, _bits(N_SETS))
+    return iou_at_rates(exact, patterns, rates)
 
 
 def precompute(data: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,21 @@ def test_every_image_labelled_gives_the_full_gt_iou_and_choice():
     assert np.all(res["labelled_weight"][1:] > 0)
 
 
+def test_iou_at_the_strata_own_rates_is_the_full_gt_iou():
+    """``iou_at_rates``: no image labelled, every pixel at its stratum's own truth rates, gives each set's
+    full-gt IoU (every stratum splits as the gt splits it); every image labelled, the same whatever the rates;
+    rates of other strata give another IoU."""
+    from isle_fast.ensemble.uncertainty import iou_at_rates
+
+    gt, sets, per, patterns = _case(seed=3)
+    full = full_iou(gt, sets, 4)
+    own = per.sum(axis=0)
+    np.testing.assert_allclose(iou_at_rates(np.zeros_like(own), patterns, own), full, rtol=1e-12, atol=1e-9)
+    other = per[:5].sum(axis=0)
+    np.testing.assert_allclose(iou_at_rates(own, patterns, other), full, rtol=1e-12, atol=1e-9)
+    assert not np.allclose(iou_at_rates(np.zeros_like(own), patterns, other), full, equal_nan=True)
+
+
 def test_a_class_the_labelled_images_lack_is_estimated_from_its_votes():
     gt, sets, per, patterns = _case()
     sub = np.arange(20, 40)  # the last class is in none of these

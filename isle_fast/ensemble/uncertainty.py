@@ -796,6 +796,34 @@ def _iou_at_rates(exact: np.ndarray, unl: np.ndarray, r_pos: np.ndarray, r_neg: 
     return 100.0 * metrics.ratio(tp, tp + fp + fn)
 
 
+def iou_at_rates(exact: Any, patterns: Any, rates: Any) -> np.ndarray:
+    """``(N, C)`` IoU (percent) of every set at known truth rates: what :func:`stratified_scores` counts when
+    each stratum's rates are given instead of estimated (an oracle, where the rates are the data's own).
+
+    The labelled strata ``exact`` count exactly; every other pixel of ``patterns`` at the truth rates of its
+    stratum in ``rates`` (counts of the same layout as ``exact``: pixels, of them the class, ignored). A
+    stratum ``rates`` never saw counts as not the class.
+
+    Parameters
+    ----------
+    exact : (G, C, P, 3) int
+        The labelled images' strata, summed (:func:`strata_counts`).
+    patterns : (G, C, P) int
+        Every image's vote patterns, the labelled ones included.
+    rates : (G, C, P, 3) int or float
+        The strata whose rates the other pixels take.
+    """
+    from isle_fast.ensemble.estimate import _bits
+
+    e = np.asarray(exact, dtype=np.int64)
+    h, pos, ign = (np.asarray(rates, dtype=np.float64)[..., j] for j in range(3))
+    seen = h > 0
+    r_pos = np.where(seen, pos / np.where(seen, h, 1.0), 0.0)
+    r_neg = np.where(seen, np.maximum(h - pos - ign, 0.0) / np.where(seen, h, 1.0), 1.0)
+    unl = np.maximum(np.asarray(patterns, dtype=np.int64) - e[..., 0], 0).astype(np.float64)
+    return _iou_at_rates(e, unl, r_pos, r_neg, _bits(int(e.shape[-2]).bit_length() - 1))
+
+
 def stratified_scores(labelled_strata: Any, patterns: Any, *, prior_images: float = STRATA_PRIOR_IMAGES,
                       choice_prior_images: float | None = STRATA_CHOICE_PRIOR_IMAGES, pool: bool = True,
                       model: str = STRATA_MODEL, members: Any = None, reps: int = 1000,

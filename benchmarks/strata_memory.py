@@ -19,6 +19,16 @@ classes and patterns, so a worst case). Each measurement runs in a fresh
 process; ``peak_rss_mib`` is its peak resident memory, inputs included
 (``inputs_mib``). The two paths' ``p_best`` are checked equal.
 
+Held strata (``held`` in the JSON): the labelled images' per-image strata
+themselves, which the passes now return sparse
+(:class:`isle_fast.metrics.ImageCounts`): at N = 12 sets each image's context
+strata are 15 MiB dense, so 1,000 labelled images took 15 GiB (the code
+before; ``dense_mib``, their size, since it cannot run here). Measured on
+synthetic scenes (:func:`benchmarks.common.synth_block`, 200 x 200 pixels at
+most, 21 classes, image labels, independent per-set errors): the bytes held
+(``sparse_mib``), and ``stratified_scores`` with the context and 1000
+resamples, in a fresh process (``seconds``, ``peak_rss_mib``).
+
 Writes ``benchmarks/results/strata_memory.json``.
 """
 
@@ -80,10 +90,54 @@ def _run(n_sets: int, context: bool, whole: bool, images: int, reps: int) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+HELD_SIDE = 200
+
+
+def held_child(n_sets: int, images: int, reps: int) -> dict[str, Any]:
+    """The labelled strata of ``images`` synthetic scenes held sparse, and the strata choice from them."""
+    from isle_fast.ensemble import uncertainty
+    from isle_fast.metrics import ImageCounts
+
+    from .common import synth_block, synth_quality, synth_shapes
+
+    parts = []
+    for b0 in range(0, images, 100):  # scenes made 100 at a time, so the peak is the choice's, not theirs
+        n = min(100, images - b0)
+        gt, sets = synth_block(1000 * n_sets + b0, synth_shapes(n, HELD_SIDE, seed=b0), (HELD_SIDE, HELD_SIDE),
+                               CLASSES, n_sets, quality=synth_quality(n_sets, CLASSES, seed=n_sets))
+        allowed = np.stack([np.bincount(g[g < CLASSES], minlength=CLASSES) > 0 for g in gt])
+        parts += [ImageCounts.from_dense(uncertainty.context_strata(
+            gt[i:i + 1], [a[i:i + 1] for a in sets], CLASSES, allowed[i:i + 1])[None]) for i in range(n)]
+    per = ImageCounts.stack(parts)
+    # every image's patterns: the labelled ones and three times as many unlabelled ones like them
+    patterns = 4 * per.total()[..., 0]
+    t0 = time.perf_counter()
+    uncertainty.stratified_scores(per.sum_axis(1), patterns.sum(axis=1), reps=reps, seed=0, model="semi",
+                                  context=(per, patterns))
+    seconds = time.perf_counter() - t0
+    return {"sets": n_sets, "images": images, "sparse_mib": round(per.nbytes / 2**20, 2),
+            "dense_mib": round(images * 8 * int(np.prod(per.shape)) / 2**20),
+            "entries_per_image": round(per.value.size / images), "seconds": round(seconds, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def _held(n_sets: int, images: int, reps: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", f"{__package__ or 'benchmarks'}.strata_memory", "--held",
+           f"{n_sets},{images},{reps}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = bench_parser("strata_memory", "Memory and time of the strata bootstrap as the number of sets grows.")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--held", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.held:
+        print(json.dumps(held_child(*(int(v) for v in args.held.split(",")))))
+        return 0
     if args.child:
         n, ctx, whole, images, reps = (int(v) for v in args.child.split(","))
         print(json.dumps(child(n, bool(ctx), bool(whole), images, reps)))
@@ -104,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[strata_memory] N={n} context={context}: {row['peak_rss_mib']} MiB in {row['seconds']} s "
                 f"(one batch: {row['reference_peak_rss_mib']} MiB in {row['reference_seconds']} s)")
     print(format_table(rows))
+    held = [_held(n, 50 if args.quick else 1000, reps) for n in ((8,) if args.quick else (8, 10, 12))]
+    for h in held:
+        log(f"[strata_memory] held: N={h['sets']}, {h['images']} labelled images: {h['sparse_mib']} MiB "
+            f"(dense {h['dense_mib']} MiB), chosen in {h['seconds']} s at {h['peak_rss_mib']} MiB peak")
+    print(format_table(held))
     if any(r["p_best_equal"] is False for r in rows):
         log("[strata_memory] the batched and the one-batch bootstrap differ")
         return 1
@@ -111,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     headline = [headline_row(f"strata bootstrap, N={big['sets']}, context={big['context']}, {reps} resamples",
                              big["seconds"], "every resample in one batch", big["reference_seconds"],
                              peak_rss_mib=big["peak_rss_mib"], reference_peak_rss_mib=big["reference_peak_rss_mib"])]
+    top = held[-1]
+    headline.append(headline_row(f"labelled strata held sparse, N={top['sets']}, {top['images']} images, context",
+                                 top["seconds"], "dense per-image strata (their size)", None,
+                                 held_mib=top["sparse_mib"], dense_mib=top["dense_mib"],
+                                 peak_rss_mib=top["peak_rss_mib"]))
     write_json("strata_memory", {"images": images, "classes": CLASSES, "bins": BINS, "reps": reps, "rows": rows,
-                                 "headline": headline}, quick=args.quick)
+                                 "held": held, "held_side": HELD_SIDE, "headline": headline}, quick=args.quick)
     return 0
 
 

@@ -81,13 +81,17 @@ def child(n_sets: int, context: bool, whole: bool, images: int, reps: int) -> di
             "inputs_mib": inputs / 2**20, "p_best": [float(v) for v in res["p_best"]]}
 
 
-def _run(n_sets: int, context: bool, whole: bool, images: int, reps: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", f"{__package__ or 'benchmarks'}.strata_memory", "--child",
-           f"{n_sets},{int(context)},{int(whole)},{images},{reps}"]
+def _fresh(flag: str, *values: int) -> dict[str, Any]:
+    """One measurement (``--child`` or ``--held`` with ``values``) in a fresh process: its JSON line."""
+    cmd = [sys.executable, "-m", f"{__package__ or 'benchmarks'}.strata_memory", flag, ",".join(map(str, values))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(n_sets: int, context: bool, whole: bool, images: int, reps: int) -> dict[str, Any]:
+    return _fresh("--child", n_sets, int(context), int(whole), images, reps)
 
 
 HELD_SIDE = 200
@@ -122,12 +126,7 @@ def held_child(n_sets: int, images: int, reps: int) -> dict[str, Any]:
 
 
 def _held(n_sets: int, images: int, reps: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", f"{__package__ or 'benchmarks'}.strata_memory", "--held",
-           f"{n_sets},{images},{reps}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _fresh("--held", n_sets, images, reps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -337,18 +337,25 @@ def _stop(group: subprocess.Popen) -> None:
     group.wait()
 
 
-def test_a_live_run_holding_the_folder_is_an_error_naming_it(tree, tmp_path, capsys):
-    run = tmp_path / "run"
+def _rerun_while_locked(capsys, tree: Path, run: Path, seconds: float, main: str) -> tuple[int, str, int, str]:
+    """A run into RUN, then a re-run while :func:`_hold_lock` holds its lock: ``(rc, stderr, holder pid,
+    run.json before)``."""
     argv = ["run", tree, "--out", run, "--no-report"]
     assert run_cli(capsys, *argv)[0] == 0
     before = (run / "run.json").read_text()
-    holder = _hold_lock(run, 600, "stay")
+    holder = _hold_lock(run, seconds, main)
     try:
         rc, _, err = run_cli(capsys, *argv)
     finally:
         _stop(holder)
+    return rc, err, holder.pid, before
+
+
+def test_a_live_run_holding_the_folder_is_an_error_naming_it(tree, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, err, pid, before = _rerun_while_locked(capsys, tree, run, 600, "stay")
     assert rc == 2 and "Traceback" not in err
-    assert "in use by another isle run" in err and f"pid {holder.pid}" in err
+    assert "in use by another isle run" in err and f"pid {pid}" in err
     assert (run / "run.json").read_text() == before          # the live run's folder is untouched
 
 
@@ -356,15 +363,9 @@ def test_workers_of_an_ended_run_that_keep_the_lock_are_an_error_after_the_wait(
                                                                                 monkeypatch):
     from isle_fast import job
 
-    run = tmp_path / "run"
-    argv = ["run", tree, "--out", run, "--no-report"]
-    assert run_cli(capsys, *argv)[0] == 0
     monkeypatch.setattr(job, "LOCK_WAIT_S", 0.3)
-    group = _hold_lock(run, 600, "exit")
-    try:
-        rc, _, err = run_cli(capsys, *argv)
-    finally:
-        _stop(group)
+    run = tmp_path / "run"
+    rc, err, _, _ = _rerun_while_locked(capsys, tree, run, 600, "exit")
     assert rc == 2 and "Traceback" not in err
     assert "worker processes of an isle run that has ended" in err and str(run) in err
 

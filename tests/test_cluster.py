@@ -194,6 +194,30 @@ def test_every_command_on_the_cluster_equals_the_threaded_run(cluster, folders, 
     _same_store(local_run / "ref.zarr", out / "ref.zarr")
 
 
+def test_the_strata_choice_on_the_cluster_equals_the_threaded_one(cluster, tmp_path):
+    """The strata passes return each task's images as a block of Python objects (their sparse
+    ``ImageCounts``): from the cluster's worker processes they give the threaded run's scores and ensemble,
+    with and without the distance bins (a score set among the sets)."""
+    import numpy as np
+    from distributed import Client
+
+    from isle_fast.ensemble.merge import merge
+    from tests.test_partial_gt import make_case
+
+    rng = np.random.default_rng(11)
+    sets, gt, gts, sub, c = make_case(tmp_path, rng, n_img=12, subset=[5, 2, 0, 7, 9], scores=True)
+    allowed = np.stack([[(g == k).any() for k in range(c)] for g in gts])
+    for mode in ("strata-context", "strata-semi"):
+        here = merge(sets, gt, tmp_path / f"{mode}-here.zarr", progress=False, image_labels=allowed,
+                     subset_selection=mode)
+        with Client(cluster.address):
+            there = merge(sets, gt, tmp_path / f"{mode}-there.zarr", progress=False, image_labels=allowed,
+                          subset_selection=mode)
+        assert there.stack.provenance["subset_selection"] == mode
+        assert there.stack.provenance["strata_scores"] == here.stack.provenance["strata_scores"]
+        np.testing.assert_array_equal(np.asarray(there.stack.array[:]), np.asarray(here.stack.array[:]))
+
+
 def test_dask_scheduler_address_is_honoured(cluster, folders, local_run):
     stores = [f"local/{s}.zarr" for s in "abc"]
     text = ok(isle(["evaluate", *stores, "--gt", "local/gt.zarr", "--json", "env-eval.json"], folders,

@@ -616,16 +616,16 @@ LOCK_WAIT_S = 30.0
 def _locked(folder: Path) -> Iterator[None]:
     """An exclusive lock on ``folder/.isle-run.lock`` (another run using the folder is an error).
 
-    The holder writes ``<pid> <host>`` into the file. The worker processes a
-    run forks hold its lock too, so a run that was killed (``kill -9``, a
-    closed terminal) keeps the folder locked until its workers have gone,
-    which takes them a moment or, when only the main process was killed, until
-    their current task ends. When the recorded run is no longer alive on this
-    host, the lock is waited for (:data:`LOCK_WAIT_S`) instead of refused, so a
-    re-run right after a kill works; a live holder is an error at once.
+    The holder writes its owner (:func:`isle_fast.outputs.owner_tag`, ``<host>-<pid>``) into the file. The
+    worker processes a run forks hold its lock too, so a run that was killed (``kill -9``, a closed terminal)
+    keeps the folder locked until its workers have gone, which takes them a moment or, when only the main
+    process was killed, until their current task ends. When the recorded run is gone from this host
+    (:func:`isle_fast.outputs.owner_state`), the lock is waited for (:data:`LOCK_WAIT_S`) instead of
+    refused, so a re-run right after a kill works; a live holder is an error at once.
     """
     import fcntl
-    import socket
+
+    from isle_fast.outputs import owner_state, owner_tag
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".isle-run.lock"
@@ -637,9 +637,8 @@ def _locked(folder: Path) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                pid, host = _lock_holder(path)
-                ended = pid is not None and host == socket.gethostname() and not _alive(pid)
-                if not ended:
+                host, pid = _lock_holder(path)
+                if owner_state(host, pid) != "gone":
                     who = f" (pid {pid} on {host})" if pid is not None else ""
                     raise InputError(f"{folder} is in use by another isle run{who}; "
                                      f"wait for it to end (lock {path})") from None
@@ -651,30 +650,19 @@ def _locked(folder: Path) -> Iterator[None]:
                         f"finish, then run again (lock {path})") from None
                 time.sleep(0.05)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{owner_tag()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
 
 
-def _lock_holder(path: Path) -> tuple[int | None, str | None]:
-    """The ``(pid, host)`` a lock file names, or ``(None, None)`` when it names none."""
+def _lock_holder(path: Path) -> tuple[str | None, int | None]:
+    """The ``(host, pid)`` a lock file names (``<host>-<pid>``), or ``(None, None)`` when it names none."""
     try:
-        pid, host = path.read_text().split()
-        return int(pid), host
+        host, _, pid = path.read_text().strip().rpartition("-")
+        return (host, int(pid)) if host else (None, None)
     except (OSError, ValueError):
         return None, None
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (one of another user's counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _prepare_folder(folder: Path, flag: str, inputs: Sequence[Any], command: str) -> None:

@@ -63,6 +63,8 @@ __all__ = [
     "MARKER",
     "JSON_KEY",
     "Leftover",
+    "owner_tag",
+    "owner_state",
     "AllOrNothing",
     "FolderOutput",
     "final_path",
@@ -123,7 +125,7 @@ def _host() -> str:
 def temp_path(final: str | os.PathLike, tag: str = "tmp") -> Path:
     """A fresh sibling ``<name>.<tag>-<host>-<pid>-<random>`` of ``final`` (``tag``: ``tmp`` or ``old``)."""
     final = Path(final)
-    return final.with_name(f"{final.name}.{tag}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return final.with_name(f"{final.name}.{tag}-{owner_tag()}-{uuid.uuid4().hex[:8]}")
 
 
 _OWNER = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[0-9a-f]{8})$")
@@ -143,9 +145,7 @@ class Leftover:
     @property
     def state(self) -> str:
         """``'running'`` (its process is alive), ``'gone'`` (it is not) or ``'unknown'``."""
-        if self.pid is None or self.host != _host():
-            return "unknown"
-        return "running" if _alive(self.pid) else "gone"
+        return owner_state(self.host, self.pid)
 
     def describe(self) -> str:
         """``'name.tmp-... (process 123 on host h, no longer running)'``."""
@@ -153,6 +153,19 @@ class Leftover:
                "gone": f"process {self.pid} on this host, no longer running",
                "unknown": (f"process {self.pid} on host {self.host}" if self.host else "owner unknown")}
         return f"{self.path.name} ({who[self.state]})"
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>`` of this process, as temporaries name their owner (:func:`owner_state` reads it back)."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def owner_state(host: str | None, pid: int | None) -> str:
+    """``'running'`` (process ``pid`` on this host is alive), ``'gone'`` (it is not) or ``'unknown'`` (no owner
+    recorded, or another host's)."""
+    if pid is None or host != _host():
+        return "unknown"
+    return "running" if _alive(pid) else "gone"
 
 
 def _alive(pid: int) -> bool:

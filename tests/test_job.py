@@ -288,14 +288,15 @@ def test_a_killed_run_leaves_nothing_complete_and_a_rerun_works(tree, tmp_path, 
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-# A process that takes RUN's lock as a run does (``<pid> <host>`` in the file), forks a "worker" that
+# A process that takes RUN's lock as a run does (its owner tag in the file), forks a "worker" that
 # keeps the lock for argv[2] seconds, and then ends at once (argv[3] == "exit") or stays (a live run).
 _HOLD_LOCK = r"""
-import fcntl, os, socket, sys, time
+import fcntl, os, sys, time
+from isle_fast.outputs import owner_tag
 fd = os.open(os.path.join(sys.argv[1], ".isle-run.lock"), os.O_CREAT | os.O_RDWR, 0o644)
 fcntl.flock(fd, fcntl.LOCK_EX)
 os.ftruncate(fd, 0)
-os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+os.write(fd, f"{owner_tag()}\n".encode())
 if os.fork() == 0:          # the worker: holds the inherited lock, then ends
     time.sleep(float(sys.argv[2]))
     os._exit(0)

@@ -200,11 +200,6 @@ class ImageCounts:
                    index.astype(np.int64), flat[image, index].astype(np.int64))
 
     @classmethod
-    def of(cls, counts: Any) -> "ImageCounts":
-        """``counts`` itself, or the :meth:`from_dense` of an array."""
-        return counts if isinstance(counts, cls) else cls.from_dense(counts)
-
-    @classmethod
     def stack(cls, parts: Sequence["ImageCounts"], shape: Sequence[int] | None = None) -> "ImageCounts":
         """The images of ``parts``, one after the other (``shape``: of no part at all)."""
         if not parts:
